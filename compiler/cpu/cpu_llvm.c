@@ -214,9 +214,10 @@ struct ffn {
 	 * (qs, ng per row) */
 	LLVMValueRef xb, c0, sx, qs;
 	uint32_t xs, ng;
-	/* set by the row-block loop for its tiles: this is the first of
-	 * several row blocks over the panel (panel_prefetch) */
-	LLVMValueRef first_of_many;
+	/* set by the row-block loop for its tiles (panel_prefetch): whether
+	 * this row block prefetches a slice of the next panel, which (pf_j),
+	 * and log2 of their count (pf_sh) */
+	LLVMValueRef pf_on, pf_j, pf_sh;
 };
 
 /* Store 8 h values at column c of row hrow: f32, or bf16 for the bf16 down
@@ -280,39 +281,51 @@ static void up_store(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLV
 	}
 }
 
-/* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
- * mr = 6) accumulators stay in registers across the K loop. */
-/* Where a tile's K loop prefetches: in the first of several row blocks over
- * panel p, the next panel of the call (pan + bytes, when p + 1 < p1), which
- * the later row blocks then find in L2 instead of waiting on memory at their
- * first pass; otherwise (a single row block: decode, where the hardware's
- * stream prefetch is enough, or a later row block) the tile's own panel,
- * already on its way. */
-static LLVMValueRef panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
-				   LLVMValueRef p1, LLVMValueRef pan, int64_t bytes)
+/* Where a tile's K loop prefetches (struct pf): while the row blocks over
+ * panel p compute, the first S of them (S the largest power of two, at most
+ * 8, not above their count) each draw a 1/S slice of the next panel of the
+ * call (when p + 1 < p1) toward L2, so the next panel's first row block finds
+ * it there instead of waiting on memory for every line, and the reads are
+ * spread over the panel's time rather than bunched. A tile at byte off of
+ * its own panel prefetches base + (off >> sh): the next panel's slice
+ * (base = pan + bytes + j * bytes / S, sh = log2 S) or, in the other tiles
+ * (a single row block: decode, where the hardware's stream prefetch is
+ * enough), its own line (base = pan, sh = 0). */
+struct pf {
+	LLVMValueRef base, sh; /* base NULL: no prefetch */
+};
+
+static struct pf panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
+				LLVMValueRef p1, LLVMValueRef pan, int64_t bytes)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef more =
 	    LLVMBuildICmp(b, LLVMIntSLT, LLVMBuildNSWAdd(b, p, moe_ll_i64c(g, 1), ""), p1, "");
-	return LLVMBuildSelect(b, LLVMBuildAnd(b, f->first_of_many, more, ""),
-			       moe_ll_at(g, g->t_i8, pan, moe_ll_i64c(g, bytes)), pan, "pf");
+	LLVMValueRef on = LLVMBuildAnd(b, f->pf_on, more, "pf.on");
+	LLVMValueRef slice =
+	    LLVMBuildLShr(b, LLVMBuildNSWMul(b, f->pf_j, moe_ll_i64c(g, bytes), ""), f->pf_sh, "");
+	LLVMValueRef next =
+	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWAdd(b, moe_ll_i64c(g, bytes), slice, ""));
+	struct pf r = {LLVMBuildSelect(b, on, next, pan, "pf"),
+		       LLVMBuildSelect(b, on, f->pf_sh, moe_ll_i64c(g, 0), "pf.sh")};
+	return r;
 }
 
-/* Prefetch toward L2 the line at byte off of pf (when pf is not NULL). */
-static void prefetch_at(struct moe_ll *g, LLVMValueRef pf, LLVMValueRef off)
+/* Prefetch toward L2 the line for byte off of the tile's panel. */
+static void prefetch_at(struct moe_ll *g, struct pf pf, LLVMValueRef off)
 {
-	if (!pf)
+	if (!pf.base)
 		return;
-	LLVMValueRef args[4] = {moe_ll_at(g, g->t_i8, pf, off), moe_ll_i32c(g, 0),
-				moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
+	LLVMValueRef args[4] = {moe_ll_at(g, g->t_i8, pf.base, LLVMBuildLShr(g->b, off, pf.sh, "")),
+				moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
 	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
 }
 
 /* panel_prefetch for the f32-compute tiles: panels holds f32, f16 or bf16
  * weights, the panel of K rows of 16 at element pbase. */
-static LLVMValueRef panel_prefetch_w(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
-				     LLVMValueRef p1, LLVMValueRef panels, LLVMValueRef pbase,
-				     uint32_t K)
+static struct pf panel_prefetch_w(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
+				  LLVMValueRef p1, LLVMValueRef panels, LLVMValueRef pbase,
+				  uint32_t K)
 {
 	int es = g->d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
 	return panel_prefetch(g, f, p, p1,
@@ -321,12 +334,14 @@ static LLVMValueRef panel_prefetch_w(struct moe_ll *g, const struct ffn *f, LLVM
 }
 
 /* The prefetch of k's panel row in an f32-compute K loop. */
-static void prefetch_k(struct moe_ll *g, LLVMValueRef pf, LLVMValueRef k)
+static void prefetch_k(struct moe_ll *g, struct pf pf, LLVMValueRef k)
 {
 	int es = g->d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
 	prefetch_at(g, pf, LLVMBuildNSWMul(g->b, k, moe_ll_i64c(g, (int64_t)es * MOE_NR), ""));
 }
 
+/* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
+ * mr = 6) accumulators stay in registers across the K loop. */
 static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef r0, LLVMValueRef p)
 {
 	LLVMBuilderRef b = g->b;
@@ -352,7 +367,7 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 	}
 	LLVMValueRef pbase =
 	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->hidden * MOE_NR), "panel.off");
-	LLVMValueRef pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
+	struct pf pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
 	struct moe_ll_loop k;
 	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, ge->hidden), 1, "k");
 	LLVMValueRef off =
@@ -459,7 +474,7 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	}
 	LLVMValueRef pbase =
 	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->width * MOE_NR), "panel.off");
-	LLVMValueRef pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
+	struct pf pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
 	struct moe_ll_loop k;
 	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, ge->width), 1, "k");
 	LLVMValueRef off =
@@ -540,9 +555,18 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 		cases[m] = moe_ll_bb(g, nm);
 	}
 	struct ffn fr = *f;
-	fr.first_of_many =
-	    LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntEQ, r.iv, moe_ll_i64c(g, 0), ""),
-			 LLVMBuildICmp(b, LLVMIntSGT, n, moe_ll_i64c(g, MR), ""), "pf.on");
+	LLVMValueRef nrb = LLVMBuildSDiv(b, LLVMBuildNSWAdd(b, n, moe_ll_i64c(g, MR - 1), ""),
+					 moe_ll_i64c(g, MR), "nrb");
+	fr.pf_sh = moe_ll_i64c(g, 0);
+	for (int sh = 1; sh <= 3; sh++)
+		fr.pf_sh = LLVMBuildSelect(
+		    b, LLVMBuildICmp(b, LLVMIntSGE, nrb, moe_ll_i64c(g, 1 << sh), ""),
+		    moe_ll_i64c(g, sh), fr.pf_sh, "");
+	fr.pf_j = LLVMBuildSDiv(b, r.iv, moe_ll_i64c(g, MR), "pf.j");
+	fr.pf_on = LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntSGT, nrb, moe_ll_i64c(g, 1), ""),
+				LLVMBuildICmp(b, LLVMIntSLT, fr.pf_j,
+					      LLVMBuildShl(b, moe_ll_i64c(g, 1), fr.pf_sh, ""), ""),
+				"pf.on");
 	LLVMValueRef sw = LLVMBuildSwitch(b, mr, cases[MR], (unsigned)MR - 1);
 	for (int m = 1; m < MR; m++)
 		LLVMAddCase(sw, moe_ll_i64c(g, m), cases[m]);
@@ -630,7 +654,7 @@ static void vstore16(struct moe_ll *g, LLVMValueRef v, LLVMValueRef ptr, int n)
  * panel pan: per row one chain over the even pairs (acc0) and one over the
  * odd pairs (acc1, zeroed here), added at the end, whatever mr is. */
 static void pair_tile(struct moe_ll *g, int mr, const LLVMValueRef *a_row, LLVMValueRef pan,
-		      int64_t kp, const LLVMValueRef *acc0, LLVMValueRef pf)
+		      int64_t kp, const LLVMValueRef *acc0, struct pf pf)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef acc1[BF_MR] = {0};
@@ -934,7 +958,7 @@ static LLVMValueRef q_e4m3(struct moe_ll *g, LLVMValueRef ci)
  * offset: W = code * s + o summed by parts. */
 static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
 		    const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc,
-		    LLVMValueRef pf)
+		    struct pf pf)
 {
 	LLVMBuilderRef b = g->b;
 	int i4 = f->kind == MOE_QFORMAT_INT4, nib = moe_qnibbles(f), nch = q_chains(f);
@@ -1176,7 +1200,7 @@ static LLVMValueRef dpbusd(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef w, L
  * acc += o * Q + s * P for int4 (W = code * s + o). */
 static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
 		       const LLVMValueRef *xq, const LLVMValueRef *qs, LLVMValueRef pan,
-		       const LLVMValueRef *acc, LLVMValueRef pf)
+		       const LLVMValueRef *acc, struct pf pf)
 {
 	LLVMBuilderRef b = g->b;
 	int i4 = f->kind == MOE_QFORMAT_INT4, run = i4 ? 8 : 4, halves = 1 + i4;

@@ -917,43 +917,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0017 = alloca <8 x float>, align 32
-  %acc0118 = alloca <8 x float>, align 32
-  %acc1019 = alloca <8 x float>, align 32
-  %acc1120 = alloca <8 x float>, align 32
-  %acc2021 = alloca <8 x float>, align 32
-  %acc2122 = alloca <8 x float>, align 32
-  %acc3023 = alloca <8 x float>, align 32
-  %acc3124 = alloca <8 x float>, align 32
-  %acc4025 = alloca <8 x float>, align 32
-  %acc4126 = alloca <8 x float>, align 32
-  %acc0048 = alloca <8 x float>, align 32
-  %acc0149 = alloca <8 x float>, align 32
-  %acc1050 = alloca <8 x float>, align 32
-  %acc1151 = alloca <8 x float>, align 32
-  %acc2052 = alloca <8 x float>, align 32
-  %acc2153 = alloca <8 x float>, align 32
-  %acc3054 = alloca <8 x float>, align 32
-  %acc3155 = alloca <8 x float>, align 32
-  %acc0074 = alloca <8 x float>, align 32
-  %acc0175 = alloca <8 x float>, align 32
-  %acc1076 = alloca <8 x float>, align 32
-  %acc1177 = alloca <8 x float>, align 32
-  %acc2078 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc0095 = alloca <8 x float>, align 32
-  %acc0196 = alloca <8 x float>, align 32
-  %acc1097 = alloca <8 x float>, align 32
-  %acc1198 = alloca <8 x float>, align 32
-  %acc00111 = alloca <8 x float>, align 32
-  %acc01112 = alloca <8 x float>, align 32
+  %acc0018 = alloca <8 x float>, align 32
+  %acc0119 = alloca <8 x float>, align 32
+  %acc1020 = alloca <8 x float>, align 32
+  %acc1121 = alloca <8 x float>, align 32
+  %acc2022 = alloca <8 x float>, align 32
+  %acc2123 = alloca <8 x float>, align 32
+  %acc3024 = alloca <8 x float>, align 32
+  %acc3125 = alloca <8 x float>, align 32
+  %acc4026 = alloca <8 x float>, align 32
+  %acc4127 = alloca <8 x float>, align 32
+  %acc0051 = alloca <8 x float>, align 32
+  %acc0152 = alloca <8 x float>, align 32
+  %acc1053 = alloca <8 x float>, align 32
+  %acc1154 = alloca <8 x float>, align 32
+  %acc2055 = alloca <8 x float>, align 32
+  %acc2156 = alloca <8 x float>, align 32
+  %acc3057 = alloca <8 x float>, align 32
+  %acc3158 = alloca <8 x float>, align 32
+  %acc0079 = alloca <8 x float>, align 32
+  %acc0180 = alloca <8 x float>, align 32
+  %acc1081 = alloca <8 x float>, align 32
+  %acc1182 = alloca <8 x float>, align 32
+  %acc2083 = alloca <8 x float>, align 32
+  %acc2184 = alloca <8 x float>, align 32
+  %acc00102 = alloca <8 x float>, align 32
+  %acc01103 = alloca <8 x float>, align 32
+  %acc10104 = alloca <8 x float>, align 32
+  %acc11105 = alloca <8 x float>, align 32
+  %acc00120 = alloca <8 x float>, align 32
+  %acc01121 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1845, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1871, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -961,7 +961,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1844, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1870, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -969,9 +969,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -981,2135 +991,2165 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 768
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 768
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 768
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 768
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 768
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 768
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 768
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 768
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 768
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 768
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 768
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 768
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
-  %41 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 49152
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 49152
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 49152, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %104, %k.body ]
-  %46 = icmp slt i64 %k, 768
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %k.body ]
+  %56 = icmp slt i64 %k, 768
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 64
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds float, ptr %panels, i64 %48
-  %52 = load <8 x float>, ptr %51, align 4
-  %53 = add nsw i64 %48, 8
-  %54 = getelementptr inbounds float, ptr %panels, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  %56 = getelementptr inbounds float, ptr %10, i64 %k
-  %57 = load float, ptr %56, align 4
-  %58 = insertelement <8 x float> poison, float %57, i32 0
-  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
-  %60 = load <8 x float>, ptr %acc00, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %52, <8 x float> %60)
-  store <8 x float> %61, ptr %acc00, align 4
-  %62 = load <8 x float>, ptr %acc01, align 4
-  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %55, <8 x float> %62)
-  store <8 x float> %63, ptr %acc01, align 4
-  %64 = getelementptr inbounds float, ptr %16, i64 %k
-  %65 = load float, ptr %64, align 4
-  %66 = insertelement <8 x float> poison, float %65, i32 0
-  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
-  %68 = load <8 x float>, ptr %acc10, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %52, <8 x float> %68)
-  store <8 x float> %69, ptr %acc10, align 4
-  %70 = load <8 x float>, ptr %acc11, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %55, <8 x float> %70)
-  store <8 x float> %71, ptr %acc11, align 4
-  %72 = getelementptr inbounds float, ptr %22, i64 %k
-  %73 = load float, ptr %72, align 4
-  %74 = insertelement <8 x float> poison, float %73, i32 0
-  %75 = shufflevector <8 x float> %74, <8 x float> poison, <8 x i32> zeroinitializer
-  %76 = load <8 x float>, ptr %acc20, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %52, <8 x float> %76)
-  store <8 x float> %77, ptr %acc20, align 4
-  %78 = load <8 x float>, ptr %acc21, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %55, <8 x float> %78)
-  store <8 x float> %79, ptr %acc21, align 4
-  %80 = getelementptr inbounds float, ptr %28, i64 %k
-  %81 = load float, ptr %80, align 4
-  %82 = insertelement <8 x float> poison, float %81, i32 0
-  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
-  %84 = load <8 x float>, ptr %acc30, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %52, <8 x float> %84)
-  store <8 x float> %85, ptr %acc30, align 4
-  %86 = load <8 x float>, ptr %acc31, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %55, <8 x float> %86)
-  store <8 x float> %87, ptr %acc31, align 4
-  %88 = getelementptr inbounds float, ptr %34, i64 %k
-  %89 = load float, ptr %88, align 4
-  %90 = insertelement <8 x float> poison, float %89, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = load <8 x float>, ptr %acc40, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %52, <8 x float> %92)
-  store <8 x float> %93, ptr %acc40, align 4
-  %94 = load <8 x float>, ptr %acc41, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %55, <8 x float> %94)
-  store <8 x float> %95, ptr %acc41, align 4
-  %96 = getelementptr inbounds float, ptr %40, i64 %k
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc50, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %52, <8 x float> %100)
-  store <8 x float> %101, ptr %acc50, align 4
-  %102 = load <8 x float>, ptr %acc51, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %55, <8 x float> %102)
-  store <8 x float> %103, ptr %acc51, align 4
-  %104 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 64
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds float, ptr %panels, i64 %58
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %58, 8
+  %65 = getelementptr inbounds float, ptr %panels, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %67 = getelementptr inbounds float, ptr %18, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %63, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %66, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %24, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %63, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %66, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %30, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %63, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %66, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %36, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %63, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %66, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %42, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %63, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %66, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %48, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %63, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %66, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %105 = add nsw i64 %r0, 0
-  %106 = getelementptr inbounds float, ptr %rw, i64 %105
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = mul nsw i64 %105, 3072
-  %111 = getelementptr inbounds float, ptr %h, i64 %110
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 3072
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 16
-  %112 = load <8 x float>, ptr %acc00, align 4
-  %113 = load <8 x float>, ptr %acc01, align 4
-  %114 = add nsw i64 %col, 0
-  %115 = fmul <8 x float> %112, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %116 = extractelement <8 x float> %115, i32 0
-  %117 = call float @erff(float %116)
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = extractelement <8 x float> %115, i32 1
-  %120 = call float @erff(float %119)
-  %121 = insertelement <8 x float> %118, float %120, i32 1
-  %122 = extractelement <8 x float> %115, i32 2
-  %123 = call float @erff(float %122)
-  %124 = insertelement <8 x float> %121, float %123, i32 2
-  %125 = extractelement <8 x float> %115, i32 3
-  %126 = call float @erff(float %125)
-  %127 = insertelement <8 x float> %124, float %126, i32 3
-  %128 = extractelement <8 x float> %115, i32 4
-  %129 = call float @erff(float %128)
-  %130 = insertelement <8 x float> %127, float %129, i32 4
-  %131 = extractelement <8 x float> %115, i32 5
-  %132 = call float @erff(float %131)
-  %133 = insertelement <8 x float> %130, float %132, i32 5
-  %134 = extractelement <8 x float> %115, i32 6
-  %135 = call float @erff(float %134)
-  %136 = insertelement <8 x float> %133, float %135, i32 6
-  %137 = extractelement <8 x float> %115, i32 7
-  %138 = call float @erff(float %137)
-  %139 = insertelement <8 x float> %136, float %138, i32 7
-  %140 = fadd <8 x float> %139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %141 = fmul <8 x float> %112, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu = fmul <8 x float> %141, %140
-  %142 = fmul <8 x float> %gelu, %109
-  %143 = getelementptr inbounds float, ptr %111, i64 %114
-  store <8 x float> %142, ptr %143, align 4
-  %144 = add nsw i64 %col, 8
-  %145 = fmul <8 x float> %113, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %146 = extractelement <8 x float> %145, i32 0
-  %147 = call float @erff(float %146)
-  %148 = insertelement <8 x float> poison, float %147, i32 0
-  %149 = extractelement <8 x float> %145, i32 1
-  %150 = call float @erff(float %149)
-  %151 = insertelement <8 x float> %148, float %150, i32 1
-  %152 = extractelement <8 x float> %145, i32 2
-  %153 = call float @erff(float %152)
-  %154 = insertelement <8 x float> %151, float %153, i32 2
-  %155 = extractelement <8 x float> %145, i32 3
-  %156 = call float @erff(float %155)
-  %157 = insertelement <8 x float> %154, float %156, i32 3
-  %158 = extractelement <8 x float> %145, i32 4
-  %159 = call float @erff(float %158)
-  %160 = insertelement <8 x float> %157, float %159, i32 4
-  %161 = extractelement <8 x float> %145, i32 5
-  %162 = call float @erff(float %161)
-  %163 = insertelement <8 x float> %160, float %162, i32 5
-  %164 = extractelement <8 x float> %145, i32 6
-  %165 = call float @erff(float %164)
-  %166 = insertelement <8 x float> %163, float %165, i32 6
-  %167 = extractelement <8 x float> %145, i32 7
-  %168 = call float @erff(float %167)
-  %169 = insertelement <8 x float> %166, float %168, i32 7
-  %170 = fadd <8 x float> %169, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %171 = fmul <8 x float> %113, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu1 = fmul <8 x float> %171, %170
-  %172 = fmul <8 x float> %gelu1, %109
-  %173 = getelementptr inbounds float, ptr %111, i64 %144
-  store <8 x float> %172, ptr %173, align 4
-  %174 = add nsw i64 %r0, 1
-  %175 = getelementptr inbounds float, ptr %rw, i64 %174
-  %176 = load float, ptr %175, align 4
-  %177 = insertelement <8 x float> poison, float %176, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = mul nsw i64 %174, 3072
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
-  %col2 = mul nsw i64 %p, 16
-  %181 = load <8 x float>, ptr %acc10, align 4
-  %182 = load <8 x float>, ptr %acc11, align 4
-  %183 = add nsw i64 %col2, 0
-  %184 = fmul <8 x float> %181, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %185 = extractelement <8 x float> %184, i32 0
-  %186 = call float @erff(float %185)
-  %187 = insertelement <8 x float> poison, float %186, i32 0
-  %188 = extractelement <8 x float> %184, i32 1
-  %189 = call float @erff(float %188)
-  %190 = insertelement <8 x float> %187, float %189, i32 1
-  %191 = extractelement <8 x float> %184, i32 2
-  %192 = call float @erff(float %191)
-  %193 = insertelement <8 x float> %190, float %192, i32 2
-  %194 = extractelement <8 x float> %184, i32 3
-  %195 = call float @erff(float %194)
-  %196 = insertelement <8 x float> %193, float %195, i32 3
-  %197 = extractelement <8 x float> %184, i32 4
-  %198 = call float @erff(float %197)
-  %199 = insertelement <8 x float> %196, float %198, i32 4
-  %200 = extractelement <8 x float> %184, i32 5
-  %201 = call float @erff(float %200)
-  %202 = insertelement <8 x float> %199, float %201, i32 5
-  %203 = extractelement <8 x float> %184, i32 6
-  %204 = call float @erff(float %203)
-  %205 = insertelement <8 x float> %202, float %204, i32 6
-  %206 = extractelement <8 x float> %184, i32 7
-  %207 = call float @erff(float %206)
-  %208 = insertelement <8 x float> %205, float %207, i32 7
-  %209 = fadd <8 x float> %208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %210 = fmul <8 x float> %181, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu3 = fmul <8 x float> %210, %209
-  %211 = fmul <8 x float> %gelu3, %178
-  %212 = getelementptr inbounds float, ptr %180, i64 %183
-  store <8 x float> %211, ptr %212, align 4
-  %213 = add nsw i64 %col2, 8
-  %214 = fmul <8 x float> %182, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %215 = extractelement <8 x float> %214, i32 0
-  %216 = call float @erff(float %215)
-  %217 = insertelement <8 x float> poison, float %216, i32 0
-  %218 = extractelement <8 x float> %214, i32 1
-  %219 = call float @erff(float %218)
-  %220 = insertelement <8 x float> %217, float %219, i32 1
-  %221 = extractelement <8 x float> %214, i32 2
-  %222 = call float @erff(float %221)
-  %223 = insertelement <8 x float> %220, float %222, i32 2
-  %224 = extractelement <8 x float> %214, i32 3
-  %225 = call float @erff(float %224)
-  %226 = insertelement <8 x float> %223, float %225, i32 3
-  %227 = extractelement <8 x float> %214, i32 4
-  %228 = call float @erff(float %227)
-  %229 = insertelement <8 x float> %226, float %228, i32 4
-  %230 = extractelement <8 x float> %214, i32 5
-  %231 = call float @erff(float %230)
-  %232 = insertelement <8 x float> %229, float %231, i32 5
-  %233 = extractelement <8 x float> %214, i32 6
-  %234 = call float @erff(float %233)
-  %235 = insertelement <8 x float> %232, float %234, i32 6
-  %236 = extractelement <8 x float> %214, i32 7
-  %237 = call float @erff(float %236)
-  %238 = insertelement <8 x float> %235, float %237, i32 7
-  %239 = fadd <8 x float> %238, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %240 = fmul <8 x float> %182, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu4 = fmul <8 x float> %240, %239
-  %241 = fmul <8 x float> %gelu4, %178
-  %242 = getelementptr inbounds float, ptr %180, i64 %213
-  store <8 x float> %241, ptr %242, align 4
-  %243 = add nsw i64 %r0, 2
-  %244 = getelementptr inbounds float, ptr %rw, i64 %243
-  %245 = load float, ptr %244, align 4
-  %246 = insertelement <8 x float> poison, float %245, i32 0
-  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
-  %248 = mul nsw i64 %243, 3072
-  %249 = getelementptr inbounds float, ptr %h, i64 %248
-  %col5 = mul nsw i64 %p, 16
-  %250 = load <8 x float>, ptr %acc20, align 4
-  %251 = load <8 x float>, ptr %acc21, align 4
-  %252 = add nsw i64 %col5, 0
-  %253 = fmul <8 x float> %250, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %254 = extractelement <8 x float> %253, i32 0
-  %255 = call float @erff(float %254)
-  %256 = insertelement <8 x float> poison, float %255, i32 0
-  %257 = extractelement <8 x float> %253, i32 1
-  %258 = call float @erff(float %257)
-  %259 = insertelement <8 x float> %256, float %258, i32 1
-  %260 = extractelement <8 x float> %253, i32 2
-  %261 = call float @erff(float %260)
-  %262 = insertelement <8 x float> %259, float %261, i32 2
-  %263 = extractelement <8 x float> %253, i32 3
-  %264 = call float @erff(float %263)
-  %265 = insertelement <8 x float> %262, float %264, i32 3
-  %266 = extractelement <8 x float> %253, i32 4
-  %267 = call float @erff(float %266)
-  %268 = insertelement <8 x float> %265, float %267, i32 4
-  %269 = extractelement <8 x float> %253, i32 5
-  %270 = call float @erff(float %269)
-  %271 = insertelement <8 x float> %268, float %270, i32 5
-  %272 = extractelement <8 x float> %253, i32 6
-  %273 = call float @erff(float %272)
-  %274 = insertelement <8 x float> %271, float %273, i32 6
-  %275 = extractelement <8 x float> %253, i32 7
-  %276 = call float @erff(float %275)
-  %277 = insertelement <8 x float> %274, float %276, i32 7
-  %278 = fadd <8 x float> %277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %279 = fmul <8 x float> %250, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu6 = fmul <8 x float> %279, %278
-  %280 = fmul <8 x float> %gelu6, %247
-  %281 = getelementptr inbounds float, ptr %249, i64 %252
-  store <8 x float> %280, ptr %281, align 4
-  %282 = add nsw i64 %col5, 8
-  %283 = fmul <8 x float> %251, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %284 = extractelement <8 x float> %283, i32 0
-  %285 = call float @erff(float %284)
-  %286 = insertelement <8 x float> poison, float %285, i32 0
-  %287 = extractelement <8 x float> %283, i32 1
-  %288 = call float @erff(float %287)
-  %289 = insertelement <8 x float> %286, float %288, i32 1
-  %290 = extractelement <8 x float> %283, i32 2
-  %291 = call float @erff(float %290)
-  %292 = insertelement <8 x float> %289, float %291, i32 2
-  %293 = extractelement <8 x float> %283, i32 3
-  %294 = call float @erff(float %293)
-  %295 = insertelement <8 x float> %292, float %294, i32 3
-  %296 = extractelement <8 x float> %283, i32 4
-  %297 = call float @erff(float %296)
-  %298 = insertelement <8 x float> %295, float %297, i32 4
-  %299 = extractelement <8 x float> %283, i32 5
-  %300 = call float @erff(float %299)
-  %301 = insertelement <8 x float> %298, float %300, i32 5
-  %302 = extractelement <8 x float> %283, i32 6
-  %303 = call float @erff(float %302)
-  %304 = insertelement <8 x float> %301, float %303, i32 6
-  %305 = extractelement <8 x float> %283, i32 7
-  %306 = call float @erff(float %305)
-  %307 = insertelement <8 x float> %304, float %306, i32 7
-  %308 = fadd <8 x float> %307, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %309 = fmul <8 x float> %251, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu7 = fmul <8 x float> %309, %308
-  %310 = fmul <8 x float> %gelu7, %247
-  %311 = getelementptr inbounds float, ptr %249, i64 %282
-  store <8 x float> %310, ptr %311, align 4
-  %312 = add nsw i64 %r0, 3
-  %313 = getelementptr inbounds float, ptr %rw, i64 %312
-  %314 = load float, ptr %313, align 4
-  %315 = insertelement <8 x float> poison, float %314, i32 0
-  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
-  %317 = mul nsw i64 %312, 3072
-  %318 = getelementptr inbounds float, ptr %h, i64 %317
-  %col8 = mul nsw i64 %p, 16
-  %319 = load <8 x float>, ptr %acc30, align 4
-  %320 = load <8 x float>, ptr %acc31, align 4
-  %321 = add nsw i64 %col8, 0
-  %322 = fmul <8 x float> %319, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %323 = extractelement <8 x float> %322, i32 0
-  %324 = call float @erff(float %323)
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = extractelement <8 x float> %322, i32 1
-  %327 = call float @erff(float %326)
-  %328 = insertelement <8 x float> %325, float %327, i32 1
-  %329 = extractelement <8 x float> %322, i32 2
-  %330 = call float @erff(float %329)
-  %331 = insertelement <8 x float> %328, float %330, i32 2
-  %332 = extractelement <8 x float> %322, i32 3
-  %333 = call float @erff(float %332)
-  %334 = insertelement <8 x float> %331, float %333, i32 3
-  %335 = extractelement <8 x float> %322, i32 4
-  %336 = call float @erff(float %335)
-  %337 = insertelement <8 x float> %334, float %336, i32 4
-  %338 = extractelement <8 x float> %322, i32 5
-  %339 = call float @erff(float %338)
-  %340 = insertelement <8 x float> %337, float %339, i32 5
-  %341 = extractelement <8 x float> %322, i32 6
-  %342 = call float @erff(float %341)
-  %343 = insertelement <8 x float> %340, float %342, i32 6
-  %344 = extractelement <8 x float> %322, i32 7
-  %345 = call float @erff(float %344)
-  %346 = insertelement <8 x float> %343, float %345, i32 7
-  %347 = fadd <8 x float> %346, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %348 = fmul <8 x float> %319, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu9 = fmul <8 x float> %348, %347
-  %349 = fmul <8 x float> %gelu9, %316
-  %350 = getelementptr inbounds float, ptr %318, i64 %321
-  store <8 x float> %349, ptr %350, align 4
-  %351 = add nsw i64 %col8, 8
-  %352 = fmul <8 x float> %320, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %353 = extractelement <8 x float> %352, i32 0
-  %354 = call float @erff(float %353)
-  %355 = insertelement <8 x float> poison, float %354, i32 0
-  %356 = extractelement <8 x float> %352, i32 1
-  %357 = call float @erff(float %356)
-  %358 = insertelement <8 x float> %355, float %357, i32 1
-  %359 = extractelement <8 x float> %352, i32 2
-  %360 = call float @erff(float %359)
-  %361 = insertelement <8 x float> %358, float %360, i32 2
-  %362 = extractelement <8 x float> %352, i32 3
-  %363 = call float @erff(float %362)
-  %364 = insertelement <8 x float> %361, float %363, i32 3
-  %365 = extractelement <8 x float> %352, i32 4
-  %366 = call float @erff(float %365)
-  %367 = insertelement <8 x float> %364, float %366, i32 4
-  %368 = extractelement <8 x float> %352, i32 5
-  %369 = call float @erff(float %368)
-  %370 = insertelement <8 x float> %367, float %369, i32 5
-  %371 = extractelement <8 x float> %352, i32 6
-  %372 = call float @erff(float %371)
-  %373 = insertelement <8 x float> %370, float %372, i32 6
-  %374 = extractelement <8 x float> %352, i32 7
-  %375 = call float @erff(float %374)
-  %376 = insertelement <8 x float> %373, float %375, i32 7
-  %377 = fadd <8 x float> %376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %378 = fmul <8 x float> %320, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu10 = fmul <8 x float> %378, %377
-  %379 = fmul <8 x float> %gelu10, %316
-  %380 = getelementptr inbounds float, ptr %318, i64 %351
-  store <8 x float> %379, ptr %380, align 4
-  %381 = add nsw i64 %r0, 4
-  %382 = getelementptr inbounds float, ptr %rw, i64 %381
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = mul nsw i64 %381, 3072
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
-  %col11 = mul nsw i64 %p, 16
-  %388 = load <8 x float>, ptr %acc40, align 4
-  %389 = load <8 x float>, ptr %acc41, align 4
-  %390 = add nsw i64 %col11, 0
-  %391 = fmul <8 x float> %388, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %392 = extractelement <8 x float> %391, i32 0
-  %393 = call float @erff(float %392)
-  %394 = insertelement <8 x float> poison, float %393, i32 0
-  %395 = extractelement <8 x float> %391, i32 1
-  %396 = call float @erff(float %395)
-  %397 = insertelement <8 x float> %394, float %396, i32 1
-  %398 = extractelement <8 x float> %391, i32 2
-  %399 = call float @erff(float %398)
-  %400 = insertelement <8 x float> %397, float %399, i32 2
-  %401 = extractelement <8 x float> %391, i32 3
-  %402 = call float @erff(float %401)
-  %403 = insertelement <8 x float> %400, float %402, i32 3
-  %404 = extractelement <8 x float> %391, i32 4
-  %405 = call float @erff(float %404)
-  %406 = insertelement <8 x float> %403, float %405, i32 4
-  %407 = extractelement <8 x float> %391, i32 5
-  %408 = call float @erff(float %407)
-  %409 = insertelement <8 x float> %406, float %408, i32 5
-  %410 = extractelement <8 x float> %391, i32 6
-  %411 = call float @erff(float %410)
-  %412 = insertelement <8 x float> %409, float %411, i32 6
-  %413 = extractelement <8 x float> %391, i32 7
-  %414 = call float @erff(float %413)
-  %415 = insertelement <8 x float> %412, float %414, i32 7
-  %416 = fadd <8 x float> %415, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %417 = fmul <8 x float> %388, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu12 = fmul <8 x float> %417, %416
-  %418 = fmul <8 x float> %gelu12, %385
-  %419 = getelementptr inbounds float, ptr %387, i64 %390
-  store <8 x float> %418, ptr %419, align 4
-  %420 = add nsw i64 %col11, 8
-  %421 = fmul <8 x float> %389, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %422 = extractelement <8 x float> %421, i32 0
-  %423 = call float @erff(float %422)
-  %424 = insertelement <8 x float> poison, float %423, i32 0
-  %425 = extractelement <8 x float> %421, i32 1
-  %426 = call float @erff(float %425)
-  %427 = insertelement <8 x float> %424, float %426, i32 1
-  %428 = extractelement <8 x float> %421, i32 2
-  %429 = call float @erff(float %428)
-  %430 = insertelement <8 x float> %427, float %429, i32 2
-  %431 = extractelement <8 x float> %421, i32 3
-  %432 = call float @erff(float %431)
-  %433 = insertelement <8 x float> %430, float %432, i32 3
-  %434 = extractelement <8 x float> %421, i32 4
-  %435 = call float @erff(float %434)
-  %436 = insertelement <8 x float> %433, float %435, i32 4
-  %437 = extractelement <8 x float> %421, i32 5
-  %438 = call float @erff(float %437)
-  %439 = insertelement <8 x float> %436, float %438, i32 5
-  %440 = extractelement <8 x float> %421, i32 6
-  %441 = call float @erff(float %440)
-  %442 = insertelement <8 x float> %439, float %441, i32 6
-  %443 = extractelement <8 x float> %421, i32 7
-  %444 = call float @erff(float %443)
-  %445 = insertelement <8 x float> %442, float %444, i32 7
-  %446 = fadd <8 x float> %445, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %447 = fmul <8 x float> %389, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu13 = fmul <8 x float> %447, %446
-  %448 = fmul <8 x float> %gelu13, %385
-  %449 = getelementptr inbounds float, ptr %387, i64 %420
-  store <8 x float> %448, ptr %449, align 4
-  %450 = add nsw i64 %r0, 5
-  %451 = getelementptr inbounds float, ptr %rw, i64 %450
-  %452 = load float, ptr %451, align 4
-  %453 = insertelement <8 x float> poison, float %452, i32 0
-  %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = mul nsw i64 %450, 3072
-  %456 = getelementptr inbounds float, ptr %h, i64 %455
-  %col14 = mul nsw i64 %p, 16
-  %457 = load <8 x float>, ptr %acc50, align 4
-  %458 = load <8 x float>, ptr %acc51, align 4
-  %459 = add nsw i64 %col14, 0
-  %460 = fmul <8 x float> %457, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %461 = extractelement <8 x float> %460, i32 0
-  %462 = call float @erff(float %461)
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = extractelement <8 x float> %460, i32 1
-  %465 = call float @erff(float %464)
-  %466 = insertelement <8 x float> %463, float %465, i32 1
-  %467 = extractelement <8 x float> %460, i32 2
-  %468 = call float @erff(float %467)
-  %469 = insertelement <8 x float> %466, float %468, i32 2
-  %470 = extractelement <8 x float> %460, i32 3
-  %471 = call float @erff(float %470)
-  %472 = insertelement <8 x float> %469, float %471, i32 3
-  %473 = extractelement <8 x float> %460, i32 4
-  %474 = call float @erff(float %473)
-  %475 = insertelement <8 x float> %472, float %474, i32 4
-  %476 = extractelement <8 x float> %460, i32 5
-  %477 = call float @erff(float %476)
-  %478 = insertelement <8 x float> %475, float %477, i32 5
-  %479 = extractelement <8 x float> %460, i32 6
-  %480 = call float @erff(float %479)
-  %481 = insertelement <8 x float> %478, float %480, i32 6
-  %482 = extractelement <8 x float> %460, i32 7
-  %483 = call float @erff(float %482)
-  %484 = insertelement <8 x float> %481, float %483, i32 7
-  %485 = fadd <8 x float> %484, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %486 = fmul <8 x float> %457, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu15 = fmul <8 x float> %486, %485
-  %487 = fmul <8 x float> %gelu15, %454
-  %488 = getelementptr inbounds float, ptr %456, i64 %459
-  store <8 x float> %487, ptr %488, align 4
-  %489 = add nsw i64 %col14, 8
-  %490 = fmul <8 x float> %458, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %491 = extractelement <8 x float> %490, i32 0
-  %492 = call float @erff(float %491)
-  %493 = insertelement <8 x float> poison, float %492, i32 0
-  %494 = extractelement <8 x float> %490, i32 1
-  %495 = call float @erff(float %494)
-  %496 = insertelement <8 x float> %493, float %495, i32 1
-  %497 = extractelement <8 x float> %490, i32 2
-  %498 = call float @erff(float %497)
-  %499 = insertelement <8 x float> %496, float %498, i32 2
-  %500 = extractelement <8 x float> %490, i32 3
-  %501 = call float @erff(float %500)
-  %502 = insertelement <8 x float> %499, float %501, i32 3
-  %503 = extractelement <8 x float> %490, i32 4
-  %504 = call float @erff(float %503)
-  %505 = insertelement <8 x float> %502, float %504, i32 4
-  %506 = extractelement <8 x float> %490, i32 5
-  %507 = call float @erff(float %506)
-  %508 = insertelement <8 x float> %505, float %507, i32 5
-  %509 = extractelement <8 x float> %490, i32 6
-  %510 = call float @erff(float %509)
-  %511 = insertelement <8 x float> %508, float %510, i32 6
-  %512 = extractelement <8 x float> %490, i32 7
-  %513 = call float @erff(float %512)
-  %514 = insertelement <8 x float> %511, float %513, i32 7
-  %515 = fadd <8 x float> %514, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %516 = fmul <8 x float> %458, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu16 = fmul <8 x float> %516, %515
-  %517 = fmul <8 x float> %gelu16, %454
-  %518 = getelementptr inbounds float, ptr %456, i64 %489
-  store <8 x float> %517, ptr %518, align 4
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = add nsw i64 %col, 0
+  %126 = fmul <8 x float> %123, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %127 = extractelement <8 x float> %126, i32 0
+  %128 = call float @erff(float %127)
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = extractelement <8 x float> %126, i32 1
+  %131 = call float @erff(float %130)
+  %132 = insertelement <8 x float> %129, float %131, i32 1
+  %133 = extractelement <8 x float> %126, i32 2
+  %134 = call float @erff(float %133)
+  %135 = insertelement <8 x float> %132, float %134, i32 2
+  %136 = extractelement <8 x float> %126, i32 3
+  %137 = call float @erff(float %136)
+  %138 = insertelement <8 x float> %135, float %137, i32 3
+  %139 = extractelement <8 x float> %126, i32 4
+  %140 = call float @erff(float %139)
+  %141 = insertelement <8 x float> %138, float %140, i32 4
+  %142 = extractelement <8 x float> %126, i32 5
+  %143 = call float @erff(float %142)
+  %144 = insertelement <8 x float> %141, float %143, i32 5
+  %145 = extractelement <8 x float> %126, i32 6
+  %146 = call float @erff(float %145)
+  %147 = insertelement <8 x float> %144, float %146, i32 6
+  %148 = extractelement <8 x float> %126, i32 7
+  %149 = call float @erff(float %148)
+  %150 = insertelement <8 x float> %147, float %149, i32 7
+  %151 = fadd <8 x float> %150, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %152 = fmul <8 x float> %123, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu = fmul <8 x float> %152, %151
+  %153 = fmul <8 x float> %gelu, %120
+  %154 = getelementptr inbounds float, ptr %122, i64 %125
+  store <8 x float> %153, ptr %154, align 4
+  %155 = add nsw i64 %col, 8
+  %156 = fmul <8 x float> %124, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %157 = extractelement <8 x float> %156, i32 0
+  %158 = call float @erff(float %157)
+  %159 = insertelement <8 x float> poison, float %158, i32 0
+  %160 = extractelement <8 x float> %156, i32 1
+  %161 = call float @erff(float %160)
+  %162 = insertelement <8 x float> %159, float %161, i32 1
+  %163 = extractelement <8 x float> %156, i32 2
+  %164 = call float @erff(float %163)
+  %165 = insertelement <8 x float> %162, float %164, i32 2
+  %166 = extractelement <8 x float> %156, i32 3
+  %167 = call float @erff(float %166)
+  %168 = insertelement <8 x float> %165, float %167, i32 3
+  %169 = extractelement <8 x float> %156, i32 4
+  %170 = call float @erff(float %169)
+  %171 = insertelement <8 x float> %168, float %170, i32 4
+  %172 = extractelement <8 x float> %156, i32 5
+  %173 = call float @erff(float %172)
+  %174 = insertelement <8 x float> %171, float %173, i32 5
+  %175 = extractelement <8 x float> %156, i32 6
+  %176 = call float @erff(float %175)
+  %177 = insertelement <8 x float> %174, float %176, i32 6
+  %178 = extractelement <8 x float> %156, i32 7
+  %179 = call float @erff(float %178)
+  %180 = insertelement <8 x float> %177, float %179, i32 7
+  %181 = fadd <8 x float> %180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %182 = fmul <8 x float> %124, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu2 = fmul <8 x float> %182, %181
+  %183 = fmul <8 x float> %gelu2, %120
+  %184 = getelementptr inbounds float, ptr %122, i64 %155
+  store <8 x float> %183, ptr %184, align 4
+  %185 = add nsw i64 %r0, 1
+  %186 = getelementptr inbounds float, ptr %rw, i64 %185
+  %187 = load float, ptr %186, align 4
+  %188 = insertelement <8 x float> poison, float %187, i32 0
+  %189 = shufflevector <8 x float> %188, <8 x float> poison, <8 x i32> zeroinitializer
+  %190 = mul nsw i64 %185, 3072
+  %191 = getelementptr inbounds float, ptr %h, i64 %190
+  %col3 = mul nsw i64 %p, 16
+  %192 = load <8 x float>, ptr %acc10, align 4
+  %193 = load <8 x float>, ptr %acc11, align 4
+  %194 = add nsw i64 %col3, 0
+  %195 = fmul <8 x float> %192, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %196 = extractelement <8 x float> %195, i32 0
+  %197 = call float @erff(float %196)
+  %198 = insertelement <8 x float> poison, float %197, i32 0
+  %199 = extractelement <8 x float> %195, i32 1
+  %200 = call float @erff(float %199)
+  %201 = insertelement <8 x float> %198, float %200, i32 1
+  %202 = extractelement <8 x float> %195, i32 2
+  %203 = call float @erff(float %202)
+  %204 = insertelement <8 x float> %201, float %203, i32 2
+  %205 = extractelement <8 x float> %195, i32 3
+  %206 = call float @erff(float %205)
+  %207 = insertelement <8 x float> %204, float %206, i32 3
+  %208 = extractelement <8 x float> %195, i32 4
+  %209 = call float @erff(float %208)
+  %210 = insertelement <8 x float> %207, float %209, i32 4
+  %211 = extractelement <8 x float> %195, i32 5
+  %212 = call float @erff(float %211)
+  %213 = insertelement <8 x float> %210, float %212, i32 5
+  %214 = extractelement <8 x float> %195, i32 6
+  %215 = call float @erff(float %214)
+  %216 = insertelement <8 x float> %213, float %215, i32 6
+  %217 = extractelement <8 x float> %195, i32 7
+  %218 = call float @erff(float %217)
+  %219 = insertelement <8 x float> %216, float %218, i32 7
+  %220 = fadd <8 x float> %219, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %221 = fmul <8 x float> %192, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu4 = fmul <8 x float> %221, %220
+  %222 = fmul <8 x float> %gelu4, %189
+  %223 = getelementptr inbounds float, ptr %191, i64 %194
+  store <8 x float> %222, ptr %223, align 4
+  %224 = add nsw i64 %col3, 8
+  %225 = fmul <8 x float> %193, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %226 = extractelement <8 x float> %225, i32 0
+  %227 = call float @erff(float %226)
+  %228 = insertelement <8 x float> poison, float %227, i32 0
+  %229 = extractelement <8 x float> %225, i32 1
+  %230 = call float @erff(float %229)
+  %231 = insertelement <8 x float> %228, float %230, i32 1
+  %232 = extractelement <8 x float> %225, i32 2
+  %233 = call float @erff(float %232)
+  %234 = insertelement <8 x float> %231, float %233, i32 2
+  %235 = extractelement <8 x float> %225, i32 3
+  %236 = call float @erff(float %235)
+  %237 = insertelement <8 x float> %234, float %236, i32 3
+  %238 = extractelement <8 x float> %225, i32 4
+  %239 = call float @erff(float %238)
+  %240 = insertelement <8 x float> %237, float %239, i32 4
+  %241 = extractelement <8 x float> %225, i32 5
+  %242 = call float @erff(float %241)
+  %243 = insertelement <8 x float> %240, float %242, i32 5
+  %244 = extractelement <8 x float> %225, i32 6
+  %245 = call float @erff(float %244)
+  %246 = insertelement <8 x float> %243, float %245, i32 6
+  %247 = extractelement <8 x float> %225, i32 7
+  %248 = call float @erff(float %247)
+  %249 = insertelement <8 x float> %246, float %248, i32 7
+  %250 = fadd <8 x float> %249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %251 = fmul <8 x float> %193, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu5 = fmul <8 x float> %251, %250
+  %252 = fmul <8 x float> %gelu5, %189
+  %253 = getelementptr inbounds float, ptr %191, i64 %224
+  store <8 x float> %252, ptr %253, align 4
+  %254 = add nsw i64 %r0, 2
+  %255 = getelementptr inbounds float, ptr %rw, i64 %254
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <8 x float> poison, float %256, i32 0
+  %258 = shufflevector <8 x float> %257, <8 x float> poison, <8 x i32> zeroinitializer
+  %259 = mul nsw i64 %254, 3072
+  %260 = getelementptr inbounds float, ptr %h, i64 %259
+  %col6 = mul nsw i64 %p, 16
+  %261 = load <8 x float>, ptr %acc20, align 4
+  %262 = load <8 x float>, ptr %acc21, align 4
+  %263 = add nsw i64 %col6, 0
+  %264 = fmul <8 x float> %261, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %265 = extractelement <8 x float> %264, i32 0
+  %266 = call float @erff(float %265)
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = extractelement <8 x float> %264, i32 1
+  %269 = call float @erff(float %268)
+  %270 = insertelement <8 x float> %267, float %269, i32 1
+  %271 = extractelement <8 x float> %264, i32 2
+  %272 = call float @erff(float %271)
+  %273 = insertelement <8 x float> %270, float %272, i32 2
+  %274 = extractelement <8 x float> %264, i32 3
+  %275 = call float @erff(float %274)
+  %276 = insertelement <8 x float> %273, float %275, i32 3
+  %277 = extractelement <8 x float> %264, i32 4
+  %278 = call float @erff(float %277)
+  %279 = insertelement <8 x float> %276, float %278, i32 4
+  %280 = extractelement <8 x float> %264, i32 5
+  %281 = call float @erff(float %280)
+  %282 = insertelement <8 x float> %279, float %281, i32 5
+  %283 = extractelement <8 x float> %264, i32 6
+  %284 = call float @erff(float %283)
+  %285 = insertelement <8 x float> %282, float %284, i32 6
+  %286 = extractelement <8 x float> %264, i32 7
+  %287 = call float @erff(float %286)
+  %288 = insertelement <8 x float> %285, float %287, i32 7
+  %289 = fadd <8 x float> %288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %290 = fmul <8 x float> %261, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu7 = fmul <8 x float> %290, %289
+  %291 = fmul <8 x float> %gelu7, %258
+  %292 = getelementptr inbounds float, ptr %260, i64 %263
+  store <8 x float> %291, ptr %292, align 4
+  %293 = add nsw i64 %col6, 8
+  %294 = fmul <8 x float> %262, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %295 = extractelement <8 x float> %294, i32 0
+  %296 = call float @erff(float %295)
+  %297 = insertelement <8 x float> poison, float %296, i32 0
+  %298 = extractelement <8 x float> %294, i32 1
+  %299 = call float @erff(float %298)
+  %300 = insertelement <8 x float> %297, float %299, i32 1
+  %301 = extractelement <8 x float> %294, i32 2
+  %302 = call float @erff(float %301)
+  %303 = insertelement <8 x float> %300, float %302, i32 2
+  %304 = extractelement <8 x float> %294, i32 3
+  %305 = call float @erff(float %304)
+  %306 = insertelement <8 x float> %303, float %305, i32 3
+  %307 = extractelement <8 x float> %294, i32 4
+  %308 = call float @erff(float %307)
+  %309 = insertelement <8 x float> %306, float %308, i32 4
+  %310 = extractelement <8 x float> %294, i32 5
+  %311 = call float @erff(float %310)
+  %312 = insertelement <8 x float> %309, float %311, i32 5
+  %313 = extractelement <8 x float> %294, i32 6
+  %314 = call float @erff(float %313)
+  %315 = insertelement <8 x float> %312, float %314, i32 6
+  %316 = extractelement <8 x float> %294, i32 7
+  %317 = call float @erff(float %316)
+  %318 = insertelement <8 x float> %315, float %317, i32 7
+  %319 = fadd <8 x float> %318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %320 = fmul <8 x float> %262, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu8 = fmul <8 x float> %320, %319
+  %321 = fmul <8 x float> %gelu8, %258
+  %322 = getelementptr inbounds float, ptr %260, i64 %293
+  store <8 x float> %321, ptr %322, align 4
+  %323 = add nsw i64 %r0, 3
+  %324 = getelementptr inbounds float, ptr %rw, i64 %323
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = mul nsw i64 %323, 3072
+  %329 = getelementptr inbounds float, ptr %h, i64 %328
+  %col9 = mul nsw i64 %p, 16
+  %330 = load <8 x float>, ptr %acc30, align 4
+  %331 = load <8 x float>, ptr %acc31, align 4
+  %332 = add nsw i64 %col9, 0
+  %333 = fmul <8 x float> %330, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %334 = extractelement <8 x float> %333, i32 0
+  %335 = call float @erff(float %334)
+  %336 = insertelement <8 x float> poison, float %335, i32 0
+  %337 = extractelement <8 x float> %333, i32 1
+  %338 = call float @erff(float %337)
+  %339 = insertelement <8 x float> %336, float %338, i32 1
+  %340 = extractelement <8 x float> %333, i32 2
+  %341 = call float @erff(float %340)
+  %342 = insertelement <8 x float> %339, float %341, i32 2
+  %343 = extractelement <8 x float> %333, i32 3
+  %344 = call float @erff(float %343)
+  %345 = insertelement <8 x float> %342, float %344, i32 3
+  %346 = extractelement <8 x float> %333, i32 4
+  %347 = call float @erff(float %346)
+  %348 = insertelement <8 x float> %345, float %347, i32 4
+  %349 = extractelement <8 x float> %333, i32 5
+  %350 = call float @erff(float %349)
+  %351 = insertelement <8 x float> %348, float %350, i32 5
+  %352 = extractelement <8 x float> %333, i32 6
+  %353 = call float @erff(float %352)
+  %354 = insertelement <8 x float> %351, float %353, i32 6
+  %355 = extractelement <8 x float> %333, i32 7
+  %356 = call float @erff(float %355)
+  %357 = insertelement <8 x float> %354, float %356, i32 7
+  %358 = fadd <8 x float> %357, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %359 = fmul <8 x float> %330, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu10 = fmul <8 x float> %359, %358
+  %360 = fmul <8 x float> %gelu10, %327
+  %361 = getelementptr inbounds float, ptr %329, i64 %332
+  store <8 x float> %360, ptr %361, align 4
+  %362 = add nsw i64 %col9, 8
+  %363 = fmul <8 x float> %331, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %364 = extractelement <8 x float> %363, i32 0
+  %365 = call float @erff(float %364)
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = extractelement <8 x float> %363, i32 1
+  %368 = call float @erff(float %367)
+  %369 = insertelement <8 x float> %366, float %368, i32 1
+  %370 = extractelement <8 x float> %363, i32 2
+  %371 = call float @erff(float %370)
+  %372 = insertelement <8 x float> %369, float %371, i32 2
+  %373 = extractelement <8 x float> %363, i32 3
+  %374 = call float @erff(float %373)
+  %375 = insertelement <8 x float> %372, float %374, i32 3
+  %376 = extractelement <8 x float> %363, i32 4
+  %377 = call float @erff(float %376)
+  %378 = insertelement <8 x float> %375, float %377, i32 4
+  %379 = extractelement <8 x float> %363, i32 5
+  %380 = call float @erff(float %379)
+  %381 = insertelement <8 x float> %378, float %380, i32 5
+  %382 = extractelement <8 x float> %363, i32 6
+  %383 = call float @erff(float %382)
+  %384 = insertelement <8 x float> %381, float %383, i32 6
+  %385 = extractelement <8 x float> %363, i32 7
+  %386 = call float @erff(float %385)
+  %387 = insertelement <8 x float> %384, float %386, i32 7
+  %388 = fadd <8 x float> %387, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %389 = fmul <8 x float> %331, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu11 = fmul <8 x float> %389, %388
+  %390 = fmul <8 x float> %gelu11, %327
+  %391 = getelementptr inbounds float, ptr %329, i64 %362
+  store <8 x float> %390, ptr %391, align 4
+  %392 = add nsw i64 %r0, 4
+  %393 = getelementptr inbounds float, ptr %rw, i64 %392
+  %394 = load float, ptr %393, align 4
+  %395 = insertelement <8 x float> poison, float %394, i32 0
+  %396 = shufflevector <8 x float> %395, <8 x float> poison, <8 x i32> zeroinitializer
+  %397 = mul nsw i64 %392, 3072
+  %398 = getelementptr inbounds float, ptr %h, i64 %397
+  %col12 = mul nsw i64 %p, 16
+  %399 = load <8 x float>, ptr %acc40, align 4
+  %400 = load <8 x float>, ptr %acc41, align 4
+  %401 = add nsw i64 %col12, 0
+  %402 = fmul <8 x float> %399, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %403 = extractelement <8 x float> %402, i32 0
+  %404 = call float @erff(float %403)
+  %405 = insertelement <8 x float> poison, float %404, i32 0
+  %406 = extractelement <8 x float> %402, i32 1
+  %407 = call float @erff(float %406)
+  %408 = insertelement <8 x float> %405, float %407, i32 1
+  %409 = extractelement <8 x float> %402, i32 2
+  %410 = call float @erff(float %409)
+  %411 = insertelement <8 x float> %408, float %410, i32 2
+  %412 = extractelement <8 x float> %402, i32 3
+  %413 = call float @erff(float %412)
+  %414 = insertelement <8 x float> %411, float %413, i32 3
+  %415 = extractelement <8 x float> %402, i32 4
+  %416 = call float @erff(float %415)
+  %417 = insertelement <8 x float> %414, float %416, i32 4
+  %418 = extractelement <8 x float> %402, i32 5
+  %419 = call float @erff(float %418)
+  %420 = insertelement <8 x float> %417, float %419, i32 5
+  %421 = extractelement <8 x float> %402, i32 6
+  %422 = call float @erff(float %421)
+  %423 = insertelement <8 x float> %420, float %422, i32 6
+  %424 = extractelement <8 x float> %402, i32 7
+  %425 = call float @erff(float %424)
+  %426 = insertelement <8 x float> %423, float %425, i32 7
+  %427 = fadd <8 x float> %426, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %428 = fmul <8 x float> %399, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu13 = fmul <8 x float> %428, %427
+  %429 = fmul <8 x float> %gelu13, %396
+  %430 = getelementptr inbounds float, ptr %398, i64 %401
+  store <8 x float> %429, ptr %430, align 4
+  %431 = add nsw i64 %col12, 8
+  %432 = fmul <8 x float> %400, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %433 = extractelement <8 x float> %432, i32 0
+  %434 = call float @erff(float %433)
+  %435 = insertelement <8 x float> poison, float %434, i32 0
+  %436 = extractelement <8 x float> %432, i32 1
+  %437 = call float @erff(float %436)
+  %438 = insertelement <8 x float> %435, float %437, i32 1
+  %439 = extractelement <8 x float> %432, i32 2
+  %440 = call float @erff(float %439)
+  %441 = insertelement <8 x float> %438, float %440, i32 2
+  %442 = extractelement <8 x float> %432, i32 3
+  %443 = call float @erff(float %442)
+  %444 = insertelement <8 x float> %441, float %443, i32 3
+  %445 = extractelement <8 x float> %432, i32 4
+  %446 = call float @erff(float %445)
+  %447 = insertelement <8 x float> %444, float %446, i32 4
+  %448 = extractelement <8 x float> %432, i32 5
+  %449 = call float @erff(float %448)
+  %450 = insertelement <8 x float> %447, float %449, i32 5
+  %451 = extractelement <8 x float> %432, i32 6
+  %452 = call float @erff(float %451)
+  %453 = insertelement <8 x float> %450, float %452, i32 6
+  %454 = extractelement <8 x float> %432, i32 7
+  %455 = call float @erff(float %454)
+  %456 = insertelement <8 x float> %453, float %455, i32 7
+  %457 = fadd <8 x float> %456, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %458 = fmul <8 x float> %400, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu14 = fmul <8 x float> %458, %457
+  %459 = fmul <8 x float> %gelu14, %396
+  %460 = getelementptr inbounds float, ptr %398, i64 %431
+  store <8 x float> %459, ptr %460, align 4
+  %461 = add nsw i64 %r0, 5
+  %462 = getelementptr inbounds float, ptr %rw, i64 %461
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <8 x float> poison, float %463, i32 0
+  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
+  %466 = mul nsw i64 %461, 3072
+  %467 = getelementptr inbounds float, ptr %h, i64 %466
+  %col15 = mul nsw i64 %p, 16
+  %468 = load <8 x float>, ptr %acc50, align 4
+  %469 = load <8 x float>, ptr %acc51, align 4
+  %470 = add nsw i64 %col15, 0
+  %471 = fmul <8 x float> %468, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %472 = extractelement <8 x float> %471, i32 0
+  %473 = call float @erff(float %472)
+  %474 = insertelement <8 x float> poison, float %473, i32 0
+  %475 = extractelement <8 x float> %471, i32 1
+  %476 = call float @erff(float %475)
+  %477 = insertelement <8 x float> %474, float %476, i32 1
+  %478 = extractelement <8 x float> %471, i32 2
+  %479 = call float @erff(float %478)
+  %480 = insertelement <8 x float> %477, float %479, i32 2
+  %481 = extractelement <8 x float> %471, i32 3
+  %482 = call float @erff(float %481)
+  %483 = insertelement <8 x float> %480, float %482, i32 3
+  %484 = extractelement <8 x float> %471, i32 4
+  %485 = call float @erff(float %484)
+  %486 = insertelement <8 x float> %483, float %485, i32 4
+  %487 = extractelement <8 x float> %471, i32 5
+  %488 = call float @erff(float %487)
+  %489 = insertelement <8 x float> %486, float %488, i32 5
+  %490 = extractelement <8 x float> %471, i32 6
+  %491 = call float @erff(float %490)
+  %492 = insertelement <8 x float> %489, float %491, i32 6
+  %493 = extractelement <8 x float> %471, i32 7
+  %494 = call float @erff(float %493)
+  %495 = insertelement <8 x float> %492, float %494, i32 7
+  %496 = fadd <8 x float> %495, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %497 = fmul <8 x float> %468, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu16 = fmul <8 x float> %497, %496
+  %498 = fmul <8 x float> %gelu16, %465
+  %499 = getelementptr inbounds float, ptr %467, i64 %470
+  store <8 x float> %498, ptr %499, align 4
+  %500 = add nsw i64 %col15, 8
+  %501 = fmul <8 x float> %469, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %502 = extractelement <8 x float> %501, i32 0
+  %503 = call float @erff(float %502)
+  %504 = insertelement <8 x float> poison, float %503, i32 0
+  %505 = extractelement <8 x float> %501, i32 1
+  %506 = call float @erff(float %505)
+  %507 = insertelement <8 x float> %504, float %506, i32 1
+  %508 = extractelement <8 x float> %501, i32 2
+  %509 = call float @erff(float %508)
+  %510 = insertelement <8 x float> %507, float %509, i32 2
+  %511 = extractelement <8 x float> %501, i32 3
+  %512 = call float @erff(float %511)
+  %513 = insertelement <8 x float> %510, float %512, i32 3
+  %514 = extractelement <8 x float> %501, i32 4
+  %515 = call float @erff(float %514)
+  %516 = insertelement <8 x float> %513, float %515, i32 4
+  %517 = extractelement <8 x float> %501, i32 5
+  %518 = call float @erff(float %517)
+  %519 = insertelement <8 x float> %516, float %518, i32 5
+  %520 = extractelement <8 x float> %501, i32 6
+  %521 = call float @erff(float %520)
+  %522 = insertelement <8 x float> %519, float %521, i32 6
+  %523 = extractelement <8 x float> %501, i32 7
+  %524 = call float @erff(float %523)
+  %525 = insertelement <8 x float> %522, float %524, i32 7
+  %526 = fadd <8 x float> %525, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %527 = fmul <8 x float> %469, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu17 = fmul <8 x float> %527, %526
+  %528 = fmul <8 x float> %gelu17, %465
+  %529 = getelementptr inbounds float, ptr %467, i64 %500
+  store <8 x float> %528, ptr %529, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %519 = add nsw i64 %r0, 0
-  %520 = getelementptr inbounds i32, ptr %rows, i64 %519
-  %521 = load i32, ptr %520, align 4
-  %522 = sext i32 %521 to i64
-  %523 = mul nsw i64 %522, 768
-  %524 = getelementptr inbounds float, ptr %x, i64 %523
-  store <8 x float> zeroinitializer, ptr %acc0017, align 4
-  store <8 x float> zeroinitializer, ptr %acc0118, align 4
-  %525 = add nsw i64 %r0, 1
-  %526 = getelementptr inbounds i32, ptr %rows, i64 %525
-  %527 = load i32, ptr %526, align 4
-  %528 = sext i32 %527 to i64
-  %529 = mul nsw i64 %528, 768
-  %530 = getelementptr inbounds float, ptr %x, i64 %529
-  store <8 x float> zeroinitializer, ptr %acc1019, align 4
-  store <8 x float> zeroinitializer, ptr %acc1120, align 4
-  %531 = add nsw i64 %r0, 2
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %531
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 768
-  %536 = getelementptr inbounds float, ptr %x, i64 %535
-  store <8 x float> zeroinitializer, ptr %acc2021, align 4
-  store <8 x float> zeroinitializer, ptr %acc2122, align 4
-  %537 = add nsw i64 %r0, 3
-  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
-  %539 = load i32, ptr %538, align 4
-  %540 = sext i32 %539 to i64
-  %541 = mul nsw i64 %540, 768
-  %542 = getelementptr inbounds float, ptr %x, i64 %541
-  store <8 x float> zeroinitializer, ptr %acc3023, align 4
-  store <8 x float> zeroinitializer, ptr %acc3124, align 4
-  %543 = add nsw i64 %r0, 4
-  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
-  %545 = load i32, ptr %544, align 4
-  %546 = sext i32 %545 to i64
-  %547 = mul nsw i64 %546, 768
-  %548 = getelementptr inbounds float, ptr %x, i64 %547
-  store <8 x float> zeroinitializer, ptr %acc4025, align 4
-  store <8 x float> zeroinitializer, ptr %acc4126, align 4
-  %panel.off27 = mul nsw i64 %p, 12288
-  %549 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
-  %550 = add nsw i64 %p, 1
-  %551 = icmp slt i64 %550, %p1
-  %552 = getelementptr inbounds i8, ptr %549, i64 49152
-  %553 = and i1 %pf.on, %551
-  %pf28 = select i1 %553, ptr %552, ptr %549
-  br label %k.head29
+  %530 = add nsw i64 %r0, 0
+  %531 = getelementptr inbounds i32, ptr %rows, i64 %530
+  %532 = load i32, ptr %531, align 4
+  %533 = sext i32 %532 to i64
+  %534 = mul nsw i64 %533, 768
+  %535 = getelementptr inbounds float, ptr %x, i64 %534
+  store <8 x float> zeroinitializer, ptr %acc0018, align 4
+  store <8 x float> zeroinitializer, ptr %acc0119, align 4
+  %536 = add nsw i64 %r0, 1
+  %537 = getelementptr inbounds i32, ptr %rows, i64 %536
+  %538 = load i32, ptr %537, align 4
+  %539 = sext i32 %538 to i64
+  %540 = mul nsw i64 %539, 768
+  %541 = getelementptr inbounds float, ptr %x, i64 %540
+  store <8 x float> zeroinitializer, ptr %acc1020, align 4
+  store <8 x float> zeroinitializer, ptr %acc1121, align 4
+  %542 = add nsw i64 %r0, 2
+  %543 = getelementptr inbounds i32, ptr %rows, i64 %542
+  %544 = load i32, ptr %543, align 4
+  %545 = sext i32 %544 to i64
+  %546 = mul nsw i64 %545, 768
+  %547 = getelementptr inbounds float, ptr %x, i64 %546
+  store <8 x float> zeroinitializer, ptr %acc2022, align 4
+  store <8 x float> zeroinitializer, ptr %acc2123, align 4
+  %548 = add nsw i64 %r0, 3
+  %549 = getelementptr inbounds i32, ptr %rows, i64 %548
+  %550 = load i32, ptr %549, align 4
+  %551 = sext i32 %550 to i64
+  %552 = mul nsw i64 %551, 768
+  %553 = getelementptr inbounds float, ptr %x, i64 %552
+  store <8 x float> zeroinitializer, ptr %acc3024, align 4
+  store <8 x float> zeroinitializer, ptr %acc3125, align 4
+  %554 = add nsw i64 %r0, 4
+  %555 = getelementptr inbounds i32, ptr %rows, i64 %554
+  %556 = load i32, ptr %555, align 4
+  %557 = sext i32 %556 to i64
+  %558 = mul nsw i64 %557, 768
+  %559 = getelementptr inbounds float, ptr %x, i64 %558
+  store <8 x float> zeroinitializer, ptr %acc4026, align 4
+  store <8 x float> zeroinitializer, ptr %acc4127, align 4
+  %panel.off28 = mul nsw i64 %p, 12288
+  %560 = getelementptr inbounds float, ptr %panels, i64 %panel.off28
+  %561 = add nsw i64 %p, 1
+  %562 = icmp slt i64 %561, %p1
+  %pf.on29 = and i1 %pf.on, %562
+  %563 = mul nsw i64 %pf.j, 49152
+  %564 = lshr i64 %563, %9
+  %565 = add nsw i64 49152, %564
+  %566 = getelementptr inbounds i8, ptr %560, i64 %565
+  %pf30 = select i1 %pf.on29, ptr %566, ptr %560
+  %pf.sh31 = select i1 %pf.on29, i64 %9, i64 0
+  br label %k.head32
 
-k.head29:                                         ; preds = %k.body30, %tile.mr5
-  %k32 = phi i64 [ 0, %tile.mr5 ], [ %604, %k.body30 ]
-  %554 = icmp slt i64 %k32, 768
-  br i1 %554, label %k.body30, label %k.end31
+k.head32:                                         ; preds = %k.body33, %tile.mr5
+  %k35 = phi i64 [ 0, %tile.mr5 ], [ %618, %k.body33 ]
+  %567 = icmp slt i64 %k35, 768
+  br i1 %567, label %k.body33, label %k.end34
 
-k.body30:                                         ; preds = %k.head29
-  %555 = mul nsw i64 %k32, 16
-  %556 = add nsw i64 %panel.off27, %555
-  %557 = mul nsw i64 %k32, 64
-  %558 = getelementptr inbounds i8, ptr %pf28, i64 %557
-  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
-  %559 = getelementptr inbounds float, ptr %panels, i64 %556
-  %560 = load <8 x float>, ptr %559, align 4
-  %561 = add nsw i64 %556, 8
-  %562 = getelementptr inbounds float, ptr %panels, i64 %561
-  %563 = load <8 x float>, ptr %562, align 4
-  %564 = getelementptr inbounds float, ptr %524, i64 %k32
-  %565 = load float, ptr %564, align 4
-  %566 = insertelement <8 x float> poison, float %565, i32 0
-  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
-  %568 = load <8 x float>, ptr %acc0017, align 4
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %560, <8 x float> %568)
-  store <8 x float> %569, ptr %acc0017, align 4
-  %570 = load <8 x float>, ptr %acc0118, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %563, <8 x float> %570)
-  store <8 x float> %571, ptr %acc0118, align 4
-  %572 = getelementptr inbounds float, ptr %530, i64 %k32
-  %573 = load float, ptr %572, align 4
-  %574 = insertelement <8 x float> poison, float %573, i32 0
-  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
-  %576 = load <8 x float>, ptr %acc1019, align 4
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %560, <8 x float> %576)
-  store <8 x float> %577, ptr %acc1019, align 4
-  %578 = load <8 x float>, ptr %acc1120, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %563, <8 x float> %578)
-  store <8 x float> %579, ptr %acc1120, align 4
-  %580 = getelementptr inbounds float, ptr %536, i64 %k32
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc2021, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %560, <8 x float> %584)
-  store <8 x float> %585, ptr %acc2021, align 4
-  %586 = load <8 x float>, ptr %acc2122, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %563, <8 x float> %586)
-  store <8 x float> %587, ptr %acc2122, align 4
-  %588 = getelementptr inbounds float, ptr %542, i64 %k32
-  %589 = load float, ptr %588, align 4
-  %590 = insertelement <8 x float> poison, float %589, i32 0
-  %591 = shufflevector <8 x float> %590, <8 x float> poison, <8 x i32> zeroinitializer
-  %592 = load <8 x float>, ptr %acc3023, align 4
-  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %560, <8 x float> %592)
-  store <8 x float> %593, ptr %acc3023, align 4
-  %594 = load <8 x float>, ptr %acc3124, align 4
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %563, <8 x float> %594)
-  store <8 x float> %595, ptr %acc3124, align 4
-  %596 = getelementptr inbounds float, ptr %548, i64 %k32
-  %597 = load float, ptr %596, align 4
-  %598 = insertelement <8 x float> poison, float %597, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = load <8 x float>, ptr %acc4025, align 4
-  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %560, <8 x float> %600)
-  store <8 x float> %601, ptr %acc4025, align 4
-  %602 = load <8 x float>, ptr %acc4126, align 4
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %563, <8 x float> %602)
-  store <8 x float> %603, ptr %acc4126, align 4
-  %604 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body33:                                         ; preds = %k.head32
+  %568 = mul nsw i64 %k35, 16
+  %569 = add nsw i64 %panel.off28, %568
+  %570 = mul nsw i64 %k35, 64
+  %571 = lshr i64 %570, %pf.sh31
+  %572 = getelementptr inbounds i8, ptr %pf30, i64 %571
+  call void @llvm.prefetch.p0(ptr %572, i32 0, i32 2, i32 1)
+  %573 = getelementptr inbounds float, ptr %panels, i64 %569
+  %574 = load <8 x float>, ptr %573, align 4
+  %575 = add nsw i64 %569, 8
+  %576 = getelementptr inbounds float, ptr %panels, i64 %575
+  %577 = load <8 x float>, ptr %576, align 4
+  %578 = getelementptr inbounds float, ptr %535, i64 %k35
+  %579 = load float, ptr %578, align 4
+  %580 = insertelement <8 x float> poison, float %579, i32 0
+  %581 = shufflevector <8 x float> %580, <8 x float> poison, <8 x i32> zeroinitializer
+  %582 = load <8 x float>, ptr %acc0018, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %581, <8 x float> %574, <8 x float> %582)
+  store <8 x float> %583, ptr %acc0018, align 4
+  %584 = load <8 x float>, ptr %acc0119, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %581, <8 x float> %577, <8 x float> %584)
+  store <8 x float> %585, ptr %acc0119, align 4
+  %586 = getelementptr inbounds float, ptr %541, i64 %k35
+  %587 = load float, ptr %586, align 4
+  %588 = insertelement <8 x float> poison, float %587, i32 0
+  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
+  %590 = load <8 x float>, ptr %acc1020, align 4
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %574, <8 x float> %590)
+  store <8 x float> %591, ptr %acc1020, align 4
+  %592 = load <8 x float>, ptr %acc1121, align 4
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %577, <8 x float> %592)
+  store <8 x float> %593, ptr %acc1121, align 4
+  %594 = getelementptr inbounds float, ptr %547, i64 %k35
+  %595 = load float, ptr %594, align 4
+  %596 = insertelement <8 x float> poison, float %595, i32 0
+  %597 = shufflevector <8 x float> %596, <8 x float> poison, <8 x i32> zeroinitializer
+  %598 = load <8 x float>, ptr %acc2022, align 4
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %574, <8 x float> %598)
+  store <8 x float> %599, ptr %acc2022, align 4
+  %600 = load <8 x float>, ptr %acc2123, align 4
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %577, <8 x float> %600)
+  store <8 x float> %601, ptr %acc2123, align 4
+  %602 = getelementptr inbounds float, ptr %553, i64 %k35
+  %603 = load float, ptr %602, align 4
+  %604 = insertelement <8 x float> poison, float %603, i32 0
+  %605 = shufflevector <8 x float> %604, <8 x float> poison, <8 x i32> zeroinitializer
+  %606 = load <8 x float>, ptr %acc3024, align 4
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %574, <8 x float> %606)
+  store <8 x float> %607, ptr %acc3024, align 4
+  %608 = load <8 x float>, ptr %acc3125, align 4
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %577, <8 x float> %608)
+  store <8 x float> %609, ptr %acc3125, align 4
+  %610 = getelementptr inbounds float, ptr %559, i64 %k35
+  %611 = load float, ptr %610, align 4
+  %612 = insertelement <8 x float> poison, float %611, i32 0
+  %613 = shufflevector <8 x float> %612, <8 x float> poison, <8 x i32> zeroinitializer
+  %614 = load <8 x float>, ptr %acc4026, align 4
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %574, <8 x float> %614)
+  store <8 x float> %615, ptr %acc4026, align 4
+  %616 = load <8 x float>, ptr %acc4127, align 4
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %577, <8 x float> %616)
+  store <8 x float> %617, ptr %acc4127, align 4
+  %618 = add nsw i64 %k35, 1
+  br label %k.head32
 
-k.end31:                                          ; preds = %k.head29
-  %605 = add nsw i64 %r0, 0
-  %606 = getelementptr inbounds float, ptr %rw, i64 %605
-  %607 = load float, ptr %606, align 4
-  %608 = insertelement <8 x float> poison, float %607, i32 0
-  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
-  %610 = mul nsw i64 %605, 3072
-  %611 = getelementptr inbounds float, ptr %h, i64 %610
-  %col33 = mul nsw i64 %p, 16
-  %612 = load <8 x float>, ptr %acc0017, align 4
-  %613 = load <8 x float>, ptr %acc0118, align 4
-  %614 = add nsw i64 %col33, 0
-  %615 = fmul <8 x float> %612, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %616 = extractelement <8 x float> %615, i32 0
-  %617 = call float @erff(float %616)
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = extractelement <8 x float> %615, i32 1
-  %620 = call float @erff(float %619)
-  %621 = insertelement <8 x float> %618, float %620, i32 1
-  %622 = extractelement <8 x float> %615, i32 2
-  %623 = call float @erff(float %622)
-  %624 = insertelement <8 x float> %621, float %623, i32 2
-  %625 = extractelement <8 x float> %615, i32 3
-  %626 = call float @erff(float %625)
-  %627 = insertelement <8 x float> %624, float %626, i32 3
-  %628 = extractelement <8 x float> %615, i32 4
-  %629 = call float @erff(float %628)
-  %630 = insertelement <8 x float> %627, float %629, i32 4
-  %631 = extractelement <8 x float> %615, i32 5
-  %632 = call float @erff(float %631)
-  %633 = insertelement <8 x float> %630, float %632, i32 5
-  %634 = extractelement <8 x float> %615, i32 6
-  %635 = call float @erff(float %634)
-  %636 = insertelement <8 x float> %633, float %635, i32 6
-  %637 = extractelement <8 x float> %615, i32 7
-  %638 = call float @erff(float %637)
-  %639 = insertelement <8 x float> %636, float %638, i32 7
-  %640 = fadd <8 x float> %639, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %641 = fmul <8 x float> %612, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu34 = fmul <8 x float> %641, %640
-  %642 = fmul <8 x float> %gelu34, %609
-  %643 = getelementptr inbounds float, ptr %611, i64 %614
-  store <8 x float> %642, ptr %643, align 4
-  %644 = add nsw i64 %col33, 8
-  %645 = fmul <8 x float> %613, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %646 = extractelement <8 x float> %645, i32 0
-  %647 = call float @erff(float %646)
-  %648 = insertelement <8 x float> poison, float %647, i32 0
-  %649 = extractelement <8 x float> %645, i32 1
-  %650 = call float @erff(float %649)
-  %651 = insertelement <8 x float> %648, float %650, i32 1
-  %652 = extractelement <8 x float> %645, i32 2
-  %653 = call float @erff(float %652)
-  %654 = insertelement <8 x float> %651, float %653, i32 2
-  %655 = extractelement <8 x float> %645, i32 3
-  %656 = call float @erff(float %655)
-  %657 = insertelement <8 x float> %654, float %656, i32 3
-  %658 = extractelement <8 x float> %645, i32 4
-  %659 = call float @erff(float %658)
-  %660 = insertelement <8 x float> %657, float %659, i32 4
-  %661 = extractelement <8 x float> %645, i32 5
-  %662 = call float @erff(float %661)
-  %663 = insertelement <8 x float> %660, float %662, i32 5
-  %664 = extractelement <8 x float> %645, i32 6
-  %665 = call float @erff(float %664)
-  %666 = insertelement <8 x float> %663, float %665, i32 6
-  %667 = extractelement <8 x float> %645, i32 7
-  %668 = call float @erff(float %667)
-  %669 = insertelement <8 x float> %666, float %668, i32 7
-  %670 = fadd <8 x float> %669, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %671 = fmul <8 x float> %613, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu35 = fmul <8 x float> %671, %670
-  %672 = fmul <8 x float> %gelu35, %609
-  %673 = getelementptr inbounds float, ptr %611, i64 %644
-  store <8 x float> %672, ptr %673, align 4
-  %674 = add nsw i64 %r0, 1
-  %675 = getelementptr inbounds float, ptr %rw, i64 %674
-  %676 = load float, ptr %675, align 4
-  %677 = insertelement <8 x float> poison, float %676, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = mul nsw i64 %674, 3072
-  %680 = getelementptr inbounds float, ptr %h, i64 %679
+k.end34:                                          ; preds = %k.head32
+  %619 = add nsw i64 %r0, 0
+  %620 = getelementptr inbounds float, ptr %rw, i64 %619
+  %621 = load float, ptr %620, align 4
+  %622 = insertelement <8 x float> poison, float %621, i32 0
+  %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
+  %624 = mul nsw i64 %619, 3072
+  %625 = getelementptr inbounds float, ptr %h, i64 %624
   %col36 = mul nsw i64 %p, 16
-  %681 = load <8 x float>, ptr %acc1019, align 4
-  %682 = load <8 x float>, ptr %acc1120, align 4
-  %683 = add nsw i64 %col36, 0
-  %684 = fmul <8 x float> %681, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %685 = extractelement <8 x float> %684, i32 0
-  %686 = call float @erff(float %685)
-  %687 = insertelement <8 x float> poison, float %686, i32 0
-  %688 = extractelement <8 x float> %684, i32 1
-  %689 = call float @erff(float %688)
-  %690 = insertelement <8 x float> %687, float %689, i32 1
-  %691 = extractelement <8 x float> %684, i32 2
-  %692 = call float @erff(float %691)
-  %693 = insertelement <8 x float> %690, float %692, i32 2
-  %694 = extractelement <8 x float> %684, i32 3
-  %695 = call float @erff(float %694)
-  %696 = insertelement <8 x float> %693, float %695, i32 3
-  %697 = extractelement <8 x float> %684, i32 4
-  %698 = call float @erff(float %697)
-  %699 = insertelement <8 x float> %696, float %698, i32 4
-  %700 = extractelement <8 x float> %684, i32 5
-  %701 = call float @erff(float %700)
-  %702 = insertelement <8 x float> %699, float %701, i32 5
-  %703 = extractelement <8 x float> %684, i32 6
-  %704 = call float @erff(float %703)
-  %705 = insertelement <8 x float> %702, float %704, i32 6
-  %706 = extractelement <8 x float> %684, i32 7
-  %707 = call float @erff(float %706)
-  %708 = insertelement <8 x float> %705, float %707, i32 7
-  %709 = fadd <8 x float> %708, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %710 = fmul <8 x float> %681, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu37 = fmul <8 x float> %710, %709
-  %711 = fmul <8 x float> %gelu37, %678
-  %712 = getelementptr inbounds float, ptr %680, i64 %683
-  store <8 x float> %711, ptr %712, align 4
-  %713 = add nsw i64 %col36, 8
-  %714 = fmul <8 x float> %682, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %715 = extractelement <8 x float> %714, i32 0
-  %716 = call float @erff(float %715)
-  %717 = insertelement <8 x float> poison, float %716, i32 0
-  %718 = extractelement <8 x float> %714, i32 1
-  %719 = call float @erff(float %718)
-  %720 = insertelement <8 x float> %717, float %719, i32 1
-  %721 = extractelement <8 x float> %714, i32 2
-  %722 = call float @erff(float %721)
-  %723 = insertelement <8 x float> %720, float %722, i32 2
-  %724 = extractelement <8 x float> %714, i32 3
-  %725 = call float @erff(float %724)
-  %726 = insertelement <8 x float> %723, float %725, i32 3
-  %727 = extractelement <8 x float> %714, i32 4
-  %728 = call float @erff(float %727)
-  %729 = insertelement <8 x float> %726, float %728, i32 4
-  %730 = extractelement <8 x float> %714, i32 5
-  %731 = call float @erff(float %730)
-  %732 = insertelement <8 x float> %729, float %731, i32 5
-  %733 = extractelement <8 x float> %714, i32 6
-  %734 = call float @erff(float %733)
-  %735 = insertelement <8 x float> %732, float %734, i32 6
-  %736 = extractelement <8 x float> %714, i32 7
-  %737 = call float @erff(float %736)
-  %738 = insertelement <8 x float> %735, float %737, i32 7
-  %739 = fadd <8 x float> %738, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %740 = fmul <8 x float> %682, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu38 = fmul <8 x float> %740, %739
-  %741 = fmul <8 x float> %gelu38, %678
-  %742 = getelementptr inbounds float, ptr %680, i64 %713
-  store <8 x float> %741, ptr %742, align 4
-  %743 = add nsw i64 %r0, 2
-  %744 = getelementptr inbounds float, ptr %rw, i64 %743
-  %745 = load float, ptr %744, align 4
-  %746 = insertelement <8 x float> poison, float %745, i32 0
-  %747 = shufflevector <8 x float> %746, <8 x float> poison, <8 x i32> zeroinitializer
-  %748 = mul nsw i64 %743, 3072
-  %749 = getelementptr inbounds float, ptr %h, i64 %748
+  %626 = load <8 x float>, ptr %acc0018, align 4
+  %627 = load <8 x float>, ptr %acc0119, align 4
+  %628 = add nsw i64 %col36, 0
+  %629 = fmul <8 x float> %626, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %630 = extractelement <8 x float> %629, i32 0
+  %631 = call float @erff(float %630)
+  %632 = insertelement <8 x float> poison, float %631, i32 0
+  %633 = extractelement <8 x float> %629, i32 1
+  %634 = call float @erff(float %633)
+  %635 = insertelement <8 x float> %632, float %634, i32 1
+  %636 = extractelement <8 x float> %629, i32 2
+  %637 = call float @erff(float %636)
+  %638 = insertelement <8 x float> %635, float %637, i32 2
+  %639 = extractelement <8 x float> %629, i32 3
+  %640 = call float @erff(float %639)
+  %641 = insertelement <8 x float> %638, float %640, i32 3
+  %642 = extractelement <8 x float> %629, i32 4
+  %643 = call float @erff(float %642)
+  %644 = insertelement <8 x float> %641, float %643, i32 4
+  %645 = extractelement <8 x float> %629, i32 5
+  %646 = call float @erff(float %645)
+  %647 = insertelement <8 x float> %644, float %646, i32 5
+  %648 = extractelement <8 x float> %629, i32 6
+  %649 = call float @erff(float %648)
+  %650 = insertelement <8 x float> %647, float %649, i32 6
+  %651 = extractelement <8 x float> %629, i32 7
+  %652 = call float @erff(float %651)
+  %653 = insertelement <8 x float> %650, float %652, i32 7
+  %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %655 = fmul <8 x float> %626, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu37 = fmul <8 x float> %655, %654
+  %656 = fmul <8 x float> %gelu37, %623
+  %657 = getelementptr inbounds float, ptr %625, i64 %628
+  store <8 x float> %656, ptr %657, align 4
+  %658 = add nsw i64 %col36, 8
+  %659 = fmul <8 x float> %627, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %660 = extractelement <8 x float> %659, i32 0
+  %661 = call float @erff(float %660)
+  %662 = insertelement <8 x float> poison, float %661, i32 0
+  %663 = extractelement <8 x float> %659, i32 1
+  %664 = call float @erff(float %663)
+  %665 = insertelement <8 x float> %662, float %664, i32 1
+  %666 = extractelement <8 x float> %659, i32 2
+  %667 = call float @erff(float %666)
+  %668 = insertelement <8 x float> %665, float %667, i32 2
+  %669 = extractelement <8 x float> %659, i32 3
+  %670 = call float @erff(float %669)
+  %671 = insertelement <8 x float> %668, float %670, i32 3
+  %672 = extractelement <8 x float> %659, i32 4
+  %673 = call float @erff(float %672)
+  %674 = insertelement <8 x float> %671, float %673, i32 4
+  %675 = extractelement <8 x float> %659, i32 5
+  %676 = call float @erff(float %675)
+  %677 = insertelement <8 x float> %674, float %676, i32 5
+  %678 = extractelement <8 x float> %659, i32 6
+  %679 = call float @erff(float %678)
+  %680 = insertelement <8 x float> %677, float %679, i32 6
+  %681 = extractelement <8 x float> %659, i32 7
+  %682 = call float @erff(float %681)
+  %683 = insertelement <8 x float> %680, float %682, i32 7
+  %684 = fadd <8 x float> %683, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %685 = fmul <8 x float> %627, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu38 = fmul <8 x float> %685, %684
+  %686 = fmul <8 x float> %gelu38, %623
+  %687 = getelementptr inbounds float, ptr %625, i64 %658
+  store <8 x float> %686, ptr %687, align 4
+  %688 = add nsw i64 %r0, 1
+  %689 = getelementptr inbounds float, ptr %rw, i64 %688
+  %690 = load float, ptr %689, align 4
+  %691 = insertelement <8 x float> poison, float %690, i32 0
+  %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
+  %693 = mul nsw i64 %688, 3072
+  %694 = getelementptr inbounds float, ptr %h, i64 %693
   %col39 = mul nsw i64 %p, 16
-  %750 = load <8 x float>, ptr %acc2021, align 4
-  %751 = load <8 x float>, ptr %acc2122, align 4
-  %752 = add nsw i64 %col39, 0
-  %753 = fmul <8 x float> %750, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %754 = extractelement <8 x float> %753, i32 0
-  %755 = call float @erff(float %754)
-  %756 = insertelement <8 x float> poison, float %755, i32 0
-  %757 = extractelement <8 x float> %753, i32 1
-  %758 = call float @erff(float %757)
-  %759 = insertelement <8 x float> %756, float %758, i32 1
-  %760 = extractelement <8 x float> %753, i32 2
-  %761 = call float @erff(float %760)
-  %762 = insertelement <8 x float> %759, float %761, i32 2
-  %763 = extractelement <8 x float> %753, i32 3
-  %764 = call float @erff(float %763)
-  %765 = insertelement <8 x float> %762, float %764, i32 3
-  %766 = extractelement <8 x float> %753, i32 4
-  %767 = call float @erff(float %766)
-  %768 = insertelement <8 x float> %765, float %767, i32 4
-  %769 = extractelement <8 x float> %753, i32 5
-  %770 = call float @erff(float %769)
-  %771 = insertelement <8 x float> %768, float %770, i32 5
-  %772 = extractelement <8 x float> %753, i32 6
-  %773 = call float @erff(float %772)
-  %774 = insertelement <8 x float> %771, float %773, i32 6
-  %775 = extractelement <8 x float> %753, i32 7
-  %776 = call float @erff(float %775)
-  %777 = insertelement <8 x float> %774, float %776, i32 7
-  %778 = fadd <8 x float> %777, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %779 = fmul <8 x float> %750, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu40 = fmul <8 x float> %779, %778
-  %780 = fmul <8 x float> %gelu40, %747
-  %781 = getelementptr inbounds float, ptr %749, i64 %752
-  store <8 x float> %780, ptr %781, align 4
-  %782 = add nsw i64 %col39, 8
-  %783 = fmul <8 x float> %751, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %784 = extractelement <8 x float> %783, i32 0
-  %785 = call float @erff(float %784)
-  %786 = insertelement <8 x float> poison, float %785, i32 0
-  %787 = extractelement <8 x float> %783, i32 1
-  %788 = call float @erff(float %787)
-  %789 = insertelement <8 x float> %786, float %788, i32 1
-  %790 = extractelement <8 x float> %783, i32 2
-  %791 = call float @erff(float %790)
-  %792 = insertelement <8 x float> %789, float %791, i32 2
-  %793 = extractelement <8 x float> %783, i32 3
-  %794 = call float @erff(float %793)
-  %795 = insertelement <8 x float> %792, float %794, i32 3
-  %796 = extractelement <8 x float> %783, i32 4
-  %797 = call float @erff(float %796)
-  %798 = insertelement <8 x float> %795, float %797, i32 4
-  %799 = extractelement <8 x float> %783, i32 5
-  %800 = call float @erff(float %799)
-  %801 = insertelement <8 x float> %798, float %800, i32 5
-  %802 = extractelement <8 x float> %783, i32 6
-  %803 = call float @erff(float %802)
-  %804 = insertelement <8 x float> %801, float %803, i32 6
-  %805 = extractelement <8 x float> %783, i32 7
-  %806 = call float @erff(float %805)
-  %807 = insertelement <8 x float> %804, float %806, i32 7
-  %808 = fadd <8 x float> %807, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %809 = fmul <8 x float> %751, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu41 = fmul <8 x float> %809, %808
-  %810 = fmul <8 x float> %gelu41, %747
-  %811 = getelementptr inbounds float, ptr %749, i64 %782
-  store <8 x float> %810, ptr %811, align 4
-  %812 = add nsw i64 %r0, 3
-  %813 = getelementptr inbounds float, ptr %rw, i64 %812
-  %814 = load float, ptr %813, align 4
-  %815 = insertelement <8 x float> poison, float %814, i32 0
-  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
-  %817 = mul nsw i64 %812, 3072
-  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %695 = load <8 x float>, ptr %acc1020, align 4
+  %696 = load <8 x float>, ptr %acc1121, align 4
+  %697 = add nsw i64 %col39, 0
+  %698 = fmul <8 x float> %695, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %699 = extractelement <8 x float> %698, i32 0
+  %700 = call float @erff(float %699)
+  %701 = insertelement <8 x float> poison, float %700, i32 0
+  %702 = extractelement <8 x float> %698, i32 1
+  %703 = call float @erff(float %702)
+  %704 = insertelement <8 x float> %701, float %703, i32 1
+  %705 = extractelement <8 x float> %698, i32 2
+  %706 = call float @erff(float %705)
+  %707 = insertelement <8 x float> %704, float %706, i32 2
+  %708 = extractelement <8 x float> %698, i32 3
+  %709 = call float @erff(float %708)
+  %710 = insertelement <8 x float> %707, float %709, i32 3
+  %711 = extractelement <8 x float> %698, i32 4
+  %712 = call float @erff(float %711)
+  %713 = insertelement <8 x float> %710, float %712, i32 4
+  %714 = extractelement <8 x float> %698, i32 5
+  %715 = call float @erff(float %714)
+  %716 = insertelement <8 x float> %713, float %715, i32 5
+  %717 = extractelement <8 x float> %698, i32 6
+  %718 = call float @erff(float %717)
+  %719 = insertelement <8 x float> %716, float %718, i32 6
+  %720 = extractelement <8 x float> %698, i32 7
+  %721 = call float @erff(float %720)
+  %722 = insertelement <8 x float> %719, float %721, i32 7
+  %723 = fadd <8 x float> %722, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %724 = fmul <8 x float> %695, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu40 = fmul <8 x float> %724, %723
+  %725 = fmul <8 x float> %gelu40, %692
+  %726 = getelementptr inbounds float, ptr %694, i64 %697
+  store <8 x float> %725, ptr %726, align 4
+  %727 = add nsw i64 %col39, 8
+  %728 = fmul <8 x float> %696, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %729 = extractelement <8 x float> %728, i32 0
+  %730 = call float @erff(float %729)
+  %731 = insertelement <8 x float> poison, float %730, i32 0
+  %732 = extractelement <8 x float> %728, i32 1
+  %733 = call float @erff(float %732)
+  %734 = insertelement <8 x float> %731, float %733, i32 1
+  %735 = extractelement <8 x float> %728, i32 2
+  %736 = call float @erff(float %735)
+  %737 = insertelement <8 x float> %734, float %736, i32 2
+  %738 = extractelement <8 x float> %728, i32 3
+  %739 = call float @erff(float %738)
+  %740 = insertelement <8 x float> %737, float %739, i32 3
+  %741 = extractelement <8 x float> %728, i32 4
+  %742 = call float @erff(float %741)
+  %743 = insertelement <8 x float> %740, float %742, i32 4
+  %744 = extractelement <8 x float> %728, i32 5
+  %745 = call float @erff(float %744)
+  %746 = insertelement <8 x float> %743, float %745, i32 5
+  %747 = extractelement <8 x float> %728, i32 6
+  %748 = call float @erff(float %747)
+  %749 = insertelement <8 x float> %746, float %748, i32 6
+  %750 = extractelement <8 x float> %728, i32 7
+  %751 = call float @erff(float %750)
+  %752 = insertelement <8 x float> %749, float %751, i32 7
+  %753 = fadd <8 x float> %752, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %754 = fmul <8 x float> %696, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu41 = fmul <8 x float> %754, %753
+  %755 = fmul <8 x float> %gelu41, %692
+  %756 = getelementptr inbounds float, ptr %694, i64 %727
+  store <8 x float> %755, ptr %756, align 4
+  %757 = add nsw i64 %r0, 2
+  %758 = getelementptr inbounds float, ptr %rw, i64 %757
+  %759 = load float, ptr %758, align 4
+  %760 = insertelement <8 x float> poison, float %759, i32 0
+  %761 = shufflevector <8 x float> %760, <8 x float> poison, <8 x i32> zeroinitializer
+  %762 = mul nsw i64 %757, 3072
+  %763 = getelementptr inbounds float, ptr %h, i64 %762
   %col42 = mul nsw i64 %p, 16
-  %819 = load <8 x float>, ptr %acc3023, align 4
-  %820 = load <8 x float>, ptr %acc3124, align 4
-  %821 = add nsw i64 %col42, 0
-  %822 = fmul <8 x float> %819, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %823 = extractelement <8 x float> %822, i32 0
-  %824 = call float @erff(float %823)
-  %825 = insertelement <8 x float> poison, float %824, i32 0
-  %826 = extractelement <8 x float> %822, i32 1
-  %827 = call float @erff(float %826)
-  %828 = insertelement <8 x float> %825, float %827, i32 1
-  %829 = extractelement <8 x float> %822, i32 2
-  %830 = call float @erff(float %829)
-  %831 = insertelement <8 x float> %828, float %830, i32 2
-  %832 = extractelement <8 x float> %822, i32 3
-  %833 = call float @erff(float %832)
-  %834 = insertelement <8 x float> %831, float %833, i32 3
-  %835 = extractelement <8 x float> %822, i32 4
-  %836 = call float @erff(float %835)
-  %837 = insertelement <8 x float> %834, float %836, i32 4
-  %838 = extractelement <8 x float> %822, i32 5
-  %839 = call float @erff(float %838)
-  %840 = insertelement <8 x float> %837, float %839, i32 5
-  %841 = extractelement <8 x float> %822, i32 6
-  %842 = call float @erff(float %841)
-  %843 = insertelement <8 x float> %840, float %842, i32 6
-  %844 = extractelement <8 x float> %822, i32 7
-  %845 = call float @erff(float %844)
-  %846 = insertelement <8 x float> %843, float %845, i32 7
-  %847 = fadd <8 x float> %846, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %848 = fmul <8 x float> %819, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu43 = fmul <8 x float> %848, %847
-  %849 = fmul <8 x float> %gelu43, %816
-  %850 = getelementptr inbounds float, ptr %818, i64 %821
-  store <8 x float> %849, ptr %850, align 4
-  %851 = add nsw i64 %col42, 8
-  %852 = fmul <8 x float> %820, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %853 = extractelement <8 x float> %852, i32 0
-  %854 = call float @erff(float %853)
-  %855 = insertelement <8 x float> poison, float %854, i32 0
-  %856 = extractelement <8 x float> %852, i32 1
-  %857 = call float @erff(float %856)
-  %858 = insertelement <8 x float> %855, float %857, i32 1
-  %859 = extractelement <8 x float> %852, i32 2
-  %860 = call float @erff(float %859)
-  %861 = insertelement <8 x float> %858, float %860, i32 2
-  %862 = extractelement <8 x float> %852, i32 3
-  %863 = call float @erff(float %862)
-  %864 = insertelement <8 x float> %861, float %863, i32 3
-  %865 = extractelement <8 x float> %852, i32 4
-  %866 = call float @erff(float %865)
-  %867 = insertelement <8 x float> %864, float %866, i32 4
-  %868 = extractelement <8 x float> %852, i32 5
-  %869 = call float @erff(float %868)
-  %870 = insertelement <8 x float> %867, float %869, i32 5
-  %871 = extractelement <8 x float> %852, i32 6
-  %872 = call float @erff(float %871)
-  %873 = insertelement <8 x float> %870, float %872, i32 6
-  %874 = extractelement <8 x float> %852, i32 7
-  %875 = call float @erff(float %874)
-  %876 = insertelement <8 x float> %873, float %875, i32 7
-  %877 = fadd <8 x float> %876, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %878 = fmul <8 x float> %820, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu44 = fmul <8 x float> %878, %877
-  %879 = fmul <8 x float> %gelu44, %816
-  %880 = getelementptr inbounds float, ptr %818, i64 %851
-  store <8 x float> %879, ptr %880, align 4
-  %881 = add nsw i64 %r0, 4
-  %882 = getelementptr inbounds float, ptr %rw, i64 %881
-  %883 = load float, ptr %882, align 4
-  %884 = insertelement <8 x float> poison, float %883, i32 0
-  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
-  %886 = mul nsw i64 %881, 3072
-  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %764 = load <8 x float>, ptr %acc2022, align 4
+  %765 = load <8 x float>, ptr %acc2123, align 4
+  %766 = add nsw i64 %col42, 0
+  %767 = fmul <8 x float> %764, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %768 = extractelement <8 x float> %767, i32 0
+  %769 = call float @erff(float %768)
+  %770 = insertelement <8 x float> poison, float %769, i32 0
+  %771 = extractelement <8 x float> %767, i32 1
+  %772 = call float @erff(float %771)
+  %773 = insertelement <8 x float> %770, float %772, i32 1
+  %774 = extractelement <8 x float> %767, i32 2
+  %775 = call float @erff(float %774)
+  %776 = insertelement <8 x float> %773, float %775, i32 2
+  %777 = extractelement <8 x float> %767, i32 3
+  %778 = call float @erff(float %777)
+  %779 = insertelement <8 x float> %776, float %778, i32 3
+  %780 = extractelement <8 x float> %767, i32 4
+  %781 = call float @erff(float %780)
+  %782 = insertelement <8 x float> %779, float %781, i32 4
+  %783 = extractelement <8 x float> %767, i32 5
+  %784 = call float @erff(float %783)
+  %785 = insertelement <8 x float> %782, float %784, i32 5
+  %786 = extractelement <8 x float> %767, i32 6
+  %787 = call float @erff(float %786)
+  %788 = insertelement <8 x float> %785, float %787, i32 6
+  %789 = extractelement <8 x float> %767, i32 7
+  %790 = call float @erff(float %789)
+  %791 = insertelement <8 x float> %788, float %790, i32 7
+  %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %793 = fmul <8 x float> %764, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu43 = fmul <8 x float> %793, %792
+  %794 = fmul <8 x float> %gelu43, %761
+  %795 = getelementptr inbounds float, ptr %763, i64 %766
+  store <8 x float> %794, ptr %795, align 4
+  %796 = add nsw i64 %col42, 8
+  %797 = fmul <8 x float> %765, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %798 = extractelement <8 x float> %797, i32 0
+  %799 = call float @erff(float %798)
+  %800 = insertelement <8 x float> poison, float %799, i32 0
+  %801 = extractelement <8 x float> %797, i32 1
+  %802 = call float @erff(float %801)
+  %803 = insertelement <8 x float> %800, float %802, i32 1
+  %804 = extractelement <8 x float> %797, i32 2
+  %805 = call float @erff(float %804)
+  %806 = insertelement <8 x float> %803, float %805, i32 2
+  %807 = extractelement <8 x float> %797, i32 3
+  %808 = call float @erff(float %807)
+  %809 = insertelement <8 x float> %806, float %808, i32 3
+  %810 = extractelement <8 x float> %797, i32 4
+  %811 = call float @erff(float %810)
+  %812 = insertelement <8 x float> %809, float %811, i32 4
+  %813 = extractelement <8 x float> %797, i32 5
+  %814 = call float @erff(float %813)
+  %815 = insertelement <8 x float> %812, float %814, i32 5
+  %816 = extractelement <8 x float> %797, i32 6
+  %817 = call float @erff(float %816)
+  %818 = insertelement <8 x float> %815, float %817, i32 6
+  %819 = extractelement <8 x float> %797, i32 7
+  %820 = call float @erff(float %819)
+  %821 = insertelement <8 x float> %818, float %820, i32 7
+  %822 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %823 = fmul <8 x float> %765, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu44 = fmul <8 x float> %823, %822
+  %824 = fmul <8 x float> %gelu44, %761
+  %825 = getelementptr inbounds float, ptr %763, i64 %796
+  store <8 x float> %824, ptr %825, align 4
+  %826 = add nsw i64 %r0, 3
+  %827 = getelementptr inbounds float, ptr %rw, i64 %826
+  %828 = load float, ptr %827, align 4
+  %829 = insertelement <8 x float> poison, float %828, i32 0
+  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
+  %831 = mul nsw i64 %826, 3072
+  %832 = getelementptr inbounds float, ptr %h, i64 %831
   %col45 = mul nsw i64 %p, 16
-  %888 = load <8 x float>, ptr %acc4025, align 4
-  %889 = load <8 x float>, ptr %acc4126, align 4
-  %890 = add nsw i64 %col45, 0
-  %891 = fmul <8 x float> %888, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %892 = extractelement <8 x float> %891, i32 0
-  %893 = call float @erff(float %892)
-  %894 = insertelement <8 x float> poison, float %893, i32 0
-  %895 = extractelement <8 x float> %891, i32 1
-  %896 = call float @erff(float %895)
-  %897 = insertelement <8 x float> %894, float %896, i32 1
-  %898 = extractelement <8 x float> %891, i32 2
-  %899 = call float @erff(float %898)
-  %900 = insertelement <8 x float> %897, float %899, i32 2
-  %901 = extractelement <8 x float> %891, i32 3
-  %902 = call float @erff(float %901)
-  %903 = insertelement <8 x float> %900, float %902, i32 3
-  %904 = extractelement <8 x float> %891, i32 4
-  %905 = call float @erff(float %904)
-  %906 = insertelement <8 x float> %903, float %905, i32 4
-  %907 = extractelement <8 x float> %891, i32 5
-  %908 = call float @erff(float %907)
-  %909 = insertelement <8 x float> %906, float %908, i32 5
-  %910 = extractelement <8 x float> %891, i32 6
-  %911 = call float @erff(float %910)
-  %912 = insertelement <8 x float> %909, float %911, i32 6
-  %913 = extractelement <8 x float> %891, i32 7
-  %914 = call float @erff(float %913)
-  %915 = insertelement <8 x float> %912, float %914, i32 7
-  %916 = fadd <8 x float> %915, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %917 = fmul <8 x float> %888, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu46 = fmul <8 x float> %917, %916
-  %918 = fmul <8 x float> %gelu46, %885
-  %919 = getelementptr inbounds float, ptr %887, i64 %890
-  store <8 x float> %918, ptr %919, align 4
-  %920 = add nsw i64 %col45, 8
-  %921 = fmul <8 x float> %889, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %922 = extractelement <8 x float> %921, i32 0
-  %923 = call float @erff(float %922)
-  %924 = insertelement <8 x float> poison, float %923, i32 0
-  %925 = extractelement <8 x float> %921, i32 1
-  %926 = call float @erff(float %925)
-  %927 = insertelement <8 x float> %924, float %926, i32 1
-  %928 = extractelement <8 x float> %921, i32 2
-  %929 = call float @erff(float %928)
-  %930 = insertelement <8 x float> %927, float %929, i32 2
-  %931 = extractelement <8 x float> %921, i32 3
-  %932 = call float @erff(float %931)
-  %933 = insertelement <8 x float> %930, float %932, i32 3
-  %934 = extractelement <8 x float> %921, i32 4
-  %935 = call float @erff(float %934)
-  %936 = insertelement <8 x float> %933, float %935, i32 4
-  %937 = extractelement <8 x float> %921, i32 5
-  %938 = call float @erff(float %937)
-  %939 = insertelement <8 x float> %936, float %938, i32 5
-  %940 = extractelement <8 x float> %921, i32 6
-  %941 = call float @erff(float %940)
-  %942 = insertelement <8 x float> %939, float %941, i32 6
-  %943 = extractelement <8 x float> %921, i32 7
-  %944 = call float @erff(float %943)
-  %945 = insertelement <8 x float> %942, float %944, i32 7
-  %946 = fadd <8 x float> %945, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %947 = fmul <8 x float> %889, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu47 = fmul <8 x float> %947, %946
-  %948 = fmul <8 x float> %gelu47, %885
-  %949 = getelementptr inbounds float, ptr %887, i64 %920
-  store <8 x float> %948, ptr %949, align 4
+  %833 = load <8 x float>, ptr %acc3024, align 4
+  %834 = load <8 x float>, ptr %acc3125, align 4
+  %835 = add nsw i64 %col45, 0
+  %836 = fmul <8 x float> %833, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %837 = extractelement <8 x float> %836, i32 0
+  %838 = call float @erff(float %837)
+  %839 = insertelement <8 x float> poison, float %838, i32 0
+  %840 = extractelement <8 x float> %836, i32 1
+  %841 = call float @erff(float %840)
+  %842 = insertelement <8 x float> %839, float %841, i32 1
+  %843 = extractelement <8 x float> %836, i32 2
+  %844 = call float @erff(float %843)
+  %845 = insertelement <8 x float> %842, float %844, i32 2
+  %846 = extractelement <8 x float> %836, i32 3
+  %847 = call float @erff(float %846)
+  %848 = insertelement <8 x float> %845, float %847, i32 3
+  %849 = extractelement <8 x float> %836, i32 4
+  %850 = call float @erff(float %849)
+  %851 = insertelement <8 x float> %848, float %850, i32 4
+  %852 = extractelement <8 x float> %836, i32 5
+  %853 = call float @erff(float %852)
+  %854 = insertelement <8 x float> %851, float %853, i32 5
+  %855 = extractelement <8 x float> %836, i32 6
+  %856 = call float @erff(float %855)
+  %857 = insertelement <8 x float> %854, float %856, i32 6
+  %858 = extractelement <8 x float> %836, i32 7
+  %859 = call float @erff(float %858)
+  %860 = insertelement <8 x float> %857, float %859, i32 7
+  %861 = fadd <8 x float> %860, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %862 = fmul <8 x float> %833, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu46 = fmul <8 x float> %862, %861
+  %863 = fmul <8 x float> %gelu46, %830
+  %864 = getelementptr inbounds float, ptr %832, i64 %835
+  store <8 x float> %863, ptr %864, align 4
+  %865 = add nsw i64 %col45, 8
+  %866 = fmul <8 x float> %834, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %867 = extractelement <8 x float> %866, i32 0
+  %868 = call float @erff(float %867)
+  %869 = insertelement <8 x float> poison, float %868, i32 0
+  %870 = extractelement <8 x float> %866, i32 1
+  %871 = call float @erff(float %870)
+  %872 = insertelement <8 x float> %869, float %871, i32 1
+  %873 = extractelement <8 x float> %866, i32 2
+  %874 = call float @erff(float %873)
+  %875 = insertelement <8 x float> %872, float %874, i32 2
+  %876 = extractelement <8 x float> %866, i32 3
+  %877 = call float @erff(float %876)
+  %878 = insertelement <8 x float> %875, float %877, i32 3
+  %879 = extractelement <8 x float> %866, i32 4
+  %880 = call float @erff(float %879)
+  %881 = insertelement <8 x float> %878, float %880, i32 4
+  %882 = extractelement <8 x float> %866, i32 5
+  %883 = call float @erff(float %882)
+  %884 = insertelement <8 x float> %881, float %883, i32 5
+  %885 = extractelement <8 x float> %866, i32 6
+  %886 = call float @erff(float %885)
+  %887 = insertelement <8 x float> %884, float %886, i32 6
+  %888 = extractelement <8 x float> %866, i32 7
+  %889 = call float @erff(float %888)
+  %890 = insertelement <8 x float> %887, float %889, i32 7
+  %891 = fadd <8 x float> %890, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %892 = fmul <8 x float> %834, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu47 = fmul <8 x float> %892, %891
+  %893 = fmul <8 x float> %gelu47, %830
+  %894 = getelementptr inbounds float, ptr %832, i64 %865
+  store <8 x float> %893, ptr %894, align 4
+  %895 = add nsw i64 %r0, 4
+  %896 = getelementptr inbounds float, ptr %rw, i64 %895
+  %897 = load float, ptr %896, align 4
+  %898 = insertelement <8 x float> poison, float %897, i32 0
+  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
+  %900 = mul nsw i64 %895, 3072
+  %901 = getelementptr inbounds float, ptr %h, i64 %900
+  %col48 = mul nsw i64 %p, 16
+  %902 = load <8 x float>, ptr %acc4026, align 4
+  %903 = load <8 x float>, ptr %acc4127, align 4
+  %904 = add nsw i64 %col48, 0
+  %905 = fmul <8 x float> %902, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %906 = extractelement <8 x float> %905, i32 0
+  %907 = call float @erff(float %906)
+  %908 = insertelement <8 x float> poison, float %907, i32 0
+  %909 = extractelement <8 x float> %905, i32 1
+  %910 = call float @erff(float %909)
+  %911 = insertelement <8 x float> %908, float %910, i32 1
+  %912 = extractelement <8 x float> %905, i32 2
+  %913 = call float @erff(float %912)
+  %914 = insertelement <8 x float> %911, float %913, i32 2
+  %915 = extractelement <8 x float> %905, i32 3
+  %916 = call float @erff(float %915)
+  %917 = insertelement <8 x float> %914, float %916, i32 3
+  %918 = extractelement <8 x float> %905, i32 4
+  %919 = call float @erff(float %918)
+  %920 = insertelement <8 x float> %917, float %919, i32 4
+  %921 = extractelement <8 x float> %905, i32 5
+  %922 = call float @erff(float %921)
+  %923 = insertelement <8 x float> %920, float %922, i32 5
+  %924 = extractelement <8 x float> %905, i32 6
+  %925 = call float @erff(float %924)
+  %926 = insertelement <8 x float> %923, float %925, i32 6
+  %927 = extractelement <8 x float> %905, i32 7
+  %928 = call float @erff(float %927)
+  %929 = insertelement <8 x float> %926, float %928, i32 7
+  %930 = fadd <8 x float> %929, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %931 = fmul <8 x float> %902, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu49 = fmul <8 x float> %931, %930
+  %932 = fmul <8 x float> %gelu49, %899
+  %933 = getelementptr inbounds float, ptr %901, i64 %904
+  store <8 x float> %932, ptr %933, align 4
+  %934 = add nsw i64 %col48, 8
+  %935 = fmul <8 x float> %903, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %936 = extractelement <8 x float> %935, i32 0
+  %937 = call float @erff(float %936)
+  %938 = insertelement <8 x float> poison, float %937, i32 0
+  %939 = extractelement <8 x float> %935, i32 1
+  %940 = call float @erff(float %939)
+  %941 = insertelement <8 x float> %938, float %940, i32 1
+  %942 = extractelement <8 x float> %935, i32 2
+  %943 = call float @erff(float %942)
+  %944 = insertelement <8 x float> %941, float %943, i32 2
+  %945 = extractelement <8 x float> %935, i32 3
+  %946 = call float @erff(float %945)
+  %947 = insertelement <8 x float> %944, float %946, i32 3
+  %948 = extractelement <8 x float> %935, i32 4
+  %949 = call float @erff(float %948)
+  %950 = insertelement <8 x float> %947, float %949, i32 4
+  %951 = extractelement <8 x float> %935, i32 5
+  %952 = call float @erff(float %951)
+  %953 = insertelement <8 x float> %950, float %952, i32 5
+  %954 = extractelement <8 x float> %935, i32 6
+  %955 = call float @erff(float %954)
+  %956 = insertelement <8 x float> %953, float %955, i32 6
+  %957 = extractelement <8 x float> %935, i32 7
+  %958 = call float @erff(float %957)
+  %959 = insertelement <8 x float> %956, float %958, i32 7
+  %960 = fadd <8 x float> %959, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %961 = fmul <8 x float> %903, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu50 = fmul <8 x float> %961, %960
+  %962 = fmul <8 x float> %gelu50, %899
+  %963 = getelementptr inbounds float, ptr %901, i64 %934
+  store <8 x float> %962, ptr %963, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %950 = add nsw i64 %r0, 0
-  %951 = getelementptr inbounds i32, ptr %rows, i64 %950
-  %952 = load i32, ptr %951, align 4
-  %953 = sext i32 %952 to i64
-  %954 = mul nsw i64 %953, 768
-  %955 = getelementptr inbounds float, ptr %x, i64 %954
-  store <8 x float> zeroinitializer, ptr %acc0048, align 4
-  store <8 x float> zeroinitializer, ptr %acc0149, align 4
-  %956 = add nsw i64 %r0, 1
-  %957 = getelementptr inbounds i32, ptr %rows, i64 %956
-  %958 = load i32, ptr %957, align 4
-  %959 = sext i32 %958 to i64
-  %960 = mul nsw i64 %959, 768
-  %961 = getelementptr inbounds float, ptr %x, i64 %960
-  store <8 x float> zeroinitializer, ptr %acc1050, align 4
-  store <8 x float> zeroinitializer, ptr %acc1151, align 4
-  %962 = add nsw i64 %r0, 2
-  %963 = getelementptr inbounds i32, ptr %rows, i64 %962
-  %964 = load i32, ptr %963, align 4
-  %965 = sext i32 %964 to i64
-  %966 = mul nsw i64 %965, 768
-  %967 = getelementptr inbounds float, ptr %x, i64 %966
-  store <8 x float> zeroinitializer, ptr %acc2052, align 4
-  store <8 x float> zeroinitializer, ptr %acc2153, align 4
-  %968 = add nsw i64 %r0, 3
-  %969 = getelementptr inbounds i32, ptr %rows, i64 %968
-  %970 = load i32, ptr %969, align 4
-  %971 = sext i32 %970 to i64
-  %972 = mul nsw i64 %971, 768
-  %973 = getelementptr inbounds float, ptr %x, i64 %972
-  store <8 x float> zeroinitializer, ptr %acc3054, align 4
-  store <8 x float> zeroinitializer, ptr %acc3155, align 4
-  %panel.off56 = mul nsw i64 %p, 12288
-  %974 = getelementptr inbounds float, ptr %panels, i64 %panel.off56
-  %975 = add nsw i64 %p, 1
-  %976 = icmp slt i64 %975, %p1
-  %977 = getelementptr inbounds i8, ptr %974, i64 49152
-  %978 = and i1 %pf.on, %976
-  %pf57 = select i1 %978, ptr %977, ptr %974
-  br label %k.head58
+  %964 = add nsw i64 %r0, 0
+  %965 = getelementptr inbounds i32, ptr %rows, i64 %964
+  %966 = load i32, ptr %965, align 4
+  %967 = sext i32 %966 to i64
+  %968 = mul nsw i64 %967, 768
+  %969 = getelementptr inbounds float, ptr %x, i64 %968
+  store <8 x float> zeroinitializer, ptr %acc0051, align 4
+  store <8 x float> zeroinitializer, ptr %acc0152, align 4
+  %970 = add nsw i64 %r0, 1
+  %971 = getelementptr inbounds i32, ptr %rows, i64 %970
+  %972 = load i32, ptr %971, align 4
+  %973 = sext i32 %972 to i64
+  %974 = mul nsw i64 %973, 768
+  %975 = getelementptr inbounds float, ptr %x, i64 %974
+  store <8 x float> zeroinitializer, ptr %acc1053, align 4
+  store <8 x float> zeroinitializer, ptr %acc1154, align 4
+  %976 = add nsw i64 %r0, 2
+  %977 = getelementptr inbounds i32, ptr %rows, i64 %976
+  %978 = load i32, ptr %977, align 4
+  %979 = sext i32 %978 to i64
+  %980 = mul nsw i64 %979, 768
+  %981 = getelementptr inbounds float, ptr %x, i64 %980
+  store <8 x float> zeroinitializer, ptr %acc2055, align 4
+  store <8 x float> zeroinitializer, ptr %acc2156, align 4
+  %982 = add nsw i64 %r0, 3
+  %983 = getelementptr inbounds i32, ptr %rows, i64 %982
+  %984 = load i32, ptr %983, align 4
+  %985 = sext i32 %984 to i64
+  %986 = mul nsw i64 %985, 768
+  %987 = getelementptr inbounds float, ptr %x, i64 %986
+  store <8 x float> zeroinitializer, ptr %acc3057, align 4
+  store <8 x float> zeroinitializer, ptr %acc3158, align 4
+  %panel.off59 = mul nsw i64 %p, 12288
+  %988 = getelementptr inbounds float, ptr %panels, i64 %panel.off59
+  %989 = add nsw i64 %p, 1
+  %990 = icmp slt i64 %989, %p1
+  %pf.on60 = and i1 %pf.on, %990
+  %991 = mul nsw i64 %pf.j, 49152
+  %992 = lshr i64 %991, %9
+  %993 = add nsw i64 49152, %992
+  %994 = getelementptr inbounds i8, ptr %988, i64 %993
+  %pf61 = select i1 %pf.on60, ptr %994, ptr %988
+  %pf.sh62 = select i1 %pf.on60, i64 %9, i64 0
+  br label %k.head63
 
-k.head58:                                         ; preds = %k.body59, %tile.mr4
-  %k61 = phi i64 [ 0, %tile.mr4 ], [ %1021, %k.body59 ]
-  %979 = icmp slt i64 %k61, 768
-  br i1 %979, label %k.body59, label %k.end60
+k.head63:                                         ; preds = %k.body64, %tile.mr4
+  %k66 = phi i64 [ 0, %tile.mr4 ], [ %1038, %k.body64 ]
+  %995 = icmp slt i64 %k66, 768
+  br i1 %995, label %k.body64, label %k.end65
 
-k.body59:                                         ; preds = %k.head58
-  %980 = mul nsw i64 %k61, 16
-  %981 = add nsw i64 %panel.off56, %980
-  %982 = mul nsw i64 %k61, 64
-  %983 = getelementptr inbounds i8, ptr %pf57, i64 %982
-  call void @llvm.prefetch.p0(ptr %983, i32 0, i32 2, i32 1)
-  %984 = getelementptr inbounds float, ptr %panels, i64 %981
-  %985 = load <8 x float>, ptr %984, align 4
-  %986 = add nsw i64 %981, 8
-  %987 = getelementptr inbounds float, ptr %panels, i64 %986
-  %988 = load <8 x float>, ptr %987, align 4
-  %989 = getelementptr inbounds float, ptr %955, i64 %k61
-  %990 = load float, ptr %989, align 4
-  %991 = insertelement <8 x float> poison, float %990, i32 0
-  %992 = shufflevector <8 x float> %991, <8 x float> poison, <8 x i32> zeroinitializer
-  %993 = load <8 x float>, ptr %acc0048, align 4
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %985, <8 x float> %993)
-  store <8 x float> %994, ptr %acc0048, align 4
-  %995 = load <8 x float>, ptr %acc0149, align 4
-  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %988, <8 x float> %995)
-  store <8 x float> %996, ptr %acc0149, align 4
-  %997 = getelementptr inbounds float, ptr %961, i64 %k61
-  %998 = load float, ptr %997, align 4
-  %999 = insertelement <8 x float> poison, float %998, i32 0
-  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
-  %1001 = load <8 x float>, ptr %acc1050, align 4
-  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %985, <8 x float> %1001)
-  store <8 x float> %1002, ptr %acc1050, align 4
-  %1003 = load <8 x float>, ptr %acc1151, align 4
-  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %988, <8 x float> %1003)
-  store <8 x float> %1004, ptr %acc1151, align 4
-  %1005 = getelementptr inbounds float, ptr %967, i64 %k61
-  %1006 = load float, ptr %1005, align 4
-  %1007 = insertelement <8 x float> poison, float %1006, i32 0
-  %1008 = shufflevector <8 x float> %1007, <8 x float> poison, <8 x i32> zeroinitializer
-  %1009 = load <8 x float>, ptr %acc2052, align 4
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %985, <8 x float> %1009)
-  store <8 x float> %1010, ptr %acc2052, align 4
-  %1011 = load <8 x float>, ptr %acc2153, align 4
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %988, <8 x float> %1011)
-  store <8 x float> %1012, ptr %acc2153, align 4
-  %1013 = getelementptr inbounds float, ptr %973, i64 %k61
-  %1014 = load float, ptr %1013, align 4
-  %1015 = insertelement <8 x float> poison, float %1014, i32 0
-  %1016 = shufflevector <8 x float> %1015, <8 x float> poison, <8 x i32> zeroinitializer
-  %1017 = load <8 x float>, ptr %acc3054, align 4
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %985, <8 x float> %1017)
-  store <8 x float> %1018, ptr %acc3054, align 4
-  %1019 = load <8 x float>, ptr %acc3155, align 4
-  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %988, <8 x float> %1019)
-  store <8 x float> %1020, ptr %acc3155, align 4
-  %1021 = add nsw i64 %k61, 1
-  br label %k.head58
+k.body64:                                         ; preds = %k.head63
+  %996 = mul nsw i64 %k66, 16
+  %997 = add nsw i64 %panel.off59, %996
+  %998 = mul nsw i64 %k66, 64
+  %999 = lshr i64 %998, %pf.sh62
+  %1000 = getelementptr inbounds i8, ptr %pf61, i64 %999
+  call void @llvm.prefetch.p0(ptr %1000, i32 0, i32 2, i32 1)
+  %1001 = getelementptr inbounds float, ptr %panels, i64 %997
+  %1002 = load <8 x float>, ptr %1001, align 4
+  %1003 = add nsw i64 %997, 8
+  %1004 = getelementptr inbounds float, ptr %panels, i64 %1003
+  %1005 = load <8 x float>, ptr %1004, align 4
+  %1006 = getelementptr inbounds float, ptr %969, i64 %k66
+  %1007 = load float, ptr %1006, align 4
+  %1008 = insertelement <8 x float> poison, float %1007, i32 0
+  %1009 = shufflevector <8 x float> %1008, <8 x float> poison, <8 x i32> zeroinitializer
+  %1010 = load <8 x float>, ptr %acc0051, align 4
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1002, <8 x float> %1010)
+  store <8 x float> %1011, ptr %acc0051, align 4
+  %1012 = load <8 x float>, ptr %acc0152, align 4
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1005, <8 x float> %1012)
+  store <8 x float> %1013, ptr %acc0152, align 4
+  %1014 = getelementptr inbounds float, ptr %975, i64 %k66
+  %1015 = load float, ptr %1014, align 4
+  %1016 = insertelement <8 x float> poison, float %1015, i32 0
+  %1017 = shufflevector <8 x float> %1016, <8 x float> poison, <8 x i32> zeroinitializer
+  %1018 = load <8 x float>, ptr %acc1053, align 4
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1002, <8 x float> %1018)
+  store <8 x float> %1019, ptr %acc1053, align 4
+  %1020 = load <8 x float>, ptr %acc1154, align 4
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1005, <8 x float> %1020)
+  store <8 x float> %1021, ptr %acc1154, align 4
+  %1022 = getelementptr inbounds float, ptr %981, i64 %k66
+  %1023 = load float, ptr %1022, align 4
+  %1024 = insertelement <8 x float> poison, float %1023, i32 0
+  %1025 = shufflevector <8 x float> %1024, <8 x float> poison, <8 x i32> zeroinitializer
+  %1026 = load <8 x float>, ptr %acc2055, align 4
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1002, <8 x float> %1026)
+  store <8 x float> %1027, ptr %acc2055, align 4
+  %1028 = load <8 x float>, ptr %acc2156, align 4
+  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1005, <8 x float> %1028)
+  store <8 x float> %1029, ptr %acc2156, align 4
+  %1030 = getelementptr inbounds float, ptr %987, i64 %k66
+  %1031 = load float, ptr %1030, align 4
+  %1032 = insertelement <8 x float> poison, float %1031, i32 0
+  %1033 = shufflevector <8 x float> %1032, <8 x float> poison, <8 x i32> zeroinitializer
+  %1034 = load <8 x float>, ptr %acc3057, align 4
+  %1035 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1033, <8 x float> %1002, <8 x float> %1034)
+  store <8 x float> %1035, ptr %acc3057, align 4
+  %1036 = load <8 x float>, ptr %acc3158, align 4
+  %1037 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1033, <8 x float> %1005, <8 x float> %1036)
+  store <8 x float> %1037, ptr %acc3158, align 4
+  %1038 = add nsw i64 %k66, 1
+  br label %k.head63
 
-k.end60:                                          ; preds = %k.head58
-  %1022 = add nsw i64 %r0, 0
-  %1023 = getelementptr inbounds float, ptr %rw, i64 %1022
-  %1024 = load float, ptr %1023, align 4
-  %1025 = insertelement <8 x float> poison, float %1024, i32 0
-  %1026 = shufflevector <8 x float> %1025, <8 x float> poison, <8 x i32> zeroinitializer
-  %1027 = mul nsw i64 %1022, 3072
-  %1028 = getelementptr inbounds float, ptr %h, i64 %1027
-  %col62 = mul nsw i64 %p, 16
-  %1029 = load <8 x float>, ptr %acc0048, align 4
-  %1030 = load <8 x float>, ptr %acc0149, align 4
-  %1031 = add nsw i64 %col62, 0
-  %1032 = fmul <8 x float> %1029, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1033 = extractelement <8 x float> %1032, i32 0
-  %1034 = call float @erff(float %1033)
-  %1035 = insertelement <8 x float> poison, float %1034, i32 0
-  %1036 = extractelement <8 x float> %1032, i32 1
-  %1037 = call float @erff(float %1036)
-  %1038 = insertelement <8 x float> %1035, float %1037, i32 1
-  %1039 = extractelement <8 x float> %1032, i32 2
-  %1040 = call float @erff(float %1039)
-  %1041 = insertelement <8 x float> %1038, float %1040, i32 2
-  %1042 = extractelement <8 x float> %1032, i32 3
-  %1043 = call float @erff(float %1042)
-  %1044 = insertelement <8 x float> %1041, float %1043, i32 3
-  %1045 = extractelement <8 x float> %1032, i32 4
-  %1046 = call float @erff(float %1045)
-  %1047 = insertelement <8 x float> %1044, float %1046, i32 4
-  %1048 = extractelement <8 x float> %1032, i32 5
-  %1049 = call float @erff(float %1048)
-  %1050 = insertelement <8 x float> %1047, float %1049, i32 5
-  %1051 = extractelement <8 x float> %1032, i32 6
-  %1052 = call float @erff(float %1051)
-  %1053 = insertelement <8 x float> %1050, float %1052, i32 6
-  %1054 = extractelement <8 x float> %1032, i32 7
-  %1055 = call float @erff(float %1054)
-  %1056 = insertelement <8 x float> %1053, float %1055, i32 7
-  %1057 = fadd <8 x float> %1056, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1058 = fmul <8 x float> %1029, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu63 = fmul <8 x float> %1058, %1057
-  %1059 = fmul <8 x float> %gelu63, %1026
-  %1060 = getelementptr inbounds float, ptr %1028, i64 %1031
-  store <8 x float> %1059, ptr %1060, align 4
-  %1061 = add nsw i64 %col62, 8
-  %1062 = fmul <8 x float> %1030, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1063 = extractelement <8 x float> %1062, i32 0
-  %1064 = call float @erff(float %1063)
-  %1065 = insertelement <8 x float> poison, float %1064, i32 0
-  %1066 = extractelement <8 x float> %1062, i32 1
-  %1067 = call float @erff(float %1066)
-  %1068 = insertelement <8 x float> %1065, float %1067, i32 1
-  %1069 = extractelement <8 x float> %1062, i32 2
-  %1070 = call float @erff(float %1069)
-  %1071 = insertelement <8 x float> %1068, float %1070, i32 2
-  %1072 = extractelement <8 x float> %1062, i32 3
-  %1073 = call float @erff(float %1072)
-  %1074 = insertelement <8 x float> %1071, float %1073, i32 3
-  %1075 = extractelement <8 x float> %1062, i32 4
-  %1076 = call float @erff(float %1075)
-  %1077 = insertelement <8 x float> %1074, float %1076, i32 4
-  %1078 = extractelement <8 x float> %1062, i32 5
-  %1079 = call float @erff(float %1078)
-  %1080 = insertelement <8 x float> %1077, float %1079, i32 5
-  %1081 = extractelement <8 x float> %1062, i32 6
-  %1082 = call float @erff(float %1081)
-  %1083 = insertelement <8 x float> %1080, float %1082, i32 6
-  %1084 = extractelement <8 x float> %1062, i32 7
-  %1085 = call float @erff(float %1084)
-  %1086 = insertelement <8 x float> %1083, float %1085, i32 7
-  %1087 = fadd <8 x float> %1086, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1088 = fmul <8 x float> %1030, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu64 = fmul <8 x float> %1088, %1087
-  %1089 = fmul <8 x float> %gelu64, %1026
-  %1090 = getelementptr inbounds float, ptr %1028, i64 %1061
-  store <8 x float> %1089, ptr %1090, align 4
-  %1091 = add nsw i64 %r0, 1
-  %1092 = getelementptr inbounds float, ptr %rw, i64 %1091
-  %1093 = load float, ptr %1092, align 4
-  %1094 = insertelement <8 x float> poison, float %1093, i32 0
-  %1095 = shufflevector <8 x float> %1094, <8 x float> poison, <8 x i32> zeroinitializer
-  %1096 = mul nsw i64 %1091, 3072
-  %1097 = getelementptr inbounds float, ptr %h, i64 %1096
-  %col65 = mul nsw i64 %p, 16
-  %1098 = load <8 x float>, ptr %acc1050, align 4
-  %1099 = load <8 x float>, ptr %acc1151, align 4
-  %1100 = add nsw i64 %col65, 0
-  %1101 = fmul <8 x float> %1098, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1102 = extractelement <8 x float> %1101, i32 0
-  %1103 = call float @erff(float %1102)
-  %1104 = insertelement <8 x float> poison, float %1103, i32 0
-  %1105 = extractelement <8 x float> %1101, i32 1
-  %1106 = call float @erff(float %1105)
-  %1107 = insertelement <8 x float> %1104, float %1106, i32 1
-  %1108 = extractelement <8 x float> %1101, i32 2
-  %1109 = call float @erff(float %1108)
-  %1110 = insertelement <8 x float> %1107, float %1109, i32 2
-  %1111 = extractelement <8 x float> %1101, i32 3
-  %1112 = call float @erff(float %1111)
-  %1113 = insertelement <8 x float> %1110, float %1112, i32 3
-  %1114 = extractelement <8 x float> %1101, i32 4
-  %1115 = call float @erff(float %1114)
-  %1116 = insertelement <8 x float> %1113, float %1115, i32 4
-  %1117 = extractelement <8 x float> %1101, i32 5
-  %1118 = call float @erff(float %1117)
-  %1119 = insertelement <8 x float> %1116, float %1118, i32 5
-  %1120 = extractelement <8 x float> %1101, i32 6
-  %1121 = call float @erff(float %1120)
-  %1122 = insertelement <8 x float> %1119, float %1121, i32 6
-  %1123 = extractelement <8 x float> %1101, i32 7
-  %1124 = call float @erff(float %1123)
-  %1125 = insertelement <8 x float> %1122, float %1124, i32 7
-  %1126 = fadd <8 x float> %1125, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1127 = fmul <8 x float> %1098, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu66 = fmul <8 x float> %1127, %1126
-  %1128 = fmul <8 x float> %gelu66, %1095
-  %1129 = getelementptr inbounds float, ptr %1097, i64 %1100
-  store <8 x float> %1128, ptr %1129, align 4
-  %1130 = add nsw i64 %col65, 8
-  %1131 = fmul <8 x float> %1099, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1132 = extractelement <8 x float> %1131, i32 0
-  %1133 = call float @erff(float %1132)
-  %1134 = insertelement <8 x float> poison, float %1133, i32 0
-  %1135 = extractelement <8 x float> %1131, i32 1
-  %1136 = call float @erff(float %1135)
-  %1137 = insertelement <8 x float> %1134, float %1136, i32 1
-  %1138 = extractelement <8 x float> %1131, i32 2
-  %1139 = call float @erff(float %1138)
-  %1140 = insertelement <8 x float> %1137, float %1139, i32 2
-  %1141 = extractelement <8 x float> %1131, i32 3
-  %1142 = call float @erff(float %1141)
-  %1143 = insertelement <8 x float> %1140, float %1142, i32 3
-  %1144 = extractelement <8 x float> %1131, i32 4
-  %1145 = call float @erff(float %1144)
-  %1146 = insertelement <8 x float> %1143, float %1145, i32 4
-  %1147 = extractelement <8 x float> %1131, i32 5
-  %1148 = call float @erff(float %1147)
-  %1149 = insertelement <8 x float> %1146, float %1148, i32 5
-  %1150 = extractelement <8 x float> %1131, i32 6
-  %1151 = call float @erff(float %1150)
-  %1152 = insertelement <8 x float> %1149, float %1151, i32 6
-  %1153 = extractelement <8 x float> %1131, i32 7
-  %1154 = call float @erff(float %1153)
-  %1155 = insertelement <8 x float> %1152, float %1154, i32 7
-  %1156 = fadd <8 x float> %1155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1157 = fmul <8 x float> %1099, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu67 = fmul <8 x float> %1157, %1156
-  %1158 = fmul <8 x float> %gelu67, %1095
-  %1159 = getelementptr inbounds float, ptr %1097, i64 %1130
-  store <8 x float> %1158, ptr %1159, align 4
-  %1160 = add nsw i64 %r0, 2
-  %1161 = getelementptr inbounds float, ptr %rw, i64 %1160
-  %1162 = load float, ptr %1161, align 4
-  %1163 = insertelement <8 x float> poison, float %1162, i32 0
-  %1164 = shufflevector <8 x float> %1163, <8 x float> poison, <8 x i32> zeroinitializer
-  %1165 = mul nsw i64 %1160, 3072
-  %1166 = getelementptr inbounds float, ptr %h, i64 %1165
-  %col68 = mul nsw i64 %p, 16
-  %1167 = load <8 x float>, ptr %acc2052, align 4
-  %1168 = load <8 x float>, ptr %acc2153, align 4
-  %1169 = add nsw i64 %col68, 0
-  %1170 = fmul <8 x float> %1167, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1171 = extractelement <8 x float> %1170, i32 0
-  %1172 = call float @erff(float %1171)
-  %1173 = insertelement <8 x float> poison, float %1172, i32 0
-  %1174 = extractelement <8 x float> %1170, i32 1
-  %1175 = call float @erff(float %1174)
-  %1176 = insertelement <8 x float> %1173, float %1175, i32 1
-  %1177 = extractelement <8 x float> %1170, i32 2
-  %1178 = call float @erff(float %1177)
-  %1179 = insertelement <8 x float> %1176, float %1178, i32 2
-  %1180 = extractelement <8 x float> %1170, i32 3
-  %1181 = call float @erff(float %1180)
-  %1182 = insertelement <8 x float> %1179, float %1181, i32 3
-  %1183 = extractelement <8 x float> %1170, i32 4
-  %1184 = call float @erff(float %1183)
-  %1185 = insertelement <8 x float> %1182, float %1184, i32 4
-  %1186 = extractelement <8 x float> %1170, i32 5
-  %1187 = call float @erff(float %1186)
-  %1188 = insertelement <8 x float> %1185, float %1187, i32 5
-  %1189 = extractelement <8 x float> %1170, i32 6
-  %1190 = call float @erff(float %1189)
-  %1191 = insertelement <8 x float> %1188, float %1190, i32 6
-  %1192 = extractelement <8 x float> %1170, i32 7
-  %1193 = call float @erff(float %1192)
-  %1194 = insertelement <8 x float> %1191, float %1193, i32 7
-  %1195 = fadd <8 x float> %1194, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1196 = fmul <8 x float> %1167, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu69 = fmul <8 x float> %1196, %1195
-  %1197 = fmul <8 x float> %gelu69, %1164
-  %1198 = getelementptr inbounds float, ptr %1166, i64 %1169
-  store <8 x float> %1197, ptr %1198, align 4
-  %1199 = add nsw i64 %col68, 8
-  %1200 = fmul <8 x float> %1168, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1201 = extractelement <8 x float> %1200, i32 0
-  %1202 = call float @erff(float %1201)
-  %1203 = insertelement <8 x float> poison, float %1202, i32 0
-  %1204 = extractelement <8 x float> %1200, i32 1
-  %1205 = call float @erff(float %1204)
-  %1206 = insertelement <8 x float> %1203, float %1205, i32 1
-  %1207 = extractelement <8 x float> %1200, i32 2
-  %1208 = call float @erff(float %1207)
-  %1209 = insertelement <8 x float> %1206, float %1208, i32 2
-  %1210 = extractelement <8 x float> %1200, i32 3
-  %1211 = call float @erff(float %1210)
-  %1212 = insertelement <8 x float> %1209, float %1211, i32 3
-  %1213 = extractelement <8 x float> %1200, i32 4
-  %1214 = call float @erff(float %1213)
-  %1215 = insertelement <8 x float> %1212, float %1214, i32 4
-  %1216 = extractelement <8 x float> %1200, i32 5
-  %1217 = call float @erff(float %1216)
-  %1218 = insertelement <8 x float> %1215, float %1217, i32 5
-  %1219 = extractelement <8 x float> %1200, i32 6
-  %1220 = call float @erff(float %1219)
-  %1221 = insertelement <8 x float> %1218, float %1220, i32 6
-  %1222 = extractelement <8 x float> %1200, i32 7
-  %1223 = call float @erff(float %1222)
-  %1224 = insertelement <8 x float> %1221, float %1223, i32 7
-  %1225 = fadd <8 x float> %1224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1226 = fmul <8 x float> %1168, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu70 = fmul <8 x float> %1226, %1225
-  %1227 = fmul <8 x float> %gelu70, %1164
-  %1228 = getelementptr inbounds float, ptr %1166, i64 %1199
-  store <8 x float> %1227, ptr %1228, align 4
-  %1229 = add nsw i64 %r0, 3
-  %1230 = getelementptr inbounds float, ptr %rw, i64 %1229
-  %1231 = load float, ptr %1230, align 4
-  %1232 = insertelement <8 x float> poison, float %1231, i32 0
-  %1233 = shufflevector <8 x float> %1232, <8 x float> poison, <8 x i32> zeroinitializer
-  %1234 = mul nsw i64 %1229, 3072
-  %1235 = getelementptr inbounds float, ptr %h, i64 %1234
-  %col71 = mul nsw i64 %p, 16
-  %1236 = load <8 x float>, ptr %acc3054, align 4
-  %1237 = load <8 x float>, ptr %acc3155, align 4
-  %1238 = add nsw i64 %col71, 0
-  %1239 = fmul <8 x float> %1236, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1240 = extractelement <8 x float> %1239, i32 0
-  %1241 = call float @erff(float %1240)
-  %1242 = insertelement <8 x float> poison, float %1241, i32 0
-  %1243 = extractelement <8 x float> %1239, i32 1
-  %1244 = call float @erff(float %1243)
-  %1245 = insertelement <8 x float> %1242, float %1244, i32 1
-  %1246 = extractelement <8 x float> %1239, i32 2
-  %1247 = call float @erff(float %1246)
-  %1248 = insertelement <8 x float> %1245, float %1247, i32 2
-  %1249 = extractelement <8 x float> %1239, i32 3
-  %1250 = call float @erff(float %1249)
-  %1251 = insertelement <8 x float> %1248, float %1250, i32 3
-  %1252 = extractelement <8 x float> %1239, i32 4
-  %1253 = call float @erff(float %1252)
-  %1254 = insertelement <8 x float> %1251, float %1253, i32 4
-  %1255 = extractelement <8 x float> %1239, i32 5
-  %1256 = call float @erff(float %1255)
-  %1257 = insertelement <8 x float> %1254, float %1256, i32 5
-  %1258 = extractelement <8 x float> %1239, i32 6
-  %1259 = call float @erff(float %1258)
-  %1260 = insertelement <8 x float> %1257, float %1259, i32 6
-  %1261 = extractelement <8 x float> %1239, i32 7
-  %1262 = call float @erff(float %1261)
-  %1263 = insertelement <8 x float> %1260, float %1262, i32 7
-  %1264 = fadd <8 x float> %1263, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1265 = fmul <8 x float> %1236, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu72 = fmul <8 x float> %1265, %1264
-  %1266 = fmul <8 x float> %gelu72, %1233
-  %1267 = getelementptr inbounds float, ptr %1235, i64 %1238
-  store <8 x float> %1266, ptr %1267, align 4
-  %1268 = add nsw i64 %col71, 8
-  %1269 = fmul <8 x float> %1237, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1270 = extractelement <8 x float> %1269, i32 0
-  %1271 = call float @erff(float %1270)
-  %1272 = insertelement <8 x float> poison, float %1271, i32 0
-  %1273 = extractelement <8 x float> %1269, i32 1
-  %1274 = call float @erff(float %1273)
-  %1275 = insertelement <8 x float> %1272, float %1274, i32 1
-  %1276 = extractelement <8 x float> %1269, i32 2
-  %1277 = call float @erff(float %1276)
-  %1278 = insertelement <8 x float> %1275, float %1277, i32 2
-  %1279 = extractelement <8 x float> %1269, i32 3
-  %1280 = call float @erff(float %1279)
-  %1281 = insertelement <8 x float> %1278, float %1280, i32 3
-  %1282 = extractelement <8 x float> %1269, i32 4
-  %1283 = call float @erff(float %1282)
-  %1284 = insertelement <8 x float> %1281, float %1283, i32 4
-  %1285 = extractelement <8 x float> %1269, i32 5
-  %1286 = call float @erff(float %1285)
-  %1287 = insertelement <8 x float> %1284, float %1286, i32 5
-  %1288 = extractelement <8 x float> %1269, i32 6
-  %1289 = call float @erff(float %1288)
-  %1290 = insertelement <8 x float> %1287, float %1289, i32 6
-  %1291 = extractelement <8 x float> %1269, i32 7
-  %1292 = call float @erff(float %1291)
-  %1293 = insertelement <8 x float> %1290, float %1292, i32 7
-  %1294 = fadd <8 x float> %1293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1295 = fmul <8 x float> %1237, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu73 = fmul <8 x float> %1295, %1294
-  %1296 = fmul <8 x float> %gelu73, %1233
-  %1297 = getelementptr inbounds float, ptr %1235, i64 %1268
-  store <8 x float> %1296, ptr %1297, align 4
+k.end65:                                          ; preds = %k.head63
+  %1039 = add nsw i64 %r0, 0
+  %1040 = getelementptr inbounds float, ptr %rw, i64 %1039
+  %1041 = load float, ptr %1040, align 4
+  %1042 = insertelement <8 x float> poison, float %1041, i32 0
+  %1043 = shufflevector <8 x float> %1042, <8 x float> poison, <8 x i32> zeroinitializer
+  %1044 = mul nsw i64 %1039, 3072
+  %1045 = getelementptr inbounds float, ptr %h, i64 %1044
+  %col67 = mul nsw i64 %p, 16
+  %1046 = load <8 x float>, ptr %acc0051, align 4
+  %1047 = load <8 x float>, ptr %acc0152, align 4
+  %1048 = add nsw i64 %col67, 0
+  %1049 = fmul <8 x float> %1046, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1050 = extractelement <8 x float> %1049, i32 0
+  %1051 = call float @erff(float %1050)
+  %1052 = insertelement <8 x float> poison, float %1051, i32 0
+  %1053 = extractelement <8 x float> %1049, i32 1
+  %1054 = call float @erff(float %1053)
+  %1055 = insertelement <8 x float> %1052, float %1054, i32 1
+  %1056 = extractelement <8 x float> %1049, i32 2
+  %1057 = call float @erff(float %1056)
+  %1058 = insertelement <8 x float> %1055, float %1057, i32 2
+  %1059 = extractelement <8 x float> %1049, i32 3
+  %1060 = call float @erff(float %1059)
+  %1061 = insertelement <8 x float> %1058, float %1060, i32 3
+  %1062 = extractelement <8 x float> %1049, i32 4
+  %1063 = call float @erff(float %1062)
+  %1064 = insertelement <8 x float> %1061, float %1063, i32 4
+  %1065 = extractelement <8 x float> %1049, i32 5
+  %1066 = call float @erff(float %1065)
+  %1067 = insertelement <8 x float> %1064, float %1066, i32 5
+  %1068 = extractelement <8 x float> %1049, i32 6
+  %1069 = call float @erff(float %1068)
+  %1070 = insertelement <8 x float> %1067, float %1069, i32 6
+  %1071 = extractelement <8 x float> %1049, i32 7
+  %1072 = call float @erff(float %1071)
+  %1073 = insertelement <8 x float> %1070, float %1072, i32 7
+  %1074 = fadd <8 x float> %1073, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1075 = fmul <8 x float> %1046, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu68 = fmul <8 x float> %1075, %1074
+  %1076 = fmul <8 x float> %gelu68, %1043
+  %1077 = getelementptr inbounds float, ptr %1045, i64 %1048
+  store <8 x float> %1076, ptr %1077, align 4
+  %1078 = add nsw i64 %col67, 8
+  %1079 = fmul <8 x float> %1047, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1080 = extractelement <8 x float> %1079, i32 0
+  %1081 = call float @erff(float %1080)
+  %1082 = insertelement <8 x float> poison, float %1081, i32 0
+  %1083 = extractelement <8 x float> %1079, i32 1
+  %1084 = call float @erff(float %1083)
+  %1085 = insertelement <8 x float> %1082, float %1084, i32 1
+  %1086 = extractelement <8 x float> %1079, i32 2
+  %1087 = call float @erff(float %1086)
+  %1088 = insertelement <8 x float> %1085, float %1087, i32 2
+  %1089 = extractelement <8 x float> %1079, i32 3
+  %1090 = call float @erff(float %1089)
+  %1091 = insertelement <8 x float> %1088, float %1090, i32 3
+  %1092 = extractelement <8 x float> %1079, i32 4
+  %1093 = call float @erff(float %1092)
+  %1094 = insertelement <8 x float> %1091, float %1093, i32 4
+  %1095 = extractelement <8 x float> %1079, i32 5
+  %1096 = call float @erff(float %1095)
+  %1097 = insertelement <8 x float> %1094, float %1096, i32 5
+  %1098 = extractelement <8 x float> %1079, i32 6
+  %1099 = call float @erff(float %1098)
+  %1100 = insertelement <8 x float> %1097, float %1099, i32 6
+  %1101 = extractelement <8 x float> %1079, i32 7
+  %1102 = call float @erff(float %1101)
+  %1103 = insertelement <8 x float> %1100, float %1102, i32 7
+  %1104 = fadd <8 x float> %1103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1105 = fmul <8 x float> %1047, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu69 = fmul <8 x float> %1105, %1104
+  %1106 = fmul <8 x float> %gelu69, %1043
+  %1107 = getelementptr inbounds float, ptr %1045, i64 %1078
+  store <8 x float> %1106, ptr %1107, align 4
+  %1108 = add nsw i64 %r0, 1
+  %1109 = getelementptr inbounds float, ptr %rw, i64 %1108
+  %1110 = load float, ptr %1109, align 4
+  %1111 = insertelement <8 x float> poison, float %1110, i32 0
+  %1112 = shufflevector <8 x float> %1111, <8 x float> poison, <8 x i32> zeroinitializer
+  %1113 = mul nsw i64 %1108, 3072
+  %1114 = getelementptr inbounds float, ptr %h, i64 %1113
+  %col70 = mul nsw i64 %p, 16
+  %1115 = load <8 x float>, ptr %acc1053, align 4
+  %1116 = load <8 x float>, ptr %acc1154, align 4
+  %1117 = add nsw i64 %col70, 0
+  %1118 = fmul <8 x float> %1115, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1119 = extractelement <8 x float> %1118, i32 0
+  %1120 = call float @erff(float %1119)
+  %1121 = insertelement <8 x float> poison, float %1120, i32 0
+  %1122 = extractelement <8 x float> %1118, i32 1
+  %1123 = call float @erff(float %1122)
+  %1124 = insertelement <8 x float> %1121, float %1123, i32 1
+  %1125 = extractelement <8 x float> %1118, i32 2
+  %1126 = call float @erff(float %1125)
+  %1127 = insertelement <8 x float> %1124, float %1126, i32 2
+  %1128 = extractelement <8 x float> %1118, i32 3
+  %1129 = call float @erff(float %1128)
+  %1130 = insertelement <8 x float> %1127, float %1129, i32 3
+  %1131 = extractelement <8 x float> %1118, i32 4
+  %1132 = call float @erff(float %1131)
+  %1133 = insertelement <8 x float> %1130, float %1132, i32 4
+  %1134 = extractelement <8 x float> %1118, i32 5
+  %1135 = call float @erff(float %1134)
+  %1136 = insertelement <8 x float> %1133, float %1135, i32 5
+  %1137 = extractelement <8 x float> %1118, i32 6
+  %1138 = call float @erff(float %1137)
+  %1139 = insertelement <8 x float> %1136, float %1138, i32 6
+  %1140 = extractelement <8 x float> %1118, i32 7
+  %1141 = call float @erff(float %1140)
+  %1142 = insertelement <8 x float> %1139, float %1141, i32 7
+  %1143 = fadd <8 x float> %1142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1144 = fmul <8 x float> %1115, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu71 = fmul <8 x float> %1144, %1143
+  %1145 = fmul <8 x float> %gelu71, %1112
+  %1146 = getelementptr inbounds float, ptr %1114, i64 %1117
+  store <8 x float> %1145, ptr %1146, align 4
+  %1147 = add nsw i64 %col70, 8
+  %1148 = fmul <8 x float> %1116, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1149 = extractelement <8 x float> %1148, i32 0
+  %1150 = call float @erff(float %1149)
+  %1151 = insertelement <8 x float> poison, float %1150, i32 0
+  %1152 = extractelement <8 x float> %1148, i32 1
+  %1153 = call float @erff(float %1152)
+  %1154 = insertelement <8 x float> %1151, float %1153, i32 1
+  %1155 = extractelement <8 x float> %1148, i32 2
+  %1156 = call float @erff(float %1155)
+  %1157 = insertelement <8 x float> %1154, float %1156, i32 2
+  %1158 = extractelement <8 x float> %1148, i32 3
+  %1159 = call float @erff(float %1158)
+  %1160 = insertelement <8 x float> %1157, float %1159, i32 3
+  %1161 = extractelement <8 x float> %1148, i32 4
+  %1162 = call float @erff(float %1161)
+  %1163 = insertelement <8 x float> %1160, float %1162, i32 4
+  %1164 = extractelement <8 x float> %1148, i32 5
+  %1165 = call float @erff(float %1164)
+  %1166 = insertelement <8 x float> %1163, float %1165, i32 5
+  %1167 = extractelement <8 x float> %1148, i32 6
+  %1168 = call float @erff(float %1167)
+  %1169 = insertelement <8 x float> %1166, float %1168, i32 6
+  %1170 = extractelement <8 x float> %1148, i32 7
+  %1171 = call float @erff(float %1170)
+  %1172 = insertelement <8 x float> %1169, float %1171, i32 7
+  %1173 = fadd <8 x float> %1172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1174 = fmul <8 x float> %1116, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu72 = fmul <8 x float> %1174, %1173
+  %1175 = fmul <8 x float> %gelu72, %1112
+  %1176 = getelementptr inbounds float, ptr %1114, i64 %1147
+  store <8 x float> %1175, ptr %1176, align 4
+  %1177 = add nsw i64 %r0, 2
+  %1178 = getelementptr inbounds float, ptr %rw, i64 %1177
+  %1179 = load float, ptr %1178, align 4
+  %1180 = insertelement <8 x float> poison, float %1179, i32 0
+  %1181 = shufflevector <8 x float> %1180, <8 x float> poison, <8 x i32> zeroinitializer
+  %1182 = mul nsw i64 %1177, 3072
+  %1183 = getelementptr inbounds float, ptr %h, i64 %1182
+  %col73 = mul nsw i64 %p, 16
+  %1184 = load <8 x float>, ptr %acc2055, align 4
+  %1185 = load <8 x float>, ptr %acc2156, align 4
+  %1186 = add nsw i64 %col73, 0
+  %1187 = fmul <8 x float> %1184, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1188 = extractelement <8 x float> %1187, i32 0
+  %1189 = call float @erff(float %1188)
+  %1190 = insertelement <8 x float> poison, float %1189, i32 0
+  %1191 = extractelement <8 x float> %1187, i32 1
+  %1192 = call float @erff(float %1191)
+  %1193 = insertelement <8 x float> %1190, float %1192, i32 1
+  %1194 = extractelement <8 x float> %1187, i32 2
+  %1195 = call float @erff(float %1194)
+  %1196 = insertelement <8 x float> %1193, float %1195, i32 2
+  %1197 = extractelement <8 x float> %1187, i32 3
+  %1198 = call float @erff(float %1197)
+  %1199 = insertelement <8 x float> %1196, float %1198, i32 3
+  %1200 = extractelement <8 x float> %1187, i32 4
+  %1201 = call float @erff(float %1200)
+  %1202 = insertelement <8 x float> %1199, float %1201, i32 4
+  %1203 = extractelement <8 x float> %1187, i32 5
+  %1204 = call float @erff(float %1203)
+  %1205 = insertelement <8 x float> %1202, float %1204, i32 5
+  %1206 = extractelement <8 x float> %1187, i32 6
+  %1207 = call float @erff(float %1206)
+  %1208 = insertelement <8 x float> %1205, float %1207, i32 6
+  %1209 = extractelement <8 x float> %1187, i32 7
+  %1210 = call float @erff(float %1209)
+  %1211 = insertelement <8 x float> %1208, float %1210, i32 7
+  %1212 = fadd <8 x float> %1211, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1213 = fmul <8 x float> %1184, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu74 = fmul <8 x float> %1213, %1212
+  %1214 = fmul <8 x float> %gelu74, %1181
+  %1215 = getelementptr inbounds float, ptr %1183, i64 %1186
+  store <8 x float> %1214, ptr %1215, align 4
+  %1216 = add nsw i64 %col73, 8
+  %1217 = fmul <8 x float> %1185, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1218 = extractelement <8 x float> %1217, i32 0
+  %1219 = call float @erff(float %1218)
+  %1220 = insertelement <8 x float> poison, float %1219, i32 0
+  %1221 = extractelement <8 x float> %1217, i32 1
+  %1222 = call float @erff(float %1221)
+  %1223 = insertelement <8 x float> %1220, float %1222, i32 1
+  %1224 = extractelement <8 x float> %1217, i32 2
+  %1225 = call float @erff(float %1224)
+  %1226 = insertelement <8 x float> %1223, float %1225, i32 2
+  %1227 = extractelement <8 x float> %1217, i32 3
+  %1228 = call float @erff(float %1227)
+  %1229 = insertelement <8 x float> %1226, float %1228, i32 3
+  %1230 = extractelement <8 x float> %1217, i32 4
+  %1231 = call float @erff(float %1230)
+  %1232 = insertelement <8 x float> %1229, float %1231, i32 4
+  %1233 = extractelement <8 x float> %1217, i32 5
+  %1234 = call float @erff(float %1233)
+  %1235 = insertelement <8 x float> %1232, float %1234, i32 5
+  %1236 = extractelement <8 x float> %1217, i32 6
+  %1237 = call float @erff(float %1236)
+  %1238 = insertelement <8 x float> %1235, float %1237, i32 6
+  %1239 = extractelement <8 x float> %1217, i32 7
+  %1240 = call float @erff(float %1239)
+  %1241 = insertelement <8 x float> %1238, float %1240, i32 7
+  %1242 = fadd <8 x float> %1241, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1243 = fmul <8 x float> %1185, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu75 = fmul <8 x float> %1243, %1242
+  %1244 = fmul <8 x float> %gelu75, %1181
+  %1245 = getelementptr inbounds float, ptr %1183, i64 %1216
+  store <8 x float> %1244, ptr %1245, align 4
+  %1246 = add nsw i64 %r0, 3
+  %1247 = getelementptr inbounds float, ptr %rw, i64 %1246
+  %1248 = load float, ptr %1247, align 4
+  %1249 = insertelement <8 x float> poison, float %1248, i32 0
+  %1250 = shufflevector <8 x float> %1249, <8 x float> poison, <8 x i32> zeroinitializer
+  %1251 = mul nsw i64 %1246, 3072
+  %1252 = getelementptr inbounds float, ptr %h, i64 %1251
+  %col76 = mul nsw i64 %p, 16
+  %1253 = load <8 x float>, ptr %acc3057, align 4
+  %1254 = load <8 x float>, ptr %acc3158, align 4
+  %1255 = add nsw i64 %col76, 0
+  %1256 = fmul <8 x float> %1253, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1257 = extractelement <8 x float> %1256, i32 0
+  %1258 = call float @erff(float %1257)
+  %1259 = insertelement <8 x float> poison, float %1258, i32 0
+  %1260 = extractelement <8 x float> %1256, i32 1
+  %1261 = call float @erff(float %1260)
+  %1262 = insertelement <8 x float> %1259, float %1261, i32 1
+  %1263 = extractelement <8 x float> %1256, i32 2
+  %1264 = call float @erff(float %1263)
+  %1265 = insertelement <8 x float> %1262, float %1264, i32 2
+  %1266 = extractelement <8 x float> %1256, i32 3
+  %1267 = call float @erff(float %1266)
+  %1268 = insertelement <8 x float> %1265, float %1267, i32 3
+  %1269 = extractelement <8 x float> %1256, i32 4
+  %1270 = call float @erff(float %1269)
+  %1271 = insertelement <8 x float> %1268, float %1270, i32 4
+  %1272 = extractelement <8 x float> %1256, i32 5
+  %1273 = call float @erff(float %1272)
+  %1274 = insertelement <8 x float> %1271, float %1273, i32 5
+  %1275 = extractelement <8 x float> %1256, i32 6
+  %1276 = call float @erff(float %1275)
+  %1277 = insertelement <8 x float> %1274, float %1276, i32 6
+  %1278 = extractelement <8 x float> %1256, i32 7
+  %1279 = call float @erff(float %1278)
+  %1280 = insertelement <8 x float> %1277, float %1279, i32 7
+  %1281 = fadd <8 x float> %1280, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1282 = fmul <8 x float> %1253, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu77 = fmul <8 x float> %1282, %1281
+  %1283 = fmul <8 x float> %gelu77, %1250
+  %1284 = getelementptr inbounds float, ptr %1252, i64 %1255
+  store <8 x float> %1283, ptr %1284, align 4
+  %1285 = add nsw i64 %col76, 8
+  %1286 = fmul <8 x float> %1254, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1287 = extractelement <8 x float> %1286, i32 0
+  %1288 = call float @erff(float %1287)
+  %1289 = insertelement <8 x float> poison, float %1288, i32 0
+  %1290 = extractelement <8 x float> %1286, i32 1
+  %1291 = call float @erff(float %1290)
+  %1292 = insertelement <8 x float> %1289, float %1291, i32 1
+  %1293 = extractelement <8 x float> %1286, i32 2
+  %1294 = call float @erff(float %1293)
+  %1295 = insertelement <8 x float> %1292, float %1294, i32 2
+  %1296 = extractelement <8 x float> %1286, i32 3
+  %1297 = call float @erff(float %1296)
+  %1298 = insertelement <8 x float> %1295, float %1297, i32 3
+  %1299 = extractelement <8 x float> %1286, i32 4
+  %1300 = call float @erff(float %1299)
+  %1301 = insertelement <8 x float> %1298, float %1300, i32 4
+  %1302 = extractelement <8 x float> %1286, i32 5
+  %1303 = call float @erff(float %1302)
+  %1304 = insertelement <8 x float> %1301, float %1303, i32 5
+  %1305 = extractelement <8 x float> %1286, i32 6
+  %1306 = call float @erff(float %1305)
+  %1307 = insertelement <8 x float> %1304, float %1306, i32 6
+  %1308 = extractelement <8 x float> %1286, i32 7
+  %1309 = call float @erff(float %1308)
+  %1310 = insertelement <8 x float> %1307, float %1309, i32 7
+  %1311 = fadd <8 x float> %1310, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1312 = fmul <8 x float> %1254, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu78 = fmul <8 x float> %1312, %1311
+  %1313 = fmul <8 x float> %gelu78, %1250
+  %1314 = getelementptr inbounds float, ptr %1252, i64 %1285
+  store <8 x float> %1313, ptr %1314, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %1298 = add nsw i64 %r0, 0
-  %1299 = getelementptr inbounds i32, ptr %rows, i64 %1298
-  %1300 = load i32, ptr %1299, align 4
-  %1301 = sext i32 %1300 to i64
-  %1302 = mul nsw i64 %1301, 768
-  %1303 = getelementptr inbounds float, ptr %x, i64 %1302
-  store <8 x float> zeroinitializer, ptr %acc0074, align 4
-  store <8 x float> zeroinitializer, ptr %acc0175, align 4
-  %1304 = add nsw i64 %r0, 1
-  %1305 = getelementptr inbounds i32, ptr %rows, i64 %1304
-  %1306 = load i32, ptr %1305, align 4
-  %1307 = sext i32 %1306 to i64
-  %1308 = mul nsw i64 %1307, 768
-  %1309 = getelementptr inbounds float, ptr %x, i64 %1308
-  store <8 x float> zeroinitializer, ptr %acc1076, align 4
-  store <8 x float> zeroinitializer, ptr %acc1177, align 4
-  %1310 = add nsw i64 %r0, 2
-  %1311 = getelementptr inbounds i32, ptr %rows, i64 %1310
-  %1312 = load i32, ptr %1311, align 4
-  %1313 = sext i32 %1312 to i64
-  %1314 = mul nsw i64 %1313, 768
-  %1315 = getelementptr inbounds float, ptr %x, i64 %1314
-  store <8 x float> zeroinitializer, ptr %acc2078, align 4
-  store <8 x float> zeroinitializer, ptr %acc2179, align 4
-  %panel.off80 = mul nsw i64 %p, 12288
-  %1316 = getelementptr inbounds float, ptr %panels, i64 %panel.off80
-  %1317 = add nsw i64 %p, 1
-  %1318 = icmp slt i64 %1317, %p1
-  %1319 = getelementptr inbounds i8, ptr %1316, i64 49152
-  %1320 = and i1 %pf.on, %1318
-  %pf81 = select i1 %1320, ptr %1319, ptr %1316
-  br label %k.head82
+  %1315 = add nsw i64 %r0, 0
+  %1316 = getelementptr inbounds i32, ptr %rows, i64 %1315
+  %1317 = load i32, ptr %1316, align 4
+  %1318 = sext i32 %1317 to i64
+  %1319 = mul nsw i64 %1318, 768
+  %1320 = getelementptr inbounds float, ptr %x, i64 %1319
+  store <8 x float> zeroinitializer, ptr %acc0079, align 4
+  store <8 x float> zeroinitializer, ptr %acc0180, align 4
+  %1321 = add nsw i64 %r0, 1
+  %1322 = getelementptr inbounds i32, ptr %rows, i64 %1321
+  %1323 = load i32, ptr %1322, align 4
+  %1324 = sext i32 %1323 to i64
+  %1325 = mul nsw i64 %1324, 768
+  %1326 = getelementptr inbounds float, ptr %x, i64 %1325
+  store <8 x float> zeroinitializer, ptr %acc1081, align 4
+  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  %1327 = add nsw i64 %r0, 2
+  %1328 = getelementptr inbounds i32, ptr %rows, i64 %1327
+  %1329 = load i32, ptr %1328, align 4
+  %1330 = sext i32 %1329 to i64
+  %1331 = mul nsw i64 %1330, 768
+  %1332 = getelementptr inbounds float, ptr %x, i64 %1331
+  store <8 x float> zeroinitializer, ptr %acc2083, align 4
+  store <8 x float> zeroinitializer, ptr %acc2184, align 4
+  %panel.off85 = mul nsw i64 %p, 12288
+  %1333 = getelementptr inbounds float, ptr %panels, i64 %panel.off85
+  %1334 = add nsw i64 %p, 1
+  %1335 = icmp slt i64 %1334, %p1
+  %pf.on86 = and i1 %pf.on, %1335
+  %1336 = mul nsw i64 %pf.j, 49152
+  %1337 = lshr i64 %1336, %9
+  %1338 = add nsw i64 49152, %1337
+  %1339 = getelementptr inbounds i8, ptr %1333, i64 %1338
+  %pf87 = select i1 %pf.on86, ptr %1339, ptr %1333
+  %pf.sh88 = select i1 %pf.on86, i64 %9, i64 0
+  br label %k.head89
 
-k.head82:                                         ; preds = %k.body83, %tile.mr3
-  %k85 = phi i64 [ 0, %tile.mr3 ], [ %1355, %k.body83 ]
-  %1321 = icmp slt i64 %k85, 768
-  br i1 %1321, label %k.body83, label %k.end84
+k.head89:                                         ; preds = %k.body90, %tile.mr3
+  %k92 = phi i64 [ 0, %tile.mr3 ], [ %1375, %k.body90 ]
+  %1340 = icmp slt i64 %k92, 768
+  br i1 %1340, label %k.body90, label %k.end91
 
-k.body83:                                         ; preds = %k.head82
-  %1322 = mul nsw i64 %k85, 16
-  %1323 = add nsw i64 %panel.off80, %1322
-  %1324 = mul nsw i64 %k85, 64
-  %1325 = getelementptr inbounds i8, ptr %pf81, i64 %1324
-  call void @llvm.prefetch.p0(ptr %1325, i32 0, i32 2, i32 1)
-  %1326 = getelementptr inbounds float, ptr %panels, i64 %1323
-  %1327 = load <8 x float>, ptr %1326, align 4
-  %1328 = add nsw i64 %1323, 8
-  %1329 = getelementptr inbounds float, ptr %panels, i64 %1328
-  %1330 = load <8 x float>, ptr %1329, align 4
-  %1331 = getelementptr inbounds float, ptr %1303, i64 %k85
-  %1332 = load float, ptr %1331, align 4
-  %1333 = insertelement <8 x float> poison, float %1332, i32 0
-  %1334 = shufflevector <8 x float> %1333, <8 x float> poison, <8 x i32> zeroinitializer
-  %1335 = load <8 x float>, ptr %acc0074, align 4
-  %1336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1334, <8 x float> %1327, <8 x float> %1335)
-  store <8 x float> %1336, ptr %acc0074, align 4
-  %1337 = load <8 x float>, ptr %acc0175, align 4
-  %1338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1334, <8 x float> %1330, <8 x float> %1337)
-  store <8 x float> %1338, ptr %acc0175, align 4
-  %1339 = getelementptr inbounds float, ptr %1309, i64 %k85
-  %1340 = load float, ptr %1339, align 4
-  %1341 = insertelement <8 x float> poison, float %1340, i32 0
-  %1342 = shufflevector <8 x float> %1341, <8 x float> poison, <8 x i32> zeroinitializer
-  %1343 = load <8 x float>, ptr %acc1076, align 4
-  %1344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1342, <8 x float> %1327, <8 x float> %1343)
-  store <8 x float> %1344, ptr %acc1076, align 4
-  %1345 = load <8 x float>, ptr %acc1177, align 4
-  %1346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1342, <8 x float> %1330, <8 x float> %1345)
-  store <8 x float> %1346, ptr %acc1177, align 4
-  %1347 = getelementptr inbounds float, ptr %1315, i64 %k85
-  %1348 = load float, ptr %1347, align 4
-  %1349 = insertelement <8 x float> poison, float %1348, i32 0
-  %1350 = shufflevector <8 x float> %1349, <8 x float> poison, <8 x i32> zeroinitializer
-  %1351 = load <8 x float>, ptr %acc2078, align 4
-  %1352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %1327, <8 x float> %1351)
-  store <8 x float> %1352, ptr %acc2078, align 4
-  %1353 = load <8 x float>, ptr %acc2179, align 4
-  %1354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %1330, <8 x float> %1353)
-  store <8 x float> %1354, ptr %acc2179, align 4
-  %1355 = add nsw i64 %k85, 1
-  br label %k.head82
-
-k.end84:                                          ; preds = %k.head82
-  %1356 = add nsw i64 %r0, 0
-  %1357 = getelementptr inbounds float, ptr %rw, i64 %1356
-  %1358 = load float, ptr %1357, align 4
-  %1359 = insertelement <8 x float> poison, float %1358, i32 0
-  %1360 = shufflevector <8 x float> %1359, <8 x float> poison, <8 x i32> zeroinitializer
-  %1361 = mul nsw i64 %1356, 3072
-  %1362 = getelementptr inbounds float, ptr %h, i64 %1361
-  %col86 = mul nsw i64 %p, 16
-  %1363 = load <8 x float>, ptr %acc0074, align 4
-  %1364 = load <8 x float>, ptr %acc0175, align 4
-  %1365 = add nsw i64 %col86, 0
-  %1366 = fmul <8 x float> %1363, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1367 = extractelement <8 x float> %1366, i32 0
-  %1368 = call float @erff(float %1367)
+k.body90:                                         ; preds = %k.head89
+  %1341 = mul nsw i64 %k92, 16
+  %1342 = add nsw i64 %panel.off85, %1341
+  %1343 = mul nsw i64 %k92, 64
+  %1344 = lshr i64 %1343, %pf.sh88
+  %1345 = getelementptr inbounds i8, ptr %pf87, i64 %1344
+  call void @llvm.prefetch.p0(ptr %1345, i32 0, i32 2, i32 1)
+  %1346 = getelementptr inbounds float, ptr %panels, i64 %1342
+  %1347 = load <8 x float>, ptr %1346, align 4
+  %1348 = add nsw i64 %1342, 8
+  %1349 = getelementptr inbounds float, ptr %panels, i64 %1348
+  %1350 = load <8 x float>, ptr %1349, align 4
+  %1351 = getelementptr inbounds float, ptr %1320, i64 %k92
+  %1352 = load float, ptr %1351, align 4
+  %1353 = insertelement <8 x float> poison, float %1352, i32 0
+  %1354 = shufflevector <8 x float> %1353, <8 x float> poison, <8 x i32> zeroinitializer
+  %1355 = load <8 x float>, ptr %acc0079, align 4
+  %1356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1354, <8 x float> %1347, <8 x float> %1355)
+  store <8 x float> %1356, ptr %acc0079, align 4
+  %1357 = load <8 x float>, ptr %acc0180, align 4
+  %1358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1354, <8 x float> %1350, <8 x float> %1357)
+  store <8 x float> %1358, ptr %acc0180, align 4
+  %1359 = getelementptr inbounds float, ptr %1326, i64 %k92
+  %1360 = load float, ptr %1359, align 4
+  %1361 = insertelement <8 x float> poison, float %1360, i32 0
+  %1362 = shufflevector <8 x float> %1361, <8 x float> poison, <8 x i32> zeroinitializer
+  %1363 = load <8 x float>, ptr %acc1081, align 4
+  %1364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %1347, <8 x float> %1363)
+  store <8 x float> %1364, ptr %acc1081, align 4
+  %1365 = load <8 x float>, ptr %acc1182, align 4
+  %1366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %1350, <8 x float> %1365)
+  store <8 x float> %1366, ptr %acc1182, align 4
+  %1367 = getelementptr inbounds float, ptr %1332, i64 %k92
+  %1368 = load float, ptr %1367, align 4
   %1369 = insertelement <8 x float> poison, float %1368, i32 0
-  %1370 = extractelement <8 x float> %1366, i32 1
-  %1371 = call float @erff(float %1370)
-  %1372 = insertelement <8 x float> %1369, float %1371, i32 1
-  %1373 = extractelement <8 x float> %1366, i32 2
-  %1374 = call float @erff(float %1373)
-  %1375 = insertelement <8 x float> %1372, float %1374, i32 2
-  %1376 = extractelement <8 x float> %1366, i32 3
-  %1377 = call float @erff(float %1376)
-  %1378 = insertelement <8 x float> %1375, float %1377, i32 3
-  %1379 = extractelement <8 x float> %1366, i32 4
-  %1380 = call float @erff(float %1379)
-  %1381 = insertelement <8 x float> %1378, float %1380, i32 4
-  %1382 = extractelement <8 x float> %1366, i32 5
-  %1383 = call float @erff(float %1382)
-  %1384 = insertelement <8 x float> %1381, float %1383, i32 5
-  %1385 = extractelement <8 x float> %1366, i32 6
-  %1386 = call float @erff(float %1385)
-  %1387 = insertelement <8 x float> %1384, float %1386, i32 6
-  %1388 = extractelement <8 x float> %1366, i32 7
-  %1389 = call float @erff(float %1388)
-  %1390 = insertelement <8 x float> %1387, float %1389, i32 7
-  %1391 = fadd <8 x float> %1390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1392 = fmul <8 x float> %1363, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu87 = fmul <8 x float> %1392, %1391
-  %1393 = fmul <8 x float> %gelu87, %1360
-  %1394 = getelementptr inbounds float, ptr %1362, i64 %1365
-  store <8 x float> %1393, ptr %1394, align 4
-  %1395 = add nsw i64 %col86, 8
-  %1396 = fmul <8 x float> %1364, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1397 = extractelement <8 x float> %1396, i32 0
-  %1398 = call float @erff(float %1397)
-  %1399 = insertelement <8 x float> poison, float %1398, i32 0
-  %1400 = extractelement <8 x float> %1396, i32 1
-  %1401 = call float @erff(float %1400)
-  %1402 = insertelement <8 x float> %1399, float %1401, i32 1
-  %1403 = extractelement <8 x float> %1396, i32 2
-  %1404 = call float @erff(float %1403)
-  %1405 = insertelement <8 x float> %1402, float %1404, i32 2
-  %1406 = extractelement <8 x float> %1396, i32 3
-  %1407 = call float @erff(float %1406)
-  %1408 = insertelement <8 x float> %1405, float %1407, i32 3
-  %1409 = extractelement <8 x float> %1396, i32 4
-  %1410 = call float @erff(float %1409)
-  %1411 = insertelement <8 x float> %1408, float %1410, i32 4
-  %1412 = extractelement <8 x float> %1396, i32 5
-  %1413 = call float @erff(float %1412)
-  %1414 = insertelement <8 x float> %1411, float %1413, i32 5
-  %1415 = extractelement <8 x float> %1396, i32 6
-  %1416 = call float @erff(float %1415)
-  %1417 = insertelement <8 x float> %1414, float %1416, i32 6
-  %1418 = extractelement <8 x float> %1396, i32 7
-  %1419 = call float @erff(float %1418)
-  %1420 = insertelement <8 x float> %1417, float %1419, i32 7
-  %1421 = fadd <8 x float> %1420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1422 = fmul <8 x float> %1364, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu88 = fmul <8 x float> %1422, %1421
-  %1423 = fmul <8 x float> %gelu88, %1360
-  %1424 = getelementptr inbounds float, ptr %1362, i64 %1395
-  store <8 x float> %1423, ptr %1424, align 4
-  %1425 = add nsw i64 %r0, 1
-  %1426 = getelementptr inbounds float, ptr %rw, i64 %1425
-  %1427 = load float, ptr %1426, align 4
-  %1428 = insertelement <8 x float> poison, float %1427, i32 0
-  %1429 = shufflevector <8 x float> %1428, <8 x float> poison, <8 x i32> zeroinitializer
-  %1430 = mul nsw i64 %1425, 3072
-  %1431 = getelementptr inbounds float, ptr %h, i64 %1430
-  %col89 = mul nsw i64 %p, 16
-  %1432 = load <8 x float>, ptr %acc1076, align 4
-  %1433 = load <8 x float>, ptr %acc1177, align 4
-  %1434 = add nsw i64 %col89, 0
-  %1435 = fmul <8 x float> %1432, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1436 = extractelement <8 x float> %1435, i32 0
-  %1437 = call float @erff(float %1436)
-  %1438 = insertelement <8 x float> poison, float %1437, i32 0
-  %1439 = extractelement <8 x float> %1435, i32 1
-  %1440 = call float @erff(float %1439)
-  %1441 = insertelement <8 x float> %1438, float %1440, i32 1
-  %1442 = extractelement <8 x float> %1435, i32 2
-  %1443 = call float @erff(float %1442)
-  %1444 = insertelement <8 x float> %1441, float %1443, i32 2
-  %1445 = extractelement <8 x float> %1435, i32 3
-  %1446 = call float @erff(float %1445)
-  %1447 = insertelement <8 x float> %1444, float %1446, i32 3
-  %1448 = extractelement <8 x float> %1435, i32 4
-  %1449 = call float @erff(float %1448)
-  %1450 = insertelement <8 x float> %1447, float %1449, i32 4
-  %1451 = extractelement <8 x float> %1435, i32 5
-  %1452 = call float @erff(float %1451)
-  %1453 = insertelement <8 x float> %1450, float %1452, i32 5
-  %1454 = extractelement <8 x float> %1435, i32 6
-  %1455 = call float @erff(float %1454)
-  %1456 = insertelement <8 x float> %1453, float %1455, i32 6
-  %1457 = extractelement <8 x float> %1435, i32 7
-  %1458 = call float @erff(float %1457)
-  %1459 = insertelement <8 x float> %1456, float %1458, i32 7
-  %1460 = fadd <8 x float> %1459, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1461 = fmul <8 x float> %1432, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu90 = fmul <8 x float> %1461, %1460
-  %1462 = fmul <8 x float> %gelu90, %1429
-  %1463 = getelementptr inbounds float, ptr %1431, i64 %1434
-  store <8 x float> %1462, ptr %1463, align 4
-  %1464 = add nsw i64 %col89, 8
-  %1465 = fmul <8 x float> %1433, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1466 = extractelement <8 x float> %1465, i32 0
-  %1467 = call float @erff(float %1466)
-  %1468 = insertelement <8 x float> poison, float %1467, i32 0
-  %1469 = extractelement <8 x float> %1465, i32 1
-  %1470 = call float @erff(float %1469)
-  %1471 = insertelement <8 x float> %1468, float %1470, i32 1
-  %1472 = extractelement <8 x float> %1465, i32 2
-  %1473 = call float @erff(float %1472)
-  %1474 = insertelement <8 x float> %1471, float %1473, i32 2
-  %1475 = extractelement <8 x float> %1465, i32 3
-  %1476 = call float @erff(float %1475)
-  %1477 = insertelement <8 x float> %1474, float %1476, i32 3
-  %1478 = extractelement <8 x float> %1465, i32 4
-  %1479 = call float @erff(float %1478)
-  %1480 = insertelement <8 x float> %1477, float %1479, i32 4
-  %1481 = extractelement <8 x float> %1465, i32 5
-  %1482 = call float @erff(float %1481)
-  %1483 = insertelement <8 x float> %1480, float %1482, i32 5
-  %1484 = extractelement <8 x float> %1465, i32 6
-  %1485 = call float @erff(float %1484)
-  %1486 = insertelement <8 x float> %1483, float %1485, i32 6
-  %1487 = extractelement <8 x float> %1465, i32 7
-  %1488 = call float @erff(float %1487)
-  %1489 = insertelement <8 x float> %1486, float %1488, i32 7
-  %1490 = fadd <8 x float> %1489, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1491 = fmul <8 x float> %1433, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu91 = fmul <8 x float> %1491, %1490
-  %1492 = fmul <8 x float> %gelu91, %1429
-  %1493 = getelementptr inbounds float, ptr %1431, i64 %1464
-  store <8 x float> %1492, ptr %1493, align 4
-  %1494 = add nsw i64 %r0, 2
-  %1495 = getelementptr inbounds float, ptr %rw, i64 %1494
-  %1496 = load float, ptr %1495, align 4
-  %1497 = insertelement <8 x float> poison, float %1496, i32 0
-  %1498 = shufflevector <8 x float> %1497, <8 x float> poison, <8 x i32> zeroinitializer
-  %1499 = mul nsw i64 %1494, 3072
-  %1500 = getelementptr inbounds float, ptr %h, i64 %1499
-  %col92 = mul nsw i64 %p, 16
-  %1501 = load <8 x float>, ptr %acc2078, align 4
-  %1502 = load <8 x float>, ptr %acc2179, align 4
-  %1503 = add nsw i64 %col92, 0
-  %1504 = fmul <8 x float> %1501, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1505 = extractelement <8 x float> %1504, i32 0
-  %1506 = call float @erff(float %1505)
-  %1507 = insertelement <8 x float> poison, float %1506, i32 0
-  %1508 = extractelement <8 x float> %1504, i32 1
-  %1509 = call float @erff(float %1508)
-  %1510 = insertelement <8 x float> %1507, float %1509, i32 1
-  %1511 = extractelement <8 x float> %1504, i32 2
-  %1512 = call float @erff(float %1511)
-  %1513 = insertelement <8 x float> %1510, float %1512, i32 2
-  %1514 = extractelement <8 x float> %1504, i32 3
-  %1515 = call float @erff(float %1514)
-  %1516 = insertelement <8 x float> %1513, float %1515, i32 3
-  %1517 = extractelement <8 x float> %1504, i32 4
-  %1518 = call float @erff(float %1517)
-  %1519 = insertelement <8 x float> %1516, float %1518, i32 4
-  %1520 = extractelement <8 x float> %1504, i32 5
-  %1521 = call float @erff(float %1520)
-  %1522 = insertelement <8 x float> %1519, float %1521, i32 5
-  %1523 = extractelement <8 x float> %1504, i32 6
-  %1524 = call float @erff(float %1523)
-  %1525 = insertelement <8 x float> %1522, float %1524, i32 6
-  %1526 = extractelement <8 x float> %1504, i32 7
-  %1527 = call float @erff(float %1526)
-  %1528 = insertelement <8 x float> %1525, float %1527, i32 7
-  %1529 = fadd <8 x float> %1528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1530 = fmul <8 x float> %1501, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu93 = fmul <8 x float> %1530, %1529
-  %1531 = fmul <8 x float> %gelu93, %1498
-  %1532 = getelementptr inbounds float, ptr %1500, i64 %1503
-  store <8 x float> %1531, ptr %1532, align 4
-  %1533 = add nsw i64 %col92, 8
-  %1534 = fmul <8 x float> %1502, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1535 = extractelement <8 x float> %1534, i32 0
-  %1536 = call float @erff(float %1535)
-  %1537 = insertelement <8 x float> poison, float %1536, i32 0
-  %1538 = extractelement <8 x float> %1534, i32 1
-  %1539 = call float @erff(float %1538)
-  %1540 = insertelement <8 x float> %1537, float %1539, i32 1
-  %1541 = extractelement <8 x float> %1534, i32 2
-  %1542 = call float @erff(float %1541)
-  %1543 = insertelement <8 x float> %1540, float %1542, i32 2
-  %1544 = extractelement <8 x float> %1534, i32 3
-  %1545 = call float @erff(float %1544)
-  %1546 = insertelement <8 x float> %1543, float %1545, i32 3
-  %1547 = extractelement <8 x float> %1534, i32 4
-  %1548 = call float @erff(float %1547)
-  %1549 = insertelement <8 x float> %1546, float %1548, i32 4
-  %1550 = extractelement <8 x float> %1534, i32 5
-  %1551 = call float @erff(float %1550)
-  %1552 = insertelement <8 x float> %1549, float %1551, i32 5
-  %1553 = extractelement <8 x float> %1534, i32 6
-  %1554 = call float @erff(float %1553)
-  %1555 = insertelement <8 x float> %1552, float %1554, i32 6
-  %1556 = extractelement <8 x float> %1534, i32 7
-  %1557 = call float @erff(float %1556)
-  %1558 = insertelement <8 x float> %1555, float %1557, i32 7
-  %1559 = fadd <8 x float> %1558, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1560 = fmul <8 x float> %1502, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu94 = fmul <8 x float> %1560, %1559
-  %1561 = fmul <8 x float> %gelu94, %1498
-  %1562 = getelementptr inbounds float, ptr %1500, i64 %1533
-  store <8 x float> %1561, ptr %1562, align 4
+  %1370 = shufflevector <8 x float> %1369, <8 x float> poison, <8 x i32> zeroinitializer
+  %1371 = load <8 x float>, ptr %acc2083, align 4
+  %1372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1370, <8 x float> %1347, <8 x float> %1371)
+  store <8 x float> %1372, ptr %acc2083, align 4
+  %1373 = load <8 x float>, ptr %acc2184, align 4
+  %1374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1370, <8 x float> %1350, <8 x float> %1373)
+  store <8 x float> %1374, ptr %acc2184, align 4
+  %1375 = add nsw i64 %k92, 1
+  br label %k.head89
+
+k.end91:                                          ; preds = %k.head89
+  %1376 = add nsw i64 %r0, 0
+  %1377 = getelementptr inbounds float, ptr %rw, i64 %1376
+  %1378 = load float, ptr %1377, align 4
+  %1379 = insertelement <8 x float> poison, float %1378, i32 0
+  %1380 = shufflevector <8 x float> %1379, <8 x float> poison, <8 x i32> zeroinitializer
+  %1381 = mul nsw i64 %1376, 3072
+  %1382 = getelementptr inbounds float, ptr %h, i64 %1381
+  %col93 = mul nsw i64 %p, 16
+  %1383 = load <8 x float>, ptr %acc0079, align 4
+  %1384 = load <8 x float>, ptr %acc0180, align 4
+  %1385 = add nsw i64 %col93, 0
+  %1386 = fmul <8 x float> %1383, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1387 = extractelement <8 x float> %1386, i32 0
+  %1388 = call float @erff(float %1387)
+  %1389 = insertelement <8 x float> poison, float %1388, i32 0
+  %1390 = extractelement <8 x float> %1386, i32 1
+  %1391 = call float @erff(float %1390)
+  %1392 = insertelement <8 x float> %1389, float %1391, i32 1
+  %1393 = extractelement <8 x float> %1386, i32 2
+  %1394 = call float @erff(float %1393)
+  %1395 = insertelement <8 x float> %1392, float %1394, i32 2
+  %1396 = extractelement <8 x float> %1386, i32 3
+  %1397 = call float @erff(float %1396)
+  %1398 = insertelement <8 x float> %1395, float %1397, i32 3
+  %1399 = extractelement <8 x float> %1386, i32 4
+  %1400 = call float @erff(float %1399)
+  %1401 = insertelement <8 x float> %1398, float %1400, i32 4
+  %1402 = extractelement <8 x float> %1386, i32 5
+  %1403 = call float @erff(float %1402)
+  %1404 = insertelement <8 x float> %1401, float %1403, i32 5
+  %1405 = extractelement <8 x float> %1386, i32 6
+  %1406 = call float @erff(float %1405)
+  %1407 = insertelement <8 x float> %1404, float %1406, i32 6
+  %1408 = extractelement <8 x float> %1386, i32 7
+  %1409 = call float @erff(float %1408)
+  %1410 = insertelement <8 x float> %1407, float %1409, i32 7
+  %1411 = fadd <8 x float> %1410, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1412 = fmul <8 x float> %1383, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu94 = fmul <8 x float> %1412, %1411
+  %1413 = fmul <8 x float> %gelu94, %1380
+  %1414 = getelementptr inbounds float, ptr %1382, i64 %1385
+  store <8 x float> %1413, ptr %1414, align 4
+  %1415 = add nsw i64 %col93, 8
+  %1416 = fmul <8 x float> %1384, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1417 = extractelement <8 x float> %1416, i32 0
+  %1418 = call float @erff(float %1417)
+  %1419 = insertelement <8 x float> poison, float %1418, i32 0
+  %1420 = extractelement <8 x float> %1416, i32 1
+  %1421 = call float @erff(float %1420)
+  %1422 = insertelement <8 x float> %1419, float %1421, i32 1
+  %1423 = extractelement <8 x float> %1416, i32 2
+  %1424 = call float @erff(float %1423)
+  %1425 = insertelement <8 x float> %1422, float %1424, i32 2
+  %1426 = extractelement <8 x float> %1416, i32 3
+  %1427 = call float @erff(float %1426)
+  %1428 = insertelement <8 x float> %1425, float %1427, i32 3
+  %1429 = extractelement <8 x float> %1416, i32 4
+  %1430 = call float @erff(float %1429)
+  %1431 = insertelement <8 x float> %1428, float %1430, i32 4
+  %1432 = extractelement <8 x float> %1416, i32 5
+  %1433 = call float @erff(float %1432)
+  %1434 = insertelement <8 x float> %1431, float %1433, i32 5
+  %1435 = extractelement <8 x float> %1416, i32 6
+  %1436 = call float @erff(float %1435)
+  %1437 = insertelement <8 x float> %1434, float %1436, i32 6
+  %1438 = extractelement <8 x float> %1416, i32 7
+  %1439 = call float @erff(float %1438)
+  %1440 = insertelement <8 x float> %1437, float %1439, i32 7
+  %1441 = fadd <8 x float> %1440, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1442 = fmul <8 x float> %1384, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu95 = fmul <8 x float> %1442, %1441
+  %1443 = fmul <8 x float> %gelu95, %1380
+  %1444 = getelementptr inbounds float, ptr %1382, i64 %1415
+  store <8 x float> %1443, ptr %1444, align 4
+  %1445 = add nsw i64 %r0, 1
+  %1446 = getelementptr inbounds float, ptr %rw, i64 %1445
+  %1447 = load float, ptr %1446, align 4
+  %1448 = insertelement <8 x float> poison, float %1447, i32 0
+  %1449 = shufflevector <8 x float> %1448, <8 x float> poison, <8 x i32> zeroinitializer
+  %1450 = mul nsw i64 %1445, 3072
+  %1451 = getelementptr inbounds float, ptr %h, i64 %1450
+  %col96 = mul nsw i64 %p, 16
+  %1452 = load <8 x float>, ptr %acc1081, align 4
+  %1453 = load <8 x float>, ptr %acc1182, align 4
+  %1454 = add nsw i64 %col96, 0
+  %1455 = fmul <8 x float> %1452, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1456 = extractelement <8 x float> %1455, i32 0
+  %1457 = call float @erff(float %1456)
+  %1458 = insertelement <8 x float> poison, float %1457, i32 0
+  %1459 = extractelement <8 x float> %1455, i32 1
+  %1460 = call float @erff(float %1459)
+  %1461 = insertelement <8 x float> %1458, float %1460, i32 1
+  %1462 = extractelement <8 x float> %1455, i32 2
+  %1463 = call float @erff(float %1462)
+  %1464 = insertelement <8 x float> %1461, float %1463, i32 2
+  %1465 = extractelement <8 x float> %1455, i32 3
+  %1466 = call float @erff(float %1465)
+  %1467 = insertelement <8 x float> %1464, float %1466, i32 3
+  %1468 = extractelement <8 x float> %1455, i32 4
+  %1469 = call float @erff(float %1468)
+  %1470 = insertelement <8 x float> %1467, float %1469, i32 4
+  %1471 = extractelement <8 x float> %1455, i32 5
+  %1472 = call float @erff(float %1471)
+  %1473 = insertelement <8 x float> %1470, float %1472, i32 5
+  %1474 = extractelement <8 x float> %1455, i32 6
+  %1475 = call float @erff(float %1474)
+  %1476 = insertelement <8 x float> %1473, float %1475, i32 6
+  %1477 = extractelement <8 x float> %1455, i32 7
+  %1478 = call float @erff(float %1477)
+  %1479 = insertelement <8 x float> %1476, float %1478, i32 7
+  %1480 = fadd <8 x float> %1479, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1481 = fmul <8 x float> %1452, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu97 = fmul <8 x float> %1481, %1480
+  %1482 = fmul <8 x float> %gelu97, %1449
+  %1483 = getelementptr inbounds float, ptr %1451, i64 %1454
+  store <8 x float> %1482, ptr %1483, align 4
+  %1484 = add nsw i64 %col96, 8
+  %1485 = fmul <8 x float> %1453, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1486 = extractelement <8 x float> %1485, i32 0
+  %1487 = call float @erff(float %1486)
+  %1488 = insertelement <8 x float> poison, float %1487, i32 0
+  %1489 = extractelement <8 x float> %1485, i32 1
+  %1490 = call float @erff(float %1489)
+  %1491 = insertelement <8 x float> %1488, float %1490, i32 1
+  %1492 = extractelement <8 x float> %1485, i32 2
+  %1493 = call float @erff(float %1492)
+  %1494 = insertelement <8 x float> %1491, float %1493, i32 2
+  %1495 = extractelement <8 x float> %1485, i32 3
+  %1496 = call float @erff(float %1495)
+  %1497 = insertelement <8 x float> %1494, float %1496, i32 3
+  %1498 = extractelement <8 x float> %1485, i32 4
+  %1499 = call float @erff(float %1498)
+  %1500 = insertelement <8 x float> %1497, float %1499, i32 4
+  %1501 = extractelement <8 x float> %1485, i32 5
+  %1502 = call float @erff(float %1501)
+  %1503 = insertelement <8 x float> %1500, float %1502, i32 5
+  %1504 = extractelement <8 x float> %1485, i32 6
+  %1505 = call float @erff(float %1504)
+  %1506 = insertelement <8 x float> %1503, float %1505, i32 6
+  %1507 = extractelement <8 x float> %1485, i32 7
+  %1508 = call float @erff(float %1507)
+  %1509 = insertelement <8 x float> %1506, float %1508, i32 7
+  %1510 = fadd <8 x float> %1509, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1511 = fmul <8 x float> %1453, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu98 = fmul <8 x float> %1511, %1510
+  %1512 = fmul <8 x float> %gelu98, %1449
+  %1513 = getelementptr inbounds float, ptr %1451, i64 %1484
+  store <8 x float> %1512, ptr %1513, align 4
+  %1514 = add nsw i64 %r0, 2
+  %1515 = getelementptr inbounds float, ptr %rw, i64 %1514
+  %1516 = load float, ptr %1515, align 4
+  %1517 = insertelement <8 x float> poison, float %1516, i32 0
+  %1518 = shufflevector <8 x float> %1517, <8 x float> poison, <8 x i32> zeroinitializer
+  %1519 = mul nsw i64 %1514, 3072
+  %1520 = getelementptr inbounds float, ptr %h, i64 %1519
+  %col99 = mul nsw i64 %p, 16
+  %1521 = load <8 x float>, ptr %acc2083, align 4
+  %1522 = load <8 x float>, ptr %acc2184, align 4
+  %1523 = add nsw i64 %col99, 0
+  %1524 = fmul <8 x float> %1521, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1525 = extractelement <8 x float> %1524, i32 0
+  %1526 = call float @erff(float %1525)
+  %1527 = insertelement <8 x float> poison, float %1526, i32 0
+  %1528 = extractelement <8 x float> %1524, i32 1
+  %1529 = call float @erff(float %1528)
+  %1530 = insertelement <8 x float> %1527, float %1529, i32 1
+  %1531 = extractelement <8 x float> %1524, i32 2
+  %1532 = call float @erff(float %1531)
+  %1533 = insertelement <8 x float> %1530, float %1532, i32 2
+  %1534 = extractelement <8 x float> %1524, i32 3
+  %1535 = call float @erff(float %1534)
+  %1536 = insertelement <8 x float> %1533, float %1535, i32 3
+  %1537 = extractelement <8 x float> %1524, i32 4
+  %1538 = call float @erff(float %1537)
+  %1539 = insertelement <8 x float> %1536, float %1538, i32 4
+  %1540 = extractelement <8 x float> %1524, i32 5
+  %1541 = call float @erff(float %1540)
+  %1542 = insertelement <8 x float> %1539, float %1541, i32 5
+  %1543 = extractelement <8 x float> %1524, i32 6
+  %1544 = call float @erff(float %1543)
+  %1545 = insertelement <8 x float> %1542, float %1544, i32 6
+  %1546 = extractelement <8 x float> %1524, i32 7
+  %1547 = call float @erff(float %1546)
+  %1548 = insertelement <8 x float> %1545, float %1547, i32 7
+  %1549 = fadd <8 x float> %1548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1550 = fmul <8 x float> %1521, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu100 = fmul <8 x float> %1550, %1549
+  %1551 = fmul <8 x float> %gelu100, %1518
+  %1552 = getelementptr inbounds float, ptr %1520, i64 %1523
+  store <8 x float> %1551, ptr %1552, align 4
+  %1553 = add nsw i64 %col99, 8
+  %1554 = fmul <8 x float> %1522, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1555 = extractelement <8 x float> %1554, i32 0
+  %1556 = call float @erff(float %1555)
+  %1557 = insertelement <8 x float> poison, float %1556, i32 0
+  %1558 = extractelement <8 x float> %1554, i32 1
+  %1559 = call float @erff(float %1558)
+  %1560 = insertelement <8 x float> %1557, float %1559, i32 1
+  %1561 = extractelement <8 x float> %1554, i32 2
+  %1562 = call float @erff(float %1561)
+  %1563 = insertelement <8 x float> %1560, float %1562, i32 2
+  %1564 = extractelement <8 x float> %1554, i32 3
+  %1565 = call float @erff(float %1564)
+  %1566 = insertelement <8 x float> %1563, float %1565, i32 3
+  %1567 = extractelement <8 x float> %1554, i32 4
+  %1568 = call float @erff(float %1567)
+  %1569 = insertelement <8 x float> %1566, float %1568, i32 4
+  %1570 = extractelement <8 x float> %1554, i32 5
+  %1571 = call float @erff(float %1570)
+  %1572 = insertelement <8 x float> %1569, float %1571, i32 5
+  %1573 = extractelement <8 x float> %1554, i32 6
+  %1574 = call float @erff(float %1573)
+  %1575 = insertelement <8 x float> %1572, float %1574, i32 6
+  %1576 = extractelement <8 x float> %1554, i32 7
+  %1577 = call float @erff(float %1576)
+  %1578 = insertelement <8 x float> %1575, float %1577, i32 7
+  %1579 = fadd <8 x float> %1578, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1580 = fmul <8 x float> %1522, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu101 = fmul <8 x float> %1580, %1579
+  %1581 = fmul <8 x float> %gelu101, %1518
+  %1582 = getelementptr inbounds float, ptr %1520, i64 %1553
+  store <8 x float> %1581, ptr %1582, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1563 = add nsw i64 %r0, 0
-  %1564 = getelementptr inbounds i32, ptr %rows, i64 %1563
-  %1565 = load i32, ptr %1564, align 4
-  %1566 = sext i32 %1565 to i64
-  %1567 = mul nsw i64 %1566, 768
-  %1568 = getelementptr inbounds float, ptr %x, i64 %1567
-  store <8 x float> zeroinitializer, ptr %acc0095, align 4
-  store <8 x float> zeroinitializer, ptr %acc0196, align 4
-  %1569 = add nsw i64 %r0, 1
-  %1570 = getelementptr inbounds i32, ptr %rows, i64 %1569
-  %1571 = load i32, ptr %1570, align 4
-  %1572 = sext i32 %1571 to i64
-  %1573 = mul nsw i64 %1572, 768
-  %1574 = getelementptr inbounds float, ptr %x, i64 %1573
-  store <8 x float> zeroinitializer, ptr %acc1097, align 4
-  store <8 x float> zeroinitializer, ptr %acc1198, align 4
-  %panel.off99 = mul nsw i64 %p, 12288
-  %1575 = getelementptr inbounds float, ptr %panels, i64 %panel.off99
-  %1576 = add nsw i64 %p, 1
-  %1577 = icmp slt i64 %1576, %p1
-  %1578 = getelementptr inbounds i8, ptr %1575, i64 49152
-  %1579 = and i1 %pf.on, %1577
-  %pf100 = select i1 %1579, ptr %1578, ptr %1575
-  br label %k.head101
+  %1583 = add nsw i64 %r0, 0
+  %1584 = getelementptr inbounds i32, ptr %rows, i64 %1583
+  %1585 = load i32, ptr %1584, align 4
+  %1586 = sext i32 %1585 to i64
+  %1587 = mul nsw i64 %1586, 768
+  %1588 = getelementptr inbounds float, ptr %x, i64 %1587
+  store <8 x float> zeroinitializer, ptr %acc00102, align 4
+  store <8 x float> zeroinitializer, ptr %acc01103, align 4
+  %1589 = add nsw i64 %r0, 1
+  %1590 = getelementptr inbounds i32, ptr %rows, i64 %1589
+  %1591 = load i32, ptr %1590, align 4
+  %1592 = sext i32 %1591 to i64
+  %1593 = mul nsw i64 %1592, 768
+  %1594 = getelementptr inbounds float, ptr %x, i64 %1593
+  store <8 x float> zeroinitializer, ptr %acc10104, align 4
+  store <8 x float> zeroinitializer, ptr %acc11105, align 4
+  %panel.off106 = mul nsw i64 %p, 12288
+  %1595 = getelementptr inbounds float, ptr %panels, i64 %panel.off106
+  %1596 = add nsw i64 %p, 1
+  %1597 = icmp slt i64 %1596, %p1
+  %pf.on107 = and i1 %pf.on, %1597
+  %1598 = mul nsw i64 %pf.j, 49152
+  %1599 = lshr i64 %1598, %9
+  %1600 = add nsw i64 49152, %1599
+  %1601 = getelementptr inbounds i8, ptr %1595, i64 %1600
+  %pf108 = select i1 %pf.on107, ptr %1601, ptr %1595
+  %pf.sh109 = select i1 %pf.on107, i64 %9, i64 0
+  br label %k.head110
 
-k.head101:                                        ; preds = %k.body102, %tile.mr2
-  %k104 = phi i64 [ 0, %tile.mr2 ], [ %1606, %k.body102 ]
-  %1580 = icmp slt i64 %k104, 768
-  br i1 %1580, label %k.body102, label %k.end103
+k.head110:                                        ; preds = %k.body111, %tile.mr2
+  %k113 = phi i64 [ 0, %tile.mr2 ], [ %1629, %k.body111 ]
+  %1602 = icmp slt i64 %k113, 768
+  br i1 %1602, label %k.body111, label %k.end112
 
-k.body102:                                        ; preds = %k.head101
-  %1581 = mul nsw i64 %k104, 16
-  %1582 = add nsw i64 %panel.off99, %1581
-  %1583 = mul nsw i64 %k104, 64
-  %1584 = getelementptr inbounds i8, ptr %pf100, i64 %1583
-  call void @llvm.prefetch.p0(ptr %1584, i32 0, i32 2, i32 1)
-  %1585 = getelementptr inbounds float, ptr %panels, i64 %1582
-  %1586 = load <8 x float>, ptr %1585, align 4
-  %1587 = add nsw i64 %1582, 8
-  %1588 = getelementptr inbounds float, ptr %panels, i64 %1587
-  %1589 = load <8 x float>, ptr %1588, align 4
-  %1590 = getelementptr inbounds float, ptr %1568, i64 %k104
-  %1591 = load float, ptr %1590, align 4
-  %1592 = insertelement <8 x float> poison, float %1591, i32 0
-  %1593 = shufflevector <8 x float> %1592, <8 x float> poison, <8 x i32> zeroinitializer
-  %1594 = load <8 x float>, ptr %acc0095, align 4
-  %1595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1593, <8 x float> %1586, <8 x float> %1594)
-  store <8 x float> %1595, ptr %acc0095, align 4
-  %1596 = load <8 x float>, ptr %acc0196, align 4
-  %1597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1593, <8 x float> %1589, <8 x float> %1596)
-  store <8 x float> %1597, ptr %acc0196, align 4
-  %1598 = getelementptr inbounds float, ptr %1574, i64 %k104
-  %1599 = load float, ptr %1598, align 4
-  %1600 = insertelement <8 x float> poison, float %1599, i32 0
-  %1601 = shufflevector <8 x float> %1600, <8 x float> poison, <8 x i32> zeroinitializer
-  %1602 = load <8 x float>, ptr %acc1097, align 4
-  %1603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1601, <8 x float> %1586, <8 x float> %1602)
-  store <8 x float> %1603, ptr %acc1097, align 4
-  %1604 = load <8 x float>, ptr %acc1198, align 4
-  %1605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1601, <8 x float> %1589, <8 x float> %1604)
-  store <8 x float> %1605, ptr %acc1198, align 4
-  %1606 = add nsw i64 %k104, 1
-  br label %k.head101
+k.body111:                                        ; preds = %k.head110
+  %1603 = mul nsw i64 %k113, 16
+  %1604 = add nsw i64 %panel.off106, %1603
+  %1605 = mul nsw i64 %k113, 64
+  %1606 = lshr i64 %1605, %pf.sh109
+  %1607 = getelementptr inbounds i8, ptr %pf108, i64 %1606
+  call void @llvm.prefetch.p0(ptr %1607, i32 0, i32 2, i32 1)
+  %1608 = getelementptr inbounds float, ptr %panels, i64 %1604
+  %1609 = load <8 x float>, ptr %1608, align 4
+  %1610 = add nsw i64 %1604, 8
+  %1611 = getelementptr inbounds float, ptr %panels, i64 %1610
+  %1612 = load <8 x float>, ptr %1611, align 4
+  %1613 = getelementptr inbounds float, ptr %1588, i64 %k113
+  %1614 = load float, ptr %1613, align 4
+  %1615 = insertelement <8 x float> poison, float %1614, i32 0
+  %1616 = shufflevector <8 x float> %1615, <8 x float> poison, <8 x i32> zeroinitializer
+  %1617 = load <8 x float>, ptr %acc00102, align 4
+  %1618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1616, <8 x float> %1609, <8 x float> %1617)
+  store <8 x float> %1618, ptr %acc00102, align 4
+  %1619 = load <8 x float>, ptr %acc01103, align 4
+  %1620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1616, <8 x float> %1612, <8 x float> %1619)
+  store <8 x float> %1620, ptr %acc01103, align 4
+  %1621 = getelementptr inbounds float, ptr %1594, i64 %k113
+  %1622 = load float, ptr %1621, align 4
+  %1623 = insertelement <8 x float> poison, float %1622, i32 0
+  %1624 = shufflevector <8 x float> %1623, <8 x float> poison, <8 x i32> zeroinitializer
+  %1625 = load <8 x float>, ptr %acc10104, align 4
+  %1626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1624, <8 x float> %1609, <8 x float> %1625)
+  store <8 x float> %1626, ptr %acc10104, align 4
+  %1627 = load <8 x float>, ptr %acc11105, align 4
+  %1628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1624, <8 x float> %1612, <8 x float> %1627)
+  store <8 x float> %1628, ptr %acc11105, align 4
+  %1629 = add nsw i64 %k113, 1
+  br label %k.head110
 
-k.end103:                                         ; preds = %k.head101
-  %1607 = add nsw i64 %r0, 0
-  %1608 = getelementptr inbounds float, ptr %rw, i64 %1607
-  %1609 = load float, ptr %1608, align 4
-  %1610 = insertelement <8 x float> poison, float %1609, i32 0
-  %1611 = shufflevector <8 x float> %1610, <8 x float> poison, <8 x i32> zeroinitializer
-  %1612 = mul nsw i64 %1607, 3072
-  %1613 = getelementptr inbounds float, ptr %h, i64 %1612
-  %col105 = mul nsw i64 %p, 16
-  %1614 = load <8 x float>, ptr %acc0095, align 4
-  %1615 = load <8 x float>, ptr %acc0196, align 4
-  %1616 = add nsw i64 %col105, 0
-  %1617 = fmul <8 x float> %1614, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1618 = extractelement <8 x float> %1617, i32 0
-  %1619 = call float @erff(float %1618)
-  %1620 = insertelement <8 x float> poison, float %1619, i32 0
-  %1621 = extractelement <8 x float> %1617, i32 1
-  %1622 = call float @erff(float %1621)
-  %1623 = insertelement <8 x float> %1620, float %1622, i32 1
-  %1624 = extractelement <8 x float> %1617, i32 2
-  %1625 = call float @erff(float %1624)
-  %1626 = insertelement <8 x float> %1623, float %1625, i32 2
-  %1627 = extractelement <8 x float> %1617, i32 3
-  %1628 = call float @erff(float %1627)
-  %1629 = insertelement <8 x float> %1626, float %1628, i32 3
-  %1630 = extractelement <8 x float> %1617, i32 4
-  %1631 = call float @erff(float %1630)
-  %1632 = insertelement <8 x float> %1629, float %1631, i32 4
-  %1633 = extractelement <8 x float> %1617, i32 5
-  %1634 = call float @erff(float %1633)
-  %1635 = insertelement <8 x float> %1632, float %1634, i32 5
-  %1636 = extractelement <8 x float> %1617, i32 6
-  %1637 = call float @erff(float %1636)
-  %1638 = insertelement <8 x float> %1635, float %1637, i32 6
-  %1639 = extractelement <8 x float> %1617, i32 7
-  %1640 = call float @erff(float %1639)
-  %1641 = insertelement <8 x float> %1638, float %1640, i32 7
-  %1642 = fadd <8 x float> %1641, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1643 = fmul <8 x float> %1614, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu106 = fmul <8 x float> %1643, %1642
-  %1644 = fmul <8 x float> %gelu106, %1611
-  %1645 = getelementptr inbounds float, ptr %1613, i64 %1616
-  store <8 x float> %1644, ptr %1645, align 4
-  %1646 = add nsw i64 %col105, 8
-  %1647 = fmul <8 x float> %1615, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1648 = extractelement <8 x float> %1647, i32 0
-  %1649 = call float @erff(float %1648)
-  %1650 = insertelement <8 x float> poison, float %1649, i32 0
-  %1651 = extractelement <8 x float> %1647, i32 1
-  %1652 = call float @erff(float %1651)
-  %1653 = insertelement <8 x float> %1650, float %1652, i32 1
-  %1654 = extractelement <8 x float> %1647, i32 2
-  %1655 = call float @erff(float %1654)
-  %1656 = insertelement <8 x float> %1653, float %1655, i32 2
-  %1657 = extractelement <8 x float> %1647, i32 3
-  %1658 = call float @erff(float %1657)
-  %1659 = insertelement <8 x float> %1656, float %1658, i32 3
-  %1660 = extractelement <8 x float> %1647, i32 4
-  %1661 = call float @erff(float %1660)
-  %1662 = insertelement <8 x float> %1659, float %1661, i32 4
-  %1663 = extractelement <8 x float> %1647, i32 5
-  %1664 = call float @erff(float %1663)
-  %1665 = insertelement <8 x float> %1662, float %1664, i32 5
-  %1666 = extractelement <8 x float> %1647, i32 6
-  %1667 = call float @erff(float %1666)
-  %1668 = insertelement <8 x float> %1665, float %1667, i32 6
-  %1669 = extractelement <8 x float> %1647, i32 7
-  %1670 = call float @erff(float %1669)
-  %1671 = insertelement <8 x float> %1668, float %1670, i32 7
-  %1672 = fadd <8 x float> %1671, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1673 = fmul <8 x float> %1615, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu107 = fmul <8 x float> %1673, %1672
-  %1674 = fmul <8 x float> %gelu107, %1611
-  %1675 = getelementptr inbounds float, ptr %1613, i64 %1646
-  store <8 x float> %1674, ptr %1675, align 4
-  %1676 = add nsw i64 %r0, 1
-  %1677 = getelementptr inbounds float, ptr %rw, i64 %1676
-  %1678 = load float, ptr %1677, align 4
-  %1679 = insertelement <8 x float> poison, float %1678, i32 0
-  %1680 = shufflevector <8 x float> %1679, <8 x float> poison, <8 x i32> zeroinitializer
-  %1681 = mul nsw i64 %1676, 3072
-  %1682 = getelementptr inbounds float, ptr %h, i64 %1681
-  %col108 = mul nsw i64 %p, 16
-  %1683 = load <8 x float>, ptr %acc1097, align 4
-  %1684 = load <8 x float>, ptr %acc1198, align 4
-  %1685 = add nsw i64 %col108, 0
-  %1686 = fmul <8 x float> %1683, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1687 = extractelement <8 x float> %1686, i32 0
-  %1688 = call float @erff(float %1687)
-  %1689 = insertelement <8 x float> poison, float %1688, i32 0
-  %1690 = extractelement <8 x float> %1686, i32 1
-  %1691 = call float @erff(float %1690)
-  %1692 = insertelement <8 x float> %1689, float %1691, i32 1
-  %1693 = extractelement <8 x float> %1686, i32 2
-  %1694 = call float @erff(float %1693)
-  %1695 = insertelement <8 x float> %1692, float %1694, i32 2
-  %1696 = extractelement <8 x float> %1686, i32 3
-  %1697 = call float @erff(float %1696)
-  %1698 = insertelement <8 x float> %1695, float %1697, i32 3
-  %1699 = extractelement <8 x float> %1686, i32 4
-  %1700 = call float @erff(float %1699)
-  %1701 = insertelement <8 x float> %1698, float %1700, i32 4
-  %1702 = extractelement <8 x float> %1686, i32 5
-  %1703 = call float @erff(float %1702)
-  %1704 = insertelement <8 x float> %1701, float %1703, i32 5
-  %1705 = extractelement <8 x float> %1686, i32 6
-  %1706 = call float @erff(float %1705)
-  %1707 = insertelement <8 x float> %1704, float %1706, i32 6
-  %1708 = extractelement <8 x float> %1686, i32 7
-  %1709 = call float @erff(float %1708)
-  %1710 = insertelement <8 x float> %1707, float %1709, i32 7
-  %1711 = fadd <8 x float> %1710, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1712 = fmul <8 x float> %1683, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu109 = fmul <8 x float> %1712, %1711
-  %1713 = fmul <8 x float> %gelu109, %1680
-  %1714 = getelementptr inbounds float, ptr %1682, i64 %1685
-  store <8 x float> %1713, ptr %1714, align 4
-  %1715 = add nsw i64 %col108, 8
-  %1716 = fmul <8 x float> %1684, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1717 = extractelement <8 x float> %1716, i32 0
-  %1718 = call float @erff(float %1717)
-  %1719 = insertelement <8 x float> poison, float %1718, i32 0
-  %1720 = extractelement <8 x float> %1716, i32 1
-  %1721 = call float @erff(float %1720)
-  %1722 = insertelement <8 x float> %1719, float %1721, i32 1
-  %1723 = extractelement <8 x float> %1716, i32 2
-  %1724 = call float @erff(float %1723)
-  %1725 = insertelement <8 x float> %1722, float %1724, i32 2
-  %1726 = extractelement <8 x float> %1716, i32 3
-  %1727 = call float @erff(float %1726)
-  %1728 = insertelement <8 x float> %1725, float %1727, i32 3
-  %1729 = extractelement <8 x float> %1716, i32 4
-  %1730 = call float @erff(float %1729)
-  %1731 = insertelement <8 x float> %1728, float %1730, i32 4
-  %1732 = extractelement <8 x float> %1716, i32 5
-  %1733 = call float @erff(float %1732)
-  %1734 = insertelement <8 x float> %1731, float %1733, i32 5
-  %1735 = extractelement <8 x float> %1716, i32 6
-  %1736 = call float @erff(float %1735)
-  %1737 = insertelement <8 x float> %1734, float %1736, i32 6
-  %1738 = extractelement <8 x float> %1716, i32 7
-  %1739 = call float @erff(float %1738)
-  %1740 = insertelement <8 x float> %1737, float %1739, i32 7
-  %1741 = fadd <8 x float> %1740, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1742 = fmul <8 x float> %1684, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu110 = fmul <8 x float> %1742, %1741
-  %1743 = fmul <8 x float> %gelu110, %1680
-  %1744 = getelementptr inbounds float, ptr %1682, i64 %1715
-  store <8 x float> %1743, ptr %1744, align 4
+k.end112:                                         ; preds = %k.head110
+  %1630 = add nsw i64 %r0, 0
+  %1631 = getelementptr inbounds float, ptr %rw, i64 %1630
+  %1632 = load float, ptr %1631, align 4
+  %1633 = insertelement <8 x float> poison, float %1632, i32 0
+  %1634 = shufflevector <8 x float> %1633, <8 x float> poison, <8 x i32> zeroinitializer
+  %1635 = mul nsw i64 %1630, 3072
+  %1636 = getelementptr inbounds float, ptr %h, i64 %1635
+  %col114 = mul nsw i64 %p, 16
+  %1637 = load <8 x float>, ptr %acc00102, align 4
+  %1638 = load <8 x float>, ptr %acc01103, align 4
+  %1639 = add nsw i64 %col114, 0
+  %1640 = fmul <8 x float> %1637, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1641 = extractelement <8 x float> %1640, i32 0
+  %1642 = call float @erff(float %1641)
+  %1643 = insertelement <8 x float> poison, float %1642, i32 0
+  %1644 = extractelement <8 x float> %1640, i32 1
+  %1645 = call float @erff(float %1644)
+  %1646 = insertelement <8 x float> %1643, float %1645, i32 1
+  %1647 = extractelement <8 x float> %1640, i32 2
+  %1648 = call float @erff(float %1647)
+  %1649 = insertelement <8 x float> %1646, float %1648, i32 2
+  %1650 = extractelement <8 x float> %1640, i32 3
+  %1651 = call float @erff(float %1650)
+  %1652 = insertelement <8 x float> %1649, float %1651, i32 3
+  %1653 = extractelement <8 x float> %1640, i32 4
+  %1654 = call float @erff(float %1653)
+  %1655 = insertelement <8 x float> %1652, float %1654, i32 4
+  %1656 = extractelement <8 x float> %1640, i32 5
+  %1657 = call float @erff(float %1656)
+  %1658 = insertelement <8 x float> %1655, float %1657, i32 5
+  %1659 = extractelement <8 x float> %1640, i32 6
+  %1660 = call float @erff(float %1659)
+  %1661 = insertelement <8 x float> %1658, float %1660, i32 6
+  %1662 = extractelement <8 x float> %1640, i32 7
+  %1663 = call float @erff(float %1662)
+  %1664 = insertelement <8 x float> %1661, float %1663, i32 7
+  %1665 = fadd <8 x float> %1664, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1666 = fmul <8 x float> %1637, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu115 = fmul <8 x float> %1666, %1665
+  %1667 = fmul <8 x float> %gelu115, %1634
+  %1668 = getelementptr inbounds float, ptr %1636, i64 %1639
+  store <8 x float> %1667, ptr %1668, align 4
+  %1669 = add nsw i64 %col114, 8
+  %1670 = fmul <8 x float> %1638, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1671 = extractelement <8 x float> %1670, i32 0
+  %1672 = call float @erff(float %1671)
+  %1673 = insertelement <8 x float> poison, float %1672, i32 0
+  %1674 = extractelement <8 x float> %1670, i32 1
+  %1675 = call float @erff(float %1674)
+  %1676 = insertelement <8 x float> %1673, float %1675, i32 1
+  %1677 = extractelement <8 x float> %1670, i32 2
+  %1678 = call float @erff(float %1677)
+  %1679 = insertelement <8 x float> %1676, float %1678, i32 2
+  %1680 = extractelement <8 x float> %1670, i32 3
+  %1681 = call float @erff(float %1680)
+  %1682 = insertelement <8 x float> %1679, float %1681, i32 3
+  %1683 = extractelement <8 x float> %1670, i32 4
+  %1684 = call float @erff(float %1683)
+  %1685 = insertelement <8 x float> %1682, float %1684, i32 4
+  %1686 = extractelement <8 x float> %1670, i32 5
+  %1687 = call float @erff(float %1686)
+  %1688 = insertelement <8 x float> %1685, float %1687, i32 5
+  %1689 = extractelement <8 x float> %1670, i32 6
+  %1690 = call float @erff(float %1689)
+  %1691 = insertelement <8 x float> %1688, float %1690, i32 6
+  %1692 = extractelement <8 x float> %1670, i32 7
+  %1693 = call float @erff(float %1692)
+  %1694 = insertelement <8 x float> %1691, float %1693, i32 7
+  %1695 = fadd <8 x float> %1694, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1696 = fmul <8 x float> %1638, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu116 = fmul <8 x float> %1696, %1695
+  %1697 = fmul <8 x float> %gelu116, %1634
+  %1698 = getelementptr inbounds float, ptr %1636, i64 %1669
+  store <8 x float> %1697, ptr %1698, align 4
+  %1699 = add nsw i64 %r0, 1
+  %1700 = getelementptr inbounds float, ptr %rw, i64 %1699
+  %1701 = load float, ptr %1700, align 4
+  %1702 = insertelement <8 x float> poison, float %1701, i32 0
+  %1703 = shufflevector <8 x float> %1702, <8 x float> poison, <8 x i32> zeroinitializer
+  %1704 = mul nsw i64 %1699, 3072
+  %1705 = getelementptr inbounds float, ptr %h, i64 %1704
+  %col117 = mul nsw i64 %p, 16
+  %1706 = load <8 x float>, ptr %acc10104, align 4
+  %1707 = load <8 x float>, ptr %acc11105, align 4
+  %1708 = add nsw i64 %col117, 0
+  %1709 = fmul <8 x float> %1706, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1710 = extractelement <8 x float> %1709, i32 0
+  %1711 = call float @erff(float %1710)
+  %1712 = insertelement <8 x float> poison, float %1711, i32 0
+  %1713 = extractelement <8 x float> %1709, i32 1
+  %1714 = call float @erff(float %1713)
+  %1715 = insertelement <8 x float> %1712, float %1714, i32 1
+  %1716 = extractelement <8 x float> %1709, i32 2
+  %1717 = call float @erff(float %1716)
+  %1718 = insertelement <8 x float> %1715, float %1717, i32 2
+  %1719 = extractelement <8 x float> %1709, i32 3
+  %1720 = call float @erff(float %1719)
+  %1721 = insertelement <8 x float> %1718, float %1720, i32 3
+  %1722 = extractelement <8 x float> %1709, i32 4
+  %1723 = call float @erff(float %1722)
+  %1724 = insertelement <8 x float> %1721, float %1723, i32 4
+  %1725 = extractelement <8 x float> %1709, i32 5
+  %1726 = call float @erff(float %1725)
+  %1727 = insertelement <8 x float> %1724, float %1726, i32 5
+  %1728 = extractelement <8 x float> %1709, i32 6
+  %1729 = call float @erff(float %1728)
+  %1730 = insertelement <8 x float> %1727, float %1729, i32 6
+  %1731 = extractelement <8 x float> %1709, i32 7
+  %1732 = call float @erff(float %1731)
+  %1733 = insertelement <8 x float> %1730, float %1732, i32 7
+  %1734 = fadd <8 x float> %1733, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1735 = fmul <8 x float> %1706, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu118 = fmul <8 x float> %1735, %1734
+  %1736 = fmul <8 x float> %gelu118, %1703
+  %1737 = getelementptr inbounds float, ptr %1705, i64 %1708
+  store <8 x float> %1736, ptr %1737, align 4
+  %1738 = add nsw i64 %col117, 8
+  %1739 = fmul <8 x float> %1707, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1740 = extractelement <8 x float> %1739, i32 0
+  %1741 = call float @erff(float %1740)
+  %1742 = insertelement <8 x float> poison, float %1741, i32 0
+  %1743 = extractelement <8 x float> %1739, i32 1
+  %1744 = call float @erff(float %1743)
+  %1745 = insertelement <8 x float> %1742, float %1744, i32 1
+  %1746 = extractelement <8 x float> %1739, i32 2
+  %1747 = call float @erff(float %1746)
+  %1748 = insertelement <8 x float> %1745, float %1747, i32 2
+  %1749 = extractelement <8 x float> %1739, i32 3
+  %1750 = call float @erff(float %1749)
+  %1751 = insertelement <8 x float> %1748, float %1750, i32 3
+  %1752 = extractelement <8 x float> %1739, i32 4
+  %1753 = call float @erff(float %1752)
+  %1754 = insertelement <8 x float> %1751, float %1753, i32 4
+  %1755 = extractelement <8 x float> %1739, i32 5
+  %1756 = call float @erff(float %1755)
+  %1757 = insertelement <8 x float> %1754, float %1756, i32 5
+  %1758 = extractelement <8 x float> %1739, i32 6
+  %1759 = call float @erff(float %1758)
+  %1760 = insertelement <8 x float> %1757, float %1759, i32 6
+  %1761 = extractelement <8 x float> %1739, i32 7
+  %1762 = call float @erff(float %1761)
+  %1763 = insertelement <8 x float> %1760, float %1762, i32 7
+  %1764 = fadd <8 x float> %1763, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1765 = fmul <8 x float> %1707, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu119 = fmul <8 x float> %1765, %1764
+  %1766 = fmul <8 x float> %gelu119, %1703
+  %1767 = getelementptr inbounds float, ptr %1705, i64 %1738
+  store <8 x float> %1766, ptr %1767, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1745 = add nsw i64 %r0, 0
-  %1746 = getelementptr inbounds i32, ptr %rows, i64 %1745
-  %1747 = load i32, ptr %1746, align 4
-  %1748 = sext i32 %1747 to i64
-  %1749 = mul nsw i64 %1748, 768
-  %1750 = getelementptr inbounds float, ptr %x, i64 %1749
-  store <8 x float> zeroinitializer, ptr %acc00111, align 4
-  store <8 x float> zeroinitializer, ptr %acc01112, align 4
-  %panel.off113 = mul nsw i64 %p, 12288
-  %1751 = getelementptr inbounds float, ptr %panels, i64 %panel.off113
-  %1752 = add nsw i64 %p, 1
-  %1753 = icmp slt i64 %1752, %p1
-  %1754 = getelementptr inbounds i8, ptr %1751, i64 49152
-  %1755 = and i1 %pf.on, %1753
-  %pf114 = select i1 %1755, ptr %1754, ptr %1751
-  br label %k.head115
+  %1768 = add nsw i64 %r0, 0
+  %1769 = getelementptr inbounds i32, ptr %rows, i64 %1768
+  %1770 = load i32, ptr %1769, align 4
+  %1771 = sext i32 %1770 to i64
+  %1772 = mul nsw i64 %1771, 768
+  %1773 = getelementptr inbounds float, ptr %x, i64 %1772
+  store <8 x float> zeroinitializer, ptr %acc00120, align 4
+  store <8 x float> zeroinitializer, ptr %acc01121, align 4
+  %panel.off122 = mul nsw i64 %p, 12288
+  %1774 = getelementptr inbounds float, ptr %panels, i64 %panel.off122
+  %1775 = add nsw i64 %p, 1
+  %1776 = icmp slt i64 %1775, %p1
+  %pf.on123 = and i1 %pf.on, %1776
+  %1777 = mul nsw i64 %pf.j, 49152
+  %1778 = lshr i64 %1777, %9
+  %1779 = add nsw i64 49152, %1778
+  %1780 = getelementptr inbounds i8, ptr %1774, i64 %1779
+  %pf124 = select i1 %pf.on123, ptr %1780, ptr %1774
+  %pf.sh125 = select i1 %pf.on123, i64 %9, i64 0
+  br label %k.head126
 
-k.head115:                                        ; preds = %k.body116, %tile.mr1
-  %k118 = phi i64 [ 0, %tile.mr1 ], [ %1774, %k.body116 ]
-  %1756 = icmp slt i64 %k118, 768
-  br i1 %1756, label %k.body116, label %k.end117
+k.head126:                                        ; preds = %k.body127, %tile.mr1
+  %k129 = phi i64 [ 0, %tile.mr1 ], [ %1800, %k.body127 ]
+  %1781 = icmp slt i64 %k129, 768
+  br i1 %1781, label %k.body127, label %k.end128
 
-k.body116:                                        ; preds = %k.head115
-  %1757 = mul nsw i64 %k118, 16
-  %1758 = add nsw i64 %panel.off113, %1757
-  %1759 = mul nsw i64 %k118, 64
-  %1760 = getelementptr inbounds i8, ptr %pf114, i64 %1759
-  call void @llvm.prefetch.p0(ptr %1760, i32 0, i32 2, i32 1)
-  %1761 = getelementptr inbounds float, ptr %panels, i64 %1758
-  %1762 = load <8 x float>, ptr %1761, align 4
-  %1763 = add nsw i64 %1758, 8
-  %1764 = getelementptr inbounds float, ptr %panels, i64 %1763
-  %1765 = load <8 x float>, ptr %1764, align 4
-  %1766 = getelementptr inbounds float, ptr %1750, i64 %k118
-  %1767 = load float, ptr %1766, align 4
-  %1768 = insertelement <8 x float> poison, float %1767, i32 0
-  %1769 = shufflevector <8 x float> %1768, <8 x float> poison, <8 x i32> zeroinitializer
-  %1770 = load <8 x float>, ptr %acc00111, align 4
-  %1771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1769, <8 x float> %1762, <8 x float> %1770)
-  store <8 x float> %1771, ptr %acc00111, align 4
-  %1772 = load <8 x float>, ptr %acc01112, align 4
-  %1773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1769, <8 x float> %1765, <8 x float> %1772)
-  store <8 x float> %1773, ptr %acc01112, align 4
-  %1774 = add nsw i64 %k118, 1
-  br label %k.head115
+k.body127:                                        ; preds = %k.head126
+  %1782 = mul nsw i64 %k129, 16
+  %1783 = add nsw i64 %panel.off122, %1782
+  %1784 = mul nsw i64 %k129, 64
+  %1785 = lshr i64 %1784, %pf.sh125
+  %1786 = getelementptr inbounds i8, ptr %pf124, i64 %1785
+  call void @llvm.prefetch.p0(ptr %1786, i32 0, i32 2, i32 1)
+  %1787 = getelementptr inbounds float, ptr %panels, i64 %1783
+  %1788 = load <8 x float>, ptr %1787, align 4
+  %1789 = add nsw i64 %1783, 8
+  %1790 = getelementptr inbounds float, ptr %panels, i64 %1789
+  %1791 = load <8 x float>, ptr %1790, align 4
+  %1792 = getelementptr inbounds float, ptr %1773, i64 %k129
+  %1793 = load float, ptr %1792, align 4
+  %1794 = insertelement <8 x float> poison, float %1793, i32 0
+  %1795 = shufflevector <8 x float> %1794, <8 x float> poison, <8 x i32> zeroinitializer
+  %1796 = load <8 x float>, ptr %acc00120, align 4
+  %1797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1795, <8 x float> %1788, <8 x float> %1796)
+  store <8 x float> %1797, ptr %acc00120, align 4
+  %1798 = load <8 x float>, ptr %acc01121, align 4
+  %1799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1795, <8 x float> %1791, <8 x float> %1798)
+  store <8 x float> %1799, ptr %acc01121, align 4
+  %1800 = add nsw i64 %k129, 1
+  br label %k.head126
 
-k.end117:                                         ; preds = %k.head115
-  %1775 = add nsw i64 %r0, 0
-  %1776 = getelementptr inbounds float, ptr %rw, i64 %1775
-  %1777 = load float, ptr %1776, align 4
-  %1778 = insertelement <8 x float> poison, float %1777, i32 0
-  %1779 = shufflevector <8 x float> %1778, <8 x float> poison, <8 x i32> zeroinitializer
-  %1780 = mul nsw i64 %1775, 3072
-  %1781 = getelementptr inbounds float, ptr %h, i64 %1780
-  %col119 = mul nsw i64 %p, 16
-  %1782 = load <8 x float>, ptr %acc00111, align 4
-  %1783 = load <8 x float>, ptr %acc01112, align 4
-  %1784 = add nsw i64 %col119, 0
-  %1785 = fmul <8 x float> %1782, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1786 = extractelement <8 x float> %1785, i32 0
-  %1787 = call float @erff(float %1786)
-  %1788 = insertelement <8 x float> poison, float %1787, i32 0
-  %1789 = extractelement <8 x float> %1785, i32 1
-  %1790 = call float @erff(float %1789)
-  %1791 = insertelement <8 x float> %1788, float %1790, i32 1
-  %1792 = extractelement <8 x float> %1785, i32 2
-  %1793 = call float @erff(float %1792)
-  %1794 = insertelement <8 x float> %1791, float %1793, i32 2
-  %1795 = extractelement <8 x float> %1785, i32 3
-  %1796 = call float @erff(float %1795)
-  %1797 = insertelement <8 x float> %1794, float %1796, i32 3
-  %1798 = extractelement <8 x float> %1785, i32 4
-  %1799 = call float @erff(float %1798)
-  %1800 = insertelement <8 x float> %1797, float %1799, i32 4
-  %1801 = extractelement <8 x float> %1785, i32 5
-  %1802 = call float @erff(float %1801)
-  %1803 = insertelement <8 x float> %1800, float %1802, i32 5
-  %1804 = extractelement <8 x float> %1785, i32 6
-  %1805 = call float @erff(float %1804)
-  %1806 = insertelement <8 x float> %1803, float %1805, i32 6
-  %1807 = extractelement <8 x float> %1785, i32 7
-  %1808 = call float @erff(float %1807)
-  %1809 = insertelement <8 x float> %1806, float %1808, i32 7
-  %1810 = fadd <8 x float> %1809, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1811 = fmul <8 x float> %1782, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu120 = fmul <8 x float> %1811, %1810
-  %1812 = fmul <8 x float> %gelu120, %1779
-  %1813 = getelementptr inbounds float, ptr %1781, i64 %1784
-  store <8 x float> %1812, ptr %1813, align 4
-  %1814 = add nsw i64 %col119, 8
-  %1815 = fmul <8 x float> %1783, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
-  %1816 = extractelement <8 x float> %1815, i32 0
-  %1817 = call float @erff(float %1816)
-  %1818 = insertelement <8 x float> poison, float %1817, i32 0
-  %1819 = extractelement <8 x float> %1815, i32 1
-  %1820 = call float @erff(float %1819)
-  %1821 = insertelement <8 x float> %1818, float %1820, i32 1
-  %1822 = extractelement <8 x float> %1815, i32 2
-  %1823 = call float @erff(float %1822)
-  %1824 = insertelement <8 x float> %1821, float %1823, i32 2
-  %1825 = extractelement <8 x float> %1815, i32 3
-  %1826 = call float @erff(float %1825)
-  %1827 = insertelement <8 x float> %1824, float %1826, i32 3
-  %1828 = extractelement <8 x float> %1815, i32 4
-  %1829 = call float @erff(float %1828)
-  %1830 = insertelement <8 x float> %1827, float %1829, i32 4
-  %1831 = extractelement <8 x float> %1815, i32 5
-  %1832 = call float @erff(float %1831)
-  %1833 = insertelement <8 x float> %1830, float %1832, i32 5
-  %1834 = extractelement <8 x float> %1815, i32 6
-  %1835 = call float @erff(float %1834)
-  %1836 = insertelement <8 x float> %1833, float %1835, i32 6
-  %1837 = extractelement <8 x float> %1815, i32 7
-  %1838 = call float @erff(float %1837)
-  %1839 = insertelement <8 x float> %1836, float %1838, i32 7
-  %1840 = fadd <8 x float> %1839, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1841 = fmul <8 x float> %1783, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu121 = fmul <8 x float> %1841, %1840
-  %1842 = fmul <8 x float> %gelu121, %1779
-  %1843 = getelementptr inbounds float, ptr %1781, i64 %1814
-  store <8 x float> %1842, ptr %1843, align 4
+k.end128:                                         ; preds = %k.head126
+  %1801 = add nsw i64 %r0, 0
+  %1802 = getelementptr inbounds float, ptr %rw, i64 %1801
+  %1803 = load float, ptr %1802, align 4
+  %1804 = insertelement <8 x float> poison, float %1803, i32 0
+  %1805 = shufflevector <8 x float> %1804, <8 x float> poison, <8 x i32> zeroinitializer
+  %1806 = mul nsw i64 %1801, 3072
+  %1807 = getelementptr inbounds float, ptr %h, i64 %1806
+  %col130 = mul nsw i64 %p, 16
+  %1808 = load <8 x float>, ptr %acc00120, align 4
+  %1809 = load <8 x float>, ptr %acc01121, align 4
+  %1810 = add nsw i64 %col130, 0
+  %1811 = fmul <8 x float> %1808, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1812 = extractelement <8 x float> %1811, i32 0
+  %1813 = call float @erff(float %1812)
+  %1814 = insertelement <8 x float> poison, float %1813, i32 0
+  %1815 = extractelement <8 x float> %1811, i32 1
+  %1816 = call float @erff(float %1815)
+  %1817 = insertelement <8 x float> %1814, float %1816, i32 1
+  %1818 = extractelement <8 x float> %1811, i32 2
+  %1819 = call float @erff(float %1818)
+  %1820 = insertelement <8 x float> %1817, float %1819, i32 2
+  %1821 = extractelement <8 x float> %1811, i32 3
+  %1822 = call float @erff(float %1821)
+  %1823 = insertelement <8 x float> %1820, float %1822, i32 3
+  %1824 = extractelement <8 x float> %1811, i32 4
+  %1825 = call float @erff(float %1824)
+  %1826 = insertelement <8 x float> %1823, float %1825, i32 4
+  %1827 = extractelement <8 x float> %1811, i32 5
+  %1828 = call float @erff(float %1827)
+  %1829 = insertelement <8 x float> %1826, float %1828, i32 5
+  %1830 = extractelement <8 x float> %1811, i32 6
+  %1831 = call float @erff(float %1830)
+  %1832 = insertelement <8 x float> %1829, float %1831, i32 6
+  %1833 = extractelement <8 x float> %1811, i32 7
+  %1834 = call float @erff(float %1833)
+  %1835 = insertelement <8 x float> %1832, float %1834, i32 7
+  %1836 = fadd <8 x float> %1835, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1837 = fmul <8 x float> %1808, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu131 = fmul <8 x float> %1837, %1836
+  %1838 = fmul <8 x float> %gelu131, %1805
+  %1839 = getelementptr inbounds float, ptr %1807, i64 %1810
+  store <8 x float> %1838, ptr %1839, align 4
+  %1840 = add nsw i64 %col130, 8
+  %1841 = fmul <8 x float> %1809, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
+  %1842 = extractelement <8 x float> %1841, i32 0
+  %1843 = call float @erff(float %1842)
+  %1844 = insertelement <8 x float> poison, float %1843, i32 0
+  %1845 = extractelement <8 x float> %1841, i32 1
+  %1846 = call float @erff(float %1845)
+  %1847 = insertelement <8 x float> %1844, float %1846, i32 1
+  %1848 = extractelement <8 x float> %1841, i32 2
+  %1849 = call float @erff(float %1848)
+  %1850 = insertelement <8 x float> %1847, float %1849, i32 2
+  %1851 = extractelement <8 x float> %1841, i32 3
+  %1852 = call float @erff(float %1851)
+  %1853 = insertelement <8 x float> %1850, float %1852, i32 3
+  %1854 = extractelement <8 x float> %1841, i32 4
+  %1855 = call float @erff(float %1854)
+  %1856 = insertelement <8 x float> %1853, float %1855, i32 4
+  %1857 = extractelement <8 x float> %1841, i32 5
+  %1858 = call float @erff(float %1857)
+  %1859 = insertelement <8 x float> %1856, float %1858, i32 5
+  %1860 = extractelement <8 x float> %1841, i32 6
+  %1861 = call float @erff(float %1860)
+  %1862 = insertelement <8 x float> %1859, float %1861, i32 6
+  %1863 = extractelement <8 x float> %1841, i32 7
+  %1864 = call float @erff(float %1863)
+  %1865 = insertelement <8 x float> %1862, float %1864, i32 7
+  %1866 = fadd <8 x float> %1865, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1867 = fmul <8 x float> %1809, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
+  %gelu132 = fmul <8 x float> %1867, %1866
+  %1868 = fmul <8 x float> %gelu132, %1805
+  %1869 = getelementptr inbounds float, ptr %1807, i64 %1840
+  store <8 x float> %1868, ptr %1869, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end117, %k.end103, %k.end84, %k.end60, %k.end31, %k.end
-  %1844 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end128, %k.end112, %k.end91, %k.end65, %k.end34, %k.end
+  %1870 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1845 = add nsw i64 %p, 1
+  %1871 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3140,36 +3180,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0019 = alloca <8 x float>, align 32
-  %acc0120 = alloca <8 x float>, align 32
-  %acc1021 = alloca <8 x float>, align 32
-  %acc1122 = alloca <8 x float>, align 32
-  %acc2023 = alloca <8 x float>, align 32
-  %acc2124 = alloca <8 x float>, align 32
-  %acc3025 = alloca <8 x float>, align 32
-  %acc3126 = alloca <8 x float>, align 32
-  %acc0034 = alloca <8 x float>, align 32
-  %acc0135 = alloca <8 x float>, align 32
-  %acc1036 = alloca <8 x float>, align 32
-  %acc1137 = alloca <8 x float>, align 32
-  %acc2038 = alloca <8 x float>, align 32
-  %acc2139 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc0058 = alloca <8 x float>, align 32
-  %acc0159 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0022 = alloca <8 x float>, align 32
+  %acc0123 = alloca <8 x float>, align 32
+  %acc1024 = alloca <8 x float>, align 32
+  %acc1125 = alloca <8 x float>, align 32
+  %acc2026 = alloca <8 x float>, align 32
+  %acc2127 = alloca <8 x float>, align 32
+  %acc3028 = alloca <8 x float>, align 32
+  %acc3129 = alloca <8 x float>, align 32
+  %acc0039 = alloca <8 x float>, align 32
+  %acc0140 = alloca <8 x float>, align 32
+  %acc1041 = alloca <8 x float>, align 32
+  %acc1142 = alloca <8 x float>, align 32
+  %acc2043 = alloca <8 x float>, align 32
+  %acc2144 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
+  %acc1056 = alloca <8 x float>, align 32
+  %acc1157 = alloca <8 x float>, align 32
+  %acc0067 = alloca <8 x float>, align 32
+  %acc0168 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3178,7 +3218,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %607, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %633, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3186,7 +3226,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %606, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %632, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -3194,9 +3234,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3207,419 +3257,413 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 3072
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 768
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 3072
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 768
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 3072
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 768
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 3072
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 768
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 3072
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 768
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 3072
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 768
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 3072
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 768
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 3072
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 768
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 3072
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 768
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 3072
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 768
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 3072
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 768
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 3072
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 768
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
-  %90 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 196608
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 196608
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 196608, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %k.body ]
-  %95 = icmp slt i64 %k, 3072
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %164, %k.body ]
+  %105 = icmp slt i64 %k, 3072
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 64
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds float, ptr %panels, i64 %97
-  %101 = load <8 x float>, ptr %100, align 4
-  %102 = add nsw i64 %97, 8
-  %103 = getelementptr inbounds float, ptr %panels, i64 %102
-  %104 = load <8 x float>, ptr %103, align 4
-  %105 = getelementptr inbounds float, ptr %8, i64 %k
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = load <8 x float>, ptr %acc00, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
-  store <8 x float> %110, ptr %acc00, align 4
-  %111 = load <8 x float>, ptr %acc01, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
-  store <8 x float> %112, ptr %acc01, align 4
-  %113 = getelementptr inbounds float, ptr %22, i64 %k
-  %114 = load float, ptr %113, align 4
-  %115 = insertelement <8 x float> poison, float %114, i32 0
-  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
-  %117 = load <8 x float>, ptr %acc10, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
-  store <8 x float> %118, ptr %acc10, align 4
-  %119 = load <8 x float>, ptr %acc11, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
-  store <8 x float> %120, ptr %acc11, align 4
-  %121 = getelementptr inbounds float, ptr %36, i64 %k
-  %122 = load float, ptr %121, align 4
-  %123 = insertelement <8 x float> poison, float %122, i32 0
-  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
-  %125 = load <8 x float>, ptr %acc20, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
-  store <8 x float> %126, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
-  store <8 x float> %128, ptr %acc21, align 4
-  %129 = getelementptr inbounds float, ptr %50, i64 %k
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = load <8 x float>, ptr %acc30, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
-  store <8 x float> %134, ptr %acc30, align 4
-  %135 = load <8 x float>, ptr %acc31, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
-  store <8 x float> %136, ptr %acc31, align 4
-  %137 = getelementptr inbounds float, ptr %64, i64 %k
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = load <8 x float>, ptr %acc40, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
-  store <8 x float> %142, ptr %acc40, align 4
-  %143 = load <8 x float>, ptr %acc41, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
-  store <8 x float> %144, ptr %acc41, align 4
-  %145 = getelementptr inbounds float, ptr %78, i64 %k
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %acc50, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
-  store <8 x float> %150, ptr %acc50, align 4
-  %151 = load <8 x float>, ptr %acc51, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
-  store <8 x float> %152, ptr %acc51, align 4
-  %153 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 64
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds float, ptr %panels, i64 %107
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = add nsw i64 %107, 8
+  %114 = getelementptr inbounds float, ptr %panels, i64 %113
+  %115 = load <8 x float>, ptr %114, align 4
+  %116 = getelementptr inbounds float, ptr %16, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc00, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %112, <8 x float> %120)
+  store <8 x float> %121, ptr %acc00, align 4
+  %122 = load <8 x float>, ptr %acc01, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %115, <8 x float> %122)
+  store <8 x float> %123, ptr %acc01, align 4
+  %124 = getelementptr inbounds float, ptr %30, i64 %k
+  %125 = load float, ptr %124, align 4
+  %126 = insertelement <8 x float> poison, float %125, i32 0
+  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
+  %128 = load <8 x float>, ptr %acc10, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %112, <8 x float> %128)
+  store <8 x float> %129, ptr %acc10, align 4
+  %130 = load <8 x float>, ptr %acc11, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %115, <8 x float> %130)
+  store <8 x float> %131, ptr %acc11, align 4
+  %132 = getelementptr inbounds float, ptr %44, i64 %k
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <8 x float> poison, float %133, i32 0
+  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
+  %136 = load <8 x float>, ptr %acc20, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %112, <8 x float> %136)
+  store <8 x float> %137, ptr %acc20, align 4
+  %138 = load <8 x float>, ptr %acc21, align 4
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %115, <8 x float> %138)
+  store <8 x float> %139, ptr %acc21, align 4
+  %140 = getelementptr inbounds float, ptr %58, i64 %k
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %acc30, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %112, <8 x float> %144)
+  store <8 x float> %145, ptr %acc30, align 4
+  %146 = load <8 x float>, ptr %acc31, align 4
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %115, <8 x float> %146)
+  store <8 x float> %147, ptr %acc31, align 4
+  %148 = getelementptr inbounds float, ptr %72, i64 %k
+  %149 = load float, ptr %148, align 4
+  %150 = insertelement <8 x float> poison, float %149, i32 0
+  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
+  %152 = load <8 x float>, ptr %acc40, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %112, <8 x float> %152)
+  store <8 x float> %153, ptr %acc40, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %115, <8 x float> %154)
+  store <8 x float> %155, ptr %acc41, align 4
+  %156 = getelementptr inbounds float, ptr %86, i64 %k
+  %157 = load float, ptr %156, align 4
+  %158 = insertelement <8 x float> poison, float %157, i32 0
+  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
+  %160 = load <8 x float>, ptr %acc50, align 4
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %112, <8 x float> %160)
+  store <8 x float> %161, ptr %acc50, align 4
+  %162 = load <8 x float>, ptr %acc51, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %115, <8 x float> %162)
+  store <8 x float> %163, ptr %acc51, align 4
+  %164 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %154 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %154, ptr %15, align 4
-  %155 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %155, ptr %18, align 4
-  %156 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %156, ptr %29, align 4
-  %157 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %157, ptr %32, align 4
-  %158 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %158, ptr %43, align 4
-  %159 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %159, ptr %46, align 4
-  %160 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %160, ptr %57, align 4
-  %161 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %161, ptr %60, align 4
-  %162 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %162, ptr %71, align 4
-  %163 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %163, ptr %74, align 4
-  %164 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %164, ptr %85, align 4
-  %165 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %165, ptr %88, align 4
+  %165 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %165, ptr %23, align 4
+  %166 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %166, ptr %26, align 4
+  %167 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %167, ptr %37, align 4
+  %168 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %168, ptr %40, align 4
+  %169 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %169, ptr %51, align 4
+  %170 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %170, ptr %54, align 4
+  %171 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %171, ptr %65, align 4
+  %172 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %172, ptr %68, align 4
+  %173 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %173, ptr %79, align 4
+  %174 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %174, ptr %82, align 4
+  %175 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %175, ptr %93, align 4
+  %176 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %176, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %166 = add nsw i64 %r0, 0
-  %167 = mul nsw i64 %166, 3072
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
-  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
-  %170 = load i32, ptr %169, align 4
-  %171 = sext i32 %170 to i64
-  %172 = mul nsw i64 %171, 768
-  %173 = getelementptr inbounds float, ptr %y, i64 %172
-  %174 = add nsw i64 %col1, 0
-  %175 = getelementptr inbounds float, ptr %173, i64 %174
-  %176 = load <8 x float>, ptr %175, align 4
-  store <8 x float> %176, ptr %acc002, align 4
-  %177 = add nsw i64 %col1, 8
-  %178 = getelementptr inbounds float, ptr %173, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  store <8 x float> %179, ptr %acc013, align 4
-  %180 = add nsw i64 %r0, 1
-  %181 = mul nsw i64 %180, 3072
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 768
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %col2 = mul nsw i64 %p, 16
+  %177 = add nsw i64 %r0, 0
+  %178 = mul nsw i64 %177, 3072
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 768
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
+  %187 = load <8 x float>, ptr %186, align 4
+  store <8 x float> %187, ptr %acc003, align 4
+  %188 = add nsw i64 %col2, 8
+  %189 = getelementptr inbounds float, ptr %184, i64 %188
   %190 = load <8 x float>, ptr %189, align 4
-  store <8 x float> %190, ptr %acc104, align 4
-  %191 = add nsw i64 %col1, 8
-  %192 = getelementptr inbounds float, ptr %187, i64 %191
-  %193 = load <8 x float>, ptr %192, align 4
-  store <8 x float> %193, ptr %acc115, align 4
-  %194 = add nsw i64 %r0, 2
-  %195 = mul nsw i64 %194, 3072
-  %196 = getelementptr inbounds float, ptr %h, i64 %195
-  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
-  %198 = load i32, ptr %197, align 4
-  %199 = sext i32 %198 to i64
-  %200 = mul nsw i64 %199, 768
-  %201 = getelementptr inbounds float, ptr %y, i64 %200
-  %202 = add nsw i64 %col1, 0
-  %203 = getelementptr inbounds float, ptr %201, i64 %202
+  store <8 x float> %190, ptr %acc014, align 4
+  %191 = add nsw i64 %r0, 1
+  %192 = mul nsw i64 %191, 3072
+  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
+  %195 = load i32, ptr %194, align 4
+  %196 = sext i32 %195 to i64
+  %197 = mul nsw i64 %196, 768
+  %198 = getelementptr inbounds float, ptr %y, i64 %197
+  %199 = add nsw i64 %col2, 0
+  %200 = getelementptr inbounds float, ptr %198, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
+  store <8 x float> %201, ptr %acc105, align 4
+  %202 = add nsw i64 %col2, 8
+  %203 = getelementptr inbounds float, ptr %198, i64 %202
   %204 = load <8 x float>, ptr %203, align 4
-  store <8 x float> %204, ptr %acc206, align 4
-  %205 = add nsw i64 %col1, 8
-  %206 = getelementptr inbounds float, ptr %201, i64 %205
-  %207 = load <8 x float>, ptr %206, align 4
-  store <8 x float> %207, ptr %acc217, align 4
-  %208 = add nsw i64 %r0, 3
-  %209 = mul nsw i64 %208, 3072
-  %210 = getelementptr inbounds float, ptr %h, i64 %209
-  %211 = getelementptr inbounds i32, ptr %rows, i64 %208
-  %212 = load i32, ptr %211, align 4
-  %213 = sext i32 %212 to i64
-  %214 = mul nsw i64 %213, 768
-  %215 = getelementptr inbounds float, ptr %y, i64 %214
-  %216 = add nsw i64 %col1, 0
-  %217 = getelementptr inbounds float, ptr %215, i64 %216
+  store <8 x float> %204, ptr %acc116, align 4
+  %205 = add nsw i64 %r0, 2
+  %206 = mul nsw i64 %205, 3072
+  %207 = getelementptr inbounds float, ptr %h, i64 %206
+  %208 = getelementptr inbounds i32, ptr %rows, i64 %205
+  %209 = load i32, ptr %208, align 4
+  %210 = sext i32 %209 to i64
+  %211 = mul nsw i64 %210, 768
+  %212 = getelementptr inbounds float, ptr %y, i64 %211
+  %213 = add nsw i64 %col2, 0
+  %214 = getelementptr inbounds float, ptr %212, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  store <8 x float> %215, ptr %acc207, align 4
+  %216 = add nsw i64 %col2, 8
+  %217 = getelementptr inbounds float, ptr %212, i64 %216
   %218 = load <8 x float>, ptr %217, align 4
-  store <8 x float> %218, ptr %acc308, align 4
-  %219 = add nsw i64 %col1, 8
-  %220 = getelementptr inbounds float, ptr %215, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  store <8 x float> %221, ptr %acc319, align 4
-  %222 = add nsw i64 %r0, 4
-  %223 = mul nsw i64 %222, 3072
-  %224 = getelementptr inbounds float, ptr %h, i64 %223
-  %225 = getelementptr inbounds i32, ptr %rows, i64 %222
-  %226 = load i32, ptr %225, align 4
-  %227 = sext i32 %226 to i64
-  %228 = mul nsw i64 %227, 768
-  %229 = getelementptr inbounds float, ptr %y, i64 %228
-  %230 = add nsw i64 %col1, 0
-  %231 = getelementptr inbounds float, ptr %229, i64 %230
+  store <8 x float> %218, ptr %acc218, align 4
+  %219 = add nsw i64 %r0, 3
+  %220 = mul nsw i64 %219, 3072
+  %221 = getelementptr inbounds float, ptr %h, i64 %220
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 768
+  %226 = getelementptr inbounds float, ptr %y, i64 %225
+  %227 = add nsw i64 %col2, 0
+  %228 = getelementptr inbounds float, ptr %226, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  store <8 x float> %229, ptr %acc309, align 4
+  %230 = add nsw i64 %col2, 8
+  %231 = getelementptr inbounds float, ptr %226, i64 %230
   %232 = load <8 x float>, ptr %231, align 4
-  store <8 x float> %232, ptr %acc4010, align 4
-  %233 = add nsw i64 %col1, 8
-  %234 = getelementptr inbounds float, ptr %229, i64 %233
-  %235 = load <8 x float>, ptr %234, align 4
-  store <8 x float> %235, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 49152
-  %236 = getelementptr inbounds float, ptr %panels, i64 %panel.off12
-  %237 = add nsw i64 %p, 1
-  %238 = icmp slt i64 %237, %p1
-  %239 = getelementptr inbounds i8, ptr %236, i64 196608
-  %240 = and i1 %pf.on, %238
-  %pf13 = select i1 %240, ptr %239, ptr %236
-  br label %k.head14
+  store <8 x float> %232, ptr %acc3110, align 4
+  %233 = add nsw i64 %r0, 4
+  %234 = mul nsw i64 %233, 3072
+  %235 = getelementptr inbounds float, ptr %h, i64 %234
+  %236 = getelementptr inbounds i32, ptr %rows, i64 %233
+  %237 = load i32, ptr %236, align 4
+  %238 = sext i32 %237 to i64
+  %239 = mul nsw i64 %238, 768
+  %240 = getelementptr inbounds float, ptr %y, i64 %239
+  %241 = add nsw i64 %col2, 0
+  %242 = getelementptr inbounds float, ptr %240, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  store <8 x float> %243, ptr %acc4011, align 4
+  %244 = add nsw i64 %col2, 8
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
+  store <8 x float> %246, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 49152
+  %247 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %248 = add nsw i64 %p, 1
+  %249 = icmp slt i64 %248, %p1
+  %pf.on14 = and i1 %pf.on, %249
+  %250 = mul nsw i64 %pf.j, 196608
+  %251 = lshr i64 %250, %10
+  %252 = add nsw i64 196608, %251
+  %253 = getelementptr inbounds i8, ptr %247, i64 %252
+  %pf15 = select i1 %pf.on14, ptr %253, ptr %247
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %291, %k.body15 ]
-  %241 = icmp slt i64 %k17, 3072
-  br i1 %241, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %305, %k.body18 ]
+  %254 = icmp slt i64 %k20, 3072
+  br i1 %254, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %242 = mul nsw i64 %k17, 16
-  %243 = add nsw i64 %panel.off12, %242
-  %244 = mul nsw i64 %k17, 64
-  %245 = getelementptr inbounds i8, ptr %pf13, i64 %244
-  call void @llvm.prefetch.p0(ptr %245, i32 0, i32 2, i32 1)
-  %246 = getelementptr inbounds float, ptr %panels, i64 %243
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = add nsw i64 %243, 8
-  %249 = getelementptr inbounds float, ptr %panels, i64 %248
-  %250 = load <8 x float>, ptr %249, align 4
-  %251 = getelementptr inbounds float, ptr %168, i64 %k17
-  %252 = load float, ptr %251, align 4
-  %253 = insertelement <8 x float> poison, float %252, i32 0
-  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc002, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %247, <8 x float> %255)
-  store <8 x float> %256, ptr %acc002, align 4
-  %257 = load <8 x float>, ptr %acc013, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> %257)
-  store <8 x float> %258, ptr %acc013, align 4
-  %259 = getelementptr inbounds float, ptr %182, i64 %k17
-  %260 = load float, ptr %259, align 4
-  %261 = insertelement <8 x float> poison, float %260, i32 0
-  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc104, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %247, <8 x float> %263)
-  store <8 x float> %264, ptr %acc104, align 4
-  %265 = load <8 x float>, ptr %acc115, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %250, <8 x float> %265)
-  store <8 x float> %266, ptr %acc115, align 4
-  %267 = getelementptr inbounds float, ptr %196, i64 %k17
-  %268 = load float, ptr %267, align 4
-  %269 = insertelement <8 x float> poison, float %268, i32 0
-  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc206, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %247, <8 x float> %271)
-  store <8 x float> %272, ptr %acc206, align 4
-  %273 = load <8 x float>, ptr %acc217, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %250, <8 x float> %273)
-  store <8 x float> %274, ptr %acc217, align 4
-  %275 = getelementptr inbounds float, ptr %210, i64 %k17
-  %276 = load float, ptr %275, align 4
-  %277 = insertelement <8 x float> poison, float %276, i32 0
-  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
-  %279 = load <8 x float>, ptr %acc308, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %247, <8 x float> %279)
-  store <8 x float> %280, ptr %acc308, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %250, <8 x float> %281)
-  store <8 x float> %282, ptr %acc319, align 4
-  %283 = getelementptr inbounds float, ptr %224, i64 %k17
-  %284 = load float, ptr %283, align 4
-  %285 = insertelement <8 x float> poison, float %284, i32 0
-  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
-  %287 = load <8 x float>, ptr %acc4010, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %247, <8 x float> %287)
-  store <8 x float> %288, ptr %acc4010, align 4
-  %289 = load <8 x float>, ptr %acc4111, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %250, <8 x float> %289)
-  store <8 x float> %290, ptr %acc4111, align 4
-  %291 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %255 = mul nsw i64 %k20, 16
+  %256 = add nsw i64 %panel.off13, %255
+  %257 = mul nsw i64 %k20, 64
+  %258 = lshr i64 %257, %pf.sh16
+  %259 = getelementptr inbounds i8, ptr %pf15, i64 %258
+  call void @llvm.prefetch.p0(ptr %259, i32 0, i32 2, i32 1)
+  %260 = getelementptr inbounds float, ptr %panels, i64 %256
+  %261 = load <8 x float>, ptr %260, align 4
+  %262 = add nsw i64 %256, 8
+  %263 = getelementptr inbounds float, ptr %panels, i64 %262
+  %264 = load <8 x float>, ptr %263, align 4
+  %265 = getelementptr inbounds float, ptr %179, i64 %k20
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc003, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %261, <8 x float> %269)
+  store <8 x float> %270, ptr %acc003, align 4
+  %271 = load <8 x float>, ptr %acc014, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> %271)
+  store <8 x float> %272, ptr %acc014, align 4
+  %273 = getelementptr inbounds float, ptr %193, i64 %k20
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc105, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %261, <8 x float> %277)
+  store <8 x float> %278, ptr %acc105, align 4
+  %279 = load <8 x float>, ptr %acc116, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %264, <8 x float> %279)
+  store <8 x float> %280, ptr %acc116, align 4
+  %281 = getelementptr inbounds float, ptr %207, i64 %k20
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc207, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %261, <8 x float> %285)
+  store <8 x float> %286, ptr %acc207, align 4
+  %287 = load <8 x float>, ptr %acc218, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %264, <8 x float> %287)
+  store <8 x float> %288, ptr %acc218, align 4
+  %289 = getelementptr inbounds float, ptr %221, i64 %k20
+  %290 = load float, ptr %289, align 4
+  %291 = insertelement <8 x float> poison, float %290, i32 0
+  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
+  %293 = load <8 x float>, ptr %acc309, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %261, <8 x float> %293)
+  store <8 x float> %294, ptr %acc309, align 4
+  %295 = load <8 x float>, ptr %acc3110, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %264, <8 x float> %295)
+  store <8 x float> %296, ptr %acc3110, align 4
+  %297 = getelementptr inbounds float, ptr %235, i64 %k20
+  %298 = load float, ptr %297, align 4
+  %299 = insertelement <8 x float> poison, float %298, i32 0
+  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
+  %301 = load <8 x float>, ptr %acc4011, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %261, <8 x float> %301)
+  store <8 x float> %302, ptr %acc4011, align 4
+  %303 = load <8 x float>, ptr %acc4112, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %264, <8 x float> %303)
+  store <8 x float> %304, ptr %acc4112, align 4
+  %305 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %292 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %292, ptr %175, align 4
-  %293 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %293, ptr %178, align 4
-  %294 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %294, ptr %189, align 4
-  %295 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %295, ptr %192, align 4
-  %296 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %296, ptr %203, align 4
-  %297 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %297, ptr %206, align 4
-  %298 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %298, ptr %217, align 4
-  %299 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %299, ptr %220, align 4
-  %300 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %300, ptr %231, align 4
-  %301 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %301, ptr %234, align 4
+k.end19:                                          ; preds = %k.head17
+  %306 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %306, ptr %186, align 4
+  %307 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %307, ptr %189, align 4
+  %308 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %308, ptr %200, align 4
+  %309 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %309, ptr %203, align 4
+  %310 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %310, ptr %214, align 4
+  %311 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %311, ptr %217, align 4
+  %312 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %312, ptr %228, align 4
+  %313 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %313, ptr %231, align 4
+  %314 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %314, ptr %242, align 4
+  %315 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %315, ptr %245, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col18 = mul nsw i64 %p, 16
-  %302 = add nsw i64 %r0, 0
-  %303 = mul nsw i64 %302, 3072
-  %304 = getelementptr inbounds float, ptr %h, i64 %303
-  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %306 = load i32, ptr %305, align 4
-  %307 = sext i32 %306 to i64
-  %308 = mul nsw i64 %307, 768
-  %309 = getelementptr inbounds float, ptr %y, i64 %308
-  %310 = add nsw i64 %col18, 0
-  %311 = getelementptr inbounds float, ptr %309, i64 %310
-  %312 = load <8 x float>, ptr %311, align 4
-  store <8 x float> %312, ptr %acc0019, align 4
-  %313 = add nsw i64 %col18, 8
-  %314 = getelementptr inbounds float, ptr %309, i64 %313
-  %315 = load <8 x float>, ptr %314, align 4
-  store <8 x float> %315, ptr %acc0120, align 4
-  %316 = add nsw i64 %r0, 1
+  %col21 = mul nsw i64 %p, 16
+  %316 = add nsw i64 %r0, 0
   %317 = mul nsw i64 %316, 3072
   %318 = getelementptr inbounds float, ptr %h, i64 %317
   %319 = getelementptr inbounds i32, ptr %rows, i64 %316
@@ -3627,15 +3671,15 @@ tile.mr4:                                         ; preds = %r0.body
   %321 = sext i32 %320 to i64
   %322 = mul nsw i64 %321, 768
   %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col18, 0
+  %324 = add nsw i64 %col21, 0
   %325 = getelementptr inbounds float, ptr %323, i64 %324
   %326 = load <8 x float>, ptr %325, align 4
-  store <8 x float> %326, ptr %acc1021, align 4
-  %327 = add nsw i64 %col18, 8
+  store <8 x float> %326, ptr %acc0022, align 4
+  %327 = add nsw i64 %col21, 8
   %328 = getelementptr inbounds float, ptr %323, i64 %327
   %329 = load <8 x float>, ptr %328, align 4
-  store <8 x float> %329, ptr %acc1122, align 4
-  %330 = add nsw i64 %r0, 2
+  store <8 x float> %329, ptr %acc0123, align 4
+  %330 = add nsw i64 %r0, 1
   %331 = mul nsw i64 %330, 3072
   %332 = getelementptr inbounds float, ptr %h, i64 %331
   %333 = getelementptr inbounds i32, ptr %rows, i64 %330
@@ -3643,15 +3687,15 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = sext i32 %334 to i64
   %336 = mul nsw i64 %335, 768
   %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col18, 0
+  %338 = add nsw i64 %col21, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
   %340 = load <8 x float>, ptr %339, align 4
-  store <8 x float> %340, ptr %acc2023, align 4
-  %341 = add nsw i64 %col18, 8
+  store <8 x float> %340, ptr %acc1024, align 4
+  %341 = add nsw i64 %col21, 8
   %342 = getelementptr inbounds float, ptr %337, i64 %341
   %343 = load <8 x float>, ptr %342, align 4
-  store <8 x float> %343, ptr %acc2124, align 4
-  %344 = add nsw i64 %r0, 3
+  store <8 x float> %343, ptr %acc1125, align 4
+  %344 = add nsw i64 %r0, 2
   %345 = mul nsw i64 %344, 3072
   %346 = getelementptr inbounds float, ptr %h, i64 %345
   %347 = getelementptr inbounds i32, ptr %rows, i64 %344
@@ -3659,386 +3703,422 @@ tile.mr4:                                         ; preds = %r0.body
   %349 = sext i32 %348 to i64
   %350 = mul nsw i64 %349, 768
   %351 = getelementptr inbounds float, ptr %y, i64 %350
-  %352 = add nsw i64 %col18, 0
+  %352 = add nsw i64 %col21, 0
   %353 = getelementptr inbounds float, ptr %351, i64 %352
   %354 = load <8 x float>, ptr %353, align 4
-  store <8 x float> %354, ptr %acc3025, align 4
-  %355 = add nsw i64 %col18, 8
+  store <8 x float> %354, ptr %acc2026, align 4
+  %355 = add nsw i64 %col21, 8
   %356 = getelementptr inbounds float, ptr %351, i64 %355
   %357 = load <8 x float>, ptr %356, align 4
-  store <8 x float> %357, ptr %acc3126, align 4
-  %panel.off27 = mul nsw i64 %p, 49152
-  %358 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
-  %359 = add nsw i64 %p, 1
-  %360 = icmp slt i64 %359, %p1
-  %361 = getelementptr inbounds i8, ptr %358, i64 196608
-  %362 = and i1 %pf.on, %360
-  %pf28 = select i1 %362, ptr %361, ptr %358
-  br label %k.head29
+  store <8 x float> %357, ptr %acc2127, align 4
+  %358 = add nsw i64 %r0, 3
+  %359 = mul nsw i64 %358, 3072
+  %360 = getelementptr inbounds float, ptr %h, i64 %359
+  %361 = getelementptr inbounds i32, ptr %rows, i64 %358
+  %362 = load i32, ptr %361, align 4
+  %363 = sext i32 %362 to i64
+  %364 = mul nsw i64 %363, 768
+  %365 = getelementptr inbounds float, ptr %y, i64 %364
+  %366 = add nsw i64 %col21, 0
+  %367 = getelementptr inbounds float, ptr %365, i64 %366
+  %368 = load <8 x float>, ptr %367, align 4
+  store <8 x float> %368, ptr %acc3028, align 4
+  %369 = add nsw i64 %col21, 8
+  %370 = getelementptr inbounds float, ptr %365, i64 %369
+  %371 = load <8 x float>, ptr %370, align 4
+  store <8 x float> %371, ptr %acc3129, align 4
+  %panel.off30 = mul nsw i64 %p, 49152
+  %372 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  %373 = add nsw i64 %p, 1
+  %374 = icmp slt i64 %373, %p1
+  %pf.on31 = and i1 %pf.on, %374
+  %375 = mul nsw i64 %pf.j, 196608
+  %376 = lshr i64 %375, %10
+  %377 = add nsw i64 196608, %376
+  %378 = getelementptr inbounds i8, ptr %372, i64 %377
+  %pf32 = select i1 %pf.on31, ptr %378, ptr %372
+  %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
+  br label %k.head34
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %405, %k.body30 ]
-  %363 = icmp slt i64 %k32, 3072
-  br i1 %363, label %k.body30, label %k.end31
+k.head34:                                         ; preds = %k.body35, %tile.mr4
+  %k37 = phi i64 [ 0, %tile.mr4 ], [ %422, %k.body35 ]
+  %379 = icmp slt i64 %k37, 3072
+  br i1 %379, label %k.body35, label %k.end36
 
-k.body30:                                         ; preds = %k.head29
-  %364 = mul nsw i64 %k32, 16
-  %365 = add nsw i64 %panel.off27, %364
-  %366 = mul nsw i64 %k32, 64
-  %367 = getelementptr inbounds i8, ptr %pf28, i64 %366
-  call void @llvm.prefetch.p0(ptr %367, i32 0, i32 2, i32 1)
-  %368 = getelementptr inbounds float, ptr %panels, i64 %365
-  %369 = load <8 x float>, ptr %368, align 4
-  %370 = add nsw i64 %365, 8
-  %371 = getelementptr inbounds float, ptr %panels, i64 %370
-  %372 = load <8 x float>, ptr %371, align 4
-  %373 = getelementptr inbounds float, ptr %304, i64 %k32
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc0019, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %369, <8 x float> %377)
-  store <8 x float> %378, ptr %acc0019, align 4
-  %379 = load <8 x float>, ptr %acc0120, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %372, <8 x float> %379)
-  store <8 x float> %380, ptr %acc0120, align 4
-  %381 = getelementptr inbounds float, ptr %318, i64 %k32
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc1021, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %369, <8 x float> %385)
-  store <8 x float> %386, ptr %acc1021, align 4
-  %387 = load <8 x float>, ptr %acc1122, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %372, <8 x float> %387)
-  store <8 x float> %388, ptr %acc1122, align 4
-  %389 = getelementptr inbounds float, ptr %332, i64 %k32
-  %390 = load float, ptr %389, align 4
-  %391 = insertelement <8 x float> poison, float %390, i32 0
-  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
-  %393 = load <8 x float>, ptr %acc2023, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %369, <8 x float> %393)
-  store <8 x float> %394, ptr %acc2023, align 4
-  %395 = load <8 x float>, ptr %acc2124, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %372, <8 x float> %395)
-  store <8 x float> %396, ptr %acc2124, align 4
-  %397 = getelementptr inbounds float, ptr %346, i64 %k32
-  %398 = load float, ptr %397, align 4
-  %399 = insertelement <8 x float> poison, float %398, i32 0
-  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
-  %401 = load <8 x float>, ptr %acc3025, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %369, <8 x float> %401)
-  store <8 x float> %402, ptr %acc3025, align 4
-  %403 = load <8 x float>, ptr %acc3126, align 4
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %372, <8 x float> %403)
-  store <8 x float> %404, ptr %acc3126, align 4
-  %405 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body35:                                         ; preds = %k.head34
+  %380 = mul nsw i64 %k37, 16
+  %381 = add nsw i64 %panel.off30, %380
+  %382 = mul nsw i64 %k37, 64
+  %383 = lshr i64 %382, %pf.sh33
+  %384 = getelementptr inbounds i8, ptr %pf32, i64 %383
+  call void @llvm.prefetch.p0(ptr %384, i32 0, i32 2, i32 1)
+  %385 = getelementptr inbounds float, ptr %panels, i64 %381
+  %386 = load <8 x float>, ptr %385, align 4
+  %387 = add nsw i64 %381, 8
+  %388 = getelementptr inbounds float, ptr %panels, i64 %387
+  %389 = load <8 x float>, ptr %388, align 4
+  %390 = getelementptr inbounds float, ptr %318, i64 %k37
+  %391 = load float, ptr %390, align 4
+  %392 = insertelement <8 x float> poison, float %391, i32 0
+  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
+  %394 = load <8 x float>, ptr %acc0022, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %386, <8 x float> %394)
+  store <8 x float> %395, ptr %acc0022, align 4
+  %396 = load <8 x float>, ptr %acc0123, align 4
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %389, <8 x float> %396)
+  store <8 x float> %397, ptr %acc0123, align 4
+  %398 = getelementptr inbounds float, ptr %332, i64 %k37
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = load <8 x float>, ptr %acc1024, align 4
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %386, <8 x float> %402)
+  store <8 x float> %403, ptr %acc1024, align 4
+  %404 = load <8 x float>, ptr %acc1125, align 4
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %389, <8 x float> %404)
+  store <8 x float> %405, ptr %acc1125, align 4
+  %406 = getelementptr inbounds float, ptr %346, i64 %k37
+  %407 = load float, ptr %406, align 4
+  %408 = insertelement <8 x float> poison, float %407, i32 0
+  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
+  %410 = load <8 x float>, ptr %acc2026, align 4
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %386, <8 x float> %410)
+  store <8 x float> %411, ptr %acc2026, align 4
+  %412 = load <8 x float>, ptr %acc2127, align 4
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %389, <8 x float> %412)
+  store <8 x float> %413, ptr %acc2127, align 4
+  %414 = getelementptr inbounds float, ptr %360, i64 %k37
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = load <8 x float>, ptr %acc3028, align 4
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %386, <8 x float> %418)
+  store <8 x float> %419, ptr %acc3028, align 4
+  %420 = load <8 x float>, ptr %acc3129, align 4
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %389, <8 x float> %420)
+  store <8 x float> %421, ptr %acc3129, align 4
+  %422 = add nsw i64 %k37, 1
+  br label %k.head34
 
-k.end31:                                          ; preds = %k.head29
-  %406 = load <8 x float>, ptr %acc0019, align 4
-  store <8 x float> %406, ptr %311, align 4
-  %407 = load <8 x float>, ptr %acc0120, align 4
-  store <8 x float> %407, ptr %314, align 4
-  %408 = load <8 x float>, ptr %acc1021, align 4
-  store <8 x float> %408, ptr %325, align 4
-  %409 = load <8 x float>, ptr %acc1122, align 4
-  store <8 x float> %409, ptr %328, align 4
-  %410 = load <8 x float>, ptr %acc2023, align 4
-  store <8 x float> %410, ptr %339, align 4
-  %411 = load <8 x float>, ptr %acc2124, align 4
-  store <8 x float> %411, ptr %342, align 4
-  %412 = load <8 x float>, ptr %acc3025, align 4
-  store <8 x float> %412, ptr %353, align 4
-  %413 = load <8 x float>, ptr %acc3126, align 4
-  store <8 x float> %413, ptr %356, align 4
+k.end36:                                          ; preds = %k.head34
+  %423 = load <8 x float>, ptr %acc0022, align 4
+  store <8 x float> %423, ptr %325, align 4
+  %424 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %424, ptr %328, align 4
+  %425 = load <8 x float>, ptr %acc1024, align 4
+  store <8 x float> %425, ptr %339, align 4
+  %426 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %426, ptr %342, align 4
+  %427 = load <8 x float>, ptr %acc2026, align 4
+  store <8 x float> %427, ptr %353, align 4
+  %428 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %428, ptr %356, align 4
+  %429 = load <8 x float>, ptr %acc3028, align 4
+  store <8 x float> %429, ptr %367, align 4
+  %430 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %430, ptr %370, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col33 = mul nsw i64 %p, 16
-  %414 = add nsw i64 %r0, 0
-  %415 = mul nsw i64 %414, 3072
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 768
-  %421 = getelementptr inbounds float, ptr %y, i64 %420
-  %422 = add nsw i64 %col33, 0
-  %423 = getelementptr inbounds float, ptr %421, i64 %422
-  %424 = load <8 x float>, ptr %423, align 4
-  store <8 x float> %424, ptr %acc0034, align 4
-  %425 = add nsw i64 %col33, 8
-  %426 = getelementptr inbounds float, ptr %421, i64 %425
-  %427 = load <8 x float>, ptr %426, align 4
-  store <8 x float> %427, ptr %acc0135, align 4
-  %428 = add nsw i64 %r0, 1
-  %429 = mul nsw i64 %428, 3072
-  %430 = getelementptr inbounds float, ptr %h, i64 %429
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 768
-  %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col33, 0
-  %437 = getelementptr inbounds float, ptr %435, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc1036, align 4
-  %439 = add nsw i64 %col33, 8
-  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %col38 = mul nsw i64 %p, 16
+  %431 = add nsw i64 %r0, 0
+  %432 = mul nsw i64 %431, 3072
+  %433 = getelementptr inbounds float, ptr %h, i64 %432
+  %434 = getelementptr inbounds i32, ptr %rows, i64 %431
+  %435 = load i32, ptr %434, align 4
+  %436 = sext i32 %435 to i64
+  %437 = mul nsw i64 %436, 768
+  %438 = getelementptr inbounds float, ptr %y, i64 %437
+  %439 = add nsw i64 %col38, 0
+  %440 = getelementptr inbounds float, ptr %438, i64 %439
   %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc1137, align 4
-  %442 = add nsw i64 %r0, 2
-  %443 = mul nsw i64 %442, 3072
-  %444 = getelementptr inbounds float, ptr %h, i64 %443
-  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
-  %446 = load i32, ptr %445, align 4
-  %447 = sext i32 %446 to i64
-  %448 = mul nsw i64 %447, 768
-  %449 = getelementptr inbounds float, ptr %y, i64 %448
-  %450 = add nsw i64 %col33, 0
-  %451 = getelementptr inbounds float, ptr %449, i64 %450
-  %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc2038, align 4
-  %453 = add nsw i64 %col33, 8
-  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  store <8 x float> %441, ptr %acc0039, align 4
+  %442 = add nsw i64 %col38, 8
+  %443 = getelementptr inbounds float, ptr %438, i64 %442
+  %444 = load <8 x float>, ptr %443, align 4
+  store <8 x float> %444, ptr %acc0140, align 4
+  %445 = add nsw i64 %r0, 1
+  %446 = mul nsw i64 %445, 3072
+  %447 = getelementptr inbounds float, ptr %h, i64 %446
+  %448 = getelementptr inbounds i32, ptr %rows, i64 %445
+  %449 = load i32, ptr %448, align 4
+  %450 = sext i32 %449 to i64
+  %451 = mul nsw i64 %450, 768
+  %452 = getelementptr inbounds float, ptr %y, i64 %451
+  %453 = add nsw i64 %col38, 0
+  %454 = getelementptr inbounds float, ptr %452, i64 %453
   %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc2139, align 4
-  %panel.off40 = mul nsw i64 %p, 49152
-  %456 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
-  %457 = add nsw i64 %p, 1
-  %458 = icmp slt i64 %457, %p1
-  %459 = getelementptr inbounds i8, ptr %456, i64 196608
-  %460 = and i1 %pf.on, %458
-  %pf41 = select i1 %460, ptr %459, ptr %456
-  br label %k.head42
+  store <8 x float> %455, ptr %acc1041, align 4
+  %456 = add nsw i64 %col38, 8
+  %457 = getelementptr inbounds float, ptr %452, i64 %456
+  %458 = load <8 x float>, ptr %457, align 4
+  store <8 x float> %458, ptr %acc1142, align 4
+  %459 = add nsw i64 %r0, 2
+  %460 = mul nsw i64 %459, 3072
+  %461 = getelementptr inbounds float, ptr %h, i64 %460
+  %462 = getelementptr inbounds i32, ptr %rows, i64 %459
+  %463 = load i32, ptr %462, align 4
+  %464 = sext i32 %463 to i64
+  %465 = mul nsw i64 %464, 768
+  %466 = getelementptr inbounds float, ptr %y, i64 %465
+  %467 = add nsw i64 %col38, 0
+  %468 = getelementptr inbounds float, ptr %466, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  store <8 x float> %469, ptr %acc2043, align 4
+  %470 = add nsw i64 %col38, 8
+  %471 = getelementptr inbounds float, ptr %466, i64 %470
+  %472 = load <8 x float>, ptr %471, align 4
+  store <8 x float> %472, ptr %acc2144, align 4
+  %panel.off45 = mul nsw i64 %p, 49152
+  %473 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  %474 = add nsw i64 %p, 1
+  %475 = icmp slt i64 %474, %p1
+  %pf.on46 = and i1 %pf.on, %475
+  %476 = mul nsw i64 %pf.j, 196608
+  %477 = lshr i64 %476, %10
+  %478 = add nsw i64 196608, %477
+  %479 = getelementptr inbounds i8, ptr %473, i64 %478
+  %pf47 = select i1 %pf.on46, ptr %479, ptr %473
+  %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
+  br label %k.head49
 
-k.head42:                                         ; preds = %k.body43, %tile.mr3
-  %k45 = phi i64 [ 0, %tile.mr3 ], [ %495, %k.body43 ]
-  %461 = icmp slt i64 %k45, 3072
-  br i1 %461, label %k.body43, label %k.end44
+k.head49:                                         ; preds = %k.body50, %tile.mr3
+  %k52 = phi i64 [ 0, %tile.mr3 ], [ %515, %k.body50 ]
+  %480 = icmp slt i64 %k52, 3072
+  br i1 %480, label %k.body50, label %k.end51
 
-k.body43:                                         ; preds = %k.head42
-  %462 = mul nsw i64 %k45, 16
-  %463 = add nsw i64 %panel.off40, %462
-  %464 = mul nsw i64 %k45, 64
-  %465 = getelementptr inbounds i8, ptr %pf41, i64 %464
-  call void @llvm.prefetch.p0(ptr %465, i32 0, i32 2, i32 1)
-  %466 = getelementptr inbounds float, ptr %panels, i64 %463
-  %467 = load <8 x float>, ptr %466, align 4
-  %468 = add nsw i64 %463, 8
-  %469 = getelementptr inbounds float, ptr %panels, i64 %468
-  %470 = load <8 x float>, ptr %469, align 4
-  %471 = getelementptr inbounds float, ptr %416, i64 %k45
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc0034, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %467, <8 x float> %475)
-  store <8 x float> %476, ptr %acc0034, align 4
-  %477 = load <8 x float>, ptr %acc0135, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %477)
-  store <8 x float> %478, ptr %acc0135, align 4
-  %479 = getelementptr inbounds float, ptr %430, i64 %k45
-  %480 = load float, ptr %479, align 4
-  %481 = insertelement <8 x float> poison, float %480, i32 0
-  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
-  %483 = load <8 x float>, ptr %acc1036, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %467, <8 x float> %483)
-  store <8 x float> %484, ptr %acc1036, align 4
-  %485 = load <8 x float>, ptr %acc1137, align 4
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %470, <8 x float> %485)
-  store <8 x float> %486, ptr %acc1137, align 4
-  %487 = getelementptr inbounds float, ptr %444, i64 %k45
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc2038, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %467, <8 x float> %491)
-  store <8 x float> %492, ptr %acc2038, align 4
-  %493 = load <8 x float>, ptr %acc2139, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %470, <8 x float> %493)
-  store <8 x float> %494, ptr %acc2139, align 4
-  %495 = add nsw i64 %k45, 1
-  br label %k.head42
+k.body50:                                         ; preds = %k.head49
+  %481 = mul nsw i64 %k52, 16
+  %482 = add nsw i64 %panel.off45, %481
+  %483 = mul nsw i64 %k52, 64
+  %484 = lshr i64 %483, %pf.sh48
+  %485 = getelementptr inbounds i8, ptr %pf47, i64 %484
+  call void @llvm.prefetch.p0(ptr %485, i32 0, i32 2, i32 1)
+  %486 = getelementptr inbounds float, ptr %panels, i64 %482
+  %487 = load <8 x float>, ptr %486, align 4
+  %488 = add nsw i64 %482, 8
+  %489 = getelementptr inbounds float, ptr %panels, i64 %488
+  %490 = load <8 x float>, ptr %489, align 4
+  %491 = getelementptr inbounds float, ptr %433, i64 %k52
+  %492 = load float, ptr %491, align 4
+  %493 = insertelement <8 x float> poison, float %492, i32 0
+  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
+  %495 = load <8 x float>, ptr %acc0039, align 4
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %487, <8 x float> %495)
+  store <8 x float> %496, ptr %acc0039, align 4
+  %497 = load <8 x float>, ptr %acc0140, align 4
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %490, <8 x float> %497)
+  store <8 x float> %498, ptr %acc0140, align 4
+  %499 = getelementptr inbounds float, ptr %447, i64 %k52
+  %500 = load float, ptr %499, align 4
+  %501 = insertelement <8 x float> poison, float %500, i32 0
+  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
+  %503 = load <8 x float>, ptr %acc1041, align 4
+  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %487, <8 x float> %503)
+  store <8 x float> %504, ptr %acc1041, align 4
+  %505 = load <8 x float>, ptr %acc1142, align 4
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %490, <8 x float> %505)
+  store <8 x float> %506, ptr %acc1142, align 4
+  %507 = getelementptr inbounds float, ptr %461, i64 %k52
+  %508 = load float, ptr %507, align 4
+  %509 = insertelement <8 x float> poison, float %508, i32 0
+  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
+  %511 = load <8 x float>, ptr %acc2043, align 4
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %487, <8 x float> %511)
+  store <8 x float> %512, ptr %acc2043, align 4
+  %513 = load <8 x float>, ptr %acc2144, align 4
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %490, <8 x float> %513)
+  store <8 x float> %514, ptr %acc2144, align 4
+  %515 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end44:                                          ; preds = %k.head42
-  %496 = load <8 x float>, ptr %acc0034, align 4
-  store <8 x float> %496, ptr %423, align 4
-  %497 = load <8 x float>, ptr %acc0135, align 4
-  store <8 x float> %497, ptr %426, align 4
-  %498 = load <8 x float>, ptr %acc1036, align 4
-  store <8 x float> %498, ptr %437, align 4
-  %499 = load <8 x float>, ptr %acc1137, align 4
-  store <8 x float> %499, ptr %440, align 4
-  %500 = load <8 x float>, ptr %acc2038, align 4
-  store <8 x float> %500, ptr %451, align 4
-  %501 = load <8 x float>, ptr %acc2139, align 4
-  store <8 x float> %501, ptr %454, align 4
+k.end51:                                          ; preds = %k.head49
+  %516 = load <8 x float>, ptr %acc0039, align 4
+  store <8 x float> %516, ptr %440, align 4
+  %517 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %517, ptr %443, align 4
+  %518 = load <8 x float>, ptr %acc1041, align 4
+  store <8 x float> %518, ptr %454, align 4
+  %519 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %519, ptr %457, align 4
+  %520 = load <8 x float>, ptr %acc2043, align 4
+  store <8 x float> %520, ptr %468, align 4
+  %521 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %521, ptr %471, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col46 = mul nsw i64 %p, 16
-  %502 = add nsw i64 %r0, 0
-  %503 = mul nsw i64 %502, 3072
-  %504 = getelementptr inbounds float, ptr %h, i64 %503
-  %505 = getelementptr inbounds i32, ptr %rows, i64 %502
-  %506 = load i32, ptr %505, align 4
-  %507 = sext i32 %506 to i64
-  %508 = mul nsw i64 %507, 768
-  %509 = getelementptr inbounds float, ptr %y, i64 %508
-  %510 = add nsw i64 %col46, 0
-  %511 = getelementptr inbounds float, ptr %509, i64 %510
-  %512 = load <8 x float>, ptr %511, align 4
-  store <8 x float> %512, ptr %acc0047, align 4
-  %513 = add nsw i64 %col46, 8
-  %514 = getelementptr inbounds float, ptr %509, i64 %513
-  %515 = load <8 x float>, ptr %514, align 4
-  store <8 x float> %515, ptr %acc0148, align 4
-  %516 = add nsw i64 %r0, 1
-  %517 = mul nsw i64 %516, 3072
-  %518 = getelementptr inbounds float, ptr %h, i64 %517
-  %519 = getelementptr inbounds i32, ptr %rows, i64 %516
-  %520 = load i32, ptr %519, align 4
-  %521 = sext i32 %520 to i64
-  %522 = mul nsw i64 %521, 768
-  %523 = getelementptr inbounds float, ptr %y, i64 %522
-  %524 = add nsw i64 %col46, 0
-  %525 = getelementptr inbounds float, ptr %523, i64 %524
-  %526 = load <8 x float>, ptr %525, align 4
-  store <8 x float> %526, ptr %acc1049, align 4
-  %527 = add nsw i64 %col46, 8
-  %528 = getelementptr inbounds float, ptr %523, i64 %527
-  %529 = load <8 x float>, ptr %528, align 4
-  store <8 x float> %529, ptr %acc1150, align 4
-  %panel.off51 = mul nsw i64 %p, 49152
-  %530 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
-  %531 = add nsw i64 %p, 1
-  %532 = icmp slt i64 %531, %p1
-  %533 = getelementptr inbounds i8, ptr %530, i64 196608
-  %534 = and i1 %pf.on, %532
-  %pf52 = select i1 %534, ptr %533, ptr %530
-  br label %k.head53
-
-k.head53:                                         ; preds = %k.body54, %tile.mr2
-  %k56 = phi i64 [ 0, %tile.mr2 ], [ %561, %k.body54 ]
-  %535 = icmp slt i64 %k56, 3072
-  br i1 %535, label %k.body54, label %k.end55
-
-k.body54:                                         ; preds = %k.head53
-  %536 = mul nsw i64 %k56, 16
-  %537 = add nsw i64 %panel.off51, %536
-  %538 = mul nsw i64 %k56, 64
-  %539 = getelementptr inbounds i8, ptr %pf52, i64 %538
-  call void @llvm.prefetch.p0(ptr %539, i32 0, i32 2, i32 1)
-  %540 = getelementptr inbounds float, ptr %panels, i64 %537
-  %541 = load <8 x float>, ptr %540, align 4
-  %542 = add nsw i64 %537, 8
-  %543 = getelementptr inbounds float, ptr %panels, i64 %542
-  %544 = load <8 x float>, ptr %543, align 4
-  %545 = getelementptr inbounds float, ptr %504, i64 %k56
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0047, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %541, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0047, align 4
-  %551 = load <8 x float>, ptr %acc0148, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %544, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0148, align 4
-  %553 = getelementptr inbounds float, ptr %518, i64 %k56
-  %554 = load float, ptr %553, align 4
-  %555 = insertelement <8 x float> poison, float %554, i32 0
-  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
-  %557 = load <8 x float>, ptr %acc1049, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %541, <8 x float> %557)
-  store <8 x float> %558, ptr %acc1049, align 4
-  %559 = load <8 x float>, ptr %acc1150, align 4
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %544, <8 x float> %559)
-  store <8 x float> %560, ptr %acc1150, align 4
-  %561 = add nsw i64 %k56, 1
-  br label %k.head53
-
-k.end55:                                          ; preds = %k.head53
-  %562 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %562, ptr %511, align 4
-  %563 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %563, ptr %514, align 4
-  %564 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %564, ptr %525, align 4
-  %565 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %565, ptr %528, align 4
-  br label %tile.done
-
-tile.mr1:                                         ; preds = %r0.body
-  %col57 = mul nsw i64 %p, 16
-  %566 = add nsw i64 %r0, 0
-  %567 = mul nsw i64 %566, 3072
-  %568 = getelementptr inbounds float, ptr %h, i64 %567
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %566
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 768
-  %573 = getelementptr inbounds float, ptr %y, i64 %572
-  %574 = add nsw i64 %col57, 0
-  %575 = getelementptr inbounds float, ptr %573, i64 %574
-  %576 = load <8 x float>, ptr %575, align 4
-  store <8 x float> %576, ptr %acc0058, align 4
-  %577 = add nsw i64 %col57, 8
-  %578 = getelementptr inbounds float, ptr %573, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
-  store <8 x float> %579, ptr %acc0159, align 4
-  %panel.off60 = mul nsw i64 %p, 49152
-  %580 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
-  %581 = add nsw i64 %p, 1
-  %582 = icmp slt i64 %581, %p1
-  %583 = getelementptr inbounds i8, ptr %580, i64 196608
-  %584 = and i1 %pf.on, %582
-  %pf61 = select i1 %584, ptr %583, ptr %580
+  %col53 = mul nsw i64 %p, 16
+  %522 = add nsw i64 %r0, 0
+  %523 = mul nsw i64 %522, 3072
+  %524 = getelementptr inbounds float, ptr %h, i64 %523
+  %525 = getelementptr inbounds i32, ptr %rows, i64 %522
+  %526 = load i32, ptr %525, align 4
+  %527 = sext i32 %526 to i64
+  %528 = mul nsw i64 %527, 768
+  %529 = getelementptr inbounds float, ptr %y, i64 %528
+  %530 = add nsw i64 %col53, 0
+  %531 = getelementptr inbounds float, ptr %529, i64 %530
+  %532 = load <8 x float>, ptr %531, align 4
+  store <8 x float> %532, ptr %acc0054, align 4
+  %533 = add nsw i64 %col53, 8
+  %534 = getelementptr inbounds float, ptr %529, i64 %533
+  %535 = load <8 x float>, ptr %534, align 4
+  store <8 x float> %535, ptr %acc0155, align 4
+  %536 = add nsw i64 %r0, 1
+  %537 = mul nsw i64 %536, 3072
+  %538 = getelementptr inbounds float, ptr %h, i64 %537
+  %539 = getelementptr inbounds i32, ptr %rows, i64 %536
+  %540 = load i32, ptr %539, align 4
+  %541 = sext i32 %540 to i64
+  %542 = mul nsw i64 %541, 768
+  %543 = getelementptr inbounds float, ptr %y, i64 %542
+  %544 = add nsw i64 %col53, 0
+  %545 = getelementptr inbounds float, ptr %543, i64 %544
+  %546 = load <8 x float>, ptr %545, align 4
+  store <8 x float> %546, ptr %acc1056, align 4
+  %547 = add nsw i64 %col53, 8
+  %548 = getelementptr inbounds float, ptr %543, i64 %547
+  %549 = load <8 x float>, ptr %548, align 4
+  store <8 x float> %549, ptr %acc1157, align 4
+  %panel.off58 = mul nsw i64 %p, 49152
+  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  %551 = add nsw i64 %p, 1
+  %552 = icmp slt i64 %551, %p1
+  %pf.on59 = and i1 %pf.on, %552
+  %553 = mul nsw i64 %pf.j, 196608
+  %554 = lshr i64 %553, %10
+  %555 = add nsw i64 196608, %554
+  %556 = getelementptr inbounds i8, ptr %550, i64 %555
+  %pf60 = select i1 %pf.on59, ptr %556, ptr %550
+  %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
   br label %k.head62
 
-k.head62:                                         ; preds = %k.body63, %tile.mr1
-  %k65 = phi i64 [ 0, %tile.mr1 ], [ %603, %k.body63 ]
-  %585 = icmp slt i64 %k65, 3072
-  br i1 %585, label %k.body63, label %k.end64
+k.head62:                                         ; preds = %k.body63, %tile.mr2
+  %k65 = phi i64 [ 0, %tile.mr2 ], [ %584, %k.body63 ]
+  %557 = icmp slt i64 %k65, 3072
+  br i1 %557, label %k.body63, label %k.end64
 
 k.body63:                                         ; preds = %k.head62
-  %586 = mul nsw i64 %k65, 16
-  %587 = add nsw i64 %panel.off60, %586
-  %588 = mul nsw i64 %k65, 64
-  %589 = getelementptr inbounds i8, ptr %pf61, i64 %588
-  call void @llvm.prefetch.p0(ptr %589, i32 0, i32 2, i32 1)
-  %590 = getelementptr inbounds float, ptr %panels, i64 %587
-  %591 = load <8 x float>, ptr %590, align 4
-  %592 = add nsw i64 %587, 8
-  %593 = getelementptr inbounds float, ptr %panels, i64 %592
-  %594 = load <8 x float>, ptr %593, align 4
-  %595 = getelementptr inbounds float, ptr %568, i64 %k65
-  %596 = load float, ptr %595, align 4
-  %597 = insertelement <8 x float> poison, float %596, i32 0
-  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
-  %599 = load <8 x float>, ptr %acc0058, align 4
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %591, <8 x float> %599)
-  store <8 x float> %600, ptr %acc0058, align 4
-  %601 = load <8 x float>, ptr %acc0159, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> %601)
-  store <8 x float> %602, ptr %acc0159, align 4
-  %603 = add nsw i64 %k65, 1
+  %558 = mul nsw i64 %k65, 16
+  %559 = add nsw i64 %panel.off58, %558
+  %560 = mul nsw i64 %k65, 64
+  %561 = lshr i64 %560, %pf.sh61
+  %562 = getelementptr inbounds i8, ptr %pf60, i64 %561
+  call void @llvm.prefetch.p0(ptr %562, i32 0, i32 2, i32 1)
+  %563 = getelementptr inbounds float, ptr %panels, i64 %559
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = add nsw i64 %559, 8
+  %566 = getelementptr inbounds float, ptr %panels, i64 %565
+  %567 = load <8 x float>, ptr %566, align 4
+  %568 = getelementptr inbounds float, ptr %524, i64 %k65
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc0054, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
+  store <8 x float> %573, ptr %acc0054, align 4
+  %574 = load <8 x float>, ptr %acc0155, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
+  store <8 x float> %575, ptr %acc0155, align 4
+  %576 = getelementptr inbounds float, ptr %538, i64 %k65
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc1056, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
+  store <8 x float> %581, ptr %acc1056, align 4
+  %582 = load <8 x float>, ptr %acc1157, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
+  store <8 x float> %583, ptr %acc1157, align 4
+  %584 = add nsw i64 %k65, 1
   br label %k.head62
 
 k.end64:                                          ; preds = %k.head62
-  %604 = load <8 x float>, ptr %acc0058, align 4
-  store <8 x float> %604, ptr %575, align 4
-  %605 = load <8 x float>, ptr %acc0159, align 4
-  store <8 x float> %605, ptr %578, align 4
+  %585 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %585, ptr %531, align 4
+  %586 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %586, ptr %534, align 4
+  %587 = load <8 x float>, ptr %acc1056, align 4
+  store <8 x float> %587, ptr %545, align 4
+  %588 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %588, ptr %548, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end64, %k.end55, %k.end44, %k.end31, %k.end16, %k.end
-  %606 = add nsw i64 %r0, 6
+tile.mr1:                                         ; preds = %r0.body
+  %col66 = mul nsw i64 %p, 16
+  %589 = add nsw i64 %r0, 0
+  %590 = mul nsw i64 %589, 3072
+  %591 = getelementptr inbounds float, ptr %h, i64 %590
+  %592 = getelementptr inbounds i32, ptr %rows, i64 %589
+  %593 = load i32, ptr %592, align 4
+  %594 = sext i32 %593 to i64
+  %595 = mul nsw i64 %594, 768
+  %596 = getelementptr inbounds float, ptr %y, i64 %595
+  %597 = add nsw i64 %col66, 0
+  %598 = getelementptr inbounds float, ptr %596, i64 %597
+  %599 = load <8 x float>, ptr %598, align 4
+  store <8 x float> %599, ptr %acc0067, align 4
+  %600 = add nsw i64 %col66, 8
+  %601 = getelementptr inbounds float, ptr %596, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  store <8 x float> %602, ptr %acc0168, align 4
+  %panel.off69 = mul nsw i64 %p, 49152
+  %603 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  %604 = add nsw i64 %p, 1
+  %605 = icmp slt i64 %604, %p1
+  %pf.on70 = and i1 %pf.on, %605
+  %606 = mul nsw i64 %pf.j, 196608
+  %607 = lshr i64 %606, %10
+  %608 = add nsw i64 196608, %607
+  %609 = getelementptr inbounds i8, ptr %603, i64 %608
+  %pf71 = select i1 %pf.on70, ptr %609, ptr %603
+  %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
+  br label %k.head73
+
+k.head73:                                         ; preds = %k.body74, %tile.mr1
+  %k76 = phi i64 [ 0, %tile.mr1 ], [ %629, %k.body74 ]
+  %610 = icmp slt i64 %k76, 3072
+  br i1 %610, label %k.body74, label %k.end75
+
+k.body74:                                         ; preds = %k.head73
+  %611 = mul nsw i64 %k76, 16
+  %612 = add nsw i64 %panel.off69, %611
+  %613 = mul nsw i64 %k76, 64
+  %614 = lshr i64 %613, %pf.sh72
+  %615 = getelementptr inbounds i8, ptr %pf71, i64 %614
+  call void @llvm.prefetch.p0(ptr %615, i32 0, i32 2, i32 1)
+  %616 = getelementptr inbounds float, ptr %panels, i64 %612
+  %617 = load <8 x float>, ptr %616, align 4
+  %618 = add nsw i64 %612, 8
+  %619 = getelementptr inbounds float, ptr %panels, i64 %618
+  %620 = load <8 x float>, ptr %619, align 4
+  %621 = getelementptr inbounds float, ptr %591, i64 %k76
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc0067, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %617, <8 x float> %625)
+  store <8 x float> %626, ptr %acc0067, align 4
+  %627 = load <8 x float>, ptr %acc0168, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %620, <8 x float> %627)
+  store <8 x float> %628, ptr %acc0168, align 4
+  %629 = add nsw i64 %k76, 1
+  br label %k.head73
+
+k.end75:                                          ; preds = %k.head73
+  %630 = load <8 x float>, ptr %acc0067, align 4
+  store <8 x float> %630, ptr %598, align 4
+  %631 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %631, ptr %601, align 4
+  br label %tile.done
+
+tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
+  %632 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %607 = add nsw i64 %p, 1
+  %633 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

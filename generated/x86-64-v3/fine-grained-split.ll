@@ -882,43 +882,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0031 = alloca <8 x float>, align 32
-  %acc0132 = alloca <8 x float>, align 32
-  %acc1033 = alloca <8 x float>, align 32
-  %acc1134 = alloca <8 x float>, align 32
-  %acc2035 = alloca <8 x float>, align 32
-  %acc2136 = alloca <8 x float>, align 32
-  %acc3037 = alloca <8 x float>, align 32
-  %acc3138 = alloca <8 x float>, align 32
-  %acc4039 = alloca <8 x float>, align 32
-  %acc4140 = alloca <8 x float>, align 32
-  %acc0079 = alloca <8 x float>, align 32
-  %acc0180 = alloca <8 x float>, align 32
-  %acc1081 = alloca <8 x float>, align 32
-  %acc1182 = alloca <8 x float>, align 32
-  %acc2083 = alloca <8 x float>, align 32
-  %acc2184 = alloca <8 x float>, align 32
-  %acc3085 = alloca <8 x float>, align 32
-  %acc3186 = alloca <8 x float>, align 32
-  %acc00119 = alloca <8 x float>, align 32
-  %acc01120 = alloca <8 x float>, align 32
-  %acc10121 = alloca <8 x float>, align 32
-  %acc11122 = alloca <8 x float>, align 32
-  %acc20123 = alloca <8 x float>, align 32
-  %acc21124 = alloca <8 x float>, align 32
-  %acc00151 = alloca <8 x float>, align 32
-  %acc01152 = alloca <8 x float>, align 32
-  %acc10153 = alloca <8 x float>, align 32
-  %acc11154 = alloca <8 x float>, align 32
-  %acc00175 = alloca <8 x float>, align 32
-  %acc01176 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc3038 = alloca <8 x float>, align 32
+  %acc3139 = alloca <8 x float>, align 32
+  %acc4040 = alloca <8 x float>, align 32
+  %acc4141 = alloca <8 x float>, align 32
+  %acc0082 = alloca <8 x float>, align 32
+  %acc0183 = alloca <8 x float>, align 32
+  %acc1084 = alloca <8 x float>, align 32
+  %acc1185 = alloca <8 x float>, align 32
+  %acc2086 = alloca <8 x float>, align 32
+  %acc2187 = alloca <8 x float>, align 32
+  %acc3088 = alloca <8 x float>, align 32
+  %acc3189 = alloca <8 x float>, align 32
+  %acc00124 = alloca <8 x float>, align 32
+  %acc01125 = alloca <8 x float>, align 32
+  %acc10126 = alloca <8 x float>, align 32
+  %acc11127 = alloca <8 x float>, align 32
+  %acc20128 = alloca <8 x float>, align 32
+  %acc21129 = alloca <8 x float>, align 32
+  %acc00158 = alloca <8 x float>, align 32
+  %acc01159 = alloca <8 x float>, align 32
+  %acc10160 = alloca <8 x float>, align 32
+  %acc11161 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
+  %acc01185 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1062, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1088, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -926,7 +926,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1061, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1087, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -934,9 +934,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -946,1406 +956,1436 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 1280
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 1280
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 1280
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 1280
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 1280
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 1280
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 1280
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 1280
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 1280
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 1280
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 1280
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 1280
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 20480
-  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 40960
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 40960
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 40960, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
-  %46 = icmp slt i64 %k, 1280
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+  %56 = icmp slt i64 %k, 1280
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 32
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
-  %52 = load <8 x i32>, ptr %51, align 4
-  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %53 to <8 x float>
-  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %54 to <8 x float>
-  %55 = getelementptr inbounds float, ptr %10, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc00, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc00, align 4
-  %61 = load <8 x float>, ptr %acc01, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc01, align 4
-  %63 = getelementptr inbounds float, ptr %16, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc10, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc10, align 4
-  %69 = load <8 x float>, ptr %acc11, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc11, align 4
-  %71 = getelementptr inbounds float, ptr %22, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc20, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc20, align 4
-  %77 = load <8 x float>, ptr %acc21, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc21, align 4
-  %79 = getelementptr inbounds float, ptr %28, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc30, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc30, align 4
-  %85 = load <8 x float>, ptr %acc31, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc31, align 4
-  %87 = getelementptr inbounds float, ptr %34, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc40, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
-  store <8 x float> %92, ptr %acc40, align 4
-  %93 = load <8 x float>, ptr %acc41, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
-  store <8 x float> %94, ptr %acc41, align 4
-  %95 = getelementptr inbounds float, ptr %40, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc50, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc50, align 4
-  %101 = load <8 x float>, ptr %acc51, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc51, align 4
-  %103 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 32
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
+  %63 = load <8 x i32>, ptr %62, align 4
+  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %64 to <8 x float>
+  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = getelementptr inbounds float, ptr %18, i64 %k
+  %67 = load float, ptr %66, align 4
+  %68 = insertelement <8 x float> poison, float %67, i32 0
+  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
+  %70 = load <8 x float>, ptr %acc00, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
+  store <8 x float> %71, ptr %acc00, align 4
+  %72 = load <8 x float>, ptr %acc01, align 4
+  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
+  store <8 x float> %73, ptr %acc01, align 4
+  %74 = getelementptr inbounds float, ptr %24, i64 %k
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <8 x float> poison, float %75, i32 0
+  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
+  %78 = load <8 x float>, ptr %acc10, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
+  store <8 x float> %79, ptr %acc10, align 4
+  %80 = load <8 x float>, ptr %acc11, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
+  store <8 x float> %81, ptr %acc11, align 4
+  %82 = getelementptr inbounds float, ptr %30, i64 %k
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <8 x float> poison, float %83, i32 0
+  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
+  %86 = load <8 x float>, ptr %acc20, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
+  store <8 x float> %87, ptr %acc20, align 4
+  %88 = load <8 x float>, ptr %acc21, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
+  store <8 x float> %89, ptr %acc21, align 4
+  %90 = getelementptr inbounds float, ptr %36, i64 %k
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <8 x float> poison, float %91, i32 0
+  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
+  %94 = load <8 x float>, ptr %acc30, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
+  store <8 x float> %95, ptr %acc30, align 4
+  %96 = load <8 x float>, ptr %acc31, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
+  store <8 x float> %97, ptr %acc31, align 4
+  %98 = getelementptr inbounds float, ptr %42, i64 %k
+  %99 = load float, ptr %98, align 4
+  %100 = insertelement <8 x float> poison, float %99, i32 0
+  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
+  %102 = load <8 x float>, ptr %acc40, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
+  store <8 x float> %103, ptr %acc40, align 4
+  %104 = load <8 x float>, ptr %acc41, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
+  store <8 x float> %105, ptr %acc41, align 4
+  %106 = getelementptr inbounds float, ptr %48, i64 %k
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc50, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc50, align 4
+  %112 = load <8 x float>, ptr %acc51, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc51, align 4
+  %114 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %104 = add nsw i64 %r0, 0
-  %105 = getelementptr inbounds float, ptr %rw, i64 %104
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = mul nsw i64 %104, 896
-  %110 = getelementptr inbounds float, ptr %h, i64 %109
+  %115 = add nsw i64 %r0, 0
+  %116 = getelementptr inbounds float, ptr %rw, i64 %115
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = mul nsw i64 %115, 896
+  %121 = getelementptr inbounds float, ptr %h, i64 %120
   %col = mul nsw i64 %p, 8
-  %111 = load <8 x float>, ptr %acc00, align 4
-  %112 = load <8 x float>, ptr %acc01, align 4
-  %113 = fneg <8 x float> %111
-  %114 = fcmp olt <8 x float> %113, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %115 = select <8 x i1> %114, <8 x float> %113, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %116 = fcmp ogt <8 x float> %115, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %117 = select <8 x i1> %116, <8 x float> %115, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %119 = call <8 x float> @llvm.floor.v8f32(<8 x float> %118)
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %117)
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %120)
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %121, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %121, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %121, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %121, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %121, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %127 = fmul <8 x float> %121, %121
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %127, <8 x float> %121)
-  %129 = fadd <8 x float> %128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %130 = fptosi <8 x float> %119 to <8 x i32>
-  %131 = add <8 x i32> %130, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %132 = shl <8 x i32> %131, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %132 to <8 x float>
-  %exp = fmul <8 x float> %129, %exp.2n
-  %133 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %133
-  %silu = fmul <8 x float> %111, %sigmoid
-  %glu = fmul <8 x float> %silu, %112
-  %134 = fmul <8 x float> %glu, %108
-  %135 = getelementptr inbounds float, ptr %110, i64 %col
-  store <8 x float> %134, ptr %135, align 4
-  %136 = add nsw i64 %r0, 1
-  %137 = getelementptr inbounds float, ptr %rw, i64 %136
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = mul nsw i64 %136, 896
-  %142 = getelementptr inbounds float, ptr %h, i64 %141
-  %col1 = mul nsw i64 %p, 8
-  %143 = load <8 x float>, ptr %acc10, align 4
-  %144 = load <8 x float>, ptr %acc11, align 4
-  %145 = fneg <8 x float> %143
-  %146 = fcmp olt <8 x float> %145, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %147 = select <8 x i1> %146, <8 x float> %145, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %148 = fcmp ogt <8 x float> %147, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %149 = select <8 x i1> %148, <8 x float> %147, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %151 = call <8 x float> @llvm.floor.v8f32(<8 x float> %150)
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %149)
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %152)
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %153, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %153, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %155, <8 x float> %153, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %153, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %153, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %159 = fmul <8 x float> %153, %153
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %159, <8 x float> %153)
-  %161 = fadd <8 x float> %160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %162 = fptosi <8 x float> %151 to <8 x i32>
-  %163 = add <8 x i32> %162, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %164 = shl <8 x i32> %163, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %164 to <8 x float>
-  %exp3 = fmul <8 x float> %161, %exp.2n2
-  %165 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %165
-  %silu5 = fmul <8 x float> %143, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %144
-  %166 = fmul <8 x float> %glu6, %140
-  %167 = getelementptr inbounds float, ptr %142, i64 %col1
-  store <8 x float> %166, ptr %167, align 4
-  %168 = add nsw i64 %r0, 2
-  %169 = getelementptr inbounds float, ptr %rw, i64 %168
-  %170 = load float, ptr %169, align 4
-  %171 = insertelement <8 x float> poison, float %170, i32 0
-  %172 = shufflevector <8 x float> %171, <8 x float> poison, <8 x i32> zeroinitializer
-  %173 = mul nsw i64 %168, 896
-  %174 = getelementptr inbounds float, ptr %h, i64 %173
-  %col7 = mul nsw i64 %p, 8
-  %175 = load <8 x float>, ptr %acc20, align 4
-  %176 = load <8 x float>, ptr %acc21, align 4
-  %177 = fneg <8 x float> %175
-  %178 = fcmp olt <8 x float> %177, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %179 = select <8 x i1> %178, <8 x float> %177, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %180 = fcmp ogt <8 x float> %179, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %181 = select <8 x i1> %180, <8 x float> %179, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %183 = call <8 x float> @llvm.floor.v8f32(<8 x float> %182)
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %181)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %184)
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %185, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %185, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %185, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %185, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> %185, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %191 = fmul <8 x float> %185, %185
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %191, <8 x float> %185)
-  %193 = fadd <8 x float> %192, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %194 = fptosi <8 x float> %183 to <8 x i32>
-  %195 = add <8 x i32> %194, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %196 = shl <8 x i32> %195, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %196 to <8 x float>
-  %exp9 = fmul <8 x float> %193, %exp.2n8
-  %197 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %197
-  %silu11 = fmul <8 x float> %175, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %176
-  %198 = fmul <8 x float> %glu12, %172
-  %199 = getelementptr inbounds float, ptr %174, i64 %col7
-  store <8 x float> %198, ptr %199, align 4
-  %200 = add nsw i64 %r0, 3
-  %201 = getelementptr inbounds float, ptr %rw, i64 %200
-  %202 = load float, ptr %201, align 4
-  %203 = insertelement <8 x float> poison, float %202, i32 0
-  %204 = shufflevector <8 x float> %203, <8 x float> poison, <8 x i32> zeroinitializer
-  %205 = mul nsw i64 %200, 896
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
-  %col13 = mul nsw i64 %p, 8
-  %207 = load <8 x float>, ptr %acc30, align 4
-  %208 = load <8 x float>, ptr %acc31, align 4
-  %209 = fneg <8 x float> %207
-  %210 = fcmp olt <8 x float> %209, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %211 = select <8 x i1> %210, <8 x float> %209, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %212 = fcmp ogt <8 x float> %211, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %213 = select <8 x i1> %212, <8 x float> %211, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %215 = call <8 x float> @llvm.floor.v8f32(<8 x float> %214)
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %213)
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %216)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %217, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %217, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %217, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %217, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %217, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %223 = fmul <8 x float> %217, %217
-  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %223, <8 x float> %217)
-  %225 = fadd <8 x float> %224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %226 = fptosi <8 x float> %215 to <8 x i32>
-  %227 = add <8 x i32> %226, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %228 = shl <8 x i32> %227, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %228 to <8 x float>
-  %exp15 = fmul <8 x float> %225, %exp.2n14
-  %229 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %229
-  %silu17 = fmul <8 x float> %207, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %208
-  %230 = fmul <8 x float> %glu18, %204
-  %231 = getelementptr inbounds float, ptr %206, i64 %col13
-  store <8 x float> %230, ptr %231, align 4
-  %232 = add nsw i64 %r0, 4
-  %233 = getelementptr inbounds float, ptr %rw, i64 %232
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = mul nsw i64 %232, 896
-  %238 = getelementptr inbounds float, ptr %h, i64 %237
-  %col19 = mul nsw i64 %p, 8
-  %239 = load <8 x float>, ptr %acc40, align 4
-  %240 = load <8 x float>, ptr %acc41, align 4
-  %241 = fneg <8 x float> %239
-  %242 = fcmp olt <8 x float> %241, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %243 = select <8 x i1> %242, <8 x float> %241, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %244 = fcmp ogt <8 x float> %243, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %247 = call <8 x float> @llvm.floor.v8f32(<8 x float> %246)
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %245)
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %248)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %249, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> %249, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %249, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %249, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %249, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %255 = fmul <8 x float> %249, %249
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %255, <8 x float> %249)
-  %257 = fadd <8 x float> %256, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %258 = fptosi <8 x float> %247 to <8 x i32>
-  %259 = add <8 x i32> %258, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %260 = shl <8 x i32> %259, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %260 to <8 x float>
-  %exp21 = fmul <8 x float> %257, %exp.2n20
-  %261 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %261
-  %silu23 = fmul <8 x float> %239, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %240
-  %262 = fmul <8 x float> %glu24, %236
-  %263 = getelementptr inbounds float, ptr %238, i64 %col19
-  store <8 x float> %262, ptr %263, align 4
-  %264 = add nsw i64 %r0, 5
-  %265 = getelementptr inbounds float, ptr %rw, i64 %264
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = mul nsw i64 %264, 896
-  %270 = getelementptr inbounds float, ptr %h, i64 %269
-  %col25 = mul nsw i64 %p, 8
-  %271 = load <8 x float>, ptr %acc50, align 4
-  %272 = load <8 x float>, ptr %acc51, align 4
-  %273 = fneg <8 x float> %271
-  %274 = fcmp olt <8 x float> %273, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %275 = select <8 x i1> %274, <8 x float> %273, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %276 = fcmp ogt <8 x float> %275, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %277 = select <8 x i1> %276, <8 x float> %275, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %279 = call <8 x float> @llvm.floor.v8f32(<8 x float> %278)
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %277)
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %280)
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %281, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %281, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %281, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %281, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> %281, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %287 = fmul <8 x float> %281, %281
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %287, <8 x float> %281)
-  %289 = fadd <8 x float> %288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %290 = fptosi <8 x float> %279 to <8 x i32>
-  %291 = add <8 x i32> %290, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %292 = shl <8 x i32> %291, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %292 to <8 x float>
-  %exp27 = fmul <8 x float> %289, %exp.2n26
-  %293 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %293
-  %silu29 = fmul <8 x float> %271, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %272
-  %294 = fmul <8 x float> %glu30, %268
-  %295 = getelementptr inbounds float, ptr %270, i64 %col25
-  store <8 x float> %294, ptr %295, align 4
+  %122 = load <8 x float>, ptr %acc00, align 4
+  %123 = load <8 x float>, ptr %acc01, align 4
+  %124 = fneg <8 x float> %122
+  %125 = fcmp olt <8 x float> %124, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %126 = select <8 x i1> %125, <8 x float> %124, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %127 = fcmp ogt <8 x float> %126, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %130 = call <8 x float> @llvm.floor.v8f32(<8 x float> %129)
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %128)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %131)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %132, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %132, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %132, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %132, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %132, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %138 = fmul <8 x float> %132, %132
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %138, <8 x float> %132)
+  %140 = fadd <8 x float> %139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %141 = fptosi <8 x float> %130 to <8 x i32>
+  %142 = add <8 x i32> %141, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %143 = shl <8 x i32> %142, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %143 to <8 x float>
+  %exp = fmul <8 x float> %140, %exp.2n
+  %144 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %144
+  %silu = fmul <8 x float> %122, %sigmoid
+  %glu = fmul <8 x float> %silu, %123
+  %145 = fmul <8 x float> %glu, %119
+  %146 = getelementptr inbounds float, ptr %121, i64 %col
+  store <8 x float> %145, ptr %146, align 4
+  %147 = add nsw i64 %r0, 1
+  %148 = getelementptr inbounds float, ptr %rw, i64 %147
+  %149 = load float, ptr %148, align 4
+  %150 = insertelement <8 x float> poison, float %149, i32 0
+  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
+  %152 = mul nsw i64 %147, 896
+  %153 = getelementptr inbounds float, ptr %h, i64 %152
+  %col2 = mul nsw i64 %p, 8
+  %154 = load <8 x float>, ptr %acc10, align 4
+  %155 = load <8 x float>, ptr %acc11, align 4
+  %156 = fneg <8 x float> %154
+  %157 = fcmp olt <8 x float> %156, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %159 = fcmp ogt <8 x float> %158, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %160 = select <8 x i1> %159, <8 x float> %158, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %162 = call <8 x float> @llvm.floor.v8f32(<8 x float> %161)
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %160)
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %163)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %164, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %164, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %164, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %164, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %164, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %170 = fmul <8 x float> %164, %164
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %170, <8 x float> %164)
+  %172 = fadd <8 x float> %171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %173 = fptosi <8 x float> %162 to <8 x i32>
+  %174 = add <8 x i32> %173, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %175 = shl <8 x i32> %174, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %175 to <8 x float>
+  %exp4 = fmul <8 x float> %172, %exp.2n3
+  %176 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %176
+  %silu6 = fmul <8 x float> %154, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %155
+  %177 = fmul <8 x float> %glu7, %151
+  %178 = getelementptr inbounds float, ptr %153, i64 %col2
+  store <8 x float> %177, ptr %178, align 4
+  %179 = add nsw i64 %r0, 2
+  %180 = getelementptr inbounds float, ptr %rw, i64 %179
+  %181 = load float, ptr %180, align 4
+  %182 = insertelement <8 x float> poison, float %181, i32 0
+  %183 = shufflevector <8 x float> %182, <8 x float> poison, <8 x i32> zeroinitializer
+  %184 = mul nsw i64 %179, 896
+  %185 = getelementptr inbounds float, ptr %h, i64 %184
+  %col8 = mul nsw i64 %p, 8
+  %186 = load <8 x float>, ptr %acc20, align 4
+  %187 = load <8 x float>, ptr %acc21, align 4
+  %188 = fneg <8 x float> %186
+  %189 = fcmp olt <8 x float> %188, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %190 = select <8 x i1> %189, <8 x float> %188, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %191 = fcmp ogt <8 x float> %190, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %194 = call <8 x float> @llvm.floor.v8f32(<8 x float> %193)
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %192)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %195)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %196, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %196, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %196, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %196, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %196, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %202 = fmul <8 x float> %196, %196
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %202, <8 x float> %196)
+  %204 = fadd <8 x float> %203, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %205 = fptosi <8 x float> %194 to <8 x i32>
+  %206 = add <8 x i32> %205, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %207 = shl <8 x i32> %206, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %207 to <8 x float>
+  %exp10 = fmul <8 x float> %204, %exp.2n9
+  %208 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %208
+  %silu12 = fmul <8 x float> %186, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %187
+  %209 = fmul <8 x float> %glu13, %183
+  %210 = getelementptr inbounds float, ptr %185, i64 %col8
+  store <8 x float> %209, ptr %210, align 4
+  %211 = add nsw i64 %r0, 3
+  %212 = getelementptr inbounds float, ptr %rw, i64 %211
+  %213 = load float, ptr %212, align 4
+  %214 = insertelement <8 x float> poison, float %213, i32 0
+  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
+  %216 = mul nsw i64 %211, 896
+  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %col14 = mul nsw i64 %p, 8
+  %218 = load <8 x float>, ptr %acc30, align 4
+  %219 = load <8 x float>, ptr %acc31, align 4
+  %220 = fneg <8 x float> %218
+  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %234 = fmul <8 x float> %228, %228
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
+  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %237 = fptosi <8 x float> %226 to <8 x i32>
+  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %239 to <8 x float>
+  %exp16 = fmul <8 x float> %236, %exp.2n15
+  %240 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
+  %silu18 = fmul <8 x float> %218, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %219
+  %241 = fmul <8 x float> %glu19, %215
+  %242 = getelementptr inbounds float, ptr %217, i64 %col14
+  store <8 x float> %241, ptr %242, align 4
+  %243 = add nsw i64 %r0, 4
+  %244 = getelementptr inbounds float, ptr %rw, i64 %243
+  %245 = load float, ptr %244, align 4
+  %246 = insertelement <8 x float> poison, float %245, i32 0
+  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
+  %248 = mul nsw i64 %243, 896
+  %249 = getelementptr inbounds float, ptr %h, i64 %248
+  %col20 = mul nsw i64 %p, 8
+  %250 = load <8 x float>, ptr %acc40, align 4
+  %251 = load <8 x float>, ptr %acc41, align 4
+  %252 = fneg <8 x float> %250
+  %253 = fcmp olt <8 x float> %252, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %254 = select <8 x i1> %253, <8 x float> %252, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %255 = fcmp ogt <8 x float> %254, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %258 = call <8 x float> @llvm.floor.v8f32(<8 x float> %257)
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %256)
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %259)
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %266 = fmul <8 x float> %260, %260
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %266, <8 x float> %260)
+  %268 = fadd <8 x float> %267, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %269 = fptosi <8 x float> %258 to <8 x i32>
+  %270 = add <8 x i32> %269, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %271 = shl <8 x i32> %270, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %271 to <8 x float>
+  %exp22 = fmul <8 x float> %268, %exp.2n21
+  %272 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %272
+  %silu24 = fmul <8 x float> %250, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %251
+  %273 = fmul <8 x float> %glu25, %247
+  %274 = getelementptr inbounds float, ptr %249, i64 %col20
+  store <8 x float> %273, ptr %274, align 4
+  %275 = add nsw i64 %r0, 5
+  %276 = getelementptr inbounds float, ptr %rw, i64 %275
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = mul nsw i64 %275, 896
+  %281 = getelementptr inbounds float, ptr %h, i64 %280
+  %col26 = mul nsw i64 %p, 8
+  %282 = load <8 x float>, ptr %acc50, align 4
+  %283 = load <8 x float>, ptr %acc51, align 4
+  %284 = fneg <8 x float> %282
+  %285 = fcmp olt <8 x float> %284, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %286 = select <8 x i1> %285, <8 x float> %284, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %287 = fcmp ogt <8 x float> %286, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %288 = select <8 x i1> %287, <8 x float> %286, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %290 = call <8 x float> @llvm.floor.v8f32(<8 x float> %289)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %288)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %291)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %292, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %292, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %292, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %292, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %292, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %298 = fmul <8 x float> %292, %292
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %298, <8 x float> %292)
+  %300 = fadd <8 x float> %299, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %301 = fptosi <8 x float> %290 to <8 x i32>
+  %302 = add <8 x i32> %301, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %303 = shl <8 x i32> %302, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %303 to <8 x float>
+  %exp28 = fmul <8 x float> %300, %exp.2n27
+  %304 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %304
+  %silu30 = fmul <8 x float> %282, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %283
+  %305 = fmul <8 x float> %glu31, %279
+  %306 = getelementptr inbounds float, ptr %281, i64 %col26
+  store <8 x float> %305, ptr %306, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %296 = add nsw i64 %r0, 0
-  %297 = getelementptr inbounds i32, ptr %rows, i64 %296
-  %298 = load i32, ptr %297, align 4
-  %299 = sext i32 %298 to i64
-  %300 = mul nsw i64 %299, 1280
-  %301 = getelementptr inbounds float, ptr %x, i64 %300
-  store <8 x float> zeroinitializer, ptr %acc0031, align 4
-  store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %302 = add nsw i64 %r0, 1
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 1280
-  %307 = getelementptr inbounds float, ptr %x, i64 %306
-  store <8 x float> zeroinitializer, ptr %acc1033, align 4
-  store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %308 = add nsw i64 %r0, 2
-  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
-  %310 = load i32, ptr %309, align 4
-  %311 = sext i32 %310 to i64
-  %312 = mul nsw i64 %311, 1280
-  %313 = getelementptr inbounds float, ptr %x, i64 %312
-  store <8 x float> zeroinitializer, ptr %acc2035, align 4
-  store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %314 = add nsw i64 %r0, 3
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 1280
-  %319 = getelementptr inbounds float, ptr %x, i64 %318
-  store <8 x float> zeroinitializer, ptr %acc3037, align 4
-  store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %320 = add nsw i64 %r0, 4
-  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
-  %322 = load i32, ptr %321, align 4
-  %323 = sext i32 %322 to i64
-  %324 = mul nsw i64 %323, 1280
-  %325 = getelementptr inbounds float, ptr %x, i64 %324
-  store <8 x float> zeroinitializer, ptr %acc4039, align 4
-  store <8 x float> zeroinitializer, ptr %acc4140, align 4
-  %panel.off41 = mul nsw i64 %p, 20480
-  %326 = getelementptr inbounds i16, ptr %panels, i64 %panel.off41
-  %327 = add nsw i64 %p, 1
-  %328 = icmp slt i64 %327, %p1
-  %329 = getelementptr inbounds i8, ptr %326, i64 40960
-  %330 = and i1 %pf.on, %328
-  %pf42 = select i1 %330, ptr %329, ptr %326
-  br label %k.head43
+  %307 = add nsw i64 %r0, 0
+  %308 = getelementptr inbounds i32, ptr %rows, i64 %307
+  %309 = load i32, ptr %308, align 4
+  %310 = sext i32 %309 to i64
+  %311 = mul nsw i64 %310, 1280
+  %312 = getelementptr inbounds float, ptr %x, i64 %311
+  store <8 x float> zeroinitializer, ptr %acc0032, align 4
+  store <8 x float> zeroinitializer, ptr %acc0133, align 4
+  %313 = add nsw i64 %r0, 1
+  %314 = getelementptr inbounds i32, ptr %rows, i64 %313
+  %315 = load i32, ptr %314, align 4
+  %316 = sext i32 %315 to i64
+  %317 = mul nsw i64 %316, 1280
+  %318 = getelementptr inbounds float, ptr %x, i64 %317
+  store <8 x float> zeroinitializer, ptr %acc1034, align 4
+  store <8 x float> zeroinitializer, ptr %acc1135, align 4
+  %319 = add nsw i64 %r0, 2
+  %320 = getelementptr inbounds i32, ptr %rows, i64 %319
+  %321 = load i32, ptr %320, align 4
+  %322 = sext i32 %321 to i64
+  %323 = mul nsw i64 %322, 1280
+  %324 = getelementptr inbounds float, ptr %x, i64 %323
+  store <8 x float> zeroinitializer, ptr %acc2036, align 4
+  store <8 x float> zeroinitializer, ptr %acc2137, align 4
+  %325 = add nsw i64 %r0, 3
+  %326 = getelementptr inbounds i32, ptr %rows, i64 %325
+  %327 = load i32, ptr %326, align 4
+  %328 = sext i32 %327 to i64
+  %329 = mul nsw i64 %328, 1280
+  %330 = getelementptr inbounds float, ptr %x, i64 %329
+  store <8 x float> zeroinitializer, ptr %acc3038, align 4
+  store <8 x float> zeroinitializer, ptr %acc3139, align 4
+  %331 = add nsw i64 %r0, 4
+  %332 = getelementptr inbounds i32, ptr %rows, i64 %331
+  %333 = load i32, ptr %332, align 4
+  %334 = sext i32 %333 to i64
+  %335 = mul nsw i64 %334, 1280
+  %336 = getelementptr inbounds float, ptr %x, i64 %335
+  store <8 x float> zeroinitializer, ptr %acc4040, align 4
+  store <8 x float> zeroinitializer, ptr %acc4141, align 4
+  %panel.off42 = mul nsw i64 %p, 20480
+  %337 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %338 = add nsw i64 %p, 1
+  %339 = icmp slt i64 %338, %p1
+  %pf.on43 = and i1 %pf.on, %339
+  %340 = mul nsw i64 %pf.j, 40960
+  %341 = lshr i64 %340, %9
+  %342 = add nsw i64 40960, %341
+  %343 = getelementptr inbounds i8, ptr %337, i64 %342
+  %pf44 = select i1 %pf.on43, ptr %343, ptr %337
+  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr5
-  %k46 = phi i64 [ 0, %tile.mr5 ], [ %380, %k.body44 ]
-  %331 = icmp slt i64 %k46, 1280
-  br i1 %331, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %394, %k.body47 ]
+  %344 = icmp slt i64 %k49, 1280
+  br i1 %344, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %332 = mul nsw i64 %k46, 16
-  %333 = add nsw i64 %panel.off41, %332
-  %334 = mul nsw i64 %k46, 32
-  %335 = getelementptr inbounds i8, ptr %pf42, i64 %334
-  call void @llvm.prefetch.p0(ptr %335, i32 0, i32 2, i32 1)
-  %336 = getelementptr inbounds i16, ptr %panels, i64 %333
-  %337 = load <8 x i32>, ptr %336, align 4
-  %338 = shl <8 x i32> %337, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %338 to <8 x float>
-  %339 = and <8 x i32> %337, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %339 to <8 x float>
-  %340 = getelementptr inbounds float, ptr %301, i64 %k46
-  %341 = load float, ptr %340, align 4
-  %342 = insertelement <8 x float> poison, float %341, i32 0
-  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = load <8 x float>, ptr %acc0031, align 4
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b047, <8 x float> %344)
-  store <8 x float> %345, ptr %acc0031, align 4
-  %346 = load <8 x float>, ptr %acc0132, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b148, <8 x float> %346)
-  store <8 x float> %347, ptr %acc0132, align 4
-  %348 = getelementptr inbounds float, ptr %307, i64 %k46
-  %349 = load float, ptr %348, align 4
-  %350 = insertelement <8 x float> poison, float %349, i32 0
-  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
-  %352 = load <8 x float>, ptr %acc1033, align 4
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b047, <8 x float> %352)
-  store <8 x float> %353, ptr %acc1033, align 4
-  %354 = load <8 x float>, ptr %acc1134, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b148, <8 x float> %354)
-  store <8 x float> %355, ptr %acc1134, align 4
-  %356 = getelementptr inbounds float, ptr %313, i64 %k46
-  %357 = load float, ptr %356, align 4
-  %358 = insertelement <8 x float> poison, float %357, i32 0
-  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = load <8 x float>, ptr %acc2035, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b047, <8 x float> %360)
-  store <8 x float> %361, ptr %acc2035, align 4
-  %362 = load <8 x float>, ptr %acc2136, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b148, <8 x float> %362)
-  store <8 x float> %363, ptr %acc2136, align 4
-  %364 = getelementptr inbounds float, ptr %319, i64 %k46
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <8 x float> poison, float %365, i32 0
-  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
-  %368 = load <8 x float>, ptr %acc3037, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b047, <8 x float> %368)
-  store <8 x float> %369, ptr %acc3037, align 4
-  %370 = load <8 x float>, ptr %acc3138, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b148, <8 x float> %370)
-  store <8 x float> %371, ptr %acc3138, align 4
-  %372 = getelementptr inbounds float, ptr %325, i64 %k46
-  %373 = load float, ptr %372, align 4
-  %374 = insertelement <8 x float> poison, float %373, i32 0
-  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
-  %376 = load <8 x float>, ptr %acc4039, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b047, <8 x float> %376)
-  store <8 x float> %377, ptr %acc4039, align 4
-  %378 = load <8 x float>, ptr %acc4140, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b148, <8 x float> %378)
-  store <8 x float> %379, ptr %acc4140, align 4
-  %380 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %345 = mul nsw i64 %k49, 16
+  %346 = add nsw i64 %panel.off42, %345
+  %347 = mul nsw i64 %k49, 32
+  %348 = lshr i64 %347, %pf.sh45
+  %349 = getelementptr inbounds i8, ptr %pf44, i64 %348
+  call void @llvm.prefetch.p0(ptr %349, i32 0, i32 2, i32 1)
+  %350 = getelementptr inbounds i16, ptr %panels, i64 %346
+  %351 = load <8 x i32>, ptr %350, align 4
+  %352 = shl <8 x i32> %351, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %352 to <8 x float>
+  %353 = and <8 x i32> %351, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %353 to <8 x float>
+  %354 = getelementptr inbounds float, ptr %312, i64 %k49
+  %355 = load float, ptr %354, align 4
+  %356 = insertelement <8 x float> poison, float %355, i32 0
+  %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
+  %358 = load <8 x float>, ptr %acc0032, align 4
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b050, <8 x float> %358)
+  store <8 x float> %359, ptr %acc0032, align 4
+  %360 = load <8 x float>, ptr %acc0133, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b151, <8 x float> %360)
+  store <8 x float> %361, ptr %acc0133, align 4
+  %362 = getelementptr inbounds float, ptr %318, i64 %k49
+  %363 = load float, ptr %362, align 4
+  %364 = insertelement <8 x float> poison, float %363, i32 0
+  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
+  %366 = load <8 x float>, ptr %acc1034, align 4
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b050, <8 x float> %366)
+  store <8 x float> %367, ptr %acc1034, align 4
+  %368 = load <8 x float>, ptr %acc1135, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b151, <8 x float> %368)
+  store <8 x float> %369, ptr %acc1135, align 4
+  %370 = getelementptr inbounds float, ptr %324, i64 %k49
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = load <8 x float>, ptr %acc2036, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b050, <8 x float> %374)
+  store <8 x float> %375, ptr %acc2036, align 4
+  %376 = load <8 x float>, ptr %acc2137, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b151, <8 x float> %376)
+  store <8 x float> %377, ptr %acc2137, align 4
+  %378 = getelementptr inbounds float, ptr %330, i64 %k49
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc3038, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b050, <8 x float> %382)
+  store <8 x float> %383, ptr %acc3038, align 4
+  %384 = load <8 x float>, ptr %acc3139, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b151, <8 x float> %384)
+  store <8 x float> %385, ptr %acc3139, align 4
+  %386 = getelementptr inbounds float, ptr %336, i64 %k49
+  %387 = load float, ptr %386, align 4
+  %388 = insertelement <8 x float> poison, float %387, i32 0
+  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
+  %390 = load <8 x float>, ptr %acc4040, align 4
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b050, <8 x float> %390)
+  store <8 x float> %391, ptr %acc4040, align 4
+  %392 = load <8 x float>, ptr %acc4141, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b151, <8 x float> %392)
+  store <8 x float> %393, ptr %acc4141, align 4
+  %394 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %381 = add nsw i64 %r0, 0
-  %382 = getelementptr inbounds float, ptr %rw, i64 %381
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = mul nsw i64 %381, 896
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
-  %col49 = mul nsw i64 %p, 8
-  %388 = load <8 x float>, ptr %acc0031, align 4
-  %389 = load <8 x float>, ptr %acc0132, align 4
-  %390 = fneg <8 x float> %388
-  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %397)
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %404 = fmul <8 x float> %398, %398
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %404, <8 x float> %398)
-  %406 = fadd <8 x float> %405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %407 = fptosi <8 x float> %396 to <8 x i32>
-  %408 = add <8 x i32> %407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %409 = shl <8 x i32> %408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n50 = bitcast <8 x i32> %409 to <8 x float>
-  %exp51 = fmul <8 x float> %406, %exp.2n50
-  %410 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %410
-  %silu53 = fmul <8 x float> %388, %sigmoid52
-  %glu54 = fmul <8 x float> %silu53, %389
-  %411 = fmul <8 x float> %glu54, %385
-  %412 = getelementptr inbounds float, ptr %387, i64 %col49
-  store <8 x float> %411, ptr %412, align 4
-  %413 = add nsw i64 %r0, 1
-  %414 = getelementptr inbounds float, ptr %rw, i64 %413
-  %415 = load float, ptr %414, align 4
-  %416 = insertelement <8 x float> poison, float %415, i32 0
-  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
-  %418 = mul nsw i64 %413, 896
-  %419 = getelementptr inbounds float, ptr %h, i64 %418
-  %col55 = mul nsw i64 %p, 8
-  %420 = load <8 x float>, ptr %acc1033, align 4
-  %421 = load <8 x float>, ptr %acc1134, align 4
-  %422 = fneg <8 x float> %420
-  %423 = fcmp olt <8 x float> %422, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %424 = select <8 x i1> %423, <8 x float> %422, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %425 = fcmp ogt <8 x float> %424, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %428 = call <8 x float> @llvm.floor.v8f32(<8 x float> %427)
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %426)
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %429)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %430, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %430, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %430, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %430, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %430, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %436 = fmul <8 x float> %430, %430
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %436, <8 x float> %430)
-  %438 = fadd <8 x float> %437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %439 = fptosi <8 x float> %428 to <8 x i32>
-  %440 = add <8 x i32> %439, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %441 = shl <8 x i32> %440, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n56 = bitcast <8 x i32> %441 to <8 x float>
-  %exp57 = fmul <8 x float> %438, %exp.2n56
-  %442 = fadd <8 x float> %exp57, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid58 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %442
-  %silu59 = fmul <8 x float> %420, %sigmoid58
-  %glu60 = fmul <8 x float> %silu59, %421
-  %443 = fmul <8 x float> %glu60, %417
-  %444 = getelementptr inbounds float, ptr %419, i64 %col55
-  store <8 x float> %443, ptr %444, align 4
-  %445 = add nsw i64 %r0, 2
-  %446 = getelementptr inbounds float, ptr %rw, i64 %445
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = mul nsw i64 %445, 896
-  %451 = getelementptr inbounds float, ptr %h, i64 %450
-  %col61 = mul nsw i64 %p, 8
-  %452 = load <8 x float>, ptr %acc2035, align 4
-  %453 = load <8 x float>, ptr %acc2136, align 4
-  %454 = fneg <8 x float> %452
-  %455 = fcmp olt <8 x float> %454, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %457 = fcmp ogt <8 x float> %456, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %460 = call <8 x float> @llvm.floor.v8f32(<8 x float> %459)
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %458)
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %461)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %462, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %462, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %462, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %462, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %468 = fmul <8 x float> %462, %462
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %468, <8 x float> %462)
-  %470 = fadd <8 x float> %469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %471 = fptosi <8 x float> %460 to <8 x i32>
-  %472 = add <8 x i32> %471, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %473 = shl <8 x i32> %472, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n62 = bitcast <8 x i32> %473 to <8 x float>
-  %exp63 = fmul <8 x float> %470, %exp.2n62
-  %474 = fadd <8 x float> %exp63, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid64 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %474
-  %silu65 = fmul <8 x float> %452, %sigmoid64
-  %glu66 = fmul <8 x float> %silu65, %453
-  %475 = fmul <8 x float> %glu66, %449
-  %476 = getelementptr inbounds float, ptr %451, i64 %col61
-  store <8 x float> %475, ptr %476, align 4
-  %477 = add nsw i64 %r0, 3
-  %478 = getelementptr inbounds float, ptr %rw, i64 %477
-  %479 = load float, ptr %478, align 4
-  %480 = insertelement <8 x float> poison, float %479, i32 0
-  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
-  %482 = mul nsw i64 %477, 896
-  %483 = getelementptr inbounds float, ptr %h, i64 %482
-  %col67 = mul nsw i64 %p, 8
-  %484 = load <8 x float>, ptr %acc3037, align 4
-  %485 = load <8 x float>, ptr %acc3138, align 4
-  %486 = fneg <8 x float> %484
-  %487 = fcmp olt <8 x float> %486, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %488 = select <8 x i1> %487, <8 x float> %486, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %489 = fcmp ogt <8 x float> %488, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %492 = call <8 x float> @llvm.floor.v8f32(<8 x float> %491)
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %490)
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %493)
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %494, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %494, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %494, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %494, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %494, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %500 = fmul <8 x float> %494, %494
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %500, <8 x float> %494)
-  %502 = fadd <8 x float> %501, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %503 = fptosi <8 x float> %492 to <8 x i32>
-  %504 = add <8 x i32> %503, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %505 = shl <8 x i32> %504, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n68 = bitcast <8 x i32> %505 to <8 x float>
-  %exp69 = fmul <8 x float> %502, %exp.2n68
-  %506 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %506
-  %silu71 = fmul <8 x float> %484, %sigmoid70
-  %glu72 = fmul <8 x float> %silu71, %485
-  %507 = fmul <8 x float> %glu72, %481
-  %508 = getelementptr inbounds float, ptr %483, i64 %col67
-  store <8 x float> %507, ptr %508, align 4
-  %509 = add nsw i64 %r0, 4
-  %510 = getelementptr inbounds float, ptr %rw, i64 %509
-  %511 = load float, ptr %510, align 4
-  %512 = insertelement <8 x float> poison, float %511, i32 0
-  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
-  %514 = mul nsw i64 %509, 896
-  %515 = getelementptr inbounds float, ptr %h, i64 %514
-  %col73 = mul nsw i64 %p, 8
-  %516 = load <8 x float>, ptr %acc4039, align 4
-  %517 = load <8 x float>, ptr %acc4140, align 4
-  %518 = fneg <8 x float> %516
-  %519 = fcmp olt <8 x float> %518, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %520 = select <8 x i1> %519, <8 x float> %518, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %521 = fcmp ogt <8 x float> %520, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %524 = call <8 x float> @llvm.floor.v8f32(<8 x float> %523)
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %522)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %525)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %526, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %526, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %526, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %526, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %526, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %532 = fmul <8 x float> %526, %526
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %532, <8 x float> %526)
-  %534 = fadd <8 x float> %533, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %535 = fptosi <8 x float> %524 to <8 x i32>
-  %536 = add <8 x i32> %535, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %537 = shl <8 x i32> %536, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n74 = bitcast <8 x i32> %537 to <8 x float>
-  %exp75 = fmul <8 x float> %534, %exp.2n74
-  %538 = fadd <8 x float> %exp75, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid76 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %538
-  %silu77 = fmul <8 x float> %516, %sigmoid76
-  %glu78 = fmul <8 x float> %silu77, %517
-  %539 = fmul <8 x float> %glu78, %513
-  %540 = getelementptr inbounds float, ptr %515, i64 %col73
-  store <8 x float> %539, ptr %540, align 4
+k.end48:                                          ; preds = %k.head46
+  %395 = add nsw i64 %r0, 0
+  %396 = getelementptr inbounds float, ptr %rw, i64 %395
+  %397 = load float, ptr %396, align 4
+  %398 = insertelement <8 x float> poison, float %397, i32 0
+  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
+  %400 = mul nsw i64 %395, 896
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %col52 = mul nsw i64 %p, 8
+  %402 = load <8 x float>, ptr %acc0032, align 4
+  %403 = load <8 x float>, ptr %acc0133, align 4
+  %404 = fneg <8 x float> %402
+  %405 = fcmp olt <8 x float> %404, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %406 = select <8 x i1> %405, <8 x float> %404, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %407 = fcmp ogt <8 x float> %406, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %410 = call <8 x float> @llvm.floor.v8f32(<8 x float> %409)
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %408)
+  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %411)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %412, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> %412, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %412, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %412, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %412, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %418 = fmul <8 x float> %412, %412
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %418, <8 x float> %412)
+  %420 = fadd <8 x float> %419, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %421 = fptosi <8 x float> %410 to <8 x i32>
+  %422 = add <8 x i32> %421, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %423 = shl <8 x i32> %422, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %423 to <8 x float>
+  %exp54 = fmul <8 x float> %420, %exp.2n53
+  %424 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %424
+  %silu56 = fmul <8 x float> %402, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %403
+  %425 = fmul <8 x float> %glu57, %399
+  %426 = getelementptr inbounds float, ptr %401, i64 %col52
+  store <8 x float> %425, ptr %426, align 4
+  %427 = add nsw i64 %r0, 1
+  %428 = getelementptr inbounds float, ptr %rw, i64 %427
+  %429 = load float, ptr %428, align 4
+  %430 = insertelement <8 x float> poison, float %429, i32 0
+  %431 = shufflevector <8 x float> %430, <8 x float> poison, <8 x i32> zeroinitializer
+  %432 = mul nsw i64 %427, 896
+  %433 = getelementptr inbounds float, ptr %h, i64 %432
+  %col58 = mul nsw i64 %p, 8
+  %434 = load <8 x float>, ptr %acc1034, align 4
+  %435 = load <8 x float>, ptr %acc1135, align 4
+  %436 = fneg <8 x float> %434
+  %437 = fcmp olt <8 x float> %436, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %438 = select <8 x i1> %437, <8 x float> %436, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %439 = fcmp ogt <8 x float> %438, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %442 = call <8 x float> @llvm.floor.v8f32(<8 x float> %441)
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %440)
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %443)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %444, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> %444, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %444, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %444, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %444, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %450 = fmul <8 x float> %444, %444
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %450, <8 x float> %444)
+  %452 = fadd <8 x float> %451, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %453 = fptosi <8 x float> %442 to <8 x i32>
+  %454 = add <8 x i32> %453, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %455 = shl <8 x i32> %454, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %455 to <8 x float>
+  %exp60 = fmul <8 x float> %452, %exp.2n59
+  %456 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %456
+  %silu62 = fmul <8 x float> %434, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %435
+  %457 = fmul <8 x float> %glu63, %431
+  %458 = getelementptr inbounds float, ptr %433, i64 %col58
+  store <8 x float> %457, ptr %458, align 4
+  %459 = add nsw i64 %r0, 2
+  %460 = getelementptr inbounds float, ptr %rw, i64 %459
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = mul nsw i64 %459, 896
+  %465 = getelementptr inbounds float, ptr %h, i64 %464
+  %col64 = mul nsw i64 %p, 8
+  %466 = load <8 x float>, ptr %acc2036, align 4
+  %467 = load <8 x float>, ptr %acc2137, align 4
+  %468 = fneg <8 x float> %466
+  %469 = fcmp olt <8 x float> %468, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %470 = select <8 x i1> %469, <8 x float> %468, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %471 = fcmp ogt <8 x float> %470, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %474 = call <8 x float> @llvm.floor.v8f32(<8 x float> %473)
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %472)
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %475)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %476, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %476, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %476, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %476, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %476, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %482 = fmul <8 x float> %476, %476
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %482, <8 x float> %476)
+  %484 = fadd <8 x float> %483, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %485 = fptosi <8 x float> %474 to <8 x i32>
+  %486 = add <8 x i32> %485, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %487 = shl <8 x i32> %486, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %487 to <8 x float>
+  %exp66 = fmul <8 x float> %484, %exp.2n65
+  %488 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %488
+  %silu68 = fmul <8 x float> %466, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %467
+  %489 = fmul <8 x float> %glu69, %463
+  %490 = getelementptr inbounds float, ptr %465, i64 %col64
+  store <8 x float> %489, ptr %490, align 4
+  %491 = add nsw i64 %r0, 3
+  %492 = getelementptr inbounds float, ptr %rw, i64 %491
+  %493 = load float, ptr %492, align 4
+  %494 = insertelement <8 x float> poison, float %493, i32 0
+  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
+  %496 = mul nsw i64 %491, 896
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %col70 = mul nsw i64 %p, 8
+  %498 = load <8 x float>, ptr %acc3038, align 4
+  %499 = load <8 x float>, ptr %acc3139, align 4
+  %500 = fneg <8 x float> %498
+  %501 = fcmp olt <8 x float> %500, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %502 = select <8 x i1> %501, <8 x float> %500, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %503 = fcmp ogt <8 x float> %502, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %506 = call <8 x float> @llvm.floor.v8f32(<8 x float> %505)
+  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %504)
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %507)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %508, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %508, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %508, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %508, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %508, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %514 = fmul <8 x float> %508, %508
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %514, <8 x float> %508)
+  %516 = fadd <8 x float> %515, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %517 = fptosi <8 x float> %506 to <8 x i32>
+  %518 = add <8 x i32> %517, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %519 = shl <8 x i32> %518, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %519 to <8 x float>
+  %exp72 = fmul <8 x float> %516, %exp.2n71
+  %520 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %520
+  %silu74 = fmul <8 x float> %498, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %499
+  %521 = fmul <8 x float> %glu75, %495
+  %522 = getelementptr inbounds float, ptr %497, i64 %col70
+  store <8 x float> %521, ptr %522, align 4
+  %523 = add nsw i64 %r0, 4
+  %524 = getelementptr inbounds float, ptr %rw, i64 %523
+  %525 = load float, ptr %524, align 4
+  %526 = insertelement <8 x float> poison, float %525, i32 0
+  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
+  %528 = mul nsw i64 %523, 896
+  %529 = getelementptr inbounds float, ptr %h, i64 %528
+  %col76 = mul nsw i64 %p, 8
+  %530 = load <8 x float>, ptr %acc4040, align 4
+  %531 = load <8 x float>, ptr %acc4141, align 4
+  %532 = fneg <8 x float> %530
+  %533 = fcmp olt <8 x float> %532, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %534 = select <8 x i1> %533, <8 x float> %532, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %535 = fcmp ogt <8 x float> %534, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %538 = call <8 x float> @llvm.floor.v8f32(<8 x float> %537)
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %536)
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %539)
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %540, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %540, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %540, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %540, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %540, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %546 = fmul <8 x float> %540, %540
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %546, <8 x float> %540)
+  %548 = fadd <8 x float> %547, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %549 = fptosi <8 x float> %538 to <8 x i32>
+  %550 = add <8 x i32> %549, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %551 = shl <8 x i32> %550, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %551 to <8 x float>
+  %exp78 = fmul <8 x float> %548, %exp.2n77
+  %552 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
+  %silu80 = fmul <8 x float> %530, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %531
+  %553 = fmul <8 x float> %glu81, %527
+  %554 = getelementptr inbounds float, ptr %529, i64 %col76
+  store <8 x float> %553, ptr %554, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %541 = add nsw i64 %r0, 0
-  %542 = getelementptr inbounds i32, ptr %rows, i64 %541
-  %543 = load i32, ptr %542, align 4
-  %544 = sext i32 %543 to i64
-  %545 = mul nsw i64 %544, 1280
-  %546 = getelementptr inbounds float, ptr %x, i64 %545
-  store <8 x float> zeroinitializer, ptr %acc0079, align 4
-  store <8 x float> zeroinitializer, ptr %acc0180, align 4
-  %547 = add nsw i64 %r0, 1
-  %548 = getelementptr inbounds i32, ptr %rows, i64 %547
-  %549 = load i32, ptr %548, align 4
-  %550 = sext i32 %549 to i64
-  %551 = mul nsw i64 %550, 1280
-  %552 = getelementptr inbounds float, ptr %x, i64 %551
-  store <8 x float> zeroinitializer, ptr %acc1081, align 4
-  store <8 x float> zeroinitializer, ptr %acc1182, align 4
-  %553 = add nsw i64 %r0, 2
-  %554 = getelementptr inbounds i32, ptr %rows, i64 %553
-  %555 = load i32, ptr %554, align 4
-  %556 = sext i32 %555 to i64
-  %557 = mul nsw i64 %556, 1280
-  %558 = getelementptr inbounds float, ptr %x, i64 %557
-  store <8 x float> zeroinitializer, ptr %acc2083, align 4
-  store <8 x float> zeroinitializer, ptr %acc2184, align 4
-  %559 = add nsw i64 %r0, 3
-  %560 = getelementptr inbounds i32, ptr %rows, i64 %559
-  %561 = load i32, ptr %560, align 4
-  %562 = sext i32 %561 to i64
-  %563 = mul nsw i64 %562, 1280
-  %564 = getelementptr inbounds float, ptr %x, i64 %563
-  store <8 x float> zeroinitializer, ptr %acc3085, align 4
-  store <8 x float> zeroinitializer, ptr %acc3186, align 4
-  %panel.off87 = mul nsw i64 %p, 20480
-  %565 = getelementptr inbounds i16, ptr %panels, i64 %panel.off87
-  %566 = add nsw i64 %p, 1
-  %567 = icmp slt i64 %566, %p1
-  %568 = getelementptr inbounds i8, ptr %565, i64 40960
-  %569 = and i1 %pf.on, %567
-  %pf88 = select i1 %569, ptr %568, ptr %565
-  br label %k.head89
+  %555 = add nsw i64 %r0, 0
+  %556 = getelementptr inbounds i32, ptr %rows, i64 %555
+  %557 = load i32, ptr %556, align 4
+  %558 = sext i32 %557 to i64
+  %559 = mul nsw i64 %558, 1280
+  %560 = getelementptr inbounds float, ptr %x, i64 %559
+  store <8 x float> zeroinitializer, ptr %acc0082, align 4
+  store <8 x float> zeroinitializer, ptr %acc0183, align 4
+  %561 = add nsw i64 %r0, 1
+  %562 = getelementptr inbounds i32, ptr %rows, i64 %561
+  %563 = load i32, ptr %562, align 4
+  %564 = sext i32 %563 to i64
+  %565 = mul nsw i64 %564, 1280
+  %566 = getelementptr inbounds float, ptr %x, i64 %565
+  store <8 x float> zeroinitializer, ptr %acc1084, align 4
+  store <8 x float> zeroinitializer, ptr %acc1185, align 4
+  %567 = add nsw i64 %r0, 2
+  %568 = getelementptr inbounds i32, ptr %rows, i64 %567
+  %569 = load i32, ptr %568, align 4
+  %570 = sext i32 %569 to i64
+  %571 = mul nsw i64 %570, 1280
+  %572 = getelementptr inbounds float, ptr %x, i64 %571
+  store <8 x float> zeroinitializer, ptr %acc2086, align 4
+  store <8 x float> zeroinitializer, ptr %acc2187, align 4
+  %573 = add nsw i64 %r0, 3
+  %574 = getelementptr inbounds i32, ptr %rows, i64 %573
+  %575 = load i32, ptr %574, align 4
+  %576 = sext i32 %575 to i64
+  %577 = mul nsw i64 %576, 1280
+  %578 = getelementptr inbounds float, ptr %x, i64 %577
+  store <8 x float> zeroinitializer, ptr %acc3088, align 4
+  store <8 x float> zeroinitializer, ptr %acc3189, align 4
+  %panel.off90 = mul nsw i64 %p, 20480
+  %579 = getelementptr inbounds i16, ptr %panels, i64 %panel.off90
+  %580 = add nsw i64 %p, 1
+  %581 = icmp slt i64 %580, %p1
+  %pf.on91 = and i1 %pf.on, %581
+  %582 = mul nsw i64 %pf.j, 40960
+  %583 = lshr i64 %582, %9
+  %584 = add nsw i64 40960, %583
+  %585 = getelementptr inbounds i8, ptr %579, i64 %584
+  %pf92 = select i1 %pf.on91, ptr %585, ptr %579
+  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
+  br label %k.head94
 
-k.head89:                                         ; preds = %k.body90, %tile.mr4
-  %k92 = phi i64 [ 0, %tile.mr4 ], [ %611, %k.body90 ]
-  %570 = icmp slt i64 %k92, 1280
-  br i1 %570, label %k.body90, label %k.end91
+k.head94:                                         ; preds = %k.body95, %tile.mr4
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %628, %k.body95 ]
+  %586 = icmp slt i64 %k97, 1280
+  br i1 %586, label %k.body95, label %k.end96
 
-k.body90:                                         ; preds = %k.head89
-  %571 = mul nsw i64 %k92, 16
-  %572 = add nsw i64 %panel.off87, %571
-  %573 = mul nsw i64 %k92, 32
-  %574 = getelementptr inbounds i8, ptr %pf88, i64 %573
-  call void @llvm.prefetch.p0(ptr %574, i32 0, i32 2, i32 1)
-  %575 = getelementptr inbounds i16, ptr %panels, i64 %572
-  %576 = load <8 x i32>, ptr %575, align 4
-  %577 = shl <8 x i32> %576, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b093 = bitcast <8 x i32> %577 to <8 x float>
-  %578 = and <8 x i32> %576, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b194 = bitcast <8 x i32> %578 to <8 x float>
-  %579 = getelementptr inbounds float, ptr %546, i64 %k92
-  %580 = load float, ptr %579, align 4
-  %581 = insertelement <8 x float> poison, float %580, i32 0
-  %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = load <8 x float>, ptr %acc0079, align 4
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %b093, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0079, align 4
-  %585 = load <8 x float>, ptr %acc0180, align 4
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %b194, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0180, align 4
-  %587 = getelementptr inbounds float, ptr %552, i64 %k92
-  %588 = load float, ptr %587, align 4
-  %589 = insertelement <8 x float> poison, float %588, i32 0
-  %590 = shufflevector <8 x float> %589, <8 x float> poison, <8 x i32> zeroinitializer
-  %591 = load <8 x float>, ptr %acc1081, align 4
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %b093, <8 x float> %591)
-  store <8 x float> %592, ptr %acc1081, align 4
-  %593 = load <8 x float>, ptr %acc1182, align 4
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %b194, <8 x float> %593)
-  store <8 x float> %594, ptr %acc1182, align 4
-  %595 = getelementptr inbounds float, ptr %558, i64 %k92
-  %596 = load float, ptr %595, align 4
-  %597 = insertelement <8 x float> poison, float %596, i32 0
-  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
-  %599 = load <8 x float>, ptr %acc2083, align 4
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %b093, <8 x float> %599)
-  store <8 x float> %600, ptr %acc2083, align 4
-  %601 = load <8 x float>, ptr %acc2184, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %b194, <8 x float> %601)
-  store <8 x float> %602, ptr %acc2184, align 4
-  %603 = getelementptr inbounds float, ptr %564, i64 %k92
-  %604 = load float, ptr %603, align 4
-  %605 = insertelement <8 x float> poison, float %604, i32 0
-  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
-  %607 = load <8 x float>, ptr %acc3085, align 4
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b093, <8 x float> %607)
-  store <8 x float> %608, ptr %acc3085, align 4
-  %609 = load <8 x float>, ptr %acc3186, align 4
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b194, <8 x float> %609)
-  store <8 x float> %610, ptr %acc3186, align 4
-  %611 = add nsw i64 %k92, 1
-  br label %k.head89
+k.body95:                                         ; preds = %k.head94
+  %587 = mul nsw i64 %k97, 16
+  %588 = add nsw i64 %panel.off90, %587
+  %589 = mul nsw i64 %k97, 32
+  %590 = lshr i64 %589, %pf.sh93
+  %591 = getelementptr inbounds i8, ptr %pf92, i64 %590
+  call void @llvm.prefetch.p0(ptr %591, i32 0, i32 2, i32 1)
+  %592 = getelementptr inbounds i16, ptr %panels, i64 %588
+  %593 = load <8 x i32>, ptr %592, align 4
+  %594 = shl <8 x i32> %593, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b098 = bitcast <8 x i32> %594 to <8 x float>
+  %595 = and <8 x i32> %593, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b199 = bitcast <8 x i32> %595 to <8 x float>
+  %596 = getelementptr inbounds float, ptr %560, i64 %k97
+  %597 = load float, ptr %596, align 4
+  %598 = insertelement <8 x float> poison, float %597, i32 0
+  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
+  %600 = load <8 x float>, ptr %acc0082, align 4
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b098, <8 x float> %600)
+  store <8 x float> %601, ptr %acc0082, align 4
+  %602 = load <8 x float>, ptr %acc0183, align 4
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b199, <8 x float> %602)
+  store <8 x float> %603, ptr %acc0183, align 4
+  %604 = getelementptr inbounds float, ptr %566, i64 %k97
+  %605 = load float, ptr %604, align 4
+  %606 = insertelement <8 x float> poison, float %605, i32 0
+  %607 = shufflevector <8 x float> %606, <8 x float> poison, <8 x i32> zeroinitializer
+  %608 = load <8 x float>, ptr %acc1084, align 4
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b098, <8 x float> %608)
+  store <8 x float> %609, ptr %acc1084, align 4
+  %610 = load <8 x float>, ptr %acc1185, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b199, <8 x float> %610)
+  store <8 x float> %611, ptr %acc1185, align 4
+  %612 = getelementptr inbounds float, ptr %572, i64 %k97
+  %613 = load float, ptr %612, align 4
+  %614 = insertelement <8 x float> poison, float %613, i32 0
+  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
+  %616 = load <8 x float>, ptr %acc2086, align 4
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b098, <8 x float> %616)
+  store <8 x float> %617, ptr %acc2086, align 4
+  %618 = load <8 x float>, ptr %acc2187, align 4
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b199, <8 x float> %618)
+  store <8 x float> %619, ptr %acc2187, align 4
+  %620 = getelementptr inbounds float, ptr %578, i64 %k97
+  %621 = load float, ptr %620, align 4
+  %622 = insertelement <8 x float> poison, float %621, i32 0
+  %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
+  %624 = load <8 x float>, ptr %acc3088, align 4
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b098, <8 x float> %624)
+  store <8 x float> %625, ptr %acc3088, align 4
+  %626 = load <8 x float>, ptr %acc3189, align 4
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b199, <8 x float> %626)
+  store <8 x float> %627, ptr %acc3189, align 4
+  %628 = add nsw i64 %k97, 1
+  br label %k.head94
 
-k.end91:                                          ; preds = %k.head89
-  %612 = add nsw i64 %r0, 0
-  %613 = getelementptr inbounds float, ptr %rw, i64 %612
-  %614 = load float, ptr %613, align 4
-  %615 = insertelement <8 x float> poison, float %614, i32 0
-  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
-  %617 = mul nsw i64 %612, 896
-  %618 = getelementptr inbounds float, ptr %h, i64 %617
-  %col95 = mul nsw i64 %p, 8
-  %619 = load <8 x float>, ptr %acc0079, align 4
-  %620 = load <8 x float>, ptr %acc0180, align 4
-  %621 = fneg <8 x float> %619
-  %622 = fcmp olt <8 x float> %621, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %623 = select <8 x i1> %622, <8 x float> %621, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %624 = fcmp ogt <8 x float> %623, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %625 = select <8 x i1> %624, <8 x float> %623, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %627 = call <8 x float> @llvm.floor.v8f32(<8 x float> %626)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %625)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %628)
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %629, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %629, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %629, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %629, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %629, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %635 = fmul <8 x float> %629, %629
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %635, <8 x float> %629)
-  %637 = fadd <8 x float> %636, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %638 = fptosi <8 x float> %627 to <8 x i32>
-  %639 = add <8 x i32> %638, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %640 = shl <8 x i32> %639, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n96 = bitcast <8 x i32> %640 to <8 x float>
-  %exp97 = fmul <8 x float> %637, %exp.2n96
-  %641 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %641
-  %silu99 = fmul <8 x float> %619, %sigmoid98
-  %glu100 = fmul <8 x float> %silu99, %620
-  %642 = fmul <8 x float> %glu100, %616
-  %643 = getelementptr inbounds float, ptr %618, i64 %col95
-  store <8 x float> %642, ptr %643, align 4
-  %644 = add nsw i64 %r0, 1
-  %645 = getelementptr inbounds float, ptr %rw, i64 %644
-  %646 = load float, ptr %645, align 4
-  %647 = insertelement <8 x float> poison, float %646, i32 0
-  %648 = shufflevector <8 x float> %647, <8 x float> poison, <8 x i32> zeroinitializer
-  %649 = mul nsw i64 %644, 896
-  %650 = getelementptr inbounds float, ptr %h, i64 %649
-  %col101 = mul nsw i64 %p, 8
-  %651 = load <8 x float>, ptr %acc1081, align 4
-  %652 = load <8 x float>, ptr %acc1182, align 4
-  %653 = fneg <8 x float> %651
-  %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %655 = select <8 x i1> %654, <8 x float> %653, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %656 = fcmp ogt <8 x float> %655, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %657 = select <8 x i1> %656, <8 x float> %655, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %659 = call <8 x float> @llvm.floor.v8f32(<8 x float> %658)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %657)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %660)
-  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %661, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %661, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %661, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %661, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %661, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %667 = fmul <8 x float> %661, %661
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %667, <8 x float> %661)
-  %669 = fadd <8 x float> %668, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %670 = fptosi <8 x float> %659 to <8 x i32>
-  %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n102 = bitcast <8 x i32> %672 to <8 x float>
-  %exp103 = fmul <8 x float> %669, %exp.2n102
-  %673 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
-  %silu105 = fmul <8 x float> %651, %sigmoid104
-  %glu106 = fmul <8 x float> %silu105, %652
-  %674 = fmul <8 x float> %glu106, %648
-  %675 = getelementptr inbounds float, ptr %650, i64 %col101
-  store <8 x float> %674, ptr %675, align 4
-  %676 = add nsw i64 %r0, 2
-  %677 = getelementptr inbounds float, ptr %rw, i64 %676
-  %678 = load float, ptr %677, align 4
-  %679 = insertelement <8 x float> poison, float %678, i32 0
-  %680 = shufflevector <8 x float> %679, <8 x float> poison, <8 x i32> zeroinitializer
-  %681 = mul nsw i64 %676, 896
-  %682 = getelementptr inbounds float, ptr %h, i64 %681
-  %col107 = mul nsw i64 %p, 8
-  %683 = load <8 x float>, ptr %acc2083, align 4
-  %684 = load <8 x float>, ptr %acc2184, align 4
-  %685 = fneg <8 x float> %683
-  %686 = fcmp olt <8 x float> %685, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %687 = select <8 x i1> %686, <8 x float> %685, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %688 = fcmp ogt <8 x float> %687, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %689 = select <8 x i1> %688, <8 x float> %687, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %691 = call <8 x float> @llvm.floor.v8f32(<8 x float> %690)
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %689)
-  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %692)
-  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %693, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %693, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %693, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %693, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %697, <8 x float> %693, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %699 = fmul <8 x float> %693, %693
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %699, <8 x float> %693)
-  %701 = fadd <8 x float> %700, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %702 = fptosi <8 x float> %691 to <8 x i32>
-  %703 = add <8 x i32> %702, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %704 = shl <8 x i32> %703, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n108 = bitcast <8 x i32> %704 to <8 x float>
-  %exp109 = fmul <8 x float> %701, %exp.2n108
-  %705 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %705
-  %silu111 = fmul <8 x float> %683, %sigmoid110
-  %glu112 = fmul <8 x float> %silu111, %684
-  %706 = fmul <8 x float> %glu112, %680
-  %707 = getelementptr inbounds float, ptr %682, i64 %col107
-  store <8 x float> %706, ptr %707, align 4
-  %708 = add nsw i64 %r0, 3
-  %709 = getelementptr inbounds float, ptr %rw, i64 %708
-  %710 = load float, ptr %709, align 4
-  %711 = insertelement <8 x float> poison, float %710, i32 0
-  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
-  %713 = mul nsw i64 %708, 896
-  %714 = getelementptr inbounds float, ptr %h, i64 %713
-  %col113 = mul nsw i64 %p, 8
-  %715 = load <8 x float>, ptr %acc3085, align 4
-  %716 = load <8 x float>, ptr %acc3186, align 4
-  %717 = fneg <8 x float> %715
-  %718 = fcmp olt <8 x float> %717, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %719 = select <8 x i1> %718, <8 x float> %717, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %720 = fcmp ogt <8 x float> %719, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %721 = select <8 x i1> %720, <8 x float> %719, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %723 = call <8 x float> @llvm.floor.v8f32(<8 x float> %722)
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %721)
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %724)
-  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %725, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %726, <8 x float> %725, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %725, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %725, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %725, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %731 = fmul <8 x float> %725, %725
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %731, <8 x float> %725)
-  %733 = fadd <8 x float> %732, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %734 = fptosi <8 x float> %723 to <8 x i32>
-  %735 = add <8 x i32> %734, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %736 = shl <8 x i32> %735, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n114 = bitcast <8 x i32> %736 to <8 x float>
-  %exp115 = fmul <8 x float> %733, %exp.2n114
-  %737 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %737
-  %silu117 = fmul <8 x float> %715, %sigmoid116
-  %glu118 = fmul <8 x float> %silu117, %716
-  %738 = fmul <8 x float> %glu118, %712
-  %739 = getelementptr inbounds float, ptr %714, i64 %col113
-  store <8 x float> %738, ptr %739, align 4
+k.end96:                                          ; preds = %k.head94
+  %629 = add nsw i64 %r0, 0
+  %630 = getelementptr inbounds float, ptr %rw, i64 %629
+  %631 = load float, ptr %630, align 4
+  %632 = insertelement <8 x float> poison, float %631, i32 0
+  %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
+  %634 = mul nsw i64 %629, 896
+  %635 = getelementptr inbounds float, ptr %h, i64 %634
+  %col100 = mul nsw i64 %p, 8
+  %636 = load <8 x float>, ptr %acc0082, align 4
+  %637 = load <8 x float>, ptr %acc0183, align 4
+  %638 = fneg <8 x float> %636
+  %639 = fcmp olt <8 x float> %638, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %640 = select <8 x i1> %639, <8 x float> %638, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %641 = fcmp ogt <8 x float> %640, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %642 = select <8 x i1> %641, <8 x float> %640, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %644 = call <8 x float> @llvm.floor.v8f32(<8 x float> %643)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %642)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %645)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %646, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %646, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %646, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %646, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %646, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %652 = fmul <8 x float> %646, %646
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %652, <8 x float> %646)
+  %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %655 = fptosi <8 x float> %644 to <8 x i32>
+  %656 = add <8 x i32> %655, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %657 = shl <8 x i32> %656, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %657 to <8 x float>
+  %exp102 = fmul <8 x float> %654, %exp.2n101
+  %658 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %658
+  %silu104 = fmul <8 x float> %636, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %637
+  %659 = fmul <8 x float> %glu105, %633
+  %660 = getelementptr inbounds float, ptr %635, i64 %col100
+  store <8 x float> %659, ptr %660, align 4
+  %661 = add nsw i64 %r0, 1
+  %662 = getelementptr inbounds float, ptr %rw, i64 %661
+  %663 = load float, ptr %662, align 4
+  %664 = insertelement <8 x float> poison, float %663, i32 0
+  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
+  %666 = mul nsw i64 %661, 896
+  %667 = getelementptr inbounds float, ptr %h, i64 %666
+  %col106 = mul nsw i64 %p, 8
+  %668 = load <8 x float>, ptr %acc1084, align 4
+  %669 = load <8 x float>, ptr %acc1185, align 4
+  %670 = fneg <8 x float> %668
+  %671 = fcmp olt <8 x float> %670, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %672 = select <8 x i1> %671, <8 x float> %670, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %673 = fcmp ogt <8 x float> %672, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %674 = select <8 x i1> %673, <8 x float> %672, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %676 = call <8 x float> @llvm.floor.v8f32(<8 x float> %675)
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %674)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %677)
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %678, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %678, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %678, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %678, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %678, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %684 = fmul <8 x float> %678, %678
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %684, <8 x float> %678)
+  %686 = fadd <8 x float> %685, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %687 = fptosi <8 x float> %676 to <8 x i32>
+  %688 = add <8 x i32> %687, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %689 = shl <8 x i32> %688, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n107 = bitcast <8 x i32> %689 to <8 x float>
+  %exp108 = fmul <8 x float> %686, %exp.2n107
+  %690 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %690
+  %silu110 = fmul <8 x float> %668, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %669
+  %691 = fmul <8 x float> %glu111, %665
+  %692 = getelementptr inbounds float, ptr %667, i64 %col106
+  store <8 x float> %691, ptr %692, align 4
+  %693 = add nsw i64 %r0, 2
+  %694 = getelementptr inbounds float, ptr %rw, i64 %693
+  %695 = load float, ptr %694, align 4
+  %696 = insertelement <8 x float> poison, float %695, i32 0
+  %697 = shufflevector <8 x float> %696, <8 x float> poison, <8 x i32> zeroinitializer
+  %698 = mul nsw i64 %693, 896
+  %699 = getelementptr inbounds float, ptr %h, i64 %698
+  %col112 = mul nsw i64 %p, 8
+  %700 = load <8 x float>, ptr %acc2086, align 4
+  %701 = load <8 x float>, ptr %acc2187, align 4
+  %702 = fneg <8 x float> %700
+  %703 = fcmp olt <8 x float> %702, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %705 = fcmp ogt <8 x float> %704, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %706 = select <8 x i1> %705, <8 x float> %704, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %708 = call <8 x float> @llvm.floor.v8f32(<8 x float> %707)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %706)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %709)
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %710, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %710, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %710, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %710, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %716 = fmul <8 x float> %710, %710
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %716, <8 x float> %710)
+  %718 = fadd <8 x float> %717, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %719 = fptosi <8 x float> %708 to <8 x i32>
+  %720 = add <8 x i32> %719, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %721 = shl <8 x i32> %720, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n113 = bitcast <8 x i32> %721 to <8 x float>
+  %exp114 = fmul <8 x float> %718, %exp.2n113
+  %722 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %722
+  %silu116 = fmul <8 x float> %700, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %701
+  %723 = fmul <8 x float> %glu117, %697
+  %724 = getelementptr inbounds float, ptr %699, i64 %col112
+  store <8 x float> %723, ptr %724, align 4
+  %725 = add nsw i64 %r0, 3
+  %726 = getelementptr inbounds float, ptr %rw, i64 %725
+  %727 = load float, ptr %726, align 4
+  %728 = insertelement <8 x float> poison, float %727, i32 0
+  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
+  %730 = mul nsw i64 %725, 896
+  %731 = getelementptr inbounds float, ptr %h, i64 %730
+  %col118 = mul nsw i64 %p, 8
+  %732 = load <8 x float>, ptr %acc3088, align 4
+  %733 = load <8 x float>, ptr %acc3189, align 4
+  %734 = fneg <8 x float> %732
+  %735 = fcmp olt <8 x float> %734, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %736 = select <8 x i1> %735, <8 x float> %734, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %737 = fcmp ogt <8 x float> %736, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %738 = select <8 x i1> %737, <8 x float> %736, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %738, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %740 = call <8 x float> @llvm.floor.v8f32(<8 x float> %739)
+  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %738)
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %741)
+  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %742, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %742, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %742, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %742, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %742, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %748 = fmul <8 x float> %742, %742
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %748, <8 x float> %742)
+  %750 = fadd <8 x float> %749, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %751 = fptosi <8 x float> %740 to <8 x i32>
+  %752 = add <8 x i32> %751, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %753 = shl <8 x i32> %752, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %753 to <8 x float>
+  %exp120 = fmul <8 x float> %750, %exp.2n119
+  %754 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %754
+  %silu122 = fmul <8 x float> %732, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %733
+  %755 = fmul <8 x float> %glu123, %729
+  %756 = getelementptr inbounds float, ptr %731, i64 %col118
+  store <8 x float> %755, ptr %756, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %740 = add nsw i64 %r0, 0
-  %741 = getelementptr inbounds i32, ptr %rows, i64 %740
-  %742 = load i32, ptr %741, align 4
-  %743 = sext i32 %742 to i64
-  %744 = mul nsw i64 %743, 1280
-  %745 = getelementptr inbounds float, ptr %x, i64 %744
-  store <8 x float> zeroinitializer, ptr %acc00119, align 4
-  store <8 x float> zeroinitializer, ptr %acc01120, align 4
-  %746 = add nsw i64 %r0, 1
-  %747 = getelementptr inbounds i32, ptr %rows, i64 %746
-  %748 = load i32, ptr %747, align 4
-  %749 = sext i32 %748 to i64
-  %750 = mul nsw i64 %749, 1280
-  %751 = getelementptr inbounds float, ptr %x, i64 %750
-  store <8 x float> zeroinitializer, ptr %acc10121, align 4
-  store <8 x float> zeroinitializer, ptr %acc11122, align 4
-  %752 = add nsw i64 %r0, 2
-  %753 = getelementptr inbounds i32, ptr %rows, i64 %752
-  %754 = load i32, ptr %753, align 4
-  %755 = sext i32 %754 to i64
-  %756 = mul nsw i64 %755, 1280
-  %757 = getelementptr inbounds float, ptr %x, i64 %756
-  store <8 x float> zeroinitializer, ptr %acc20123, align 4
-  store <8 x float> zeroinitializer, ptr %acc21124, align 4
-  %panel.off125 = mul nsw i64 %p, 20480
-  %758 = getelementptr inbounds i16, ptr %panels, i64 %panel.off125
-  %759 = add nsw i64 %p, 1
-  %760 = icmp slt i64 %759, %p1
-  %761 = getelementptr inbounds i8, ptr %758, i64 40960
-  %762 = and i1 %pf.on, %760
-  %pf126 = select i1 %762, ptr %761, ptr %758
-  br label %k.head127
+  %757 = add nsw i64 %r0, 0
+  %758 = getelementptr inbounds i32, ptr %rows, i64 %757
+  %759 = load i32, ptr %758, align 4
+  %760 = sext i32 %759 to i64
+  %761 = mul nsw i64 %760, 1280
+  %762 = getelementptr inbounds float, ptr %x, i64 %761
+  store <8 x float> zeroinitializer, ptr %acc00124, align 4
+  store <8 x float> zeroinitializer, ptr %acc01125, align 4
+  %763 = add nsw i64 %r0, 1
+  %764 = getelementptr inbounds i32, ptr %rows, i64 %763
+  %765 = load i32, ptr %764, align 4
+  %766 = sext i32 %765 to i64
+  %767 = mul nsw i64 %766, 1280
+  %768 = getelementptr inbounds float, ptr %x, i64 %767
+  store <8 x float> zeroinitializer, ptr %acc10126, align 4
+  store <8 x float> zeroinitializer, ptr %acc11127, align 4
+  %769 = add nsw i64 %r0, 2
+  %770 = getelementptr inbounds i32, ptr %rows, i64 %769
+  %771 = load i32, ptr %770, align 4
+  %772 = sext i32 %771 to i64
+  %773 = mul nsw i64 %772, 1280
+  %774 = getelementptr inbounds float, ptr %x, i64 %773
+  store <8 x float> zeroinitializer, ptr %acc20128, align 4
+  store <8 x float> zeroinitializer, ptr %acc21129, align 4
+  %panel.off130 = mul nsw i64 %p, 20480
+  %775 = getelementptr inbounds i16, ptr %panels, i64 %panel.off130
+  %776 = add nsw i64 %p, 1
+  %777 = icmp slt i64 %776, %p1
+  %pf.on131 = and i1 %pf.on, %777
+  %778 = mul nsw i64 %pf.j, 40960
+  %779 = lshr i64 %778, %9
+  %780 = add nsw i64 40960, %779
+  %781 = getelementptr inbounds i8, ptr %775, i64 %780
+  %pf132 = select i1 %pf.on131, ptr %781, ptr %775
+  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
+  br label %k.head134
 
-k.head127:                                        ; preds = %k.body128, %tile.mr3
-  %k130 = phi i64 [ 0, %tile.mr3 ], [ %796, %k.body128 ]
-  %763 = icmp slt i64 %k130, 1280
-  br i1 %763, label %k.body128, label %k.end129
+k.head134:                                        ; preds = %k.body135, %tile.mr3
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %816, %k.body135 ]
+  %782 = icmp slt i64 %k137, 1280
+  br i1 %782, label %k.body135, label %k.end136
 
-k.body128:                                        ; preds = %k.head127
-  %764 = mul nsw i64 %k130, 16
-  %765 = add nsw i64 %panel.off125, %764
-  %766 = mul nsw i64 %k130, 32
-  %767 = getelementptr inbounds i8, ptr %pf126, i64 %766
-  call void @llvm.prefetch.p0(ptr %767, i32 0, i32 2, i32 1)
-  %768 = getelementptr inbounds i16, ptr %panels, i64 %765
-  %769 = load <8 x i32>, ptr %768, align 4
-  %770 = shl <8 x i32> %769, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0131 = bitcast <8 x i32> %770 to <8 x float>
-  %771 = and <8 x i32> %769, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1132 = bitcast <8 x i32> %771 to <8 x float>
-  %772 = getelementptr inbounds float, ptr %745, i64 %k130
-  %773 = load float, ptr %772, align 4
-  %774 = insertelement <8 x float> poison, float %773, i32 0
-  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
-  %776 = load <8 x float>, ptr %acc00119, align 4
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %b0131, <8 x float> %776)
-  store <8 x float> %777, ptr %acc00119, align 4
-  %778 = load <8 x float>, ptr %acc01120, align 4
-  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %b1132, <8 x float> %778)
-  store <8 x float> %779, ptr %acc01120, align 4
-  %780 = getelementptr inbounds float, ptr %751, i64 %k130
-  %781 = load float, ptr %780, align 4
-  %782 = insertelement <8 x float> poison, float %781, i32 0
-  %783 = shufflevector <8 x float> %782, <8 x float> poison, <8 x i32> zeroinitializer
-  %784 = load <8 x float>, ptr %acc10121, align 4
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %b0131, <8 x float> %784)
-  store <8 x float> %785, ptr %acc10121, align 4
-  %786 = load <8 x float>, ptr %acc11122, align 4
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %b1132, <8 x float> %786)
-  store <8 x float> %787, ptr %acc11122, align 4
-  %788 = getelementptr inbounds float, ptr %757, i64 %k130
-  %789 = load float, ptr %788, align 4
-  %790 = insertelement <8 x float> poison, float %789, i32 0
-  %791 = shufflevector <8 x float> %790, <8 x float> poison, <8 x i32> zeroinitializer
-  %792 = load <8 x float>, ptr %acc20123, align 4
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %b0131, <8 x float> %792)
-  store <8 x float> %793, ptr %acc20123, align 4
-  %794 = load <8 x float>, ptr %acc21124, align 4
-  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %b1132, <8 x float> %794)
-  store <8 x float> %795, ptr %acc21124, align 4
-  %796 = add nsw i64 %k130, 1
-  br label %k.head127
+k.body135:                                        ; preds = %k.head134
+  %783 = mul nsw i64 %k137, 16
+  %784 = add nsw i64 %panel.off130, %783
+  %785 = mul nsw i64 %k137, 32
+  %786 = lshr i64 %785, %pf.sh133
+  %787 = getelementptr inbounds i8, ptr %pf132, i64 %786
+  call void @llvm.prefetch.p0(ptr %787, i32 0, i32 2, i32 1)
+  %788 = getelementptr inbounds i16, ptr %panels, i64 %784
+  %789 = load <8 x i32>, ptr %788, align 4
+  %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0138 = bitcast <8 x i32> %790 to <8 x float>
+  %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1139 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = getelementptr inbounds float, ptr %762, i64 %k137
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = load <8 x float>, ptr %acc00124, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0138, <8 x float> %796)
+  store <8 x float> %797, ptr %acc00124, align 4
+  %798 = load <8 x float>, ptr %acc01125, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1139, <8 x float> %798)
+  store <8 x float> %799, ptr %acc01125, align 4
+  %800 = getelementptr inbounds float, ptr %768, i64 %k137
+  %801 = load float, ptr %800, align 4
+  %802 = insertelement <8 x float> poison, float %801, i32 0
+  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
+  %804 = load <8 x float>, ptr %acc10126, align 4
+  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0138, <8 x float> %804)
+  store <8 x float> %805, ptr %acc10126, align 4
+  %806 = load <8 x float>, ptr %acc11127, align 4
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1139, <8 x float> %806)
+  store <8 x float> %807, ptr %acc11127, align 4
+  %808 = getelementptr inbounds float, ptr %774, i64 %k137
+  %809 = load float, ptr %808, align 4
+  %810 = insertelement <8 x float> poison, float %809, i32 0
+  %811 = shufflevector <8 x float> %810, <8 x float> poison, <8 x i32> zeroinitializer
+  %812 = load <8 x float>, ptr %acc20128, align 4
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b0138, <8 x float> %812)
+  store <8 x float> %813, ptr %acc20128, align 4
+  %814 = load <8 x float>, ptr %acc21129, align 4
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b1139, <8 x float> %814)
+  store <8 x float> %815, ptr %acc21129, align 4
+  %816 = add nsw i64 %k137, 1
+  br label %k.head134
 
-k.end129:                                         ; preds = %k.head127
-  %797 = add nsw i64 %r0, 0
-  %798 = getelementptr inbounds float, ptr %rw, i64 %797
-  %799 = load float, ptr %798, align 4
-  %800 = insertelement <8 x float> poison, float %799, i32 0
-  %801 = shufflevector <8 x float> %800, <8 x float> poison, <8 x i32> zeroinitializer
-  %802 = mul nsw i64 %797, 896
-  %803 = getelementptr inbounds float, ptr %h, i64 %802
-  %col133 = mul nsw i64 %p, 8
-  %804 = load <8 x float>, ptr %acc00119, align 4
-  %805 = load <8 x float>, ptr %acc01120, align 4
-  %806 = fneg <8 x float> %804
-  %807 = fcmp olt <8 x float> %806, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %808 = select <8 x i1> %807, <8 x float> %806, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %809 = fcmp ogt <8 x float> %808, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %810 = select <8 x i1> %809, <8 x float> %808, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %812 = call <8 x float> @llvm.floor.v8f32(<8 x float> %811)
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %810)
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %813)
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %814, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %814, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %814, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %817, <8 x float> %814, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %814, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %820 = fmul <8 x float> %814, %814
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %820, <8 x float> %814)
-  %822 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %823 = fptosi <8 x float> %812 to <8 x i32>
-  %824 = add <8 x i32> %823, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %825 = shl <8 x i32> %824, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n134 = bitcast <8 x i32> %825 to <8 x float>
-  %exp135 = fmul <8 x float> %822, %exp.2n134
-  %826 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %826
-  %silu137 = fmul <8 x float> %804, %sigmoid136
-  %glu138 = fmul <8 x float> %silu137, %805
-  %827 = fmul <8 x float> %glu138, %801
-  %828 = getelementptr inbounds float, ptr %803, i64 %col133
-  store <8 x float> %827, ptr %828, align 4
-  %829 = add nsw i64 %r0, 1
-  %830 = getelementptr inbounds float, ptr %rw, i64 %829
-  %831 = load float, ptr %830, align 4
-  %832 = insertelement <8 x float> poison, float %831, i32 0
-  %833 = shufflevector <8 x float> %832, <8 x float> poison, <8 x i32> zeroinitializer
-  %834 = mul nsw i64 %829, 896
-  %835 = getelementptr inbounds float, ptr %h, i64 %834
-  %col139 = mul nsw i64 %p, 8
-  %836 = load <8 x float>, ptr %acc10121, align 4
-  %837 = load <8 x float>, ptr %acc11122, align 4
-  %838 = fneg <8 x float> %836
-  %839 = fcmp olt <8 x float> %838, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %840 = select <8 x i1> %839, <8 x float> %838, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %841 = fcmp ogt <8 x float> %840, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %842 = select <8 x i1> %841, <8 x float> %840, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %844 = call <8 x float> @llvm.floor.v8f32(<8 x float> %843)
-  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %842)
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %845)
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %846, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> %846, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %846, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %846, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %846, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %852 = fmul <8 x float> %846, %846
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %852, <8 x float> %846)
-  %854 = fadd <8 x float> %853, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %855 = fptosi <8 x float> %844 to <8 x i32>
-  %856 = add <8 x i32> %855, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %857 = shl <8 x i32> %856, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n140 = bitcast <8 x i32> %857 to <8 x float>
-  %exp141 = fmul <8 x float> %854, %exp.2n140
-  %858 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %858
-  %silu143 = fmul <8 x float> %836, %sigmoid142
-  %glu144 = fmul <8 x float> %silu143, %837
-  %859 = fmul <8 x float> %glu144, %833
-  %860 = getelementptr inbounds float, ptr %835, i64 %col139
-  store <8 x float> %859, ptr %860, align 4
-  %861 = add nsw i64 %r0, 2
-  %862 = getelementptr inbounds float, ptr %rw, i64 %861
-  %863 = load float, ptr %862, align 4
-  %864 = insertelement <8 x float> poison, float %863, i32 0
-  %865 = shufflevector <8 x float> %864, <8 x float> poison, <8 x i32> zeroinitializer
-  %866 = mul nsw i64 %861, 896
-  %867 = getelementptr inbounds float, ptr %h, i64 %866
-  %col145 = mul nsw i64 %p, 8
-  %868 = load <8 x float>, ptr %acc20123, align 4
-  %869 = load <8 x float>, ptr %acc21124, align 4
-  %870 = fneg <8 x float> %868
-  %871 = fcmp olt <8 x float> %870, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %872 = select <8 x i1> %871, <8 x float> %870, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %873 = fcmp ogt <8 x float> %872, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %876 = call <8 x float> @llvm.floor.v8f32(<8 x float> %875)
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %874)
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %877)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %878, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %878, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %878, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %878, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %878, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %884 = fmul <8 x float> %878, %878
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %884, <8 x float> %878)
-  %886 = fadd <8 x float> %885, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %887 = fptosi <8 x float> %876 to <8 x i32>
-  %888 = add <8 x i32> %887, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %889 = shl <8 x i32> %888, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n146 = bitcast <8 x i32> %889 to <8 x float>
-  %exp147 = fmul <8 x float> %886, %exp.2n146
-  %890 = fadd <8 x float> %exp147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid148 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %890
-  %silu149 = fmul <8 x float> %868, %sigmoid148
-  %glu150 = fmul <8 x float> %silu149, %869
-  %891 = fmul <8 x float> %glu150, %865
-  %892 = getelementptr inbounds float, ptr %867, i64 %col145
-  store <8 x float> %891, ptr %892, align 4
+k.end136:                                         ; preds = %k.head134
+  %817 = add nsw i64 %r0, 0
+  %818 = getelementptr inbounds float, ptr %rw, i64 %817
+  %819 = load float, ptr %818, align 4
+  %820 = insertelement <8 x float> poison, float %819, i32 0
+  %821 = shufflevector <8 x float> %820, <8 x float> poison, <8 x i32> zeroinitializer
+  %822 = mul nsw i64 %817, 896
+  %823 = getelementptr inbounds float, ptr %h, i64 %822
+  %col140 = mul nsw i64 %p, 8
+  %824 = load <8 x float>, ptr %acc00124, align 4
+  %825 = load <8 x float>, ptr %acc01125, align 4
+  %826 = fneg <8 x float> %824
+  %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %829 = fcmp ogt <8 x float> %828, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %832 = call <8 x float> @llvm.floor.v8f32(<8 x float> %831)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %830)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %833)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %834, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %834, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %834, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %834, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %834, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %840 = fmul <8 x float> %834, %834
+  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %834)
+  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %843 = fptosi <8 x float> %832 to <8 x i32>
+  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %845 to <8 x float>
+  %exp142 = fmul <8 x float> %842, %exp.2n141
+  %846 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
+  %silu144 = fmul <8 x float> %824, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %825
+  %847 = fmul <8 x float> %glu145, %821
+  %848 = getelementptr inbounds float, ptr %823, i64 %col140
+  store <8 x float> %847, ptr %848, align 4
+  %849 = add nsw i64 %r0, 1
+  %850 = getelementptr inbounds float, ptr %rw, i64 %849
+  %851 = load float, ptr %850, align 4
+  %852 = insertelement <8 x float> poison, float %851, i32 0
+  %853 = shufflevector <8 x float> %852, <8 x float> poison, <8 x i32> zeroinitializer
+  %854 = mul nsw i64 %849, 896
+  %855 = getelementptr inbounds float, ptr %h, i64 %854
+  %col146 = mul nsw i64 %p, 8
+  %856 = load <8 x float>, ptr %acc10126, align 4
+  %857 = load <8 x float>, ptr %acc11127, align 4
+  %858 = fneg <8 x float> %856
+  %859 = fcmp olt <8 x float> %858, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %860 = select <8 x i1> %859, <8 x float> %858, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %861 = fcmp ogt <8 x float> %860, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %862 = select <8 x i1> %861, <8 x float> %860, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %864 = call <8 x float> @llvm.floor.v8f32(<8 x float> %863)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %862)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %865)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %866, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %866, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %866, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %866, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %866, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %872 = fmul <8 x float> %866, %866
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %872, <8 x float> %866)
+  %874 = fadd <8 x float> %873, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %875 = fptosi <8 x float> %864 to <8 x i32>
+  %876 = add <8 x i32> %875, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %877 = shl <8 x i32> %876, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %877 to <8 x float>
+  %exp148 = fmul <8 x float> %874, %exp.2n147
+  %878 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %878
+  %silu150 = fmul <8 x float> %856, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %857
+  %879 = fmul <8 x float> %glu151, %853
+  %880 = getelementptr inbounds float, ptr %855, i64 %col146
+  store <8 x float> %879, ptr %880, align 4
+  %881 = add nsw i64 %r0, 2
+  %882 = getelementptr inbounds float, ptr %rw, i64 %881
+  %883 = load float, ptr %882, align 4
+  %884 = insertelement <8 x float> poison, float %883, i32 0
+  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
+  %886 = mul nsw i64 %881, 896
+  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %col152 = mul nsw i64 %p, 8
+  %888 = load <8 x float>, ptr %acc20128, align 4
+  %889 = load <8 x float>, ptr %acc21129, align 4
+  %890 = fneg <8 x float> %888
+  %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %893 = fcmp ogt <8 x float> %892, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %896 = call <8 x float> @llvm.floor.v8f32(<8 x float> %895)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %894)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %897)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %898, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %898, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %898, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %898, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %898, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %904 = fmul <8 x float> %898, %898
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %904, <8 x float> %898)
+  %906 = fadd <8 x float> %905, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %907 = fptosi <8 x float> %896 to <8 x i32>
+  %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %909 to <8 x float>
+  %exp154 = fmul <8 x float> %906, %exp.2n153
+  %910 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
+  %silu156 = fmul <8 x float> %888, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %889
+  %911 = fmul <8 x float> %glu157, %885
+  %912 = getelementptr inbounds float, ptr %887, i64 %col152
+  store <8 x float> %911, ptr %912, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %893 = add nsw i64 %r0, 0
-  %894 = getelementptr inbounds i32, ptr %rows, i64 %893
-  %895 = load i32, ptr %894, align 4
-  %896 = sext i32 %895 to i64
-  %897 = mul nsw i64 %896, 1280
-  %898 = getelementptr inbounds float, ptr %x, i64 %897
-  store <8 x float> zeroinitializer, ptr %acc00151, align 4
-  store <8 x float> zeroinitializer, ptr %acc01152, align 4
-  %899 = add nsw i64 %r0, 1
-  %900 = getelementptr inbounds i32, ptr %rows, i64 %899
-  %901 = load i32, ptr %900, align 4
-  %902 = sext i32 %901 to i64
-  %903 = mul nsw i64 %902, 1280
-  %904 = getelementptr inbounds float, ptr %x, i64 %903
-  store <8 x float> zeroinitializer, ptr %acc10153, align 4
-  store <8 x float> zeroinitializer, ptr %acc11154, align 4
-  %panel.off155 = mul nsw i64 %p, 20480
-  %905 = getelementptr inbounds i16, ptr %panels, i64 %panel.off155
-  %906 = add nsw i64 %p, 1
-  %907 = icmp slt i64 %906, %p1
-  %908 = getelementptr inbounds i8, ptr %905, i64 40960
-  %909 = and i1 %pf.on, %907
-  %pf156 = select i1 %909, ptr %908, ptr %905
-  br label %k.head157
+  %913 = add nsw i64 %r0, 0
+  %914 = getelementptr inbounds i32, ptr %rows, i64 %913
+  %915 = load i32, ptr %914, align 4
+  %916 = sext i32 %915 to i64
+  %917 = mul nsw i64 %916, 1280
+  %918 = getelementptr inbounds float, ptr %x, i64 %917
+  store <8 x float> zeroinitializer, ptr %acc00158, align 4
+  store <8 x float> zeroinitializer, ptr %acc01159, align 4
+  %919 = add nsw i64 %r0, 1
+  %920 = getelementptr inbounds i32, ptr %rows, i64 %919
+  %921 = load i32, ptr %920, align 4
+  %922 = sext i32 %921 to i64
+  %923 = mul nsw i64 %922, 1280
+  %924 = getelementptr inbounds float, ptr %x, i64 %923
+  store <8 x float> zeroinitializer, ptr %acc10160, align 4
+  store <8 x float> zeroinitializer, ptr %acc11161, align 4
+  %panel.off162 = mul nsw i64 %p, 20480
+  %925 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
+  %926 = add nsw i64 %p, 1
+  %927 = icmp slt i64 %926, %p1
+  %pf.on163 = and i1 %pf.on, %927
+  %928 = mul nsw i64 %pf.j, 40960
+  %929 = lshr i64 %928, %9
+  %930 = add nsw i64 40960, %929
+  %931 = getelementptr inbounds i8, ptr %925, i64 %930
+  %pf164 = select i1 %pf.on163, ptr %931, ptr %925
+  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
+  br label %k.head166
 
-k.head157:                                        ; preds = %k.body158, %tile.mr2
-  %k160 = phi i64 [ 0, %tile.mr2 ], [ %935, %k.body158 ]
-  %910 = icmp slt i64 %k160, 1280
-  br i1 %910, label %k.body158, label %k.end159
+k.head166:                                        ; preds = %k.body167, %tile.mr2
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %958, %k.body167 ]
+  %932 = icmp slt i64 %k169, 1280
+  br i1 %932, label %k.body167, label %k.end168
 
-k.body158:                                        ; preds = %k.head157
-  %911 = mul nsw i64 %k160, 16
-  %912 = add nsw i64 %panel.off155, %911
-  %913 = mul nsw i64 %k160, 32
-  %914 = getelementptr inbounds i8, ptr %pf156, i64 %913
-  call void @llvm.prefetch.p0(ptr %914, i32 0, i32 2, i32 1)
-  %915 = getelementptr inbounds i16, ptr %panels, i64 %912
-  %916 = load <8 x i32>, ptr %915, align 4
-  %917 = shl <8 x i32> %916, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %917 to <8 x float>
-  %918 = and <8 x i32> %916, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %918 to <8 x float>
-  %919 = getelementptr inbounds float, ptr %898, i64 %k160
-  %920 = load float, ptr %919, align 4
-  %921 = insertelement <8 x float> poison, float %920, i32 0
-  %922 = shufflevector <8 x float> %921, <8 x float> poison, <8 x i32> zeroinitializer
-  %923 = load <8 x float>, ptr %acc00151, align 4
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %b0161, <8 x float> %923)
-  store <8 x float> %924, ptr %acc00151, align 4
-  %925 = load <8 x float>, ptr %acc01152, align 4
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %b1162, <8 x float> %925)
-  store <8 x float> %926, ptr %acc01152, align 4
-  %927 = getelementptr inbounds float, ptr %904, i64 %k160
-  %928 = load float, ptr %927, align 4
-  %929 = insertelement <8 x float> poison, float %928, i32 0
-  %930 = shufflevector <8 x float> %929, <8 x float> poison, <8 x i32> zeroinitializer
-  %931 = load <8 x float>, ptr %acc10153, align 4
-  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %b0161, <8 x float> %931)
-  store <8 x float> %932, ptr %acc10153, align 4
-  %933 = load <8 x float>, ptr %acc11154, align 4
-  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %b1162, <8 x float> %933)
-  store <8 x float> %934, ptr %acc11154, align 4
-  %935 = add nsw i64 %k160, 1
-  br label %k.head157
+k.body167:                                        ; preds = %k.head166
+  %933 = mul nsw i64 %k169, 16
+  %934 = add nsw i64 %panel.off162, %933
+  %935 = mul nsw i64 %k169, 32
+  %936 = lshr i64 %935, %pf.sh165
+  %937 = getelementptr inbounds i8, ptr %pf164, i64 %936
+  call void @llvm.prefetch.p0(ptr %937, i32 0, i32 2, i32 1)
+  %938 = getelementptr inbounds i16, ptr %panels, i64 %934
+  %939 = load <8 x i32>, ptr %938, align 4
+  %940 = shl <8 x i32> %939, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0170 = bitcast <8 x i32> %940 to <8 x float>
+  %941 = and <8 x i32> %939, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1171 = bitcast <8 x i32> %941 to <8 x float>
+  %942 = getelementptr inbounds float, ptr %918, i64 %k169
+  %943 = load float, ptr %942, align 4
+  %944 = insertelement <8 x float> poison, float %943, i32 0
+  %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
+  %946 = load <8 x float>, ptr %acc00158, align 4
+  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b0170, <8 x float> %946)
+  store <8 x float> %947, ptr %acc00158, align 4
+  %948 = load <8 x float>, ptr %acc01159, align 4
+  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b1171, <8 x float> %948)
+  store <8 x float> %949, ptr %acc01159, align 4
+  %950 = getelementptr inbounds float, ptr %924, i64 %k169
+  %951 = load float, ptr %950, align 4
+  %952 = insertelement <8 x float> poison, float %951, i32 0
+  %953 = shufflevector <8 x float> %952, <8 x float> poison, <8 x i32> zeroinitializer
+  %954 = load <8 x float>, ptr %acc10160, align 4
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b0170, <8 x float> %954)
+  store <8 x float> %955, ptr %acc10160, align 4
+  %956 = load <8 x float>, ptr %acc11161, align 4
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b1171, <8 x float> %956)
+  store <8 x float> %957, ptr %acc11161, align 4
+  %958 = add nsw i64 %k169, 1
+  br label %k.head166
 
-k.end159:                                         ; preds = %k.head157
-  %936 = add nsw i64 %r0, 0
-  %937 = getelementptr inbounds float, ptr %rw, i64 %936
-  %938 = load float, ptr %937, align 4
-  %939 = insertelement <8 x float> poison, float %938, i32 0
-  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
-  %941 = mul nsw i64 %936, 896
-  %942 = getelementptr inbounds float, ptr %h, i64 %941
-  %col163 = mul nsw i64 %p, 8
-  %943 = load <8 x float>, ptr %acc00151, align 4
-  %944 = load <8 x float>, ptr %acc01152, align 4
-  %945 = fneg <8 x float> %943
-  %946 = fcmp olt <8 x float> %945, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %947 = select <8 x i1> %946, <8 x float> %945, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %948 = fcmp ogt <8 x float> %947, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %949 = select <8 x i1> %948, <8 x float> %947, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %951 = call <8 x float> @llvm.floor.v8f32(<8 x float> %950)
-  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %949)
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %952)
-  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %953, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %953, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> %953, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %953, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %953, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %959 = fmul <8 x float> %953, %953
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %959, <8 x float> %953)
-  %961 = fadd <8 x float> %960, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %962 = fptosi <8 x float> %951 to <8 x i32>
-  %963 = add <8 x i32> %962, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %964 = shl <8 x i32> %963, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n164 = bitcast <8 x i32> %964 to <8 x float>
-  %exp165 = fmul <8 x float> %961, %exp.2n164
-  %965 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %965
-  %silu167 = fmul <8 x float> %943, %sigmoid166
-  %glu168 = fmul <8 x float> %silu167, %944
-  %966 = fmul <8 x float> %glu168, %940
-  %967 = getelementptr inbounds float, ptr %942, i64 %col163
-  store <8 x float> %966, ptr %967, align 4
-  %968 = add nsw i64 %r0, 1
-  %969 = getelementptr inbounds float, ptr %rw, i64 %968
-  %970 = load float, ptr %969, align 4
-  %971 = insertelement <8 x float> poison, float %970, i32 0
-  %972 = shufflevector <8 x float> %971, <8 x float> poison, <8 x i32> zeroinitializer
-  %973 = mul nsw i64 %968, 896
-  %974 = getelementptr inbounds float, ptr %h, i64 %973
-  %col169 = mul nsw i64 %p, 8
-  %975 = load <8 x float>, ptr %acc10153, align 4
-  %976 = load <8 x float>, ptr %acc11154, align 4
-  %977 = fneg <8 x float> %975
-  %978 = fcmp olt <8 x float> %977, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %979 = select <8 x i1> %978, <8 x float> %977, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %980 = fcmp ogt <8 x float> %979, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %981 = select <8 x i1> %980, <8 x float> %979, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %983 = call <8 x float> @llvm.floor.v8f32(<8 x float> %982)
-  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %981)
-  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %984)
-  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %985, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %985, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %987, <8 x float> %985, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> %985, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> %985, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %991 = fmul <8 x float> %985, %985
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> %991, <8 x float> %985)
-  %993 = fadd <8 x float> %992, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %994 = fptosi <8 x float> %983 to <8 x i32>
-  %995 = add <8 x i32> %994, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %996 = shl <8 x i32> %995, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n170 = bitcast <8 x i32> %996 to <8 x float>
-  %exp171 = fmul <8 x float> %993, %exp.2n170
-  %997 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %997
-  %silu173 = fmul <8 x float> %975, %sigmoid172
-  %glu174 = fmul <8 x float> %silu173, %976
-  %998 = fmul <8 x float> %glu174, %972
-  %999 = getelementptr inbounds float, ptr %974, i64 %col169
-  store <8 x float> %998, ptr %999, align 4
+k.end168:                                         ; preds = %k.head166
+  %959 = add nsw i64 %r0, 0
+  %960 = getelementptr inbounds float, ptr %rw, i64 %959
+  %961 = load float, ptr %960, align 4
+  %962 = insertelement <8 x float> poison, float %961, i32 0
+  %963 = shufflevector <8 x float> %962, <8 x float> poison, <8 x i32> zeroinitializer
+  %964 = mul nsw i64 %959, 896
+  %965 = getelementptr inbounds float, ptr %h, i64 %964
+  %col172 = mul nsw i64 %p, 8
+  %966 = load <8 x float>, ptr %acc00158, align 4
+  %967 = load <8 x float>, ptr %acc01159, align 4
+  %968 = fneg <8 x float> %966
+  %969 = fcmp olt <8 x float> %968, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %970 = select <8 x i1> %969, <8 x float> %968, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %971 = fcmp ogt <8 x float> %970, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %972 = select <8 x i1> %971, <8 x float> %970, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %974 = call <8 x float> @llvm.floor.v8f32(<8 x float> %973)
+  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %972)
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %975)
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %976, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %976, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %976, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %976, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %976, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %982 = fmul <8 x float> %976, %976
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %982, <8 x float> %976)
+  %984 = fadd <8 x float> %983, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %985 = fptosi <8 x float> %974 to <8 x i32>
+  %986 = add <8 x i32> %985, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %987 = shl <8 x i32> %986, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %987 to <8 x float>
+  %exp174 = fmul <8 x float> %984, %exp.2n173
+  %988 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %988
+  %silu176 = fmul <8 x float> %966, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %967
+  %989 = fmul <8 x float> %glu177, %963
+  %990 = getelementptr inbounds float, ptr %965, i64 %col172
+  store <8 x float> %989, ptr %990, align 4
+  %991 = add nsw i64 %r0, 1
+  %992 = getelementptr inbounds float, ptr %rw, i64 %991
+  %993 = load float, ptr %992, align 4
+  %994 = insertelement <8 x float> poison, float %993, i32 0
+  %995 = shufflevector <8 x float> %994, <8 x float> poison, <8 x i32> zeroinitializer
+  %996 = mul nsw i64 %991, 896
+  %997 = getelementptr inbounds float, ptr %h, i64 %996
+  %col178 = mul nsw i64 %p, 8
+  %998 = load <8 x float>, ptr %acc10160, align 4
+  %999 = load <8 x float>, ptr %acc11161, align 4
+  %1000 = fneg <8 x float> %998
+  %1001 = fcmp olt <8 x float> %1000, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1003 = fcmp ogt <8 x float> %1002, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1004 = select <8 x i1> %1003, <8 x float> %1002, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1006 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1005)
+  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1004)
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1007)
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1008, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1008, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1008, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1008, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1014 = fmul <8 x float> %1008, %1008
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1014, <8 x float> %1008)
+  %1016 = fadd <8 x float> %1015, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1017 = fptosi <8 x float> %1006 to <8 x i32>
+  %1018 = add <8 x i32> %1017, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1019 = shl <8 x i32> %1018, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n179 = bitcast <8 x i32> %1019 to <8 x float>
+  %exp180 = fmul <8 x float> %1016, %exp.2n179
+  %1020 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
+  %silu182 = fmul <8 x float> %998, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %999
+  %1021 = fmul <8 x float> %glu183, %995
+  %1022 = getelementptr inbounds float, ptr %997, i64 %col178
+  store <8 x float> %1021, ptr %1022, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1000 = add nsw i64 %r0, 0
-  %1001 = getelementptr inbounds i32, ptr %rows, i64 %1000
-  %1002 = load i32, ptr %1001, align 4
-  %1003 = sext i32 %1002 to i64
-  %1004 = mul nsw i64 %1003, 1280
-  %1005 = getelementptr inbounds float, ptr %x, i64 %1004
-  store <8 x float> zeroinitializer, ptr %acc00175, align 4
-  store <8 x float> zeroinitializer, ptr %acc01176, align 4
-  %panel.off177 = mul nsw i64 %p, 20480
-  %1006 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
-  %1007 = add nsw i64 %p, 1
-  %1008 = icmp slt i64 %1007, %p1
-  %1009 = getelementptr inbounds i8, ptr %1006, i64 40960
-  %1010 = and i1 %pf.on, %1008
-  %pf178 = select i1 %1010, ptr %1009, ptr %1006
-  br label %k.head179
+  %1023 = add nsw i64 %r0, 0
+  %1024 = getelementptr inbounds i32, ptr %rows, i64 %1023
+  %1025 = load i32, ptr %1024, align 4
+  %1026 = sext i32 %1025 to i64
+  %1027 = mul nsw i64 %1026, 1280
+  %1028 = getelementptr inbounds float, ptr %x, i64 %1027
+  store <8 x float> zeroinitializer, ptr %acc00184, align 4
+  store <8 x float> zeroinitializer, ptr %acc01185, align 4
+  %panel.off186 = mul nsw i64 %p, 20480
+  %1029 = getelementptr inbounds i16, ptr %panels, i64 %panel.off186
+  %1030 = add nsw i64 %p, 1
+  %1031 = icmp slt i64 %1030, %p1
+  %pf.on187 = and i1 %pf.on, %1031
+  %1032 = mul nsw i64 %pf.j, 40960
+  %1033 = lshr i64 %1032, %9
+  %1034 = add nsw i64 40960, %1033
+  %1035 = getelementptr inbounds i8, ptr %1029, i64 %1034
+  %pf188 = select i1 %pf.on187, ptr %1035, ptr %1029
+  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
+  br label %k.head190
 
-k.head179:                                        ; preds = %k.body180, %tile.mr1
-  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1028, %k.body180 ]
-  %1011 = icmp slt i64 %k182, 1280
-  br i1 %1011, label %k.body180, label %k.end181
+k.head190:                                        ; preds = %k.body191, %tile.mr1
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1054, %k.body191 ]
+  %1036 = icmp slt i64 %k193, 1280
+  br i1 %1036, label %k.body191, label %k.end192
 
-k.body180:                                        ; preds = %k.head179
-  %1012 = mul nsw i64 %k182, 16
-  %1013 = add nsw i64 %panel.off177, %1012
-  %1014 = mul nsw i64 %k182, 32
-  %1015 = getelementptr inbounds i8, ptr %pf178, i64 %1014
-  call void @llvm.prefetch.p0(ptr %1015, i32 0, i32 2, i32 1)
-  %1016 = getelementptr inbounds i16, ptr %panels, i64 %1013
-  %1017 = load <8 x i32>, ptr %1016, align 4
-  %1018 = shl <8 x i32> %1017, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0183 = bitcast <8 x i32> %1018 to <8 x float>
-  %1019 = and <8 x i32> %1017, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1184 = bitcast <8 x i32> %1019 to <8 x float>
-  %1020 = getelementptr inbounds float, ptr %1005, i64 %k182
-  %1021 = load float, ptr %1020, align 4
-  %1022 = insertelement <8 x float> poison, float %1021, i32 0
-  %1023 = shufflevector <8 x float> %1022, <8 x float> poison, <8 x i32> zeroinitializer
-  %1024 = load <8 x float>, ptr %acc00175, align 4
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %b0183, <8 x float> %1024)
-  store <8 x float> %1025, ptr %acc00175, align 4
-  %1026 = load <8 x float>, ptr %acc01176, align 4
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %b1184, <8 x float> %1026)
-  store <8 x float> %1027, ptr %acc01176, align 4
-  %1028 = add nsw i64 %k182, 1
-  br label %k.head179
+k.body191:                                        ; preds = %k.head190
+  %1037 = mul nsw i64 %k193, 16
+  %1038 = add nsw i64 %panel.off186, %1037
+  %1039 = mul nsw i64 %k193, 32
+  %1040 = lshr i64 %1039, %pf.sh189
+  %1041 = getelementptr inbounds i8, ptr %pf188, i64 %1040
+  call void @llvm.prefetch.p0(ptr %1041, i32 0, i32 2, i32 1)
+  %1042 = getelementptr inbounds i16, ptr %panels, i64 %1038
+  %1043 = load <8 x i32>, ptr %1042, align 4
+  %1044 = shl <8 x i32> %1043, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0194 = bitcast <8 x i32> %1044 to <8 x float>
+  %1045 = and <8 x i32> %1043, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1195 = bitcast <8 x i32> %1045 to <8 x float>
+  %1046 = getelementptr inbounds float, ptr %1028, i64 %k193
+  %1047 = load float, ptr %1046, align 4
+  %1048 = insertelement <8 x float> poison, float %1047, i32 0
+  %1049 = shufflevector <8 x float> %1048, <8 x float> poison, <8 x i32> zeroinitializer
+  %1050 = load <8 x float>, ptr %acc00184, align 4
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b0194, <8 x float> %1050)
+  store <8 x float> %1051, ptr %acc00184, align 4
+  %1052 = load <8 x float>, ptr %acc01185, align 4
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b1195, <8 x float> %1052)
+  store <8 x float> %1053, ptr %acc01185, align 4
+  %1054 = add nsw i64 %k193, 1
+  br label %k.head190
 
-k.end181:                                         ; preds = %k.head179
-  %1029 = add nsw i64 %r0, 0
-  %1030 = getelementptr inbounds float, ptr %rw, i64 %1029
-  %1031 = load float, ptr %1030, align 4
-  %1032 = insertelement <8 x float> poison, float %1031, i32 0
-  %1033 = shufflevector <8 x float> %1032, <8 x float> poison, <8 x i32> zeroinitializer
-  %1034 = mul nsw i64 %1029, 896
-  %1035 = getelementptr inbounds float, ptr %h, i64 %1034
-  %col185 = mul nsw i64 %p, 8
-  %1036 = load <8 x float>, ptr %acc00175, align 4
-  %1037 = load <8 x float>, ptr %acc01176, align 4
-  %1038 = fneg <8 x float> %1036
-  %1039 = fcmp olt <8 x float> %1038, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1040 = select <8 x i1> %1039, <8 x float> %1038, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1041 = fcmp ogt <8 x float> %1040, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1042 = select <8 x i1> %1041, <8 x float> %1040, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1043 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1042, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1044 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1043)
-  %1045 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1042)
-  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1045)
-  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1046, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> %1046, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %1046, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %1046, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %1046, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1052 = fmul <8 x float> %1046, %1046
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1051, <8 x float> %1052, <8 x float> %1046)
-  %1054 = fadd <8 x float> %1053, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1055 = fptosi <8 x float> %1044 to <8 x i32>
-  %1056 = add <8 x i32> %1055, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1057 = shl <8 x i32> %1056, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n186 = bitcast <8 x i32> %1057 to <8 x float>
-  %exp187 = fmul <8 x float> %1054, %exp.2n186
-  %1058 = fadd <8 x float> %exp187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid188 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1058
-  %silu189 = fmul <8 x float> %1036, %sigmoid188
-  %glu190 = fmul <8 x float> %silu189, %1037
-  %1059 = fmul <8 x float> %glu190, %1033
-  %1060 = getelementptr inbounds float, ptr %1035, i64 %col185
-  store <8 x float> %1059, ptr %1060, align 4
+k.end192:                                         ; preds = %k.head190
+  %1055 = add nsw i64 %r0, 0
+  %1056 = getelementptr inbounds float, ptr %rw, i64 %1055
+  %1057 = load float, ptr %1056, align 4
+  %1058 = insertelement <8 x float> poison, float %1057, i32 0
+  %1059 = shufflevector <8 x float> %1058, <8 x float> poison, <8 x i32> zeroinitializer
+  %1060 = mul nsw i64 %1055, 896
+  %1061 = getelementptr inbounds float, ptr %h, i64 %1060
+  %col196 = mul nsw i64 %p, 8
+  %1062 = load <8 x float>, ptr %acc00184, align 4
+  %1063 = load <8 x float>, ptr %acc01185, align 4
+  %1064 = fneg <8 x float> %1062
+  %1065 = fcmp olt <8 x float> %1064, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1066 = select <8 x i1> %1065, <8 x float> %1064, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1067 = fcmp ogt <8 x float> %1066, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1068 = select <8 x i1> %1067, <8 x float> %1066, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1070 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1069)
+  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1068)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1071)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1072, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1072, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1072, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1072, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1072, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1078 = fmul <8 x float> %1072, %1072
+  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1078, <8 x float> %1072)
+  %1080 = fadd <8 x float> %1079, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1081 = fptosi <8 x float> %1070 to <8 x i32>
+  %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n197 = bitcast <8 x i32> %1083 to <8 x float>
+  %exp198 = fmul <8 x float> %1080, %exp.2n197
+  %1084 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
+  %silu200 = fmul <8 x float> %1062, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %1063
+  %1085 = fmul <8 x float> %glu201, %1059
+  %1086 = getelementptr inbounds float, ptr %1061, i64 %col196
+  store <8 x float> %1085, ptr %1086, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end181, %k.end159, %k.end129, %k.end91, %k.end45, %k.end
-  %1061 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
+  %1087 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1062 = add nsw i64 %p, 1
+  %1088 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2376,36 +2416,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0021 = alloca <8 x float>, align 32
-  %acc0122 = alloca <8 x float>, align 32
-  %acc1023 = alloca <8 x float>, align 32
-  %acc1124 = alloca <8 x float>, align 32
-  %acc2025 = alloca <8 x float>, align 32
-  %acc2126 = alloca <8 x float>, align 32
-  %acc3027 = alloca <8 x float>, align 32
-  %acc3128 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1040 = alloca <8 x float>, align 32
-  %acc1141 = alloca <8 x float>, align 32
-  %acc2042 = alloca <8 x float>, align 32
-  %acc2143 = alloca <8 x float>, align 32
-  %acc0053 = alloca <8 x float>, align 32
-  %acc0154 = alloca <8 x float>, align 32
-  %acc1055 = alloca <8 x float>, align 32
-  %acc1156 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2414,7 +2454,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %627, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2422,7 +2462,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %626, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2430,9 +2470,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2443,421 +2493,415 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 896
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 1280
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 896
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 1280
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 896
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 1280
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 896
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 1280
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 896
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 1280
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 896
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 1280
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 896
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 1280
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 896
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 1280
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 896
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 1280
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 896
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 1280
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 896
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 1280
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 896
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 1280
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 14336
-  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 28672
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 28672
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 28672, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
-  %95 = icmp slt i64 %k, 896
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
+  %105 = icmp slt i64 %k, 896
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 32
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %8, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %22, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %36, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %50, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %64, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %78, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 32
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
+  %112 = load <8 x i32>, ptr %111, align 4
+  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %113 to <8 x float>
+  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %114 to <8 x float>
+  %115 = getelementptr inbounds float, ptr %16, i64 %k
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = load <8 x float>, ptr %acc00, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
+  store <8 x float> %120, ptr %acc00, align 4
+  %121 = load <8 x float>, ptr %acc01, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
+  store <8 x float> %122, ptr %acc01, align 4
+  %123 = getelementptr inbounds float, ptr %30, i64 %k
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <8 x float> poison, float %124, i32 0
+  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
+  %127 = load <8 x float>, ptr %acc10, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
+  store <8 x float> %128, ptr %acc10, align 4
+  %129 = load <8 x float>, ptr %acc11, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
+  store <8 x float> %130, ptr %acc11, align 4
+  %131 = getelementptr inbounds float, ptr %44, i64 %k
+  %132 = load float, ptr %131, align 4
+  %133 = insertelement <8 x float> poison, float %132, i32 0
+  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
+  %135 = load <8 x float>, ptr %acc20, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
+  store <8 x float> %136, ptr %acc20, align 4
+  %137 = load <8 x float>, ptr %acc21, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
+  store <8 x float> %138, ptr %acc21, align 4
+  %139 = getelementptr inbounds float, ptr %58, i64 %k
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc30, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
+  store <8 x float> %144, ptr %acc30, align 4
+  %145 = load <8 x float>, ptr %acc31, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
+  store <8 x float> %146, ptr %acc31, align 4
+  %147 = getelementptr inbounds float, ptr %72, i64 %k
+  %148 = load float, ptr %147, align 4
+  %149 = insertelement <8 x float> poison, float %148, i32 0
+  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
+  %151 = load <8 x float>, ptr %acc40, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
+  store <8 x float> %152, ptr %acc40, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
+  store <8 x float> %154, ptr %acc41, align 4
+  %155 = getelementptr inbounds float, ptr %86, i64 %k
+  %156 = load float, ptr %155, align 4
+  %157 = insertelement <8 x float> poison, float %156, i32 0
+  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
+  %159 = load <8 x float>, ptr %acc50, align 4
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
+  store <8 x float> %160, ptr %acc50, align 4
+  %161 = load <8 x float>, ptr %acc51, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
+  store <8 x float> %162, ptr %acc51, align 4
+  %163 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %15, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %18, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %29, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %32, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %43, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %46, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %57, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %60, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %71, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %74, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %85, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %88, align 4
+  %164 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %164, ptr %23, align 4
+  %165 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %165, ptr %26, align 4
+  %166 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %166, ptr %37, align 4
+  %167 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %167, ptr %40, align 4
+  %168 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %168, ptr %51, align 4
+  %169 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %169, ptr %54, align 4
+  %170 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %170, ptr %65, align 4
+  %171 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %171, ptr %68, align 4
+  %172 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %172, ptr %79, align 4
+  %173 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %173, ptr %82, align 4
+  %174 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %174, ptr %93, align 4
+  %175 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %175, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 896
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 1280
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col1, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
-  %175 = load <8 x float>, ptr %174, align 4
-  store <8 x float> %175, ptr %acc002, align 4
-  %176 = add nsw i64 %col1, 8
-  %177 = getelementptr inbounds float, ptr %172, i64 %176
-  %178 = load <8 x float>, ptr %177, align 4
-  store <8 x float> %178, ptr %acc013, align 4
-  %179 = add nsw i64 %r0, 1
-  %180 = mul nsw i64 %179, 896
-  %181 = getelementptr inbounds float, ptr %h, i64 %180
-  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
-  %183 = load i32, ptr %182, align 4
-  %184 = sext i32 %183 to i64
-  %185 = mul nsw i64 %184, 1280
-  %186 = getelementptr inbounds float, ptr %y, i64 %185
-  %187 = add nsw i64 %col1, 0
-  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %col2 = mul nsw i64 %p, 16
+  %176 = add nsw i64 %r0, 0
+  %177 = mul nsw i64 %176, 896
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
+  %180 = load i32, ptr %179, align 4
+  %181 = sext i32 %180 to i64
+  %182 = mul nsw i64 %181, 1280
+  %183 = getelementptr inbounds float, ptr %y, i64 %182
+  %184 = add nsw i64 %col2, 0
+  %185 = getelementptr inbounds float, ptr %183, i64 %184
+  %186 = load <8 x float>, ptr %185, align 4
+  store <8 x float> %186, ptr %acc003, align 4
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %183, i64 %187
   %189 = load <8 x float>, ptr %188, align 4
-  store <8 x float> %189, ptr %acc104, align 4
-  %190 = add nsw i64 %col1, 8
-  %191 = getelementptr inbounds float, ptr %186, i64 %190
-  %192 = load <8 x float>, ptr %191, align 4
-  store <8 x float> %192, ptr %acc115, align 4
-  %193 = add nsw i64 %r0, 2
-  %194 = mul nsw i64 %193, 896
-  %195 = getelementptr inbounds float, ptr %h, i64 %194
-  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
-  %197 = load i32, ptr %196, align 4
-  %198 = sext i32 %197 to i64
-  %199 = mul nsw i64 %198, 1280
-  %200 = getelementptr inbounds float, ptr %y, i64 %199
-  %201 = add nsw i64 %col1, 0
-  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  store <8 x float> %189, ptr %acc014, align 4
+  %190 = add nsw i64 %r0, 1
+  %191 = mul nsw i64 %190, 896
+  %192 = getelementptr inbounds float, ptr %h, i64 %191
+  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
+  %194 = load i32, ptr %193, align 4
+  %195 = sext i32 %194 to i64
+  %196 = mul nsw i64 %195, 1280
+  %197 = getelementptr inbounds float, ptr %y, i64 %196
+  %198 = add nsw i64 %col2, 0
+  %199 = getelementptr inbounds float, ptr %197, i64 %198
+  %200 = load <8 x float>, ptr %199, align 4
+  store <8 x float> %200, ptr %acc105, align 4
+  %201 = add nsw i64 %col2, 8
+  %202 = getelementptr inbounds float, ptr %197, i64 %201
   %203 = load <8 x float>, ptr %202, align 4
-  store <8 x float> %203, ptr %acc206, align 4
-  %204 = add nsw i64 %col1, 8
-  %205 = getelementptr inbounds float, ptr %200, i64 %204
-  %206 = load <8 x float>, ptr %205, align 4
-  store <8 x float> %206, ptr %acc217, align 4
-  %207 = add nsw i64 %r0, 3
-  %208 = mul nsw i64 %207, 896
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
-  %211 = load i32, ptr %210, align 4
-  %212 = sext i32 %211 to i64
-  %213 = mul nsw i64 %212, 1280
-  %214 = getelementptr inbounds float, ptr %y, i64 %213
-  %215 = add nsw i64 %col1, 0
-  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  store <8 x float> %203, ptr %acc116, align 4
+  %204 = add nsw i64 %r0, 2
+  %205 = mul nsw i64 %204, 896
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
+  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
+  %208 = load i32, ptr %207, align 4
+  %209 = sext i32 %208 to i64
+  %210 = mul nsw i64 %209, 1280
+  %211 = getelementptr inbounds float, ptr %y, i64 %210
+  %212 = add nsw i64 %col2, 0
+  %213 = getelementptr inbounds float, ptr %211, i64 %212
+  %214 = load <8 x float>, ptr %213, align 4
+  store <8 x float> %214, ptr %acc207, align 4
+  %215 = add nsw i64 %col2, 8
+  %216 = getelementptr inbounds float, ptr %211, i64 %215
   %217 = load <8 x float>, ptr %216, align 4
-  store <8 x float> %217, ptr %acc308, align 4
-  %218 = add nsw i64 %col1, 8
-  %219 = getelementptr inbounds float, ptr %214, i64 %218
-  %220 = load <8 x float>, ptr %219, align 4
-  store <8 x float> %220, ptr %acc319, align 4
-  %221 = add nsw i64 %r0, 4
-  %222 = mul nsw i64 %221, 896
-  %223 = getelementptr inbounds float, ptr %h, i64 %222
-  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
-  %225 = load i32, ptr %224, align 4
-  %226 = sext i32 %225 to i64
-  %227 = mul nsw i64 %226, 1280
-  %228 = getelementptr inbounds float, ptr %y, i64 %227
-  %229 = add nsw i64 %col1, 0
-  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  store <8 x float> %217, ptr %acc218, align 4
+  %218 = add nsw i64 %r0, 3
+  %219 = mul nsw i64 %218, 896
+  %220 = getelementptr inbounds float, ptr %h, i64 %219
+  %221 = getelementptr inbounds i32, ptr %rows, i64 %218
+  %222 = load i32, ptr %221, align 4
+  %223 = sext i32 %222 to i64
+  %224 = mul nsw i64 %223, 1280
+  %225 = getelementptr inbounds float, ptr %y, i64 %224
+  %226 = add nsw i64 %col2, 0
+  %227 = getelementptr inbounds float, ptr %225, i64 %226
+  %228 = load <8 x float>, ptr %227, align 4
+  store <8 x float> %228, ptr %acc309, align 4
+  %229 = add nsw i64 %col2, 8
+  %230 = getelementptr inbounds float, ptr %225, i64 %229
   %231 = load <8 x float>, ptr %230, align 4
-  store <8 x float> %231, ptr %acc4010, align 4
-  %232 = add nsw i64 %col1, 8
-  %233 = getelementptr inbounds float, ptr %228, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  store <8 x float> %234, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 14336
-  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
-  %236 = add nsw i64 %p, 1
-  %237 = icmp slt i64 %236, %p1
-  %238 = getelementptr inbounds i8, ptr %235, i64 28672
-  %239 = and i1 %pf.on, %237
-  %pf13 = select i1 %239, ptr %238, ptr %235
-  br label %k.head14
+  store <8 x float> %231, ptr %acc3110, align 4
+  %232 = add nsw i64 %r0, 4
+  %233 = mul nsw i64 %232, 896
+  %234 = getelementptr inbounds float, ptr %h, i64 %233
+  %235 = getelementptr inbounds i32, ptr %rows, i64 %232
+  %236 = load i32, ptr %235, align 4
+  %237 = sext i32 %236 to i64
+  %238 = mul nsw i64 %237, 1280
+  %239 = getelementptr inbounds float, ptr %y, i64 %238
+  %240 = add nsw i64 %col2, 0
+  %241 = getelementptr inbounds float, ptr %239, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  store <8 x float> %242, ptr %acc4011, align 4
+  %243 = add nsw i64 %col2, 8
+  %244 = getelementptr inbounds float, ptr %239, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  store <8 x float> %245, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 14336
+  %246 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %247 = add nsw i64 %p, 1
+  %248 = icmp slt i64 %247, %p1
+  %pf.on14 = and i1 %pf.on, %248
+  %249 = mul nsw i64 %pf.j, 28672
+  %250 = lshr i64 %249, %10
+  %251 = add nsw i64 28672, %250
+  %252 = getelementptr inbounds i8, ptr %246, i64 %251
+  %pf15 = select i1 %pf.on14, ptr %252, ptr %246
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
-  %240 = icmp slt i64 %k17, 896
-  br i1 %240, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %k.body18 ]
+  %253 = icmp slt i64 %k20, 896
+  br i1 %253, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %241 = mul nsw i64 %k17, 16
-  %242 = add nsw i64 %panel.off12, %241
-  %243 = mul nsw i64 %k17, 32
-  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
-  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
-  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
-  %246 = load <8 x i32>, ptr %245, align 4
-  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b018 = bitcast <8 x i32> %247 to <8 x float>
-  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b119 = bitcast <8 x i32> %248 to <8 x float>
-  %249 = getelementptr inbounds float, ptr %167, i64 %k17
-  %250 = load float, ptr %249, align 4
-  %251 = insertelement <8 x float> poison, float %250, i32 0
-  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc002, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
-  store <8 x float> %254, ptr %acc002, align 4
-  %255 = load <8 x float>, ptr %acc013, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
-  store <8 x float> %256, ptr %acc013, align 4
-  %257 = getelementptr inbounds float, ptr %181, i64 %k17
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc104, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
-  store <8 x float> %262, ptr %acc104, align 4
-  %263 = load <8 x float>, ptr %acc115, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
-  store <8 x float> %264, ptr %acc115, align 4
-  %265 = getelementptr inbounds float, ptr %195, i64 %k17
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc206, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
-  store <8 x float> %270, ptr %acc206, align 4
-  %271 = load <8 x float>, ptr %acc217, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
-  store <8 x float> %272, ptr %acc217, align 4
-  %273 = getelementptr inbounds float, ptr %209, i64 %k17
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc308, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
-  store <8 x float> %278, ptr %acc308, align 4
-  %279 = load <8 x float>, ptr %acc319, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
-  store <8 x float> %280, ptr %acc319, align 4
-  %281 = getelementptr inbounds float, ptr %223, i64 %k17
-  %282 = load float, ptr %281, align 4
-  %283 = insertelement <8 x float> poison, float %282, i32 0
-  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
-  %285 = load <8 x float>, ptr %acc4010, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
-  store <8 x float> %286, ptr %acc4010, align 4
-  %287 = load <8 x float>, ptr %acc4111, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
-  store <8 x float> %288, ptr %acc4111, align 4
-  %289 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %254 = mul nsw i64 %k20, 16
+  %255 = add nsw i64 %panel.off13, %254
+  %256 = mul nsw i64 %k20, 32
+  %257 = lshr i64 %256, %pf.sh16
+  %258 = getelementptr inbounds i8, ptr %pf15, i64 %257
+  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
+  %259 = getelementptr inbounds i16, ptr %panels, i64 %255
+  %260 = load <8 x i32>, ptr %259, align 4
+  %261 = shl <8 x i32> %260, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %261 to <8 x float>
+  %262 = and <8 x i32> %260, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %262 to <8 x float>
+  %263 = getelementptr inbounds float, ptr %178, i64 %k20
+  %264 = load float, ptr %263, align 4
+  %265 = insertelement <8 x float> poison, float %264, i32 0
+  %266 = shufflevector <8 x float> %265, <8 x float> poison, <8 x i32> zeroinitializer
+  %267 = load <8 x float>, ptr %acc003, align 4
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b021, <8 x float> %267)
+  store <8 x float> %268, ptr %acc003, align 4
+  %269 = load <8 x float>, ptr %acc014, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b122, <8 x float> %269)
+  store <8 x float> %270, ptr %acc014, align 4
+  %271 = getelementptr inbounds float, ptr %192, i64 %k20
+  %272 = load float, ptr %271, align 4
+  %273 = insertelement <8 x float> poison, float %272, i32 0
+  %274 = shufflevector <8 x float> %273, <8 x float> poison, <8 x i32> zeroinitializer
+  %275 = load <8 x float>, ptr %acc105, align 4
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b021, <8 x float> %275)
+  store <8 x float> %276, ptr %acc105, align 4
+  %277 = load <8 x float>, ptr %acc116, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b122, <8 x float> %277)
+  store <8 x float> %278, ptr %acc116, align 4
+  %279 = getelementptr inbounds float, ptr %206, i64 %k20
+  %280 = load float, ptr %279, align 4
+  %281 = insertelement <8 x float> poison, float %280, i32 0
+  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
+  %283 = load <8 x float>, ptr %acc207, align 4
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b021, <8 x float> %283)
+  store <8 x float> %284, ptr %acc207, align 4
+  %285 = load <8 x float>, ptr %acc218, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b122, <8 x float> %285)
+  store <8 x float> %286, ptr %acc218, align 4
+  %287 = getelementptr inbounds float, ptr %220, i64 %k20
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <8 x float> poison, float %288, i32 0
+  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
+  %291 = load <8 x float>, ptr %acc309, align 4
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b021, <8 x float> %291)
+  store <8 x float> %292, ptr %acc309, align 4
+  %293 = load <8 x float>, ptr %acc3110, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b122, <8 x float> %293)
+  store <8 x float> %294, ptr %acc3110, align 4
+  %295 = getelementptr inbounds float, ptr %234, i64 %k20
+  %296 = load float, ptr %295, align 4
+  %297 = insertelement <8 x float> poison, float %296, i32 0
+  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
+  %299 = load <8 x float>, ptr %acc4011, align 4
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b021, <8 x float> %299)
+  store <8 x float> %300, ptr %acc4011, align 4
+  %301 = load <8 x float>, ptr %acc4112, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b122, <8 x float> %301)
+  store <8 x float> %302, ptr %acc4112, align 4
+  %303 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %290 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %290, ptr %174, align 4
-  %291 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %291, ptr %177, align 4
-  %292 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %292, ptr %188, align 4
-  %293 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %293, ptr %191, align 4
-  %294 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %294, ptr %202, align 4
-  %295 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %295, ptr %205, align 4
-  %296 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %296, ptr %216, align 4
-  %297 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %297, ptr %219, align 4
-  %298 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %298, ptr %230, align 4
-  %299 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %299, ptr %233, align 4
+k.end19:                                          ; preds = %k.head17
+  %304 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %304, ptr %185, align 4
+  %305 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %305, ptr %188, align 4
+  %306 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %306, ptr %199, align 4
+  %307 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %307, ptr %202, align 4
+  %308 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %308, ptr %213, align 4
+  %309 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %309, ptr %216, align 4
+  %310 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %310, ptr %227, align 4
+  %311 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %311, ptr %230, align 4
+  %312 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %312, ptr %241, align 4
+  %313 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %313, ptr %244, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col20 = mul nsw i64 %p, 16
-  %300 = add nsw i64 %r0, 0
-  %301 = mul nsw i64 %300, 896
-  %302 = getelementptr inbounds float, ptr %h, i64 %301
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 1280
-  %307 = getelementptr inbounds float, ptr %y, i64 %306
-  %308 = add nsw i64 %col20, 0
-  %309 = getelementptr inbounds float, ptr %307, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc0021, align 4
-  %311 = add nsw i64 %col20, 8
-  %312 = getelementptr inbounds float, ptr %307, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  store <8 x float> %313, ptr %acc0122, align 4
-  %314 = add nsw i64 %r0, 1
+  %col23 = mul nsw i64 %p, 16
+  %314 = add nsw i64 %r0, 0
   %315 = mul nsw i64 %314, 896
   %316 = getelementptr inbounds float, ptr %h, i64 %315
   %317 = getelementptr inbounds i32, ptr %rows, i64 %314
@@ -2865,15 +2909,15 @@ tile.mr4:                                         ; preds = %r0.body
   %319 = sext i32 %318 to i64
   %320 = mul nsw i64 %319, 1280
   %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col20, 0
+  %322 = add nsw i64 %col23, 0
   %323 = getelementptr inbounds float, ptr %321, i64 %322
   %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc1023, align 4
-  %325 = add nsw i64 %col20, 8
+  store <8 x float> %324, ptr %acc0024, align 4
+  %325 = add nsw i64 %col23, 8
   %326 = getelementptr inbounds float, ptr %321, i64 %325
   %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc1124, align 4
-  %328 = add nsw i64 %r0, 2
+  store <8 x float> %327, ptr %acc0125, align 4
+  %328 = add nsw i64 %r0, 1
   %329 = mul nsw i64 %328, 896
   %330 = getelementptr inbounds float, ptr %h, i64 %329
   %331 = getelementptr inbounds i32, ptr %rows, i64 %328
@@ -2881,15 +2925,15 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 1280
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col20, 0
+  %336 = add nsw i64 %col23, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
   %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc2025, align 4
-  %339 = add nsw i64 %col20, 8
+  store <8 x float> %338, ptr %acc1026, align 4
+  %339 = add nsw i64 %col23, 8
   %340 = getelementptr inbounds float, ptr %335, i64 %339
   %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc2126, align 4
-  %342 = add nsw i64 %r0, 3
+  store <8 x float> %341, ptr %acc1127, align 4
+  %342 = add nsw i64 %r0, 2
   %343 = mul nsw i64 %342, 896
   %344 = getelementptr inbounds float, ptr %h, i64 %343
   %345 = getelementptr inbounds i32, ptr %rows, i64 %342
@@ -2897,390 +2941,426 @@ tile.mr4:                                         ; preds = %r0.body
   %347 = sext i32 %346 to i64
   %348 = mul nsw i64 %347, 1280
   %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = add nsw i64 %col20, 0
+  %350 = add nsw i64 %col23, 0
   %351 = getelementptr inbounds float, ptr %349, i64 %350
   %352 = load <8 x float>, ptr %351, align 4
-  store <8 x float> %352, ptr %acc3027, align 4
-  %353 = add nsw i64 %col20, 8
+  store <8 x float> %352, ptr %acc2028, align 4
+  %353 = add nsw i64 %col23, 8
   %354 = getelementptr inbounds float, ptr %349, i64 %353
   %355 = load <8 x float>, ptr %354, align 4
-  store <8 x float> %355, ptr %acc3128, align 4
-  %panel.off29 = mul nsw i64 %p, 14336
-  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
-  %357 = add nsw i64 %p, 1
-  %358 = icmp slt i64 %357, %p1
-  %359 = getelementptr inbounds i8, ptr %356, i64 28672
-  %360 = and i1 %pf.on, %358
-  %pf30 = select i1 %360, ptr %359, ptr %356
-  br label %k.head31
+  store <8 x float> %355, ptr %acc2129, align 4
+  %356 = add nsw i64 %r0, 3
+  %357 = mul nsw i64 %356, 896
+  %358 = getelementptr inbounds float, ptr %h, i64 %357
+  %359 = getelementptr inbounds i32, ptr %rows, i64 %356
+  %360 = load i32, ptr %359, align 4
+  %361 = sext i32 %360 to i64
+  %362 = mul nsw i64 %361, 1280
+  %363 = getelementptr inbounds float, ptr %y, i64 %362
+  %364 = add nsw i64 %col23, 0
+  %365 = getelementptr inbounds float, ptr %363, i64 %364
+  %366 = load <8 x float>, ptr %365, align 4
+  store <8 x float> %366, ptr %acc3030, align 4
+  %367 = add nsw i64 %col23, 8
+  %368 = getelementptr inbounds float, ptr %363, i64 %367
+  %369 = load <8 x float>, ptr %368, align 4
+  store <8 x float> %369, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 14336
+  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  %371 = add nsw i64 %p, 1
+  %372 = icmp slt i64 %371, %p1
+  %pf.on33 = and i1 %pf.on, %372
+  %373 = mul nsw i64 %pf.j, 28672
+  %374 = lshr i64 %373, %10
+  %375 = add nsw i64 28672, %374
+  %376 = getelementptr inbounds i8, ptr %370, i64 %375
+  %pf34 = select i1 %pf.on33, ptr %376, ptr %370
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head31:                                         ; preds = %k.body32, %tile.mr4
-  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
-  %361 = icmp slt i64 %k34, 896
-  br i1 %361, label %k.body32, label %k.end33
+k.head36:                                         ; preds = %k.body37, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %419, %k.body37 ]
+  %377 = icmp slt i64 %k39, 896
+  br i1 %377, label %k.body37, label %k.end38
 
-k.body32:                                         ; preds = %k.head31
-  %362 = mul nsw i64 %k34, 16
-  %363 = add nsw i64 %panel.off29, %362
-  %364 = mul nsw i64 %k34, 32
-  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
-  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
-  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
-  %367 = load <8 x i32>, ptr %366, align 4
-  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b035 = bitcast <8 x i32> %368 to <8 x float>
-  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b136 = bitcast <8 x i32> %369 to <8 x float>
-  %370 = getelementptr inbounds float, ptr %302, i64 %k34
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc0021, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
-  store <8 x float> %375, ptr %acc0021, align 4
-  %376 = load <8 x float>, ptr %acc0122, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
-  store <8 x float> %377, ptr %acc0122, align 4
-  %378 = getelementptr inbounds float, ptr %316, i64 %k34
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc1023, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
-  store <8 x float> %383, ptr %acc1023, align 4
-  %384 = load <8 x float>, ptr %acc1124, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
-  store <8 x float> %385, ptr %acc1124, align 4
-  %386 = getelementptr inbounds float, ptr %330, i64 %k34
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc2025, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
-  store <8 x float> %391, ptr %acc2025, align 4
-  %392 = load <8 x float>, ptr %acc2126, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
-  store <8 x float> %393, ptr %acc2126, align 4
-  %394 = getelementptr inbounds float, ptr %344, i64 %k34
-  %395 = load float, ptr %394, align 4
-  %396 = insertelement <8 x float> poison, float %395, i32 0
-  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
-  %398 = load <8 x float>, ptr %acc3027, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
-  store <8 x float> %399, ptr %acc3027, align 4
-  %400 = load <8 x float>, ptr %acc3128, align 4
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
-  store <8 x float> %401, ptr %acc3128, align 4
-  %402 = add nsw i64 %k34, 1
-  br label %k.head31
+k.body37:                                         ; preds = %k.head36
+  %378 = mul nsw i64 %k39, 16
+  %379 = add nsw i64 %panel.off32, %378
+  %380 = mul nsw i64 %k39, 32
+  %381 = lshr i64 %380, %pf.sh35
+  %382 = getelementptr inbounds i8, ptr %pf34, i64 %381
+  call void @llvm.prefetch.p0(ptr %382, i32 0, i32 2, i32 1)
+  %383 = getelementptr inbounds i16, ptr %panels, i64 %379
+  %384 = load <8 x i32>, ptr %383, align 4
+  %385 = shl <8 x i32> %384, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b040 = bitcast <8 x i32> %385 to <8 x float>
+  %386 = and <8 x i32> %384, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b141 = bitcast <8 x i32> %386 to <8 x float>
+  %387 = getelementptr inbounds float, ptr %316, i64 %k39
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc0024, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b040, <8 x float> %391)
+  store <8 x float> %392, ptr %acc0024, align 4
+  %393 = load <8 x float>, ptr %acc0125, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b141, <8 x float> %393)
+  store <8 x float> %394, ptr %acc0125, align 4
+  %395 = getelementptr inbounds float, ptr %330, i64 %k39
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc1026, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b040, <8 x float> %399)
+  store <8 x float> %400, ptr %acc1026, align 4
+  %401 = load <8 x float>, ptr %acc1127, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b141, <8 x float> %401)
+  store <8 x float> %402, ptr %acc1127, align 4
+  %403 = getelementptr inbounds float, ptr %344, i64 %k39
+  %404 = load float, ptr %403, align 4
+  %405 = insertelement <8 x float> poison, float %404, i32 0
+  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
+  %407 = load <8 x float>, ptr %acc2028, align 4
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b040, <8 x float> %407)
+  store <8 x float> %408, ptr %acc2028, align 4
+  %409 = load <8 x float>, ptr %acc2129, align 4
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b141, <8 x float> %409)
+  store <8 x float> %410, ptr %acc2129, align 4
+  %411 = getelementptr inbounds float, ptr %358, i64 %k39
+  %412 = load float, ptr %411, align 4
+  %413 = insertelement <8 x float> poison, float %412, i32 0
+  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
+  %415 = load <8 x float>, ptr %acc3030, align 4
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b040, <8 x float> %415)
+  store <8 x float> %416, ptr %acc3030, align 4
+  %417 = load <8 x float>, ptr %acc3131, align 4
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b141, <8 x float> %417)
+  store <8 x float> %418, ptr %acc3131, align 4
+  %419 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end33:                                          ; preds = %k.head31
-  %403 = load <8 x float>, ptr %acc0021, align 4
-  store <8 x float> %403, ptr %309, align 4
-  %404 = load <8 x float>, ptr %acc0122, align 4
-  store <8 x float> %404, ptr %312, align 4
-  %405 = load <8 x float>, ptr %acc1023, align 4
-  store <8 x float> %405, ptr %323, align 4
-  %406 = load <8 x float>, ptr %acc1124, align 4
-  store <8 x float> %406, ptr %326, align 4
-  %407 = load <8 x float>, ptr %acc2025, align 4
-  store <8 x float> %407, ptr %337, align 4
-  %408 = load <8 x float>, ptr %acc2126, align 4
-  store <8 x float> %408, ptr %340, align 4
-  %409 = load <8 x float>, ptr %acc3027, align 4
-  store <8 x float> %409, ptr %351, align 4
-  %410 = load <8 x float>, ptr %acc3128, align 4
-  store <8 x float> %410, ptr %354, align 4
+k.end38:                                          ; preds = %k.head36
+  %420 = load <8 x float>, ptr %acc0024, align 4
+  store <8 x float> %420, ptr %323, align 4
+  %421 = load <8 x float>, ptr %acc0125, align 4
+  store <8 x float> %421, ptr %326, align 4
+  %422 = load <8 x float>, ptr %acc1026, align 4
+  store <8 x float> %422, ptr %337, align 4
+  %423 = load <8 x float>, ptr %acc1127, align 4
+  store <8 x float> %423, ptr %340, align 4
+  %424 = load <8 x float>, ptr %acc2028, align 4
+  store <8 x float> %424, ptr %351, align 4
+  %425 = load <8 x float>, ptr %acc2129, align 4
+  store <8 x float> %425, ptr %354, align 4
+  %426 = load <8 x float>, ptr %acc3030, align 4
+  store <8 x float> %426, ptr %365, align 4
+  %427 = load <8 x float>, ptr %acc3131, align 4
+  store <8 x float> %427, ptr %368, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col37 = mul nsw i64 %p, 16
-  %411 = add nsw i64 %r0, 0
-  %412 = mul nsw i64 %411, 896
-  %413 = getelementptr inbounds float, ptr %h, i64 %412
-  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
-  %415 = load i32, ptr %414, align 4
-  %416 = sext i32 %415 to i64
-  %417 = mul nsw i64 %416, 1280
-  %418 = getelementptr inbounds float, ptr %y, i64 %417
-  %419 = add nsw i64 %col37, 0
-  %420 = getelementptr inbounds float, ptr %418, i64 %419
-  %421 = load <8 x float>, ptr %420, align 4
-  store <8 x float> %421, ptr %acc0038, align 4
-  %422 = add nsw i64 %col37, 8
-  %423 = getelementptr inbounds float, ptr %418, i64 %422
-  %424 = load <8 x float>, ptr %423, align 4
-  store <8 x float> %424, ptr %acc0139, align 4
-  %425 = add nsw i64 %r0, 1
-  %426 = mul nsw i64 %425, 896
-  %427 = getelementptr inbounds float, ptr %h, i64 %426
-  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %429 = load i32, ptr %428, align 4
-  %430 = sext i32 %429 to i64
-  %431 = mul nsw i64 %430, 1280
-  %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col37, 0
-  %434 = getelementptr inbounds float, ptr %432, i64 %433
-  %435 = load <8 x float>, ptr %434, align 4
-  store <8 x float> %435, ptr %acc1040, align 4
-  %436 = add nsw i64 %col37, 8
-  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %col42 = mul nsw i64 %p, 16
+  %428 = add nsw i64 %r0, 0
+  %429 = mul nsw i64 %428, 896
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 1280
+  %435 = getelementptr inbounds float, ptr %y, i64 %434
+  %436 = add nsw i64 %col42, 0
+  %437 = getelementptr inbounds float, ptr %435, i64 %436
   %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc1141, align 4
-  %439 = add nsw i64 %r0, 2
-  %440 = mul nsw i64 %439, 896
-  %441 = getelementptr inbounds float, ptr %h, i64 %440
-  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
-  %443 = load i32, ptr %442, align 4
-  %444 = sext i32 %443 to i64
-  %445 = mul nsw i64 %444, 1280
-  %446 = getelementptr inbounds float, ptr %y, i64 %445
-  %447 = add nsw i64 %col37, 0
-  %448 = getelementptr inbounds float, ptr %446, i64 %447
-  %449 = load <8 x float>, ptr %448, align 4
-  store <8 x float> %449, ptr %acc2042, align 4
-  %450 = add nsw i64 %col37, 8
-  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  store <8 x float> %438, ptr %acc0043, align 4
+  %439 = add nsw i64 %col42, 8
+  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %441 = load <8 x float>, ptr %440, align 4
+  store <8 x float> %441, ptr %acc0144, align 4
+  %442 = add nsw i64 %r0, 1
+  %443 = mul nsw i64 %442, 896
+  %444 = getelementptr inbounds float, ptr %h, i64 %443
+  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
+  %446 = load i32, ptr %445, align 4
+  %447 = sext i32 %446 to i64
+  %448 = mul nsw i64 %447, 1280
+  %449 = getelementptr inbounds float, ptr %y, i64 %448
+  %450 = add nsw i64 %col42, 0
+  %451 = getelementptr inbounds float, ptr %449, i64 %450
   %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc2143, align 4
-  %panel.off44 = mul nsw i64 %p, 14336
-  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
-  %454 = add nsw i64 %p, 1
-  %455 = icmp slt i64 %454, %p1
-  %456 = getelementptr inbounds i8, ptr %453, i64 28672
-  %457 = and i1 %pf.on, %455
-  %pf45 = select i1 %457, ptr %456, ptr %453
-  br label %k.head46
+  store <8 x float> %452, ptr %acc1045, align 4
+  %453 = add nsw i64 %col42, 8
+  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  store <8 x float> %455, ptr %acc1146, align 4
+  %456 = add nsw i64 %r0, 2
+  %457 = mul nsw i64 %456, 896
+  %458 = getelementptr inbounds float, ptr %h, i64 %457
+  %459 = getelementptr inbounds i32, ptr %rows, i64 %456
+  %460 = load i32, ptr %459, align 4
+  %461 = sext i32 %460 to i64
+  %462 = mul nsw i64 %461, 1280
+  %463 = getelementptr inbounds float, ptr %y, i64 %462
+  %464 = add nsw i64 %col42, 0
+  %465 = getelementptr inbounds float, ptr %463, i64 %464
+  %466 = load <8 x float>, ptr %465, align 4
+  store <8 x float> %466, ptr %acc2047, align 4
+  %467 = add nsw i64 %col42, 8
+  %468 = getelementptr inbounds float, ptr %463, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  store <8 x float> %469, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 14336
+  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  %471 = add nsw i64 %p, 1
+  %472 = icmp slt i64 %471, %p1
+  %pf.on50 = and i1 %pf.on, %472
+  %473 = mul nsw i64 %pf.j, 28672
+  %474 = lshr i64 %473, %10
+  %475 = add nsw i64 28672, %474
+  %476 = getelementptr inbounds i8, ptr %470, i64 %475
+  %pf51 = select i1 %pf.on50, ptr %476, ptr %470
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head46:                                         ; preds = %k.body47, %tile.mr3
-  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
-  %458 = icmp slt i64 %k49, 896
-  br i1 %458, label %k.body47, label %k.end48
+k.head53:                                         ; preds = %k.body54, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %511, %k.body54 ]
+  %477 = icmp slt i64 %k56, 896
+  br i1 %477, label %k.body54, label %k.end55
 
-k.body47:                                         ; preds = %k.head46
-  %459 = mul nsw i64 %k49, 16
-  %460 = add nsw i64 %panel.off44, %459
-  %461 = mul nsw i64 %k49, 32
-  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
-  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
-  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
-  %464 = load <8 x i32>, ptr %463, align 4
-  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %465 to <8 x float>
-  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %466 to <8 x float>
-  %467 = getelementptr inbounds float, ptr %413, i64 %k49
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc0038, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
-  store <8 x float> %472, ptr %acc0038, align 4
-  %473 = load <8 x float>, ptr %acc0139, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
-  store <8 x float> %474, ptr %acc0139, align 4
-  %475 = getelementptr inbounds float, ptr %427, i64 %k49
-  %476 = load float, ptr %475, align 4
-  %477 = insertelement <8 x float> poison, float %476, i32 0
-  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
-  %479 = load <8 x float>, ptr %acc1040, align 4
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
-  store <8 x float> %480, ptr %acc1040, align 4
-  %481 = load <8 x float>, ptr %acc1141, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
-  store <8 x float> %482, ptr %acc1141, align 4
-  %483 = getelementptr inbounds float, ptr %441, i64 %k49
-  %484 = load float, ptr %483, align 4
-  %485 = insertelement <8 x float> poison, float %484, i32 0
-  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
-  %487 = load <8 x float>, ptr %acc2042, align 4
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
-  store <8 x float> %488, ptr %acc2042, align 4
-  %489 = load <8 x float>, ptr %acc2143, align 4
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
-  store <8 x float> %490, ptr %acc2143, align 4
-  %491 = add nsw i64 %k49, 1
-  br label %k.head46
+k.body54:                                         ; preds = %k.head53
+  %478 = mul nsw i64 %k56, 16
+  %479 = add nsw i64 %panel.off49, %478
+  %480 = mul nsw i64 %k56, 32
+  %481 = lshr i64 %480, %pf.sh52
+  %482 = getelementptr inbounds i8, ptr %pf51, i64 %481
+  call void @llvm.prefetch.p0(ptr %482, i32 0, i32 2, i32 1)
+  %483 = getelementptr inbounds i16, ptr %panels, i64 %479
+  %484 = load <8 x i32>, ptr %483, align 4
+  %485 = shl <8 x i32> %484, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %485 to <8 x float>
+  %486 = and <8 x i32> %484, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %486 to <8 x float>
+  %487 = getelementptr inbounds float, ptr %430, i64 %k56
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc0043, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b057, <8 x float> %491)
+  store <8 x float> %492, ptr %acc0043, align 4
+  %493 = load <8 x float>, ptr %acc0144, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b158, <8 x float> %493)
+  store <8 x float> %494, ptr %acc0144, align 4
+  %495 = getelementptr inbounds float, ptr %444, i64 %k56
+  %496 = load float, ptr %495, align 4
+  %497 = insertelement <8 x float> poison, float %496, i32 0
+  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
+  %499 = load <8 x float>, ptr %acc1045, align 4
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b057, <8 x float> %499)
+  store <8 x float> %500, ptr %acc1045, align 4
+  %501 = load <8 x float>, ptr %acc1146, align 4
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b158, <8 x float> %501)
+  store <8 x float> %502, ptr %acc1146, align 4
+  %503 = getelementptr inbounds float, ptr %458, i64 %k56
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc2047, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b057, <8 x float> %507)
+  store <8 x float> %508, ptr %acc2047, align 4
+  %509 = load <8 x float>, ptr %acc2148, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b158, <8 x float> %509)
+  store <8 x float> %510, ptr %acc2148, align 4
+  %511 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end48:                                          ; preds = %k.head46
-  %492 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %492, ptr %420, align 4
-  %493 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %493, ptr %423, align 4
-  %494 = load <8 x float>, ptr %acc1040, align 4
-  store <8 x float> %494, ptr %434, align 4
-  %495 = load <8 x float>, ptr %acc1141, align 4
-  store <8 x float> %495, ptr %437, align 4
-  %496 = load <8 x float>, ptr %acc2042, align 4
-  store <8 x float> %496, ptr %448, align 4
-  %497 = load <8 x float>, ptr %acc2143, align 4
-  store <8 x float> %497, ptr %451, align 4
+k.end55:                                          ; preds = %k.head53
+  %512 = load <8 x float>, ptr %acc0043, align 4
+  store <8 x float> %512, ptr %437, align 4
+  %513 = load <8 x float>, ptr %acc0144, align 4
+  store <8 x float> %513, ptr %440, align 4
+  %514 = load <8 x float>, ptr %acc1045, align 4
+  store <8 x float> %514, ptr %451, align 4
+  %515 = load <8 x float>, ptr %acc1146, align 4
+  store <8 x float> %515, ptr %454, align 4
+  %516 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %516, ptr %465, align 4
+  %517 = load <8 x float>, ptr %acc2148, align 4
+  store <8 x float> %517, ptr %468, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col52 = mul nsw i64 %p, 16
-  %498 = add nsw i64 %r0, 0
-  %499 = mul nsw i64 %498, 896
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 1280
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col52, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
-  %508 = load <8 x float>, ptr %507, align 4
-  store <8 x float> %508, ptr %acc0053, align 4
-  %509 = add nsw i64 %col52, 8
-  %510 = getelementptr inbounds float, ptr %505, i64 %509
-  %511 = load <8 x float>, ptr %510, align 4
-  store <8 x float> %511, ptr %acc0154, align 4
-  %512 = add nsw i64 %r0, 1
-  %513 = mul nsw i64 %512, 896
-  %514 = getelementptr inbounds float, ptr %h, i64 %513
-  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
-  %516 = load i32, ptr %515, align 4
-  %517 = sext i32 %516 to i64
-  %518 = mul nsw i64 %517, 1280
-  %519 = getelementptr inbounds float, ptr %y, i64 %518
-  %520 = add nsw i64 %col52, 0
-  %521 = getelementptr inbounds float, ptr %519, i64 %520
-  %522 = load <8 x float>, ptr %521, align 4
-  store <8 x float> %522, ptr %acc1055, align 4
-  %523 = add nsw i64 %col52, 8
-  %524 = getelementptr inbounds float, ptr %519, i64 %523
-  %525 = load <8 x float>, ptr %524, align 4
-  store <8 x float> %525, ptr %acc1156, align 4
-  %panel.off57 = mul nsw i64 %p, 14336
-  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
-  %527 = add nsw i64 %p, 1
-  %528 = icmp slt i64 %527, %p1
-  %529 = getelementptr inbounds i8, ptr %526, i64 28672
-  %530 = and i1 %pf.on, %528
-  %pf58 = select i1 %530, ptr %529, ptr %526
-  br label %k.head59
+  %col59 = mul nsw i64 %p, 16
+  %518 = add nsw i64 %r0, 0
+  %519 = mul nsw i64 %518, 896
+  %520 = getelementptr inbounds float, ptr %h, i64 %519
+  %521 = getelementptr inbounds i32, ptr %rows, i64 %518
+  %522 = load i32, ptr %521, align 4
+  %523 = sext i32 %522 to i64
+  %524 = mul nsw i64 %523, 1280
+  %525 = getelementptr inbounds float, ptr %y, i64 %524
+  %526 = add nsw i64 %col59, 0
+  %527 = getelementptr inbounds float, ptr %525, i64 %526
+  %528 = load <8 x float>, ptr %527, align 4
+  store <8 x float> %528, ptr %acc0060, align 4
+  %529 = add nsw i64 %col59, 8
+  %530 = getelementptr inbounds float, ptr %525, i64 %529
+  %531 = load <8 x float>, ptr %530, align 4
+  store <8 x float> %531, ptr %acc0161, align 4
+  %532 = add nsw i64 %r0, 1
+  %533 = mul nsw i64 %532, 896
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %532
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 1280
+  %539 = getelementptr inbounds float, ptr %y, i64 %538
+  %540 = add nsw i64 %col59, 0
+  %541 = getelementptr inbounds float, ptr %539, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  store <8 x float> %542, ptr %acc1062, align 4
+  %543 = add nsw i64 %col59, 8
+  %544 = getelementptr inbounds float, ptr %539, i64 %543
+  %545 = load <8 x float>, ptr %544, align 4
+  store <8 x float> %545, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 14336
+  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %547 = add nsw i64 %p, 1
+  %548 = icmp slt i64 %547, %p1
+  %pf.on65 = and i1 %pf.on, %548
+  %549 = mul nsw i64 %pf.j, 28672
+  %550 = lshr i64 %549, %10
+  %551 = add nsw i64 28672, %550
+  %552 = getelementptr inbounds i8, ptr %546, i64 %551
+  %pf66 = select i1 %pf.on65, ptr %552, ptr %546
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head59:                                         ; preds = %k.body60, %tile.mr2
-  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
-  %531 = icmp slt i64 %k62, 896
-  br i1 %531, label %k.body60, label %k.end61
+k.head68:                                         ; preds = %k.body69, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %579, %k.body69 ]
+  %553 = icmp slt i64 %k71, 896
+  br i1 %553, label %k.body69, label %k.end70
 
-k.body60:                                         ; preds = %k.head59
-  %532 = mul nsw i64 %k62, 16
-  %533 = add nsw i64 %panel.off57, %532
-  %534 = mul nsw i64 %k62, 32
-  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
-  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
-  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
-  %537 = load <8 x i32>, ptr %536, align 4
-  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %538 to <8 x float>
-  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %539 to <8 x float>
-  %540 = getelementptr inbounds float, ptr %500, i64 %k62
-  %541 = load float, ptr %540, align 4
-  %542 = insertelement <8 x float> poison, float %541, i32 0
-  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
-  %544 = load <8 x float>, ptr %acc0053, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
-  store <8 x float> %545, ptr %acc0053, align 4
-  %546 = load <8 x float>, ptr %acc0154, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
-  store <8 x float> %547, ptr %acc0154, align 4
-  %548 = getelementptr inbounds float, ptr %514, i64 %k62
-  %549 = load float, ptr %548, align 4
-  %550 = insertelement <8 x float> poison, float %549, i32 0
-  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
-  %552 = load <8 x float>, ptr %acc1055, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
-  store <8 x float> %553, ptr %acc1055, align 4
-  %554 = load <8 x float>, ptr %acc1156, align 4
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
-  store <8 x float> %555, ptr %acc1156, align 4
-  %556 = add nsw i64 %k62, 1
-  br label %k.head59
+k.body69:                                         ; preds = %k.head68
+  %554 = mul nsw i64 %k71, 16
+  %555 = add nsw i64 %panel.off64, %554
+  %556 = mul nsw i64 %k71, 32
+  %557 = lshr i64 %556, %pf.sh67
+  %558 = getelementptr inbounds i8, ptr %pf66, i64 %557
+  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
+  %559 = getelementptr inbounds i16, ptr %panels, i64 %555
+  %560 = load <8 x i32>, ptr %559, align 4
+  %561 = shl <8 x i32> %560, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %561 to <8 x float>
+  %562 = and <8 x i32> %560, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = getelementptr inbounds float, ptr %520, i64 %k71
+  %564 = load float, ptr %563, align 4
+  %565 = insertelement <8 x float> poison, float %564, i32 0
+  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
+  %567 = load <8 x float>, ptr %acc0060, align 4
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b072, <8 x float> %567)
+  store <8 x float> %568, ptr %acc0060, align 4
+  %569 = load <8 x float>, ptr %acc0161, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b173, <8 x float> %569)
+  store <8 x float> %570, ptr %acc0161, align 4
+  %571 = getelementptr inbounds float, ptr %534, i64 %k71
+  %572 = load float, ptr %571, align 4
+  %573 = insertelement <8 x float> poison, float %572, i32 0
+  %574 = shufflevector <8 x float> %573, <8 x float> poison, <8 x i32> zeroinitializer
+  %575 = load <8 x float>, ptr %acc1062, align 4
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b072, <8 x float> %575)
+  store <8 x float> %576, ptr %acc1062, align 4
+  %577 = load <8 x float>, ptr %acc1163, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b173, <8 x float> %577)
+  store <8 x float> %578, ptr %acc1163, align 4
+  %579 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end61:                                          ; preds = %k.head59
-  %557 = load <8 x float>, ptr %acc0053, align 4
-  store <8 x float> %557, ptr %507, align 4
-  %558 = load <8 x float>, ptr %acc0154, align 4
-  store <8 x float> %558, ptr %510, align 4
-  %559 = load <8 x float>, ptr %acc1055, align 4
-  store <8 x float> %559, ptr %521, align 4
-  %560 = load <8 x float>, ptr %acc1156, align 4
-  store <8 x float> %560, ptr %524, align 4
+k.end70:                                          ; preds = %k.head68
+  %580 = load <8 x float>, ptr %acc0060, align 4
+  store <8 x float> %580, ptr %527, align 4
+  %581 = load <8 x float>, ptr %acc0161, align 4
+  store <8 x float> %581, ptr %530, align 4
+  %582 = load <8 x float>, ptr %acc1062, align 4
+  store <8 x float> %582, ptr %541, align 4
+  %583 = load <8 x float>, ptr %acc1163, align 4
+  store <8 x float> %583, ptr %544, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col65 = mul nsw i64 %p, 16
-  %561 = add nsw i64 %r0, 0
-  %562 = mul nsw i64 %561, 896
-  %563 = getelementptr inbounds float, ptr %h, i64 %562
-  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
-  %565 = load i32, ptr %564, align 4
-  %566 = sext i32 %565 to i64
-  %567 = mul nsw i64 %566, 1280
-  %568 = getelementptr inbounds float, ptr %y, i64 %567
-  %569 = add nsw i64 %col65, 0
-  %570 = getelementptr inbounds float, ptr %568, i64 %569
-  %571 = load <8 x float>, ptr %570, align 4
-  store <8 x float> %571, ptr %acc0066, align 4
-  %572 = add nsw i64 %col65, 8
-  %573 = getelementptr inbounds float, ptr %568, i64 %572
-  %574 = load <8 x float>, ptr %573, align 4
-  store <8 x float> %574, ptr %acc0167, align 4
-  %panel.off68 = mul nsw i64 %p, 14336
-  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
-  %576 = add nsw i64 %p, 1
-  %577 = icmp slt i64 %576, %p1
-  %578 = getelementptr inbounds i8, ptr %575, i64 28672
-  %579 = and i1 %pf.on, %577
-  %pf69 = select i1 %579, ptr %578, ptr %575
-  br label %k.head70
+  %col74 = mul nsw i64 %p, 16
+  %584 = add nsw i64 %r0, 0
+  %585 = mul nsw i64 %584, 896
+  %586 = getelementptr inbounds float, ptr %h, i64 %585
+  %587 = getelementptr inbounds i32, ptr %rows, i64 %584
+  %588 = load i32, ptr %587, align 4
+  %589 = sext i32 %588 to i64
+  %590 = mul nsw i64 %589, 1280
+  %591 = getelementptr inbounds float, ptr %y, i64 %590
+  %592 = add nsw i64 %col74, 0
+  %593 = getelementptr inbounds float, ptr %591, i64 %592
+  %594 = load <8 x float>, ptr %593, align 4
+  store <8 x float> %594, ptr %acc0075, align 4
+  %595 = add nsw i64 %col74, 8
+  %596 = getelementptr inbounds float, ptr %591, i64 %595
+  %597 = load <8 x float>, ptr %596, align 4
+  store <8 x float> %597, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 14336
+  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %599 = add nsw i64 %p, 1
+  %600 = icmp slt i64 %599, %p1
+  %pf.on78 = and i1 %pf.on, %600
+  %601 = mul nsw i64 %pf.j, 28672
+  %602 = lshr i64 %601, %10
+  %603 = add nsw i64 28672, %602
+  %604 = getelementptr inbounds i8, ptr %598, i64 %603
+  %pf79 = select i1 %pf.on78, ptr %604, ptr %598
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head70:                                         ; preds = %k.body71, %tile.mr1
-  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
-  %580 = icmp slt i64 %k73, 896
-  br i1 %580, label %k.body71, label %k.end72
+k.head81:                                         ; preds = %k.body82, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %623, %k.body82 ]
+  %605 = icmp slt i64 %k84, 896
+  br i1 %605, label %k.body82, label %k.end83
 
-k.body71:                                         ; preds = %k.head70
-  %581 = mul nsw i64 %k73, 16
-  %582 = add nsw i64 %panel.off68, %581
-  %583 = mul nsw i64 %k73, 32
-  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
-  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
-  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
-  %586 = load <8 x i32>, ptr %585, align 4
-  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %587 to <8 x float>
-  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %588 to <8 x float>
-  %589 = getelementptr inbounds float, ptr %563, i64 %k73
-  %590 = load float, ptr %589, align 4
-  %591 = insertelement <8 x float> poison, float %590, i32 0
-  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
-  %593 = load <8 x float>, ptr %acc0066, align 4
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
-  store <8 x float> %594, ptr %acc0066, align 4
-  %595 = load <8 x float>, ptr %acc0167, align 4
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
-  store <8 x float> %596, ptr %acc0167, align 4
-  %597 = add nsw i64 %k73, 1
-  br label %k.head70
+k.body82:                                         ; preds = %k.head81
+  %606 = mul nsw i64 %k84, 16
+  %607 = add nsw i64 %panel.off77, %606
+  %608 = mul nsw i64 %k84, 32
+  %609 = lshr i64 %608, %pf.sh80
+  %610 = getelementptr inbounds i8, ptr %pf79, i64 %609
+  call void @llvm.prefetch.p0(ptr %610, i32 0, i32 2, i32 1)
+  %611 = getelementptr inbounds i16, ptr %panels, i64 %607
+  %612 = load <8 x i32>, ptr %611, align 4
+  %613 = shl <8 x i32> %612, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %613 to <8 x float>
+  %614 = and <8 x i32> %612, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %614 to <8 x float>
+  %615 = getelementptr inbounds float, ptr %586, i64 %k84
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = load <8 x float>, ptr %acc0075, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b085, <8 x float> %619)
+  store <8 x float> %620, ptr %acc0075, align 4
+  %621 = load <8 x float>, ptr %acc0176, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b186, <8 x float> %621)
+  store <8 x float> %622, ptr %acc0176, align 4
+  %623 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end72:                                          ; preds = %k.head70
-  %598 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %598, ptr %570, align 4
-  %599 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %599, ptr %573, align 4
+k.end83:                                          ; preds = %k.head81
+  %624 = load <8 x float>, ptr %acc0075, align 4
+  store <8 x float> %624, ptr %593, align 4
+  %625 = load <8 x float>, ptr %acc0176, align 4
+  store <8 x float> %625, ptr %596, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
-  %600 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+  %626 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %601 = add nsw i64 %p, 1
+  %627 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3302,43 +3382,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0031 = alloca <8 x float>, align 32
-  %acc0132 = alloca <8 x float>, align 32
-  %acc1033 = alloca <8 x float>, align 32
-  %acc1134 = alloca <8 x float>, align 32
-  %acc2035 = alloca <8 x float>, align 32
-  %acc2136 = alloca <8 x float>, align 32
-  %acc3037 = alloca <8 x float>, align 32
-  %acc3138 = alloca <8 x float>, align 32
-  %acc4039 = alloca <8 x float>, align 32
-  %acc4140 = alloca <8 x float>, align 32
-  %acc0079 = alloca <8 x float>, align 32
-  %acc0180 = alloca <8 x float>, align 32
-  %acc1081 = alloca <8 x float>, align 32
-  %acc1182 = alloca <8 x float>, align 32
-  %acc2083 = alloca <8 x float>, align 32
-  %acc2184 = alloca <8 x float>, align 32
-  %acc3085 = alloca <8 x float>, align 32
-  %acc3186 = alloca <8 x float>, align 32
-  %acc00119 = alloca <8 x float>, align 32
-  %acc01120 = alloca <8 x float>, align 32
-  %acc10121 = alloca <8 x float>, align 32
-  %acc11122 = alloca <8 x float>, align 32
-  %acc20123 = alloca <8 x float>, align 32
-  %acc21124 = alloca <8 x float>, align 32
-  %acc00151 = alloca <8 x float>, align 32
-  %acc01152 = alloca <8 x float>, align 32
-  %acc10153 = alloca <8 x float>, align 32
-  %acc11154 = alloca <8 x float>, align 32
-  %acc00175 = alloca <8 x float>, align 32
-  %acc01176 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc3038 = alloca <8 x float>, align 32
+  %acc3139 = alloca <8 x float>, align 32
+  %acc4040 = alloca <8 x float>, align 32
+  %acc4141 = alloca <8 x float>, align 32
+  %acc0082 = alloca <8 x float>, align 32
+  %acc0183 = alloca <8 x float>, align 32
+  %acc1084 = alloca <8 x float>, align 32
+  %acc1185 = alloca <8 x float>, align 32
+  %acc2086 = alloca <8 x float>, align 32
+  %acc2187 = alloca <8 x float>, align 32
+  %acc3088 = alloca <8 x float>, align 32
+  %acc3189 = alloca <8 x float>, align 32
+  %acc00124 = alloca <8 x float>, align 32
+  %acc01125 = alloca <8 x float>, align 32
+  %acc10126 = alloca <8 x float>, align 32
+  %acc11127 = alloca <8 x float>, align 32
+  %acc20128 = alloca <8 x float>, align 32
+  %acc21129 = alloca <8 x float>, align 32
+  %acc00158 = alloca <8 x float>, align 32
+  %acc01159 = alloca <8 x float>, align 32
+  %acc10160 = alloca <8 x float>, align 32
+  %acc11161 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
+  %acc01185 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %957, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %983, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -3346,7 +3426,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %956, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %982, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -3354,9 +3434,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3366,1301 +3456,1331 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 1280
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 1280
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 1280
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 1280
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 1280
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 1280
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 1280
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 1280
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 1280
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 1280
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 1280
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 1280
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 20480
-  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 40960
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 40960
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 40960, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
-  %46 = icmp slt i64 %k, 1280
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+  %56 = icmp slt i64 %k, 1280
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 32
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
-  %52 = load <8 x i32>, ptr %51, align 4
-  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %53 to <8 x float>
-  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %54 to <8 x float>
-  %55 = getelementptr inbounds float, ptr %10, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc00, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc00, align 4
-  %61 = load <8 x float>, ptr %acc01, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc01, align 4
-  %63 = getelementptr inbounds float, ptr %16, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc10, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc10, align 4
-  %69 = load <8 x float>, ptr %acc11, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc11, align 4
-  %71 = getelementptr inbounds float, ptr %22, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc20, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc20, align 4
-  %77 = load <8 x float>, ptr %acc21, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc21, align 4
-  %79 = getelementptr inbounds float, ptr %28, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc30, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc30, align 4
-  %85 = load <8 x float>, ptr %acc31, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc31, align 4
-  %87 = getelementptr inbounds float, ptr %34, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc40, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
-  store <8 x float> %92, ptr %acc40, align 4
-  %93 = load <8 x float>, ptr %acc41, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
-  store <8 x float> %94, ptr %acc41, align 4
-  %95 = getelementptr inbounds float, ptr %40, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc50, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc50, align 4
-  %101 = load <8 x float>, ptr %acc51, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc51, align 4
-  %103 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 32
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
+  %63 = load <8 x i32>, ptr %62, align 4
+  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %64 to <8 x float>
+  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = getelementptr inbounds float, ptr %18, i64 %k
+  %67 = load float, ptr %66, align 4
+  %68 = insertelement <8 x float> poison, float %67, i32 0
+  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
+  %70 = load <8 x float>, ptr %acc00, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
+  store <8 x float> %71, ptr %acc00, align 4
+  %72 = load <8 x float>, ptr %acc01, align 4
+  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
+  store <8 x float> %73, ptr %acc01, align 4
+  %74 = getelementptr inbounds float, ptr %24, i64 %k
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <8 x float> poison, float %75, i32 0
+  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
+  %78 = load <8 x float>, ptr %acc10, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
+  store <8 x float> %79, ptr %acc10, align 4
+  %80 = load <8 x float>, ptr %acc11, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
+  store <8 x float> %81, ptr %acc11, align 4
+  %82 = getelementptr inbounds float, ptr %30, i64 %k
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <8 x float> poison, float %83, i32 0
+  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
+  %86 = load <8 x float>, ptr %acc20, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
+  store <8 x float> %87, ptr %acc20, align 4
+  %88 = load <8 x float>, ptr %acc21, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
+  store <8 x float> %89, ptr %acc21, align 4
+  %90 = getelementptr inbounds float, ptr %36, i64 %k
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <8 x float> poison, float %91, i32 0
+  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
+  %94 = load <8 x float>, ptr %acc30, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
+  store <8 x float> %95, ptr %acc30, align 4
+  %96 = load <8 x float>, ptr %acc31, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
+  store <8 x float> %97, ptr %acc31, align 4
+  %98 = getelementptr inbounds float, ptr %42, i64 %k
+  %99 = load float, ptr %98, align 4
+  %100 = insertelement <8 x float> poison, float %99, i32 0
+  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
+  %102 = load <8 x float>, ptr %acc40, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
+  store <8 x float> %103, ptr %acc40, align 4
+  %104 = load <8 x float>, ptr %acc41, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
+  store <8 x float> %105, ptr %acc41, align 4
+  %106 = getelementptr inbounds float, ptr %48, i64 %k
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc50, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc50, align 4
+  %112 = load <8 x float>, ptr %acc51, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc51, align 4
+  %114 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %104 = add nsw i64 %r0, 0
-  %105 = mul nsw i64 %104, 896
-  %106 = getelementptr inbounds float, ptr %h, i64 %105
+  %115 = add nsw i64 %r0, 0
+  %116 = mul nsw i64 %115, 896
+  %117 = getelementptr inbounds float, ptr %h, i64 %116
   %col = mul nsw i64 %p, 8
-  %107 = load <8 x float>, ptr %acc00, align 4
-  %108 = load <8 x float>, ptr %acc01, align 4
-  %109 = fneg <8 x float> %107
-  %110 = fcmp olt <8 x float> %109, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %111 = select <8 x i1> %110, <8 x float> %109, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %112 = fcmp ogt <8 x float> %111, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %113 = select <8 x i1> %112, <8 x float> %111, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %115 = call <8 x float> @llvm.floor.v8f32(<8 x float> %114)
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %113)
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %116)
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %117, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %117, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %117, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %117, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> %117, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %123 = fmul <8 x float> %117, %117
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %123, <8 x float> %117)
-  %125 = fadd <8 x float> %124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %126 = fptosi <8 x float> %115 to <8 x i32>
-  %127 = add <8 x i32> %126, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %128 = shl <8 x i32> %127, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %128 to <8 x float>
-  %exp = fmul <8 x float> %125, %exp.2n
-  %129 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %129
-  %silu = fmul <8 x float> %107, %sigmoid
-  %glu = fmul <8 x float> %silu, %108
-  %130 = getelementptr inbounds float, ptr %106, i64 %col
-  store <8 x float> %glu, ptr %130, align 4
-  %131 = add nsw i64 %r0, 1
-  %132 = mul nsw i64 %131, 896
-  %133 = getelementptr inbounds float, ptr %h, i64 %132
-  %col1 = mul nsw i64 %p, 8
-  %134 = load <8 x float>, ptr %acc10, align 4
-  %135 = load <8 x float>, ptr %acc11, align 4
-  %136 = fneg <8 x float> %134
-  %137 = fcmp olt <8 x float> %136, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %139 = fcmp ogt <8 x float> %138, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %142 = call <8 x float> @llvm.floor.v8f32(<8 x float> %141)
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %140)
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %143)
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %150 = fmul <8 x float> %144, %144
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %150, <8 x float> %144)
-  %152 = fadd <8 x float> %151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %153 = fptosi <8 x float> %142 to <8 x i32>
-  %154 = add <8 x i32> %153, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %155 = shl <8 x i32> %154, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %155 to <8 x float>
-  %exp3 = fmul <8 x float> %152, %exp.2n2
-  %156 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %156
-  %silu5 = fmul <8 x float> %134, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %135
-  %157 = getelementptr inbounds float, ptr %133, i64 %col1
-  store <8 x float> %glu6, ptr %157, align 4
-  %158 = add nsw i64 %r0, 2
-  %159 = mul nsw i64 %158, 896
-  %160 = getelementptr inbounds float, ptr %h, i64 %159
-  %col7 = mul nsw i64 %p, 8
-  %161 = load <8 x float>, ptr %acc20, align 4
-  %162 = load <8 x float>, ptr %acc21, align 4
-  %163 = fneg <8 x float> %161
-  %164 = fcmp olt <8 x float> %163, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %165 = select <8 x i1> %164, <8 x float> %163, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %166 = fcmp ogt <8 x float> %165, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %167 = select <8 x i1> %166, <8 x float> %165, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %169 = call <8 x float> @llvm.floor.v8f32(<8 x float> %168)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %167)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %170)
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %171, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %171, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %171, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %174, <8 x float> %171, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %171, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %177 = fmul <8 x float> %171, %171
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %177, <8 x float> %171)
-  %179 = fadd <8 x float> %178, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %180 = fptosi <8 x float> %169 to <8 x i32>
-  %181 = add <8 x i32> %180, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %182 = shl <8 x i32> %181, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %182 to <8 x float>
-  %exp9 = fmul <8 x float> %179, %exp.2n8
-  %183 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %183
-  %silu11 = fmul <8 x float> %161, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %162
-  %184 = getelementptr inbounds float, ptr %160, i64 %col7
-  store <8 x float> %glu12, ptr %184, align 4
-  %185 = add nsw i64 %r0, 3
-  %186 = mul nsw i64 %185, 896
-  %187 = getelementptr inbounds float, ptr %h, i64 %186
-  %col13 = mul nsw i64 %p, 8
-  %188 = load <8 x float>, ptr %acc30, align 4
-  %189 = load <8 x float>, ptr %acc31, align 4
-  %190 = fneg <8 x float> %188
-  %191 = fcmp olt <8 x float> %190, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %193 = fcmp ogt <8 x float> %192, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %196 = call <8 x float> @llvm.floor.v8f32(<8 x float> %195)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %194)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %197)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %198, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %198, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %198, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %198, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %198, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %204 = fmul <8 x float> %198, %198
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %204, <8 x float> %198)
-  %206 = fadd <8 x float> %205, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %207 = fptosi <8 x float> %196 to <8 x i32>
-  %208 = add <8 x i32> %207, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %209 = shl <8 x i32> %208, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %209 to <8 x float>
-  %exp15 = fmul <8 x float> %206, %exp.2n14
-  %210 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %210
-  %silu17 = fmul <8 x float> %188, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %189
-  %211 = getelementptr inbounds float, ptr %187, i64 %col13
-  store <8 x float> %glu18, ptr %211, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 896
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %col19 = mul nsw i64 %p, 8
-  %215 = load <8 x float>, ptr %acc40, align 4
-  %216 = load <8 x float>, ptr %acc41, align 4
-  %217 = fneg <8 x float> %215
-  %218 = fcmp olt <8 x float> %217, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %219 = select <8 x i1> %218, <8 x float> %217, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %220 = fcmp ogt <8 x float> %219, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %221 = select <8 x i1> %220, <8 x float> %219, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %223 = call <8 x float> @llvm.floor.v8f32(<8 x float> %222)
-  %224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %221)
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %224)
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %225, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> %225, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %225, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> %225, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %225, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %231 = fmul <8 x float> %225, %225
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %231, <8 x float> %225)
-  %233 = fadd <8 x float> %232, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %234 = fptosi <8 x float> %223 to <8 x i32>
-  %235 = add <8 x i32> %234, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %236 = shl <8 x i32> %235, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %236 to <8 x float>
-  %exp21 = fmul <8 x float> %233, %exp.2n20
-  %237 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %237
-  %silu23 = fmul <8 x float> %215, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %216
-  %238 = getelementptr inbounds float, ptr %214, i64 %col19
-  store <8 x float> %glu24, ptr %238, align 4
-  %239 = add nsw i64 %r0, 5
-  %240 = mul nsw i64 %239, 896
-  %241 = getelementptr inbounds float, ptr %h, i64 %240
-  %col25 = mul nsw i64 %p, 8
-  %242 = load <8 x float>, ptr %acc50, align 4
-  %243 = load <8 x float>, ptr %acc51, align 4
-  %244 = fneg <8 x float> %242
-  %245 = fcmp olt <8 x float> %244, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %246 = select <8 x i1> %245, <8 x float> %244, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %247 = fcmp ogt <8 x float> %246, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %248 = select <8 x i1> %247, <8 x float> %246, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %250 = call <8 x float> @llvm.floor.v8f32(<8 x float> %249)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %248)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %250, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %251)
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %252, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %252, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %252, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %252, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %252, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %258 = fmul <8 x float> %252, %252
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %258, <8 x float> %252)
-  %260 = fadd <8 x float> %259, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %261 = fptosi <8 x float> %250 to <8 x i32>
-  %262 = add <8 x i32> %261, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %263 = shl <8 x i32> %262, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %263 to <8 x float>
-  %exp27 = fmul <8 x float> %260, %exp.2n26
-  %264 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %264
-  %silu29 = fmul <8 x float> %242, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %243
-  %265 = getelementptr inbounds float, ptr %241, i64 %col25
-  store <8 x float> %glu30, ptr %265, align 4
+  %118 = load <8 x float>, ptr %acc00, align 4
+  %119 = load <8 x float>, ptr %acc01, align 4
+  %120 = fneg <8 x float> %118
+  %121 = fcmp olt <8 x float> %120, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %122 = select <8 x i1> %121, <8 x float> %120, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %123 = fcmp ogt <8 x float> %122, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %124 = select <8 x i1> %123, <8 x float> %122, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %126 = call <8 x float> @llvm.floor.v8f32(<8 x float> %125)
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %124)
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %127)
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %128, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %128, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %128, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %128, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %128, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %134 = fmul <8 x float> %128, %128
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %134, <8 x float> %128)
+  %136 = fadd <8 x float> %135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %137 = fptosi <8 x float> %126 to <8 x i32>
+  %138 = add <8 x i32> %137, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %139 = shl <8 x i32> %138, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %139 to <8 x float>
+  %exp = fmul <8 x float> %136, %exp.2n
+  %140 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %140
+  %silu = fmul <8 x float> %118, %sigmoid
+  %glu = fmul <8 x float> %silu, %119
+  %141 = getelementptr inbounds float, ptr %117, i64 %col
+  store <8 x float> %glu, ptr %141, align 4
+  %142 = add nsw i64 %r0, 1
+  %143 = mul nsw i64 %142, 896
+  %144 = getelementptr inbounds float, ptr %h, i64 %143
+  %col2 = mul nsw i64 %p, 8
+  %145 = load <8 x float>, ptr %acc10, align 4
+  %146 = load <8 x float>, ptr %acc11, align 4
+  %147 = fneg <8 x float> %145
+  %148 = fcmp olt <8 x float> %147, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %149 = select <8 x i1> %148, <8 x float> %147, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %150 = fcmp ogt <8 x float> %149, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %151 = select <8 x i1> %150, <8 x float> %149, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %153 = call <8 x float> @llvm.floor.v8f32(<8 x float> %152)
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %151)
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %154)
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %155, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %155, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %155, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %155, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %155, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %161 = fmul <8 x float> %155, %155
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %161, <8 x float> %155)
+  %163 = fadd <8 x float> %162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %164 = fptosi <8 x float> %153 to <8 x i32>
+  %165 = add <8 x i32> %164, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %166 = shl <8 x i32> %165, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %166 to <8 x float>
+  %exp4 = fmul <8 x float> %163, %exp.2n3
+  %167 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %167
+  %silu6 = fmul <8 x float> %145, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %146
+  %168 = getelementptr inbounds float, ptr %144, i64 %col2
+  store <8 x float> %glu7, ptr %168, align 4
+  %169 = add nsw i64 %r0, 2
+  %170 = mul nsw i64 %169, 896
+  %171 = getelementptr inbounds float, ptr %h, i64 %170
+  %col8 = mul nsw i64 %p, 8
+  %172 = load <8 x float>, ptr %acc20, align 4
+  %173 = load <8 x float>, ptr %acc21, align 4
+  %174 = fneg <8 x float> %172
+  %175 = fcmp olt <8 x float> %174, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %176 = select <8 x i1> %175, <8 x float> %174, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %177 = fcmp ogt <8 x float> %176, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %178 = select <8 x i1> %177, <8 x float> %176, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %180 = call <8 x float> @llvm.floor.v8f32(<8 x float> %179)
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %178)
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %181)
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %182, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %182, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %182, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %182, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %182, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %188 = fmul <8 x float> %182, %182
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %188, <8 x float> %182)
+  %190 = fadd <8 x float> %189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %191 = fptosi <8 x float> %180 to <8 x i32>
+  %192 = add <8 x i32> %191, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %193 = shl <8 x i32> %192, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %193 to <8 x float>
+  %exp10 = fmul <8 x float> %190, %exp.2n9
+  %194 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %194
+  %silu12 = fmul <8 x float> %172, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %173
+  %195 = getelementptr inbounds float, ptr %171, i64 %col8
+  store <8 x float> %glu13, ptr %195, align 4
+  %196 = add nsw i64 %r0, 3
+  %197 = mul nsw i64 %196, 896
+  %198 = getelementptr inbounds float, ptr %h, i64 %197
+  %col14 = mul nsw i64 %p, 8
+  %199 = load <8 x float>, ptr %acc30, align 4
+  %200 = load <8 x float>, ptr %acc31, align 4
+  %201 = fneg <8 x float> %199
+  %202 = fcmp olt <8 x float> %201, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %203 = select <8 x i1> %202, <8 x float> %201, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %204 = fcmp ogt <8 x float> %203, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %205 = select <8 x i1> %204, <8 x float> %203, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %206)
+  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %205)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %208)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %209, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %209, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %209, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %209, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %209, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %215 = fmul <8 x float> %209, %209
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %215, <8 x float> %209)
+  %217 = fadd <8 x float> %216, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %218 = fptosi <8 x float> %207 to <8 x i32>
+  %219 = add <8 x i32> %218, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %220 = shl <8 x i32> %219, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %220 to <8 x float>
+  %exp16 = fmul <8 x float> %217, %exp.2n15
+  %221 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %221
+  %silu18 = fmul <8 x float> %199, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %200
+  %222 = getelementptr inbounds float, ptr %198, i64 %col14
+  store <8 x float> %glu19, ptr %222, align 4
+  %223 = add nsw i64 %r0, 4
+  %224 = mul nsw i64 %223, 896
+  %225 = getelementptr inbounds float, ptr %h, i64 %224
+  %col20 = mul nsw i64 %p, 8
+  %226 = load <8 x float>, ptr %acc40, align 4
+  %227 = load <8 x float>, ptr %acc41, align 4
+  %228 = fneg <8 x float> %226
+  %229 = fcmp olt <8 x float> %228, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %230 = select <8 x i1> %229, <8 x float> %228, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %231 = fcmp ogt <8 x float> %230, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %232 = select <8 x i1> %231, <8 x float> %230, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %234 = call <8 x float> @llvm.floor.v8f32(<8 x float> %233)
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %232)
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %235)
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %236, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %236, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %236, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %236, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %236, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %242 = fmul <8 x float> %236, %236
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %242, <8 x float> %236)
+  %244 = fadd <8 x float> %243, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %245 = fptosi <8 x float> %234 to <8 x i32>
+  %246 = add <8 x i32> %245, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %247 = shl <8 x i32> %246, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %247 to <8 x float>
+  %exp22 = fmul <8 x float> %244, %exp.2n21
+  %248 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %248
+  %silu24 = fmul <8 x float> %226, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %227
+  %249 = getelementptr inbounds float, ptr %225, i64 %col20
+  store <8 x float> %glu25, ptr %249, align 4
+  %250 = add nsw i64 %r0, 5
+  %251 = mul nsw i64 %250, 896
+  %252 = getelementptr inbounds float, ptr %h, i64 %251
+  %col26 = mul nsw i64 %p, 8
+  %253 = load <8 x float>, ptr %acc50, align 4
+  %254 = load <8 x float>, ptr %acc51, align 4
+  %255 = fneg <8 x float> %253
+  %256 = fcmp olt <8 x float> %255, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %258 = fcmp ogt <8 x float> %257, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %259 = select <8 x i1> %258, <8 x float> %257, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %261 = call <8 x float> @llvm.floor.v8f32(<8 x float> %260)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %259)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %262)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %263, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %263, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %263, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %263, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %269 = fmul <8 x float> %263, %263
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %269, <8 x float> %263)
+  %271 = fadd <8 x float> %270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %272 = fptosi <8 x float> %261 to <8 x i32>
+  %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %274 to <8 x float>
+  %exp28 = fmul <8 x float> %271, %exp.2n27
+  %275 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
+  %silu30 = fmul <8 x float> %253, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %254
+  %276 = getelementptr inbounds float, ptr %252, i64 %col26
+  store <8 x float> %glu31, ptr %276, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %266 = add nsw i64 %r0, 0
-  %267 = getelementptr inbounds i32, ptr %rows, i64 %266
-  %268 = load i32, ptr %267, align 4
-  %269 = sext i32 %268 to i64
-  %270 = mul nsw i64 %269, 1280
-  %271 = getelementptr inbounds float, ptr %x, i64 %270
-  store <8 x float> zeroinitializer, ptr %acc0031, align 4
-  store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %272 = add nsw i64 %r0, 1
-  %273 = getelementptr inbounds i32, ptr %rows, i64 %272
-  %274 = load i32, ptr %273, align 4
-  %275 = sext i32 %274 to i64
-  %276 = mul nsw i64 %275, 1280
-  %277 = getelementptr inbounds float, ptr %x, i64 %276
-  store <8 x float> zeroinitializer, ptr %acc1033, align 4
-  store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %278 = add nsw i64 %r0, 2
-  %279 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %280 = load i32, ptr %279, align 4
-  %281 = sext i32 %280 to i64
-  %282 = mul nsw i64 %281, 1280
-  %283 = getelementptr inbounds float, ptr %x, i64 %282
-  store <8 x float> zeroinitializer, ptr %acc2035, align 4
-  store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %284 = add nsw i64 %r0, 3
-  %285 = getelementptr inbounds i32, ptr %rows, i64 %284
-  %286 = load i32, ptr %285, align 4
-  %287 = sext i32 %286 to i64
-  %288 = mul nsw i64 %287, 1280
-  %289 = getelementptr inbounds float, ptr %x, i64 %288
-  store <8 x float> zeroinitializer, ptr %acc3037, align 4
-  store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %290 = add nsw i64 %r0, 4
-  %291 = getelementptr inbounds i32, ptr %rows, i64 %290
-  %292 = load i32, ptr %291, align 4
-  %293 = sext i32 %292 to i64
-  %294 = mul nsw i64 %293, 1280
-  %295 = getelementptr inbounds float, ptr %x, i64 %294
-  store <8 x float> zeroinitializer, ptr %acc4039, align 4
-  store <8 x float> zeroinitializer, ptr %acc4140, align 4
-  %panel.off41 = mul nsw i64 %p, 20480
-  %296 = getelementptr inbounds i16, ptr %panels, i64 %panel.off41
-  %297 = add nsw i64 %p, 1
-  %298 = icmp slt i64 %297, %p1
-  %299 = getelementptr inbounds i8, ptr %296, i64 40960
-  %300 = and i1 %pf.on, %298
-  %pf42 = select i1 %300, ptr %299, ptr %296
-  br label %k.head43
+  %277 = add nsw i64 %r0, 0
+  %278 = getelementptr inbounds i32, ptr %rows, i64 %277
+  %279 = load i32, ptr %278, align 4
+  %280 = sext i32 %279 to i64
+  %281 = mul nsw i64 %280, 1280
+  %282 = getelementptr inbounds float, ptr %x, i64 %281
+  store <8 x float> zeroinitializer, ptr %acc0032, align 4
+  store <8 x float> zeroinitializer, ptr %acc0133, align 4
+  %283 = add nsw i64 %r0, 1
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %283
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 1280
+  %288 = getelementptr inbounds float, ptr %x, i64 %287
+  store <8 x float> zeroinitializer, ptr %acc1034, align 4
+  store <8 x float> zeroinitializer, ptr %acc1135, align 4
+  %289 = add nsw i64 %r0, 2
+  %290 = getelementptr inbounds i32, ptr %rows, i64 %289
+  %291 = load i32, ptr %290, align 4
+  %292 = sext i32 %291 to i64
+  %293 = mul nsw i64 %292, 1280
+  %294 = getelementptr inbounds float, ptr %x, i64 %293
+  store <8 x float> zeroinitializer, ptr %acc2036, align 4
+  store <8 x float> zeroinitializer, ptr %acc2137, align 4
+  %295 = add nsw i64 %r0, 3
+  %296 = getelementptr inbounds i32, ptr %rows, i64 %295
+  %297 = load i32, ptr %296, align 4
+  %298 = sext i32 %297 to i64
+  %299 = mul nsw i64 %298, 1280
+  %300 = getelementptr inbounds float, ptr %x, i64 %299
+  store <8 x float> zeroinitializer, ptr %acc3038, align 4
+  store <8 x float> zeroinitializer, ptr %acc3139, align 4
+  %301 = add nsw i64 %r0, 4
+  %302 = getelementptr inbounds i32, ptr %rows, i64 %301
+  %303 = load i32, ptr %302, align 4
+  %304 = sext i32 %303 to i64
+  %305 = mul nsw i64 %304, 1280
+  %306 = getelementptr inbounds float, ptr %x, i64 %305
+  store <8 x float> zeroinitializer, ptr %acc4040, align 4
+  store <8 x float> zeroinitializer, ptr %acc4141, align 4
+  %panel.off42 = mul nsw i64 %p, 20480
+  %307 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %308 = add nsw i64 %p, 1
+  %309 = icmp slt i64 %308, %p1
+  %pf.on43 = and i1 %pf.on, %309
+  %310 = mul nsw i64 %pf.j, 40960
+  %311 = lshr i64 %310, %9
+  %312 = add nsw i64 40960, %311
+  %313 = getelementptr inbounds i8, ptr %307, i64 %312
+  %pf44 = select i1 %pf.on43, ptr %313, ptr %307
+  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr5
-  %k46 = phi i64 [ 0, %tile.mr5 ], [ %350, %k.body44 ]
-  %301 = icmp slt i64 %k46, 1280
-  br i1 %301, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %364, %k.body47 ]
+  %314 = icmp slt i64 %k49, 1280
+  br i1 %314, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %302 = mul nsw i64 %k46, 16
-  %303 = add nsw i64 %panel.off41, %302
-  %304 = mul nsw i64 %k46, 32
-  %305 = getelementptr inbounds i8, ptr %pf42, i64 %304
-  call void @llvm.prefetch.p0(ptr %305, i32 0, i32 2, i32 1)
-  %306 = getelementptr inbounds i16, ptr %panels, i64 %303
-  %307 = load <8 x i32>, ptr %306, align 4
-  %308 = shl <8 x i32> %307, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %308 to <8 x float>
-  %309 = and <8 x i32> %307, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %309 to <8 x float>
-  %310 = getelementptr inbounds float, ptr %271, i64 %k46
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %acc0031, align 4
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b047, <8 x float> %314)
-  store <8 x float> %315, ptr %acc0031, align 4
-  %316 = load <8 x float>, ptr %acc0132, align 4
-  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %b148, <8 x float> %316)
-  store <8 x float> %317, ptr %acc0132, align 4
-  %318 = getelementptr inbounds float, ptr %277, i64 %k46
-  %319 = load float, ptr %318, align 4
-  %320 = insertelement <8 x float> poison, float %319, i32 0
-  %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
-  %322 = load <8 x float>, ptr %acc1033, align 4
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b047, <8 x float> %322)
-  store <8 x float> %323, ptr %acc1033, align 4
-  %324 = load <8 x float>, ptr %acc1134, align 4
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %321, <8 x float> %b148, <8 x float> %324)
-  store <8 x float> %325, ptr %acc1134, align 4
-  %326 = getelementptr inbounds float, ptr %283, i64 %k46
-  %327 = load float, ptr %326, align 4
-  %328 = insertelement <8 x float> poison, float %327, i32 0
-  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
-  %330 = load <8 x float>, ptr %acc2035, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b047, <8 x float> %330)
-  store <8 x float> %331, ptr %acc2035, align 4
-  %332 = load <8 x float>, ptr %acc2136, align 4
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %b148, <8 x float> %332)
-  store <8 x float> %333, ptr %acc2136, align 4
-  %334 = getelementptr inbounds float, ptr %289, i64 %k46
-  %335 = load float, ptr %334, align 4
-  %336 = insertelement <8 x float> poison, float %335, i32 0
-  %337 = shufflevector <8 x float> %336, <8 x float> poison, <8 x i32> zeroinitializer
-  %338 = load <8 x float>, ptr %acc3037, align 4
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %b047, <8 x float> %338)
-  store <8 x float> %339, ptr %acc3037, align 4
-  %340 = load <8 x float>, ptr %acc3138, align 4
-  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %b148, <8 x float> %340)
-  store <8 x float> %341, ptr %acc3138, align 4
-  %342 = getelementptr inbounds float, ptr %295, i64 %k46
-  %343 = load float, ptr %342, align 4
-  %344 = insertelement <8 x float> poison, float %343, i32 0
-  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
-  %346 = load <8 x float>, ptr %acc4039, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %b047, <8 x float> %346)
-  store <8 x float> %347, ptr %acc4039, align 4
-  %348 = load <8 x float>, ptr %acc4140, align 4
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %b148, <8 x float> %348)
-  store <8 x float> %349, ptr %acc4140, align 4
-  %350 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %315 = mul nsw i64 %k49, 16
+  %316 = add nsw i64 %panel.off42, %315
+  %317 = mul nsw i64 %k49, 32
+  %318 = lshr i64 %317, %pf.sh45
+  %319 = getelementptr inbounds i8, ptr %pf44, i64 %318
+  call void @llvm.prefetch.p0(ptr %319, i32 0, i32 2, i32 1)
+  %320 = getelementptr inbounds i16, ptr %panels, i64 %316
+  %321 = load <8 x i32>, ptr %320, align 4
+  %322 = shl <8 x i32> %321, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b050 = bitcast <8 x i32> %322 to <8 x float>
+  %323 = and <8 x i32> %321, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b151 = bitcast <8 x i32> %323 to <8 x float>
+  %324 = getelementptr inbounds float, ptr %282, i64 %k49
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %acc0032, align 4
+  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b050, <8 x float> %328)
+  store <8 x float> %329, ptr %acc0032, align 4
+  %330 = load <8 x float>, ptr %acc0133, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b151, <8 x float> %330)
+  store <8 x float> %331, ptr %acc0133, align 4
+  %332 = getelementptr inbounds float, ptr %288, i64 %k49
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %acc1034, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b050, <8 x float> %336)
+  store <8 x float> %337, ptr %acc1034, align 4
+  %338 = load <8 x float>, ptr %acc1135, align 4
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b151, <8 x float> %338)
+  store <8 x float> %339, ptr %acc1135, align 4
+  %340 = getelementptr inbounds float, ptr %294, i64 %k49
+  %341 = load float, ptr %340, align 4
+  %342 = insertelement <8 x float> poison, float %341, i32 0
+  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
+  %344 = load <8 x float>, ptr %acc2036, align 4
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b050, <8 x float> %344)
+  store <8 x float> %345, ptr %acc2036, align 4
+  %346 = load <8 x float>, ptr %acc2137, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b151, <8 x float> %346)
+  store <8 x float> %347, ptr %acc2137, align 4
+  %348 = getelementptr inbounds float, ptr %300, i64 %k49
+  %349 = load float, ptr %348, align 4
+  %350 = insertelement <8 x float> poison, float %349, i32 0
+  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
+  %352 = load <8 x float>, ptr %acc3038, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b050, <8 x float> %352)
+  store <8 x float> %353, ptr %acc3038, align 4
+  %354 = load <8 x float>, ptr %acc3139, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b151, <8 x float> %354)
+  store <8 x float> %355, ptr %acc3139, align 4
+  %356 = getelementptr inbounds float, ptr %306, i64 %k49
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = load <8 x float>, ptr %acc4040, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b050, <8 x float> %360)
+  store <8 x float> %361, ptr %acc4040, align 4
+  %362 = load <8 x float>, ptr %acc4141, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b151, <8 x float> %362)
+  store <8 x float> %363, ptr %acc4141, align 4
+  %364 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %351 = add nsw i64 %r0, 0
-  %352 = mul nsw i64 %351, 896
-  %353 = getelementptr inbounds float, ptr %h, i64 %352
-  %col49 = mul nsw i64 %p, 8
-  %354 = load <8 x float>, ptr %acc0031, align 4
-  %355 = load <8 x float>, ptr %acc0132, align 4
-  %356 = fneg <8 x float> %354
-  %357 = fcmp olt <8 x float> %356, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %358 = select <8 x i1> %357, <8 x float> %356, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %359 = fcmp ogt <8 x float> %358, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %360 = select <8 x i1> %359, <8 x float> %358, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %362 = call <8 x float> @llvm.floor.v8f32(<8 x float> %361)
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %360)
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %363)
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %364, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %364, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %364, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %364, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %364, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %370 = fmul <8 x float> %364, %364
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %370, <8 x float> %364)
-  %372 = fadd <8 x float> %371, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %373 = fptosi <8 x float> %362 to <8 x i32>
-  %374 = add <8 x i32> %373, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %375 = shl <8 x i32> %374, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n50 = bitcast <8 x i32> %375 to <8 x float>
-  %exp51 = fmul <8 x float> %372, %exp.2n50
-  %376 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %376
-  %silu53 = fmul <8 x float> %354, %sigmoid52
-  %glu54 = fmul <8 x float> %silu53, %355
-  %377 = getelementptr inbounds float, ptr %353, i64 %col49
-  store <8 x float> %glu54, ptr %377, align 4
-  %378 = add nsw i64 %r0, 1
-  %379 = mul nsw i64 %378, 896
-  %380 = getelementptr inbounds float, ptr %h, i64 %379
-  %col55 = mul nsw i64 %p, 8
-  %381 = load <8 x float>, ptr %acc1033, align 4
-  %382 = load <8 x float>, ptr %acc1134, align 4
-  %383 = fneg <8 x float> %381
-  %384 = fcmp olt <8 x float> %383, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %385 = select <8 x i1> %384, <8 x float> %383, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %386 = fcmp ogt <8 x float> %385, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %387 = select <8 x i1> %386, <8 x float> %385, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %389 = call <8 x float> @llvm.floor.v8f32(<8 x float> %388)
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %387)
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %390)
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %391, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %391, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %391, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %391, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %391, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %397 = fmul <8 x float> %391, %391
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %397, <8 x float> %391)
-  %399 = fadd <8 x float> %398, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %400 = fptosi <8 x float> %389 to <8 x i32>
-  %401 = add <8 x i32> %400, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %402 = shl <8 x i32> %401, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n56 = bitcast <8 x i32> %402 to <8 x float>
-  %exp57 = fmul <8 x float> %399, %exp.2n56
-  %403 = fadd <8 x float> %exp57, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid58 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %403
-  %silu59 = fmul <8 x float> %381, %sigmoid58
-  %glu60 = fmul <8 x float> %silu59, %382
-  %404 = getelementptr inbounds float, ptr %380, i64 %col55
-  store <8 x float> %glu60, ptr %404, align 4
-  %405 = add nsw i64 %r0, 2
-  %406 = mul nsw i64 %405, 896
-  %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %col61 = mul nsw i64 %p, 8
-  %408 = load <8 x float>, ptr %acc2035, align 4
-  %409 = load <8 x float>, ptr %acc2136, align 4
-  %410 = fneg <8 x float> %408
-  %411 = fcmp olt <8 x float> %410, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %412 = select <8 x i1> %411, <8 x float> %410, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %413 = fcmp ogt <8 x float> %412, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %414 = select <8 x i1> %413, <8 x float> %412, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %416 = call <8 x float> @llvm.floor.v8f32(<8 x float> %415)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %414)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %417)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %418, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %418, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %418, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %418, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %418, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %424 = fmul <8 x float> %418, %418
-  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %424, <8 x float> %418)
-  %426 = fadd <8 x float> %425, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %427 = fptosi <8 x float> %416 to <8 x i32>
-  %428 = add <8 x i32> %427, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %429 = shl <8 x i32> %428, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n62 = bitcast <8 x i32> %429 to <8 x float>
-  %exp63 = fmul <8 x float> %426, %exp.2n62
-  %430 = fadd <8 x float> %exp63, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid64 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %430
-  %silu65 = fmul <8 x float> %408, %sigmoid64
-  %glu66 = fmul <8 x float> %silu65, %409
-  %431 = getelementptr inbounds float, ptr %407, i64 %col61
-  store <8 x float> %glu66, ptr %431, align 4
-  %432 = add nsw i64 %r0, 3
-  %433 = mul nsw i64 %432, 896
-  %434 = getelementptr inbounds float, ptr %h, i64 %433
-  %col67 = mul nsw i64 %p, 8
-  %435 = load <8 x float>, ptr %acc3037, align 4
-  %436 = load <8 x float>, ptr %acc3138, align 4
-  %437 = fneg <8 x float> %435
-  %438 = fcmp olt <8 x float> %437, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %439 = select <8 x i1> %438, <8 x float> %437, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %440 = fcmp ogt <8 x float> %439, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %443 = call <8 x float> @llvm.floor.v8f32(<8 x float> %442)
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %441)
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %444)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %445, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %445, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %445, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %445, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %445, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %451 = fmul <8 x float> %445, %445
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %451, <8 x float> %445)
-  %453 = fadd <8 x float> %452, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %454 = fptosi <8 x float> %443 to <8 x i32>
-  %455 = add <8 x i32> %454, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %456 = shl <8 x i32> %455, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n68 = bitcast <8 x i32> %456 to <8 x float>
-  %exp69 = fmul <8 x float> %453, %exp.2n68
-  %457 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %457
-  %silu71 = fmul <8 x float> %435, %sigmoid70
-  %glu72 = fmul <8 x float> %silu71, %436
-  %458 = getelementptr inbounds float, ptr %434, i64 %col67
-  store <8 x float> %glu72, ptr %458, align 4
-  %459 = add nsw i64 %r0, 4
-  %460 = mul nsw i64 %459, 896
-  %461 = getelementptr inbounds float, ptr %h, i64 %460
-  %col73 = mul nsw i64 %p, 8
-  %462 = load <8 x float>, ptr %acc4039, align 4
-  %463 = load <8 x float>, ptr %acc4140, align 4
-  %464 = fneg <8 x float> %462
-  %465 = fcmp olt <8 x float> %464, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %466 = select <8 x i1> %465, <8 x float> %464, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %467 = fcmp ogt <8 x float> %466, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %468 = select <8 x i1> %467, <8 x float> %466, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %470 = call <8 x float> @llvm.floor.v8f32(<8 x float> %469)
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %468)
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %471)
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %472, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %472, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %472, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %472, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %472, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %478 = fmul <8 x float> %472, %472
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %478, <8 x float> %472)
-  %480 = fadd <8 x float> %479, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %481 = fptosi <8 x float> %470 to <8 x i32>
-  %482 = add <8 x i32> %481, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %483 = shl <8 x i32> %482, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n74 = bitcast <8 x i32> %483 to <8 x float>
-  %exp75 = fmul <8 x float> %480, %exp.2n74
-  %484 = fadd <8 x float> %exp75, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid76 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %484
-  %silu77 = fmul <8 x float> %462, %sigmoid76
-  %glu78 = fmul <8 x float> %silu77, %463
-  %485 = getelementptr inbounds float, ptr %461, i64 %col73
-  store <8 x float> %glu78, ptr %485, align 4
+k.end48:                                          ; preds = %k.head46
+  %365 = add nsw i64 %r0, 0
+  %366 = mul nsw i64 %365, 896
+  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %col52 = mul nsw i64 %p, 8
+  %368 = load <8 x float>, ptr %acc0032, align 4
+  %369 = load <8 x float>, ptr %acc0133, align 4
+  %370 = fneg <8 x float> %368
+  %371 = fcmp olt <8 x float> %370, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %372 = select <8 x i1> %371, <8 x float> %370, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %373 = fcmp ogt <8 x float> %372, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %374 = select <8 x i1> %373, <8 x float> %372, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %376 = call <8 x float> @llvm.floor.v8f32(<8 x float> %375)
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %374)
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %377)
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %378, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %378, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %378, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %378, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %378, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %384 = fmul <8 x float> %378, %378
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %384, <8 x float> %378)
+  %386 = fadd <8 x float> %385, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %387 = fptosi <8 x float> %376 to <8 x i32>
+  %388 = add <8 x i32> %387, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %389 = shl <8 x i32> %388, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %389 to <8 x float>
+  %exp54 = fmul <8 x float> %386, %exp.2n53
+  %390 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %390
+  %silu56 = fmul <8 x float> %368, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %369
+  %391 = getelementptr inbounds float, ptr %367, i64 %col52
+  store <8 x float> %glu57, ptr %391, align 4
+  %392 = add nsw i64 %r0, 1
+  %393 = mul nsw i64 %392, 896
+  %394 = getelementptr inbounds float, ptr %h, i64 %393
+  %col58 = mul nsw i64 %p, 8
+  %395 = load <8 x float>, ptr %acc1034, align 4
+  %396 = load <8 x float>, ptr %acc1135, align 4
+  %397 = fneg <8 x float> %395
+  %398 = fcmp olt <8 x float> %397, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %399 = select <8 x i1> %398, <8 x float> %397, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %400 = fcmp ogt <8 x float> %399, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %401 = select <8 x i1> %400, <8 x float> %399, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %403 = call <8 x float> @llvm.floor.v8f32(<8 x float> %402)
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %401)
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %404)
+  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %405, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %405, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %405, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %405, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %405, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %411 = fmul <8 x float> %405, %405
+  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %411, <8 x float> %405)
+  %413 = fadd <8 x float> %412, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %414 = fptosi <8 x float> %403 to <8 x i32>
+  %415 = add <8 x i32> %414, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %416 = shl <8 x i32> %415, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %416 to <8 x float>
+  %exp60 = fmul <8 x float> %413, %exp.2n59
+  %417 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %417
+  %silu62 = fmul <8 x float> %395, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %396
+  %418 = getelementptr inbounds float, ptr %394, i64 %col58
+  store <8 x float> %glu63, ptr %418, align 4
+  %419 = add nsw i64 %r0, 2
+  %420 = mul nsw i64 %419, 896
+  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %col64 = mul nsw i64 %p, 8
+  %422 = load <8 x float>, ptr %acc2036, align 4
+  %423 = load <8 x float>, ptr %acc2137, align 4
+  %424 = fneg <8 x float> %422
+  %425 = fcmp olt <8 x float> %424, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %427 = fcmp ogt <8 x float> %426, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %428 = select <8 x i1> %427, <8 x float> %426, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %430 = call <8 x float> @llvm.floor.v8f32(<8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %428)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %431)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %432, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %432, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %432, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %432, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %432, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %438 = fmul <8 x float> %432, %432
+  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %438, <8 x float> %432)
+  %440 = fadd <8 x float> %439, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %441 = fptosi <8 x float> %430 to <8 x i32>
+  %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %443 to <8 x float>
+  %exp66 = fmul <8 x float> %440, %exp.2n65
+  %444 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
+  %silu68 = fmul <8 x float> %422, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %423
+  %445 = getelementptr inbounds float, ptr %421, i64 %col64
+  store <8 x float> %glu69, ptr %445, align 4
+  %446 = add nsw i64 %r0, 3
+  %447 = mul nsw i64 %446, 896
+  %448 = getelementptr inbounds float, ptr %h, i64 %447
+  %col70 = mul nsw i64 %p, 8
+  %449 = load <8 x float>, ptr %acc3038, align 4
+  %450 = load <8 x float>, ptr %acc3139, align 4
+  %451 = fneg <8 x float> %449
+  %452 = fcmp olt <8 x float> %451, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %453 = select <8 x i1> %452, <8 x float> %451, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %454 = fcmp ogt <8 x float> %453, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %455 = select <8 x i1> %454, <8 x float> %453, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %457 = call <8 x float> @llvm.floor.v8f32(<8 x float> %456)
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %455)
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %458)
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %459, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %459, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %459, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %459, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %459, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %465 = fmul <8 x float> %459, %459
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %465, <8 x float> %459)
+  %467 = fadd <8 x float> %466, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %468 = fptosi <8 x float> %457 to <8 x i32>
+  %469 = add <8 x i32> %468, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %470 = shl <8 x i32> %469, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %470 to <8 x float>
+  %exp72 = fmul <8 x float> %467, %exp.2n71
+  %471 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %471
+  %silu74 = fmul <8 x float> %449, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %450
+  %472 = getelementptr inbounds float, ptr %448, i64 %col70
+  store <8 x float> %glu75, ptr %472, align 4
+  %473 = add nsw i64 %r0, 4
+  %474 = mul nsw i64 %473, 896
+  %475 = getelementptr inbounds float, ptr %h, i64 %474
+  %col76 = mul nsw i64 %p, 8
+  %476 = load <8 x float>, ptr %acc4040, align 4
+  %477 = load <8 x float>, ptr %acc4141, align 4
+  %478 = fneg <8 x float> %476
+  %479 = fcmp olt <8 x float> %478, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %480 = select <8 x i1> %479, <8 x float> %478, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %481 = fcmp ogt <8 x float> %480, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %482 = select <8 x i1> %481, <8 x float> %480, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %484 = call <8 x float> @llvm.floor.v8f32(<8 x float> %483)
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %482)
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %485)
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %486, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %486, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %486, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %486, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %486, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %492 = fmul <8 x float> %486, %486
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %492, <8 x float> %486)
+  %494 = fadd <8 x float> %493, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %495 = fptosi <8 x float> %484 to <8 x i32>
+  %496 = add <8 x i32> %495, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %497 = shl <8 x i32> %496, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %497 to <8 x float>
+  %exp78 = fmul <8 x float> %494, %exp.2n77
+  %498 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %498
+  %silu80 = fmul <8 x float> %476, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %477
+  %499 = getelementptr inbounds float, ptr %475, i64 %col76
+  store <8 x float> %glu81, ptr %499, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %486 = add nsw i64 %r0, 0
-  %487 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %488 = load i32, ptr %487, align 4
-  %489 = sext i32 %488 to i64
-  %490 = mul nsw i64 %489, 1280
-  %491 = getelementptr inbounds float, ptr %x, i64 %490
-  store <8 x float> zeroinitializer, ptr %acc0079, align 4
-  store <8 x float> zeroinitializer, ptr %acc0180, align 4
-  %492 = add nsw i64 %r0, 1
-  %493 = getelementptr inbounds i32, ptr %rows, i64 %492
-  %494 = load i32, ptr %493, align 4
-  %495 = sext i32 %494 to i64
-  %496 = mul nsw i64 %495, 1280
-  %497 = getelementptr inbounds float, ptr %x, i64 %496
-  store <8 x float> zeroinitializer, ptr %acc1081, align 4
-  store <8 x float> zeroinitializer, ptr %acc1182, align 4
-  %498 = add nsw i64 %r0, 2
-  %499 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %500 = load i32, ptr %499, align 4
-  %501 = sext i32 %500 to i64
-  %502 = mul nsw i64 %501, 1280
-  %503 = getelementptr inbounds float, ptr %x, i64 %502
-  store <8 x float> zeroinitializer, ptr %acc2083, align 4
-  store <8 x float> zeroinitializer, ptr %acc2184, align 4
-  %504 = add nsw i64 %r0, 3
-  %505 = getelementptr inbounds i32, ptr %rows, i64 %504
-  %506 = load i32, ptr %505, align 4
-  %507 = sext i32 %506 to i64
-  %508 = mul nsw i64 %507, 1280
-  %509 = getelementptr inbounds float, ptr %x, i64 %508
-  store <8 x float> zeroinitializer, ptr %acc3085, align 4
-  store <8 x float> zeroinitializer, ptr %acc3186, align 4
-  %panel.off87 = mul nsw i64 %p, 20480
-  %510 = getelementptr inbounds i16, ptr %panels, i64 %panel.off87
-  %511 = add nsw i64 %p, 1
-  %512 = icmp slt i64 %511, %p1
-  %513 = getelementptr inbounds i8, ptr %510, i64 40960
-  %514 = and i1 %pf.on, %512
-  %pf88 = select i1 %514, ptr %513, ptr %510
-  br label %k.head89
+  %500 = add nsw i64 %r0, 0
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %500
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 1280
+  %505 = getelementptr inbounds float, ptr %x, i64 %504
+  store <8 x float> zeroinitializer, ptr %acc0082, align 4
+  store <8 x float> zeroinitializer, ptr %acc0183, align 4
+  %506 = add nsw i64 %r0, 1
+  %507 = getelementptr inbounds i32, ptr %rows, i64 %506
+  %508 = load i32, ptr %507, align 4
+  %509 = sext i32 %508 to i64
+  %510 = mul nsw i64 %509, 1280
+  %511 = getelementptr inbounds float, ptr %x, i64 %510
+  store <8 x float> zeroinitializer, ptr %acc1084, align 4
+  store <8 x float> zeroinitializer, ptr %acc1185, align 4
+  %512 = add nsw i64 %r0, 2
+  %513 = getelementptr inbounds i32, ptr %rows, i64 %512
+  %514 = load i32, ptr %513, align 4
+  %515 = sext i32 %514 to i64
+  %516 = mul nsw i64 %515, 1280
+  %517 = getelementptr inbounds float, ptr %x, i64 %516
+  store <8 x float> zeroinitializer, ptr %acc2086, align 4
+  store <8 x float> zeroinitializer, ptr %acc2187, align 4
+  %518 = add nsw i64 %r0, 3
+  %519 = getelementptr inbounds i32, ptr %rows, i64 %518
+  %520 = load i32, ptr %519, align 4
+  %521 = sext i32 %520 to i64
+  %522 = mul nsw i64 %521, 1280
+  %523 = getelementptr inbounds float, ptr %x, i64 %522
+  store <8 x float> zeroinitializer, ptr %acc3088, align 4
+  store <8 x float> zeroinitializer, ptr %acc3189, align 4
+  %panel.off90 = mul nsw i64 %p, 20480
+  %524 = getelementptr inbounds i16, ptr %panels, i64 %panel.off90
+  %525 = add nsw i64 %p, 1
+  %526 = icmp slt i64 %525, %p1
+  %pf.on91 = and i1 %pf.on, %526
+  %527 = mul nsw i64 %pf.j, 40960
+  %528 = lshr i64 %527, %9
+  %529 = add nsw i64 40960, %528
+  %530 = getelementptr inbounds i8, ptr %524, i64 %529
+  %pf92 = select i1 %pf.on91, ptr %530, ptr %524
+  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
+  br label %k.head94
 
-k.head89:                                         ; preds = %k.body90, %tile.mr4
-  %k92 = phi i64 [ 0, %tile.mr4 ], [ %556, %k.body90 ]
-  %515 = icmp slt i64 %k92, 1280
-  br i1 %515, label %k.body90, label %k.end91
+k.head94:                                         ; preds = %k.body95, %tile.mr4
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %573, %k.body95 ]
+  %531 = icmp slt i64 %k97, 1280
+  br i1 %531, label %k.body95, label %k.end96
 
-k.body90:                                         ; preds = %k.head89
-  %516 = mul nsw i64 %k92, 16
-  %517 = add nsw i64 %panel.off87, %516
-  %518 = mul nsw i64 %k92, 32
-  %519 = getelementptr inbounds i8, ptr %pf88, i64 %518
-  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
-  %520 = getelementptr inbounds i16, ptr %panels, i64 %517
-  %521 = load <8 x i32>, ptr %520, align 4
-  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b093 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b194 = bitcast <8 x i32> %523 to <8 x float>
-  %524 = getelementptr inbounds float, ptr %491, i64 %k92
-  %525 = load float, ptr %524, align 4
-  %526 = insertelement <8 x float> poison, float %525, i32 0
-  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
-  %528 = load <8 x float>, ptr %acc0079, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b093, <8 x float> %528)
-  store <8 x float> %529, ptr %acc0079, align 4
-  %530 = load <8 x float>, ptr %acc0180, align 4
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b194, <8 x float> %530)
-  store <8 x float> %531, ptr %acc0180, align 4
-  %532 = getelementptr inbounds float, ptr %497, i64 %k92
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <8 x float> poison, float %533, i32 0
-  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
-  %536 = load <8 x float>, ptr %acc1081, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b093, <8 x float> %536)
-  store <8 x float> %537, ptr %acc1081, align 4
-  %538 = load <8 x float>, ptr %acc1182, align 4
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b194, <8 x float> %538)
-  store <8 x float> %539, ptr %acc1182, align 4
-  %540 = getelementptr inbounds float, ptr %503, i64 %k92
-  %541 = load float, ptr %540, align 4
-  %542 = insertelement <8 x float> poison, float %541, i32 0
-  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
-  %544 = load <8 x float>, ptr %acc2083, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b093, <8 x float> %544)
-  store <8 x float> %545, ptr %acc2083, align 4
-  %546 = load <8 x float>, ptr %acc2184, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b194, <8 x float> %546)
-  store <8 x float> %547, ptr %acc2184, align 4
-  %548 = getelementptr inbounds float, ptr %509, i64 %k92
-  %549 = load float, ptr %548, align 4
-  %550 = insertelement <8 x float> poison, float %549, i32 0
-  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
-  %552 = load <8 x float>, ptr %acc3085, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b093, <8 x float> %552)
-  store <8 x float> %553, ptr %acc3085, align 4
-  %554 = load <8 x float>, ptr %acc3186, align 4
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b194, <8 x float> %554)
-  store <8 x float> %555, ptr %acc3186, align 4
-  %556 = add nsw i64 %k92, 1
-  br label %k.head89
+k.body95:                                         ; preds = %k.head94
+  %532 = mul nsw i64 %k97, 16
+  %533 = add nsw i64 %panel.off90, %532
+  %534 = mul nsw i64 %k97, 32
+  %535 = lshr i64 %534, %pf.sh93
+  %536 = getelementptr inbounds i8, ptr %pf92, i64 %535
+  call void @llvm.prefetch.p0(ptr %536, i32 0, i32 2, i32 1)
+  %537 = getelementptr inbounds i16, ptr %panels, i64 %533
+  %538 = load <8 x i32>, ptr %537, align 4
+  %539 = shl <8 x i32> %538, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b098 = bitcast <8 x i32> %539 to <8 x float>
+  %540 = and <8 x i32> %538, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b199 = bitcast <8 x i32> %540 to <8 x float>
+  %541 = getelementptr inbounds float, ptr %505, i64 %k97
+  %542 = load float, ptr %541, align 4
+  %543 = insertelement <8 x float> poison, float %542, i32 0
+  %544 = shufflevector <8 x float> %543, <8 x float> poison, <8 x i32> zeroinitializer
+  %545 = load <8 x float>, ptr %acc0082, align 4
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b098, <8 x float> %545)
+  store <8 x float> %546, ptr %acc0082, align 4
+  %547 = load <8 x float>, ptr %acc0183, align 4
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b199, <8 x float> %547)
+  store <8 x float> %548, ptr %acc0183, align 4
+  %549 = getelementptr inbounds float, ptr %511, i64 %k97
+  %550 = load float, ptr %549, align 4
+  %551 = insertelement <8 x float> poison, float %550, i32 0
+  %552 = shufflevector <8 x float> %551, <8 x float> poison, <8 x i32> zeroinitializer
+  %553 = load <8 x float>, ptr %acc1084, align 4
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b098, <8 x float> %553)
+  store <8 x float> %554, ptr %acc1084, align 4
+  %555 = load <8 x float>, ptr %acc1185, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b199, <8 x float> %555)
+  store <8 x float> %556, ptr %acc1185, align 4
+  %557 = getelementptr inbounds float, ptr %517, i64 %k97
+  %558 = load float, ptr %557, align 4
+  %559 = insertelement <8 x float> poison, float %558, i32 0
+  %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
+  %561 = load <8 x float>, ptr %acc2086, align 4
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b098, <8 x float> %561)
+  store <8 x float> %562, ptr %acc2086, align 4
+  %563 = load <8 x float>, ptr %acc2187, align 4
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b199, <8 x float> %563)
+  store <8 x float> %564, ptr %acc2187, align 4
+  %565 = getelementptr inbounds float, ptr %523, i64 %k97
+  %566 = load float, ptr %565, align 4
+  %567 = insertelement <8 x float> poison, float %566, i32 0
+  %568 = shufflevector <8 x float> %567, <8 x float> poison, <8 x i32> zeroinitializer
+  %569 = load <8 x float>, ptr %acc3088, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b098, <8 x float> %569)
+  store <8 x float> %570, ptr %acc3088, align 4
+  %571 = load <8 x float>, ptr %acc3189, align 4
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b199, <8 x float> %571)
+  store <8 x float> %572, ptr %acc3189, align 4
+  %573 = add nsw i64 %k97, 1
+  br label %k.head94
 
-k.end91:                                          ; preds = %k.head89
-  %557 = add nsw i64 %r0, 0
-  %558 = mul nsw i64 %557, 896
-  %559 = getelementptr inbounds float, ptr %h, i64 %558
-  %col95 = mul nsw i64 %p, 8
-  %560 = load <8 x float>, ptr %acc0079, align 4
-  %561 = load <8 x float>, ptr %acc0180, align 4
-  %562 = fneg <8 x float> %560
-  %563 = fcmp olt <8 x float> %562, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %564 = select <8 x i1> %563, <8 x float> %562, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %565 = fcmp ogt <8 x float> %564, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %566 = select <8 x i1> %565, <8 x float> %564, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %568 = call <8 x float> @llvm.floor.v8f32(<8 x float> %567)
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %566)
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %569)
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %570, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %570, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %570, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %573, <8 x float> %570, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %570, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %576 = fmul <8 x float> %570, %570
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %576, <8 x float> %570)
-  %578 = fadd <8 x float> %577, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %579 = fptosi <8 x float> %568 to <8 x i32>
-  %580 = add <8 x i32> %579, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %581 = shl <8 x i32> %580, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n96 = bitcast <8 x i32> %581 to <8 x float>
-  %exp97 = fmul <8 x float> %578, %exp.2n96
-  %582 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %582
-  %silu99 = fmul <8 x float> %560, %sigmoid98
-  %glu100 = fmul <8 x float> %silu99, %561
-  %583 = getelementptr inbounds float, ptr %559, i64 %col95
-  store <8 x float> %glu100, ptr %583, align 4
-  %584 = add nsw i64 %r0, 1
-  %585 = mul nsw i64 %584, 896
-  %586 = getelementptr inbounds float, ptr %h, i64 %585
-  %col101 = mul nsw i64 %p, 8
-  %587 = load <8 x float>, ptr %acc1081, align 4
-  %588 = load <8 x float>, ptr %acc1182, align 4
-  %589 = fneg <8 x float> %587
-  %590 = fcmp olt <8 x float> %589, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %591 = select <8 x i1> %590, <8 x float> %589, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %592 = fcmp ogt <8 x float> %591, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %593 = select <8 x i1> %592, <8 x float> %591, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %595 = call <8 x float> @llvm.floor.v8f32(<8 x float> %594)
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %593)
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %596)
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %597, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %597, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %597, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %597, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %597, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %603 = fmul <8 x float> %597, %597
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %603, <8 x float> %597)
-  %605 = fadd <8 x float> %604, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %606 = fptosi <8 x float> %595 to <8 x i32>
-  %607 = add <8 x i32> %606, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %608 = shl <8 x i32> %607, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n102 = bitcast <8 x i32> %608 to <8 x float>
-  %exp103 = fmul <8 x float> %605, %exp.2n102
-  %609 = fadd <8 x float> %exp103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid104 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %609
-  %silu105 = fmul <8 x float> %587, %sigmoid104
-  %glu106 = fmul <8 x float> %silu105, %588
-  %610 = getelementptr inbounds float, ptr %586, i64 %col101
-  store <8 x float> %glu106, ptr %610, align 4
-  %611 = add nsw i64 %r0, 2
-  %612 = mul nsw i64 %611, 896
-  %613 = getelementptr inbounds float, ptr %h, i64 %612
-  %col107 = mul nsw i64 %p, 8
-  %614 = load <8 x float>, ptr %acc2083, align 4
-  %615 = load <8 x float>, ptr %acc2184, align 4
-  %616 = fneg <8 x float> %614
-  %617 = fcmp olt <8 x float> %616, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %618 = select <8 x i1> %617, <8 x float> %616, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %619 = fcmp ogt <8 x float> %618, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %620 = select <8 x i1> %619, <8 x float> %618, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %622 = call <8 x float> @llvm.floor.v8f32(<8 x float> %621)
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %620)
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %623)
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %624, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %624, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %624, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %624, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %624, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %630 = fmul <8 x float> %624, %624
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %630, <8 x float> %624)
-  %632 = fadd <8 x float> %631, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %633 = fptosi <8 x float> %622 to <8 x i32>
-  %634 = add <8 x i32> %633, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %635 = shl <8 x i32> %634, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n108 = bitcast <8 x i32> %635 to <8 x float>
-  %exp109 = fmul <8 x float> %632, %exp.2n108
-  %636 = fadd <8 x float> %exp109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid110 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %636
-  %silu111 = fmul <8 x float> %614, %sigmoid110
-  %glu112 = fmul <8 x float> %silu111, %615
-  %637 = getelementptr inbounds float, ptr %613, i64 %col107
-  store <8 x float> %glu112, ptr %637, align 4
-  %638 = add nsw i64 %r0, 3
-  %639 = mul nsw i64 %638, 896
-  %640 = getelementptr inbounds float, ptr %h, i64 %639
-  %col113 = mul nsw i64 %p, 8
-  %641 = load <8 x float>, ptr %acc3085, align 4
-  %642 = load <8 x float>, ptr %acc3186, align 4
-  %643 = fneg <8 x float> %641
-  %644 = fcmp olt <8 x float> %643, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %645 = select <8 x i1> %644, <8 x float> %643, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %646 = fcmp ogt <8 x float> %645, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %649 = call <8 x float> @llvm.floor.v8f32(<8 x float> %648)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %647)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %650)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %651, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %651, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %651, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %651, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %651, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %657 = fmul <8 x float> %651, %651
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %657, <8 x float> %651)
-  %659 = fadd <8 x float> %658, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %660 = fptosi <8 x float> %649 to <8 x i32>
-  %661 = add <8 x i32> %660, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %662 = shl <8 x i32> %661, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n114 = bitcast <8 x i32> %662 to <8 x float>
-  %exp115 = fmul <8 x float> %659, %exp.2n114
-  %663 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %663
-  %silu117 = fmul <8 x float> %641, %sigmoid116
-  %glu118 = fmul <8 x float> %silu117, %642
-  %664 = getelementptr inbounds float, ptr %640, i64 %col113
-  store <8 x float> %glu118, ptr %664, align 4
+k.end96:                                          ; preds = %k.head94
+  %574 = add nsw i64 %r0, 0
+  %575 = mul nsw i64 %574, 896
+  %576 = getelementptr inbounds float, ptr %h, i64 %575
+  %col100 = mul nsw i64 %p, 8
+  %577 = load <8 x float>, ptr %acc0082, align 4
+  %578 = load <8 x float>, ptr %acc0183, align 4
+  %579 = fneg <8 x float> %577
+  %580 = fcmp olt <8 x float> %579, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %581 = select <8 x i1> %580, <8 x float> %579, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %582 = fcmp ogt <8 x float> %581, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %583 = select <8 x i1> %582, <8 x float> %581, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %585 = call <8 x float> @llvm.floor.v8f32(<8 x float> %584)
+  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %583)
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %586)
+  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %587, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> %587, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %587, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %587, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %587, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %593 = fmul <8 x float> %587, %587
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %593, <8 x float> %587)
+  %595 = fadd <8 x float> %594, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %596 = fptosi <8 x float> %585 to <8 x i32>
+  %597 = add <8 x i32> %596, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %598 = shl <8 x i32> %597, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %598 to <8 x float>
+  %exp102 = fmul <8 x float> %595, %exp.2n101
+  %599 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %599
+  %silu104 = fmul <8 x float> %577, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %578
+  %600 = getelementptr inbounds float, ptr %576, i64 %col100
+  store <8 x float> %glu105, ptr %600, align 4
+  %601 = add nsw i64 %r0, 1
+  %602 = mul nsw i64 %601, 896
+  %603 = getelementptr inbounds float, ptr %h, i64 %602
+  %col106 = mul nsw i64 %p, 8
+  %604 = load <8 x float>, ptr %acc1084, align 4
+  %605 = load <8 x float>, ptr %acc1185, align 4
+  %606 = fneg <8 x float> %604
+  %607 = fcmp olt <8 x float> %606, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %609 = fcmp ogt <8 x float> %608, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %610 = select <8 x i1> %609, <8 x float> %608, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %612 = call <8 x float> @llvm.floor.v8f32(<8 x float> %611)
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %610)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %613)
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %614, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %614, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %614, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %614, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %614, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %620 = fmul <8 x float> %614, %614
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %620, <8 x float> %614)
+  %622 = fadd <8 x float> %621, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %623 = fptosi <8 x float> %612 to <8 x i32>
+  %624 = add <8 x i32> %623, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %625 = shl <8 x i32> %624, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n107 = bitcast <8 x i32> %625 to <8 x float>
+  %exp108 = fmul <8 x float> %622, %exp.2n107
+  %626 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
+  %silu110 = fmul <8 x float> %604, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %605
+  %627 = getelementptr inbounds float, ptr %603, i64 %col106
+  store <8 x float> %glu111, ptr %627, align 4
+  %628 = add nsw i64 %r0, 2
+  %629 = mul nsw i64 %628, 896
+  %630 = getelementptr inbounds float, ptr %h, i64 %629
+  %col112 = mul nsw i64 %p, 8
+  %631 = load <8 x float>, ptr %acc2086, align 4
+  %632 = load <8 x float>, ptr %acc2187, align 4
+  %633 = fneg <8 x float> %631
+  %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %636 = fcmp ogt <8 x float> %635, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %637 = select <8 x i1> %636, <8 x float> %635, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %639 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
+  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %640)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %641, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %641, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %641, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %641, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %641, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %647 = fmul <8 x float> %641, %641
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %647, <8 x float> %641)
+  %649 = fadd <8 x float> %648, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %650 = fptosi <8 x float> %639 to <8 x i32>
+  %651 = add <8 x i32> %650, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %652 = shl <8 x i32> %651, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n113 = bitcast <8 x i32> %652 to <8 x float>
+  %exp114 = fmul <8 x float> %649, %exp.2n113
+  %653 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %653
+  %silu116 = fmul <8 x float> %631, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %632
+  %654 = getelementptr inbounds float, ptr %630, i64 %col112
+  store <8 x float> %glu117, ptr %654, align 4
+  %655 = add nsw i64 %r0, 3
+  %656 = mul nsw i64 %655, 896
+  %657 = getelementptr inbounds float, ptr %h, i64 %656
+  %col118 = mul nsw i64 %p, 8
+  %658 = load <8 x float>, ptr %acc3088, align 4
+  %659 = load <8 x float>, ptr %acc3189, align 4
+  %660 = fneg <8 x float> %658
+  %661 = fcmp olt <8 x float> %660, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %662 = select <8 x i1> %661, <8 x float> %660, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %663 = fcmp ogt <8 x float> %662, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %664 = select <8 x i1> %663, <8 x float> %662, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %666 = call <8 x float> @llvm.floor.v8f32(<8 x float> %665)
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %664)
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %667)
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %668, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> %668, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %668, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %668, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %668, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %674 = fmul <8 x float> %668, %668
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %674, <8 x float> %668)
+  %676 = fadd <8 x float> %675, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %677 = fptosi <8 x float> %666 to <8 x i32>
+  %678 = add <8 x i32> %677, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %679 = shl <8 x i32> %678, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %679 to <8 x float>
+  %exp120 = fmul <8 x float> %676, %exp.2n119
+  %680 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %680
+  %silu122 = fmul <8 x float> %658, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %659
+  %681 = getelementptr inbounds float, ptr %657, i64 %col118
+  store <8 x float> %glu123, ptr %681, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %665 = add nsw i64 %r0, 0
-  %666 = getelementptr inbounds i32, ptr %rows, i64 %665
-  %667 = load i32, ptr %666, align 4
-  %668 = sext i32 %667 to i64
-  %669 = mul nsw i64 %668, 1280
-  %670 = getelementptr inbounds float, ptr %x, i64 %669
-  store <8 x float> zeroinitializer, ptr %acc00119, align 4
-  store <8 x float> zeroinitializer, ptr %acc01120, align 4
-  %671 = add nsw i64 %r0, 1
-  %672 = getelementptr inbounds i32, ptr %rows, i64 %671
-  %673 = load i32, ptr %672, align 4
-  %674 = sext i32 %673 to i64
-  %675 = mul nsw i64 %674, 1280
-  %676 = getelementptr inbounds float, ptr %x, i64 %675
-  store <8 x float> zeroinitializer, ptr %acc10121, align 4
-  store <8 x float> zeroinitializer, ptr %acc11122, align 4
-  %677 = add nsw i64 %r0, 2
-  %678 = getelementptr inbounds i32, ptr %rows, i64 %677
-  %679 = load i32, ptr %678, align 4
-  %680 = sext i32 %679 to i64
-  %681 = mul nsw i64 %680, 1280
-  %682 = getelementptr inbounds float, ptr %x, i64 %681
-  store <8 x float> zeroinitializer, ptr %acc20123, align 4
-  store <8 x float> zeroinitializer, ptr %acc21124, align 4
-  %panel.off125 = mul nsw i64 %p, 20480
-  %683 = getelementptr inbounds i16, ptr %panels, i64 %panel.off125
-  %684 = add nsw i64 %p, 1
-  %685 = icmp slt i64 %684, %p1
-  %686 = getelementptr inbounds i8, ptr %683, i64 40960
-  %687 = and i1 %pf.on, %685
-  %pf126 = select i1 %687, ptr %686, ptr %683
-  br label %k.head127
+  %682 = add nsw i64 %r0, 0
+  %683 = getelementptr inbounds i32, ptr %rows, i64 %682
+  %684 = load i32, ptr %683, align 4
+  %685 = sext i32 %684 to i64
+  %686 = mul nsw i64 %685, 1280
+  %687 = getelementptr inbounds float, ptr %x, i64 %686
+  store <8 x float> zeroinitializer, ptr %acc00124, align 4
+  store <8 x float> zeroinitializer, ptr %acc01125, align 4
+  %688 = add nsw i64 %r0, 1
+  %689 = getelementptr inbounds i32, ptr %rows, i64 %688
+  %690 = load i32, ptr %689, align 4
+  %691 = sext i32 %690 to i64
+  %692 = mul nsw i64 %691, 1280
+  %693 = getelementptr inbounds float, ptr %x, i64 %692
+  store <8 x float> zeroinitializer, ptr %acc10126, align 4
+  store <8 x float> zeroinitializer, ptr %acc11127, align 4
+  %694 = add nsw i64 %r0, 2
+  %695 = getelementptr inbounds i32, ptr %rows, i64 %694
+  %696 = load i32, ptr %695, align 4
+  %697 = sext i32 %696 to i64
+  %698 = mul nsw i64 %697, 1280
+  %699 = getelementptr inbounds float, ptr %x, i64 %698
+  store <8 x float> zeroinitializer, ptr %acc20128, align 4
+  store <8 x float> zeroinitializer, ptr %acc21129, align 4
+  %panel.off130 = mul nsw i64 %p, 20480
+  %700 = getelementptr inbounds i16, ptr %panels, i64 %panel.off130
+  %701 = add nsw i64 %p, 1
+  %702 = icmp slt i64 %701, %p1
+  %pf.on131 = and i1 %pf.on, %702
+  %703 = mul nsw i64 %pf.j, 40960
+  %704 = lshr i64 %703, %9
+  %705 = add nsw i64 40960, %704
+  %706 = getelementptr inbounds i8, ptr %700, i64 %705
+  %pf132 = select i1 %pf.on131, ptr %706, ptr %700
+  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
+  br label %k.head134
 
-k.head127:                                        ; preds = %k.body128, %tile.mr3
-  %k130 = phi i64 [ 0, %tile.mr3 ], [ %721, %k.body128 ]
-  %688 = icmp slt i64 %k130, 1280
-  br i1 %688, label %k.body128, label %k.end129
+k.head134:                                        ; preds = %k.body135, %tile.mr3
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %741, %k.body135 ]
+  %707 = icmp slt i64 %k137, 1280
+  br i1 %707, label %k.body135, label %k.end136
 
-k.body128:                                        ; preds = %k.head127
-  %689 = mul nsw i64 %k130, 16
-  %690 = add nsw i64 %panel.off125, %689
-  %691 = mul nsw i64 %k130, 32
-  %692 = getelementptr inbounds i8, ptr %pf126, i64 %691
-  call void @llvm.prefetch.p0(ptr %692, i32 0, i32 2, i32 1)
-  %693 = getelementptr inbounds i16, ptr %panels, i64 %690
-  %694 = load <8 x i32>, ptr %693, align 4
-  %695 = shl <8 x i32> %694, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0131 = bitcast <8 x i32> %695 to <8 x float>
-  %696 = and <8 x i32> %694, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1132 = bitcast <8 x i32> %696 to <8 x float>
-  %697 = getelementptr inbounds float, ptr %670, i64 %k130
-  %698 = load float, ptr %697, align 4
-  %699 = insertelement <8 x float> poison, float %698, i32 0
-  %700 = shufflevector <8 x float> %699, <8 x float> poison, <8 x i32> zeroinitializer
-  %701 = load <8 x float>, ptr %acc00119, align 4
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> %b0131, <8 x float> %701)
-  store <8 x float> %702, ptr %acc00119, align 4
-  %703 = load <8 x float>, ptr %acc01120, align 4
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> %b1132, <8 x float> %703)
-  store <8 x float> %704, ptr %acc01120, align 4
-  %705 = getelementptr inbounds float, ptr %676, i64 %k130
-  %706 = load float, ptr %705, align 4
-  %707 = insertelement <8 x float> poison, float %706, i32 0
-  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
-  %709 = load <8 x float>, ptr %acc10121, align 4
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b0131, <8 x float> %709)
-  store <8 x float> %710, ptr %acc10121, align 4
-  %711 = load <8 x float>, ptr %acc11122, align 4
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b1132, <8 x float> %711)
-  store <8 x float> %712, ptr %acc11122, align 4
-  %713 = getelementptr inbounds float, ptr %682, i64 %k130
-  %714 = load float, ptr %713, align 4
-  %715 = insertelement <8 x float> poison, float %714, i32 0
-  %716 = shufflevector <8 x float> %715, <8 x float> poison, <8 x i32> zeroinitializer
-  %717 = load <8 x float>, ptr %acc20123, align 4
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %b0131, <8 x float> %717)
-  store <8 x float> %718, ptr %acc20123, align 4
-  %719 = load <8 x float>, ptr %acc21124, align 4
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %b1132, <8 x float> %719)
-  store <8 x float> %720, ptr %acc21124, align 4
-  %721 = add nsw i64 %k130, 1
-  br label %k.head127
+k.body135:                                        ; preds = %k.head134
+  %708 = mul nsw i64 %k137, 16
+  %709 = add nsw i64 %panel.off130, %708
+  %710 = mul nsw i64 %k137, 32
+  %711 = lshr i64 %710, %pf.sh133
+  %712 = getelementptr inbounds i8, ptr %pf132, i64 %711
+  call void @llvm.prefetch.p0(ptr %712, i32 0, i32 2, i32 1)
+  %713 = getelementptr inbounds i16, ptr %panels, i64 %709
+  %714 = load <8 x i32>, ptr %713, align 4
+  %715 = shl <8 x i32> %714, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0138 = bitcast <8 x i32> %715 to <8 x float>
+  %716 = and <8 x i32> %714, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1139 = bitcast <8 x i32> %716 to <8 x float>
+  %717 = getelementptr inbounds float, ptr %687, i64 %k137
+  %718 = load float, ptr %717, align 4
+  %719 = insertelement <8 x float> poison, float %718, i32 0
+  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
+  %721 = load <8 x float>, ptr %acc00124, align 4
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b0138, <8 x float> %721)
+  store <8 x float> %722, ptr %acc00124, align 4
+  %723 = load <8 x float>, ptr %acc01125, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b1139, <8 x float> %723)
+  store <8 x float> %724, ptr %acc01125, align 4
+  %725 = getelementptr inbounds float, ptr %693, i64 %k137
+  %726 = load float, ptr %725, align 4
+  %727 = insertelement <8 x float> poison, float %726, i32 0
+  %728 = shufflevector <8 x float> %727, <8 x float> poison, <8 x i32> zeroinitializer
+  %729 = load <8 x float>, ptr %acc10126, align 4
+  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b0138, <8 x float> %729)
+  store <8 x float> %730, ptr %acc10126, align 4
+  %731 = load <8 x float>, ptr %acc11127, align 4
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b1139, <8 x float> %731)
+  store <8 x float> %732, ptr %acc11127, align 4
+  %733 = getelementptr inbounds float, ptr %699, i64 %k137
+  %734 = load float, ptr %733, align 4
+  %735 = insertelement <8 x float> poison, float %734, i32 0
+  %736 = shufflevector <8 x float> %735, <8 x float> poison, <8 x i32> zeroinitializer
+  %737 = load <8 x float>, ptr %acc20128, align 4
+  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b0138, <8 x float> %737)
+  store <8 x float> %738, ptr %acc20128, align 4
+  %739 = load <8 x float>, ptr %acc21129, align 4
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b1139, <8 x float> %739)
+  store <8 x float> %740, ptr %acc21129, align 4
+  %741 = add nsw i64 %k137, 1
+  br label %k.head134
 
-k.end129:                                         ; preds = %k.head127
-  %722 = add nsw i64 %r0, 0
-  %723 = mul nsw i64 %722, 896
-  %724 = getelementptr inbounds float, ptr %h, i64 %723
-  %col133 = mul nsw i64 %p, 8
-  %725 = load <8 x float>, ptr %acc00119, align 4
-  %726 = load <8 x float>, ptr %acc01120, align 4
-  %727 = fneg <8 x float> %725
-  %728 = fcmp olt <8 x float> %727, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %729 = select <8 x i1> %728, <8 x float> %727, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %730 = fcmp ogt <8 x float> %729, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %731 = select <8 x i1> %730, <8 x float> %729, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %733 = call <8 x float> @llvm.floor.v8f32(<8 x float> %732)
-  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %731)
-  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %734)
-  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %735, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %735, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %735, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %738, <8 x float> %735, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> %735, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %741 = fmul <8 x float> %735, %735
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %741, <8 x float> %735)
-  %743 = fadd <8 x float> %742, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %744 = fptosi <8 x float> %733 to <8 x i32>
-  %745 = add <8 x i32> %744, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %746 = shl <8 x i32> %745, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n134 = bitcast <8 x i32> %746 to <8 x float>
-  %exp135 = fmul <8 x float> %743, %exp.2n134
-  %747 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %747
-  %silu137 = fmul <8 x float> %725, %sigmoid136
-  %glu138 = fmul <8 x float> %silu137, %726
-  %748 = getelementptr inbounds float, ptr %724, i64 %col133
-  store <8 x float> %glu138, ptr %748, align 4
-  %749 = add nsw i64 %r0, 1
-  %750 = mul nsw i64 %749, 896
-  %751 = getelementptr inbounds float, ptr %h, i64 %750
-  %col139 = mul nsw i64 %p, 8
-  %752 = load <8 x float>, ptr %acc10121, align 4
-  %753 = load <8 x float>, ptr %acc11122, align 4
-  %754 = fneg <8 x float> %752
-  %755 = fcmp olt <8 x float> %754, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %756 = select <8 x i1> %755, <8 x float> %754, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %757 = fcmp ogt <8 x float> %756, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %758 = select <8 x i1> %757, <8 x float> %756, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %758, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %760 = call <8 x float> @llvm.floor.v8f32(<8 x float> %759)
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %758)
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %761)
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %762, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %762, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %762, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %762, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %766, <8 x float> %762, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %768 = fmul <8 x float> %762, %762
-  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %767, <8 x float> %768, <8 x float> %762)
-  %770 = fadd <8 x float> %769, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %771 = fptosi <8 x float> %760 to <8 x i32>
-  %772 = add <8 x i32> %771, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %773 = shl <8 x i32> %772, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n140 = bitcast <8 x i32> %773 to <8 x float>
-  %exp141 = fmul <8 x float> %770, %exp.2n140
-  %774 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %774
-  %silu143 = fmul <8 x float> %752, %sigmoid142
-  %glu144 = fmul <8 x float> %silu143, %753
-  %775 = getelementptr inbounds float, ptr %751, i64 %col139
-  store <8 x float> %glu144, ptr %775, align 4
-  %776 = add nsw i64 %r0, 2
-  %777 = mul nsw i64 %776, 896
-  %778 = getelementptr inbounds float, ptr %h, i64 %777
-  %col145 = mul nsw i64 %p, 8
-  %779 = load <8 x float>, ptr %acc20123, align 4
-  %780 = load <8 x float>, ptr %acc21124, align 4
-  %781 = fneg <8 x float> %779
-  %782 = fcmp olt <8 x float> %781, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %783 = select <8 x i1> %782, <8 x float> %781, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %784 = fcmp ogt <8 x float> %783, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %785 = select <8 x i1> %784, <8 x float> %783, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %787 = call <8 x float> @llvm.floor.v8f32(<8 x float> %786)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %785)
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %788)
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %789, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %789, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> %789, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %789, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %789, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %795 = fmul <8 x float> %789, %789
-  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %795, <8 x float> %789)
-  %797 = fadd <8 x float> %796, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %798 = fptosi <8 x float> %787 to <8 x i32>
-  %799 = add <8 x i32> %798, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %800 = shl <8 x i32> %799, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n146 = bitcast <8 x i32> %800 to <8 x float>
-  %exp147 = fmul <8 x float> %797, %exp.2n146
-  %801 = fadd <8 x float> %exp147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid148 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %801
-  %silu149 = fmul <8 x float> %779, %sigmoid148
-  %glu150 = fmul <8 x float> %silu149, %780
-  %802 = getelementptr inbounds float, ptr %778, i64 %col145
-  store <8 x float> %glu150, ptr %802, align 4
+k.end136:                                         ; preds = %k.head134
+  %742 = add nsw i64 %r0, 0
+  %743 = mul nsw i64 %742, 896
+  %744 = getelementptr inbounds float, ptr %h, i64 %743
+  %col140 = mul nsw i64 %p, 8
+  %745 = load <8 x float>, ptr %acc00124, align 4
+  %746 = load <8 x float>, ptr %acc01125, align 4
+  %747 = fneg <8 x float> %745
+  %748 = fcmp olt <8 x float> %747, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %749 = select <8 x i1> %748, <8 x float> %747, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %750 = fcmp ogt <8 x float> %749, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %751 = select <8 x i1> %750, <8 x float> %749, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %753 = call <8 x float> @llvm.floor.v8f32(<8 x float> %752)
+  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %751)
+  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %754)
+  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %755, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %756, <8 x float> %755, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %755, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %758, <8 x float> %755, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %759, <8 x float> %755, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %761 = fmul <8 x float> %755, %755
+  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %761, <8 x float> %755)
+  %763 = fadd <8 x float> %762, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %764 = fptosi <8 x float> %753 to <8 x i32>
+  %765 = add <8 x i32> %764, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %766 = shl <8 x i32> %765, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %766 to <8 x float>
+  %exp142 = fmul <8 x float> %763, %exp.2n141
+  %767 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %767
+  %silu144 = fmul <8 x float> %745, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %746
+  %768 = getelementptr inbounds float, ptr %744, i64 %col140
+  store <8 x float> %glu145, ptr %768, align 4
+  %769 = add nsw i64 %r0, 1
+  %770 = mul nsw i64 %769, 896
+  %771 = getelementptr inbounds float, ptr %h, i64 %770
+  %col146 = mul nsw i64 %p, 8
+  %772 = load <8 x float>, ptr %acc10126, align 4
+  %773 = load <8 x float>, ptr %acc11127, align 4
+  %774 = fneg <8 x float> %772
+  %775 = fcmp olt <8 x float> %774, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %776 = select <8 x i1> %775, <8 x float> %774, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %777 = fcmp ogt <8 x float> %776, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %778, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %780 = call <8 x float> @llvm.floor.v8f32(<8 x float> %779)
+  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %778)
+  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %781)
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %782, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %782, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %782, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %782, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %782, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %788 = fmul <8 x float> %782, %782
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %788, <8 x float> %782)
+  %790 = fadd <8 x float> %789, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %791 = fptosi <8 x float> %780 to <8 x i32>
+  %792 = add <8 x i32> %791, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %793 = shl <8 x i32> %792, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %793 to <8 x float>
+  %exp148 = fmul <8 x float> %790, %exp.2n147
+  %794 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %794
+  %silu150 = fmul <8 x float> %772, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %773
+  %795 = getelementptr inbounds float, ptr %771, i64 %col146
+  store <8 x float> %glu151, ptr %795, align 4
+  %796 = add nsw i64 %r0, 2
+  %797 = mul nsw i64 %796, 896
+  %798 = getelementptr inbounds float, ptr %h, i64 %797
+  %col152 = mul nsw i64 %p, 8
+  %799 = load <8 x float>, ptr %acc20128, align 4
+  %800 = load <8 x float>, ptr %acc21129, align 4
+  %801 = fneg <8 x float> %799
+  %802 = fcmp olt <8 x float> %801, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %803 = select <8 x i1> %802, <8 x float> %801, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %804 = fcmp ogt <8 x float> %803, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %805 = select <8 x i1> %804, <8 x float> %803, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %807 = call <8 x float> @llvm.floor.v8f32(<8 x float> %806)
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %805)
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %808)
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %809, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %809, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %809, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %809, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %809, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %815 = fmul <8 x float> %809, %809
+  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %815, <8 x float> %809)
+  %817 = fadd <8 x float> %816, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %818 = fptosi <8 x float> %807 to <8 x i32>
+  %819 = add <8 x i32> %818, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %820 = shl <8 x i32> %819, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %820 to <8 x float>
+  %exp154 = fmul <8 x float> %817, %exp.2n153
+  %821 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %821
+  %silu156 = fmul <8 x float> %799, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %800
+  %822 = getelementptr inbounds float, ptr %798, i64 %col152
+  store <8 x float> %glu157, ptr %822, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %803 = add nsw i64 %r0, 0
-  %804 = getelementptr inbounds i32, ptr %rows, i64 %803
-  %805 = load i32, ptr %804, align 4
-  %806 = sext i32 %805 to i64
-  %807 = mul nsw i64 %806, 1280
-  %808 = getelementptr inbounds float, ptr %x, i64 %807
-  store <8 x float> zeroinitializer, ptr %acc00151, align 4
-  store <8 x float> zeroinitializer, ptr %acc01152, align 4
-  %809 = add nsw i64 %r0, 1
-  %810 = getelementptr inbounds i32, ptr %rows, i64 %809
-  %811 = load i32, ptr %810, align 4
-  %812 = sext i32 %811 to i64
-  %813 = mul nsw i64 %812, 1280
-  %814 = getelementptr inbounds float, ptr %x, i64 %813
-  store <8 x float> zeroinitializer, ptr %acc10153, align 4
-  store <8 x float> zeroinitializer, ptr %acc11154, align 4
-  %panel.off155 = mul nsw i64 %p, 20480
-  %815 = getelementptr inbounds i16, ptr %panels, i64 %panel.off155
-  %816 = add nsw i64 %p, 1
-  %817 = icmp slt i64 %816, %p1
-  %818 = getelementptr inbounds i8, ptr %815, i64 40960
-  %819 = and i1 %pf.on, %817
-  %pf156 = select i1 %819, ptr %818, ptr %815
-  br label %k.head157
+  %823 = add nsw i64 %r0, 0
+  %824 = getelementptr inbounds i32, ptr %rows, i64 %823
+  %825 = load i32, ptr %824, align 4
+  %826 = sext i32 %825 to i64
+  %827 = mul nsw i64 %826, 1280
+  %828 = getelementptr inbounds float, ptr %x, i64 %827
+  store <8 x float> zeroinitializer, ptr %acc00158, align 4
+  store <8 x float> zeroinitializer, ptr %acc01159, align 4
+  %829 = add nsw i64 %r0, 1
+  %830 = getelementptr inbounds i32, ptr %rows, i64 %829
+  %831 = load i32, ptr %830, align 4
+  %832 = sext i32 %831 to i64
+  %833 = mul nsw i64 %832, 1280
+  %834 = getelementptr inbounds float, ptr %x, i64 %833
+  store <8 x float> zeroinitializer, ptr %acc10160, align 4
+  store <8 x float> zeroinitializer, ptr %acc11161, align 4
+  %panel.off162 = mul nsw i64 %p, 20480
+  %835 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
+  %836 = add nsw i64 %p, 1
+  %837 = icmp slt i64 %836, %p1
+  %pf.on163 = and i1 %pf.on, %837
+  %838 = mul nsw i64 %pf.j, 40960
+  %839 = lshr i64 %838, %9
+  %840 = add nsw i64 40960, %839
+  %841 = getelementptr inbounds i8, ptr %835, i64 %840
+  %pf164 = select i1 %pf.on163, ptr %841, ptr %835
+  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
+  br label %k.head166
 
-k.head157:                                        ; preds = %k.body158, %tile.mr2
-  %k160 = phi i64 [ 0, %tile.mr2 ], [ %845, %k.body158 ]
-  %820 = icmp slt i64 %k160, 1280
-  br i1 %820, label %k.body158, label %k.end159
+k.head166:                                        ; preds = %k.body167, %tile.mr2
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %868, %k.body167 ]
+  %842 = icmp slt i64 %k169, 1280
+  br i1 %842, label %k.body167, label %k.end168
 
-k.body158:                                        ; preds = %k.head157
-  %821 = mul nsw i64 %k160, 16
-  %822 = add nsw i64 %panel.off155, %821
-  %823 = mul nsw i64 %k160, 32
-  %824 = getelementptr inbounds i8, ptr %pf156, i64 %823
-  call void @llvm.prefetch.p0(ptr %824, i32 0, i32 2, i32 1)
-  %825 = getelementptr inbounds i16, ptr %panels, i64 %822
-  %826 = load <8 x i32>, ptr %825, align 4
-  %827 = shl <8 x i32> %826, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %827 to <8 x float>
-  %828 = and <8 x i32> %826, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %828 to <8 x float>
-  %829 = getelementptr inbounds float, ptr %808, i64 %k160
-  %830 = load float, ptr %829, align 4
-  %831 = insertelement <8 x float> poison, float %830, i32 0
-  %832 = shufflevector <8 x float> %831, <8 x float> poison, <8 x i32> zeroinitializer
-  %833 = load <8 x float>, ptr %acc00151, align 4
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %b0161, <8 x float> %833)
-  store <8 x float> %834, ptr %acc00151, align 4
-  %835 = load <8 x float>, ptr %acc01152, align 4
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %b1162, <8 x float> %835)
-  store <8 x float> %836, ptr %acc01152, align 4
-  %837 = getelementptr inbounds float, ptr %814, i64 %k160
-  %838 = load float, ptr %837, align 4
-  %839 = insertelement <8 x float> poison, float %838, i32 0
-  %840 = shufflevector <8 x float> %839, <8 x float> poison, <8 x i32> zeroinitializer
-  %841 = load <8 x float>, ptr %acc10153, align 4
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %b0161, <8 x float> %841)
-  store <8 x float> %842, ptr %acc10153, align 4
-  %843 = load <8 x float>, ptr %acc11154, align 4
-  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %b1162, <8 x float> %843)
-  store <8 x float> %844, ptr %acc11154, align 4
-  %845 = add nsw i64 %k160, 1
-  br label %k.head157
+k.body167:                                        ; preds = %k.head166
+  %843 = mul nsw i64 %k169, 16
+  %844 = add nsw i64 %panel.off162, %843
+  %845 = mul nsw i64 %k169, 32
+  %846 = lshr i64 %845, %pf.sh165
+  %847 = getelementptr inbounds i8, ptr %pf164, i64 %846
+  call void @llvm.prefetch.p0(ptr %847, i32 0, i32 2, i32 1)
+  %848 = getelementptr inbounds i16, ptr %panels, i64 %844
+  %849 = load <8 x i32>, ptr %848, align 4
+  %850 = shl <8 x i32> %849, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0170 = bitcast <8 x i32> %850 to <8 x float>
+  %851 = and <8 x i32> %849, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1171 = bitcast <8 x i32> %851 to <8 x float>
+  %852 = getelementptr inbounds float, ptr %828, i64 %k169
+  %853 = load float, ptr %852, align 4
+  %854 = insertelement <8 x float> poison, float %853, i32 0
+  %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
+  %856 = load <8 x float>, ptr %acc00158, align 4
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b0170, <8 x float> %856)
+  store <8 x float> %857, ptr %acc00158, align 4
+  %858 = load <8 x float>, ptr %acc01159, align 4
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b1171, <8 x float> %858)
+  store <8 x float> %859, ptr %acc01159, align 4
+  %860 = getelementptr inbounds float, ptr %834, i64 %k169
+  %861 = load float, ptr %860, align 4
+  %862 = insertelement <8 x float> poison, float %861, i32 0
+  %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
+  %864 = load <8 x float>, ptr %acc10160, align 4
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b0170, <8 x float> %864)
+  store <8 x float> %865, ptr %acc10160, align 4
+  %866 = load <8 x float>, ptr %acc11161, align 4
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b1171, <8 x float> %866)
+  store <8 x float> %867, ptr %acc11161, align 4
+  %868 = add nsw i64 %k169, 1
+  br label %k.head166
 
-k.end159:                                         ; preds = %k.head157
-  %846 = add nsw i64 %r0, 0
-  %847 = mul nsw i64 %846, 896
-  %848 = getelementptr inbounds float, ptr %h, i64 %847
-  %col163 = mul nsw i64 %p, 8
-  %849 = load <8 x float>, ptr %acc00151, align 4
-  %850 = load <8 x float>, ptr %acc01152, align 4
-  %851 = fneg <8 x float> %849
-  %852 = fcmp olt <8 x float> %851, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %853 = select <8 x i1> %852, <8 x float> %851, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %854 = fcmp ogt <8 x float> %853, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %855 = select <8 x i1> %854, <8 x float> %853, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %857 = call <8 x float> @llvm.floor.v8f32(<8 x float> %856)
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %855)
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %858)
-  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %859, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %860, <8 x float> %859, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> %859, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> %859, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %859, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %865 = fmul <8 x float> %859, %859
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %865, <8 x float> %859)
-  %867 = fadd <8 x float> %866, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %868 = fptosi <8 x float> %857 to <8 x i32>
-  %869 = add <8 x i32> %868, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %870 = shl <8 x i32> %869, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n164 = bitcast <8 x i32> %870 to <8 x float>
-  %exp165 = fmul <8 x float> %867, %exp.2n164
-  %871 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %871
-  %silu167 = fmul <8 x float> %849, %sigmoid166
-  %glu168 = fmul <8 x float> %silu167, %850
-  %872 = getelementptr inbounds float, ptr %848, i64 %col163
-  store <8 x float> %glu168, ptr %872, align 4
-  %873 = add nsw i64 %r0, 1
-  %874 = mul nsw i64 %873, 896
-  %875 = getelementptr inbounds float, ptr %h, i64 %874
-  %col169 = mul nsw i64 %p, 8
-  %876 = load <8 x float>, ptr %acc10153, align 4
-  %877 = load <8 x float>, ptr %acc11154, align 4
-  %878 = fneg <8 x float> %876
-  %879 = fcmp olt <8 x float> %878, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %880 = select <8 x i1> %879, <8 x float> %878, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %881 = fcmp ogt <8 x float> %880, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %882 = select <8 x i1> %881, <8 x float> %880, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %884 = call <8 x float> @llvm.floor.v8f32(<8 x float> %883)
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %882)
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %885)
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %886, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %888 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %886, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %886, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %886, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %890, <8 x float> %886, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %892 = fmul <8 x float> %886, %886
-  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> %892, <8 x float> %886)
-  %894 = fadd <8 x float> %893, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %895 = fptosi <8 x float> %884 to <8 x i32>
-  %896 = add <8 x i32> %895, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %897 = shl <8 x i32> %896, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n170 = bitcast <8 x i32> %897 to <8 x float>
-  %exp171 = fmul <8 x float> %894, %exp.2n170
-  %898 = fadd <8 x float> %exp171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid172 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %898
-  %silu173 = fmul <8 x float> %876, %sigmoid172
-  %glu174 = fmul <8 x float> %silu173, %877
-  %899 = getelementptr inbounds float, ptr %875, i64 %col169
-  store <8 x float> %glu174, ptr %899, align 4
+k.end168:                                         ; preds = %k.head166
+  %869 = add nsw i64 %r0, 0
+  %870 = mul nsw i64 %869, 896
+  %871 = getelementptr inbounds float, ptr %h, i64 %870
+  %col172 = mul nsw i64 %p, 8
+  %872 = load <8 x float>, ptr %acc00158, align 4
+  %873 = load <8 x float>, ptr %acc01159, align 4
+  %874 = fneg <8 x float> %872
+  %875 = fcmp olt <8 x float> %874, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %877 = fcmp ogt <8 x float> %876, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %878 = select <8 x i1> %877, <8 x float> %876, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %880 = call <8 x float> @llvm.floor.v8f32(<8 x float> %879)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %878)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %881)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %882, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %882, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %882, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %882, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %882, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %888 = fmul <8 x float> %882, %882
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %888, <8 x float> %882)
+  %890 = fadd <8 x float> %889, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %891 = fptosi <8 x float> %880 to <8 x i32>
+  %892 = add <8 x i32> %891, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %893 = shl <8 x i32> %892, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %893 to <8 x float>
+  %exp174 = fmul <8 x float> %890, %exp.2n173
+  %894 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %894
+  %silu176 = fmul <8 x float> %872, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %873
+  %895 = getelementptr inbounds float, ptr %871, i64 %col172
+  store <8 x float> %glu177, ptr %895, align 4
+  %896 = add nsw i64 %r0, 1
+  %897 = mul nsw i64 %896, 896
+  %898 = getelementptr inbounds float, ptr %h, i64 %897
+  %col178 = mul nsw i64 %p, 8
+  %899 = load <8 x float>, ptr %acc10160, align 4
+  %900 = load <8 x float>, ptr %acc11161, align 4
+  %901 = fneg <8 x float> %899
+  %902 = fcmp olt <8 x float> %901, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %903 = select <8 x i1> %902, <8 x float> %901, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %904 = fcmp ogt <8 x float> %903, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %905 = select <8 x i1> %904, <8 x float> %903, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %907 = call <8 x float> @llvm.floor.v8f32(<8 x float> %906)
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %905)
+  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %908)
+  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %909, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> %909, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %909, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %909, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %909, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %915 = fmul <8 x float> %909, %909
+  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %915, <8 x float> %909)
+  %917 = fadd <8 x float> %916, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %918 = fptosi <8 x float> %907 to <8 x i32>
+  %919 = add <8 x i32> %918, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %920 = shl <8 x i32> %919, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n179 = bitcast <8 x i32> %920 to <8 x float>
+  %exp180 = fmul <8 x float> %917, %exp.2n179
+  %921 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %921
+  %silu182 = fmul <8 x float> %899, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %900
+  %922 = getelementptr inbounds float, ptr %898, i64 %col178
+  store <8 x float> %glu183, ptr %922, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %900 = add nsw i64 %r0, 0
-  %901 = getelementptr inbounds i32, ptr %rows, i64 %900
-  %902 = load i32, ptr %901, align 4
-  %903 = sext i32 %902 to i64
-  %904 = mul nsw i64 %903, 1280
-  %905 = getelementptr inbounds float, ptr %x, i64 %904
-  store <8 x float> zeroinitializer, ptr %acc00175, align 4
-  store <8 x float> zeroinitializer, ptr %acc01176, align 4
-  %panel.off177 = mul nsw i64 %p, 20480
-  %906 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
-  %907 = add nsw i64 %p, 1
-  %908 = icmp slt i64 %907, %p1
-  %909 = getelementptr inbounds i8, ptr %906, i64 40960
-  %910 = and i1 %pf.on, %908
-  %pf178 = select i1 %910, ptr %909, ptr %906
-  br label %k.head179
+  %923 = add nsw i64 %r0, 0
+  %924 = getelementptr inbounds i32, ptr %rows, i64 %923
+  %925 = load i32, ptr %924, align 4
+  %926 = sext i32 %925 to i64
+  %927 = mul nsw i64 %926, 1280
+  %928 = getelementptr inbounds float, ptr %x, i64 %927
+  store <8 x float> zeroinitializer, ptr %acc00184, align 4
+  store <8 x float> zeroinitializer, ptr %acc01185, align 4
+  %panel.off186 = mul nsw i64 %p, 20480
+  %929 = getelementptr inbounds i16, ptr %panels, i64 %panel.off186
+  %930 = add nsw i64 %p, 1
+  %931 = icmp slt i64 %930, %p1
+  %pf.on187 = and i1 %pf.on, %931
+  %932 = mul nsw i64 %pf.j, 40960
+  %933 = lshr i64 %932, %9
+  %934 = add nsw i64 40960, %933
+  %935 = getelementptr inbounds i8, ptr %929, i64 %934
+  %pf188 = select i1 %pf.on187, ptr %935, ptr %929
+  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
+  br label %k.head190
 
-k.head179:                                        ; preds = %k.body180, %tile.mr1
-  %k182 = phi i64 [ 0, %tile.mr1 ], [ %928, %k.body180 ]
-  %911 = icmp slt i64 %k182, 1280
-  br i1 %911, label %k.body180, label %k.end181
+k.head190:                                        ; preds = %k.body191, %tile.mr1
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %954, %k.body191 ]
+  %936 = icmp slt i64 %k193, 1280
+  br i1 %936, label %k.body191, label %k.end192
 
-k.body180:                                        ; preds = %k.head179
-  %912 = mul nsw i64 %k182, 16
-  %913 = add nsw i64 %panel.off177, %912
-  %914 = mul nsw i64 %k182, 32
-  %915 = getelementptr inbounds i8, ptr %pf178, i64 %914
-  call void @llvm.prefetch.p0(ptr %915, i32 0, i32 2, i32 1)
-  %916 = getelementptr inbounds i16, ptr %panels, i64 %913
-  %917 = load <8 x i32>, ptr %916, align 4
-  %918 = shl <8 x i32> %917, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0183 = bitcast <8 x i32> %918 to <8 x float>
-  %919 = and <8 x i32> %917, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1184 = bitcast <8 x i32> %919 to <8 x float>
-  %920 = getelementptr inbounds float, ptr %905, i64 %k182
-  %921 = load float, ptr %920, align 4
-  %922 = insertelement <8 x float> poison, float %921, i32 0
-  %923 = shufflevector <8 x float> %922, <8 x float> poison, <8 x i32> zeroinitializer
-  %924 = load <8 x float>, ptr %acc00175, align 4
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %b0183, <8 x float> %924)
-  store <8 x float> %925, ptr %acc00175, align 4
-  %926 = load <8 x float>, ptr %acc01176, align 4
-  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %b1184, <8 x float> %926)
-  store <8 x float> %927, ptr %acc01176, align 4
-  %928 = add nsw i64 %k182, 1
-  br label %k.head179
+k.body191:                                        ; preds = %k.head190
+  %937 = mul nsw i64 %k193, 16
+  %938 = add nsw i64 %panel.off186, %937
+  %939 = mul nsw i64 %k193, 32
+  %940 = lshr i64 %939, %pf.sh189
+  %941 = getelementptr inbounds i8, ptr %pf188, i64 %940
+  call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  %942 = getelementptr inbounds i16, ptr %panels, i64 %938
+  %943 = load <8 x i32>, ptr %942, align 4
+  %944 = shl <8 x i32> %943, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0194 = bitcast <8 x i32> %944 to <8 x float>
+  %945 = and <8 x i32> %943, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1195 = bitcast <8 x i32> %945 to <8 x float>
+  %946 = getelementptr inbounds float, ptr %928, i64 %k193
+  %947 = load float, ptr %946, align 4
+  %948 = insertelement <8 x float> poison, float %947, i32 0
+  %949 = shufflevector <8 x float> %948, <8 x float> poison, <8 x i32> zeroinitializer
+  %950 = load <8 x float>, ptr %acc00184, align 4
+  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b0194, <8 x float> %950)
+  store <8 x float> %951, ptr %acc00184, align 4
+  %952 = load <8 x float>, ptr %acc01185, align 4
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b1195, <8 x float> %952)
+  store <8 x float> %953, ptr %acc01185, align 4
+  %954 = add nsw i64 %k193, 1
+  br label %k.head190
 
-k.end181:                                         ; preds = %k.head179
-  %929 = add nsw i64 %r0, 0
-  %930 = mul nsw i64 %929, 896
-  %931 = getelementptr inbounds float, ptr %h, i64 %930
-  %col185 = mul nsw i64 %p, 8
-  %932 = load <8 x float>, ptr %acc00175, align 4
-  %933 = load <8 x float>, ptr %acc01176, align 4
-  %934 = fneg <8 x float> %932
-  %935 = fcmp olt <8 x float> %934, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %936 = select <8 x i1> %935, <8 x float> %934, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %937 = fcmp ogt <8 x float> %936, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %938 = select <8 x i1> %937, <8 x float> %936, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %940 = call <8 x float> @llvm.floor.v8f32(<8 x float> %939)
-  %941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %938)
-  %942 = call <8 x float> @llvm.fma.v8f32(<8 x float> %940, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %941)
-  %943 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %942, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %944 = call <8 x float> @llvm.fma.v8f32(<8 x float> %943, <8 x float> %942, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> %942, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %946 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %942, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %942, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %948 = fmul <8 x float> %942, %942
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %947, <8 x float> %948, <8 x float> %942)
-  %950 = fadd <8 x float> %949, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %951 = fptosi <8 x float> %940 to <8 x i32>
-  %952 = add <8 x i32> %951, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %953 = shl <8 x i32> %952, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n186 = bitcast <8 x i32> %953 to <8 x float>
-  %exp187 = fmul <8 x float> %950, %exp.2n186
-  %954 = fadd <8 x float> %exp187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid188 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %954
-  %silu189 = fmul <8 x float> %932, %sigmoid188
-  %glu190 = fmul <8 x float> %silu189, %933
-  %955 = getelementptr inbounds float, ptr %931, i64 %col185
-  store <8 x float> %glu190, ptr %955, align 4
+k.end192:                                         ; preds = %k.head190
+  %955 = add nsw i64 %r0, 0
+  %956 = mul nsw i64 %955, 896
+  %957 = getelementptr inbounds float, ptr %h, i64 %956
+  %col196 = mul nsw i64 %p, 8
+  %958 = load <8 x float>, ptr %acc00184, align 4
+  %959 = load <8 x float>, ptr %acc01185, align 4
+  %960 = fneg <8 x float> %958
+  %961 = fcmp olt <8 x float> %960, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %963 = fcmp ogt <8 x float> %962, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %964 = select <8 x i1> %963, <8 x float> %962, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %966 = call <8 x float> @llvm.floor.v8f32(<8 x float> %965)
+  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %964)
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %967)
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %968, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %968, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %968, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %968, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %968, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %974 = fmul <8 x float> %968, %968
+  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %974, <8 x float> %968)
+  %976 = fadd <8 x float> %975, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %977 = fptosi <8 x float> %966 to <8 x i32>
+  %978 = add <8 x i32> %977, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %979 = shl <8 x i32> %978, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n197 = bitcast <8 x i32> %979 to <8 x float>
+  %exp198 = fmul <8 x float> %976, %exp.2n197
+  %980 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %980
+  %silu200 = fmul <8 x float> %958, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %959
+  %981 = getelementptr inbounds float, ptr %957, i64 %col196
+  store <8 x float> %glu201, ptr %981, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end181, %k.end159, %k.end129, %k.end91, %k.end45, %k.end
-  %956 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
+  %982 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %957 = add nsw i64 %p, 1
+  %983 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4682,36 +4802,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0021 = alloca <8 x float>, align 32
-  %acc0122 = alloca <8 x float>, align 32
-  %acc1023 = alloca <8 x float>, align 32
-  %acc1124 = alloca <8 x float>, align 32
-  %acc2025 = alloca <8 x float>, align 32
-  %acc2126 = alloca <8 x float>, align 32
-  %acc3027 = alloca <8 x float>, align 32
-  %acc3128 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1040 = alloca <8 x float>, align 32
-  %acc1141 = alloca <8 x float>, align 32
-  %acc2042 = alloca <8 x float>, align 32
-  %acc2143 = alloca <8 x float>, align 32
-  %acc0053 = alloca <8 x float>, align 32
-  %acc0154 = alloca <8 x float>, align 32
-  %acc1055 = alloca <8 x float>, align 32
-  %acc1156 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4720,7 +4840,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %627, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -4728,7 +4848,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %626, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -4736,9 +4856,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -4749,421 +4879,415 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 896
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 1280
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 896
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 1280
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 896
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 1280
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 896
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 1280
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 896
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 1280
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 896
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 1280
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 896
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 1280
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 896
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 1280
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 896
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 1280
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 896
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 1280
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 896
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 1280
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 896
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 1280
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 14336
-  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 28672
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 28672
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 28672, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
-  %95 = icmp slt i64 %k, 896
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
+  %105 = icmp slt i64 %k, 896
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 32
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %8, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %22, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %36, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %50, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %64, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %78, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 32
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
+  %112 = load <8 x i32>, ptr %111, align 4
+  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %113 to <8 x float>
+  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %114 to <8 x float>
+  %115 = getelementptr inbounds float, ptr %16, i64 %k
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = load <8 x float>, ptr %acc00, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
+  store <8 x float> %120, ptr %acc00, align 4
+  %121 = load <8 x float>, ptr %acc01, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
+  store <8 x float> %122, ptr %acc01, align 4
+  %123 = getelementptr inbounds float, ptr %30, i64 %k
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <8 x float> poison, float %124, i32 0
+  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
+  %127 = load <8 x float>, ptr %acc10, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
+  store <8 x float> %128, ptr %acc10, align 4
+  %129 = load <8 x float>, ptr %acc11, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
+  store <8 x float> %130, ptr %acc11, align 4
+  %131 = getelementptr inbounds float, ptr %44, i64 %k
+  %132 = load float, ptr %131, align 4
+  %133 = insertelement <8 x float> poison, float %132, i32 0
+  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
+  %135 = load <8 x float>, ptr %acc20, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
+  store <8 x float> %136, ptr %acc20, align 4
+  %137 = load <8 x float>, ptr %acc21, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
+  store <8 x float> %138, ptr %acc21, align 4
+  %139 = getelementptr inbounds float, ptr %58, i64 %k
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc30, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
+  store <8 x float> %144, ptr %acc30, align 4
+  %145 = load <8 x float>, ptr %acc31, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
+  store <8 x float> %146, ptr %acc31, align 4
+  %147 = getelementptr inbounds float, ptr %72, i64 %k
+  %148 = load float, ptr %147, align 4
+  %149 = insertelement <8 x float> poison, float %148, i32 0
+  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
+  %151 = load <8 x float>, ptr %acc40, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
+  store <8 x float> %152, ptr %acc40, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
+  store <8 x float> %154, ptr %acc41, align 4
+  %155 = getelementptr inbounds float, ptr %86, i64 %k
+  %156 = load float, ptr %155, align 4
+  %157 = insertelement <8 x float> poison, float %156, i32 0
+  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
+  %159 = load <8 x float>, ptr %acc50, align 4
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
+  store <8 x float> %160, ptr %acc50, align 4
+  %161 = load <8 x float>, ptr %acc51, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
+  store <8 x float> %162, ptr %acc51, align 4
+  %163 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %15, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %18, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %29, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %32, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %43, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %46, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %57, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %60, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %71, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %74, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %85, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %88, align 4
+  %164 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %164, ptr %23, align 4
+  %165 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %165, ptr %26, align 4
+  %166 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %166, ptr %37, align 4
+  %167 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %167, ptr %40, align 4
+  %168 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %168, ptr %51, align 4
+  %169 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %169, ptr %54, align 4
+  %170 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %170, ptr %65, align 4
+  %171 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %171, ptr %68, align 4
+  %172 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %172, ptr %79, align 4
+  %173 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %173, ptr %82, align 4
+  %174 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %174, ptr %93, align 4
+  %175 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %175, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 896
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 1280
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col1, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
-  %175 = load <8 x float>, ptr %174, align 4
-  store <8 x float> %175, ptr %acc002, align 4
-  %176 = add nsw i64 %col1, 8
-  %177 = getelementptr inbounds float, ptr %172, i64 %176
-  %178 = load <8 x float>, ptr %177, align 4
-  store <8 x float> %178, ptr %acc013, align 4
-  %179 = add nsw i64 %r0, 1
-  %180 = mul nsw i64 %179, 896
-  %181 = getelementptr inbounds float, ptr %h, i64 %180
-  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
-  %183 = load i32, ptr %182, align 4
-  %184 = sext i32 %183 to i64
-  %185 = mul nsw i64 %184, 1280
-  %186 = getelementptr inbounds float, ptr %y, i64 %185
-  %187 = add nsw i64 %col1, 0
-  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %col2 = mul nsw i64 %p, 16
+  %176 = add nsw i64 %r0, 0
+  %177 = mul nsw i64 %176, 896
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
+  %180 = load i32, ptr %179, align 4
+  %181 = sext i32 %180 to i64
+  %182 = mul nsw i64 %181, 1280
+  %183 = getelementptr inbounds float, ptr %y, i64 %182
+  %184 = add nsw i64 %col2, 0
+  %185 = getelementptr inbounds float, ptr %183, i64 %184
+  %186 = load <8 x float>, ptr %185, align 4
+  store <8 x float> %186, ptr %acc003, align 4
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %183, i64 %187
   %189 = load <8 x float>, ptr %188, align 4
-  store <8 x float> %189, ptr %acc104, align 4
-  %190 = add nsw i64 %col1, 8
-  %191 = getelementptr inbounds float, ptr %186, i64 %190
-  %192 = load <8 x float>, ptr %191, align 4
-  store <8 x float> %192, ptr %acc115, align 4
-  %193 = add nsw i64 %r0, 2
-  %194 = mul nsw i64 %193, 896
-  %195 = getelementptr inbounds float, ptr %h, i64 %194
-  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
-  %197 = load i32, ptr %196, align 4
-  %198 = sext i32 %197 to i64
-  %199 = mul nsw i64 %198, 1280
-  %200 = getelementptr inbounds float, ptr %y, i64 %199
-  %201 = add nsw i64 %col1, 0
-  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  store <8 x float> %189, ptr %acc014, align 4
+  %190 = add nsw i64 %r0, 1
+  %191 = mul nsw i64 %190, 896
+  %192 = getelementptr inbounds float, ptr %h, i64 %191
+  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
+  %194 = load i32, ptr %193, align 4
+  %195 = sext i32 %194 to i64
+  %196 = mul nsw i64 %195, 1280
+  %197 = getelementptr inbounds float, ptr %y, i64 %196
+  %198 = add nsw i64 %col2, 0
+  %199 = getelementptr inbounds float, ptr %197, i64 %198
+  %200 = load <8 x float>, ptr %199, align 4
+  store <8 x float> %200, ptr %acc105, align 4
+  %201 = add nsw i64 %col2, 8
+  %202 = getelementptr inbounds float, ptr %197, i64 %201
   %203 = load <8 x float>, ptr %202, align 4
-  store <8 x float> %203, ptr %acc206, align 4
-  %204 = add nsw i64 %col1, 8
-  %205 = getelementptr inbounds float, ptr %200, i64 %204
-  %206 = load <8 x float>, ptr %205, align 4
-  store <8 x float> %206, ptr %acc217, align 4
-  %207 = add nsw i64 %r0, 3
-  %208 = mul nsw i64 %207, 896
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
-  %211 = load i32, ptr %210, align 4
-  %212 = sext i32 %211 to i64
-  %213 = mul nsw i64 %212, 1280
-  %214 = getelementptr inbounds float, ptr %y, i64 %213
-  %215 = add nsw i64 %col1, 0
-  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  store <8 x float> %203, ptr %acc116, align 4
+  %204 = add nsw i64 %r0, 2
+  %205 = mul nsw i64 %204, 896
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
+  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
+  %208 = load i32, ptr %207, align 4
+  %209 = sext i32 %208 to i64
+  %210 = mul nsw i64 %209, 1280
+  %211 = getelementptr inbounds float, ptr %y, i64 %210
+  %212 = add nsw i64 %col2, 0
+  %213 = getelementptr inbounds float, ptr %211, i64 %212
+  %214 = load <8 x float>, ptr %213, align 4
+  store <8 x float> %214, ptr %acc207, align 4
+  %215 = add nsw i64 %col2, 8
+  %216 = getelementptr inbounds float, ptr %211, i64 %215
   %217 = load <8 x float>, ptr %216, align 4
-  store <8 x float> %217, ptr %acc308, align 4
-  %218 = add nsw i64 %col1, 8
-  %219 = getelementptr inbounds float, ptr %214, i64 %218
-  %220 = load <8 x float>, ptr %219, align 4
-  store <8 x float> %220, ptr %acc319, align 4
-  %221 = add nsw i64 %r0, 4
-  %222 = mul nsw i64 %221, 896
-  %223 = getelementptr inbounds float, ptr %h, i64 %222
-  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
-  %225 = load i32, ptr %224, align 4
-  %226 = sext i32 %225 to i64
-  %227 = mul nsw i64 %226, 1280
-  %228 = getelementptr inbounds float, ptr %y, i64 %227
-  %229 = add nsw i64 %col1, 0
-  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  store <8 x float> %217, ptr %acc218, align 4
+  %218 = add nsw i64 %r0, 3
+  %219 = mul nsw i64 %218, 896
+  %220 = getelementptr inbounds float, ptr %h, i64 %219
+  %221 = getelementptr inbounds i32, ptr %rows, i64 %218
+  %222 = load i32, ptr %221, align 4
+  %223 = sext i32 %222 to i64
+  %224 = mul nsw i64 %223, 1280
+  %225 = getelementptr inbounds float, ptr %y, i64 %224
+  %226 = add nsw i64 %col2, 0
+  %227 = getelementptr inbounds float, ptr %225, i64 %226
+  %228 = load <8 x float>, ptr %227, align 4
+  store <8 x float> %228, ptr %acc309, align 4
+  %229 = add nsw i64 %col2, 8
+  %230 = getelementptr inbounds float, ptr %225, i64 %229
   %231 = load <8 x float>, ptr %230, align 4
-  store <8 x float> %231, ptr %acc4010, align 4
-  %232 = add nsw i64 %col1, 8
-  %233 = getelementptr inbounds float, ptr %228, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  store <8 x float> %234, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 14336
-  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
-  %236 = add nsw i64 %p, 1
-  %237 = icmp slt i64 %236, %p1
-  %238 = getelementptr inbounds i8, ptr %235, i64 28672
-  %239 = and i1 %pf.on, %237
-  %pf13 = select i1 %239, ptr %238, ptr %235
-  br label %k.head14
+  store <8 x float> %231, ptr %acc3110, align 4
+  %232 = add nsw i64 %r0, 4
+  %233 = mul nsw i64 %232, 896
+  %234 = getelementptr inbounds float, ptr %h, i64 %233
+  %235 = getelementptr inbounds i32, ptr %rows, i64 %232
+  %236 = load i32, ptr %235, align 4
+  %237 = sext i32 %236 to i64
+  %238 = mul nsw i64 %237, 1280
+  %239 = getelementptr inbounds float, ptr %y, i64 %238
+  %240 = add nsw i64 %col2, 0
+  %241 = getelementptr inbounds float, ptr %239, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  store <8 x float> %242, ptr %acc4011, align 4
+  %243 = add nsw i64 %col2, 8
+  %244 = getelementptr inbounds float, ptr %239, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  store <8 x float> %245, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 14336
+  %246 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %247 = add nsw i64 %p, 1
+  %248 = icmp slt i64 %247, %p1
+  %pf.on14 = and i1 %pf.on, %248
+  %249 = mul nsw i64 %pf.j, 28672
+  %250 = lshr i64 %249, %10
+  %251 = add nsw i64 28672, %250
+  %252 = getelementptr inbounds i8, ptr %246, i64 %251
+  %pf15 = select i1 %pf.on14, ptr %252, ptr %246
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
-  %240 = icmp slt i64 %k17, 896
-  br i1 %240, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %k.body18 ]
+  %253 = icmp slt i64 %k20, 896
+  br i1 %253, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %241 = mul nsw i64 %k17, 16
-  %242 = add nsw i64 %panel.off12, %241
-  %243 = mul nsw i64 %k17, 32
-  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
-  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
-  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
-  %246 = load <8 x i32>, ptr %245, align 4
-  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b018 = bitcast <8 x i32> %247 to <8 x float>
-  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b119 = bitcast <8 x i32> %248 to <8 x float>
-  %249 = getelementptr inbounds float, ptr %167, i64 %k17
-  %250 = load float, ptr %249, align 4
-  %251 = insertelement <8 x float> poison, float %250, i32 0
-  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc002, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
-  store <8 x float> %254, ptr %acc002, align 4
-  %255 = load <8 x float>, ptr %acc013, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
-  store <8 x float> %256, ptr %acc013, align 4
-  %257 = getelementptr inbounds float, ptr %181, i64 %k17
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc104, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
-  store <8 x float> %262, ptr %acc104, align 4
-  %263 = load <8 x float>, ptr %acc115, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
-  store <8 x float> %264, ptr %acc115, align 4
-  %265 = getelementptr inbounds float, ptr %195, i64 %k17
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc206, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
-  store <8 x float> %270, ptr %acc206, align 4
-  %271 = load <8 x float>, ptr %acc217, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
-  store <8 x float> %272, ptr %acc217, align 4
-  %273 = getelementptr inbounds float, ptr %209, i64 %k17
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc308, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
-  store <8 x float> %278, ptr %acc308, align 4
-  %279 = load <8 x float>, ptr %acc319, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
-  store <8 x float> %280, ptr %acc319, align 4
-  %281 = getelementptr inbounds float, ptr %223, i64 %k17
-  %282 = load float, ptr %281, align 4
-  %283 = insertelement <8 x float> poison, float %282, i32 0
-  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
-  %285 = load <8 x float>, ptr %acc4010, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
-  store <8 x float> %286, ptr %acc4010, align 4
-  %287 = load <8 x float>, ptr %acc4111, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
-  store <8 x float> %288, ptr %acc4111, align 4
-  %289 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %254 = mul nsw i64 %k20, 16
+  %255 = add nsw i64 %panel.off13, %254
+  %256 = mul nsw i64 %k20, 32
+  %257 = lshr i64 %256, %pf.sh16
+  %258 = getelementptr inbounds i8, ptr %pf15, i64 %257
+  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
+  %259 = getelementptr inbounds i16, ptr %panels, i64 %255
+  %260 = load <8 x i32>, ptr %259, align 4
+  %261 = shl <8 x i32> %260, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %261 to <8 x float>
+  %262 = and <8 x i32> %260, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %262 to <8 x float>
+  %263 = getelementptr inbounds float, ptr %178, i64 %k20
+  %264 = load float, ptr %263, align 4
+  %265 = insertelement <8 x float> poison, float %264, i32 0
+  %266 = shufflevector <8 x float> %265, <8 x float> poison, <8 x i32> zeroinitializer
+  %267 = load <8 x float>, ptr %acc003, align 4
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b021, <8 x float> %267)
+  store <8 x float> %268, ptr %acc003, align 4
+  %269 = load <8 x float>, ptr %acc014, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b122, <8 x float> %269)
+  store <8 x float> %270, ptr %acc014, align 4
+  %271 = getelementptr inbounds float, ptr %192, i64 %k20
+  %272 = load float, ptr %271, align 4
+  %273 = insertelement <8 x float> poison, float %272, i32 0
+  %274 = shufflevector <8 x float> %273, <8 x float> poison, <8 x i32> zeroinitializer
+  %275 = load <8 x float>, ptr %acc105, align 4
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b021, <8 x float> %275)
+  store <8 x float> %276, ptr %acc105, align 4
+  %277 = load <8 x float>, ptr %acc116, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b122, <8 x float> %277)
+  store <8 x float> %278, ptr %acc116, align 4
+  %279 = getelementptr inbounds float, ptr %206, i64 %k20
+  %280 = load float, ptr %279, align 4
+  %281 = insertelement <8 x float> poison, float %280, i32 0
+  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
+  %283 = load <8 x float>, ptr %acc207, align 4
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b021, <8 x float> %283)
+  store <8 x float> %284, ptr %acc207, align 4
+  %285 = load <8 x float>, ptr %acc218, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b122, <8 x float> %285)
+  store <8 x float> %286, ptr %acc218, align 4
+  %287 = getelementptr inbounds float, ptr %220, i64 %k20
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <8 x float> poison, float %288, i32 0
+  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
+  %291 = load <8 x float>, ptr %acc309, align 4
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b021, <8 x float> %291)
+  store <8 x float> %292, ptr %acc309, align 4
+  %293 = load <8 x float>, ptr %acc3110, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b122, <8 x float> %293)
+  store <8 x float> %294, ptr %acc3110, align 4
+  %295 = getelementptr inbounds float, ptr %234, i64 %k20
+  %296 = load float, ptr %295, align 4
+  %297 = insertelement <8 x float> poison, float %296, i32 0
+  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
+  %299 = load <8 x float>, ptr %acc4011, align 4
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b021, <8 x float> %299)
+  store <8 x float> %300, ptr %acc4011, align 4
+  %301 = load <8 x float>, ptr %acc4112, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b122, <8 x float> %301)
+  store <8 x float> %302, ptr %acc4112, align 4
+  %303 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %290 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %290, ptr %174, align 4
-  %291 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %291, ptr %177, align 4
-  %292 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %292, ptr %188, align 4
-  %293 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %293, ptr %191, align 4
-  %294 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %294, ptr %202, align 4
-  %295 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %295, ptr %205, align 4
-  %296 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %296, ptr %216, align 4
-  %297 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %297, ptr %219, align 4
-  %298 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %298, ptr %230, align 4
-  %299 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %299, ptr %233, align 4
+k.end19:                                          ; preds = %k.head17
+  %304 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %304, ptr %185, align 4
+  %305 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %305, ptr %188, align 4
+  %306 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %306, ptr %199, align 4
+  %307 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %307, ptr %202, align 4
+  %308 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %308, ptr %213, align 4
+  %309 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %309, ptr %216, align 4
+  %310 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %310, ptr %227, align 4
+  %311 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %311, ptr %230, align 4
+  %312 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %312, ptr %241, align 4
+  %313 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %313, ptr %244, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col20 = mul nsw i64 %p, 16
-  %300 = add nsw i64 %r0, 0
-  %301 = mul nsw i64 %300, 896
-  %302 = getelementptr inbounds float, ptr %h, i64 %301
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 1280
-  %307 = getelementptr inbounds float, ptr %y, i64 %306
-  %308 = add nsw i64 %col20, 0
-  %309 = getelementptr inbounds float, ptr %307, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc0021, align 4
-  %311 = add nsw i64 %col20, 8
-  %312 = getelementptr inbounds float, ptr %307, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  store <8 x float> %313, ptr %acc0122, align 4
-  %314 = add nsw i64 %r0, 1
+  %col23 = mul nsw i64 %p, 16
+  %314 = add nsw i64 %r0, 0
   %315 = mul nsw i64 %314, 896
   %316 = getelementptr inbounds float, ptr %h, i64 %315
   %317 = getelementptr inbounds i32, ptr %rows, i64 %314
@@ -5171,15 +5295,15 @@ tile.mr4:                                         ; preds = %r0.body
   %319 = sext i32 %318 to i64
   %320 = mul nsw i64 %319, 1280
   %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col20, 0
+  %322 = add nsw i64 %col23, 0
   %323 = getelementptr inbounds float, ptr %321, i64 %322
   %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc1023, align 4
-  %325 = add nsw i64 %col20, 8
+  store <8 x float> %324, ptr %acc0024, align 4
+  %325 = add nsw i64 %col23, 8
   %326 = getelementptr inbounds float, ptr %321, i64 %325
   %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc1124, align 4
-  %328 = add nsw i64 %r0, 2
+  store <8 x float> %327, ptr %acc0125, align 4
+  %328 = add nsw i64 %r0, 1
   %329 = mul nsw i64 %328, 896
   %330 = getelementptr inbounds float, ptr %h, i64 %329
   %331 = getelementptr inbounds i32, ptr %rows, i64 %328
@@ -5187,15 +5311,15 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 1280
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col20, 0
+  %336 = add nsw i64 %col23, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
   %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc2025, align 4
-  %339 = add nsw i64 %col20, 8
+  store <8 x float> %338, ptr %acc1026, align 4
+  %339 = add nsw i64 %col23, 8
   %340 = getelementptr inbounds float, ptr %335, i64 %339
   %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc2126, align 4
-  %342 = add nsw i64 %r0, 3
+  store <8 x float> %341, ptr %acc1127, align 4
+  %342 = add nsw i64 %r0, 2
   %343 = mul nsw i64 %342, 896
   %344 = getelementptr inbounds float, ptr %h, i64 %343
   %345 = getelementptr inbounds i32, ptr %rows, i64 %342
@@ -5203,390 +5327,426 @@ tile.mr4:                                         ; preds = %r0.body
   %347 = sext i32 %346 to i64
   %348 = mul nsw i64 %347, 1280
   %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = add nsw i64 %col20, 0
+  %350 = add nsw i64 %col23, 0
   %351 = getelementptr inbounds float, ptr %349, i64 %350
   %352 = load <8 x float>, ptr %351, align 4
-  store <8 x float> %352, ptr %acc3027, align 4
-  %353 = add nsw i64 %col20, 8
+  store <8 x float> %352, ptr %acc2028, align 4
+  %353 = add nsw i64 %col23, 8
   %354 = getelementptr inbounds float, ptr %349, i64 %353
   %355 = load <8 x float>, ptr %354, align 4
-  store <8 x float> %355, ptr %acc3128, align 4
-  %panel.off29 = mul nsw i64 %p, 14336
-  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
-  %357 = add nsw i64 %p, 1
-  %358 = icmp slt i64 %357, %p1
-  %359 = getelementptr inbounds i8, ptr %356, i64 28672
-  %360 = and i1 %pf.on, %358
-  %pf30 = select i1 %360, ptr %359, ptr %356
-  br label %k.head31
+  store <8 x float> %355, ptr %acc2129, align 4
+  %356 = add nsw i64 %r0, 3
+  %357 = mul nsw i64 %356, 896
+  %358 = getelementptr inbounds float, ptr %h, i64 %357
+  %359 = getelementptr inbounds i32, ptr %rows, i64 %356
+  %360 = load i32, ptr %359, align 4
+  %361 = sext i32 %360 to i64
+  %362 = mul nsw i64 %361, 1280
+  %363 = getelementptr inbounds float, ptr %y, i64 %362
+  %364 = add nsw i64 %col23, 0
+  %365 = getelementptr inbounds float, ptr %363, i64 %364
+  %366 = load <8 x float>, ptr %365, align 4
+  store <8 x float> %366, ptr %acc3030, align 4
+  %367 = add nsw i64 %col23, 8
+  %368 = getelementptr inbounds float, ptr %363, i64 %367
+  %369 = load <8 x float>, ptr %368, align 4
+  store <8 x float> %369, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 14336
+  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  %371 = add nsw i64 %p, 1
+  %372 = icmp slt i64 %371, %p1
+  %pf.on33 = and i1 %pf.on, %372
+  %373 = mul nsw i64 %pf.j, 28672
+  %374 = lshr i64 %373, %10
+  %375 = add nsw i64 28672, %374
+  %376 = getelementptr inbounds i8, ptr %370, i64 %375
+  %pf34 = select i1 %pf.on33, ptr %376, ptr %370
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head31:                                         ; preds = %k.body32, %tile.mr4
-  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
-  %361 = icmp slt i64 %k34, 896
-  br i1 %361, label %k.body32, label %k.end33
+k.head36:                                         ; preds = %k.body37, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %419, %k.body37 ]
+  %377 = icmp slt i64 %k39, 896
+  br i1 %377, label %k.body37, label %k.end38
 
-k.body32:                                         ; preds = %k.head31
-  %362 = mul nsw i64 %k34, 16
-  %363 = add nsw i64 %panel.off29, %362
-  %364 = mul nsw i64 %k34, 32
-  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
-  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
-  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
-  %367 = load <8 x i32>, ptr %366, align 4
-  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b035 = bitcast <8 x i32> %368 to <8 x float>
-  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b136 = bitcast <8 x i32> %369 to <8 x float>
-  %370 = getelementptr inbounds float, ptr %302, i64 %k34
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc0021, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
-  store <8 x float> %375, ptr %acc0021, align 4
-  %376 = load <8 x float>, ptr %acc0122, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
-  store <8 x float> %377, ptr %acc0122, align 4
-  %378 = getelementptr inbounds float, ptr %316, i64 %k34
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc1023, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
-  store <8 x float> %383, ptr %acc1023, align 4
-  %384 = load <8 x float>, ptr %acc1124, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
-  store <8 x float> %385, ptr %acc1124, align 4
-  %386 = getelementptr inbounds float, ptr %330, i64 %k34
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc2025, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
-  store <8 x float> %391, ptr %acc2025, align 4
-  %392 = load <8 x float>, ptr %acc2126, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
-  store <8 x float> %393, ptr %acc2126, align 4
-  %394 = getelementptr inbounds float, ptr %344, i64 %k34
-  %395 = load float, ptr %394, align 4
-  %396 = insertelement <8 x float> poison, float %395, i32 0
-  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
-  %398 = load <8 x float>, ptr %acc3027, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
-  store <8 x float> %399, ptr %acc3027, align 4
-  %400 = load <8 x float>, ptr %acc3128, align 4
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
-  store <8 x float> %401, ptr %acc3128, align 4
-  %402 = add nsw i64 %k34, 1
-  br label %k.head31
+k.body37:                                         ; preds = %k.head36
+  %378 = mul nsw i64 %k39, 16
+  %379 = add nsw i64 %panel.off32, %378
+  %380 = mul nsw i64 %k39, 32
+  %381 = lshr i64 %380, %pf.sh35
+  %382 = getelementptr inbounds i8, ptr %pf34, i64 %381
+  call void @llvm.prefetch.p0(ptr %382, i32 0, i32 2, i32 1)
+  %383 = getelementptr inbounds i16, ptr %panels, i64 %379
+  %384 = load <8 x i32>, ptr %383, align 4
+  %385 = shl <8 x i32> %384, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b040 = bitcast <8 x i32> %385 to <8 x float>
+  %386 = and <8 x i32> %384, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b141 = bitcast <8 x i32> %386 to <8 x float>
+  %387 = getelementptr inbounds float, ptr %316, i64 %k39
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc0024, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b040, <8 x float> %391)
+  store <8 x float> %392, ptr %acc0024, align 4
+  %393 = load <8 x float>, ptr %acc0125, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b141, <8 x float> %393)
+  store <8 x float> %394, ptr %acc0125, align 4
+  %395 = getelementptr inbounds float, ptr %330, i64 %k39
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc1026, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b040, <8 x float> %399)
+  store <8 x float> %400, ptr %acc1026, align 4
+  %401 = load <8 x float>, ptr %acc1127, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b141, <8 x float> %401)
+  store <8 x float> %402, ptr %acc1127, align 4
+  %403 = getelementptr inbounds float, ptr %344, i64 %k39
+  %404 = load float, ptr %403, align 4
+  %405 = insertelement <8 x float> poison, float %404, i32 0
+  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
+  %407 = load <8 x float>, ptr %acc2028, align 4
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b040, <8 x float> %407)
+  store <8 x float> %408, ptr %acc2028, align 4
+  %409 = load <8 x float>, ptr %acc2129, align 4
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b141, <8 x float> %409)
+  store <8 x float> %410, ptr %acc2129, align 4
+  %411 = getelementptr inbounds float, ptr %358, i64 %k39
+  %412 = load float, ptr %411, align 4
+  %413 = insertelement <8 x float> poison, float %412, i32 0
+  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
+  %415 = load <8 x float>, ptr %acc3030, align 4
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b040, <8 x float> %415)
+  store <8 x float> %416, ptr %acc3030, align 4
+  %417 = load <8 x float>, ptr %acc3131, align 4
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b141, <8 x float> %417)
+  store <8 x float> %418, ptr %acc3131, align 4
+  %419 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end33:                                          ; preds = %k.head31
-  %403 = load <8 x float>, ptr %acc0021, align 4
-  store <8 x float> %403, ptr %309, align 4
-  %404 = load <8 x float>, ptr %acc0122, align 4
-  store <8 x float> %404, ptr %312, align 4
-  %405 = load <8 x float>, ptr %acc1023, align 4
-  store <8 x float> %405, ptr %323, align 4
-  %406 = load <8 x float>, ptr %acc1124, align 4
-  store <8 x float> %406, ptr %326, align 4
-  %407 = load <8 x float>, ptr %acc2025, align 4
-  store <8 x float> %407, ptr %337, align 4
-  %408 = load <8 x float>, ptr %acc2126, align 4
-  store <8 x float> %408, ptr %340, align 4
-  %409 = load <8 x float>, ptr %acc3027, align 4
-  store <8 x float> %409, ptr %351, align 4
-  %410 = load <8 x float>, ptr %acc3128, align 4
-  store <8 x float> %410, ptr %354, align 4
+k.end38:                                          ; preds = %k.head36
+  %420 = load <8 x float>, ptr %acc0024, align 4
+  store <8 x float> %420, ptr %323, align 4
+  %421 = load <8 x float>, ptr %acc0125, align 4
+  store <8 x float> %421, ptr %326, align 4
+  %422 = load <8 x float>, ptr %acc1026, align 4
+  store <8 x float> %422, ptr %337, align 4
+  %423 = load <8 x float>, ptr %acc1127, align 4
+  store <8 x float> %423, ptr %340, align 4
+  %424 = load <8 x float>, ptr %acc2028, align 4
+  store <8 x float> %424, ptr %351, align 4
+  %425 = load <8 x float>, ptr %acc2129, align 4
+  store <8 x float> %425, ptr %354, align 4
+  %426 = load <8 x float>, ptr %acc3030, align 4
+  store <8 x float> %426, ptr %365, align 4
+  %427 = load <8 x float>, ptr %acc3131, align 4
+  store <8 x float> %427, ptr %368, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col37 = mul nsw i64 %p, 16
-  %411 = add nsw i64 %r0, 0
-  %412 = mul nsw i64 %411, 896
-  %413 = getelementptr inbounds float, ptr %h, i64 %412
-  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
-  %415 = load i32, ptr %414, align 4
-  %416 = sext i32 %415 to i64
-  %417 = mul nsw i64 %416, 1280
-  %418 = getelementptr inbounds float, ptr %y, i64 %417
-  %419 = add nsw i64 %col37, 0
-  %420 = getelementptr inbounds float, ptr %418, i64 %419
-  %421 = load <8 x float>, ptr %420, align 4
-  store <8 x float> %421, ptr %acc0038, align 4
-  %422 = add nsw i64 %col37, 8
-  %423 = getelementptr inbounds float, ptr %418, i64 %422
-  %424 = load <8 x float>, ptr %423, align 4
-  store <8 x float> %424, ptr %acc0139, align 4
-  %425 = add nsw i64 %r0, 1
-  %426 = mul nsw i64 %425, 896
-  %427 = getelementptr inbounds float, ptr %h, i64 %426
-  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %429 = load i32, ptr %428, align 4
-  %430 = sext i32 %429 to i64
-  %431 = mul nsw i64 %430, 1280
-  %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col37, 0
-  %434 = getelementptr inbounds float, ptr %432, i64 %433
-  %435 = load <8 x float>, ptr %434, align 4
-  store <8 x float> %435, ptr %acc1040, align 4
-  %436 = add nsw i64 %col37, 8
-  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %col42 = mul nsw i64 %p, 16
+  %428 = add nsw i64 %r0, 0
+  %429 = mul nsw i64 %428, 896
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 1280
+  %435 = getelementptr inbounds float, ptr %y, i64 %434
+  %436 = add nsw i64 %col42, 0
+  %437 = getelementptr inbounds float, ptr %435, i64 %436
   %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc1141, align 4
-  %439 = add nsw i64 %r0, 2
-  %440 = mul nsw i64 %439, 896
-  %441 = getelementptr inbounds float, ptr %h, i64 %440
-  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
-  %443 = load i32, ptr %442, align 4
-  %444 = sext i32 %443 to i64
-  %445 = mul nsw i64 %444, 1280
-  %446 = getelementptr inbounds float, ptr %y, i64 %445
-  %447 = add nsw i64 %col37, 0
-  %448 = getelementptr inbounds float, ptr %446, i64 %447
-  %449 = load <8 x float>, ptr %448, align 4
-  store <8 x float> %449, ptr %acc2042, align 4
-  %450 = add nsw i64 %col37, 8
-  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  store <8 x float> %438, ptr %acc0043, align 4
+  %439 = add nsw i64 %col42, 8
+  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %441 = load <8 x float>, ptr %440, align 4
+  store <8 x float> %441, ptr %acc0144, align 4
+  %442 = add nsw i64 %r0, 1
+  %443 = mul nsw i64 %442, 896
+  %444 = getelementptr inbounds float, ptr %h, i64 %443
+  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
+  %446 = load i32, ptr %445, align 4
+  %447 = sext i32 %446 to i64
+  %448 = mul nsw i64 %447, 1280
+  %449 = getelementptr inbounds float, ptr %y, i64 %448
+  %450 = add nsw i64 %col42, 0
+  %451 = getelementptr inbounds float, ptr %449, i64 %450
   %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc2143, align 4
-  %panel.off44 = mul nsw i64 %p, 14336
-  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
-  %454 = add nsw i64 %p, 1
-  %455 = icmp slt i64 %454, %p1
-  %456 = getelementptr inbounds i8, ptr %453, i64 28672
-  %457 = and i1 %pf.on, %455
-  %pf45 = select i1 %457, ptr %456, ptr %453
-  br label %k.head46
+  store <8 x float> %452, ptr %acc1045, align 4
+  %453 = add nsw i64 %col42, 8
+  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  store <8 x float> %455, ptr %acc1146, align 4
+  %456 = add nsw i64 %r0, 2
+  %457 = mul nsw i64 %456, 896
+  %458 = getelementptr inbounds float, ptr %h, i64 %457
+  %459 = getelementptr inbounds i32, ptr %rows, i64 %456
+  %460 = load i32, ptr %459, align 4
+  %461 = sext i32 %460 to i64
+  %462 = mul nsw i64 %461, 1280
+  %463 = getelementptr inbounds float, ptr %y, i64 %462
+  %464 = add nsw i64 %col42, 0
+  %465 = getelementptr inbounds float, ptr %463, i64 %464
+  %466 = load <8 x float>, ptr %465, align 4
+  store <8 x float> %466, ptr %acc2047, align 4
+  %467 = add nsw i64 %col42, 8
+  %468 = getelementptr inbounds float, ptr %463, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  store <8 x float> %469, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 14336
+  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  %471 = add nsw i64 %p, 1
+  %472 = icmp slt i64 %471, %p1
+  %pf.on50 = and i1 %pf.on, %472
+  %473 = mul nsw i64 %pf.j, 28672
+  %474 = lshr i64 %473, %10
+  %475 = add nsw i64 28672, %474
+  %476 = getelementptr inbounds i8, ptr %470, i64 %475
+  %pf51 = select i1 %pf.on50, ptr %476, ptr %470
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head46:                                         ; preds = %k.body47, %tile.mr3
-  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
-  %458 = icmp slt i64 %k49, 896
-  br i1 %458, label %k.body47, label %k.end48
+k.head53:                                         ; preds = %k.body54, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %511, %k.body54 ]
+  %477 = icmp slt i64 %k56, 896
+  br i1 %477, label %k.body54, label %k.end55
 
-k.body47:                                         ; preds = %k.head46
-  %459 = mul nsw i64 %k49, 16
-  %460 = add nsw i64 %panel.off44, %459
-  %461 = mul nsw i64 %k49, 32
-  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
-  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
-  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
-  %464 = load <8 x i32>, ptr %463, align 4
-  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %465 to <8 x float>
-  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %466 to <8 x float>
-  %467 = getelementptr inbounds float, ptr %413, i64 %k49
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc0038, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
-  store <8 x float> %472, ptr %acc0038, align 4
-  %473 = load <8 x float>, ptr %acc0139, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
-  store <8 x float> %474, ptr %acc0139, align 4
-  %475 = getelementptr inbounds float, ptr %427, i64 %k49
-  %476 = load float, ptr %475, align 4
-  %477 = insertelement <8 x float> poison, float %476, i32 0
-  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
-  %479 = load <8 x float>, ptr %acc1040, align 4
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
-  store <8 x float> %480, ptr %acc1040, align 4
-  %481 = load <8 x float>, ptr %acc1141, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
-  store <8 x float> %482, ptr %acc1141, align 4
-  %483 = getelementptr inbounds float, ptr %441, i64 %k49
-  %484 = load float, ptr %483, align 4
-  %485 = insertelement <8 x float> poison, float %484, i32 0
-  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
-  %487 = load <8 x float>, ptr %acc2042, align 4
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
-  store <8 x float> %488, ptr %acc2042, align 4
-  %489 = load <8 x float>, ptr %acc2143, align 4
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
-  store <8 x float> %490, ptr %acc2143, align 4
-  %491 = add nsw i64 %k49, 1
-  br label %k.head46
+k.body54:                                         ; preds = %k.head53
+  %478 = mul nsw i64 %k56, 16
+  %479 = add nsw i64 %panel.off49, %478
+  %480 = mul nsw i64 %k56, 32
+  %481 = lshr i64 %480, %pf.sh52
+  %482 = getelementptr inbounds i8, ptr %pf51, i64 %481
+  call void @llvm.prefetch.p0(ptr %482, i32 0, i32 2, i32 1)
+  %483 = getelementptr inbounds i16, ptr %panels, i64 %479
+  %484 = load <8 x i32>, ptr %483, align 4
+  %485 = shl <8 x i32> %484, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %485 to <8 x float>
+  %486 = and <8 x i32> %484, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %486 to <8 x float>
+  %487 = getelementptr inbounds float, ptr %430, i64 %k56
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc0043, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b057, <8 x float> %491)
+  store <8 x float> %492, ptr %acc0043, align 4
+  %493 = load <8 x float>, ptr %acc0144, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b158, <8 x float> %493)
+  store <8 x float> %494, ptr %acc0144, align 4
+  %495 = getelementptr inbounds float, ptr %444, i64 %k56
+  %496 = load float, ptr %495, align 4
+  %497 = insertelement <8 x float> poison, float %496, i32 0
+  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
+  %499 = load <8 x float>, ptr %acc1045, align 4
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b057, <8 x float> %499)
+  store <8 x float> %500, ptr %acc1045, align 4
+  %501 = load <8 x float>, ptr %acc1146, align 4
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b158, <8 x float> %501)
+  store <8 x float> %502, ptr %acc1146, align 4
+  %503 = getelementptr inbounds float, ptr %458, i64 %k56
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc2047, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b057, <8 x float> %507)
+  store <8 x float> %508, ptr %acc2047, align 4
+  %509 = load <8 x float>, ptr %acc2148, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b158, <8 x float> %509)
+  store <8 x float> %510, ptr %acc2148, align 4
+  %511 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end48:                                          ; preds = %k.head46
-  %492 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %492, ptr %420, align 4
-  %493 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %493, ptr %423, align 4
-  %494 = load <8 x float>, ptr %acc1040, align 4
-  store <8 x float> %494, ptr %434, align 4
-  %495 = load <8 x float>, ptr %acc1141, align 4
-  store <8 x float> %495, ptr %437, align 4
-  %496 = load <8 x float>, ptr %acc2042, align 4
-  store <8 x float> %496, ptr %448, align 4
-  %497 = load <8 x float>, ptr %acc2143, align 4
-  store <8 x float> %497, ptr %451, align 4
+k.end55:                                          ; preds = %k.head53
+  %512 = load <8 x float>, ptr %acc0043, align 4
+  store <8 x float> %512, ptr %437, align 4
+  %513 = load <8 x float>, ptr %acc0144, align 4
+  store <8 x float> %513, ptr %440, align 4
+  %514 = load <8 x float>, ptr %acc1045, align 4
+  store <8 x float> %514, ptr %451, align 4
+  %515 = load <8 x float>, ptr %acc1146, align 4
+  store <8 x float> %515, ptr %454, align 4
+  %516 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %516, ptr %465, align 4
+  %517 = load <8 x float>, ptr %acc2148, align 4
+  store <8 x float> %517, ptr %468, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col52 = mul nsw i64 %p, 16
-  %498 = add nsw i64 %r0, 0
-  %499 = mul nsw i64 %498, 896
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 1280
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col52, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
-  %508 = load <8 x float>, ptr %507, align 4
-  store <8 x float> %508, ptr %acc0053, align 4
-  %509 = add nsw i64 %col52, 8
-  %510 = getelementptr inbounds float, ptr %505, i64 %509
-  %511 = load <8 x float>, ptr %510, align 4
-  store <8 x float> %511, ptr %acc0154, align 4
-  %512 = add nsw i64 %r0, 1
-  %513 = mul nsw i64 %512, 896
-  %514 = getelementptr inbounds float, ptr %h, i64 %513
-  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
-  %516 = load i32, ptr %515, align 4
-  %517 = sext i32 %516 to i64
-  %518 = mul nsw i64 %517, 1280
-  %519 = getelementptr inbounds float, ptr %y, i64 %518
-  %520 = add nsw i64 %col52, 0
-  %521 = getelementptr inbounds float, ptr %519, i64 %520
-  %522 = load <8 x float>, ptr %521, align 4
-  store <8 x float> %522, ptr %acc1055, align 4
-  %523 = add nsw i64 %col52, 8
-  %524 = getelementptr inbounds float, ptr %519, i64 %523
-  %525 = load <8 x float>, ptr %524, align 4
-  store <8 x float> %525, ptr %acc1156, align 4
-  %panel.off57 = mul nsw i64 %p, 14336
-  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
-  %527 = add nsw i64 %p, 1
-  %528 = icmp slt i64 %527, %p1
-  %529 = getelementptr inbounds i8, ptr %526, i64 28672
-  %530 = and i1 %pf.on, %528
-  %pf58 = select i1 %530, ptr %529, ptr %526
-  br label %k.head59
+  %col59 = mul nsw i64 %p, 16
+  %518 = add nsw i64 %r0, 0
+  %519 = mul nsw i64 %518, 896
+  %520 = getelementptr inbounds float, ptr %h, i64 %519
+  %521 = getelementptr inbounds i32, ptr %rows, i64 %518
+  %522 = load i32, ptr %521, align 4
+  %523 = sext i32 %522 to i64
+  %524 = mul nsw i64 %523, 1280
+  %525 = getelementptr inbounds float, ptr %y, i64 %524
+  %526 = add nsw i64 %col59, 0
+  %527 = getelementptr inbounds float, ptr %525, i64 %526
+  %528 = load <8 x float>, ptr %527, align 4
+  store <8 x float> %528, ptr %acc0060, align 4
+  %529 = add nsw i64 %col59, 8
+  %530 = getelementptr inbounds float, ptr %525, i64 %529
+  %531 = load <8 x float>, ptr %530, align 4
+  store <8 x float> %531, ptr %acc0161, align 4
+  %532 = add nsw i64 %r0, 1
+  %533 = mul nsw i64 %532, 896
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %532
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 1280
+  %539 = getelementptr inbounds float, ptr %y, i64 %538
+  %540 = add nsw i64 %col59, 0
+  %541 = getelementptr inbounds float, ptr %539, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  store <8 x float> %542, ptr %acc1062, align 4
+  %543 = add nsw i64 %col59, 8
+  %544 = getelementptr inbounds float, ptr %539, i64 %543
+  %545 = load <8 x float>, ptr %544, align 4
+  store <8 x float> %545, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 14336
+  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %547 = add nsw i64 %p, 1
+  %548 = icmp slt i64 %547, %p1
+  %pf.on65 = and i1 %pf.on, %548
+  %549 = mul nsw i64 %pf.j, 28672
+  %550 = lshr i64 %549, %10
+  %551 = add nsw i64 28672, %550
+  %552 = getelementptr inbounds i8, ptr %546, i64 %551
+  %pf66 = select i1 %pf.on65, ptr %552, ptr %546
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head59:                                         ; preds = %k.body60, %tile.mr2
-  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
-  %531 = icmp slt i64 %k62, 896
-  br i1 %531, label %k.body60, label %k.end61
+k.head68:                                         ; preds = %k.body69, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %579, %k.body69 ]
+  %553 = icmp slt i64 %k71, 896
+  br i1 %553, label %k.body69, label %k.end70
 
-k.body60:                                         ; preds = %k.head59
-  %532 = mul nsw i64 %k62, 16
-  %533 = add nsw i64 %panel.off57, %532
-  %534 = mul nsw i64 %k62, 32
-  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
-  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
-  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
-  %537 = load <8 x i32>, ptr %536, align 4
-  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %538 to <8 x float>
-  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %539 to <8 x float>
-  %540 = getelementptr inbounds float, ptr %500, i64 %k62
-  %541 = load float, ptr %540, align 4
-  %542 = insertelement <8 x float> poison, float %541, i32 0
-  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
-  %544 = load <8 x float>, ptr %acc0053, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
-  store <8 x float> %545, ptr %acc0053, align 4
-  %546 = load <8 x float>, ptr %acc0154, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
-  store <8 x float> %547, ptr %acc0154, align 4
-  %548 = getelementptr inbounds float, ptr %514, i64 %k62
-  %549 = load float, ptr %548, align 4
-  %550 = insertelement <8 x float> poison, float %549, i32 0
-  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
-  %552 = load <8 x float>, ptr %acc1055, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
-  store <8 x float> %553, ptr %acc1055, align 4
-  %554 = load <8 x float>, ptr %acc1156, align 4
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
-  store <8 x float> %555, ptr %acc1156, align 4
-  %556 = add nsw i64 %k62, 1
-  br label %k.head59
+k.body69:                                         ; preds = %k.head68
+  %554 = mul nsw i64 %k71, 16
+  %555 = add nsw i64 %panel.off64, %554
+  %556 = mul nsw i64 %k71, 32
+  %557 = lshr i64 %556, %pf.sh67
+  %558 = getelementptr inbounds i8, ptr %pf66, i64 %557
+  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
+  %559 = getelementptr inbounds i16, ptr %panels, i64 %555
+  %560 = load <8 x i32>, ptr %559, align 4
+  %561 = shl <8 x i32> %560, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %561 to <8 x float>
+  %562 = and <8 x i32> %560, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = getelementptr inbounds float, ptr %520, i64 %k71
+  %564 = load float, ptr %563, align 4
+  %565 = insertelement <8 x float> poison, float %564, i32 0
+  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
+  %567 = load <8 x float>, ptr %acc0060, align 4
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b072, <8 x float> %567)
+  store <8 x float> %568, ptr %acc0060, align 4
+  %569 = load <8 x float>, ptr %acc0161, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b173, <8 x float> %569)
+  store <8 x float> %570, ptr %acc0161, align 4
+  %571 = getelementptr inbounds float, ptr %534, i64 %k71
+  %572 = load float, ptr %571, align 4
+  %573 = insertelement <8 x float> poison, float %572, i32 0
+  %574 = shufflevector <8 x float> %573, <8 x float> poison, <8 x i32> zeroinitializer
+  %575 = load <8 x float>, ptr %acc1062, align 4
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b072, <8 x float> %575)
+  store <8 x float> %576, ptr %acc1062, align 4
+  %577 = load <8 x float>, ptr %acc1163, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b173, <8 x float> %577)
+  store <8 x float> %578, ptr %acc1163, align 4
+  %579 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end61:                                          ; preds = %k.head59
-  %557 = load <8 x float>, ptr %acc0053, align 4
-  store <8 x float> %557, ptr %507, align 4
-  %558 = load <8 x float>, ptr %acc0154, align 4
-  store <8 x float> %558, ptr %510, align 4
-  %559 = load <8 x float>, ptr %acc1055, align 4
-  store <8 x float> %559, ptr %521, align 4
-  %560 = load <8 x float>, ptr %acc1156, align 4
-  store <8 x float> %560, ptr %524, align 4
+k.end70:                                          ; preds = %k.head68
+  %580 = load <8 x float>, ptr %acc0060, align 4
+  store <8 x float> %580, ptr %527, align 4
+  %581 = load <8 x float>, ptr %acc0161, align 4
+  store <8 x float> %581, ptr %530, align 4
+  %582 = load <8 x float>, ptr %acc1062, align 4
+  store <8 x float> %582, ptr %541, align 4
+  %583 = load <8 x float>, ptr %acc1163, align 4
+  store <8 x float> %583, ptr %544, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col65 = mul nsw i64 %p, 16
-  %561 = add nsw i64 %r0, 0
-  %562 = mul nsw i64 %561, 896
-  %563 = getelementptr inbounds float, ptr %h, i64 %562
-  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
-  %565 = load i32, ptr %564, align 4
-  %566 = sext i32 %565 to i64
-  %567 = mul nsw i64 %566, 1280
-  %568 = getelementptr inbounds float, ptr %y, i64 %567
-  %569 = add nsw i64 %col65, 0
-  %570 = getelementptr inbounds float, ptr %568, i64 %569
-  %571 = load <8 x float>, ptr %570, align 4
-  store <8 x float> %571, ptr %acc0066, align 4
-  %572 = add nsw i64 %col65, 8
-  %573 = getelementptr inbounds float, ptr %568, i64 %572
-  %574 = load <8 x float>, ptr %573, align 4
-  store <8 x float> %574, ptr %acc0167, align 4
-  %panel.off68 = mul nsw i64 %p, 14336
-  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
-  %576 = add nsw i64 %p, 1
-  %577 = icmp slt i64 %576, %p1
-  %578 = getelementptr inbounds i8, ptr %575, i64 28672
-  %579 = and i1 %pf.on, %577
-  %pf69 = select i1 %579, ptr %578, ptr %575
-  br label %k.head70
+  %col74 = mul nsw i64 %p, 16
+  %584 = add nsw i64 %r0, 0
+  %585 = mul nsw i64 %584, 896
+  %586 = getelementptr inbounds float, ptr %h, i64 %585
+  %587 = getelementptr inbounds i32, ptr %rows, i64 %584
+  %588 = load i32, ptr %587, align 4
+  %589 = sext i32 %588 to i64
+  %590 = mul nsw i64 %589, 1280
+  %591 = getelementptr inbounds float, ptr %y, i64 %590
+  %592 = add nsw i64 %col74, 0
+  %593 = getelementptr inbounds float, ptr %591, i64 %592
+  %594 = load <8 x float>, ptr %593, align 4
+  store <8 x float> %594, ptr %acc0075, align 4
+  %595 = add nsw i64 %col74, 8
+  %596 = getelementptr inbounds float, ptr %591, i64 %595
+  %597 = load <8 x float>, ptr %596, align 4
+  store <8 x float> %597, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 14336
+  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %599 = add nsw i64 %p, 1
+  %600 = icmp slt i64 %599, %p1
+  %pf.on78 = and i1 %pf.on, %600
+  %601 = mul nsw i64 %pf.j, 28672
+  %602 = lshr i64 %601, %10
+  %603 = add nsw i64 28672, %602
+  %604 = getelementptr inbounds i8, ptr %598, i64 %603
+  %pf79 = select i1 %pf.on78, ptr %604, ptr %598
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head70:                                         ; preds = %k.body71, %tile.mr1
-  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
-  %580 = icmp slt i64 %k73, 896
-  br i1 %580, label %k.body71, label %k.end72
+k.head81:                                         ; preds = %k.body82, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %623, %k.body82 ]
+  %605 = icmp slt i64 %k84, 896
+  br i1 %605, label %k.body82, label %k.end83
 
-k.body71:                                         ; preds = %k.head70
-  %581 = mul nsw i64 %k73, 16
-  %582 = add nsw i64 %panel.off68, %581
-  %583 = mul nsw i64 %k73, 32
-  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
-  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
-  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
-  %586 = load <8 x i32>, ptr %585, align 4
-  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %587 to <8 x float>
-  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %588 to <8 x float>
-  %589 = getelementptr inbounds float, ptr %563, i64 %k73
-  %590 = load float, ptr %589, align 4
-  %591 = insertelement <8 x float> poison, float %590, i32 0
-  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
-  %593 = load <8 x float>, ptr %acc0066, align 4
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
-  store <8 x float> %594, ptr %acc0066, align 4
-  %595 = load <8 x float>, ptr %acc0167, align 4
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
-  store <8 x float> %596, ptr %acc0167, align 4
-  %597 = add nsw i64 %k73, 1
-  br label %k.head70
+k.body82:                                         ; preds = %k.head81
+  %606 = mul nsw i64 %k84, 16
+  %607 = add nsw i64 %panel.off77, %606
+  %608 = mul nsw i64 %k84, 32
+  %609 = lshr i64 %608, %pf.sh80
+  %610 = getelementptr inbounds i8, ptr %pf79, i64 %609
+  call void @llvm.prefetch.p0(ptr %610, i32 0, i32 2, i32 1)
+  %611 = getelementptr inbounds i16, ptr %panels, i64 %607
+  %612 = load <8 x i32>, ptr %611, align 4
+  %613 = shl <8 x i32> %612, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %613 to <8 x float>
+  %614 = and <8 x i32> %612, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %614 to <8 x float>
+  %615 = getelementptr inbounds float, ptr %586, i64 %k84
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = load <8 x float>, ptr %acc0075, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b085, <8 x float> %619)
+  store <8 x float> %620, ptr %acc0075, align 4
+  %621 = load <8 x float>, ptr %acc0176, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b186, <8 x float> %621)
+  store <8 x float> %622, ptr %acc0176, align 4
+  %623 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end72:                                          ; preds = %k.head70
-  %598 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %598, ptr %570, align 4
-  %599 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %599, ptr %573, align 4
+k.end83:                                          ; preds = %k.head81
+  %624 = load <8 x float>, ptr %acc0075, align 4
+  store <8 x float> %624, ptr %593, align 4
+  %625 = load <8 x float>, ptr %acc0176, align 4
+  store <8 x float> %625, ptr %596, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
-  %600 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+  %626 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %601 = add nsw i64 %p, 1
+  %627 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

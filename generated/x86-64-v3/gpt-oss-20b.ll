@@ -928,43 +928,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0026 = alloca <8 x float>, align 32
-  %acc0127 = alloca <8 x float>, align 32
-  %acc1028 = alloca <8 x float>, align 32
-  %acc1129 = alloca <8 x float>, align 32
-  %acc2030 = alloca <8 x float>, align 32
-  %acc2131 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc4034 = alloca <8 x float>, align 32
-  %acc4135 = alloca <8 x float>, align 32
-  %acc0069 = alloca <8 x float>, align 32
-  %acc0170 = alloca <8 x float>, align 32
-  %acc1071 = alloca <8 x float>, align 32
-  %acc1172 = alloca <8 x float>, align 32
-  %acc2073 = alloca <8 x float>, align 32
-  %acc2174 = alloca <8 x float>, align 32
-  %acc3075 = alloca <8 x float>, align 32
-  %acc3176 = alloca <8 x float>, align 32
-  %acc00105 = alloca <8 x float>, align 32
-  %acc01106 = alloca <8 x float>, align 32
-  %acc10107 = alloca <8 x float>, align 32
-  %acc11108 = alloca <8 x float>, align 32
-  %acc20109 = alloca <8 x float>, align 32
-  %acc21110 = alloca <8 x float>, align 32
-  %acc00134 = alloca <8 x float>, align 32
-  %acc01135 = alloca <8 x float>, align 32
-  %acc10136 = alloca <8 x float>, align 32
-  %acc11137 = alloca <8 x float>, align 32
-  %acc00156 = alloca <8 x float>, align 32
-  %acc01157 = alloca <8 x float>, align 32
+  %acc0027 = alloca <8 x float>, align 32
+  %acc0128 = alloca <8 x float>, align 32
+  %acc1029 = alloca <8 x float>, align 32
+  %acc1130 = alloca <8 x float>, align 32
+  %acc2031 = alloca <8 x float>, align 32
+  %acc2132 = alloca <8 x float>, align 32
+  %acc3033 = alloca <8 x float>, align 32
+  %acc3134 = alloca <8 x float>, align 32
+  %acc4035 = alloca <8 x float>, align 32
+  %acc4136 = alloca <8 x float>, align 32
+  %acc0072 = alloca <8 x float>, align 32
+  %acc0173 = alloca <8 x float>, align 32
+  %acc1074 = alloca <8 x float>, align 32
+  %acc1175 = alloca <8 x float>, align 32
+  %acc2076 = alloca <8 x float>, align 32
+  %acc2177 = alloca <8 x float>, align 32
+  %acc3078 = alloca <8 x float>, align 32
+  %acc3179 = alloca <8 x float>, align 32
+  %acc00110 = alloca <8 x float>, align 32
+  %acc01111 = alloca <8 x float>, align 32
+  %acc10112 = alloca <8 x float>, align 32
+  %acc11113 = alloca <8 x float>, align 32
+  %acc20114 = alloca <8 x float>, align 32
+  %acc21115 = alloca <8 x float>, align 32
+  %acc00141 = alloca <8 x float>, align 32
+  %acc01142 = alloca <8 x float>, align 32
+  %acc10143 = alloca <8 x float>, align 32
+  %acc11144 = alloca <8 x float>, align 32
+  %acc00165 = alloca <8 x float>, align 32
+  %acc01166 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1377, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1403, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -972,7 +972,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1376, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1402, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -980,9 +980,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -992,1700 +1002,1730 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 2880
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 2880
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 2880
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 2880
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 2880
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 2880
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 2880
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 2880
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 2880
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 2880
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 2880
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 2880
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
-  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 92160
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 92160
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 92160, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
-  %46 = icmp slt i64 %k, 2880
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+  %56 = icmp slt i64 %k, 2880
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 32
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
-  %52 = load <8 x i32>, ptr %51, align 4
-  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %53 to <8 x float>
-  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %54 to <8 x float>
-  %55 = getelementptr inbounds float, ptr %10, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc00, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc00, align 4
-  %61 = load <8 x float>, ptr %acc01, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc01, align 4
-  %63 = getelementptr inbounds float, ptr %16, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc10, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc10, align 4
-  %69 = load <8 x float>, ptr %acc11, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc11, align 4
-  %71 = getelementptr inbounds float, ptr %22, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc20, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc20, align 4
-  %77 = load <8 x float>, ptr %acc21, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc21, align 4
-  %79 = getelementptr inbounds float, ptr %28, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc30, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc30, align 4
-  %85 = load <8 x float>, ptr %acc31, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc31, align 4
-  %87 = getelementptr inbounds float, ptr %34, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc40, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
-  store <8 x float> %92, ptr %acc40, align 4
-  %93 = load <8 x float>, ptr %acc41, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
-  store <8 x float> %94, ptr %acc41, align 4
-  %95 = getelementptr inbounds float, ptr %40, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc50, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc50, align 4
-  %101 = load <8 x float>, ptr %acc51, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc51, align 4
-  %103 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 32
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
+  %63 = load <8 x i32>, ptr %62, align 4
+  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %64 to <8 x float>
+  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = getelementptr inbounds float, ptr %18, i64 %k
+  %67 = load float, ptr %66, align 4
+  %68 = insertelement <8 x float> poison, float %67, i32 0
+  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
+  %70 = load <8 x float>, ptr %acc00, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
+  store <8 x float> %71, ptr %acc00, align 4
+  %72 = load <8 x float>, ptr %acc01, align 4
+  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
+  store <8 x float> %73, ptr %acc01, align 4
+  %74 = getelementptr inbounds float, ptr %24, i64 %k
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <8 x float> poison, float %75, i32 0
+  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
+  %78 = load <8 x float>, ptr %acc10, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
+  store <8 x float> %79, ptr %acc10, align 4
+  %80 = load <8 x float>, ptr %acc11, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
+  store <8 x float> %81, ptr %acc11, align 4
+  %82 = getelementptr inbounds float, ptr %30, i64 %k
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <8 x float> poison, float %83, i32 0
+  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
+  %86 = load <8 x float>, ptr %acc20, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
+  store <8 x float> %87, ptr %acc20, align 4
+  %88 = load <8 x float>, ptr %acc21, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
+  store <8 x float> %89, ptr %acc21, align 4
+  %90 = getelementptr inbounds float, ptr %36, i64 %k
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <8 x float> poison, float %91, i32 0
+  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
+  %94 = load <8 x float>, ptr %acc30, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
+  store <8 x float> %95, ptr %acc30, align 4
+  %96 = load <8 x float>, ptr %acc31, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
+  store <8 x float> %97, ptr %acc31, align 4
+  %98 = getelementptr inbounds float, ptr %42, i64 %k
+  %99 = load float, ptr %98, align 4
+  %100 = insertelement <8 x float> poison, float %99, i32 0
+  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
+  %102 = load <8 x float>, ptr %acc40, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
+  store <8 x float> %103, ptr %acc40, align 4
+  %104 = load <8 x float>, ptr %acc41, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
+  store <8 x float> %105, ptr %acc41, align 4
+  %106 = getelementptr inbounds float, ptr %48, i64 %k
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc50, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc50, align 4
+  %112 = load <8 x float>, ptr %acc51, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc51, align 4
+  %114 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %104 = add nsw i64 %r0, 0
-  %105 = getelementptr inbounds float, ptr %rw, i64 %104
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = mul nsw i64 %104, 2880
-  %110 = getelementptr inbounds float, ptr %h, i64 %109
+  %115 = add nsw i64 %r0, 0
+  %116 = getelementptr inbounds float, ptr %rw, i64 %115
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = mul nsw i64 %115, 2880
+  %121 = getelementptr inbounds float, ptr %h, i64 %120
   %col = mul nsw i64 %p, 8
-  %111 = load <8 x float>, ptr %acc00, align 4
-  %112 = load <8 x float>, ptr %acc01, align 4
-  %113 = getelementptr inbounds float, ptr %bg, i64 %col
-  %114 = load <8 x float>, ptr %113, align 4
-  %115 = fadd <8 x float> %111, %114
-  %116 = getelementptr inbounds float, ptr %bu, i64 %col
-  %117 = load <8 x float>, ptr %116, align 4
-  %118 = fadd <8 x float> %112, %117
-  %119 = fcmp olt <8 x float> %115, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %120 = select <8 x i1> %119, <8 x float> %115, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %121 = fcmp olt <8 x float> %118, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %122 = select <8 x i1> %121, <8 x float> %118, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %123 = fcmp ogt <8 x float> %122, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %124 = select <8 x i1> %123, <8 x float> %122, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %125 = fmul <8 x float> %120, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %126 = fneg <8 x float> %125
-  %127 = fcmp olt <8 x float> %126, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %129 = fcmp ogt <8 x float> %128, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %132 = call <8 x float> @llvm.floor.v8f32(<8 x float> %131)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %130)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %133)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %134, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %134, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %134, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %134, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %134, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %140 = fmul <8 x float> %134, %134
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %140, <8 x float> %134)
-  %142 = fadd <8 x float> %141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %143 = fptosi <8 x float> %132 to <8 x i32>
-  %144 = add <8 x i32> %143, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %145 = shl <8 x i32> %144, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %145 to <8 x float>
-  %exp = fmul <8 x float> %142, %exp.2n
-  %146 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %146
-  %147 = fmul <8 x float> %120, %sigmoid
-  %148 = fadd <8 x float> %124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai = fmul <8 x float> %147, %148
-  %149 = fmul <8 x float> %oai, %108
-  %150 = getelementptr inbounds float, ptr %110, i64 %col
-  store <8 x float> %149, ptr %150, align 4
-  %151 = add nsw i64 %r0, 1
-  %152 = getelementptr inbounds float, ptr %rw, i64 %151
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <8 x float> poison, float %153, i32 0
-  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
-  %156 = mul nsw i64 %151, 2880
-  %157 = getelementptr inbounds float, ptr %h, i64 %156
-  %col1 = mul nsw i64 %p, 8
-  %158 = load <8 x float>, ptr %acc10, align 4
-  %159 = load <8 x float>, ptr %acc11, align 4
-  %160 = getelementptr inbounds float, ptr %bg, i64 %col1
-  %161 = load <8 x float>, ptr %160, align 4
-  %162 = fadd <8 x float> %158, %161
-  %163 = getelementptr inbounds float, ptr %bu, i64 %col1
-  %164 = load <8 x float>, ptr %163, align 4
-  %165 = fadd <8 x float> %159, %164
-  %166 = fcmp olt <8 x float> %162, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %167 = select <8 x i1> %166, <8 x float> %162, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %168 = fcmp olt <8 x float> %165, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %169 = select <8 x i1> %168, <8 x float> %165, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %170 = fcmp ogt <8 x float> %169, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %171 = select <8 x i1> %170, <8 x float> %169, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %172 = fmul <8 x float> %167, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %173 = fneg <8 x float> %172
-  %174 = fcmp olt <8 x float> %173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %175 = select <8 x i1> %174, <8 x float> %173, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %176 = fcmp ogt <8 x float> %175, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %177 = select <8 x i1> %176, <8 x float> %175, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %179 = call <8 x float> @llvm.floor.v8f32(<8 x float> %178)
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %177)
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %180)
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %181, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %181, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %181, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %181, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %181, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %187 = fmul <8 x float> %181, %181
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %187, <8 x float> %181)
-  %189 = fadd <8 x float> %188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %190 = fptosi <8 x float> %179 to <8 x i32>
-  %191 = add <8 x i32> %190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %192 = shl <8 x i32> %191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %192 to <8 x float>
-  %exp3 = fmul <8 x float> %189, %exp.2n2
-  %193 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %193
-  %194 = fmul <8 x float> %167, %sigmoid4
-  %195 = fadd <8 x float> %171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai5 = fmul <8 x float> %194, %195
-  %196 = fmul <8 x float> %oai5, %155
-  %197 = getelementptr inbounds float, ptr %157, i64 %col1
-  store <8 x float> %196, ptr %197, align 4
-  %198 = add nsw i64 %r0, 2
-  %199 = getelementptr inbounds float, ptr %rw, i64 %198
-  %200 = load float, ptr %199, align 4
-  %201 = insertelement <8 x float> poison, float %200, i32 0
-  %202 = shufflevector <8 x float> %201, <8 x float> poison, <8 x i32> zeroinitializer
-  %203 = mul nsw i64 %198, 2880
-  %204 = getelementptr inbounds float, ptr %h, i64 %203
-  %col6 = mul nsw i64 %p, 8
-  %205 = load <8 x float>, ptr %acc20, align 4
-  %206 = load <8 x float>, ptr %acc21, align 4
-  %207 = getelementptr inbounds float, ptr %bg, i64 %col6
-  %208 = load <8 x float>, ptr %207, align 4
-  %209 = fadd <8 x float> %205, %208
-  %210 = getelementptr inbounds float, ptr %bu, i64 %col6
-  %211 = load <8 x float>, ptr %210, align 4
-  %212 = fadd <8 x float> %206, %211
-  %213 = fcmp olt <8 x float> %209, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %214 = select <8 x i1> %213, <8 x float> %209, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %215 = fcmp olt <8 x float> %212, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %216 = select <8 x i1> %215, <8 x float> %212, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %217 = fcmp ogt <8 x float> %216, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %218 = select <8 x i1> %217, <8 x float> %216, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %219 = fmul <8 x float> %214, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %220 = fneg <8 x float> %219
-  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %234 = fmul <8 x float> %228, %228
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
-  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %237 = fptosi <8 x float> %226 to <8 x i32>
-  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n7 = bitcast <8 x i32> %239 to <8 x float>
-  %exp8 = fmul <8 x float> %236, %exp.2n7
-  %240 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
-  %241 = fmul <8 x float> %214, %sigmoid9
-  %242 = fadd <8 x float> %218, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai10 = fmul <8 x float> %241, %242
-  %243 = fmul <8 x float> %oai10, %202
-  %244 = getelementptr inbounds float, ptr %204, i64 %col6
-  store <8 x float> %243, ptr %244, align 4
-  %245 = add nsw i64 %r0, 3
-  %246 = getelementptr inbounds float, ptr %rw, i64 %245
-  %247 = load float, ptr %246, align 4
-  %248 = insertelement <8 x float> poison, float %247, i32 0
-  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
-  %250 = mul nsw i64 %245, 2880
-  %251 = getelementptr inbounds float, ptr %h, i64 %250
-  %col11 = mul nsw i64 %p, 8
-  %252 = load <8 x float>, ptr %acc30, align 4
-  %253 = load <8 x float>, ptr %acc31, align 4
-  %254 = getelementptr inbounds float, ptr %bg, i64 %col11
-  %255 = load <8 x float>, ptr %254, align 4
-  %256 = fadd <8 x float> %252, %255
-  %257 = getelementptr inbounds float, ptr %bu, i64 %col11
-  %258 = load <8 x float>, ptr %257, align 4
-  %259 = fadd <8 x float> %253, %258
-  %260 = fcmp olt <8 x float> %256, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %261 = select <8 x i1> %260, <8 x float> %256, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %262 = fcmp olt <8 x float> %259, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %263 = select <8 x i1> %262, <8 x float> %259, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %264 = fcmp ogt <8 x float> %263, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %265 = select <8 x i1> %264, <8 x float> %263, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %266 = fmul <8 x float> %261, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %267 = fneg <8 x float> %266
-  %268 = fcmp olt <8 x float> %267, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %269 = select <8 x i1> %268, <8 x float> %267, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %270 = fcmp ogt <8 x float> %269, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %271 = select <8 x i1> %270, <8 x float> %269, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %273 = call <8 x float> @llvm.floor.v8f32(<8 x float> %272)
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %271)
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %274)
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %275, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %275, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %275, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %275, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %275, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %281 = fmul <8 x float> %275, %275
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %281, <8 x float> %275)
-  %283 = fadd <8 x float> %282, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %284 = fptosi <8 x float> %273 to <8 x i32>
-  %285 = add <8 x i32> %284, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %286 = shl <8 x i32> %285, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n12 = bitcast <8 x i32> %286 to <8 x float>
-  %exp13 = fmul <8 x float> %283, %exp.2n12
-  %287 = fadd <8 x float> %exp13, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid14 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %287
-  %288 = fmul <8 x float> %261, %sigmoid14
-  %289 = fadd <8 x float> %265, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai15 = fmul <8 x float> %288, %289
-  %290 = fmul <8 x float> %oai15, %249
-  %291 = getelementptr inbounds float, ptr %251, i64 %col11
-  store <8 x float> %290, ptr %291, align 4
-  %292 = add nsw i64 %r0, 4
-  %293 = getelementptr inbounds float, ptr %rw, i64 %292
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = mul nsw i64 %292, 2880
-  %298 = getelementptr inbounds float, ptr %h, i64 %297
-  %col16 = mul nsw i64 %p, 8
-  %299 = load <8 x float>, ptr %acc40, align 4
-  %300 = load <8 x float>, ptr %acc41, align 4
-  %301 = getelementptr inbounds float, ptr %bg, i64 %col16
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = fadd <8 x float> %299, %302
-  %304 = getelementptr inbounds float, ptr %bu, i64 %col16
-  %305 = load <8 x float>, ptr %304, align 4
-  %306 = fadd <8 x float> %300, %305
-  %307 = fcmp olt <8 x float> %303, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %308 = select <8 x i1> %307, <8 x float> %303, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %309 = fcmp olt <8 x float> %306, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %310 = select <8 x i1> %309, <8 x float> %306, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %311 = fcmp ogt <8 x float> %310, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %312 = select <8 x i1> %311, <8 x float> %310, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %313 = fmul <8 x float> %308, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %314 = fneg <8 x float> %313
-  %315 = fcmp olt <8 x float> %314, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %316 = select <8 x i1> %315, <8 x float> %314, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %317 = fcmp ogt <8 x float> %316, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %318 = select <8 x i1> %317, <8 x float> %316, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %320 = call <8 x float> @llvm.floor.v8f32(<8 x float> %319)
-  %321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %318)
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %321)
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %322, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %322, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %322, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %322, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %327 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %322, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %328 = fmul <8 x float> %322, %322
-  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %328, <8 x float> %322)
-  %330 = fadd <8 x float> %329, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %331 = fptosi <8 x float> %320 to <8 x i32>
-  %332 = add <8 x i32> %331, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %333 = shl <8 x i32> %332, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n17 = bitcast <8 x i32> %333 to <8 x float>
-  %exp18 = fmul <8 x float> %330, %exp.2n17
-  %334 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %334
-  %335 = fmul <8 x float> %308, %sigmoid19
-  %336 = fadd <8 x float> %312, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai20 = fmul <8 x float> %335, %336
-  %337 = fmul <8 x float> %oai20, %296
-  %338 = getelementptr inbounds float, ptr %298, i64 %col16
-  store <8 x float> %337, ptr %338, align 4
-  %339 = add nsw i64 %r0, 5
-  %340 = getelementptr inbounds float, ptr %rw, i64 %339
-  %341 = load float, ptr %340, align 4
-  %342 = insertelement <8 x float> poison, float %341, i32 0
-  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = mul nsw i64 %339, 2880
-  %345 = getelementptr inbounds float, ptr %h, i64 %344
-  %col21 = mul nsw i64 %p, 8
-  %346 = load <8 x float>, ptr %acc50, align 4
-  %347 = load <8 x float>, ptr %acc51, align 4
-  %348 = getelementptr inbounds float, ptr %bg, i64 %col21
-  %349 = load <8 x float>, ptr %348, align 4
-  %350 = fadd <8 x float> %346, %349
-  %351 = getelementptr inbounds float, ptr %bu, i64 %col21
-  %352 = load <8 x float>, ptr %351, align 4
-  %353 = fadd <8 x float> %347, %352
-  %354 = fcmp olt <8 x float> %350, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %355 = select <8 x i1> %354, <8 x float> %350, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %356 = fcmp olt <8 x float> %353, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %357 = select <8 x i1> %356, <8 x float> %353, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %358 = fcmp ogt <8 x float> %357, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %359 = select <8 x i1> %358, <8 x float> %357, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %360 = fmul <8 x float> %355, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %361 = fneg <8 x float> %360
-  %362 = fcmp olt <8 x float> %361, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %363 = select <8 x i1> %362, <8 x float> %361, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %364 = fcmp ogt <8 x float> %363, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %365 = select <8 x i1> %364, <8 x float> %363, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %367 = call <8 x float> @llvm.floor.v8f32(<8 x float> %366)
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %365)
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %368)
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %369, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %369, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %369, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %369, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %369, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %375 = fmul <8 x float> %369, %369
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %375, <8 x float> %369)
-  %377 = fadd <8 x float> %376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %378 = fptosi <8 x float> %367 to <8 x i32>
-  %379 = add <8 x i32> %378, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %380 = shl <8 x i32> %379, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n22 = bitcast <8 x i32> %380 to <8 x float>
-  %exp23 = fmul <8 x float> %377, %exp.2n22
-  %381 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %381
-  %382 = fmul <8 x float> %355, %sigmoid24
-  %383 = fadd <8 x float> %359, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai25 = fmul <8 x float> %382, %383
-  %384 = fmul <8 x float> %oai25, %343
-  %385 = getelementptr inbounds float, ptr %345, i64 %col21
-  store <8 x float> %384, ptr %385, align 4
+  %122 = load <8 x float>, ptr %acc00, align 4
+  %123 = load <8 x float>, ptr %acc01, align 4
+  %124 = getelementptr inbounds float, ptr %bg, i64 %col
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = fadd <8 x float> %122, %125
+  %127 = getelementptr inbounds float, ptr %bu, i64 %col
+  %128 = load <8 x float>, ptr %127, align 4
+  %129 = fadd <8 x float> %123, %128
+  %130 = fcmp olt <8 x float> %126, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %131 = select <8 x i1> %130, <8 x float> %126, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %132 = fcmp olt <8 x float> %129, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %133 = select <8 x i1> %132, <8 x float> %129, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %134 = fcmp ogt <8 x float> %133, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %135 = select <8 x i1> %134, <8 x float> %133, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %136 = fmul <8 x float> %131, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %137 = fneg <8 x float> %136
+  %138 = fcmp olt <8 x float> %137, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %139 = select <8 x i1> %138, <8 x float> %137, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %140 = fcmp ogt <8 x float> %139, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %141 = select <8 x i1> %140, <8 x float> %139, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %143 = call <8 x float> @llvm.floor.v8f32(<8 x float> %142)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %141)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %144)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %145, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %145, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %145, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %145, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %145, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %151 = fmul <8 x float> %145, %145
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %151, <8 x float> %145)
+  %153 = fadd <8 x float> %152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %154 = fptosi <8 x float> %143 to <8 x i32>
+  %155 = add <8 x i32> %154, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %156 = shl <8 x i32> %155, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %156 to <8 x float>
+  %exp = fmul <8 x float> %153, %exp.2n
+  %157 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %157
+  %158 = fmul <8 x float> %131, %sigmoid
+  %159 = fadd <8 x float> %135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai = fmul <8 x float> %158, %159
+  %160 = fmul <8 x float> %oai, %119
+  %161 = getelementptr inbounds float, ptr %121, i64 %col
+  store <8 x float> %160, ptr %161, align 4
+  %162 = add nsw i64 %r0, 1
+  %163 = getelementptr inbounds float, ptr %rw, i64 %162
+  %164 = load float, ptr %163, align 4
+  %165 = insertelement <8 x float> poison, float %164, i32 0
+  %166 = shufflevector <8 x float> %165, <8 x float> poison, <8 x i32> zeroinitializer
+  %167 = mul nsw i64 %162, 2880
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %col2 = mul nsw i64 %p, 8
+  %169 = load <8 x float>, ptr %acc10, align 4
+  %170 = load <8 x float>, ptr %acc11, align 4
+  %171 = getelementptr inbounds float, ptr %bg, i64 %col2
+  %172 = load <8 x float>, ptr %171, align 4
+  %173 = fadd <8 x float> %169, %172
+  %174 = getelementptr inbounds float, ptr %bu, i64 %col2
+  %175 = load <8 x float>, ptr %174, align 4
+  %176 = fadd <8 x float> %170, %175
+  %177 = fcmp olt <8 x float> %173, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %178 = select <8 x i1> %177, <8 x float> %173, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %179 = fcmp olt <8 x float> %176, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %180 = select <8 x i1> %179, <8 x float> %176, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %181 = fcmp ogt <8 x float> %180, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %182 = select <8 x i1> %181, <8 x float> %180, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %183 = fmul <8 x float> %178, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %184 = fneg <8 x float> %183
+  %185 = fcmp olt <8 x float> %184, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %186 = select <8 x i1> %185, <8 x float> %184, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %187 = fcmp ogt <8 x float> %186, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %188 = select <8 x i1> %187, <8 x float> %186, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %190 = call <8 x float> @llvm.floor.v8f32(<8 x float> %189)
+  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %188)
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %191)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %192, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %192, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %192, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %192, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %192, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %198 = fmul <8 x float> %192, %192
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %198, <8 x float> %192)
+  %200 = fadd <8 x float> %199, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %201 = fptosi <8 x float> %190 to <8 x i32>
+  %202 = add <8 x i32> %201, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %203 = shl <8 x i32> %202, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %203 to <8 x float>
+  %exp4 = fmul <8 x float> %200, %exp.2n3
+  %204 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %204
+  %205 = fmul <8 x float> %178, %sigmoid5
+  %206 = fadd <8 x float> %182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai6 = fmul <8 x float> %205, %206
+  %207 = fmul <8 x float> %oai6, %166
+  %208 = getelementptr inbounds float, ptr %168, i64 %col2
+  store <8 x float> %207, ptr %208, align 4
+  %209 = add nsw i64 %r0, 2
+  %210 = getelementptr inbounds float, ptr %rw, i64 %209
+  %211 = load float, ptr %210, align 4
+  %212 = insertelement <8 x float> poison, float %211, i32 0
+  %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
+  %214 = mul nsw i64 %209, 2880
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %col7 = mul nsw i64 %p, 8
+  %216 = load <8 x float>, ptr %acc20, align 4
+  %217 = load <8 x float>, ptr %acc21, align 4
+  %218 = getelementptr inbounds float, ptr %bg, i64 %col7
+  %219 = load <8 x float>, ptr %218, align 4
+  %220 = fadd <8 x float> %216, %219
+  %221 = getelementptr inbounds float, ptr %bu, i64 %col7
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = fadd <8 x float> %217, %222
+  %224 = fcmp olt <8 x float> %220, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %225 = select <8 x i1> %224, <8 x float> %220, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %226 = fcmp olt <8 x float> %223, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %227 = select <8 x i1> %226, <8 x float> %223, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %228 = fcmp ogt <8 x float> %227, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %229 = select <8 x i1> %228, <8 x float> %227, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %230 = fmul <8 x float> %225, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %231 = fneg <8 x float> %230
+  %232 = fcmp olt <8 x float> %231, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %234 = fcmp ogt <8 x float> %233, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %237 = call <8 x float> @llvm.floor.v8f32(<8 x float> %236)
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %235)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %238)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %239, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %239, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %239, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %239, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %239, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %245 = fmul <8 x float> %239, %239
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %245, <8 x float> %239)
+  %247 = fadd <8 x float> %246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %248 = fptosi <8 x float> %237 to <8 x i32>
+  %249 = add <8 x i32> %248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %250 = shl <8 x i32> %249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %250 to <8 x float>
+  %exp9 = fmul <8 x float> %247, %exp.2n8
+  %251 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %251
+  %252 = fmul <8 x float> %225, %sigmoid10
+  %253 = fadd <8 x float> %229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai11 = fmul <8 x float> %252, %253
+  %254 = fmul <8 x float> %oai11, %213
+  %255 = getelementptr inbounds float, ptr %215, i64 %col7
+  store <8 x float> %254, ptr %255, align 4
+  %256 = add nsw i64 %r0, 3
+  %257 = getelementptr inbounds float, ptr %rw, i64 %256
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = mul nsw i64 %256, 2880
+  %262 = getelementptr inbounds float, ptr %h, i64 %261
+  %col12 = mul nsw i64 %p, 8
+  %263 = load <8 x float>, ptr %acc30, align 4
+  %264 = load <8 x float>, ptr %acc31, align 4
+  %265 = getelementptr inbounds float, ptr %bg, i64 %col12
+  %266 = load <8 x float>, ptr %265, align 4
+  %267 = fadd <8 x float> %263, %266
+  %268 = getelementptr inbounds float, ptr %bu, i64 %col12
+  %269 = load <8 x float>, ptr %268, align 4
+  %270 = fadd <8 x float> %264, %269
+  %271 = fcmp olt <8 x float> %267, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %272 = select <8 x i1> %271, <8 x float> %267, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %273 = fcmp olt <8 x float> %270, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %274 = select <8 x i1> %273, <8 x float> %270, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %275 = fcmp ogt <8 x float> %274, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %276 = select <8 x i1> %275, <8 x float> %274, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %277 = fmul <8 x float> %272, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %278 = fneg <8 x float> %277
+  %279 = fcmp olt <8 x float> %278, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %280 = select <8 x i1> %279, <8 x float> %278, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %281 = fcmp ogt <8 x float> %280, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %282 = select <8 x i1> %281, <8 x float> %280, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %284 = call <8 x float> @llvm.floor.v8f32(<8 x float> %283)
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %282)
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %285)
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %286, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %286, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %286, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %286, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %286, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %292 = fmul <8 x float> %286, %286
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %292, <8 x float> %286)
+  %294 = fadd <8 x float> %293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %295 = fptosi <8 x float> %284 to <8 x i32>
+  %296 = add <8 x i32> %295, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %297 = shl <8 x i32> %296, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n13 = bitcast <8 x i32> %297 to <8 x float>
+  %exp14 = fmul <8 x float> %294, %exp.2n13
+  %298 = fadd <8 x float> %exp14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid15 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %298
+  %299 = fmul <8 x float> %272, %sigmoid15
+  %300 = fadd <8 x float> %276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai16 = fmul <8 x float> %299, %300
+  %301 = fmul <8 x float> %oai16, %260
+  %302 = getelementptr inbounds float, ptr %262, i64 %col12
+  store <8 x float> %301, ptr %302, align 4
+  %303 = add nsw i64 %r0, 4
+  %304 = getelementptr inbounds float, ptr %rw, i64 %303
+  %305 = load float, ptr %304, align 4
+  %306 = insertelement <8 x float> poison, float %305, i32 0
+  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
+  %308 = mul nsw i64 %303, 2880
+  %309 = getelementptr inbounds float, ptr %h, i64 %308
+  %col17 = mul nsw i64 %p, 8
+  %310 = load <8 x float>, ptr %acc40, align 4
+  %311 = load <8 x float>, ptr %acc41, align 4
+  %312 = getelementptr inbounds float, ptr %bg, i64 %col17
+  %313 = load <8 x float>, ptr %312, align 4
+  %314 = fadd <8 x float> %310, %313
+  %315 = getelementptr inbounds float, ptr %bu, i64 %col17
+  %316 = load <8 x float>, ptr %315, align 4
+  %317 = fadd <8 x float> %311, %316
+  %318 = fcmp olt <8 x float> %314, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %319 = select <8 x i1> %318, <8 x float> %314, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %320 = fcmp olt <8 x float> %317, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %321 = select <8 x i1> %320, <8 x float> %317, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %322 = fcmp ogt <8 x float> %321, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %323 = select <8 x i1> %322, <8 x float> %321, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %324 = fmul <8 x float> %319, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %325 = fneg <8 x float> %324
+  %326 = fcmp olt <8 x float> %325, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %327 = select <8 x i1> %326, <8 x float> %325, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %328 = fcmp ogt <8 x float> %327, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %329 = select <8 x i1> %328, <8 x float> %327, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %331 = call <8 x float> @llvm.floor.v8f32(<8 x float> %330)
+  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %329)
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %332)
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %333, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %333, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %333, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %333, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %333, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %339 = fmul <8 x float> %333, %333
+  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %339, <8 x float> %333)
+  %341 = fadd <8 x float> %340, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %342 = fptosi <8 x float> %331 to <8 x i32>
+  %343 = add <8 x i32> %342, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %344 = shl <8 x i32> %343, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n18 = bitcast <8 x i32> %344 to <8 x float>
+  %exp19 = fmul <8 x float> %341, %exp.2n18
+  %345 = fadd <8 x float> %exp19, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid20 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %345
+  %346 = fmul <8 x float> %319, %sigmoid20
+  %347 = fadd <8 x float> %323, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai21 = fmul <8 x float> %346, %347
+  %348 = fmul <8 x float> %oai21, %307
+  %349 = getelementptr inbounds float, ptr %309, i64 %col17
+  store <8 x float> %348, ptr %349, align 4
+  %350 = add nsw i64 %r0, 5
+  %351 = getelementptr inbounds float, ptr %rw, i64 %350
+  %352 = load float, ptr %351, align 4
+  %353 = insertelement <8 x float> poison, float %352, i32 0
+  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
+  %355 = mul nsw i64 %350, 2880
+  %356 = getelementptr inbounds float, ptr %h, i64 %355
+  %col22 = mul nsw i64 %p, 8
+  %357 = load <8 x float>, ptr %acc50, align 4
+  %358 = load <8 x float>, ptr %acc51, align 4
+  %359 = getelementptr inbounds float, ptr %bg, i64 %col22
+  %360 = load <8 x float>, ptr %359, align 4
+  %361 = fadd <8 x float> %357, %360
+  %362 = getelementptr inbounds float, ptr %bu, i64 %col22
+  %363 = load <8 x float>, ptr %362, align 4
+  %364 = fadd <8 x float> %358, %363
+  %365 = fcmp olt <8 x float> %361, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %366 = select <8 x i1> %365, <8 x float> %361, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %367 = fcmp olt <8 x float> %364, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %368 = select <8 x i1> %367, <8 x float> %364, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %369 = fcmp ogt <8 x float> %368, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %370 = select <8 x i1> %369, <8 x float> %368, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %371 = fmul <8 x float> %366, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %372 = fneg <8 x float> %371
+  %373 = fcmp olt <8 x float> %372, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %374 = select <8 x i1> %373, <8 x float> %372, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %375 = fcmp ogt <8 x float> %374, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %376 = select <8 x i1> %375, <8 x float> %374, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %378 = call <8 x float> @llvm.floor.v8f32(<8 x float> %377)
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %376)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %379)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %380, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %380, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %380, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %380, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %380, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %386 = fmul <8 x float> %380, %380
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %386, <8 x float> %380)
+  %388 = fadd <8 x float> %387, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %389 = fptosi <8 x float> %378 to <8 x i32>
+  %390 = add <8 x i32> %389, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %391 = shl <8 x i32> %390, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n23 = bitcast <8 x i32> %391 to <8 x float>
+  %exp24 = fmul <8 x float> %388, %exp.2n23
+  %392 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %392
+  %393 = fmul <8 x float> %366, %sigmoid25
+  %394 = fadd <8 x float> %370, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai26 = fmul <8 x float> %393, %394
+  %395 = fmul <8 x float> %oai26, %354
+  %396 = getelementptr inbounds float, ptr %356, i64 %col22
+  store <8 x float> %395, ptr %396, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %386 = add nsw i64 %r0, 0
-  %387 = getelementptr inbounds i32, ptr %rows, i64 %386
-  %388 = load i32, ptr %387, align 4
-  %389 = sext i32 %388 to i64
-  %390 = mul nsw i64 %389, 2880
-  %391 = getelementptr inbounds float, ptr %x, i64 %390
-  store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %392 = add nsw i64 %r0, 1
-  %393 = getelementptr inbounds i32, ptr %rows, i64 %392
-  %394 = load i32, ptr %393, align 4
-  %395 = sext i32 %394 to i64
-  %396 = mul nsw i64 %395, 2880
-  %397 = getelementptr inbounds float, ptr %x, i64 %396
-  store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %398 = add nsw i64 %r0, 2
-  %399 = getelementptr inbounds i32, ptr %rows, i64 %398
-  %400 = load i32, ptr %399, align 4
-  %401 = sext i32 %400 to i64
-  %402 = mul nsw i64 %401, 2880
-  %403 = getelementptr inbounds float, ptr %x, i64 %402
-  store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %404 = add nsw i64 %r0, 3
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %404
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 2880
-  %409 = getelementptr inbounds float, ptr %x, i64 %408
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
-  %410 = add nsw i64 %r0, 4
-  %411 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %412 = load i32, ptr %411, align 4
-  %413 = sext i32 %412 to i64
-  %414 = mul nsw i64 %413, 2880
-  %415 = getelementptr inbounds float, ptr %x, i64 %414
-  store <8 x float> zeroinitializer, ptr %acc4034, align 4
-  store <8 x float> zeroinitializer, ptr %acc4135, align 4
-  %panel.off36 = mul nsw i64 %p, 46080
-  %416 = getelementptr inbounds i16, ptr %panels, i64 %panel.off36
-  %417 = add nsw i64 %p, 1
-  %418 = icmp slt i64 %417, %p1
-  %419 = getelementptr inbounds i8, ptr %416, i64 92160
-  %420 = and i1 %pf.on, %418
-  %pf37 = select i1 %420, ptr %419, ptr %416
-  br label %k.head38
+  %397 = add nsw i64 %r0, 0
+  %398 = getelementptr inbounds i32, ptr %rows, i64 %397
+  %399 = load i32, ptr %398, align 4
+  %400 = sext i32 %399 to i64
+  %401 = mul nsw i64 %400, 2880
+  %402 = getelementptr inbounds float, ptr %x, i64 %401
+  store <8 x float> zeroinitializer, ptr %acc0027, align 4
+  store <8 x float> zeroinitializer, ptr %acc0128, align 4
+  %403 = add nsw i64 %r0, 1
+  %404 = getelementptr inbounds i32, ptr %rows, i64 %403
+  %405 = load i32, ptr %404, align 4
+  %406 = sext i32 %405 to i64
+  %407 = mul nsw i64 %406, 2880
+  %408 = getelementptr inbounds float, ptr %x, i64 %407
+  store <8 x float> zeroinitializer, ptr %acc1029, align 4
+  store <8 x float> zeroinitializer, ptr %acc1130, align 4
+  %409 = add nsw i64 %r0, 2
+  %410 = getelementptr inbounds i32, ptr %rows, i64 %409
+  %411 = load i32, ptr %410, align 4
+  %412 = sext i32 %411 to i64
+  %413 = mul nsw i64 %412, 2880
+  %414 = getelementptr inbounds float, ptr %x, i64 %413
+  store <8 x float> zeroinitializer, ptr %acc2031, align 4
+  store <8 x float> zeroinitializer, ptr %acc2132, align 4
+  %415 = add nsw i64 %r0, 3
+  %416 = getelementptr inbounds i32, ptr %rows, i64 %415
+  %417 = load i32, ptr %416, align 4
+  %418 = sext i32 %417 to i64
+  %419 = mul nsw i64 %418, 2880
+  %420 = getelementptr inbounds float, ptr %x, i64 %419
+  store <8 x float> zeroinitializer, ptr %acc3033, align 4
+  store <8 x float> zeroinitializer, ptr %acc3134, align 4
+  %421 = add nsw i64 %r0, 4
+  %422 = getelementptr inbounds i32, ptr %rows, i64 %421
+  %423 = load i32, ptr %422, align 4
+  %424 = sext i32 %423 to i64
+  %425 = mul nsw i64 %424, 2880
+  %426 = getelementptr inbounds float, ptr %x, i64 %425
+  store <8 x float> zeroinitializer, ptr %acc4035, align 4
+  store <8 x float> zeroinitializer, ptr %acc4136, align 4
+  %panel.off37 = mul nsw i64 %p, 46080
+  %427 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
+  %428 = add nsw i64 %p, 1
+  %429 = icmp slt i64 %428, %p1
+  %pf.on38 = and i1 %pf.on, %429
+  %430 = mul nsw i64 %pf.j, 92160
+  %431 = lshr i64 %430, %9
+  %432 = add nsw i64 92160, %431
+  %433 = getelementptr inbounds i8, ptr %427, i64 %432
+  %pf39 = select i1 %pf.on38, ptr %433, ptr %427
+  %pf.sh40 = select i1 %pf.on38, i64 %9, i64 0
+  br label %k.head41
 
-k.head38:                                         ; preds = %k.body39, %tile.mr5
-  %k41 = phi i64 [ 0, %tile.mr5 ], [ %470, %k.body39 ]
-  %421 = icmp slt i64 %k41, 2880
-  br i1 %421, label %k.body39, label %k.end40
+k.head41:                                         ; preds = %k.body42, %tile.mr5
+  %k44 = phi i64 [ 0, %tile.mr5 ], [ %484, %k.body42 ]
+  %434 = icmp slt i64 %k44, 2880
+  br i1 %434, label %k.body42, label %k.end43
 
-k.body39:                                         ; preds = %k.head38
-  %422 = mul nsw i64 %k41, 16
-  %423 = add nsw i64 %panel.off36, %422
-  %424 = mul nsw i64 %k41, 32
-  %425 = getelementptr inbounds i8, ptr %pf37, i64 %424
-  call void @llvm.prefetch.p0(ptr %425, i32 0, i32 2, i32 1)
-  %426 = getelementptr inbounds i16, ptr %panels, i64 %423
-  %427 = load <8 x i32>, ptr %426, align 4
-  %428 = shl <8 x i32> %427, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b042 = bitcast <8 x i32> %428 to <8 x float>
-  %429 = and <8 x i32> %427, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b143 = bitcast <8 x i32> %429 to <8 x float>
-  %430 = getelementptr inbounds float, ptr %391, i64 %k41
-  %431 = load float, ptr %430, align 4
-  %432 = insertelement <8 x float> poison, float %431, i32 0
-  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
-  %434 = load <8 x float>, ptr %acc0026, align 4
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b042, <8 x float> %434)
-  store <8 x float> %435, ptr %acc0026, align 4
-  %436 = load <8 x float>, ptr %acc0127, align 4
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %b143, <8 x float> %436)
-  store <8 x float> %437, ptr %acc0127, align 4
-  %438 = getelementptr inbounds float, ptr %397, i64 %k41
-  %439 = load float, ptr %438, align 4
-  %440 = insertelement <8 x float> poison, float %439, i32 0
-  %441 = shufflevector <8 x float> %440, <8 x float> poison, <8 x i32> zeroinitializer
-  %442 = load <8 x float>, ptr %acc1028, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b042, <8 x float> %442)
-  store <8 x float> %443, ptr %acc1028, align 4
-  %444 = load <8 x float>, ptr %acc1129, align 4
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %b143, <8 x float> %444)
-  store <8 x float> %445, ptr %acc1129, align 4
-  %446 = getelementptr inbounds float, ptr %403, i64 %k41
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc2030, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b042, <8 x float> %450)
-  store <8 x float> %451, ptr %acc2030, align 4
-  %452 = load <8 x float>, ptr %acc2131, align 4
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %b143, <8 x float> %452)
-  store <8 x float> %453, ptr %acc2131, align 4
-  %454 = getelementptr inbounds float, ptr %409, i64 %k41
-  %455 = load float, ptr %454, align 4
-  %456 = insertelement <8 x float> poison, float %455, i32 0
-  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
-  %458 = load <8 x float>, ptr %acc3032, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b042, <8 x float> %458)
-  store <8 x float> %459, ptr %acc3032, align 4
-  %460 = load <8 x float>, ptr %acc3133, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b143, <8 x float> %460)
-  store <8 x float> %461, ptr %acc3133, align 4
-  %462 = getelementptr inbounds float, ptr %415, i64 %k41
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = load <8 x float>, ptr %acc4034, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b042, <8 x float> %466)
-  store <8 x float> %467, ptr %acc4034, align 4
-  %468 = load <8 x float>, ptr %acc4135, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b143, <8 x float> %468)
-  store <8 x float> %469, ptr %acc4135, align 4
-  %470 = add nsw i64 %k41, 1
-  br label %k.head38
+k.body42:                                         ; preds = %k.head41
+  %435 = mul nsw i64 %k44, 16
+  %436 = add nsw i64 %panel.off37, %435
+  %437 = mul nsw i64 %k44, 32
+  %438 = lshr i64 %437, %pf.sh40
+  %439 = getelementptr inbounds i8, ptr %pf39, i64 %438
+  call void @llvm.prefetch.p0(ptr %439, i32 0, i32 2, i32 1)
+  %440 = getelementptr inbounds i16, ptr %panels, i64 %436
+  %441 = load <8 x i32>, ptr %440, align 4
+  %442 = shl <8 x i32> %441, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b045 = bitcast <8 x i32> %442 to <8 x float>
+  %443 = and <8 x i32> %441, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b146 = bitcast <8 x i32> %443 to <8 x float>
+  %444 = getelementptr inbounds float, ptr %402, i64 %k44
+  %445 = load float, ptr %444, align 4
+  %446 = insertelement <8 x float> poison, float %445, i32 0
+  %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
+  %448 = load <8 x float>, ptr %acc0027, align 4
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b045, <8 x float> %448)
+  store <8 x float> %449, ptr %acc0027, align 4
+  %450 = load <8 x float>, ptr %acc0128, align 4
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b146, <8 x float> %450)
+  store <8 x float> %451, ptr %acc0128, align 4
+  %452 = getelementptr inbounds float, ptr %408, i64 %k44
+  %453 = load float, ptr %452, align 4
+  %454 = insertelement <8 x float> poison, float %453, i32 0
+  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
+  %456 = load <8 x float>, ptr %acc1029, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b045, <8 x float> %456)
+  store <8 x float> %457, ptr %acc1029, align 4
+  %458 = load <8 x float>, ptr %acc1130, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b146, <8 x float> %458)
+  store <8 x float> %459, ptr %acc1130, align 4
+  %460 = getelementptr inbounds float, ptr %414, i64 %k44
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = load <8 x float>, ptr %acc2031, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b045, <8 x float> %464)
+  store <8 x float> %465, ptr %acc2031, align 4
+  %466 = load <8 x float>, ptr %acc2132, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b146, <8 x float> %466)
+  store <8 x float> %467, ptr %acc2132, align 4
+  %468 = getelementptr inbounds float, ptr %420, i64 %k44
+  %469 = load float, ptr %468, align 4
+  %470 = insertelement <8 x float> poison, float %469, i32 0
+  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
+  %472 = load <8 x float>, ptr %acc3033, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b045, <8 x float> %472)
+  store <8 x float> %473, ptr %acc3033, align 4
+  %474 = load <8 x float>, ptr %acc3134, align 4
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b146, <8 x float> %474)
+  store <8 x float> %475, ptr %acc3134, align 4
+  %476 = getelementptr inbounds float, ptr %426, i64 %k44
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc4035, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b045, <8 x float> %480)
+  store <8 x float> %481, ptr %acc4035, align 4
+  %482 = load <8 x float>, ptr %acc4136, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b146, <8 x float> %482)
+  store <8 x float> %483, ptr %acc4136, align 4
+  %484 = add nsw i64 %k44, 1
+  br label %k.head41
 
-k.end40:                                          ; preds = %k.head38
-  %471 = add nsw i64 %r0, 0
-  %472 = getelementptr inbounds float, ptr %rw, i64 %471
-  %473 = load float, ptr %472, align 4
-  %474 = insertelement <8 x float> poison, float %473, i32 0
-  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = mul nsw i64 %471, 2880
-  %477 = getelementptr inbounds float, ptr %h, i64 %476
-  %col44 = mul nsw i64 %p, 8
-  %478 = load <8 x float>, ptr %acc0026, align 4
-  %479 = load <8 x float>, ptr %acc0127, align 4
-  %480 = getelementptr inbounds float, ptr %bg, i64 %col44
-  %481 = load <8 x float>, ptr %480, align 4
-  %482 = fadd <8 x float> %478, %481
-  %483 = getelementptr inbounds float, ptr %bu, i64 %col44
-  %484 = load <8 x float>, ptr %483, align 4
-  %485 = fadd <8 x float> %479, %484
-  %486 = fcmp olt <8 x float> %482, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %487 = select <8 x i1> %486, <8 x float> %482, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %488 = fcmp olt <8 x float> %485, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %489 = select <8 x i1> %488, <8 x float> %485, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %490 = fcmp ogt <8 x float> %489, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %491 = select <8 x i1> %490, <8 x float> %489, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %492 = fmul <8 x float> %487, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %493 = fneg <8 x float> %492
-  %494 = fcmp olt <8 x float> %493, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %495 = select <8 x i1> %494, <8 x float> %493, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %496 = fcmp ogt <8 x float> %495, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %497 = select <8 x i1> %496, <8 x float> %495, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %499 = call <8 x float> @llvm.floor.v8f32(<8 x float> %498)
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %497)
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %500)
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %501, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %501, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> %501, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> %501, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %505, <8 x float> %501, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %507 = fmul <8 x float> %501, %501
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %507, <8 x float> %501)
-  %509 = fadd <8 x float> %508, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %510 = fptosi <8 x float> %499 to <8 x i32>
-  %511 = add <8 x i32> %510, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %512 = shl <8 x i32> %511, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n45 = bitcast <8 x i32> %512 to <8 x float>
-  %exp46 = fmul <8 x float> %509, %exp.2n45
-  %513 = fadd <8 x float> %exp46, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid47 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %513
-  %514 = fmul <8 x float> %487, %sigmoid47
-  %515 = fadd <8 x float> %491, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai48 = fmul <8 x float> %514, %515
-  %516 = fmul <8 x float> %oai48, %475
-  %517 = getelementptr inbounds float, ptr %477, i64 %col44
-  store <8 x float> %516, ptr %517, align 4
-  %518 = add nsw i64 %r0, 1
-  %519 = getelementptr inbounds float, ptr %rw, i64 %518
-  %520 = load float, ptr %519, align 4
-  %521 = insertelement <8 x float> poison, float %520, i32 0
-  %522 = shufflevector <8 x float> %521, <8 x float> poison, <8 x i32> zeroinitializer
-  %523 = mul nsw i64 %518, 2880
-  %524 = getelementptr inbounds float, ptr %h, i64 %523
-  %col49 = mul nsw i64 %p, 8
-  %525 = load <8 x float>, ptr %acc1028, align 4
-  %526 = load <8 x float>, ptr %acc1129, align 4
-  %527 = getelementptr inbounds float, ptr %bg, i64 %col49
-  %528 = load <8 x float>, ptr %527, align 4
-  %529 = fadd <8 x float> %525, %528
-  %530 = getelementptr inbounds float, ptr %bu, i64 %col49
-  %531 = load <8 x float>, ptr %530, align 4
-  %532 = fadd <8 x float> %526, %531
-  %533 = fcmp olt <8 x float> %529, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %534 = select <8 x i1> %533, <8 x float> %529, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %535 = fcmp olt <8 x float> %532, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %536 = select <8 x i1> %535, <8 x float> %532, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %537 = fcmp ogt <8 x float> %536, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %538 = select <8 x i1> %537, <8 x float> %536, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %539 = fmul <8 x float> %534, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %540 = fneg <8 x float> %539
-  %541 = fcmp olt <8 x float> %540, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %542 = select <8 x i1> %541, <8 x float> %540, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %543 = fcmp ogt <8 x float> %542, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %544 = select <8 x i1> %543, <8 x float> %542, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %546 = call <8 x float> @llvm.floor.v8f32(<8 x float> %545)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %544)
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %547)
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %548, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %548, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %548, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %548, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %548, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %554 = fmul <8 x float> %548, %548
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %554, <8 x float> %548)
-  %556 = fadd <8 x float> %555, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %557 = fptosi <8 x float> %546 to <8 x i32>
-  %558 = add <8 x i32> %557, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %559 = shl <8 x i32> %558, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n50 = bitcast <8 x i32> %559 to <8 x float>
-  %exp51 = fmul <8 x float> %556, %exp.2n50
-  %560 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %560
-  %561 = fmul <8 x float> %534, %sigmoid52
-  %562 = fadd <8 x float> %538, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai53 = fmul <8 x float> %561, %562
-  %563 = fmul <8 x float> %oai53, %522
-  %564 = getelementptr inbounds float, ptr %524, i64 %col49
-  store <8 x float> %563, ptr %564, align 4
-  %565 = add nsw i64 %r0, 2
-  %566 = getelementptr inbounds float, ptr %rw, i64 %565
-  %567 = load float, ptr %566, align 4
-  %568 = insertelement <8 x float> poison, float %567, i32 0
-  %569 = shufflevector <8 x float> %568, <8 x float> poison, <8 x i32> zeroinitializer
-  %570 = mul nsw i64 %565, 2880
-  %571 = getelementptr inbounds float, ptr %h, i64 %570
-  %col54 = mul nsw i64 %p, 8
-  %572 = load <8 x float>, ptr %acc2030, align 4
-  %573 = load <8 x float>, ptr %acc2131, align 4
-  %574 = getelementptr inbounds float, ptr %bg, i64 %col54
-  %575 = load <8 x float>, ptr %574, align 4
-  %576 = fadd <8 x float> %572, %575
-  %577 = getelementptr inbounds float, ptr %bu, i64 %col54
-  %578 = load <8 x float>, ptr %577, align 4
-  %579 = fadd <8 x float> %573, %578
-  %580 = fcmp olt <8 x float> %576, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %581 = select <8 x i1> %580, <8 x float> %576, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %582 = fcmp olt <8 x float> %579, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %583 = select <8 x i1> %582, <8 x float> %579, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %584 = fcmp ogt <8 x float> %583, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %585 = select <8 x i1> %584, <8 x float> %583, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %586 = fmul <8 x float> %581, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %587 = fneg <8 x float> %586
-  %588 = fcmp olt <8 x float> %587, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %589 = select <8 x i1> %588, <8 x float> %587, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %590 = fcmp ogt <8 x float> %589, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %591 = select <8 x i1> %590, <8 x float> %589, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %593 = call <8 x float> @llvm.floor.v8f32(<8 x float> %592)
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %591)
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %594)
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %595, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %595, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %595, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %595, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %595, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %601 = fmul <8 x float> %595, %595
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %601, <8 x float> %595)
-  %603 = fadd <8 x float> %602, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %604 = fptosi <8 x float> %593 to <8 x i32>
-  %605 = add <8 x i32> %604, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %606 = shl <8 x i32> %605, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %606 to <8 x float>
-  %exp56 = fmul <8 x float> %603, %exp.2n55
-  %607 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %607
-  %608 = fmul <8 x float> %581, %sigmoid57
-  %609 = fadd <8 x float> %585, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai58 = fmul <8 x float> %608, %609
-  %610 = fmul <8 x float> %oai58, %569
-  %611 = getelementptr inbounds float, ptr %571, i64 %col54
-  store <8 x float> %610, ptr %611, align 4
-  %612 = add nsw i64 %r0, 3
-  %613 = getelementptr inbounds float, ptr %rw, i64 %612
-  %614 = load float, ptr %613, align 4
-  %615 = insertelement <8 x float> poison, float %614, i32 0
-  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
-  %617 = mul nsw i64 %612, 2880
-  %618 = getelementptr inbounds float, ptr %h, i64 %617
-  %col59 = mul nsw i64 %p, 8
-  %619 = load <8 x float>, ptr %acc3032, align 4
-  %620 = load <8 x float>, ptr %acc3133, align 4
-  %621 = getelementptr inbounds float, ptr %bg, i64 %col59
-  %622 = load <8 x float>, ptr %621, align 4
-  %623 = fadd <8 x float> %619, %622
-  %624 = getelementptr inbounds float, ptr %bu, i64 %col59
-  %625 = load <8 x float>, ptr %624, align 4
-  %626 = fadd <8 x float> %620, %625
-  %627 = fcmp olt <8 x float> %623, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %628 = select <8 x i1> %627, <8 x float> %623, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %629 = fcmp olt <8 x float> %626, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %630 = select <8 x i1> %629, <8 x float> %626, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %631 = fcmp ogt <8 x float> %630, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %632 = select <8 x i1> %631, <8 x float> %630, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %633 = fmul <8 x float> %628, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %634 = fneg <8 x float> %633
-  %635 = fcmp olt <8 x float> %634, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %636 = select <8 x i1> %635, <8 x float> %634, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %637 = fcmp ogt <8 x float> %636, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %638 = select <8 x i1> %637, <8 x float> %636, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %638, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %640 = call <8 x float> @llvm.floor.v8f32(<8 x float> %639)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %638)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %641)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %642, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %642, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %642, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %642, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %642, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %648 = fmul <8 x float> %642, %642
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %648, <8 x float> %642)
-  %650 = fadd <8 x float> %649, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %651 = fptosi <8 x float> %640 to <8 x i32>
-  %652 = add <8 x i32> %651, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %653 = shl <8 x i32> %652, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n60 = bitcast <8 x i32> %653 to <8 x float>
-  %exp61 = fmul <8 x float> %650, %exp.2n60
-  %654 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %654
-  %655 = fmul <8 x float> %628, %sigmoid62
-  %656 = fadd <8 x float> %632, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai63 = fmul <8 x float> %655, %656
-  %657 = fmul <8 x float> %oai63, %616
-  %658 = getelementptr inbounds float, ptr %618, i64 %col59
-  store <8 x float> %657, ptr %658, align 4
-  %659 = add nsw i64 %r0, 4
-  %660 = getelementptr inbounds float, ptr %rw, i64 %659
-  %661 = load float, ptr %660, align 4
-  %662 = insertelement <8 x float> poison, float %661, i32 0
-  %663 = shufflevector <8 x float> %662, <8 x float> poison, <8 x i32> zeroinitializer
-  %664 = mul nsw i64 %659, 2880
-  %665 = getelementptr inbounds float, ptr %h, i64 %664
-  %col64 = mul nsw i64 %p, 8
-  %666 = load <8 x float>, ptr %acc4034, align 4
-  %667 = load <8 x float>, ptr %acc4135, align 4
-  %668 = getelementptr inbounds float, ptr %bg, i64 %col64
-  %669 = load <8 x float>, ptr %668, align 4
-  %670 = fadd <8 x float> %666, %669
-  %671 = getelementptr inbounds float, ptr %bu, i64 %col64
-  %672 = load <8 x float>, ptr %671, align 4
-  %673 = fadd <8 x float> %667, %672
-  %674 = fcmp olt <8 x float> %670, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %675 = select <8 x i1> %674, <8 x float> %670, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %676 = fcmp olt <8 x float> %673, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %677 = select <8 x i1> %676, <8 x float> %673, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %678 = fcmp ogt <8 x float> %677, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %679 = select <8 x i1> %678, <8 x float> %677, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %680 = fmul <8 x float> %675, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %681 = fneg <8 x float> %680
-  %682 = fcmp olt <8 x float> %681, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %683 = select <8 x i1> %682, <8 x float> %681, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %684 = fcmp ogt <8 x float> %683, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %685 = select <8 x i1> %684, <8 x float> %683, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %685, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %687 = call <8 x float> @llvm.floor.v8f32(<8 x float> %686)
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %685)
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %688)
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %689, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %689, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> %689, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %689, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %689, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %695 = fmul <8 x float> %689, %689
-  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %695, <8 x float> %689)
-  %697 = fadd <8 x float> %696, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %698 = fptosi <8 x float> %687 to <8 x i32>
-  %699 = add <8 x i32> %698, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %700 = shl <8 x i32> %699, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %700 to <8 x float>
-  %exp66 = fmul <8 x float> %697, %exp.2n65
-  %701 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %701
-  %702 = fmul <8 x float> %675, %sigmoid67
-  %703 = fadd <8 x float> %679, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai68 = fmul <8 x float> %702, %703
-  %704 = fmul <8 x float> %oai68, %663
-  %705 = getelementptr inbounds float, ptr %665, i64 %col64
-  store <8 x float> %704, ptr %705, align 4
+k.end43:                                          ; preds = %k.head41
+  %485 = add nsw i64 %r0, 0
+  %486 = getelementptr inbounds float, ptr %rw, i64 %485
+  %487 = load float, ptr %486, align 4
+  %488 = insertelement <8 x float> poison, float %487, i32 0
+  %489 = shufflevector <8 x float> %488, <8 x float> poison, <8 x i32> zeroinitializer
+  %490 = mul nsw i64 %485, 2880
+  %491 = getelementptr inbounds float, ptr %h, i64 %490
+  %col47 = mul nsw i64 %p, 8
+  %492 = load <8 x float>, ptr %acc0027, align 4
+  %493 = load <8 x float>, ptr %acc0128, align 4
+  %494 = getelementptr inbounds float, ptr %bg, i64 %col47
+  %495 = load <8 x float>, ptr %494, align 4
+  %496 = fadd <8 x float> %492, %495
+  %497 = getelementptr inbounds float, ptr %bu, i64 %col47
+  %498 = load <8 x float>, ptr %497, align 4
+  %499 = fadd <8 x float> %493, %498
+  %500 = fcmp olt <8 x float> %496, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %501 = select <8 x i1> %500, <8 x float> %496, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %502 = fcmp olt <8 x float> %499, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %503 = select <8 x i1> %502, <8 x float> %499, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %504 = fcmp ogt <8 x float> %503, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %506 = fmul <8 x float> %501, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %507 = fneg <8 x float> %506
+  %508 = fcmp olt <8 x float> %507, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %510 = fcmp ogt <8 x float> %509, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %511 = select <8 x i1> %510, <8 x float> %509, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %513 = call <8 x float> @llvm.floor.v8f32(<8 x float> %512)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %511)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %514)
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %515, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %515, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %515, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %515, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %515, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %521 = fmul <8 x float> %515, %515
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %521, <8 x float> %515)
+  %523 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %524 = fptosi <8 x float> %513 to <8 x i32>
+  %525 = add <8 x i32> %524, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %526 = shl <8 x i32> %525, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n48 = bitcast <8 x i32> %526 to <8 x float>
+  %exp49 = fmul <8 x float> %523, %exp.2n48
+  %527 = fadd <8 x float> %exp49, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid50 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
+  %528 = fmul <8 x float> %501, %sigmoid50
+  %529 = fadd <8 x float> %505, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai51 = fmul <8 x float> %528, %529
+  %530 = fmul <8 x float> %oai51, %489
+  %531 = getelementptr inbounds float, ptr %491, i64 %col47
+  store <8 x float> %530, ptr %531, align 4
+  %532 = add nsw i64 %r0, 1
+  %533 = getelementptr inbounds float, ptr %rw, i64 %532
+  %534 = load float, ptr %533, align 4
+  %535 = insertelement <8 x float> poison, float %534, i32 0
+  %536 = shufflevector <8 x float> %535, <8 x float> poison, <8 x i32> zeroinitializer
+  %537 = mul nsw i64 %532, 2880
+  %538 = getelementptr inbounds float, ptr %h, i64 %537
+  %col52 = mul nsw i64 %p, 8
+  %539 = load <8 x float>, ptr %acc1029, align 4
+  %540 = load <8 x float>, ptr %acc1130, align 4
+  %541 = getelementptr inbounds float, ptr %bg, i64 %col52
+  %542 = load <8 x float>, ptr %541, align 4
+  %543 = fadd <8 x float> %539, %542
+  %544 = getelementptr inbounds float, ptr %bu, i64 %col52
+  %545 = load <8 x float>, ptr %544, align 4
+  %546 = fadd <8 x float> %540, %545
+  %547 = fcmp olt <8 x float> %543, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %548 = select <8 x i1> %547, <8 x float> %543, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %549 = fcmp olt <8 x float> %546, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %550 = select <8 x i1> %549, <8 x float> %546, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %551 = fcmp ogt <8 x float> %550, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %552 = select <8 x i1> %551, <8 x float> %550, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %553 = fmul <8 x float> %548, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %554 = fneg <8 x float> %553
+  %555 = fcmp olt <8 x float> %554, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %556 = select <8 x i1> %555, <8 x float> %554, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %557 = fcmp ogt <8 x float> %556, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %558 = select <8 x i1> %557, <8 x float> %556, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %560 = call <8 x float> @llvm.floor.v8f32(<8 x float> %559)
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %558)
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %561)
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %562, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %562, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %562, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %562, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %562, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %568 = fmul <8 x float> %562, %562
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %568, <8 x float> %562)
+  %570 = fadd <8 x float> %569, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %571 = fptosi <8 x float> %560 to <8 x i32>
+  %572 = add <8 x i32> %571, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %573 = shl <8 x i32> %572, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %573 to <8 x float>
+  %exp54 = fmul <8 x float> %570, %exp.2n53
+  %574 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %574
+  %575 = fmul <8 x float> %548, %sigmoid55
+  %576 = fadd <8 x float> %552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai56 = fmul <8 x float> %575, %576
+  %577 = fmul <8 x float> %oai56, %536
+  %578 = getelementptr inbounds float, ptr %538, i64 %col52
+  store <8 x float> %577, ptr %578, align 4
+  %579 = add nsw i64 %r0, 2
+  %580 = getelementptr inbounds float, ptr %rw, i64 %579
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = mul nsw i64 %579, 2880
+  %585 = getelementptr inbounds float, ptr %h, i64 %584
+  %col57 = mul nsw i64 %p, 8
+  %586 = load <8 x float>, ptr %acc2031, align 4
+  %587 = load <8 x float>, ptr %acc2132, align 4
+  %588 = getelementptr inbounds float, ptr %bg, i64 %col57
+  %589 = load <8 x float>, ptr %588, align 4
+  %590 = fadd <8 x float> %586, %589
+  %591 = getelementptr inbounds float, ptr %bu, i64 %col57
+  %592 = load <8 x float>, ptr %591, align 4
+  %593 = fadd <8 x float> %587, %592
+  %594 = fcmp olt <8 x float> %590, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %595 = select <8 x i1> %594, <8 x float> %590, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %596 = fcmp olt <8 x float> %593, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %597 = select <8 x i1> %596, <8 x float> %593, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %598 = fcmp ogt <8 x float> %597, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %599 = select <8 x i1> %598, <8 x float> %597, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %600 = fmul <8 x float> %595, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %601 = fneg <8 x float> %600
+  %602 = fcmp olt <8 x float> %601, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %603 = select <8 x i1> %602, <8 x float> %601, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %604 = fcmp ogt <8 x float> %603, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %605 = select <8 x i1> %604, <8 x float> %603, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %607 = call <8 x float> @llvm.floor.v8f32(<8 x float> %606)
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %605)
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %608)
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %609, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %609, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %609, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %609, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %609, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %615 = fmul <8 x float> %609, %609
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %615, <8 x float> %609)
+  %617 = fadd <8 x float> %616, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %618 = fptosi <8 x float> %607 to <8 x i32>
+  %619 = add <8 x i32> %618, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %620 = shl <8 x i32> %619, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n58 = bitcast <8 x i32> %620 to <8 x float>
+  %exp59 = fmul <8 x float> %617, %exp.2n58
+  %621 = fadd <8 x float> %exp59, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid60 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %621
+  %622 = fmul <8 x float> %595, %sigmoid60
+  %623 = fadd <8 x float> %599, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai61 = fmul <8 x float> %622, %623
+  %624 = fmul <8 x float> %oai61, %583
+  %625 = getelementptr inbounds float, ptr %585, i64 %col57
+  store <8 x float> %624, ptr %625, align 4
+  %626 = add nsw i64 %r0, 3
+  %627 = getelementptr inbounds float, ptr %rw, i64 %626
+  %628 = load float, ptr %627, align 4
+  %629 = insertelement <8 x float> poison, float %628, i32 0
+  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
+  %631 = mul nsw i64 %626, 2880
+  %632 = getelementptr inbounds float, ptr %h, i64 %631
+  %col62 = mul nsw i64 %p, 8
+  %633 = load <8 x float>, ptr %acc3033, align 4
+  %634 = load <8 x float>, ptr %acc3134, align 4
+  %635 = getelementptr inbounds float, ptr %bg, i64 %col62
+  %636 = load <8 x float>, ptr %635, align 4
+  %637 = fadd <8 x float> %633, %636
+  %638 = getelementptr inbounds float, ptr %bu, i64 %col62
+  %639 = load <8 x float>, ptr %638, align 4
+  %640 = fadd <8 x float> %634, %639
+  %641 = fcmp olt <8 x float> %637, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %642 = select <8 x i1> %641, <8 x float> %637, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %643 = fcmp olt <8 x float> %640, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %644 = select <8 x i1> %643, <8 x float> %640, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %645 = fcmp ogt <8 x float> %644, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %646 = select <8 x i1> %645, <8 x float> %644, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %647 = fmul <8 x float> %642, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %648 = fneg <8 x float> %647
+  %649 = fcmp olt <8 x float> %648, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %650 = select <8 x i1> %649, <8 x float> %648, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %651 = fcmp ogt <8 x float> %650, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %652 = select <8 x i1> %651, <8 x float> %650, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %654 = call <8 x float> @llvm.floor.v8f32(<8 x float> %653)
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %652)
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %655)
+  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %656, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %656, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %656, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %656, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %656, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %662 = fmul <8 x float> %656, %656
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %662, <8 x float> %656)
+  %664 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %665 = fptosi <8 x float> %654 to <8 x i32>
+  %666 = add <8 x i32> %665, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %667 = shl <8 x i32> %666, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n63 = bitcast <8 x i32> %667 to <8 x float>
+  %exp64 = fmul <8 x float> %664, %exp.2n63
+  %668 = fadd <8 x float> %exp64, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid65 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
+  %669 = fmul <8 x float> %642, %sigmoid65
+  %670 = fadd <8 x float> %646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai66 = fmul <8 x float> %669, %670
+  %671 = fmul <8 x float> %oai66, %630
+  %672 = getelementptr inbounds float, ptr %632, i64 %col62
+  store <8 x float> %671, ptr %672, align 4
+  %673 = add nsw i64 %r0, 4
+  %674 = getelementptr inbounds float, ptr %rw, i64 %673
+  %675 = load float, ptr %674, align 4
+  %676 = insertelement <8 x float> poison, float %675, i32 0
+  %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
+  %678 = mul nsw i64 %673, 2880
+  %679 = getelementptr inbounds float, ptr %h, i64 %678
+  %col67 = mul nsw i64 %p, 8
+  %680 = load <8 x float>, ptr %acc4035, align 4
+  %681 = load <8 x float>, ptr %acc4136, align 4
+  %682 = getelementptr inbounds float, ptr %bg, i64 %col67
+  %683 = load <8 x float>, ptr %682, align 4
+  %684 = fadd <8 x float> %680, %683
+  %685 = getelementptr inbounds float, ptr %bu, i64 %col67
+  %686 = load <8 x float>, ptr %685, align 4
+  %687 = fadd <8 x float> %681, %686
+  %688 = fcmp olt <8 x float> %684, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %689 = select <8 x i1> %688, <8 x float> %684, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %690 = fcmp olt <8 x float> %687, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %691 = select <8 x i1> %690, <8 x float> %687, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %692 = fcmp ogt <8 x float> %691, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %693 = select <8 x i1> %692, <8 x float> %691, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %694 = fmul <8 x float> %689, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %695 = fneg <8 x float> %694
+  %696 = fcmp olt <8 x float> %695, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %697 = select <8 x i1> %696, <8 x float> %695, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %698 = fcmp ogt <8 x float> %697, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %701 = call <8 x float> @llvm.floor.v8f32(<8 x float> %700)
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %699)
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %702)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %703, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %703, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %703, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %703, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %703, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %709 = fmul <8 x float> %703, %703
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %709, <8 x float> %703)
+  %711 = fadd <8 x float> %710, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %712 = fptosi <8 x float> %701 to <8 x i32>
+  %713 = add <8 x i32> %712, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %714 = shl <8 x i32> %713, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n68 = bitcast <8 x i32> %714 to <8 x float>
+  %exp69 = fmul <8 x float> %711, %exp.2n68
+  %715 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %715
+  %716 = fmul <8 x float> %689, %sigmoid70
+  %717 = fadd <8 x float> %693, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai71 = fmul <8 x float> %716, %717
+  %718 = fmul <8 x float> %oai71, %677
+  %719 = getelementptr inbounds float, ptr %679, i64 %col67
+  store <8 x float> %718, ptr %719, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %706 = add nsw i64 %r0, 0
-  %707 = getelementptr inbounds i32, ptr %rows, i64 %706
-  %708 = load i32, ptr %707, align 4
-  %709 = sext i32 %708 to i64
-  %710 = mul nsw i64 %709, 2880
-  %711 = getelementptr inbounds float, ptr %x, i64 %710
-  store <8 x float> zeroinitializer, ptr %acc0069, align 4
-  store <8 x float> zeroinitializer, ptr %acc0170, align 4
-  %712 = add nsw i64 %r0, 1
-  %713 = getelementptr inbounds i32, ptr %rows, i64 %712
-  %714 = load i32, ptr %713, align 4
-  %715 = sext i32 %714 to i64
-  %716 = mul nsw i64 %715, 2880
-  %717 = getelementptr inbounds float, ptr %x, i64 %716
-  store <8 x float> zeroinitializer, ptr %acc1071, align 4
-  store <8 x float> zeroinitializer, ptr %acc1172, align 4
-  %718 = add nsw i64 %r0, 2
-  %719 = getelementptr inbounds i32, ptr %rows, i64 %718
-  %720 = load i32, ptr %719, align 4
-  %721 = sext i32 %720 to i64
-  %722 = mul nsw i64 %721, 2880
-  %723 = getelementptr inbounds float, ptr %x, i64 %722
-  store <8 x float> zeroinitializer, ptr %acc2073, align 4
-  store <8 x float> zeroinitializer, ptr %acc2174, align 4
-  %724 = add nsw i64 %r0, 3
-  %725 = getelementptr inbounds i32, ptr %rows, i64 %724
-  %726 = load i32, ptr %725, align 4
-  %727 = sext i32 %726 to i64
-  %728 = mul nsw i64 %727, 2880
-  %729 = getelementptr inbounds float, ptr %x, i64 %728
-  store <8 x float> zeroinitializer, ptr %acc3075, align 4
-  store <8 x float> zeroinitializer, ptr %acc3176, align 4
-  %panel.off77 = mul nsw i64 %p, 46080
-  %730 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
-  %731 = add nsw i64 %p, 1
-  %732 = icmp slt i64 %731, %p1
-  %733 = getelementptr inbounds i8, ptr %730, i64 92160
-  %734 = and i1 %pf.on, %732
-  %pf78 = select i1 %734, ptr %733, ptr %730
-  br label %k.head79
+  %720 = add nsw i64 %r0, 0
+  %721 = getelementptr inbounds i32, ptr %rows, i64 %720
+  %722 = load i32, ptr %721, align 4
+  %723 = sext i32 %722 to i64
+  %724 = mul nsw i64 %723, 2880
+  %725 = getelementptr inbounds float, ptr %x, i64 %724
+  store <8 x float> zeroinitializer, ptr %acc0072, align 4
+  store <8 x float> zeroinitializer, ptr %acc0173, align 4
+  %726 = add nsw i64 %r0, 1
+  %727 = getelementptr inbounds i32, ptr %rows, i64 %726
+  %728 = load i32, ptr %727, align 4
+  %729 = sext i32 %728 to i64
+  %730 = mul nsw i64 %729, 2880
+  %731 = getelementptr inbounds float, ptr %x, i64 %730
+  store <8 x float> zeroinitializer, ptr %acc1074, align 4
+  store <8 x float> zeroinitializer, ptr %acc1175, align 4
+  %732 = add nsw i64 %r0, 2
+  %733 = getelementptr inbounds i32, ptr %rows, i64 %732
+  %734 = load i32, ptr %733, align 4
+  %735 = sext i32 %734 to i64
+  %736 = mul nsw i64 %735, 2880
+  %737 = getelementptr inbounds float, ptr %x, i64 %736
+  store <8 x float> zeroinitializer, ptr %acc2076, align 4
+  store <8 x float> zeroinitializer, ptr %acc2177, align 4
+  %738 = add nsw i64 %r0, 3
+  %739 = getelementptr inbounds i32, ptr %rows, i64 %738
+  %740 = load i32, ptr %739, align 4
+  %741 = sext i32 %740 to i64
+  %742 = mul nsw i64 %741, 2880
+  %743 = getelementptr inbounds float, ptr %x, i64 %742
+  store <8 x float> zeroinitializer, ptr %acc3078, align 4
+  store <8 x float> zeroinitializer, ptr %acc3179, align 4
+  %panel.off80 = mul nsw i64 %p, 46080
+  %744 = getelementptr inbounds i16, ptr %panels, i64 %panel.off80
+  %745 = add nsw i64 %p, 1
+  %746 = icmp slt i64 %745, %p1
+  %pf.on81 = and i1 %pf.on, %746
+  %747 = mul nsw i64 %pf.j, 92160
+  %748 = lshr i64 %747, %9
+  %749 = add nsw i64 92160, %748
+  %750 = getelementptr inbounds i8, ptr %744, i64 %749
+  %pf82 = select i1 %pf.on81, ptr %750, ptr %744
+  %pf.sh83 = select i1 %pf.on81, i64 %9, i64 0
+  br label %k.head84
 
-k.head79:                                         ; preds = %k.body80, %tile.mr4
-  %k82 = phi i64 [ 0, %tile.mr4 ], [ %776, %k.body80 ]
-  %735 = icmp slt i64 %k82, 2880
-  br i1 %735, label %k.body80, label %k.end81
+k.head84:                                         ; preds = %k.body85, %tile.mr4
+  %k87 = phi i64 [ 0, %tile.mr4 ], [ %793, %k.body85 ]
+  %751 = icmp slt i64 %k87, 2880
+  br i1 %751, label %k.body85, label %k.end86
 
-k.body80:                                         ; preds = %k.head79
-  %736 = mul nsw i64 %k82, 16
-  %737 = add nsw i64 %panel.off77, %736
-  %738 = mul nsw i64 %k82, 32
-  %739 = getelementptr inbounds i8, ptr %pf78, i64 %738
-  call void @llvm.prefetch.p0(ptr %739, i32 0, i32 2, i32 1)
-  %740 = getelementptr inbounds i16, ptr %panels, i64 %737
-  %741 = load <8 x i32>, ptr %740, align 4
-  %742 = shl <8 x i32> %741, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b083 = bitcast <8 x i32> %742 to <8 x float>
-  %743 = and <8 x i32> %741, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b184 = bitcast <8 x i32> %743 to <8 x float>
-  %744 = getelementptr inbounds float, ptr %711, i64 %k82
-  %745 = load float, ptr %744, align 4
-  %746 = insertelement <8 x float> poison, float %745, i32 0
-  %747 = shufflevector <8 x float> %746, <8 x float> poison, <8 x i32> zeroinitializer
-  %748 = load <8 x float>, ptr %acc0069, align 4
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %b083, <8 x float> %748)
-  store <8 x float> %749, ptr %acc0069, align 4
-  %750 = load <8 x float>, ptr %acc0170, align 4
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %b184, <8 x float> %750)
-  store <8 x float> %751, ptr %acc0170, align 4
-  %752 = getelementptr inbounds float, ptr %717, i64 %k82
-  %753 = load float, ptr %752, align 4
-  %754 = insertelement <8 x float> poison, float %753, i32 0
-  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
-  %756 = load <8 x float>, ptr %acc1071, align 4
-  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %b083, <8 x float> %756)
-  store <8 x float> %757, ptr %acc1071, align 4
-  %758 = load <8 x float>, ptr %acc1172, align 4
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %b184, <8 x float> %758)
-  store <8 x float> %759, ptr %acc1172, align 4
-  %760 = getelementptr inbounds float, ptr %723, i64 %k82
-  %761 = load float, ptr %760, align 4
-  %762 = insertelement <8 x float> poison, float %761, i32 0
-  %763 = shufflevector <8 x float> %762, <8 x float> poison, <8 x i32> zeroinitializer
-  %764 = load <8 x float>, ptr %acc2073, align 4
-  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b083, <8 x float> %764)
-  store <8 x float> %765, ptr %acc2073, align 4
-  %766 = load <8 x float>, ptr %acc2174, align 4
-  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b184, <8 x float> %766)
-  store <8 x float> %767, ptr %acc2174, align 4
-  %768 = getelementptr inbounds float, ptr %729, i64 %k82
-  %769 = load float, ptr %768, align 4
-  %770 = insertelement <8 x float> poison, float %769, i32 0
-  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
-  %772 = load <8 x float>, ptr %acc3075, align 4
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b083, <8 x float> %772)
-  store <8 x float> %773, ptr %acc3075, align 4
-  %774 = load <8 x float>, ptr %acc3176, align 4
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b184, <8 x float> %774)
-  store <8 x float> %775, ptr %acc3176, align 4
-  %776 = add nsw i64 %k82, 1
-  br label %k.head79
+k.body85:                                         ; preds = %k.head84
+  %752 = mul nsw i64 %k87, 16
+  %753 = add nsw i64 %panel.off80, %752
+  %754 = mul nsw i64 %k87, 32
+  %755 = lshr i64 %754, %pf.sh83
+  %756 = getelementptr inbounds i8, ptr %pf82, i64 %755
+  call void @llvm.prefetch.p0(ptr %756, i32 0, i32 2, i32 1)
+  %757 = getelementptr inbounds i16, ptr %panels, i64 %753
+  %758 = load <8 x i32>, ptr %757, align 4
+  %759 = shl <8 x i32> %758, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b088 = bitcast <8 x i32> %759 to <8 x float>
+  %760 = and <8 x i32> %758, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b189 = bitcast <8 x i32> %760 to <8 x float>
+  %761 = getelementptr inbounds float, ptr %725, i64 %k87
+  %762 = load float, ptr %761, align 4
+  %763 = insertelement <8 x float> poison, float %762, i32 0
+  %764 = shufflevector <8 x float> %763, <8 x float> poison, <8 x i32> zeroinitializer
+  %765 = load <8 x float>, ptr %acc0072, align 4
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b088, <8 x float> %765)
+  store <8 x float> %766, ptr %acc0072, align 4
+  %767 = load <8 x float>, ptr %acc0173, align 4
+  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b189, <8 x float> %767)
+  store <8 x float> %768, ptr %acc0173, align 4
+  %769 = getelementptr inbounds float, ptr %731, i64 %k87
+  %770 = load float, ptr %769, align 4
+  %771 = insertelement <8 x float> poison, float %770, i32 0
+  %772 = shufflevector <8 x float> %771, <8 x float> poison, <8 x i32> zeroinitializer
+  %773 = load <8 x float>, ptr %acc1074, align 4
+  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b088, <8 x float> %773)
+  store <8 x float> %774, ptr %acc1074, align 4
+  %775 = load <8 x float>, ptr %acc1175, align 4
+  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b189, <8 x float> %775)
+  store <8 x float> %776, ptr %acc1175, align 4
+  %777 = getelementptr inbounds float, ptr %737, i64 %k87
+  %778 = load float, ptr %777, align 4
+  %779 = insertelement <8 x float> poison, float %778, i32 0
+  %780 = shufflevector <8 x float> %779, <8 x float> poison, <8 x i32> zeroinitializer
+  %781 = load <8 x float>, ptr %acc2076, align 4
+  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b088, <8 x float> %781)
+  store <8 x float> %782, ptr %acc2076, align 4
+  %783 = load <8 x float>, ptr %acc2177, align 4
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b189, <8 x float> %783)
+  store <8 x float> %784, ptr %acc2177, align 4
+  %785 = getelementptr inbounds float, ptr %743, i64 %k87
+  %786 = load float, ptr %785, align 4
+  %787 = insertelement <8 x float> poison, float %786, i32 0
+  %788 = shufflevector <8 x float> %787, <8 x float> poison, <8 x i32> zeroinitializer
+  %789 = load <8 x float>, ptr %acc3078, align 4
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b088, <8 x float> %789)
+  store <8 x float> %790, ptr %acc3078, align 4
+  %791 = load <8 x float>, ptr %acc3179, align 4
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b189, <8 x float> %791)
+  store <8 x float> %792, ptr %acc3179, align 4
+  %793 = add nsw i64 %k87, 1
+  br label %k.head84
 
-k.end81:                                          ; preds = %k.head79
-  %777 = add nsw i64 %r0, 0
-  %778 = getelementptr inbounds float, ptr %rw, i64 %777
-  %779 = load float, ptr %778, align 4
-  %780 = insertelement <8 x float> poison, float %779, i32 0
-  %781 = shufflevector <8 x float> %780, <8 x float> poison, <8 x i32> zeroinitializer
-  %782 = mul nsw i64 %777, 2880
-  %783 = getelementptr inbounds float, ptr %h, i64 %782
-  %col85 = mul nsw i64 %p, 8
-  %784 = load <8 x float>, ptr %acc0069, align 4
-  %785 = load <8 x float>, ptr %acc0170, align 4
-  %786 = getelementptr inbounds float, ptr %bg, i64 %col85
-  %787 = load <8 x float>, ptr %786, align 4
-  %788 = fadd <8 x float> %784, %787
-  %789 = getelementptr inbounds float, ptr %bu, i64 %col85
-  %790 = load <8 x float>, ptr %789, align 4
-  %791 = fadd <8 x float> %785, %790
-  %792 = fcmp olt <8 x float> %788, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %793 = select <8 x i1> %792, <8 x float> %788, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %794 = fcmp olt <8 x float> %791, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %795 = select <8 x i1> %794, <8 x float> %791, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %796 = fcmp ogt <8 x float> %795, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %797 = select <8 x i1> %796, <8 x float> %795, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %798 = fmul <8 x float> %793, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %799 = fneg <8 x float> %798
-  %800 = fcmp olt <8 x float> %799, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %801 = select <8 x i1> %800, <8 x float> %799, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %802 = fcmp ogt <8 x float> %801, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %803 = select <8 x i1> %802, <8 x float> %801, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %805 = call <8 x float> @llvm.floor.v8f32(<8 x float> %804)
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %803)
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %806)
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %807, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %807, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %809, <8 x float> %807, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %807, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %807, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %813 = fmul <8 x float> %807, %807
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %813, <8 x float> %807)
-  %815 = fadd <8 x float> %814, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %816 = fptosi <8 x float> %805 to <8 x i32>
-  %817 = add <8 x i32> %816, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %818 = shl <8 x i32> %817, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n86 = bitcast <8 x i32> %818 to <8 x float>
-  %exp87 = fmul <8 x float> %815, %exp.2n86
-  %819 = fadd <8 x float> %exp87, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid88 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %819
-  %820 = fmul <8 x float> %793, %sigmoid88
-  %821 = fadd <8 x float> %797, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai89 = fmul <8 x float> %820, %821
-  %822 = fmul <8 x float> %oai89, %781
-  %823 = getelementptr inbounds float, ptr %783, i64 %col85
-  store <8 x float> %822, ptr %823, align 4
-  %824 = add nsw i64 %r0, 1
-  %825 = getelementptr inbounds float, ptr %rw, i64 %824
-  %826 = load float, ptr %825, align 4
-  %827 = insertelement <8 x float> poison, float %826, i32 0
-  %828 = shufflevector <8 x float> %827, <8 x float> poison, <8 x i32> zeroinitializer
-  %829 = mul nsw i64 %824, 2880
-  %830 = getelementptr inbounds float, ptr %h, i64 %829
+k.end86:                                          ; preds = %k.head84
+  %794 = add nsw i64 %r0, 0
+  %795 = getelementptr inbounds float, ptr %rw, i64 %794
+  %796 = load float, ptr %795, align 4
+  %797 = insertelement <8 x float> poison, float %796, i32 0
+  %798 = shufflevector <8 x float> %797, <8 x float> poison, <8 x i32> zeroinitializer
+  %799 = mul nsw i64 %794, 2880
+  %800 = getelementptr inbounds float, ptr %h, i64 %799
   %col90 = mul nsw i64 %p, 8
-  %831 = load <8 x float>, ptr %acc1071, align 4
-  %832 = load <8 x float>, ptr %acc1172, align 4
-  %833 = getelementptr inbounds float, ptr %bg, i64 %col90
-  %834 = load <8 x float>, ptr %833, align 4
-  %835 = fadd <8 x float> %831, %834
-  %836 = getelementptr inbounds float, ptr %bu, i64 %col90
-  %837 = load <8 x float>, ptr %836, align 4
-  %838 = fadd <8 x float> %832, %837
-  %839 = fcmp olt <8 x float> %835, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %840 = select <8 x i1> %839, <8 x float> %835, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %841 = fcmp olt <8 x float> %838, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %842 = select <8 x i1> %841, <8 x float> %838, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %843 = fcmp ogt <8 x float> %842, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %845 = fmul <8 x float> %840, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %846 = fneg <8 x float> %845
-  %847 = fcmp olt <8 x float> %846, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %848 = select <8 x i1> %847, <8 x float> %846, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %849 = fcmp ogt <8 x float> %848, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %850 = select <8 x i1> %849, <8 x float> %848, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %852 = call <8 x float> @llvm.floor.v8f32(<8 x float> %851)
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %850)
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %853)
-  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %854, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %854, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %854, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %854, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %858, <8 x float> %854, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %860 = fmul <8 x float> %854, %854
-  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> %860, <8 x float> %854)
-  %862 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %863 = fptosi <8 x float> %852 to <8 x i32>
-  %864 = add <8 x i32> %863, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %865 = shl <8 x i32> %864, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %865 to <8 x float>
-  %exp92 = fmul <8 x float> %862, %exp.2n91
-  %866 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %866
-  %867 = fmul <8 x float> %840, %sigmoid93
-  %868 = fadd <8 x float> %844, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai94 = fmul <8 x float> %867, %868
-  %869 = fmul <8 x float> %oai94, %828
-  %870 = getelementptr inbounds float, ptr %830, i64 %col90
-  store <8 x float> %869, ptr %870, align 4
-  %871 = add nsw i64 %r0, 2
-  %872 = getelementptr inbounds float, ptr %rw, i64 %871
-  %873 = load float, ptr %872, align 4
-  %874 = insertelement <8 x float> poison, float %873, i32 0
-  %875 = shufflevector <8 x float> %874, <8 x float> poison, <8 x i32> zeroinitializer
-  %876 = mul nsw i64 %871, 2880
-  %877 = getelementptr inbounds float, ptr %h, i64 %876
+  %801 = load <8 x float>, ptr %acc0072, align 4
+  %802 = load <8 x float>, ptr %acc0173, align 4
+  %803 = getelementptr inbounds float, ptr %bg, i64 %col90
+  %804 = load <8 x float>, ptr %803, align 4
+  %805 = fadd <8 x float> %801, %804
+  %806 = getelementptr inbounds float, ptr %bu, i64 %col90
+  %807 = load <8 x float>, ptr %806, align 4
+  %808 = fadd <8 x float> %802, %807
+  %809 = fcmp olt <8 x float> %805, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %810 = select <8 x i1> %809, <8 x float> %805, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %811 = fcmp olt <8 x float> %808, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %812 = select <8 x i1> %811, <8 x float> %808, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %813 = fcmp ogt <8 x float> %812, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %815 = fmul <8 x float> %810, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %816 = fneg <8 x float> %815
+  %817 = fcmp olt <8 x float> %816, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %818 = select <8 x i1> %817, <8 x float> %816, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %819 = fcmp ogt <8 x float> %818, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %820 = select <8 x i1> %819, <8 x float> %818, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %822 = call <8 x float> @llvm.floor.v8f32(<8 x float> %821)
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %820)
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %823)
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %824, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %824, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %824, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %824, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> %824, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %830 = fmul <8 x float> %824, %824
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> %830, <8 x float> %824)
+  %832 = fadd <8 x float> %831, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %833 = fptosi <8 x float> %822 to <8 x i32>
+  %834 = add <8 x i32> %833, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %835 = shl <8 x i32> %834, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n91 = bitcast <8 x i32> %835 to <8 x float>
+  %exp92 = fmul <8 x float> %832, %exp.2n91
+  %836 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %836
+  %837 = fmul <8 x float> %810, %sigmoid93
+  %838 = fadd <8 x float> %814, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai94 = fmul <8 x float> %837, %838
+  %839 = fmul <8 x float> %oai94, %798
+  %840 = getelementptr inbounds float, ptr %800, i64 %col90
+  store <8 x float> %839, ptr %840, align 4
+  %841 = add nsw i64 %r0, 1
+  %842 = getelementptr inbounds float, ptr %rw, i64 %841
+  %843 = load float, ptr %842, align 4
+  %844 = insertelement <8 x float> poison, float %843, i32 0
+  %845 = shufflevector <8 x float> %844, <8 x float> poison, <8 x i32> zeroinitializer
+  %846 = mul nsw i64 %841, 2880
+  %847 = getelementptr inbounds float, ptr %h, i64 %846
   %col95 = mul nsw i64 %p, 8
-  %878 = load <8 x float>, ptr %acc2073, align 4
-  %879 = load <8 x float>, ptr %acc2174, align 4
-  %880 = getelementptr inbounds float, ptr %bg, i64 %col95
-  %881 = load <8 x float>, ptr %880, align 4
-  %882 = fadd <8 x float> %878, %881
-  %883 = getelementptr inbounds float, ptr %bu, i64 %col95
-  %884 = load <8 x float>, ptr %883, align 4
-  %885 = fadd <8 x float> %879, %884
-  %886 = fcmp olt <8 x float> %882, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %887 = select <8 x i1> %886, <8 x float> %882, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %888 = fcmp olt <8 x float> %885, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %889 = select <8 x i1> %888, <8 x float> %885, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %890 = fcmp ogt <8 x float> %889, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %891 = select <8 x i1> %890, <8 x float> %889, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %892 = fmul <8 x float> %887, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %893 = fneg <8 x float> %892
-  %894 = fcmp olt <8 x float> %893, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %896 = fcmp ogt <8 x float> %895, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %899 = call <8 x float> @llvm.floor.v8f32(<8 x float> %898)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %897)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %900)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %901, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %901, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %901, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %901, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %901, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %907 = fmul <8 x float> %901, %901
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %907, <8 x float> %901)
-  %909 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %910 = fptosi <8 x float> %899 to <8 x i32>
-  %911 = add <8 x i32> %910, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %912 = shl <8 x i32> %911, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n96 = bitcast <8 x i32> %912 to <8 x float>
-  %exp97 = fmul <8 x float> %909, %exp.2n96
-  %913 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %913
-  %914 = fmul <8 x float> %887, %sigmoid98
-  %915 = fadd <8 x float> %891, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai99 = fmul <8 x float> %914, %915
-  %916 = fmul <8 x float> %oai99, %875
-  %917 = getelementptr inbounds float, ptr %877, i64 %col95
-  store <8 x float> %916, ptr %917, align 4
-  %918 = add nsw i64 %r0, 3
-  %919 = getelementptr inbounds float, ptr %rw, i64 %918
-  %920 = load float, ptr %919, align 4
-  %921 = insertelement <8 x float> poison, float %920, i32 0
-  %922 = shufflevector <8 x float> %921, <8 x float> poison, <8 x i32> zeroinitializer
-  %923 = mul nsw i64 %918, 2880
-  %924 = getelementptr inbounds float, ptr %h, i64 %923
+  %848 = load <8 x float>, ptr %acc1074, align 4
+  %849 = load <8 x float>, ptr %acc1175, align 4
+  %850 = getelementptr inbounds float, ptr %bg, i64 %col95
+  %851 = load <8 x float>, ptr %850, align 4
+  %852 = fadd <8 x float> %848, %851
+  %853 = getelementptr inbounds float, ptr %bu, i64 %col95
+  %854 = load <8 x float>, ptr %853, align 4
+  %855 = fadd <8 x float> %849, %854
+  %856 = fcmp olt <8 x float> %852, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %857 = select <8 x i1> %856, <8 x float> %852, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %858 = fcmp olt <8 x float> %855, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %859 = select <8 x i1> %858, <8 x float> %855, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %860 = fcmp ogt <8 x float> %859, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %862 = fmul <8 x float> %857, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %863 = fneg <8 x float> %862
+  %864 = fcmp olt <8 x float> %863, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %865 = select <8 x i1> %864, <8 x float> %863, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %866 = fcmp ogt <8 x float> %865, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %867 = select <8 x i1> %866, <8 x float> %865, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %869 = call <8 x float> @llvm.floor.v8f32(<8 x float> %868)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %867)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %870)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %871, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %871, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %871, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %871, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %871, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %877 = fmul <8 x float> %871, %871
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %877, <8 x float> %871)
+  %879 = fadd <8 x float> %878, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %880 = fptosi <8 x float> %869 to <8 x i32>
+  %881 = add <8 x i32> %880, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %882 = shl <8 x i32> %881, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n96 = bitcast <8 x i32> %882 to <8 x float>
+  %exp97 = fmul <8 x float> %879, %exp.2n96
+  %883 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %883
+  %884 = fmul <8 x float> %857, %sigmoid98
+  %885 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai99 = fmul <8 x float> %884, %885
+  %886 = fmul <8 x float> %oai99, %845
+  %887 = getelementptr inbounds float, ptr %847, i64 %col95
+  store <8 x float> %886, ptr %887, align 4
+  %888 = add nsw i64 %r0, 2
+  %889 = getelementptr inbounds float, ptr %rw, i64 %888
+  %890 = load float, ptr %889, align 4
+  %891 = insertelement <8 x float> poison, float %890, i32 0
+  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
+  %893 = mul nsw i64 %888, 2880
+  %894 = getelementptr inbounds float, ptr %h, i64 %893
   %col100 = mul nsw i64 %p, 8
-  %925 = load <8 x float>, ptr %acc3075, align 4
-  %926 = load <8 x float>, ptr %acc3176, align 4
-  %927 = getelementptr inbounds float, ptr %bg, i64 %col100
-  %928 = load <8 x float>, ptr %927, align 4
-  %929 = fadd <8 x float> %925, %928
-  %930 = getelementptr inbounds float, ptr %bu, i64 %col100
-  %931 = load <8 x float>, ptr %930, align 4
-  %932 = fadd <8 x float> %926, %931
-  %933 = fcmp olt <8 x float> %929, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %934 = select <8 x i1> %933, <8 x float> %929, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %935 = fcmp olt <8 x float> %932, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %936 = select <8 x i1> %935, <8 x float> %932, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %937 = fcmp ogt <8 x float> %936, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %938 = select <8 x i1> %937, <8 x float> %936, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %939 = fmul <8 x float> %934, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %940 = fneg <8 x float> %939
-  %941 = fcmp olt <8 x float> %940, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %942 = select <8 x i1> %941, <8 x float> %940, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %943 = fcmp ogt <8 x float> %942, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %944 = select <8 x i1> %943, <8 x float> %942, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %945 = call <8 x float> @llvm.fma.v8f32(<8 x float> %944, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %946 = call <8 x float> @llvm.floor.v8f32(<8 x float> %945)
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %944)
-  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %947)
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %948, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %948, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %948, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %948, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %952, <8 x float> %948, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %954 = fmul <8 x float> %948, %948
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %954, <8 x float> %948)
-  %956 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %957 = fptosi <8 x float> %946 to <8 x i32>
-  %958 = add <8 x i32> %957, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %959 = shl <8 x i32> %958, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %959 to <8 x float>
-  %exp102 = fmul <8 x float> %956, %exp.2n101
-  %960 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %960
-  %961 = fmul <8 x float> %934, %sigmoid103
-  %962 = fadd <8 x float> %938, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai104 = fmul <8 x float> %961, %962
-  %963 = fmul <8 x float> %oai104, %922
-  %964 = getelementptr inbounds float, ptr %924, i64 %col100
-  store <8 x float> %963, ptr %964, align 4
+  %895 = load <8 x float>, ptr %acc2076, align 4
+  %896 = load <8 x float>, ptr %acc2177, align 4
+  %897 = getelementptr inbounds float, ptr %bg, i64 %col100
+  %898 = load <8 x float>, ptr %897, align 4
+  %899 = fadd <8 x float> %895, %898
+  %900 = getelementptr inbounds float, ptr %bu, i64 %col100
+  %901 = load <8 x float>, ptr %900, align 4
+  %902 = fadd <8 x float> %896, %901
+  %903 = fcmp olt <8 x float> %899, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %904 = select <8 x i1> %903, <8 x float> %899, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %905 = fcmp olt <8 x float> %902, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %906 = select <8 x i1> %905, <8 x float> %902, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %907 = fcmp ogt <8 x float> %906, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %908 = select <8 x i1> %907, <8 x float> %906, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %909 = fmul <8 x float> %904, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %910 = fneg <8 x float> %909
+  %911 = fcmp olt <8 x float> %910, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %912 = select <8 x i1> %911, <8 x float> %910, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %913 = fcmp ogt <8 x float> %912, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %914 = select <8 x i1> %913, <8 x float> %912, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %916 = call <8 x float> @llvm.floor.v8f32(<8 x float> %915)
+  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %914)
+  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %917)
+  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %918, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> %918, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %918, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %918, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %918, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %924 = fmul <8 x float> %918, %918
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %924, <8 x float> %918)
+  %926 = fadd <8 x float> %925, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %927 = fptosi <8 x float> %916 to <8 x i32>
+  %928 = add <8 x i32> %927, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %929 = shl <8 x i32> %928, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %929 to <8 x float>
+  %exp102 = fmul <8 x float> %926, %exp.2n101
+  %930 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %930
+  %931 = fmul <8 x float> %904, %sigmoid103
+  %932 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai104 = fmul <8 x float> %931, %932
+  %933 = fmul <8 x float> %oai104, %892
+  %934 = getelementptr inbounds float, ptr %894, i64 %col100
+  store <8 x float> %933, ptr %934, align 4
+  %935 = add nsw i64 %r0, 3
+  %936 = getelementptr inbounds float, ptr %rw, i64 %935
+  %937 = load float, ptr %936, align 4
+  %938 = insertelement <8 x float> poison, float %937, i32 0
+  %939 = shufflevector <8 x float> %938, <8 x float> poison, <8 x i32> zeroinitializer
+  %940 = mul nsw i64 %935, 2880
+  %941 = getelementptr inbounds float, ptr %h, i64 %940
+  %col105 = mul nsw i64 %p, 8
+  %942 = load <8 x float>, ptr %acc3078, align 4
+  %943 = load <8 x float>, ptr %acc3179, align 4
+  %944 = getelementptr inbounds float, ptr %bg, i64 %col105
+  %945 = load <8 x float>, ptr %944, align 4
+  %946 = fadd <8 x float> %942, %945
+  %947 = getelementptr inbounds float, ptr %bu, i64 %col105
+  %948 = load <8 x float>, ptr %947, align 4
+  %949 = fadd <8 x float> %943, %948
+  %950 = fcmp olt <8 x float> %946, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %951 = select <8 x i1> %950, <8 x float> %946, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %952 = fcmp olt <8 x float> %949, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %953 = select <8 x i1> %952, <8 x float> %949, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %954 = fcmp ogt <8 x float> %953, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %955 = select <8 x i1> %954, <8 x float> %953, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %956 = fmul <8 x float> %951, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %957 = fneg <8 x float> %956
+  %958 = fcmp olt <8 x float> %957, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %959 = select <8 x i1> %958, <8 x float> %957, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %960 = fcmp ogt <8 x float> %959, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %961 = select <8 x i1> %960, <8 x float> %959, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %963 = call <8 x float> @llvm.floor.v8f32(<8 x float> %962)
+  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %961)
+  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %964)
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %965, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> %965, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %965, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %968, <8 x float> %965, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %965, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %971 = fmul <8 x float> %965, %965
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %971, <8 x float> %965)
+  %973 = fadd <8 x float> %972, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %974 = fptosi <8 x float> %963 to <8 x i32>
+  %975 = add <8 x i32> %974, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %976 = shl <8 x i32> %975, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n106 = bitcast <8 x i32> %976 to <8 x float>
+  %exp107 = fmul <8 x float> %973, %exp.2n106
+  %977 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %977
+  %978 = fmul <8 x float> %951, %sigmoid108
+  %979 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai109 = fmul <8 x float> %978, %979
+  %980 = fmul <8 x float> %oai109, %939
+  %981 = getelementptr inbounds float, ptr %941, i64 %col105
+  store <8 x float> %980, ptr %981, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %965 = add nsw i64 %r0, 0
-  %966 = getelementptr inbounds i32, ptr %rows, i64 %965
-  %967 = load i32, ptr %966, align 4
-  %968 = sext i32 %967 to i64
-  %969 = mul nsw i64 %968, 2880
-  %970 = getelementptr inbounds float, ptr %x, i64 %969
-  store <8 x float> zeroinitializer, ptr %acc00105, align 4
-  store <8 x float> zeroinitializer, ptr %acc01106, align 4
-  %971 = add nsw i64 %r0, 1
-  %972 = getelementptr inbounds i32, ptr %rows, i64 %971
-  %973 = load i32, ptr %972, align 4
-  %974 = sext i32 %973 to i64
-  %975 = mul nsw i64 %974, 2880
-  %976 = getelementptr inbounds float, ptr %x, i64 %975
-  store <8 x float> zeroinitializer, ptr %acc10107, align 4
-  store <8 x float> zeroinitializer, ptr %acc11108, align 4
-  %977 = add nsw i64 %r0, 2
-  %978 = getelementptr inbounds i32, ptr %rows, i64 %977
-  %979 = load i32, ptr %978, align 4
-  %980 = sext i32 %979 to i64
-  %981 = mul nsw i64 %980, 2880
-  %982 = getelementptr inbounds float, ptr %x, i64 %981
-  store <8 x float> zeroinitializer, ptr %acc20109, align 4
-  store <8 x float> zeroinitializer, ptr %acc21110, align 4
-  %panel.off111 = mul nsw i64 %p, 46080
-  %983 = getelementptr inbounds i16, ptr %panels, i64 %panel.off111
-  %984 = add nsw i64 %p, 1
-  %985 = icmp slt i64 %984, %p1
-  %986 = getelementptr inbounds i8, ptr %983, i64 92160
-  %987 = and i1 %pf.on, %985
-  %pf112 = select i1 %987, ptr %986, ptr %983
-  br label %k.head113
+  %982 = add nsw i64 %r0, 0
+  %983 = getelementptr inbounds i32, ptr %rows, i64 %982
+  %984 = load i32, ptr %983, align 4
+  %985 = sext i32 %984 to i64
+  %986 = mul nsw i64 %985, 2880
+  %987 = getelementptr inbounds float, ptr %x, i64 %986
+  store <8 x float> zeroinitializer, ptr %acc00110, align 4
+  store <8 x float> zeroinitializer, ptr %acc01111, align 4
+  %988 = add nsw i64 %r0, 1
+  %989 = getelementptr inbounds i32, ptr %rows, i64 %988
+  %990 = load i32, ptr %989, align 4
+  %991 = sext i32 %990 to i64
+  %992 = mul nsw i64 %991, 2880
+  %993 = getelementptr inbounds float, ptr %x, i64 %992
+  store <8 x float> zeroinitializer, ptr %acc10112, align 4
+  store <8 x float> zeroinitializer, ptr %acc11113, align 4
+  %994 = add nsw i64 %r0, 2
+  %995 = getelementptr inbounds i32, ptr %rows, i64 %994
+  %996 = load i32, ptr %995, align 4
+  %997 = sext i32 %996 to i64
+  %998 = mul nsw i64 %997, 2880
+  %999 = getelementptr inbounds float, ptr %x, i64 %998
+  store <8 x float> zeroinitializer, ptr %acc20114, align 4
+  store <8 x float> zeroinitializer, ptr %acc21115, align 4
+  %panel.off116 = mul nsw i64 %p, 46080
+  %1000 = getelementptr inbounds i16, ptr %panels, i64 %panel.off116
+  %1001 = add nsw i64 %p, 1
+  %1002 = icmp slt i64 %1001, %p1
+  %pf.on117 = and i1 %pf.on, %1002
+  %1003 = mul nsw i64 %pf.j, 92160
+  %1004 = lshr i64 %1003, %9
+  %1005 = add nsw i64 92160, %1004
+  %1006 = getelementptr inbounds i8, ptr %1000, i64 %1005
+  %pf118 = select i1 %pf.on117, ptr %1006, ptr %1000
+  %pf.sh119 = select i1 %pf.on117, i64 %9, i64 0
+  br label %k.head120
 
-k.head113:                                        ; preds = %k.body114, %tile.mr3
-  %k116 = phi i64 [ 0, %tile.mr3 ], [ %1021, %k.body114 ]
-  %988 = icmp slt i64 %k116, 2880
-  br i1 %988, label %k.body114, label %k.end115
+k.head120:                                        ; preds = %k.body121, %tile.mr3
+  %k123 = phi i64 [ 0, %tile.mr3 ], [ %1041, %k.body121 ]
+  %1007 = icmp slt i64 %k123, 2880
+  br i1 %1007, label %k.body121, label %k.end122
 
-k.body114:                                        ; preds = %k.head113
-  %989 = mul nsw i64 %k116, 16
-  %990 = add nsw i64 %panel.off111, %989
-  %991 = mul nsw i64 %k116, 32
-  %992 = getelementptr inbounds i8, ptr %pf112, i64 %991
-  call void @llvm.prefetch.p0(ptr %992, i32 0, i32 2, i32 1)
-  %993 = getelementptr inbounds i16, ptr %panels, i64 %990
-  %994 = load <8 x i32>, ptr %993, align 4
-  %995 = shl <8 x i32> %994, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0117 = bitcast <8 x i32> %995 to <8 x float>
-  %996 = and <8 x i32> %994, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1118 = bitcast <8 x i32> %996 to <8 x float>
-  %997 = getelementptr inbounds float, ptr %970, i64 %k116
-  %998 = load float, ptr %997, align 4
-  %999 = insertelement <8 x float> poison, float %998, i32 0
-  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
-  %1001 = load <8 x float>, ptr %acc00105, align 4
-  %1002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %b0117, <8 x float> %1001)
-  store <8 x float> %1002, ptr %acc00105, align 4
-  %1003 = load <8 x float>, ptr %acc01106, align 4
-  %1004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1000, <8 x float> %b1118, <8 x float> %1003)
-  store <8 x float> %1004, ptr %acc01106, align 4
-  %1005 = getelementptr inbounds float, ptr %976, i64 %k116
-  %1006 = load float, ptr %1005, align 4
-  %1007 = insertelement <8 x float> poison, float %1006, i32 0
-  %1008 = shufflevector <8 x float> %1007, <8 x float> poison, <8 x i32> zeroinitializer
-  %1009 = load <8 x float>, ptr %acc10107, align 4
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %b0117, <8 x float> %1009)
-  store <8 x float> %1010, ptr %acc10107, align 4
-  %1011 = load <8 x float>, ptr %acc11108, align 4
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> %b1118, <8 x float> %1011)
-  store <8 x float> %1012, ptr %acc11108, align 4
-  %1013 = getelementptr inbounds float, ptr %982, i64 %k116
-  %1014 = load float, ptr %1013, align 4
-  %1015 = insertelement <8 x float> poison, float %1014, i32 0
-  %1016 = shufflevector <8 x float> %1015, <8 x float> poison, <8 x i32> zeroinitializer
-  %1017 = load <8 x float>, ptr %acc20109, align 4
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %b0117, <8 x float> %1017)
-  store <8 x float> %1018, ptr %acc20109, align 4
-  %1019 = load <8 x float>, ptr %acc21110, align 4
-  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %b1118, <8 x float> %1019)
-  store <8 x float> %1020, ptr %acc21110, align 4
-  %1021 = add nsw i64 %k116, 1
-  br label %k.head113
+k.body121:                                        ; preds = %k.head120
+  %1008 = mul nsw i64 %k123, 16
+  %1009 = add nsw i64 %panel.off116, %1008
+  %1010 = mul nsw i64 %k123, 32
+  %1011 = lshr i64 %1010, %pf.sh119
+  %1012 = getelementptr inbounds i8, ptr %pf118, i64 %1011
+  call void @llvm.prefetch.p0(ptr %1012, i32 0, i32 2, i32 1)
+  %1013 = getelementptr inbounds i16, ptr %panels, i64 %1009
+  %1014 = load <8 x i32>, ptr %1013, align 4
+  %1015 = shl <8 x i32> %1014, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0124 = bitcast <8 x i32> %1015 to <8 x float>
+  %1016 = and <8 x i32> %1014, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1125 = bitcast <8 x i32> %1016 to <8 x float>
+  %1017 = getelementptr inbounds float, ptr %987, i64 %k123
+  %1018 = load float, ptr %1017, align 4
+  %1019 = insertelement <8 x float> poison, float %1018, i32 0
+  %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
+  %1021 = load <8 x float>, ptr %acc00110, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0124, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc00110, align 4
+  %1023 = load <8 x float>, ptr %acc01111, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1125, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc01111, align 4
+  %1025 = getelementptr inbounds float, ptr %993, i64 %k123
+  %1026 = load float, ptr %1025, align 4
+  %1027 = insertelement <8 x float> poison, float %1026, i32 0
+  %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
+  %1029 = load <8 x float>, ptr %acc10112, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0124, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc10112, align 4
+  %1031 = load <8 x float>, ptr %acc11113, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1125, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc11113, align 4
+  %1033 = getelementptr inbounds float, ptr %999, i64 %k123
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = load <8 x float>, ptr %acc20114, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0124, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc20114, align 4
+  %1039 = load <8 x float>, ptr %acc21115, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1125, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc21115, align 4
+  %1041 = add nsw i64 %k123, 1
+  br label %k.head120
 
-k.end115:                                         ; preds = %k.head113
-  %1022 = add nsw i64 %r0, 0
-  %1023 = getelementptr inbounds float, ptr %rw, i64 %1022
-  %1024 = load float, ptr %1023, align 4
-  %1025 = insertelement <8 x float> poison, float %1024, i32 0
-  %1026 = shufflevector <8 x float> %1025, <8 x float> poison, <8 x i32> zeroinitializer
-  %1027 = mul nsw i64 %1022, 2880
-  %1028 = getelementptr inbounds float, ptr %h, i64 %1027
-  %col119 = mul nsw i64 %p, 8
-  %1029 = load <8 x float>, ptr %acc00105, align 4
-  %1030 = load <8 x float>, ptr %acc01106, align 4
-  %1031 = getelementptr inbounds float, ptr %bg, i64 %col119
-  %1032 = load <8 x float>, ptr %1031, align 4
-  %1033 = fadd <8 x float> %1029, %1032
-  %1034 = getelementptr inbounds float, ptr %bu, i64 %col119
-  %1035 = load <8 x float>, ptr %1034, align 4
-  %1036 = fadd <8 x float> %1030, %1035
-  %1037 = fcmp olt <8 x float> %1033, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1038 = select <8 x i1> %1037, <8 x float> %1033, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1039 = fcmp olt <8 x float> %1036, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1040 = select <8 x i1> %1039, <8 x float> %1036, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1041 = fcmp ogt <8 x float> %1040, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1042 = select <8 x i1> %1041, <8 x float> %1040, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1043 = fmul <8 x float> %1038, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1044 = fneg <8 x float> %1043
-  %1045 = fcmp olt <8 x float> %1044, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1046 = select <8 x i1> %1045, <8 x float> %1044, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1047 = fcmp ogt <8 x float> %1046, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1048 = select <8 x i1> %1047, <8 x float> %1046, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1050 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1049)
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1048)
-  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1051)
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1052, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1052, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1052, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1052, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1052, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1058 = fmul <8 x float> %1052, %1052
-  %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1057, <8 x float> %1058, <8 x float> %1052)
-  %1060 = fadd <8 x float> %1059, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1061 = fptosi <8 x float> %1050 to <8 x i32>
-  %1062 = add <8 x i32> %1061, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1063 = shl <8 x i32> %1062, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n120 = bitcast <8 x i32> %1063 to <8 x float>
-  %exp121 = fmul <8 x float> %1060, %exp.2n120
-  %1064 = fadd <8 x float> %exp121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid122 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1064
-  %1065 = fmul <8 x float> %1038, %sigmoid122
-  %1066 = fadd <8 x float> %1042, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai123 = fmul <8 x float> %1065, %1066
-  %1067 = fmul <8 x float> %oai123, %1026
-  %1068 = getelementptr inbounds float, ptr %1028, i64 %col119
-  store <8 x float> %1067, ptr %1068, align 4
-  %1069 = add nsw i64 %r0, 1
-  %1070 = getelementptr inbounds float, ptr %rw, i64 %1069
-  %1071 = load float, ptr %1070, align 4
-  %1072 = insertelement <8 x float> poison, float %1071, i32 0
-  %1073 = shufflevector <8 x float> %1072, <8 x float> poison, <8 x i32> zeroinitializer
-  %1074 = mul nsw i64 %1069, 2880
-  %1075 = getelementptr inbounds float, ptr %h, i64 %1074
-  %col124 = mul nsw i64 %p, 8
-  %1076 = load <8 x float>, ptr %acc10107, align 4
-  %1077 = load <8 x float>, ptr %acc11108, align 4
-  %1078 = getelementptr inbounds float, ptr %bg, i64 %col124
-  %1079 = load <8 x float>, ptr %1078, align 4
-  %1080 = fadd <8 x float> %1076, %1079
-  %1081 = getelementptr inbounds float, ptr %bu, i64 %col124
-  %1082 = load <8 x float>, ptr %1081, align 4
-  %1083 = fadd <8 x float> %1077, %1082
-  %1084 = fcmp olt <8 x float> %1080, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1085 = select <8 x i1> %1084, <8 x float> %1080, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1086 = fcmp olt <8 x float> %1083, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1087 = select <8 x i1> %1086, <8 x float> %1083, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1088 = fcmp ogt <8 x float> %1087, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1089 = select <8 x i1> %1088, <8 x float> %1087, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1090 = fmul <8 x float> %1085, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1091 = fneg <8 x float> %1090
-  %1092 = fcmp olt <8 x float> %1091, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1093 = select <8 x i1> %1092, <8 x float> %1091, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1094 = fcmp ogt <8 x float> %1093, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1095 = select <8 x i1> %1094, <8 x float> %1093, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1097 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1096)
-  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1095)
-  %1099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1098)
-  %1100 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1099, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1100, <8 x float> %1099, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1101, <8 x float> %1099, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %1099, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1103, <8 x float> %1099, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1105 = fmul <8 x float> %1099, %1099
-  %1106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1104, <8 x float> %1105, <8 x float> %1099)
-  %1107 = fadd <8 x float> %1106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1108 = fptosi <8 x float> %1097 to <8 x i32>
-  %1109 = add <8 x i32> %1108, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1110 = shl <8 x i32> %1109, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n125 = bitcast <8 x i32> %1110 to <8 x float>
-  %exp126 = fmul <8 x float> %1107, %exp.2n125
-  %1111 = fadd <8 x float> %exp126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid127 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1111
-  %1112 = fmul <8 x float> %1085, %sigmoid127
-  %1113 = fadd <8 x float> %1089, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai128 = fmul <8 x float> %1112, %1113
-  %1114 = fmul <8 x float> %oai128, %1073
-  %1115 = getelementptr inbounds float, ptr %1075, i64 %col124
-  store <8 x float> %1114, ptr %1115, align 4
-  %1116 = add nsw i64 %r0, 2
-  %1117 = getelementptr inbounds float, ptr %rw, i64 %1116
-  %1118 = load float, ptr %1117, align 4
-  %1119 = insertelement <8 x float> poison, float %1118, i32 0
-  %1120 = shufflevector <8 x float> %1119, <8 x float> poison, <8 x i32> zeroinitializer
-  %1121 = mul nsw i64 %1116, 2880
-  %1122 = getelementptr inbounds float, ptr %h, i64 %1121
-  %col129 = mul nsw i64 %p, 8
-  %1123 = load <8 x float>, ptr %acc20109, align 4
-  %1124 = load <8 x float>, ptr %acc21110, align 4
-  %1125 = getelementptr inbounds float, ptr %bg, i64 %col129
-  %1126 = load <8 x float>, ptr %1125, align 4
-  %1127 = fadd <8 x float> %1123, %1126
-  %1128 = getelementptr inbounds float, ptr %bu, i64 %col129
-  %1129 = load <8 x float>, ptr %1128, align 4
-  %1130 = fadd <8 x float> %1124, %1129
-  %1131 = fcmp olt <8 x float> %1127, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1132 = select <8 x i1> %1131, <8 x float> %1127, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1133 = fcmp olt <8 x float> %1130, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1134 = select <8 x i1> %1133, <8 x float> %1130, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1135 = fcmp ogt <8 x float> %1134, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1136 = select <8 x i1> %1135, <8 x float> %1134, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1137 = fmul <8 x float> %1132, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1138 = fneg <8 x float> %1137
-  %1139 = fcmp olt <8 x float> %1138, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1140 = select <8 x i1> %1139, <8 x float> %1138, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1141 = fcmp ogt <8 x float> %1140, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1142 = select <8 x i1> %1141, <8 x float> %1140, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1144 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1143)
-  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1142)
-  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1145)
-  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1147, <8 x float> %1146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1148, <8 x float> %1146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1149, <8 x float> %1146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %1146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1152 = fmul <8 x float> %1146, %1146
-  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1152, <8 x float> %1146)
-  %1154 = fadd <8 x float> %1153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1155 = fptosi <8 x float> %1144 to <8 x i32>
-  %1156 = add <8 x i32> %1155, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1157 = shl <8 x i32> %1156, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n130 = bitcast <8 x i32> %1157 to <8 x float>
-  %exp131 = fmul <8 x float> %1154, %exp.2n130
-  %1158 = fadd <8 x float> %exp131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid132 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1158
-  %1159 = fmul <8 x float> %1132, %sigmoid132
-  %1160 = fadd <8 x float> %1136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai133 = fmul <8 x float> %1159, %1160
-  %1161 = fmul <8 x float> %oai133, %1120
-  %1162 = getelementptr inbounds float, ptr %1122, i64 %col129
-  store <8 x float> %1161, ptr %1162, align 4
+k.end122:                                         ; preds = %k.head120
+  %1042 = add nsw i64 %r0, 0
+  %1043 = getelementptr inbounds float, ptr %rw, i64 %1042
+  %1044 = load float, ptr %1043, align 4
+  %1045 = insertelement <8 x float> poison, float %1044, i32 0
+  %1046 = shufflevector <8 x float> %1045, <8 x float> poison, <8 x i32> zeroinitializer
+  %1047 = mul nsw i64 %1042, 2880
+  %1048 = getelementptr inbounds float, ptr %h, i64 %1047
+  %col126 = mul nsw i64 %p, 8
+  %1049 = load <8 x float>, ptr %acc00110, align 4
+  %1050 = load <8 x float>, ptr %acc01111, align 4
+  %1051 = getelementptr inbounds float, ptr %bg, i64 %col126
+  %1052 = load <8 x float>, ptr %1051, align 4
+  %1053 = fadd <8 x float> %1049, %1052
+  %1054 = getelementptr inbounds float, ptr %bu, i64 %col126
+  %1055 = load <8 x float>, ptr %1054, align 4
+  %1056 = fadd <8 x float> %1050, %1055
+  %1057 = fcmp olt <8 x float> %1053, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1058 = select <8 x i1> %1057, <8 x float> %1053, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1059 = fcmp olt <8 x float> %1056, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1060 = select <8 x i1> %1059, <8 x float> %1056, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1061 = fcmp ogt <8 x float> %1060, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1062 = select <8 x i1> %1061, <8 x float> %1060, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1063 = fmul <8 x float> %1058, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1064 = fneg <8 x float> %1063
+  %1065 = fcmp olt <8 x float> %1064, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1066 = select <8 x i1> %1065, <8 x float> %1064, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1067 = fcmp ogt <8 x float> %1066, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1068 = select <8 x i1> %1067, <8 x float> %1066, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1070 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1069)
+  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1068)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1071)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1072, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1072, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1072, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1072, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1072, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1078 = fmul <8 x float> %1072, %1072
+  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1078, <8 x float> %1072)
+  %1080 = fadd <8 x float> %1079, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1081 = fptosi <8 x float> %1070 to <8 x i32>
+  %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n127 = bitcast <8 x i32> %1083 to <8 x float>
+  %exp128 = fmul <8 x float> %1080, %exp.2n127
+  %1084 = fadd <8 x float> %exp128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid129 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
+  %1085 = fmul <8 x float> %1058, %sigmoid129
+  %1086 = fadd <8 x float> %1062, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai130 = fmul <8 x float> %1085, %1086
+  %1087 = fmul <8 x float> %oai130, %1046
+  %1088 = getelementptr inbounds float, ptr %1048, i64 %col126
+  store <8 x float> %1087, ptr %1088, align 4
+  %1089 = add nsw i64 %r0, 1
+  %1090 = getelementptr inbounds float, ptr %rw, i64 %1089
+  %1091 = load float, ptr %1090, align 4
+  %1092 = insertelement <8 x float> poison, float %1091, i32 0
+  %1093 = shufflevector <8 x float> %1092, <8 x float> poison, <8 x i32> zeroinitializer
+  %1094 = mul nsw i64 %1089, 2880
+  %1095 = getelementptr inbounds float, ptr %h, i64 %1094
+  %col131 = mul nsw i64 %p, 8
+  %1096 = load <8 x float>, ptr %acc10112, align 4
+  %1097 = load <8 x float>, ptr %acc11113, align 4
+  %1098 = getelementptr inbounds float, ptr %bg, i64 %col131
+  %1099 = load <8 x float>, ptr %1098, align 4
+  %1100 = fadd <8 x float> %1096, %1099
+  %1101 = getelementptr inbounds float, ptr %bu, i64 %col131
+  %1102 = load <8 x float>, ptr %1101, align 4
+  %1103 = fadd <8 x float> %1097, %1102
+  %1104 = fcmp olt <8 x float> %1100, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1105 = select <8 x i1> %1104, <8 x float> %1100, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1106 = fcmp olt <8 x float> %1103, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1107 = select <8 x i1> %1106, <8 x float> %1103, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1108 = fcmp ogt <8 x float> %1107, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1109 = select <8 x i1> %1108, <8 x float> %1107, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1110 = fmul <8 x float> %1105, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1111 = fneg <8 x float> %1110
+  %1112 = fcmp olt <8 x float> %1111, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1113 = select <8 x i1> %1112, <8 x float> %1111, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1114 = fcmp ogt <8 x float> %1113, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1115 = select <8 x i1> %1114, <8 x float> %1113, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1115, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1117 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1116)
+  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1115)
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1118)
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1119, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1120, <8 x float> %1119, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1119, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1119, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1119, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1125 = fmul <8 x float> %1119, %1119
+  %1126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> %1125, <8 x float> %1119)
+  %1127 = fadd <8 x float> %1126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1128 = fptosi <8 x float> %1117 to <8 x i32>
+  %1129 = add <8 x i32> %1128, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1130 = shl <8 x i32> %1129, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n132 = bitcast <8 x i32> %1130 to <8 x float>
+  %exp133 = fmul <8 x float> %1127, %exp.2n132
+  %1131 = fadd <8 x float> %exp133, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid134 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1131
+  %1132 = fmul <8 x float> %1105, %sigmoid134
+  %1133 = fadd <8 x float> %1109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai135 = fmul <8 x float> %1132, %1133
+  %1134 = fmul <8 x float> %oai135, %1093
+  %1135 = getelementptr inbounds float, ptr %1095, i64 %col131
+  store <8 x float> %1134, ptr %1135, align 4
+  %1136 = add nsw i64 %r0, 2
+  %1137 = getelementptr inbounds float, ptr %rw, i64 %1136
+  %1138 = load float, ptr %1137, align 4
+  %1139 = insertelement <8 x float> poison, float %1138, i32 0
+  %1140 = shufflevector <8 x float> %1139, <8 x float> poison, <8 x i32> zeroinitializer
+  %1141 = mul nsw i64 %1136, 2880
+  %1142 = getelementptr inbounds float, ptr %h, i64 %1141
+  %col136 = mul nsw i64 %p, 8
+  %1143 = load <8 x float>, ptr %acc20114, align 4
+  %1144 = load <8 x float>, ptr %acc21115, align 4
+  %1145 = getelementptr inbounds float, ptr %bg, i64 %col136
+  %1146 = load <8 x float>, ptr %1145, align 4
+  %1147 = fadd <8 x float> %1143, %1146
+  %1148 = getelementptr inbounds float, ptr %bu, i64 %col136
+  %1149 = load <8 x float>, ptr %1148, align 4
+  %1150 = fadd <8 x float> %1144, %1149
+  %1151 = fcmp olt <8 x float> %1147, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1152 = select <8 x i1> %1151, <8 x float> %1147, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1153 = fcmp olt <8 x float> %1150, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1154 = select <8 x i1> %1153, <8 x float> %1150, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1155 = fcmp ogt <8 x float> %1154, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1156 = select <8 x i1> %1155, <8 x float> %1154, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1157 = fmul <8 x float> %1152, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1158 = fneg <8 x float> %1157
+  %1159 = fcmp olt <8 x float> %1158, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1160 = select <8 x i1> %1159, <8 x float> %1158, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1161 = fcmp ogt <8 x float> %1160, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1162 = select <8 x i1> %1161, <8 x float> %1160, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1162, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1164 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1163)
+  %1165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1164, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1162)
+  %1166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1164, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1165)
+  %1167 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1166, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1167, <8 x float> %1166, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1166, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1169, <8 x float> %1166, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1170, <8 x float> %1166, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1172 = fmul <8 x float> %1166, %1166
+  %1173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1171, <8 x float> %1172, <8 x float> %1166)
+  %1174 = fadd <8 x float> %1173, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1175 = fptosi <8 x float> %1164 to <8 x i32>
+  %1176 = add <8 x i32> %1175, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1177 = shl <8 x i32> %1176, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n137 = bitcast <8 x i32> %1177 to <8 x float>
+  %exp138 = fmul <8 x float> %1174, %exp.2n137
+  %1178 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1178
+  %1179 = fmul <8 x float> %1152, %sigmoid139
+  %1180 = fadd <8 x float> %1156, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai140 = fmul <8 x float> %1179, %1180
+  %1181 = fmul <8 x float> %oai140, %1140
+  %1182 = getelementptr inbounds float, ptr %1142, i64 %col136
+  store <8 x float> %1181, ptr %1182, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1163 = add nsw i64 %r0, 0
-  %1164 = getelementptr inbounds i32, ptr %rows, i64 %1163
-  %1165 = load i32, ptr %1164, align 4
-  %1166 = sext i32 %1165 to i64
-  %1167 = mul nsw i64 %1166, 2880
-  %1168 = getelementptr inbounds float, ptr %x, i64 %1167
-  store <8 x float> zeroinitializer, ptr %acc00134, align 4
-  store <8 x float> zeroinitializer, ptr %acc01135, align 4
-  %1169 = add nsw i64 %r0, 1
-  %1170 = getelementptr inbounds i32, ptr %rows, i64 %1169
-  %1171 = load i32, ptr %1170, align 4
-  %1172 = sext i32 %1171 to i64
-  %1173 = mul nsw i64 %1172, 2880
-  %1174 = getelementptr inbounds float, ptr %x, i64 %1173
-  store <8 x float> zeroinitializer, ptr %acc10136, align 4
-  store <8 x float> zeroinitializer, ptr %acc11137, align 4
-  %panel.off138 = mul nsw i64 %p, 46080
-  %1175 = getelementptr inbounds i16, ptr %panels, i64 %panel.off138
-  %1176 = add nsw i64 %p, 1
-  %1177 = icmp slt i64 %1176, %p1
-  %1178 = getelementptr inbounds i8, ptr %1175, i64 92160
-  %1179 = and i1 %pf.on, %1177
-  %pf139 = select i1 %1179, ptr %1178, ptr %1175
-  br label %k.head140
+  %1183 = add nsw i64 %r0, 0
+  %1184 = getelementptr inbounds i32, ptr %rows, i64 %1183
+  %1185 = load i32, ptr %1184, align 4
+  %1186 = sext i32 %1185 to i64
+  %1187 = mul nsw i64 %1186, 2880
+  %1188 = getelementptr inbounds float, ptr %x, i64 %1187
+  store <8 x float> zeroinitializer, ptr %acc00141, align 4
+  store <8 x float> zeroinitializer, ptr %acc01142, align 4
+  %1189 = add nsw i64 %r0, 1
+  %1190 = getelementptr inbounds i32, ptr %rows, i64 %1189
+  %1191 = load i32, ptr %1190, align 4
+  %1192 = sext i32 %1191 to i64
+  %1193 = mul nsw i64 %1192, 2880
+  %1194 = getelementptr inbounds float, ptr %x, i64 %1193
+  store <8 x float> zeroinitializer, ptr %acc10143, align 4
+  store <8 x float> zeroinitializer, ptr %acc11144, align 4
+  %panel.off145 = mul nsw i64 %p, 46080
+  %1195 = getelementptr inbounds i16, ptr %panels, i64 %panel.off145
+  %1196 = add nsw i64 %p, 1
+  %1197 = icmp slt i64 %1196, %p1
+  %pf.on146 = and i1 %pf.on, %1197
+  %1198 = mul nsw i64 %pf.j, 92160
+  %1199 = lshr i64 %1198, %9
+  %1200 = add nsw i64 92160, %1199
+  %1201 = getelementptr inbounds i8, ptr %1195, i64 %1200
+  %pf147 = select i1 %pf.on146, ptr %1201, ptr %1195
+  %pf.sh148 = select i1 %pf.on146, i64 %9, i64 0
+  br label %k.head149
 
-k.head140:                                        ; preds = %k.body141, %tile.mr2
-  %k143 = phi i64 [ 0, %tile.mr2 ], [ %1205, %k.body141 ]
-  %1180 = icmp slt i64 %k143, 2880
-  br i1 %1180, label %k.body141, label %k.end142
+k.head149:                                        ; preds = %k.body150, %tile.mr2
+  %k152 = phi i64 [ 0, %tile.mr2 ], [ %1228, %k.body150 ]
+  %1202 = icmp slt i64 %k152, 2880
+  br i1 %1202, label %k.body150, label %k.end151
 
-k.body141:                                        ; preds = %k.head140
-  %1181 = mul nsw i64 %k143, 16
-  %1182 = add nsw i64 %panel.off138, %1181
-  %1183 = mul nsw i64 %k143, 32
-  %1184 = getelementptr inbounds i8, ptr %pf139, i64 %1183
-  call void @llvm.prefetch.p0(ptr %1184, i32 0, i32 2, i32 1)
-  %1185 = getelementptr inbounds i16, ptr %panels, i64 %1182
-  %1186 = load <8 x i32>, ptr %1185, align 4
-  %1187 = shl <8 x i32> %1186, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %1187 to <8 x float>
-  %1188 = and <8 x i32> %1186, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %1188 to <8 x float>
-  %1189 = getelementptr inbounds float, ptr %1168, i64 %k143
-  %1190 = load float, ptr %1189, align 4
-  %1191 = insertelement <8 x float> poison, float %1190, i32 0
-  %1192 = shufflevector <8 x float> %1191, <8 x float> poison, <8 x i32> zeroinitializer
-  %1193 = load <8 x float>, ptr %acc00134, align 4
-  %1194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1192, <8 x float> %b0144, <8 x float> %1193)
-  store <8 x float> %1194, ptr %acc00134, align 4
-  %1195 = load <8 x float>, ptr %acc01135, align 4
-  %1196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1192, <8 x float> %b1145, <8 x float> %1195)
-  store <8 x float> %1196, ptr %acc01135, align 4
-  %1197 = getelementptr inbounds float, ptr %1174, i64 %k143
-  %1198 = load float, ptr %1197, align 4
-  %1199 = insertelement <8 x float> poison, float %1198, i32 0
-  %1200 = shufflevector <8 x float> %1199, <8 x float> poison, <8 x i32> zeroinitializer
-  %1201 = load <8 x float>, ptr %acc10136, align 4
-  %1202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1200, <8 x float> %b0144, <8 x float> %1201)
-  store <8 x float> %1202, ptr %acc10136, align 4
-  %1203 = load <8 x float>, ptr %acc11137, align 4
-  %1204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1200, <8 x float> %b1145, <8 x float> %1203)
-  store <8 x float> %1204, ptr %acc11137, align 4
-  %1205 = add nsw i64 %k143, 1
-  br label %k.head140
+k.body150:                                        ; preds = %k.head149
+  %1203 = mul nsw i64 %k152, 16
+  %1204 = add nsw i64 %panel.off145, %1203
+  %1205 = mul nsw i64 %k152, 32
+  %1206 = lshr i64 %1205, %pf.sh148
+  %1207 = getelementptr inbounds i8, ptr %pf147, i64 %1206
+  call void @llvm.prefetch.p0(ptr %1207, i32 0, i32 2, i32 1)
+  %1208 = getelementptr inbounds i16, ptr %panels, i64 %1204
+  %1209 = load <8 x i32>, ptr %1208, align 4
+  %1210 = shl <8 x i32> %1209, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0153 = bitcast <8 x i32> %1210 to <8 x float>
+  %1211 = and <8 x i32> %1209, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1154 = bitcast <8 x i32> %1211 to <8 x float>
+  %1212 = getelementptr inbounds float, ptr %1188, i64 %k152
+  %1213 = load float, ptr %1212, align 4
+  %1214 = insertelement <8 x float> poison, float %1213, i32 0
+  %1215 = shufflevector <8 x float> %1214, <8 x float> poison, <8 x i32> zeroinitializer
+  %1216 = load <8 x float>, ptr %acc00141, align 4
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b0153, <8 x float> %1216)
+  store <8 x float> %1217, ptr %acc00141, align 4
+  %1218 = load <8 x float>, ptr %acc01142, align 4
+  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b1154, <8 x float> %1218)
+  store <8 x float> %1219, ptr %acc01142, align 4
+  %1220 = getelementptr inbounds float, ptr %1194, i64 %k152
+  %1221 = load float, ptr %1220, align 4
+  %1222 = insertelement <8 x float> poison, float %1221, i32 0
+  %1223 = shufflevector <8 x float> %1222, <8 x float> poison, <8 x i32> zeroinitializer
+  %1224 = load <8 x float>, ptr %acc10143, align 4
+  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b0153, <8 x float> %1224)
+  store <8 x float> %1225, ptr %acc10143, align 4
+  %1226 = load <8 x float>, ptr %acc11144, align 4
+  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b1154, <8 x float> %1226)
+  store <8 x float> %1227, ptr %acc11144, align 4
+  %1228 = add nsw i64 %k152, 1
+  br label %k.head149
 
-k.end142:                                         ; preds = %k.head140
-  %1206 = add nsw i64 %r0, 0
-  %1207 = getelementptr inbounds float, ptr %rw, i64 %1206
-  %1208 = load float, ptr %1207, align 4
-  %1209 = insertelement <8 x float> poison, float %1208, i32 0
-  %1210 = shufflevector <8 x float> %1209, <8 x float> poison, <8 x i32> zeroinitializer
-  %1211 = mul nsw i64 %1206, 2880
-  %1212 = getelementptr inbounds float, ptr %h, i64 %1211
-  %col146 = mul nsw i64 %p, 8
-  %1213 = load <8 x float>, ptr %acc00134, align 4
-  %1214 = load <8 x float>, ptr %acc01135, align 4
-  %1215 = getelementptr inbounds float, ptr %bg, i64 %col146
-  %1216 = load <8 x float>, ptr %1215, align 4
-  %1217 = fadd <8 x float> %1213, %1216
-  %1218 = getelementptr inbounds float, ptr %bu, i64 %col146
-  %1219 = load <8 x float>, ptr %1218, align 4
-  %1220 = fadd <8 x float> %1214, %1219
-  %1221 = fcmp olt <8 x float> %1217, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1222 = select <8 x i1> %1221, <8 x float> %1217, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1223 = fcmp olt <8 x float> %1220, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1224 = select <8 x i1> %1223, <8 x float> %1220, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1225 = fcmp ogt <8 x float> %1224, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1226 = select <8 x i1> %1225, <8 x float> %1224, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1227 = fmul <8 x float> %1222, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1228 = fneg <8 x float> %1227
-  %1229 = fcmp olt <8 x float> %1228, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1230 = select <8 x i1> %1229, <8 x float> %1228, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1231 = fcmp ogt <8 x float> %1230, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1232 = select <8 x i1> %1231, <8 x float> %1230, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1232, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1234 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1233)
-  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1232)
-  %1236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1235)
-  %1237 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1236, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> %1236, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1238, <8 x float> %1236, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %1236, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> %1236, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1242 = fmul <8 x float> %1236, %1236
-  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1242, <8 x float> %1236)
-  %1244 = fadd <8 x float> %1243, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1245 = fptosi <8 x float> %1234 to <8 x i32>
-  %1246 = add <8 x i32> %1245, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1247 = shl <8 x i32> %1246, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %1247 to <8 x float>
-  %exp148 = fmul <8 x float> %1244, %exp.2n147
-  %1248 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1248
-  %1249 = fmul <8 x float> %1222, %sigmoid149
-  %1250 = fadd <8 x float> %1226, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai150 = fmul <8 x float> %1249, %1250
-  %1251 = fmul <8 x float> %oai150, %1210
-  %1252 = getelementptr inbounds float, ptr %1212, i64 %col146
-  store <8 x float> %1251, ptr %1252, align 4
-  %1253 = add nsw i64 %r0, 1
-  %1254 = getelementptr inbounds float, ptr %rw, i64 %1253
-  %1255 = load float, ptr %1254, align 4
-  %1256 = insertelement <8 x float> poison, float %1255, i32 0
-  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
-  %1258 = mul nsw i64 %1253, 2880
-  %1259 = getelementptr inbounds float, ptr %h, i64 %1258
-  %col151 = mul nsw i64 %p, 8
-  %1260 = load <8 x float>, ptr %acc10136, align 4
-  %1261 = load <8 x float>, ptr %acc11137, align 4
-  %1262 = getelementptr inbounds float, ptr %bg, i64 %col151
-  %1263 = load <8 x float>, ptr %1262, align 4
-  %1264 = fadd <8 x float> %1260, %1263
-  %1265 = getelementptr inbounds float, ptr %bu, i64 %col151
-  %1266 = load <8 x float>, ptr %1265, align 4
-  %1267 = fadd <8 x float> %1261, %1266
-  %1268 = fcmp olt <8 x float> %1264, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1269 = select <8 x i1> %1268, <8 x float> %1264, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1270 = fcmp olt <8 x float> %1267, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1271 = select <8 x i1> %1270, <8 x float> %1267, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1272 = fcmp ogt <8 x float> %1271, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1273 = select <8 x i1> %1272, <8 x float> %1271, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1274 = fmul <8 x float> %1269, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1275 = fneg <8 x float> %1274
-  %1276 = fcmp olt <8 x float> %1275, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1277 = select <8 x i1> %1276, <8 x float> %1275, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1278 = fcmp ogt <8 x float> %1277, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1279 = select <8 x i1> %1278, <8 x float> %1277, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1281 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1280)
-  %1282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1281, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1279)
-  %1283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1281, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1282)
-  %1284 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1283, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1284, <8 x float> %1283, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1285, <8 x float> %1283, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1286, <8 x float> %1283, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1287, <8 x float> %1283, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1289 = fmul <8 x float> %1283, %1283
-  %1290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1288, <8 x float> %1289, <8 x float> %1283)
-  %1291 = fadd <8 x float> %1290, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1292 = fptosi <8 x float> %1281 to <8 x i32>
-  %1293 = add <8 x i32> %1292, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1294 = shl <8 x i32> %1293, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n152 = bitcast <8 x i32> %1294 to <8 x float>
-  %exp153 = fmul <8 x float> %1291, %exp.2n152
-  %1295 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1295
-  %1296 = fmul <8 x float> %1269, %sigmoid154
-  %1297 = fadd <8 x float> %1273, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai155 = fmul <8 x float> %1296, %1297
-  %1298 = fmul <8 x float> %oai155, %1257
-  %1299 = getelementptr inbounds float, ptr %1259, i64 %col151
-  store <8 x float> %1298, ptr %1299, align 4
+k.end151:                                         ; preds = %k.head149
+  %1229 = add nsw i64 %r0, 0
+  %1230 = getelementptr inbounds float, ptr %rw, i64 %1229
+  %1231 = load float, ptr %1230, align 4
+  %1232 = insertelement <8 x float> poison, float %1231, i32 0
+  %1233 = shufflevector <8 x float> %1232, <8 x float> poison, <8 x i32> zeroinitializer
+  %1234 = mul nsw i64 %1229, 2880
+  %1235 = getelementptr inbounds float, ptr %h, i64 %1234
+  %col155 = mul nsw i64 %p, 8
+  %1236 = load <8 x float>, ptr %acc00141, align 4
+  %1237 = load <8 x float>, ptr %acc01142, align 4
+  %1238 = getelementptr inbounds float, ptr %bg, i64 %col155
+  %1239 = load <8 x float>, ptr %1238, align 4
+  %1240 = fadd <8 x float> %1236, %1239
+  %1241 = getelementptr inbounds float, ptr %bu, i64 %col155
+  %1242 = load <8 x float>, ptr %1241, align 4
+  %1243 = fadd <8 x float> %1237, %1242
+  %1244 = fcmp olt <8 x float> %1240, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1245 = select <8 x i1> %1244, <8 x float> %1240, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1246 = fcmp olt <8 x float> %1243, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1247 = select <8 x i1> %1246, <8 x float> %1243, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1248 = fcmp ogt <8 x float> %1247, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1249 = select <8 x i1> %1248, <8 x float> %1247, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1250 = fmul <8 x float> %1245, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1251 = fneg <8 x float> %1250
+  %1252 = fcmp olt <8 x float> %1251, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1253 = select <8 x i1> %1252, <8 x float> %1251, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1254 = fcmp ogt <8 x float> %1253, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1255 = select <8 x i1> %1254, <8 x float> %1253, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1255, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1257 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1256)
+  %1258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1255)
+  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1258)
+  %1260 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1259, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1260, <8 x float> %1259, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1261, <8 x float> %1259, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1262, <8 x float> %1259, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %1259, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1265 = fmul <8 x float> %1259, %1259
+  %1266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1264, <8 x float> %1265, <8 x float> %1259)
+  %1267 = fadd <8 x float> %1266, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1268 = fptosi <8 x float> %1257 to <8 x i32>
+  %1269 = add <8 x i32> %1268, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1270 = shl <8 x i32> %1269, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n156 = bitcast <8 x i32> %1270 to <8 x float>
+  %exp157 = fmul <8 x float> %1267, %exp.2n156
+  %1271 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1271
+  %1272 = fmul <8 x float> %1245, %sigmoid158
+  %1273 = fadd <8 x float> %1249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai159 = fmul <8 x float> %1272, %1273
+  %1274 = fmul <8 x float> %oai159, %1233
+  %1275 = getelementptr inbounds float, ptr %1235, i64 %col155
+  store <8 x float> %1274, ptr %1275, align 4
+  %1276 = add nsw i64 %r0, 1
+  %1277 = getelementptr inbounds float, ptr %rw, i64 %1276
+  %1278 = load float, ptr %1277, align 4
+  %1279 = insertelement <8 x float> poison, float %1278, i32 0
+  %1280 = shufflevector <8 x float> %1279, <8 x float> poison, <8 x i32> zeroinitializer
+  %1281 = mul nsw i64 %1276, 2880
+  %1282 = getelementptr inbounds float, ptr %h, i64 %1281
+  %col160 = mul nsw i64 %p, 8
+  %1283 = load <8 x float>, ptr %acc10143, align 4
+  %1284 = load <8 x float>, ptr %acc11144, align 4
+  %1285 = getelementptr inbounds float, ptr %bg, i64 %col160
+  %1286 = load <8 x float>, ptr %1285, align 4
+  %1287 = fadd <8 x float> %1283, %1286
+  %1288 = getelementptr inbounds float, ptr %bu, i64 %col160
+  %1289 = load <8 x float>, ptr %1288, align 4
+  %1290 = fadd <8 x float> %1284, %1289
+  %1291 = fcmp olt <8 x float> %1287, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1292 = select <8 x i1> %1291, <8 x float> %1287, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1293 = fcmp olt <8 x float> %1290, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1294 = select <8 x i1> %1293, <8 x float> %1290, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1295 = fcmp ogt <8 x float> %1294, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1296 = select <8 x i1> %1295, <8 x float> %1294, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1297 = fmul <8 x float> %1292, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1298 = fneg <8 x float> %1297
+  %1299 = fcmp olt <8 x float> %1298, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1300 = select <8 x i1> %1299, <8 x float> %1298, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1301 = fcmp ogt <8 x float> %1300, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1302 = select <8 x i1> %1301, <8 x float> %1300, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1302, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1304 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1303)
+  %1305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1302)
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1305)
+  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1306, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> %1306, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1306, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1306, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1306, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1312 = fmul <8 x float> %1306, %1306
+  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1312, <8 x float> %1306)
+  %1314 = fadd <8 x float> %1313, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1315 = fptosi <8 x float> %1304 to <8 x i32>
+  %1316 = add <8 x i32> %1315, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1317 = shl <8 x i32> %1316, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n161 = bitcast <8 x i32> %1317 to <8 x float>
+  %exp162 = fmul <8 x float> %1314, %exp.2n161
+  %1318 = fadd <8 x float> %exp162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid163 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
+  %1319 = fmul <8 x float> %1292, %sigmoid163
+  %1320 = fadd <8 x float> %1296, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai164 = fmul <8 x float> %1319, %1320
+  %1321 = fmul <8 x float> %oai164, %1280
+  %1322 = getelementptr inbounds float, ptr %1282, i64 %col160
+  store <8 x float> %1321, ptr %1322, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1300 = add nsw i64 %r0, 0
-  %1301 = getelementptr inbounds i32, ptr %rows, i64 %1300
-  %1302 = load i32, ptr %1301, align 4
-  %1303 = sext i32 %1302 to i64
-  %1304 = mul nsw i64 %1303, 2880
-  %1305 = getelementptr inbounds float, ptr %x, i64 %1304
-  store <8 x float> zeroinitializer, ptr %acc00156, align 4
-  store <8 x float> zeroinitializer, ptr %acc01157, align 4
-  %panel.off158 = mul nsw i64 %p, 46080
-  %1306 = getelementptr inbounds i16, ptr %panels, i64 %panel.off158
-  %1307 = add nsw i64 %p, 1
-  %1308 = icmp slt i64 %1307, %p1
-  %1309 = getelementptr inbounds i8, ptr %1306, i64 92160
-  %1310 = and i1 %pf.on, %1308
-  %pf159 = select i1 %1310, ptr %1309, ptr %1306
-  br label %k.head160
+  %1323 = add nsw i64 %r0, 0
+  %1324 = getelementptr inbounds i32, ptr %rows, i64 %1323
+  %1325 = load i32, ptr %1324, align 4
+  %1326 = sext i32 %1325 to i64
+  %1327 = mul nsw i64 %1326, 2880
+  %1328 = getelementptr inbounds float, ptr %x, i64 %1327
+  store <8 x float> zeroinitializer, ptr %acc00165, align 4
+  store <8 x float> zeroinitializer, ptr %acc01166, align 4
+  %panel.off167 = mul nsw i64 %p, 46080
+  %1329 = getelementptr inbounds i16, ptr %panels, i64 %panel.off167
+  %1330 = add nsw i64 %p, 1
+  %1331 = icmp slt i64 %1330, %p1
+  %pf.on168 = and i1 %pf.on, %1331
+  %1332 = mul nsw i64 %pf.j, 92160
+  %1333 = lshr i64 %1332, %9
+  %1334 = add nsw i64 92160, %1333
+  %1335 = getelementptr inbounds i8, ptr %1329, i64 %1334
+  %pf169 = select i1 %pf.on168, ptr %1335, ptr %1329
+  %pf.sh170 = select i1 %pf.on168, i64 %9, i64 0
+  br label %k.head171
 
-k.head160:                                        ; preds = %k.body161, %tile.mr1
-  %k163 = phi i64 [ 0, %tile.mr1 ], [ %1328, %k.body161 ]
-  %1311 = icmp slt i64 %k163, 2880
-  br i1 %1311, label %k.body161, label %k.end162
+k.head171:                                        ; preds = %k.body172, %tile.mr1
+  %k174 = phi i64 [ 0, %tile.mr1 ], [ %1354, %k.body172 ]
+  %1336 = icmp slt i64 %k174, 2880
+  br i1 %1336, label %k.body172, label %k.end173
 
-k.body161:                                        ; preds = %k.head160
-  %1312 = mul nsw i64 %k163, 16
-  %1313 = add nsw i64 %panel.off158, %1312
-  %1314 = mul nsw i64 %k163, 32
-  %1315 = getelementptr inbounds i8, ptr %pf159, i64 %1314
-  call void @llvm.prefetch.p0(ptr %1315, i32 0, i32 2, i32 1)
-  %1316 = getelementptr inbounds i16, ptr %panels, i64 %1313
-  %1317 = load <8 x i32>, ptr %1316, align 4
-  %1318 = shl <8 x i32> %1317, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0164 = bitcast <8 x i32> %1318 to <8 x float>
-  %1319 = and <8 x i32> %1317, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1165 = bitcast <8 x i32> %1319 to <8 x float>
-  %1320 = getelementptr inbounds float, ptr %1305, i64 %k163
-  %1321 = load float, ptr %1320, align 4
-  %1322 = insertelement <8 x float> poison, float %1321, i32 0
-  %1323 = shufflevector <8 x float> %1322, <8 x float> poison, <8 x i32> zeroinitializer
-  %1324 = load <8 x float>, ptr %acc00156, align 4
-  %1325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1323, <8 x float> %b0164, <8 x float> %1324)
-  store <8 x float> %1325, ptr %acc00156, align 4
-  %1326 = load <8 x float>, ptr %acc01157, align 4
-  %1327 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1323, <8 x float> %b1165, <8 x float> %1326)
-  store <8 x float> %1327, ptr %acc01157, align 4
-  %1328 = add nsw i64 %k163, 1
-  br label %k.head160
+k.body172:                                        ; preds = %k.head171
+  %1337 = mul nsw i64 %k174, 16
+  %1338 = add nsw i64 %panel.off167, %1337
+  %1339 = mul nsw i64 %k174, 32
+  %1340 = lshr i64 %1339, %pf.sh170
+  %1341 = getelementptr inbounds i8, ptr %pf169, i64 %1340
+  call void @llvm.prefetch.p0(ptr %1341, i32 0, i32 2, i32 1)
+  %1342 = getelementptr inbounds i16, ptr %panels, i64 %1338
+  %1343 = load <8 x i32>, ptr %1342, align 4
+  %1344 = shl <8 x i32> %1343, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0175 = bitcast <8 x i32> %1344 to <8 x float>
+  %1345 = and <8 x i32> %1343, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1176 = bitcast <8 x i32> %1345 to <8 x float>
+  %1346 = getelementptr inbounds float, ptr %1328, i64 %k174
+  %1347 = load float, ptr %1346, align 4
+  %1348 = insertelement <8 x float> poison, float %1347, i32 0
+  %1349 = shufflevector <8 x float> %1348, <8 x float> poison, <8 x i32> zeroinitializer
+  %1350 = load <8 x float>, ptr %acc00165, align 4
+  %1351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b0175, <8 x float> %1350)
+  store <8 x float> %1351, ptr %acc00165, align 4
+  %1352 = load <8 x float>, ptr %acc01166, align 4
+  %1353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b1176, <8 x float> %1352)
+  store <8 x float> %1353, ptr %acc01166, align 4
+  %1354 = add nsw i64 %k174, 1
+  br label %k.head171
 
-k.end162:                                         ; preds = %k.head160
-  %1329 = add nsw i64 %r0, 0
-  %1330 = getelementptr inbounds float, ptr %rw, i64 %1329
-  %1331 = load float, ptr %1330, align 4
-  %1332 = insertelement <8 x float> poison, float %1331, i32 0
-  %1333 = shufflevector <8 x float> %1332, <8 x float> poison, <8 x i32> zeroinitializer
-  %1334 = mul nsw i64 %1329, 2880
-  %1335 = getelementptr inbounds float, ptr %h, i64 %1334
-  %col166 = mul nsw i64 %p, 8
-  %1336 = load <8 x float>, ptr %acc00156, align 4
-  %1337 = load <8 x float>, ptr %acc01157, align 4
-  %1338 = getelementptr inbounds float, ptr %bg, i64 %col166
-  %1339 = load <8 x float>, ptr %1338, align 4
-  %1340 = fadd <8 x float> %1336, %1339
-  %1341 = getelementptr inbounds float, ptr %bu, i64 %col166
-  %1342 = load <8 x float>, ptr %1341, align 4
-  %1343 = fadd <8 x float> %1337, %1342
-  %1344 = fcmp olt <8 x float> %1340, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1345 = select <8 x i1> %1344, <8 x float> %1340, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1346 = fcmp olt <8 x float> %1343, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1347 = select <8 x i1> %1346, <8 x float> %1343, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1348 = fcmp ogt <8 x float> %1347, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1349 = select <8 x i1> %1348, <8 x float> %1347, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1350 = fmul <8 x float> %1345, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1351 = fneg <8 x float> %1350
-  %1352 = fcmp olt <8 x float> %1351, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1353 = select <8 x i1> %1352, <8 x float> %1351, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1354 = fcmp ogt <8 x float> %1353, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1355 = select <8 x i1> %1354, <8 x float> %1353, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1355, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1357 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1356)
-  %1358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1357, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1355)
-  %1359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1357, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1358)
-  %1360 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1359, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1360, <8 x float> %1359, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1361, <8 x float> %1359, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %1359, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1363, <8 x float> %1359, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1365 = fmul <8 x float> %1359, %1359
-  %1366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1364, <8 x float> %1365, <8 x float> %1359)
-  %1367 = fadd <8 x float> %1366, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1368 = fptosi <8 x float> %1357 to <8 x i32>
-  %1369 = add <8 x i32> %1368, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1370 = shl <8 x i32> %1369, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n167 = bitcast <8 x i32> %1370 to <8 x float>
-  %exp168 = fmul <8 x float> %1367, %exp.2n167
-  %1371 = fadd <8 x float> %exp168, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid169 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1371
-  %1372 = fmul <8 x float> %1345, %sigmoid169
-  %1373 = fadd <8 x float> %1349, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai170 = fmul <8 x float> %1372, %1373
-  %1374 = fmul <8 x float> %oai170, %1333
-  %1375 = getelementptr inbounds float, ptr %1335, i64 %col166
-  store <8 x float> %1374, ptr %1375, align 4
+k.end173:                                         ; preds = %k.head171
+  %1355 = add nsw i64 %r0, 0
+  %1356 = getelementptr inbounds float, ptr %rw, i64 %1355
+  %1357 = load float, ptr %1356, align 4
+  %1358 = insertelement <8 x float> poison, float %1357, i32 0
+  %1359 = shufflevector <8 x float> %1358, <8 x float> poison, <8 x i32> zeroinitializer
+  %1360 = mul nsw i64 %1355, 2880
+  %1361 = getelementptr inbounds float, ptr %h, i64 %1360
+  %col177 = mul nsw i64 %p, 8
+  %1362 = load <8 x float>, ptr %acc00165, align 4
+  %1363 = load <8 x float>, ptr %acc01166, align 4
+  %1364 = getelementptr inbounds float, ptr %bg, i64 %col177
+  %1365 = load <8 x float>, ptr %1364, align 4
+  %1366 = fadd <8 x float> %1362, %1365
+  %1367 = getelementptr inbounds float, ptr %bu, i64 %col177
+  %1368 = load <8 x float>, ptr %1367, align 4
+  %1369 = fadd <8 x float> %1363, %1368
+  %1370 = fcmp olt <8 x float> %1366, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1371 = select <8 x i1> %1370, <8 x float> %1366, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1372 = fcmp olt <8 x float> %1369, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1373 = select <8 x i1> %1372, <8 x float> %1369, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1374 = fcmp ogt <8 x float> %1373, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1375 = select <8 x i1> %1374, <8 x float> %1373, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1376 = fmul <8 x float> %1371, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1377 = fneg <8 x float> %1376
+  %1378 = fcmp olt <8 x float> %1377, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1379 = select <8 x i1> %1378, <8 x float> %1377, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1380 = fcmp ogt <8 x float> %1379, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1381 = select <8 x i1> %1380, <8 x float> %1379, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1381, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1383 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1382)
+  %1384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1383, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1381)
+  %1385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1383, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1384)
+  %1386 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1385, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1386, <8 x float> %1385, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1387, <8 x float> %1385, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1388, <8 x float> %1385, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1389, <8 x float> %1385, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1391 = fmul <8 x float> %1385, %1385
+  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1391, <8 x float> %1385)
+  %1393 = fadd <8 x float> %1392, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1394 = fptosi <8 x float> %1383 to <8 x i32>
+  %1395 = add <8 x i32> %1394, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1396 = shl <8 x i32> %1395, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n178 = bitcast <8 x i32> %1396 to <8 x float>
+  %exp179 = fmul <8 x float> %1393, %exp.2n178
+  %1397 = fadd <8 x float> %exp179, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid180 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1397
+  %1398 = fmul <8 x float> %1371, %sigmoid180
+  %1399 = fadd <8 x float> %1375, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai181 = fmul <8 x float> %1398, %1399
+  %1400 = fmul <8 x float> %oai181, %1359
+  %1401 = getelementptr inbounds float, ptr %1361, i64 %col177
+  store <8 x float> %1400, ptr %1401, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end162, %k.end142, %k.end115, %k.end81, %k.end40, %k.end
-  %1376 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end173, %k.end151, %k.end122, %k.end86, %k.end43, %k.end
+  %1402 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1377 = add nsw i64 %p, 1
+  %1403 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2716,36 +2756,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0021 = alloca <8 x float>, align 32
-  %acc0122 = alloca <8 x float>, align 32
-  %acc1023 = alloca <8 x float>, align 32
-  %acc1124 = alloca <8 x float>, align 32
-  %acc2025 = alloca <8 x float>, align 32
-  %acc2126 = alloca <8 x float>, align 32
-  %acc3027 = alloca <8 x float>, align 32
-  %acc3128 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1040 = alloca <8 x float>, align 32
-  %acc1141 = alloca <8 x float>, align 32
-  %acc2042 = alloca <8 x float>, align 32
-  %acc2143 = alloca <8 x float>, align 32
-  %acc0053 = alloca <8 x float>, align 32
-  %acc0154 = alloca <8 x float>, align 32
-  %acc1055 = alloca <8 x float>, align 32
-  %acc1156 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2754,7 +2794,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %916, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %942, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2762,7 +2802,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %915, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %941, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2770,9 +2810,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2783,586 +2833,580 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 2880
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 2880
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 2880
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 2880
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 2880
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 2880
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 2880
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 2880
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 2880
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 2880
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 2880
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 2880
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 2880
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 2880
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 2880
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 2880
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 2880
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 2880
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 2880
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 2880
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 2880
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 2880
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 2880
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 2880
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
-  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 92160
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 92160
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 92160, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
-  %95 = icmp slt i64 %k, 2880
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
+  %105 = icmp slt i64 %k, 2880
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 32
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %8, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %22, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %36, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %50, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %64, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %78, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 32
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
+  %112 = load <8 x i32>, ptr %111, align 4
+  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %113 to <8 x float>
+  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %114 to <8 x float>
+  %115 = getelementptr inbounds float, ptr %16, i64 %k
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = load <8 x float>, ptr %acc00, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
+  store <8 x float> %120, ptr %acc00, align 4
+  %121 = load <8 x float>, ptr %acc01, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
+  store <8 x float> %122, ptr %acc01, align 4
+  %123 = getelementptr inbounds float, ptr %30, i64 %k
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <8 x float> poison, float %124, i32 0
+  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
+  %127 = load <8 x float>, ptr %acc10, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
+  store <8 x float> %128, ptr %acc10, align 4
+  %129 = load <8 x float>, ptr %acc11, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
+  store <8 x float> %130, ptr %acc11, align 4
+  %131 = getelementptr inbounds float, ptr %44, i64 %k
+  %132 = load float, ptr %131, align 4
+  %133 = insertelement <8 x float> poison, float %132, i32 0
+  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
+  %135 = load <8 x float>, ptr %acc20, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
+  store <8 x float> %136, ptr %acc20, align 4
+  %137 = load <8 x float>, ptr %acc21, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
+  store <8 x float> %138, ptr %acc21, align 4
+  %139 = getelementptr inbounds float, ptr %58, i64 %k
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc30, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
+  store <8 x float> %144, ptr %acc30, align 4
+  %145 = load <8 x float>, ptr %acc31, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
+  store <8 x float> %146, ptr %acc31, align 4
+  %147 = getelementptr inbounds float, ptr %72, i64 %k
+  %148 = load float, ptr %147, align 4
+  %149 = insertelement <8 x float> poison, float %148, i32 0
+  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
+  %151 = load <8 x float>, ptr %acc40, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
+  store <8 x float> %152, ptr %acc40, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
+  store <8 x float> %154, ptr %acc41, align 4
+  %155 = getelementptr inbounds float, ptr %86, i64 %k
+  %156 = load float, ptr %155, align 4
+  %157 = insertelement <8 x float> poison, float %156, i32 0
+  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
+  %159 = load <8 x float>, ptr %acc50, align 4
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
+  store <8 x float> %160, ptr %acc50, align 4
+  %161 = load <8 x float>, ptr %acc51, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
+  store <8 x float> %162, ptr %acc51, align 4
+  %163 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = add nsw i64 %r0, 0
-  %154 = getelementptr inbounds float, ptr %rw, i64 %153
-  %155 = load float, ptr %154, align 4
-  %156 = insertelement <8 x float> poison, float %155, i32 0
-  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
-  %158 = load <8 x float>, ptr %acc00, align 4
-  %159 = add nsw i64 %col, 0
-  %160 = getelementptr inbounds float, ptr %bd, i64 %159
-  %161 = load <8 x float>, ptr %160, align 4
-  %162 = fmul <8 x float> %161, %157
-  %163 = fadd <8 x float> %158, %162
-  store <8 x float> %163, ptr %15, align 4
-  %164 = load <8 x float>, ptr %acc01, align 4
-  %165 = add nsw i64 %col, 8
-  %166 = getelementptr inbounds float, ptr %bd, i64 %165
-  %167 = load <8 x float>, ptr %166, align 4
-  %168 = fmul <8 x float> %167, %157
-  %169 = fadd <8 x float> %164, %168
-  store <8 x float> %169, ptr %18, align 4
-  %170 = add nsw i64 %r0, 1
-  %171 = getelementptr inbounds float, ptr %rw, i64 %170
-  %172 = load float, ptr %171, align 4
-  %173 = insertelement <8 x float> poison, float %172, i32 0
-  %174 = shufflevector <8 x float> %173, <8 x float> poison, <8 x i32> zeroinitializer
-  %175 = load <8 x float>, ptr %acc10, align 4
-  %176 = add nsw i64 %col, 0
+  %164 = add nsw i64 %r0, 0
+  %165 = getelementptr inbounds float, ptr %rw, i64 %164
+  %166 = load float, ptr %165, align 4
+  %167 = insertelement <8 x float> poison, float %166, i32 0
+  %168 = shufflevector <8 x float> %167, <8 x float> poison, <8 x i32> zeroinitializer
+  %169 = load <8 x float>, ptr %acc00, align 4
+  %170 = add nsw i64 %col, 0
+  %171 = getelementptr inbounds float, ptr %bd, i64 %170
+  %172 = load <8 x float>, ptr %171, align 4
+  %173 = fmul <8 x float> %172, %168
+  %174 = fadd <8 x float> %169, %173
+  store <8 x float> %174, ptr %23, align 4
+  %175 = load <8 x float>, ptr %acc01, align 4
+  %176 = add nsw i64 %col, 8
   %177 = getelementptr inbounds float, ptr %bd, i64 %176
   %178 = load <8 x float>, ptr %177, align 4
-  %179 = fmul <8 x float> %178, %174
+  %179 = fmul <8 x float> %178, %168
   %180 = fadd <8 x float> %175, %179
-  store <8 x float> %180, ptr %29, align 4
-  %181 = load <8 x float>, ptr %acc11, align 4
-  %182 = add nsw i64 %col, 8
-  %183 = getelementptr inbounds float, ptr %bd, i64 %182
-  %184 = load <8 x float>, ptr %183, align 4
-  %185 = fmul <8 x float> %184, %174
-  %186 = fadd <8 x float> %181, %185
-  store <8 x float> %186, ptr %32, align 4
-  %187 = add nsw i64 %r0, 2
-  %188 = getelementptr inbounds float, ptr %rw, i64 %187
-  %189 = load float, ptr %188, align 4
-  %190 = insertelement <8 x float> poison, float %189, i32 0
-  %191 = shufflevector <8 x float> %190, <8 x float> poison, <8 x i32> zeroinitializer
-  %192 = load <8 x float>, ptr %acc20, align 4
-  %193 = add nsw i64 %col, 0
+  store <8 x float> %180, ptr %26, align 4
+  %181 = add nsw i64 %r0, 1
+  %182 = getelementptr inbounds float, ptr %rw, i64 %181
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %acc10, align 4
+  %187 = add nsw i64 %col, 0
+  %188 = getelementptr inbounds float, ptr %bd, i64 %187
+  %189 = load <8 x float>, ptr %188, align 4
+  %190 = fmul <8 x float> %189, %185
+  %191 = fadd <8 x float> %186, %190
+  store <8 x float> %191, ptr %37, align 4
+  %192 = load <8 x float>, ptr %acc11, align 4
+  %193 = add nsw i64 %col, 8
   %194 = getelementptr inbounds float, ptr %bd, i64 %193
   %195 = load <8 x float>, ptr %194, align 4
-  %196 = fmul <8 x float> %195, %191
+  %196 = fmul <8 x float> %195, %185
   %197 = fadd <8 x float> %192, %196
-  store <8 x float> %197, ptr %43, align 4
-  %198 = load <8 x float>, ptr %acc21, align 4
-  %199 = add nsw i64 %col, 8
-  %200 = getelementptr inbounds float, ptr %bd, i64 %199
-  %201 = load <8 x float>, ptr %200, align 4
-  %202 = fmul <8 x float> %201, %191
-  %203 = fadd <8 x float> %198, %202
-  store <8 x float> %203, ptr %46, align 4
-  %204 = add nsw i64 %r0, 3
-  %205 = getelementptr inbounds float, ptr %rw, i64 %204
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc30, align 4
-  %210 = add nsw i64 %col, 0
+  store <8 x float> %197, ptr %40, align 4
+  %198 = add nsw i64 %r0, 2
+  %199 = getelementptr inbounds float, ptr %rw, i64 %198
+  %200 = load float, ptr %199, align 4
+  %201 = insertelement <8 x float> poison, float %200, i32 0
+  %202 = shufflevector <8 x float> %201, <8 x float> poison, <8 x i32> zeroinitializer
+  %203 = load <8 x float>, ptr %acc20, align 4
+  %204 = add nsw i64 %col, 0
+  %205 = getelementptr inbounds float, ptr %bd, i64 %204
+  %206 = load <8 x float>, ptr %205, align 4
+  %207 = fmul <8 x float> %206, %202
+  %208 = fadd <8 x float> %203, %207
+  store <8 x float> %208, ptr %51, align 4
+  %209 = load <8 x float>, ptr %acc21, align 4
+  %210 = add nsw i64 %col, 8
   %211 = getelementptr inbounds float, ptr %bd, i64 %210
   %212 = load <8 x float>, ptr %211, align 4
-  %213 = fmul <8 x float> %212, %208
+  %213 = fmul <8 x float> %212, %202
   %214 = fadd <8 x float> %209, %213
-  store <8 x float> %214, ptr %57, align 4
-  %215 = load <8 x float>, ptr %acc31, align 4
-  %216 = add nsw i64 %col, 8
-  %217 = getelementptr inbounds float, ptr %bd, i64 %216
-  %218 = load <8 x float>, ptr %217, align 4
-  %219 = fmul <8 x float> %218, %208
-  %220 = fadd <8 x float> %215, %219
-  store <8 x float> %220, ptr %60, align 4
-  %221 = add nsw i64 %r0, 4
-  %222 = getelementptr inbounds float, ptr %rw, i64 %221
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc40, align 4
-  %227 = add nsw i64 %col, 0
+  store <8 x float> %214, ptr %54, align 4
+  %215 = add nsw i64 %r0, 3
+  %216 = getelementptr inbounds float, ptr %rw, i64 %215
+  %217 = load float, ptr %216, align 4
+  %218 = insertelement <8 x float> poison, float %217, i32 0
+  %219 = shufflevector <8 x float> %218, <8 x float> poison, <8 x i32> zeroinitializer
+  %220 = load <8 x float>, ptr %acc30, align 4
+  %221 = add nsw i64 %col, 0
+  %222 = getelementptr inbounds float, ptr %bd, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  %224 = fmul <8 x float> %223, %219
+  %225 = fadd <8 x float> %220, %224
+  store <8 x float> %225, ptr %65, align 4
+  %226 = load <8 x float>, ptr %acc31, align 4
+  %227 = add nsw i64 %col, 8
   %228 = getelementptr inbounds float, ptr %bd, i64 %227
   %229 = load <8 x float>, ptr %228, align 4
-  %230 = fmul <8 x float> %229, %225
+  %230 = fmul <8 x float> %229, %219
   %231 = fadd <8 x float> %226, %230
-  store <8 x float> %231, ptr %71, align 4
-  %232 = load <8 x float>, ptr %acc41, align 4
-  %233 = add nsw i64 %col, 8
-  %234 = getelementptr inbounds float, ptr %bd, i64 %233
-  %235 = load <8 x float>, ptr %234, align 4
-  %236 = fmul <8 x float> %235, %225
-  %237 = fadd <8 x float> %232, %236
-  store <8 x float> %237, ptr %74, align 4
-  %238 = add nsw i64 %r0, 5
-  %239 = getelementptr inbounds float, ptr %rw, i64 %238
-  %240 = load float, ptr %239, align 4
-  %241 = insertelement <8 x float> poison, float %240, i32 0
-  %242 = shufflevector <8 x float> %241, <8 x float> poison, <8 x i32> zeroinitializer
-  %243 = load <8 x float>, ptr %acc50, align 4
-  %244 = add nsw i64 %col, 0
+  store <8 x float> %231, ptr %68, align 4
+  %232 = add nsw i64 %r0, 4
+  %233 = getelementptr inbounds float, ptr %rw, i64 %232
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc40, align 4
+  %238 = add nsw i64 %col, 0
+  %239 = getelementptr inbounds float, ptr %bd, i64 %238
+  %240 = load <8 x float>, ptr %239, align 4
+  %241 = fmul <8 x float> %240, %236
+  %242 = fadd <8 x float> %237, %241
+  store <8 x float> %242, ptr %79, align 4
+  %243 = load <8 x float>, ptr %acc41, align 4
+  %244 = add nsw i64 %col, 8
   %245 = getelementptr inbounds float, ptr %bd, i64 %244
   %246 = load <8 x float>, ptr %245, align 4
-  %247 = fmul <8 x float> %246, %242
+  %247 = fmul <8 x float> %246, %236
   %248 = fadd <8 x float> %243, %247
-  store <8 x float> %248, ptr %85, align 4
-  %249 = load <8 x float>, ptr %acc51, align 4
-  %250 = add nsw i64 %col, 8
-  %251 = getelementptr inbounds float, ptr %bd, i64 %250
-  %252 = load <8 x float>, ptr %251, align 4
-  %253 = fmul <8 x float> %252, %242
-  %254 = fadd <8 x float> %249, %253
-  store <8 x float> %254, ptr %88, align 4
+  store <8 x float> %248, ptr %82, align 4
+  %249 = add nsw i64 %r0, 5
+  %250 = getelementptr inbounds float, ptr %rw, i64 %249
+  %251 = load float, ptr %250, align 4
+  %252 = insertelement <8 x float> poison, float %251, i32 0
+  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
+  %254 = load <8 x float>, ptr %acc50, align 4
+  %255 = add nsw i64 %col, 0
+  %256 = getelementptr inbounds float, ptr %bd, i64 %255
+  %257 = load <8 x float>, ptr %256, align 4
+  %258 = fmul <8 x float> %257, %253
+  %259 = fadd <8 x float> %254, %258
+  store <8 x float> %259, ptr %93, align 4
+  %260 = load <8 x float>, ptr %acc51, align 4
+  %261 = add nsw i64 %col, 8
+  %262 = getelementptr inbounds float, ptr %bd, i64 %261
+  %263 = load <8 x float>, ptr %262, align 4
+  %264 = fmul <8 x float> %263, %253
+  %265 = fadd <8 x float> %260, %264
+  store <8 x float> %265, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %255 = add nsw i64 %r0, 0
-  %256 = mul nsw i64 %255, 2880
-  %257 = getelementptr inbounds float, ptr %h, i64 %256
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %255
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 2880
-  %262 = getelementptr inbounds float, ptr %y, i64 %261
-  %263 = add nsw i64 %col1, 0
-  %264 = getelementptr inbounds float, ptr %262, i64 %263
-  %265 = load <8 x float>, ptr %264, align 4
-  store <8 x float> %265, ptr %acc002, align 4
-  %266 = add nsw i64 %col1, 8
-  %267 = getelementptr inbounds float, ptr %262, i64 %266
-  %268 = load <8 x float>, ptr %267, align 4
-  store <8 x float> %268, ptr %acc013, align 4
-  %269 = add nsw i64 %r0, 1
-  %270 = mul nsw i64 %269, 2880
-  %271 = getelementptr inbounds float, ptr %h, i64 %270
-  %272 = getelementptr inbounds i32, ptr %rows, i64 %269
-  %273 = load i32, ptr %272, align 4
-  %274 = sext i32 %273 to i64
-  %275 = mul nsw i64 %274, 2880
-  %276 = getelementptr inbounds float, ptr %y, i64 %275
-  %277 = add nsw i64 %col1, 0
-  %278 = getelementptr inbounds float, ptr %276, i64 %277
+  %col2 = mul nsw i64 %p, 16
+  %266 = add nsw i64 %r0, 0
+  %267 = mul nsw i64 %266, 2880
+  %268 = getelementptr inbounds float, ptr %h, i64 %267
+  %269 = getelementptr inbounds i32, ptr %rows, i64 %266
+  %270 = load i32, ptr %269, align 4
+  %271 = sext i32 %270 to i64
+  %272 = mul nsw i64 %271, 2880
+  %273 = getelementptr inbounds float, ptr %y, i64 %272
+  %274 = add nsw i64 %col2, 0
+  %275 = getelementptr inbounds float, ptr %273, i64 %274
+  %276 = load <8 x float>, ptr %275, align 4
+  store <8 x float> %276, ptr %acc003, align 4
+  %277 = add nsw i64 %col2, 8
+  %278 = getelementptr inbounds float, ptr %273, i64 %277
   %279 = load <8 x float>, ptr %278, align 4
-  store <8 x float> %279, ptr %acc104, align 4
-  %280 = add nsw i64 %col1, 8
-  %281 = getelementptr inbounds float, ptr %276, i64 %280
-  %282 = load <8 x float>, ptr %281, align 4
-  store <8 x float> %282, ptr %acc115, align 4
-  %283 = add nsw i64 %r0, 2
-  %284 = mul nsw i64 %283, 2880
-  %285 = getelementptr inbounds float, ptr %h, i64 %284
-  %286 = getelementptr inbounds i32, ptr %rows, i64 %283
-  %287 = load i32, ptr %286, align 4
-  %288 = sext i32 %287 to i64
-  %289 = mul nsw i64 %288, 2880
-  %290 = getelementptr inbounds float, ptr %y, i64 %289
-  %291 = add nsw i64 %col1, 0
-  %292 = getelementptr inbounds float, ptr %290, i64 %291
+  store <8 x float> %279, ptr %acc014, align 4
+  %280 = add nsw i64 %r0, 1
+  %281 = mul nsw i64 %280, 2880
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %283 = getelementptr inbounds i32, ptr %rows, i64 %280
+  %284 = load i32, ptr %283, align 4
+  %285 = sext i32 %284 to i64
+  %286 = mul nsw i64 %285, 2880
+  %287 = getelementptr inbounds float, ptr %y, i64 %286
+  %288 = add nsw i64 %col2, 0
+  %289 = getelementptr inbounds float, ptr %287, i64 %288
+  %290 = load <8 x float>, ptr %289, align 4
+  store <8 x float> %290, ptr %acc105, align 4
+  %291 = add nsw i64 %col2, 8
+  %292 = getelementptr inbounds float, ptr %287, i64 %291
   %293 = load <8 x float>, ptr %292, align 4
-  store <8 x float> %293, ptr %acc206, align 4
-  %294 = add nsw i64 %col1, 8
-  %295 = getelementptr inbounds float, ptr %290, i64 %294
-  %296 = load <8 x float>, ptr %295, align 4
-  store <8 x float> %296, ptr %acc217, align 4
-  %297 = add nsw i64 %r0, 3
-  %298 = mul nsw i64 %297, 2880
-  %299 = getelementptr inbounds float, ptr %h, i64 %298
-  %300 = getelementptr inbounds i32, ptr %rows, i64 %297
-  %301 = load i32, ptr %300, align 4
-  %302 = sext i32 %301 to i64
-  %303 = mul nsw i64 %302, 2880
-  %304 = getelementptr inbounds float, ptr %y, i64 %303
-  %305 = add nsw i64 %col1, 0
-  %306 = getelementptr inbounds float, ptr %304, i64 %305
+  store <8 x float> %293, ptr %acc116, align 4
+  %294 = add nsw i64 %r0, 2
+  %295 = mul nsw i64 %294, 2880
+  %296 = getelementptr inbounds float, ptr %h, i64 %295
+  %297 = getelementptr inbounds i32, ptr %rows, i64 %294
+  %298 = load i32, ptr %297, align 4
+  %299 = sext i32 %298 to i64
+  %300 = mul nsw i64 %299, 2880
+  %301 = getelementptr inbounds float, ptr %y, i64 %300
+  %302 = add nsw i64 %col2, 0
+  %303 = getelementptr inbounds float, ptr %301, i64 %302
+  %304 = load <8 x float>, ptr %303, align 4
+  store <8 x float> %304, ptr %acc207, align 4
+  %305 = add nsw i64 %col2, 8
+  %306 = getelementptr inbounds float, ptr %301, i64 %305
   %307 = load <8 x float>, ptr %306, align 4
-  store <8 x float> %307, ptr %acc308, align 4
-  %308 = add nsw i64 %col1, 8
-  %309 = getelementptr inbounds float, ptr %304, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc319, align 4
-  %311 = add nsw i64 %r0, 4
-  %312 = mul nsw i64 %311, 2880
-  %313 = getelementptr inbounds float, ptr %h, i64 %312
-  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %315 = load i32, ptr %314, align 4
-  %316 = sext i32 %315 to i64
-  %317 = mul nsw i64 %316, 2880
-  %318 = getelementptr inbounds float, ptr %y, i64 %317
-  %319 = add nsw i64 %col1, 0
-  %320 = getelementptr inbounds float, ptr %318, i64 %319
+  store <8 x float> %307, ptr %acc218, align 4
+  %308 = add nsw i64 %r0, 3
+  %309 = mul nsw i64 %308, 2880
+  %310 = getelementptr inbounds float, ptr %h, i64 %309
+  %311 = getelementptr inbounds i32, ptr %rows, i64 %308
+  %312 = load i32, ptr %311, align 4
+  %313 = sext i32 %312 to i64
+  %314 = mul nsw i64 %313, 2880
+  %315 = getelementptr inbounds float, ptr %y, i64 %314
+  %316 = add nsw i64 %col2, 0
+  %317 = getelementptr inbounds float, ptr %315, i64 %316
+  %318 = load <8 x float>, ptr %317, align 4
+  store <8 x float> %318, ptr %acc309, align 4
+  %319 = add nsw i64 %col2, 8
+  %320 = getelementptr inbounds float, ptr %315, i64 %319
   %321 = load <8 x float>, ptr %320, align 4
-  store <8 x float> %321, ptr %acc4010, align 4
-  %322 = add nsw i64 %col1, 8
-  %323 = getelementptr inbounds float, ptr %318, i64 %322
-  %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 46080
-  %325 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
-  %326 = add nsw i64 %p, 1
-  %327 = icmp slt i64 %326, %p1
-  %328 = getelementptr inbounds i8, ptr %325, i64 92160
-  %329 = and i1 %pf.on, %327
-  %pf13 = select i1 %329, ptr %328, ptr %325
-  br label %k.head14
+  store <8 x float> %321, ptr %acc3110, align 4
+  %322 = add nsw i64 %r0, 4
+  %323 = mul nsw i64 %322, 2880
+  %324 = getelementptr inbounds float, ptr %h, i64 %323
+  %325 = getelementptr inbounds i32, ptr %rows, i64 %322
+  %326 = load i32, ptr %325, align 4
+  %327 = sext i32 %326 to i64
+  %328 = mul nsw i64 %327, 2880
+  %329 = getelementptr inbounds float, ptr %y, i64 %328
+  %330 = add nsw i64 %col2, 0
+  %331 = getelementptr inbounds float, ptr %329, i64 %330
+  %332 = load <8 x float>, ptr %331, align 4
+  store <8 x float> %332, ptr %acc4011, align 4
+  %333 = add nsw i64 %col2, 8
+  %334 = getelementptr inbounds float, ptr %329, i64 %333
+  %335 = load <8 x float>, ptr %334, align 4
+  store <8 x float> %335, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 46080
+  %336 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %337 = add nsw i64 %p, 1
+  %338 = icmp slt i64 %337, %p1
+  %pf.on14 = and i1 %pf.on, %338
+  %339 = mul nsw i64 %pf.j, 92160
+  %340 = lshr i64 %339, %10
+  %341 = add nsw i64 92160, %340
+  %342 = getelementptr inbounds i8, ptr %336, i64 %341
+  %pf15 = select i1 %pf.on14, ptr %342, ptr %336
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %379, %k.body15 ]
-  %330 = icmp slt i64 %k17, 2880
-  br i1 %330, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %393, %k.body18 ]
+  %343 = icmp slt i64 %k20, 2880
+  br i1 %343, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %331 = mul nsw i64 %k17, 16
-  %332 = add nsw i64 %panel.off12, %331
-  %333 = mul nsw i64 %k17, 32
-  %334 = getelementptr inbounds i8, ptr %pf13, i64 %333
-  call void @llvm.prefetch.p0(ptr %334, i32 0, i32 2, i32 1)
-  %335 = getelementptr inbounds i16, ptr %panels, i64 %332
-  %336 = load <8 x i32>, ptr %335, align 4
-  %337 = shl <8 x i32> %336, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b018 = bitcast <8 x i32> %337 to <8 x float>
-  %338 = and <8 x i32> %336, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b119 = bitcast <8 x i32> %338 to <8 x float>
-  %339 = getelementptr inbounds float, ptr %257, i64 %k17
-  %340 = load float, ptr %339, align 4
-  %341 = insertelement <8 x float> poison, float %340, i32 0
-  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %acc002, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b018, <8 x float> %343)
-  store <8 x float> %344, ptr %acc002, align 4
-  %345 = load <8 x float>, ptr %acc013, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b119, <8 x float> %345)
-  store <8 x float> %346, ptr %acc013, align 4
-  %347 = getelementptr inbounds float, ptr %271, i64 %k17
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc104, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b018, <8 x float> %351)
-  store <8 x float> %352, ptr %acc104, align 4
-  %353 = load <8 x float>, ptr %acc115, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b119, <8 x float> %353)
-  store <8 x float> %354, ptr %acc115, align 4
-  %355 = getelementptr inbounds float, ptr %285, i64 %k17
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc206, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b018, <8 x float> %359)
-  store <8 x float> %360, ptr %acc206, align 4
-  %361 = load <8 x float>, ptr %acc217, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b119, <8 x float> %361)
-  store <8 x float> %362, ptr %acc217, align 4
-  %363 = getelementptr inbounds float, ptr %299, i64 %k17
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc308, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b018, <8 x float> %367)
-  store <8 x float> %368, ptr %acc308, align 4
-  %369 = load <8 x float>, ptr %acc319, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b119, <8 x float> %369)
-  store <8 x float> %370, ptr %acc319, align 4
-  %371 = getelementptr inbounds float, ptr %313, i64 %k17
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc4010, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b018, <8 x float> %375)
-  store <8 x float> %376, ptr %acc4010, align 4
-  %377 = load <8 x float>, ptr %acc4111, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b119, <8 x float> %377)
-  store <8 x float> %378, ptr %acc4111, align 4
-  %379 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %344 = mul nsw i64 %k20, 16
+  %345 = add nsw i64 %panel.off13, %344
+  %346 = mul nsw i64 %k20, 32
+  %347 = lshr i64 %346, %pf.sh16
+  %348 = getelementptr inbounds i8, ptr %pf15, i64 %347
+  call void @llvm.prefetch.p0(ptr %348, i32 0, i32 2, i32 1)
+  %349 = getelementptr inbounds i16, ptr %panels, i64 %345
+  %350 = load <8 x i32>, ptr %349, align 4
+  %351 = shl <8 x i32> %350, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %351 to <8 x float>
+  %352 = and <8 x i32> %350, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %352 to <8 x float>
+  %353 = getelementptr inbounds float, ptr %268, i64 %k20
+  %354 = load float, ptr %353, align 4
+  %355 = insertelement <8 x float> poison, float %354, i32 0
+  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
+  %357 = load <8 x float>, ptr %acc003, align 4
+  %358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> %b021, <8 x float> %357)
+  store <8 x float> %358, ptr %acc003, align 4
+  %359 = load <8 x float>, ptr %acc014, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> %b122, <8 x float> %359)
+  store <8 x float> %360, ptr %acc014, align 4
+  %361 = getelementptr inbounds float, ptr %282, i64 %k20
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = load <8 x float>, ptr %acc105, align 4
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %b021, <8 x float> %365)
+  store <8 x float> %366, ptr %acc105, align 4
+  %367 = load <8 x float>, ptr %acc116, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %b122, <8 x float> %367)
+  store <8 x float> %368, ptr %acc116, align 4
+  %369 = getelementptr inbounds float, ptr %296, i64 %k20
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = load <8 x float>, ptr %acc207, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %b021, <8 x float> %373)
+  store <8 x float> %374, ptr %acc207, align 4
+  %375 = load <8 x float>, ptr %acc218, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %b122, <8 x float> %375)
+  store <8 x float> %376, ptr %acc218, align 4
+  %377 = getelementptr inbounds float, ptr %310, i64 %k20
+  %378 = load float, ptr %377, align 4
+  %379 = insertelement <8 x float> poison, float %378, i32 0
+  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
+  %381 = load <8 x float>, ptr %acc309, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %b021, <8 x float> %381)
+  store <8 x float> %382, ptr %acc309, align 4
+  %383 = load <8 x float>, ptr %acc3110, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %b122, <8 x float> %383)
+  store <8 x float> %384, ptr %acc3110, align 4
+  %385 = getelementptr inbounds float, ptr %324, i64 %k20
+  %386 = load float, ptr %385, align 4
+  %387 = insertelement <8 x float> poison, float %386, i32 0
+  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
+  %389 = load <8 x float>, ptr %acc4011, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %b021, <8 x float> %389)
+  store <8 x float> %390, ptr %acc4011, align 4
+  %391 = load <8 x float>, ptr %acc4112, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %b122, <8 x float> %391)
+  store <8 x float> %392, ptr %acc4112, align 4
+  %393 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %380 = add nsw i64 %r0, 0
-  %381 = getelementptr inbounds float, ptr %rw, i64 %380
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc002, align 4
-  %386 = add nsw i64 %col1, 0
-  %387 = getelementptr inbounds float, ptr %bd, i64 %386
-  %388 = load <8 x float>, ptr %387, align 4
-  %389 = fmul <8 x float> %388, %384
-  %390 = fadd <8 x float> %385, %389
-  store <8 x float> %390, ptr %264, align 4
-  %391 = load <8 x float>, ptr %acc013, align 4
-  %392 = add nsw i64 %col1, 8
-  %393 = getelementptr inbounds float, ptr %bd, i64 %392
-  %394 = load <8 x float>, ptr %393, align 4
-  %395 = fmul <8 x float> %394, %384
-  %396 = fadd <8 x float> %391, %395
-  store <8 x float> %396, ptr %267, align 4
-  %397 = add nsw i64 %r0, 1
-  %398 = getelementptr inbounds float, ptr %rw, i64 %397
-  %399 = load float, ptr %398, align 4
-  %400 = insertelement <8 x float> poison, float %399, i32 0
-  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
-  %402 = load <8 x float>, ptr %acc104, align 4
-  %403 = add nsw i64 %col1, 0
-  %404 = getelementptr inbounds float, ptr %bd, i64 %403
-  %405 = load <8 x float>, ptr %404, align 4
-  %406 = fmul <8 x float> %405, %401
-  %407 = fadd <8 x float> %402, %406
-  store <8 x float> %407, ptr %278, align 4
-  %408 = load <8 x float>, ptr %acc115, align 4
-  %409 = add nsw i64 %col1, 8
-  %410 = getelementptr inbounds float, ptr %bd, i64 %409
-  %411 = load <8 x float>, ptr %410, align 4
-  %412 = fmul <8 x float> %411, %401
-  %413 = fadd <8 x float> %408, %412
-  store <8 x float> %413, ptr %281, align 4
-  %414 = add nsw i64 %r0, 2
-  %415 = getelementptr inbounds float, ptr %rw, i64 %414
-  %416 = load float, ptr %415, align 4
-  %417 = insertelement <8 x float> poison, float %416, i32 0
-  %418 = shufflevector <8 x float> %417, <8 x float> poison, <8 x i32> zeroinitializer
-  %419 = load <8 x float>, ptr %acc206, align 4
-  %420 = add nsw i64 %col1, 0
-  %421 = getelementptr inbounds float, ptr %bd, i64 %420
-  %422 = load <8 x float>, ptr %421, align 4
-  %423 = fmul <8 x float> %422, %418
-  %424 = fadd <8 x float> %419, %423
-  store <8 x float> %424, ptr %292, align 4
-  %425 = load <8 x float>, ptr %acc217, align 4
-  %426 = add nsw i64 %col1, 8
-  %427 = getelementptr inbounds float, ptr %bd, i64 %426
-  %428 = load <8 x float>, ptr %427, align 4
-  %429 = fmul <8 x float> %428, %418
-  %430 = fadd <8 x float> %425, %429
-  store <8 x float> %430, ptr %295, align 4
-  %431 = add nsw i64 %r0, 3
-  %432 = getelementptr inbounds float, ptr %rw, i64 %431
-  %433 = load float, ptr %432, align 4
-  %434 = insertelement <8 x float> poison, float %433, i32 0
-  %435 = shufflevector <8 x float> %434, <8 x float> poison, <8 x i32> zeroinitializer
-  %436 = load <8 x float>, ptr %acc308, align 4
-  %437 = add nsw i64 %col1, 0
-  %438 = getelementptr inbounds float, ptr %bd, i64 %437
-  %439 = load <8 x float>, ptr %438, align 4
-  %440 = fmul <8 x float> %439, %435
-  %441 = fadd <8 x float> %436, %440
-  store <8 x float> %441, ptr %306, align 4
-  %442 = load <8 x float>, ptr %acc319, align 4
-  %443 = add nsw i64 %col1, 8
-  %444 = getelementptr inbounds float, ptr %bd, i64 %443
-  %445 = load <8 x float>, ptr %444, align 4
-  %446 = fmul <8 x float> %445, %435
-  %447 = fadd <8 x float> %442, %446
-  store <8 x float> %447, ptr %309, align 4
-  %448 = add nsw i64 %r0, 4
-  %449 = getelementptr inbounds float, ptr %rw, i64 %448
-  %450 = load float, ptr %449, align 4
-  %451 = insertelement <8 x float> poison, float %450, i32 0
-  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
-  %453 = load <8 x float>, ptr %acc4010, align 4
-  %454 = add nsw i64 %col1, 0
-  %455 = getelementptr inbounds float, ptr %bd, i64 %454
-  %456 = load <8 x float>, ptr %455, align 4
-  %457 = fmul <8 x float> %456, %452
-  %458 = fadd <8 x float> %453, %457
-  store <8 x float> %458, ptr %320, align 4
-  %459 = load <8 x float>, ptr %acc4111, align 4
-  %460 = add nsw i64 %col1, 8
-  %461 = getelementptr inbounds float, ptr %bd, i64 %460
-  %462 = load <8 x float>, ptr %461, align 4
-  %463 = fmul <8 x float> %462, %452
-  %464 = fadd <8 x float> %459, %463
-  store <8 x float> %464, ptr %323, align 4
+k.end19:                                          ; preds = %k.head17
+  %394 = add nsw i64 %r0, 0
+  %395 = getelementptr inbounds float, ptr %rw, i64 %394
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc003, align 4
+  %400 = add nsw i64 %col2, 0
+  %401 = getelementptr inbounds float, ptr %bd, i64 %400
+  %402 = load <8 x float>, ptr %401, align 4
+  %403 = fmul <8 x float> %402, %398
+  %404 = fadd <8 x float> %399, %403
+  store <8 x float> %404, ptr %275, align 4
+  %405 = load <8 x float>, ptr %acc014, align 4
+  %406 = add nsw i64 %col2, 8
+  %407 = getelementptr inbounds float, ptr %bd, i64 %406
+  %408 = load <8 x float>, ptr %407, align 4
+  %409 = fmul <8 x float> %408, %398
+  %410 = fadd <8 x float> %405, %409
+  store <8 x float> %410, ptr %278, align 4
+  %411 = add nsw i64 %r0, 1
+  %412 = getelementptr inbounds float, ptr %rw, i64 %411
+  %413 = load float, ptr %412, align 4
+  %414 = insertelement <8 x float> poison, float %413, i32 0
+  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
+  %416 = load <8 x float>, ptr %acc105, align 4
+  %417 = add nsw i64 %col2, 0
+  %418 = getelementptr inbounds float, ptr %bd, i64 %417
+  %419 = load <8 x float>, ptr %418, align 4
+  %420 = fmul <8 x float> %419, %415
+  %421 = fadd <8 x float> %416, %420
+  store <8 x float> %421, ptr %289, align 4
+  %422 = load <8 x float>, ptr %acc116, align 4
+  %423 = add nsw i64 %col2, 8
+  %424 = getelementptr inbounds float, ptr %bd, i64 %423
+  %425 = load <8 x float>, ptr %424, align 4
+  %426 = fmul <8 x float> %425, %415
+  %427 = fadd <8 x float> %422, %426
+  store <8 x float> %427, ptr %292, align 4
+  %428 = add nsw i64 %r0, 2
+  %429 = getelementptr inbounds float, ptr %rw, i64 %428
+  %430 = load float, ptr %429, align 4
+  %431 = insertelement <8 x float> poison, float %430, i32 0
+  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
+  %433 = load <8 x float>, ptr %acc207, align 4
+  %434 = add nsw i64 %col2, 0
+  %435 = getelementptr inbounds float, ptr %bd, i64 %434
+  %436 = load <8 x float>, ptr %435, align 4
+  %437 = fmul <8 x float> %436, %432
+  %438 = fadd <8 x float> %433, %437
+  store <8 x float> %438, ptr %303, align 4
+  %439 = load <8 x float>, ptr %acc218, align 4
+  %440 = add nsw i64 %col2, 8
+  %441 = getelementptr inbounds float, ptr %bd, i64 %440
+  %442 = load <8 x float>, ptr %441, align 4
+  %443 = fmul <8 x float> %442, %432
+  %444 = fadd <8 x float> %439, %443
+  store <8 x float> %444, ptr %306, align 4
+  %445 = add nsw i64 %r0, 3
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = load <8 x float>, ptr %acc309, align 4
+  %451 = add nsw i64 %col2, 0
+  %452 = getelementptr inbounds float, ptr %bd, i64 %451
+  %453 = load <8 x float>, ptr %452, align 4
+  %454 = fmul <8 x float> %453, %449
+  %455 = fadd <8 x float> %450, %454
+  store <8 x float> %455, ptr %317, align 4
+  %456 = load <8 x float>, ptr %acc3110, align 4
+  %457 = add nsw i64 %col2, 8
+  %458 = getelementptr inbounds float, ptr %bd, i64 %457
+  %459 = load <8 x float>, ptr %458, align 4
+  %460 = fmul <8 x float> %459, %449
+  %461 = fadd <8 x float> %456, %460
+  store <8 x float> %461, ptr %320, align 4
+  %462 = add nsw i64 %r0, 4
+  %463 = getelementptr inbounds float, ptr %rw, i64 %462
+  %464 = load float, ptr %463, align 4
+  %465 = insertelement <8 x float> poison, float %464, i32 0
+  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
+  %467 = load <8 x float>, ptr %acc4011, align 4
+  %468 = add nsw i64 %col2, 0
+  %469 = getelementptr inbounds float, ptr %bd, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
+  %471 = fmul <8 x float> %470, %466
+  %472 = fadd <8 x float> %467, %471
+  store <8 x float> %472, ptr %331, align 4
+  %473 = load <8 x float>, ptr %acc4112, align 4
+  %474 = add nsw i64 %col2, 8
+  %475 = getelementptr inbounds float, ptr %bd, i64 %474
+  %476 = load <8 x float>, ptr %475, align 4
+  %477 = fmul <8 x float> %476, %466
+  %478 = fadd <8 x float> %473, %477
+  store <8 x float> %478, ptr %334, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col20 = mul nsw i64 %p, 16
-  %465 = add nsw i64 %r0, 0
-  %466 = mul nsw i64 %465, 2880
-  %467 = getelementptr inbounds float, ptr %h, i64 %466
-  %468 = getelementptr inbounds i32, ptr %rows, i64 %465
-  %469 = load i32, ptr %468, align 4
-  %470 = sext i32 %469 to i64
-  %471 = mul nsw i64 %470, 2880
-  %472 = getelementptr inbounds float, ptr %y, i64 %471
-  %473 = add nsw i64 %col20, 0
-  %474 = getelementptr inbounds float, ptr %472, i64 %473
-  %475 = load <8 x float>, ptr %474, align 4
-  store <8 x float> %475, ptr %acc0021, align 4
-  %476 = add nsw i64 %col20, 8
-  %477 = getelementptr inbounds float, ptr %472, i64 %476
-  %478 = load <8 x float>, ptr %477, align 4
-  store <8 x float> %478, ptr %acc0122, align 4
-  %479 = add nsw i64 %r0, 1
+  %col23 = mul nsw i64 %p, 16
+  %479 = add nsw i64 %r0, 0
   %480 = mul nsw i64 %479, 2880
   %481 = getelementptr inbounds float, ptr %h, i64 %480
   %482 = getelementptr inbounds i32, ptr %rows, i64 %479
@@ -3370,15 +3414,15 @@ tile.mr4:                                         ; preds = %r0.body
   %484 = sext i32 %483 to i64
   %485 = mul nsw i64 %484, 2880
   %486 = getelementptr inbounds float, ptr %y, i64 %485
-  %487 = add nsw i64 %col20, 0
+  %487 = add nsw i64 %col23, 0
   %488 = getelementptr inbounds float, ptr %486, i64 %487
   %489 = load <8 x float>, ptr %488, align 4
-  store <8 x float> %489, ptr %acc1023, align 4
-  %490 = add nsw i64 %col20, 8
+  store <8 x float> %489, ptr %acc0024, align 4
+  %490 = add nsw i64 %col23, 8
   %491 = getelementptr inbounds float, ptr %486, i64 %490
   %492 = load <8 x float>, ptr %491, align 4
-  store <8 x float> %492, ptr %acc1124, align 4
-  %493 = add nsw i64 %r0, 2
+  store <8 x float> %492, ptr %acc0125, align 4
+  %493 = add nsw i64 %r0, 1
   %494 = mul nsw i64 %493, 2880
   %495 = getelementptr inbounds float, ptr %h, i64 %494
   %496 = getelementptr inbounds i32, ptr %rows, i64 %493
@@ -3386,15 +3430,15 @@ tile.mr4:                                         ; preds = %r0.body
   %498 = sext i32 %497 to i64
   %499 = mul nsw i64 %498, 2880
   %500 = getelementptr inbounds float, ptr %y, i64 %499
-  %501 = add nsw i64 %col20, 0
+  %501 = add nsw i64 %col23, 0
   %502 = getelementptr inbounds float, ptr %500, i64 %501
   %503 = load <8 x float>, ptr %502, align 4
-  store <8 x float> %503, ptr %acc2025, align 4
-  %504 = add nsw i64 %col20, 8
+  store <8 x float> %503, ptr %acc1026, align 4
+  %504 = add nsw i64 %col23, 8
   %505 = getelementptr inbounds float, ptr %500, i64 %504
   %506 = load <8 x float>, ptr %505, align 4
-  store <8 x float> %506, ptr %acc2126, align 4
-  %507 = add nsw i64 %r0, 3
+  store <8 x float> %506, ptr %acc1127, align 4
+  %507 = add nsw i64 %r0, 2
   %508 = mul nsw i64 %507, 2880
   %509 = getelementptr inbounds float, ptr %h, i64 %508
   %510 = getelementptr inbounds i32, ptr %rows, i64 %507
@@ -3402,540 +3446,576 @@ tile.mr4:                                         ; preds = %r0.body
   %512 = sext i32 %511 to i64
   %513 = mul nsw i64 %512, 2880
   %514 = getelementptr inbounds float, ptr %y, i64 %513
-  %515 = add nsw i64 %col20, 0
+  %515 = add nsw i64 %col23, 0
   %516 = getelementptr inbounds float, ptr %514, i64 %515
   %517 = load <8 x float>, ptr %516, align 4
-  store <8 x float> %517, ptr %acc3027, align 4
-  %518 = add nsw i64 %col20, 8
+  store <8 x float> %517, ptr %acc2028, align 4
+  %518 = add nsw i64 %col23, 8
   %519 = getelementptr inbounds float, ptr %514, i64 %518
   %520 = load <8 x float>, ptr %519, align 4
-  store <8 x float> %520, ptr %acc3128, align 4
-  %panel.off29 = mul nsw i64 %p, 46080
-  %521 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
-  %522 = add nsw i64 %p, 1
-  %523 = icmp slt i64 %522, %p1
-  %524 = getelementptr inbounds i8, ptr %521, i64 92160
-  %525 = and i1 %pf.on, %523
-  %pf30 = select i1 %525, ptr %524, ptr %521
-  br label %k.head31
+  store <8 x float> %520, ptr %acc2129, align 4
+  %521 = add nsw i64 %r0, 3
+  %522 = mul nsw i64 %521, 2880
+  %523 = getelementptr inbounds float, ptr %h, i64 %522
+  %524 = getelementptr inbounds i32, ptr %rows, i64 %521
+  %525 = load i32, ptr %524, align 4
+  %526 = sext i32 %525 to i64
+  %527 = mul nsw i64 %526, 2880
+  %528 = getelementptr inbounds float, ptr %y, i64 %527
+  %529 = add nsw i64 %col23, 0
+  %530 = getelementptr inbounds float, ptr %528, i64 %529
+  %531 = load <8 x float>, ptr %530, align 4
+  store <8 x float> %531, ptr %acc3030, align 4
+  %532 = add nsw i64 %col23, 8
+  %533 = getelementptr inbounds float, ptr %528, i64 %532
+  %534 = load <8 x float>, ptr %533, align 4
+  store <8 x float> %534, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 46080
+  %535 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  %536 = add nsw i64 %p, 1
+  %537 = icmp slt i64 %536, %p1
+  %pf.on33 = and i1 %pf.on, %537
+  %538 = mul nsw i64 %pf.j, 92160
+  %539 = lshr i64 %538, %10
+  %540 = add nsw i64 92160, %539
+  %541 = getelementptr inbounds i8, ptr %535, i64 %540
+  %pf34 = select i1 %pf.on33, ptr %541, ptr %535
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head31:                                         ; preds = %k.body32, %tile.mr4
-  %k34 = phi i64 [ 0, %tile.mr4 ], [ %567, %k.body32 ]
-  %526 = icmp slt i64 %k34, 2880
-  br i1 %526, label %k.body32, label %k.end33
+k.head36:                                         ; preds = %k.body37, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %584, %k.body37 ]
+  %542 = icmp slt i64 %k39, 2880
+  br i1 %542, label %k.body37, label %k.end38
 
-k.body32:                                         ; preds = %k.head31
-  %527 = mul nsw i64 %k34, 16
-  %528 = add nsw i64 %panel.off29, %527
-  %529 = mul nsw i64 %k34, 32
-  %530 = getelementptr inbounds i8, ptr %pf30, i64 %529
-  call void @llvm.prefetch.p0(ptr %530, i32 0, i32 2, i32 1)
-  %531 = getelementptr inbounds i16, ptr %panels, i64 %528
-  %532 = load <8 x i32>, ptr %531, align 4
-  %533 = shl <8 x i32> %532, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b035 = bitcast <8 x i32> %533 to <8 x float>
-  %534 = and <8 x i32> %532, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b136 = bitcast <8 x i32> %534 to <8 x float>
-  %535 = getelementptr inbounds float, ptr %467, i64 %k34
-  %536 = load float, ptr %535, align 4
-  %537 = insertelement <8 x float> poison, float %536, i32 0
-  %538 = shufflevector <8 x float> %537, <8 x float> poison, <8 x i32> zeroinitializer
-  %539 = load <8 x float>, ptr %acc0021, align 4
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> %b035, <8 x float> %539)
-  store <8 x float> %540, ptr %acc0021, align 4
-  %541 = load <8 x float>, ptr %acc0122, align 4
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> %b136, <8 x float> %541)
-  store <8 x float> %542, ptr %acc0122, align 4
-  %543 = getelementptr inbounds float, ptr %481, i64 %k34
-  %544 = load float, ptr %543, align 4
-  %545 = insertelement <8 x float> poison, float %544, i32 0
-  %546 = shufflevector <8 x float> %545, <8 x float> poison, <8 x i32> zeroinitializer
-  %547 = load <8 x float>, ptr %acc1023, align 4
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %b035, <8 x float> %547)
-  store <8 x float> %548, ptr %acc1023, align 4
-  %549 = load <8 x float>, ptr %acc1124, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %b136, <8 x float> %549)
-  store <8 x float> %550, ptr %acc1124, align 4
-  %551 = getelementptr inbounds float, ptr %495, i64 %k34
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = load <8 x float>, ptr %acc2025, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %b035, <8 x float> %555)
-  store <8 x float> %556, ptr %acc2025, align 4
-  %557 = load <8 x float>, ptr %acc2126, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> %b136, <8 x float> %557)
-  store <8 x float> %558, ptr %acc2126, align 4
-  %559 = getelementptr inbounds float, ptr %509, i64 %k34
-  %560 = load float, ptr %559, align 4
-  %561 = insertelement <8 x float> poison, float %560, i32 0
-  %562 = shufflevector <8 x float> %561, <8 x float> poison, <8 x i32> zeroinitializer
-  %563 = load <8 x float>, ptr %acc3027, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b035, <8 x float> %563)
-  store <8 x float> %564, ptr %acc3027, align 4
-  %565 = load <8 x float>, ptr %acc3128, align 4
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %b136, <8 x float> %565)
-  store <8 x float> %566, ptr %acc3128, align 4
-  %567 = add nsw i64 %k34, 1
-  br label %k.head31
+k.body37:                                         ; preds = %k.head36
+  %543 = mul nsw i64 %k39, 16
+  %544 = add nsw i64 %panel.off32, %543
+  %545 = mul nsw i64 %k39, 32
+  %546 = lshr i64 %545, %pf.sh35
+  %547 = getelementptr inbounds i8, ptr %pf34, i64 %546
+  call void @llvm.prefetch.p0(ptr %547, i32 0, i32 2, i32 1)
+  %548 = getelementptr inbounds i16, ptr %panels, i64 %544
+  %549 = load <8 x i32>, ptr %548, align 4
+  %550 = shl <8 x i32> %549, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b040 = bitcast <8 x i32> %550 to <8 x float>
+  %551 = and <8 x i32> %549, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b141 = bitcast <8 x i32> %551 to <8 x float>
+  %552 = getelementptr inbounds float, ptr %481, i64 %k39
+  %553 = load float, ptr %552, align 4
+  %554 = insertelement <8 x float> poison, float %553, i32 0
+  %555 = shufflevector <8 x float> %554, <8 x float> poison, <8 x i32> zeroinitializer
+  %556 = load <8 x float>, ptr %acc0024, align 4
+  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %b040, <8 x float> %556)
+  store <8 x float> %557, ptr %acc0024, align 4
+  %558 = load <8 x float>, ptr %acc0125, align 4
+  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %b141, <8 x float> %558)
+  store <8 x float> %559, ptr %acc0125, align 4
+  %560 = getelementptr inbounds float, ptr %495, i64 %k39
+  %561 = load float, ptr %560, align 4
+  %562 = insertelement <8 x float> poison, float %561, i32 0
+  %563 = shufflevector <8 x float> %562, <8 x float> poison, <8 x i32> zeroinitializer
+  %564 = load <8 x float>, ptr %acc1026, align 4
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b040, <8 x float> %564)
+  store <8 x float> %565, ptr %acc1026, align 4
+  %566 = load <8 x float>, ptr %acc1127, align 4
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b141, <8 x float> %566)
+  store <8 x float> %567, ptr %acc1127, align 4
+  %568 = getelementptr inbounds float, ptr %509, i64 %k39
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc2028, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b040, <8 x float> %572)
+  store <8 x float> %573, ptr %acc2028, align 4
+  %574 = load <8 x float>, ptr %acc2129, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b141, <8 x float> %574)
+  store <8 x float> %575, ptr %acc2129, align 4
+  %576 = getelementptr inbounds float, ptr %523, i64 %k39
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc3030, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b040, <8 x float> %580)
+  store <8 x float> %581, ptr %acc3030, align 4
+  %582 = load <8 x float>, ptr %acc3131, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b141, <8 x float> %582)
+  store <8 x float> %583, ptr %acc3131, align 4
+  %584 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end33:                                          ; preds = %k.head31
-  %568 = add nsw i64 %r0, 0
-  %569 = getelementptr inbounds float, ptr %rw, i64 %568
-  %570 = load float, ptr %569, align 4
-  %571 = insertelement <8 x float> poison, float %570, i32 0
-  %572 = shufflevector <8 x float> %571, <8 x float> poison, <8 x i32> zeroinitializer
-  %573 = load <8 x float>, ptr %acc0021, align 4
-  %574 = add nsw i64 %col20, 0
-  %575 = getelementptr inbounds float, ptr %bd, i64 %574
-  %576 = load <8 x float>, ptr %575, align 4
-  %577 = fmul <8 x float> %576, %572
-  %578 = fadd <8 x float> %573, %577
-  store <8 x float> %578, ptr %474, align 4
-  %579 = load <8 x float>, ptr %acc0122, align 4
-  %580 = add nsw i64 %col20, 8
-  %581 = getelementptr inbounds float, ptr %bd, i64 %580
-  %582 = load <8 x float>, ptr %581, align 4
-  %583 = fmul <8 x float> %582, %572
-  %584 = fadd <8 x float> %579, %583
-  store <8 x float> %584, ptr %477, align 4
-  %585 = add nsw i64 %r0, 1
+k.end38:                                          ; preds = %k.head36
+  %585 = add nsw i64 %r0, 0
   %586 = getelementptr inbounds float, ptr %rw, i64 %585
   %587 = load float, ptr %586, align 4
   %588 = insertelement <8 x float> poison, float %587, i32 0
   %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
-  %590 = load <8 x float>, ptr %acc1023, align 4
-  %591 = add nsw i64 %col20, 0
+  %590 = load <8 x float>, ptr %acc0024, align 4
+  %591 = add nsw i64 %col23, 0
   %592 = getelementptr inbounds float, ptr %bd, i64 %591
   %593 = load <8 x float>, ptr %592, align 4
   %594 = fmul <8 x float> %593, %589
   %595 = fadd <8 x float> %590, %594
   store <8 x float> %595, ptr %488, align 4
-  %596 = load <8 x float>, ptr %acc1124, align 4
-  %597 = add nsw i64 %col20, 8
+  %596 = load <8 x float>, ptr %acc0125, align 4
+  %597 = add nsw i64 %col23, 8
   %598 = getelementptr inbounds float, ptr %bd, i64 %597
   %599 = load <8 x float>, ptr %598, align 4
   %600 = fmul <8 x float> %599, %589
   %601 = fadd <8 x float> %596, %600
   store <8 x float> %601, ptr %491, align 4
-  %602 = add nsw i64 %r0, 2
+  %602 = add nsw i64 %r0, 1
   %603 = getelementptr inbounds float, ptr %rw, i64 %602
   %604 = load float, ptr %603, align 4
   %605 = insertelement <8 x float> poison, float %604, i32 0
   %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
-  %607 = load <8 x float>, ptr %acc2025, align 4
-  %608 = add nsw i64 %col20, 0
+  %607 = load <8 x float>, ptr %acc1026, align 4
+  %608 = add nsw i64 %col23, 0
   %609 = getelementptr inbounds float, ptr %bd, i64 %608
   %610 = load <8 x float>, ptr %609, align 4
   %611 = fmul <8 x float> %610, %606
   %612 = fadd <8 x float> %607, %611
   store <8 x float> %612, ptr %502, align 4
-  %613 = load <8 x float>, ptr %acc2126, align 4
-  %614 = add nsw i64 %col20, 8
+  %613 = load <8 x float>, ptr %acc1127, align 4
+  %614 = add nsw i64 %col23, 8
   %615 = getelementptr inbounds float, ptr %bd, i64 %614
   %616 = load <8 x float>, ptr %615, align 4
   %617 = fmul <8 x float> %616, %606
   %618 = fadd <8 x float> %613, %617
   store <8 x float> %618, ptr %505, align 4
-  %619 = add nsw i64 %r0, 3
+  %619 = add nsw i64 %r0, 2
   %620 = getelementptr inbounds float, ptr %rw, i64 %619
   %621 = load float, ptr %620, align 4
   %622 = insertelement <8 x float> poison, float %621, i32 0
   %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
-  %624 = load <8 x float>, ptr %acc3027, align 4
-  %625 = add nsw i64 %col20, 0
+  %624 = load <8 x float>, ptr %acc2028, align 4
+  %625 = add nsw i64 %col23, 0
   %626 = getelementptr inbounds float, ptr %bd, i64 %625
   %627 = load <8 x float>, ptr %626, align 4
   %628 = fmul <8 x float> %627, %623
   %629 = fadd <8 x float> %624, %628
   store <8 x float> %629, ptr %516, align 4
-  %630 = load <8 x float>, ptr %acc3128, align 4
-  %631 = add nsw i64 %col20, 8
+  %630 = load <8 x float>, ptr %acc2129, align 4
+  %631 = add nsw i64 %col23, 8
   %632 = getelementptr inbounds float, ptr %bd, i64 %631
   %633 = load <8 x float>, ptr %632, align 4
   %634 = fmul <8 x float> %633, %623
   %635 = fadd <8 x float> %630, %634
   store <8 x float> %635, ptr %519, align 4
+  %636 = add nsw i64 %r0, 3
+  %637 = getelementptr inbounds float, ptr %rw, i64 %636
+  %638 = load float, ptr %637, align 4
+  %639 = insertelement <8 x float> poison, float %638, i32 0
+  %640 = shufflevector <8 x float> %639, <8 x float> poison, <8 x i32> zeroinitializer
+  %641 = load <8 x float>, ptr %acc3030, align 4
+  %642 = add nsw i64 %col23, 0
+  %643 = getelementptr inbounds float, ptr %bd, i64 %642
+  %644 = load <8 x float>, ptr %643, align 4
+  %645 = fmul <8 x float> %644, %640
+  %646 = fadd <8 x float> %641, %645
+  store <8 x float> %646, ptr %530, align 4
+  %647 = load <8 x float>, ptr %acc3131, align 4
+  %648 = add nsw i64 %col23, 8
+  %649 = getelementptr inbounds float, ptr %bd, i64 %648
+  %650 = load <8 x float>, ptr %649, align 4
+  %651 = fmul <8 x float> %650, %640
+  %652 = fadd <8 x float> %647, %651
+  store <8 x float> %652, ptr %533, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col37 = mul nsw i64 %p, 16
-  %636 = add nsw i64 %r0, 0
-  %637 = mul nsw i64 %636, 2880
-  %638 = getelementptr inbounds float, ptr %h, i64 %637
-  %639 = getelementptr inbounds i32, ptr %rows, i64 %636
-  %640 = load i32, ptr %639, align 4
-  %641 = sext i32 %640 to i64
-  %642 = mul nsw i64 %641, 2880
-  %643 = getelementptr inbounds float, ptr %y, i64 %642
-  %644 = add nsw i64 %col37, 0
-  %645 = getelementptr inbounds float, ptr %643, i64 %644
-  %646 = load <8 x float>, ptr %645, align 4
-  store <8 x float> %646, ptr %acc0038, align 4
-  %647 = add nsw i64 %col37, 8
-  %648 = getelementptr inbounds float, ptr %643, i64 %647
-  %649 = load <8 x float>, ptr %648, align 4
-  store <8 x float> %649, ptr %acc0139, align 4
-  %650 = add nsw i64 %r0, 1
-  %651 = mul nsw i64 %650, 2880
-  %652 = getelementptr inbounds float, ptr %h, i64 %651
-  %653 = getelementptr inbounds i32, ptr %rows, i64 %650
-  %654 = load i32, ptr %653, align 4
-  %655 = sext i32 %654 to i64
-  %656 = mul nsw i64 %655, 2880
-  %657 = getelementptr inbounds float, ptr %y, i64 %656
-  %658 = add nsw i64 %col37, 0
-  %659 = getelementptr inbounds float, ptr %657, i64 %658
-  %660 = load <8 x float>, ptr %659, align 4
-  store <8 x float> %660, ptr %acc1040, align 4
-  %661 = add nsw i64 %col37, 8
-  %662 = getelementptr inbounds float, ptr %657, i64 %661
+  %col42 = mul nsw i64 %p, 16
+  %653 = add nsw i64 %r0, 0
+  %654 = mul nsw i64 %653, 2880
+  %655 = getelementptr inbounds float, ptr %h, i64 %654
+  %656 = getelementptr inbounds i32, ptr %rows, i64 %653
+  %657 = load i32, ptr %656, align 4
+  %658 = sext i32 %657 to i64
+  %659 = mul nsw i64 %658, 2880
+  %660 = getelementptr inbounds float, ptr %y, i64 %659
+  %661 = add nsw i64 %col42, 0
+  %662 = getelementptr inbounds float, ptr %660, i64 %661
   %663 = load <8 x float>, ptr %662, align 4
-  store <8 x float> %663, ptr %acc1141, align 4
-  %664 = add nsw i64 %r0, 2
-  %665 = mul nsw i64 %664, 2880
-  %666 = getelementptr inbounds float, ptr %h, i64 %665
-  %667 = getelementptr inbounds i32, ptr %rows, i64 %664
-  %668 = load i32, ptr %667, align 4
-  %669 = sext i32 %668 to i64
-  %670 = mul nsw i64 %669, 2880
-  %671 = getelementptr inbounds float, ptr %y, i64 %670
-  %672 = add nsw i64 %col37, 0
-  %673 = getelementptr inbounds float, ptr %671, i64 %672
-  %674 = load <8 x float>, ptr %673, align 4
-  store <8 x float> %674, ptr %acc2042, align 4
-  %675 = add nsw i64 %col37, 8
-  %676 = getelementptr inbounds float, ptr %671, i64 %675
+  store <8 x float> %663, ptr %acc0043, align 4
+  %664 = add nsw i64 %col42, 8
+  %665 = getelementptr inbounds float, ptr %660, i64 %664
+  %666 = load <8 x float>, ptr %665, align 4
+  store <8 x float> %666, ptr %acc0144, align 4
+  %667 = add nsw i64 %r0, 1
+  %668 = mul nsw i64 %667, 2880
+  %669 = getelementptr inbounds float, ptr %h, i64 %668
+  %670 = getelementptr inbounds i32, ptr %rows, i64 %667
+  %671 = load i32, ptr %670, align 4
+  %672 = sext i32 %671 to i64
+  %673 = mul nsw i64 %672, 2880
+  %674 = getelementptr inbounds float, ptr %y, i64 %673
+  %675 = add nsw i64 %col42, 0
+  %676 = getelementptr inbounds float, ptr %674, i64 %675
   %677 = load <8 x float>, ptr %676, align 4
-  store <8 x float> %677, ptr %acc2143, align 4
-  %panel.off44 = mul nsw i64 %p, 46080
-  %678 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
-  %679 = add nsw i64 %p, 1
-  %680 = icmp slt i64 %679, %p1
-  %681 = getelementptr inbounds i8, ptr %678, i64 92160
-  %682 = and i1 %pf.on, %680
-  %pf45 = select i1 %682, ptr %681, ptr %678
-  br label %k.head46
+  store <8 x float> %677, ptr %acc1045, align 4
+  %678 = add nsw i64 %col42, 8
+  %679 = getelementptr inbounds float, ptr %674, i64 %678
+  %680 = load <8 x float>, ptr %679, align 4
+  store <8 x float> %680, ptr %acc1146, align 4
+  %681 = add nsw i64 %r0, 2
+  %682 = mul nsw i64 %681, 2880
+  %683 = getelementptr inbounds float, ptr %h, i64 %682
+  %684 = getelementptr inbounds i32, ptr %rows, i64 %681
+  %685 = load i32, ptr %684, align 4
+  %686 = sext i32 %685 to i64
+  %687 = mul nsw i64 %686, 2880
+  %688 = getelementptr inbounds float, ptr %y, i64 %687
+  %689 = add nsw i64 %col42, 0
+  %690 = getelementptr inbounds float, ptr %688, i64 %689
+  %691 = load <8 x float>, ptr %690, align 4
+  store <8 x float> %691, ptr %acc2047, align 4
+  %692 = add nsw i64 %col42, 8
+  %693 = getelementptr inbounds float, ptr %688, i64 %692
+  %694 = load <8 x float>, ptr %693, align 4
+  store <8 x float> %694, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 46080
+  %695 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  %696 = add nsw i64 %p, 1
+  %697 = icmp slt i64 %696, %p1
+  %pf.on50 = and i1 %pf.on, %697
+  %698 = mul nsw i64 %pf.j, 92160
+  %699 = lshr i64 %698, %10
+  %700 = add nsw i64 92160, %699
+  %701 = getelementptr inbounds i8, ptr %695, i64 %700
+  %pf51 = select i1 %pf.on50, ptr %701, ptr %695
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head46:                                         ; preds = %k.body47, %tile.mr3
-  %k49 = phi i64 [ 0, %tile.mr3 ], [ %716, %k.body47 ]
-  %683 = icmp slt i64 %k49, 2880
-  br i1 %683, label %k.body47, label %k.end48
+k.head53:                                         ; preds = %k.body54, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %736, %k.body54 ]
+  %702 = icmp slt i64 %k56, 2880
+  br i1 %702, label %k.body54, label %k.end55
 
-k.body47:                                         ; preds = %k.head46
-  %684 = mul nsw i64 %k49, 16
-  %685 = add nsw i64 %panel.off44, %684
-  %686 = mul nsw i64 %k49, 32
-  %687 = getelementptr inbounds i8, ptr %pf45, i64 %686
-  call void @llvm.prefetch.p0(ptr %687, i32 0, i32 2, i32 1)
-  %688 = getelementptr inbounds i16, ptr %panels, i64 %685
-  %689 = load <8 x i32>, ptr %688, align 4
-  %690 = shl <8 x i32> %689, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %690 to <8 x float>
-  %691 = and <8 x i32> %689, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %691 to <8 x float>
-  %692 = getelementptr inbounds float, ptr %638, i64 %k49
-  %693 = load float, ptr %692, align 4
-  %694 = insertelement <8 x float> poison, float %693, i32 0
-  %695 = shufflevector <8 x float> %694, <8 x float> poison, <8 x i32> zeroinitializer
-  %696 = load <8 x float>, ptr %acc0038, align 4
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b050, <8 x float> %696)
-  store <8 x float> %697, ptr %acc0038, align 4
-  %698 = load <8 x float>, ptr %acc0139, align 4
-  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b151, <8 x float> %698)
-  store <8 x float> %699, ptr %acc0139, align 4
-  %700 = getelementptr inbounds float, ptr %652, i64 %k49
-  %701 = load float, ptr %700, align 4
-  %702 = insertelement <8 x float> poison, float %701, i32 0
-  %703 = shufflevector <8 x float> %702, <8 x float> poison, <8 x i32> zeroinitializer
-  %704 = load <8 x float>, ptr %acc1040, align 4
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %b050, <8 x float> %704)
-  store <8 x float> %705, ptr %acc1040, align 4
-  %706 = load <8 x float>, ptr %acc1141, align 4
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %703, <8 x float> %b151, <8 x float> %706)
-  store <8 x float> %707, ptr %acc1141, align 4
-  %708 = getelementptr inbounds float, ptr %666, i64 %k49
-  %709 = load float, ptr %708, align 4
-  %710 = insertelement <8 x float> poison, float %709, i32 0
-  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
-  %712 = load <8 x float>, ptr %acc2042, align 4
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b050, <8 x float> %712)
-  store <8 x float> %713, ptr %acc2042, align 4
-  %714 = load <8 x float>, ptr %acc2143, align 4
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b151, <8 x float> %714)
-  store <8 x float> %715, ptr %acc2143, align 4
-  %716 = add nsw i64 %k49, 1
-  br label %k.head46
+k.body54:                                         ; preds = %k.head53
+  %703 = mul nsw i64 %k56, 16
+  %704 = add nsw i64 %panel.off49, %703
+  %705 = mul nsw i64 %k56, 32
+  %706 = lshr i64 %705, %pf.sh52
+  %707 = getelementptr inbounds i8, ptr %pf51, i64 %706
+  call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
+  %708 = getelementptr inbounds i16, ptr %panels, i64 %704
+  %709 = load <8 x i32>, ptr %708, align 4
+  %710 = shl <8 x i32> %709, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %710 to <8 x float>
+  %711 = and <8 x i32> %709, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %711 to <8 x float>
+  %712 = getelementptr inbounds float, ptr %655, i64 %k56
+  %713 = load float, ptr %712, align 4
+  %714 = insertelement <8 x float> poison, float %713, i32 0
+  %715 = shufflevector <8 x float> %714, <8 x float> poison, <8 x i32> zeroinitializer
+  %716 = load <8 x float>, ptr %acc0043, align 4
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %b057, <8 x float> %716)
+  store <8 x float> %717, ptr %acc0043, align 4
+  %718 = load <8 x float>, ptr %acc0144, align 4
+  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %b158, <8 x float> %718)
+  store <8 x float> %719, ptr %acc0144, align 4
+  %720 = getelementptr inbounds float, ptr %669, i64 %k56
+  %721 = load float, ptr %720, align 4
+  %722 = insertelement <8 x float> poison, float %721, i32 0
+  %723 = shufflevector <8 x float> %722, <8 x float> poison, <8 x i32> zeroinitializer
+  %724 = load <8 x float>, ptr %acc1045, align 4
+  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %b057, <8 x float> %724)
+  store <8 x float> %725, ptr %acc1045, align 4
+  %726 = load <8 x float>, ptr %acc1146, align 4
+  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %b158, <8 x float> %726)
+  store <8 x float> %727, ptr %acc1146, align 4
+  %728 = getelementptr inbounds float, ptr %683, i64 %k56
+  %729 = load float, ptr %728, align 4
+  %730 = insertelement <8 x float> poison, float %729, i32 0
+  %731 = shufflevector <8 x float> %730, <8 x float> poison, <8 x i32> zeroinitializer
+  %732 = load <8 x float>, ptr %acc2047, align 4
+  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> %b057, <8 x float> %732)
+  store <8 x float> %733, ptr %acc2047, align 4
+  %734 = load <8 x float>, ptr %acc2148, align 4
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> %b158, <8 x float> %734)
+  store <8 x float> %735, ptr %acc2148, align 4
+  %736 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end48:                                          ; preds = %k.head46
-  %717 = add nsw i64 %r0, 0
-  %718 = getelementptr inbounds float, ptr %rw, i64 %717
-  %719 = load float, ptr %718, align 4
-  %720 = insertelement <8 x float> poison, float %719, i32 0
-  %721 = shufflevector <8 x float> %720, <8 x float> poison, <8 x i32> zeroinitializer
-  %722 = load <8 x float>, ptr %acc0038, align 4
-  %723 = add nsw i64 %col37, 0
-  %724 = getelementptr inbounds float, ptr %bd, i64 %723
-  %725 = load <8 x float>, ptr %724, align 4
-  %726 = fmul <8 x float> %725, %721
-  %727 = fadd <8 x float> %722, %726
-  store <8 x float> %727, ptr %645, align 4
-  %728 = load <8 x float>, ptr %acc0139, align 4
-  %729 = add nsw i64 %col37, 8
-  %730 = getelementptr inbounds float, ptr %bd, i64 %729
-  %731 = load <8 x float>, ptr %730, align 4
-  %732 = fmul <8 x float> %731, %721
-  %733 = fadd <8 x float> %728, %732
-  store <8 x float> %733, ptr %648, align 4
-  %734 = add nsw i64 %r0, 1
-  %735 = getelementptr inbounds float, ptr %rw, i64 %734
-  %736 = load float, ptr %735, align 4
-  %737 = insertelement <8 x float> poison, float %736, i32 0
-  %738 = shufflevector <8 x float> %737, <8 x float> poison, <8 x i32> zeroinitializer
-  %739 = load <8 x float>, ptr %acc1040, align 4
-  %740 = add nsw i64 %col37, 0
-  %741 = getelementptr inbounds float, ptr %bd, i64 %740
-  %742 = load <8 x float>, ptr %741, align 4
-  %743 = fmul <8 x float> %742, %738
-  %744 = fadd <8 x float> %739, %743
-  store <8 x float> %744, ptr %659, align 4
-  %745 = load <8 x float>, ptr %acc1141, align 4
-  %746 = add nsw i64 %col37, 8
-  %747 = getelementptr inbounds float, ptr %bd, i64 %746
-  %748 = load <8 x float>, ptr %747, align 4
-  %749 = fmul <8 x float> %748, %738
-  %750 = fadd <8 x float> %745, %749
-  store <8 x float> %750, ptr %662, align 4
-  %751 = add nsw i64 %r0, 2
-  %752 = getelementptr inbounds float, ptr %rw, i64 %751
-  %753 = load float, ptr %752, align 4
-  %754 = insertelement <8 x float> poison, float %753, i32 0
-  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
-  %756 = load <8 x float>, ptr %acc2042, align 4
-  %757 = add nsw i64 %col37, 0
-  %758 = getelementptr inbounds float, ptr %bd, i64 %757
-  %759 = load <8 x float>, ptr %758, align 4
-  %760 = fmul <8 x float> %759, %755
-  %761 = fadd <8 x float> %756, %760
-  store <8 x float> %761, ptr %673, align 4
-  %762 = load <8 x float>, ptr %acc2143, align 4
-  %763 = add nsw i64 %col37, 8
-  %764 = getelementptr inbounds float, ptr %bd, i64 %763
-  %765 = load <8 x float>, ptr %764, align 4
-  %766 = fmul <8 x float> %765, %755
-  %767 = fadd <8 x float> %762, %766
-  store <8 x float> %767, ptr %676, align 4
+k.end55:                                          ; preds = %k.head53
+  %737 = add nsw i64 %r0, 0
+  %738 = getelementptr inbounds float, ptr %rw, i64 %737
+  %739 = load float, ptr %738, align 4
+  %740 = insertelement <8 x float> poison, float %739, i32 0
+  %741 = shufflevector <8 x float> %740, <8 x float> poison, <8 x i32> zeroinitializer
+  %742 = load <8 x float>, ptr %acc0043, align 4
+  %743 = add nsw i64 %col42, 0
+  %744 = getelementptr inbounds float, ptr %bd, i64 %743
+  %745 = load <8 x float>, ptr %744, align 4
+  %746 = fmul <8 x float> %745, %741
+  %747 = fadd <8 x float> %742, %746
+  store <8 x float> %747, ptr %662, align 4
+  %748 = load <8 x float>, ptr %acc0144, align 4
+  %749 = add nsw i64 %col42, 8
+  %750 = getelementptr inbounds float, ptr %bd, i64 %749
+  %751 = load <8 x float>, ptr %750, align 4
+  %752 = fmul <8 x float> %751, %741
+  %753 = fadd <8 x float> %748, %752
+  store <8 x float> %753, ptr %665, align 4
+  %754 = add nsw i64 %r0, 1
+  %755 = getelementptr inbounds float, ptr %rw, i64 %754
+  %756 = load float, ptr %755, align 4
+  %757 = insertelement <8 x float> poison, float %756, i32 0
+  %758 = shufflevector <8 x float> %757, <8 x float> poison, <8 x i32> zeroinitializer
+  %759 = load <8 x float>, ptr %acc1045, align 4
+  %760 = add nsw i64 %col42, 0
+  %761 = getelementptr inbounds float, ptr %bd, i64 %760
+  %762 = load <8 x float>, ptr %761, align 4
+  %763 = fmul <8 x float> %762, %758
+  %764 = fadd <8 x float> %759, %763
+  store <8 x float> %764, ptr %676, align 4
+  %765 = load <8 x float>, ptr %acc1146, align 4
+  %766 = add nsw i64 %col42, 8
+  %767 = getelementptr inbounds float, ptr %bd, i64 %766
+  %768 = load <8 x float>, ptr %767, align 4
+  %769 = fmul <8 x float> %768, %758
+  %770 = fadd <8 x float> %765, %769
+  store <8 x float> %770, ptr %679, align 4
+  %771 = add nsw i64 %r0, 2
+  %772 = getelementptr inbounds float, ptr %rw, i64 %771
+  %773 = load float, ptr %772, align 4
+  %774 = insertelement <8 x float> poison, float %773, i32 0
+  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
+  %776 = load <8 x float>, ptr %acc2047, align 4
+  %777 = add nsw i64 %col42, 0
+  %778 = getelementptr inbounds float, ptr %bd, i64 %777
+  %779 = load <8 x float>, ptr %778, align 4
+  %780 = fmul <8 x float> %779, %775
+  %781 = fadd <8 x float> %776, %780
+  store <8 x float> %781, ptr %690, align 4
+  %782 = load <8 x float>, ptr %acc2148, align 4
+  %783 = add nsw i64 %col42, 8
+  %784 = getelementptr inbounds float, ptr %bd, i64 %783
+  %785 = load <8 x float>, ptr %784, align 4
+  %786 = fmul <8 x float> %785, %775
+  %787 = fadd <8 x float> %782, %786
+  store <8 x float> %787, ptr %693, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col52 = mul nsw i64 %p, 16
-  %768 = add nsw i64 %r0, 0
-  %769 = mul nsw i64 %768, 2880
-  %770 = getelementptr inbounds float, ptr %h, i64 %769
-  %771 = getelementptr inbounds i32, ptr %rows, i64 %768
-  %772 = load i32, ptr %771, align 4
-  %773 = sext i32 %772 to i64
-  %774 = mul nsw i64 %773, 2880
-  %775 = getelementptr inbounds float, ptr %y, i64 %774
-  %776 = add nsw i64 %col52, 0
-  %777 = getelementptr inbounds float, ptr %775, i64 %776
-  %778 = load <8 x float>, ptr %777, align 4
-  store <8 x float> %778, ptr %acc0053, align 4
-  %779 = add nsw i64 %col52, 8
-  %780 = getelementptr inbounds float, ptr %775, i64 %779
-  %781 = load <8 x float>, ptr %780, align 4
-  store <8 x float> %781, ptr %acc0154, align 4
-  %782 = add nsw i64 %r0, 1
-  %783 = mul nsw i64 %782, 2880
-  %784 = getelementptr inbounds float, ptr %h, i64 %783
-  %785 = getelementptr inbounds i32, ptr %rows, i64 %782
-  %786 = load i32, ptr %785, align 4
-  %787 = sext i32 %786 to i64
-  %788 = mul nsw i64 %787, 2880
-  %789 = getelementptr inbounds float, ptr %y, i64 %788
-  %790 = add nsw i64 %col52, 0
-  %791 = getelementptr inbounds float, ptr %789, i64 %790
-  %792 = load <8 x float>, ptr %791, align 4
-  store <8 x float> %792, ptr %acc1055, align 4
-  %793 = add nsw i64 %col52, 8
-  %794 = getelementptr inbounds float, ptr %789, i64 %793
-  %795 = load <8 x float>, ptr %794, align 4
-  store <8 x float> %795, ptr %acc1156, align 4
-  %panel.off57 = mul nsw i64 %p, 46080
-  %796 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
-  %797 = add nsw i64 %p, 1
-  %798 = icmp slt i64 %797, %p1
-  %799 = getelementptr inbounds i8, ptr %796, i64 92160
-  %800 = and i1 %pf.on, %798
-  %pf58 = select i1 %800, ptr %799, ptr %796
-  br label %k.head59
+  %col59 = mul nsw i64 %p, 16
+  %788 = add nsw i64 %r0, 0
+  %789 = mul nsw i64 %788, 2880
+  %790 = getelementptr inbounds float, ptr %h, i64 %789
+  %791 = getelementptr inbounds i32, ptr %rows, i64 %788
+  %792 = load i32, ptr %791, align 4
+  %793 = sext i32 %792 to i64
+  %794 = mul nsw i64 %793, 2880
+  %795 = getelementptr inbounds float, ptr %y, i64 %794
+  %796 = add nsw i64 %col59, 0
+  %797 = getelementptr inbounds float, ptr %795, i64 %796
+  %798 = load <8 x float>, ptr %797, align 4
+  store <8 x float> %798, ptr %acc0060, align 4
+  %799 = add nsw i64 %col59, 8
+  %800 = getelementptr inbounds float, ptr %795, i64 %799
+  %801 = load <8 x float>, ptr %800, align 4
+  store <8 x float> %801, ptr %acc0161, align 4
+  %802 = add nsw i64 %r0, 1
+  %803 = mul nsw i64 %802, 2880
+  %804 = getelementptr inbounds float, ptr %h, i64 %803
+  %805 = getelementptr inbounds i32, ptr %rows, i64 %802
+  %806 = load i32, ptr %805, align 4
+  %807 = sext i32 %806 to i64
+  %808 = mul nsw i64 %807, 2880
+  %809 = getelementptr inbounds float, ptr %y, i64 %808
+  %810 = add nsw i64 %col59, 0
+  %811 = getelementptr inbounds float, ptr %809, i64 %810
+  %812 = load <8 x float>, ptr %811, align 4
+  store <8 x float> %812, ptr %acc1062, align 4
+  %813 = add nsw i64 %col59, 8
+  %814 = getelementptr inbounds float, ptr %809, i64 %813
+  %815 = load <8 x float>, ptr %814, align 4
+  store <8 x float> %815, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 46080
+  %816 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %817 = add nsw i64 %p, 1
+  %818 = icmp slt i64 %817, %p1
+  %pf.on65 = and i1 %pf.on, %818
+  %819 = mul nsw i64 %pf.j, 92160
+  %820 = lshr i64 %819, %10
+  %821 = add nsw i64 92160, %820
+  %822 = getelementptr inbounds i8, ptr %816, i64 %821
+  %pf66 = select i1 %pf.on65, ptr %822, ptr %816
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head59:                                         ; preds = %k.body60, %tile.mr2
-  %k62 = phi i64 [ 0, %tile.mr2 ], [ %826, %k.body60 ]
-  %801 = icmp slt i64 %k62, 2880
-  br i1 %801, label %k.body60, label %k.end61
+k.head68:                                         ; preds = %k.body69, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %849, %k.body69 ]
+  %823 = icmp slt i64 %k71, 2880
+  br i1 %823, label %k.body69, label %k.end70
 
-k.body60:                                         ; preds = %k.head59
-  %802 = mul nsw i64 %k62, 16
-  %803 = add nsw i64 %panel.off57, %802
-  %804 = mul nsw i64 %k62, 32
-  %805 = getelementptr inbounds i8, ptr %pf58, i64 %804
-  call void @llvm.prefetch.p0(ptr %805, i32 0, i32 2, i32 1)
-  %806 = getelementptr inbounds i16, ptr %panels, i64 %803
-  %807 = load <8 x i32>, ptr %806, align 4
-  %808 = shl <8 x i32> %807, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %808 to <8 x float>
-  %809 = and <8 x i32> %807, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %809 to <8 x float>
-  %810 = getelementptr inbounds float, ptr %770, i64 %k62
-  %811 = load float, ptr %810, align 4
-  %812 = insertelement <8 x float> poison, float %811, i32 0
-  %813 = shufflevector <8 x float> %812, <8 x float> poison, <8 x i32> zeroinitializer
-  %814 = load <8 x float>, ptr %acc0053, align 4
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %b063, <8 x float> %814)
-  store <8 x float> %815, ptr %acc0053, align 4
-  %816 = load <8 x float>, ptr %acc0154, align 4
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %b164, <8 x float> %816)
-  store <8 x float> %817, ptr %acc0154, align 4
-  %818 = getelementptr inbounds float, ptr %784, i64 %k62
-  %819 = load float, ptr %818, align 4
-  %820 = insertelement <8 x float> poison, float %819, i32 0
-  %821 = shufflevector <8 x float> %820, <8 x float> poison, <8 x i32> zeroinitializer
-  %822 = load <8 x float>, ptr %acc1055, align 4
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %b063, <8 x float> %822)
-  store <8 x float> %823, ptr %acc1055, align 4
-  %824 = load <8 x float>, ptr %acc1156, align 4
-  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %b164, <8 x float> %824)
-  store <8 x float> %825, ptr %acc1156, align 4
-  %826 = add nsw i64 %k62, 1
-  br label %k.head59
+k.body69:                                         ; preds = %k.head68
+  %824 = mul nsw i64 %k71, 16
+  %825 = add nsw i64 %panel.off64, %824
+  %826 = mul nsw i64 %k71, 32
+  %827 = lshr i64 %826, %pf.sh67
+  %828 = getelementptr inbounds i8, ptr %pf66, i64 %827
+  call void @llvm.prefetch.p0(ptr %828, i32 0, i32 2, i32 1)
+  %829 = getelementptr inbounds i16, ptr %panels, i64 %825
+  %830 = load <8 x i32>, ptr %829, align 4
+  %831 = shl <8 x i32> %830, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %831 to <8 x float>
+  %832 = and <8 x i32> %830, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %832 to <8 x float>
+  %833 = getelementptr inbounds float, ptr %790, i64 %k71
+  %834 = load float, ptr %833, align 4
+  %835 = insertelement <8 x float> poison, float %834, i32 0
+  %836 = shufflevector <8 x float> %835, <8 x float> poison, <8 x i32> zeroinitializer
+  %837 = load <8 x float>, ptr %acc0060, align 4
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %b072, <8 x float> %837)
+  store <8 x float> %838, ptr %acc0060, align 4
+  %839 = load <8 x float>, ptr %acc0161, align 4
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %b173, <8 x float> %839)
+  store <8 x float> %840, ptr %acc0161, align 4
+  %841 = getelementptr inbounds float, ptr %804, i64 %k71
+  %842 = load float, ptr %841, align 4
+  %843 = insertelement <8 x float> poison, float %842, i32 0
+  %844 = shufflevector <8 x float> %843, <8 x float> poison, <8 x i32> zeroinitializer
+  %845 = load <8 x float>, ptr %acc1062, align 4
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %b072, <8 x float> %845)
+  store <8 x float> %846, ptr %acc1062, align 4
+  %847 = load <8 x float>, ptr %acc1163, align 4
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %b173, <8 x float> %847)
+  store <8 x float> %848, ptr %acc1163, align 4
+  %849 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end61:                                          ; preds = %k.head59
-  %827 = add nsw i64 %r0, 0
-  %828 = getelementptr inbounds float, ptr %rw, i64 %827
-  %829 = load float, ptr %828, align 4
-  %830 = insertelement <8 x float> poison, float %829, i32 0
-  %831 = shufflevector <8 x float> %830, <8 x float> poison, <8 x i32> zeroinitializer
-  %832 = load <8 x float>, ptr %acc0053, align 4
-  %833 = add nsw i64 %col52, 0
-  %834 = getelementptr inbounds float, ptr %bd, i64 %833
-  %835 = load <8 x float>, ptr %834, align 4
-  %836 = fmul <8 x float> %835, %831
-  %837 = fadd <8 x float> %832, %836
-  store <8 x float> %837, ptr %777, align 4
-  %838 = load <8 x float>, ptr %acc0154, align 4
-  %839 = add nsw i64 %col52, 8
-  %840 = getelementptr inbounds float, ptr %bd, i64 %839
-  %841 = load <8 x float>, ptr %840, align 4
-  %842 = fmul <8 x float> %841, %831
-  %843 = fadd <8 x float> %838, %842
-  store <8 x float> %843, ptr %780, align 4
-  %844 = add nsw i64 %r0, 1
-  %845 = getelementptr inbounds float, ptr %rw, i64 %844
-  %846 = load float, ptr %845, align 4
-  %847 = insertelement <8 x float> poison, float %846, i32 0
-  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
-  %849 = load <8 x float>, ptr %acc1055, align 4
-  %850 = add nsw i64 %col52, 0
-  %851 = getelementptr inbounds float, ptr %bd, i64 %850
-  %852 = load <8 x float>, ptr %851, align 4
-  %853 = fmul <8 x float> %852, %848
-  %854 = fadd <8 x float> %849, %853
-  store <8 x float> %854, ptr %791, align 4
-  %855 = load <8 x float>, ptr %acc1156, align 4
-  %856 = add nsw i64 %col52, 8
+k.end70:                                          ; preds = %k.head68
+  %850 = add nsw i64 %r0, 0
+  %851 = getelementptr inbounds float, ptr %rw, i64 %850
+  %852 = load float, ptr %851, align 4
+  %853 = insertelement <8 x float> poison, float %852, i32 0
+  %854 = shufflevector <8 x float> %853, <8 x float> poison, <8 x i32> zeroinitializer
+  %855 = load <8 x float>, ptr %acc0060, align 4
+  %856 = add nsw i64 %col59, 0
   %857 = getelementptr inbounds float, ptr %bd, i64 %856
   %858 = load <8 x float>, ptr %857, align 4
-  %859 = fmul <8 x float> %858, %848
+  %859 = fmul <8 x float> %858, %854
   %860 = fadd <8 x float> %855, %859
-  store <8 x float> %860, ptr %794, align 4
+  store <8 x float> %860, ptr %797, align 4
+  %861 = load <8 x float>, ptr %acc0161, align 4
+  %862 = add nsw i64 %col59, 8
+  %863 = getelementptr inbounds float, ptr %bd, i64 %862
+  %864 = load <8 x float>, ptr %863, align 4
+  %865 = fmul <8 x float> %864, %854
+  %866 = fadd <8 x float> %861, %865
+  store <8 x float> %866, ptr %800, align 4
+  %867 = add nsw i64 %r0, 1
+  %868 = getelementptr inbounds float, ptr %rw, i64 %867
+  %869 = load float, ptr %868, align 4
+  %870 = insertelement <8 x float> poison, float %869, i32 0
+  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
+  %872 = load <8 x float>, ptr %acc1062, align 4
+  %873 = add nsw i64 %col59, 0
+  %874 = getelementptr inbounds float, ptr %bd, i64 %873
+  %875 = load <8 x float>, ptr %874, align 4
+  %876 = fmul <8 x float> %875, %871
+  %877 = fadd <8 x float> %872, %876
+  store <8 x float> %877, ptr %811, align 4
+  %878 = load <8 x float>, ptr %acc1163, align 4
+  %879 = add nsw i64 %col59, 8
+  %880 = getelementptr inbounds float, ptr %bd, i64 %879
+  %881 = load <8 x float>, ptr %880, align 4
+  %882 = fmul <8 x float> %881, %871
+  %883 = fadd <8 x float> %878, %882
+  store <8 x float> %883, ptr %814, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col65 = mul nsw i64 %p, 16
-  %861 = add nsw i64 %r0, 0
-  %862 = mul nsw i64 %861, 2880
-  %863 = getelementptr inbounds float, ptr %h, i64 %862
-  %864 = getelementptr inbounds i32, ptr %rows, i64 %861
-  %865 = load i32, ptr %864, align 4
-  %866 = sext i32 %865 to i64
-  %867 = mul nsw i64 %866, 2880
-  %868 = getelementptr inbounds float, ptr %y, i64 %867
-  %869 = add nsw i64 %col65, 0
-  %870 = getelementptr inbounds float, ptr %868, i64 %869
-  %871 = load <8 x float>, ptr %870, align 4
-  store <8 x float> %871, ptr %acc0066, align 4
-  %872 = add nsw i64 %col65, 8
-  %873 = getelementptr inbounds float, ptr %868, i64 %872
-  %874 = load <8 x float>, ptr %873, align 4
-  store <8 x float> %874, ptr %acc0167, align 4
-  %panel.off68 = mul nsw i64 %p, 46080
-  %875 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
-  %876 = add nsw i64 %p, 1
-  %877 = icmp slt i64 %876, %p1
-  %878 = getelementptr inbounds i8, ptr %875, i64 92160
-  %879 = and i1 %pf.on, %877
-  %pf69 = select i1 %879, ptr %878, ptr %875
-  br label %k.head70
+  %col74 = mul nsw i64 %p, 16
+  %884 = add nsw i64 %r0, 0
+  %885 = mul nsw i64 %884, 2880
+  %886 = getelementptr inbounds float, ptr %h, i64 %885
+  %887 = getelementptr inbounds i32, ptr %rows, i64 %884
+  %888 = load i32, ptr %887, align 4
+  %889 = sext i32 %888 to i64
+  %890 = mul nsw i64 %889, 2880
+  %891 = getelementptr inbounds float, ptr %y, i64 %890
+  %892 = add nsw i64 %col74, 0
+  %893 = getelementptr inbounds float, ptr %891, i64 %892
+  %894 = load <8 x float>, ptr %893, align 4
+  store <8 x float> %894, ptr %acc0075, align 4
+  %895 = add nsw i64 %col74, 8
+  %896 = getelementptr inbounds float, ptr %891, i64 %895
+  %897 = load <8 x float>, ptr %896, align 4
+  store <8 x float> %897, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 46080
+  %898 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %899 = add nsw i64 %p, 1
+  %900 = icmp slt i64 %899, %p1
+  %pf.on78 = and i1 %pf.on, %900
+  %901 = mul nsw i64 %pf.j, 92160
+  %902 = lshr i64 %901, %10
+  %903 = add nsw i64 92160, %902
+  %904 = getelementptr inbounds i8, ptr %898, i64 %903
+  %pf79 = select i1 %pf.on78, ptr %904, ptr %898
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head70:                                         ; preds = %k.body71, %tile.mr1
-  %k73 = phi i64 [ 0, %tile.mr1 ], [ %897, %k.body71 ]
-  %880 = icmp slt i64 %k73, 2880
-  br i1 %880, label %k.body71, label %k.end72
+k.head81:                                         ; preds = %k.body82, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %923, %k.body82 ]
+  %905 = icmp slt i64 %k84, 2880
+  br i1 %905, label %k.body82, label %k.end83
 
-k.body71:                                         ; preds = %k.head70
-  %881 = mul nsw i64 %k73, 16
-  %882 = add nsw i64 %panel.off68, %881
-  %883 = mul nsw i64 %k73, 32
-  %884 = getelementptr inbounds i8, ptr %pf69, i64 %883
-  call void @llvm.prefetch.p0(ptr %884, i32 0, i32 2, i32 1)
-  %885 = getelementptr inbounds i16, ptr %panels, i64 %882
-  %886 = load <8 x i32>, ptr %885, align 4
-  %887 = shl <8 x i32> %886, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %887 to <8 x float>
-  %888 = and <8 x i32> %886, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %888 to <8 x float>
-  %889 = getelementptr inbounds float, ptr %863, i64 %k73
-  %890 = load float, ptr %889, align 4
-  %891 = insertelement <8 x float> poison, float %890, i32 0
-  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
-  %893 = load <8 x float>, ptr %acc0066, align 4
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b074, <8 x float> %893)
-  store <8 x float> %894, ptr %acc0066, align 4
-  %895 = load <8 x float>, ptr %acc0167, align 4
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %b175, <8 x float> %895)
-  store <8 x float> %896, ptr %acc0167, align 4
-  %897 = add nsw i64 %k73, 1
-  br label %k.head70
+k.body82:                                         ; preds = %k.head81
+  %906 = mul nsw i64 %k84, 16
+  %907 = add nsw i64 %panel.off77, %906
+  %908 = mul nsw i64 %k84, 32
+  %909 = lshr i64 %908, %pf.sh80
+  %910 = getelementptr inbounds i8, ptr %pf79, i64 %909
+  call void @llvm.prefetch.p0(ptr %910, i32 0, i32 2, i32 1)
+  %911 = getelementptr inbounds i16, ptr %panels, i64 %907
+  %912 = load <8 x i32>, ptr %911, align 4
+  %913 = shl <8 x i32> %912, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %913 to <8 x float>
+  %914 = and <8 x i32> %912, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %914 to <8 x float>
+  %915 = getelementptr inbounds float, ptr %886, i64 %k84
+  %916 = load float, ptr %915, align 4
+  %917 = insertelement <8 x float> poison, float %916, i32 0
+  %918 = shufflevector <8 x float> %917, <8 x float> poison, <8 x i32> zeroinitializer
+  %919 = load <8 x float>, ptr %acc0075, align 4
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %b085, <8 x float> %919)
+  store <8 x float> %920, ptr %acc0075, align 4
+  %921 = load <8 x float>, ptr %acc0176, align 4
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %b186, <8 x float> %921)
+  store <8 x float> %922, ptr %acc0176, align 4
+  %923 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end72:                                          ; preds = %k.head70
-  %898 = add nsw i64 %r0, 0
-  %899 = getelementptr inbounds float, ptr %rw, i64 %898
-  %900 = load float, ptr %899, align 4
-  %901 = insertelement <8 x float> poison, float %900, i32 0
-  %902 = shufflevector <8 x float> %901, <8 x float> poison, <8 x i32> zeroinitializer
-  %903 = load <8 x float>, ptr %acc0066, align 4
-  %904 = add nsw i64 %col65, 0
-  %905 = getelementptr inbounds float, ptr %bd, i64 %904
-  %906 = load <8 x float>, ptr %905, align 4
-  %907 = fmul <8 x float> %906, %902
-  %908 = fadd <8 x float> %903, %907
-  store <8 x float> %908, ptr %870, align 4
-  %909 = load <8 x float>, ptr %acc0167, align 4
-  %910 = add nsw i64 %col65, 8
-  %911 = getelementptr inbounds float, ptr %bd, i64 %910
-  %912 = load <8 x float>, ptr %911, align 4
-  %913 = fmul <8 x float> %912, %902
-  %914 = fadd <8 x float> %909, %913
-  store <8 x float> %914, ptr %873, align 4
+k.end83:                                          ; preds = %k.head81
+  %924 = add nsw i64 %r0, 0
+  %925 = getelementptr inbounds float, ptr %rw, i64 %924
+  %926 = load float, ptr %925, align 4
+  %927 = insertelement <8 x float> poison, float %926, i32 0
+  %928 = shufflevector <8 x float> %927, <8 x float> poison, <8 x i32> zeroinitializer
+  %929 = load <8 x float>, ptr %acc0075, align 4
+  %930 = add nsw i64 %col74, 0
+  %931 = getelementptr inbounds float, ptr %bd, i64 %930
+  %932 = load <8 x float>, ptr %931, align 4
+  %933 = fmul <8 x float> %932, %928
+  %934 = fadd <8 x float> %929, %933
+  store <8 x float> %934, ptr %893, align 4
+  %935 = load <8 x float>, ptr %acc0176, align 4
+  %936 = add nsw i64 %col74, 8
+  %937 = getelementptr inbounds float, ptr %bd, i64 %936
+  %938 = load <8 x float>, ptr %937, align 4
+  %939 = fmul <8 x float> %938, %928
+  %940 = fadd <8 x float> %935, %939
+  store <8 x float> %940, ptr %896, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
-  %915 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+  %941 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %916 = add nsw i64 %p, 1
+  %942 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

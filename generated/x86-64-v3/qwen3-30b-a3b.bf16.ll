@@ -925,43 +925,43 @@ entry:
   %acc31 = alloca <16 x float>, align 32
   %acc41 = alloca <16 x float>, align 32
   %acc51 = alloca <16 x float>, align 32
-  %acc0041 = alloca <16 x float>, align 32
-  %acc1042 = alloca <16 x float>, align 32
-  %acc2043 = alloca <16 x float>, align 32
-  %acc3044 = alloca <16 x float>, align 32
-  %acc4045 = alloca <16 x float>, align 32
-  %acc0147 = alloca <16 x float>, align 32
-  %acc1148 = alloca <16 x float>, align 32
-  %acc2149 = alloca <16 x float>, align 32
-  %acc3150 = alloca <16 x float>, align 32
-  %acc4151 = alloca <16 x float>, align 32
-  %acc0097 = alloca <16 x float>, align 32
-  %acc1098 = alloca <16 x float>, align 32
-  %acc2099 = alloca <16 x float>, align 32
-  %acc30100 = alloca <16 x float>, align 32
-  %acc01102 = alloca <16 x float>, align 32
-  %acc11103 = alloca <16 x float>, align 32
-  %acc21104 = alloca <16 x float>, align 32
-  %acc31105 = alloca <16 x float>, align 32
-  %acc00143 = alloca <16 x float>, align 32
-  %acc10144 = alloca <16 x float>, align 32
-  %acc20145 = alloca <16 x float>, align 32
-  %acc01147 = alloca <16 x float>, align 32
-  %acc11148 = alloca <16 x float>, align 32
-  %acc21149 = alloca <16 x float>, align 32
-  %acc00179 = alloca <16 x float>, align 32
-  %acc10180 = alloca <16 x float>, align 32
-  %acc01182 = alloca <16 x float>, align 32
-  %acc11183 = alloca <16 x float>, align 32
-  %acc00205 = alloca <16 x float>, align 32
-  %acc01207 = alloca <16 x float>, align 32
+  %acc0042 = alloca <16 x float>, align 32
+  %acc1043 = alloca <16 x float>, align 32
+  %acc2044 = alloca <16 x float>, align 32
+  %acc3045 = alloca <16 x float>, align 32
+  %acc4046 = alloca <16 x float>, align 32
+  %acc0150 = alloca <16 x float>, align 32
+  %acc1151 = alloca <16 x float>, align 32
+  %acc2152 = alloca <16 x float>, align 32
+  %acc3153 = alloca <16 x float>, align 32
+  %acc4154 = alloca <16 x float>, align 32
+  %acc00100 = alloca <16 x float>, align 32
+  %acc10101 = alloca <16 x float>, align 32
+  %acc20102 = alloca <16 x float>, align 32
+  %acc30103 = alloca <16 x float>, align 32
+  %acc01107 = alloca <16 x float>, align 32
+  %acc11108 = alloca <16 x float>, align 32
+  %acc21109 = alloca <16 x float>, align 32
+  %acc31110 = alloca <16 x float>, align 32
+  %acc00148 = alloca <16 x float>, align 32
+  %acc10149 = alloca <16 x float>, align 32
+  %acc20150 = alloca <16 x float>, align 32
+  %acc01154 = alloca <16 x float>, align 32
+  %acc11155 = alloca <16 x float>, align 32
+  %acc21156 = alloca <16 x float>, align 32
+  %acc00186 = alloca <16 x float>, align 32
+  %acc10187 = alloca <16 x float>, align 32
+  %acc01191 = alloca <16 x float>, align 32
+  %acc11192 = alloca <16 x float>, align 32
+  %acc00214 = alloca <16 x float>, align 32
+  %acc01218 = alloca <16 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %chunk.head
 
 chunk.head:                                       ; preds = %p.end, %start
-  %chunk = phi i64 [ 0, %start ], [ %1278, %p.end ]
+  %chunk = phi i64 [ 0, %start ], [ %1310, %p.end ]
   %0 = icmp slt i64 %chunk, %n
   br i1 %0, label %chunk.body, label %chunk.end
 
@@ -1013,7 +1013,7 @@ cvt.r.end:                                        ; preds = %cvt.r.head
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %cvt.r.end
-  %p = phi i64 [ %p0, %cvt.r.end ], [ %1277, %r0.end ]
+  %p = phi i64 [ %p0, %cvt.r.end ], [ %1309, %r0.end ]
   %23 = icmp slt i64 %p, %p1
   br i1 %23, label %p.body, label %p.end
 
@@ -1021,7 +1021,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1276, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1308, %tile.done ]
   %24 = icmp slt i64 %r0, %cn
   br i1 %24, label %r0.body, label %r0.end
 
@@ -1029,9 +1029,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %cn, %r0
   %25 = icmp sge i64 %left, 6
   %mr = select i1 %25, i64 6, i64 %left
-  %26 = icmp sgt i64 %cn, 6
-  %27 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %27, %26
+  %26 = add nsw i64 %cn, 5
+  %nrb = sdiv i64 %26, 6
+  %27 = icmp sge i64 %nrb, 2
+  %28 = select i1 %27, i64 1, i64 0
+  %29 = icmp sge i64 %nrb, 4
+  %30 = select i1 %29, i64 2, i64 %28
+  %31 = icmp sge i64 %nrb, 8
+  %32 = select i1 %31, i64 3, i64 %30
+  %pf.j = sdiv i64 %r0, 6
+  %33 = shl i64 1, %32
+  %34 = icmp slt i64 %pf.j, %33
+  %35 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %35, %34
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1041,37 +1051,41 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %28 = add nsw i64 %r0, 0
-  %29 = mul nsw i64 %28, 2048
-  %30 = getelementptr inbounds i16, ptr %xb, i64 %29
+  %36 = add nsw i64 %r0, 0
+  %37 = mul nsw i64 %36, 2048
+  %38 = getelementptr inbounds i16, ptr %xb, i64 %37
   store <16 x float> zeroinitializer, ptr %acc00, align 4
-  %31 = add nsw i64 %r0, 1
-  %32 = mul nsw i64 %31, 2048
-  %33 = getelementptr inbounds i16, ptr %xb, i64 %32
+  %39 = add nsw i64 %r0, 1
+  %40 = mul nsw i64 %39, 2048
+  %41 = getelementptr inbounds i16, ptr %xb, i64 %40
   store <16 x float> zeroinitializer, ptr %acc10, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 2048
-  %36 = getelementptr inbounds i16, ptr %xb, i64 %35
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 2048
+  %44 = getelementptr inbounds i16, ptr %xb, i64 %43
   store <16 x float> zeroinitializer, ptr %acc20, align 4
-  %37 = add nsw i64 %r0, 3
-  %38 = mul nsw i64 %37, 2048
-  %39 = getelementptr inbounds i16, ptr %xb, i64 %38
+  %45 = add nsw i64 %r0, 3
+  %46 = mul nsw i64 %45, 2048
+  %47 = getelementptr inbounds i16, ptr %xb, i64 %46
   store <16 x float> zeroinitializer, ptr %acc30, align 4
-  %40 = add nsw i64 %r0, 4
-  %41 = mul nsw i64 %40, 2048
-  %42 = getelementptr inbounds i16, ptr %xb, i64 %41
+  %48 = add nsw i64 %r0, 4
+  %49 = mul nsw i64 %48, 2048
+  %50 = getelementptr inbounds i16, ptr %xb, i64 %49
   store <16 x float> zeroinitializer, ptr %acc40, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = mul nsw i64 %43, 2048
-  %45 = getelementptr inbounds i16, ptr %xb, i64 %44
+  %51 = add nsw i64 %r0, 5
+  %52 = mul nsw i64 %51, 2048
+  %53 = getelementptr inbounds i16, ptr %xb, i64 %52
   store <16 x float> zeroinitializer, ptr %acc50, align 4
-  %46 = mul nsw i64 %p, 32768
-  %47 = getelementptr inbounds i16, ptr %panels, i64 %46
-  %48 = add nsw i64 %p, 1
-  %49 = icmp slt i64 %48, %p1
-  %50 = getelementptr inbounds i8, ptr %47, i64 65536
-  %51 = and i1 %pf.on, %49
-  %pf = select i1 %51, ptr %50, ptr %47
+  %54 = mul nsw i64 %p, 32768
+  %55 = getelementptr inbounds i16, ptr %panels, i64 %54
+  %56 = add nsw i64 %p, 1
+  %57 = icmp slt i64 %56, %p1
+  %pf.on1 = and i1 %pf.on, %57
+  %58 = mul nsw i64 %pf.j, 65536
+  %59 = lshr i64 %58, %32
+  %60 = add nsw i64 65536, %59
+  %61 = getelementptr inbounds i8, ptr %55, i64 %60
+  %pf = select i1 %pf.on1, ptr %61, ptr %55
+  %pf.sh = select i1 %pf.on1, i64 %32, i64 0
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
   store <16 x float> zeroinitializer, ptr %acc21, align 4
@@ -1081,1619 +1095,1651 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %148, %kp.body ]
-  %52 = icmp slt i64 %kp, 512
-  br i1 %52, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %160, %kp.body ]
+  %62 = icmp slt i64 %kp, 512
+  br i1 %62, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %53 = mul nsw i64 %kk, 32
-  %54 = getelementptr inbounds i16, ptr %47, i64 %53
-  %55 = load <32 x bfloat>, ptr %54, align 4
-  %56 = mul nsw i64 %kk, 64
-  %57 = getelementptr inbounds i8, ptr %pf, i64 %56
-  call void @llvm.prefetch.p0(ptr %57, i32 0, i32 2, i32 1)
-  %58 = getelementptr inbounds i32, ptr %30, i64 %kk
-  %59 = load i32, ptr %58, align 4
-  %60 = load <16 x float>, ptr %acc00, align 4
-  %61 = insertelement <16 x i32> poison, i32 %59, i32 0
-  %62 = shufflevector <16 x i32> %61, <16 x i32> poison, <16 x i32> zeroinitializer
-  %63 = bitcast <16 x i32> %62 to <32 x bfloat>
-  %64 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %60, <32 x bfloat> %55, <32 x bfloat> %63)
-  store <16 x float> %64, ptr %acc00, align 4
-  %65 = getelementptr inbounds i32, ptr %33, i64 %kk
-  %66 = load i32, ptr %65, align 4
-  %67 = load <16 x float>, ptr %acc10, align 4
-  %68 = insertelement <16 x i32> poison, i32 %66, i32 0
-  %69 = shufflevector <16 x i32> %68, <16 x i32> poison, <16 x i32> zeroinitializer
-  %70 = bitcast <16 x i32> %69 to <32 x bfloat>
-  %71 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %67, <32 x bfloat> %55, <32 x bfloat> %70)
-  store <16 x float> %71, ptr %acc10, align 4
-  %72 = getelementptr inbounds i32, ptr %36, i64 %kk
-  %73 = load i32, ptr %72, align 4
-  %74 = load <16 x float>, ptr %acc20, align 4
-  %75 = insertelement <16 x i32> poison, i32 %73, i32 0
-  %76 = shufflevector <16 x i32> %75, <16 x i32> poison, <16 x i32> zeroinitializer
-  %77 = bitcast <16 x i32> %76 to <32 x bfloat>
-  %78 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %74, <32 x bfloat> %55, <32 x bfloat> %77)
-  store <16 x float> %78, ptr %acc20, align 4
-  %79 = getelementptr inbounds i32, ptr %39, i64 %kk
-  %80 = load i32, ptr %79, align 4
-  %81 = load <16 x float>, ptr %acc30, align 4
-  %82 = insertelement <16 x i32> poison, i32 %80, i32 0
-  %83 = shufflevector <16 x i32> %82, <16 x i32> poison, <16 x i32> zeroinitializer
-  %84 = bitcast <16 x i32> %83 to <32 x bfloat>
-  %85 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %81, <32 x bfloat> %55, <32 x bfloat> %84)
-  store <16 x float> %85, ptr %acc30, align 4
-  %86 = getelementptr inbounds i32, ptr %42, i64 %kk
-  %87 = load i32, ptr %86, align 4
-  %88 = load <16 x float>, ptr %acc40, align 4
-  %89 = insertelement <16 x i32> poison, i32 %87, i32 0
-  %90 = shufflevector <16 x i32> %89, <16 x i32> poison, <16 x i32> zeroinitializer
-  %91 = bitcast <16 x i32> %90 to <32 x bfloat>
-  %92 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %88, <32 x bfloat> %55, <32 x bfloat> %91)
-  store <16 x float> %92, ptr %acc40, align 4
-  %93 = getelementptr inbounds i32, ptr %45, i64 %kk
-  %94 = load i32, ptr %93, align 4
-  %95 = load <16 x float>, ptr %acc50, align 4
-  %96 = insertelement <16 x i32> poison, i32 %94, i32 0
-  %97 = shufflevector <16 x i32> %96, <16 x i32> poison, <16 x i32> zeroinitializer
-  %98 = bitcast <16 x i32> %97 to <32 x bfloat>
-  %99 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %95, <32 x bfloat> %55, <32 x bfloat> %98)
-  store <16 x float> %99, ptr %acc50, align 4
-  %100 = add nsw i64 %kk, 1
-  %101 = mul nsw i64 %100, 32
-  %102 = getelementptr inbounds i16, ptr %47, i64 %101
-  %103 = load <32 x bfloat>, ptr %102, align 4
-  %104 = mul nsw i64 %100, 64
-  %105 = getelementptr inbounds i8, ptr %pf, i64 %104
-  call void @llvm.prefetch.p0(ptr %105, i32 0, i32 2, i32 1)
-  %106 = getelementptr inbounds i32, ptr %30, i64 %100
-  %107 = load i32, ptr %106, align 4
-  %108 = load <16 x float>, ptr %acc01, align 4
-  %109 = insertelement <16 x i32> poison, i32 %107, i32 0
-  %110 = shufflevector <16 x i32> %109, <16 x i32> poison, <16 x i32> zeroinitializer
-  %111 = bitcast <16 x i32> %110 to <32 x bfloat>
-  %112 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %108, <32 x bfloat> %103, <32 x bfloat> %111)
-  store <16 x float> %112, ptr %acc01, align 4
-  %113 = getelementptr inbounds i32, ptr %33, i64 %100
-  %114 = load i32, ptr %113, align 4
-  %115 = load <16 x float>, ptr %acc11, align 4
-  %116 = insertelement <16 x i32> poison, i32 %114, i32 0
-  %117 = shufflevector <16 x i32> %116, <16 x i32> poison, <16 x i32> zeroinitializer
-  %118 = bitcast <16 x i32> %117 to <32 x bfloat>
-  %119 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %115, <32 x bfloat> %103, <32 x bfloat> %118)
-  store <16 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds i32, ptr %36, i64 %100
-  %121 = load i32, ptr %120, align 4
-  %122 = load <16 x float>, ptr %acc21, align 4
-  %123 = insertelement <16 x i32> poison, i32 %121, i32 0
-  %124 = shufflevector <16 x i32> %123, <16 x i32> poison, <16 x i32> zeroinitializer
-  %125 = bitcast <16 x i32> %124 to <32 x bfloat>
-  %126 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %122, <32 x bfloat> %103, <32 x bfloat> %125)
-  store <16 x float> %126, ptr %acc21, align 4
-  %127 = getelementptr inbounds i32, ptr %39, i64 %100
-  %128 = load i32, ptr %127, align 4
-  %129 = load <16 x float>, ptr %acc31, align 4
-  %130 = insertelement <16 x i32> poison, i32 %128, i32 0
-  %131 = shufflevector <16 x i32> %130, <16 x i32> poison, <16 x i32> zeroinitializer
-  %132 = bitcast <16 x i32> %131 to <32 x bfloat>
-  %133 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %129, <32 x bfloat> %103, <32 x bfloat> %132)
-  store <16 x float> %133, ptr %acc31, align 4
-  %134 = getelementptr inbounds i32, ptr %42, i64 %100
-  %135 = load i32, ptr %134, align 4
-  %136 = load <16 x float>, ptr %acc41, align 4
-  %137 = insertelement <16 x i32> poison, i32 %135, i32 0
-  %138 = shufflevector <16 x i32> %137, <16 x i32> poison, <16 x i32> zeroinitializer
-  %139 = bitcast <16 x i32> %138 to <32 x bfloat>
-  %140 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %136, <32 x bfloat> %103, <32 x bfloat> %139)
-  store <16 x float> %140, ptr %acc41, align 4
-  %141 = getelementptr inbounds i32, ptr %45, i64 %100
-  %142 = load i32, ptr %141, align 4
-  %143 = load <16 x float>, ptr %acc51, align 4
-  %144 = insertelement <16 x i32> poison, i32 %142, i32 0
-  %145 = shufflevector <16 x i32> %144, <16 x i32> poison, <16 x i32> zeroinitializer
-  %146 = bitcast <16 x i32> %145 to <32 x bfloat>
-  %147 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %143, <32 x bfloat> %103, <32 x bfloat> %146)
-  store <16 x float> %147, ptr %acc51, align 4
-  %148 = add nsw i64 %kp, 1
+  %63 = mul nsw i64 %kk, 32
+  %64 = getelementptr inbounds i16, ptr %55, i64 %63
+  %65 = load <32 x bfloat>, ptr %64, align 4
+  %66 = mul nsw i64 %kk, 64
+  %67 = lshr i64 %66, %pf.sh
+  %68 = getelementptr inbounds i8, ptr %pf, i64 %67
+  call void @llvm.prefetch.p0(ptr %68, i32 0, i32 2, i32 1)
+  %69 = getelementptr inbounds i32, ptr %38, i64 %kk
+  %70 = load i32, ptr %69, align 4
+  %71 = load <16 x float>, ptr %acc00, align 4
+  %72 = insertelement <16 x i32> poison, i32 %70, i32 0
+  %73 = shufflevector <16 x i32> %72, <16 x i32> poison, <16 x i32> zeroinitializer
+  %74 = bitcast <16 x i32> %73 to <32 x bfloat>
+  %75 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %71, <32 x bfloat> %65, <32 x bfloat> %74)
+  store <16 x float> %75, ptr %acc00, align 4
+  %76 = getelementptr inbounds i32, ptr %41, i64 %kk
+  %77 = load i32, ptr %76, align 4
+  %78 = load <16 x float>, ptr %acc10, align 4
+  %79 = insertelement <16 x i32> poison, i32 %77, i32 0
+  %80 = shufflevector <16 x i32> %79, <16 x i32> poison, <16 x i32> zeroinitializer
+  %81 = bitcast <16 x i32> %80 to <32 x bfloat>
+  %82 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %78, <32 x bfloat> %65, <32 x bfloat> %81)
+  store <16 x float> %82, ptr %acc10, align 4
+  %83 = getelementptr inbounds i32, ptr %44, i64 %kk
+  %84 = load i32, ptr %83, align 4
+  %85 = load <16 x float>, ptr %acc20, align 4
+  %86 = insertelement <16 x i32> poison, i32 %84, i32 0
+  %87 = shufflevector <16 x i32> %86, <16 x i32> poison, <16 x i32> zeroinitializer
+  %88 = bitcast <16 x i32> %87 to <32 x bfloat>
+  %89 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %85, <32 x bfloat> %65, <32 x bfloat> %88)
+  store <16 x float> %89, ptr %acc20, align 4
+  %90 = getelementptr inbounds i32, ptr %47, i64 %kk
+  %91 = load i32, ptr %90, align 4
+  %92 = load <16 x float>, ptr %acc30, align 4
+  %93 = insertelement <16 x i32> poison, i32 %91, i32 0
+  %94 = shufflevector <16 x i32> %93, <16 x i32> poison, <16 x i32> zeroinitializer
+  %95 = bitcast <16 x i32> %94 to <32 x bfloat>
+  %96 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %92, <32 x bfloat> %65, <32 x bfloat> %95)
+  store <16 x float> %96, ptr %acc30, align 4
+  %97 = getelementptr inbounds i32, ptr %50, i64 %kk
+  %98 = load i32, ptr %97, align 4
+  %99 = load <16 x float>, ptr %acc40, align 4
+  %100 = insertelement <16 x i32> poison, i32 %98, i32 0
+  %101 = shufflevector <16 x i32> %100, <16 x i32> poison, <16 x i32> zeroinitializer
+  %102 = bitcast <16 x i32> %101 to <32 x bfloat>
+  %103 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %99, <32 x bfloat> %65, <32 x bfloat> %102)
+  store <16 x float> %103, ptr %acc40, align 4
+  %104 = getelementptr inbounds i32, ptr %53, i64 %kk
+  %105 = load i32, ptr %104, align 4
+  %106 = load <16 x float>, ptr %acc50, align 4
+  %107 = insertelement <16 x i32> poison, i32 %105, i32 0
+  %108 = shufflevector <16 x i32> %107, <16 x i32> poison, <16 x i32> zeroinitializer
+  %109 = bitcast <16 x i32> %108 to <32 x bfloat>
+  %110 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %106, <32 x bfloat> %65, <32 x bfloat> %109)
+  store <16 x float> %110, ptr %acc50, align 4
+  %111 = add nsw i64 %kk, 1
+  %112 = mul nsw i64 %111, 32
+  %113 = getelementptr inbounds i16, ptr %55, i64 %112
+  %114 = load <32 x bfloat>, ptr %113, align 4
+  %115 = mul nsw i64 %111, 64
+  %116 = lshr i64 %115, %pf.sh
+  %117 = getelementptr inbounds i8, ptr %pf, i64 %116
+  call void @llvm.prefetch.p0(ptr %117, i32 0, i32 2, i32 1)
+  %118 = getelementptr inbounds i32, ptr %38, i64 %111
+  %119 = load i32, ptr %118, align 4
+  %120 = load <16 x float>, ptr %acc01, align 4
+  %121 = insertelement <16 x i32> poison, i32 %119, i32 0
+  %122 = shufflevector <16 x i32> %121, <16 x i32> poison, <16 x i32> zeroinitializer
+  %123 = bitcast <16 x i32> %122 to <32 x bfloat>
+  %124 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %120, <32 x bfloat> %114, <32 x bfloat> %123)
+  store <16 x float> %124, ptr %acc01, align 4
+  %125 = getelementptr inbounds i32, ptr %41, i64 %111
+  %126 = load i32, ptr %125, align 4
+  %127 = load <16 x float>, ptr %acc11, align 4
+  %128 = insertelement <16 x i32> poison, i32 %126, i32 0
+  %129 = shufflevector <16 x i32> %128, <16 x i32> poison, <16 x i32> zeroinitializer
+  %130 = bitcast <16 x i32> %129 to <32 x bfloat>
+  %131 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %127, <32 x bfloat> %114, <32 x bfloat> %130)
+  store <16 x float> %131, ptr %acc11, align 4
+  %132 = getelementptr inbounds i32, ptr %44, i64 %111
+  %133 = load i32, ptr %132, align 4
+  %134 = load <16 x float>, ptr %acc21, align 4
+  %135 = insertelement <16 x i32> poison, i32 %133, i32 0
+  %136 = shufflevector <16 x i32> %135, <16 x i32> poison, <16 x i32> zeroinitializer
+  %137 = bitcast <16 x i32> %136 to <32 x bfloat>
+  %138 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %134, <32 x bfloat> %114, <32 x bfloat> %137)
+  store <16 x float> %138, ptr %acc21, align 4
+  %139 = getelementptr inbounds i32, ptr %47, i64 %111
+  %140 = load i32, ptr %139, align 4
+  %141 = load <16 x float>, ptr %acc31, align 4
+  %142 = insertelement <16 x i32> poison, i32 %140, i32 0
+  %143 = shufflevector <16 x i32> %142, <16 x i32> poison, <16 x i32> zeroinitializer
+  %144 = bitcast <16 x i32> %143 to <32 x bfloat>
+  %145 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %141, <32 x bfloat> %114, <32 x bfloat> %144)
+  store <16 x float> %145, ptr %acc31, align 4
+  %146 = getelementptr inbounds i32, ptr %50, i64 %111
+  %147 = load i32, ptr %146, align 4
+  %148 = load <16 x float>, ptr %acc41, align 4
+  %149 = insertelement <16 x i32> poison, i32 %147, i32 0
+  %150 = shufflevector <16 x i32> %149, <16 x i32> poison, <16 x i32> zeroinitializer
+  %151 = bitcast <16 x i32> %150 to <32 x bfloat>
+  %152 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %148, <32 x bfloat> %114, <32 x bfloat> %151)
+  store <16 x float> %152, ptr %acc41, align 4
+  %153 = getelementptr inbounds i32, ptr %53, i64 %111
+  %154 = load i32, ptr %153, align 4
+  %155 = load <16 x float>, ptr %acc51, align 4
+  %156 = insertelement <16 x i32> poison, i32 %154, i32 0
+  %157 = shufflevector <16 x i32> %156, <16 x i32> poison, <16 x i32> zeroinitializer
+  %158 = bitcast <16 x i32> %157 to <32 x bfloat>
+  %159 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %155, <32 x bfloat> %114, <32 x bfloat> %158)
+  store <16 x float> %159, ptr %acc51, align 4
+  %160 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %149 = load <16 x float>, ptr %acc01, align 4
-  %150 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %150, %149
+  %161 = load <16 x float>, ptr %acc01, align 4
+  %162 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %162, %161
   store <16 x float> %sum, ptr %acc00, align 4
-  %151 = load <16 x float>, ptr %acc11, align 4
-  %152 = load <16 x float>, ptr %acc10, align 4
-  %sum1 = fadd <16 x float> %152, %151
-  store <16 x float> %sum1, ptr %acc10, align 4
-  %153 = load <16 x float>, ptr %acc21, align 4
-  %154 = load <16 x float>, ptr %acc20, align 4
-  %sum2 = fadd <16 x float> %154, %153
-  store <16 x float> %sum2, ptr %acc20, align 4
-  %155 = load <16 x float>, ptr %acc31, align 4
-  %156 = load <16 x float>, ptr %acc30, align 4
-  %sum3 = fadd <16 x float> %156, %155
-  store <16 x float> %sum3, ptr %acc30, align 4
-  %157 = load <16 x float>, ptr %acc41, align 4
-  %158 = load <16 x float>, ptr %acc40, align 4
-  %sum4 = fadd <16 x float> %158, %157
-  store <16 x float> %sum4, ptr %acc40, align 4
-  %159 = load <16 x float>, ptr %acc51, align 4
-  %160 = load <16 x float>, ptr %acc50, align 4
-  %sum5 = fadd <16 x float> %160, %159
-  store <16 x float> %sum5, ptr %acc50, align 4
-  %161 = add nsw i64 %r0, 0
-  %162 = add nsw i64 %chunk, %161
-  %163 = getelementptr inbounds float, ptr %rw, i64 %162
-  %164 = load float, ptr %163, align 4
-  %165 = insertelement <8 x float> poison, float %164, i32 0
-  %166 = shufflevector <8 x float> %165, <8 x float> poison, <8 x i32> zeroinitializer
-  %167 = mul nsw i64 %162, 768
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %163 = load <16 x float>, ptr %acc11, align 4
+  %164 = load <16 x float>, ptr %acc10, align 4
+  %sum2 = fadd <16 x float> %164, %163
+  store <16 x float> %sum2, ptr %acc10, align 4
+  %165 = load <16 x float>, ptr %acc21, align 4
+  %166 = load <16 x float>, ptr %acc20, align 4
+  %sum3 = fadd <16 x float> %166, %165
+  store <16 x float> %sum3, ptr %acc20, align 4
+  %167 = load <16 x float>, ptr %acc31, align 4
+  %168 = load <16 x float>, ptr %acc30, align 4
+  %sum4 = fadd <16 x float> %168, %167
+  store <16 x float> %sum4, ptr %acc30, align 4
+  %169 = load <16 x float>, ptr %acc41, align 4
+  %170 = load <16 x float>, ptr %acc40, align 4
+  %sum5 = fadd <16 x float> %170, %169
+  store <16 x float> %sum5, ptr %acc40, align 4
+  %171 = load <16 x float>, ptr %acc51, align 4
+  %172 = load <16 x float>, ptr %acc50, align 4
+  %sum6 = fadd <16 x float> %172, %171
+  store <16 x float> %sum6, ptr %acc50, align 4
+  %173 = add nsw i64 %r0, 0
+  %174 = add nsw i64 %chunk, %173
+  %175 = getelementptr inbounds float, ptr %rw, i64 %174
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = mul nsw i64 %174, 768
+  %180 = getelementptr inbounds float, ptr %h, i64 %179
   %col = mul nsw i64 %p, 8
-  %169 = load <16 x float>, ptr %acc00, align 4
-  %170 = shufflevector <16 x float> %169, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %171 = load <16 x float>, ptr %acc00, align 4
-  %172 = shufflevector <16 x float> %171, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %173 = fneg <8 x float> %170
-  %174 = fcmp olt <8 x float> %173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %175 = select <8 x i1> %174, <8 x float> %173, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %176 = fcmp ogt <8 x float> %175, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %177 = select <8 x i1> %176, <8 x float> %175, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %179 = call <8 x float> @llvm.floor.v8f32(<8 x float> %178)
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %177)
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %180)
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %181, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> %181, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %181, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %181, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %181, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %187 = fmul <8 x float> %181, %181
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %187, <8 x float> %181)
-  %189 = fadd <8 x float> %188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %190 = fptosi <8 x float> %179 to <8 x i32>
-  %191 = add <8 x i32> %190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %192 = shl <8 x i32> %191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %192 to <8 x float>
-  %exp = fmul <8 x float> %189, %exp.2n
-  %193 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %193
-  %silu = fmul <8 x float> %170, %sigmoid
-  %glu = fmul <8 x float> %silu, %172
-  %194 = fmul <8 x float> %glu, %166
-  %195 = getelementptr inbounds i16, ptr %168, i64 %col
-  %hb = fptrunc <8 x float> %194 to <8 x bfloat>
-  store <8 x bfloat> %hb, ptr %195, align 4
-  %196 = add nsw i64 %r0, 1
-  %197 = add nsw i64 %chunk, %196
-  %198 = getelementptr inbounds float, ptr %rw, i64 %197
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = mul nsw i64 %197, 768
-  %203 = getelementptr inbounds float, ptr %h, i64 %202
-  %col6 = mul nsw i64 %p, 8
-  %204 = load <16 x float>, ptr %acc10, align 4
-  %205 = shufflevector <16 x float> %204, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %206 = load <16 x float>, ptr %acc10, align 4
-  %207 = shufflevector <16 x float> %206, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %208 = fneg <8 x float> %205
-  %209 = fcmp olt <8 x float> %208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %210 = select <8 x i1> %209, <8 x float> %208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %211 = fcmp ogt <8 x float> %210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %213)
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %212)
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %215)
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %218, <8 x float> %216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %222 = fmul <8 x float> %216, %216
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %222, <8 x float> %216)
-  %224 = fadd <8 x float> %223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %225 = fptosi <8 x float> %214 to <8 x i32>
-  %226 = add <8 x i32> %225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %227 = shl <8 x i32> %226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n7 = bitcast <8 x i32> %227 to <8 x float>
-  %exp8 = fmul <8 x float> %224, %exp.2n7
-  %228 = fadd <8 x float> %exp8, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid9 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %228
-  %silu10 = fmul <8 x float> %205, %sigmoid9
-  %glu11 = fmul <8 x float> %silu10, %207
-  %229 = fmul <8 x float> %glu11, %201
-  %230 = getelementptr inbounds i16, ptr %203, i64 %col6
-  %hb12 = fptrunc <8 x float> %229 to <8 x bfloat>
-  store <8 x bfloat> %hb12, ptr %230, align 4
-  %231 = add nsw i64 %r0, 2
-  %232 = add nsw i64 %chunk, %231
-  %233 = getelementptr inbounds float, ptr %rw, i64 %232
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = mul nsw i64 %232, 768
-  %238 = getelementptr inbounds float, ptr %h, i64 %237
-  %col13 = mul nsw i64 %p, 8
-  %239 = load <16 x float>, ptr %acc20, align 4
-  %240 = shufflevector <16 x float> %239, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %241 = load <16 x float>, ptr %acc20, align 4
-  %242 = shufflevector <16 x float> %241, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %243 = fneg <8 x float> %240
-  %244 = fcmp olt <8 x float> %243, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %245 = select <8 x i1> %244, <8 x float> %243, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %246 = fcmp ogt <8 x float> %245, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %247 = select <8 x i1> %246, <8 x float> %245, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %249 = call <8 x float> @llvm.floor.v8f32(<8 x float> %248)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %247)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %250)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %251, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %251, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %251, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %251, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %251, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %257 = fmul <8 x float> %251, %251
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %257, <8 x float> %251)
-  %259 = fadd <8 x float> %258, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %260 = fptosi <8 x float> %249 to <8 x i32>
-  %261 = add <8 x i32> %260, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %262 = shl <8 x i32> %261, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %262 to <8 x float>
-  %exp15 = fmul <8 x float> %259, %exp.2n14
-  %263 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %263
-  %silu17 = fmul <8 x float> %240, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %242
-  %264 = fmul <8 x float> %glu18, %236
-  %265 = getelementptr inbounds i16, ptr %238, i64 %col13
-  %hb19 = fptrunc <8 x float> %264 to <8 x bfloat>
-  store <8 x bfloat> %hb19, ptr %265, align 4
-  %266 = add nsw i64 %r0, 3
-  %267 = add nsw i64 %chunk, %266
-  %268 = getelementptr inbounds float, ptr %rw, i64 %267
-  %269 = load float, ptr %268, align 4
-  %270 = insertelement <8 x float> poison, float %269, i32 0
-  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
-  %272 = mul nsw i64 %267, 768
-  %273 = getelementptr inbounds float, ptr %h, i64 %272
-  %col20 = mul nsw i64 %p, 8
-  %274 = load <16 x float>, ptr %acc30, align 4
-  %275 = shufflevector <16 x float> %274, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %276 = load <16 x float>, ptr %acc30, align 4
-  %277 = shufflevector <16 x float> %276, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %278 = fneg <8 x float> %275
-  %279 = fcmp olt <8 x float> %278, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %280 = select <8 x i1> %279, <8 x float> %278, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %281 = fcmp ogt <8 x float> %280, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %282 = select <8 x i1> %281, <8 x float> %280, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %284 = call <8 x float> @llvm.floor.v8f32(<8 x float> %283)
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %282)
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %285)
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %286, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %286, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %286, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %286, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %286, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %292 = fmul <8 x float> %286, %286
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %292, <8 x float> %286)
-  %294 = fadd <8 x float> %293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %295 = fptosi <8 x float> %284 to <8 x i32>
-  %296 = add <8 x i32> %295, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %297 = shl <8 x i32> %296, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %297 to <8 x float>
-  %exp22 = fmul <8 x float> %294, %exp.2n21
-  %298 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %298
-  %silu24 = fmul <8 x float> %275, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %277
-  %299 = fmul <8 x float> %glu25, %271
-  %300 = getelementptr inbounds i16, ptr %273, i64 %col20
-  %hb26 = fptrunc <8 x float> %299 to <8 x bfloat>
-  store <8 x bfloat> %hb26, ptr %300, align 4
-  %301 = add nsw i64 %r0, 4
-  %302 = add nsw i64 %chunk, %301
-  %303 = getelementptr inbounds float, ptr %rw, i64 %302
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = mul nsw i64 %302, 768
-  %308 = getelementptr inbounds float, ptr %h, i64 %307
-  %col27 = mul nsw i64 %p, 8
-  %309 = load <16 x float>, ptr %acc40, align 4
-  %310 = shufflevector <16 x float> %309, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %311 = load <16 x float>, ptr %acc40, align 4
-  %312 = shufflevector <16 x float> %311, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %313 = fneg <8 x float> %310
-  %314 = fcmp olt <8 x float> %313, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %315 = select <8 x i1> %314, <8 x float> %313, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %316 = fcmp ogt <8 x float> %315, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %317 = select <8 x i1> %316, <8 x float> %315, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %319 = call <8 x float> @llvm.floor.v8f32(<8 x float> %318)
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %319, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %317)
-  %321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %319, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %320)
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %321, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %322, <8 x float> %321, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %321, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %321, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %325, <8 x float> %321, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %327 = fmul <8 x float> %321, %321
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %327, <8 x float> %321)
-  %329 = fadd <8 x float> %328, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %330 = fptosi <8 x float> %319 to <8 x i32>
-  %331 = add <8 x i32> %330, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %332 = shl <8 x i32> %331, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n28 = bitcast <8 x i32> %332 to <8 x float>
-  %exp29 = fmul <8 x float> %329, %exp.2n28
-  %333 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %333
-  %silu31 = fmul <8 x float> %310, %sigmoid30
-  %glu32 = fmul <8 x float> %silu31, %312
-  %334 = fmul <8 x float> %glu32, %306
-  %335 = getelementptr inbounds i16, ptr %308, i64 %col27
-  %hb33 = fptrunc <8 x float> %334 to <8 x bfloat>
-  store <8 x bfloat> %hb33, ptr %335, align 4
-  %336 = add nsw i64 %r0, 5
-  %337 = add nsw i64 %chunk, %336
-  %338 = getelementptr inbounds float, ptr %rw, i64 %337
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = mul nsw i64 %337, 768
-  %343 = getelementptr inbounds float, ptr %h, i64 %342
-  %col34 = mul nsw i64 %p, 8
-  %344 = load <16 x float>, ptr %acc50, align 4
-  %345 = shufflevector <16 x float> %344, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %346 = load <16 x float>, ptr %acc50, align 4
-  %347 = shufflevector <16 x float> %346, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %348 = fneg <8 x float> %345
-  %349 = fcmp olt <8 x float> %348, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %350 = select <8 x i1> %349, <8 x float> %348, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %351 = fcmp ogt <8 x float> %350, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %352 = select <8 x i1> %351, <8 x float> %350, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %354 = call <8 x float> @llvm.floor.v8f32(<8 x float> %353)
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %352)
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %355)
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %356, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %356, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %356, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %356, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %356, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %362 = fmul <8 x float> %356, %356
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %362, <8 x float> %356)
-  %364 = fadd <8 x float> %363, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %365 = fptosi <8 x float> %354 to <8 x i32>
-  %366 = add <8 x i32> %365, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %367 = shl <8 x i32> %366, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n35 = bitcast <8 x i32> %367 to <8 x float>
-  %exp36 = fmul <8 x float> %364, %exp.2n35
-  %368 = fadd <8 x float> %exp36, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid37 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %368
-  %silu38 = fmul <8 x float> %345, %sigmoid37
-  %glu39 = fmul <8 x float> %silu38, %347
-  %369 = fmul <8 x float> %glu39, %341
-  %370 = getelementptr inbounds i16, ptr %343, i64 %col34
-  %hb40 = fptrunc <8 x float> %369 to <8 x bfloat>
-  store <8 x bfloat> %hb40, ptr %370, align 4
+  %181 = load <16 x float>, ptr %acc00, align 4
+  %182 = shufflevector <16 x float> %181, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %183 = load <16 x float>, ptr %acc00, align 4
+  %184 = shufflevector <16 x float> %183, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %185 = fneg <8 x float> %182
+  %186 = fcmp olt <8 x float> %185, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %188 = fcmp ogt <8 x float> %187, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %189 = select <8 x i1> %188, <8 x float> %187, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %191 = call <8 x float> @llvm.floor.v8f32(<8 x float> %190)
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %189)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %192)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %193, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %193, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %193, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %193, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %193, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %199 = fmul <8 x float> %193, %193
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %199, <8 x float> %193)
+  %201 = fadd <8 x float> %200, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %202 = fptosi <8 x float> %191 to <8 x i32>
+  %203 = add <8 x i32> %202, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %204 = shl <8 x i32> %203, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %204 to <8 x float>
+  %exp = fmul <8 x float> %201, %exp.2n
+  %205 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %205
+  %silu = fmul <8 x float> %182, %sigmoid
+  %glu = fmul <8 x float> %silu, %184
+  %206 = fmul <8 x float> %glu, %178
+  %207 = getelementptr inbounds i16, ptr %180, i64 %col
+  %hb = fptrunc <8 x float> %206 to <8 x bfloat>
+  store <8 x bfloat> %hb, ptr %207, align 4
+  %208 = add nsw i64 %r0, 1
+  %209 = add nsw i64 %chunk, %208
+  %210 = getelementptr inbounds float, ptr %rw, i64 %209
+  %211 = load float, ptr %210, align 4
+  %212 = insertelement <8 x float> poison, float %211, i32 0
+  %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
+  %214 = mul nsw i64 %209, 768
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %col7 = mul nsw i64 %p, 8
+  %216 = load <16 x float>, ptr %acc10, align 4
+  %217 = shufflevector <16 x float> %216, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %218 = load <16 x float>, ptr %acc10, align 4
+  %219 = shufflevector <16 x float> %218, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %220 = fneg <8 x float> %217
+  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %234 = fmul <8 x float> %228, %228
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
+  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %237 = fptosi <8 x float> %226 to <8 x i32>
+  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %239 to <8 x float>
+  %exp9 = fmul <8 x float> %236, %exp.2n8
+  %240 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
+  %silu11 = fmul <8 x float> %217, %sigmoid10
+  %glu12 = fmul <8 x float> %silu11, %219
+  %241 = fmul <8 x float> %glu12, %213
+  %242 = getelementptr inbounds i16, ptr %215, i64 %col7
+  %hb13 = fptrunc <8 x float> %241 to <8 x bfloat>
+  store <8 x bfloat> %hb13, ptr %242, align 4
+  %243 = add nsw i64 %r0, 2
+  %244 = add nsw i64 %chunk, %243
+  %245 = getelementptr inbounds float, ptr %rw, i64 %244
+  %246 = load float, ptr %245, align 4
+  %247 = insertelement <8 x float> poison, float %246, i32 0
+  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
+  %249 = mul nsw i64 %244, 768
+  %250 = getelementptr inbounds float, ptr %h, i64 %249
+  %col14 = mul nsw i64 %p, 8
+  %251 = load <16 x float>, ptr %acc20, align 4
+  %252 = shufflevector <16 x float> %251, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %253 = load <16 x float>, ptr %acc20, align 4
+  %254 = shufflevector <16 x float> %253, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = fneg <8 x float> %252
+  %256 = fcmp olt <8 x float> %255, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %258 = fcmp ogt <8 x float> %257, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %259 = select <8 x i1> %258, <8 x float> %257, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %261 = call <8 x float> @llvm.floor.v8f32(<8 x float> %260)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %259)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %262)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %263, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %263, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %263, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %263, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %269 = fmul <8 x float> %263, %263
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %269, <8 x float> %263)
+  %271 = fadd <8 x float> %270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %272 = fptosi <8 x float> %261 to <8 x i32>
+  %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %274 to <8 x float>
+  %exp16 = fmul <8 x float> %271, %exp.2n15
+  %275 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
+  %silu18 = fmul <8 x float> %252, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %254
+  %276 = fmul <8 x float> %glu19, %248
+  %277 = getelementptr inbounds i16, ptr %250, i64 %col14
+  %hb20 = fptrunc <8 x float> %276 to <8 x bfloat>
+  store <8 x bfloat> %hb20, ptr %277, align 4
+  %278 = add nsw i64 %r0, 3
+  %279 = add nsw i64 %chunk, %278
+  %280 = getelementptr inbounds float, ptr %rw, i64 %279
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <8 x float> poison, float %281, i32 0
+  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
+  %284 = mul nsw i64 %279, 768
+  %285 = getelementptr inbounds float, ptr %h, i64 %284
+  %col21 = mul nsw i64 %p, 8
+  %286 = load <16 x float>, ptr %acc30, align 4
+  %287 = shufflevector <16 x float> %286, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %288 = load <16 x float>, ptr %acc30, align 4
+  %289 = shufflevector <16 x float> %288, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %290 = fneg <8 x float> %287
+  %291 = fcmp olt <8 x float> %290, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %292 = select <8 x i1> %291, <8 x float> %290, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %293 = fcmp ogt <8 x float> %292, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %294 = select <8 x i1> %293, <8 x float> %292, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %296 = call <8 x float> @llvm.floor.v8f32(<8 x float> %295)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %294)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %297)
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %298, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %298, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %298, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> %298, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %298, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %304 = fmul <8 x float> %298, %298
+  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %304, <8 x float> %298)
+  %306 = fadd <8 x float> %305, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %307 = fptosi <8 x float> %296 to <8 x i32>
+  %308 = add <8 x i32> %307, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %309 = shl <8 x i32> %308, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %309 to <8 x float>
+  %exp23 = fmul <8 x float> %306, %exp.2n22
+  %310 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %310
+  %silu25 = fmul <8 x float> %287, %sigmoid24
+  %glu26 = fmul <8 x float> %silu25, %289
+  %311 = fmul <8 x float> %glu26, %283
+  %312 = getelementptr inbounds i16, ptr %285, i64 %col21
+  %hb27 = fptrunc <8 x float> %311 to <8 x bfloat>
+  store <8 x bfloat> %hb27, ptr %312, align 4
+  %313 = add nsw i64 %r0, 4
+  %314 = add nsw i64 %chunk, %313
+  %315 = getelementptr inbounds float, ptr %rw, i64 %314
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = mul nsw i64 %314, 768
+  %320 = getelementptr inbounds float, ptr %h, i64 %319
+  %col28 = mul nsw i64 %p, 8
+  %321 = load <16 x float>, ptr %acc40, align 4
+  %322 = shufflevector <16 x float> %321, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %323 = load <16 x float>, ptr %acc40, align 4
+  %324 = shufflevector <16 x float> %323, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %325 = fneg <8 x float> %322
+  %326 = fcmp olt <8 x float> %325, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %327 = select <8 x i1> %326, <8 x float> %325, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %328 = fcmp ogt <8 x float> %327, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %329 = select <8 x i1> %328, <8 x float> %327, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %331 = call <8 x float> @llvm.floor.v8f32(<8 x float> %330)
+  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %329)
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %332)
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %333, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %333, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %333, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %333, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %333, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %339 = fmul <8 x float> %333, %333
+  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %339, <8 x float> %333)
+  %341 = fadd <8 x float> %340, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %342 = fptosi <8 x float> %331 to <8 x i32>
+  %343 = add <8 x i32> %342, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %344 = shl <8 x i32> %343, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n29 = bitcast <8 x i32> %344 to <8 x float>
+  %exp30 = fmul <8 x float> %341, %exp.2n29
+  %345 = fadd <8 x float> %exp30, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid31 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %345
+  %silu32 = fmul <8 x float> %322, %sigmoid31
+  %glu33 = fmul <8 x float> %silu32, %324
+  %346 = fmul <8 x float> %glu33, %318
+  %347 = getelementptr inbounds i16, ptr %320, i64 %col28
+  %hb34 = fptrunc <8 x float> %346 to <8 x bfloat>
+  store <8 x bfloat> %hb34, ptr %347, align 4
+  %348 = add nsw i64 %r0, 5
+  %349 = add nsw i64 %chunk, %348
+  %350 = getelementptr inbounds float, ptr %rw, i64 %349
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = mul nsw i64 %349, 768
+  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %col35 = mul nsw i64 %p, 8
+  %356 = load <16 x float>, ptr %acc50, align 4
+  %357 = shufflevector <16 x float> %356, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %358 = load <16 x float>, ptr %acc50, align 4
+  %359 = shufflevector <16 x float> %358, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %360 = fneg <8 x float> %357
+  %361 = fcmp olt <8 x float> %360, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %362 = select <8 x i1> %361, <8 x float> %360, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %363 = fcmp ogt <8 x float> %362, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %364 = select <8 x i1> %363, <8 x float> %362, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %366 = call <8 x float> @llvm.floor.v8f32(<8 x float> %365)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %364)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %367)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %368, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %368, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %368, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %368, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %368, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %374 = fmul <8 x float> %368, %368
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %374, <8 x float> %368)
+  %376 = fadd <8 x float> %375, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %377 = fptosi <8 x float> %366 to <8 x i32>
+  %378 = add <8 x i32> %377, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %379 = shl <8 x i32> %378, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n36 = bitcast <8 x i32> %379 to <8 x float>
+  %exp37 = fmul <8 x float> %376, %exp.2n36
+  %380 = fadd <8 x float> %exp37, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid38 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %380
+  %silu39 = fmul <8 x float> %357, %sigmoid38
+  %glu40 = fmul <8 x float> %silu39, %359
+  %381 = fmul <8 x float> %glu40, %353
+  %382 = getelementptr inbounds i16, ptr %355, i64 %col35
+  %hb41 = fptrunc <8 x float> %381 to <8 x bfloat>
+  store <8 x bfloat> %hb41, ptr %382, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %371 = add nsw i64 %r0, 0
-  %372 = mul nsw i64 %371, 2048
-  %373 = getelementptr inbounds i16, ptr %xb, i64 %372
-  store <16 x float> zeroinitializer, ptr %acc0041, align 4
-  %374 = add nsw i64 %r0, 1
-  %375 = mul nsw i64 %374, 2048
-  %376 = getelementptr inbounds i16, ptr %xb, i64 %375
-  store <16 x float> zeroinitializer, ptr %acc1042, align 4
-  %377 = add nsw i64 %r0, 2
-  %378 = mul nsw i64 %377, 2048
-  %379 = getelementptr inbounds i16, ptr %xb, i64 %378
-  store <16 x float> zeroinitializer, ptr %acc2043, align 4
-  %380 = add nsw i64 %r0, 3
-  %381 = mul nsw i64 %380, 2048
-  %382 = getelementptr inbounds i16, ptr %xb, i64 %381
-  store <16 x float> zeroinitializer, ptr %acc3044, align 4
-  %383 = add nsw i64 %r0, 4
+  %383 = add nsw i64 %r0, 0
   %384 = mul nsw i64 %383, 2048
   %385 = getelementptr inbounds i16, ptr %xb, i64 %384
-  store <16 x float> zeroinitializer, ptr %acc4045, align 4
-  %386 = mul nsw i64 %p, 32768
-  %387 = getelementptr inbounds i16, ptr %panels, i64 %386
-  %388 = add nsw i64 %p, 1
-  %389 = icmp slt i64 %388, %p1
-  %390 = getelementptr inbounds i8, ptr %387, i64 65536
-  %391 = and i1 %pf.on, %389
-  %pf46 = select i1 %391, ptr %390, ptr %387
-  store <16 x float> zeroinitializer, ptr %acc0147, align 4
-  store <16 x float> zeroinitializer, ptr %acc1148, align 4
-  store <16 x float> zeroinitializer, ptr %acc2149, align 4
-  store <16 x float> zeroinitializer, ptr %acc3150, align 4
-  store <16 x float> zeroinitializer, ptr %acc4151, align 4
-  br label %kp.head52
+  store <16 x float> zeroinitializer, ptr %acc0042, align 4
+  %386 = add nsw i64 %r0, 1
+  %387 = mul nsw i64 %386, 2048
+  %388 = getelementptr inbounds i16, ptr %xb, i64 %387
+  store <16 x float> zeroinitializer, ptr %acc1043, align 4
+  %389 = add nsw i64 %r0, 2
+  %390 = mul nsw i64 %389, 2048
+  %391 = getelementptr inbounds i16, ptr %xb, i64 %390
+  store <16 x float> zeroinitializer, ptr %acc2044, align 4
+  %392 = add nsw i64 %r0, 3
+  %393 = mul nsw i64 %392, 2048
+  %394 = getelementptr inbounds i16, ptr %xb, i64 %393
+  store <16 x float> zeroinitializer, ptr %acc3045, align 4
+  %395 = add nsw i64 %r0, 4
+  %396 = mul nsw i64 %395, 2048
+  %397 = getelementptr inbounds i16, ptr %xb, i64 %396
+  store <16 x float> zeroinitializer, ptr %acc4046, align 4
+  %398 = mul nsw i64 %p, 32768
+  %399 = getelementptr inbounds i16, ptr %panels, i64 %398
+  %400 = add nsw i64 %p, 1
+  %401 = icmp slt i64 %400, %p1
+  %pf.on47 = and i1 %pf.on, %401
+  %402 = mul nsw i64 %pf.j, 65536
+  %403 = lshr i64 %402, %32
+  %404 = add nsw i64 65536, %403
+  %405 = getelementptr inbounds i8, ptr %399, i64 %404
+  %pf48 = select i1 %pf.on47, ptr %405, ptr %399
+  %pf.sh49 = select i1 %pf.on47, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0150, align 4
+  store <16 x float> zeroinitializer, ptr %acc1151, align 4
+  store <16 x float> zeroinitializer, ptr %acc2152, align 4
+  store <16 x float> zeroinitializer, ptr %acc3153, align 4
+  store <16 x float> zeroinitializer, ptr %acc4154, align 4
+  br label %kp.head55
 
-kp.head52:                                        ; preds = %kp.body53, %tile.mr5
-  %kp55 = phi i64 [ 0, %tile.mr5 ], [ %474, %kp.body53 ]
-  %392 = icmp slt i64 %kp55, 512
-  br i1 %392, label %kp.body53, label %kp.end54
+kp.head55:                                        ; preds = %kp.body56, %tile.mr5
+  %kp58 = phi i64 [ 0, %tile.mr5 ], [ %490, %kp.body56 ]
+  %406 = icmp slt i64 %kp58, 512
+  br i1 %406, label %kp.body56, label %kp.end57
 
-kp.body53:                                        ; preds = %kp.head52
-  %kk56 = mul nsw i64 %kp55, 2
-  %393 = mul nsw i64 %kk56, 32
-  %394 = getelementptr inbounds i16, ptr %387, i64 %393
-  %395 = load <32 x bfloat>, ptr %394, align 4
-  %396 = mul nsw i64 %kk56, 64
-  %397 = getelementptr inbounds i8, ptr %pf46, i64 %396
-  call void @llvm.prefetch.p0(ptr %397, i32 0, i32 2, i32 1)
-  %398 = getelementptr inbounds i32, ptr %373, i64 %kk56
-  %399 = load i32, ptr %398, align 4
-  %400 = load <16 x float>, ptr %acc0041, align 4
-  %401 = insertelement <16 x i32> poison, i32 %399, i32 0
-  %402 = shufflevector <16 x i32> %401, <16 x i32> poison, <16 x i32> zeroinitializer
-  %403 = bitcast <16 x i32> %402 to <32 x bfloat>
-  %404 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %400, <32 x bfloat> %395, <32 x bfloat> %403)
-  store <16 x float> %404, ptr %acc0041, align 4
-  %405 = getelementptr inbounds i32, ptr %376, i64 %kk56
-  %406 = load i32, ptr %405, align 4
-  %407 = load <16 x float>, ptr %acc1042, align 4
-  %408 = insertelement <16 x i32> poison, i32 %406, i32 0
-  %409 = shufflevector <16 x i32> %408, <16 x i32> poison, <16 x i32> zeroinitializer
-  %410 = bitcast <16 x i32> %409 to <32 x bfloat>
-  %411 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %407, <32 x bfloat> %395, <32 x bfloat> %410)
-  store <16 x float> %411, ptr %acc1042, align 4
-  %412 = getelementptr inbounds i32, ptr %379, i64 %kk56
-  %413 = load i32, ptr %412, align 4
-  %414 = load <16 x float>, ptr %acc2043, align 4
-  %415 = insertelement <16 x i32> poison, i32 %413, i32 0
-  %416 = shufflevector <16 x i32> %415, <16 x i32> poison, <16 x i32> zeroinitializer
-  %417 = bitcast <16 x i32> %416 to <32 x bfloat>
-  %418 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %414, <32 x bfloat> %395, <32 x bfloat> %417)
-  store <16 x float> %418, ptr %acc2043, align 4
-  %419 = getelementptr inbounds i32, ptr %382, i64 %kk56
-  %420 = load i32, ptr %419, align 4
-  %421 = load <16 x float>, ptr %acc3044, align 4
-  %422 = insertelement <16 x i32> poison, i32 %420, i32 0
-  %423 = shufflevector <16 x i32> %422, <16 x i32> poison, <16 x i32> zeroinitializer
-  %424 = bitcast <16 x i32> %423 to <32 x bfloat>
-  %425 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %421, <32 x bfloat> %395, <32 x bfloat> %424)
-  store <16 x float> %425, ptr %acc3044, align 4
-  %426 = getelementptr inbounds i32, ptr %385, i64 %kk56
-  %427 = load i32, ptr %426, align 4
-  %428 = load <16 x float>, ptr %acc4045, align 4
-  %429 = insertelement <16 x i32> poison, i32 %427, i32 0
-  %430 = shufflevector <16 x i32> %429, <16 x i32> poison, <16 x i32> zeroinitializer
-  %431 = bitcast <16 x i32> %430 to <32 x bfloat>
-  %432 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %428, <32 x bfloat> %395, <32 x bfloat> %431)
-  store <16 x float> %432, ptr %acc4045, align 4
-  %433 = add nsw i64 %kk56, 1
-  %434 = mul nsw i64 %433, 32
-  %435 = getelementptr inbounds i16, ptr %387, i64 %434
-  %436 = load <32 x bfloat>, ptr %435, align 4
-  %437 = mul nsw i64 %433, 64
-  %438 = getelementptr inbounds i8, ptr %pf46, i64 %437
-  call void @llvm.prefetch.p0(ptr %438, i32 0, i32 2, i32 1)
-  %439 = getelementptr inbounds i32, ptr %373, i64 %433
-  %440 = load i32, ptr %439, align 4
-  %441 = load <16 x float>, ptr %acc0147, align 4
-  %442 = insertelement <16 x i32> poison, i32 %440, i32 0
-  %443 = shufflevector <16 x i32> %442, <16 x i32> poison, <16 x i32> zeroinitializer
-  %444 = bitcast <16 x i32> %443 to <32 x bfloat>
-  %445 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %441, <32 x bfloat> %436, <32 x bfloat> %444)
-  store <16 x float> %445, ptr %acc0147, align 4
-  %446 = getelementptr inbounds i32, ptr %376, i64 %433
-  %447 = load i32, ptr %446, align 4
-  %448 = load <16 x float>, ptr %acc1148, align 4
-  %449 = insertelement <16 x i32> poison, i32 %447, i32 0
-  %450 = shufflevector <16 x i32> %449, <16 x i32> poison, <16 x i32> zeroinitializer
-  %451 = bitcast <16 x i32> %450 to <32 x bfloat>
-  %452 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %448, <32 x bfloat> %436, <32 x bfloat> %451)
-  store <16 x float> %452, ptr %acc1148, align 4
-  %453 = getelementptr inbounds i32, ptr %379, i64 %433
-  %454 = load i32, ptr %453, align 4
-  %455 = load <16 x float>, ptr %acc2149, align 4
-  %456 = insertelement <16 x i32> poison, i32 %454, i32 0
-  %457 = shufflevector <16 x i32> %456, <16 x i32> poison, <16 x i32> zeroinitializer
-  %458 = bitcast <16 x i32> %457 to <32 x bfloat>
-  %459 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %455, <32 x bfloat> %436, <32 x bfloat> %458)
-  store <16 x float> %459, ptr %acc2149, align 4
-  %460 = getelementptr inbounds i32, ptr %382, i64 %433
-  %461 = load i32, ptr %460, align 4
-  %462 = load <16 x float>, ptr %acc3150, align 4
-  %463 = insertelement <16 x i32> poison, i32 %461, i32 0
-  %464 = shufflevector <16 x i32> %463, <16 x i32> poison, <16 x i32> zeroinitializer
-  %465 = bitcast <16 x i32> %464 to <32 x bfloat>
-  %466 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %462, <32 x bfloat> %436, <32 x bfloat> %465)
-  store <16 x float> %466, ptr %acc3150, align 4
-  %467 = getelementptr inbounds i32, ptr %385, i64 %433
-  %468 = load i32, ptr %467, align 4
-  %469 = load <16 x float>, ptr %acc4151, align 4
-  %470 = insertelement <16 x i32> poison, i32 %468, i32 0
-  %471 = shufflevector <16 x i32> %470, <16 x i32> poison, <16 x i32> zeroinitializer
-  %472 = bitcast <16 x i32> %471 to <32 x bfloat>
-  %473 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %469, <32 x bfloat> %436, <32 x bfloat> %472)
-  store <16 x float> %473, ptr %acc4151, align 4
-  %474 = add nsw i64 %kp55, 1
-  br label %kp.head52
+kp.body56:                                        ; preds = %kp.head55
+  %kk59 = mul nsw i64 %kp58, 2
+  %407 = mul nsw i64 %kk59, 32
+  %408 = getelementptr inbounds i16, ptr %399, i64 %407
+  %409 = load <32 x bfloat>, ptr %408, align 4
+  %410 = mul nsw i64 %kk59, 64
+  %411 = lshr i64 %410, %pf.sh49
+  %412 = getelementptr inbounds i8, ptr %pf48, i64 %411
+  call void @llvm.prefetch.p0(ptr %412, i32 0, i32 2, i32 1)
+  %413 = getelementptr inbounds i32, ptr %385, i64 %kk59
+  %414 = load i32, ptr %413, align 4
+  %415 = load <16 x float>, ptr %acc0042, align 4
+  %416 = insertelement <16 x i32> poison, i32 %414, i32 0
+  %417 = shufflevector <16 x i32> %416, <16 x i32> poison, <16 x i32> zeroinitializer
+  %418 = bitcast <16 x i32> %417 to <32 x bfloat>
+  %419 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %415, <32 x bfloat> %409, <32 x bfloat> %418)
+  store <16 x float> %419, ptr %acc0042, align 4
+  %420 = getelementptr inbounds i32, ptr %388, i64 %kk59
+  %421 = load i32, ptr %420, align 4
+  %422 = load <16 x float>, ptr %acc1043, align 4
+  %423 = insertelement <16 x i32> poison, i32 %421, i32 0
+  %424 = shufflevector <16 x i32> %423, <16 x i32> poison, <16 x i32> zeroinitializer
+  %425 = bitcast <16 x i32> %424 to <32 x bfloat>
+  %426 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %422, <32 x bfloat> %409, <32 x bfloat> %425)
+  store <16 x float> %426, ptr %acc1043, align 4
+  %427 = getelementptr inbounds i32, ptr %391, i64 %kk59
+  %428 = load i32, ptr %427, align 4
+  %429 = load <16 x float>, ptr %acc2044, align 4
+  %430 = insertelement <16 x i32> poison, i32 %428, i32 0
+  %431 = shufflevector <16 x i32> %430, <16 x i32> poison, <16 x i32> zeroinitializer
+  %432 = bitcast <16 x i32> %431 to <32 x bfloat>
+  %433 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %429, <32 x bfloat> %409, <32 x bfloat> %432)
+  store <16 x float> %433, ptr %acc2044, align 4
+  %434 = getelementptr inbounds i32, ptr %394, i64 %kk59
+  %435 = load i32, ptr %434, align 4
+  %436 = load <16 x float>, ptr %acc3045, align 4
+  %437 = insertelement <16 x i32> poison, i32 %435, i32 0
+  %438 = shufflevector <16 x i32> %437, <16 x i32> poison, <16 x i32> zeroinitializer
+  %439 = bitcast <16 x i32> %438 to <32 x bfloat>
+  %440 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %436, <32 x bfloat> %409, <32 x bfloat> %439)
+  store <16 x float> %440, ptr %acc3045, align 4
+  %441 = getelementptr inbounds i32, ptr %397, i64 %kk59
+  %442 = load i32, ptr %441, align 4
+  %443 = load <16 x float>, ptr %acc4046, align 4
+  %444 = insertelement <16 x i32> poison, i32 %442, i32 0
+  %445 = shufflevector <16 x i32> %444, <16 x i32> poison, <16 x i32> zeroinitializer
+  %446 = bitcast <16 x i32> %445 to <32 x bfloat>
+  %447 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %443, <32 x bfloat> %409, <32 x bfloat> %446)
+  store <16 x float> %447, ptr %acc4046, align 4
+  %448 = add nsw i64 %kk59, 1
+  %449 = mul nsw i64 %448, 32
+  %450 = getelementptr inbounds i16, ptr %399, i64 %449
+  %451 = load <32 x bfloat>, ptr %450, align 4
+  %452 = mul nsw i64 %448, 64
+  %453 = lshr i64 %452, %pf.sh49
+  %454 = getelementptr inbounds i8, ptr %pf48, i64 %453
+  call void @llvm.prefetch.p0(ptr %454, i32 0, i32 2, i32 1)
+  %455 = getelementptr inbounds i32, ptr %385, i64 %448
+  %456 = load i32, ptr %455, align 4
+  %457 = load <16 x float>, ptr %acc0150, align 4
+  %458 = insertelement <16 x i32> poison, i32 %456, i32 0
+  %459 = shufflevector <16 x i32> %458, <16 x i32> poison, <16 x i32> zeroinitializer
+  %460 = bitcast <16 x i32> %459 to <32 x bfloat>
+  %461 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %457, <32 x bfloat> %451, <32 x bfloat> %460)
+  store <16 x float> %461, ptr %acc0150, align 4
+  %462 = getelementptr inbounds i32, ptr %388, i64 %448
+  %463 = load i32, ptr %462, align 4
+  %464 = load <16 x float>, ptr %acc1151, align 4
+  %465 = insertelement <16 x i32> poison, i32 %463, i32 0
+  %466 = shufflevector <16 x i32> %465, <16 x i32> poison, <16 x i32> zeroinitializer
+  %467 = bitcast <16 x i32> %466 to <32 x bfloat>
+  %468 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %464, <32 x bfloat> %451, <32 x bfloat> %467)
+  store <16 x float> %468, ptr %acc1151, align 4
+  %469 = getelementptr inbounds i32, ptr %391, i64 %448
+  %470 = load i32, ptr %469, align 4
+  %471 = load <16 x float>, ptr %acc2152, align 4
+  %472 = insertelement <16 x i32> poison, i32 %470, i32 0
+  %473 = shufflevector <16 x i32> %472, <16 x i32> poison, <16 x i32> zeroinitializer
+  %474 = bitcast <16 x i32> %473 to <32 x bfloat>
+  %475 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %471, <32 x bfloat> %451, <32 x bfloat> %474)
+  store <16 x float> %475, ptr %acc2152, align 4
+  %476 = getelementptr inbounds i32, ptr %394, i64 %448
+  %477 = load i32, ptr %476, align 4
+  %478 = load <16 x float>, ptr %acc3153, align 4
+  %479 = insertelement <16 x i32> poison, i32 %477, i32 0
+  %480 = shufflevector <16 x i32> %479, <16 x i32> poison, <16 x i32> zeroinitializer
+  %481 = bitcast <16 x i32> %480 to <32 x bfloat>
+  %482 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %478, <32 x bfloat> %451, <32 x bfloat> %481)
+  store <16 x float> %482, ptr %acc3153, align 4
+  %483 = getelementptr inbounds i32, ptr %397, i64 %448
+  %484 = load i32, ptr %483, align 4
+  %485 = load <16 x float>, ptr %acc4154, align 4
+  %486 = insertelement <16 x i32> poison, i32 %484, i32 0
+  %487 = shufflevector <16 x i32> %486, <16 x i32> poison, <16 x i32> zeroinitializer
+  %488 = bitcast <16 x i32> %487 to <32 x bfloat>
+  %489 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %485, <32 x bfloat> %451, <32 x bfloat> %488)
+  store <16 x float> %489, ptr %acc4154, align 4
+  %490 = add nsw i64 %kp58, 1
+  br label %kp.head55
 
-kp.end54:                                         ; preds = %kp.head52
-  %475 = load <16 x float>, ptr %acc0147, align 4
-  %476 = load <16 x float>, ptr %acc0041, align 4
-  %sum57 = fadd <16 x float> %476, %475
-  store <16 x float> %sum57, ptr %acc0041, align 4
-  %477 = load <16 x float>, ptr %acc1148, align 4
-  %478 = load <16 x float>, ptr %acc1042, align 4
-  %sum58 = fadd <16 x float> %478, %477
-  store <16 x float> %sum58, ptr %acc1042, align 4
-  %479 = load <16 x float>, ptr %acc2149, align 4
-  %480 = load <16 x float>, ptr %acc2043, align 4
-  %sum59 = fadd <16 x float> %480, %479
-  store <16 x float> %sum59, ptr %acc2043, align 4
-  %481 = load <16 x float>, ptr %acc3150, align 4
-  %482 = load <16 x float>, ptr %acc3044, align 4
-  %sum60 = fadd <16 x float> %482, %481
-  store <16 x float> %sum60, ptr %acc3044, align 4
-  %483 = load <16 x float>, ptr %acc4151, align 4
-  %484 = load <16 x float>, ptr %acc4045, align 4
-  %sum61 = fadd <16 x float> %484, %483
-  store <16 x float> %sum61, ptr %acc4045, align 4
-  %485 = add nsw i64 %r0, 0
-  %486 = add nsw i64 %chunk, %485
-  %487 = getelementptr inbounds float, ptr %rw, i64 %486
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = mul nsw i64 %486, 768
-  %492 = getelementptr inbounds float, ptr %h, i64 %491
-  %col62 = mul nsw i64 %p, 8
-  %493 = load <16 x float>, ptr %acc0041, align 4
-  %494 = shufflevector <16 x float> %493, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %495 = load <16 x float>, ptr %acc0041, align 4
-  %496 = shufflevector <16 x float> %495, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %497 = fneg <8 x float> %494
-  %498 = fcmp olt <8 x float> %497, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %499 = select <8 x i1> %498, <8 x float> %497, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %500 = fcmp ogt <8 x float> %499, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %501 = select <8 x i1> %500, <8 x float> %499, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %503 = call <8 x float> @llvm.floor.v8f32(<8 x float> %502)
-  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %501)
-  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %503, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %504)
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %505, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %505, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %505, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> %505, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %505, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %511 = fmul <8 x float> %505, %505
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %511, <8 x float> %505)
-  %513 = fadd <8 x float> %512, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %514 = fptosi <8 x float> %503 to <8 x i32>
-  %515 = add <8 x i32> %514, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %516 = shl <8 x i32> %515, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n63 = bitcast <8 x i32> %516 to <8 x float>
-  %exp64 = fmul <8 x float> %513, %exp.2n63
-  %517 = fadd <8 x float> %exp64, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid65 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %517
-  %silu66 = fmul <8 x float> %494, %sigmoid65
-  %glu67 = fmul <8 x float> %silu66, %496
-  %518 = fmul <8 x float> %glu67, %490
-  %519 = getelementptr inbounds i16, ptr %492, i64 %col62
-  %hb68 = fptrunc <8 x float> %518 to <8 x bfloat>
-  store <8 x bfloat> %hb68, ptr %519, align 4
-  %520 = add nsw i64 %r0, 1
-  %521 = add nsw i64 %chunk, %520
-  %522 = getelementptr inbounds float, ptr %rw, i64 %521
-  %523 = load float, ptr %522, align 4
-  %524 = insertelement <8 x float> poison, float %523, i32 0
-  %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
-  %526 = mul nsw i64 %521, 768
-  %527 = getelementptr inbounds float, ptr %h, i64 %526
-  %col69 = mul nsw i64 %p, 8
-  %528 = load <16 x float>, ptr %acc1042, align 4
-  %529 = shufflevector <16 x float> %528, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %530 = load <16 x float>, ptr %acc1042, align 4
-  %531 = shufflevector <16 x float> %530, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %532 = fneg <8 x float> %529
-  %533 = fcmp olt <8 x float> %532, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %534 = select <8 x i1> %533, <8 x float> %532, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %535 = fcmp ogt <8 x float> %534, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %538 = call <8 x float> @llvm.floor.v8f32(<8 x float> %537)
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %536)
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %539)
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %540, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %540, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %540, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %540, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %540, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %546 = fmul <8 x float> %540, %540
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %546, <8 x float> %540)
-  %548 = fadd <8 x float> %547, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %549 = fptosi <8 x float> %538 to <8 x i32>
-  %550 = add <8 x i32> %549, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %551 = shl <8 x i32> %550, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n70 = bitcast <8 x i32> %551 to <8 x float>
-  %exp71 = fmul <8 x float> %548, %exp.2n70
-  %552 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
-  %silu73 = fmul <8 x float> %529, %sigmoid72
-  %glu74 = fmul <8 x float> %silu73, %531
-  %553 = fmul <8 x float> %glu74, %525
-  %554 = getelementptr inbounds i16, ptr %527, i64 %col69
-  %hb75 = fptrunc <8 x float> %553 to <8 x bfloat>
-  store <8 x bfloat> %hb75, ptr %554, align 4
-  %555 = add nsw i64 %r0, 2
-  %556 = add nsw i64 %chunk, %555
-  %557 = getelementptr inbounds float, ptr %rw, i64 %556
-  %558 = load float, ptr %557, align 4
-  %559 = insertelement <8 x float> poison, float %558, i32 0
-  %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
-  %561 = mul nsw i64 %556, 768
-  %562 = getelementptr inbounds float, ptr %h, i64 %561
-  %col76 = mul nsw i64 %p, 8
-  %563 = load <16 x float>, ptr %acc2043, align 4
-  %564 = shufflevector <16 x float> %563, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %565 = load <16 x float>, ptr %acc2043, align 4
-  %566 = shufflevector <16 x float> %565, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %567 = fneg <8 x float> %564
-  %568 = fcmp olt <8 x float> %567, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %569 = select <8 x i1> %568, <8 x float> %567, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %570 = fcmp ogt <8 x float> %569, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %571 = select <8 x i1> %570, <8 x float> %569, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %573 = call <8 x float> @llvm.floor.v8f32(<8 x float> %572)
-  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %573, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %571)
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %573, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %574)
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %575, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %575, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %575, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %578, <8 x float> %575, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %575, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %581 = fmul <8 x float> %575, %575
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %581, <8 x float> %575)
-  %583 = fadd <8 x float> %582, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %584 = fptosi <8 x float> %573 to <8 x i32>
-  %585 = add <8 x i32> %584, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %586 = shl <8 x i32> %585, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %586 to <8 x float>
-  %exp78 = fmul <8 x float> %583, %exp.2n77
-  %587 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %587
-  %silu80 = fmul <8 x float> %564, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %566
-  %588 = fmul <8 x float> %glu81, %560
-  %589 = getelementptr inbounds i16, ptr %562, i64 %col76
-  %hb82 = fptrunc <8 x float> %588 to <8 x bfloat>
-  store <8 x bfloat> %hb82, ptr %589, align 4
-  %590 = add nsw i64 %r0, 3
-  %591 = add nsw i64 %chunk, %590
-  %592 = getelementptr inbounds float, ptr %rw, i64 %591
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = mul nsw i64 %591, 768
-  %597 = getelementptr inbounds float, ptr %h, i64 %596
-  %col83 = mul nsw i64 %p, 8
-  %598 = load <16 x float>, ptr %acc3044, align 4
-  %599 = shufflevector <16 x float> %598, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %600 = load <16 x float>, ptr %acc3044, align 4
-  %601 = shufflevector <16 x float> %600, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %602 = fneg <8 x float> %599
-  %603 = fcmp olt <8 x float> %602, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %604 = select <8 x i1> %603, <8 x float> %602, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %605 = fcmp ogt <8 x float> %604, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %608 = call <8 x float> @llvm.floor.v8f32(<8 x float> %607)
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %606)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %609)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %610, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %610, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %610, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %610, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %610, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %616 = fmul <8 x float> %610, %610
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %610)
-  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %619 = fptosi <8 x float> %608 to <8 x i32>
-  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n84 = bitcast <8 x i32> %621 to <8 x float>
-  %exp85 = fmul <8 x float> %618, %exp.2n84
-  %622 = fadd <8 x float> %exp85, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid86 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
-  %silu87 = fmul <8 x float> %599, %sigmoid86
-  %glu88 = fmul <8 x float> %silu87, %601
-  %623 = fmul <8 x float> %glu88, %595
-  %624 = getelementptr inbounds i16, ptr %597, i64 %col83
-  %hb89 = fptrunc <8 x float> %623 to <8 x bfloat>
-  store <8 x bfloat> %hb89, ptr %624, align 4
-  %625 = add nsw i64 %r0, 4
-  %626 = add nsw i64 %chunk, %625
-  %627 = getelementptr inbounds float, ptr %rw, i64 %626
-  %628 = load float, ptr %627, align 4
-  %629 = insertelement <8 x float> poison, float %628, i32 0
-  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
-  %631 = mul nsw i64 %626, 768
-  %632 = getelementptr inbounds float, ptr %h, i64 %631
-  %col90 = mul nsw i64 %p, 8
-  %633 = load <16 x float>, ptr %acc4045, align 4
-  %634 = shufflevector <16 x float> %633, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %635 = load <16 x float>, ptr %acc4045, align 4
-  %636 = shufflevector <16 x float> %635, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %637 = fneg <8 x float> %634
-  %638 = fcmp olt <8 x float> %637, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %639 = select <8 x i1> %638, <8 x float> %637, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %640 = fcmp ogt <8 x float> %639, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %641 = select <8 x i1> %640, <8 x float> %639, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %641, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %643 = call <8 x float> @llvm.floor.v8f32(<8 x float> %642)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %641)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %644)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %645, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %645, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %645, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %645, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %645, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %651 = fmul <8 x float> %645, %645
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %651, <8 x float> %645)
-  %653 = fadd <8 x float> %652, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %654 = fptosi <8 x float> %643 to <8 x i32>
-  %655 = add <8 x i32> %654, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %656 = shl <8 x i32> %655, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %656 to <8 x float>
-  %exp92 = fmul <8 x float> %653, %exp.2n91
-  %657 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %657
-  %silu94 = fmul <8 x float> %634, %sigmoid93
-  %glu95 = fmul <8 x float> %silu94, %636
-  %658 = fmul <8 x float> %glu95, %630
-  %659 = getelementptr inbounds i16, ptr %632, i64 %col90
-  %hb96 = fptrunc <8 x float> %658 to <8 x bfloat>
-  store <8 x bfloat> %hb96, ptr %659, align 4
+kp.end57:                                         ; preds = %kp.head55
+  %491 = load <16 x float>, ptr %acc0150, align 4
+  %492 = load <16 x float>, ptr %acc0042, align 4
+  %sum60 = fadd <16 x float> %492, %491
+  store <16 x float> %sum60, ptr %acc0042, align 4
+  %493 = load <16 x float>, ptr %acc1151, align 4
+  %494 = load <16 x float>, ptr %acc1043, align 4
+  %sum61 = fadd <16 x float> %494, %493
+  store <16 x float> %sum61, ptr %acc1043, align 4
+  %495 = load <16 x float>, ptr %acc2152, align 4
+  %496 = load <16 x float>, ptr %acc2044, align 4
+  %sum62 = fadd <16 x float> %496, %495
+  store <16 x float> %sum62, ptr %acc2044, align 4
+  %497 = load <16 x float>, ptr %acc3153, align 4
+  %498 = load <16 x float>, ptr %acc3045, align 4
+  %sum63 = fadd <16 x float> %498, %497
+  store <16 x float> %sum63, ptr %acc3045, align 4
+  %499 = load <16 x float>, ptr %acc4154, align 4
+  %500 = load <16 x float>, ptr %acc4046, align 4
+  %sum64 = fadd <16 x float> %500, %499
+  store <16 x float> %sum64, ptr %acc4046, align 4
+  %501 = add nsw i64 %r0, 0
+  %502 = add nsw i64 %chunk, %501
+  %503 = getelementptr inbounds float, ptr %rw, i64 %502
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = mul nsw i64 %502, 768
+  %508 = getelementptr inbounds float, ptr %h, i64 %507
+  %col65 = mul nsw i64 %p, 8
+  %509 = load <16 x float>, ptr %acc0042, align 4
+  %510 = shufflevector <16 x float> %509, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %511 = load <16 x float>, ptr %acc0042, align 4
+  %512 = shufflevector <16 x float> %511, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %513 = fneg <8 x float> %510
+  %514 = fcmp olt <8 x float> %513, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %515 = select <8 x i1> %514, <8 x float> %513, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %516 = fcmp ogt <8 x float> %515, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %517 = select <8 x i1> %516, <8 x float> %515, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %519 = call <8 x float> @llvm.floor.v8f32(<8 x float> %518)
+  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %517)
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %520)
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %521, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> %521, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %521, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %521, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %521, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %527 = fmul <8 x float> %521, %521
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %527, <8 x float> %521)
+  %529 = fadd <8 x float> %528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %530 = fptosi <8 x float> %519 to <8 x i32>
+  %531 = add <8 x i32> %530, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %532 = shl <8 x i32> %531, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n66 = bitcast <8 x i32> %532 to <8 x float>
+  %exp67 = fmul <8 x float> %529, %exp.2n66
+  %533 = fadd <8 x float> %exp67, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid68 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %533
+  %silu69 = fmul <8 x float> %510, %sigmoid68
+  %glu70 = fmul <8 x float> %silu69, %512
+  %534 = fmul <8 x float> %glu70, %506
+  %535 = getelementptr inbounds i16, ptr %508, i64 %col65
+  %hb71 = fptrunc <8 x float> %534 to <8 x bfloat>
+  store <8 x bfloat> %hb71, ptr %535, align 4
+  %536 = add nsw i64 %r0, 1
+  %537 = add nsw i64 %chunk, %536
+  %538 = getelementptr inbounds float, ptr %rw, i64 %537
+  %539 = load float, ptr %538, align 4
+  %540 = insertelement <8 x float> poison, float %539, i32 0
+  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
+  %542 = mul nsw i64 %537, 768
+  %543 = getelementptr inbounds float, ptr %h, i64 %542
+  %col72 = mul nsw i64 %p, 8
+  %544 = load <16 x float>, ptr %acc1043, align 4
+  %545 = shufflevector <16 x float> %544, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %546 = load <16 x float>, ptr %acc1043, align 4
+  %547 = shufflevector <16 x float> %546, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %548 = fneg <8 x float> %545
+  %549 = fcmp olt <8 x float> %548, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %550 = select <8 x i1> %549, <8 x float> %548, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %551 = fcmp ogt <8 x float> %550, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %552 = select <8 x i1> %551, <8 x float> %550, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %554 = call <8 x float> @llvm.floor.v8f32(<8 x float> %553)
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %552)
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %555)
+  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %556, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %556, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %556, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %556, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %556, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %562 = fmul <8 x float> %556, %556
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %562, <8 x float> %556)
+  %564 = fadd <8 x float> %563, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %565 = fptosi <8 x float> %554 to <8 x i32>
+  %566 = add <8 x i32> %565, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %567 = shl <8 x i32> %566, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %567 to <8 x float>
+  %exp74 = fmul <8 x float> %564, %exp.2n73
+  %568 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %568
+  %silu76 = fmul <8 x float> %545, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %547
+  %569 = fmul <8 x float> %glu77, %541
+  %570 = getelementptr inbounds i16, ptr %543, i64 %col72
+  %hb78 = fptrunc <8 x float> %569 to <8 x bfloat>
+  store <8 x bfloat> %hb78, ptr %570, align 4
+  %571 = add nsw i64 %r0, 2
+  %572 = add nsw i64 %chunk, %571
+  %573 = getelementptr inbounds float, ptr %rw, i64 %572
+  %574 = load float, ptr %573, align 4
+  %575 = insertelement <8 x float> poison, float %574, i32 0
+  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
+  %577 = mul nsw i64 %572, 768
+  %578 = getelementptr inbounds float, ptr %h, i64 %577
+  %col79 = mul nsw i64 %p, 8
+  %579 = load <16 x float>, ptr %acc2044, align 4
+  %580 = shufflevector <16 x float> %579, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %581 = load <16 x float>, ptr %acc2044, align 4
+  %582 = shufflevector <16 x float> %581, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %583 = fneg <8 x float> %580
+  %584 = fcmp olt <8 x float> %583, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %585 = select <8 x i1> %584, <8 x float> %583, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %586 = fcmp ogt <8 x float> %585, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %587 = select <8 x i1> %586, <8 x float> %585, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %589 = call <8 x float> @llvm.floor.v8f32(<8 x float> %588)
+  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %587)
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %590)
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %591, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %591, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %591, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %591, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %597 = fmul <8 x float> %591, %591
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %597, <8 x float> %591)
+  %599 = fadd <8 x float> %598, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %600 = fptosi <8 x float> %589 to <8 x i32>
+  %601 = add <8 x i32> %600, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %602 = shl <8 x i32> %601, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n80 = bitcast <8 x i32> %602 to <8 x float>
+  %exp81 = fmul <8 x float> %599, %exp.2n80
+  %603 = fadd <8 x float> %exp81, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid82 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %603
+  %silu83 = fmul <8 x float> %580, %sigmoid82
+  %glu84 = fmul <8 x float> %silu83, %582
+  %604 = fmul <8 x float> %glu84, %576
+  %605 = getelementptr inbounds i16, ptr %578, i64 %col79
+  %hb85 = fptrunc <8 x float> %604 to <8 x bfloat>
+  store <8 x bfloat> %hb85, ptr %605, align 4
+  %606 = add nsw i64 %r0, 3
+  %607 = add nsw i64 %chunk, %606
+  %608 = getelementptr inbounds float, ptr %rw, i64 %607
+  %609 = load float, ptr %608, align 4
+  %610 = insertelement <8 x float> poison, float %609, i32 0
+  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
+  %612 = mul nsw i64 %607, 768
+  %613 = getelementptr inbounds float, ptr %h, i64 %612
+  %col86 = mul nsw i64 %p, 8
+  %614 = load <16 x float>, ptr %acc3045, align 4
+  %615 = shufflevector <16 x float> %614, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %616 = load <16 x float>, ptr %acc3045, align 4
+  %617 = shufflevector <16 x float> %616, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %618 = fneg <8 x float> %615
+  %619 = fcmp olt <8 x float> %618, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %620 = select <8 x i1> %619, <8 x float> %618, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %621 = fcmp ogt <8 x float> %620, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %624 = call <8 x float> @llvm.floor.v8f32(<8 x float> %623)
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %622)
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %625)
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %626, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %626, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %626, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %626, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %626, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %632 = fmul <8 x float> %626, %626
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %632, <8 x float> %626)
+  %634 = fadd <8 x float> %633, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %635 = fptosi <8 x float> %624 to <8 x i32>
+  %636 = add <8 x i32> %635, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %637 = shl <8 x i32> %636, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n87 = bitcast <8 x i32> %637 to <8 x float>
+  %exp88 = fmul <8 x float> %634, %exp.2n87
+  %638 = fadd <8 x float> %exp88, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid89 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %638
+  %silu90 = fmul <8 x float> %615, %sigmoid89
+  %glu91 = fmul <8 x float> %silu90, %617
+  %639 = fmul <8 x float> %glu91, %611
+  %640 = getelementptr inbounds i16, ptr %613, i64 %col86
+  %hb92 = fptrunc <8 x float> %639 to <8 x bfloat>
+  store <8 x bfloat> %hb92, ptr %640, align 4
+  %641 = add nsw i64 %r0, 4
+  %642 = add nsw i64 %chunk, %641
+  %643 = getelementptr inbounds float, ptr %rw, i64 %642
+  %644 = load float, ptr %643, align 4
+  %645 = insertelement <8 x float> poison, float %644, i32 0
+  %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
+  %647 = mul nsw i64 %642, 768
+  %648 = getelementptr inbounds float, ptr %h, i64 %647
+  %col93 = mul nsw i64 %p, 8
+  %649 = load <16 x float>, ptr %acc4046, align 4
+  %650 = shufflevector <16 x float> %649, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %651 = load <16 x float>, ptr %acc4046, align 4
+  %652 = shufflevector <16 x float> %651, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %653 = fneg <8 x float> %650
+  %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %655 = select <8 x i1> %654, <8 x float> %653, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %656 = fcmp ogt <8 x float> %655, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %657 = select <8 x i1> %656, <8 x float> %655, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %659 = call <8 x float> @llvm.floor.v8f32(<8 x float> %658)
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %657)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %660)
+  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %661, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %661, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %661, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %661, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %661, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %667 = fmul <8 x float> %661, %661
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %667, <8 x float> %661)
+  %669 = fadd <8 x float> %668, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %670 = fptosi <8 x float> %659 to <8 x i32>
+  %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n94 = bitcast <8 x i32> %672 to <8 x float>
+  %exp95 = fmul <8 x float> %669, %exp.2n94
+  %673 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
+  %silu97 = fmul <8 x float> %650, %sigmoid96
+  %glu98 = fmul <8 x float> %silu97, %652
+  %674 = fmul <8 x float> %glu98, %646
+  %675 = getelementptr inbounds i16, ptr %648, i64 %col93
+  %hb99 = fptrunc <8 x float> %674 to <8 x bfloat>
+  store <8 x bfloat> %hb99, ptr %675, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %660 = add nsw i64 %r0, 0
-  %661 = mul nsw i64 %660, 2048
-  %662 = getelementptr inbounds i16, ptr %xb, i64 %661
-  store <16 x float> zeroinitializer, ptr %acc0097, align 4
-  %663 = add nsw i64 %r0, 1
-  %664 = mul nsw i64 %663, 2048
-  %665 = getelementptr inbounds i16, ptr %xb, i64 %664
-  store <16 x float> zeroinitializer, ptr %acc1098, align 4
-  %666 = add nsw i64 %r0, 2
-  %667 = mul nsw i64 %666, 2048
-  %668 = getelementptr inbounds i16, ptr %xb, i64 %667
-  store <16 x float> zeroinitializer, ptr %acc2099, align 4
-  %669 = add nsw i64 %r0, 3
-  %670 = mul nsw i64 %669, 2048
-  %671 = getelementptr inbounds i16, ptr %xb, i64 %670
-  store <16 x float> zeroinitializer, ptr %acc30100, align 4
-  %672 = mul nsw i64 %p, 32768
-  %673 = getelementptr inbounds i16, ptr %panels, i64 %672
-  %674 = add nsw i64 %p, 1
-  %675 = icmp slt i64 %674, %p1
-  %676 = getelementptr inbounds i8, ptr %673, i64 65536
-  %677 = and i1 %pf.on, %675
-  %pf101 = select i1 %677, ptr %676, ptr %673
-  store <16 x float> zeroinitializer, ptr %acc01102, align 4
-  store <16 x float> zeroinitializer, ptr %acc11103, align 4
-  store <16 x float> zeroinitializer, ptr %acc21104, align 4
-  store <16 x float> zeroinitializer, ptr %acc31105, align 4
-  br label %kp.head106
+  %676 = add nsw i64 %r0, 0
+  %677 = mul nsw i64 %676, 2048
+  %678 = getelementptr inbounds i16, ptr %xb, i64 %677
+  store <16 x float> zeroinitializer, ptr %acc00100, align 4
+  %679 = add nsw i64 %r0, 1
+  %680 = mul nsw i64 %679, 2048
+  %681 = getelementptr inbounds i16, ptr %xb, i64 %680
+  store <16 x float> zeroinitializer, ptr %acc10101, align 4
+  %682 = add nsw i64 %r0, 2
+  %683 = mul nsw i64 %682, 2048
+  %684 = getelementptr inbounds i16, ptr %xb, i64 %683
+  store <16 x float> zeroinitializer, ptr %acc20102, align 4
+  %685 = add nsw i64 %r0, 3
+  %686 = mul nsw i64 %685, 2048
+  %687 = getelementptr inbounds i16, ptr %xb, i64 %686
+  store <16 x float> zeroinitializer, ptr %acc30103, align 4
+  %688 = mul nsw i64 %p, 32768
+  %689 = getelementptr inbounds i16, ptr %panels, i64 %688
+  %690 = add nsw i64 %p, 1
+  %691 = icmp slt i64 %690, %p1
+  %pf.on104 = and i1 %pf.on, %691
+  %692 = mul nsw i64 %pf.j, 65536
+  %693 = lshr i64 %692, %32
+  %694 = add nsw i64 65536, %693
+  %695 = getelementptr inbounds i8, ptr %689, i64 %694
+  %pf105 = select i1 %pf.on104, ptr %695, ptr %689
+  %pf.sh106 = select i1 %pf.on104, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01107, align 4
+  store <16 x float> zeroinitializer, ptr %acc11108, align 4
+  store <16 x float> zeroinitializer, ptr %acc21109, align 4
+  store <16 x float> zeroinitializer, ptr %acc31110, align 4
+  br label %kp.head111
 
-kp.head106:                                       ; preds = %kp.body107, %tile.mr4
-  %kp109 = phi i64 [ 0, %tile.mr4 ], [ %746, %kp.body107 ]
-  %678 = icmp slt i64 %kp109, 512
-  br i1 %678, label %kp.body107, label %kp.end108
+kp.head111:                                       ; preds = %kp.body112, %tile.mr4
+  %kp114 = phi i64 [ 0, %tile.mr4 ], [ %766, %kp.body112 ]
+  %696 = icmp slt i64 %kp114, 512
+  br i1 %696, label %kp.body112, label %kp.end113
 
-kp.body107:                                       ; preds = %kp.head106
-  %kk110 = mul nsw i64 %kp109, 2
-  %679 = mul nsw i64 %kk110, 32
-  %680 = getelementptr inbounds i16, ptr %673, i64 %679
-  %681 = load <32 x bfloat>, ptr %680, align 4
-  %682 = mul nsw i64 %kk110, 64
-  %683 = getelementptr inbounds i8, ptr %pf101, i64 %682
-  call void @llvm.prefetch.p0(ptr %683, i32 0, i32 2, i32 1)
-  %684 = getelementptr inbounds i32, ptr %662, i64 %kk110
-  %685 = load i32, ptr %684, align 4
-  %686 = load <16 x float>, ptr %acc0097, align 4
-  %687 = insertelement <16 x i32> poison, i32 %685, i32 0
-  %688 = shufflevector <16 x i32> %687, <16 x i32> poison, <16 x i32> zeroinitializer
-  %689 = bitcast <16 x i32> %688 to <32 x bfloat>
-  %690 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %686, <32 x bfloat> %681, <32 x bfloat> %689)
-  store <16 x float> %690, ptr %acc0097, align 4
-  %691 = getelementptr inbounds i32, ptr %665, i64 %kk110
-  %692 = load i32, ptr %691, align 4
-  %693 = load <16 x float>, ptr %acc1098, align 4
-  %694 = insertelement <16 x i32> poison, i32 %692, i32 0
-  %695 = shufflevector <16 x i32> %694, <16 x i32> poison, <16 x i32> zeroinitializer
-  %696 = bitcast <16 x i32> %695 to <32 x bfloat>
-  %697 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %693, <32 x bfloat> %681, <32 x bfloat> %696)
-  store <16 x float> %697, ptr %acc1098, align 4
-  %698 = getelementptr inbounds i32, ptr %668, i64 %kk110
-  %699 = load i32, ptr %698, align 4
-  %700 = load <16 x float>, ptr %acc2099, align 4
-  %701 = insertelement <16 x i32> poison, i32 %699, i32 0
-  %702 = shufflevector <16 x i32> %701, <16 x i32> poison, <16 x i32> zeroinitializer
-  %703 = bitcast <16 x i32> %702 to <32 x bfloat>
-  %704 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %700, <32 x bfloat> %681, <32 x bfloat> %703)
-  store <16 x float> %704, ptr %acc2099, align 4
-  %705 = getelementptr inbounds i32, ptr %671, i64 %kk110
-  %706 = load i32, ptr %705, align 4
-  %707 = load <16 x float>, ptr %acc30100, align 4
-  %708 = insertelement <16 x i32> poison, i32 %706, i32 0
-  %709 = shufflevector <16 x i32> %708, <16 x i32> poison, <16 x i32> zeroinitializer
-  %710 = bitcast <16 x i32> %709 to <32 x bfloat>
-  %711 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %707, <32 x bfloat> %681, <32 x bfloat> %710)
-  store <16 x float> %711, ptr %acc30100, align 4
-  %712 = add nsw i64 %kk110, 1
-  %713 = mul nsw i64 %712, 32
-  %714 = getelementptr inbounds i16, ptr %673, i64 %713
-  %715 = load <32 x bfloat>, ptr %714, align 4
-  %716 = mul nsw i64 %712, 64
-  %717 = getelementptr inbounds i8, ptr %pf101, i64 %716
-  call void @llvm.prefetch.p0(ptr %717, i32 0, i32 2, i32 1)
-  %718 = getelementptr inbounds i32, ptr %662, i64 %712
-  %719 = load i32, ptr %718, align 4
-  %720 = load <16 x float>, ptr %acc01102, align 4
-  %721 = insertelement <16 x i32> poison, i32 %719, i32 0
-  %722 = shufflevector <16 x i32> %721, <16 x i32> poison, <16 x i32> zeroinitializer
-  %723 = bitcast <16 x i32> %722 to <32 x bfloat>
-  %724 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %720, <32 x bfloat> %715, <32 x bfloat> %723)
-  store <16 x float> %724, ptr %acc01102, align 4
-  %725 = getelementptr inbounds i32, ptr %665, i64 %712
-  %726 = load i32, ptr %725, align 4
-  %727 = load <16 x float>, ptr %acc11103, align 4
-  %728 = insertelement <16 x i32> poison, i32 %726, i32 0
-  %729 = shufflevector <16 x i32> %728, <16 x i32> poison, <16 x i32> zeroinitializer
-  %730 = bitcast <16 x i32> %729 to <32 x bfloat>
-  %731 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %727, <32 x bfloat> %715, <32 x bfloat> %730)
-  store <16 x float> %731, ptr %acc11103, align 4
-  %732 = getelementptr inbounds i32, ptr %668, i64 %712
-  %733 = load i32, ptr %732, align 4
-  %734 = load <16 x float>, ptr %acc21104, align 4
-  %735 = insertelement <16 x i32> poison, i32 %733, i32 0
-  %736 = shufflevector <16 x i32> %735, <16 x i32> poison, <16 x i32> zeroinitializer
-  %737 = bitcast <16 x i32> %736 to <32 x bfloat>
-  %738 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %734, <32 x bfloat> %715, <32 x bfloat> %737)
-  store <16 x float> %738, ptr %acc21104, align 4
-  %739 = getelementptr inbounds i32, ptr %671, i64 %712
-  %740 = load i32, ptr %739, align 4
-  %741 = load <16 x float>, ptr %acc31105, align 4
-  %742 = insertelement <16 x i32> poison, i32 %740, i32 0
-  %743 = shufflevector <16 x i32> %742, <16 x i32> poison, <16 x i32> zeroinitializer
-  %744 = bitcast <16 x i32> %743 to <32 x bfloat>
-  %745 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %741, <32 x bfloat> %715, <32 x bfloat> %744)
-  store <16 x float> %745, ptr %acc31105, align 4
-  %746 = add nsw i64 %kp109, 1
-  br label %kp.head106
+kp.body112:                                       ; preds = %kp.head111
+  %kk115 = mul nsw i64 %kp114, 2
+  %697 = mul nsw i64 %kk115, 32
+  %698 = getelementptr inbounds i16, ptr %689, i64 %697
+  %699 = load <32 x bfloat>, ptr %698, align 4
+  %700 = mul nsw i64 %kk115, 64
+  %701 = lshr i64 %700, %pf.sh106
+  %702 = getelementptr inbounds i8, ptr %pf105, i64 %701
+  call void @llvm.prefetch.p0(ptr %702, i32 0, i32 2, i32 1)
+  %703 = getelementptr inbounds i32, ptr %678, i64 %kk115
+  %704 = load i32, ptr %703, align 4
+  %705 = load <16 x float>, ptr %acc00100, align 4
+  %706 = insertelement <16 x i32> poison, i32 %704, i32 0
+  %707 = shufflevector <16 x i32> %706, <16 x i32> poison, <16 x i32> zeroinitializer
+  %708 = bitcast <16 x i32> %707 to <32 x bfloat>
+  %709 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %705, <32 x bfloat> %699, <32 x bfloat> %708)
+  store <16 x float> %709, ptr %acc00100, align 4
+  %710 = getelementptr inbounds i32, ptr %681, i64 %kk115
+  %711 = load i32, ptr %710, align 4
+  %712 = load <16 x float>, ptr %acc10101, align 4
+  %713 = insertelement <16 x i32> poison, i32 %711, i32 0
+  %714 = shufflevector <16 x i32> %713, <16 x i32> poison, <16 x i32> zeroinitializer
+  %715 = bitcast <16 x i32> %714 to <32 x bfloat>
+  %716 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %712, <32 x bfloat> %699, <32 x bfloat> %715)
+  store <16 x float> %716, ptr %acc10101, align 4
+  %717 = getelementptr inbounds i32, ptr %684, i64 %kk115
+  %718 = load i32, ptr %717, align 4
+  %719 = load <16 x float>, ptr %acc20102, align 4
+  %720 = insertelement <16 x i32> poison, i32 %718, i32 0
+  %721 = shufflevector <16 x i32> %720, <16 x i32> poison, <16 x i32> zeroinitializer
+  %722 = bitcast <16 x i32> %721 to <32 x bfloat>
+  %723 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %719, <32 x bfloat> %699, <32 x bfloat> %722)
+  store <16 x float> %723, ptr %acc20102, align 4
+  %724 = getelementptr inbounds i32, ptr %687, i64 %kk115
+  %725 = load i32, ptr %724, align 4
+  %726 = load <16 x float>, ptr %acc30103, align 4
+  %727 = insertelement <16 x i32> poison, i32 %725, i32 0
+  %728 = shufflevector <16 x i32> %727, <16 x i32> poison, <16 x i32> zeroinitializer
+  %729 = bitcast <16 x i32> %728 to <32 x bfloat>
+  %730 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %726, <32 x bfloat> %699, <32 x bfloat> %729)
+  store <16 x float> %730, ptr %acc30103, align 4
+  %731 = add nsw i64 %kk115, 1
+  %732 = mul nsw i64 %731, 32
+  %733 = getelementptr inbounds i16, ptr %689, i64 %732
+  %734 = load <32 x bfloat>, ptr %733, align 4
+  %735 = mul nsw i64 %731, 64
+  %736 = lshr i64 %735, %pf.sh106
+  %737 = getelementptr inbounds i8, ptr %pf105, i64 %736
+  call void @llvm.prefetch.p0(ptr %737, i32 0, i32 2, i32 1)
+  %738 = getelementptr inbounds i32, ptr %678, i64 %731
+  %739 = load i32, ptr %738, align 4
+  %740 = load <16 x float>, ptr %acc01107, align 4
+  %741 = insertelement <16 x i32> poison, i32 %739, i32 0
+  %742 = shufflevector <16 x i32> %741, <16 x i32> poison, <16 x i32> zeroinitializer
+  %743 = bitcast <16 x i32> %742 to <32 x bfloat>
+  %744 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %740, <32 x bfloat> %734, <32 x bfloat> %743)
+  store <16 x float> %744, ptr %acc01107, align 4
+  %745 = getelementptr inbounds i32, ptr %681, i64 %731
+  %746 = load i32, ptr %745, align 4
+  %747 = load <16 x float>, ptr %acc11108, align 4
+  %748 = insertelement <16 x i32> poison, i32 %746, i32 0
+  %749 = shufflevector <16 x i32> %748, <16 x i32> poison, <16 x i32> zeroinitializer
+  %750 = bitcast <16 x i32> %749 to <32 x bfloat>
+  %751 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %747, <32 x bfloat> %734, <32 x bfloat> %750)
+  store <16 x float> %751, ptr %acc11108, align 4
+  %752 = getelementptr inbounds i32, ptr %684, i64 %731
+  %753 = load i32, ptr %752, align 4
+  %754 = load <16 x float>, ptr %acc21109, align 4
+  %755 = insertelement <16 x i32> poison, i32 %753, i32 0
+  %756 = shufflevector <16 x i32> %755, <16 x i32> poison, <16 x i32> zeroinitializer
+  %757 = bitcast <16 x i32> %756 to <32 x bfloat>
+  %758 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %754, <32 x bfloat> %734, <32 x bfloat> %757)
+  store <16 x float> %758, ptr %acc21109, align 4
+  %759 = getelementptr inbounds i32, ptr %687, i64 %731
+  %760 = load i32, ptr %759, align 4
+  %761 = load <16 x float>, ptr %acc31110, align 4
+  %762 = insertelement <16 x i32> poison, i32 %760, i32 0
+  %763 = shufflevector <16 x i32> %762, <16 x i32> poison, <16 x i32> zeroinitializer
+  %764 = bitcast <16 x i32> %763 to <32 x bfloat>
+  %765 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %761, <32 x bfloat> %734, <32 x bfloat> %764)
+  store <16 x float> %765, ptr %acc31110, align 4
+  %766 = add nsw i64 %kp114, 1
+  br label %kp.head111
 
-kp.end108:                                        ; preds = %kp.head106
-  %747 = load <16 x float>, ptr %acc01102, align 4
-  %748 = load <16 x float>, ptr %acc0097, align 4
-  %sum111 = fadd <16 x float> %748, %747
-  store <16 x float> %sum111, ptr %acc0097, align 4
-  %749 = load <16 x float>, ptr %acc11103, align 4
-  %750 = load <16 x float>, ptr %acc1098, align 4
-  %sum112 = fadd <16 x float> %750, %749
-  store <16 x float> %sum112, ptr %acc1098, align 4
-  %751 = load <16 x float>, ptr %acc21104, align 4
-  %752 = load <16 x float>, ptr %acc2099, align 4
-  %sum113 = fadd <16 x float> %752, %751
-  store <16 x float> %sum113, ptr %acc2099, align 4
-  %753 = load <16 x float>, ptr %acc31105, align 4
-  %754 = load <16 x float>, ptr %acc30100, align 4
-  %sum114 = fadd <16 x float> %754, %753
-  store <16 x float> %sum114, ptr %acc30100, align 4
-  %755 = add nsw i64 %r0, 0
-  %756 = add nsw i64 %chunk, %755
-  %757 = getelementptr inbounds float, ptr %rw, i64 %756
-  %758 = load float, ptr %757, align 4
-  %759 = insertelement <8 x float> poison, float %758, i32 0
-  %760 = shufflevector <8 x float> %759, <8 x float> poison, <8 x i32> zeroinitializer
-  %761 = mul nsw i64 %756, 768
-  %762 = getelementptr inbounds float, ptr %h, i64 %761
-  %col115 = mul nsw i64 %p, 8
-  %763 = load <16 x float>, ptr %acc0097, align 4
-  %764 = shufflevector <16 x float> %763, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %765 = load <16 x float>, ptr %acc0097, align 4
-  %766 = shufflevector <16 x float> %765, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %767 = fneg <8 x float> %764
-  %768 = fcmp olt <8 x float> %767, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %769 = select <8 x i1> %768, <8 x float> %767, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %770 = fcmp ogt <8 x float> %769, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %771 = select <8 x i1> %770, <8 x float> %769, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %773 = call <8 x float> @llvm.floor.v8f32(<8 x float> %772)
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %771)
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %774)
-  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %775, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %776, <8 x float> %775, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %777, <8 x float> %775, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %778, <8 x float> %775, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %775, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %781 = fmul <8 x float> %775, %775
-  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %781, <8 x float> %775)
-  %783 = fadd <8 x float> %782, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %784 = fptosi <8 x float> %773 to <8 x i32>
-  %785 = add <8 x i32> %784, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %786 = shl <8 x i32> %785, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n116 = bitcast <8 x i32> %786 to <8 x float>
-  %exp117 = fmul <8 x float> %783, %exp.2n116
-  %787 = fadd <8 x float> %exp117, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid118 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %787
-  %silu119 = fmul <8 x float> %764, %sigmoid118
-  %glu120 = fmul <8 x float> %silu119, %766
-  %788 = fmul <8 x float> %glu120, %760
-  %789 = getelementptr inbounds i16, ptr %762, i64 %col115
-  %hb121 = fptrunc <8 x float> %788 to <8 x bfloat>
-  store <8 x bfloat> %hb121, ptr %789, align 4
-  %790 = add nsw i64 %r0, 1
-  %791 = add nsw i64 %chunk, %790
-  %792 = getelementptr inbounds float, ptr %rw, i64 %791
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = mul nsw i64 %791, 768
-  %797 = getelementptr inbounds float, ptr %h, i64 %796
-  %col122 = mul nsw i64 %p, 8
-  %798 = load <16 x float>, ptr %acc1098, align 4
-  %799 = shufflevector <16 x float> %798, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %800 = load <16 x float>, ptr %acc1098, align 4
-  %801 = shufflevector <16 x float> %800, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %802 = fneg <8 x float> %799
-  %803 = fcmp olt <8 x float> %802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %804 = select <8 x i1> %803, <8 x float> %802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %805 = fcmp ogt <8 x float> %804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %806 = select <8 x i1> %805, <8 x float> %804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %807)
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %806)
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %809)
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %816 = fmul <8 x float> %810, %810
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %816, <8 x float> %810)
-  %818 = fadd <8 x float> %817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %819 = fptosi <8 x float> %808 to <8 x i32>
-  %820 = add <8 x i32> %819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %821 = shl <8 x i32> %820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %821 to <8 x float>
-  %exp124 = fmul <8 x float> %818, %exp.2n123
-  %822 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %822
-  %silu126 = fmul <8 x float> %799, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %801
-  %823 = fmul <8 x float> %glu127, %795
-  %824 = getelementptr inbounds i16, ptr %797, i64 %col122
-  %hb128 = fptrunc <8 x float> %823 to <8 x bfloat>
-  store <8 x bfloat> %hb128, ptr %824, align 4
-  %825 = add nsw i64 %r0, 2
-  %826 = add nsw i64 %chunk, %825
-  %827 = getelementptr inbounds float, ptr %rw, i64 %826
-  %828 = load float, ptr %827, align 4
-  %829 = insertelement <8 x float> poison, float %828, i32 0
-  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
-  %831 = mul nsw i64 %826, 768
-  %832 = getelementptr inbounds float, ptr %h, i64 %831
-  %col129 = mul nsw i64 %p, 8
-  %833 = load <16 x float>, ptr %acc2099, align 4
-  %834 = shufflevector <16 x float> %833, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %835 = load <16 x float>, ptr %acc2099, align 4
-  %836 = shufflevector <16 x float> %835, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %837 = fneg <8 x float> %834
-  %838 = fcmp olt <8 x float> %837, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %839 = select <8 x i1> %838, <8 x float> %837, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %840 = fcmp ogt <8 x float> %839, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %841 = select <8 x i1> %840, <8 x float> %839, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %843 = call <8 x float> @llvm.floor.v8f32(<8 x float> %842)
-  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %841)
-  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %844)
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %845, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %845, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> %845, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %845, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %845, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %851 = fmul <8 x float> %845, %845
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %851, <8 x float> %845)
-  %853 = fadd <8 x float> %852, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %854 = fptosi <8 x float> %843 to <8 x i32>
-  %855 = add <8 x i32> %854, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %856 = shl <8 x i32> %855, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n130 = bitcast <8 x i32> %856 to <8 x float>
-  %exp131 = fmul <8 x float> %853, %exp.2n130
-  %857 = fadd <8 x float> %exp131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid132 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %857
-  %silu133 = fmul <8 x float> %834, %sigmoid132
-  %glu134 = fmul <8 x float> %silu133, %836
-  %858 = fmul <8 x float> %glu134, %830
-  %859 = getelementptr inbounds i16, ptr %832, i64 %col129
-  %hb135 = fptrunc <8 x float> %858 to <8 x bfloat>
-  store <8 x bfloat> %hb135, ptr %859, align 4
-  %860 = add nsw i64 %r0, 3
-  %861 = add nsw i64 %chunk, %860
-  %862 = getelementptr inbounds float, ptr %rw, i64 %861
-  %863 = load float, ptr %862, align 4
-  %864 = insertelement <8 x float> poison, float %863, i32 0
-  %865 = shufflevector <8 x float> %864, <8 x float> poison, <8 x i32> zeroinitializer
-  %866 = mul nsw i64 %861, 768
-  %867 = getelementptr inbounds float, ptr %h, i64 %866
-  %col136 = mul nsw i64 %p, 8
-  %868 = load <16 x float>, ptr %acc30100, align 4
-  %869 = shufflevector <16 x float> %868, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %870 = load <16 x float>, ptr %acc30100, align 4
-  %871 = shufflevector <16 x float> %870, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %872 = fneg <8 x float> %869
-  %873 = fcmp olt <8 x float> %872, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %875 = fcmp ogt <8 x float> %874, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %878 = call <8 x float> @llvm.floor.v8f32(<8 x float> %877)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %876)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %879)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %880, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %880, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %880, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %880, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %880, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %886 = fmul <8 x float> %880, %880
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %886, <8 x float> %880)
-  %888 = fadd <8 x float> %887, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %889 = fptosi <8 x float> %878 to <8 x i32>
-  %890 = add <8 x i32> %889, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %891 = shl <8 x i32> %890, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n137 = bitcast <8 x i32> %891 to <8 x float>
-  %exp138 = fmul <8 x float> %888, %exp.2n137
-  %892 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %892
-  %silu140 = fmul <8 x float> %869, %sigmoid139
-  %glu141 = fmul <8 x float> %silu140, %871
-  %893 = fmul <8 x float> %glu141, %865
-  %894 = getelementptr inbounds i16, ptr %867, i64 %col136
-  %hb142 = fptrunc <8 x float> %893 to <8 x bfloat>
-  store <8 x bfloat> %hb142, ptr %894, align 4
+kp.end113:                                        ; preds = %kp.head111
+  %767 = load <16 x float>, ptr %acc01107, align 4
+  %768 = load <16 x float>, ptr %acc00100, align 4
+  %sum116 = fadd <16 x float> %768, %767
+  store <16 x float> %sum116, ptr %acc00100, align 4
+  %769 = load <16 x float>, ptr %acc11108, align 4
+  %770 = load <16 x float>, ptr %acc10101, align 4
+  %sum117 = fadd <16 x float> %770, %769
+  store <16 x float> %sum117, ptr %acc10101, align 4
+  %771 = load <16 x float>, ptr %acc21109, align 4
+  %772 = load <16 x float>, ptr %acc20102, align 4
+  %sum118 = fadd <16 x float> %772, %771
+  store <16 x float> %sum118, ptr %acc20102, align 4
+  %773 = load <16 x float>, ptr %acc31110, align 4
+  %774 = load <16 x float>, ptr %acc30103, align 4
+  %sum119 = fadd <16 x float> %774, %773
+  store <16 x float> %sum119, ptr %acc30103, align 4
+  %775 = add nsw i64 %r0, 0
+  %776 = add nsw i64 %chunk, %775
+  %777 = getelementptr inbounds float, ptr %rw, i64 %776
+  %778 = load float, ptr %777, align 4
+  %779 = insertelement <8 x float> poison, float %778, i32 0
+  %780 = shufflevector <8 x float> %779, <8 x float> poison, <8 x i32> zeroinitializer
+  %781 = mul nsw i64 %776, 768
+  %782 = getelementptr inbounds float, ptr %h, i64 %781
+  %col120 = mul nsw i64 %p, 8
+  %783 = load <16 x float>, ptr %acc00100, align 4
+  %784 = shufflevector <16 x float> %783, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %785 = load <16 x float>, ptr %acc00100, align 4
+  %786 = shufflevector <16 x float> %785, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %787 = fneg <8 x float> %784
+  %788 = fcmp olt <8 x float> %787, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %789 = select <8 x i1> %788, <8 x float> %787, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %790 = fcmp ogt <8 x float> %789, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %791 = select <8 x i1> %790, <8 x float> %789, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %793 = call <8 x float> @llvm.floor.v8f32(<8 x float> %792)
+  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %791)
+  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %794)
+  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %795, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %795, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %795, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %798, <8 x float> %795, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %795, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %801 = fmul <8 x float> %795, %795
+  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %801, <8 x float> %795)
+  %803 = fadd <8 x float> %802, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %804 = fptosi <8 x float> %793 to <8 x i32>
+  %805 = add <8 x i32> %804, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %806 = shl <8 x i32> %805, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n121 = bitcast <8 x i32> %806 to <8 x float>
+  %exp122 = fmul <8 x float> %803, %exp.2n121
+  %807 = fadd <8 x float> %exp122, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid123 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %807
+  %silu124 = fmul <8 x float> %784, %sigmoid123
+  %glu125 = fmul <8 x float> %silu124, %786
+  %808 = fmul <8 x float> %glu125, %780
+  %809 = getelementptr inbounds i16, ptr %782, i64 %col120
+  %hb126 = fptrunc <8 x float> %808 to <8 x bfloat>
+  store <8 x bfloat> %hb126, ptr %809, align 4
+  %810 = add nsw i64 %r0, 1
+  %811 = add nsw i64 %chunk, %810
+  %812 = getelementptr inbounds float, ptr %rw, i64 %811
+  %813 = load float, ptr %812, align 4
+  %814 = insertelement <8 x float> poison, float %813, i32 0
+  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
+  %816 = mul nsw i64 %811, 768
+  %817 = getelementptr inbounds float, ptr %h, i64 %816
+  %col127 = mul nsw i64 %p, 8
+  %818 = load <16 x float>, ptr %acc10101, align 4
+  %819 = shufflevector <16 x float> %818, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %820 = load <16 x float>, ptr %acc10101, align 4
+  %821 = shufflevector <16 x float> %820, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %822 = fneg <8 x float> %819
+  %823 = fcmp olt <8 x float> %822, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %824 = select <8 x i1> %823, <8 x float> %822, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %825 = fcmp ogt <8 x float> %824, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %826 = select <8 x i1> %825, <8 x float> %824, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %828 = call <8 x float> @llvm.floor.v8f32(<8 x float> %827)
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %826)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %829)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %830, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %830, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %830, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %830, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %830, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %836 = fmul <8 x float> %830, %830
+  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %836, <8 x float> %830)
+  %838 = fadd <8 x float> %837, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %839 = fptosi <8 x float> %828 to <8 x i32>
+  %840 = add <8 x i32> %839, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %841 = shl <8 x i32> %840, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n128 = bitcast <8 x i32> %841 to <8 x float>
+  %exp129 = fmul <8 x float> %838, %exp.2n128
+  %842 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %842
+  %silu131 = fmul <8 x float> %819, %sigmoid130
+  %glu132 = fmul <8 x float> %silu131, %821
+  %843 = fmul <8 x float> %glu132, %815
+  %844 = getelementptr inbounds i16, ptr %817, i64 %col127
+  %hb133 = fptrunc <8 x float> %843 to <8 x bfloat>
+  store <8 x bfloat> %hb133, ptr %844, align 4
+  %845 = add nsw i64 %r0, 2
+  %846 = add nsw i64 %chunk, %845
+  %847 = getelementptr inbounds float, ptr %rw, i64 %846
+  %848 = load float, ptr %847, align 4
+  %849 = insertelement <8 x float> poison, float %848, i32 0
+  %850 = shufflevector <8 x float> %849, <8 x float> poison, <8 x i32> zeroinitializer
+  %851 = mul nsw i64 %846, 768
+  %852 = getelementptr inbounds float, ptr %h, i64 %851
+  %col134 = mul nsw i64 %p, 8
+  %853 = load <16 x float>, ptr %acc20102, align 4
+  %854 = shufflevector <16 x float> %853, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %855 = load <16 x float>, ptr %acc20102, align 4
+  %856 = shufflevector <16 x float> %855, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %857 = fneg <8 x float> %854
+  %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %860 = fcmp ogt <8 x float> %859, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %863 = call <8 x float> @llvm.floor.v8f32(<8 x float> %862)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %861)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %864)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %865, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %865, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %865, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %865, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %865, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %871 = fmul <8 x float> %865, %865
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %871, <8 x float> %865)
+  %873 = fadd <8 x float> %872, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %874 = fptosi <8 x float> %863 to <8 x i32>
+  %875 = add <8 x i32> %874, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %876 = shl <8 x i32> %875, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n135 = bitcast <8 x i32> %876 to <8 x float>
+  %exp136 = fmul <8 x float> %873, %exp.2n135
+  %877 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %877
+  %silu138 = fmul <8 x float> %854, %sigmoid137
+  %glu139 = fmul <8 x float> %silu138, %856
+  %878 = fmul <8 x float> %glu139, %850
+  %879 = getelementptr inbounds i16, ptr %852, i64 %col134
+  %hb140 = fptrunc <8 x float> %878 to <8 x bfloat>
+  store <8 x bfloat> %hb140, ptr %879, align 4
+  %880 = add nsw i64 %r0, 3
+  %881 = add nsw i64 %chunk, %880
+  %882 = getelementptr inbounds float, ptr %rw, i64 %881
+  %883 = load float, ptr %882, align 4
+  %884 = insertelement <8 x float> poison, float %883, i32 0
+  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
+  %886 = mul nsw i64 %881, 768
+  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %col141 = mul nsw i64 %p, 8
+  %888 = load <16 x float>, ptr %acc30103, align 4
+  %889 = shufflevector <16 x float> %888, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %890 = load <16 x float>, ptr %acc30103, align 4
+  %891 = shufflevector <16 x float> %890, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %892 = fneg <8 x float> %889
+  %893 = fcmp olt <8 x float> %892, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %895 = fcmp ogt <8 x float> %894, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %896 = select <8 x i1> %895, <8 x float> %894, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %898 = call <8 x float> @llvm.floor.v8f32(<8 x float> %897)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %896)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %899)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %900, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %900, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %900, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %900, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %900, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %906 = fmul <8 x float> %900, %900
+  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %906, <8 x float> %900)
+  %908 = fadd <8 x float> %907, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %909 = fptosi <8 x float> %898 to <8 x i32>
+  %910 = add <8 x i32> %909, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %911 = shl <8 x i32> %910, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n142 = bitcast <8 x i32> %911 to <8 x float>
+  %exp143 = fmul <8 x float> %908, %exp.2n142
+  %912 = fadd <8 x float> %exp143, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid144 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %912
+  %silu145 = fmul <8 x float> %889, %sigmoid144
+  %glu146 = fmul <8 x float> %silu145, %891
+  %913 = fmul <8 x float> %glu146, %885
+  %914 = getelementptr inbounds i16, ptr %887, i64 %col141
+  %hb147 = fptrunc <8 x float> %913 to <8 x bfloat>
+  store <8 x bfloat> %hb147, ptr %914, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %895 = add nsw i64 %r0, 0
-  %896 = mul nsw i64 %895, 2048
-  %897 = getelementptr inbounds i16, ptr %xb, i64 %896
-  store <16 x float> zeroinitializer, ptr %acc00143, align 4
-  %898 = add nsw i64 %r0, 1
-  %899 = mul nsw i64 %898, 2048
-  %900 = getelementptr inbounds i16, ptr %xb, i64 %899
-  store <16 x float> zeroinitializer, ptr %acc10144, align 4
-  %901 = add nsw i64 %r0, 2
-  %902 = mul nsw i64 %901, 2048
-  %903 = getelementptr inbounds i16, ptr %xb, i64 %902
-  store <16 x float> zeroinitializer, ptr %acc20145, align 4
-  %904 = mul nsw i64 %p, 32768
-  %905 = getelementptr inbounds i16, ptr %panels, i64 %904
-  %906 = add nsw i64 %p, 1
-  %907 = icmp slt i64 %906, %p1
-  %908 = getelementptr inbounds i8, ptr %905, i64 65536
-  %909 = and i1 %pf.on, %907
-  %pf146 = select i1 %909, ptr %908, ptr %905
-  store <16 x float> zeroinitializer, ptr %acc01147, align 4
-  store <16 x float> zeroinitializer, ptr %acc11148, align 4
-  store <16 x float> zeroinitializer, ptr %acc21149, align 4
-  br label %kp.head150
+  %915 = add nsw i64 %r0, 0
+  %916 = mul nsw i64 %915, 2048
+  %917 = getelementptr inbounds i16, ptr %xb, i64 %916
+  store <16 x float> zeroinitializer, ptr %acc00148, align 4
+  %918 = add nsw i64 %r0, 1
+  %919 = mul nsw i64 %918, 2048
+  %920 = getelementptr inbounds i16, ptr %xb, i64 %919
+  store <16 x float> zeroinitializer, ptr %acc10149, align 4
+  %921 = add nsw i64 %r0, 2
+  %922 = mul nsw i64 %921, 2048
+  %923 = getelementptr inbounds i16, ptr %xb, i64 %922
+  store <16 x float> zeroinitializer, ptr %acc20150, align 4
+  %924 = mul nsw i64 %p, 32768
+  %925 = getelementptr inbounds i16, ptr %panels, i64 %924
+  %926 = add nsw i64 %p, 1
+  %927 = icmp slt i64 %926, %p1
+  %pf.on151 = and i1 %pf.on, %927
+  %928 = mul nsw i64 %pf.j, 65536
+  %929 = lshr i64 %928, %32
+  %930 = add nsw i64 65536, %929
+  %931 = getelementptr inbounds i8, ptr %925, i64 %930
+  %pf152 = select i1 %pf.on151, ptr %931, ptr %925
+  %pf.sh153 = select i1 %pf.on151, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01154, align 4
+  store <16 x float> zeroinitializer, ptr %acc11155, align 4
+  store <16 x float> zeroinitializer, ptr %acc21156, align 4
+  br label %kp.head157
 
-kp.head150:                                       ; preds = %kp.body151, %tile.mr3
-  %kp153 = phi i64 [ 0, %tile.mr3 ], [ %964, %kp.body151 ]
-  %910 = icmp slt i64 %kp153, 512
-  br i1 %910, label %kp.body151, label %kp.end152
+kp.head157:                                       ; preds = %kp.body158, %tile.mr3
+  %kp160 = phi i64 [ 0, %tile.mr3 ], [ %988, %kp.body158 ]
+  %932 = icmp slt i64 %kp160, 512
+  br i1 %932, label %kp.body158, label %kp.end159
 
-kp.body151:                                       ; preds = %kp.head150
-  %kk154 = mul nsw i64 %kp153, 2
-  %911 = mul nsw i64 %kk154, 32
-  %912 = getelementptr inbounds i16, ptr %905, i64 %911
-  %913 = load <32 x bfloat>, ptr %912, align 4
-  %914 = mul nsw i64 %kk154, 64
-  %915 = getelementptr inbounds i8, ptr %pf146, i64 %914
-  call void @llvm.prefetch.p0(ptr %915, i32 0, i32 2, i32 1)
-  %916 = getelementptr inbounds i32, ptr %897, i64 %kk154
-  %917 = load i32, ptr %916, align 4
-  %918 = load <16 x float>, ptr %acc00143, align 4
-  %919 = insertelement <16 x i32> poison, i32 %917, i32 0
-  %920 = shufflevector <16 x i32> %919, <16 x i32> poison, <16 x i32> zeroinitializer
-  %921 = bitcast <16 x i32> %920 to <32 x bfloat>
-  %922 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %918, <32 x bfloat> %913, <32 x bfloat> %921)
-  store <16 x float> %922, ptr %acc00143, align 4
-  %923 = getelementptr inbounds i32, ptr %900, i64 %kk154
-  %924 = load i32, ptr %923, align 4
-  %925 = load <16 x float>, ptr %acc10144, align 4
-  %926 = insertelement <16 x i32> poison, i32 %924, i32 0
-  %927 = shufflevector <16 x i32> %926, <16 x i32> poison, <16 x i32> zeroinitializer
-  %928 = bitcast <16 x i32> %927 to <32 x bfloat>
-  %929 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %925, <32 x bfloat> %913, <32 x bfloat> %928)
-  store <16 x float> %929, ptr %acc10144, align 4
-  %930 = getelementptr inbounds i32, ptr %903, i64 %kk154
-  %931 = load i32, ptr %930, align 4
-  %932 = load <16 x float>, ptr %acc20145, align 4
-  %933 = insertelement <16 x i32> poison, i32 %931, i32 0
-  %934 = shufflevector <16 x i32> %933, <16 x i32> poison, <16 x i32> zeroinitializer
-  %935 = bitcast <16 x i32> %934 to <32 x bfloat>
-  %936 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %932, <32 x bfloat> %913, <32 x bfloat> %935)
-  store <16 x float> %936, ptr %acc20145, align 4
-  %937 = add nsw i64 %kk154, 1
-  %938 = mul nsw i64 %937, 32
-  %939 = getelementptr inbounds i16, ptr %905, i64 %938
-  %940 = load <32 x bfloat>, ptr %939, align 4
-  %941 = mul nsw i64 %937, 64
-  %942 = getelementptr inbounds i8, ptr %pf146, i64 %941
-  call void @llvm.prefetch.p0(ptr %942, i32 0, i32 2, i32 1)
-  %943 = getelementptr inbounds i32, ptr %897, i64 %937
-  %944 = load i32, ptr %943, align 4
-  %945 = load <16 x float>, ptr %acc01147, align 4
-  %946 = insertelement <16 x i32> poison, i32 %944, i32 0
-  %947 = shufflevector <16 x i32> %946, <16 x i32> poison, <16 x i32> zeroinitializer
-  %948 = bitcast <16 x i32> %947 to <32 x bfloat>
-  %949 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %945, <32 x bfloat> %940, <32 x bfloat> %948)
-  store <16 x float> %949, ptr %acc01147, align 4
-  %950 = getelementptr inbounds i32, ptr %900, i64 %937
-  %951 = load i32, ptr %950, align 4
-  %952 = load <16 x float>, ptr %acc11148, align 4
-  %953 = insertelement <16 x i32> poison, i32 %951, i32 0
-  %954 = shufflevector <16 x i32> %953, <16 x i32> poison, <16 x i32> zeroinitializer
-  %955 = bitcast <16 x i32> %954 to <32 x bfloat>
-  %956 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %952, <32 x bfloat> %940, <32 x bfloat> %955)
-  store <16 x float> %956, ptr %acc11148, align 4
-  %957 = getelementptr inbounds i32, ptr %903, i64 %937
-  %958 = load i32, ptr %957, align 4
-  %959 = load <16 x float>, ptr %acc21149, align 4
-  %960 = insertelement <16 x i32> poison, i32 %958, i32 0
-  %961 = shufflevector <16 x i32> %960, <16 x i32> poison, <16 x i32> zeroinitializer
-  %962 = bitcast <16 x i32> %961 to <32 x bfloat>
-  %963 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %959, <32 x bfloat> %940, <32 x bfloat> %962)
-  store <16 x float> %963, ptr %acc21149, align 4
-  %964 = add nsw i64 %kp153, 1
-  br label %kp.head150
+kp.body158:                                       ; preds = %kp.head157
+  %kk161 = mul nsw i64 %kp160, 2
+  %933 = mul nsw i64 %kk161, 32
+  %934 = getelementptr inbounds i16, ptr %925, i64 %933
+  %935 = load <32 x bfloat>, ptr %934, align 4
+  %936 = mul nsw i64 %kk161, 64
+  %937 = lshr i64 %936, %pf.sh153
+  %938 = getelementptr inbounds i8, ptr %pf152, i64 %937
+  call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
+  %939 = getelementptr inbounds i32, ptr %917, i64 %kk161
+  %940 = load i32, ptr %939, align 4
+  %941 = load <16 x float>, ptr %acc00148, align 4
+  %942 = insertelement <16 x i32> poison, i32 %940, i32 0
+  %943 = shufflevector <16 x i32> %942, <16 x i32> poison, <16 x i32> zeroinitializer
+  %944 = bitcast <16 x i32> %943 to <32 x bfloat>
+  %945 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %941, <32 x bfloat> %935, <32 x bfloat> %944)
+  store <16 x float> %945, ptr %acc00148, align 4
+  %946 = getelementptr inbounds i32, ptr %920, i64 %kk161
+  %947 = load i32, ptr %946, align 4
+  %948 = load <16 x float>, ptr %acc10149, align 4
+  %949 = insertelement <16 x i32> poison, i32 %947, i32 0
+  %950 = shufflevector <16 x i32> %949, <16 x i32> poison, <16 x i32> zeroinitializer
+  %951 = bitcast <16 x i32> %950 to <32 x bfloat>
+  %952 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %948, <32 x bfloat> %935, <32 x bfloat> %951)
+  store <16 x float> %952, ptr %acc10149, align 4
+  %953 = getelementptr inbounds i32, ptr %923, i64 %kk161
+  %954 = load i32, ptr %953, align 4
+  %955 = load <16 x float>, ptr %acc20150, align 4
+  %956 = insertelement <16 x i32> poison, i32 %954, i32 0
+  %957 = shufflevector <16 x i32> %956, <16 x i32> poison, <16 x i32> zeroinitializer
+  %958 = bitcast <16 x i32> %957 to <32 x bfloat>
+  %959 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %955, <32 x bfloat> %935, <32 x bfloat> %958)
+  store <16 x float> %959, ptr %acc20150, align 4
+  %960 = add nsw i64 %kk161, 1
+  %961 = mul nsw i64 %960, 32
+  %962 = getelementptr inbounds i16, ptr %925, i64 %961
+  %963 = load <32 x bfloat>, ptr %962, align 4
+  %964 = mul nsw i64 %960, 64
+  %965 = lshr i64 %964, %pf.sh153
+  %966 = getelementptr inbounds i8, ptr %pf152, i64 %965
+  call void @llvm.prefetch.p0(ptr %966, i32 0, i32 2, i32 1)
+  %967 = getelementptr inbounds i32, ptr %917, i64 %960
+  %968 = load i32, ptr %967, align 4
+  %969 = load <16 x float>, ptr %acc01154, align 4
+  %970 = insertelement <16 x i32> poison, i32 %968, i32 0
+  %971 = shufflevector <16 x i32> %970, <16 x i32> poison, <16 x i32> zeroinitializer
+  %972 = bitcast <16 x i32> %971 to <32 x bfloat>
+  %973 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %969, <32 x bfloat> %963, <32 x bfloat> %972)
+  store <16 x float> %973, ptr %acc01154, align 4
+  %974 = getelementptr inbounds i32, ptr %920, i64 %960
+  %975 = load i32, ptr %974, align 4
+  %976 = load <16 x float>, ptr %acc11155, align 4
+  %977 = insertelement <16 x i32> poison, i32 %975, i32 0
+  %978 = shufflevector <16 x i32> %977, <16 x i32> poison, <16 x i32> zeroinitializer
+  %979 = bitcast <16 x i32> %978 to <32 x bfloat>
+  %980 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %976, <32 x bfloat> %963, <32 x bfloat> %979)
+  store <16 x float> %980, ptr %acc11155, align 4
+  %981 = getelementptr inbounds i32, ptr %923, i64 %960
+  %982 = load i32, ptr %981, align 4
+  %983 = load <16 x float>, ptr %acc21156, align 4
+  %984 = insertelement <16 x i32> poison, i32 %982, i32 0
+  %985 = shufflevector <16 x i32> %984, <16 x i32> poison, <16 x i32> zeroinitializer
+  %986 = bitcast <16 x i32> %985 to <32 x bfloat>
+  %987 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %983, <32 x bfloat> %963, <32 x bfloat> %986)
+  store <16 x float> %987, ptr %acc21156, align 4
+  %988 = add nsw i64 %kp160, 1
+  br label %kp.head157
 
-kp.end152:                                        ; preds = %kp.head150
-  %965 = load <16 x float>, ptr %acc01147, align 4
-  %966 = load <16 x float>, ptr %acc00143, align 4
-  %sum155 = fadd <16 x float> %966, %965
-  store <16 x float> %sum155, ptr %acc00143, align 4
-  %967 = load <16 x float>, ptr %acc11148, align 4
-  %968 = load <16 x float>, ptr %acc10144, align 4
-  %sum156 = fadd <16 x float> %968, %967
-  store <16 x float> %sum156, ptr %acc10144, align 4
-  %969 = load <16 x float>, ptr %acc21149, align 4
-  %970 = load <16 x float>, ptr %acc20145, align 4
-  %sum157 = fadd <16 x float> %970, %969
-  store <16 x float> %sum157, ptr %acc20145, align 4
-  %971 = add nsw i64 %r0, 0
-  %972 = add nsw i64 %chunk, %971
-  %973 = getelementptr inbounds float, ptr %rw, i64 %972
-  %974 = load float, ptr %973, align 4
-  %975 = insertelement <8 x float> poison, float %974, i32 0
-  %976 = shufflevector <8 x float> %975, <8 x float> poison, <8 x i32> zeroinitializer
-  %977 = mul nsw i64 %972, 768
-  %978 = getelementptr inbounds float, ptr %h, i64 %977
-  %col158 = mul nsw i64 %p, 8
-  %979 = load <16 x float>, ptr %acc00143, align 4
-  %980 = shufflevector <16 x float> %979, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %981 = load <16 x float>, ptr %acc00143, align 4
-  %982 = shufflevector <16 x float> %981, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %983 = fneg <8 x float> %980
-  %984 = fcmp olt <8 x float> %983, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %985 = select <8 x i1> %984, <8 x float> %983, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %986 = fcmp ogt <8 x float> %985, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %987 = select <8 x i1> %986, <8 x float> %985, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %987, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %989 = call <8 x float> @llvm.floor.v8f32(<8 x float> %988)
-  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %987)
-  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %990)
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %991, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %991, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %991, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %991, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %991, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %997 = fmul <8 x float> %991, %991
-  %998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %997, <8 x float> %991)
-  %999 = fadd <8 x float> %998, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1000 = fptosi <8 x float> %989 to <8 x i32>
-  %1001 = add <8 x i32> %1000, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1002 = shl <8 x i32> %1001, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %1002 to <8 x float>
-  %exp160 = fmul <8 x float> %999, %exp.2n159
-  %1003 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1003
-  %silu162 = fmul <8 x float> %980, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %982
-  %1004 = fmul <8 x float> %glu163, %976
-  %1005 = getelementptr inbounds i16, ptr %978, i64 %col158
-  %hb164 = fptrunc <8 x float> %1004 to <8 x bfloat>
-  store <8 x bfloat> %hb164, ptr %1005, align 4
-  %1006 = add nsw i64 %r0, 1
-  %1007 = add nsw i64 %chunk, %1006
-  %1008 = getelementptr inbounds float, ptr %rw, i64 %1007
-  %1009 = load float, ptr %1008, align 4
-  %1010 = insertelement <8 x float> poison, float %1009, i32 0
-  %1011 = shufflevector <8 x float> %1010, <8 x float> poison, <8 x i32> zeroinitializer
-  %1012 = mul nsw i64 %1007, 768
-  %1013 = getelementptr inbounds float, ptr %h, i64 %1012
+kp.end159:                                        ; preds = %kp.head157
+  %989 = load <16 x float>, ptr %acc01154, align 4
+  %990 = load <16 x float>, ptr %acc00148, align 4
+  %sum162 = fadd <16 x float> %990, %989
+  store <16 x float> %sum162, ptr %acc00148, align 4
+  %991 = load <16 x float>, ptr %acc11155, align 4
+  %992 = load <16 x float>, ptr %acc10149, align 4
+  %sum163 = fadd <16 x float> %992, %991
+  store <16 x float> %sum163, ptr %acc10149, align 4
+  %993 = load <16 x float>, ptr %acc21156, align 4
+  %994 = load <16 x float>, ptr %acc20150, align 4
+  %sum164 = fadd <16 x float> %994, %993
+  store <16 x float> %sum164, ptr %acc20150, align 4
+  %995 = add nsw i64 %r0, 0
+  %996 = add nsw i64 %chunk, %995
+  %997 = getelementptr inbounds float, ptr %rw, i64 %996
+  %998 = load float, ptr %997, align 4
+  %999 = insertelement <8 x float> poison, float %998, i32 0
+  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
+  %1001 = mul nsw i64 %996, 768
+  %1002 = getelementptr inbounds float, ptr %h, i64 %1001
   %col165 = mul nsw i64 %p, 8
-  %1014 = load <16 x float>, ptr %acc10144, align 4
-  %1015 = shufflevector <16 x float> %1014, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1016 = load <16 x float>, ptr %acc10144, align 4
-  %1017 = shufflevector <16 x float> %1016, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1018 = fneg <8 x float> %1015
-  %1019 = fcmp olt <8 x float> %1018, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1021 = fcmp ogt <8 x float> %1020, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1022 = select <8 x i1> %1021, <8 x float> %1020, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1024 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1023)
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1022)
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1025)
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1026, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1026, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1026, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1026, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1030, <8 x float> %1026, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1032 = fmul <8 x float> %1026, %1026
-  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1031, <8 x float> %1032, <8 x float> %1026)
-  %1034 = fadd <8 x float> %1033, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1035 = fptosi <8 x float> %1024 to <8 x i32>
-  %1036 = add <8 x i32> %1035, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1037 = shl <8 x i32> %1036, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %1037 to <8 x float>
-  %exp167 = fmul <8 x float> %1034, %exp.2n166
-  %1038 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1038
-  %silu169 = fmul <8 x float> %1015, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %1017
-  %1039 = fmul <8 x float> %glu170, %1011
-  %1040 = getelementptr inbounds i16, ptr %1013, i64 %col165
-  %hb171 = fptrunc <8 x float> %1039 to <8 x bfloat>
-  store <8 x bfloat> %hb171, ptr %1040, align 4
-  %1041 = add nsw i64 %r0, 2
-  %1042 = add nsw i64 %chunk, %1041
-  %1043 = getelementptr inbounds float, ptr %rw, i64 %1042
-  %1044 = load float, ptr %1043, align 4
-  %1045 = insertelement <8 x float> poison, float %1044, i32 0
-  %1046 = shufflevector <8 x float> %1045, <8 x float> poison, <8 x i32> zeroinitializer
-  %1047 = mul nsw i64 %1042, 768
-  %1048 = getelementptr inbounds float, ptr %h, i64 %1047
+  %1003 = load <16 x float>, ptr %acc00148, align 4
+  %1004 = shufflevector <16 x float> %1003, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1005 = load <16 x float>, ptr %acc00148, align 4
+  %1006 = shufflevector <16 x float> %1005, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1007 = fneg <8 x float> %1004
+  %1008 = fcmp olt <8 x float> %1007, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1009 = select <8 x i1> %1008, <8 x float> %1007, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1010 = fcmp ogt <8 x float> %1009, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1011 = select <8 x i1> %1010, <8 x float> %1009, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1013 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1012)
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1011)
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1014)
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1015, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1015, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1015, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1015, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1015, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1021 = fmul <8 x float> %1015, %1015
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1021, <8 x float> %1015)
+  %1023 = fadd <8 x float> %1022, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1024 = fptosi <8 x float> %1013 to <8 x i32>
+  %1025 = add <8 x i32> %1024, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1026 = shl <8 x i32> %1025, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %1026 to <8 x float>
+  %exp167 = fmul <8 x float> %1023, %exp.2n166
+  %1027 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1027
+  %silu169 = fmul <8 x float> %1004, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %1006
+  %1028 = fmul <8 x float> %glu170, %1000
+  %1029 = getelementptr inbounds i16, ptr %1002, i64 %col165
+  %hb171 = fptrunc <8 x float> %1028 to <8 x bfloat>
+  store <8 x bfloat> %hb171, ptr %1029, align 4
+  %1030 = add nsw i64 %r0, 1
+  %1031 = add nsw i64 %chunk, %1030
+  %1032 = getelementptr inbounds float, ptr %rw, i64 %1031
+  %1033 = load float, ptr %1032, align 4
+  %1034 = insertelement <8 x float> poison, float %1033, i32 0
+  %1035 = shufflevector <8 x float> %1034, <8 x float> poison, <8 x i32> zeroinitializer
+  %1036 = mul nsw i64 %1031, 768
+  %1037 = getelementptr inbounds float, ptr %h, i64 %1036
   %col172 = mul nsw i64 %p, 8
-  %1049 = load <16 x float>, ptr %acc20145, align 4
-  %1050 = shufflevector <16 x float> %1049, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1051 = load <16 x float>, ptr %acc20145, align 4
-  %1052 = shufflevector <16 x float> %1051, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1053 = fneg <8 x float> %1050
-  %1054 = fcmp olt <8 x float> %1053, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1055 = select <8 x i1> %1054, <8 x float> %1053, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1056 = fcmp ogt <8 x float> %1055, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1057 = select <8 x i1> %1056, <8 x float> %1055, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1057, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1059 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1058)
-  %1060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1059, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1057)
-  %1061 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1059, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1060)
-  %1062 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1061, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1063 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1062, <8 x float> %1061, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1064 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1063, <8 x float> %1061, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1065 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1064, <8 x float> %1061, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1065, <8 x float> %1061, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1067 = fmul <8 x float> %1061, %1061
-  %1068 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1066, <8 x float> %1067, <8 x float> %1061)
-  %1069 = fadd <8 x float> %1068, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1070 = fptosi <8 x float> %1059 to <8 x i32>
-  %1071 = add <8 x i32> %1070, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1072 = shl <8 x i32> %1071, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %1072 to <8 x float>
-  %exp174 = fmul <8 x float> %1069, %exp.2n173
-  %1073 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1073
-  %silu176 = fmul <8 x float> %1050, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %1052
-  %1074 = fmul <8 x float> %glu177, %1046
-  %1075 = getelementptr inbounds i16, ptr %1048, i64 %col172
-  %hb178 = fptrunc <8 x float> %1074 to <8 x bfloat>
-  store <8 x bfloat> %hb178, ptr %1075, align 4
+  %1038 = load <16 x float>, ptr %acc10149, align 4
+  %1039 = shufflevector <16 x float> %1038, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1040 = load <16 x float>, ptr %acc10149, align 4
+  %1041 = shufflevector <16 x float> %1040, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1042 = fneg <8 x float> %1039
+  %1043 = fcmp olt <8 x float> %1042, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1044 = select <8 x i1> %1043, <8 x float> %1042, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1045 = fcmp ogt <8 x float> %1044, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1046 = select <8 x i1> %1045, <8 x float> %1044, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1046, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1048 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1047)
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1046)
+  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1049)
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1050, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1051, <8 x float> %1050, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1052, <8 x float> %1050, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1050, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1050, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1056 = fmul <8 x float> %1050, %1050
+  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1056, <8 x float> %1050)
+  %1058 = fadd <8 x float> %1057, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1059 = fptosi <8 x float> %1048 to <8 x i32>
+  %1060 = add <8 x i32> %1059, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1061 = shl <8 x i32> %1060, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %1061 to <8 x float>
+  %exp174 = fmul <8 x float> %1058, %exp.2n173
+  %1062 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1062
+  %silu176 = fmul <8 x float> %1039, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %1041
+  %1063 = fmul <8 x float> %glu177, %1035
+  %1064 = getelementptr inbounds i16, ptr %1037, i64 %col172
+  %hb178 = fptrunc <8 x float> %1063 to <8 x bfloat>
+  store <8 x bfloat> %hb178, ptr %1064, align 4
+  %1065 = add nsw i64 %r0, 2
+  %1066 = add nsw i64 %chunk, %1065
+  %1067 = getelementptr inbounds float, ptr %rw, i64 %1066
+  %1068 = load float, ptr %1067, align 4
+  %1069 = insertelement <8 x float> poison, float %1068, i32 0
+  %1070 = shufflevector <8 x float> %1069, <8 x float> poison, <8 x i32> zeroinitializer
+  %1071 = mul nsw i64 %1066, 768
+  %1072 = getelementptr inbounds float, ptr %h, i64 %1071
+  %col179 = mul nsw i64 %p, 8
+  %1073 = load <16 x float>, ptr %acc20150, align 4
+  %1074 = shufflevector <16 x float> %1073, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1075 = load <16 x float>, ptr %acc20150, align 4
+  %1076 = shufflevector <16 x float> %1075, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1077 = fneg <8 x float> %1074
+  %1078 = fcmp olt <8 x float> %1077, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1079 = select <8 x i1> %1078, <8 x float> %1077, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1080 = fcmp ogt <8 x float> %1079, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1081 = select <8 x i1> %1080, <8 x float> %1079, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1083 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1082)
+  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1081)
+  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1084)
+  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1085, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1086, <8 x float> %1085, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> %1085, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1088, <8 x float> %1085, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1085, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1091 = fmul <8 x float> %1085, %1085
+  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1090, <8 x float> %1091, <8 x float> %1085)
+  %1093 = fadd <8 x float> %1092, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1094 = fptosi <8 x float> %1083 to <8 x i32>
+  %1095 = add <8 x i32> %1094, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1096 = shl <8 x i32> %1095, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n180 = bitcast <8 x i32> %1096 to <8 x float>
+  %exp181 = fmul <8 x float> %1093, %exp.2n180
+  %1097 = fadd <8 x float> %exp181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid182 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1097
+  %silu183 = fmul <8 x float> %1074, %sigmoid182
+  %glu184 = fmul <8 x float> %silu183, %1076
+  %1098 = fmul <8 x float> %glu184, %1070
+  %1099 = getelementptr inbounds i16, ptr %1072, i64 %col179
+  %hb185 = fptrunc <8 x float> %1098 to <8 x bfloat>
+  store <8 x bfloat> %hb185, ptr %1099, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %1076 = add nsw i64 %r0, 0
-  %1077 = mul nsw i64 %1076, 2048
-  %1078 = getelementptr inbounds i16, ptr %xb, i64 %1077
-  store <16 x float> zeroinitializer, ptr %acc00179, align 4
-  %1079 = add nsw i64 %r0, 1
-  %1080 = mul nsw i64 %1079, 2048
-  %1081 = getelementptr inbounds i16, ptr %xb, i64 %1080
-  store <16 x float> zeroinitializer, ptr %acc10180, align 4
-  %1082 = mul nsw i64 %p, 32768
-  %1083 = getelementptr inbounds i16, ptr %panels, i64 %1082
-  %1084 = add nsw i64 %p, 1
-  %1085 = icmp slt i64 %1084, %p1
-  %1086 = getelementptr inbounds i8, ptr %1083, i64 65536
-  %1087 = and i1 %pf.on, %1085
-  %pf181 = select i1 %1087, ptr %1086, ptr %1083
-  store <16 x float> zeroinitializer, ptr %acc01182, align 4
-  store <16 x float> zeroinitializer, ptr %acc11183, align 4
-  br label %kp.head184
+  %1100 = add nsw i64 %r0, 0
+  %1101 = mul nsw i64 %1100, 2048
+  %1102 = getelementptr inbounds i16, ptr %xb, i64 %1101
+  store <16 x float> zeroinitializer, ptr %acc00186, align 4
+  %1103 = add nsw i64 %r0, 1
+  %1104 = mul nsw i64 %1103, 2048
+  %1105 = getelementptr inbounds i16, ptr %xb, i64 %1104
+  store <16 x float> zeroinitializer, ptr %acc10187, align 4
+  %1106 = mul nsw i64 %p, 32768
+  %1107 = getelementptr inbounds i16, ptr %panels, i64 %1106
+  %1108 = add nsw i64 %p, 1
+  %1109 = icmp slt i64 %1108, %p1
+  %pf.on188 = and i1 %pf.on, %1109
+  %1110 = mul nsw i64 %pf.j, 65536
+  %1111 = lshr i64 %1110, %32
+  %1112 = add nsw i64 65536, %1111
+  %1113 = getelementptr inbounds i8, ptr %1107, i64 %1112
+  %pf189 = select i1 %pf.on188, ptr %1113, ptr %1107
+  %pf.sh190 = select i1 %pf.on188, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01191, align 4
+  store <16 x float> zeroinitializer, ptr %acc11192, align 4
+  br label %kp.head193
 
-kp.head184:                                       ; preds = %kp.body185, %tile.mr2
-  %kp187 = phi i64 [ 0, %tile.mr2 ], [ %1128, %kp.body185 ]
-  %1088 = icmp slt i64 %kp187, 512
-  br i1 %1088, label %kp.body185, label %kp.end186
+kp.head193:                                       ; preds = %kp.body194, %tile.mr2
+  %kp196 = phi i64 [ 0, %tile.mr2 ], [ %1156, %kp.body194 ]
+  %1114 = icmp slt i64 %kp196, 512
+  br i1 %1114, label %kp.body194, label %kp.end195
 
-kp.body185:                                       ; preds = %kp.head184
-  %kk188 = mul nsw i64 %kp187, 2
-  %1089 = mul nsw i64 %kk188, 32
-  %1090 = getelementptr inbounds i16, ptr %1083, i64 %1089
-  %1091 = load <32 x bfloat>, ptr %1090, align 4
-  %1092 = mul nsw i64 %kk188, 64
-  %1093 = getelementptr inbounds i8, ptr %pf181, i64 %1092
-  call void @llvm.prefetch.p0(ptr %1093, i32 0, i32 2, i32 1)
-  %1094 = getelementptr inbounds i32, ptr %1078, i64 %kk188
-  %1095 = load i32, ptr %1094, align 4
-  %1096 = load <16 x float>, ptr %acc00179, align 4
-  %1097 = insertelement <16 x i32> poison, i32 %1095, i32 0
-  %1098 = shufflevector <16 x i32> %1097, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1099 = bitcast <16 x i32> %1098 to <32 x bfloat>
-  %1100 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1096, <32 x bfloat> %1091, <32 x bfloat> %1099)
-  store <16 x float> %1100, ptr %acc00179, align 4
-  %1101 = getelementptr inbounds i32, ptr %1081, i64 %kk188
-  %1102 = load i32, ptr %1101, align 4
-  %1103 = load <16 x float>, ptr %acc10180, align 4
-  %1104 = insertelement <16 x i32> poison, i32 %1102, i32 0
-  %1105 = shufflevector <16 x i32> %1104, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1106 = bitcast <16 x i32> %1105 to <32 x bfloat>
-  %1107 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1103, <32 x bfloat> %1091, <32 x bfloat> %1106)
-  store <16 x float> %1107, ptr %acc10180, align 4
-  %1108 = add nsw i64 %kk188, 1
-  %1109 = mul nsw i64 %1108, 32
-  %1110 = getelementptr inbounds i16, ptr %1083, i64 %1109
-  %1111 = load <32 x bfloat>, ptr %1110, align 4
-  %1112 = mul nsw i64 %1108, 64
-  %1113 = getelementptr inbounds i8, ptr %pf181, i64 %1112
-  call void @llvm.prefetch.p0(ptr %1113, i32 0, i32 2, i32 1)
-  %1114 = getelementptr inbounds i32, ptr %1078, i64 %1108
-  %1115 = load i32, ptr %1114, align 4
-  %1116 = load <16 x float>, ptr %acc01182, align 4
-  %1117 = insertelement <16 x i32> poison, i32 %1115, i32 0
-  %1118 = shufflevector <16 x i32> %1117, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1119 = bitcast <16 x i32> %1118 to <32 x bfloat>
-  %1120 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1116, <32 x bfloat> %1111, <32 x bfloat> %1119)
-  store <16 x float> %1120, ptr %acc01182, align 4
-  %1121 = getelementptr inbounds i32, ptr %1081, i64 %1108
+kp.body194:                                       ; preds = %kp.head193
+  %kk197 = mul nsw i64 %kp196, 2
+  %1115 = mul nsw i64 %kk197, 32
+  %1116 = getelementptr inbounds i16, ptr %1107, i64 %1115
+  %1117 = load <32 x bfloat>, ptr %1116, align 4
+  %1118 = mul nsw i64 %kk197, 64
+  %1119 = lshr i64 %1118, %pf.sh190
+  %1120 = getelementptr inbounds i8, ptr %pf189, i64 %1119
+  call void @llvm.prefetch.p0(ptr %1120, i32 0, i32 2, i32 1)
+  %1121 = getelementptr inbounds i32, ptr %1102, i64 %kk197
   %1122 = load i32, ptr %1121, align 4
-  %1123 = load <16 x float>, ptr %acc11183, align 4
+  %1123 = load <16 x float>, ptr %acc00186, align 4
   %1124 = insertelement <16 x i32> poison, i32 %1122, i32 0
   %1125 = shufflevector <16 x i32> %1124, <16 x i32> poison, <16 x i32> zeroinitializer
   %1126 = bitcast <16 x i32> %1125 to <32 x bfloat>
-  %1127 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1123, <32 x bfloat> %1111, <32 x bfloat> %1126)
-  store <16 x float> %1127, ptr %acc11183, align 4
-  %1128 = add nsw i64 %kp187, 1
-  br label %kp.head184
+  %1127 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1123, <32 x bfloat> %1117, <32 x bfloat> %1126)
+  store <16 x float> %1127, ptr %acc00186, align 4
+  %1128 = getelementptr inbounds i32, ptr %1105, i64 %kk197
+  %1129 = load i32, ptr %1128, align 4
+  %1130 = load <16 x float>, ptr %acc10187, align 4
+  %1131 = insertelement <16 x i32> poison, i32 %1129, i32 0
+  %1132 = shufflevector <16 x i32> %1131, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1133 = bitcast <16 x i32> %1132 to <32 x bfloat>
+  %1134 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1130, <32 x bfloat> %1117, <32 x bfloat> %1133)
+  store <16 x float> %1134, ptr %acc10187, align 4
+  %1135 = add nsw i64 %kk197, 1
+  %1136 = mul nsw i64 %1135, 32
+  %1137 = getelementptr inbounds i16, ptr %1107, i64 %1136
+  %1138 = load <32 x bfloat>, ptr %1137, align 4
+  %1139 = mul nsw i64 %1135, 64
+  %1140 = lshr i64 %1139, %pf.sh190
+  %1141 = getelementptr inbounds i8, ptr %pf189, i64 %1140
+  call void @llvm.prefetch.p0(ptr %1141, i32 0, i32 2, i32 1)
+  %1142 = getelementptr inbounds i32, ptr %1102, i64 %1135
+  %1143 = load i32, ptr %1142, align 4
+  %1144 = load <16 x float>, ptr %acc01191, align 4
+  %1145 = insertelement <16 x i32> poison, i32 %1143, i32 0
+  %1146 = shufflevector <16 x i32> %1145, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1147 = bitcast <16 x i32> %1146 to <32 x bfloat>
+  %1148 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1144, <32 x bfloat> %1138, <32 x bfloat> %1147)
+  store <16 x float> %1148, ptr %acc01191, align 4
+  %1149 = getelementptr inbounds i32, ptr %1105, i64 %1135
+  %1150 = load i32, ptr %1149, align 4
+  %1151 = load <16 x float>, ptr %acc11192, align 4
+  %1152 = insertelement <16 x i32> poison, i32 %1150, i32 0
+  %1153 = shufflevector <16 x i32> %1152, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1154 = bitcast <16 x i32> %1153 to <32 x bfloat>
+  %1155 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1151, <32 x bfloat> %1138, <32 x bfloat> %1154)
+  store <16 x float> %1155, ptr %acc11192, align 4
+  %1156 = add nsw i64 %kp196, 1
+  br label %kp.head193
 
-kp.end186:                                        ; preds = %kp.head184
-  %1129 = load <16 x float>, ptr %acc01182, align 4
-  %1130 = load <16 x float>, ptr %acc00179, align 4
-  %sum189 = fadd <16 x float> %1130, %1129
-  store <16 x float> %sum189, ptr %acc00179, align 4
-  %1131 = load <16 x float>, ptr %acc11183, align 4
-  %1132 = load <16 x float>, ptr %acc10180, align 4
-  %sum190 = fadd <16 x float> %1132, %1131
-  store <16 x float> %sum190, ptr %acc10180, align 4
-  %1133 = add nsw i64 %r0, 0
-  %1134 = add nsw i64 %chunk, %1133
-  %1135 = getelementptr inbounds float, ptr %rw, i64 %1134
-  %1136 = load float, ptr %1135, align 4
-  %1137 = insertelement <8 x float> poison, float %1136, i32 0
-  %1138 = shufflevector <8 x float> %1137, <8 x float> poison, <8 x i32> zeroinitializer
-  %1139 = mul nsw i64 %1134, 768
-  %1140 = getelementptr inbounds float, ptr %h, i64 %1139
-  %col191 = mul nsw i64 %p, 8
-  %1141 = load <16 x float>, ptr %acc00179, align 4
-  %1142 = shufflevector <16 x float> %1141, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1143 = load <16 x float>, ptr %acc00179, align 4
-  %1144 = shufflevector <16 x float> %1143, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1145 = fneg <8 x float> %1142
-  %1146 = fcmp olt <8 x float> %1145, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1147 = select <8 x i1> %1146, <8 x float> %1145, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1148 = fcmp ogt <8 x float> %1147, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1149 = select <8 x i1> %1148, <8 x float> %1147, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1149, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1151 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1150)
-  %1152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1149)
-  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1152)
-  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1153, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1154, <8 x float> %1153, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1155, <8 x float> %1153, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1156, <8 x float> %1153, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1157, <8 x float> %1153, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1159 = fmul <8 x float> %1153, %1153
-  %1160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1158, <8 x float> %1159, <8 x float> %1153)
-  %1161 = fadd <8 x float> %1160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1162 = fptosi <8 x float> %1151 to <8 x i32>
-  %1163 = add <8 x i32> %1162, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1164 = shl <8 x i32> %1163, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n192 = bitcast <8 x i32> %1164 to <8 x float>
-  %exp193 = fmul <8 x float> %1161, %exp.2n192
-  %1165 = fadd <8 x float> %exp193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid194 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1165
-  %silu195 = fmul <8 x float> %1142, %sigmoid194
-  %glu196 = fmul <8 x float> %silu195, %1144
-  %1166 = fmul <8 x float> %glu196, %1138
-  %1167 = getelementptr inbounds i16, ptr %1140, i64 %col191
-  %hb197 = fptrunc <8 x float> %1166 to <8 x bfloat>
-  store <8 x bfloat> %hb197, ptr %1167, align 4
-  %1168 = add nsw i64 %r0, 1
-  %1169 = add nsw i64 %chunk, %1168
-  %1170 = getelementptr inbounds float, ptr %rw, i64 %1169
-  %1171 = load float, ptr %1170, align 4
-  %1172 = insertelement <8 x float> poison, float %1171, i32 0
-  %1173 = shufflevector <8 x float> %1172, <8 x float> poison, <8 x i32> zeroinitializer
-  %1174 = mul nsw i64 %1169, 768
-  %1175 = getelementptr inbounds float, ptr %h, i64 %1174
-  %col198 = mul nsw i64 %p, 8
-  %1176 = load <16 x float>, ptr %acc10180, align 4
-  %1177 = shufflevector <16 x float> %1176, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1178 = load <16 x float>, ptr %acc10180, align 4
-  %1179 = shufflevector <16 x float> %1178, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1180 = fneg <8 x float> %1177
-  %1181 = fcmp olt <8 x float> %1180, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1182 = select <8 x i1> %1181, <8 x float> %1180, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1183 = fcmp ogt <8 x float> %1182, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1184 = select <8 x i1> %1183, <8 x float> %1182, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1184, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1186 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1185)
-  %1187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1184)
-  %1188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1187)
-  %1189 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1188, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1189, <8 x float> %1188, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1190, <8 x float> %1188, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1191, <8 x float> %1188, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1192, <8 x float> %1188, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1194 = fmul <8 x float> %1188, %1188
-  %1195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1193, <8 x float> %1194, <8 x float> %1188)
-  %1196 = fadd <8 x float> %1195, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1197 = fptosi <8 x float> %1186 to <8 x i32>
-  %1198 = add <8 x i32> %1197, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1199 = shl <8 x i32> %1198, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n199 = bitcast <8 x i32> %1199 to <8 x float>
-  %exp200 = fmul <8 x float> %1196, %exp.2n199
-  %1200 = fadd <8 x float> %exp200, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid201 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1200
-  %silu202 = fmul <8 x float> %1177, %sigmoid201
-  %glu203 = fmul <8 x float> %silu202, %1179
-  %1201 = fmul <8 x float> %glu203, %1173
-  %1202 = getelementptr inbounds i16, ptr %1175, i64 %col198
-  %hb204 = fptrunc <8 x float> %1201 to <8 x bfloat>
-  store <8 x bfloat> %hb204, ptr %1202, align 4
+kp.end195:                                        ; preds = %kp.head193
+  %1157 = load <16 x float>, ptr %acc01191, align 4
+  %1158 = load <16 x float>, ptr %acc00186, align 4
+  %sum198 = fadd <16 x float> %1158, %1157
+  store <16 x float> %sum198, ptr %acc00186, align 4
+  %1159 = load <16 x float>, ptr %acc11192, align 4
+  %1160 = load <16 x float>, ptr %acc10187, align 4
+  %sum199 = fadd <16 x float> %1160, %1159
+  store <16 x float> %sum199, ptr %acc10187, align 4
+  %1161 = add nsw i64 %r0, 0
+  %1162 = add nsw i64 %chunk, %1161
+  %1163 = getelementptr inbounds float, ptr %rw, i64 %1162
+  %1164 = load float, ptr %1163, align 4
+  %1165 = insertelement <8 x float> poison, float %1164, i32 0
+  %1166 = shufflevector <8 x float> %1165, <8 x float> poison, <8 x i32> zeroinitializer
+  %1167 = mul nsw i64 %1162, 768
+  %1168 = getelementptr inbounds float, ptr %h, i64 %1167
+  %col200 = mul nsw i64 %p, 8
+  %1169 = load <16 x float>, ptr %acc00186, align 4
+  %1170 = shufflevector <16 x float> %1169, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1171 = load <16 x float>, ptr %acc00186, align 4
+  %1172 = shufflevector <16 x float> %1171, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1173 = fneg <8 x float> %1170
+  %1174 = fcmp olt <8 x float> %1173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1175 = select <8 x i1> %1174, <8 x float> %1173, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1176 = fcmp ogt <8 x float> %1175, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1177 = select <8 x i1> %1176, <8 x float> %1175, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1177, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1179 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1178)
+  %1180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1179, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1177)
+  %1181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1179, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1180)
+  %1182 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1181, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1182, <8 x float> %1181, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1183, <8 x float> %1181, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1184, <8 x float> %1181, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1185, <8 x float> %1181, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1187 = fmul <8 x float> %1181, %1181
+  %1188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> %1187, <8 x float> %1181)
+  %1189 = fadd <8 x float> %1188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1190 = fptosi <8 x float> %1179 to <8 x i32>
+  %1191 = add <8 x i32> %1190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1192 = shl <8 x i32> %1191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n201 = bitcast <8 x i32> %1192 to <8 x float>
+  %exp202 = fmul <8 x float> %1189, %exp.2n201
+  %1193 = fadd <8 x float> %exp202, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid203 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1193
+  %silu204 = fmul <8 x float> %1170, %sigmoid203
+  %glu205 = fmul <8 x float> %silu204, %1172
+  %1194 = fmul <8 x float> %glu205, %1166
+  %1195 = getelementptr inbounds i16, ptr %1168, i64 %col200
+  %hb206 = fptrunc <8 x float> %1194 to <8 x bfloat>
+  store <8 x bfloat> %hb206, ptr %1195, align 4
+  %1196 = add nsw i64 %r0, 1
+  %1197 = add nsw i64 %chunk, %1196
+  %1198 = getelementptr inbounds float, ptr %rw, i64 %1197
+  %1199 = load float, ptr %1198, align 4
+  %1200 = insertelement <8 x float> poison, float %1199, i32 0
+  %1201 = shufflevector <8 x float> %1200, <8 x float> poison, <8 x i32> zeroinitializer
+  %1202 = mul nsw i64 %1197, 768
+  %1203 = getelementptr inbounds float, ptr %h, i64 %1202
+  %col207 = mul nsw i64 %p, 8
+  %1204 = load <16 x float>, ptr %acc10187, align 4
+  %1205 = shufflevector <16 x float> %1204, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1206 = load <16 x float>, ptr %acc10187, align 4
+  %1207 = shufflevector <16 x float> %1206, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1208 = fneg <8 x float> %1205
+  %1209 = fcmp olt <8 x float> %1208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1210 = select <8 x i1> %1209, <8 x float> %1208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1211 = fcmp ogt <8 x float> %1210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1212 = select <8 x i1> %1211, <8 x float> %1210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1213)
+  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1212)
+  %1216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1215)
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1217, <8 x float> %1216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1218, <8 x float> %1216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1219, <8 x float> %1216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1220, <8 x float> %1216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1222 = fmul <8 x float> %1216, %1216
+  %1223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1221, <8 x float> %1222, <8 x float> %1216)
+  %1224 = fadd <8 x float> %1223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1225 = fptosi <8 x float> %1214 to <8 x i32>
+  %1226 = add <8 x i32> %1225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1227 = shl <8 x i32> %1226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n208 = bitcast <8 x i32> %1227 to <8 x float>
+  %exp209 = fmul <8 x float> %1224, %exp.2n208
+  %1228 = fadd <8 x float> %exp209, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid210 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1228
+  %silu211 = fmul <8 x float> %1205, %sigmoid210
+  %glu212 = fmul <8 x float> %silu211, %1207
+  %1229 = fmul <8 x float> %glu212, %1201
+  %1230 = getelementptr inbounds i16, ptr %1203, i64 %col207
+  %hb213 = fptrunc <8 x float> %1229 to <8 x bfloat>
+  store <8 x bfloat> %hb213, ptr %1230, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1203 = add nsw i64 %r0, 0
-  %1204 = mul nsw i64 %1203, 2048
-  %1205 = getelementptr inbounds i16, ptr %xb, i64 %1204
-  store <16 x float> zeroinitializer, ptr %acc00205, align 4
-  %1206 = mul nsw i64 %p, 32768
-  %1207 = getelementptr inbounds i16, ptr %panels, i64 %1206
-  %1208 = add nsw i64 %p, 1
-  %1209 = icmp slt i64 %1208, %p1
-  %1210 = getelementptr inbounds i8, ptr %1207, i64 65536
-  %1211 = and i1 %pf.on, %1209
-  %pf206 = select i1 %1211, ptr %1210, ptr %1207
-  store <16 x float> zeroinitializer, ptr %acc01207, align 4
-  br label %kp.head208
+  %1231 = add nsw i64 %r0, 0
+  %1232 = mul nsw i64 %1231, 2048
+  %1233 = getelementptr inbounds i16, ptr %xb, i64 %1232
+  store <16 x float> zeroinitializer, ptr %acc00214, align 4
+  %1234 = mul nsw i64 %p, 32768
+  %1235 = getelementptr inbounds i16, ptr %panels, i64 %1234
+  %1236 = add nsw i64 %p, 1
+  %1237 = icmp slt i64 %1236, %p1
+  %pf.on215 = and i1 %pf.on, %1237
+  %1238 = mul nsw i64 %pf.j, 65536
+  %1239 = lshr i64 %1238, %32
+  %1240 = add nsw i64 65536, %1239
+  %1241 = getelementptr inbounds i8, ptr %1235, i64 %1240
+  %pf216 = select i1 %pf.on215, ptr %1241, ptr %1235
+  %pf.sh217 = select i1 %pf.on215, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01218, align 4
+  br label %kp.head219
 
-kp.head208:                                       ; preds = %kp.body209, %tile.mr1
-  %kp211 = phi i64 [ 0, %tile.mr1 ], [ %1238, %kp.body209 ]
-  %1212 = icmp slt i64 %kp211, 512
-  br i1 %1212, label %kp.body209, label %kp.end210
+kp.head219:                                       ; preds = %kp.body220, %tile.mr1
+  %kp222 = phi i64 [ 0, %tile.mr1 ], [ %1270, %kp.body220 ]
+  %1242 = icmp slt i64 %kp222, 512
+  br i1 %1242, label %kp.body220, label %kp.end221
 
-kp.body209:                                       ; preds = %kp.head208
-  %kk212 = mul nsw i64 %kp211, 2
-  %1213 = mul nsw i64 %kk212, 32
-  %1214 = getelementptr inbounds i16, ptr %1207, i64 %1213
-  %1215 = load <32 x bfloat>, ptr %1214, align 4
-  %1216 = mul nsw i64 %kk212, 64
-  %1217 = getelementptr inbounds i8, ptr %pf206, i64 %1216
-  call void @llvm.prefetch.p0(ptr %1217, i32 0, i32 2, i32 1)
-  %1218 = getelementptr inbounds i32, ptr %1205, i64 %kk212
-  %1219 = load i32, ptr %1218, align 4
-  %1220 = load <16 x float>, ptr %acc00205, align 4
-  %1221 = insertelement <16 x i32> poison, i32 %1219, i32 0
-  %1222 = shufflevector <16 x i32> %1221, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1223 = bitcast <16 x i32> %1222 to <32 x bfloat>
-  %1224 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1220, <32 x bfloat> %1215, <32 x bfloat> %1223)
-  store <16 x float> %1224, ptr %acc00205, align 4
-  %1225 = add nsw i64 %kk212, 1
-  %1226 = mul nsw i64 %1225, 32
-  %1227 = getelementptr inbounds i16, ptr %1207, i64 %1226
-  %1228 = load <32 x bfloat>, ptr %1227, align 4
-  %1229 = mul nsw i64 %1225, 64
-  %1230 = getelementptr inbounds i8, ptr %pf206, i64 %1229
-  call void @llvm.prefetch.p0(ptr %1230, i32 0, i32 2, i32 1)
-  %1231 = getelementptr inbounds i32, ptr %1205, i64 %1225
-  %1232 = load i32, ptr %1231, align 4
-  %1233 = load <16 x float>, ptr %acc01207, align 4
-  %1234 = insertelement <16 x i32> poison, i32 %1232, i32 0
-  %1235 = shufflevector <16 x i32> %1234, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1236 = bitcast <16 x i32> %1235 to <32 x bfloat>
-  %1237 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1233, <32 x bfloat> %1228, <32 x bfloat> %1236)
-  store <16 x float> %1237, ptr %acc01207, align 4
-  %1238 = add nsw i64 %kp211, 1
-  br label %kp.head208
+kp.body220:                                       ; preds = %kp.head219
+  %kk223 = mul nsw i64 %kp222, 2
+  %1243 = mul nsw i64 %kk223, 32
+  %1244 = getelementptr inbounds i16, ptr %1235, i64 %1243
+  %1245 = load <32 x bfloat>, ptr %1244, align 4
+  %1246 = mul nsw i64 %kk223, 64
+  %1247 = lshr i64 %1246, %pf.sh217
+  %1248 = getelementptr inbounds i8, ptr %pf216, i64 %1247
+  call void @llvm.prefetch.p0(ptr %1248, i32 0, i32 2, i32 1)
+  %1249 = getelementptr inbounds i32, ptr %1233, i64 %kk223
+  %1250 = load i32, ptr %1249, align 4
+  %1251 = load <16 x float>, ptr %acc00214, align 4
+  %1252 = insertelement <16 x i32> poison, i32 %1250, i32 0
+  %1253 = shufflevector <16 x i32> %1252, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1254 = bitcast <16 x i32> %1253 to <32 x bfloat>
+  %1255 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1251, <32 x bfloat> %1245, <32 x bfloat> %1254)
+  store <16 x float> %1255, ptr %acc00214, align 4
+  %1256 = add nsw i64 %kk223, 1
+  %1257 = mul nsw i64 %1256, 32
+  %1258 = getelementptr inbounds i16, ptr %1235, i64 %1257
+  %1259 = load <32 x bfloat>, ptr %1258, align 4
+  %1260 = mul nsw i64 %1256, 64
+  %1261 = lshr i64 %1260, %pf.sh217
+  %1262 = getelementptr inbounds i8, ptr %pf216, i64 %1261
+  call void @llvm.prefetch.p0(ptr %1262, i32 0, i32 2, i32 1)
+  %1263 = getelementptr inbounds i32, ptr %1233, i64 %1256
+  %1264 = load i32, ptr %1263, align 4
+  %1265 = load <16 x float>, ptr %acc01218, align 4
+  %1266 = insertelement <16 x i32> poison, i32 %1264, i32 0
+  %1267 = shufflevector <16 x i32> %1266, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1268 = bitcast <16 x i32> %1267 to <32 x bfloat>
+  %1269 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1265, <32 x bfloat> %1259, <32 x bfloat> %1268)
+  store <16 x float> %1269, ptr %acc01218, align 4
+  %1270 = add nsw i64 %kp222, 1
+  br label %kp.head219
 
-kp.end210:                                        ; preds = %kp.head208
-  %1239 = load <16 x float>, ptr %acc01207, align 4
-  %1240 = load <16 x float>, ptr %acc00205, align 4
-  %sum213 = fadd <16 x float> %1240, %1239
-  store <16 x float> %sum213, ptr %acc00205, align 4
-  %1241 = add nsw i64 %r0, 0
-  %1242 = add nsw i64 %chunk, %1241
-  %1243 = getelementptr inbounds float, ptr %rw, i64 %1242
-  %1244 = load float, ptr %1243, align 4
-  %1245 = insertelement <8 x float> poison, float %1244, i32 0
-  %1246 = shufflevector <8 x float> %1245, <8 x float> poison, <8 x i32> zeroinitializer
-  %1247 = mul nsw i64 %1242, 768
-  %1248 = getelementptr inbounds float, ptr %h, i64 %1247
-  %col214 = mul nsw i64 %p, 8
-  %1249 = load <16 x float>, ptr %acc00205, align 4
-  %1250 = shufflevector <16 x float> %1249, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1251 = load <16 x float>, ptr %acc00205, align 4
-  %1252 = shufflevector <16 x float> %1251, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1253 = fneg <8 x float> %1250
-  %1254 = fcmp olt <8 x float> %1253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1255 = select <8 x i1> %1254, <8 x float> %1253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1256 = fcmp ogt <8 x float> %1255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1257 = select <8 x i1> %1256, <8 x float> %1255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1258)
-  %1260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1257)
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1260)
-  %1262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1262, <8 x float> %1261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %1261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1264, <8 x float> %1261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1265, <8 x float> %1261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1267 = fmul <8 x float> %1261, %1261
-  %1268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1266, <8 x float> %1267, <8 x float> %1261)
-  %1269 = fadd <8 x float> %1268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1270 = fptosi <8 x float> %1259 to <8 x i32>
-  %1271 = add <8 x i32> %1270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1272 = shl <8 x i32> %1271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n215 = bitcast <8 x i32> %1272 to <8 x float>
-  %exp216 = fmul <8 x float> %1269, %exp.2n215
-  %1273 = fadd <8 x float> %exp216, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid217 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1273
-  %silu218 = fmul <8 x float> %1250, %sigmoid217
-  %glu219 = fmul <8 x float> %silu218, %1252
-  %1274 = fmul <8 x float> %glu219, %1246
-  %1275 = getelementptr inbounds i16, ptr %1248, i64 %col214
-  %hb220 = fptrunc <8 x float> %1274 to <8 x bfloat>
-  store <8 x bfloat> %hb220, ptr %1275, align 4
+kp.end221:                                        ; preds = %kp.head219
+  %1271 = load <16 x float>, ptr %acc01218, align 4
+  %1272 = load <16 x float>, ptr %acc00214, align 4
+  %sum224 = fadd <16 x float> %1272, %1271
+  store <16 x float> %sum224, ptr %acc00214, align 4
+  %1273 = add nsw i64 %r0, 0
+  %1274 = add nsw i64 %chunk, %1273
+  %1275 = getelementptr inbounds float, ptr %rw, i64 %1274
+  %1276 = load float, ptr %1275, align 4
+  %1277 = insertelement <8 x float> poison, float %1276, i32 0
+  %1278 = shufflevector <8 x float> %1277, <8 x float> poison, <8 x i32> zeroinitializer
+  %1279 = mul nsw i64 %1274, 768
+  %1280 = getelementptr inbounds float, ptr %h, i64 %1279
+  %col225 = mul nsw i64 %p, 8
+  %1281 = load <16 x float>, ptr %acc00214, align 4
+  %1282 = shufflevector <16 x float> %1281, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1283 = load <16 x float>, ptr %acc00214, align 4
+  %1284 = shufflevector <16 x float> %1283, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1285 = fneg <8 x float> %1282
+  %1286 = fcmp olt <8 x float> %1285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1287 = select <8 x i1> %1286, <8 x float> %1285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1288 = fcmp ogt <8 x float> %1287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1289 = select <8 x i1> %1288, <8 x float> %1287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1290)
+  %1292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1289)
+  %1293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1292)
+  %1294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1294, <8 x float> %1293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1295, <8 x float> %1293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1296, <8 x float> %1293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1297, <8 x float> %1293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1299 = fmul <8 x float> %1293, %1293
+  %1300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1298, <8 x float> %1299, <8 x float> %1293)
+  %1301 = fadd <8 x float> %1300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1302 = fptosi <8 x float> %1291 to <8 x i32>
+  %1303 = add <8 x i32> %1302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1304 = shl <8 x i32> %1303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n226 = bitcast <8 x i32> %1304 to <8 x float>
+  %exp227 = fmul <8 x float> %1301, %exp.2n226
+  %1305 = fadd <8 x float> %exp227, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid228 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1305
+  %silu229 = fmul <8 x float> %1282, %sigmoid228
+  %glu230 = fmul <8 x float> %silu229, %1284
+  %1306 = fmul <8 x float> %glu230, %1278
+  %1307 = getelementptr inbounds i16, ptr %1280, i64 %col225
+  %hb231 = fptrunc <8 x float> %1306 to <8 x bfloat>
+  store <8 x bfloat> %hb231, ptr %1307, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %kp.end210, %kp.end186, %kp.end152, %kp.end108, %kp.end54, %kp.end
-  %1276 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %kp.end221, %kp.end195, %kp.end159, %kp.end113, %kp.end57, %kp.end
+  %1308 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1277 = add nsw i64 %p, 1
+  %1309 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
-  %1278 = add nsw i64 %chunk, 96
+  %1310 = add nsw i64 %chunk, 96
   br label %chunk.head
 
 chunk.end:                                        ; preds = %chunk.head
@@ -2730,36 +2776,36 @@ entry:
   %acc31 = alloca <16 x float>, align 32
   %acc41 = alloca <16 x float>, align 32
   %acc51 = alloca <16 x float>, align 32
-  %acc007 = alloca <16 x float>, align 32
-  %acc108 = alloca <16 x float>, align 32
-  %acc209 = alloca <16 x float>, align 32
-  %acc3010 = alloca <16 x float>, align 32
-  %acc4011 = alloca <16 x float>, align 32
-  %acc0113 = alloca <16 x float>, align 32
-  %acc1114 = alloca <16 x float>, align 32
-  %acc2115 = alloca <16 x float>, align 32
-  %acc3116 = alloca <16 x float>, align 32
-  %acc4117 = alloca <16 x float>, align 32
-  %acc0029 = alloca <16 x float>, align 32
-  %acc1030 = alloca <16 x float>, align 32
-  %acc2031 = alloca <16 x float>, align 32
-  %acc3032 = alloca <16 x float>, align 32
-  %acc0134 = alloca <16 x float>, align 32
-  %acc1135 = alloca <16 x float>, align 32
-  %acc2136 = alloca <16 x float>, align 32
-  %acc3137 = alloca <16 x float>, align 32
-  %acc0048 = alloca <16 x float>, align 32
-  %acc1049 = alloca <16 x float>, align 32
-  %acc2050 = alloca <16 x float>, align 32
-  %acc0152 = alloca <16 x float>, align 32
-  %acc1153 = alloca <16 x float>, align 32
-  %acc2154 = alloca <16 x float>, align 32
-  %acc0064 = alloca <16 x float>, align 32
-  %acc1065 = alloca <16 x float>, align 32
-  %acc0167 = alloca <16 x float>, align 32
-  %acc1168 = alloca <16 x float>, align 32
-  %acc0077 = alloca <16 x float>, align 32
-  %acc0179 = alloca <16 x float>, align 32
+  %acc008 = alloca <16 x float>, align 32
+  %acc109 = alloca <16 x float>, align 32
+  %acc2010 = alloca <16 x float>, align 32
+  %acc3011 = alloca <16 x float>, align 32
+  %acc4012 = alloca <16 x float>, align 32
+  %acc0116 = alloca <16 x float>, align 32
+  %acc1117 = alloca <16 x float>, align 32
+  %acc2118 = alloca <16 x float>, align 32
+  %acc3119 = alloca <16 x float>, align 32
+  %acc4120 = alloca <16 x float>, align 32
+  %acc0032 = alloca <16 x float>, align 32
+  %acc1033 = alloca <16 x float>, align 32
+  %acc2034 = alloca <16 x float>, align 32
+  %acc3035 = alloca <16 x float>, align 32
+  %acc0139 = alloca <16 x float>, align 32
+  %acc1140 = alloca <16 x float>, align 32
+  %acc2141 = alloca <16 x float>, align 32
+  %acc3142 = alloca <16 x float>, align 32
+  %acc0053 = alloca <16 x float>, align 32
+  %acc1054 = alloca <16 x float>, align 32
+  %acc2055 = alloca <16 x float>, align 32
+  %acc0159 = alloca <16 x float>, align 32
+  %acc1160 = alloca <16 x float>, align 32
+  %acc2161 = alloca <16 x float>, align 32
+  %acc0071 = alloca <16 x float>, align 32
+  %acc1072 = alloca <16 x float>, align 32
+  %acc0176 = alloca <16 x float>, align 32
+  %acc1177 = alloca <16 x float>, align 32
+  %acc0086 = alloca <16 x float>, align 32
+  %acc0190 = alloca <16 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2768,7 +2814,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %688, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %720, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2776,7 +2822,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %687, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %719, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2784,9 +2830,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2797,79 +2853,83 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 768
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 2048
-  %13 = add nsw i64 %12, %col
-  %14 = getelementptr inbounds float, ptr %y, i64 %13
-  %15 = load <16 x float>, ptr %14, align 4
-  store <16 x float> %15, ptr %acc00, align 4
-  %16 = add nsw i64 %r0, 1
-  %17 = mul nsw i64 %16, 768
-  %18 = getelementptr inbounds float, ptr %h, i64 %17
-  %19 = getelementptr inbounds i32, ptr %rows, i64 %16
-  %20 = load i32, ptr %19, align 4
-  %21 = sext i32 %20 to i64
-  %22 = mul nsw i64 %21, 2048
-  %23 = add nsw i64 %22, %col
-  %24 = getelementptr inbounds float, ptr %y, i64 %23
-  %25 = load <16 x float>, ptr %24, align 4
-  store <16 x float> %25, ptr %acc10, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = mul nsw i64 %26, 768
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 2048
-  %33 = add nsw i64 %32, %col
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = load <16 x float>, ptr %34, align 4
-  store <16 x float> %35, ptr %acc20, align 4
-  %36 = add nsw i64 %r0, 3
-  %37 = mul nsw i64 %36, 768
-  %38 = getelementptr inbounds float, ptr %h, i64 %37
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %36
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 2048
-  %43 = add nsw i64 %42, %col
-  %44 = getelementptr inbounds float, ptr %y, i64 %43
-  %45 = load <16 x float>, ptr %44, align 4
-  store <16 x float> %45, ptr %acc30, align 4
-  %46 = add nsw i64 %r0, 4
-  %47 = mul nsw i64 %46, 768
-  %48 = getelementptr inbounds float, ptr %h, i64 %47
-  %49 = getelementptr inbounds i32, ptr %rows, i64 %46
-  %50 = load i32, ptr %49, align 4
-  %51 = sext i32 %50 to i64
-  %52 = mul nsw i64 %51, 2048
-  %53 = add nsw i64 %52, %col
-  %54 = getelementptr inbounds float, ptr %y, i64 %53
-  %55 = load <16 x float>, ptr %54, align 4
-  store <16 x float> %55, ptr %acc40, align 4
-  %56 = add nsw i64 %r0, 5
-  %57 = mul nsw i64 %56, 768
-  %58 = getelementptr inbounds float, ptr %h, i64 %57
-  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
-  %60 = load i32, ptr %59, align 4
-  %61 = sext i32 %60 to i64
-  %62 = mul nsw i64 %61, 2048
-  %63 = add nsw i64 %62, %col
-  %64 = getelementptr inbounds float, ptr %y, i64 %63
-  %65 = load <16 x float>, ptr %64, align 4
-  store <16 x float> %65, ptr %acc50, align 4
-  %66 = mul nsw i64 %p, 12288
-  %67 = getelementptr inbounds i16, ptr %panels, i64 %66
-  %68 = add nsw i64 %p, 1
-  %69 = icmp slt i64 %68, %p1
-  %70 = getelementptr inbounds i8, ptr %67, i64 24576
-  %71 = and i1 %pf.on, %69
-  %pf = select i1 %71, ptr %70, ptr %67
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 768
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 2048
+  %21 = add nsw i64 %20, %col
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = load <16 x float>, ptr %22, align 4
+  store <16 x float> %23, ptr %acc00, align 4
+  %24 = add nsw i64 %r0, 1
+  %25 = mul nsw i64 %24, 768
+  %26 = getelementptr inbounds float, ptr %h, i64 %25
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %24
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 2048
+  %31 = add nsw i64 %30, %col
+  %32 = getelementptr inbounds float, ptr %y, i64 %31
+  %33 = load <16 x float>, ptr %32, align 4
+  store <16 x float> %33, ptr %acc10, align 4
+  %34 = add nsw i64 %r0, 2
+  %35 = mul nsw i64 %34, 768
+  %36 = getelementptr inbounds float, ptr %h, i64 %35
+  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
+  %38 = load i32, ptr %37, align 4
+  %39 = sext i32 %38 to i64
+  %40 = mul nsw i64 %39, 2048
+  %41 = add nsw i64 %40, %col
+  %42 = getelementptr inbounds float, ptr %y, i64 %41
+  %43 = load <16 x float>, ptr %42, align 4
+  store <16 x float> %43, ptr %acc20, align 4
+  %44 = add nsw i64 %r0, 3
+  %45 = mul nsw i64 %44, 768
+  %46 = getelementptr inbounds float, ptr %h, i64 %45
+  %47 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %48 = load i32, ptr %47, align 4
+  %49 = sext i32 %48 to i64
+  %50 = mul nsw i64 %49, 2048
+  %51 = add nsw i64 %50, %col
+  %52 = getelementptr inbounds float, ptr %y, i64 %51
+  %53 = load <16 x float>, ptr %52, align 4
+  store <16 x float> %53, ptr %acc30, align 4
+  %54 = add nsw i64 %r0, 4
+  %55 = mul nsw i64 %54, 768
+  %56 = getelementptr inbounds float, ptr %h, i64 %55
+  %57 = getelementptr inbounds i32, ptr %rows, i64 %54
+  %58 = load i32, ptr %57, align 4
+  %59 = sext i32 %58 to i64
+  %60 = mul nsw i64 %59, 2048
+  %61 = add nsw i64 %60, %col
+  %62 = getelementptr inbounds float, ptr %y, i64 %61
+  %63 = load <16 x float>, ptr %62, align 4
+  store <16 x float> %63, ptr %acc40, align 4
+  %64 = add nsw i64 %r0, 5
+  %65 = mul nsw i64 %64, 768
+  %66 = getelementptr inbounds float, ptr %h, i64 %65
+  %67 = getelementptr inbounds i32, ptr %rows, i64 %64
+  %68 = load i32, ptr %67, align 4
+  %69 = sext i32 %68 to i64
+  %70 = mul nsw i64 %69, 2048
+  %71 = add nsw i64 %70, %col
+  %72 = getelementptr inbounds float, ptr %y, i64 %71
+  %73 = load <16 x float>, ptr %72, align 4
+  store <16 x float> %73, ptr %acc50, align 4
+  %74 = mul nsw i64 %p, 12288
+  %75 = getelementptr inbounds i16, ptr %panels, i64 %74
+  %76 = add nsw i64 %p, 1
+  %77 = icmp slt i64 %76, %p1
+  %pf.on1 = and i1 %pf.on, %77
+  %78 = mul nsw i64 %pf.j, 24576
+  %79 = lshr i64 %78, %10
+  %80 = add nsw i64 24576, %79
+  %81 = getelementptr inbounds i8, ptr %75, i64 %80
+  %pf = select i1 %pf.on1, ptr %81, ptr %75
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
   store <16 x float> zeroinitializer, ptr %acc21, align 4
@@ -2879,864 +2939,896 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %168, %kp.body ]
-  %72 = icmp slt i64 %kp, 192
-  br i1 %72, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %180, %kp.body ]
+  %82 = icmp slt i64 %kp, 192
+  br i1 %82, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %73 = mul nsw i64 %kk, 32
-  %74 = getelementptr inbounds i16, ptr %67, i64 %73
-  %75 = load <32 x bfloat>, ptr %74, align 4
-  %76 = mul nsw i64 %kk, 64
-  %77 = getelementptr inbounds i8, ptr %pf, i64 %76
-  call void @llvm.prefetch.p0(ptr %77, i32 0, i32 2, i32 1)
-  %78 = getelementptr inbounds i32, ptr %8, i64 %kk
-  %79 = load i32, ptr %78, align 4
-  %80 = load <16 x float>, ptr %acc00, align 4
-  %81 = insertelement <16 x i32> poison, i32 %79, i32 0
-  %82 = shufflevector <16 x i32> %81, <16 x i32> poison, <16 x i32> zeroinitializer
-  %83 = bitcast <16 x i32> %82 to <32 x bfloat>
-  %84 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %80, <32 x bfloat> %75, <32 x bfloat> %83)
-  store <16 x float> %84, ptr %acc00, align 4
-  %85 = getelementptr inbounds i32, ptr %18, i64 %kk
-  %86 = load i32, ptr %85, align 4
-  %87 = load <16 x float>, ptr %acc10, align 4
-  %88 = insertelement <16 x i32> poison, i32 %86, i32 0
-  %89 = shufflevector <16 x i32> %88, <16 x i32> poison, <16 x i32> zeroinitializer
-  %90 = bitcast <16 x i32> %89 to <32 x bfloat>
-  %91 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %87, <32 x bfloat> %75, <32 x bfloat> %90)
-  store <16 x float> %91, ptr %acc10, align 4
-  %92 = getelementptr inbounds i32, ptr %28, i64 %kk
-  %93 = load i32, ptr %92, align 4
-  %94 = load <16 x float>, ptr %acc20, align 4
-  %95 = insertelement <16 x i32> poison, i32 %93, i32 0
-  %96 = shufflevector <16 x i32> %95, <16 x i32> poison, <16 x i32> zeroinitializer
-  %97 = bitcast <16 x i32> %96 to <32 x bfloat>
-  %98 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %94, <32 x bfloat> %75, <32 x bfloat> %97)
-  store <16 x float> %98, ptr %acc20, align 4
-  %99 = getelementptr inbounds i32, ptr %38, i64 %kk
-  %100 = load i32, ptr %99, align 4
-  %101 = load <16 x float>, ptr %acc30, align 4
-  %102 = insertelement <16 x i32> poison, i32 %100, i32 0
-  %103 = shufflevector <16 x i32> %102, <16 x i32> poison, <16 x i32> zeroinitializer
-  %104 = bitcast <16 x i32> %103 to <32 x bfloat>
-  %105 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %101, <32 x bfloat> %75, <32 x bfloat> %104)
-  store <16 x float> %105, ptr %acc30, align 4
-  %106 = getelementptr inbounds i32, ptr %48, i64 %kk
-  %107 = load i32, ptr %106, align 4
-  %108 = load <16 x float>, ptr %acc40, align 4
-  %109 = insertelement <16 x i32> poison, i32 %107, i32 0
-  %110 = shufflevector <16 x i32> %109, <16 x i32> poison, <16 x i32> zeroinitializer
-  %111 = bitcast <16 x i32> %110 to <32 x bfloat>
-  %112 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %108, <32 x bfloat> %75, <32 x bfloat> %111)
-  store <16 x float> %112, ptr %acc40, align 4
-  %113 = getelementptr inbounds i32, ptr %58, i64 %kk
-  %114 = load i32, ptr %113, align 4
-  %115 = load <16 x float>, ptr %acc50, align 4
-  %116 = insertelement <16 x i32> poison, i32 %114, i32 0
-  %117 = shufflevector <16 x i32> %116, <16 x i32> poison, <16 x i32> zeroinitializer
-  %118 = bitcast <16 x i32> %117 to <32 x bfloat>
-  %119 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %115, <32 x bfloat> %75, <32 x bfloat> %118)
-  store <16 x float> %119, ptr %acc50, align 4
-  %120 = add nsw i64 %kk, 1
-  %121 = mul nsw i64 %120, 32
-  %122 = getelementptr inbounds i16, ptr %67, i64 %121
-  %123 = load <32 x bfloat>, ptr %122, align 4
-  %124 = mul nsw i64 %120, 64
-  %125 = getelementptr inbounds i8, ptr %pf, i64 %124
-  call void @llvm.prefetch.p0(ptr %125, i32 0, i32 2, i32 1)
-  %126 = getelementptr inbounds i32, ptr %8, i64 %120
-  %127 = load i32, ptr %126, align 4
-  %128 = load <16 x float>, ptr %acc01, align 4
-  %129 = insertelement <16 x i32> poison, i32 %127, i32 0
-  %130 = shufflevector <16 x i32> %129, <16 x i32> poison, <16 x i32> zeroinitializer
-  %131 = bitcast <16 x i32> %130 to <32 x bfloat>
-  %132 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %128, <32 x bfloat> %123, <32 x bfloat> %131)
-  store <16 x float> %132, ptr %acc01, align 4
-  %133 = getelementptr inbounds i32, ptr %18, i64 %120
-  %134 = load i32, ptr %133, align 4
-  %135 = load <16 x float>, ptr %acc11, align 4
-  %136 = insertelement <16 x i32> poison, i32 %134, i32 0
-  %137 = shufflevector <16 x i32> %136, <16 x i32> poison, <16 x i32> zeroinitializer
-  %138 = bitcast <16 x i32> %137 to <32 x bfloat>
-  %139 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %135, <32 x bfloat> %123, <32 x bfloat> %138)
-  store <16 x float> %139, ptr %acc11, align 4
-  %140 = getelementptr inbounds i32, ptr %28, i64 %120
-  %141 = load i32, ptr %140, align 4
-  %142 = load <16 x float>, ptr %acc21, align 4
-  %143 = insertelement <16 x i32> poison, i32 %141, i32 0
-  %144 = shufflevector <16 x i32> %143, <16 x i32> poison, <16 x i32> zeroinitializer
-  %145 = bitcast <16 x i32> %144 to <32 x bfloat>
-  %146 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %142, <32 x bfloat> %123, <32 x bfloat> %145)
-  store <16 x float> %146, ptr %acc21, align 4
-  %147 = getelementptr inbounds i32, ptr %38, i64 %120
-  %148 = load i32, ptr %147, align 4
-  %149 = load <16 x float>, ptr %acc31, align 4
-  %150 = insertelement <16 x i32> poison, i32 %148, i32 0
-  %151 = shufflevector <16 x i32> %150, <16 x i32> poison, <16 x i32> zeroinitializer
-  %152 = bitcast <16 x i32> %151 to <32 x bfloat>
-  %153 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %149, <32 x bfloat> %123, <32 x bfloat> %152)
-  store <16 x float> %153, ptr %acc31, align 4
-  %154 = getelementptr inbounds i32, ptr %48, i64 %120
-  %155 = load i32, ptr %154, align 4
-  %156 = load <16 x float>, ptr %acc41, align 4
-  %157 = insertelement <16 x i32> poison, i32 %155, i32 0
-  %158 = shufflevector <16 x i32> %157, <16 x i32> poison, <16 x i32> zeroinitializer
-  %159 = bitcast <16 x i32> %158 to <32 x bfloat>
-  %160 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %156, <32 x bfloat> %123, <32 x bfloat> %159)
-  store <16 x float> %160, ptr %acc41, align 4
-  %161 = getelementptr inbounds i32, ptr %58, i64 %120
-  %162 = load i32, ptr %161, align 4
-  %163 = load <16 x float>, ptr %acc51, align 4
-  %164 = insertelement <16 x i32> poison, i32 %162, i32 0
-  %165 = shufflevector <16 x i32> %164, <16 x i32> poison, <16 x i32> zeroinitializer
-  %166 = bitcast <16 x i32> %165 to <32 x bfloat>
-  %167 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %163, <32 x bfloat> %123, <32 x bfloat> %166)
-  store <16 x float> %167, ptr %acc51, align 4
-  %168 = add nsw i64 %kp, 1
+  %83 = mul nsw i64 %kk, 32
+  %84 = getelementptr inbounds i16, ptr %75, i64 %83
+  %85 = load <32 x bfloat>, ptr %84, align 4
+  %86 = mul nsw i64 %kk, 64
+  %87 = lshr i64 %86, %pf.sh
+  %88 = getelementptr inbounds i8, ptr %pf, i64 %87
+  call void @llvm.prefetch.p0(ptr %88, i32 0, i32 2, i32 1)
+  %89 = getelementptr inbounds i32, ptr %16, i64 %kk
+  %90 = load i32, ptr %89, align 4
+  %91 = load <16 x float>, ptr %acc00, align 4
+  %92 = insertelement <16 x i32> poison, i32 %90, i32 0
+  %93 = shufflevector <16 x i32> %92, <16 x i32> poison, <16 x i32> zeroinitializer
+  %94 = bitcast <16 x i32> %93 to <32 x bfloat>
+  %95 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %91, <32 x bfloat> %85, <32 x bfloat> %94)
+  store <16 x float> %95, ptr %acc00, align 4
+  %96 = getelementptr inbounds i32, ptr %26, i64 %kk
+  %97 = load i32, ptr %96, align 4
+  %98 = load <16 x float>, ptr %acc10, align 4
+  %99 = insertelement <16 x i32> poison, i32 %97, i32 0
+  %100 = shufflevector <16 x i32> %99, <16 x i32> poison, <16 x i32> zeroinitializer
+  %101 = bitcast <16 x i32> %100 to <32 x bfloat>
+  %102 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %98, <32 x bfloat> %85, <32 x bfloat> %101)
+  store <16 x float> %102, ptr %acc10, align 4
+  %103 = getelementptr inbounds i32, ptr %36, i64 %kk
+  %104 = load i32, ptr %103, align 4
+  %105 = load <16 x float>, ptr %acc20, align 4
+  %106 = insertelement <16 x i32> poison, i32 %104, i32 0
+  %107 = shufflevector <16 x i32> %106, <16 x i32> poison, <16 x i32> zeroinitializer
+  %108 = bitcast <16 x i32> %107 to <32 x bfloat>
+  %109 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %105, <32 x bfloat> %85, <32 x bfloat> %108)
+  store <16 x float> %109, ptr %acc20, align 4
+  %110 = getelementptr inbounds i32, ptr %46, i64 %kk
+  %111 = load i32, ptr %110, align 4
+  %112 = load <16 x float>, ptr %acc30, align 4
+  %113 = insertelement <16 x i32> poison, i32 %111, i32 0
+  %114 = shufflevector <16 x i32> %113, <16 x i32> poison, <16 x i32> zeroinitializer
+  %115 = bitcast <16 x i32> %114 to <32 x bfloat>
+  %116 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %112, <32 x bfloat> %85, <32 x bfloat> %115)
+  store <16 x float> %116, ptr %acc30, align 4
+  %117 = getelementptr inbounds i32, ptr %56, i64 %kk
+  %118 = load i32, ptr %117, align 4
+  %119 = load <16 x float>, ptr %acc40, align 4
+  %120 = insertelement <16 x i32> poison, i32 %118, i32 0
+  %121 = shufflevector <16 x i32> %120, <16 x i32> poison, <16 x i32> zeroinitializer
+  %122 = bitcast <16 x i32> %121 to <32 x bfloat>
+  %123 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %119, <32 x bfloat> %85, <32 x bfloat> %122)
+  store <16 x float> %123, ptr %acc40, align 4
+  %124 = getelementptr inbounds i32, ptr %66, i64 %kk
+  %125 = load i32, ptr %124, align 4
+  %126 = load <16 x float>, ptr %acc50, align 4
+  %127 = insertelement <16 x i32> poison, i32 %125, i32 0
+  %128 = shufflevector <16 x i32> %127, <16 x i32> poison, <16 x i32> zeroinitializer
+  %129 = bitcast <16 x i32> %128 to <32 x bfloat>
+  %130 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %126, <32 x bfloat> %85, <32 x bfloat> %129)
+  store <16 x float> %130, ptr %acc50, align 4
+  %131 = add nsw i64 %kk, 1
+  %132 = mul nsw i64 %131, 32
+  %133 = getelementptr inbounds i16, ptr %75, i64 %132
+  %134 = load <32 x bfloat>, ptr %133, align 4
+  %135 = mul nsw i64 %131, 64
+  %136 = lshr i64 %135, %pf.sh
+  %137 = getelementptr inbounds i8, ptr %pf, i64 %136
+  call void @llvm.prefetch.p0(ptr %137, i32 0, i32 2, i32 1)
+  %138 = getelementptr inbounds i32, ptr %16, i64 %131
+  %139 = load i32, ptr %138, align 4
+  %140 = load <16 x float>, ptr %acc01, align 4
+  %141 = insertelement <16 x i32> poison, i32 %139, i32 0
+  %142 = shufflevector <16 x i32> %141, <16 x i32> poison, <16 x i32> zeroinitializer
+  %143 = bitcast <16 x i32> %142 to <32 x bfloat>
+  %144 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %140, <32 x bfloat> %134, <32 x bfloat> %143)
+  store <16 x float> %144, ptr %acc01, align 4
+  %145 = getelementptr inbounds i32, ptr %26, i64 %131
+  %146 = load i32, ptr %145, align 4
+  %147 = load <16 x float>, ptr %acc11, align 4
+  %148 = insertelement <16 x i32> poison, i32 %146, i32 0
+  %149 = shufflevector <16 x i32> %148, <16 x i32> poison, <16 x i32> zeroinitializer
+  %150 = bitcast <16 x i32> %149 to <32 x bfloat>
+  %151 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %147, <32 x bfloat> %134, <32 x bfloat> %150)
+  store <16 x float> %151, ptr %acc11, align 4
+  %152 = getelementptr inbounds i32, ptr %36, i64 %131
+  %153 = load i32, ptr %152, align 4
+  %154 = load <16 x float>, ptr %acc21, align 4
+  %155 = insertelement <16 x i32> poison, i32 %153, i32 0
+  %156 = shufflevector <16 x i32> %155, <16 x i32> poison, <16 x i32> zeroinitializer
+  %157 = bitcast <16 x i32> %156 to <32 x bfloat>
+  %158 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %154, <32 x bfloat> %134, <32 x bfloat> %157)
+  store <16 x float> %158, ptr %acc21, align 4
+  %159 = getelementptr inbounds i32, ptr %46, i64 %131
+  %160 = load i32, ptr %159, align 4
+  %161 = load <16 x float>, ptr %acc31, align 4
+  %162 = insertelement <16 x i32> poison, i32 %160, i32 0
+  %163 = shufflevector <16 x i32> %162, <16 x i32> poison, <16 x i32> zeroinitializer
+  %164 = bitcast <16 x i32> %163 to <32 x bfloat>
+  %165 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %161, <32 x bfloat> %134, <32 x bfloat> %164)
+  store <16 x float> %165, ptr %acc31, align 4
+  %166 = getelementptr inbounds i32, ptr %56, i64 %131
+  %167 = load i32, ptr %166, align 4
+  %168 = load <16 x float>, ptr %acc41, align 4
+  %169 = insertelement <16 x i32> poison, i32 %167, i32 0
+  %170 = shufflevector <16 x i32> %169, <16 x i32> poison, <16 x i32> zeroinitializer
+  %171 = bitcast <16 x i32> %170 to <32 x bfloat>
+  %172 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %168, <32 x bfloat> %134, <32 x bfloat> %171)
+  store <16 x float> %172, ptr %acc41, align 4
+  %173 = getelementptr inbounds i32, ptr %66, i64 %131
+  %174 = load i32, ptr %173, align 4
+  %175 = load <16 x float>, ptr %acc51, align 4
+  %176 = insertelement <16 x i32> poison, i32 %174, i32 0
+  %177 = shufflevector <16 x i32> %176, <16 x i32> poison, <16 x i32> zeroinitializer
+  %178 = bitcast <16 x i32> %177 to <32 x bfloat>
+  %179 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %175, <32 x bfloat> %134, <32 x bfloat> %178)
+  store <16 x float> %179, ptr %acc51, align 4
+  %180 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %169 = load <16 x float>, ptr %acc01, align 4
-  %170 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %170, %169
+  %181 = load <16 x float>, ptr %acc01, align 4
+  %182 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %182, %181
   store <16 x float> %sum, ptr %acc00, align 4
-  %171 = load <16 x float>, ptr %acc11, align 4
-  %172 = load <16 x float>, ptr %acc10, align 4
-  %sum1 = fadd <16 x float> %172, %171
-  store <16 x float> %sum1, ptr %acc10, align 4
-  %173 = load <16 x float>, ptr %acc21, align 4
-  %174 = load <16 x float>, ptr %acc20, align 4
-  %sum2 = fadd <16 x float> %174, %173
-  store <16 x float> %sum2, ptr %acc20, align 4
-  %175 = load <16 x float>, ptr %acc31, align 4
-  %176 = load <16 x float>, ptr %acc30, align 4
-  %sum3 = fadd <16 x float> %176, %175
-  store <16 x float> %sum3, ptr %acc30, align 4
-  %177 = load <16 x float>, ptr %acc41, align 4
-  %178 = load <16 x float>, ptr %acc40, align 4
-  %sum4 = fadd <16 x float> %178, %177
-  store <16 x float> %sum4, ptr %acc40, align 4
-  %179 = load <16 x float>, ptr %acc51, align 4
-  %180 = load <16 x float>, ptr %acc50, align 4
-  %sum5 = fadd <16 x float> %180, %179
-  store <16 x float> %sum5, ptr %acc50, align 4
-  %181 = load <16 x float>, ptr %acc00, align 4
-  store <16 x float> %181, ptr %14, align 4
-  %182 = load <16 x float>, ptr %acc10, align 4
-  store <16 x float> %182, ptr %24, align 4
-  %183 = load <16 x float>, ptr %acc20, align 4
-  store <16 x float> %183, ptr %34, align 4
-  %184 = load <16 x float>, ptr %acc30, align 4
-  store <16 x float> %184, ptr %44, align 4
-  %185 = load <16 x float>, ptr %acc40, align 4
-  store <16 x float> %185, ptr %54, align 4
-  %186 = load <16 x float>, ptr %acc50, align 4
-  store <16 x float> %186, ptr %64, align 4
+  %183 = load <16 x float>, ptr %acc11, align 4
+  %184 = load <16 x float>, ptr %acc10, align 4
+  %sum2 = fadd <16 x float> %184, %183
+  store <16 x float> %sum2, ptr %acc10, align 4
+  %185 = load <16 x float>, ptr %acc21, align 4
+  %186 = load <16 x float>, ptr %acc20, align 4
+  %sum3 = fadd <16 x float> %186, %185
+  store <16 x float> %sum3, ptr %acc20, align 4
+  %187 = load <16 x float>, ptr %acc31, align 4
+  %188 = load <16 x float>, ptr %acc30, align 4
+  %sum4 = fadd <16 x float> %188, %187
+  store <16 x float> %sum4, ptr %acc30, align 4
+  %189 = load <16 x float>, ptr %acc41, align 4
+  %190 = load <16 x float>, ptr %acc40, align 4
+  %sum5 = fadd <16 x float> %190, %189
+  store <16 x float> %sum5, ptr %acc40, align 4
+  %191 = load <16 x float>, ptr %acc51, align 4
+  %192 = load <16 x float>, ptr %acc50, align 4
+  %sum6 = fadd <16 x float> %192, %191
+  store <16 x float> %sum6, ptr %acc50, align 4
+  %193 = load <16 x float>, ptr %acc00, align 4
+  store <16 x float> %193, ptr %22, align 4
+  %194 = load <16 x float>, ptr %acc10, align 4
+  store <16 x float> %194, ptr %32, align 4
+  %195 = load <16 x float>, ptr %acc20, align 4
+  store <16 x float> %195, ptr %42, align 4
+  %196 = load <16 x float>, ptr %acc30, align 4
+  store <16 x float> %196, ptr %52, align 4
+  %197 = load <16 x float>, ptr %acc40, align 4
+  store <16 x float> %197, ptr %62, align 4
+  %198 = load <16 x float>, ptr %acc50, align 4
+  store <16 x float> %198, ptr %72, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col6 = mul nsw i64 %p, 16
-  %187 = add nsw i64 %r0, 0
-  %188 = mul nsw i64 %187, 768
-  %189 = getelementptr inbounds float, ptr %h, i64 %188
-  %190 = getelementptr inbounds i32, ptr %rows, i64 %187
-  %191 = load i32, ptr %190, align 4
-  %192 = sext i32 %191 to i64
-  %193 = mul nsw i64 %192, 2048
-  %194 = add nsw i64 %193, %col6
-  %195 = getelementptr inbounds float, ptr %y, i64 %194
-  %196 = load <16 x float>, ptr %195, align 4
-  store <16 x float> %196, ptr %acc007, align 4
-  %197 = add nsw i64 %r0, 1
-  %198 = mul nsw i64 %197, 768
-  %199 = getelementptr inbounds float, ptr %h, i64 %198
-  %200 = getelementptr inbounds i32, ptr %rows, i64 %197
-  %201 = load i32, ptr %200, align 4
-  %202 = sext i32 %201 to i64
-  %203 = mul nsw i64 %202, 2048
-  %204 = add nsw i64 %203, %col6
-  %205 = getelementptr inbounds float, ptr %y, i64 %204
-  %206 = load <16 x float>, ptr %205, align 4
-  store <16 x float> %206, ptr %acc108, align 4
-  %207 = add nsw i64 %r0, 2
-  %208 = mul nsw i64 %207, 768
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
-  %211 = load i32, ptr %210, align 4
-  %212 = sext i32 %211 to i64
-  %213 = mul nsw i64 %212, 2048
-  %214 = add nsw i64 %213, %col6
-  %215 = getelementptr inbounds float, ptr %y, i64 %214
-  %216 = load <16 x float>, ptr %215, align 4
-  store <16 x float> %216, ptr %acc209, align 4
-  %217 = add nsw i64 %r0, 3
-  %218 = mul nsw i64 %217, 768
-  %219 = getelementptr inbounds float, ptr %h, i64 %218
-  %220 = getelementptr inbounds i32, ptr %rows, i64 %217
-  %221 = load i32, ptr %220, align 4
-  %222 = sext i32 %221 to i64
-  %223 = mul nsw i64 %222, 2048
-  %224 = add nsw i64 %223, %col6
-  %225 = getelementptr inbounds float, ptr %y, i64 %224
-  %226 = load <16 x float>, ptr %225, align 4
-  store <16 x float> %226, ptr %acc3010, align 4
-  %227 = add nsw i64 %r0, 4
-  %228 = mul nsw i64 %227, 768
-  %229 = getelementptr inbounds float, ptr %h, i64 %228
-  %230 = getelementptr inbounds i32, ptr %rows, i64 %227
-  %231 = load i32, ptr %230, align 4
-  %232 = sext i32 %231 to i64
-  %233 = mul nsw i64 %232, 2048
-  %234 = add nsw i64 %233, %col6
-  %235 = getelementptr inbounds float, ptr %y, i64 %234
-  %236 = load <16 x float>, ptr %235, align 4
-  store <16 x float> %236, ptr %acc4011, align 4
-  %237 = mul nsw i64 %p, 12288
-  %238 = getelementptr inbounds i16, ptr %panels, i64 %237
-  %239 = add nsw i64 %p, 1
-  %240 = icmp slt i64 %239, %p1
-  %241 = getelementptr inbounds i8, ptr %238, i64 24576
-  %242 = and i1 %pf.on, %240
-  %pf12 = select i1 %242, ptr %241, ptr %238
-  store <16 x float> zeroinitializer, ptr %acc0113, align 4
-  store <16 x float> zeroinitializer, ptr %acc1114, align 4
-  store <16 x float> zeroinitializer, ptr %acc2115, align 4
-  store <16 x float> zeroinitializer, ptr %acc3116, align 4
-  store <16 x float> zeroinitializer, ptr %acc4117, align 4
-  br label %kp.head18
+  %col7 = mul nsw i64 %p, 16
+  %199 = add nsw i64 %r0, 0
+  %200 = mul nsw i64 %199, 768
+  %201 = getelementptr inbounds float, ptr %h, i64 %200
+  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
+  %203 = load i32, ptr %202, align 4
+  %204 = sext i32 %203 to i64
+  %205 = mul nsw i64 %204, 2048
+  %206 = add nsw i64 %205, %col7
+  %207 = getelementptr inbounds float, ptr %y, i64 %206
+  %208 = load <16 x float>, ptr %207, align 4
+  store <16 x float> %208, ptr %acc008, align 4
+  %209 = add nsw i64 %r0, 1
+  %210 = mul nsw i64 %209, 768
+  %211 = getelementptr inbounds float, ptr %h, i64 %210
+  %212 = getelementptr inbounds i32, ptr %rows, i64 %209
+  %213 = load i32, ptr %212, align 4
+  %214 = sext i32 %213 to i64
+  %215 = mul nsw i64 %214, 2048
+  %216 = add nsw i64 %215, %col7
+  %217 = getelementptr inbounds float, ptr %y, i64 %216
+  %218 = load <16 x float>, ptr %217, align 4
+  store <16 x float> %218, ptr %acc109, align 4
+  %219 = add nsw i64 %r0, 2
+  %220 = mul nsw i64 %219, 768
+  %221 = getelementptr inbounds float, ptr %h, i64 %220
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 2048
+  %226 = add nsw i64 %225, %col7
+  %227 = getelementptr inbounds float, ptr %y, i64 %226
+  %228 = load <16 x float>, ptr %227, align 4
+  store <16 x float> %228, ptr %acc2010, align 4
+  %229 = add nsw i64 %r0, 3
+  %230 = mul nsw i64 %229, 768
+  %231 = getelementptr inbounds float, ptr %h, i64 %230
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %229
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 2048
+  %236 = add nsw i64 %235, %col7
+  %237 = getelementptr inbounds float, ptr %y, i64 %236
+  %238 = load <16 x float>, ptr %237, align 4
+  store <16 x float> %238, ptr %acc3011, align 4
+  %239 = add nsw i64 %r0, 4
+  %240 = mul nsw i64 %239, 768
+  %241 = getelementptr inbounds float, ptr %h, i64 %240
+  %242 = getelementptr inbounds i32, ptr %rows, i64 %239
+  %243 = load i32, ptr %242, align 4
+  %244 = sext i32 %243 to i64
+  %245 = mul nsw i64 %244, 2048
+  %246 = add nsw i64 %245, %col7
+  %247 = getelementptr inbounds float, ptr %y, i64 %246
+  %248 = load <16 x float>, ptr %247, align 4
+  store <16 x float> %248, ptr %acc4012, align 4
+  %249 = mul nsw i64 %p, 12288
+  %250 = getelementptr inbounds i16, ptr %panels, i64 %249
+  %251 = add nsw i64 %p, 1
+  %252 = icmp slt i64 %251, %p1
+  %pf.on13 = and i1 %pf.on, %252
+  %253 = mul nsw i64 %pf.j, 24576
+  %254 = lshr i64 %253, %10
+  %255 = add nsw i64 24576, %254
+  %256 = getelementptr inbounds i8, ptr %250, i64 %255
+  %pf14 = select i1 %pf.on13, ptr %256, ptr %250
+  %pf.sh15 = select i1 %pf.on13, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0116, align 4
+  store <16 x float> zeroinitializer, ptr %acc1117, align 4
+  store <16 x float> zeroinitializer, ptr %acc2118, align 4
+  store <16 x float> zeroinitializer, ptr %acc3119, align 4
+  store <16 x float> zeroinitializer, ptr %acc4120, align 4
+  br label %kp.head21
 
-kp.head18:                                        ; preds = %kp.body19, %tile.mr5
-  %kp21 = phi i64 [ 0, %tile.mr5 ], [ %325, %kp.body19 ]
-  %243 = icmp slt i64 %kp21, 192
-  br i1 %243, label %kp.body19, label %kp.end20
+kp.head21:                                        ; preds = %kp.body22, %tile.mr5
+  %kp24 = phi i64 [ 0, %tile.mr5 ], [ %341, %kp.body22 ]
+  %257 = icmp slt i64 %kp24, 192
+  br i1 %257, label %kp.body22, label %kp.end23
 
-kp.body19:                                        ; preds = %kp.head18
-  %kk22 = mul nsw i64 %kp21, 2
-  %244 = mul nsw i64 %kk22, 32
-  %245 = getelementptr inbounds i16, ptr %238, i64 %244
-  %246 = load <32 x bfloat>, ptr %245, align 4
-  %247 = mul nsw i64 %kk22, 64
-  %248 = getelementptr inbounds i8, ptr %pf12, i64 %247
-  call void @llvm.prefetch.p0(ptr %248, i32 0, i32 2, i32 1)
-  %249 = getelementptr inbounds i32, ptr %189, i64 %kk22
-  %250 = load i32, ptr %249, align 4
-  %251 = load <16 x float>, ptr %acc007, align 4
-  %252 = insertelement <16 x i32> poison, i32 %250, i32 0
-  %253 = shufflevector <16 x i32> %252, <16 x i32> poison, <16 x i32> zeroinitializer
-  %254 = bitcast <16 x i32> %253 to <32 x bfloat>
-  %255 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %251, <32 x bfloat> %246, <32 x bfloat> %254)
-  store <16 x float> %255, ptr %acc007, align 4
-  %256 = getelementptr inbounds i32, ptr %199, i64 %kk22
-  %257 = load i32, ptr %256, align 4
-  %258 = load <16 x float>, ptr %acc108, align 4
-  %259 = insertelement <16 x i32> poison, i32 %257, i32 0
-  %260 = shufflevector <16 x i32> %259, <16 x i32> poison, <16 x i32> zeroinitializer
-  %261 = bitcast <16 x i32> %260 to <32 x bfloat>
-  %262 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %258, <32 x bfloat> %246, <32 x bfloat> %261)
-  store <16 x float> %262, ptr %acc108, align 4
-  %263 = getelementptr inbounds i32, ptr %209, i64 %kk22
-  %264 = load i32, ptr %263, align 4
-  %265 = load <16 x float>, ptr %acc209, align 4
-  %266 = insertelement <16 x i32> poison, i32 %264, i32 0
-  %267 = shufflevector <16 x i32> %266, <16 x i32> poison, <16 x i32> zeroinitializer
-  %268 = bitcast <16 x i32> %267 to <32 x bfloat>
-  %269 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %265, <32 x bfloat> %246, <32 x bfloat> %268)
-  store <16 x float> %269, ptr %acc209, align 4
-  %270 = getelementptr inbounds i32, ptr %219, i64 %kk22
-  %271 = load i32, ptr %270, align 4
-  %272 = load <16 x float>, ptr %acc3010, align 4
-  %273 = insertelement <16 x i32> poison, i32 %271, i32 0
-  %274 = shufflevector <16 x i32> %273, <16 x i32> poison, <16 x i32> zeroinitializer
-  %275 = bitcast <16 x i32> %274 to <32 x bfloat>
-  %276 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %272, <32 x bfloat> %246, <32 x bfloat> %275)
-  store <16 x float> %276, ptr %acc3010, align 4
-  %277 = getelementptr inbounds i32, ptr %229, i64 %kk22
-  %278 = load i32, ptr %277, align 4
-  %279 = load <16 x float>, ptr %acc4011, align 4
-  %280 = insertelement <16 x i32> poison, i32 %278, i32 0
-  %281 = shufflevector <16 x i32> %280, <16 x i32> poison, <16 x i32> zeroinitializer
-  %282 = bitcast <16 x i32> %281 to <32 x bfloat>
-  %283 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %279, <32 x bfloat> %246, <32 x bfloat> %282)
-  store <16 x float> %283, ptr %acc4011, align 4
-  %284 = add nsw i64 %kk22, 1
-  %285 = mul nsw i64 %284, 32
-  %286 = getelementptr inbounds i16, ptr %238, i64 %285
-  %287 = load <32 x bfloat>, ptr %286, align 4
-  %288 = mul nsw i64 %284, 64
-  %289 = getelementptr inbounds i8, ptr %pf12, i64 %288
-  call void @llvm.prefetch.p0(ptr %289, i32 0, i32 2, i32 1)
-  %290 = getelementptr inbounds i32, ptr %189, i64 %284
-  %291 = load i32, ptr %290, align 4
-  %292 = load <16 x float>, ptr %acc0113, align 4
-  %293 = insertelement <16 x i32> poison, i32 %291, i32 0
-  %294 = shufflevector <16 x i32> %293, <16 x i32> poison, <16 x i32> zeroinitializer
-  %295 = bitcast <16 x i32> %294 to <32 x bfloat>
-  %296 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %292, <32 x bfloat> %287, <32 x bfloat> %295)
-  store <16 x float> %296, ptr %acc0113, align 4
-  %297 = getelementptr inbounds i32, ptr %199, i64 %284
-  %298 = load i32, ptr %297, align 4
-  %299 = load <16 x float>, ptr %acc1114, align 4
-  %300 = insertelement <16 x i32> poison, i32 %298, i32 0
-  %301 = shufflevector <16 x i32> %300, <16 x i32> poison, <16 x i32> zeroinitializer
-  %302 = bitcast <16 x i32> %301 to <32 x bfloat>
-  %303 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %299, <32 x bfloat> %287, <32 x bfloat> %302)
-  store <16 x float> %303, ptr %acc1114, align 4
-  %304 = getelementptr inbounds i32, ptr %209, i64 %284
-  %305 = load i32, ptr %304, align 4
-  %306 = load <16 x float>, ptr %acc2115, align 4
-  %307 = insertelement <16 x i32> poison, i32 %305, i32 0
-  %308 = shufflevector <16 x i32> %307, <16 x i32> poison, <16 x i32> zeroinitializer
-  %309 = bitcast <16 x i32> %308 to <32 x bfloat>
-  %310 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %306, <32 x bfloat> %287, <32 x bfloat> %309)
-  store <16 x float> %310, ptr %acc2115, align 4
-  %311 = getelementptr inbounds i32, ptr %219, i64 %284
-  %312 = load i32, ptr %311, align 4
-  %313 = load <16 x float>, ptr %acc3116, align 4
-  %314 = insertelement <16 x i32> poison, i32 %312, i32 0
-  %315 = shufflevector <16 x i32> %314, <16 x i32> poison, <16 x i32> zeroinitializer
-  %316 = bitcast <16 x i32> %315 to <32 x bfloat>
-  %317 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %313, <32 x bfloat> %287, <32 x bfloat> %316)
-  store <16 x float> %317, ptr %acc3116, align 4
-  %318 = getelementptr inbounds i32, ptr %229, i64 %284
-  %319 = load i32, ptr %318, align 4
-  %320 = load <16 x float>, ptr %acc4117, align 4
-  %321 = insertelement <16 x i32> poison, i32 %319, i32 0
-  %322 = shufflevector <16 x i32> %321, <16 x i32> poison, <16 x i32> zeroinitializer
-  %323 = bitcast <16 x i32> %322 to <32 x bfloat>
-  %324 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %320, <32 x bfloat> %287, <32 x bfloat> %323)
-  store <16 x float> %324, ptr %acc4117, align 4
-  %325 = add nsw i64 %kp21, 1
-  br label %kp.head18
+kp.body22:                                        ; preds = %kp.head21
+  %kk25 = mul nsw i64 %kp24, 2
+  %258 = mul nsw i64 %kk25, 32
+  %259 = getelementptr inbounds i16, ptr %250, i64 %258
+  %260 = load <32 x bfloat>, ptr %259, align 4
+  %261 = mul nsw i64 %kk25, 64
+  %262 = lshr i64 %261, %pf.sh15
+  %263 = getelementptr inbounds i8, ptr %pf14, i64 %262
+  call void @llvm.prefetch.p0(ptr %263, i32 0, i32 2, i32 1)
+  %264 = getelementptr inbounds i32, ptr %201, i64 %kk25
+  %265 = load i32, ptr %264, align 4
+  %266 = load <16 x float>, ptr %acc008, align 4
+  %267 = insertelement <16 x i32> poison, i32 %265, i32 0
+  %268 = shufflevector <16 x i32> %267, <16 x i32> poison, <16 x i32> zeroinitializer
+  %269 = bitcast <16 x i32> %268 to <32 x bfloat>
+  %270 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %266, <32 x bfloat> %260, <32 x bfloat> %269)
+  store <16 x float> %270, ptr %acc008, align 4
+  %271 = getelementptr inbounds i32, ptr %211, i64 %kk25
+  %272 = load i32, ptr %271, align 4
+  %273 = load <16 x float>, ptr %acc109, align 4
+  %274 = insertelement <16 x i32> poison, i32 %272, i32 0
+  %275 = shufflevector <16 x i32> %274, <16 x i32> poison, <16 x i32> zeroinitializer
+  %276 = bitcast <16 x i32> %275 to <32 x bfloat>
+  %277 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %273, <32 x bfloat> %260, <32 x bfloat> %276)
+  store <16 x float> %277, ptr %acc109, align 4
+  %278 = getelementptr inbounds i32, ptr %221, i64 %kk25
+  %279 = load i32, ptr %278, align 4
+  %280 = load <16 x float>, ptr %acc2010, align 4
+  %281 = insertelement <16 x i32> poison, i32 %279, i32 0
+  %282 = shufflevector <16 x i32> %281, <16 x i32> poison, <16 x i32> zeroinitializer
+  %283 = bitcast <16 x i32> %282 to <32 x bfloat>
+  %284 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %280, <32 x bfloat> %260, <32 x bfloat> %283)
+  store <16 x float> %284, ptr %acc2010, align 4
+  %285 = getelementptr inbounds i32, ptr %231, i64 %kk25
+  %286 = load i32, ptr %285, align 4
+  %287 = load <16 x float>, ptr %acc3011, align 4
+  %288 = insertelement <16 x i32> poison, i32 %286, i32 0
+  %289 = shufflevector <16 x i32> %288, <16 x i32> poison, <16 x i32> zeroinitializer
+  %290 = bitcast <16 x i32> %289 to <32 x bfloat>
+  %291 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %287, <32 x bfloat> %260, <32 x bfloat> %290)
+  store <16 x float> %291, ptr %acc3011, align 4
+  %292 = getelementptr inbounds i32, ptr %241, i64 %kk25
+  %293 = load i32, ptr %292, align 4
+  %294 = load <16 x float>, ptr %acc4012, align 4
+  %295 = insertelement <16 x i32> poison, i32 %293, i32 0
+  %296 = shufflevector <16 x i32> %295, <16 x i32> poison, <16 x i32> zeroinitializer
+  %297 = bitcast <16 x i32> %296 to <32 x bfloat>
+  %298 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %294, <32 x bfloat> %260, <32 x bfloat> %297)
+  store <16 x float> %298, ptr %acc4012, align 4
+  %299 = add nsw i64 %kk25, 1
+  %300 = mul nsw i64 %299, 32
+  %301 = getelementptr inbounds i16, ptr %250, i64 %300
+  %302 = load <32 x bfloat>, ptr %301, align 4
+  %303 = mul nsw i64 %299, 64
+  %304 = lshr i64 %303, %pf.sh15
+  %305 = getelementptr inbounds i8, ptr %pf14, i64 %304
+  call void @llvm.prefetch.p0(ptr %305, i32 0, i32 2, i32 1)
+  %306 = getelementptr inbounds i32, ptr %201, i64 %299
+  %307 = load i32, ptr %306, align 4
+  %308 = load <16 x float>, ptr %acc0116, align 4
+  %309 = insertelement <16 x i32> poison, i32 %307, i32 0
+  %310 = shufflevector <16 x i32> %309, <16 x i32> poison, <16 x i32> zeroinitializer
+  %311 = bitcast <16 x i32> %310 to <32 x bfloat>
+  %312 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %308, <32 x bfloat> %302, <32 x bfloat> %311)
+  store <16 x float> %312, ptr %acc0116, align 4
+  %313 = getelementptr inbounds i32, ptr %211, i64 %299
+  %314 = load i32, ptr %313, align 4
+  %315 = load <16 x float>, ptr %acc1117, align 4
+  %316 = insertelement <16 x i32> poison, i32 %314, i32 0
+  %317 = shufflevector <16 x i32> %316, <16 x i32> poison, <16 x i32> zeroinitializer
+  %318 = bitcast <16 x i32> %317 to <32 x bfloat>
+  %319 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %315, <32 x bfloat> %302, <32 x bfloat> %318)
+  store <16 x float> %319, ptr %acc1117, align 4
+  %320 = getelementptr inbounds i32, ptr %221, i64 %299
+  %321 = load i32, ptr %320, align 4
+  %322 = load <16 x float>, ptr %acc2118, align 4
+  %323 = insertelement <16 x i32> poison, i32 %321, i32 0
+  %324 = shufflevector <16 x i32> %323, <16 x i32> poison, <16 x i32> zeroinitializer
+  %325 = bitcast <16 x i32> %324 to <32 x bfloat>
+  %326 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %322, <32 x bfloat> %302, <32 x bfloat> %325)
+  store <16 x float> %326, ptr %acc2118, align 4
+  %327 = getelementptr inbounds i32, ptr %231, i64 %299
+  %328 = load i32, ptr %327, align 4
+  %329 = load <16 x float>, ptr %acc3119, align 4
+  %330 = insertelement <16 x i32> poison, i32 %328, i32 0
+  %331 = shufflevector <16 x i32> %330, <16 x i32> poison, <16 x i32> zeroinitializer
+  %332 = bitcast <16 x i32> %331 to <32 x bfloat>
+  %333 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %329, <32 x bfloat> %302, <32 x bfloat> %332)
+  store <16 x float> %333, ptr %acc3119, align 4
+  %334 = getelementptr inbounds i32, ptr %241, i64 %299
+  %335 = load i32, ptr %334, align 4
+  %336 = load <16 x float>, ptr %acc4120, align 4
+  %337 = insertelement <16 x i32> poison, i32 %335, i32 0
+  %338 = shufflevector <16 x i32> %337, <16 x i32> poison, <16 x i32> zeroinitializer
+  %339 = bitcast <16 x i32> %338 to <32 x bfloat>
+  %340 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %336, <32 x bfloat> %302, <32 x bfloat> %339)
+  store <16 x float> %340, ptr %acc4120, align 4
+  %341 = add nsw i64 %kp24, 1
+  br label %kp.head21
 
-kp.end20:                                         ; preds = %kp.head18
-  %326 = load <16 x float>, ptr %acc0113, align 4
-  %327 = load <16 x float>, ptr %acc007, align 4
-  %sum23 = fadd <16 x float> %327, %326
-  store <16 x float> %sum23, ptr %acc007, align 4
-  %328 = load <16 x float>, ptr %acc1114, align 4
-  %329 = load <16 x float>, ptr %acc108, align 4
-  %sum24 = fadd <16 x float> %329, %328
-  store <16 x float> %sum24, ptr %acc108, align 4
-  %330 = load <16 x float>, ptr %acc2115, align 4
-  %331 = load <16 x float>, ptr %acc209, align 4
-  %sum25 = fadd <16 x float> %331, %330
-  store <16 x float> %sum25, ptr %acc209, align 4
-  %332 = load <16 x float>, ptr %acc3116, align 4
-  %333 = load <16 x float>, ptr %acc3010, align 4
-  %sum26 = fadd <16 x float> %333, %332
-  store <16 x float> %sum26, ptr %acc3010, align 4
-  %334 = load <16 x float>, ptr %acc4117, align 4
-  %335 = load <16 x float>, ptr %acc4011, align 4
-  %sum27 = fadd <16 x float> %335, %334
-  store <16 x float> %sum27, ptr %acc4011, align 4
-  %336 = load <16 x float>, ptr %acc007, align 4
-  store <16 x float> %336, ptr %195, align 4
-  %337 = load <16 x float>, ptr %acc108, align 4
-  store <16 x float> %337, ptr %205, align 4
-  %338 = load <16 x float>, ptr %acc209, align 4
-  store <16 x float> %338, ptr %215, align 4
-  %339 = load <16 x float>, ptr %acc3010, align 4
-  store <16 x float> %339, ptr %225, align 4
-  %340 = load <16 x float>, ptr %acc4011, align 4
-  store <16 x float> %340, ptr %235, align 4
+kp.end23:                                         ; preds = %kp.head21
+  %342 = load <16 x float>, ptr %acc0116, align 4
+  %343 = load <16 x float>, ptr %acc008, align 4
+  %sum26 = fadd <16 x float> %343, %342
+  store <16 x float> %sum26, ptr %acc008, align 4
+  %344 = load <16 x float>, ptr %acc1117, align 4
+  %345 = load <16 x float>, ptr %acc109, align 4
+  %sum27 = fadd <16 x float> %345, %344
+  store <16 x float> %sum27, ptr %acc109, align 4
+  %346 = load <16 x float>, ptr %acc2118, align 4
+  %347 = load <16 x float>, ptr %acc2010, align 4
+  %sum28 = fadd <16 x float> %347, %346
+  store <16 x float> %sum28, ptr %acc2010, align 4
+  %348 = load <16 x float>, ptr %acc3119, align 4
+  %349 = load <16 x float>, ptr %acc3011, align 4
+  %sum29 = fadd <16 x float> %349, %348
+  store <16 x float> %sum29, ptr %acc3011, align 4
+  %350 = load <16 x float>, ptr %acc4120, align 4
+  %351 = load <16 x float>, ptr %acc4012, align 4
+  %sum30 = fadd <16 x float> %351, %350
+  store <16 x float> %sum30, ptr %acc4012, align 4
+  %352 = load <16 x float>, ptr %acc008, align 4
+  store <16 x float> %352, ptr %207, align 4
+  %353 = load <16 x float>, ptr %acc109, align 4
+  store <16 x float> %353, ptr %217, align 4
+  %354 = load <16 x float>, ptr %acc2010, align 4
+  store <16 x float> %354, ptr %227, align 4
+  %355 = load <16 x float>, ptr %acc3011, align 4
+  store <16 x float> %355, ptr %237, align 4
+  %356 = load <16 x float>, ptr %acc4012, align 4
+  store <16 x float> %356, ptr %247, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col28 = mul nsw i64 %p, 16
-  %341 = add nsw i64 %r0, 0
-  %342 = mul nsw i64 %341, 768
-  %343 = getelementptr inbounds float, ptr %h, i64 %342
-  %344 = getelementptr inbounds i32, ptr %rows, i64 %341
-  %345 = load i32, ptr %344, align 4
-  %346 = sext i32 %345 to i64
-  %347 = mul nsw i64 %346, 2048
-  %348 = add nsw i64 %347, %col28
-  %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = load <16 x float>, ptr %349, align 4
-  store <16 x float> %350, ptr %acc0029, align 4
-  %351 = add nsw i64 %r0, 1
-  %352 = mul nsw i64 %351, 768
-  %353 = getelementptr inbounds float, ptr %h, i64 %352
-  %354 = getelementptr inbounds i32, ptr %rows, i64 %351
-  %355 = load i32, ptr %354, align 4
-  %356 = sext i32 %355 to i64
-  %357 = mul nsw i64 %356, 2048
-  %358 = add nsw i64 %357, %col28
-  %359 = getelementptr inbounds float, ptr %y, i64 %358
-  %360 = load <16 x float>, ptr %359, align 4
-  store <16 x float> %360, ptr %acc1030, align 4
-  %361 = add nsw i64 %r0, 2
-  %362 = mul nsw i64 %361, 768
-  %363 = getelementptr inbounds float, ptr %h, i64 %362
-  %364 = getelementptr inbounds i32, ptr %rows, i64 %361
-  %365 = load i32, ptr %364, align 4
-  %366 = sext i32 %365 to i64
-  %367 = mul nsw i64 %366, 2048
-  %368 = add nsw i64 %367, %col28
-  %369 = getelementptr inbounds float, ptr %y, i64 %368
-  %370 = load <16 x float>, ptr %369, align 4
-  store <16 x float> %370, ptr %acc2031, align 4
-  %371 = add nsw i64 %r0, 3
-  %372 = mul nsw i64 %371, 768
-  %373 = getelementptr inbounds float, ptr %h, i64 %372
-  %374 = getelementptr inbounds i32, ptr %rows, i64 %371
-  %375 = load i32, ptr %374, align 4
-  %376 = sext i32 %375 to i64
-  %377 = mul nsw i64 %376, 2048
-  %378 = add nsw i64 %377, %col28
-  %379 = getelementptr inbounds float, ptr %y, i64 %378
-  %380 = load <16 x float>, ptr %379, align 4
-  store <16 x float> %380, ptr %acc3032, align 4
-  %381 = mul nsw i64 %p, 12288
-  %382 = getelementptr inbounds i16, ptr %panels, i64 %381
-  %383 = add nsw i64 %p, 1
-  %384 = icmp slt i64 %383, %p1
-  %385 = getelementptr inbounds i8, ptr %382, i64 24576
-  %386 = and i1 %pf.on, %384
-  %pf33 = select i1 %386, ptr %385, ptr %382
-  store <16 x float> zeroinitializer, ptr %acc0134, align 4
-  store <16 x float> zeroinitializer, ptr %acc1135, align 4
-  store <16 x float> zeroinitializer, ptr %acc2136, align 4
-  store <16 x float> zeroinitializer, ptr %acc3137, align 4
-  br label %kp.head38
+  %col31 = mul nsw i64 %p, 16
+  %357 = add nsw i64 %r0, 0
+  %358 = mul nsw i64 %357, 768
+  %359 = getelementptr inbounds float, ptr %h, i64 %358
+  %360 = getelementptr inbounds i32, ptr %rows, i64 %357
+  %361 = load i32, ptr %360, align 4
+  %362 = sext i32 %361 to i64
+  %363 = mul nsw i64 %362, 2048
+  %364 = add nsw i64 %363, %col31
+  %365 = getelementptr inbounds float, ptr %y, i64 %364
+  %366 = load <16 x float>, ptr %365, align 4
+  store <16 x float> %366, ptr %acc0032, align 4
+  %367 = add nsw i64 %r0, 1
+  %368 = mul nsw i64 %367, 768
+  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %370 = getelementptr inbounds i32, ptr %rows, i64 %367
+  %371 = load i32, ptr %370, align 4
+  %372 = sext i32 %371 to i64
+  %373 = mul nsw i64 %372, 2048
+  %374 = add nsw i64 %373, %col31
+  %375 = getelementptr inbounds float, ptr %y, i64 %374
+  %376 = load <16 x float>, ptr %375, align 4
+  store <16 x float> %376, ptr %acc1033, align 4
+  %377 = add nsw i64 %r0, 2
+  %378 = mul nsw i64 %377, 768
+  %379 = getelementptr inbounds float, ptr %h, i64 %378
+  %380 = getelementptr inbounds i32, ptr %rows, i64 %377
+  %381 = load i32, ptr %380, align 4
+  %382 = sext i32 %381 to i64
+  %383 = mul nsw i64 %382, 2048
+  %384 = add nsw i64 %383, %col31
+  %385 = getelementptr inbounds float, ptr %y, i64 %384
+  %386 = load <16 x float>, ptr %385, align 4
+  store <16 x float> %386, ptr %acc2034, align 4
+  %387 = add nsw i64 %r0, 3
+  %388 = mul nsw i64 %387, 768
+  %389 = getelementptr inbounds float, ptr %h, i64 %388
+  %390 = getelementptr inbounds i32, ptr %rows, i64 %387
+  %391 = load i32, ptr %390, align 4
+  %392 = sext i32 %391 to i64
+  %393 = mul nsw i64 %392, 2048
+  %394 = add nsw i64 %393, %col31
+  %395 = getelementptr inbounds float, ptr %y, i64 %394
+  %396 = load <16 x float>, ptr %395, align 4
+  store <16 x float> %396, ptr %acc3035, align 4
+  %397 = mul nsw i64 %p, 12288
+  %398 = getelementptr inbounds i16, ptr %panels, i64 %397
+  %399 = add nsw i64 %p, 1
+  %400 = icmp slt i64 %399, %p1
+  %pf.on36 = and i1 %pf.on, %400
+  %401 = mul nsw i64 %pf.j, 24576
+  %402 = lshr i64 %401, %10
+  %403 = add nsw i64 24576, %402
+  %404 = getelementptr inbounds i8, ptr %398, i64 %403
+  %pf37 = select i1 %pf.on36, ptr %404, ptr %398
+  %pf.sh38 = select i1 %pf.on36, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0139, align 4
+  store <16 x float> zeroinitializer, ptr %acc1140, align 4
+  store <16 x float> zeroinitializer, ptr %acc2141, align 4
+  store <16 x float> zeroinitializer, ptr %acc3142, align 4
+  br label %kp.head43
 
-kp.head38:                                        ; preds = %kp.body39, %tile.mr4
-  %kp41 = phi i64 [ 0, %tile.mr4 ], [ %455, %kp.body39 ]
-  %387 = icmp slt i64 %kp41, 192
-  br i1 %387, label %kp.body39, label %kp.end40
+kp.head43:                                        ; preds = %kp.body44, %tile.mr4
+  %kp46 = phi i64 [ 0, %tile.mr4 ], [ %475, %kp.body44 ]
+  %405 = icmp slt i64 %kp46, 192
+  br i1 %405, label %kp.body44, label %kp.end45
 
-kp.body39:                                        ; preds = %kp.head38
-  %kk42 = mul nsw i64 %kp41, 2
-  %388 = mul nsw i64 %kk42, 32
-  %389 = getelementptr inbounds i16, ptr %382, i64 %388
-  %390 = load <32 x bfloat>, ptr %389, align 4
-  %391 = mul nsw i64 %kk42, 64
-  %392 = getelementptr inbounds i8, ptr %pf33, i64 %391
-  call void @llvm.prefetch.p0(ptr %392, i32 0, i32 2, i32 1)
-  %393 = getelementptr inbounds i32, ptr %343, i64 %kk42
-  %394 = load i32, ptr %393, align 4
-  %395 = load <16 x float>, ptr %acc0029, align 4
-  %396 = insertelement <16 x i32> poison, i32 %394, i32 0
-  %397 = shufflevector <16 x i32> %396, <16 x i32> poison, <16 x i32> zeroinitializer
-  %398 = bitcast <16 x i32> %397 to <32 x bfloat>
-  %399 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %395, <32 x bfloat> %390, <32 x bfloat> %398)
-  store <16 x float> %399, ptr %acc0029, align 4
-  %400 = getelementptr inbounds i32, ptr %353, i64 %kk42
-  %401 = load i32, ptr %400, align 4
-  %402 = load <16 x float>, ptr %acc1030, align 4
-  %403 = insertelement <16 x i32> poison, i32 %401, i32 0
-  %404 = shufflevector <16 x i32> %403, <16 x i32> poison, <16 x i32> zeroinitializer
-  %405 = bitcast <16 x i32> %404 to <32 x bfloat>
-  %406 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %402, <32 x bfloat> %390, <32 x bfloat> %405)
-  store <16 x float> %406, ptr %acc1030, align 4
-  %407 = getelementptr inbounds i32, ptr %363, i64 %kk42
-  %408 = load i32, ptr %407, align 4
-  %409 = load <16 x float>, ptr %acc2031, align 4
-  %410 = insertelement <16 x i32> poison, i32 %408, i32 0
-  %411 = shufflevector <16 x i32> %410, <16 x i32> poison, <16 x i32> zeroinitializer
-  %412 = bitcast <16 x i32> %411 to <32 x bfloat>
-  %413 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %409, <32 x bfloat> %390, <32 x bfloat> %412)
-  store <16 x float> %413, ptr %acc2031, align 4
-  %414 = getelementptr inbounds i32, ptr %373, i64 %kk42
-  %415 = load i32, ptr %414, align 4
-  %416 = load <16 x float>, ptr %acc3032, align 4
-  %417 = insertelement <16 x i32> poison, i32 %415, i32 0
-  %418 = shufflevector <16 x i32> %417, <16 x i32> poison, <16 x i32> zeroinitializer
-  %419 = bitcast <16 x i32> %418 to <32 x bfloat>
-  %420 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %416, <32 x bfloat> %390, <32 x bfloat> %419)
-  store <16 x float> %420, ptr %acc3032, align 4
-  %421 = add nsw i64 %kk42, 1
-  %422 = mul nsw i64 %421, 32
-  %423 = getelementptr inbounds i16, ptr %382, i64 %422
-  %424 = load <32 x bfloat>, ptr %423, align 4
-  %425 = mul nsw i64 %421, 64
-  %426 = getelementptr inbounds i8, ptr %pf33, i64 %425
-  call void @llvm.prefetch.p0(ptr %426, i32 0, i32 2, i32 1)
-  %427 = getelementptr inbounds i32, ptr %343, i64 %421
-  %428 = load i32, ptr %427, align 4
-  %429 = load <16 x float>, ptr %acc0134, align 4
-  %430 = insertelement <16 x i32> poison, i32 %428, i32 0
-  %431 = shufflevector <16 x i32> %430, <16 x i32> poison, <16 x i32> zeroinitializer
-  %432 = bitcast <16 x i32> %431 to <32 x bfloat>
-  %433 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %429, <32 x bfloat> %424, <32 x bfloat> %432)
-  store <16 x float> %433, ptr %acc0134, align 4
-  %434 = getelementptr inbounds i32, ptr %353, i64 %421
-  %435 = load i32, ptr %434, align 4
-  %436 = load <16 x float>, ptr %acc1135, align 4
-  %437 = insertelement <16 x i32> poison, i32 %435, i32 0
-  %438 = shufflevector <16 x i32> %437, <16 x i32> poison, <16 x i32> zeroinitializer
-  %439 = bitcast <16 x i32> %438 to <32 x bfloat>
-  %440 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %436, <32 x bfloat> %424, <32 x bfloat> %439)
-  store <16 x float> %440, ptr %acc1135, align 4
-  %441 = getelementptr inbounds i32, ptr %363, i64 %421
-  %442 = load i32, ptr %441, align 4
-  %443 = load <16 x float>, ptr %acc2136, align 4
-  %444 = insertelement <16 x i32> poison, i32 %442, i32 0
-  %445 = shufflevector <16 x i32> %444, <16 x i32> poison, <16 x i32> zeroinitializer
-  %446 = bitcast <16 x i32> %445 to <32 x bfloat>
-  %447 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %443, <32 x bfloat> %424, <32 x bfloat> %446)
-  store <16 x float> %447, ptr %acc2136, align 4
-  %448 = getelementptr inbounds i32, ptr %373, i64 %421
-  %449 = load i32, ptr %448, align 4
-  %450 = load <16 x float>, ptr %acc3137, align 4
-  %451 = insertelement <16 x i32> poison, i32 %449, i32 0
-  %452 = shufflevector <16 x i32> %451, <16 x i32> poison, <16 x i32> zeroinitializer
-  %453 = bitcast <16 x i32> %452 to <32 x bfloat>
-  %454 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %450, <32 x bfloat> %424, <32 x bfloat> %453)
-  store <16 x float> %454, ptr %acc3137, align 4
-  %455 = add nsw i64 %kp41, 1
-  br label %kp.head38
+kp.body44:                                        ; preds = %kp.head43
+  %kk47 = mul nsw i64 %kp46, 2
+  %406 = mul nsw i64 %kk47, 32
+  %407 = getelementptr inbounds i16, ptr %398, i64 %406
+  %408 = load <32 x bfloat>, ptr %407, align 4
+  %409 = mul nsw i64 %kk47, 64
+  %410 = lshr i64 %409, %pf.sh38
+  %411 = getelementptr inbounds i8, ptr %pf37, i64 %410
+  call void @llvm.prefetch.p0(ptr %411, i32 0, i32 2, i32 1)
+  %412 = getelementptr inbounds i32, ptr %359, i64 %kk47
+  %413 = load i32, ptr %412, align 4
+  %414 = load <16 x float>, ptr %acc0032, align 4
+  %415 = insertelement <16 x i32> poison, i32 %413, i32 0
+  %416 = shufflevector <16 x i32> %415, <16 x i32> poison, <16 x i32> zeroinitializer
+  %417 = bitcast <16 x i32> %416 to <32 x bfloat>
+  %418 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %414, <32 x bfloat> %408, <32 x bfloat> %417)
+  store <16 x float> %418, ptr %acc0032, align 4
+  %419 = getelementptr inbounds i32, ptr %369, i64 %kk47
+  %420 = load i32, ptr %419, align 4
+  %421 = load <16 x float>, ptr %acc1033, align 4
+  %422 = insertelement <16 x i32> poison, i32 %420, i32 0
+  %423 = shufflevector <16 x i32> %422, <16 x i32> poison, <16 x i32> zeroinitializer
+  %424 = bitcast <16 x i32> %423 to <32 x bfloat>
+  %425 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %421, <32 x bfloat> %408, <32 x bfloat> %424)
+  store <16 x float> %425, ptr %acc1033, align 4
+  %426 = getelementptr inbounds i32, ptr %379, i64 %kk47
+  %427 = load i32, ptr %426, align 4
+  %428 = load <16 x float>, ptr %acc2034, align 4
+  %429 = insertelement <16 x i32> poison, i32 %427, i32 0
+  %430 = shufflevector <16 x i32> %429, <16 x i32> poison, <16 x i32> zeroinitializer
+  %431 = bitcast <16 x i32> %430 to <32 x bfloat>
+  %432 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %428, <32 x bfloat> %408, <32 x bfloat> %431)
+  store <16 x float> %432, ptr %acc2034, align 4
+  %433 = getelementptr inbounds i32, ptr %389, i64 %kk47
+  %434 = load i32, ptr %433, align 4
+  %435 = load <16 x float>, ptr %acc3035, align 4
+  %436 = insertelement <16 x i32> poison, i32 %434, i32 0
+  %437 = shufflevector <16 x i32> %436, <16 x i32> poison, <16 x i32> zeroinitializer
+  %438 = bitcast <16 x i32> %437 to <32 x bfloat>
+  %439 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %435, <32 x bfloat> %408, <32 x bfloat> %438)
+  store <16 x float> %439, ptr %acc3035, align 4
+  %440 = add nsw i64 %kk47, 1
+  %441 = mul nsw i64 %440, 32
+  %442 = getelementptr inbounds i16, ptr %398, i64 %441
+  %443 = load <32 x bfloat>, ptr %442, align 4
+  %444 = mul nsw i64 %440, 64
+  %445 = lshr i64 %444, %pf.sh38
+  %446 = getelementptr inbounds i8, ptr %pf37, i64 %445
+  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  %447 = getelementptr inbounds i32, ptr %359, i64 %440
+  %448 = load i32, ptr %447, align 4
+  %449 = load <16 x float>, ptr %acc0139, align 4
+  %450 = insertelement <16 x i32> poison, i32 %448, i32 0
+  %451 = shufflevector <16 x i32> %450, <16 x i32> poison, <16 x i32> zeroinitializer
+  %452 = bitcast <16 x i32> %451 to <32 x bfloat>
+  %453 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %449, <32 x bfloat> %443, <32 x bfloat> %452)
+  store <16 x float> %453, ptr %acc0139, align 4
+  %454 = getelementptr inbounds i32, ptr %369, i64 %440
+  %455 = load i32, ptr %454, align 4
+  %456 = load <16 x float>, ptr %acc1140, align 4
+  %457 = insertelement <16 x i32> poison, i32 %455, i32 0
+  %458 = shufflevector <16 x i32> %457, <16 x i32> poison, <16 x i32> zeroinitializer
+  %459 = bitcast <16 x i32> %458 to <32 x bfloat>
+  %460 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %456, <32 x bfloat> %443, <32 x bfloat> %459)
+  store <16 x float> %460, ptr %acc1140, align 4
+  %461 = getelementptr inbounds i32, ptr %379, i64 %440
+  %462 = load i32, ptr %461, align 4
+  %463 = load <16 x float>, ptr %acc2141, align 4
+  %464 = insertelement <16 x i32> poison, i32 %462, i32 0
+  %465 = shufflevector <16 x i32> %464, <16 x i32> poison, <16 x i32> zeroinitializer
+  %466 = bitcast <16 x i32> %465 to <32 x bfloat>
+  %467 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %463, <32 x bfloat> %443, <32 x bfloat> %466)
+  store <16 x float> %467, ptr %acc2141, align 4
+  %468 = getelementptr inbounds i32, ptr %389, i64 %440
+  %469 = load i32, ptr %468, align 4
+  %470 = load <16 x float>, ptr %acc3142, align 4
+  %471 = insertelement <16 x i32> poison, i32 %469, i32 0
+  %472 = shufflevector <16 x i32> %471, <16 x i32> poison, <16 x i32> zeroinitializer
+  %473 = bitcast <16 x i32> %472 to <32 x bfloat>
+  %474 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %470, <32 x bfloat> %443, <32 x bfloat> %473)
+  store <16 x float> %474, ptr %acc3142, align 4
+  %475 = add nsw i64 %kp46, 1
+  br label %kp.head43
 
-kp.end40:                                         ; preds = %kp.head38
-  %456 = load <16 x float>, ptr %acc0134, align 4
-  %457 = load <16 x float>, ptr %acc0029, align 4
-  %sum43 = fadd <16 x float> %457, %456
-  store <16 x float> %sum43, ptr %acc0029, align 4
-  %458 = load <16 x float>, ptr %acc1135, align 4
-  %459 = load <16 x float>, ptr %acc1030, align 4
-  %sum44 = fadd <16 x float> %459, %458
-  store <16 x float> %sum44, ptr %acc1030, align 4
-  %460 = load <16 x float>, ptr %acc2136, align 4
-  %461 = load <16 x float>, ptr %acc2031, align 4
-  %sum45 = fadd <16 x float> %461, %460
-  store <16 x float> %sum45, ptr %acc2031, align 4
-  %462 = load <16 x float>, ptr %acc3137, align 4
-  %463 = load <16 x float>, ptr %acc3032, align 4
-  %sum46 = fadd <16 x float> %463, %462
-  store <16 x float> %sum46, ptr %acc3032, align 4
-  %464 = load <16 x float>, ptr %acc0029, align 4
-  store <16 x float> %464, ptr %349, align 4
-  %465 = load <16 x float>, ptr %acc1030, align 4
-  store <16 x float> %465, ptr %359, align 4
-  %466 = load <16 x float>, ptr %acc2031, align 4
-  store <16 x float> %466, ptr %369, align 4
-  %467 = load <16 x float>, ptr %acc3032, align 4
-  store <16 x float> %467, ptr %379, align 4
+kp.end45:                                         ; preds = %kp.head43
+  %476 = load <16 x float>, ptr %acc0139, align 4
+  %477 = load <16 x float>, ptr %acc0032, align 4
+  %sum48 = fadd <16 x float> %477, %476
+  store <16 x float> %sum48, ptr %acc0032, align 4
+  %478 = load <16 x float>, ptr %acc1140, align 4
+  %479 = load <16 x float>, ptr %acc1033, align 4
+  %sum49 = fadd <16 x float> %479, %478
+  store <16 x float> %sum49, ptr %acc1033, align 4
+  %480 = load <16 x float>, ptr %acc2141, align 4
+  %481 = load <16 x float>, ptr %acc2034, align 4
+  %sum50 = fadd <16 x float> %481, %480
+  store <16 x float> %sum50, ptr %acc2034, align 4
+  %482 = load <16 x float>, ptr %acc3142, align 4
+  %483 = load <16 x float>, ptr %acc3035, align 4
+  %sum51 = fadd <16 x float> %483, %482
+  store <16 x float> %sum51, ptr %acc3035, align 4
+  %484 = load <16 x float>, ptr %acc0032, align 4
+  store <16 x float> %484, ptr %365, align 4
+  %485 = load <16 x float>, ptr %acc1033, align 4
+  store <16 x float> %485, ptr %375, align 4
+  %486 = load <16 x float>, ptr %acc2034, align 4
+  store <16 x float> %486, ptr %385, align 4
+  %487 = load <16 x float>, ptr %acc3035, align 4
+  store <16 x float> %487, ptr %395, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col47 = mul nsw i64 %p, 16
-  %468 = add nsw i64 %r0, 0
-  %469 = mul nsw i64 %468, 768
-  %470 = getelementptr inbounds float, ptr %h, i64 %469
-  %471 = getelementptr inbounds i32, ptr %rows, i64 %468
-  %472 = load i32, ptr %471, align 4
-  %473 = sext i32 %472 to i64
-  %474 = mul nsw i64 %473, 2048
-  %475 = add nsw i64 %474, %col47
-  %476 = getelementptr inbounds float, ptr %y, i64 %475
-  %477 = load <16 x float>, ptr %476, align 4
-  store <16 x float> %477, ptr %acc0048, align 4
-  %478 = add nsw i64 %r0, 1
-  %479 = mul nsw i64 %478, 768
-  %480 = getelementptr inbounds float, ptr %h, i64 %479
-  %481 = getelementptr inbounds i32, ptr %rows, i64 %478
-  %482 = load i32, ptr %481, align 4
-  %483 = sext i32 %482 to i64
-  %484 = mul nsw i64 %483, 2048
-  %485 = add nsw i64 %484, %col47
-  %486 = getelementptr inbounds float, ptr %y, i64 %485
-  %487 = load <16 x float>, ptr %486, align 4
-  store <16 x float> %487, ptr %acc1049, align 4
-  %488 = add nsw i64 %r0, 2
+  %col52 = mul nsw i64 %p, 16
+  %488 = add nsw i64 %r0, 0
   %489 = mul nsw i64 %488, 768
   %490 = getelementptr inbounds float, ptr %h, i64 %489
   %491 = getelementptr inbounds i32, ptr %rows, i64 %488
   %492 = load i32, ptr %491, align 4
   %493 = sext i32 %492 to i64
   %494 = mul nsw i64 %493, 2048
-  %495 = add nsw i64 %494, %col47
+  %495 = add nsw i64 %494, %col52
   %496 = getelementptr inbounds float, ptr %y, i64 %495
   %497 = load <16 x float>, ptr %496, align 4
-  store <16 x float> %497, ptr %acc2050, align 4
-  %498 = mul nsw i64 %p, 12288
-  %499 = getelementptr inbounds i16, ptr %panels, i64 %498
-  %500 = add nsw i64 %p, 1
-  %501 = icmp slt i64 %500, %p1
-  %502 = getelementptr inbounds i8, ptr %499, i64 24576
-  %503 = and i1 %pf.on, %501
-  %pf51 = select i1 %503, ptr %502, ptr %499
-  store <16 x float> zeroinitializer, ptr %acc0152, align 4
-  store <16 x float> zeroinitializer, ptr %acc1153, align 4
-  store <16 x float> zeroinitializer, ptr %acc2154, align 4
-  br label %kp.head55
+  store <16 x float> %497, ptr %acc0053, align 4
+  %498 = add nsw i64 %r0, 1
+  %499 = mul nsw i64 %498, 768
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 2048
+  %505 = add nsw i64 %504, %col52
+  %506 = getelementptr inbounds float, ptr %y, i64 %505
+  %507 = load <16 x float>, ptr %506, align 4
+  store <16 x float> %507, ptr %acc1054, align 4
+  %508 = add nsw i64 %r0, 2
+  %509 = mul nsw i64 %508, 768
+  %510 = getelementptr inbounds float, ptr %h, i64 %509
+  %511 = getelementptr inbounds i32, ptr %rows, i64 %508
+  %512 = load i32, ptr %511, align 4
+  %513 = sext i32 %512 to i64
+  %514 = mul nsw i64 %513, 2048
+  %515 = add nsw i64 %514, %col52
+  %516 = getelementptr inbounds float, ptr %y, i64 %515
+  %517 = load <16 x float>, ptr %516, align 4
+  store <16 x float> %517, ptr %acc2055, align 4
+  %518 = mul nsw i64 %p, 12288
+  %519 = getelementptr inbounds i16, ptr %panels, i64 %518
+  %520 = add nsw i64 %p, 1
+  %521 = icmp slt i64 %520, %p1
+  %pf.on56 = and i1 %pf.on, %521
+  %522 = mul nsw i64 %pf.j, 24576
+  %523 = lshr i64 %522, %10
+  %524 = add nsw i64 24576, %523
+  %525 = getelementptr inbounds i8, ptr %519, i64 %524
+  %pf57 = select i1 %pf.on56, ptr %525, ptr %519
+  %pf.sh58 = select i1 %pf.on56, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0159, align 4
+  store <16 x float> zeroinitializer, ptr %acc1160, align 4
+  store <16 x float> zeroinitializer, ptr %acc2161, align 4
+  br label %kp.head62
 
-kp.head55:                                        ; preds = %kp.body56, %tile.mr3
-  %kp58 = phi i64 [ 0, %tile.mr3 ], [ %558, %kp.body56 ]
-  %504 = icmp slt i64 %kp58, 192
-  br i1 %504, label %kp.body56, label %kp.end57
+kp.head62:                                        ; preds = %kp.body63, %tile.mr3
+  %kp65 = phi i64 [ 0, %tile.mr3 ], [ %582, %kp.body63 ]
+  %526 = icmp slt i64 %kp65, 192
+  br i1 %526, label %kp.body63, label %kp.end64
 
-kp.body56:                                        ; preds = %kp.head55
-  %kk59 = mul nsw i64 %kp58, 2
-  %505 = mul nsw i64 %kk59, 32
-  %506 = getelementptr inbounds i16, ptr %499, i64 %505
-  %507 = load <32 x bfloat>, ptr %506, align 4
-  %508 = mul nsw i64 %kk59, 64
-  %509 = getelementptr inbounds i8, ptr %pf51, i64 %508
-  call void @llvm.prefetch.p0(ptr %509, i32 0, i32 2, i32 1)
-  %510 = getelementptr inbounds i32, ptr %470, i64 %kk59
-  %511 = load i32, ptr %510, align 4
-  %512 = load <16 x float>, ptr %acc0048, align 4
-  %513 = insertelement <16 x i32> poison, i32 %511, i32 0
-  %514 = shufflevector <16 x i32> %513, <16 x i32> poison, <16 x i32> zeroinitializer
-  %515 = bitcast <16 x i32> %514 to <32 x bfloat>
-  %516 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %512, <32 x bfloat> %507, <32 x bfloat> %515)
-  store <16 x float> %516, ptr %acc0048, align 4
-  %517 = getelementptr inbounds i32, ptr %480, i64 %kk59
-  %518 = load i32, ptr %517, align 4
-  %519 = load <16 x float>, ptr %acc1049, align 4
-  %520 = insertelement <16 x i32> poison, i32 %518, i32 0
-  %521 = shufflevector <16 x i32> %520, <16 x i32> poison, <16 x i32> zeroinitializer
-  %522 = bitcast <16 x i32> %521 to <32 x bfloat>
-  %523 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %519, <32 x bfloat> %507, <32 x bfloat> %522)
-  store <16 x float> %523, ptr %acc1049, align 4
-  %524 = getelementptr inbounds i32, ptr %490, i64 %kk59
-  %525 = load i32, ptr %524, align 4
-  %526 = load <16 x float>, ptr %acc2050, align 4
-  %527 = insertelement <16 x i32> poison, i32 %525, i32 0
-  %528 = shufflevector <16 x i32> %527, <16 x i32> poison, <16 x i32> zeroinitializer
-  %529 = bitcast <16 x i32> %528 to <32 x bfloat>
-  %530 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %526, <32 x bfloat> %507, <32 x bfloat> %529)
-  store <16 x float> %530, ptr %acc2050, align 4
-  %531 = add nsw i64 %kk59, 1
-  %532 = mul nsw i64 %531, 32
-  %533 = getelementptr inbounds i16, ptr %499, i64 %532
-  %534 = load <32 x bfloat>, ptr %533, align 4
-  %535 = mul nsw i64 %531, 64
-  %536 = getelementptr inbounds i8, ptr %pf51, i64 %535
-  call void @llvm.prefetch.p0(ptr %536, i32 0, i32 2, i32 1)
-  %537 = getelementptr inbounds i32, ptr %470, i64 %531
-  %538 = load i32, ptr %537, align 4
-  %539 = load <16 x float>, ptr %acc0152, align 4
-  %540 = insertelement <16 x i32> poison, i32 %538, i32 0
-  %541 = shufflevector <16 x i32> %540, <16 x i32> poison, <16 x i32> zeroinitializer
-  %542 = bitcast <16 x i32> %541 to <32 x bfloat>
-  %543 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %539, <32 x bfloat> %534, <32 x bfloat> %542)
-  store <16 x float> %543, ptr %acc0152, align 4
-  %544 = getelementptr inbounds i32, ptr %480, i64 %531
-  %545 = load i32, ptr %544, align 4
-  %546 = load <16 x float>, ptr %acc1153, align 4
-  %547 = insertelement <16 x i32> poison, i32 %545, i32 0
-  %548 = shufflevector <16 x i32> %547, <16 x i32> poison, <16 x i32> zeroinitializer
-  %549 = bitcast <16 x i32> %548 to <32 x bfloat>
-  %550 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %546, <32 x bfloat> %534, <32 x bfloat> %549)
-  store <16 x float> %550, ptr %acc1153, align 4
-  %551 = getelementptr inbounds i32, ptr %490, i64 %531
-  %552 = load i32, ptr %551, align 4
-  %553 = load <16 x float>, ptr %acc2154, align 4
-  %554 = insertelement <16 x i32> poison, i32 %552, i32 0
-  %555 = shufflevector <16 x i32> %554, <16 x i32> poison, <16 x i32> zeroinitializer
-  %556 = bitcast <16 x i32> %555 to <32 x bfloat>
-  %557 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %553, <32 x bfloat> %534, <32 x bfloat> %556)
-  store <16 x float> %557, ptr %acc2154, align 4
-  %558 = add nsw i64 %kp58, 1
-  br label %kp.head55
+kp.body63:                                        ; preds = %kp.head62
+  %kk66 = mul nsw i64 %kp65, 2
+  %527 = mul nsw i64 %kk66, 32
+  %528 = getelementptr inbounds i16, ptr %519, i64 %527
+  %529 = load <32 x bfloat>, ptr %528, align 4
+  %530 = mul nsw i64 %kk66, 64
+  %531 = lshr i64 %530, %pf.sh58
+  %532 = getelementptr inbounds i8, ptr %pf57, i64 %531
+  call void @llvm.prefetch.p0(ptr %532, i32 0, i32 2, i32 1)
+  %533 = getelementptr inbounds i32, ptr %490, i64 %kk66
+  %534 = load i32, ptr %533, align 4
+  %535 = load <16 x float>, ptr %acc0053, align 4
+  %536 = insertelement <16 x i32> poison, i32 %534, i32 0
+  %537 = shufflevector <16 x i32> %536, <16 x i32> poison, <16 x i32> zeroinitializer
+  %538 = bitcast <16 x i32> %537 to <32 x bfloat>
+  %539 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %535, <32 x bfloat> %529, <32 x bfloat> %538)
+  store <16 x float> %539, ptr %acc0053, align 4
+  %540 = getelementptr inbounds i32, ptr %500, i64 %kk66
+  %541 = load i32, ptr %540, align 4
+  %542 = load <16 x float>, ptr %acc1054, align 4
+  %543 = insertelement <16 x i32> poison, i32 %541, i32 0
+  %544 = shufflevector <16 x i32> %543, <16 x i32> poison, <16 x i32> zeroinitializer
+  %545 = bitcast <16 x i32> %544 to <32 x bfloat>
+  %546 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %542, <32 x bfloat> %529, <32 x bfloat> %545)
+  store <16 x float> %546, ptr %acc1054, align 4
+  %547 = getelementptr inbounds i32, ptr %510, i64 %kk66
+  %548 = load i32, ptr %547, align 4
+  %549 = load <16 x float>, ptr %acc2055, align 4
+  %550 = insertelement <16 x i32> poison, i32 %548, i32 0
+  %551 = shufflevector <16 x i32> %550, <16 x i32> poison, <16 x i32> zeroinitializer
+  %552 = bitcast <16 x i32> %551 to <32 x bfloat>
+  %553 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %549, <32 x bfloat> %529, <32 x bfloat> %552)
+  store <16 x float> %553, ptr %acc2055, align 4
+  %554 = add nsw i64 %kk66, 1
+  %555 = mul nsw i64 %554, 32
+  %556 = getelementptr inbounds i16, ptr %519, i64 %555
+  %557 = load <32 x bfloat>, ptr %556, align 4
+  %558 = mul nsw i64 %554, 64
+  %559 = lshr i64 %558, %pf.sh58
+  %560 = getelementptr inbounds i8, ptr %pf57, i64 %559
+  call void @llvm.prefetch.p0(ptr %560, i32 0, i32 2, i32 1)
+  %561 = getelementptr inbounds i32, ptr %490, i64 %554
+  %562 = load i32, ptr %561, align 4
+  %563 = load <16 x float>, ptr %acc0159, align 4
+  %564 = insertelement <16 x i32> poison, i32 %562, i32 0
+  %565 = shufflevector <16 x i32> %564, <16 x i32> poison, <16 x i32> zeroinitializer
+  %566 = bitcast <16 x i32> %565 to <32 x bfloat>
+  %567 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %563, <32 x bfloat> %557, <32 x bfloat> %566)
+  store <16 x float> %567, ptr %acc0159, align 4
+  %568 = getelementptr inbounds i32, ptr %500, i64 %554
+  %569 = load i32, ptr %568, align 4
+  %570 = load <16 x float>, ptr %acc1160, align 4
+  %571 = insertelement <16 x i32> poison, i32 %569, i32 0
+  %572 = shufflevector <16 x i32> %571, <16 x i32> poison, <16 x i32> zeroinitializer
+  %573 = bitcast <16 x i32> %572 to <32 x bfloat>
+  %574 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %570, <32 x bfloat> %557, <32 x bfloat> %573)
+  store <16 x float> %574, ptr %acc1160, align 4
+  %575 = getelementptr inbounds i32, ptr %510, i64 %554
+  %576 = load i32, ptr %575, align 4
+  %577 = load <16 x float>, ptr %acc2161, align 4
+  %578 = insertelement <16 x i32> poison, i32 %576, i32 0
+  %579 = shufflevector <16 x i32> %578, <16 x i32> poison, <16 x i32> zeroinitializer
+  %580 = bitcast <16 x i32> %579 to <32 x bfloat>
+  %581 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %577, <32 x bfloat> %557, <32 x bfloat> %580)
+  store <16 x float> %581, ptr %acc2161, align 4
+  %582 = add nsw i64 %kp65, 1
+  br label %kp.head62
 
-kp.end57:                                         ; preds = %kp.head55
-  %559 = load <16 x float>, ptr %acc0152, align 4
-  %560 = load <16 x float>, ptr %acc0048, align 4
-  %sum60 = fadd <16 x float> %560, %559
-  store <16 x float> %sum60, ptr %acc0048, align 4
-  %561 = load <16 x float>, ptr %acc1153, align 4
-  %562 = load <16 x float>, ptr %acc1049, align 4
-  %sum61 = fadd <16 x float> %562, %561
-  store <16 x float> %sum61, ptr %acc1049, align 4
-  %563 = load <16 x float>, ptr %acc2154, align 4
-  %564 = load <16 x float>, ptr %acc2050, align 4
-  %sum62 = fadd <16 x float> %564, %563
-  store <16 x float> %sum62, ptr %acc2050, align 4
-  %565 = load <16 x float>, ptr %acc0048, align 4
-  store <16 x float> %565, ptr %476, align 4
-  %566 = load <16 x float>, ptr %acc1049, align 4
-  store <16 x float> %566, ptr %486, align 4
-  %567 = load <16 x float>, ptr %acc2050, align 4
-  store <16 x float> %567, ptr %496, align 4
+kp.end64:                                         ; preds = %kp.head62
+  %583 = load <16 x float>, ptr %acc0159, align 4
+  %584 = load <16 x float>, ptr %acc0053, align 4
+  %sum67 = fadd <16 x float> %584, %583
+  store <16 x float> %sum67, ptr %acc0053, align 4
+  %585 = load <16 x float>, ptr %acc1160, align 4
+  %586 = load <16 x float>, ptr %acc1054, align 4
+  %sum68 = fadd <16 x float> %586, %585
+  store <16 x float> %sum68, ptr %acc1054, align 4
+  %587 = load <16 x float>, ptr %acc2161, align 4
+  %588 = load <16 x float>, ptr %acc2055, align 4
+  %sum69 = fadd <16 x float> %588, %587
+  store <16 x float> %sum69, ptr %acc2055, align 4
+  %589 = load <16 x float>, ptr %acc0053, align 4
+  store <16 x float> %589, ptr %496, align 4
+  %590 = load <16 x float>, ptr %acc1054, align 4
+  store <16 x float> %590, ptr %506, align 4
+  %591 = load <16 x float>, ptr %acc2055, align 4
+  store <16 x float> %591, ptr %516, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col63 = mul nsw i64 %p, 16
-  %568 = add nsw i64 %r0, 0
-  %569 = mul nsw i64 %568, 768
-  %570 = getelementptr inbounds float, ptr %h, i64 %569
-  %571 = getelementptr inbounds i32, ptr %rows, i64 %568
-  %572 = load i32, ptr %571, align 4
-  %573 = sext i32 %572 to i64
-  %574 = mul nsw i64 %573, 2048
-  %575 = add nsw i64 %574, %col63
-  %576 = getelementptr inbounds float, ptr %y, i64 %575
-  %577 = load <16 x float>, ptr %576, align 4
-  store <16 x float> %577, ptr %acc0064, align 4
-  %578 = add nsw i64 %r0, 1
-  %579 = mul nsw i64 %578, 768
-  %580 = getelementptr inbounds float, ptr %h, i64 %579
-  %581 = getelementptr inbounds i32, ptr %rows, i64 %578
-  %582 = load i32, ptr %581, align 4
-  %583 = sext i32 %582 to i64
-  %584 = mul nsw i64 %583, 2048
-  %585 = add nsw i64 %584, %col63
-  %586 = getelementptr inbounds float, ptr %y, i64 %585
-  %587 = load <16 x float>, ptr %586, align 4
-  store <16 x float> %587, ptr %acc1065, align 4
-  %588 = mul nsw i64 %p, 12288
-  %589 = getelementptr inbounds i16, ptr %panels, i64 %588
-  %590 = add nsw i64 %p, 1
-  %591 = icmp slt i64 %590, %p1
-  %592 = getelementptr inbounds i8, ptr %589, i64 24576
-  %593 = and i1 %pf.on, %591
-  %pf66 = select i1 %593, ptr %592, ptr %589
-  store <16 x float> zeroinitializer, ptr %acc0167, align 4
-  store <16 x float> zeroinitializer, ptr %acc1168, align 4
-  br label %kp.head69
+  %col70 = mul nsw i64 %p, 16
+  %592 = add nsw i64 %r0, 0
+  %593 = mul nsw i64 %592, 768
+  %594 = getelementptr inbounds float, ptr %h, i64 %593
+  %595 = getelementptr inbounds i32, ptr %rows, i64 %592
+  %596 = load i32, ptr %595, align 4
+  %597 = sext i32 %596 to i64
+  %598 = mul nsw i64 %597, 2048
+  %599 = add nsw i64 %598, %col70
+  %600 = getelementptr inbounds float, ptr %y, i64 %599
+  %601 = load <16 x float>, ptr %600, align 4
+  store <16 x float> %601, ptr %acc0071, align 4
+  %602 = add nsw i64 %r0, 1
+  %603 = mul nsw i64 %602, 768
+  %604 = getelementptr inbounds float, ptr %h, i64 %603
+  %605 = getelementptr inbounds i32, ptr %rows, i64 %602
+  %606 = load i32, ptr %605, align 4
+  %607 = sext i32 %606 to i64
+  %608 = mul nsw i64 %607, 2048
+  %609 = add nsw i64 %608, %col70
+  %610 = getelementptr inbounds float, ptr %y, i64 %609
+  %611 = load <16 x float>, ptr %610, align 4
+  store <16 x float> %611, ptr %acc1072, align 4
+  %612 = mul nsw i64 %p, 12288
+  %613 = getelementptr inbounds i16, ptr %panels, i64 %612
+  %614 = add nsw i64 %p, 1
+  %615 = icmp slt i64 %614, %p1
+  %pf.on73 = and i1 %pf.on, %615
+  %616 = mul nsw i64 %pf.j, 24576
+  %617 = lshr i64 %616, %10
+  %618 = add nsw i64 24576, %617
+  %619 = getelementptr inbounds i8, ptr %613, i64 %618
+  %pf74 = select i1 %pf.on73, ptr %619, ptr %613
+  %pf.sh75 = select i1 %pf.on73, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0176, align 4
+  store <16 x float> zeroinitializer, ptr %acc1177, align 4
+  br label %kp.head78
 
-kp.head69:                                        ; preds = %kp.body70, %tile.mr2
-  %kp72 = phi i64 [ 0, %tile.mr2 ], [ %634, %kp.body70 ]
-  %594 = icmp slt i64 %kp72, 192
-  br i1 %594, label %kp.body70, label %kp.end71
+kp.head78:                                        ; preds = %kp.body79, %tile.mr2
+  %kp81 = phi i64 [ 0, %tile.mr2 ], [ %662, %kp.body79 ]
+  %620 = icmp slt i64 %kp81, 192
+  br i1 %620, label %kp.body79, label %kp.end80
 
-kp.body70:                                        ; preds = %kp.head69
-  %kk73 = mul nsw i64 %kp72, 2
-  %595 = mul nsw i64 %kk73, 32
-  %596 = getelementptr inbounds i16, ptr %589, i64 %595
-  %597 = load <32 x bfloat>, ptr %596, align 4
-  %598 = mul nsw i64 %kk73, 64
-  %599 = getelementptr inbounds i8, ptr %pf66, i64 %598
-  call void @llvm.prefetch.p0(ptr %599, i32 0, i32 2, i32 1)
-  %600 = getelementptr inbounds i32, ptr %570, i64 %kk73
-  %601 = load i32, ptr %600, align 4
-  %602 = load <16 x float>, ptr %acc0064, align 4
-  %603 = insertelement <16 x i32> poison, i32 %601, i32 0
-  %604 = shufflevector <16 x i32> %603, <16 x i32> poison, <16 x i32> zeroinitializer
-  %605 = bitcast <16 x i32> %604 to <32 x bfloat>
-  %606 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %602, <32 x bfloat> %597, <32 x bfloat> %605)
-  store <16 x float> %606, ptr %acc0064, align 4
-  %607 = getelementptr inbounds i32, ptr %580, i64 %kk73
-  %608 = load i32, ptr %607, align 4
-  %609 = load <16 x float>, ptr %acc1065, align 4
-  %610 = insertelement <16 x i32> poison, i32 %608, i32 0
-  %611 = shufflevector <16 x i32> %610, <16 x i32> poison, <16 x i32> zeroinitializer
-  %612 = bitcast <16 x i32> %611 to <32 x bfloat>
-  %613 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %609, <32 x bfloat> %597, <32 x bfloat> %612)
-  store <16 x float> %613, ptr %acc1065, align 4
-  %614 = add nsw i64 %kk73, 1
-  %615 = mul nsw i64 %614, 32
-  %616 = getelementptr inbounds i16, ptr %589, i64 %615
-  %617 = load <32 x bfloat>, ptr %616, align 4
-  %618 = mul nsw i64 %614, 64
-  %619 = getelementptr inbounds i8, ptr %pf66, i64 %618
-  call void @llvm.prefetch.p0(ptr %619, i32 0, i32 2, i32 1)
-  %620 = getelementptr inbounds i32, ptr %570, i64 %614
-  %621 = load i32, ptr %620, align 4
-  %622 = load <16 x float>, ptr %acc0167, align 4
-  %623 = insertelement <16 x i32> poison, i32 %621, i32 0
-  %624 = shufflevector <16 x i32> %623, <16 x i32> poison, <16 x i32> zeroinitializer
-  %625 = bitcast <16 x i32> %624 to <32 x bfloat>
-  %626 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %622, <32 x bfloat> %617, <32 x bfloat> %625)
-  store <16 x float> %626, ptr %acc0167, align 4
-  %627 = getelementptr inbounds i32, ptr %580, i64 %614
+kp.body79:                                        ; preds = %kp.head78
+  %kk82 = mul nsw i64 %kp81, 2
+  %621 = mul nsw i64 %kk82, 32
+  %622 = getelementptr inbounds i16, ptr %613, i64 %621
+  %623 = load <32 x bfloat>, ptr %622, align 4
+  %624 = mul nsw i64 %kk82, 64
+  %625 = lshr i64 %624, %pf.sh75
+  %626 = getelementptr inbounds i8, ptr %pf74, i64 %625
+  call void @llvm.prefetch.p0(ptr %626, i32 0, i32 2, i32 1)
+  %627 = getelementptr inbounds i32, ptr %594, i64 %kk82
   %628 = load i32, ptr %627, align 4
-  %629 = load <16 x float>, ptr %acc1168, align 4
+  %629 = load <16 x float>, ptr %acc0071, align 4
   %630 = insertelement <16 x i32> poison, i32 %628, i32 0
   %631 = shufflevector <16 x i32> %630, <16 x i32> poison, <16 x i32> zeroinitializer
   %632 = bitcast <16 x i32> %631 to <32 x bfloat>
-  %633 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %629, <32 x bfloat> %617, <32 x bfloat> %632)
-  store <16 x float> %633, ptr %acc1168, align 4
-  %634 = add nsw i64 %kp72, 1
-  br label %kp.head69
+  %633 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %629, <32 x bfloat> %623, <32 x bfloat> %632)
+  store <16 x float> %633, ptr %acc0071, align 4
+  %634 = getelementptr inbounds i32, ptr %604, i64 %kk82
+  %635 = load i32, ptr %634, align 4
+  %636 = load <16 x float>, ptr %acc1072, align 4
+  %637 = insertelement <16 x i32> poison, i32 %635, i32 0
+  %638 = shufflevector <16 x i32> %637, <16 x i32> poison, <16 x i32> zeroinitializer
+  %639 = bitcast <16 x i32> %638 to <32 x bfloat>
+  %640 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %636, <32 x bfloat> %623, <32 x bfloat> %639)
+  store <16 x float> %640, ptr %acc1072, align 4
+  %641 = add nsw i64 %kk82, 1
+  %642 = mul nsw i64 %641, 32
+  %643 = getelementptr inbounds i16, ptr %613, i64 %642
+  %644 = load <32 x bfloat>, ptr %643, align 4
+  %645 = mul nsw i64 %641, 64
+  %646 = lshr i64 %645, %pf.sh75
+  %647 = getelementptr inbounds i8, ptr %pf74, i64 %646
+  call void @llvm.prefetch.p0(ptr %647, i32 0, i32 2, i32 1)
+  %648 = getelementptr inbounds i32, ptr %594, i64 %641
+  %649 = load i32, ptr %648, align 4
+  %650 = load <16 x float>, ptr %acc0176, align 4
+  %651 = insertelement <16 x i32> poison, i32 %649, i32 0
+  %652 = shufflevector <16 x i32> %651, <16 x i32> poison, <16 x i32> zeroinitializer
+  %653 = bitcast <16 x i32> %652 to <32 x bfloat>
+  %654 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %650, <32 x bfloat> %644, <32 x bfloat> %653)
+  store <16 x float> %654, ptr %acc0176, align 4
+  %655 = getelementptr inbounds i32, ptr %604, i64 %641
+  %656 = load i32, ptr %655, align 4
+  %657 = load <16 x float>, ptr %acc1177, align 4
+  %658 = insertelement <16 x i32> poison, i32 %656, i32 0
+  %659 = shufflevector <16 x i32> %658, <16 x i32> poison, <16 x i32> zeroinitializer
+  %660 = bitcast <16 x i32> %659 to <32 x bfloat>
+  %661 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %657, <32 x bfloat> %644, <32 x bfloat> %660)
+  store <16 x float> %661, ptr %acc1177, align 4
+  %662 = add nsw i64 %kp81, 1
+  br label %kp.head78
 
-kp.end71:                                         ; preds = %kp.head69
-  %635 = load <16 x float>, ptr %acc0167, align 4
-  %636 = load <16 x float>, ptr %acc0064, align 4
-  %sum74 = fadd <16 x float> %636, %635
-  store <16 x float> %sum74, ptr %acc0064, align 4
-  %637 = load <16 x float>, ptr %acc1168, align 4
-  %638 = load <16 x float>, ptr %acc1065, align 4
-  %sum75 = fadd <16 x float> %638, %637
-  store <16 x float> %sum75, ptr %acc1065, align 4
-  %639 = load <16 x float>, ptr %acc0064, align 4
-  store <16 x float> %639, ptr %576, align 4
-  %640 = load <16 x float>, ptr %acc1065, align 4
-  store <16 x float> %640, ptr %586, align 4
+kp.end80:                                         ; preds = %kp.head78
+  %663 = load <16 x float>, ptr %acc0176, align 4
+  %664 = load <16 x float>, ptr %acc0071, align 4
+  %sum83 = fadd <16 x float> %664, %663
+  store <16 x float> %sum83, ptr %acc0071, align 4
+  %665 = load <16 x float>, ptr %acc1177, align 4
+  %666 = load <16 x float>, ptr %acc1072, align 4
+  %sum84 = fadd <16 x float> %666, %665
+  store <16 x float> %sum84, ptr %acc1072, align 4
+  %667 = load <16 x float>, ptr %acc0071, align 4
+  store <16 x float> %667, ptr %600, align 4
+  %668 = load <16 x float>, ptr %acc1072, align 4
+  store <16 x float> %668, ptr %610, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col76 = mul nsw i64 %p, 16
-  %641 = add nsw i64 %r0, 0
-  %642 = mul nsw i64 %641, 768
-  %643 = getelementptr inbounds float, ptr %h, i64 %642
-  %644 = getelementptr inbounds i32, ptr %rows, i64 %641
-  %645 = load i32, ptr %644, align 4
-  %646 = sext i32 %645 to i64
-  %647 = mul nsw i64 %646, 2048
-  %648 = add nsw i64 %647, %col76
-  %649 = getelementptr inbounds float, ptr %y, i64 %648
-  %650 = load <16 x float>, ptr %649, align 4
-  store <16 x float> %650, ptr %acc0077, align 4
-  %651 = mul nsw i64 %p, 12288
-  %652 = getelementptr inbounds i16, ptr %panels, i64 %651
-  %653 = add nsw i64 %p, 1
-  %654 = icmp slt i64 %653, %p1
-  %655 = getelementptr inbounds i8, ptr %652, i64 24576
-  %656 = and i1 %pf.on, %654
-  %pf78 = select i1 %656, ptr %655, ptr %652
-  store <16 x float> zeroinitializer, ptr %acc0179, align 4
-  br label %kp.head80
+  %col85 = mul nsw i64 %p, 16
+  %669 = add nsw i64 %r0, 0
+  %670 = mul nsw i64 %669, 768
+  %671 = getelementptr inbounds float, ptr %h, i64 %670
+  %672 = getelementptr inbounds i32, ptr %rows, i64 %669
+  %673 = load i32, ptr %672, align 4
+  %674 = sext i32 %673 to i64
+  %675 = mul nsw i64 %674, 2048
+  %676 = add nsw i64 %675, %col85
+  %677 = getelementptr inbounds float, ptr %y, i64 %676
+  %678 = load <16 x float>, ptr %677, align 4
+  store <16 x float> %678, ptr %acc0086, align 4
+  %679 = mul nsw i64 %p, 12288
+  %680 = getelementptr inbounds i16, ptr %panels, i64 %679
+  %681 = add nsw i64 %p, 1
+  %682 = icmp slt i64 %681, %p1
+  %pf.on87 = and i1 %pf.on, %682
+  %683 = mul nsw i64 %pf.j, 24576
+  %684 = lshr i64 %683, %10
+  %685 = add nsw i64 24576, %684
+  %686 = getelementptr inbounds i8, ptr %680, i64 %685
+  %pf88 = select i1 %pf.on87, ptr %686, ptr %680
+  %pf.sh89 = select i1 %pf.on87, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0190, align 4
+  br label %kp.head91
 
-kp.head80:                                        ; preds = %kp.body81, %tile.mr1
-  %kp83 = phi i64 [ 0, %tile.mr1 ], [ %683, %kp.body81 ]
-  %657 = icmp slt i64 %kp83, 192
-  br i1 %657, label %kp.body81, label %kp.end82
+kp.head91:                                        ; preds = %kp.body92, %tile.mr1
+  %kp94 = phi i64 [ 0, %tile.mr1 ], [ %715, %kp.body92 ]
+  %687 = icmp slt i64 %kp94, 192
+  br i1 %687, label %kp.body92, label %kp.end93
 
-kp.body81:                                        ; preds = %kp.head80
-  %kk84 = mul nsw i64 %kp83, 2
-  %658 = mul nsw i64 %kk84, 32
-  %659 = getelementptr inbounds i16, ptr %652, i64 %658
-  %660 = load <32 x bfloat>, ptr %659, align 4
-  %661 = mul nsw i64 %kk84, 64
-  %662 = getelementptr inbounds i8, ptr %pf78, i64 %661
-  call void @llvm.prefetch.p0(ptr %662, i32 0, i32 2, i32 1)
-  %663 = getelementptr inbounds i32, ptr %643, i64 %kk84
-  %664 = load i32, ptr %663, align 4
-  %665 = load <16 x float>, ptr %acc0077, align 4
-  %666 = insertelement <16 x i32> poison, i32 %664, i32 0
-  %667 = shufflevector <16 x i32> %666, <16 x i32> poison, <16 x i32> zeroinitializer
-  %668 = bitcast <16 x i32> %667 to <32 x bfloat>
-  %669 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %665, <32 x bfloat> %660, <32 x bfloat> %668)
-  store <16 x float> %669, ptr %acc0077, align 4
-  %670 = add nsw i64 %kk84, 1
-  %671 = mul nsw i64 %670, 32
-  %672 = getelementptr inbounds i16, ptr %652, i64 %671
-  %673 = load <32 x bfloat>, ptr %672, align 4
-  %674 = mul nsw i64 %670, 64
-  %675 = getelementptr inbounds i8, ptr %pf78, i64 %674
-  call void @llvm.prefetch.p0(ptr %675, i32 0, i32 2, i32 1)
-  %676 = getelementptr inbounds i32, ptr %643, i64 %670
-  %677 = load i32, ptr %676, align 4
-  %678 = load <16 x float>, ptr %acc0179, align 4
-  %679 = insertelement <16 x i32> poison, i32 %677, i32 0
-  %680 = shufflevector <16 x i32> %679, <16 x i32> poison, <16 x i32> zeroinitializer
-  %681 = bitcast <16 x i32> %680 to <32 x bfloat>
-  %682 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %678, <32 x bfloat> %673, <32 x bfloat> %681)
-  store <16 x float> %682, ptr %acc0179, align 4
-  %683 = add nsw i64 %kp83, 1
-  br label %kp.head80
+kp.body92:                                        ; preds = %kp.head91
+  %kk95 = mul nsw i64 %kp94, 2
+  %688 = mul nsw i64 %kk95, 32
+  %689 = getelementptr inbounds i16, ptr %680, i64 %688
+  %690 = load <32 x bfloat>, ptr %689, align 4
+  %691 = mul nsw i64 %kk95, 64
+  %692 = lshr i64 %691, %pf.sh89
+  %693 = getelementptr inbounds i8, ptr %pf88, i64 %692
+  call void @llvm.prefetch.p0(ptr %693, i32 0, i32 2, i32 1)
+  %694 = getelementptr inbounds i32, ptr %671, i64 %kk95
+  %695 = load i32, ptr %694, align 4
+  %696 = load <16 x float>, ptr %acc0086, align 4
+  %697 = insertelement <16 x i32> poison, i32 %695, i32 0
+  %698 = shufflevector <16 x i32> %697, <16 x i32> poison, <16 x i32> zeroinitializer
+  %699 = bitcast <16 x i32> %698 to <32 x bfloat>
+  %700 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %696, <32 x bfloat> %690, <32 x bfloat> %699)
+  store <16 x float> %700, ptr %acc0086, align 4
+  %701 = add nsw i64 %kk95, 1
+  %702 = mul nsw i64 %701, 32
+  %703 = getelementptr inbounds i16, ptr %680, i64 %702
+  %704 = load <32 x bfloat>, ptr %703, align 4
+  %705 = mul nsw i64 %701, 64
+  %706 = lshr i64 %705, %pf.sh89
+  %707 = getelementptr inbounds i8, ptr %pf88, i64 %706
+  call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
+  %708 = getelementptr inbounds i32, ptr %671, i64 %701
+  %709 = load i32, ptr %708, align 4
+  %710 = load <16 x float>, ptr %acc0190, align 4
+  %711 = insertelement <16 x i32> poison, i32 %709, i32 0
+  %712 = shufflevector <16 x i32> %711, <16 x i32> poison, <16 x i32> zeroinitializer
+  %713 = bitcast <16 x i32> %712 to <32 x bfloat>
+  %714 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %710, <32 x bfloat> %704, <32 x bfloat> %713)
+  store <16 x float> %714, ptr %acc0190, align 4
+  %715 = add nsw i64 %kp94, 1
+  br label %kp.head91
 
-kp.end82:                                         ; preds = %kp.head80
-  %684 = load <16 x float>, ptr %acc0179, align 4
-  %685 = load <16 x float>, ptr %acc0077, align 4
-  %sum85 = fadd <16 x float> %685, %684
-  store <16 x float> %sum85, ptr %acc0077, align 4
-  %686 = load <16 x float>, ptr %acc0077, align 4
-  store <16 x float> %686, ptr %649, align 4
+kp.end93:                                         ; preds = %kp.head91
+  %716 = load <16 x float>, ptr %acc0190, align 4
+  %717 = load <16 x float>, ptr %acc0086, align 4
+  %sum96 = fadd <16 x float> %717, %716
+  store <16 x float> %sum96, ptr %acc0086, align 4
+  %718 = load <16 x float>, ptr %acc0086, align 4
+  store <16 x float> %718, ptr %677, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %kp.end82, %kp.end71, %kp.end57, %kp.end40, %kp.end20, %kp.end
-  %687 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %kp.end93, %kp.end80, %kp.end64, %kp.end45, %kp.end23, %kp.end
+  %719 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %688 = add nsw i64 %p, 1
+  %720 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

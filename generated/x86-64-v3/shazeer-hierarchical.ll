@@ -2518,43 +2518,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc006 = alloca <8 x float>, align 32
-  %acc017 = alloca <8 x float>, align 32
-  %acc108 = alloca <8 x float>, align 32
-  %acc119 = alloca <8 x float>, align 32
-  %acc2010 = alloca <8 x float>, align 32
-  %acc2111 = alloca <8 x float>, align 32
-  %acc3012 = alloca <8 x float>, align 32
-  %acc3113 = alloca <8 x float>, align 32
-  %acc4014 = alloca <8 x float>, align 32
-  %acc4115 = alloca <8 x float>, align 32
-  %acc0027 = alloca <8 x float>, align 32
-  %acc0128 = alloca <8 x float>, align 32
-  %acc1029 = alloca <8 x float>, align 32
-  %acc1130 = alloca <8 x float>, align 32
-  %acc2031 = alloca <8 x float>, align 32
-  %acc2132 = alloca <8 x float>, align 32
-  %acc3033 = alloca <8 x float>, align 32
-  %acc3134 = alloca <8 x float>, align 32
-  %acc0045 = alloca <8 x float>, align 32
-  %acc0146 = alloca <8 x float>, align 32
-  %acc1047 = alloca <8 x float>, align 32
-  %acc1148 = alloca <8 x float>, align 32
-  %acc2049 = alloca <8 x float>, align 32
-  %acc2150 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0072 = alloca <8 x float>, align 32
-  %acc0173 = alloca <8 x float>, align 32
+  %acc007 = alloca <8 x float>, align 32
+  %acc018 = alloca <8 x float>, align 32
+  %acc109 = alloca <8 x float>, align 32
+  %acc1110 = alloca <8 x float>, align 32
+  %acc2011 = alloca <8 x float>, align 32
+  %acc2112 = alloca <8 x float>, align 32
+  %acc3013 = alloca <8 x float>, align 32
+  %acc3114 = alloca <8 x float>, align 32
+  %acc4015 = alloca <8 x float>, align 32
+  %acc4116 = alloca <8 x float>, align 32
+  %acc0030 = alloca <8 x float>, align 32
+  %acc0131 = alloca <8 x float>, align 32
+  %acc1032 = alloca <8 x float>, align 32
+  %acc1133 = alloca <8 x float>, align 32
+  %acc2034 = alloca <8 x float>, align 32
+  %acc2135 = alloca <8 x float>, align 32
+  %acc3036 = alloca <8 x float>, align 32
+  %acc3137 = alloca <8 x float>, align 32
+  %acc0050 = alloca <8 x float>, align 32
+  %acc0151 = alloca <8 x float>, align 32
+  %acc1052 = alloca <8 x float>, align 32
+  %acc1153 = alloca <8 x float>, align 32
+  %acc2054 = alloca <8 x float>, align 32
+  %acc2155 = alloca <8 x float>, align 32
+  %acc0067 = alloca <8 x float>, align 32
+  %acc0168 = alloca <8 x float>, align 32
+  %acc1069 = alloca <8 x float>, align 32
+  %acc1170 = alloca <8 x float>, align 32
+  %acc0081 = alloca <8 x float>, align 32
+  %acc0182 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %795, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %821, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -2562,7 +2562,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %794, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %820, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -2570,9 +2570,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2582,1043 +2592,1073 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 512
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 512
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 512
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 512
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 512
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 512
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 512
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 512
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 512
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 512
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 512
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 512
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 8192
-  %41 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 32768
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 32768
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 32768, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %104, %k.body ]
-  %46 = icmp slt i64 %k, 512
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %k.body ]
+  %56 = icmp slt i64 %k, 512
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 64
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds float, ptr %panels, i64 %48
-  %52 = load <8 x float>, ptr %51, align 4
-  %53 = add nsw i64 %48, 8
-  %54 = getelementptr inbounds float, ptr %panels, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  %56 = getelementptr inbounds float, ptr %10, i64 %k
-  %57 = load float, ptr %56, align 4
-  %58 = insertelement <8 x float> poison, float %57, i32 0
-  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
-  %60 = load <8 x float>, ptr %acc00, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %52, <8 x float> %60)
-  store <8 x float> %61, ptr %acc00, align 4
-  %62 = load <8 x float>, ptr %acc01, align 4
-  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %55, <8 x float> %62)
-  store <8 x float> %63, ptr %acc01, align 4
-  %64 = getelementptr inbounds float, ptr %16, i64 %k
-  %65 = load float, ptr %64, align 4
-  %66 = insertelement <8 x float> poison, float %65, i32 0
-  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
-  %68 = load <8 x float>, ptr %acc10, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %52, <8 x float> %68)
-  store <8 x float> %69, ptr %acc10, align 4
-  %70 = load <8 x float>, ptr %acc11, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %55, <8 x float> %70)
-  store <8 x float> %71, ptr %acc11, align 4
-  %72 = getelementptr inbounds float, ptr %22, i64 %k
-  %73 = load float, ptr %72, align 4
-  %74 = insertelement <8 x float> poison, float %73, i32 0
-  %75 = shufflevector <8 x float> %74, <8 x float> poison, <8 x i32> zeroinitializer
-  %76 = load <8 x float>, ptr %acc20, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %52, <8 x float> %76)
-  store <8 x float> %77, ptr %acc20, align 4
-  %78 = load <8 x float>, ptr %acc21, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %55, <8 x float> %78)
-  store <8 x float> %79, ptr %acc21, align 4
-  %80 = getelementptr inbounds float, ptr %28, i64 %k
-  %81 = load float, ptr %80, align 4
-  %82 = insertelement <8 x float> poison, float %81, i32 0
-  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
-  %84 = load <8 x float>, ptr %acc30, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %52, <8 x float> %84)
-  store <8 x float> %85, ptr %acc30, align 4
-  %86 = load <8 x float>, ptr %acc31, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %55, <8 x float> %86)
-  store <8 x float> %87, ptr %acc31, align 4
-  %88 = getelementptr inbounds float, ptr %34, i64 %k
-  %89 = load float, ptr %88, align 4
-  %90 = insertelement <8 x float> poison, float %89, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = load <8 x float>, ptr %acc40, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %52, <8 x float> %92)
-  store <8 x float> %93, ptr %acc40, align 4
-  %94 = load <8 x float>, ptr %acc41, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %55, <8 x float> %94)
-  store <8 x float> %95, ptr %acc41, align 4
-  %96 = getelementptr inbounds float, ptr %40, i64 %k
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc50, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %52, <8 x float> %100)
-  store <8 x float> %101, ptr %acc50, align 4
-  %102 = load <8 x float>, ptr %acc51, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %55, <8 x float> %102)
-  store <8 x float> %103, ptr %acc51, align 4
-  %104 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 64
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds float, ptr %panels, i64 %58
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %58, 8
+  %65 = getelementptr inbounds float, ptr %panels, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %67 = getelementptr inbounds float, ptr %18, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %63, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %66, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %24, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %63, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %66, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %30, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %63, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %66, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %36, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %63, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %66, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %42, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %63, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %66, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %48, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %63, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %66, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %105 = add nsw i64 %r0, 0
-  %106 = getelementptr inbounds float, ptr %rw, i64 %105
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = mul nsw i64 %105, 1024
-  %111 = getelementptr inbounds float, ptr %h, i64 %110
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 1024
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 16
-  %112 = load <8 x float>, ptr %acc00, align 4
-  %113 = load <8 x float>, ptr %acc01, align 4
-  %114 = add nsw i64 %col, 0
-  %115 = fcmp ogt <8 x float> %112, zeroinitializer
-  %116 = select <8 x i1> %115, <8 x float> %112, <8 x float> zeroinitializer
-  %117 = fmul <8 x float> %116, %109
-  %118 = getelementptr inbounds float, ptr %111, i64 %114
-  store <8 x float> %117, ptr %118, align 4
-  %119 = add nsw i64 %col, 8
-  %120 = fcmp ogt <8 x float> %113, zeroinitializer
-  %121 = select <8 x i1> %120, <8 x float> %113, <8 x float> zeroinitializer
-  %122 = fmul <8 x float> %121, %109
-  %123 = getelementptr inbounds float, ptr %111, i64 %119
-  store <8 x float> %122, ptr %123, align 4
-  %124 = add nsw i64 %r0, 1
-  %125 = getelementptr inbounds float, ptr %rw, i64 %124
-  %126 = load float, ptr %125, align 4
-  %127 = insertelement <8 x float> poison, float %126, i32 0
-  %128 = shufflevector <8 x float> %127, <8 x float> poison, <8 x i32> zeroinitializer
-  %129 = mul nsw i64 %124, 1024
-  %130 = getelementptr inbounds float, ptr %h, i64 %129
-  %col1 = mul nsw i64 %p, 16
-  %131 = load <8 x float>, ptr %acc10, align 4
-  %132 = load <8 x float>, ptr %acc11, align 4
-  %133 = add nsw i64 %col1, 0
-  %134 = fcmp ogt <8 x float> %131, zeroinitializer
-  %135 = select <8 x i1> %134, <8 x float> %131, <8 x float> zeroinitializer
-  %136 = fmul <8 x float> %135, %128
-  %137 = getelementptr inbounds float, ptr %130, i64 %133
-  store <8 x float> %136, ptr %137, align 4
-  %138 = add nsw i64 %col1, 8
-  %139 = fcmp ogt <8 x float> %132, zeroinitializer
-  %140 = select <8 x i1> %139, <8 x float> %132, <8 x float> zeroinitializer
-  %141 = fmul <8 x float> %140, %128
-  %142 = getelementptr inbounds float, ptr %130, i64 %138
-  store <8 x float> %141, ptr %142, align 4
-  %143 = add nsw i64 %r0, 2
-  %144 = getelementptr inbounds float, ptr %rw, i64 %143
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = mul nsw i64 %143, 1024
-  %149 = getelementptr inbounds float, ptr %h, i64 %148
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = add nsw i64 %col, 0
+  %126 = fcmp ogt <8 x float> %123, zeroinitializer
+  %127 = select <8 x i1> %126, <8 x float> %123, <8 x float> zeroinitializer
+  %128 = fmul <8 x float> %127, %120
+  %129 = getelementptr inbounds float, ptr %122, i64 %125
+  store <8 x float> %128, ptr %129, align 4
+  %130 = add nsw i64 %col, 8
+  %131 = fcmp ogt <8 x float> %124, zeroinitializer
+  %132 = select <8 x i1> %131, <8 x float> %124, <8 x float> zeroinitializer
+  %133 = fmul <8 x float> %132, %120
+  %134 = getelementptr inbounds float, ptr %122, i64 %130
+  store <8 x float> %133, ptr %134, align 4
+  %135 = add nsw i64 %r0, 1
+  %136 = getelementptr inbounds float, ptr %rw, i64 %135
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = mul nsw i64 %135, 1024
+  %141 = getelementptr inbounds float, ptr %h, i64 %140
   %col2 = mul nsw i64 %p, 16
-  %150 = load <8 x float>, ptr %acc20, align 4
-  %151 = load <8 x float>, ptr %acc21, align 4
-  %152 = add nsw i64 %col2, 0
-  %153 = fcmp ogt <8 x float> %150, zeroinitializer
-  %154 = select <8 x i1> %153, <8 x float> %150, <8 x float> zeroinitializer
-  %155 = fmul <8 x float> %154, %147
-  %156 = getelementptr inbounds float, ptr %149, i64 %152
-  store <8 x float> %155, ptr %156, align 4
-  %157 = add nsw i64 %col2, 8
-  %158 = fcmp ogt <8 x float> %151, zeroinitializer
-  %159 = select <8 x i1> %158, <8 x float> %151, <8 x float> zeroinitializer
-  %160 = fmul <8 x float> %159, %147
-  %161 = getelementptr inbounds float, ptr %149, i64 %157
-  store <8 x float> %160, ptr %161, align 4
-  %162 = add nsw i64 %r0, 3
-  %163 = getelementptr inbounds float, ptr %rw, i64 %162
-  %164 = load float, ptr %163, align 4
-  %165 = insertelement <8 x float> poison, float %164, i32 0
-  %166 = shufflevector <8 x float> %165, <8 x float> poison, <8 x i32> zeroinitializer
-  %167 = mul nsw i64 %162, 1024
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %142 = load <8 x float>, ptr %acc10, align 4
+  %143 = load <8 x float>, ptr %acc11, align 4
+  %144 = add nsw i64 %col2, 0
+  %145 = fcmp ogt <8 x float> %142, zeroinitializer
+  %146 = select <8 x i1> %145, <8 x float> %142, <8 x float> zeroinitializer
+  %147 = fmul <8 x float> %146, %139
+  %148 = getelementptr inbounds float, ptr %141, i64 %144
+  store <8 x float> %147, ptr %148, align 4
+  %149 = add nsw i64 %col2, 8
+  %150 = fcmp ogt <8 x float> %143, zeroinitializer
+  %151 = select <8 x i1> %150, <8 x float> %143, <8 x float> zeroinitializer
+  %152 = fmul <8 x float> %151, %139
+  %153 = getelementptr inbounds float, ptr %141, i64 %149
+  store <8 x float> %152, ptr %153, align 4
+  %154 = add nsw i64 %r0, 2
+  %155 = getelementptr inbounds float, ptr %rw, i64 %154
+  %156 = load float, ptr %155, align 4
+  %157 = insertelement <8 x float> poison, float %156, i32 0
+  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
+  %159 = mul nsw i64 %154, 1024
+  %160 = getelementptr inbounds float, ptr %h, i64 %159
   %col3 = mul nsw i64 %p, 16
-  %169 = load <8 x float>, ptr %acc30, align 4
-  %170 = load <8 x float>, ptr %acc31, align 4
-  %171 = add nsw i64 %col3, 0
-  %172 = fcmp ogt <8 x float> %169, zeroinitializer
-  %173 = select <8 x i1> %172, <8 x float> %169, <8 x float> zeroinitializer
-  %174 = fmul <8 x float> %173, %166
-  %175 = getelementptr inbounds float, ptr %168, i64 %171
-  store <8 x float> %174, ptr %175, align 4
-  %176 = add nsw i64 %col3, 8
-  %177 = fcmp ogt <8 x float> %170, zeroinitializer
-  %178 = select <8 x i1> %177, <8 x float> %170, <8 x float> zeroinitializer
-  %179 = fmul <8 x float> %178, %166
-  %180 = getelementptr inbounds float, ptr %168, i64 %176
-  store <8 x float> %179, ptr %180, align 4
-  %181 = add nsw i64 %r0, 4
-  %182 = getelementptr inbounds float, ptr %rw, i64 %181
-  %183 = load float, ptr %182, align 4
-  %184 = insertelement <8 x float> poison, float %183, i32 0
-  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
-  %186 = mul nsw i64 %181, 1024
-  %187 = getelementptr inbounds float, ptr %h, i64 %186
+  %161 = load <8 x float>, ptr %acc20, align 4
+  %162 = load <8 x float>, ptr %acc21, align 4
+  %163 = add nsw i64 %col3, 0
+  %164 = fcmp ogt <8 x float> %161, zeroinitializer
+  %165 = select <8 x i1> %164, <8 x float> %161, <8 x float> zeroinitializer
+  %166 = fmul <8 x float> %165, %158
+  %167 = getelementptr inbounds float, ptr %160, i64 %163
+  store <8 x float> %166, ptr %167, align 4
+  %168 = add nsw i64 %col3, 8
+  %169 = fcmp ogt <8 x float> %162, zeroinitializer
+  %170 = select <8 x i1> %169, <8 x float> %162, <8 x float> zeroinitializer
+  %171 = fmul <8 x float> %170, %158
+  %172 = getelementptr inbounds float, ptr %160, i64 %168
+  store <8 x float> %171, ptr %172, align 4
+  %173 = add nsw i64 %r0, 3
+  %174 = getelementptr inbounds float, ptr %rw, i64 %173
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = mul nsw i64 %173, 1024
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
   %col4 = mul nsw i64 %p, 16
-  %188 = load <8 x float>, ptr %acc40, align 4
-  %189 = load <8 x float>, ptr %acc41, align 4
-  %190 = add nsw i64 %col4, 0
-  %191 = fcmp ogt <8 x float> %188, zeroinitializer
-  %192 = select <8 x i1> %191, <8 x float> %188, <8 x float> zeroinitializer
-  %193 = fmul <8 x float> %192, %185
-  %194 = getelementptr inbounds float, ptr %187, i64 %190
-  store <8 x float> %193, ptr %194, align 4
-  %195 = add nsw i64 %col4, 8
-  %196 = fcmp ogt <8 x float> %189, zeroinitializer
-  %197 = select <8 x i1> %196, <8 x float> %189, <8 x float> zeroinitializer
-  %198 = fmul <8 x float> %197, %185
-  %199 = getelementptr inbounds float, ptr %187, i64 %195
-  store <8 x float> %198, ptr %199, align 4
-  %200 = add nsw i64 %r0, 5
-  %201 = getelementptr inbounds float, ptr %rw, i64 %200
-  %202 = load float, ptr %201, align 4
-  %203 = insertelement <8 x float> poison, float %202, i32 0
-  %204 = shufflevector <8 x float> %203, <8 x float> poison, <8 x i32> zeroinitializer
-  %205 = mul nsw i64 %200, 1024
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
+  %180 = load <8 x float>, ptr %acc30, align 4
+  %181 = load <8 x float>, ptr %acc31, align 4
+  %182 = add nsw i64 %col4, 0
+  %183 = fcmp ogt <8 x float> %180, zeroinitializer
+  %184 = select <8 x i1> %183, <8 x float> %180, <8 x float> zeroinitializer
+  %185 = fmul <8 x float> %184, %177
+  %186 = getelementptr inbounds float, ptr %179, i64 %182
+  store <8 x float> %185, ptr %186, align 4
+  %187 = add nsw i64 %col4, 8
+  %188 = fcmp ogt <8 x float> %181, zeroinitializer
+  %189 = select <8 x i1> %188, <8 x float> %181, <8 x float> zeroinitializer
+  %190 = fmul <8 x float> %189, %177
+  %191 = getelementptr inbounds float, ptr %179, i64 %187
+  store <8 x float> %190, ptr %191, align 4
+  %192 = add nsw i64 %r0, 4
+  %193 = getelementptr inbounds float, ptr %rw, i64 %192
+  %194 = load float, ptr %193, align 4
+  %195 = insertelement <8 x float> poison, float %194, i32 0
+  %196 = shufflevector <8 x float> %195, <8 x float> poison, <8 x i32> zeroinitializer
+  %197 = mul nsw i64 %192, 1024
+  %198 = getelementptr inbounds float, ptr %h, i64 %197
   %col5 = mul nsw i64 %p, 16
-  %207 = load <8 x float>, ptr %acc50, align 4
-  %208 = load <8 x float>, ptr %acc51, align 4
-  %209 = add nsw i64 %col5, 0
-  %210 = fcmp ogt <8 x float> %207, zeroinitializer
-  %211 = select <8 x i1> %210, <8 x float> %207, <8 x float> zeroinitializer
-  %212 = fmul <8 x float> %211, %204
-  %213 = getelementptr inbounds float, ptr %206, i64 %209
-  store <8 x float> %212, ptr %213, align 4
-  %214 = add nsw i64 %col5, 8
-  %215 = fcmp ogt <8 x float> %208, zeroinitializer
-  %216 = select <8 x i1> %215, <8 x float> %208, <8 x float> zeroinitializer
-  %217 = fmul <8 x float> %216, %204
-  %218 = getelementptr inbounds float, ptr %206, i64 %214
-  store <8 x float> %217, ptr %218, align 4
+  %199 = load <8 x float>, ptr %acc40, align 4
+  %200 = load <8 x float>, ptr %acc41, align 4
+  %201 = add nsw i64 %col5, 0
+  %202 = fcmp ogt <8 x float> %199, zeroinitializer
+  %203 = select <8 x i1> %202, <8 x float> %199, <8 x float> zeroinitializer
+  %204 = fmul <8 x float> %203, %196
+  %205 = getelementptr inbounds float, ptr %198, i64 %201
+  store <8 x float> %204, ptr %205, align 4
+  %206 = add nsw i64 %col5, 8
+  %207 = fcmp ogt <8 x float> %200, zeroinitializer
+  %208 = select <8 x i1> %207, <8 x float> %200, <8 x float> zeroinitializer
+  %209 = fmul <8 x float> %208, %196
+  %210 = getelementptr inbounds float, ptr %198, i64 %206
+  store <8 x float> %209, ptr %210, align 4
+  %211 = add nsw i64 %r0, 5
+  %212 = getelementptr inbounds float, ptr %rw, i64 %211
+  %213 = load float, ptr %212, align 4
+  %214 = insertelement <8 x float> poison, float %213, i32 0
+  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
+  %216 = mul nsw i64 %211, 1024
+  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %col6 = mul nsw i64 %p, 16
+  %218 = load <8 x float>, ptr %acc50, align 4
+  %219 = load <8 x float>, ptr %acc51, align 4
+  %220 = add nsw i64 %col6, 0
+  %221 = fcmp ogt <8 x float> %218, zeroinitializer
+  %222 = select <8 x i1> %221, <8 x float> %218, <8 x float> zeroinitializer
+  %223 = fmul <8 x float> %222, %215
+  %224 = getelementptr inbounds float, ptr %217, i64 %220
+  store <8 x float> %223, ptr %224, align 4
+  %225 = add nsw i64 %col6, 8
+  %226 = fcmp ogt <8 x float> %219, zeroinitializer
+  %227 = select <8 x i1> %226, <8 x float> %219, <8 x float> zeroinitializer
+  %228 = fmul <8 x float> %227, %215
+  %229 = getelementptr inbounds float, ptr %217, i64 %225
+  store <8 x float> %228, ptr %229, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %219 = add nsw i64 %r0, 0
-  %220 = getelementptr inbounds i32, ptr %rows, i64 %219
-  %221 = load i32, ptr %220, align 4
-  %222 = sext i32 %221 to i64
-  %223 = mul nsw i64 %222, 512
-  %224 = getelementptr inbounds float, ptr %x, i64 %223
-  store <8 x float> zeroinitializer, ptr %acc006, align 4
-  store <8 x float> zeroinitializer, ptr %acc017, align 4
-  %225 = add nsw i64 %r0, 1
-  %226 = getelementptr inbounds i32, ptr %rows, i64 %225
-  %227 = load i32, ptr %226, align 4
-  %228 = sext i32 %227 to i64
-  %229 = mul nsw i64 %228, 512
-  %230 = getelementptr inbounds float, ptr %x, i64 %229
-  store <8 x float> zeroinitializer, ptr %acc108, align 4
-  store <8 x float> zeroinitializer, ptr %acc119, align 4
-  %231 = add nsw i64 %r0, 2
-  %232 = getelementptr inbounds i32, ptr %rows, i64 %231
-  %233 = load i32, ptr %232, align 4
-  %234 = sext i32 %233 to i64
-  %235 = mul nsw i64 %234, 512
-  %236 = getelementptr inbounds float, ptr %x, i64 %235
-  store <8 x float> zeroinitializer, ptr %acc2010, align 4
-  store <8 x float> zeroinitializer, ptr %acc2111, align 4
-  %237 = add nsw i64 %r0, 3
-  %238 = getelementptr inbounds i32, ptr %rows, i64 %237
-  %239 = load i32, ptr %238, align 4
-  %240 = sext i32 %239 to i64
-  %241 = mul nsw i64 %240, 512
-  %242 = getelementptr inbounds float, ptr %x, i64 %241
-  store <8 x float> zeroinitializer, ptr %acc3012, align 4
-  store <8 x float> zeroinitializer, ptr %acc3113, align 4
-  %243 = add nsw i64 %r0, 4
-  %244 = getelementptr inbounds i32, ptr %rows, i64 %243
-  %245 = load i32, ptr %244, align 4
-  %246 = sext i32 %245 to i64
-  %247 = mul nsw i64 %246, 512
-  %248 = getelementptr inbounds float, ptr %x, i64 %247
-  store <8 x float> zeroinitializer, ptr %acc4014, align 4
-  store <8 x float> zeroinitializer, ptr %acc4115, align 4
-  %panel.off16 = mul nsw i64 %p, 8192
-  %249 = getelementptr inbounds float, ptr %panels, i64 %panel.off16
-  %250 = add nsw i64 %p, 1
-  %251 = icmp slt i64 %250, %p1
-  %252 = getelementptr inbounds i8, ptr %249, i64 32768
-  %253 = and i1 %pf.on, %251
-  %pf17 = select i1 %253, ptr %252, ptr %249
-  br label %k.head18
+  %230 = add nsw i64 %r0, 0
+  %231 = getelementptr inbounds i32, ptr %rows, i64 %230
+  %232 = load i32, ptr %231, align 4
+  %233 = sext i32 %232 to i64
+  %234 = mul nsw i64 %233, 512
+  %235 = getelementptr inbounds float, ptr %x, i64 %234
+  store <8 x float> zeroinitializer, ptr %acc007, align 4
+  store <8 x float> zeroinitializer, ptr %acc018, align 4
+  %236 = add nsw i64 %r0, 1
+  %237 = getelementptr inbounds i32, ptr %rows, i64 %236
+  %238 = load i32, ptr %237, align 4
+  %239 = sext i32 %238 to i64
+  %240 = mul nsw i64 %239, 512
+  %241 = getelementptr inbounds float, ptr %x, i64 %240
+  store <8 x float> zeroinitializer, ptr %acc109, align 4
+  store <8 x float> zeroinitializer, ptr %acc1110, align 4
+  %242 = add nsw i64 %r0, 2
+  %243 = getelementptr inbounds i32, ptr %rows, i64 %242
+  %244 = load i32, ptr %243, align 4
+  %245 = sext i32 %244 to i64
+  %246 = mul nsw i64 %245, 512
+  %247 = getelementptr inbounds float, ptr %x, i64 %246
+  store <8 x float> zeroinitializer, ptr %acc2011, align 4
+  store <8 x float> zeroinitializer, ptr %acc2112, align 4
+  %248 = add nsw i64 %r0, 3
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %248
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 512
+  %253 = getelementptr inbounds float, ptr %x, i64 %252
+  store <8 x float> zeroinitializer, ptr %acc3013, align 4
+  store <8 x float> zeroinitializer, ptr %acc3114, align 4
+  %254 = add nsw i64 %r0, 4
+  %255 = getelementptr inbounds i32, ptr %rows, i64 %254
+  %256 = load i32, ptr %255, align 4
+  %257 = sext i32 %256 to i64
+  %258 = mul nsw i64 %257, 512
+  %259 = getelementptr inbounds float, ptr %x, i64 %258
+  store <8 x float> zeroinitializer, ptr %acc4015, align 4
+  store <8 x float> zeroinitializer, ptr %acc4116, align 4
+  %panel.off17 = mul nsw i64 %p, 8192
+  %260 = getelementptr inbounds float, ptr %panels, i64 %panel.off17
+  %261 = add nsw i64 %p, 1
+  %262 = icmp slt i64 %261, %p1
+  %pf.on18 = and i1 %pf.on, %262
+  %263 = mul nsw i64 %pf.j, 32768
+  %264 = lshr i64 %263, %9
+  %265 = add nsw i64 32768, %264
+  %266 = getelementptr inbounds i8, ptr %260, i64 %265
+  %pf19 = select i1 %pf.on18, ptr %266, ptr %260
+  %pf.sh20 = select i1 %pf.on18, i64 %9, i64 0
+  br label %k.head21
 
-k.head18:                                         ; preds = %k.body19, %tile.mr5
-  %k21 = phi i64 [ 0, %tile.mr5 ], [ %304, %k.body19 ]
-  %254 = icmp slt i64 %k21, 512
-  br i1 %254, label %k.body19, label %k.end20
+k.head21:                                         ; preds = %k.body22, %tile.mr5
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %318, %k.body22 ]
+  %267 = icmp slt i64 %k24, 512
+  br i1 %267, label %k.body22, label %k.end23
 
-k.body19:                                         ; preds = %k.head18
-  %255 = mul nsw i64 %k21, 16
-  %256 = add nsw i64 %panel.off16, %255
-  %257 = mul nsw i64 %k21, 64
-  %258 = getelementptr inbounds i8, ptr %pf17, i64 %257
-  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
-  %259 = getelementptr inbounds float, ptr %panels, i64 %256
-  %260 = load <8 x float>, ptr %259, align 4
-  %261 = add nsw i64 %256, 8
-  %262 = getelementptr inbounds float, ptr %panels, i64 %261
-  %263 = load <8 x float>, ptr %262, align 4
-  %264 = getelementptr inbounds float, ptr %224, i64 %k21
-  %265 = load float, ptr %264, align 4
-  %266 = insertelement <8 x float> poison, float %265, i32 0
-  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
-  %268 = load <8 x float>, ptr %acc006, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %260, <8 x float> %268)
-  store <8 x float> %269, ptr %acc006, align 4
-  %270 = load <8 x float>, ptr %acc017, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> %270)
-  store <8 x float> %271, ptr %acc017, align 4
-  %272 = getelementptr inbounds float, ptr %230, i64 %k21
-  %273 = load float, ptr %272, align 4
-  %274 = insertelement <8 x float> poison, float %273, i32 0
-  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = load <8 x float>, ptr %acc108, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %260, <8 x float> %276)
-  store <8 x float> %277, ptr %acc108, align 4
-  %278 = load <8 x float>, ptr %acc119, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %263, <8 x float> %278)
-  store <8 x float> %279, ptr %acc119, align 4
-  %280 = getelementptr inbounds float, ptr %236, i64 %k21
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = load <8 x float>, ptr %acc2010, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %260, <8 x float> %284)
-  store <8 x float> %285, ptr %acc2010, align 4
-  %286 = load <8 x float>, ptr %acc2111, align 4
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %263, <8 x float> %286)
-  store <8 x float> %287, ptr %acc2111, align 4
-  %288 = getelementptr inbounds float, ptr %242, i64 %k21
-  %289 = load float, ptr %288, align 4
-  %290 = insertelement <8 x float> poison, float %289, i32 0
-  %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
-  %292 = load <8 x float>, ptr %acc3012, align 4
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %260, <8 x float> %292)
-  store <8 x float> %293, ptr %acc3012, align 4
-  %294 = load <8 x float>, ptr %acc3113, align 4
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %263, <8 x float> %294)
-  store <8 x float> %295, ptr %acc3113, align 4
-  %296 = getelementptr inbounds float, ptr %248, i64 %k21
-  %297 = load float, ptr %296, align 4
-  %298 = insertelement <8 x float> poison, float %297, i32 0
-  %299 = shufflevector <8 x float> %298, <8 x float> poison, <8 x i32> zeroinitializer
-  %300 = load <8 x float>, ptr %acc4014, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %260, <8 x float> %300)
-  store <8 x float> %301, ptr %acc4014, align 4
-  %302 = load <8 x float>, ptr %acc4115, align 4
-  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %263, <8 x float> %302)
-  store <8 x float> %303, ptr %acc4115, align 4
-  %304 = add nsw i64 %k21, 1
-  br label %k.head18
+k.body22:                                         ; preds = %k.head21
+  %268 = mul nsw i64 %k24, 16
+  %269 = add nsw i64 %panel.off17, %268
+  %270 = mul nsw i64 %k24, 64
+  %271 = lshr i64 %270, %pf.sh20
+  %272 = getelementptr inbounds i8, ptr %pf19, i64 %271
+  call void @llvm.prefetch.p0(ptr %272, i32 0, i32 2, i32 1)
+  %273 = getelementptr inbounds float, ptr %panels, i64 %269
+  %274 = load <8 x float>, ptr %273, align 4
+  %275 = add nsw i64 %269, 8
+  %276 = getelementptr inbounds float, ptr %panels, i64 %275
+  %277 = load <8 x float>, ptr %276, align 4
+  %278 = getelementptr inbounds float, ptr %235, i64 %k24
+  %279 = load float, ptr %278, align 4
+  %280 = insertelement <8 x float> poison, float %279, i32 0
+  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
+  %282 = load <8 x float>, ptr %acc007, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %274, <8 x float> %282)
+  store <8 x float> %283, ptr %acc007, align 4
+  %284 = load <8 x float>, ptr %acc018, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %277, <8 x float> %284)
+  store <8 x float> %285, ptr %acc018, align 4
+  %286 = getelementptr inbounds float, ptr %241, i64 %k24
+  %287 = load float, ptr %286, align 4
+  %288 = insertelement <8 x float> poison, float %287, i32 0
+  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
+  %290 = load <8 x float>, ptr %acc109, align 4
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %274, <8 x float> %290)
+  store <8 x float> %291, ptr %acc109, align 4
+  %292 = load <8 x float>, ptr %acc1110, align 4
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %277, <8 x float> %292)
+  store <8 x float> %293, ptr %acc1110, align 4
+  %294 = getelementptr inbounds float, ptr %247, i64 %k24
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <8 x float> poison, float %295, i32 0
+  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
+  %298 = load <8 x float>, ptr %acc2011, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %274, <8 x float> %298)
+  store <8 x float> %299, ptr %acc2011, align 4
+  %300 = load <8 x float>, ptr %acc2112, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %277, <8 x float> %300)
+  store <8 x float> %301, ptr %acc2112, align 4
+  %302 = getelementptr inbounds float, ptr %253, i64 %k24
+  %303 = load float, ptr %302, align 4
+  %304 = insertelement <8 x float> poison, float %303, i32 0
+  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
+  %306 = load <8 x float>, ptr %acc3013, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %274, <8 x float> %306)
+  store <8 x float> %307, ptr %acc3013, align 4
+  %308 = load <8 x float>, ptr %acc3114, align 4
+  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %277, <8 x float> %308)
+  store <8 x float> %309, ptr %acc3114, align 4
+  %310 = getelementptr inbounds float, ptr %259, i64 %k24
+  %311 = load float, ptr %310, align 4
+  %312 = insertelement <8 x float> poison, float %311, i32 0
+  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
+  %314 = load <8 x float>, ptr %acc4015, align 4
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %274, <8 x float> %314)
+  store <8 x float> %315, ptr %acc4015, align 4
+  %316 = load <8 x float>, ptr %acc4116, align 4
+  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %277, <8 x float> %316)
+  store <8 x float> %317, ptr %acc4116, align 4
+  %318 = add nsw i64 %k24, 1
+  br label %k.head21
 
-k.end20:                                          ; preds = %k.head18
-  %305 = add nsw i64 %r0, 0
-  %306 = getelementptr inbounds float, ptr %rw, i64 %305
-  %307 = load float, ptr %306, align 4
-  %308 = insertelement <8 x float> poison, float %307, i32 0
-  %309 = shufflevector <8 x float> %308, <8 x float> poison, <8 x i32> zeroinitializer
-  %310 = mul nsw i64 %305, 1024
-  %311 = getelementptr inbounds float, ptr %h, i64 %310
-  %col22 = mul nsw i64 %p, 16
-  %312 = load <8 x float>, ptr %acc006, align 4
-  %313 = load <8 x float>, ptr %acc017, align 4
-  %314 = add nsw i64 %col22, 0
-  %315 = fcmp ogt <8 x float> %312, zeroinitializer
-  %316 = select <8 x i1> %315, <8 x float> %312, <8 x float> zeroinitializer
-  %317 = fmul <8 x float> %316, %309
-  %318 = getelementptr inbounds float, ptr %311, i64 %314
-  store <8 x float> %317, ptr %318, align 4
-  %319 = add nsw i64 %col22, 8
-  %320 = fcmp ogt <8 x float> %313, zeroinitializer
-  %321 = select <8 x i1> %320, <8 x float> %313, <8 x float> zeroinitializer
-  %322 = fmul <8 x float> %321, %309
-  %323 = getelementptr inbounds float, ptr %311, i64 %319
-  store <8 x float> %322, ptr %323, align 4
-  %324 = add nsw i64 %r0, 1
-  %325 = getelementptr inbounds float, ptr %rw, i64 %324
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = mul nsw i64 %324, 1024
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %col23 = mul nsw i64 %p, 16
-  %331 = load <8 x float>, ptr %acc108, align 4
-  %332 = load <8 x float>, ptr %acc119, align 4
-  %333 = add nsw i64 %col23, 0
-  %334 = fcmp ogt <8 x float> %331, zeroinitializer
-  %335 = select <8 x i1> %334, <8 x float> %331, <8 x float> zeroinitializer
-  %336 = fmul <8 x float> %335, %328
-  %337 = getelementptr inbounds float, ptr %330, i64 %333
-  store <8 x float> %336, ptr %337, align 4
-  %338 = add nsw i64 %col23, 8
-  %339 = fcmp ogt <8 x float> %332, zeroinitializer
-  %340 = select <8 x i1> %339, <8 x float> %332, <8 x float> zeroinitializer
-  %341 = fmul <8 x float> %340, %328
-  %342 = getelementptr inbounds float, ptr %330, i64 %338
-  store <8 x float> %341, ptr %342, align 4
-  %343 = add nsw i64 %r0, 2
-  %344 = getelementptr inbounds float, ptr %rw, i64 %343
-  %345 = load float, ptr %344, align 4
-  %346 = insertelement <8 x float> poison, float %345, i32 0
-  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
-  %348 = mul nsw i64 %343, 1024
-  %349 = getelementptr inbounds float, ptr %h, i64 %348
-  %col24 = mul nsw i64 %p, 16
-  %350 = load <8 x float>, ptr %acc2010, align 4
-  %351 = load <8 x float>, ptr %acc2111, align 4
-  %352 = add nsw i64 %col24, 0
-  %353 = fcmp ogt <8 x float> %350, zeroinitializer
-  %354 = select <8 x i1> %353, <8 x float> %350, <8 x float> zeroinitializer
-  %355 = fmul <8 x float> %354, %347
-  %356 = getelementptr inbounds float, ptr %349, i64 %352
-  store <8 x float> %355, ptr %356, align 4
-  %357 = add nsw i64 %col24, 8
-  %358 = fcmp ogt <8 x float> %351, zeroinitializer
-  %359 = select <8 x i1> %358, <8 x float> %351, <8 x float> zeroinitializer
-  %360 = fmul <8 x float> %359, %347
-  %361 = getelementptr inbounds float, ptr %349, i64 %357
-  store <8 x float> %360, ptr %361, align 4
-  %362 = add nsw i64 %r0, 3
-  %363 = getelementptr inbounds float, ptr %rw, i64 %362
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = mul nsw i64 %362, 1024
-  %368 = getelementptr inbounds float, ptr %h, i64 %367
+k.end23:                                          ; preds = %k.head21
+  %319 = add nsw i64 %r0, 0
+  %320 = getelementptr inbounds float, ptr %rw, i64 %319
+  %321 = load float, ptr %320, align 4
+  %322 = insertelement <8 x float> poison, float %321, i32 0
+  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
+  %324 = mul nsw i64 %319, 1024
+  %325 = getelementptr inbounds float, ptr %h, i64 %324
   %col25 = mul nsw i64 %p, 16
-  %369 = load <8 x float>, ptr %acc3012, align 4
-  %370 = load <8 x float>, ptr %acc3113, align 4
-  %371 = add nsw i64 %col25, 0
-  %372 = fcmp ogt <8 x float> %369, zeroinitializer
-  %373 = select <8 x i1> %372, <8 x float> %369, <8 x float> zeroinitializer
-  %374 = fmul <8 x float> %373, %366
-  %375 = getelementptr inbounds float, ptr %368, i64 %371
-  store <8 x float> %374, ptr %375, align 4
-  %376 = add nsw i64 %col25, 8
-  %377 = fcmp ogt <8 x float> %370, zeroinitializer
-  %378 = select <8 x i1> %377, <8 x float> %370, <8 x float> zeroinitializer
-  %379 = fmul <8 x float> %378, %366
-  %380 = getelementptr inbounds float, ptr %368, i64 %376
-  store <8 x float> %379, ptr %380, align 4
-  %381 = add nsw i64 %r0, 4
-  %382 = getelementptr inbounds float, ptr %rw, i64 %381
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = mul nsw i64 %381, 1024
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
+  %326 = load <8 x float>, ptr %acc007, align 4
+  %327 = load <8 x float>, ptr %acc018, align 4
+  %328 = add nsw i64 %col25, 0
+  %329 = fcmp ogt <8 x float> %326, zeroinitializer
+  %330 = select <8 x i1> %329, <8 x float> %326, <8 x float> zeroinitializer
+  %331 = fmul <8 x float> %330, %323
+  %332 = getelementptr inbounds float, ptr %325, i64 %328
+  store <8 x float> %331, ptr %332, align 4
+  %333 = add nsw i64 %col25, 8
+  %334 = fcmp ogt <8 x float> %327, zeroinitializer
+  %335 = select <8 x i1> %334, <8 x float> %327, <8 x float> zeroinitializer
+  %336 = fmul <8 x float> %335, %323
+  %337 = getelementptr inbounds float, ptr %325, i64 %333
+  store <8 x float> %336, ptr %337, align 4
+  %338 = add nsw i64 %r0, 1
+  %339 = getelementptr inbounds float, ptr %rw, i64 %338
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = mul nsw i64 %338, 1024
+  %344 = getelementptr inbounds float, ptr %h, i64 %343
   %col26 = mul nsw i64 %p, 16
-  %388 = load <8 x float>, ptr %acc4014, align 4
-  %389 = load <8 x float>, ptr %acc4115, align 4
-  %390 = add nsw i64 %col26, 0
-  %391 = fcmp ogt <8 x float> %388, zeroinitializer
-  %392 = select <8 x i1> %391, <8 x float> %388, <8 x float> zeroinitializer
-  %393 = fmul <8 x float> %392, %385
-  %394 = getelementptr inbounds float, ptr %387, i64 %390
+  %345 = load <8 x float>, ptr %acc109, align 4
+  %346 = load <8 x float>, ptr %acc1110, align 4
+  %347 = add nsw i64 %col26, 0
+  %348 = fcmp ogt <8 x float> %345, zeroinitializer
+  %349 = select <8 x i1> %348, <8 x float> %345, <8 x float> zeroinitializer
+  %350 = fmul <8 x float> %349, %342
+  %351 = getelementptr inbounds float, ptr %344, i64 %347
+  store <8 x float> %350, ptr %351, align 4
+  %352 = add nsw i64 %col26, 8
+  %353 = fcmp ogt <8 x float> %346, zeroinitializer
+  %354 = select <8 x i1> %353, <8 x float> %346, <8 x float> zeroinitializer
+  %355 = fmul <8 x float> %354, %342
+  %356 = getelementptr inbounds float, ptr %344, i64 %352
+  store <8 x float> %355, ptr %356, align 4
+  %357 = add nsw i64 %r0, 2
+  %358 = getelementptr inbounds float, ptr %rw, i64 %357
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = mul nsw i64 %357, 1024
+  %363 = getelementptr inbounds float, ptr %h, i64 %362
+  %col27 = mul nsw i64 %p, 16
+  %364 = load <8 x float>, ptr %acc2011, align 4
+  %365 = load <8 x float>, ptr %acc2112, align 4
+  %366 = add nsw i64 %col27, 0
+  %367 = fcmp ogt <8 x float> %364, zeroinitializer
+  %368 = select <8 x i1> %367, <8 x float> %364, <8 x float> zeroinitializer
+  %369 = fmul <8 x float> %368, %361
+  %370 = getelementptr inbounds float, ptr %363, i64 %366
+  store <8 x float> %369, ptr %370, align 4
+  %371 = add nsw i64 %col27, 8
+  %372 = fcmp ogt <8 x float> %365, zeroinitializer
+  %373 = select <8 x i1> %372, <8 x float> %365, <8 x float> zeroinitializer
+  %374 = fmul <8 x float> %373, %361
+  %375 = getelementptr inbounds float, ptr %363, i64 %371
+  store <8 x float> %374, ptr %375, align 4
+  %376 = add nsw i64 %r0, 3
+  %377 = getelementptr inbounds float, ptr %rw, i64 %376
+  %378 = load float, ptr %377, align 4
+  %379 = insertelement <8 x float> poison, float %378, i32 0
+  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
+  %381 = mul nsw i64 %376, 1024
+  %382 = getelementptr inbounds float, ptr %h, i64 %381
+  %col28 = mul nsw i64 %p, 16
+  %383 = load <8 x float>, ptr %acc3013, align 4
+  %384 = load <8 x float>, ptr %acc3114, align 4
+  %385 = add nsw i64 %col28, 0
+  %386 = fcmp ogt <8 x float> %383, zeroinitializer
+  %387 = select <8 x i1> %386, <8 x float> %383, <8 x float> zeroinitializer
+  %388 = fmul <8 x float> %387, %380
+  %389 = getelementptr inbounds float, ptr %382, i64 %385
+  store <8 x float> %388, ptr %389, align 4
+  %390 = add nsw i64 %col28, 8
+  %391 = fcmp ogt <8 x float> %384, zeroinitializer
+  %392 = select <8 x i1> %391, <8 x float> %384, <8 x float> zeroinitializer
+  %393 = fmul <8 x float> %392, %380
+  %394 = getelementptr inbounds float, ptr %382, i64 %390
   store <8 x float> %393, ptr %394, align 4
-  %395 = add nsw i64 %col26, 8
-  %396 = fcmp ogt <8 x float> %389, zeroinitializer
-  %397 = select <8 x i1> %396, <8 x float> %389, <8 x float> zeroinitializer
-  %398 = fmul <8 x float> %397, %385
-  %399 = getelementptr inbounds float, ptr %387, i64 %395
-  store <8 x float> %398, ptr %399, align 4
+  %395 = add nsw i64 %r0, 4
+  %396 = getelementptr inbounds float, ptr %rw, i64 %395
+  %397 = load float, ptr %396, align 4
+  %398 = insertelement <8 x float> poison, float %397, i32 0
+  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
+  %400 = mul nsw i64 %395, 1024
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %col29 = mul nsw i64 %p, 16
+  %402 = load <8 x float>, ptr %acc4015, align 4
+  %403 = load <8 x float>, ptr %acc4116, align 4
+  %404 = add nsw i64 %col29, 0
+  %405 = fcmp ogt <8 x float> %402, zeroinitializer
+  %406 = select <8 x i1> %405, <8 x float> %402, <8 x float> zeroinitializer
+  %407 = fmul <8 x float> %406, %399
+  %408 = getelementptr inbounds float, ptr %401, i64 %404
+  store <8 x float> %407, ptr %408, align 4
+  %409 = add nsw i64 %col29, 8
+  %410 = fcmp ogt <8 x float> %403, zeroinitializer
+  %411 = select <8 x i1> %410, <8 x float> %403, <8 x float> zeroinitializer
+  %412 = fmul <8 x float> %411, %399
+  %413 = getelementptr inbounds float, ptr %401, i64 %409
+  store <8 x float> %412, ptr %413, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %400 = add nsw i64 %r0, 0
-  %401 = getelementptr inbounds i32, ptr %rows, i64 %400
-  %402 = load i32, ptr %401, align 4
-  %403 = sext i32 %402 to i64
-  %404 = mul nsw i64 %403, 512
-  %405 = getelementptr inbounds float, ptr %x, i64 %404
-  store <8 x float> zeroinitializer, ptr %acc0027, align 4
-  store <8 x float> zeroinitializer, ptr %acc0128, align 4
-  %406 = add nsw i64 %r0, 1
-  %407 = getelementptr inbounds i32, ptr %rows, i64 %406
-  %408 = load i32, ptr %407, align 4
-  %409 = sext i32 %408 to i64
-  %410 = mul nsw i64 %409, 512
-  %411 = getelementptr inbounds float, ptr %x, i64 %410
-  store <8 x float> zeroinitializer, ptr %acc1029, align 4
-  store <8 x float> zeroinitializer, ptr %acc1130, align 4
-  %412 = add nsw i64 %r0, 2
-  %413 = getelementptr inbounds i32, ptr %rows, i64 %412
-  %414 = load i32, ptr %413, align 4
-  %415 = sext i32 %414 to i64
-  %416 = mul nsw i64 %415, 512
-  %417 = getelementptr inbounds float, ptr %x, i64 %416
-  store <8 x float> zeroinitializer, ptr %acc2031, align 4
-  store <8 x float> zeroinitializer, ptr %acc2132, align 4
-  %418 = add nsw i64 %r0, 3
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %418
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 512
-  %423 = getelementptr inbounds float, ptr %x, i64 %422
-  store <8 x float> zeroinitializer, ptr %acc3033, align 4
-  store <8 x float> zeroinitializer, ptr %acc3134, align 4
-  %panel.off35 = mul nsw i64 %p, 8192
-  %424 = getelementptr inbounds float, ptr %panels, i64 %panel.off35
-  %425 = add nsw i64 %p, 1
-  %426 = icmp slt i64 %425, %p1
-  %427 = getelementptr inbounds i8, ptr %424, i64 32768
-  %428 = and i1 %pf.on, %426
-  %pf36 = select i1 %428, ptr %427, ptr %424
-  br label %k.head37
+  %414 = add nsw i64 %r0, 0
+  %415 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %416 = load i32, ptr %415, align 4
+  %417 = sext i32 %416 to i64
+  %418 = mul nsw i64 %417, 512
+  %419 = getelementptr inbounds float, ptr %x, i64 %418
+  store <8 x float> zeroinitializer, ptr %acc0030, align 4
+  store <8 x float> zeroinitializer, ptr %acc0131, align 4
+  %420 = add nsw i64 %r0, 1
+  %421 = getelementptr inbounds i32, ptr %rows, i64 %420
+  %422 = load i32, ptr %421, align 4
+  %423 = sext i32 %422 to i64
+  %424 = mul nsw i64 %423, 512
+  %425 = getelementptr inbounds float, ptr %x, i64 %424
+  store <8 x float> zeroinitializer, ptr %acc1032, align 4
+  store <8 x float> zeroinitializer, ptr %acc1133, align 4
+  %426 = add nsw i64 %r0, 2
+  %427 = getelementptr inbounds i32, ptr %rows, i64 %426
+  %428 = load i32, ptr %427, align 4
+  %429 = sext i32 %428 to i64
+  %430 = mul nsw i64 %429, 512
+  %431 = getelementptr inbounds float, ptr %x, i64 %430
+  store <8 x float> zeroinitializer, ptr %acc2034, align 4
+  store <8 x float> zeroinitializer, ptr %acc2135, align 4
+  %432 = add nsw i64 %r0, 3
+  %433 = getelementptr inbounds i32, ptr %rows, i64 %432
+  %434 = load i32, ptr %433, align 4
+  %435 = sext i32 %434 to i64
+  %436 = mul nsw i64 %435, 512
+  %437 = getelementptr inbounds float, ptr %x, i64 %436
+  store <8 x float> zeroinitializer, ptr %acc3036, align 4
+  store <8 x float> zeroinitializer, ptr %acc3137, align 4
+  %panel.off38 = mul nsw i64 %p, 8192
+  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off38
+  %439 = add nsw i64 %p, 1
+  %440 = icmp slt i64 %439, %p1
+  %pf.on39 = and i1 %pf.on, %440
+  %441 = mul nsw i64 %pf.j, 32768
+  %442 = lshr i64 %441, %9
+  %443 = add nsw i64 32768, %442
+  %444 = getelementptr inbounds i8, ptr %438, i64 %443
+  %pf40 = select i1 %pf.on39, ptr %444, ptr %438
+  %pf.sh41 = select i1 %pf.on39, i64 %9, i64 0
+  br label %k.head42
 
-k.head37:                                         ; preds = %k.body38, %tile.mr4
-  %k40 = phi i64 [ 0, %tile.mr4 ], [ %471, %k.body38 ]
-  %429 = icmp slt i64 %k40, 512
-  br i1 %429, label %k.body38, label %k.end39
+k.head42:                                         ; preds = %k.body43, %tile.mr4
+  %k45 = phi i64 [ 0, %tile.mr4 ], [ %488, %k.body43 ]
+  %445 = icmp slt i64 %k45, 512
+  br i1 %445, label %k.body43, label %k.end44
 
-k.body38:                                         ; preds = %k.head37
-  %430 = mul nsw i64 %k40, 16
-  %431 = add nsw i64 %panel.off35, %430
-  %432 = mul nsw i64 %k40, 64
-  %433 = getelementptr inbounds i8, ptr %pf36, i64 %432
-  call void @llvm.prefetch.p0(ptr %433, i32 0, i32 2, i32 1)
-  %434 = getelementptr inbounds float, ptr %panels, i64 %431
-  %435 = load <8 x float>, ptr %434, align 4
-  %436 = add nsw i64 %431, 8
-  %437 = getelementptr inbounds float, ptr %panels, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  %439 = getelementptr inbounds float, ptr %405, i64 %k40
-  %440 = load float, ptr %439, align 4
-  %441 = insertelement <8 x float> poison, float %440, i32 0
-  %442 = shufflevector <8 x float> %441, <8 x float> poison, <8 x i32> zeroinitializer
-  %443 = load <8 x float>, ptr %acc0027, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %435, <8 x float> %443)
-  store <8 x float> %444, ptr %acc0027, align 4
-  %445 = load <8 x float>, ptr %acc0128, align 4
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %438, <8 x float> %445)
-  store <8 x float> %446, ptr %acc0128, align 4
-  %447 = getelementptr inbounds float, ptr %411, i64 %k40
-  %448 = load float, ptr %447, align 4
-  %449 = insertelement <8 x float> poison, float %448, i32 0
-  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
-  %451 = load <8 x float>, ptr %acc1029, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %435, <8 x float> %451)
-  store <8 x float> %452, ptr %acc1029, align 4
-  %453 = load <8 x float>, ptr %acc1130, align 4
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %438, <8 x float> %453)
-  store <8 x float> %454, ptr %acc1130, align 4
-  %455 = getelementptr inbounds float, ptr %417, i64 %k40
-  %456 = load float, ptr %455, align 4
-  %457 = insertelement <8 x float> poison, float %456, i32 0
-  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc2031, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %435, <8 x float> %459)
-  store <8 x float> %460, ptr %acc2031, align 4
-  %461 = load <8 x float>, ptr %acc2132, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %438, <8 x float> %461)
-  store <8 x float> %462, ptr %acc2132, align 4
-  %463 = getelementptr inbounds float, ptr %423, i64 %k40
-  %464 = load float, ptr %463, align 4
-  %465 = insertelement <8 x float> poison, float %464, i32 0
-  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc3033, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %435, <8 x float> %467)
-  store <8 x float> %468, ptr %acc3033, align 4
-  %469 = load <8 x float>, ptr %acc3134, align 4
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %438, <8 x float> %469)
-  store <8 x float> %470, ptr %acc3134, align 4
-  %471 = add nsw i64 %k40, 1
-  br label %k.head37
+k.body43:                                         ; preds = %k.head42
+  %446 = mul nsw i64 %k45, 16
+  %447 = add nsw i64 %panel.off38, %446
+  %448 = mul nsw i64 %k45, 64
+  %449 = lshr i64 %448, %pf.sh41
+  %450 = getelementptr inbounds i8, ptr %pf40, i64 %449
+  call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
+  %451 = getelementptr inbounds float, ptr %panels, i64 %447
+  %452 = load <8 x float>, ptr %451, align 4
+  %453 = add nsw i64 %447, 8
+  %454 = getelementptr inbounds float, ptr %panels, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = getelementptr inbounds float, ptr %419, i64 %k45
+  %457 = load float, ptr %456, align 4
+  %458 = insertelement <8 x float> poison, float %457, i32 0
+  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
+  %460 = load <8 x float>, ptr %acc0030, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
+  store <8 x float> %461, ptr %acc0030, align 4
+  %462 = load <8 x float>, ptr %acc0131, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
+  store <8 x float> %463, ptr %acc0131, align 4
+  %464 = getelementptr inbounds float, ptr %425, i64 %k45
+  %465 = load float, ptr %464, align 4
+  %466 = insertelement <8 x float> poison, float %465, i32 0
+  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
+  %468 = load <8 x float>, ptr %acc1032, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
+  store <8 x float> %469, ptr %acc1032, align 4
+  %470 = load <8 x float>, ptr %acc1133, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
+  store <8 x float> %471, ptr %acc1133, align 4
+  %472 = getelementptr inbounds float, ptr %431, i64 %k45
+  %473 = load float, ptr %472, align 4
+  %474 = insertelement <8 x float> poison, float %473, i32 0
+  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
+  %476 = load <8 x float>, ptr %acc2034, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
+  store <8 x float> %477, ptr %acc2034, align 4
+  %478 = load <8 x float>, ptr %acc2135, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
+  store <8 x float> %479, ptr %acc2135, align 4
+  %480 = getelementptr inbounds float, ptr %437, i64 %k45
+  %481 = load float, ptr %480, align 4
+  %482 = insertelement <8 x float> poison, float %481, i32 0
+  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
+  %484 = load <8 x float>, ptr %acc3036, align 4
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
+  store <8 x float> %485, ptr %acc3036, align 4
+  %486 = load <8 x float>, ptr %acc3137, align 4
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
+  store <8 x float> %487, ptr %acc3137, align 4
+  %488 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end39:                                          ; preds = %k.head37
-  %472 = add nsw i64 %r0, 0
-  %473 = getelementptr inbounds float, ptr %rw, i64 %472
-  %474 = load float, ptr %473, align 4
-  %475 = insertelement <8 x float> poison, float %474, i32 0
-  %476 = shufflevector <8 x float> %475, <8 x float> poison, <8 x i32> zeroinitializer
-  %477 = mul nsw i64 %472, 1024
-  %478 = getelementptr inbounds float, ptr %h, i64 %477
-  %col41 = mul nsw i64 %p, 16
-  %479 = load <8 x float>, ptr %acc0027, align 4
-  %480 = load <8 x float>, ptr %acc0128, align 4
-  %481 = add nsw i64 %col41, 0
-  %482 = fcmp ogt <8 x float> %479, zeroinitializer
-  %483 = select <8 x i1> %482, <8 x float> %479, <8 x float> zeroinitializer
-  %484 = fmul <8 x float> %483, %476
-  %485 = getelementptr inbounds float, ptr %478, i64 %481
-  store <8 x float> %484, ptr %485, align 4
-  %486 = add nsw i64 %col41, 8
-  %487 = fcmp ogt <8 x float> %480, zeroinitializer
-  %488 = select <8 x i1> %487, <8 x float> %480, <8 x float> zeroinitializer
-  %489 = fmul <8 x float> %488, %476
-  %490 = getelementptr inbounds float, ptr %478, i64 %486
-  store <8 x float> %489, ptr %490, align 4
-  %491 = add nsw i64 %r0, 1
-  %492 = getelementptr inbounds float, ptr %rw, i64 %491
-  %493 = load float, ptr %492, align 4
-  %494 = insertelement <8 x float> poison, float %493, i32 0
-  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
-  %496 = mul nsw i64 %491, 1024
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %col42 = mul nsw i64 %p, 16
-  %498 = load <8 x float>, ptr %acc1029, align 4
-  %499 = load <8 x float>, ptr %acc1130, align 4
-  %500 = add nsw i64 %col42, 0
-  %501 = fcmp ogt <8 x float> %498, zeroinitializer
-  %502 = select <8 x i1> %501, <8 x float> %498, <8 x float> zeroinitializer
-  %503 = fmul <8 x float> %502, %495
-  %504 = getelementptr inbounds float, ptr %497, i64 %500
-  store <8 x float> %503, ptr %504, align 4
-  %505 = add nsw i64 %col42, 8
-  %506 = fcmp ogt <8 x float> %499, zeroinitializer
-  %507 = select <8 x i1> %506, <8 x float> %499, <8 x float> zeroinitializer
-  %508 = fmul <8 x float> %507, %495
-  %509 = getelementptr inbounds float, ptr %497, i64 %505
-  store <8 x float> %508, ptr %509, align 4
-  %510 = add nsw i64 %r0, 2
-  %511 = getelementptr inbounds float, ptr %rw, i64 %510
-  %512 = load float, ptr %511, align 4
-  %513 = insertelement <8 x float> poison, float %512, i32 0
-  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
-  %515 = mul nsw i64 %510, 1024
-  %516 = getelementptr inbounds float, ptr %h, i64 %515
-  %col43 = mul nsw i64 %p, 16
-  %517 = load <8 x float>, ptr %acc2031, align 4
-  %518 = load <8 x float>, ptr %acc2132, align 4
-  %519 = add nsw i64 %col43, 0
-  %520 = fcmp ogt <8 x float> %517, zeroinitializer
-  %521 = select <8 x i1> %520, <8 x float> %517, <8 x float> zeroinitializer
-  %522 = fmul <8 x float> %521, %514
-  %523 = getelementptr inbounds float, ptr %516, i64 %519
-  store <8 x float> %522, ptr %523, align 4
-  %524 = add nsw i64 %col43, 8
-  %525 = fcmp ogt <8 x float> %518, zeroinitializer
-  %526 = select <8 x i1> %525, <8 x float> %518, <8 x float> zeroinitializer
-  %527 = fmul <8 x float> %526, %514
-  %528 = getelementptr inbounds float, ptr %516, i64 %524
-  store <8 x float> %527, ptr %528, align 4
-  %529 = add nsw i64 %r0, 3
-  %530 = getelementptr inbounds float, ptr %rw, i64 %529
-  %531 = load float, ptr %530, align 4
-  %532 = insertelement <8 x float> poison, float %531, i32 0
-  %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
-  %534 = mul nsw i64 %529, 1024
-  %535 = getelementptr inbounds float, ptr %h, i64 %534
-  %col44 = mul nsw i64 %p, 16
-  %536 = load <8 x float>, ptr %acc3033, align 4
-  %537 = load <8 x float>, ptr %acc3134, align 4
-  %538 = add nsw i64 %col44, 0
-  %539 = fcmp ogt <8 x float> %536, zeroinitializer
-  %540 = select <8 x i1> %539, <8 x float> %536, <8 x float> zeroinitializer
-  %541 = fmul <8 x float> %540, %533
-  %542 = getelementptr inbounds float, ptr %535, i64 %538
-  store <8 x float> %541, ptr %542, align 4
-  %543 = add nsw i64 %col44, 8
-  %544 = fcmp ogt <8 x float> %537, zeroinitializer
-  %545 = select <8 x i1> %544, <8 x float> %537, <8 x float> zeroinitializer
-  %546 = fmul <8 x float> %545, %533
-  %547 = getelementptr inbounds float, ptr %535, i64 %543
-  store <8 x float> %546, ptr %547, align 4
+k.end44:                                          ; preds = %k.head42
+  %489 = add nsw i64 %r0, 0
+  %490 = getelementptr inbounds float, ptr %rw, i64 %489
+  %491 = load float, ptr %490, align 4
+  %492 = insertelement <8 x float> poison, float %491, i32 0
+  %493 = shufflevector <8 x float> %492, <8 x float> poison, <8 x i32> zeroinitializer
+  %494 = mul nsw i64 %489, 1024
+  %495 = getelementptr inbounds float, ptr %h, i64 %494
+  %col46 = mul nsw i64 %p, 16
+  %496 = load <8 x float>, ptr %acc0030, align 4
+  %497 = load <8 x float>, ptr %acc0131, align 4
+  %498 = add nsw i64 %col46, 0
+  %499 = fcmp ogt <8 x float> %496, zeroinitializer
+  %500 = select <8 x i1> %499, <8 x float> %496, <8 x float> zeroinitializer
+  %501 = fmul <8 x float> %500, %493
+  %502 = getelementptr inbounds float, ptr %495, i64 %498
+  store <8 x float> %501, ptr %502, align 4
+  %503 = add nsw i64 %col46, 8
+  %504 = fcmp ogt <8 x float> %497, zeroinitializer
+  %505 = select <8 x i1> %504, <8 x float> %497, <8 x float> zeroinitializer
+  %506 = fmul <8 x float> %505, %493
+  %507 = getelementptr inbounds float, ptr %495, i64 %503
+  store <8 x float> %506, ptr %507, align 4
+  %508 = add nsw i64 %r0, 1
+  %509 = getelementptr inbounds float, ptr %rw, i64 %508
+  %510 = load float, ptr %509, align 4
+  %511 = insertelement <8 x float> poison, float %510, i32 0
+  %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
+  %513 = mul nsw i64 %508, 1024
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %col47 = mul nsw i64 %p, 16
+  %515 = load <8 x float>, ptr %acc1032, align 4
+  %516 = load <8 x float>, ptr %acc1133, align 4
+  %517 = add nsw i64 %col47, 0
+  %518 = fcmp ogt <8 x float> %515, zeroinitializer
+  %519 = select <8 x i1> %518, <8 x float> %515, <8 x float> zeroinitializer
+  %520 = fmul <8 x float> %519, %512
+  %521 = getelementptr inbounds float, ptr %514, i64 %517
+  store <8 x float> %520, ptr %521, align 4
+  %522 = add nsw i64 %col47, 8
+  %523 = fcmp ogt <8 x float> %516, zeroinitializer
+  %524 = select <8 x i1> %523, <8 x float> %516, <8 x float> zeroinitializer
+  %525 = fmul <8 x float> %524, %512
+  %526 = getelementptr inbounds float, ptr %514, i64 %522
+  store <8 x float> %525, ptr %526, align 4
+  %527 = add nsw i64 %r0, 2
+  %528 = getelementptr inbounds float, ptr %rw, i64 %527
+  %529 = load float, ptr %528, align 4
+  %530 = insertelement <8 x float> poison, float %529, i32 0
+  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
+  %532 = mul nsw i64 %527, 1024
+  %533 = getelementptr inbounds float, ptr %h, i64 %532
+  %col48 = mul nsw i64 %p, 16
+  %534 = load <8 x float>, ptr %acc2034, align 4
+  %535 = load <8 x float>, ptr %acc2135, align 4
+  %536 = add nsw i64 %col48, 0
+  %537 = fcmp ogt <8 x float> %534, zeroinitializer
+  %538 = select <8 x i1> %537, <8 x float> %534, <8 x float> zeroinitializer
+  %539 = fmul <8 x float> %538, %531
+  %540 = getelementptr inbounds float, ptr %533, i64 %536
+  store <8 x float> %539, ptr %540, align 4
+  %541 = add nsw i64 %col48, 8
+  %542 = fcmp ogt <8 x float> %535, zeroinitializer
+  %543 = select <8 x i1> %542, <8 x float> %535, <8 x float> zeroinitializer
+  %544 = fmul <8 x float> %543, %531
+  %545 = getelementptr inbounds float, ptr %533, i64 %541
+  store <8 x float> %544, ptr %545, align 4
+  %546 = add nsw i64 %r0, 3
+  %547 = getelementptr inbounds float, ptr %rw, i64 %546
+  %548 = load float, ptr %547, align 4
+  %549 = insertelement <8 x float> poison, float %548, i32 0
+  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
+  %551 = mul nsw i64 %546, 1024
+  %552 = getelementptr inbounds float, ptr %h, i64 %551
+  %col49 = mul nsw i64 %p, 16
+  %553 = load <8 x float>, ptr %acc3036, align 4
+  %554 = load <8 x float>, ptr %acc3137, align 4
+  %555 = add nsw i64 %col49, 0
+  %556 = fcmp ogt <8 x float> %553, zeroinitializer
+  %557 = select <8 x i1> %556, <8 x float> %553, <8 x float> zeroinitializer
+  %558 = fmul <8 x float> %557, %550
+  %559 = getelementptr inbounds float, ptr %552, i64 %555
+  store <8 x float> %558, ptr %559, align 4
+  %560 = add nsw i64 %col49, 8
+  %561 = fcmp ogt <8 x float> %554, zeroinitializer
+  %562 = select <8 x i1> %561, <8 x float> %554, <8 x float> zeroinitializer
+  %563 = fmul <8 x float> %562, %550
+  %564 = getelementptr inbounds float, ptr %552, i64 %560
+  store <8 x float> %563, ptr %564, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %548 = add nsw i64 %r0, 0
-  %549 = getelementptr inbounds i32, ptr %rows, i64 %548
-  %550 = load i32, ptr %549, align 4
-  %551 = sext i32 %550 to i64
-  %552 = mul nsw i64 %551, 512
-  %553 = getelementptr inbounds float, ptr %x, i64 %552
-  store <8 x float> zeroinitializer, ptr %acc0045, align 4
-  store <8 x float> zeroinitializer, ptr %acc0146, align 4
-  %554 = add nsw i64 %r0, 1
-  %555 = getelementptr inbounds i32, ptr %rows, i64 %554
-  %556 = load i32, ptr %555, align 4
-  %557 = sext i32 %556 to i64
-  %558 = mul nsw i64 %557, 512
-  %559 = getelementptr inbounds float, ptr %x, i64 %558
-  store <8 x float> zeroinitializer, ptr %acc1047, align 4
-  store <8 x float> zeroinitializer, ptr %acc1148, align 4
-  %560 = add nsw i64 %r0, 2
-  %561 = getelementptr inbounds i32, ptr %rows, i64 %560
-  %562 = load i32, ptr %561, align 4
-  %563 = sext i32 %562 to i64
-  %564 = mul nsw i64 %563, 512
-  %565 = getelementptr inbounds float, ptr %x, i64 %564
-  store <8 x float> zeroinitializer, ptr %acc2049, align 4
-  store <8 x float> zeroinitializer, ptr %acc2150, align 4
-  %panel.off51 = mul nsw i64 %p, 8192
-  %566 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
-  %567 = add nsw i64 %p, 1
-  %568 = icmp slt i64 %567, %p1
-  %569 = getelementptr inbounds i8, ptr %566, i64 32768
-  %570 = and i1 %pf.on, %568
-  %pf52 = select i1 %570, ptr %569, ptr %566
-  br label %k.head53
+  %565 = add nsw i64 %r0, 0
+  %566 = getelementptr inbounds i32, ptr %rows, i64 %565
+  %567 = load i32, ptr %566, align 4
+  %568 = sext i32 %567 to i64
+  %569 = mul nsw i64 %568, 512
+  %570 = getelementptr inbounds float, ptr %x, i64 %569
+  store <8 x float> zeroinitializer, ptr %acc0050, align 4
+  store <8 x float> zeroinitializer, ptr %acc0151, align 4
+  %571 = add nsw i64 %r0, 1
+  %572 = getelementptr inbounds i32, ptr %rows, i64 %571
+  %573 = load i32, ptr %572, align 4
+  %574 = sext i32 %573 to i64
+  %575 = mul nsw i64 %574, 512
+  %576 = getelementptr inbounds float, ptr %x, i64 %575
+  store <8 x float> zeroinitializer, ptr %acc1052, align 4
+  store <8 x float> zeroinitializer, ptr %acc1153, align 4
+  %577 = add nsw i64 %r0, 2
+  %578 = getelementptr inbounds i32, ptr %rows, i64 %577
+  %579 = load i32, ptr %578, align 4
+  %580 = sext i32 %579 to i64
+  %581 = mul nsw i64 %580, 512
+  %582 = getelementptr inbounds float, ptr %x, i64 %581
+  store <8 x float> zeroinitializer, ptr %acc2054, align 4
+  store <8 x float> zeroinitializer, ptr %acc2155, align 4
+  %panel.off56 = mul nsw i64 %p, 8192
+  %583 = getelementptr inbounds float, ptr %panels, i64 %panel.off56
+  %584 = add nsw i64 %p, 1
+  %585 = icmp slt i64 %584, %p1
+  %pf.on57 = and i1 %pf.on, %585
+  %586 = mul nsw i64 %pf.j, 32768
+  %587 = lshr i64 %586, %9
+  %588 = add nsw i64 32768, %587
+  %589 = getelementptr inbounds i8, ptr %583, i64 %588
+  %pf58 = select i1 %pf.on57, ptr %589, ptr %583
+  %pf.sh59 = select i1 %pf.on57, i64 %9, i64 0
+  br label %k.head60
 
-k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %605, %k.body54 ]
-  %571 = icmp slt i64 %k56, 512
-  br i1 %571, label %k.body54, label %k.end55
+k.head60:                                         ; preds = %k.body61, %tile.mr3
+  %k63 = phi i64 [ 0, %tile.mr3 ], [ %625, %k.body61 ]
+  %590 = icmp slt i64 %k63, 512
+  br i1 %590, label %k.body61, label %k.end62
 
-k.body54:                                         ; preds = %k.head53
-  %572 = mul nsw i64 %k56, 16
-  %573 = add nsw i64 %panel.off51, %572
-  %574 = mul nsw i64 %k56, 64
-  %575 = getelementptr inbounds i8, ptr %pf52, i64 %574
-  call void @llvm.prefetch.p0(ptr %575, i32 0, i32 2, i32 1)
-  %576 = getelementptr inbounds float, ptr %panels, i64 %573
-  %577 = load <8 x float>, ptr %576, align 4
-  %578 = add nsw i64 %573, 8
-  %579 = getelementptr inbounds float, ptr %panels, i64 %578
-  %580 = load <8 x float>, ptr %579, align 4
-  %581 = getelementptr inbounds float, ptr %553, i64 %k56
-  %582 = load float, ptr %581, align 4
-  %583 = insertelement <8 x float> poison, float %582, i32 0
-  %584 = shufflevector <8 x float> %583, <8 x float> poison, <8 x i32> zeroinitializer
-  %585 = load <8 x float>, ptr %acc0045, align 4
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %577, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0045, align 4
-  %587 = load <8 x float>, ptr %acc0146, align 4
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> %580, <8 x float> %587)
-  store <8 x float> %588, ptr %acc0146, align 4
-  %589 = getelementptr inbounds float, ptr %559, i64 %k56
-  %590 = load float, ptr %589, align 4
-  %591 = insertelement <8 x float> poison, float %590, i32 0
-  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
-  %593 = load <8 x float>, ptr %acc1047, align 4
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %577, <8 x float> %593)
-  store <8 x float> %594, ptr %acc1047, align 4
-  %595 = load <8 x float>, ptr %acc1148, align 4
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %580, <8 x float> %595)
-  store <8 x float> %596, ptr %acc1148, align 4
-  %597 = getelementptr inbounds float, ptr %565, i64 %k56
-  %598 = load float, ptr %597, align 4
-  %599 = insertelement <8 x float> poison, float %598, i32 0
-  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = load <8 x float>, ptr %acc2049, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %577, <8 x float> %601)
-  store <8 x float> %602, ptr %acc2049, align 4
-  %603 = load <8 x float>, ptr %acc2150, align 4
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %580, <8 x float> %603)
-  store <8 x float> %604, ptr %acc2150, align 4
-  %605 = add nsw i64 %k56, 1
-  br label %k.head53
+k.body61:                                         ; preds = %k.head60
+  %591 = mul nsw i64 %k63, 16
+  %592 = add nsw i64 %panel.off56, %591
+  %593 = mul nsw i64 %k63, 64
+  %594 = lshr i64 %593, %pf.sh59
+  %595 = getelementptr inbounds i8, ptr %pf58, i64 %594
+  call void @llvm.prefetch.p0(ptr %595, i32 0, i32 2, i32 1)
+  %596 = getelementptr inbounds float, ptr %panels, i64 %592
+  %597 = load <8 x float>, ptr %596, align 4
+  %598 = add nsw i64 %592, 8
+  %599 = getelementptr inbounds float, ptr %panels, i64 %598
+  %600 = load <8 x float>, ptr %599, align 4
+  %601 = getelementptr inbounds float, ptr %570, i64 %k63
+  %602 = load float, ptr %601, align 4
+  %603 = insertelement <8 x float> poison, float %602, i32 0
+  %604 = shufflevector <8 x float> %603, <8 x float> poison, <8 x i32> zeroinitializer
+  %605 = load <8 x float>, ptr %acc0050, align 4
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %597, <8 x float> %605)
+  store <8 x float> %606, ptr %acc0050, align 4
+  %607 = load <8 x float>, ptr %acc0151, align 4
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %600, <8 x float> %607)
+  store <8 x float> %608, ptr %acc0151, align 4
+  %609 = getelementptr inbounds float, ptr %576, i64 %k63
+  %610 = load float, ptr %609, align 4
+  %611 = insertelement <8 x float> poison, float %610, i32 0
+  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
+  %613 = load <8 x float>, ptr %acc1052, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %597, <8 x float> %613)
+  store <8 x float> %614, ptr %acc1052, align 4
+  %615 = load <8 x float>, ptr %acc1153, align 4
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %600, <8 x float> %615)
+  store <8 x float> %616, ptr %acc1153, align 4
+  %617 = getelementptr inbounds float, ptr %582, i64 %k63
+  %618 = load float, ptr %617, align 4
+  %619 = insertelement <8 x float> poison, float %618, i32 0
+  %620 = shufflevector <8 x float> %619, <8 x float> poison, <8 x i32> zeroinitializer
+  %621 = load <8 x float>, ptr %acc2054, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %597, <8 x float> %621)
+  store <8 x float> %622, ptr %acc2054, align 4
+  %623 = load <8 x float>, ptr %acc2155, align 4
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %600, <8 x float> %623)
+  store <8 x float> %624, ptr %acc2155, align 4
+  %625 = add nsw i64 %k63, 1
+  br label %k.head60
 
-k.end55:                                          ; preds = %k.head53
-  %606 = add nsw i64 %r0, 0
-  %607 = getelementptr inbounds float, ptr %rw, i64 %606
-  %608 = load float, ptr %607, align 4
-  %609 = insertelement <8 x float> poison, float %608, i32 0
-  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = mul nsw i64 %606, 1024
-  %612 = getelementptr inbounds float, ptr %h, i64 %611
-  %col57 = mul nsw i64 %p, 16
-  %613 = load <8 x float>, ptr %acc0045, align 4
-  %614 = load <8 x float>, ptr %acc0146, align 4
-  %615 = add nsw i64 %col57, 0
-  %616 = fcmp ogt <8 x float> %613, zeroinitializer
-  %617 = select <8 x i1> %616, <8 x float> %613, <8 x float> zeroinitializer
-  %618 = fmul <8 x float> %617, %610
-  %619 = getelementptr inbounds float, ptr %612, i64 %615
-  store <8 x float> %618, ptr %619, align 4
-  %620 = add nsw i64 %col57, 8
-  %621 = fcmp ogt <8 x float> %614, zeroinitializer
-  %622 = select <8 x i1> %621, <8 x float> %614, <8 x float> zeroinitializer
-  %623 = fmul <8 x float> %622, %610
-  %624 = getelementptr inbounds float, ptr %612, i64 %620
-  store <8 x float> %623, ptr %624, align 4
-  %625 = add nsw i64 %r0, 1
-  %626 = getelementptr inbounds float, ptr %rw, i64 %625
-  %627 = load float, ptr %626, align 4
-  %628 = insertelement <8 x float> poison, float %627, i32 0
-  %629 = shufflevector <8 x float> %628, <8 x float> poison, <8 x i32> zeroinitializer
-  %630 = mul nsw i64 %625, 1024
-  %631 = getelementptr inbounds float, ptr %h, i64 %630
-  %col58 = mul nsw i64 %p, 16
-  %632 = load <8 x float>, ptr %acc1047, align 4
-  %633 = load <8 x float>, ptr %acc1148, align 4
-  %634 = add nsw i64 %col58, 0
-  %635 = fcmp ogt <8 x float> %632, zeroinitializer
-  %636 = select <8 x i1> %635, <8 x float> %632, <8 x float> zeroinitializer
-  %637 = fmul <8 x float> %636, %629
-  %638 = getelementptr inbounds float, ptr %631, i64 %634
-  store <8 x float> %637, ptr %638, align 4
-  %639 = add nsw i64 %col58, 8
-  %640 = fcmp ogt <8 x float> %633, zeroinitializer
-  %641 = select <8 x i1> %640, <8 x float> %633, <8 x float> zeroinitializer
-  %642 = fmul <8 x float> %641, %629
-  %643 = getelementptr inbounds float, ptr %631, i64 %639
-  store <8 x float> %642, ptr %643, align 4
-  %644 = add nsw i64 %r0, 2
-  %645 = getelementptr inbounds float, ptr %rw, i64 %644
-  %646 = load float, ptr %645, align 4
-  %647 = insertelement <8 x float> poison, float %646, i32 0
-  %648 = shufflevector <8 x float> %647, <8 x float> poison, <8 x i32> zeroinitializer
-  %649 = mul nsw i64 %644, 1024
-  %650 = getelementptr inbounds float, ptr %h, i64 %649
-  %col59 = mul nsw i64 %p, 16
-  %651 = load <8 x float>, ptr %acc2049, align 4
-  %652 = load <8 x float>, ptr %acc2150, align 4
-  %653 = add nsw i64 %col59, 0
-  %654 = fcmp ogt <8 x float> %651, zeroinitializer
-  %655 = select <8 x i1> %654, <8 x float> %651, <8 x float> zeroinitializer
-  %656 = fmul <8 x float> %655, %648
-  %657 = getelementptr inbounds float, ptr %650, i64 %653
-  store <8 x float> %656, ptr %657, align 4
-  %658 = add nsw i64 %col59, 8
-  %659 = fcmp ogt <8 x float> %652, zeroinitializer
-  %660 = select <8 x i1> %659, <8 x float> %652, <8 x float> zeroinitializer
-  %661 = fmul <8 x float> %660, %648
-  %662 = getelementptr inbounds float, ptr %650, i64 %658
-  store <8 x float> %661, ptr %662, align 4
+k.end62:                                          ; preds = %k.head60
+  %626 = add nsw i64 %r0, 0
+  %627 = getelementptr inbounds float, ptr %rw, i64 %626
+  %628 = load float, ptr %627, align 4
+  %629 = insertelement <8 x float> poison, float %628, i32 0
+  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
+  %631 = mul nsw i64 %626, 1024
+  %632 = getelementptr inbounds float, ptr %h, i64 %631
+  %col64 = mul nsw i64 %p, 16
+  %633 = load <8 x float>, ptr %acc0050, align 4
+  %634 = load <8 x float>, ptr %acc0151, align 4
+  %635 = add nsw i64 %col64, 0
+  %636 = fcmp ogt <8 x float> %633, zeroinitializer
+  %637 = select <8 x i1> %636, <8 x float> %633, <8 x float> zeroinitializer
+  %638 = fmul <8 x float> %637, %630
+  %639 = getelementptr inbounds float, ptr %632, i64 %635
+  store <8 x float> %638, ptr %639, align 4
+  %640 = add nsw i64 %col64, 8
+  %641 = fcmp ogt <8 x float> %634, zeroinitializer
+  %642 = select <8 x i1> %641, <8 x float> %634, <8 x float> zeroinitializer
+  %643 = fmul <8 x float> %642, %630
+  %644 = getelementptr inbounds float, ptr %632, i64 %640
+  store <8 x float> %643, ptr %644, align 4
+  %645 = add nsw i64 %r0, 1
+  %646 = getelementptr inbounds float, ptr %rw, i64 %645
+  %647 = load float, ptr %646, align 4
+  %648 = insertelement <8 x float> poison, float %647, i32 0
+  %649 = shufflevector <8 x float> %648, <8 x float> poison, <8 x i32> zeroinitializer
+  %650 = mul nsw i64 %645, 1024
+  %651 = getelementptr inbounds float, ptr %h, i64 %650
+  %col65 = mul nsw i64 %p, 16
+  %652 = load <8 x float>, ptr %acc1052, align 4
+  %653 = load <8 x float>, ptr %acc1153, align 4
+  %654 = add nsw i64 %col65, 0
+  %655 = fcmp ogt <8 x float> %652, zeroinitializer
+  %656 = select <8 x i1> %655, <8 x float> %652, <8 x float> zeroinitializer
+  %657 = fmul <8 x float> %656, %649
+  %658 = getelementptr inbounds float, ptr %651, i64 %654
+  store <8 x float> %657, ptr %658, align 4
+  %659 = add nsw i64 %col65, 8
+  %660 = fcmp ogt <8 x float> %653, zeroinitializer
+  %661 = select <8 x i1> %660, <8 x float> %653, <8 x float> zeroinitializer
+  %662 = fmul <8 x float> %661, %649
+  %663 = getelementptr inbounds float, ptr %651, i64 %659
+  store <8 x float> %662, ptr %663, align 4
+  %664 = add nsw i64 %r0, 2
+  %665 = getelementptr inbounds float, ptr %rw, i64 %664
+  %666 = load float, ptr %665, align 4
+  %667 = insertelement <8 x float> poison, float %666, i32 0
+  %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
+  %669 = mul nsw i64 %664, 1024
+  %670 = getelementptr inbounds float, ptr %h, i64 %669
+  %col66 = mul nsw i64 %p, 16
+  %671 = load <8 x float>, ptr %acc2054, align 4
+  %672 = load <8 x float>, ptr %acc2155, align 4
+  %673 = add nsw i64 %col66, 0
+  %674 = fcmp ogt <8 x float> %671, zeroinitializer
+  %675 = select <8 x i1> %674, <8 x float> %671, <8 x float> zeroinitializer
+  %676 = fmul <8 x float> %675, %668
+  %677 = getelementptr inbounds float, ptr %670, i64 %673
+  store <8 x float> %676, ptr %677, align 4
+  %678 = add nsw i64 %col66, 8
+  %679 = fcmp ogt <8 x float> %672, zeroinitializer
+  %680 = select <8 x i1> %679, <8 x float> %672, <8 x float> zeroinitializer
+  %681 = fmul <8 x float> %680, %668
+  %682 = getelementptr inbounds float, ptr %670, i64 %678
+  store <8 x float> %681, ptr %682, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %663 = add nsw i64 %r0, 0
-  %664 = getelementptr inbounds i32, ptr %rows, i64 %663
-  %665 = load i32, ptr %664, align 4
-  %666 = sext i32 %665 to i64
-  %667 = mul nsw i64 %666, 512
-  %668 = getelementptr inbounds float, ptr %x, i64 %667
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
-  %669 = add nsw i64 %r0, 1
-  %670 = getelementptr inbounds i32, ptr %rows, i64 %669
-  %671 = load i32, ptr %670, align 4
-  %672 = sext i32 %671 to i64
-  %673 = mul nsw i64 %672, 512
-  %674 = getelementptr inbounds float, ptr %x, i64 %673
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
-  %panel.off64 = mul nsw i64 %p, 8192
-  %675 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %676 = add nsw i64 %p, 1
-  %677 = icmp slt i64 %676, %p1
-  %678 = getelementptr inbounds i8, ptr %675, i64 32768
-  %679 = and i1 %pf.on, %677
-  %pf65 = select i1 %679, ptr %678, ptr %675
-  br label %k.head66
+  %683 = add nsw i64 %r0, 0
+  %684 = getelementptr inbounds i32, ptr %rows, i64 %683
+  %685 = load i32, ptr %684, align 4
+  %686 = sext i32 %685 to i64
+  %687 = mul nsw i64 %686, 512
+  %688 = getelementptr inbounds float, ptr %x, i64 %687
+  store <8 x float> zeroinitializer, ptr %acc0067, align 4
+  store <8 x float> zeroinitializer, ptr %acc0168, align 4
+  %689 = add nsw i64 %r0, 1
+  %690 = getelementptr inbounds i32, ptr %rows, i64 %689
+  %691 = load i32, ptr %690, align 4
+  %692 = sext i32 %691 to i64
+  %693 = mul nsw i64 %692, 512
+  %694 = getelementptr inbounds float, ptr %x, i64 %693
+  store <8 x float> zeroinitializer, ptr %acc1069, align 4
+  store <8 x float> zeroinitializer, ptr %acc1170, align 4
+  %panel.off71 = mul nsw i64 %p, 8192
+  %695 = getelementptr inbounds float, ptr %panels, i64 %panel.off71
+  %696 = add nsw i64 %p, 1
+  %697 = icmp slt i64 %696, %p1
+  %pf.on72 = and i1 %pf.on, %697
+  %698 = mul nsw i64 %pf.j, 32768
+  %699 = lshr i64 %698, %9
+  %700 = add nsw i64 32768, %699
+  %701 = getelementptr inbounds i8, ptr %695, i64 %700
+  %pf73 = select i1 %pf.on72, ptr %701, ptr %695
+  %pf.sh74 = select i1 %pf.on72, i64 %9, i64 0
+  br label %k.head75
 
-k.head66:                                         ; preds = %k.body67, %tile.mr2
-  %k69 = phi i64 [ 0, %tile.mr2 ], [ %706, %k.body67 ]
-  %680 = icmp slt i64 %k69, 512
-  br i1 %680, label %k.body67, label %k.end68
+k.head75:                                         ; preds = %k.body76, %tile.mr2
+  %k78 = phi i64 [ 0, %tile.mr2 ], [ %729, %k.body76 ]
+  %702 = icmp slt i64 %k78, 512
+  br i1 %702, label %k.body76, label %k.end77
 
-k.body67:                                         ; preds = %k.head66
-  %681 = mul nsw i64 %k69, 16
-  %682 = add nsw i64 %panel.off64, %681
-  %683 = mul nsw i64 %k69, 64
-  %684 = getelementptr inbounds i8, ptr %pf65, i64 %683
-  call void @llvm.prefetch.p0(ptr %684, i32 0, i32 2, i32 1)
-  %685 = getelementptr inbounds float, ptr %panels, i64 %682
-  %686 = load <8 x float>, ptr %685, align 4
-  %687 = add nsw i64 %682, 8
-  %688 = getelementptr inbounds float, ptr %panels, i64 %687
-  %689 = load <8 x float>, ptr %688, align 4
-  %690 = getelementptr inbounds float, ptr %668, i64 %k69
-  %691 = load float, ptr %690, align 4
-  %692 = insertelement <8 x float> poison, float %691, i32 0
-  %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
-  %694 = load <8 x float>, ptr %acc0060, align 4
-  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %686, <8 x float> %694)
-  store <8 x float> %695, ptr %acc0060, align 4
-  %696 = load <8 x float>, ptr %acc0161, align 4
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %689, <8 x float> %696)
-  store <8 x float> %697, ptr %acc0161, align 4
-  %698 = getelementptr inbounds float, ptr %674, i64 %k69
-  %699 = load float, ptr %698, align 4
-  %700 = insertelement <8 x float> poison, float %699, i32 0
-  %701 = shufflevector <8 x float> %700, <8 x float> poison, <8 x i32> zeroinitializer
-  %702 = load <8 x float>, ptr %acc1062, align 4
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %686, <8 x float> %702)
-  store <8 x float> %703, ptr %acc1062, align 4
-  %704 = load <8 x float>, ptr %acc1163, align 4
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %689, <8 x float> %704)
-  store <8 x float> %705, ptr %acc1163, align 4
-  %706 = add nsw i64 %k69, 1
-  br label %k.head66
+k.body76:                                         ; preds = %k.head75
+  %703 = mul nsw i64 %k78, 16
+  %704 = add nsw i64 %panel.off71, %703
+  %705 = mul nsw i64 %k78, 64
+  %706 = lshr i64 %705, %pf.sh74
+  %707 = getelementptr inbounds i8, ptr %pf73, i64 %706
+  call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
+  %708 = getelementptr inbounds float, ptr %panels, i64 %704
+  %709 = load <8 x float>, ptr %708, align 4
+  %710 = add nsw i64 %704, 8
+  %711 = getelementptr inbounds float, ptr %panels, i64 %710
+  %712 = load <8 x float>, ptr %711, align 4
+  %713 = getelementptr inbounds float, ptr %688, i64 %k78
+  %714 = load float, ptr %713, align 4
+  %715 = insertelement <8 x float> poison, float %714, i32 0
+  %716 = shufflevector <8 x float> %715, <8 x float> poison, <8 x i32> zeroinitializer
+  %717 = load <8 x float>, ptr %acc0067, align 4
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %709, <8 x float> %717)
+  store <8 x float> %718, ptr %acc0067, align 4
+  %719 = load <8 x float>, ptr %acc0168, align 4
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %712, <8 x float> %719)
+  store <8 x float> %720, ptr %acc0168, align 4
+  %721 = getelementptr inbounds float, ptr %694, i64 %k78
+  %722 = load float, ptr %721, align 4
+  %723 = insertelement <8 x float> poison, float %722, i32 0
+  %724 = shufflevector <8 x float> %723, <8 x float> poison, <8 x i32> zeroinitializer
+  %725 = load <8 x float>, ptr %acc1069, align 4
+  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %709, <8 x float> %725)
+  store <8 x float> %726, ptr %acc1069, align 4
+  %727 = load <8 x float>, ptr %acc1170, align 4
+  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %712, <8 x float> %727)
+  store <8 x float> %728, ptr %acc1170, align 4
+  %729 = add nsw i64 %k78, 1
+  br label %k.head75
 
-k.end68:                                          ; preds = %k.head66
-  %707 = add nsw i64 %r0, 0
-  %708 = getelementptr inbounds float, ptr %rw, i64 %707
-  %709 = load float, ptr %708, align 4
-  %710 = insertelement <8 x float> poison, float %709, i32 0
-  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
-  %712 = mul nsw i64 %707, 1024
-  %713 = getelementptr inbounds float, ptr %h, i64 %712
-  %col70 = mul nsw i64 %p, 16
-  %714 = load <8 x float>, ptr %acc0060, align 4
-  %715 = load <8 x float>, ptr %acc0161, align 4
-  %716 = add nsw i64 %col70, 0
-  %717 = fcmp ogt <8 x float> %714, zeroinitializer
-  %718 = select <8 x i1> %717, <8 x float> %714, <8 x float> zeroinitializer
-  %719 = fmul <8 x float> %718, %711
-  %720 = getelementptr inbounds float, ptr %713, i64 %716
-  store <8 x float> %719, ptr %720, align 4
-  %721 = add nsw i64 %col70, 8
-  %722 = fcmp ogt <8 x float> %715, zeroinitializer
-  %723 = select <8 x i1> %722, <8 x float> %715, <8 x float> zeroinitializer
-  %724 = fmul <8 x float> %723, %711
-  %725 = getelementptr inbounds float, ptr %713, i64 %721
-  store <8 x float> %724, ptr %725, align 4
-  %726 = add nsw i64 %r0, 1
-  %727 = getelementptr inbounds float, ptr %rw, i64 %726
-  %728 = load float, ptr %727, align 4
-  %729 = insertelement <8 x float> poison, float %728, i32 0
-  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
-  %731 = mul nsw i64 %726, 1024
-  %732 = getelementptr inbounds float, ptr %h, i64 %731
-  %col71 = mul nsw i64 %p, 16
-  %733 = load <8 x float>, ptr %acc1062, align 4
-  %734 = load <8 x float>, ptr %acc1163, align 4
-  %735 = add nsw i64 %col71, 0
-  %736 = fcmp ogt <8 x float> %733, zeroinitializer
-  %737 = select <8 x i1> %736, <8 x float> %733, <8 x float> zeroinitializer
-  %738 = fmul <8 x float> %737, %730
-  %739 = getelementptr inbounds float, ptr %732, i64 %735
-  store <8 x float> %738, ptr %739, align 4
-  %740 = add nsw i64 %col71, 8
-  %741 = fcmp ogt <8 x float> %734, zeroinitializer
-  %742 = select <8 x i1> %741, <8 x float> %734, <8 x float> zeroinitializer
-  %743 = fmul <8 x float> %742, %730
-  %744 = getelementptr inbounds float, ptr %732, i64 %740
-  store <8 x float> %743, ptr %744, align 4
+k.end77:                                          ; preds = %k.head75
+  %730 = add nsw i64 %r0, 0
+  %731 = getelementptr inbounds float, ptr %rw, i64 %730
+  %732 = load float, ptr %731, align 4
+  %733 = insertelement <8 x float> poison, float %732, i32 0
+  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
+  %735 = mul nsw i64 %730, 1024
+  %736 = getelementptr inbounds float, ptr %h, i64 %735
+  %col79 = mul nsw i64 %p, 16
+  %737 = load <8 x float>, ptr %acc0067, align 4
+  %738 = load <8 x float>, ptr %acc0168, align 4
+  %739 = add nsw i64 %col79, 0
+  %740 = fcmp ogt <8 x float> %737, zeroinitializer
+  %741 = select <8 x i1> %740, <8 x float> %737, <8 x float> zeroinitializer
+  %742 = fmul <8 x float> %741, %734
+  %743 = getelementptr inbounds float, ptr %736, i64 %739
+  store <8 x float> %742, ptr %743, align 4
+  %744 = add nsw i64 %col79, 8
+  %745 = fcmp ogt <8 x float> %738, zeroinitializer
+  %746 = select <8 x i1> %745, <8 x float> %738, <8 x float> zeroinitializer
+  %747 = fmul <8 x float> %746, %734
+  %748 = getelementptr inbounds float, ptr %736, i64 %744
+  store <8 x float> %747, ptr %748, align 4
+  %749 = add nsw i64 %r0, 1
+  %750 = getelementptr inbounds float, ptr %rw, i64 %749
+  %751 = load float, ptr %750, align 4
+  %752 = insertelement <8 x float> poison, float %751, i32 0
+  %753 = shufflevector <8 x float> %752, <8 x float> poison, <8 x i32> zeroinitializer
+  %754 = mul nsw i64 %749, 1024
+  %755 = getelementptr inbounds float, ptr %h, i64 %754
+  %col80 = mul nsw i64 %p, 16
+  %756 = load <8 x float>, ptr %acc1069, align 4
+  %757 = load <8 x float>, ptr %acc1170, align 4
+  %758 = add nsw i64 %col80, 0
+  %759 = fcmp ogt <8 x float> %756, zeroinitializer
+  %760 = select <8 x i1> %759, <8 x float> %756, <8 x float> zeroinitializer
+  %761 = fmul <8 x float> %760, %753
+  %762 = getelementptr inbounds float, ptr %755, i64 %758
+  store <8 x float> %761, ptr %762, align 4
+  %763 = add nsw i64 %col80, 8
+  %764 = fcmp ogt <8 x float> %757, zeroinitializer
+  %765 = select <8 x i1> %764, <8 x float> %757, <8 x float> zeroinitializer
+  %766 = fmul <8 x float> %765, %753
+  %767 = getelementptr inbounds float, ptr %755, i64 %763
+  store <8 x float> %766, ptr %767, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %745 = add nsw i64 %r0, 0
-  %746 = getelementptr inbounds i32, ptr %rows, i64 %745
-  %747 = load i32, ptr %746, align 4
-  %748 = sext i32 %747 to i64
-  %749 = mul nsw i64 %748, 512
-  %750 = getelementptr inbounds float, ptr %x, i64 %749
-  store <8 x float> zeroinitializer, ptr %acc0072, align 4
-  store <8 x float> zeroinitializer, ptr %acc0173, align 4
-  %panel.off74 = mul nsw i64 %p, 8192
-  %751 = getelementptr inbounds float, ptr %panels, i64 %panel.off74
-  %752 = add nsw i64 %p, 1
-  %753 = icmp slt i64 %752, %p1
-  %754 = getelementptr inbounds i8, ptr %751, i64 32768
-  %755 = and i1 %pf.on, %753
-  %pf75 = select i1 %755, ptr %754, ptr %751
-  br label %k.head76
+  %768 = add nsw i64 %r0, 0
+  %769 = getelementptr inbounds i32, ptr %rows, i64 %768
+  %770 = load i32, ptr %769, align 4
+  %771 = sext i32 %770 to i64
+  %772 = mul nsw i64 %771, 512
+  %773 = getelementptr inbounds float, ptr %x, i64 %772
+  store <8 x float> zeroinitializer, ptr %acc0081, align 4
+  store <8 x float> zeroinitializer, ptr %acc0182, align 4
+  %panel.off83 = mul nsw i64 %p, 8192
+  %774 = getelementptr inbounds float, ptr %panels, i64 %panel.off83
+  %775 = add nsw i64 %p, 1
+  %776 = icmp slt i64 %775, %p1
+  %pf.on84 = and i1 %pf.on, %776
+  %777 = mul nsw i64 %pf.j, 32768
+  %778 = lshr i64 %777, %9
+  %779 = add nsw i64 32768, %778
+  %780 = getelementptr inbounds i8, ptr %774, i64 %779
+  %pf85 = select i1 %pf.on84, ptr %780, ptr %774
+  %pf.sh86 = select i1 %pf.on84, i64 %9, i64 0
+  br label %k.head87
 
-k.head76:                                         ; preds = %k.body77, %tile.mr1
-  %k79 = phi i64 [ 0, %tile.mr1 ], [ %774, %k.body77 ]
-  %756 = icmp slt i64 %k79, 512
-  br i1 %756, label %k.body77, label %k.end78
+k.head87:                                         ; preds = %k.body88, %tile.mr1
+  %k90 = phi i64 [ 0, %tile.mr1 ], [ %800, %k.body88 ]
+  %781 = icmp slt i64 %k90, 512
+  br i1 %781, label %k.body88, label %k.end89
 
-k.body77:                                         ; preds = %k.head76
-  %757 = mul nsw i64 %k79, 16
-  %758 = add nsw i64 %panel.off74, %757
-  %759 = mul nsw i64 %k79, 64
-  %760 = getelementptr inbounds i8, ptr %pf75, i64 %759
-  call void @llvm.prefetch.p0(ptr %760, i32 0, i32 2, i32 1)
-  %761 = getelementptr inbounds float, ptr %panels, i64 %758
-  %762 = load <8 x float>, ptr %761, align 4
-  %763 = add nsw i64 %758, 8
-  %764 = getelementptr inbounds float, ptr %panels, i64 %763
-  %765 = load <8 x float>, ptr %764, align 4
-  %766 = getelementptr inbounds float, ptr %750, i64 %k79
-  %767 = load float, ptr %766, align 4
-  %768 = insertelement <8 x float> poison, float %767, i32 0
-  %769 = shufflevector <8 x float> %768, <8 x float> poison, <8 x i32> zeroinitializer
-  %770 = load <8 x float>, ptr %acc0072, align 4
-  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %769, <8 x float> %762, <8 x float> %770)
-  store <8 x float> %771, ptr %acc0072, align 4
-  %772 = load <8 x float>, ptr %acc0173, align 4
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %769, <8 x float> %765, <8 x float> %772)
-  store <8 x float> %773, ptr %acc0173, align 4
-  %774 = add nsw i64 %k79, 1
-  br label %k.head76
+k.body88:                                         ; preds = %k.head87
+  %782 = mul nsw i64 %k90, 16
+  %783 = add nsw i64 %panel.off83, %782
+  %784 = mul nsw i64 %k90, 64
+  %785 = lshr i64 %784, %pf.sh86
+  %786 = getelementptr inbounds i8, ptr %pf85, i64 %785
+  call void @llvm.prefetch.p0(ptr %786, i32 0, i32 2, i32 1)
+  %787 = getelementptr inbounds float, ptr %panels, i64 %783
+  %788 = load <8 x float>, ptr %787, align 4
+  %789 = add nsw i64 %783, 8
+  %790 = getelementptr inbounds float, ptr %panels, i64 %789
+  %791 = load <8 x float>, ptr %790, align 4
+  %792 = getelementptr inbounds float, ptr %773, i64 %k90
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = load <8 x float>, ptr %acc0081, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %788, <8 x float> %796)
+  store <8 x float> %797, ptr %acc0081, align 4
+  %798 = load <8 x float>, ptr %acc0182, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %791, <8 x float> %798)
+  store <8 x float> %799, ptr %acc0182, align 4
+  %800 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end78:                                          ; preds = %k.head76
-  %775 = add nsw i64 %r0, 0
-  %776 = getelementptr inbounds float, ptr %rw, i64 %775
-  %777 = load float, ptr %776, align 4
-  %778 = insertelement <8 x float> poison, float %777, i32 0
-  %779 = shufflevector <8 x float> %778, <8 x float> poison, <8 x i32> zeroinitializer
-  %780 = mul nsw i64 %775, 1024
-  %781 = getelementptr inbounds float, ptr %h, i64 %780
-  %col80 = mul nsw i64 %p, 16
-  %782 = load <8 x float>, ptr %acc0072, align 4
-  %783 = load <8 x float>, ptr %acc0173, align 4
-  %784 = add nsw i64 %col80, 0
-  %785 = fcmp ogt <8 x float> %782, zeroinitializer
-  %786 = select <8 x i1> %785, <8 x float> %782, <8 x float> zeroinitializer
-  %787 = fmul <8 x float> %786, %779
-  %788 = getelementptr inbounds float, ptr %781, i64 %784
-  store <8 x float> %787, ptr %788, align 4
-  %789 = add nsw i64 %col80, 8
-  %790 = fcmp ogt <8 x float> %783, zeroinitializer
-  %791 = select <8 x i1> %790, <8 x float> %783, <8 x float> zeroinitializer
-  %792 = fmul <8 x float> %791, %779
-  %793 = getelementptr inbounds float, ptr %781, i64 %789
-  store <8 x float> %792, ptr %793, align 4
+k.end89:                                          ; preds = %k.head87
+  %801 = add nsw i64 %r0, 0
+  %802 = getelementptr inbounds float, ptr %rw, i64 %801
+  %803 = load float, ptr %802, align 4
+  %804 = insertelement <8 x float> poison, float %803, i32 0
+  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
+  %806 = mul nsw i64 %801, 1024
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
+  %col91 = mul nsw i64 %p, 16
+  %808 = load <8 x float>, ptr %acc0081, align 4
+  %809 = load <8 x float>, ptr %acc0182, align 4
+  %810 = add nsw i64 %col91, 0
+  %811 = fcmp ogt <8 x float> %808, zeroinitializer
+  %812 = select <8 x i1> %811, <8 x float> %808, <8 x float> zeroinitializer
+  %813 = fmul <8 x float> %812, %805
+  %814 = getelementptr inbounds float, ptr %807, i64 %810
+  store <8 x float> %813, ptr %814, align 4
+  %815 = add nsw i64 %col91, 8
+  %816 = fcmp ogt <8 x float> %809, zeroinitializer
+  %817 = select <8 x i1> %816, <8 x float> %809, <8 x float> zeroinitializer
+  %818 = fmul <8 x float> %817, %805
+  %819 = getelementptr inbounds float, ptr %807, i64 %815
+  store <8 x float> %818, ptr %819, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end78, %k.end68, %k.end55, %k.end39, %k.end20, %k.end
-  %794 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end89, %k.end77, %k.end62, %k.end44, %k.end23, %k.end
+  %820 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %795 = add nsw i64 %p, 1
+  %821 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3646,36 +3686,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0019 = alloca <8 x float>, align 32
-  %acc0120 = alloca <8 x float>, align 32
-  %acc1021 = alloca <8 x float>, align 32
-  %acc1122 = alloca <8 x float>, align 32
-  %acc2023 = alloca <8 x float>, align 32
-  %acc2124 = alloca <8 x float>, align 32
-  %acc3025 = alloca <8 x float>, align 32
-  %acc3126 = alloca <8 x float>, align 32
-  %acc0034 = alloca <8 x float>, align 32
-  %acc0135 = alloca <8 x float>, align 32
-  %acc1036 = alloca <8 x float>, align 32
-  %acc1137 = alloca <8 x float>, align 32
-  %acc2038 = alloca <8 x float>, align 32
-  %acc2139 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc0058 = alloca <8 x float>, align 32
-  %acc0159 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0022 = alloca <8 x float>, align 32
+  %acc0123 = alloca <8 x float>, align 32
+  %acc1024 = alloca <8 x float>, align 32
+  %acc1125 = alloca <8 x float>, align 32
+  %acc2026 = alloca <8 x float>, align 32
+  %acc2127 = alloca <8 x float>, align 32
+  %acc3028 = alloca <8 x float>, align 32
+  %acc3129 = alloca <8 x float>, align 32
+  %acc0039 = alloca <8 x float>, align 32
+  %acc0140 = alloca <8 x float>, align 32
+  %acc1041 = alloca <8 x float>, align 32
+  %acc1142 = alloca <8 x float>, align 32
+  %acc2043 = alloca <8 x float>, align 32
+  %acc2144 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
+  %acc1056 = alloca <8 x float>, align 32
+  %acc1157 = alloca <8 x float>, align 32
+  %acc0067 = alloca <8 x float>, align 32
+  %acc0168 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3684,7 +3724,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %607, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %633, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3692,7 +3732,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %606, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %632, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -3700,9 +3740,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3713,419 +3763,413 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 1024
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 512
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 1024
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 512
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 1024
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 512
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 1024
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 512
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 1024
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 512
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 1024
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 512
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 1024
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 512
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 1024
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 512
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 1024
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 512
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 1024
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 512
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 1024
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 512
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 1024
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 512
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
-  %90 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 65536
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 65536
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 65536, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %k.body ]
-  %95 = icmp slt i64 %k, 1024
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %164, %k.body ]
+  %105 = icmp slt i64 %k, 1024
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 64
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds float, ptr %panels, i64 %97
-  %101 = load <8 x float>, ptr %100, align 4
-  %102 = add nsw i64 %97, 8
-  %103 = getelementptr inbounds float, ptr %panels, i64 %102
-  %104 = load <8 x float>, ptr %103, align 4
-  %105 = getelementptr inbounds float, ptr %8, i64 %k
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = load <8 x float>, ptr %acc00, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
-  store <8 x float> %110, ptr %acc00, align 4
-  %111 = load <8 x float>, ptr %acc01, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
-  store <8 x float> %112, ptr %acc01, align 4
-  %113 = getelementptr inbounds float, ptr %22, i64 %k
-  %114 = load float, ptr %113, align 4
-  %115 = insertelement <8 x float> poison, float %114, i32 0
-  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
-  %117 = load <8 x float>, ptr %acc10, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
-  store <8 x float> %118, ptr %acc10, align 4
-  %119 = load <8 x float>, ptr %acc11, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
-  store <8 x float> %120, ptr %acc11, align 4
-  %121 = getelementptr inbounds float, ptr %36, i64 %k
-  %122 = load float, ptr %121, align 4
-  %123 = insertelement <8 x float> poison, float %122, i32 0
-  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
-  %125 = load <8 x float>, ptr %acc20, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
-  store <8 x float> %126, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
-  store <8 x float> %128, ptr %acc21, align 4
-  %129 = getelementptr inbounds float, ptr %50, i64 %k
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = load <8 x float>, ptr %acc30, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
-  store <8 x float> %134, ptr %acc30, align 4
-  %135 = load <8 x float>, ptr %acc31, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
-  store <8 x float> %136, ptr %acc31, align 4
-  %137 = getelementptr inbounds float, ptr %64, i64 %k
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = load <8 x float>, ptr %acc40, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
-  store <8 x float> %142, ptr %acc40, align 4
-  %143 = load <8 x float>, ptr %acc41, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
-  store <8 x float> %144, ptr %acc41, align 4
-  %145 = getelementptr inbounds float, ptr %78, i64 %k
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %acc50, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
-  store <8 x float> %150, ptr %acc50, align 4
-  %151 = load <8 x float>, ptr %acc51, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
-  store <8 x float> %152, ptr %acc51, align 4
-  %153 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 64
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds float, ptr %panels, i64 %107
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = add nsw i64 %107, 8
+  %114 = getelementptr inbounds float, ptr %panels, i64 %113
+  %115 = load <8 x float>, ptr %114, align 4
+  %116 = getelementptr inbounds float, ptr %16, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc00, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %112, <8 x float> %120)
+  store <8 x float> %121, ptr %acc00, align 4
+  %122 = load <8 x float>, ptr %acc01, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %115, <8 x float> %122)
+  store <8 x float> %123, ptr %acc01, align 4
+  %124 = getelementptr inbounds float, ptr %30, i64 %k
+  %125 = load float, ptr %124, align 4
+  %126 = insertelement <8 x float> poison, float %125, i32 0
+  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
+  %128 = load <8 x float>, ptr %acc10, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %112, <8 x float> %128)
+  store <8 x float> %129, ptr %acc10, align 4
+  %130 = load <8 x float>, ptr %acc11, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %115, <8 x float> %130)
+  store <8 x float> %131, ptr %acc11, align 4
+  %132 = getelementptr inbounds float, ptr %44, i64 %k
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <8 x float> poison, float %133, i32 0
+  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
+  %136 = load <8 x float>, ptr %acc20, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %112, <8 x float> %136)
+  store <8 x float> %137, ptr %acc20, align 4
+  %138 = load <8 x float>, ptr %acc21, align 4
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %115, <8 x float> %138)
+  store <8 x float> %139, ptr %acc21, align 4
+  %140 = getelementptr inbounds float, ptr %58, i64 %k
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %acc30, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %112, <8 x float> %144)
+  store <8 x float> %145, ptr %acc30, align 4
+  %146 = load <8 x float>, ptr %acc31, align 4
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %115, <8 x float> %146)
+  store <8 x float> %147, ptr %acc31, align 4
+  %148 = getelementptr inbounds float, ptr %72, i64 %k
+  %149 = load float, ptr %148, align 4
+  %150 = insertelement <8 x float> poison, float %149, i32 0
+  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
+  %152 = load <8 x float>, ptr %acc40, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %112, <8 x float> %152)
+  store <8 x float> %153, ptr %acc40, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %115, <8 x float> %154)
+  store <8 x float> %155, ptr %acc41, align 4
+  %156 = getelementptr inbounds float, ptr %86, i64 %k
+  %157 = load float, ptr %156, align 4
+  %158 = insertelement <8 x float> poison, float %157, i32 0
+  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
+  %160 = load <8 x float>, ptr %acc50, align 4
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %112, <8 x float> %160)
+  store <8 x float> %161, ptr %acc50, align 4
+  %162 = load <8 x float>, ptr %acc51, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %115, <8 x float> %162)
+  store <8 x float> %163, ptr %acc51, align 4
+  %164 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %154 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %154, ptr %15, align 4
-  %155 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %155, ptr %18, align 4
-  %156 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %156, ptr %29, align 4
-  %157 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %157, ptr %32, align 4
-  %158 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %158, ptr %43, align 4
-  %159 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %159, ptr %46, align 4
-  %160 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %160, ptr %57, align 4
-  %161 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %161, ptr %60, align 4
-  %162 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %162, ptr %71, align 4
-  %163 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %163, ptr %74, align 4
-  %164 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %164, ptr %85, align 4
-  %165 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %165, ptr %88, align 4
+  %165 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %165, ptr %23, align 4
+  %166 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %166, ptr %26, align 4
+  %167 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %167, ptr %37, align 4
+  %168 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %168, ptr %40, align 4
+  %169 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %169, ptr %51, align 4
+  %170 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %170, ptr %54, align 4
+  %171 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %171, ptr %65, align 4
+  %172 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %172, ptr %68, align 4
+  %173 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %173, ptr %79, align 4
+  %174 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %174, ptr %82, align 4
+  %175 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %175, ptr %93, align 4
+  %176 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %176, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %166 = add nsw i64 %r0, 0
-  %167 = mul nsw i64 %166, 1024
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
-  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
-  %170 = load i32, ptr %169, align 4
-  %171 = sext i32 %170 to i64
-  %172 = mul nsw i64 %171, 512
-  %173 = getelementptr inbounds float, ptr %y, i64 %172
-  %174 = add nsw i64 %col1, 0
-  %175 = getelementptr inbounds float, ptr %173, i64 %174
-  %176 = load <8 x float>, ptr %175, align 4
-  store <8 x float> %176, ptr %acc002, align 4
-  %177 = add nsw i64 %col1, 8
-  %178 = getelementptr inbounds float, ptr %173, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  store <8 x float> %179, ptr %acc013, align 4
-  %180 = add nsw i64 %r0, 1
-  %181 = mul nsw i64 %180, 1024
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 512
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %col2 = mul nsw i64 %p, 16
+  %177 = add nsw i64 %r0, 0
+  %178 = mul nsw i64 %177, 1024
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 512
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
+  %187 = load <8 x float>, ptr %186, align 4
+  store <8 x float> %187, ptr %acc003, align 4
+  %188 = add nsw i64 %col2, 8
+  %189 = getelementptr inbounds float, ptr %184, i64 %188
   %190 = load <8 x float>, ptr %189, align 4
-  store <8 x float> %190, ptr %acc104, align 4
-  %191 = add nsw i64 %col1, 8
-  %192 = getelementptr inbounds float, ptr %187, i64 %191
-  %193 = load <8 x float>, ptr %192, align 4
-  store <8 x float> %193, ptr %acc115, align 4
-  %194 = add nsw i64 %r0, 2
-  %195 = mul nsw i64 %194, 1024
-  %196 = getelementptr inbounds float, ptr %h, i64 %195
-  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
-  %198 = load i32, ptr %197, align 4
-  %199 = sext i32 %198 to i64
-  %200 = mul nsw i64 %199, 512
-  %201 = getelementptr inbounds float, ptr %y, i64 %200
-  %202 = add nsw i64 %col1, 0
-  %203 = getelementptr inbounds float, ptr %201, i64 %202
+  store <8 x float> %190, ptr %acc014, align 4
+  %191 = add nsw i64 %r0, 1
+  %192 = mul nsw i64 %191, 1024
+  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
+  %195 = load i32, ptr %194, align 4
+  %196 = sext i32 %195 to i64
+  %197 = mul nsw i64 %196, 512
+  %198 = getelementptr inbounds float, ptr %y, i64 %197
+  %199 = add nsw i64 %col2, 0
+  %200 = getelementptr inbounds float, ptr %198, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
+  store <8 x float> %201, ptr %acc105, align 4
+  %202 = add nsw i64 %col2, 8
+  %203 = getelementptr inbounds float, ptr %198, i64 %202
   %204 = load <8 x float>, ptr %203, align 4
-  store <8 x float> %204, ptr %acc206, align 4
-  %205 = add nsw i64 %col1, 8
-  %206 = getelementptr inbounds float, ptr %201, i64 %205
-  %207 = load <8 x float>, ptr %206, align 4
-  store <8 x float> %207, ptr %acc217, align 4
-  %208 = add nsw i64 %r0, 3
-  %209 = mul nsw i64 %208, 1024
-  %210 = getelementptr inbounds float, ptr %h, i64 %209
-  %211 = getelementptr inbounds i32, ptr %rows, i64 %208
-  %212 = load i32, ptr %211, align 4
-  %213 = sext i32 %212 to i64
-  %214 = mul nsw i64 %213, 512
-  %215 = getelementptr inbounds float, ptr %y, i64 %214
-  %216 = add nsw i64 %col1, 0
-  %217 = getelementptr inbounds float, ptr %215, i64 %216
+  store <8 x float> %204, ptr %acc116, align 4
+  %205 = add nsw i64 %r0, 2
+  %206 = mul nsw i64 %205, 1024
+  %207 = getelementptr inbounds float, ptr %h, i64 %206
+  %208 = getelementptr inbounds i32, ptr %rows, i64 %205
+  %209 = load i32, ptr %208, align 4
+  %210 = sext i32 %209 to i64
+  %211 = mul nsw i64 %210, 512
+  %212 = getelementptr inbounds float, ptr %y, i64 %211
+  %213 = add nsw i64 %col2, 0
+  %214 = getelementptr inbounds float, ptr %212, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  store <8 x float> %215, ptr %acc207, align 4
+  %216 = add nsw i64 %col2, 8
+  %217 = getelementptr inbounds float, ptr %212, i64 %216
   %218 = load <8 x float>, ptr %217, align 4
-  store <8 x float> %218, ptr %acc308, align 4
-  %219 = add nsw i64 %col1, 8
-  %220 = getelementptr inbounds float, ptr %215, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  store <8 x float> %221, ptr %acc319, align 4
-  %222 = add nsw i64 %r0, 4
-  %223 = mul nsw i64 %222, 1024
-  %224 = getelementptr inbounds float, ptr %h, i64 %223
-  %225 = getelementptr inbounds i32, ptr %rows, i64 %222
-  %226 = load i32, ptr %225, align 4
-  %227 = sext i32 %226 to i64
-  %228 = mul nsw i64 %227, 512
-  %229 = getelementptr inbounds float, ptr %y, i64 %228
-  %230 = add nsw i64 %col1, 0
-  %231 = getelementptr inbounds float, ptr %229, i64 %230
+  store <8 x float> %218, ptr %acc218, align 4
+  %219 = add nsw i64 %r0, 3
+  %220 = mul nsw i64 %219, 1024
+  %221 = getelementptr inbounds float, ptr %h, i64 %220
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 512
+  %226 = getelementptr inbounds float, ptr %y, i64 %225
+  %227 = add nsw i64 %col2, 0
+  %228 = getelementptr inbounds float, ptr %226, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  store <8 x float> %229, ptr %acc309, align 4
+  %230 = add nsw i64 %col2, 8
+  %231 = getelementptr inbounds float, ptr %226, i64 %230
   %232 = load <8 x float>, ptr %231, align 4
-  store <8 x float> %232, ptr %acc4010, align 4
-  %233 = add nsw i64 %col1, 8
-  %234 = getelementptr inbounds float, ptr %229, i64 %233
-  %235 = load <8 x float>, ptr %234, align 4
-  store <8 x float> %235, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 16384
-  %236 = getelementptr inbounds float, ptr %panels, i64 %panel.off12
-  %237 = add nsw i64 %p, 1
-  %238 = icmp slt i64 %237, %p1
-  %239 = getelementptr inbounds i8, ptr %236, i64 65536
-  %240 = and i1 %pf.on, %238
-  %pf13 = select i1 %240, ptr %239, ptr %236
-  br label %k.head14
+  store <8 x float> %232, ptr %acc3110, align 4
+  %233 = add nsw i64 %r0, 4
+  %234 = mul nsw i64 %233, 1024
+  %235 = getelementptr inbounds float, ptr %h, i64 %234
+  %236 = getelementptr inbounds i32, ptr %rows, i64 %233
+  %237 = load i32, ptr %236, align 4
+  %238 = sext i32 %237 to i64
+  %239 = mul nsw i64 %238, 512
+  %240 = getelementptr inbounds float, ptr %y, i64 %239
+  %241 = add nsw i64 %col2, 0
+  %242 = getelementptr inbounds float, ptr %240, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  store <8 x float> %243, ptr %acc4011, align 4
+  %244 = add nsw i64 %col2, 8
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
+  store <8 x float> %246, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 16384
+  %247 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %248 = add nsw i64 %p, 1
+  %249 = icmp slt i64 %248, %p1
+  %pf.on14 = and i1 %pf.on, %249
+  %250 = mul nsw i64 %pf.j, 65536
+  %251 = lshr i64 %250, %10
+  %252 = add nsw i64 65536, %251
+  %253 = getelementptr inbounds i8, ptr %247, i64 %252
+  %pf15 = select i1 %pf.on14, ptr %253, ptr %247
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %291, %k.body15 ]
-  %241 = icmp slt i64 %k17, 1024
-  br i1 %241, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %305, %k.body18 ]
+  %254 = icmp slt i64 %k20, 1024
+  br i1 %254, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %242 = mul nsw i64 %k17, 16
-  %243 = add nsw i64 %panel.off12, %242
-  %244 = mul nsw i64 %k17, 64
-  %245 = getelementptr inbounds i8, ptr %pf13, i64 %244
-  call void @llvm.prefetch.p0(ptr %245, i32 0, i32 2, i32 1)
-  %246 = getelementptr inbounds float, ptr %panels, i64 %243
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = add nsw i64 %243, 8
-  %249 = getelementptr inbounds float, ptr %panels, i64 %248
-  %250 = load <8 x float>, ptr %249, align 4
-  %251 = getelementptr inbounds float, ptr %168, i64 %k17
-  %252 = load float, ptr %251, align 4
-  %253 = insertelement <8 x float> poison, float %252, i32 0
-  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc002, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %247, <8 x float> %255)
-  store <8 x float> %256, ptr %acc002, align 4
-  %257 = load <8 x float>, ptr %acc013, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> %257)
-  store <8 x float> %258, ptr %acc013, align 4
-  %259 = getelementptr inbounds float, ptr %182, i64 %k17
-  %260 = load float, ptr %259, align 4
-  %261 = insertelement <8 x float> poison, float %260, i32 0
-  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc104, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %247, <8 x float> %263)
-  store <8 x float> %264, ptr %acc104, align 4
-  %265 = load <8 x float>, ptr %acc115, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %250, <8 x float> %265)
-  store <8 x float> %266, ptr %acc115, align 4
-  %267 = getelementptr inbounds float, ptr %196, i64 %k17
-  %268 = load float, ptr %267, align 4
-  %269 = insertelement <8 x float> poison, float %268, i32 0
-  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc206, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %247, <8 x float> %271)
-  store <8 x float> %272, ptr %acc206, align 4
-  %273 = load <8 x float>, ptr %acc217, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %250, <8 x float> %273)
-  store <8 x float> %274, ptr %acc217, align 4
-  %275 = getelementptr inbounds float, ptr %210, i64 %k17
-  %276 = load float, ptr %275, align 4
-  %277 = insertelement <8 x float> poison, float %276, i32 0
-  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
-  %279 = load <8 x float>, ptr %acc308, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %247, <8 x float> %279)
-  store <8 x float> %280, ptr %acc308, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %250, <8 x float> %281)
-  store <8 x float> %282, ptr %acc319, align 4
-  %283 = getelementptr inbounds float, ptr %224, i64 %k17
-  %284 = load float, ptr %283, align 4
-  %285 = insertelement <8 x float> poison, float %284, i32 0
-  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
-  %287 = load <8 x float>, ptr %acc4010, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %247, <8 x float> %287)
-  store <8 x float> %288, ptr %acc4010, align 4
-  %289 = load <8 x float>, ptr %acc4111, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %250, <8 x float> %289)
-  store <8 x float> %290, ptr %acc4111, align 4
-  %291 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %255 = mul nsw i64 %k20, 16
+  %256 = add nsw i64 %panel.off13, %255
+  %257 = mul nsw i64 %k20, 64
+  %258 = lshr i64 %257, %pf.sh16
+  %259 = getelementptr inbounds i8, ptr %pf15, i64 %258
+  call void @llvm.prefetch.p0(ptr %259, i32 0, i32 2, i32 1)
+  %260 = getelementptr inbounds float, ptr %panels, i64 %256
+  %261 = load <8 x float>, ptr %260, align 4
+  %262 = add nsw i64 %256, 8
+  %263 = getelementptr inbounds float, ptr %panels, i64 %262
+  %264 = load <8 x float>, ptr %263, align 4
+  %265 = getelementptr inbounds float, ptr %179, i64 %k20
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc003, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %261, <8 x float> %269)
+  store <8 x float> %270, ptr %acc003, align 4
+  %271 = load <8 x float>, ptr %acc014, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> %271)
+  store <8 x float> %272, ptr %acc014, align 4
+  %273 = getelementptr inbounds float, ptr %193, i64 %k20
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc105, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %261, <8 x float> %277)
+  store <8 x float> %278, ptr %acc105, align 4
+  %279 = load <8 x float>, ptr %acc116, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %264, <8 x float> %279)
+  store <8 x float> %280, ptr %acc116, align 4
+  %281 = getelementptr inbounds float, ptr %207, i64 %k20
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc207, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %261, <8 x float> %285)
+  store <8 x float> %286, ptr %acc207, align 4
+  %287 = load <8 x float>, ptr %acc218, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %264, <8 x float> %287)
+  store <8 x float> %288, ptr %acc218, align 4
+  %289 = getelementptr inbounds float, ptr %221, i64 %k20
+  %290 = load float, ptr %289, align 4
+  %291 = insertelement <8 x float> poison, float %290, i32 0
+  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
+  %293 = load <8 x float>, ptr %acc309, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %261, <8 x float> %293)
+  store <8 x float> %294, ptr %acc309, align 4
+  %295 = load <8 x float>, ptr %acc3110, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %264, <8 x float> %295)
+  store <8 x float> %296, ptr %acc3110, align 4
+  %297 = getelementptr inbounds float, ptr %235, i64 %k20
+  %298 = load float, ptr %297, align 4
+  %299 = insertelement <8 x float> poison, float %298, i32 0
+  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
+  %301 = load <8 x float>, ptr %acc4011, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %261, <8 x float> %301)
+  store <8 x float> %302, ptr %acc4011, align 4
+  %303 = load <8 x float>, ptr %acc4112, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %264, <8 x float> %303)
+  store <8 x float> %304, ptr %acc4112, align 4
+  %305 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %292 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %292, ptr %175, align 4
-  %293 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %293, ptr %178, align 4
-  %294 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %294, ptr %189, align 4
-  %295 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %295, ptr %192, align 4
-  %296 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %296, ptr %203, align 4
-  %297 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %297, ptr %206, align 4
-  %298 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %298, ptr %217, align 4
-  %299 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %299, ptr %220, align 4
-  %300 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %300, ptr %231, align 4
-  %301 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %301, ptr %234, align 4
+k.end19:                                          ; preds = %k.head17
+  %306 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %306, ptr %186, align 4
+  %307 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %307, ptr %189, align 4
+  %308 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %308, ptr %200, align 4
+  %309 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %309, ptr %203, align 4
+  %310 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %310, ptr %214, align 4
+  %311 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %311, ptr %217, align 4
+  %312 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %312, ptr %228, align 4
+  %313 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %313, ptr %231, align 4
+  %314 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %314, ptr %242, align 4
+  %315 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %315, ptr %245, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col18 = mul nsw i64 %p, 16
-  %302 = add nsw i64 %r0, 0
-  %303 = mul nsw i64 %302, 1024
-  %304 = getelementptr inbounds float, ptr %h, i64 %303
-  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %306 = load i32, ptr %305, align 4
-  %307 = sext i32 %306 to i64
-  %308 = mul nsw i64 %307, 512
-  %309 = getelementptr inbounds float, ptr %y, i64 %308
-  %310 = add nsw i64 %col18, 0
-  %311 = getelementptr inbounds float, ptr %309, i64 %310
-  %312 = load <8 x float>, ptr %311, align 4
-  store <8 x float> %312, ptr %acc0019, align 4
-  %313 = add nsw i64 %col18, 8
-  %314 = getelementptr inbounds float, ptr %309, i64 %313
-  %315 = load <8 x float>, ptr %314, align 4
-  store <8 x float> %315, ptr %acc0120, align 4
-  %316 = add nsw i64 %r0, 1
+  %col21 = mul nsw i64 %p, 16
+  %316 = add nsw i64 %r0, 0
   %317 = mul nsw i64 %316, 1024
   %318 = getelementptr inbounds float, ptr %h, i64 %317
   %319 = getelementptr inbounds i32, ptr %rows, i64 %316
@@ -4133,15 +4177,15 @@ tile.mr4:                                         ; preds = %r0.body
   %321 = sext i32 %320 to i64
   %322 = mul nsw i64 %321, 512
   %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col18, 0
+  %324 = add nsw i64 %col21, 0
   %325 = getelementptr inbounds float, ptr %323, i64 %324
   %326 = load <8 x float>, ptr %325, align 4
-  store <8 x float> %326, ptr %acc1021, align 4
-  %327 = add nsw i64 %col18, 8
+  store <8 x float> %326, ptr %acc0022, align 4
+  %327 = add nsw i64 %col21, 8
   %328 = getelementptr inbounds float, ptr %323, i64 %327
   %329 = load <8 x float>, ptr %328, align 4
-  store <8 x float> %329, ptr %acc1122, align 4
-  %330 = add nsw i64 %r0, 2
+  store <8 x float> %329, ptr %acc0123, align 4
+  %330 = add nsw i64 %r0, 1
   %331 = mul nsw i64 %330, 1024
   %332 = getelementptr inbounds float, ptr %h, i64 %331
   %333 = getelementptr inbounds i32, ptr %rows, i64 %330
@@ -4149,15 +4193,15 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = sext i32 %334 to i64
   %336 = mul nsw i64 %335, 512
   %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col18, 0
+  %338 = add nsw i64 %col21, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
   %340 = load <8 x float>, ptr %339, align 4
-  store <8 x float> %340, ptr %acc2023, align 4
-  %341 = add nsw i64 %col18, 8
+  store <8 x float> %340, ptr %acc1024, align 4
+  %341 = add nsw i64 %col21, 8
   %342 = getelementptr inbounds float, ptr %337, i64 %341
   %343 = load <8 x float>, ptr %342, align 4
-  store <8 x float> %343, ptr %acc2124, align 4
-  %344 = add nsw i64 %r0, 3
+  store <8 x float> %343, ptr %acc1125, align 4
+  %344 = add nsw i64 %r0, 2
   %345 = mul nsw i64 %344, 1024
   %346 = getelementptr inbounds float, ptr %h, i64 %345
   %347 = getelementptr inbounds i32, ptr %rows, i64 %344
@@ -4165,386 +4209,422 @@ tile.mr4:                                         ; preds = %r0.body
   %349 = sext i32 %348 to i64
   %350 = mul nsw i64 %349, 512
   %351 = getelementptr inbounds float, ptr %y, i64 %350
-  %352 = add nsw i64 %col18, 0
+  %352 = add nsw i64 %col21, 0
   %353 = getelementptr inbounds float, ptr %351, i64 %352
   %354 = load <8 x float>, ptr %353, align 4
-  store <8 x float> %354, ptr %acc3025, align 4
-  %355 = add nsw i64 %col18, 8
+  store <8 x float> %354, ptr %acc2026, align 4
+  %355 = add nsw i64 %col21, 8
   %356 = getelementptr inbounds float, ptr %351, i64 %355
   %357 = load <8 x float>, ptr %356, align 4
-  store <8 x float> %357, ptr %acc3126, align 4
-  %panel.off27 = mul nsw i64 %p, 16384
-  %358 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
-  %359 = add nsw i64 %p, 1
-  %360 = icmp slt i64 %359, %p1
-  %361 = getelementptr inbounds i8, ptr %358, i64 65536
-  %362 = and i1 %pf.on, %360
-  %pf28 = select i1 %362, ptr %361, ptr %358
-  br label %k.head29
+  store <8 x float> %357, ptr %acc2127, align 4
+  %358 = add nsw i64 %r0, 3
+  %359 = mul nsw i64 %358, 1024
+  %360 = getelementptr inbounds float, ptr %h, i64 %359
+  %361 = getelementptr inbounds i32, ptr %rows, i64 %358
+  %362 = load i32, ptr %361, align 4
+  %363 = sext i32 %362 to i64
+  %364 = mul nsw i64 %363, 512
+  %365 = getelementptr inbounds float, ptr %y, i64 %364
+  %366 = add nsw i64 %col21, 0
+  %367 = getelementptr inbounds float, ptr %365, i64 %366
+  %368 = load <8 x float>, ptr %367, align 4
+  store <8 x float> %368, ptr %acc3028, align 4
+  %369 = add nsw i64 %col21, 8
+  %370 = getelementptr inbounds float, ptr %365, i64 %369
+  %371 = load <8 x float>, ptr %370, align 4
+  store <8 x float> %371, ptr %acc3129, align 4
+  %panel.off30 = mul nsw i64 %p, 16384
+  %372 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  %373 = add nsw i64 %p, 1
+  %374 = icmp slt i64 %373, %p1
+  %pf.on31 = and i1 %pf.on, %374
+  %375 = mul nsw i64 %pf.j, 65536
+  %376 = lshr i64 %375, %10
+  %377 = add nsw i64 65536, %376
+  %378 = getelementptr inbounds i8, ptr %372, i64 %377
+  %pf32 = select i1 %pf.on31, ptr %378, ptr %372
+  %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
+  br label %k.head34
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %405, %k.body30 ]
-  %363 = icmp slt i64 %k32, 1024
-  br i1 %363, label %k.body30, label %k.end31
+k.head34:                                         ; preds = %k.body35, %tile.mr4
+  %k37 = phi i64 [ 0, %tile.mr4 ], [ %422, %k.body35 ]
+  %379 = icmp slt i64 %k37, 1024
+  br i1 %379, label %k.body35, label %k.end36
 
-k.body30:                                         ; preds = %k.head29
-  %364 = mul nsw i64 %k32, 16
-  %365 = add nsw i64 %panel.off27, %364
-  %366 = mul nsw i64 %k32, 64
-  %367 = getelementptr inbounds i8, ptr %pf28, i64 %366
-  call void @llvm.prefetch.p0(ptr %367, i32 0, i32 2, i32 1)
-  %368 = getelementptr inbounds float, ptr %panels, i64 %365
-  %369 = load <8 x float>, ptr %368, align 4
-  %370 = add nsw i64 %365, 8
-  %371 = getelementptr inbounds float, ptr %panels, i64 %370
-  %372 = load <8 x float>, ptr %371, align 4
-  %373 = getelementptr inbounds float, ptr %304, i64 %k32
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc0019, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %369, <8 x float> %377)
-  store <8 x float> %378, ptr %acc0019, align 4
-  %379 = load <8 x float>, ptr %acc0120, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %372, <8 x float> %379)
-  store <8 x float> %380, ptr %acc0120, align 4
-  %381 = getelementptr inbounds float, ptr %318, i64 %k32
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc1021, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %369, <8 x float> %385)
-  store <8 x float> %386, ptr %acc1021, align 4
-  %387 = load <8 x float>, ptr %acc1122, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %372, <8 x float> %387)
-  store <8 x float> %388, ptr %acc1122, align 4
-  %389 = getelementptr inbounds float, ptr %332, i64 %k32
-  %390 = load float, ptr %389, align 4
-  %391 = insertelement <8 x float> poison, float %390, i32 0
-  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
-  %393 = load <8 x float>, ptr %acc2023, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %369, <8 x float> %393)
-  store <8 x float> %394, ptr %acc2023, align 4
-  %395 = load <8 x float>, ptr %acc2124, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %372, <8 x float> %395)
-  store <8 x float> %396, ptr %acc2124, align 4
-  %397 = getelementptr inbounds float, ptr %346, i64 %k32
-  %398 = load float, ptr %397, align 4
-  %399 = insertelement <8 x float> poison, float %398, i32 0
-  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
-  %401 = load <8 x float>, ptr %acc3025, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %369, <8 x float> %401)
-  store <8 x float> %402, ptr %acc3025, align 4
-  %403 = load <8 x float>, ptr %acc3126, align 4
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %372, <8 x float> %403)
-  store <8 x float> %404, ptr %acc3126, align 4
-  %405 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body35:                                         ; preds = %k.head34
+  %380 = mul nsw i64 %k37, 16
+  %381 = add nsw i64 %panel.off30, %380
+  %382 = mul nsw i64 %k37, 64
+  %383 = lshr i64 %382, %pf.sh33
+  %384 = getelementptr inbounds i8, ptr %pf32, i64 %383
+  call void @llvm.prefetch.p0(ptr %384, i32 0, i32 2, i32 1)
+  %385 = getelementptr inbounds float, ptr %panels, i64 %381
+  %386 = load <8 x float>, ptr %385, align 4
+  %387 = add nsw i64 %381, 8
+  %388 = getelementptr inbounds float, ptr %panels, i64 %387
+  %389 = load <8 x float>, ptr %388, align 4
+  %390 = getelementptr inbounds float, ptr %318, i64 %k37
+  %391 = load float, ptr %390, align 4
+  %392 = insertelement <8 x float> poison, float %391, i32 0
+  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
+  %394 = load <8 x float>, ptr %acc0022, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %386, <8 x float> %394)
+  store <8 x float> %395, ptr %acc0022, align 4
+  %396 = load <8 x float>, ptr %acc0123, align 4
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %389, <8 x float> %396)
+  store <8 x float> %397, ptr %acc0123, align 4
+  %398 = getelementptr inbounds float, ptr %332, i64 %k37
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = load <8 x float>, ptr %acc1024, align 4
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %386, <8 x float> %402)
+  store <8 x float> %403, ptr %acc1024, align 4
+  %404 = load <8 x float>, ptr %acc1125, align 4
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %389, <8 x float> %404)
+  store <8 x float> %405, ptr %acc1125, align 4
+  %406 = getelementptr inbounds float, ptr %346, i64 %k37
+  %407 = load float, ptr %406, align 4
+  %408 = insertelement <8 x float> poison, float %407, i32 0
+  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
+  %410 = load <8 x float>, ptr %acc2026, align 4
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %386, <8 x float> %410)
+  store <8 x float> %411, ptr %acc2026, align 4
+  %412 = load <8 x float>, ptr %acc2127, align 4
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %389, <8 x float> %412)
+  store <8 x float> %413, ptr %acc2127, align 4
+  %414 = getelementptr inbounds float, ptr %360, i64 %k37
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = load <8 x float>, ptr %acc3028, align 4
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %386, <8 x float> %418)
+  store <8 x float> %419, ptr %acc3028, align 4
+  %420 = load <8 x float>, ptr %acc3129, align 4
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %389, <8 x float> %420)
+  store <8 x float> %421, ptr %acc3129, align 4
+  %422 = add nsw i64 %k37, 1
+  br label %k.head34
 
-k.end31:                                          ; preds = %k.head29
-  %406 = load <8 x float>, ptr %acc0019, align 4
-  store <8 x float> %406, ptr %311, align 4
-  %407 = load <8 x float>, ptr %acc0120, align 4
-  store <8 x float> %407, ptr %314, align 4
-  %408 = load <8 x float>, ptr %acc1021, align 4
-  store <8 x float> %408, ptr %325, align 4
-  %409 = load <8 x float>, ptr %acc1122, align 4
-  store <8 x float> %409, ptr %328, align 4
-  %410 = load <8 x float>, ptr %acc2023, align 4
-  store <8 x float> %410, ptr %339, align 4
-  %411 = load <8 x float>, ptr %acc2124, align 4
-  store <8 x float> %411, ptr %342, align 4
-  %412 = load <8 x float>, ptr %acc3025, align 4
-  store <8 x float> %412, ptr %353, align 4
-  %413 = load <8 x float>, ptr %acc3126, align 4
-  store <8 x float> %413, ptr %356, align 4
+k.end36:                                          ; preds = %k.head34
+  %423 = load <8 x float>, ptr %acc0022, align 4
+  store <8 x float> %423, ptr %325, align 4
+  %424 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %424, ptr %328, align 4
+  %425 = load <8 x float>, ptr %acc1024, align 4
+  store <8 x float> %425, ptr %339, align 4
+  %426 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %426, ptr %342, align 4
+  %427 = load <8 x float>, ptr %acc2026, align 4
+  store <8 x float> %427, ptr %353, align 4
+  %428 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %428, ptr %356, align 4
+  %429 = load <8 x float>, ptr %acc3028, align 4
+  store <8 x float> %429, ptr %367, align 4
+  %430 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %430, ptr %370, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col33 = mul nsw i64 %p, 16
-  %414 = add nsw i64 %r0, 0
-  %415 = mul nsw i64 %414, 1024
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 512
-  %421 = getelementptr inbounds float, ptr %y, i64 %420
-  %422 = add nsw i64 %col33, 0
-  %423 = getelementptr inbounds float, ptr %421, i64 %422
-  %424 = load <8 x float>, ptr %423, align 4
-  store <8 x float> %424, ptr %acc0034, align 4
-  %425 = add nsw i64 %col33, 8
-  %426 = getelementptr inbounds float, ptr %421, i64 %425
-  %427 = load <8 x float>, ptr %426, align 4
-  store <8 x float> %427, ptr %acc0135, align 4
-  %428 = add nsw i64 %r0, 1
-  %429 = mul nsw i64 %428, 1024
-  %430 = getelementptr inbounds float, ptr %h, i64 %429
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 512
-  %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col33, 0
-  %437 = getelementptr inbounds float, ptr %435, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc1036, align 4
-  %439 = add nsw i64 %col33, 8
-  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %col38 = mul nsw i64 %p, 16
+  %431 = add nsw i64 %r0, 0
+  %432 = mul nsw i64 %431, 1024
+  %433 = getelementptr inbounds float, ptr %h, i64 %432
+  %434 = getelementptr inbounds i32, ptr %rows, i64 %431
+  %435 = load i32, ptr %434, align 4
+  %436 = sext i32 %435 to i64
+  %437 = mul nsw i64 %436, 512
+  %438 = getelementptr inbounds float, ptr %y, i64 %437
+  %439 = add nsw i64 %col38, 0
+  %440 = getelementptr inbounds float, ptr %438, i64 %439
   %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc1137, align 4
-  %442 = add nsw i64 %r0, 2
-  %443 = mul nsw i64 %442, 1024
-  %444 = getelementptr inbounds float, ptr %h, i64 %443
-  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
-  %446 = load i32, ptr %445, align 4
-  %447 = sext i32 %446 to i64
-  %448 = mul nsw i64 %447, 512
-  %449 = getelementptr inbounds float, ptr %y, i64 %448
-  %450 = add nsw i64 %col33, 0
-  %451 = getelementptr inbounds float, ptr %449, i64 %450
-  %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc2038, align 4
-  %453 = add nsw i64 %col33, 8
-  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  store <8 x float> %441, ptr %acc0039, align 4
+  %442 = add nsw i64 %col38, 8
+  %443 = getelementptr inbounds float, ptr %438, i64 %442
+  %444 = load <8 x float>, ptr %443, align 4
+  store <8 x float> %444, ptr %acc0140, align 4
+  %445 = add nsw i64 %r0, 1
+  %446 = mul nsw i64 %445, 1024
+  %447 = getelementptr inbounds float, ptr %h, i64 %446
+  %448 = getelementptr inbounds i32, ptr %rows, i64 %445
+  %449 = load i32, ptr %448, align 4
+  %450 = sext i32 %449 to i64
+  %451 = mul nsw i64 %450, 512
+  %452 = getelementptr inbounds float, ptr %y, i64 %451
+  %453 = add nsw i64 %col38, 0
+  %454 = getelementptr inbounds float, ptr %452, i64 %453
   %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc2139, align 4
-  %panel.off40 = mul nsw i64 %p, 16384
-  %456 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
-  %457 = add nsw i64 %p, 1
-  %458 = icmp slt i64 %457, %p1
-  %459 = getelementptr inbounds i8, ptr %456, i64 65536
-  %460 = and i1 %pf.on, %458
-  %pf41 = select i1 %460, ptr %459, ptr %456
-  br label %k.head42
+  store <8 x float> %455, ptr %acc1041, align 4
+  %456 = add nsw i64 %col38, 8
+  %457 = getelementptr inbounds float, ptr %452, i64 %456
+  %458 = load <8 x float>, ptr %457, align 4
+  store <8 x float> %458, ptr %acc1142, align 4
+  %459 = add nsw i64 %r0, 2
+  %460 = mul nsw i64 %459, 1024
+  %461 = getelementptr inbounds float, ptr %h, i64 %460
+  %462 = getelementptr inbounds i32, ptr %rows, i64 %459
+  %463 = load i32, ptr %462, align 4
+  %464 = sext i32 %463 to i64
+  %465 = mul nsw i64 %464, 512
+  %466 = getelementptr inbounds float, ptr %y, i64 %465
+  %467 = add nsw i64 %col38, 0
+  %468 = getelementptr inbounds float, ptr %466, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  store <8 x float> %469, ptr %acc2043, align 4
+  %470 = add nsw i64 %col38, 8
+  %471 = getelementptr inbounds float, ptr %466, i64 %470
+  %472 = load <8 x float>, ptr %471, align 4
+  store <8 x float> %472, ptr %acc2144, align 4
+  %panel.off45 = mul nsw i64 %p, 16384
+  %473 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  %474 = add nsw i64 %p, 1
+  %475 = icmp slt i64 %474, %p1
+  %pf.on46 = and i1 %pf.on, %475
+  %476 = mul nsw i64 %pf.j, 65536
+  %477 = lshr i64 %476, %10
+  %478 = add nsw i64 65536, %477
+  %479 = getelementptr inbounds i8, ptr %473, i64 %478
+  %pf47 = select i1 %pf.on46, ptr %479, ptr %473
+  %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
+  br label %k.head49
 
-k.head42:                                         ; preds = %k.body43, %tile.mr3
-  %k45 = phi i64 [ 0, %tile.mr3 ], [ %495, %k.body43 ]
-  %461 = icmp slt i64 %k45, 1024
-  br i1 %461, label %k.body43, label %k.end44
+k.head49:                                         ; preds = %k.body50, %tile.mr3
+  %k52 = phi i64 [ 0, %tile.mr3 ], [ %515, %k.body50 ]
+  %480 = icmp slt i64 %k52, 1024
+  br i1 %480, label %k.body50, label %k.end51
 
-k.body43:                                         ; preds = %k.head42
-  %462 = mul nsw i64 %k45, 16
-  %463 = add nsw i64 %panel.off40, %462
-  %464 = mul nsw i64 %k45, 64
-  %465 = getelementptr inbounds i8, ptr %pf41, i64 %464
-  call void @llvm.prefetch.p0(ptr %465, i32 0, i32 2, i32 1)
-  %466 = getelementptr inbounds float, ptr %panels, i64 %463
-  %467 = load <8 x float>, ptr %466, align 4
-  %468 = add nsw i64 %463, 8
-  %469 = getelementptr inbounds float, ptr %panels, i64 %468
-  %470 = load <8 x float>, ptr %469, align 4
-  %471 = getelementptr inbounds float, ptr %416, i64 %k45
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc0034, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %467, <8 x float> %475)
-  store <8 x float> %476, ptr %acc0034, align 4
-  %477 = load <8 x float>, ptr %acc0135, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %477)
-  store <8 x float> %478, ptr %acc0135, align 4
-  %479 = getelementptr inbounds float, ptr %430, i64 %k45
-  %480 = load float, ptr %479, align 4
-  %481 = insertelement <8 x float> poison, float %480, i32 0
-  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
-  %483 = load <8 x float>, ptr %acc1036, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %467, <8 x float> %483)
-  store <8 x float> %484, ptr %acc1036, align 4
-  %485 = load <8 x float>, ptr %acc1137, align 4
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %470, <8 x float> %485)
-  store <8 x float> %486, ptr %acc1137, align 4
-  %487 = getelementptr inbounds float, ptr %444, i64 %k45
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc2038, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %467, <8 x float> %491)
-  store <8 x float> %492, ptr %acc2038, align 4
-  %493 = load <8 x float>, ptr %acc2139, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %470, <8 x float> %493)
-  store <8 x float> %494, ptr %acc2139, align 4
-  %495 = add nsw i64 %k45, 1
-  br label %k.head42
+k.body50:                                         ; preds = %k.head49
+  %481 = mul nsw i64 %k52, 16
+  %482 = add nsw i64 %panel.off45, %481
+  %483 = mul nsw i64 %k52, 64
+  %484 = lshr i64 %483, %pf.sh48
+  %485 = getelementptr inbounds i8, ptr %pf47, i64 %484
+  call void @llvm.prefetch.p0(ptr %485, i32 0, i32 2, i32 1)
+  %486 = getelementptr inbounds float, ptr %panels, i64 %482
+  %487 = load <8 x float>, ptr %486, align 4
+  %488 = add nsw i64 %482, 8
+  %489 = getelementptr inbounds float, ptr %panels, i64 %488
+  %490 = load <8 x float>, ptr %489, align 4
+  %491 = getelementptr inbounds float, ptr %433, i64 %k52
+  %492 = load float, ptr %491, align 4
+  %493 = insertelement <8 x float> poison, float %492, i32 0
+  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
+  %495 = load <8 x float>, ptr %acc0039, align 4
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %487, <8 x float> %495)
+  store <8 x float> %496, ptr %acc0039, align 4
+  %497 = load <8 x float>, ptr %acc0140, align 4
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %490, <8 x float> %497)
+  store <8 x float> %498, ptr %acc0140, align 4
+  %499 = getelementptr inbounds float, ptr %447, i64 %k52
+  %500 = load float, ptr %499, align 4
+  %501 = insertelement <8 x float> poison, float %500, i32 0
+  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
+  %503 = load <8 x float>, ptr %acc1041, align 4
+  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %487, <8 x float> %503)
+  store <8 x float> %504, ptr %acc1041, align 4
+  %505 = load <8 x float>, ptr %acc1142, align 4
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %490, <8 x float> %505)
+  store <8 x float> %506, ptr %acc1142, align 4
+  %507 = getelementptr inbounds float, ptr %461, i64 %k52
+  %508 = load float, ptr %507, align 4
+  %509 = insertelement <8 x float> poison, float %508, i32 0
+  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
+  %511 = load <8 x float>, ptr %acc2043, align 4
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %487, <8 x float> %511)
+  store <8 x float> %512, ptr %acc2043, align 4
+  %513 = load <8 x float>, ptr %acc2144, align 4
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %490, <8 x float> %513)
+  store <8 x float> %514, ptr %acc2144, align 4
+  %515 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end44:                                          ; preds = %k.head42
-  %496 = load <8 x float>, ptr %acc0034, align 4
-  store <8 x float> %496, ptr %423, align 4
-  %497 = load <8 x float>, ptr %acc0135, align 4
-  store <8 x float> %497, ptr %426, align 4
-  %498 = load <8 x float>, ptr %acc1036, align 4
-  store <8 x float> %498, ptr %437, align 4
-  %499 = load <8 x float>, ptr %acc1137, align 4
-  store <8 x float> %499, ptr %440, align 4
-  %500 = load <8 x float>, ptr %acc2038, align 4
-  store <8 x float> %500, ptr %451, align 4
-  %501 = load <8 x float>, ptr %acc2139, align 4
-  store <8 x float> %501, ptr %454, align 4
+k.end51:                                          ; preds = %k.head49
+  %516 = load <8 x float>, ptr %acc0039, align 4
+  store <8 x float> %516, ptr %440, align 4
+  %517 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %517, ptr %443, align 4
+  %518 = load <8 x float>, ptr %acc1041, align 4
+  store <8 x float> %518, ptr %454, align 4
+  %519 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %519, ptr %457, align 4
+  %520 = load <8 x float>, ptr %acc2043, align 4
+  store <8 x float> %520, ptr %468, align 4
+  %521 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %521, ptr %471, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col46 = mul nsw i64 %p, 16
-  %502 = add nsw i64 %r0, 0
-  %503 = mul nsw i64 %502, 1024
-  %504 = getelementptr inbounds float, ptr %h, i64 %503
-  %505 = getelementptr inbounds i32, ptr %rows, i64 %502
-  %506 = load i32, ptr %505, align 4
-  %507 = sext i32 %506 to i64
-  %508 = mul nsw i64 %507, 512
-  %509 = getelementptr inbounds float, ptr %y, i64 %508
-  %510 = add nsw i64 %col46, 0
-  %511 = getelementptr inbounds float, ptr %509, i64 %510
-  %512 = load <8 x float>, ptr %511, align 4
-  store <8 x float> %512, ptr %acc0047, align 4
-  %513 = add nsw i64 %col46, 8
-  %514 = getelementptr inbounds float, ptr %509, i64 %513
-  %515 = load <8 x float>, ptr %514, align 4
-  store <8 x float> %515, ptr %acc0148, align 4
-  %516 = add nsw i64 %r0, 1
-  %517 = mul nsw i64 %516, 1024
-  %518 = getelementptr inbounds float, ptr %h, i64 %517
-  %519 = getelementptr inbounds i32, ptr %rows, i64 %516
-  %520 = load i32, ptr %519, align 4
-  %521 = sext i32 %520 to i64
-  %522 = mul nsw i64 %521, 512
-  %523 = getelementptr inbounds float, ptr %y, i64 %522
-  %524 = add nsw i64 %col46, 0
-  %525 = getelementptr inbounds float, ptr %523, i64 %524
-  %526 = load <8 x float>, ptr %525, align 4
-  store <8 x float> %526, ptr %acc1049, align 4
-  %527 = add nsw i64 %col46, 8
-  %528 = getelementptr inbounds float, ptr %523, i64 %527
-  %529 = load <8 x float>, ptr %528, align 4
-  store <8 x float> %529, ptr %acc1150, align 4
-  %panel.off51 = mul nsw i64 %p, 16384
-  %530 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
-  %531 = add nsw i64 %p, 1
-  %532 = icmp slt i64 %531, %p1
-  %533 = getelementptr inbounds i8, ptr %530, i64 65536
-  %534 = and i1 %pf.on, %532
-  %pf52 = select i1 %534, ptr %533, ptr %530
-  br label %k.head53
-
-k.head53:                                         ; preds = %k.body54, %tile.mr2
-  %k56 = phi i64 [ 0, %tile.mr2 ], [ %561, %k.body54 ]
-  %535 = icmp slt i64 %k56, 1024
-  br i1 %535, label %k.body54, label %k.end55
-
-k.body54:                                         ; preds = %k.head53
-  %536 = mul nsw i64 %k56, 16
-  %537 = add nsw i64 %panel.off51, %536
-  %538 = mul nsw i64 %k56, 64
-  %539 = getelementptr inbounds i8, ptr %pf52, i64 %538
-  call void @llvm.prefetch.p0(ptr %539, i32 0, i32 2, i32 1)
-  %540 = getelementptr inbounds float, ptr %panels, i64 %537
-  %541 = load <8 x float>, ptr %540, align 4
-  %542 = add nsw i64 %537, 8
-  %543 = getelementptr inbounds float, ptr %panels, i64 %542
-  %544 = load <8 x float>, ptr %543, align 4
-  %545 = getelementptr inbounds float, ptr %504, i64 %k56
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0047, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %541, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0047, align 4
-  %551 = load <8 x float>, ptr %acc0148, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %544, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0148, align 4
-  %553 = getelementptr inbounds float, ptr %518, i64 %k56
-  %554 = load float, ptr %553, align 4
-  %555 = insertelement <8 x float> poison, float %554, i32 0
-  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
-  %557 = load <8 x float>, ptr %acc1049, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %541, <8 x float> %557)
-  store <8 x float> %558, ptr %acc1049, align 4
-  %559 = load <8 x float>, ptr %acc1150, align 4
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %544, <8 x float> %559)
-  store <8 x float> %560, ptr %acc1150, align 4
-  %561 = add nsw i64 %k56, 1
-  br label %k.head53
-
-k.end55:                                          ; preds = %k.head53
-  %562 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %562, ptr %511, align 4
-  %563 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %563, ptr %514, align 4
-  %564 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %564, ptr %525, align 4
-  %565 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %565, ptr %528, align 4
-  br label %tile.done
-
-tile.mr1:                                         ; preds = %r0.body
-  %col57 = mul nsw i64 %p, 16
-  %566 = add nsw i64 %r0, 0
-  %567 = mul nsw i64 %566, 1024
-  %568 = getelementptr inbounds float, ptr %h, i64 %567
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %566
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 512
-  %573 = getelementptr inbounds float, ptr %y, i64 %572
-  %574 = add nsw i64 %col57, 0
-  %575 = getelementptr inbounds float, ptr %573, i64 %574
-  %576 = load <8 x float>, ptr %575, align 4
-  store <8 x float> %576, ptr %acc0058, align 4
-  %577 = add nsw i64 %col57, 8
-  %578 = getelementptr inbounds float, ptr %573, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
-  store <8 x float> %579, ptr %acc0159, align 4
-  %panel.off60 = mul nsw i64 %p, 16384
-  %580 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
-  %581 = add nsw i64 %p, 1
-  %582 = icmp slt i64 %581, %p1
-  %583 = getelementptr inbounds i8, ptr %580, i64 65536
-  %584 = and i1 %pf.on, %582
-  %pf61 = select i1 %584, ptr %583, ptr %580
+  %col53 = mul nsw i64 %p, 16
+  %522 = add nsw i64 %r0, 0
+  %523 = mul nsw i64 %522, 1024
+  %524 = getelementptr inbounds float, ptr %h, i64 %523
+  %525 = getelementptr inbounds i32, ptr %rows, i64 %522
+  %526 = load i32, ptr %525, align 4
+  %527 = sext i32 %526 to i64
+  %528 = mul nsw i64 %527, 512
+  %529 = getelementptr inbounds float, ptr %y, i64 %528
+  %530 = add nsw i64 %col53, 0
+  %531 = getelementptr inbounds float, ptr %529, i64 %530
+  %532 = load <8 x float>, ptr %531, align 4
+  store <8 x float> %532, ptr %acc0054, align 4
+  %533 = add nsw i64 %col53, 8
+  %534 = getelementptr inbounds float, ptr %529, i64 %533
+  %535 = load <8 x float>, ptr %534, align 4
+  store <8 x float> %535, ptr %acc0155, align 4
+  %536 = add nsw i64 %r0, 1
+  %537 = mul nsw i64 %536, 1024
+  %538 = getelementptr inbounds float, ptr %h, i64 %537
+  %539 = getelementptr inbounds i32, ptr %rows, i64 %536
+  %540 = load i32, ptr %539, align 4
+  %541 = sext i32 %540 to i64
+  %542 = mul nsw i64 %541, 512
+  %543 = getelementptr inbounds float, ptr %y, i64 %542
+  %544 = add nsw i64 %col53, 0
+  %545 = getelementptr inbounds float, ptr %543, i64 %544
+  %546 = load <8 x float>, ptr %545, align 4
+  store <8 x float> %546, ptr %acc1056, align 4
+  %547 = add nsw i64 %col53, 8
+  %548 = getelementptr inbounds float, ptr %543, i64 %547
+  %549 = load <8 x float>, ptr %548, align 4
+  store <8 x float> %549, ptr %acc1157, align 4
+  %panel.off58 = mul nsw i64 %p, 16384
+  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  %551 = add nsw i64 %p, 1
+  %552 = icmp slt i64 %551, %p1
+  %pf.on59 = and i1 %pf.on, %552
+  %553 = mul nsw i64 %pf.j, 65536
+  %554 = lshr i64 %553, %10
+  %555 = add nsw i64 65536, %554
+  %556 = getelementptr inbounds i8, ptr %550, i64 %555
+  %pf60 = select i1 %pf.on59, ptr %556, ptr %550
+  %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
   br label %k.head62
 
-k.head62:                                         ; preds = %k.body63, %tile.mr1
-  %k65 = phi i64 [ 0, %tile.mr1 ], [ %603, %k.body63 ]
-  %585 = icmp slt i64 %k65, 1024
-  br i1 %585, label %k.body63, label %k.end64
+k.head62:                                         ; preds = %k.body63, %tile.mr2
+  %k65 = phi i64 [ 0, %tile.mr2 ], [ %584, %k.body63 ]
+  %557 = icmp slt i64 %k65, 1024
+  br i1 %557, label %k.body63, label %k.end64
 
 k.body63:                                         ; preds = %k.head62
-  %586 = mul nsw i64 %k65, 16
-  %587 = add nsw i64 %panel.off60, %586
-  %588 = mul nsw i64 %k65, 64
-  %589 = getelementptr inbounds i8, ptr %pf61, i64 %588
-  call void @llvm.prefetch.p0(ptr %589, i32 0, i32 2, i32 1)
-  %590 = getelementptr inbounds float, ptr %panels, i64 %587
-  %591 = load <8 x float>, ptr %590, align 4
-  %592 = add nsw i64 %587, 8
-  %593 = getelementptr inbounds float, ptr %panels, i64 %592
-  %594 = load <8 x float>, ptr %593, align 4
-  %595 = getelementptr inbounds float, ptr %568, i64 %k65
-  %596 = load float, ptr %595, align 4
-  %597 = insertelement <8 x float> poison, float %596, i32 0
-  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
-  %599 = load <8 x float>, ptr %acc0058, align 4
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %591, <8 x float> %599)
-  store <8 x float> %600, ptr %acc0058, align 4
-  %601 = load <8 x float>, ptr %acc0159, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> %601)
-  store <8 x float> %602, ptr %acc0159, align 4
-  %603 = add nsw i64 %k65, 1
+  %558 = mul nsw i64 %k65, 16
+  %559 = add nsw i64 %panel.off58, %558
+  %560 = mul nsw i64 %k65, 64
+  %561 = lshr i64 %560, %pf.sh61
+  %562 = getelementptr inbounds i8, ptr %pf60, i64 %561
+  call void @llvm.prefetch.p0(ptr %562, i32 0, i32 2, i32 1)
+  %563 = getelementptr inbounds float, ptr %panels, i64 %559
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = add nsw i64 %559, 8
+  %566 = getelementptr inbounds float, ptr %panels, i64 %565
+  %567 = load <8 x float>, ptr %566, align 4
+  %568 = getelementptr inbounds float, ptr %524, i64 %k65
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc0054, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
+  store <8 x float> %573, ptr %acc0054, align 4
+  %574 = load <8 x float>, ptr %acc0155, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
+  store <8 x float> %575, ptr %acc0155, align 4
+  %576 = getelementptr inbounds float, ptr %538, i64 %k65
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc1056, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
+  store <8 x float> %581, ptr %acc1056, align 4
+  %582 = load <8 x float>, ptr %acc1157, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
+  store <8 x float> %583, ptr %acc1157, align 4
+  %584 = add nsw i64 %k65, 1
   br label %k.head62
 
 k.end64:                                          ; preds = %k.head62
-  %604 = load <8 x float>, ptr %acc0058, align 4
-  store <8 x float> %604, ptr %575, align 4
-  %605 = load <8 x float>, ptr %acc0159, align 4
-  store <8 x float> %605, ptr %578, align 4
+  %585 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %585, ptr %531, align 4
+  %586 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %586, ptr %534, align 4
+  %587 = load <8 x float>, ptr %acc1056, align 4
+  store <8 x float> %587, ptr %545, align 4
+  %588 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %588, ptr %548, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end64, %k.end55, %k.end44, %k.end31, %k.end16, %k.end
-  %606 = add nsw i64 %r0, 6
+tile.mr1:                                         ; preds = %r0.body
+  %col66 = mul nsw i64 %p, 16
+  %589 = add nsw i64 %r0, 0
+  %590 = mul nsw i64 %589, 1024
+  %591 = getelementptr inbounds float, ptr %h, i64 %590
+  %592 = getelementptr inbounds i32, ptr %rows, i64 %589
+  %593 = load i32, ptr %592, align 4
+  %594 = sext i32 %593 to i64
+  %595 = mul nsw i64 %594, 512
+  %596 = getelementptr inbounds float, ptr %y, i64 %595
+  %597 = add nsw i64 %col66, 0
+  %598 = getelementptr inbounds float, ptr %596, i64 %597
+  %599 = load <8 x float>, ptr %598, align 4
+  store <8 x float> %599, ptr %acc0067, align 4
+  %600 = add nsw i64 %col66, 8
+  %601 = getelementptr inbounds float, ptr %596, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  store <8 x float> %602, ptr %acc0168, align 4
+  %panel.off69 = mul nsw i64 %p, 16384
+  %603 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  %604 = add nsw i64 %p, 1
+  %605 = icmp slt i64 %604, %p1
+  %pf.on70 = and i1 %pf.on, %605
+  %606 = mul nsw i64 %pf.j, 65536
+  %607 = lshr i64 %606, %10
+  %608 = add nsw i64 65536, %607
+  %609 = getelementptr inbounds i8, ptr %603, i64 %608
+  %pf71 = select i1 %pf.on70, ptr %609, ptr %603
+  %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
+  br label %k.head73
+
+k.head73:                                         ; preds = %k.body74, %tile.mr1
+  %k76 = phi i64 [ 0, %tile.mr1 ], [ %629, %k.body74 ]
+  %610 = icmp slt i64 %k76, 1024
+  br i1 %610, label %k.body74, label %k.end75
+
+k.body74:                                         ; preds = %k.head73
+  %611 = mul nsw i64 %k76, 16
+  %612 = add nsw i64 %panel.off69, %611
+  %613 = mul nsw i64 %k76, 64
+  %614 = lshr i64 %613, %pf.sh72
+  %615 = getelementptr inbounds i8, ptr %pf71, i64 %614
+  call void @llvm.prefetch.p0(ptr %615, i32 0, i32 2, i32 1)
+  %616 = getelementptr inbounds float, ptr %panels, i64 %612
+  %617 = load <8 x float>, ptr %616, align 4
+  %618 = add nsw i64 %612, 8
+  %619 = getelementptr inbounds float, ptr %panels, i64 %618
+  %620 = load <8 x float>, ptr %619, align 4
+  %621 = getelementptr inbounds float, ptr %591, i64 %k76
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc0067, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %617, <8 x float> %625)
+  store <8 x float> %626, ptr %acc0067, align 4
+  %627 = load <8 x float>, ptr %acc0168, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %620, <8 x float> %627)
+  store <8 x float> %628, ptr %acc0168, align 4
+  %629 = add nsw i64 %k76, 1
+  br label %k.head73
+
+k.end75:                                          ; preds = %k.head73
+  %630 = load <8 x float>, ptr %acc0067, align 4
+  store <8 x float> %630, ptr %598, align 4
+  %631 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %631, ptr %601, align 4
+  br label %tile.done
+
+tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
+  %632 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %607 = add nsw i64 %p, 1
+  %633 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

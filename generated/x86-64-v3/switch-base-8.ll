@@ -968,43 +968,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc006 = alloca <8 x float>, align 32
-  %acc017 = alloca <8 x float>, align 32
-  %acc108 = alloca <8 x float>, align 32
-  %acc119 = alloca <8 x float>, align 32
-  %acc2010 = alloca <8 x float>, align 32
-  %acc2111 = alloca <8 x float>, align 32
-  %acc3012 = alloca <8 x float>, align 32
-  %acc3113 = alloca <8 x float>, align 32
-  %acc4014 = alloca <8 x float>, align 32
-  %acc4115 = alloca <8 x float>, align 32
-  %acc0029 = alloca <8 x float>, align 32
-  %acc0130 = alloca <8 x float>, align 32
-  %acc1031 = alloca <8 x float>, align 32
-  %acc1132 = alloca <8 x float>, align 32
-  %acc2033 = alloca <8 x float>, align 32
-  %acc2134 = alloca <8 x float>, align 32
-  %acc3035 = alloca <8 x float>, align 32
-  %acc3136 = alloca <8 x float>, align 32
-  %acc0049 = alloca <8 x float>, align 32
-  %acc0150 = alloca <8 x float>, align 32
-  %acc1051 = alloca <8 x float>, align 32
-  %acc1152 = alloca <8 x float>, align 32
-  %acc2053 = alloca <8 x float>, align 32
-  %acc2154 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc0080 = alloca <8 x float>, align 32
-  %acc0181 = alloca <8 x float>, align 32
+  %acc007 = alloca <8 x float>, align 32
+  %acc018 = alloca <8 x float>, align 32
+  %acc109 = alloca <8 x float>, align 32
+  %acc1110 = alloca <8 x float>, align 32
+  %acc2011 = alloca <8 x float>, align 32
+  %acc2112 = alloca <8 x float>, align 32
+  %acc3013 = alloca <8 x float>, align 32
+  %acc3114 = alloca <8 x float>, align 32
+  %acc4015 = alloca <8 x float>, align 32
+  %acc4116 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc3038 = alloca <8 x float>, align 32
+  %acc3139 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
+  %acc1056 = alloca <8 x float>, align 32
+  %acc1157 = alloca <8 x float>, align 32
+  %acc2058 = alloca <8 x float>, align 32
+  %acc2159 = alloca <8 x float>, align 32
+  %acc0073 = alloca <8 x float>, align 32
+  %acc0174 = alloca <8 x float>, align 32
+  %acc1075 = alloca <8 x float>, align 32
+  %acc1176 = alloca <8 x float>, align 32
+  %acc0089 = alloca <8 x float>, align 32
+  %acc0190 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %789, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %815, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -1012,7 +1012,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %788, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %814, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -1020,9 +1020,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1032,1049 +1042,1079 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 768
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 768
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 768
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 768
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 768
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 768
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 768
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 768
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 768
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 768
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 768
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 768
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
-  %41 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 24576
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 24576
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 24576, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %103, %k.body ]
-  %46 = icmp slt i64 %k, 768
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+  %56 = icmp slt i64 %k, 768
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 32
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds i16, ptr %panels, i64 %48
-  %52 = load <8 x i32>, ptr %51, align 4
-  %53 = shl <8 x i32> %52, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %53 to <8 x float>
-  %54 = and <8 x i32> %52, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %54 to <8 x float>
-  %55 = getelementptr inbounds float, ptr %10, i64 %k
-  %56 = load float, ptr %55, align 4
-  %57 = insertelement <8 x float> poison, float %56, i32 0
-  %58 = shufflevector <8 x float> %57, <8 x float> poison, <8 x i32> zeroinitializer
-  %59 = load <8 x float>, ptr %acc00, align 4
-  %60 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b0, <8 x float> %59)
-  store <8 x float> %60, ptr %acc00, align 4
-  %61 = load <8 x float>, ptr %acc01, align 4
-  %62 = call <8 x float> @llvm.fma.v8f32(<8 x float> %58, <8 x float> %b1, <8 x float> %61)
-  store <8 x float> %62, ptr %acc01, align 4
-  %63 = getelementptr inbounds float, ptr %16, i64 %k
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc10, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b0, <8 x float> %67)
-  store <8 x float> %68, ptr %acc10, align 4
-  %69 = load <8 x float>, ptr %acc11, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %b1, <8 x float> %69)
-  store <8 x float> %70, ptr %acc11, align 4
-  %71 = getelementptr inbounds float, ptr %22, i64 %k
-  %72 = load float, ptr %71, align 4
-  %73 = insertelement <8 x float> poison, float %72, i32 0
-  %74 = shufflevector <8 x float> %73, <8 x float> poison, <8 x i32> zeroinitializer
-  %75 = load <8 x float>, ptr %acc20, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b0, <8 x float> %75)
-  store <8 x float> %76, ptr %acc20, align 4
-  %77 = load <8 x float>, ptr %acc21, align 4
-  %78 = call <8 x float> @llvm.fma.v8f32(<8 x float> %74, <8 x float> %b1, <8 x float> %77)
-  store <8 x float> %78, ptr %acc21, align 4
-  %79 = getelementptr inbounds float, ptr %28, i64 %k
-  %80 = load float, ptr %79, align 4
-  %81 = insertelement <8 x float> poison, float %80, i32 0
-  %82 = shufflevector <8 x float> %81, <8 x float> poison, <8 x i32> zeroinitializer
-  %83 = load <8 x float>, ptr %acc30, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b0, <8 x float> %83)
-  store <8 x float> %84, ptr %acc30, align 4
-  %85 = load <8 x float>, ptr %acc31, align 4
-  %86 = call <8 x float> @llvm.fma.v8f32(<8 x float> %82, <8 x float> %b1, <8 x float> %85)
-  store <8 x float> %86, ptr %acc31, align 4
-  %87 = getelementptr inbounds float, ptr %34, i64 %k
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <8 x float> poison, float %88, i32 0
-  %90 = shufflevector <8 x float> %89, <8 x float> poison, <8 x i32> zeroinitializer
-  %91 = load <8 x float>, ptr %acc40, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b0, <8 x float> %91)
-  store <8 x float> %92, ptr %acc40, align 4
-  %93 = load <8 x float>, ptr %acc41, align 4
-  %94 = call <8 x float> @llvm.fma.v8f32(<8 x float> %90, <8 x float> %b1, <8 x float> %93)
-  store <8 x float> %94, ptr %acc41, align 4
-  %95 = getelementptr inbounds float, ptr %40, i64 %k
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = load <8 x float>, ptr %acc50, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b0, <8 x float> %99)
-  store <8 x float> %100, ptr %acc50, align 4
-  %101 = load <8 x float>, ptr %acc51, align 4
-  %102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %98, <8 x float> %b1, <8 x float> %101)
-  store <8 x float> %102, ptr %acc51, align 4
-  %103 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 32
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
+  %63 = load <8 x i32>, ptr %62, align 4
+  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %64 to <8 x float>
+  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = getelementptr inbounds float, ptr %18, i64 %k
+  %67 = load float, ptr %66, align 4
+  %68 = insertelement <8 x float> poison, float %67, i32 0
+  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
+  %70 = load <8 x float>, ptr %acc00, align 4
+  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
+  store <8 x float> %71, ptr %acc00, align 4
+  %72 = load <8 x float>, ptr %acc01, align 4
+  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
+  store <8 x float> %73, ptr %acc01, align 4
+  %74 = getelementptr inbounds float, ptr %24, i64 %k
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <8 x float> poison, float %75, i32 0
+  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
+  %78 = load <8 x float>, ptr %acc10, align 4
+  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
+  store <8 x float> %79, ptr %acc10, align 4
+  %80 = load <8 x float>, ptr %acc11, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
+  store <8 x float> %81, ptr %acc11, align 4
+  %82 = getelementptr inbounds float, ptr %30, i64 %k
+  %83 = load float, ptr %82, align 4
+  %84 = insertelement <8 x float> poison, float %83, i32 0
+  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
+  %86 = load <8 x float>, ptr %acc20, align 4
+  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
+  store <8 x float> %87, ptr %acc20, align 4
+  %88 = load <8 x float>, ptr %acc21, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
+  store <8 x float> %89, ptr %acc21, align 4
+  %90 = getelementptr inbounds float, ptr %36, i64 %k
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <8 x float> poison, float %91, i32 0
+  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
+  %94 = load <8 x float>, ptr %acc30, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
+  store <8 x float> %95, ptr %acc30, align 4
+  %96 = load <8 x float>, ptr %acc31, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
+  store <8 x float> %97, ptr %acc31, align 4
+  %98 = getelementptr inbounds float, ptr %42, i64 %k
+  %99 = load float, ptr %98, align 4
+  %100 = insertelement <8 x float> poison, float %99, i32 0
+  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
+  %102 = load <8 x float>, ptr %acc40, align 4
+  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
+  store <8 x float> %103, ptr %acc40, align 4
+  %104 = load <8 x float>, ptr %acc41, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
+  store <8 x float> %105, ptr %acc41, align 4
+  %106 = getelementptr inbounds float, ptr %48, i64 %k
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc50, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc50, align 4
+  %112 = load <8 x float>, ptr %acc51, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc51, align 4
+  %114 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %104 = add nsw i64 %r0, 0
-  %105 = getelementptr inbounds float, ptr %rw, i64 %104
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = mul nsw i64 %104, 3072
-  %110 = getelementptr inbounds float, ptr %h, i64 %109
+  %115 = add nsw i64 %r0, 0
+  %116 = getelementptr inbounds float, ptr %rw, i64 %115
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = mul nsw i64 %115, 3072
+  %121 = getelementptr inbounds float, ptr %h, i64 %120
   %col = mul nsw i64 %p, 16
-  %111 = load <8 x float>, ptr %acc00, align 4
-  %112 = load <8 x float>, ptr %acc01, align 4
-  %113 = add nsw i64 %col, 0
-  %114 = fcmp ogt <8 x float> %111, zeroinitializer
-  %115 = select <8 x i1> %114, <8 x float> %111, <8 x float> zeroinitializer
-  %116 = fmul <8 x float> %115, %108
-  %117 = getelementptr inbounds float, ptr %110, i64 %113
-  store <8 x float> %116, ptr %117, align 4
-  %118 = add nsw i64 %col, 8
-  %119 = fcmp ogt <8 x float> %112, zeroinitializer
-  %120 = select <8 x i1> %119, <8 x float> %112, <8 x float> zeroinitializer
-  %121 = fmul <8 x float> %120, %108
-  %122 = getelementptr inbounds float, ptr %110, i64 %118
-  store <8 x float> %121, ptr %122, align 4
-  %123 = add nsw i64 %r0, 1
-  %124 = getelementptr inbounds float, ptr %rw, i64 %123
-  %125 = load float, ptr %124, align 4
-  %126 = insertelement <8 x float> poison, float %125, i32 0
-  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
-  %128 = mul nsw i64 %123, 3072
-  %129 = getelementptr inbounds float, ptr %h, i64 %128
-  %col1 = mul nsw i64 %p, 16
-  %130 = load <8 x float>, ptr %acc10, align 4
-  %131 = load <8 x float>, ptr %acc11, align 4
-  %132 = add nsw i64 %col1, 0
-  %133 = fcmp ogt <8 x float> %130, zeroinitializer
-  %134 = select <8 x i1> %133, <8 x float> %130, <8 x float> zeroinitializer
-  %135 = fmul <8 x float> %134, %127
-  %136 = getelementptr inbounds float, ptr %129, i64 %132
-  store <8 x float> %135, ptr %136, align 4
-  %137 = add nsw i64 %col1, 8
-  %138 = fcmp ogt <8 x float> %131, zeroinitializer
-  %139 = select <8 x i1> %138, <8 x float> %131, <8 x float> zeroinitializer
-  %140 = fmul <8 x float> %139, %127
-  %141 = getelementptr inbounds float, ptr %129, i64 %137
-  store <8 x float> %140, ptr %141, align 4
-  %142 = add nsw i64 %r0, 2
-  %143 = getelementptr inbounds float, ptr %rw, i64 %142
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <8 x float> poison, float %144, i32 0
-  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
-  %147 = mul nsw i64 %142, 3072
-  %148 = getelementptr inbounds float, ptr %h, i64 %147
+  %122 = load <8 x float>, ptr %acc00, align 4
+  %123 = load <8 x float>, ptr %acc01, align 4
+  %124 = add nsw i64 %col, 0
+  %125 = fcmp ogt <8 x float> %122, zeroinitializer
+  %126 = select <8 x i1> %125, <8 x float> %122, <8 x float> zeroinitializer
+  %127 = fmul <8 x float> %126, %119
+  %128 = getelementptr inbounds float, ptr %121, i64 %124
+  store <8 x float> %127, ptr %128, align 4
+  %129 = add nsw i64 %col, 8
+  %130 = fcmp ogt <8 x float> %123, zeroinitializer
+  %131 = select <8 x i1> %130, <8 x float> %123, <8 x float> zeroinitializer
+  %132 = fmul <8 x float> %131, %119
+  %133 = getelementptr inbounds float, ptr %121, i64 %129
+  store <8 x float> %132, ptr %133, align 4
+  %134 = add nsw i64 %r0, 1
+  %135 = getelementptr inbounds float, ptr %rw, i64 %134
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = mul nsw i64 %134, 3072
+  %140 = getelementptr inbounds float, ptr %h, i64 %139
   %col2 = mul nsw i64 %p, 16
-  %149 = load <8 x float>, ptr %acc20, align 4
-  %150 = load <8 x float>, ptr %acc21, align 4
-  %151 = add nsw i64 %col2, 0
-  %152 = fcmp ogt <8 x float> %149, zeroinitializer
-  %153 = select <8 x i1> %152, <8 x float> %149, <8 x float> zeroinitializer
-  %154 = fmul <8 x float> %153, %146
-  %155 = getelementptr inbounds float, ptr %148, i64 %151
-  store <8 x float> %154, ptr %155, align 4
-  %156 = add nsw i64 %col2, 8
-  %157 = fcmp ogt <8 x float> %150, zeroinitializer
-  %158 = select <8 x i1> %157, <8 x float> %150, <8 x float> zeroinitializer
-  %159 = fmul <8 x float> %158, %146
-  %160 = getelementptr inbounds float, ptr %148, i64 %156
-  store <8 x float> %159, ptr %160, align 4
-  %161 = add nsw i64 %r0, 3
-  %162 = getelementptr inbounds float, ptr %rw, i64 %161
-  %163 = load float, ptr %162, align 4
-  %164 = insertelement <8 x float> poison, float %163, i32 0
-  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
-  %166 = mul nsw i64 %161, 3072
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %141 = load <8 x float>, ptr %acc10, align 4
+  %142 = load <8 x float>, ptr %acc11, align 4
+  %143 = add nsw i64 %col2, 0
+  %144 = fcmp ogt <8 x float> %141, zeroinitializer
+  %145 = select <8 x i1> %144, <8 x float> %141, <8 x float> zeroinitializer
+  %146 = fmul <8 x float> %145, %138
+  %147 = getelementptr inbounds float, ptr %140, i64 %143
+  store <8 x float> %146, ptr %147, align 4
+  %148 = add nsw i64 %col2, 8
+  %149 = fcmp ogt <8 x float> %142, zeroinitializer
+  %150 = select <8 x i1> %149, <8 x float> %142, <8 x float> zeroinitializer
+  %151 = fmul <8 x float> %150, %138
+  %152 = getelementptr inbounds float, ptr %140, i64 %148
+  store <8 x float> %151, ptr %152, align 4
+  %153 = add nsw i64 %r0, 2
+  %154 = getelementptr inbounds float, ptr %rw, i64 %153
+  %155 = load float, ptr %154, align 4
+  %156 = insertelement <8 x float> poison, float %155, i32 0
+  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
+  %158 = mul nsw i64 %153, 3072
+  %159 = getelementptr inbounds float, ptr %h, i64 %158
   %col3 = mul nsw i64 %p, 16
-  %168 = load <8 x float>, ptr %acc30, align 4
-  %169 = load <8 x float>, ptr %acc31, align 4
-  %170 = add nsw i64 %col3, 0
-  %171 = fcmp ogt <8 x float> %168, zeroinitializer
-  %172 = select <8 x i1> %171, <8 x float> %168, <8 x float> zeroinitializer
-  %173 = fmul <8 x float> %172, %165
-  %174 = getelementptr inbounds float, ptr %167, i64 %170
-  store <8 x float> %173, ptr %174, align 4
-  %175 = add nsw i64 %col3, 8
-  %176 = fcmp ogt <8 x float> %169, zeroinitializer
-  %177 = select <8 x i1> %176, <8 x float> %169, <8 x float> zeroinitializer
-  %178 = fmul <8 x float> %177, %165
-  %179 = getelementptr inbounds float, ptr %167, i64 %175
-  store <8 x float> %178, ptr %179, align 4
-  %180 = add nsw i64 %r0, 4
-  %181 = getelementptr inbounds float, ptr %rw, i64 %180
-  %182 = load float, ptr %181, align 4
-  %183 = insertelement <8 x float> poison, float %182, i32 0
-  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
-  %185 = mul nsw i64 %180, 3072
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %160 = load <8 x float>, ptr %acc20, align 4
+  %161 = load <8 x float>, ptr %acc21, align 4
+  %162 = add nsw i64 %col3, 0
+  %163 = fcmp ogt <8 x float> %160, zeroinitializer
+  %164 = select <8 x i1> %163, <8 x float> %160, <8 x float> zeroinitializer
+  %165 = fmul <8 x float> %164, %157
+  %166 = getelementptr inbounds float, ptr %159, i64 %162
+  store <8 x float> %165, ptr %166, align 4
+  %167 = add nsw i64 %col3, 8
+  %168 = fcmp ogt <8 x float> %161, zeroinitializer
+  %169 = select <8 x i1> %168, <8 x float> %161, <8 x float> zeroinitializer
+  %170 = fmul <8 x float> %169, %157
+  %171 = getelementptr inbounds float, ptr %159, i64 %167
+  store <8 x float> %170, ptr %171, align 4
+  %172 = add nsw i64 %r0, 3
+  %173 = getelementptr inbounds float, ptr %rw, i64 %172
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = mul nsw i64 %172, 3072
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
   %col4 = mul nsw i64 %p, 16
-  %187 = load <8 x float>, ptr %acc40, align 4
-  %188 = load <8 x float>, ptr %acc41, align 4
-  %189 = add nsw i64 %col4, 0
-  %190 = fcmp ogt <8 x float> %187, zeroinitializer
-  %191 = select <8 x i1> %190, <8 x float> %187, <8 x float> zeroinitializer
-  %192 = fmul <8 x float> %191, %184
-  %193 = getelementptr inbounds float, ptr %186, i64 %189
-  store <8 x float> %192, ptr %193, align 4
-  %194 = add nsw i64 %col4, 8
-  %195 = fcmp ogt <8 x float> %188, zeroinitializer
-  %196 = select <8 x i1> %195, <8 x float> %188, <8 x float> zeroinitializer
-  %197 = fmul <8 x float> %196, %184
-  %198 = getelementptr inbounds float, ptr %186, i64 %194
-  store <8 x float> %197, ptr %198, align 4
-  %199 = add nsw i64 %r0, 5
-  %200 = getelementptr inbounds float, ptr %rw, i64 %199
-  %201 = load float, ptr %200, align 4
-  %202 = insertelement <8 x float> poison, float %201, i32 0
-  %203 = shufflevector <8 x float> %202, <8 x float> poison, <8 x i32> zeroinitializer
-  %204 = mul nsw i64 %199, 3072
-  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %179 = load <8 x float>, ptr %acc30, align 4
+  %180 = load <8 x float>, ptr %acc31, align 4
+  %181 = add nsw i64 %col4, 0
+  %182 = fcmp ogt <8 x float> %179, zeroinitializer
+  %183 = select <8 x i1> %182, <8 x float> %179, <8 x float> zeroinitializer
+  %184 = fmul <8 x float> %183, %176
+  %185 = getelementptr inbounds float, ptr %178, i64 %181
+  store <8 x float> %184, ptr %185, align 4
+  %186 = add nsw i64 %col4, 8
+  %187 = fcmp ogt <8 x float> %180, zeroinitializer
+  %188 = select <8 x i1> %187, <8 x float> %180, <8 x float> zeroinitializer
+  %189 = fmul <8 x float> %188, %176
+  %190 = getelementptr inbounds float, ptr %178, i64 %186
+  store <8 x float> %189, ptr %190, align 4
+  %191 = add nsw i64 %r0, 4
+  %192 = getelementptr inbounds float, ptr %rw, i64 %191
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <8 x float> poison, float %193, i32 0
+  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
+  %196 = mul nsw i64 %191, 3072
+  %197 = getelementptr inbounds float, ptr %h, i64 %196
   %col5 = mul nsw i64 %p, 16
-  %206 = load <8 x float>, ptr %acc50, align 4
-  %207 = load <8 x float>, ptr %acc51, align 4
-  %208 = add nsw i64 %col5, 0
-  %209 = fcmp ogt <8 x float> %206, zeroinitializer
-  %210 = select <8 x i1> %209, <8 x float> %206, <8 x float> zeroinitializer
-  %211 = fmul <8 x float> %210, %203
-  %212 = getelementptr inbounds float, ptr %205, i64 %208
-  store <8 x float> %211, ptr %212, align 4
-  %213 = add nsw i64 %col5, 8
-  %214 = fcmp ogt <8 x float> %207, zeroinitializer
-  %215 = select <8 x i1> %214, <8 x float> %207, <8 x float> zeroinitializer
-  %216 = fmul <8 x float> %215, %203
-  %217 = getelementptr inbounds float, ptr %205, i64 %213
-  store <8 x float> %216, ptr %217, align 4
+  %198 = load <8 x float>, ptr %acc40, align 4
+  %199 = load <8 x float>, ptr %acc41, align 4
+  %200 = add nsw i64 %col5, 0
+  %201 = fcmp ogt <8 x float> %198, zeroinitializer
+  %202 = select <8 x i1> %201, <8 x float> %198, <8 x float> zeroinitializer
+  %203 = fmul <8 x float> %202, %195
+  %204 = getelementptr inbounds float, ptr %197, i64 %200
+  store <8 x float> %203, ptr %204, align 4
+  %205 = add nsw i64 %col5, 8
+  %206 = fcmp ogt <8 x float> %199, zeroinitializer
+  %207 = select <8 x i1> %206, <8 x float> %199, <8 x float> zeroinitializer
+  %208 = fmul <8 x float> %207, %195
+  %209 = getelementptr inbounds float, ptr %197, i64 %205
+  store <8 x float> %208, ptr %209, align 4
+  %210 = add nsw i64 %r0, 5
+  %211 = getelementptr inbounds float, ptr %rw, i64 %210
+  %212 = load float, ptr %211, align 4
+  %213 = insertelement <8 x float> poison, float %212, i32 0
+  %214 = shufflevector <8 x float> %213, <8 x float> poison, <8 x i32> zeroinitializer
+  %215 = mul nsw i64 %210, 3072
+  %216 = getelementptr inbounds float, ptr %h, i64 %215
+  %col6 = mul nsw i64 %p, 16
+  %217 = load <8 x float>, ptr %acc50, align 4
+  %218 = load <8 x float>, ptr %acc51, align 4
+  %219 = add nsw i64 %col6, 0
+  %220 = fcmp ogt <8 x float> %217, zeroinitializer
+  %221 = select <8 x i1> %220, <8 x float> %217, <8 x float> zeroinitializer
+  %222 = fmul <8 x float> %221, %214
+  %223 = getelementptr inbounds float, ptr %216, i64 %219
+  store <8 x float> %222, ptr %223, align 4
+  %224 = add nsw i64 %col6, 8
+  %225 = fcmp ogt <8 x float> %218, zeroinitializer
+  %226 = select <8 x i1> %225, <8 x float> %218, <8 x float> zeroinitializer
+  %227 = fmul <8 x float> %226, %214
+  %228 = getelementptr inbounds float, ptr %216, i64 %224
+  store <8 x float> %227, ptr %228, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %218 = add nsw i64 %r0, 0
-  %219 = getelementptr inbounds i32, ptr %rows, i64 %218
-  %220 = load i32, ptr %219, align 4
-  %221 = sext i32 %220 to i64
-  %222 = mul nsw i64 %221, 768
-  %223 = getelementptr inbounds float, ptr %x, i64 %222
-  store <8 x float> zeroinitializer, ptr %acc006, align 4
-  store <8 x float> zeroinitializer, ptr %acc017, align 4
-  %224 = add nsw i64 %r0, 1
-  %225 = getelementptr inbounds i32, ptr %rows, i64 %224
-  %226 = load i32, ptr %225, align 4
-  %227 = sext i32 %226 to i64
-  %228 = mul nsw i64 %227, 768
-  %229 = getelementptr inbounds float, ptr %x, i64 %228
-  store <8 x float> zeroinitializer, ptr %acc108, align 4
-  store <8 x float> zeroinitializer, ptr %acc119, align 4
-  %230 = add nsw i64 %r0, 2
-  %231 = getelementptr inbounds i32, ptr %rows, i64 %230
-  %232 = load i32, ptr %231, align 4
-  %233 = sext i32 %232 to i64
-  %234 = mul nsw i64 %233, 768
-  %235 = getelementptr inbounds float, ptr %x, i64 %234
-  store <8 x float> zeroinitializer, ptr %acc2010, align 4
-  store <8 x float> zeroinitializer, ptr %acc2111, align 4
-  %236 = add nsw i64 %r0, 3
-  %237 = getelementptr inbounds i32, ptr %rows, i64 %236
-  %238 = load i32, ptr %237, align 4
-  %239 = sext i32 %238 to i64
-  %240 = mul nsw i64 %239, 768
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
-  store <8 x float> zeroinitializer, ptr %acc3012, align 4
-  store <8 x float> zeroinitializer, ptr %acc3113, align 4
-  %242 = add nsw i64 %r0, 4
-  %243 = getelementptr inbounds i32, ptr %rows, i64 %242
-  %244 = load i32, ptr %243, align 4
-  %245 = sext i32 %244 to i64
-  %246 = mul nsw i64 %245, 768
-  %247 = getelementptr inbounds float, ptr %x, i64 %246
-  store <8 x float> zeroinitializer, ptr %acc4014, align 4
-  store <8 x float> zeroinitializer, ptr %acc4115, align 4
-  %panel.off16 = mul nsw i64 %p, 12288
-  %248 = getelementptr inbounds i16, ptr %panels, i64 %panel.off16
-  %249 = add nsw i64 %p, 1
-  %250 = icmp slt i64 %249, %p1
-  %251 = getelementptr inbounds i8, ptr %248, i64 24576
-  %252 = and i1 %pf.on, %250
-  %pf17 = select i1 %252, ptr %251, ptr %248
-  br label %k.head18
+  %229 = add nsw i64 %r0, 0
+  %230 = getelementptr inbounds i32, ptr %rows, i64 %229
+  %231 = load i32, ptr %230, align 4
+  %232 = sext i32 %231 to i64
+  %233 = mul nsw i64 %232, 768
+  %234 = getelementptr inbounds float, ptr %x, i64 %233
+  store <8 x float> zeroinitializer, ptr %acc007, align 4
+  store <8 x float> zeroinitializer, ptr %acc018, align 4
+  %235 = add nsw i64 %r0, 1
+  %236 = getelementptr inbounds i32, ptr %rows, i64 %235
+  %237 = load i32, ptr %236, align 4
+  %238 = sext i32 %237 to i64
+  %239 = mul nsw i64 %238, 768
+  %240 = getelementptr inbounds float, ptr %x, i64 %239
+  store <8 x float> zeroinitializer, ptr %acc109, align 4
+  store <8 x float> zeroinitializer, ptr %acc1110, align 4
+  %241 = add nsw i64 %r0, 2
+  %242 = getelementptr inbounds i32, ptr %rows, i64 %241
+  %243 = load i32, ptr %242, align 4
+  %244 = sext i32 %243 to i64
+  %245 = mul nsw i64 %244, 768
+  %246 = getelementptr inbounds float, ptr %x, i64 %245
+  store <8 x float> zeroinitializer, ptr %acc2011, align 4
+  store <8 x float> zeroinitializer, ptr %acc2112, align 4
+  %247 = add nsw i64 %r0, 3
+  %248 = getelementptr inbounds i32, ptr %rows, i64 %247
+  %249 = load i32, ptr %248, align 4
+  %250 = sext i32 %249 to i64
+  %251 = mul nsw i64 %250, 768
+  %252 = getelementptr inbounds float, ptr %x, i64 %251
+  store <8 x float> zeroinitializer, ptr %acc3013, align 4
+  store <8 x float> zeroinitializer, ptr %acc3114, align 4
+  %253 = add nsw i64 %r0, 4
+  %254 = getelementptr inbounds i32, ptr %rows, i64 %253
+  %255 = load i32, ptr %254, align 4
+  %256 = sext i32 %255 to i64
+  %257 = mul nsw i64 %256, 768
+  %258 = getelementptr inbounds float, ptr %x, i64 %257
+  store <8 x float> zeroinitializer, ptr %acc4015, align 4
+  store <8 x float> zeroinitializer, ptr %acc4116, align 4
+  %panel.off17 = mul nsw i64 %p, 12288
+  %259 = getelementptr inbounds i16, ptr %panels, i64 %panel.off17
+  %260 = add nsw i64 %p, 1
+  %261 = icmp slt i64 %260, %p1
+  %pf.on18 = and i1 %pf.on, %261
+  %262 = mul nsw i64 %pf.j, 24576
+  %263 = lshr i64 %262, %9
+  %264 = add nsw i64 24576, %263
+  %265 = getelementptr inbounds i8, ptr %259, i64 %264
+  %pf19 = select i1 %pf.on18, ptr %265, ptr %259
+  %pf.sh20 = select i1 %pf.on18, i64 %9, i64 0
+  br label %k.head21
 
-k.head18:                                         ; preds = %k.body19, %tile.mr5
-  %k21 = phi i64 [ 0, %tile.mr5 ], [ %302, %k.body19 ]
-  %253 = icmp slt i64 %k21, 768
-  br i1 %253, label %k.body19, label %k.end20
+k.head21:                                         ; preds = %k.body22, %tile.mr5
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %316, %k.body22 ]
+  %266 = icmp slt i64 %k24, 768
+  br i1 %266, label %k.body22, label %k.end23
 
-k.body19:                                         ; preds = %k.head18
-  %254 = mul nsw i64 %k21, 16
-  %255 = add nsw i64 %panel.off16, %254
-  %256 = mul nsw i64 %k21, 32
-  %257 = getelementptr inbounds i8, ptr %pf17, i64 %256
-  call void @llvm.prefetch.p0(ptr %257, i32 0, i32 2, i32 1)
-  %258 = getelementptr inbounds i16, ptr %panels, i64 %255
-  %259 = load <8 x i32>, ptr %258, align 4
-  %260 = shl <8 x i32> %259, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b022 = bitcast <8 x i32> %260 to <8 x float>
-  %261 = and <8 x i32> %259, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b123 = bitcast <8 x i32> %261 to <8 x float>
-  %262 = getelementptr inbounds float, ptr %223, i64 %k21
-  %263 = load float, ptr %262, align 4
-  %264 = insertelement <8 x float> poison, float %263, i32 0
-  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
-  %266 = load <8 x float>, ptr %acc006, align 4
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b022, <8 x float> %266)
-  store <8 x float> %267, ptr %acc006, align 4
-  %268 = load <8 x float>, ptr %acc017, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b123, <8 x float> %268)
-  store <8 x float> %269, ptr %acc017, align 4
-  %270 = getelementptr inbounds float, ptr %229, i64 %k21
-  %271 = load float, ptr %270, align 4
-  %272 = insertelement <8 x float> poison, float %271, i32 0
-  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
-  %274 = load <8 x float>, ptr %acc108, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b022, <8 x float> %274)
-  store <8 x float> %275, ptr %acc108, align 4
-  %276 = load <8 x float>, ptr %acc119, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b123, <8 x float> %276)
-  store <8 x float> %277, ptr %acc119, align 4
-  %278 = getelementptr inbounds float, ptr %235, i64 %k21
-  %279 = load float, ptr %278, align 4
-  %280 = insertelement <8 x float> poison, float %279, i32 0
-  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = load <8 x float>, ptr %acc2010, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b022, <8 x float> %282)
-  store <8 x float> %283, ptr %acc2010, align 4
-  %284 = load <8 x float>, ptr %acc2111, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b123, <8 x float> %284)
-  store <8 x float> %285, ptr %acc2111, align 4
-  %286 = getelementptr inbounds float, ptr %241, i64 %k21
-  %287 = load float, ptr %286, align 4
-  %288 = insertelement <8 x float> poison, float %287, i32 0
-  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
-  %290 = load <8 x float>, ptr %acc3012, align 4
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b022, <8 x float> %290)
-  store <8 x float> %291, ptr %acc3012, align 4
-  %292 = load <8 x float>, ptr %acc3113, align 4
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %b123, <8 x float> %292)
-  store <8 x float> %293, ptr %acc3113, align 4
-  %294 = getelementptr inbounds float, ptr %247, i64 %k21
-  %295 = load float, ptr %294, align 4
-  %296 = insertelement <8 x float> poison, float %295, i32 0
-  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
-  %298 = load <8 x float>, ptr %acc4014, align 4
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b022, <8 x float> %298)
-  store <8 x float> %299, ptr %acc4014, align 4
-  %300 = load <8 x float>, ptr %acc4115, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %b123, <8 x float> %300)
-  store <8 x float> %301, ptr %acc4115, align 4
-  %302 = add nsw i64 %k21, 1
-  br label %k.head18
+k.body22:                                         ; preds = %k.head21
+  %267 = mul nsw i64 %k24, 16
+  %268 = add nsw i64 %panel.off17, %267
+  %269 = mul nsw i64 %k24, 32
+  %270 = lshr i64 %269, %pf.sh20
+  %271 = getelementptr inbounds i8, ptr %pf19, i64 %270
+  call void @llvm.prefetch.p0(ptr %271, i32 0, i32 2, i32 1)
+  %272 = getelementptr inbounds i16, ptr %panels, i64 %268
+  %273 = load <8 x i32>, ptr %272, align 4
+  %274 = shl <8 x i32> %273, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b025 = bitcast <8 x i32> %274 to <8 x float>
+  %275 = and <8 x i32> %273, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b126 = bitcast <8 x i32> %275 to <8 x float>
+  %276 = getelementptr inbounds float, ptr %234, i64 %k24
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = load <8 x float>, ptr %acc007, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b025, <8 x float> %280)
+  store <8 x float> %281, ptr %acc007, align 4
+  %282 = load <8 x float>, ptr %acc018, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b126, <8 x float> %282)
+  store <8 x float> %283, ptr %acc018, align 4
+  %284 = getelementptr inbounds float, ptr %240, i64 %k24
+  %285 = load float, ptr %284, align 4
+  %286 = insertelement <8 x float> poison, float %285, i32 0
+  %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
+  %288 = load <8 x float>, ptr %acc109, align 4
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b025, <8 x float> %288)
+  store <8 x float> %289, ptr %acc109, align 4
+  %290 = load <8 x float>, ptr %acc1110, align 4
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b126, <8 x float> %290)
+  store <8 x float> %291, ptr %acc1110, align 4
+  %292 = getelementptr inbounds float, ptr %246, i64 %k24
+  %293 = load float, ptr %292, align 4
+  %294 = insertelement <8 x float> poison, float %293, i32 0
+  %295 = shufflevector <8 x float> %294, <8 x float> poison, <8 x i32> zeroinitializer
+  %296 = load <8 x float>, ptr %acc2011, align 4
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b025, <8 x float> %296)
+  store <8 x float> %297, ptr %acc2011, align 4
+  %298 = load <8 x float>, ptr %acc2112, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b126, <8 x float> %298)
+  store <8 x float> %299, ptr %acc2112, align 4
+  %300 = getelementptr inbounds float, ptr %252, i64 %k24
+  %301 = load float, ptr %300, align 4
+  %302 = insertelement <8 x float> poison, float %301, i32 0
+  %303 = shufflevector <8 x float> %302, <8 x float> poison, <8 x i32> zeroinitializer
+  %304 = load <8 x float>, ptr %acc3013, align 4
+  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b025, <8 x float> %304)
+  store <8 x float> %305, ptr %acc3013, align 4
+  %306 = load <8 x float>, ptr %acc3114, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b126, <8 x float> %306)
+  store <8 x float> %307, ptr %acc3114, align 4
+  %308 = getelementptr inbounds float, ptr %258, i64 %k24
+  %309 = load float, ptr %308, align 4
+  %310 = insertelement <8 x float> poison, float %309, i32 0
+  %311 = shufflevector <8 x float> %310, <8 x float> poison, <8 x i32> zeroinitializer
+  %312 = load <8 x float>, ptr %acc4015, align 4
+  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b025, <8 x float> %312)
+  store <8 x float> %313, ptr %acc4015, align 4
+  %314 = load <8 x float>, ptr %acc4116, align 4
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b126, <8 x float> %314)
+  store <8 x float> %315, ptr %acc4116, align 4
+  %316 = add nsw i64 %k24, 1
+  br label %k.head21
 
-k.end20:                                          ; preds = %k.head18
-  %303 = add nsw i64 %r0, 0
-  %304 = getelementptr inbounds float, ptr %rw, i64 %303
-  %305 = load float, ptr %304, align 4
-  %306 = insertelement <8 x float> poison, float %305, i32 0
-  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
-  %308 = mul nsw i64 %303, 3072
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
-  %col24 = mul nsw i64 %p, 16
-  %310 = load <8 x float>, ptr %acc006, align 4
-  %311 = load <8 x float>, ptr %acc017, align 4
-  %312 = add nsw i64 %col24, 0
-  %313 = fcmp ogt <8 x float> %310, zeroinitializer
-  %314 = select <8 x i1> %313, <8 x float> %310, <8 x float> zeroinitializer
-  %315 = fmul <8 x float> %314, %307
-  %316 = getelementptr inbounds float, ptr %309, i64 %312
-  store <8 x float> %315, ptr %316, align 4
-  %317 = add nsw i64 %col24, 8
-  %318 = fcmp ogt <8 x float> %311, zeroinitializer
-  %319 = select <8 x i1> %318, <8 x float> %311, <8 x float> zeroinitializer
-  %320 = fmul <8 x float> %319, %307
-  %321 = getelementptr inbounds float, ptr %309, i64 %317
-  store <8 x float> %320, ptr %321, align 4
-  %322 = add nsw i64 %r0, 1
-  %323 = getelementptr inbounds float, ptr %rw, i64 %322
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = mul nsw i64 %322, 3072
-  %328 = getelementptr inbounds float, ptr %h, i64 %327
-  %col25 = mul nsw i64 %p, 16
-  %329 = load <8 x float>, ptr %acc108, align 4
-  %330 = load <8 x float>, ptr %acc119, align 4
-  %331 = add nsw i64 %col25, 0
-  %332 = fcmp ogt <8 x float> %329, zeroinitializer
-  %333 = select <8 x i1> %332, <8 x float> %329, <8 x float> zeroinitializer
-  %334 = fmul <8 x float> %333, %326
-  %335 = getelementptr inbounds float, ptr %328, i64 %331
-  store <8 x float> %334, ptr %335, align 4
-  %336 = add nsw i64 %col25, 8
-  %337 = fcmp ogt <8 x float> %330, zeroinitializer
-  %338 = select <8 x i1> %337, <8 x float> %330, <8 x float> zeroinitializer
-  %339 = fmul <8 x float> %338, %326
-  %340 = getelementptr inbounds float, ptr %328, i64 %336
-  store <8 x float> %339, ptr %340, align 4
-  %341 = add nsw i64 %r0, 2
-  %342 = getelementptr inbounds float, ptr %rw, i64 %341
-  %343 = load float, ptr %342, align 4
-  %344 = insertelement <8 x float> poison, float %343, i32 0
-  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
-  %346 = mul nsw i64 %341, 3072
-  %347 = getelementptr inbounds float, ptr %h, i64 %346
-  %col26 = mul nsw i64 %p, 16
-  %348 = load <8 x float>, ptr %acc2010, align 4
-  %349 = load <8 x float>, ptr %acc2111, align 4
-  %350 = add nsw i64 %col26, 0
-  %351 = fcmp ogt <8 x float> %348, zeroinitializer
-  %352 = select <8 x i1> %351, <8 x float> %348, <8 x float> zeroinitializer
-  %353 = fmul <8 x float> %352, %345
-  %354 = getelementptr inbounds float, ptr %347, i64 %350
-  store <8 x float> %353, ptr %354, align 4
-  %355 = add nsw i64 %col26, 8
-  %356 = fcmp ogt <8 x float> %349, zeroinitializer
-  %357 = select <8 x i1> %356, <8 x float> %349, <8 x float> zeroinitializer
-  %358 = fmul <8 x float> %357, %345
-  %359 = getelementptr inbounds float, ptr %347, i64 %355
-  store <8 x float> %358, ptr %359, align 4
-  %360 = add nsw i64 %r0, 3
-  %361 = getelementptr inbounds float, ptr %rw, i64 %360
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = mul nsw i64 %360, 3072
-  %366 = getelementptr inbounds float, ptr %h, i64 %365
+k.end23:                                          ; preds = %k.head21
+  %317 = add nsw i64 %r0, 0
+  %318 = getelementptr inbounds float, ptr %rw, i64 %317
+  %319 = load float, ptr %318, align 4
+  %320 = insertelement <8 x float> poison, float %319, i32 0
+  %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
+  %322 = mul nsw i64 %317, 3072
+  %323 = getelementptr inbounds float, ptr %h, i64 %322
   %col27 = mul nsw i64 %p, 16
-  %367 = load <8 x float>, ptr %acc3012, align 4
-  %368 = load <8 x float>, ptr %acc3113, align 4
-  %369 = add nsw i64 %col27, 0
-  %370 = fcmp ogt <8 x float> %367, zeroinitializer
-  %371 = select <8 x i1> %370, <8 x float> %367, <8 x float> zeroinitializer
-  %372 = fmul <8 x float> %371, %364
-  %373 = getelementptr inbounds float, ptr %366, i64 %369
-  store <8 x float> %372, ptr %373, align 4
-  %374 = add nsw i64 %col27, 8
-  %375 = fcmp ogt <8 x float> %368, zeroinitializer
-  %376 = select <8 x i1> %375, <8 x float> %368, <8 x float> zeroinitializer
-  %377 = fmul <8 x float> %376, %364
-  %378 = getelementptr inbounds float, ptr %366, i64 %374
-  store <8 x float> %377, ptr %378, align 4
-  %379 = add nsw i64 %r0, 4
-  %380 = getelementptr inbounds float, ptr %rw, i64 %379
-  %381 = load float, ptr %380, align 4
-  %382 = insertelement <8 x float> poison, float %381, i32 0
-  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
-  %384 = mul nsw i64 %379, 3072
-  %385 = getelementptr inbounds float, ptr %h, i64 %384
+  %324 = load <8 x float>, ptr %acc007, align 4
+  %325 = load <8 x float>, ptr %acc018, align 4
+  %326 = add nsw i64 %col27, 0
+  %327 = fcmp ogt <8 x float> %324, zeroinitializer
+  %328 = select <8 x i1> %327, <8 x float> %324, <8 x float> zeroinitializer
+  %329 = fmul <8 x float> %328, %321
+  %330 = getelementptr inbounds float, ptr %323, i64 %326
+  store <8 x float> %329, ptr %330, align 4
+  %331 = add nsw i64 %col27, 8
+  %332 = fcmp ogt <8 x float> %325, zeroinitializer
+  %333 = select <8 x i1> %332, <8 x float> %325, <8 x float> zeroinitializer
+  %334 = fmul <8 x float> %333, %321
+  %335 = getelementptr inbounds float, ptr %323, i64 %331
+  store <8 x float> %334, ptr %335, align 4
+  %336 = add nsw i64 %r0, 1
+  %337 = getelementptr inbounds float, ptr %rw, i64 %336
+  %338 = load float, ptr %337, align 4
+  %339 = insertelement <8 x float> poison, float %338, i32 0
+  %340 = shufflevector <8 x float> %339, <8 x float> poison, <8 x i32> zeroinitializer
+  %341 = mul nsw i64 %336, 3072
+  %342 = getelementptr inbounds float, ptr %h, i64 %341
   %col28 = mul nsw i64 %p, 16
-  %386 = load <8 x float>, ptr %acc4014, align 4
-  %387 = load <8 x float>, ptr %acc4115, align 4
-  %388 = add nsw i64 %col28, 0
-  %389 = fcmp ogt <8 x float> %386, zeroinitializer
-  %390 = select <8 x i1> %389, <8 x float> %386, <8 x float> zeroinitializer
-  %391 = fmul <8 x float> %390, %383
-  %392 = getelementptr inbounds float, ptr %385, i64 %388
+  %343 = load <8 x float>, ptr %acc109, align 4
+  %344 = load <8 x float>, ptr %acc1110, align 4
+  %345 = add nsw i64 %col28, 0
+  %346 = fcmp ogt <8 x float> %343, zeroinitializer
+  %347 = select <8 x i1> %346, <8 x float> %343, <8 x float> zeroinitializer
+  %348 = fmul <8 x float> %347, %340
+  %349 = getelementptr inbounds float, ptr %342, i64 %345
+  store <8 x float> %348, ptr %349, align 4
+  %350 = add nsw i64 %col28, 8
+  %351 = fcmp ogt <8 x float> %344, zeroinitializer
+  %352 = select <8 x i1> %351, <8 x float> %344, <8 x float> zeroinitializer
+  %353 = fmul <8 x float> %352, %340
+  %354 = getelementptr inbounds float, ptr %342, i64 %350
+  store <8 x float> %353, ptr %354, align 4
+  %355 = add nsw i64 %r0, 2
+  %356 = getelementptr inbounds float, ptr %rw, i64 %355
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = mul nsw i64 %355, 3072
+  %361 = getelementptr inbounds float, ptr %h, i64 %360
+  %col29 = mul nsw i64 %p, 16
+  %362 = load <8 x float>, ptr %acc2011, align 4
+  %363 = load <8 x float>, ptr %acc2112, align 4
+  %364 = add nsw i64 %col29, 0
+  %365 = fcmp ogt <8 x float> %362, zeroinitializer
+  %366 = select <8 x i1> %365, <8 x float> %362, <8 x float> zeroinitializer
+  %367 = fmul <8 x float> %366, %359
+  %368 = getelementptr inbounds float, ptr %361, i64 %364
+  store <8 x float> %367, ptr %368, align 4
+  %369 = add nsw i64 %col29, 8
+  %370 = fcmp ogt <8 x float> %363, zeroinitializer
+  %371 = select <8 x i1> %370, <8 x float> %363, <8 x float> zeroinitializer
+  %372 = fmul <8 x float> %371, %359
+  %373 = getelementptr inbounds float, ptr %361, i64 %369
+  store <8 x float> %372, ptr %373, align 4
+  %374 = add nsw i64 %r0, 3
+  %375 = getelementptr inbounds float, ptr %rw, i64 %374
+  %376 = load float, ptr %375, align 4
+  %377 = insertelement <8 x float> poison, float %376, i32 0
+  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
+  %379 = mul nsw i64 %374, 3072
+  %380 = getelementptr inbounds float, ptr %h, i64 %379
+  %col30 = mul nsw i64 %p, 16
+  %381 = load <8 x float>, ptr %acc3013, align 4
+  %382 = load <8 x float>, ptr %acc3114, align 4
+  %383 = add nsw i64 %col30, 0
+  %384 = fcmp ogt <8 x float> %381, zeroinitializer
+  %385 = select <8 x i1> %384, <8 x float> %381, <8 x float> zeroinitializer
+  %386 = fmul <8 x float> %385, %378
+  %387 = getelementptr inbounds float, ptr %380, i64 %383
+  store <8 x float> %386, ptr %387, align 4
+  %388 = add nsw i64 %col30, 8
+  %389 = fcmp ogt <8 x float> %382, zeroinitializer
+  %390 = select <8 x i1> %389, <8 x float> %382, <8 x float> zeroinitializer
+  %391 = fmul <8 x float> %390, %378
+  %392 = getelementptr inbounds float, ptr %380, i64 %388
   store <8 x float> %391, ptr %392, align 4
-  %393 = add nsw i64 %col28, 8
-  %394 = fcmp ogt <8 x float> %387, zeroinitializer
-  %395 = select <8 x i1> %394, <8 x float> %387, <8 x float> zeroinitializer
-  %396 = fmul <8 x float> %395, %383
-  %397 = getelementptr inbounds float, ptr %385, i64 %393
-  store <8 x float> %396, ptr %397, align 4
+  %393 = add nsw i64 %r0, 4
+  %394 = getelementptr inbounds float, ptr %rw, i64 %393
+  %395 = load float, ptr %394, align 4
+  %396 = insertelement <8 x float> poison, float %395, i32 0
+  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
+  %398 = mul nsw i64 %393, 3072
+  %399 = getelementptr inbounds float, ptr %h, i64 %398
+  %col31 = mul nsw i64 %p, 16
+  %400 = load <8 x float>, ptr %acc4015, align 4
+  %401 = load <8 x float>, ptr %acc4116, align 4
+  %402 = add nsw i64 %col31, 0
+  %403 = fcmp ogt <8 x float> %400, zeroinitializer
+  %404 = select <8 x i1> %403, <8 x float> %400, <8 x float> zeroinitializer
+  %405 = fmul <8 x float> %404, %397
+  %406 = getelementptr inbounds float, ptr %399, i64 %402
+  store <8 x float> %405, ptr %406, align 4
+  %407 = add nsw i64 %col31, 8
+  %408 = fcmp ogt <8 x float> %401, zeroinitializer
+  %409 = select <8 x i1> %408, <8 x float> %401, <8 x float> zeroinitializer
+  %410 = fmul <8 x float> %409, %397
+  %411 = getelementptr inbounds float, ptr %399, i64 %407
+  store <8 x float> %410, ptr %411, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %398 = add nsw i64 %r0, 0
-  %399 = getelementptr inbounds i32, ptr %rows, i64 %398
-  %400 = load i32, ptr %399, align 4
-  %401 = sext i32 %400 to i64
-  %402 = mul nsw i64 %401, 768
-  %403 = getelementptr inbounds float, ptr %x, i64 %402
-  store <8 x float> zeroinitializer, ptr %acc0029, align 4
-  store <8 x float> zeroinitializer, ptr %acc0130, align 4
-  %404 = add nsw i64 %r0, 1
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %404
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 768
-  %409 = getelementptr inbounds float, ptr %x, i64 %408
-  store <8 x float> zeroinitializer, ptr %acc1031, align 4
-  store <8 x float> zeroinitializer, ptr %acc1132, align 4
-  %410 = add nsw i64 %r0, 2
-  %411 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %412 = load i32, ptr %411, align 4
-  %413 = sext i32 %412 to i64
-  %414 = mul nsw i64 %413, 768
-  %415 = getelementptr inbounds float, ptr %x, i64 %414
-  store <8 x float> zeroinitializer, ptr %acc2033, align 4
-  store <8 x float> zeroinitializer, ptr %acc2134, align 4
-  %416 = add nsw i64 %r0, 3
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %416
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 768
-  %421 = getelementptr inbounds float, ptr %x, i64 %420
-  store <8 x float> zeroinitializer, ptr %acc3035, align 4
-  store <8 x float> zeroinitializer, ptr %acc3136, align 4
-  %panel.off37 = mul nsw i64 %p, 12288
-  %422 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
-  %423 = add nsw i64 %p, 1
-  %424 = icmp slt i64 %423, %p1
-  %425 = getelementptr inbounds i8, ptr %422, i64 24576
-  %426 = and i1 %pf.on, %424
-  %pf38 = select i1 %426, ptr %425, ptr %422
-  br label %k.head39
+  %412 = add nsw i64 %r0, 0
+  %413 = getelementptr inbounds i32, ptr %rows, i64 %412
+  %414 = load i32, ptr %413, align 4
+  %415 = sext i32 %414 to i64
+  %416 = mul nsw i64 %415, 768
+  %417 = getelementptr inbounds float, ptr %x, i64 %416
+  store <8 x float> zeroinitializer, ptr %acc0032, align 4
+  store <8 x float> zeroinitializer, ptr %acc0133, align 4
+  %418 = add nsw i64 %r0, 1
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %418
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 768
+  %423 = getelementptr inbounds float, ptr %x, i64 %422
+  store <8 x float> zeroinitializer, ptr %acc1034, align 4
+  store <8 x float> zeroinitializer, ptr %acc1135, align 4
+  %424 = add nsw i64 %r0, 2
+  %425 = getelementptr inbounds i32, ptr %rows, i64 %424
+  %426 = load i32, ptr %425, align 4
+  %427 = sext i32 %426 to i64
+  %428 = mul nsw i64 %427, 768
+  %429 = getelementptr inbounds float, ptr %x, i64 %428
+  store <8 x float> zeroinitializer, ptr %acc2036, align 4
+  store <8 x float> zeroinitializer, ptr %acc2137, align 4
+  %430 = add nsw i64 %r0, 3
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %430
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 768
+  %435 = getelementptr inbounds float, ptr %x, i64 %434
+  store <8 x float> zeroinitializer, ptr %acc3038, align 4
+  store <8 x float> zeroinitializer, ptr %acc3139, align 4
+  %panel.off40 = mul nsw i64 %p, 12288
+  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off40
+  %437 = add nsw i64 %p, 1
+  %438 = icmp slt i64 %437, %p1
+  %pf.on41 = and i1 %pf.on, %438
+  %439 = mul nsw i64 %pf.j, 24576
+  %440 = lshr i64 %439, %9
+  %441 = add nsw i64 24576, %440
+  %442 = getelementptr inbounds i8, ptr %436, i64 %441
+  %pf42 = select i1 %pf.on41, ptr %442, ptr %436
+  %pf.sh43 = select i1 %pf.on41, i64 %9, i64 0
+  br label %k.head44
 
-k.head39:                                         ; preds = %k.body40, %tile.mr4
-  %k42 = phi i64 [ 0, %tile.mr4 ], [ %468, %k.body40 ]
-  %427 = icmp slt i64 %k42, 768
-  br i1 %427, label %k.body40, label %k.end41
+k.head44:                                         ; preds = %k.body45, %tile.mr4
+  %k47 = phi i64 [ 0, %tile.mr4 ], [ %485, %k.body45 ]
+  %443 = icmp slt i64 %k47, 768
+  br i1 %443, label %k.body45, label %k.end46
 
-k.body40:                                         ; preds = %k.head39
-  %428 = mul nsw i64 %k42, 16
-  %429 = add nsw i64 %panel.off37, %428
-  %430 = mul nsw i64 %k42, 32
-  %431 = getelementptr inbounds i8, ptr %pf38, i64 %430
-  call void @llvm.prefetch.p0(ptr %431, i32 0, i32 2, i32 1)
-  %432 = getelementptr inbounds i16, ptr %panels, i64 %429
-  %433 = load <8 x i32>, ptr %432, align 4
-  %434 = shl <8 x i32> %433, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b043 = bitcast <8 x i32> %434 to <8 x float>
-  %435 = and <8 x i32> %433, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b144 = bitcast <8 x i32> %435 to <8 x float>
-  %436 = getelementptr inbounds float, ptr %403, i64 %k42
-  %437 = load float, ptr %436, align 4
-  %438 = insertelement <8 x float> poison, float %437, i32 0
-  %439 = shufflevector <8 x float> %438, <8 x float> poison, <8 x i32> zeroinitializer
-  %440 = load <8 x float>, ptr %acc0029, align 4
-  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %b043, <8 x float> %440)
-  store <8 x float> %441, ptr %acc0029, align 4
-  %442 = load <8 x float>, ptr %acc0130, align 4
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %b144, <8 x float> %442)
-  store <8 x float> %443, ptr %acc0130, align 4
-  %444 = getelementptr inbounds float, ptr %409, i64 %k42
-  %445 = load float, ptr %444, align 4
-  %446 = insertelement <8 x float> poison, float %445, i32 0
-  %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
-  %448 = load <8 x float>, ptr %acc1031, align 4
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b043, <8 x float> %448)
-  store <8 x float> %449, ptr %acc1031, align 4
-  %450 = load <8 x float>, ptr %acc1132, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b144, <8 x float> %450)
-  store <8 x float> %451, ptr %acc1132, align 4
-  %452 = getelementptr inbounds float, ptr %415, i64 %k42
-  %453 = load float, ptr %452, align 4
-  %454 = insertelement <8 x float> poison, float %453, i32 0
-  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
-  %456 = load <8 x float>, ptr %acc2033, align 4
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b043, <8 x float> %456)
-  store <8 x float> %457, ptr %acc2033, align 4
-  %458 = load <8 x float>, ptr %acc2134, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b144, <8 x float> %458)
-  store <8 x float> %459, ptr %acc2134, align 4
-  %460 = getelementptr inbounds float, ptr %421, i64 %k42
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc3035, align 4
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b043, <8 x float> %464)
-  store <8 x float> %465, ptr %acc3035, align 4
-  %466 = load <8 x float>, ptr %acc3136, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b144, <8 x float> %466)
-  store <8 x float> %467, ptr %acc3136, align 4
-  %468 = add nsw i64 %k42, 1
-  br label %k.head39
+k.body45:                                         ; preds = %k.head44
+  %444 = mul nsw i64 %k47, 16
+  %445 = add nsw i64 %panel.off40, %444
+  %446 = mul nsw i64 %k47, 32
+  %447 = lshr i64 %446, %pf.sh43
+  %448 = getelementptr inbounds i8, ptr %pf42, i64 %447
+  call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
+  %449 = getelementptr inbounds i16, ptr %panels, i64 %445
+  %450 = load <8 x i32>, ptr %449, align 4
+  %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b048 = bitcast <8 x i32> %451 to <8 x float>
+  %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b149 = bitcast <8 x i32> %452 to <8 x float>
+  %453 = getelementptr inbounds float, ptr %417, i64 %k47
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc0032, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b048, <8 x float> %457)
+  store <8 x float> %458, ptr %acc0032, align 4
+  %459 = load <8 x float>, ptr %acc0133, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b149, <8 x float> %459)
+  store <8 x float> %460, ptr %acc0133, align 4
+  %461 = getelementptr inbounds float, ptr %423, i64 %k47
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = load <8 x float>, ptr %acc1034, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b048, <8 x float> %465)
+  store <8 x float> %466, ptr %acc1034, align 4
+  %467 = load <8 x float>, ptr %acc1135, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b149, <8 x float> %467)
+  store <8 x float> %468, ptr %acc1135, align 4
+  %469 = getelementptr inbounds float, ptr %429, i64 %k47
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = load <8 x float>, ptr %acc2036, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b048, <8 x float> %473)
+  store <8 x float> %474, ptr %acc2036, align 4
+  %475 = load <8 x float>, ptr %acc2137, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b149, <8 x float> %475)
+  store <8 x float> %476, ptr %acc2137, align 4
+  %477 = getelementptr inbounds float, ptr %435, i64 %k47
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %acc3038, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b048, <8 x float> %481)
+  store <8 x float> %482, ptr %acc3038, align 4
+  %483 = load <8 x float>, ptr %acc3139, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b149, <8 x float> %483)
+  store <8 x float> %484, ptr %acc3139, align 4
+  %485 = add nsw i64 %k47, 1
+  br label %k.head44
 
-k.end41:                                          ; preds = %k.head39
-  %469 = add nsw i64 %r0, 0
-  %470 = getelementptr inbounds float, ptr %rw, i64 %469
-  %471 = load float, ptr %470, align 4
-  %472 = insertelement <8 x float> poison, float %471, i32 0
-  %473 = shufflevector <8 x float> %472, <8 x float> poison, <8 x i32> zeroinitializer
-  %474 = mul nsw i64 %469, 3072
-  %475 = getelementptr inbounds float, ptr %h, i64 %474
-  %col45 = mul nsw i64 %p, 16
-  %476 = load <8 x float>, ptr %acc0029, align 4
-  %477 = load <8 x float>, ptr %acc0130, align 4
-  %478 = add nsw i64 %col45, 0
-  %479 = fcmp ogt <8 x float> %476, zeroinitializer
-  %480 = select <8 x i1> %479, <8 x float> %476, <8 x float> zeroinitializer
-  %481 = fmul <8 x float> %480, %473
-  %482 = getelementptr inbounds float, ptr %475, i64 %478
-  store <8 x float> %481, ptr %482, align 4
-  %483 = add nsw i64 %col45, 8
-  %484 = fcmp ogt <8 x float> %477, zeroinitializer
-  %485 = select <8 x i1> %484, <8 x float> %477, <8 x float> zeroinitializer
-  %486 = fmul <8 x float> %485, %473
-  %487 = getelementptr inbounds float, ptr %475, i64 %483
-  store <8 x float> %486, ptr %487, align 4
-  %488 = add nsw i64 %r0, 1
-  %489 = getelementptr inbounds float, ptr %rw, i64 %488
-  %490 = load float, ptr %489, align 4
-  %491 = insertelement <8 x float> poison, float %490, i32 0
-  %492 = shufflevector <8 x float> %491, <8 x float> poison, <8 x i32> zeroinitializer
-  %493 = mul nsw i64 %488, 3072
-  %494 = getelementptr inbounds float, ptr %h, i64 %493
-  %col46 = mul nsw i64 %p, 16
-  %495 = load <8 x float>, ptr %acc1031, align 4
-  %496 = load <8 x float>, ptr %acc1132, align 4
-  %497 = add nsw i64 %col46, 0
-  %498 = fcmp ogt <8 x float> %495, zeroinitializer
-  %499 = select <8 x i1> %498, <8 x float> %495, <8 x float> zeroinitializer
-  %500 = fmul <8 x float> %499, %492
-  %501 = getelementptr inbounds float, ptr %494, i64 %497
-  store <8 x float> %500, ptr %501, align 4
-  %502 = add nsw i64 %col46, 8
-  %503 = fcmp ogt <8 x float> %496, zeroinitializer
-  %504 = select <8 x i1> %503, <8 x float> %496, <8 x float> zeroinitializer
-  %505 = fmul <8 x float> %504, %492
-  %506 = getelementptr inbounds float, ptr %494, i64 %502
-  store <8 x float> %505, ptr %506, align 4
-  %507 = add nsw i64 %r0, 2
-  %508 = getelementptr inbounds float, ptr %rw, i64 %507
-  %509 = load float, ptr %508, align 4
-  %510 = insertelement <8 x float> poison, float %509, i32 0
-  %511 = shufflevector <8 x float> %510, <8 x float> poison, <8 x i32> zeroinitializer
-  %512 = mul nsw i64 %507, 3072
-  %513 = getelementptr inbounds float, ptr %h, i64 %512
-  %col47 = mul nsw i64 %p, 16
-  %514 = load <8 x float>, ptr %acc2033, align 4
-  %515 = load <8 x float>, ptr %acc2134, align 4
-  %516 = add nsw i64 %col47, 0
-  %517 = fcmp ogt <8 x float> %514, zeroinitializer
-  %518 = select <8 x i1> %517, <8 x float> %514, <8 x float> zeroinitializer
-  %519 = fmul <8 x float> %518, %511
-  %520 = getelementptr inbounds float, ptr %513, i64 %516
-  store <8 x float> %519, ptr %520, align 4
-  %521 = add nsw i64 %col47, 8
-  %522 = fcmp ogt <8 x float> %515, zeroinitializer
-  %523 = select <8 x i1> %522, <8 x float> %515, <8 x float> zeroinitializer
-  %524 = fmul <8 x float> %523, %511
-  %525 = getelementptr inbounds float, ptr %513, i64 %521
-  store <8 x float> %524, ptr %525, align 4
-  %526 = add nsw i64 %r0, 3
-  %527 = getelementptr inbounds float, ptr %rw, i64 %526
-  %528 = load float, ptr %527, align 4
-  %529 = insertelement <8 x float> poison, float %528, i32 0
-  %530 = shufflevector <8 x float> %529, <8 x float> poison, <8 x i32> zeroinitializer
-  %531 = mul nsw i64 %526, 3072
-  %532 = getelementptr inbounds float, ptr %h, i64 %531
-  %col48 = mul nsw i64 %p, 16
-  %533 = load <8 x float>, ptr %acc3035, align 4
-  %534 = load <8 x float>, ptr %acc3136, align 4
-  %535 = add nsw i64 %col48, 0
-  %536 = fcmp ogt <8 x float> %533, zeroinitializer
-  %537 = select <8 x i1> %536, <8 x float> %533, <8 x float> zeroinitializer
-  %538 = fmul <8 x float> %537, %530
-  %539 = getelementptr inbounds float, ptr %532, i64 %535
-  store <8 x float> %538, ptr %539, align 4
-  %540 = add nsw i64 %col48, 8
-  %541 = fcmp ogt <8 x float> %534, zeroinitializer
-  %542 = select <8 x i1> %541, <8 x float> %534, <8 x float> zeroinitializer
-  %543 = fmul <8 x float> %542, %530
-  %544 = getelementptr inbounds float, ptr %532, i64 %540
-  store <8 x float> %543, ptr %544, align 4
+k.end46:                                          ; preds = %k.head44
+  %486 = add nsw i64 %r0, 0
+  %487 = getelementptr inbounds float, ptr %rw, i64 %486
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = mul nsw i64 %486, 3072
+  %492 = getelementptr inbounds float, ptr %h, i64 %491
+  %col50 = mul nsw i64 %p, 16
+  %493 = load <8 x float>, ptr %acc0032, align 4
+  %494 = load <8 x float>, ptr %acc0133, align 4
+  %495 = add nsw i64 %col50, 0
+  %496 = fcmp ogt <8 x float> %493, zeroinitializer
+  %497 = select <8 x i1> %496, <8 x float> %493, <8 x float> zeroinitializer
+  %498 = fmul <8 x float> %497, %490
+  %499 = getelementptr inbounds float, ptr %492, i64 %495
+  store <8 x float> %498, ptr %499, align 4
+  %500 = add nsw i64 %col50, 8
+  %501 = fcmp ogt <8 x float> %494, zeroinitializer
+  %502 = select <8 x i1> %501, <8 x float> %494, <8 x float> zeroinitializer
+  %503 = fmul <8 x float> %502, %490
+  %504 = getelementptr inbounds float, ptr %492, i64 %500
+  store <8 x float> %503, ptr %504, align 4
+  %505 = add nsw i64 %r0, 1
+  %506 = getelementptr inbounds float, ptr %rw, i64 %505
+  %507 = load float, ptr %506, align 4
+  %508 = insertelement <8 x float> poison, float %507, i32 0
+  %509 = shufflevector <8 x float> %508, <8 x float> poison, <8 x i32> zeroinitializer
+  %510 = mul nsw i64 %505, 3072
+  %511 = getelementptr inbounds float, ptr %h, i64 %510
+  %col51 = mul nsw i64 %p, 16
+  %512 = load <8 x float>, ptr %acc1034, align 4
+  %513 = load <8 x float>, ptr %acc1135, align 4
+  %514 = add nsw i64 %col51, 0
+  %515 = fcmp ogt <8 x float> %512, zeroinitializer
+  %516 = select <8 x i1> %515, <8 x float> %512, <8 x float> zeroinitializer
+  %517 = fmul <8 x float> %516, %509
+  %518 = getelementptr inbounds float, ptr %511, i64 %514
+  store <8 x float> %517, ptr %518, align 4
+  %519 = add nsw i64 %col51, 8
+  %520 = fcmp ogt <8 x float> %513, zeroinitializer
+  %521 = select <8 x i1> %520, <8 x float> %513, <8 x float> zeroinitializer
+  %522 = fmul <8 x float> %521, %509
+  %523 = getelementptr inbounds float, ptr %511, i64 %519
+  store <8 x float> %522, ptr %523, align 4
+  %524 = add nsw i64 %r0, 2
+  %525 = getelementptr inbounds float, ptr %rw, i64 %524
+  %526 = load float, ptr %525, align 4
+  %527 = insertelement <8 x float> poison, float %526, i32 0
+  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
+  %529 = mul nsw i64 %524, 3072
+  %530 = getelementptr inbounds float, ptr %h, i64 %529
+  %col52 = mul nsw i64 %p, 16
+  %531 = load <8 x float>, ptr %acc2036, align 4
+  %532 = load <8 x float>, ptr %acc2137, align 4
+  %533 = add nsw i64 %col52, 0
+  %534 = fcmp ogt <8 x float> %531, zeroinitializer
+  %535 = select <8 x i1> %534, <8 x float> %531, <8 x float> zeroinitializer
+  %536 = fmul <8 x float> %535, %528
+  %537 = getelementptr inbounds float, ptr %530, i64 %533
+  store <8 x float> %536, ptr %537, align 4
+  %538 = add nsw i64 %col52, 8
+  %539 = fcmp ogt <8 x float> %532, zeroinitializer
+  %540 = select <8 x i1> %539, <8 x float> %532, <8 x float> zeroinitializer
+  %541 = fmul <8 x float> %540, %528
+  %542 = getelementptr inbounds float, ptr %530, i64 %538
+  store <8 x float> %541, ptr %542, align 4
+  %543 = add nsw i64 %r0, 3
+  %544 = getelementptr inbounds float, ptr %rw, i64 %543
+  %545 = load float, ptr %544, align 4
+  %546 = insertelement <8 x float> poison, float %545, i32 0
+  %547 = shufflevector <8 x float> %546, <8 x float> poison, <8 x i32> zeroinitializer
+  %548 = mul nsw i64 %543, 3072
+  %549 = getelementptr inbounds float, ptr %h, i64 %548
+  %col53 = mul nsw i64 %p, 16
+  %550 = load <8 x float>, ptr %acc3038, align 4
+  %551 = load <8 x float>, ptr %acc3139, align 4
+  %552 = add nsw i64 %col53, 0
+  %553 = fcmp ogt <8 x float> %550, zeroinitializer
+  %554 = select <8 x i1> %553, <8 x float> %550, <8 x float> zeroinitializer
+  %555 = fmul <8 x float> %554, %547
+  %556 = getelementptr inbounds float, ptr %549, i64 %552
+  store <8 x float> %555, ptr %556, align 4
+  %557 = add nsw i64 %col53, 8
+  %558 = fcmp ogt <8 x float> %551, zeroinitializer
+  %559 = select <8 x i1> %558, <8 x float> %551, <8 x float> zeroinitializer
+  %560 = fmul <8 x float> %559, %547
+  %561 = getelementptr inbounds float, ptr %549, i64 %557
+  store <8 x float> %560, ptr %561, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %545 = add nsw i64 %r0, 0
-  %546 = getelementptr inbounds i32, ptr %rows, i64 %545
-  %547 = load i32, ptr %546, align 4
-  %548 = sext i32 %547 to i64
-  %549 = mul nsw i64 %548, 768
-  %550 = getelementptr inbounds float, ptr %x, i64 %549
-  store <8 x float> zeroinitializer, ptr %acc0049, align 4
-  store <8 x float> zeroinitializer, ptr %acc0150, align 4
-  %551 = add nsw i64 %r0, 1
-  %552 = getelementptr inbounds i32, ptr %rows, i64 %551
-  %553 = load i32, ptr %552, align 4
-  %554 = sext i32 %553 to i64
-  %555 = mul nsw i64 %554, 768
-  %556 = getelementptr inbounds float, ptr %x, i64 %555
-  store <8 x float> zeroinitializer, ptr %acc1051, align 4
-  store <8 x float> zeroinitializer, ptr %acc1152, align 4
-  %557 = add nsw i64 %r0, 2
-  %558 = getelementptr inbounds i32, ptr %rows, i64 %557
-  %559 = load i32, ptr %558, align 4
-  %560 = sext i32 %559 to i64
-  %561 = mul nsw i64 %560, 768
-  %562 = getelementptr inbounds float, ptr %x, i64 %561
-  store <8 x float> zeroinitializer, ptr %acc2053, align 4
-  store <8 x float> zeroinitializer, ptr %acc2154, align 4
-  %panel.off55 = mul nsw i64 %p, 12288
-  %563 = getelementptr inbounds i16, ptr %panels, i64 %panel.off55
-  %564 = add nsw i64 %p, 1
-  %565 = icmp slt i64 %564, %p1
-  %566 = getelementptr inbounds i8, ptr %563, i64 24576
-  %567 = and i1 %pf.on, %565
-  %pf56 = select i1 %567, ptr %566, ptr %563
-  br label %k.head57
+  %562 = add nsw i64 %r0, 0
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 768
+  %567 = getelementptr inbounds float, ptr %x, i64 %566
+  store <8 x float> zeroinitializer, ptr %acc0054, align 4
+  store <8 x float> zeroinitializer, ptr %acc0155, align 4
+  %568 = add nsw i64 %r0, 1
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 768
+  %573 = getelementptr inbounds float, ptr %x, i64 %572
+  store <8 x float> zeroinitializer, ptr %acc1056, align 4
+  store <8 x float> zeroinitializer, ptr %acc1157, align 4
+  %574 = add nsw i64 %r0, 2
+  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
+  %576 = load i32, ptr %575, align 4
+  %577 = sext i32 %576 to i64
+  %578 = mul nsw i64 %577, 768
+  %579 = getelementptr inbounds float, ptr %x, i64 %578
+  store <8 x float> zeroinitializer, ptr %acc2058, align 4
+  store <8 x float> zeroinitializer, ptr %acc2159, align 4
+  %panel.off60 = mul nsw i64 %p, 12288
+  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off60
+  %581 = add nsw i64 %p, 1
+  %582 = icmp slt i64 %581, %p1
+  %pf.on61 = and i1 %pf.on, %582
+  %583 = mul nsw i64 %pf.j, 24576
+  %584 = lshr i64 %583, %9
+  %585 = add nsw i64 24576, %584
+  %586 = getelementptr inbounds i8, ptr %580, i64 %585
+  %pf62 = select i1 %pf.on61, ptr %586, ptr %580
+  %pf.sh63 = select i1 %pf.on61, i64 %9, i64 0
+  br label %k.head64
 
-k.head57:                                         ; preds = %k.body58, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %601, %k.body58 ]
-  %568 = icmp slt i64 %k60, 768
-  br i1 %568, label %k.body58, label %k.end59
+k.head64:                                         ; preds = %k.body65, %tile.mr3
+  %k67 = phi i64 [ 0, %tile.mr3 ], [ %621, %k.body65 ]
+  %587 = icmp slt i64 %k67, 768
+  br i1 %587, label %k.body65, label %k.end66
 
-k.body58:                                         ; preds = %k.head57
-  %569 = mul nsw i64 %k60, 16
-  %570 = add nsw i64 %panel.off55, %569
-  %571 = mul nsw i64 %k60, 32
-  %572 = getelementptr inbounds i8, ptr %pf56, i64 %571
-  call void @llvm.prefetch.p0(ptr %572, i32 0, i32 2, i32 1)
-  %573 = getelementptr inbounds i16, ptr %panels, i64 %570
-  %574 = load <8 x i32>, ptr %573, align 4
-  %575 = shl <8 x i32> %574, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b061 = bitcast <8 x i32> %575 to <8 x float>
-  %576 = and <8 x i32> %574, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b162 = bitcast <8 x i32> %576 to <8 x float>
-  %577 = getelementptr inbounds float, ptr %550, i64 %k60
-  %578 = load float, ptr %577, align 4
-  %579 = insertelement <8 x float> poison, float %578, i32 0
-  %580 = shufflevector <8 x float> %579, <8 x float> poison, <8 x i32> zeroinitializer
-  %581 = load <8 x float>, ptr %acc0049, align 4
-  %582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b061, <8 x float> %581)
-  store <8 x float> %582, ptr %acc0049, align 4
-  %583 = load <8 x float>, ptr %acc0150, align 4
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %580, <8 x float> %b162, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0150, align 4
-  %585 = getelementptr inbounds float, ptr %556, i64 %k60
-  %586 = load float, ptr %585, align 4
-  %587 = insertelement <8 x float> poison, float %586, i32 0
-  %588 = shufflevector <8 x float> %587, <8 x float> poison, <8 x i32> zeroinitializer
-  %589 = load <8 x float>, ptr %acc1051, align 4
-  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> %b061, <8 x float> %589)
-  store <8 x float> %590, ptr %acc1051, align 4
-  %591 = load <8 x float>, ptr %acc1152, align 4
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> %b162, <8 x float> %591)
-  store <8 x float> %592, ptr %acc1152, align 4
-  %593 = getelementptr inbounds float, ptr %562, i64 %k60
-  %594 = load float, ptr %593, align 4
-  %595 = insertelement <8 x float> poison, float %594, i32 0
-  %596 = shufflevector <8 x float> %595, <8 x float> poison, <8 x i32> zeroinitializer
-  %597 = load <8 x float>, ptr %acc2053, align 4
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %b061, <8 x float> %597)
-  store <8 x float> %598, ptr %acc2053, align 4
-  %599 = load <8 x float>, ptr %acc2154, align 4
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %b162, <8 x float> %599)
-  store <8 x float> %600, ptr %acc2154, align 4
-  %601 = add nsw i64 %k60, 1
-  br label %k.head57
+k.body65:                                         ; preds = %k.head64
+  %588 = mul nsw i64 %k67, 16
+  %589 = add nsw i64 %panel.off60, %588
+  %590 = mul nsw i64 %k67, 32
+  %591 = lshr i64 %590, %pf.sh63
+  %592 = getelementptr inbounds i8, ptr %pf62, i64 %591
+  call void @llvm.prefetch.p0(ptr %592, i32 0, i32 2, i32 1)
+  %593 = getelementptr inbounds i16, ptr %panels, i64 %589
+  %594 = load <8 x i32>, ptr %593, align 4
+  %595 = shl <8 x i32> %594, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b068 = bitcast <8 x i32> %595 to <8 x float>
+  %596 = and <8 x i32> %594, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b169 = bitcast <8 x i32> %596 to <8 x float>
+  %597 = getelementptr inbounds float, ptr %567, i64 %k67
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = load <8 x float>, ptr %acc0054, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b068, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0054, align 4
+  %603 = load <8 x float>, ptr %acc0155, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b169, <8 x float> %603)
+  store <8 x float> %604, ptr %acc0155, align 4
+  %605 = getelementptr inbounds float, ptr %573, i64 %k67
+  %606 = load float, ptr %605, align 4
+  %607 = insertelement <8 x float> poison, float %606, i32 0
+  %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
+  %609 = load <8 x float>, ptr %acc1056, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b068, <8 x float> %609)
+  store <8 x float> %610, ptr %acc1056, align 4
+  %611 = load <8 x float>, ptr %acc1157, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b169, <8 x float> %611)
+  store <8 x float> %612, ptr %acc1157, align 4
+  %613 = getelementptr inbounds float, ptr %579, i64 %k67
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = load <8 x float>, ptr %acc2058, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b068, <8 x float> %617)
+  store <8 x float> %618, ptr %acc2058, align 4
+  %619 = load <8 x float>, ptr %acc2159, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b169, <8 x float> %619)
+  store <8 x float> %620, ptr %acc2159, align 4
+  %621 = add nsw i64 %k67, 1
+  br label %k.head64
 
-k.end59:                                          ; preds = %k.head57
-  %602 = add nsw i64 %r0, 0
-  %603 = getelementptr inbounds float, ptr %rw, i64 %602
-  %604 = load float, ptr %603, align 4
-  %605 = insertelement <8 x float> poison, float %604, i32 0
-  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
-  %607 = mul nsw i64 %602, 3072
-  %608 = getelementptr inbounds float, ptr %h, i64 %607
-  %col63 = mul nsw i64 %p, 16
-  %609 = load <8 x float>, ptr %acc0049, align 4
-  %610 = load <8 x float>, ptr %acc0150, align 4
-  %611 = add nsw i64 %col63, 0
-  %612 = fcmp ogt <8 x float> %609, zeroinitializer
-  %613 = select <8 x i1> %612, <8 x float> %609, <8 x float> zeroinitializer
-  %614 = fmul <8 x float> %613, %606
-  %615 = getelementptr inbounds float, ptr %608, i64 %611
-  store <8 x float> %614, ptr %615, align 4
-  %616 = add nsw i64 %col63, 8
-  %617 = fcmp ogt <8 x float> %610, zeroinitializer
-  %618 = select <8 x i1> %617, <8 x float> %610, <8 x float> zeroinitializer
-  %619 = fmul <8 x float> %618, %606
-  %620 = getelementptr inbounds float, ptr %608, i64 %616
-  store <8 x float> %619, ptr %620, align 4
-  %621 = add nsw i64 %r0, 1
-  %622 = getelementptr inbounds float, ptr %rw, i64 %621
-  %623 = load float, ptr %622, align 4
-  %624 = insertelement <8 x float> poison, float %623, i32 0
-  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
-  %626 = mul nsw i64 %621, 3072
-  %627 = getelementptr inbounds float, ptr %h, i64 %626
-  %col64 = mul nsw i64 %p, 16
-  %628 = load <8 x float>, ptr %acc1051, align 4
-  %629 = load <8 x float>, ptr %acc1152, align 4
-  %630 = add nsw i64 %col64, 0
-  %631 = fcmp ogt <8 x float> %628, zeroinitializer
-  %632 = select <8 x i1> %631, <8 x float> %628, <8 x float> zeroinitializer
-  %633 = fmul <8 x float> %632, %625
-  %634 = getelementptr inbounds float, ptr %627, i64 %630
-  store <8 x float> %633, ptr %634, align 4
-  %635 = add nsw i64 %col64, 8
-  %636 = fcmp ogt <8 x float> %629, zeroinitializer
-  %637 = select <8 x i1> %636, <8 x float> %629, <8 x float> zeroinitializer
-  %638 = fmul <8 x float> %637, %625
-  %639 = getelementptr inbounds float, ptr %627, i64 %635
-  store <8 x float> %638, ptr %639, align 4
-  %640 = add nsw i64 %r0, 2
-  %641 = getelementptr inbounds float, ptr %rw, i64 %640
-  %642 = load float, ptr %641, align 4
-  %643 = insertelement <8 x float> poison, float %642, i32 0
-  %644 = shufflevector <8 x float> %643, <8 x float> poison, <8 x i32> zeroinitializer
-  %645 = mul nsw i64 %640, 3072
-  %646 = getelementptr inbounds float, ptr %h, i64 %645
-  %col65 = mul nsw i64 %p, 16
-  %647 = load <8 x float>, ptr %acc2053, align 4
-  %648 = load <8 x float>, ptr %acc2154, align 4
-  %649 = add nsw i64 %col65, 0
-  %650 = fcmp ogt <8 x float> %647, zeroinitializer
-  %651 = select <8 x i1> %650, <8 x float> %647, <8 x float> zeroinitializer
-  %652 = fmul <8 x float> %651, %644
-  %653 = getelementptr inbounds float, ptr %646, i64 %649
-  store <8 x float> %652, ptr %653, align 4
-  %654 = add nsw i64 %col65, 8
-  %655 = fcmp ogt <8 x float> %648, zeroinitializer
-  %656 = select <8 x i1> %655, <8 x float> %648, <8 x float> zeroinitializer
-  %657 = fmul <8 x float> %656, %644
-  %658 = getelementptr inbounds float, ptr %646, i64 %654
-  store <8 x float> %657, ptr %658, align 4
+k.end66:                                          ; preds = %k.head64
+  %622 = add nsw i64 %r0, 0
+  %623 = getelementptr inbounds float, ptr %rw, i64 %622
+  %624 = load float, ptr %623, align 4
+  %625 = insertelement <8 x float> poison, float %624, i32 0
+  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
+  %627 = mul nsw i64 %622, 3072
+  %628 = getelementptr inbounds float, ptr %h, i64 %627
+  %col70 = mul nsw i64 %p, 16
+  %629 = load <8 x float>, ptr %acc0054, align 4
+  %630 = load <8 x float>, ptr %acc0155, align 4
+  %631 = add nsw i64 %col70, 0
+  %632 = fcmp ogt <8 x float> %629, zeroinitializer
+  %633 = select <8 x i1> %632, <8 x float> %629, <8 x float> zeroinitializer
+  %634 = fmul <8 x float> %633, %626
+  %635 = getelementptr inbounds float, ptr %628, i64 %631
+  store <8 x float> %634, ptr %635, align 4
+  %636 = add nsw i64 %col70, 8
+  %637 = fcmp ogt <8 x float> %630, zeroinitializer
+  %638 = select <8 x i1> %637, <8 x float> %630, <8 x float> zeroinitializer
+  %639 = fmul <8 x float> %638, %626
+  %640 = getelementptr inbounds float, ptr %628, i64 %636
+  store <8 x float> %639, ptr %640, align 4
+  %641 = add nsw i64 %r0, 1
+  %642 = getelementptr inbounds float, ptr %rw, i64 %641
+  %643 = load float, ptr %642, align 4
+  %644 = insertelement <8 x float> poison, float %643, i32 0
+  %645 = shufflevector <8 x float> %644, <8 x float> poison, <8 x i32> zeroinitializer
+  %646 = mul nsw i64 %641, 3072
+  %647 = getelementptr inbounds float, ptr %h, i64 %646
+  %col71 = mul nsw i64 %p, 16
+  %648 = load <8 x float>, ptr %acc1056, align 4
+  %649 = load <8 x float>, ptr %acc1157, align 4
+  %650 = add nsw i64 %col71, 0
+  %651 = fcmp ogt <8 x float> %648, zeroinitializer
+  %652 = select <8 x i1> %651, <8 x float> %648, <8 x float> zeroinitializer
+  %653 = fmul <8 x float> %652, %645
+  %654 = getelementptr inbounds float, ptr %647, i64 %650
+  store <8 x float> %653, ptr %654, align 4
+  %655 = add nsw i64 %col71, 8
+  %656 = fcmp ogt <8 x float> %649, zeroinitializer
+  %657 = select <8 x i1> %656, <8 x float> %649, <8 x float> zeroinitializer
+  %658 = fmul <8 x float> %657, %645
+  %659 = getelementptr inbounds float, ptr %647, i64 %655
+  store <8 x float> %658, ptr %659, align 4
+  %660 = add nsw i64 %r0, 2
+  %661 = getelementptr inbounds float, ptr %rw, i64 %660
+  %662 = load float, ptr %661, align 4
+  %663 = insertelement <8 x float> poison, float %662, i32 0
+  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
+  %665 = mul nsw i64 %660, 3072
+  %666 = getelementptr inbounds float, ptr %h, i64 %665
+  %col72 = mul nsw i64 %p, 16
+  %667 = load <8 x float>, ptr %acc2058, align 4
+  %668 = load <8 x float>, ptr %acc2159, align 4
+  %669 = add nsw i64 %col72, 0
+  %670 = fcmp ogt <8 x float> %667, zeroinitializer
+  %671 = select <8 x i1> %670, <8 x float> %667, <8 x float> zeroinitializer
+  %672 = fmul <8 x float> %671, %664
+  %673 = getelementptr inbounds float, ptr %666, i64 %669
+  store <8 x float> %672, ptr %673, align 4
+  %674 = add nsw i64 %col72, 8
+  %675 = fcmp ogt <8 x float> %668, zeroinitializer
+  %676 = select <8 x i1> %675, <8 x float> %668, <8 x float> zeroinitializer
+  %677 = fmul <8 x float> %676, %664
+  %678 = getelementptr inbounds float, ptr %666, i64 %674
+  store <8 x float> %677, ptr %678, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %659 = add nsw i64 %r0, 0
-  %660 = getelementptr inbounds i32, ptr %rows, i64 %659
-  %661 = load i32, ptr %660, align 4
-  %662 = sext i32 %661 to i64
-  %663 = mul nsw i64 %662, 768
-  %664 = getelementptr inbounds float, ptr %x, i64 %663
-  store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %665 = add nsw i64 %r0, 1
-  %666 = getelementptr inbounds i32, ptr %rows, i64 %665
-  %667 = load i32, ptr %666, align 4
-  %668 = sext i32 %667 to i64
-  %669 = mul nsw i64 %668, 768
-  %670 = getelementptr inbounds float, ptr %x, i64 %669
-  store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  store <8 x float> zeroinitializer, ptr %acc1169, align 4
-  %panel.off70 = mul nsw i64 %p, 12288
-  %671 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %672 = add nsw i64 %p, 1
-  %673 = icmp slt i64 %672, %p1
-  %674 = getelementptr inbounds i8, ptr %671, i64 24576
-  %675 = and i1 %pf.on, %673
-  %pf71 = select i1 %675, ptr %674, ptr %671
-  br label %k.head72
+  %679 = add nsw i64 %r0, 0
+  %680 = getelementptr inbounds i32, ptr %rows, i64 %679
+  %681 = load i32, ptr %680, align 4
+  %682 = sext i32 %681 to i64
+  %683 = mul nsw i64 %682, 768
+  %684 = getelementptr inbounds float, ptr %x, i64 %683
+  store <8 x float> zeroinitializer, ptr %acc0073, align 4
+  store <8 x float> zeroinitializer, ptr %acc0174, align 4
+  %685 = add nsw i64 %r0, 1
+  %686 = getelementptr inbounds i32, ptr %rows, i64 %685
+  %687 = load i32, ptr %686, align 4
+  %688 = sext i32 %687 to i64
+  %689 = mul nsw i64 %688, 768
+  %690 = getelementptr inbounds float, ptr %x, i64 %689
+  store <8 x float> zeroinitializer, ptr %acc1075, align 4
+  store <8 x float> zeroinitializer, ptr %acc1176, align 4
+  %panel.off77 = mul nsw i64 %p, 12288
+  %691 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %692 = add nsw i64 %p, 1
+  %693 = icmp slt i64 %692, %p1
+  %pf.on78 = and i1 %pf.on, %693
+  %694 = mul nsw i64 %pf.j, 24576
+  %695 = lshr i64 %694, %9
+  %696 = add nsw i64 24576, %695
+  %697 = getelementptr inbounds i8, ptr %691, i64 %696
+  %pf79 = select i1 %pf.on78, ptr %697, ptr %691
+  %pf.sh80 = select i1 %pf.on78, i64 %9, i64 0
+  br label %k.head81
 
-k.head72:                                         ; preds = %k.body73, %tile.mr2
-  %k75 = phi i64 [ 0, %tile.mr2 ], [ %701, %k.body73 ]
-  %676 = icmp slt i64 %k75, 768
-  br i1 %676, label %k.body73, label %k.end74
+k.head81:                                         ; preds = %k.body82, %tile.mr2
+  %k84 = phi i64 [ 0, %tile.mr2 ], [ %724, %k.body82 ]
+  %698 = icmp slt i64 %k84, 768
+  br i1 %698, label %k.body82, label %k.end83
 
-k.body73:                                         ; preds = %k.head72
-  %677 = mul nsw i64 %k75, 16
-  %678 = add nsw i64 %panel.off70, %677
-  %679 = mul nsw i64 %k75, 32
-  %680 = getelementptr inbounds i8, ptr %pf71, i64 %679
-  call void @llvm.prefetch.p0(ptr %680, i32 0, i32 2, i32 1)
-  %681 = getelementptr inbounds i16, ptr %panels, i64 %678
-  %682 = load <8 x i32>, ptr %681, align 4
-  %683 = shl <8 x i32> %682, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b076 = bitcast <8 x i32> %683 to <8 x float>
-  %684 = and <8 x i32> %682, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b177 = bitcast <8 x i32> %684 to <8 x float>
-  %685 = getelementptr inbounds float, ptr %664, i64 %k75
-  %686 = load float, ptr %685, align 4
-  %687 = insertelement <8 x float> poison, float %686, i32 0
-  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
-  %689 = load <8 x float>, ptr %acc0066, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b076, <8 x float> %689)
-  store <8 x float> %690, ptr %acc0066, align 4
-  %691 = load <8 x float>, ptr %acc0167, align 4
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b177, <8 x float> %691)
-  store <8 x float> %692, ptr %acc0167, align 4
-  %693 = getelementptr inbounds float, ptr %670, i64 %k75
-  %694 = load float, ptr %693, align 4
-  %695 = insertelement <8 x float> poison, float %694, i32 0
-  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
-  %697 = load <8 x float>, ptr %acc1068, align 4
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b076, <8 x float> %697)
-  store <8 x float> %698, ptr %acc1068, align 4
-  %699 = load <8 x float>, ptr %acc1169, align 4
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b177, <8 x float> %699)
-  store <8 x float> %700, ptr %acc1169, align 4
-  %701 = add nsw i64 %k75, 1
-  br label %k.head72
+k.body82:                                         ; preds = %k.head81
+  %699 = mul nsw i64 %k84, 16
+  %700 = add nsw i64 %panel.off77, %699
+  %701 = mul nsw i64 %k84, 32
+  %702 = lshr i64 %701, %pf.sh80
+  %703 = getelementptr inbounds i8, ptr %pf79, i64 %702
+  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
+  %704 = getelementptr inbounds i16, ptr %panels, i64 %700
+  %705 = load <8 x i32>, ptr %704, align 4
+  %706 = shl <8 x i32> %705, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %706 to <8 x float>
+  %707 = and <8 x i32> %705, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %707 to <8 x float>
+  %708 = getelementptr inbounds float, ptr %684, i64 %k84
+  %709 = load float, ptr %708, align 4
+  %710 = insertelement <8 x float> poison, float %709, i32 0
+  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
+  %712 = load <8 x float>, ptr %acc0073, align 4
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b085, <8 x float> %712)
+  store <8 x float> %713, ptr %acc0073, align 4
+  %714 = load <8 x float>, ptr %acc0174, align 4
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b186, <8 x float> %714)
+  store <8 x float> %715, ptr %acc0174, align 4
+  %716 = getelementptr inbounds float, ptr %690, i64 %k84
+  %717 = load float, ptr %716, align 4
+  %718 = insertelement <8 x float> poison, float %717, i32 0
+  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
+  %720 = load <8 x float>, ptr %acc1075, align 4
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b085, <8 x float> %720)
+  store <8 x float> %721, ptr %acc1075, align 4
+  %722 = load <8 x float>, ptr %acc1176, align 4
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b186, <8 x float> %722)
+  store <8 x float> %723, ptr %acc1176, align 4
+  %724 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end74:                                          ; preds = %k.head72
-  %702 = add nsw i64 %r0, 0
-  %703 = getelementptr inbounds float, ptr %rw, i64 %702
-  %704 = load float, ptr %703, align 4
-  %705 = insertelement <8 x float> poison, float %704, i32 0
-  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
-  %707 = mul nsw i64 %702, 3072
-  %708 = getelementptr inbounds float, ptr %h, i64 %707
-  %col78 = mul nsw i64 %p, 16
-  %709 = load <8 x float>, ptr %acc0066, align 4
-  %710 = load <8 x float>, ptr %acc0167, align 4
-  %711 = add nsw i64 %col78, 0
-  %712 = fcmp ogt <8 x float> %709, zeroinitializer
-  %713 = select <8 x i1> %712, <8 x float> %709, <8 x float> zeroinitializer
-  %714 = fmul <8 x float> %713, %706
-  %715 = getelementptr inbounds float, ptr %708, i64 %711
-  store <8 x float> %714, ptr %715, align 4
-  %716 = add nsw i64 %col78, 8
-  %717 = fcmp ogt <8 x float> %710, zeroinitializer
-  %718 = select <8 x i1> %717, <8 x float> %710, <8 x float> zeroinitializer
-  %719 = fmul <8 x float> %718, %706
-  %720 = getelementptr inbounds float, ptr %708, i64 %716
-  store <8 x float> %719, ptr %720, align 4
-  %721 = add nsw i64 %r0, 1
-  %722 = getelementptr inbounds float, ptr %rw, i64 %721
-  %723 = load float, ptr %722, align 4
-  %724 = insertelement <8 x float> poison, float %723, i32 0
-  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
-  %726 = mul nsw i64 %721, 3072
-  %727 = getelementptr inbounds float, ptr %h, i64 %726
-  %col79 = mul nsw i64 %p, 16
-  %728 = load <8 x float>, ptr %acc1068, align 4
-  %729 = load <8 x float>, ptr %acc1169, align 4
-  %730 = add nsw i64 %col79, 0
-  %731 = fcmp ogt <8 x float> %728, zeroinitializer
-  %732 = select <8 x i1> %731, <8 x float> %728, <8 x float> zeroinitializer
-  %733 = fmul <8 x float> %732, %725
-  %734 = getelementptr inbounds float, ptr %727, i64 %730
-  store <8 x float> %733, ptr %734, align 4
-  %735 = add nsw i64 %col79, 8
-  %736 = fcmp ogt <8 x float> %729, zeroinitializer
-  %737 = select <8 x i1> %736, <8 x float> %729, <8 x float> zeroinitializer
-  %738 = fmul <8 x float> %737, %725
-  %739 = getelementptr inbounds float, ptr %727, i64 %735
-  store <8 x float> %738, ptr %739, align 4
+k.end83:                                          ; preds = %k.head81
+  %725 = add nsw i64 %r0, 0
+  %726 = getelementptr inbounds float, ptr %rw, i64 %725
+  %727 = load float, ptr %726, align 4
+  %728 = insertelement <8 x float> poison, float %727, i32 0
+  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
+  %730 = mul nsw i64 %725, 3072
+  %731 = getelementptr inbounds float, ptr %h, i64 %730
+  %col87 = mul nsw i64 %p, 16
+  %732 = load <8 x float>, ptr %acc0073, align 4
+  %733 = load <8 x float>, ptr %acc0174, align 4
+  %734 = add nsw i64 %col87, 0
+  %735 = fcmp ogt <8 x float> %732, zeroinitializer
+  %736 = select <8 x i1> %735, <8 x float> %732, <8 x float> zeroinitializer
+  %737 = fmul <8 x float> %736, %729
+  %738 = getelementptr inbounds float, ptr %731, i64 %734
+  store <8 x float> %737, ptr %738, align 4
+  %739 = add nsw i64 %col87, 8
+  %740 = fcmp ogt <8 x float> %733, zeroinitializer
+  %741 = select <8 x i1> %740, <8 x float> %733, <8 x float> zeroinitializer
+  %742 = fmul <8 x float> %741, %729
+  %743 = getelementptr inbounds float, ptr %731, i64 %739
+  store <8 x float> %742, ptr %743, align 4
+  %744 = add nsw i64 %r0, 1
+  %745 = getelementptr inbounds float, ptr %rw, i64 %744
+  %746 = load float, ptr %745, align 4
+  %747 = insertelement <8 x float> poison, float %746, i32 0
+  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
+  %749 = mul nsw i64 %744, 3072
+  %750 = getelementptr inbounds float, ptr %h, i64 %749
+  %col88 = mul nsw i64 %p, 16
+  %751 = load <8 x float>, ptr %acc1075, align 4
+  %752 = load <8 x float>, ptr %acc1176, align 4
+  %753 = add nsw i64 %col88, 0
+  %754 = fcmp ogt <8 x float> %751, zeroinitializer
+  %755 = select <8 x i1> %754, <8 x float> %751, <8 x float> zeroinitializer
+  %756 = fmul <8 x float> %755, %748
+  %757 = getelementptr inbounds float, ptr %750, i64 %753
+  store <8 x float> %756, ptr %757, align 4
+  %758 = add nsw i64 %col88, 8
+  %759 = fcmp ogt <8 x float> %752, zeroinitializer
+  %760 = select <8 x i1> %759, <8 x float> %752, <8 x float> zeroinitializer
+  %761 = fmul <8 x float> %760, %748
+  %762 = getelementptr inbounds float, ptr %750, i64 %758
+  store <8 x float> %761, ptr %762, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %740 = add nsw i64 %r0, 0
-  %741 = getelementptr inbounds i32, ptr %rows, i64 %740
-  %742 = load i32, ptr %741, align 4
-  %743 = sext i32 %742 to i64
-  %744 = mul nsw i64 %743, 768
-  %745 = getelementptr inbounds float, ptr %x, i64 %744
-  store <8 x float> zeroinitializer, ptr %acc0080, align 4
-  store <8 x float> zeroinitializer, ptr %acc0181, align 4
-  %panel.off82 = mul nsw i64 %p, 12288
-  %746 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
-  %747 = add nsw i64 %p, 1
-  %748 = icmp slt i64 %747, %p1
-  %749 = getelementptr inbounds i8, ptr %746, i64 24576
-  %750 = and i1 %pf.on, %748
-  %pf83 = select i1 %750, ptr %749, ptr %746
-  br label %k.head84
+  %763 = add nsw i64 %r0, 0
+  %764 = getelementptr inbounds i32, ptr %rows, i64 %763
+  %765 = load i32, ptr %764, align 4
+  %766 = sext i32 %765 to i64
+  %767 = mul nsw i64 %766, 768
+  %768 = getelementptr inbounds float, ptr %x, i64 %767
+  store <8 x float> zeroinitializer, ptr %acc0089, align 4
+  store <8 x float> zeroinitializer, ptr %acc0190, align 4
+  %panel.off91 = mul nsw i64 %p, 12288
+  %769 = getelementptr inbounds i16, ptr %panels, i64 %panel.off91
+  %770 = add nsw i64 %p, 1
+  %771 = icmp slt i64 %770, %p1
+  %pf.on92 = and i1 %pf.on, %771
+  %772 = mul nsw i64 %pf.j, 24576
+  %773 = lshr i64 %772, %9
+  %774 = add nsw i64 24576, %773
+  %775 = getelementptr inbounds i8, ptr %769, i64 %774
+  %pf93 = select i1 %pf.on92, ptr %775, ptr %769
+  %pf.sh94 = select i1 %pf.on92, i64 %9, i64 0
+  br label %k.head95
 
-k.head84:                                         ; preds = %k.body85, %tile.mr1
-  %k87 = phi i64 [ 0, %tile.mr1 ], [ %768, %k.body85 ]
-  %751 = icmp slt i64 %k87, 768
-  br i1 %751, label %k.body85, label %k.end86
+k.head95:                                         ; preds = %k.body96, %tile.mr1
+  %k98 = phi i64 [ 0, %tile.mr1 ], [ %794, %k.body96 ]
+  %776 = icmp slt i64 %k98, 768
+  br i1 %776, label %k.body96, label %k.end97
 
-k.body85:                                         ; preds = %k.head84
-  %752 = mul nsw i64 %k87, 16
-  %753 = add nsw i64 %panel.off82, %752
-  %754 = mul nsw i64 %k87, 32
-  %755 = getelementptr inbounds i8, ptr %pf83, i64 %754
-  call void @llvm.prefetch.p0(ptr %755, i32 0, i32 2, i32 1)
-  %756 = getelementptr inbounds i16, ptr %panels, i64 %753
-  %757 = load <8 x i32>, ptr %756, align 4
-  %758 = shl <8 x i32> %757, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b088 = bitcast <8 x i32> %758 to <8 x float>
-  %759 = and <8 x i32> %757, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b189 = bitcast <8 x i32> %759 to <8 x float>
-  %760 = getelementptr inbounds float, ptr %745, i64 %k87
-  %761 = load float, ptr %760, align 4
-  %762 = insertelement <8 x float> poison, float %761, i32 0
-  %763 = shufflevector <8 x float> %762, <8 x float> poison, <8 x i32> zeroinitializer
-  %764 = load <8 x float>, ptr %acc0080, align 4
-  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b088, <8 x float> %764)
-  store <8 x float> %765, ptr %acc0080, align 4
-  %766 = load <8 x float>, ptr %acc0181, align 4
-  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> %b189, <8 x float> %766)
-  store <8 x float> %767, ptr %acc0181, align 4
-  %768 = add nsw i64 %k87, 1
-  br label %k.head84
+k.body96:                                         ; preds = %k.head95
+  %777 = mul nsw i64 %k98, 16
+  %778 = add nsw i64 %panel.off91, %777
+  %779 = mul nsw i64 %k98, 32
+  %780 = lshr i64 %779, %pf.sh94
+  %781 = getelementptr inbounds i8, ptr %pf93, i64 %780
+  call void @llvm.prefetch.p0(ptr %781, i32 0, i32 2, i32 1)
+  %782 = getelementptr inbounds i16, ptr %panels, i64 %778
+  %783 = load <8 x i32>, ptr %782, align 4
+  %784 = shl <8 x i32> %783, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b099 = bitcast <8 x i32> %784 to <8 x float>
+  %785 = and <8 x i32> %783, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1100 = bitcast <8 x i32> %785 to <8 x float>
+  %786 = getelementptr inbounds float, ptr %768, i64 %k98
+  %787 = load float, ptr %786, align 4
+  %788 = insertelement <8 x float> poison, float %787, i32 0
+  %789 = shufflevector <8 x float> %788, <8 x float> poison, <8 x i32> zeroinitializer
+  %790 = load <8 x float>, ptr %acc0089, align 4
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b099, <8 x float> %790)
+  store <8 x float> %791, ptr %acc0089, align 4
+  %792 = load <8 x float>, ptr %acc0190, align 4
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b1100, <8 x float> %792)
+  store <8 x float> %793, ptr %acc0190, align 4
+  %794 = add nsw i64 %k98, 1
+  br label %k.head95
 
-k.end86:                                          ; preds = %k.head84
-  %769 = add nsw i64 %r0, 0
-  %770 = getelementptr inbounds float, ptr %rw, i64 %769
-  %771 = load float, ptr %770, align 4
-  %772 = insertelement <8 x float> poison, float %771, i32 0
-  %773 = shufflevector <8 x float> %772, <8 x float> poison, <8 x i32> zeroinitializer
-  %774 = mul nsw i64 %769, 3072
-  %775 = getelementptr inbounds float, ptr %h, i64 %774
-  %col90 = mul nsw i64 %p, 16
-  %776 = load <8 x float>, ptr %acc0080, align 4
-  %777 = load <8 x float>, ptr %acc0181, align 4
-  %778 = add nsw i64 %col90, 0
-  %779 = fcmp ogt <8 x float> %776, zeroinitializer
-  %780 = select <8 x i1> %779, <8 x float> %776, <8 x float> zeroinitializer
-  %781 = fmul <8 x float> %780, %773
-  %782 = getelementptr inbounds float, ptr %775, i64 %778
-  store <8 x float> %781, ptr %782, align 4
-  %783 = add nsw i64 %col90, 8
-  %784 = fcmp ogt <8 x float> %777, zeroinitializer
-  %785 = select <8 x i1> %784, <8 x float> %777, <8 x float> zeroinitializer
-  %786 = fmul <8 x float> %785, %773
-  %787 = getelementptr inbounds float, ptr %775, i64 %783
-  store <8 x float> %786, ptr %787, align 4
+k.end97:                                          ; preds = %k.head95
+  %795 = add nsw i64 %r0, 0
+  %796 = getelementptr inbounds float, ptr %rw, i64 %795
+  %797 = load float, ptr %796, align 4
+  %798 = insertelement <8 x float> poison, float %797, i32 0
+  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
+  %800 = mul nsw i64 %795, 3072
+  %801 = getelementptr inbounds float, ptr %h, i64 %800
+  %col101 = mul nsw i64 %p, 16
+  %802 = load <8 x float>, ptr %acc0089, align 4
+  %803 = load <8 x float>, ptr %acc0190, align 4
+  %804 = add nsw i64 %col101, 0
+  %805 = fcmp ogt <8 x float> %802, zeroinitializer
+  %806 = select <8 x i1> %805, <8 x float> %802, <8 x float> zeroinitializer
+  %807 = fmul <8 x float> %806, %799
+  %808 = getelementptr inbounds float, ptr %801, i64 %804
+  store <8 x float> %807, ptr %808, align 4
+  %809 = add nsw i64 %col101, 8
+  %810 = fcmp ogt <8 x float> %803, zeroinitializer
+  %811 = select <8 x i1> %810, <8 x float> %803, <8 x float> zeroinitializer
+  %812 = fmul <8 x float> %811, %799
+  %813 = getelementptr inbounds float, ptr %801, i64 %809
+  store <8 x float> %812, ptr %813, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end86, %k.end74, %k.end59, %k.end41, %k.end20, %k.end
-  %788 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end97, %k.end83, %k.end66, %k.end46, %k.end23, %k.end
+  %814 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %789 = add nsw i64 %p, 1
+  %815 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2102,36 +2142,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0021 = alloca <8 x float>, align 32
-  %acc0122 = alloca <8 x float>, align 32
-  %acc1023 = alloca <8 x float>, align 32
-  %acc1124 = alloca <8 x float>, align 32
-  %acc2025 = alloca <8 x float>, align 32
-  %acc2126 = alloca <8 x float>, align 32
-  %acc3027 = alloca <8 x float>, align 32
-  %acc3128 = alloca <8 x float>, align 32
-  %acc0038 = alloca <8 x float>, align 32
-  %acc0139 = alloca <8 x float>, align 32
-  %acc1040 = alloca <8 x float>, align 32
-  %acc1141 = alloca <8 x float>, align 32
-  %acc2042 = alloca <8 x float>, align 32
-  %acc2143 = alloca <8 x float>, align 32
-  %acc0053 = alloca <8 x float>, align 32
-  %acc0154 = alloca <8 x float>, align 32
-  %acc1055 = alloca <8 x float>, align 32
-  %acc1156 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2140,7 +2180,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %601, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %627, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2148,7 +2188,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %600, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %626, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2156,9 +2196,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2169,421 +2219,415 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 3072
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 768
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 3072
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 768
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 3072
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 768
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 3072
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 768
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 3072
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 768
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 3072
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 768
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 3072
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 768
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 3072
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 768
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 3072
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 768
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 3072
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 768
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 3072
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 768
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 3072
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 768
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
-  %90 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 98304
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 98304
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 98304, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
-  %95 = icmp slt i64 %k, 3072
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
+  %105 = icmp slt i64 %k, 3072
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 32
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %97
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %8, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %22, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %36, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %50, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %64, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %78, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 32
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
+  %112 = load <8 x i32>, ptr %111, align 4
+  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %113 to <8 x float>
+  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %114 to <8 x float>
+  %115 = getelementptr inbounds float, ptr %16, i64 %k
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = load <8 x float>, ptr %acc00, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
+  store <8 x float> %120, ptr %acc00, align 4
+  %121 = load <8 x float>, ptr %acc01, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
+  store <8 x float> %122, ptr %acc01, align 4
+  %123 = getelementptr inbounds float, ptr %30, i64 %k
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <8 x float> poison, float %124, i32 0
+  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
+  %127 = load <8 x float>, ptr %acc10, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
+  store <8 x float> %128, ptr %acc10, align 4
+  %129 = load <8 x float>, ptr %acc11, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
+  store <8 x float> %130, ptr %acc11, align 4
+  %131 = getelementptr inbounds float, ptr %44, i64 %k
+  %132 = load float, ptr %131, align 4
+  %133 = insertelement <8 x float> poison, float %132, i32 0
+  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
+  %135 = load <8 x float>, ptr %acc20, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
+  store <8 x float> %136, ptr %acc20, align 4
+  %137 = load <8 x float>, ptr %acc21, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
+  store <8 x float> %138, ptr %acc21, align 4
+  %139 = getelementptr inbounds float, ptr %58, i64 %k
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc30, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
+  store <8 x float> %144, ptr %acc30, align 4
+  %145 = load <8 x float>, ptr %acc31, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
+  store <8 x float> %146, ptr %acc31, align 4
+  %147 = getelementptr inbounds float, ptr %72, i64 %k
+  %148 = load float, ptr %147, align 4
+  %149 = insertelement <8 x float> poison, float %148, i32 0
+  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
+  %151 = load <8 x float>, ptr %acc40, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
+  store <8 x float> %152, ptr %acc40, align 4
+  %153 = load <8 x float>, ptr %acc41, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
+  store <8 x float> %154, ptr %acc41, align 4
+  %155 = getelementptr inbounds float, ptr %86, i64 %k
+  %156 = load float, ptr %155, align 4
+  %157 = insertelement <8 x float> poison, float %156, i32 0
+  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
+  %159 = load <8 x float>, ptr %acc50, align 4
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
+  store <8 x float> %160, ptr %acc50, align 4
+  %161 = load <8 x float>, ptr %acc51, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
+  store <8 x float> %162, ptr %acc51, align 4
+  %163 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %15, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %18, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %29, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %32, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %43, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %46, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %57, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %60, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %71, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %74, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %85, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %88, align 4
+  %164 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %164, ptr %23, align 4
+  %165 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %165, ptr %26, align 4
+  %166 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %166, ptr %37, align 4
+  %167 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %167, ptr %40, align 4
+  %168 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %168, ptr %51, align 4
+  %169 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %169, ptr %54, align 4
+  %170 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %170, ptr %65, align 4
+  %171 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %171, ptr %68, align 4
+  %172 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %172, ptr %79, align 4
+  %173 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %173, ptr %82, align 4
+  %174 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %174, ptr %93, align 4
+  %175 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %175, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 3072
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 768
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col1, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
-  %175 = load <8 x float>, ptr %174, align 4
-  store <8 x float> %175, ptr %acc002, align 4
-  %176 = add nsw i64 %col1, 8
-  %177 = getelementptr inbounds float, ptr %172, i64 %176
-  %178 = load <8 x float>, ptr %177, align 4
-  store <8 x float> %178, ptr %acc013, align 4
-  %179 = add nsw i64 %r0, 1
-  %180 = mul nsw i64 %179, 3072
-  %181 = getelementptr inbounds float, ptr %h, i64 %180
-  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
-  %183 = load i32, ptr %182, align 4
-  %184 = sext i32 %183 to i64
-  %185 = mul nsw i64 %184, 768
-  %186 = getelementptr inbounds float, ptr %y, i64 %185
-  %187 = add nsw i64 %col1, 0
-  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %col2 = mul nsw i64 %p, 16
+  %176 = add nsw i64 %r0, 0
+  %177 = mul nsw i64 %176, 3072
+  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
+  %180 = load i32, ptr %179, align 4
+  %181 = sext i32 %180 to i64
+  %182 = mul nsw i64 %181, 768
+  %183 = getelementptr inbounds float, ptr %y, i64 %182
+  %184 = add nsw i64 %col2, 0
+  %185 = getelementptr inbounds float, ptr %183, i64 %184
+  %186 = load <8 x float>, ptr %185, align 4
+  store <8 x float> %186, ptr %acc003, align 4
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %183, i64 %187
   %189 = load <8 x float>, ptr %188, align 4
-  store <8 x float> %189, ptr %acc104, align 4
-  %190 = add nsw i64 %col1, 8
-  %191 = getelementptr inbounds float, ptr %186, i64 %190
-  %192 = load <8 x float>, ptr %191, align 4
-  store <8 x float> %192, ptr %acc115, align 4
-  %193 = add nsw i64 %r0, 2
-  %194 = mul nsw i64 %193, 3072
-  %195 = getelementptr inbounds float, ptr %h, i64 %194
-  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
-  %197 = load i32, ptr %196, align 4
-  %198 = sext i32 %197 to i64
-  %199 = mul nsw i64 %198, 768
-  %200 = getelementptr inbounds float, ptr %y, i64 %199
-  %201 = add nsw i64 %col1, 0
-  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  store <8 x float> %189, ptr %acc014, align 4
+  %190 = add nsw i64 %r0, 1
+  %191 = mul nsw i64 %190, 3072
+  %192 = getelementptr inbounds float, ptr %h, i64 %191
+  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
+  %194 = load i32, ptr %193, align 4
+  %195 = sext i32 %194 to i64
+  %196 = mul nsw i64 %195, 768
+  %197 = getelementptr inbounds float, ptr %y, i64 %196
+  %198 = add nsw i64 %col2, 0
+  %199 = getelementptr inbounds float, ptr %197, i64 %198
+  %200 = load <8 x float>, ptr %199, align 4
+  store <8 x float> %200, ptr %acc105, align 4
+  %201 = add nsw i64 %col2, 8
+  %202 = getelementptr inbounds float, ptr %197, i64 %201
   %203 = load <8 x float>, ptr %202, align 4
-  store <8 x float> %203, ptr %acc206, align 4
-  %204 = add nsw i64 %col1, 8
-  %205 = getelementptr inbounds float, ptr %200, i64 %204
-  %206 = load <8 x float>, ptr %205, align 4
-  store <8 x float> %206, ptr %acc217, align 4
-  %207 = add nsw i64 %r0, 3
-  %208 = mul nsw i64 %207, 3072
-  %209 = getelementptr inbounds float, ptr %h, i64 %208
-  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
-  %211 = load i32, ptr %210, align 4
-  %212 = sext i32 %211 to i64
-  %213 = mul nsw i64 %212, 768
-  %214 = getelementptr inbounds float, ptr %y, i64 %213
-  %215 = add nsw i64 %col1, 0
-  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  store <8 x float> %203, ptr %acc116, align 4
+  %204 = add nsw i64 %r0, 2
+  %205 = mul nsw i64 %204, 3072
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
+  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
+  %208 = load i32, ptr %207, align 4
+  %209 = sext i32 %208 to i64
+  %210 = mul nsw i64 %209, 768
+  %211 = getelementptr inbounds float, ptr %y, i64 %210
+  %212 = add nsw i64 %col2, 0
+  %213 = getelementptr inbounds float, ptr %211, i64 %212
+  %214 = load <8 x float>, ptr %213, align 4
+  store <8 x float> %214, ptr %acc207, align 4
+  %215 = add nsw i64 %col2, 8
+  %216 = getelementptr inbounds float, ptr %211, i64 %215
   %217 = load <8 x float>, ptr %216, align 4
-  store <8 x float> %217, ptr %acc308, align 4
-  %218 = add nsw i64 %col1, 8
-  %219 = getelementptr inbounds float, ptr %214, i64 %218
-  %220 = load <8 x float>, ptr %219, align 4
-  store <8 x float> %220, ptr %acc319, align 4
-  %221 = add nsw i64 %r0, 4
-  %222 = mul nsw i64 %221, 3072
-  %223 = getelementptr inbounds float, ptr %h, i64 %222
-  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
-  %225 = load i32, ptr %224, align 4
-  %226 = sext i32 %225 to i64
-  %227 = mul nsw i64 %226, 768
-  %228 = getelementptr inbounds float, ptr %y, i64 %227
-  %229 = add nsw i64 %col1, 0
-  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  store <8 x float> %217, ptr %acc218, align 4
+  %218 = add nsw i64 %r0, 3
+  %219 = mul nsw i64 %218, 3072
+  %220 = getelementptr inbounds float, ptr %h, i64 %219
+  %221 = getelementptr inbounds i32, ptr %rows, i64 %218
+  %222 = load i32, ptr %221, align 4
+  %223 = sext i32 %222 to i64
+  %224 = mul nsw i64 %223, 768
+  %225 = getelementptr inbounds float, ptr %y, i64 %224
+  %226 = add nsw i64 %col2, 0
+  %227 = getelementptr inbounds float, ptr %225, i64 %226
+  %228 = load <8 x float>, ptr %227, align 4
+  store <8 x float> %228, ptr %acc309, align 4
+  %229 = add nsw i64 %col2, 8
+  %230 = getelementptr inbounds float, ptr %225, i64 %229
   %231 = load <8 x float>, ptr %230, align 4
-  store <8 x float> %231, ptr %acc4010, align 4
-  %232 = add nsw i64 %col1, 8
-  %233 = getelementptr inbounds float, ptr %228, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  store <8 x float> %234, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 49152
-  %235 = getelementptr inbounds i16, ptr %panels, i64 %panel.off12
-  %236 = add nsw i64 %p, 1
-  %237 = icmp slt i64 %236, %p1
-  %238 = getelementptr inbounds i8, ptr %235, i64 98304
-  %239 = and i1 %pf.on, %237
-  %pf13 = select i1 %239, ptr %238, ptr %235
-  br label %k.head14
+  store <8 x float> %231, ptr %acc3110, align 4
+  %232 = add nsw i64 %r0, 4
+  %233 = mul nsw i64 %232, 3072
+  %234 = getelementptr inbounds float, ptr %h, i64 %233
+  %235 = getelementptr inbounds i32, ptr %rows, i64 %232
+  %236 = load i32, ptr %235, align 4
+  %237 = sext i32 %236 to i64
+  %238 = mul nsw i64 %237, 768
+  %239 = getelementptr inbounds float, ptr %y, i64 %238
+  %240 = add nsw i64 %col2, 0
+  %241 = getelementptr inbounds float, ptr %239, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  store <8 x float> %242, ptr %acc4011, align 4
+  %243 = add nsw i64 %col2, 8
+  %244 = getelementptr inbounds float, ptr %239, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  store <8 x float> %245, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 49152
+  %246 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %247 = add nsw i64 %p, 1
+  %248 = icmp slt i64 %247, %p1
+  %pf.on14 = and i1 %pf.on, %248
+  %249 = mul nsw i64 %pf.j, 98304
+  %250 = lshr i64 %249, %10
+  %251 = add nsw i64 98304, %250
+  %252 = getelementptr inbounds i8, ptr %246, i64 %251
+  %pf15 = select i1 %pf.on14, ptr %252, ptr %246
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %289, %k.body15 ]
-  %240 = icmp slt i64 %k17, 3072
-  br i1 %240, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %k.body18 ]
+  %253 = icmp slt i64 %k20, 3072
+  br i1 %253, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %241 = mul nsw i64 %k17, 16
-  %242 = add nsw i64 %panel.off12, %241
-  %243 = mul nsw i64 %k17, 32
-  %244 = getelementptr inbounds i8, ptr %pf13, i64 %243
-  call void @llvm.prefetch.p0(ptr %244, i32 0, i32 2, i32 1)
-  %245 = getelementptr inbounds i16, ptr %panels, i64 %242
-  %246 = load <8 x i32>, ptr %245, align 4
-  %247 = shl <8 x i32> %246, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b018 = bitcast <8 x i32> %247 to <8 x float>
-  %248 = and <8 x i32> %246, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b119 = bitcast <8 x i32> %248 to <8 x float>
-  %249 = getelementptr inbounds float, ptr %167, i64 %k17
-  %250 = load float, ptr %249, align 4
-  %251 = insertelement <8 x float> poison, float %250, i32 0
-  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc002, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b018, <8 x float> %253)
-  store <8 x float> %254, ptr %acc002, align 4
-  %255 = load <8 x float>, ptr %acc013, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b119, <8 x float> %255)
-  store <8 x float> %256, ptr %acc013, align 4
-  %257 = getelementptr inbounds float, ptr %181, i64 %k17
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc104, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b018, <8 x float> %261)
-  store <8 x float> %262, ptr %acc104, align 4
-  %263 = load <8 x float>, ptr %acc115, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b119, <8 x float> %263)
-  store <8 x float> %264, ptr %acc115, align 4
-  %265 = getelementptr inbounds float, ptr %195, i64 %k17
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc206, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b018, <8 x float> %269)
-  store <8 x float> %270, ptr %acc206, align 4
-  %271 = load <8 x float>, ptr %acc217, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b119, <8 x float> %271)
-  store <8 x float> %272, ptr %acc217, align 4
-  %273 = getelementptr inbounds float, ptr %209, i64 %k17
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc308, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b018, <8 x float> %277)
-  store <8 x float> %278, ptr %acc308, align 4
-  %279 = load <8 x float>, ptr %acc319, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b119, <8 x float> %279)
-  store <8 x float> %280, ptr %acc319, align 4
-  %281 = getelementptr inbounds float, ptr %223, i64 %k17
-  %282 = load float, ptr %281, align 4
-  %283 = insertelement <8 x float> poison, float %282, i32 0
-  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
-  %285 = load <8 x float>, ptr %acc4010, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b018, <8 x float> %285)
-  store <8 x float> %286, ptr %acc4010, align 4
-  %287 = load <8 x float>, ptr %acc4111, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b119, <8 x float> %287)
-  store <8 x float> %288, ptr %acc4111, align 4
-  %289 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %254 = mul nsw i64 %k20, 16
+  %255 = add nsw i64 %panel.off13, %254
+  %256 = mul nsw i64 %k20, 32
+  %257 = lshr i64 %256, %pf.sh16
+  %258 = getelementptr inbounds i8, ptr %pf15, i64 %257
+  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
+  %259 = getelementptr inbounds i16, ptr %panels, i64 %255
+  %260 = load <8 x i32>, ptr %259, align 4
+  %261 = shl <8 x i32> %260, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %261 to <8 x float>
+  %262 = and <8 x i32> %260, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %262 to <8 x float>
+  %263 = getelementptr inbounds float, ptr %178, i64 %k20
+  %264 = load float, ptr %263, align 4
+  %265 = insertelement <8 x float> poison, float %264, i32 0
+  %266 = shufflevector <8 x float> %265, <8 x float> poison, <8 x i32> zeroinitializer
+  %267 = load <8 x float>, ptr %acc003, align 4
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b021, <8 x float> %267)
+  store <8 x float> %268, ptr %acc003, align 4
+  %269 = load <8 x float>, ptr %acc014, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b122, <8 x float> %269)
+  store <8 x float> %270, ptr %acc014, align 4
+  %271 = getelementptr inbounds float, ptr %192, i64 %k20
+  %272 = load float, ptr %271, align 4
+  %273 = insertelement <8 x float> poison, float %272, i32 0
+  %274 = shufflevector <8 x float> %273, <8 x float> poison, <8 x i32> zeroinitializer
+  %275 = load <8 x float>, ptr %acc105, align 4
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b021, <8 x float> %275)
+  store <8 x float> %276, ptr %acc105, align 4
+  %277 = load <8 x float>, ptr %acc116, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b122, <8 x float> %277)
+  store <8 x float> %278, ptr %acc116, align 4
+  %279 = getelementptr inbounds float, ptr %206, i64 %k20
+  %280 = load float, ptr %279, align 4
+  %281 = insertelement <8 x float> poison, float %280, i32 0
+  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
+  %283 = load <8 x float>, ptr %acc207, align 4
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b021, <8 x float> %283)
+  store <8 x float> %284, ptr %acc207, align 4
+  %285 = load <8 x float>, ptr %acc218, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b122, <8 x float> %285)
+  store <8 x float> %286, ptr %acc218, align 4
+  %287 = getelementptr inbounds float, ptr %220, i64 %k20
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <8 x float> poison, float %288, i32 0
+  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
+  %291 = load <8 x float>, ptr %acc309, align 4
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b021, <8 x float> %291)
+  store <8 x float> %292, ptr %acc309, align 4
+  %293 = load <8 x float>, ptr %acc3110, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b122, <8 x float> %293)
+  store <8 x float> %294, ptr %acc3110, align 4
+  %295 = getelementptr inbounds float, ptr %234, i64 %k20
+  %296 = load float, ptr %295, align 4
+  %297 = insertelement <8 x float> poison, float %296, i32 0
+  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
+  %299 = load <8 x float>, ptr %acc4011, align 4
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b021, <8 x float> %299)
+  store <8 x float> %300, ptr %acc4011, align 4
+  %301 = load <8 x float>, ptr %acc4112, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b122, <8 x float> %301)
+  store <8 x float> %302, ptr %acc4112, align 4
+  %303 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %290 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %290, ptr %174, align 4
-  %291 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %291, ptr %177, align 4
-  %292 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %292, ptr %188, align 4
-  %293 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %293, ptr %191, align 4
-  %294 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %294, ptr %202, align 4
-  %295 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %295, ptr %205, align 4
-  %296 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %296, ptr %216, align 4
-  %297 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %297, ptr %219, align 4
-  %298 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %298, ptr %230, align 4
-  %299 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %299, ptr %233, align 4
+k.end19:                                          ; preds = %k.head17
+  %304 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %304, ptr %185, align 4
+  %305 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %305, ptr %188, align 4
+  %306 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %306, ptr %199, align 4
+  %307 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %307, ptr %202, align 4
+  %308 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %308, ptr %213, align 4
+  %309 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %309, ptr %216, align 4
+  %310 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %310, ptr %227, align 4
+  %311 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %311, ptr %230, align 4
+  %312 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %312, ptr %241, align 4
+  %313 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %313, ptr %244, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col20 = mul nsw i64 %p, 16
-  %300 = add nsw i64 %r0, 0
-  %301 = mul nsw i64 %300, 3072
-  %302 = getelementptr inbounds float, ptr %h, i64 %301
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %300
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 768
-  %307 = getelementptr inbounds float, ptr %y, i64 %306
-  %308 = add nsw i64 %col20, 0
-  %309 = getelementptr inbounds float, ptr %307, i64 %308
-  %310 = load <8 x float>, ptr %309, align 4
-  store <8 x float> %310, ptr %acc0021, align 4
-  %311 = add nsw i64 %col20, 8
-  %312 = getelementptr inbounds float, ptr %307, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  store <8 x float> %313, ptr %acc0122, align 4
-  %314 = add nsw i64 %r0, 1
+  %col23 = mul nsw i64 %p, 16
+  %314 = add nsw i64 %r0, 0
   %315 = mul nsw i64 %314, 3072
   %316 = getelementptr inbounds float, ptr %h, i64 %315
   %317 = getelementptr inbounds i32, ptr %rows, i64 %314
@@ -2591,15 +2635,15 @@ tile.mr4:                                         ; preds = %r0.body
   %319 = sext i32 %318 to i64
   %320 = mul nsw i64 %319, 768
   %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col20, 0
+  %322 = add nsw i64 %col23, 0
   %323 = getelementptr inbounds float, ptr %321, i64 %322
   %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc1023, align 4
-  %325 = add nsw i64 %col20, 8
+  store <8 x float> %324, ptr %acc0024, align 4
+  %325 = add nsw i64 %col23, 8
   %326 = getelementptr inbounds float, ptr %321, i64 %325
   %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc1124, align 4
-  %328 = add nsw i64 %r0, 2
+  store <8 x float> %327, ptr %acc0125, align 4
+  %328 = add nsw i64 %r0, 1
   %329 = mul nsw i64 %328, 3072
   %330 = getelementptr inbounds float, ptr %h, i64 %329
   %331 = getelementptr inbounds i32, ptr %rows, i64 %328
@@ -2607,15 +2651,15 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 768
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col20, 0
+  %336 = add nsw i64 %col23, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
   %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc2025, align 4
-  %339 = add nsw i64 %col20, 8
+  store <8 x float> %338, ptr %acc1026, align 4
+  %339 = add nsw i64 %col23, 8
   %340 = getelementptr inbounds float, ptr %335, i64 %339
   %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc2126, align 4
-  %342 = add nsw i64 %r0, 3
+  store <8 x float> %341, ptr %acc1127, align 4
+  %342 = add nsw i64 %r0, 2
   %343 = mul nsw i64 %342, 3072
   %344 = getelementptr inbounds float, ptr %h, i64 %343
   %345 = getelementptr inbounds i32, ptr %rows, i64 %342
@@ -2623,390 +2667,426 @@ tile.mr4:                                         ; preds = %r0.body
   %347 = sext i32 %346 to i64
   %348 = mul nsw i64 %347, 768
   %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = add nsw i64 %col20, 0
+  %350 = add nsw i64 %col23, 0
   %351 = getelementptr inbounds float, ptr %349, i64 %350
   %352 = load <8 x float>, ptr %351, align 4
-  store <8 x float> %352, ptr %acc3027, align 4
-  %353 = add nsw i64 %col20, 8
+  store <8 x float> %352, ptr %acc2028, align 4
+  %353 = add nsw i64 %col23, 8
   %354 = getelementptr inbounds float, ptr %349, i64 %353
   %355 = load <8 x float>, ptr %354, align 4
-  store <8 x float> %355, ptr %acc3128, align 4
-  %panel.off29 = mul nsw i64 %p, 49152
-  %356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off29
-  %357 = add nsw i64 %p, 1
-  %358 = icmp slt i64 %357, %p1
-  %359 = getelementptr inbounds i8, ptr %356, i64 98304
-  %360 = and i1 %pf.on, %358
-  %pf30 = select i1 %360, ptr %359, ptr %356
-  br label %k.head31
+  store <8 x float> %355, ptr %acc2129, align 4
+  %356 = add nsw i64 %r0, 3
+  %357 = mul nsw i64 %356, 3072
+  %358 = getelementptr inbounds float, ptr %h, i64 %357
+  %359 = getelementptr inbounds i32, ptr %rows, i64 %356
+  %360 = load i32, ptr %359, align 4
+  %361 = sext i32 %360 to i64
+  %362 = mul nsw i64 %361, 768
+  %363 = getelementptr inbounds float, ptr %y, i64 %362
+  %364 = add nsw i64 %col23, 0
+  %365 = getelementptr inbounds float, ptr %363, i64 %364
+  %366 = load <8 x float>, ptr %365, align 4
+  store <8 x float> %366, ptr %acc3030, align 4
+  %367 = add nsw i64 %col23, 8
+  %368 = getelementptr inbounds float, ptr %363, i64 %367
+  %369 = load <8 x float>, ptr %368, align 4
+  store <8 x float> %369, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 49152
+  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  %371 = add nsw i64 %p, 1
+  %372 = icmp slt i64 %371, %p1
+  %pf.on33 = and i1 %pf.on, %372
+  %373 = mul nsw i64 %pf.j, 98304
+  %374 = lshr i64 %373, %10
+  %375 = add nsw i64 98304, %374
+  %376 = getelementptr inbounds i8, ptr %370, i64 %375
+  %pf34 = select i1 %pf.on33, ptr %376, ptr %370
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head31:                                         ; preds = %k.body32, %tile.mr4
-  %k34 = phi i64 [ 0, %tile.mr4 ], [ %402, %k.body32 ]
-  %361 = icmp slt i64 %k34, 3072
-  br i1 %361, label %k.body32, label %k.end33
+k.head36:                                         ; preds = %k.body37, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %419, %k.body37 ]
+  %377 = icmp slt i64 %k39, 3072
+  br i1 %377, label %k.body37, label %k.end38
 
-k.body32:                                         ; preds = %k.head31
-  %362 = mul nsw i64 %k34, 16
-  %363 = add nsw i64 %panel.off29, %362
-  %364 = mul nsw i64 %k34, 32
-  %365 = getelementptr inbounds i8, ptr %pf30, i64 %364
-  call void @llvm.prefetch.p0(ptr %365, i32 0, i32 2, i32 1)
-  %366 = getelementptr inbounds i16, ptr %panels, i64 %363
-  %367 = load <8 x i32>, ptr %366, align 4
-  %368 = shl <8 x i32> %367, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b035 = bitcast <8 x i32> %368 to <8 x float>
-  %369 = and <8 x i32> %367, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b136 = bitcast <8 x i32> %369 to <8 x float>
-  %370 = getelementptr inbounds float, ptr %302, i64 %k34
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc0021, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b035, <8 x float> %374)
-  store <8 x float> %375, ptr %acc0021, align 4
-  %376 = load <8 x float>, ptr %acc0122, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b136, <8 x float> %376)
-  store <8 x float> %377, ptr %acc0122, align 4
-  %378 = getelementptr inbounds float, ptr %316, i64 %k34
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc1023, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b035, <8 x float> %382)
-  store <8 x float> %383, ptr %acc1023, align 4
-  %384 = load <8 x float>, ptr %acc1124, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b136, <8 x float> %384)
-  store <8 x float> %385, ptr %acc1124, align 4
-  %386 = getelementptr inbounds float, ptr %330, i64 %k34
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc2025, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b035, <8 x float> %390)
-  store <8 x float> %391, ptr %acc2025, align 4
-  %392 = load <8 x float>, ptr %acc2126, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b136, <8 x float> %392)
-  store <8 x float> %393, ptr %acc2126, align 4
-  %394 = getelementptr inbounds float, ptr %344, i64 %k34
-  %395 = load float, ptr %394, align 4
-  %396 = insertelement <8 x float> poison, float %395, i32 0
-  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
-  %398 = load <8 x float>, ptr %acc3027, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b035, <8 x float> %398)
-  store <8 x float> %399, ptr %acc3027, align 4
-  %400 = load <8 x float>, ptr %acc3128, align 4
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b136, <8 x float> %400)
-  store <8 x float> %401, ptr %acc3128, align 4
-  %402 = add nsw i64 %k34, 1
-  br label %k.head31
+k.body37:                                         ; preds = %k.head36
+  %378 = mul nsw i64 %k39, 16
+  %379 = add nsw i64 %panel.off32, %378
+  %380 = mul nsw i64 %k39, 32
+  %381 = lshr i64 %380, %pf.sh35
+  %382 = getelementptr inbounds i8, ptr %pf34, i64 %381
+  call void @llvm.prefetch.p0(ptr %382, i32 0, i32 2, i32 1)
+  %383 = getelementptr inbounds i16, ptr %panels, i64 %379
+  %384 = load <8 x i32>, ptr %383, align 4
+  %385 = shl <8 x i32> %384, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b040 = bitcast <8 x i32> %385 to <8 x float>
+  %386 = and <8 x i32> %384, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b141 = bitcast <8 x i32> %386 to <8 x float>
+  %387 = getelementptr inbounds float, ptr %316, i64 %k39
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc0024, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b040, <8 x float> %391)
+  store <8 x float> %392, ptr %acc0024, align 4
+  %393 = load <8 x float>, ptr %acc0125, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b141, <8 x float> %393)
+  store <8 x float> %394, ptr %acc0125, align 4
+  %395 = getelementptr inbounds float, ptr %330, i64 %k39
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc1026, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b040, <8 x float> %399)
+  store <8 x float> %400, ptr %acc1026, align 4
+  %401 = load <8 x float>, ptr %acc1127, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b141, <8 x float> %401)
+  store <8 x float> %402, ptr %acc1127, align 4
+  %403 = getelementptr inbounds float, ptr %344, i64 %k39
+  %404 = load float, ptr %403, align 4
+  %405 = insertelement <8 x float> poison, float %404, i32 0
+  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
+  %407 = load <8 x float>, ptr %acc2028, align 4
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b040, <8 x float> %407)
+  store <8 x float> %408, ptr %acc2028, align 4
+  %409 = load <8 x float>, ptr %acc2129, align 4
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b141, <8 x float> %409)
+  store <8 x float> %410, ptr %acc2129, align 4
+  %411 = getelementptr inbounds float, ptr %358, i64 %k39
+  %412 = load float, ptr %411, align 4
+  %413 = insertelement <8 x float> poison, float %412, i32 0
+  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
+  %415 = load <8 x float>, ptr %acc3030, align 4
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b040, <8 x float> %415)
+  store <8 x float> %416, ptr %acc3030, align 4
+  %417 = load <8 x float>, ptr %acc3131, align 4
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b141, <8 x float> %417)
+  store <8 x float> %418, ptr %acc3131, align 4
+  %419 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end33:                                          ; preds = %k.head31
-  %403 = load <8 x float>, ptr %acc0021, align 4
-  store <8 x float> %403, ptr %309, align 4
-  %404 = load <8 x float>, ptr %acc0122, align 4
-  store <8 x float> %404, ptr %312, align 4
-  %405 = load <8 x float>, ptr %acc1023, align 4
-  store <8 x float> %405, ptr %323, align 4
-  %406 = load <8 x float>, ptr %acc1124, align 4
-  store <8 x float> %406, ptr %326, align 4
-  %407 = load <8 x float>, ptr %acc2025, align 4
-  store <8 x float> %407, ptr %337, align 4
-  %408 = load <8 x float>, ptr %acc2126, align 4
-  store <8 x float> %408, ptr %340, align 4
-  %409 = load <8 x float>, ptr %acc3027, align 4
-  store <8 x float> %409, ptr %351, align 4
-  %410 = load <8 x float>, ptr %acc3128, align 4
-  store <8 x float> %410, ptr %354, align 4
+k.end38:                                          ; preds = %k.head36
+  %420 = load <8 x float>, ptr %acc0024, align 4
+  store <8 x float> %420, ptr %323, align 4
+  %421 = load <8 x float>, ptr %acc0125, align 4
+  store <8 x float> %421, ptr %326, align 4
+  %422 = load <8 x float>, ptr %acc1026, align 4
+  store <8 x float> %422, ptr %337, align 4
+  %423 = load <8 x float>, ptr %acc1127, align 4
+  store <8 x float> %423, ptr %340, align 4
+  %424 = load <8 x float>, ptr %acc2028, align 4
+  store <8 x float> %424, ptr %351, align 4
+  %425 = load <8 x float>, ptr %acc2129, align 4
+  store <8 x float> %425, ptr %354, align 4
+  %426 = load <8 x float>, ptr %acc3030, align 4
+  store <8 x float> %426, ptr %365, align 4
+  %427 = load <8 x float>, ptr %acc3131, align 4
+  store <8 x float> %427, ptr %368, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col37 = mul nsw i64 %p, 16
-  %411 = add nsw i64 %r0, 0
-  %412 = mul nsw i64 %411, 3072
-  %413 = getelementptr inbounds float, ptr %h, i64 %412
-  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
-  %415 = load i32, ptr %414, align 4
-  %416 = sext i32 %415 to i64
-  %417 = mul nsw i64 %416, 768
-  %418 = getelementptr inbounds float, ptr %y, i64 %417
-  %419 = add nsw i64 %col37, 0
-  %420 = getelementptr inbounds float, ptr %418, i64 %419
-  %421 = load <8 x float>, ptr %420, align 4
-  store <8 x float> %421, ptr %acc0038, align 4
-  %422 = add nsw i64 %col37, 8
-  %423 = getelementptr inbounds float, ptr %418, i64 %422
-  %424 = load <8 x float>, ptr %423, align 4
-  store <8 x float> %424, ptr %acc0139, align 4
-  %425 = add nsw i64 %r0, 1
-  %426 = mul nsw i64 %425, 3072
-  %427 = getelementptr inbounds float, ptr %h, i64 %426
-  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %429 = load i32, ptr %428, align 4
-  %430 = sext i32 %429 to i64
-  %431 = mul nsw i64 %430, 768
-  %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col37, 0
-  %434 = getelementptr inbounds float, ptr %432, i64 %433
-  %435 = load <8 x float>, ptr %434, align 4
-  store <8 x float> %435, ptr %acc1040, align 4
-  %436 = add nsw i64 %col37, 8
-  %437 = getelementptr inbounds float, ptr %432, i64 %436
+  %col42 = mul nsw i64 %p, 16
+  %428 = add nsw i64 %r0, 0
+  %429 = mul nsw i64 %428, 3072
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
+  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
+  %432 = load i32, ptr %431, align 4
+  %433 = sext i32 %432 to i64
+  %434 = mul nsw i64 %433, 768
+  %435 = getelementptr inbounds float, ptr %y, i64 %434
+  %436 = add nsw i64 %col42, 0
+  %437 = getelementptr inbounds float, ptr %435, i64 %436
   %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc1141, align 4
-  %439 = add nsw i64 %r0, 2
-  %440 = mul nsw i64 %439, 3072
-  %441 = getelementptr inbounds float, ptr %h, i64 %440
-  %442 = getelementptr inbounds i32, ptr %rows, i64 %439
-  %443 = load i32, ptr %442, align 4
-  %444 = sext i32 %443 to i64
-  %445 = mul nsw i64 %444, 768
-  %446 = getelementptr inbounds float, ptr %y, i64 %445
-  %447 = add nsw i64 %col37, 0
-  %448 = getelementptr inbounds float, ptr %446, i64 %447
-  %449 = load <8 x float>, ptr %448, align 4
-  store <8 x float> %449, ptr %acc2042, align 4
-  %450 = add nsw i64 %col37, 8
-  %451 = getelementptr inbounds float, ptr %446, i64 %450
+  store <8 x float> %438, ptr %acc0043, align 4
+  %439 = add nsw i64 %col42, 8
+  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %441 = load <8 x float>, ptr %440, align 4
+  store <8 x float> %441, ptr %acc0144, align 4
+  %442 = add nsw i64 %r0, 1
+  %443 = mul nsw i64 %442, 3072
+  %444 = getelementptr inbounds float, ptr %h, i64 %443
+  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
+  %446 = load i32, ptr %445, align 4
+  %447 = sext i32 %446 to i64
+  %448 = mul nsw i64 %447, 768
+  %449 = getelementptr inbounds float, ptr %y, i64 %448
+  %450 = add nsw i64 %col42, 0
+  %451 = getelementptr inbounds float, ptr %449, i64 %450
   %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc2143, align 4
-  %panel.off44 = mul nsw i64 %p, 49152
-  %453 = getelementptr inbounds i16, ptr %panels, i64 %panel.off44
-  %454 = add nsw i64 %p, 1
-  %455 = icmp slt i64 %454, %p1
-  %456 = getelementptr inbounds i8, ptr %453, i64 98304
-  %457 = and i1 %pf.on, %455
-  %pf45 = select i1 %457, ptr %456, ptr %453
-  br label %k.head46
+  store <8 x float> %452, ptr %acc1045, align 4
+  %453 = add nsw i64 %col42, 8
+  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  store <8 x float> %455, ptr %acc1146, align 4
+  %456 = add nsw i64 %r0, 2
+  %457 = mul nsw i64 %456, 3072
+  %458 = getelementptr inbounds float, ptr %h, i64 %457
+  %459 = getelementptr inbounds i32, ptr %rows, i64 %456
+  %460 = load i32, ptr %459, align 4
+  %461 = sext i32 %460 to i64
+  %462 = mul nsw i64 %461, 768
+  %463 = getelementptr inbounds float, ptr %y, i64 %462
+  %464 = add nsw i64 %col42, 0
+  %465 = getelementptr inbounds float, ptr %463, i64 %464
+  %466 = load <8 x float>, ptr %465, align 4
+  store <8 x float> %466, ptr %acc2047, align 4
+  %467 = add nsw i64 %col42, 8
+  %468 = getelementptr inbounds float, ptr %463, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  store <8 x float> %469, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 49152
+  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  %471 = add nsw i64 %p, 1
+  %472 = icmp slt i64 %471, %p1
+  %pf.on50 = and i1 %pf.on, %472
+  %473 = mul nsw i64 %pf.j, 98304
+  %474 = lshr i64 %473, %10
+  %475 = add nsw i64 98304, %474
+  %476 = getelementptr inbounds i8, ptr %470, i64 %475
+  %pf51 = select i1 %pf.on50, ptr %476, ptr %470
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head46:                                         ; preds = %k.body47, %tile.mr3
-  %k49 = phi i64 [ 0, %tile.mr3 ], [ %491, %k.body47 ]
-  %458 = icmp slt i64 %k49, 3072
-  br i1 %458, label %k.body47, label %k.end48
+k.head53:                                         ; preds = %k.body54, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %511, %k.body54 ]
+  %477 = icmp slt i64 %k56, 3072
+  br i1 %477, label %k.body54, label %k.end55
 
-k.body47:                                         ; preds = %k.head46
-  %459 = mul nsw i64 %k49, 16
-  %460 = add nsw i64 %panel.off44, %459
-  %461 = mul nsw i64 %k49, 32
-  %462 = getelementptr inbounds i8, ptr %pf45, i64 %461
-  call void @llvm.prefetch.p0(ptr %462, i32 0, i32 2, i32 1)
-  %463 = getelementptr inbounds i16, ptr %panels, i64 %460
-  %464 = load <8 x i32>, ptr %463, align 4
-  %465 = shl <8 x i32> %464, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %465 to <8 x float>
-  %466 = and <8 x i32> %464, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %466 to <8 x float>
-  %467 = getelementptr inbounds float, ptr %413, i64 %k49
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc0038, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b050, <8 x float> %471)
-  store <8 x float> %472, ptr %acc0038, align 4
-  %473 = load <8 x float>, ptr %acc0139, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b151, <8 x float> %473)
-  store <8 x float> %474, ptr %acc0139, align 4
-  %475 = getelementptr inbounds float, ptr %427, i64 %k49
-  %476 = load float, ptr %475, align 4
-  %477 = insertelement <8 x float> poison, float %476, i32 0
-  %478 = shufflevector <8 x float> %477, <8 x float> poison, <8 x i32> zeroinitializer
-  %479 = load <8 x float>, ptr %acc1040, align 4
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b050, <8 x float> %479)
-  store <8 x float> %480, ptr %acc1040, align 4
-  %481 = load <8 x float>, ptr %acc1141, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %b151, <8 x float> %481)
-  store <8 x float> %482, ptr %acc1141, align 4
-  %483 = getelementptr inbounds float, ptr %441, i64 %k49
-  %484 = load float, ptr %483, align 4
-  %485 = insertelement <8 x float> poison, float %484, i32 0
-  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
-  %487 = load <8 x float>, ptr %acc2042, align 4
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b050, <8 x float> %487)
-  store <8 x float> %488, ptr %acc2042, align 4
-  %489 = load <8 x float>, ptr %acc2143, align 4
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %b151, <8 x float> %489)
-  store <8 x float> %490, ptr %acc2143, align 4
-  %491 = add nsw i64 %k49, 1
-  br label %k.head46
+k.body54:                                         ; preds = %k.head53
+  %478 = mul nsw i64 %k56, 16
+  %479 = add nsw i64 %panel.off49, %478
+  %480 = mul nsw i64 %k56, 32
+  %481 = lshr i64 %480, %pf.sh52
+  %482 = getelementptr inbounds i8, ptr %pf51, i64 %481
+  call void @llvm.prefetch.p0(ptr %482, i32 0, i32 2, i32 1)
+  %483 = getelementptr inbounds i16, ptr %panels, i64 %479
+  %484 = load <8 x i32>, ptr %483, align 4
+  %485 = shl <8 x i32> %484, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %485 to <8 x float>
+  %486 = and <8 x i32> %484, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %486 to <8 x float>
+  %487 = getelementptr inbounds float, ptr %430, i64 %k56
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc0043, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b057, <8 x float> %491)
+  store <8 x float> %492, ptr %acc0043, align 4
+  %493 = load <8 x float>, ptr %acc0144, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b158, <8 x float> %493)
+  store <8 x float> %494, ptr %acc0144, align 4
+  %495 = getelementptr inbounds float, ptr %444, i64 %k56
+  %496 = load float, ptr %495, align 4
+  %497 = insertelement <8 x float> poison, float %496, i32 0
+  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
+  %499 = load <8 x float>, ptr %acc1045, align 4
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b057, <8 x float> %499)
+  store <8 x float> %500, ptr %acc1045, align 4
+  %501 = load <8 x float>, ptr %acc1146, align 4
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b158, <8 x float> %501)
+  store <8 x float> %502, ptr %acc1146, align 4
+  %503 = getelementptr inbounds float, ptr %458, i64 %k56
+  %504 = load float, ptr %503, align 4
+  %505 = insertelement <8 x float> poison, float %504, i32 0
+  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
+  %507 = load <8 x float>, ptr %acc2047, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b057, <8 x float> %507)
+  store <8 x float> %508, ptr %acc2047, align 4
+  %509 = load <8 x float>, ptr %acc2148, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b158, <8 x float> %509)
+  store <8 x float> %510, ptr %acc2148, align 4
+  %511 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end48:                                          ; preds = %k.head46
-  %492 = load <8 x float>, ptr %acc0038, align 4
-  store <8 x float> %492, ptr %420, align 4
-  %493 = load <8 x float>, ptr %acc0139, align 4
-  store <8 x float> %493, ptr %423, align 4
-  %494 = load <8 x float>, ptr %acc1040, align 4
-  store <8 x float> %494, ptr %434, align 4
-  %495 = load <8 x float>, ptr %acc1141, align 4
-  store <8 x float> %495, ptr %437, align 4
-  %496 = load <8 x float>, ptr %acc2042, align 4
-  store <8 x float> %496, ptr %448, align 4
-  %497 = load <8 x float>, ptr %acc2143, align 4
-  store <8 x float> %497, ptr %451, align 4
+k.end55:                                          ; preds = %k.head53
+  %512 = load <8 x float>, ptr %acc0043, align 4
+  store <8 x float> %512, ptr %437, align 4
+  %513 = load <8 x float>, ptr %acc0144, align 4
+  store <8 x float> %513, ptr %440, align 4
+  %514 = load <8 x float>, ptr %acc1045, align 4
+  store <8 x float> %514, ptr %451, align 4
+  %515 = load <8 x float>, ptr %acc1146, align 4
+  store <8 x float> %515, ptr %454, align 4
+  %516 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %516, ptr %465, align 4
+  %517 = load <8 x float>, ptr %acc2148, align 4
+  store <8 x float> %517, ptr %468, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col52 = mul nsw i64 %p, 16
-  %498 = add nsw i64 %r0, 0
-  %499 = mul nsw i64 %498, 3072
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 768
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col52, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
-  %508 = load <8 x float>, ptr %507, align 4
-  store <8 x float> %508, ptr %acc0053, align 4
-  %509 = add nsw i64 %col52, 8
-  %510 = getelementptr inbounds float, ptr %505, i64 %509
-  %511 = load <8 x float>, ptr %510, align 4
-  store <8 x float> %511, ptr %acc0154, align 4
-  %512 = add nsw i64 %r0, 1
-  %513 = mul nsw i64 %512, 3072
-  %514 = getelementptr inbounds float, ptr %h, i64 %513
-  %515 = getelementptr inbounds i32, ptr %rows, i64 %512
-  %516 = load i32, ptr %515, align 4
-  %517 = sext i32 %516 to i64
-  %518 = mul nsw i64 %517, 768
-  %519 = getelementptr inbounds float, ptr %y, i64 %518
-  %520 = add nsw i64 %col52, 0
-  %521 = getelementptr inbounds float, ptr %519, i64 %520
-  %522 = load <8 x float>, ptr %521, align 4
-  store <8 x float> %522, ptr %acc1055, align 4
-  %523 = add nsw i64 %col52, 8
-  %524 = getelementptr inbounds float, ptr %519, i64 %523
-  %525 = load <8 x float>, ptr %524, align 4
-  store <8 x float> %525, ptr %acc1156, align 4
-  %panel.off57 = mul nsw i64 %p, 49152
-  %526 = getelementptr inbounds i16, ptr %panels, i64 %panel.off57
-  %527 = add nsw i64 %p, 1
-  %528 = icmp slt i64 %527, %p1
-  %529 = getelementptr inbounds i8, ptr %526, i64 98304
-  %530 = and i1 %pf.on, %528
-  %pf58 = select i1 %530, ptr %529, ptr %526
-  br label %k.head59
+  %col59 = mul nsw i64 %p, 16
+  %518 = add nsw i64 %r0, 0
+  %519 = mul nsw i64 %518, 3072
+  %520 = getelementptr inbounds float, ptr %h, i64 %519
+  %521 = getelementptr inbounds i32, ptr %rows, i64 %518
+  %522 = load i32, ptr %521, align 4
+  %523 = sext i32 %522 to i64
+  %524 = mul nsw i64 %523, 768
+  %525 = getelementptr inbounds float, ptr %y, i64 %524
+  %526 = add nsw i64 %col59, 0
+  %527 = getelementptr inbounds float, ptr %525, i64 %526
+  %528 = load <8 x float>, ptr %527, align 4
+  store <8 x float> %528, ptr %acc0060, align 4
+  %529 = add nsw i64 %col59, 8
+  %530 = getelementptr inbounds float, ptr %525, i64 %529
+  %531 = load <8 x float>, ptr %530, align 4
+  store <8 x float> %531, ptr %acc0161, align 4
+  %532 = add nsw i64 %r0, 1
+  %533 = mul nsw i64 %532, 3072
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %532
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 768
+  %539 = getelementptr inbounds float, ptr %y, i64 %538
+  %540 = add nsw i64 %col59, 0
+  %541 = getelementptr inbounds float, ptr %539, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  store <8 x float> %542, ptr %acc1062, align 4
+  %543 = add nsw i64 %col59, 8
+  %544 = getelementptr inbounds float, ptr %539, i64 %543
+  %545 = load <8 x float>, ptr %544, align 4
+  store <8 x float> %545, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 49152
+  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %547 = add nsw i64 %p, 1
+  %548 = icmp slt i64 %547, %p1
+  %pf.on65 = and i1 %pf.on, %548
+  %549 = mul nsw i64 %pf.j, 98304
+  %550 = lshr i64 %549, %10
+  %551 = add nsw i64 98304, %550
+  %552 = getelementptr inbounds i8, ptr %546, i64 %551
+  %pf66 = select i1 %pf.on65, ptr %552, ptr %546
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head59:                                         ; preds = %k.body60, %tile.mr2
-  %k62 = phi i64 [ 0, %tile.mr2 ], [ %556, %k.body60 ]
-  %531 = icmp slt i64 %k62, 3072
-  br i1 %531, label %k.body60, label %k.end61
+k.head68:                                         ; preds = %k.body69, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %579, %k.body69 ]
+  %553 = icmp slt i64 %k71, 3072
+  br i1 %553, label %k.body69, label %k.end70
 
-k.body60:                                         ; preds = %k.head59
-  %532 = mul nsw i64 %k62, 16
-  %533 = add nsw i64 %panel.off57, %532
-  %534 = mul nsw i64 %k62, 32
-  %535 = getelementptr inbounds i8, ptr %pf58, i64 %534
-  call void @llvm.prefetch.p0(ptr %535, i32 0, i32 2, i32 1)
-  %536 = getelementptr inbounds i16, ptr %panels, i64 %533
-  %537 = load <8 x i32>, ptr %536, align 4
-  %538 = shl <8 x i32> %537, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %538 to <8 x float>
-  %539 = and <8 x i32> %537, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %539 to <8 x float>
-  %540 = getelementptr inbounds float, ptr %500, i64 %k62
-  %541 = load float, ptr %540, align 4
-  %542 = insertelement <8 x float> poison, float %541, i32 0
-  %543 = shufflevector <8 x float> %542, <8 x float> poison, <8 x i32> zeroinitializer
-  %544 = load <8 x float>, ptr %acc0053, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b063, <8 x float> %544)
-  store <8 x float> %545, ptr %acc0053, align 4
-  %546 = load <8 x float>, ptr %acc0154, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %b164, <8 x float> %546)
-  store <8 x float> %547, ptr %acc0154, align 4
-  %548 = getelementptr inbounds float, ptr %514, i64 %k62
-  %549 = load float, ptr %548, align 4
-  %550 = insertelement <8 x float> poison, float %549, i32 0
-  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
-  %552 = load <8 x float>, ptr %acc1055, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b063, <8 x float> %552)
-  store <8 x float> %553, ptr %acc1055, align 4
-  %554 = load <8 x float>, ptr %acc1156, align 4
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b164, <8 x float> %554)
-  store <8 x float> %555, ptr %acc1156, align 4
-  %556 = add nsw i64 %k62, 1
-  br label %k.head59
+k.body69:                                         ; preds = %k.head68
+  %554 = mul nsw i64 %k71, 16
+  %555 = add nsw i64 %panel.off64, %554
+  %556 = mul nsw i64 %k71, 32
+  %557 = lshr i64 %556, %pf.sh67
+  %558 = getelementptr inbounds i8, ptr %pf66, i64 %557
+  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
+  %559 = getelementptr inbounds i16, ptr %panels, i64 %555
+  %560 = load <8 x i32>, ptr %559, align 4
+  %561 = shl <8 x i32> %560, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %561 to <8 x float>
+  %562 = and <8 x i32> %560, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = getelementptr inbounds float, ptr %520, i64 %k71
+  %564 = load float, ptr %563, align 4
+  %565 = insertelement <8 x float> poison, float %564, i32 0
+  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
+  %567 = load <8 x float>, ptr %acc0060, align 4
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b072, <8 x float> %567)
+  store <8 x float> %568, ptr %acc0060, align 4
+  %569 = load <8 x float>, ptr %acc0161, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b173, <8 x float> %569)
+  store <8 x float> %570, ptr %acc0161, align 4
+  %571 = getelementptr inbounds float, ptr %534, i64 %k71
+  %572 = load float, ptr %571, align 4
+  %573 = insertelement <8 x float> poison, float %572, i32 0
+  %574 = shufflevector <8 x float> %573, <8 x float> poison, <8 x i32> zeroinitializer
+  %575 = load <8 x float>, ptr %acc1062, align 4
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b072, <8 x float> %575)
+  store <8 x float> %576, ptr %acc1062, align 4
+  %577 = load <8 x float>, ptr %acc1163, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b173, <8 x float> %577)
+  store <8 x float> %578, ptr %acc1163, align 4
+  %579 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end61:                                          ; preds = %k.head59
-  %557 = load <8 x float>, ptr %acc0053, align 4
-  store <8 x float> %557, ptr %507, align 4
-  %558 = load <8 x float>, ptr %acc0154, align 4
-  store <8 x float> %558, ptr %510, align 4
-  %559 = load <8 x float>, ptr %acc1055, align 4
-  store <8 x float> %559, ptr %521, align 4
-  %560 = load <8 x float>, ptr %acc1156, align 4
-  store <8 x float> %560, ptr %524, align 4
+k.end70:                                          ; preds = %k.head68
+  %580 = load <8 x float>, ptr %acc0060, align 4
+  store <8 x float> %580, ptr %527, align 4
+  %581 = load <8 x float>, ptr %acc0161, align 4
+  store <8 x float> %581, ptr %530, align 4
+  %582 = load <8 x float>, ptr %acc1062, align 4
+  store <8 x float> %582, ptr %541, align 4
+  %583 = load <8 x float>, ptr %acc1163, align 4
+  store <8 x float> %583, ptr %544, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col65 = mul nsw i64 %p, 16
-  %561 = add nsw i64 %r0, 0
-  %562 = mul nsw i64 %561, 3072
-  %563 = getelementptr inbounds float, ptr %h, i64 %562
-  %564 = getelementptr inbounds i32, ptr %rows, i64 %561
-  %565 = load i32, ptr %564, align 4
-  %566 = sext i32 %565 to i64
-  %567 = mul nsw i64 %566, 768
-  %568 = getelementptr inbounds float, ptr %y, i64 %567
-  %569 = add nsw i64 %col65, 0
-  %570 = getelementptr inbounds float, ptr %568, i64 %569
-  %571 = load <8 x float>, ptr %570, align 4
-  store <8 x float> %571, ptr %acc0066, align 4
-  %572 = add nsw i64 %col65, 8
-  %573 = getelementptr inbounds float, ptr %568, i64 %572
-  %574 = load <8 x float>, ptr %573, align 4
-  store <8 x float> %574, ptr %acc0167, align 4
-  %panel.off68 = mul nsw i64 %p, 49152
-  %575 = getelementptr inbounds i16, ptr %panels, i64 %panel.off68
-  %576 = add nsw i64 %p, 1
-  %577 = icmp slt i64 %576, %p1
-  %578 = getelementptr inbounds i8, ptr %575, i64 98304
-  %579 = and i1 %pf.on, %577
-  %pf69 = select i1 %579, ptr %578, ptr %575
-  br label %k.head70
+  %col74 = mul nsw i64 %p, 16
+  %584 = add nsw i64 %r0, 0
+  %585 = mul nsw i64 %584, 3072
+  %586 = getelementptr inbounds float, ptr %h, i64 %585
+  %587 = getelementptr inbounds i32, ptr %rows, i64 %584
+  %588 = load i32, ptr %587, align 4
+  %589 = sext i32 %588 to i64
+  %590 = mul nsw i64 %589, 768
+  %591 = getelementptr inbounds float, ptr %y, i64 %590
+  %592 = add nsw i64 %col74, 0
+  %593 = getelementptr inbounds float, ptr %591, i64 %592
+  %594 = load <8 x float>, ptr %593, align 4
+  store <8 x float> %594, ptr %acc0075, align 4
+  %595 = add nsw i64 %col74, 8
+  %596 = getelementptr inbounds float, ptr %591, i64 %595
+  %597 = load <8 x float>, ptr %596, align 4
+  store <8 x float> %597, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 49152
+  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %599 = add nsw i64 %p, 1
+  %600 = icmp slt i64 %599, %p1
+  %pf.on78 = and i1 %pf.on, %600
+  %601 = mul nsw i64 %pf.j, 98304
+  %602 = lshr i64 %601, %10
+  %603 = add nsw i64 98304, %602
+  %604 = getelementptr inbounds i8, ptr %598, i64 %603
+  %pf79 = select i1 %pf.on78, ptr %604, ptr %598
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head70:                                         ; preds = %k.body71, %tile.mr1
-  %k73 = phi i64 [ 0, %tile.mr1 ], [ %597, %k.body71 ]
-  %580 = icmp slt i64 %k73, 3072
-  br i1 %580, label %k.body71, label %k.end72
+k.head81:                                         ; preds = %k.body82, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %623, %k.body82 ]
+  %605 = icmp slt i64 %k84, 3072
+  br i1 %605, label %k.body82, label %k.end83
 
-k.body71:                                         ; preds = %k.head70
-  %581 = mul nsw i64 %k73, 16
-  %582 = add nsw i64 %panel.off68, %581
-  %583 = mul nsw i64 %k73, 32
-  %584 = getelementptr inbounds i8, ptr %pf69, i64 %583
-  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
-  %585 = getelementptr inbounds i16, ptr %panels, i64 %582
-  %586 = load <8 x i32>, ptr %585, align 4
-  %587 = shl <8 x i32> %586, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %587 to <8 x float>
-  %588 = and <8 x i32> %586, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %588 to <8 x float>
-  %589 = getelementptr inbounds float, ptr %563, i64 %k73
-  %590 = load float, ptr %589, align 4
-  %591 = insertelement <8 x float> poison, float %590, i32 0
-  %592 = shufflevector <8 x float> %591, <8 x float> poison, <8 x i32> zeroinitializer
-  %593 = load <8 x float>, ptr %acc0066, align 4
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b074, <8 x float> %593)
-  store <8 x float> %594, ptr %acc0066, align 4
-  %595 = load <8 x float>, ptr %acc0167, align 4
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %b175, <8 x float> %595)
-  store <8 x float> %596, ptr %acc0167, align 4
-  %597 = add nsw i64 %k73, 1
-  br label %k.head70
+k.body82:                                         ; preds = %k.head81
+  %606 = mul nsw i64 %k84, 16
+  %607 = add nsw i64 %panel.off77, %606
+  %608 = mul nsw i64 %k84, 32
+  %609 = lshr i64 %608, %pf.sh80
+  %610 = getelementptr inbounds i8, ptr %pf79, i64 %609
+  call void @llvm.prefetch.p0(ptr %610, i32 0, i32 2, i32 1)
+  %611 = getelementptr inbounds i16, ptr %panels, i64 %607
+  %612 = load <8 x i32>, ptr %611, align 4
+  %613 = shl <8 x i32> %612, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %613 to <8 x float>
+  %614 = and <8 x i32> %612, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %614 to <8 x float>
+  %615 = getelementptr inbounds float, ptr %586, i64 %k84
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = load <8 x float>, ptr %acc0075, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b085, <8 x float> %619)
+  store <8 x float> %620, ptr %acc0075, align 4
+  %621 = load <8 x float>, ptr %acc0176, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b186, <8 x float> %621)
+  store <8 x float> %622, ptr %acc0176, align 4
+  %623 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end72:                                          ; preds = %k.head70
-  %598 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %598, ptr %570, align 4
-  %599 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %599, ptr %573, align 4
+k.end83:                                          ; preds = %k.head81
+  %624 = load <8 x float>, ptr %acc0075, align 4
+  store <8 x float> %624, ptr %593, align 4
+  %625 = load <8 x float>, ptr %acc0176, align 4
+  store <8 x float> %625, ptr %596, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end72, %k.end61, %k.end48, %k.end33, %k.end16, %k.end
-  %600 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+  %626 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %601 = add nsw i64 %p, 1
+  %627 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -916,43 +916,43 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc0031 = alloca <8 x float>, align 32
-  %acc0132 = alloca <8 x float>, align 32
-  %acc1033 = alloca <8 x float>, align 32
-  %acc1134 = alloca <8 x float>, align 32
-  %acc2035 = alloca <8 x float>, align 32
-  %acc2136 = alloca <8 x float>, align 32
-  %acc3037 = alloca <8 x float>, align 32
-  %acc3138 = alloca <8 x float>, align 32
-  %acc4039 = alloca <8 x float>, align 32
-  %acc4140 = alloca <8 x float>, align 32
-  %acc0077 = alloca <8 x float>, align 32
-  %acc0178 = alloca <8 x float>, align 32
-  %acc1079 = alloca <8 x float>, align 32
-  %acc1180 = alloca <8 x float>, align 32
-  %acc2081 = alloca <8 x float>, align 32
-  %acc2182 = alloca <8 x float>, align 32
-  %acc3083 = alloca <8 x float>, align 32
-  %acc3184 = alloca <8 x float>, align 32
-  %acc00115 = alloca <8 x float>, align 32
-  %acc01116 = alloca <8 x float>, align 32
-  %acc10117 = alloca <8 x float>, align 32
-  %acc11118 = alloca <8 x float>, align 32
-  %acc20119 = alloca <8 x float>, align 32
-  %acc21120 = alloca <8 x float>, align 32
-  %acc00145 = alloca <8 x float>, align 32
-  %acc01146 = alloca <8 x float>, align 32
-  %acc10147 = alloca <8 x float>, align 32
-  %acc11148 = alloca <8 x float>, align 32
-  %acc00167 = alloca <8 x float>, align 32
-  %acc01168 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc3038 = alloca <8 x float>, align 32
+  %acc3139 = alloca <8 x float>, align 32
+  %acc4040 = alloca <8 x float>, align 32
+  %acc4141 = alloca <8 x float>, align 32
+  %acc0080 = alloca <8 x float>, align 32
+  %acc0181 = alloca <8 x float>, align 32
+  %acc1082 = alloca <8 x float>, align 32
+  %acc1183 = alloca <8 x float>, align 32
+  %acc2084 = alloca <8 x float>, align 32
+  %acc2185 = alloca <8 x float>, align 32
+  %acc3086 = alloca <8 x float>, align 32
+  %acc3187 = alloca <8 x float>, align 32
+  %acc00120 = alloca <8 x float>, align 32
+  %acc01121 = alloca <8 x float>, align 32
+  %acc10122 = alloca <8 x float>, align 32
+  %acc11123 = alloca <8 x float>, align 32
+  %acc20124 = alloca <8 x float>, align 32
+  %acc21125 = alloca <8 x float>, align 32
+  %acc00152 = alloca <8 x float>, align 32
+  %acc01153 = alloca <8 x float>, align 32
+  %acc10154 = alloca <8 x float>, align 32
+  %acc11155 = alloca <8 x float>, align 32
+  %acc00176 = alloca <8 x float>, align 32
+  %acc01177 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1068, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %1094, %r0.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -960,7 +960,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1067, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %1093, %tile.done ]
   %1 = icmp slt i64 %r0, %n
   br i1 %1, label %r0.body, label %r0.end
 
@@ -968,9 +968,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %2 = icmp sge i64 %left, 6
   %mr = select i1 %2, i64 6, i64 %left
-  %3 = icmp sgt i64 %n, 6
-  %4 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %4, %3
+  %3 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %3, 6
+  %4 = icmp sge i64 %nrb, 2
+  %5 = select i1 %4, i64 1, i64 0
+  %6 = icmp sge i64 %nrb, 4
+  %7 = select i1 %6, i64 2, i64 %5
+  %8 = icmp sge i64 %nrb, 8
+  %9 = select i1 %8, i64 3, i64 %7
+  %pf.j = sdiv i64 %r0, 6
+  %10 = shl i64 1, %9
+  %11 = icmp slt i64 %pf.j, %10
+  %12 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %12, %11
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -980,1400 +990,1430 @@ r0.body:                                          ; preds = %r0.head
   ]
 
 tile.mr6:                                         ; preds = %r0.body
-  %5 = add nsw i64 %r0, 0
-  %6 = getelementptr inbounds i32, ptr %rows, i64 %5
-  %7 = load i32, ptr %6, align 4
-  %8 = sext i32 %7 to i64
-  %9 = mul nsw i64 %8, 1024
-  %10 = getelementptr inbounds float, ptr %x, i64 %9
+  %13 = add nsw i64 %r0, 0
+  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
+  %15 = load i32, ptr %14, align 4
+  %16 = sext i32 %15 to i64
+  %17 = mul nsw i64 %16, 1024
+  %18 = getelementptr inbounds float, ptr %x, i64 %17
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %11 = add nsw i64 %r0, 1
-  %12 = getelementptr inbounds i32, ptr %rows, i64 %11
-  %13 = load i32, ptr %12, align 4
-  %14 = sext i32 %13 to i64
-  %15 = mul nsw i64 %14, 1024
-  %16 = getelementptr inbounds float, ptr %x, i64 %15
+  %19 = add nsw i64 %r0, 1
+  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
+  %21 = load i32, ptr %20, align 4
+  %22 = sext i32 %21 to i64
+  %23 = mul nsw i64 %22, 1024
+  %24 = getelementptr inbounds float, ptr %x, i64 %23
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %17 = add nsw i64 %r0, 2
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %17
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 1024
-  %22 = getelementptr inbounds float, ptr %x, i64 %21
+  %25 = add nsw i64 %r0, 2
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 1024
+  %30 = getelementptr inbounds float, ptr %x, i64 %29
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %23 = add nsw i64 %r0, 3
-  %24 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %25 = load i32, ptr %24, align 4
-  %26 = sext i32 %25 to i64
-  %27 = mul nsw i64 %26, 1024
-  %28 = getelementptr inbounds float, ptr %x, i64 %27
+  %31 = add nsw i64 %r0, 3
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 1024
+  %36 = getelementptr inbounds float, ptr %x, i64 %35
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %29 = add nsw i64 %r0, 4
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %29
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 1024
-  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %37 = add nsw i64 %r0, 4
+  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
+  %39 = load i32, ptr %38, align 4
+  %40 = sext i32 %39 to i64
+  %41 = mul nsw i64 %40, 1024
+  %42 = getelementptr inbounds float, ptr %x, i64 %41
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %35 = add nsw i64 %r0, 5
-  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
-  %37 = load i32, ptr %36, align 4
-  %38 = sext i32 %37 to i64
-  %39 = mul nsw i64 %38, 1024
-  %40 = getelementptr inbounds float, ptr %x, i64 %39
+  %43 = add nsw i64 %r0, 5
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 1024
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
-  %41 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %42 = add nsw i64 %p, 1
-  %43 = icmp slt i64 %42, %p1
-  %44 = getelementptr inbounds i8, ptr %41, i64 65536
-  %45 = and i1 %pf.on, %43
-  %pf = select i1 %45, ptr %44, ptr %41
+  %49 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %50 = add nsw i64 %p, 1
+  %51 = icmp slt i64 %50, %p1
+  %pf.on1 = and i1 %pf.on, %51
+  %52 = mul nsw i64 %pf.j, 65536
+  %53 = lshr i64 %52, %9
+  %54 = add nsw i64 65536, %53
+  %55 = getelementptr inbounds i8, ptr %49, i64 %54
+  %pf = select i1 %pf.on1, ptr %55, ptr %49
+  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %104, %k.body ]
-  %46 = icmp slt i64 %k, 1024
-  br i1 %46, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %k.body ]
+  %56 = icmp slt i64 %k, 1024
+  br i1 %56, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %47 = mul nsw i64 %k, 16
-  %48 = add nsw i64 %panel.off, %47
-  %49 = mul nsw i64 %k, 64
-  %50 = getelementptr inbounds i8, ptr %pf, i64 %49
-  call void @llvm.prefetch.p0(ptr %50, i32 0, i32 2, i32 1)
-  %51 = getelementptr inbounds float, ptr %panels, i64 %48
-  %52 = load <8 x float>, ptr %51, align 4
-  %53 = add nsw i64 %48, 8
-  %54 = getelementptr inbounds float, ptr %panels, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  %56 = getelementptr inbounds float, ptr %10, i64 %k
-  %57 = load float, ptr %56, align 4
-  %58 = insertelement <8 x float> poison, float %57, i32 0
-  %59 = shufflevector <8 x float> %58, <8 x float> poison, <8 x i32> zeroinitializer
-  %60 = load <8 x float>, ptr %acc00, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %52, <8 x float> %60)
-  store <8 x float> %61, ptr %acc00, align 4
-  %62 = load <8 x float>, ptr %acc01, align 4
-  %63 = call <8 x float> @llvm.fma.v8f32(<8 x float> %59, <8 x float> %55, <8 x float> %62)
-  store <8 x float> %63, ptr %acc01, align 4
-  %64 = getelementptr inbounds float, ptr %16, i64 %k
-  %65 = load float, ptr %64, align 4
-  %66 = insertelement <8 x float> poison, float %65, i32 0
-  %67 = shufflevector <8 x float> %66, <8 x float> poison, <8 x i32> zeroinitializer
-  %68 = load <8 x float>, ptr %acc10, align 4
-  %69 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %52, <8 x float> %68)
-  store <8 x float> %69, ptr %acc10, align 4
-  %70 = load <8 x float>, ptr %acc11, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %67, <8 x float> %55, <8 x float> %70)
-  store <8 x float> %71, ptr %acc11, align 4
-  %72 = getelementptr inbounds float, ptr %22, i64 %k
-  %73 = load float, ptr %72, align 4
-  %74 = insertelement <8 x float> poison, float %73, i32 0
-  %75 = shufflevector <8 x float> %74, <8 x float> poison, <8 x i32> zeroinitializer
-  %76 = load <8 x float>, ptr %acc20, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %52, <8 x float> %76)
-  store <8 x float> %77, ptr %acc20, align 4
-  %78 = load <8 x float>, ptr %acc21, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %75, <8 x float> %55, <8 x float> %78)
-  store <8 x float> %79, ptr %acc21, align 4
-  %80 = getelementptr inbounds float, ptr %28, i64 %k
-  %81 = load float, ptr %80, align 4
-  %82 = insertelement <8 x float> poison, float %81, i32 0
-  %83 = shufflevector <8 x float> %82, <8 x float> poison, <8 x i32> zeroinitializer
-  %84 = load <8 x float>, ptr %acc30, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %52, <8 x float> %84)
-  store <8 x float> %85, ptr %acc30, align 4
-  %86 = load <8 x float>, ptr %acc31, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %83, <8 x float> %55, <8 x float> %86)
-  store <8 x float> %87, ptr %acc31, align 4
-  %88 = getelementptr inbounds float, ptr %34, i64 %k
-  %89 = load float, ptr %88, align 4
-  %90 = insertelement <8 x float> poison, float %89, i32 0
-  %91 = shufflevector <8 x float> %90, <8 x float> poison, <8 x i32> zeroinitializer
-  %92 = load <8 x float>, ptr %acc40, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %52, <8 x float> %92)
-  store <8 x float> %93, ptr %acc40, align 4
-  %94 = load <8 x float>, ptr %acc41, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %91, <8 x float> %55, <8 x float> %94)
-  store <8 x float> %95, ptr %acc41, align 4
-  %96 = getelementptr inbounds float, ptr %40, i64 %k
-  %97 = load float, ptr %96, align 4
-  %98 = insertelement <8 x float> poison, float %97, i32 0
-  %99 = shufflevector <8 x float> %98, <8 x float> poison, <8 x i32> zeroinitializer
-  %100 = load <8 x float>, ptr %acc50, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %52, <8 x float> %100)
-  store <8 x float> %101, ptr %acc50, align 4
-  %102 = load <8 x float>, ptr %acc51, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %99, <8 x float> %55, <8 x float> %102)
-  store <8 x float> %103, ptr %acc51, align 4
-  %104 = add nsw i64 %k, 1
+  %57 = mul nsw i64 %k, 16
+  %58 = add nsw i64 %panel.off, %57
+  %59 = mul nsw i64 %k, 64
+  %60 = lshr i64 %59, %pf.sh
+  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
+  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %62 = getelementptr inbounds float, ptr %panels, i64 %58
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = add nsw i64 %58, 8
+  %65 = getelementptr inbounds float, ptr %panels, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %67 = getelementptr inbounds float, ptr %18, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %63, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %66, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %24, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %63, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %66, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %30, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %63, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %66, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %36, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %63, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %66, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %42, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %63, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %66, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %48, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %63, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %66, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %105 = add nsw i64 %r0, 0
-  %106 = getelementptr inbounds float, ptr %rw, i64 %105
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = mul nsw i64 %105, 2816
-  %111 = getelementptr inbounds float, ptr %h, i64 %110
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 2816
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 8
-  %112 = load <8 x float>, ptr %acc00, align 4
-  %113 = load <8 x float>, ptr %acc01, align 4
-  %114 = fneg <8 x float> %112
-  %115 = fcmp olt <8 x float> %114, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %116 = select <8 x i1> %115, <8 x float> %114, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %117 = fcmp ogt <8 x float> %116, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %118 = select <8 x i1> %117, <8 x float> %116, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %120 = call <8 x float> @llvm.floor.v8f32(<8 x float> %119)
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %118)
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %121)
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %122, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %122, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %122, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %122, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %122, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %128 = fmul <8 x float> %122, %122
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %128, <8 x float> %122)
-  %130 = fadd <8 x float> %129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %131 = fptosi <8 x float> %120 to <8 x i32>
-  %132 = add <8 x i32> %131, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %133 = shl <8 x i32> %132, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %133 to <8 x float>
-  %exp = fmul <8 x float> %130, %exp.2n
-  %134 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %134
-  %silu = fmul <8 x float> %112, %sigmoid
-  %glu = fmul <8 x float> %silu, %113
-  %135 = fmul <8 x float> %glu, %109
-  %136 = getelementptr inbounds float, ptr %111, i64 %col
-  store <8 x float> %135, ptr %136, align 4
-  %137 = add nsw i64 %r0, 1
-  %138 = getelementptr inbounds float, ptr %rw, i64 %137
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <8 x float> poison, float %139, i32 0
-  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
-  %142 = mul nsw i64 %137, 2816
-  %143 = getelementptr inbounds float, ptr %h, i64 %142
-  %col1 = mul nsw i64 %p, 8
-  %144 = load <8 x float>, ptr %acc10, align 4
-  %145 = load <8 x float>, ptr %acc11, align 4
-  %146 = fneg <8 x float> %144
-  %147 = fcmp olt <8 x float> %146, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %148 = select <8 x i1> %147, <8 x float> %146, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %149 = fcmp ogt <8 x float> %148, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %150 = select <8 x i1> %149, <8 x float> %148, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %152 = call <8 x float> @llvm.floor.v8f32(<8 x float> %151)
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %150)
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %153)
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %154, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %155, <8 x float> %154, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %154, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %154, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %154, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %160 = fmul <8 x float> %154, %154
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %160, <8 x float> %154)
-  %162 = fadd <8 x float> %161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %163 = fptosi <8 x float> %152 to <8 x i32>
-  %164 = add <8 x i32> %163, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %165 = shl <8 x i32> %164, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n2 = bitcast <8 x i32> %165 to <8 x float>
-  %exp3 = fmul <8 x float> %162, %exp.2n2
-  %166 = fadd <8 x float> %exp3, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid4 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %166
-  %silu5 = fmul <8 x float> %144, %sigmoid4
-  %glu6 = fmul <8 x float> %silu5, %145
-  %167 = fmul <8 x float> %glu6, %141
-  %168 = getelementptr inbounds float, ptr %143, i64 %col1
-  store <8 x float> %167, ptr %168, align 4
-  %169 = add nsw i64 %r0, 2
-  %170 = getelementptr inbounds float, ptr %rw, i64 %169
-  %171 = load float, ptr %170, align 4
-  %172 = insertelement <8 x float> poison, float %171, i32 0
-  %173 = shufflevector <8 x float> %172, <8 x float> poison, <8 x i32> zeroinitializer
-  %174 = mul nsw i64 %169, 2816
-  %175 = getelementptr inbounds float, ptr %h, i64 %174
-  %col7 = mul nsw i64 %p, 8
-  %176 = load <8 x float>, ptr %acc20, align 4
-  %177 = load <8 x float>, ptr %acc21, align 4
-  %178 = fneg <8 x float> %176
-  %179 = fcmp olt <8 x float> %178, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %180 = select <8 x i1> %179, <8 x float> %178, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %181 = fcmp ogt <8 x float> %180, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %182 = select <8 x i1> %181, <8 x float> %180, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %182, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %184 = call <8 x float> @llvm.floor.v8f32(<8 x float> %183)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %182)
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %185)
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %186, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %186, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %186, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> %186, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %186, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %192 = fmul <8 x float> %186, %186
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> %192, <8 x float> %186)
-  %194 = fadd <8 x float> %193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %195 = fptosi <8 x float> %184 to <8 x i32>
-  %196 = add <8 x i32> %195, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %197 = shl <8 x i32> %196, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %197 to <8 x float>
-  %exp9 = fmul <8 x float> %194, %exp.2n8
-  %198 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %198
-  %silu11 = fmul <8 x float> %176, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %177
-  %199 = fmul <8 x float> %glu12, %173
-  %200 = getelementptr inbounds float, ptr %175, i64 %col7
-  store <8 x float> %199, ptr %200, align 4
-  %201 = add nsw i64 %r0, 3
-  %202 = getelementptr inbounds float, ptr %rw, i64 %201
-  %203 = load float, ptr %202, align 4
-  %204 = insertelement <8 x float> poison, float %203, i32 0
-  %205 = shufflevector <8 x float> %204, <8 x float> poison, <8 x i32> zeroinitializer
-  %206 = mul nsw i64 %201, 2816
-  %207 = getelementptr inbounds float, ptr %h, i64 %206
-  %col13 = mul nsw i64 %p, 8
-  %208 = load <8 x float>, ptr %acc30, align 4
-  %209 = load <8 x float>, ptr %acc31, align 4
-  %210 = fneg <8 x float> %208
-  %211 = fcmp olt <8 x float> %210, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %212 = select <8 x i1> %211, <8 x float> %210, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %213 = fcmp ogt <8 x float> %212, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %214 = select <8 x i1> %213, <8 x float> %212, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %216 = call <8 x float> @llvm.floor.v8f32(<8 x float> %215)
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %214)
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %217)
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %218, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %219, <8 x float> %218, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %220, <8 x float> %218, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %218, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %222, <8 x float> %218, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %224 = fmul <8 x float> %218, %218
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %224, <8 x float> %218)
-  %226 = fadd <8 x float> %225, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %227 = fptosi <8 x float> %216 to <8 x i32>
-  %228 = add <8 x i32> %227, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %229 = shl <8 x i32> %228, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n14 = bitcast <8 x i32> %229 to <8 x float>
-  %exp15 = fmul <8 x float> %226, %exp.2n14
-  %230 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %230
-  %silu17 = fmul <8 x float> %208, %sigmoid16
-  %glu18 = fmul <8 x float> %silu17, %209
-  %231 = fmul <8 x float> %glu18, %205
-  %232 = getelementptr inbounds float, ptr %207, i64 %col13
-  store <8 x float> %231, ptr %232, align 4
-  %233 = add nsw i64 %r0, 4
-  %234 = getelementptr inbounds float, ptr %rw, i64 %233
-  %235 = load float, ptr %234, align 4
-  %236 = insertelement <8 x float> poison, float %235, i32 0
-  %237 = shufflevector <8 x float> %236, <8 x float> poison, <8 x i32> zeroinitializer
-  %238 = mul nsw i64 %233, 2816
-  %239 = getelementptr inbounds float, ptr %h, i64 %238
-  %col19 = mul nsw i64 %p, 8
-  %240 = load <8 x float>, ptr %acc40, align 4
-  %241 = load <8 x float>, ptr %acc41, align 4
-  %242 = fneg <8 x float> %240
-  %243 = fcmp olt <8 x float> %242, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %244 = select <8 x i1> %243, <8 x float> %242, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %245 = fcmp ogt <8 x float> %244, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %246 = select <8 x i1> %245, <8 x float> %244, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %248 = call <8 x float> @llvm.floor.v8f32(<8 x float> %247)
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %246)
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %249)
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %250, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %250, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %250, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %250, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %256 = fmul <8 x float> %250, %250
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %256, <8 x float> %250)
-  %258 = fadd <8 x float> %257, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %259 = fptosi <8 x float> %248 to <8 x i32>
-  %260 = add <8 x i32> %259, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %261 = shl <8 x i32> %260, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n20 = bitcast <8 x i32> %261 to <8 x float>
-  %exp21 = fmul <8 x float> %258, %exp.2n20
-  %262 = fadd <8 x float> %exp21, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid22 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %262
-  %silu23 = fmul <8 x float> %240, %sigmoid22
-  %glu24 = fmul <8 x float> %silu23, %241
-  %263 = fmul <8 x float> %glu24, %237
-  %264 = getelementptr inbounds float, ptr %239, i64 %col19
-  store <8 x float> %263, ptr %264, align 4
-  %265 = add nsw i64 %r0, 5
-  %266 = getelementptr inbounds float, ptr %rw, i64 %265
-  %267 = load float, ptr %266, align 4
-  %268 = insertelement <8 x float> poison, float %267, i32 0
-  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
-  %270 = mul nsw i64 %265, 2816
-  %271 = getelementptr inbounds float, ptr %h, i64 %270
-  %col25 = mul nsw i64 %p, 8
-  %272 = load <8 x float>, ptr %acc50, align 4
-  %273 = load <8 x float>, ptr %acc51, align 4
-  %274 = fneg <8 x float> %272
-  %275 = fcmp olt <8 x float> %274, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %276 = select <8 x i1> %275, <8 x float> %274, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %277 = fcmp ogt <8 x float> %276, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %278 = select <8 x i1> %277, <8 x float> %276, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %280 = call <8 x float> @llvm.floor.v8f32(<8 x float> %279)
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %278)
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %281)
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %282, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %282, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %282, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> %282, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %282, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %288 = fmul <8 x float> %282, %282
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %288, <8 x float> %282)
-  %290 = fadd <8 x float> %289, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %291 = fptosi <8 x float> %280 to <8 x i32>
-  %292 = add <8 x i32> %291, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %293 = shl <8 x i32> %292, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n26 = bitcast <8 x i32> %293 to <8 x float>
-  %exp27 = fmul <8 x float> %290, %exp.2n26
-  %294 = fadd <8 x float> %exp27, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid28 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %294
-  %silu29 = fmul <8 x float> %272, %sigmoid28
-  %glu30 = fmul <8 x float> %silu29, %273
-  %295 = fmul <8 x float> %glu30, %269
-  %296 = getelementptr inbounds float, ptr %271, i64 %col25
-  store <8 x float> %295, ptr %296, align 4
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = fneg <8 x float> %123
+  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %131 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %132)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %133, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %133, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %133, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %133, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %133, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %139 = fmul <8 x float> %133, %133
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %139, <8 x float> %133)
+  %141 = fadd <8 x float> %140, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %142 = fptosi <8 x float> %131 to <8 x i32>
+  %143 = add <8 x i32> %142, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %144 = shl <8 x i32> %143, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %144 to <8 x float>
+  %exp = fmul <8 x float> %141, %exp.2n
+  %145 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %145
+  %silu = fmul <8 x float> %123, %sigmoid
+  %glu = fmul <8 x float> %silu, %124
+  %146 = fmul <8 x float> %glu, %120
+  %147 = getelementptr inbounds float, ptr %122, i64 %col
+  store <8 x float> %146, ptr %147, align 4
+  %148 = add nsw i64 %r0, 1
+  %149 = getelementptr inbounds float, ptr %rw, i64 %148
+  %150 = load float, ptr %149, align 4
+  %151 = insertelement <8 x float> poison, float %150, i32 0
+  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
+  %153 = mul nsw i64 %148, 2816
+  %154 = getelementptr inbounds float, ptr %h, i64 %153
+  %col2 = mul nsw i64 %p, 8
+  %155 = load <8 x float>, ptr %acc10, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  %157 = fneg <8 x float> %155
+  %158 = fcmp olt <8 x float> %157, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %159 = select <8 x i1> %158, <8 x float> %157, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %160 = fcmp ogt <8 x float> %159, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %162)
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %161)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %164)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %165, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %165, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %165, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %165, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %165, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %171 = fmul <8 x float> %165, %165
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %171, <8 x float> %165)
+  %173 = fadd <8 x float> %172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %174 = fptosi <8 x float> %163 to <8 x i32>
+  %175 = add <8 x i32> %174, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %176 = shl <8 x i32> %175, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %176 to <8 x float>
+  %exp4 = fmul <8 x float> %173, %exp.2n3
+  %177 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %177
+  %silu6 = fmul <8 x float> %155, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %156
+  %178 = fmul <8 x float> %glu7, %152
+  %179 = getelementptr inbounds float, ptr %154, i64 %col2
+  store <8 x float> %178, ptr %179, align 4
+  %180 = add nsw i64 %r0, 2
+  %181 = getelementptr inbounds float, ptr %rw, i64 %180
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = mul nsw i64 %180, 2816
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %col8 = mul nsw i64 %p, 8
+  %187 = load <8 x float>, ptr %acc20, align 4
+  %188 = load <8 x float>, ptr %acc21, align 4
+  %189 = fneg <8 x float> %187
+  %190 = fcmp olt <8 x float> %189, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %192 = fcmp ogt <8 x float> %191, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %195 = call <8 x float> @llvm.floor.v8f32(<8 x float> %194)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %193)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %196)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %197, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %197, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %197, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %197, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %203 = fmul <8 x float> %197, %197
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %203, <8 x float> %197)
+  %205 = fadd <8 x float> %204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %206 = fptosi <8 x float> %195 to <8 x i32>
+  %207 = add <8 x i32> %206, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %208 = shl <8 x i32> %207, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %208 to <8 x float>
+  %exp10 = fmul <8 x float> %205, %exp.2n9
+  %209 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %209
+  %silu12 = fmul <8 x float> %187, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %188
+  %210 = fmul <8 x float> %glu13, %184
+  %211 = getelementptr inbounds float, ptr %186, i64 %col8
+  store <8 x float> %210, ptr %211, align 4
+  %212 = add nsw i64 %r0, 3
+  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = mul nsw i64 %212, 2816
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
+  %col14 = mul nsw i64 %p, 8
+  %219 = load <8 x float>, ptr %acc30, align 4
+  %220 = load <8 x float>, ptr %acc31, align 4
+  %221 = fneg <8 x float> %219
+  %222 = fcmp olt <8 x float> %221, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = select <8 x i1> %222, <8 x float> %221, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %224 = fcmp ogt <8 x float> %223, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %227 = call <8 x float> @llvm.floor.v8f32(<8 x float> %226)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %225)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %228)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %229, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %229, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %229, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %229, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %229, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %235 = fmul <8 x float> %229, %229
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %235, <8 x float> %229)
+  %237 = fadd <8 x float> %236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %238 = fptosi <8 x float> %227 to <8 x i32>
+  %239 = add <8 x i32> %238, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %240 = shl <8 x i32> %239, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %240 to <8 x float>
+  %exp16 = fmul <8 x float> %237, %exp.2n15
+  %241 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %241
+  %silu18 = fmul <8 x float> %219, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %220
+  %242 = fmul <8 x float> %glu19, %216
+  %243 = getelementptr inbounds float, ptr %218, i64 %col14
+  store <8 x float> %242, ptr %243, align 4
+  %244 = add nsw i64 %r0, 4
+  %245 = getelementptr inbounds float, ptr %rw, i64 %244
+  %246 = load float, ptr %245, align 4
+  %247 = insertelement <8 x float> poison, float %246, i32 0
+  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
+  %249 = mul nsw i64 %244, 2816
+  %250 = getelementptr inbounds float, ptr %h, i64 %249
+  %col20 = mul nsw i64 %p, 8
+  %251 = load <8 x float>, ptr %acc40, align 4
+  %252 = load <8 x float>, ptr %acc41, align 4
+  %253 = fneg <8 x float> %251
+  %254 = fcmp olt <8 x float> %253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %255 = select <8 x i1> %254, <8 x float> %253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %256 = fcmp ogt <8 x float> %255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %258)
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %257)
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %260)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %267 = fmul <8 x float> %261, %261
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %267, <8 x float> %261)
+  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %270 = fptosi <8 x float> %259 to <8 x i32>
+  %271 = add <8 x i32> %270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %272 = shl <8 x i32> %271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %272 to <8 x float>
+  %exp22 = fmul <8 x float> %269, %exp.2n21
+  %273 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %273
+  %silu24 = fmul <8 x float> %251, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %252
+  %274 = fmul <8 x float> %glu25, %248
+  %275 = getelementptr inbounds float, ptr %250, i64 %col20
+  store <8 x float> %274, ptr %275, align 4
+  %276 = add nsw i64 %r0, 5
+  %277 = getelementptr inbounds float, ptr %rw, i64 %276
+  %278 = load float, ptr %277, align 4
+  %279 = insertelement <8 x float> poison, float %278, i32 0
+  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
+  %281 = mul nsw i64 %276, 2816
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %col26 = mul nsw i64 %p, 8
+  %283 = load <8 x float>, ptr %acc50, align 4
+  %284 = load <8 x float>, ptr %acc51, align 4
+  %285 = fneg <8 x float> %283
+  %286 = fcmp olt <8 x float> %285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %287 = select <8 x i1> %286, <8 x float> %285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %288 = fcmp ogt <8 x float> %287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %290)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %289)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %292)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %299 = fmul <8 x float> %293, %293
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %299, <8 x float> %293)
+  %301 = fadd <8 x float> %300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %302 = fptosi <8 x float> %291 to <8 x i32>
+  %303 = add <8 x i32> %302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %304 = shl <8 x i32> %303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %304 to <8 x float>
+  %exp28 = fmul <8 x float> %301, %exp.2n27
+  %305 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %305
+  %silu30 = fmul <8 x float> %283, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %284
+  %306 = fmul <8 x float> %glu31, %280
+  %307 = getelementptr inbounds float, ptr %282, i64 %col26
+  store <8 x float> %306, ptr %307, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %297 = add nsw i64 %r0, 0
-  %298 = getelementptr inbounds i32, ptr %rows, i64 %297
-  %299 = load i32, ptr %298, align 4
-  %300 = sext i32 %299 to i64
-  %301 = mul nsw i64 %300, 1024
-  %302 = getelementptr inbounds float, ptr %x, i64 %301
-  store <8 x float> zeroinitializer, ptr %acc0031, align 4
-  store <8 x float> zeroinitializer, ptr %acc0132, align 4
-  %303 = add nsw i64 %r0, 1
-  %304 = getelementptr inbounds i32, ptr %rows, i64 %303
-  %305 = load i32, ptr %304, align 4
-  %306 = sext i32 %305 to i64
-  %307 = mul nsw i64 %306, 1024
-  %308 = getelementptr inbounds float, ptr %x, i64 %307
-  store <8 x float> zeroinitializer, ptr %acc1033, align 4
-  store <8 x float> zeroinitializer, ptr %acc1134, align 4
-  %309 = add nsw i64 %r0, 2
-  %310 = getelementptr inbounds i32, ptr %rows, i64 %309
-  %311 = load i32, ptr %310, align 4
-  %312 = sext i32 %311 to i64
-  %313 = mul nsw i64 %312, 1024
-  %314 = getelementptr inbounds float, ptr %x, i64 %313
-  store <8 x float> zeroinitializer, ptr %acc2035, align 4
-  store <8 x float> zeroinitializer, ptr %acc2136, align 4
-  %315 = add nsw i64 %r0, 3
-  %316 = getelementptr inbounds i32, ptr %rows, i64 %315
-  %317 = load i32, ptr %316, align 4
-  %318 = sext i32 %317 to i64
-  %319 = mul nsw i64 %318, 1024
-  %320 = getelementptr inbounds float, ptr %x, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc3037, align 4
-  store <8 x float> zeroinitializer, ptr %acc3138, align 4
-  %321 = add nsw i64 %r0, 4
-  %322 = getelementptr inbounds i32, ptr %rows, i64 %321
-  %323 = load i32, ptr %322, align 4
-  %324 = sext i32 %323 to i64
-  %325 = mul nsw i64 %324, 1024
-  %326 = getelementptr inbounds float, ptr %x, i64 %325
-  store <8 x float> zeroinitializer, ptr %acc4039, align 4
-  store <8 x float> zeroinitializer, ptr %acc4140, align 4
-  %panel.off41 = mul nsw i64 %p, 16384
-  %327 = getelementptr inbounds float, ptr %panels, i64 %panel.off41
-  %328 = add nsw i64 %p, 1
-  %329 = icmp slt i64 %328, %p1
-  %330 = getelementptr inbounds i8, ptr %327, i64 65536
-  %331 = and i1 %pf.on, %329
-  %pf42 = select i1 %331, ptr %330, ptr %327
-  br label %k.head43
+  %308 = add nsw i64 %r0, 0
+  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
+  %310 = load i32, ptr %309, align 4
+  %311 = sext i32 %310 to i64
+  %312 = mul nsw i64 %311, 1024
+  %313 = getelementptr inbounds float, ptr %x, i64 %312
+  store <8 x float> zeroinitializer, ptr %acc0032, align 4
+  store <8 x float> zeroinitializer, ptr %acc0133, align 4
+  %314 = add nsw i64 %r0, 1
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 1024
+  %319 = getelementptr inbounds float, ptr %x, i64 %318
+  store <8 x float> zeroinitializer, ptr %acc1034, align 4
+  store <8 x float> zeroinitializer, ptr %acc1135, align 4
+  %320 = add nsw i64 %r0, 2
+  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
+  %322 = load i32, ptr %321, align 4
+  %323 = sext i32 %322 to i64
+  %324 = mul nsw i64 %323, 1024
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
+  store <8 x float> zeroinitializer, ptr %acc2036, align 4
+  store <8 x float> zeroinitializer, ptr %acc2137, align 4
+  %326 = add nsw i64 %r0, 3
+  %327 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %328 = load i32, ptr %327, align 4
+  %329 = sext i32 %328 to i64
+  %330 = mul nsw i64 %329, 1024
+  %331 = getelementptr inbounds float, ptr %x, i64 %330
+  store <8 x float> zeroinitializer, ptr %acc3038, align 4
+  store <8 x float> zeroinitializer, ptr %acc3139, align 4
+  %332 = add nsw i64 %r0, 4
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 1024
+  %337 = getelementptr inbounds float, ptr %x, i64 %336
+  store <8 x float> zeroinitializer, ptr %acc4040, align 4
+  store <8 x float> zeroinitializer, ptr %acc4141, align 4
+  %panel.off42 = mul nsw i64 %p, 16384
+  %338 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
+  %339 = add nsw i64 %p, 1
+  %340 = icmp slt i64 %339, %p1
+  %pf.on43 = and i1 %pf.on, %340
+  %341 = mul nsw i64 %pf.j, 65536
+  %342 = lshr i64 %341, %9
+  %343 = add nsw i64 65536, %342
+  %344 = getelementptr inbounds i8, ptr %338, i64 %343
+  %pf44 = select i1 %pf.on43, ptr %344, ptr %338
+  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  br label %k.head46
 
-k.head43:                                         ; preds = %k.body44, %tile.mr5
-  %k46 = phi i64 [ 0, %tile.mr5 ], [ %382, %k.body44 ]
-  %332 = icmp slt i64 %k46, 1024
-  br i1 %332, label %k.body44, label %k.end45
+k.head46:                                         ; preds = %k.body47, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %396, %k.body47 ]
+  %345 = icmp slt i64 %k49, 1024
+  br i1 %345, label %k.body47, label %k.end48
 
-k.body44:                                         ; preds = %k.head43
-  %333 = mul nsw i64 %k46, 16
-  %334 = add nsw i64 %panel.off41, %333
-  %335 = mul nsw i64 %k46, 64
-  %336 = getelementptr inbounds i8, ptr %pf42, i64 %335
-  call void @llvm.prefetch.p0(ptr %336, i32 0, i32 2, i32 1)
-  %337 = getelementptr inbounds float, ptr %panels, i64 %334
-  %338 = load <8 x float>, ptr %337, align 4
-  %339 = add nsw i64 %334, 8
-  %340 = getelementptr inbounds float, ptr %panels, i64 %339
-  %341 = load <8 x float>, ptr %340, align 4
-  %342 = getelementptr inbounds float, ptr %302, i64 %k46
-  %343 = load float, ptr %342, align 4
-  %344 = insertelement <8 x float> poison, float %343, i32 0
-  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
-  %346 = load <8 x float>, ptr %acc0031, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %338, <8 x float> %346)
-  store <8 x float> %347, ptr %acc0031, align 4
-  %348 = load <8 x float>, ptr %acc0132, align 4
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %345, <8 x float> %341, <8 x float> %348)
-  store <8 x float> %349, ptr %acc0132, align 4
-  %350 = getelementptr inbounds float, ptr %308, i64 %k46
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = load <8 x float>, ptr %acc1033, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %338, <8 x float> %354)
-  store <8 x float> %355, ptr %acc1033, align 4
-  %356 = load <8 x float>, ptr %acc1134, align 4
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %341, <8 x float> %356)
-  store <8 x float> %357, ptr %acc1134, align 4
-  %358 = getelementptr inbounds float, ptr %314, i64 %k46
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc2035, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %338, <8 x float> %362)
-  store <8 x float> %363, ptr %acc2035, align 4
-  %364 = load <8 x float>, ptr %acc2136, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %341, <8 x float> %364)
-  store <8 x float> %365, ptr %acc2136, align 4
-  %366 = getelementptr inbounds float, ptr %320, i64 %k46
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = load <8 x float>, ptr %acc3037, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %338, <8 x float> %370)
-  store <8 x float> %371, ptr %acc3037, align 4
-  %372 = load <8 x float>, ptr %acc3138, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %341, <8 x float> %372)
-  store <8 x float> %373, ptr %acc3138, align 4
-  %374 = getelementptr inbounds float, ptr %326, i64 %k46
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc4039, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %338, <8 x float> %378)
-  store <8 x float> %379, ptr %acc4039, align 4
-  %380 = load <8 x float>, ptr %acc4140, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %341, <8 x float> %380)
-  store <8 x float> %381, ptr %acc4140, align 4
-  %382 = add nsw i64 %k46, 1
-  br label %k.head43
+k.body47:                                         ; preds = %k.head46
+  %346 = mul nsw i64 %k49, 16
+  %347 = add nsw i64 %panel.off42, %346
+  %348 = mul nsw i64 %k49, 64
+  %349 = lshr i64 %348, %pf.sh45
+  %350 = getelementptr inbounds i8, ptr %pf44, i64 %349
+  call void @llvm.prefetch.p0(ptr %350, i32 0, i32 2, i32 1)
+  %351 = getelementptr inbounds float, ptr %panels, i64 %347
+  %352 = load <8 x float>, ptr %351, align 4
+  %353 = add nsw i64 %347, 8
+  %354 = getelementptr inbounds float, ptr %panels, i64 %353
+  %355 = load <8 x float>, ptr %354, align 4
+  %356 = getelementptr inbounds float, ptr %313, i64 %k49
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = load <8 x float>, ptr %acc0032, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %352, <8 x float> %360)
+  store <8 x float> %361, ptr %acc0032, align 4
+  %362 = load <8 x float>, ptr %acc0133, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %355, <8 x float> %362)
+  store <8 x float> %363, ptr %acc0133, align 4
+  %364 = getelementptr inbounds float, ptr %319, i64 %k49
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
+  %368 = load <8 x float>, ptr %acc1034, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %352, <8 x float> %368)
+  store <8 x float> %369, ptr %acc1034, align 4
+  %370 = load <8 x float>, ptr %acc1135, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %355, <8 x float> %370)
+  store <8 x float> %371, ptr %acc1135, align 4
+  %372 = getelementptr inbounds float, ptr %325, i64 %k49
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = load <8 x float>, ptr %acc2036, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %352, <8 x float> %376)
+  store <8 x float> %377, ptr %acc2036, align 4
+  %378 = load <8 x float>, ptr %acc2137, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %355, <8 x float> %378)
+  store <8 x float> %379, ptr %acc2137, align 4
+  %380 = getelementptr inbounds float, ptr %331, i64 %k49
+  %381 = load float, ptr %380, align 4
+  %382 = insertelement <8 x float> poison, float %381, i32 0
+  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
+  %384 = load <8 x float>, ptr %acc3038, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %352, <8 x float> %384)
+  store <8 x float> %385, ptr %acc3038, align 4
+  %386 = load <8 x float>, ptr %acc3139, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %355, <8 x float> %386)
+  store <8 x float> %387, ptr %acc3139, align 4
+  %388 = getelementptr inbounds float, ptr %337, i64 %k49
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = load <8 x float>, ptr %acc4040, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %352, <8 x float> %392)
+  store <8 x float> %393, ptr %acc4040, align 4
+  %394 = load <8 x float>, ptr %acc4141, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %355, <8 x float> %394)
+  store <8 x float> %395, ptr %acc4141, align 4
+  %396 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end45:                                          ; preds = %k.head43
-  %383 = add nsw i64 %r0, 0
-  %384 = getelementptr inbounds float, ptr %rw, i64 %383
-  %385 = load float, ptr %384, align 4
-  %386 = insertelement <8 x float> poison, float %385, i32 0
-  %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
-  %388 = mul nsw i64 %383, 2816
-  %389 = getelementptr inbounds float, ptr %h, i64 %388
-  %col47 = mul nsw i64 %p, 8
-  %390 = load <8 x float>, ptr %acc0031, align 4
-  %391 = load <8 x float>, ptr %acc0132, align 4
-  %392 = fneg <8 x float> %390
-  %393 = fcmp olt <8 x float> %392, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %395 = fcmp ogt <8 x float> %394, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %396 = select <8 x i1> %395, <8 x float> %394, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %398 = call <8 x float> @llvm.floor.v8f32(<8 x float> %397)
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %396)
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %399)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %400, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %400, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %400, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %400, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %400, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %406 = fmul <8 x float> %400, %400
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %406, <8 x float> %400)
-  %408 = fadd <8 x float> %407, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %409 = fptosi <8 x float> %398 to <8 x i32>
-  %410 = add <8 x i32> %409, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %411 = shl <8 x i32> %410, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n48 = bitcast <8 x i32> %411 to <8 x float>
-  %exp49 = fmul <8 x float> %408, %exp.2n48
-  %412 = fadd <8 x float> %exp49, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid50 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %412
-  %silu51 = fmul <8 x float> %390, %sigmoid50
-  %glu52 = fmul <8 x float> %silu51, %391
-  %413 = fmul <8 x float> %glu52, %387
-  %414 = getelementptr inbounds float, ptr %389, i64 %col47
-  store <8 x float> %413, ptr %414, align 4
-  %415 = add nsw i64 %r0, 1
-  %416 = getelementptr inbounds float, ptr %rw, i64 %415
-  %417 = load float, ptr %416, align 4
-  %418 = insertelement <8 x float> poison, float %417, i32 0
-  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
-  %420 = mul nsw i64 %415, 2816
-  %421 = getelementptr inbounds float, ptr %h, i64 %420
-  %col53 = mul nsw i64 %p, 8
-  %422 = load <8 x float>, ptr %acc1033, align 4
-  %423 = load <8 x float>, ptr %acc1134, align 4
-  %424 = fneg <8 x float> %422
-  %425 = fcmp olt <8 x float> %424, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %427 = fcmp ogt <8 x float> %426, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %428 = select <8 x i1> %427, <8 x float> %426, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %430 = call <8 x float> @llvm.floor.v8f32(<8 x float> %429)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %428)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %431)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %432, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %432, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %432, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %432, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %432, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %438 = fmul <8 x float> %432, %432
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %438, <8 x float> %432)
-  %440 = fadd <8 x float> %439, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %441 = fptosi <8 x float> %430 to <8 x i32>
-  %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n54 = bitcast <8 x i32> %443 to <8 x float>
-  %exp55 = fmul <8 x float> %440, %exp.2n54
-  %444 = fadd <8 x float> %exp55, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid56 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
-  %silu57 = fmul <8 x float> %422, %sigmoid56
-  %glu58 = fmul <8 x float> %silu57, %423
-  %445 = fmul <8 x float> %glu58, %419
-  %446 = getelementptr inbounds float, ptr %421, i64 %col53
-  store <8 x float> %445, ptr %446, align 4
-  %447 = add nsw i64 %r0, 2
-  %448 = getelementptr inbounds float, ptr %rw, i64 %447
-  %449 = load float, ptr %448, align 4
-  %450 = insertelement <8 x float> poison, float %449, i32 0
-  %451 = shufflevector <8 x float> %450, <8 x float> poison, <8 x i32> zeroinitializer
-  %452 = mul nsw i64 %447, 2816
-  %453 = getelementptr inbounds float, ptr %h, i64 %452
-  %col59 = mul nsw i64 %p, 8
-  %454 = load <8 x float>, ptr %acc2035, align 4
-  %455 = load <8 x float>, ptr %acc2136, align 4
-  %456 = fneg <8 x float> %454
-  %457 = fcmp olt <8 x float> %456, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %459 = fcmp ogt <8 x float> %458, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %462 = call <8 x float> @llvm.floor.v8f32(<8 x float> %461)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %460)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %463)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %464, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %464, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %464, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %464, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %464, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %470 = fmul <8 x float> %464, %464
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %464)
-  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %473 = fptosi <8 x float> %462 to <8 x i32>
-  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n60 = bitcast <8 x i32> %475 to <8 x float>
-  %exp61 = fmul <8 x float> %472, %exp.2n60
-  %476 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
-  %silu63 = fmul <8 x float> %454, %sigmoid62
-  %glu64 = fmul <8 x float> %silu63, %455
-  %477 = fmul <8 x float> %glu64, %451
-  %478 = getelementptr inbounds float, ptr %453, i64 %col59
-  store <8 x float> %477, ptr %478, align 4
-  %479 = add nsw i64 %r0, 3
-  %480 = getelementptr inbounds float, ptr %rw, i64 %479
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = mul nsw i64 %479, 2816
-  %485 = getelementptr inbounds float, ptr %h, i64 %484
-  %col65 = mul nsw i64 %p, 8
-  %486 = load <8 x float>, ptr %acc3037, align 4
-  %487 = load <8 x float>, ptr %acc3138, align 4
-  %488 = fneg <8 x float> %486
-  %489 = fcmp olt <8 x float> %488, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %491 = fcmp ogt <8 x float> %490, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %492 = select <8 x i1> %491, <8 x float> %490, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %494 = call <8 x float> @llvm.floor.v8f32(<8 x float> %493)
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %492)
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %495)
-  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %496, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %496, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %496, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %496, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %500, <8 x float> %496, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %502 = fmul <8 x float> %496, %496
-  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> %502, <8 x float> %496)
-  %504 = fadd <8 x float> %503, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %505 = fptosi <8 x float> %494 to <8 x i32>
-  %506 = add <8 x i32> %505, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %507 = shl <8 x i32> %506, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n66 = bitcast <8 x i32> %507 to <8 x float>
-  %exp67 = fmul <8 x float> %504, %exp.2n66
-  %508 = fadd <8 x float> %exp67, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid68 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %508
-  %silu69 = fmul <8 x float> %486, %sigmoid68
-  %glu70 = fmul <8 x float> %silu69, %487
-  %509 = fmul <8 x float> %glu70, %483
-  %510 = getelementptr inbounds float, ptr %485, i64 %col65
-  store <8 x float> %509, ptr %510, align 4
-  %511 = add nsw i64 %r0, 4
-  %512 = getelementptr inbounds float, ptr %rw, i64 %511
-  %513 = load float, ptr %512, align 4
-  %514 = insertelement <8 x float> poison, float %513, i32 0
-  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
-  %516 = mul nsw i64 %511, 2816
-  %517 = getelementptr inbounds float, ptr %h, i64 %516
-  %col71 = mul nsw i64 %p, 8
-  %518 = load <8 x float>, ptr %acc4039, align 4
-  %519 = load <8 x float>, ptr %acc4140, align 4
-  %520 = fneg <8 x float> %518
-  %521 = fcmp olt <8 x float> %520, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %523 = fcmp ogt <8 x float> %522, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %524 = select <8 x i1> %523, <8 x float> %522, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %526 = call <8 x float> @llvm.floor.v8f32(<8 x float> %525)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %524)
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %527)
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %528, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %528, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %528, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %528, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %534 = fmul <8 x float> %528, %528
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %534, <8 x float> %528)
-  %536 = fadd <8 x float> %535, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %537 = fptosi <8 x float> %526 to <8 x i32>
-  %538 = add <8 x i32> %537, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %539 = shl <8 x i32> %538, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n72 = bitcast <8 x i32> %539 to <8 x float>
-  %exp73 = fmul <8 x float> %536, %exp.2n72
-  %540 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %540
-  %silu75 = fmul <8 x float> %518, %sigmoid74
-  %glu76 = fmul <8 x float> %silu75, %519
-  %541 = fmul <8 x float> %glu76, %515
-  %542 = getelementptr inbounds float, ptr %517, i64 %col71
-  store <8 x float> %541, ptr %542, align 4
+k.end48:                                          ; preds = %k.head46
+  %397 = add nsw i64 %r0, 0
+  %398 = getelementptr inbounds float, ptr %rw, i64 %397
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = mul nsw i64 %397, 2816
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %col50 = mul nsw i64 %p, 8
+  %404 = load <8 x float>, ptr %acc0032, align 4
+  %405 = load <8 x float>, ptr %acc0133, align 4
+  %406 = fneg <8 x float> %404
+  %407 = fcmp olt <8 x float> %406, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %409 = fcmp ogt <8 x float> %408, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %412 = call <8 x float> @llvm.floor.v8f32(<8 x float> %411)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %410)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %413)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %414, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %414, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %414, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %414, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %420 = fmul <8 x float> %414, %414
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %420, <8 x float> %414)
+  %422 = fadd <8 x float> %421, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %423 = fptosi <8 x float> %412 to <8 x i32>
+  %424 = add <8 x i32> %423, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %425 = shl <8 x i32> %424, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n51 = bitcast <8 x i32> %425 to <8 x float>
+  %exp52 = fmul <8 x float> %422, %exp.2n51
+  %426 = fadd <8 x float> %exp52, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid53 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
+  %silu54 = fmul <8 x float> %404, %sigmoid53
+  %glu55 = fmul <8 x float> %silu54, %405
+  %427 = fmul <8 x float> %glu55, %401
+  %428 = getelementptr inbounds float, ptr %403, i64 %col50
+  store <8 x float> %427, ptr %428, align 4
+  %429 = add nsw i64 %r0, 1
+  %430 = getelementptr inbounds float, ptr %rw, i64 %429
+  %431 = load float, ptr %430, align 4
+  %432 = insertelement <8 x float> poison, float %431, i32 0
+  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
+  %434 = mul nsw i64 %429, 2816
+  %435 = getelementptr inbounds float, ptr %h, i64 %434
+  %col56 = mul nsw i64 %p, 8
+  %436 = load <8 x float>, ptr %acc1034, align 4
+  %437 = load <8 x float>, ptr %acc1135, align 4
+  %438 = fneg <8 x float> %436
+  %439 = fcmp olt <8 x float> %438, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %441 = fcmp ogt <8 x float> %440, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %444 = call <8 x float> @llvm.floor.v8f32(<8 x float> %443)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %442)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %445)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %446, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %446, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %446, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %446, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %446, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %452 = fmul <8 x float> %446, %446
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %452, <8 x float> %446)
+  %454 = fadd <8 x float> %453, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %455 = fptosi <8 x float> %444 to <8 x i32>
+  %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n57 = bitcast <8 x i32> %457 to <8 x float>
+  %exp58 = fmul <8 x float> %454, %exp.2n57
+  %458 = fadd <8 x float> %exp58, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid59 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
+  %silu60 = fmul <8 x float> %436, %sigmoid59
+  %glu61 = fmul <8 x float> %silu60, %437
+  %459 = fmul <8 x float> %glu61, %433
+  %460 = getelementptr inbounds float, ptr %435, i64 %col56
+  store <8 x float> %459, ptr %460, align 4
+  %461 = add nsw i64 %r0, 2
+  %462 = getelementptr inbounds float, ptr %rw, i64 %461
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <8 x float> poison, float %463, i32 0
+  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
+  %466 = mul nsw i64 %461, 2816
+  %467 = getelementptr inbounds float, ptr %h, i64 %466
+  %col62 = mul nsw i64 %p, 8
+  %468 = load <8 x float>, ptr %acc2036, align 4
+  %469 = load <8 x float>, ptr %acc2137, align 4
+  %470 = fneg <8 x float> %468
+  %471 = fcmp olt <8 x float> %470, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %473 = fcmp ogt <8 x float> %472, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %476 = call <8 x float> @llvm.floor.v8f32(<8 x float> %475)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %474)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %477)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %478, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %478, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %478, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %478, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %478, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %484 = fmul <8 x float> %478, %478
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %484, <8 x float> %478)
+  %486 = fadd <8 x float> %485, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %487 = fptosi <8 x float> %476 to <8 x i32>
+  %488 = add <8 x i32> %487, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %489 = shl <8 x i32> %488, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n63 = bitcast <8 x i32> %489 to <8 x float>
+  %exp64 = fmul <8 x float> %486, %exp.2n63
+  %490 = fadd <8 x float> %exp64, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid65 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
+  %silu66 = fmul <8 x float> %468, %sigmoid65
+  %glu67 = fmul <8 x float> %silu66, %469
+  %491 = fmul <8 x float> %glu67, %465
+  %492 = getelementptr inbounds float, ptr %467, i64 %col62
+  store <8 x float> %491, ptr %492, align 4
+  %493 = add nsw i64 %r0, 3
+  %494 = getelementptr inbounds float, ptr %rw, i64 %493
+  %495 = load float, ptr %494, align 4
+  %496 = insertelement <8 x float> poison, float %495, i32 0
+  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
+  %498 = mul nsw i64 %493, 2816
+  %499 = getelementptr inbounds float, ptr %h, i64 %498
+  %col68 = mul nsw i64 %p, 8
+  %500 = load <8 x float>, ptr %acc3038, align 4
+  %501 = load <8 x float>, ptr %acc3139, align 4
+  %502 = fneg <8 x float> %500
+  %503 = fcmp olt <8 x float> %502, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %505 = fcmp ogt <8 x float> %504, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %508 = call <8 x float> @llvm.floor.v8f32(<8 x float> %507)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %506)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %509)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %510, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %510, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %510, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %510, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %510, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %516 = fmul <8 x float> %510, %510
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %516, <8 x float> %510)
+  %518 = fadd <8 x float> %517, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %519 = fptosi <8 x float> %508 to <8 x i32>
+  %520 = add <8 x i32> %519, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %521 = shl <8 x i32> %520, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n69 = bitcast <8 x i32> %521 to <8 x float>
+  %exp70 = fmul <8 x float> %518, %exp.2n69
+  %522 = fadd <8 x float> %exp70, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid71 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
+  %silu72 = fmul <8 x float> %500, %sigmoid71
+  %glu73 = fmul <8 x float> %silu72, %501
+  %523 = fmul <8 x float> %glu73, %497
+  %524 = getelementptr inbounds float, ptr %499, i64 %col68
+  store <8 x float> %523, ptr %524, align 4
+  %525 = add nsw i64 %r0, 4
+  %526 = getelementptr inbounds float, ptr %rw, i64 %525
+  %527 = load float, ptr %526, align 4
+  %528 = insertelement <8 x float> poison, float %527, i32 0
+  %529 = shufflevector <8 x float> %528, <8 x float> poison, <8 x i32> zeroinitializer
+  %530 = mul nsw i64 %525, 2816
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %col74 = mul nsw i64 %p, 8
+  %532 = load <8 x float>, ptr %acc4040, align 4
+  %533 = load <8 x float>, ptr %acc4141, align 4
+  %534 = fneg <8 x float> %532
+  %535 = fcmp olt <8 x float> %534, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %537 = fcmp ogt <8 x float> %536, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %538 = select <8 x i1> %537, <8 x float> %536, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %540 = call <8 x float> @llvm.floor.v8f32(<8 x float> %539)
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %538)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %541)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %542, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %542, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %542, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %542, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %542, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %548 = fmul <8 x float> %542, %542
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %547, <8 x float> %548, <8 x float> %542)
+  %550 = fadd <8 x float> %549, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %551 = fptosi <8 x float> %540 to <8 x i32>
+  %552 = add <8 x i32> %551, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %553 = shl <8 x i32> %552, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n75 = bitcast <8 x i32> %553 to <8 x float>
+  %exp76 = fmul <8 x float> %550, %exp.2n75
+  %554 = fadd <8 x float> %exp76, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid77 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %554
+  %silu78 = fmul <8 x float> %532, %sigmoid77
+  %glu79 = fmul <8 x float> %silu78, %533
+  %555 = fmul <8 x float> %glu79, %529
+  %556 = getelementptr inbounds float, ptr %531, i64 %col74
+  store <8 x float> %555, ptr %556, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %543 = add nsw i64 %r0, 0
-  %544 = getelementptr inbounds i32, ptr %rows, i64 %543
-  %545 = load i32, ptr %544, align 4
-  %546 = sext i32 %545 to i64
-  %547 = mul nsw i64 %546, 1024
-  %548 = getelementptr inbounds float, ptr %x, i64 %547
-  store <8 x float> zeroinitializer, ptr %acc0077, align 4
-  store <8 x float> zeroinitializer, ptr %acc0178, align 4
-  %549 = add nsw i64 %r0, 1
-  %550 = getelementptr inbounds i32, ptr %rows, i64 %549
-  %551 = load i32, ptr %550, align 4
-  %552 = sext i32 %551 to i64
-  %553 = mul nsw i64 %552, 1024
-  %554 = getelementptr inbounds float, ptr %x, i64 %553
-  store <8 x float> zeroinitializer, ptr %acc1079, align 4
-  store <8 x float> zeroinitializer, ptr %acc1180, align 4
-  %555 = add nsw i64 %r0, 2
-  %556 = getelementptr inbounds i32, ptr %rows, i64 %555
-  %557 = load i32, ptr %556, align 4
-  %558 = sext i32 %557 to i64
-  %559 = mul nsw i64 %558, 1024
-  %560 = getelementptr inbounds float, ptr %x, i64 %559
-  store <8 x float> zeroinitializer, ptr %acc2081, align 4
-  store <8 x float> zeroinitializer, ptr %acc2182, align 4
-  %561 = add nsw i64 %r0, 3
-  %562 = getelementptr inbounds i32, ptr %rows, i64 %561
-  %563 = load i32, ptr %562, align 4
-  %564 = sext i32 %563 to i64
-  %565 = mul nsw i64 %564, 1024
-  %566 = getelementptr inbounds float, ptr %x, i64 %565
-  store <8 x float> zeroinitializer, ptr %acc3083, align 4
-  store <8 x float> zeroinitializer, ptr %acc3184, align 4
-  %panel.off85 = mul nsw i64 %p, 16384
-  %567 = getelementptr inbounds float, ptr %panels, i64 %panel.off85
-  %568 = add nsw i64 %p, 1
-  %569 = icmp slt i64 %568, %p1
-  %570 = getelementptr inbounds i8, ptr %567, i64 65536
-  %571 = and i1 %pf.on, %569
-  %pf86 = select i1 %571, ptr %570, ptr %567
-  br label %k.head87
+  %557 = add nsw i64 %r0, 0
+  %558 = getelementptr inbounds i32, ptr %rows, i64 %557
+  %559 = load i32, ptr %558, align 4
+  %560 = sext i32 %559 to i64
+  %561 = mul nsw i64 %560, 1024
+  %562 = getelementptr inbounds float, ptr %x, i64 %561
+  store <8 x float> zeroinitializer, ptr %acc0080, align 4
+  store <8 x float> zeroinitializer, ptr %acc0181, align 4
+  %563 = add nsw i64 %r0, 1
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 1024
+  %568 = getelementptr inbounds float, ptr %x, i64 %567
+  store <8 x float> zeroinitializer, ptr %acc1082, align 4
+  store <8 x float> zeroinitializer, ptr %acc1183, align 4
+  %569 = add nsw i64 %r0, 2
+  %570 = getelementptr inbounds i32, ptr %rows, i64 %569
+  %571 = load i32, ptr %570, align 4
+  %572 = sext i32 %571 to i64
+  %573 = mul nsw i64 %572, 1024
+  %574 = getelementptr inbounds float, ptr %x, i64 %573
+  store <8 x float> zeroinitializer, ptr %acc2084, align 4
+  store <8 x float> zeroinitializer, ptr %acc2185, align 4
+  %575 = add nsw i64 %r0, 3
+  %576 = getelementptr inbounds i32, ptr %rows, i64 %575
+  %577 = load i32, ptr %576, align 4
+  %578 = sext i32 %577 to i64
+  %579 = mul nsw i64 %578, 1024
+  %580 = getelementptr inbounds float, ptr %x, i64 %579
+  store <8 x float> zeroinitializer, ptr %acc3086, align 4
+  store <8 x float> zeroinitializer, ptr %acc3187, align 4
+  %panel.off88 = mul nsw i64 %p, 16384
+  %581 = getelementptr inbounds float, ptr %panels, i64 %panel.off88
+  %582 = add nsw i64 %p, 1
+  %583 = icmp slt i64 %582, %p1
+  %pf.on89 = and i1 %pf.on, %583
+  %584 = mul nsw i64 %pf.j, 65536
+  %585 = lshr i64 %584, %9
+  %586 = add nsw i64 65536, %585
+  %587 = getelementptr inbounds i8, ptr %581, i64 %586
+  %pf90 = select i1 %pf.on89, ptr %587, ptr %581
+  %pf.sh91 = select i1 %pf.on89, i64 %9, i64 0
+  br label %k.head92
 
-k.head87:                                         ; preds = %k.body88, %tile.mr4
-  %k90 = phi i64 [ 0, %tile.mr4 ], [ %614, %k.body88 ]
-  %572 = icmp slt i64 %k90, 1024
-  br i1 %572, label %k.body88, label %k.end89
+k.head92:                                         ; preds = %k.body93, %tile.mr4
+  %k95 = phi i64 [ 0, %tile.mr4 ], [ %631, %k.body93 ]
+  %588 = icmp slt i64 %k95, 1024
+  br i1 %588, label %k.body93, label %k.end94
 
-k.body88:                                         ; preds = %k.head87
-  %573 = mul nsw i64 %k90, 16
-  %574 = add nsw i64 %panel.off85, %573
-  %575 = mul nsw i64 %k90, 64
-  %576 = getelementptr inbounds i8, ptr %pf86, i64 %575
-  call void @llvm.prefetch.p0(ptr %576, i32 0, i32 2, i32 1)
-  %577 = getelementptr inbounds float, ptr %panels, i64 %574
-  %578 = load <8 x float>, ptr %577, align 4
-  %579 = add nsw i64 %574, 8
-  %580 = getelementptr inbounds float, ptr %panels, i64 %579
-  %581 = load <8 x float>, ptr %580, align 4
-  %582 = getelementptr inbounds float, ptr %548, i64 %k90
-  %583 = load float, ptr %582, align 4
-  %584 = insertelement <8 x float> poison, float %583, i32 0
-  %585 = shufflevector <8 x float> %584, <8 x float> poison, <8 x i32> zeroinitializer
-  %586 = load <8 x float>, ptr %acc0077, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %578, <8 x float> %586)
-  store <8 x float> %587, ptr %acc0077, align 4
-  %588 = load <8 x float>, ptr %acc0178, align 4
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %581, <8 x float> %588)
-  store <8 x float> %589, ptr %acc0178, align 4
-  %590 = getelementptr inbounds float, ptr %554, i64 %k90
-  %591 = load float, ptr %590, align 4
-  %592 = insertelement <8 x float> poison, float %591, i32 0
-  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
-  %594 = load <8 x float>, ptr %acc1079, align 4
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %578, <8 x float> %594)
-  store <8 x float> %595, ptr %acc1079, align 4
-  %596 = load <8 x float>, ptr %acc1180, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %581, <8 x float> %596)
-  store <8 x float> %597, ptr %acc1180, align 4
-  %598 = getelementptr inbounds float, ptr %560, i64 %k90
-  %599 = load float, ptr %598, align 4
-  %600 = insertelement <8 x float> poison, float %599, i32 0
-  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
-  %602 = load <8 x float>, ptr %acc2081, align 4
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %578, <8 x float> %602)
-  store <8 x float> %603, ptr %acc2081, align 4
-  %604 = load <8 x float>, ptr %acc2182, align 4
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %581, <8 x float> %604)
-  store <8 x float> %605, ptr %acc2182, align 4
-  %606 = getelementptr inbounds float, ptr %566, i64 %k90
-  %607 = load float, ptr %606, align 4
-  %608 = insertelement <8 x float> poison, float %607, i32 0
-  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
-  %610 = load <8 x float>, ptr %acc3083, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %578, <8 x float> %610)
-  store <8 x float> %611, ptr %acc3083, align 4
-  %612 = load <8 x float>, ptr %acc3184, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %581, <8 x float> %612)
-  store <8 x float> %613, ptr %acc3184, align 4
-  %614 = add nsw i64 %k90, 1
-  br label %k.head87
+k.body93:                                         ; preds = %k.head92
+  %589 = mul nsw i64 %k95, 16
+  %590 = add nsw i64 %panel.off88, %589
+  %591 = mul nsw i64 %k95, 64
+  %592 = lshr i64 %591, %pf.sh91
+  %593 = getelementptr inbounds i8, ptr %pf90, i64 %592
+  call void @llvm.prefetch.p0(ptr %593, i32 0, i32 2, i32 1)
+  %594 = getelementptr inbounds float, ptr %panels, i64 %590
+  %595 = load <8 x float>, ptr %594, align 4
+  %596 = add nsw i64 %590, 8
+  %597 = getelementptr inbounds float, ptr %panels, i64 %596
+  %598 = load <8 x float>, ptr %597, align 4
+  %599 = getelementptr inbounds float, ptr %562, i64 %k95
+  %600 = load float, ptr %599, align 4
+  %601 = insertelement <8 x float> poison, float %600, i32 0
+  %602 = shufflevector <8 x float> %601, <8 x float> poison, <8 x i32> zeroinitializer
+  %603 = load <8 x float>, ptr %acc0080, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %595, <8 x float> %603)
+  store <8 x float> %604, ptr %acc0080, align 4
+  %605 = load <8 x float>, ptr %acc0181, align 4
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %598, <8 x float> %605)
+  store <8 x float> %606, ptr %acc0181, align 4
+  %607 = getelementptr inbounds float, ptr %568, i64 %k95
+  %608 = load float, ptr %607, align 4
+  %609 = insertelement <8 x float> poison, float %608, i32 0
+  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
+  %611 = load <8 x float>, ptr %acc1082, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %595, <8 x float> %611)
+  store <8 x float> %612, ptr %acc1082, align 4
+  %613 = load <8 x float>, ptr %acc1183, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %598, <8 x float> %613)
+  store <8 x float> %614, ptr %acc1183, align 4
+  %615 = getelementptr inbounds float, ptr %574, i64 %k95
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = load <8 x float>, ptr %acc2084, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %595, <8 x float> %619)
+  store <8 x float> %620, ptr %acc2084, align 4
+  %621 = load <8 x float>, ptr %acc2185, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %598, <8 x float> %621)
+  store <8 x float> %622, ptr %acc2185, align 4
+  %623 = getelementptr inbounds float, ptr %580, i64 %k95
+  %624 = load float, ptr %623, align 4
+  %625 = insertelement <8 x float> poison, float %624, i32 0
+  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
+  %627 = load <8 x float>, ptr %acc3086, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %595, <8 x float> %627)
+  store <8 x float> %628, ptr %acc3086, align 4
+  %629 = load <8 x float>, ptr %acc3187, align 4
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %598, <8 x float> %629)
+  store <8 x float> %630, ptr %acc3187, align 4
+  %631 = add nsw i64 %k95, 1
+  br label %k.head92
 
-k.end89:                                          ; preds = %k.head87
-  %615 = add nsw i64 %r0, 0
-  %616 = getelementptr inbounds float, ptr %rw, i64 %615
-  %617 = load float, ptr %616, align 4
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
-  %620 = mul nsw i64 %615, 2816
-  %621 = getelementptr inbounds float, ptr %h, i64 %620
-  %col91 = mul nsw i64 %p, 8
-  %622 = load <8 x float>, ptr %acc0077, align 4
-  %623 = load <8 x float>, ptr %acc0178, align 4
-  %624 = fneg <8 x float> %622
-  %625 = fcmp olt <8 x float> %624, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %626 = select <8 x i1> %625, <8 x float> %624, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %627 = fcmp ogt <8 x float> %626, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %628 = select <8 x i1> %627, <8 x float> %626, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %630 = call <8 x float> @llvm.floor.v8f32(<8 x float> %629)
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %628)
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %631)
-  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %632, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %632, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %632, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %635, <8 x float> %632, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> %632, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %638 = fmul <8 x float> %632, %632
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> %638, <8 x float> %632)
-  %640 = fadd <8 x float> %639, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %641 = fptosi <8 x float> %630 to <8 x i32>
-  %642 = add <8 x i32> %641, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %643 = shl <8 x i32> %642, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n92 = bitcast <8 x i32> %643 to <8 x float>
-  %exp93 = fmul <8 x float> %640, %exp.2n92
-  %644 = fadd <8 x float> %exp93, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid94 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %644
-  %silu95 = fmul <8 x float> %622, %sigmoid94
-  %glu96 = fmul <8 x float> %silu95, %623
-  %645 = fmul <8 x float> %glu96, %619
-  %646 = getelementptr inbounds float, ptr %621, i64 %col91
-  store <8 x float> %645, ptr %646, align 4
-  %647 = add nsw i64 %r0, 1
-  %648 = getelementptr inbounds float, ptr %rw, i64 %647
-  %649 = load float, ptr %648, align 4
-  %650 = insertelement <8 x float> poison, float %649, i32 0
-  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
-  %652 = mul nsw i64 %647, 2816
-  %653 = getelementptr inbounds float, ptr %h, i64 %652
-  %col97 = mul nsw i64 %p, 8
-  %654 = load <8 x float>, ptr %acc1079, align 4
-  %655 = load <8 x float>, ptr %acc1180, align 4
-  %656 = fneg <8 x float> %654
-  %657 = fcmp olt <8 x float> %656, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %658 = select <8 x i1> %657, <8 x float> %656, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %659 = fcmp ogt <8 x float> %658, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %660 = select <8 x i1> %659, <8 x float> %658, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %662 = call <8 x float> @llvm.floor.v8f32(<8 x float> %661)
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %660)
-  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %663)
-  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %664, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %664, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %664, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %664, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> %664, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %670 = fmul <8 x float> %664, %664
-  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> %670, <8 x float> %664)
-  %672 = fadd <8 x float> %671, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %673 = fptosi <8 x float> %662 to <8 x i32>
-  %674 = add <8 x i32> %673, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %675 = shl <8 x i32> %674, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n98 = bitcast <8 x i32> %675 to <8 x float>
-  %exp99 = fmul <8 x float> %672, %exp.2n98
-  %676 = fadd <8 x float> %exp99, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid100 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %676
-  %silu101 = fmul <8 x float> %654, %sigmoid100
-  %glu102 = fmul <8 x float> %silu101, %655
-  %677 = fmul <8 x float> %glu102, %651
-  %678 = getelementptr inbounds float, ptr %653, i64 %col97
-  store <8 x float> %677, ptr %678, align 4
-  %679 = add nsw i64 %r0, 2
-  %680 = getelementptr inbounds float, ptr %rw, i64 %679
-  %681 = load float, ptr %680, align 4
-  %682 = insertelement <8 x float> poison, float %681, i32 0
-  %683 = shufflevector <8 x float> %682, <8 x float> poison, <8 x i32> zeroinitializer
-  %684 = mul nsw i64 %679, 2816
-  %685 = getelementptr inbounds float, ptr %h, i64 %684
-  %col103 = mul nsw i64 %p, 8
-  %686 = load <8 x float>, ptr %acc2081, align 4
-  %687 = load <8 x float>, ptr %acc2182, align 4
-  %688 = fneg <8 x float> %686
-  %689 = fcmp olt <8 x float> %688, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %690 = select <8 x i1> %689, <8 x float> %688, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %691 = fcmp ogt <8 x float> %690, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %692 = select <8 x i1> %691, <8 x float> %690, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %694 = call <8 x float> @llvm.floor.v8f32(<8 x float> %693)
-  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %692)
-  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %695)
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %696, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %697, <8 x float> %696, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %696, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> %696, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> %696, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %702 = fmul <8 x float> %696, %696
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> %702, <8 x float> %696)
-  %704 = fadd <8 x float> %703, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %705 = fptosi <8 x float> %694 to <8 x i32>
-  %706 = add <8 x i32> %705, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %707 = shl <8 x i32> %706, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n104 = bitcast <8 x i32> %707 to <8 x float>
-  %exp105 = fmul <8 x float> %704, %exp.2n104
-  %708 = fadd <8 x float> %exp105, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid106 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %708
-  %silu107 = fmul <8 x float> %686, %sigmoid106
-  %glu108 = fmul <8 x float> %silu107, %687
-  %709 = fmul <8 x float> %glu108, %683
-  %710 = getelementptr inbounds float, ptr %685, i64 %col103
-  store <8 x float> %709, ptr %710, align 4
-  %711 = add nsw i64 %r0, 3
-  %712 = getelementptr inbounds float, ptr %rw, i64 %711
-  %713 = load float, ptr %712, align 4
-  %714 = insertelement <8 x float> poison, float %713, i32 0
-  %715 = shufflevector <8 x float> %714, <8 x float> poison, <8 x i32> zeroinitializer
-  %716 = mul nsw i64 %711, 2816
-  %717 = getelementptr inbounds float, ptr %h, i64 %716
-  %col109 = mul nsw i64 %p, 8
-  %718 = load <8 x float>, ptr %acc3083, align 4
-  %719 = load <8 x float>, ptr %acc3184, align 4
-  %720 = fneg <8 x float> %718
-  %721 = fcmp olt <8 x float> %720, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %722 = select <8 x i1> %721, <8 x float> %720, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %723 = fcmp ogt <8 x float> %722, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %724 = select <8 x i1> %723, <8 x float> %722, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %726 = call <8 x float> @llvm.floor.v8f32(<8 x float> %725)
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %726, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %724)
-  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %726, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %727)
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %728, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %728, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %728, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> %728, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %732, <8 x float> %728, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %734 = fmul <8 x float> %728, %728
-  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> %734, <8 x float> %728)
-  %736 = fadd <8 x float> %735, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %737 = fptosi <8 x float> %726 to <8 x i32>
-  %738 = add <8 x i32> %737, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %739 = shl <8 x i32> %738, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n110 = bitcast <8 x i32> %739 to <8 x float>
-  %exp111 = fmul <8 x float> %736, %exp.2n110
-  %740 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %740
-  %silu113 = fmul <8 x float> %718, %sigmoid112
-  %glu114 = fmul <8 x float> %silu113, %719
-  %741 = fmul <8 x float> %glu114, %715
-  %742 = getelementptr inbounds float, ptr %717, i64 %col109
-  store <8 x float> %741, ptr %742, align 4
+k.end94:                                          ; preds = %k.head92
+  %632 = add nsw i64 %r0, 0
+  %633 = getelementptr inbounds float, ptr %rw, i64 %632
+  %634 = load float, ptr %633, align 4
+  %635 = insertelement <8 x float> poison, float %634, i32 0
+  %636 = shufflevector <8 x float> %635, <8 x float> poison, <8 x i32> zeroinitializer
+  %637 = mul nsw i64 %632, 2816
+  %638 = getelementptr inbounds float, ptr %h, i64 %637
+  %col96 = mul nsw i64 %p, 8
+  %639 = load <8 x float>, ptr %acc0080, align 4
+  %640 = load <8 x float>, ptr %acc0181, align 4
+  %641 = fneg <8 x float> %639
+  %642 = fcmp olt <8 x float> %641, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %643 = select <8 x i1> %642, <8 x float> %641, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %644 = fcmp ogt <8 x float> %643, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %645 = select <8 x i1> %644, <8 x float> %643, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %647 = call <8 x float> @llvm.floor.v8f32(<8 x float> %646)
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %645)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %648)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %649, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %649, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %649, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %649, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %649, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %655 = fmul <8 x float> %649, %649
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %655, <8 x float> %649)
+  %657 = fadd <8 x float> %656, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %658 = fptosi <8 x float> %647 to <8 x i32>
+  %659 = add <8 x i32> %658, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %660 = shl <8 x i32> %659, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n97 = bitcast <8 x i32> %660 to <8 x float>
+  %exp98 = fmul <8 x float> %657, %exp.2n97
+  %661 = fadd <8 x float> %exp98, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid99 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %661
+  %silu100 = fmul <8 x float> %639, %sigmoid99
+  %glu101 = fmul <8 x float> %silu100, %640
+  %662 = fmul <8 x float> %glu101, %636
+  %663 = getelementptr inbounds float, ptr %638, i64 %col96
+  store <8 x float> %662, ptr %663, align 4
+  %664 = add nsw i64 %r0, 1
+  %665 = getelementptr inbounds float, ptr %rw, i64 %664
+  %666 = load float, ptr %665, align 4
+  %667 = insertelement <8 x float> poison, float %666, i32 0
+  %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
+  %669 = mul nsw i64 %664, 2816
+  %670 = getelementptr inbounds float, ptr %h, i64 %669
+  %col102 = mul nsw i64 %p, 8
+  %671 = load <8 x float>, ptr %acc1082, align 4
+  %672 = load <8 x float>, ptr %acc1183, align 4
+  %673 = fneg <8 x float> %671
+  %674 = fcmp olt <8 x float> %673, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %675 = select <8 x i1> %674, <8 x float> %673, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %676 = fcmp ogt <8 x float> %675, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %677 = select <8 x i1> %676, <8 x float> %675, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %679 = call <8 x float> @llvm.floor.v8f32(<8 x float> %678)
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %677)
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %680)
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %681, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %681, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %681, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %681, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %685, <8 x float> %681, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %687 = fmul <8 x float> %681, %681
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %687, <8 x float> %681)
+  %689 = fadd <8 x float> %688, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %690 = fptosi <8 x float> %679 to <8 x i32>
+  %691 = add <8 x i32> %690, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %692 = shl <8 x i32> %691, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n103 = bitcast <8 x i32> %692 to <8 x float>
+  %exp104 = fmul <8 x float> %689, %exp.2n103
+  %693 = fadd <8 x float> %exp104, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid105 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %693
+  %silu106 = fmul <8 x float> %671, %sigmoid105
+  %glu107 = fmul <8 x float> %silu106, %672
+  %694 = fmul <8 x float> %glu107, %668
+  %695 = getelementptr inbounds float, ptr %670, i64 %col102
+  store <8 x float> %694, ptr %695, align 4
+  %696 = add nsw i64 %r0, 2
+  %697 = getelementptr inbounds float, ptr %rw, i64 %696
+  %698 = load float, ptr %697, align 4
+  %699 = insertelement <8 x float> poison, float %698, i32 0
+  %700 = shufflevector <8 x float> %699, <8 x float> poison, <8 x i32> zeroinitializer
+  %701 = mul nsw i64 %696, 2816
+  %702 = getelementptr inbounds float, ptr %h, i64 %701
+  %col108 = mul nsw i64 %p, 8
+  %703 = load <8 x float>, ptr %acc2084, align 4
+  %704 = load <8 x float>, ptr %acc2185, align 4
+  %705 = fneg <8 x float> %703
+  %706 = fcmp olt <8 x float> %705, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %707 = select <8 x i1> %706, <8 x float> %705, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %708 = fcmp ogt <8 x float> %707, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %709 = select <8 x i1> %708, <8 x float> %707, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %711 = call <8 x float> @llvm.floor.v8f32(<8 x float> %710)
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %709)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %712)
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %713, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %713, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %713, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %713, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %713, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %719 = fmul <8 x float> %713, %713
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %719, <8 x float> %713)
+  %721 = fadd <8 x float> %720, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %722 = fptosi <8 x float> %711 to <8 x i32>
+  %723 = add <8 x i32> %722, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %724 = shl <8 x i32> %723, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n109 = bitcast <8 x i32> %724 to <8 x float>
+  %exp110 = fmul <8 x float> %721, %exp.2n109
+  %725 = fadd <8 x float> %exp110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid111 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %725
+  %silu112 = fmul <8 x float> %703, %sigmoid111
+  %glu113 = fmul <8 x float> %silu112, %704
+  %726 = fmul <8 x float> %glu113, %700
+  %727 = getelementptr inbounds float, ptr %702, i64 %col108
+  store <8 x float> %726, ptr %727, align 4
+  %728 = add nsw i64 %r0, 3
+  %729 = getelementptr inbounds float, ptr %rw, i64 %728
+  %730 = load float, ptr %729, align 4
+  %731 = insertelement <8 x float> poison, float %730, i32 0
+  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
+  %733 = mul nsw i64 %728, 2816
+  %734 = getelementptr inbounds float, ptr %h, i64 %733
+  %col114 = mul nsw i64 %p, 8
+  %735 = load <8 x float>, ptr %acc3086, align 4
+  %736 = load <8 x float>, ptr %acc3187, align 4
+  %737 = fneg <8 x float> %735
+  %738 = fcmp olt <8 x float> %737, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %740 = fcmp ogt <8 x float> %739, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %741 = select <8 x i1> %740, <8 x float> %739, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %743 = call <8 x float> @llvm.floor.v8f32(<8 x float> %742)
+  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %741)
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %744)
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %745, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %745, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %745, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %745, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %745, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %751 = fmul <8 x float> %745, %745
+  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %751, <8 x float> %745)
+  %753 = fadd <8 x float> %752, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %754 = fptosi <8 x float> %743 to <8 x i32>
+  %755 = add <8 x i32> %754, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %756 = shl <8 x i32> %755, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n115 = bitcast <8 x i32> %756 to <8 x float>
+  %exp116 = fmul <8 x float> %753, %exp.2n115
+  %757 = fadd <8 x float> %exp116, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid117 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %757
+  %silu118 = fmul <8 x float> %735, %sigmoid117
+  %glu119 = fmul <8 x float> %silu118, %736
+  %758 = fmul <8 x float> %glu119, %732
+  %759 = getelementptr inbounds float, ptr %734, i64 %col114
+  store <8 x float> %758, ptr %759, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %743 = add nsw i64 %r0, 0
-  %744 = getelementptr inbounds i32, ptr %rows, i64 %743
-  %745 = load i32, ptr %744, align 4
-  %746 = sext i32 %745 to i64
-  %747 = mul nsw i64 %746, 1024
-  %748 = getelementptr inbounds float, ptr %x, i64 %747
-  store <8 x float> zeroinitializer, ptr %acc00115, align 4
-  store <8 x float> zeroinitializer, ptr %acc01116, align 4
-  %749 = add nsw i64 %r0, 1
-  %750 = getelementptr inbounds i32, ptr %rows, i64 %749
-  %751 = load i32, ptr %750, align 4
-  %752 = sext i32 %751 to i64
-  %753 = mul nsw i64 %752, 1024
-  %754 = getelementptr inbounds float, ptr %x, i64 %753
-  store <8 x float> zeroinitializer, ptr %acc10117, align 4
-  store <8 x float> zeroinitializer, ptr %acc11118, align 4
-  %755 = add nsw i64 %r0, 2
-  %756 = getelementptr inbounds i32, ptr %rows, i64 %755
-  %757 = load i32, ptr %756, align 4
-  %758 = sext i32 %757 to i64
-  %759 = mul nsw i64 %758, 1024
-  %760 = getelementptr inbounds float, ptr %x, i64 %759
-  store <8 x float> zeroinitializer, ptr %acc20119, align 4
-  store <8 x float> zeroinitializer, ptr %acc21120, align 4
-  %panel.off121 = mul nsw i64 %p, 16384
-  %761 = getelementptr inbounds float, ptr %panels, i64 %panel.off121
-  %762 = add nsw i64 %p, 1
-  %763 = icmp slt i64 %762, %p1
-  %764 = getelementptr inbounds i8, ptr %761, i64 65536
-  %765 = and i1 %pf.on, %763
-  %pf122 = select i1 %765, ptr %764, ptr %761
-  br label %k.head123
+  %760 = add nsw i64 %r0, 0
+  %761 = getelementptr inbounds i32, ptr %rows, i64 %760
+  %762 = load i32, ptr %761, align 4
+  %763 = sext i32 %762 to i64
+  %764 = mul nsw i64 %763, 1024
+  %765 = getelementptr inbounds float, ptr %x, i64 %764
+  store <8 x float> zeroinitializer, ptr %acc00120, align 4
+  store <8 x float> zeroinitializer, ptr %acc01121, align 4
+  %766 = add nsw i64 %r0, 1
+  %767 = getelementptr inbounds i32, ptr %rows, i64 %766
+  %768 = load i32, ptr %767, align 4
+  %769 = sext i32 %768 to i64
+  %770 = mul nsw i64 %769, 1024
+  %771 = getelementptr inbounds float, ptr %x, i64 %770
+  store <8 x float> zeroinitializer, ptr %acc10122, align 4
+  store <8 x float> zeroinitializer, ptr %acc11123, align 4
+  %772 = add nsw i64 %r0, 2
+  %773 = getelementptr inbounds i32, ptr %rows, i64 %772
+  %774 = load i32, ptr %773, align 4
+  %775 = sext i32 %774 to i64
+  %776 = mul nsw i64 %775, 1024
+  %777 = getelementptr inbounds float, ptr %x, i64 %776
+  store <8 x float> zeroinitializer, ptr %acc20124, align 4
+  store <8 x float> zeroinitializer, ptr %acc21125, align 4
+  %panel.off126 = mul nsw i64 %p, 16384
+  %778 = getelementptr inbounds float, ptr %panels, i64 %panel.off126
+  %779 = add nsw i64 %p, 1
+  %780 = icmp slt i64 %779, %p1
+  %pf.on127 = and i1 %pf.on, %780
+  %781 = mul nsw i64 %pf.j, 65536
+  %782 = lshr i64 %781, %9
+  %783 = add nsw i64 65536, %782
+  %784 = getelementptr inbounds i8, ptr %778, i64 %783
+  %pf128 = select i1 %pf.on127, ptr %784, ptr %778
+  %pf.sh129 = select i1 %pf.on127, i64 %9, i64 0
+  br label %k.head130
 
-k.head123:                                        ; preds = %k.body124, %tile.mr3
-  %k126 = phi i64 [ 0, %tile.mr3 ], [ %800, %k.body124 ]
-  %766 = icmp slt i64 %k126, 1024
-  br i1 %766, label %k.body124, label %k.end125
+k.head130:                                        ; preds = %k.body131, %tile.mr3
+  %k133 = phi i64 [ 0, %tile.mr3 ], [ %820, %k.body131 ]
+  %785 = icmp slt i64 %k133, 1024
+  br i1 %785, label %k.body131, label %k.end132
 
-k.body124:                                        ; preds = %k.head123
-  %767 = mul nsw i64 %k126, 16
-  %768 = add nsw i64 %panel.off121, %767
-  %769 = mul nsw i64 %k126, 64
-  %770 = getelementptr inbounds i8, ptr %pf122, i64 %769
-  call void @llvm.prefetch.p0(ptr %770, i32 0, i32 2, i32 1)
-  %771 = getelementptr inbounds float, ptr %panels, i64 %768
-  %772 = load <8 x float>, ptr %771, align 4
-  %773 = add nsw i64 %768, 8
-  %774 = getelementptr inbounds float, ptr %panels, i64 %773
-  %775 = load <8 x float>, ptr %774, align 4
-  %776 = getelementptr inbounds float, ptr %748, i64 %k126
-  %777 = load float, ptr %776, align 4
-  %778 = insertelement <8 x float> poison, float %777, i32 0
-  %779 = shufflevector <8 x float> %778, <8 x float> poison, <8 x i32> zeroinitializer
-  %780 = load <8 x float>, ptr %acc00115, align 4
-  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %772, <8 x float> %780)
-  store <8 x float> %781, ptr %acc00115, align 4
-  %782 = load <8 x float>, ptr %acc01116, align 4
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %775, <8 x float> %782)
-  store <8 x float> %783, ptr %acc01116, align 4
-  %784 = getelementptr inbounds float, ptr %754, i64 %k126
-  %785 = load float, ptr %784, align 4
-  %786 = insertelement <8 x float> poison, float %785, i32 0
-  %787 = shufflevector <8 x float> %786, <8 x float> poison, <8 x i32> zeroinitializer
-  %788 = load <8 x float>, ptr %acc10117, align 4
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %772, <8 x float> %788)
-  store <8 x float> %789, ptr %acc10117, align 4
-  %790 = load <8 x float>, ptr %acc11118, align 4
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %775, <8 x float> %790)
-  store <8 x float> %791, ptr %acc11118, align 4
-  %792 = getelementptr inbounds float, ptr %760, i64 %k126
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc20119, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %772, <8 x float> %796)
-  store <8 x float> %797, ptr %acc20119, align 4
-  %798 = load <8 x float>, ptr %acc21120, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %775, <8 x float> %798)
-  store <8 x float> %799, ptr %acc21120, align 4
-  %800 = add nsw i64 %k126, 1
-  br label %k.head123
+k.body131:                                        ; preds = %k.head130
+  %786 = mul nsw i64 %k133, 16
+  %787 = add nsw i64 %panel.off126, %786
+  %788 = mul nsw i64 %k133, 64
+  %789 = lshr i64 %788, %pf.sh129
+  %790 = getelementptr inbounds i8, ptr %pf128, i64 %789
+  call void @llvm.prefetch.p0(ptr %790, i32 0, i32 2, i32 1)
+  %791 = getelementptr inbounds float, ptr %panels, i64 %787
+  %792 = load <8 x float>, ptr %791, align 4
+  %793 = add nsw i64 %787, 8
+  %794 = getelementptr inbounds float, ptr %panels, i64 %793
+  %795 = load <8 x float>, ptr %794, align 4
+  %796 = getelementptr inbounds float, ptr %765, i64 %k133
+  %797 = load float, ptr %796, align 4
+  %798 = insertelement <8 x float> poison, float %797, i32 0
+  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
+  %800 = load <8 x float>, ptr %acc00120, align 4
+  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %792, <8 x float> %800)
+  store <8 x float> %801, ptr %acc00120, align 4
+  %802 = load <8 x float>, ptr %acc01121, align 4
+  %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %795, <8 x float> %802)
+  store <8 x float> %803, ptr %acc01121, align 4
+  %804 = getelementptr inbounds float, ptr %771, i64 %k133
+  %805 = load float, ptr %804, align 4
+  %806 = insertelement <8 x float> poison, float %805, i32 0
+  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
+  %808 = load <8 x float>, ptr %acc10122, align 4
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %792, <8 x float> %808)
+  store <8 x float> %809, ptr %acc10122, align 4
+  %810 = load <8 x float>, ptr %acc11123, align 4
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %795, <8 x float> %810)
+  store <8 x float> %811, ptr %acc11123, align 4
+  %812 = getelementptr inbounds float, ptr %777, i64 %k133
+  %813 = load float, ptr %812, align 4
+  %814 = insertelement <8 x float> poison, float %813, i32 0
+  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
+  %816 = load <8 x float>, ptr %acc20124, align 4
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %792, <8 x float> %816)
+  store <8 x float> %817, ptr %acc20124, align 4
+  %818 = load <8 x float>, ptr %acc21125, align 4
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %795, <8 x float> %818)
+  store <8 x float> %819, ptr %acc21125, align 4
+  %820 = add nsw i64 %k133, 1
+  br label %k.head130
 
-k.end125:                                         ; preds = %k.head123
-  %801 = add nsw i64 %r0, 0
-  %802 = getelementptr inbounds float, ptr %rw, i64 %801
-  %803 = load float, ptr %802, align 4
-  %804 = insertelement <8 x float> poison, float %803, i32 0
-  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
-  %806 = mul nsw i64 %801, 2816
-  %807 = getelementptr inbounds float, ptr %h, i64 %806
-  %col127 = mul nsw i64 %p, 8
-  %808 = load <8 x float>, ptr %acc00115, align 4
-  %809 = load <8 x float>, ptr %acc01116, align 4
-  %810 = fneg <8 x float> %808
-  %811 = fcmp olt <8 x float> %810, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %812 = select <8 x i1> %811, <8 x float> %810, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %813 = fcmp ogt <8 x float> %812, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %816 = call <8 x float> @llvm.floor.v8f32(<8 x float> %815)
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %814)
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %817)
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %818, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %818, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %818, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %818, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %818, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %824 = fmul <8 x float> %818, %818
-  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %824, <8 x float> %818)
-  %826 = fadd <8 x float> %825, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %827 = fptosi <8 x float> %816 to <8 x i32>
-  %828 = add <8 x i32> %827, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %829 = shl <8 x i32> %828, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n128 = bitcast <8 x i32> %829 to <8 x float>
-  %exp129 = fmul <8 x float> %826, %exp.2n128
-  %830 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %830
-  %silu131 = fmul <8 x float> %808, %sigmoid130
-  %glu132 = fmul <8 x float> %silu131, %809
-  %831 = fmul <8 x float> %glu132, %805
-  %832 = getelementptr inbounds float, ptr %807, i64 %col127
-  store <8 x float> %831, ptr %832, align 4
-  %833 = add nsw i64 %r0, 1
-  %834 = getelementptr inbounds float, ptr %rw, i64 %833
-  %835 = load float, ptr %834, align 4
-  %836 = insertelement <8 x float> poison, float %835, i32 0
-  %837 = shufflevector <8 x float> %836, <8 x float> poison, <8 x i32> zeroinitializer
-  %838 = mul nsw i64 %833, 2816
-  %839 = getelementptr inbounds float, ptr %h, i64 %838
-  %col133 = mul nsw i64 %p, 8
-  %840 = load <8 x float>, ptr %acc10117, align 4
-  %841 = load <8 x float>, ptr %acc11118, align 4
-  %842 = fneg <8 x float> %840
-  %843 = fcmp olt <8 x float> %842, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %844 = select <8 x i1> %843, <8 x float> %842, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %845 = fcmp ogt <8 x float> %844, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %846 = select <8 x i1> %845, <8 x float> %844, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %848 = call <8 x float> @llvm.floor.v8f32(<8 x float> %847)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %846)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %849)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %850, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %850, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %850, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %853, <8 x float> %850, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %854, <8 x float> %850, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %856 = fmul <8 x float> %850, %850
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %856, <8 x float> %850)
-  %858 = fadd <8 x float> %857, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %859 = fptosi <8 x float> %848 to <8 x i32>
-  %860 = add <8 x i32> %859, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %861 = shl <8 x i32> %860, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n134 = bitcast <8 x i32> %861 to <8 x float>
-  %exp135 = fmul <8 x float> %858, %exp.2n134
-  %862 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %862
-  %silu137 = fmul <8 x float> %840, %sigmoid136
-  %glu138 = fmul <8 x float> %silu137, %841
-  %863 = fmul <8 x float> %glu138, %837
-  %864 = getelementptr inbounds float, ptr %839, i64 %col133
-  store <8 x float> %863, ptr %864, align 4
-  %865 = add nsw i64 %r0, 2
-  %866 = getelementptr inbounds float, ptr %rw, i64 %865
-  %867 = load float, ptr %866, align 4
-  %868 = insertelement <8 x float> poison, float %867, i32 0
-  %869 = shufflevector <8 x float> %868, <8 x float> poison, <8 x i32> zeroinitializer
-  %870 = mul nsw i64 %865, 2816
-  %871 = getelementptr inbounds float, ptr %h, i64 %870
-  %col139 = mul nsw i64 %p, 8
-  %872 = load <8 x float>, ptr %acc20119, align 4
-  %873 = load <8 x float>, ptr %acc21120, align 4
-  %874 = fneg <8 x float> %872
-  %875 = fcmp olt <8 x float> %874, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %877 = fcmp ogt <8 x float> %876, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %878 = select <8 x i1> %877, <8 x float> %876, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %880 = call <8 x float> @llvm.floor.v8f32(<8 x float> %879)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %878)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %881)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %882, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %882, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %882, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %882, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %882, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %888 = fmul <8 x float> %882, %882
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %888, <8 x float> %882)
-  %890 = fadd <8 x float> %889, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %891 = fptosi <8 x float> %880 to <8 x i32>
-  %892 = add <8 x i32> %891, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %893 = shl <8 x i32> %892, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n140 = bitcast <8 x i32> %893 to <8 x float>
-  %exp141 = fmul <8 x float> %890, %exp.2n140
-  %894 = fadd <8 x float> %exp141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid142 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %894
-  %silu143 = fmul <8 x float> %872, %sigmoid142
-  %glu144 = fmul <8 x float> %silu143, %873
-  %895 = fmul <8 x float> %glu144, %869
-  %896 = getelementptr inbounds float, ptr %871, i64 %col139
-  store <8 x float> %895, ptr %896, align 4
+k.end132:                                         ; preds = %k.head130
+  %821 = add nsw i64 %r0, 0
+  %822 = getelementptr inbounds float, ptr %rw, i64 %821
+  %823 = load float, ptr %822, align 4
+  %824 = insertelement <8 x float> poison, float %823, i32 0
+  %825 = shufflevector <8 x float> %824, <8 x float> poison, <8 x i32> zeroinitializer
+  %826 = mul nsw i64 %821, 2816
+  %827 = getelementptr inbounds float, ptr %h, i64 %826
+  %col134 = mul nsw i64 %p, 8
+  %828 = load <8 x float>, ptr %acc00120, align 4
+  %829 = load <8 x float>, ptr %acc01121, align 4
+  %830 = fneg <8 x float> %828
+  %831 = fcmp olt <8 x float> %830, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %832 = select <8 x i1> %831, <8 x float> %830, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %833 = fcmp ogt <8 x float> %832, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %834 = select <8 x i1> %833, <8 x float> %832, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %836 = call <8 x float> @llvm.floor.v8f32(<8 x float> %835)
+  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %834)
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %837)
+  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %838, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %838, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %838, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %838, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> %838, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %844 = fmul <8 x float> %838, %838
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> %844, <8 x float> %838)
+  %846 = fadd <8 x float> %845, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %847 = fptosi <8 x float> %836 to <8 x i32>
+  %848 = add <8 x i32> %847, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %849 = shl <8 x i32> %848, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n135 = bitcast <8 x i32> %849 to <8 x float>
+  %exp136 = fmul <8 x float> %846, %exp.2n135
+  %850 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %850
+  %silu138 = fmul <8 x float> %828, %sigmoid137
+  %glu139 = fmul <8 x float> %silu138, %829
+  %851 = fmul <8 x float> %glu139, %825
+  %852 = getelementptr inbounds float, ptr %827, i64 %col134
+  store <8 x float> %851, ptr %852, align 4
+  %853 = add nsw i64 %r0, 1
+  %854 = getelementptr inbounds float, ptr %rw, i64 %853
+  %855 = load float, ptr %854, align 4
+  %856 = insertelement <8 x float> poison, float %855, i32 0
+  %857 = shufflevector <8 x float> %856, <8 x float> poison, <8 x i32> zeroinitializer
+  %858 = mul nsw i64 %853, 2816
+  %859 = getelementptr inbounds float, ptr %h, i64 %858
+  %col140 = mul nsw i64 %p, 8
+  %860 = load <8 x float>, ptr %acc10122, align 4
+  %861 = load <8 x float>, ptr %acc11123, align 4
+  %862 = fneg <8 x float> %860
+  %863 = fcmp olt <8 x float> %862, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %864 = select <8 x i1> %863, <8 x float> %862, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %865 = fcmp ogt <8 x float> %864, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %866 = select <8 x i1> %865, <8 x float> %864, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %868 = call <8 x float> @llvm.floor.v8f32(<8 x float> %867)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %866)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %869)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %870, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %870, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %870, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %870, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %870, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %876 = fmul <8 x float> %870, %870
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %876, <8 x float> %870)
+  %878 = fadd <8 x float> %877, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %879 = fptosi <8 x float> %868 to <8 x i32>
+  %880 = add <8 x i32> %879, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %881 = shl <8 x i32> %880, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %881 to <8 x float>
+  %exp142 = fmul <8 x float> %878, %exp.2n141
+  %882 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %882
+  %silu144 = fmul <8 x float> %860, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %861
+  %883 = fmul <8 x float> %glu145, %857
+  %884 = getelementptr inbounds float, ptr %859, i64 %col140
+  store <8 x float> %883, ptr %884, align 4
+  %885 = add nsw i64 %r0, 2
+  %886 = getelementptr inbounds float, ptr %rw, i64 %885
+  %887 = load float, ptr %886, align 4
+  %888 = insertelement <8 x float> poison, float %887, i32 0
+  %889 = shufflevector <8 x float> %888, <8 x float> poison, <8 x i32> zeroinitializer
+  %890 = mul nsw i64 %885, 2816
+  %891 = getelementptr inbounds float, ptr %h, i64 %890
+  %col146 = mul nsw i64 %p, 8
+  %892 = load <8 x float>, ptr %acc20124, align 4
+  %893 = load <8 x float>, ptr %acc21125, align 4
+  %894 = fneg <8 x float> %892
+  %895 = fcmp olt <8 x float> %894, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %896 = select <8 x i1> %895, <8 x float> %894, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %897 = fcmp ogt <8 x float> %896, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %898 = select <8 x i1> %897, <8 x float> %896, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %900 = call <8 x float> @llvm.floor.v8f32(<8 x float> %899)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %898)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %901)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %902, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %902, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %902, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %902, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %902, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %908 = fmul <8 x float> %902, %902
+  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> %908, <8 x float> %902)
+  %910 = fadd <8 x float> %909, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %911 = fptosi <8 x float> %900 to <8 x i32>
+  %912 = add <8 x i32> %911, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %913 = shl <8 x i32> %912, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %913 to <8 x float>
+  %exp148 = fmul <8 x float> %910, %exp.2n147
+  %914 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %914
+  %silu150 = fmul <8 x float> %892, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %893
+  %915 = fmul <8 x float> %glu151, %889
+  %916 = getelementptr inbounds float, ptr %891, i64 %col146
+  store <8 x float> %915, ptr %916, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %897 = add nsw i64 %r0, 0
-  %898 = getelementptr inbounds i32, ptr %rows, i64 %897
-  %899 = load i32, ptr %898, align 4
-  %900 = sext i32 %899 to i64
-  %901 = mul nsw i64 %900, 1024
-  %902 = getelementptr inbounds float, ptr %x, i64 %901
-  store <8 x float> zeroinitializer, ptr %acc00145, align 4
-  store <8 x float> zeroinitializer, ptr %acc01146, align 4
-  %903 = add nsw i64 %r0, 1
-  %904 = getelementptr inbounds i32, ptr %rows, i64 %903
-  %905 = load i32, ptr %904, align 4
-  %906 = sext i32 %905 to i64
-  %907 = mul nsw i64 %906, 1024
-  %908 = getelementptr inbounds float, ptr %x, i64 %907
-  store <8 x float> zeroinitializer, ptr %acc10147, align 4
-  store <8 x float> zeroinitializer, ptr %acc11148, align 4
-  %panel.off149 = mul nsw i64 %p, 16384
-  %909 = getelementptr inbounds float, ptr %panels, i64 %panel.off149
-  %910 = add nsw i64 %p, 1
-  %911 = icmp slt i64 %910, %p1
-  %912 = getelementptr inbounds i8, ptr %909, i64 65536
-  %913 = and i1 %pf.on, %911
-  %pf150 = select i1 %913, ptr %912, ptr %909
-  br label %k.head151
+  %917 = add nsw i64 %r0, 0
+  %918 = getelementptr inbounds i32, ptr %rows, i64 %917
+  %919 = load i32, ptr %918, align 4
+  %920 = sext i32 %919 to i64
+  %921 = mul nsw i64 %920, 1024
+  %922 = getelementptr inbounds float, ptr %x, i64 %921
+  store <8 x float> zeroinitializer, ptr %acc00152, align 4
+  store <8 x float> zeroinitializer, ptr %acc01153, align 4
+  %923 = add nsw i64 %r0, 1
+  %924 = getelementptr inbounds i32, ptr %rows, i64 %923
+  %925 = load i32, ptr %924, align 4
+  %926 = sext i32 %925 to i64
+  %927 = mul nsw i64 %926, 1024
+  %928 = getelementptr inbounds float, ptr %x, i64 %927
+  store <8 x float> zeroinitializer, ptr %acc10154, align 4
+  store <8 x float> zeroinitializer, ptr %acc11155, align 4
+  %panel.off156 = mul nsw i64 %p, 16384
+  %929 = getelementptr inbounds float, ptr %panels, i64 %panel.off156
+  %930 = add nsw i64 %p, 1
+  %931 = icmp slt i64 %930, %p1
+  %pf.on157 = and i1 %pf.on, %931
+  %932 = mul nsw i64 %pf.j, 65536
+  %933 = lshr i64 %932, %9
+  %934 = add nsw i64 65536, %933
+  %935 = getelementptr inbounds i8, ptr %929, i64 %934
+  %pf158 = select i1 %pf.on157, ptr %935, ptr %929
+  %pf.sh159 = select i1 %pf.on157, i64 %9, i64 0
+  br label %k.head160
 
-k.head151:                                        ; preds = %k.body152, %tile.mr2
-  %k154 = phi i64 [ 0, %tile.mr2 ], [ %940, %k.body152 ]
-  %914 = icmp slt i64 %k154, 1024
-  br i1 %914, label %k.body152, label %k.end153
+k.head160:                                        ; preds = %k.body161, %tile.mr2
+  %k163 = phi i64 [ 0, %tile.mr2 ], [ %963, %k.body161 ]
+  %936 = icmp slt i64 %k163, 1024
+  br i1 %936, label %k.body161, label %k.end162
 
-k.body152:                                        ; preds = %k.head151
-  %915 = mul nsw i64 %k154, 16
-  %916 = add nsw i64 %panel.off149, %915
-  %917 = mul nsw i64 %k154, 64
-  %918 = getelementptr inbounds i8, ptr %pf150, i64 %917
-  call void @llvm.prefetch.p0(ptr %918, i32 0, i32 2, i32 1)
-  %919 = getelementptr inbounds float, ptr %panels, i64 %916
-  %920 = load <8 x float>, ptr %919, align 4
-  %921 = add nsw i64 %916, 8
-  %922 = getelementptr inbounds float, ptr %panels, i64 %921
-  %923 = load <8 x float>, ptr %922, align 4
-  %924 = getelementptr inbounds float, ptr %902, i64 %k154
-  %925 = load float, ptr %924, align 4
-  %926 = insertelement <8 x float> poison, float %925, i32 0
-  %927 = shufflevector <8 x float> %926, <8 x float> poison, <8 x i32> zeroinitializer
-  %928 = load <8 x float>, ptr %acc00145, align 4
-  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %920, <8 x float> %928)
-  store <8 x float> %929, ptr %acc00145, align 4
-  %930 = load <8 x float>, ptr %acc01146, align 4
-  %931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %923, <8 x float> %930)
-  store <8 x float> %931, ptr %acc01146, align 4
-  %932 = getelementptr inbounds float, ptr %908, i64 %k154
-  %933 = load float, ptr %932, align 4
-  %934 = insertelement <8 x float> poison, float %933, i32 0
-  %935 = shufflevector <8 x float> %934, <8 x float> poison, <8 x i32> zeroinitializer
-  %936 = load <8 x float>, ptr %acc10147, align 4
-  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %920, <8 x float> %936)
-  store <8 x float> %937, ptr %acc10147, align 4
-  %938 = load <8 x float>, ptr %acc11148, align 4
-  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %923, <8 x float> %938)
-  store <8 x float> %939, ptr %acc11148, align 4
-  %940 = add nsw i64 %k154, 1
-  br label %k.head151
+k.body161:                                        ; preds = %k.head160
+  %937 = mul nsw i64 %k163, 16
+  %938 = add nsw i64 %panel.off156, %937
+  %939 = mul nsw i64 %k163, 64
+  %940 = lshr i64 %939, %pf.sh159
+  %941 = getelementptr inbounds i8, ptr %pf158, i64 %940
+  call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  %942 = getelementptr inbounds float, ptr %panels, i64 %938
+  %943 = load <8 x float>, ptr %942, align 4
+  %944 = add nsw i64 %938, 8
+  %945 = getelementptr inbounds float, ptr %panels, i64 %944
+  %946 = load <8 x float>, ptr %945, align 4
+  %947 = getelementptr inbounds float, ptr %922, i64 %k163
+  %948 = load float, ptr %947, align 4
+  %949 = insertelement <8 x float> poison, float %948, i32 0
+  %950 = shufflevector <8 x float> %949, <8 x float> poison, <8 x i32> zeroinitializer
+  %951 = load <8 x float>, ptr %acc00152, align 4
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %943, <8 x float> %951)
+  store <8 x float> %952, ptr %acc00152, align 4
+  %953 = load <8 x float>, ptr %acc01153, align 4
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %946, <8 x float> %953)
+  store <8 x float> %954, ptr %acc01153, align 4
+  %955 = getelementptr inbounds float, ptr %928, i64 %k163
+  %956 = load float, ptr %955, align 4
+  %957 = insertelement <8 x float> poison, float %956, i32 0
+  %958 = shufflevector <8 x float> %957, <8 x float> poison, <8 x i32> zeroinitializer
+  %959 = load <8 x float>, ptr %acc10154, align 4
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %943, <8 x float> %959)
+  store <8 x float> %960, ptr %acc10154, align 4
+  %961 = load <8 x float>, ptr %acc11155, align 4
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %946, <8 x float> %961)
+  store <8 x float> %962, ptr %acc11155, align 4
+  %963 = add nsw i64 %k163, 1
+  br label %k.head160
 
-k.end153:                                         ; preds = %k.head151
-  %941 = add nsw i64 %r0, 0
-  %942 = getelementptr inbounds float, ptr %rw, i64 %941
-  %943 = load float, ptr %942, align 4
-  %944 = insertelement <8 x float> poison, float %943, i32 0
-  %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
-  %946 = mul nsw i64 %941, 2816
-  %947 = getelementptr inbounds float, ptr %h, i64 %946
-  %col155 = mul nsw i64 %p, 8
-  %948 = load <8 x float>, ptr %acc00145, align 4
-  %949 = load <8 x float>, ptr %acc01146, align 4
-  %950 = fneg <8 x float> %948
-  %951 = fcmp olt <8 x float> %950, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %952 = select <8 x i1> %951, <8 x float> %950, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %953 = fcmp ogt <8 x float> %952, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %954 = select <8 x i1> %953, <8 x float> %952, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %956 = call <8 x float> @llvm.floor.v8f32(<8 x float> %955)
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %954)
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %957)
-  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %958, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %958, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %958, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %958, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %958, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %964 = fmul <8 x float> %958, %958
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %964, <8 x float> %958)
-  %966 = fadd <8 x float> %965, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %967 = fptosi <8 x float> %956 to <8 x i32>
-  %968 = add <8 x i32> %967, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %969 = shl <8 x i32> %968, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n156 = bitcast <8 x i32> %969 to <8 x float>
-  %exp157 = fmul <8 x float> %966, %exp.2n156
-  %970 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %970
-  %silu159 = fmul <8 x float> %948, %sigmoid158
-  %glu160 = fmul <8 x float> %silu159, %949
-  %971 = fmul <8 x float> %glu160, %945
-  %972 = getelementptr inbounds float, ptr %947, i64 %col155
-  store <8 x float> %971, ptr %972, align 4
-  %973 = add nsw i64 %r0, 1
-  %974 = getelementptr inbounds float, ptr %rw, i64 %973
-  %975 = load float, ptr %974, align 4
-  %976 = insertelement <8 x float> poison, float %975, i32 0
-  %977 = shufflevector <8 x float> %976, <8 x float> poison, <8 x i32> zeroinitializer
-  %978 = mul nsw i64 %973, 2816
-  %979 = getelementptr inbounds float, ptr %h, i64 %978
-  %col161 = mul nsw i64 %p, 8
-  %980 = load <8 x float>, ptr %acc10147, align 4
-  %981 = load <8 x float>, ptr %acc11148, align 4
-  %982 = fneg <8 x float> %980
-  %983 = fcmp olt <8 x float> %982, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %984 = select <8 x i1> %983, <8 x float> %982, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %985 = fcmp ogt <8 x float> %984, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %986 = select <8 x i1> %985, <8 x float> %984, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %988 = call <8 x float> @llvm.floor.v8f32(<8 x float> %987)
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %986)
-  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %989)
-  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %990, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %991, <8 x float> %990, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %990, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %990, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %990, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %996 = fmul <8 x float> %990, %990
-  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %996, <8 x float> %990)
-  %998 = fadd <8 x float> %997, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %999 = fptosi <8 x float> %988 to <8 x i32>
-  %1000 = add <8 x i32> %999, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1001 = shl <8 x i32> %1000, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n162 = bitcast <8 x i32> %1001 to <8 x float>
-  %exp163 = fmul <8 x float> %998, %exp.2n162
-  %1002 = fadd <8 x float> %exp163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid164 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1002
-  %silu165 = fmul <8 x float> %980, %sigmoid164
-  %glu166 = fmul <8 x float> %silu165, %981
-  %1003 = fmul <8 x float> %glu166, %977
-  %1004 = getelementptr inbounds float, ptr %979, i64 %col161
-  store <8 x float> %1003, ptr %1004, align 4
+k.end162:                                         ; preds = %k.head160
+  %964 = add nsw i64 %r0, 0
+  %965 = getelementptr inbounds float, ptr %rw, i64 %964
+  %966 = load float, ptr %965, align 4
+  %967 = insertelement <8 x float> poison, float %966, i32 0
+  %968 = shufflevector <8 x float> %967, <8 x float> poison, <8 x i32> zeroinitializer
+  %969 = mul nsw i64 %964, 2816
+  %970 = getelementptr inbounds float, ptr %h, i64 %969
+  %col164 = mul nsw i64 %p, 8
+  %971 = load <8 x float>, ptr %acc00152, align 4
+  %972 = load <8 x float>, ptr %acc01153, align 4
+  %973 = fneg <8 x float> %971
+  %974 = fcmp olt <8 x float> %973, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %975 = select <8 x i1> %974, <8 x float> %973, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %976 = fcmp ogt <8 x float> %975, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %977 = select <8 x i1> %976, <8 x float> %975, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %979 = call <8 x float> @llvm.floor.v8f32(<8 x float> %978)
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %977)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %980)
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %981, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %981, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> %981, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %984, <8 x float> %981, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %981, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %987 = fmul <8 x float> %981, %981
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %987, <8 x float> %981)
+  %989 = fadd <8 x float> %988, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %990 = fptosi <8 x float> %979 to <8 x i32>
+  %991 = add <8 x i32> %990, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %992 = shl <8 x i32> %991, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n165 = bitcast <8 x i32> %992 to <8 x float>
+  %exp166 = fmul <8 x float> %989, %exp.2n165
+  %993 = fadd <8 x float> %exp166, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid167 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %993
+  %silu168 = fmul <8 x float> %971, %sigmoid167
+  %glu169 = fmul <8 x float> %silu168, %972
+  %994 = fmul <8 x float> %glu169, %968
+  %995 = getelementptr inbounds float, ptr %970, i64 %col164
+  store <8 x float> %994, ptr %995, align 4
+  %996 = add nsw i64 %r0, 1
+  %997 = getelementptr inbounds float, ptr %rw, i64 %996
+  %998 = load float, ptr %997, align 4
+  %999 = insertelement <8 x float> poison, float %998, i32 0
+  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
+  %1001 = mul nsw i64 %996, 2816
+  %1002 = getelementptr inbounds float, ptr %h, i64 %1001
+  %col170 = mul nsw i64 %p, 8
+  %1003 = load <8 x float>, ptr %acc10154, align 4
+  %1004 = load <8 x float>, ptr %acc11155, align 4
+  %1005 = fneg <8 x float> %1003
+  %1006 = fcmp olt <8 x float> %1005, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1007 = select <8 x i1> %1006, <8 x float> %1005, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1008 = fcmp ogt <8 x float> %1007, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1009 = select <8 x i1> %1008, <8 x float> %1007, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1011 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1010)
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1009)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1012)
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1013, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> %1013, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> %1013, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1013, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1013, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1019 = fmul <8 x float> %1013, %1013
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1019, <8 x float> %1013)
+  %1021 = fadd <8 x float> %1020, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1022 = fptosi <8 x float> %1011 to <8 x i32>
+  %1023 = add <8 x i32> %1022, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1024 = shl <8 x i32> %1023, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n171 = bitcast <8 x i32> %1024 to <8 x float>
+  %exp172 = fmul <8 x float> %1021, %exp.2n171
+  %1025 = fadd <8 x float> %exp172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid173 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1025
+  %silu174 = fmul <8 x float> %1003, %sigmoid173
+  %glu175 = fmul <8 x float> %silu174, %1004
+  %1026 = fmul <8 x float> %glu175, %1000
+  %1027 = getelementptr inbounds float, ptr %1002, i64 %col170
+  store <8 x float> %1026, ptr %1027, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %1005 = add nsw i64 %r0, 0
-  %1006 = getelementptr inbounds i32, ptr %rows, i64 %1005
-  %1007 = load i32, ptr %1006, align 4
-  %1008 = sext i32 %1007 to i64
-  %1009 = mul nsw i64 %1008, 1024
-  %1010 = getelementptr inbounds float, ptr %x, i64 %1009
-  store <8 x float> zeroinitializer, ptr %acc00167, align 4
-  store <8 x float> zeroinitializer, ptr %acc01168, align 4
-  %panel.off169 = mul nsw i64 %p, 16384
-  %1011 = getelementptr inbounds float, ptr %panels, i64 %panel.off169
-  %1012 = add nsw i64 %p, 1
-  %1013 = icmp slt i64 %1012, %p1
-  %1014 = getelementptr inbounds i8, ptr %1011, i64 65536
-  %1015 = and i1 %pf.on, %1013
-  %pf170 = select i1 %1015, ptr %1014, ptr %1011
-  br label %k.head171
+  %1028 = add nsw i64 %r0, 0
+  %1029 = getelementptr inbounds i32, ptr %rows, i64 %1028
+  %1030 = load i32, ptr %1029, align 4
+  %1031 = sext i32 %1030 to i64
+  %1032 = mul nsw i64 %1031, 1024
+  %1033 = getelementptr inbounds float, ptr %x, i64 %1032
+  store <8 x float> zeroinitializer, ptr %acc00176, align 4
+  store <8 x float> zeroinitializer, ptr %acc01177, align 4
+  %panel.off178 = mul nsw i64 %p, 16384
+  %1034 = getelementptr inbounds float, ptr %panels, i64 %panel.off178
+  %1035 = add nsw i64 %p, 1
+  %1036 = icmp slt i64 %1035, %p1
+  %pf.on179 = and i1 %pf.on, %1036
+  %1037 = mul nsw i64 %pf.j, 65536
+  %1038 = lshr i64 %1037, %9
+  %1039 = add nsw i64 65536, %1038
+  %1040 = getelementptr inbounds i8, ptr %1034, i64 %1039
+  %pf180 = select i1 %pf.on179, ptr %1040, ptr %1034
+  %pf.sh181 = select i1 %pf.on179, i64 %9, i64 0
+  br label %k.head182
 
-k.head171:                                        ; preds = %k.body172, %tile.mr1
-  %k174 = phi i64 [ 0, %tile.mr1 ], [ %1034, %k.body172 ]
-  %1016 = icmp slt i64 %k174, 1024
-  br i1 %1016, label %k.body172, label %k.end173
+k.head182:                                        ; preds = %k.body183, %tile.mr1
+  %k185 = phi i64 [ 0, %tile.mr1 ], [ %1060, %k.body183 ]
+  %1041 = icmp slt i64 %k185, 1024
+  br i1 %1041, label %k.body183, label %k.end184
 
-k.body172:                                        ; preds = %k.head171
-  %1017 = mul nsw i64 %k174, 16
-  %1018 = add nsw i64 %panel.off169, %1017
-  %1019 = mul nsw i64 %k174, 64
-  %1020 = getelementptr inbounds i8, ptr %pf170, i64 %1019
-  call void @llvm.prefetch.p0(ptr %1020, i32 0, i32 2, i32 1)
-  %1021 = getelementptr inbounds float, ptr %panels, i64 %1018
-  %1022 = load <8 x float>, ptr %1021, align 4
-  %1023 = add nsw i64 %1018, 8
-  %1024 = getelementptr inbounds float, ptr %panels, i64 %1023
-  %1025 = load <8 x float>, ptr %1024, align 4
-  %1026 = getelementptr inbounds float, ptr %1010, i64 %k174
-  %1027 = load float, ptr %1026, align 4
-  %1028 = insertelement <8 x float> poison, float %1027, i32 0
-  %1029 = shufflevector <8 x float> %1028, <8 x float> poison, <8 x i32> zeroinitializer
-  %1030 = load <8 x float>, ptr %acc00167, align 4
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1022, <8 x float> %1030)
-  store <8 x float> %1031, ptr %acc00167, align 4
-  %1032 = load <8 x float>, ptr %acc01168, align 4
-  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1025, <8 x float> %1032)
-  store <8 x float> %1033, ptr %acc01168, align 4
-  %1034 = add nsw i64 %k174, 1
-  br label %k.head171
+k.body183:                                        ; preds = %k.head182
+  %1042 = mul nsw i64 %k185, 16
+  %1043 = add nsw i64 %panel.off178, %1042
+  %1044 = mul nsw i64 %k185, 64
+  %1045 = lshr i64 %1044, %pf.sh181
+  %1046 = getelementptr inbounds i8, ptr %pf180, i64 %1045
+  call void @llvm.prefetch.p0(ptr %1046, i32 0, i32 2, i32 1)
+  %1047 = getelementptr inbounds float, ptr %panels, i64 %1043
+  %1048 = load <8 x float>, ptr %1047, align 4
+  %1049 = add nsw i64 %1043, 8
+  %1050 = getelementptr inbounds float, ptr %panels, i64 %1049
+  %1051 = load <8 x float>, ptr %1050, align 4
+  %1052 = getelementptr inbounds float, ptr %1033, i64 %k185
+  %1053 = load float, ptr %1052, align 4
+  %1054 = insertelement <8 x float> poison, float %1053, i32 0
+  %1055 = shufflevector <8 x float> %1054, <8 x float> poison, <8 x i32> zeroinitializer
+  %1056 = load <8 x float>, ptr %acc00176, align 4
+  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1048, <8 x float> %1056)
+  store <8 x float> %1057, ptr %acc00176, align 4
+  %1058 = load <8 x float>, ptr %acc01177, align 4
+  %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1051, <8 x float> %1058)
+  store <8 x float> %1059, ptr %acc01177, align 4
+  %1060 = add nsw i64 %k185, 1
+  br label %k.head182
 
-k.end173:                                         ; preds = %k.head171
-  %1035 = add nsw i64 %r0, 0
-  %1036 = getelementptr inbounds float, ptr %rw, i64 %1035
-  %1037 = load float, ptr %1036, align 4
-  %1038 = insertelement <8 x float> poison, float %1037, i32 0
-  %1039 = shufflevector <8 x float> %1038, <8 x float> poison, <8 x i32> zeroinitializer
-  %1040 = mul nsw i64 %1035, 2816
-  %1041 = getelementptr inbounds float, ptr %h, i64 %1040
-  %col175 = mul nsw i64 %p, 8
-  %1042 = load <8 x float>, ptr %acc00167, align 4
-  %1043 = load <8 x float>, ptr %acc01168, align 4
-  %1044 = fneg <8 x float> %1042
-  %1045 = fcmp olt <8 x float> %1044, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1046 = select <8 x i1> %1045, <8 x float> %1044, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1047 = fcmp ogt <8 x float> %1046, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1048 = select <8 x i1> %1047, <8 x float> %1046, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1050 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1049)
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1048)
-  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1051)
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1052, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1052, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1052, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1052, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1052, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1058 = fmul <8 x float> %1052, %1052
-  %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1057, <8 x float> %1058, <8 x float> %1052)
-  %1060 = fadd <8 x float> %1059, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1061 = fptosi <8 x float> %1050 to <8 x i32>
-  %1062 = add <8 x i32> %1061, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1063 = shl <8 x i32> %1062, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n176 = bitcast <8 x i32> %1063 to <8 x float>
-  %exp177 = fmul <8 x float> %1060, %exp.2n176
-  %1064 = fadd <8 x float> %exp177, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid178 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1064
-  %silu179 = fmul <8 x float> %1042, %sigmoid178
-  %glu180 = fmul <8 x float> %silu179, %1043
-  %1065 = fmul <8 x float> %glu180, %1039
-  %1066 = getelementptr inbounds float, ptr %1041, i64 %col175
-  store <8 x float> %1065, ptr %1066, align 4
+k.end184:                                         ; preds = %k.head182
+  %1061 = add nsw i64 %r0, 0
+  %1062 = getelementptr inbounds float, ptr %rw, i64 %1061
+  %1063 = load float, ptr %1062, align 4
+  %1064 = insertelement <8 x float> poison, float %1063, i32 0
+  %1065 = shufflevector <8 x float> %1064, <8 x float> poison, <8 x i32> zeroinitializer
+  %1066 = mul nsw i64 %1061, 2816
+  %1067 = getelementptr inbounds float, ptr %h, i64 %1066
+  %col186 = mul nsw i64 %p, 8
+  %1068 = load <8 x float>, ptr %acc00176, align 4
+  %1069 = load <8 x float>, ptr %acc01177, align 4
+  %1070 = fneg <8 x float> %1068
+  %1071 = fcmp olt <8 x float> %1070, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1072 = select <8 x i1> %1071, <8 x float> %1070, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1073 = fcmp ogt <8 x float> %1072, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1074 = select <8 x i1> %1073, <8 x float> %1072, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1076 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1075)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1074)
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1077)
+  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1078, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1079, <8 x float> %1078, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1080, <8 x float> %1078, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> %1078, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %1078, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1084 = fmul <8 x float> %1078, %1078
+  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %1084, <8 x float> %1078)
+  %1086 = fadd <8 x float> %1085, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1087 = fptosi <8 x float> %1076 to <8 x i32>
+  %1088 = add <8 x i32> %1087, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1089 = shl <8 x i32> %1088, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %1089 to <8 x float>
+  %exp188 = fmul <8 x float> %1086, %exp.2n187
+  %1090 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1090
+  %silu190 = fmul <8 x float> %1068, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1069
+  %1091 = fmul <8 x float> %glu191, %1065
+  %1092 = getelementptr inbounds float, ptr %1067, i64 %col186
+  store <8 x float> %1091, ptr %1092, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end173, %k.end153, %k.end125, %k.end89, %k.end45, %k.end
-  %1067 = add nsw i64 %r0, 6
+tile.done:                                        ; preds = %k.end184, %k.end162, %k.end132, %k.end94, %k.end48, %k.end
+  %1093 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %1068 = add nsw i64 %p, 1
+  %1094 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2404,36 +2444,36 @@ entry:
   %acc41 = alloca <8 x float>, align 32
   %acc50 = alloca <8 x float>, align 32
   %acc51 = alloca <8 x float>, align 32
-  %acc002 = alloca <8 x float>, align 32
-  %acc013 = alloca <8 x float>, align 32
-  %acc104 = alloca <8 x float>, align 32
-  %acc115 = alloca <8 x float>, align 32
-  %acc206 = alloca <8 x float>, align 32
-  %acc217 = alloca <8 x float>, align 32
-  %acc308 = alloca <8 x float>, align 32
-  %acc319 = alloca <8 x float>, align 32
-  %acc4010 = alloca <8 x float>, align 32
-  %acc4111 = alloca <8 x float>, align 32
-  %acc0019 = alloca <8 x float>, align 32
-  %acc0120 = alloca <8 x float>, align 32
-  %acc1021 = alloca <8 x float>, align 32
-  %acc1122 = alloca <8 x float>, align 32
-  %acc2023 = alloca <8 x float>, align 32
-  %acc2124 = alloca <8 x float>, align 32
-  %acc3025 = alloca <8 x float>, align 32
-  %acc3126 = alloca <8 x float>, align 32
-  %acc0034 = alloca <8 x float>, align 32
-  %acc0135 = alloca <8 x float>, align 32
-  %acc1036 = alloca <8 x float>, align 32
-  %acc1137 = alloca <8 x float>, align 32
-  %acc2038 = alloca <8 x float>, align 32
-  %acc2139 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc0058 = alloca <8 x float>, align 32
-  %acc0159 = alloca <8 x float>, align 32
+  %acc003 = alloca <8 x float>, align 32
+  %acc014 = alloca <8 x float>, align 32
+  %acc105 = alloca <8 x float>, align 32
+  %acc116 = alloca <8 x float>, align 32
+  %acc207 = alloca <8 x float>, align 32
+  %acc218 = alloca <8 x float>, align 32
+  %acc309 = alloca <8 x float>, align 32
+  %acc3110 = alloca <8 x float>, align 32
+  %acc4011 = alloca <8 x float>, align 32
+  %acc4112 = alloca <8 x float>, align 32
+  %acc0022 = alloca <8 x float>, align 32
+  %acc0123 = alloca <8 x float>, align 32
+  %acc1024 = alloca <8 x float>, align 32
+  %acc1125 = alloca <8 x float>, align 32
+  %acc2026 = alloca <8 x float>, align 32
+  %acc2127 = alloca <8 x float>, align 32
+  %acc3028 = alloca <8 x float>, align 32
+  %acc3129 = alloca <8 x float>, align 32
+  %acc0039 = alloca <8 x float>, align 32
+  %acc0140 = alloca <8 x float>, align 32
+  %acc1041 = alloca <8 x float>, align 32
+  %acc1142 = alloca <8 x float>, align 32
+  %acc2043 = alloca <8 x float>, align 32
+  %acc2144 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
+  %acc1056 = alloca <8 x float>, align 32
+  %acc1157 = alloca <8 x float>, align 32
+  %acc0067 = alloca <8 x float>, align 32
+  %acc0168 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2442,7 +2482,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %607, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %633, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2450,7 +2490,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %606, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %632, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2458,9 +2498,19 @@ r0.body:                                          ; preds = %r0.head
   %left = sub nsw i64 %n, %r0
   %3 = icmp sge i64 %left, 6
   %mr = select i1 %3, i64 6, i64 %left
-  %4 = icmp sgt i64 %n, 6
-  %5 = icmp eq i64 %r0, 0
-  %pf.on = and i1 %5, %4
+  %4 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %4, 6
+  %5 = icmp sge i64 %nrb, 2
+  %6 = select i1 %5, i64 1, i64 0
+  %7 = icmp sge i64 %nrb, 4
+  %8 = select i1 %7, i64 2, i64 %6
+  %9 = icmp sge i64 %nrb, 8
+  %10 = select i1 %9, i64 3, i64 %8
+  %pf.j = sdiv i64 %r0, 6
+  %11 = shl i64 1, %10
+  %12 = icmp slt i64 %pf.j, %11
+  %13 = icmp sgt i64 %nrb, 1
+  %pf.on = and i1 %13, %12
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2471,419 +2521,413 @@ r0.body:                                          ; preds = %r0.head
 
 tile.mr6:                                         ; preds = %r0.body
   %col = mul nsw i64 %p, 16
-  %6 = add nsw i64 %r0, 0
-  %7 = mul nsw i64 %6, 2816
-  %8 = getelementptr inbounds float, ptr %h, i64 %7
-  %9 = getelementptr inbounds i32, ptr %rows, i64 %6
-  %10 = load i32, ptr %9, align 4
-  %11 = sext i32 %10 to i64
-  %12 = mul nsw i64 %11, 1024
-  %13 = getelementptr inbounds float, ptr %y, i64 %12
-  %14 = add nsw i64 %col, 0
-  %15 = getelementptr inbounds float, ptr %13, i64 %14
-  %16 = load <8 x float>, ptr %15, align 4
-  store <8 x float> %16, ptr %acc00, align 4
-  %17 = add nsw i64 %col, 8
-  %18 = getelementptr inbounds float, ptr %13, i64 %17
-  %19 = load <8 x float>, ptr %18, align 4
-  store <8 x float> %19, ptr %acc01, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = mul nsw i64 %20, 2816
-  %22 = getelementptr inbounds float, ptr %h, i64 %21
-  %23 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %24 = load i32, ptr %23, align 4
-  %25 = sext i32 %24 to i64
-  %26 = mul nsw i64 %25, 1024
-  %27 = getelementptr inbounds float, ptr %y, i64 %26
-  %28 = add nsw i64 %col, 0
-  %29 = getelementptr inbounds float, ptr %27, i64 %28
-  %30 = load <8 x float>, ptr %29, align 4
-  store <8 x float> %30, ptr %acc10, align 4
-  %31 = add nsw i64 %col, 8
-  %32 = getelementptr inbounds float, ptr %27, i64 %31
-  %33 = load <8 x float>, ptr %32, align 4
-  store <8 x float> %33, ptr %acc11, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 2816
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 1024
-  %41 = getelementptr inbounds float, ptr %y, i64 %40
-  %42 = add nsw i64 %col, 0
-  %43 = getelementptr inbounds float, ptr %41, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  store <8 x float> %44, ptr %acc20, align 4
-  %45 = add nsw i64 %col, 8
-  %46 = getelementptr inbounds float, ptr %41, i64 %45
-  %47 = load <8 x float>, ptr %46, align 4
-  store <8 x float> %47, ptr %acc21, align 4
-  %48 = add nsw i64 %r0, 3
-  %49 = mul nsw i64 %48, 2816
-  %50 = getelementptr inbounds float, ptr %h, i64 %49
-  %51 = getelementptr inbounds i32, ptr %rows, i64 %48
-  %52 = load i32, ptr %51, align 4
-  %53 = sext i32 %52 to i64
-  %54 = mul nsw i64 %53, 1024
-  %55 = getelementptr inbounds float, ptr %y, i64 %54
-  %56 = add nsw i64 %col, 0
-  %57 = getelementptr inbounds float, ptr %55, i64 %56
-  %58 = load <8 x float>, ptr %57, align 4
-  store <8 x float> %58, ptr %acc30, align 4
-  %59 = add nsw i64 %col, 8
-  %60 = getelementptr inbounds float, ptr %55, i64 %59
-  %61 = load <8 x float>, ptr %60, align 4
-  store <8 x float> %61, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 2816
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 1024
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
-  %72 = load <8 x float>, ptr %71, align 4
-  store <8 x float> %72, ptr %acc40, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %69, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  store <8 x float> %75, ptr %acc41, align 4
-  %76 = add nsw i64 %r0, 5
-  %77 = mul nsw i64 %76, 2816
-  %78 = getelementptr inbounds float, ptr %h, i64 %77
-  %79 = getelementptr inbounds i32, ptr %rows, i64 %76
-  %80 = load i32, ptr %79, align 4
-  %81 = sext i32 %80 to i64
-  %82 = mul nsw i64 %81, 1024
-  %83 = getelementptr inbounds float, ptr %y, i64 %82
-  %84 = add nsw i64 %col, 0
-  %85 = getelementptr inbounds float, ptr %83, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  store <8 x float> %86, ptr %acc50, align 4
-  %87 = add nsw i64 %col, 8
-  %88 = getelementptr inbounds float, ptr %83, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  store <8 x float> %89, ptr %acc51, align 4
+  %14 = add nsw i64 %r0, 0
+  %15 = mul nsw i64 %14, 2816
+  %16 = getelementptr inbounds float, ptr %h, i64 %15
+  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %18 = load i32, ptr %17, align 4
+  %19 = sext i32 %18 to i64
+  %20 = mul nsw i64 %19, 1024
+  %21 = getelementptr inbounds float, ptr %y, i64 %20
+  %22 = add nsw i64 %col, 0
+  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %24 = load <8 x float>, ptr %23, align 4
+  store <8 x float> %24, ptr %acc00, align 4
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %21, i64 %25
+  %27 = load <8 x float>, ptr %26, align 4
+  store <8 x float> %27, ptr %acc01, align 4
+  %28 = add nsw i64 %r0, 1
+  %29 = mul nsw i64 %28, 2816
+  %30 = getelementptr inbounds float, ptr %h, i64 %29
+  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %32 = load i32, ptr %31, align 4
+  %33 = sext i32 %32 to i64
+  %34 = mul nsw i64 %33, 1024
+  %35 = getelementptr inbounds float, ptr %y, i64 %34
+  %36 = add nsw i64 %col, 0
+  %37 = getelementptr inbounds float, ptr %35, i64 %36
+  %38 = load <8 x float>, ptr %37, align 4
+  store <8 x float> %38, ptr %acc10, align 4
+  %39 = add nsw i64 %col, 8
+  %40 = getelementptr inbounds float, ptr %35, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
+  store <8 x float> %41, ptr %acc11, align 4
+  %42 = add nsw i64 %r0, 2
+  %43 = mul nsw i64 %42, 2816
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 1024
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %50 = add nsw i64 %col, 0
+  %51 = getelementptr inbounds float, ptr %49, i64 %50
+  %52 = load <8 x float>, ptr %51, align 4
+  store <8 x float> %52, ptr %acc20, align 4
+  %53 = add nsw i64 %col, 8
+  %54 = getelementptr inbounds float, ptr %49, i64 %53
+  %55 = load <8 x float>, ptr %54, align 4
+  store <8 x float> %55, ptr %acc21, align 4
+  %56 = add nsw i64 %r0, 3
+  %57 = mul nsw i64 %56, 2816
+  %58 = getelementptr inbounds float, ptr %h, i64 %57
+  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
+  %60 = load i32, ptr %59, align 4
+  %61 = sext i32 %60 to i64
+  %62 = mul nsw i64 %61, 1024
+  %63 = getelementptr inbounds float, ptr %y, i64 %62
+  %64 = add nsw i64 %col, 0
+  %65 = getelementptr inbounds float, ptr %63, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  store <8 x float> %66, ptr %acc30, align 4
+  %67 = add nsw i64 %col, 8
+  %68 = getelementptr inbounds float, ptr %63, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  store <8 x float> %69, ptr %acc31, align 4
+  %70 = add nsw i64 %r0, 4
+  %71 = mul nsw i64 %70, 2816
+  %72 = getelementptr inbounds float, ptr %h, i64 %71
+  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
+  %74 = load i32, ptr %73, align 4
+  %75 = sext i32 %74 to i64
+  %76 = mul nsw i64 %75, 1024
+  %77 = getelementptr inbounds float, ptr %y, i64 %76
+  %78 = add nsw i64 %col, 0
+  %79 = getelementptr inbounds float, ptr %77, i64 %78
+  %80 = load <8 x float>, ptr %79, align 4
+  store <8 x float> %80, ptr %acc40, align 4
+  %81 = add nsw i64 %col, 8
+  %82 = getelementptr inbounds float, ptr %77, i64 %81
+  %83 = load <8 x float>, ptr %82, align 4
+  store <8 x float> %83, ptr %acc41, align 4
+  %84 = add nsw i64 %r0, 5
+  %85 = mul nsw i64 %84, 2816
+  %86 = getelementptr inbounds float, ptr %h, i64 %85
+  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
+  %88 = load i32, ptr %87, align 4
+  %89 = sext i32 %88 to i64
+  %90 = mul nsw i64 %89, 1024
+  %91 = getelementptr inbounds float, ptr %y, i64 %90
+  %92 = add nsw i64 %col, 0
+  %93 = getelementptr inbounds float, ptr %91, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  store <8 x float> %94, ptr %acc50, align 4
+  %95 = add nsw i64 %col, 8
+  %96 = getelementptr inbounds float, ptr %91, i64 %95
+  %97 = load <8 x float>, ptr %96, align 4
+  store <8 x float> %97, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 45056
-  %90 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %91 = add nsw i64 %p, 1
-  %92 = icmp slt i64 %91, %p1
-  %93 = getelementptr inbounds i8, ptr %90, i64 180224
-  %94 = and i1 %pf.on, %92
-  %pf = select i1 %94, ptr %93, ptr %90
+  %98 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %99 = add nsw i64 %p, 1
+  %100 = icmp slt i64 %99, %p1
+  %pf.on1 = and i1 %pf.on, %100
+  %101 = mul nsw i64 %pf.j, 180224
+  %102 = lshr i64 %101, %10
+  %103 = add nsw i64 180224, %102
+  %104 = getelementptr inbounds i8, ptr %98, i64 %103
+  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %k.body ]
-  %95 = icmp slt i64 %k, 2816
-  br i1 %95, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %164, %k.body ]
+  %105 = icmp slt i64 %k, 2816
+  br i1 %105, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %96 = mul nsw i64 %k, 16
-  %97 = add nsw i64 %panel.off, %96
-  %98 = mul nsw i64 %k, 64
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
-  %100 = getelementptr inbounds float, ptr %panels, i64 %97
-  %101 = load <8 x float>, ptr %100, align 4
-  %102 = add nsw i64 %97, 8
-  %103 = getelementptr inbounds float, ptr %panels, i64 %102
-  %104 = load <8 x float>, ptr %103, align 4
-  %105 = getelementptr inbounds float, ptr %8, i64 %k
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = load <8 x float>, ptr %acc00, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
-  store <8 x float> %110, ptr %acc00, align 4
-  %111 = load <8 x float>, ptr %acc01, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
-  store <8 x float> %112, ptr %acc01, align 4
-  %113 = getelementptr inbounds float, ptr %22, i64 %k
-  %114 = load float, ptr %113, align 4
-  %115 = insertelement <8 x float> poison, float %114, i32 0
-  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
-  %117 = load <8 x float>, ptr %acc10, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
-  store <8 x float> %118, ptr %acc10, align 4
-  %119 = load <8 x float>, ptr %acc11, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
-  store <8 x float> %120, ptr %acc11, align 4
-  %121 = getelementptr inbounds float, ptr %36, i64 %k
-  %122 = load float, ptr %121, align 4
-  %123 = insertelement <8 x float> poison, float %122, i32 0
-  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
-  %125 = load <8 x float>, ptr %acc20, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
-  store <8 x float> %126, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
-  store <8 x float> %128, ptr %acc21, align 4
-  %129 = getelementptr inbounds float, ptr %50, i64 %k
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = load <8 x float>, ptr %acc30, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
-  store <8 x float> %134, ptr %acc30, align 4
-  %135 = load <8 x float>, ptr %acc31, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
-  store <8 x float> %136, ptr %acc31, align 4
-  %137 = getelementptr inbounds float, ptr %64, i64 %k
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = load <8 x float>, ptr %acc40, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
-  store <8 x float> %142, ptr %acc40, align 4
-  %143 = load <8 x float>, ptr %acc41, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
-  store <8 x float> %144, ptr %acc41, align 4
-  %145 = getelementptr inbounds float, ptr %78, i64 %k
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %acc50, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
-  store <8 x float> %150, ptr %acc50, align 4
-  %151 = load <8 x float>, ptr %acc51, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
-  store <8 x float> %152, ptr %acc51, align 4
-  %153 = add nsw i64 %k, 1
+  %106 = mul nsw i64 %k, 16
+  %107 = add nsw i64 %panel.off, %106
+  %108 = mul nsw i64 %k, 64
+  %109 = lshr i64 %108, %pf.sh
+  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
+  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %111 = getelementptr inbounds float, ptr %panels, i64 %107
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = add nsw i64 %107, 8
+  %114 = getelementptr inbounds float, ptr %panels, i64 %113
+  %115 = load <8 x float>, ptr %114, align 4
+  %116 = getelementptr inbounds float, ptr %16, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc00, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %112, <8 x float> %120)
+  store <8 x float> %121, ptr %acc00, align 4
+  %122 = load <8 x float>, ptr %acc01, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %115, <8 x float> %122)
+  store <8 x float> %123, ptr %acc01, align 4
+  %124 = getelementptr inbounds float, ptr %30, i64 %k
+  %125 = load float, ptr %124, align 4
+  %126 = insertelement <8 x float> poison, float %125, i32 0
+  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
+  %128 = load <8 x float>, ptr %acc10, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %112, <8 x float> %128)
+  store <8 x float> %129, ptr %acc10, align 4
+  %130 = load <8 x float>, ptr %acc11, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %115, <8 x float> %130)
+  store <8 x float> %131, ptr %acc11, align 4
+  %132 = getelementptr inbounds float, ptr %44, i64 %k
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <8 x float> poison, float %133, i32 0
+  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
+  %136 = load <8 x float>, ptr %acc20, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %112, <8 x float> %136)
+  store <8 x float> %137, ptr %acc20, align 4
+  %138 = load <8 x float>, ptr %acc21, align 4
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %115, <8 x float> %138)
+  store <8 x float> %139, ptr %acc21, align 4
+  %140 = getelementptr inbounds float, ptr %58, i64 %k
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %acc30, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %112, <8 x float> %144)
+  store <8 x float> %145, ptr %acc30, align 4
+  %146 = load <8 x float>, ptr %acc31, align 4
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %115, <8 x float> %146)
+  store <8 x float> %147, ptr %acc31, align 4
+  %148 = getelementptr inbounds float, ptr %72, i64 %k
+  %149 = load float, ptr %148, align 4
+  %150 = insertelement <8 x float> poison, float %149, i32 0
+  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
+  %152 = load <8 x float>, ptr %acc40, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %112, <8 x float> %152)
+  store <8 x float> %153, ptr %acc40, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %115, <8 x float> %154)
+  store <8 x float> %155, ptr %acc41, align 4
+  %156 = getelementptr inbounds float, ptr %86, i64 %k
+  %157 = load float, ptr %156, align 4
+  %158 = insertelement <8 x float> poison, float %157, i32 0
+  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
+  %160 = load <8 x float>, ptr %acc50, align 4
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %112, <8 x float> %160)
+  store <8 x float> %161, ptr %acc50, align 4
+  %162 = load <8 x float>, ptr %acc51, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %115, <8 x float> %162)
+  store <8 x float> %163, ptr %acc51, align 4
+  %164 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %154 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %154, ptr %15, align 4
-  %155 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %155, ptr %18, align 4
-  %156 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %156, ptr %29, align 4
-  %157 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %157, ptr %32, align 4
-  %158 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %158, ptr %43, align 4
-  %159 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %159, ptr %46, align 4
-  %160 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %160, ptr %57, align 4
-  %161 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %161, ptr %60, align 4
-  %162 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %162, ptr %71, align 4
-  %163 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %163, ptr %74, align 4
-  %164 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %164, ptr %85, align 4
-  %165 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %165, ptr %88, align 4
+  %165 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %165, ptr %23, align 4
+  %166 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %166, ptr %26, align 4
+  %167 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %167, ptr %37, align 4
+  %168 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %168, ptr %40, align 4
+  %169 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %169, ptr %51, align 4
+  %170 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %170, ptr %54, align 4
+  %171 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %171, ptr %65, align 4
+  %172 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %172, ptr %68, align 4
+  %173 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %173, ptr %79, align 4
+  %174 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %174, ptr %82, align 4
+  %175 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %175, ptr %93, align 4
+  %176 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %176, ptr %96, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col1 = mul nsw i64 %p, 16
-  %166 = add nsw i64 %r0, 0
-  %167 = mul nsw i64 %166, 2816
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
-  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
-  %170 = load i32, ptr %169, align 4
-  %171 = sext i32 %170 to i64
-  %172 = mul nsw i64 %171, 1024
-  %173 = getelementptr inbounds float, ptr %y, i64 %172
-  %174 = add nsw i64 %col1, 0
-  %175 = getelementptr inbounds float, ptr %173, i64 %174
-  %176 = load <8 x float>, ptr %175, align 4
-  store <8 x float> %176, ptr %acc002, align 4
-  %177 = add nsw i64 %col1, 8
-  %178 = getelementptr inbounds float, ptr %173, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  store <8 x float> %179, ptr %acc013, align 4
-  %180 = add nsw i64 %r0, 1
-  %181 = mul nsw i64 %180, 2816
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 1024
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col1, 0
-  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %col2 = mul nsw i64 %p, 16
+  %177 = add nsw i64 %r0, 0
+  %178 = mul nsw i64 %177, 2816
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 1024
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
+  %187 = load <8 x float>, ptr %186, align 4
+  store <8 x float> %187, ptr %acc003, align 4
+  %188 = add nsw i64 %col2, 8
+  %189 = getelementptr inbounds float, ptr %184, i64 %188
   %190 = load <8 x float>, ptr %189, align 4
-  store <8 x float> %190, ptr %acc104, align 4
-  %191 = add nsw i64 %col1, 8
-  %192 = getelementptr inbounds float, ptr %187, i64 %191
-  %193 = load <8 x float>, ptr %192, align 4
-  store <8 x float> %193, ptr %acc115, align 4
-  %194 = add nsw i64 %r0, 2
-  %195 = mul nsw i64 %194, 2816
-  %196 = getelementptr inbounds float, ptr %h, i64 %195
-  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
-  %198 = load i32, ptr %197, align 4
-  %199 = sext i32 %198 to i64
-  %200 = mul nsw i64 %199, 1024
-  %201 = getelementptr inbounds float, ptr %y, i64 %200
-  %202 = add nsw i64 %col1, 0
-  %203 = getelementptr inbounds float, ptr %201, i64 %202
+  store <8 x float> %190, ptr %acc014, align 4
+  %191 = add nsw i64 %r0, 1
+  %192 = mul nsw i64 %191, 2816
+  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
+  %195 = load i32, ptr %194, align 4
+  %196 = sext i32 %195 to i64
+  %197 = mul nsw i64 %196, 1024
+  %198 = getelementptr inbounds float, ptr %y, i64 %197
+  %199 = add nsw i64 %col2, 0
+  %200 = getelementptr inbounds float, ptr %198, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
+  store <8 x float> %201, ptr %acc105, align 4
+  %202 = add nsw i64 %col2, 8
+  %203 = getelementptr inbounds float, ptr %198, i64 %202
   %204 = load <8 x float>, ptr %203, align 4
-  store <8 x float> %204, ptr %acc206, align 4
-  %205 = add nsw i64 %col1, 8
-  %206 = getelementptr inbounds float, ptr %201, i64 %205
-  %207 = load <8 x float>, ptr %206, align 4
-  store <8 x float> %207, ptr %acc217, align 4
-  %208 = add nsw i64 %r0, 3
-  %209 = mul nsw i64 %208, 2816
-  %210 = getelementptr inbounds float, ptr %h, i64 %209
-  %211 = getelementptr inbounds i32, ptr %rows, i64 %208
-  %212 = load i32, ptr %211, align 4
-  %213 = sext i32 %212 to i64
-  %214 = mul nsw i64 %213, 1024
-  %215 = getelementptr inbounds float, ptr %y, i64 %214
-  %216 = add nsw i64 %col1, 0
-  %217 = getelementptr inbounds float, ptr %215, i64 %216
+  store <8 x float> %204, ptr %acc116, align 4
+  %205 = add nsw i64 %r0, 2
+  %206 = mul nsw i64 %205, 2816
+  %207 = getelementptr inbounds float, ptr %h, i64 %206
+  %208 = getelementptr inbounds i32, ptr %rows, i64 %205
+  %209 = load i32, ptr %208, align 4
+  %210 = sext i32 %209 to i64
+  %211 = mul nsw i64 %210, 1024
+  %212 = getelementptr inbounds float, ptr %y, i64 %211
+  %213 = add nsw i64 %col2, 0
+  %214 = getelementptr inbounds float, ptr %212, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  store <8 x float> %215, ptr %acc207, align 4
+  %216 = add nsw i64 %col2, 8
+  %217 = getelementptr inbounds float, ptr %212, i64 %216
   %218 = load <8 x float>, ptr %217, align 4
-  store <8 x float> %218, ptr %acc308, align 4
-  %219 = add nsw i64 %col1, 8
-  %220 = getelementptr inbounds float, ptr %215, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  store <8 x float> %221, ptr %acc319, align 4
-  %222 = add nsw i64 %r0, 4
-  %223 = mul nsw i64 %222, 2816
-  %224 = getelementptr inbounds float, ptr %h, i64 %223
-  %225 = getelementptr inbounds i32, ptr %rows, i64 %222
-  %226 = load i32, ptr %225, align 4
-  %227 = sext i32 %226 to i64
-  %228 = mul nsw i64 %227, 1024
-  %229 = getelementptr inbounds float, ptr %y, i64 %228
-  %230 = add nsw i64 %col1, 0
-  %231 = getelementptr inbounds float, ptr %229, i64 %230
+  store <8 x float> %218, ptr %acc218, align 4
+  %219 = add nsw i64 %r0, 3
+  %220 = mul nsw i64 %219, 2816
+  %221 = getelementptr inbounds float, ptr %h, i64 %220
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 1024
+  %226 = getelementptr inbounds float, ptr %y, i64 %225
+  %227 = add nsw i64 %col2, 0
+  %228 = getelementptr inbounds float, ptr %226, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  store <8 x float> %229, ptr %acc309, align 4
+  %230 = add nsw i64 %col2, 8
+  %231 = getelementptr inbounds float, ptr %226, i64 %230
   %232 = load <8 x float>, ptr %231, align 4
-  store <8 x float> %232, ptr %acc4010, align 4
-  %233 = add nsw i64 %col1, 8
-  %234 = getelementptr inbounds float, ptr %229, i64 %233
-  %235 = load <8 x float>, ptr %234, align 4
-  store <8 x float> %235, ptr %acc4111, align 4
-  %panel.off12 = mul nsw i64 %p, 45056
-  %236 = getelementptr inbounds float, ptr %panels, i64 %panel.off12
-  %237 = add nsw i64 %p, 1
-  %238 = icmp slt i64 %237, %p1
-  %239 = getelementptr inbounds i8, ptr %236, i64 180224
-  %240 = and i1 %pf.on, %238
-  %pf13 = select i1 %240, ptr %239, ptr %236
-  br label %k.head14
+  store <8 x float> %232, ptr %acc3110, align 4
+  %233 = add nsw i64 %r0, 4
+  %234 = mul nsw i64 %233, 2816
+  %235 = getelementptr inbounds float, ptr %h, i64 %234
+  %236 = getelementptr inbounds i32, ptr %rows, i64 %233
+  %237 = load i32, ptr %236, align 4
+  %238 = sext i32 %237 to i64
+  %239 = mul nsw i64 %238, 1024
+  %240 = getelementptr inbounds float, ptr %y, i64 %239
+  %241 = add nsw i64 %col2, 0
+  %242 = getelementptr inbounds float, ptr %240, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  store <8 x float> %243, ptr %acc4011, align 4
+  %244 = add nsw i64 %col2, 8
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
+  store <8 x float> %246, ptr %acc4112, align 4
+  %panel.off13 = mul nsw i64 %p, 45056
+  %247 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %248 = add nsw i64 %p, 1
+  %249 = icmp slt i64 %248, %p1
+  %pf.on14 = and i1 %pf.on, %249
+  %250 = mul nsw i64 %pf.j, 180224
+  %251 = lshr i64 %250, %10
+  %252 = add nsw i64 180224, %251
+  %253 = getelementptr inbounds i8, ptr %247, i64 %252
+  %pf15 = select i1 %pf.on14, ptr %253, ptr %247
+  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  br label %k.head17
 
-k.head14:                                         ; preds = %k.body15, %tile.mr5
-  %k17 = phi i64 [ 0, %tile.mr5 ], [ %291, %k.body15 ]
-  %241 = icmp slt i64 %k17, 2816
-  br i1 %241, label %k.body15, label %k.end16
+k.head17:                                         ; preds = %k.body18, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %305, %k.body18 ]
+  %254 = icmp slt i64 %k20, 2816
+  br i1 %254, label %k.body18, label %k.end19
 
-k.body15:                                         ; preds = %k.head14
-  %242 = mul nsw i64 %k17, 16
-  %243 = add nsw i64 %panel.off12, %242
-  %244 = mul nsw i64 %k17, 64
-  %245 = getelementptr inbounds i8, ptr %pf13, i64 %244
-  call void @llvm.prefetch.p0(ptr %245, i32 0, i32 2, i32 1)
-  %246 = getelementptr inbounds float, ptr %panels, i64 %243
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = add nsw i64 %243, 8
-  %249 = getelementptr inbounds float, ptr %panels, i64 %248
-  %250 = load <8 x float>, ptr %249, align 4
-  %251 = getelementptr inbounds float, ptr %168, i64 %k17
-  %252 = load float, ptr %251, align 4
-  %253 = insertelement <8 x float> poison, float %252, i32 0
-  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc002, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %247, <8 x float> %255)
-  store <8 x float> %256, ptr %acc002, align 4
-  %257 = load <8 x float>, ptr %acc013, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %250, <8 x float> %257)
-  store <8 x float> %258, ptr %acc013, align 4
-  %259 = getelementptr inbounds float, ptr %182, i64 %k17
-  %260 = load float, ptr %259, align 4
-  %261 = insertelement <8 x float> poison, float %260, i32 0
-  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc104, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %247, <8 x float> %263)
-  store <8 x float> %264, ptr %acc104, align 4
-  %265 = load <8 x float>, ptr %acc115, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %250, <8 x float> %265)
-  store <8 x float> %266, ptr %acc115, align 4
-  %267 = getelementptr inbounds float, ptr %196, i64 %k17
-  %268 = load float, ptr %267, align 4
-  %269 = insertelement <8 x float> poison, float %268, i32 0
-  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc206, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %247, <8 x float> %271)
-  store <8 x float> %272, ptr %acc206, align 4
-  %273 = load <8 x float>, ptr %acc217, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %250, <8 x float> %273)
-  store <8 x float> %274, ptr %acc217, align 4
-  %275 = getelementptr inbounds float, ptr %210, i64 %k17
-  %276 = load float, ptr %275, align 4
-  %277 = insertelement <8 x float> poison, float %276, i32 0
-  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
-  %279 = load <8 x float>, ptr %acc308, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %247, <8 x float> %279)
-  store <8 x float> %280, ptr %acc308, align 4
-  %281 = load <8 x float>, ptr %acc319, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %250, <8 x float> %281)
-  store <8 x float> %282, ptr %acc319, align 4
-  %283 = getelementptr inbounds float, ptr %224, i64 %k17
-  %284 = load float, ptr %283, align 4
-  %285 = insertelement <8 x float> poison, float %284, i32 0
-  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
-  %287 = load <8 x float>, ptr %acc4010, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %247, <8 x float> %287)
-  store <8 x float> %288, ptr %acc4010, align 4
-  %289 = load <8 x float>, ptr %acc4111, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %250, <8 x float> %289)
-  store <8 x float> %290, ptr %acc4111, align 4
-  %291 = add nsw i64 %k17, 1
-  br label %k.head14
+k.body18:                                         ; preds = %k.head17
+  %255 = mul nsw i64 %k20, 16
+  %256 = add nsw i64 %panel.off13, %255
+  %257 = mul nsw i64 %k20, 64
+  %258 = lshr i64 %257, %pf.sh16
+  %259 = getelementptr inbounds i8, ptr %pf15, i64 %258
+  call void @llvm.prefetch.p0(ptr %259, i32 0, i32 2, i32 1)
+  %260 = getelementptr inbounds float, ptr %panels, i64 %256
+  %261 = load <8 x float>, ptr %260, align 4
+  %262 = add nsw i64 %256, 8
+  %263 = getelementptr inbounds float, ptr %panels, i64 %262
+  %264 = load <8 x float>, ptr %263, align 4
+  %265 = getelementptr inbounds float, ptr %179, i64 %k20
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc003, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %261, <8 x float> %269)
+  store <8 x float> %270, ptr %acc003, align 4
+  %271 = load <8 x float>, ptr %acc014, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> %271)
+  store <8 x float> %272, ptr %acc014, align 4
+  %273 = getelementptr inbounds float, ptr %193, i64 %k20
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc105, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %261, <8 x float> %277)
+  store <8 x float> %278, ptr %acc105, align 4
+  %279 = load <8 x float>, ptr %acc116, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %264, <8 x float> %279)
+  store <8 x float> %280, ptr %acc116, align 4
+  %281 = getelementptr inbounds float, ptr %207, i64 %k20
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc207, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %261, <8 x float> %285)
+  store <8 x float> %286, ptr %acc207, align 4
+  %287 = load <8 x float>, ptr %acc218, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %264, <8 x float> %287)
+  store <8 x float> %288, ptr %acc218, align 4
+  %289 = getelementptr inbounds float, ptr %221, i64 %k20
+  %290 = load float, ptr %289, align 4
+  %291 = insertelement <8 x float> poison, float %290, i32 0
+  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
+  %293 = load <8 x float>, ptr %acc309, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %261, <8 x float> %293)
+  store <8 x float> %294, ptr %acc309, align 4
+  %295 = load <8 x float>, ptr %acc3110, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %264, <8 x float> %295)
+  store <8 x float> %296, ptr %acc3110, align 4
+  %297 = getelementptr inbounds float, ptr %235, i64 %k20
+  %298 = load float, ptr %297, align 4
+  %299 = insertelement <8 x float> poison, float %298, i32 0
+  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
+  %301 = load <8 x float>, ptr %acc4011, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %261, <8 x float> %301)
+  store <8 x float> %302, ptr %acc4011, align 4
+  %303 = load <8 x float>, ptr %acc4112, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %264, <8 x float> %303)
+  store <8 x float> %304, ptr %acc4112, align 4
+  %305 = add nsw i64 %k20, 1
+  br label %k.head17
 
-k.end16:                                          ; preds = %k.head14
-  %292 = load <8 x float>, ptr %acc002, align 4
-  store <8 x float> %292, ptr %175, align 4
-  %293 = load <8 x float>, ptr %acc013, align 4
-  store <8 x float> %293, ptr %178, align 4
-  %294 = load <8 x float>, ptr %acc104, align 4
-  store <8 x float> %294, ptr %189, align 4
-  %295 = load <8 x float>, ptr %acc115, align 4
-  store <8 x float> %295, ptr %192, align 4
-  %296 = load <8 x float>, ptr %acc206, align 4
-  store <8 x float> %296, ptr %203, align 4
-  %297 = load <8 x float>, ptr %acc217, align 4
-  store <8 x float> %297, ptr %206, align 4
-  %298 = load <8 x float>, ptr %acc308, align 4
-  store <8 x float> %298, ptr %217, align 4
-  %299 = load <8 x float>, ptr %acc319, align 4
-  store <8 x float> %299, ptr %220, align 4
-  %300 = load <8 x float>, ptr %acc4010, align 4
-  store <8 x float> %300, ptr %231, align 4
-  %301 = load <8 x float>, ptr %acc4111, align 4
-  store <8 x float> %301, ptr %234, align 4
+k.end19:                                          ; preds = %k.head17
+  %306 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %306, ptr %186, align 4
+  %307 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %307, ptr %189, align 4
+  %308 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %308, ptr %200, align 4
+  %309 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %309, ptr %203, align 4
+  %310 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %310, ptr %214, align 4
+  %311 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %311, ptr %217, align 4
+  %312 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %312, ptr %228, align 4
+  %313 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %313, ptr %231, align 4
+  %314 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %314, ptr %242, align 4
+  %315 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %315, ptr %245, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col18 = mul nsw i64 %p, 16
-  %302 = add nsw i64 %r0, 0
-  %303 = mul nsw i64 %302, 2816
-  %304 = getelementptr inbounds float, ptr %h, i64 %303
-  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %306 = load i32, ptr %305, align 4
-  %307 = sext i32 %306 to i64
-  %308 = mul nsw i64 %307, 1024
-  %309 = getelementptr inbounds float, ptr %y, i64 %308
-  %310 = add nsw i64 %col18, 0
-  %311 = getelementptr inbounds float, ptr %309, i64 %310
-  %312 = load <8 x float>, ptr %311, align 4
-  store <8 x float> %312, ptr %acc0019, align 4
-  %313 = add nsw i64 %col18, 8
-  %314 = getelementptr inbounds float, ptr %309, i64 %313
-  %315 = load <8 x float>, ptr %314, align 4
-  store <8 x float> %315, ptr %acc0120, align 4
-  %316 = add nsw i64 %r0, 1
+  %col21 = mul nsw i64 %p, 16
+  %316 = add nsw i64 %r0, 0
   %317 = mul nsw i64 %316, 2816
   %318 = getelementptr inbounds float, ptr %h, i64 %317
   %319 = getelementptr inbounds i32, ptr %rows, i64 %316
@@ -2891,15 +2935,15 @@ tile.mr4:                                         ; preds = %r0.body
   %321 = sext i32 %320 to i64
   %322 = mul nsw i64 %321, 1024
   %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col18, 0
+  %324 = add nsw i64 %col21, 0
   %325 = getelementptr inbounds float, ptr %323, i64 %324
   %326 = load <8 x float>, ptr %325, align 4
-  store <8 x float> %326, ptr %acc1021, align 4
-  %327 = add nsw i64 %col18, 8
+  store <8 x float> %326, ptr %acc0022, align 4
+  %327 = add nsw i64 %col21, 8
   %328 = getelementptr inbounds float, ptr %323, i64 %327
   %329 = load <8 x float>, ptr %328, align 4
-  store <8 x float> %329, ptr %acc1122, align 4
-  %330 = add nsw i64 %r0, 2
+  store <8 x float> %329, ptr %acc0123, align 4
+  %330 = add nsw i64 %r0, 1
   %331 = mul nsw i64 %330, 2816
   %332 = getelementptr inbounds float, ptr %h, i64 %331
   %333 = getelementptr inbounds i32, ptr %rows, i64 %330
@@ -2907,15 +2951,15 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = sext i32 %334 to i64
   %336 = mul nsw i64 %335, 1024
   %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col18, 0
+  %338 = add nsw i64 %col21, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
   %340 = load <8 x float>, ptr %339, align 4
-  store <8 x float> %340, ptr %acc2023, align 4
-  %341 = add nsw i64 %col18, 8
+  store <8 x float> %340, ptr %acc1024, align 4
+  %341 = add nsw i64 %col21, 8
   %342 = getelementptr inbounds float, ptr %337, i64 %341
   %343 = load <8 x float>, ptr %342, align 4
-  store <8 x float> %343, ptr %acc2124, align 4
-  %344 = add nsw i64 %r0, 3
+  store <8 x float> %343, ptr %acc1125, align 4
+  %344 = add nsw i64 %r0, 2
   %345 = mul nsw i64 %344, 2816
   %346 = getelementptr inbounds float, ptr %h, i64 %345
   %347 = getelementptr inbounds i32, ptr %rows, i64 %344
@@ -2923,386 +2967,422 @@ tile.mr4:                                         ; preds = %r0.body
   %349 = sext i32 %348 to i64
   %350 = mul nsw i64 %349, 1024
   %351 = getelementptr inbounds float, ptr %y, i64 %350
-  %352 = add nsw i64 %col18, 0
+  %352 = add nsw i64 %col21, 0
   %353 = getelementptr inbounds float, ptr %351, i64 %352
   %354 = load <8 x float>, ptr %353, align 4
-  store <8 x float> %354, ptr %acc3025, align 4
-  %355 = add nsw i64 %col18, 8
+  store <8 x float> %354, ptr %acc2026, align 4
+  %355 = add nsw i64 %col21, 8
   %356 = getelementptr inbounds float, ptr %351, i64 %355
   %357 = load <8 x float>, ptr %356, align 4
-  store <8 x float> %357, ptr %acc3126, align 4
-  %panel.off27 = mul nsw i64 %p, 45056
-  %358 = getelementptr inbounds float, ptr %panels, i64 %panel.off27
-  %359 = add nsw i64 %p, 1
-  %360 = icmp slt i64 %359, %p1
-  %361 = getelementptr inbounds i8, ptr %358, i64 180224
-  %362 = and i1 %pf.on, %360
-  %pf28 = select i1 %362, ptr %361, ptr %358
-  br label %k.head29
+  store <8 x float> %357, ptr %acc2127, align 4
+  %358 = add nsw i64 %r0, 3
+  %359 = mul nsw i64 %358, 2816
+  %360 = getelementptr inbounds float, ptr %h, i64 %359
+  %361 = getelementptr inbounds i32, ptr %rows, i64 %358
+  %362 = load i32, ptr %361, align 4
+  %363 = sext i32 %362 to i64
+  %364 = mul nsw i64 %363, 1024
+  %365 = getelementptr inbounds float, ptr %y, i64 %364
+  %366 = add nsw i64 %col21, 0
+  %367 = getelementptr inbounds float, ptr %365, i64 %366
+  %368 = load <8 x float>, ptr %367, align 4
+  store <8 x float> %368, ptr %acc3028, align 4
+  %369 = add nsw i64 %col21, 8
+  %370 = getelementptr inbounds float, ptr %365, i64 %369
+  %371 = load <8 x float>, ptr %370, align 4
+  store <8 x float> %371, ptr %acc3129, align 4
+  %panel.off30 = mul nsw i64 %p, 45056
+  %372 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  %373 = add nsw i64 %p, 1
+  %374 = icmp slt i64 %373, %p1
+  %pf.on31 = and i1 %pf.on, %374
+  %375 = mul nsw i64 %pf.j, 180224
+  %376 = lshr i64 %375, %10
+  %377 = add nsw i64 180224, %376
+  %378 = getelementptr inbounds i8, ptr %372, i64 %377
+  %pf32 = select i1 %pf.on31, ptr %378, ptr %372
+  %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
+  br label %k.head34
 
-k.head29:                                         ; preds = %k.body30, %tile.mr4
-  %k32 = phi i64 [ 0, %tile.mr4 ], [ %405, %k.body30 ]
-  %363 = icmp slt i64 %k32, 2816
-  br i1 %363, label %k.body30, label %k.end31
+k.head34:                                         ; preds = %k.body35, %tile.mr4
+  %k37 = phi i64 [ 0, %tile.mr4 ], [ %422, %k.body35 ]
+  %379 = icmp slt i64 %k37, 2816
+  br i1 %379, label %k.body35, label %k.end36
 
-k.body30:                                         ; preds = %k.head29
-  %364 = mul nsw i64 %k32, 16
-  %365 = add nsw i64 %panel.off27, %364
-  %366 = mul nsw i64 %k32, 64
-  %367 = getelementptr inbounds i8, ptr %pf28, i64 %366
-  call void @llvm.prefetch.p0(ptr %367, i32 0, i32 2, i32 1)
-  %368 = getelementptr inbounds float, ptr %panels, i64 %365
-  %369 = load <8 x float>, ptr %368, align 4
-  %370 = add nsw i64 %365, 8
-  %371 = getelementptr inbounds float, ptr %panels, i64 %370
-  %372 = load <8 x float>, ptr %371, align 4
-  %373 = getelementptr inbounds float, ptr %304, i64 %k32
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc0019, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %369, <8 x float> %377)
-  store <8 x float> %378, ptr %acc0019, align 4
-  %379 = load <8 x float>, ptr %acc0120, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %372, <8 x float> %379)
-  store <8 x float> %380, ptr %acc0120, align 4
-  %381 = getelementptr inbounds float, ptr %318, i64 %k32
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc1021, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %369, <8 x float> %385)
-  store <8 x float> %386, ptr %acc1021, align 4
-  %387 = load <8 x float>, ptr %acc1122, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %372, <8 x float> %387)
-  store <8 x float> %388, ptr %acc1122, align 4
-  %389 = getelementptr inbounds float, ptr %332, i64 %k32
-  %390 = load float, ptr %389, align 4
-  %391 = insertelement <8 x float> poison, float %390, i32 0
-  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
-  %393 = load <8 x float>, ptr %acc2023, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %369, <8 x float> %393)
-  store <8 x float> %394, ptr %acc2023, align 4
-  %395 = load <8 x float>, ptr %acc2124, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %372, <8 x float> %395)
-  store <8 x float> %396, ptr %acc2124, align 4
-  %397 = getelementptr inbounds float, ptr %346, i64 %k32
-  %398 = load float, ptr %397, align 4
-  %399 = insertelement <8 x float> poison, float %398, i32 0
-  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
-  %401 = load <8 x float>, ptr %acc3025, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %369, <8 x float> %401)
-  store <8 x float> %402, ptr %acc3025, align 4
-  %403 = load <8 x float>, ptr %acc3126, align 4
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %372, <8 x float> %403)
-  store <8 x float> %404, ptr %acc3126, align 4
-  %405 = add nsw i64 %k32, 1
-  br label %k.head29
+k.body35:                                         ; preds = %k.head34
+  %380 = mul nsw i64 %k37, 16
+  %381 = add nsw i64 %panel.off30, %380
+  %382 = mul nsw i64 %k37, 64
+  %383 = lshr i64 %382, %pf.sh33
+  %384 = getelementptr inbounds i8, ptr %pf32, i64 %383
+  call void @llvm.prefetch.p0(ptr %384, i32 0, i32 2, i32 1)
+  %385 = getelementptr inbounds float, ptr %panels, i64 %381
+  %386 = load <8 x float>, ptr %385, align 4
+  %387 = add nsw i64 %381, 8
+  %388 = getelementptr inbounds float, ptr %panels, i64 %387
+  %389 = load <8 x float>, ptr %388, align 4
+  %390 = getelementptr inbounds float, ptr %318, i64 %k37
+  %391 = load float, ptr %390, align 4
+  %392 = insertelement <8 x float> poison, float %391, i32 0
+  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
+  %394 = load <8 x float>, ptr %acc0022, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %386, <8 x float> %394)
+  store <8 x float> %395, ptr %acc0022, align 4
+  %396 = load <8 x float>, ptr %acc0123, align 4
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %389, <8 x float> %396)
+  store <8 x float> %397, ptr %acc0123, align 4
+  %398 = getelementptr inbounds float, ptr %332, i64 %k37
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = load <8 x float>, ptr %acc1024, align 4
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %386, <8 x float> %402)
+  store <8 x float> %403, ptr %acc1024, align 4
+  %404 = load <8 x float>, ptr %acc1125, align 4
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %389, <8 x float> %404)
+  store <8 x float> %405, ptr %acc1125, align 4
+  %406 = getelementptr inbounds float, ptr %346, i64 %k37
+  %407 = load float, ptr %406, align 4
+  %408 = insertelement <8 x float> poison, float %407, i32 0
+  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
+  %410 = load <8 x float>, ptr %acc2026, align 4
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %386, <8 x float> %410)
+  store <8 x float> %411, ptr %acc2026, align 4
+  %412 = load <8 x float>, ptr %acc2127, align 4
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %389, <8 x float> %412)
+  store <8 x float> %413, ptr %acc2127, align 4
+  %414 = getelementptr inbounds float, ptr %360, i64 %k37
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = load <8 x float>, ptr %acc3028, align 4
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %386, <8 x float> %418)
+  store <8 x float> %419, ptr %acc3028, align 4
+  %420 = load <8 x float>, ptr %acc3129, align 4
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %389, <8 x float> %420)
+  store <8 x float> %421, ptr %acc3129, align 4
+  %422 = add nsw i64 %k37, 1
+  br label %k.head34
 
-k.end31:                                          ; preds = %k.head29
-  %406 = load <8 x float>, ptr %acc0019, align 4
-  store <8 x float> %406, ptr %311, align 4
-  %407 = load <8 x float>, ptr %acc0120, align 4
-  store <8 x float> %407, ptr %314, align 4
-  %408 = load <8 x float>, ptr %acc1021, align 4
-  store <8 x float> %408, ptr %325, align 4
-  %409 = load <8 x float>, ptr %acc1122, align 4
-  store <8 x float> %409, ptr %328, align 4
-  %410 = load <8 x float>, ptr %acc2023, align 4
-  store <8 x float> %410, ptr %339, align 4
-  %411 = load <8 x float>, ptr %acc2124, align 4
-  store <8 x float> %411, ptr %342, align 4
-  %412 = load <8 x float>, ptr %acc3025, align 4
-  store <8 x float> %412, ptr %353, align 4
-  %413 = load <8 x float>, ptr %acc3126, align 4
-  store <8 x float> %413, ptr %356, align 4
+k.end36:                                          ; preds = %k.head34
+  %423 = load <8 x float>, ptr %acc0022, align 4
+  store <8 x float> %423, ptr %325, align 4
+  %424 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %424, ptr %328, align 4
+  %425 = load <8 x float>, ptr %acc1024, align 4
+  store <8 x float> %425, ptr %339, align 4
+  %426 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %426, ptr %342, align 4
+  %427 = load <8 x float>, ptr %acc2026, align 4
+  store <8 x float> %427, ptr %353, align 4
+  %428 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %428, ptr %356, align 4
+  %429 = load <8 x float>, ptr %acc3028, align 4
+  store <8 x float> %429, ptr %367, align 4
+  %430 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %430, ptr %370, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col33 = mul nsw i64 %p, 16
-  %414 = add nsw i64 %r0, 0
-  %415 = mul nsw i64 %414, 2816
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 1024
-  %421 = getelementptr inbounds float, ptr %y, i64 %420
-  %422 = add nsw i64 %col33, 0
-  %423 = getelementptr inbounds float, ptr %421, i64 %422
-  %424 = load <8 x float>, ptr %423, align 4
-  store <8 x float> %424, ptr %acc0034, align 4
-  %425 = add nsw i64 %col33, 8
-  %426 = getelementptr inbounds float, ptr %421, i64 %425
-  %427 = load <8 x float>, ptr %426, align 4
-  store <8 x float> %427, ptr %acc0135, align 4
-  %428 = add nsw i64 %r0, 1
-  %429 = mul nsw i64 %428, 2816
-  %430 = getelementptr inbounds float, ptr %h, i64 %429
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 1024
-  %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col33, 0
-  %437 = getelementptr inbounds float, ptr %435, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc1036, align 4
-  %439 = add nsw i64 %col33, 8
-  %440 = getelementptr inbounds float, ptr %435, i64 %439
+  %col38 = mul nsw i64 %p, 16
+  %431 = add nsw i64 %r0, 0
+  %432 = mul nsw i64 %431, 2816
+  %433 = getelementptr inbounds float, ptr %h, i64 %432
+  %434 = getelementptr inbounds i32, ptr %rows, i64 %431
+  %435 = load i32, ptr %434, align 4
+  %436 = sext i32 %435 to i64
+  %437 = mul nsw i64 %436, 1024
+  %438 = getelementptr inbounds float, ptr %y, i64 %437
+  %439 = add nsw i64 %col38, 0
+  %440 = getelementptr inbounds float, ptr %438, i64 %439
   %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc1137, align 4
-  %442 = add nsw i64 %r0, 2
-  %443 = mul nsw i64 %442, 2816
-  %444 = getelementptr inbounds float, ptr %h, i64 %443
-  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
-  %446 = load i32, ptr %445, align 4
-  %447 = sext i32 %446 to i64
-  %448 = mul nsw i64 %447, 1024
-  %449 = getelementptr inbounds float, ptr %y, i64 %448
-  %450 = add nsw i64 %col33, 0
-  %451 = getelementptr inbounds float, ptr %449, i64 %450
-  %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc2038, align 4
-  %453 = add nsw i64 %col33, 8
-  %454 = getelementptr inbounds float, ptr %449, i64 %453
+  store <8 x float> %441, ptr %acc0039, align 4
+  %442 = add nsw i64 %col38, 8
+  %443 = getelementptr inbounds float, ptr %438, i64 %442
+  %444 = load <8 x float>, ptr %443, align 4
+  store <8 x float> %444, ptr %acc0140, align 4
+  %445 = add nsw i64 %r0, 1
+  %446 = mul nsw i64 %445, 2816
+  %447 = getelementptr inbounds float, ptr %h, i64 %446
+  %448 = getelementptr inbounds i32, ptr %rows, i64 %445
+  %449 = load i32, ptr %448, align 4
+  %450 = sext i32 %449 to i64
+  %451 = mul nsw i64 %450, 1024
+  %452 = getelementptr inbounds float, ptr %y, i64 %451
+  %453 = add nsw i64 %col38, 0
+  %454 = getelementptr inbounds float, ptr %452, i64 %453
   %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc2139, align 4
-  %panel.off40 = mul nsw i64 %p, 45056
-  %456 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
-  %457 = add nsw i64 %p, 1
-  %458 = icmp slt i64 %457, %p1
-  %459 = getelementptr inbounds i8, ptr %456, i64 180224
-  %460 = and i1 %pf.on, %458
-  %pf41 = select i1 %460, ptr %459, ptr %456
-  br label %k.head42
+  store <8 x float> %455, ptr %acc1041, align 4
+  %456 = add nsw i64 %col38, 8
+  %457 = getelementptr inbounds float, ptr %452, i64 %456
+  %458 = load <8 x float>, ptr %457, align 4
+  store <8 x float> %458, ptr %acc1142, align 4
+  %459 = add nsw i64 %r0, 2
+  %460 = mul nsw i64 %459, 2816
+  %461 = getelementptr inbounds float, ptr %h, i64 %460
+  %462 = getelementptr inbounds i32, ptr %rows, i64 %459
+  %463 = load i32, ptr %462, align 4
+  %464 = sext i32 %463 to i64
+  %465 = mul nsw i64 %464, 1024
+  %466 = getelementptr inbounds float, ptr %y, i64 %465
+  %467 = add nsw i64 %col38, 0
+  %468 = getelementptr inbounds float, ptr %466, i64 %467
+  %469 = load <8 x float>, ptr %468, align 4
+  store <8 x float> %469, ptr %acc2043, align 4
+  %470 = add nsw i64 %col38, 8
+  %471 = getelementptr inbounds float, ptr %466, i64 %470
+  %472 = load <8 x float>, ptr %471, align 4
+  store <8 x float> %472, ptr %acc2144, align 4
+  %panel.off45 = mul nsw i64 %p, 45056
+  %473 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  %474 = add nsw i64 %p, 1
+  %475 = icmp slt i64 %474, %p1
+  %pf.on46 = and i1 %pf.on, %475
+  %476 = mul nsw i64 %pf.j, 180224
+  %477 = lshr i64 %476, %10
+  %478 = add nsw i64 180224, %477
+  %479 = getelementptr inbounds i8, ptr %473, i64 %478
+  %pf47 = select i1 %pf.on46, ptr %479, ptr %473
+  %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
+  br label %k.head49
 
-k.head42:                                         ; preds = %k.body43, %tile.mr3
-  %k45 = phi i64 [ 0, %tile.mr3 ], [ %495, %k.body43 ]
-  %461 = icmp slt i64 %k45, 2816
-  br i1 %461, label %k.body43, label %k.end44
+k.head49:                                         ; preds = %k.body50, %tile.mr3
+  %k52 = phi i64 [ 0, %tile.mr3 ], [ %515, %k.body50 ]
+  %480 = icmp slt i64 %k52, 2816
+  br i1 %480, label %k.body50, label %k.end51
 
-k.body43:                                         ; preds = %k.head42
-  %462 = mul nsw i64 %k45, 16
-  %463 = add nsw i64 %panel.off40, %462
-  %464 = mul nsw i64 %k45, 64
-  %465 = getelementptr inbounds i8, ptr %pf41, i64 %464
-  call void @llvm.prefetch.p0(ptr %465, i32 0, i32 2, i32 1)
-  %466 = getelementptr inbounds float, ptr %panels, i64 %463
-  %467 = load <8 x float>, ptr %466, align 4
-  %468 = add nsw i64 %463, 8
-  %469 = getelementptr inbounds float, ptr %panels, i64 %468
-  %470 = load <8 x float>, ptr %469, align 4
-  %471 = getelementptr inbounds float, ptr %416, i64 %k45
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc0034, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %467, <8 x float> %475)
-  store <8 x float> %476, ptr %acc0034, align 4
-  %477 = load <8 x float>, ptr %acc0135, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %477)
-  store <8 x float> %478, ptr %acc0135, align 4
-  %479 = getelementptr inbounds float, ptr %430, i64 %k45
-  %480 = load float, ptr %479, align 4
-  %481 = insertelement <8 x float> poison, float %480, i32 0
-  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
-  %483 = load <8 x float>, ptr %acc1036, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %467, <8 x float> %483)
-  store <8 x float> %484, ptr %acc1036, align 4
-  %485 = load <8 x float>, ptr %acc1137, align 4
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %470, <8 x float> %485)
-  store <8 x float> %486, ptr %acc1137, align 4
-  %487 = getelementptr inbounds float, ptr %444, i64 %k45
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc2038, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %467, <8 x float> %491)
-  store <8 x float> %492, ptr %acc2038, align 4
-  %493 = load <8 x float>, ptr %acc2139, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %470, <8 x float> %493)
-  store <8 x float> %494, ptr %acc2139, align 4
-  %495 = add nsw i64 %k45, 1
-  br label %k.head42
+k.body50:                                         ; preds = %k.head49
+  %481 = mul nsw i64 %k52, 16
+  %482 = add nsw i64 %panel.off45, %481
+  %483 = mul nsw i64 %k52, 64
+  %484 = lshr i64 %483, %pf.sh48
+  %485 = getelementptr inbounds i8, ptr %pf47, i64 %484
+  call void @llvm.prefetch.p0(ptr %485, i32 0, i32 2, i32 1)
+  %486 = getelementptr inbounds float, ptr %panels, i64 %482
+  %487 = load <8 x float>, ptr %486, align 4
+  %488 = add nsw i64 %482, 8
+  %489 = getelementptr inbounds float, ptr %panels, i64 %488
+  %490 = load <8 x float>, ptr %489, align 4
+  %491 = getelementptr inbounds float, ptr %433, i64 %k52
+  %492 = load float, ptr %491, align 4
+  %493 = insertelement <8 x float> poison, float %492, i32 0
+  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
+  %495 = load <8 x float>, ptr %acc0039, align 4
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %487, <8 x float> %495)
+  store <8 x float> %496, ptr %acc0039, align 4
+  %497 = load <8 x float>, ptr %acc0140, align 4
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %490, <8 x float> %497)
+  store <8 x float> %498, ptr %acc0140, align 4
+  %499 = getelementptr inbounds float, ptr %447, i64 %k52
+  %500 = load float, ptr %499, align 4
+  %501 = insertelement <8 x float> poison, float %500, i32 0
+  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
+  %503 = load <8 x float>, ptr %acc1041, align 4
+  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %487, <8 x float> %503)
+  store <8 x float> %504, ptr %acc1041, align 4
+  %505 = load <8 x float>, ptr %acc1142, align 4
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %490, <8 x float> %505)
+  store <8 x float> %506, ptr %acc1142, align 4
+  %507 = getelementptr inbounds float, ptr %461, i64 %k52
+  %508 = load float, ptr %507, align 4
+  %509 = insertelement <8 x float> poison, float %508, i32 0
+  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
+  %511 = load <8 x float>, ptr %acc2043, align 4
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %487, <8 x float> %511)
+  store <8 x float> %512, ptr %acc2043, align 4
+  %513 = load <8 x float>, ptr %acc2144, align 4
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %490, <8 x float> %513)
+  store <8 x float> %514, ptr %acc2144, align 4
+  %515 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end44:                                          ; preds = %k.head42
-  %496 = load <8 x float>, ptr %acc0034, align 4
-  store <8 x float> %496, ptr %423, align 4
-  %497 = load <8 x float>, ptr %acc0135, align 4
-  store <8 x float> %497, ptr %426, align 4
-  %498 = load <8 x float>, ptr %acc1036, align 4
-  store <8 x float> %498, ptr %437, align 4
-  %499 = load <8 x float>, ptr %acc1137, align 4
-  store <8 x float> %499, ptr %440, align 4
-  %500 = load <8 x float>, ptr %acc2038, align 4
-  store <8 x float> %500, ptr %451, align 4
-  %501 = load <8 x float>, ptr %acc2139, align 4
-  store <8 x float> %501, ptr %454, align 4
+k.end51:                                          ; preds = %k.head49
+  %516 = load <8 x float>, ptr %acc0039, align 4
+  store <8 x float> %516, ptr %440, align 4
+  %517 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %517, ptr %443, align 4
+  %518 = load <8 x float>, ptr %acc1041, align 4
+  store <8 x float> %518, ptr %454, align 4
+  %519 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %519, ptr %457, align 4
+  %520 = load <8 x float>, ptr %acc2043, align 4
+  store <8 x float> %520, ptr %468, align 4
+  %521 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %521, ptr %471, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col46 = mul nsw i64 %p, 16
-  %502 = add nsw i64 %r0, 0
-  %503 = mul nsw i64 %502, 2816
-  %504 = getelementptr inbounds float, ptr %h, i64 %503
-  %505 = getelementptr inbounds i32, ptr %rows, i64 %502
-  %506 = load i32, ptr %505, align 4
-  %507 = sext i32 %506 to i64
-  %508 = mul nsw i64 %507, 1024
-  %509 = getelementptr inbounds float, ptr %y, i64 %508
-  %510 = add nsw i64 %col46, 0
-  %511 = getelementptr inbounds float, ptr %509, i64 %510
-  %512 = load <8 x float>, ptr %511, align 4
-  store <8 x float> %512, ptr %acc0047, align 4
-  %513 = add nsw i64 %col46, 8
-  %514 = getelementptr inbounds float, ptr %509, i64 %513
-  %515 = load <8 x float>, ptr %514, align 4
-  store <8 x float> %515, ptr %acc0148, align 4
-  %516 = add nsw i64 %r0, 1
-  %517 = mul nsw i64 %516, 2816
-  %518 = getelementptr inbounds float, ptr %h, i64 %517
-  %519 = getelementptr inbounds i32, ptr %rows, i64 %516
-  %520 = load i32, ptr %519, align 4
-  %521 = sext i32 %520 to i64
-  %522 = mul nsw i64 %521, 1024
-  %523 = getelementptr inbounds float, ptr %y, i64 %522
-  %524 = add nsw i64 %col46, 0
-  %525 = getelementptr inbounds float, ptr %523, i64 %524
-  %526 = load <8 x float>, ptr %525, align 4
-  store <8 x float> %526, ptr %acc1049, align 4
-  %527 = add nsw i64 %col46, 8
-  %528 = getelementptr inbounds float, ptr %523, i64 %527
-  %529 = load <8 x float>, ptr %528, align 4
-  store <8 x float> %529, ptr %acc1150, align 4
-  %panel.off51 = mul nsw i64 %p, 45056
-  %530 = getelementptr inbounds float, ptr %panels, i64 %panel.off51
-  %531 = add nsw i64 %p, 1
-  %532 = icmp slt i64 %531, %p1
-  %533 = getelementptr inbounds i8, ptr %530, i64 180224
-  %534 = and i1 %pf.on, %532
-  %pf52 = select i1 %534, ptr %533, ptr %530
-  br label %k.head53
-
-k.head53:                                         ; preds = %k.body54, %tile.mr2
-  %k56 = phi i64 [ 0, %tile.mr2 ], [ %561, %k.body54 ]
-  %535 = icmp slt i64 %k56, 2816
-  br i1 %535, label %k.body54, label %k.end55
-
-k.body54:                                         ; preds = %k.head53
-  %536 = mul nsw i64 %k56, 16
-  %537 = add nsw i64 %panel.off51, %536
-  %538 = mul nsw i64 %k56, 64
-  %539 = getelementptr inbounds i8, ptr %pf52, i64 %538
-  call void @llvm.prefetch.p0(ptr %539, i32 0, i32 2, i32 1)
-  %540 = getelementptr inbounds float, ptr %panels, i64 %537
-  %541 = load <8 x float>, ptr %540, align 4
-  %542 = add nsw i64 %537, 8
-  %543 = getelementptr inbounds float, ptr %panels, i64 %542
-  %544 = load <8 x float>, ptr %543, align 4
-  %545 = getelementptr inbounds float, ptr %504, i64 %k56
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc0047, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %541, <8 x float> %549)
-  store <8 x float> %550, ptr %acc0047, align 4
-  %551 = load <8 x float>, ptr %acc0148, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %544, <8 x float> %551)
-  store <8 x float> %552, ptr %acc0148, align 4
-  %553 = getelementptr inbounds float, ptr %518, i64 %k56
-  %554 = load float, ptr %553, align 4
-  %555 = insertelement <8 x float> poison, float %554, i32 0
-  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
-  %557 = load <8 x float>, ptr %acc1049, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %541, <8 x float> %557)
-  store <8 x float> %558, ptr %acc1049, align 4
-  %559 = load <8 x float>, ptr %acc1150, align 4
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %544, <8 x float> %559)
-  store <8 x float> %560, ptr %acc1150, align 4
-  %561 = add nsw i64 %k56, 1
-  br label %k.head53
-
-k.end55:                                          ; preds = %k.head53
-  %562 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %562, ptr %511, align 4
-  %563 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %563, ptr %514, align 4
-  %564 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %564, ptr %525, align 4
-  %565 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %565, ptr %528, align 4
-  br label %tile.done
-
-tile.mr1:                                         ; preds = %r0.body
-  %col57 = mul nsw i64 %p, 16
-  %566 = add nsw i64 %r0, 0
-  %567 = mul nsw i64 %566, 2816
-  %568 = getelementptr inbounds float, ptr %h, i64 %567
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %566
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 1024
-  %573 = getelementptr inbounds float, ptr %y, i64 %572
-  %574 = add nsw i64 %col57, 0
-  %575 = getelementptr inbounds float, ptr %573, i64 %574
-  %576 = load <8 x float>, ptr %575, align 4
-  store <8 x float> %576, ptr %acc0058, align 4
-  %577 = add nsw i64 %col57, 8
-  %578 = getelementptr inbounds float, ptr %573, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
-  store <8 x float> %579, ptr %acc0159, align 4
-  %panel.off60 = mul nsw i64 %p, 45056
-  %580 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
-  %581 = add nsw i64 %p, 1
-  %582 = icmp slt i64 %581, %p1
-  %583 = getelementptr inbounds i8, ptr %580, i64 180224
-  %584 = and i1 %pf.on, %582
-  %pf61 = select i1 %584, ptr %583, ptr %580
+  %col53 = mul nsw i64 %p, 16
+  %522 = add nsw i64 %r0, 0
+  %523 = mul nsw i64 %522, 2816
+  %524 = getelementptr inbounds float, ptr %h, i64 %523
+  %525 = getelementptr inbounds i32, ptr %rows, i64 %522
+  %526 = load i32, ptr %525, align 4
+  %527 = sext i32 %526 to i64
+  %528 = mul nsw i64 %527, 1024
+  %529 = getelementptr inbounds float, ptr %y, i64 %528
+  %530 = add nsw i64 %col53, 0
+  %531 = getelementptr inbounds float, ptr %529, i64 %530
+  %532 = load <8 x float>, ptr %531, align 4
+  store <8 x float> %532, ptr %acc0054, align 4
+  %533 = add nsw i64 %col53, 8
+  %534 = getelementptr inbounds float, ptr %529, i64 %533
+  %535 = load <8 x float>, ptr %534, align 4
+  store <8 x float> %535, ptr %acc0155, align 4
+  %536 = add nsw i64 %r0, 1
+  %537 = mul nsw i64 %536, 2816
+  %538 = getelementptr inbounds float, ptr %h, i64 %537
+  %539 = getelementptr inbounds i32, ptr %rows, i64 %536
+  %540 = load i32, ptr %539, align 4
+  %541 = sext i32 %540 to i64
+  %542 = mul nsw i64 %541, 1024
+  %543 = getelementptr inbounds float, ptr %y, i64 %542
+  %544 = add nsw i64 %col53, 0
+  %545 = getelementptr inbounds float, ptr %543, i64 %544
+  %546 = load <8 x float>, ptr %545, align 4
+  store <8 x float> %546, ptr %acc1056, align 4
+  %547 = add nsw i64 %col53, 8
+  %548 = getelementptr inbounds float, ptr %543, i64 %547
+  %549 = load <8 x float>, ptr %548, align 4
+  store <8 x float> %549, ptr %acc1157, align 4
+  %panel.off58 = mul nsw i64 %p, 45056
+  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  %551 = add nsw i64 %p, 1
+  %552 = icmp slt i64 %551, %p1
+  %pf.on59 = and i1 %pf.on, %552
+  %553 = mul nsw i64 %pf.j, 180224
+  %554 = lshr i64 %553, %10
+  %555 = add nsw i64 180224, %554
+  %556 = getelementptr inbounds i8, ptr %550, i64 %555
+  %pf60 = select i1 %pf.on59, ptr %556, ptr %550
+  %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
   br label %k.head62
 
-k.head62:                                         ; preds = %k.body63, %tile.mr1
-  %k65 = phi i64 [ 0, %tile.mr1 ], [ %603, %k.body63 ]
-  %585 = icmp slt i64 %k65, 2816
-  br i1 %585, label %k.body63, label %k.end64
+k.head62:                                         ; preds = %k.body63, %tile.mr2
+  %k65 = phi i64 [ 0, %tile.mr2 ], [ %584, %k.body63 ]
+  %557 = icmp slt i64 %k65, 2816
+  br i1 %557, label %k.body63, label %k.end64
 
 k.body63:                                         ; preds = %k.head62
-  %586 = mul nsw i64 %k65, 16
-  %587 = add nsw i64 %panel.off60, %586
-  %588 = mul nsw i64 %k65, 64
-  %589 = getelementptr inbounds i8, ptr %pf61, i64 %588
-  call void @llvm.prefetch.p0(ptr %589, i32 0, i32 2, i32 1)
-  %590 = getelementptr inbounds float, ptr %panels, i64 %587
-  %591 = load <8 x float>, ptr %590, align 4
-  %592 = add nsw i64 %587, 8
-  %593 = getelementptr inbounds float, ptr %panels, i64 %592
-  %594 = load <8 x float>, ptr %593, align 4
-  %595 = getelementptr inbounds float, ptr %568, i64 %k65
-  %596 = load float, ptr %595, align 4
-  %597 = insertelement <8 x float> poison, float %596, i32 0
-  %598 = shufflevector <8 x float> %597, <8 x float> poison, <8 x i32> zeroinitializer
-  %599 = load <8 x float>, ptr %acc0058, align 4
-  %600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %591, <8 x float> %599)
-  store <8 x float> %600, ptr %acc0058, align 4
-  %601 = load <8 x float>, ptr %acc0159, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> %601)
-  store <8 x float> %602, ptr %acc0159, align 4
-  %603 = add nsw i64 %k65, 1
+  %558 = mul nsw i64 %k65, 16
+  %559 = add nsw i64 %panel.off58, %558
+  %560 = mul nsw i64 %k65, 64
+  %561 = lshr i64 %560, %pf.sh61
+  %562 = getelementptr inbounds i8, ptr %pf60, i64 %561
+  call void @llvm.prefetch.p0(ptr %562, i32 0, i32 2, i32 1)
+  %563 = getelementptr inbounds float, ptr %panels, i64 %559
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = add nsw i64 %559, 8
+  %566 = getelementptr inbounds float, ptr %panels, i64 %565
+  %567 = load <8 x float>, ptr %566, align 4
+  %568 = getelementptr inbounds float, ptr %524, i64 %k65
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc0054, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
+  store <8 x float> %573, ptr %acc0054, align 4
+  %574 = load <8 x float>, ptr %acc0155, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
+  store <8 x float> %575, ptr %acc0155, align 4
+  %576 = getelementptr inbounds float, ptr %538, i64 %k65
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc1056, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
+  store <8 x float> %581, ptr %acc1056, align 4
+  %582 = load <8 x float>, ptr %acc1157, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
+  store <8 x float> %583, ptr %acc1157, align 4
+  %584 = add nsw i64 %k65, 1
   br label %k.head62
 
 k.end64:                                          ; preds = %k.head62
-  %604 = load <8 x float>, ptr %acc0058, align 4
-  store <8 x float> %604, ptr %575, align 4
-  %605 = load <8 x float>, ptr %acc0159, align 4
-  store <8 x float> %605, ptr %578, align 4
+  %585 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %585, ptr %531, align 4
+  %586 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %586, ptr %534, align 4
+  %587 = load <8 x float>, ptr %acc1056, align 4
+  store <8 x float> %587, ptr %545, align 4
+  %588 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %588, ptr %548, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end64, %k.end55, %k.end44, %k.end31, %k.end16, %k.end
-  %606 = add nsw i64 %r0, 6
+tile.mr1:                                         ; preds = %r0.body
+  %col66 = mul nsw i64 %p, 16
+  %589 = add nsw i64 %r0, 0
+  %590 = mul nsw i64 %589, 2816
+  %591 = getelementptr inbounds float, ptr %h, i64 %590
+  %592 = getelementptr inbounds i32, ptr %rows, i64 %589
+  %593 = load i32, ptr %592, align 4
+  %594 = sext i32 %593 to i64
+  %595 = mul nsw i64 %594, 1024
+  %596 = getelementptr inbounds float, ptr %y, i64 %595
+  %597 = add nsw i64 %col66, 0
+  %598 = getelementptr inbounds float, ptr %596, i64 %597
+  %599 = load <8 x float>, ptr %598, align 4
+  store <8 x float> %599, ptr %acc0067, align 4
+  %600 = add nsw i64 %col66, 8
+  %601 = getelementptr inbounds float, ptr %596, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  store <8 x float> %602, ptr %acc0168, align 4
+  %panel.off69 = mul nsw i64 %p, 45056
+  %603 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  %604 = add nsw i64 %p, 1
+  %605 = icmp slt i64 %604, %p1
+  %pf.on70 = and i1 %pf.on, %605
+  %606 = mul nsw i64 %pf.j, 180224
+  %607 = lshr i64 %606, %10
+  %608 = add nsw i64 180224, %607
+  %609 = getelementptr inbounds i8, ptr %603, i64 %608
+  %pf71 = select i1 %pf.on70, ptr %609, ptr %603
+  %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
+  br label %k.head73
+
+k.head73:                                         ; preds = %k.body74, %tile.mr1
+  %k76 = phi i64 [ 0, %tile.mr1 ], [ %629, %k.body74 ]
+  %610 = icmp slt i64 %k76, 2816
+  br i1 %610, label %k.body74, label %k.end75
+
+k.body74:                                         ; preds = %k.head73
+  %611 = mul nsw i64 %k76, 16
+  %612 = add nsw i64 %panel.off69, %611
+  %613 = mul nsw i64 %k76, 64
+  %614 = lshr i64 %613, %pf.sh72
+  %615 = getelementptr inbounds i8, ptr %pf71, i64 %614
+  call void @llvm.prefetch.p0(ptr %615, i32 0, i32 2, i32 1)
+  %616 = getelementptr inbounds float, ptr %panels, i64 %612
+  %617 = load <8 x float>, ptr %616, align 4
+  %618 = add nsw i64 %612, 8
+  %619 = getelementptr inbounds float, ptr %panels, i64 %618
+  %620 = load <8 x float>, ptr %619, align 4
+  %621 = getelementptr inbounds float, ptr %591, i64 %k76
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc0067, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %617, <8 x float> %625)
+  store <8 x float> %626, ptr %acc0067, align 4
+  %627 = load <8 x float>, ptr %acc0168, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %620, <8 x float> %627)
+  store <8 x float> %628, ptr %acc0168, align 4
+  %629 = add nsw i64 %k76, 1
+  br label %k.head73
+
+k.end75:                                          ; preds = %k.head73
+  %630 = load <8 x float>, ptr %acc0067, align 4
+  store <8 x float> %630, ptr %598, align 4
+  %631 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %631, ptr %601, align 4
+  br label %tile.done
+
+tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
+  %632 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %607 = add nsw i64 %p, 1
+  %633 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
