@@ -208,6 +208,7 @@ struct ffn {
 	int scale_in;    /* rw scales the input (apply_to input) */
 	int scale_out;   /* rw scales the output */
 	int down_bias_w; /* the down bias is scaled by rw */
+	int store;       /* down writes its rows' columns (routed) instead of adding to them */
 	/* bf16 and int8 compute: the rows of the current chunk converted to
 	 * bf16 or quantized to int8 (xb, row stride xs values) and the chunk's
 	 * first row; int8: the rows' scales (sx) and sums of codes per group
@@ -467,8 +468,9 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 			snprintf(nm, sizeof nm, "acc%d%d", r, v);
 			acc[r][v] = moe_ll_alloca(g, wide ? t16 : g->t_v8f, 1, nm);
 			moe_ll_st(g,
-				  wide ? moe_ll_ld(g, t16, y_ptr[r][0])
-				       : vload_cols(g, y_ptr[r][v], lanes[v]),
+				  f->store ? LLVMConstNull(wide ? t16 : g->t_v8f)
+				  : wide   ? moe_ll_ld(g, t16, y_ptr[r][0])
+					   : vload_cols(g, y_ptr[r][v], lanes[v]),
 				  acc[r][v]);
 		}
 	}
@@ -860,7 +862,8 @@ static void down_pair_tile(struct moe_ll *g, const struct ffn *f, int mr, int nc
 		y_ptr[r] = down_y_cols(g, f, ri, c0);
 		snprintf(nm, sizeof nm, "acc%d0", r);
 		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
-		moe_ll_st(g, vload16(g, y_ptr[r], ncols), acc[r]);
+		moe_ll_st(g, f->store ? LLVMConstNull(g->t_v16f) : vload16(g, y_ptr[r], ncols),
+			  acc[r]);
 	}
 	LLVMValueRef pan =
 	    moe_ll_at(g, g->t_i16, moe_ll_prm(g, 4),
@@ -1107,7 +1110,8 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 		y_ptr[r] = down_y_cols(g, f, ri, c0);
 		snprintf(nm, sizeof nm, "acc%d", r);
 		acc[r] = moe_ll_alloca(g, g->t_v16f, 1, nm);
-		moe_ll_st(g, vload16(g, y_ptr[r], ncols), acc[r]);
+		moe_ll_st(g, f->store ? LLVMConstNull(g->t_v16f) : vload16(g, y_ptr[r], ncols),
+			  acc[r]);
 	}
 	int64_t pb = (int64_t)(ge->down_bytes / ge->down_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
@@ -1352,8 +1356,9 @@ static void down_tile_i8(struct moe_ll *g, const struct ffn *f, int mr, int ncol
 		   panel_prefetch(g, f, p, moe_ll_prm(g, 8), pan, pb));
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef rl = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
-		LLVMValueRef o = moe_ll_fma(g, moe_ll_ld(g, g->t_v16f, acc[r]), i8_scale(g, f, rl),
-					    vload16(g, y_ptr[r], ncols));
+		LLVMValueRef o =
+		    moe_ll_fma(g, moe_ll_ld(g, g->t_v16f, acc[r]), i8_scale(g, f, rl),
+			       f->store ? LLVMConstNull(g->t_v16f) : vload16(g, y_ptr[r], ncols));
 		down_store16(g, f, LLVMBuildNSWAdd(b, f->c0, r0, ""), r, c0, o, y_ptr[r], ncols);
 	}
 }
@@ -1803,6 +1808,7 @@ static void build_module(struct moe_ll *g, const char *cpu_name, const char *tri
 		    .scale_in = d->apply_to == MOE_APPLY_INPUT,
 		    .scale_out = d->apply_to == MOE_APPLY_OUTPUT,
 		    .down_bias_w = d->apply_to == MOE_APPLY_OUTPUT,
+		    .store = 1,
 		};
 		gen_up(g, "moe_up", &routed);
 		k[MOE_KERNEL_UP] = g->fn;

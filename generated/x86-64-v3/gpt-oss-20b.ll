@@ -8,7 +8,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [33 x i8] c"32b10c705e5e02f4d84d094a553e82d9\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 8, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr @moe_router, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 9, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr @moe_router, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_router(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
@@ -2794,7 +2794,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %942, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %900, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2802,7 +2802,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %941, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %899, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2843,306 +2843,308 @@ tile.mr6:                                         ; preds = %r0.body
   %21 = getelementptr inbounds float, ptr %y, i64 %20
   %22 = add nsw i64 %col, 0
   %23 = getelementptr inbounds float, ptr %21, i64 %22
-  %24 = load <8 x float>, ptr %23, align 4
-  store <8 x float> %24, ptr %acc00, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %21, i64 %25
-  %27 = load <8 x float>, ptr %26, align 4
-  store <8 x float> %27, ptr %acc01, align 4
-  %28 = add nsw i64 %r0, 1
-  %29 = mul nsw i64 %28, 2880
-  %30 = getelementptr inbounds float, ptr %h, i64 %29
-  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %32 = load i32, ptr %31, align 4
-  %33 = sext i32 %32 to i64
-  %34 = mul nsw i64 %33, 2880
-  %35 = getelementptr inbounds float, ptr %y, i64 %34
-  %36 = add nsw i64 %col, 0
-  %37 = getelementptr inbounds float, ptr %35, i64 %36
-  %38 = load <8 x float>, ptr %37, align 4
-  store <8 x float> %38, ptr %acc10, align 4
-  %39 = add nsw i64 %col, 8
-  %40 = getelementptr inbounds float, ptr %35, i64 %39
-  %41 = load <8 x float>, ptr %40, align 4
-  store <8 x float> %41, ptr %acc11, align 4
-  %42 = add nsw i64 %r0, 2
-  %43 = mul nsw i64 %42, 2880
-  %44 = getelementptr inbounds float, ptr %h, i64 %43
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 2880
-  %49 = getelementptr inbounds float, ptr %y, i64 %48
-  %50 = add nsw i64 %col, 0
-  %51 = getelementptr inbounds float, ptr %49, i64 %50
-  %52 = load <8 x float>, ptr %51, align 4
-  store <8 x float> %52, ptr %acc20, align 4
-  %53 = add nsw i64 %col, 8
-  %54 = getelementptr inbounds float, ptr %49, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  store <8 x float> %55, ptr %acc21, align 4
-  %56 = add nsw i64 %r0, 3
-  %57 = mul nsw i64 %56, 2880
-  %58 = getelementptr inbounds float, ptr %h, i64 %57
-  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
-  %60 = load i32, ptr %59, align 4
-  %61 = sext i32 %60 to i64
-  %62 = mul nsw i64 %61, 2880
-  %63 = getelementptr inbounds float, ptr %y, i64 %62
-  %64 = add nsw i64 %col, 0
-  %65 = getelementptr inbounds float, ptr %63, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  store <8 x float> %66, ptr %acc30, align 4
-  %67 = add nsw i64 %col, 8
-  %68 = getelementptr inbounds float, ptr %63, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  store <8 x float> %69, ptr %acc31, align 4
-  %70 = add nsw i64 %r0, 4
-  %71 = mul nsw i64 %70, 2880
-  %72 = getelementptr inbounds float, ptr %h, i64 %71
-  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
-  %74 = load i32, ptr %73, align 4
-  %75 = sext i32 %74 to i64
-  %76 = mul nsw i64 %75, 2880
-  %77 = getelementptr inbounds float, ptr %y, i64 %76
-  %78 = add nsw i64 %col, 0
-  %79 = getelementptr inbounds float, ptr %77, i64 %78
-  %80 = load <8 x float>, ptr %79, align 4
-  store <8 x float> %80, ptr %acc40, align 4
-  %81 = add nsw i64 %col, 8
-  %82 = getelementptr inbounds float, ptr %77, i64 %81
-  %83 = load <8 x float>, ptr %82, align 4
-  store <8 x float> %83, ptr %acc41, align 4
-  %84 = add nsw i64 %r0, 5
-  %85 = mul nsw i64 %84, 2880
-  %86 = getelementptr inbounds float, ptr %h, i64 %85
-  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
-  %88 = load i32, ptr %87, align 4
-  %89 = sext i32 %88 to i64
-  %90 = mul nsw i64 %89, 2880
-  %91 = getelementptr inbounds float, ptr %y, i64 %90
-  %92 = add nsw i64 %col, 0
-  %93 = getelementptr inbounds float, ptr %91, i64 %92
-  %94 = load <8 x float>, ptr %93, align 4
-  store <8 x float> %94, ptr %acc50, align 4
-  %95 = add nsw i64 %col, 8
-  %96 = getelementptr inbounds float, ptr %91, i64 %95
-  %97 = load <8 x float>, ptr %96, align 4
-  store <8 x float> %97, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  %24 = add nsw i64 %col, 8
+  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  %26 = add nsw i64 %r0, 1
+  %27 = mul nsw i64 %26, 2880
+  %28 = getelementptr inbounds float, ptr %h, i64 %27
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 2880
+  %33 = getelementptr inbounds float, ptr %y, i64 %32
+  %34 = add nsw i64 %col, 0
+  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  %36 = add nsw i64 %col, 8
+  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  %38 = add nsw i64 %r0, 2
+  %39 = mul nsw i64 %38, 2880
+  %40 = getelementptr inbounds float, ptr %h, i64 %39
+  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %42 = load i32, ptr %41, align 4
+  %43 = sext i32 %42 to i64
+  %44 = mul nsw i64 %43, 2880
+  %45 = getelementptr inbounds float, ptr %y, i64 %44
+  %46 = add nsw i64 %col, 0
+  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  %48 = add nsw i64 %col, 8
+  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  %50 = add nsw i64 %r0, 3
+  %51 = mul nsw i64 %50, 2880
+  %52 = getelementptr inbounds float, ptr %h, i64 %51
+  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
+  %54 = load i32, ptr %53, align 4
+  %55 = sext i32 %54 to i64
+  %56 = mul nsw i64 %55, 2880
+  %57 = getelementptr inbounds float, ptr %y, i64 %56
+  %58 = add nsw i64 %col, 0
+  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  %60 = add nsw i64 %col, 8
+  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 2880
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 2880
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  %72 = add nsw i64 %col, 8
+  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 2880
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 2880
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  %84 = add nsw i64 %col, 8
+  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
-  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %99 = add nsw i64 %p, 1
-  %100 = icmp slt i64 %99, %p1
-  %pf.on1 = and i1 %pf.on, %100
-  %101 = mul nsw i64 %pf.j, 92160
-  %102 = lshr i64 %101, %10
-  %103 = add nsw i64 92160, %102
-  %104 = getelementptr inbounds i8, ptr %98, i64 %103
-  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %86 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %87 = add nsw i64 %p, 1
+  %88 = icmp slt i64 %87, %p1
+  %pf.on1 = and i1 %pf.on, %88
+  %89 = mul nsw i64 %pf.j, 92160
+  %90 = lshr i64 %89, %10
+  %91 = add nsw i64 92160, %90
+  %92 = getelementptr inbounds i8, ptr %86, i64 %91
+  %pf = select i1 %pf.on1, ptr %92, ptr %86
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
-  %105 = icmp slt i64 %k, 2880
-  br i1 %105, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %k.body ]
+  %93 = icmp slt i64 %k, 2880
+  br i1 %93, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %106 = mul nsw i64 %k, 16
-  %107 = add nsw i64 %panel.off, %106
-  %108 = mul nsw i64 %k, 32
-  %109 = lshr i64 %108, %pf.sh
-  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
-  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
-  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
-  %112 = load <8 x i32>, ptr %111, align 4
-  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %113 to <8 x float>
-  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %114 to <8 x float>
-  %115 = getelementptr inbounds float, ptr %16, i64 %k
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = load <8 x float>, ptr %acc00, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
-  store <8 x float> %120, ptr %acc00, align 4
-  %121 = load <8 x float>, ptr %acc01, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
-  store <8 x float> %122, ptr %acc01, align 4
-  %123 = getelementptr inbounds float, ptr %30, i64 %k
-  %124 = load float, ptr %123, align 4
-  %125 = insertelement <8 x float> poison, float %124, i32 0
-  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
-  %127 = load <8 x float>, ptr %acc10, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
-  store <8 x float> %128, ptr %acc10, align 4
-  %129 = load <8 x float>, ptr %acc11, align 4
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
-  store <8 x float> %130, ptr %acc11, align 4
-  %131 = getelementptr inbounds float, ptr %44, i64 %k
-  %132 = load float, ptr %131, align 4
-  %133 = insertelement <8 x float> poison, float %132, i32 0
-  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
-  %135 = load <8 x float>, ptr %acc20, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
-  store <8 x float> %136, ptr %acc20, align 4
-  %137 = load <8 x float>, ptr %acc21, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
-  store <8 x float> %138, ptr %acc21, align 4
-  %139 = getelementptr inbounds float, ptr %58, i64 %k
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc30, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
-  store <8 x float> %144, ptr %acc30, align 4
-  %145 = load <8 x float>, ptr %acc31, align 4
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
-  store <8 x float> %146, ptr %acc31, align 4
-  %147 = getelementptr inbounds float, ptr %72, i64 %k
-  %148 = load float, ptr %147, align 4
-  %149 = insertelement <8 x float> poison, float %148, i32 0
-  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
-  %151 = load <8 x float>, ptr %acc40, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
-  store <8 x float> %152, ptr %acc40, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
-  store <8 x float> %154, ptr %acc41, align 4
-  %155 = getelementptr inbounds float, ptr %86, i64 %k
-  %156 = load float, ptr %155, align 4
-  %157 = insertelement <8 x float> poison, float %156, i32 0
-  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
-  %159 = load <8 x float>, ptr %acc50, align 4
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
-  store <8 x float> %160, ptr %acc50, align 4
-  %161 = load <8 x float>, ptr %acc51, align 4
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
-  store <8 x float> %162, ptr %acc51, align 4
-  %163 = add nsw i64 %k, 1
+  %94 = mul nsw i64 %k, 16
+  %95 = add nsw i64 %panel.off, %94
+  %96 = mul nsw i64 %k, 32
+  %97 = lshr i64 %96, %pf.sh
+  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
+  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %99 = getelementptr inbounds i16, ptr %panels, i64 %95
+  %100 = load <8 x i32>, ptr %99, align 4
+  %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %101 to <8 x float>
+  %102 = and <8 x i32> %100, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = getelementptr inbounds float, ptr %16, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc00, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc00, align 4
+  %109 = load <8 x float>, ptr %acc01, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc01, align 4
+  %111 = getelementptr inbounds float, ptr %28, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc10, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc10, align 4
+  %117 = load <8 x float>, ptr %acc11, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc11, align 4
+  %119 = getelementptr inbounds float, ptr %40, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc20, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc20, align 4
+  %125 = load <8 x float>, ptr %acc21, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc21, align 4
+  %127 = getelementptr inbounds float, ptr %52, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc30, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc30, align 4
+  %133 = load <8 x float>, ptr %acc31, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc31, align 4
+  %135 = getelementptr inbounds float, ptr %64, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc40, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc40, align 4
+  %141 = load <8 x float>, ptr %acc41, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc41, align 4
+  %143 = getelementptr inbounds float, ptr %76, i64 %k
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <8 x float> poison, float %144, i32 0
+  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
+  %147 = load <8 x float>, ptr %acc50, align 4
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b0, <8 x float> %147)
+  store <8 x float> %148, ptr %acc50, align 4
+  %149 = load <8 x float>, ptr %acc51, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b1, <8 x float> %149)
+  store <8 x float> %150, ptr %acc51, align 4
+  %151 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %164 = add nsw i64 %r0, 0
-  %165 = getelementptr inbounds float, ptr %rw, i64 %164
-  %166 = load float, ptr %165, align 4
-  %167 = insertelement <8 x float> poison, float %166, i32 0
-  %168 = shufflevector <8 x float> %167, <8 x float> poison, <8 x i32> zeroinitializer
-  %169 = load <8 x float>, ptr %acc00, align 4
-  %170 = add nsw i64 %col, 0
-  %171 = getelementptr inbounds float, ptr %bd, i64 %170
-  %172 = load <8 x float>, ptr %171, align 4
-  %173 = fmul <8 x float> %172, %168
-  %174 = fadd <8 x float> %169, %173
-  store <8 x float> %174, ptr %23, align 4
-  %175 = load <8 x float>, ptr %acc01, align 4
-  %176 = add nsw i64 %col, 8
-  %177 = getelementptr inbounds float, ptr %bd, i64 %176
-  %178 = load <8 x float>, ptr %177, align 4
-  %179 = fmul <8 x float> %178, %168
-  %180 = fadd <8 x float> %175, %179
-  store <8 x float> %180, ptr %26, align 4
-  %181 = add nsw i64 %r0, 1
-  %182 = getelementptr inbounds float, ptr %rw, i64 %181
-  %183 = load float, ptr %182, align 4
-  %184 = insertelement <8 x float> poison, float %183, i32 0
-  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
-  %186 = load <8 x float>, ptr %acc10, align 4
-  %187 = add nsw i64 %col, 0
-  %188 = getelementptr inbounds float, ptr %bd, i64 %187
-  %189 = load <8 x float>, ptr %188, align 4
-  %190 = fmul <8 x float> %189, %185
-  %191 = fadd <8 x float> %186, %190
-  store <8 x float> %191, ptr %37, align 4
-  %192 = load <8 x float>, ptr %acc11, align 4
-  %193 = add nsw i64 %col, 8
-  %194 = getelementptr inbounds float, ptr %bd, i64 %193
-  %195 = load <8 x float>, ptr %194, align 4
-  %196 = fmul <8 x float> %195, %185
-  %197 = fadd <8 x float> %192, %196
-  store <8 x float> %197, ptr %40, align 4
-  %198 = add nsw i64 %r0, 2
-  %199 = getelementptr inbounds float, ptr %rw, i64 %198
-  %200 = load float, ptr %199, align 4
-  %201 = insertelement <8 x float> poison, float %200, i32 0
-  %202 = shufflevector <8 x float> %201, <8 x float> poison, <8 x i32> zeroinitializer
-  %203 = load <8 x float>, ptr %acc20, align 4
-  %204 = add nsw i64 %col, 0
-  %205 = getelementptr inbounds float, ptr %bd, i64 %204
-  %206 = load <8 x float>, ptr %205, align 4
-  %207 = fmul <8 x float> %206, %202
-  %208 = fadd <8 x float> %203, %207
-  store <8 x float> %208, ptr %51, align 4
-  %209 = load <8 x float>, ptr %acc21, align 4
-  %210 = add nsw i64 %col, 8
-  %211 = getelementptr inbounds float, ptr %bd, i64 %210
-  %212 = load <8 x float>, ptr %211, align 4
-  %213 = fmul <8 x float> %212, %202
-  %214 = fadd <8 x float> %209, %213
-  store <8 x float> %214, ptr %54, align 4
-  %215 = add nsw i64 %r0, 3
-  %216 = getelementptr inbounds float, ptr %rw, i64 %215
-  %217 = load float, ptr %216, align 4
-  %218 = insertelement <8 x float> poison, float %217, i32 0
-  %219 = shufflevector <8 x float> %218, <8 x float> poison, <8 x i32> zeroinitializer
-  %220 = load <8 x float>, ptr %acc30, align 4
-  %221 = add nsw i64 %col, 0
-  %222 = getelementptr inbounds float, ptr %bd, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  %224 = fmul <8 x float> %223, %219
-  %225 = fadd <8 x float> %220, %224
-  store <8 x float> %225, ptr %65, align 4
-  %226 = load <8 x float>, ptr %acc31, align 4
-  %227 = add nsw i64 %col, 8
-  %228 = getelementptr inbounds float, ptr %bd, i64 %227
-  %229 = load <8 x float>, ptr %228, align 4
-  %230 = fmul <8 x float> %229, %219
-  %231 = fadd <8 x float> %226, %230
-  store <8 x float> %231, ptr %68, align 4
-  %232 = add nsw i64 %r0, 4
-  %233 = getelementptr inbounds float, ptr %rw, i64 %232
-  %234 = load float, ptr %233, align 4
-  %235 = insertelement <8 x float> poison, float %234, i32 0
-  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
-  %237 = load <8 x float>, ptr %acc40, align 4
-  %238 = add nsw i64 %col, 0
-  %239 = getelementptr inbounds float, ptr %bd, i64 %238
-  %240 = load <8 x float>, ptr %239, align 4
-  %241 = fmul <8 x float> %240, %236
-  %242 = fadd <8 x float> %237, %241
-  store <8 x float> %242, ptr %79, align 4
-  %243 = load <8 x float>, ptr %acc41, align 4
-  %244 = add nsw i64 %col, 8
-  %245 = getelementptr inbounds float, ptr %bd, i64 %244
-  %246 = load <8 x float>, ptr %245, align 4
-  %247 = fmul <8 x float> %246, %236
-  %248 = fadd <8 x float> %243, %247
-  store <8 x float> %248, ptr %82, align 4
-  %249 = add nsw i64 %r0, 5
-  %250 = getelementptr inbounds float, ptr %rw, i64 %249
-  %251 = load float, ptr %250, align 4
-  %252 = insertelement <8 x float> poison, float %251, i32 0
-  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
-  %254 = load <8 x float>, ptr %acc50, align 4
-  %255 = add nsw i64 %col, 0
-  %256 = getelementptr inbounds float, ptr %bd, i64 %255
-  %257 = load <8 x float>, ptr %256, align 4
-  %258 = fmul <8 x float> %257, %253
-  %259 = fadd <8 x float> %254, %258
-  store <8 x float> %259, ptr %93, align 4
-  %260 = load <8 x float>, ptr %acc51, align 4
-  %261 = add nsw i64 %col, 8
-  %262 = getelementptr inbounds float, ptr %bd, i64 %261
-  %263 = load <8 x float>, ptr %262, align 4
-  %264 = fmul <8 x float> %263, %253
-  %265 = fadd <8 x float> %260, %264
-  store <8 x float> %265, ptr %96, align 4
+  %152 = add nsw i64 %r0, 0
+  %153 = getelementptr inbounds float, ptr %rw, i64 %152
+  %154 = load float, ptr %153, align 4
+  %155 = insertelement <8 x float> poison, float %154, i32 0
+  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
+  %157 = load <8 x float>, ptr %acc00, align 4
+  %158 = add nsw i64 %col, 0
+  %159 = getelementptr inbounds float, ptr %bd, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = fmul <8 x float> %160, %156
+  %162 = fadd <8 x float> %157, %161
+  store <8 x float> %162, ptr %23, align 4
+  %163 = load <8 x float>, ptr %acc01, align 4
+  %164 = add nsw i64 %col, 8
+  %165 = getelementptr inbounds float, ptr %bd, i64 %164
+  %166 = load <8 x float>, ptr %165, align 4
+  %167 = fmul <8 x float> %166, %156
+  %168 = fadd <8 x float> %163, %167
+  store <8 x float> %168, ptr %25, align 4
+  %169 = add nsw i64 %r0, 1
+  %170 = getelementptr inbounds float, ptr %rw, i64 %169
+  %171 = load float, ptr %170, align 4
+  %172 = insertelement <8 x float> poison, float %171, i32 0
+  %173 = shufflevector <8 x float> %172, <8 x float> poison, <8 x i32> zeroinitializer
+  %174 = load <8 x float>, ptr %acc10, align 4
+  %175 = add nsw i64 %col, 0
+  %176 = getelementptr inbounds float, ptr %bd, i64 %175
+  %177 = load <8 x float>, ptr %176, align 4
+  %178 = fmul <8 x float> %177, %173
+  %179 = fadd <8 x float> %174, %178
+  store <8 x float> %179, ptr %35, align 4
+  %180 = load <8 x float>, ptr %acc11, align 4
+  %181 = add nsw i64 %col, 8
+  %182 = getelementptr inbounds float, ptr %bd, i64 %181
+  %183 = load <8 x float>, ptr %182, align 4
+  %184 = fmul <8 x float> %183, %173
+  %185 = fadd <8 x float> %180, %184
+  store <8 x float> %185, ptr %37, align 4
+  %186 = add nsw i64 %r0, 2
+  %187 = getelementptr inbounds float, ptr %rw, i64 %186
+  %188 = load float, ptr %187, align 4
+  %189 = insertelement <8 x float> poison, float %188, i32 0
+  %190 = shufflevector <8 x float> %189, <8 x float> poison, <8 x i32> zeroinitializer
+  %191 = load <8 x float>, ptr %acc20, align 4
+  %192 = add nsw i64 %col, 0
+  %193 = getelementptr inbounds float, ptr %bd, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  %195 = fmul <8 x float> %194, %190
+  %196 = fadd <8 x float> %191, %195
+  store <8 x float> %196, ptr %47, align 4
+  %197 = load <8 x float>, ptr %acc21, align 4
+  %198 = add nsw i64 %col, 8
+  %199 = getelementptr inbounds float, ptr %bd, i64 %198
+  %200 = load <8 x float>, ptr %199, align 4
+  %201 = fmul <8 x float> %200, %190
+  %202 = fadd <8 x float> %197, %201
+  store <8 x float> %202, ptr %49, align 4
+  %203 = add nsw i64 %r0, 3
+  %204 = getelementptr inbounds float, ptr %rw, i64 %203
+  %205 = load float, ptr %204, align 4
+  %206 = insertelement <8 x float> poison, float %205, i32 0
+  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
+  %208 = load <8 x float>, ptr %acc30, align 4
+  %209 = add nsw i64 %col, 0
+  %210 = getelementptr inbounds float, ptr %bd, i64 %209
+  %211 = load <8 x float>, ptr %210, align 4
+  %212 = fmul <8 x float> %211, %207
+  %213 = fadd <8 x float> %208, %212
+  store <8 x float> %213, ptr %59, align 4
+  %214 = load <8 x float>, ptr %acc31, align 4
+  %215 = add nsw i64 %col, 8
+  %216 = getelementptr inbounds float, ptr %bd, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  %218 = fmul <8 x float> %217, %207
+  %219 = fadd <8 x float> %214, %218
+  store <8 x float> %219, ptr %61, align 4
+  %220 = add nsw i64 %r0, 4
+  %221 = getelementptr inbounds float, ptr %rw, i64 %220
+  %222 = load float, ptr %221, align 4
+  %223 = insertelement <8 x float> poison, float %222, i32 0
+  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
+  %225 = load <8 x float>, ptr %acc40, align 4
+  %226 = add nsw i64 %col, 0
+  %227 = getelementptr inbounds float, ptr %bd, i64 %226
+  %228 = load <8 x float>, ptr %227, align 4
+  %229 = fmul <8 x float> %228, %224
+  %230 = fadd <8 x float> %225, %229
+  store <8 x float> %230, ptr %71, align 4
+  %231 = load <8 x float>, ptr %acc41, align 4
+  %232 = add nsw i64 %col, 8
+  %233 = getelementptr inbounds float, ptr %bd, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  %235 = fmul <8 x float> %234, %224
+  %236 = fadd <8 x float> %231, %235
+  store <8 x float> %236, ptr %73, align 4
+  %237 = add nsw i64 %r0, 5
+  %238 = getelementptr inbounds float, ptr %rw, i64 %237
+  %239 = load float, ptr %238, align 4
+  %240 = insertelement <8 x float> poison, float %239, i32 0
+  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
+  %242 = load <8 x float>, ptr %acc50, align 4
+  %243 = add nsw i64 %col, 0
+  %244 = getelementptr inbounds float, ptr %bd, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  %246 = fmul <8 x float> %245, %241
+  %247 = fadd <8 x float> %242, %246
+  store <8 x float> %247, ptr %83, align 4
+  %248 = load <8 x float>, ptr %acc51, align 4
+  %249 = add nsw i64 %col, 8
+  %250 = getelementptr inbounds float, ptr %bd, i64 %249
+  %251 = load <8 x float>, ptr %250, align 4
+  %252 = fmul <8 x float> %251, %241
+  %253 = fadd <8 x float> %248, %252
+  store <8 x float> %253, ptr %85, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col2 = mul nsw i64 %p, 16
-  %266 = add nsw i64 %r0, 0
+  %254 = add nsw i64 %r0, 0
+  %255 = mul nsw i64 %254, 2880
+  %256 = getelementptr inbounds float, ptr %h, i64 %255
+  %257 = getelementptr inbounds i32, ptr %rows, i64 %254
+  %258 = load i32, ptr %257, align 4
+  %259 = sext i32 %258 to i64
+  %260 = mul nsw i64 %259, 2880
+  %261 = getelementptr inbounds float, ptr %y, i64 %260
+  %262 = add nsw i64 %col2, 0
+  %263 = getelementptr inbounds float, ptr %261, i64 %262
+  store <8 x float> zeroinitializer, ptr %acc003, align 4
+  %264 = add nsw i64 %col2, 8
+  %265 = getelementptr inbounds float, ptr %261, i64 %264
+  store <8 x float> zeroinitializer, ptr %acc014, align 4
+  %266 = add nsw i64 %r0, 1
   %267 = mul nsw i64 %266, 2880
   %268 = getelementptr inbounds float, ptr %h, i64 %267
   %269 = getelementptr inbounds i32, ptr %rows, i64 %266
@@ -3152,277 +3154,279 @@ tile.mr5:                                         ; preds = %r0.body
   %273 = getelementptr inbounds float, ptr %y, i64 %272
   %274 = add nsw i64 %col2, 0
   %275 = getelementptr inbounds float, ptr %273, i64 %274
-  %276 = load <8 x float>, ptr %275, align 4
-  store <8 x float> %276, ptr %acc003, align 4
-  %277 = add nsw i64 %col2, 8
-  %278 = getelementptr inbounds float, ptr %273, i64 %277
-  %279 = load <8 x float>, ptr %278, align 4
-  store <8 x float> %279, ptr %acc014, align 4
-  %280 = add nsw i64 %r0, 1
-  %281 = mul nsw i64 %280, 2880
-  %282 = getelementptr inbounds float, ptr %h, i64 %281
-  %283 = getelementptr inbounds i32, ptr %rows, i64 %280
-  %284 = load i32, ptr %283, align 4
-  %285 = sext i32 %284 to i64
-  %286 = mul nsw i64 %285, 2880
-  %287 = getelementptr inbounds float, ptr %y, i64 %286
-  %288 = add nsw i64 %col2, 0
-  %289 = getelementptr inbounds float, ptr %287, i64 %288
-  %290 = load <8 x float>, ptr %289, align 4
-  store <8 x float> %290, ptr %acc105, align 4
-  %291 = add nsw i64 %col2, 8
-  %292 = getelementptr inbounds float, ptr %287, i64 %291
-  %293 = load <8 x float>, ptr %292, align 4
-  store <8 x float> %293, ptr %acc116, align 4
-  %294 = add nsw i64 %r0, 2
-  %295 = mul nsw i64 %294, 2880
-  %296 = getelementptr inbounds float, ptr %h, i64 %295
-  %297 = getelementptr inbounds i32, ptr %rows, i64 %294
-  %298 = load i32, ptr %297, align 4
-  %299 = sext i32 %298 to i64
-  %300 = mul nsw i64 %299, 2880
-  %301 = getelementptr inbounds float, ptr %y, i64 %300
-  %302 = add nsw i64 %col2, 0
-  %303 = getelementptr inbounds float, ptr %301, i64 %302
-  %304 = load <8 x float>, ptr %303, align 4
-  store <8 x float> %304, ptr %acc207, align 4
-  %305 = add nsw i64 %col2, 8
-  %306 = getelementptr inbounds float, ptr %301, i64 %305
-  %307 = load <8 x float>, ptr %306, align 4
-  store <8 x float> %307, ptr %acc218, align 4
-  %308 = add nsw i64 %r0, 3
-  %309 = mul nsw i64 %308, 2880
-  %310 = getelementptr inbounds float, ptr %h, i64 %309
-  %311 = getelementptr inbounds i32, ptr %rows, i64 %308
-  %312 = load i32, ptr %311, align 4
-  %313 = sext i32 %312 to i64
-  %314 = mul nsw i64 %313, 2880
-  %315 = getelementptr inbounds float, ptr %y, i64 %314
-  %316 = add nsw i64 %col2, 0
-  %317 = getelementptr inbounds float, ptr %315, i64 %316
-  %318 = load <8 x float>, ptr %317, align 4
-  store <8 x float> %318, ptr %acc309, align 4
-  %319 = add nsw i64 %col2, 8
-  %320 = getelementptr inbounds float, ptr %315, i64 %319
-  %321 = load <8 x float>, ptr %320, align 4
-  store <8 x float> %321, ptr %acc3110, align 4
-  %322 = add nsw i64 %r0, 4
-  %323 = mul nsw i64 %322, 2880
-  %324 = getelementptr inbounds float, ptr %h, i64 %323
-  %325 = getelementptr inbounds i32, ptr %rows, i64 %322
-  %326 = load i32, ptr %325, align 4
-  %327 = sext i32 %326 to i64
-  %328 = mul nsw i64 %327, 2880
-  %329 = getelementptr inbounds float, ptr %y, i64 %328
-  %330 = add nsw i64 %col2, 0
-  %331 = getelementptr inbounds float, ptr %329, i64 %330
-  %332 = load <8 x float>, ptr %331, align 4
-  store <8 x float> %332, ptr %acc4011, align 4
-  %333 = add nsw i64 %col2, 8
-  %334 = getelementptr inbounds float, ptr %329, i64 %333
-  %335 = load <8 x float>, ptr %334, align 4
-  store <8 x float> %335, ptr %acc4112, align 4
+  store <8 x float> zeroinitializer, ptr %acc105, align 4
+  %276 = add nsw i64 %col2, 8
+  %277 = getelementptr inbounds float, ptr %273, i64 %276
+  store <8 x float> zeroinitializer, ptr %acc116, align 4
+  %278 = add nsw i64 %r0, 2
+  %279 = mul nsw i64 %278, 2880
+  %280 = getelementptr inbounds float, ptr %h, i64 %279
+  %281 = getelementptr inbounds i32, ptr %rows, i64 %278
+  %282 = load i32, ptr %281, align 4
+  %283 = sext i32 %282 to i64
+  %284 = mul nsw i64 %283, 2880
+  %285 = getelementptr inbounds float, ptr %y, i64 %284
+  %286 = add nsw i64 %col2, 0
+  %287 = getelementptr inbounds float, ptr %285, i64 %286
+  store <8 x float> zeroinitializer, ptr %acc207, align 4
+  %288 = add nsw i64 %col2, 8
+  %289 = getelementptr inbounds float, ptr %285, i64 %288
+  store <8 x float> zeroinitializer, ptr %acc218, align 4
+  %290 = add nsw i64 %r0, 3
+  %291 = mul nsw i64 %290, 2880
+  %292 = getelementptr inbounds float, ptr %h, i64 %291
+  %293 = getelementptr inbounds i32, ptr %rows, i64 %290
+  %294 = load i32, ptr %293, align 4
+  %295 = sext i32 %294 to i64
+  %296 = mul nsw i64 %295, 2880
+  %297 = getelementptr inbounds float, ptr %y, i64 %296
+  %298 = add nsw i64 %col2, 0
+  %299 = getelementptr inbounds float, ptr %297, i64 %298
+  store <8 x float> zeroinitializer, ptr %acc309, align 4
+  %300 = add nsw i64 %col2, 8
+  %301 = getelementptr inbounds float, ptr %297, i64 %300
+  store <8 x float> zeroinitializer, ptr %acc3110, align 4
+  %302 = add nsw i64 %r0, 4
+  %303 = mul nsw i64 %302, 2880
+  %304 = getelementptr inbounds float, ptr %h, i64 %303
+  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %306 = load i32, ptr %305, align 4
+  %307 = sext i32 %306 to i64
+  %308 = mul nsw i64 %307, 2880
+  %309 = getelementptr inbounds float, ptr %y, i64 %308
+  %310 = add nsw i64 %col2, 0
+  %311 = getelementptr inbounds float, ptr %309, i64 %310
+  store <8 x float> zeroinitializer, ptr %acc4011, align 4
+  %312 = add nsw i64 %col2, 8
+  %313 = getelementptr inbounds float, ptr %309, i64 %312
+  store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 46080
-  %336 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %337 = add nsw i64 %p, 1
-  %338 = icmp slt i64 %337, %p1
-  %pf.on14 = and i1 %pf.on, %338
-  %339 = mul nsw i64 %pf.j, 92160
-  %340 = lshr i64 %339, %10
-  %341 = add nsw i64 92160, %340
-  %342 = getelementptr inbounds i8, ptr %336, i64 %341
-  %pf15 = select i1 %pf.on14, ptr %342, ptr %336
+  %314 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %315 = add nsw i64 %p, 1
+  %316 = icmp slt i64 %315, %p1
+  %pf.on14 = and i1 %pf.on, %316
+  %317 = mul nsw i64 %pf.j, 92160
+  %318 = lshr i64 %317, %10
+  %319 = add nsw i64 92160, %318
+  %320 = getelementptr inbounds i8, ptr %314, i64 %319
+  %pf15 = select i1 %pf.on14, ptr %320, ptr %314
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %393, %k.body18 ]
-  %343 = icmp slt i64 %k20, 2880
-  br i1 %343, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %371, %k.body18 ]
+  %321 = icmp slt i64 %k20, 2880
+  br i1 %321, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %344 = mul nsw i64 %k20, 16
-  %345 = add nsw i64 %panel.off13, %344
-  %346 = mul nsw i64 %k20, 32
-  %347 = lshr i64 %346, %pf.sh16
-  %348 = getelementptr inbounds i8, ptr %pf15, i64 %347
-  call void @llvm.prefetch.p0(ptr %348, i32 0, i32 2, i32 1)
-  %349 = getelementptr inbounds i16, ptr %panels, i64 %345
-  %350 = load <8 x i32>, ptr %349, align 4
-  %351 = shl <8 x i32> %350, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %351 to <8 x float>
-  %352 = and <8 x i32> %350, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %352 to <8 x float>
-  %353 = getelementptr inbounds float, ptr %268, i64 %k20
-  %354 = load float, ptr %353, align 4
-  %355 = insertelement <8 x float> poison, float %354, i32 0
-  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
-  %357 = load <8 x float>, ptr %acc003, align 4
-  %358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> %b021, <8 x float> %357)
-  store <8 x float> %358, ptr %acc003, align 4
-  %359 = load <8 x float>, ptr %acc014, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> %b122, <8 x float> %359)
-  store <8 x float> %360, ptr %acc014, align 4
-  %361 = getelementptr inbounds float, ptr %282, i64 %k20
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = load <8 x float>, ptr %acc105, align 4
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %b021, <8 x float> %365)
-  store <8 x float> %366, ptr %acc105, align 4
-  %367 = load <8 x float>, ptr %acc116, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %b122, <8 x float> %367)
-  store <8 x float> %368, ptr %acc116, align 4
-  %369 = getelementptr inbounds float, ptr %296, i64 %k20
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = load <8 x float>, ptr %acc207, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %b021, <8 x float> %373)
-  store <8 x float> %374, ptr %acc207, align 4
-  %375 = load <8 x float>, ptr %acc218, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %b122, <8 x float> %375)
-  store <8 x float> %376, ptr %acc218, align 4
-  %377 = getelementptr inbounds float, ptr %310, i64 %k20
-  %378 = load float, ptr %377, align 4
-  %379 = insertelement <8 x float> poison, float %378, i32 0
-  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
-  %381 = load <8 x float>, ptr %acc309, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %b021, <8 x float> %381)
-  store <8 x float> %382, ptr %acc309, align 4
-  %383 = load <8 x float>, ptr %acc3110, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %b122, <8 x float> %383)
-  store <8 x float> %384, ptr %acc3110, align 4
-  %385 = getelementptr inbounds float, ptr %324, i64 %k20
-  %386 = load float, ptr %385, align 4
-  %387 = insertelement <8 x float> poison, float %386, i32 0
-  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
-  %389 = load <8 x float>, ptr %acc4011, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %b021, <8 x float> %389)
-  store <8 x float> %390, ptr %acc4011, align 4
-  %391 = load <8 x float>, ptr %acc4112, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %b122, <8 x float> %391)
-  store <8 x float> %392, ptr %acc4112, align 4
-  %393 = add nsw i64 %k20, 1
+  %322 = mul nsw i64 %k20, 16
+  %323 = add nsw i64 %panel.off13, %322
+  %324 = mul nsw i64 %k20, 32
+  %325 = lshr i64 %324, %pf.sh16
+  %326 = getelementptr inbounds i8, ptr %pf15, i64 %325
+  call void @llvm.prefetch.p0(ptr %326, i32 0, i32 2, i32 1)
+  %327 = getelementptr inbounds i16, ptr %panels, i64 %323
+  %328 = load <8 x i32>, ptr %327, align 4
+  %329 = shl <8 x i32> %328, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %329 to <8 x float>
+  %330 = and <8 x i32> %328, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %330 to <8 x float>
+  %331 = getelementptr inbounds float, ptr %256, i64 %k20
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %acc003, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b021, <8 x float> %335)
+  store <8 x float> %336, ptr %acc003, align 4
+  %337 = load <8 x float>, ptr %acc014, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b122, <8 x float> %337)
+  store <8 x float> %338, ptr %acc014, align 4
+  %339 = getelementptr inbounds float, ptr %268, i64 %k20
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %acc105, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b021, <8 x float> %343)
+  store <8 x float> %344, ptr %acc105, align 4
+  %345 = load <8 x float>, ptr %acc116, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b122, <8 x float> %345)
+  store <8 x float> %346, ptr %acc116, align 4
+  %347 = getelementptr inbounds float, ptr %280, i64 %k20
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc207, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b021, <8 x float> %351)
+  store <8 x float> %352, ptr %acc207, align 4
+  %353 = load <8 x float>, ptr %acc218, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b122, <8 x float> %353)
+  store <8 x float> %354, ptr %acc218, align 4
+  %355 = getelementptr inbounds float, ptr %292, i64 %k20
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc309, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b021, <8 x float> %359)
+  store <8 x float> %360, ptr %acc309, align 4
+  %361 = load <8 x float>, ptr %acc3110, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b122, <8 x float> %361)
+  store <8 x float> %362, ptr %acc3110, align 4
+  %363 = getelementptr inbounds float, ptr %304, i64 %k20
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc4011, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b021, <8 x float> %367)
+  store <8 x float> %368, ptr %acc4011, align 4
+  %369 = load <8 x float>, ptr %acc4112, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b122, <8 x float> %369)
+  store <8 x float> %370, ptr %acc4112, align 4
+  %371 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %394 = add nsw i64 %r0, 0
-  %395 = getelementptr inbounds float, ptr %rw, i64 %394
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc003, align 4
-  %400 = add nsw i64 %col2, 0
-  %401 = getelementptr inbounds float, ptr %bd, i64 %400
-  %402 = load <8 x float>, ptr %401, align 4
-  %403 = fmul <8 x float> %402, %398
-  %404 = fadd <8 x float> %399, %403
-  store <8 x float> %404, ptr %275, align 4
-  %405 = load <8 x float>, ptr %acc014, align 4
-  %406 = add nsw i64 %col2, 8
-  %407 = getelementptr inbounds float, ptr %bd, i64 %406
-  %408 = load <8 x float>, ptr %407, align 4
-  %409 = fmul <8 x float> %408, %398
-  %410 = fadd <8 x float> %405, %409
-  store <8 x float> %410, ptr %278, align 4
-  %411 = add nsw i64 %r0, 1
-  %412 = getelementptr inbounds float, ptr %rw, i64 %411
-  %413 = load float, ptr %412, align 4
-  %414 = insertelement <8 x float> poison, float %413, i32 0
-  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
-  %416 = load <8 x float>, ptr %acc105, align 4
-  %417 = add nsw i64 %col2, 0
-  %418 = getelementptr inbounds float, ptr %bd, i64 %417
-  %419 = load <8 x float>, ptr %418, align 4
-  %420 = fmul <8 x float> %419, %415
-  %421 = fadd <8 x float> %416, %420
-  store <8 x float> %421, ptr %289, align 4
-  %422 = load <8 x float>, ptr %acc116, align 4
-  %423 = add nsw i64 %col2, 8
-  %424 = getelementptr inbounds float, ptr %bd, i64 %423
-  %425 = load <8 x float>, ptr %424, align 4
-  %426 = fmul <8 x float> %425, %415
-  %427 = fadd <8 x float> %422, %426
-  store <8 x float> %427, ptr %292, align 4
-  %428 = add nsw i64 %r0, 2
-  %429 = getelementptr inbounds float, ptr %rw, i64 %428
-  %430 = load float, ptr %429, align 4
-  %431 = insertelement <8 x float> poison, float %430, i32 0
-  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
-  %433 = load <8 x float>, ptr %acc207, align 4
-  %434 = add nsw i64 %col2, 0
-  %435 = getelementptr inbounds float, ptr %bd, i64 %434
-  %436 = load <8 x float>, ptr %435, align 4
-  %437 = fmul <8 x float> %436, %432
-  %438 = fadd <8 x float> %433, %437
-  store <8 x float> %438, ptr %303, align 4
-  %439 = load <8 x float>, ptr %acc218, align 4
-  %440 = add nsw i64 %col2, 8
-  %441 = getelementptr inbounds float, ptr %bd, i64 %440
-  %442 = load <8 x float>, ptr %441, align 4
-  %443 = fmul <8 x float> %442, %432
-  %444 = fadd <8 x float> %439, %443
-  store <8 x float> %444, ptr %306, align 4
-  %445 = add nsw i64 %r0, 3
-  %446 = getelementptr inbounds float, ptr %rw, i64 %445
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc309, align 4
-  %451 = add nsw i64 %col2, 0
-  %452 = getelementptr inbounds float, ptr %bd, i64 %451
-  %453 = load <8 x float>, ptr %452, align 4
-  %454 = fmul <8 x float> %453, %449
-  %455 = fadd <8 x float> %450, %454
-  store <8 x float> %455, ptr %317, align 4
-  %456 = load <8 x float>, ptr %acc3110, align 4
-  %457 = add nsw i64 %col2, 8
-  %458 = getelementptr inbounds float, ptr %bd, i64 %457
-  %459 = load <8 x float>, ptr %458, align 4
-  %460 = fmul <8 x float> %459, %449
-  %461 = fadd <8 x float> %456, %460
-  store <8 x float> %461, ptr %320, align 4
-  %462 = add nsw i64 %r0, 4
-  %463 = getelementptr inbounds float, ptr %rw, i64 %462
-  %464 = load float, ptr %463, align 4
-  %465 = insertelement <8 x float> poison, float %464, i32 0
-  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc4011, align 4
-  %468 = add nsw i64 %col2, 0
-  %469 = getelementptr inbounds float, ptr %bd, i64 %468
-  %470 = load <8 x float>, ptr %469, align 4
-  %471 = fmul <8 x float> %470, %466
-  %472 = fadd <8 x float> %467, %471
-  store <8 x float> %472, ptr %331, align 4
-  %473 = load <8 x float>, ptr %acc4112, align 4
-  %474 = add nsw i64 %col2, 8
-  %475 = getelementptr inbounds float, ptr %bd, i64 %474
-  %476 = load <8 x float>, ptr %475, align 4
-  %477 = fmul <8 x float> %476, %466
-  %478 = fadd <8 x float> %473, %477
-  store <8 x float> %478, ptr %334, align 4
+  %372 = add nsw i64 %r0, 0
+  %373 = getelementptr inbounds float, ptr %rw, i64 %372
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = load <8 x float>, ptr %acc003, align 4
+  %378 = add nsw i64 %col2, 0
+  %379 = getelementptr inbounds float, ptr %bd, i64 %378
+  %380 = load <8 x float>, ptr %379, align 4
+  %381 = fmul <8 x float> %380, %376
+  %382 = fadd <8 x float> %377, %381
+  store <8 x float> %382, ptr %263, align 4
+  %383 = load <8 x float>, ptr %acc014, align 4
+  %384 = add nsw i64 %col2, 8
+  %385 = getelementptr inbounds float, ptr %bd, i64 %384
+  %386 = load <8 x float>, ptr %385, align 4
+  %387 = fmul <8 x float> %386, %376
+  %388 = fadd <8 x float> %383, %387
+  store <8 x float> %388, ptr %265, align 4
+  %389 = add nsw i64 %r0, 1
+  %390 = getelementptr inbounds float, ptr %rw, i64 %389
+  %391 = load float, ptr %390, align 4
+  %392 = insertelement <8 x float> poison, float %391, i32 0
+  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
+  %394 = load <8 x float>, ptr %acc105, align 4
+  %395 = add nsw i64 %col2, 0
+  %396 = getelementptr inbounds float, ptr %bd, i64 %395
+  %397 = load <8 x float>, ptr %396, align 4
+  %398 = fmul <8 x float> %397, %393
+  %399 = fadd <8 x float> %394, %398
+  store <8 x float> %399, ptr %275, align 4
+  %400 = load <8 x float>, ptr %acc116, align 4
+  %401 = add nsw i64 %col2, 8
+  %402 = getelementptr inbounds float, ptr %bd, i64 %401
+  %403 = load <8 x float>, ptr %402, align 4
+  %404 = fmul <8 x float> %403, %393
+  %405 = fadd <8 x float> %400, %404
+  store <8 x float> %405, ptr %277, align 4
+  %406 = add nsw i64 %r0, 2
+  %407 = getelementptr inbounds float, ptr %rw, i64 %406
+  %408 = load float, ptr %407, align 4
+  %409 = insertelement <8 x float> poison, float %408, i32 0
+  %410 = shufflevector <8 x float> %409, <8 x float> poison, <8 x i32> zeroinitializer
+  %411 = load <8 x float>, ptr %acc207, align 4
+  %412 = add nsw i64 %col2, 0
+  %413 = getelementptr inbounds float, ptr %bd, i64 %412
+  %414 = load <8 x float>, ptr %413, align 4
+  %415 = fmul <8 x float> %414, %410
+  %416 = fadd <8 x float> %411, %415
+  store <8 x float> %416, ptr %287, align 4
+  %417 = load <8 x float>, ptr %acc218, align 4
+  %418 = add nsw i64 %col2, 8
+  %419 = getelementptr inbounds float, ptr %bd, i64 %418
+  %420 = load <8 x float>, ptr %419, align 4
+  %421 = fmul <8 x float> %420, %410
+  %422 = fadd <8 x float> %417, %421
+  store <8 x float> %422, ptr %289, align 4
+  %423 = add nsw i64 %r0, 3
+  %424 = getelementptr inbounds float, ptr %rw, i64 %423
+  %425 = load float, ptr %424, align 4
+  %426 = insertelement <8 x float> poison, float %425, i32 0
+  %427 = shufflevector <8 x float> %426, <8 x float> poison, <8 x i32> zeroinitializer
+  %428 = load <8 x float>, ptr %acc309, align 4
+  %429 = add nsw i64 %col2, 0
+  %430 = getelementptr inbounds float, ptr %bd, i64 %429
+  %431 = load <8 x float>, ptr %430, align 4
+  %432 = fmul <8 x float> %431, %427
+  %433 = fadd <8 x float> %428, %432
+  store <8 x float> %433, ptr %299, align 4
+  %434 = load <8 x float>, ptr %acc3110, align 4
+  %435 = add nsw i64 %col2, 8
+  %436 = getelementptr inbounds float, ptr %bd, i64 %435
+  %437 = load <8 x float>, ptr %436, align 4
+  %438 = fmul <8 x float> %437, %427
+  %439 = fadd <8 x float> %434, %438
+  store <8 x float> %439, ptr %301, align 4
+  %440 = add nsw i64 %r0, 4
+  %441 = getelementptr inbounds float, ptr %rw, i64 %440
+  %442 = load float, ptr %441, align 4
+  %443 = insertelement <8 x float> poison, float %442, i32 0
+  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
+  %445 = load <8 x float>, ptr %acc4011, align 4
+  %446 = add nsw i64 %col2, 0
+  %447 = getelementptr inbounds float, ptr %bd, i64 %446
+  %448 = load <8 x float>, ptr %447, align 4
+  %449 = fmul <8 x float> %448, %444
+  %450 = fadd <8 x float> %445, %449
+  store <8 x float> %450, ptr %311, align 4
+  %451 = load <8 x float>, ptr %acc4112, align 4
+  %452 = add nsw i64 %col2, 8
+  %453 = getelementptr inbounds float, ptr %bd, i64 %452
+  %454 = load <8 x float>, ptr %453, align 4
+  %455 = fmul <8 x float> %454, %444
+  %456 = fadd <8 x float> %451, %455
+  store <8 x float> %456, ptr %313, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col23 = mul nsw i64 %p, 16
-  %479 = add nsw i64 %r0, 0
-  %480 = mul nsw i64 %479, 2880
-  %481 = getelementptr inbounds float, ptr %h, i64 %480
-  %482 = getelementptr inbounds i32, ptr %rows, i64 %479
-  %483 = load i32, ptr %482, align 4
-  %484 = sext i32 %483 to i64
-  %485 = mul nsw i64 %484, 2880
-  %486 = getelementptr inbounds float, ptr %y, i64 %485
-  %487 = add nsw i64 %col23, 0
-  %488 = getelementptr inbounds float, ptr %486, i64 %487
-  %489 = load <8 x float>, ptr %488, align 4
-  store <8 x float> %489, ptr %acc0024, align 4
-  %490 = add nsw i64 %col23, 8
-  %491 = getelementptr inbounds float, ptr %486, i64 %490
-  %492 = load <8 x float>, ptr %491, align 4
-  store <8 x float> %492, ptr %acc0125, align 4
-  %493 = add nsw i64 %r0, 1
+  %457 = add nsw i64 %r0, 0
+  %458 = mul nsw i64 %457, 2880
+  %459 = getelementptr inbounds float, ptr %h, i64 %458
+  %460 = getelementptr inbounds i32, ptr %rows, i64 %457
+  %461 = load i32, ptr %460, align 4
+  %462 = sext i32 %461 to i64
+  %463 = mul nsw i64 %462, 2880
+  %464 = getelementptr inbounds float, ptr %y, i64 %463
+  %465 = add nsw i64 %col23, 0
+  %466 = getelementptr inbounds float, ptr %464, i64 %465
+  store <8 x float> zeroinitializer, ptr %acc0024, align 4
+  %467 = add nsw i64 %col23, 8
+  %468 = getelementptr inbounds float, ptr %464, i64 %467
+  store <8 x float> zeroinitializer, ptr %acc0125, align 4
+  %469 = add nsw i64 %r0, 1
+  %470 = mul nsw i64 %469, 2880
+  %471 = getelementptr inbounds float, ptr %h, i64 %470
+  %472 = getelementptr inbounds i32, ptr %rows, i64 %469
+  %473 = load i32, ptr %472, align 4
+  %474 = sext i32 %473 to i64
+  %475 = mul nsw i64 %474, 2880
+  %476 = getelementptr inbounds float, ptr %y, i64 %475
+  %477 = add nsw i64 %col23, 0
+  %478 = getelementptr inbounds float, ptr %476, i64 %477
+  store <8 x float> zeroinitializer, ptr %acc1026, align 4
+  %479 = add nsw i64 %col23, 8
+  %480 = getelementptr inbounds float, ptr %476, i64 %479
+  store <8 x float> zeroinitializer, ptr %acc1127, align 4
+  %481 = add nsw i64 %r0, 2
+  %482 = mul nsw i64 %481, 2880
+  %483 = getelementptr inbounds float, ptr %h, i64 %482
+  %484 = getelementptr inbounds i32, ptr %rows, i64 %481
+  %485 = load i32, ptr %484, align 4
+  %486 = sext i32 %485 to i64
+  %487 = mul nsw i64 %486, 2880
+  %488 = getelementptr inbounds float, ptr %y, i64 %487
+  %489 = add nsw i64 %col23, 0
+  %490 = getelementptr inbounds float, ptr %488, i64 %489
+  store <8 x float> zeroinitializer, ptr %acc2028, align 4
+  %491 = add nsw i64 %col23, 8
+  %492 = getelementptr inbounds float, ptr %488, i64 %491
+  store <8 x float> zeroinitializer, ptr %acc2129, align 4
+  %493 = add nsw i64 %r0, 3
   %494 = mul nsw i64 %493, 2880
   %495 = getelementptr inbounds float, ptr %h, i64 %494
   %496 = getelementptr inbounds i32, ptr %rows, i64 %493
@@ -3432,590 +3436,544 @@ tile.mr4:                                         ; preds = %r0.body
   %500 = getelementptr inbounds float, ptr %y, i64 %499
   %501 = add nsw i64 %col23, 0
   %502 = getelementptr inbounds float, ptr %500, i64 %501
-  %503 = load <8 x float>, ptr %502, align 4
-  store <8 x float> %503, ptr %acc1026, align 4
-  %504 = add nsw i64 %col23, 8
-  %505 = getelementptr inbounds float, ptr %500, i64 %504
-  %506 = load <8 x float>, ptr %505, align 4
-  store <8 x float> %506, ptr %acc1127, align 4
-  %507 = add nsw i64 %r0, 2
-  %508 = mul nsw i64 %507, 2880
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
-  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
-  %511 = load i32, ptr %510, align 4
-  %512 = sext i32 %511 to i64
-  %513 = mul nsw i64 %512, 2880
-  %514 = getelementptr inbounds float, ptr %y, i64 %513
-  %515 = add nsw i64 %col23, 0
-  %516 = getelementptr inbounds float, ptr %514, i64 %515
-  %517 = load <8 x float>, ptr %516, align 4
-  store <8 x float> %517, ptr %acc2028, align 4
-  %518 = add nsw i64 %col23, 8
-  %519 = getelementptr inbounds float, ptr %514, i64 %518
-  %520 = load <8 x float>, ptr %519, align 4
-  store <8 x float> %520, ptr %acc2129, align 4
-  %521 = add nsw i64 %r0, 3
-  %522 = mul nsw i64 %521, 2880
-  %523 = getelementptr inbounds float, ptr %h, i64 %522
-  %524 = getelementptr inbounds i32, ptr %rows, i64 %521
-  %525 = load i32, ptr %524, align 4
-  %526 = sext i32 %525 to i64
-  %527 = mul nsw i64 %526, 2880
-  %528 = getelementptr inbounds float, ptr %y, i64 %527
-  %529 = add nsw i64 %col23, 0
-  %530 = getelementptr inbounds float, ptr %528, i64 %529
-  %531 = load <8 x float>, ptr %530, align 4
-  store <8 x float> %531, ptr %acc3030, align 4
-  %532 = add nsw i64 %col23, 8
-  %533 = getelementptr inbounds float, ptr %528, i64 %532
-  %534 = load <8 x float>, ptr %533, align 4
-  store <8 x float> %534, ptr %acc3131, align 4
+  store <8 x float> zeroinitializer, ptr %acc3030, align 4
+  %503 = add nsw i64 %col23, 8
+  %504 = getelementptr inbounds float, ptr %500, i64 %503
+  store <8 x float> zeroinitializer, ptr %acc3131, align 4
   %panel.off32 = mul nsw i64 %p, 46080
-  %535 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
-  %536 = add nsw i64 %p, 1
-  %537 = icmp slt i64 %536, %p1
-  %pf.on33 = and i1 %pf.on, %537
-  %538 = mul nsw i64 %pf.j, 92160
-  %539 = lshr i64 %538, %10
-  %540 = add nsw i64 92160, %539
-  %541 = getelementptr inbounds i8, ptr %535, i64 %540
-  %pf34 = select i1 %pf.on33, ptr %541, ptr %535
+  %505 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  %506 = add nsw i64 %p, 1
+  %507 = icmp slt i64 %506, %p1
+  %pf.on33 = and i1 %pf.on, %507
+  %508 = mul nsw i64 %pf.j, 92160
+  %509 = lshr i64 %508, %10
+  %510 = add nsw i64 92160, %509
+  %511 = getelementptr inbounds i8, ptr %505, i64 %510
+  %pf34 = select i1 %pf.on33, ptr %511, ptr %505
   %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %584, %k.body37 ]
-  %542 = icmp slt i64 %k39, 2880
-  br i1 %542, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %554, %k.body37 ]
+  %512 = icmp slt i64 %k39, 2880
+  br i1 %512, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %543 = mul nsw i64 %k39, 16
-  %544 = add nsw i64 %panel.off32, %543
-  %545 = mul nsw i64 %k39, 32
-  %546 = lshr i64 %545, %pf.sh35
-  %547 = getelementptr inbounds i8, ptr %pf34, i64 %546
-  call void @llvm.prefetch.p0(ptr %547, i32 0, i32 2, i32 1)
-  %548 = getelementptr inbounds i16, ptr %panels, i64 %544
-  %549 = load <8 x i32>, ptr %548, align 4
-  %550 = shl <8 x i32> %549, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %550 to <8 x float>
-  %551 = and <8 x i32> %549, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %551 to <8 x float>
-  %552 = getelementptr inbounds float, ptr %481, i64 %k39
-  %553 = load float, ptr %552, align 4
-  %554 = insertelement <8 x float> poison, float %553, i32 0
-  %555 = shufflevector <8 x float> %554, <8 x float> poison, <8 x i32> zeroinitializer
-  %556 = load <8 x float>, ptr %acc0024, align 4
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %b040, <8 x float> %556)
-  store <8 x float> %557, ptr %acc0024, align 4
-  %558 = load <8 x float>, ptr %acc0125, align 4
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> %b141, <8 x float> %558)
-  store <8 x float> %559, ptr %acc0125, align 4
-  %560 = getelementptr inbounds float, ptr %495, i64 %k39
-  %561 = load float, ptr %560, align 4
-  %562 = insertelement <8 x float> poison, float %561, i32 0
-  %563 = shufflevector <8 x float> %562, <8 x float> poison, <8 x i32> zeroinitializer
-  %564 = load <8 x float>, ptr %acc1026, align 4
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b040, <8 x float> %564)
-  store <8 x float> %565, ptr %acc1026, align 4
-  %566 = load <8 x float>, ptr %acc1127, align 4
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b141, <8 x float> %566)
-  store <8 x float> %567, ptr %acc1127, align 4
-  %568 = getelementptr inbounds float, ptr %509, i64 %k39
-  %569 = load float, ptr %568, align 4
-  %570 = insertelement <8 x float> poison, float %569, i32 0
-  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
-  %572 = load <8 x float>, ptr %acc2028, align 4
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b040, <8 x float> %572)
-  store <8 x float> %573, ptr %acc2028, align 4
-  %574 = load <8 x float>, ptr %acc2129, align 4
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b141, <8 x float> %574)
-  store <8 x float> %575, ptr %acc2129, align 4
-  %576 = getelementptr inbounds float, ptr %523, i64 %k39
-  %577 = load float, ptr %576, align 4
-  %578 = insertelement <8 x float> poison, float %577, i32 0
-  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
-  %580 = load <8 x float>, ptr %acc3030, align 4
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b040, <8 x float> %580)
-  store <8 x float> %581, ptr %acc3030, align 4
-  %582 = load <8 x float>, ptr %acc3131, align 4
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b141, <8 x float> %582)
-  store <8 x float> %583, ptr %acc3131, align 4
-  %584 = add nsw i64 %k39, 1
+  %513 = mul nsw i64 %k39, 16
+  %514 = add nsw i64 %panel.off32, %513
+  %515 = mul nsw i64 %k39, 32
+  %516 = lshr i64 %515, %pf.sh35
+  %517 = getelementptr inbounds i8, ptr %pf34, i64 %516
+  call void @llvm.prefetch.p0(ptr %517, i32 0, i32 2, i32 1)
+  %518 = getelementptr inbounds i16, ptr %panels, i64 %514
+  %519 = load <8 x i32>, ptr %518, align 4
+  %520 = shl <8 x i32> %519, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b040 = bitcast <8 x i32> %520 to <8 x float>
+  %521 = and <8 x i32> %519, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b141 = bitcast <8 x i32> %521 to <8 x float>
+  %522 = getelementptr inbounds float, ptr %459, i64 %k39
+  %523 = load float, ptr %522, align 4
+  %524 = insertelement <8 x float> poison, float %523, i32 0
+  %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
+  %526 = load <8 x float>, ptr %acc0024, align 4
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b040, <8 x float> %526)
+  store <8 x float> %527, ptr %acc0024, align 4
+  %528 = load <8 x float>, ptr %acc0125, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b141, <8 x float> %528)
+  store <8 x float> %529, ptr %acc0125, align 4
+  %530 = getelementptr inbounds float, ptr %471, i64 %k39
+  %531 = load float, ptr %530, align 4
+  %532 = insertelement <8 x float> poison, float %531, i32 0
+  %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
+  %534 = load <8 x float>, ptr %acc1026, align 4
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b040, <8 x float> %534)
+  store <8 x float> %535, ptr %acc1026, align 4
+  %536 = load <8 x float>, ptr %acc1127, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b141, <8 x float> %536)
+  store <8 x float> %537, ptr %acc1127, align 4
+  %538 = getelementptr inbounds float, ptr %483, i64 %k39
+  %539 = load float, ptr %538, align 4
+  %540 = insertelement <8 x float> poison, float %539, i32 0
+  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
+  %542 = load <8 x float>, ptr %acc2028, align 4
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b040, <8 x float> %542)
+  store <8 x float> %543, ptr %acc2028, align 4
+  %544 = load <8 x float>, ptr %acc2129, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b141, <8 x float> %544)
+  store <8 x float> %545, ptr %acc2129, align 4
+  %546 = getelementptr inbounds float, ptr %495, i64 %k39
+  %547 = load float, ptr %546, align 4
+  %548 = insertelement <8 x float> poison, float %547, i32 0
+  %549 = shufflevector <8 x float> %548, <8 x float> poison, <8 x i32> zeroinitializer
+  %550 = load <8 x float>, ptr %acc3030, align 4
+  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b040, <8 x float> %550)
+  store <8 x float> %551, ptr %acc3030, align 4
+  %552 = load <8 x float>, ptr %acc3131, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b141, <8 x float> %552)
+  store <8 x float> %553, ptr %acc3131, align 4
+  %554 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %585 = add nsw i64 %r0, 0
-  %586 = getelementptr inbounds float, ptr %rw, i64 %585
-  %587 = load float, ptr %586, align 4
-  %588 = insertelement <8 x float> poison, float %587, i32 0
-  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
-  %590 = load <8 x float>, ptr %acc0024, align 4
-  %591 = add nsw i64 %col23, 0
-  %592 = getelementptr inbounds float, ptr %bd, i64 %591
-  %593 = load <8 x float>, ptr %592, align 4
-  %594 = fmul <8 x float> %593, %589
-  %595 = fadd <8 x float> %590, %594
-  store <8 x float> %595, ptr %488, align 4
-  %596 = load <8 x float>, ptr %acc0125, align 4
-  %597 = add nsw i64 %col23, 8
-  %598 = getelementptr inbounds float, ptr %bd, i64 %597
-  %599 = load <8 x float>, ptr %598, align 4
-  %600 = fmul <8 x float> %599, %589
-  %601 = fadd <8 x float> %596, %600
-  store <8 x float> %601, ptr %491, align 4
-  %602 = add nsw i64 %r0, 1
-  %603 = getelementptr inbounds float, ptr %rw, i64 %602
-  %604 = load float, ptr %603, align 4
-  %605 = insertelement <8 x float> poison, float %604, i32 0
-  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
-  %607 = load <8 x float>, ptr %acc1026, align 4
-  %608 = add nsw i64 %col23, 0
-  %609 = getelementptr inbounds float, ptr %bd, i64 %608
-  %610 = load <8 x float>, ptr %609, align 4
-  %611 = fmul <8 x float> %610, %606
-  %612 = fadd <8 x float> %607, %611
-  store <8 x float> %612, ptr %502, align 4
-  %613 = load <8 x float>, ptr %acc1127, align 4
-  %614 = add nsw i64 %col23, 8
-  %615 = getelementptr inbounds float, ptr %bd, i64 %614
-  %616 = load <8 x float>, ptr %615, align 4
-  %617 = fmul <8 x float> %616, %606
-  %618 = fadd <8 x float> %613, %617
-  store <8 x float> %618, ptr %505, align 4
-  %619 = add nsw i64 %r0, 2
-  %620 = getelementptr inbounds float, ptr %rw, i64 %619
-  %621 = load float, ptr %620, align 4
-  %622 = insertelement <8 x float> poison, float %621, i32 0
-  %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
-  %624 = load <8 x float>, ptr %acc2028, align 4
-  %625 = add nsw i64 %col23, 0
-  %626 = getelementptr inbounds float, ptr %bd, i64 %625
-  %627 = load <8 x float>, ptr %626, align 4
-  %628 = fmul <8 x float> %627, %623
-  %629 = fadd <8 x float> %624, %628
-  store <8 x float> %629, ptr %516, align 4
-  %630 = load <8 x float>, ptr %acc2129, align 4
-  %631 = add nsw i64 %col23, 8
-  %632 = getelementptr inbounds float, ptr %bd, i64 %631
-  %633 = load <8 x float>, ptr %632, align 4
-  %634 = fmul <8 x float> %633, %623
-  %635 = fadd <8 x float> %630, %634
-  store <8 x float> %635, ptr %519, align 4
-  %636 = add nsw i64 %r0, 3
-  %637 = getelementptr inbounds float, ptr %rw, i64 %636
-  %638 = load float, ptr %637, align 4
-  %639 = insertelement <8 x float> poison, float %638, i32 0
-  %640 = shufflevector <8 x float> %639, <8 x float> poison, <8 x i32> zeroinitializer
-  %641 = load <8 x float>, ptr %acc3030, align 4
-  %642 = add nsw i64 %col23, 0
-  %643 = getelementptr inbounds float, ptr %bd, i64 %642
-  %644 = load <8 x float>, ptr %643, align 4
-  %645 = fmul <8 x float> %644, %640
-  %646 = fadd <8 x float> %641, %645
-  store <8 x float> %646, ptr %530, align 4
-  %647 = load <8 x float>, ptr %acc3131, align 4
-  %648 = add nsw i64 %col23, 8
-  %649 = getelementptr inbounds float, ptr %bd, i64 %648
-  %650 = load <8 x float>, ptr %649, align 4
-  %651 = fmul <8 x float> %650, %640
-  %652 = fadd <8 x float> %647, %651
-  store <8 x float> %652, ptr %533, align 4
+  %555 = add nsw i64 %r0, 0
+  %556 = getelementptr inbounds float, ptr %rw, i64 %555
+  %557 = load float, ptr %556, align 4
+  %558 = insertelement <8 x float> poison, float %557, i32 0
+  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
+  %560 = load <8 x float>, ptr %acc0024, align 4
+  %561 = add nsw i64 %col23, 0
+  %562 = getelementptr inbounds float, ptr %bd, i64 %561
+  %563 = load <8 x float>, ptr %562, align 4
+  %564 = fmul <8 x float> %563, %559
+  %565 = fadd <8 x float> %560, %564
+  store <8 x float> %565, ptr %466, align 4
+  %566 = load <8 x float>, ptr %acc0125, align 4
+  %567 = add nsw i64 %col23, 8
+  %568 = getelementptr inbounds float, ptr %bd, i64 %567
+  %569 = load <8 x float>, ptr %568, align 4
+  %570 = fmul <8 x float> %569, %559
+  %571 = fadd <8 x float> %566, %570
+  store <8 x float> %571, ptr %468, align 4
+  %572 = add nsw i64 %r0, 1
+  %573 = getelementptr inbounds float, ptr %rw, i64 %572
+  %574 = load float, ptr %573, align 4
+  %575 = insertelement <8 x float> poison, float %574, i32 0
+  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
+  %577 = load <8 x float>, ptr %acc1026, align 4
+  %578 = add nsw i64 %col23, 0
+  %579 = getelementptr inbounds float, ptr %bd, i64 %578
+  %580 = load <8 x float>, ptr %579, align 4
+  %581 = fmul <8 x float> %580, %576
+  %582 = fadd <8 x float> %577, %581
+  store <8 x float> %582, ptr %478, align 4
+  %583 = load <8 x float>, ptr %acc1127, align 4
+  %584 = add nsw i64 %col23, 8
+  %585 = getelementptr inbounds float, ptr %bd, i64 %584
+  %586 = load <8 x float>, ptr %585, align 4
+  %587 = fmul <8 x float> %586, %576
+  %588 = fadd <8 x float> %583, %587
+  store <8 x float> %588, ptr %480, align 4
+  %589 = add nsw i64 %r0, 2
+  %590 = getelementptr inbounds float, ptr %rw, i64 %589
+  %591 = load float, ptr %590, align 4
+  %592 = insertelement <8 x float> poison, float %591, i32 0
+  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
+  %594 = load <8 x float>, ptr %acc2028, align 4
+  %595 = add nsw i64 %col23, 0
+  %596 = getelementptr inbounds float, ptr %bd, i64 %595
+  %597 = load <8 x float>, ptr %596, align 4
+  %598 = fmul <8 x float> %597, %593
+  %599 = fadd <8 x float> %594, %598
+  store <8 x float> %599, ptr %490, align 4
+  %600 = load <8 x float>, ptr %acc2129, align 4
+  %601 = add nsw i64 %col23, 8
+  %602 = getelementptr inbounds float, ptr %bd, i64 %601
+  %603 = load <8 x float>, ptr %602, align 4
+  %604 = fmul <8 x float> %603, %593
+  %605 = fadd <8 x float> %600, %604
+  store <8 x float> %605, ptr %492, align 4
+  %606 = add nsw i64 %r0, 3
+  %607 = getelementptr inbounds float, ptr %rw, i64 %606
+  %608 = load float, ptr %607, align 4
+  %609 = insertelement <8 x float> poison, float %608, i32 0
+  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
+  %611 = load <8 x float>, ptr %acc3030, align 4
+  %612 = add nsw i64 %col23, 0
+  %613 = getelementptr inbounds float, ptr %bd, i64 %612
+  %614 = load <8 x float>, ptr %613, align 4
+  %615 = fmul <8 x float> %614, %610
+  %616 = fadd <8 x float> %611, %615
+  store <8 x float> %616, ptr %502, align 4
+  %617 = load <8 x float>, ptr %acc3131, align 4
+  %618 = add nsw i64 %col23, 8
+  %619 = getelementptr inbounds float, ptr %bd, i64 %618
+  %620 = load <8 x float>, ptr %619, align 4
+  %621 = fmul <8 x float> %620, %610
+  %622 = fadd <8 x float> %617, %621
+  store <8 x float> %622, ptr %504, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col42 = mul nsw i64 %p, 16
-  %653 = add nsw i64 %r0, 0
-  %654 = mul nsw i64 %653, 2880
-  %655 = getelementptr inbounds float, ptr %h, i64 %654
-  %656 = getelementptr inbounds i32, ptr %rows, i64 %653
-  %657 = load i32, ptr %656, align 4
-  %658 = sext i32 %657 to i64
-  %659 = mul nsw i64 %658, 2880
-  %660 = getelementptr inbounds float, ptr %y, i64 %659
-  %661 = add nsw i64 %col42, 0
-  %662 = getelementptr inbounds float, ptr %660, i64 %661
-  %663 = load <8 x float>, ptr %662, align 4
-  store <8 x float> %663, ptr %acc0043, align 4
-  %664 = add nsw i64 %col42, 8
-  %665 = getelementptr inbounds float, ptr %660, i64 %664
-  %666 = load <8 x float>, ptr %665, align 4
-  store <8 x float> %666, ptr %acc0144, align 4
-  %667 = add nsw i64 %r0, 1
-  %668 = mul nsw i64 %667, 2880
-  %669 = getelementptr inbounds float, ptr %h, i64 %668
-  %670 = getelementptr inbounds i32, ptr %rows, i64 %667
-  %671 = load i32, ptr %670, align 4
-  %672 = sext i32 %671 to i64
-  %673 = mul nsw i64 %672, 2880
-  %674 = getelementptr inbounds float, ptr %y, i64 %673
-  %675 = add nsw i64 %col42, 0
-  %676 = getelementptr inbounds float, ptr %674, i64 %675
-  %677 = load <8 x float>, ptr %676, align 4
-  store <8 x float> %677, ptr %acc1045, align 4
-  %678 = add nsw i64 %col42, 8
-  %679 = getelementptr inbounds float, ptr %674, i64 %678
-  %680 = load <8 x float>, ptr %679, align 4
-  store <8 x float> %680, ptr %acc1146, align 4
-  %681 = add nsw i64 %r0, 2
-  %682 = mul nsw i64 %681, 2880
-  %683 = getelementptr inbounds float, ptr %h, i64 %682
-  %684 = getelementptr inbounds i32, ptr %rows, i64 %681
-  %685 = load i32, ptr %684, align 4
-  %686 = sext i32 %685 to i64
-  %687 = mul nsw i64 %686, 2880
-  %688 = getelementptr inbounds float, ptr %y, i64 %687
-  %689 = add nsw i64 %col42, 0
-  %690 = getelementptr inbounds float, ptr %688, i64 %689
-  %691 = load <8 x float>, ptr %690, align 4
-  store <8 x float> %691, ptr %acc2047, align 4
-  %692 = add nsw i64 %col42, 8
-  %693 = getelementptr inbounds float, ptr %688, i64 %692
-  %694 = load <8 x float>, ptr %693, align 4
-  store <8 x float> %694, ptr %acc2148, align 4
+  %623 = add nsw i64 %r0, 0
+  %624 = mul nsw i64 %623, 2880
+  %625 = getelementptr inbounds float, ptr %h, i64 %624
+  %626 = getelementptr inbounds i32, ptr %rows, i64 %623
+  %627 = load i32, ptr %626, align 4
+  %628 = sext i32 %627 to i64
+  %629 = mul nsw i64 %628, 2880
+  %630 = getelementptr inbounds float, ptr %y, i64 %629
+  %631 = add nsw i64 %col42, 0
+  %632 = getelementptr inbounds float, ptr %630, i64 %631
+  store <8 x float> zeroinitializer, ptr %acc0043, align 4
+  %633 = add nsw i64 %col42, 8
+  %634 = getelementptr inbounds float, ptr %630, i64 %633
+  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  %635 = add nsw i64 %r0, 1
+  %636 = mul nsw i64 %635, 2880
+  %637 = getelementptr inbounds float, ptr %h, i64 %636
+  %638 = getelementptr inbounds i32, ptr %rows, i64 %635
+  %639 = load i32, ptr %638, align 4
+  %640 = sext i32 %639 to i64
+  %641 = mul nsw i64 %640, 2880
+  %642 = getelementptr inbounds float, ptr %y, i64 %641
+  %643 = add nsw i64 %col42, 0
+  %644 = getelementptr inbounds float, ptr %642, i64 %643
+  store <8 x float> zeroinitializer, ptr %acc1045, align 4
+  %645 = add nsw i64 %col42, 8
+  %646 = getelementptr inbounds float, ptr %642, i64 %645
+  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  %647 = add nsw i64 %r0, 2
+  %648 = mul nsw i64 %647, 2880
+  %649 = getelementptr inbounds float, ptr %h, i64 %648
+  %650 = getelementptr inbounds i32, ptr %rows, i64 %647
+  %651 = load i32, ptr %650, align 4
+  %652 = sext i32 %651 to i64
+  %653 = mul nsw i64 %652, 2880
+  %654 = getelementptr inbounds float, ptr %y, i64 %653
+  %655 = add nsw i64 %col42, 0
+  %656 = getelementptr inbounds float, ptr %654, i64 %655
+  store <8 x float> zeroinitializer, ptr %acc2047, align 4
+  %657 = add nsw i64 %col42, 8
+  %658 = getelementptr inbounds float, ptr %654, i64 %657
+  store <8 x float> zeroinitializer, ptr %acc2148, align 4
   %panel.off49 = mul nsw i64 %p, 46080
-  %695 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
-  %696 = add nsw i64 %p, 1
-  %697 = icmp slt i64 %696, %p1
-  %pf.on50 = and i1 %pf.on, %697
-  %698 = mul nsw i64 %pf.j, 92160
-  %699 = lshr i64 %698, %10
-  %700 = add nsw i64 92160, %699
-  %701 = getelementptr inbounds i8, ptr %695, i64 %700
-  %pf51 = select i1 %pf.on50, ptr %701, ptr %695
+  %659 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  %660 = add nsw i64 %p, 1
+  %661 = icmp slt i64 %660, %p1
+  %pf.on50 = and i1 %pf.on, %661
+  %662 = mul nsw i64 %pf.j, 92160
+  %663 = lshr i64 %662, %10
+  %664 = add nsw i64 92160, %663
+  %665 = getelementptr inbounds i8, ptr %659, i64 %664
+  %pf51 = select i1 %pf.on50, ptr %665, ptr %659
   %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %736, %k.body54 ]
-  %702 = icmp slt i64 %k56, 2880
-  br i1 %702, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %700, %k.body54 ]
+  %666 = icmp slt i64 %k56, 2880
+  br i1 %666, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %703 = mul nsw i64 %k56, 16
-  %704 = add nsw i64 %panel.off49, %703
-  %705 = mul nsw i64 %k56, 32
-  %706 = lshr i64 %705, %pf.sh52
-  %707 = getelementptr inbounds i8, ptr %pf51, i64 %706
-  call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
-  %708 = getelementptr inbounds i16, ptr %panels, i64 %704
-  %709 = load <8 x i32>, ptr %708, align 4
-  %710 = shl <8 x i32> %709, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %710 to <8 x float>
-  %711 = and <8 x i32> %709, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %711 to <8 x float>
-  %712 = getelementptr inbounds float, ptr %655, i64 %k56
-  %713 = load float, ptr %712, align 4
-  %714 = insertelement <8 x float> poison, float %713, i32 0
-  %715 = shufflevector <8 x float> %714, <8 x float> poison, <8 x i32> zeroinitializer
-  %716 = load <8 x float>, ptr %acc0043, align 4
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %b057, <8 x float> %716)
-  store <8 x float> %717, ptr %acc0043, align 4
-  %718 = load <8 x float>, ptr %acc0144, align 4
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %b158, <8 x float> %718)
-  store <8 x float> %719, ptr %acc0144, align 4
-  %720 = getelementptr inbounds float, ptr %669, i64 %k56
-  %721 = load float, ptr %720, align 4
-  %722 = insertelement <8 x float> poison, float %721, i32 0
-  %723 = shufflevector <8 x float> %722, <8 x float> poison, <8 x i32> zeroinitializer
-  %724 = load <8 x float>, ptr %acc1045, align 4
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %b057, <8 x float> %724)
-  store <8 x float> %725, ptr %acc1045, align 4
-  %726 = load <8 x float>, ptr %acc1146, align 4
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %b158, <8 x float> %726)
-  store <8 x float> %727, ptr %acc1146, align 4
-  %728 = getelementptr inbounds float, ptr %683, i64 %k56
-  %729 = load float, ptr %728, align 4
-  %730 = insertelement <8 x float> poison, float %729, i32 0
-  %731 = shufflevector <8 x float> %730, <8 x float> poison, <8 x i32> zeroinitializer
-  %732 = load <8 x float>, ptr %acc2047, align 4
-  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> %b057, <8 x float> %732)
-  store <8 x float> %733, ptr %acc2047, align 4
-  %734 = load <8 x float>, ptr %acc2148, align 4
-  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> %b158, <8 x float> %734)
-  store <8 x float> %735, ptr %acc2148, align 4
-  %736 = add nsw i64 %k56, 1
+  %667 = mul nsw i64 %k56, 16
+  %668 = add nsw i64 %panel.off49, %667
+  %669 = mul nsw i64 %k56, 32
+  %670 = lshr i64 %669, %pf.sh52
+  %671 = getelementptr inbounds i8, ptr %pf51, i64 %670
+  call void @llvm.prefetch.p0(ptr %671, i32 0, i32 2, i32 1)
+  %672 = getelementptr inbounds i16, ptr %panels, i64 %668
+  %673 = load <8 x i32>, ptr %672, align 4
+  %674 = shl <8 x i32> %673, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %674 to <8 x float>
+  %675 = and <8 x i32> %673, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %675 to <8 x float>
+  %676 = getelementptr inbounds float, ptr %625, i64 %k56
+  %677 = load float, ptr %676, align 4
+  %678 = insertelement <8 x float> poison, float %677, i32 0
+  %679 = shufflevector <8 x float> %678, <8 x float> poison, <8 x i32> zeroinitializer
+  %680 = load <8 x float>, ptr %acc0043, align 4
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b057, <8 x float> %680)
+  store <8 x float> %681, ptr %acc0043, align 4
+  %682 = load <8 x float>, ptr %acc0144, align 4
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b158, <8 x float> %682)
+  store <8 x float> %683, ptr %acc0144, align 4
+  %684 = getelementptr inbounds float, ptr %637, i64 %k56
+  %685 = load float, ptr %684, align 4
+  %686 = insertelement <8 x float> poison, float %685, i32 0
+  %687 = shufflevector <8 x float> %686, <8 x float> poison, <8 x i32> zeroinitializer
+  %688 = load <8 x float>, ptr %acc1045, align 4
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b057, <8 x float> %688)
+  store <8 x float> %689, ptr %acc1045, align 4
+  %690 = load <8 x float>, ptr %acc1146, align 4
+  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b158, <8 x float> %690)
+  store <8 x float> %691, ptr %acc1146, align 4
+  %692 = getelementptr inbounds float, ptr %649, i64 %k56
+  %693 = load float, ptr %692, align 4
+  %694 = insertelement <8 x float> poison, float %693, i32 0
+  %695 = shufflevector <8 x float> %694, <8 x float> poison, <8 x i32> zeroinitializer
+  %696 = load <8 x float>, ptr %acc2047, align 4
+  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b057, <8 x float> %696)
+  store <8 x float> %697, ptr %acc2047, align 4
+  %698 = load <8 x float>, ptr %acc2148, align 4
+  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b158, <8 x float> %698)
+  store <8 x float> %699, ptr %acc2148, align 4
+  %700 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %737 = add nsw i64 %r0, 0
-  %738 = getelementptr inbounds float, ptr %rw, i64 %737
-  %739 = load float, ptr %738, align 4
-  %740 = insertelement <8 x float> poison, float %739, i32 0
-  %741 = shufflevector <8 x float> %740, <8 x float> poison, <8 x i32> zeroinitializer
-  %742 = load <8 x float>, ptr %acc0043, align 4
-  %743 = add nsw i64 %col42, 0
-  %744 = getelementptr inbounds float, ptr %bd, i64 %743
-  %745 = load <8 x float>, ptr %744, align 4
-  %746 = fmul <8 x float> %745, %741
-  %747 = fadd <8 x float> %742, %746
-  store <8 x float> %747, ptr %662, align 4
-  %748 = load <8 x float>, ptr %acc0144, align 4
-  %749 = add nsw i64 %col42, 8
-  %750 = getelementptr inbounds float, ptr %bd, i64 %749
-  %751 = load <8 x float>, ptr %750, align 4
-  %752 = fmul <8 x float> %751, %741
-  %753 = fadd <8 x float> %748, %752
-  store <8 x float> %753, ptr %665, align 4
-  %754 = add nsw i64 %r0, 1
-  %755 = getelementptr inbounds float, ptr %rw, i64 %754
-  %756 = load float, ptr %755, align 4
-  %757 = insertelement <8 x float> poison, float %756, i32 0
-  %758 = shufflevector <8 x float> %757, <8 x float> poison, <8 x i32> zeroinitializer
-  %759 = load <8 x float>, ptr %acc1045, align 4
-  %760 = add nsw i64 %col42, 0
-  %761 = getelementptr inbounds float, ptr %bd, i64 %760
-  %762 = load <8 x float>, ptr %761, align 4
-  %763 = fmul <8 x float> %762, %758
-  %764 = fadd <8 x float> %759, %763
-  store <8 x float> %764, ptr %676, align 4
-  %765 = load <8 x float>, ptr %acc1146, align 4
-  %766 = add nsw i64 %col42, 8
-  %767 = getelementptr inbounds float, ptr %bd, i64 %766
-  %768 = load <8 x float>, ptr %767, align 4
-  %769 = fmul <8 x float> %768, %758
-  %770 = fadd <8 x float> %765, %769
-  store <8 x float> %770, ptr %679, align 4
-  %771 = add nsw i64 %r0, 2
-  %772 = getelementptr inbounds float, ptr %rw, i64 %771
-  %773 = load float, ptr %772, align 4
-  %774 = insertelement <8 x float> poison, float %773, i32 0
-  %775 = shufflevector <8 x float> %774, <8 x float> poison, <8 x i32> zeroinitializer
-  %776 = load <8 x float>, ptr %acc2047, align 4
-  %777 = add nsw i64 %col42, 0
-  %778 = getelementptr inbounds float, ptr %bd, i64 %777
-  %779 = load <8 x float>, ptr %778, align 4
-  %780 = fmul <8 x float> %779, %775
-  %781 = fadd <8 x float> %776, %780
-  store <8 x float> %781, ptr %690, align 4
-  %782 = load <8 x float>, ptr %acc2148, align 4
-  %783 = add nsw i64 %col42, 8
-  %784 = getelementptr inbounds float, ptr %bd, i64 %783
-  %785 = load <8 x float>, ptr %784, align 4
-  %786 = fmul <8 x float> %785, %775
-  %787 = fadd <8 x float> %782, %786
-  store <8 x float> %787, ptr %693, align 4
+  %701 = add nsw i64 %r0, 0
+  %702 = getelementptr inbounds float, ptr %rw, i64 %701
+  %703 = load float, ptr %702, align 4
+  %704 = insertelement <8 x float> poison, float %703, i32 0
+  %705 = shufflevector <8 x float> %704, <8 x float> poison, <8 x i32> zeroinitializer
+  %706 = load <8 x float>, ptr %acc0043, align 4
+  %707 = add nsw i64 %col42, 0
+  %708 = getelementptr inbounds float, ptr %bd, i64 %707
+  %709 = load <8 x float>, ptr %708, align 4
+  %710 = fmul <8 x float> %709, %705
+  %711 = fadd <8 x float> %706, %710
+  store <8 x float> %711, ptr %632, align 4
+  %712 = load <8 x float>, ptr %acc0144, align 4
+  %713 = add nsw i64 %col42, 8
+  %714 = getelementptr inbounds float, ptr %bd, i64 %713
+  %715 = load <8 x float>, ptr %714, align 4
+  %716 = fmul <8 x float> %715, %705
+  %717 = fadd <8 x float> %712, %716
+  store <8 x float> %717, ptr %634, align 4
+  %718 = add nsw i64 %r0, 1
+  %719 = getelementptr inbounds float, ptr %rw, i64 %718
+  %720 = load float, ptr %719, align 4
+  %721 = insertelement <8 x float> poison, float %720, i32 0
+  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
+  %723 = load <8 x float>, ptr %acc1045, align 4
+  %724 = add nsw i64 %col42, 0
+  %725 = getelementptr inbounds float, ptr %bd, i64 %724
+  %726 = load <8 x float>, ptr %725, align 4
+  %727 = fmul <8 x float> %726, %722
+  %728 = fadd <8 x float> %723, %727
+  store <8 x float> %728, ptr %644, align 4
+  %729 = load <8 x float>, ptr %acc1146, align 4
+  %730 = add nsw i64 %col42, 8
+  %731 = getelementptr inbounds float, ptr %bd, i64 %730
+  %732 = load <8 x float>, ptr %731, align 4
+  %733 = fmul <8 x float> %732, %722
+  %734 = fadd <8 x float> %729, %733
+  store <8 x float> %734, ptr %646, align 4
+  %735 = add nsw i64 %r0, 2
+  %736 = getelementptr inbounds float, ptr %rw, i64 %735
+  %737 = load float, ptr %736, align 4
+  %738 = insertelement <8 x float> poison, float %737, i32 0
+  %739 = shufflevector <8 x float> %738, <8 x float> poison, <8 x i32> zeroinitializer
+  %740 = load <8 x float>, ptr %acc2047, align 4
+  %741 = add nsw i64 %col42, 0
+  %742 = getelementptr inbounds float, ptr %bd, i64 %741
+  %743 = load <8 x float>, ptr %742, align 4
+  %744 = fmul <8 x float> %743, %739
+  %745 = fadd <8 x float> %740, %744
+  store <8 x float> %745, ptr %656, align 4
+  %746 = load <8 x float>, ptr %acc2148, align 4
+  %747 = add nsw i64 %col42, 8
+  %748 = getelementptr inbounds float, ptr %bd, i64 %747
+  %749 = load <8 x float>, ptr %748, align 4
+  %750 = fmul <8 x float> %749, %739
+  %751 = fadd <8 x float> %746, %750
+  store <8 x float> %751, ptr %658, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col59 = mul nsw i64 %p, 16
-  %788 = add nsw i64 %r0, 0
-  %789 = mul nsw i64 %788, 2880
-  %790 = getelementptr inbounds float, ptr %h, i64 %789
-  %791 = getelementptr inbounds i32, ptr %rows, i64 %788
-  %792 = load i32, ptr %791, align 4
-  %793 = sext i32 %792 to i64
-  %794 = mul nsw i64 %793, 2880
-  %795 = getelementptr inbounds float, ptr %y, i64 %794
-  %796 = add nsw i64 %col59, 0
-  %797 = getelementptr inbounds float, ptr %795, i64 %796
-  %798 = load <8 x float>, ptr %797, align 4
-  store <8 x float> %798, ptr %acc0060, align 4
-  %799 = add nsw i64 %col59, 8
-  %800 = getelementptr inbounds float, ptr %795, i64 %799
-  %801 = load <8 x float>, ptr %800, align 4
-  store <8 x float> %801, ptr %acc0161, align 4
-  %802 = add nsw i64 %r0, 1
-  %803 = mul nsw i64 %802, 2880
-  %804 = getelementptr inbounds float, ptr %h, i64 %803
-  %805 = getelementptr inbounds i32, ptr %rows, i64 %802
-  %806 = load i32, ptr %805, align 4
-  %807 = sext i32 %806 to i64
-  %808 = mul nsw i64 %807, 2880
-  %809 = getelementptr inbounds float, ptr %y, i64 %808
-  %810 = add nsw i64 %col59, 0
-  %811 = getelementptr inbounds float, ptr %809, i64 %810
-  %812 = load <8 x float>, ptr %811, align 4
-  store <8 x float> %812, ptr %acc1062, align 4
-  %813 = add nsw i64 %col59, 8
-  %814 = getelementptr inbounds float, ptr %809, i64 %813
-  %815 = load <8 x float>, ptr %814, align 4
-  store <8 x float> %815, ptr %acc1163, align 4
+  %752 = add nsw i64 %r0, 0
+  %753 = mul nsw i64 %752, 2880
+  %754 = getelementptr inbounds float, ptr %h, i64 %753
+  %755 = getelementptr inbounds i32, ptr %rows, i64 %752
+  %756 = load i32, ptr %755, align 4
+  %757 = sext i32 %756 to i64
+  %758 = mul nsw i64 %757, 2880
+  %759 = getelementptr inbounds float, ptr %y, i64 %758
+  %760 = add nsw i64 %col59, 0
+  %761 = getelementptr inbounds float, ptr %759, i64 %760
+  store <8 x float> zeroinitializer, ptr %acc0060, align 4
+  %762 = add nsw i64 %col59, 8
+  %763 = getelementptr inbounds float, ptr %759, i64 %762
+  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  %764 = add nsw i64 %r0, 1
+  %765 = mul nsw i64 %764, 2880
+  %766 = getelementptr inbounds float, ptr %h, i64 %765
+  %767 = getelementptr inbounds i32, ptr %rows, i64 %764
+  %768 = load i32, ptr %767, align 4
+  %769 = sext i32 %768 to i64
+  %770 = mul nsw i64 %769, 2880
+  %771 = getelementptr inbounds float, ptr %y, i64 %770
+  %772 = add nsw i64 %col59, 0
+  %773 = getelementptr inbounds float, ptr %771, i64 %772
+  store <8 x float> zeroinitializer, ptr %acc1062, align 4
+  %774 = add nsw i64 %col59, 8
+  %775 = getelementptr inbounds float, ptr %771, i64 %774
+  store <8 x float> zeroinitializer, ptr %acc1163, align 4
   %panel.off64 = mul nsw i64 %p, 46080
-  %816 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
-  %817 = add nsw i64 %p, 1
-  %818 = icmp slt i64 %817, %p1
-  %pf.on65 = and i1 %pf.on, %818
-  %819 = mul nsw i64 %pf.j, 92160
-  %820 = lshr i64 %819, %10
-  %821 = add nsw i64 92160, %820
-  %822 = getelementptr inbounds i8, ptr %816, i64 %821
-  %pf66 = select i1 %pf.on65, ptr %822, ptr %816
+  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %777 = add nsw i64 %p, 1
+  %778 = icmp slt i64 %777, %p1
+  %pf.on65 = and i1 %pf.on, %778
+  %779 = mul nsw i64 %pf.j, 92160
+  %780 = lshr i64 %779, %10
+  %781 = add nsw i64 92160, %780
+  %782 = getelementptr inbounds i8, ptr %776, i64 %781
+  %pf66 = select i1 %pf.on65, ptr %782, ptr %776
   %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %849, %k.body69 ]
-  %823 = icmp slt i64 %k71, 2880
-  br i1 %823, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %809, %k.body69 ]
+  %783 = icmp slt i64 %k71, 2880
+  br i1 %783, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %824 = mul nsw i64 %k71, 16
-  %825 = add nsw i64 %panel.off64, %824
-  %826 = mul nsw i64 %k71, 32
-  %827 = lshr i64 %826, %pf.sh67
-  %828 = getelementptr inbounds i8, ptr %pf66, i64 %827
-  call void @llvm.prefetch.p0(ptr %828, i32 0, i32 2, i32 1)
-  %829 = getelementptr inbounds i16, ptr %panels, i64 %825
-  %830 = load <8 x i32>, ptr %829, align 4
-  %831 = shl <8 x i32> %830, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %831 to <8 x float>
-  %832 = and <8 x i32> %830, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %832 to <8 x float>
-  %833 = getelementptr inbounds float, ptr %790, i64 %k71
-  %834 = load float, ptr %833, align 4
-  %835 = insertelement <8 x float> poison, float %834, i32 0
-  %836 = shufflevector <8 x float> %835, <8 x float> poison, <8 x i32> zeroinitializer
-  %837 = load <8 x float>, ptr %acc0060, align 4
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %b072, <8 x float> %837)
-  store <8 x float> %838, ptr %acc0060, align 4
-  %839 = load <8 x float>, ptr %acc0161, align 4
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %b173, <8 x float> %839)
-  store <8 x float> %840, ptr %acc0161, align 4
-  %841 = getelementptr inbounds float, ptr %804, i64 %k71
-  %842 = load float, ptr %841, align 4
-  %843 = insertelement <8 x float> poison, float %842, i32 0
-  %844 = shufflevector <8 x float> %843, <8 x float> poison, <8 x i32> zeroinitializer
-  %845 = load <8 x float>, ptr %acc1062, align 4
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %b072, <8 x float> %845)
-  store <8 x float> %846, ptr %acc1062, align 4
-  %847 = load <8 x float>, ptr %acc1163, align 4
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %b173, <8 x float> %847)
-  store <8 x float> %848, ptr %acc1163, align 4
-  %849 = add nsw i64 %k71, 1
+  %784 = mul nsw i64 %k71, 16
+  %785 = add nsw i64 %panel.off64, %784
+  %786 = mul nsw i64 %k71, 32
+  %787 = lshr i64 %786, %pf.sh67
+  %788 = getelementptr inbounds i8, ptr %pf66, i64 %787
+  call void @llvm.prefetch.p0(ptr %788, i32 0, i32 2, i32 1)
+  %789 = getelementptr inbounds i16, ptr %panels, i64 %785
+  %790 = load <8 x i32>, ptr %789, align 4
+  %791 = shl <8 x i32> %790, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = and <8 x i32> %790, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %792 to <8 x float>
+  %793 = getelementptr inbounds float, ptr %754, i64 %k71
+  %794 = load float, ptr %793, align 4
+  %795 = insertelement <8 x float> poison, float %794, i32 0
+  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
+  %797 = load <8 x float>, ptr %acc0060, align 4
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b072, <8 x float> %797)
+  store <8 x float> %798, ptr %acc0060, align 4
+  %799 = load <8 x float>, ptr %acc0161, align 4
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b173, <8 x float> %799)
+  store <8 x float> %800, ptr %acc0161, align 4
+  %801 = getelementptr inbounds float, ptr %766, i64 %k71
+  %802 = load float, ptr %801, align 4
+  %803 = insertelement <8 x float> poison, float %802, i32 0
+  %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
+  %805 = load <8 x float>, ptr %acc1062, align 4
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b072, <8 x float> %805)
+  store <8 x float> %806, ptr %acc1062, align 4
+  %807 = load <8 x float>, ptr %acc1163, align 4
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b173, <8 x float> %807)
+  store <8 x float> %808, ptr %acc1163, align 4
+  %809 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %850 = add nsw i64 %r0, 0
-  %851 = getelementptr inbounds float, ptr %rw, i64 %850
-  %852 = load float, ptr %851, align 4
-  %853 = insertelement <8 x float> poison, float %852, i32 0
-  %854 = shufflevector <8 x float> %853, <8 x float> poison, <8 x i32> zeroinitializer
-  %855 = load <8 x float>, ptr %acc0060, align 4
-  %856 = add nsw i64 %col59, 0
-  %857 = getelementptr inbounds float, ptr %bd, i64 %856
-  %858 = load <8 x float>, ptr %857, align 4
-  %859 = fmul <8 x float> %858, %854
-  %860 = fadd <8 x float> %855, %859
-  store <8 x float> %860, ptr %797, align 4
-  %861 = load <8 x float>, ptr %acc0161, align 4
-  %862 = add nsw i64 %col59, 8
-  %863 = getelementptr inbounds float, ptr %bd, i64 %862
-  %864 = load <8 x float>, ptr %863, align 4
-  %865 = fmul <8 x float> %864, %854
-  %866 = fadd <8 x float> %861, %865
-  store <8 x float> %866, ptr %800, align 4
-  %867 = add nsw i64 %r0, 1
-  %868 = getelementptr inbounds float, ptr %rw, i64 %867
-  %869 = load float, ptr %868, align 4
-  %870 = insertelement <8 x float> poison, float %869, i32 0
-  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
-  %872 = load <8 x float>, ptr %acc1062, align 4
-  %873 = add nsw i64 %col59, 0
-  %874 = getelementptr inbounds float, ptr %bd, i64 %873
-  %875 = load <8 x float>, ptr %874, align 4
-  %876 = fmul <8 x float> %875, %871
-  %877 = fadd <8 x float> %872, %876
-  store <8 x float> %877, ptr %811, align 4
-  %878 = load <8 x float>, ptr %acc1163, align 4
-  %879 = add nsw i64 %col59, 8
-  %880 = getelementptr inbounds float, ptr %bd, i64 %879
-  %881 = load <8 x float>, ptr %880, align 4
-  %882 = fmul <8 x float> %881, %871
-  %883 = fadd <8 x float> %878, %882
-  store <8 x float> %883, ptr %814, align 4
+  %810 = add nsw i64 %r0, 0
+  %811 = getelementptr inbounds float, ptr %rw, i64 %810
+  %812 = load float, ptr %811, align 4
+  %813 = insertelement <8 x float> poison, float %812, i32 0
+  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
+  %815 = load <8 x float>, ptr %acc0060, align 4
+  %816 = add nsw i64 %col59, 0
+  %817 = getelementptr inbounds float, ptr %bd, i64 %816
+  %818 = load <8 x float>, ptr %817, align 4
+  %819 = fmul <8 x float> %818, %814
+  %820 = fadd <8 x float> %815, %819
+  store <8 x float> %820, ptr %761, align 4
+  %821 = load <8 x float>, ptr %acc0161, align 4
+  %822 = add nsw i64 %col59, 8
+  %823 = getelementptr inbounds float, ptr %bd, i64 %822
+  %824 = load <8 x float>, ptr %823, align 4
+  %825 = fmul <8 x float> %824, %814
+  %826 = fadd <8 x float> %821, %825
+  store <8 x float> %826, ptr %763, align 4
+  %827 = add nsw i64 %r0, 1
+  %828 = getelementptr inbounds float, ptr %rw, i64 %827
+  %829 = load float, ptr %828, align 4
+  %830 = insertelement <8 x float> poison, float %829, i32 0
+  %831 = shufflevector <8 x float> %830, <8 x float> poison, <8 x i32> zeroinitializer
+  %832 = load <8 x float>, ptr %acc1062, align 4
+  %833 = add nsw i64 %col59, 0
+  %834 = getelementptr inbounds float, ptr %bd, i64 %833
+  %835 = load <8 x float>, ptr %834, align 4
+  %836 = fmul <8 x float> %835, %831
+  %837 = fadd <8 x float> %832, %836
+  store <8 x float> %837, ptr %773, align 4
+  %838 = load <8 x float>, ptr %acc1163, align 4
+  %839 = add nsw i64 %col59, 8
+  %840 = getelementptr inbounds float, ptr %bd, i64 %839
+  %841 = load <8 x float>, ptr %840, align 4
+  %842 = fmul <8 x float> %841, %831
+  %843 = fadd <8 x float> %838, %842
+  store <8 x float> %843, ptr %775, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col74 = mul nsw i64 %p, 16
-  %884 = add nsw i64 %r0, 0
-  %885 = mul nsw i64 %884, 2880
-  %886 = getelementptr inbounds float, ptr %h, i64 %885
-  %887 = getelementptr inbounds i32, ptr %rows, i64 %884
-  %888 = load i32, ptr %887, align 4
-  %889 = sext i32 %888 to i64
-  %890 = mul nsw i64 %889, 2880
-  %891 = getelementptr inbounds float, ptr %y, i64 %890
-  %892 = add nsw i64 %col74, 0
-  %893 = getelementptr inbounds float, ptr %891, i64 %892
-  %894 = load <8 x float>, ptr %893, align 4
-  store <8 x float> %894, ptr %acc0075, align 4
-  %895 = add nsw i64 %col74, 8
-  %896 = getelementptr inbounds float, ptr %891, i64 %895
-  %897 = load <8 x float>, ptr %896, align 4
-  store <8 x float> %897, ptr %acc0176, align 4
+  %844 = add nsw i64 %r0, 0
+  %845 = mul nsw i64 %844, 2880
+  %846 = getelementptr inbounds float, ptr %h, i64 %845
+  %847 = getelementptr inbounds i32, ptr %rows, i64 %844
+  %848 = load i32, ptr %847, align 4
+  %849 = sext i32 %848 to i64
+  %850 = mul nsw i64 %849, 2880
+  %851 = getelementptr inbounds float, ptr %y, i64 %850
+  %852 = add nsw i64 %col74, 0
+  %853 = getelementptr inbounds float, ptr %851, i64 %852
+  store <8 x float> zeroinitializer, ptr %acc0075, align 4
+  %854 = add nsw i64 %col74, 8
+  %855 = getelementptr inbounds float, ptr %851, i64 %854
+  store <8 x float> zeroinitializer, ptr %acc0176, align 4
   %panel.off77 = mul nsw i64 %p, 46080
-  %898 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
-  %899 = add nsw i64 %p, 1
-  %900 = icmp slt i64 %899, %p1
-  %pf.on78 = and i1 %pf.on, %900
-  %901 = mul nsw i64 %pf.j, 92160
-  %902 = lshr i64 %901, %10
-  %903 = add nsw i64 92160, %902
-  %904 = getelementptr inbounds i8, ptr %898, i64 %903
-  %pf79 = select i1 %pf.on78, ptr %904, ptr %898
+  %856 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %857 = add nsw i64 %p, 1
+  %858 = icmp slt i64 %857, %p1
+  %pf.on78 = and i1 %pf.on, %858
+  %859 = mul nsw i64 %pf.j, 92160
+  %860 = lshr i64 %859, %10
+  %861 = add nsw i64 92160, %860
+  %862 = getelementptr inbounds i8, ptr %856, i64 %861
+  %pf79 = select i1 %pf.on78, ptr %862, ptr %856
   %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %923, %k.body82 ]
-  %905 = icmp slt i64 %k84, 2880
-  br i1 %905, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %881, %k.body82 ]
+  %863 = icmp slt i64 %k84, 2880
+  br i1 %863, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %906 = mul nsw i64 %k84, 16
-  %907 = add nsw i64 %panel.off77, %906
-  %908 = mul nsw i64 %k84, 32
-  %909 = lshr i64 %908, %pf.sh80
-  %910 = getelementptr inbounds i8, ptr %pf79, i64 %909
-  call void @llvm.prefetch.p0(ptr %910, i32 0, i32 2, i32 1)
-  %911 = getelementptr inbounds i16, ptr %panels, i64 %907
-  %912 = load <8 x i32>, ptr %911, align 4
-  %913 = shl <8 x i32> %912, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %913 to <8 x float>
-  %914 = and <8 x i32> %912, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %914 to <8 x float>
-  %915 = getelementptr inbounds float, ptr %886, i64 %k84
-  %916 = load float, ptr %915, align 4
-  %917 = insertelement <8 x float> poison, float %916, i32 0
-  %918 = shufflevector <8 x float> %917, <8 x float> poison, <8 x i32> zeroinitializer
-  %919 = load <8 x float>, ptr %acc0075, align 4
-  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %b085, <8 x float> %919)
-  store <8 x float> %920, ptr %acc0075, align 4
-  %921 = load <8 x float>, ptr %acc0176, align 4
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> %b186, <8 x float> %921)
-  store <8 x float> %922, ptr %acc0176, align 4
-  %923 = add nsw i64 %k84, 1
+  %864 = mul nsw i64 %k84, 16
+  %865 = add nsw i64 %panel.off77, %864
+  %866 = mul nsw i64 %k84, 32
+  %867 = lshr i64 %866, %pf.sh80
+  %868 = getelementptr inbounds i8, ptr %pf79, i64 %867
+  call void @llvm.prefetch.p0(ptr %868, i32 0, i32 2, i32 1)
+  %869 = getelementptr inbounds i16, ptr %panels, i64 %865
+  %870 = load <8 x i32>, ptr %869, align 4
+  %871 = shl <8 x i32> %870, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %871 to <8 x float>
+  %872 = and <8 x i32> %870, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %872 to <8 x float>
+  %873 = getelementptr inbounds float, ptr %846, i64 %k84
+  %874 = load float, ptr %873, align 4
+  %875 = insertelement <8 x float> poison, float %874, i32 0
+  %876 = shufflevector <8 x float> %875, <8 x float> poison, <8 x i32> zeroinitializer
+  %877 = load <8 x float>, ptr %acc0075, align 4
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b085, <8 x float> %877)
+  store <8 x float> %878, ptr %acc0075, align 4
+  %879 = load <8 x float>, ptr %acc0176, align 4
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b186, <8 x float> %879)
+  store <8 x float> %880, ptr %acc0176, align 4
+  %881 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %924 = add nsw i64 %r0, 0
-  %925 = getelementptr inbounds float, ptr %rw, i64 %924
-  %926 = load float, ptr %925, align 4
-  %927 = insertelement <8 x float> poison, float %926, i32 0
-  %928 = shufflevector <8 x float> %927, <8 x float> poison, <8 x i32> zeroinitializer
-  %929 = load <8 x float>, ptr %acc0075, align 4
-  %930 = add nsw i64 %col74, 0
-  %931 = getelementptr inbounds float, ptr %bd, i64 %930
-  %932 = load <8 x float>, ptr %931, align 4
-  %933 = fmul <8 x float> %932, %928
-  %934 = fadd <8 x float> %929, %933
-  store <8 x float> %934, ptr %893, align 4
-  %935 = load <8 x float>, ptr %acc0176, align 4
-  %936 = add nsw i64 %col74, 8
-  %937 = getelementptr inbounds float, ptr %bd, i64 %936
-  %938 = load <8 x float>, ptr %937, align 4
-  %939 = fmul <8 x float> %938, %928
-  %940 = fadd <8 x float> %935, %939
-  store <8 x float> %940, ptr %896, align 4
+  %882 = add nsw i64 %r0, 0
+  %883 = getelementptr inbounds float, ptr %rw, i64 %882
+  %884 = load float, ptr %883, align 4
+  %885 = insertelement <8 x float> poison, float %884, i32 0
+  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
+  %887 = load <8 x float>, ptr %acc0075, align 4
+  %888 = add nsw i64 %col74, 0
+  %889 = getelementptr inbounds float, ptr %bd, i64 %888
+  %890 = load <8 x float>, ptr %889, align 4
+  %891 = fmul <8 x float> %890, %886
+  %892 = fadd <8 x float> %887, %891
+  store <8 x float> %892, ptr %853, align 4
+  %893 = load <8 x float>, ptr %acc0176, align 4
+  %894 = add nsw i64 %col74, 8
+  %895 = getelementptr inbounds float, ptr %bd, i64 %894
+  %896 = load <8 x float>, ptr %895, align 4
+  %897 = fmul <8 x float> %896, %886
+  %898 = fadd <8 x float> %893, %897
+  store <8 x float> %898, ptr %855, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %941 = add nsw i64 %r0, 6
+  %899 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %942 = add nsw i64 %p, 1
+  %900 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

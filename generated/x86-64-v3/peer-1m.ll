@@ -8,7 +8,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [33 x i8] c"4ef410385e56f10adff714c4dbef8f1f\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 8, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 4, ptr @moe_gen_ops, [17 x ptr] [ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr @moe_pk_query, ptr @moe_pk_route, ptr @moe_pk_experts, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 9, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 4, ptr @moe_gen_ops, [17 x ptr] [ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr @moe_pk_query, ptr @moe_pk_route, ptr @moe_pk_experts, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_pk_query(ptr %x, i64 %t0, i64 %t1, i64 %b0, i64 %b1, ptr %query, ptr %qbias, ptr %q) #0 {

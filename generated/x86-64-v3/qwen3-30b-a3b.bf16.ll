@@ -8,7 +8,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [33 x i8] c"90267ba101775f6b664853ed2b6fc93c\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 8, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 2, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr @moe_router, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 9, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 2, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr @moe_router, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_router(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
@@ -2814,7 +2814,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %720, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %699, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2822,7 +2822,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %719, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %698, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2862,73 +2862,67 @@ tile.mr6:                                         ; preds = %r0.body
   %20 = mul nsw i64 %19, 2048
   %21 = add nsw i64 %20, %col
   %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = load <16 x float>, ptr %22, align 4
-  store <16 x float> %23, ptr %acc00, align 4
-  %24 = add nsw i64 %r0, 1
-  %25 = mul nsw i64 %24, 768
-  %26 = getelementptr inbounds float, ptr %h, i64 %25
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %24
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 2048
-  %31 = add nsw i64 %30, %col
-  %32 = getelementptr inbounds float, ptr %y, i64 %31
-  %33 = load <16 x float>, ptr %32, align 4
-  store <16 x float> %33, ptr %acc10, align 4
-  %34 = add nsw i64 %r0, 2
-  %35 = mul nsw i64 %34, 768
-  %36 = getelementptr inbounds float, ptr %h, i64 %35
-  %37 = getelementptr inbounds i32, ptr %rows, i64 %34
-  %38 = load i32, ptr %37, align 4
-  %39 = sext i32 %38 to i64
-  %40 = mul nsw i64 %39, 2048
-  %41 = add nsw i64 %40, %col
-  %42 = getelementptr inbounds float, ptr %y, i64 %41
-  %43 = load <16 x float>, ptr %42, align 4
-  store <16 x float> %43, ptr %acc20, align 4
-  %44 = add nsw i64 %r0, 3
-  %45 = mul nsw i64 %44, 768
-  %46 = getelementptr inbounds float, ptr %h, i64 %45
-  %47 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %48 = load i32, ptr %47, align 4
-  %49 = sext i32 %48 to i64
-  %50 = mul nsw i64 %49, 2048
-  %51 = add nsw i64 %50, %col
-  %52 = getelementptr inbounds float, ptr %y, i64 %51
-  %53 = load <16 x float>, ptr %52, align 4
-  store <16 x float> %53, ptr %acc30, align 4
-  %54 = add nsw i64 %r0, 4
-  %55 = mul nsw i64 %54, 768
-  %56 = getelementptr inbounds float, ptr %h, i64 %55
-  %57 = getelementptr inbounds i32, ptr %rows, i64 %54
-  %58 = load i32, ptr %57, align 4
-  %59 = sext i32 %58 to i64
-  %60 = mul nsw i64 %59, 2048
-  %61 = add nsw i64 %60, %col
-  %62 = getelementptr inbounds float, ptr %y, i64 %61
-  %63 = load <16 x float>, ptr %62, align 4
-  store <16 x float> %63, ptr %acc40, align 4
-  %64 = add nsw i64 %r0, 5
-  %65 = mul nsw i64 %64, 768
-  %66 = getelementptr inbounds float, ptr %h, i64 %65
-  %67 = getelementptr inbounds i32, ptr %rows, i64 %64
-  %68 = load i32, ptr %67, align 4
-  %69 = sext i32 %68 to i64
-  %70 = mul nsw i64 %69, 2048
-  %71 = add nsw i64 %70, %col
-  %72 = getelementptr inbounds float, ptr %y, i64 %71
-  %73 = load <16 x float>, ptr %72, align 4
-  store <16 x float> %73, ptr %acc50, align 4
-  %74 = mul nsw i64 %p, 12288
-  %75 = getelementptr inbounds i16, ptr %panels, i64 %74
-  %76 = add nsw i64 %p, 1
-  %77 = icmp slt i64 %76, %p1
-  %pf.on1 = and i1 %pf.on, %77
-  %78 = mul nsw i64 %pf.j, 24576
-  %79 = lshr i64 %78, %10
-  %80 = add nsw i64 24576, %79
-  %81 = getelementptr inbounds i8, ptr %75, i64 %80
-  %pf = select i1 %pf.on1, ptr %81, ptr %75
+  store <16 x float> zeroinitializer, ptr %acc00, align 4
+  %23 = add nsw i64 %r0, 1
+  %24 = mul nsw i64 %23, 768
+  %25 = getelementptr inbounds float, ptr %h, i64 %24
+  %26 = getelementptr inbounds i32, ptr %rows, i64 %23
+  %27 = load i32, ptr %26, align 4
+  %28 = sext i32 %27 to i64
+  %29 = mul nsw i64 %28, 2048
+  %30 = add nsw i64 %29, %col
+  %31 = getelementptr inbounds float, ptr %y, i64 %30
+  store <16 x float> zeroinitializer, ptr %acc10, align 4
+  %32 = add nsw i64 %r0, 2
+  %33 = mul nsw i64 %32, 768
+  %34 = getelementptr inbounds float, ptr %h, i64 %33
+  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %36 = load i32, ptr %35, align 4
+  %37 = sext i32 %36 to i64
+  %38 = mul nsw i64 %37, 2048
+  %39 = add nsw i64 %38, %col
+  %40 = getelementptr inbounds float, ptr %y, i64 %39
+  store <16 x float> zeroinitializer, ptr %acc20, align 4
+  %41 = add nsw i64 %r0, 3
+  %42 = mul nsw i64 %41, 768
+  %43 = getelementptr inbounds float, ptr %h, i64 %42
+  %44 = getelementptr inbounds i32, ptr %rows, i64 %41
+  %45 = load i32, ptr %44, align 4
+  %46 = sext i32 %45 to i64
+  %47 = mul nsw i64 %46, 2048
+  %48 = add nsw i64 %47, %col
+  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  store <16 x float> zeroinitializer, ptr %acc30, align 4
+  %50 = add nsw i64 %r0, 4
+  %51 = mul nsw i64 %50, 768
+  %52 = getelementptr inbounds float, ptr %h, i64 %51
+  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
+  %54 = load i32, ptr %53, align 4
+  %55 = sext i32 %54 to i64
+  %56 = mul nsw i64 %55, 2048
+  %57 = add nsw i64 %56, %col
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  store <16 x float> zeroinitializer, ptr %acc40, align 4
+  %59 = add nsw i64 %r0, 5
+  %60 = mul nsw i64 %59, 768
+  %61 = getelementptr inbounds float, ptr %h, i64 %60
+  %62 = getelementptr inbounds i32, ptr %rows, i64 %59
+  %63 = load i32, ptr %62, align 4
+  %64 = sext i32 %63 to i64
+  %65 = mul nsw i64 %64, 2048
+  %66 = add nsw i64 %65, %col
+  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  store <16 x float> zeroinitializer, ptr %acc50, align 4
+  %68 = mul nsw i64 %p, 12288
+  %69 = getelementptr inbounds i16, ptr %panels, i64 %68
+  %70 = add nsw i64 %p, 1
+  %71 = icmp slt i64 %70, %p1
+  %pf.on1 = and i1 %pf.on, %71
+  %72 = mul nsw i64 %pf.j, 24576
+  %73 = lshr i64 %72, %10
+  %74 = add nsw i64 24576, %73
+  %75 = getelementptr inbounds i8, ptr %69, i64 %74
+  %pf = select i1 %pf.on1, ptr %75, ptr %69
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
@@ -2939,201 +2933,208 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %180, %kp.body ]
-  %82 = icmp slt i64 %kp, 192
-  br i1 %82, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %174, %kp.body ]
+  %76 = icmp slt i64 %kp, 192
+  br i1 %76, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %83 = mul nsw i64 %kk, 32
-  %84 = getelementptr inbounds i16, ptr %75, i64 %83
-  %85 = load <32 x bfloat>, ptr %84, align 4
-  %86 = mul nsw i64 %kk, 64
-  %87 = lshr i64 %86, %pf.sh
-  %88 = getelementptr inbounds i8, ptr %pf, i64 %87
-  call void @llvm.prefetch.p0(ptr %88, i32 0, i32 2, i32 1)
-  %89 = getelementptr inbounds i32, ptr %16, i64 %kk
-  %90 = load i32, ptr %89, align 4
-  %91 = load <16 x float>, ptr %acc00, align 4
-  %92 = insertelement <16 x i32> poison, i32 %90, i32 0
-  %93 = shufflevector <16 x i32> %92, <16 x i32> poison, <16 x i32> zeroinitializer
-  %94 = bitcast <16 x i32> %93 to <32 x bfloat>
-  %95 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %91, <32 x bfloat> %85, <32 x bfloat> %94)
-  store <16 x float> %95, ptr %acc00, align 4
-  %96 = getelementptr inbounds i32, ptr %26, i64 %kk
-  %97 = load i32, ptr %96, align 4
-  %98 = load <16 x float>, ptr %acc10, align 4
-  %99 = insertelement <16 x i32> poison, i32 %97, i32 0
-  %100 = shufflevector <16 x i32> %99, <16 x i32> poison, <16 x i32> zeroinitializer
-  %101 = bitcast <16 x i32> %100 to <32 x bfloat>
-  %102 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %98, <32 x bfloat> %85, <32 x bfloat> %101)
-  store <16 x float> %102, ptr %acc10, align 4
-  %103 = getelementptr inbounds i32, ptr %36, i64 %kk
-  %104 = load i32, ptr %103, align 4
-  %105 = load <16 x float>, ptr %acc20, align 4
-  %106 = insertelement <16 x i32> poison, i32 %104, i32 0
-  %107 = shufflevector <16 x i32> %106, <16 x i32> poison, <16 x i32> zeroinitializer
-  %108 = bitcast <16 x i32> %107 to <32 x bfloat>
-  %109 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %105, <32 x bfloat> %85, <32 x bfloat> %108)
-  store <16 x float> %109, ptr %acc20, align 4
-  %110 = getelementptr inbounds i32, ptr %46, i64 %kk
-  %111 = load i32, ptr %110, align 4
-  %112 = load <16 x float>, ptr %acc30, align 4
-  %113 = insertelement <16 x i32> poison, i32 %111, i32 0
-  %114 = shufflevector <16 x i32> %113, <16 x i32> poison, <16 x i32> zeroinitializer
-  %115 = bitcast <16 x i32> %114 to <32 x bfloat>
-  %116 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %112, <32 x bfloat> %85, <32 x bfloat> %115)
-  store <16 x float> %116, ptr %acc30, align 4
-  %117 = getelementptr inbounds i32, ptr %56, i64 %kk
-  %118 = load i32, ptr %117, align 4
-  %119 = load <16 x float>, ptr %acc40, align 4
-  %120 = insertelement <16 x i32> poison, i32 %118, i32 0
-  %121 = shufflevector <16 x i32> %120, <16 x i32> poison, <16 x i32> zeroinitializer
-  %122 = bitcast <16 x i32> %121 to <32 x bfloat>
-  %123 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %119, <32 x bfloat> %85, <32 x bfloat> %122)
-  store <16 x float> %123, ptr %acc40, align 4
-  %124 = getelementptr inbounds i32, ptr %66, i64 %kk
-  %125 = load i32, ptr %124, align 4
-  %126 = load <16 x float>, ptr %acc50, align 4
-  %127 = insertelement <16 x i32> poison, i32 %125, i32 0
-  %128 = shufflevector <16 x i32> %127, <16 x i32> poison, <16 x i32> zeroinitializer
-  %129 = bitcast <16 x i32> %128 to <32 x bfloat>
-  %130 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %126, <32 x bfloat> %85, <32 x bfloat> %129)
-  store <16 x float> %130, ptr %acc50, align 4
-  %131 = add nsw i64 %kk, 1
-  %132 = mul nsw i64 %131, 32
-  %133 = getelementptr inbounds i16, ptr %75, i64 %132
-  %134 = load <32 x bfloat>, ptr %133, align 4
-  %135 = mul nsw i64 %131, 64
-  %136 = lshr i64 %135, %pf.sh
-  %137 = getelementptr inbounds i8, ptr %pf, i64 %136
-  call void @llvm.prefetch.p0(ptr %137, i32 0, i32 2, i32 1)
-  %138 = getelementptr inbounds i32, ptr %16, i64 %131
-  %139 = load i32, ptr %138, align 4
-  %140 = load <16 x float>, ptr %acc01, align 4
-  %141 = insertelement <16 x i32> poison, i32 %139, i32 0
-  %142 = shufflevector <16 x i32> %141, <16 x i32> poison, <16 x i32> zeroinitializer
-  %143 = bitcast <16 x i32> %142 to <32 x bfloat>
-  %144 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %140, <32 x bfloat> %134, <32 x bfloat> %143)
-  store <16 x float> %144, ptr %acc01, align 4
-  %145 = getelementptr inbounds i32, ptr %26, i64 %131
-  %146 = load i32, ptr %145, align 4
-  %147 = load <16 x float>, ptr %acc11, align 4
-  %148 = insertelement <16 x i32> poison, i32 %146, i32 0
-  %149 = shufflevector <16 x i32> %148, <16 x i32> poison, <16 x i32> zeroinitializer
-  %150 = bitcast <16 x i32> %149 to <32 x bfloat>
-  %151 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %147, <32 x bfloat> %134, <32 x bfloat> %150)
-  store <16 x float> %151, ptr %acc11, align 4
-  %152 = getelementptr inbounds i32, ptr %36, i64 %131
-  %153 = load i32, ptr %152, align 4
-  %154 = load <16 x float>, ptr %acc21, align 4
-  %155 = insertelement <16 x i32> poison, i32 %153, i32 0
-  %156 = shufflevector <16 x i32> %155, <16 x i32> poison, <16 x i32> zeroinitializer
-  %157 = bitcast <16 x i32> %156 to <32 x bfloat>
-  %158 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %154, <32 x bfloat> %134, <32 x bfloat> %157)
-  store <16 x float> %158, ptr %acc21, align 4
-  %159 = getelementptr inbounds i32, ptr %46, i64 %131
-  %160 = load i32, ptr %159, align 4
-  %161 = load <16 x float>, ptr %acc31, align 4
-  %162 = insertelement <16 x i32> poison, i32 %160, i32 0
-  %163 = shufflevector <16 x i32> %162, <16 x i32> poison, <16 x i32> zeroinitializer
-  %164 = bitcast <16 x i32> %163 to <32 x bfloat>
-  %165 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %161, <32 x bfloat> %134, <32 x bfloat> %164)
-  store <16 x float> %165, ptr %acc31, align 4
-  %166 = getelementptr inbounds i32, ptr %56, i64 %131
-  %167 = load i32, ptr %166, align 4
-  %168 = load <16 x float>, ptr %acc41, align 4
-  %169 = insertelement <16 x i32> poison, i32 %167, i32 0
-  %170 = shufflevector <16 x i32> %169, <16 x i32> poison, <16 x i32> zeroinitializer
-  %171 = bitcast <16 x i32> %170 to <32 x bfloat>
-  %172 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %168, <32 x bfloat> %134, <32 x bfloat> %171)
-  store <16 x float> %172, ptr %acc41, align 4
-  %173 = getelementptr inbounds i32, ptr %66, i64 %131
-  %174 = load i32, ptr %173, align 4
-  %175 = load <16 x float>, ptr %acc51, align 4
-  %176 = insertelement <16 x i32> poison, i32 %174, i32 0
-  %177 = shufflevector <16 x i32> %176, <16 x i32> poison, <16 x i32> zeroinitializer
-  %178 = bitcast <16 x i32> %177 to <32 x bfloat>
-  %179 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %175, <32 x bfloat> %134, <32 x bfloat> %178)
-  store <16 x float> %179, ptr %acc51, align 4
-  %180 = add nsw i64 %kp, 1
+  %77 = mul nsw i64 %kk, 32
+  %78 = getelementptr inbounds i16, ptr %69, i64 %77
+  %79 = load <32 x bfloat>, ptr %78, align 4
+  %80 = mul nsw i64 %kk, 64
+  %81 = lshr i64 %80, %pf.sh
+  %82 = getelementptr inbounds i8, ptr %pf, i64 %81
+  call void @llvm.prefetch.p0(ptr %82, i32 0, i32 2, i32 1)
+  %83 = getelementptr inbounds i32, ptr %16, i64 %kk
+  %84 = load i32, ptr %83, align 4
+  %85 = load <16 x float>, ptr %acc00, align 4
+  %86 = insertelement <16 x i32> poison, i32 %84, i32 0
+  %87 = shufflevector <16 x i32> %86, <16 x i32> poison, <16 x i32> zeroinitializer
+  %88 = bitcast <16 x i32> %87 to <32 x bfloat>
+  %89 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %85, <32 x bfloat> %79, <32 x bfloat> %88)
+  store <16 x float> %89, ptr %acc00, align 4
+  %90 = getelementptr inbounds i32, ptr %25, i64 %kk
+  %91 = load i32, ptr %90, align 4
+  %92 = load <16 x float>, ptr %acc10, align 4
+  %93 = insertelement <16 x i32> poison, i32 %91, i32 0
+  %94 = shufflevector <16 x i32> %93, <16 x i32> poison, <16 x i32> zeroinitializer
+  %95 = bitcast <16 x i32> %94 to <32 x bfloat>
+  %96 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %92, <32 x bfloat> %79, <32 x bfloat> %95)
+  store <16 x float> %96, ptr %acc10, align 4
+  %97 = getelementptr inbounds i32, ptr %34, i64 %kk
+  %98 = load i32, ptr %97, align 4
+  %99 = load <16 x float>, ptr %acc20, align 4
+  %100 = insertelement <16 x i32> poison, i32 %98, i32 0
+  %101 = shufflevector <16 x i32> %100, <16 x i32> poison, <16 x i32> zeroinitializer
+  %102 = bitcast <16 x i32> %101 to <32 x bfloat>
+  %103 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %99, <32 x bfloat> %79, <32 x bfloat> %102)
+  store <16 x float> %103, ptr %acc20, align 4
+  %104 = getelementptr inbounds i32, ptr %43, i64 %kk
+  %105 = load i32, ptr %104, align 4
+  %106 = load <16 x float>, ptr %acc30, align 4
+  %107 = insertelement <16 x i32> poison, i32 %105, i32 0
+  %108 = shufflevector <16 x i32> %107, <16 x i32> poison, <16 x i32> zeroinitializer
+  %109 = bitcast <16 x i32> %108 to <32 x bfloat>
+  %110 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %106, <32 x bfloat> %79, <32 x bfloat> %109)
+  store <16 x float> %110, ptr %acc30, align 4
+  %111 = getelementptr inbounds i32, ptr %52, i64 %kk
+  %112 = load i32, ptr %111, align 4
+  %113 = load <16 x float>, ptr %acc40, align 4
+  %114 = insertelement <16 x i32> poison, i32 %112, i32 0
+  %115 = shufflevector <16 x i32> %114, <16 x i32> poison, <16 x i32> zeroinitializer
+  %116 = bitcast <16 x i32> %115 to <32 x bfloat>
+  %117 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %113, <32 x bfloat> %79, <32 x bfloat> %116)
+  store <16 x float> %117, ptr %acc40, align 4
+  %118 = getelementptr inbounds i32, ptr %61, i64 %kk
+  %119 = load i32, ptr %118, align 4
+  %120 = load <16 x float>, ptr %acc50, align 4
+  %121 = insertelement <16 x i32> poison, i32 %119, i32 0
+  %122 = shufflevector <16 x i32> %121, <16 x i32> poison, <16 x i32> zeroinitializer
+  %123 = bitcast <16 x i32> %122 to <32 x bfloat>
+  %124 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %120, <32 x bfloat> %79, <32 x bfloat> %123)
+  store <16 x float> %124, ptr %acc50, align 4
+  %125 = add nsw i64 %kk, 1
+  %126 = mul nsw i64 %125, 32
+  %127 = getelementptr inbounds i16, ptr %69, i64 %126
+  %128 = load <32 x bfloat>, ptr %127, align 4
+  %129 = mul nsw i64 %125, 64
+  %130 = lshr i64 %129, %pf.sh
+  %131 = getelementptr inbounds i8, ptr %pf, i64 %130
+  call void @llvm.prefetch.p0(ptr %131, i32 0, i32 2, i32 1)
+  %132 = getelementptr inbounds i32, ptr %16, i64 %125
+  %133 = load i32, ptr %132, align 4
+  %134 = load <16 x float>, ptr %acc01, align 4
+  %135 = insertelement <16 x i32> poison, i32 %133, i32 0
+  %136 = shufflevector <16 x i32> %135, <16 x i32> poison, <16 x i32> zeroinitializer
+  %137 = bitcast <16 x i32> %136 to <32 x bfloat>
+  %138 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %134, <32 x bfloat> %128, <32 x bfloat> %137)
+  store <16 x float> %138, ptr %acc01, align 4
+  %139 = getelementptr inbounds i32, ptr %25, i64 %125
+  %140 = load i32, ptr %139, align 4
+  %141 = load <16 x float>, ptr %acc11, align 4
+  %142 = insertelement <16 x i32> poison, i32 %140, i32 0
+  %143 = shufflevector <16 x i32> %142, <16 x i32> poison, <16 x i32> zeroinitializer
+  %144 = bitcast <16 x i32> %143 to <32 x bfloat>
+  %145 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %141, <32 x bfloat> %128, <32 x bfloat> %144)
+  store <16 x float> %145, ptr %acc11, align 4
+  %146 = getelementptr inbounds i32, ptr %34, i64 %125
+  %147 = load i32, ptr %146, align 4
+  %148 = load <16 x float>, ptr %acc21, align 4
+  %149 = insertelement <16 x i32> poison, i32 %147, i32 0
+  %150 = shufflevector <16 x i32> %149, <16 x i32> poison, <16 x i32> zeroinitializer
+  %151 = bitcast <16 x i32> %150 to <32 x bfloat>
+  %152 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %148, <32 x bfloat> %128, <32 x bfloat> %151)
+  store <16 x float> %152, ptr %acc21, align 4
+  %153 = getelementptr inbounds i32, ptr %43, i64 %125
+  %154 = load i32, ptr %153, align 4
+  %155 = load <16 x float>, ptr %acc31, align 4
+  %156 = insertelement <16 x i32> poison, i32 %154, i32 0
+  %157 = shufflevector <16 x i32> %156, <16 x i32> poison, <16 x i32> zeroinitializer
+  %158 = bitcast <16 x i32> %157 to <32 x bfloat>
+  %159 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %155, <32 x bfloat> %128, <32 x bfloat> %158)
+  store <16 x float> %159, ptr %acc31, align 4
+  %160 = getelementptr inbounds i32, ptr %52, i64 %125
+  %161 = load i32, ptr %160, align 4
+  %162 = load <16 x float>, ptr %acc41, align 4
+  %163 = insertelement <16 x i32> poison, i32 %161, i32 0
+  %164 = shufflevector <16 x i32> %163, <16 x i32> poison, <16 x i32> zeroinitializer
+  %165 = bitcast <16 x i32> %164 to <32 x bfloat>
+  %166 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %162, <32 x bfloat> %128, <32 x bfloat> %165)
+  store <16 x float> %166, ptr %acc41, align 4
+  %167 = getelementptr inbounds i32, ptr %61, i64 %125
+  %168 = load i32, ptr %167, align 4
+  %169 = load <16 x float>, ptr %acc51, align 4
+  %170 = insertelement <16 x i32> poison, i32 %168, i32 0
+  %171 = shufflevector <16 x i32> %170, <16 x i32> poison, <16 x i32> zeroinitializer
+  %172 = bitcast <16 x i32> %171 to <32 x bfloat>
+  %173 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %169, <32 x bfloat> %128, <32 x bfloat> %172)
+  store <16 x float> %173, ptr %acc51, align 4
+  %174 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %181 = load <16 x float>, ptr %acc01, align 4
-  %182 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %182, %181
+  %175 = load <16 x float>, ptr %acc01, align 4
+  %176 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %176, %175
   store <16 x float> %sum, ptr %acc00, align 4
-  %183 = load <16 x float>, ptr %acc11, align 4
-  %184 = load <16 x float>, ptr %acc10, align 4
-  %sum2 = fadd <16 x float> %184, %183
+  %177 = load <16 x float>, ptr %acc11, align 4
+  %178 = load <16 x float>, ptr %acc10, align 4
+  %sum2 = fadd <16 x float> %178, %177
   store <16 x float> %sum2, ptr %acc10, align 4
-  %185 = load <16 x float>, ptr %acc21, align 4
-  %186 = load <16 x float>, ptr %acc20, align 4
-  %sum3 = fadd <16 x float> %186, %185
+  %179 = load <16 x float>, ptr %acc21, align 4
+  %180 = load <16 x float>, ptr %acc20, align 4
+  %sum3 = fadd <16 x float> %180, %179
   store <16 x float> %sum3, ptr %acc20, align 4
-  %187 = load <16 x float>, ptr %acc31, align 4
-  %188 = load <16 x float>, ptr %acc30, align 4
-  %sum4 = fadd <16 x float> %188, %187
+  %181 = load <16 x float>, ptr %acc31, align 4
+  %182 = load <16 x float>, ptr %acc30, align 4
+  %sum4 = fadd <16 x float> %182, %181
   store <16 x float> %sum4, ptr %acc30, align 4
-  %189 = load <16 x float>, ptr %acc41, align 4
-  %190 = load <16 x float>, ptr %acc40, align 4
-  %sum5 = fadd <16 x float> %190, %189
+  %183 = load <16 x float>, ptr %acc41, align 4
+  %184 = load <16 x float>, ptr %acc40, align 4
+  %sum5 = fadd <16 x float> %184, %183
   store <16 x float> %sum5, ptr %acc40, align 4
-  %191 = load <16 x float>, ptr %acc51, align 4
-  %192 = load <16 x float>, ptr %acc50, align 4
-  %sum6 = fadd <16 x float> %192, %191
+  %185 = load <16 x float>, ptr %acc51, align 4
+  %186 = load <16 x float>, ptr %acc50, align 4
+  %sum6 = fadd <16 x float> %186, %185
   store <16 x float> %sum6, ptr %acc50, align 4
-  %193 = load <16 x float>, ptr %acc00, align 4
-  store <16 x float> %193, ptr %22, align 4
-  %194 = load <16 x float>, ptr %acc10, align 4
-  store <16 x float> %194, ptr %32, align 4
-  %195 = load <16 x float>, ptr %acc20, align 4
-  store <16 x float> %195, ptr %42, align 4
-  %196 = load <16 x float>, ptr %acc30, align 4
-  store <16 x float> %196, ptr %52, align 4
-  %197 = load <16 x float>, ptr %acc40, align 4
-  store <16 x float> %197, ptr %62, align 4
-  %198 = load <16 x float>, ptr %acc50, align 4
-  store <16 x float> %198, ptr %72, align 4
+  %187 = load <16 x float>, ptr %acc00, align 4
+  store <16 x float> %187, ptr %22, align 4
+  %188 = load <16 x float>, ptr %acc10, align 4
+  store <16 x float> %188, ptr %31, align 4
+  %189 = load <16 x float>, ptr %acc20, align 4
+  store <16 x float> %189, ptr %40, align 4
+  %190 = load <16 x float>, ptr %acc30, align 4
+  store <16 x float> %190, ptr %49, align 4
+  %191 = load <16 x float>, ptr %acc40, align 4
+  store <16 x float> %191, ptr %58, align 4
+  %192 = load <16 x float>, ptr %acc50, align 4
+  store <16 x float> %192, ptr %67, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col7 = mul nsw i64 %p, 16
-  %199 = add nsw i64 %r0, 0
-  %200 = mul nsw i64 %199, 768
-  %201 = getelementptr inbounds float, ptr %h, i64 %200
-  %202 = getelementptr inbounds i32, ptr %rows, i64 %199
-  %203 = load i32, ptr %202, align 4
-  %204 = sext i32 %203 to i64
-  %205 = mul nsw i64 %204, 2048
-  %206 = add nsw i64 %205, %col7
-  %207 = getelementptr inbounds float, ptr %y, i64 %206
-  %208 = load <16 x float>, ptr %207, align 4
-  store <16 x float> %208, ptr %acc008, align 4
-  %209 = add nsw i64 %r0, 1
-  %210 = mul nsw i64 %209, 768
-  %211 = getelementptr inbounds float, ptr %h, i64 %210
-  %212 = getelementptr inbounds i32, ptr %rows, i64 %209
-  %213 = load i32, ptr %212, align 4
-  %214 = sext i32 %213 to i64
-  %215 = mul nsw i64 %214, 2048
-  %216 = add nsw i64 %215, %col7
-  %217 = getelementptr inbounds float, ptr %y, i64 %216
-  %218 = load <16 x float>, ptr %217, align 4
-  store <16 x float> %218, ptr %acc109, align 4
-  %219 = add nsw i64 %r0, 2
-  %220 = mul nsw i64 %219, 768
-  %221 = getelementptr inbounds float, ptr %h, i64 %220
-  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
-  %223 = load i32, ptr %222, align 4
-  %224 = sext i32 %223 to i64
-  %225 = mul nsw i64 %224, 2048
-  %226 = add nsw i64 %225, %col7
-  %227 = getelementptr inbounds float, ptr %y, i64 %226
-  %228 = load <16 x float>, ptr %227, align 4
-  store <16 x float> %228, ptr %acc2010, align 4
-  %229 = add nsw i64 %r0, 3
+  %193 = add nsw i64 %r0, 0
+  %194 = mul nsw i64 %193, 768
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
+  %197 = load i32, ptr %196, align 4
+  %198 = sext i32 %197 to i64
+  %199 = mul nsw i64 %198, 2048
+  %200 = add nsw i64 %199, %col7
+  %201 = getelementptr inbounds float, ptr %y, i64 %200
+  store <16 x float> zeroinitializer, ptr %acc008, align 4
+  %202 = add nsw i64 %r0, 1
+  %203 = mul nsw i64 %202, 768
+  %204 = getelementptr inbounds float, ptr %h, i64 %203
+  %205 = getelementptr inbounds i32, ptr %rows, i64 %202
+  %206 = load i32, ptr %205, align 4
+  %207 = sext i32 %206 to i64
+  %208 = mul nsw i64 %207, 2048
+  %209 = add nsw i64 %208, %col7
+  %210 = getelementptr inbounds float, ptr %y, i64 %209
+  store <16 x float> zeroinitializer, ptr %acc109, align 4
+  %211 = add nsw i64 %r0, 2
+  %212 = mul nsw i64 %211, 768
+  %213 = getelementptr inbounds float, ptr %h, i64 %212
+  %214 = getelementptr inbounds i32, ptr %rows, i64 %211
+  %215 = load i32, ptr %214, align 4
+  %216 = sext i32 %215 to i64
+  %217 = mul nsw i64 %216, 2048
+  %218 = add nsw i64 %217, %col7
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  store <16 x float> zeroinitializer, ptr %acc2010, align 4
+  %220 = add nsw i64 %r0, 3
+  %221 = mul nsw i64 %220, 768
+  %222 = getelementptr inbounds float, ptr %h, i64 %221
+  %223 = getelementptr inbounds i32, ptr %rows, i64 %220
+  %224 = load i32, ptr %223, align 4
+  %225 = sext i32 %224 to i64
+  %226 = mul nsw i64 %225, 2048
+  %227 = add nsw i64 %226, %col7
+  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  store <16 x float> zeroinitializer, ptr %acc3011, align 4
+  %229 = add nsw i64 %r0, 4
   %230 = mul nsw i64 %229, 768
   %231 = getelementptr inbounds float, ptr %h, i64 %230
   %232 = getelementptr inbounds i32, ptr %rows, i64 %229
@@ -3142,29 +3143,17 @@ tile.mr5:                                         ; preds = %r0.body
   %235 = mul nsw i64 %234, 2048
   %236 = add nsw i64 %235, %col7
   %237 = getelementptr inbounds float, ptr %y, i64 %236
-  %238 = load <16 x float>, ptr %237, align 4
-  store <16 x float> %238, ptr %acc3011, align 4
-  %239 = add nsw i64 %r0, 4
-  %240 = mul nsw i64 %239, 768
-  %241 = getelementptr inbounds float, ptr %h, i64 %240
-  %242 = getelementptr inbounds i32, ptr %rows, i64 %239
-  %243 = load i32, ptr %242, align 4
-  %244 = sext i32 %243 to i64
-  %245 = mul nsw i64 %244, 2048
-  %246 = add nsw i64 %245, %col7
-  %247 = getelementptr inbounds float, ptr %y, i64 %246
-  %248 = load <16 x float>, ptr %247, align 4
-  store <16 x float> %248, ptr %acc4012, align 4
-  %249 = mul nsw i64 %p, 12288
-  %250 = getelementptr inbounds i16, ptr %panels, i64 %249
-  %251 = add nsw i64 %p, 1
-  %252 = icmp slt i64 %251, %p1
-  %pf.on13 = and i1 %pf.on, %252
-  %253 = mul nsw i64 %pf.j, 24576
-  %254 = lshr i64 %253, %10
-  %255 = add nsw i64 24576, %254
-  %256 = getelementptr inbounds i8, ptr %250, i64 %255
-  %pf14 = select i1 %pf.on13, ptr %256, ptr %250
+  store <16 x float> zeroinitializer, ptr %acc4012, align 4
+  %238 = mul nsw i64 %p, 12288
+  %239 = getelementptr inbounds i16, ptr %panels, i64 %238
+  %240 = add nsw i64 %p, 1
+  %241 = icmp slt i64 %240, %p1
+  %pf.on13 = and i1 %pf.on, %241
+  %242 = mul nsw i64 %pf.j, 24576
+  %243 = lshr i64 %242, %10
+  %244 = add nsw i64 24576, %243
+  %245 = getelementptr inbounds i8, ptr %239, i64 %244
+  %pf14 = select i1 %pf.on13, ptr %245, ptr %239
   %pf.sh15 = select i1 %pf.on13, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc0116, align 4
   store <16 x float> zeroinitializer, ptr %acc1117, align 4
@@ -3174,199 +3163,195 @@ tile.mr5:                                         ; preds = %r0.body
   br label %kp.head21
 
 kp.head21:                                        ; preds = %kp.body22, %tile.mr5
-  %kp24 = phi i64 [ 0, %tile.mr5 ], [ %341, %kp.body22 ]
-  %257 = icmp slt i64 %kp24, 192
-  br i1 %257, label %kp.body22, label %kp.end23
+  %kp24 = phi i64 [ 0, %tile.mr5 ], [ %330, %kp.body22 ]
+  %246 = icmp slt i64 %kp24, 192
+  br i1 %246, label %kp.body22, label %kp.end23
 
 kp.body22:                                        ; preds = %kp.head21
   %kk25 = mul nsw i64 %kp24, 2
-  %258 = mul nsw i64 %kk25, 32
-  %259 = getelementptr inbounds i16, ptr %250, i64 %258
-  %260 = load <32 x bfloat>, ptr %259, align 4
-  %261 = mul nsw i64 %kk25, 64
-  %262 = lshr i64 %261, %pf.sh15
-  %263 = getelementptr inbounds i8, ptr %pf14, i64 %262
-  call void @llvm.prefetch.p0(ptr %263, i32 0, i32 2, i32 1)
-  %264 = getelementptr inbounds i32, ptr %201, i64 %kk25
-  %265 = load i32, ptr %264, align 4
-  %266 = load <16 x float>, ptr %acc008, align 4
-  %267 = insertelement <16 x i32> poison, i32 %265, i32 0
-  %268 = shufflevector <16 x i32> %267, <16 x i32> poison, <16 x i32> zeroinitializer
-  %269 = bitcast <16 x i32> %268 to <32 x bfloat>
-  %270 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %266, <32 x bfloat> %260, <32 x bfloat> %269)
-  store <16 x float> %270, ptr %acc008, align 4
-  %271 = getelementptr inbounds i32, ptr %211, i64 %kk25
-  %272 = load i32, ptr %271, align 4
-  %273 = load <16 x float>, ptr %acc109, align 4
-  %274 = insertelement <16 x i32> poison, i32 %272, i32 0
-  %275 = shufflevector <16 x i32> %274, <16 x i32> poison, <16 x i32> zeroinitializer
-  %276 = bitcast <16 x i32> %275 to <32 x bfloat>
-  %277 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %273, <32 x bfloat> %260, <32 x bfloat> %276)
-  store <16 x float> %277, ptr %acc109, align 4
-  %278 = getelementptr inbounds i32, ptr %221, i64 %kk25
-  %279 = load i32, ptr %278, align 4
-  %280 = load <16 x float>, ptr %acc2010, align 4
-  %281 = insertelement <16 x i32> poison, i32 %279, i32 0
-  %282 = shufflevector <16 x i32> %281, <16 x i32> poison, <16 x i32> zeroinitializer
-  %283 = bitcast <16 x i32> %282 to <32 x bfloat>
-  %284 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %280, <32 x bfloat> %260, <32 x bfloat> %283)
-  store <16 x float> %284, ptr %acc2010, align 4
-  %285 = getelementptr inbounds i32, ptr %231, i64 %kk25
-  %286 = load i32, ptr %285, align 4
-  %287 = load <16 x float>, ptr %acc3011, align 4
-  %288 = insertelement <16 x i32> poison, i32 %286, i32 0
-  %289 = shufflevector <16 x i32> %288, <16 x i32> poison, <16 x i32> zeroinitializer
-  %290 = bitcast <16 x i32> %289 to <32 x bfloat>
-  %291 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %287, <32 x bfloat> %260, <32 x bfloat> %290)
-  store <16 x float> %291, ptr %acc3011, align 4
-  %292 = getelementptr inbounds i32, ptr %241, i64 %kk25
-  %293 = load i32, ptr %292, align 4
-  %294 = load <16 x float>, ptr %acc4012, align 4
-  %295 = insertelement <16 x i32> poison, i32 %293, i32 0
-  %296 = shufflevector <16 x i32> %295, <16 x i32> poison, <16 x i32> zeroinitializer
-  %297 = bitcast <16 x i32> %296 to <32 x bfloat>
-  %298 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %294, <32 x bfloat> %260, <32 x bfloat> %297)
-  store <16 x float> %298, ptr %acc4012, align 4
-  %299 = add nsw i64 %kk25, 1
-  %300 = mul nsw i64 %299, 32
-  %301 = getelementptr inbounds i16, ptr %250, i64 %300
-  %302 = load <32 x bfloat>, ptr %301, align 4
-  %303 = mul nsw i64 %299, 64
-  %304 = lshr i64 %303, %pf.sh15
-  %305 = getelementptr inbounds i8, ptr %pf14, i64 %304
-  call void @llvm.prefetch.p0(ptr %305, i32 0, i32 2, i32 1)
-  %306 = getelementptr inbounds i32, ptr %201, i64 %299
-  %307 = load i32, ptr %306, align 4
-  %308 = load <16 x float>, ptr %acc0116, align 4
-  %309 = insertelement <16 x i32> poison, i32 %307, i32 0
-  %310 = shufflevector <16 x i32> %309, <16 x i32> poison, <16 x i32> zeroinitializer
-  %311 = bitcast <16 x i32> %310 to <32 x bfloat>
-  %312 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %308, <32 x bfloat> %302, <32 x bfloat> %311)
-  store <16 x float> %312, ptr %acc0116, align 4
-  %313 = getelementptr inbounds i32, ptr %211, i64 %299
-  %314 = load i32, ptr %313, align 4
-  %315 = load <16 x float>, ptr %acc1117, align 4
-  %316 = insertelement <16 x i32> poison, i32 %314, i32 0
-  %317 = shufflevector <16 x i32> %316, <16 x i32> poison, <16 x i32> zeroinitializer
-  %318 = bitcast <16 x i32> %317 to <32 x bfloat>
-  %319 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %315, <32 x bfloat> %302, <32 x bfloat> %318)
-  store <16 x float> %319, ptr %acc1117, align 4
-  %320 = getelementptr inbounds i32, ptr %221, i64 %299
-  %321 = load i32, ptr %320, align 4
-  %322 = load <16 x float>, ptr %acc2118, align 4
-  %323 = insertelement <16 x i32> poison, i32 %321, i32 0
-  %324 = shufflevector <16 x i32> %323, <16 x i32> poison, <16 x i32> zeroinitializer
-  %325 = bitcast <16 x i32> %324 to <32 x bfloat>
-  %326 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %322, <32 x bfloat> %302, <32 x bfloat> %325)
-  store <16 x float> %326, ptr %acc2118, align 4
-  %327 = getelementptr inbounds i32, ptr %231, i64 %299
-  %328 = load i32, ptr %327, align 4
-  %329 = load <16 x float>, ptr %acc3119, align 4
-  %330 = insertelement <16 x i32> poison, i32 %328, i32 0
-  %331 = shufflevector <16 x i32> %330, <16 x i32> poison, <16 x i32> zeroinitializer
-  %332 = bitcast <16 x i32> %331 to <32 x bfloat>
-  %333 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %329, <32 x bfloat> %302, <32 x bfloat> %332)
-  store <16 x float> %333, ptr %acc3119, align 4
-  %334 = getelementptr inbounds i32, ptr %241, i64 %299
-  %335 = load i32, ptr %334, align 4
-  %336 = load <16 x float>, ptr %acc4120, align 4
-  %337 = insertelement <16 x i32> poison, i32 %335, i32 0
-  %338 = shufflevector <16 x i32> %337, <16 x i32> poison, <16 x i32> zeroinitializer
-  %339 = bitcast <16 x i32> %338 to <32 x bfloat>
-  %340 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %336, <32 x bfloat> %302, <32 x bfloat> %339)
-  store <16 x float> %340, ptr %acc4120, align 4
-  %341 = add nsw i64 %kp24, 1
+  %247 = mul nsw i64 %kk25, 32
+  %248 = getelementptr inbounds i16, ptr %239, i64 %247
+  %249 = load <32 x bfloat>, ptr %248, align 4
+  %250 = mul nsw i64 %kk25, 64
+  %251 = lshr i64 %250, %pf.sh15
+  %252 = getelementptr inbounds i8, ptr %pf14, i64 %251
+  call void @llvm.prefetch.p0(ptr %252, i32 0, i32 2, i32 1)
+  %253 = getelementptr inbounds i32, ptr %195, i64 %kk25
+  %254 = load i32, ptr %253, align 4
+  %255 = load <16 x float>, ptr %acc008, align 4
+  %256 = insertelement <16 x i32> poison, i32 %254, i32 0
+  %257 = shufflevector <16 x i32> %256, <16 x i32> poison, <16 x i32> zeroinitializer
+  %258 = bitcast <16 x i32> %257 to <32 x bfloat>
+  %259 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %255, <32 x bfloat> %249, <32 x bfloat> %258)
+  store <16 x float> %259, ptr %acc008, align 4
+  %260 = getelementptr inbounds i32, ptr %204, i64 %kk25
+  %261 = load i32, ptr %260, align 4
+  %262 = load <16 x float>, ptr %acc109, align 4
+  %263 = insertelement <16 x i32> poison, i32 %261, i32 0
+  %264 = shufflevector <16 x i32> %263, <16 x i32> poison, <16 x i32> zeroinitializer
+  %265 = bitcast <16 x i32> %264 to <32 x bfloat>
+  %266 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %262, <32 x bfloat> %249, <32 x bfloat> %265)
+  store <16 x float> %266, ptr %acc109, align 4
+  %267 = getelementptr inbounds i32, ptr %213, i64 %kk25
+  %268 = load i32, ptr %267, align 4
+  %269 = load <16 x float>, ptr %acc2010, align 4
+  %270 = insertelement <16 x i32> poison, i32 %268, i32 0
+  %271 = shufflevector <16 x i32> %270, <16 x i32> poison, <16 x i32> zeroinitializer
+  %272 = bitcast <16 x i32> %271 to <32 x bfloat>
+  %273 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %269, <32 x bfloat> %249, <32 x bfloat> %272)
+  store <16 x float> %273, ptr %acc2010, align 4
+  %274 = getelementptr inbounds i32, ptr %222, i64 %kk25
+  %275 = load i32, ptr %274, align 4
+  %276 = load <16 x float>, ptr %acc3011, align 4
+  %277 = insertelement <16 x i32> poison, i32 %275, i32 0
+  %278 = shufflevector <16 x i32> %277, <16 x i32> poison, <16 x i32> zeroinitializer
+  %279 = bitcast <16 x i32> %278 to <32 x bfloat>
+  %280 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %276, <32 x bfloat> %249, <32 x bfloat> %279)
+  store <16 x float> %280, ptr %acc3011, align 4
+  %281 = getelementptr inbounds i32, ptr %231, i64 %kk25
+  %282 = load i32, ptr %281, align 4
+  %283 = load <16 x float>, ptr %acc4012, align 4
+  %284 = insertelement <16 x i32> poison, i32 %282, i32 0
+  %285 = shufflevector <16 x i32> %284, <16 x i32> poison, <16 x i32> zeroinitializer
+  %286 = bitcast <16 x i32> %285 to <32 x bfloat>
+  %287 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %283, <32 x bfloat> %249, <32 x bfloat> %286)
+  store <16 x float> %287, ptr %acc4012, align 4
+  %288 = add nsw i64 %kk25, 1
+  %289 = mul nsw i64 %288, 32
+  %290 = getelementptr inbounds i16, ptr %239, i64 %289
+  %291 = load <32 x bfloat>, ptr %290, align 4
+  %292 = mul nsw i64 %288, 64
+  %293 = lshr i64 %292, %pf.sh15
+  %294 = getelementptr inbounds i8, ptr %pf14, i64 %293
+  call void @llvm.prefetch.p0(ptr %294, i32 0, i32 2, i32 1)
+  %295 = getelementptr inbounds i32, ptr %195, i64 %288
+  %296 = load i32, ptr %295, align 4
+  %297 = load <16 x float>, ptr %acc0116, align 4
+  %298 = insertelement <16 x i32> poison, i32 %296, i32 0
+  %299 = shufflevector <16 x i32> %298, <16 x i32> poison, <16 x i32> zeroinitializer
+  %300 = bitcast <16 x i32> %299 to <32 x bfloat>
+  %301 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %297, <32 x bfloat> %291, <32 x bfloat> %300)
+  store <16 x float> %301, ptr %acc0116, align 4
+  %302 = getelementptr inbounds i32, ptr %204, i64 %288
+  %303 = load i32, ptr %302, align 4
+  %304 = load <16 x float>, ptr %acc1117, align 4
+  %305 = insertelement <16 x i32> poison, i32 %303, i32 0
+  %306 = shufflevector <16 x i32> %305, <16 x i32> poison, <16 x i32> zeroinitializer
+  %307 = bitcast <16 x i32> %306 to <32 x bfloat>
+  %308 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %304, <32 x bfloat> %291, <32 x bfloat> %307)
+  store <16 x float> %308, ptr %acc1117, align 4
+  %309 = getelementptr inbounds i32, ptr %213, i64 %288
+  %310 = load i32, ptr %309, align 4
+  %311 = load <16 x float>, ptr %acc2118, align 4
+  %312 = insertelement <16 x i32> poison, i32 %310, i32 0
+  %313 = shufflevector <16 x i32> %312, <16 x i32> poison, <16 x i32> zeroinitializer
+  %314 = bitcast <16 x i32> %313 to <32 x bfloat>
+  %315 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %311, <32 x bfloat> %291, <32 x bfloat> %314)
+  store <16 x float> %315, ptr %acc2118, align 4
+  %316 = getelementptr inbounds i32, ptr %222, i64 %288
+  %317 = load i32, ptr %316, align 4
+  %318 = load <16 x float>, ptr %acc3119, align 4
+  %319 = insertelement <16 x i32> poison, i32 %317, i32 0
+  %320 = shufflevector <16 x i32> %319, <16 x i32> poison, <16 x i32> zeroinitializer
+  %321 = bitcast <16 x i32> %320 to <32 x bfloat>
+  %322 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %318, <32 x bfloat> %291, <32 x bfloat> %321)
+  store <16 x float> %322, ptr %acc3119, align 4
+  %323 = getelementptr inbounds i32, ptr %231, i64 %288
+  %324 = load i32, ptr %323, align 4
+  %325 = load <16 x float>, ptr %acc4120, align 4
+  %326 = insertelement <16 x i32> poison, i32 %324, i32 0
+  %327 = shufflevector <16 x i32> %326, <16 x i32> poison, <16 x i32> zeroinitializer
+  %328 = bitcast <16 x i32> %327 to <32 x bfloat>
+  %329 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %325, <32 x bfloat> %291, <32 x bfloat> %328)
+  store <16 x float> %329, ptr %acc4120, align 4
+  %330 = add nsw i64 %kp24, 1
   br label %kp.head21
 
 kp.end23:                                         ; preds = %kp.head21
-  %342 = load <16 x float>, ptr %acc0116, align 4
-  %343 = load <16 x float>, ptr %acc008, align 4
-  %sum26 = fadd <16 x float> %343, %342
+  %331 = load <16 x float>, ptr %acc0116, align 4
+  %332 = load <16 x float>, ptr %acc008, align 4
+  %sum26 = fadd <16 x float> %332, %331
   store <16 x float> %sum26, ptr %acc008, align 4
-  %344 = load <16 x float>, ptr %acc1117, align 4
-  %345 = load <16 x float>, ptr %acc109, align 4
-  %sum27 = fadd <16 x float> %345, %344
+  %333 = load <16 x float>, ptr %acc1117, align 4
+  %334 = load <16 x float>, ptr %acc109, align 4
+  %sum27 = fadd <16 x float> %334, %333
   store <16 x float> %sum27, ptr %acc109, align 4
-  %346 = load <16 x float>, ptr %acc2118, align 4
-  %347 = load <16 x float>, ptr %acc2010, align 4
-  %sum28 = fadd <16 x float> %347, %346
+  %335 = load <16 x float>, ptr %acc2118, align 4
+  %336 = load <16 x float>, ptr %acc2010, align 4
+  %sum28 = fadd <16 x float> %336, %335
   store <16 x float> %sum28, ptr %acc2010, align 4
-  %348 = load <16 x float>, ptr %acc3119, align 4
-  %349 = load <16 x float>, ptr %acc3011, align 4
-  %sum29 = fadd <16 x float> %349, %348
+  %337 = load <16 x float>, ptr %acc3119, align 4
+  %338 = load <16 x float>, ptr %acc3011, align 4
+  %sum29 = fadd <16 x float> %338, %337
   store <16 x float> %sum29, ptr %acc3011, align 4
-  %350 = load <16 x float>, ptr %acc4120, align 4
-  %351 = load <16 x float>, ptr %acc4012, align 4
-  %sum30 = fadd <16 x float> %351, %350
+  %339 = load <16 x float>, ptr %acc4120, align 4
+  %340 = load <16 x float>, ptr %acc4012, align 4
+  %sum30 = fadd <16 x float> %340, %339
   store <16 x float> %sum30, ptr %acc4012, align 4
-  %352 = load <16 x float>, ptr %acc008, align 4
-  store <16 x float> %352, ptr %207, align 4
-  %353 = load <16 x float>, ptr %acc109, align 4
-  store <16 x float> %353, ptr %217, align 4
-  %354 = load <16 x float>, ptr %acc2010, align 4
-  store <16 x float> %354, ptr %227, align 4
-  %355 = load <16 x float>, ptr %acc3011, align 4
-  store <16 x float> %355, ptr %237, align 4
-  %356 = load <16 x float>, ptr %acc4012, align 4
-  store <16 x float> %356, ptr %247, align 4
+  %341 = load <16 x float>, ptr %acc008, align 4
+  store <16 x float> %341, ptr %201, align 4
+  %342 = load <16 x float>, ptr %acc109, align 4
+  store <16 x float> %342, ptr %210, align 4
+  %343 = load <16 x float>, ptr %acc2010, align 4
+  store <16 x float> %343, ptr %219, align 4
+  %344 = load <16 x float>, ptr %acc3011, align 4
+  store <16 x float> %344, ptr %228, align 4
+  %345 = load <16 x float>, ptr %acc4012, align 4
+  store <16 x float> %345, ptr %237, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col31 = mul nsw i64 %p, 16
-  %357 = add nsw i64 %r0, 0
-  %358 = mul nsw i64 %357, 768
-  %359 = getelementptr inbounds float, ptr %h, i64 %358
-  %360 = getelementptr inbounds i32, ptr %rows, i64 %357
-  %361 = load i32, ptr %360, align 4
-  %362 = sext i32 %361 to i64
-  %363 = mul nsw i64 %362, 2048
-  %364 = add nsw i64 %363, %col31
-  %365 = getelementptr inbounds float, ptr %y, i64 %364
-  %366 = load <16 x float>, ptr %365, align 4
-  store <16 x float> %366, ptr %acc0032, align 4
-  %367 = add nsw i64 %r0, 1
-  %368 = mul nsw i64 %367, 768
-  %369 = getelementptr inbounds float, ptr %h, i64 %368
-  %370 = getelementptr inbounds i32, ptr %rows, i64 %367
-  %371 = load i32, ptr %370, align 4
-  %372 = sext i32 %371 to i64
-  %373 = mul nsw i64 %372, 2048
-  %374 = add nsw i64 %373, %col31
-  %375 = getelementptr inbounds float, ptr %y, i64 %374
-  %376 = load <16 x float>, ptr %375, align 4
-  store <16 x float> %376, ptr %acc1033, align 4
-  %377 = add nsw i64 %r0, 2
-  %378 = mul nsw i64 %377, 768
-  %379 = getelementptr inbounds float, ptr %h, i64 %378
-  %380 = getelementptr inbounds i32, ptr %rows, i64 %377
-  %381 = load i32, ptr %380, align 4
-  %382 = sext i32 %381 to i64
-  %383 = mul nsw i64 %382, 2048
-  %384 = add nsw i64 %383, %col31
-  %385 = getelementptr inbounds float, ptr %y, i64 %384
-  %386 = load <16 x float>, ptr %385, align 4
-  store <16 x float> %386, ptr %acc2034, align 4
-  %387 = add nsw i64 %r0, 3
-  %388 = mul nsw i64 %387, 768
-  %389 = getelementptr inbounds float, ptr %h, i64 %388
-  %390 = getelementptr inbounds i32, ptr %rows, i64 %387
-  %391 = load i32, ptr %390, align 4
-  %392 = sext i32 %391 to i64
-  %393 = mul nsw i64 %392, 2048
-  %394 = add nsw i64 %393, %col31
-  %395 = getelementptr inbounds float, ptr %y, i64 %394
-  %396 = load <16 x float>, ptr %395, align 4
-  store <16 x float> %396, ptr %acc3035, align 4
-  %397 = mul nsw i64 %p, 12288
-  %398 = getelementptr inbounds i16, ptr %panels, i64 %397
-  %399 = add nsw i64 %p, 1
-  %400 = icmp slt i64 %399, %p1
-  %pf.on36 = and i1 %pf.on, %400
-  %401 = mul nsw i64 %pf.j, 24576
-  %402 = lshr i64 %401, %10
-  %403 = add nsw i64 24576, %402
-  %404 = getelementptr inbounds i8, ptr %398, i64 %403
-  %pf37 = select i1 %pf.on36, ptr %404, ptr %398
+  %346 = add nsw i64 %r0, 0
+  %347 = mul nsw i64 %346, 768
+  %348 = getelementptr inbounds float, ptr %h, i64 %347
+  %349 = getelementptr inbounds i32, ptr %rows, i64 %346
+  %350 = load i32, ptr %349, align 4
+  %351 = sext i32 %350 to i64
+  %352 = mul nsw i64 %351, 2048
+  %353 = add nsw i64 %352, %col31
+  %354 = getelementptr inbounds float, ptr %y, i64 %353
+  store <16 x float> zeroinitializer, ptr %acc0032, align 4
+  %355 = add nsw i64 %r0, 1
+  %356 = mul nsw i64 %355, 768
+  %357 = getelementptr inbounds float, ptr %h, i64 %356
+  %358 = getelementptr inbounds i32, ptr %rows, i64 %355
+  %359 = load i32, ptr %358, align 4
+  %360 = sext i32 %359 to i64
+  %361 = mul nsw i64 %360, 2048
+  %362 = add nsw i64 %361, %col31
+  %363 = getelementptr inbounds float, ptr %y, i64 %362
+  store <16 x float> zeroinitializer, ptr %acc1033, align 4
+  %364 = add nsw i64 %r0, 2
+  %365 = mul nsw i64 %364, 768
+  %366 = getelementptr inbounds float, ptr %h, i64 %365
+  %367 = getelementptr inbounds i32, ptr %rows, i64 %364
+  %368 = load i32, ptr %367, align 4
+  %369 = sext i32 %368 to i64
+  %370 = mul nsw i64 %369, 2048
+  %371 = add nsw i64 %370, %col31
+  %372 = getelementptr inbounds float, ptr %y, i64 %371
+  store <16 x float> zeroinitializer, ptr %acc2034, align 4
+  %373 = add nsw i64 %r0, 3
+  %374 = mul nsw i64 %373, 768
+  %375 = getelementptr inbounds float, ptr %h, i64 %374
+  %376 = getelementptr inbounds i32, ptr %rows, i64 %373
+  %377 = load i32, ptr %376, align 4
+  %378 = sext i32 %377 to i64
+  %379 = mul nsw i64 %378, 2048
+  %380 = add nsw i64 %379, %col31
+  %381 = getelementptr inbounds float, ptr %y, i64 %380
+  store <16 x float> zeroinitializer, ptr %acc3035, align 4
+  %382 = mul nsw i64 %p, 12288
+  %383 = getelementptr inbounds i16, ptr %panels, i64 %382
+  %384 = add nsw i64 %p, 1
+  %385 = icmp slt i64 %384, %p1
+  %pf.on36 = and i1 %pf.on, %385
+  %386 = mul nsw i64 %pf.j, 24576
+  %387 = lshr i64 %386, %10
+  %388 = add nsw i64 24576, %387
+  %389 = getelementptr inbounds i8, ptr %383, i64 %388
+  %pf37 = select i1 %pf.on36, ptr %389, ptr %383
   %pf.sh38 = select i1 %pf.on36, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc0139, align 4
   store <16 x float> zeroinitializer, ptr %acc1140, align 4
@@ -3375,166 +3360,163 @@ tile.mr4:                                         ; preds = %r0.body
   br label %kp.head43
 
 kp.head43:                                        ; preds = %kp.body44, %tile.mr4
-  %kp46 = phi i64 [ 0, %tile.mr4 ], [ %475, %kp.body44 ]
-  %405 = icmp slt i64 %kp46, 192
-  br i1 %405, label %kp.body44, label %kp.end45
+  %kp46 = phi i64 [ 0, %tile.mr4 ], [ %460, %kp.body44 ]
+  %390 = icmp slt i64 %kp46, 192
+  br i1 %390, label %kp.body44, label %kp.end45
 
 kp.body44:                                        ; preds = %kp.head43
   %kk47 = mul nsw i64 %kp46, 2
-  %406 = mul nsw i64 %kk47, 32
-  %407 = getelementptr inbounds i16, ptr %398, i64 %406
-  %408 = load <32 x bfloat>, ptr %407, align 4
-  %409 = mul nsw i64 %kk47, 64
-  %410 = lshr i64 %409, %pf.sh38
-  %411 = getelementptr inbounds i8, ptr %pf37, i64 %410
-  call void @llvm.prefetch.p0(ptr %411, i32 0, i32 2, i32 1)
-  %412 = getelementptr inbounds i32, ptr %359, i64 %kk47
-  %413 = load i32, ptr %412, align 4
-  %414 = load <16 x float>, ptr %acc0032, align 4
-  %415 = insertelement <16 x i32> poison, i32 %413, i32 0
-  %416 = shufflevector <16 x i32> %415, <16 x i32> poison, <16 x i32> zeroinitializer
-  %417 = bitcast <16 x i32> %416 to <32 x bfloat>
-  %418 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %414, <32 x bfloat> %408, <32 x bfloat> %417)
-  store <16 x float> %418, ptr %acc0032, align 4
-  %419 = getelementptr inbounds i32, ptr %369, i64 %kk47
-  %420 = load i32, ptr %419, align 4
-  %421 = load <16 x float>, ptr %acc1033, align 4
-  %422 = insertelement <16 x i32> poison, i32 %420, i32 0
-  %423 = shufflevector <16 x i32> %422, <16 x i32> poison, <16 x i32> zeroinitializer
-  %424 = bitcast <16 x i32> %423 to <32 x bfloat>
-  %425 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %421, <32 x bfloat> %408, <32 x bfloat> %424)
-  store <16 x float> %425, ptr %acc1033, align 4
-  %426 = getelementptr inbounds i32, ptr %379, i64 %kk47
-  %427 = load i32, ptr %426, align 4
-  %428 = load <16 x float>, ptr %acc2034, align 4
-  %429 = insertelement <16 x i32> poison, i32 %427, i32 0
-  %430 = shufflevector <16 x i32> %429, <16 x i32> poison, <16 x i32> zeroinitializer
-  %431 = bitcast <16 x i32> %430 to <32 x bfloat>
-  %432 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %428, <32 x bfloat> %408, <32 x bfloat> %431)
-  store <16 x float> %432, ptr %acc2034, align 4
-  %433 = getelementptr inbounds i32, ptr %389, i64 %kk47
-  %434 = load i32, ptr %433, align 4
-  %435 = load <16 x float>, ptr %acc3035, align 4
-  %436 = insertelement <16 x i32> poison, i32 %434, i32 0
-  %437 = shufflevector <16 x i32> %436, <16 x i32> poison, <16 x i32> zeroinitializer
-  %438 = bitcast <16 x i32> %437 to <32 x bfloat>
-  %439 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %435, <32 x bfloat> %408, <32 x bfloat> %438)
-  store <16 x float> %439, ptr %acc3035, align 4
-  %440 = add nsw i64 %kk47, 1
-  %441 = mul nsw i64 %440, 32
-  %442 = getelementptr inbounds i16, ptr %398, i64 %441
-  %443 = load <32 x bfloat>, ptr %442, align 4
-  %444 = mul nsw i64 %440, 64
-  %445 = lshr i64 %444, %pf.sh38
-  %446 = getelementptr inbounds i8, ptr %pf37, i64 %445
-  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
-  %447 = getelementptr inbounds i32, ptr %359, i64 %440
-  %448 = load i32, ptr %447, align 4
-  %449 = load <16 x float>, ptr %acc0139, align 4
-  %450 = insertelement <16 x i32> poison, i32 %448, i32 0
-  %451 = shufflevector <16 x i32> %450, <16 x i32> poison, <16 x i32> zeroinitializer
-  %452 = bitcast <16 x i32> %451 to <32 x bfloat>
-  %453 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %449, <32 x bfloat> %443, <32 x bfloat> %452)
-  store <16 x float> %453, ptr %acc0139, align 4
-  %454 = getelementptr inbounds i32, ptr %369, i64 %440
-  %455 = load i32, ptr %454, align 4
-  %456 = load <16 x float>, ptr %acc1140, align 4
-  %457 = insertelement <16 x i32> poison, i32 %455, i32 0
-  %458 = shufflevector <16 x i32> %457, <16 x i32> poison, <16 x i32> zeroinitializer
-  %459 = bitcast <16 x i32> %458 to <32 x bfloat>
-  %460 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %456, <32 x bfloat> %443, <32 x bfloat> %459)
-  store <16 x float> %460, ptr %acc1140, align 4
-  %461 = getelementptr inbounds i32, ptr %379, i64 %440
-  %462 = load i32, ptr %461, align 4
-  %463 = load <16 x float>, ptr %acc2141, align 4
-  %464 = insertelement <16 x i32> poison, i32 %462, i32 0
-  %465 = shufflevector <16 x i32> %464, <16 x i32> poison, <16 x i32> zeroinitializer
-  %466 = bitcast <16 x i32> %465 to <32 x bfloat>
-  %467 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %463, <32 x bfloat> %443, <32 x bfloat> %466)
-  store <16 x float> %467, ptr %acc2141, align 4
-  %468 = getelementptr inbounds i32, ptr %389, i64 %440
-  %469 = load i32, ptr %468, align 4
-  %470 = load <16 x float>, ptr %acc3142, align 4
-  %471 = insertelement <16 x i32> poison, i32 %469, i32 0
-  %472 = shufflevector <16 x i32> %471, <16 x i32> poison, <16 x i32> zeroinitializer
-  %473 = bitcast <16 x i32> %472 to <32 x bfloat>
-  %474 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %470, <32 x bfloat> %443, <32 x bfloat> %473)
-  store <16 x float> %474, ptr %acc3142, align 4
-  %475 = add nsw i64 %kp46, 1
+  %391 = mul nsw i64 %kk47, 32
+  %392 = getelementptr inbounds i16, ptr %383, i64 %391
+  %393 = load <32 x bfloat>, ptr %392, align 4
+  %394 = mul nsw i64 %kk47, 64
+  %395 = lshr i64 %394, %pf.sh38
+  %396 = getelementptr inbounds i8, ptr %pf37, i64 %395
+  call void @llvm.prefetch.p0(ptr %396, i32 0, i32 2, i32 1)
+  %397 = getelementptr inbounds i32, ptr %348, i64 %kk47
+  %398 = load i32, ptr %397, align 4
+  %399 = load <16 x float>, ptr %acc0032, align 4
+  %400 = insertelement <16 x i32> poison, i32 %398, i32 0
+  %401 = shufflevector <16 x i32> %400, <16 x i32> poison, <16 x i32> zeroinitializer
+  %402 = bitcast <16 x i32> %401 to <32 x bfloat>
+  %403 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %399, <32 x bfloat> %393, <32 x bfloat> %402)
+  store <16 x float> %403, ptr %acc0032, align 4
+  %404 = getelementptr inbounds i32, ptr %357, i64 %kk47
+  %405 = load i32, ptr %404, align 4
+  %406 = load <16 x float>, ptr %acc1033, align 4
+  %407 = insertelement <16 x i32> poison, i32 %405, i32 0
+  %408 = shufflevector <16 x i32> %407, <16 x i32> poison, <16 x i32> zeroinitializer
+  %409 = bitcast <16 x i32> %408 to <32 x bfloat>
+  %410 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %406, <32 x bfloat> %393, <32 x bfloat> %409)
+  store <16 x float> %410, ptr %acc1033, align 4
+  %411 = getelementptr inbounds i32, ptr %366, i64 %kk47
+  %412 = load i32, ptr %411, align 4
+  %413 = load <16 x float>, ptr %acc2034, align 4
+  %414 = insertelement <16 x i32> poison, i32 %412, i32 0
+  %415 = shufflevector <16 x i32> %414, <16 x i32> poison, <16 x i32> zeroinitializer
+  %416 = bitcast <16 x i32> %415 to <32 x bfloat>
+  %417 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %413, <32 x bfloat> %393, <32 x bfloat> %416)
+  store <16 x float> %417, ptr %acc2034, align 4
+  %418 = getelementptr inbounds i32, ptr %375, i64 %kk47
+  %419 = load i32, ptr %418, align 4
+  %420 = load <16 x float>, ptr %acc3035, align 4
+  %421 = insertelement <16 x i32> poison, i32 %419, i32 0
+  %422 = shufflevector <16 x i32> %421, <16 x i32> poison, <16 x i32> zeroinitializer
+  %423 = bitcast <16 x i32> %422 to <32 x bfloat>
+  %424 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %420, <32 x bfloat> %393, <32 x bfloat> %423)
+  store <16 x float> %424, ptr %acc3035, align 4
+  %425 = add nsw i64 %kk47, 1
+  %426 = mul nsw i64 %425, 32
+  %427 = getelementptr inbounds i16, ptr %383, i64 %426
+  %428 = load <32 x bfloat>, ptr %427, align 4
+  %429 = mul nsw i64 %425, 64
+  %430 = lshr i64 %429, %pf.sh38
+  %431 = getelementptr inbounds i8, ptr %pf37, i64 %430
+  call void @llvm.prefetch.p0(ptr %431, i32 0, i32 2, i32 1)
+  %432 = getelementptr inbounds i32, ptr %348, i64 %425
+  %433 = load i32, ptr %432, align 4
+  %434 = load <16 x float>, ptr %acc0139, align 4
+  %435 = insertelement <16 x i32> poison, i32 %433, i32 0
+  %436 = shufflevector <16 x i32> %435, <16 x i32> poison, <16 x i32> zeroinitializer
+  %437 = bitcast <16 x i32> %436 to <32 x bfloat>
+  %438 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %434, <32 x bfloat> %428, <32 x bfloat> %437)
+  store <16 x float> %438, ptr %acc0139, align 4
+  %439 = getelementptr inbounds i32, ptr %357, i64 %425
+  %440 = load i32, ptr %439, align 4
+  %441 = load <16 x float>, ptr %acc1140, align 4
+  %442 = insertelement <16 x i32> poison, i32 %440, i32 0
+  %443 = shufflevector <16 x i32> %442, <16 x i32> poison, <16 x i32> zeroinitializer
+  %444 = bitcast <16 x i32> %443 to <32 x bfloat>
+  %445 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %441, <32 x bfloat> %428, <32 x bfloat> %444)
+  store <16 x float> %445, ptr %acc1140, align 4
+  %446 = getelementptr inbounds i32, ptr %366, i64 %425
+  %447 = load i32, ptr %446, align 4
+  %448 = load <16 x float>, ptr %acc2141, align 4
+  %449 = insertelement <16 x i32> poison, i32 %447, i32 0
+  %450 = shufflevector <16 x i32> %449, <16 x i32> poison, <16 x i32> zeroinitializer
+  %451 = bitcast <16 x i32> %450 to <32 x bfloat>
+  %452 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %448, <32 x bfloat> %428, <32 x bfloat> %451)
+  store <16 x float> %452, ptr %acc2141, align 4
+  %453 = getelementptr inbounds i32, ptr %375, i64 %425
+  %454 = load i32, ptr %453, align 4
+  %455 = load <16 x float>, ptr %acc3142, align 4
+  %456 = insertelement <16 x i32> poison, i32 %454, i32 0
+  %457 = shufflevector <16 x i32> %456, <16 x i32> poison, <16 x i32> zeroinitializer
+  %458 = bitcast <16 x i32> %457 to <32 x bfloat>
+  %459 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %455, <32 x bfloat> %428, <32 x bfloat> %458)
+  store <16 x float> %459, ptr %acc3142, align 4
+  %460 = add nsw i64 %kp46, 1
   br label %kp.head43
 
 kp.end45:                                         ; preds = %kp.head43
-  %476 = load <16 x float>, ptr %acc0139, align 4
-  %477 = load <16 x float>, ptr %acc0032, align 4
-  %sum48 = fadd <16 x float> %477, %476
+  %461 = load <16 x float>, ptr %acc0139, align 4
+  %462 = load <16 x float>, ptr %acc0032, align 4
+  %sum48 = fadd <16 x float> %462, %461
   store <16 x float> %sum48, ptr %acc0032, align 4
-  %478 = load <16 x float>, ptr %acc1140, align 4
-  %479 = load <16 x float>, ptr %acc1033, align 4
-  %sum49 = fadd <16 x float> %479, %478
+  %463 = load <16 x float>, ptr %acc1140, align 4
+  %464 = load <16 x float>, ptr %acc1033, align 4
+  %sum49 = fadd <16 x float> %464, %463
   store <16 x float> %sum49, ptr %acc1033, align 4
-  %480 = load <16 x float>, ptr %acc2141, align 4
-  %481 = load <16 x float>, ptr %acc2034, align 4
-  %sum50 = fadd <16 x float> %481, %480
+  %465 = load <16 x float>, ptr %acc2141, align 4
+  %466 = load <16 x float>, ptr %acc2034, align 4
+  %sum50 = fadd <16 x float> %466, %465
   store <16 x float> %sum50, ptr %acc2034, align 4
-  %482 = load <16 x float>, ptr %acc3142, align 4
-  %483 = load <16 x float>, ptr %acc3035, align 4
-  %sum51 = fadd <16 x float> %483, %482
+  %467 = load <16 x float>, ptr %acc3142, align 4
+  %468 = load <16 x float>, ptr %acc3035, align 4
+  %sum51 = fadd <16 x float> %468, %467
   store <16 x float> %sum51, ptr %acc3035, align 4
-  %484 = load <16 x float>, ptr %acc0032, align 4
-  store <16 x float> %484, ptr %365, align 4
-  %485 = load <16 x float>, ptr %acc1033, align 4
-  store <16 x float> %485, ptr %375, align 4
-  %486 = load <16 x float>, ptr %acc2034, align 4
-  store <16 x float> %486, ptr %385, align 4
-  %487 = load <16 x float>, ptr %acc3035, align 4
-  store <16 x float> %487, ptr %395, align 4
+  %469 = load <16 x float>, ptr %acc0032, align 4
+  store <16 x float> %469, ptr %354, align 4
+  %470 = load <16 x float>, ptr %acc1033, align 4
+  store <16 x float> %470, ptr %363, align 4
+  %471 = load <16 x float>, ptr %acc2034, align 4
+  store <16 x float> %471, ptr %372, align 4
+  %472 = load <16 x float>, ptr %acc3035, align 4
+  store <16 x float> %472, ptr %381, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col52 = mul nsw i64 %p, 16
-  %488 = add nsw i64 %r0, 0
-  %489 = mul nsw i64 %488, 768
-  %490 = getelementptr inbounds float, ptr %h, i64 %489
-  %491 = getelementptr inbounds i32, ptr %rows, i64 %488
-  %492 = load i32, ptr %491, align 4
-  %493 = sext i32 %492 to i64
-  %494 = mul nsw i64 %493, 2048
-  %495 = add nsw i64 %494, %col52
-  %496 = getelementptr inbounds float, ptr %y, i64 %495
-  %497 = load <16 x float>, ptr %496, align 4
-  store <16 x float> %497, ptr %acc0053, align 4
-  %498 = add nsw i64 %r0, 1
-  %499 = mul nsw i64 %498, 768
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 2048
-  %505 = add nsw i64 %504, %col52
-  %506 = getelementptr inbounds float, ptr %y, i64 %505
-  %507 = load <16 x float>, ptr %506, align 4
-  store <16 x float> %507, ptr %acc1054, align 4
-  %508 = add nsw i64 %r0, 2
-  %509 = mul nsw i64 %508, 768
-  %510 = getelementptr inbounds float, ptr %h, i64 %509
-  %511 = getelementptr inbounds i32, ptr %rows, i64 %508
-  %512 = load i32, ptr %511, align 4
-  %513 = sext i32 %512 to i64
-  %514 = mul nsw i64 %513, 2048
-  %515 = add nsw i64 %514, %col52
-  %516 = getelementptr inbounds float, ptr %y, i64 %515
-  %517 = load <16 x float>, ptr %516, align 4
-  store <16 x float> %517, ptr %acc2055, align 4
-  %518 = mul nsw i64 %p, 12288
-  %519 = getelementptr inbounds i16, ptr %panels, i64 %518
-  %520 = add nsw i64 %p, 1
-  %521 = icmp slt i64 %520, %p1
-  %pf.on56 = and i1 %pf.on, %521
-  %522 = mul nsw i64 %pf.j, 24576
-  %523 = lshr i64 %522, %10
-  %524 = add nsw i64 24576, %523
-  %525 = getelementptr inbounds i8, ptr %519, i64 %524
-  %pf57 = select i1 %pf.on56, ptr %525, ptr %519
+  %473 = add nsw i64 %r0, 0
+  %474 = mul nsw i64 %473, 768
+  %475 = getelementptr inbounds float, ptr %h, i64 %474
+  %476 = getelementptr inbounds i32, ptr %rows, i64 %473
+  %477 = load i32, ptr %476, align 4
+  %478 = sext i32 %477 to i64
+  %479 = mul nsw i64 %478, 2048
+  %480 = add nsw i64 %479, %col52
+  %481 = getelementptr inbounds float, ptr %y, i64 %480
+  store <16 x float> zeroinitializer, ptr %acc0053, align 4
+  %482 = add nsw i64 %r0, 1
+  %483 = mul nsw i64 %482, 768
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 2048
+  %489 = add nsw i64 %488, %col52
+  %490 = getelementptr inbounds float, ptr %y, i64 %489
+  store <16 x float> zeroinitializer, ptr %acc1054, align 4
+  %491 = add nsw i64 %r0, 2
+  %492 = mul nsw i64 %491, 768
+  %493 = getelementptr inbounds float, ptr %h, i64 %492
+  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
+  %495 = load i32, ptr %494, align 4
+  %496 = sext i32 %495 to i64
+  %497 = mul nsw i64 %496, 2048
+  %498 = add nsw i64 %497, %col52
+  %499 = getelementptr inbounds float, ptr %y, i64 %498
+  store <16 x float> zeroinitializer, ptr %acc2055, align 4
+  %500 = mul nsw i64 %p, 12288
+  %501 = getelementptr inbounds i16, ptr %panels, i64 %500
+  %502 = add nsw i64 %p, 1
+  %503 = icmp slt i64 %502, %p1
+  %pf.on56 = and i1 %pf.on, %503
+  %504 = mul nsw i64 %pf.j, 24576
+  %505 = lshr i64 %504, %10
+  %506 = add nsw i64 24576, %505
+  %507 = getelementptr inbounds i8, ptr %501, i64 %506
+  %pf57 = select i1 %pf.on56, ptr %507, ptr %501
   %pf.sh58 = select i1 %pf.on56, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc0159, align 4
   store <16 x float> zeroinitializer, ptr %acc1160, align 4
@@ -3542,293 +3524,290 @@ tile.mr3:                                         ; preds = %r0.body
   br label %kp.head62
 
 kp.head62:                                        ; preds = %kp.body63, %tile.mr3
-  %kp65 = phi i64 [ 0, %tile.mr3 ], [ %582, %kp.body63 ]
-  %526 = icmp slt i64 %kp65, 192
-  br i1 %526, label %kp.body63, label %kp.end64
+  %kp65 = phi i64 [ 0, %tile.mr3 ], [ %564, %kp.body63 ]
+  %508 = icmp slt i64 %kp65, 192
+  br i1 %508, label %kp.body63, label %kp.end64
 
 kp.body63:                                        ; preds = %kp.head62
   %kk66 = mul nsw i64 %kp65, 2
-  %527 = mul nsw i64 %kk66, 32
-  %528 = getelementptr inbounds i16, ptr %519, i64 %527
-  %529 = load <32 x bfloat>, ptr %528, align 4
-  %530 = mul nsw i64 %kk66, 64
-  %531 = lshr i64 %530, %pf.sh58
-  %532 = getelementptr inbounds i8, ptr %pf57, i64 %531
-  call void @llvm.prefetch.p0(ptr %532, i32 0, i32 2, i32 1)
-  %533 = getelementptr inbounds i32, ptr %490, i64 %kk66
-  %534 = load i32, ptr %533, align 4
-  %535 = load <16 x float>, ptr %acc0053, align 4
-  %536 = insertelement <16 x i32> poison, i32 %534, i32 0
-  %537 = shufflevector <16 x i32> %536, <16 x i32> poison, <16 x i32> zeroinitializer
-  %538 = bitcast <16 x i32> %537 to <32 x bfloat>
-  %539 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %535, <32 x bfloat> %529, <32 x bfloat> %538)
-  store <16 x float> %539, ptr %acc0053, align 4
-  %540 = getelementptr inbounds i32, ptr %500, i64 %kk66
-  %541 = load i32, ptr %540, align 4
-  %542 = load <16 x float>, ptr %acc1054, align 4
-  %543 = insertelement <16 x i32> poison, i32 %541, i32 0
-  %544 = shufflevector <16 x i32> %543, <16 x i32> poison, <16 x i32> zeroinitializer
-  %545 = bitcast <16 x i32> %544 to <32 x bfloat>
-  %546 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %542, <32 x bfloat> %529, <32 x bfloat> %545)
-  store <16 x float> %546, ptr %acc1054, align 4
-  %547 = getelementptr inbounds i32, ptr %510, i64 %kk66
-  %548 = load i32, ptr %547, align 4
-  %549 = load <16 x float>, ptr %acc2055, align 4
-  %550 = insertelement <16 x i32> poison, i32 %548, i32 0
-  %551 = shufflevector <16 x i32> %550, <16 x i32> poison, <16 x i32> zeroinitializer
-  %552 = bitcast <16 x i32> %551 to <32 x bfloat>
-  %553 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %549, <32 x bfloat> %529, <32 x bfloat> %552)
-  store <16 x float> %553, ptr %acc2055, align 4
-  %554 = add nsw i64 %kk66, 1
-  %555 = mul nsw i64 %554, 32
-  %556 = getelementptr inbounds i16, ptr %519, i64 %555
-  %557 = load <32 x bfloat>, ptr %556, align 4
-  %558 = mul nsw i64 %554, 64
-  %559 = lshr i64 %558, %pf.sh58
-  %560 = getelementptr inbounds i8, ptr %pf57, i64 %559
-  call void @llvm.prefetch.p0(ptr %560, i32 0, i32 2, i32 1)
-  %561 = getelementptr inbounds i32, ptr %490, i64 %554
-  %562 = load i32, ptr %561, align 4
-  %563 = load <16 x float>, ptr %acc0159, align 4
-  %564 = insertelement <16 x i32> poison, i32 %562, i32 0
-  %565 = shufflevector <16 x i32> %564, <16 x i32> poison, <16 x i32> zeroinitializer
-  %566 = bitcast <16 x i32> %565 to <32 x bfloat>
-  %567 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %563, <32 x bfloat> %557, <32 x bfloat> %566)
-  store <16 x float> %567, ptr %acc0159, align 4
-  %568 = getelementptr inbounds i32, ptr %500, i64 %554
-  %569 = load i32, ptr %568, align 4
-  %570 = load <16 x float>, ptr %acc1160, align 4
-  %571 = insertelement <16 x i32> poison, i32 %569, i32 0
-  %572 = shufflevector <16 x i32> %571, <16 x i32> poison, <16 x i32> zeroinitializer
-  %573 = bitcast <16 x i32> %572 to <32 x bfloat>
-  %574 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %570, <32 x bfloat> %557, <32 x bfloat> %573)
-  store <16 x float> %574, ptr %acc1160, align 4
-  %575 = getelementptr inbounds i32, ptr %510, i64 %554
-  %576 = load i32, ptr %575, align 4
-  %577 = load <16 x float>, ptr %acc2161, align 4
-  %578 = insertelement <16 x i32> poison, i32 %576, i32 0
-  %579 = shufflevector <16 x i32> %578, <16 x i32> poison, <16 x i32> zeroinitializer
-  %580 = bitcast <16 x i32> %579 to <32 x bfloat>
-  %581 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %577, <32 x bfloat> %557, <32 x bfloat> %580)
-  store <16 x float> %581, ptr %acc2161, align 4
-  %582 = add nsw i64 %kp65, 1
+  %509 = mul nsw i64 %kk66, 32
+  %510 = getelementptr inbounds i16, ptr %501, i64 %509
+  %511 = load <32 x bfloat>, ptr %510, align 4
+  %512 = mul nsw i64 %kk66, 64
+  %513 = lshr i64 %512, %pf.sh58
+  %514 = getelementptr inbounds i8, ptr %pf57, i64 %513
+  call void @llvm.prefetch.p0(ptr %514, i32 0, i32 2, i32 1)
+  %515 = getelementptr inbounds i32, ptr %475, i64 %kk66
+  %516 = load i32, ptr %515, align 4
+  %517 = load <16 x float>, ptr %acc0053, align 4
+  %518 = insertelement <16 x i32> poison, i32 %516, i32 0
+  %519 = shufflevector <16 x i32> %518, <16 x i32> poison, <16 x i32> zeroinitializer
+  %520 = bitcast <16 x i32> %519 to <32 x bfloat>
+  %521 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %517, <32 x bfloat> %511, <32 x bfloat> %520)
+  store <16 x float> %521, ptr %acc0053, align 4
+  %522 = getelementptr inbounds i32, ptr %484, i64 %kk66
+  %523 = load i32, ptr %522, align 4
+  %524 = load <16 x float>, ptr %acc1054, align 4
+  %525 = insertelement <16 x i32> poison, i32 %523, i32 0
+  %526 = shufflevector <16 x i32> %525, <16 x i32> poison, <16 x i32> zeroinitializer
+  %527 = bitcast <16 x i32> %526 to <32 x bfloat>
+  %528 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %524, <32 x bfloat> %511, <32 x bfloat> %527)
+  store <16 x float> %528, ptr %acc1054, align 4
+  %529 = getelementptr inbounds i32, ptr %493, i64 %kk66
+  %530 = load i32, ptr %529, align 4
+  %531 = load <16 x float>, ptr %acc2055, align 4
+  %532 = insertelement <16 x i32> poison, i32 %530, i32 0
+  %533 = shufflevector <16 x i32> %532, <16 x i32> poison, <16 x i32> zeroinitializer
+  %534 = bitcast <16 x i32> %533 to <32 x bfloat>
+  %535 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %531, <32 x bfloat> %511, <32 x bfloat> %534)
+  store <16 x float> %535, ptr %acc2055, align 4
+  %536 = add nsw i64 %kk66, 1
+  %537 = mul nsw i64 %536, 32
+  %538 = getelementptr inbounds i16, ptr %501, i64 %537
+  %539 = load <32 x bfloat>, ptr %538, align 4
+  %540 = mul nsw i64 %536, 64
+  %541 = lshr i64 %540, %pf.sh58
+  %542 = getelementptr inbounds i8, ptr %pf57, i64 %541
+  call void @llvm.prefetch.p0(ptr %542, i32 0, i32 2, i32 1)
+  %543 = getelementptr inbounds i32, ptr %475, i64 %536
+  %544 = load i32, ptr %543, align 4
+  %545 = load <16 x float>, ptr %acc0159, align 4
+  %546 = insertelement <16 x i32> poison, i32 %544, i32 0
+  %547 = shufflevector <16 x i32> %546, <16 x i32> poison, <16 x i32> zeroinitializer
+  %548 = bitcast <16 x i32> %547 to <32 x bfloat>
+  %549 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %545, <32 x bfloat> %539, <32 x bfloat> %548)
+  store <16 x float> %549, ptr %acc0159, align 4
+  %550 = getelementptr inbounds i32, ptr %484, i64 %536
+  %551 = load i32, ptr %550, align 4
+  %552 = load <16 x float>, ptr %acc1160, align 4
+  %553 = insertelement <16 x i32> poison, i32 %551, i32 0
+  %554 = shufflevector <16 x i32> %553, <16 x i32> poison, <16 x i32> zeroinitializer
+  %555 = bitcast <16 x i32> %554 to <32 x bfloat>
+  %556 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %552, <32 x bfloat> %539, <32 x bfloat> %555)
+  store <16 x float> %556, ptr %acc1160, align 4
+  %557 = getelementptr inbounds i32, ptr %493, i64 %536
+  %558 = load i32, ptr %557, align 4
+  %559 = load <16 x float>, ptr %acc2161, align 4
+  %560 = insertelement <16 x i32> poison, i32 %558, i32 0
+  %561 = shufflevector <16 x i32> %560, <16 x i32> poison, <16 x i32> zeroinitializer
+  %562 = bitcast <16 x i32> %561 to <32 x bfloat>
+  %563 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %559, <32 x bfloat> %539, <32 x bfloat> %562)
+  store <16 x float> %563, ptr %acc2161, align 4
+  %564 = add nsw i64 %kp65, 1
   br label %kp.head62
 
 kp.end64:                                         ; preds = %kp.head62
-  %583 = load <16 x float>, ptr %acc0159, align 4
-  %584 = load <16 x float>, ptr %acc0053, align 4
-  %sum67 = fadd <16 x float> %584, %583
+  %565 = load <16 x float>, ptr %acc0159, align 4
+  %566 = load <16 x float>, ptr %acc0053, align 4
+  %sum67 = fadd <16 x float> %566, %565
   store <16 x float> %sum67, ptr %acc0053, align 4
-  %585 = load <16 x float>, ptr %acc1160, align 4
-  %586 = load <16 x float>, ptr %acc1054, align 4
-  %sum68 = fadd <16 x float> %586, %585
+  %567 = load <16 x float>, ptr %acc1160, align 4
+  %568 = load <16 x float>, ptr %acc1054, align 4
+  %sum68 = fadd <16 x float> %568, %567
   store <16 x float> %sum68, ptr %acc1054, align 4
-  %587 = load <16 x float>, ptr %acc2161, align 4
-  %588 = load <16 x float>, ptr %acc2055, align 4
-  %sum69 = fadd <16 x float> %588, %587
+  %569 = load <16 x float>, ptr %acc2161, align 4
+  %570 = load <16 x float>, ptr %acc2055, align 4
+  %sum69 = fadd <16 x float> %570, %569
   store <16 x float> %sum69, ptr %acc2055, align 4
-  %589 = load <16 x float>, ptr %acc0053, align 4
-  store <16 x float> %589, ptr %496, align 4
-  %590 = load <16 x float>, ptr %acc1054, align 4
-  store <16 x float> %590, ptr %506, align 4
-  %591 = load <16 x float>, ptr %acc2055, align 4
-  store <16 x float> %591, ptr %516, align 4
+  %571 = load <16 x float>, ptr %acc0053, align 4
+  store <16 x float> %571, ptr %481, align 4
+  %572 = load <16 x float>, ptr %acc1054, align 4
+  store <16 x float> %572, ptr %490, align 4
+  %573 = load <16 x float>, ptr %acc2055, align 4
+  store <16 x float> %573, ptr %499, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col70 = mul nsw i64 %p, 16
-  %592 = add nsw i64 %r0, 0
-  %593 = mul nsw i64 %592, 768
-  %594 = getelementptr inbounds float, ptr %h, i64 %593
-  %595 = getelementptr inbounds i32, ptr %rows, i64 %592
-  %596 = load i32, ptr %595, align 4
-  %597 = sext i32 %596 to i64
-  %598 = mul nsw i64 %597, 2048
-  %599 = add nsw i64 %598, %col70
-  %600 = getelementptr inbounds float, ptr %y, i64 %599
-  %601 = load <16 x float>, ptr %600, align 4
-  store <16 x float> %601, ptr %acc0071, align 4
-  %602 = add nsw i64 %r0, 1
-  %603 = mul nsw i64 %602, 768
-  %604 = getelementptr inbounds float, ptr %h, i64 %603
-  %605 = getelementptr inbounds i32, ptr %rows, i64 %602
-  %606 = load i32, ptr %605, align 4
-  %607 = sext i32 %606 to i64
-  %608 = mul nsw i64 %607, 2048
-  %609 = add nsw i64 %608, %col70
-  %610 = getelementptr inbounds float, ptr %y, i64 %609
-  %611 = load <16 x float>, ptr %610, align 4
-  store <16 x float> %611, ptr %acc1072, align 4
-  %612 = mul nsw i64 %p, 12288
-  %613 = getelementptr inbounds i16, ptr %panels, i64 %612
-  %614 = add nsw i64 %p, 1
-  %615 = icmp slt i64 %614, %p1
-  %pf.on73 = and i1 %pf.on, %615
-  %616 = mul nsw i64 %pf.j, 24576
-  %617 = lshr i64 %616, %10
-  %618 = add nsw i64 24576, %617
-  %619 = getelementptr inbounds i8, ptr %613, i64 %618
-  %pf74 = select i1 %pf.on73, ptr %619, ptr %613
+  %574 = add nsw i64 %r0, 0
+  %575 = mul nsw i64 %574, 768
+  %576 = getelementptr inbounds float, ptr %h, i64 %575
+  %577 = getelementptr inbounds i32, ptr %rows, i64 %574
+  %578 = load i32, ptr %577, align 4
+  %579 = sext i32 %578 to i64
+  %580 = mul nsw i64 %579, 2048
+  %581 = add nsw i64 %580, %col70
+  %582 = getelementptr inbounds float, ptr %y, i64 %581
+  store <16 x float> zeroinitializer, ptr %acc0071, align 4
+  %583 = add nsw i64 %r0, 1
+  %584 = mul nsw i64 %583, 768
+  %585 = getelementptr inbounds float, ptr %h, i64 %584
+  %586 = getelementptr inbounds i32, ptr %rows, i64 %583
+  %587 = load i32, ptr %586, align 4
+  %588 = sext i32 %587 to i64
+  %589 = mul nsw i64 %588, 2048
+  %590 = add nsw i64 %589, %col70
+  %591 = getelementptr inbounds float, ptr %y, i64 %590
+  store <16 x float> zeroinitializer, ptr %acc1072, align 4
+  %592 = mul nsw i64 %p, 12288
+  %593 = getelementptr inbounds i16, ptr %panels, i64 %592
+  %594 = add nsw i64 %p, 1
+  %595 = icmp slt i64 %594, %p1
+  %pf.on73 = and i1 %pf.on, %595
+  %596 = mul nsw i64 %pf.j, 24576
+  %597 = lshr i64 %596, %10
+  %598 = add nsw i64 24576, %597
+  %599 = getelementptr inbounds i8, ptr %593, i64 %598
+  %pf74 = select i1 %pf.on73, ptr %599, ptr %593
   %pf.sh75 = select i1 %pf.on73, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc0176, align 4
   store <16 x float> zeroinitializer, ptr %acc1177, align 4
   br label %kp.head78
 
 kp.head78:                                        ; preds = %kp.body79, %tile.mr2
-  %kp81 = phi i64 [ 0, %tile.mr2 ], [ %662, %kp.body79 ]
-  %620 = icmp slt i64 %kp81, 192
-  br i1 %620, label %kp.body79, label %kp.end80
+  %kp81 = phi i64 [ 0, %tile.mr2 ], [ %642, %kp.body79 ]
+  %600 = icmp slt i64 %kp81, 192
+  br i1 %600, label %kp.body79, label %kp.end80
 
 kp.body79:                                        ; preds = %kp.head78
   %kk82 = mul nsw i64 %kp81, 2
-  %621 = mul nsw i64 %kk82, 32
-  %622 = getelementptr inbounds i16, ptr %613, i64 %621
-  %623 = load <32 x bfloat>, ptr %622, align 4
-  %624 = mul nsw i64 %kk82, 64
-  %625 = lshr i64 %624, %pf.sh75
-  %626 = getelementptr inbounds i8, ptr %pf74, i64 %625
-  call void @llvm.prefetch.p0(ptr %626, i32 0, i32 2, i32 1)
-  %627 = getelementptr inbounds i32, ptr %594, i64 %kk82
-  %628 = load i32, ptr %627, align 4
-  %629 = load <16 x float>, ptr %acc0071, align 4
-  %630 = insertelement <16 x i32> poison, i32 %628, i32 0
-  %631 = shufflevector <16 x i32> %630, <16 x i32> poison, <16 x i32> zeroinitializer
-  %632 = bitcast <16 x i32> %631 to <32 x bfloat>
-  %633 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %629, <32 x bfloat> %623, <32 x bfloat> %632)
-  store <16 x float> %633, ptr %acc0071, align 4
-  %634 = getelementptr inbounds i32, ptr %604, i64 %kk82
-  %635 = load i32, ptr %634, align 4
-  %636 = load <16 x float>, ptr %acc1072, align 4
-  %637 = insertelement <16 x i32> poison, i32 %635, i32 0
-  %638 = shufflevector <16 x i32> %637, <16 x i32> poison, <16 x i32> zeroinitializer
-  %639 = bitcast <16 x i32> %638 to <32 x bfloat>
-  %640 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %636, <32 x bfloat> %623, <32 x bfloat> %639)
-  store <16 x float> %640, ptr %acc1072, align 4
-  %641 = add nsw i64 %kk82, 1
-  %642 = mul nsw i64 %641, 32
-  %643 = getelementptr inbounds i16, ptr %613, i64 %642
-  %644 = load <32 x bfloat>, ptr %643, align 4
-  %645 = mul nsw i64 %641, 64
-  %646 = lshr i64 %645, %pf.sh75
-  %647 = getelementptr inbounds i8, ptr %pf74, i64 %646
-  call void @llvm.prefetch.p0(ptr %647, i32 0, i32 2, i32 1)
-  %648 = getelementptr inbounds i32, ptr %594, i64 %641
-  %649 = load i32, ptr %648, align 4
-  %650 = load <16 x float>, ptr %acc0176, align 4
-  %651 = insertelement <16 x i32> poison, i32 %649, i32 0
-  %652 = shufflevector <16 x i32> %651, <16 x i32> poison, <16 x i32> zeroinitializer
-  %653 = bitcast <16 x i32> %652 to <32 x bfloat>
-  %654 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %650, <32 x bfloat> %644, <32 x bfloat> %653)
-  store <16 x float> %654, ptr %acc0176, align 4
-  %655 = getelementptr inbounds i32, ptr %604, i64 %641
-  %656 = load i32, ptr %655, align 4
-  %657 = load <16 x float>, ptr %acc1177, align 4
-  %658 = insertelement <16 x i32> poison, i32 %656, i32 0
-  %659 = shufflevector <16 x i32> %658, <16 x i32> poison, <16 x i32> zeroinitializer
-  %660 = bitcast <16 x i32> %659 to <32 x bfloat>
-  %661 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %657, <32 x bfloat> %644, <32 x bfloat> %660)
-  store <16 x float> %661, ptr %acc1177, align 4
-  %662 = add nsw i64 %kp81, 1
+  %601 = mul nsw i64 %kk82, 32
+  %602 = getelementptr inbounds i16, ptr %593, i64 %601
+  %603 = load <32 x bfloat>, ptr %602, align 4
+  %604 = mul nsw i64 %kk82, 64
+  %605 = lshr i64 %604, %pf.sh75
+  %606 = getelementptr inbounds i8, ptr %pf74, i64 %605
+  call void @llvm.prefetch.p0(ptr %606, i32 0, i32 2, i32 1)
+  %607 = getelementptr inbounds i32, ptr %576, i64 %kk82
+  %608 = load i32, ptr %607, align 4
+  %609 = load <16 x float>, ptr %acc0071, align 4
+  %610 = insertelement <16 x i32> poison, i32 %608, i32 0
+  %611 = shufflevector <16 x i32> %610, <16 x i32> poison, <16 x i32> zeroinitializer
+  %612 = bitcast <16 x i32> %611 to <32 x bfloat>
+  %613 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %609, <32 x bfloat> %603, <32 x bfloat> %612)
+  store <16 x float> %613, ptr %acc0071, align 4
+  %614 = getelementptr inbounds i32, ptr %585, i64 %kk82
+  %615 = load i32, ptr %614, align 4
+  %616 = load <16 x float>, ptr %acc1072, align 4
+  %617 = insertelement <16 x i32> poison, i32 %615, i32 0
+  %618 = shufflevector <16 x i32> %617, <16 x i32> poison, <16 x i32> zeroinitializer
+  %619 = bitcast <16 x i32> %618 to <32 x bfloat>
+  %620 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %616, <32 x bfloat> %603, <32 x bfloat> %619)
+  store <16 x float> %620, ptr %acc1072, align 4
+  %621 = add nsw i64 %kk82, 1
+  %622 = mul nsw i64 %621, 32
+  %623 = getelementptr inbounds i16, ptr %593, i64 %622
+  %624 = load <32 x bfloat>, ptr %623, align 4
+  %625 = mul nsw i64 %621, 64
+  %626 = lshr i64 %625, %pf.sh75
+  %627 = getelementptr inbounds i8, ptr %pf74, i64 %626
+  call void @llvm.prefetch.p0(ptr %627, i32 0, i32 2, i32 1)
+  %628 = getelementptr inbounds i32, ptr %576, i64 %621
+  %629 = load i32, ptr %628, align 4
+  %630 = load <16 x float>, ptr %acc0176, align 4
+  %631 = insertelement <16 x i32> poison, i32 %629, i32 0
+  %632 = shufflevector <16 x i32> %631, <16 x i32> poison, <16 x i32> zeroinitializer
+  %633 = bitcast <16 x i32> %632 to <32 x bfloat>
+  %634 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %630, <32 x bfloat> %624, <32 x bfloat> %633)
+  store <16 x float> %634, ptr %acc0176, align 4
+  %635 = getelementptr inbounds i32, ptr %585, i64 %621
+  %636 = load i32, ptr %635, align 4
+  %637 = load <16 x float>, ptr %acc1177, align 4
+  %638 = insertelement <16 x i32> poison, i32 %636, i32 0
+  %639 = shufflevector <16 x i32> %638, <16 x i32> poison, <16 x i32> zeroinitializer
+  %640 = bitcast <16 x i32> %639 to <32 x bfloat>
+  %641 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %637, <32 x bfloat> %624, <32 x bfloat> %640)
+  store <16 x float> %641, ptr %acc1177, align 4
+  %642 = add nsw i64 %kp81, 1
   br label %kp.head78
 
 kp.end80:                                         ; preds = %kp.head78
-  %663 = load <16 x float>, ptr %acc0176, align 4
-  %664 = load <16 x float>, ptr %acc0071, align 4
-  %sum83 = fadd <16 x float> %664, %663
+  %643 = load <16 x float>, ptr %acc0176, align 4
+  %644 = load <16 x float>, ptr %acc0071, align 4
+  %sum83 = fadd <16 x float> %644, %643
   store <16 x float> %sum83, ptr %acc0071, align 4
-  %665 = load <16 x float>, ptr %acc1177, align 4
-  %666 = load <16 x float>, ptr %acc1072, align 4
-  %sum84 = fadd <16 x float> %666, %665
+  %645 = load <16 x float>, ptr %acc1177, align 4
+  %646 = load <16 x float>, ptr %acc1072, align 4
+  %sum84 = fadd <16 x float> %646, %645
   store <16 x float> %sum84, ptr %acc1072, align 4
-  %667 = load <16 x float>, ptr %acc0071, align 4
-  store <16 x float> %667, ptr %600, align 4
-  %668 = load <16 x float>, ptr %acc1072, align 4
-  store <16 x float> %668, ptr %610, align 4
+  %647 = load <16 x float>, ptr %acc0071, align 4
+  store <16 x float> %647, ptr %582, align 4
+  %648 = load <16 x float>, ptr %acc1072, align 4
+  store <16 x float> %648, ptr %591, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col85 = mul nsw i64 %p, 16
-  %669 = add nsw i64 %r0, 0
-  %670 = mul nsw i64 %669, 768
-  %671 = getelementptr inbounds float, ptr %h, i64 %670
-  %672 = getelementptr inbounds i32, ptr %rows, i64 %669
-  %673 = load i32, ptr %672, align 4
-  %674 = sext i32 %673 to i64
-  %675 = mul nsw i64 %674, 2048
-  %676 = add nsw i64 %675, %col85
-  %677 = getelementptr inbounds float, ptr %y, i64 %676
-  %678 = load <16 x float>, ptr %677, align 4
-  store <16 x float> %678, ptr %acc0086, align 4
-  %679 = mul nsw i64 %p, 12288
-  %680 = getelementptr inbounds i16, ptr %panels, i64 %679
-  %681 = add nsw i64 %p, 1
-  %682 = icmp slt i64 %681, %p1
-  %pf.on87 = and i1 %pf.on, %682
-  %683 = mul nsw i64 %pf.j, 24576
-  %684 = lshr i64 %683, %10
-  %685 = add nsw i64 24576, %684
-  %686 = getelementptr inbounds i8, ptr %680, i64 %685
-  %pf88 = select i1 %pf.on87, ptr %686, ptr %680
+  %649 = add nsw i64 %r0, 0
+  %650 = mul nsw i64 %649, 768
+  %651 = getelementptr inbounds float, ptr %h, i64 %650
+  %652 = getelementptr inbounds i32, ptr %rows, i64 %649
+  %653 = load i32, ptr %652, align 4
+  %654 = sext i32 %653 to i64
+  %655 = mul nsw i64 %654, 2048
+  %656 = add nsw i64 %655, %col85
+  %657 = getelementptr inbounds float, ptr %y, i64 %656
+  store <16 x float> zeroinitializer, ptr %acc0086, align 4
+  %658 = mul nsw i64 %p, 12288
+  %659 = getelementptr inbounds i16, ptr %panels, i64 %658
+  %660 = add nsw i64 %p, 1
+  %661 = icmp slt i64 %660, %p1
+  %pf.on87 = and i1 %pf.on, %661
+  %662 = mul nsw i64 %pf.j, 24576
+  %663 = lshr i64 %662, %10
+  %664 = add nsw i64 24576, %663
+  %665 = getelementptr inbounds i8, ptr %659, i64 %664
+  %pf88 = select i1 %pf.on87, ptr %665, ptr %659
   %pf.sh89 = select i1 %pf.on87, i64 %10, i64 0
   store <16 x float> zeroinitializer, ptr %acc0190, align 4
   br label %kp.head91
 
 kp.head91:                                        ; preds = %kp.body92, %tile.mr1
-  %kp94 = phi i64 [ 0, %tile.mr1 ], [ %715, %kp.body92 ]
-  %687 = icmp slt i64 %kp94, 192
-  br i1 %687, label %kp.body92, label %kp.end93
+  %kp94 = phi i64 [ 0, %tile.mr1 ], [ %694, %kp.body92 ]
+  %666 = icmp slt i64 %kp94, 192
+  br i1 %666, label %kp.body92, label %kp.end93
 
 kp.body92:                                        ; preds = %kp.head91
   %kk95 = mul nsw i64 %kp94, 2
-  %688 = mul nsw i64 %kk95, 32
-  %689 = getelementptr inbounds i16, ptr %680, i64 %688
-  %690 = load <32 x bfloat>, ptr %689, align 4
-  %691 = mul nsw i64 %kk95, 64
-  %692 = lshr i64 %691, %pf.sh89
-  %693 = getelementptr inbounds i8, ptr %pf88, i64 %692
-  call void @llvm.prefetch.p0(ptr %693, i32 0, i32 2, i32 1)
-  %694 = getelementptr inbounds i32, ptr %671, i64 %kk95
-  %695 = load i32, ptr %694, align 4
-  %696 = load <16 x float>, ptr %acc0086, align 4
-  %697 = insertelement <16 x i32> poison, i32 %695, i32 0
-  %698 = shufflevector <16 x i32> %697, <16 x i32> poison, <16 x i32> zeroinitializer
-  %699 = bitcast <16 x i32> %698 to <32 x bfloat>
-  %700 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %696, <32 x bfloat> %690, <32 x bfloat> %699)
-  store <16 x float> %700, ptr %acc0086, align 4
-  %701 = add nsw i64 %kk95, 1
-  %702 = mul nsw i64 %701, 32
-  %703 = getelementptr inbounds i16, ptr %680, i64 %702
-  %704 = load <32 x bfloat>, ptr %703, align 4
-  %705 = mul nsw i64 %701, 64
-  %706 = lshr i64 %705, %pf.sh89
-  %707 = getelementptr inbounds i8, ptr %pf88, i64 %706
-  call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
-  %708 = getelementptr inbounds i32, ptr %671, i64 %701
-  %709 = load i32, ptr %708, align 4
-  %710 = load <16 x float>, ptr %acc0190, align 4
-  %711 = insertelement <16 x i32> poison, i32 %709, i32 0
-  %712 = shufflevector <16 x i32> %711, <16 x i32> poison, <16 x i32> zeroinitializer
-  %713 = bitcast <16 x i32> %712 to <32 x bfloat>
-  %714 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %710, <32 x bfloat> %704, <32 x bfloat> %713)
-  store <16 x float> %714, ptr %acc0190, align 4
-  %715 = add nsw i64 %kp94, 1
+  %667 = mul nsw i64 %kk95, 32
+  %668 = getelementptr inbounds i16, ptr %659, i64 %667
+  %669 = load <32 x bfloat>, ptr %668, align 4
+  %670 = mul nsw i64 %kk95, 64
+  %671 = lshr i64 %670, %pf.sh89
+  %672 = getelementptr inbounds i8, ptr %pf88, i64 %671
+  call void @llvm.prefetch.p0(ptr %672, i32 0, i32 2, i32 1)
+  %673 = getelementptr inbounds i32, ptr %651, i64 %kk95
+  %674 = load i32, ptr %673, align 4
+  %675 = load <16 x float>, ptr %acc0086, align 4
+  %676 = insertelement <16 x i32> poison, i32 %674, i32 0
+  %677 = shufflevector <16 x i32> %676, <16 x i32> poison, <16 x i32> zeroinitializer
+  %678 = bitcast <16 x i32> %677 to <32 x bfloat>
+  %679 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %675, <32 x bfloat> %669, <32 x bfloat> %678)
+  store <16 x float> %679, ptr %acc0086, align 4
+  %680 = add nsw i64 %kk95, 1
+  %681 = mul nsw i64 %680, 32
+  %682 = getelementptr inbounds i16, ptr %659, i64 %681
+  %683 = load <32 x bfloat>, ptr %682, align 4
+  %684 = mul nsw i64 %680, 64
+  %685 = lshr i64 %684, %pf.sh89
+  %686 = getelementptr inbounds i8, ptr %pf88, i64 %685
+  call void @llvm.prefetch.p0(ptr %686, i32 0, i32 2, i32 1)
+  %687 = getelementptr inbounds i32, ptr %651, i64 %680
+  %688 = load i32, ptr %687, align 4
+  %689 = load <16 x float>, ptr %acc0190, align 4
+  %690 = insertelement <16 x i32> poison, i32 %688, i32 0
+  %691 = shufflevector <16 x i32> %690, <16 x i32> poison, <16 x i32> zeroinitializer
+  %692 = bitcast <16 x i32> %691 to <32 x bfloat>
+  %693 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %689, <32 x bfloat> %683, <32 x bfloat> %692)
+  store <16 x float> %693, ptr %acc0190, align 4
+  %694 = add nsw i64 %kp94, 1
   br label %kp.head91
 
 kp.end93:                                         ; preds = %kp.head91
-  %716 = load <16 x float>, ptr %acc0190, align 4
-  %717 = load <16 x float>, ptr %acc0086, align 4
-  %sum96 = fadd <16 x float> %717, %716
+  %695 = load <16 x float>, ptr %acc0190, align 4
+  %696 = load <16 x float>, ptr %acc0086, align 4
+  %sum96 = fadd <16 x float> %696, %695
   store <16 x float> %sum96, ptr %acc0086, align 4
-  %718 = load <16 x float>, ptr %acc0086, align 4
-  store <16 x float> %718, ptr %677, align 4
+  %697 = load <16 x float>, ptr %acc0086, align 4
+  store <16 x float> %697, ptr %657, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %kp.end93, %kp.end80, %kp.end64, %kp.end45, %kp.end23, %kp.end
-  %719 = add nsw i64 %r0, 6
+  %698 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %720 = add nsw i64 %p, 1
+  %699 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

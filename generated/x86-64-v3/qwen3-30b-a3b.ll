@@ -8,7 +8,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [33 x i8] c"90267ba101775f6b664853ed2b6fc93c\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 8, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr @moe_router, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 9, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr @moe_router, ptr null, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_router(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %shared_gate_w, ptr %logits, ptr %ids, ptr %weights, ptr %sgate, ptr %prio) #0 {
@@ -2496,7 +2496,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %627, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %585, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2504,7 +2504,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %626, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %584, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -2545,216 +2545,218 @@ tile.mr6:                                         ; preds = %r0.body
   %21 = getelementptr inbounds float, ptr %y, i64 %20
   %22 = add nsw i64 %col, 0
   %23 = getelementptr inbounds float, ptr %21, i64 %22
-  %24 = load <8 x float>, ptr %23, align 4
-  store <8 x float> %24, ptr %acc00, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %21, i64 %25
-  %27 = load <8 x float>, ptr %26, align 4
-  store <8 x float> %27, ptr %acc01, align 4
-  %28 = add nsw i64 %r0, 1
-  %29 = mul nsw i64 %28, 768
-  %30 = getelementptr inbounds float, ptr %h, i64 %29
-  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %32 = load i32, ptr %31, align 4
-  %33 = sext i32 %32 to i64
-  %34 = mul nsw i64 %33, 2048
-  %35 = getelementptr inbounds float, ptr %y, i64 %34
-  %36 = add nsw i64 %col, 0
-  %37 = getelementptr inbounds float, ptr %35, i64 %36
-  %38 = load <8 x float>, ptr %37, align 4
-  store <8 x float> %38, ptr %acc10, align 4
-  %39 = add nsw i64 %col, 8
-  %40 = getelementptr inbounds float, ptr %35, i64 %39
-  %41 = load <8 x float>, ptr %40, align 4
-  store <8 x float> %41, ptr %acc11, align 4
-  %42 = add nsw i64 %r0, 2
-  %43 = mul nsw i64 %42, 768
-  %44 = getelementptr inbounds float, ptr %h, i64 %43
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 2048
-  %49 = getelementptr inbounds float, ptr %y, i64 %48
-  %50 = add nsw i64 %col, 0
-  %51 = getelementptr inbounds float, ptr %49, i64 %50
-  %52 = load <8 x float>, ptr %51, align 4
-  store <8 x float> %52, ptr %acc20, align 4
-  %53 = add nsw i64 %col, 8
-  %54 = getelementptr inbounds float, ptr %49, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  store <8 x float> %55, ptr %acc21, align 4
-  %56 = add nsw i64 %r0, 3
-  %57 = mul nsw i64 %56, 768
-  %58 = getelementptr inbounds float, ptr %h, i64 %57
-  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
-  %60 = load i32, ptr %59, align 4
-  %61 = sext i32 %60 to i64
-  %62 = mul nsw i64 %61, 2048
-  %63 = getelementptr inbounds float, ptr %y, i64 %62
-  %64 = add nsw i64 %col, 0
-  %65 = getelementptr inbounds float, ptr %63, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  store <8 x float> %66, ptr %acc30, align 4
-  %67 = add nsw i64 %col, 8
-  %68 = getelementptr inbounds float, ptr %63, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  store <8 x float> %69, ptr %acc31, align 4
-  %70 = add nsw i64 %r0, 4
-  %71 = mul nsw i64 %70, 768
-  %72 = getelementptr inbounds float, ptr %h, i64 %71
-  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
-  %74 = load i32, ptr %73, align 4
-  %75 = sext i32 %74 to i64
-  %76 = mul nsw i64 %75, 2048
-  %77 = getelementptr inbounds float, ptr %y, i64 %76
-  %78 = add nsw i64 %col, 0
-  %79 = getelementptr inbounds float, ptr %77, i64 %78
-  %80 = load <8 x float>, ptr %79, align 4
-  store <8 x float> %80, ptr %acc40, align 4
-  %81 = add nsw i64 %col, 8
-  %82 = getelementptr inbounds float, ptr %77, i64 %81
-  %83 = load <8 x float>, ptr %82, align 4
-  store <8 x float> %83, ptr %acc41, align 4
-  %84 = add nsw i64 %r0, 5
-  %85 = mul nsw i64 %84, 768
-  %86 = getelementptr inbounds float, ptr %h, i64 %85
-  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
-  %88 = load i32, ptr %87, align 4
-  %89 = sext i32 %88 to i64
-  %90 = mul nsw i64 %89, 2048
-  %91 = getelementptr inbounds float, ptr %y, i64 %90
-  %92 = add nsw i64 %col, 0
-  %93 = getelementptr inbounds float, ptr %91, i64 %92
-  %94 = load <8 x float>, ptr %93, align 4
-  store <8 x float> %94, ptr %acc50, align 4
-  %95 = add nsw i64 %col, 8
-  %96 = getelementptr inbounds float, ptr %91, i64 %95
-  %97 = load <8 x float>, ptr %96, align 4
-  store <8 x float> %97, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  %24 = add nsw i64 %col, 8
+  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  %26 = add nsw i64 %r0, 1
+  %27 = mul nsw i64 %26, 768
+  %28 = getelementptr inbounds float, ptr %h, i64 %27
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 2048
+  %33 = getelementptr inbounds float, ptr %y, i64 %32
+  %34 = add nsw i64 %col, 0
+  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  %36 = add nsw i64 %col, 8
+  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  %38 = add nsw i64 %r0, 2
+  %39 = mul nsw i64 %38, 768
+  %40 = getelementptr inbounds float, ptr %h, i64 %39
+  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %42 = load i32, ptr %41, align 4
+  %43 = sext i32 %42 to i64
+  %44 = mul nsw i64 %43, 2048
+  %45 = getelementptr inbounds float, ptr %y, i64 %44
+  %46 = add nsw i64 %col, 0
+  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  %48 = add nsw i64 %col, 8
+  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  %50 = add nsw i64 %r0, 3
+  %51 = mul nsw i64 %50, 768
+  %52 = getelementptr inbounds float, ptr %h, i64 %51
+  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
+  %54 = load i32, ptr %53, align 4
+  %55 = sext i32 %54 to i64
+  %56 = mul nsw i64 %55, 2048
+  %57 = getelementptr inbounds float, ptr %y, i64 %56
+  %58 = add nsw i64 %col, 0
+  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  %60 = add nsw i64 %col, 8
+  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 768
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 2048
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  %72 = add nsw i64 %col, 8
+  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 768
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 2048
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  %84 = add nsw i64 %col, 8
+  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
-  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %99 = add nsw i64 %p, 1
-  %100 = icmp slt i64 %99, %p1
-  %pf.on1 = and i1 %pf.on, %100
-  %101 = mul nsw i64 %pf.j, 24576
-  %102 = lshr i64 %101, %10
-  %103 = add nsw i64 24576, %102
-  %104 = getelementptr inbounds i8, ptr %98, i64 %103
-  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %86 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %87 = add nsw i64 %p, 1
+  %88 = icmp slt i64 %87, %p1
+  %pf.on1 = and i1 %pf.on, %88
+  %89 = mul nsw i64 %pf.j, 24576
+  %90 = lshr i64 %89, %10
+  %91 = add nsw i64 24576, %90
+  %92 = getelementptr inbounds i8, ptr %86, i64 %91
+  %pf = select i1 %pf.on1, ptr %92, ptr %86
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
-  %105 = icmp slt i64 %k, 768
-  br i1 %105, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %k.body ]
+  %93 = icmp slt i64 %k, 768
+  br i1 %93, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %106 = mul nsw i64 %k, 16
-  %107 = add nsw i64 %panel.off, %106
-  %108 = mul nsw i64 %k, 32
-  %109 = lshr i64 %108, %pf.sh
-  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
-  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
-  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
-  %112 = load <8 x i32>, ptr %111, align 4
-  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %113 to <8 x float>
-  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %114 to <8 x float>
-  %115 = getelementptr inbounds float, ptr %16, i64 %k
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = load <8 x float>, ptr %acc00, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
-  store <8 x float> %120, ptr %acc00, align 4
-  %121 = load <8 x float>, ptr %acc01, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
-  store <8 x float> %122, ptr %acc01, align 4
-  %123 = getelementptr inbounds float, ptr %30, i64 %k
-  %124 = load float, ptr %123, align 4
-  %125 = insertelement <8 x float> poison, float %124, i32 0
-  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
-  %127 = load <8 x float>, ptr %acc10, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
-  store <8 x float> %128, ptr %acc10, align 4
-  %129 = load <8 x float>, ptr %acc11, align 4
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
-  store <8 x float> %130, ptr %acc11, align 4
-  %131 = getelementptr inbounds float, ptr %44, i64 %k
-  %132 = load float, ptr %131, align 4
-  %133 = insertelement <8 x float> poison, float %132, i32 0
-  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
-  %135 = load <8 x float>, ptr %acc20, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
-  store <8 x float> %136, ptr %acc20, align 4
-  %137 = load <8 x float>, ptr %acc21, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
-  store <8 x float> %138, ptr %acc21, align 4
-  %139 = getelementptr inbounds float, ptr %58, i64 %k
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc30, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
-  store <8 x float> %144, ptr %acc30, align 4
-  %145 = load <8 x float>, ptr %acc31, align 4
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
-  store <8 x float> %146, ptr %acc31, align 4
-  %147 = getelementptr inbounds float, ptr %72, i64 %k
-  %148 = load float, ptr %147, align 4
-  %149 = insertelement <8 x float> poison, float %148, i32 0
-  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
-  %151 = load <8 x float>, ptr %acc40, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
-  store <8 x float> %152, ptr %acc40, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
-  store <8 x float> %154, ptr %acc41, align 4
-  %155 = getelementptr inbounds float, ptr %86, i64 %k
-  %156 = load float, ptr %155, align 4
-  %157 = insertelement <8 x float> poison, float %156, i32 0
-  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
-  %159 = load <8 x float>, ptr %acc50, align 4
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
-  store <8 x float> %160, ptr %acc50, align 4
-  %161 = load <8 x float>, ptr %acc51, align 4
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
-  store <8 x float> %162, ptr %acc51, align 4
-  %163 = add nsw i64 %k, 1
+  %94 = mul nsw i64 %k, 16
+  %95 = add nsw i64 %panel.off, %94
+  %96 = mul nsw i64 %k, 32
+  %97 = lshr i64 %96, %pf.sh
+  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
+  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %99 = getelementptr inbounds i16, ptr %panels, i64 %95
+  %100 = load <8 x i32>, ptr %99, align 4
+  %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %101 to <8 x float>
+  %102 = and <8 x i32> %100, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = getelementptr inbounds float, ptr %16, i64 %k
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <8 x float> poison, float %104, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
+  %107 = load <8 x float>, ptr %acc00, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
+  store <8 x float> %108, ptr %acc00, align 4
+  %109 = load <8 x float>, ptr %acc01, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
+  store <8 x float> %110, ptr %acc01, align 4
+  %111 = getelementptr inbounds float, ptr %28, i64 %k
+  %112 = load float, ptr %111, align 4
+  %113 = insertelement <8 x float> poison, float %112, i32 0
+  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
+  %115 = load <8 x float>, ptr %acc10, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
+  store <8 x float> %116, ptr %acc10, align 4
+  %117 = load <8 x float>, ptr %acc11, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
+  store <8 x float> %118, ptr %acc11, align 4
+  %119 = getelementptr inbounds float, ptr %40, i64 %k
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %acc20, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
+  store <8 x float> %124, ptr %acc20, align 4
+  %125 = load <8 x float>, ptr %acc21, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
+  store <8 x float> %126, ptr %acc21, align 4
+  %127 = getelementptr inbounds float, ptr %52, i64 %k
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %acc30, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
+  store <8 x float> %132, ptr %acc30, align 4
+  %133 = load <8 x float>, ptr %acc31, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
+  store <8 x float> %134, ptr %acc31, align 4
+  %135 = getelementptr inbounds float, ptr %64, i64 %k
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc40, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
+  store <8 x float> %140, ptr %acc40, align 4
+  %141 = load <8 x float>, ptr %acc41, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
+  store <8 x float> %142, ptr %acc41, align 4
+  %143 = getelementptr inbounds float, ptr %76, i64 %k
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <8 x float> poison, float %144, i32 0
+  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
+  %147 = load <8 x float>, ptr %acc50, align 4
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b0, <8 x float> %147)
+  store <8 x float> %148, ptr %acc50, align 4
+  %149 = load <8 x float>, ptr %acc51, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b1, <8 x float> %149)
+  store <8 x float> %150, ptr %acc51, align 4
+  %151 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %164 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %164, ptr %23, align 4
-  %165 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %165, ptr %26, align 4
-  %166 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %166, ptr %37, align 4
-  %167 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %167, ptr %40, align 4
-  %168 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %168, ptr %51, align 4
-  %169 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %169, ptr %54, align 4
-  %170 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %170, ptr %65, align 4
-  %171 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %171, ptr %68, align 4
-  %172 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %172, ptr %79, align 4
-  %173 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %173, ptr %82, align 4
-  %174 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %174, ptr %93, align 4
-  %175 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %175, ptr %96, align 4
+  %152 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %152, ptr %23, align 4
+  %153 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %153, ptr %25, align 4
+  %154 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %154, ptr %35, align 4
+  %155 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %155, ptr %37, align 4
+  %156 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %156, ptr %47, align 4
+  %157 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %157, ptr %49, align 4
+  %158 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %158, ptr %59, align 4
+  %159 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %159, ptr %61, align 4
+  %160 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %160, ptr %71, align 4
+  %161 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %161, ptr %73, align 4
+  %162 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %162, ptr %83, align 4
+  %163 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %163, ptr %85, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col2 = mul nsw i64 %p, 16
-  %176 = add nsw i64 %r0, 0
+  %164 = add nsw i64 %r0, 0
+  %165 = mul nsw i64 %164, 768
+  %166 = getelementptr inbounds float, ptr %h, i64 %165
+  %167 = getelementptr inbounds i32, ptr %rows, i64 %164
+  %168 = load i32, ptr %167, align 4
+  %169 = sext i32 %168 to i64
+  %170 = mul nsw i64 %169, 2048
+  %171 = getelementptr inbounds float, ptr %y, i64 %170
+  %172 = add nsw i64 %col2, 0
+  %173 = getelementptr inbounds float, ptr %171, i64 %172
+  store <8 x float> zeroinitializer, ptr %acc003, align 4
+  %174 = add nsw i64 %col2, 8
+  %175 = getelementptr inbounds float, ptr %171, i64 %174
+  store <8 x float> zeroinitializer, ptr %acc014, align 4
+  %176 = add nsw i64 %r0, 1
   %177 = mul nsw i64 %176, 768
   %178 = getelementptr inbounds float, ptr %h, i64 %177
   %179 = getelementptr inbounds i32, ptr %rows, i64 %176
@@ -2764,202 +2766,204 @@ tile.mr5:                                         ; preds = %r0.body
   %183 = getelementptr inbounds float, ptr %y, i64 %182
   %184 = add nsw i64 %col2, 0
   %185 = getelementptr inbounds float, ptr %183, i64 %184
-  %186 = load <8 x float>, ptr %185, align 4
-  store <8 x float> %186, ptr %acc003, align 4
-  %187 = add nsw i64 %col2, 8
-  %188 = getelementptr inbounds float, ptr %183, i64 %187
-  %189 = load <8 x float>, ptr %188, align 4
-  store <8 x float> %189, ptr %acc014, align 4
-  %190 = add nsw i64 %r0, 1
-  %191 = mul nsw i64 %190, 768
-  %192 = getelementptr inbounds float, ptr %h, i64 %191
-  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
-  %194 = load i32, ptr %193, align 4
-  %195 = sext i32 %194 to i64
-  %196 = mul nsw i64 %195, 2048
-  %197 = getelementptr inbounds float, ptr %y, i64 %196
-  %198 = add nsw i64 %col2, 0
-  %199 = getelementptr inbounds float, ptr %197, i64 %198
-  %200 = load <8 x float>, ptr %199, align 4
-  store <8 x float> %200, ptr %acc105, align 4
-  %201 = add nsw i64 %col2, 8
-  %202 = getelementptr inbounds float, ptr %197, i64 %201
-  %203 = load <8 x float>, ptr %202, align 4
-  store <8 x float> %203, ptr %acc116, align 4
-  %204 = add nsw i64 %r0, 2
-  %205 = mul nsw i64 %204, 768
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
-  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %208 = load i32, ptr %207, align 4
-  %209 = sext i32 %208 to i64
-  %210 = mul nsw i64 %209, 2048
-  %211 = getelementptr inbounds float, ptr %y, i64 %210
-  %212 = add nsw i64 %col2, 0
-  %213 = getelementptr inbounds float, ptr %211, i64 %212
-  %214 = load <8 x float>, ptr %213, align 4
-  store <8 x float> %214, ptr %acc207, align 4
-  %215 = add nsw i64 %col2, 8
-  %216 = getelementptr inbounds float, ptr %211, i64 %215
-  %217 = load <8 x float>, ptr %216, align 4
-  store <8 x float> %217, ptr %acc218, align 4
-  %218 = add nsw i64 %r0, 3
-  %219 = mul nsw i64 %218, 768
-  %220 = getelementptr inbounds float, ptr %h, i64 %219
-  %221 = getelementptr inbounds i32, ptr %rows, i64 %218
-  %222 = load i32, ptr %221, align 4
-  %223 = sext i32 %222 to i64
-  %224 = mul nsw i64 %223, 2048
-  %225 = getelementptr inbounds float, ptr %y, i64 %224
-  %226 = add nsw i64 %col2, 0
-  %227 = getelementptr inbounds float, ptr %225, i64 %226
-  %228 = load <8 x float>, ptr %227, align 4
-  store <8 x float> %228, ptr %acc309, align 4
-  %229 = add nsw i64 %col2, 8
-  %230 = getelementptr inbounds float, ptr %225, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
-  store <8 x float> %231, ptr %acc3110, align 4
-  %232 = add nsw i64 %r0, 4
-  %233 = mul nsw i64 %232, 768
-  %234 = getelementptr inbounds float, ptr %h, i64 %233
-  %235 = getelementptr inbounds i32, ptr %rows, i64 %232
-  %236 = load i32, ptr %235, align 4
-  %237 = sext i32 %236 to i64
-  %238 = mul nsw i64 %237, 2048
-  %239 = getelementptr inbounds float, ptr %y, i64 %238
-  %240 = add nsw i64 %col2, 0
-  %241 = getelementptr inbounds float, ptr %239, i64 %240
-  %242 = load <8 x float>, ptr %241, align 4
-  store <8 x float> %242, ptr %acc4011, align 4
-  %243 = add nsw i64 %col2, 8
-  %244 = getelementptr inbounds float, ptr %239, i64 %243
-  %245 = load <8 x float>, ptr %244, align 4
-  store <8 x float> %245, ptr %acc4112, align 4
+  store <8 x float> zeroinitializer, ptr %acc105, align 4
+  %186 = add nsw i64 %col2, 8
+  %187 = getelementptr inbounds float, ptr %183, i64 %186
+  store <8 x float> zeroinitializer, ptr %acc116, align 4
+  %188 = add nsw i64 %r0, 2
+  %189 = mul nsw i64 %188, 768
+  %190 = getelementptr inbounds float, ptr %h, i64 %189
+  %191 = getelementptr inbounds i32, ptr %rows, i64 %188
+  %192 = load i32, ptr %191, align 4
+  %193 = sext i32 %192 to i64
+  %194 = mul nsw i64 %193, 2048
+  %195 = getelementptr inbounds float, ptr %y, i64 %194
+  %196 = add nsw i64 %col2, 0
+  %197 = getelementptr inbounds float, ptr %195, i64 %196
+  store <8 x float> zeroinitializer, ptr %acc207, align 4
+  %198 = add nsw i64 %col2, 8
+  %199 = getelementptr inbounds float, ptr %195, i64 %198
+  store <8 x float> zeroinitializer, ptr %acc218, align 4
+  %200 = add nsw i64 %r0, 3
+  %201 = mul nsw i64 %200, 768
+  %202 = getelementptr inbounds float, ptr %h, i64 %201
+  %203 = getelementptr inbounds i32, ptr %rows, i64 %200
+  %204 = load i32, ptr %203, align 4
+  %205 = sext i32 %204 to i64
+  %206 = mul nsw i64 %205, 2048
+  %207 = getelementptr inbounds float, ptr %y, i64 %206
+  %208 = add nsw i64 %col2, 0
+  %209 = getelementptr inbounds float, ptr %207, i64 %208
+  store <8 x float> zeroinitializer, ptr %acc309, align 4
+  %210 = add nsw i64 %col2, 8
+  %211 = getelementptr inbounds float, ptr %207, i64 %210
+  store <8 x float> zeroinitializer, ptr %acc3110, align 4
+  %212 = add nsw i64 %r0, 4
+  %213 = mul nsw i64 %212, 768
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 2048
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col2, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  store <8 x float> zeroinitializer, ptr %acc4011, align 4
+  %222 = add nsw i64 %col2, 8
+  %223 = getelementptr inbounds float, ptr %219, i64 %222
+  store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 12288
-  %246 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %247 = add nsw i64 %p, 1
-  %248 = icmp slt i64 %247, %p1
-  %pf.on14 = and i1 %pf.on, %248
-  %249 = mul nsw i64 %pf.j, 24576
-  %250 = lshr i64 %249, %10
-  %251 = add nsw i64 24576, %250
-  %252 = getelementptr inbounds i8, ptr %246, i64 %251
-  %pf15 = select i1 %pf.on14, ptr %252, ptr %246
+  %224 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %225 = add nsw i64 %p, 1
+  %226 = icmp slt i64 %225, %p1
+  %pf.on14 = and i1 %pf.on, %226
+  %227 = mul nsw i64 %pf.j, 24576
+  %228 = lshr i64 %227, %10
+  %229 = add nsw i64 24576, %228
+  %230 = getelementptr inbounds i8, ptr %224, i64 %229
+  %pf15 = select i1 %pf.on14, ptr %230, ptr %224
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %k.body18 ]
-  %253 = icmp slt i64 %k20, 768
-  br i1 %253, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %k.body18 ]
+  %231 = icmp slt i64 %k20, 768
+  br i1 %231, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %254 = mul nsw i64 %k20, 16
-  %255 = add nsw i64 %panel.off13, %254
-  %256 = mul nsw i64 %k20, 32
-  %257 = lshr i64 %256, %pf.sh16
-  %258 = getelementptr inbounds i8, ptr %pf15, i64 %257
-  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
-  %259 = getelementptr inbounds i16, ptr %panels, i64 %255
-  %260 = load <8 x i32>, ptr %259, align 4
-  %261 = shl <8 x i32> %260, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %261 to <8 x float>
-  %262 = and <8 x i32> %260, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %262 to <8 x float>
-  %263 = getelementptr inbounds float, ptr %178, i64 %k20
-  %264 = load float, ptr %263, align 4
-  %265 = insertelement <8 x float> poison, float %264, i32 0
-  %266 = shufflevector <8 x float> %265, <8 x float> poison, <8 x i32> zeroinitializer
-  %267 = load <8 x float>, ptr %acc003, align 4
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b021, <8 x float> %267)
-  store <8 x float> %268, ptr %acc003, align 4
-  %269 = load <8 x float>, ptr %acc014, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b122, <8 x float> %269)
-  store <8 x float> %270, ptr %acc014, align 4
-  %271 = getelementptr inbounds float, ptr %192, i64 %k20
-  %272 = load float, ptr %271, align 4
-  %273 = insertelement <8 x float> poison, float %272, i32 0
-  %274 = shufflevector <8 x float> %273, <8 x float> poison, <8 x i32> zeroinitializer
-  %275 = load <8 x float>, ptr %acc105, align 4
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b021, <8 x float> %275)
-  store <8 x float> %276, ptr %acc105, align 4
-  %277 = load <8 x float>, ptr %acc116, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b122, <8 x float> %277)
-  store <8 x float> %278, ptr %acc116, align 4
-  %279 = getelementptr inbounds float, ptr %206, i64 %k20
-  %280 = load float, ptr %279, align 4
-  %281 = insertelement <8 x float> poison, float %280, i32 0
-  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
-  %283 = load <8 x float>, ptr %acc207, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b021, <8 x float> %283)
-  store <8 x float> %284, ptr %acc207, align 4
-  %285 = load <8 x float>, ptr %acc218, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b122, <8 x float> %285)
-  store <8 x float> %286, ptr %acc218, align 4
-  %287 = getelementptr inbounds float, ptr %220, i64 %k20
-  %288 = load float, ptr %287, align 4
-  %289 = insertelement <8 x float> poison, float %288, i32 0
-  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
-  %291 = load <8 x float>, ptr %acc309, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b021, <8 x float> %291)
-  store <8 x float> %292, ptr %acc309, align 4
-  %293 = load <8 x float>, ptr %acc3110, align 4
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b122, <8 x float> %293)
-  store <8 x float> %294, ptr %acc3110, align 4
-  %295 = getelementptr inbounds float, ptr %234, i64 %k20
-  %296 = load float, ptr %295, align 4
-  %297 = insertelement <8 x float> poison, float %296, i32 0
-  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
-  %299 = load <8 x float>, ptr %acc4011, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b021, <8 x float> %299)
-  store <8 x float> %300, ptr %acc4011, align 4
-  %301 = load <8 x float>, ptr %acc4112, align 4
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b122, <8 x float> %301)
-  store <8 x float> %302, ptr %acc4112, align 4
-  %303 = add nsw i64 %k20, 1
+  %232 = mul nsw i64 %k20, 16
+  %233 = add nsw i64 %panel.off13, %232
+  %234 = mul nsw i64 %k20, 32
+  %235 = lshr i64 %234, %pf.sh16
+  %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
+  call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  %237 = getelementptr inbounds i16, ptr %panels, i64 %233
+  %238 = load <8 x i32>, ptr %237, align 4
+  %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b021 = bitcast <8 x i32> %239 to <8 x float>
+  %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b122 = bitcast <8 x i32> %240 to <8 x float>
+  %241 = getelementptr inbounds float, ptr %166, i64 %k20
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc003, align 4
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b021, <8 x float> %245)
+  store <8 x float> %246, ptr %acc003, align 4
+  %247 = load <8 x float>, ptr %acc014, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b122, <8 x float> %247)
+  store <8 x float> %248, ptr %acc014, align 4
+  %249 = getelementptr inbounds float, ptr %178, i64 %k20
+  %250 = load float, ptr %249, align 4
+  %251 = insertelement <8 x float> poison, float %250, i32 0
+  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
+  %253 = load <8 x float>, ptr %acc105, align 4
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b021, <8 x float> %253)
+  store <8 x float> %254, ptr %acc105, align 4
+  %255 = load <8 x float>, ptr %acc116, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b122, <8 x float> %255)
+  store <8 x float> %256, ptr %acc116, align 4
+  %257 = getelementptr inbounds float, ptr %190, i64 %k20
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc207, align 4
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b021, <8 x float> %261)
+  store <8 x float> %262, ptr %acc207, align 4
+  %263 = load <8 x float>, ptr %acc218, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b122, <8 x float> %263)
+  store <8 x float> %264, ptr %acc218, align 4
+  %265 = getelementptr inbounds float, ptr %202, i64 %k20
+  %266 = load float, ptr %265, align 4
+  %267 = insertelement <8 x float> poison, float %266, i32 0
+  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
+  %269 = load <8 x float>, ptr %acc309, align 4
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b021, <8 x float> %269)
+  store <8 x float> %270, ptr %acc309, align 4
+  %271 = load <8 x float>, ptr %acc3110, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b122, <8 x float> %271)
+  store <8 x float> %272, ptr %acc3110, align 4
+  %273 = getelementptr inbounds float, ptr %214, i64 %k20
+  %274 = load float, ptr %273, align 4
+  %275 = insertelement <8 x float> poison, float %274, i32 0
+  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
+  %277 = load <8 x float>, ptr %acc4011, align 4
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b021, <8 x float> %277)
+  store <8 x float> %278, ptr %acc4011, align 4
+  %279 = load <8 x float>, ptr %acc4112, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b122, <8 x float> %279)
+  store <8 x float> %280, ptr %acc4112, align 4
+  %281 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %304 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %304, ptr %185, align 4
-  %305 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %305, ptr %188, align 4
-  %306 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %306, ptr %199, align 4
-  %307 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %307, ptr %202, align 4
-  %308 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %308, ptr %213, align 4
-  %309 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %309, ptr %216, align 4
-  %310 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %310, ptr %227, align 4
-  %311 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %311, ptr %230, align 4
-  %312 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %312, ptr %241, align 4
-  %313 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %313, ptr %244, align 4
+  %282 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %282, ptr %173, align 4
+  %283 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %283, ptr %175, align 4
+  %284 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %284, ptr %185, align 4
+  %285 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %285, ptr %187, align 4
+  %286 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %286, ptr %197, align 4
+  %287 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %287, ptr %199, align 4
+  %288 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %288, ptr %209, align 4
+  %289 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %289, ptr %211, align 4
+  %290 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %290, ptr %221, align 4
+  %291 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %291, ptr %223, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col23 = mul nsw i64 %p, 16
-  %314 = add nsw i64 %r0, 0
-  %315 = mul nsw i64 %314, 768
-  %316 = getelementptr inbounds float, ptr %h, i64 %315
-  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %318 = load i32, ptr %317, align 4
-  %319 = sext i32 %318 to i64
-  %320 = mul nsw i64 %319, 2048
-  %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col23, 0
-  %323 = getelementptr inbounds float, ptr %321, i64 %322
-  %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc0024, align 4
-  %325 = add nsw i64 %col23, 8
-  %326 = getelementptr inbounds float, ptr %321, i64 %325
-  %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc0125, align 4
-  %328 = add nsw i64 %r0, 1
+  %292 = add nsw i64 %r0, 0
+  %293 = mul nsw i64 %292, 768
+  %294 = getelementptr inbounds float, ptr %h, i64 %293
+  %295 = getelementptr inbounds i32, ptr %rows, i64 %292
+  %296 = load i32, ptr %295, align 4
+  %297 = sext i32 %296 to i64
+  %298 = mul nsw i64 %297, 2048
+  %299 = getelementptr inbounds float, ptr %y, i64 %298
+  %300 = add nsw i64 %col23, 0
+  %301 = getelementptr inbounds float, ptr %299, i64 %300
+  store <8 x float> zeroinitializer, ptr %acc0024, align 4
+  %302 = add nsw i64 %col23, 8
+  %303 = getelementptr inbounds float, ptr %299, i64 %302
+  store <8 x float> zeroinitializer, ptr %acc0125, align 4
+  %304 = add nsw i64 %r0, 1
+  %305 = mul nsw i64 %304, 768
+  %306 = getelementptr inbounds float, ptr %h, i64 %305
+  %307 = getelementptr inbounds i32, ptr %rows, i64 %304
+  %308 = load i32, ptr %307, align 4
+  %309 = sext i32 %308 to i64
+  %310 = mul nsw i64 %309, 2048
+  %311 = getelementptr inbounds float, ptr %y, i64 %310
+  %312 = add nsw i64 %col23, 0
+  %313 = getelementptr inbounds float, ptr %311, i64 %312
+  store <8 x float> zeroinitializer, ptr %acc1026, align 4
+  %314 = add nsw i64 %col23, 8
+  %315 = getelementptr inbounds float, ptr %311, i64 %314
+  store <8 x float> zeroinitializer, ptr %acc1127, align 4
+  %316 = add nsw i64 %r0, 2
+  %317 = mul nsw i64 %316, 768
+  %318 = getelementptr inbounds float, ptr %h, i64 %317
+  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
+  %320 = load i32, ptr %319, align 4
+  %321 = sext i32 %320 to i64
+  %322 = mul nsw i64 %321, 2048
+  %323 = getelementptr inbounds float, ptr %y, i64 %322
+  %324 = add nsw i64 %col23, 0
+  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  store <8 x float> zeroinitializer, ptr %acc2028, align 4
+  %326 = add nsw i64 %col23, 8
+  %327 = getelementptr inbounds float, ptr %323, i64 %326
+  store <8 x float> zeroinitializer, ptr %acc2129, align 4
+  %328 = add nsw i64 %r0, 3
   %329 = mul nsw i64 %328, 768
   %330 = getelementptr inbounds float, ptr %h, i64 %329
   %331 = getelementptr inbounds i32, ptr %rows, i64 %328
@@ -2969,440 +2973,394 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = getelementptr inbounds float, ptr %y, i64 %334
   %336 = add nsw i64 %col23, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
-  %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc1026, align 4
-  %339 = add nsw i64 %col23, 8
-  %340 = getelementptr inbounds float, ptr %335, i64 %339
-  %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc1127, align 4
-  %342 = add nsw i64 %r0, 2
-  %343 = mul nsw i64 %342, 768
-  %344 = getelementptr inbounds float, ptr %h, i64 %343
-  %345 = getelementptr inbounds i32, ptr %rows, i64 %342
-  %346 = load i32, ptr %345, align 4
-  %347 = sext i32 %346 to i64
-  %348 = mul nsw i64 %347, 2048
-  %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = add nsw i64 %col23, 0
-  %351 = getelementptr inbounds float, ptr %349, i64 %350
-  %352 = load <8 x float>, ptr %351, align 4
-  store <8 x float> %352, ptr %acc2028, align 4
-  %353 = add nsw i64 %col23, 8
-  %354 = getelementptr inbounds float, ptr %349, i64 %353
-  %355 = load <8 x float>, ptr %354, align 4
-  store <8 x float> %355, ptr %acc2129, align 4
-  %356 = add nsw i64 %r0, 3
-  %357 = mul nsw i64 %356, 768
-  %358 = getelementptr inbounds float, ptr %h, i64 %357
-  %359 = getelementptr inbounds i32, ptr %rows, i64 %356
-  %360 = load i32, ptr %359, align 4
-  %361 = sext i32 %360 to i64
-  %362 = mul nsw i64 %361, 2048
-  %363 = getelementptr inbounds float, ptr %y, i64 %362
-  %364 = add nsw i64 %col23, 0
-  %365 = getelementptr inbounds float, ptr %363, i64 %364
-  %366 = load <8 x float>, ptr %365, align 4
-  store <8 x float> %366, ptr %acc3030, align 4
-  %367 = add nsw i64 %col23, 8
-  %368 = getelementptr inbounds float, ptr %363, i64 %367
-  %369 = load <8 x float>, ptr %368, align 4
-  store <8 x float> %369, ptr %acc3131, align 4
+  store <8 x float> zeroinitializer, ptr %acc3030, align 4
+  %338 = add nsw i64 %col23, 8
+  %339 = getelementptr inbounds float, ptr %335, i64 %338
+  store <8 x float> zeroinitializer, ptr %acc3131, align 4
   %panel.off32 = mul nsw i64 %p, 12288
-  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
-  %371 = add nsw i64 %p, 1
-  %372 = icmp slt i64 %371, %p1
-  %pf.on33 = and i1 %pf.on, %372
-  %373 = mul nsw i64 %pf.j, 24576
-  %374 = lshr i64 %373, %10
-  %375 = add nsw i64 24576, %374
-  %376 = getelementptr inbounds i8, ptr %370, i64 %375
-  %pf34 = select i1 %pf.on33, ptr %376, ptr %370
+  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  %341 = add nsw i64 %p, 1
+  %342 = icmp slt i64 %341, %p1
+  %pf.on33 = and i1 %pf.on, %342
+  %343 = mul nsw i64 %pf.j, 24576
+  %344 = lshr i64 %343, %10
+  %345 = add nsw i64 24576, %344
+  %346 = getelementptr inbounds i8, ptr %340, i64 %345
+  %pf34 = select i1 %pf.on33, ptr %346, ptr %340
   %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %419, %k.body37 ]
-  %377 = icmp slt i64 %k39, 768
-  br i1 %377, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %389, %k.body37 ]
+  %347 = icmp slt i64 %k39, 768
+  br i1 %347, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %378 = mul nsw i64 %k39, 16
-  %379 = add nsw i64 %panel.off32, %378
-  %380 = mul nsw i64 %k39, 32
-  %381 = lshr i64 %380, %pf.sh35
-  %382 = getelementptr inbounds i8, ptr %pf34, i64 %381
-  call void @llvm.prefetch.p0(ptr %382, i32 0, i32 2, i32 1)
-  %383 = getelementptr inbounds i16, ptr %panels, i64 %379
-  %384 = load <8 x i32>, ptr %383, align 4
-  %385 = shl <8 x i32> %384, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %385 to <8 x float>
-  %386 = and <8 x i32> %384, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %386 to <8 x float>
-  %387 = getelementptr inbounds float, ptr %316, i64 %k39
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc0024, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b040, <8 x float> %391)
-  store <8 x float> %392, ptr %acc0024, align 4
-  %393 = load <8 x float>, ptr %acc0125, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b141, <8 x float> %393)
-  store <8 x float> %394, ptr %acc0125, align 4
-  %395 = getelementptr inbounds float, ptr %330, i64 %k39
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc1026, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b040, <8 x float> %399)
-  store <8 x float> %400, ptr %acc1026, align 4
-  %401 = load <8 x float>, ptr %acc1127, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b141, <8 x float> %401)
-  store <8 x float> %402, ptr %acc1127, align 4
-  %403 = getelementptr inbounds float, ptr %344, i64 %k39
-  %404 = load float, ptr %403, align 4
-  %405 = insertelement <8 x float> poison, float %404, i32 0
-  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = load <8 x float>, ptr %acc2028, align 4
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b040, <8 x float> %407)
-  store <8 x float> %408, ptr %acc2028, align 4
-  %409 = load <8 x float>, ptr %acc2129, align 4
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b141, <8 x float> %409)
-  store <8 x float> %410, ptr %acc2129, align 4
-  %411 = getelementptr inbounds float, ptr %358, i64 %k39
-  %412 = load float, ptr %411, align 4
-  %413 = insertelement <8 x float> poison, float %412, i32 0
-  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
-  %415 = load <8 x float>, ptr %acc3030, align 4
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b040, <8 x float> %415)
-  store <8 x float> %416, ptr %acc3030, align 4
-  %417 = load <8 x float>, ptr %acc3131, align 4
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b141, <8 x float> %417)
-  store <8 x float> %418, ptr %acc3131, align 4
-  %419 = add nsw i64 %k39, 1
+  %348 = mul nsw i64 %k39, 16
+  %349 = add nsw i64 %panel.off32, %348
+  %350 = mul nsw i64 %k39, 32
+  %351 = lshr i64 %350, %pf.sh35
+  %352 = getelementptr inbounds i8, ptr %pf34, i64 %351
+  call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  %353 = getelementptr inbounds i16, ptr %panels, i64 %349
+  %354 = load <8 x i32>, ptr %353, align 4
+  %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b040 = bitcast <8 x i32> %355 to <8 x float>
+  %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b141 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = getelementptr inbounds float, ptr %294, i64 %k39
+  %358 = load float, ptr %357, align 4
+  %359 = insertelement <8 x float> poison, float %358, i32 0
+  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
+  %361 = load <8 x float>, ptr %acc0024, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b040, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0024, align 4
+  %363 = load <8 x float>, ptr %acc0125, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b141, <8 x float> %363)
+  store <8 x float> %364, ptr %acc0125, align 4
+  %365 = getelementptr inbounds float, ptr %306, i64 %k39
+  %366 = load float, ptr %365, align 4
+  %367 = insertelement <8 x float> poison, float %366, i32 0
+  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
+  %369 = load <8 x float>, ptr %acc1026, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b040, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1026, align 4
+  %371 = load <8 x float>, ptr %acc1127, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b141, <8 x float> %371)
+  store <8 x float> %372, ptr %acc1127, align 4
+  %373 = getelementptr inbounds float, ptr %318, i64 %k39
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = load <8 x float>, ptr %acc2028, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b040, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2028, align 4
+  %379 = load <8 x float>, ptr %acc2129, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b141, <8 x float> %379)
+  store <8 x float> %380, ptr %acc2129, align 4
+  %381 = getelementptr inbounds float, ptr %330, i64 %k39
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = load <8 x float>, ptr %acc3030, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b040, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3030, align 4
+  %387 = load <8 x float>, ptr %acc3131, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b141, <8 x float> %387)
+  store <8 x float> %388, ptr %acc3131, align 4
+  %389 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %420 = load <8 x float>, ptr %acc0024, align 4
-  store <8 x float> %420, ptr %323, align 4
-  %421 = load <8 x float>, ptr %acc0125, align 4
-  store <8 x float> %421, ptr %326, align 4
-  %422 = load <8 x float>, ptr %acc1026, align 4
-  store <8 x float> %422, ptr %337, align 4
-  %423 = load <8 x float>, ptr %acc1127, align 4
-  store <8 x float> %423, ptr %340, align 4
-  %424 = load <8 x float>, ptr %acc2028, align 4
-  store <8 x float> %424, ptr %351, align 4
-  %425 = load <8 x float>, ptr %acc2129, align 4
-  store <8 x float> %425, ptr %354, align 4
-  %426 = load <8 x float>, ptr %acc3030, align 4
-  store <8 x float> %426, ptr %365, align 4
-  %427 = load <8 x float>, ptr %acc3131, align 4
-  store <8 x float> %427, ptr %368, align 4
+  %390 = load <8 x float>, ptr %acc0024, align 4
+  store <8 x float> %390, ptr %301, align 4
+  %391 = load <8 x float>, ptr %acc0125, align 4
+  store <8 x float> %391, ptr %303, align 4
+  %392 = load <8 x float>, ptr %acc1026, align 4
+  store <8 x float> %392, ptr %313, align 4
+  %393 = load <8 x float>, ptr %acc1127, align 4
+  store <8 x float> %393, ptr %315, align 4
+  %394 = load <8 x float>, ptr %acc2028, align 4
+  store <8 x float> %394, ptr %325, align 4
+  %395 = load <8 x float>, ptr %acc2129, align 4
+  store <8 x float> %395, ptr %327, align 4
+  %396 = load <8 x float>, ptr %acc3030, align 4
+  store <8 x float> %396, ptr %337, align 4
+  %397 = load <8 x float>, ptr %acc3131, align 4
+  store <8 x float> %397, ptr %339, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col42 = mul nsw i64 %p, 16
-  %428 = add nsw i64 %r0, 0
-  %429 = mul nsw i64 %428, 768
-  %430 = getelementptr inbounds float, ptr %h, i64 %429
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 2048
-  %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col42, 0
-  %437 = getelementptr inbounds float, ptr %435, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc0043, align 4
-  %439 = add nsw i64 %col42, 8
-  %440 = getelementptr inbounds float, ptr %435, i64 %439
-  %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc0144, align 4
-  %442 = add nsw i64 %r0, 1
-  %443 = mul nsw i64 %442, 768
-  %444 = getelementptr inbounds float, ptr %h, i64 %443
-  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
-  %446 = load i32, ptr %445, align 4
-  %447 = sext i32 %446 to i64
-  %448 = mul nsw i64 %447, 2048
-  %449 = getelementptr inbounds float, ptr %y, i64 %448
-  %450 = add nsw i64 %col42, 0
-  %451 = getelementptr inbounds float, ptr %449, i64 %450
-  %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc1045, align 4
-  %453 = add nsw i64 %col42, 8
-  %454 = getelementptr inbounds float, ptr %449, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc1146, align 4
-  %456 = add nsw i64 %r0, 2
-  %457 = mul nsw i64 %456, 768
-  %458 = getelementptr inbounds float, ptr %h, i64 %457
-  %459 = getelementptr inbounds i32, ptr %rows, i64 %456
-  %460 = load i32, ptr %459, align 4
-  %461 = sext i32 %460 to i64
-  %462 = mul nsw i64 %461, 2048
-  %463 = getelementptr inbounds float, ptr %y, i64 %462
-  %464 = add nsw i64 %col42, 0
-  %465 = getelementptr inbounds float, ptr %463, i64 %464
-  %466 = load <8 x float>, ptr %465, align 4
-  store <8 x float> %466, ptr %acc2047, align 4
-  %467 = add nsw i64 %col42, 8
-  %468 = getelementptr inbounds float, ptr %463, i64 %467
-  %469 = load <8 x float>, ptr %468, align 4
-  store <8 x float> %469, ptr %acc2148, align 4
+  %398 = add nsw i64 %r0, 0
+  %399 = mul nsw i64 %398, 768
+  %400 = getelementptr inbounds float, ptr %h, i64 %399
+  %401 = getelementptr inbounds i32, ptr %rows, i64 %398
+  %402 = load i32, ptr %401, align 4
+  %403 = sext i32 %402 to i64
+  %404 = mul nsw i64 %403, 2048
+  %405 = getelementptr inbounds float, ptr %y, i64 %404
+  %406 = add nsw i64 %col42, 0
+  %407 = getelementptr inbounds float, ptr %405, i64 %406
+  store <8 x float> zeroinitializer, ptr %acc0043, align 4
+  %408 = add nsw i64 %col42, 8
+  %409 = getelementptr inbounds float, ptr %405, i64 %408
+  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  %410 = add nsw i64 %r0, 1
+  %411 = mul nsw i64 %410, 768
+  %412 = getelementptr inbounds float, ptr %h, i64 %411
+  %413 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %414 = load i32, ptr %413, align 4
+  %415 = sext i32 %414 to i64
+  %416 = mul nsw i64 %415, 2048
+  %417 = getelementptr inbounds float, ptr %y, i64 %416
+  %418 = add nsw i64 %col42, 0
+  %419 = getelementptr inbounds float, ptr %417, i64 %418
+  store <8 x float> zeroinitializer, ptr %acc1045, align 4
+  %420 = add nsw i64 %col42, 8
+  %421 = getelementptr inbounds float, ptr %417, i64 %420
+  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  %422 = add nsw i64 %r0, 2
+  %423 = mul nsw i64 %422, 768
+  %424 = getelementptr inbounds float, ptr %h, i64 %423
+  %425 = getelementptr inbounds i32, ptr %rows, i64 %422
+  %426 = load i32, ptr %425, align 4
+  %427 = sext i32 %426 to i64
+  %428 = mul nsw i64 %427, 2048
+  %429 = getelementptr inbounds float, ptr %y, i64 %428
+  %430 = add nsw i64 %col42, 0
+  %431 = getelementptr inbounds float, ptr %429, i64 %430
+  store <8 x float> zeroinitializer, ptr %acc2047, align 4
+  %432 = add nsw i64 %col42, 8
+  %433 = getelementptr inbounds float, ptr %429, i64 %432
+  store <8 x float> zeroinitializer, ptr %acc2148, align 4
   %panel.off49 = mul nsw i64 %p, 12288
-  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
-  %471 = add nsw i64 %p, 1
-  %472 = icmp slt i64 %471, %p1
-  %pf.on50 = and i1 %pf.on, %472
-  %473 = mul nsw i64 %pf.j, 24576
-  %474 = lshr i64 %473, %10
-  %475 = add nsw i64 24576, %474
-  %476 = getelementptr inbounds i8, ptr %470, i64 %475
-  %pf51 = select i1 %pf.on50, ptr %476, ptr %470
+  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  %435 = add nsw i64 %p, 1
+  %436 = icmp slt i64 %435, %p1
+  %pf.on50 = and i1 %pf.on, %436
+  %437 = mul nsw i64 %pf.j, 24576
+  %438 = lshr i64 %437, %10
+  %439 = add nsw i64 24576, %438
+  %440 = getelementptr inbounds i8, ptr %434, i64 %439
+  %pf51 = select i1 %pf.on50, ptr %440, ptr %434
   %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %511, %k.body54 ]
-  %477 = icmp slt i64 %k56, 768
-  br i1 %477, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %475, %k.body54 ]
+  %441 = icmp slt i64 %k56, 768
+  br i1 %441, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %478 = mul nsw i64 %k56, 16
-  %479 = add nsw i64 %panel.off49, %478
-  %480 = mul nsw i64 %k56, 32
-  %481 = lshr i64 %480, %pf.sh52
-  %482 = getelementptr inbounds i8, ptr %pf51, i64 %481
-  call void @llvm.prefetch.p0(ptr %482, i32 0, i32 2, i32 1)
-  %483 = getelementptr inbounds i16, ptr %panels, i64 %479
-  %484 = load <8 x i32>, ptr %483, align 4
-  %485 = shl <8 x i32> %484, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %485 to <8 x float>
-  %486 = and <8 x i32> %484, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %486 to <8 x float>
-  %487 = getelementptr inbounds float, ptr %430, i64 %k56
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc0043, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b057, <8 x float> %491)
-  store <8 x float> %492, ptr %acc0043, align 4
-  %493 = load <8 x float>, ptr %acc0144, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b158, <8 x float> %493)
-  store <8 x float> %494, ptr %acc0144, align 4
-  %495 = getelementptr inbounds float, ptr %444, i64 %k56
-  %496 = load float, ptr %495, align 4
-  %497 = insertelement <8 x float> poison, float %496, i32 0
-  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = load <8 x float>, ptr %acc1045, align 4
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b057, <8 x float> %499)
-  store <8 x float> %500, ptr %acc1045, align 4
-  %501 = load <8 x float>, ptr %acc1146, align 4
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b158, <8 x float> %501)
-  store <8 x float> %502, ptr %acc1146, align 4
-  %503 = getelementptr inbounds float, ptr %458, i64 %k56
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc2047, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b057, <8 x float> %507)
-  store <8 x float> %508, ptr %acc2047, align 4
-  %509 = load <8 x float>, ptr %acc2148, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b158, <8 x float> %509)
-  store <8 x float> %510, ptr %acc2148, align 4
-  %511 = add nsw i64 %k56, 1
+  %442 = mul nsw i64 %k56, 16
+  %443 = add nsw i64 %panel.off49, %442
+  %444 = mul nsw i64 %k56, 32
+  %445 = lshr i64 %444, %pf.sh52
+  %446 = getelementptr inbounds i8, ptr %pf51, i64 %445
+  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  %447 = getelementptr inbounds i16, ptr %panels, i64 %443
+  %448 = load <8 x i32>, ptr %447, align 4
+  %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %449 to <8 x float>
+  %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = getelementptr inbounds float, ptr %400, i64 %k56
+  %452 = load float, ptr %451, align 4
+  %453 = insertelement <8 x float> poison, float %452, i32 0
+  %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
+  %455 = load <8 x float>, ptr %acc0043, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b057, <8 x float> %455)
+  store <8 x float> %456, ptr %acc0043, align 4
+  %457 = load <8 x float>, ptr %acc0144, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b158, <8 x float> %457)
+  store <8 x float> %458, ptr %acc0144, align 4
+  %459 = getelementptr inbounds float, ptr %412, i64 %k56
+  %460 = load float, ptr %459, align 4
+  %461 = insertelement <8 x float> poison, float %460, i32 0
+  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
+  %463 = load <8 x float>, ptr %acc1045, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b057, <8 x float> %463)
+  store <8 x float> %464, ptr %acc1045, align 4
+  %465 = load <8 x float>, ptr %acc1146, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b158, <8 x float> %465)
+  store <8 x float> %466, ptr %acc1146, align 4
+  %467 = getelementptr inbounds float, ptr %424, i64 %k56
+  %468 = load float, ptr %467, align 4
+  %469 = insertelement <8 x float> poison, float %468, i32 0
+  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
+  %471 = load <8 x float>, ptr %acc2047, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b057, <8 x float> %471)
+  store <8 x float> %472, ptr %acc2047, align 4
+  %473 = load <8 x float>, ptr %acc2148, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b158, <8 x float> %473)
+  store <8 x float> %474, ptr %acc2148, align 4
+  %475 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %512 = load <8 x float>, ptr %acc0043, align 4
-  store <8 x float> %512, ptr %437, align 4
-  %513 = load <8 x float>, ptr %acc0144, align 4
-  store <8 x float> %513, ptr %440, align 4
-  %514 = load <8 x float>, ptr %acc1045, align 4
-  store <8 x float> %514, ptr %451, align 4
-  %515 = load <8 x float>, ptr %acc1146, align 4
-  store <8 x float> %515, ptr %454, align 4
-  %516 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %516, ptr %465, align 4
-  %517 = load <8 x float>, ptr %acc2148, align 4
-  store <8 x float> %517, ptr %468, align 4
+  %476 = load <8 x float>, ptr %acc0043, align 4
+  store <8 x float> %476, ptr %407, align 4
+  %477 = load <8 x float>, ptr %acc0144, align 4
+  store <8 x float> %477, ptr %409, align 4
+  %478 = load <8 x float>, ptr %acc1045, align 4
+  store <8 x float> %478, ptr %419, align 4
+  %479 = load <8 x float>, ptr %acc1146, align 4
+  store <8 x float> %479, ptr %421, align 4
+  %480 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %480, ptr %431, align 4
+  %481 = load <8 x float>, ptr %acc2148, align 4
+  store <8 x float> %481, ptr %433, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col59 = mul nsw i64 %p, 16
-  %518 = add nsw i64 %r0, 0
-  %519 = mul nsw i64 %518, 768
-  %520 = getelementptr inbounds float, ptr %h, i64 %519
-  %521 = getelementptr inbounds i32, ptr %rows, i64 %518
-  %522 = load i32, ptr %521, align 4
-  %523 = sext i32 %522 to i64
-  %524 = mul nsw i64 %523, 2048
-  %525 = getelementptr inbounds float, ptr %y, i64 %524
-  %526 = add nsw i64 %col59, 0
-  %527 = getelementptr inbounds float, ptr %525, i64 %526
-  %528 = load <8 x float>, ptr %527, align 4
-  store <8 x float> %528, ptr %acc0060, align 4
-  %529 = add nsw i64 %col59, 8
-  %530 = getelementptr inbounds float, ptr %525, i64 %529
-  %531 = load <8 x float>, ptr %530, align 4
-  store <8 x float> %531, ptr %acc0161, align 4
-  %532 = add nsw i64 %r0, 1
-  %533 = mul nsw i64 %532, 768
-  %534 = getelementptr inbounds float, ptr %h, i64 %533
-  %535 = getelementptr inbounds i32, ptr %rows, i64 %532
-  %536 = load i32, ptr %535, align 4
-  %537 = sext i32 %536 to i64
-  %538 = mul nsw i64 %537, 2048
-  %539 = getelementptr inbounds float, ptr %y, i64 %538
-  %540 = add nsw i64 %col59, 0
-  %541 = getelementptr inbounds float, ptr %539, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  store <8 x float> %542, ptr %acc1062, align 4
-  %543 = add nsw i64 %col59, 8
-  %544 = getelementptr inbounds float, ptr %539, i64 %543
-  %545 = load <8 x float>, ptr %544, align 4
-  store <8 x float> %545, ptr %acc1163, align 4
+  %482 = add nsw i64 %r0, 0
+  %483 = mul nsw i64 %482, 768
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 2048
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col59, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  store <8 x float> zeroinitializer, ptr %acc0060, align 4
+  %492 = add nsw i64 %col59, 8
+  %493 = getelementptr inbounds float, ptr %489, i64 %492
+  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  %494 = add nsw i64 %r0, 1
+  %495 = mul nsw i64 %494, 768
+  %496 = getelementptr inbounds float, ptr %h, i64 %495
+  %497 = getelementptr inbounds i32, ptr %rows, i64 %494
+  %498 = load i32, ptr %497, align 4
+  %499 = sext i32 %498 to i64
+  %500 = mul nsw i64 %499, 2048
+  %501 = getelementptr inbounds float, ptr %y, i64 %500
+  %502 = add nsw i64 %col59, 0
+  %503 = getelementptr inbounds float, ptr %501, i64 %502
+  store <8 x float> zeroinitializer, ptr %acc1062, align 4
+  %504 = add nsw i64 %col59, 8
+  %505 = getelementptr inbounds float, ptr %501, i64 %504
+  store <8 x float> zeroinitializer, ptr %acc1163, align 4
   %panel.off64 = mul nsw i64 %p, 12288
-  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
-  %547 = add nsw i64 %p, 1
-  %548 = icmp slt i64 %547, %p1
-  %pf.on65 = and i1 %pf.on, %548
-  %549 = mul nsw i64 %pf.j, 24576
-  %550 = lshr i64 %549, %10
-  %551 = add nsw i64 24576, %550
-  %552 = getelementptr inbounds i8, ptr %546, i64 %551
-  %pf66 = select i1 %pf.on65, ptr %552, ptr %546
+  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %507 = add nsw i64 %p, 1
+  %508 = icmp slt i64 %507, %p1
+  %pf.on65 = and i1 %pf.on, %508
+  %509 = mul nsw i64 %pf.j, 24576
+  %510 = lshr i64 %509, %10
+  %511 = add nsw i64 24576, %510
+  %512 = getelementptr inbounds i8, ptr %506, i64 %511
+  %pf66 = select i1 %pf.on65, ptr %512, ptr %506
   %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %579, %k.body69 ]
-  %553 = icmp slt i64 %k71, 768
-  br i1 %553, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %539, %k.body69 ]
+  %513 = icmp slt i64 %k71, 768
+  br i1 %513, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %554 = mul nsw i64 %k71, 16
-  %555 = add nsw i64 %panel.off64, %554
-  %556 = mul nsw i64 %k71, 32
-  %557 = lshr i64 %556, %pf.sh67
-  %558 = getelementptr inbounds i8, ptr %pf66, i64 %557
-  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
-  %559 = getelementptr inbounds i16, ptr %panels, i64 %555
-  %560 = load <8 x i32>, ptr %559, align 4
-  %561 = shl <8 x i32> %560, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %561 to <8 x float>
-  %562 = and <8 x i32> %560, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %562 to <8 x float>
-  %563 = getelementptr inbounds float, ptr %520, i64 %k71
-  %564 = load float, ptr %563, align 4
-  %565 = insertelement <8 x float> poison, float %564, i32 0
-  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
-  %567 = load <8 x float>, ptr %acc0060, align 4
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b072, <8 x float> %567)
-  store <8 x float> %568, ptr %acc0060, align 4
-  %569 = load <8 x float>, ptr %acc0161, align 4
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b173, <8 x float> %569)
-  store <8 x float> %570, ptr %acc0161, align 4
-  %571 = getelementptr inbounds float, ptr %534, i64 %k71
-  %572 = load float, ptr %571, align 4
-  %573 = insertelement <8 x float> poison, float %572, i32 0
-  %574 = shufflevector <8 x float> %573, <8 x float> poison, <8 x i32> zeroinitializer
-  %575 = load <8 x float>, ptr %acc1062, align 4
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b072, <8 x float> %575)
-  store <8 x float> %576, ptr %acc1062, align 4
-  %577 = load <8 x float>, ptr %acc1163, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b173, <8 x float> %577)
-  store <8 x float> %578, ptr %acc1163, align 4
-  %579 = add nsw i64 %k71, 1
+  %514 = mul nsw i64 %k71, 16
+  %515 = add nsw i64 %panel.off64, %514
+  %516 = mul nsw i64 %k71, 32
+  %517 = lshr i64 %516, %pf.sh67
+  %518 = getelementptr inbounds i8, ptr %pf66, i64 %517
+  call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  %519 = getelementptr inbounds i16, ptr %panels, i64 %515
+  %520 = load <8 x i32>, ptr %519, align 4
+  %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b072 = bitcast <8 x i32> %521 to <8 x float>
+  %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b173 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = getelementptr inbounds float, ptr %484, i64 %k71
+  %524 = load float, ptr %523, align 4
+  %525 = insertelement <8 x float> poison, float %524, i32 0
+  %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
+  %527 = load <8 x float>, ptr %acc0060, align 4
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b072, <8 x float> %527)
+  store <8 x float> %528, ptr %acc0060, align 4
+  %529 = load <8 x float>, ptr %acc0161, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b173, <8 x float> %529)
+  store <8 x float> %530, ptr %acc0161, align 4
+  %531 = getelementptr inbounds float, ptr %496, i64 %k71
+  %532 = load float, ptr %531, align 4
+  %533 = insertelement <8 x float> poison, float %532, i32 0
+  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
+  %535 = load <8 x float>, ptr %acc1062, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b072, <8 x float> %535)
+  store <8 x float> %536, ptr %acc1062, align 4
+  %537 = load <8 x float>, ptr %acc1163, align 4
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b173, <8 x float> %537)
+  store <8 x float> %538, ptr %acc1163, align 4
+  %539 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %580 = load <8 x float>, ptr %acc0060, align 4
-  store <8 x float> %580, ptr %527, align 4
-  %581 = load <8 x float>, ptr %acc0161, align 4
-  store <8 x float> %581, ptr %530, align 4
-  %582 = load <8 x float>, ptr %acc1062, align 4
-  store <8 x float> %582, ptr %541, align 4
-  %583 = load <8 x float>, ptr %acc1163, align 4
-  store <8 x float> %583, ptr %544, align 4
+  %540 = load <8 x float>, ptr %acc0060, align 4
+  store <8 x float> %540, ptr %491, align 4
+  %541 = load <8 x float>, ptr %acc0161, align 4
+  store <8 x float> %541, ptr %493, align 4
+  %542 = load <8 x float>, ptr %acc1062, align 4
+  store <8 x float> %542, ptr %503, align 4
+  %543 = load <8 x float>, ptr %acc1163, align 4
+  store <8 x float> %543, ptr %505, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col74 = mul nsw i64 %p, 16
-  %584 = add nsw i64 %r0, 0
-  %585 = mul nsw i64 %584, 768
-  %586 = getelementptr inbounds float, ptr %h, i64 %585
-  %587 = getelementptr inbounds i32, ptr %rows, i64 %584
-  %588 = load i32, ptr %587, align 4
-  %589 = sext i32 %588 to i64
-  %590 = mul nsw i64 %589, 2048
-  %591 = getelementptr inbounds float, ptr %y, i64 %590
-  %592 = add nsw i64 %col74, 0
-  %593 = getelementptr inbounds float, ptr %591, i64 %592
-  %594 = load <8 x float>, ptr %593, align 4
-  store <8 x float> %594, ptr %acc0075, align 4
-  %595 = add nsw i64 %col74, 8
-  %596 = getelementptr inbounds float, ptr %591, i64 %595
-  %597 = load <8 x float>, ptr %596, align 4
-  store <8 x float> %597, ptr %acc0176, align 4
+  %544 = add nsw i64 %r0, 0
+  %545 = mul nsw i64 %544, 768
+  %546 = getelementptr inbounds float, ptr %h, i64 %545
+  %547 = getelementptr inbounds i32, ptr %rows, i64 %544
+  %548 = load i32, ptr %547, align 4
+  %549 = sext i32 %548 to i64
+  %550 = mul nsw i64 %549, 2048
+  %551 = getelementptr inbounds float, ptr %y, i64 %550
+  %552 = add nsw i64 %col74, 0
+  %553 = getelementptr inbounds float, ptr %551, i64 %552
+  store <8 x float> zeroinitializer, ptr %acc0075, align 4
+  %554 = add nsw i64 %col74, 8
+  %555 = getelementptr inbounds float, ptr %551, i64 %554
+  store <8 x float> zeroinitializer, ptr %acc0176, align 4
   %panel.off77 = mul nsw i64 %p, 12288
-  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
-  %599 = add nsw i64 %p, 1
-  %600 = icmp slt i64 %599, %p1
-  %pf.on78 = and i1 %pf.on, %600
-  %601 = mul nsw i64 %pf.j, 24576
-  %602 = lshr i64 %601, %10
-  %603 = add nsw i64 24576, %602
-  %604 = getelementptr inbounds i8, ptr %598, i64 %603
-  %pf79 = select i1 %pf.on78, ptr %604, ptr %598
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  %557 = add nsw i64 %p, 1
+  %558 = icmp slt i64 %557, %p1
+  %pf.on78 = and i1 %pf.on, %558
+  %559 = mul nsw i64 %pf.j, 24576
+  %560 = lshr i64 %559, %10
+  %561 = add nsw i64 24576, %560
+  %562 = getelementptr inbounds i8, ptr %556, i64 %561
+  %pf79 = select i1 %pf.on78, ptr %562, ptr %556
   %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %623, %k.body82 ]
-  %605 = icmp slt i64 %k84, 768
-  br i1 %605, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %581, %k.body82 ]
+  %563 = icmp slt i64 %k84, 768
+  br i1 %563, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %606 = mul nsw i64 %k84, 16
-  %607 = add nsw i64 %panel.off77, %606
-  %608 = mul nsw i64 %k84, 32
-  %609 = lshr i64 %608, %pf.sh80
-  %610 = getelementptr inbounds i8, ptr %pf79, i64 %609
-  call void @llvm.prefetch.p0(ptr %610, i32 0, i32 2, i32 1)
-  %611 = getelementptr inbounds i16, ptr %panels, i64 %607
-  %612 = load <8 x i32>, ptr %611, align 4
-  %613 = shl <8 x i32> %612, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %613 to <8 x float>
-  %614 = and <8 x i32> %612, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %614 to <8 x float>
-  %615 = getelementptr inbounds float, ptr %586, i64 %k84
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc0075, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b085, <8 x float> %619)
-  store <8 x float> %620, ptr %acc0075, align 4
-  %621 = load <8 x float>, ptr %acc0176, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b186, <8 x float> %621)
-  store <8 x float> %622, ptr %acc0176, align 4
-  %623 = add nsw i64 %k84, 1
+  %564 = mul nsw i64 %k84, 16
+  %565 = add nsw i64 %panel.off77, %564
+  %566 = mul nsw i64 %k84, 32
+  %567 = lshr i64 %566, %pf.sh80
+  %568 = getelementptr inbounds i8, ptr %pf79, i64 %567
+  call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  %569 = getelementptr inbounds i16, ptr %panels, i64 %565
+  %570 = load <8 x i32>, ptr %569, align 4
+  %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %571 to <8 x float>
+  %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = getelementptr inbounds float, ptr %546, i64 %k84
+  %574 = load float, ptr %573, align 4
+  %575 = insertelement <8 x float> poison, float %574, i32 0
+  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
+  %577 = load <8 x float>, ptr %acc0075, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b085, <8 x float> %577)
+  store <8 x float> %578, ptr %acc0075, align 4
+  %579 = load <8 x float>, ptr %acc0176, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b186, <8 x float> %579)
+  store <8 x float> %580, ptr %acc0176, align 4
+  %581 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %624 = load <8 x float>, ptr %acc0075, align 4
-  store <8 x float> %624, ptr %593, align 4
-  %625 = load <8 x float>, ptr %acc0176, align 4
-  store <8 x float> %625, ptr %596, align 4
+  %582 = load <8 x float>, ptr %acc0075, align 4
+  store <8 x float> %582, ptr %553, align 4
+  %583 = load <8 x float>, ptr %acc0176, align 4
+  store <8 x float> %583, ptr %555, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %626 = add nsw i64 %r0, 6
+  %584 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %627 = add nsw i64 %p, 1
+  %585 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -8,7 +8,7 @@ target triple = "x86_64-unknown-linux-gnu"
 @moe_gen_hash = private unnamed_addr constant [33 x i8] c"fcb45fc54223a6de5fef0932910c5169\00"
 @moe_gen_cpu = private unnamed_addr constant [10 x i8] c"x86-64-v3\00"
 @moe_gen_triple = private unnamed_addr constant [25 x i8] c"x86_64-unknown-linux-gnu\00"
-@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 8, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr null, ptr @moe_route_x, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
+@moe_gen_model = hidden constant { i32, i32, ptr, ptr, ptr, ptr, i32, i32, ptr, [17 x ptr] } { i32 9, i32 19320, ptr @moe_gen_desc, ptr @moe_gen_hash, ptr @moe_gen_cpu, ptr @moe_gen_triple, i32 1, i32 6, ptr @moe_gen_ops, [17 x ptr] [ptr null, ptr @moe_route_x, ptr null, ptr @moe_up, ptr @moe_down, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null, ptr null] }, align 8
 
 ; Function Attrs: nounwind
 define hidden void @moe_route_x(ptr %x, i64 %t0, i64 %t1, ptr %router, ptr %router_bias, ptr %select_bias, ptr %group, ptr %noise, i64 %seed, i64 %layer, i32 %training, ptr %logits, ptr %ids, ptr %weights, ptr %prob, ptr %prio) #0 {
@@ -3724,7 +3724,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %633, %r0.end ]
+  %p = phi i64 [ %p0, %start ], [ %591, %r0.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3732,7 +3732,7 @@ p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %632, %tile.done ]
+  %r0 = phi i64 [ 0, %p.body ], [ %590, %tile.done ]
   %2 = icmp slt i64 %r0, %n
   br i1 %2, label %r0.body, label %r0.end
 
@@ -3773,215 +3773,217 @@ tile.mr6:                                         ; preds = %r0.body
   %21 = getelementptr inbounds float, ptr %y, i64 %20
   %22 = add nsw i64 %col, 0
   %23 = getelementptr inbounds float, ptr %21, i64 %22
-  %24 = load <8 x float>, ptr %23, align 4
-  store <8 x float> %24, ptr %acc00, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %21, i64 %25
-  %27 = load <8 x float>, ptr %26, align 4
-  store <8 x float> %27, ptr %acc01, align 4
-  %28 = add nsw i64 %r0, 1
-  %29 = mul nsw i64 %28, 1024
-  %30 = getelementptr inbounds float, ptr %h, i64 %29
-  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %32 = load i32, ptr %31, align 4
-  %33 = sext i32 %32 to i64
-  %34 = mul nsw i64 %33, 512
-  %35 = getelementptr inbounds float, ptr %y, i64 %34
-  %36 = add nsw i64 %col, 0
-  %37 = getelementptr inbounds float, ptr %35, i64 %36
-  %38 = load <8 x float>, ptr %37, align 4
-  store <8 x float> %38, ptr %acc10, align 4
-  %39 = add nsw i64 %col, 8
-  %40 = getelementptr inbounds float, ptr %35, i64 %39
-  %41 = load <8 x float>, ptr %40, align 4
-  store <8 x float> %41, ptr %acc11, align 4
-  %42 = add nsw i64 %r0, 2
-  %43 = mul nsw i64 %42, 1024
-  %44 = getelementptr inbounds float, ptr %h, i64 %43
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 512
-  %49 = getelementptr inbounds float, ptr %y, i64 %48
-  %50 = add nsw i64 %col, 0
-  %51 = getelementptr inbounds float, ptr %49, i64 %50
-  %52 = load <8 x float>, ptr %51, align 4
-  store <8 x float> %52, ptr %acc20, align 4
-  %53 = add nsw i64 %col, 8
-  %54 = getelementptr inbounds float, ptr %49, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  store <8 x float> %55, ptr %acc21, align 4
-  %56 = add nsw i64 %r0, 3
-  %57 = mul nsw i64 %56, 1024
-  %58 = getelementptr inbounds float, ptr %h, i64 %57
-  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
-  %60 = load i32, ptr %59, align 4
-  %61 = sext i32 %60 to i64
-  %62 = mul nsw i64 %61, 512
-  %63 = getelementptr inbounds float, ptr %y, i64 %62
-  %64 = add nsw i64 %col, 0
-  %65 = getelementptr inbounds float, ptr %63, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  store <8 x float> %66, ptr %acc30, align 4
-  %67 = add nsw i64 %col, 8
-  %68 = getelementptr inbounds float, ptr %63, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  store <8 x float> %69, ptr %acc31, align 4
-  %70 = add nsw i64 %r0, 4
-  %71 = mul nsw i64 %70, 1024
-  %72 = getelementptr inbounds float, ptr %h, i64 %71
-  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
-  %74 = load i32, ptr %73, align 4
-  %75 = sext i32 %74 to i64
-  %76 = mul nsw i64 %75, 512
-  %77 = getelementptr inbounds float, ptr %y, i64 %76
-  %78 = add nsw i64 %col, 0
-  %79 = getelementptr inbounds float, ptr %77, i64 %78
-  %80 = load <8 x float>, ptr %79, align 4
-  store <8 x float> %80, ptr %acc40, align 4
-  %81 = add nsw i64 %col, 8
-  %82 = getelementptr inbounds float, ptr %77, i64 %81
-  %83 = load <8 x float>, ptr %82, align 4
-  store <8 x float> %83, ptr %acc41, align 4
-  %84 = add nsw i64 %r0, 5
-  %85 = mul nsw i64 %84, 1024
-  %86 = getelementptr inbounds float, ptr %h, i64 %85
-  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
-  %88 = load i32, ptr %87, align 4
-  %89 = sext i32 %88 to i64
-  %90 = mul nsw i64 %89, 512
-  %91 = getelementptr inbounds float, ptr %y, i64 %90
-  %92 = add nsw i64 %col, 0
-  %93 = getelementptr inbounds float, ptr %91, i64 %92
-  %94 = load <8 x float>, ptr %93, align 4
-  store <8 x float> %94, ptr %acc50, align 4
-  %95 = add nsw i64 %col, 8
-  %96 = getelementptr inbounds float, ptr %91, i64 %95
-  %97 = load <8 x float>, ptr %96, align 4
-  store <8 x float> %97, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  %24 = add nsw i64 %col, 8
+  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  %26 = add nsw i64 %r0, 1
+  %27 = mul nsw i64 %26, 1024
+  %28 = getelementptr inbounds float, ptr %h, i64 %27
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 512
+  %33 = getelementptr inbounds float, ptr %y, i64 %32
+  %34 = add nsw i64 %col, 0
+  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  %36 = add nsw i64 %col, 8
+  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  %38 = add nsw i64 %r0, 2
+  %39 = mul nsw i64 %38, 1024
+  %40 = getelementptr inbounds float, ptr %h, i64 %39
+  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %42 = load i32, ptr %41, align 4
+  %43 = sext i32 %42 to i64
+  %44 = mul nsw i64 %43, 512
+  %45 = getelementptr inbounds float, ptr %y, i64 %44
+  %46 = add nsw i64 %col, 0
+  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  %48 = add nsw i64 %col, 8
+  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  %50 = add nsw i64 %r0, 3
+  %51 = mul nsw i64 %50, 1024
+  %52 = getelementptr inbounds float, ptr %h, i64 %51
+  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
+  %54 = load i32, ptr %53, align 4
+  %55 = sext i32 %54 to i64
+  %56 = mul nsw i64 %55, 512
+  %57 = getelementptr inbounds float, ptr %y, i64 %56
+  %58 = add nsw i64 %col, 0
+  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  %60 = add nsw i64 %col, 8
+  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  %62 = add nsw i64 %r0, 4
+  %63 = mul nsw i64 %62, 1024
+  %64 = getelementptr inbounds float, ptr %h, i64 %63
+  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
+  %66 = load i32, ptr %65, align 4
+  %67 = sext i32 %66 to i64
+  %68 = mul nsw i64 %67, 512
+  %69 = getelementptr inbounds float, ptr %y, i64 %68
+  %70 = add nsw i64 %col, 0
+  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  %72 = add nsw i64 %col, 8
+  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  %74 = add nsw i64 %r0, 5
+  %75 = mul nsw i64 %74, 1024
+  %76 = getelementptr inbounds float, ptr %h, i64 %75
+  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
+  %78 = load i32, ptr %77, align 4
+  %79 = sext i32 %78 to i64
+  %80 = mul nsw i64 %79, 512
+  %81 = getelementptr inbounds float, ptr %y, i64 %80
+  %82 = add nsw i64 %col, 0
+  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  %84 = add nsw i64 %col, 8
+  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
-  %98 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %99 = add nsw i64 %p, 1
-  %100 = icmp slt i64 %99, %p1
-  %pf.on1 = and i1 %pf.on, %100
-  %101 = mul nsw i64 %pf.j, 65536
-  %102 = lshr i64 %101, %10
-  %103 = add nsw i64 65536, %102
-  %104 = getelementptr inbounds i8, ptr %98, i64 %103
-  %pf = select i1 %pf.on1, ptr %104, ptr %98
+  %86 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %87 = add nsw i64 %p, 1
+  %88 = icmp slt i64 %87, %p1
+  %pf.on1 = and i1 %pf.on, %88
+  %89 = mul nsw i64 %pf.j, 65536
+  %90 = lshr i64 %89, %10
+  %91 = add nsw i64 65536, %90
+  %92 = getelementptr inbounds i8, ptr %86, i64 %91
+  %pf = select i1 %pf.on1, ptr %92, ptr %86
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %164, %k.body ]
-  %105 = icmp slt i64 %k, 1024
-  br i1 %105, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+  %93 = icmp slt i64 %k, 1024
+  br i1 %93, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %106 = mul nsw i64 %k, 16
-  %107 = add nsw i64 %panel.off, %106
-  %108 = mul nsw i64 %k, 64
-  %109 = lshr i64 %108, %pf.sh
-  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
-  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
-  %111 = getelementptr inbounds float, ptr %panels, i64 %107
-  %112 = load <8 x float>, ptr %111, align 4
-  %113 = add nsw i64 %107, 8
-  %114 = getelementptr inbounds float, ptr %panels, i64 %113
-  %115 = load <8 x float>, ptr %114, align 4
-  %116 = getelementptr inbounds float, ptr %16, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc00, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %112, <8 x float> %120)
-  store <8 x float> %121, ptr %acc00, align 4
-  %122 = load <8 x float>, ptr %acc01, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %115, <8 x float> %122)
-  store <8 x float> %123, ptr %acc01, align 4
-  %124 = getelementptr inbounds float, ptr %30, i64 %k
-  %125 = load float, ptr %124, align 4
-  %126 = insertelement <8 x float> poison, float %125, i32 0
-  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
-  %128 = load <8 x float>, ptr %acc10, align 4
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %112, <8 x float> %128)
-  store <8 x float> %129, ptr %acc10, align 4
-  %130 = load <8 x float>, ptr %acc11, align 4
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %115, <8 x float> %130)
-  store <8 x float> %131, ptr %acc11, align 4
-  %132 = getelementptr inbounds float, ptr %44, i64 %k
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <8 x float> poison, float %133, i32 0
-  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
-  %136 = load <8 x float>, ptr %acc20, align 4
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %112, <8 x float> %136)
-  store <8 x float> %137, ptr %acc20, align 4
-  %138 = load <8 x float>, ptr %acc21, align 4
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %115, <8 x float> %138)
-  store <8 x float> %139, ptr %acc21, align 4
-  %140 = getelementptr inbounds float, ptr %58, i64 %k
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %acc30, align 4
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %112, <8 x float> %144)
-  store <8 x float> %145, ptr %acc30, align 4
-  %146 = load <8 x float>, ptr %acc31, align 4
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %115, <8 x float> %146)
-  store <8 x float> %147, ptr %acc31, align 4
-  %148 = getelementptr inbounds float, ptr %72, i64 %k
-  %149 = load float, ptr %148, align 4
-  %150 = insertelement <8 x float> poison, float %149, i32 0
-  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
-  %152 = load <8 x float>, ptr %acc40, align 4
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %112, <8 x float> %152)
-  store <8 x float> %153, ptr %acc40, align 4
-  %154 = load <8 x float>, ptr %acc41, align 4
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %115, <8 x float> %154)
-  store <8 x float> %155, ptr %acc41, align 4
-  %156 = getelementptr inbounds float, ptr %86, i64 %k
-  %157 = load float, ptr %156, align 4
-  %158 = insertelement <8 x float> poison, float %157, i32 0
-  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
-  %160 = load <8 x float>, ptr %acc50, align 4
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %112, <8 x float> %160)
-  store <8 x float> %161, ptr %acc50, align 4
-  %162 = load <8 x float>, ptr %acc51, align 4
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %115, <8 x float> %162)
-  store <8 x float> %163, ptr %acc51, align 4
-  %164 = add nsw i64 %k, 1
+  %94 = mul nsw i64 %k, 16
+  %95 = add nsw i64 %panel.off, %94
+  %96 = mul nsw i64 %k, 64
+  %97 = lshr i64 %96, %pf.sh
+  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
+  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %99 = getelementptr inbounds float, ptr %panels, i64 %95
+  %100 = load <8 x float>, ptr %99, align 4
+  %101 = add nsw i64 %95, 8
+  %102 = getelementptr inbounds float, ptr %panels, i64 %101
+  %103 = load <8 x float>, ptr %102, align 4
+  %104 = getelementptr inbounds float, ptr %16, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %100, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %103, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %28, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %100, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %103, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %40, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %100, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %103, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %52, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %100, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %103, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %64, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %100, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %103, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %76, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %100, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %103, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %165 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %165, ptr %23, align 4
-  %166 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %166, ptr %26, align 4
-  %167 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %167, ptr %37, align 4
-  %168 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %168, ptr %40, align 4
-  %169 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %169, ptr %51, align 4
-  %170 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %170, ptr %54, align 4
-  %171 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %171, ptr %65, align 4
-  %172 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %172, ptr %68, align 4
-  %173 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %173, ptr %79, align 4
-  %174 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %174, ptr %82, align 4
-  %175 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %175, ptr %93, align 4
-  %176 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %176, ptr %96, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %23, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %25, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %35, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %37, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %47, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %49, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %59, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %61, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %71, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %73, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %83, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %85, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %col2 = mul nsw i64 %p, 16
-  %177 = add nsw i64 %r0, 0
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 1024
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 512
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col2, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  store <8 x float> zeroinitializer, ptr %acc003, align 4
+  %175 = add nsw i64 %col2, 8
+  %176 = getelementptr inbounds float, ptr %172, i64 %175
+  store <8 x float> zeroinitializer, ptr %acc014, align 4
+  %177 = add nsw i64 %r0, 1
   %178 = mul nsw i64 %177, 1024
   %179 = getelementptr inbounds float, ptr %h, i64 %178
   %180 = getelementptr inbounds i32, ptr %rows, i64 %177
@@ -3991,201 +3993,203 @@ tile.mr5:                                         ; preds = %r0.body
   %184 = getelementptr inbounds float, ptr %y, i64 %183
   %185 = add nsw i64 %col2, 0
   %186 = getelementptr inbounds float, ptr %184, i64 %185
-  %187 = load <8 x float>, ptr %186, align 4
-  store <8 x float> %187, ptr %acc003, align 4
-  %188 = add nsw i64 %col2, 8
-  %189 = getelementptr inbounds float, ptr %184, i64 %188
-  %190 = load <8 x float>, ptr %189, align 4
-  store <8 x float> %190, ptr %acc014, align 4
-  %191 = add nsw i64 %r0, 1
-  %192 = mul nsw i64 %191, 1024
-  %193 = getelementptr inbounds float, ptr %h, i64 %192
-  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
-  %195 = load i32, ptr %194, align 4
-  %196 = sext i32 %195 to i64
-  %197 = mul nsw i64 %196, 512
-  %198 = getelementptr inbounds float, ptr %y, i64 %197
-  %199 = add nsw i64 %col2, 0
-  %200 = getelementptr inbounds float, ptr %198, i64 %199
-  %201 = load <8 x float>, ptr %200, align 4
-  store <8 x float> %201, ptr %acc105, align 4
-  %202 = add nsw i64 %col2, 8
-  %203 = getelementptr inbounds float, ptr %198, i64 %202
-  %204 = load <8 x float>, ptr %203, align 4
-  store <8 x float> %204, ptr %acc116, align 4
-  %205 = add nsw i64 %r0, 2
-  %206 = mul nsw i64 %205, 1024
-  %207 = getelementptr inbounds float, ptr %h, i64 %206
-  %208 = getelementptr inbounds i32, ptr %rows, i64 %205
-  %209 = load i32, ptr %208, align 4
-  %210 = sext i32 %209 to i64
-  %211 = mul nsw i64 %210, 512
-  %212 = getelementptr inbounds float, ptr %y, i64 %211
-  %213 = add nsw i64 %col2, 0
-  %214 = getelementptr inbounds float, ptr %212, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  store <8 x float> %215, ptr %acc207, align 4
-  %216 = add nsw i64 %col2, 8
-  %217 = getelementptr inbounds float, ptr %212, i64 %216
-  %218 = load <8 x float>, ptr %217, align 4
-  store <8 x float> %218, ptr %acc218, align 4
-  %219 = add nsw i64 %r0, 3
-  %220 = mul nsw i64 %219, 1024
-  %221 = getelementptr inbounds float, ptr %h, i64 %220
-  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
-  %223 = load i32, ptr %222, align 4
-  %224 = sext i32 %223 to i64
-  %225 = mul nsw i64 %224, 512
-  %226 = getelementptr inbounds float, ptr %y, i64 %225
-  %227 = add nsw i64 %col2, 0
-  %228 = getelementptr inbounds float, ptr %226, i64 %227
-  %229 = load <8 x float>, ptr %228, align 4
-  store <8 x float> %229, ptr %acc309, align 4
-  %230 = add nsw i64 %col2, 8
-  %231 = getelementptr inbounds float, ptr %226, i64 %230
-  %232 = load <8 x float>, ptr %231, align 4
-  store <8 x float> %232, ptr %acc3110, align 4
-  %233 = add nsw i64 %r0, 4
-  %234 = mul nsw i64 %233, 1024
-  %235 = getelementptr inbounds float, ptr %h, i64 %234
-  %236 = getelementptr inbounds i32, ptr %rows, i64 %233
-  %237 = load i32, ptr %236, align 4
-  %238 = sext i32 %237 to i64
-  %239 = mul nsw i64 %238, 512
-  %240 = getelementptr inbounds float, ptr %y, i64 %239
-  %241 = add nsw i64 %col2, 0
-  %242 = getelementptr inbounds float, ptr %240, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  store <8 x float> %243, ptr %acc4011, align 4
-  %244 = add nsw i64 %col2, 8
-  %245 = getelementptr inbounds float, ptr %240, i64 %244
-  %246 = load <8 x float>, ptr %245, align 4
-  store <8 x float> %246, ptr %acc4112, align 4
+  store <8 x float> zeroinitializer, ptr %acc105, align 4
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %184, i64 %187
+  store <8 x float> zeroinitializer, ptr %acc116, align 4
+  %189 = add nsw i64 %r0, 2
+  %190 = mul nsw i64 %189, 1024
+  %191 = getelementptr inbounds float, ptr %h, i64 %190
+  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
+  %193 = load i32, ptr %192, align 4
+  %194 = sext i32 %193 to i64
+  %195 = mul nsw i64 %194, 512
+  %196 = getelementptr inbounds float, ptr %y, i64 %195
+  %197 = add nsw i64 %col2, 0
+  %198 = getelementptr inbounds float, ptr %196, i64 %197
+  store <8 x float> zeroinitializer, ptr %acc207, align 4
+  %199 = add nsw i64 %col2, 8
+  %200 = getelementptr inbounds float, ptr %196, i64 %199
+  store <8 x float> zeroinitializer, ptr %acc218, align 4
+  %201 = add nsw i64 %r0, 3
+  %202 = mul nsw i64 %201, 1024
+  %203 = getelementptr inbounds float, ptr %h, i64 %202
+  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
+  %205 = load i32, ptr %204, align 4
+  %206 = sext i32 %205 to i64
+  %207 = mul nsw i64 %206, 512
+  %208 = getelementptr inbounds float, ptr %y, i64 %207
+  %209 = add nsw i64 %col2, 0
+  %210 = getelementptr inbounds float, ptr %208, i64 %209
+  store <8 x float> zeroinitializer, ptr %acc309, align 4
+  %211 = add nsw i64 %col2, 8
+  %212 = getelementptr inbounds float, ptr %208, i64 %211
+  store <8 x float> zeroinitializer, ptr %acc3110, align 4
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 1024
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 512
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col2, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  store <8 x float> zeroinitializer, ptr %acc4011, align 4
+  %223 = add nsw i64 %col2, 8
+  %224 = getelementptr inbounds float, ptr %220, i64 %223
+  store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 16384
-  %247 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %248 = add nsw i64 %p, 1
-  %249 = icmp slt i64 %248, %p1
-  %pf.on14 = and i1 %pf.on, %249
-  %250 = mul nsw i64 %pf.j, 65536
-  %251 = lshr i64 %250, %10
-  %252 = add nsw i64 65536, %251
-  %253 = getelementptr inbounds i8, ptr %247, i64 %252
-  %pf15 = select i1 %pf.on14, ptr %253, ptr %247
+  %225 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %226 = add nsw i64 %p, 1
+  %227 = icmp slt i64 %226, %p1
+  %pf.on14 = and i1 %pf.on, %227
+  %228 = mul nsw i64 %pf.j, 65536
+  %229 = lshr i64 %228, %10
+  %230 = add nsw i64 65536, %229
+  %231 = getelementptr inbounds i8, ptr %225, i64 %230
+  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %305, %k.body18 ]
-  %254 = icmp slt i64 %k20, 1024
-  br i1 %254, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %k.body18 ]
+  %232 = icmp slt i64 %k20, 1024
+  br i1 %232, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %255 = mul nsw i64 %k20, 16
-  %256 = add nsw i64 %panel.off13, %255
-  %257 = mul nsw i64 %k20, 64
-  %258 = lshr i64 %257, %pf.sh16
-  %259 = getelementptr inbounds i8, ptr %pf15, i64 %258
-  call void @llvm.prefetch.p0(ptr %259, i32 0, i32 2, i32 1)
-  %260 = getelementptr inbounds float, ptr %panels, i64 %256
-  %261 = load <8 x float>, ptr %260, align 4
-  %262 = add nsw i64 %256, 8
-  %263 = getelementptr inbounds float, ptr %panels, i64 %262
-  %264 = load <8 x float>, ptr %263, align 4
-  %265 = getelementptr inbounds float, ptr %179, i64 %k20
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc003, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %261, <8 x float> %269)
-  store <8 x float> %270, ptr %acc003, align 4
-  %271 = load <8 x float>, ptr %acc014, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> %271)
-  store <8 x float> %272, ptr %acc014, align 4
-  %273 = getelementptr inbounds float, ptr %193, i64 %k20
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc105, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %261, <8 x float> %277)
-  store <8 x float> %278, ptr %acc105, align 4
-  %279 = load <8 x float>, ptr %acc116, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %264, <8 x float> %279)
-  store <8 x float> %280, ptr %acc116, align 4
-  %281 = getelementptr inbounds float, ptr %207, i64 %k20
-  %282 = load float, ptr %281, align 4
-  %283 = insertelement <8 x float> poison, float %282, i32 0
-  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
-  %285 = load <8 x float>, ptr %acc207, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %261, <8 x float> %285)
-  store <8 x float> %286, ptr %acc207, align 4
-  %287 = load <8 x float>, ptr %acc218, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %264, <8 x float> %287)
-  store <8 x float> %288, ptr %acc218, align 4
-  %289 = getelementptr inbounds float, ptr %221, i64 %k20
-  %290 = load float, ptr %289, align 4
-  %291 = insertelement <8 x float> poison, float %290, i32 0
-  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
-  %293 = load <8 x float>, ptr %acc309, align 4
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %261, <8 x float> %293)
-  store <8 x float> %294, ptr %acc309, align 4
-  %295 = load <8 x float>, ptr %acc3110, align 4
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %264, <8 x float> %295)
-  store <8 x float> %296, ptr %acc3110, align 4
-  %297 = getelementptr inbounds float, ptr %235, i64 %k20
-  %298 = load float, ptr %297, align 4
-  %299 = insertelement <8 x float> poison, float %298, i32 0
-  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
-  %301 = load <8 x float>, ptr %acc4011, align 4
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %261, <8 x float> %301)
-  store <8 x float> %302, ptr %acc4011, align 4
-  %303 = load <8 x float>, ptr %acc4112, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %264, <8 x float> %303)
-  store <8 x float> %304, ptr %acc4112, align 4
-  %305 = add nsw i64 %k20, 1
+  %233 = mul nsw i64 %k20, 16
+  %234 = add nsw i64 %panel.off13, %233
+  %235 = mul nsw i64 %k20, 64
+  %236 = lshr i64 %235, %pf.sh16
+  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
+  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  %238 = getelementptr inbounds float, ptr %panels, i64 %234
+  %239 = load <8 x float>, ptr %238, align 4
+  %240 = add nsw i64 %234, 8
+  %241 = getelementptr inbounds float, ptr %panels, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %243 = getelementptr inbounds float, ptr %167, i64 %k20
+  %244 = load float, ptr %243, align 4
+  %245 = insertelement <8 x float> poison, float %244, i32 0
+  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
+  %247 = load <8 x float>, ptr %acc003, align 4
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %239, <8 x float> %247)
+  store <8 x float> %248, ptr %acc003, align 4
+  %249 = load <8 x float>, ptr %acc014, align 4
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %242, <8 x float> %249)
+  store <8 x float> %250, ptr %acc014, align 4
+  %251 = getelementptr inbounds float, ptr %179, i64 %k20
+  %252 = load float, ptr %251, align 4
+  %253 = insertelement <8 x float> poison, float %252, i32 0
+  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
+  %255 = load <8 x float>, ptr %acc105, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %239, <8 x float> %255)
+  store <8 x float> %256, ptr %acc105, align 4
+  %257 = load <8 x float>, ptr %acc116, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %242, <8 x float> %257)
+  store <8 x float> %258, ptr %acc116, align 4
+  %259 = getelementptr inbounds float, ptr %191, i64 %k20
+  %260 = load float, ptr %259, align 4
+  %261 = insertelement <8 x float> poison, float %260, i32 0
+  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
+  %263 = load <8 x float>, ptr %acc207, align 4
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %239, <8 x float> %263)
+  store <8 x float> %264, ptr %acc207, align 4
+  %265 = load <8 x float>, ptr %acc218, align 4
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %242, <8 x float> %265)
+  store <8 x float> %266, ptr %acc218, align 4
+  %267 = getelementptr inbounds float, ptr %203, i64 %k20
+  %268 = load float, ptr %267, align 4
+  %269 = insertelement <8 x float> poison, float %268, i32 0
+  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
+  %271 = load <8 x float>, ptr %acc309, align 4
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %239, <8 x float> %271)
+  store <8 x float> %272, ptr %acc309, align 4
+  %273 = load <8 x float>, ptr %acc3110, align 4
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %242, <8 x float> %273)
+  store <8 x float> %274, ptr %acc3110, align 4
+  %275 = getelementptr inbounds float, ptr %215, i64 %k20
+  %276 = load float, ptr %275, align 4
+  %277 = insertelement <8 x float> poison, float %276, i32 0
+  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
+  %279 = load <8 x float>, ptr %acc4011, align 4
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %239, <8 x float> %279)
+  store <8 x float> %280, ptr %acc4011, align 4
+  %281 = load <8 x float>, ptr %acc4112, align 4
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %242, <8 x float> %281)
+  store <8 x float> %282, ptr %acc4112, align 4
+  %283 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %306 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %306, ptr %186, align 4
-  %307 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %307, ptr %189, align 4
-  %308 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %308, ptr %200, align 4
-  %309 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %309, ptr %203, align 4
-  %310 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %310, ptr %214, align 4
-  %311 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %311, ptr %217, align 4
-  %312 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %312, ptr %228, align 4
-  %313 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %313, ptr %231, align 4
-  %314 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %314, ptr %242, align 4
-  %315 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %315, ptr %245, align 4
+  %284 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %284, ptr %174, align 4
+  %285 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %285, ptr %176, align 4
+  %286 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %286, ptr %186, align 4
+  %287 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %287, ptr %188, align 4
+  %288 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %288, ptr %198, align 4
+  %289 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %289, ptr %200, align 4
+  %290 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %290, ptr %210, align 4
+  %291 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %291, ptr %212, align 4
+  %292 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %292, ptr %222, align 4
+  %293 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %293, ptr %224, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %col21 = mul nsw i64 %p, 16
-  %316 = add nsw i64 %r0, 0
-  %317 = mul nsw i64 %316, 1024
-  %318 = getelementptr inbounds float, ptr %h, i64 %317
-  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
-  %320 = load i32, ptr %319, align 4
-  %321 = sext i32 %320 to i64
-  %322 = mul nsw i64 %321, 512
-  %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col21, 0
-  %325 = getelementptr inbounds float, ptr %323, i64 %324
-  %326 = load <8 x float>, ptr %325, align 4
-  store <8 x float> %326, ptr %acc0022, align 4
-  %327 = add nsw i64 %col21, 8
-  %328 = getelementptr inbounds float, ptr %323, i64 %327
-  %329 = load <8 x float>, ptr %328, align 4
-  store <8 x float> %329, ptr %acc0123, align 4
-  %330 = add nsw i64 %r0, 1
+  %294 = add nsw i64 %r0, 0
+  %295 = mul nsw i64 %294, 1024
+  %296 = getelementptr inbounds float, ptr %h, i64 %295
+  %297 = getelementptr inbounds i32, ptr %rows, i64 %294
+  %298 = load i32, ptr %297, align 4
+  %299 = sext i32 %298 to i64
+  %300 = mul nsw i64 %299, 512
+  %301 = getelementptr inbounds float, ptr %y, i64 %300
+  %302 = add nsw i64 %col21, 0
+  %303 = getelementptr inbounds float, ptr %301, i64 %302
+  store <8 x float> zeroinitializer, ptr %acc0022, align 4
+  %304 = add nsw i64 %col21, 8
+  %305 = getelementptr inbounds float, ptr %301, i64 %304
+  store <8 x float> zeroinitializer, ptr %acc0123, align 4
+  %306 = add nsw i64 %r0, 1
+  %307 = mul nsw i64 %306, 1024
+  %308 = getelementptr inbounds float, ptr %h, i64 %307
+  %309 = getelementptr inbounds i32, ptr %rows, i64 %306
+  %310 = load i32, ptr %309, align 4
+  %311 = sext i32 %310 to i64
+  %312 = mul nsw i64 %311, 512
+  %313 = getelementptr inbounds float, ptr %y, i64 %312
+  %314 = add nsw i64 %col21, 0
+  %315 = getelementptr inbounds float, ptr %313, i64 %314
+  store <8 x float> zeroinitializer, ptr %acc1024, align 4
+  %316 = add nsw i64 %col21, 8
+  %317 = getelementptr inbounds float, ptr %313, i64 %316
+  store <8 x float> zeroinitializer, ptr %acc1125, align 4
+  %318 = add nsw i64 %r0, 2
+  %319 = mul nsw i64 %318, 1024
+  %320 = getelementptr inbounds float, ptr %h, i64 %319
+  %321 = getelementptr inbounds i32, ptr %rows, i64 %318
+  %322 = load i32, ptr %321, align 4
+  %323 = sext i32 %322 to i64
+  %324 = mul nsw i64 %323, 512
+  %325 = getelementptr inbounds float, ptr %y, i64 %324
+  %326 = add nsw i64 %col21, 0
+  %327 = getelementptr inbounds float, ptr %325, i64 %326
+  store <8 x float> zeroinitializer, ptr %acc2026, align 4
+  %328 = add nsw i64 %col21, 8
+  %329 = getelementptr inbounds float, ptr %325, i64 %328
+  store <8 x float> zeroinitializer, ptr %acc2127, align 4
+  %330 = add nsw i64 %r0, 3
   %331 = mul nsw i64 %330, 1024
   %332 = getelementptr inbounds float, ptr %h, i64 %331
   %333 = getelementptr inbounds i32, ptr %rows, i64 %330
@@ -4195,436 +4199,390 @@ tile.mr4:                                         ; preds = %r0.body
   %337 = getelementptr inbounds float, ptr %y, i64 %336
   %338 = add nsw i64 %col21, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
-  %340 = load <8 x float>, ptr %339, align 4
-  store <8 x float> %340, ptr %acc1024, align 4
-  %341 = add nsw i64 %col21, 8
-  %342 = getelementptr inbounds float, ptr %337, i64 %341
-  %343 = load <8 x float>, ptr %342, align 4
-  store <8 x float> %343, ptr %acc1125, align 4
-  %344 = add nsw i64 %r0, 2
-  %345 = mul nsw i64 %344, 1024
-  %346 = getelementptr inbounds float, ptr %h, i64 %345
-  %347 = getelementptr inbounds i32, ptr %rows, i64 %344
-  %348 = load i32, ptr %347, align 4
-  %349 = sext i32 %348 to i64
-  %350 = mul nsw i64 %349, 512
-  %351 = getelementptr inbounds float, ptr %y, i64 %350
-  %352 = add nsw i64 %col21, 0
-  %353 = getelementptr inbounds float, ptr %351, i64 %352
-  %354 = load <8 x float>, ptr %353, align 4
-  store <8 x float> %354, ptr %acc2026, align 4
-  %355 = add nsw i64 %col21, 8
-  %356 = getelementptr inbounds float, ptr %351, i64 %355
-  %357 = load <8 x float>, ptr %356, align 4
-  store <8 x float> %357, ptr %acc2127, align 4
-  %358 = add nsw i64 %r0, 3
-  %359 = mul nsw i64 %358, 1024
-  %360 = getelementptr inbounds float, ptr %h, i64 %359
-  %361 = getelementptr inbounds i32, ptr %rows, i64 %358
-  %362 = load i32, ptr %361, align 4
-  %363 = sext i32 %362 to i64
-  %364 = mul nsw i64 %363, 512
-  %365 = getelementptr inbounds float, ptr %y, i64 %364
-  %366 = add nsw i64 %col21, 0
-  %367 = getelementptr inbounds float, ptr %365, i64 %366
-  %368 = load <8 x float>, ptr %367, align 4
-  store <8 x float> %368, ptr %acc3028, align 4
-  %369 = add nsw i64 %col21, 8
-  %370 = getelementptr inbounds float, ptr %365, i64 %369
-  %371 = load <8 x float>, ptr %370, align 4
-  store <8 x float> %371, ptr %acc3129, align 4
+  store <8 x float> zeroinitializer, ptr %acc3028, align 4
+  %340 = add nsw i64 %col21, 8
+  %341 = getelementptr inbounds float, ptr %337, i64 %340
+  store <8 x float> zeroinitializer, ptr %acc3129, align 4
   %panel.off30 = mul nsw i64 %p, 16384
-  %372 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
-  %373 = add nsw i64 %p, 1
-  %374 = icmp slt i64 %373, %p1
-  %pf.on31 = and i1 %pf.on, %374
-  %375 = mul nsw i64 %pf.j, 65536
-  %376 = lshr i64 %375, %10
-  %377 = add nsw i64 65536, %376
-  %378 = getelementptr inbounds i8, ptr %372, i64 %377
-  %pf32 = select i1 %pf.on31, ptr %378, ptr %372
+  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  %343 = add nsw i64 %p, 1
+  %344 = icmp slt i64 %343, %p1
+  %pf.on31 = and i1 %pf.on, %344
+  %345 = mul nsw i64 %pf.j, 65536
+  %346 = lshr i64 %345, %10
+  %347 = add nsw i64 65536, %346
+  %348 = getelementptr inbounds i8, ptr %342, i64 %347
+  %pf32 = select i1 %pf.on31, ptr %348, ptr %342
   %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
   br label %k.head34
 
 k.head34:                                         ; preds = %k.body35, %tile.mr4
-  %k37 = phi i64 [ 0, %tile.mr4 ], [ %422, %k.body35 ]
-  %379 = icmp slt i64 %k37, 1024
-  br i1 %379, label %k.body35, label %k.end36
+  %k37 = phi i64 [ 0, %tile.mr4 ], [ %392, %k.body35 ]
+  %349 = icmp slt i64 %k37, 1024
+  br i1 %349, label %k.body35, label %k.end36
 
 k.body35:                                         ; preds = %k.head34
-  %380 = mul nsw i64 %k37, 16
-  %381 = add nsw i64 %panel.off30, %380
-  %382 = mul nsw i64 %k37, 64
-  %383 = lshr i64 %382, %pf.sh33
-  %384 = getelementptr inbounds i8, ptr %pf32, i64 %383
-  call void @llvm.prefetch.p0(ptr %384, i32 0, i32 2, i32 1)
-  %385 = getelementptr inbounds float, ptr %panels, i64 %381
-  %386 = load <8 x float>, ptr %385, align 4
-  %387 = add nsw i64 %381, 8
-  %388 = getelementptr inbounds float, ptr %panels, i64 %387
-  %389 = load <8 x float>, ptr %388, align 4
-  %390 = getelementptr inbounds float, ptr %318, i64 %k37
-  %391 = load float, ptr %390, align 4
-  %392 = insertelement <8 x float> poison, float %391, i32 0
-  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
-  %394 = load <8 x float>, ptr %acc0022, align 4
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %386, <8 x float> %394)
-  store <8 x float> %395, ptr %acc0022, align 4
-  %396 = load <8 x float>, ptr %acc0123, align 4
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %389, <8 x float> %396)
-  store <8 x float> %397, ptr %acc0123, align 4
-  %398 = getelementptr inbounds float, ptr %332, i64 %k37
-  %399 = load float, ptr %398, align 4
-  %400 = insertelement <8 x float> poison, float %399, i32 0
-  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
-  %402 = load <8 x float>, ptr %acc1024, align 4
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %386, <8 x float> %402)
-  store <8 x float> %403, ptr %acc1024, align 4
-  %404 = load <8 x float>, ptr %acc1125, align 4
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %389, <8 x float> %404)
-  store <8 x float> %405, ptr %acc1125, align 4
-  %406 = getelementptr inbounds float, ptr %346, i64 %k37
-  %407 = load float, ptr %406, align 4
-  %408 = insertelement <8 x float> poison, float %407, i32 0
-  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
-  %410 = load <8 x float>, ptr %acc2026, align 4
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %386, <8 x float> %410)
-  store <8 x float> %411, ptr %acc2026, align 4
-  %412 = load <8 x float>, ptr %acc2127, align 4
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %389, <8 x float> %412)
-  store <8 x float> %413, ptr %acc2127, align 4
-  %414 = getelementptr inbounds float, ptr %360, i64 %k37
-  %415 = load float, ptr %414, align 4
-  %416 = insertelement <8 x float> poison, float %415, i32 0
-  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
-  %418 = load <8 x float>, ptr %acc3028, align 4
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %386, <8 x float> %418)
-  store <8 x float> %419, ptr %acc3028, align 4
-  %420 = load <8 x float>, ptr %acc3129, align 4
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %389, <8 x float> %420)
-  store <8 x float> %421, ptr %acc3129, align 4
-  %422 = add nsw i64 %k37, 1
+  %350 = mul nsw i64 %k37, 16
+  %351 = add nsw i64 %panel.off30, %350
+  %352 = mul nsw i64 %k37, 64
+  %353 = lshr i64 %352, %pf.sh33
+  %354 = getelementptr inbounds i8, ptr %pf32, i64 %353
+  call void @llvm.prefetch.p0(ptr %354, i32 0, i32 2, i32 1)
+  %355 = getelementptr inbounds float, ptr %panels, i64 %351
+  %356 = load <8 x float>, ptr %355, align 4
+  %357 = add nsw i64 %351, 8
+  %358 = getelementptr inbounds float, ptr %panels, i64 %357
+  %359 = load <8 x float>, ptr %358, align 4
+  %360 = getelementptr inbounds float, ptr %296, i64 %k37
+  %361 = load float, ptr %360, align 4
+  %362 = insertelement <8 x float> poison, float %361, i32 0
+  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
+  %364 = load <8 x float>, ptr %acc0022, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %356, <8 x float> %364)
+  store <8 x float> %365, ptr %acc0022, align 4
+  %366 = load <8 x float>, ptr %acc0123, align 4
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %359, <8 x float> %366)
+  store <8 x float> %367, ptr %acc0123, align 4
+  %368 = getelementptr inbounds float, ptr %308, i64 %k37
+  %369 = load float, ptr %368, align 4
+  %370 = insertelement <8 x float> poison, float %369, i32 0
+  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
+  %372 = load <8 x float>, ptr %acc1024, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %356, <8 x float> %372)
+  store <8 x float> %373, ptr %acc1024, align 4
+  %374 = load <8 x float>, ptr %acc1125, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %359, <8 x float> %374)
+  store <8 x float> %375, ptr %acc1125, align 4
+  %376 = getelementptr inbounds float, ptr %320, i64 %k37
+  %377 = load float, ptr %376, align 4
+  %378 = insertelement <8 x float> poison, float %377, i32 0
+  %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
+  %380 = load <8 x float>, ptr %acc2026, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %356, <8 x float> %380)
+  store <8 x float> %381, ptr %acc2026, align 4
+  %382 = load <8 x float>, ptr %acc2127, align 4
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %359, <8 x float> %382)
+  store <8 x float> %383, ptr %acc2127, align 4
+  %384 = getelementptr inbounds float, ptr %332, i64 %k37
+  %385 = load float, ptr %384, align 4
+  %386 = insertelement <8 x float> poison, float %385, i32 0
+  %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
+  %388 = load <8 x float>, ptr %acc3028, align 4
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %356, <8 x float> %388)
+  store <8 x float> %389, ptr %acc3028, align 4
+  %390 = load <8 x float>, ptr %acc3129, align 4
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %359, <8 x float> %390)
+  store <8 x float> %391, ptr %acc3129, align 4
+  %392 = add nsw i64 %k37, 1
   br label %k.head34
 
 k.end36:                                          ; preds = %k.head34
-  %423 = load <8 x float>, ptr %acc0022, align 4
-  store <8 x float> %423, ptr %325, align 4
-  %424 = load <8 x float>, ptr %acc0123, align 4
-  store <8 x float> %424, ptr %328, align 4
-  %425 = load <8 x float>, ptr %acc1024, align 4
-  store <8 x float> %425, ptr %339, align 4
-  %426 = load <8 x float>, ptr %acc1125, align 4
-  store <8 x float> %426, ptr %342, align 4
-  %427 = load <8 x float>, ptr %acc2026, align 4
-  store <8 x float> %427, ptr %353, align 4
-  %428 = load <8 x float>, ptr %acc2127, align 4
-  store <8 x float> %428, ptr %356, align 4
-  %429 = load <8 x float>, ptr %acc3028, align 4
-  store <8 x float> %429, ptr %367, align 4
-  %430 = load <8 x float>, ptr %acc3129, align 4
-  store <8 x float> %430, ptr %370, align 4
+  %393 = load <8 x float>, ptr %acc0022, align 4
+  store <8 x float> %393, ptr %303, align 4
+  %394 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %394, ptr %305, align 4
+  %395 = load <8 x float>, ptr %acc1024, align 4
+  store <8 x float> %395, ptr %315, align 4
+  %396 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %396, ptr %317, align 4
+  %397 = load <8 x float>, ptr %acc2026, align 4
+  store <8 x float> %397, ptr %327, align 4
+  %398 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %398, ptr %329, align 4
+  %399 = load <8 x float>, ptr %acc3028, align 4
+  store <8 x float> %399, ptr %339, align 4
+  %400 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %400, ptr %341, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %col38 = mul nsw i64 %p, 16
-  %431 = add nsw i64 %r0, 0
-  %432 = mul nsw i64 %431, 1024
-  %433 = getelementptr inbounds float, ptr %h, i64 %432
-  %434 = getelementptr inbounds i32, ptr %rows, i64 %431
-  %435 = load i32, ptr %434, align 4
-  %436 = sext i32 %435 to i64
-  %437 = mul nsw i64 %436, 512
-  %438 = getelementptr inbounds float, ptr %y, i64 %437
-  %439 = add nsw i64 %col38, 0
-  %440 = getelementptr inbounds float, ptr %438, i64 %439
-  %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc0039, align 4
-  %442 = add nsw i64 %col38, 8
-  %443 = getelementptr inbounds float, ptr %438, i64 %442
-  %444 = load <8 x float>, ptr %443, align 4
-  store <8 x float> %444, ptr %acc0140, align 4
-  %445 = add nsw i64 %r0, 1
-  %446 = mul nsw i64 %445, 1024
-  %447 = getelementptr inbounds float, ptr %h, i64 %446
-  %448 = getelementptr inbounds i32, ptr %rows, i64 %445
-  %449 = load i32, ptr %448, align 4
-  %450 = sext i32 %449 to i64
-  %451 = mul nsw i64 %450, 512
-  %452 = getelementptr inbounds float, ptr %y, i64 %451
-  %453 = add nsw i64 %col38, 0
-  %454 = getelementptr inbounds float, ptr %452, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc1041, align 4
-  %456 = add nsw i64 %col38, 8
-  %457 = getelementptr inbounds float, ptr %452, i64 %456
-  %458 = load <8 x float>, ptr %457, align 4
-  store <8 x float> %458, ptr %acc1142, align 4
-  %459 = add nsw i64 %r0, 2
-  %460 = mul nsw i64 %459, 1024
-  %461 = getelementptr inbounds float, ptr %h, i64 %460
-  %462 = getelementptr inbounds i32, ptr %rows, i64 %459
-  %463 = load i32, ptr %462, align 4
-  %464 = sext i32 %463 to i64
-  %465 = mul nsw i64 %464, 512
-  %466 = getelementptr inbounds float, ptr %y, i64 %465
-  %467 = add nsw i64 %col38, 0
-  %468 = getelementptr inbounds float, ptr %466, i64 %467
-  %469 = load <8 x float>, ptr %468, align 4
-  store <8 x float> %469, ptr %acc2043, align 4
-  %470 = add nsw i64 %col38, 8
-  %471 = getelementptr inbounds float, ptr %466, i64 %470
-  %472 = load <8 x float>, ptr %471, align 4
-  store <8 x float> %472, ptr %acc2144, align 4
+  %401 = add nsw i64 %r0, 0
+  %402 = mul nsw i64 %401, 1024
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %404 = getelementptr inbounds i32, ptr %rows, i64 %401
+  %405 = load i32, ptr %404, align 4
+  %406 = sext i32 %405 to i64
+  %407 = mul nsw i64 %406, 512
+  %408 = getelementptr inbounds float, ptr %y, i64 %407
+  %409 = add nsw i64 %col38, 0
+  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  store <8 x float> zeroinitializer, ptr %acc0039, align 4
+  %411 = add nsw i64 %col38, 8
+  %412 = getelementptr inbounds float, ptr %408, i64 %411
+  store <8 x float> zeroinitializer, ptr %acc0140, align 4
+  %413 = add nsw i64 %r0, 1
+  %414 = mul nsw i64 %413, 1024
+  %415 = getelementptr inbounds float, ptr %h, i64 %414
+  %416 = getelementptr inbounds i32, ptr %rows, i64 %413
+  %417 = load i32, ptr %416, align 4
+  %418 = sext i32 %417 to i64
+  %419 = mul nsw i64 %418, 512
+  %420 = getelementptr inbounds float, ptr %y, i64 %419
+  %421 = add nsw i64 %col38, 0
+  %422 = getelementptr inbounds float, ptr %420, i64 %421
+  store <8 x float> zeroinitializer, ptr %acc1041, align 4
+  %423 = add nsw i64 %col38, 8
+  %424 = getelementptr inbounds float, ptr %420, i64 %423
+  store <8 x float> zeroinitializer, ptr %acc1142, align 4
+  %425 = add nsw i64 %r0, 2
+  %426 = mul nsw i64 %425, 1024
+  %427 = getelementptr inbounds float, ptr %h, i64 %426
+  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %429 = load i32, ptr %428, align 4
+  %430 = sext i32 %429 to i64
+  %431 = mul nsw i64 %430, 512
+  %432 = getelementptr inbounds float, ptr %y, i64 %431
+  %433 = add nsw i64 %col38, 0
+  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  store <8 x float> zeroinitializer, ptr %acc2043, align 4
+  %435 = add nsw i64 %col38, 8
+  %436 = getelementptr inbounds float, ptr %432, i64 %435
+  store <8 x float> zeroinitializer, ptr %acc2144, align 4
   %panel.off45 = mul nsw i64 %p, 16384
-  %473 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
-  %474 = add nsw i64 %p, 1
-  %475 = icmp slt i64 %474, %p1
-  %pf.on46 = and i1 %pf.on, %475
-  %476 = mul nsw i64 %pf.j, 65536
-  %477 = lshr i64 %476, %10
-  %478 = add nsw i64 65536, %477
-  %479 = getelementptr inbounds i8, ptr %473, i64 %478
-  %pf47 = select i1 %pf.on46, ptr %479, ptr %473
+  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  %438 = add nsw i64 %p, 1
+  %439 = icmp slt i64 %438, %p1
+  %pf.on46 = and i1 %pf.on, %439
+  %440 = mul nsw i64 %pf.j, 65536
+  %441 = lshr i64 %440, %10
+  %442 = add nsw i64 65536, %441
+  %443 = getelementptr inbounds i8, ptr %437, i64 %442
+  %pf47 = select i1 %pf.on46, ptr %443, ptr %437
   %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
   br label %k.head49
 
 k.head49:                                         ; preds = %k.body50, %tile.mr3
-  %k52 = phi i64 [ 0, %tile.mr3 ], [ %515, %k.body50 ]
-  %480 = icmp slt i64 %k52, 1024
-  br i1 %480, label %k.body50, label %k.end51
+  %k52 = phi i64 [ 0, %tile.mr3 ], [ %479, %k.body50 ]
+  %444 = icmp slt i64 %k52, 1024
+  br i1 %444, label %k.body50, label %k.end51
 
 k.body50:                                         ; preds = %k.head49
-  %481 = mul nsw i64 %k52, 16
-  %482 = add nsw i64 %panel.off45, %481
-  %483 = mul nsw i64 %k52, 64
-  %484 = lshr i64 %483, %pf.sh48
-  %485 = getelementptr inbounds i8, ptr %pf47, i64 %484
-  call void @llvm.prefetch.p0(ptr %485, i32 0, i32 2, i32 1)
-  %486 = getelementptr inbounds float, ptr %panels, i64 %482
-  %487 = load <8 x float>, ptr %486, align 4
-  %488 = add nsw i64 %482, 8
-  %489 = getelementptr inbounds float, ptr %panels, i64 %488
-  %490 = load <8 x float>, ptr %489, align 4
-  %491 = getelementptr inbounds float, ptr %433, i64 %k52
-  %492 = load float, ptr %491, align 4
-  %493 = insertelement <8 x float> poison, float %492, i32 0
-  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
-  %495 = load <8 x float>, ptr %acc0039, align 4
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %487, <8 x float> %495)
-  store <8 x float> %496, ptr %acc0039, align 4
-  %497 = load <8 x float>, ptr %acc0140, align 4
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %490, <8 x float> %497)
-  store <8 x float> %498, ptr %acc0140, align 4
-  %499 = getelementptr inbounds float, ptr %447, i64 %k52
-  %500 = load float, ptr %499, align 4
-  %501 = insertelement <8 x float> poison, float %500, i32 0
-  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
-  %503 = load <8 x float>, ptr %acc1041, align 4
-  %504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %487, <8 x float> %503)
-  store <8 x float> %504, ptr %acc1041, align 4
-  %505 = load <8 x float>, ptr %acc1142, align 4
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %502, <8 x float> %490, <8 x float> %505)
-  store <8 x float> %506, ptr %acc1142, align 4
-  %507 = getelementptr inbounds float, ptr %461, i64 %k52
-  %508 = load float, ptr %507, align 4
-  %509 = insertelement <8 x float> poison, float %508, i32 0
-  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
-  %511 = load <8 x float>, ptr %acc2043, align 4
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %487, <8 x float> %511)
-  store <8 x float> %512, ptr %acc2043, align 4
-  %513 = load <8 x float>, ptr %acc2144, align 4
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %490, <8 x float> %513)
-  store <8 x float> %514, ptr %acc2144, align 4
-  %515 = add nsw i64 %k52, 1
+  %445 = mul nsw i64 %k52, 16
+  %446 = add nsw i64 %panel.off45, %445
+  %447 = mul nsw i64 %k52, 64
+  %448 = lshr i64 %447, %pf.sh48
+  %449 = getelementptr inbounds i8, ptr %pf47, i64 %448
+  call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  %450 = getelementptr inbounds float, ptr %panels, i64 %446
+  %451 = load <8 x float>, ptr %450, align 4
+  %452 = add nsw i64 %446, 8
+  %453 = getelementptr inbounds float, ptr %panels, i64 %452
+  %454 = load <8 x float>, ptr %453, align 4
+  %455 = getelementptr inbounds float, ptr %403, i64 %k52
+  %456 = load float, ptr %455, align 4
+  %457 = insertelement <8 x float> poison, float %456, i32 0
+  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
+  %459 = load <8 x float>, ptr %acc0039, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %451, <8 x float> %459)
+  store <8 x float> %460, ptr %acc0039, align 4
+  %461 = load <8 x float>, ptr %acc0140, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %454, <8 x float> %461)
+  store <8 x float> %462, ptr %acc0140, align 4
+  %463 = getelementptr inbounds float, ptr %415, i64 %k52
+  %464 = load float, ptr %463, align 4
+  %465 = insertelement <8 x float> poison, float %464, i32 0
+  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
+  %467 = load <8 x float>, ptr %acc1041, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %451, <8 x float> %467)
+  store <8 x float> %468, ptr %acc1041, align 4
+  %469 = load <8 x float>, ptr %acc1142, align 4
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %454, <8 x float> %469)
+  store <8 x float> %470, ptr %acc1142, align 4
+  %471 = getelementptr inbounds float, ptr %427, i64 %k52
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = load <8 x float>, ptr %acc2043, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %451, <8 x float> %475)
+  store <8 x float> %476, ptr %acc2043, align 4
+  %477 = load <8 x float>, ptr %acc2144, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %454, <8 x float> %477)
+  store <8 x float> %478, ptr %acc2144, align 4
+  %479 = add nsw i64 %k52, 1
   br label %k.head49
 
 k.end51:                                          ; preds = %k.head49
-  %516 = load <8 x float>, ptr %acc0039, align 4
-  store <8 x float> %516, ptr %440, align 4
-  %517 = load <8 x float>, ptr %acc0140, align 4
-  store <8 x float> %517, ptr %443, align 4
-  %518 = load <8 x float>, ptr %acc1041, align 4
-  store <8 x float> %518, ptr %454, align 4
-  %519 = load <8 x float>, ptr %acc1142, align 4
-  store <8 x float> %519, ptr %457, align 4
-  %520 = load <8 x float>, ptr %acc2043, align 4
-  store <8 x float> %520, ptr %468, align 4
-  %521 = load <8 x float>, ptr %acc2144, align 4
-  store <8 x float> %521, ptr %471, align 4
+  %480 = load <8 x float>, ptr %acc0039, align 4
+  store <8 x float> %480, ptr %410, align 4
+  %481 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %481, ptr %412, align 4
+  %482 = load <8 x float>, ptr %acc1041, align 4
+  store <8 x float> %482, ptr %422, align 4
+  %483 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %483, ptr %424, align 4
+  %484 = load <8 x float>, ptr %acc2043, align 4
+  store <8 x float> %484, ptr %434, align 4
+  %485 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %485, ptr %436, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %col53 = mul nsw i64 %p, 16
-  %522 = add nsw i64 %r0, 0
-  %523 = mul nsw i64 %522, 1024
-  %524 = getelementptr inbounds float, ptr %h, i64 %523
-  %525 = getelementptr inbounds i32, ptr %rows, i64 %522
-  %526 = load i32, ptr %525, align 4
-  %527 = sext i32 %526 to i64
-  %528 = mul nsw i64 %527, 512
-  %529 = getelementptr inbounds float, ptr %y, i64 %528
-  %530 = add nsw i64 %col53, 0
-  %531 = getelementptr inbounds float, ptr %529, i64 %530
-  %532 = load <8 x float>, ptr %531, align 4
-  store <8 x float> %532, ptr %acc0054, align 4
-  %533 = add nsw i64 %col53, 8
-  %534 = getelementptr inbounds float, ptr %529, i64 %533
-  %535 = load <8 x float>, ptr %534, align 4
-  store <8 x float> %535, ptr %acc0155, align 4
-  %536 = add nsw i64 %r0, 1
-  %537 = mul nsw i64 %536, 1024
-  %538 = getelementptr inbounds float, ptr %h, i64 %537
-  %539 = getelementptr inbounds i32, ptr %rows, i64 %536
-  %540 = load i32, ptr %539, align 4
-  %541 = sext i32 %540 to i64
-  %542 = mul nsw i64 %541, 512
-  %543 = getelementptr inbounds float, ptr %y, i64 %542
-  %544 = add nsw i64 %col53, 0
-  %545 = getelementptr inbounds float, ptr %543, i64 %544
-  %546 = load <8 x float>, ptr %545, align 4
-  store <8 x float> %546, ptr %acc1056, align 4
-  %547 = add nsw i64 %col53, 8
-  %548 = getelementptr inbounds float, ptr %543, i64 %547
-  %549 = load <8 x float>, ptr %548, align 4
-  store <8 x float> %549, ptr %acc1157, align 4
+  %486 = add nsw i64 %r0, 0
+  %487 = mul nsw i64 %486, 1024
+  %488 = getelementptr inbounds float, ptr %h, i64 %487
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 512
+  %493 = getelementptr inbounds float, ptr %y, i64 %492
+  %494 = add nsw i64 %col53, 0
+  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  store <8 x float> zeroinitializer, ptr %acc0054, align 4
+  %496 = add nsw i64 %col53, 8
+  %497 = getelementptr inbounds float, ptr %493, i64 %496
+  store <8 x float> zeroinitializer, ptr %acc0155, align 4
+  %498 = add nsw i64 %r0, 1
+  %499 = mul nsw i64 %498, 1024
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 512
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col53, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  store <8 x float> zeroinitializer, ptr %acc1056, align 4
+  %508 = add nsw i64 %col53, 8
+  %509 = getelementptr inbounds float, ptr %505, i64 %508
+  store <8 x float> zeroinitializer, ptr %acc1157, align 4
   %panel.off58 = mul nsw i64 %p, 16384
-  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
-  %551 = add nsw i64 %p, 1
-  %552 = icmp slt i64 %551, %p1
-  %pf.on59 = and i1 %pf.on, %552
-  %553 = mul nsw i64 %pf.j, 65536
-  %554 = lshr i64 %553, %10
-  %555 = add nsw i64 65536, %554
-  %556 = getelementptr inbounds i8, ptr %550, i64 %555
-  %pf60 = select i1 %pf.on59, ptr %556, ptr %550
+  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  %511 = add nsw i64 %p, 1
+  %512 = icmp slt i64 %511, %p1
+  %pf.on59 = and i1 %pf.on, %512
+  %513 = mul nsw i64 %pf.j, 65536
+  %514 = lshr i64 %513, %10
+  %515 = add nsw i64 65536, %514
+  %516 = getelementptr inbounds i8, ptr %510, i64 %515
+  %pf60 = select i1 %pf.on59, ptr %516, ptr %510
   %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
   br label %k.head62
 
 k.head62:                                         ; preds = %k.body63, %tile.mr2
-  %k65 = phi i64 [ 0, %tile.mr2 ], [ %584, %k.body63 ]
-  %557 = icmp slt i64 %k65, 1024
-  br i1 %557, label %k.body63, label %k.end64
+  %k65 = phi i64 [ 0, %tile.mr2 ], [ %544, %k.body63 ]
+  %517 = icmp slt i64 %k65, 1024
+  br i1 %517, label %k.body63, label %k.end64
 
 k.body63:                                         ; preds = %k.head62
-  %558 = mul nsw i64 %k65, 16
-  %559 = add nsw i64 %panel.off58, %558
-  %560 = mul nsw i64 %k65, 64
-  %561 = lshr i64 %560, %pf.sh61
-  %562 = getelementptr inbounds i8, ptr %pf60, i64 %561
-  call void @llvm.prefetch.p0(ptr %562, i32 0, i32 2, i32 1)
-  %563 = getelementptr inbounds float, ptr %panels, i64 %559
-  %564 = load <8 x float>, ptr %563, align 4
-  %565 = add nsw i64 %559, 8
-  %566 = getelementptr inbounds float, ptr %panels, i64 %565
-  %567 = load <8 x float>, ptr %566, align 4
-  %568 = getelementptr inbounds float, ptr %524, i64 %k65
-  %569 = load float, ptr %568, align 4
-  %570 = insertelement <8 x float> poison, float %569, i32 0
-  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
-  %572 = load <8 x float>, ptr %acc0054, align 4
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
-  store <8 x float> %573, ptr %acc0054, align 4
-  %574 = load <8 x float>, ptr %acc0155, align 4
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
-  store <8 x float> %575, ptr %acc0155, align 4
-  %576 = getelementptr inbounds float, ptr %538, i64 %k65
-  %577 = load float, ptr %576, align 4
-  %578 = insertelement <8 x float> poison, float %577, i32 0
-  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
-  %580 = load <8 x float>, ptr %acc1056, align 4
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
-  store <8 x float> %581, ptr %acc1056, align 4
-  %582 = load <8 x float>, ptr %acc1157, align 4
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
-  store <8 x float> %583, ptr %acc1157, align 4
-  %584 = add nsw i64 %k65, 1
+  %518 = mul nsw i64 %k65, 16
+  %519 = add nsw i64 %panel.off58, %518
+  %520 = mul nsw i64 %k65, 64
+  %521 = lshr i64 %520, %pf.sh61
+  %522 = getelementptr inbounds i8, ptr %pf60, i64 %521
+  call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
+  %523 = getelementptr inbounds float, ptr %panels, i64 %519
+  %524 = load <8 x float>, ptr %523, align 4
+  %525 = add nsw i64 %519, 8
+  %526 = getelementptr inbounds float, ptr %panels, i64 %525
+  %527 = load <8 x float>, ptr %526, align 4
+  %528 = getelementptr inbounds float, ptr %488, i64 %k65
+  %529 = load float, ptr %528, align 4
+  %530 = insertelement <8 x float> poison, float %529, i32 0
+  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
+  %532 = load <8 x float>, ptr %acc0054, align 4
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %524, <8 x float> %532)
+  store <8 x float> %533, ptr %acc0054, align 4
+  %534 = load <8 x float>, ptr %acc0155, align 4
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> %534)
+  store <8 x float> %535, ptr %acc0155, align 4
+  %536 = getelementptr inbounds float, ptr %500, i64 %k65
+  %537 = load float, ptr %536, align 4
+  %538 = insertelement <8 x float> poison, float %537, i32 0
+  %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
+  %540 = load <8 x float>, ptr %acc1056, align 4
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %524, <8 x float> %540)
+  store <8 x float> %541, ptr %acc1056, align 4
+  %542 = load <8 x float>, ptr %acc1157, align 4
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %527, <8 x float> %542)
+  store <8 x float> %543, ptr %acc1157, align 4
+  %544 = add nsw i64 %k65, 1
   br label %k.head62
 
 k.end64:                                          ; preds = %k.head62
-  %585 = load <8 x float>, ptr %acc0054, align 4
-  store <8 x float> %585, ptr %531, align 4
-  %586 = load <8 x float>, ptr %acc0155, align 4
-  store <8 x float> %586, ptr %534, align 4
-  %587 = load <8 x float>, ptr %acc1056, align 4
-  store <8 x float> %587, ptr %545, align 4
-  %588 = load <8 x float>, ptr %acc1157, align 4
-  store <8 x float> %588, ptr %548, align 4
+  %545 = load <8 x float>, ptr %acc0054, align 4
+  store <8 x float> %545, ptr %495, align 4
+  %546 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %546, ptr %497, align 4
+  %547 = load <8 x float>, ptr %acc1056, align 4
+  store <8 x float> %547, ptr %507, align 4
+  %548 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %548, ptr %509, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %col66 = mul nsw i64 %p, 16
-  %589 = add nsw i64 %r0, 0
-  %590 = mul nsw i64 %589, 1024
-  %591 = getelementptr inbounds float, ptr %h, i64 %590
-  %592 = getelementptr inbounds i32, ptr %rows, i64 %589
-  %593 = load i32, ptr %592, align 4
-  %594 = sext i32 %593 to i64
-  %595 = mul nsw i64 %594, 512
-  %596 = getelementptr inbounds float, ptr %y, i64 %595
-  %597 = add nsw i64 %col66, 0
-  %598 = getelementptr inbounds float, ptr %596, i64 %597
-  %599 = load <8 x float>, ptr %598, align 4
-  store <8 x float> %599, ptr %acc0067, align 4
-  %600 = add nsw i64 %col66, 8
-  %601 = getelementptr inbounds float, ptr %596, i64 %600
-  %602 = load <8 x float>, ptr %601, align 4
-  store <8 x float> %602, ptr %acc0168, align 4
+  %549 = add nsw i64 %r0, 0
+  %550 = mul nsw i64 %549, 1024
+  %551 = getelementptr inbounds float, ptr %h, i64 %550
+  %552 = getelementptr inbounds i32, ptr %rows, i64 %549
+  %553 = load i32, ptr %552, align 4
+  %554 = sext i32 %553 to i64
+  %555 = mul nsw i64 %554, 512
+  %556 = getelementptr inbounds float, ptr %y, i64 %555
+  %557 = add nsw i64 %col66, 0
+  %558 = getelementptr inbounds float, ptr %556, i64 %557
+  store <8 x float> zeroinitializer, ptr %acc0067, align 4
+  %559 = add nsw i64 %col66, 8
+  %560 = getelementptr inbounds float, ptr %556, i64 %559
+  store <8 x float> zeroinitializer, ptr %acc0168, align 4
   %panel.off69 = mul nsw i64 %p, 16384
-  %603 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
-  %604 = add nsw i64 %p, 1
-  %605 = icmp slt i64 %604, %p1
-  %pf.on70 = and i1 %pf.on, %605
-  %606 = mul nsw i64 %pf.j, 65536
-  %607 = lshr i64 %606, %10
-  %608 = add nsw i64 65536, %607
-  %609 = getelementptr inbounds i8, ptr %603, i64 %608
-  %pf71 = select i1 %pf.on70, ptr %609, ptr %603
+  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  %562 = add nsw i64 %p, 1
+  %563 = icmp slt i64 %562, %p1
+  %pf.on70 = and i1 %pf.on, %563
+  %564 = mul nsw i64 %pf.j, 65536
+  %565 = lshr i64 %564, %10
+  %566 = add nsw i64 65536, %565
+  %567 = getelementptr inbounds i8, ptr %561, i64 %566
+  %pf71 = select i1 %pf.on70, ptr %567, ptr %561
   %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
   br label %k.head73
 
 k.head73:                                         ; preds = %k.body74, %tile.mr1
-  %k76 = phi i64 [ 0, %tile.mr1 ], [ %629, %k.body74 ]
-  %610 = icmp slt i64 %k76, 1024
-  br i1 %610, label %k.body74, label %k.end75
+  %k76 = phi i64 [ 0, %tile.mr1 ], [ %587, %k.body74 ]
+  %568 = icmp slt i64 %k76, 1024
+  br i1 %568, label %k.body74, label %k.end75
 
 k.body74:                                         ; preds = %k.head73
-  %611 = mul nsw i64 %k76, 16
-  %612 = add nsw i64 %panel.off69, %611
-  %613 = mul nsw i64 %k76, 64
-  %614 = lshr i64 %613, %pf.sh72
-  %615 = getelementptr inbounds i8, ptr %pf71, i64 %614
-  call void @llvm.prefetch.p0(ptr %615, i32 0, i32 2, i32 1)
-  %616 = getelementptr inbounds float, ptr %panels, i64 %612
-  %617 = load <8 x float>, ptr %616, align 4
-  %618 = add nsw i64 %612, 8
-  %619 = getelementptr inbounds float, ptr %panels, i64 %618
-  %620 = load <8 x float>, ptr %619, align 4
-  %621 = getelementptr inbounds float, ptr %591, i64 %k76
-  %622 = load float, ptr %621, align 4
-  %623 = insertelement <8 x float> poison, float %622, i32 0
-  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
-  %625 = load <8 x float>, ptr %acc0067, align 4
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %617, <8 x float> %625)
-  store <8 x float> %626, ptr %acc0067, align 4
-  %627 = load <8 x float>, ptr %acc0168, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %620, <8 x float> %627)
-  store <8 x float> %628, ptr %acc0168, align 4
-  %629 = add nsw i64 %k76, 1
+  %569 = mul nsw i64 %k76, 16
+  %570 = add nsw i64 %panel.off69, %569
+  %571 = mul nsw i64 %k76, 64
+  %572 = lshr i64 %571, %pf.sh72
+  %573 = getelementptr inbounds i8, ptr %pf71, i64 %572
+  call void @llvm.prefetch.p0(ptr %573, i32 0, i32 2, i32 1)
+  %574 = getelementptr inbounds float, ptr %panels, i64 %570
+  %575 = load <8 x float>, ptr %574, align 4
+  %576 = add nsw i64 %570, 8
+  %577 = getelementptr inbounds float, ptr %panels, i64 %576
+  %578 = load <8 x float>, ptr %577, align 4
+  %579 = getelementptr inbounds float, ptr %551, i64 %k76
+  %580 = load float, ptr %579, align 4
+  %581 = insertelement <8 x float> poison, float %580, i32 0
+  %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
+  %583 = load <8 x float>, ptr %acc0067, align 4
+  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %575, <8 x float> %583)
+  store <8 x float> %584, ptr %acc0067, align 4
+  %585 = load <8 x float>, ptr %acc0168, align 4
+  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %578, <8 x float> %585)
+  store <8 x float> %586, ptr %acc0168, align 4
+  %587 = add nsw i64 %k76, 1
   br label %k.head73
 
 k.end75:                                          ; preds = %k.head73
-  %630 = load <8 x float>, ptr %acc0067, align 4
-  store <8 x float> %630, ptr %598, align 4
-  %631 = load <8 x float>, ptr %acc0168, align 4
-  store <8 x float> %631, ptr %601, align 4
+  %588 = load <8 x float>, ptr %acc0067, align 4
+  store <8 x float> %588, ptr %558, align 4
+  %589 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %589, ptr %560, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
-  %632 = add nsw i64 %r0, 6
+  %590 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
-  %633 = add nsw i64 %p, 1
+  %591 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

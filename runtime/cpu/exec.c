@@ -408,11 +408,6 @@ static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned
 	(void)thread;
 	const struct moe_layer_w *lw = x->lw;
 	const struct moe_geom *g = &x->m->routed;
-	size_t H = x->d->hidden;
-	int64_t c0, c1;
-	cols_of(x, p0, p1, &c0, &c1);
-	for (size_t t = 0; t < x->ffn.out_rows; t++)
-		memset(x->ffn.out + t * H + c0, 0, (size_t)(c1 - c0) * sizeof(float));
 	for (uint32_t e = 0; e < x->d->n_experts; e++) {
 		int64_t n = x->ffn.counts[e];
 		if (!n)

@@ -10,7 +10,7 @@
 #include "moe_desc.h"
 #include "moe_ops.h"
 
-#define MOE_KERNELS_ABI 8
+#define MOE_KERNELS_ABI 9
 #define MOE_VW 8  /* floats per vector (AVX2 ymm) */
 #define MOE_MR 6  /* token rows per micro-tile */
 #define MOE_NR 16 /* values per k in one weight panel: two vectors */
@@ -183,10 +183,11 @@ typedef void moe_up_fn(const float *x, const int32_t *rows, const float *rw, int
 		       const void *panels, const float *bg, const float *bu, float *h, int64_t p0,
 		       int64_t p1);
 
-/* Down tile: y[rows[r], cols of p] += h[r, :] . down for rows [0, n) and down
+/* Down tile: y[rows[r], cols of p] = h[r, :] . down for rows [0, n) and down
  * panels [p0, p1), K in a fixed order so every output element sees the same
  * arithmetic whatever the tile; then + rw[r] * bd (bias, padded to ld_bias;
- * rw NULL means 1). */
+ * rw NULL means 1). The routed DOWN writes (each of its output rows belongs to
+ * one grouped row, summed later by the combine); SHARED_DOWN adds to y. */
 typedef void moe_down_fn(const float *h, const int32_t *rows, const float *rw, int64_t n,
 			 const void *panels, const float *bd, float *y, int64_t p0, int64_t p1);
 
@@ -402,7 +403,7 @@ struct moe_tile {
  * the Soft MoE slots. */
 struct moe_ffn_rows {
 	const float *in; /* [*, H] rows gathered through rows[] */
-	float *out;      /* [out_rows, H] the down tiles' output, zeroed first */
+	float *out;      /* [out_rows, H] the down tiles' output, written by them */
 	size_t out_rows;
 	const int32_t *rows;
 	const int32_t *out_map; /* the down tiles' output row of each row (NULL: rows) */
