@@ -158,6 +158,18 @@ static void staged_vs_forward(const struct moe_desc *d, size_t T, uint64_t seed)
 	h_model_close(&m);
 }
 
+/* DeepSeek-like routing: sigmoid scores with a selection bias, 4 groups of
+ * 4 experts, the best 2 groups by the sum of their top two. */
+static void deepseek_like(struct moe_desc *d)
+{
+	h_base_desc(d, 48, 16, 4, 24);
+	d->score = MOE_SCORE_SIGMOID;
+	d->select_bias = 1;
+	d->n_groups = 4;
+	d->group_top = 2;
+	d->group_score = MOE_GROUP_SCORE_SUM_TOP2;
+}
+
 static void test_staged_equals_forward(void **state)
 {
 	(void)state;
@@ -165,12 +177,7 @@ static void test_staged_equals_forward(void **state)
 	h_base_desc(&d, 53, 8, 2, 27); /* no multiples of 8 or 16 */
 	staged_vs_forward(&d, 37, 1);
 	/* DeepSeek-like: sigmoid scores, shared expert, groups */
-	h_base_desc(&d, 48, 16, 4, 24);
-	d.score = MOE_SCORE_SIGMOID;
-	d.select_bias = 1;
-	d.n_groups = 4;
-	d.group_top = 2;
-	d.group_score = MOE_GROUP_SCORE_SUM_TOP2;
+	deepseek_like(&d);
 	d.shared_count = 1;
 	d.shared_intermediate = 24;
 	d.scale = 2.5f;
@@ -299,12 +306,7 @@ static void test_stats_equal_forward(void **state)
 	h_base_desc(&d, 48, 8, 2, 24);
 	stats_vs_forward(&d, 53, 20, 11);
 	/* sigmoid scores with groups and a selection bias; bf16 activations */
-	h_base_desc(&d, 48, 16, 4, 24);
-	d.score = MOE_SCORE_SIGMOID;
-	d.select_bias = 1;
-	d.n_groups = 4;
-	d.group_top = 2;
-	d.group_score = MOE_GROUP_SCORE_SUM_TOP2;
+	deepseek_like(&d);
 	stats_vs_forward(&d, 41, 17, 12);
 	d.act_dtype = MOE_DTYPE_BF16;
 	stats_vs_forward(&d, 41, 1, 13);

@@ -290,10 +290,11 @@ static void up_store(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLV
  * spread over the panel's time rather than bunched. A tile at byte off of
  * its own panel prefetches base + (off >> sh): the next panel's slice
  * (base = pan + bytes + j * bytes / S, sh = log2 S) or, in the other tiles
- * (a single row block: decode, where the hardware's stream prefetch is
- * enough), its own line (base = pan, sh = 0). */
+ * (the row blocks past the first S, the last panel of the call, and a single
+ * row block: decode, where the hardware's stream prefetch is enough), its
+ * own line (base = pan, sh = 0). */
 struct pf {
-	LLVMValueRef base, sh; /* base NULL: no prefetch */
+	LLVMValueRef base, sh;
 };
 
 static struct pf panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
@@ -315,11 +316,27 @@ static struct pf panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValue
 /* Prefetch toward L2 the line for byte off of the tile's panel. */
 static void prefetch_at(struct moe_ll *g, struct pf pf, LLVMValueRef off)
 {
-	if (!pf.base)
-		return;
 	LLVMValueRef args[4] = {moe_ll_at(g, g->t_i8, pf.base, LLVMBuildLShr(g->b, off, pf.sh, "")),
 				moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
 	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+}
+
+/* The prefetches of a quantized block at byte boff of the panel: its
+ * header lines (scales, and offsets for int4: hdr bytes) here, its codes'
+ * lines by the caller's K loop (quant_code_prefetch). */
+static void quant_block_prefetch(struct moe_ll *g, struct pf pf, LLVMValueRef boff, int64_t hdr)
+{
+	for (int64_t o = 0; o < hdr; o += 64)
+		prefetch_at(g, pf, LLVMBuildNSWAdd(g->b, boff, moe_ll_i64c(g, o), ""));
+}
+
+/* The prefetch of the codes at byte off past the header of that block. */
+static void quant_code_prefetch(struct moe_ll *g, struct pf pf, LLVMValueRef boff, int64_t hdr,
+				LLVMValueRef off)
+{
+	LLVMBuilderRef b = g->b;
+	prefetch_at(g, pf,
+		    LLVMBuildNSWAdd(b, boff, LLVMBuildNSWAdd(b, moe_ll_i64c(g, hdr), off, ""), ""));
 }
 
 /* panel_prefetch for the f32-compute tiles: panels holds f32, f16 or bf16
@@ -979,21 +996,15 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
 	LLVMValueRef boff = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off");
 	LLVMValueRef blk = moe_ll_at(g, g->t_i8, pan, boff);
-	for (int64_t o = 0; o < (i4 ? 128 : 64); o += 64)
-		prefetch_at(g, pf, LLVMBuildNSWAdd(b, boff, moe_ll_i64c(g, o), ""));
+	quant_block_prefetch(g, pf, boff, i4 ? 128 : 64);
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
 	for (int r = 0; r < mr; r++)
 		for (int c = 0; c < nch; c++)
 			moe_ll_st(g, LLVMConstNull(t16), accg[r][c]);
 	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, i4 ? 128 : 64));
 	moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, f->group), nch, "kq");
-	prefetch_at(
-	    g, pf,
-	    LLVMBuildNSWAdd(
-		b, boff,
-		LLVMBuildNSWAdd(b, moe_ll_i64c(g, i4 ? 128 : 64),
-				LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, nib ? 8 : 16), ""), ""),
-		""));
+	quant_code_prefetch(g, pf, boff, i4 ? 128 : 64,
+			    LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, nib ? 8 : 16), ""));
 	LLVMValueRef w[4];
 	if (nib) {
 		/* 16 bytes per input pair: the even input in the low nibbles */
@@ -1228,8 +1239,7 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
 	LLVMValueRef boff = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off");
 	LLVMValueRef blk = moe_ll_at(g, g->t_i8, pan, boff);
-	for (int64_t o = 0; o < (i4 ? 128 : 64); o += 64)
-		prefetch_at(g, pf, LLVMBuildNSWAdd(b, boff, moe_ll_i64c(g, o), ""));
+	quant_block_prefetch(g, pf, boff, i4 ? 128 : 64);
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, f->group), "k0");
 	for (int r = 0; r < mr; r++)
 		for (int c = 0; c < nch; c++)
@@ -1241,10 +1251,7 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 		LLVMValueRef kr = LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, u), "");
 		LLVMValueRef coff = LLVMBuildNSWMul(b, kr, moe_ll_i64c(g, 64), "");
 		LLVMValueRef w = moe_ll_ld(g, ti, moe_ll_at(g, g->t_i8, codes, coff));
-		prefetch_at(
-		    g, pf,
-		    LLVMBuildNSWAdd(
-			b, boff, LLVMBuildNSWAdd(b, coff, moe_ll_i64c(g, i4 ? 128 : 64), ""), ""));
+		quant_code_prefetch(g, pf, boff, i4 ? 128 : 64, coff);
 		LLVMValueRef ws[2] = {w, NULL};
 		if (i4) {
 			ws[0] = LLVMBuildAnd(b, w, lo, "lo");
