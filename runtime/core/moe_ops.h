@@ -85,9 +85,9 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
 	X(SOFT_D, "soft_d")     /* [S, T] f32 dispatch weights */                                  \
 	X(SOFT_XS, "soft_xs")   /* [S, H] f32 slot inputs */                                       \
 	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */                                      \
-	X(SLOT_ROW, "slot_row") /* [T, W] i64 grouped row of each slot (-1: none) */               \
-	X(DROWS, "drows")       /* [T * W] i32 identity: the down op's output row of each row */   \
-	X(ROWS_Y, "rows_y")     /* [T * W, H] f32 each grouped row's expert output */
+	X(SLOT_ROW, "slot_row") /* [T, W] i64 row of rows_y of each slot (-1: none) */            \
+	X(DROWS, "drows")       /* [T * W] i32 the slot of each grouped row: its row of rows_y */   \
+	X(ROWS_Y, "rows_y")     /* [T * W, H] f32 each slot's expert output, in slot order */
 
 #define MOE_ENUM_X_MOE_BUF_(v, s) MOE_BUF_##v,
 MOE_DEFINE_ENUM(moe_buf, MOE_BUF_, MOE_BUFS);

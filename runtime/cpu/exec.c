@@ -267,8 +267,10 @@ static enum moe_status begin_group(struct moe_exec *x)
 			int64_t row = ws->offsets[e] + fill[e]++;
 			ws->rows[row] = (int32_t)t;
 			ws->row_w[row] = !ws->slot_row || w_in ? ws->wts[s] : 1.0f;
-			if (ws->slot_row)
-				ws->slot_row[s] = row;
+			if (ws->slot_row) { /* the down writes the row as slot s */
+				ws->slot_row[s] = (int64_t)s;
+				ws->drows[row] = (int32_t)s;
+			}
 		}
 	free(fill);
 	if (d->overflow == MOE_OVERFLOW_PASSTHROUGH && n_pass && x->kept_set) {
@@ -290,12 +292,11 @@ static enum moe_status begin_group(struct moe_exec *x)
 				       .counts = ws->counts,
 				       .offsets = ws->offsets,
 				       .h = ws->h};
-	if (ws->slot_row) { /* the down op writes one row per row; the combine sums them */
-		int64_t n = ws->offsets[E];
-		for (int64_t r = 0; r < n; r++)
-			ws->drows[r] = (int32_t)r;
+	if (ws->slot_row) {
+		/* the down op writes each row's output as its slot's row of rows_y,
+		 * [T, W, H] in slot order, so the combine reads it in order */
 		x->ffn.out = ws->rows_y;
-		x->ffn.out_rows = (size_t)n;
+		x->ffn.out_rows = T * W;
 		x->ffn.out_map = ws->drows;
 		x->c_ry = ws->rows_y;
 		x->c_slot_row = ws->slot_row;
@@ -421,6 +422,24 @@ static void run_expert_down(struct moe_exec *x, int64_t p0, int64_t p1, unsigned
 	}
 }
 
+/* Tokens ahead of the one summed whose slot rows the combine prefetches: the
+ * rows came from the down tiles of every expert, mostly out of cache. */
+#define COMBINE_AHEAD 4
+
+static void combine_prefetch(const struct moe_exec *x, size_t t, int64_t c0, int64_t c1)
+{
+	size_t H = x->d->hidden, W = moe_desc_route_width(x->d);
+	for (size_t k = 0; k < W; k++) {
+		size_t s = t * W + k;
+		int64_t row = x->c_slot_row ? x->c_slot_row[s] : (int64_t)s;
+		if (row < 0)
+			continue;
+		const float *r = x->c_ry + (size_t)row * H;
+		for (int64_t c = c0; c < c1; c += 16)
+			__builtin_prefetch(r + c, 0, 3);
+	}
+}
+
 /* y = each token's slot outputs, weighted, summed in slot order k = 0..W-1
  * whatever expert, rank or thread computed them: the staged calls and the
  * forward share this op, so their results are the same bits. */
@@ -434,6 +453,8 @@ static void run_combine(struct moe_exec *x, int64_t p0, int64_t p1, unsigned thr
 		float *yr = x->y + t * H;
 		for (int64_t c = c0; c < c1; c++)
 			yr[c] = 0.0f;
+		if (t + COMBINE_AHEAD < x->T)
+			combine_prefetch(x, t + COMBINE_AHEAD, c0, c1);
 		for (size_t k = 0; k < W; k++) {
 			size_t s = t * W + k;
 			int64_t row = x->c_slot_row ? x->c_slot_row[s] : (int64_t)s;
