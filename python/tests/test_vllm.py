@@ -1,4 +1,5 @@
-"""moegen.vllm against vLLM's own CPU experts (vllm_check.py does the work).
+"""moegen.vllm against vLLM's own CPU experts: in one process (vllm_check.py)
+and in two, data + expert parallel through vLLM's all-to-all (vllm_ep_check.py).
 
 vLLM is far too big for the test virtual environment: the check runs with the
 Python of a separate environment that has it — this Python when it imports
@@ -24,14 +25,24 @@ def vllm_python():
     return py if os.path.exists(py) else None
 
 
-def test_vllm_experts_match_vllm_cpu_experts(moegen_cmd, repo):
+def check(script, moegen_cmd, repo):
+    """Run script with the vLLM Python; it must exit 0 and end with OK."""
     py = vllm_python()
     if py is None:
         pytest.skip("vllm is not installed here and no vLLM environment at $MOE_VLLM_VENV or "
                     "~/.cache/moegen/vllm-venv (docs/python.md, 'vLLM', says how to make one)")
     env = dict(os.environ, MOEGEN=moegen_cmd, PYTHONPATH=str(repo / "python"),
                VLLM_TARGET_DEVICE="cpu")
-    r = subprocess.run([py, str(HERE / "vllm_check.py")], env=env, capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run([py, str(HERE / script)], env=env, capture_output=True, text=True,
+                       timeout=900)
     print(r.stdout)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("OK"), r.stdout + r.stderr[-4000:]
+
+
+def test_vllm_experts_match_vllm_cpu_experts(moegen_cmd, repo):
+    check("vllm_check.py", moegen_cmd, repo)
+
+
+def test_vllm_dp_ep_all2all_drives_moegen_experts(moegen_cmd, repo):
+    """DP=2 / EP=2 in two processes through vLLM's allgather-reducescatter path."""
+    check("vllm_ep_check.py", moegen_cmd, repo)

@@ -27,13 +27,17 @@ from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import (
 
 from moegen.vllm import MoegenExperts, _compile, experts_spec
 
-CACHE = tempfile.mkdtemp(prefix="moegen-vllm-")  # fresh libraries, compiled by $MOEGEN
+CACHE = None  # fresh libraries, compiled by $MOEGEN: a temporary folder made by main()
 
 
-def config(E, k, H, I, act, dtype, ep_size=1, ep_rank=0):
-    pc = FusedMoEParallelConfig.make_no_parallel()
-    if ep_size > 1:
-        pc.use_ep, pc.ep_size, pc.ep_rank = True, ep_size, ep_rank
+def config(E, k, H, I, act, dtype, ep_size=1, ep_rank=0, pc=None):
+    """The layer's FusedMoEConfig: pc, vLLM's parallel config of the layer, or
+    no parallelism (with ep_size > 1: expert parallelism alone)."""
+    if pc is None:
+        pc = FusedMoEParallelConfig.make_no_parallel()
+        if ep_size > 1:
+            pc.use_ep, pc.ep_size, pc.ep_rank = True, ep_size, ep_rank
+    ep_size = pc.ep_size if pc.use_ep else 1
     return FusedMoEConfig(num_experts=E, experts_per_token=k, hidden_dim=H,
                           intermediate_size=I, num_local_experts=E // ep_size,
                           num_logical_experts=E, activation=act, device="cpu",
@@ -68,15 +72,20 @@ def formulas(x, w13, w2, tw, ti, act, I):
     return y
 
 
-def case(name, E, k, H, I, T, act, dtype, seed):
+def data(E, k, H, I, T, dtype, seed):
+    """T tokens x, the weights w13, w2 (in dtype), and the top-k weights (f32,
+    renormalized) and ids (int32) of a random softmax router."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
     logits = torch.randn(T, E, generator=g)
     tw, ti = torch.topk(torch.softmax(logits, -1), k, dim=-1)
-    tw = (tw / tw.sum(-1, keepdim=True)).to(torch.float32)
-    ti = ti.to(torch.int32)
+    return x, w13, w2, (tw / tw.sum(-1, keepdim=True)).to(torch.float32), ti.to(torch.int32)
+
+
+def case(name, E, k, H, I, T, act, dtype, seed):
+    x, w13, w2, tw, ti = data(E, k, H, I, T, dtype, seed)
 
     cfg = config(E, k, H, I, act, dtype)
     ref_layer, ours_layer = Layer(w13, w2), Layer(w13, w2)
@@ -143,6 +152,8 @@ def case(name, E, k, H, I, T, act, dtype, seed):
 
 
 def main():
+    global CACHE
+    CACHE = tempfile.mkdtemp(prefix="moegen-vllm-")
     torch.set_num_threads(2)
     ok = True
     ok &= case("f32 silu E8 k2 H64 I32", 8, 2, 64, 32, 37, MoEActivation.SILU, torch.float32, 1)
