@@ -507,9 +507,6 @@ static void test_unsupported_values(void **state)
 		    "{\"quant_method\": \"gptq\", \"bits\": 8, \"group_size\": 128}",
 		    "unsupported quantization_config.bits 8 for quant_method gptq",
 		    "(supported: 4)");
-	mutate_fail("qwen3_moe", "quantization_config",
-		    "{\"quant_method\": \"gptq\", \"bits\": 4, \"desc_act\": true}",
-		    "unsupported quantization_config.desc_act true", "act-order");
 	mutate_fail("mixtral", "quantization_config",
 		    "{\"quant_method\": \"awq\", \"bits\": 4, \"version\": \"gemv\"}",
 		    "unsupported quantization_config.version 'gemv'", "(supported: gemm)");

@@ -305,7 +305,7 @@ static const char *tmp_file(const char *name)
 	return p;
 }
 
-static void kept_vs_dequant(struct moe_desc *d, const char *file)
+static void kept_vs_dequant(struct moe_desc *d, const char *file, double tol)
 {
 	size_t T = 29, H = d->hidden;
 	float *x = malloc(T * H * 4), *y[2] = {malloc(T * H * 4), malloc(T * H * 4)};
@@ -314,9 +314,12 @@ static void kept_vs_dequant(struct moe_desc *d, const char *file)
 	h_fill_input(x, T * H, 12);
 	struct moe_qfmt kept[MOE_QMAT_COUNT];
 	memcpy(kept, d->qfmt, sizeof kept);
+	enum moe_compute compute = d->compute;
 	for (int v = 0; v < 2; v++) {
-		if (v)
+		if (v) { /* dequantized at load, f32 arithmetic */
 			memset(d->qfmt, 0, sizeof d->qfmt);
+			d->compute = MOE_COMPUTE_AUTO;
+		}
 		struct h_model m;
 		char err[512];
 		assert_int_equal(h_model_open(d, &m, err, sizeof err), 0);
@@ -330,6 +333,7 @@ static void kept_vs_dequant(struct moe_desc *d, const char *file)
 		h_model_close(&m);
 	}
 	memcpy(d->qfmt, kept, sizeof kept);
+	d->compute = compute;
 	assert_memory_equal(ids[0], ids[1], T * d->top_k * 4);
 	double emax = 0, rmax = 0;
 	for (size_t i = 0; i < T * H; i++) {
@@ -337,7 +341,7 @@ static void kept_vs_dequant(struct moe_desc *d, const char *file)
 		rmax = fmax(rmax, fabs((double)y[1][i]));
 	}
 	assert_true(rmax > 0);
-	assert_true(emax <= H_TOL * rmax);
+	assert_true(emax <= tol * rmax);
 	free(x), free(y[0]), free(y[1]), free(ids[0]), free(ids[1]);
 }
 
@@ -419,7 +423,7 @@ static void test_load_fp8_kept(void **state)
 	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
 	for (size_t i = 0; i < n; i++)
 		free(bufs[i]);
-	kept_vs_dequant(&d, file);
+	kept_vs_dequant(&d, file, H_TOL);
 	/* a tile narrower than the group cannot be kept as it is */
 	d.qfmt[MOE_QMAT_UP].group = 128;
 	struct h_model m;
@@ -496,7 +500,7 @@ static void test_load_mxfp4_kept(void **state)
 	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
 	for (size_t i = 0; i < n; i++)
 		free(bufs[i]);
-	kept_vs_dequant(&d, file);
+	kept_vs_dequant(&d, file, H_TOL);
 }
 
 /* A GPTQ (v1) checkpoint: per expert X.qweight [K/8, N] int32, X.qzeros
@@ -510,9 +514,26 @@ static void pack_le32(uint8_t *p, uint32_t w)
 		p[i] = (uint8_t)(w >> (8 * i));
 }
 
-static void test_load_gptq_kept(void **state)
+enum { GPTQ_NT = 2 * (1 + 4 * 3 * 4) };
+
+/* The input of rank j of a permutation drawn from key over K inputs
+ * (Fisher-Yates on the hash): act-order's input order. */
+static void act_order_perm(uint64_t key, uint32_t K, uint32_t *p)
 {
-	(void)state;
+	for (uint32_t k = 0; k < K; k++)
+		p[k] = k;
+	for (uint32_t k = K - 1; k > 0; k--) {
+		uint32_t j = (uint32_t)(moe_rng_hash(81, key + k, 1, 2) % (k + 1)), v = p[k];
+		p[k] = p[j], p[j] = v;
+	}
+}
+
+/* The GPTQ tensors of two layers into t (names and buffers beside it);
+ * act: g_idx from an act order (input p[j] in group j / GS), one order per
+ * expert for gate and up (they share the input) and one for down. */
+static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t, char (*names)[48],
+			   void **bufs)
+{
 	struct moe_desc d;
 	h_base_desc(&d, 64, 4, 2, 32);
 	uint32_t H = d.hidden, I = d.intermediate, E = d.n_experts, GS = 16;
@@ -529,11 +550,9 @@ static void test_load_gptq_kept(void **state)
 	}
 	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_INT4, GS, 1);
 	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_INT4, GS, 1);
-	enum { NT = 2 * (1 + 4 * 3 * 4) };
-	struct moe_st_tensor t[NT];
-	char names[NT][48];
-	void *bufs[NT];
+	*p = d;
 	size_t n = 0;
+	uint32_t order[64];
 	for (uint32_t L = 0; L < 2; L++) {
 		float *r = malloc((size_t)E * H * 4);
 		assert_non_null(r);
@@ -563,8 +582,11 @@ static void test_load_gptq_kept(void **state)
 				for (uint64_t j = 0; j < G * N; j++)
 					sc[j] = (uint16_t)((j % 3 ? 0 : 0x8000) | (9u << 10) |
 							   (uint16_t)((j * 37 + e) % 1024));
-				for (uint64_t k = 0; k < K; k++)
-					gi[k] = (int32_t)(k / GS);
+				if (act && i != 1) /* up shares gate's order */
+					act_order_perm(((L * 8 + e) * 4 + (uint64_t)i) << 20,
+						       (uint32_t)K, order);
+				for (uint64_t j = 0; j < K; j++)
+					gi[act ? order[j] : j] = (int32_t)(j / GS);
 				const char *sfx[4] = {"qweight", "qzeros", "scales", "g_idx"};
 				void *data[4] = {qw, qz, sc, gi};
 				enum moe_st_dtype dt[4] = {MOE_ST_I32, MOE_ST_I32, MOE_ST_F16,
@@ -583,11 +605,23 @@ static void test_load_gptq_kept(void **state)
 				}
 			}
 	}
-	assert_int_equal(n, NT);
+	assert_int_equal(n, GPTQ_NT);
+	return n;
+}
+
+static void test_load_gptq_kept(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	struct moe_st_tensor t[GPTQ_NT];
+	char names[GPTQ_NT][48];
+	void *bufs[GPTQ_NT];
+	size_t n = gptq_tensors(&d, 0, t, names, bufs);
+	uint32_t H = d.hidden;
 	const char *file = tmp_file("gptq.safetensors");
 	char err[256];
 	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
-	kept_vs_dequant(&d, file);
+	kept_vs_dequant(&d, file, H_TOL);
 
 	struct h_model m;
 	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
@@ -641,6 +675,27 @@ static void test_load_gptq_kept(void **state)
 	h_model_close(&m);
 }
 
+/* Act-order GPTQ (desc_act: a g_idx that is not k / group): the kept codes,
+ * read in group order with each expert's inputs gathered in that order (f32
+ * and int8 compute), against the same file dequantized at load. */
+static void test_load_gptq_act_order(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	struct moe_st_tensor t[GPTQ_NT];
+	char names[GPTQ_NT][48];
+	void *bufs[GPTQ_NT];
+	size_t n = gptq_tensors(&d, 1, t, names, bufs);
+	const char *file = tmp_file("gptq-act.safetensors");
+	char err[256];
+	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
+	kept_vs_dequant(&d, file, H_TOL);
+	d.compute = MOE_COMPUTE_INT8;
+	kept_vs_dequant(&d, file, MOE_INT8_COMPUTE_TOL);
+	for (size_t i = 0; i < n; i++)
+		free(bufs[i]);
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -656,6 +711,7 @@ int main(void)
 	    cmocka_unit_test(test_invariant),          cmocka_unit_test(test_load_refused),
 	    cmocka_unit_test(test_load_fp8_kept),      cmocka_unit_test(test_load_mxfp4_kept),
 	    cmocka_unit_test(test_load_gptq_kept),
+	    cmocka_unit_test(test_load_gptq_act_order),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -668,13 +668,7 @@ static void quant_gptq(struct imp *m, const cJSON *q, const char *qpre)
 	long g;
 	if (!int4_bits_group(m, q, qpre, "gptq", &g))
 		return;
-	if (opt_bool(m, q, qpre, "desc_act", 0)) {
-		err(m,
-		    "unsupported %sdesc_act true: act-order checkpoints (a permuted g_idx) are not "
-		    "read",
-		    qpre);
-		return;
-	}
+	int act = opt_bool(m, q, qpre, "desc_act", 0);
 	if (opt_bool(m, q, qpre, "is_marlin_format", 0)) {
 		err(m, "unsupported %sis_marlin_format true (supported: the gptq layout)", qpre);
 		return;
@@ -701,9 +695,13 @@ static void quant_gptq(struct imp *m, const cJSON *q, const char *qpre)
 	note(m,
 	     "Checkpoint quantization: GPTQ int4 (checkpoint_format %s, sym %s) expert matrices "
 	     "X.qweight [K/8, N] int32 (8 codes along K, low nibble first), X.qzeros [G, N/8], "
-	     "X.scales [G, N] f16, X.g_idx (must be k / group: no act-order); one group per %s. "
+	     "X.scales [G, N] f16, X.g_idx (%s); one group per %s. "
 	     "%s. The router is read unquantized. Kept in int4 by the kernels (quant:).",
-	     fmt, sym ? "true" : "false", gs,
+	     fmt, sym ? "true" : "false",
+	     act ? "desc_act true: the group of each input, any order; the kernels read the "
+		   "codes in group order and gather each expert's inputs in that order"
+		 : "k / group, or act-order",
+	     gs,
 	     v2 ? "W = s * (q - z), z the stored zero point"
 		: "W = s * (q - (z + 1)), z the stored zero point (the v1 format stores the zero "
 		  "point minus one)");

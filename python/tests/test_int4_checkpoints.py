@@ -1,5 +1,5 @@
-"""int4 checkpoints as Hugging Face stores them (GPTQ, AWQ gemm,
-compressed-tensors pack-quantized): a tiny qwen3_moe checkpoint is packed
+"""int4 checkpoints as Hugging Face stores them (GPTQ with and without act-order,
+AWQ gemm, compressed-tensors pack-quantized): a tiny qwen3_moe checkpoint is packed
 here by packers written from each library's documented layout (not moegen's
 code), imported with its quantization_config, compiled and loaded. The
 experts dequantized at load equal the formula bit for bit (the same layer in
@@ -41,30 +41,38 @@ def awq_pack(a):
 
 def make(fmt, group, rng):
     """One [N, K] matrix per projection: (tensors beside PREFIX, W in f32).
-    q are the codes 0..15, z the zero points the formula subtracts."""
+    q are the codes 0..15, z the zero points the formula subtracts. gptq_act
+    (desc_act): input k is in group g_idx[k], its rank in a random order over
+    K // g (one order for gate and up, which see the same input, one for
+    down), as GPTQ's act-order writes it."""
     out = {}
+    orders = {K: rng.permutation(K) for K in (H, I)}
     for proj, (N, K) in PROJ.items():
         g = group or K
         G = K // g
+        gi = np.arange(K) // g
+        if fmt == "gptq_act":
+            gi = np.empty(K, np.int64)
+            gi[orders[K]] = np.arange(K) // g
         q = rng.integers(0, 16, (N, K))
         s = (rng.uniform(0.5, 1.0, (N, G)) / 64).astype(np.float16)
         s[rng.random((N, G)) < 0.3] *= -1
         if fmt == "ct_sym":
             z = np.full((N, G), 8)
-        elif fmt == "gptq":  # v1 stores z - 1: z is stored + 1 (1..16)
+        elif fmt in ("gptq", "gptq_act"):  # v1 stores z - 1: z is stored + 1 (1..16)
             stored = rng.integers(0, 16, (N, G))
             z = stored + 1
         else:
             z = rng.integers(0, 16, (N, G))
-        W = (s.astype(np.float64).repeat(g, axis=1) * (q - z.repeat(g, axis=1)))
+        W = s.astype(np.float64)[:, gi] * (q - z[:, gi])
         W32 = W.astype(np.float32)
         assert np.array_equal(W32.astype(np.float64), W)  # exact in f32
         t = {}
-        if fmt in ("gptq", "gptq_v2"):
+        if fmt in ("gptq", "gptq_v2", "gptq_act"):
             t["qweight"] = pack8(q.T, 0)  # [K/8, N]
-            t["qzeros"] = pack8((stored if fmt == "gptq" else z).T, 1)  # [G, N/8]
+            t["qzeros"] = pack8((z if fmt == "gptq_v2" else stored).T, 1)  # [G, N/8]
             t["scales"] = np.ascontiguousarray(s.T)  # [G, N]
-            t["g_idx"] = (np.arange(K) // g).astype(np.int32)
+            t["g_idx"] = gi.astype(np.int32)
         elif fmt == "awq":
             t["qweight"] = awq_pack(q.T)  # [K, N/8]
             t["qzeros"] = awq_pack(z.T)  # [G, N/8]
@@ -80,9 +88,10 @@ def make(fmt, group, rng):
 
 
 def qconfig(fmt, group):
-    if fmt in ("gptq", "gptq_v2"):
+    if fmt in ("gptq", "gptq_v2", "gptq_act"):
         return {"quant_method": "gptq", "bits": 4, "group_size": group or -1,
-                "desc_act": False, "sym": False, "checkpoint_format": fmt}
+                "desc_act": fmt == "gptq_act", "sym": False,
+                "checkpoint_format": "gptq_v2" if fmt == "gptq_v2" else "gptq"}
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm",
                 "zero_point": True}
@@ -137,8 +146,8 @@ def build(tmp_path, moegen_cmd, name, cfg, drop_quant=False):
     return moegen.compile(spec, tmp_path / (name + ".so"), moegen=moegen_cmd), text
 
 
-CASES = [("gptq", 32), ("gptq_v2", 32), ("gptq", 0), ("awq", 32), ("ct_sym", 32),
-         ("ct_asym", 32), ("ct_sym", 0)]
+CASES = [("gptq", 32), ("gptq_v2", 32), ("gptq", 0), ("gptq_act", 32), ("awq", 32),
+         ("ct_sym", 32), ("ct_asym", 32), ("ct_sym", 0)]
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
@@ -147,7 +156,8 @@ def test_int4_checkpoint(tmp_path, moegen_cmd, fmt, group):
     kept, text = build(tmp_path, moegen_cmd, "kept", config(qconfig(fmt, group)))
     zero = "false" if fmt == "ct_sym" else "true"
     assert "experts: {kind: int4, group: %d, zero: %s}" % (group, zero) in text
-    kind = {"ct_sym": "pack_quantized", "ct_asym": "pack_quantized"}.get(fmt, fmt)
+    kind = {"ct_sym": "pack_quantized", "ct_asym": "pack_quantized",
+            "gptq_act": "gptq"}.get(fmt, fmt)
     assert "kind: %s" % kind in text
     deq, _ = build(tmp_path, moegen_cmd, "deq", config(qconfig(fmt, group)), drop_quant=True)
     f32, _ = build(tmp_path, moegen_cmd, "f32", config(None))
@@ -188,7 +198,8 @@ def test_int4_bad_tensors(tmp_path, moegen_cmd):
     cases = {
         "scales": (lambda t: t[:-1], "expected shape"),
         "qzeros": (lambda t: t[:, :-1], "expected shape"),
-        "g_idx": (lambda t: t[::-1].copy(), "act-order"),
+        "g_idx": (lambda t: np.where(np.arange(t.size) == 0, 1, t).astype(np.int32),
+                  "g_idx gives group 0 31 inputs, not the group size 32"),
     }
     for key, (f, want) in cases.items():
         t = dict(qt)
@@ -202,6 +213,17 @@ def test_int4_bad_tensors(tmp_path, moegen_cmd):
         t[name + ".scales"] = s
         msg = corrupt_load(tmp_path, moegen_cmd, t)
         assert word in msg and name + ".scales" in msg and "output 3, group 1" in msg, msg
+    t = dict(qt)
+    t[name + ".g_idx"] = np.full(I, 3, np.int32)  # I = 96: groups 0..2
+    msg = corrupt_load(tmp_path, moegen_cmd, t)
+    assert "g_idx[0] is 3, not a group (0..2)" in msg and name + ".g_idx" in msg, msg
+    # act-order: gate and up read one input, so one order
+    _, _, qa = write_model(tmp_path, "gptq_act", 32, seed=7)
+    t = dict(qa)
+    up = "model.layers.1.mlp.experts.2.up_proj.g_idx"
+    t[up] = np.roll(t[up], 1)
+    msg = corrupt_load(tmp_path, moegen_cmd, t, fmt="gptq_act")
+    assert "layer 1, expert 2: the act-order g_idx of gate and up differ" in msg, msg
     t = dict(qt)
     del t[name + ".qzeros"]
     msg = corrupt_load(tmp_path, moegen_cmd, t)
@@ -229,7 +251,6 @@ def test_int4_truncated_file(tmp_path, moegen_cmd):
 @pytest.mark.parametrize("qc,key", [
     ({"quant_method": "gptq", "bits": 8, "group_size": 32}, "bits 8"),
     ({"quant_method": "gptq", "bits": 3, "group_size": 32}, "bits 3"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}, "desc_act"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "marlin"},
      "checkpoint_format 'marlin'"),
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "version 'gemv'"),

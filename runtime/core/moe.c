@@ -367,6 +367,7 @@ struct st_ctx {
 	 * and scales in qt, from row qrow0 on (NULL: only the f32 values) */
 	struct moe_ref_qtensor *qt;
 	uint64_t qrow0;
+	int fused; /* reading a fused gate_up tensor (no act-order there) */
 	char err[1024];
 };
 
@@ -609,11 +610,12 @@ static int read_quant(struct st_ctx *c, const struct moe_st_tensor *t, const cha
  * pack_quantized; moe_unpack_int4 has the layouts): the codes `name`
  * (PREFIX.qweight or PREFIX.weight_packed) of one [N, K] matrix, the scales
  * named by scale_names[role], and beside the codes PREFIX.qzeros (gptq, awq),
- * PREFIX.g_idx (gptq, optional: only the trivial k / group is read; act-order
- * is refused), PREFIX.weight_zero_point (optional) and PREFIX.weight_shape
- * (pack_quantized, optional). Shapes, dtypes and scales (finite, nonzero) are
- * checked before anything is kept; the codes go to c->qt from row c->qrow0
- * when the role is kept, and out gets W = code * s + offset. */
+ * PREFIX.g_idx (gptq, optional; act_order has its forms),
+ * PREFIX.weight_zero_point (optional) and PREFIX.weight_shape (pack_quantized,
+ * optional). Shapes, dtypes and scales (finite, nonzero) are checked before
+ * anything is kept; the codes go to c->qt from row c->qrow0 when the role is
+ * kept (act-order: in group order, with the permutation), and out gets W =
+ * code * s + offset in input order. */
 struct int4_buf {
 	const struct moe_st_tensor *t;
 	void *data;
@@ -651,6 +653,114 @@ static int int4_check(struct st_ctx *c, const struct moe_st_tensor *t, enum moe_
 		 "%s: %s '%s' (%s, layer %u, %s): expected shape %s, found %s", file, what, t->name,
 		 moe_role_names[role], c->layer, moe_quant_names[c->d->layouts[role].quant], w, f);
 	return -1;
+}
+
+/* A GPTQ g_idx [K] (group of input k): k / gs (*perm = NULL), or act-order
+ * (desc_act): any assignment that gives each of the G groups gs inputs, read
+ * through *perm, the inputs sorted by group (input order within a group). */
+static int act_order(struct st_ctx *c, const struct moe_st_tensor *x, const uint8_t *xb,
+		     enum moe_role role, uint64_t K, uint64_t gs, int32_t **perm)
+{
+	uint64_t G = K / gs;
+	int32_t *v = malloc(K * sizeof *v), *p = malloc(K * sizeof *p);
+	uint64_t *fill = calloc(G, sizeof *fill);
+	const char *file = x->file ? x->file : "(memory)";
+	int trivial = 1, rc = -1;
+	*perm = NULL;
+	if (!v || !p || !fill) {
+		snprintf(c->err, sizeof c->err, "out of memory");
+		goto done;
+	}
+	for (uint64_t k = 0; k < K; k++) {
+		memcpy(&v[k], xb + 4 * k, 4); /* little-endian I32, like every reader here */
+		if (v[k] < 0 || (uint64_t)v[k] >= G) {
+			snprintf(c->err, sizeof c->err,
+				 "%s: tensor '%s' (%s, layer %u): g_idx[%llu] is %d, not a group "
+				 "(0..%llu)",
+				 file, x->name, moe_role_names[role], c->layer, (unsigned long long)k,
+				 v[k], (unsigned long long)(G - 1));
+			goto done;
+		}
+		trivial &= (uint64_t)v[k] == k / gs;
+		fill[v[k]]++;
+	}
+	for (uint64_t g = 0; g < G; g++)
+		if (fill[g] != gs) {
+			snprintf(c->err, sizeof c->err,
+				 "%s: tensor '%s' (%s, layer %u): g_idx gives group %llu %llu inputs, "
+				 "not the group size %llu",
+				 file, x->name, moe_role_names[role], c->layer, (unsigned long long)g,
+				 (unsigned long long)fill[g], (unsigned long long)gs);
+			goto done;
+		}
+	rc = 0;
+	if (trivial)
+		goto done;
+	for (uint64_t g = 0; g < G; g++)
+		fill[g] = g * gs;
+	for (uint64_t k = 0; k < K; k++)
+		p[fill[v[k]]++] = (int32_t)k;
+	*perm = p, p = NULL;
+done:
+	free(v), free(p), free(fill);
+	return rc;
+}
+
+/* Columns of the rows of [N, K] in group order (column j = input perm[j]),
+ * or (back) in input order again. */
+static int to_group_order(uint8_t *codes, uint64_t N, uint64_t K, const int32_t *perm)
+{
+	uint8_t *row = malloc(K);
+	for (uint64_t n = 0; row && n < N; n++) {
+		memcpy(row, codes + n * K, K);
+		for (uint64_t j = 0; j < K; j++)
+			codes[n * K + j] = row[perm[j]];
+	}
+	free(row);
+	return row ? 0 : -1;
+}
+
+static int to_input_order(float *w, uint64_t N, uint64_t K, const int32_t *perm)
+{
+	float *row = malloc(K * sizeof *row);
+	for (uint64_t n = 0; row && n < N; n++) {
+		memcpy(row, w + n * K, K * sizeof *row);
+		for (uint64_t j = 0; j < K; j++)
+			w[n * K + perm[j]] = row[j];
+	}
+	free(row);
+	return row ? 0 : -1;
+}
+
+/* The permutation of an act-order matrix, kept with the role's tensor
+ * (whose codes are kept in group order). */
+static int keep_act_order(struct st_ctx *c, enum moe_role role, const char *xname,
+			  const int32_t *perm, uint64_t N, uint64_t K)
+{
+	uint64_t R, C;
+	int pe;
+	moe_desc_role_shape(c->d, role, &R, &C, &pe);
+	if (c->fused || !pe) {
+		snprintf(c->err, sizeof c->err,
+			 "tensor '%s' (%s, layer %u): act-order (a g_idx other than k / group) is "
+			 "read for the routed experts' separate gate, up and down tensors only, "
+			 "not %s",
+			 xname, moe_role_names[role], c->layer,
+			 c->fused ? "in a fused gate_up tensor" : "for the shared experts");
+		return -1;
+	}
+	struct moe_ref_qtensor *qt = c->qt;
+	if (!qt->perm) {
+		uint64_t n_e = c->d->n_experts;
+		if (!(qt->perm = malloc(n_e * K * sizeof *qt->perm))) {
+			snprintf(c->err, sizeof c->err, "out of memory");
+			return -1;
+		}
+		for (uint64_t i = 0; i < n_e * K; i++)
+			qt->perm[i] = (int32_t)(i % K);
+	}
+	memcpy(qt->perm + c->qrow0 / N * K, perm, K * sizeof *perm);
+	return 0;
 }
 
 static int read_int4(struct st_ctx *c, const struct moe_st_tensor *t, const char *name,
@@ -717,6 +827,7 @@ static int read_int4(struct st_ctx *c, const struct moe_st_tensor *t, const char
 		return -1;
 	uint8_t *q = malloc(t->bytes + 1), *zb = z ? malloc(z->bytes + 1) : NULL,
 		*xb = x ? malloc(x->bytes + 1) : NULL, *codes = malloc(N * K);
+	int32_t *perm = NULL;
 	float *sc = malloc(N * G * sizeof *sc), *ks = malloc(N * G * sizeof *ks),
 	      *ko = malloc(N * G * sizeof *ko);
 	int rc = -1;
@@ -729,33 +840,23 @@ static int read_int4(struct st_ctx *c, const struct moe_st_tensor *t, const char
 	    (z && moe_st_read_bytes(z, zb, c->err, sizeof c->err) != MOE_OK) ||
 	    (x && moe_st_read_bytes(x, xb, c->err, sizeof c->err) != MOE_OK))
 		goto done;
-	for (uint64_t k = 0; x && k < xd[0]; k++) {
-		/* g_idx: group k / gs for input k (act-order permutes it: refused);
-		 * weight_shape: [N, K] */
+	for (uint64_t k = 0; ct && x && k < xd[0]; k++) {
+		/* weight_shape: [N, K] */
 		uint64_t w = 0, nb = x->dtype == MOE_ST_I64 ? 8 : 4;
 		for (uint64_t b = 0; b < nb; b++)
 			w |= (uint64_t)xb[nb * k + b] << (8 * b);
 		int64_t v = nb == 8 ? (int64_t)w : (int64_t)(int32_t)(uint32_t)w;
-		int64_t want = ct ? (int64_t)(k ? K : N) : (int64_t)(k / gs);
-		if (v != want) {
-			if (ct)
-				snprintf(
-				    c->err, sizeof c->err,
-				    "%s: tensor '%s' (%s, layer %u): weight_shape says [%s], the "
-				    "matrix is [%llu, %llu]",
-				    file, xname, moe_role_names[role], c->layer,
-				    k ? "?, K" : "N, ?", (unsigned long long)N,
-				    (unsigned long long)K);
-			else
-				snprintf(c->err, sizeof c->err,
-					 "%s: tensor '%s' (%s, layer %u): g_idx[%llu] is %lld, not "
-					 "%llu: act-order (desc_act) checkpoints are not read",
-					 file, xname, moe_role_names[role], c->layer,
-					 (unsigned long long)k, (long long)v,
-					 (unsigned long long)(k / gs));
+		if (v != (int64_t)(k ? K : N)) {
+			snprintf(c->err, sizeof c->err,
+				 "%s: tensor '%s' (%s, layer %u): weight_shape says [%s], the "
+				 "matrix is [%llu, %llu]",
+				 file, xname, moe_role_names[role], c->layer, k ? "?, K" : "N, ?",
+				 (unsigned long long)N, (unsigned long long)K);
 			goto done;
 		}
 	}
+	if (!ct && x && act_order(c, x, xb, role, K, gs, &perm) != 0)
+		goto done;
 	for (uint64_t i = 0; z8 && i < N * G; i++)
 		if ((int8_t)zb[i] < -8 || (int8_t)zb[i] > 7) {
 			snprintf(
@@ -784,8 +885,18 @@ static int read_int4(struct st_ctx *c, const struct moe_st_tensor *t, const char
 			 (unsigned long long)(b % G * gs + gs - 1));
 		goto done;
 	}
+	if (perm && c->qt && keep_act_order(c, role, xname, perm, N, K) != 0)
+		goto done;
+	if (perm && to_group_order(codes, N, K, perm) != 0) {
+		snprintf(c->err, sizeof c->err, "out of memory");
+		goto done;
+	}
 	struct moe_qfmt f = {MOE_QFORMAT_INT4, (uint32_t)gs, 1};
-	moe_qdequant(&f, codes, ks, ko, N, K, out);
+	moe_qdequant(&f, codes, ks, ko, N, K, out); /* act-order: then in input order */
+	if (perm && to_input_order(out, N, K, perm) != 0) {
+		snprintf(c->err, sizeof c->err, "out of memory");
+		goto done;
+	}
 	if (c->qt) {
 		struct moe_ref_qtensor *qt = c->qt;
 		memcpy(qt->codes + c->qrow0 * K, codes, N * K);
@@ -794,7 +905,7 @@ static int read_int4(struct st_ctx *c, const struct moe_st_tensor *t, const char
 	}
 	rc = 0;
 done:
-	free(q), free(zb), free(xb), free(codes), free(sc), free(ks), free(ko);
+	free(q), free(zb), free(xb), free(codes), free(sc), free(ks), free(ko), free(perm);
 	return rc;
 }
 
@@ -920,6 +1031,7 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 		c->qt = &fq;
 	}
 	c->qrow0 = 0;
+	c->fused = 1;
 	if (!strstr(c->d->names[fused], "{expert}")) {
 		const struct moe_st_tensor *t = find(c, fused, -1, name, sizeof name);
 		rc = t ? read_blocks(c, t, name, fused, -1, n_e, 2 * R, C, pe, tmp) : -1;
@@ -949,6 +1061,7 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 		free(fq.codes), free(fq.scale);
 		c->qt = NULL;
 	}
+	c->fused = 0;
 	/* a fused bias is one [2I] vector per expert: interleaving alternates
 	 * its elements, not rows */
 	if (rc == 0 && R == 1) {
@@ -970,6 +1083,30 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 		}
 	free(tmp);
 	return rc;
+}
+
+/* gate and up share the up kernel's input, so act-order ones must share
+ * their input order too (GPTQ gives both the same: it orders by the
+ * statistics of that input). */
+static int gate_up_order(struct st_ctx *c, const struct moe_ref_weights *w)
+{
+	const int32_t *pg = w->q[MOE_ROLE_GATE].perm, *pu = w->q[MOE_ROLE_UP].perm;
+	if (!pg && !pu)
+		return 0;
+	uint64_t H = c->d->hidden;
+	for (uint64_t e = c->e0; e < c->e1; e++)
+		for (uint64_t k = 0; k < H; k++) {
+			int32_t a = pg ? pg[e * H + k] : (int32_t)k, b = pu ? pu[e * H + k] : (int32_t)k;
+			if (a != b) {
+				snprintf(c->err, sizeof c->err,
+					 "layer %u, expert %llu: the act-order g_idx of gate and up "
+					 "differ (their inputs in group order differ at position "
+					 "%llu: %d and %d); the kernels read both with one order",
+					 c->layer, (unsigned long long)e, (unsigned long long)k, a, b);
+				return -1;
+			}
+		}
+	return 0;
 }
 
 static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
@@ -1012,6 +1149,8 @@ static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
 	if (d->names[MOE_ROLE_GATE_UP_BIAS][0] && w->w[MOE_ROLE_UP_BIAS] &&
 	    load_fused(c, MOE_ROLE_GATE_UP_BIAS, MOE_ROLE_UP_BIAS, w->w[MOE_ROLE_GATE_BIAS],
 		       w->w[MOE_ROLE_UP_BIAS], NULL, NULL) != 0)
+		return -1;
+	if (gate_up_order(c, w) != 0)
 		return -1;
 	/* the kernels see what a bf16/f16 checkpoint holds: round like the
 	 * reference does for random weights */

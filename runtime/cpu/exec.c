@@ -25,6 +25,7 @@ void moe_ws_free(struct moe_ws *ws)
 {
 	for (int i = 0; i < MOE_BUF_COUNT; i++)
 		free(ws->buf[i]);
+	free(ws->xp), free(ws->xp_id);
 	memset(ws, 0, sizeof *ws);
 }
 
@@ -350,8 +351,47 @@ static enum moe_status add_tiles(struct moe_exec *x, enum moe_op op, int32_t e, 
 	return MOE_OK;
 }
 
+/* Act-order up panels: each expert's rows gathered in its input order
+ * (up_perm), one task per expert. */
+static void gather_task(void *ctx, size_t e, unsigned thread)
+{
+	(void)thread;
+	struct moe_exec *x = ctx;
+	size_t H = x->d->hidden;
+	const int32_t *perm = x->lw->up_perm + e * H;
+	for (int64_t r = x->ffn.offsets[e]; r < x->ffn.offsets[e] + x->ffn.counts[e]; r++) {
+		const float *src = x->ffn.in + (size_t)x->ffn.rows[r] * H;
+		float *dst = x->m->ws.xp + (size_t)r * H;
+		for (size_t k = 0; k < H; k++)
+			dst[k] = src[perm[k]];
+	}
+}
+
+static enum moe_status gather_act_order(struct moe_exec *x)
+{
+	struct moe_ws *ws = &x->m->ws;
+	size_t n = (size_t)x->ffn.offsets[x->d->n_experts], H = x->d->hidden;
+	if (n > ws->xp_rows) {
+		free(ws->xp), free(ws->xp_id);
+		ws->xp_rows = 0;
+		ws->xp = aligned_alloc(64, (n * H * sizeof *ws->xp + 63) / 64 * 64);
+		ws->xp_id = malloc(n * sizeof *ws->xp_id);
+		if (!ws->xp || !ws->xp_id)
+			return MOE_ERR_NOMEM;
+		for (size_t r = 0; r < n; r++)
+			ws->xp_id[r] = (int32_t)r;
+		ws->xp_rows = n;
+	}
+	moe_pool_run(x->m->pool, x->d->n_experts, gather_task, x);
+	x->ffn.in = ws->xp;
+	x->ffn.in_rows = ws->xp_id;
+	return MOE_OK;
+}
+
 static enum moe_status begin_expert_up(struct moe_exec *x)
 {
+	if (x->lw->up_perm && gather_act_order(x) != MOE_OK)
+		return MOE_ERR_NOMEM;
 	for (uint32_t e = 0; e < x->d->n_experts; e++) {
 		int64_t n = x->ffn.counts[e];
 		if (n &&
@@ -369,8 +409,9 @@ static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 	const struct moe_geom *g = &x->m->routed;
 	int64_t base = x->ffn.offsets[u->e] + u->r0;
 	const char *panels = (const char *)lw->up + (size_t)u->e * g->up_bytes;
+	const int32_t *rows = x->ffn.in_rows ? x->ffn.in_rows : x->ffn.rows;
 	MOE_KERNEL(x->m, UP)
-	(x->ffn.in, x->ffn.rows + base, x->ffn.row_w + base, u->r1 - u->r0, panels,
+	(x->ffn.in, rows + base, x->ffn.row_w + base, u->r1 - u->r0, panels,
 	 lw->bg ? lw->bg + (size_t)u->e * g->ld_h : NULL,
 	 lw->bu ? lw->bu + (size_t)u->e * g->ld_h : NULL, x->ffn.h + (size_t)base * g->ld_h, u->p0,
 	 u->p1);

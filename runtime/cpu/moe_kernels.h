@@ -337,6 +337,9 @@ struct moe_layer_w {
 	float *select_bias;   /* [E] */
 	float *shared_gate_w; /* [H] */
 	void *up, *down;      /* E * up_bytes, E * down_bytes */
+	/* act-order up panels ([E, H]: their column k is input up_perm[e, k]; the
+	 * rows reach the kernel gathered in that order), NULL when none */
+	int32_t *up_perm;
 	float *bg, *bu;       /* [E, ld_h] */
 	float *bd;            /* [E, ld_bias] */
 	void *s_up, *s_down;  /* shared FFN panels */
@@ -363,6 +366,11 @@ struct moe_ws {
 	int64_t *slot_row;
 	int32_t *drows;
 	float *rows_y;
+	/* act-order: the up input rows gathered per expert ([xp_rows, H]) and
+	 * the identity rows over them; grown on demand */
+	float *xp;
+	int32_t *xp_id;
+	size_t xp_rows;
 };
 
 struct moe_pool;
@@ -406,6 +414,7 @@ struct moe_ffn_rows {
 	float *out;      /* [out_rows, H] the down tiles' output, written by them */
 	size_t out_rows;
 	const int32_t *rows;
+	const int32_t *in_rows; /* the up tiles' input row of each row (NULL: rows) */
 	const int32_t *out_map; /* the down tiles' output row of each row (NULL: rows) */
 	const float *row_w;
 	const int64_t *counts, *offsets; /* per expert */

@@ -44,10 +44,19 @@ static size_t panel_index(const struct moe_geom *g, enum moe_dtype t, uint32_t K
 	return ((size_t)p * K + k) * MOE_NR + moe_panel_slot(t, j);
 }
 
+/* The gate/up row of each h column: down's act-order input order (rp, [n_e,
+ * width]; NULL: in order), so that h comes out in the order of down's
+ * codes. */
+static uint32_t h_row(const int32_t *rp, uint32_t e, uint32_t W, uint32_t row)
+{
+	return rp ? (uint32_t)rp[(size_t)e * W + row] : row;
+}
+
 /* Up panels of one FFN for experts [0, n_e): gate [n_e, width, H] (NULL for
- * mlp) and up [n_e, width, H]. bf16 compute packs bf16 pairs. */
+ * mlp) and up [n_e, width, H], rows in h's order (rp). bf16 compute packs
+ * bf16 pairs. */
 static void *pack_up(const struct moe_geom *g, uint32_t n_e, const float *gate, const float *up,
-		     enum moe_dtype t)
+		     enum moe_dtype t, const int32_t *rp)
 {
 	if (g->pairs)
 		t = MOE_DTYPE_BF16;
@@ -71,7 +80,7 @@ static void *pack_up(const struct moe_geom *g, uint32_t n_e, const float *gate, 
 				}
 				if (row >= W)
 					continue;
-				const float *s = src + ((size_t)e * W + row) * H;
+				const float *s = src + ((size_t)e * W + h_row(rp, e, W, row)) * H;
 				for (uint32_t k = 0; k < H; k++)
 					put(pe, panel_index(g, t, H, p, k, j), s[k], t);
 			}
@@ -146,9 +155,10 @@ static void pack_qpanel(const struct moe_qfmt *f, uint32_t K, int dot4,
 	}
 }
 
-/* Up panels from quantized gate (NULL for mlp) and up tensors. */
+/* Up panels from quantized gate (NULL for mlp) and up tensors, rows in h's
+ * order (rp). */
 static void *pack_up_q(const struct moe_geom *g, uint32_t n_e, const struct moe_ref_qtensor *gate,
-		       const struct moe_ref_qtensor *up)
+		       const struct moe_ref_qtensor *up, const int32_t *rp)
 {
 	uint64_t pb = g->up_bytes / g->up_panels;
 	unsigned char *out = zalloc((size_t)n_e * g->up_bytes);
@@ -163,7 +173,7 @@ static void *pack_up_q(const struct moe_geom *g, uint32_t n_e, const struct moe_
 				if (row >= g->width)
 					continue;
 				src[j].t = g->glu && j < MOE_NR / 2 ? gate : up;
-				src[j].row = (uint64_t)e * g->width + row;
+				src[j].row = (uint64_t)e * g->width + h_row(rp, e, g->width, row);
 			}
 			pack_qpanel(&g->q_up, g->hidden, (int)g->dot4, src,
 				    out + (size_t)e * g->up_bytes + (size_t)p * pb);
@@ -193,29 +203,33 @@ static void *pack_down_q(const struct moe_geom *g, uint32_t n_e, const struct mo
 	return out;
 }
 
-/* One FFN's up and down panels, kept quantized where its geometry says. */
+/* One FFN's up and down panels, kept quantized where its geometry says;
+ * act-order down codes (q[down].perm) order the up panels' rows. */
 static int pack_ffn_panels(const struct moe_geom *g, uint32_t n_e, const struct moe_ref_weights *w,
 			   enum moe_role gate, enum moe_role up, enum moe_role down,
 			   enum moe_dtype t, void **pu, void **pd)
 {
 	const struct moe_ref_qtensor *q = w->q;
+	const int32_t *rp = q[down].perm;
 	int glu = g->glu;
 	*pu = g->q_up.kind != MOE_QFORMAT_NONE
-		  ? pack_up_q(g, n_e, glu ? &q[gate] : NULL, &q[up])
-		  : pack_up(g, n_e, glu ? w->w[gate] : NULL, w->w[up], t);
+		  ? pack_up_q(g, n_e, glu ? &q[gate] : NULL, &q[up], rp)
+		  : pack_up(g, n_e, glu ? w->w[gate] : NULL, w->w[up], t, rp);
 	*pd = g->q_down.kind != MOE_QFORMAT_NONE ? pack_down_q(g, n_e, &q[down])
 						 : pack_down(g, n_e, w->w[down], t);
 	return *pu && *pd;
 }
 
-/* Per-expert bias vectors [n_e, n] padded to [n_e, ld]. */
-static float *pack_bias(const float *b, uint32_t n_e, uint32_t n, uint32_t ld)
+/* Per-expert bias vectors [n_e, n] padded to [n_e, ld], in h's order (rp;
+ * NULL for the down bias). */
+static float *pack_bias(const float *b, uint32_t n_e, uint32_t n, uint32_t ld, const int32_t *rp)
 {
 	float *out = zalloc((size_t)n_e * ld * sizeof *out);
 	if (!out)
 		return NULL;
 	for (uint32_t e = 0; e < n_e; e++)
-		memcpy(out + (size_t)e * ld, b + (size_t)e * n, n * sizeof *out);
+		for (uint32_t i = 0; i < n; i++)
+			out[(size_t)e * ld + i] = b[(size_t)e * n + h_row(rp, e, n, i)];
 	return out;
 }
 
@@ -244,7 +258,7 @@ void moe_layer_w_free(struct moe_layer_w *lw)
 	if (!lw)
 		return;
 	free(lw->router), free(lw->router_bias), free(lw->select_bias);
-	free(lw->shared_gate_w), free(lw->up), free(lw->down);
+	free(lw->shared_gate_w), free(lw->up), free(lw->down), free(lw->up_perm);
 	free(lw->bg), free(lw->bu), free(lw->bd), free(lw->s_up), free(lw->s_down);
 	free(lw->output_bias);
 	free(lw->group_router), free(lw->noise);
@@ -284,12 +298,20 @@ static enum moe_status pack_ffn(const struct moe_model *m, struct moe_ref_weight
 	if (!pack_ffn_panels(rg, E, w, MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN, t, &out->up,
 			     &out->down))
 		goto nomem;
+	const int32_t *up_perm = w->q[MOE_ROLE_UP].perm ? w->q[MOE_ROLE_UP].perm
+							: w->q[MOE_ROLE_GATE].perm;
+	if (up_perm) {
+		if (!(out->up_perm = malloc((size_t)E * H * sizeof *out->up_perm)))
+			goto nomem;
+		memcpy(out->up_perm, up_perm, (size_t)E * H * sizeof *out->up_perm);
+	}
 	if (d->expert_bias) {
-		if (glu && !(out->bg = pack_bias(W[MOE_ROLE_GATE_BIAS], E, I, rg->ld_h)))
+		const int32_t *rp = w->q[MOE_ROLE_DOWN].perm;
+		if (glu && !(out->bg = pack_bias(W[MOE_ROLE_GATE_BIAS], E, I, rg->ld_h, rp)))
 			goto nomem;
-		if (!(out->bu = pack_bias(W[MOE_ROLE_UP_BIAS], E, I, rg->ld_h)))
+		if (!(out->bu = pack_bias(W[MOE_ROLE_UP_BIAS], E, I, rg->ld_h, rp)))
 			goto nomem;
-		if (!(out->bd = pack_bias(W[MOE_ROLE_DOWN_BIAS], E, H, rg->ld_bias)))
+		if (!(out->bd = pack_bias(W[MOE_ROLE_DOWN_BIAS], E, H, rg->ld_bias, NULL)))
 			goto nomem;
 	}
 	/* research routers: hierarchical level 1, the learned noise projection */

@@ -17,6 +17,10 @@ const char *moe_status_name(enum moe_status s);
 struct moe_ref_qtensor {
 	uint8_t *codes;
 	float *scale, *offset;
+	/* act-order (a GPTQ g_idx that is not k / group): [matrices, K], input
+	 * perm[j] of a matrix is its column j of codes, so that its groups are
+	 * contiguous (j / group); NULL when every matrix is in input order */
+	int32_t *perm;
 };
 
 /* Canonical weights of one layer: one f32 array per role, NULL when unused.

@@ -68,7 +68,7 @@ enum moe_status moe_ref_quant_alloc(const struct moe_desc *d, struct moe_ref_wei
 void moe_ref_quant_free(struct moe_ref_weights *w)
 {
 	for (int r = 0; r < MOE_ROLE_COUNT; r++) {
-		free(w->q[r].codes), free(w->q[r].scale), free(w->q[r].offset);
+		free(w->q[r].codes), free(w->q[r].scale), free(w->q[r].offset), free(w->q[r].perm);
 		memset(&w->q[r], 0, sizeof w->q[r]);
 	}
 }
