@@ -48,9 +48,6 @@ static int check_common(const struct moe_desc *d, enum moe_target t, struct moe_
 	if (d->noise == MOE_NOISE_LEARNED_GAUSSIAN &&
 	    !(isfinite(d->noise_eps) && d->noise_eps >= 0.0f))
 		REFUSE("invalid learned_gaussian noise_epsilon %g", (double)d->noise_eps);
-	if (t == MOE_TARGET_CUDA && d->importance_sparse)
-		REFUSE("router.importance sparse is not generated for target cuda yet; the cpu "
-		       "target generates it");
 	if (t == MOE_TARGET_CUDA) {
 		if (d->act_dtype != MOE_DTYPE_F32 && d->act_dtype != MOE_DTYPE_BF16)
 			REFUSE("dtype.activations %s is not generated for target cuda (f32, bf16)",

@@ -829,9 +829,11 @@ static void host_prob(enum moe_score sc, const float *l, float *s, uint32_t n)
 
 /* The router statistics on the host, the formulas of the CPU executor:
  * logits [T, rows] (the router rows first, the group gate at group_row);
- * s holds E + G floats of scratch. */
+ * s holds E + G floats of scratch. The sparse importance (Shazeer 2017) is
+ * the sum of the kept slots' routing weights [T, W], in slot order. */
 static void host_stats(const struct moe_desc *d, const float *logits, size_t rows, size_t T,
-		       const int32_t *counts, struct moe_routing *rt, double *imp, float *s)
+		       const int32_t *counts, const int32_t *ids, const float *wts,
+		       const uint8_t *kept, size_t W, struct moe_routing *rt, double *imp, float *s)
 {
 	uint32_t E = d->n_experts;
 	double zsum = 0.0;
@@ -864,6 +866,12 @@ static void host_stats(const struct moe_desc *d, const float *logits, size_t row
 			z = m + log(z);
 		}
 		zsum += z * z;
+	}
+	if (d->importance_sparse) {
+		memset(imp, 0, E * sizeof *imp);
+		for (size_t i = 0; i < T * W; i++)
+			if (kept[i] && ids[i] >= 0)
+				imp[ids[i]] += (double)wts[i];
 	}
 	double mean = 0.0, var = 0.0, total = 0.0, lb = 0.0;
 	for (uint32_t e = 0; e < E; e++) {
@@ -932,7 +940,7 @@ static enum moe_status read_routing(struct moe_cuda *c, size_t T, struct moe_rou
 		for (size_t e = 0; e < E; e++)
 			rt->counts[e] = counts[e];
 	rt->n_dropped = dropped;
-	host_stats(d, logits, R, T, counts, rt, imp, s);
+	host_stats(d, logits, R, T, counts, ids, wts, kept, W, rt, imp, s);
 out:
 	free(ids), free(counts), free(wts), free(logits), free(kept), free(imp), free(s);
 	return st;
