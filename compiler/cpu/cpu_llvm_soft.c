@@ -90,23 +90,47 @@ static void vst(struct moe_ll *g, const struct vshape *v, LLVMValueRef x, LLVMVa
 	moe_ll_intr(g, "llvm.masked.store", tys, 2, args, 4);
 }
 
+/* Rows of b (k steps) the slot-input tiles prefetch ahead: each k reads a
+ * new line of x, H floats past the last, which no cache holds yet. */
+#define SOFT_B_AHEAD 32
+/* Tokens per block of the slot-input sums (x's rows a block holds in L1/L2
+ * for every panel of the call). */
+#define SOFT_T_BLOCK 64
+
 /* One tile: acc[2 r + j] (allocas of v.t) = vector j of row r's sums over
- * k in [0, K) of a[r * ar + k * ak] * b[k * bs + column]. */
+ * k in [0, K) of a[r * ar + k * ak] * b[k * bs + column], continued from
+ * the values at init[r] unless zero is true (init NULL: from 0); ahead > 0:
+ * the row of b that many k later (the last one at the end) is prefetched. */
 static void gemm_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef a, LLVMValueRef ar,
 		      LLVMValueRef ak, LLVMValueRef b, LLVMValueRef bs, LLVMValueRef K,
-		      LLVMValueRef *acc)
+		      LLVMValueRef *acc, int64_t ahead, const LLVMValueRef *init, LLVMValueRef zero)
 {
 	LLVMBuilderRef bd = g->b;
 	struct vshape v = vshape(g, ncols);
 	for (int r = 0; r < mr; r++)
 		for (int j = 0; j < v.nv; j++) {
 			acc[2 * r + j] = moe_ll_alloca(g, v.t, 1, "acc");
-			moe_ll_st(g, LLVMConstNull(v.t), acc[2 * r + j]);
+			LLVMValueRef a0 = LLVMConstNull(v.t);
+			if (init)
+				a0 = LLVMBuildSelect(
+				    bd, zero, a0,
+				    vld(g, &v, moe_ll_at(g, g->t_f32, init[r], moe_ll_i64c(g, j * v.vl)),
+					v.lanes[j]),
+				    "");
+			moe_ll_st(g, a0, acc[2 * r + j]);
 		}
 	struct moe_ll_loop k;
 	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), K, 1, "k");
 	LLVMValueRef brow = moe_ll_at(g, g->t_f32, b, LLVMBuildNSWMul(bd, k.iv, bs, ""));
 	LLVMValueRef arow = moe_ll_at(g, g->t_f32, a, LLVMBuildNSWMul(bd, k.iv, ak, ""));
+	if (ahead) {
+		LLVMValueRef kn = LLVMBuildNSWAdd(bd, k.iv, moe_ll_i64c(g, ahead), "");
+		LLVMValueRef last = LLVMBuildNSWSub(bd, K, moe_ll_i64c(g, 1), "");
+		kn = LLVMBuildSelect(bd, LLVMBuildICmp(bd, LLVMIntSLT, kn, K, ""), kn, last, "");
+		LLVMValueRef args[4] = {moe_ll_at(g, g->t_f32, b, LLVMBuildNSWMul(bd, kn, bs, "")),
+					moe_ll_i32c(g, 0), moe_ll_i32c(g, 3), moe_ll_i32c(g, 1)};
+		moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+	}
 	LLVMValueRef bv[2];
 	for (int j = 0; j < v.nv; j++)
 		bv[j] =
@@ -139,40 +163,43 @@ static void tile_store(struct moe_ll *g, int ncols, const LLVMValueRef *acc, LLV
 	}
 }
 
-/* A tile emitter: mr rows from r0, panel p of ncols columns. */
-typedef void soft_tile_fn(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p);
+/* A tile emitter: mr rows from r0, panel p of ncols columns; ctx: the
+ * kernel's own (the slot inputs' token block), passed through. */
+typedef void soft_tile_fn(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p,
+			  const void *ctx);
 
 /* Every panel of n columns for the rows from r0: the full panels in a loop,
  * then the last one when n is not a multiple of 16. */
-static void all_panels(struct moe_ll *g, soft_tile_fn *tile, uint32_t n, int mr, LLVMValueRef r0)
+static void all_panels(struct moe_ll *g, soft_tile_fn *tile, uint32_t n, int mr, LLVMValueRef r0,
+		       const void *ctx)
 {
 	uint32_t full = n / MOE_NR, tail = n % MOE_NR;
 	if (full) {
 		struct moe_ll_loop p;
 		moe_ll_loop_open(g, &p, moe_ll_i64c(g, 0), moe_ll_i64c(g, full), 1, "p");
-		tile(g, mr, MOE_NR, r0, p.iv);
+		tile(g, mr, MOE_NR, r0, p.iv, ctx);
 		moe_ll_loop_close(g, &p);
 	}
 	if (tail)
-		tile(g, mr, (int)tail, r0, moe_ll_i64c(g, full));
+		tile(g, mr, (int)tail, r0, moe_ll_i64c(g, full), ctx);
 }
 
 /* The tile rows mr from r0: panel p of ncols columns, or every panel of n
  * columns (all_panels) when p is NULL. */
 static void tile_rows_at(struct moe_ll *g, soft_tile_fn *tile, uint32_t n, int ncols,
-			 LLVMValueRef p, int mr, LLVMValueRef r0)
+			 LLVMValueRef p, int mr, LLVMValueRef r0, const void *ctx)
 {
 	if (p)
-		tile(g, mr, ncols, r0, p);
+		tile(g, mr, ncols, r0, p, ctx);
 	else
-		all_panels(g, tile, n, mr, r0);
+		all_panels(g, tile, n, mr, r0, ctx);
 }
 
 /* Rows [lo, hi): full tiles of tile_rows(g) rows in a loop, then the rows
  * left as tiles of 8, 4, 2 and 1 rows (the binary digits of their count),
  * so a few tile shapes cover every count. */
 static void row_tiles(struct moe_ll *g, soft_tile_fn *tile, uint32_t n, int ncols, LLVMValueRef p,
-		      LLVMValueRef lo, LLVMValueRef hi)
+		      LLVMValueRef lo, LLVMValueRef hi, const void *ctx)
 {
 	LLVMBuilderRef b = g->b;
 	int MR = tile_rows(g);
@@ -182,7 +209,7 @@ static void row_tiles(struct moe_ll *g, soft_tile_fn *tile, uint32_t n, int ncol
 	LLVMValueRef end = LLVMBuildNSWSub(b, hi, left, "full.end");
 	struct moe_ll_loop r;
 	moe_ll_loop_open(g, &r, lo, end, MR, "r0");
-	tile_rows_at(g, tile, n, ncols, p, MR, r.iv);
+	tile_rows_at(g, tile, n, ncols, p, MR, r.iv, ctx);
 	moe_ll_loop_close(g, &r);
 	int top = 1;
 	while (2 * top < MR)
@@ -194,7 +221,7 @@ static void row_tiles(struct moe_ll *g, soft_tile_fn *tile, uint32_t n, int ncol
 		/* the pieces of more rows come first */
 		LLVMValueRef done =
 		    LLVMBuildAnd(b, left, moe_ll_i64c(g, ~(int64_t)(2 * m - 1)), "");
-		tile_rows_at(g, tile, n, ncols, p, m, LLVMBuildNSWAdd(b, end, done, "r0"));
+		tile_rows_at(g, tile, n, ncols, p, m, LLVMBuildNSWAdd(b, end, done, "r0"), ctx);
 		moe_ll_when_end(g, e);
 	}
 }
@@ -279,8 +306,10 @@ static void gen_norm(struct moe_ll *g)
  * (moe_pack_soft), rows t0 .. t1 in tiles, the slot panels inner. With
  * soft.scale channel the packed slots already hold gamma and the scale is
  * not applied (the reference's is exactly 1). */
-static void logits_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p)
+static void logits_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p,
+			const void *ctx)
 {
+	(void)ctx;
 	LLVMBuilderRef b = g->b;
 	uint32_t H = g->d->hidden, S = n_slots(g);
 	LLVMValueRef acc[2 * SOFT_MR_WIDE];
@@ -288,7 +317,7 @@ static void logits_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LL
 	LLVMValueRef panel =
 	    moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), mul(g, p, (int64_t)H * MOE_NR));
 	gemm_tile(g, mr, ncols, a, moe_ll_i64c(g, H), moe_ll_i64c(g, 1), panel,
-		  moe_ll_i64c(g, MOE_NR), moe_ll_i64c(g, H), acc);
+		  moe_ll_i64c(g, MOE_NR), moe_ll_i64c(g, H), acc, 0, NULL, NULL);
 	LLVMValueRef scale = g->d->soft_gamma ? NULL : moe_ll_prm(g, 2);
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef t = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
@@ -304,7 +333,7 @@ static void gen_logits(struct moe_ll *g)
 	LLVMTypeRef params[] = {g->t_ptr, g->t_ptr, g->t_f32, g->t_i64, g->t_i64, g->t_ptr};
 	static const char *const pn[] = {"xn", "slots", "scale", "t0", "t1", "L"};
 	moe_ll_fn_begin(g, "moe_soft_logits", params, pn, 6);
-	row_tiles(g, logits_tile, n_slots(g), 0, NULL, moe_ll_prm(g, 3), moe_ll_prm(g, 4));
+	row_tiles(g, logits_tile, n_slots(g), 0, NULL, moe_ll_prm(g, 3), moe_ll_prm(g, 4), NULL);
 	moe_ll_fn_end(g);
 }
 
@@ -324,9 +353,15 @@ static void gen_combine(struct moe_ll *g)
 	moe_ll_fn_end(g);
 }
 
+/* The row stride of Dt: T + MOE_SOFT_DT_PAD floats. */
+static LLVMValueRef dt_ld(struct moe_ll *g, LLVMValueRef T)
+{
+	return LLVMBuildNSWAdd(g->b, T, moe_ll_i64c(g, MOE_SOFT_DT_PAD), "dt.ld");
+}
+
 /* moe_soft_dispatch(L, T, s0, s1, Dt): per slot s in [s0, s1), the softmax
- * over the T tokens of column s of L[T, S], stored transposed: Dt[s, t] (a
- * slot block's rows are its own, no cache line shared with another task). */
+ * over the T tokens of column s of L[T, S], stored transposed: Dt[s, t], rows
+ * T + MOE_SOFT_DT_PAD apart (a slot block's rows are its own). */
 static void gen_dispatch(struct moe_ll *g)
 {
 	LLVMTypeRef params[] = {g->t_ptr, g->t_i64, g->t_i64, g->t_i64, g->t_ptr};
@@ -336,7 +371,7 @@ static void gen_dispatch(struct moe_ll *g)
 	struct moe_ll_loop s;
 	moe_ll_loop_open(g, &s, moe_ll_prm(g, 2), moe_ll_prm(g, 3), 1, "s");
 	moe_ll_softmax(g, moe_ll_prm(g, 0), s.iv, n_slots(g), moe_ll_prm(g, 4),
-		       LLVMBuildNSWMul(g->b, s.iv, T, ""), 1, T);
+		       LLVMBuildNSWMul(g->b, s.iv, dt_ld(g, T), ""), 1, T);
 	moe_ll_loop_close(g, &s);
 	moe_ll_fn_end(g);
 }
@@ -345,22 +380,33 @@ static void gen_dispatch(struct moe_ll *g)
  * the slot inputs, xs[s, h] = the sum over t ascending of Dt[s, t] * x[t, h]
  * (f32 fused), for every slot: per panel, the slots in tiles, so a panel of
  * x is read once per tile of slots (once when S <= the tile's rows). */
-static void slot_in_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p)
+/* The token block of the slot-input tiles: tokens [t0, t0 + kn). */
+struct tblock {
+	LLVMValueRef t0, kn;
+};
+
+static void slot_in_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p,
+			 const void *ctx)
 {
 	LLVMBuilderRef b = g->b;
+	const struct tblock *tb = ctx;
 	uint32_t H = g->d->hidden;
-	LLVMValueRef acc[2 * SOFT_MR_WIDE], col = mul(g, p, MOE_NR);
-	LLVMValueRef T = moe_ll_prm(g, 2);
-	gemm_tile(g, mr, ncols,
-		  moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), LLVMBuildNSWMul(b, r0, T, "")), T,
-		  moe_ll_i64c(g, 1), moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), col),
-		  moe_ll_i64c(g, H), T, acc);
+	LLVMValueRef acc[2 * SOFT_MR_WIDE], out[SOFT_MR_WIDE], col = mul(g, p, MOE_NR);
+	LLVMValueRef ld = dt_ld(g, moe_ll_prm(g, 2));
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef s = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
-		tile_store(g, ncols, acc + 2 * r, NULL, NULL,
-			   moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5),
-				     LLVMBuildNSWAdd(b, mul(g, s, H), col, "")));
+		out[r] = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 5),
+				   LLVMBuildNSWAdd(b, mul(g, s, H), col, ""));
 	}
+	LLVMValueRef a = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0),
+				   LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, r0, ld, ""), tb->t0, ""));
+	LLVMValueRef x = moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1),
+				   LLVMBuildNSWAdd(b, mul(g, tb->t0, H), col, ""));
+	LLVMValueRef first = LLVMBuildICmp(b, LLVMIntEQ, tb->t0, moe_ll_i64c(g, 0), "first");
+	gemm_tile(g, mr, ncols, a, ld, moe_ll_i64c(g, 1), x, moe_ll_i64c(g, H), tb->kn, acc,
+		  SOFT_B_AHEAD, out, first);
+	for (int r = 0; r < mr; r++)
+		tile_store(g, ncols, acc + 2 * r, NULL, NULL, out[r]);
 }
 
 static void gen_slot_in(struct moe_ll *g)
@@ -375,16 +421,25 @@ static void gen_slot_in(struct moe_ll *g)
 	/* the full panels in [p0, min(p1, full)), then the last one if in range */
 	LLVMValueRef nf = moe_ll_i64c(g, full);
 	LLVMValueRef end = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, p1, nf, ""), p1, nf, "");
-	struct moe_ll_loop p;
+	/* blocks of tokens outer, so the rows of x a block reads stay in cache
+	 * (and their pages in the TLB) while every panel of the call passes;
+	 * the sums continue from block to block in xs, in the same order */
+	LLVMValueRef T = moe_ll_prm(g, 2), TB = moe_ll_i64c(g, SOFT_T_BLOCK);
+	struct moe_ll_loop t, p;
+	moe_ll_loop_open(g, &t, moe_ll_i64c(g, 0), T, SOFT_T_BLOCK, "tb");
+	LLVMValueRef left = LLVMBuildNSWSub(b, T, t.iv, "");
+	struct tblock tb = {t.iv, LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, TB, ""),
+						  left, TB, "kn")};
 	moe_ll_loop_open(g, &p, p0, end, 1, "p");
-	row_tiles(g, slot_in_tile, 0, MOE_NR, p.iv, moe_ll_i64c(g, 0), S);
+	row_tiles(g, slot_in_tile, 0, MOE_NR, p.iv, moe_ll_i64c(g, 0), S, &tb);
 	moe_ll_loop_close(g, &p);
 	if (tail) {
 		LLVMBasicBlockRef e =
 		    moe_ll_when(g, LLVMBuildICmp(b, LLVMIntSGT, p1, nf, ""), "tail");
-		row_tiles(g, slot_in_tile, 0, (int)tail, nf, moe_ll_i64c(g, 0), S);
+		row_tiles(g, slot_in_tile, 0, (int)tail, nf, moe_ll_i64c(g, 0), S, &tb);
 		moe_ll_when_end(g, e);
 	}
+	moe_ll_loop_close(g, &t);
 	moe_ll_fn_end(g);
 }
 
@@ -392,8 +447,10 @@ static void gen_slot_in(struct moe_ll *g)
  * ascending of C[t, s] * Y[s, h] (f32 fused), + bias[h] (f32) when the
  * description has an output bias: rows t0 .. t1 in tiles, the H columns in
  * panels inner. */
-static void out_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p)
+static void out_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMValueRef p,
+		     const void *ctx)
 {
+	(void)ctx;
 	LLVMBuilderRef b = g->b;
 	uint32_t H = g->d->hidden, S = n_slots(g);
 	LLVMValueRef acc[2 * SOFT_MR_WIDE], t[SOFT_MR_WIDE];
@@ -403,7 +460,7 @@ static void out_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef r0, LLVMV
 	gemm_tile(g, mr, ncols, moe_ll_at(g, g->t_f32, moe_ll_prm(g, 0), mul(g, r0, S)),
 		  moe_ll_i64c(g, S), moe_ll_i64c(g, 1),
 		  moe_ll_at(g, g->t_f32, moe_ll_prm(g, 1), col), moe_ll_i64c(g, H),
-		  moe_ll_i64c(g, S), acc);
+		  moe_ll_i64c(g, S), acc, 0, NULL, NULL);
 	LLVMValueRef bias =
 	    g->d->output_bias ? moe_ll_at(g, g->t_f32, moe_ll_prm(g, 2), col) : NULL;
 	for (int r = 0; r < mr; r++)
@@ -418,7 +475,7 @@ static void gen_out(struct moe_ll *g)
 	LLVMTypeRef params[] = {P, P, P, I, I, P};
 	static const char *const pn[] = {"C", "Y", "bias", "t0", "t1", "y"};
 	moe_ll_fn_begin(g, "moe_soft_out", params, pn, 6);
-	row_tiles(g, out_tile, g->d->hidden, 0, NULL, moe_ll_prm(g, 3), moe_ll_prm(g, 4));
+	row_tiles(g, out_tile, g->d->hidden, 0, NULL, moe_ll_prm(g, 3), moe_ll_prm(g, 4), NULL);
 	moe_ll_fn_end(g);
 }
 

@@ -814,7 +814,8 @@ s.head:                                           ; preds = %sdiv.end, %start
   br i1 %0, label %s.body, label %s.end
 
 s.body:                                           ; preds = %s.head
-  %1 = mul nsw i64 %s, %T
+  %dt.ld = add nsw i64 %T, 16
+  %1 = mul nsw i64 %s, %dt.ld
   store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
@@ -905,450 +906,594 @@ entry:
   %acc9 = alloca <8 x float>, align 32
   %acc10 = alloca <8 x float>, align 32
   %acc11 = alloca <8 x float>, align 32
-  %acc12 = alloca <8 x float>, align 32
-  %acc13 = alloca <8 x float>, align 32
   %acc14 = alloca <8 x float>, align 32
   %acc15 = alloca <8 x float>, align 32
   %acc16 = alloca <8 x float>, align 32
   %acc17 = alloca <8 x float>, align 32
   %acc18 = alloca <8 x float>, align 32
   %acc19 = alloca <8 x float>, align 32
-  %acc26 = alloca <8 x float>, align 32
-  %acc27 = alloca <8 x float>, align 32
-  %acc28 = alloca <8 x float>, align 32
-  %acc29 = alloca <8 x float>, align 32
-  %acc36 = alloca <8 x float>, align 32
-  %acc37 = alloca <8 x float>, align 32
+  %acc20 = alloca <8 x float>, align 32
+  %acc21 = alloca <8 x float>, align 32
+  %acc30 = alloca <8 x float>, align 32
+  %acc31 = alloca <8 x float>, align 32
+  %acc32 = alloca <8 x float>, align 32
+  %acc33 = alloca <8 x float>, align 32
+  %acc42 = alloca <8 x float>, align 32
+  %acc43 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %0 = icmp slt i64 %p1, 48
   %1 = select i1 %0, i64 %p1, i64 48
+  br label %tb.head
+
+tb.head:                                          ; preds = %p.end, %start
+  %tb = phi i64 [ 0, %start ], [ %386, %p.end ]
+  %2 = icmp slt i64 %tb, %T
+  br i1 %2, label %tb.body, label %tb.end
+
+tb.body:                                          ; preds = %tb.head
+  %3 = sub nsw i64 %T, %tb
+  %4 = icmp slt i64 %3, 64
+  %kn = select i1 %4, i64 %3, i64 64
   br label %p.head
 
-p.head:                                           ; preds = %part.end35, %start
-  %p = phi i64 [ %p0, %start ], [ %268, %part.end35 ]
-  %2 = icmp slt i64 %p, %1
-  br i1 %2, label %p.body, label %p.end
+p.head:                                           ; preds = %part.end39, %tb.body
+  %p = phi i64 [ %p0, %tb.body ], [ %385, %part.end39 ]
+  %5 = icmp slt i64 %p, %1
+  br i1 %5, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
   br label %r0.head
 
 r0.head:                                          ; preds = %k.end, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %120, %k.end ]
-  %3 = icmp slt i64 %r0, 126
-  br i1 %3, label %r0.body, label %r0.end
+  %r0 = phi i64 [ 0, %p.body ], [ %168, %k.end ]
+  %6 = icmp slt i64 %r0, 126
+  br i1 %6, label %r0.body, label %r0.end
 
 r0.body:                                          ; preds = %r0.head
-  %4 = mul nsw i64 %p, 16
-  %5 = getelementptr inbounds float, ptr %x, i64 %4
-  %6 = mul nsw i64 %r0, %T
-  %7 = getelementptr inbounds float, ptr %Dt, i64 %6
-  store <8 x float> zeroinitializer, ptr %acc, align 4
-  store <8 x float> zeroinitializer, ptr %acc1, align 4
-  store <8 x float> zeroinitializer, ptr %acc2, align 4
-  store <8 x float> zeroinitializer, ptr %acc3, align 4
-  store <8 x float> zeroinitializer, ptr %acc4, align 4
-  store <8 x float> zeroinitializer, ptr %acc5, align 4
-  store <8 x float> zeroinitializer, ptr %acc6, align 4
-  store <8 x float> zeroinitializer, ptr %acc7, align 4
-  store <8 x float> zeroinitializer, ptr %acc8, align 4
-  store <8 x float> zeroinitializer, ptr %acc9, align 4
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  %7 = mul nsw i64 %p, 16
+  %dt.ld = add nsw i64 %T, 16
+  %8 = add nsw i64 %r0, 0
+  %9 = mul nsw i64 %8, 768
+  %10 = add nsw i64 %9, %7
+  %11 = getelementptr inbounds float, ptr %xs, i64 %10
+  %12 = add nsw i64 %r0, 1
+  %13 = mul nsw i64 %12, 768
+  %14 = add nsw i64 %13, %7
+  %15 = getelementptr inbounds float, ptr %xs, i64 %14
+  %16 = add nsw i64 %r0, 2
+  %17 = mul nsw i64 %16, 768
+  %18 = add nsw i64 %17, %7
+  %19 = getelementptr inbounds float, ptr %xs, i64 %18
+  %20 = add nsw i64 %r0, 3
+  %21 = mul nsw i64 %20, 768
+  %22 = add nsw i64 %21, %7
+  %23 = getelementptr inbounds float, ptr %xs, i64 %22
+  %24 = add nsw i64 %r0, 4
+  %25 = mul nsw i64 %24, 768
+  %26 = add nsw i64 %25, %7
+  %27 = getelementptr inbounds float, ptr %xs, i64 %26
+  %28 = add nsw i64 %r0, 5
+  %29 = mul nsw i64 %28, 768
+  %30 = add nsw i64 %29, %7
+  %31 = getelementptr inbounds float, ptr %xs, i64 %30
+  %32 = mul nsw i64 %r0, %dt.ld
+  %33 = add nsw i64 %32, %tb
+  %34 = getelementptr inbounds float, ptr %Dt, i64 %33
+  %35 = mul nsw i64 %tb, 768
+  %36 = add nsw i64 %35, %7
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
+  %first = icmp eq i64 %tb, 0
+  %38 = getelementptr inbounds float, ptr %11, i64 0
+  %39 = load <8 x float>, ptr %38, align 4
+  %40 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %39
+  store <8 x float> %40, ptr %acc, align 4
+  %41 = getelementptr inbounds float, ptr %11, i64 8
+  %42 = load <8 x float>, ptr %41, align 4
+  %43 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %42
+  store <8 x float> %43, ptr %acc1, align 4
+  %44 = getelementptr inbounds float, ptr %15, i64 0
+  %45 = load <8 x float>, ptr %44, align 4
+  %46 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %45
+  store <8 x float> %46, ptr %acc2, align 4
+  %47 = getelementptr inbounds float, ptr %15, i64 8
+  %48 = load <8 x float>, ptr %47, align 4
+  %49 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %48
+  store <8 x float> %49, ptr %acc3, align 4
+  %50 = getelementptr inbounds float, ptr %19, i64 0
+  %51 = load <8 x float>, ptr %50, align 4
+  %52 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %51
+  store <8 x float> %52, ptr %acc4, align 4
+  %53 = getelementptr inbounds float, ptr %19, i64 8
+  %54 = load <8 x float>, ptr %53, align 4
+  %55 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %54
+  store <8 x float> %55, ptr %acc5, align 4
+  %56 = getelementptr inbounds float, ptr %23, i64 0
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %57
+  store <8 x float> %58, ptr %acc6, align 4
+  %59 = getelementptr inbounds float, ptr %23, i64 8
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %60
+  store <8 x float> %61, ptr %acc7, align 4
+  %62 = getelementptr inbounds float, ptr %27, i64 0
+  %63 = load <8 x float>, ptr %62, align 4
+  %64 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %63
+  store <8 x float> %64, ptr %acc8, align 4
+  %65 = getelementptr inbounds float, ptr %27, i64 8
+  %66 = load <8 x float>, ptr %65, align 4
+  %67 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %66
+  store <8 x float> %67, ptr %acc9, align 4
+  %68 = getelementptr inbounds float, ptr %31, i64 0
+  %69 = load <8 x float>, ptr %68, align 4
+  %70 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %69
+  store <8 x float> %70, ptr %acc10, align 4
+  %71 = getelementptr inbounds float, ptr %31, i64 8
+  %72 = load <8 x float>, ptr %71, align 4
+  %73 = select i1 %first, <8 x float> zeroinitializer, <8 x float> %72
+  store <8 x float> %73, ptr %acc11, align 4
   br label %k.head
 
 k.head:                                           ; preds = %k.body, %r0.body
-  %k = phi i64 [ 0, %r0.body ], [ %71, %k.body ]
-  %8 = icmp slt i64 %k, %T
-  br i1 %8, label %k.body, label %k.end
+  %k = phi i64 [ 0, %r0.body ], [ %143, %k.body ]
+  %74 = icmp slt i64 %k, %kn
+  br i1 %74, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %9 = mul nsw i64 %k, 768
-  %10 = getelementptr inbounds float, ptr %5, i64 %9
-  %11 = mul nsw i64 %k, 1
-  %12 = getelementptr inbounds float, ptr %7, i64 %11
-  %13 = getelementptr inbounds float, ptr %10, i64 0
-  %14 = load <8 x float>, ptr %13, align 4
-  %15 = getelementptr inbounds float, ptr %10, i64 8
-  %16 = load <8 x float>, ptr %15, align 4
-  %17 = mul nsw i64 0, %T
-  %18 = getelementptr inbounds float, ptr %12, i64 %17
-  %19 = load float, ptr %18, align 4
-  %20 = insertelement <8 x float> poison, float %19, i32 0
-  %21 = shufflevector <8 x float> %20, <8 x float> poison, <8 x i32> zeroinitializer
-  %22 = load <8 x float>, ptr %acc, align 4
-  %23 = call <8 x float> @llvm.fma.v8f32(<8 x float> %21, <8 x float> %14, <8 x float> %22)
-  store <8 x float> %23, ptr %acc, align 4
-  %24 = load <8 x float>, ptr %acc1, align 4
-  %25 = call <8 x float> @llvm.fma.v8f32(<8 x float> %21, <8 x float> %16, <8 x float> %24)
-  store <8 x float> %25, ptr %acc1, align 4
-  %26 = mul nsw i64 1, %T
-  %27 = getelementptr inbounds float, ptr %12, i64 %26
-  %28 = load float, ptr %27, align 4
-  %29 = insertelement <8 x float> poison, float %28, i32 0
-  %30 = shufflevector <8 x float> %29, <8 x float> poison, <8 x i32> zeroinitializer
-  %31 = load <8 x float>, ptr %acc2, align 4
-  %32 = call <8 x float> @llvm.fma.v8f32(<8 x float> %30, <8 x float> %14, <8 x float> %31)
-  store <8 x float> %32, ptr %acc2, align 4
-  %33 = load <8 x float>, ptr %acc3, align 4
-  %34 = call <8 x float> @llvm.fma.v8f32(<8 x float> %30, <8 x float> %16, <8 x float> %33)
-  store <8 x float> %34, ptr %acc3, align 4
-  %35 = mul nsw i64 2, %T
-  %36 = getelementptr inbounds float, ptr %12, i64 %35
-  %37 = load float, ptr %36, align 4
-  %38 = insertelement <8 x float> poison, float %37, i32 0
-  %39 = shufflevector <8 x float> %38, <8 x float> poison, <8 x i32> zeroinitializer
-  %40 = load <8 x float>, ptr %acc4, align 4
-  %41 = call <8 x float> @llvm.fma.v8f32(<8 x float> %39, <8 x float> %14, <8 x float> %40)
-  store <8 x float> %41, ptr %acc4, align 4
-  %42 = load <8 x float>, ptr %acc5, align 4
-  %43 = call <8 x float> @llvm.fma.v8f32(<8 x float> %39, <8 x float> %16, <8 x float> %42)
-  store <8 x float> %43, ptr %acc5, align 4
-  %44 = mul nsw i64 3, %T
-  %45 = getelementptr inbounds float, ptr %12, i64 %44
-  %46 = load float, ptr %45, align 4
-  %47 = insertelement <8 x float> poison, float %46, i32 0
-  %48 = shufflevector <8 x float> %47, <8 x float> poison, <8 x i32> zeroinitializer
-  %49 = load <8 x float>, ptr %acc6, align 4
-  %50 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %14, <8 x float> %49)
-  store <8 x float> %50, ptr %acc6, align 4
-  %51 = load <8 x float>, ptr %acc7, align 4
-  %52 = call <8 x float> @llvm.fma.v8f32(<8 x float> %48, <8 x float> %16, <8 x float> %51)
-  store <8 x float> %52, ptr %acc7, align 4
-  %53 = mul nsw i64 4, %T
-  %54 = getelementptr inbounds float, ptr %12, i64 %53
-  %55 = load float, ptr %54, align 4
-  %56 = insertelement <8 x float> poison, float %55, i32 0
-  %57 = shufflevector <8 x float> %56, <8 x float> poison, <8 x i32> zeroinitializer
-  %58 = load <8 x float>, ptr %acc8, align 4
-  %59 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %14, <8 x float> %58)
-  store <8 x float> %59, ptr %acc8, align 4
-  %60 = load <8 x float>, ptr %acc9, align 4
-  %61 = call <8 x float> @llvm.fma.v8f32(<8 x float> %57, <8 x float> %16, <8 x float> %60)
-  store <8 x float> %61, ptr %acc9, align 4
-  %62 = mul nsw i64 5, %T
-  %63 = getelementptr inbounds float, ptr %12, i64 %62
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <8 x float> poison, float %64, i32 0
-  %66 = shufflevector <8 x float> %65, <8 x float> poison, <8 x i32> zeroinitializer
-  %67 = load <8 x float>, ptr %acc10, align 4
-  %68 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %14, <8 x float> %67)
-  store <8 x float> %68, ptr %acc10, align 4
-  %69 = load <8 x float>, ptr %acc11, align 4
-  %70 = call <8 x float> @llvm.fma.v8f32(<8 x float> %66, <8 x float> %16, <8 x float> %69)
-  store <8 x float> %70, ptr %acc11, align 4
-  %71 = add nsw i64 %k, 1
+  %75 = mul nsw i64 %k, 768
+  %76 = getelementptr inbounds float, ptr %37, i64 %75
+  %77 = mul nsw i64 %k, 1
+  %78 = getelementptr inbounds float, ptr %34, i64 %77
+  %79 = add nsw i64 %k, 32
+  %80 = sub nsw i64 %kn, 1
+  %81 = icmp slt i64 %79, %kn
+  %82 = select i1 %81, i64 %79, i64 %80
+  %83 = mul nsw i64 %82, 768
+  %84 = getelementptr inbounds float, ptr %37, i64 %83
+  call void @llvm.prefetch.p0(ptr %84, i32 0, i32 3, i32 1)
+  %85 = getelementptr inbounds float, ptr %76, i64 0
+  %86 = load <8 x float>, ptr %85, align 4
+  %87 = getelementptr inbounds float, ptr %76, i64 8
+  %88 = load <8 x float>, ptr %87, align 4
+  %89 = mul nsw i64 0, %dt.ld
+  %90 = getelementptr inbounds float, ptr %78, i64 %89
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <8 x float> poison, float %91, i32 0
+  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
+  %94 = load <8 x float>, ptr %acc, align 4
+  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %86, <8 x float> %94)
+  store <8 x float> %95, ptr %acc, align 4
+  %96 = load <8 x float>, ptr %acc1, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %88, <8 x float> %96)
+  store <8 x float> %97, ptr %acc1, align 4
+  %98 = mul nsw i64 1, %dt.ld
+  %99 = getelementptr inbounds float, ptr %78, i64 %98
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc2, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %86, <8 x float> %103)
+  store <8 x float> %104, ptr %acc2, align 4
+  %105 = load <8 x float>, ptr %acc3, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %88, <8 x float> %105)
+  store <8 x float> %106, ptr %acc3, align 4
+  %107 = mul nsw i64 2, %dt.ld
+  %108 = getelementptr inbounds float, ptr %78, i64 %107
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc4, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %86, <8 x float> %112)
+  store <8 x float> %113, ptr %acc4, align 4
+  %114 = load <8 x float>, ptr %acc5, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %88, <8 x float> %114)
+  store <8 x float> %115, ptr %acc5, align 4
+  %116 = mul nsw i64 3, %dt.ld
+  %117 = getelementptr inbounds float, ptr %78, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = load <8 x float>, ptr %acc6, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %86, <8 x float> %121)
+  store <8 x float> %122, ptr %acc6, align 4
+  %123 = load <8 x float>, ptr %acc7, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %88, <8 x float> %123)
+  store <8 x float> %124, ptr %acc7, align 4
+  %125 = mul nsw i64 4, %dt.ld
+  %126 = getelementptr inbounds float, ptr %78, i64 %125
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %acc8, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %86, <8 x float> %130)
+  store <8 x float> %131, ptr %acc8, align 4
+  %132 = load <8 x float>, ptr %acc9, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %88, <8 x float> %132)
+  store <8 x float> %133, ptr %acc9, align 4
+  %134 = mul nsw i64 5, %dt.ld
+  %135 = getelementptr inbounds float, ptr %78, i64 %134
+  %136 = load float, ptr %135, align 4
+  %137 = insertelement <8 x float> poison, float %136, i32 0
+  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
+  %139 = load <8 x float>, ptr %acc10, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %86, <8 x float> %139)
+  store <8 x float> %140, ptr %acc10, align 4
+  %141 = load <8 x float>, ptr %acc11, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %88, <8 x float> %141)
+  store <8 x float> %142, ptr %acc11, align 4
+  %143 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %72 = add nsw i64 %r0, 0
-  %73 = mul nsw i64 %72, 768
-  %74 = add nsw i64 %73, %4
-  %75 = getelementptr inbounds float, ptr %xs, i64 %74
-  %76 = load <8 x float>, ptr %acc, align 4
-  %77 = getelementptr inbounds float, ptr %75, i64 0
-  store <8 x float> %76, ptr %77, align 4
-  %78 = load <8 x float>, ptr %acc1, align 4
-  %79 = getelementptr inbounds float, ptr %75, i64 8
-  store <8 x float> %78, ptr %79, align 4
-  %80 = add nsw i64 %r0, 1
-  %81 = mul nsw i64 %80, 768
-  %82 = add nsw i64 %81, %4
-  %83 = getelementptr inbounds float, ptr %xs, i64 %82
-  %84 = load <8 x float>, ptr %acc2, align 4
-  %85 = getelementptr inbounds float, ptr %83, i64 0
-  store <8 x float> %84, ptr %85, align 4
-  %86 = load <8 x float>, ptr %acc3, align 4
-  %87 = getelementptr inbounds float, ptr %83, i64 8
-  store <8 x float> %86, ptr %87, align 4
-  %88 = add nsw i64 %r0, 2
-  %89 = mul nsw i64 %88, 768
-  %90 = add nsw i64 %89, %4
-  %91 = getelementptr inbounds float, ptr %xs, i64 %90
-  %92 = load <8 x float>, ptr %acc4, align 4
-  %93 = getelementptr inbounds float, ptr %91, i64 0
-  store <8 x float> %92, ptr %93, align 4
-  %94 = load <8 x float>, ptr %acc5, align 4
-  %95 = getelementptr inbounds float, ptr %91, i64 8
-  store <8 x float> %94, ptr %95, align 4
-  %96 = add nsw i64 %r0, 3
-  %97 = mul nsw i64 %96, 768
-  %98 = add nsw i64 %97, %4
-  %99 = getelementptr inbounds float, ptr %xs, i64 %98
-  %100 = load <8 x float>, ptr %acc6, align 4
-  %101 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %100, ptr %101, align 4
-  %102 = load <8 x float>, ptr %acc7, align 4
-  %103 = getelementptr inbounds float, ptr %99, i64 8
-  store <8 x float> %102, ptr %103, align 4
-  %104 = add nsw i64 %r0, 4
-  %105 = mul nsw i64 %104, 768
-  %106 = add nsw i64 %105, %4
-  %107 = getelementptr inbounds float, ptr %xs, i64 %106
-  %108 = load <8 x float>, ptr %acc8, align 4
-  %109 = getelementptr inbounds float, ptr %107, i64 0
-  store <8 x float> %108, ptr %109, align 4
-  %110 = load <8 x float>, ptr %acc9, align 4
-  %111 = getelementptr inbounds float, ptr %107, i64 8
-  store <8 x float> %110, ptr %111, align 4
-  %112 = add nsw i64 %r0, 5
-  %113 = mul nsw i64 %112, 768
-  %114 = add nsw i64 %113, %4
-  %115 = getelementptr inbounds float, ptr %xs, i64 %114
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = getelementptr inbounds float, ptr %115, i64 0
-  store <8 x float> %116, ptr %117, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = getelementptr inbounds float, ptr %115, i64 8
-  store <8 x float> %118, ptr %119, align 4
-  %120 = add nsw i64 %r0, 6
+  %144 = load <8 x float>, ptr %acc, align 4
+  %145 = getelementptr inbounds float, ptr %11, i64 0
+  store <8 x float> %144, ptr %145, align 4
+  %146 = load <8 x float>, ptr %acc1, align 4
+  %147 = getelementptr inbounds float, ptr %11, i64 8
+  store <8 x float> %146, ptr %147, align 4
+  %148 = load <8 x float>, ptr %acc2, align 4
+  %149 = getelementptr inbounds float, ptr %15, i64 0
+  store <8 x float> %148, ptr %149, align 4
+  %150 = load <8 x float>, ptr %acc3, align 4
+  %151 = getelementptr inbounds float, ptr %15, i64 8
+  store <8 x float> %150, ptr %151, align 4
+  %152 = load <8 x float>, ptr %acc4, align 4
+  %153 = getelementptr inbounds float, ptr %19, i64 0
+  store <8 x float> %152, ptr %153, align 4
+  %154 = load <8 x float>, ptr %acc5, align 4
+  %155 = getelementptr inbounds float, ptr %19, i64 8
+  store <8 x float> %154, ptr %155, align 4
+  %156 = load <8 x float>, ptr %acc6, align 4
+  %157 = getelementptr inbounds float, ptr %23, i64 0
+  store <8 x float> %156, ptr %157, align 4
+  %158 = load <8 x float>, ptr %acc7, align 4
+  %159 = getelementptr inbounds float, ptr %23, i64 8
+  store <8 x float> %158, ptr %159, align 4
+  %160 = load <8 x float>, ptr %acc8, align 4
+  %161 = getelementptr inbounds float, ptr %27, i64 0
+  store <8 x float> %160, ptr %161, align 4
+  %162 = load <8 x float>, ptr %acc9, align 4
+  %163 = getelementptr inbounds float, ptr %27, i64 8
+  store <8 x float> %162, ptr %163, align 4
+  %164 = load <8 x float>, ptr %acc10, align 4
+  %165 = getelementptr inbounds float, ptr %31, i64 0
+  store <8 x float> %164, ptr %165, align 4
+  %166 = load <8 x float>, ptr %acc11, align 4
+  %167 = getelementptr inbounds float, ptr %31, i64 8
+  store <8 x float> %166, ptr %167, align 4
+  %168 = add nsw i64 %r0, 6
   br label %r0.head
 
 r0.end:                                           ; preds = %r0.head
   br i1 false, label %part.then, label %part.end
 
 part.then:                                        ; preds = %r0.end
-  %121 = mul nsw i64 %p, 16
-  %122 = getelementptr inbounds float, ptr %x, i64 %121
-  %123 = mul nsw i64 126, %T
-  %124 = getelementptr inbounds float, ptr %Dt, i64 %123
-  store <8 x float> zeroinitializer, ptr %acc12, align 4
-  store <8 x float> zeroinitializer, ptr %acc13, align 4
-  store <8 x float> zeroinitializer, ptr %acc14, align 4
-  store <8 x float> zeroinitializer, ptr %acc15, align 4
-  store <8 x float> zeroinitializer, ptr %acc16, align 4
-  store <8 x float> zeroinitializer, ptr %acc17, align 4
-  store <8 x float> zeroinitializer, ptr %acc18, align 4
-  store <8 x float> zeroinitializer, ptr %acc19, align 4
-  br label %k.head20
+  %169 = mul nsw i64 %p, 16
+  %dt.ld12 = add nsw i64 %T, 16
+  %170 = add nsw i64 96768, %169
+  %171 = getelementptr inbounds float, ptr %xs, i64 %170
+  %172 = add nsw i64 97536, %169
+  %173 = getelementptr inbounds float, ptr %xs, i64 %172
+  %174 = add nsw i64 98304, %169
+  %175 = getelementptr inbounds float, ptr %xs, i64 %174
+  %176 = add nsw i64 99072, %169
+  %177 = getelementptr inbounds float, ptr %xs, i64 %176
+  %178 = mul nsw i64 126, %dt.ld12
+  %179 = add nsw i64 %178, %tb
+  %180 = getelementptr inbounds float, ptr %Dt, i64 %179
+  %181 = mul nsw i64 %tb, 768
+  %182 = add nsw i64 %181, %169
+  %183 = getelementptr inbounds float, ptr %x, i64 %182
+  %first13 = icmp eq i64 %tb, 0
+  %184 = getelementptr inbounds float, ptr %171, i64 0
+  %185 = load <8 x float>, ptr %184, align 4
+  %186 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %185
+  store <8 x float> %186, ptr %acc14, align 4
+  %187 = getelementptr inbounds float, ptr %171, i64 8
+  %188 = load <8 x float>, ptr %187, align 4
+  %189 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %188
+  store <8 x float> %189, ptr %acc15, align 4
+  %190 = getelementptr inbounds float, ptr %173, i64 0
+  %191 = load <8 x float>, ptr %190, align 4
+  %192 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %191
+  store <8 x float> %192, ptr %acc16, align 4
+  %193 = getelementptr inbounds float, ptr %173, i64 8
+  %194 = load <8 x float>, ptr %193, align 4
+  %195 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %194
+  store <8 x float> %195, ptr %acc17, align 4
+  %196 = getelementptr inbounds float, ptr %175, i64 0
+  %197 = load <8 x float>, ptr %196, align 4
+  %198 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %197
+  store <8 x float> %198, ptr %acc18, align 4
+  %199 = getelementptr inbounds float, ptr %175, i64 8
+  %200 = load <8 x float>, ptr %199, align 4
+  %201 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %200
+  store <8 x float> %201, ptr %acc19, align 4
+  %202 = getelementptr inbounds float, ptr %177, i64 0
+  %203 = load <8 x float>, ptr %202, align 4
+  %204 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %203
+  store <8 x float> %204, ptr %acc20, align 4
+  %205 = getelementptr inbounds float, ptr %177, i64 8
+  %206 = load <8 x float>, ptr %205, align 4
+  %207 = select i1 %first13, <8 x float> zeroinitializer, <8 x float> %206
+  store <8 x float> %207, ptr %acc21, align 4
+  br label %k.head22
 
-k.head20:                                         ; preds = %k.body21, %part.then
-  %k23 = phi i64 [ 0, %part.then ], [ %170, %k.body21 ]
-  %125 = icmp slt i64 %k23, %T
-  br i1 %125, label %k.body21, label %k.end22
+k.head22:                                         ; preds = %k.body23, %part.then
+  %k25 = phi i64 [ 0, %part.then ], [ %259, %k.body23 ]
+  %208 = icmp slt i64 %k25, %kn
+  br i1 %208, label %k.body23, label %k.end24
 
-k.body21:                                         ; preds = %k.head20
-  %126 = mul nsw i64 %k23, 768
-  %127 = getelementptr inbounds float, ptr %122, i64 %126
-  %128 = mul nsw i64 %k23, 1
-  %129 = getelementptr inbounds float, ptr %124, i64 %128
-  %130 = getelementptr inbounds float, ptr %127, i64 0
-  %131 = load <8 x float>, ptr %130, align 4
-  %132 = getelementptr inbounds float, ptr %127, i64 8
-  %133 = load <8 x float>, ptr %132, align 4
-  %134 = mul nsw i64 0, %T
-  %135 = getelementptr inbounds float, ptr %129, i64 %134
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc12, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %131, <8 x float> %139)
-  store <8 x float> %140, ptr %acc12, align 4
-  %141 = load <8 x float>, ptr %acc13, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %133, <8 x float> %141)
-  store <8 x float> %142, ptr %acc13, align 4
-  %143 = mul nsw i64 1, %T
-  %144 = getelementptr inbounds float, ptr %129, i64 %143
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc14, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %131, <8 x float> %148)
-  store <8 x float> %149, ptr %acc14, align 4
-  %150 = load <8 x float>, ptr %acc15, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %133, <8 x float> %150)
-  store <8 x float> %151, ptr %acc15, align 4
-  %152 = mul nsw i64 2, %T
-  %153 = getelementptr inbounds float, ptr %129, i64 %152
-  %154 = load float, ptr %153, align 4
-  %155 = insertelement <8 x float> poison, float %154, i32 0
-  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
-  %157 = load <8 x float>, ptr %acc16, align 4
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %131, <8 x float> %157)
-  store <8 x float> %158, ptr %acc16, align 4
-  %159 = load <8 x float>, ptr %acc17, align 4
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %133, <8 x float> %159)
-  store <8 x float> %160, ptr %acc17, align 4
-  %161 = mul nsw i64 3, %T
-  %162 = getelementptr inbounds float, ptr %129, i64 %161
-  %163 = load float, ptr %162, align 4
-  %164 = insertelement <8 x float> poison, float %163, i32 0
-  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
-  %166 = load <8 x float>, ptr %acc18, align 4
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %131, <8 x float> %166)
-  store <8 x float> %167, ptr %acc18, align 4
-  %168 = load <8 x float>, ptr %acc19, align 4
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %133, <8 x float> %168)
-  store <8 x float> %169, ptr %acc19, align 4
-  %170 = add nsw i64 %k23, 1
-  br label %k.head20
+k.body23:                                         ; preds = %k.head22
+  %209 = mul nsw i64 %k25, 768
+  %210 = getelementptr inbounds float, ptr %183, i64 %209
+  %211 = mul nsw i64 %k25, 1
+  %212 = getelementptr inbounds float, ptr %180, i64 %211
+  %213 = add nsw i64 %k25, 32
+  %214 = sub nsw i64 %kn, 1
+  %215 = icmp slt i64 %213, %kn
+  %216 = select i1 %215, i64 %213, i64 %214
+  %217 = mul nsw i64 %216, 768
+  %218 = getelementptr inbounds float, ptr %183, i64 %217
+  call void @llvm.prefetch.p0(ptr %218, i32 0, i32 3, i32 1)
+  %219 = getelementptr inbounds float, ptr %210, i64 0
+  %220 = load <8 x float>, ptr %219, align 4
+  %221 = getelementptr inbounds float, ptr %210, i64 8
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = mul nsw i64 0, %dt.ld12
+  %224 = getelementptr inbounds float, ptr %212, i64 %223
+  %225 = load float, ptr %224, align 4
+  %226 = insertelement <8 x float> poison, float %225, i32 0
+  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
+  %228 = load <8 x float>, ptr %acc14, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %220, <8 x float> %228)
+  store <8 x float> %229, ptr %acc14, align 4
+  %230 = load <8 x float>, ptr %acc15, align 4
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> %222, <8 x float> %230)
+  store <8 x float> %231, ptr %acc15, align 4
+  %232 = mul nsw i64 1, %dt.ld12
+  %233 = getelementptr inbounds float, ptr %212, i64 %232
+  %234 = load float, ptr %233, align 4
+  %235 = insertelement <8 x float> poison, float %234, i32 0
+  %236 = shufflevector <8 x float> %235, <8 x float> poison, <8 x i32> zeroinitializer
+  %237 = load <8 x float>, ptr %acc16, align 4
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %220, <8 x float> %237)
+  store <8 x float> %238, ptr %acc16, align 4
+  %239 = load <8 x float>, ptr %acc17, align 4
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %222, <8 x float> %239)
+  store <8 x float> %240, ptr %acc17, align 4
+  %241 = mul nsw i64 2, %dt.ld12
+  %242 = getelementptr inbounds float, ptr %212, i64 %241
+  %243 = load float, ptr %242, align 4
+  %244 = insertelement <8 x float> poison, float %243, i32 0
+  %245 = shufflevector <8 x float> %244, <8 x float> poison, <8 x i32> zeroinitializer
+  %246 = load <8 x float>, ptr %acc18, align 4
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %220, <8 x float> %246)
+  store <8 x float> %247, ptr %acc18, align 4
+  %248 = load <8 x float>, ptr %acc19, align 4
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %222, <8 x float> %248)
+  store <8 x float> %249, ptr %acc19, align 4
+  %250 = mul nsw i64 3, %dt.ld12
+  %251 = getelementptr inbounds float, ptr %212, i64 %250
+  %252 = load float, ptr %251, align 4
+  %253 = insertelement <8 x float> poison, float %252, i32 0
+  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
+  %255 = load <8 x float>, ptr %acc20, align 4
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %220, <8 x float> %255)
+  store <8 x float> %256, ptr %acc20, align 4
+  %257 = load <8 x float>, ptr %acc21, align 4
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %222, <8 x float> %257)
+  store <8 x float> %258, ptr %acc21, align 4
+  %259 = add nsw i64 %k25, 1
+  br label %k.head22
 
-k.end22:                                          ; preds = %k.head20
-  %171 = add nsw i64 96768, %121
-  %172 = getelementptr inbounds float, ptr %xs, i64 %171
-  %173 = load <8 x float>, ptr %acc12, align 4
-  %174 = getelementptr inbounds float, ptr %172, i64 0
-  store <8 x float> %173, ptr %174, align 4
-  %175 = load <8 x float>, ptr %acc13, align 4
-  %176 = getelementptr inbounds float, ptr %172, i64 8
-  store <8 x float> %175, ptr %176, align 4
-  %177 = add nsw i64 97536, %121
-  %178 = getelementptr inbounds float, ptr %xs, i64 %177
-  %179 = load <8 x float>, ptr %acc14, align 4
-  %180 = getelementptr inbounds float, ptr %178, i64 0
-  store <8 x float> %179, ptr %180, align 4
-  %181 = load <8 x float>, ptr %acc15, align 4
-  %182 = getelementptr inbounds float, ptr %178, i64 8
-  store <8 x float> %181, ptr %182, align 4
-  %183 = add nsw i64 98304, %121
-  %184 = getelementptr inbounds float, ptr %xs, i64 %183
-  %185 = load <8 x float>, ptr %acc16, align 4
-  %186 = getelementptr inbounds float, ptr %184, i64 0
-  store <8 x float> %185, ptr %186, align 4
-  %187 = load <8 x float>, ptr %acc17, align 4
-  %188 = getelementptr inbounds float, ptr %184, i64 8
-  store <8 x float> %187, ptr %188, align 4
-  %189 = add nsw i64 99072, %121
-  %190 = getelementptr inbounds float, ptr %xs, i64 %189
-  %191 = load <8 x float>, ptr %acc18, align 4
-  %192 = getelementptr inbounds float, ptr %190, i64 0
-  store <8 x float> %191, ptr %192, align 4
-  %193 = load <8 x float>, ptr %acc19, align 4
-  %194 = getelementptr inbounds float, ptr %190, i64 8
-  store <8 x float> %193, ptr %194, align 4
+k.end24:                                          ; preds = %k.head22
+  %260 = load <8 x float>, ptr %acc14, align 4
+  %261 = getelementptr inbounds float, ptr %171, i64 0
+  store <8 x float> %260, ptr %261, align 4
+  %262 = load <8 x float>, ptr %acc15, align 4
+  %263 = getelementptr inbounds float, ptr %171, i64 8
+  store <8 x float> %262, ptr %263, align 4
+  %264 = load <8 x float>, ptr %acc16, align 4
+  %265 = getelementptr inbounds float, ptr %173, i64 0
+  store <8 x float> %264, ptr %265, align 4
+  %266 = load <8 x float>, ptr %acc17, align 4
+  %267 = getelementptr inbounds float, ptr %173, i64 8
+  store <8 x float> %266, ptr %267, align 4
+  %268 = load <8 x float>, ptr %acc18, align 4
+  %269 = getelementptr inbounds float, ptr %175, i64 0
+  store <8 x float> %268, ptr %269, align 4
+  %270 = load <8 x float>, ptr %acc19, align 4
+  %271 = getelementptr inbounds float, ptr %175, i64 8
+  store <8 x float> %270, ptr %271, align 4
+  %272 = load <8 x float>, ptr %acc20, align 4
+  %273 = getelementptr inbounds float, ptr %177, i64 0
+  store <8 x float> %272, ptr %273, align 4
+  %274 = load <8 x float>, ptr %acc21, align 4
+  %275 = getelementptr inbounds float, ptr %177, i64 8
+  store <8 x float> %274, ptr %275, align 4
   br label %part.end
 
-part.end:                                         ; preds = %k.end22, %r0.end
-  br i1 true, label %part.then24, label %part.end25
+part.end:                                         ; preds = %k.end24, %r0.end
+  br i1 true, label %part.then26, label %part.end27
 
-part.then24:                                      ; preds = %part.end
-  %195 = mul nsw i64 %p, 16
-  %196 = getelementptr inbounds float, ptr %x, i64 %195
-  %197 = mul nsw i64 126, %T
-  %198 = getelementptr inbounds float, ptr %Dt, i64 %197
-  store <8 x float> zeroinitializer, ptr %acc26, align 4
-  store <8 x float> zeroinitializer, ptr %acc27, align 4
-  store <8 x float> zeroinitializer, ptr %acc28, align 4
-  store <8 x float> zeroinitializer, ptr %acc29, align 4
-  br label %k.head30
+part.then26:                                      ; preds = %part.end
+  %276 = mul nsw i64 %p, 16
+  %dt.ld28 = add nsw i64 %T, 16
+  %277 = add nsw i64 96768, %276
+  %278 = getelementptr inbounds float, ptr %xs, i64 %277
+  %279 = add nsw i64 97536, %276
+  %280 = getelementptr inbounds float, ptr %xs, i64 %279
+  %281 = mul nsw i64 126, %dt.ld28
+  %282 = add nsw i64 %281, %tb
+  %283 = getelementptr inbounds float, ptr %Dt, i64 %282
+  %284 = mul nsw i64 %tb, 768
+  %285 = add nsw i64 %284, %276
+  %286 = getelementptr inbounds float, ptr %x, i64 %285
+  %first29 = icmp eq i64 %tb, 0
+  %287 = getelementptr inbounds float, ptr %278, i64 0
+  %288 = load <8 x float>, ptr %287, align 4
+  %289 = select i1 %first29, <8 x float> zeroinitializer, <8 x float> %288
+  store <8 x float> %289, ptr %acc30, align 4
+  %290 = getelementptr inbounds float, ptr %278, i64 8
+  %291 = load <8 x float>, ptr %290, align 4
+  %292 = select i1 %first29, <8 x float> zeroinitializer, <8 x float> %291
+  store <8 x float> %292, ptr %acc31, align 4
+  %293 = getelementptr inbounds float, ptr %280, i64 0
+  %294 = load <8 x float>, ptr %293, align 4
+  %295 = select i1 %first29, <8 x float> zeroinitializer, <8 x float> %294
+  store <8 x float> %295, ptr %acc32, align 4
+  %296 = getelementptr inbounds float, ptr %280, i64 8
+  %297 = load <8 x float>, ptr %296, align 4
+  %298 = select i1 %first29, <8 x float> zeroinitializer, <8 x float> %297
+  store <8 x float> %298, ptr %acc33, align 4
+  br label %k.head34
 
-k.head30:                                         ; preds = %k.body31, %part.then24
-  %k33 = phi i64 [ 0, %part.then24 ], [ %226, %k.body31 ]
-  %199 = icmp slt i64 %k33, %T
-  br i1 %199, label %k.body31, label %k.end32
+k.head34:                                         ; preds = %k.body35, %part.then26
+  %k37 = phi i64 [ 0, %part.then26 ], [ %332, %k.body35 ]
+  %299 = icmp slt i64 %k37, %kn
+  br i1 %299, label %k.body35, label %k.end36
 
-k.body31:                                         ; preds = %k.head30
-  %200 = mul nsw i64 %k33, 768
-  %201 = getelementptr inbounds float, ptr %196, i64 %200
-  %202 = mul nsw i64 %k33, 1
-  %203 = getelementptr inbounds float, ptr %198, i64 %202
-  %204 = getelementptr inbounds float, ptr %201, i64 0
-  %205 = load <8 x float>, ptr %204, align 4
-  %206 = getelementptr inbounds float, ptr %201, i64 8
-  %207 = load <8 x float>, ptr %206, align 4
-  %208 = mul nsw i64 0, %T
-  %209 = getelementptr inbounds float, ptr %203, i64 %208
-  %210 = load float, ptr %209, align 4
-  %211 = insertelement <8 x float> poison, float %210, i32 0
-  %212 = shufflevector <8 x float> %211, <8 x float> poison, <8 x i32> zeroinitializer
-  %213 = load <8 x float>, ptr %acc26, align 4
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %205, <8 x float> %213)
-  store <8 x float> %214, ptr %acc26, align 4
-  %215 = load <8 x float>, ptr %acc27, align 4
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %207, <8 x float> %215)
-  store <8 x float> %216, ptr %acc27, align 4
-  %217 = mul nsw i64 1, %T
-  %218 = getelementptr inbounds float, ptr %203, i64 %217
-  %219 = load float, ptr %218, align 4
-  %220 = insertelement <8 x float> poison, float %219, i32 0
-  %221 = shufflevector <8 x float> %220, <8 x float> poison, <8 x i32> zeroinitializer
-  %222 = load <8 x float>, ptr %acc28, align 4
-  %223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %205, <8 x float> %222)
-  store <8 x float> %223, ptr %acc28, align 4
-  %224 = load <8 x float>, ptr %acc29, align 4
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %221, <8 x float> %207, <8 x float> %224)
-  store <8 x float> %225, ptr %acc29, align 4
-  %226 = add nsw i64 %k33, 1
-  br label %k.head30
+k.body35:                                         ; preds = %k.head34
+  %300 = mul nsw i64 %k37, 768
+  %301 = getelementptr inbounds float, ptr %286, i64 %300
+  %302 = mul nsw i64 %k37, 1
+  %303 = getelementptr inbounds float, ptr %283, i64 %302
+  %304 = add nsw i64 %k37, 32
+  %305 = sub nsw i64 %kn, 1
+  %306 = icmp slt i64 %304, %kn
+  %307 = select i1 %306, i64 %304, i64 %305
+  %308 = mul nsw i64 %307, 768
+  %309 = getelementptr inbounds float, ptr %286, i64 %308
+  call void @llvm.prefetch.p0(ptr %309, i32 0, i32 3, i32 1)
+  %310 = getelementptr inbounds float, ptr %301, i64 0
+  %311 = load <8 x float>, ptr %310, align 4
+  %312 = getelementptr inbounds float, ptr %301, i64 8
+  %313 = load <8 x float>, ptr %312, align 4
+  %314 = mul nsw i64 0, %dt.ld28
+  %315 = getelementptr inbounds float, ptr %303, i64 %314
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc30, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %311, <8 x float> %319)
+  store <8 x float> %320, ptr %acc30, align 4
+  %321 = load <8 x float>, ptr %acc31, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %313, <8 x float> %321)
+  store <8 x float> %322, ptr %acc31, align 4
+  %323 = mul nsw i64 1, %dt.ld28
+  %324 = getelementptr inbounds float, ptr %303, i64 %323
+  %325 = load float, ptr %324, align 4
+  %326 = insertelement <8 x float> poison, float %325, i32 0
+  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
+  %328 = load <8 x float>, ptr %acc32, align 4
+  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %311, <8 x float> %328)
+  store <8 x float> %329, ptr %acc32, align 4
+  %330 = load <8 x float>, ptr %acc33, align 4
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %313, <8 x float> %330)
+  store <8 x float> %331, ptr %acc33, align 4
+  %332 = add nsw i64 %k37, 1
+  br label %k.head34
 
-k.end32:                                          ; preds = %k.head30
-  %227 = add nsw i64 96768, %195
-  %228 = getelementptr inbounds float, ptr %xs, i64 %227
-  %229 = load <8 x float>, ptr %acc26, align 4
-  %230 = getelementptr inbounds float, ptr %228, i64 0
-  store <8 x float> %229, ptr %230, align 4
-  %231 = load <8 x float>, ptr %acc27, align 4
-  %232 = getelementptr inbounds float, ptr %228, i64 8
-  store <8 x float> %231, ptr %232, align 4
-  %233 = add nsw i64 97536, %195
-  %234 = getelementptr inbounds float, ptr %xs, i64 %233
-  %235 = load <8 x float>, ptr %acc28, align 4
-  %236 = getelementptr inbounds float, ptr %234, i64 0
-  store <8 x float> %235, ptr %236, align 4
-  %237 = load <8 x float>, ptr %acc29, align 4
-  %238 = getelementptr inbounds float, ptr %234, i64 8
-  store <8 x float> %237, ptr %238, align 4
-  br label %part.end25
+k.end36:                                          ; preds = %k.head34
+  %333 = load <8 x float>, ptr %acc30, align 4
+  %334 = getelementptr inbounds float, ptr %278, i64 0
+  store <8 x float> %333, ptr %334, align 4
+  %335 = load <8 x float>, ptr %acc31, align 4
+  %336 = getelementptr inbounds float, ptr %278, i64 8
+  store <8 x float> %335, ptr %336, align 4
+  %337 = load <8 x float>, ptr %acc32, align 4
+  %338 = getelementptr inbounds float, ptr %280, i64 0
+  store <8 x float> %337, ptr %338, align 4
+  %339 = load <8 x float>, ptr %acc33, align 4
+  %340 = getelementptr inbounds float, ptr %280, i64 8
+  store <8 x float> %339, ptr %340, align 4
+  br label %part.end27
 
-part.end25:                                       ; preds = %k.end32, %part.end
-  br i1 false, label %part.then34, label %part.end35
+part.end27:                                       ; preds = %k.end36, %part.end
+  br i1 false, label %part.then38, label %part.end39
 
-part.then34:                                      ; preds = %part.end25
-  %239 = mul nsw i64 %p, 16
-  %240 = getelementptr inbounds float, ptr %x, i64 %239
-  %241 = mul nsw i64 128, %T
-  %242 = getelementptr inbounds float, ptr %Dt, i64 %241
-  store <8 x float> zeroinitializer, ptr %acc36, align 4
-  store <8 x float> zeroinitializer, ptr %acc37, align 4
-  br label %k.head38
+part.then38:                                      ; preds = %part.end27
+  %341 = mul nsw i64 %p, 16
+  %dt.ld40 = add nsw i64 %T, 16
+  %342 = add nsw i64 98304, %341
+  %343 = getelementptr inbounds float, ptr %xs, i64 %342
+  %344 = mul nsw i64 128, %dt.ld40
+  %345 = add nsw i64 %344, %tb
+  %346 = getelementptr inbounds float, ptr %Dt, i64 %345
+  %347 = mul nsw i64 %tb, 768
+  %348 = add nsw i64 %347, %341
+  %349 = getelementptr inbounds float, ptr %x, i64 %348
+  %first41 = icmp eq i64 %tb, 0
+  %350 = getelementptr inbounds float, ptr %343, i64 0
+  %351 = load <8 x float>, ptr %350, align 4
+  %352 = select i1 %first41, <8 x float> zeroinitializer, <8 x float> %351
+  store <8 x float> %352, ptr %acc42, align 4
+  %353 = getelementptr inbounds float, ptr %343, i64 8
+  %354 = load <8 x float>, ptr %353, align 4
+  %355 = select i1 %first41, <8 x float> zeroinitializer, <8 x float> %354
+  store <8 x float> %355, ptr %acc43, align 4
+  br label %k.head44
 
-k.head38:                                         ; preds = %k.body39, %part.then34
-  %k41 = phi i64 [ 0, %part.then34 ], [ %261, %k.body39 ]
-  %243 = icmp slt i64 %k41, %T
-  br i1 %243, label %k.body39, label %k.end40
+k.head44:                                         ; preds = %k.body45, %part.then38
+  %k47 = phi i64 [ 0, %part.then38 ], [ %380, %k.body45 ]
+  %356 = icmp slt i64 %k47, %kn
+  br i1 %356, label %k.body45, label %k.end46
 
-k.body39:                                         ; preds = %k.head38
-  %244 = mul nsw i64 %k41, 768
-  %245 = getelementptr inbounds float, ptr %240, i64 %244
-  %246 = mul nsw i64 %k41, 1
-  %247 = getelementptr inbounds float, ptr %242, i64 %246
-  %248 = getelementptr inbounds float, ptr %245, i64 0
-  %249 = load <8 x float>, ptr %248, align 4
-  %250 = getelementptr inbounds float, ptr %245, i64 8
-  %251 = load <8 x float>, ptr %250, align 4
-  %252 = mul nsw i64 0, %T
-  %253 = getelementptr inbounds float, ptr %247, i64 %252
-  %254 = load float, ptr %253, align 4
-  %255 = insertelement <8 x float> poison, float %254, i32 0
-  %256 = shufflevector <8 x float> %255, <8 x float> poison, <8 x i32> zeroinitializer
-  %257 = load <8 x float>, ptr %acc36, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %249, <8 x float> %257)
-  store <8 x float> %258, ptr %acc36, align 4
-  %259 = load <8 x float>, ptr %acc37, align 4
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> %251, <8 x float> %259)
-  store <8 x float> %260, ptr %acc37, align 4
-  %261 = add nsw i64 %k41, 1
-  br label %k.head38
+k.body45:                                         ; preds = %k.head44
+  %357 = mul nsw i64 %k47, 768
+  %358 = getelementptr inbounds float, ptr %349, i64 %357
+  %359 = mul nsw i64 %k47, 1
+  %360 = getelementptr inbounds float, ptr %346, i64 %359
+  %361 = add nsw i64 %k47, 32
+  %362 = sub nsw i64 %kn, 1
+  %363 = icmp slt i64 %361, %kn
+  %364 = select i1 %363, i64 %361, i64 %362
+  %365 = mul nsw i64 %364, 768
+  %366 = getelementptr inbounds float, ptr %349, i64 %365
+  call void @llvm.prefetch.p0(ptr %366, i32 0, i32 3, i32 1)
+  %367 = getelementptr inbounds float, ptr %358, i64 0
+  %368 = load <8 x float>, ptr %367, align 4
+  %369 = getelementptr inbounds float, ptr %358, i64 8
+  %370 = load <8 x float>, ptr %369, align 4
+  %371 = mul nsw i64 0, %dt.ld40
+  %372 = getelementptr inbounds float, ptr %360, i64 %371
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = load <8 x float>, ptr %acc42, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %368, <8 x float> %376)
+  store <8 x float> %377, ptr %acc42, align 4
+  %378 = load <8 x float>, ptr %acc43, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %370, <8 x float> %378)
+  store <8 x float> %379, ptr %acc43, align 4
+  %380 = add nsw i64 %k47, 1
+  br label %k.head44
 
-k.end40:                                          ; preds = %k.head38
-  %262 = add nsw i64 98304, %239
-  %263 = getelementptr inbounds float, ptr %xs, i64 %262
-  %264 = load <8 x float>, ptr %acc36, align 4
-  %265 = getelementptr inbounds float, ptr %263, i64 0
-  store <8 x float> %264, ptr %265, align 4
-  %266 = load <8 x float>, ptr %acc37, align 4
-  %267 = getelementptr inbounds float, ptr %263, i64 8
-  store <8 x float> %266, ptr %267, align 4
-  br label %part.end35
+k.end46:                                          ; preds = %k.head44
+  %381 = load <8 x float>, ptr %acc42, align 4
+  %382 = getelementptr inbounds float, ptr %343, i64 0
+  store <8 x float> %381, ptr %382, align 4
+  %383 = load <8 x float>, ptr %acc43, align 4
+  %384 = getelementptr inbounds float, ptr %343, i64 8
+  store <8 x float> %383, ptr %384, align 4
+  br label %part.end39
 
-part.end35:                                       ; preds = %k.end40, %part.end25
-  %268 = add nsw i64 %p, 1
+part.end39:                                       ; preds = %k.end46, %part.end27
+  %385 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  %386 = add nsw i64 %tb, 64
+  br label %tb.head
+
+tb.end:                                           ; preds = %tb.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_soft_out(ptr %C, ptr %Y, ptr %bias, i64 %t0, i64 %t1, ptr %y) #0 {
@@ -4113,9 +4258,6 @@ r0.end:                                           ; preds = %r0.head
 p.end:                                            ; preds = %p.head
   ret void
 }
-
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
 
 ; Function Attrs: nounwind
 declare float @erff(float) #0

@@ -55,6 +55,7 @@ void moe_workspace(const struct moe_desc *d, uint64_t ops, uint32_t ld_h, uint32
 		b[MOE_BUF_SOFT_XN].per_token = 4 * H;
 		b[MOE_BUF_SOFT_C].per_token = 4 * S;
 		b[MOE_BUF_SOFT_D].per_token = 4 * S;
+		b[MOE_BUF_SOFT_D].fixed = 4 * S * MOE_SOFT_DT_PAD;
 		b[MOE_BUF_SOFT_XS].fixed = 4 * S * H;
 		b[MOE_BUF_SOFT_Y].fixed = 4 * S * H;
 		b[MOE_BUF_COUNTS].fixed = 8 * E;
