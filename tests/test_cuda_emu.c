@@ -250,7 +250,8 @@ static void check_case(const struct ecase *ec, const char *tag)
 	assert_true(fabs((double)rt.importance_cv2 - rr.importance_cv2) <=
 		    1e-4 * (fabs((double)rr.importance_cv2) + 1));
 	for (size_t e = 0; e < E; e++)
-		assert_true(fabs((double)imp[e] - imp_ref[e]) <= 1e-4 * (fabs((double)imp_ref[e]) + 1));
+		assert_true(fabs((double)imp[e] - imp_ref[e]) <=
+			    1e-4 * (fabs((double)imp_ref[e]) + 1));
 
 	/* batch invariance: every token alone gives the same row, bit for bit
 	 * (no capacity or expert choice: tokens do not interact; not in training,
@@ -536,12 +537,12 @@ static void test_train_learned_noise(void **state)
 	check_case(&c2, "noisy-top-k-train-eps");
 	/* Shazeer's importance: the sum of the kept sparse gates (capacity drops
 	 * some), not of the softmax */
-	struct ecase c3 = {"specs/noisy-top-k.yaml",
-			   {"model.hidden=64", "experts.intermediate=64", "router.importance=sparse",
-			    NULL},
-			   40,
-			   0,
-			   1};
+	struct ecase c3 = {
+	    "specs/noisy-top-k.yaml",
+	    {"model.hidden=64", "experts.intermediate=64", "router.importance=sparse", NULL},
+	    40,
+	    0,
+	    1};
 	check_case(&c3, "noisy-top-k-train-sparse-importance");
 }
 

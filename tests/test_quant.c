@@ -710,8 +710,7 @@ int main(void)
 	    cmocka_unit_test(test_vs_reference),       cmocka_unit_test(test_avx2_target),
 	    cmocka_unit_test(test_invariant),          cmocka_unit_test(test_load_refused),
 	    cmocka_unit_test(test_load_fp8_kept),      cmocka_unit_test(test_load_mxfp4_kept),
-	    cmocka_unit_test(test_load_gptq_kept),
-	    cmocka_unit_test(test_load_gptq_act_order),
+	    cmocka_unit_test(test_load_gptq_kept),     cmocka_unit_test(test_load_gptq_act_order),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

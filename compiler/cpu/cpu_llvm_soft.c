@@ -114,7 +114,8 @@ static void gemm_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef a, LLVMV
 			if (init)
 				a0 = LLVMBuildSelect(
 				    bd, zero, a0,
-				    vld(g, &v, moe_ll_at(g, g->t_f32, init[r], moe_ll_i64c(g, j * v.vl)),
+				    vld(g, &v,
+					moe_ll_at(g, g->t_f32, init[r], moe_ll_i64c(g, j * v.vl)),
 					v.lanes[j]),
 				    "");
 			moe_ll_st(g, a0, acc[2 * r + j]);
@@ -428,8 +429,8 @@ static void gen_slot_in(struct moe_ll *g)
 	struct moe_ll_loop t, p;
 	moe_ll_loop_open(g, &t, moe_ll_i64c(g, 0), T, SOFT_T_BLOCK, "tb");
 	LLVMValueRef left = LLVMBuildNSWSub(b, T, t.iv, "");
-	struct tblock tb = {t.iv, LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, TB, ""),
-						  left, TB, "kn")};
+	struct tblock tb = {
+	    t.iv, LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, left, TB, ""), left, TB, "kn")};
 	moe_ll_loop_open(g, &p, p0, end, 1, "p");
 	row_tiles(g, slot_in_tile, 0, MOE_NR, p.iv, moe_ll_i64c(g, 0), S, &tb);
 	moe_ll_loop_close(g, &p);

@@ -677,8 +677,8 @@ static int act_order(struct st_ctx *c, const struct moe_st_tensor *x, const uint
 			snprintf(c->err, sizeof c->err,
 				 "%s: tensor '%s' (%s, layer %u): g_idx[%llu] is %d, not a group "
 				 "(0..%llu)",
-				 file, x->name, moe_role_names[role], c->layer, (unsigned long long)k,
-				 v[k], (unsigned long long)(G - 1));
+				 file, x->name, moe_role_names[role], c->layer,
+				 (unsigned long long)k, v[k], (unsigned long long)(G - 1));
 			goto done;
 		}
 		trivial &= (uint64_t)v[k] == k / gs;
@@ -686,11 +686,12 @@ static int act_order(struct st_ctx *c, const struct moe_st_tensor *x, const uint
 	}
 	for (uint64_t g = 0; g < G; g++)
 		if (fill[g] != gs) {
-			snprintf(c->err, sizeof c->err,
-				 "%s: tensor '%s' (%s, layer %u): g_idx gives group %llu %llu inputs, "
-				 "not the group size %llu",
-				 file, x->name, moe_role_names[role], c->layer, (unsigned long long)g,
-				 (unsigned long long)fill[g], (unsigned long long)gs);
+			snprintf(
+			    c->err, sizeof c->err,
+			    "%s: tensor '%s' (%s, layer %u): g_idx gives group %llu %llu inputs, "
+			    "not the group size %llu",
+			    file, x->name, moe_role_names[role], c->layer, (unsigned long long)g,
+			    (unsigned long long)fill[g], (unsigned long long)gs);
 			goto done;
 		}
 	rc = 0;
@@ -1096,13 +1097,15 @@ static int gate_up_order(struct st_ctx *c, const struct moe_ref_weights *w)
 	uint64_t H = c->d->hidden;
 	for (uint64_t e = c->e0; e < c->e1; e++)
 		for (uint64_t k = 0; k < H; k++) {
-			int32_t a = pg ? pg[e * H + k] : (int32_t)k, b = pu ? pu[e * H + k] : (int32_t)k;
+			int32_t a = pg ? pg[e * H + k] : (int32_t)k,
+				b = pu ? pu[e * H + k] : (int32_t)k;
 			if (a != b) {
-				snprintf(c->err, sizeof c->err,
-					 "layer %u, expert %llu: the act-order g_idx of gate and up "
-					 "differ (their inputs in group order differ at position "
-					 "%llu: %d and %d); the kernels read both with one order",
-					 c->layer, (unsigned long long)e, (unsigned long long)k, a, b);
+				snprintf(
+				    c->err, sizeof c->err,
+				    "layer %u, expert %llu: the act-order g_idx of gate and up "
+				    "differ (their inputs in group order differ at position "
+				    "%llu: %d and %d); the kernels read both with one order",
+				    c->layer, (unsigned long long)e, (unsigned long long)k, a, b);
 				return -1;
 			}
 		}

@@ -82,11 +82,11 @@ MOE_DEFINE_ENUM(moe_op, MOE_OP_, MOE_OPS);
 	X(H_SHARED, "h_shared") /* [T, ld_h shared] f32 */                                         \
 	X(SOFT_XN, "soft_xn")   /* [T, H] f32 normalized tokens */                                 \
 	X(SOFT_C, "soft_c")     /* [T, S] f32 combine weights */                                   \
-	X(SOFT_D, "soft_d")     /* [S, T + pad] f32 dispatch weights (MOE_SOFT_DT_PAD) */         \
+	X(SOFT_D, "soft_d")     /* [S, T + pad] f32 dispatch weights (MOE_SOFT_DT_PAD) */          \
 	X(SOFT_XS, "soft_xs")   /* [S, H] f32 slot inputs */                                       \
 	X(SOFT_Y, "soft_y")     /* [S, H] f32 slot outputs */                                      \
-	X(SLOT_ROW, "slot_row") /* [T, W] i64 row of rows_y of each slot (-1: none) */            \
-	X(DROWS, "drows")       /* [T * W] i32 the slot of each grouped row: its row of rows_y */   \
+	X(SLOT_ROW, "slot_row") /* [T, W] i64 row of rows_y of each slot (-1: none) */             \
+	X(DROWS, "drows")       /* [T * W] i32 the slot of each grouped row: its row of rows_y */  \
 	X(ROWS_Y, "rows_y")     /* [T * W, H] f32 each slot's expert output, in slot order */
 
 /* Floats past T in each row of soft_d: a row stride of T floats, a multiple

@@ -340,12 +340,12 @@ struct moe_layer_w {
 	/* act-order up panels ([E, H]: their column k is input up_perm[e, k]; the
 	 * rows reach the kernel gathered in that order), NULL when none */
 	int32_t *up_perm;
-	float *bg, *bu;       /* [E, ld_h] */
-	float *bd;            /* [E, ld_bias] */
-	void *s_up, *s_down;  /* shared FFN panels */
-	float *output_bias;   /* [H], added once after combining */
-	float *group_router;  /* hierarchical level 1, router panels of G rows */
-	float *noise;         /* learned noise projection, router panels of E rows */
+	float *bg, *bu;      /* [E, ld_h] */
+	float *bd;           /* [E, ld_bias] */
+	void *s_up, *s_down; /* shared FFN panels */
+	float *output_bias;  /* [H], added once after combining */
+	float *group_router; /* hierarchical level 1, router panels of G rows */
+	float *noise;        /* learned noise projection, router panels of E rows */
 	float *pk_query, *pk_qbias, *pk_keys; /* PEER: see moe_pk_route_fn */
 	void *pk_u, *pk_v;                    /* PEER: [N, H] neuron tables, weight dtype */
 	float *soft_slots; /* Soft MoE: normalized slot parameters, panels [ceil(S/16)][H][16] */

@@ -298,8 +298,8 @@ static enum moe_status pack_ffn(const struct moe_model *m, struct moe_ref_weight
 	if (!pack_ffn_panels(rg, E, w, MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN, t, &out->up,
 			     &out->down))
 		goto nomem;
-	const int32_t *up_perm = w->q[MOE_ROLE_UP].perm ? w->q[MOE_ROLE_UP].perm
-							: w->q[MOE_ROLE_GATE].perm;
+	const int32_t *up_perm =
+	    w->q[MOE_ROLE_UP].perm ? w->q[MOE_ROLE_UP].perm : w->q[MOE_ROLE_GATE].perm;
 	if (up_perm) {
 		if (!(out->up_perm = malloc((size_t)E * H * sizeof *out->up_perm)))
 			goto nomem;
