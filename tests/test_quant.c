@@ -514,7 +514,7 @@ static void pack_le32(uint8_t *p, uint32_t w)
 		p[i] = (uint8_t)(w >> (8 * i));
 }
 
-enum { GPTQ_NT = 2 * (1 + 4 * 3 * 4) };
+enum { GPTQ_NT = 2 * (1 + 4 * 3 * (4 + 1)) };
 
 /* The input of rank j of a permutation drawn from key over K inputs
  * (Fisher-Yates on the hash): act-order's input order. */
@@ -528,9 +528,10 @@ static void act_order_perm(uint64_t key, uint32_t K, uint32_t *p)
 	}
 }
 
-/* The GPTQ tensors of two layers into t (names and buffers beside it);
- * act: g_idx from an act order (input p[j] in group j / GS), one order per
- * expert for gate and up (they share the input) and one for down. */
+/* The GPTQ tensors of two layers, 4 experts and a shared expert, into t
+ * (names and buffers beside it); act: g_idx from an act order (input p[j] in
+ * group j / GS), one order per expert for gate and up (they share the input)
+ * and one for down. */
 static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t, char (*names)[48],
 			   void **bufs)
 {
@@ -538,18 +539,25 @@ static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t,
 	h_base_desc(&d, 64, 4, 2, 32);
 	uint32_t H = d.hidden, I = d.intermediate, E = d.n_experts, GS = 16;
 	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "r.{layer}");
-	static const enum moe_role roles[3] = {MOE_ROLE_GATE, MOE_ROLE_UP, MOE_ROLE_DOWN};
-	static const char *const nm[3] = {"g", "u", "d"};
-	for (int i = 0; i < 3; i++) {
+	d.shared_count = 1;
+	d.shared_intermediate = I;
+	static const enum moe_role roles[6] = {MOE_ROLE_GATE,      MOE_ROLE_UP,
+					       MOE_ROLE_DOWN,      MOE_ROLE_SHARED_GATE,
+					       MOE_ROLE_SHARED_UP, MOE_ROLE_SHARED_DOWN};
+	static const char *const nm[6] = {"g", "u", "d", "sg", "su", "sd"};
+	for (int i = 0; i < 6; i++) {
 		enum moe_role r = roles[i];
-		snprintf(d.names[r], MOE_NAME_MAX, "%s.{layer}.{expert}.qweight", nm[i]);
-		snprintf(d.scale_names[r], MOE_NAME_MAX, "%s.{layer}.{expert}.scales", nm[i]);
+		const char *ex = i < 3 ? ".{expert}" : "";
+		snprintf(d.names[r], MOE_NAME_MAX, "%s.{layer}%s.qweight", nm[i], ex);
+		snprintf(d.scale_names[r], MOE_NAME_MAX, "%s.{layer}%s.scales", nm[i], ex);
 		d.layouts[r].quant = MOE_QUANT_GPTQ;
 		d.layouts[r].quant_block[0] = 1;
 		d.layouts[r].quant_block[1] = GS;
 	}
 	set_q(&d, MOE_QMAT_UP, MOE_QFORMAT_INT4, GS, 1);
 	set_q(&d, MOE_QMAT_DOWN, MOE_QFORMAT_INT4, GS, 1);
+	set_q(&d, MOE_QMAT_SHARED_UP, MOE_QFORMAT_INT4, GS, 1);
+	set_q(&d, MOE_QMAT_SHARED_DOWN, MOE_QFORMAT_INT4, GS, 1);
 	*p = d;
 	size_t n = 0;
 	uint32_t order[64];
@@ -562,7 +570,7 @@ static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t,
 		t[n] = (struct moe_st_tensor){
 		    .name = names[n], .dtype = MOE_ST_F32, .ndim = 2, .shape = {E, H}, .data = r};
 		n++;
-		for (uint32_t e = 0; e < E; e++)
+		for (uint32_t e = 0; e <= E; e++) /* e = E: the shared expert */
 			for (int i = 0; i < 3; i++) {
 				uint64_t N = i < 2 ? I : H, K = i < 2 ? H : I, G = K / GS;
 				uint8_t *qw = malloc(K / 8 * N * 4), *qz = malloc(G * N / 8 * 4);
@@ -593,7 +601,12 @@ static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t,
 							   MOE_ST_I32};
 				uint64_t shp[4][2] = {{K / 8, N}, {G, N / 8}, {G, N}, {K, 0}};
 				for (int k = 0; k < 4; k++) {
-					snprintf(names[n], 48, "%s.%u.%u.%s", nm[i], L, e, sfx[k]);
+					if (e < E)
+						snprintf(names[n], 48, "%s.%u.%u.%s", nm[i], L, e,
+							 sfx[k]);
+					else
+						snprintf(names[n], 48, "%s.%u.%s", nm[3 + i], L,
+							 sfx[k]);
 					bufs[n] = data[k];
 					t[n] =
 					    (struct moe_st_tensor){.name = names[n],

@@ -741,23 +741,21 @@ static int keep_act_order(struct st_ctx *c, enum moe_role role, const char *xnam
 	uint64_t R, C;
 	int pe;
 	moe_desc_role_shape(c->d, role, &R, &C, &pe);
-	if (c->fused || !pe) {
+	if (c->fused) {
 		snprintf(c->err, sizeof c->err,
 			 "tensor '%s' (%s, layer %u): act-order (a g_idx other than k / group) is "
-			 "read for the routed experts' separate gate, up and down tensors only, "
-			 "not %s",
-			 xname, moe_role_names[role], c->layer,
-			 c->fused ? "in a fused gate_up tensor" : "for the shared experts");
+			 "read from separate gate, up and down tensors, not from a fused gate_up",
+			 xname, moe_role_names[role], c->layer);
 		return -1;
 	}
 	struct moe_ref_qtensor *qt = c->qt;
 	if (!qt->perm) {
-		uint64_t n_e = c->d->n_experts;
-		if (!(qt->perm = malloc(n_e * K * sizeof *qt->perm))) {
+		uint64_t mats = pe ? c->d->n_experts : 1;
+		if (!(qt->perm = malloc(mats * K * sizeof *qt->perm))) {
 			snprintf(c->err, sizeof c->err, "out of memory");
 			return -1;
 		}
-		for (uint64_t i = 0; i < n_e * K; i++)
+		for (uint64_t i = 0; i < mats * K; i++)
 			qt->perm[i] = (int32_t)(i % K);
 	}
 	memcpy(qt->perm + c->qrow0 / N * K, perm, K * sizeof *perm);
@@ -1088,24 +1086,30 @@ static int load_fused(struct st_ctx *c, enum moe_role fused, enum moe_role up_r,
 
 /* gate and up share the up kernel's input, so act-order ones must share
  * their input order too (GPTQ gives both the same: it orders by the
- * statistics of that input). */
-static int gate_up_order(struct st_ctx *c, const struct moe_ref_weights *w)
+ * statistics of that input); matrices [e0, e1) of the two roles. */
+static int gate_up_order(struct st_ctx *c, const struct moe_ref_weights *w, enum moe_role gate,
+			 enum moe_role up, uint64_t e0, uint64_t e1)
 {
-	const int32_t *pg = w->q[MOE_ROLE_GATE].perm, *pu = w->q[MOE_ROLE_UP].perm;
+	const int32_t *pg = w->q[gate].perm, *pu = w->q[up].perm;
 	if (!pg && !pu)
 		return 0;
 	uint64_t H = c->d->hidden;
-	for (uint64_t e = c->e0; e < c->e1; e++)
+	for (uint64_t e = e0; e < e1; e++)
 		for (uint64_t k = 0; k < H; k++) {
 			int32_t a = pg ? pg[e * H + k] : (int32_t)k,
 				b = pu ? pu[e * H + k] : (int32_t)k;
 			if (a != b) {
-				snprintf(
-				    c->err, sizeof c->err,
-				    "layer %u, expert %llu: the act-order g_idx of gate and up "
-				    "differ (their inputs in group order differ at position "
-				    "%llu: %d and %d); the kernels read both with one order",
-				    c->layer, (unsigned long long)e, (unsigned long long)k, a, b);
+				char who[48];
+				if (gate == MOE_ROLE_GATE)
+					snprintf(who, sizeof who, "expert %llu",
+						 (unsigned long long)e);
+				else
+					snprintf(who, sizeof who, "the shared experts");
+				snprintf(c->err, sizeof c->err,
+					 "layer %u, %s: the act-order g_idx of gate and up differ "
+					 "(their inputs in group order differ at position %llu: %d "
+					 "and %d); the kernels read both with one order",
+					 c->layer, who, (unsigned long long)k, a, b);
 				return -1;
 			}
 		}
@@ -1153,7 +1157,8 @@ static int load_layer(struct st_ctx *c, struct moe_ref_weights *w)
 	    load_fused(c, MOE_ROLE_GATE_UP_BIAS, MOE_ROLE_UP_BIAS, w->w[MOE_ROLE_GATE_BIAS],
 		       w->w[MOE_ROLE_UP_BIAS], NULL, NULL) != 0)
 		return -1;
-	if (gate_up_order(c, w) != 0)
+	if (gate_up_order(c, w, MOE_ROLE_GATE, MOE_ROLE_UP, c->e0, c->e1) != 0 ||
+	    gate_up_order(c, w, MOE_ROLE_SHARED_GATE, MOE_ROLE_SHARED_UP, 0, 1) != 0)
 		return -1;
 	/* the kernels see what a bf16/f16 checkpoint holds: round like the
 	 * reference does for random weights */

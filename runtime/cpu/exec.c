@@ -25,7 +25,7 @@ void moe_ws_free(struct moe_ws *ws)
 {
 	for (int i = 0; i < MOE_BUF_COUNT; i++)
 		free(ws->buf[i]);
-	free(ws->xp), free(ws->xp_id);
+	free(ws->xp), free(ws->xp_id), free(ws->xsp);
 	memset(ws, 0, sizeof *ws);
 }
 
@@ -418,11 +418,39 @@ static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 }
 
 /* The shared FFN runs over every token of the layer input (rows 0..T-1). */
+/* Act-order shared up panels: tokens [64 task, 64 task + 64) in its input
+ * order (s_up_perm). */
+static void gather_shared_task(void *ctx, size_t task, unsigned thread)
+{
+	(void)thread;
+	struct moe_exec *x = ctx;
+	size_t H = x->d->hidden, t1 = 64 * task + 64 < x->T ? 64 * task + 64 : x->T;
+	const int32_t *perm = x->lw->s_up_perm;
+	for (size_t t = 64 * task; t < t1; t++)
+		for (size_t k = 0; k < H; k++)
+			x->m->ws.xsp[t * H + k] = x->x[t * H + (size_t)perm[k]];
+}
+
 static enum moe_status begin_shared_up(struct moe_exec *x)
 {
-	x->srows = x->m->ws.srows;
+	struct moe_ws *ws = &x->m->ws;
+	x->srows = ws->srows;
 	for (size_t t = 0; t < x->T; t++)
 		x->srows[t] = (int32_t)t;
+	x->s_x = x->x;
+	if (x->lw->s_up_perm) {
+		size_t H = x->d->hidden;
+		if (x->T > ws->xsp_rows) {
+			free(ws->xsp);
+			ws->xsp_rows = 0;
+			if (!(ws->xsp =
+				  aligned_alloc(64, (x->T * H * sizeof *ws->xsp + 63) / 64 * 64)))
+				return MOE_ERR_NOMEM;
+			ws->xsp_rows = x->T;
+		}
+		moe_pool_run(x->m->pool, (x->T + 63) / 64, gather_shared_task, x);
+		x->s_x = ws->xsp;
+	}
 	return add_tiles(x, MOE_OP_SHARED_UP, -1, (int64_t)x->T, x->m->shared.up_panels);
 }
 
@@ -433,7 +461,7 @@ static void run_shared_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 	struct moe_ws *ws = &x->m->ws;
 	const float *gate = x->d->shared_gate == MOE_SHARED_GATE_SIGMOID ? ws->sgate + u->r0 : NULL;
 	MOE_KERNEL(x->m, SHARED_UP)
-	(x->x, x->srows + u->r0, gate, u->r1 - u->r0, x->lw->s_up, NULL, NULL,
+	(x->s_x, x->srows + u->r0, gate, u->r1 - u->r0, x->lw->s_up, NULL, NULL,
 	 ws->hs + (size_t)u->r0 * x->m->shared.ld_h, u->p0, u->p1);
 }
 

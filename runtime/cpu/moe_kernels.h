@@ -343,6 +343,7 @@ struct moe_layer_w {
 	float *bg, *bu;      /* [E, ld_h] */
 	float *bd;           /* [E, ld_bias] */
 	void *s_up, *s_down; /* shared FFN panels */
+	int32_t *s_up_perm;  /* [H] act-order shared up panels (as up_perm), or NULL */
 	float *output_bias;  /* [H], added once after combining */
 	float *group_router; /* hierarchical level 1, router panels of G rows */
 	float *noise;        /* learned noise projection, router panels of E rows */
@@ -371,6 +372,9 @@ struct moe_ws {
 	float *xp;
 	int32_t *xp_id;
 	size_t xp_rows;
+	/* act-order shared up: the T input rows in its input order; grown on demand */
+	float *xsp;
+	size_t xsp_rows;
 };
 
 struct moe_pool;
@@ -427,6 +431,7 @@ struct moe_exec {
 	const struct moe_desc *d;
 	const float *x;    /* the layer input as the ops see it (jittered in training) */
 	const float *x_in; /* the caller's input */
+	const float *s_x;  /* the shared up's input rows: x, or x in act order */
 	float *y;
 	size_t T;
 	struct moe_routing *rt;

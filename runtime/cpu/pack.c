@@ -259,7 +259,8 @@ void moe_layer_w_free(struct moe_layer_w *lw)
 		return;
 	free(lw->router), free(lw->router_bias), free(lw->select_bias);
 	free(lw->shared_gate_w), free(lw->up), free(lw->down), free(lw->up_perm);
-	free(lw->bg), free(lw->bu), free(lw->bd), free(lw->s_up), free(lw->s_down);
+	free(lw->bg), free(lw->bu), free(lw->bd), free(lw->s_up), free(lw->s_down),
+	    free(lw->s_up_perm);
 	free(lw->output_bias);
 	free(lw->group_router), free(lw->noise);
 	free(lw->pk_query), free(lw->pk_qbias), free(lw->pk_keys), free(lw->pk_u), free(lw->pk_v);
@@ -328,6 +329,13 @@ static enum moe_status pack_ffn(const struct moe_model *m, struct moe_ref_weight
 		if (!pack_ffn_panels(sg, 1, w, MOE_ROLE_SHARED_GATE, MOE_ROLE_SHARED_UP,
 				     MOE_ROLE_SHARED_DOWN, t, &out->s_up, &out->s_down))
 			goto nomem;
+		const int32_t *sp = w->q[MOE_ROLE_SHARED_UP].perm ? w->q[MOE_ROLE_SHARED_UP].perm
+								  : w->q[MOE_ROLE_SHARED_GATE].perm;
+		if (sp) {
+			if (!(out->s_up_perm = malloc((size_t)H * sizeof *out->s_up_perm)))
+				goto nomem;
+			memcpy(out->s_up_perm, sp, (size_t)H * sizeof *out->s_up_perm);
+		}
 		if (d->shared_gate == MOE_SHARED_GATE_SIGMOID &&
 		    !(out->shared_gate_w = copy_f32(W[MOE_ROLE_SHARED_EXPERT_GATE], H)))
 			goto nomem;
