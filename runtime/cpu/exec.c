@@ -417,7 +417,6 @@ static void run_expert_up(struct moe_exec *x, int64_t i, int64_t i1, unsigned th
 	 u->p1);
 }
 
-/* The shared FFN runs over every token of the layer input (rows 0..T-1). */
 /* Act-order shared up panels: tokens [64 task, 64 task + 64) in its input
  * order (s_up_perm). */
 static void gather_shared_task(void *ctx, size_t task, unsigned thread)
@@ -431,6 +430,7 @@ static void gather_shared_task(void *ctx, size_t task, unsigned thread)
 			x->m->ws.xsp[t * H + k] = x->x[t * H + (size_t)perm[k]];
 }
 
+/* The shared FFN runs over every token of the layer input (rows 0..T-1). */
 static enum moe_status begin_shared_up(struct moe_exec *x)
 {
 	struct moe_ws *ws = &x->m->ws;
