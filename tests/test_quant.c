@@ -529,11 +529,11 @@ static void act_order_perm(uint64_t key, uint32_t K, uint32_t *p)
 }
 
 /* The GPTQ tensors of two layers, 4 experts and a shared expert, into t
- * (names and buffers beside it); act: g_idx from an act order (input p[j] in
+ * (names and buffers beside it) and written to file; act: g_idx from an act order (input p[j] in
  * group j / GS), one order per expert for gate and up (they share the input)
  * and one for down. */
-static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t, char (*names)[48],
-			   void **bufs)
+static size_t gptq_tensors(struct moe_desc *p, int act, const char *file, struct moe_st_tensor *t,
+			   char (*names)[48], void **bufs)
 {
 	struct moe_desc d;
 	h_base_desc(&d, 64, 4, 2, 32);
@@ -619,6 +619,8 @@ static size_t gptq_tensors(struct moe_desc *p, int act, struct moe_st_tensor *t,
 			}
 	}
 	assert_int_equal(n, GPTQ_NT);
+	char err[256];
+	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
 	return n;
 }
 
@@ -629,11 +631,10 @@ static void test_load_gptq_kept(void **state)
 	struct moe_st_tensor t[GPTQ_NT];
 	char names[GPTQ_NT][48];
 	void *bufs[GPTQ_NT];
-	size_t n = gptq_tensors(&d, 0, t, names, bufs);
-	uint32_t H = d.hidden;
 	const char *file = tmp_file("gptq.safetensors");
+	size_t n = gptq_tensors(&d, 0, file, t, names, bufs);
+	uint32_t H = d.hidden;
 	char err[256];
-	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
 	kept_vs_dequant(&d, file, H_TOL);
 
 	struct h_model m;
@@ -698,10 +699,8 @@ static void test_load_gptq_act_order(void **state)
 	struct moe_st_tensor t[GPTQ_NT];
 	char names[GPTQ_NT][48];
 	void *bufs[GPTQ_NT];
-	size_t n = gptq_tensors(&d, 1, t, names, bufs);
 	const char *file = tmp_file("gptq-act.safetensors");
-	char err[256];
-	assert_int_equal(moe_st_write(file, t, n, err, sizeof err), MOE_OK);
+	size_t n = gptq_tensors(&d, 1, file, t, names, bufs);
 	kept_vs_dequant(&d, file, H_TOL);
 	d.compute = MOE_COMPUTE_INT8;
 	kept_vs_dequant(&d, file, MOE_INT8_COMPUTE_TOL);

@@ -72,6 +72,20 @@ def formulas(x, w13, w2, tw, ti, act, I):
     return y
 
 
+def compare(y, y_ref, y64, x, dtype):
+    """moegen's output y against vLLM's y_ref and the float64 formulas y64: the
+    scale max|y64|, the tolerance (f32 1e-5, bf16 2e-2 of it), the three max
+    differences and whether all are within it."""
+    assert y.shape == x.shape and y.dtype == dtype, (y.shape, y.dtype)
+    scale = float(y64.abs().max())
+    tol = 1e-5 * scale if dtype == torch.float32 else 2e-2 * scale
+    d_ref = float((y.double() - y_ref.double()).abs().max())
+    d_ours = float((y.double() - y64).abs().max())
+    d_vllm = float((y_ref.double() - y64).abs().max())
+    ok = scale > 0 and d_ref <= tol and d_ours <= tol and d_vllm <= tol
+    return scale, tol, d_ref, d_ours, d_vllm, ok
+
+
 def data(E, k, H, I, T, dtype, seed):
     """T tokens x, the weights w13, w2 (in dtype), and the top-k weights (f32,
     renormalized) and ids (int32) of a random softmax router."""
@@ -97,15 +111,9 @@ def case(name, E, k, H, I, T, act, dtype, seed):
     y_ref = run(ref, ref_layer, x, tw, ti, act, E)
     y = run(ours, ours_layer, x, tw, ti, act, E)
     y64 = formulas(x, w13, w2, tw, ti, act, I)
-    assert y.shape == x.shape and y.dtype == dtype, (y.shape, y.dtype)
-    scale = float(y64.abs().max())
-    tol = 1e-5 * scale if dtype == torch.float32 else 2e-2 * scale
-    d_ref = float((y.double() - y_ref.double()).abs().max())
-    d_ours = float((y.double() - y64).abs().max())
-    d_vllm = float((y_ref.double() - y64).abs().max())
+    scale, tol, d_ref, d_ours, d_vllm, ok = compare(y, y_ref, y64, x, dtype)
     print("%-28s max|y| %.3g  moegen-vllm %.3g  moegen-f64 %.3g  vllm-f64 %.3g  (tol %.3g)" %
           (name, scale, d_ref, d_ours, d_vllm, tol))
-    ok = scale > 0 and d_ref <= tol and d_ours <= tol and d_vllm <= tol
 
     # the experts run on moegen's packed copy: vLLM's tensors no longer matter
     with torch.no_grad():

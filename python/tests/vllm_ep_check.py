@@ -54,7 +54,7 @@ from vllm.model_executor.layers.fused_moe.prepare_finalize.naive_dp_ep import (
     MoEPrepareAndFinalizeNaiveDPEPModular)
 
 from moegen.vllm import MoegenExperts, _compile, experts_spec
-from vllm_check import Layer, config, data, formulas
+from vllm_check import Layer, compare, config, data, formulas
 
 DP = 2
 # name, E, k, H, I, tokens per rank, activation, dtype, seed, weight on input
@@ -146,13 +146,7 @@ def case(vcfg, rank, cache, name, E, k, H, I, sizes, act, dtype, seed, on_input)
         y64 = formulas(x * tw.to(dtype), w13, w2, torch.ones_like(tw), ti, act, I)
     else:
         y64 = formulas(x, w13, w2, tw, ti, act, I)
-    assert y.shape == x.shape and y.dtype == dtype, (y.shape, y.dtype)
-    scale = float(y64.abs().max())
-    tol = 1e-5 * scale if dtype == torch.float32 else 2e-2 * scale
-    d_ref = float((y.double() - y_ref.double()).abs().max())
-    d_ours = float((y.double() - y64).abs().max())
-    d_vllm = float((y_ref.double() - y64).abs().max())
-    ok = scale > 0 and d_ref <= tol and d_ours <= tol and d_vllm <= tol
+    scale, tol, d_ref, d_ours, d_vllm, ok = compare(y, y_ref, y64, x, dtype)
 
     # negative: this rank holds the other rank's half under its own range
     o = (b + E // DP) % E
