@@ -172,6 +172,34 @@ static void test_peer_exhaustive(void **state)
 	peer_exhaustive(1);
 }
 
+/* Write d's PEER tensors of w as p.0.<role> into path (f32), the names d's
+ * checkpoint key reads. */
+static void peer_write(struct moe_desc *d, const struct moe_ref_weights *w, const char *path)
+{
+	static const enum moe_role roles[] = {
+	    MOE_ROLE_PK_QUERY,   MOE_ROLE_PK_QUERY_BIAS, MOE_ROLE_PK_KEYS,
+	    MOE_ROLE_NEURON_U,   MOE_ROLE_NEURON_V,      MOE_ROLE_PK_BN_WEIGHT,
+	    MOE_ROLE_PK_BN_BIAS, MOE_ROLE_PK_BN_MEAN,    MOE_ROLE_PK_BN_VAR,
+	};
+	int nr = d->pk_query_bn ? (int)(sizeof roles / sizeof *roles) : 5;
+	struct moe_st_tensor ts[sizeof roles / sizeof *roles];
+	char names[sizeof roles / sizeof *roles][64], err[1024];
+	for (int i = 0; i < nr; i++) {
+		snprintf(d->names[roles[i]], MOE_NAME_MAX, "p.{layer}.%s",
+			 moe_role_names[roles[i]]);
+		uint64_t rows, cols;
+		assert_true(moe_desc_role_shape(d, roles[i], &rows, &cols, NULL));
+		snprintf(names[i], sizeof names[i], "p.0.%s", moe_role_names[roles[i]]);
+		int vec = rows == 1 && roles[i] != MOE_ROLE_PK_KEYS;
+		ts[i] = (struct moe_st_tensor){.name = names[i],
+					       .dtype = MOE_ST_F32,
+					       .ndim = vec ? 1 : 2,
+					       .shape = {vec ? cols : rows, cols},
+					       .data = w->w[roles[i]]};
+	}
+	assert_int_equal(moe_st_write(path, ts, (size_t)nr, err, sizeof err), MOE_OK);
+}
+
 /* The query BatchNorm read from a checkpoint as four roles loads to what
  * moe_init_random gives; a variance with var + eps <= 0 is refused at load
  * by name, by the generated model and by the reference alike. */
@@ -184,33 +212,12 @@ static void test_peer_bn_load(void **state)
 	d.n_layers = 1;
 	d.n_moe_layers = 1;
 	d.pk_bn_eps = 1e-3f;
-	static const enum moe_role roles[] = {
-	    MOE_ROLE_PK_QUERY,   MOE_ROLE_PK_QUERY_BIAS, MOE_ROLE_PK_KEYS,
-	    MOE_ROLE_NEURON_U,   MOE_ROLE_NEURON_V,      MOE_ROLE_PK_BN_WEIGHT,
-	    MOE_ROLE_PK_BN_BIAS, MOE_ROLE_PK_BN_MEAN,    MOE_ROLE_PK_BN_VAR,
-	};
-	enum { NR = sizeof roles / sizeof *roles };
-	for (int i = 0; i < NR; i++)
-		snprintf(d.names[roles[i]], MOE_NAME_MAX, "p.{layer}.%s", moe_role_names[roles[i]]);
 	struct moe_ref_weights w;
 	assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
 	moe_ref_weights_random(&d, 5, 0, &w);
-	struct moe_st_tensor ts[NR];
-	char names[NR][64];
-	for (int i = 0; i < NR; i++) {
-		uint64_t rows, cols;
-		assert_true(moe_desc_role_shape(&d, roles[i], &rows, &cols, NULL));
-		snprintf(names[i], sizeof names[i], "p.0.%s", moe_role_names[roles[i]]);
-		int vec = rows == 1 && roles[i] != MOE_ROLE_PK_KEYS;
-		ts[i] = (struct moe_st_tensor){.name = names[i],
-					       .dtype = MOE_ST_F32,
-					       .ndim = vec ? 1 : 2,
-					       .shape = {vec ? cols : rows, cols},
-					       .data = w.w[roles[i]]};
-	}
 	char path[300], err[1024];
 	snprintf(path, sizeof path, "%s/peer.safetensors", h_tmpdir);
-	assert_int_equal(moe_st_write(path, ts, NR, err, sizeof err), MOE_OK);
+	peer_write(&d, &w, path);
 	struct h_model m;
 	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
 	moe_model *a, *b;
@@ -234,7 +241,7 @@ static void test_peer_bn_load(void **state)
 	assert_true(my > 0 && md <= H_TOL * my);
 	/* a variance of -eps: no BatchNorm can divide by sqrt(0) */
 	w.w[MOE_ROLE_PK_BN_VAR][Q - 3] = -1e-3f;
-	assert_int_equal(moe_st_write(path, ts, NR, err, sizeof err), MOE_OK);
+	peer_write(&d, &w, path);
 	assert_int_not_equal(m.load(b, files, 1), MOE_OK);
 	assert_non_null(strstr(m.last_error(), "pk_bn_var[13]"));
 	err[0] = 0;
@@ -245,6 +252,73 @@ static void test_peer_bn_load(void **state)
 	h_model_close(&m);
 	unlink(path);
 	moe_ref_weights_free(&w);
+}
+
+/* Ties in both top-ks: every odd sub-key a copy of the even one before it,
+ * so each sub-key score ties with its neighbour's and each sum with up to
+ * three others. The selections must still be the reference's: ties to the
+ * lower sub-key within a half, to the lower expert index among the sums.
+ * R = 40 runs the top-ks' blocks of 16 values and their tail; k = 5 and a
+ * sub_top_k of 7 cut through tied groups. */
+static void test_peer_ties(void **state)
+{
+	(void)state;
+	enum { H = 32, R = 40, HEADS = 3, K = 5, DQ = 8, T = 31, W = HEADS * K };
+	for (int variant = 0; variant < 3; variant++) {
+		struct moe_desc d;
+		peer_desc(&d, H, R, HEADS, K, DQ);
+		d.n_layers = 1;
+		d.n_moe_layers = 1;
+		d.pk_query_bn = 0;
+		d.pk_keys_per_head = variant == 1;
+		d.pk_score_relu = variant == 1;
+		d.pk_sub_top_k = variant == 2 ? 7 : 0;
+		struct moe_ref_weights w;
+		assert_int_equal(moe_ref_weights_alloc(&d, &w), MOE_OK);
+		moe_ref_weights_random(&d, 17 + (uint64_t)variant, 0, &w);
+		/* canonical keys: [2, R, d/2], or [heads, R, 2, d/2] per head */
+		float *keys = w.w[MOE_ROLE_PK_KEYS];
+		size_t row = DQ / 2, sets = variant == 1 ? HEADS : 1;
+		for (size_t hs = 0; hs < sets; hs++)
+			for (size_t r = 1; r < R; r += 2)
+				for (size_t half = 0; half < 2; half++) {
+					size_t at = variant == 1 ? ((hs * R + r) * 2 + half) * row
+								 : (half * R + r) * row;
+					size_t prev = variant == 1
+							  ? ((hs * R + r - 1) * 2 + half) * row
+							  : (half * R + r - 1) * row;
+					memcpy(keys + at, keys + prev, row * sizeof *keys);
+				}
+		char path[300], err[1024];
+		snprintf(path, sizeof path, "%s/peer_ties.safetensors", h_tmpdir);
+		peer_write(&d, &w, path);
+		struct h_model m;
+		assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+		moe_model *mm;
+		assert_int_equal(m.create(&mm, NULL), MOE_OK);
+		const char *files[] = {path};
+		assert_int_equal(m.load(mm, files, 1), MOE_OK);
+		static float x[T * H], y[T * H], yr[T * H], wg[T * W], wr[T * W];
+		static int32_t ids[T * W], idr[T * W];
+		h_fill_input(x, T * H, 23);
+		struct moe_routing rt = {.expert_ids = ids, .weights = wg};
+		struct moe_routing rr = {.expert_ids = idr, .weights = wr};
+		assert_int_equal(m.forward(mm, 0, x, y, T, &rt, NULL), MOE_OK);
+		assert_int_equal(moe_ref_forward(&d, &w, x, yr, T, NULL, &rr, err, sizeof err),
+				 MOE_OK);
+		size_t tied = 0;
+		for (size_t i = 0; i < T * W; i++) {
+			assert_int_equal(ids[i], idr[i]);
+			assert_true(fabs(wg[i] - wr[i]) <= 1e-6 * fmax(1.0, fabs(wr[i])));
+			/* the test means something: tied sums were selected */
+			tied += i % K && wr[i] == wr[i - 1];
+		}
+		assert_true(tied > T);
+		m.destroy(mm);
+		h_model_close(&m);
+		unlink(path);
+		moe_ref_weights_free(&w);
+	}
 }
 
 /* What is not generated is refused with a message naming it. */
@@ -280,9 +354,8 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_peer_vs_ref),
-	    cmocka_unit_test(test_peer_exhaustive),
-	    cmocka_unit_test(test_peer_bn_load),
+	    cmocka_unit_test(test_peer_vs_ref),   cmocka_unit_test(test_peer_exhaustive),
+	    cmocka_unit_test(test_peer_bn_load),  cmocka_unit_test(test_peer_ties),
 	    cmocka_unit_test(test_peer_refusals),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);

@@ -100,7 +100,7 @@ static void gen_pk_route(struct moe_ll *g)
 	for (int half = 0; half < 2; half++) {
 		sh[half] = moe_ll_at(g, g->t_f32, sab[half],
 				     LLVMBuildNSWMul(b, hh.iv, moe_ll_i64c(g, KB * 8), ""));
-		moe_ll_topk(g, sh[half], NULL, 1, NULL, moe_ll_i64c(g, R), kks, iab[half]);
+		moe_ll_topk_vec(g, sh[half], NULL, moe_ll_i64c(g, R), ks, iab[half]);
 	}
 	/* the ks * ks candidates: score sums and expert indices i * R + j */
 	moe_ll_loop_open(g, &i, moe_ll_i64c(g, 0), kks, 1, "ca");
@@ -113,7 +113,7 @@ static void gen_pk_route(struct moe_ll *g)
 		  moe_ll_at(g, g->t_i64, ck, ci));
 	moe_ll_loop_close(g, &c);
 	moe_ll_loop_close(g, &i);
-	moe_ll_topk(g, cv, NULL, 1, ck, moe_ll_i64c(g, ks * ks), kk, ic);
+	moe_ll_topk_vec(g, cv, ck, moe_ll_i64c(g, ks * ks), k, ic);
 	/* scores of the k retrieved sums */
 	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), kk, 1, "gather");
 	moe_ll_stf(g, moe_ll_ldf(g, cv, moe_ll_ldi(g, ic, c.iv)), gs, c.iv);
@@ -240,31 +240,22 @@ static void gen_pk_experts(struct moe_ll *g)
 	moe_ll_loop_open(g, &s, moe_ll_i64c(g, 0), moe_ll_i64c(g, W), 1, "slot");
 	LLVMValueRef si =
 	    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, t.iv, moe_ll_i64c(g, W), ""), s.iv, "");
-	/* the rows of the slot PK_AHEAD on (this call's tokens only) toward the
-	 * cache while this one computes: each is a scattered 4 KiB row that the
-	 * hardware prefetchers do not see coming */
+	/* the rows of the slot PK_AHEAD on (clamped to this call's tokens) toward
+	 * L2, a line of each per line of u read here: each is a scattered 4 KiB
+	 * row that the hardware prefetchers do not see coming. Not to L1: the
+	 * rows of three slots (48 KiB) would evict the ones in use (T = 256 of
+	 * the bench's PEER: 23 ms with them fetched to L1, 17 ms to L2). */
+	LLVMValueRef last =
+	    LLVMBuildNSWSub(b, LLVMBuildNSWMul(b, moe_ll_prm(g, E_T1), moe_ll_i64c(g, W), ""),
+			    moe_ll_i64c(g, 1), "");
 	LLVMValueRef sn = LLVMBuildNSWAdd(b, si, moe_ll_i64c(g, PK_AHEAD), "");
-	LLVMBasicBlockRef pf = moe_ll_when(
-	    g,
-	    LLVMBuildICmp(b, LLVMIntSLT, sn,
-			  LLVMBuildNSWMul(b, moe_ll_prm(g, E_T1), moe_ll_i64c(g, W), ""), ""),
-	    "pf");
+	sn = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, sn, last, ""), sn, last, "");
 	LLVMValueRef en = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, E_IDS), sn));
-	LLVMBasicBlockRef pfe = moe_ll_when(
-	    g, LLVMBuildICmp(b, LLVMIntSGE, en, LLVMConstInt(g->t_i32, 0, 0), ""), "pfe");
+	en = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSGE, en, LLVMConstInt(g->t_i32, 0, 0), ""),
+			     en, LLVMConstInt(g->t_i32, 0, 0), "");
 	LLVMValueRef noff =
 	    LLVMBuildNSWMul(b, LLVMBuildZExt(b, en, g->t_i64, ""), moe_ll_i64c(g, H), "");
 	int64_t per_line = 64 / (bf16 ? 2 : 4);
-	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H), per_line, "pfl");
-	LLVMValueRef at = LLVMBuildNSWAdd(b, noff, h.iv, "");
-	for (int uv = 0; uv < 2; uv++) {
-		LLVMValueRef args[4] = {moe_ll_at(g, et, moe_ll_prm(g, uv ? E_V : E_U), at),
-					moe_ll_i32c(g, 0), moe_ll_i32c(g, 3), moe_ll_i32c(g, 1)};
-		moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
-	}
-	moe_ll_loop_close(g, &h);
-	moe_ll_when_end(g, pfe);
-	moe_ll_when_end(g, pf);
 	LLVMValueRef e = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, moe_ll_prm(g, E_IDS), si));
 	LLVMBasicBlockRef skip = moe_ll_when(
 	    g, LLVMBuildICmp(b, LLVMIntSGE, e, LLVMConstInt(g->t_i32, 0, 0), ""), "slot");
@@ -278,6 +269,16 @@ static void gen_pk_experts(struct moe_ll *g)
 	for (int c = 0; c < nch; c++)
 		moe_ll_st(g, LLVMConstNull(g->t_v8d), dacc[c]);
 	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, H8), 8 * nch, "dot");
+	for (int64_t l = 0; l < 8 * nch; l += per_line) {
+		LLVMValueRef at =
+		    LLVMBuildNSWAdd(b, noff, LLVMBuildNSWAdd(b, h.iv, moe_ll_i64c(g, l), ""), "");
+		for (int uv = 0; uv < 2; uv++) {
+			LLVMValueRef args[4] = {moe_ll_at(g, et, moe_ll_prm(g, uv ? E_V : E_U), at),
+						moe_ll_i32c(g, 0), moe_ll_i32c(g, 2),
+						moe_ll_i32c(g, 1)};
+			moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+		}
+	}
 	for (int c = 0; c < nch; c++) {
 		LLVMValueRef hc = LLVMBuildNSWAdd(b, h.iv, moe_ll_i64c(g, 8 * c), "");
 		LLVMValueRef xv = moe_ll_ld(g, g->t_v8d, moe_ll_at(g, g->t_f64, xd, hc));

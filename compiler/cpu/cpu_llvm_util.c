@@ -657,6 +657,147 @@ LLVMValueRef moe_ll_topk(struct moe_ll *g, LLVMValueRef v, LLVMValueRef off, int
 	return moe_ll_ld(g, g->t_i64, mcell);
 }
 
+/* The vector top-k's state: the top so far, sorted, in vectors of k rounded
+ * up to 16 lanes (values, positions, keys), m of its lanes filled. */
+struct topk_vec {
+	LLVMTypeRef vf, vi, bits;
+	unsigned kw;
+	int64_t k;
+	LLVMValueRef lanes, shift, cell[3], mcell;
+	LLVMValueRef v, keys;
+};
+
+/* Value i into the top when it ranks before the k-th (or the top is not
+ * full): it takes the first lane it ranks before, found by one compare over
+ * all lanes, and the lanes after it shift up by one. */
+static void topk_vec_put(struct moe_ll *g, const struct topk_vec *s, LLVMValueRef i)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef vv = moe_ll_ldf(g, s->v, i);
+	LLVMValueRef kv =
+	    s->keys ? LLVMBuildTrunc(b, moe_ll_ldi(g, s->keys, i), g->t_i32, "") : NULL;
+	LLVMValueRef m = moe_ll_ld(g, g->t_i32, s->mcell);
+	LLVMValueRef tv = moe_ll_ld(g, s->vf, s->cell[0]), tk = moe_ll_ld(g, s->vi, s->cell[2]);
+	LLVMValueRef kc = moe_ll_i32c(g, (int)s->k), kl = moe_ll_i32c(g, (int)s->k - 1);
+	LLVMValueRef last = ranks_before(g, vv, kv, LLVMBuildExtractElement(b, tv, kl, ""),
+					 kv ? LLVMBuildExtractElement(b, tk, kl, "") : NULL);
+	LLVMBasicBlockRef end = moe_ll_when(
+	    g, LLVMBuildOr(b, LLVMBuildICmp(b, LLVMIntSLT, m, kc, ""), last, ""), "tkv.in");
+	LLVMValueRef sv = moe_ll_splat(g, vv, s->vf), sk = kv ? moe_ll_splat(g, kv, s->vi) : NULL;
+	LLVMValueRef bef =
+	    LLVMBuildOr(b, ranks_before(g, sv, sk, tv, kv ? tk : NULL),
+			LLVMBuildICmp(b, LLVMIntUGE, s->lanes, moe_ll_splat(g, m, s->vi), ""), "");
+	LLVMValueRef cz[2] = {LLVMBuildBitCast(b, bef, s->bits, ""), LLVMConstInt(g->t_i1, 0, 0)};
+	LLVMTypeRef bt = s->bits;
+	LLVMValueRef p = moe_ll_intr(g, "llvm.cttz", &bt, 1, cz, 2);
+	p = LLVMBuildTrunc(b, LLVMBuildZExtOrBitCast(b, p, g->t_i64, ""), g->t_i32, "");
+	p = moe_ll_splat(g, p, s->vi);
+	LLVMValueRef at = LLVMBuildICmp(b, LLVMIntEQ, s->lanes, p, "");
+	LLVMValueRef after = LLVMBuildICmp(b, LLVMIntUGT, s->lanes, p, "");
+	LLVMValueRef put[3] = {sv, moe_ll_splat(g, LLVMBuildTrunc(b, i, g->t_i32, ""), s->vi),
+			       sk ? sk : LLVMConstNull(s->vi)};
+	for (int c = 0; c < 3; c++) {
+		LLVMTypeRef t = c ? s->vi : s->vf;
+		LLVMValueRef cur = c == 0 ? tv : c == 2 ? tk : moe_ll_ld(g, s->vi, s->cell[1]);
+		LLVMValueRef up = LLVMBuildShuffleVector(b, cur, LLVMGetPoison(t), s->shift, "");
+		moe_ll_st(
+		    g, LLVMBuildSelect(b, at, put[c], LLVMBuildSelect(b, after, up, cur, ""), ""),
+		    s->cell[c]);
+	}
+	LLVMValueRef m1 = LLVMBuildNSWAdd(b, m, moe_ll_i32c(g, 1), "");
+	moe_ll_st(g, LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, m1, kc, ""), m1, kc, ""),
+		  s->mcell);
+	moe_ll_when_end(g, end);
+}
+
+/* moe_ll_topk with a constant k of at most 64, stride 1 and no offset, with
+ * the same ranks (ranks_before lane by lane), so the same selection and
+ * order. The values come 16 at a time: those that do not rank before the
+ * k-th of the top as it was before them cannot rank before the k-th later
+ * (it only moves up), so only the others are put, one by one. */
+LLVMValueRef moe_ll_topk_vec(struct moe_ll *g, LLVMValueRef v, LLVMValueRef keys, LLVMValueRef n,
+			     int64_t k, LLVMValueRef out)
+{
+	LLVMBuilderRef b = g->b;
+	MOE_ASSERT(k >= 1 && k <= 64);
+	struct topk_vec s = {.k = k, .v = v, .keys = keys};
+	s.kw = (unsigned)(k + 15) / 16 * 16;
+	s.vf = LLVMVectorType(g->t_f32, s.kw), s.vi = LLVMVectorType(g->t_i32, s.kw);
+	s.bits = LLVMIntTypeInContext(g->ctx, s.kw);
+	LLVMValueRef lane[64], sh[64];
+	for (unsigned l = 0; l < s.kw; l++)
+		lane[l] = moe_ll_i32c(g, (int)l), sh[l] = moe_ll_i32c(g, l ? (int)l - 1 : 0);
+	s.lanes = LLVMConstVector(lane, s.kw), s.shift = LLVMConstVector(sh, s.kw);
+	s.cell[0] = moe_ll_alloca(g, s.vf, 1, "tkv.v");
+	s.cell[1] = moe_ll_alloca(g, s.vi, 1, "tkv.i");
+	s.cell[2] = moe_ll_alloca(g, s.vi, 1, "tkv.k");
+	s.mcell = moe_ll_alloca(g, g->t_i32, 1, "tkv.m");
+	moe_ll_st(g, LLVMConstNull(s.vf), s.cell[0]);
+	moe_ll_st(g, LLVMConstNull(s.vi), s.cell[1]);
+	moe_ll_st(g, LLVMConstNull(s.vi), s.cell[2]);
+	moe_ll_st(g, moe_ll_i32c(g, 0), s.mcell);
+	LLVMValueRef bcell = moe_ll_alloca(g, g->t_i16, 1, "tkv.bits");
+	LLVMTypeRef v16f = LLVMVectorType(g->t_f32, 16), v16i = LLVMVectorType(g->t_i64, 16);
+	LLVMValueRef n16 = LLVMBuildAnd(b, n, moe_ll_i64c(g, ~(int64_t)15), "");
+	struct moe_ll_loop c, i;
+	moe_ll_loop_open(g, &c, moe_ll_i64c(g, 0), n16, 16, "tkv.c");
+	/* the 16 values that rank before the k-th (all while not full) */
+	LLVMValueRef tv = moe_ll_ld(g, s.vf, s.cell[0]), tk = moe_ll_ld(g, s.vi, s.cell[2]);
+	LLVMValueRef kl = moe_ll_i32c(g, (int)k - 1);
+	LLVMValueRef vals = LLVMBuildLoad2(b, v16f, moe_ll_at(g, g->t_f32, v, c.iv), "");
+	LLVMSetAlignment(vals, 4);
+	LLVMValueRef kv = NULL;
+	if (keys) {
+		kv = LLVMBuildLoad2(b, v16i, moe_ll_at(g, g->t_i64, keys, c.iv), "");
+		LLVMSetAlignment(kv, 8);
+		kv = LLVMBuildTrunc(b, kv, LLVMVectorType(g->t_i32, 16), "");
+	}
+	LLVMValueRef thv = moe_ll_splat(g, LLVMBuildExtractElement(b, tv, kl, ""), v16f);
+	LLVMValueRef thk = keys ? moe_ll_splat(g, LLVMBuildExtractElement(b, tk, kl, ""),
+					       LLVMVectorType(g->t_i32, 16))
+				: NULL;
+	LLVMValueRef cand = LLVMBuildBitCast(b, ranks_before(g, vals, kv, thv, thk), g->t_i16, "");
+	LLVMValueRef full = LLVMBuildICmp(b, LLVMIntEQ, moe_ll_ld(g, g->t_i32, s.mcell),
+					  moe_ll_i32c(g, (int)k), "");
+	moe_ll_st(g, LLVMBuildSelect(b, full, cand, LLVMConstAllOnes(g->t_i16), ""), bcell);
+	/* while bits: put the lowest, clear it */
+	LLVMBasicBlockRef head = moe_ll_bb(g, "tkv.w.head"), body = moe_ll_bb(g, "tkv.w.body"),
+			  done = moe_ll_bb(g, "tkv.w.end");
+	LLVMBuildBr(b, head);
+	LLVMPositionBuilderAtEnd(b, head);
+	LLVMValueRef bits = moe_ll_ld(g, g->t_i16, bcell);
+	LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntNE, bits, LLVMConstInt(g->t_i16, 0, 0), ""),
+			body, done);
+	LLVMPositionBuilderAtEnd(b, body);
+	LLVMTypeRef i16 = g->t_i16;
+	LLVMValueRef cz[2] = {bits, LLVMConstInt(g->t_i1, 1, 0)};
+	LLVMValueRef j =
+	    LLVMBuildZExt(b, moe_ll_intr(g, "llvm.cttz", &i16, 1, cz, 2), g->t_i64, "");
+	moe_ll_st(g, LLVMBuildAnd(b, bits, LLVMBuildSub(b, bits, LLVMConstInt(i16, 1, 0), ""), ""),
+		  bcell);
+	topk_vec_put(g, &s, LLVMBuildNSWAdd(b, c.iv, j, ""));
+	LLVMBuildBr(b, head);
+	LLVMMoveBasicBlockAfter(done, LLVMGetInsertBlock(b));
+	LLVMPositionBuilderAtEnd(b, done);
+	moe_ll_loop_close(g, &c);
+	moe_ll_loop_open(g, &i, n16, n, 1, "tkv.tail");
+	topk_vec_put(g, &s, i.iv);
+	moe_ll_loop_close(g, &i);
+	LLVMValueRef cnt = LLVMBuildZExt(b, moe_ll_ld(g, g->t_i32, s.mcell), g->t_i64, "");
+	LLVMValueRef pos = moe_ll_ld(g, s.vi, s.cell[1]);
+	for (int64_t l = 0; l < k; l++) {
+		LLVMBasicBlockRef e = moe_ll_when(
+		    g, LLVMBuildICmp(b, LLVMIntSLT, moe_ll_i64c(g, l), cnt, ""), "tkv.out");
+		moe_ll_st(g,
+			  LLVMBuildZExt(b,
+					LLVMBuildExtractElement(b, pos, moe_ll_i32c(g, (int)l), ""),
+					g->t_i64, ""),
+			  moe_ll_at(g, g->t_i64, out, moe_ll_i64c(g, l)));
+		moe_ll_when_end(g, e);
+	}
+	return cnt;
+}
+
 void moe_ll_normalize(struct moe_ll *g, LLVMValueRef w, uint32_t n)
 {
 	LLVMBuilderRef b = g->b;

@@ -150,6 +150,10 @@ void moe_ll_probs(struct moe_ll *g, enum moe_score sc, LLVMValueRef s, LLVMValue
  * key = position); insertion into the sorted prefix. */
 LLVMValueRef moe_ll_topk(struct moe_ll *g, LLVMValueRef v, LLVMValueRef off, int64_t stride,
 			 LLVMValueRef keys, LLVMValueRef n, LLVMValueRef k, LLVMValueRef out);
+/* moe_ll_topk for stride 1, no offset and a constant k <= 64, branch-free
+ * but for one test per value: the top kept sorted in vectors. */
+LLVMValueRef moe_ll_topk_vec(struct moe_ll *g, LLVMValueRef v, LLVMValueRef keys, LLVMValueRef n,
+			     int64_t k, LLVMValueRef out);
 /* The reference's normalize of w[0..n): w /= max(S + eps, min) with S the sum
  * (f32) or the p-norm (double, the C library's pow); the weights stay as they
  * are when that is not positive. No scale. */
