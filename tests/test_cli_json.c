@@ -236,6 +236,8 @@ static void test_bench_json(void **state)
 		assert_float_equal(gf, num(r, "flops") / (ms * 1e-3) * 1e-9, gf * 1e-9);
 		assert_float_equal(num(r, "pct_peak_flops"), 100 * gf / peak_f, 1e-6 * gf);
 		assert_float_equal(num(r, "pct_peak_bw"), 100 * num(r, "gbps") / peak_b, 1e-6 * gf);
+		/* a short row: a probe reading beside each run */
+		assert_true(num(r, "pct_now_bw") > 0);
 		assert_true(num(r, "check") < 1e-4); /* the generated layer vs the baseline */
 	}
 	cJSON_Delete(o);

@@ -52,7 +52,7 @@ static const char *const usage_bench =
     "             read four times the last-level cache per cycle, at most 8)\n"
     "  --quick    qwen3 and deepseek at 1,16,256 tokens, short probes\n"
     "  --csv FILE also write shape,tokens,weights,routing,ms,gflops,gbps,\n"
-    "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup\n"
+    "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup,pct_now_bw\n"
     "  --json FILE  also write the rows, the probes and the machine as JSON\n"
     "  --no-generated  probes and baseline only\n"
     "  --modes    research routers, generated layer only: hier, sparsemixer,\n"
@@ -146,6 +146,9 @@ struct machine {
 	size_t dram_bytes;
 	struct probe_run probes[2]; /* at the start, at the end */
 	int n_probes;
+	/* read beside each timed run of a short row (time_median): DRAM's
+	 * bandwidth here changes from minute to minute (twofold) */
+	struct moe_dram_probe *now;
 };
 
 /* The progress line (stderr, on a terminal, after a second): one step per
@@ -169,6 +172,7 @@ static void say(const char *fmt, ...)
  * serves both weight dtypes (docs/benchmarks.md). */
 struct result {
 	double ms; /* < 0: not measured */
+	double tp; /* median of run seconds x same-moment probe GB/s; < 0: none */
 	double match;
 	double check; /* max |y - y_base| / max |y_base|; < 0: not compared */
 };
@@ -1013,7 +1017,17 @@ struct timed {
 	int (*fn)(void *ctx, int copy);
 	void *ctx;
 	int n_copies;
+	/* when set, runs shorter than NOW_PROBE_MAX_S each follow a reading of
+	 * the probe, and *tp receives the median of (seconds x GB/s): the row's
+	 * bytes over it are its share of the bandwidth of its own moments
+	 * (else *tp = -1) */
+	struct moe_dram_probe *probe;
+	double *tp;
 };
+
+#define NOW_PROBE_MAX_S 0.05
+/* the same-moment probe's buffer: 4x a 32 MiB cache, 2-4 ms a reading */
+#define NOW_PROBE_BYTES ((size_t)128 << 20)
 
 static double time_median(const struct timed *tm, int reps)
 {
@@ -1042,12 +1056,24 @@ static double time_median(const struct timed *tm, int reps)
 	for (int c = 1; c <= reps && c < tm->n_copies; c++)
 		if (tm->fn(tm->ctx, c))
 			return -1;
+	int now = tm->probe && tm->tp && warm < NOW_PROBE_MAX_S;
+	double tp[64];
+	int n_tp = 0;
+	if (tm->tp)
+		*tm->tp = -1;
 	for (int r = 0; r < reps; r++) {
 		copy = (copy + 1) % tm->n_copies;
+		double gbps = now ? moe_dram_probe_read(tm->probe) : 0;
 		t0 = moe_now();
 		if (tm->fn(tm->ctx, copy))
 			return -1;
 		samples[n++] = moe_now() - t0;
+		if (now)
+			tp[n_tp++] = samples[n - 1] * gbps;
+	}
+	if (n_tp) {
+		qsort(tp, (size_t)n_tp, sizeof *tp, cmp_double);
+		*tm->tp = n_tp % 2 ? tp[n_tp / 2] : 0.5 * (tp[n_tp / 2 - 1] + tp[n_tp / 2]);
 	}
 	qsort(samples, (size_t)n, sizeof *samples, cmp_double);
 	return n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
@@ -1058,9 +1084,9 @@ static double time_median(const struct timed *tm, int reps)
 static void print_header(FILE *out)
 {
 	moe_progress_clear(&progress);
-	fprintf(out, "%-9s %5s %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n", "shape", "T",
-		"wt", "routing", "ms", "GFLOP/s", "GB/s", "%peakF", "%peakB", "base_ms", "base_GF",
-		"speedup", "match", "check");
+	fprintf(out, "%-9s %5s %4s %-7s %9s %8s %7s %6s %6s %5s %9s %8s %7s %6s %8s\n", "shape",
+		"T", "wt", "routing", "ms", "GFLOP/s", "GB/s", "%peakF", "%peakB", "%nowB",
+		"base_ms", "base_GF", "speedup", "match", "check");
 }
 
 static void fmt_num(char *buf, size_t cap, double v, const char *fmt)
@@ -1089,8 +1115,15 @@ struct table {
 
 /* The derived columns of a row; < 0 where a side was not measured. */
 struct row_metrics {
-	double gms, gf, gb, pf, pb, bms, bgf, sp;
+	double gms, gf, gb, pf, pb, pn, bms, bgf, sp;
 };
+
+/* The percentage of the bandwidth of its own moments that a row moving
+ * `bytes` read (tp: its median seconds x same-moment probe GB/s), or -1. */
+static double pct_now(double bytes, double tp)
+{
+	return tp > 0 ? 100 * bytes * 1e-9 / tp : -1;
+}
 
 static struct row_metrics row_metrics(const struct row *r, const struct machine *mc)
 {
@@ -1101,6 +1134,7 @@ static struct row_metrics row_metrics(const struct row *r, const struct machine 
 	k.gb = k.gms > 0 ? r->bytes / (k.gms * 1e-3) * 1e-9 : -1;
 	k.pf = k.gf > 0 && mc->peak_gflops > 0 ? 100 * k.gf / mc->peak_gflops : -1;
 	k.pb = k.gb > 0 && mc->dram_gbps > 0 ? 100 * k.gb / mc->dram_gbps : -1;
+	k.pn = k.gms > 0 ? pct_now(r->bytes, r->gen.tp) : -1;
 	k.bgf = k.bms > 0 ? r->flops / (k.bms * 1e-3) * 1e-9 : -1;
 	k.sp = k.gms > 0 && k.bms > 0 ? k.bms / k.gms : -1;
 	return k;
@@ -1111,7 +1145,7 @@ static void emit_row(const struct row *r, const struct machine *mc, FILE *out, F
 	struct row_metrics k = row_metrics(r, mc);
 	double gms = k.gms, bms = k.bms, gf = k.gf, gb = k.gb, pf = k.pf, pb = k.pb, bgf = k.bgf,
 	       sp = k.sp;
-	char c[10][32];
+	char c[11][32];
 	fmt_num(c[0], 32, gms, "%.3f");
 	fmt_num(c[1], 32, gf, "%.1f");
 	fmt_num(c[2], 32, gb, "%.1f");
@@ -1123,20 +1157,21 @@ static void emit_row(const struct row *r, const struct machine *mc, FILE *out, F
 	double match = r->gen.ms >= 0 ? r->gen.match : r->base.match;
 	fmt_num(c[8], 32, match * 100, "%.1f%%");
 	fmt_num(c[9], 32, r->gen.check, "%.1e");
+	fmt_num(c[10], 32, k.pn, "%.1f");
 	if (out) {
 		moe_progress_clear(&progress);
-		fprintf(out, "%-9s %5u %4s %-7s %9s %8s %7s %6s %6s %9s %8s %7s %6s %8s\n",
+		fprintf(out, "%-9s %5u %4s %-7s %9s %8s %7s %6s %6s %5s %9s %8s %7s %6s %8s\n",
 			r->shape, r->T, r->wname, routing_names[r->routing], c[0], c[1], c[2], c[3],
-			c[4], c[5], c[6], c[7], c[8], c[9]);
+			c[4], c[10], c[5], c[6], c[7], c[8], c[9]);
 		fflush(out);
 	}
 	if (csv) {
 		/* Empty fields where a side was not measured. */
-		for (int i = 0; i < 8; i++)
+		for (int i = 0; i < 11; i++)
 			if (!strcmp(c[i], "-"))
 				c[i][0] = 0;
-		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r->shape, r->T, r->wname,
-			routing_names[r->routing], c[0], c[1], c[2], c[3], c[4], c[5], c[7]);
+		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r->shape, r->T, r->wname,
+			routing_names[r->routing], c[0], c[1], c[2], c[3], c[4], c[5], c[7], c[10]);
 	}
 }
 
@@ -1272,7 +1307,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 			memset(p, 0, sizeof *p);
 			p->T = o->tokens[i];
 			p->routing = (enum routing)r;
-			base[n_in] = (struct result){-1, -1, -1};
+			base[n_in] = (struct result){-1, -1, -1, -1};
 			n_in++;
 			if (make_input(d, w.w[MOE_ROLE_ROUTER], L, p)) {
 				say("  skipped: out of memory for the inputs\n");
@@ -1290,7 +1325,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 	if (base_init(&b, d, &w, T_max, bc) == 0) {
 		for (int i = 0; i < n_in; i++) {
 			struct base_ctx c = {&b, &in[i], y};
-			struct timed tm = {base_run, &c, b.n_copies};
+			struct timed tm = {base_run, &c, b.n_copies, NULL, NULL};
 			snprintf(progress_item, sizeof progress_item, "(%s T=%u %s, baseline)",
 				 s->name, in[i].T, routing_names[in[i].routing]);
 			base[i].ms = time_median(&tm, o->reps) * 1e3;
@@ -1318,7 +1353,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 		int have_gen = 0;
 		struct result res[MAX_TOKENS_LIST * ROUTE_COUNT];
 		for (int i = 0; i < n_in; i++)
-			res[i] = (struct result){-1, -1, -1};
+			res[i] = (struct result){-1, -1, -1, -1};
 		if (o->generated) {
 			int copies = copies_for(dg, ffn_wbytes(dg), mc->llc, o->copies);
 			/* the packed copies, and one f32 draw (quantized: its codes too) */
@@ -1366,7 +1401,7 @@ static void bench_shape(const struct shape *s, const struct opts *o, const struc
 				res[i].check = mx > 0 ? md / mx : md;
 			}
 			struct gen_ctx c = {&g, p, y, err, sizeof err};
-			struct timed tm = {gen_run, &c, g.n_copies};
+			struct timed tm = {gen_run, &c, g.n_copies, mc->now, &res[i].tp};
 			snprintf(progress_item, sizeof progress_item, "(%s T=%u %s %s)", s->name,
 				 p->T, routing_names[p->routing], wname);
 			res[i].ms = time_median(&tm, o->reps) * 1e3;
@@ -1624,6 +1659,7 @@ struct mode_row {
 	/* product key only (< 0: not measured): the forward and its two phases,
 	 * timed interleaved on one model */
 	double fwd_ms, route_ms, experts_ms;
+	double tp; /* struct result's */
 };
 
 #define MAX_MODE_ROWS ((int)(N_MODES * MAX_TOKENS_LIST))
@@ -1631,8 +1667,8 @@ struct mode_row {
 static void print_mode_header(FILE *out)
 {
 	moe_progress_clear(&progress);
-	fprintf(out, "%-11s %5s %4s %10s %8s %7s %6s %6s %10s %9s\n", "mode", "T", "wt", "ms",
-		"GFLOP/s", "GB/s", "%peakF", "%peakB", "tokens/s", "experts");
+	fprintf(out, "%-11s %5s %4s %10s %8s %7s %6s %6s %5s %10s %9s\n", "mode", "T", "wt", "ms",
+		"GFLOP/s", "GB/s", "%peakF", "%peakB", "%nowB", "tokens/s", "experts");
 }
 
 static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FILE *out, FILE *csv)
@@ -1641,18 +1677,21 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 	double gf = r->ms > 0 ? r->flops / s * 1e-9 : -1, gb = r->ms > 0 ? r->bytes / s * 1e-9 : -1;
 	double pf = gf > 0 && mc->peak_gflops > 0 ? 100 * gf / mc->peak_gflops : -1;
 	double pb = gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1;
+	double pn = r->ms > 0 ? pct_now(r->bytes, r->tp) : -1;
 	double tps = r->ms > 0 ? r->T / s : -1;
-	char c[6][32];
+	char c[7][32];
 	fmt_num(c[0], 32, r->ms, "%.3f");
 	fmt_num(c[1], 32, gf, "%.1f");
 	fmt_num(c[2], 32, gb, "%.1f");
 	fmt_num(c[3], 32, pf, "%.1f");
 	fmt_num(c[4], 32, pb, "%.1f");
 	fmt_num(c[5], 32, tps, "%.0f");
+	fmt_num(c[6], 32, pn, "%.1f");
 	if (out) {
 		moe_progress_clear(&progress);
-		fprintf(out, "%-11s %5u %4s %10s %8s %7s %6s %6s %10s %9.0f\n", r->mode, r->T,
-			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[5], r->touched);
+		fprintf(out, "%-11s %5u %4s %10s %8s %7s %6s %6s %5s %10s %9.0f\n", r->mode, r->T,
+			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[6], c[5],
+			r->touched);
 		if (r->route_ms >= 0) {
 			double tot = r->route_ms + r->experts_ms;
 			fprintf(out,
@@ -1664,12 +1703,12 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 		fflush(out);
 	}
 	if (csv) {
-		for (int i = 0; i < 5; i++)
+		for (int i = 0; i < 7; i++)
 			if (!strcmp(c[i], "-"))
 				c[i][0] = 0;
 		/* the shape columns, with the mode as the routing */
-		fprintf(csv, "%s,%u,%s,mode,%s,%s,%s,%s,%s,,\n", r->mode, r->T,
-			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4]);
+		fprintf(csv, "%s,%u,%s,mode,%s,%s,%s,%s,%s,,,%s\n", r->mode, r->T,
+			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[6]);
 	}
 }
 
@@ -1866,13 +1905,13 @@ static void bench_mode(const struct mode *md, int twin, const struct opts *o,
 			assigned += (double)counts[e];
 		}
 		struct mode_ctx c = {&g, x, y, T, &fo, err, sizeof err};
-		struct timed tm = {mode_run, &c, g.n_copies};
 		snprintf(progress_item, sizeof progress_item, "(%s T=%u)", name, T);
 		struct mode_row *r = tab->n < MAX_MODE_ROWS ? &tab->r[tab->n++] : NULL;
 		if (!r)
 			break;
-		*r = (struct mode_row){name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1,
-				       -1,   -1};
+		*r = (struct mode_row){
+		    name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1, -1, -1, -1};
+		struct timed tm = {mode_run, &c, g.n_copies, mc->now, &r->tp};
 		r->ms = time_median(&tm, o->reps) * 1e3;
 		if (r->ms < 0)
 			say("  T=%u: %s\n", T, err);
@@ -1983,6 +2022,7 @@ static char *bench_json(const struct table *tab, const struct mode_table *mtab,
 		json_num(o, "gbps", k.gb);
 		json_num(o, "pct_peak_flops", k.pf);
 		json_num(o, "pct_peak_bw", k.pb);
+		json_num(o, "pct_now_bw", k.pn);
 		json_num(o, "baseline_ms", k.bms);
 		json_num(o, "baseline_gflops", k.bgf);
 		json_num(o, "speedup", k.sp);
@@ -2012,6 +2052,7 @@ static char *bench_json(const struct table *tab, const struct mode_table *mtab,
 			 gf > 0 && mc->peak_gflops > 0 ? 100 * gf / mc->peak_gflops : -1);
 		json_num(o, "pct_peak_bw",
 			 gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1);
+		json_num(o, "pct_now_bw", r->ms > 0 ? pct_now(r->bytes, r->tp) : -1);
 		json_num(o, "tokens_per_s", r->ms > 0 ? r->T / sec : -1);
 		cJSON_AddNumberToObject(o, "experts_touched", r->touched);
 	}
@@ -2195,6 +2236,7 @@ int moe_cmd_bench(int argc, char **argv)
 	say("moegen bench: %s, %u threads, last-level cache %zu MiB\n", mc.cpu, o.threads,
 	    mc.llc >> 20);
 	probe(&mc, pool, runs, bw_bytes, "at the start");
+	mc.now = moe_dram_probe_open(pool, NOW_PROBE_BYTES);
 	say("  baseline: per-expert cblas_sgemm (sgemv for one row), f32 weights\n");
 
 	struct table *tab = calloc(1, sizeof *tab);
@@ -2229,11 +2271,14 @@ int moe_cmd_bench(int argc, char **argv)
 
 	/* Probe again: on a shared machine the better of two moments is the
 	 * closer estimate of the hardware's limits. */
+	moe_dram_probe_close(mc.now);
+	mc.now = NULL;
 	probe(&mc, pool, runs, bw_bytes, "at the end");
 	moe_pool_destroy(pool);
 	moe_progress_end(&progress);
-	say("\nSummary (%%peakF = GFLOP/s / %.1f, %%peakB = GB/s / %.1f, the better probes):\n",
-	    mc.peak_gflops, mc.dram_gbps);
+	say("\nSummary (%%peakF = GFLOP/s / %.1f, %%peakB = GB/s / %.1f, the better probes;\n"
+	    "%%nowB = GB/s over the DRAM read just before each run, median; runs under %.0f ms):\n",
+	    mc.peak_gflops, mc.dram_gbps, NOW_PROBE_MAX_S * 1e3);
 	if (tab->n) {
 		print_header(stdout);
 		for (int i = 0; i < tab->n; i++)
@@ -2251,7 +2296,7 @@ int moe_cmd_bench(int argc, char **argv)
 		FILE *csv = moe_output_stream(&csv_out);
 		if (csv) {
 			fprintf(csv, "shape,tokens,weights,routing,ms,gflops,gbps,pct_peak_flops,"
-				     "pct_peak_bw,baseline_ms,speedup\n");
+				     "pct_peak_bw,baseline_ms,speedup,pct_now_bw\n");
 			for (int i = 0; i < tab->n; i++)
 				emit_row(&tab->r[i], &mc, NULL, csv);
 			for (int i = 0; i < mtab->n; i++)

@@ -27,6 +27,14 @@ double moe_probe_fma(struct moe_pool *p, int width, int runs);
  * `runs`. 0 when the buffer cannot be allocated. */
 double moe_probe_dram(struct moe_pool *p, size_t bytes, int runs);
 
+/* The same read kept open: one buffer of `bytes`, touched and read once at
+ * open; moe_dram_probe_read times one more read of it (GB/s), so a reading
+ * can be taken beside each timed run. NULL when it cannot be allocated. */
+struct moe_dram_probe;
+struct moe_dram_probe *moe_dram_probe_open(struct moe_pool *p, size_t bytes);
+double moe_dram_probe_read(struct moe_dram_probe *pr);
+void moe_dram_probe_close(struct moe_dram_probe *pr); /* NULL is a no-op */
+
 /* Size of the last-level cache in bytes (sysfs, then sysconf, else 32 MiB). */
 size_t moe_probe_llc_bytes(void);
 

@@ -172,36 +172,61 @@ static void bw_task(void *ctx, size_t task, unsigned thread)
 	    __builtin_cpu_supports("avx2") ? sum_slice(p, n) : sum_slice_plain(p, n);
 }
 
-double moe_probe_dram(struct moe_pool *p, size_t bytes, int runs)
+struct moe_dram_probe {
+	struct moe_pool *p;
+	struct bw_job j;
+};
+
+struct moe_dram_probe *moe_dram_probe_open(struct moe_pool *p, size_t bytes)
 {
-	unsigned n = moe_pool_size(p);
-	struct bw_job *j = calloc(1, sizeof *j);
-	if (!j)
-		return 0;
-	j->n = bytes / sizeof(float) / 32 * 32;
+	struct moe_dram_probe *pr = calloc(1, sizeof *pr);
+	if (!pr)
+		return NULL;
+	pr->p = p;
+	pr->j.n = bytes / sizeof(float) / 32 * 32;
 	/* huge pages like the weights the kernels stream (moe_big_alloc) */
-	j->buf = moe_big_alloc(j->n * sizeof(float), 0);
-	if (!j->buf) {
-		free(j);
-		return 0;
+	pr->j.buf = moe_big_alloc(pr->j.n * sizeof(float), 0);
+	if (!pr->j.buf) {
+		free(pr);
+		return NULL;
 	}
 	__builtin_cpu_init();
-	j->n_threads = n;
-	j->touch = 1;
-	moe_pool_run_static(p, n, bw_task, j);
-	j->touch = 0;
-	moe_pool_run_static(p, n, bw_task, j); /* warm-up: TLB, frequency */
+	pr->j.n_threads = moe_pool_size(p);
+	pr->j.touch = 1;
+	moe_pool_run_static(p, pr->j.n_threads, bw_task, &pr->j);
+	pr->j.touch = 0;
+	moe_pool_run_static(p, pr->j.n_threads, bw_task, &pr->j); /* warm-up: TLB, frequency */
+	return pr;
+}
+
+double moe_dram_probe_read(struct moe_dram_probe *pr)
+{
+	double t0 = moe_now();
+	moe_pool_run_static(pr->p, pr->j.n_threads, bw_task, &pr->j);
+	double dt = moe_now() - t0;
+	return (double)(pr->j.n * sizeof(float)) / dt * 1e-9;
+}
+
+void moe_dram_probe_close(struct moe_dram_probe *pr)
+{
+	if (!pr)
+		return;
+	free(pr->j.buf);
+	free(pr);
+}
+
+double moe_probe_dram(struct moe_pool *p, size_t bytes, int runs)
+{
+	struct moe_dram_probe *pr = moe_dram_probe_open(p, bytes);
+	if (!pr)
+		return 0;
 	double best = 0;
 	for (int r = 0; r < runs; r++) {
-		double t0 = moe_now();
-		moe_pool_run_static(p, n, bw_task, j);
-		double dt = moe_now() - t0;
-		double gbps = (double)(j->n * sizeof(float)) / dt * 1e-9;
+		double gbps = moe_dram_probe_read(pr);
 		if (gbps > best)
 			best = gbps;
 	}
-	free(j->buf);
-	free(j);
+	moe_dram_probe_close(pr);
 	return best;
 }
 
