@@ -1026,6 +1026,7 @@ struct timed {
 };
 
 #define NOW_PROBE_MAX_S 0.05
+#define NOW_PROBE_SETTLE_US 2000
 /* the same-moment probe's buffer: the full probe's 1 GiB (8-30 ms a reading);
  * of 128 MiB, a quarter stays in a 32 MiB cache and reads 20 % fast */
 #define NOW_PROBE_BYTES ((size_t)1 << 30)
@@ -1064,7 +1065,14 @@ static double time_median(const struct timed *tm, int reps)
 		*tm->tp = -1;
 	for (int r = 0; r < reps; r++) {
 		copy = (copy + 1) % tm->n_copies;
-		double gbps = now ? moe_dram_probe_read(tm->probe) : 0;
+		double gbps = 0;
+		if (now) {
+			gbps = moe_dram_probe_read(tm->probe);
+			/* the read's pool spins a while before it sleeps: run after
+			 * that, or the layer shares the cores with it (a 0.34 ms
+			 * layer took 0.48-0.50 ms right after the read) */
+			usleep(NOW_PROBE_SETTLE_US);
+		}
 		t0 = moe_now();
 		if (tm->fn(tm->ctx, copy))
 			return -1;
