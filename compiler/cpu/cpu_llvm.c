@@ -219,6 +219,7 @@ struct ffn {
 	 * this row block prefetches a slice of the next panel, which (pf_j),
 	 * and log2 of their count (pf_sh) */
 	LLVMValueRef pf_on, pf_j, pf_sh;
+	LLVMValueRef pf_multi; /* more than one row block: prefetch at all */
 };
 
 /* Store 8 h values at column c of row hrow: f32, or bf16 for the bf16 down
@@ -294,7 +295,7 @@ static void up_store(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLV
  * row block: decode, where the hardware's stream prefetch is enough), its
  * own line (base = pan, sh = 0). */
 struct pf {
-	LLVMValueRef base, sh;
+	LLVMValueRef base, sh, any;
 };
 
 static struct pf panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
@@ -309,16 +310,18 @@ static struct pf panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValue
 	LLVMValueRef next =
 	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWAdd(b, moe_ll_i64c(g, bytes), slice, ""));
 	struct pf r = {LLVMBuildSelect(b, on, next, pan, "pf"),
-		       LLVMBuildSelect(b, on, f->pf_sh, moe_ll_i64c(g, 0), "pf.sh")};
+		       LLVMBuildSelect(b, on, f->pf_sh, moe_ll_i64c(g, 0), "pf.sh"), f->pf_multi};
 	return r;
 }
 
 /* Prefetch toward L2 the line for byte off of the tile's panel. */
 static void prefetch_at(struct moe_ll *g, struct pf pf, LLVMValueRef off)
 {
+	LLVMBasicBlockRef end = moe_ll_when(g, pf.any, "pf.any");
 	LLVMValueRef args[4] = {moe_ll_at(g, g->t_i8, pf.base, LLVMBuildLShr(g->b, off, pf.sh, "")),
 				moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
 	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+	moe_ll_when_end(g, end);
 }
 
 /* The prefetches of a quantized block at byte boff of the panel: its
@@ -582,6 +585,7 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 		    b, LLVMBuildICmp(b, LLVMIntSGE, nrb, moe_ll_i64c(g, 1 << sh), ""),
 		    moe_ll_i64c(g, sh), fr.pf_sh, "");
 	fr.pf_j = LLVMBuildSDiv(b, r.iv, moe_ll_i64c(g, MR), "pf.j");
+	fr.pf_multi = LLVMBuildICmp(b, LLVMIntSGT, nrb, moe_ll_i64c(g, 1), "pf.multi");
 	fr.pf_on = LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntSGT, nrb, moe_ll_i64c(g, 1), ""),
 				LLVMBuildICmp(b, LLVMIntSLT, fr.pf_j,
 					      LLVMBuildShl(b, moe_ll_i64c(g, 1), fr.pf_sh, ""), ""),

@@ -945,26 +945,26 @@ entry:
   %acc3139 = alloca <8 x float>, align 32
   %acc4040 = alloca <8 x float>, align 32
   %acc4141 = alloca <8 x float>, align 32
-  %acc0082 = alloca <8 x float>, align 32
-  %acc0183 = alloca <8 x float>, align 32
-  %acc1084 = alloca <8 x float>, align 32
-  %acc1185 = alloca <8 x float>, align 32
-  %acc2086 = alloca <8 x float>, align 32
-  %acc2187 = alloca <8 x float>, align 32
-  %acc3088 = alloca <8 x float>, align 32
-  %acc3189 = alloca <8 x float>, align 32
-  %acc00124 = alloca <8 x float>, align 32
-  %acc01125 = alloca <8 x float>, align 32
-  %acc10126 = alloca <8 x float>, align 32
-  %acc11127 = alloca <8 x float>, align 32
-  %acc20128 = alloca <8 x float>, align 32
-  %acc21129 = alloca <8 x float>, align 32
-  %acc00158 = alloca <8 x float>, align 32
-  %acc01159 = alloca <8 x float>, align 32
-  %acc10160 = alloca <8 x float>, align 32
-  %acc11161 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
-  %acc01185 = alloca <8 x float>, align 32
+  %acc0084 = alloca <8 x float>, align 32
+  %acc0185 = alloca <8 x float>, align 32
+  %acc1086 = alloca <8 x float>, align 32
+  %acc1187 = alloca <8 x float>, align 32
+  %acc2088 = alloca <8 x float>, align 32
+  %acc2189 = alloca <8 x float>, align 32
+  %acc3090 = alloca <8 x float>, align 32
+  %acc3191 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc10130 = alloca <8 x float>, align 32
+  %acc11131 = alloca <8 x float>, align 32
+  %acc20132 = alloca <8 x float>, align 32
+  %acc21133 = alloca <8 x float>, align 32
+  %acc00164 = alloca <8 x float>, align 32
+  %acc01165 = alloca <8 x float>, align 32
+  %acc10166 = alloca <8 x float>, align 32
+  %acc11167 = alloca <8 x float>, align 32
+  %acc00192 = alloca <8 x float>, align 32
+  %acc01193 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -996,6 +996,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -1070,8 +1071,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
   %56 = icmp slt i64 %k, 6144
   br i1 %56, label %k.body, label %k.end
 
@@ -1079,9 +1080,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds i16, ptr %panels, i64 %58
   %63 = load <8 x i32>, ptr %62, align 4
   %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -1442,8 +1449,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
   br label %k.head46
 
-k.head46:                                         ; preds = %k.body47, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %394, %k.body47 ]
+k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %394, %pf.any.end51 ]
   %344 = icmp slt i64 %k49, 6144
   br i1 %344, label %k.body47, label %k.end48
 
@@ -1451,64 +1458,70 @@ k.body47:                                         ; preds = %k.head46
   %345 = mul nsw i64 %k49, 16
   %346 = add nsw i64 %panel.off42, %345
   %347 = mul nsw i64 %k49, 32
+  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+
+pf.any.then50:                                    ; preds = %k.body47
   %348 = lshr i64 %347, %pf.sh45
   %349 = getelementptr inbounds i8, ptr %pf44, i64 %348
   call void @llvm.prefetch.p0(ptr %349, i32 0, i32 2, i32 1)
+  br label %pf.any.end51
+
+pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
   %350 = getelementptr inbounds i16, ptr %panels, i64 %346
   %351 = load <8 x i32>, ptr %350, align 4
   %352 = shl <8 x i32> %351, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %352 to <8 x float>
+  %b052 = bitcast <8 x i32> %352 to <8 x float>
   %353 = and <8 x i32> %351, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %353 to <8 x float>
+  %b153 = bitcast <8 x i32> %353 to <8 x float>
   %354 = getelementptr inbounds float, ptr %312, i64 %k49
   %355 = load float, ptr %354, align 4
   %356 = insertelement <8 x float> poison, float %355, i32 0
   %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
   %358 = load <8 x float>, ptr %acc0032, align 4
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b050, <8 x float> %358)
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b052, <8 x float> %358)
   store <8 x float> %359, ptr %acc0032, align 4
   %360 = load <8 x float>, ptr %acc0133, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b151, <8 x float> %360)
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b153, <8 x float> %360)
   store <8 x float> %361, ptr %acc0133, align 4
   %362 = getelementptr inbounds float, ptr %318, i64 %k49
   %363 = load float, ptr %362, align 4
   %364 = insertelement <8 x float> poison, float %363, i32 0
   %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
   %366 = load <8 x float>, ptr %acc1034, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b050, <8 x float> %366)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b052, <8 x float> %366)
   store <8 x float> %367, ptr %acc1034, align 4
   %368 = load <8 x float>, ptr %acc1135, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b151, <8 x float> %368)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b153, <8 x float> %368)
   store <8 x float> %369, ptr %acc1135, align 4
   %370 = getelementptr inbounds float, ptr %324, i64 %k49
   %371 = load float, ptr %370, align 4
   %372 = insertelement <8 x float> poison, float %371, i32 0
   %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
   %374 = load <8 x float>, ptr %acc2036, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b050, <8 x float> %374)
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b052, <8 x float> %374)
   store <8 x float> %375, ptr %acc2036, align 4
   %376 = load <8 x float>, ptr %acc2137, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b151, <8 x float> %376)
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b153, <8 x float> %376)
   store <8 x float> %377, ptr %acc2137, align 4
   %378 = getelementptr inbounds float, ptr %330, i64 %k49
   %379 = load float, ptr %378, align 4
   %380 = insertelement <8 x float> poison, float %379, i32 0
   %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
   %382 = load <8 x float>, ptr %acc3038, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b050, <8 x float> %382)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b052, <8 x float> %382)
   store <8 x float> %383, ptr %acc3038, align 4
   %384 = load <8 x float>, ptr %acc3139, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b151, <8 x float> %384)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b153, <8 x float> %384)
   store <8 x float> %385, ptr %acc3139, align 4
   %386 = getelementptr inbounds float, ptr %336, i64 %k49
   %387 = load float, ptr %386, align 4
   %388 = insertelement <8 x float> poison, float %387, i32 0
   %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
   %390 = load <8 x float>, ptr %acc4040, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b050, <8 x float> %390)
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b052, <8 x float> %390)
   store <8 x float> %391, ptr %acc4040, align 4
   %392 = load <8 x float>, ptr %acc4141, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b151, <8 x float> %392)
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b153, <8 x float> %392)
   store <8 x float> %393, ptr %acc4141, align 4
   %394 = add nsw i64 %k49, 1
   br label %k.head46
@@ -1521,7 +1534,7 @@ k.end48:                                          ; preds = %k.head46
   %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
   %400 = mul nsw i64 %395, 10752
   %401 = getelementptr inbounds float, ptr %h, i64 %400
-  %col52 = mul nsw i64 %p, 8
+  %col54 = mul nsw i64 %p, 8
   %402 = load <8 x float>, ptr %acc0032, align 4
   %403 = load <8 x float>, ptr %acc0133, align 4
   %404 = fneg <8 x float> %402
@@ -1544,14 +1557,14 @@ k.end48:                                          ; preds = %k.head46
   %421 = fptosi <8 x float> %410 to <8 x i32>
   %422 = add <8 x i32> %421, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %423 = shl <8 x i32> %422, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %423 to <8 x float>
-  %exp54 = fmul <8 x float> %420, %exp.2n53
-  %424 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %424
-  %silu56 = fmul <8 x float> %402, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %403
-  %425 = fmul <8 x float> %glu57, %399
-  %426 = getelementptr inbounds float, ptr %401, i64 %col52
+  %exp.2n55 = bitcast <8 x i32> %423 to <8 x float>
+  %exp56 = fmul <8 x float> %420, %exp.2n55
+  %424 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %424
+  %silu58 = fmul <8 x float> %402, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %403
+  %425 = fmul <8 x float> %glu59, %399
+  %426 = getelementptr inbounds float, ptr %401, i64 %col54
   store <8 x float> %425, ptr %426, align 4
   %427 = add nsw i64 %r0, 1
   %428 = getelementptr inbounds float, ptr %rw, i64 %427
@@ -1560,7 +1573,7 @@ k.end48:                                          ; preds = %k.head46
   %431 = shufflevector <8 x float> %430, <8 x float> poison, <8 x i32> zeroinitializer
   %432 = mul nsw i64 %427, 10752
   %433 = getelementptr inbounds float, ptr %h, i64 %432
-  %col58 = mul nsw i64 %p, 8
+  %col60 = mul nsw i64 %p, 8
   %434 = load <8 x float>, ptr %acc1034, align 4
   %435 = load <8 x float>, ptr %acc1135, align 4
   %436 = fneg <8 x float> %434
@@ -1583,14 +1596,14 @@ k.end48:                                          ; preds = %k.head46
   %453 = fptosi <8 x float> %442 to <8 x i32>
   %454 = add <8 x i32> %453, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %455 = shl <8 x i32> %454, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %455 to <8 x float>
-  %exp60 = fmul <8 x float> %452, %exp.2n59
-  %456 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %456
-  %silu62 = fmul <8 x float> %434, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %435
-  %457 = fmul <8 x float> %glu63, %431
-  %458 = getelementptr inbounds float, ptr %433, i64 %col58
+  %exp.2n61 = bitcast <8 x i32> %455 to <8 x float>
+  %exp62 = fmul <8 x float> %452, %exp.2n61
+  %456 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %456
+  %silu64 = fmul <8 x float> %434, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %435
+  %457 = fmul <8 x float> %glu65, %431
+  %458 = getelementptr inbounds float, ptr %433, i64 %col60
   store <8 x float> %457, ptr %458, align 4
   %459 = add nsw i64 %r0, 2
   %460 = getelementptr inbounds float, ptr %rw, i64 %459
@@ -1599,7 +1612,7 @@ k.end48:                                          ; preds = %k.head46
   %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
   %464 = mul nsw i64 %459, 10752
   %465 = getelementptr inbounds float, ptr %h, i64 %464
-  %col64 = mul nsw i64 %p, 8
+  %col66 = mul nsw i64 %p, 8
   %466 = load <8 x float>, ptr %acc2036, align 4
   %467 = load <8 x float>, ptr %acc2137, align 4
   %468 = fneg <8 x float> %466
@@ -1622,14 +1635,14 @@ k.end48:                                          ; preds = %k.head46
   %485 = fptosi <8 x float> %474 to <8 x i32>
   %486 = add <8 x i32> %485, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %487 = shl <8 x i32> %486, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %487 to <8 x float>
-  %exp66 = fmul <8 x float> %484, %exp.2n65
-  %488 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %488
-  %silu68 = fmul <8 x float> %466, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %467
-  %489 = fmul <8 x float> %glu69, %463
-  %490 = getelementptr inbounds float, ptr %465, i64 %col64
+  %exp.2n67 = bitcast <8 x i32> %487 to <8 x float>
+  %exp68 = fmul <8 x float> %484, %exp.2n67
+  %488 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %488
+  %silu70 = fmul <8 x float> %466, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %467
+  %489 = fmul <8 x float> %glu71, %463
+  %490 = getelementptr inbounds float, ptr %465, i64 %col66
   store <8 x float> %489, ptr %490, align 4
   %491 = add nsw i64 %r0, 3
   %492 = getelementptr inbounds float, ptr %rw, i64 %491
@@ -1638,7 +1651,7 @@ k.end48:                                          ; preds = %k.head46
   %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
   %496 = mul nsw i64 %491, 10752
   %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %col70 = mul nsw i64 %p, 8
+  %col72 = mul nsw i64 %p, 8
   %498 = load <8 x float>, ptr %acc3038, align 4
   %499 = load <8 x float>, ptr %acc3139, align 4
   %500 = fneg <8 x float> %498
@@ -1661,14 +1674,14 @@ k.end48:                                          ; preds = %k.head46
   %517 = fptosi <8 x float> %506 to <8 x i32>
   %518 = add <8 x i32> %517, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %519 = shl <8 x i32> %518, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %519 to <8 x float>
-  %exp72 = fmul <8 x float> %516, %exp.2n71
-  %520 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %520
-  %silu74 = fmul <8 x float> %498, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %499
-  %521 = fmul <8 x float> %glu75, %495
-  %522 = getelementptr inbounds float, ptr %497, i64 %col70
+  %exp.2n73 = bitcast <8 x i32> %519 to <8 x float>
+  %exp74 = fmul <8 x float> %516, %exp.2n73
+  %520 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %520
+  %silu76 = fmul <8 x float> %498, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %499
+  %521 = fmul <8 x float> %glu77, %495
+  %522 = getelementptr inbounds float, ptr %497, i64 %col72
   store <8 x float> %521, ptr %522, align 4
   %523 = add nsw i64 %r0, 4
   %524 = getelementptr inbounds float, ptr %rw, i64 %523
@@ -1677,7 +1690,7 @@ k.end48:                                          ; preds = %k.head46
   %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
   %528 = mul nsw i64 %523, 10752
   %529 = getelementptr inbounds float, ptr %h, i64 %528
-  %col76 = mul nsw i64 %p, 8
+  %col78 = mul nsw i64 %p, 8
   %530 = load <8 x float>, ptr %acc4040, align 4
   %531 = load <8 x float>, ptr %acc4141, align 4
   %532 = fneg <8 x float> %530
@@ -1700,14 +1713,14 @@ k.end48:                                          ; preds = %k.head46
   %549 = fptosi <8 x float> %538 to <8 x i32>
   %550 = add <8 x i32> %549, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %551 = shl <8 x i32> %550, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %551 to <8 x float>
-  %exp78 = fmul <8 x float> %548, %exp.2n77
-  %552 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
-  %silu80 = fmul <8 x float> %530, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %531
-  %553 = fmul <8 x float> %glu81, %527
-  %554 = getelementptr inbounds float, ptr %529, i64 %col76
+  %exp.2n79 = bitcast <8 x i32> %551 to <8 x float>
+  %exp80 = fmul <8 x float> %548, %exp.2n79
+  %552 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
+  %silu82 = fmul <8 x float> %530, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %531
+  %553 = fmul <8 x float> %glu83, %527
+  %554 = getelementptr inbounds float, ptr %529, i64 %col78
   store <8 x float> %553, ptr %554, align 4
   br label %tile.done
 
@@ -1718,107 +1731,113 @@ tile.mr4:                                         ; preds = %r0.body
   %558 = sext i32 %557 to i64
   %559 = mul nsw i64 %558, 6144
   %560 = getelementptr inbounds float, ptr %x, i64 %559
-  store <8 x float> zeroinitializer, ptr %acc0082, align 4
-  store <8 x float> zeroinitializer, ptr %acc0183, align 4
+  store <8 x float> zeroinitializer, ptr %acc0084, align 4
+  store <8 x float> zeroinitializer, ptr %acc0185, align 4
   %561 = add nsw i64 %r0, 1
   %562 = getelementptr inbounds i32, ptr %rows, i64 %561
   %563 = load i32, ptr %562, align 4
   %564 = sext i32 %563 to i64
   %565 = mul nsw i64 %564, 6144
   %566 = getelementptr inbounds float, ptr %x, i64 %565
-  store <8 x float> zeroinitializer, ptr %acc1084, align 4
-  store <8 x float> zeroinitializer, ptr %acc1185, align 4
+  store <8 x float> zeroinitializer, ptr %acc1086, align 4
+  store <8 x float> zeroinitializer, ptr %acc1187, align 4
   %567 = add nsw i64 %r0, 2
   %568 = getelementptr inbounds i32, ptr %rows, i64 %567
   %569 = load i32, ptr %568, align 4
   %570 = sext i32 %569 to i64
   %571 = mul nsw i64 %570, 6144
   %572 = getelementptr inbounds float, ptr %x, i64 %571
-  store <8 x float> zeroinitializer, ptr %acc2086, align 4
-  store <8 x float> zeroinitializer, ptr %acc2187, align 4
+  store <8 x float> zeroinitializer, ptr %acc2088, align 4
+  store <8 x float> zeroinitializer, ptr %acc2189, align 4
   %573 = add nsw i64 %r0, 3
   %574 = getelementptr inbounds i32, ptr %rows, i64 %573
   %575 = load i32, ptr %574, align 4
   %576 = sext i32 %575 to i64
   %577 = mul nsw i64 %576, 6144
   %578 = getelementptr inbounds float, ptr %x, i64 %577
-  store <8 x float> zeroinitializer, ptr %acc3088, align 4
-  store <8 x float> zeroinitializer, ptr %acc3189, align 4
-  %panel.off90 = mul nsw i64 %p, 98304
-  %579 = getelementptr inbounds i16, ptr %panels, i64 %panel.off90
+  store <8 x float> zeroinitializer, ptr %acc3090, align 4
+  store <8 x float> zeroinitializer, ptr %acc3191, align 4
+  %panel.off92 = mul nsw i64 %p, 98304
+  %579 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
   %580 = add nsw i64 %p, 1
   %581 = icmp slt i64 %580, %p1
-  %pf.on91 = and i1 %pf.on, %581
+  %pf.on93 = and i1 %pf.on, %581
   %582 = mul nsw i64 %pf.j, 196608
   %583 = lshr i64 %582, %9
   %584 = add nsw i64 196608, %583
   %585 = getelementptr inbounds i8, ptr %579, i64 %584
-  %pf92 = select i1 %pf.on91, ptr %585, ptr %579
-  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
-  br label %k.head94
+  %pf94 = select i1 %pf.on93, ptr %585, ptr %579
+  %pf.sh95 = select i1 %pf.on93, i64 %9, i64 0
+  br label %k.head96
 
-k.head94:                                         ; preds = %k.body95, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %628, %k.body95 ]
-  %586 = icmp slt i64 %k97, 6144
-  br i1 %586, label %k.body95, label %k.end96
+k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %628, %pf.any.end101 ]
+  %586 = icmp slt i64 %k99, 6144
+  br i1 %586, label %k.body97, label %k.end98
 
-k.body95:                                         ; preds = %k.head94
-  %587 = mul nsw i64 %k97, 16
-  %588 = add nsw i64 %panel.off90, %587
-  %589 = mul nsw i64 %k97, 32
-  %590 = lshr i64 %589, %pf.sh93
-  %591 = getelementptr inbounds i8, ptr %pf92, i64 %590
+k.body97:                                         ; preds = %k.head96
+  %587 = mul nsw i64 %k99, 16
+  %588 = add nsw i64 %panel.off92, %587
+  %589 = mul nsw i64 %k99, 32
+  br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
+
+pf.any.then100:                                   ; preds = %k.body97
+  %590 = lshr i64 %589, %pf.sh95
+  %591 = getelementptr inbounds i8, ptr %pf94, i64 %590
   call void @llvm.prefetch.p0(ptr %591, i32 0, i32 2, i32 1)
+  br label %pf.any.end101
+
+pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
   %592 = getelementptr inbounds i16, ptr %panels, i64 %588
   %593 = load <8 x i32>, ptr %592, align 4
   %594 = shl <8 x i32> %593, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b098 = bitcast <8 x i32> %594 to <8 x float>
+  %b0102 = bitcast <8 x i32> %594 to <8 x float>
   %595 = and <8 x i32> %593, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b199 = bitcast <8 x i32> %595 to <8 x float>
-  %596 = getelementptr inbounds float, ptr %560, i64 %k97
+  %b1103 = bitcast <8 x i32> %595 to <8 x float>
+  %596 = getelementptr inbounds float, ptr %560, i64 %k99
   %597 = load float, ptr %596, align 4
   %598 = insertelement <8 x float> poison, float %597, i32 0
   %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = load <8 x float>, ptr %acc0082, align 4
-  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b098, <8 x float> %600)
-  store <8 x float> %601, ptr %acc0082, align 4
-  %602 = load <8 x float>, ptr %acc0183, align 4
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b199, <8 x float> %602)
-  store <8 x float> %603, ptr %acc0183, align 4
-  %604 = getelementptr inbounds float, ptr %566, i64 %k97
+  %600 = load <8 x float>, ptr %acc0084, align 4
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b0102, <8 x float> %600)
+  store <8 x float> %601, ptr %acc0084, align 4
+  %602 = load <8 x float>, ptr %acc0185, align 4
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b1103, <8 x float> %602)
+  store <8 x float> %603, ptr %acc0185, align 4
+  %604 = getelementptr inbounds float, ptr %566, i64 %k99
   %605 = load float, ptr %604, align 4
   %606 = insertelement <8 x float> poison, float %605, i32 0
   %607 = shufflevector <8 x float> %606, <8 x float> poison, <8 x i32> zeroinitializer
-  %608 = load <8 x float>, ptr %acc1084, align 4
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b098, <8 x float> %608)
-  store <8 x float> %609, ptr %acc1084, align 4
-  %610 = load <8 x float>, ptr %acc1185, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b199, <8 x float> %610)
-  store <8 x float> %611, ptr %acc1185, align 4
-  %612 = getelementptr inbounds float, ptr %572, i64 %k97
+  %608 = load <8 x float>, ptr %acc1086, align 4
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b0102, <8 x float> %608)
+  store <8 x float> %609, ptr %acc1086, align 4
+  %610 = load <8 x float>, ptr %acc1187, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b1103, <8 x float> %610)
+  store <8 x float> %611, ptr %acc1187, align 4
+  %612 = getelementptr inbounds float, ptr %572, i64 %k99
   %613 = load float, ptr %612, align 4
   %614 = insertelement <8 x float> poison, float %613, i32 0
   %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
-  %616 = load <8 x float>, ptr %acc2086, align 4
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b098, <8 x float> %616)
-  store <8 x float> %617, ptr %acc2086, align 4
-  %618 = load <8 x float>, ptr %acc2187, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b199, <8 x float> %618)
-  store <8 x float> %619, ptr %acc2187, align 4
-  %620 = getelementptr inbounds float, ptr %578, i64 %k97
+  %616 = load <8 x float>, ptr %acc2088, align 4
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b0102, <8 x float> %616)
+  store <8 x float> %617, ptr %acc2088, align 4
+  %618 = load <8 x float>, ptr %acc2189, align 4
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b1103, <8 x float> %618)
+  store <8 x float> %619, ptr %acc2189, align 4
+  %620 = getelementptr inbounds float, ptr %578, i64 %k99
   %621 = load float, ptr %620, align 4
   %622 = insertelement <8 x float> poison, float %621, i32 0
   %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
-  %624 = load <8 x float>, ptr %acc3088, align 4
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b098, <8 x float> %624)
-  store <8 x float> %625, ptr %acc3088, align 4
-  %626 = load <8 x float>, ptr %acc3189, align 4
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b199, <8 x float> %626)
-  store <8 x float> %627, ptr %acc3189, align 4
-  %628 = add nsw i64 %k97, 1
-  br label %k.head94
+  %624 = load <8 x float>, ptr %acc3090, align 4
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b0102, <8 x float> %624)
+  store <8 x float> %625, ptr %acc3090, align 4
+  %626 = load <8 x float>, ptr %acc3191, align 4
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b1103, <8 x float> %626)
+  store <8 x float> %627, ptr %acc3191, align 4
+  %628 = add nsw i64 %k99, 1
+  br label %k.head96
 
-k.end96:                                          ; preds = %k.head94
+k.end98:                                          ; preds = %k.head96
   %629 = add nsw i64 %r0, 0
   %630 = getelementptr inbounds float, ptr %rw, i64 %629
   %631 = load float, ptr %630, align 4
@@ -1826,9 +1845,9 @@ k.end96:                                          ; preds = %k.head94
   %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
   %634 = mul nsw i64 %629, 10752
   %635 = getelementptr inbounds float, ptr %h, i64 %634
-  %col100 = mul nsw i64 %p, 8
-  %636 = load <8 x float>, ptr %acc0082, align 4
-  %637 = load <8 x float>, ptr %acc0183, align 4
+  %col104 = mul nsw i64 %p, 8
+  %636 = load <8 x float>, ptr %acc0084, align 4
+  %637 = load <8 x float>, ptr %acc0185, align 4
   %638 = fneg <8 x float> %636
   %639 = fcmp olt <8 x float> %638, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %640 = select <8 x i1> %639, <8 x float> %638, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1849,14 +1868,14 @@ k.end96:                                          ; preds = %k.head94
   %655 = fptosi <8 x float> %644 to <8 x i32>
   %656 = add <8 x i32> %655, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %657 = shl <8 x i32> %656, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %657 to <8 x float>
-  %exp102 = fmul <8 x float> %654, %exp.2n101
-  %658 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %658
-  %silu104 = fmul <8 x float> %636, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %637
-  %659 = fmul <8 x float> %glu105, %633
-  %660 = getelementptr inbounds float, ptr %635, i64 %col100
+  %exp.2n105 = bitcast <8 x i32> %657 to <8 x float>
+  %exp106 = fmul <8 x float> %654, %exp.2n105
+  %658 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %658
+  %silu108 = fmul <8 x float> %636, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %637
+  %659 = fmul <8 x float> %glu109, %633
+  %660 = getelementptr inbounds float, ptr %635, i64 %col104
   store <8 x float> %659, ptr %660, align 4
   %661 = add nsw i64 %r0, 1
   %662 = getelementptr inbounds float, ptr %rw, i64 %661
@@ -1865,9 +1884,9 @@ k.end96:                                          ; preds = %k.head94
   %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
   %666 = mul nsw i64 %661, 10752
   %667 = getelementptr inbounds float, ptr %h, i64 %666
-  %col106 = mul nsw i64 %p, 8
-  %668 = load <8 x float>, ptr %acc1084, align 4
-  %669 = load <8 x float>, ptr %acc1185, align 4
+  %col110 = mul nsw i64 %p, 8
+  %668 = load <8 x float>, ptr %acc1086, align 4
+  %669 = load <8 x float>, ptr %acc1187, align 4
   %670 = fneg <8 x float> %668
   %671 = fcmp olt <8 x float> %670, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %672 = select <8 x i1> %671, <8 x float> %670, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1888,14 +1907,14 @@ k.end96:                                          ; preds = %k.head94
   %687 = fptosi <8 x float> %676 to <8 x i32>
   %688 = add <8 x i32> %687, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %689 = shl <8 x i32> %688, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %689 to <8 x float>
-  %exp108 = fmul <8 x float> %686, %exp.2n107
-  %690 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %690
-  %silu110 = fmul <8 x float> %668, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %669
-  %691 = fmul <8 x float> %glu111, %665
-  %692 = getelementptr inbounds float, ptr %667, i64 %col106
+  %exp.2n111 = bitcast <8 x i32> %689 to <8 x float>
+  %exp112 = fmul <8 x float> %686, %exp.2n111
+  %690 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %690
+  %silu114 = fmul <8 x float> %668, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %669
+  %691 = fmul <8 x float> %glu115, %665
+  %692 = getelementptr inbounds float, ptr %667, i64 %col110
   store <8 x float> %691, ptr %692, align 4
   %693 = add nsw i64 %r0, 2
   %694 = getelementptr inbounds float, ptr %rw, i64 %693
@@ -1904,9 +1923,9 @@ k.end96:                                          ; preds = %k.head94
   %697 = shufflevector <8 x float> %696, <8 x float> poison, <8 x i32> zeroinitializer
   %698 = mul nsw i64 %693, 10752
   %699 = getelementptr inbounds float, ptr %h, i64 %698
-  %col112 = mul nsw i64 %p, 8
-  %700 = load <8 x float>, ptr %acc2086, align 4
-  %701 = load <8 x float>, ptr %acc2187, align 4
+  %col116 = mul nsw i64 %p, 8
+  %700 = load <8 x float>, ptr %acc2088, align 4
+  %701 = load <8 x float>, ptr %acc2189, align 4
   %702 = fneg <8 x float> %700
   %703 = fcmp olt <8 x float> %702, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1927,14 +1946,14 @@ k.end96:                                          ; preds = %k.head94
   %719 = fptosi <8 x float> %708 to <8 x i32>
   %720 = add <8 x i32> %719, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %721 = shl <8 x i32> %720, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %721 to <8 x float>
-  %exp114 = fmul <8 x float> %718, %exp.2n113
-  %722 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %722
-  %silu116 = fmul <8 x float> %700, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %701
-  %723 = fmul <8 x float> %glu117, %697
-  %724 = getelementptr inbounds float, ptr %699, i64 %col112
+  %exp.2n117 = bitcast <8 x i32> %721 to <8 x float>
+  %exp118 = fmul <8 x float> %718, %exp.2n117
+  %722 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %722
+  %silu120 = fmul <8 x float> %700, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %701
+  %723 = fmul <8 x float> %glu121, %697
+  %724 = getelementptr inbounds float, ptr %699, i64 %col116
   store <8 x float> %723, ptr %724, align 4
   %725 = add nsw i64 %r0, 3
   %726 = getelementptr inbounds float, ptr %rw, i64 %725
@@ -1943,9 +1962,9 @@ k.end96:                                          ; preds = %k.head94
   %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
   %730 = mul nsw i64 %725, 10752
   %731 = getelementptr inbounds float, ptr %h, i64 %730
-  %col118 = mul nsw i64 %p, 8
-  %732 = load <8 x float>, ptr %acc3088, align 4
-  %733 = load <8 x float>, ptr %acc3189, align 4
+  %col122 = mul nsw i64 %p, 8
+  %732 = load <8 x float>, ptr %acc3090, align 4
+  %733 = load <8 x float>, ptr %acc3191, align 4
   %734 = fneg <8 x float> %732
   %735 = fcmp olt <8 x float> %734, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %736 = select <8 x i1> %735, <8 x float> %734, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1966,14 +1985,14 @@ k.end96:                                          ; preds = %k.head94
   %751 = fptosi <8 x float> %740 to <8 x i32>
   %752 = add <8 x i32> %751, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %753 = shl <8 x i32> %752, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %753 to <8 x float>
-  %exp120 = fmul <8 x float> %750, %exp.2n119
-  %754 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %754
-  %silu122 = fmul <8 x float> %732, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %733
-  %755 = fmul <8 x float> %glu123, %729
-  %756 = getelementptr inbounds float, ptr %731, i64 %col118
+  %exp.2n123 = bitcast <8 x i32> %753 to <8 x float>
+  %exp124 = fmul <8 x float> %750, %exp.2n123
+  %754 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %754
+  %silu126 = fmul <8 x float> %732, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %733
+  %755 = fmul <8 x float> %glu127, %729
+  %756 = getelementptr inbounds float, ptr %731, i64 %col122
   store <8 x float> %755, ptr %756, align 4
   br label %tile.done
 
@@ -1984,89 +2003,95 @@ tile.mr3:                                         ; preds = %r0.body
   %760 = sext i32 %759 to i64
   %761 = mul nsw i64 %760, 6144
   %762 = getelementptr inbounds float, ptr %x, i64 %761
-  store <8 x float> zeroinitializer, ptr %acc00124, align 4
-  store <8 x float> zeroinitializer, ptr %acc01125, align 4
+  store <8 x float> zeroinitializer, ptr %acc00128, align 4
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
   %763 = add nsw i64 %r0, 1
   %764 = getelementptr inbounds i32, ptr %rows, i64 %763
   %765 = load i32, ptr %764, align 4
   %766 = sext i32 %765 to i64
   %767 = mul nsw i64 %766, 6144
   %768 = getelementptr inbounds float, ptr %x, i64 %767
-  store <8 x float> zeroinitializer, ptr %acc10126, align 4
-  store <8 x float> zeroinitializer, ptr %acc11127, align 4
+  store <8 x float> zeroinitializer, ptr %acc10130, align 4
+  store <8 x float> zeroinitializer, ptr %acc11131, align 4
   %769 = add nsw i64 %r0, 2
   %770 = getelementptr inbounds i32, ptr %rows, i64 %769
   %771 = load i32, ptr %770, align 4
   %772 = sext i32 %771 to i64
   %773 = mul nsw i64 %772, 6144
   %774 = getelementptr inbounds float, ptr %x, i64 %773
-  store <8 x float> zeroinitializer, ptr %acc20128, align 4
-  store <8 x float> zeroinitializer, ptr %acc21129, align 4
-  %panel.off130 = mul nsw i64 %p, 98304
-  %775 = getelementptr inbounds i16, ptr %panels, i64 %panel.off130
+  store <8 x float> zeroinitializer, ptr %acc20132, align 4
+  store <8 x float> zeroinitializer, ptr %acc21133, align 4
+  %panel.off134 = mul nsw i64 %p, 98304
+  %775 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
   %776 = add nsw i64 %p, 1
   %777 = icmp slt i64 %776, %p1
-  %pf.on131 = and i1 %pf.on, %777
+  %pf.on135 = and i1 %pf.on, %777
   %778 = mul nsw i64 %pf.j, 196608
   %779 = lshr i64 %778, %9
   %780 = add nsw i64 196608, %779
   %781 = getelementptr inbounds i8, ptr %775, i64 %780
-  %pf132 = select i1 %pf.on131, ptr %781, ptr %775
-  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
-  br label %k.head134
+  %pf136 = select i1 %pf.on135, ptr %781, ptr %775
+  %pf.sh137 = select i1 %pf.on135, i64 %9, i64 0
+  br label %k.head138
 
-k.head134:                                        ; preds = %k.body135, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %816, %k.body135 ]
-  %782 = icmp slt i64 %k137, 6144
-  br i1 %782, label %k.body135, label %k.end136
+k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %816, %pf.any.end143 ]
+  %782 = icmp slt i64 %k141, 6144
+  br i1 %782, label %k.body139, label %k.end140
 
-k.body135:                                        ; preds = %k.head134
-  %783 = mul nsw i64 %k137, 16
-  %784 = add nsw i64 %panel.off130, %783
-  %785 = mul nsw i64 %k137, 32
-  %786 = lshr i64 %785, %pf.sh133
-  %787 = getelementptr inbounds i8, ptr %pf132, i64 %786
+k.body139:                                        ; preds = %k.head138
+  %783 = mul nsw i64 %k141, 16
+  %784 = add nsw i64 %panel.off134, %783
+  %785 = mul nsw i64 %k141, 32
+  br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
+
+pf.any.then142:                                   ; preds = %k.body139
+  %786 = lshr i64 %785, %pf.sh137
+  %787 = getelementptr inbounds i8, ptr %pf136, i64 %786
   call void @llvm.prefetch.p0(ptr %787, i32 0, i32 2, i32 1)
+  br label %pf.any.end143
+
+pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
   %788 = getelementptr inbounds i16, ptr %panels, i64 %784
   %789 = load <8 x i32>, ptr %788, align 4
   %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0138 = bitcast <8 x i32> %790 to <8 x float>
+  %b0144 = bitcast <8 x i32> %790 to <8 x float>
   %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1139 = bitcast <8 x i32> %791 to <8 x float>
-  %792 = getelementptr inbounds float, ptr %762, i64 %k137
+  %b1145 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = getelementptr inbounds float, ptr %762, i64 %k141
   %793 = load float, ptr %792, align 4
   %794 = insertelement <8 x float> poison, float %793, i32 0
   %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc00124, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0138, <8 x float> %796)
-  store <8 x float> %797, ptr %acc00124, align 4
-  %798 = load <8 x float>, ptr %acc01125, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1139, <8 x float> %798)
-  store <8 x float> %799, ptr %acc01125, align 4
-  %800 = getelementptr inbounds float, ptr %768, i64 %k137
+  %796 = load <8 x float>, ptr %acc00128, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0144, <8 x float> %796)
+  store <8 x float> %797, ptr %acc00128, align 4
+  %798 = load <8 x float>, ptr %acc01129, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1145, <8 x float> %798)
+  store <8 x float> %799, ptr %acc01129, align 4
+  %800 = getelementptr inbounds float, ptr %768, i64 %k141
   %801 = load float, ptr %800, align 4
   %802 = insertelement <8 x float> poison, float %801, i32 0
   %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
-  %804 = load <8 x float>, ptr %acc10126, align 4
-  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0138, <8 x float> %804)
-  store <8 x float> %805, ptr %acc10126, align 4
-  %806 = load <8 x float>, ptr %acc11127, align 4
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1139, <8 x float> %806)
-  store <8 x float> %807, ptr %acc11127, align 4
-  %808 = getelementptr inbounds float, ptr %774, i64 %k137
+  %804 = load <8 x float>, ptr %acc10130, align 4
+  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0144, <8 x float> %804)
+  store <8 x float> %805, ptr %acc10130, align 4
+  %806 = load <8 x float>, ptr %acc11131, align 4
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1145, <8 x float> %806)
+  store <8 x float> %807, ptr %acc11131, align 4
+  %808 = getelementptr inbounds float, ptr %774, i64 %k141
   %809 = load float, ptr %808, align 4
   %810 = insertelement <8 x float> poison, float %809, i32 0
   %811 = shufflevector <8 x float> %810, <8 x float> poison, <8 x i32> zeroinitializer
-  %812 = load <8 x float>, ptr %acc20128, align 4
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b0138, <8 x float> %812)
-  store <8 x float> %813, ptr %acc20128, align 4
-  %814 = load <8 x float>, ptr %acc21129, align 4
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b1139, <8 x float> %814)
-  store <8 x float> %815, ptr %acc21129, align 4
-  %816 = add nsw i64 %k137, 1
-  br label %k.head134
+  %812 = load <8 x float>, ptr %acc20132, align 4
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b0144, <8 x float> %812)
+  store <8 x float> %813, ptr %acc20132, align 4
+  %814 = load <8 x float>, ptr %acc21133, align 4
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b1145, <8 x float> %814)
+  store <8 x float> %815, ptr %acc21133, align 4
+  %816 = add nsw i64 %k141, 1
+  br label %k.head138
 
-k.end136:                                         ; preds = %k.head134
+k.end140:                                         ; preds = %k.head138
   %817 = add nsw i64 %r0, 0
   %818 = getelementptr inbounds float, ptr %rw, i64 %817
   %819 = load float, ptr %818, align 4
@@ -2074,9 +2099,9 @@ k.end136:                                         ; preds = %k.head134
   %821 = shufflevector <8 x float> %820, <8 x float> poison, <8 x i32> zeroinitializer
   %822 = mul nsw i64 %817, 10752
   %823 = getelementptr inbounds float, ptr %h, i64 %822
-  %col140 = mul nsw i64 %p, 8
-  %824 = load <8 x float>, ptr %acc00124, align 4
-  %825 = load <8 x float>, ptr %acc01125, align 4
+  %col146 = mul nsw i64 %p, 8
+  %824 = load <8 x float>, ptr %acc00128, align 4
+  %825 = load <8 x float>, ptr %acc01129, align 4
   %826 = fneg <8 x float> %824
   %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2097,14 +2122,14 @@ k.end136:                                         ; preds = %k.head134
   %843 = fptosi <8 x float> %832 to <8 x i32>
   %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %845 to <8 x float>
-  %exp142 = fmul <8 x float> %842, %exp.2n141
-  %846 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu144 = fmul <8 x float> %824, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %825
-  %847 = fmul <8 x float> %glu145, %821
-  %848 = getelementptr inbounds float, ptr %823, i64 %col140
+  %exp.2n147 = bitcast <8 x i32> %845 to <8 x float>
+  %exp148 = fmul <8 x float> %842, %exp.2n147
+  %846 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
+  %silu150 = fmul <8 x float> %824, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %825
+  %847 = fmul <8 x float> %glu151, %821
+  %848 = getelementptr inbounds float, ptr %823, i64 %col146
   store <8 x float> %847, ptr %848, align 4
   %849 = add nsw i64 %r0, 1
   %850 = getelementptr inbounds float, ptr %rw, i64 %849
@@ -2113,9 +2138,9 @@ k.end136:                                         ; preds = %k.head134
   %853 = shufflevector <8 x float> %852, <8 x float> poison, <8 x i32> zeroinitializer
   %854 = mul nsw i64 %849, 10752
   %855 = getelementptr inbounds float, ptr %h, i64 %854
-  %col146 = mul nsw i64 %p, 8
-  %856 = load <8 x float>, ptr %acc10126, align 4
-  %857 = load <8 x float>, ptr %acc11127, align 4
+  %col152 = mul nsw i64 %p, 8
+  %856 = load <8 x float>, ptr %acc10130, align 4
+  %857 = load <8 x float>, ptr %acc11131, align 4
   %858 = fneg <8 x float> %856
   %859 = fcmp olt <8 x float> %858, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %860 = select <8 x i1> %859, <8 x float> %858, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2136,14 +2161,14 @@ k.end136:                                         ; preds = %k.head134
   %875 = fptosi <8 x float> %864 to <8 x i32>
   %876 = add <8 x i32> %875, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %877 = shl <8 x i32> %876, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %877 to <8 x float>
-  %exp148 = fmul <8 x float> %874, %exp.2n147
-  %878 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %878
-  %silu150 = fmul <8 x float> %856, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %857
-  %879 = fmul <8 x float> %glu151, %853
-  %880 = getelementptr inbounds float, ptr %855, i64 %col146
+  %exp.2n153 = bitcast <8 x i32> %877 to <8 x float>
+  %exp154 = fmul <8 x float> %874, %exp.2n153
+  %878 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %878
+  %silu156 = fmul <8 x float> %856, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %857
+  %879 = fmul <8 x float> %glu157, %853
+  %880 = getelementptr inbounds float, ptr %855, i64 %col152
   store <8 x float> %879, ptr %880, align 4
   %881 = add nsw i64 %r0, 2
   %882 = getelementptr inbounds float, ptr %rw, i64 %881
@@ -2152,9 +2177,9 @@ k.end136:                                         ; preds = %k.head134
   %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
   %886 = mul nsw i64 %881, 10752
   %887 = getelementptr inbounds float, ptr %h, i64 %886
-  %col152 = mul nsw i64 %p, 8
-  %888 = load <8 x float>, ptr %acc20128, align 4
-  %889 = load <8 x float>, ptr %acc21129, align 4
+  %col158 = mul nsw i64 %p, 8
+  %888 = load <8 x float>, ptr %acc20132, align 4
+  %889 = load <8 x float>, ptr %acc21133, align 4
   %890 = fneg <8 x float> %888
   %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2175,14 +2200,14 @@ k.end136:                                         ; preds = %k.head134
   %907 = fptosi <8 x float> %896 to <8 x i32>
   %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %909 to <8 x float>
-  %exp154 = fmul <8 x float> %906, %exp.2n153
-  %910 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
-  %silu156 = fmul <8 x float> %888, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %889
-  %911 = fmul <8 x float> %glu157, %885
-  %912 = getelementptr inbounds float, ptr %887, i64 %col152
+  %exp.2n159 = bitcast <8 x i32> %909 to <8 x float>
+  %exp160 = fmul <8 x float> %906, %exp.2n159
+  %910 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
+  %silu162 = fmul <8 x float> %888, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %889
+  %911 = fmul <8 x float> %glu163, %885
+  %912 = getelementptr inbounds float, ptr %887, i64 %col158
   store <8 x float> %911, ptr %912, align 4
   br label %tile.done
 
@@ -2193,71 +2218,77 @@ tile.mr2:                                         ; preds = %r0.body
   %916 = sext i32 %915 to i64
   %917 = mul nsw i64 %916, 6144
   %918 = getelementptr inbounds float, ptr %x, i64 %917
-  store <8 x float> zeroinitializer, ptr %acc00158, align 4
-  store <8 x float> zeroinitializer, ptr %acc01159, align 4
+  store <8 x float> zeroinitializer, ptr %acc00164, align 4
+  store <8 x float> zeroinitializer, ptr %acc01165, align 4
   %919 = add nsw i64 %r0, 1
   %920 = getelementptr inbounds i32, ptr %rows, i64 %919
   %921 = load i32, ptr %920, align 4
   %922 = sext i32 %921 to i64
   %923 = mul nsw i64 %922, 6144
   %924 = getelementptr inbounds float, ptr %x, i64 %923
-  store <8 x float> zeroinitializer, ptr %acc10160, align 4
-  store <8 x float> zeroinitializer, ptr %acc11161, align 4
-  %panel.off162 = mul nsw i64 %p, 98304
-  %925 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
+  store <8 x float> zeroinitializer, ptr %acc10166, align 4
+  store <8 x float> zeroinitializer, ptr %acc11167, align 4
+  %panel.off168 = mul nsw i64 %p, 98304
+  %925 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
   %926 = add nsw i64 %p, 1
   %927 = icmp slt i64 %926, %p1
-  %pf.on163 = and i1 %pf.on, %927
+  %pf.on169 = and i1 %pf.on, %927
   %928 = mul nsw i64 %pf.j, 196608
   %929 = lshr i64 %928, %9
   %930 = add nsw i64 196608, %929
   %931 = getelementptr inbounds i8, ptr %925, i64 %930
-  %pf164 = select i1 %pf.on163, ptr %931, ptr %925
-  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
-  br label %k.head166
+  %pf170 = select i1 %pf.on169, ptr %931, ptr %925
+  %pf.sh171 = select i1 %pf.on169, i64 %9, i64 0
+  br label %k.head172
 
-k.head166:                                        ; preds = %k.body167, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %958, %k.body167 ]
-  %932 = icmp slt i64 %k169, 6144
-  br i1 %932, label %k.body167, label %k.end168
+k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %958, %pf.any.end177 ]
+  %932 = icmp slt i64 %k175, 6144
+  br i1 %932, label %k.body173, label %k.end174
 
-k.body167:                                        ; preds = %k.head166
-  %933 = mul nsw i64 %k169, 16
-  %934 = add nsw i64 %panel.off162, %933
-  %935 = mul nsw i64 %k169, 32
-  %936 = lshr i64 %935, %pf.sh165
-  %937 = getelementptr inbounds i8, ptr %pf164, i64 %936
+k.body173:                                        ; preds = %k.head172
+  %933 = mul nsw i64 %k175, 16
+  %934 = add nsw i64 %panel.off168, %933
+  %935 = mul nsw i64 %k175, 32
+  br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
+
+pf.any.then176:                                   ; preds = %k.body173
+  %936 = lshr i64 %935, %pf.sh171
+  %937 = getelementptr inbounds i8, ptr %pf170, i64 %936
   call void @llvm.prefetch.p0(ptr %937, i32 0, i32 2, i32 1)
+  br label %pf.any.end177
+
+pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
   %938 = getelementptr inbounds i16, ptr %panels, i64 %934
   %939 = load <8 x i32>, ptr %938, align 4
   %940 = shl <8 x i32> %939, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0170 = bitcast <8 x i32> %940 to <8 x float>
+  %b0178 = bitcast <8 x i32> %940 to <8 x float>
   %941 = and <8 x i32> %939, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1171 = bitcast <8 x i32> %941 to <8 x float>
-  %942 = getelementptr inbounds float, ptr %918, i64 %k169
+  %b1179 = bitcast <8 x i32> %941 to <8 x float>
+  %942 = getelementptr inbounds float, ptr %918, i64 %k175
   %943 = load float, ptr %942, align 4
   %944 = insertelement <8 x float> poison, float %943, i32 0
   %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
-  %946 = load <8 x float>, ptr %acc00158, align 4
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b0170, <8 x float> %946)
-  store <8 x float> %947, ptr %acc00158, align 4
-  %948 = load <8 x float>, ptr %acc01159, align 4
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b1171, <8 x float> %948)
-  store <8 x float> %949, ptr %acc01159, align 4
-  %950 = getelementptr inbounds float, ptr %924, i64 %k169
+  %946 = load <8 x float>, ptr %acc00164, align 4
+  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b0178, <8 x float> %946)
+  store <8 x float> %947, ptr %acc00164, align 4
+  %948 = load <8 x float>, ptr %acc01165, align 4
+  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b1179, <8 x float> %948)
+  store <8 x float> %949, ptr %acc01165, align 4
+  %950 = getelementptr inbounds float, ptr %924, i64 %k175
   %951 = load float, ptr %950, align 4
   %952 = insertelement <8 x float> poison, float %951, i32 0
   %953 = shufflevector <8 x float> %952, <8 x float> poison, <8 x i32> zeroinitializer
-  %954 = load <8 x float>, ptr %acc10160, align 4
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b0170, <8 x float> %954)
-  store <8 x float> %955, ptr %acc10160, align 4
-  %956 = load <8 x float>, ptr %acc11161, align 4
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b1171, <8 x float> %956)
-  store <8 x float> %957, ptr %acc11161, align 4
-  %958 = add nsw i64 %k169, 1
-  br label %k.head166
+  %954 = load <8 x float>, ptr %acc10166, align 4
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b0178, <8 x float> %954)
+  store <8 x float> %955, ptr %acc10166, align 4
+  %956 = load <8 x float>, ptr %acc11167, align 4
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b1179, <8 x float> %956)
+  store <8 x float> %957, ptr %acc11167, align 4
+  %958 = add nsw i64 %k175, 1
+  br label %k.head172
 
-k.end168:                                         ; preds = %k.head166
+k.end174:                                         ; preds = %k.head172
   %959 = add nsw i64 %r0, 0
   %960 = getelementptr inbounds float, ptr %rw, i64 %959
   %961 = load float, ptr %960, align 4
@@ -2265,9 +2296,9 @@ k.end168:                                         ; preds = %k.head166
   %963 = shufflevector <8 x float> %962, <8 x float> poison, <8 x i32> zeroinitializer
   %964 = mul nsw i64 %959, 10752
   %965 = getelementptr inbounds float, ptr %h, i64 %964
-  %col172 = mul nsw i64 %p, 8
-  %966 = load <8 x float>, ptr %acc00158, align 4
-  %967 = load <8 x float>, ptr %acc01159, align 4
+  %col180 = mul nsw i64 %p, 8
+  %966 = load <8 x float>, ptr %acc00164, align 4
+  %967 = load <8 x float>, ptr %acc01165, align 4
   %968 = fneg <8 x float> %966
   %969 = fcmp olt <8 x float> %968, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %970 = select <8 x i1> %969, <8 x float> %968, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2288,14 +2319,14 @@ k.end168:                                         ; preds = %k.head166
   %985 = fptosi <8 x float> %974 to <8 x i32>
   %986 = add <8 x i32> %985, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %987 = shl <8 x i32> %986, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %987 to <8 x float>
-  %exp174 = fmul <8 x float> %984, %exp.2n173
-  %988 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %988
-  %silu176 = fmul <8 x float> %966, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %967
-  %989 = fmul <8 x float> %glu177, %963
-  %990 = getelementptr inbounds float, ptr %965, i64 %col172
+  %exp.2n181 = bitcast <8 x i32> %987 to <8 x float>
+  %exp182 = fmul <8 x float> %984, %exp.2n181
+  %988 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %988
+  %silu184 = fmul <8 x float> %966, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %967
+  %989 = fmul <8 x float> %glu185, %963
+  %990 = getelementptr inbounds float, ptr %965, i64 %col180
   store <8 x float> %989, ptr %990, align 4
   %991 = add nsw i64 %r0, 1
   %992 = getelementptr inbounds float, ptr %rw, i64 %991
@@ -2304,9 +2335,9 @@ k.end168:                                         ; preds = %k.head166
   %995 = shufflevector <8 x float> %994, <8 x float> poison, <8 x i32> zeroinitializer
   %996 = mul nsw i64 %991, 10752
   %997 = getelementptr inbounds float, ptr %h, i64 %996
-  %col178 = mul nsw i64 %p, 8
-  %998 = load <8 x float>, ptr %acc10160, align 4
-  %999 = load <8 x float>, ptr %acc11161, align 4
+  %col186 = mul nsw i64 %p, 8
+  %998 = load <8 x float>, ptr %acc10166, align 4
+  %999 = load <8 x float>, ptr %acc11167, align 4
   %1000 = fneg <8 x float> %998
   %1001 = fcmp olt <8 x float> %1000, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2327,14 +2358,14 @@ k.end168:                                         ; preds = %k.head166
   %1017 = fptosi <8 x float> %1006 to <8 x i32>
   %1018 = add <8 x i32> %1017, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1019 = shl <8 x i32> %1018, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1019 to <8 x float>
-  %exp180 = fmul <8 x float> %1016, %exp.2n179
-  %1020 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
-  %silu182 = fmul <8 x float> %998, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %999
-  %1021 = fmul <8 x float> %glu183, %995
-  %1022 = getelementptr inbounds float, ptr %997, i64 %col178
+  %exp.2n187 = bitcast <8 x i32> %1019 to <8 x float>
+  %exp188 = fmul <8 x float> %1016, %exp.2n187
+  %1020 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
+  %silu190 = fmul <8 x float> %998, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %999
+  %1021 = fmul <8 x float> %glu191, %995
+  %1022 = getelementptr inbounds float, ptr %997, i64 %col186
   store <8 x float> %1021, ptr %1022, align 4
   br label %tile.done
 
@@ -2345,53 +2376,59 @@ tile.mr1:                                         ; preds = %r0.body
   %1026 = sext i32 %1025 to i64
   %1027 = mul nsw i64 %1026, 6144
   %1028 = getelementptr inbounds float, ptr %x, i64 %1027
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  store <8 x float> zeroinitializer, ptr %acc01185, align 4
-  %panel.off186 = mul nsw i64 %p, 98304
-  %1029 = getelementptr inbounds i16, ptr %panels, i64 %panel.off186
+  store <8 x float> zeroinitializer, ptr %acc00192, align 4
+  store <8 x float> zeroinitializer, ptr %acc01193, align 4
+  %panel.off194 = mul nsw i64 %p, 98304
+  %1029 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
   %1030 = add nsw i64 %p, 1
   %1031 = icmp slt i64 %1030, %p1
-  %pf.on187 = and i1 %pf.on, %1031
+  %pf.on195 = and i1 %pf.on, %1031
   %1032 = mul nsw i64 %pf.j, 196608
   %1033 = lshr i64 %1032, %9
   %1034 = add nsw i64 196608, %1033
   %1035 = getelementptr inbounds i8, ptr %1029, i64 %1034
-  %pf188 = select i1 %pf.on187, ptr %1035, ptr %1029
-  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
-  br label %k.head190
+  %pf196 = select i1 %pf.on195, ptr %1035, ptr %1029
+  %pf.sh197 = select i1 %pf.on195, i64 %9, i64 0
+  br label %k.head198
 
-k.head190:                                        ; preds = %k.body191, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1054, %k.body191 ]
-  %1036 = icmp slt i64 %k193, 6144
-  br i1 %1036, label %k.body191, label %k.end192
+k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1054, %pf.any.end203 ]
+  %1036 = icmp slt i64 %k201, 6144
+  br i1 %1036, label %k.body199, label %k.end200
 
-k.body191:                                        ; preds = %k.head190
-  %1037 = mul nsw i64 %k193, 16
-  %1038 = add nsw i64 %panel.off186, %1037
-  %1039 = mul nsw i64 %k193, 32
-  %1040 = lshr i64 %1039, %pf.sh189
-  %1041 = getelementptr inbounds i8, ptr %pf188, i64 %1040
+k.body199:                                        ; preds = %k.head198
+  %1037 = mul nsw i64 %k201, 16
+  %1038 = add nsw i64 %panel.off194, %1037
+  %1039 = mul nsw i64 %k201, 32
+  br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
+
+pf.any.then202:                                   ; preds = %k.body199
+  %1040 = lshr i64 %1039, %pf.sh197
+  %1041 = getelementptr inbounds i8, ptr %pf196, i64 %1040
   call void @llvm.prefetch.p0(ptr %1041, i32 0, i32 2, i32 1)
+  br label %pf.any.end203
+
+pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
   %1042 = getelementptr inbounds i16, ptr %panels, i64 %1038
   %1043 = load <8 x i32>, ptr %1042, align 4
   %1044 = shl <8 x i32> %1043, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0194 = bitcast <8 x i32> %1044 to <8 x float>
+  %b0204 = bitcast <8 x i32> %1044 to <8 x float>
   %1045 = and <8 x i32> %1043, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1195 = bitcast <8 x i32> %1045 to <8 x float>
-  %1046 = getelementptr inbounds float, ptr %1028, i64 %k193
+  %b1205 = bitcast <8 x i32> %1045 to <8 x float>
+  %1046 = getelementptr inbounds float, ptr %1028, i64 %k201
   %1047 = load float, ptr %1046, align 4
   %1048 = insertelement <8 x float> poison, float %1047, i32 0
   %1049 = shufflevector <8 x float> %1048, <8 x float> poison, <8 x i32> zeroinitializer
-  %1050 = load <8 x float>, ptr %acc00184, align 4
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b0194, <8 x float> %1050)
-  store <8 x float> %1051, ptr %acc00184, align 4
-  %1052 = load <8 x float>, ptr %acc01185, align 4
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b1195, <8 x float> %1052)
-  store <8 x float> %1053, ptr %acc01185, align 4
-  %1054 = add nsw i64 %k193, 1
-  br label %k.head190
+  %1050 = load <8 x float>, ptr %acc00192, align 4
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b0204, <8 x float> %1050)
+  store <8 x float> %1051, ptr %acc00192, align 4
+  %1052 = load <8 x float>, ptr %acc01193, align 4
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b1205, <8 x float> %1052)
+  store <8 x float> %1053, ptr %acc01193, align 4
+  %1054 = add nsw i64 %k201, 1
+  br label %k.head198
 
-k.end192:                                         ; preds = %k.head190
+k.end200:                                         ; preds = %k.head198
   %1055 = add nsw i64 %r0, 0
   %1056 = getelementptr inbounds float, ptr %rw, i64 %1055
   %1057 = load float, ptr %1056, align 4
@@ -2399,9 +2436,9 @@ k.end192:                                         ; preds = %k.head190
   %1059 = shufflevector <8 x float> %1058, <8 x float> poison, <8 x i32> zeroinitializer
   %1060 = mul nsw i64 %1055, 10752
   %1061 = getelementptr inbounds float, ptr %h, i64 %1060
-  %col196 = mul nsw i64 %p, 8
-  %1062 = load <8 x float>, ptr %acc00184, align 4
-  %1063 = load <8 x float>, ptr %acc01185, align 4
+  %col206 = mul nsw i64 %p, 8
+  %1062 = load <8 x float>, ptr %acc00192, align 4
+  %1063 = load <8 x float>, ptr %acc01193, align 4
   %1064 = fneg <8 x float> %1062
   %1065 = fcmp olt <8 x float> %1064, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %1066 = select <8 x i1> %1065, <8 x float> %1064, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2422,18 +2459,18 @@ k.end192:                                         ; preds = %k.head190
   %1081 = fptosi <8 x float> %1070 to <8 x i32>
   %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1083 to <8 x float>
-  %exp198 = fmul <8 x float> %1080, %exp.2n197
-  %1084 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
-  %silu200 = fmul <8 x float> %1062, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1063
-  %1085 = fmul <8 x float> %glu201, %1059
-  %1086 = getelementptr inbounds float, ptr %1061, i64 %col196
+  %exp.2n207 = bitcast <8 x i32> %1083 to <8 x float>
+  %exp208 = fmul <8 x float> %1080, %exp.2n207
+  %1084 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
+  %silu210 = fmul <8 x float> %1062, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %1063
+  %1085 = fmul <8 x float> %glu211, %1059
+  %1086 = getelementptr inbounds float, ptr %1061, i64 %col206
   store <8 x float> %1085, ptr %1086, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
+tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
   %1087 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2479,26 +2516,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
+  %acc3032 = alloca <8 x float>, align 32
+  %acc3133 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
+  %acc1068 = alloca <8 x float>, align 32
+  %acc1169 = alloca <8 x float>, align 32
+  %acc0083 = alloca <8 x float>, align 32
+  %acc0184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2532,6 +2569,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -2643,8 +2681,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
   %93 = icmp slt i64 %k, 10752
   br i1 %93, label %k.body, label %k.end
 
@@ -2652,9 +2690,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds i16, ptr %panels, i64 %95
   %100 = load <8 x i32>, ptr %99, align 4
   %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -2836,8 +2880,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %pf.any.end22 ]
   %231 = icmp slt i64 %k20, 10752
   br i1 %231, label %k.body18, label %k.end19
 
@@ -2845,64 +2889,70 @@ k.body18:                                         ; preds = %k.head17
   %232 = mul nsw i64 %k20, 16
   %233 = add nsw i64 %panel.off13, %232
   %234 = mul nsw i64 %k20, 32
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %235 = lshr i64 %234, %pf.sh16
   %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
   call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %237 = getelementptr inbounds i16, ptr %panels, i64 %233
   %238 = load <8 x i32>, ptr %237, align 4
   %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %239 to <8 x float>
+  %b023 = bitcast <8 x i32> %239 to <8 x float>
   %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %240 to <8 x float>
+  %b124 = bitcast <8 x i32> %240 to <8 x float>
   %241 = getelementptr inbounds float, ptr %166, i64 %k20
   %242 = load float, ptr %241, align 4
   %243 = insertelement <8 x float> poison, float %242, i32 0
   %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
   %245 = load <8 x float>, ptr %acc003, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b021, <8 x float> %245)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b023, <8 x float> %245)
   store <8 x float> %246, ptr %acc003, align 4
   %247 = load <8 x float>, ptr %acc014, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b122, <8 x float> %247)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b124, <8 x float> %247)
   store <8 x float> %248, ptr %acc014, align 4
   %249 = getelementptr inbounds float, ptr %178, i64 %k20
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
   %253 = load <8 x float>, ptr %acc105, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b021, <8 x float> %253)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b023, <8 x float> %253)
   store <8 x float> %254, ptr %acc105, align 4
   %255 = load <8 x float>, ptr %acc116, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b122, <8 x float> %255)
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b124, <8 x float> %255)
   store <8 x float> %256, ptr %acc116, align 4
   %257 = getelementptr inbounds float, ptr %190, i64 %k20
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
   %261 = load <8 x float>, ptr %acc207, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b021, <8 x float> %261)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b023, <8 x float> %261)
   store <8 x float> %262, ptr %acc207, align 4
   %263 = load <8 x float>, ptr %acc218, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b122, <8 x float> %263)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b124, <8 x float> %263)
   store <8 x float> %264, ptr %acc218, align 4
   %265 = getelementptr inbounds float, ptr %202, i64 %k20
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
   %269 = load <8 x float>, ptr %acc309, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b021, <8 x float> %269)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b023, <8 x float> %269)
   store <8 x float> %270, ptr %acc309, align 4
   %271 = load <8 x float>, ptr %acc3110, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b122, <8 x float> %271)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b124, <8 x float> %271)
   store <8 x float> %272, ptr %acc3110, align 4
   %273 = getelementptr inbounds float, ptr %214, i64 %k20
   %274 = load float, ptr %273, align 4
   %275 = insertelement <8 x float> poison, float %274, i32 0
   %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
   %277 = load <8 x float>, ptr %acc4011, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b021, <8 x float> %277)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b023, <8 x float> %277)
   store <8 x float> %278, ptr %acc4011, align 4
   %279 = load <8 x float>, ptr %acc4112, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b122, <8 x float> %279)
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b124, <8 x float> %279)
   store <8 x float> %280, ptr %acc4112, align 4
   %281 = add nsw i64 %k20, 1
   br label %k.head17
@@ -2931,7 +2981,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col23 = mul nsw i64 %p, 16
+  %col25 = mul nsw i64 %p, 16
   %292 = add nsw i64 %r0, 0
   %293 = mul nsw i64 %292, 10752
   %294 = getelementptr inbounds float, ptr %h, i64 %293
@@ -2940,12 +2990,12 @@ tile.mr4:                                         ; preds = %r0.body
   %297 = sext i32 %296 to i64
   %298 = mul nsw i64 %297, 6144
   %299 = getelementptr inbounds float, ptr %y, i64 %298
-  %300 = add nsw i64 %col23, 0
+  %300 = add nsw i64 %col25, 0
   %301 = getelementptr inbounds float, ptr %299, i64 %300
-  store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %302 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc0026, align 4
+  %302 = add nsw i64 %col25, 8
   %303 = getelementptr inbounds float, ptr %299, i64 %302
-  store <8 x float> zeroinitializer, ptr %acc0125, align 4
+  store <8 x float> zeroinitializer, ptr %acc0127, align 4
   %304 = add nsw i64 %r0, 1
   %305 = mul nsw i64 %304, 10752
   %306 = getelementptr inbounds float, ptr %h, i64 %305
@@ -2954,12 +3004,12 @@ tile.mr4:                                         ; preds = %r0.body
   %309 = sext i32 %308 to i64
   %310 = mul nsw i64 %309, 6144
   %311 = getelementptr inbounds float, ptr %y, i64 %310
-  %312 = add nsw i64 %col23, 0
+  %312 = add nsw i64 %col25, 0
   %313 = getelementptr inbounds float, ptr %311, i64 %312
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %314 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc1028, align 4
+  %314 = add nsw i64 %col25, 8
   %315 = getelementptr inbounds float, ptr %311, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
+  store <8 x float> zeroinitializer, ptr %acc1129, align 4
   %316 = add nsw i64 %r0, 2
   %317 = mul nsw i64 %316, 10752
   %318 = getelementptr inbounds float, ptr %h, i64 %317
@@ -2968,12 +3018,12 @@ tile.mr4:                                         ; preds = %r0.body
   %321 = sext i32 %320 to i64
   %322 = mul nsw i64 %321, 6144
   %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col23, 0
+  %324 = add nsw i64 %col25, 0
   %325 = getelementptr inbounds float, ptr %323, i64 %324
-  store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %326 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc2030, align 4
+  %326 = add nsw i64 %col25, 8
   %327 = getelementptr inbounds float, ptr %323, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc2129, align 4
+  store <8 x float> zeroinitializer, ptr %acc2131, align 4
   %328 = add nsw i64 %r0, 3
   %329 = mul nsw i64 %328, 10752
   %330 = getelementptr inbounds float, ptr %h, i64 %329
@@ -2982,107 +3032,113 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 6144
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col23, 0
+  %336 = add nsw i64 %col25, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
-  store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %338 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc3032, align 4
+  %338 = add nsw i64 %col25, 8
   %339 = getelementptr inbounds float, ptr %335, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc3131, align 4
-  %panel.off32 = mul nsw i64 %p, 172032
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %panel.off34 = mul nsw i64 %p, 172032
+  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
   %341 = add nsw i64 %p, 1
   %342 = icmp slt i64 %341, %p1
-  %pf.on33 = and i1 %pf.on, %342
+  %pf.on35 = and i1 %pf.on, %342
   %343 = mul nsw i64 %pf.j, 344064
   %344 = lshr i64 %343, %10
   %345 = add nsw i64 344064, %344
   %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf34 = select i1 %pf.on33, ptr %346, ptr %340
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
-  br label %k.head36
+  %pf36 = select i1 %pf.on35, ptr %346, ptr %340
+  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  br label %k.head38
 
-k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %389, %k.body37 ]
-  %347 = icmp slt i64 %k39, 10752
-  br i1 %347, label %k.body37, label %k.end38
+k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %389, %pf.any.end43 ]
+  %347 = icmp slt i64 %k41, 10752
+  br i1 %347, label %k.body39, label %k.end40
 
-k.body37:                                         ; preds = %k.head36
-  %348 = mul nsw i64 %k39, 16
-  %349 = add nsw i64 %panel.off32, %348
-  %350 = mul nsw i64 %k39, 32
-  %351 = lshr i64 %350, %pf.sh35
-  %352 = getelementptr inbounds i8, ptr %pf34, i64 %351
+k.body39:                                         ; preds = %k.head38
+  %348 = mul nsw i64 %k41, 16
+  %349 = add nsw i64 %panel.off34, %348
+  %350 = mul nsw i64 %k41, 32
+  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+
+pf.any.then42:                                    ; preds = %k.body39
+  %351 = lshr i64 %350, %pf.sh37
+  %352 = getelementptr inbounds i8, ptr %pf36, i64 %351
   call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  br label %pf.any.end43
+
+pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
   %353 = getelementptr inbounds i16, ptr %panels, i64 %349
   %354 = load <8 x i32>, ptr %353, align 4
   %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %355 to <8 x float>
+  %b044 = bitcast <8 x i32> %355 to <8 x float>
   %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = getelementptr inbounds float, ptr %294, i64 %k39
+  %b145 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = getelementptr inbounds float, ptr %294, i64 %k41
   %358 = load float, ptr %357, align 4
   %359 = insertelement <8 x float> poison, float %358, i32 0
   %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0024, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b040, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0024, align 4
-  %363 = load <8 x float>, ptr %acc0125, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b141, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0125, align 4
-  %365 = getelementptr inbounds float, ptr %306, i64 %k39
+  %361 = load <8 x float>, ptr %acc0026, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b044, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0026, align 4
+  %363 = load <8 x float>, ptr %acc0127, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b145, <8 x float> %363)
+  store <8 x float> %364, ptr %acc0127, align 4
+  %365 = getelementptr inbounds float, ptr %306, i64 %k41
   %366 = load float, ptr %365, align 4
   %367 = insertelement <8 x float> poison, float %366, i32 0
   %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1026, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b040, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1026, align 4
-  %371 = load <8 x float>, ptr %acc1127, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b141, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1127, align 4
-  %373 = getelementptr inbounds float, ptr %318, i64 %k39
+  %369 = load <8 x float>, ptr %acc1028, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b044, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1028, align 4
+  %371 = load <8 x float>, ptr %acc1129, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b145, <8 x float> %371)
+  store <8 x float> %372, ptr %acc1129, align 4
+  %373 = getelementptr inbounds float, ptr %318, i64 %k41
   %374 = load float, ptr %373, align 4
   %375 = insertelement <8 x float> poison, float %374, i32 0
   %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2028, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b040, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2028, align 4
-  %379 = load <8 x float>, ptr %acc2129, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b141, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2129, align 4
-  %381 = getelementptr inbounds float, ptr %330, i64 %k39
+  %377 = load <8 x float>, ptr %acc2030, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b044, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2030, align 4
+  %379 = load <8 x float>, ptr %acc2131, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b145, <8 x float> %379)
+  store <8 x float> %380, ptr %acc2131, align 4
+  %381 = getelementptr inbounds float, ptr %330, i64 %k41
   %382 = load float, ptr %381, align 4
   %383 = insertelement <8 x float> poison, float %382, i32 0
   %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3030, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b040, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3030, align 4
-  %387 = load <8 x float>, ptr %acc3131, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b141, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3131, align 4
-  %389 = add nsw i64 %k39, 1
-  br label %k.head36
+  %385 = load <8 x float>, ptr %acc3032, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b044, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3032, align 4
+  %387 = load <8 x float>, ptr %acc3133, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b145, <8 x float> %387)
+  store <8 x float> %388, ptr %acc3133, align 4
+  %389 = add nsw i64 %k41, 1
+  br label %k.head38
 
-k.end38:                                          ; preds = %k.head36
-  %390 = load <8 x float>, ptr %acc0024, align 4
+k.end40:                                          ; preds = %k.head38
+  %390 = load <8 x float>, ptr %acc0026, align 4
   store <8 x float> %390, ptr %301, align 4
-  %391 = load <8 x float>, ptr %acc0125, align 4
+  %391 = load <8 x float>, ptr %acc0127, align 4
   store <8 x float> %391, ptr %303, align 4
-  %392 = load <8 x float>, ptr %acc1026, align 4
+  %392 = load <8 x float>, ptr %acc1028, align 4
   store <8 x float> %392, ptr %313, align 4
-  %393 = load <8 x float>, ptr %acc1127, align 4
+  %393 = load <8 x float>, ptr %acc1129, align 4
   store <8 x float> %393, ptr %315, align 4
-  %394 = load <8 x float>, ptr %acc2028, align 4
+  %394 = load <8 x float>, ptr %acc2030, align 4
   store <8 x float> %394, ptr %325, align 4
-  %395 = load <8 x float>, ptr %acc2129, align 4
+  %395 = load <8 x float>, ptr %acc2131, align 4
   store <8 x float> %395, ptr %327, align 4
-  %396 = load <8 x float>, ptr %acc3030, align 4
+  %396 = load <8 x float>, ptr %acc3032, align 4
   store <8 x float> %396, ptr %337, align 4
-  %397 = load <8 x float>, ptr %acc3131, align 4
+  %397 = load <8 x float>, ptr %acc3133, align 4
   store <8 x float> %397, ptr %339, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col42 = mul nsw i64 %p, 16
+  %col46 = mul nsw i64 %p, 16
   %398 = add nsw i64 %r0, 0
   %399 = mul nsw i64 %398, 10752
   %400 = getelementptr inbounds float, ptr %h, i64 %399
@@ -3091,12 +3147,12 @@ tile.mr3:                                         ; preds = %r0.body
   %403 = sext i32 %402 to i64
   %404 = mul nsw i64 %403, 6144
   %405 = getelementptr inbounds float, ptr %y, i64 %404
-  %406 = add nsw i64 %col42, 0
+  %406 = add nsw i64 %col46, 0
   %407 = getelementptr inbounds float, ptr %405, i64 %406
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %408 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc0047, align 4
+  %408 = add nsw i64 %col46, 8
   %409 = getelementptr inbounds float, ptr %405, i64 %408
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  store <8 x float> zeroinitializer, ptr %acc0148, align 4
   %410 = add nsw i64 %r0, 1
   %411 = mul nsw i64 %410, 10752
   %412 = getelementptr inbounds float, ptr %h, i64 %411
@@ -3105,12 +3161,12 @@ tile.mr3:                                         ; preds = %r0.body
   %415 = sext i32 %414 to i64
   %416 = mul nsw i64 %415, 6144
   %417 = getelementptr inbounds float, ptr %y, i64 %416
-  %418 = add nsw i64 %col42, 0
+  %418 = add nsw i64 %col46, 0
   %419 = getelementptr inbounds float, ptr %417, i64 %418
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %420 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc1049, align 4
+  %420 = add nsw i64 %col46, 8
   %421 = getelementptr inbounds float, ptr %417, i64 %420
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  store <8 x float> zeroinitializer, ptr %acc1150, align 4
   %422 = add nsw i64 %r0, 2
   %423 = mul nsw i64 %422, 10752
   %424 = getelementptr inbounds float, ptr %h, i64 %423
@@ -3119,93 +3175,99 @@ tile.mr3:                                         ; preds = %r0.body
   %427 = sext i32 %426 to i64
   %428 = mul nsw i64 %427, 6144
   %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col42, 0
+  %430 = add nsw i64 %col46, 0
   %431 = getelementptr inbounds float, ptr %429, i64 %430
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %432 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc2051, align 4
+  %432 = add nsw i64 %col46, 8
   %433 = getelementptr inbounds float, ptr %429, i64 %432
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
-  %panel.off49 = mul nsw i64 %p, 172032
-  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %panel.off53 = mul nsw i64 %p, 172032
+  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
   %435 = add nsw i64 %p, 1
   %436 = icmp slt i64 %435, %p1
-  %pf.on50 = and i1 %pf.on, %436
+  %pf.on54 = and i1 %pf.on, %436
   %437 = mul nsw i64 %pf.j, 344064
   %438 = lshr i64 %437, %10
   %439 = add nsw i64 344064, %438
   %440 = getelementptr inbounds i8, ptr %434, i64 %439
-  %pf51 = select i1 %pf.on50, ptr %440, ptr %434
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
-  br label %k.head53
+  %pf55 = select i1 %pf.on54, ptr %440, ptr %434
+  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  br label %k.head57
 
-k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %475, %k.body54 ]
-  %441 = icmp slt i64 %k56, 10752
-  br i1 %441, label %k.body54, label %k.end55
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %475, %pf.any.end62 ]
+  %441 = icmp slt i64 %k60, 10752
+  br i1 %441, label %k.body58, label %k.end59
 
-k.body54:                                         ; preds = %k.head53
-  %442 = mul nsw i64 %k56, 16
-  %443 = add nsw i64 %panel.off49, %442
-  %444 = mul nsw i64 %k56, 32
-  %445 = lshr i64 %444, %pf.sh52
-  %446 = getelementptr inbounds i8, ptr %pf51, i64 %445
+k.body58:                                         ; preds = %k.head57
+  %442 = mul nsw i64 %k60, 16
+  %443 = add nsw i64 %panel.off53, %442
+  %444 = mul nsw i64 %k60, 32
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+
+pf.any.then61:                                    ; preds = %k.body58
+  %445 = lshr i64 %444, %pf.sh56
+  %446 = getelementptr inbounds i8, ptr %pf55, i64 %445
   call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
+
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
   %447 = getelementptr inbounds i16, ptr %panels, i64 %443
   %448 = load <8 x i32>, ptr %447, align 4
   %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %449 to <8 x float>
+  %b063 = bitcast <8 x i32> %449 to <8 x float>
   %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = getelementptr inbounds float, ptr %400, i64 %k56
+  %b164 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = getelementptr inbounds float, ptr %400, i64 %k60
   %452 = load float, ptr %451, align 4
   %453 = insertelement <8 x float> poison, float %452, i32 0
   %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = load <8 x float>, ptr %acc0043, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b057, <8 x float> %455)
-  store <8 x float> %456, ptr %acc0043, align 4
-  %457 = load <8 x float>, ptr %acc0144, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b158, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0144, align 4
-  %459 = getelementptr inbounds float, ptr %412, i64 %k56
+  %455 = load <8 x float>, ptr %acc0047, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b063, <8 x float> %455)
+  store <8 x float> %456, ptr %acc0047, align 4
+  %457 = load <8 x float>, ptr %acc0148, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b164, <8 x float> %457)
+  store <8 x float> %458, ptr %acc0148, align 4
+  %459 = getelementptr inbounds float, ptr %412, i64 %k60
   %460 = load float, ptr %459, align 4
   %461 = insertelement <8 x float> poison, float %460, i32 0
   %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %acc1045, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b057, <8 x float> %463)
-  store <8 x float> %464, ptr %acc1045, align 4
-  %465 = load <8 x float>, ptr %acc1146, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b158, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1146, align 4
-  %467 = getelementptr inbounds float, ptr %424, i64 %k56
+  %463 = load <8 x float>, ptr %acc1049, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b063, <8 x float> %463)
+  store <8 x float> %464, ptr %acc1049, align 4
+  %465 = load <8 x float>, ptr %acc1150, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b164, <8 x float> %465)
+  store <8 x float> %466, ptr %acc1150, align 4
+  %467 = getelementptr inbounds float, ptr %424, i64 %k60
   %468 = load float, ptr %467, align 4
   %469 = insertelement <8 x float> poison, float %468, i32 0
   %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc2047, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b057, <8 x float> %471)
-  store <8 x float> %472, ptr %acc2047, align 4
-  %473 = load <8 x float>, ptr %acc2148, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b158, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2148, align 4
-  %475 = add nsw i64 %k56, 1
-  br label %k.head53
+  %471 = load <8 x float>, ptr %acc2051, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b063, <8 x float> %471)
+  store <8 x float> %472, ptr %acc2051, align 4
+  %473 = load <8 x float>, ptr %acc2152, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b164, <8 x float> %473)
+  store <8 x float> %474, ptr %acc2152, align 4
+  %475 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end55:                                          ; preds = %k.head53
-  %476 = load <8 x float>, ptr %acc0043, align 4
+k.end59:                                          ; preds = %k.head57
+  %476 = load <8 x float>, ptr %acc0047, align 4
   store <8 x float> %476, ptr %407, align 4
-  %477 = load <8 x float>, ptr %acc0144, align 4
+  %477 = load <8 x float>, ptr %acc0148, align 4
   store <8 x float> %477, ptr %409, align 4
-  %478 = load <8 x float>, ptr %acc1045, align 4
+  %478 = load <8 x float>, ptr %acc1049, align 4
   store <8 x float> %478, ptr %419, align 4
-  %479 = load <8 x float>, ptr %acc1146, align 4
+  %479 = load <8 x float>, ptr %acc1150, align 4
   store <8 x float> %479, ptr %421, align 4
-  %480 = load <8 x float>, ptr %acc2047, align 4
+  %480 = load <8 x float>, ptr %acc2051, align 4
   store <8 x float> %480, ptr %431, align 4
-  %481 = load <8 x float>, ptr %acc2148, align 4
+  %481 = load <8 x float>, ptr %acc2152, align 4
   store <8 x float> %481, ptr %433, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col59 = mul nsw i64 %p, 16
+  %col65 = mul nsw i64 %p, 16
   %482 = add nsw i64 %r0, 0
   %483 = mul nsw i64 %482, 10752
   %484 = getelementptr inbounds float, ptr %h, i64 %483
@@ -3214,12 +3276,12 @@ tile.mr2:                                         ; preds = %r0.body
   %487 = sext i32 %486 to i64
   %488 = mul nsw i64 %487, 6144
   %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col59, 0
+  %490 = add nsw i64 %col65, 0
   %491 = getelementptr inbounds float, ptr %489, i64 %490
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %492 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc0066, align 4
+  %492 = add nsw i64 %col65, 8
   %493 = getelementptr inbounds float, ptr %489, i64 %492
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  store <8 x float> zeroinitializer, ptr %acc0167, align 4
   %494 = add nsw i64 %r0, 1
   %495 = mul nsw i64 %494, 10752
   %496 = getelementptr inbounds float, ptr %h, i64 %495
@@ -3228,79 +3290,85 @@ tile.mr2:                                         ; preds = %r0.body
   %499 = sext i32 %498 to i64
   %500 = mul nsw i64 %499, 6144
   %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col59, 0
+  %502 = add nsw i64 %col65, 0
   %503 = getelementptr inbounds float, ptr %501, i64 %502
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %504 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc1068, align 4
+  %504 = add nsw i64 %col65, 8
   %505 = getelementptr inbounds float, ptr %501, i64 %504
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
-  %panel.off64 = mul nsw i64 %p, 172032
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %panel.off70 = mul nsw i64 %p, 172032
+  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
   %507 = add nsw i64 %p, 1
   %508 = icmp slt i64 %507, %p1
-  %pf.on65 = and i1 %pf.on, %508
+  %pf.on71 = and i1 %pf.on, %508
   %509 = mul nsw i64 %pf.j, 344064
   %510 = lshr i64 %509, %10
   %511 = add nsw i64 344064, %510
   %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf66 = select i1 %pf.on65, ptr %512, ptr %506
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
-  br label %k.head68
+  %pf72 = select i1 %pf.on71, ptr %512, ptr %506
+  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  br label %k.head74
 
-k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %539, %k.body69 ]
-  %513 = icmp slt i64 %k71, 10752
-  br i1 %513, label %k.body69, label %k.end70
+k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %539, %pf.any.end79 ]
+  %513 = icmp slt i64 %k77, 10752
+  br i1 %513, label %k.body75, label %k.end76
 
-k.body69:                                         ; preds = %k.head68
-  %514 = mul nsw i64 %k71, 16
-  %515 = add nsw i64 %panel.off64, %514
-  %516 = mul nsw i64 %k71, 32
-  %517 = lshr i64 %516, %pf.sh67
-  %518 = getelementptr inbounds i8, ptr %pf66, i64 %517
+k.body75:                                         ; preds = %k.head74
+  %514 = mul nsw i64 %k77, 16
+  %515 = add nsw i64 %panel.off70, %514
+  %516 = mul nsw i64 %k77, 32
+  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+
+pf.any.then78:                                    ; preds = %k.body75
+  %517 = lshr i64 %516, %pf.sh73
+  %518 = getelementptr inbounds i8, ptr %pf72, i64 %517
   call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  br label %pf.any.end79
+
+pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
   %519 = getelementptr inbounds i16, ptr %panels, i64 %515
   %520 = load <8 x i32>, ptr %519, align 4
   %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %521 to <8 x float>
+  %b080 = bitcast <8 x i32> %521 to <8 x float>
   %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %484, i64 %k71
+  %b181 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = getelementptr inbounds float, ptr %484, i64 %k77
   %524 = load float, ptr %523, align 4
   %525 = insertelement <8 x float> poison, float %524, i32 0
   %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0060, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b072, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0060, align 4
-  %529 = load <8 x float>, ptr %acc0161, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b173, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0161, align 4
-  %531 = getelementptr inbounds float, ptr %496, i64 %k71
+  %527 = load <8 x float>, ptr %acc0066, align 4
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b080, <8 x float> %527)
+  store <8 x float> %528, ptr %acc0066, align 4
+  %529 = load <8 x float>, ptr %acc0167, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b181, <8 x float> %529)
+  store <8 x float> %530, ptr %acc0167, align 4
+  %531 = getelementptr inbounds float, ptr %496, i64 %k77
   %532 = load float, ptr %531, align 4
   %533 = insertelement <8 x float> poison, float %532, i32 0
   %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1062, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b072, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1062, align 4
-  %537 = load <8 x float>, ptr %acc1163, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b173, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1163, align 4
-  %539 = add nsw i64 %k71, 1
-  br label %k.head68
+  %535 = load <8 x float>, ptr %acc1068, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b080, <8 x float> %535)
+  store <8 x float> %536, ptr %acc1068, align 4
+  %537 = load <8 x float>, ptr %acc1169, align 4
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b181, <8 x float> %537)
+  store <8 x float> %538, ptr %acc1169, align 4
+  %539 = add nsw i64 %k77, 1
+  br label %k.head74
 
-k.end70:                                          ; preds = %k.head68
-  %540 = load <8 x float>, ptr %acc0060, align 4
+k.end76:                                          ; preds = %k.head74
+  %540 = load <8 x float>, ptr %acc0066, align 4
   store <8 x float> %540, ptr %491, align 4
-  %541 = load <8 x float>, ptr %acc0161, align 4
+  %541 = load <8 x float>, ptr %acc0167, align 4
   store <8 x float> %541, ptr %493, align 4
-  %542 = load <8 x float>, ptr %acc1062, align 4
+  %542 = load <8 x float>, ptr %acc1068, align 4
   store <8 x float> %542, ptr %503, align 4
-  %543 = load <8 x float>, ptr %acc1163, align 4
+  %543 = load <8 x float>, ptr %acc1169, align 4
   store <8 x float> %543, ptr %505, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col74 = mul nsw i64 %p, 16
+  %col82 = mul nsw i64 %p, 16
   %544 = add nsw i64 %r0, 0
   %545 = mul nsw i64 %544, 10752
   %546 = getelementptr inbounds float, ptr %h, i64 %545
@@ -3309,64 +3377,70 @@ tile.mr1:                                         ; preds = %r0.body
   %549 = sext i32 %548 to i64
   %550 = mul nsw i64 %549, 6144
   %551 = getelementptr inbounds float, ptr %y, i64 %550
-  %552 = add nsw i64 %col74, 0
+  %552 = add nsw i64 %col82, 0
   %553 = getelementptr inbounds float, ptr %551, i64 %552
-  store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %554 = add nsw i64 %col74, 8
+  store <8 x float> zeroinitializer, ptr %acc0083, align 4
+  %554 = add nsw i64 %col82, 8
   %555 = getelementptr inbounds float, ptr %551, i64 %554
-  store <8 x float> zeroinitializer, ptr %acc0176, align 4
-  %panel.off77 = mul nsw i64 %p, 172032
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %panel.off85 = mul nsw i64 %p, 172032
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
   %557 = add nsw i64 %p, 1
   %558 = icmp slt i64 %557, %p1
-  %pf.on78 = and i1 %pf.on, %558
+  %pf.on86 = and i1 %pf.on, %558
   %559 = mul nsw i64 %pf.j, 344064
   %560 = lshr i64 %559, %10
   %561 = add nsw i64 344064, %560
   %562 = getelementptr inbounds i8, ptr %556, i64 %561
-  %pf79 = select i1 %pf.on78, ptr %562, ptr %556
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
-  br label %k.head81
+  %pf87 = select i1 %pf.on86, ptr %562, ptr %556
+  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  br label %k.head89
 
-k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %581, %k.body82 ]
-  %563 = icmp slt i64 %k84, 10752
-  br i1 %563, label %k.body82, label %k.end83
+k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %581, %pf.any.end94 ]
+  %563 = icmp slt i64 %k92, 10752
+  br i1 %563, label %k.body90, label %k.end91
 
-k.body82:                                         ; preds = %k.head81
-  %564 = mul nsw i64 %k84, 16
-  %565 = add nsw i64 %panel.off77, %564
-  %566 = mul nsw i64 %k84, 32
-  %567 = lshr i64 %566, %pf.sh80
-  %568 = getelementptr inbounds i8, ptr %pf79, i64 %567
+k.body90:                                         ; preds = %k.head89
+  %564 = mul nsw i64 %k92, 16
+  %565 = add nsw i64 %panel.off85, %564
+  %566 = mul nsw i64 %k92, 32
+  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+
+pf.any.then93:                                    ; preds = %k.body90
+  %567 = lshr i64 %566, %pf.sh88
+  %568 = getelementptr inbounds i8, ptr %pf87, i64 %567
   call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  br label %pf.any.end94
+
+pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
   %569 = getelementptr inbounds i16, ptr %panels, i64 %565
   %570 = load <8 x i32>, ptr %569, align 4
   %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %571 to <8 x float>
+  %b095 = bitcast <8 x i32> %571 to <8 x float>
   %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = getelementptr inbounds float, ptr %546, i64 %k84
+  %b196 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = getelementptr inbounds float, ptr %546, i64 %k92
   %574 = load float, ptr %573, align 4
   %575 = insertelement <8 x float> poison, float %574, i32 0
   %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc0075, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b085, <8 x float> %577)
-  store <8 x float> %578, ptr %acc0075, align 4
-  %579 = load <8 x float>, ptr %acc0176, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b186, <8 x float> %579)
-  store <8 x float> %580, ptr %acc0176, align 4
-  %581 = add nsw i64 %k84, 1
-  br label %k.head81
+  %577 = load <8 x float>, ptr %acc0083, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b095, <8 x float> %577)
+  store <8 x float> %578, ptr %acc0083, align 4
+  %579 = load <8 x float>, ptr %acc0184, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b196, <8 x float> %579)
+  store <8 x float> %580, ptr %acc0184, align 4
+  %581 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end83:                                          ; preds = %k.head81
-  %582 = load <8 x float>, ptr %acc0075, align 4
+k.end91:                                          ; preds = %k.head89
+  %582 = load <8 x float>, ptr %acc0083, align 4
   store <8 x float> %582, ptr %553, align 4
-  %583 = load <8 x float>, ptr %acc0176, align 4
+  %583 = load <8 x float>, ptr %acc0184, align 4
   store <8 x float> %583, ptr %555, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
   %584 = add nsw i64 %r0, 6
   br label %r0.head
 

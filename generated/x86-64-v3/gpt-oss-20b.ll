@@ -938,26 +938,26 @@ entry:
   %acc3134 = alloca <8 x float>, align 32
   %acc4035 = alloca <8 x float>, align 32
   %acc4136 = alloca <8 x float>, align 32
-  %acc0072 = alloca <8 x float>, align 32
-  %acc0173 = alloca <8 x float>, align 32
-  %acc1074 = alloca <8 x float>, align 32
-  %acc1175 = alloca <8 x float>, align 32
-  %acc2076 = alloca <8 x float>, align 32
-  %acc2177 = alloca <8 x float>, align 32
-  %acc3078 = alloca <8 x float>, align 32
-  %acc3179 = alloca <8 x float>, align 32
-  %acc00110 = alloca <8 x float>, align 32
-  %acc01111 = alloca <8 x float>, align 32
-  %acc10112 = alloca <8 x float>, align 32
-  %acc11113 = alloca <8 x float>, align 32
-  %acc20114 = alloca <8 x float>, align 32
-  %acc21115 = alloca <8 x float>, align 32
-  %acc00141 = alloca <8 x float>, align 32
-  %acc01142 = alloca <8 x float>, align 32
-  %acc10143 = alloca <8 x float>, align 32
-  %acc11144 = alloca <8 x float>, align 32
-  %acc00165 = alloca <8 x float>, align 32
-  %acc01166 = alloca <8 x float>, align 32
+  %acc0074 = alloca <8 x float>, align 32
+  %acc0175 = alloca <8 x float>, align 32
+  %acc1076 = alloca <8 x float>, align 32
+  %acc1177 = alloca <8 x float>, align 32
+  %acc2078 = alloca <8 x float>, align 32
+  %acc2179 = alloca <8 x float>, align 32
+  %acc3080 = alloca <8 x float>, align 32
+  %acc3181 = alloca <8 x float>, align 32
+  %acc00114 = alloca <8 x float>, align 32
+  %acc01115 = alloca <8 x float>, align 32
+  %acc10116 = alloca <8 x float>, align 32
+  %acc11117 = alloca <8 x float>, align 32
+  %acc20118 = alloca <8 x float>, align 32
+  %acc21119 = alloca <8 x float>, align 32
+  %acc00147 = alloca <8 x float>, align 32
+  %acc01148 = alloca <8 x float>, align 32
+  %acc10149 = alloca <8 x float>, align 32
+  %acc11150 = alloca <8 x float>, align 32
+  %acc00173 = alloca <8 x float>, align 32
+  %acc01174 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -989,6 +989,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -1063,8 +1064,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
   %56 = icmp slt i64 %k, 2880
   br i1 %56, label %k.body, label %k.end
 
@@ -1072,9 +1073,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds i16, ptr %panels, i64 %58
   %63 = load <8 x i32>, ptr %62, align 4
   %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -1519,8 +1526,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh40 = select i1 %pf.on38, i64 %9, i64 0
   br label %k.head41
 
-k.head41:                                         ; preds = %k.body42, %tile.mr5
-  %k44 = phi i64 [ 0, %tile.mr5 ], [ %484, %k.body42 ]
+k.head41:                                         ; preds = %pf.any.end46, %tile.mr5
+  %k44 = phi i64 [ 0, %tile.mr5 ], [ %484, %pf.any.end46 ]
   %434 = icmp slt i64 %k44, 2880
   br i1 %434, label %k.body42, label %k.end43
 
@@ -1528,64 +1535,70 @@ k.body42:                                         ; preds = %k.head41
   %435 = mul nsw i64 %k44, 16
   %436 = add nsw i64 %panel.off37, %435
   %437 = mul nsw i64 %k44, 32
+  br i1 %pf.multi, label %pf.any.then45, label %pf.any.end46
+
+pf.any.then45:                                    ; preds = %k.body42
   %438 = lshr i64 %437, %pf.sh40
   %439 = getelementptr inbounds i8, ptr %pf39, i64 %438
   call void @llvm.prefetch.p0(ptr %439, i32 0, i32 2, i32 1)
+  br label %pf.any.end46
+
+pf.any.end46:                                     ; preds = %pf.any.then45, %k.body42
   %440 = getelementptr inbounds i16, ptr %panels, i64 %436
   %441 = load <8 x i32>, ptr %440, align 4
   %442 = shl <8 x i32> %441, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b045 = bitcast <8 x i32> %442 to <8 x float>
+  %b047 = bitcast <8 x i32> %442 to <8 x float>
   %443 = and <8 x i32> %441, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b146 = bitcast <8 x i32> %443 to <8 x float>
+  %b148 = bitcast <8 x i32> %443 to <8 x float>
   %444 = getelementptr inbounds float, ptr %402, i64 %k44
   %445 = load float, ptr %444, align 4
   %446 = insertelement <8 x float> poison, float %445, i32 0
   %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
   %448 = load <8 x float>, ptr %acc0027, align 4
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b045, <8 x float> %448)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b047, <8 x float> %448)
   store <8 x float> %449, ptr %acc0027, align 4
   %450 = load <8 x float>, ptr %acc0128, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b146, <8 x float> %450)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b148, <8 x float> %450)
   store <8 x float> %451, ptr %acc0128, align 4
   %452 = getelementptr inbounds float, ptr %408, i64 %k44
   %453 = load float, ptr %452, align 4
   %454 = insertelement <8 x float> poison, float %453, i32 0
   %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
   %456 = load <8 x float>, ptr %acc1029, align 4
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b045, <8 x float> %456)
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b047, <8 x float> %456)
   store <8 x float> %457, ptr %acc1029, align 4
   %458 = load <8 x float>, ptr %acc1130, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b146, <8 x float> %458)
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b148, <8 x float> %458)
   store <8 x float> %459, ptr %acc1130, align 4
   %460 = getelementptr inbounds float, ptr %414, i64 %k44
   %461 = load float, ptr %460, align 4
   %462 = insertelement <8 x float> poison, float %461, i32 0
   %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
   %464 = load <8 x float>, ptr %acc2031, align 4
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b045, <8 x float> %464)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b047, <8 x float> %464)
   store <8 x float> %465, ptr %acc2031, align 4
   %466 = load <8 x float>, ptr %acc2132, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b146, <8 x float> %466)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b148, <8 x float> %466)
   store <8 x float> %467, ptr %acc2132, align 4
   %468 = getelementptr inbounds float, ptr %420, i64 %k44
   %469 = load float, ptr %468, align 4
   %470 = insertelement <8 x float> poison, float %469, i32 0
   %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
   %472 = load <8 x float>, ptr %acc3033, align 4
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b045, <8 x float> %472)
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b047, <8 x float> %472)
   store <8 x float> %473, ptr %acc3033, align 4
   %474 = load <8 x float>, ptr %acc3134, align 4
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b146, <8 x float> %474)
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b148, <8 x float> %474)
   store <8 x float> %475, ptr %acc3134, align 4
   %476 = getelementptr inbounds float, ptr %426, i64 %k44
   %477 = load float, ptr %476, align 4
   %478 = insertelement <8 x float> poison, float %477, i32 0
   %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
   %480 = load <8 x float>, ptr %acc4035, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b045, <8 x float> %480)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b047, <8 x float> %480)
   store <8 x float> %481, ptr %acc4035, align 4
   %482 = load <8 x float>, ptr %acc4136, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b146, <8 x float> %482)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b148, <8 x float> %482)
   store <8 x float> %483, ptr %acc4136, align 4
   %484 = add nsw i64 %k44, 1
   br label %k.head41
@@ -1598,13 +1611,13 @@ k.end43:                                          ; preds = %k.head41
   %489 = shufflevector <8 x float> %488, <8 x float> poison, <8 x i32> zeroinitializer
   %490 = mul nsw i64 %485, 2880
   %491 = getelementptr inbounds float, ptr %h, i64 %490
-  %col47 = mul nsw i64 %p, 8
+  %col49 = mul nsw i64 %p, 8
   %492 = load <8 x float>, ptr %acc0027, align 4
   %493 = load <8 x float>, ptr %acc0128, align 4
-  %494 = getelementptr inbounds float, ptr %bg, i64 %col47
+  %494 = getelementptr inbounds float, ptr %bg, i64 %col49
   %495 = load <8 x float>, ptr %494, align 4
   %496 = fadd <8 x float> %492, %495
-  %497 = getelementptr inbounds float, ptr %bu, i64 %col47
+  %497 = getelementptr inbounds float, ptr %bu, i64 %col49
   %498 = load <8 x float>, ptr %497, align 4
   %499 = fadd <8 x float> %493, %498
   %500 = fcmp olt <8 x float> %496, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1634,15 +1647,15 @@ k.end43:                                          ; preds = %k.head41
   %524 = fptosi <8 x float> %513 to <8 x i32>
   %525 = add <8 x i32> %524, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %526 = shl <8 x i32> %525, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n48 = bitcast <8 x i32> %526 to <8 x float>
-  %exp49 = fmul <8 x float> %523, %exp.2n48
-  %527 = fadd <8 x float> %exp49, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid50 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
-  %528 = fmul <8 x float> %501, %sigmoid50
+  %exp.2n50 = bitcast <8 x i32> %526 to <8 x float>
+  %exp51 = fmul <8 x float> %523, %exp.2n50
+  %527 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
+  %528 = fmul <8 x float> %501, %sigmoid52
   %529 = fadd <8 x float> %505, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai51 = fmul <8 x float> %528, %529
-  %530 = fmul <8 x float> %oai51, %489
-  %531 = getelementptr inbounds float, ptr %491, i64 %col47
+  %oai53 = fmul <8 x float> %528, %529
+  %530 = fmul <8 x float> %oai53, %489
+  %531 = getelementptr inbounds float, ptr %491, i64 %col49
   store <8 x float> %530, ptr %531, align 4
   %532 = add nsw i64 %r0, 1
   %533 = getelementptr inbounds float, ptr %rw, i64 %532
@@ -1651,13 +1664,13 @@ k.end43:                                          ; preds = %k.head41
   %536 = shufflevector <8 x float> %535, <8 x float> poison, <8 x i32> zeroinitializer
   %537 = mul nsw i64 %532, 2880
   %538 = getelementptr inbounds float, ptr %h, i64 %537
-  %col52 = mul nsw i64 %p, 8
+  %col54 = mul nsw i64 %p, 8
   %539 = load <8 x float>, ptr %acc1029, align 4
   %540 = load <8 x float>, ptr %acc1130, align 4
-  %541 = getelementptr inbounds float, ptr %bg, i64 %col52
+  %541 = getelementptr inbounds float, ptr %bg, i64 %col54
   %542 = load <8 x float>, ptr %541, align 4
   %543 = fadd <8 x float> %539, %542
-  %544 = getelementptr inbounds float, ptr %bu, i64 %col52
+  %544 = getelementptr inbounds float, ptr %bu, i64 %col54
   %545 = load <8 x float>, ptr %544, align 4
   %546 = fadd <8 x float> %540, %545
   %547 = fcmp olt <8 x float> %543, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1687,15 +1700,15 @@ k.end43:                                          ; preds = %k.head41
   %571 = fptosi <8 x float> %560 to <8 x i32>
   %572 = add <8 x i32> %571, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %573 = shl <8 x i32> %572, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %573 to <8 x float>
-  %exp54 = fmul <8 x float> %570, %exp.2n53
-  %574 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %574
-  %575 = fmul <8 x float> %548, %sigmoid55
+  %exp.2n55 = bitcast <8 x i32> %573 to <8 x float>
+  %exp56 = fmul <8 x float> %570, %exp.2n55
+  %574 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %574
+  %575 = fmul <8 x float> %548, %sigmoid57
   %576 = fadd <8 x float> %552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai56 = fmul <8 x float> %575, %576
-  %577 = fmul <8 x float> %oai56, %536
-  %578 = getelementptr inbounds float, ptr %538, i64 %col52
+  %oai58 = fmul <8 x float> %575, %576
+  %577 = fmul <8 x float> %oai58, %536
+  %578 = getelementptr inbounds float, ptr %538, i64 %col54
   store <8 x float> %577, ptr %578, align 4
   %579 = add nsw i64 %r0, 2
   %580 = getelementptr inbounds float, ptr %rw, i64 %579
@@ -1704,13 +1717,13 @@ k.end43:                                          ; preds = %k.head41
   %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
   %584 = mul nsw i64 %579, 2880
   %585 = getelementptr inbounds float, ptr %h, i64 %584
-  %col57 = mul nsw i64 %p, 8
+  %col59 = mul nsw i64 %p, 8
   %586 = load <8 x float>, ptr %acc2031, align 4
   %587 = load <8 x float>, ptr %acc2132, align 4
-  %588 = getelementptr inbounds float, ptr %bg, i64 %col57
+  %588 = getelementptr inbounds float, ptr %bg, i64 %col59
   %589 = load <8 x float>, ptr %588, align 4
   %590 = fadd <8 x float> %586, %589
-  %591 = getelementptr inbounds float, ptr %bu, i64 %col57
+  %591 = getelementptr inbounds float, ptr %bu, i64 %col59
   %592 = load <8 x float>, ptr %591, align 4
   %593 = fadd <8 x float> %587, %592
   %594 = fcmp olt <8 x float> %590, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1740,15 +1753,15 @@ k.end43:                                          ; preds = %k.head41
   %618 = fptosi <8 x float> %607 to <8 x i32>
   %619 = add <8 x i32> %618, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %620 = shl <8 x i32> %619, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n58 = bitcast <8 x i32> %620 to <8 x float>
-  %exp59 = fmul <8 x float> %617, %exp.2n58
-  %621 = fadd <8 x float> %exp59, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid60 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %621
-  %622 = fmul <8 x float> %595, %sigmoid60
+  %exp.2n60 = bitcast <8 x i32> %620 to <8 x float>
+  %exp61 = fmul <8 x float> %617, %exp.2n60
+  %621 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %621
+  %622 = fmul <8 x float> %595, %sigmoid62
   %623 = fadd <8 x float> %599, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai61 = fmul <8 x float> %622, %623
-  %624 = fmul <8 x float> %oai61, %583
-  %625 = getelementptr inbounds float, ptr %585, i64 %col57
+  %oai63 = fmul <8 x float> %622, %623
+  %624 = fmul <8 x float> %oai63, %583
+  %625 = getelementptr inbounds float, ptr %585, i64 %col59
   store <8 x float> %624, ptr %625, align 4
   %626 = add nsw i64 %r0, 3
   %627 = getelementptr inbounds float, ptr %rw, i64 %626
@@ -1757,13 +1770,13 @@ k.end43:                                          ; preds = %k.head41
   %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
   %631 = mul nsw i64 %626, 2880
   %632 = getelementptr inbounds float, ptr %h, i64 %631
-  %col62 = mul nsw i64 %p, 8
+  %col64 = mul nsw i64 %p, 8
   %633 = load <8 x float>, ptr %acc3033, align 4
   %634 = load <8 x float>, ptr %acc3134, align 4
-  %635 = getelementptr inbounds float, ptr %bg, i64 %col62
+  %635 = getelementptr inbounds float, ptr %bg, i64 %col64
   %636 = load <8 x float>, ptr %635, align 4
   %637 = fadd <8 x float> %633, %636
-  %638 = getelementptr inbounds float, ptr %bu, i64 %col62
+  %638 = getelementptr inbounds float, ptr %bu, i64 %col64
   %639 = load <8 x float>, ptr %638, align 4
   %640 = fadd <8 x float> %634, %639
   %641 = fcmp olt <8 x float> %637, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1793,15 +1806,15 @@ k.end43:                                          ; preds = %k.head41
   %665 = fptosi <8 x float> %654 to <8 x i32>
   %666 = add <8 x i32> %665, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %667 = shl <8 x i32> %666, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n63 = bitcast <8 x i32> %667 to <8 x float>
-  %exp64 = fmul <8 x float> %664, %exp.2n63
-  %668 = fadd <8 x float> %exp64, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid65 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
-  %669 = fmul <8 x float> %642, %sigmoid65
+  %exp.2n65 = bitcast <8 x i32> %667 to <8 x float>
+  %exp66 = fmul <8 x float> %664, %exp.2n65
+  %668 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
+  %669 = fmul <8 x float> %642, %sigmoid67
   %670 = fadd <8 x float> %646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai66 = fmul <8 x float> %669, %670
-  %671 = fmul <8 x float> %oai66, %630
-  %672 = getelementptr inbounds float, ptr %632, i64 %col62
+  %oai68 = fmul <8 x float> %669, %670
+  %671 = fmul <8 x float> %oai68, %630
+  %672 = getelementptr inbounds float, ptr %632, i64 %col64
   store <8 x float> %671, ptr %672, align 4
   %673 = add nsw i64 %r0, 4
   %674 = getelementptr inbounds float, ptr %rw, i64 %673
@@ -1810,13 +1823,13 @@ k.end43:                                          ; preds = %k.head41
   %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
   %678 = mul nsw i64 %673, 2880
   %679 = getelementptr inbounds float, ptr %h, i64 %678
-  %col67 = mul nsw i64 %p, 8
+  %col69 = mul nsw i64 %p, 8
   %680 = load <8 x float>, ptr %acc4035, align 4
   %681 = load <8 x float>, ptr %acc4136, align 4
-  %682 = getelementptr inbounds float, ptr %bg, i64 %col67
+  %682 = getelementptr inbounds float, ptr %bg, i64 %col69
   %683 = load <8 x float>, ptr %682, align 4
   %684 = fadd <8 x float> %680, %683
-  %685 = getelementptr inbounds float, ptr %bu, i64 %col67
+  %685 = getelementptr inbounds float, ptr %bu, i64 %col69
   %686 = load <8 x float>, ptr %685, align 4
   %687 = fadd <8 x float> %681, %686
   %688 = fcmp olt <8 x float> %684, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1846,15 +1859,15 @@ k.end43:                                          ; preds = %k.head41
   %712 = fptosi <8 x float> %701 to <8 x i32>
   %713 = add <8 x i32> %712, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %714 = shl <8 x i32> %713, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n68 = bitcast <8 x i32> %714 to <8 x float>
-  %exp69 = fmul <8 x float> %711, %exp.2n68
-  %715 = fadd <8 x float> %exp69, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid70 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %715
-  %716 = fmul <8 x float> %689, %sigmoid70
+  %exp.2n70 = bitcast <8 x i32> %714 to <8 x float>
+  %exp71 = fmul <8 x float> %711, %exp.2n70
+  %715 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %715
+  %716 = fmul <8 x float> %689, %sigmoid72
   %717 = fadd <8 x float> %693, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai71 = fmul <8 x float> %716, %717
-  %718 = fmul <8 x float> %oai71, %677
-  %719 = getelementptr inbounds float, ptr %679, i64 %col67
+  %oai73 = fmul <8 x float> %716, %717
+  %718 = fmul <8 x float> %oai73, %677
+  %719 = getelementptr inbounds float, ptr %679, i64 %col69
   store <8 x float> %718, ptr %719, align 4
   br label %tile.done
 
@@ -1865,107 +1878,113 @@ tile.mr4:                                         ; preds = %r0.body
   %723 = sext i32 %722 to i64
   %724 = mul nsw i64 %723, 2880
   %725 = getelementptr inbounds float, ptr %x, i64 %724
-  store <8 x float> zeroinitializer, ptr %acc0072, align 4
-  store <8 x float> zeroinitializer, ptr %acc0173, align 4
+  store <8 x float> zeroinitializer, ptr %acc0074, align 4
+  store <8 x float> zeroinitializer, ptr %acc0175, align 4
   %726 = add nsw i64 %r0, 1
   %727 = getelementptr inbounds i32, ptr %rows, i64 %726
   %728 = load i32, ptr %727, align 4
   %729 = sext i32 %728 to i64
   %730 = mul nsw i64 %729, 2880
   %731 = getelementptr inbounds float, ptr %x, i64 %730
-  store <8 x float> zeroinitializer, ptr %acc1074, align 4
-  store <8 x float> zeroinitializer, ptr %acc1175, align 4
+  store <8 x float> zeroinitializer, ptr %acc1076, align 4
+  store <8 x float> zeroinitializer, ptr %acc1177, align 4
   %732 = add nsw i64 %r0, 2
   %733 = getelementptr inbounds i32, ptr %rows, i64 %732
   %734 = load i32, ptr %733, align 4
   %735 = sext i32 %734 to i64
   %736 = mul nsw i64 %735, 2880
   %737 = getelementptr inbounds float, ptr %x, i64 %736
-  store <8 x float> zeroinitializer, ptr %acc2076, align 4
-  store <8 x float> zeroinitializer, ptr %acc2177, align 4
+  store <8 x float> zeroinitializer, ptr %acc2078, align 4
+  store <8 x float> zeroinitializer, ptr %acc2179, align 4
   %738 = add nsw i64 %r0, 3
   %739 = getelementptr inbounds i32, ptr %rows, i64 %738
   %740 = load i32, ptr %739, align 4
   %741 = sext i32 %740 to i64
   %742 = mul nsw i64 %741, 2880
   %743 = getelementptr inbounds float, ptr %x, i64 %742
-  store <8 x float> zeroinitializer, ptr %acc3078, align 4
-  store <8 x float> zeroinitializer, ptr %acc3179, align 4
-  %panel.off80 = mul nsw i64 %p, 46080
-  %744 = getelementptr inbounds i16, ptr %panels, i64 %panel.off80
+  store <8 x float> zeroinitializer, ptr %acc3080, align 4
+  store <8 x float> zeroinitializer, ptr %acc3181, align 4
+  %panel.off82 = mul nsw i64 %p, 46080
+  %744 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
   %745 = add nsw i64 %p, 1
   %746 = icmp slt i64 %745, %p1
-  %pf.on81 = and i1 %pf.on, %746
+  %pf.on83 = and i1 %pf.on, %746
   %747 = mul nsw i64 %pf.j, 92160
   %748 = lshr i64 %747, %9
   %749 = add nsw i64 92160, %748
   %750 = getelementptr inbounds i8, ptr %744, i64 %749
-  %pf82 = select i1 %pf.on81, ptr %750, ptr %744
-  %pf.sh83 = select i1 %pf.on81, i64 %9, i64 0
-  br label %k.head84
+  %pf84 = select i1 %pf.on83, ptr %750, ptr %744
+  %pf.sh85 = select i1 %pf.on83, i64 %9, i64 0
+  br label %k.head86
 
-k.head84:                                         ; preds = %k.body85, %tile.mr4
-  %k87 = phi i64 [ 0, %tile.mr4 ], [ %793, %k.body85 ]
-  %751 = icmp slt i64 %k87, 2880
-  br i1 %751, label %k.body85, label %k.end86
+k.head86:                                         ; preds = %pf.any.end91, %tile.mr4
+  %k89 = phi i64 [ 0, %tile.mr4 ], [ %793, %pf.any.end91 ]
+  %751 = icmp slt i64 %k89, 2880
+  br i1 %751, label %k.body87, label %k.end88
 
-k.body85:                                         ; preds = %k.head84
-  %752 = mul nsw i64 %k87, 16
-  %753 = add nsw i64 %panel.off80, %752
-  %754 = mul nsw i64 %k87, 32
-  %755 = lshr i64 %754, %pf.sh83
-  %756 = getelementptr inbounds i8, ptr %pf82, i64 %755
+k.body87:                                         ; preds = %k.head86
+  %752 = mul nsw i64 %k89, 16
+  %753 = add nsw i64 %panel.off82, %752
+  %754 = mul nsw i64 %k89, 32
+  br i1 %pf.multi, label %pf.any.then90, label %pf.any.end91
+
+pf.any.then90:                                    ; preds = %k.body87
+  %755 = lshr i64 %754, %pf.sh85
+  %756 = getelementptr inbounds i8, ptr %pf84, i64 %755
   call void @llvm.prefetch.p0(ptr %756, i32 0, i32 2, i32 1)
+  br label %pf.any.end91
+
+pf.any.end91:                                     ; preds = %pf.any.then90, %k.body87
   %757 = getelementptr inbounds i16, ptr %panels, i64 %753
   %758 = load <8 x i32>, ptr %757, align 4
   %759 = shl <8 x i32> %758, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b088 = bitcast <8 x i32> %759 to <8 x float>
+  %b092 = bitcast <8 x i32> %759 to <8 x float>
   %760 = and <8 x i32> %758, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b189 = bitcast <8 x i32> %760 to <8 x float>
-  %761 = getelementptr inbounds float, ptr %725, i64 %k87
+  %b193 = bitcast <8 x i32> %760 to <8 x float>
+  %761 = getelementptr inbounds float, ptr %725, i64 %k89
   %762 = load float, ptr %761, align 4
   %763 = insertelement <8 x float> poison, float %762, i32 0
   %764 = shufflevector <8 x float> %763, <8 x float> poison, <8 x i32> zeroinitializer
-  %765 = load <8 x float>, ptr %acc0072, align 4
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b088, <8 x float> %765)
-  store <8 x float> %766, ptr %acc0072, align 4
-  %767 = load <8 x float>, ptr %acc0173, align 4
-  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b189, <8 x float> %767)
-  store <8 x float> %768, ptr %acc0173, align 4
-  %769 = getelementptr inbounds float, ptr %731, i64 %k87
+  %765 = load <8 x float>, ptr %acc0074, align 4
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b092, <8 x float> %765)
+  store <8 x float> %766, ptr %acc0074, align 4
+  %767 = load <8 x float>, ptr %acc0175, align 4
+  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b193, <8 x float> %767)
+  store <8 x float> %768, ptr %acc0175, align 4
+  %769 = getelementptr inbounds float, ptr %731, i64 %k89
   %770 = load float, ptr %769, align 4
   %771 = insertelement <8 x float> poison, float %770, i32 0
   %772 = shufflevector <8 x float> %771, <8 x float> poison, <8 x i32> zeroinitializer
-  %773 = load <8 x float>, ptr %acc1074, align 4
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b088, <8 x float> %773)
-  store <8 x float> %774, ptr %acc1074, align 4
-  %775 = load <8 x float>, ptr %acc1175, align 4
-  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b189, <8 x float> %775)
-  store <8 x float> %776, ptr %acc1175, align 4
-  %777 = getelementptr inbounds float, ptr %737, i64 %k87
+  %773 = load <8 x float>, ptr %acc1076, align 4
+  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b092, <8 x float> %773)
+  store <8 x float> %774, ptr %acc1076, align 4
+  %775 = load <8 x float>, ptr %acc1177, align 4
+  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b193, <8 x float> %775)
+  store <8 x float> %776, ptr %acc1177, align 4
+  %777 = getelementptr inbounds float, ptr %737, i64 %k89
   %778 = load float, ptr %777, align 4
   %779 = insertelement <8 x float> poison, float %778, i32 0
   %780 = shufflevector <8 x float> %779, <8 x float> poison, <8 x i32> zeroinitializer
-  %781 = load <8 x float>, ptr %acc2076, align 4
-  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b088, <8 x float> %781)
-  store <8 x float> %782, ptr %acc2076, align 4
-  %783 = load <8 x float>, ptr %acc2177, align 4
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b189, <8 x float> %783)
-  store <8 x float> %784, ptr %acc2177, align 4
-  %785 = getelementptr inbounds float, ptr %743, i64 %k87
+  %781 = load <8 x float>, ptr %acc2078, align 4
+  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b092, <8 x float> %781)
+  store <8 x float> %782, ptr %acc2078, align 4
+  %783 = load <8 x float>, ptr %acc2179, align 4
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b193, <8 x float> %783)
+  store <8 x float> %784, ptr %acc2179, align 4
+  %785 = getelementptr inbounds float, ptr %743, i64 %k89
   %786 = load float, ptr %785, align 4
   %787 = insertelement <8 x float> poison, float %786, i32 0
   %788 = shufflevector <8 x float> %787, <8 x float> poison, <8 x i32> zeroinitializer
-  %789 = load <8 x float>, ptr %acc3078, align 4
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b088, <8 x float> %789)
-  store <8 x float> %790, ptr %acc3078, align 4
-  %791 = load <8 x float>, ptr %acc3179, align 4
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b189, <8 x float> %791)
-  store <8 x float> %792, ptr %acc3179, align 4
-  %793 = add nsw i64 %k87, 1
-  br label %k.head84
+  %789 = load <8 x float>, ptr %acc3080, align 4
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b092, <8 x float> %789)
+  store <8 x float> %790, ptr %acc3080, align 4
+  %791 = load <8 x float>, ptr %acc3181, align 4
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b193, <8 x float> %791)
+  store <8 x float> %792, ptr %acc3181, align 4
+  %793 = add nsw i64 %k89, 1
+  br label %k.head86
 
-k.end86:                                          ; preds = %k.head84
+k.end88:                                          ; preds = %k.head86
   %794 = add nsw i64 %r0, 0
   %795 = getelementptr inbounds float, ptr %rw, i64 %794
   %796 = load float, ptr %795, align 4
@@ -1973,13 +1992,13 @@ k.end86:                                          ; preds = %k.head84
   %798 = shufflevector <8 x float> %797, <8 x float> poison, <8 x i32> zeroinitializer
   %799 = mul nsw i64 %794, 2880
   %800 = getelementptr inbounds float, ptr %h, i64 %799
-  %col90 = mul nsw i64 %p, 8
-  %801 = load <8 x float>, ptr %acc0072, align 4
-  %802 = load <8 x float>, ptr %acc0173, align 4
-  %803 = getelementptr inbounds float, ptr %bg, i64 %col90
+  %col94 = mul nsw i64 %p, 8
+  %801 = load <8 x float>, ptr %acc0074, align 4
+  %802 = load <8 x float>, ptr %acc0175, align 4
+  %803 = getelementptr inbounds float, ptr %bg, i64 %col94
   %804 = load <8 x float>, ptr %803, align 4
   %805 = fadd <8 x float> %801, %804
-  %806 = getelementptr inbounds float, ptr %bu, i64 %col90
+  %806 = getelementptr inbounds float, ptr %bu, i64 %col94
   %807 = load <8 x float>, ptr %806, align 4
   %808 = fadd <8 x float> %802, %807
   %809 = fcmp olt <8 x float> %805, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2009,15 +2028,15 @@ k.end86:                                          ; preds = %k.head84
   %833 = fptosi <8 x float> %822 to <8 x i32>
   %834 = add <8 x i32> %833, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %835 = shl <8 x i32> %834, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n91 = bitcast <8 x i32> %835 to <8 x float>
-  %exp92 = fmul <8 x float> %832, %exp.2n91
-  %836 = fadd <8 x float> %exp92, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid93 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %836
-  %837 = fmul <8 x float> %810, %sigmoid93
+  %exp.2n95 = bitcast <8 x i32> %835 to <8 x float>
+  %exp96 = fmul <8 x float> %832, %exp.2n95
+  %836 = fadd <8 x float> %exp96, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid97 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %836
+  %837 = fmul <8 x float> %810, %sigmoid97
   %838 = fadd <8 x float> %814, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai94 = fmul <8 x float> %837, %838
-  %839 = fmul <8 x float> %oai94, %798
-  %840 = getelementptr inbounds float, ptr %800, i64 %col90
+  %oai98 = fmul <8 x float> %837, %838
+  %839 = fmul <8 x float> %oai98, %798
+  %840 = getelementptr inbounds float, ptr %800, i64 %col94
   store <8 x float> %839, ptr %840, align 4
   %841 = add nsw i64 %r0, 1
   %842 = getelementptr inbounds float, ptr %rw, i64 %841
@@ -2026,13 +2045,13 @@ k.end86:                                          ; preds = %k.head84
   %845 = shufflevector <8 x float> %844, <8 x float> poison, <8 x i32> zeroinitializer
   %846 = mul nsw i64 %841, 2880
   %847 = getelementptr inbounds float, ptr %h, i64 %846
-  %col95 = mul nsw i64 %p, 8
-  %848 = load <8 x float>, ptr %acc1074, align 4
-  %849 = load <8 x float>, ptr %acc1175, align 4
-  %850 = getelementptr inbounds float, ptr %bg, i64 %col95
+  %col99 = mul nsw i64 %p, 8
+  %848 = load <8 x float>, ptr %acc1076, align 4
+  %849 = load <8 x float>, ptr %acc1177, align 4
+  %850 = getelementptr inbounds float, ptr %bg, i64 %col99
   %851 = load <8 x float>, ptr %850, align 4
   %852 = fadd <8 x float> %848, %851
-  %853 = getelementptr inbounds float, ptr %bu, i64 %col95
+  %853 = getelementptr inbounds float, ptr %bu, i64 %col99
   %854 = load <8 x float>, ptr %853, align 4
   %855 = fadd <8 x float> %849, %854
   %856 = fcmp olt <8 x float> %852, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2062,15 +2081,15 @@ k.end86:                                          ; preds = %k.head84
   %880 = fptosi <8 x float> %869 to <8 x i32>
   %881 = add <8 x i32> %880, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %882 = shl <8 x i32> %881, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n96 = bitcast <8 x i32> %882 to <8 x float>
-  %exp97 = fmul <8 x float> %879, %exp.2n96
-  %883 = fadd <8 x float> %exp97, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid98 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %883
-  %884 = fmul <8 x float> %857, %sigmoid98
+  %exp.2n100 = bitcast <8 x i32> %882 to <8 x float>
+  %exp101 = fmul <8 x float> %879, %exp.2n100
+  %883 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %883
+  %884 = fmul <8 x float> %857, %sigmoid102
   %885 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai99 = fmul <8 x float> %884, %885
-  %886 = fmul <8 x float> %oai99, %845
-  %887 = getelementptr inbounds float, ptr %847, i64 %col95
+  %oai103 = fmul <8 x float> %884, %885
+  %886 = fmul <8 x float> %oai103, %845
+  %887 = getelementptr inbounds float, ptr %847, i64 %col99
   store <8 x float> %886, ptr %887, align 4
   %888 = add nsw i64 %r0, 2
   %889 = getelementptr inbounds float, ptr %rw, i64 %888
@@ -2079,13 +2098,13 @@ k.end86:                                          ; preds = %k.head84
   %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
   %893 = mul nsw i64 %888, 2880
   %894 = getelementptr inbounds float, ptr %h, i64 %893
-  %col100 = mul nsw i64 %p, 8
-  %895 = load <8 x float>, ptr %acc2076, align 4
-  %896 = load <8 x float>, ptr %acc2177, align 4
-  %897 = getelementptr inbounds float, ptr %bg, i64 %col100
+  %col104 = mul nsw i64 %p, 8
+  %895 = load <8 x float>, ptr %acc2078, align 4
+  %896 = load <8 x float>, ptr %acc2179, align 4
+  %897 = getelementptr inbounds float, ptr %bg, i64 %col104
   %898 = load <8 x float>, ptr %897, align 4
   %899 = fadd <8 x float> %895, %898
-  %900 = getelementptr inbounds float, ptr %bu, i64 %col100
+  %900 = getelementptr inbounds float, ptr %bu, i64 %col104
   %901 = load <8 x float>, ptr %900, align 4
   %902 = fadd <8 x float> %896, %901
   %903 = fcmp olt <8 x float> %899, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2115,15 +2134,15 @@ k.end86:                                          ; preds = %k.head84
   %927 = fptosi <8 x float> %916 to <8 x i32>
   %928 = add <8 x i32> %927, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %929 = shl <8 x i32> %928, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %929 to <8 x float>
-  %exp102 = fmul <8 x float> %926, %exp.2n101
-  %930 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %930
-  %931 = fmul <8 x float> %904, %sigmoid103
+  %exp.2n105 = bitcast <8 x i32> %929 to <8 x float>
+  %exp106 = fmul <8 x float> %926, %exp.2n105
+  %930 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %930
+  %931 = fmul <8 x float> %904, %sigmoid107
   %932 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai104 = fmul <8 x float> %931, %932
-  %933 = fmul <8 x float> %oai104, %892
-  %934 = getelementptr inbounds float, ptr %894, i64 %col100
+  %oai108 = fmul <8 x float> %931, %932
+  %933 = fmul <8 x float> %oai108, %892
+  %934 = getelementptr inbounds float, ptr %894, i64 %col104
   store <8 x float> %933, ptr %934, align 4
   %935 = add nsw i64 %r0, 3
   %936 = getelementptr inbounds float, ptr %rw, i64 %935
@@ -2132,13 +2151,13 @@ k.end86:                                          ; preds = %k.head84
   %939 = shufflevector <8 x float> %938, <8 x float> poison, <8 x i32> zeroinitializer
   %940 = mul nsw i64 %935, 2880
   %941 = getelementptr inbounds float, ptr %h, i64 %940
-  %col105 = mul nsw i64 %p, 8
-  %942 = load <8 x float>, ptr %acc3078, align 4
-  %943 = load <8 x float>, ptr %acc3179, align 4
-  %944 = getelementptr inbounds float, ptr %bg, i64 %col105
+  %col109 = mul nsw i64 %p, 8
+  %942 = load <8 x float>, ptr %acc3080, align 4
+  %943 = load <8 x float>, ptr %acc3181, align 4
+  %944 = getelementptr inbounds float, ptr %bg, i64 %col109
   %945 = load <8 x float>, ptr %944, align 4
   %946 = fadd <8 x float> %942, %945
-  %947 = getelementptr inbounds float, ptr %bu, i64 %col105
+  %947 = getelementptr inbounds float, ptr %bu, i64 %col109
   %948 = load <8 x float>, ptr %947, align 4
   %949 = fadd <8 x float> %943, %948
   %950 = fcmp olt <8 x float> %946, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2168,15 +2187,15 @@ k.end86:                                          ; preds = %k.head84
   %974 = fptosi <8 x float> %963 to <8 x i32>
   %975 = add <8 x i32> %974, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %976 = shl <8 x i32> %975, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n106 = bitcast <8 x i32> %976 to <8 x float>
-  %exp107 = fmul <8 x float> %973, %exp.2n106
-  %977 = fadd <8 x float> %exp107, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid108 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %977
-  %978 = fmul <8 x float> %951, %sigmoid108
+  %exp.2n110 = bitcast <8 x i32> %976 to <8 x float>
+  %exp111 = fmul <8 x float> %973, %exp.2n110
+  %977 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %977
+  %978 = fmul <8 x float> %951, %sigmoid112
   %979 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai109 = fmul <8 x float> %978, %979
-  %980 = fmul <8 x float> %oai109, %939
-  %981 = getelementptr inbounds float, ptr %941, i64 %col105
+  %oai113 = fmul <8 x float> %978, %979
+  %980 = fmul <8 x float> %oai113, %939
+  %981 = getelementptr inbounds float, ptr %941, i64 %col109
   store <8 x float> %980, ptr %981, align 4
   br label %tile.done
 
@@ -2187,89 +2206,95 @@ tile.mr3:                                         ; preds = %r0.body
   %985 = sext i32 %984 to i64
   %986 = mul nsw i64 %985, 2880
   %987 = getelementptr inbounds float, ptr %x, i64 %986
-  store <8 x float> zeroinitializer, ptr %acc00110, align 4
-  store <8 x float> zeroinitializer, ptr %acc01111, align 4
+  store <8 x float> zeroinitializer, ptr %acc00114, align 4
+  store <8 x float> zeroinitializer, ptr %acc01115, align 4
   %988 = add nsw i64 %r0, 1
   %989 = getelementptr inbounds i32, ptr %rows, i64 %988
   %990 = load i32, ptr %989, align 4
   %991 = sext i32 %990 to i64
   %992 = mul nsw i64 %991, 2880
   %993 = getelementptr inbounds float, ptr %x, i64 %992
-  store <8 x float> zeroinitializer, ptr %acc10112, align 4
-  store <8 x float> zeroinitializer, ptr %acc11113, align 4
+  store <8 x float> zeroinitializer, ptr %acc10116, align 4
+  store <8 x float> zeroinitializer, ptr %acc11117, align 4
   %994 = add nsw i64 %r0, 2
   %995 = getelementptr inbounds i32, ptr %rows, i64 %994
   %996 = load i32, ptr %995, align 4
   %997 = sext i32 %996 to i64
   %998 = mul nsw i64 %997, 2880
   %999 = getelementptr inbounds float, ptr %x, i64 %998
-  store <8 x float> zeroinitializer, ptr %acc20114, align 4
-  store <8 x float> zeroinitializer, ptr %acc21115, align 4
-  %panel.off116 = mul nsw i64 %p, 46080
-  %1000 = getelementptr inbounds i16, ptr %panels, i64 %panel.off116
+  store <8 x float> zeroinitializer, ptr %acc20118, align 4
+  store <8 x float> zeroinitializer, ptr %acc21119, align 4
+  %panel.off120 = mul nsw i64 %p, 46080
+  %1000 = getelementptr inbounds i16, ptr %panels, i64 %panel.off120
   %1001 = add nsw i64 %p, 1
   %1002 = icmp slt i64 %1001, %p1
-  %pf.on117 = and i1 %pf.on, %1002
+  %pf.on121 = and i1 %pf.on, %1002
   %1003 = mul nsw i64 %pf.j, 92160
   %1004 = lshr i64 %1003, %9
   %1005 = add nsw i64 92160, %1004
   %1006 = getelementptr inbounds i8, ptr %1000, i64 %1005
-  %pf118 = select i1 %pf.on117, ptr %1006, ptr %1000
-  %pf.sh119 = select i1 %pf.on117, i64 %9, i64 0
-  br label %k.head120
+  %pf122 = select i1 %pf.on121, ptr %1006, ptr %1000
+  %pf.sh123 = select i1 %pf.on121, i64 %9, i64 0
+  br label %k.head124
 
-k.head120:                                        ; preds = %k.body121, %tile.mr3
-  %k123 = phi i64 [ 0, %tile.mr3 ], [ %1041, %k.body121 ]
-  %1007 = icmp slt i64 %k123, 2880
-  br i1 %1007, label %k.body121, label %k.end122
+k.head124:                                        ; preds = %pf.any.end129, %tile.mr3
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %1041, %pf.any.end129 ]
+  %1007 = icmp slt i64 %k127, 2880
+  br i1 %1007, label %k.body125, label %k.end126
 
-k.body121:                                        ; preds = %k.head120
-  %1008 = mul nsw i64 %k123, 16
-  %1009 = add nsw i64 %panel.off116, %1008
-  %1010 = mul nsw i64 %k123, 32
-  %1011 = lshr i64 %1010, %pf.sh119
-  %1012 = getelementptr inbounds i8, ptr %pf118, i64 %1011
+k.body125:                                        ; preds = %k.head124
+  %1008 = mul nsw i64 %k127, 16
+  %1009 = add nsw i64 %panel.off120, %1008
+  %1010 = mul nsw i64 %k127, 32
+  br i1 %pf.multi, label %pf.any.then128, label %pf.any.end129
+
+pf.any.then128:                                   ; preds = %k.body125
+  %1011 = lshr i64 %1010, %pf.sh123
+  %1012 = getelementptr inbounds i8, ptr %pf122, i64 %1011
   call void @llvm.prefetch.p0(ptr %1012, i32 0, i32 2, i32 1)
+  br label %pf.any.end129
+
+pf.any.end129:                                    ; preds = %pf.any.then128, %k.body125
   %1013 = getelementptr inbounds i16, ptr %panels, i64 %1009
   %1014 = load <8 x i32>, ptr %1013, align 4
   %1015 = shl <8 x i32> %1014, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0124 = bitcast <8 x i32> %1015 to <8 x float>
+  %b0130 = bitcast <8 x i32> %1015 to <8 x float>
   %1016 = and <8 x i32> %1014, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1125 = bitcast <8 x i32> %1016 to <8 x float>
-  %1017 = getelementptr inbounds float, ptr %987, i64 %k123
+  %b1131 = bitcast <8 x i32> %1016 to <8 x float>
+  %1017 = getelementptr inbounds float, ptr %987, i64 %k127
   %1018 = load float, ptr %1017, align 4
   %1019 = insertelement <8 x float> poison, float %1018, i32 0
   %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
-  %1021 = load <8 x float>, ptr %acc00110, align 4
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0124, <8 x float> %1021)
-  store <8 x float> %1022, ptr %acc00110, align 4
-  %1023 = load <8 x float>, ptr %acc01111, align 4
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1125, <8 x float> %1023)
-  store <8 x float> %1024, ptr %acc01111, align 4
-  %1025 = getelementptr inbounds float, ptr %993, i64 %k123
+  %1021 = load <8 x float>, ptr %acc00114, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0130, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc00114, align 4
+  %1023 = load <8 x float>, ptr %acc01115, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1131, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc01115, align 4
+  %1025 = getelementptr inbounds float, ptr %993, i64 %k127
   %1026 = load float, ptr %1025, align 4
   %1027 = insertelement <8 x float> poison, float %1026, i32 0
   %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
-  %1029 = load <8 x float>, ptr %acc10112, align 4
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0124, <8 x float> %1029)
-  store <8 x float> %1030, ptr %acc10112, align 4
-  %1031 = load <8 x float>, ptr %acc11113, align 4
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1125, <8 x float> %1031)
-  store <8 x float> %1032, ptr %acc11113, align 4
-  %1033 = getelementptr inbounds float, ptr %999, i64 %k123
+  %1029 = load <8 x float>, ptr %acc10116, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0130, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc10116, align 4
+  %1031 = load <8 x float>, ptr %acc11117, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1131, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc11117, align 4
+  %1033 = getelementptr inbounds float, ptr %999, i64 %k127
   %1034 = load float, ptr %1033, align 4
   %1035 = insertelement <8 x float> poison, float %1034, i32 0
   %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = load <8 x float>, ptr %acc20114, align 4
-  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0124, <8 x float> %1037)
-  store <8 x float> %1038, ptr %acc20114, align 4
-  %1039 = load <8 x float>, ptr %acc21115, align 4
-  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1125, <8 x float> %1039)
-  store <8 x float> %1040, ptr %acc21115, align 4
-  %1041 = add nsw i64 %k123, 1
-  br label %k.head120
+  %1037 = load <8 x float>, ptr %acc20118, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0130, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc20118, align 4
+  %1039 = load <8 x float>, ptr %acc21119, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1131, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc21119, align 4
+  %1041 = add nsw i64 %k127, 1
+  br label %k.head124
 
-k.end122:                                         ; preds = %k.head120
+k.end126:                                         ; preds = %k.head124
   %1042 = add nsw i64 %r0, 0
   %1043 = getelementptr inbounds float, ptr %rw, i64 %1042
   %1044 = load float, ptr %1043, align 4
@@ -2277,13 +2302,13 @@ k.end122:                                         ; preds = %k.head120
   %1046 = shufflevector <8 x float> %1045, <8 x float> poison, <8 x i32> zeroinitializer
   %1047 = mul nsw i64 %1042, 2880
   %1048 = getelementptr inbounds float, ptr %h, i64 %1047
-  %col126 = mul nsw i64 %p, 8
-  %1049 = load <8 x float>, ptr %acc00110, align 4
-  %1050 = load <8 x float>, ptr %acc01111, align 4
-  %1051 = getelementptr inbounds float, ptr %bg, i64 %col126
+  %col132 = mul nsw i64 %p, 8
+  %1049 = load <8 x float>, ptr %acc00114, align 4
+  %1050 = load <8 x float>, ptr %acc01115, align 4
+  %1051 = getelementptr inbounds float, ptr %bg, i64 %col132
   %1052 = load <8 x float>, ptr %1051, align 4
   %1053 = fadd <8 x float> %1049, %1052
-  %1054 = getelementptr inbounds float, ptr %bu, i64 %col126
+  %1054 = getelementptr inbounds float, ptr %bu, i64 %col132
   %1055 = load <8 x float>, ptr %1054, align 4
   %1056 = fadd <8 x float> %1050, %1055
   %1057 = fcmp olt <8 x float> %1053, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2313,15 +2338,15 @@ k.end122:                                         ; preds = %k.head120
   %1081 = fptosi <8 x float> %1070 to <8 x i32>
   %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n127 = bitcast <8 x i32> %1083 to <8 x float>
-  %exp128 = fmul <8 x float> %1080, %exp.2n127
-  %1084 = fadd <8 x float> %exp128, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid129 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
-  %1085 = fmul <8 x float> %1058, %sigmoid129
+  %exp.2n133 = bitcast <8 x i32> %1083 to <8 x float>
+  %exp134 = fmul <8 x float> %1080, %exp.2n133
+  %1084 = fadd <8 x float> %exp134, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid135 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
+  %1085 = fmul <8 x float> %1058, %sigmoid135
   %1086 = fadd <8 x float> %1062, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai130 = fmul <8 x float> %1085, %1086
-  %1087 = fmul <8 x float> %oai130, %1046
-  %1088 = getelementptr inbounds float, ptr %1048, i64 %col126
+  %oai136 = fmul <8 x float> %1085, %1086
+  %1087 = fmul <8 x float> %oai136, %1046
+  %1088 = getelementptr inbounds float, ptr %1048, i64 %col132
   store <8 x float> %1087, ptr %1088, align 4
   %1089 = add nsw i64 %r0, 1
   %1090 = getelementptr inbounds float, ptr %rw, i64 %1089
@@ -2330,13 +2355,13 @@ k.end122:                                         ; preds = %k.head120
   %1093 = shufflevector <8 x float> %1092, <8 x float> poison, <8 x i32> zeroinitializer
   %1094 = mul nsw i64 %1089, 2880
   %1095 = getelementptr inbounds float, ptr %h, i64 %1094
-  %col131 = mul nsw i64 %p, 8
-  %1096 = load <8 x float>, ptr %acc10112, align 4
-  %1097 = load <8 x float>, ptr %acc11113, align 4
-  %1098 = getelementptr inbounds float, ptr %bg, i64 %col131
+  %col137 = mul nsw i64 %p, 8
+  %1096 = load <8 x float>, ptr %acc10116, align 4
+  %1097 = load <8 x float>, ptr %acc11117, align 4
+  %1098 = getelementptr inbounds float, ptr %bg, i64 %col137
   %1099 = load <8 x float>, ptr %1098, align 4
   %1100 = fadd <8 x float> %1096, %1099
-  %1101 = getelementptr inbounds float, ptr %bu, i64 %col131
+  %1101 = getelementptr inbounds float, ptr %bu, i64 %col137
   %1102 = load <8 x float>, ptr %1101, align 4
   %1103 = fadd <8 x float> %1097, %1102
   %1104 = fcmp olt <8 x float> %1100, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2366,15 +2391,15 @@ k.end122:                                         ; preds = %k.head120
   %1128 = fptosi <8 x float> %1117 to <8 x i32>
   %1129 = add <8 x i32> %1128, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1130 = shl <8 x i32> %1129, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n132 = bitcast <8 x i32> %1130 to <8 x float>
-  %exp133 = fmul <8 x float> %1127, %exp.2n132
-  %1131 = fadd <8 x float> %exp133, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid134 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1131
-  %1132 = fmul <8 x float> %1105, %sigmoid134
+  %exp.2n138 = bitcast <8 x i32> %1130 to <8 x float>
+  %exp139 = fmul <8 x float> %1127, %exp.2n138
+  %1131 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1131
+  %1132 = fmul <8 x float> %1105, %sigmoid140
   %1133 = fadd <8 x float> %1109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai135 = fmul <8 x float> %1132, %1133
-  %1134 = fmul <8 x float> %oai135, %1093
-  %1135 = getelementptr inbounds float, ptr %1095, i64 %col131
+  %oai141 = fmul <8 x float> %1132, %1133
+  %1134 = fmul <8 x float> %oai141, %1093
+  %1135 = getelementptr inbounds float, ptr %1095, i64 %col137
   store <8 x float> %1134, ptr %1135, align 4
   %1136 = add nsw i64 %r0, 2
   %1137 = getelementptr inbounds float, ptr %rw, i64 %1136
@@ -2383,13 +2408,13 @@ k.end122:                                         ; preds = %k.head120
   %1140 = shufflevector <8 x float> %1139, <8 x float> poison, <8 x i32> zeroinitializer
   %1141 = mul nsw i64 %1136, 2880
   %1142 = getelementptr inbounds float, ptr %h, i64 %1141
-  %col136 = mul nsw i64 %p, 8
-  %1143 = load <8 x float>, ptr %acc20114, align 4
-  %1144 = load <8 x float>, ptr %acc21115, align 4
-  %1145 = getelementptr inbounds float, ptr %bg, i64 %col136
+  %col142 = mul nsw i64 %p, 8
+  %1143 = load <8 x float>, ptr %acc20118, align 4
+  %1144 = load <8 x float>, ptr %acc21119, align 4
+  %1145 = getelementptr inbounds float, ptr %bg, i64 %col142
   %1146 = load <8 x float>, ptr %1145, align 4
   %1147 = fadd <8 x float> %1143, %1146
-  %1148 = getelementptr inbounds float, ptr %bu, i64 %col136
+  %1148 = getelementptr inbounds float, ptr %bu, i64 %col142
   %1149 = load <8 x float>, ptr %1148, align 4
   %1150 = fadd <8 x float> %1144, %1149
   %1151 = fcmp olt <8 x float> %1147, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2419,15 +2444,15 @@ k.end122:                                         ; preds = %k.head120
   %1175 = fptosi <8 x float> %1164 to <8 x i32>
   %1176 = add <8 x i32> %1175, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1177 = shl <8 x i32> %1176, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n137 = bitcast <8 x i32> %1177 to <8 x float>
-  %exp138 = fmul <8 x float> %1174, %exp.2n137
-  %1178 = fadd <8 x float> %exp138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid139 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1178
-  %1179 = fmul <8 x float> %1152, %sigmoid139
+  %exp.2n143 = bitcast <8 x i32> %1177 to <8 x float>
+  %exp144 = fmul <8 x float> %1174, %exp.2n143
+  %1178 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1178
+  %1179 = fmul <8 x float> %1152, %sigmoid145
   %1180 = fadd <8 x float> %1156, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai140 = fmul <8 x float> %1179, %1180
-  %1181 = fmul <8 x float> %oai140, %1140
-  %1182 = getelementptr inbounds float, ptr %1142, i64 %col136
+  %oai146 = fmul <8 x float> %1179, %1180
+  %1181 = fmul <8 x float> %oai146, %1140
+  %1182 = getelementptr inbounds float, ptr %1142, i64 %col142
   store <8 x float> %1181, ptr %1182, align 4
   br label %tile.done
 
@@ -2438,71 +2463,77 @@ tile.mr2:                                         ; preds = %r0.body
   %1186 = sext i32 %1185 to i64
   %1187 = mul nsw i64 %1186, 2880
   %1188 = getelementptr inbounds float, ptr %x, i64 %1187
-  store <8 x float> zeroinitializer, ptr %acc00141, align 4
-  store <8 x float> zeroinitializer, ptr %acc01142, align 4
+  store <8 x float> zeroinitializer, ptr %acc00147, align 4
+  store <8 x float> zeroinitializer, ptr %acc01148, align 4
   %1189 = add nsw i64 %r0, 1
   %1190 = getelementptr inbounds i32, ptr %rows, i64 %1189
   %1191 = load i32, ptr %1190, align 4
   %1192 = sext i32 %1191 to i64
   %1193 = mul nsw i64 %1192, 2880
   %1194 = getelementptr inbounds float, ptr %x, i64 %1193
-  store <8 x float> zeroinitializer, ptr %acc10143, align 4
-  store <8 x float> zeroinitializer, ptr %acc11144, align 4
-  %panel.off145 = mul nsw i64 %p, 46080
-  %1195 = getelementptr inbounds i16, ptr %panels, i64 %panel.off145
+  store <8 x float> zeroinitializer, ptr %acc10149, align 4
+  store <8 x float> zeroinitializer, ptr %acc11150, align 4
+  %panel.off151 = mul nsw i64 %p, 46080
+  %1195 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
   %1196 = add nsw i64 %p, 1
   %1197 = icmp slt i64 %1196, %p1
-  %pf.on146 = and i1 %pf.on, %1197
+  %pf.on152 = and i1 %pf.on, %1197
   %1198 = mul nsw i64 %pf.j, 92160
   %1199 = lshr i64 %1198, %9
   %1200 = add nsw i64 92160, %1199
   %1201 = getelementptr inbounds i8, ptr %1195, i64 %1200
-  %pf147 = select i1 %pf.on146, ptr %1201, ptr %1195
-  %pf.sh148 = select i1 %pf.on146, i64 %9, i64 0
-  br label %k.head149
+  %pf153 = select i1 %pf.on152, ptr %1201, ptr %1195
+  %pf.sh154 = select i1 %pf.on152, i64 %9, i64 0
+  br label %k.head155
 
-k.head149:                                        ; preds = %k.body150, %tile.mr2
-  %k152 = phi i64 [ 0, %tile.mr2 ], [ %1228, %k.body150 ]
-  %1202 = icmp slt i64 %k152, 2880
-  br i1 %1202, label %k.body150, label %k.end151
+k.head155:                                        ; preds = %pf.any.end160, %tile.mr2
+  %k158 = phi i64 [ 0, %tile.mr2 ], [ %1228, %pf.any.end160 ]
+  %1202 = icmp slt i64 %k158, 2880
+  br i1 %1202, label %k.body156, label %k.end157
 
-k.body150:                                        ; preds = %k.head149
-  %1203 = mul nsw i64 %k152, 16
-  %1204 = add nsw i64 %panel.off145, %1203
-  %1205 = mul nsw i64 %k152, 32
-  %1206 = lshr i64 %1205, %pf.sh148
-  %1207 = getelementptr inbounds i8, ptr %pf147, i64 %1206
+k.body156:                                        ; preds = %k.head155
+  %1203 = mul nsw i64 %k158, 16
+  %1204 = add nsw i64 %panel.off151, %1203
+  %1205 = mul nsw i64 %k158, 32
+  br i1 %pf.multi, label %pf.any.then159, label %pf.any.end160
+
+pf.any.then159:                                   ; preds = %k.body156
+  %1206 = lshr i64 %1205, %pf.sh154
+  %1207 = getelementptr inbounds i8, ptr %pf153, i64 %1206
   call void @llvm.prefetch.p0(ptr %1207, i32 0, i32 2, i32 1)
+  br label %pf.any.end160
+
+pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
   %1208 = getelementptr inbounds i16, ptr %panels, i64 %1204
   %1209 = load <8 x i32>, ptr %1208, align 4
   %1210 = shl <8 x i32> %1209, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0153 = bitcast <8 x i32> %1210 to <8 x float>
+  %b0161 = bitcast <8 x i32> %1210 to <8 x float>
   %1211 = and <8 x i32> %1209, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1154 = bitcast <8 x i32> %1211 to <8 x float>
-  %1212 = getelementptr inbounds float, ptr %1188, i64 %k152
+  %b1162 = bitcast <8 x i32> %1211 to <8 x float>
+  %1212 = getelementptr inbounds float, ptr %1188, i64 %k158
   %1213 = load float, ptr %1212, align 4
   %1214 = insertelement <8 x float> poison, float %1213, i32 0
   %1215 = shufflevector <8 x float> %1214, <8 x float> poison, <8 x i32> zeroinitializer
-  %1216 = load <8 x float>, ptr %acc00141, align 4
-  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b0153, <8 x float> %1216)
-  store <8 x float> %1217, ptr %acc00141, align 4
-  %1218 = load <8 x float>, ptr %acc01142, align 4
-  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b1154, <8 x float> %1218)
-  store <8 x float> %1219, ptr %acc01142, align 4
-  %1220 = getelementptr inbounds float, ptr %1194, i64 %k152
+  %1216 = load <8 x float>, ptr %acc00147, align 4
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b0161, <8 x float> %1216)
+  store <8 x float> %1217, ptr %acc00147, align 4
+  %1218 = load <8 x float>, ptr %acc01148, align 4
+  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b1162, <8 x float> %1218)
+  store <8 x float> %1219, ptr %acc01148, align 4
+  %1220 = getelementptr inbounds float, ptr %1194, i64 %k158
   %1221 = load float, ptr %1220, align 4
   %1222 = insertelement <8 x float> poison, float %1221, i32 0
   %1223 = shufflevector <8 x float> %1222, <8 x float> poison, <8 x i32> zeroinitializer
-  %1224 = load <8 x float>, ptr %acc10143, align 4
-  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b0153, <8 x float> %1224)
-  store <8 x float> %1225, ptr %acc10143, align 4
-  %1226 = load <8 x float>, ptr %acc11144, align 4
-  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b1154, <8 x float> %1226)
-  store <8 x float> %1227, ptr %acc11144, align 4
-  %1228 = add nsw i64 %k152, 1
-  br label %k.head149
+  %1224 = load <8 x float>, ptr %acc10149, align 4
+  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b0161, <8 x float> %1224)
+  store <8 x float> %1225, ptr %acc10149, align 4
+  %1226 = load <8 x float>, ptr %acc11150, align 4
+  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b1162, <8 x float> %1226)
+  store <8 x float> %1227, ptr %acc11150, align 4
+  %1228 = add nsw i64 %k158, 1
+  br label %k.head155
 
-k.end151:                                         ; preds = %k.head149
+k.end157:                                         ; preds = %k.head155
   %1229 = add nsw i64 %r0, 0
   %1230 = getelementptr inbounds float, ptr %rw, i64 %1229
   %1231 = load float, ptr %1230, align 4
@@ -2510,13 +2541,13 @@ k.end151:                                         ; preds = %k.head149
   %1233 = shufflevector <8 x float> %1232, <8 x float> poison, <8 x i32> zeroinitializer
   %1234 = mul nsw i64 %1229, 2880
   %1235 = getelementptr inbounds float, ptr %h, i64 %1234
-  %col155 = mul nsw i64 %p, 8
-  %1236 = load <8 x float>, ptr %acc00141, align 4
-  %1237 = load <8 x float>, ptr %acc01142, align 4
-  %1238 = getelementptr inbounds float, ptr %bg, i64 %col155
+  %col163 = mul nsw i64 %p, 8
+  %1236 = load <8 x float>, ptr %acc00147, align 4
+  %1237 = load <8 x float>, ptr %acc01148, align 4
+  %1238 = getelementptr inbounds float, ptr %bg, i64 %col163
   %1239 = load <8 x float>, ptr %1238, align 4
   %1240 = fadd <8 x float> %1236, %1239
-  %1241 = getelementptr inbounds float, ptr %bu, i64 %col155
+  %1241 = getelementptr inbounds float, ptr %bu, i64 %col163
   %1242 = load <8 x float>, ptr %1241, align 4
   %1243 = fadd <8 x float> %1237, %1242
   %1244 = fcmp olt <8 x float> %1240, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2546,15 +2577,15 @@ k.end151:                                         ; preds = %k.head149
   %1268 = fptosi <8 x float> %1257 to <8 x i32>
   %1269 = add <8 x i32> %1268, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1270 = shl <8 x i32> %1269, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n156 = bitcast <8 x i32> %1270 to <8 x float>
-  %exp157 = fmul <8 x float> %1267, %exp.2n156
-  %1271 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1271
-  %1272 = fmul <8 x float> %1245, %sigmoid158
+  %exp.2n164 = bitcast <8 x i32> %1270 to <8 x float>
+  %exp165 = fmul <8 x float> %1267, %exp.2n164
+  %1271 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1271
+  %1272 = fmul <8 x float> %1245, %sigmoid166
   %1273 = fadd <8 x float> %1249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai159 = fmul <8 x float> %1272, %1273
-  %1274 = fmul <8 x float> %oai159, %1233
-  %1275 = getelementptr inbounds float, ptr %1235, i64 %col155
+  %oai167 = fmul <8 x float> %1272, %1273
+  %1274 = fmul <8 x float> %oai167, %1233
+  %1275 = getelementptr inbounds float, ptr %1235, i64 %col163
   store <8 x float> %1274, ptr %1275, align 4
   %1276 = add nsw i64 %r0, 1
   %1277 = getelementptr inbounds float, ptr %rw, i64 %1276
@@ -2563,13 +2594,13 @@ k.end151:                                         ; preds = %k.head149
   %1280 = shufflevector <8 x float> %1279, <8 x float> poison, <8 x i32> zeroinitializer
   %1281 = mul nsw i64 %1276, 2880
   %1282 = getelementptr inbounds float, ptr %h, i64 %1281
-  %col160 = mul nsw i64 %p, 8
-  %1283 = load <8 x float>, ptr %acc10143, align 4
-  %1284 = load <8 x float>, ptr %acc11144, align 4
-  %1285 = getelementptr inbounds float, ptr %bg, i64 %col160
+  %col168 = mul nsw i64 %p, 8
+  %1283 = load <8 x float>, ptr %acc10149, align 4
+  %1284 = load <8 x float>, ptr %acc11150, align 4
+  %1285 = getelementptr inbounds float, ptr %bg, i64 %col168
   %1286 = load <8 x float>, ptr %1285, align 4
   %1287 = fadd <8 x float> %1283, %1286
-  %1288 = getelementptr inbounds float, ptr %bu, i64 %col160
+  %1288 = getelementptr inbounds float, ptr %bu, i64 %col168
   %1289 = load <8 x float>, ptr %1288, align 4
   %1290 = fadd <8 x float> %1284, %1289
   %1291 = fcmp olt <8 x float> %1287, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2599,15 +2630,15 @@ k.end151:                                         ; preds = %k.head149
   %1315 = fptosi <8 x float> %1304 to <8 x i32>
   %1316 = add <8 x i32> %1315, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1317 = shl <8 x i32> %1316, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n161 = bitcast <8 x i32> %1317 to <8 x float>
-  %exp162 = fmul <8 x float> %1314, %exp.2n161
-  %1318 = fadd <8 x float> %exp162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid163 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
-  %1319 = fmul <8 x float> %1292, %sigmoid163
+  %exp.2n169 = bitcast <8 x i32> %1317 to <8 x float>
+  %exp170 = fmul <8 x float> %1314, %exp.2n169
+  %1318 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
+  %1319 = fmul <8 x float> %1292, %sigmoid171
   %1320 = fadd <8 x float> %1296, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai164 = fmul <8 x float> %1319, %1320
-  %1321 = fmul <8 x float> %oai164, %1280
-  %1322 = getelementptr inbounds float, ptr %1282, i64 %col160
+  %oai172 = fmul <8 x float> %1319, %1320
+  %1321 = fmul <8 x float> %oai172, %1280
+  %1322 = getelementptr inbounds float, ptr %1282, i64 %col168
   store <8 x float> %1321, ptr %1322, align 4
   br label %tile.done
 
@@ -2618,53 +2649,59 @@ tile.mr1:                                         ; preds = %r0.body
   %1326 = sext i32 %1325 to i64
   %1327 = mul nsw i64 %1326, 2880
   %1328 = getelementptr inbounds float, ptr %x, i64 %1327
-  store <8 x float> zeroinitializer, ptr %acc00165, align 4
-  store <8 x float> zeroinitializer, ptr %acc01166, align 4
-  %panel.off167 = mul nsw i64 %p, 46080
-  %1329 = getelementptr inbounds i16, ptr %panels, i64 %panel.off167
+  store <8 x float> zeroinitializer, ptr %acc00173, align 4
+  store <8 x float> zeroinitializer, ptr %acc01174, align 4
+  %panel.off175 = mul nsw i64 %p, 46080
+  %1329 = getelementptr inbounds i16, ptr %panels, i64 %panel.off175
   %1330 = add nsw i64 %p, 1
   %1331 = icmp slt i64 %1330, %p1
-  %pf.on168 = and i1 %pf.on, %1331
+  %pf.on176 = and i1 %pf.on, %1331
   %1332 = mul nsw i64 %pf.j, 92160
   %1333 = lshr i64 %1332, %9
   %1334 = add nsw i64 92160, %1333
   %1335 = getelementptr inbounds i8, ptr %1329, i64 %1334
-  %pf169 = select i1 %pf.on168, ptr %1335, ptr %1329
-  %pf.sh170 = select i1 %pf.on168, i64 %9, i64 0
-  br label %k.head171
+  %pf177 = select i1 %pf.on176, ptr %1335, ptr %1329
+  %pf.sh178 = select i1 %pf.on176, i64 %9, i64 0
+  br label %k.head179
 
-k.head171:                                        ; preds = %k.body172, %tile.mr1
-  %k174 = phi i64 [ 0, %tile.mr1 ], [ %1354, %k.body172 ]
-  %1336 = icmp slt i64 %k174, 2880
-  br i1 %1336, label %k.body172, label %k.end173
+k.head179:                                        ; preds = %pf.any.end184, %tile.mr1
+  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1354, %pf.any.end184 ]
+  %1336 = icmp slt i64 %k182, 2880
+  br i1 %1336, label %k.body180, label %k.end181
 
-k.body172:                                        ; preds = %k.head171
-  %1337 = mul nsw i64 %k174, 16
-  %1338 = add nsw i64 %panel.off167, %1337
-  %1339 = mul nsw i64 %k174, 32
-  %1340 = lshr i64 %1339, %pf.sh170
-  %1341 = getelementptr inbounds i8, ptr %pf169, i64 %1340
+k.body180:                                        ; preds = %k.head179
+  %1337 = mul nsw i64 %k182, 16
+  %1338 = add nsw i64 %panel.off175, %1337
+  %1339 = mul nsw i64 %k182, 32
+  br i1 %pf.multi, label %pf.any.then183, label %pf.any.end184
+
+pf.any.then183:                                   ; preds = %k.body180
+  %1340 = lshr i64 %1339, %pf.sh178
+  %1341 = getelementptr inbounds i8, ptr %pf177, i64 %1340
   call void @llvm.prefetch.p0(ptr %1341, i32 0, i32 2, i32 1)
+  br label %pf.any.end184
+
+pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
   %1342 = getelementptr inbounds i16, ptr %panels, i64 %1338
   %1343 = load <8 x i32>, ptr %1342, align 4
   %1344 = shl <8 x i32> %1343, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0175 = bitcast <8 x i32> %1344 to <8 x float>
+  %b0185 = bitcast <8 x i32> %1344 to <8 x float>
   %1345 = and <8 x i32> %1343, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1176 = bitcast <8 x i32> %1345 to <8 x float>
-  %1346 = getelementptr inbounds float, ptr %1328, i64 %k174
+  %b1186 = bitcast <8 x i32> %1345 to <8 x float>
+  %1346 = getelementptr inbounds float, ptr %1328, i64 %k182
   %1347 = load float, ptr %1346, align 4
   %1348 = insertelement <8 x float> poison, float %1347, i32 0
   %1349 = shufflevector <8 x float> %1348, <8 x float> poison, <8 x i32> zeroinitializer
-  %1350 = load <8 x float>, ptr %acc00165, align 4
-  %1351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b0175, <8 x float> %1350)
-  store <8 x float> %1351, ptr %acc00165, align 4
-  %1352 = load <8 x float>, ptr %acc01166, align 4
-  %1353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b1176, <8 x float> %1352)
-  store <8 x float> %1353, ptr %acc01166, align 4
-  %1354 = add nsw i64 %k174, 1
-  br label %k.head171
+  %1350 = load <8 x float>, ptr %acc00173, align 4
+  %1351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b0185, <8 x float> %1350)
+  store <8 x float> %1351, ptr %acc00173, align 4
+  %1352 = load <8 x float>, ptr %acc01174, align 4
+  %1353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b1186, <8 x float> %1352)
+  store <8 x float> %1353, ptr %acc01174, align 4
+  %1354 = add nsw i64 %k182, 1
+  br label %k.head179
 
-k.end173:                                         ; preds = %k.head171
+k.end181:                                         ; preds = %k.head179
   %1355 = add nsw i64 %r0, 0
   %1356 = getelementptr inbounds float, ptr %rw, i64 %1355
   %1357 = load float, ptr %1356, align 4
@@ -2672,13 +2709,13 @@ k.end173:                                         ; preds = %k.head171
   %1359 = shufflevector <8 x float> %1358, <8 x float> poison, <8 x i32> zeroinitializer
   %1360 = mul nsw i64 %1355, 2880
   %1361 = getelementptr inbounds float, ptr %h, i64 %1360
-  %col177 = mul nsw i64 %p, 8
-  %1362 = load <8 x float>, ptr %acc00165, align 4
-  %1363 = load <8 x float>, ptr %acc01166, align 4
-  %1364 = getelementptr inbounds float, ptr %bg, i64 %col177
+  %col187 = mul nsw i64 %p, 8
+  %1362 = load <8 x float>, ptr %acc00173, align 4
+  %1363 = load <8 x float>, ptr %acc01174, align 4
+  %1364 = getelementptr inbounds float, ptr %bg, i64 %col187
   %1365 = load <8 x float>, ptr %1364, align 4
   %1366 = fadd <8 x float> %1362, %1365
-  %1367 = getelementptr inbounds float, ptr %bu, i64 %col177
+  %1367 = getelementptr inbounds float, ptr %bu, i64 %col187
   %1368 = load <8 x float>, ptr %1367, align 4
   %1369 = fadd <8 x float> %1363, %1368
   %1370 = fcmp olt <8 x float> %1366, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -2708,19 +2745,19 @@ k.end173:                                         ; preds = %k.head171
   %1394 = fptosi <8 x float> %1383 to <8 x i32>
   %1395 = add <8 x i32> %1394, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1396 = shl <8 x i32> %1395, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n178 = bitcast <8 x i32> %1396 to <8 x float>
-  %exp179 = fmul <8 x float> %1393, %exp.2n178
-  %1397 = fadd <8 x float> %exp179, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid180 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1397
-  %1398 = fmul <8 x float> %1371, %sigmoid180
+  %exp.2n188 = bitcast <8 x i32> %1396 to <8 x float>
+  %exp189 = fmul <8 x float> %1393, %exp.2n188
+  %1397 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1397
+  %1398 = fmul <8 x float> %1371, %sigmoid190
   %1399 = fadd <8 x float> %1375, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai181 = fmul <8 x float> %1398, %1399
-  %1400 = fmul <8 x float> %oai181, %1359
-  %1401 = getelementptr inbounds float, ptr %1361, i64 %col177
+  %oai191 = fmul <8 x float> %1398, %1399
+  %1400 = fmul <8 x float> %oai191, %1359
+  %1401 = getelementptr inbounds float, ptr %1361, i64 %col187
   store <8 x float> %1400, ptr %1401, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end173, %k.end151, %k.end122, %k.end86, %k.end43, %k.end
+tile.done:                                        ; preds = %k.end181, %k.end157, %k.end126, %k.end88, %k.end43, %k.end
   %1402 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2766,26 +2803,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
+  %acc3032 = alloca <8 x float>, align 32
+  %acc3133 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
+  %acc1068 = alloca <8 x float>, align 32
+  %acc1169 = alloca <8 x float>, align 32
+  %acc0083 = alloca <8 x float>, align 32
+  %acc0184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2819,6 +2856,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -2930,8 +2968,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
   %93 = icmp slt i64 %k, 2880
   br i1 %93, label %k.body, label %k.end
 
@@ -2939,9 +2977,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds i16, ptr %panels, i64 %95
   %100 = load <8 x i32>, ptr %99, align 4
   %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -3213,8 +3257,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %371, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %371, %pf.any.end22 ]
   %321 = icmp slt i64 %k20, 2880
   br i1 %321, label %k.body18, label %k.end19
 
@@ -3222,64 +3266,70 @@ k.body18:                                         ; preds = %k.head17
   %322 = mul nsw i64 %k20, 16
   %323 = add nsw i64 %panel.off13, %322
   %324 = mul nsw i64 %k20, 32
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %325 = lshr i64 %324, %pf.sh16
   %326 = getelementptr inbounds i8, ptr %pf15, i64 %325
   call void @llvm.prefetch.p0(ptr %326, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %327 = getelementptr inbounds i16, ptr %panels, i64 %323
   %328 = load <8 x i32>, ptr %327, align 4
   %329 = shl <8 x i32> %328, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %329 to <8 x float>
+  %b023 = bitcast <8 x i32> %329 to <8 x float>
   %330 = and <8 x i32> %328, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %330 to <8 x float>
+  %b124 = bitcast <8 x i32> %330 to <8 x float>
   %331 = getelementptr inbounds float, ptr %256, i64 %k20
   %332 = load float, ptr %331, align 4
   %333 = insertelement <8 x float> poison, float %332, i32 0
   %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
   %335 = load <8 x float>, ptr %acc003, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b021, <8 x float> %335)
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b023, <8 x float> %335)
   store <8 x float> %336, ptr %acc003, align 4
   %337 = load <8 x float>, ptr %acc014, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b122, <8 x float> %337)
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b124, <8 x float> %337)
   store <8 x float> %338, ptr %acc014, align 4
   %339 = getelementptr inbounds float, ptr %268, i64 %k20
   %340 = load float, ptr %339, align 4
   %341 = insertelement <8 x float> poison, float %340, i32 0
   %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
   %343 = load <8 x float>, ptr %acc105, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b021, <8 x float> %343)
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b023, <8 x float> %343)
   store <8 x float> %344, ptr %acc105, align 4
   %345 = load <8 x float>, ptr %acc116, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b122, <8 x float> %345)
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b124, <8 x float> %345)
   store <8 x float> %346, ptr %acc116, align 4
   %347 = getelementptr inbounds float, ptr %280, i64 %k20
   %348 = load float, ptr %347, align 4
   %349 = insertelement <8 x float> poison, float %348, i32 0
   %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
   %351 = load <8 x float>, ptr %acc207, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b021, <8 x float> %351)
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b023, <8 x float> %351)
   store <8 x float> %352, ptr %acc207, align 4
   %353 = load <8 x float>, ptr %acc218, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b122, <8 x float> %353)
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b124, <8 x float> %353)
   store <8 x float> %354, ptr %acc218, align 4
   %355 = getelementptr inbounds float, ptr %292, i64 %k20
   %356 = load float, ptr %355, align 4
   %357 = insertelement <8 x float> poison, float %356, i32 0
   %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
   %359 = load <8 x float>, ptr %acc309, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b021, <8 x float> %359)
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b023, <8 x float> %359)
   store <8 x float> %360, ptr %acc309, align 4
   %361 = load <8 x float>, ptr %acc3110, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b122, <8 x float> %361)
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b124, <8 x float> %361)
   store <8 x float> %362, ptr %acc3110, align 4
   %363 = getelementptr inbounds float, ptr %304, i64 %k20
   %364 = load float, ptr %363, align 4
   %365 = insertelement <8 x float> poison, float %364, i32 0
   %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
   %367 = load <8 x float>, ptr %acc4011, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b021, <8 x float> %367)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b023, <8 x float> %367)
   store <8 x float> %368, ptr %acc4011, align 4
   %369 = load <8 x float>, ptr %acc4112, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b122, <8 x float> %369)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b124, <8 x float> %369)
   store <8 x float> %370, ptr %acc4112, align 4
   %371 = add nsw i64 %k20, 1
   br label %k.head17
@@ -3383,7 +3433,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col23 = mul nsw i64 %p, 16
+  %col25 = mul nsw i64 %p, 16
   %457 = add nsw i64 %r0, 0
   %458 = mul nsw i64 %457, 2880
   %459 = getelementptr inbounds float, ptr %h, i64 %458
@@ -3392,12 +3442,12 @@ tile.mr4:                                         ; preds = %r0.body
   %462 = sext i32 %461 to i64
   %463 = mul nsw i64 %462, 2880
   %464 = getelementptr inbounds float, ptr %y, i64 %463
-  %465 = add nsw i64 %col23, 0
+  %465 = add nsw i64 %col25, 0
   %466 = getelementptr inbounds float, ptr %464, i64 %465
-  store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %467 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc0026, align 4
+  %467 = add nsw i64 %col25, 8
   %468 = getelementptr inbounds float, ptr %464, i64 %467
-  store <8 x float> zeroinitializer, ptr %acc0125, align 4
+  store <8 x float> zeroinitializer, ptr %acc0127, align 4
   %469 = add nsw i64 %r0, 1
   %470 = mul nsw i64 %469, 2880
   %471 = getelementptr inbounds float, ptr %h, i64 %470
@@ -3406,12 +3456,12 @@ tile.mr4:                                         ; preds = %r0.body
   %474 = sext i32 %473 to i64
   %475 = mul nsw i64 %474, 2880
   %476 = getelementptr inbounds float, ptr %y, i64 %475
-  %477 = add nsw i64 %col23, 0
+  %477 = add nsw i64 %col25, 0
   %478 = getelementptr inbounds float, ptr %476, i64 %477
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %479 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc1028, align 4
+  %479 = add nsw i64 %col25, 8
   %480 = getelementptr inbounds float, ptr %476, i64 %479
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
+  store <8 x float> zeroinitializer, ptr %acc1129, align 4
   %481 = add nsw i64 %r0, 2
   %482 = mul nsw i64 %481, 2880
   %483 = getelementptr inbounds float, ptr %h, i64 %482
@@ -3420,12 +3470,12 @@ tile.mr4:                                         ; preds = %r0.body
   %486 = sext i32 %485 to i64
   %487 = mul nsw i64 %486, 2880
   %488 = getelementptr inbounds float, ptr %y, i64 %487
-  %489 = add nsw i64 %col23, 0
+  %489 = add nsw i64 %col25, 0
   %490 = getelementptr inbounds float, ptr %488, i64 %489
-  store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %491 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc2030, align 4
+  %491 = add nsw i64 %col25, 8
   %492 = getelementptr inbounds float, ptr %488, i64 %491
-  store <8 x float> zeroinitializer, ptr %acc2129, align 4
+  store <8 x float> zeroinitializer, ptr %acc2131, align 4
   %493 = add nsw i64 %r0, 3
   %494 = mul nsw i64 %493, 2880
   %495 = getelementptr inbounds float, ptr %h, i64 %494
@@ -3434,101 +3484,107 @@ tile.mr4:                                         ; preds = %r0.body
   %498 = sext i32 %497 to i64
   %499 = mul nsw i64 %498, 2880
   %500 = getelementptr inbounds float, ptr %y, i64 %499
-  %501 = add nsw i64 %col23, 0
+  %501 = add nsw i64 %col25, 0
   %502 = getelementptr inbounds float, ptr %500, i64 %501
-  store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %503 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc3032, align 4
+  %503 = add nsw i64 %col25, 8
   %504 = getelementptr inbounds float, ptr %500, i64 %503
-  store <8 x float> zeroinitializer, ptr %acc3131, align 4
-  %panel.off32 = mul nsw i64 %p, 46080
-  %505 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %panel.off34 = mul nsw i64 %p, 46080
+  %505 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
   %506 = add nsw i64 %p, 1
   %507 = icmp slt i64 %506, %p1
-  %pf.on33 = and i1 %pf.on, %507
+  %pf.on35 = and i1 %pf.on, %507
   %508 = mul nsw i64 %pf.j, 92160
   %509 = lshr i64 %508, %10
   %510 = add nsw i64 92160, %509
   %511 = getelementptr inbounds i8, ptr %505, i64 %510
-  %pf34 = select i1 %pf.on33, ptr %511, ptr %505
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
-  br label %k.head36
+  %pf36 = select i1 %pf.on35, ptr %511, ptr %505
+  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  br label %k.head38
 
-k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %554, %k.body37 ]
-  %512 = icmp slt i64 %k39, 2880
-  br i1 %512, label %k.body37, label %k.end38
+k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %554, %pf.any.end43 ]
+  %512 = icmp slt i64 %k41, 2880
+  br i1 %512, label %k.body39, label %k.end40
 
-k.body37:                                         ; preds = %k.head36
-  %513 = mul nsw i64 %k39, 16
-  %514 = add nsw i64 %panel.off32, %513
-  %515 = mul nsw i64 %k39, 32
-  %516 = lshr i64 %515, %pf.sh35
-  %517 = getelementptr inbounds i8, ptr %pf34, i64 %516
+k.body39:                                         ; preds = %k.head38
+  %513 = mul nsw i64 %k41, 16
+  %514 = add nsw i64 %panel.off34, %513
+  %515 = mul nsw i64 %k41, 32
+  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+
+pf.any.then42:                                    ; preds = %k.body39
+  %516 = lshr i64 %515, %pf.sh37
+  %517 = getelementptr inbounds i8, ptr %pf36, i64 %516
   call void @llvm.prefetch.p0(ptr %517, i32 0, i32 2, i32 1)
+  br label %pf.any.end43
+
+pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
   %518 = getelementptr inbounds i16, ptr %panels, i64 %514
   %519 = load <8 x i32>, ptr %518, align 4
   %520 = shl <8 x i32> %519, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %520 to <8 x float>
+  %b044 = bitcast <8 x i32> %520 to <8 x float>
   %521 = and <8 x i32> %519, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %521 to <8 x float>
-  %522 = getelementptr inbounds float, ptr %459, i64 %k39
+  %b145 = bitcast <8 x i32> %521 to <8 x float>
+  %522 = getelementptr inbounds float, ptr %459, i64 %k41
   %523 = load float, ptr %522, align 4
   %524 = insertelement <8 x float> poison, float %523, i32 0
   %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
-  %526 = load <8 x float>, ptr %acc0024, align 4
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b040, <8 x float> %526)
-  store <8 x float> %527, ptr %acc0024, align 4
-  %528 = load <8 x float>, ptr %acc0125, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b141, <8 x float> %528)
-  store <8 x float> %529, ptr %acc0125, align 4
-  %530 = getelementptr inbounds float, ptr %471, i64 %k39
+  %526 = load <8 x float>, ptr %acc0026, align 4
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b044, <8 x float> %526)
+  store <8 x float> %527, ptr %acc0026, align 4
+  %528 = load <8 x float>, ptr %acc0127, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b145, <8 x float> %528)
+  store <8 x float> %529, ptr %acc0127, align 4
+  %530 = getelementptr inbounds float, ptr %471, i64 %k41
   %531 = load float, ptr %530, align 4
   %532 = insertelement <8 x float> poison, float %531, i32 0
   %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
-  %534 = load <8 x float>, ptr %acc1026, align 4
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b040, <8 x float> %534)
-  store <8 x float> %535, ptr %acc1026, align 4
-  %536 = load <8 x float>, ptr %acc1127, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b141, <8 x float> %536)
-  store <8 x float> %537, ptr %acc1127, align 4
-  %538 = getelementptr inbounds float, ptr %483, i64 %k39
+  %534 = load <8 x float>, ptr %acc1028, align 4
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b044, <8 x float> %534)
+  store <8 x float> %535, ptr %acc1028, align 4
+  %536 = load <8 x float>, ptr %acc1129, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b145, <8 x float> %536)
+  store <8 x float> %537, ptr %acc1129, align 4
+  %538 = getelementptr inbounds float, ptr %483, i64 %k41
   %539 = load float, ptr %538, align 4
   %540 = insertelement <8 x float> poison, float %539, i32 0
   %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = load <8 x float>, ptr %acc2028, align 4
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b040, <8 x float> %542)
-  store <8 x float> %543, ptr %acc2028, align 4
-  %544 = load <8 x float>, ptr %acc2129, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b141, <8 x float> %544)
-  store <8 x float> %545, ptr %acc2129, align 4
-  %546 = getelementptr inbounds float, ptr %495, i64 %k39
+  %542 = load <8 x float>, ptr %acc2030, align 4
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b044, <8 x float> %542)
+  store <8 x float> %543, ptr %acc2030, align 4
+  %544 = load <8 x float>, ptr %acc2131, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b145, <8 x float> %544)
+  store <8 x float> %545, ptr %acc2131, align 4
+  %546 = getelementptr inbounds float, ptr %495, i64 %k41
   %547 = load float, ptr %546, align 4
   %548 = insertelement <8 x float> poison, float %547, i32 0
   %549 = shufflevector <8 x float> %548, <8 x float> poison, <8 x i32> zeroinitializer
-  %550 = load <8 x float>, ptr %acc3030, align 4
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b040, <8 x float> %550)
-  store <8 x float> %551, ptr %acc3030, align 4
-  %552 = load <8 x float>, ptr %acc3131, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b141, <8 x float> %552)
-  store <8 x float> %553, ptr %acc3131, align 4
-  %554 = add nsw i64 %k39, 1
-  br label %k.head36
+  %550 = load <8 x float>, ptr %acc3032, align 4
+  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b044, <8 x float> %550)
+  store <8 x float> %551, ptr %acc3032, align 4
+  %552 = load <8 x float>, ptr %acc3133, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b145, <8 x float> %552)
+  store <8 x float> %553, ptr %acc3133, align 4
+  %554 = add nsw i64 %k41, 1
+  br label %k.head38
 
-k.end38:                                          ; preds = %k.head36
+k.end40:                                          ; preds = %k.head38
   %555 = add nsw i64 %r0, 0
   %556 = getelementptr inbounds float, ptr %rw, i64 %555
   %557 = load float, ptr %556, align 4
   %558 = insertelement <8 x float> poison, float %557, i32 0
   %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
-  %560 = load <8 x float>, ptr %acc0024, align 4
-  %561 = add nsw i64 %col23, 0
+  %560 = load <8 x float>, ptr %acc0026, align 4
+  %561 = add nsw i64 %col25, 0
   %562 = getelementptr inbounds float, ptr %bd, i64 %561
   %563 = load <8 x float>, ptr %562, align 4
   %564 = fmul <8 x float> %563, %559
   %565 = fadd <8 x float> %560, %564
   store <8 x float> %565, ptr %466, align 4
-  %566 = load <8 x float>, ptr %acc0125, align 4
-  %567 = add nsw i64 %col23, 8
+  %566 = load <8 x float>, ptr %acc0127, align 4
+  %567 = add nsw i64 %col25, 8
   %568 = getelementptr inbounds float, ptr %bd, i64 %567
   %569 = load <8 x float>, ptr %568, align 4
   %570 = fmul <8 x float> %569, %559
@@ -3539,15 +3595,15 @@ k.end38:                                          ; preds = %k.head36
   %574 = load float, ptr %573, align 4
   %575 = insertelement <8 x float> poison, float %574, i32 0
   %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc1026, align 4
-  %578 = add nsw i64 %col23, 0
+  %577 = load <8 x float>, ptr %acc1028, align 4
+  %578 = add nsw i64 %col25, 0
   %579 = getelementptr inbounds float, ptr %bd, i64 %578
   %580 = load <8 x float>, ptr %579, align 4
   %581 = fmul <8 x float> %580, %576
   %582 = fadd <8 x float> %577, %581
   store <8 x float> %582, ptr %478, align 4
-  %583 = load <8 x float>, ptr %acc1127, align 4
-  %584 = add nsw i64 %col23, 8
+  %583 = load <8 x float>, ptr %acc1129, align 4
+  %584 = add nsw i64 %col25, 8
   %585 = getelementptr inbounds float, ptr %bd, i64 %584
   %586 = load <8 x float>, ptr %585, align 4
   %587 = fmul <8 x float> %586, %576
@@ -3558,15 +3614,15 @@ k.end38:                                          ; preds = %k.head36
   %591 = load float, ptr %590, align 4
   %592 = insertelement <8 x float> poison, float %591, i32 0
   %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
-  %594 = load <8 x float>, ptr %acc2028, align 4
-  %595 = add nsw i64 %col23, 0
+  %594 = load <8 x float>, ptr %acc2030, align 4
+  %595 = add nsw i64 %col25, 0
   %596 = getelementptr inbounds float, ptr %bd, i64 %595
   %597 = load <8 x float>, ptr %596, align 4
   %598 = fmul <8 x float> %597, %593
   %599 = fadd <8 x float> %594, %598
   store <8 x float> %599, ptr %490, align 4
-  %600 = load <8 x float>, ptr %acc2129, align 4
-  %601 = add nsw i64 %col23, 8
+  %600 = load <8 x float>, ptr %acc2131, align 4
+  %601 = add nsw i64 %col25, 8
   %602 = getelementptr inbounds float, ptr %bd, i64 %601
   %603 = load <8 x float>, ptr %602, align 4
   %604 = fmul <8 x float> %603, %593
@@ -3577,15 +3633,15 @@ k.end38:                                          ; preds = %k.head36
   %608 = load float, ptr %607, align 4
   %609 = insertelement <8 x float> poison, float %608, i32 0
   %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = load <8 x float>, ptr %acc3030, align 4
-  %612 = add nsw i64 %col23, 0
+  %611 = load <8 x float>, ptr %acc3032, align 4
+  %612 = add nsw i64 %col25, 0
   %613 = getelementptr inbounds float, ptr %bd, i64 %612
   %614 = load <8 x float>, ptr %613, align 4
   %615 = fmul <8 x float> %614, %610
   %616 = fadd <8 x float> %611, %615
   store <8 x float> %616, ptr %502, align 4
-  %617 = load <8 x float>, ptr %acc3131, align 4
-  %618 = add nsw i64 %col23, 8
+  %617 = load <8 x float>, ptr %acc3133, align 4
+  %618 = add nsw i64 %col25, 8
   %619 = getelementptr inbounds float, ptr %bd, i64 %618
   %620 = load <8 x float>, ptr %619, align 4
   %621 = fmul <8 x float> %620, %610
@@ -3594,7 +3650,7 @@ k.end38:                                          ; preds = %k.head36
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col42 = mul nsw i64 %p, 16
+  %col46 = mul nsw i64 %p, 16
   %623 = add nsw i64 %r0, 0
   %624 = mul nsw i64 %623, 2880
   %625 = getelementptr inbounds float, ptr %h, i64 %624
@@ -3603,12 +3659,12 @@ tile.mr3:                                         ; preds = %r0.body
   %628 = sext i32 %627 to i64
   %629 = mul nsw i64 %628, 2880
   %630 = getelementptr inbounds float, ptr %y, i64 %629
-  %631 = add nsw i64 %col42, 0
+  %631 = add nsw i64 %col46, 0
   %632 = getelementptr inbounds float, ptr %630, i64 %631
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %633 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc0047, align 4
+  %633 = add nsw i64 %col46, 8
   %634 = getelementptr inbounds float, ptr %630, i64 %633
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  store <8 x float> zeroinitializer, ptr %acc0148, align 4
   %635 = add nsw i64 %r0, 1
   %636 = mul nsw i64 %635, 2880
   %637 = getelementptr inbounds float, ptr %h, i64 %636
@@ -3617,12 +3673,12 @@ tile.mr3:                                         ; preds = %r0.body
   %640 = sext i32 %639 to i64
   %641 = mul nsw i64 %640, 2880
   %642 = getelementptr inbounds float, ptr %y, i64 %641
-  %643 = add nsw i64 %col42, 0
+  %643 = add nsw i64 %col46, 0
   %644 = getelementptr inbounds float, ptr %642, i64 %643
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %645 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc1049, align 4
+  %645 = add nsw i64 %col46, 8
   %646 = getelementptr inbounds float, ptr %642, i64 %645
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  store <8 x float> zeroinitializer, ptr %acc1150, align 4
   %647 = add nsw i64 %r0, 2
   %648 = mul nsw i64 %647, 2880
   %649 = getelementptr inbounds float, ptr %h, i64 %648
@@ -3631,91 +3687,97 @@ tile.mr3:                                         ; preds = %r0.body
   %652 = sext i32 %651 to i64
   %653 = mul nsw i64 %652, 2880
   %654 = getelementptr inbounds float, ptr %y, i64 %653
-  %655 = add nsw i64 %col42, 0
+  %655 = add nsw i64 %col46, 0
   %656 = getelementptr inbounds float, ptr %654, i64 %655
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %657 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc2051, align 4
+  %657 = add nsw i64 %col46, 8
   %658 = getelementptr inbounds float, ptr %654, i64 %657
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
-  %panel.off49 = mul nsw i64 %p, 46080
-  %659 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %panel.off53 = mul nsw i64 %p, 46080
+  %659 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
   %660 = add nsw i64 %p, 1
   %661 = icmp slt i64 %660, %p1
-  %pf.on50 = and i1 %pf.on, %661
+  %pf.on54 = and i1 %pf.on, %661
   %662 = mul nsw i64 %pf.j, 92160
   %663 = lshr i64 %662, %10
   %664 = add nsw i64 92160, %663
   %665 = getelementptr inbounds i8, ptr %659, i64 %664
-  %pf51 = select i1 %pf.on50, ptr %665, ptr %659
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
-  br label %k.head53
+  %pf55 = select i1 %pf.on54, ptr %665, ptr %659
+  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  br label %k.head57
 
-k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %700, %k.body54 ]
-  %666 = icmp slt i64 %k56, 2880
-  br i1 %666, label %k.body54, label %k.end55
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %700, %pf.any.end62 ]
+  %666 = icmp slt i64 %k60, 2880
+  br i1 %666, label %k.body58, label %k.end59
 
-k.body54:                                         ; preds = %k.head53
-  %667 = mul nsw i64 %k56, 16
-  %668 = add nsw i64 %panel.off49, %667
-  %669 = mul nsw i64 %k56, 32
-  %670 = lshr i64 %669, %pf.sh52
-  %671 = getelementptr inbounds i8, ptr %pf51, i64 %670
+k.body58:                                         ; preds = %k.head57
+  %667 = mul nsw i64 %k60, 16
+  %668 = add nsw i64 %panel.off53, %667
+  %669 = mul nsw i64 %k60, 32
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+
+pf.any.then61:                                    ; preds = %k.body58
+  %670 = lshr i64 %669, %pf.sh56
+  %671 = getelementptr inbounds i8, ptr %pf55, i64 %670
   call void @llvm.prefetch.p0(ptr %671, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
+
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
   %672 = getelementptr inbounds i16, ptr %panels, i64 %668
   %673 = load <8 x i32>, ptr %672, align 4
   %674 = shl <8 x i32> %673, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %674 to <8 x float>
+  %b063 = bitcast <8 x i32> %674 to <8 x float>
   %675 = and <8 x i32> %673, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %675 to <8 x float>
-  %676 = getelementptr inbounds float, ptr %625, i64 %k56
+  %b164 = bitcast <8 x i32> %675 to <8 x float>
+  %676 = getelementptr inbounds float, ptr %625, i64 %k60
   %677 = load float, ptr %676, align 4
   %678 = insertelement <8 x float> poison, float %677, i32 0
   %679 = shufflevector <8 x float> %678, <8 x float> poison, <8 x i32> zeroinitializer
-  %680 = load <8 x float>, ptr %acc0043, align 4
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b057, <8 x float> %680)
-  store <8 x float> %681, ptr %acc0043, align 4
-  %682 = load <8 x float>, ptr %acc0144, align 4
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b158, <8 x float> %682)
-  store <8 x float> %683, ptr %acc0144, align 4
-  %684 = getelementptr inbounds float, ptr %637, i64 %k56
+  %680 = load <8 x float>, ptr %acc0047, align 4
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b063, <8 x float> %680)
+  store <8 x float> %681, ptr %acc0047, align 4
+  %682 = load <8 x float>, ptr %acc0148, align 4
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b164, <8 x float> %682)
+  store <8 x float> %683, ptr %acc0148, align 4
+  %684 = getelementptr inbounds float, ptr %637, i64 %k60
   %685 = load float, ptr %684, align 4
   %686 = insertelement <8 x float> poison, float %685, i32 0
   %687 = shufflevector <8 x float> %686, <8 x float> poison, <8 x i32> zeroinitializer
-  %688 = load <8 x float>, ptr %acc1045, align 4
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b057, <8 x float> %688)
-  store <8 x float> %689, ptr %acc1045, align 4
-  %690 = load <8 x float>, ptr %acc1146, align 4
-  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b158, <8 x float> %690)
-  store <8 x float> %691, ptr %acc1146, align 4
-  %692 = getelementptr inbounds float, ptr %649, i64 %k56
+  %688 = load <8 x float>, ptr %acc1049, align 4
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b063, <8 x float> %688)
+  store <8 x float> %689, ptr %acc1049, align 4
+  %690 = load <8 x float>, ptr %acc1150, align 4
+  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b164, <8 x float> %690)
+  store <8 x float> %691, ptr %acc1150, align 4
+  %692 = getelementptr inbounds float, ptr %649, i64 %k60
   %693 = load float, ptr %692, align 4
   %694 = insertelement <8 x float> poison, float %693, i32 0
   %695 = shufflevector <8 x float> %694, <8 x float> poison, <8 x i32> zeroinitializer
-  %696 = load <8 x float>, ptr %acc2047, align 4
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b057, <8 x float> %696)
-  store <8 x float> %697, ptr %acc2047, align 4
-  %698 = load <8 x float>, ptr %acc2148, align 4
-  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b158, <8 x float> %698)
-  store <8 x float> %699, ptr %acc2148, align 4
-  %700 = add nsw i64 %k56, 1
-  br label %k.head53
+  %696 = load <8 x float>, ptr %acc2051, align 4
+  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b063, <8 x float> %696)
+  store <8 x float> %697, ptr %acc2051, align 4
+  %698 = load <8 x float>, ptr %acc2152, align 4
+  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b164, <8 x float> %698)
+  store <8 x float> %699, ptr %acc2152, align 4
+  %700 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end55:                                          ; preds = %k.head53
+k.end59:                                          ; preds = %k.head57
   %701 = add nsw i64 %r0, 0
   %702 = getelementptr inbounds float, ptr %rw, i64 %701
   %703 = load float, ptr %702, align 4
   %704 = insertelement <8 x float> poison, float %703, i32 0
   %705 = shufflevector <8 x float> %704, <8 x float> poison, <8 x i32> zeroinitializer
-  %706 = load <8 x float>, ptr %acc0043, align 4
-  %707 = add nsw i64 %col42, 0
+  %706 = load <8 x float>, ptr %acc0047, align 4
+  %707 = add nsw i64 %col46, 0
   %708 = getelementptr inbounds float, ptr %bd, i64 %707
   %709 = load <8 x float>, ptr %708, align 4
   %710 = fmul <8 x float> %709, %705
   %711 = fadd <8 x float> %706, %710
   store <8 x float> %711, ptr %632, align 4
-  %712 = load <8 x float>, ptr %acc0144, align 4
-  %713 = add nsw i64 %col42, 8
+  %712 = load <8 x float>, ptr %acc0148, align 4
+  %713 = add nsw i64 %col46, 8
   %714 = getelementptr inbounds float, ptr %bd, i64 %713
   %715 = load <8 x float>, ptr %714, align 4
   %716 = fmul <8 x float> %715, %705
@@ -3726,15 +3788,15 @@ k.end55:                                          ; preds = %k.head53
   %720 = load float, ptr %719, align 4
   %721 = insertelement <8 x float> poison, float %720, i32 0
   %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
-  %723 = load <8 x float>, ptr %acc1045, align 4
-  %724 = add nsw i64 %col42, 0
+  %723 = load <8 x float>, ptr %acc1049, align 4
+  %724 = add nsw i64 %col46, 0
   %725 = getelementptr inbounds float, ptr %bd, i64 %724
   %726 = load <8 x float>, ptr %725, align 4
   %727 = fmul <8 x float> %726, %722
   %728 = fadd <8 x float> %723, %727
   store <8 x float> %728, ptr %644, align 4
-  %729 = load <8 x float>, ptr %acc1146, align 4
-  %730 = add nsw i64 %col42, 8
+  %729 = load <8 x float>, ptr %acc1150, align 4
+  %730 = add nsw i64 %col46, 8
   %731 = getelementptr inbounds float, ptr %bd, i64 %730
   %732 = load <8 x float>, ptr %731, align 4
   %733 = fmul <8 x float> %732, %722
@@ -3745,15 +3807,15 @@ k.end55:                                          ; preds = %k.head53
   %737 = load float, ptr %736, align 4
   %738 = insertelement <8 x float> poison, float %737, i32 0
   %739 = shufflevector <8 x float> %738, <8 x float> poison, <8 x i32> zeroinitializer
-  %740 = load <8 x float>, ptr %acc2047, align 4
-  %741 = add nsw i64 %col42, 0
+  %740 = load <8 x float>, ptr %acc2051, align 4
+  %741 = add nsw i64 %col46, 0
   %742 = getelementptr inbounds float, ptr %bd, i64 %741
   %743 = load <8 x float>, ptr %742, align 4
   %744 = fmul <8 x float> %743, %739
   %745 = fadd <8 x float> %740, %744
   store <8 x float> %745, ptr %656, align 4
-  %746 = load <8 x float>, ptr %acc2148, align 4
-  %747 = add nsw i64 %col42, 8
+  %746 = load <8 x float>, ptr %acc2152, align 4
+  %747 = add nsw i64 %col46, 8
   %748 = getelementptr inbounds float, ptr %bd, i64 %747
   %749 = load <8 x float>, ptr %748, align 4
   %750 = fmul <8 x float> %749, %739
@@ -3762,7 +3824,7 @@ k.end55:                                          ; preds = %k.head53
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col59 = mul nsw i64 %p, 16
+  %col65 = mul nsw i64 %p, 16
   %752 = add nsw i64 %r0, 0
   %753 = mul nsw i64 %752, 2880
   %754 = getelementptr inbounds float, ptr %h, i64 %753
@@ -3771,12 +3833,12 @@ tile.mr2:                                         ; preds = %r0.body
   %757 = sext i32 %756 to i64
   %758 = mul nsw i64 %757, 2880
   %759 = getelementptr inbounds float, ptr %y, i64 %758
-  %760 = add nsw i64 %col59, 0
+  %760 = add nsw i64 %col65, 0
   %761 = getelementptr inbounds float, ptr %759, i64 %760
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %762 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc0066, align 4
+  %762 = add nsw i64 %col65, 8
   %763 = getelementptr inbounds float, ptr %759, i64 %762
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  store <8 x float> zeroinitializer, ptr %acc0167, align 4
   %764 = add nsw i64 %r0, 1
   %765 = mul nsw i64 %764, 2880
   %766 = getelementptr inbounds float, ptr %h, i64 %765
@@ -3785,81 +3847,87 @@ tile.mr2:                                         ; preds = %r0.body
   %769 = sext i32 %768 to i64
   %770 = mul nsw i64 %769, 2880
   %771 = getelementptr inbounds float, ptr %y, i64 %770
-  %772 = add nsw i64 %col59, 0
+  %772 = add nsw i64 %col65, 0
   %773 = getelementptr inbounds float, ptr %771, i64 %772
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %774 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc1068, align 4
+  %774 = add nsw i64 %col65, 8
   %775 = getelementptr inbounds float, ptr %771, i64 %774
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
-  %panel.off64 = mul nsw i64 %p, 46080
-  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %panel.off70 = mul nsw i64 %p, 46080
+  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
   %777 = add nsw i64 %p, 1
   %778 = icmp slt i64 %777, %p1
-  %pf.on65 = and i1 %pf.on, %778
+  %pf.on71 = and i1 %pf.on, %778
   %779 = mul nsw i64 %pf.j, 92160
   %780 = lshr i64 %779, %10
   %781 = add nsw i64 92160, %780
   %782 = getelementptr inbounds i8, ptr %776, i64 %781
-  %pf66 = select i1 %pf.on65, ptr %782, ptr %776
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
-  br label %k.head68
+  %pf72 = select i1 %pf.on71, ptr %782, ptr %776
+  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  br label %k.head74
 
-k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %809, %k.body69 ]
-  %783 = icmp slt i64 %k71, 2880
-  br i1 %783, label %k.body69, label %k.end70
+k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %809, %pf.any.end79 ]
+  %783 = icmp slt i64 %k77, 2880
+  br i1 %783, label %k.body75, label %k.end76
 
-k.body69:                                         ; preds = %k.head68
-  %784 = mul nsw i64 %k71, 16
-  %785 = add nsw i64 %panel.off64, %784
-  %786 = mul nsw i64 %k71, 32
-  %787 = lshr i64 %786, %pf.sh67
-  %788 = getelementptr inbounds i8, ptr %pf66, i64 %787
+k.body75:                                         ; preds = %k.head74
+  %784 = mul nsw i64 %k77, 16
+  %785 = add nsw i64 %panel.off70, %784
+  %786 = mul nsw i64 %k77, 32
+  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+
+pf.any.then78:                                    ; preds = %k.body75
+  %787 = lshr i64 %786, %pf.sh73
+  %788 = getelementptr inbounds i8, ptr %pf72, i64 %787
   call void @llvm.prefetch.p0(ptr %788, i32 0, i32 2, i32 1)
+  br label %pf.any.end79
+
+pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
   %789 = getelementptr inbounds i16, ptr %panels, i64 %785
   %790 = load <8 x i32>, ptr %789, align 4
   %791 = shl <8 x i32> %790, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %791 to <8 x float>
+  %b080 = bitcast <8 x i32> %791 to <8 x float>
   %792 = and <8 x i32> %790, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %792 to <8 x float>
-  %793 = getelementptr inbounds float, ptr %754, i64 %k71
+  %b181 = bitcast <8 x i32> %792 to <8 x float>
+  %793 = getelementptr inbounds float, ptr %754, i64 %k77
   %794 = load float, ptr %793, align 4
   %795 = insertelement <8 x float> poison, float %794, i32 0
   %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
-  %797 = load <8 x float>, ptr %acc0060, align 4
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b072, <8 x float> %797)
-  store <8 x float> %798, ptr %acc0060, align 4
-  %799 = load <8 x float>, ptr %acc0161, align 4
-  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b173, <8 x float> %799)
-  store <8 x float> %800, ptr %acc0161, align 4
-  %801 = getelementptr inbounds float, ptr %766, i64 %k71
+  %797 = load <8 x float>, ptr %acc0066, align 4
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b080, <8 x float> %797)
+  store <8 x float> %798, ptr %acc0066, align 4
+  %799 = load <8 x float>, ptr %acc0167, align 4
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b181, <8 x float> %799)
+  store <8 x float> %800, ptr %acc0167, align 4
+  %801 = getelementptr inbounds float, ptr %766, i64 %k77
   %802 = load float, ptr %801, align 4
   %803 = insertelement <8 x float> poison, float %802, i32 0
   %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
-  %805 = load <8 x float>, ptr %acc1062, align 4
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b072, <8 x float> %805)
-  store <8 x float> %806, ptr %acc1062, align 4
-  %807 = load <8 x float>, ptr %acc1163, align 4
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b173, <8 x float> %807)
-  store <8 x float> %808, ptr %acc1163, align 4
-  %809 = add nsw i64 %k71, 1
-  br label %k.head68
+  %805 = load <8 x float>, ptr %acc1068, align 4
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b080, <8 x float> %805)
+  store <8 x float> %806, ptr %acc1068, align 4
+  %807 = load <8 x float>, ptr %acc1169, align 4
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b181, <8 x float> %807)
+  store <8 x float> %808, ptr %acc1169, align 4
+  %809 = add nsw i64 %k77, 1
+  br label %k.head74
 
-k.end70:                                          ; preds = %k.head68
+k.end76:                                          ; preds = %k.head74
   %810 = add nsw i64 %r0, 0
   %811 = getelementptr inbounds float, ptr %rw, i64 %810
   %812 = load float, ptr %811, align 4
   %813 = insertelement <8 x float> poison, float %812, i32 0
   %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc0060, align 4
-  %816 = add nsw i64 %col59, 0
+  %815 = load <8 x float>, ptr %acc0066, align 4
+  %816 = add nsw i64 %col65, 0
   %817 = getelementptr inbounds float, ptr %bd, i64 %816
   %818 = load <8 x float>, ptr %817, align 4
   %819 = fmul <8 x float> %818, %814
   %820 = fadd <8 x float> %815, %819
   store <8 x float> %820, ptr %761, align 4
-  %821 = load <8 x float>, ptr %acc0161, align 4
-  %822 = add nsw i64 %col59, 8
+  %821 = load <8 x float>, ptr %acc0167, align 4
+  %822 = add nsw i64 %col65, 8
   %823 = getelementptr inbounds float, ptr %bd, i64 %822
   %824 = load <8 x float>, ptr %823, align 4
   %825 = fmul <8 x float> %824, %814
@@ -3870,15 +3938,15 @@ k.end70:                                          ; preds = %k.head68
   %829 = load float, ptr %828, align 4
   %830 = insertelement <8 x float> poison, float %829, i32 0
   %831 = shufflevector <8 x float> %830, <8 x float> poison, <8 x i32> zeroinitializer
-  %832 = load <8 x float>, ptr %acc1062, align 4
-  %833 = add nsw i64 %col59, 0
+  %832 = load <8 x float>, ptr %acc1068, align 4
+  %833 = add nsw i64 %col65, 0
   %834 = getelementptr inbounds float, ptr %bd, i64 %833
   %835 = load <8 x float>, ptr %834, align 4
   %836 = fmul <8 x float> %835, %831
   %837 = fadd <8 x float> %832, %836
   store <8 x float> %837, ptr %773, align 4
-  %838 = load <8 x float>, ptr %acc1163, align 4
-  %839 = add nsw i64 %col59, 8
+  %838 = load <8 x float>, ptr %acc1169, align 4
+  %839 = add nsw i64 %col65, 8
   %840 = getelementptr inbounds float, ptr %bd, i64 %839
   %841 = load <8 x float>, ptr %840, align 4
   %842 = fmul <8 x float> %841, %831
@@ -3887,7 +3955,7 @@ k.end70:                                          ; preds = %k.head68
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col74 = mul nsw i64 %p, 16
+  %col82 = mul nsw i64 %p, 16
   %844 = add nsw i64 %r0, 0
   %845 = mul nsw i64 %844, 2880
   %846 = getelementptr inbounds float, ptr %h, i64 %845
@@ -3896,71 +3964,77 @@ tile.mr1:                                         ; preds = %r0.body
   %849 = sext i32 %848 to i64
   %850 = mul nsw i64 %849, 2880
   %851 = getelementptr inbounds float, ptr %y, i64 %850
-  %852 = add nsw i64 %col74, 0
+  %852 = add nsw i64 %col82, 0
   %853 = getelementptr inbounds float, ptr %851, i64 %852
-  store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %854 = add nsw i64 %col74, 8
+  store <8 x float> zeroinitializer, ptr %acc0083, align 4
+  %854 = add nsw i64 %col82, 8
   %855 = getelementptr inbounds float, ptr %851, i64 %854
-  store <8 x float> zeroinitializer, ptr %acc0176, align 4
-  %panel.off77 = mul nsw i64 %p, 46080
-  %856 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %panel.off85 = mul nsw i64 %p, 46080
+  %856 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
   %857 = add nsw i64 %p, 1
   %858 = icmp slt i64 %857, %p1
-  %pf.on78 = and i1 %pf.on, %858
+  %pf.on86 = and i1 %pf.on, %858
   %859 = mul nsw i64 %pf.j, 92160
   %860 = lshr i64 %859, %10
   %861 = add nsw i64 92160, %860
   %862 = getelementptr inbounds i8, ptr %856, i64 %861
-  %pf79 = select i1 %pf.on78, ptr %862, ptr %856
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
-  br label %k.head81
+  %pf87 = select i1 %pf.on86, ptr %862, ptr %856
+  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  br label %k.head89
 
-k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %881, %k.body82 ]
-  %863 = icmp slt i64 %k84, 2880
-  br i1 %863, label %k.body82, label %k.end83
+k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %881, %pf.any.end94 ]
+  %863 = icmp slt i64 %k92, 2880
+  br i1 %863, label %k.body90, label %k.end91
 
-k.body82:                                         ; preds = %k.head81
-  %864 = mul nsw i64 %k84, 16
-  %865 = add nsw i64 %panel.off77, %864
-  %866 = mul nsw i64 %k84, 32
-  %867 = lshr i64 %866, %pf.sh80
-  %868 = getelementptr inbounds i8, ptr %pf79, i64 %867
+k.body90:                                         ; preds = %k.head89
+  %864 = mul nsw i64 %k92, 16
+  %865 = add nsw i64 %panel.off85, %864
+  %866 = mul nsw i64 %k92, 32
+  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+
+pf.any.then93:                                    ; preds = %k.body90
+  %867 = lshr i64 %866, %pf.sh88
+  %868 = getelementptr inbounds i8, ptr %pf87, i64 %867
   call void @llvm.prefetch.p0(ptr %868, i32 0, i32 2, i32 1)
+  br label %pf.any.end94
+
+pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
   %869 = getelementptr inbounds i16, ptr %panels, i64 %865
   %870 = load <8 x i32>, ptr %869, align 4
   %871 = shl <8 x i32> %870, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %871 to <8 x float>
+  %b095 = bitcast <8 x i32> %871 to <8 x float>
   %872 = and <8 x i32> %870, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %872 to <8 x float>
-  %873 = getelementptr inbounds float, ptr %846, i64 %k84
+  %b196 = bitcast <8 x i32> %872 to <8 x float>
+  %873 = getelementptr inbounds float, ptr %846, i64 %k92
   %874 = load float, ptr %873, align 4
   %875 = insertelement <8 x float> poison, float %874, i32 0
   %876 = shufflevector <8 x float> %875, <8 x float> poison, <8 x i32> zeroinitializer
-  %877 = load <8 x float>, ptr %acc0075, align 4
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b085, <8 x float> %877)
-  store <8 x float> %878, ptr %acc0075, align 4
-  %879 = load <8 x float>, ptr %acc0176, align 4
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b186, <8 x float> %879)
-  store <8 x float> %880, ptr %acc0176, align 4
-  %881 = add nsw i64 %k84, 1
-  br label %k.head81
+  %877 = load <8 x float>, ptr %acc0083, align 4
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b095, <8 x float> %877)
+  store <8 x float> %878, ptr %acc0083, align 4
+  %879 = load <8 x float>, ptr %acc0184, align 4
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b196, <8 x float> %879)
+  store <8 x float> %880, ptr %acc0184, align 4
+  %881 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end83:                                          ; preds = %k.head81
+k.end91:                                          ; preds = %k.head89
   %882 = add nsw i64 %r0, 0
   %883 = getelementptr inbounds float, ptr %rw, i64 %882
   %884 = load float, ptr %883, align 4
   %885 = insertelement <8 x float> poison, float %884, i32 0
   %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
-  %887 = load <8 x float>, ptr %acc0075, align 4
-  %888 = add nsw i64 %col74, 0
+  %887 = load <8 x float>, ptr %acc0083, align 4
+  %888 = add nsw i64 %col82, 0
   %889 = getelementptr inbounds float, ptr %bd, i64 %888
   %890 = load <8 x float>, ptr %889, align 4
   %891 = fmul <8 x float> %890, %886
   %892 = fadd <8 x float> %887, %891
   store <8 x float> %892, ptr %853, align 4
-  %893 = load <8 x float>, ptr %acc0176, align 4
-  %894 = add nsw i64 %col74, 8
+  %893 = load <8 x float>, ptr %acc0184, align 4
+  %894 = add nsw i64 %col82, 8
   %895 = getelementptr inbounds float, ptr %bd, i64 %894
   %896 = load <8 x float>, ptr %895, align 4
   %897 = fmul <8 x float> %896, %886
@@ -3968,7 +4042,7 @@ k.end83:                                          ; preds = %k.head81
   store <8 x float> %898, ptr %855, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
   %899 = add nsw i64 %r0, 6
   br label %r0.head
 

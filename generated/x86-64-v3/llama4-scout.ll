@@ -847,26 +847,26 @@ entry:
   %acc3139 = alloca <8 x float>, align 32
   %acc4040 = alloca <8 x float>, align 32
   %acc4141 = alloca <8 x float>, align 32
-  %acc0082 = alloca <8 x float>, align 32
-  %acc0183 = alloca <8 x float>, align 32
-  %acc1084 = alloca <8 x float>, align 32
-  %acc1185 = alloca <8 x float>, align 32
-  %acc2086 = alloca <8 x float>, align 32
-  %acc2187 = alloca <8 x float>, align 32
-  %acc3088 = alloca <8 x float>, align 32
-  %acc3189 = alloca <8 x float>, align 32
-  %acc00124 = alloca <8 x float>, align 32
-  %acc01125 = alloca <8 x float>, align 32
-  %acc10126 = alloca <8 x float>, align 32
-  %acc11127 = alloca <8 x float>, align 32
-  %acc20128 = alloca <8 x float>, align 32
-  %acc21129 = alloca <8 x float>, align 32
-  %acc00158 = alloca <8 x float>, align 32
-  %acc01159 = alloca <8 x float>, align 32
-  %acc10160 = alloca <8 x float>, align 32
-  %acc11161 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
-  %acc01185 = alloca <8 x float>, align 32
+  %acc0084 = alloca <8 x float>, align 32
+  %acc0185 = alloca <8 x float>, align 32
+  %acc1086 = alloca <8 x float>, align 32
+  %acc1187 = alloca <8 x float>, align 32
+  %acc2088 = alloca <8 x float>, align 32
+  %acc2189 = alloca <8 x float>, align 32
+  %acc3090 = alloca <8 x float>, align 32
+  %acc3191 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc10130 = alloca <8 x float>, align 32
+  %acc11131 = alloca <8 x float>, align 32
+  %acc20132 = alloca <8 x float>, align 32
+  %acc21133 = alloca <8 x float>, align 32
+  %acc00164 = alloca <8 x float>, align 32
+  %acc01165 = alloca <8 x float>, align 32
+  %acc10166 = alloca <8 x float>, align 32
+  %acc11167 = alloca <8 x float>, align 32
+  %acc00192 = alloca <8 x float>, align 32
+  %acc01193 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -898,6 +898,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -972,8 +973,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
   %56 = icmp slt i64 %k, 5120
   br i1 %56, label %k.body, label %k.end
 
@@ -981,9 +982,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds i16, ptr %panels, i64 %58
   %63 = load <8 x i32>, ptr %62, align 4
   %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -1350,8 +1357,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
   br label %k.head46
 
-k.head46:                                         ; preds = %k.body47, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %400, %k.body47 ]
+k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %400, %pf.any.end51 ]
   %350 = icmp slt i64 %k49, 5120
   br i1 %350, label %k.body47, label %k.end48
 
@@ -1359,64 +1366,70 @@ k.body47:                                         ; preds = %k.head46
   %351 = mul nsw i64 %k49, 16
   %352 = add nsw i64 %panel.off42, %351
   %353 = mul nsw i64 %k49, 32
+  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+
+pf.any.then50:                                    ; preds = %k.body47
   %354 = lshr i64 %353, %pf.sh45
   %355 = getelementptr inbounds i8, ptr %pf44, i64 %354
   call void @llvm.prefetch.p0(ptr %355, i32 0, i32 2, i32 1)
+  br label %pf.any.end51
+
+pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
   %356 = getelementptr inbounds i16, ptr %panels, i64 %352
   %357 = load <8 x i32>, ptr %356, align 4
   %358 = shl <8 x i32> %357, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %358 to <8 x float>
+  %b052 = bitcast <8 x i32> %358 to <8 x float>
   %359 = and <8 x i32> %357, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %359 to <8 x float>
+  %b153 = bitcast <8 x i32> %359 to <8 x float>
   %360 = getelementptr inbounds float, ptr %318, i64 %k49
   %361 = load float, ptr %360, align 4
   %362 = insertelement <8 x float> poison, float %361, i32 0
   %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
   %364 = load <8 x float>, ptr %acc0032, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b050, <8 x float> %364)
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b052, <8 x float> %364)
   store <8 x float> %365, ptr %acc0032, align 4
   %366 = load <8 x float>, ptr %acc0133, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b151, <8 x float> %366)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b153, <8 x float> %366)
   store <8 x float> %367, ptr %acc0133, align 4
   %368 = getelementptr inbounds float, ptr %324, i64 %k49
   %369 = load float, ptr %368, align 4
   %370 = insertelement <8 x float> poison, float %369, i32 0
   %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
   %372 = load <8 x float>, ptr %acc1034, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b050, <8 x float> %372)
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b052, <8 x float> %372)
   store <8 x float> %373, ptr %acc1034, align 4
   %374 = load <8 x float>, ptr %acc1135, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b151, <8 x float> %374)
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b153, <8 x float> %374)
   store <8 x float> %375, ptr %acc1135, align 4
   %376 = getelementptr inbounds float, ptr %330, i64 %k49
   %377 = load float, ptr %376, align 4
   %378 = insertelement <8 x float> poison, float %377, i32 0
   %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
   %380 = load <8 x float>, ptr %acc2036, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %b050, <8 x float> %380)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %b052, <8 x float> %380)
   store <8 x float> %381, ptr %acc2036, align 4
   %382 = load <8 x float>, ptr %acc2137, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %b151, <8 x float> %382)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %b153, <8 x float> %382)
   store <8 x float> %383, ptr %acc2137, align 4
   %384 = getelementptr inbounds float, ptr %336, i64 %k49
   %385 = load float, ptr %384, align 4
   %386 = insertelement <8 x float> poison, float %385, i32 0
   %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
   %388 = load <8 x float>, ptr %acc3038, align 4
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %b050, <8 x float> %388)
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %b052, <8 x float> %388)
   store <8 x float> %389, ptr %acc3038, align 4
   %390 = load <8 x float>, ptr %acc3139, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %b151, <8 x float> %390)
+  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %b153, <8 x float> %390)
   store <8 x float> %391, ptr %acc3139, align 4
   %392 = getelementptr inbounds float, ptr %342, i64 %k49
   %393 = load float, ptr %392, align 4
   %394 = insertelement <8 x float> poison, float %393, i32 0
   %395 = shufflevector <8 x float> %394, <8 x float> poison, <8 x i32> zeroinitializer
   %396 = load <8 x float>, ptr %acc4040, align 4
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b050, <8 x float> %396)
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b052, <8 x float> %396)
   store <8 x float> %397, ptr %acc4040, align 4
   %398 = load <8 x float>, ptr %acc4141, align 4
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b151, <8 x float> %398)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> %b153, <8 x float> %398)
   store <8 x float> %399, ptr %acc4141, align 4
   %400 = add nsw i64 %k49, 1
   br label %k.head46
@@ -1429,7 +1442,7 @@ k.end48:                                          ; preds = %k.head46
   %405 = shufflevector <8 x float> %404, <8 x float> poison, <8 x i32> zeroinitializer
   %406 = mul nsw i64 %401, 8192
   %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %col52 = mul nsw i64 %p, 8
+  %col54 = mul nsw i64 %p, 8
   %408 = load <8 x float>, ptr %acc0032, align 4
   %409 = fmul <8 x float> %408, %405
   %410 = load <8 x float>, ptr %acc0133, align 4
@@ -1454,14 +1467,14 @@ k.end48:                                          ; preds = %k.head46
   %429 = fptosi <8 x float> %418 to <8 x i32>
   %430 = add <8 x i32> %429, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %431 = shl <8 x i32> %430, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %431 to <8 x float>
-  %exp54 = fmul <8 x float> %428, %exp.2n53
-  %432 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %432
-  %silu56 = fmul <8 x float> %409, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %411
-  %433 = getelementptr inbounds float, ptr %407, i64 %col52
-  store <8 x float> %glu57, ptr %433, align 4
+  %exp.2n55 = bitcast <8 x i32> %431 to <8 x float>
+  %exp56 = fmul <8 x float> %428, %exp.2n55
+  %432 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %432
+  %silu58 = fmul <8 x float> %409, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %411
+  %433 = getelementptr inbounds float, ptr %407, i64 %col54
+  store <8 x float> %glu59, ptr %433, align 4
   %434 = add nsw i64 %r0, 1
   %435 = getelementptr inbounds float, ptr %rw, i64 %434
   %436 = load float, ptr %435, align 4
@@ -1469,7 +1482,7 @@ k.end48:                                          ; preds = %k.head46
   %438 = shufflevector <8 x float> %437, <8 x float> poison, <8 x i32> zeroinitializer
   %439 = mul nsw i64 %434, 8192
   %440 = getelementptr inbounds float, ptr %h, i64 %439
-  %col58 = mul nsw i64 %p, 8
+  %col60 = mul nsw i64 %p, 8
   %441 = load <8 x float>, ptr %acc1034, align 4
   %442 = fmul <8 x float> %441, %438
   %443 = load <8 x float>, ptr %acc1135, align 4
@@ -1494,14 +1507,14 @@ k.end48:                                          ; preds = %k.head46
   %462 = fptosi <8 x float> %451 to <8 x i32>
   %463 = add <8 x i32> %462, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %464 = shl <8 x i32> %463, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %464 to <8 x float>
-  %exp60 = fmul <8 x float> %461, %exp.2n59
-  %465 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %465
-  %silu62 = fmul <8 x float> %442, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %444
-  %466 = getelementptr inbounds float, ptr %440, i64 %col58
-  store <8 x float> %glu63, ptr %466, align 4
+  %exp.2n61 = bitcast <8 x i32> %464 to <8 x float>
+  %exp62 = fmul <8 x float> %461, %exp.2n61
+  %465 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %465
+  %silu64 = fmul <8 x float> %442, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %444
+  %466 = getelementptr inbounds float, ptr %440, i64 %col60
+  store <8 x float> %glu65, ptr %466, align 4
   %467 = add nsw i64 %r0, 2
   %468 = getelementptr inbounds float, ptr %rw, i64 %467
   %469 = load float, ptr %468, align 4
@@ -1509,7 +1522,7 @@ k.end48:                                          ; preds = %k.head46
   %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
   %472 = mul nsw i64 %467, 8192
   %473 = getelementptr inbounds float, ptr %h, i64 %472
-  %col64 = mul nsw i64 %p, 8
+  %col66 = mul nsw i64 %p, 8
   %474 = load <8 x float>, ptr %acc2036, align 4
   %475 = fmul <8 x float> %474, %471
   %476 = load <8 x float>, ptr %acc2137, align 4
@@ -1534,14 +1547,14 @@ k.end48:                                          ; preds = %k.head46
   %495 = fptosi <8 x float> %484 to <8 x i32>
   %496 = add <8 x i32> %495, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %497 = shl <8 x i32> %496, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %497 to <8 x float>
-  %exp66 = fmul <8 x float> %494, %exp.2n65
-  %498 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %498
-  %silu68 = fmul <8 x float> %475, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %477
-  %499 = getelementptr inbounds float, ptr %473, i64 %col64
-  store <8 x float> %glu69, ptr %499, align 4
+  %exp.2n67 = bitcast <8 x i32> %497 to <8 x float>
+  %exp68 = fmul <8 x float> %494, %exp.2n67
+  %498 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %498
+  %silu70 = fmul <8 x float> %475, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %477
+  %499 = getelementptr inbounds float, ptr %473, i64 %col66
+  store <8 x float> %glu71, ptr %499, align 4
   %500 = add nsw i64 %r0, 3
   %501 = getelementptr inbounds float, ptr %rw, i64 %500
   %502 = load float, ptr %501, align 4
@@ -1549,7 +1562,7 @@ k.end48:                                          ; preds = %k.head46
   %504 = shufflevector <8 x float> %503, <8 x float> poison, <8 x i32> zeroinitializer
   %505 = mul nsw i64 %500, 8192
   %506 = getelementptr inbounds float, ptr %h, i64 %505
-  %col70 = mul nsw i64 %p, 8
+  %col72 = mul nsw i64 %p, 8
   %507 = load <8 x float>, ptr %acc3038, align 4
   %508 = fmul <8 x float> %507, %504
   %509 = load <8 x float>, ptr %acc3139, align 4
@@ -1574,14 +1587,14 @@ k.end48:                                          ; preds = %k.head46
   %528 = fptosi <8 x float> %517 to <8 x i32>
   %529 = add <8 x i32> %528, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %530 = shl <8 x i32> %529, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %530 to <8 x float>
-  %exp72 = fmul <8 x float> %527, %exp.2n71
-  %531 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %531
-  %silu74 = fmul <8 x float> %508, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %510
-  %532 = getelementptr inbounds float, ptr %506, i64 %col70
-  store <8 x float> %glu75, ptr %532, align 4
+  %exp.2n73 = bitcast <8 x i32> %530 to <8 x float>
+  %exp74 = fmul <8 x float> %527, %exp.2n73
+  %531 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %531
+  %silu76 = fmul <8 x float> %508, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %510
+  %532 = getelementptr inbounds float, ptr %506, i64 %col72
+  store <8 x float> %glu77, ptr %532, align 4
   %533 = add nsw i64 %r0, 4
   %534 = getelementptr inbounds float, ptr %rw, i64 %533
   %535 = load float, ptr %534, align 4
@@ -1589,7 +1602,7 @@ k.end48:                                          ; preds = %k.head46
   %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
   %538 = mul nsw i64 %533, 8192
   %539 = getelementptr inbounds float, ptr %h, i64 %538
-  %col76 = mul nsw i64 %p, 8
+  %col78 = mul nsw i64 %p, 8
   %540 = load <8 x float>, ptr %acc4040, align 4
   %541 = fmul <8 x float> %540, %537
   %542 = load <8 x float>, ptr %acc4141, align 4
@@ -1614,14 +1627,14 @@ k.end48:                                          ; preds = %k.head46
   %561 = fptosi <8 x float> %550 to <8 x i32>
   %562 = add <8 x i32> %561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %563 = shl <8 x i32> %562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %563 to <8 x float>
-  %exp78 = fmul <8 x float> %560, %exp.2n77
-  %564 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %564
-  %silu80 = fmul <8 x float> %541, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %543
-  %565 = getelementptr inbounds float, ptr %539, i64 %col76
-  store <8 x float> %glu81, ptr %565, align 4
+  %exp.2n79 = bitcast <8 x i32> %563 to <8 x float>
+  %exp80 = fmul <8 x float> %560, %exp.2n79
+  %564 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %564
+  %silu82 = fmul <8 x float> %541, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %543
+  %565 = getelementptr inbounds float, ptr %539, i64 %col78
+  store <8 x float> %glu83, ptr %565, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
@@ -1631,107 +1644,113 @@ tile.mr4:                                         ; preds = %r0.body
   %569 = sext i32 %568 to i64
   %570 = mul nsw i64 %569, 5120
   %571 = getelementptr inbounds float, ptr %x, i64 %570
-  store <8 x float> zeroinitializer, ptr %acc0082, align 4
-  store <8 x float> zeroinitializer, ptr %acc0183, align 4
+  store <8 x float> zeroinitializer, ptr %acc0084, align 4
+  store <8 x float> zeroinitializer, ptr %acc0185, align 4
   %572 = add nsw i64 %r0, 1
   %573 = getelementptr inbounds i32, ptr %rows, i64 %572
   %574 = load i32, ptr %573, align 4
   %575 = sext i32 %574 to i64
   %576 = mul nsw i64 %575, 5120
   %577 = getelementptr inbounds float, ptr %x, i64 %576
-  store <8 x float> zeroinitializer, ptr %acc1084, align 4
-  store <8 x float> zeroinitializer, ptr %acc1185, align 4
+  store <8 x float> zeroinitializer, ptr %acc1086, align 4
+  store <8 x float> zeroinitializer, ptr %acc1187, align 4
   %578 = add nsw i64 %r0, 2
   %579 = getelementptr inbounds i32, ptr %rows, i64 %578
   %580 = load i32, ptr %579, align 4
   %581 = sext i32 %580 to i64
   %582 = mul nsw i64 %581, 5120
   %583 = getelementptr inbounds float, ptr %x, i64 %582
-  store <8 x float> zeroinitializer, ptr %acc2086, align 4
-  store <8 x float> zeroinitializer, ptr %acc2187, align 4
+  store <8 x float> zeroinitializer, ptr %acc2088, align 4
+  store <8 x float> zeroinitializer, ptr %acc2189, align 4
   %584 = add nsw i64 %r0, 3
   %585 = getelementptr inbounds i32, ptr %rows, i64 %584
   %586 = load i32, ptr %585, align 4
   %587 = sext i32 %586 to i64
   %588 = mul nsw i64 %587, 5120
   %589 = getelementptr inbounds float, ptr %x, i64 %588
-  store <8 x float> zeroinitializer, ptr %acc3088, align 4
-  store <8 x float> zeroinitializer, ptr %acc3189, align 4
-  %panel.off90 = mul nsw i64 %p, 81920
-  %590 = getelementptr inbounds i16, ptr %panels, i64 %panel.off90
+  store <8 x float> zeroinitializer, ptr %acc3090, align 4
+  store <8 x float> zeroinitializer, ptr %acc3191, align 4
+  %panel.off92 = mul nsw i64 %p, 81920
+  %590 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
   %591 = add nsw i64 %p, 1
   %592 = icmp slt i64 %591, %p1
-  %pf.on91 = and i1 %pf.on, %592
+  %pf.on93 = and i1 %pf.on, %592
   %593 = mul nsw i64 %pf.j, 163840
   %594 = lshr i64 %593, %9
   %595 = add nsw i64 163840, %594
   %596 = getelementptr inbounds i8, ptr %590, i64 %595
-  %pf92 = select i1 %pf.on91, ptr %596, ptr %590
-  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
-  br label %k.head94
+  %pf94 = select i1 %pf.on93, ptr %596, ptr %590
+  %pf.sh95 = select i1 %pf.on93, i64 %9, i64 0
+  br label %k.head96
 
-k.head94:                                         ; preds = %k.body95, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %639, %k.body95 ]
-  %597 = icmp slt i64 %k97, 5120
-  br i1 %597, label %k.body95, label %k.end96
+k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %639, %pf.any.end101 ]
+  %597 = icmp slt i64 %k99, 5120
+  br i1 %597, label %k.body97, label %k.end98
 
-k.body95:                                         ; preds = %k.head94
-  %598 = mul nsw i64 %k97, 16
-  %599 = add nsw i64 %panel.off90, %598
-  %600 = mul nsw i64 %k97, 32
-  %601 = lshr i64 %600, %pf.sh93
-  %602 = getelementptr inbounds i8, ptr %pf92, i64 %601
+k.body97:                                         ; preds = %k.head96
+  %598 = mul nsw i64 %k99, 16
+  %599 = add nsw i64 %panel.off92, %598
+  %600 = mul nsw i64 %k99, 32
+  br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
+
+pf.any.then100:                                   ; preds = %k.body97
+  %601 = lshr i64 %600, %pf.sh95
+  %602 = getelementptr inbounds i8, ptr %pf94, i64 %601
   call void @llvm.prefetch.p0(ptr %602, i32 0, i32 2, i32 1)
+  br label %pf.any.end101
+
+pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
   %603 = getelementptr inbounds i16, ptr %panels, i64 %599
   %604 = load <8 x i32>, ptr %603, align 4
   %605 = shl <8 x i32> %604, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b098 = bitcast <8 x i32> %605 to <8 x float>
+  %b0102 = bitcast <8 x i32> %605 to <8 x float>
   %606 = and <8 x i32> %604, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b199 = bitcast <8 x i32> %606 to <8 x float>
-  %607 = getelementptr inbounds float, ptr %571, i64 %k97
+  %b1103 = bitcast <8 x i32> %606 to <8 x float>
+  %607 = getelementptr inbounds float, ptr %571, i64 %k99
   %608 = load float, ptr %607, align 4
   %609 = insertelement <8 x float> poison, float %608, i32 0
   %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = load <8 x float>, ptr %acc0082, align 4
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b098, <8 x float> %611)
-  store <8 x float> %612, ptr %acc0082, align 4
-  %613 = load <8 x float>, ptr %acc0183, align 4
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b199, <8 x float> %613)
-  store <8 x float> %614, ptr %acc0183, align 4
-  %615 = getelementptr inbounds float, ptr %577, i64 %k97
+  %611 = load <8 x float>, ptr %acc0084, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b0102, <8 x float> %611)
+  store <8 x float> %612, ptr %acc0084, align 4
+  %613 = load <8 x float>, ptr %acc0185, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b1103, <8 x float> %613)
+  store <8 x float> %614, ptr %acc0185, align 4
+  %615 = getelementptr inbounds float, ptr %577, i64 %k99
   %616 = load float, ptr %615, align 4
   %617 = insertelement <8 x float> poison, float %616, i32 0
   %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc1084, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b098, <8 x float> %619)
-  store <8 x float> %620, ptr %acc1084, align 4
-  %621 = load <8 x float>, ptr %acc1185, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b199, <8 x float> %621)
-  store <8 x float> %622, ptr %acc1185, align 4
-  %623 = getelementptr inbounds float, ptr %583, i64 %k97
+  %619 = load <8 x float>, ptr %acc1086, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b0102, <8 x float> %619)
+  store <8 x float> %620, ptr %acc1086, align 4
+  %621 = load <8 x float>, ptr %acc1187, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b1103, <8 x float> %621)
+  store <8 x float> %622, ptr %acc1187, align 4
+  %623 = getelementptr inbounds float, ptr %583, i64 %k99
   %624 = load float, ptr %623, align 4
   %625 = insertelement <8 x float> poison, float %624, i32 0
   %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = load <8 x float>, ptr %acc2086, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b098, <8 x float> %627)
-  store <8 x float> %628, ptr %acc2086, align 4
-  %629 = load <8 x float>, ptr %acc2187, align 4
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b199, <8 x float> %629)
-  store <8 x float> %630, ptr %acc2187, align 4
-  %631 = getelementptr inbounds float, ptr %589, i64 %k97
+  %627 = load <8 x float>, ptr %acc2088, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b0102, <8 x float> %627)
+  store <8 x float> %628, ptr %acc2088, align 4
+  %629 = load <8 x float>, ptr %acc2189, align 4
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b1103, <8 x float> %629)
+  store <8 x float> %630, ptr %acc2189, align 4
+  %631 = getelementptr inbounds float, ptr %589, i64 %k99
   %632 = load float, ptr %631, align 4
   %633 = insertelement <8 x float> poison, float %632, i32 0
   %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
-  %635 = load <8 x float>, ptr %acc3088, align 4
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b098, <8 x float> %635)
-  store <8 x float> %636, ptr %acc3088, align 4
-  %637 = load <8 x float>, ptr %acc3189, align 4
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b199, <8 x float> %637)
-  store <8 x float> %638, ptr %acc3189, align 4
-  %639 = add nsw i64 %k97, 1
-  br label %k.head94
+  %635 = load <8 x float>, ptr %acc3090, align 4
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b0102, <8 x float> %635)
+  store <8 x float> %636, ptr %acc3090, align 4
+  %637 = load <8 x float>, ptr %acc3191, align 4
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b1103, <8 x float> %637)
+  store <8 x float> %638, ptr %acc3191, align 4
+  %639 = add nsw i64 %k99, 1
+  br label %k.head96
 
-k.end96:                                          ; preds = %k.head94
+k.end98:                                          ; preds = %k.head96
   %640 = add nsw i64 %r0, 0
   %641 = getelementptr inbounds float, ptr %rw, i64 %640
   %642 = load float, ptr %641, align 4
@@ -1739,10 +1758,10 @@ k.end96:                                          ; preds = %k.head94
   %644 = shufflevector <8 x float> %643, <8 x float> poison, <8 x i32> zeroinitializer
   %645 = mul nsw i64 %640, 8192
   %646 = getelementptr inbounds float, ptr %h, i64 %645
-  %col100 = mul nsw i64 %p, 8
-  %647 = load <8 x float>, ptr %acc0082, align 4
+  %col104 = mul nsw i64 %p, 8
+  %647 = load <8 x float>, ptr %acc0084, align 4
   %648 = fmul <8 x float> %647, %644
-  %649 = load <8 x float>, ptr %acc0183, align 4
+  %649 = load <8 x float>, ptr %acc0185, align 4
   %650 = fmul <8 x float> %649, %644
   %651 = fneg <8 x float> %648
   %652 = fcmp olt <8 x float> %651, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1764,14 +1783,14 @@ k.end96:                                          ; preds = %k.head94
   %668 = fptosi <8 x float> %657 to <8 x i32>
   %669 = add <8 x i32> %668, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %670 = shl <8 x i32> %669, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %670 to <8 x float>
-  %exp102 = fmul <8 x float> %667, %exp.2n101
-  %671 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %671
-  %silu104 = fmul <8 x float> %648, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %650
-  %672 = getelementptr inbounds float, ptr %646, i64 %col100
-  store <8 x float> %glu105, ptr %672, align 4
+  %exp.2n105 = bitcast <8 x i32> %670 to <8 x float>
+  %exp106 = fmul <8 x float> %667, %exp.2n105
+  %671 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %671
+  %silu108 = fmul <8 x float> %648, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %650
+  %672 = getelementptr inbounds float, ptr %646, i64 %col104
+  store <8 x float> %glu109, ptr %672, align 4
   %673 = add nsw i64 %r0, 1
   %674 = getelementptr inbounds float, ptr %rw, i64 %673
   %675 = load float, ptr %674, align 4
@@ -1779,10 +1798,10 @@ k.end96:                                          ; preds = %k.head94
   %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
   %678 = mul nsw i64 %673, 8192
   %679 = getelementptr inbounds float, ptr %h, i64 %678
-  %col106 = mul nsw i64 %p, 8
-  %680 = load <8 x float>, ptr %acc1084, align 4
+  %col110 = mul nsw i64 %p, 8
+  %680 = load <8 x float>, ptr %acc1086, align 4
   %681 = fmul <8 x float> %680, %677
-  %682 = load <8 x float>, ptr %acc1185, align 4
+  %682 = load <8 x float>, ptr %acc1187, align 4
   %683 = fmul <8 x float> %682, %677
   %684 = fneg <8 x float> %681
   %685 = fcmp olt <8 x float> %684, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1804,14 +1823,14 @@ k.end96:                                          ; preds = %k.head94
   %701 = fptosi <8 x float> %690 to <8 x i32>
   %702 = add <8 x i32> %701, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %703 = shl <8 x i32> %702, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %703 to <8 x float>
-  %exp108 = fmul <8 x float> %700, %exp.2n107
-  %704 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %704
-  %silu110 = fmul <8 x float> %681, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %683
-  %705 = getelementptr inbounds float, ptr %679, i64 %col106
-  store <8 x float> %glu111, ptr %705, align 4
+  %exp.2n111 = bitcast <8 x i32> %703 to <8 x float>
+  %exp112 = fmul <8 x float> %700, %exp.2n111
+  %704 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %704
+  %silu114 = fmul <8 x float> %681, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %683
+  %705 = getelementptr inbounds float, ptr %679, i64 %col110
+  store <8 x float> %glu115, ptr %705, align 4
   %706 = add nsw i64 %r0, 2
   %707 = getelementptr inbounds float, ptr %rw, i64 %706
   %708 = load float, ptr %707, align 4
@@ -1819,10 +1838,10 @@ k.end96:                                          ; preds = %k.head94
   %710 = shufflevector <8 x float> %709, <8 x float> poison, <8 x i32> zeroinitializer
   %711 = mul nsw i64 %706, 8192
   %712 = getelementptr inbounds float, ptr %h, i64 %711
-  %col112 = mul nsw i64 %p, 8
-  %713 = load <8 x float>, ptr %acc2086, align 4
+  %col116 = mul nsw i64 %p, 8
+  %713 = load <8 x float>, ptr %acc2088, align 4
   %714 = fmul <8 x float> %713, %710
-  %715 = load <8 x float>, ptr %acc2187, align 4
+  %715 = load <8 x float>, ptr %acc2189, align 4
   %716 = fmul <8 x float> %715, %710
   %717 = fneg <8 x float> %714
   %718 = fcmp olt <8 x float> %717, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1844,14 +1863,14 @@ k.end96:                                          ; preds = %k.head94
   %734 = fptosi <8 x float> %723 to <8 x i32>
   %735 = add <8 x i32> %734, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %736 = shl <8 x i32> %735, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %736 to <8 x float>
-  %exp114 = fmul <8 x float> %733, %exp.2n113
-  %737 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %737
-  %silu116 = fmul <8 x float> %714, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %716
-  %738 = getelementptr inbounds float, ptr %712, i64 %col112
-  store <8 x float> %glu117, ptr %738, align 4
+  %exp.2n117 = bitcast <8 x i32> %736 to <8 x float>
+  %exp118 = fmul <8 x float> %733, %exp.2n117
+  %737 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %737
+  %silu120 = fmul <8 x float> %714, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %716
+  %738 = getelementptr inbounds float, ptr %712, i64 %col116
+  store <8 x float> %glu121, ptr %738, align 4
   %739 = add nsw i64 %r0, 3
   %740 = getelementptr inbounds float, ptr %rw, i64 %739
   %741 = load float, ptr %740, align 4
@@ -1859,10 +1878,10 @@ k.end96:                                          ; preds = %k.head94
   %743 = shufflevector <8 x float> %742, <8 x float> poison, <8 x i32> zeroinitializer
   %744 = mul nsw i64 %739, 8192
   %745 = getelementptr inbounds float, ptr %h, i64 %744
-  %col118 = mul nsw i64 %p, 8
-  %746 = load <8 x float>, ptr %acc3088, align 4
+  %col122 = mul nsw i64 %p, 8
+  %746 = load <8 x float>, ptr %acc3090, align 4
   %747 = fmul <8 x float> %746, %743
-  %748 = load <8 x float>, ptr %acc3189, align 4
+  %748 = load <8 x float>, ptr %acc3191, align 4
   %749 = fmul <8 x float> %748, %743
   %750 = fneg <8 x float> %747
   %751 = fcmp olt <8 x float> %750, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1884,14 +1903,14 @@ k.end96:                                          ; preds = %k.head94
   %767 = fptosi <8 x float> %756 to <8 x i32>
   %768 = add <8 x i32> %767, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %769 = shl <8 x i32> %768, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %769 to <8 x float>
-  %exp120 = fmul <8 x float> %766, %exp.2n119
-  %770 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %770
-  %silu122 = fmul <8 x float> %747, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %749
-  %771 = getelementptr inbounds float, ptr %745, i64 %col118
-  store <8 x float> %glu123, ptr %771, align 4
+  %exp.2n123 = bitcast <8 x i32> %769 to <8 x float>
+  %exp124 = fmul <8 x float> %766, %exp.2n123
+  %770 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %770
+  %silu126 = fmul <8 x float> %747, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %749
+  %771 = getelementptr inbounds float, ptr %745, i64 %col122
+  store <8 x float> %glu127, ptr %771, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
@@ -1901,89 +1920,95 @@ tile.mr3:                                         ; preds = %r0.body
   %775 = sext i32 %774 to i64
   %776 = mul nsw i64 %775, 5120
   %777 = getelementptr inbounds float, ptr %x, i64 %776
-  store <8 x float> zeroinitializer, ptr %acc00124, align 4
-  store <8 x float> zeroinitializer, ptr %acc01125, align 4
+  store <8 x float> zeroinitializer, ptr %acc00128, align 4
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
   %778 = add nsw i64 %r0, 1
   %779 = getelementptr inbounds i32, ptr %rows, i64 %778
   %780 = load i32, ptr %779, align 4
   %781 = sext i32 %780 to i64
   %782 = mul nsw i64 %781, 5120
   %783 = getelementptr inbounds float, ptr %x, i64 %782
-  store <8 x float> zeroinitializer, ptr %acc10126, align 4
-  store <8 x float> zeroinitializer, ptr %acc11127, align 4
+  store <8 x float> zeroinitializer, ptr %acc10130, align 4
+  store <8 x float> zeroinitializer, ptr %acc11131, align 4
   %784 = add nsw i64 %r0, 2
   %785 = getelementptr inbounds i32, ptr %rows, i64 %784
   %786 = load i32, ptr %785, align 4
   %787 = sext i32 %786 to i64
   %788 = mul nsw i64 %787, 5120
   %789 = getelementptr inbounds float, ptr %x, i64 %788
-  store <8 x float> zeroinitializer, ptr %acc20128, align 4
-  store <8 x float> zeroinitializer, ptr %acc21129, align 4
-  %panel.off130 = mul nsw i64 %p, 81920
-  %790 = getelementptr inbounds i16, ptr %panels, i64 %panel.off130
+  store <8 x float> zeroinitializer, ptr %acc20132, align 4
+  store <8 x float> zeroinitializer, ptr %acc21133, align 4
+  %panel.off134 = mul nsw i64 %p, 81920
+  %790 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
   %791 = add nsw i64 %p, 1
   %792 = icmp slt i64 %791, %p1
-  %pf.on131 = and i1 %pf.on, %792
+  %pf.on135 = and i1 %pf.on, %792
   %793 = mul nsw i64 %pf.j, 163840
   %794 = lshr i64 %793, %9
   %795 = add nsw i64 163840, %794
   %796 = getelementptr inbounds i8, ptr %790, i64 %795
-  %pf132 = select i1 %pf.on131, ptr %796, ptr %790
-  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
-  br label %k.head134
+  %pf136 = select i1 %pf.on135, ptr %796, ptr %790
+  %pf.sh137 = select i1 %pf.on135, i64 %9, i64 0
+  br label %k.head138
 
-k.head134:                                        ; preds = %k.body135, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %831, %k.body135 ]
-  %797 = icmp slt i64 %k137, 5120
-  br i1 %797, label %k.body135, label %k.end136
+k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %831, %pf.any.end143 ]
+  %797 = icmp slt i64 %k141, 5120
+  br i1 %797, label %k.body139, label %k.end140
 
-k.body135:                                        ; preds = %k.head134
-  %798 = mul nsw i64 %k137, 16
-  %799 = add nsw i64 %panel.off130, %798
-  %800 = mul nsw i64 %k137, 32
-  %801 = lshr i64 %800, %pf.sh133
-  %802 = getelementptr inbounds i8, ptr %pf132, i64 %801
+k.body139:                                        ; preds = %k.head138
+  %798 = mul nsw i64 %k141, 16
+  %799 = add nsw i64 %panel.off134, %798
+  %800 = mul nsw i64 %k141, 32
+  br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
+
+pf.any.then142:                                   ; preds = %k.body139
+  %801 = lshr i64 %800, %pf.sh137
+  %802 = getelementptr inbounds i8, ptr %pf136, i64 %801
   call void @llvm.prefetch.p0(ptr %802, i32 0, i32 2, i32 1)
+  br label %pf.any.end143
+
+pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
   %803 = getelementptr inbounds i16, ptr %panels, i64 %799
   %804 = load <8 x i32>, ptr %803, align 4
   %805 = shl <8 x i32> %804, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0138 = bitcast <8 x i32> %805 to <8 x float>
+  %b0144 = bitcast <8 x i32> %805 to <8 x float>
   %806 = and <8 x i32> %804, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1139 = bitcast <8 x i32> %806 to <8 x float>
-  %807 = getelementptr inbounds float, ptr %777, i64 %k137
+  %b1145 = bitcast <8 x i32> %806 to <8 x float>
+  %807 = getelementptr inbounds float, ptr %777, i64 %k141
   %808 = load float, ptr %807, align 4
   %809 = insertelement <8 x float> poison, float %808, i32 0
   %810 = shufflevector <8 x float> %809, <8 x float> poison, <8 x i32> zeroinitializer
-  %811 = load <8 x float>, ptr %acc00124, align 4
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %b0138, <8 x float> %811)
-  store <8 x float> %812, ptr %acc00124, align 4
-  %813 = load <8 x float>, ptr %acc01125, align 4
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %b1139, <8 x float> %813)
-  store <8 x float> %814, ptr %acc01125, align 4
-  %815 = getelementptr inbounds float, ptr %783, i64 %k137
+  %811 = load <8 x float>, ptr %acc00128, align 4
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %b0144, <8 x float> %811)
+  store <8 x float> %812, ptr %acc00128, align 4
+  %813 = load <8 x float>, ptr %acc01129, align 4
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %b1145, <8 x float> %813)
+  store <8 x float> %814, ptr %acc01129, align 4
+  %815 = getelementptr inbounds float, ptr %783, i64 %k141
   %816 = load float, ptr %815, align 4
   %817 = insertelement <8 x float> poison, float %816, i32 0
   %818 = shufflevector <8 x float> %817, <8 x float> poison, <8 x i32> zeroinitializer
-  %819 = load <8 x float>, ptr %acc10126, align 4
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %b0138, <8 x float> %819)
-  store <8 x float> %820, ptr %acc10126, align 4
-  %821 = load <8 x float>, ptr %acc11127, align 4
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %b1139, <8 x float> %821)
-  store <8 x float> %822, ptr %acc11127, align 4
-  %823 = getelementptr inbounds float, ptr %789, i64 %k137
+  %819 = load <8 x float>, ptr %acc10130, align 4
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %b0144, <8 x float> %819)
+  store <8 x float> %820, ptr %acc10130, align 4
+  %821 = load <8 x float>, ptr %acc11131, align 4
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %818, <8 x float> %b1145, <8 x float> %821)
+  store <8 x float> %822, ptr %acc11131, align 4
+  %823 = getelementptr inbounds float, ptr %789, i64 %k141
   %824 = load float, ptr %823, align 4
   %825 = insertelement <8 x float> poison, float %824, i32 0
   %826 = shufflevector <8 x float> %825, <8 x float> poison, <8 x i32> zeroinitializer
-  %827 = load <8 x float>, ptr %acc20128, align 4
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %b0138, <8 x float> %827)
-  store <8 x float> %828, ptr %acc20128, align 4
-  %829 = load <8 x float>, ptr %acc21129, align 4
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %b1139, <8 x float> %829)
-  store <8 x float> %830, ptr %acc21129, align 4
-  %831 = add nsw i64 %k137, 1
-  br label %k.head134
+  %827 = load <8 x float>, ptr %acc20132, align 4
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %b0144, <8 x float> %827)
+  store <8 x float> %828, ptr %acc20132, align 4
+  %829 = load <8 x float>, ptr %acc21133, align 4
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %b1145, <8 x float> %829)
+  store <8 x float> %830, ptr %acc21133, align 4
+  %831 = add nsw i64 %k141, 1
+  br label %k.head138
 
-k.end136:                                         ; preds = %k.head134
+k.end140:                                         ; preds = %k.head138
   %832 = add nsw i64 %r0, 0
   %833 = getelementptr inbounds float, ptr %rw, i64 %832
   %834 = load float, ptr %833, align 4
@@ -1991,10 +2016,10 @@ k.end136:                                         ; preds = %k.head134
   %836 = shufflevector <8 x float> %835, <8 x float> poison, <8 x i32> zeroinitializer
   %837 = mul nsw i64 %832, 8192
   %838 = getelementptr inbounds float, ptr %h, i64 %837
-  %col140 = mul nsw i64 %p, 8
-  %839 = load <8 x float>, ptr %acc00124, align 4
+  %col146 = mul nsw i64 %p, 8
+  %839 = load <8 x float>, ptr %acc00128, align 4
   %840 = fmul <8 x float> %839, %836
-  %841 = load <8 x float>, ptr %acc01125, align 4
+  %841 = load <8 x float>, ptr %acc01129, align 4
   %842 = fmul <8 x float> %841, %836
   %843 = fneg <8 x float> %840
   %844 = fcmp olt <8 x float> %843, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2016,14 +2041,14 @@ k.end136:                                         ; preds = %k.head134
   %860 = fptosi <8 x float> %849 to <8 x i32>
   %861 = add <8 x i32> %860, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %862 = shl <8 x i32> %861, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %862 to <8 x float>
-  %exp142 = fmul <8 x float> %859, %exp.2n141
-  %863 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %863
-  %silu144 = fmul <8 x float> %840, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %842
-  %864 = getelementptr inbounds float, ptr %838, i64 %col140
-  store <8 x float> %glu145, ptr %864, align 4
+  %exp.2n147 = bitcast <8 x i32> %862 to <8 x float>
+  %exp148 = fmul <8 x float> %859, %exp.2n147
+  %863 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %863
+  %silu150 = fmul <8 x float> %840, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %842
+  %864 = getelementptr inbounds float, ptr %838, i64 %col146
+  store <8 x float> %glu151, ptr %864, align 4
   %865 = add nsw i64 %r0, 1
   %866 = getelementptr inbounds float, ptr %rw, i64 %865
   %867 = load float, ptr %866, align 4
@@ -2031,10 +2056,10 @@ k.end136:                                         ; preds = %k.head134
   %869 = shufflevector <8 x float> %868, <8 x float> poison, <8 x i32> zeroinitializer
   %870 = mul nsw i64 %865, 8192
   %871 = getelementptr inbounds float, ptr %h, i64 %870
-  %col146 = mul nsw i64 %p, 8
-  %872 = load <8 x float>, ptr %acc10126, align 4
+  %col152 = mul nsw i64 %p, 8
+  %872 = load <8 x float>, ptr %acc10130, align 4
   %873 = fmul <8 x float> %872, %869
-  %874 = load <8 x float>, ptr %acc11127, align 4
+  %874 = load <8 x float>, ptr %acc11131, align 4
   %875 = fmul <8 x float> %874, %869
   %876 = fneg <8 x float> %873
   %877 = fcmp olt <8 x float> %876, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2056,14 +2081,14 @@ k.end136:                                         ; preds = %k.head134
   %893 = fptosi <8 x float> %882 to <8 x i32>
   %894 = add <8 x i32> %893, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %895 = shl <8 x i32> %894, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %895 to <8 x float>
-  %exp148 = fmul <8 x float> %892, %exp.2n147
-  %896 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %896
-  %silu150 = fmul <8 x float> %873, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %875
-  %897 = getelementptr inbounds float, ptr %871, i64 %col146
-  store <8 x float> %glu151, ptr %897, align 4
+  %exp.2n153 = bitcast <8 x i32> %895 to <8 x float>
+  %exp154 = fmul <8 x float> %892, %exp.2n153
+  %896 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %896
+  %silu156 = fmul <8 x float> %873, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %875
+  %897 = getelementptr inbounds float, ptr %871, i64 %col152
+  store <8 x float> %glu157, ptr %897, align 4
   %898 = add nsw i64 %r0, 2
   %899 = getelementptr inbounds float, ptr %rw, i64 %898
   %900 = load float, ptr %899, align 4
@@ -2071,10 +2096,10 @@ k.end136:                                         ; preds = %k.head134
   %902 = shufflevector <8 x float> %901, <8 x float> poison, <8 x i32> zeroinitializer
   %903 = mul nsw i64 %898, 8192
   %904 = getelementptr inbounds float, ptr %h, i64 %903
-  %col152 = mul nsw i64 %p, 8
-  %905 = load <8 x float>, ptr %acc20128, align 4
+  %col158 = mul nsw i64 %p, 8
+  %905 = load <8 x float>, ptr %acc20132, align 4
   %906 = fmul <8 x float> %905, %902
-  %907 = load <8 x float>, ptr %acc21129, align 4
+  %907 = load <8 x float>, ptr %acc21133, align 4
   %908 = fmul <8 x float> %907, %902
   %909 = fneg <8 x float> %906
   %910 = fcmp olt <8 x float> %909, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2096,14 +2121,14 @@ k.end136:                                         ; preds = %k.head134
   %926 = fptosi <8 x float> %915 to <8 x i32>
   %927 = add <8 x i32> %926, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %928 = shl <8 x i32> %927, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %928 to <8 x float>
-  %exp154 = fmul <8 x float> %925, %exp.2n153
-  %929 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %929
-  %silu156 = fmul <8 x float> %906, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %908
-  %930 = getelementptr inbounds float, ptr %904, i64 %col152
-  store <8 x float> %glu157, ptr %930, align 4
+  %exp.2n159 = bitcast <8 x i32> %928 to <8 x float>
+  %exp160 = fmul <8 x float> %925, %exp.2n159
+  %929 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %929
+  %silu162 = fmul <8 x float> %906, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %908
+  %930 = getelementptr inbounds float, ptr %904, i64 %col158
+  store <8 x float> %glu163, ptr %930, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
@@ -2113,71 +2138,77 @@ tile.mr2:                                         ; preds = %r0.body
   %934 = sext i32 %933 to i64
   %935 = mul nsw i64 %934, 5120
   %936 = getelementptr inbounds float, ptr %x, i64 %935
-  store <8 x float> zeroinitializer, ptr %acc00158, align 4
-  store <8 x float> zeroinitializer, ptr %acc01159, align 4
+  store <8 x float> zeroinitializer, ptr %acc00164, align 4
+  store <8 x float> zeroinitializer, ptr %acc01165, align 4
   %937 = add nsw i64 %r0, 1
   %938 = getelementptr inbounds i32, ptr %rows, i64 %937
   %939 = load i32, ptr %938, align 4
   %940 = sext i32 %939 to i64
   %941 = mul nsw i64 %940, 5120
   %942 = getelementptr inbounds float, ptr %x, i64 %941
-  store <8 x float> zeroinitializer, ptr %acc10160, align 4
-  store <8 x float> zeroinitializer, ptr %acc11161, align 4
-  %panel.off162 = mul nsw i64 %p, 81920
-  %943 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
+  store <8 x float> zeroinitializer, ptr %acc10166, align 4
+  store <8 x float> zeroinitializer, ptr %acc11167, align 4
+  %panel.off168 = mul nsw i64 %p, 81920
+  %943 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
   %944 = add nsw i64 %p, 1
   %945 = icmp slt i64 %944, %p1
-  %pf.on163 = and i1 %pf.on, %945
+  %pf.on169 = and i1 %pf.on, %945
   %946 = mul nsw i64 %pf.j, 163840
   %947 = lshr i64 %946, %9
   %948 = add nsw i64 163840, %947
   %949 = getelementptr inbounds i8, ptr %943, i64 %948
-  %pf164 = select i1 %pf.on163, ptr %949, ptr %943
-  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
-  br label %k.head166
+  %pf170 = select i1 %pf.on169, ptr %949, ptr %943
+  %pf.sh171 = select i1 %pf.on169, i64 %9, i64 0
+  br label %k.head172
 
-k.head166:                                        ; preds = %k.body167, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %976, %k.body167 ]
-  %950 = icmp slt i64 %k169, 5120
-  br i1 %950, label %k.body167, label %k.end168
+k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %976, %pf.any.end177 ]
+  %950 = icmp slt i64 %k175, 5120
+  br i1 %950, label %k.body173, label %k.end174
 
-k.body167:                                        ; preds = %k.head166
-  %951 = mul nsw i64 %k169, 16
-  %952 = add nsw i64 %panel.off162, %951
-  %953 = mul nsw i64 %k169, 32
-  %954 = lshr i64 %953, %pf.sh165
-  %955 = getelementptr inbounds i8, ptr %pf164, i64 %954
+k.body173:                                        ; preds = %k.head172
+  %951 = mul nsw i64 %k175, 16
+  %952 = add nsw i64 %panel.off168, %951
+  %953 = mul nsw i64 %k175, 32
+  br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
+
+pf.any.then176:                                   ; preds = %k.body173
+  %954 = lshr i64 %953, %pf.sh171
+  %955 = getelementptr inbounds i8, ptr %pf170, i64 %954
   call void @llvm.prefetch.p0(ptr %955, i32 0, i32 2, i32 1)
+  br label %pf.any.end177
+
+pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
   %956 = getelementptr inbounds i16, ptr %panels, i64 %952
   %957 = load <8 x i32>, ptr %956, align 4
   %958 = shl <8 x i32> %957, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0170 = bitcast <8 x i32> %958 to <8 x float>
+  %b0178 = bitcast <8 x i32> %958 to <8 x float>
   %959 = and <8 x i32> %957, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1171 = bitcast <8 x i32> %959 to <8 x float>
-  %960 = getelementptr inbounds float, ptr %936, i64 %k169
+  %b1179 = bitcast <8 x i32> %959 to <8 x float>
+  %960 = getelementptr inbounds float, ptr %936, i64 %k175
   %961 = load float, ptr %960, align 4
   %962 = insertelement <8 x float> poison, float %961, i32 0
   %963 = shufflevector <8 x float> %962, <8 x float> poison, <8 x i32> zeroinitializer
-  %964 = load <8 x float>, ptr %acc00158, align 4
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %b0170, <8 x float> %964)
-  store <8 x float> %965, ptr %acc00158, align 4
-  %966 = load <8 x float>, ptr %acc01159, align 4
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %b1171, <8 x float> %966)
-  store <8 x float> %967, ptr %acc01159, align 4
-  %968 = getelementptr inbounds float, ptr %942, i64 %k169
+  %964 = load <8 x float>, ptr %acc00164, align 4
+  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %b0178, <8 x float> %964)
+  store <8 x float> %965, ptr %acc00164, align 4
+  %966 = load <8 x float>, ptr %acc01165, align 4
+  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %b1179, <8 x float> %966)
+  store <8 x float> %967, ptr %acc01165, align 4
+  %968 = getelementptr inbounds float, ptr %942, i64 %k175
   %969 = load float, ptr %968, align 4
   %970 = insertelement <8 x float> poison, float %969, i32 0
   %971 = shufflevector <8 x float> %970, <8 x float> poison, <8 x i32> zeroinitializer
-  %972 = load <8 x float>, ptr %acc10160, align 4
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %b0170, <8 x float> %972)
-  store <8 x float> %973, ptr %acc10160, align 4
-  %974 = load <8 x float>, ptr %acc11161, align 4
-  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %b1171, <8 x float> %974)
-  store <8 x float> %975, ptr %acc11161, align 4
-  %976 = add nsw i64 %k169, 1
-  br label %k.head166
+  %972 = load <8 x float>, ptr %acc10166, align 4
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %b0178, <8 x float> %972)
+  store <8 x float> %973, ptr %acc10166, align 4
+  %974 = load <8 x float>, ptr %acc11167, align 4
+  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %b1179, <8 x float> %974)
+  store <8 x float> %975, ptr %acc11167, align 4
+  %976 = add nsw i64 %k175, 1
+  br label %k.head172
 
-k.end168:                                         ; preds = %k.head166
+k.end174:                                         ; preds = %k.head172
   %977 = add nsw i64 %r0, 0
   %978 = getelementptr inbounds float, ptr %rw, i64 %977
   %979 = load float, ptr %978, align 4
@@ -2185,10 +2216,10 @@ k.end168:                                         ; preds = %k.head166
   %981 = shufflevector <8 x float> %980, <8 x float> poison, <8 x i32> zeroinitializer
   %982 = mul nsw i64 %977, 8192
   %983 = getelementptr inbounds float, ptr %h, i64 %982
-  %col172 = mul nsw i64 %p, 8
-  %984 = load <8 x float>, ptr %acc00158, align 4
+  %col180 = mul nsw i64 %p, 8
+  %984 = load <8 x float>, ptr %acc00164, align 4
   %985 = fmul <8 x float> %984, %981
-  %986 = load <8 x float>, ptr %acc01159, align 4
+  %986 = load <8 x float>, ptr %acc01165, align 4
   %987 = fmul <8 x float> %986, %981
   %988 = fneg <8 x float> %985
   %989 = fcmp olt <8 x float> %988, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2210,14 +2241,14 @@ k.end168:                                         ; preds = %k.head166
   %1005 = fptosi <8 x float> %994 to <8 x i32>
   %1006 = add <8 x i32> %1005, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1007 = shl <8 x i32> %1006, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %1007 to <8 x float>
-  %exp174 = fmul <8 x float> %1004, %exp.2n173
-  %1008 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1008
-  %silu176 = fmul <8 x float> %985, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %987
-  %1009 = getelementptr inbounds float, ptr %983, i64 %col172
-  store <8 x float> %glu177, ptr %1009, align 4
+  %exp.2n181 = bitcast <8 x i32> %1007 to <8 x float>
+  %exp182 = fmul <8 x float> %1004, %exp.2n181
+  %1008 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1008
+  %silu184 = fmul <8 x float> %985, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %987
+  %1009 = getelementptr inbounds float, ptr %983, i64 %col180
+  store <8 x float> %glu185, ptr %1009, align 4
   %1010 = add nsw i64 %r0, 1
   %1011 = getelementptr inbounds float, ptr %rw, i64 %1010
   %1012 = load float, ptr %1011, align 4
@@ -2225,10 +2256,10 @@ k.end168:                                         ; preds = %k.head166
   %1014 = shufflevector <8 x float> %1013, <8 x float> poison, <8 x i32> zeroinitializer
   %1015 = mul nsw i64 %1010, 8192
   %1016 = getelementptr inbounds float, ptr %h, i64 %1015
-  %col178 = mul nsw i64 %p, 8
-  %1017 = load <8 x float>, ptr %acc10160, align 4
+  %col186 = mul nsw i64 %p, 8
+  %1017 = load <8 x float>, ptr %acc10166, align 4
   %1018 = fmul <8 x float> %1017, %1014
-  %1019 = load <8 x float>, ptr %acc11161, align 4
+  %1019 = load <8 x float>, ptr %acc11167, align 4
   %1020 = fmul <8 x float> %1019, %1014
   %1021 = fneg <8 x float> %1018
   %1022 = fcmp olt <8 x float> %1021, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2250,14 +2281,14 @@ k.end168:                                         ; preds = %k.head166
   %1038 = fptosi <8 x float> %1027 to <8 x i32>
   %1039 = add <8 x i32> %1038, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1040 = shl <8 x i32> %1039, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1040 to <8 x float>
-  %exp180 = fmul <8 x float> %1037, %exp.2n179
-  %1041 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1041
-  %silu182 = fmul <8 x float> %1018, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %1020
-  %1042 = getelementptr inbounds float, ptr %1016, i64 %col178
-  store <8 x float> %glu183, ptr %1042, align 4
+  %exp.2n187 = bitcast <8 x i32> %1040 to <8 x float>
+  %exp188 = fmul <8 x float> %1037, %exp.2n187
+  %1041 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1041
+  %silu190 = fmul <8 x float> %1018, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1020
+  %1042 = getelementptr inbounds float, ptr %1016, i64 %col186
+  store <8 x float> %glu191, ptr %1042, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
@@ -2267,53 +2298,59 @@ tile.mr1:                                         ; preds = %r0.body
   %1046 = sext i32 %1045 to i64
   %1047 = mul nsw i64 %1046, 5120
   %1048 = getelementptr inbounds float, ptr %x, i64 %1047
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  store <8 x float> zeroinitializer, ptr %acc01185, align 4
-  %panel.off186 = mul nsw i64 %p, 81920
-  %1049 = getelementptr inbounds i16, ptr %panels, i64 %panel.off186
+  store <8 x float> zeroinitializer, ptr %acc00192, align 4
+  store <8 x float> zeroinitializer, ptr %acc01193, align 4
+  %panel.off194 = mul nsw i64 %p, 81920
+  %1049 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
   %1050 = add nsw i64 %p, 1
   %1051 = icmp slt i64 %1050, %p1
-  %pf.on187 = and i1 %pf.on, %1051
+  %pf.on195 = and i1 %pf.on, %1051
   %1052 = mul nsw i64 %pf.j, 163840
   %1053 = lshr i64 %1052, %9
   %1054 = add nsw i64 163840, %1053
   %1055 = getelementptr inbounds i8, ptr %1049, i64 %1054
-  %pf188 = select i1 %pf.on187, ptr %1055, ptr %1049
-  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
-  br label %k.head190
+  %pf196 = select i1 %pf.on195, ptr %1055, ptr %1049
+  %pf.sh197 = select i1 %pf.on195, i64 %9, i64 0
+  br label %k.head198
 
-k.head190:                                        ; preds = %k.body191, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1074, %k.body191 ]
-  %1056 = icmp slt i64 %k193, 5120
-  br i1 %1056, label %k.body191, label %k.end192
+k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1074, %pf.any.end203 ]
+  %1056 = icmp slt i64 %k201, 5120
+  br i1 %1056, label %k.body199, label %k.end200
 
-k.body191:                                        ; preds = %k.head190
-  %1057 = mul nsw i64 %k193, 16
-  %1058 = add nsw i64 %panel.off186, %1057
-  %1059 = mul nsw i64 %k193, 32
-  %1060 = lshr i64 %1059, %pf.sh189
-  %1061 = getelementptr inbounds i8, ptr %pf188, i64 %1060
+k.body199:                                        ; preds = %k.head198
+  %1057 = mul nsw i64 %k201, 16
+  %1058 = add nsw i64 %panel.off194, %1057
+  %1059 = mul nsw i64 %k201, 32
+  br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
+
+pf.any.then202:                                   ; preds = %k.body199
+  %1060 = lshr i64 %1059, %pf.sh197
+  %1061 = getelementptr inbounds i8, ptr %pf196, i64 %1060
   call void @llvm.prefetch.p0(ptr %1061, i32 0, i32 2, i32 1)
+  br label %pf.any.end203
+
+pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
   %1062 = getelementptr inbounds i16, ptr %panels, i64 %1058
   %1063 = load <8 x i32>, ptr %1062, align 4
   %1064 = shl <8 x i32> %1063, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0194 = bitcast <8 x i32> %1064 to <8 x float>
+  %b0204 = bitcast <8 x i32> %1064 to <8 x float>
   %1065 = and <8 x i32> %1063, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1195 = bitcast <8 x i32> %1065 to <8 x float>
-  %1066 = getelementptr inbounds float, ptr %1048, i64 %k193
+  %b1205 = bitcast <8 x i32> %1065 to <8 x float>
+  %1066 = getelementptr inbounds float, ptr %1048, i64 %k201
   %1067 = load float, ptr %1066, align 4
   %1068 = insertelement <8 x float> poison, float %1067, i32 0
   %1069 = shufflevector <8 x float> %1068, <8 x float> poison, <8 x i32> zeroinitializer
-  %1070 = load <8 x float>, ptr %acc00184, align 4
-  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> %b0194, <8 x float> %1070)
-  store <8 x float> %1071, ptr %acc00184, align 4
-  %1072 = load <8 x float>, ptr %acc01185, align 4
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> %b1195, <8 x float> %1072)
-  store <8 x float> %1073, ptr %acc01185, align 4
-  %1074 = add nsw i64 %k193, 1
-  br label %k.head190
+  %1070 = load <8 x float>, ptr %acc00192, align 4
+  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> %b0204, <8 x float> %1070)
+  store <8 x float> %1071, ptr %acc00192, align 4
+  %1072 = load <8 x float>, ptr %acc01193, align 4
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> %b1205, <8 x float> %1072)
+  store <8 x float> %1073, ptr %acc01193, align 4
+  %1074 = add nsw i64 %k201, 1
+  br label %k.head198
 
-k.end192:                                         ; preds = %k.head190
+k.end200:                                         ; preds = %k.head198
   %1075 = add nsw i64 %r0, 0
   %1076 = getelementptr inbounds float, ptr %rw, i64 %1075
   %1077 = load float, ptr %1076, align 4
@@ -2321,10 +2358,10 @@ k.end192:                                         ; preds = %k.head190
   %1079 = shufflevector <8 x float> %1078, <8 x float> poison, <8 x i32> zeroinitializer
   %1080 = mul nsw i64 %1075, 8192
   %1081 = getelementptr inbounds float, ptr %h, i64 %1080
-  %col196 = mul nsw i64 %p, 8
-  %1082 = load <8 x float>, ptr %acc00184, align 4
+  %col206 = mul nsw i64 %p, 8
+  %1082 = load <8 x float>, ptr %acc00192, align 4
   %1083 = fmul <8 x float> %1082, %1079
-  %1084 = load <8 x float>, ptr %acc01185, align 4
+  %1084 = load <8 x float>, ptr %acc01193, align 4
   %1085 = fmul <8 x float> %1084, %1079
   %1086 = fneg <8 x float> %1083
   %1087 = fcmp olt <8 x float> %1086, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2346,17 +2383,17 @@ k.end192:                                         ; preds = %k.head190
   %1103 = fptosi <8 x float> %1092 to <8 x i32>
   %1104 = add <8 x i32> %1103, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1105 = shl <8 x i32> %1104, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1105 to <8 x float>
-  %exp198 = fmul <8 x float> %1102, %exp.2n197
-  %1106 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1106
-  %silu200 = fmul <8 x float> %1083, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1085
-  %1107 = getelementptr inbounds float, ptr %1081, i64 %col196
-  store <8 x float> %glu201, ptr %1107, align 4
+  %exp.2n207 = bitcast <8 x i32> %1105 to <8 x float>
+  %exp208 = fmul <8 x float> %1102, %exp.2n207
+  %1106 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1106
+  %silu210 = fmul <8 x float> %1083, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %1085
+  %1107 = getelementptr inbounds float, ptr %1081, i64 %col206
+  store <8 x float> %glu211, ptr %1107, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
+tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
   %1108 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2402,26 +2439,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
+  %acc3032 = alloca <8 x float>, align 32
+  %acc3133 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
+  %acc1068 = alloca <8 x float>, align 32
+  %acc1169 = alloca <8 x float>, align 32
+  %acc0083 = alloca <8 x float>, align 32
+  %acc0184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2455,6 +2492,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -2566,8 +2604,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
   %93 = icmp slt i64 %k, 8192
   br i1 %93, label %k.body, label %k.end
 
@@ -2575,9 +2613,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds i16, ptr %panels, i64 %95
   %100 = load <8 x i32>, ptr %99, align 4
   %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -2759,8 +2803,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %pf.any.end22 ]
   %231 = icmp slt i64 %k20, 8192
   br i1 %231, label %k.body18, label %k.end19
 
@@ -2768,64 +2812,70 @@ k.body18:                                         ; preds = %k.head17
   %232 = mul nsw i64 %k20, 16
   %233 = add nsw i64 %panel.off13, %232
   %234 = mul nsw i64 %k20, 32
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %235 = lshr i64 %234, %pf.sh16
   %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
   call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %237 = getelementptr inbounds i16, ptr %panels, i64 %233
   %238 = load <8 x i32>, ptr %237, align 4
   %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %239 to <8 x float>
+  %b023 = bitcast <8 x i32> %239 to <8 x float>
   %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %240 to <8 x float>
+  %b124 = bitcast <8 x i32> %240 to <8 x float>
   %241 = getelementptr inbounds float, ptr %166, i64 %k20
   %242 = load float, ptr %241, align 4
   %243 = insertelement <8 x float> poison, float %242, i32 0
   %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
   %245 = load <8 x float>, ptr %acc003, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b021, <8 x float> %245)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b023, <8 x float> %245)
   store <8 x float> %246, ptr %acc003, align 4
   %247 = load <8 x float>, ptr %acc014, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b122, <8 x float> %247)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b124, <8 x float> %247)
   store <8 x float> %248, ptr %acc014, align 4
   %249 = getelementptr inbounds float, ptr %178, i64 %k20
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
   %253 = load <8 x float>, ptr %acc105, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b021, <8 x float> %253)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b023, <8 x float> %253)
   store <8 x float> %254, ptr %acc105, align 4
   %255 = load <8 x float>, ptr %acc116, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b122, <8 x float> %255)
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b124, <8 x float> %255)
   store <8 x float> %256, ptr %acc116, align 4
   %257 = getelementptr inbounds float, ptr %190, i64 %k20
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
   %261 = load <8 x float>, ptr %acc207, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b021, <8 x float> %261)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b023, <8 x float> %261)
   store <8 x float> %262, ptr %acc207, align 4
   %263 = load <8 x float>, ptr %acc218, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b122, <8 x float> %263)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b124, <8 x float> %263)
   store <8 x float> %264, ptr %acc218, align 4
   %265 = getelementptr inbounds float, ptr %202, i64 %k20
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
   %269 = load <8 x float>, ptr %acc309, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b021, <8 x float> %269)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b023, <8 x float> %269)
   store <8 x float> %270, ptr %acc309, align 4
   %271 = load <8 x float>, ptr %acc3110, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b122, <8 x float> %271)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b124, <8 x float> %271)
   store <8 x float> %272, ptr %acc3110, align 4
   %273 = getelementptr inbounds float, ptr %214, i64 %k20
   %274 = load float, ptr %273, align 4
   %275 = insertelement <8 x float> poison, float %274, i32 0
   %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
   %277 = load <8 x float>, ptr %acc4011, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b021, <8 x float> %277)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b023, <8 x float> %277)
   store <8 x float> %278, ptr %acc4011, align 4
   %279 = load <8 x float>, ptr %acc4112, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b122, <8 x float> %279)
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b124, <8 x float> %279)
   store <8 x float> %280, ptr %acc4112, align 4
   %281 = add nsw i64 %k20, 1
   br label %k.head17
@@ -2854,7 +2904,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col23 = mul nsw i64 %p, 16
+  %col25 = mul nsw i64 %p, 16
   %292 = add nsw i64 %r0, 0
   %293 = mul nsw i64 %292, 8192
   %294 = getelementptr inbounds float, ptr %h, i64 %293
@@ -2863,12 +2913,12 @@ tile.mr4:                                         ; preds = %r0.body
   %297 = sext i32 %296 to i64
   %298 = mul nsw i64 %297, 5120
   %299 = getelementptr inbounds float, ptr %y, i64 %298
-  %300 = add nsw i64 %col23, 0
+  %300 = add nsw i64 %col25, 0
   %301 = getelementptr inbounds float, ptr %299, i64 %300
-  store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %302 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc0026, align 4
+  %302 = add nsw i64 %col25, 8
   %303 = getelementptr inbounds float, ptr %299, i64 %302
-  store <8 x float> zeroinitializer, ptr %acc0125, align 4
+  store <8 x float> zeroinitializer, ptr %acc0127, align 4
   %304 = add nsw i64 %r0, 1
   %305 = mul nsw i64 %304, 8192
   %306 = getelementptr inbounds float, ptr %h, i64 %305
@@ -2877,12 +2927,12 @@ tile.mr4:                                         ; preds = %r0.body
   %309 = sext i32 %308 to i64
   %310 = mul nsw i64 %309, 5120
   %311 = getelementptr inbounds float, ptr %y, i64 %310
-  %312 = add nsw i64 %col23, 0
+  %312 = add nsw i64 %col25, 0
   %313 = getelementptr inbounds float, ptr %311, i64 %312
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %314 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc1028, align 4
+  %314 = add nsw i64 %col25, 8
   %315 = getelementptr inbounds float, ptr %311, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
+  store <8 x float> zeroinitializer, ptr %acc1129, align 4
   %316 = add nsw i64 %r0, 2
   %317 = mul nsw i64 %316, 8192
   %318 = getelementptr inbounds float, ptr %h, i64 %317
@@ -2891,12 +2941,12 @@ tile.mr4:                                         ; preds = %r0.body
   %321 = sext i32 %320 to i64
   %322 = mul nsw i64 %321, 5120
   %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col23, 0
+  %324 = add nsw i64 %col25, 0
   %325 = getelementptr inbounds float, ptr %323, i64 %324
-  store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %326 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc2030, align 4
+  %326 = add nsw i64 %col25, 8
   %327 = getelementptr inbounds float, ptr %323, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc2129, align 4
+  store <8 x float> zeroinitializer, ptr %acc2131, align 4
   %328 = add nsw i64 %r0, 3
   %329 = mul nsw i64 %328, 8192
   %330 = getelementptr inbounds float, ptr %h, i64 %329
@@ -2905,107 +2955,113 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 5120
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col23, 0
+  %336 = add nsw i64 %col25, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
-  store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %338 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc3032, align 4
+  %338 = add nsw i64 %col25, 8
   %339 = getelementptr inbounds float, ptr %335, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc3131, align 4
-  %panel.off32 = mul nsw i64 %p, 131072
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %panel.off34 = mul nsw i64 %p, 131072
+  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
   %341 = add nsw i64 %p, 1
   %342 = icmp slt i64 %341, %p1
-  %pf.on33 = and i1 %pf.on, %342
+  %pf.on35 = and i1 %pf.on, %342
   %343 = mul nsw i64 %pf.j, 262144
   %344 = lshr i64 %343, %10
   %345 = add nsw i64 262144, %344
   %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf34 = select i1 %pf.on33, ptr %346, ptr %340
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
-  br label %k.head36
+  %pf36 = select i1 %pf.on35, ptr %346, ptr %340
+  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  br label %k.head38
 
-k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %389, %k.body37 ]
-  %347 = icmp slt i64 %k39, 8192
-  br i1 %347, label %k.body37, label %k.end38
+k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %389, %pf.any.end43 ]
+  %347 = icmp slt i64 %k41, 8192
+  br i1 %347, label %k.body39, label %k.end40
 
-k.body37:                                         ; preds = %k.head36
-  %348 = mul nsw i64 %k39, 16
-  %349 = add nsw i64 %panel.off32, %348
-  %350 = mul nsw i64 %k39, 32
-  %351 = lshr i64 %350, %pf.sh35
-  %352 = getelementptr inbounds i8, ptr %pf34, i64 %351
+k.body39:                                         ; preds = %k.head38
+  %348 = mul nsw i64 %k41, 16
+  %349 = add nsw i64 %panel.off34, %348
+  %350 = mul nsw i64 %k41, 32
+  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+
+pf.any.then42:                                    ; preds = %k.body39
+  %351 = lshr i64 %350, %pf.sh37
+  %352 = getelementptr inbounds i8, ptr %pf36, i64 %351
   call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  br label %pf.any.end43
+
+pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
   %353 = getelementptr inbounds i16, ptr %panels, i64 %349
   %354 = load <8 x i32>, ptr %353, align 4
   %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %355 to <8 x float>
+  %b044 = bitcast <8 x i32> %355 to <8 x float>
   %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = getelementptr inbounds float, ptr %294, i64 %k39
+  %b145 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = getelementptr inbounds float, ptr %294, i64 %k41
   %358 = load float, ptr %357, align 4
   %359 = insertelement <8 x float> poison, float %358, i32 0
   %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0024, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b040, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0024, align 4
-  %363 = load <8 x float>, ptr %acc0125, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b141, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0125, align 4
-  %365 = getelementptr inbounds float, ptr %306, i64 %k39
+  %361 = load <8 x float>, ptr %acc0026, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b044, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0026, align 4
+  %363 = load <8 x float>, ptr %acc0127, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b145, <8 x float> %363)
+  store <8 x float> %364, ptr %acc0127, align 4
+  %365 = getelementptr inbounds float, ptr %306, i64 %k41
   %366 = load float, ptr %365, align 4
   %367 = insertelement <8 x float> poison, float %366, i32 0
   %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1026, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b040, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1026, align 4
-  %371 = load <8 x float>, ptr %acc1127, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b141, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1127, align 4
-  %373 = getelementptr inbounds float, ptr %318, i64 %k39
+  %369 = load <8 x float>, ptr %acc1028, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b044, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1028, align 4
+  %371 = load <8 x float>, ptr %acc1129, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b145, <8 x float> %371)
+  store <8 x float> %372, ptr %acc1129, align 4
+  %373 = getelementptr inbounds float, ptr %318, i64 %k41
   %374 = load float, ptr %373, align 4
   %375 = insertelement <8 x float> poison, float %374, i32 0
   %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2028, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b040, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2028, align 4
-  %379 = load <8 x float>, ptr %acc2129, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b141, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2129, align 4
-  %381 = getelementptr inbounds float, ptr %330, i64 %k39
+  %377 = load <8 x float>, ptr %acc2030, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b044, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2030, align 4
+  %379 = load <8 x float>, ptr %acc2131, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b145, <8 x float> %379)
+  store <8 x float> %380, ptr %acc2131, align 4
+  %381 = getelementptr inbounds float, ptr %330, i64 %k41
   %382 = load float, ptr %381, align 4
   %383 = insertelement <8 x float> poison, float %382, i32 0
   %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3030, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b040, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3030, align 4
-  %387 = load <8 x float>, ptr %acc3131, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b141, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3131, align 4
-  %389 = add nsw i64 %k39, 1
-  br label %k.head36
+  %385 = load <8 x float>, ptr %acc3032, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b044, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3032, align 4
+  %387 = load <8 x float>, ptr %acc3133, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b145, <8 x float> %387)
+  store <8 x float> %388, ptr %acc3133, align 4
+  %389 = add nsw i64 %k41, 1
+  br label %k.head38
 
-k.end38:                                          ; preds = %k.head36
-  %390 = load <8 x float>, ptr %acc0024, align 4
+k.end40:                                          ; preds = %k.head38
+  %390 = load <8 x float>, ptr %acc0026, align 4
   store <8 x float> %390, ptr %301, align 4
-  %391 = load <8 x float>, ptr %acc0125, align 4
+  %391 = load <8 x float>, ptr %acc0127, align 4
   store <8 x float> %391, ptr %303, align 4
-  %392 = load <8 x float>, ptr %acc1026, align 4
+  %392 = load <8 x float>, ptr %acc1028, align 4
   store <8 x float> %392, ptr %313, align 4
-  %393 = load <8 x float>, ptr %acc1127, align 4
+  %393 = load <8 x float>, ptr %acc1129, align 4
   store <8 x float> %393, ptr %315, align 4
-  %394 = load <8 x float>, ptr %acc2028, align 4
+  %394 = load <8 x float>, ptr %acc2030, align 4
   store <8 x float> %394, ptr %325, align 4
-  %395 = load <8 x float>, ptr %acc2129, align 4
+  %395 = load <8 x float>, ptr %acc2131, align 4
   store <8 x float> %395, ptr %327, align 4
-  %396 = load <8 x float>, ptr %acc3030, align 4
+  %396 = load <8 x float>, ptr %acc3032, align 4
   store <8 x float> %396, ptr %337, align 4
-  %397 = load <8 x float>, ptr %acc3131, align 4
+  %397 = load <8 x float>, ptr %acc3133, align 4
   store <8 x float> %397, ptr %339, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col42 = mul nsw i64 %p, 16
+  %col46 = mul nsw i64 %p, 16
   %398 = add nsw i64 %r0, 0
   %399 = mul nsw i64 %398, 8192
   %400 = getelementptr inbounds float, ptr %h, i64 %399
@@ -3014,12 +3070,12 @@ tile.mr3:                                         ; preds = %r0.body
   %403 = sext i32 %402 to i64
   %404 = mul nsw i64 %403, 5120
   %405 = getelementptr inbounds float, ptr %y, i64 %404
-  %406 = add nsw i64 %col42, 0
+  %406 = add nsw i64 %col46, 0
   %407 = getelementptr inbounds float, ptr %405, i64 %406
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %408 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc0047, align 4
+  %408 = add nsw i64 %col46, 8
   %409 = getelementptr inbounds float, ptr %405, i64 %408
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  store <8 x float> zeroinitializer, ptr %acc0148, align 4
   %410 = add nsw i64 %r0, 1
   %411 = mul nsw i64 %410, 8192
   %412 = getelementptr inbounds float, ptr %h, i64 %411
@@ -3028,12 +3084,12 @@ tile.mr3:                                         ; preds = %r0.body
   %415 = sext i32 %414 to i64
   %416 = mul nsw i64 %415, 5120
   %417 = getelementptr inbounds float, ptr %y, i64 %416
-  %418 = add nsw i64 %col42, 0
+  %418 = add nsw i64 %col46, 0
   %419 = getelementptr inbounds float, ptr %417, i64 %418
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %420 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc1049, align 4
+  %420 = add nsw i64 %col46, 8
   %421 = getelementptr inbounds float, ptr %417, i64 %420
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  store <8 x float> zeroinitializer, ptr %acc1150, align 4
   %422 = add nsw i64 %r0, 2
   %423 = mul nsw i64 %422, 8192
   %424 = getelementptr inbounds float, ptr %h, i64 %423
@@ -3042,93 +3098,99 @@ tile.mr3:                                         ; preds = %r0.body
   %427 = sext i32 %426 to i64
   %428 = mul nsw i64 %427, 5120
   %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col42, 0
+  %430 = add nsw i64 %col46, 0
   %431 = getelementptr inbounds float, ptr %429, i64 %430
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %432 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc2051, align 4
+  %432 = add nsw i64 %col46, 8
   %433 = getelementptr inbounds float, ptr %429, i64 %432
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
-  %panel.off49 = mul nsw i64 %p, 131072
-  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %panel.off53 = mul nsw i64 %p, 131072
+  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
   %435 = add nsw i64 %p, 1
   %436 = icmp slt i64 %435, %p1
-  %pf.on50 = and i1 %pf.on, %436
+  %pf.on54 = and i1 %pf.on, %436
   %437 = mul nsw i64 %pf.j, 262144
   %438 = lshr i64 %437, %10
   %439 = add nsw i64 262144, %438
   %440 = getelementptr inbounds i8, ptr %434, i64 %439
-  %pf51 = select i1 %pf.on50, ptr %440, ptr %434
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
-  br label %k.head53
+  %pf55 = select i1 %pf.on54, ptr %440, ptr %434
+  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  br label %k.head57
 
-k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %475, %k.body54 ]
-  %441 = icmp slt i64 %k56, 8192
-  br i1 %441, label %k.body54, label %k.end55
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %475, %pf.any.end62 ]
+  %441 = icmp slt i64 %k60, 8192
+  br i1 %441, label %k.body58, label %k.end59
 
-k.body54:                                         ; preds = %k.head53
-  %442 = mul nsw i64 %k56, 16
-  %443 = add nsw i64 %panel.off49, %442
-  %444 = mul nsw i64 %k56, 32
-  %445 = lshr i64 %444, %pf.sh52
-  %446 = getelementptr inbounds i8, ptr %pf51, i64 %445
+k.body58:                                         ; preds = %k.head57
+  %442 = mul nsw i64 %k60, 16
+  %443 = add nsw i64 %panel.off53, %442
+  %444 = mul nsw i64 %k60, 32
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+
+pf.any.then61:                                    ; preds = %k.body58
+  %445 = lshr i64 %444, %pf.sh56
+  %446 = getelementptr inbounds i8, ptr %pf55, i64 %445
   call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
+
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
   %447 = getelementptr inbounds i16, ptr %panels, i64 %443
   %448 = load <8 x i32>, ptr %447, align 4
   %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %449 to <8 x float>
+  %b063 = bitcast <8 x i32> %449 to <8 x float>
   %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = getelementptr inbounds float, ptr %400, i64 %k56
+  %b164 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = getelementptr inbounds float, ptr %400, i64 %k60
   %452 = load float, ptr %451, align 4
   %453 = insertelement <8 x float> poison, float %452, i32 0
   %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = load <8 x float>, ptr %acc0043, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b057, <8 x float> %455)
-  store <8 x float> %456, ptr %acc0043, align 4
-  %457 = load <8 x float>, ptr %acc0144, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b158, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0144, align 4
-  %459 = getelementptr inbounds float, ptr %412, i64 %k56
+  %455 = load <8 x float>, ptr %acc0047, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b063, <8 x float> %455)
+  store <8 x float> %456, ptr %acc0047, align 4
+  %457 = load <8 x float>, ptr %acc0148, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b164, <8 x float> %457)
+  store <8 x float> %458, ptr %acc0148, align 4
+  %459 = getelementptr inbounds float, ptr %412, i64 %k60
   %460 = load float, ptr %459, align 4
   %461 = insertelement <8 x float> poison, float %460, i32 0
   %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %acc1045, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b057, <8 x float> %463)
-  store <8 x float> %464, ptr %acc1045, align 4
-  %465 = load <8 x float>, ptr %acc1146, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b158, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1146, align 4
-  %467 = getelementptr inbounds float, ptr %424, i64 %k56
+  %463 = load <8 x float>, ptr %acc1049, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b063, <8 x float> %463)
+  store <8 x float> %464, ptr %acc1049, align 4
+  %465 = load <8 x float>, ptr %acc1150, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b164, <8 x float> %465)
+  store <8 x float> %466, ptr %acc1150, align 4
+  %467 = getelementptr inbounds float, ptr %424, i64 %k60
   %468 = load float, ptr %467, align 4
   %469 = insertelement <8 x float> poison, float %468, i32 0
   %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc2047, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b057, <8 x float> %471)
-  store <8 x float> %472, ptr %acc2047, align 4
-  %473 = load <8 x float>, ptr %acc2148, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b158, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2148, align 4
-  %475 = add nsw i64 %k56, 1
-  br label %k.head53
+  %471 = load <8 x float>, ptr %acc2051, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b063, <8 x float> %471)
+  store <8 x float> %472, ptr %acc2051, align 4
+  %473 = load <8 x float>, ptr %acc2152, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b164, <8 x float> %473)
+  store <8 x float> %474, ptr %acc2152, align 4
+  %475 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end55:                                          ; preds = %k.head53
-  %476 = load <8 x float>, ptr %acc0043, align 4
+k.end59:                                          ; preds = %k.head57
+  %476 = load <8 x float>, ptr %acc0047, align 4
   store <8 x float> %476, ptr %407, align 4
-  %477 = load <8 x float>, ptr %acc0144, align 4
+  %477 = load <8 x float>, ptr %acc0148, align 4
   store <8 x float> %477, ptr %409, align 4
-  %478 = load <8 x float>, ptr %acc1045, align 4
+  %478 = load <8 x float>, ptr %acc1049, align 4
   store <8 x float> %478, ptr %419, align 4
-  %479 = load <8 x float>, ptr %acc1146, align 4
+  %479 = load <8 x float>, ptr %acc1150, align 4
   store <8 x float> %479, ptr %421, align 4
-  %480 = load <8 x float>, ptr %acc2047, align 4
+  %480 = load <8 x float>, ptr %acc2051, align 4
   store <8 x float> %480, ptr %431, align 4
-  %481 = load <8 x float>, ptr %acc2148, align 4
+  %481 = load <8 x float>, ptr %acc2152, align 4
   store <8 x float> %481, ptr %433, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col59 = mul nsw i64 %p, 16
+  %col65 = mul nsw i64 %p, 16
   %482 = add nsw i64 %r0, 0
   %483 = mul nsw i64 %482, 8192
   %484 = getelementptr inbounds float, ptr %h, i64 %483
@@ -3137,12 +3199,12 @@ tile.mr2:                                         ; preds = %r0.body
   %487 = sext i32 %486 to i64
   %488 = mul nsw i64 %487, 5120
   %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col59, 0
+  %490 = add nsw i64 %col65, 0
   %491 = getelementptr inbounds float, ptr %489, i64 %490
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %492 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc0066, align 4
+  %492 = add nsw i64 %col65, 8
   %493 = getelementptr inbounds float, ptr %489, i64 %492
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  store <8 x float> zeroinitializer, ptr %acc0167, align 4
   %494 = add nsw i64 %r0, 1
   %495 = mul nsw i64 %494, 8192
   %496 = getelementptr inbounds float, ptr %h, i64 %495
@@ -3151,79 +3213,85 @@ tile.mr2:                                         ; preds = %r0.body
   %499 = sext i32 %498 to i64
   %500 = mul nsw i64 %499, 5120
   %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col59, 0
+  %502 = add nsw i64 %col65, 0
   %503 = getelementptr inbounds float, ptr %501, i64 %502
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %504 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc1068, align 4
+  %504 = add nsw i64 %col65, 8
   %505 = getelementptr inbounds float, ptr %501, i64 %504
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
-  %panel.off64 = mul nsw i64 %p, 131072
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %panel.off70 = mul nsw i64 %p, 131072
+  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
   %507 = add nsw i64 %p, 1
   %508 = icmp slt i64 %507, %p1
-  %pf.on65 = and i1 %pf.on, %508
+  %pf.on71 = and i1 %pf.on, %508
   %509 = mul nsw i64 %pf.j, 262144
   %510 = lshr i64 %509, %10
   %511 = add nsw i64 262144, %510
   %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf66 = select i1 %pf.on65, ptr %512, ptr %506
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
-  br label %k.head68
+  %pf72 = select i1 %pf.on71, ptr %512, ptr %506
+  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  br label %k.head74
 
-k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %539, %k.body69 ]
-  %513 = icmp slt i64 %k71, 8192
-  br i1 %513, label %k.body69, label %k.end70
+k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %539, %pf.any.end79 ]
+  %513 = icmp slt i64 %k77, 8192
+  br i1 %513, label %k.body75, label %k.end76
 
-k.body69:                                         ; preds = %k.head68
-  %514 = mul nsw i64 %k71, 16
-  %515 = add nsw i64 %panel.off64, %514
-  %516 = mul nsw i64 %k71, 32
-  %517 = lshr i64 %516, %pf.sh67
-  %518 = getelementptr inbounds i8, ptr %pf66, i64 %517
+k.body75:                                         ; preds = %k.head74
+  %514 = mul nsw i64 %k77, 16
+  %515 = add nsw i64 %panel.off70, %514
+  %516 = mul nsw i64 %k77, 32
+  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+
+pf.any.then78:                                    ; preds = %k.body75
+  %517 = lshr i64 %516, %pf.sh73
+  %518 = getelementptr inbounds i8, ptr %pf72, i64 %517
   call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  br label %pf.any.end79
+
+pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
   %519 = getelementptr inbounds i16, ptr %panels, i64 %515
   %520 = load <8 x i32>, ptr %519, align 4
   %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %521 to <8 x float>
+  %b080 = bitcast <8 x i32> %521 to <8 x float>
   %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %484, i64 %k71
+  %b181 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = getelementptr inbounds float, ptr %484, i64 %k77
   %524 = load float, ptr %523, align 4
   %525 = insertelement <8 x float> poison, float %524, i32 0
   %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0060, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b072, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0060, align 4
-  %529 = load <8 x float>, ptr %acc0161, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b173, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0161, align 4
-  %531 = getelementptr inbounds float, ptr %496, i64 %k71
+  %527 = load <8 x float>, ptr %acc0066, align 4
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b080, <8 x float> %527)
+  store <8 x float> %528, ptr %acc0066, align 4
+  %529 = load <8 x float>, ptr %acc0167, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b181, <8 x float> %529)
+  store <8 x float> %530, ptr %acc0167, align 4
+  %531 = getelementptr inbounds float, ptr %496, i64 %k77
   %532 = load float, ptr %531, align 4
   %533 = insertelement <8 x float> poison, float %532, i32 0
   %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1062, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b072, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1062, align 4
-  %537 = load <8 x float>, ptr %acc1163, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b173, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1163, align 4
-  %539 = add nsw i64 %k71, 1
-  br label %k.head68
+  %535 = load <8 x float>, ptr %acc1068, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b080, <8 x float> %535)
+  store <8 x float> %536, ptr %acc1068, align 4
+  %537 = load <8 x float>, ptr %acc1169, align 4
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b181, <8 x float> %537)
+  store <8 x float> %538, ptr %acc1169, align 4
+  %539 = add nsw i64 %k77, 1
+  br label %k.head74
 
-k.end70:                                          ; preds = %k.head68
-  %540 = load <8 x float>, ptr %acc0060, align 4
+k.end76:                                          ; preds = %k.head74
+  %540 = load <8 x float>, ptr %acc0066, align 4
   store <8 x float> %540, ptr %491, align 4
-  %541 = load <8 x float>, ptr %acc0161, align 4
+  %541 = load <8 x float>, ptr %acc0167, align 4
   store <8 x float> %541, ptr %493, align 4
-  %542 = load <8 x float>, ptr %acc1062, align 4
+  %542 = load <8 x float>, ptr %acc1068, align 4
   store <8 x float> %542, ptr %503, align 4
-  %543 = load <8 x float>, ptr %acc1163, align 4
+  %543 = load <8 x float>, ptr %acc1169, align 4
   store <8 x float> %543, ptr %505, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col74 = mul nsw i64 %p, 16
+  %col82 = mul nsw i64 %p, 16
   %544 = add nsw i64 %r0, 0
   %545 = mul nsw i64 %544, 8192
   %546 = getelementptr inbounds float, ptr %h, i64 %545
@@ -3232,64 +3300,70 @@ tile.mr1:                                         ; preds = %r0.body
   %549 = sext i32 %548 to i64
   %550 = mul nsw i64 %549, 5120
   %551 = getelementptr inbounds float, ptr %y, i64 %550
-  %552 = add nsw i64 %col74, 0
+  %552 = add nsw i64 %col82, 0
   %553 = getelementptr inbounds float, ptr %551, i64 %552
-  store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %554 = add nsw i64 %col74, 8
+  store <8 x float> zeroinitializer, ptr %acc0083, align 4
+  %554 = add nsw i64 %col82, 8
   %555 = getelementptr inbounds float, ptr %551, i64 %554
-  store <8 x float> zeroinitializer, ptr %acc0176, align 4
-  %panel.off77 = mul nsw i64 %p, 131072
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %panel.off85 = mul nsw i64 %p, 131072
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
   %557 = add nsw i64 %p, 1
   %558 = icmp slt i64 %557, %p1
-  %pf.on78 = and i1 %pf.on, %558
+  %pf.on86 = and i1 %pf.on, %558
   %559 = mul nsw i64 %pf.j, 262144
   %560 = lshr i64 %559, %10
   %561 = add nsw i64 262144, %560
   %562 = getelementptr inbounds i8, ptr %556, i64 %561
-  %pf79 = select i1 %pf.on78, ptr %562, ptr %556
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
-  br label %k.head81
+  %pf87 = select i1 %pf.on86, ptr %562, ptr %556
+  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  br label %k.head89
 
-k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %581, %k.body82 ]
-  %563 = icmp slt i64 %k84, 8192
-  br i1 %563, label %k.body82, label %k.end83
+k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %581, %pf.any.end94 ]
+  %563 = icmp slt i64 %k92, 8192
+  br i1 %563, label %k.body90, label %k.end91
 
-k.body82:                                         ; preds = %k.head81
-  %564 = mul nsw i64 %k84, 16
-  %565 = add nsw i64 %panel.off77, %564
-  %566 = mul nsw i64 %k84, 32
-  %567 = lshr i64 %566, %pf.sh80
-  %568 = getelementptr inbounds i8, ptr %pf79, i64 %567
+k.body90:                                         ; preds = %k.head89
+  %564 = mul nsw i64 %k92, 16
+  %565 = add nsw i64 %panel.off85, %564
+  %566 = mul nsw i64 %k92, 32
+  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+
+pf.any.then93:                                    ; preds = %k.body90
+  %567 = lshr i64 %566, %pf.sh88
+  %568 = getelementptr inbounds i8, ptr %pf87, i64 %567
   call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  br label %pf.any.end94
+
+pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
   %569 = getelementptr inbounds i16, ptr %panels, i64 %565
   %570 = load <8 x i32>, ptr %569, align 4
   %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %571 to <8 x float>
+  %b095 = bitcast <8 x i32> %571 to <8 x float>
   %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = getelementptr inbounds float, ptr %546, i64 %k84
+  %b196 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = getelementptr inbounds float, ptr %546, i64 %k92
   %574 = load float, ptr %573, align 4
   %575 = insertelement <8 x float> poison, float %574, i32 0
   %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc0075, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b085, <8 x float> %577)
-  store <8 x float> %578, ptr %acc0075, align 4
-  %579 = load <8 x float>, ptr %acc0176, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b186, <8 x float> %579)
-  store <8 x float> %580, ptr %acc0176, align 4
-  %581 = add nsw i64 %k84, 1
-  br label %k.head81
+  %577 = load <8 x float>, ptr %acc0083, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b095, <8 x float> %577)
+  store <8 x float> %578, ptr %acc0083, align 4
+  %579 = load <8 x float>, ptr %acc0184, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b196, <8 x float> %579)
+  store <8 x float> %580, ptr %acc0184, align 4
+  %581 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end83:                                          ; preds = %k.head81
-  %582 = load <8 x float>, ptr %acc0075, align 4
+k.end91:                                          ; preds = %k.head89
+  %582 = load <8 x float>, ptr %acc0083, align 4
   store <8 x float> %582, ptr %553, align 4
-  %583 = load <8 x float>, ptr %acc0176, align 4
+  %583 = load <8 x float>, ptr %acc0184, align 4
   store <8 x float> %583, ptr %555, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
   %584 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -3326,26 +3400,26 @@ entry:
   %acc3139 = alloca <8 x float>, align 32
   %acc4040 = alloca <8 x float>, align 32
   %acc4141 = alloca <8 x float>, align 32
-  %acc0082 = alloca <8 x float>, align 32
-  %acc0183 = alloca <8 x float>, align 32
-  %acc1084 = alloca <8 x float>, align 32
-  %acc1185 = alloca <8 x float>, align 32
-  %acc2086 = alloca <8 x float>, align 32
-  %acc2187 = alloca <8 x float>, align 32
-  %acc3088 = alloca <8 x float>, align 32
-  %acc3189 = alloca <8 x float>, align 32
-  %acc00124 = alloca <8 x float>, align 32
-  %acc01125 = alloca <8 x float>, align 32
-  %acc10126 = alloca <8 x float>, align 32
-  %acc11127 = alloca <8 x float>, align 32
-  %acc20128 = alloca <8 x float>, align 32
-  %acc21129 = alloca <8 x float>, align 32
-  %acc00158 = alloca <8 x float>, align 32
-  %acc01159 = alloca <8 x float>, align 32
-  %acc10160 = alloca <8 x float>, align 32
-  %acc11161 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
-  %acc01185 = alloca <8 x float>, align 32
+  %acc0084 = alloca <8 x float>, align 32
+  %acc0185 = alloca <8 x float>, align 32
+  %acc1086 = alloca <8 x float>, align 32
+  %acc1187 = alloca <8 x float>, align 32
+  %acc2088 = alloca <8 x float>, align 32
+  %acc2189 = alloca <8 x float>, align 32
+  %acc3090 = alloca <8 x float>, align 32
+  %acc3191 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc10130 = alloca <8 x float>, align 32
+  %acc11131 = alloca <8 x float>, align 32
+  %acc20132 = alloca <8 x float>, align 32
+  %acc21133 = alloca <8 x float>, align 32
+  %acc00164 = alloca <8 x float>, align 32
+  %acc01165 = alloca <8 x float>, align 32
+  %acc10166 = alloca <8 x float>, align 32
+  %acc11167 = alloca <8 x float>, align 32
+  %acc00192 = alloca <8 x float>, align 32
+  %acc01193 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3377,6 +3451,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -3451,8 +3526,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
   %56 = icmp slt i64 %k, 5120
   br i1 %56, label %k.body, label %k.end
 
@@ -3460,9 +3535,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds i16, ptr %panels, i64 %58
   %63 = load <8 x i32>, ptr %62, align 4
   %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -3793,8 +3874,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
   br label %k.head46
 
-k.head46:                                         ; preds = %k.body47, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %364, %k.body47 ]
+k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %364, %pf.any.end51 ]
   %314 = icmp slt i64 %k49, 5120
   br i1 %314, label %k.body47, label %k.end48
 
@@ -3802,64 +3883,70 @@ k.body47:                                         ; preds = %k.head46
   %315 = mul nsw i64 %k49, 16
   %316 = add nsw i64 %panel.off42, %315
   %317 = mul nsw i64 %k49, 32
+  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+
+pf.any.then50:                                    ; preds = %k.body47
   %318 = lshr i64 %317, %pf.sh45
   %319 = getelementptr inbounds i8, ptr %pf44, i64 %318
   call void @llvm.prefetch.p0(ptr %319, i32 0, i32 2, i32 1)
+  br label %pf.any.end51
+
+pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
   %320 = getelementptr inbounds i16, ptr %panels, i64 %316
   %321 = load <8 x i32>, ptr %320, align 4
   %322 = shl <8 x i32> %321, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b050 = bitcast <8 x i32> %322 to <8 x float>
+  %b052 = bitcast <8 x i32> %322 to <8 x float>
   %323 = and <8 x i32> %321, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b151 = bitcast <8 x i32> %323 to <8 x float>
+  %b153 = bitcast <8 x i32> %323 to <8 x float>
   %324 = getelementptr inbounds float, ptr %282, i64 %k49
   %325 = load float, ptr %324, align 4
   %326 = insertelement <8 x float> poison, float %325, i32 0
   %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
   %328 = load <8 x float>, ptr %acc0032, align 4
-  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b050, <8 x float> %328)
+  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b052, <8 x float> %328)
   store <8 x float> %329, ptr %acc0032, align 4
   %330 = load <8 x float>, ptr %acc0133, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b151, <8 x float> %330)
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b153, <8 x float> %330)
   store <8 x float> %331, ptr %acc0133, align 4
   %332 = getelementptr inbounds float, ptr %288, i64 %k49
   %333 = load float, ptr %332, align 4
   %334 = insertelement <8 x float> poison, float %333, i32 0
   %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
   %336 = load <8 x float>, ptr %acc1034, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b050, <8 x float> %336)
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b052, <8 x float> %336)
   store <8 x float> %337, ptr %acc1034, align 4
   %338 = load <8 x float>, ptr %acc1135, align 4
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b151, <8 x float> %338)
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b153, <8 x float> %338)
   store <8 x float> %339, ptr %acc1135, align 4
   %340 = getelementptr inbounds float, ptr %294, i64 %k49
   %341 = load float, ptr %340, align 4
   %342 = insertelement <8 x float> poison, float %341, i32 0
   %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
   %344 = load <8 x float>, ptr %acc2036, align 4
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b050, <8 x float> %344)
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b052, <8 x float> %344)
   store <8 x float> %345, ptr %acc2036, align 4
   %346 = load <8 x float>, ptr %acc2137, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b151, <8 x float> %346)
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b153, <8 x float> %346)
   store <8 x float> %347, ptr %acc2137, align 4
   %348 = getelementptr inbounds float, ptr %300, i64 %k49
   %349 = load float, ptr %348, align 4
   %350 = insertelement <8 x float> poison, float %349, i32 0
   %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
   %352 = load <8 x float>, ptr %acc3038, align 4
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b050, <8 x float> %352)
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b052, <8 x float> %352)
   store <8 x float> %353, ptr %acc3038, align 4
   %354 = load <8 x float>, ptr %acc3139, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b151, <8 x float> %354)
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b153, <8 x float> %354)
   store <8 x float> %355, ptr %acc3139, align 4
   %356 = getelementptr inbounds float, ptr %306, i64 %k49
   %357 = load float, ptr %356, align 4
   %358 = insertelement <8 x float> poison, float %357, i32 0
   %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
   %360 = load <8 x float>, ptr %acc4040, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b050, <8 x float> %360)
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b052, <8 x float> %360)
   store <8 x float> %361, ptr %acc4040, align 4
   %362 = load <8 x float>, ptr %acc4141, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b151, <8 x float> %362)
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b153, <8 x float> %362)
   store <8 x float> %363, ptr %acc4141, align 4
   %364 = add nsw i64 %k49, 1
   br label %k.head46
@@ -3868,7 +3955,7 @@ k.end48:                                          ; preds = %k.head46
   %365 = add nsw i64 %r0, 0
   %366 = mul nsw i64 %365, 8192
   %367 = getelementptr inbounds float, ptr %h, i64 %366
-  %col52 = mul nsw i64 %p, 8
+  %col54 = mul nsw i64 %p, 8
   %368 = load <8 x float>, ptr %acc0032, align 4
   %369 = load <8 x float>, ptr %acc0133, align 4
   %370 = fneg <8 x float> %368
@@ -3891,18 +3978,18 @@ k.end48:                                          ; preds = %k.head46
   %387 = fptosi <8 x float> %376 to <8 x i32>
   %388 = add <8 x i32> %387, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %389 = shl <8 x i32> %388, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %389 to <8 x float>
-  %exp54 = fmul <8 x float> %386, %exp.2n53
-  %390 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %390
-  %silu56 = fmul <8 x float> %368, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %369
-  %391 = getelementptr inbounds float, ptr %367, i64 %col52
-  store <8 x float> %glu57, ptr %391, align 4
+  %exp.2n55 = bitcast <8 x i32> %389 to <8 x float>
+  %exp56 = fmul <8 x float> %386, %exp.2n55
+  %390 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %390
+  %silu58 = fmul <8 x float> %368, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %369
+  %391 = getelementptr inbounds float, ptr %367, i64 %col54
+  store <8 x float> %glu59, ptr %391, align 4
   %392 = add nsw i64 %r0, 1
   %393 = mul nsw i64 %392, 8192
   %394 = getelementptr inbounds float, ptr %h, i64 %393
-  %col58 = mul nsw i64 %p, 8
+  %col60 = mul nsw i64 %p, 8
   %395 = load <8 x float>, ptr %acc1034, align 4
   %396 = load <8 x float>, ptr %acc1135, align 4
   %397 = fneg <8 x float> %395
@@ -3925,18 +4012,18 @@ k.end48:                                          ; preds = %k.head46
   %414 = fptosi <8 x float> %403 to <8 x i32>
   %415 = add <8 x i32> %414, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %416 = shl <8 x i32> %415, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %416 to <8 x float>
-  %exp60 = fmul <8 x float> %413, %exp.2n59
-  %417 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %417
-  %silu62 = fmul <8 x float> %395, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %396
-  %418 = getelementptr inbounds float, ptr %394, i64 %col58
-  store <8 x float> %glu63, ptr %418, align 4
+  %exp.2n61 = bitcast <8 x i32> %416 to <8 x float>
+  %exp62 = fmul <8 x float> %413, %exp.2n61
+  %417 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %417
+  %silu64 = fmul <8 x float> %395, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %396
+  %418 = getelementptr inbounds float, ptr %394, i64 %col60
+  store <8 x float> %glu65, ptr %418, align 4
   %419 = add nsw i64 %r0, 2
   %420 = mul nsw i64 %419, 8192
   %421 = getelementptr inbounds float, ptr %h, i64 %420
-  %col64 = mul nsw i64 %p, 8
+  %col66 = mul nsw i64 %p, 8
   %422 = load <8 x float>, ptr %acc2036, align 4
   %423 = load <8 x float>, ptr %acc2137, align 4
   %424 = fneg <8 x float> %422
@@ -3959,18 +4046,18 @@ k.end48:                                          ; preds = %k.head46
   %441 = fptosi <8 x float> %430 to <8 x i32>
   %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %443 to <8 x float>
-  %exp66 = fmul <8 x float> %440, %exp.2n65
-  %444 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
-  %silu68 = fmul <8 x float> %422, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %423
-  %445 = getelementptr inbounds float, ptr %421, i64 %col64
-  store <8 x float> %glu69, ptr %445, align 4
+  %exp.2n67 = bitcast <8 x i32> %443 to <8 x float>
+  %exp68 = fmul <8 x float> %440, %exp.2n67
+  %444 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
+  %silu70 = fmul <8 x float> %422, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %423
+  %445 = getelementptr inbounds float, ptr %421, i64 %col66
+  store <8 x float> %glu71, ptr %445, align 4
   %446 = add nsw i64 %r0, 3
   %447 = mul nsw i64 %446, 8192
   %448 = getelementptr inbounds float, ptr %h, i64 %447
-  %col70 = mul nsw i64 %p, 8
+  %col72 = mul nsw i64 %p, 8
   %449 = load <8 x float>, ptr %acc3038, align 4
   %450 = load <8 x float>, ptr %acc3139, align 4
   %451 = fneg <8 x float> %449
@@ -3993,18 +4080,18 @@ k.end48:                                          ; preds = %k.head46
   %468 = fptosi <8 x float> %457 to <8 x i32>
   %469 = add <8 x i32> %468, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %470 = shl <8 x i32> %469, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %470 to <8 x float>
-  %exp72 = fmul <8 x float> %467, %exp.2n71
-  %471 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %471
-  %silu74 = fmul <8 x float> %449, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %450
-  %472 = getelementptr inbounds float, ptr %448, i64 %col70
-  store <8 x float> %glu75, ptr %472, align 4
+  %exp.2n73 = bitcast <8 x i32> %470 to <8 x float>
+  %exp74 = fmul <8 x float> %467, %exp.2n73
+  %471 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %471
+  %silu76 = fmul <8 x float> %449, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %450
+  %472 = getelementptr inbounds float, ptr %448, i64 %col72
+  store <8 x float> %glu77, ptr %472, align 4
   %473 = add nsw i64 %r0, 4
   %474 = mul nsw i64 %473, 8192
   %475 = getelementptr inbounds float, ptr %h, i64 %474
-  %col76 = mul nsw i64 %p, 8
+  %col78 = mul nsw i64 %p, 8
   %476 = load <8 x float>, ptr %acc4040, align 4
   %477 = load <8 x float>, ptr %acc4141, align 4
   %478 = fneg <8 x float> %476
@@ -4027,14 +4114,14 @@ k.end48:                                          ; preds = %k.head46
   %495 = fptosi <8 x float> %484 to <8 x i32>
   %496 = add <8 x i32> %495, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %497 = shl <8 x i32> %496, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %497 to <8 x float>
-  %exp78 = fmul <8 x float> %494, %exp.2n77
-  %498 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %498
-  %silu80 = fmul <8 x float> %476, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %477
-  %499 = getelementptr inbounds float, ptr %475, i64 %col76
-  store <8 x float> %glu81, ptr %499, align 4
+  %exp.2n79 = bitcast <8 x i32> %497 to <8 x float>
+  %exp80 = fmul <8 x float> %494, %exp.2n79
+  %498 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %498
+  %silu82 = fmul <8 x float> %476, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %477
+  %499 = getelementptr inbounds float, ptr %475, i64 %col78
+  store <8 x float> %glu83, ptr %499, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
@@ -4044,113 +4131,119 @@ tile.mr4:                                         ; preds = %r0.body
   %503 = sext i32 %502 to i64
   %504 = mul nsw i64 %503, 5120
   %505 = getelementptr inbounds float, ptr %x, i64 %504
-  store <8 x float> zeroinitializer, ptr %acc0082, align 4
-  store <8 x float> zeroinitializer, ptr %acc0183, align 4
+  store <8 x float> zeroinitializer, ptr %acc0084, align 4
+  store <8 x float> zeroinitializer, ptr %acc0185, align 4
   %506 = add nsw i64 %r0, 1
   %507 = getelementptr inbounds i32, ptr %rows, i64 %506
   %508 = load i32, ptr %507, align 4
   %509 = sext i32 %508 to i64
   %510 = mul nsw i64 %509, 5120
   %511 = getelementptr inbounds float, ptr %x, i64 %510
-  store <8 x float> zeroinitializer, ptr %acc1084, align 4
-  store <8 x float> zeroinitializer, ptr %acc1185, align 4
+  store <8 x float> zeroinitializer, ptr %acc1086, align 4
+  store <8 x float> zeroinitializer, ptr %acc1187, align 4
   %512 = add nsw i64 %r0, 2
   %513 = getelementptr inbounds i32, ptr %rows, i64 %512
   %514 = load i32, ptr %513, align 4
   %515 = sext i32 %514 to i64
   %516 = mul nsw i64 %515, 5120
   %517 = getelementptr inbounds float, ptr %x, i64 %516
-  store <8 x float> zeroinitializer, ptr %acc2086, align 4
-  store <8 x float> zeroinitializer, ptr %acc2187, align 4
+  store <8 x float> zeroinitializer, ptr %acc2088, align 4
+  store <8 x float> zeroinitializer, ptr %acc2189, align 4
   %518 = add nsw i64 %r0, 3
   %519 = getelementptr inbounds i32, ptr %rows, i64 %518
   %520 = load i32, ptr %519, align 4
   %521 = sext i32 %520 to i64
   %522 = mul nsw i64 %521, 5120
   %523 = getelementptr inbounds float, ptr %x, i64 %522
-  store <8 x float> zeroinitializer, ptr %acc3088, align 4
-  store <8 x float> zeroinitializer, ptr %acc3189, align 4
-  %panel.off90 = mul nsw i64 %p, 81920
-  %524 = getelementptr inbounds i16, ptr %panels, i64 %panel.off90
+  store <8 x float> zeroinitializer, ptr %acc3090, align 4
+  store <8 x float> zeroinitializer, ptr %acc3191, align 4
+  %panel.off92 = mul nsw i64 %p, 81920
+  %524 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
   %525 = add nsw i64 %p, 1
   %526 = icmp slt i64 %525, %p1
-  %pf.on91 = and i1 %pf.on, %526
+  %pf.on93 = and i1 %pf.on, %526
   %527 = mul nsw i64 %pf.j, 163840
   %528 = lshr i64 %527, %9
   %529 = add nsw i64 163840, %528
   %530 = getelementptr inbounds i8, ptr %524, i64 %529
-  %pf92 = select i1 %pf.on91, ptr %530, ptr %524
-  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
-  br label %k.head94
+  %pf94 = select i1 %pf.on93, ptr %530, ptr %524
+  %pf.sh95 = select i1 %pf.on93, i64 %9, i64 0
+  br label %k.head96
 
-k.head94:                                         ; preds = %k.body95, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %573, %k.body95 ]
-  %531 = icmp slt i64 %k97, 5120
-  br i1 %531, label %k.body95, label %k.end96
+k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %573, %pf.any.end101 ]
+  %531 = icmp slt i64 %k99, 5120
+  br i1 %531, label %k.body97, label %k.end98
 
-k.body95:                                         ; preds = %k.head94
-  %532 = mul nsw i64 %k97, 16
-  %533 = add nsw i64 %panel.off90, %532
-  %534 = mul nsw i64 %k97, 32
-  %535 = lshr i64 %534, %pf.sh93
-  %536 = getelementptr inbounds i8, ptr %pf92, i64 %535
+k.body97:                                         ; preds = %k.head96
+  %532 = mul nsw i64 %k99, 16
+  %533 = add nsw i64 %panel.off92, %532
+  %534 = mul nsw i64 %k99, 32
+  br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
+
+pf.any.then100:                                   ; preds = %k.body97
+  %535 = lshr i64 %534, %pf.sh95
+  %536 = getelementptr inbounds i8, ptr %pf94, i64 %535
   call void @llvm.prefetch.p0(ptr %536, i32 0, i32 2, i32 1)
+  br label %pf.any.end101
+
+pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
   %537 = getelementptr inbounds i16, ptr %panels, i64 %533
   %538 = load <8 x i32>, ptr %537, align 4
   %539 = shl <8 x i32> %538, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b098 = bitcast <8 x i32> %539 to <8 x float>
+  %b0102 = bitcast <8 x i32> %539 to <8 x float>
   %540 = and <8 x i32> %538, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b199 = bitcast <8 x i32> %540 to <8 x float>
-  %541 = getelementptr inbounds float, ptr %505, i64 %k97
+  %b1103 = bitcast <8 x i32> %540 to <8 x float>
+  %541 = getelementptr inbounds float, ptr %505, i64 %k99
   %542 = load float, ptr %541, align 4
   %543 = insertelement <8 x float> poison, float %542, i32 0
   %544 = shufflevector <8 x float> %543, <8 x float> poison, <8 x i32> zeroinitializer
-  %545 = load <8 x float>, ptr %acc0082, align 4
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b098, <8 x float> %545)
-  store <8 x float> %546, ptr %acc0082, align 4
-  %547 = load <8 x float>, ptr %acc0183, align 4
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b199, <8 x float> %547)
-  store <8 x float> %548, ptr %acc0183, align 4
-  %549 = getelementptr inbounds float, ptr %511, i64 %k97
+  %545 = load <8 x float>, ptr %acc0084, align 4
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b0102, <8 x float> %545)
+  store <8 x float> %546, ptr %acc0084, align 4
+  %547 = load <8 x float>, ptr %acc0185, align 4
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b1103, <8 x float> %547)
+  store <8 x float> %548, ptr %acc0185, align 4
+  %549 = getelementptr inbounds float, ptr %511, i64 %k99
   %550 = load float, ptr %549, align 4
   %551 = insertelement <8 x float> poison, float %550, i32 0
   %552 = shufflevector <8 x float> %551, <8 x float> poison, <8 x i32> zeroinitializer
-  %553 = load <8 x float>, ptr %acc1084, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b098, <8 x float> %553)
-  store <8 x float> %554, ptr %acc1084, align 4
-  %555 = load <8 x float>, ptr %acc1185, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b199, <8 x float> %555)
-  store <8 x float> %556, ptr %acc1185, align 4
-  %557 = getelementptr inbounds float, ptr %517, i64 %k97
+  %553 = load <8 x float>, ptr %acc1086, align 4
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b0102, <8 x float> %553)
+  store <8 x float> %554, ptr %acc1086, align 4
+  %555 = load <8 x float>, ptr %acc1187, align 4
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b1103, <8 x float> %555)
+  store <8 x float> %556, ptr %acc1187, align 4
+  %557 = getelementptr inbounds float, ptr %517, i64 %k99
   %558 = load float, ptr %557, align 4
   %559 = insertelement <8 x float> poison, float %558, i32 0
   %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
-  %561 = load <8 x float>, ptr %acc2086, align 4
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b098, <8 x float> %561)
-  store <8 x float> %562, ptr %acc2086, align 4
-  %563 = load <8 x float>, ptr %acc2187, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b199, <8 x float> %563)
-  store <8 x float> %564, ptr %acc2187, align 4
-  %565 = getelementptr inbounds float, ptr %523, i64 %k97
+  %561 = load <8 x float>, ptr %acc2088, align 4
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b0102, <8 x float> %561)
+  store <8 x float> %562, ptr %acc2088, align 4
+  %563 = load <8 x float>, ptr %acc2189, align 4
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b1103, <8 x float> %563)
+  store <8 x float> %564, ptr %acc2189, align 4
+  %565 = getelementptr inbounds float, ptr %523, i64 %k99
   %566 = load float, ptr %565, align 4
   %567 = insertelement <8 x float> poison, float %566, i32 0
   %568 = shufflevector <8 x float> %567, <8 x float> poison, <8 x i32> zeroinitializer
-  %569 = load <8 x float>, ptr %acc3088, align 4
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b098, <8 x float> %569)
-  store <8 x float> %570, ptr %acc3088, align 4
-  %571 = load <8 x float>, ptr %acc3189, align 4
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b199, <8 x float> %571)
-  store <8 x float> %572, ptr %acc3189, align 4
-  %573 = add nsw i64 %k97, 1
-  br label %k.head94
+  %569 = load <8 x float>, ptr %acc3090, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b0102, <8 x float> %569)
+  store <8 x float> %570, ptr %acc3090, align 4
+  %571 = load <8 x float>, ptr %acc3191, align 4
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b1103, <8 x float> %571)
+  store <8 x float> %572, ptr %acc3191, align 4
+  %573 = add nsw i64 %k99, 1
+  br label %k.head96
 
-k.end96:                                          ; preds = %k.head94
+k.end98:                                          ; preds = %k.head96
   %574 = add nsw i64 %r0, 0
   %575 = mul nsw i64 %574, 8192
   %576 = getelementptr inbounds float, ptr %h, i64 %575
-  %col100 = mul nsw i64 %p, 8
-  %577 = load <8 x float>, ptr %acc0082, align 4
-  %578 = load <8 x float>, ptr %acc0183, align 4
+  %col104 = mul nsw i64 %p, 8
+  %577 = load <8 x float>, ptr %acc0084, align 4
+  %578 = load <8 x float>, ptr %acc0185, align 4
   %579 = fneg <8 x float> %577
   %580 = fcmp olt <8 x float> %579, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %581 = select <8 x i1> %580, <8 x float> %579, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4171,20 +4264,20 @@ k.end96:                                          ; preds = %k.head94
   %596 = fptosi <8 x float> %585 to <8 x i32>
   %597 = add <8 x i32> %596, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %598 = shl <8 x i32> %597, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %598 to <8 x float>
-  %exp102 = fmul <8 x float> %595, %exp.2n101
-  %599 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %599
-  %silu104 = fmul <8 x float> %577, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %578
-  %600 = getelementptr inbounds float, ptr %576, i64 %col100
-  store <8 x float> %glu105, ptr %600, align 4
+  %exp.2n105 = bitcast <8 x i32> %598 to <8 x float>
+  %exp106 = fmul <8 x float> %595, %exp.2n105
+  %599 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %599
+  %silu108 = fmul <8 x float> %577, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %578
+  %600 = getelementptr inbounds float, ptr %576, i64 %col104
+  store <8 x float> %glu109, ptr %600, align 4
   %601 = add nsw i64 %r0, 1
   %602 = mul nsw i64 %601, 8192
   %603 = getelementptr inbounds float, ptr %h, i64 %602
-  %col106 = mul nsw i64 %p, 8
-  %604 = load <8 x float>, ptr %acc1084, align 4
-  %605 = load <8 x float>, ptr %acc1185, align 4
+  %col110 = mul nsw i64 %p, 8
+  %604 = load <8 x float>, ptr %acc1086, align 4
+  %605 = load <8 x float>, ptr %acc1187, align 4
   %606 = fneg <8 x float> %604
   %607 = fcmp olt <8 x float> %606, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4205,20 +4298,20 @@ k.end96:                                          ; preds = %k.head94
   %623 = fptosi <8 x float> %612 to <8 x i32>
   %624 = add <8 x i32> %623, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %625 = shl <8 x i32> %624, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %625 to <8 x float>
-  %exp108 = fmul <8 x float> %622, %exp.2n107
-  %626 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
-  %silu110 = fmul <8 x float> %604, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %605
-  %627 = getelementptr inbounds float, ptr %603, i64 %col106
-  store <8 x float> %glu111, ptr %627, align 4
+  %exp.2n111 = bitcast <8 x i32> %625 to <8 x float>
+  %exp112 = fmul <8 x float> %622, %exp.2n111
+  %626 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
+  %silu114 = fmul <8 x float> %604, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %605
+  %627 = getelementptr inbounds float, ptr %603, i64 %col110
+  store <8 x float> %glu115, ptr %627, align 4
   %628 = add nsw i64 %r0, 2
   %629 = mul nsw i64 %628, 8192
   %630 = getelementptr inbounds float, ptr %h, i64 %629
-  %col112 = mul nsw i64 %p, 8
-  %631 = load <8 x float>, ptr %acc2086, align 4
-  %632 = load <8 x float>, ptr %acc2187, align 4
+  %col116 = mul nsw i64 %p, 8
+  %631 = load <8 x float>, ptr %acc2088, align 4
+  %632 = load <8 x float>, ptr %acc2189, align 4
   %633 = fneg <8 x float> %631
   %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4239,20 +4332,20 @@ k.end96:                                          ; preds = %k.head94
   %650 = fptosi <8 x float> %639 to <8 x i32>
   %651 = add <8 x i32> %650, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %652 = shl <8 x i32> %651, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %652 to <8 x float>
-  %exp114 = fmul <8 x float> %649, %exp.2n113
-  %653 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %653
-  %silu116 = fmul <8 x float> %631, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %632
-  %654 = getelementptr inbounds float, ptr %630, i64 %col112
-  store <8 x float> %glu117, ptr %654, align 4
+  %exp.2n117 = bitcast <8 x i32> %652 to <8 x float>
+  %exp118 = fmul <8 x float> %649, %exp.2n117
+  %653 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %653
+  %silu120 = fmul <8 x float> %631, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %632
+  %654 = getelementptr inbounds float, ptr %630, i64 %col116
+  store <8 x float> %glu121, ptr %654, align 4
   %655 = add nsw i64 %r0, 3
   %656 = mul nsw i64 %655, 8192
   %657 = getelementptr inbounds float, ptr %h, i64 %656
-  %col118 = mul nsw i64 %p, 8
-  %658 = load <8 x float>, ptr %acc3088, align 4
-  %659 = load <8 x float>, ptr %acc3189, align 4
+  %col122 = mul nsw i64 %p, 8
+  %658 = load <8 x float>, ptr %acc3090, align 4
+  %659 = load <8 x float>, ptr %acc3191, align 4
   %660 = fneg <8 x float> %658
   %661 = fcmp olt <8 x float> %660, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %662 = select <8 x i1> %661, <8 x float> %660, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4273,14 +4366,14 @@ k.end96:                                          ; preds = %k.head94
   %677 = fptosi <8 x float> %666 to <8 x i32>
   %678 = add <8 x i32> %677, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %679 = shl <8 x i32> %678, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %679 to <8 x float>
-  %exp120 = fmul <8 x float> %676, %exp.2n119
-  %680 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %680
-  %silu122 = fmul <8 x float> %658, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %659
-  %681 = getelementptr inbounds float, ptr %657, i64 %col118
-  store <8 x float> %glu123, ptr %681, align 4
+  %exp.2n123 = bitcast <8 x i32> %679 to <8 x float>
+  %exp124 = fmul <8 x float> %676, %exp.2n123
+  %680 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %680
+  %silu126 = fmul <8 x float> %658, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %659
+  %681 = getelementptr inbounds float, ptr %657, i64 %col122
+  store <8 x float> %glu127, ptr %681, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
@@ -4290,95 +4383,101 @@ tile.mr3:                                         ; preds = %r0.body
   %685 = sext i32 %684 to i64
   %686 = mul nsw i64 %685, 5120
   %687 = getelementptr inbounds float, ptr %x, i64 %686
-  store <8 x float> zeroinitializer, ptr %acc00124, align 4
-  store <8 x float> zeroinitializer, ptr %acc01125, align 4
+  store <8 x float> zeroinitializer, ptr %acc00128, align 4
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
   %688 = add nsw i64 %r0, 1
   %689 = getelementptr inbounds i32, ptr %rows, i64 %688
   %690 = load i32, ptr %689, align 4
   %691 = sext i32 %690 to i64
   %692 = mul nsw i64 %691, 5120
   %693 = getelementptr inbounds float, ptr %x, i64 %692
-  store <8 x float> zeroinitializer, ptr %acc10126, align 4
-  store <8 x float> zeroinitializer, ptr %acc11127, align 4
+  store <8 x float> zeroinitializer, ptr %acc10130, align 4
+  store <8 x float> zeroinitializer, ptr %acc11131, align 4
   %694 = add nsw i64 %r0, 2
   %695 = getelementptr inbounds i32, ptr %rows, i64 %694
   %696 = load i32, ptr %695, align 4
   %697 = sext i32 %696 to i64
   %698 = mul nsw i64 %697, 5120
   %699 = getelementptr inbounds float, ptr %x, i64 %698
-  store <8 x float> zeroinitializer, ptr %acc20128, align 4
-  store <8 x float> zeroinitializer, ptr %acc21129, align 4
-  %panel.off130 = mul nsw i64 %p, 81920
-  %700 = getelementptr inbounds i16, ptr %panels, i64 %panel.off130
+  store <8 x float> zeroinitializer, ptr %acc20132, align 4
+  store <8 x float> zeroinitializer, ptr %acc21133, align 4
+  %panel.off134 = mul nsw i64 %p, 81920
+  %700 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
   %701 = add nsw i64 %p, 1
   %702 = icmp slt i64 %701, %p1
-  %pf.on131 = and i1 %pf.on, %702
+  %pf.on135 = and i1 %pf.on, %702
   %703 = mul nsw i64 %pf.j, 163840
   %704 = lshr i64 %703, %9
   %705 = add nsw i64 163840, %704
   %706 = getelementptr inbounds i8, ptr %700, i64 %705
-  %pf132 = select i1 %pf.on131, ptr %706, ptr %700
-  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
-  br label %k.head134
+  %pf136 = select i1 %pf.on135, ptr %706, ptr %700
+  %pf.sh137 = select i1 %pf.on135, i64 %9, i64 0
+  br label %k.head138
 
-k.head134:                                        ; preds = %k.body135, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %741, %k.body135 ]
-  %707 = icmp slt i64 %k137, 5120
-  br i1 %707, label %k.body135, label %k.end136
+k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %741, %pf.any.end143 ]
+  %707 = icmp slt i64 %k141, 5120
+  br i1 %707, label %k.body139, label %k.end140
 
-k.body135:                                        ; preds = %k.head134
-  %708 = mul nsw i64 %k137, 16
-  %709 = add nsw i64 %panel.off130, %708
-  %710 = mul nsw i64 %k137, 32
-  %711 = lshr i64 %710, %pf.sh133
-  %712 = getelementptr inbounds i8, ptr %pf132, i64 %711
+k.body139:                                        ; preds = %k.head138
+  %708 = mul nsw i64 %k141, 16
+  %709 = add nsw i64 %panel.off134, %708
+  %710 = mul nsw i64 %k141, 32
+  br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
+
+pf.any.then142:                                   ; preds = %k.body139
+  %711 = lshr i64 %710, %pf.sh137
+  %712 = getelementptr inbounds i8, ptr %pf136, i64 %711
   call void @llvm.prefetch.p0(ptr %712, i32 0, i32 2, i32 1)
+  br label %pf.any.end143
+
+pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
   %713 = getelementptr inbounds i16, ptr %panels, i64 %709
   %714 = load <8 x i32>, ptr %713, align 4
   %715 = shl <8 x i32> %714, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0138 = bitcast <8 x i32> %715 to <8 x float>
+  %b0144 = bitcast <8 x i32> %715 to <8 x float>
   %716 = and <8 x i32> %714, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1139 = bitcast <8 x i32> %716 to <8 x float>
-  %717 = getelementptr inbounds float, ptr %687, i64 %k137
+  %b1145 = bitcast <8 x i32> %716 to <8 x float>
+  %717 = getelementptr inbounds float, ptr %687, i64 %k141
   %718 = load float, ptr %717, align 4
   %719 = insertelement <8 x float> poison, float %718, i32 0
   %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
-  %721 = load <8 x float>, ptr %acc00124, align 4
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b0138, <8 x float> %721)
-  store <8 x float> %722, ptr %acc00124, align 4
-  %723 = load <8 x float>, ptr %acc01125, align 4
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b1139, <8 x float> %723)
-  store <8 x float> %724, ptr %acc01125, align 4
-  %725 = getelementptr inbounds float, ptr %693, i64 %k137
+  %721 = load <8 x float>, ptr %acc00128, align 4
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b0144, <8 x float> %721)
+  store <8 x float> %722, ptr %acc00128, align 4
+  %723 = load <8 x float>, ptr %acc01129, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b1145, <8 x float> %723)
+  store <8 x float> %724, ptr %acc01129, align 4
+  %725 = getelementptr inbounds float, ptr %693, i64 %k141
   %726 = load float, ptr %725, align 4
   %727 = insertelement <8 x float> poison, float %726, i32 0
   %728 = shufflevector <8 x float> %727, <8 x float> poison, <8 x i32> zeroinitializer
-  %729 = load <8 x float>, ptr %acc10126, align 4
-  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b0138, <8 x float> %729)
-  store <8 x float> %730, ptr %acc10126, align 4
-  %731 = load <8 x float>, ptr %acc11127, align 4
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b1139, <8 x float> %731)
-  store <8 x float> %732, ptr %acc11127, align 4
-  %733 = getelementptr inbounds float, ptr %699, i64 %k137
+  %729 = load <8 x float>, ptr %acc10130, align 4
+  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b0144, <8 x float> %729)
+  store <8 x float> %730, ptr %acc10130, align 4
+  %731 = load <8 x float>, ptr %acc11131, align 4
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b1145, <8 x float> %731)
+  store <8 x float> %732, ptr %acc11131, align 4
+  %733 = getelementptr inbounds float, ptr %699, i64 %k141
   %734 = load float, ptr %733, align 4
   %735 = insertelement <8 x float> poison, float %734, i32 0
   %736 = shufflevector <8 x float> %735, <8 x float> poison, <8 x i32> zeroinitializer
-  %737 = load <8 x float>, ptr %acc20128, align 4
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b0138, <8 x float> %737)
-  store <8 x float> %738, ptr %acc20128, align 4
-  %739 = load <8 x float>, ptr %acc21129, align 4
-  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b1139, <8 x float> %739)
-  store <8 x float> %740, ptr %acc21129, align 4
-  %741 = add nsw i64 %k137, 1
-  br label %k.head134
+  %737 = load <8 x float>, ptr %acc20132, align 4
+  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b0144, <8 x float> %737)
+  store <8 x float> %738, ptr %acc20132, align 4
+  %739 = load <8 x float>, ptr %acc21133, align 4
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b1145, <8 x float> %739)
+  store <8 x float> %740, ptr %acc21133, align 4
+  %741 = add nsw i64 %k141, 1
+  br label %k.head138
 
-k.end136:                                         ; preds = %k.head134
+k.end140:                                         ; preds = %k.head138
   %742 = add nsw i64 %r0, 0
   %743 = mul nsw i64 %742, 8192
   %744 = getelementptr inbounds float, ptr %h, i64 %743
-  %col140 = mul nsw i64 %p, 8
-  %745 = load <8 x float>, ptr %acc00124, align 4
-  %746 = load <8 x float>, ptr %acc01125, align 4
+  %col146 = mul nsw i64 %p, 8
+  %745 = load <8 x float>, ptr %acc00128, align 4
+  %746 = load <8 x float>, ptr %acc01129, align 4
   %747 = fneg <8 x float> %745
   %748 = fcmp olt <8 x float> %747, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %749 = select <8 x i1> %748, <8 x float> %747, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4399,20 +4498,20 @@ k.end136:                                         ; preds = %k.head134
   %764 = fptosi <8 x float> %753 to <8 x i32>
   %765 = add <8 x i32> %764, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %766 = shl <8 x i32> %765, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %766 to <8 x float>
-  %exp142 = fmul <8 x float> %763, %exp.2n141
-  %767 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %767
-  %silu144 = fmul <8 x float> %745, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %746
-  %768 = getelementptr inbounds float, ptr %744, i64 %col140
-  store <8 x float> %glu145, ptr %768, align 4
+  %exp.2n147 = bitcast <8 x i32> %766 to <8 x float>
+  %exp148 = fmul <8 x float> %763, %exp.2n147
+  %767 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %767
+  %silu150 = fmul <8 x float> %745, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %746
+  %768 = getelementptr inbounds float, ptr %744, i64 %col146
+  store <8 x float> %glu151, ptr %768, align 4
   %769 = add nsw i64 %r0, 1
   %770 = mul nsw i64 %769, 8192
   %771 = getelementptr inbounds float, ptr %h, i64 %770
-  %col146 = mul nsw i64 %p, 8
-  %772 = load <8 x float>, ptr %acc10126, align 4
-  %773 = load <8 x float>, ptr %acc11127, align 4
+  %col152 = mul nsw i64 %p, 8
+  %772 = load <8 x float>, ptr %acc10130, align 4
+  %773 = load <8 x float>, ptr %acc11131, align 4
   %774 = fneg <8 x float> %772
   %775 = fcmp olt <8 x float> %774, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %776 = select <8 x i1> %775, <8 x float> %774, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4433,20 +4532,20 @@ k.end136:                                         ; preds = %k.head134
   %791 = fptosi <8 x float> %780 to <8 x i32>
   %792 = add <8 x i32> %791, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %793 = shl <8 x i32> %792, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %793 to <8 x float>
-  %exp148 = fmul <8 x float> %790, %exp.2n147
-  %794 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %794
-  %silu150 = fmul <8 x float> %772, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %773
-  %795 = getelementptr inbounds float, ptr %771, i64 %col146
-  store <8 x float> %glu151, ptr %795, align 4
+  %exp.2n153 = bitcast <8 x i32> %793 to <8 x float>
+  %exp154 = fmul <8 x float> %790, %exp.2n153
+  %794 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %794
+  %silu156 = fmul <8 x float> %772, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %773
+  %795 = getelementptr inbounds float, ptr %771, i64 %col152
+  store <8 x float> %glu157, ptr %795, align 4
   %796 = add nsw i64 %r0, 2
   %797 = mul nsw i64 %796, 8192
   %798 = getelementptr inbounds float, ptr %h, i64 %797
-  %col152 = mul nsw i64 %p, 8
-  %799 = load <8 x float>, ptr %acc20128, align 4
-  %800 = load <8 x float>, ptr %acc21129, align 4
+  %col158 = mul nsw i64 %p, 8
+  %799 = load <8 x float>, ptr %acc20132, align 4
+  %800 = load <8 x float>, ptr %acc21133, align 4
   %801 = fneg <8 x float> %799
   %802 = fcmp olt <8 x float> %801, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %803 = select <8 x i1> %802, <8 x float> %801, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4467,14 +4566,14 @@ k.end136:                                         ; preds = %k.head134
   %818 = fptosi <8 x float> %807 to <8 x i32>
   %819 = add <8 x i32> %818, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %820 = shl <8 x i32> %819, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %820 to <8 x float>
-  %exp154 = fmul <8 x float> %817, %exp.2n153
-  %821 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %821
-  %silu156 = fmul <8 x float> %799, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %800
-  %822 = getelementptr inbounds float, ptr %798, i64 %col152
-  store <8 x float> %glu157, ptr %822, align 4
+  %exp.2n159 = bitcast <8 x i32> %820 to <8 x float>
+  %exp160 = fmul <8 x float> %817, %exp.2n159
+  %821 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %821
+  %silu162 = fmul <8 x float> %799, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %800
+  %822 = getelementptr inbounds float, ptr %798, i64 %col158
+  store <8 x float> %glu163, ptr %822, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
@@ -4484,77 +4583,83 @@ tile.mr2:                                         ; preds = %r0.body
   %826 = sext i32 %825 to i64
   %827 = mul nsw i64 %826, 5120
   %828 = getelementptr inbounds float, ptr %x, i64 %827
-  store <8 x float> zeroinitializer, ptr %acc00158, align 4
-  store <8 x float> zeroinitializer, ptr %acc01159, align 4
+  store <8 x float> zeroinitializer, ptr %acc00164, align 4
+  store <8 x float> zeroinitializer, ptr %acc01165, align 4
   %829 = add nsw i64 %r0, 1
   %830 = getelementptr inbounds i32, ptr %rows, i64 %829
   %831 = load i32, ptr %830, align 4
   %832 = sext i32 %831 to i64
   %833 = mul nsw i64 %832, 5120
   %834 = getelementptr inbounds float, ptr %x, i64 %833
-  store <8 x float> zeroinitializer, ptr %acc10160, align 4
-  store <8 x float> zeroinitializer, ptr %acc11161, align 4
-  %panel.off162 = mul nsw i64 %p, 81920
-  %835 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
+  store <8 x float> zeroinitializer, ptr %acc10166, align 4
+  store <8 x float> zeroinitializer, ptr %acc11167, align 4
+  %panel.off168 = mul nsw i64 %p, 81920
+  %835 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
   %836 = add nsw i64 %p, 1
   %837 = icmp slt i64 %836, %p1
-  %pf.on163 = and i1 %pf.on, %837
+  %pf.on169 = and i1 %pf.on, %837
   %838 = mul nsw i64 %pf.j, 163840
   %839 = lshr i64 %838, %9
   %840 = add nsw i64 163840, %839
   %841 = getelementptr inbounds i8, ptr %835, i64 %840
-  %pf164 = select i1 %pf.on163, ptr %841, ptr %835
-  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
-  br label %k.head166
+  %pf170 = select i1 %pf.on169, ptr %841, ptr %835
+  %pf.sh171 = select i1 %pf.on169, i64 %9, i64 0
+  br label %k.head172
 
-k.head166:                                        ; preds = %k.body167, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %868, %k.body167 ]
-  %842 = icmp slt i64 %k169, 5120
-  br i1 %842, label %k.body167, label %k.end168
+k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %868, %pf.any.end177 ]
+  %842 = icmp slt i64 %k175, 5120
+  br i1 %842, label %k.body173, label %k.end174
 
-k.body167:                                        ; preds = %k.head166
-  %843 = mul nsw i64 %k169, 16
-  %844 = add nsw i64 %panel.off162, %843
-  %845 = mul nsw i64 %k169, 32
-  %846 = lshr i64 %845, %pf.sh165
-  %847 = getelementptr inbounds i8, ptr %pf164, i64 %846
+k.body173:                                        ; preds = %k.head172
+  %843 = mul nsw i64 %k175, 16
+  %844 = add nsw i64 %panel.off168, %843
+  %845 = mul nsw i64 %k175, 32
+  br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
+
+pf.any.then176:                                   ; preds = %k.body173
+  %846 = lshr i64 %845, %pf.sh171
+  %847 = getelementptr inbounds i8, ptr %pf170, i64 %846
   call void @llvm.prefetch.p0(ptr %847, i32 0, i32 2, i32 1)
+  br label %pf.any.end177
+
+pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
   %848 = getelementptr inbounds i16, ptr %panels, i64 %844
   %849 = load <8 x i32>, ptr %848, align 4
   %850 = shl <8 x i32> %849, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0170 = bitcast <8 x i32> %850 to <8 x float>
+  %b0178 = bitcast <8 x i32> %850 to <8 x float>
   %851 = and <8 x i32> %849, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1171 = bitcast <8 x i32> %851 to <8 x float>
-  %852 = getelementptr inbounds float, ptr %828, i64 %k169
+  %b1179 = bitcast <8 x i32> %851 to <8 x float>
+  %852 = getelementptr inbounds float, ptr %828, i64 %k175
   %853 = load float, ptr %852, align 4
   %854 = insertelement <8 x float> poison, float %853, i32 0
   %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
-  %856 = load <8 x float>, ptr %acc00158, align 4
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b0170, <8 x float> %856)
-  store <8 x float> %857, ptr %acc00158, align 4
-  %858 = load <8 x float>, ptr %acc01159, align 4
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b1171, <8 x float> %858)
-  store <8 x float> %859, ptr %acc01159, align 4
-  %860 = getelementptr inbounds float, ptr %834, i64 %k169
+  %856 = load <8 x float>, ptr %acc00164, align 4
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b0178, <8 x float> %856)
+  store <8 x float> %857, ptr %acc00164, align 4
+  %858 = load <8 x float>, ptr %acc01165, align 4
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b1179, <8 x float> %858)
+  store <8 x float> %859, ptr %acc01165, align 4
+  %860 = getelementptr inbounds float, ptr %834, i64 %k175
   %861 = load float, ptr %860, align 4
   %862 = insertelement <8 x float> poison, float %861, i32 0
   %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
-  %864 = load <8 x float>, ptr %acc10160, align 4
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b0170, <8 x float> %864)
-  store <8 x float> %865, ptr %acc10160, align 4
-  %866 = load <8 x float>, ptr %acc11161, align 4
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b1171, <8 x float> %866)
-  store <8 x float> %867, ptr %acc11161, align 4
-  %868 = add nsw i64 %k169, 1
-  br label %k.head166
+  %864 = load <8 x float>, ptr %acc10166, align 4
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b0178, <8 x float> %864)
+  store <8 x float> %865, ptr %acc10166, align 4
+  %866 = load <8 x float>, ptr %acc11167, align 4
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b1179, <8 x float> %866)
+  store <8 x float> %867, ptr %acc11167, align 4
+  %868 = add nsw i64 %k175, 1
+  br label %k.head172
 
-k.end168:                                         ; preds = %k.head166
+k.end174:                                         ; preds = %k.head172
   %869 = add nsw i64 %r0, 0
   %870 = mul nsw i64 %869, 8192
   %871 = getelementptr inbounds float, ptr %h, i64 %870
-  %col172 = mul nsw i64 %p, 8
-  %872 = load <8 x float>, ptr %acc00158, align 4
-  %873 = load <8 x float>, ptr %acc01159, align 4
+  %col180 = mul nsw i64 %p, 8
+  %872 = load <8 x float>, ptr %acc00164, align 4
+  %873 = load <8 x float>, ptr %acc01165, align 4
   %874 = fneg <8 x float> %872
   %875 = fcmp olt <8 x float> %874, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4575,20 +4680,20 @@ k.end168:                                         ; preds = %k.head166
   %891 = fptosi <8 x float> %880 to <8 x i32>
   %892 = add <8 x i32> %891, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %893 = shl <8 x i32> %892, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %893 to <8 x float>
-  %exp174 = fmul <8 x float> %890, %exp.2n173
-  %894 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %894
-  %silu176 = fmul <8 x float> %872, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %873
-  %895 = getelementptr inbounds float, ptr %871, i64 %col172
-  store <8 x float> %glu177, ptr %895, align 4
+  %exp.2n181 = bitcast <8 x i32> %893 to <8 x float>
+  %exp182 = fmul <8 x float> %890, %exp.2n181
+  %894 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %894
+  %silu184 = fmul <8 x float> %872, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %873
+  %895 = getelementptr inbounds float, ptr %871, i64 %col180
+  store <8 x float> %glu185, ptr %895, align 4
   %896 = add nsw i64 %r0, 1
   %897 = mul nsw i64 %896, 8192
   %898 = getelementptr inbounds float, ptr %h, i64 %897
-  %col178 = mul nsw i64 %p, 8
-  %899 = load <8 x float>, ptr %acc10160, align 4
-  %900 = load <8 x float>, ptr %acc11161, align 4
+  %col186 = mul nsw i64 %p, 8
+  %899 = load <8 x float>, ptr %acc10166, align 4
+  %900 = load <8 x float>, ptr %acc11167, align 4
   %901 = fneg <8 x float> %899
   %902 = fcmp olt <8 x float> %901, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %903 = select <8 x i1> %902, <8 x float> %901, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4609,14 +4714,14 @@ k.end168:                                         ; preds = %k.head166
   %918 = fptosi <8 x float> %907 to <8 x i32>
   %919 = add <8 x i32> %918, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %920 = shl <8 x i32> %919, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %920 to <8 x float>
-  %exp180 = fmul <8 x float> %917, %exp.2n179
-  %921 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %921
-  %silu182 = fmul <8 x float> %899, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %900
-  %922 = getelementptr inbounds float, ptr %898, i64 %col178
-  store <8 x float> %glu183, ptr %922, align 4
+  %exp.2n187 = bitcast <8 x i32> %920 to <8 x float>
+  %exp188 = fmul <8 x float> %917, %exp.2n187
+  %921 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %921
+  %silu190 = fmul <8 x float> %899, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %900
+  %922 = getelementptr inbounds float, ptr %898, i64 %col186
+  store <8 x float> %glu191, ptr %922, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
@@ -4626,59 +4731,65 @@ tile.mr1:                                         ; preds = %r0.body
   %926 = sext i32 %925 to i64
   %927 = mul nsw i64 %926, 5120
   %928 = getelementptr inbounds float, ptr %x, i64 %927
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  store <8 x float> zeroinitializer, ptr %acc01185, align 4
-  %panel.off186 = mul nsw i64 %p, 81920
-  %929 = getelementptr inbounds i16, ptr %panels, i64 %panel.off186
+  store <8 x float> zeroinitializer, ptr %acc00192, align 4
+  store <8 x float> zeroinitializer, ptr %acc01193, align 4
+  %panel.off194 = mul nsw i64 %p, 81920
+  %929 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
   %930 = add nsw i64 %p, 1
   %931 = icmp slt i64 %930, %p1
-  %pf.on187 = and i1 %pf.on, %931
+  %pf.on195 = and i1 %pf.on, %931
   %932 = mul nsw i64 %pf.j, 163840
   %933 = lshr i64 %932, %9
   %934 = add nsw i64 163840, %933
   %935 = getelementptr inbounds i8, ptr %929, i64 %934
-  %pf188 = select i1 %pf.on187, ptr %935, ptr %929
-  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
-  br label %k.head190
+  %pf196 = select i1 %pf.on195, ptr %935, ptr %929
+  %pf.sh197 = select i1 %pf.on195, i64 %9, i64 0
+  br label %k.head198
 
-k.head190:                                        ; preds = %k.body191, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %954, %k.body191 ]
-  %936 = icmp slt i64 %k193, 5120
-  br i1 %936, label %k.body191, label %k.end192
+k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %954, %pf.any.end203 ]
+  %936 = icmp slt i64 %k201, 5120
+  br i1 %936, label %k.body199, label %k.end200
 
-k.body191:                                        ; preds = %k.head190
-  %937 = mul nsw i64 %k193, 16
-  %938 = add nsw i64 %panel.off186, %937
-  %939 = mul nsw i64 %k193, 32
-  %940 = lshr i64 %939, %pf.sh189
-  %941 = getelementptr inbounds i8, ptr %pf188, i64 %940
+k.body199:                                        ; preds = %k.head198
+  %937 = mul nsw i64 %k201, 16
+  %938 = add nsw i64 %panel.off194, %937
+  %939 = mul nsw i64 %k201, 32
+  br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
+
+pf.any.then202:                                   ; preds = %k.body199
+  %940 = lshr i64 %939, %pf.sh197
+  %941 = getelementptr inbounds i8, ptr %pf196, i64 %940
   call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  br label %pf.any.end203
+
+pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
   %942 = getelementptr inbounds i16, ptr %panels, i64 %938
   %943 = load <8 x i32>, ptr %942, align 4
   %944 = shl <8 x i32> %943, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0194 = bitcast <8 x i32> %944 to <8 x float>
+  %b0204 = bitcast <8 x i32> %944 to <8 x float>
   %945 = and <8 x i32> %943, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1195 = bitcast <8 x i32> %945 to <8 x float>
-  %946 = getelementptr inbounds float, ptr %928, i64 %k193
+  %b1205 = bitcast <8 x i32> %945 to <8 x float>
+  %946 = getelementptr inbounds float, ptr %928, i64 %k201
   %947 = load float, ptr %946, align 4
   %948 = insertelement <8 x float> poison, float %947, i32 0
   %949 = shufflevector <8 x float> %948, <8 x float> poison, <8 x i32> zeroinitializer
-  %950 = load <8 x float>, ptr %acc00184, align 4
-  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b0194, <8 x float> %950)
-  store <8 x float> %951, ptr %acc00184, align 4
-  %952 = load <8 x float>, ptr %acc01185, align 4
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b1195, <8 x float> %952)
-  store <8 x float> %953, ptr %acc01185, align 4
-  %954 = add nsw i64 %k193, 1
-  br label %k.head190
+  %950 = load <8 x float>, ptr %acc00192, align 4
+  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b0204, <8 x float> %950)
+  store <8 x float> %951, ptr %acc00192, align 4
+  %952 = load <8 x float>, ptr %acc01193, align 4
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b1205, <8 x float> %952)
+  store <8 x float> %953, ptr %acc01193, align 4
+  %954 = add nsw i64 %k201, 1
+  br label %k.head198
 
-k.end192:                                         ; preds = %k.head190
+k.end200:                                         ; preds = %k.head198
   %955 = add nsw i64 %r0, 0
   %956 = mul nsw i64 %955, 8192
   %957 = getelementptr inbounds float, ptr %h, i64 %956
-  %col196 = mul nsw i64 %p, 8
-  %958 = load <8 x float>, ptr %acc00184, align 4
-  %959 = load <8 x float>, ptr %acc01185, align 4
+  %col206 = mul nsw i64 %p, 8
+  %958 = load <8 x float>, ptr %acc00192, align 4
+  %959 = load <8 x float>, ptr %acc01193, align 4
   %960 = fneg <8 x float> %958
   %961 = fcmp olt <8 x float> %960, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -4699,17 +4810,17 @@ k.end192:                                         ; preds = %k.head190
   %977 = fptosi <8 x float> %966 to <8 x i32>
   %978 = add <8 x i32> %977, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %979 = shl <8 x i32> %978, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %979 to <8 x float>
-  %exp198 = fmul <8 x float> %976, %exp.2n197
-  %980 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %980
-  %silu200 = fmul <8 x float> %958, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %959
-  %981 = getelementptr inbounds float, ptr %957, i64 %col196
-  store <8 x float> %glu201, ptr %981, align 4
+  %exp.2n207 = bitcast <8 x i32> %979 to <8 x float>
+  %exp208 = fmul <8 x float> %976, %exp.2n207
+  %980 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %980
+  %silu210 = fmul <8 x float> %958, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %959
+  %981 = getelementptr inbounds float, ptr %957, i64 %col206
+  store <8 x float> %glu211, ptr %981, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
+tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
   %982 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -4746,26 +4857,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
+  %acc3032 = alloca <8 x float>, align 32
+  %acc3133 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
+  %acc1068 = alloca <8 x float>, align 32
+  %acc1169 = alloca <8 x float>, align 32
+  %acc0083 = alloca <8 x float>, align 32
+  %acc0184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4799,6 +4910,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -4922,8 +5034,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %pf.any.end ]
   %105 = icmp slt i64 %k, 8192
   br i1 %105, label %k.body, label %k.end
 
@@ -4931,9 +5043,15 @@ k.body:                                           ; preds = %k.head
   %106 = mul nsw i64 %k, 16
   %107 = add nsw i64 %panel.off, %106
   %108 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %109 = lshr i64 %108, %pf.sh
   %110 = getelementptr inbounds i8, ptr %pf, i64 %109
   call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %111 = getelementptr inbounds i16, ptr %panels, i64 %107
   %112 = load <8 x i32>, ptr %111, align 4
   %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -5125,8 +5243,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %pf.any.end22 ]
   %253 = icmp slt i64 %k20, 8192
   br i1 %253, label %k.body18, label %k.end19
 
@@ -5134,64 +5252,70 @@ k.body18:                                         ; preds = %k.head17
   %254 = mul nsw i64 %k20, 16
   %255 = add nsw i64 %panel.off13, %254
   %256 = mul nsw i64 %k20, 32
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %257 = lshr i64 %256, %pf.sh16
   %258 = getelementptr inbounds i8, ptr %pf15, i64 %257
   call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %259 = getelementptr inbounds i16, ptr %panels, i64 %255
   %260 = load <8 x i32>, ptr %259, align 4
   %261 = shl <8 x i32> %260, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %261 to <8 x float>
+  %b023 = bitcast <8 x i32> %261 to <8 x float>
   %262 = and <8 x i32> %260, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %262 to <8 x float>
+  %b124 = bitcast <8 x i32> %262 to <8 x float>
   %263 = getelementptr inbounds float, ptr %178, i64 %k20
   %264 = load float, ptr %263, align 4
   %265 = insertelement <8 x float> poison, float %264, i32 0
   %266 = shufflevector <8 x float> %265, <8 x float> poison, <8 x i32> zeroinitializer
   %267 = load <8 x float>, ptr %acc003, align 4
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b021, <8 x float> %267)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b023, <8 x float> %267)
   store <8 x float> %268, ptr %acc003, align 4
   %269 = load <8 x float>, ptr %acc014, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b122, <8 x float> %269)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b124, <8 x float> %269)
   store <8 x float> %270, ptr %acc014, align 4
   %271 = getelementptr inbounds float, ptr %192, i64 %k20
   %272 = load float, ptr %271, align 4
   %273 = insertelement <8 x float> poison, float %272, i32 0
   %274 = shufflevector <8 x float> %273, <8 x float> poison, <8 x i32> zeroinitializer
   %275 = load <8 x float>, ptr %acc105, align 4
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b021, <8 x float> %275)
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b023, <8 x float> %275)
   store <8 x float> %276, ptr %acc105, align 4
   %277 = load <8 x float>, ptr %acc116, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b122, <8 x float> %277)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b124, <8 x float> %277)
   store <8 x float> %278, ptr %acc116, align 4
   %279 = getelementptr inbounds float, ptr %206, i64 %k20
   %280 = load float, ptr %279, align 4
   %281 = insertelement <8 x float> poison, float %280, i32 0
   %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
   %283 = load <8 x float>, ptr %acc207, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b021, <8 x float> %283)
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b023, <8 x float> %283)
   store <8 x float> %284, ptr %acc207, align 4
   %285 = load <8 x float>, ptr %acc218, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b122, <8 x float> %285)
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b124, <8 x float> %285)
   store <8 x float> %286, ptr %acc218, align 4
   %287 = getelementptr inbounds float, ptr %220, i64 %k20
   %288 = load float, ptr %287, align 4
   %289 = insertelement <8 x float> poison, float %288, i32 0
   %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
   %291 = load <8 x float>, ptr %acc309, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b021, <8 x float> %291)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b023, <8 x float> %291)
   store <8 x float> %292, ptr %acc309, align 4
   %293 = load <8 x float>, ptr %acc3110, align 4
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b122, <8 x float> %293)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b124, <8 x float> %293)
   store <8 x float> %294, ptr %acc3110, align 4
   %295 = getelementptr inbounds float, ptr %234, i64 %k20
   %296 = load float, ptr %295, align 4
   %297 = insertelement <8 x float> poison, float %296, i32 0
   %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
   %299 = load <8 x float>, ptr %acc4011, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b021, <8 x float> %299)
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b023, <8 x float> %299)
   store <8 x float> %300, ptr %acc4011, align 4
   %301 = load <8 x float>, ptr %acc4112, align 4
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b122, <8 x float> %301)
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b124, <8 x float> %301)
   store <8 x float> %302, ptr %acc4112, align 4
   %303 = add nsw i64 %k20, 1
   br label %k.head17
@@ -5220,7 +5344,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col23 = mul nsw i64 %p, 16
+  %col25 = mul nsw i64 %p, 16
   %314 = add nsw i64 %r0, 0
   %315 = mul nsw i64 %314, 8192
   %316 = getelementptr inbounds float, ptr %h, i64 %315
@@ -5229,14 +5353,14 @@ tile.mr4:                                         ; preds = %r0.body
   %319 = sext i32 %318 to i64
   %320 = mul nsw i64 %319, 5120
   %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col23, 0
+  %322 = add nsw i64 %col25, 0
   %323 = getelementptr inbounds float, ptr %321, i64 %322
   %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc0024, align 4
-  %325 = add nsw i64 %col23, 8
+  store <8 x float> %324, ptr %acc0026, align 4
+  %325 = add nsw i64 %col25, 8
   %326 = getelementptr inbounds float, ptr %321, i64 %325
   %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc0125, align 4
+  store <8 x float> %327, ptr %acc0127, align 4
   %328 = add nsw i64 %r0, 1
   %329 = mul nsw i64 %328, 8192
   %330 = getelementptr inbounds float, ptr %h, i64 %329
@@ -5245,14 +5369,14 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 5120
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col23, 0
+  %336 = add nsw i64 %col25, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
   %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc1026, align 4
-  %339 = add nsw i64 %col23, 8
+  store <8 x float> %338, ptr %acc1028, align 4
+  %339 = add nsw i64 %col25, 8
   %340 = getelementptr inbounds float, ptr %335, i64 %339
   %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc1127, align 4
+  store <8 x float> %341, ptr %acc1129, align 4
   %342 = add nsw i64 %r0, 2
   %343 = mul nsw i64 %342, 8192
   %344 = getelementptr inbounds float, ptr %h, i64 %343
@@ -5261,14 +5385,14 @@ tile.mr4:                                         ; preds = %r0.body
   %347 = sext i32 %346 to i64
   %348 = mul nsw i64 %347, 5120
   %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = add nsw i64 %col23, 0
+  %350 = add nsw i64 %col25, 0
   %351 = getelementptr inbounds float, ptr %349, i64 %350
   %352 = load <8 x float>, ptr %351, align 4
-  store <8 x float> %352, ptr %acc2028, align 4
-  %353 = add nsw i64 %col23, 8
+  store <8 x float> %352, ptr %acc2030, align 4
+  %353 = add nsw i64 %col25, 8
   %354 = getelementptr inbounds float, ptr %349, i64 %353
   %355 = load <8 x float>, ptr %354, align 4
-  store <8 x float> %355, ptr %acc2129, align 4
+  store <8 x float> %355, ptr %acc2131, align 4
   %356 = add nsw i64 %r0, 3
   %357 = mul nsw i64 %356, 8192
   %358 = getelementptr inbounds float, ptr %h, i64 %357
@@ -5277,109 +5401,115 @@ tile.mr4:                                         ; preds = %r0.body
   %361 = sext i32 %360 to i64
   %362 = mul nsw i64 %361, 5120
   %363 = getelementptr inbounds float, ptr %y, i64 %362
-  %364 = add nsw i64 %col23, 0
+  %364 = add nsw i64 %col25, 0
   %365 = getelementptr inbounds float, ptr %363, i64 %364
   %366 = load <8 x float>, ptr %365, align 4
-  store <8 x float> %366, ptr %acc3030, align 4
-  %367 = add nsw i64 %col23, 8
+  store <8 x float> %366, ptr %acc3032, align 4
+  %367 = add nsw i64 %col25, 8
   %368 = getelementptr inbounds float, ptr %363, i64 %367
   %369 = load <8 x float>, ptr %368, align 4
-  store <8 x float> %369, ptr %acc3131, align 4
-  %panel.off32 = mul nsw i64 %p, 131072
-  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  store <8 x float> %369, ptr %acc3133, align 4
+  %panel.off34 = mul nsw i64 %p, 131072
+  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
   %371 = add nsw i64 %p, 1
   %372 = icmp slt i64 %371, %p1
-  %pf.on33 = and i1 %pf.on, %372
+  %pf.on35 = and i1 %pf.on, %372
   %373 = mul nsw i64 %pf.j, 262144
   %374 = lshr i64 %373, %10
   %375 = add nsw i64 262144, %374
   %376 = getelementptr inbounds i8, ptr %370, i64 %375
-  %pf34 = select i1 %pf.on33, ptr %376, ptr %370
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
-  br label %k.head36
+  %pf36 = select i1 %pf.on35, ptr %376, ptr %370
+  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  br label %k.head38
 
-k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %419, %k.body37 ]
-  %377 = icmp slt i64 %k39, 8192
-  br i1 %377, label %k.body37, label %k.end38
+k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %419, %pf.any.end43 ]
+  %377 = icmp slt i64 %k41, 8192
+  br i1 %377, label %k.body39, label %k.end40
 
-k.body37:                                         ; preds = %k.head36
-  %378 = mul nsw i64 %k39, 16
-  %379 = add nsw i64 %panel.off32, %378
-  %380 = mul nsw i64 %k39, 32
-  %381 = lshr i64 %380, %pf.sh35
-  %382 = getelementptr inbounds i8, ptr %pf34, i64 %381
+k.body39:                                         ; preds = %k.head38
+  %378 = mul nsw i64 %k41, 16
+  %379 = add nsw i64 %panel.off34, %378
+  %380 = mul nsw i64 %k41, 32
+  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+
+pf.any.then42:                                    ; preds = %k.body39
+  %381 = lshr i64 %380, %pf.sh37
+  %382 = getelementptr inbounds i8, ptr %pf36, i64 %381
   call void @llvm.prefetch.p0(ptr %382, i32 0, i32 2, i32 1)
+  br label %pf.any.end43
+
+pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
   %383 = getelementptr inbounds i16, ptr %panels, i64 %379
   %384 = load <8 x i32>, ptr %383, align 4
   %385 = shl <8 x i32> %384, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %385 to <8 x float>
+  %b044 = bitcast <8 x i32> %385 to <8 x float>
   %386 = and <8 x i32> %384, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %386 to <8 x float>
-  %387 = getelementptr inbounds float, ptr %316, i64 %k39
+  %b145 = bitcast <8 x i32> %386 to <8 x float>
+  %387 = getelementptr inbounds float, ptr %316, i64 %k41
   %388 = load float, ptr %387, align 4
   %389 = insertelement <8 x float> poison, float %388, i32 0
   %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc0024, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b040, <8 x float> %391)
-  store <8 x float> %392, ptr %acc0024, align 4
-  %393 = load <8 x float>, ptr %acc0125, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b141, <8 x float> %393)
-  store <8 x float> %394, ptr %acc0125, align 4
-  %395 = getelementptr inbounds float, ptr %330, i64 %k39
+  %391 = load <8 x float>, ptr %acc0026, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b044, <8 x float> %391)
+  store <8 x float> %392, ptr %acc0026, align 4
+  %393 = load <8 x float>, ptr %acc0127, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b145, <8 x float> %393)
+  store <8 x float> %394, ptr %acc0127, align 4
+  %395 = getelementptr inbounds float, ptr %330, i64 %k41
   %396 = load float, ptr %395, align 4
   %397 = insertelement <8 x float> poison, float %396, i32 0
   %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc1026, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b040, <8 x float> %399)
-  store <8 x float> %400, ptr %acc1026, align 4
-  %401 = load <8 x float>, ptr %acc1127, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b141, <8 x float> %401)
-  store <8 x float> %402, ptr %acc1127, align 4
-  %403 = getelementptr inbounds float, ptr %344, i64 %k39
+  %399 = load <8 x float>, ptr %acc1028, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b044, <8 x float> %399)
+  store <8 x float> %400, ptr %acc1028, align 4
+  %401 = load <8 x float>, ptr %acc1129, align 4
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b145, <8 x float> %401)
+  store <8 x float> %402, ptr %acc1129, align 4
+  %403 = getelementptr inbounds float, ptr %344, i64 %k41
   %404 = load float, ptr %403, align 4
   %405 = insertelement <8 x float> poison, float %404, i32 0
   %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = load <8 x float>, ptr %acc2028, align 4
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b040, <8 x float> %407)
-  store <8 x float> %408, ptr %acc2028, align 4
-  %409 = load <8 x float>, ptr %acc2129, align 4
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b141, <8 x float> %409)
-  store <8 x float> %410, ptr %acc2129, align 4
-  %411 = getelementptr inbounds float, ptr %358, i64 %k39
+  %407 = load <8 x float>, ptr %acc2030, align 4
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b044, <8 x float> %407)
+  store <8 x float> %408, ptr %acc2030, align 4
+  %409 = load <8 x float>, ptr %acc2131, align 4
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b145, <8 x float> %409)
+  store <8 x float> %410, ptr %acc2131, align 4
+  %411 = getelementptr inbounds float, ptr %358, i64 %k41
   %412 = load float, ptr %411, align 4
   %413 = insertelement <8 x float> poison, float %412, i32 0
   %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
-  %415 = load <8 x float>, ptr %acc3030, align 4
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b040, <8 x float> %415)
-  store <8 x float> %416, ptr %acc3030, align 4
-  %417 = load <8 x float>, ptr %acc3131, align 4
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b141, <8 x float> %417)
-  store <8 x float> %418, ptr %acc3131, align 4
-  %419 = add nsw i64 %k39, 1
-  br label %k.head36
+  %415 = load <8 x float>, ptr %acc3032, align 4
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b044, <8 x float> %415)
+  store <8 x float> %416, ptr %acc3032, align 4
+  %417 = load <8 x float>, ptr %acc3133, align 4
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b145, <8 x float> %417)
+  store <8 x float> %418, ptr %acc3133, align 4
+  %419 = add nsw i64 %k41, 1
+  br label %k.head38
 
-k.end38:                                          ; preds = %k.head36
-  %420 = load <8 x float>, ptr %acc0024, align 4
+k.end40:                                          ; preds = %k.head38
+  %420 = load <8 x float>, ptr %acc0026, align 4
   store <8 x float> %420, ptr %323, align 4
-  %421 = load <8 x float>, ptr %acc0125, align 4
+  %421 = load <8 x float>, ptr %acc0127, align 4
   store <8 x float> %421, ptr %326, align 4
-  %422 = load <8 x float>, ptr %acc1026, align 4
+  %422 = load <8 x float>, ptr %acc1028, align 4
   store <8 x float> %422, ptr %337, align 4
-  %423 = load <8 x float>, ptr %acc1127, align 4
+  %423 = load <8 x float>, ptr %acc1129, align 4
   store <8 x float> %423, ptr %340, align 4
-  %424 = load <8 x float>, ptr %acc2028, align 4
+  %424 = load <8 x float>, ptr %acc2030, align 4
   store <8 x float> %424, ptr %351, align 4
-  %425 = load <8 x float>, ptr %acc2129, align 4
+  %425 = load <8 x float>, ptr %acc2131, align 4
   store <8 x float> %425, ptr %354, align 4
-  %426 = load <8 x float>, ptr %acc3030, align 4
+  %426 = load <8 x float>, ptr %acc3032, align 4
   store <8 x float> %426, ptr %365, align 4
-  %427 = load <8 x float>, ptr %acc3131, align 4
+  %427 = load <8 x float>, ptr %acc3133, align 4
   store <8 x float> %427, ptr %368, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col42 = mul nsw i64 %p, 16
+  %col46 = mul nsw i64 %p, 16
   %428 = add nsw i64 %r0, 0
   %429 = mul nsw i64 %428, 8192
   %430 = getelementptr inbounds float, ptr %h, i64 %429
@@ -5388,14 +5518,14 @@ tile.mr3:                                         ; preds = %r0.body
   %433 = sext i32 %432 to i64
   %434 = mul nsw i64 %433, 5120
   %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col42, 0
+  %436 = add nsw i64 %col46, 0
   %437 = getelementptr inbounds float, ptr %435, i64 %436
   %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc0043, align 4
-  %439 = add nsw i64 %col42, 8
+  store <8 x float> %438, ptr %acc0047, align 4
+  %439 = add nsw i64 %col46, 8
   %440 = getelementptr inbounds float, ptr %435, i64 %439
   %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc0144, align 4
+  store <8 x float> %441, ptr %acc0148, align 4
   %442 = add nsw i64 %r0, 1
   %443 = mul nsw i64 %442, 8192
   %444 = getelementptr inbounds float, ptr %h, i64 %443
@@ -5404,14 +5534,14 @@ tile.mr3:                                         ; preds = %r0.body
   %447 = sext i32 %446 to i64
   %448 = mul nsw i64 %447, 5120
   %449 = getelementptr inbounds float, ptr %y, i64 %448
-  %450 = add nsw i64 %col42, 0
+  %450 = add nsw i64 %col46, 0
   %451 = getelementptr inbounds float, ptr %449, i64 %450
   %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc1045, align 4
-  %453 = add nsw i64 %col42, 8
+  store <8 x float> %452, ptr %acc1049, align 4
+  %453 = add nsw i64 %col46, 8
   %454 = getelementptr inbounds float, ptr %449, i64 %453
   %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc1146, align 4
+  store <8 x float> %455, ptr %acc1150, align 4
   %456 = add nsw i64 %r0, 2
   %457 = mul nsw i64 %456, 8192
   %458 = getelementptr inbounds float, ptr %h, i64 %457
@@ -5420,95 +5550,101 @@ tile.mr3:                                         ; preds = %r0.body
   %461 = sext i32 %460 to i64
   %462 = mul nsw i64 %461, 5120
   %463 = getelementptr inbounds float, ptr %y, i64 %462
-  %464 = add nsw i64 %col42, 0
+  %464 = add nsw i64 %col46, 0
   %465 = getelementptr inbounds float, ptr %463, i64 %464
   %466 = load <8 x float>, ptr %465, align 4
-  store <8 x float> %466, ptr %acc2047, align 4
-  %467 = add nsw i64 %col42, 8
+  store <8 x float> %466, ptr %acc2051, align 4
+  %467 = add nsw i64 %col46, 8
   %468 = getelementptr inbounds float, ptr %463, i64 %467
   %469 = load <8 x float>, ptr %468, align 4
-  store <8 x float> %469, ptr %acc2148, align 4
-  %panel.off49 = mul nsw i64 %p, 131072
-  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  store <8 x float> %469, ptr %acc2152, align 4
+  %panel.off53 = mul nsw i64 %p, 131072
+  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
   %471 = add nsw i64 %p, 1
   %472 = icmp slt i64 %471, %p1
-  %pf.on50 = and i1 %pf.on, %472
+  %pf.on54 = and i1 %pf.on, %472
   %473 = mul nsw i64 %pf.j, 262144
   %474 = lshr i64 %473, %10
   %475 = add nsw i64 262144, %474
   %476 = getelementptr inbounds i8, ptr %470, i64 %475
-  %pf51 = select i1 %pf.on50, ptr %476, ptr %470
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
-  br label %k.head53
+  %pf55 = select i1 %pf.on54, ptr %476, ptr %470
+  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  br label %k.head57
 
-k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %511, %k.body54 ]
-  %477 = icmp slt i64 %k56, 8192
-  br i1 %477, label %k.body54, label %k.end55
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %511, %pf.any.end62 ]
+  %477 = icmp slt i64 %k60, 8192
+  br i1 %477, label %k.body58, label %k.end59
 
-k.body54:                                         ; preds = %k.head53
-  %478 = mul nsw i64 %k56, 16
-  %479 = add nsw i64 %panel.off49, %478
-  %480 = mul nsw i64 %k56, 32
-  %481 = lshr i64 %480, %pf.sh52
-  %482 = getelementptr inbounds i8, ptr %pf51, i64 %481
+k.body58:                                         ; preds = %k.head57
+  %478 = mul nsw i64 %k60, 16
+  %479 = add nsw i64 %panel.off53, %478
+  %480 = mul nsw i64 %k60, 32
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+
+pf.any.then61:                                    ; preds = %k.body58
+  %481 = lshr i64 %480, %pf.sh56
+  %482 = getelementptr inbounds i8, ptr %pf55, i64 %481
   call void @llvm.prefetch.p0(ptr %482, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
+
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
   %483 = getelementptr inbounds i16, ptr %panels, i64 %479
   %484 = load <8 x i32>, ptr %483, align 4
   %485 = shl <8 x i32> %484, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %485 to <8 x float>
+  %b063 = bitcast <8 x i32> %485 to <8 x float>
   %486 = and <8 x i32> %484, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %486 to <8 x float>
-  %487 = getelementptr inbounds float, ptr %430, i64 %k56
+  %b164 = bitcast <8 x i32> %486 to <8 x float>
+  %487 = getelementptr inbounds float, ptr %430, i64 %k60
   %488 = load float, ptr %487, align 4
   %489 = insertelement <8 x float> poison, float %488, i32 0
   %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc0043, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b057, <8 x float> %491)
-  store <8 x float> %492, ptr %acc0043, align 4
-  %493 = load <8 x float>, ptr %acc0144, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b158, <8 x float> %493)
-  store <8 x float> %494, ptr %acc0144, align 4
-  %495 = getelementptr inbounds float, ptr %444, i64 %k56
+  %491 = load <8 x float>, ptr %acc0047, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b063, <8 x float> %491)
+  store <8 x float> %492, ptr %acc0047, align 4
+  %493 = load <8 x float>, ptr %acc0148, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b164, <8 x float> %493)
+  store <8 x float> %494, ptr %acc0148, align 4
+  %495 = getelementptr inbounds float, ptr %444, i64 %k60
   %496 = load float, ptr %495, align 4
   %497 = insertelement <8 x float> poison, float %496, i32 0
   %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = load <8 x float>, ptr %acc1045, align 4
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b057, <8 x float> %499)
-  store <8 x float> %500, ptr %acc1045, align 4
-  %501 = load <8 x float>, ptr %acc1146, align 4
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b158, <8 x float> %501)
-  store <8 x float> %502, ptr %acc1146, align 4
-  %503 = getelementptr inbounds float, ptr %458, i64 %k56
+  %499 = load <8 x float>, ptr %acc1049, align 4
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b063, <8 x float> %499)
+  store <8 x float> %500, ptr %acc1049, align 4
+  %501 = load <8 x float>, ptr %acc1150, align 4
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b164, <8 x float> %501)
+  store <8 x float> %502, ptr %acc1150, align 4
+  %503 = getelementptr inbounds float, ptr %458, i64 %k60
   %504 = load float, ptr %503, align 4
   %505 = insertelement <8 x float> poison, float %504, i32 0
   %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc2047, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b057, <8 x float> %507)
-  store <8 x float> %508, ptr %acc2047, align 4
-  %509 = load <8 x float>, ptr %acc2148, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b158, <8 x float> %509)
-  store <8 x float> %510, ptr %acc2148, align 4
-  %511 = add nsw i64 %k56, 1
-  br label %k.head53
+  %507 = load <8 x float>, ptr %acc2051, align 4
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b063, <8 x float> %507)
+  store <8 x float> %508, ptr %acc2051, align 4
+  %509 = load <8 x float>, ptr %acc2152, align 4
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b164, <8 x float> %509)
+  store <8 x float> %510, ptr %acc2152, align 4
+  %511 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end55:                                          ; preds = %k.head53
-  %512 = load <8 x float>, ptr %acc0043, align 4
+k.end59:                                          ; preds = %k.head57
+  %512 = load <8 x float>, ptr %acc0047, align 4
   store <8 x float> %512, ptr %437, align 4
-  %513 = load <8 x float>, ptr %acc0144, align 4
+  %513 = load <8 x float>, ptr %acc0148, align 4
   store <8 x float> %513, ptr %440, align 4
-  %514 = load <8 x float>, ptr %acc1045, align 4
+  %514 = load <8 x float>, ptr %acc1049, align 4
   store <8 x float> %514, ptr %451, align 4
-  %515 = load <8 x float>, ptr %acc1146, align 4
+  %515 = load <8 x float>, ptr %acc1150, align 4
   store <8 x float> %515, ptr %454, align 4
-  %516 = load <8 x float>, ptr %acc2047, align 4
+  %516 = load <8 x float>, ptr %acc2051, align 4
   store <8 x float> %516, ptr %465, align 4
-  %517 = load <8 x float>, ptr %acc2148, align 4
+  %517 = load <8 x float>, ptr %acc2152, align 4
   store <8 x float> %517, ptr %468, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col59 = mul nsw i64 %p, 16
+  %col65 = mul nsw i64 %p, 16
   %518 = add nsw i64 %r0, 0
   %519 = mul nsw i64 %518, 8192
   %520 = getelementptr inbounds float, ptr %h, i64 %519
@@ -5517,14 +5653,14 @@ tile.mr2:                                         ; preds = %r0.body
   %523 = sext i32 %522 to i64
   %524 = mul nsw i64 %523, 5120
   %525 = getelementptr inbounds float, ptr %y, i64 %524
-  %526 = add nsw i64 %col59, 0
+  %526 = add nsw i64 %col65, 0
   %527 = getelementptr inbounds float, ptr %525, i64 %526
   %528 = load <8 x float>, ptr %527, align 4
-  store <8 x float> %528, ptr %acc0060, align 4
-  %529 = add nsw i64 %col59, 8
+  store <8 x float> %528, ptr %acc0066, align 4
+  %529 = add nsw i64 %col65, 8
   %530 = getelementptr inbounds float, ptr %525, i64 %529
   %531 = load <8 x float>, ptr %530, align 4
-  store <8 x float> %531, ptr %acc0161, align 4
+  store <8 x float> %531, ptr %acc0167, align 4
   %532 = add nsw i64 %r0, 1
   %533 = mul nsw i64 %532, 8192
   %534 = getelementptr inbounds float, ptr %h, i64 %533
@@ -5533,81 +5669,87 @@ tile.mr2:                                         ; preds = %r0.body
   %537 = sext i32 %536 to i64
   %538 = mul nsw i64 %537, 5120
   %539 = getelementptr inbounds float, ptr %y, i64 %538
-  %540 = add nsw i64 %col59, 0
+  %540 = add nsw i64 %col65, 0
   %541 = getelementptr inbounds float, ptr %539, i64 %540
   %542 = load <8 x float>, ptr %541, align 4
-  store <8 x float> %542, ptr %acc1062, align 4
-  %543 = add nsw i64 %col59, 8
+  store <8 x float> %542, ptr %acc1068, align 4
+  %543 = add nsw i64 %col65, 8
   %544 = getelementptr inbounds float, ptr %539, i64 %543
   %545 = load <8 x float>, ptr %544, align 4
-  store <8 x float> %545, ptr %acc1163, align 4
-  %panel.off64 = mul nsw i64 %p, 131072
-  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  store <8 x float> %545, ptr %acc1169, align 4
+  %panel.off70 = mul nsw i64 %p, 131072
+  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
   %547 = add nsw i64 %p, 1
   %548 = icmp slt i64 %547, %p1
-  %pf.on65 = and i1 %pf.on, %548
+  %pf.on71 = and i1 %pf.on, %548
   %549 = mul nsw i64 %pf.j, 262144
   %550 = lshr i64 %549, %10
   %551 = add nsw i64 262144, %550
   %552 = getelementptr inbounds i8, ptr %546, i64 %551
-  %pf66 = select i1 %pf.on65, ptr %552, ptr %546
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
-  br label %k.head68
+  %pf72 = select i1 %pf.on71, ptr %552, ptr %546
+  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  br label %k.head74
 
-k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %579, %k.body69 ]
-  %553 = icmp slt i64 %k71, 8192
-  br i1 %553, label %k.body69, label %k.end70
+k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %579, %pf.any.end79 ]
+  %553 = icmp slt i64 %k77, 8192
+  br i1 %553, label %k.body75, label %k.end76
 
-k.body69:                                         ; preds = %k.head68
-  %554 = mul nsw i64 %k71, 16
-  %555 = add nsw i64 %panel.off64, %554
-  %556 = mul nsw i64 %k71, 32
-  %557 = lshr i64 %556, %pf.sh67
-  %558 = getelementptr inbounds i8, ptr %pf66, i64 %557
+k.body75:                                         ; preds = %k.head74
+  %554 = mul nsw i64 %k77, 16
+  %555 = add nsw i64 %panel.off70, %554
+  %556 = mul nsw i64 %k77, 32
+  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+
+pf.any.then78:                                    ; preds = %k.body75
+  %557 = lshr i64 %556, %pf.sh73
+  %558 = getelementptr inbounds i8, ptr %pf72, i64 %557
   call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
+  br label %pf.any.end79
+
+pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
   %559 = getelementptr inbounds i16, ptr %panels, i64 %555
   %560 = load <8 x i32>, ptr %559, align 4
   %561 = shl <8 x i32> %560, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %561 to <8 x float>
+  %b080 = bitcast <8 x i32> %561 to <8 x float>
   %562 = and <8 x i32> %560, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %562 to <8 x float>
-  %563 = getelementptr inbounds float, ptr %520, i64 %k71
+  %b181 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = getelementptr inbounds float, ptr %520, i64 %k77
   %564 = load float, ptr %563, align 4
   %565 = insertelement <8 x float> poison, float %564, i32 0
   %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
-  %567 = load <8 x float>, ptr %acc0060, align 4
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b072, <8 x float> %567)
-  store <8 x float> %568, ptr %acc0060, align 4
-  %569 = load <8 x float>, ptr %acc0161, align 4
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b173, <8 x float> %569)
-  store <8 x float> %570, ptr %acc0161, align 4
-  %571 = getelementptr inbounds float, ptr %534, i64 %k71
+  %567 = load <8 x float>, ptr %acc0066, align 4
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b080, <8 x float> %567)
+  store <8 x float> %568, ptr %acc0066, align 4
+  %569 = load <8 x float>, ptr %acc0167, align 4
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b181, <8 x float> %569)
+  store <8 x float> %570, ptr %acc0167, align 4
+  %571 = getelementptr inbounds float, ptr %534, i64 %k77
   %572 = load float, ptr %571, align 4
   %573 = insertelement <8 x float> poison, float %572, i32 0
   %574 = shufflevector <8 x float> %573, <8 x float> poison, <8 x i32> zeroinitializer
-  %575 = load <8 x float>, ptr %acc1062, align 4
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b072, <8 x float> %575)
-  store <8 x float> %576, ptr %acc1062, align 4
-  %577 = load <8 x float>, ptr %acc1163, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b173, <8 x float> %577)
-  store <8 x float> %578, ptr %acc1163, align 4
-  %579 = add nsw i64 %k71, 1
-  br label %k.head68
+  %575 = load <8 x float>, ptr %acc1068, align 4
+  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b080, <8 x float> %575)
+  store <8 x float> %576, ptr %acc1068, align 4
+  %577 = load <8 x float>, ptr %acc1169, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b181, <8 x float> %577)
+  store <8 x float> %578, ptr %acc1169, align 4
+  %579 = add nsw i64 %k77, 1
+  br label %k.head74
 
-k.end70:                                          ; preds = %k.head68
-  %580 = load <8 x float>, ptr %acc0060, align 4
+k.end76:                                          ; preds = %k.head74
+  %580 = load <8 x float>, ptr %acc0066, align 4
   store <8 x float> %580, ptr %527, align 4
-  %581 = load <8 x float>, ptr %acc0161, align 4
+  %581 = load <8 x float>, ptr %acc0167, align 4
   store <8 x float> %581, ptr %530, align 4
-  %582 = load <8 x float>, ptr %acc1062, align 4
+  %582 = load <8 x float>, ptr %acc1068, align 4
   store <8 x float> %582, ptr %541, align 4
-  %583 = load <8 x float>, ptr %acc1163, align 4
+  %583 = load <8 x float>, ptr %acc1169, align 4
   store <8 x float> %583, ptr %544, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col74 = mul nsw i64 %p, 16
+  %col82 = mul nsw i64 %p, 16
   %584 = add nsw i64 %r0, 0
   %585 = mul nsw i64 %584, 8192
   %586 = getelementptr inbounds float, ptr %h, i64 %585
@@ -5616,66 +5758,72 @@ tile.mr1:                                         ; preds = %r0.body
   %589 = sext i32 %588 to i64
   %590 = mul nsw i64 %589, 5120
   %591 = getelementptr inbounds float, ptr %y, i64 %590
-  %592 = add nsw i64 %col74, 0
+  %592 = add nsw i64 %col82, 0
   %593 = getelementptr inbounds float, ptr %591, i64 %592
   %594 = load <8 x float>, ptr %593, align 4
-  store <8 x float> %594, ptr %acc0075, align 4
-  %595 = add nsw i64 %col74, 8
+  store <8 x float> %594, ptr %acc0083, align 4
+  %595 = add nsw i64 %col82, 8
   %596 = getelementptr inbounds float, ptr %591, i64 %595
   %597 = load <8 x float>, ptr %596, align 4
-  store <8 x float> %597, ptr %acc0176, align 4
-  %panel.off77 = mul nsw i64 %p, 131072
-  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  store <8 x float> %597, ptr %acc0184, align 4
+  %panel.off85 = mul nsw i64 %p, 131072
+  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
   %599 = add nsw i64 %p, 1
   %600 = icmp slt i64 %599, %p1
-  %pf.on78 = and i1 %pf.on, %600
+  %pf.on86 = and i1 %pf.on, %600
   %601 = mul nsw i64 %pf.j, 262144
   %602 = lshr i64 %601, %10
   %603 = add nsw i64 262144, %602
   %604 = getelementptr inbounds i8, ptr %598, i64 %603
-  %pf79 = select i1 %pf.on78, ptr %604, ptr %598
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
-  br label %k.head81
+  %pf87 = select i1 %pf.on86, ptr %604, ptr %598
+  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  br label %k.head89
 
-k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %623, %k.body82 ]
-  %605 = icmp slt i64 %k84, 8192
-  br i1 %605, label %k.body82, label %k.end83
+k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %623, %pf.any.end94 ]
+  %605 = icmp slt i64 %k92, 8192
+  br i1 %605, label %k.body90, label %k.end91
 
-k.body82:                                         ; preds = %k.head81
-  %606 = mul nsw i64 %k84, 16
-  %607 = add nsw i64 %panel.off77, %606
-  %608 = mul nsw i64 %k84, 32
-  %609 = lshr i64 %608, %pf.sh80
-  %610 = getelementptr inbounds i8, ptr %pf79, i64 %609
+k.body90:                                         ; preds = %k.head89
+  %606 = mul nsw i64 %k92, 16
+  %607 = add nsw i64 %panel.off85, %606
+  %608 = mul nsw i64 %k92, 32
+  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+
+pf.any.then93:                                    ; preds = %k.body90
+  %609 = lshr i64 %608, %pf.sh88
+  %610 = getelementptr inbounds i8, ptr %pf87, i64 %609
   call void @llvm.prefetch.p0(ptr %610, i32 0, i32 2, i32 1)
+  br label %pf.any.end94
+
+pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
   %611 = getelementptr inbounds i16, ptr %panels, i64 %607
   %612 = load <8 x i32>, ptr %611, align 4
   %613 = shl <8 x i32> %612, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %613 to <8 x float>
+  %b095 = bitcast <8 x i32> %613 to <8 x float>
   %614 = and <8 x i32> %612, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %614 to <8 x float>
-  %615 = getelementptr inbounds float, ptr %586, i64 %k84
+  %b196 = bitcast <8 x i32> %614 to <8 x float>
+  %615 = getelementptr inbounds float, ptr %586, i64 %k92
   %616 = load float, ptr %615, align 4
   %617 = insertelement <8 x float> poison, float %616, i32 0
   %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc0075, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b085, <8 x float> %619)
-  store <8 x float> %620, ptr %acc0075, align 4
-  %621 = load <8 x float>, ptr %acc0176, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b186, <8 x float> %621)
-  store <8 x float> %622, ptr %acc0176, align 4
-  %623 = add nsw i64 %k84, 1
-  br label %k.head81
+  %619 = load <8 x float>, ptr %acc0083, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b095, <8 x float> %619)
+  store <8 x float> %620, ptr %acc0083, align 4
+  %621 = load <8 x float>, ptr %acc0184, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b196, <8 x float> %621)
+  store <8 x float> %622, ptr %acc0184, align 4
+  %623 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end83:                                          ; preds = %k.head81
-  %624 = load <8 x float>, ptr %acc0075, align 4
+k.end91:                                          ; preds = %k.head89
+  %624 = load <8 x float>, ptr %acc0083, align 4
   store <8 x float> %624, ptr %593, align 4
-  %625 = load <8 x float>, ptr %acc0176, align 4
+  %625 = load <8 x float>, ptr %acc0184, align 4
   store <8 x float> %625, ptr %596, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
   %626 = add nsw i64 %r0, 6
   br label %r0.head
 

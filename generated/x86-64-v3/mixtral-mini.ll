@@ -934,26 +934,26 @@ entry:
   %acc3139 = alloca <8 x float>, align 32
   %acc4040 = alloca <8 x float>, align 32
   %acc4141 = alloca <8 x float>, align 32
-  %acc0080 = alloca <8 x float>, align 32
-  %acc0181 = alloca <8 x float>, align 32
-  %acc1082 = alloca <8 x float>, align 32
-  %acc1183 = alloca <8 x float>, align 32
-  %acc2084 = alloca <8 x float>, align 32
-  %acc2185 = alloca <8 x float>, align 32
-  %acc3086 = alloca <8 x float>, align 32
-  %acc3187 = alloca <8 x float>, align 32
-  %acc00120 = alloca <8 x float>, align 32
-  %acc01121 = alloca <8 x float>, align 32
-  %acc10122 = alloca <8 x float>, align 32
-  %acc11123 = alloca <8 x float>, align 32
-  %acc20124 = alloca <8 x float>, align 32
-  %acc21125 = alloca <8 x float>, align 32
-  %acc00152 = alloca <8 x float>, align 32
-  %acc01153 = alloca <8 x float>, align 32
-  %acc10154 = alloca <8 x float>, align 32
-  %acc11155 = alloca <8 x float>, align 32
-  %acc00176 = alloca <8 x float>, align 32
-  %acc01177 = alloca <8 x float>, align 32
+  %acc0082 = alloca <8 x float>, align 32
+  %acc0183 = alloca <8 x float>, align 32
+  %acc1084 = alloca <8 x float>, align 32
+  %acc1185 = alloca <8 x float>, align 32
+  %acc2086 = alloca <8 x float>, align 32
+  %acc2187 = alloca <8 x float>, align 32
+  %acc3088 = alloca <8 x float>, align 32
+  %acc3189 = alloca <8 x float>, align 32
+  %acc00124 = alloca <8 x float>, align 32
+  %acc01125 = alloca <8 x float>, align 32
+  %acc10126 = alloca <8 x float>, align 32
+  %acc11127 = alloca <8 x float>, align 32
+  %acc20128 = alloca <8 x float>, align 32
+  %acc21129 = alloca <8 x float>, align 32
+  %acc00158 = alloca <8 x float>, align 32
+  %acc01159 = alloca <8 x float>, align 32
+  %acc10160 = alloca <8 x float>, align 32
+  %acc11161 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
+  %acc01185 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -985,6 +985,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -1059,8 +1060,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
   %56 = icmp slt i64 %k, 64
   br i1 %56, label %k.body, label %k.end
 
@@ -1068,9 +1069,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds float, ptr %panels, i64 %58
   %63 = load <8 x float>, ptr %62, align 4
   %64 = add nsw i64 %58, 8
@@ -1430,8 +1437,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
   br label %k.head46
 
-k.head46:                                         ; preds = %k.body47, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %396, %k.body47 ]
+k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %396, %pf.any.end51 ]
   %345 = icmp slt i64 %k49, 64
   br i1 %345, label %k.body47, label %k.end48
 
@@ -1439,9 +1446,15 @@ k.body47:                                         ; preds = %k.head46
   %346 = mul nsw i64 %k49, 16
   %347 = add nsw i64 %panel.off42, %346
   %348 = mul nsw i64 %k49, 64
+  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+
+pf.any.then50:                                    ; preds = %k.body47
   %349 = lshr i64 %348, %pf.sh45
   %350 = getelementptr inbounds i8, ptr %pf44, i64 %349
   call void @llvm.prefetch.p0(ptr %350, i32 0, i32 2, i32 1)
+  br label %pf.any.end51
+
+pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
   %351 = getelementptr inbounds float, ptr %panels, i64 %347
   %352 = load <8 x float>, ptr %351, align 4
   %353 = add nsw i64 %347, 8
@@ -1508,7 +1521,7 @@ k.end48:                                          ; preds = %k.head46
   %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
   %402 = mul nsw i64 %397, 192
   %403 = getelementptr inbounds float, ptr %h, i64 %402
-  %col50 = mul nsw i64 %p, 8
+  %col52 = mul nsw i64 %p, 8
   %404 = load <8 x float>, ptr %acc0032, align 4
   %405 = load <8 x float>, ptr %acc0133, align 4
   %406 = fneg <8 x float> %404
@@ -1531,14 +1544,14 @@ k.end48:                                          ; preds = %k.head46
   %423 = fptosi <8 x float> %412 to <8 x i32>
   %424 = add <8 x i32> %423, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %425 = shl <8 x i32> %424, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n51 = bitcast <8 x i32> %425 to <8 x float>
-  %exp52 = fmul <8 x float> %422, %exp.2n51
-  %426 = fadd <8 x float> %exp52, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid53 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
-  %silu54 = fmul <8 x float> %404, %sigmoid53
-  %glu55 = fmul <8 x float> %silu54, %405
-  %427 = fmul <8 x float> %glu55, %401
-  %428 = getelementptr inbounds float, ptr %403, i64 %col50
+  %exp.2n53 = bitcast <8 x i32> %425 to <8 x float>
+  %exp54 = fmul <8 x float> %422, %exp.2n53
+  %426 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
+  %silu56 = fmul <8 x float> %404, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %405
+  %427 = fmul <8 x float> %glu57, %401
+  %428 = getelementptr inbounds float, ptr %403, i64 %col52
   store <8 x float> %427, ptr %428, align 4
   %429 = add nsw i64 %r0, 1
   %430 = getelementptr inbounds float, ptr %rw, i64 %429
@@ -1547,7 +1560,7 @@ k.end48:                                          ; preds = %k.head46
   %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
   %434 = mul nsw i64 %429, 192
   %435 = getelementptr inbounds float, ptr %h, i64 %434
-  %col56 = mul nsw i64 %p, 8
+  %col58 = mul nsw i64 %p, 8
   %436 = load <8 x float>, ptr %acc1034, align 4
   %437 = load <8 x float>, ptr %acc1135, align 4
   %438 = fneg <8 x float> %436
@@ -1570,14 +1583,14 @@ k.end48:                                          ; preds = %k.head46
   %455 = fptosi <8 x float> %444 to <8 x i32>
   %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n57 = bitcast <8 x i32> %457 to <8 x float>
-  %exp58 = fmul <8 x float> %454, %exp.2n57
-  %458 = fadd <8 x float> %exp58, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid59 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
-  %silu60 = fmul <8 x float> %436, %sigmoid59
-  %glu61 = fmul <8 x float> %silu60, %437
-  %459 = fmul <8 x float> %glu61, %433
-  %460 = getelementptr inbounds float, ptr %435, i64 %col56
+  %exp.2n59 = bitcast <8 x i32> %457 to <8 x float>
+  %exp60 = fmul <8 x float> %454, %exp.2n59
+  %458 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
+  %silu62 = fmul <8 x float> %436, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %437
+  %459 = fmul <8 x float> %glu63, %433
+  %460 = getelementptr inbounds float, ptr %435, i64 %col58
   store <8 x float> %459, ptr %460, align 4
   %461 = add nsw i64 %r0, 2
   %462 = getelementptr inbounds float, ptr %rw, i64 %461
@@ -1586,7 +1599,7 @@ k.end48:                                          ; preds = %k.head46
   %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
   %466 = mul nsw i64 %461, 192
   %467 = getelementptr inbounds float, ptr %h, i64 %466
-  %col62 = mul nsw i64 %p, 8
+  %col64 = mul nsw i64 %p, 8
   %468 = load <8 x float>, ptr %acc2036, align 4
   %469 = load <8 x float>, ptr %acc2137, align 4
   %470 = fneg <8 x float> %468
@@ -1609,14 +1622,14 @@ k.end48:                                          ; preds = %k.head46
   %487 = fptosi <8 x float> %476 to <8 x i32>
   %488 = add <8 x i32> %487, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %489 = shl <8 x i32> %488, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n63 = bitcast <8 x i32> %489 to <8 x float>
-  %exp64 = fmul <8 x float> %486, %exp.2n63
-  %490 = fadd <8 x float> %exp64, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid65 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
-  %silu66 = fmul <8 x float> %468, %sigmoid65
-  %glu67 = fmul <8 x float> %silu66, %469
-  %491 = fmul <8 x float> %glu67, %465
-  %492 = getelementptr inbounds float, ptr %467, i64 %col62
+  %exp.2n65 = bitcast <8 x i32> %489 to <8 x float>
+  %exp66 = fmul <8 x float> %486, %exp.2n65
+  %490 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
+  %silu68 = fmul <8 x float> %468, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %469
+  %491 = fmul <8 x float> %glu69, %465
+  %492 = getelementptr inbounds float, ptr %467, i64 %col64
   store <8 x float> %491, ptr %492, align 4
   %493 = add nsw i64 %r0, 3
   %494 = getelementptr inbounds float, ptr %rw, i64 %493
@@ -1625,7 +1638,7 @@ k.end48:                                          ; preds = %k.head46
   %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
   %498 = mul nsw i64 %493, 192
   %499 = getelementptr inbounds float, ptr %h, i64 %498
-  %col68 = mul nsw i64 %p, 8
+  %col70 = mul nsw i64 %p, 8
   %500 = load <8 x float>, ptr %acc3038, align 4
   %501 = load <8 x float>, ptr %acc3139, align 4
   %502 = fneg <8 x float> %500
@@ -1648,14 +1661,14 @@ k.end48:                                          ; preds = %k.head46
   %519 = fptosi <8 x float> %508 to <8 x i32>
   %520 = add <8 x i32> %519, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %521 = shl <8 x i32> %520, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n69 = bitcast <8 x i32> %521 to <8 x float>
-  %exp70 = fmul <8 x float> %518, %exp.2n69
-  %522 = fadd <8 x float> %exp70, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid71 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
-  %silu72 = fmul <8 x float> %500, %sigmoid71
-  %glu73 = fmul <8 x float> %silu72, %501
-  %523 = fmul <8 x float> %glu73, %497
-  %524 = getelementptr inbounds float, ptr %499, i64 %col68
+  %exp.2n71 = bitcast <8 x i32> %521 to <8 x float>
+  %exp72 = fmul <8 x float> %518, %exp.2n71
+  %522 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
+  %silu74 = fmul <8 x float> %500, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %501
+  %523 = fmul <8 x float> %glu75, %497
+  %524 = getelementptr inbounds float, ptr %499, i64 %col70
   store <8 x float> %523, ptr %524, align 4
   %525 = add nsw i64 %r0, 4
   %526 = getelementptr inbounds float, ptr %rw, i64 %525
@@ -1664,7 +1677,7 @@ k.end48:                                          ; preds = %k.head46
   %529 = shufflevector <8 x float> %528, <8 x float> poison, <8 x i32> zeroinitializer
   %530 = mul nsw i64 %525, 192
   %531 = getelementptr inbounds float, ptr %h, i64 %530
-  %col74 = mul nsw i64 %p, 8
+  %col76 = mul nsw i64 %p, 8
   %532 = load <8 x float>, ptr %acc4040, align 4
   %533 = load <8 x float>, ptr %acc4141, align 4
   %534 = fneg <8 x float> %532
@@ -1687,14 +1700,14 @@ k.end48:                                          ; preds = %k.head46
   %551 = fptosi <8 x float> %540 to <8 x i32>
   %552 = add <8 x i32> %551, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %553 = shl <8 x i32> %552, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n75 = bitcast <8 x i32> %553 to <8 x float>
-  %exp76 = fmul <8 x float> %550, %exp.2n75
-  %554 = fadd <8 x float> %exp76, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid77 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %554
-  %silu78 = fmul <8 x float> %532, %sigmoid77
-  %glu79 = fmul <8 x float> %silu78, %533
-  %555 = fmul <8 x float> %glu79, %529
-  %556 = getelementptr inbounds float, ptr %531, i64 %col74
+  %exp.2n77 = bitcast <8 x i32> %553 to <8 x float>
+  %exp78 = fmul <8 x float> %550, %exp.2n77
+  %554 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %554
+  %silu80 = fmul <8 x float> %532, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %533
+  %555 = fmul <8 x float> %glu81, %529
+  %556 = getelementptr inbounds float, ptr %531, i64 %col76
   store <8 x float> %555, ptr %556, align 4
   br label %tile.done
 
@@ -1705,106 +1718,112 @@ tile.mr4:                                         ; preds = %r0.body
   %560 = sext i32 %559 to i64
   %561 = mul nsw i64 %560, 64
   %562 = getelementptr inbounds float, ptr %x, i64 %561
-  store <8 x float> zeroinitializer, ptr %acc0080, align 4
-  store <8 x float> zeroinitializer, ptr %acc0181, align 4
+  store <8 x float> zeroinitializer, ptr %acc0082, align 4
+  store <8 x float> zeroinitializer, ptr %acc0183, align 4
   %563 = add nsw i64 %r0, 1
   %564 = getelementptr inbounds i32, ptr %rows, i64 %563
   %565 = load i32, ptr %564, align 4
   %566 = sext i32 %565 to i64
   %567 = mul nsw i64 %566, 64
   %568 = getelementptr inbounds float, ptr %x, i64 %567
-  store <8 x float> zeroinitializer, ptr %acc1082, align 4
-  store <8 x float> zeroinitializer, ptr %acc1183, align 4
+  store <8 x float> zeroinitializer, ptr %acc1084, align 4
+  store <8 x float> zeroinitializer, ptr %acc1185, align 4
   %569 = add nsw i64 %r0, 2
   %570 = getelementptr inbounds i32, ptr %rows, i64 %569
   %571 = load i32, ptr %570, align 4
   %572 = sext i32 %571 to i64
   %573 = mul nsw i64 %572, 64
   %574 = getelementptr inbounds float, ptr %x, i64 %573
-  store <8 x float> zeroinitializer, ptr %acc2084, align 4
-  store <8 x float> zeroinitializer, ptr %acc2185, align 4
+  store <8 x float> zeroinitializer, ptr %acc2086, align 4
+  store <8 x float> zeroinitializer, ptr %acc2187, align 4
   %575 = add nsw i64 %r0, 3
   %576 = getelementptr inbounds i32, ptr %rows, i64 %575
   %577 = load i32, ptr %576, align 4
   %578 = sext i32 %577 to i64
   %579 = mul nsw i64 %578, 64
   %580 = getelementptr inbounds float, ptr %x, i64 %579
-  store <8 x float> zeroinitializer, ptr %acc3086, align 4
-  store <8 x float> zeroinitializer, ptr %acc3187, align 4
-  %panel.off88 = mul nsw i64 %p, 1024
-  %581 = getelementptr inbounds float, ptr %panels, i64 %panel.off88
+  store <8 x float> zeroinitializer, ptr %acc3088, align 4
+  store <8 x float> zeroinitializer, ptr %acc3189, align 4
+  %panel.off90 = mul nsw i64 %p, 1024
+  %581 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
   %582 = add nsw i64 %p, 1
   %583 = icmp slt i64 %582, %p1
-  %pf.on89 = and i1 %pf.on, %583
+  %pf.on91 = and i1 %pf.on, %583
   %584 = mul nsw i64 %pf.j, 4096
   %585 = lshr i64 %584, %9
   %586 = add nsw i64 4096, %585
   %587 = getelementptr inbounds i8, ptr %581, i64 %586
-  %pf90 = select i1 %pf.on89, ptr %587, ptr %581
-  %pf.sh91 = select i1 %pf.on89, i64 %9, i64 0
-  br label %k.head92
+  %pf92 = select i1 %pf.on91, ptr %587, ptr %581
+  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
+  br label %k.head94
 
-k.head92:                                         ; preds = %k.body93, %tile.mr4
-  %k95 = phi i64 [ 0, %tile.mr4 ], [ %631, %k.body93 ]
-  %588 = icmp slt i64 %k95, 64
-  br i1 %588, label %k.body93, label %k.end94
+k.head94:                                         ; preds = %pf.any.end99, %tile.mr4
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %631, %pf.any.end99 ]
+  %588 = icmp slt i64 %k97, 64
+  br i1 %588, label %k.body95, label %k.end96
 
-k.body93:                                         ; preds = %k.head92
-  %589 = mul nsw i64 %k95, 16
-  %590 = add nsw i64 %panel.off88, %589
-  %591 = mul nsw i64 %k95, 64
-  %592 = lshr i64 %591, %pf.sh91
-  %593 = getelementptr inbounds i8, ptr %pf90, i64 %592
+k.body95:                                         ; preds = %k.head94
+  %589 = mul nsw i64 %k97, 16
+  %590 = add nsw i64 %panel.off90, %589
+  %591 = mul nsw i64 %k97, 64
+  br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
+
+pf.any.then98:                                    ; preds = %k.body95
+  %592 = lshr i64 %591, %pf.sh93
+  %593 = getelementptr inbounds i8, ptr %pf92, i64 %592
   call void @llvm.prefetch.p0(ptr %593, i32 0, i32 2, i32 1)
+  br label %pf.any.end99
+
+pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
   %594 = getelementptr inbounds float, ptr %panels, i64 %590
   %595 = load <8 x float>, ptr %594, align 4
   %596 = add nsw i64 %590, 8
   %597 = getelementptr inbounds float, ptr %panels, i64 %596
   %598 = load <8 x float>, ptr %597, align 4
-  %599 = getelementptr inbounds float, ptr %562, i64 %k95
+  %599 = getelementptr inbounds float, ptr %562, i64 %k97
   %600 = load float, ptr %599, align 4
   %601 = insertelement <8 x float> poison, float %600, i32 0
   %602 = shufflevector <8 x float> %601, <8 x float> poison, <8 x i32> zeroinitializer
-  %603 = load <8 x float>, ptr %acc0080, align 4
+  %603 = load <8 x float>, ptr %acc0082, align 4
   %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %595, <8 x float> %603)
-  store <8 x float> %604, ptr %acc0080, align 4
-  %605 = load <8 x float>, ptr %acc0181, align 4
+  store <8 x float> %604, ptr %acc0082, align 4
+  %605 = load <8 x float>, ptr %acc0183, align 4
   %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %598, <8 x float> %605)
-  store <8 x float> %606, ptr %acc0181, align 4
-  %607 = getelementptr inbounds float, ptr %568, i64 %k95
+  store <8 x float> %606, ptr %acc0183, align 4
+  %607 = getelementptr inbounds float, ptr %568, i64 %k97
   %608 = load float, ptr %607, align 4
   %609 = insertelement <8 x float> poison, float %608, i32 0
   %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = load <8 x float>, ptr %acc1082, align 4
+  %611 = load <8 x float>, ptr %acc1084, align 4
   %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %595, <8 x float> %611)
-  store <8 x float> %612, ptr %acc1082, align 4
-  %613 = load <8 x float>, ptr %acc1183, align 4
+  store <8 x float> %612, ptr %acc1084, align 4
+  %613 = load <8 x float>, ptr %acc1185, align 4
   %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %598, <8 x float> %613)
-  store <8 x float> %614, ptr %acc1183, align 4
-  %615 = getelementptr inbounds float, ptr %574, i64 %k95
+  store <8 x float> %614, ptr %acc1185, align 4
+  %615 = getelementptr inbounds float, ptr %574, i64 %k97
   %616 = load float, ptr %615, align 4
   %617 = insertelement <8 x float> poison, float %616, i32 0
   %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc2084, align 4
+  %619 = load <8 x float>, ptr %acc2086, align 4
   %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %595, <8 x float> %619)
-  store <8 x float> %620, ptr %acc2084, align 4
-  %621 = load <8 x float>, ptr %acc2185, align 4
+  store <8 x float> %620, ptr %acc2086, align 4
+  %621 = load <8 x float>, ptr %acc2187, align 4
   %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %598, <8 x float> %621)
-  store <8 x float> %622, ptr %acc2185, align 4
-  %623 = getelementptr inbounds float, ptr %580, i64 %k95
+  store <8 x float> %622, ptr %acc2187, align 4
+  %623 = getelementptr inbounds float, ptr %580, i64 %k97
   %624 = load float, ptr %623, align 4
   %625 = insertelement <8 x float> poison, float %624, i32 0
   %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = load <8 x float>, ptr %acc3086, align 4
+  %627 = load <8 x float>, ptr %acc3088, align 4
   %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %595, <8 x float> %627)
-  store <8 x float> %628, ptr %acc3086, align 4
-  %629 = load <8 x float>, ptr %acc3187, align 4
+  store <8 x float> %628, ptr %acc3088, align 4
+  %629 = load <8 x float>, ptr %acc3189, align 4
   %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %598, <8 x float> %629)
-  store <8 x float> %630, ptr %acc3187, align 4
-  %631 = add nsw i64 %k95, 1
-  br label %k.head92
+  store <8 x float> %630, ptr %acc3189, align 4
+  %631 = add nsw i64 %k97, 1
+  br label %k.head94
 
-k.end94:                                          ; preds = %k.head92
+k.end96:                                          ; preds = %k.head94
   %632 = add nsw i64 %r0, 0
   %633 = getelementptr inbounds float, ptr %rw, i64 %632
   %634 = load float, ptr %633, align 4
@@ -1812,9 +1831,9 @@ k.end94:                                          ; preds = %k.head92
   %636 = shufflevector <8 x float> %635, <8 x float> poison, <8 x i32> zeroinitializer
   %637 = mul nsw i64 %632, 192
   %638 = getelementptr inbounds float, ptr %h, i64 %637
-  %col96 = mul nsw i64 %p, 8
-  %639 = load <8 x float>, ptr %acc0080, align 4
-  %640 = load <8 x float>, ptr %acc0181, align 4
+  %col100 = mul nsw i64 %p, 8
+  %639 = load <8 x float>, ptr %acc0082, align 4
+  %640 = load <8 x float>, ptr %acc0183, align 4
   %641 = fneg <8 x float> %639
   %642 = fcmp olt <8 x float> %641, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %643 = select <8 x i1> %642, <8 x float> %641, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1835,14 +1854,14 @@ k.end94:                                          ; preds = %k.head92
   %658 = fptosi <8 x float> %647 to <8 x i32>
   %659 = add <8 x i32> %658, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %660 = shl <8 x i32> %659, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n97 = bitcast <8 x i32> %660 to <8 x float>
-  %exp98 = fmul <8 x float> %657, %exp.2n97
-  %661 = fadd <8 x float> %exp98, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid99 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %661
-  %silu100 = fmul <8 x float> %639, %sigmoid99
-  %glu101 = fmul <8 x float> %silu100, %640
-  %662 = fmul <8 x float> %glu101, %636
-  %663 = getelementptr inbounds float, ptr %638, i64 %col96
+  %exp.2n101 = bitcast <8 x i32> %660 to <8 x float>
+  %exp102 = fmul <8 x float> %657, %exp.2n101
+  %661 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %661
+  %silu104 = fmul <8 x float> %639, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %640
+  %662 = fmul <8 x float> %glu105, %636
+  %663 = getelementptr inbounds float, ptr %638, i64 %col100
   store <8 x float> %662, ptr %663, align 4
   %664 = add nsw i64 %r0, 1
   %665 = getelementptr inbounds float, ptr %rw, i64 %664
@@ -1851,9 +1870,9 @@ k.end94:                                          ; preds = %k.head92
   %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
   %669 = mul nsw i64 %664, 192
   %670 = getelementptr inbounds float, ptr %h, i64 %669
-  %col102 = mul nsw i64 %p, 8
-  %671 = load <8 x float>, ptr %acc1082, align 4
-  %672 = load <8 x float>, ptr %acc1183, align 4
+  %col106 = mul nsw i64 %p, 8
+  %671 = load <8 x float>, ptr %acc1084, align 4
+  %672 = load <8 x float>, ptr %acc1185, align 4
   %673 = fneg <8 x float> %671
   %674 = fcmp olt <8 x float> %673, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %675 = select <8 x i1> %674, <8 x float> %673, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1874,14 +1893,14 @@ k.end94:                                          ; preds = %k.head92
   %690 = fptosi <8 x float> %679 to <8 x i32>
   %691 = add <8 x i32> %690, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %692 = shl <8 x i32> %691, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n103 = bitcast <8 x i32> %692 to <8 x float>
-  %exp104 = fmul <8 x float> %689, %exp.2n103
-  %693 = fadd <8 x float> %exp104, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid105 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %693
-  %silu106 = fmul <8 x float> %671, %sigmoid105
-  %glu107 = fmul <8 x float> %silu106, %672
-  %694 = fmul <8 x float> %glu107, %668
-  %695 = getelementptr inbounds float, ptr %670, i64 %col102
+  %exp.2n107 = bitcast <8 x i32> %692 to <8 x float>
+  %exp108 = fmul <8 x float> %689, %exp.2n107
+  %693 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %693
+  %silu110 = fmul <8 x float> %671, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %672
+  %694 = fmul <8 x float> %glu111, %668
+  %695 = getelementptr inbounds float, ptr %670, i64 %col106
   store <8 x float> %694, ptr %695, align 4
   %696 = add nsw i64 %r0, 2
   %697 = getelementptr inbounds float, ptr %rw, i64 %696
@@ -1890,9 +1909,9 @@ k.end94:                                          ; preds = %k.head92
   %700 = shufflevector <8 x float> %699, <8 x float> poison, <8 x i32> zeroinitializer
   %701 = mul nsw i64 %696, 192
   %702 = getelementptr inbounds float, ptr %h, i64 %701
-  %col108 = mul nsw i64 %p, 8
-  %703 = load <8 x float>, ptr %acc2084, align 4
-  %704 = load <8 x float>, ptr %acc2185, align 4
+  %col112 = mul nsw i64 %p, 8
+  %703 = load <8 x float>, ptr %acc2086, align 4
+  %704 = load <8 x float>, ptr %acc2187, align 4
   %705 = fneg <8 x float> %703
   %706 = fcmp olt <8 x float> %705, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %707 = select <8 x i1> %706, <8 x float> %705, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1913,14 +1932,14 @@ k.end94:                                          ; preds = %k.head92
   %722 = fptosi <8 x float> %711 to <8 x i32>
   %723 = add <8 x i32> %722, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %724 = shl <8 x i32> %723, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n109 = bitcast <8 x i32> %724 to <8 x float>
-  %exp110 = fmul <8 x float> %721, %exp.2n109
-  %725 = fadd <8 x float> %exp110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid111 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %725
-  %silu112 = fmul <8 x float> %703, %sigmoid111
-  %glu113 = fmul <8 x float> %silu112, %704
-  %726 = fmul <8 x float> %glu113, %700
-  %727 = getelementptr inbounds float, ptr %702, i64 %col108
+  %exp.2n113 = bitcast <8 x i32> %724 to <8 x float>
+  %exp114 = fmul <8 x float> %721, %exp.2n113
+  %725 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %725
+  %silu116 = fmul <8 x float> %703, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %704
+  %726 = fmul <8 x float> %glu117, %700
+  %727 = getelementptr inbounds float, ptr %702, i64 %col112
   store <8 x float> %726, ptr %727, align 4
   %728 = add nsw i64 %r0, 3
   %729 = getelementptr inbounds float, ptr %rw, i64 %728
@@ -1929,9 +1948,9 @@ k.end94:                                          ; preds = %k.head92
   %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
   %733 = mul nsw i64 %728, 192
   %734 = getelementptr inbounds float, ptr %h, i64 %733
-  %col114 = mul nsw i64 %p, 8
-  %735 = load <8 x float>, ptr %acc3086, align 4
-  %736 = load <8 x float>, ptr %acc3187, align 4
+  %col118 = mul nsw i64 %p, 8
+  %735 = load <8 x float>, ptr %acc3088, align 4
+  %736 = load <8 x float>, ptr %acc3189, align 4
   %737 = fneg <8 x float> %735
   %738 = fcmp olt <8 x float> %737, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1952,14 +1971,14 @@ k.end94:                                          ; preds = %k.head92
   %754 = fptosi <8 x float> %743 to <8 x i32>
   %755 = add <8 x i32> %754, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %756 = shl <8 x i32> %755, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n115 = bitcast <8 x i32> %756 to <8 x float>
-  %exp116 = fmul <8 x float> %753, %exp.2n115
-  %757 = fadd <8 x float> %exp116, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid117 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %757
-  %silu118 = fmul <8 x float> %735, %sigmoid117
-  %glu119 = fmul <8 x float> %silu118, %736
-  %758 = fmul <8 x float> %glu119, %732
-  %759 = getelementptr inbounds float, ptr %734, i64 %col114
+  %exp.2n119 = bitcast <8 x i32> %756 to <8 x float>
+  %exp120 = fmul <8 x float> %753, %exp.2n119
+  %757 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %757
+  %silu122 = fmul <8 x float> %735, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %736
+  %758 = fmul <8 x float> %glu123, %732
+  %759 = getelementptr inbounds float, ptr %734, i64 %col118
   store <8 x float> %758, ptr %759, align 4
   br label %tile.done
 
@@ -1970,88 +1989,94 @@ tile.mr3:                                         ; preds = %r0.body
   %763 = sext i32 %762 to i64
   %764 = mul nsw i64 %763, 64
   %765 = getelementptr inbounds float, ptr %x, i64 %764
-  store <8 x float> zeroinitializer, ptr %acc00120, align 4
-  store <8 x float> zeroinitializer, ptr %acc01121, align 4
+  store <8 x float> zeroinitializer, ptr %acc00124, align 4
+  store <8 x float> zeroinitializer, ptr %acc01125, align 4
   %766 = add nsw i64 %r0, 1
   %767 = getelementptr inbounds i32, ptr %rows, i64 %766
   %768 = load i32, ptr %767, align 4
   %769 = sext i32 %768 to i64
   %770 = mul nsw i64 %769, 64
   %771 = getelementptr inbounds float, ptr %x, i64 %770
-  store <8 x float> zeroinitializer, ptr %acc10122, align 4
-  store <8 x float> zeroinitializer, ptr %acc11123, align 4
+  store <8 x float> zeroinitializer, ptr %acc10126, align 4
+  store <8 x float> zeroinitializer, ptr %acc11127, align 4
   %772 = add nsw i64 %r0, 2
   %773 = getelementptr inbounds i32, ptr %rows, i64 %772
   %774 = load i32, ptr %773, align 4
   %775 = sext i32 %774 to i64
   %776 = mul nsw i64 %775, 64
   %777 = getelementptr inbounds float, ptr %x, i64 %776
-  store <8 x float> zeroinitializer, ptr %acc20124, align 4
-  store <8 x float> zeroinitializer, ptr %acc21125, align 4
-  %panel.off126 = mul nsw i64 %p, 1024
-  %778 = getelementptr inbounds float, ptr %panels, i64 %panel.off126
+  store <8 x float> zeroinitializer, ptr %acc20128, align 4
+  store <8 x float> zeroinitializer, ptr %acc21129, align 4
+  %panel.off130 = mul nsw i64 %p, 1024
+  %778 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
   %779 = add nsw i64 %p, 1
   %780 = icmp slt i64 %779, %p1
-  %pf.on127 = and i1 %pf.on, %780
+  %pf.on131 = and i1 %pf.on, %780
   %781 = mul nsw i64 %pf.j, 4096
   %782 = lshr i64 %781, %9
   %783 = add nsw i64 4096, %782
   %784 = getelementptr inbounds i8, ptr %778, i64 %783
-  %pf128 = select i1 %pf.on127, ptr %784, ptr %778
-  %pf.sh129 = select i1 %pf.on127, i64 %9, i64 0
-  br label %k.head130
+  %pf132 = select i1 %pf.on131, ptr %784, ptr %778
+  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
+  br label %k.head134
 
-k.head130:                                        ; preds = %k.body131, %tile.mr3
-  %k133 = phi i64 [ 0, %tile.mr3 ], [ %820, %k.body131 ]
-  %785 = icmp slt i64 %k133, 64
-  br i1 %785, label %k.body131, label %k.end132
+k.head134:                                        ; preds = %pf.any.end139, %tile.mr3
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %820, %pf.any.end139 ]
+  %785 = icmp slt i64 %k137, 64
+  br i1 %785, label %k.body135, label %k.end136
 
-k.body131:                                        ; preds = %k.head130
-  %786 = mul nsw i64 %k133, 16
-  %787 = add nsw i64 %panel.off126, %786
-  %788 = mul nsw i64 %k133, 64
-  %789 = lshr i64 %788, %pf.sh129
-  %790 = getelementptr inbounds i8, ptr %pf128, i64 %789
+k.body135:                                        ; preds = %k.head134
+  %786 = mul nsw i64 %k137, 16
+  %787 = add nsw i64 %panel.off130, %786
+  %788 = mul nsw i64 %k137, 64
+  br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
+
+pf.any.then138:                                   ; preds = %k.body135
+  %789 = lshr i64 %788, %pf.sh133
+  %790 = getelementptr inbounds i8, ptr %pf132, i64 %789
   call void @llvm.prefetch.p0(ptr %790, i32 0, i32 2, i32 1)
+  br label %pf.any.end139
+
+pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
   %791 = getelementptr inbounds float, ptr %panels, i64 %787
   %792 = load <8 x float>, ptr %791, align 4
   %793 = add nsw i64 %787, 8
   %794 = getelementptr inbounds float, ptr %panels, i64 %793
   %795 = load <8 x float>, ptr %794, align 4
-  %796 = getelementptr inbounds float, ptr %765, i64 %k133
+  %796 = getelementptr inbounds float, ptr %765, i64 %k137
   %797 = load float, ptr %796, align 4
   %798 = insertelement <8 x float> poison, float %797, i32 0
   %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
-  %800 = load <8 x float>, ptr %acc00120, align 4
+  %800 = load <8 x float>, ptr %acc00124, align 4
   %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %792, <8 x float> %800)
-  store <8 x float> %801, ptr %acc00120, align 4
-  %802 = load <8 x float>, ptr %acc01121, align 4
+  store <8 x float> %801, ptr %acc00124, align 4
+  %802 = load <8 x float>, ptr %acc01125, align 4
   %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %795, <8 x float> %802)
-  store <8 x float> %803, ptr %acc01121, align 4
-  %804 = getelementptr inbounds float, ptr %771, i64 %k133
+  store <8 x float> %803, ptr %acc01125, align 4
+  %804 = getelementptr inbounds float, ptr %771, i64 %k137
   %805 = load float, ptr %804, align 4
   %806 = insertelement <8 x float> poison, float %805, i32 0
   %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
-  %808 = load <8 x float>, ptr %acc10122, align 4
+  %808 = load <8 x float>, ptr %acc10126, align 4
   %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %792, <8 x float> %808)
-  store <8 x float> %809, ptr %acc10122, align 4
-  %810 = load <8 x float>, ptr %acc11123, align 4
+  store <8 x float> %809, ptr %acc10126, align 4
+  %810 = load <8 x float>, ptr %acc11127, align 4
   %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %795, <8 x float> %810)
-  store <8 x float> %811, ptr %acc11123, align 4
-  %812 = getelementptr inbounds float, ptr %777, i64 %k133
+  store <8 x float> %811, ptr %acc11127, align 4
+  %812 = getelementptr inbounds float, ptr %777, i64 %k137
   %813 = load float, ptr %812, align 4
   %814 = insertelement <8 x float> poison, float %813, i32 0
   %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
-  %816 = load <8 x float>, ptr %acc20124, align 4
+  %816 = load <8 x float>, ptr %acc20128, align 4
   %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %792, <8 x float> %816)
-  store <8 x float> %817, ptr %acc20124, align 4
-  %818 = load <8 x float>, ptr %acc21125, align 4
+  store <8 x float> %817, ptr %acc20128, align 4
+  %818 = load <8 x float>, ptr %acc21129, align 4
   %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %795, <8 x float> %818)
-  store <8 x float> %819, ptr %acc21125, align 4
-  %820 = add nsw i64 %k133, 1
-  br label %k.head130
+  store <8 x float> %819, ptr %acc21129, align 4
+  %820 = add nsw i64 %k137, 1
+  br label %k.head134
 
-k.end132:                                         ; preds = %k.head130
+k.end136:                                         ; preds = %k.head134
   %821 = add nsw i64 %r0, 0
   %822 = getelementptr inbounds float, ptr %rw, i64 %821
   %823 = load float, ptr %822, align 4
@@ -2059,9 +2084,9 @@ k.end132:                                         ; preds = %k.head130
   %825 = shufflevector <8 x float> %824, <8 x float> poison, <8 x i32> zeroinitializer
   %826 = mul nsw i64 %821, 192
   %827 = getelementptr inbounds float, ptr %h, i64 %826
-  %col134 = mul nsw i64 %p, 8
-  %828 = load <8 x float>, ptr %acc00120, align 4
-  %829 = load <8 x float>, ptr %acc01121, align 4
+  %col140 = mul nsw i64 %p, 8
+  %828 = load <8 x float>, ptr %acc00124, align 4
+  %829 = load <8 x float>, ptr %acc01125, align 4
   %830 = fneg <8 x float> %828
   %831 = fcmp olt <8 x float> %830, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %832 = select <8 x i1> %831, <8 x float> %830, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2082,14 +2107,14 @@ k.end132:                                         ; preds = %k.head130
   %847 = fptosi <8 x float> %836 to <8 x i32>
   %848 = add <8 x i32> %847, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %849 = shl <8 x i32> %848, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n135 = bitcast <8 x i32> %849 to <8 x float>
-  %exp136 = fmul <8 x float> %846, %exp.2n135
-  %850 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %850
-  %silu138 = fmul <8 x float> %828, %sigmoid137
-  %glu139 = fmul <8 x float> %silu138, %829
-  %851 = fmul <8 x float> %glu139, %825
-  %852 = getelementptr inbounds float, ptr %827, i64 %col134
+  %exp.2n141 = bitcast <8 x i32> %849 to <8 x float>
+  %exp142 = fmul <8 x float> %846, %exp.2n141
+  %850 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %850
+  %silu144 = fmul <8 x float> %828, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %829
+  %851 = fmul <8 x float> %glu145, %825
+  %852 = getelementptr inbounds float, ptr %827, i64 %col140
   store <8 x float> %851, ptr %852, align 4
   %853 = add nsw i64 %r0, 1
   %854 = getelementptr inbounds float, ptr %rw, i64 %853
@@ -2098,9 +2123,9 @@ k.end132:                                         ; preds = %k.head130
   %857 = shufflevector <8 x float> %856, <8 x float> poison, <8 x i32> zeroinitializer
   %858 = mul nsw i64 %853, 192
   %859 = getelementptr inbounds float, ptr %h, i64 %858
-  %col140 = mul nsw i64 %p, 8
-  %860 = load <8 x float>, ptr %acc10122, align 4
-  %861 = load <8 x float>, ptr %acc11123, align 4
+  %col146 = mul nsw i64 %p, 8
+  %860 = load <8 x float>, ptr %acc10126, align 4
+  %861 = load <8 x float>, ptr %acc11127, align 4
   %862 = fneg <8 x float> %860
   %863 = fcmp olt <8 x float> %862, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %864 = select <8 x i1> %863, <8 x float> %862, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2121,14 +2146,14 @@ k.end132:                                         ; preds = %k.head130
   %879 = fptosi <8 x float> %868 to <8 x i32>
   %880 = add <8 x i32> %879, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %881 = shl <8 x i32> %880, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %881 to <8 x float>
-  %exp142 = fmul <8 x float> %878, %exp.2n141
-  %882 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %882
-  %silu144 = fmul <8 x float> %860, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %861
-  %883 = fmul <8 x float> %glu145, %857
-  %884 = getelementptr inbounds float, ptr %859, i64 %col140
+  %exp.2n147 = bitcast <8 x i32> %881 to <8 x float>
+  %exp148 = fmul <8 x float> %878, %exp.2n147
+  %882 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %882
+  %silu150 = fmul <8 x float> %860, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %861
+  %883 = fmul <8 x float> %glu151, %857
+  %884 = getelementptr inbounds float, ptr %859, i64 %col146
   store <8 x float> %883, ptr %884, align 4
   %885 = add nsw i64 %r0, 2
   %886 = getelementptr inbounds float, ptr %rw, i64 %885
@@ -2137,9 +2162,9 @@ k.end132:                                         ; preds = %k.head130
   %889 = shufflevector <8 x float> %888, <8 x float> poison, <8 x i32> zeroinitializer
   %890 = mul nsw i64 %885, 192
   %891 = getelementptr inbounds float, ptr %h, i64 %890
-  %col146 = mul nsw i64 %p, 8
-  %892 = load <8 x float>, ptr %acc20124, align 4
-  %893 = load <8 x float>, ptr %acc21125, align 4
+  %col152 = mul nsw i64 %p, 8
+  %892 = load <8 x float>, ptr %acc20128, align 4
+  %893 = load <8 x float>, ptr %acc21129, align 4
   %894 = fneg <8 x float> %892
   %895 = fcmp olt <8 x float> %894, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %896 = select <8 x i1> %895, <8 x float> %894, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2160,14 +2185,14 @@ k.end132:                                         ; preds = %k.head130
   %911 = fptosi <8 x float> %900 to <8 x i32>
   %912 = add <8 x i32> %911, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %913 = shl <8 x i32> %912, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %913 to <8 x float>
-  %exp148 = fmul <8 x float> %910, %exp.2n147
-  %914 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %914
-  %silu150 = fmul <8 x float> %892, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %893
-  %915 = fmul <8 x float> %glu151, %889
-  %916 = getelementptr inbounds float, ptr %891, i64 %col146
+  %exp.2n153 = bitcast <8 x i32> %913 to <8 x float>
+  %exp154 = fmul <8 x float> %910, %exp.2n153
+  %914 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %914
+  %silu156 = fmul <8 x float> %892, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %893
+  %915 = fmul <8 x float> %glu157, %889
+  %916 = getelementptr inbounds float, ptr %891, i64 %col152
   store <8 x float> %915, ptr %916, align 4
   br label %tile.done
 
@@ -2178,70 +2203,76 @@ tile.mr2:                                         ; preds = %r0.body
   %920 = sext i32 %919 to i64
   %921 = mul nsw i64 %920, 64
   %922 = getelementptr inbounds float, ptr %x, i64 %921
-  store <8 x float> zeroinitializer, ptr %acc00152, align 4
-  store <8 x float> zeroinitializer, ptr %acc01153, align 4
+  store <8 x float> zeroinitializer, ptr %acc00158, align 4
+  store <8 x float> zeroinitializer, ptr %acc01159, align 4
   %923 = add nsw i64 %r0, 1
   %924 = getelementptr inbounds i32, ptr %rows, i64 %923
   %925 = load i32, ptr %924, align 4
   %926 = sext i32 %925 to i64
   %927 = mul nsw i64 %926, 64
   %928 = getelementptr inbounds float, ptr %x, i64 %927
-  store <8 x float> zeroinitializer, ptr %acc10154, align 4
-  store <8 x float> zeroinitializer, ptr %acc11155, align 4
-  %panel.off156 = mul nsw i64 %p, 1024
-  %929 = getelementptr inbounds float, ptr %panels, i64 %panel.off156
+  store <8 x float> zeroinitializer, ptr %acc10160, align 4
+  store <8 x float> zeroinitializer, ptr %acc11161, align 4
+  %panel.off162 = mul nsw i64 %p, 1024
+  %929 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
   %930 = add nsw i64 %p, 1
   %931 = icmp slt i64 %930, %p1
-  %pf.on157 = and i1 %pf.on, %931
+  %pf.on163 = and i1 %pf.on, %931
   %932 = mul nsw i64 %pf.j, 4096
   %933 = lshr i64 %932, %9
   %934 = add nsw i64 4096, %933
   %935 = getelementptr inbounds i8, ptr %929, i64 %934
-  %pf158 = select i1 %pf.on157, ptr %935, ptr %929
-  %pf.sh159 = select i1 %pf.on157, i64 %9, i64 0
-  br label %k.head160
+  %pf164 = select i1 %pf.on163, ptr %935, ptr %929
+  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
+  br label %k.head166
 
-k.head160:                                        ; preds = %k.body161, %tile.mr2
-  %k163 = phi i64 [ 0, %tile.mr2 ], [ %963, %k.body161 ]
-  %936 = icmp slt i64 %k163, 64
-  br i1 %936, label %k.body161, label %k.end162
+k.head166:                                        ; preds = %pf.any.end171, %tile.mr2
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %963, %pf.any.end171 ]
+  %936 = icmp slt i64 %k169, 64
+  br i1 %936, label %k.body167, label %k.end168
 
-k.body161:                                        ; preds = %k.head160
-  %937 = mul nsw i64 %k163, 16
-  %938 = add nsw i64 %panel.off156, %937
-  %939 = mul nsw i64 %k163, 64
-  %940 = lshr i64 %939, %pf.sh159
-  %941 = getelementptr inbounds i8, ptr %pf158, i64 %940
+k.body167:                                        ; preds = %k.head166
+  %937 = mul nsw i64 %k169, 16
+  %938 = add nsw i64 %panel.off162, %937
+  %939 = mul nsw i64 %k169, 64
+  br i1 %pf.multi, label %pf.any.then170, label %pf.any.end171
+
+pf.any.then170:                                   ; preds = %k.body167
+  %940 = lshr i64 %939, %pf.sh165
+  %941 = getelementptr inbounds i8, ptr %pf164, i64 %940
   call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  br label %pf.any.end171
+
+pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
   %942 = getelementptr inbounds float, ptr %panels, i64 %938
   %943 = load <8 x float>, ptr %942, align 4
   %944 = add nsw i64 %938, 8
   %945 = getelementptr inbounds float, ptr %panels, i64 %944
   %946 = load <8 x float>, ptr %945, align 4
-  %947 = getelementptr inbounds float, ptr %922, i64 %k163
+  %947 = getelementptr inbounds float, ptr %922, i64 %k169
   %948 = load float, ptr %947, align 4
   %949 = insertelement <8 x float> poison, float %948, i32 0
   %950 = shufflevector <8 x float> %949, <8 x float> poison, <8 x i32> zeroinitializer
-  %951 = load <8 x float>, ptr %acc00152, align 4
+  %951 = load <8 x float>, ptr %acc00158, align 4
   %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %943, <8 x float> %951)
-  store <8 x float> %952, ptr %acc00152, align 4
-  %953 = load <8 x float>, ptr %acc01153, align 4
+  store <8 x float> %952, ptr %acc00158, align 4
+  %953 = load <8 x float>, ptr %acc01159, align 4
   %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %946, <8 x float> %953)
-  store <8 x float> %954, ptr %acc01153, align 4
-  %955 = getelementptr inbounds float, ptr %928, i64 %k163
+  store <8 x float> %954, ptr %acc01159, align 4
+  %955 = getelementptr inbounds float, ptr %928, i64 %k169
   %956 = load float, ptr %955, align 4
   %957 = insertelement <8 x float> poison, float %956, i32 0
   %958 = shufflevector <8 x float> %957, <8 x float> poison, <8 x i32> zeroinitializer
-  %959 = load <8 x float>, ptr %acc10154, align 4
+  %959 = load <8 x float>, ptr %acc10160, align 4
   %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %943, <8 x float> %959)
-  store <8 x float> %960, ptr %acc10154, align 4
-  %961 = load <8 x float>, ptr %acc11155, align 4
+  store <8 x float> %960, ptr %acc10160, align 4
+  %961 = load <8 x float>, ptr %acc11161, align 4
   %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %946, <8 x float> %961)
-  store <8 x float> %962, ptr %acc11155, align 4
-  %963 = add nsw i64 %k163, 1
-  br label %k.head160
+  store <8 x float> %962, ptr %acc11161, align 4
+  %963 = add nsw i64 %k169, 1
+  br label %k.head166
 
-k.end162:                                         ; preds = %k.head160
+k.end168:                                         ; preds = %k.head166
   %964 = add nsw i64 %r0, 0
   %965 = getelementptr inbounds float, ptr %rw, i64 %964
   %966 = load float, ptr %965, align 4
@@ -2249,9 +2280,9 @@ k.end162:                                         ; preds = %k.head160
   %968 = shufflevector <8 x float> %967, <8 x float> poison, <8 x i32> zeroinitializer
   %969 = mul nsw i64 %964, 192
   %970 = getelementptr inbounds float, ptr %h, i64 %969
-  %col164 = mul nsw i64 %p, 8
-  %971 = load <8 x float>, ptr %acc00152, align 4
-  %972 = load <8 x float>, ptr %acc01153, align 4
+  %col172 = mul nsw i64 %p, 8
+  %971 = load <8 x float>, ptr %acc00158, align 4
+  %972 = load <8 x float>, ptr %acc01159, align 4
   %973 = fneg <8 x float> %971
   %974 = fcmp olt <8 x float> %973, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %975 = select <8 x i1> %974, <8 x float> %973, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2272,14 +2303,14 @@ k.end162:                                         ; preds = %k.head160
   %990 = fptosi <8 x float> %979 to <8 x i32>
   %991 = add <8 x i32> %990, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %992 = shl <8 x i32> %991, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n165 = bitcast <8 x i32> %992 to <8 x float>
-  %exp166 = fmul <8 x float> %989, %exp.2n165
-  %993 = fadd <8 x float> %exp166, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid167 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %993
-  %silu168 = fmul <8 x float> %971, %sigmoid167
-  %glu169 = fmul <8 x float> %silu168, %972
-  %994 = fmul <8 x float> %glu169, %968
-  %995 = getelementptr inbounds float, ptr %970, i64 %col164
+  %exp.2n173 = bitcast <8 x i32> %992 to <8 x float>
+  %exp174 = fmul <8 x float> %989, %exp.2n173
+  %993 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %993
+  %silu176 = fmul <8 x float> %971, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %972
+  %994 = fmul <8 x float> %glu177, %968
+  %995 = getelementptr inbounds float, ptr %970, i64 %col172
   store <8 x float> %994, ptr %995, align 4
   %996 = add nsw i64 %r0, 1
   %997 = getelementptr inbounds float, ptr %rw, i64 %996
@@ -2288,9 +2319,9 @@ k.end162:                                         ; preds = %k.head160
   %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
   %1001 = mul nsw i64 %996, 192
   %1002 = getelementptr inbounds float, ptr %h, i64 %1001
-  %col170 = mul nsw i64 %p, 8
-  %1003 = load <8 x float>, ptr %acc10154, align 4
-  %1004 = load <8 x float>, ptr %acc11155, align 4
+  %col178 = mul nsw i64 %p, 8
+  %1003 = load <8 x float>, ptr %acc10160, align 4
+  %1004 = load <8 x float>, ptr %acc11161, align 4
   %1005 = fneg <8 x float> %1003
   %1006 = fcmp olt <8 x float> %1005, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %1007 = select <8 x i1> %1006, <8 x float> %1005, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2311,14 +2342,14 @@ k.end162:                                         ; preds = %k.head160
   %1022 = fptosi <8 x float> %1011 to <8 x i32>
   %1023 = add <8 x i32> %1022, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1024 = shl <8 x i32> %1023, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n171 = bitcast <8 x i32> %1024 to <8 x float>
-  %exp172 = fmul <8 x float> %1021, %exp.2n171
-  %1025 = fadd <8 x float> %exp172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid173 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1025
-  %silu174 = fmul <8 x float> %1003, %sigmoid173
-  %glu175 = fmul <8 x float> %silu174, %1004
-  %1026 = fmul <8 x float> %glu175, %1000
-  %1027 = getelementptr inbounds float, ptr %1002, i64 %col170
+  %exp.2n179 = bitcast <8 x i32> %1024 to <8 x float>
+  %exp180 = fmul <8 x float> %1021, %exp.2n179
+  %1025 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1025
+  %silu182 = fmul <8 x float> %1003, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %1004
+  %1026 = fmul <8 x float> %glu183, %1000
+  %1027 = getelementptr inbounds float, ptr %1002, i64 %col178
   store <8 x float> %1026, ptr %1027, align 4
   br label %tile.done
 
@@ -2329,52 +2360,58 @@ tile.mr1:                                         ; preds = %r0.body
   %1031 = sext i32 %1030 to i64
   %1032 = mul nsw i64 %1031, 64
   %1033 = getelementptr inbounds float, ptr %x, i64 %1032
-  store <8 x float> zeroinitializer, ptr %acc00176, align 4
-  store <8 x float> zeroinitializer, ptr %acc01177, align 4
-  %panel.off178 = mul nsw i64 %p, 1024
-  %1034 = getelementptr inbounds float, ptr %panels, i64 %panel.off178
+  store <8 x float> zeroinitializer, ptr %acc00184, align 4
+  store <8 x float> zeroinitializer, ptr %acc01185, align 4
+  %panel.off186 = mul nsw i64 %p, 1024
+  %1034 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
   %1035 = add nsw i64 %p, 1
   %1036 = icmp slt i64 %1035, %p1
-  %pf.on179 = and i1 %pf.on, %1036
+  %pf.on187 = and i1 %pf.on, %1036
   %1037 = mul nsw i64 %pf.j, 4096
   %1038 = lshr i64 %1037, %9
   %1039 = add nsw i64 4096, %1038
   %1040 = getelementptr inbounds i8, ptr %1034, i64 %1039
-  %pf180 = select i1 %pf.on179, ptr %1040, ptr %1034
-  %pf.sh181 = select i1 %pf.on179, i64 %9, i64 0
-  br label %k.head182
+  %pf188 = select i1 %pf.on187, ptr %1040, ptr %1034
+  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
+  br label %k.head190
 
-k.head182:                                        ; preds = %k.body183, %tile.mr1
-  %k185 = phi i64 [ 0, %tile.mr1 ], [ %1060, %k.body183 ]
-  %1041 = icmp slt i64 %k185, 64
-  br i1 %1041, label %k.body183, label %k.end184
+k.head190:                                        ; preds = %pf.any.end195, %tile.mr1
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1060, %pf.any.end195 ]
+  %1041 = icmp slt i64 %k193, 64
+  br i1 %1041, label %k.body191, label %k.end192
 
-k.body183:                                        ; preds = %k.head182
-  %1042 = mul nsw i64 %k185, 16
-  %1043 = add nsw i64 %panel.off178, %1042
-  %1044 = mul nsw i64 %k185, 64
-  %1045 = lshr i64 %1044, %pf.sh181
-  %1046 = getelementptr inbounds i8, ptr %pf180, i64 %1045
+k.body191:                                        ; preds = %k.head190
+  %1042 = mul nsw i64 %k193, 16
+  %1043 = add nsw i64 %panel.off186, %1042
+  %1044 = mul nsw i64 %k193, 64
+  br i1 %pf.multi, label %pf.any.then194, label %pf.any.end195
+
+pf.any.then194:                                   ; preds = %k.body191
+  %1045 = lshr i64 %1044, %pf.sh189
+  %1046 = getelementptr inbounds i8, ptr %pf188, i64 %1045
   call void @llvm.prefetch.p0(ptr %1046, i32 0, i32 2, i32 1)
+  br label %pf.any.end195
+
+pf.any.end195:                                    ; preds = %pf.any.then194, %k.body191
   %1047 = getelementptr inbounds float, ptr %panels, i64 %1043
   %1048 = load <8 x float>, ptr %1047, align 4
   %1049 = add nsw i64 %1043, 8
   %1050 = getelementptr inbounds float, ptr %panels, i64 %1049
   %1051 = load <8 x float>, ptr %1050, align 4
-  %1052 = getelementptr inbounds float, ptr %1033, i64 %k185
+  %1052 = getelementptr inbounds float, ptr %1033, i64 %k193
   %1053 = load float, ptr %1052, align 4
   %1054 = insertelement <8 x float> poison, float %1053, i32 0
   %1055 = shufflevector <8 x float> %1054, <8 x float> poison, <8 x i32> zeroinitializer
-  %1056 = load <8 x float>, ptr %acc00176, align 4
+  %1056 = load <8 x float>, ptr %acc00184, align 4
   %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1048, <8 x float> %1056)
-  store <8 x float> %1057, ptr %acc00176, align 4
-  %1058 = load <8 x float>, ptr %acc01177, align 4
+  store <8 x float> %1057, ptr %acc00184, align 4
+  %1058 = load <8 x float>, ptr %acc01185, align 4
   %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1051, <8 x float> %1058)
-  store <8 x float> %1059, ptr %acc01177, align 4
-  %1060 = add nsw i64 %k185, 1
-  br label %k.head182
+  store <8 x float> %1059, ptr %acc01185, align 4
+  %1060 = add nsw i64 %k193, 1
+  br label %k.head190
 
-k.end184:                                         ; preds = %k.head182
+k.end192:                                         ; preds = %k.head190
   %1061 = add nsw i64 %r0, 0
   %1062 = getelementptr inbounds float, ptr %rw, i64 %1061
   %1063 = load float, ptr %1062, align 4
@@ -2382,9 +2419,9 @@ k.end184:                                         ; preds = %k.head182
   %1065 = shufflevector <8 x float> %1064, <8 x float> poison, <8 x i32> zeroinitializer
   %1066 = mul nsw i64 %1061, 192
   %1067 = getelementptr inbounds float, ptr %h, i64 %1066
-  %col186 = mul nsw i64 %p, 8
-  %1068 = load <8 x float>, ptr %acc00176, align 4
-  %1069 = load <8 x float>, ptr %acc01177, align 4
+  %col196 = mul nsw i64 %p, 8
+  %1068 = load <8 x float>, ptr %acc00184, align 4
+  %1069 = load <8 x float>, ptr %acc01185, align 4
   %1070 = fneg <8 x float> %1068
   %1071 = fcmp olt <8 x float> %1070, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
   %1072 = select <8 x i1> %1071, <8 x float> %1070, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2405,18 +2442,18 @@ k.end184:                                         ; preds = %k.head182
   %1087 = fptosi <8 x float> %1076 to <8 x i32>
   %1088 = add <8 x i32> %1087, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1089 = shl <8 x i32> %1088, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %1089 to <8 x float>
-  %exp188 = fmul <8 x float> %1086, %exp.2n187
-  %1090 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1090
-  %silu190 = fmul <8 x float> %1068, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %1069
-  %1091 = fmul <8 x float> %glu191, %1065
-  %1092 = getelementptr inbounds float, ptr %1067, i64 %col186
+  %exp.2n197 = bitcast <8 x i32> %1089 to <8 x float>
+  %exp198 = fmul <8 x float> %1086, %exp.2n197
+  %1090 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1090
+  %silu200 = fmul <8 x float> %1068, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %1069
+  %1091 = fmul <8 x float> %glu201, %1065
+  %1092 = getelementptr inbounds float, ptr %1067, i64 %col196
   store <8 x float> %1091, ptr %1092, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end184, %k.end162, %k.end132, %k.end94, %k.end48, %k.end
+tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
   %1093 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2462,26 +2499,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0022 = alloca <8 x float>, align 32
-  %acc0123 = alloca <8 x float>, align 32
-  %acc1024 = alloca <8 x float>, align 32
-  %acc1125 = alloca <8 x float>, align 32
-  %acc2026 = alloca <8 x float>, align 32
-  %acc2127 = alloca <8 x float>, align 32
-  %acc3028 = alloca <8 x float>, align 32
-  %acc3129 = alloca <8 x float>, align 32
-  %acc0039 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1041 = alloca <8 x float>, align 32
-  %acc1142 = alloca <8 x float>, align 32
-  %acc2043 = alloca <8 x float>, align 32
-  %acc2144 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
-  %acc1056 = alloca <8 x float>, align 32
-  %acc1157 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0168 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2515,6 +2552,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -2626,8 +2664,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
   %93 = icmp slt i64 %k, 192
   br i1 %93, label %k.body, label %k.end
 
@@ -2635,9 +2673,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds float, ptr %panels, i64 %95
   %100 = load <8 x float>, ptr %99, align 4
   %101 = add nsw i64 %95, 8
@@ -2818,8 +2862,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %pf.any.end22 ]
   %232 = icmp slt i64 %k20, 192
   br i1 %232, label %k.body18, label %k.end19
 
@@ -2827,9 +2871,15 @@ k.body18:                                         ; preds = %k.head17
   %233 = mul nsw i64 %k20, 16
   %234 = add nsw i64 %panel.off13, %233
   %235 = mul nsw i64 %k20, 64
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %236 = lshr i64 %235, %pf.sh16
   %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
   call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %238 = getelementptr inbounds float, ptr %panels, i64 %234
   %239 = load <8 x float>, ptr %238, align 4
   %240 = add nsw i64 %234, 8
@@ -2912,7 +2962,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col21 = mul nsw i64 %p, 16
+  %col23 = mul nsw i64 %p, 16
   %294 = add nsw i64 %r0, 0
   %295 = mul nsw i64 %294, 192
   %296 = getelementptr inbounds float, ptr %h, i64 %295
@@ -2921,12 +2971,12 @@ tile.mr4:                                         ; preds = %r0.body
   %299 = sext i32 %298 to i64
   %300 = mul nsw i64 %299, 64
   %301 = getelementptr inbounds float, ptr %y, i64 %300
-  %302 = add nsw i64 %col21, 0
+  %302 = add nsw i64 %col23, 0
   %303 = getelementptr inbounds float, ptr %301, i64 %302
-  store <8 x float> zeroinitializer, ptr %acc0022, align 4
-  %304 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc0024, align 4
+  %304 = add nsw i64 %col23, 8
   %305 = getelementptr inbounds float, ptr %301, i64 %304
-  store <8 x float> zeroinitializer, ptr %acc0123, align 4
+  store <8 x float> zeroinitializer, ptr %acc0125, align 4
   %306 = add nsw i64 %r0, 1
   %307 = mul nsw i64 %306, 192
   %308 = getelementptr inbounds float, ptr %h, i64 %307
@@ -2935,12 +2985,12 @@ tile.mr4:                                         ; preds = %r0.body
   %311 = sext i32 %310 to i64
   %312 = mul nsw i64 %311, 64
   %313 = getelementptr inbounds float, ptr %y, i64 %312
-  %314 = add nsw i64 %col21, 0
+  %314 = add nsw i64 %col23, 0
   %315 = getelementptr inbounds float, ptr %313, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc1024, align 4
-  %316 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc1026, align 4
+  %316 = add nsw i64 %col23, 8
   %317 = getelementptr inbounds float, ptr %313, i64 %316
-  store <8 x float> zeroinitializer, ptr %acc1125, align 4
+  store <8 x float> zeroinitializer, ptr %acc1127, align 4
   %318 = add nsw i64 %r0, 2
   %319 = mul nsw i64 %318, 192
   %320 = getelementptr inbounds float, ptr %h, i64 %319
@@ -2949,12 +2999,12 @@ tile.mr4:                                         ; preds = %r0.body
   %323 = sext i32 %322 to i64
   %324 = mul nsw i64 %323, 64
   %325 = getelementptr inbounds float, ptr %y, i64 %324
-  %326 = add nsw i64 %col21, 0
+  %326 = add nsw i64 %col23, 0
   %327 = getelementptr inbounds float, ptr %325, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc2026, align 4
-  %328 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc2028, align 4
+  %328 = add nsw i64 %col23, 8
   %329 = getelementptr inbounds float, ptr %325, i64 %328
-  store <8 x float> zeroinitializer, ptr %acc2127, align 4
+  store <8 x float> zeroinitializer, ptr %acc2129, align 4
   %330 = add nsw i64 %r0, 3
   %331 = mul nsw i64 %330, 192
   %332 = getelementptr inbounds float, ptr %h, i64 %331
@@ -2963,106 +3013,112 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = sext i32 %334 to i64
   %336 = mul nsw i64 %335, 64
   %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col21, 0
+  %338 = add nsw i64 %col23, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc3028, align 4
-  %340 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc3030, align 4
+  %340 = add nsw i64 %col23, 8
   %341 = getelementptr inbounds float, ptr %337, i64 %340
-  store <8 x float> zeroinitializer, ptr %acc3129, align 4
-  %panel.off30 = mul nsw i64 %p, 3072
-  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  store <8 x float> zeroinitializer, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 3072
+  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
   %343 = add nsw i64 %p, 1
   %344 = icmp slt i64 %343, %p1
-  %pf.on31 = and i1 %pf.on, %344
+  %pf.on33 = and i1 %pf.on, %344
   %345 = mul nsw i64 %pf.j, 12288
   %346 = lshr i64 %345, %10
   %347 = add nsw i64 12288, %346
   %348 = getelementptr inbounds i8, ptr %342, i64 %347
-  %pf32 = select i1 %pf.on31, ptr %348, ptr %342
-  %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
-  br label %k.head34
+  %pf34 = select i1 %pf.on33, ptr %348, ptr %342
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head34:                                         ; preds = %k.body35, %tile.mr4
-  %k37 = phi i64 [ 0, %tile.mr4 ], [ %392, %k.body35 ]
-  %349 = icmp slt i64 %k37, 192
-  br i1 %349, label %k.body35, label %k.end36
+k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %392, %pf.any.end41 ]
+  %349 = icmp slt i64 %k39, 192
+  br i1 %349, label %k.body37, label %k.end38
 
-k.body35:                                         ; preds = %k.head34
-  %350 = mul nsw i64 %k37, 16
-  %351 = add nsw i64 %panel.off30, %350
-  %352 = mul nsw i64 %k37, 64
-  %353 = lshr i64 %352, %pf.sh33
-  %354 = getelementptr inbounds i8, ptr %pf32, i64 %353
+k.body37:                                         ; preds = %k.head36
+  %350 = mul nsw i64 %k39, 16
+  %351 = add nsw i64 %panel.off32, %350
+  %352 = mul nsw i64 %k39, 64
+  br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
+
+pf.any.then40:                                    ; preds = %k.body37
+  %353 = lshr i64 %352, %pf.sh35
+  %354 = getelementptr inbounds i8, ptr %pf34, i64 %353
   call void @llvm.prefetch.p0(ptr %354, i32 0, i32 2, i32 1)
+  br label %pf.any.end41
+
+pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
   %355 = getelementptr inbounds float, ptr %panels, i64 %351
   %356 = load <8 x float>, ptr %355, align 4
   %357 = add nsw i64 %351, 8
   %358 = getelementptr inbounds float, ptr %panels, i64 %357
   %359 = load <8 x float>, ptr %358, align 4
-  %360 = getelementptr inbounds float, ptr %296, i64 %k37
+  %360 = getelementptr inbounds float, ptr %296, i64 %k39
   %361 = load float, ptr %360, align 4
   %362 = insertelement <8 x float> poison, float %361, i32 0
   %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %acc0022, align 4
+  %364 = load <8 x float>, ptr %acc0024, align 4
   %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %356, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0022, align 4
-  %366 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %365, ptr %acc0024, align 4
+  %366 = load <8 x float>, ptr %acc0125, align 4
   %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %359, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0123, align 4
-  %368 = getelementptr inbounds float, ptr %308, i64 %k37
+  store <8 x float> %367, ptr %acc0125, align 4
+  %368 = getelementptr inbounds float, ptr %308, i64 %k39
   %369 = load float, ptr %368, align 4
   %370 = insertelement <8 x float> poison, float %369, i32 0
   %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = load <8 x float>, ptr %acc1024, align 4
+  %372 = load <8 x float>, ptr %acc1026, align 4
   %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %356, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1024, align 4
-  %374 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %373, ptr %acc1026, align 4
+  %374 = load <8 x float>, ptr %acc1127, align 4
   %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %359, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1125, align 4
-  %376 = getelementptr inbounds float, ptr %320, i64 %k37
+  store <8 x float> %375, ptr %acc1127, align 4
+  %376 = getelementptr inbounds float, ptr %320, i64 %k39
   %377 = load float, ptr %376, align 4
   %378 = insertelement <8 x float> poison, float %377, i32 0
   %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
-  %380 = load <8 x float>, ptr %acc2026, align 4
+  %380 = load <8 x float>, ptr %acc2028, align 4
   %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %356, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2026, align 4
-  %382 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %381, ptr %acc2028, align 4
+  %382 = load <8 x float>, ptr %acc2129, align 4
   %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %359, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2127, align 4
-  %384 = getelementptr inbounds float, ptr %332, i64 %k37
+  store <8 x float> %383, ptr %acc2129, align 4
+  %384 = getelementptr inbounds float, ptr %332, i64 %k39
   %385 = load float, ptr %384, align 4
   %386 = insertelement <8 x float> poison, float %385, i32 0
   %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
-  %388 = load <8 x float>, ptr %acc3028, align 4
+  %388 = load <8 x float>, ptr %acc3030, align 4
   %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %356, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3028, align 4
-  %390 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %389, ptr %acc3030, align 4
+  %390 = load <8 x float>, ptr %acc3131, align 4
   %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %359, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3129, align 4
-  %392 = add nsw i64 %k37, 1
-  br label %k.head34
+  store <8 x float> %391, ptr %acc3131, align 4
+  %392 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end36:                                          ; preds = %k.head34
-  %393 = load <8 x float>, ptr %acc0022, align 4
+k.end38:                                          ; preds = %k.head36
+  %393 = load <8 x float>, ptr %acc0024, align 4
   store <8 x float> %393, ptr %303, align 4
-  %394 = load <8 x float>, ptr %acc0123, align 4
+  %394 = load <8 x float>, ptr %acc0125, align 4
   store <8 x float> %394, ptr %305, align 4
-  %395 = load <8 x float>, ptr %acc1024, align 4
+  %395 = load <8 x float>, ptr %acc1026, align 4
   store <8 x float> %395, ptr %315, align 4
-  %396 = load <8 x float>, ptr %acc1125, align 4
+  %396 = load <8 x float>, ptr %acc1127, align 4
   store <8 x float> %396, ptr %317, align 4
-  %397 = load <8 x float>, ptr %acc2026, align 4
+  %397 = load <8 x float>, ptr %acc2028, align 4
   store <8 x float> %397, ptr %327, align 4
-  %398 = load <8 x float>, ptr %acc2127, align 4
+  %398 = load <8 x float>, ptr %acc2129, align 4
   store <8 x float> %398, ptr %329, align 4
-  %399 = load <8 x float>, ptr %acc3028, align 4
+  %399 = load <8 x float>, ptr %acc3030, align 4
   store <8 x float> %399, ptr %339, align 4
-  %400 = load <8 x float>, ptr %acc3129, align 4
+  %400 = load <8 x float>, ptr %acc3131, align 4
   store <8 x float> %400, ptr %341, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col38 = mul nsw i64 %p, 16
+  %col42 = mul nsw i64 %p, 16
   %401 = add nsw i64 %r0, 0
   %402 = mul nsw i64 %401, 192
   %403 = getelementptr inbounds float, ptr %h, i64 %402
@@ -3071,12 +3127,12 @@ tile.mr3:                                         ; preds = %r0.body
   %406 = sext i32 %405 to i64
   %407 = mul nsw i64 %406, 64
   %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col38, 0
+  %409 = add nsw i64 %col42, 0
   %410 = getelementptr inbounds float, ptr %408, i64 %409
-  store <8 x float> zeroinitializer, ptr %acc0039, align 4
-  %411 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc0043, align 4
+  %411 = add nsw i64 %col42, 8
   %412 = getelementptr inbounds float, ptr %408, i64 %411
-  store <8 x float> zeroinitializer, ptr %acc0140, align 4
+  store <8 x float> zeroinitializer, ptr %acc0144, align 4
   %413 = add nsw i64 %r0, 1
   %414 = mul nsw i64 %413, 192
   %415 = getelementptr inbounds float, ptr %h, i64 %414
@@ -3085,12 +3141,12 @@ tile.mr3:                                         ; preds = %r0.body
   %418 = sext i32 %417 to i64
   %419 = mul nsw i64 %418, 64
   %420 = getelementptr inbounds float, ptr %y, i64 %419
-  %421 = add nsw i64 %col38, 0
+  %421 = add nsw i64 %col42, 0
   %422 = getelementptr inbounds float, ptr %420, i64 %421
-  store <8 x float> zeroinitializer, ptr %acc1041, align 4
-  %423 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc1045, align 4
+  %423 = add nsw i64 %col42, 8
   %424 = getelementptr inbounds float, ptr %420, i64 %423
-  store <8 x float> zeroinitializer, ptr %acc1142, align 4
+  store <8 x float> zeroinitializer, ptr %acc1146, align 4
   %425 = add nsw i64 %r0, 2
   %426 = mul nsw i64 %425, 192
   %427 = getelementptr inbounds float, ptr %h, i64 %426
@@ -3099,92 +3155,98 @@ tile.mr3:                                         ; preds = %r0.body
   %430 = sext i32 %429 to i64
   %431 = mul nsw i64 %430, 64
   %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col38, 0
+  %433 = add nsw i64 %col42, 0
   %434 = getelementptr inbounds float, ptr %432, i64 %433
-  store <8 x float> zeroinitializer, ptr %acc2043, align 4
-  %435 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc2047, align 4
+  %435 = add nsw i64 %col42, 8
   %436 = getelementptr inbounds float, ptr %432, i64 %435
-  store <8 x float> zeroinitializer, ptr %acc2144, align 4
-  %panel.off45 = mul nsw i64 %p, 3072
-  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  store <8 x float> zeroinitializer, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 3072
+  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
   %438 = add nsw i64 %p, 1
   %439 = icmp slt i64 %438, %p1
-  %pf.on46 = and i1 %pf.on, %439
+  %pf.on50 = and i1 %pf.on, %439
   %440 = mul nsw i64 %pf.j, 12288
   %441 = lshr i64 %440, %10
   %442 = add nsw i64 12288, %441
   %443 = getelementptr inbounds i8, ptr %437, i64 %442
-  %pf47 = select i1 %pf.on46, ptr %443, ptr %437
-  %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
-  br label %k.head49
+  %pf51 = select i1 %pf.on50, ptr %443, ptr %437
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head49:                                         ; preds = %k.body50, %tile.mr3
-  %k52 = phi i64 [ 0, %tile.mr3 ], [ %479, %k.body50 ]
-  %444 = icmp slt i64 %k52, 192
-  br i1 %444, label %k.body50, label %k.end51
+k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %479, %pf.any.end58 ]
+  %444 = icmp slt i64 %k56, 192
+  br i1 %444, label %k.body54, label %k.end55
 
-k.body50:                                         ; preds = %k.head49
-  %445 = mul nsw i64 %k52, 16
-  %446 = add nsw i64 %panel.off45, %445
-  %447 = mul nsw i64 %k52, 64
-  %448 = lshr i64 %447, %pf.sh48
-  %449 = getelementptr inbounds i8, ptr %pf47, i64 %448
+k.body54:                                         ; preds = %k.head53
+  %445 = mul nsw i64 %k56, 16
+  %446 = add nsw i64 %panel.off49, %445
+  %447 = mul nsw i64 %k56, 64
+  br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
+
+pf.any.then57:                                    ; preds = %k.body54
+  %448 = lshr i64 %447, %pf.sh52
+  %449 = getelementptr inbounds i8, ptr %pf51, i64 %448
   call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  br label %pf.any.end58
+
+pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
   %450 = getelementptr inbounds float, ptr %panels, i64 %446
   %451 = load <8 x float>, ptr %450, align 4
   %452 = add nsw i64 %446, 8
   %453 = getelementptr inbounds float, ptr %panels, i64 %452
   %454 = load <8 x float>, ptr %453, align 4
-  %455 = getelementptr inbounds float, ptr %403, i64 %k52
+  %455 = getelementptr inbounds float, ptr %403, i64 %k56
   %456 = load float, ptr %455, align 4
   %457 = insertelement <8 x float> poison, float %456, i32 0
   %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc0039, align 4
+  %459 = load <8 x float>, ptr %acc0043, align 4
   %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %451, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0039, align 4
-  %461 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %460, ptr %acc0043, align 4
+  %461 = load <8 x float>, ptr %acc0144, align 4
   %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %454, <8 x float> %461)
-  store <8 x float> %462, ptr %acc0140, align 4
-  %463 = getelementptr inbounds float, ptr %415, i64 %k52
+  store <8 x float> %462, ptr %acc0144, align 4
+  %463 = getelementptr inbounds float, ptr %415, i64 %k56
   %464 = load float, ptr %463, align 4
   %465 = insertelement <8 x float> poison, float %464, i32 0
   %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc1041, align 4
+  %467 = load <8 x float>, ptr %acc1045, align 4
   %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %451, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1041, align 4
-  %469 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %468, ptr %acc1045, align 4
+  %469 = load <8 x float>, ptr %acc1146, align 4
   %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %454, <8 x float> %469)
-  store <8 x float> %470, ptr %acc1142, align 4
-  %471 = getelementptr inbounds float, ptr %427, i64 %k52
+  store <8 x float> %470, ptr %acc1146, align 4
+  %471 = getelementptr inbounds float, ptr %427, i64 %k56
   %472 = load float, ptr %471, align 4
   %473 = insertelement <8 x float> poison, float %472, i32 0
   %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc2043, align 4
+  %475 = load <8 x float>, ptr %acc2047, align 4
   %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %451, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2043, align 4
-  %477 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %476, ptr %acc2047, align 4
+  %477 = load <8 x float>, ptr %acc2148, align 4
   %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %454, <8 x float> %477)
-  store <8 x float> %478, ptr %acc2144, align 4
-  %479 = add nsw i64 %k52, 1
-  br label %k.head49
+  store <8 x float> %478, ptr %acc2148, align 4
+  %479 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end51:                                          ; preds = %k.head49
-  %480 = load <8 x float>, ptr %acc0039, align 4
+k.end55:                                          ; preds = %k.head53
+  %480 = load <8 x float>, ptr %acc0043, align 4
   store <8 x float> %480, ptr %410, align 4
-  %481 = load <8 x float>, ptr %acc0140, align 4
+  %481 = load <8 x float>, ptr %acc0144, align 4
   store <8 x float> %481, ptr %412, align 4
-  %482 = load <8 x float>, ptr %acc1041, align 4
+  %482 = load <8 x float>, ptr %acc1045, align 4
   store <8 x float> %482, ptr %422, align 4
-  %483 = load <8 x float>, ptr %acc1142, align 4
+  %483 = load <8 x float>, ptr %acc1146, align 4
   store <8 x float> %483, ptr %424, align 4
-  %484 = load <8 x float>, ptr %acc2043, align 4
+  %484 = load <8 x float>, ptr %acc2047, align 4
   store <8 x float> %484, ptr %434, align 4
-  %485 = load <8 x float>, ptr %acc2144, align 4
+  %485 = load <8 x float>, ptr %acc2148, align 4
   store <8 x float> %485, ptr %436, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col53 = mul nsw i64 %p, 16
+  %col59 = mul nsw i64 %p, 16
   %486 = add nsw i64 %r0, 0
   %487 = mul nsw i64 %486, 192
   %488 = getelementptr inbounds float, ptr %h, i64 %487
@@ -3193,12 +3255,12 @@ tile.mr2:                                         ; preds = %r0.body
   %491 = sext i32 %490 to i64
   %492 = mul nsw i64 %491, 64
   %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col53, 0
+  %494 = add nsw i64 %col59, 0
   %495 = getelementptr inbounds float, ptr %493, i64 %494
-  store <8 x float> zeroinitializer, ptr %acc0054, align 4
-  %496 = add nsw i64 %col53, 8
+  store <8 x float> zeroinitializer, ptr %acc0060, align 4
+  %496 = add nsw i64 %col59, 8
   %497 = getelementptr inbounds float, ptr %493, i64 %496
-  store <8 x float> zeroinitializer, ptr %acc0155, align 4
+  store <8 x float> zeroinitializer, ptr %acc0161, align 4
   %498 = add nsw i64 %r0, 1
   %499 = mul nsw i64 %498, 192
   %500 = getelementptr inbounds float, ptr %h, i64 %499
@@ -3207,78 +3269,84 @@ tile.mr2:                                         ; preds = %r0.body
   %503 = sext i32 %502 to i64
   %504 = mul nsw i64 %503, 64
   %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col53, 0
+  %506 = add nsw i64 %col59, 0
   %507 = getelementptr inbounds float, ptr %505, i64 %506
-  store <8 x float> zeroinitializer, ptr %acc1056, align 4
-  %508 = add nsw i64 %col53, 8
+  store <8 x float> zeroinitializer, ptr %acc1062, align 4
+  %508 = add nsw i64 %col59, 8
   %509 = getelementptr inbounds float, ptr %505, i64 %508
-  store <8 x float> zeroinitializer, ptr %acc1157, align 4
-  %panel.off58 = mul nsw i64 %p, 3072
-  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  store <8 x float> zeroinitializer, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 3072
+  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
   %511 = add nsw i64 %p, 1
   %512 = icmp slt i64 %511, %p1
-  %pf.on59 = and i1 %pf.on, %512
+  %pf.on65 = and i1 %pf.on, %512
   %513 = mul nsw i64 %pf.j, 12288
   %514 = lshr i64 %513, %10
   %515 = add nsw i64 12288, %514
   %516 = getelementptr inbounds i8, ptr %510, i64 %515
-  %pf60 = select i1 %pf.on59, ptr %516, ptr %510
-  %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
-  br label %k.head62
+  %pf66 = select i1 %pf.on65, ptr %516, ptr %510
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head62:                                         ; preds = %k.body63, %tile.mr2
-  %k65 = phi i64 [ 0, %tile.mr2 ], [ %544, %k.body63 ]
-  %517 = icmp slt i64 %k65, 192
-  br i1 %517, label %k.body63, label %k.end64
+k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %544, %pf.any.end73 ]
+  %517 = icmp slt i64 %k71, 192
+  br i1 %517, label %k.body69, label %k.end70
 
-k.body63:                                         ; preds = %k.head62
-  %518 = mul nsw i64 %k65, 16
-  %519 = add nsw i64 %panel.off58, %518
-  %520 = mul nsw i64 %k65, 64
-  %521 = lshr i64 %520, %pf.sh61
-  %522 = getelementptr inbounds i8, ptr %pf60, i64 %521
+k.body69:                                         ; preds = %k.head68
+  %518 = mul nsw i64 %k71, 16
+  %519 = add nsw i64 %panel.off64, %518
+  %520 = mul nsw i64 %k71, 64
+  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+
+pf.any.then72:                                    ; preds = %k.body69
+  %521 = lshr i64 %520, %pf.sh67
+  %522 = getelementptr inbounds i8, ptr %pf66, i64 %521
   call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
+  br label %pf.any.end73
+
+pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
   %523 = getelementptr inbounds float, ptr %panels, i64 %519
   %524 = load <8 x float>, ptr %523, align 4
   %525 = add nsw i64 %519, 8
   %526 = getelementptr inbounds float, ptr %panels, i64 %525
   %527 = load <8 x float>, ptr %526, align 4
-  %528 = getelementptr inbounds float, ptr %488, i64 %k65
+  %528 = getelementptr inbounds float, ptr %488, i64 %k71
   %529 = load float, ptr %528, align 4
   %530 = insertelement <8 x float> poison, float %529, i32 0
   %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = load <8 x float>, ptr %acc0054, align 4
+  %532 = load <8 x float>, ptr %acc0060, align 4
   %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %524, <8 x float> %532)
-  store <8 x float> %533, ptr %acc0054, align 4
-  %534 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %533, ptr %acc0060, align 4
+  %534 = load <8 x float>, ptr %acc0161, align 4
   %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> %534)
-  store <8 x float> %535, ptr %acc0155, align 4
-  %536 = getelementptr inbounds float, ptr %500, i64 %k65
+  store <8 x float> %535, ptr %acc0161, align 4
+  %536 = getelementptr inbounds float, ptr %500, i64 %k71
   %537 = load float, ptr %536, align 4
   %538 = insertelement <8 x float> poison, float %537, i32 0
   %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
-  %540 = load <8 x float>, ptr %acc1056, align 4
+  %540 = load <8 x float>, ptr %acc1062, align 4
   %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %524, <8 x float> %540)
-  store <8 x float> %541, ptr %acc1056, align 4
-  %542 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %541, ptr %acc1062, align 4
+  %542 = load <8 x float>, ptr %acc1163, align 4
   %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %527, <8 x float> %542)
-  store <8 x float> %543, ptr %acc1157, align 4
-  %544 = add nsw i64 %k65, 1
-  br label %k.head62
+  store <8 x float> %543, ptr %acc1163, align 4
+  %544 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end64:                                          ; preds = %k.head62
-  %545 = load <8 x float>, ptr %acc0054, align 4
+k.end70:                                          ; preds = %k.head68
+  %545 = load <8 x float>, ptr %acc0060, align 4
   store <8 x float> %545, ptr %495, align 4
-  %546 = load <8 x float>, ptr %acc0155, align 4
+  %546 = load <8 x float>, ptr %acc0161, align 4
   store <8 x float> %546, ptr %497, align 4
-  %547 = load <8 x float>, ptr %acc1056, align 4
+  %547 = load <8 x float>, ptr %acc1062, align 4
   store <8 x float> %547, ptr %507, align 4
-  %548 = load <8 x float>, ptr %acc1157, align 4
+  %548 = load <8 x float>, ptr %acc1163, align 4
   store <8 x float> %548, ptr %509, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col66 = mul nsw i64 %p, 16
+  %col74 = mul nsw i64 %p, 16
   %549 = add nsw i64 %r0, 0
   %550 = mul nsw i64 %549, 192
   %551 = getelementptr inbounds float, ptr %h, i64 %550
@@ -3287,63 +3355,69 @@ tile.mr1:                                         ; preds = %r0.body
   %554 = sext i32 %553 to i64
   %555 = mul nsw i64 %554, 64
   %556 = getelementptr inbounds float, ptr %y, i64 %555
-  %557 = add nsw i64 %col66, 0
+  %557 = add nsw i64 %col74, 0
   %558 = getelementptr inbounds float, ptr %556, i64 %557
-  store <8 x float> zeroinitializer, ptr %acc0067, align 4
-  %559 = add nsw i64 %col66, 8
+  store <8 x float> zeroinitializer, ptr %acc0075, align 4
+  %559 = add nsw i64 %col74, 8
   %560 = getelementptr inbounds float, ptr %556, i64 %559
-  store <8 x float> zeroinitializer, ptr %acc0168, align 4
-  %panel.off69 = mul nsw i64 %p, 3072
-  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  store <8 x float> zeroinitializer, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 3072
+  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
   %562 = add nsw i64 %p, 1
   %563 = icmp slt i64 %562, %p1
-  %pf.on70 = and i1 %pf.on, %563
+  %pf.on78 = and i1 %pf.on, %563
   %564 = mul nsw i64 %pf.j, 12288
   %565 = lshr i64 %564, %10
   %566 = add nsw i64 12288, %565
   %567 = getelementptr inbounds i8, ptr %561, i64 %566
-  %pf71 = select i1 %pf.on70, ptr %567, ptr %561
-  %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
-  br label %k.head73
+  %pf79 = select i1 %pf.on78, ptr %567, ptr %561
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head73:                                         ; preds = %k.body74, %tile.mr1
-  %k76 = phi i64 [ 0, %tile.mr1 ], [ %587, %k.body74 ]
-  %568 = icmp slt i64 %k76, 192
-  br i1 %568, label %k.body74, label %k.end75
+k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %587, %pf.any.end86 ]
+  %568 = icmp slt i64 %k84, 192
+  br i1 %568, label %k.body82, label %k.end83
 
-k.body74:                                         ; preds = %k.head73
-  %569 = mul nsw i64 %k76, 16
-  %570 = add nsw i64 %panel.off69, %569
-  %571 = mul nsw i64 %k76, 64
-  %572 = lshr i64 %571, %pf.sh72
-  %573 = getelementptr inbounds i8, ptr %pf71, i64 %572
+k.body82:                                         ; preds = %k.head81
+  %569 = mul nsw i64 %k84, 16
+  %570 = add nsw i64 %panel.off77, %569
+  %571 = mul nsw i64 %k84, 64
+  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+
+pf.any.then85:                                    ; preds = %k.body82
+  %572 = lshr i64 %571, %pf.sh80
+  %573 = getelementptr inbounds i8, ptr %pf79, i64 %572
   call void @llvm.prefetch.p0(ptr %573, i32 0, i32 2, i32 1)
+  br label %pf.any.end86
+
+pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
   %574 = getelementptr inbounds float, ptr %panels, i64 %570
   %575 = load <8 x float>, ptr %574, align 4
   %576 = add nsw i64 %570, 8
   %577 = getelementptr inbounds float, ptr %panels, i64 %576
   %578 = load <8 x float>, ptr %577, align 4
-  %579 = getelementptr inbounds float, ptr %551, i64 %k76
+  %579 = getelementptr inbounds float, ptr %551, i64 %k84
   %580 = load float, ptr %579, align 4
   %581 = insertelement <8 x float> poison, float %580, i32 0
   %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = load <8 x float>, ptr %acc0067, align 4
+  %583 = load <8 x float>, ptr %acc0075, align 4
   %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %575, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0067, align 4
-  %585 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %584, ptr %acc0075, align 4
+  %585 = load <8 x float>, ptr %acc0176, align 4
   %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %578, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0168, align 4
-  %587 = add nsw i64 %k76, 1
-  br label %k.head73
+  store <8 x float> %586, ptr %acc0176, align 4
+  %587 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end75:                                          ; preds = %k.head73
-  %588 = load <8 x float>, ptr %acc0067, align 4
+k.end83:                                          ; preds = %k.head81
+  %588 = load <8 x float>, ptr %acc0075, align 4
   store <8 x float> %588, ptr %558, align 4
-  %589 = load <8 x float>, ptr %acc0168, align 4
+  %589 = load <8 x float>, ptr %acc0176, align 4
   store <8 x float> %589, ptr %560, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
   %590 = add nsw i64 %r0, 6
   br label %r0.head
 

@@ -1731,26 +1731,26 @@ entry:
   %acc3114 = alloca <8 x float>, align 32
   %acc4015 = alloca <8 x float>, align 32
   %acc4116 = alloca <8 x float>, align 32
-  %acc0030 = alloca <8 x float>, align 32
-  %acc0131 = alloca <8 x float>, align 32
-  %acc1032 = alloca <8 x float>, align 32
-  %acc1133 = alloca <8 x float>, align 32
-  %acc2034 = alloca <8 x float>, align 32
-  %acc2135 = alloca <8 x float>, align 32
-  %acc3036 = alloca <8 x float>, align 32
-  %acc3137 = alloca <8 x float>, align 32
-  %acc0050 = alloca <8 x float>, align 32
-  %acc0151 = alloca <8 x float>, align 32
-  %acc1052 = alloca <8 x float>, align 32
-  %acc1153 = alloca <8 x float>, align 32
-  %acc2054 = alloca <8 x float>, align 32
-  %acc2155 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0168 = alloca <8 x float>, align 32
-  %acc1069 = alloca <8 x float>, align 32
-  %acc1170 = alloca <8 x float>, align 32
-  %acc0081 = alloca <8 x float>, align 32
-  %acc0182 = alloca <8 x float>, align 32
+  %acc0032 = alloca <8 x float>, align 32
+  %acc0133 = alloca <8 x float>, align 32
+  %acc1034 = alloca <8 x float>, align 32
+  %acc1135 = alloca <8 x float>, align 32
+  %acc2036 = alloca <8 x float>, align 32
+  %acc2137 = alloca <8 x float>, align 32
+  %acc3038 = alloca <8 x float>, align 32
+  %acc3139 = alloca <8 x float>, align 32
+  %acc0054 = alloca <8 x float>, align 32
+  %acc0155 = alloca <8 x float>, align 32
+  %acc1056 = alloca <8 x float>, align 32
+  %acc1157 = alloca <8 x float>, align 32
+  %acc2058 = alloca <8 x float>, align 32
+  %acc2159 = alloca <8 x float>, align 32
+  %acc0073 = alloca <8 x float>, align 32
+  %acc0174 = alloca <8 x float>, align 32
+  %acc1075 = alloca <8 x float>, align 32
+  %acc1176 = alloca <8 x float>, align 32
+  %acc0089 = alloca <8 x float>, align 32
+  %acc0190 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1782,6 +1782,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -1856,8 +1857,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
   %56 = icmp slt i64 %k, 512
   br i1 %56, label %k.body, label %k.end
 
@@ -1865,9 +1866,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds float, ptr %panels, i64 %58
   %63 = load <8 x float>, ptr %62, align 4
   %64 = add nsw i64 %58, 8
@@ -2125,8 +2132,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh20 = select i1 %pf.on18, i64 %9, i64 0
   br label %k.head21
 
-k.head21:                                         ; preds = %k.body22, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %318, %k.body22 ]
+k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %318, %pf.any.end26 ]
   %267 = icmp slt i64 %k24, 512
   br i1 %267, label %k.body22, label %k.end23
 
@@ -2134,9 +2141,15 @@ k.body22:                                         ; preds = %k.head21
   %268 = mul nsw i64 %k24, 16
   %269 = add nsw i64 %panel.off17, %268
   %270 = mul nsw i64 %k24, 64
+  br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
+
+pf.any.then25:                                    ; preds = %k.body22
   %271 = lshr i64 %270, %pf.sh20
   %272 = getelementptr inbounds i8, ptr %pf19, i64 %271
   call void @llvm.prefetch.p0(ptr %272, i32 0, i32 2, i32 1)
+  br label %pf.any.end26
+
+pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
   %273 = getelementptr inbounds float, ptr %panels, i64 %269
   %274 = load <8 x float>, ptr %273, align 4
   %275 = add nsw i64 %269, 8
@@ -2203,16 +2216,16 @@ k.end23:                                          ; preds = %k.head21
   %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
   %324 = mul nsw i64 %319, 1024
   %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %col25 = mul nsw i64 %p, 16
+  %col27 = mul nsw i64 %p, 16
   %326 = load <8 x float>, ptr %acc007, align 4
   %327 = load <8 x float>, ptr %acc018, align 4
-  %328 = add nsw i64 %col25, 0
+  %328 = add nsw i64 %col27, 0
   %329 = fcmp ogt <8 x float> %326, zeroinitializer
   %330 = select <8 x i1> %329, <8 x float> %326, <8 x float> zeroinitializer
   %331 = fmul <8 x float> %330, %323
   %332 = getelementptr inbounds float, ptr %325, i64 %328
   store <8 x float> %331, ptr %332, align 4
-  %333 = add nsw i64 %col25, 8
+  %333 = add nsw i64 %col27, 8
   %334 = fcmp ogt <8 x float> %327, zeroinitializer
   %335 = select <8 x i1> %334, <8 x float> %327, <8 x float> zeroinitializer
   %336 = fmul <8 x float> %335, %323
@@ -2225,16 +2238,16 @@ k.end23:                                          ; preds = %k.head21
   %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
   %343 = mul nsw i64 %338, 1024
   %344 = getelementptr inbounds float, ptr %h, i64 %343
-  %col26 = mul nsw i64 %p, 16
+  %col28 = mul nsw i64 %p, 16
   %345 = load <8 x float>, ptr %acc109, align 4
   %346 = load <8 x float>, ptr %acc1110, align 4
-  %347 = add nsw i64 %col26, 0
+  %347 = add nsw i64 %col28, 0
   %348 = fcmp ogt <8 x float> %345, zeroinitializer
   %349 = select <8 x i1> %348, <8 x float> %345, <8 x float> zeroinitializer
   %350 = fmul <8 x float> %349, %342
   %351 = getelementptr inbounds float, ptr %344, i64 %347
   store <8 x float> %350, ptr %351, align 4
-  %352 = add nsw i64 %col26, 8
+  %352 = add nsw i64 %col28, 8
   %353 = fcmp ogt <8 x float> %346, zeroinitializer
   %354 = select <8 x i1> %353, <8 x float> %346, <8 x float> zeroinitializer
   %355 = fmul <8 x float> %354, %342
@@ -2247,16 +2260,16 @@ k.end23:                                          ; preds = %k.head21
   %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
   %362 = mul nsw i64 %357, 1024
   %363 = getelementptr inbounds float, ptr %h, i64 %362
-  %col27 = mul nsw i64 %p, 16
+  %col29 = mul nsw i64 %p, 16
   %364 = load <8 x float>, ptr %acc2011, align 4
   %365 = load <8 x float>, ptr %acc2112, align 4
-  %366 = add nsw i64 %col27, 0
+  %366 = add nsw i64 %col29, 0
   %367 = fcmp ogt <8 x float> %364, zeroinitializer
   %368 = select <8 x i1> %367, <8 x float> %364, <8 x float> zeroinitializer
   %369 = fmul <8 x float> %368, %361
   %370 = getelementptr inbounds float, ptr %363, i64 %366
   store <8 x float> %369, ptr %370, align 4
-  %371 = add nsw i64 %col27, 8
+  %371 = add nsw i64 %col29, 8
   %372 = fcmp ogt <8 x float> %365, zeroinitializer
   %373 = select <8 x i1> %372, <8 x float> %365, <8 x float> zeroinitializer
   %374 = fmul <8 x float> %373, %361
@@ -2269,16 +2282,16 @@ k.end23:                                          ; preds = %k.head21
   %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
   %381 = mul nsw i64 %376, 1024
   %382 = getelementptr inbounds float, ptr %h, i64 %381
-  %col28 = mul nsw i64 %p, 16
+  %col30 = mul nsw i64 %p, 16
   %383 = load <8 x float>, ptr %acc3013, align 4
   %384 = load <8 x float>, ptr %acc3114, align 4
-  %385 = add nsw i64 %col28, 0
+  %385 = add nsw i64 %col30, 0
   %386 = fcmp ogt <8 x float> %383, zeroinitializer
   %387 = select <8 x i1> %386, <8 x float> %383, <8 x float> zeroinitializer
   %388 = fmul <8 x float> %387, %380
   %389 = getelementptr inbounds float, ptr %382, i64 %385
   store <8 x float> %388, ptr %389, align 4
-  %390 = add nsw i64 %col28, 8
+  %390 = add nsw i64 %col30, 8
   %391 = fcmp ogt <8 x float> %384, zeroinitializer
   %392 = select <8 x i1> %391, <8 x float> %384, <8 x float> zeroinitializer
   %393 = fmul <8 x float> %392, %380
@@ -2291,16 +2304,16 @@ k.end23:                                          ; preds = %k.head21
   %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
   %400 = mul nsw i64 %395, 1024
   %401 = getelementptr inbounds float, ptr %h, i64 %400
-  %col29 = mul nsw i64 %p, 16
+  %col31 = mul nsw i64 %p, 16
   %402 = load <8 x float>, ptr %acc4015, align 4
   %403 = load <8 x float>, ptr %acc4116, align 4
-  %404 = add nsw i64 %col29, 0
+  %404 = add nsw i64 %col31, 0
   %405 = fcmp ogt <8 x float> %402, zeroinitializer
   %406 = select <8 x i1> %405, <8 x float> %402, <8 x float> zeroinitializer
   %407 = fmul <8 x float> %406, %399
   %408 = getelementptr inbounds float, ptr %401, i64 %404
   store <8 x float> %407, ptr %408, align 4
-  %409 = add nsw i64 %col29, 8
+  %409 = add nsw i64 %col31, 8
   %410 = fcmp ogt <8 x float> %403, zeroinitializer
   %411 = select <8 x i1> %410, <8 x float> %403, <8 x float> zeroinitializer
   %412 = fmul <8 x float> %411, %399
@@ -2315,106 +2328,112 @@ tile.mr4:                                         ; preds = %r0.body
   %417 = sext i32 %416 to i64
   %418 = mul nsw i64 %417, 512
   %419 = getelementptr inbounds float, ptr %x, i64 %418
-  store <8 x float> zeroinitializer, ptr %acc0030, align 4
-  store <8 x float> zeroinitializer, ptr %acc0131, align 4
+  store <8 x float> zeroinitializer, ptr %acc0032, align 4
+  store <8 x float> zeroinitializer, ptr %acc0133, align 4
   %420 = add nsw i64 %r0, 1
   %421 = getelementptr inbounds i32, ptr %rows, i64 %420
   %422 = load i32, ptr %421, align 4
   %423 = sext i32 %422 to i64
   %424 = mul nsw i64 %423, 512
   %425 = getelementptr inbounds float, ptr %x, i64 %424
-  store <8 x float> zeroinitializer, ptr %acc1032, align 4
-  store <8 x float> zeroinitializer, ptr %acc1133, align 4
+  store <8 x float> zeroinitializer, ptr %acc1034, align 4
+  store <8 x float> zeroinitializer, ptr %acc1135, align 4
   %426 = add nsw i64 %r0, 2
   %427 = getelementptr inbounds i32, ptr %rows, i64 %426
   %428 = load i32, ptr %427, align 4
   %429 = sext i32 %428 to i64
   %430 = mul nsw i64 %429, 512
   %431 = getelementptr inbounds float, ptr %x, i64 %430
-  store <8 x float> zeroinitializer, ptr %acc2034, align 4
-  store <8 x float> zeroinitializer, ptr %acc2135, align 4
+  store <8 x float> zeroinitializer, ptr %acc2036, align 4
+  store <8 x float> zeroinitializer, ptr %acc2137, align 4
   %432 = add nsw i64 %r0, 3
   %433 = getelementptr inbounds i32, ptr %rows, i64 %432
   %434 = load i32, ptr %433, align 4
   %435 = sext i32 %434 to i64
   %436 = mul nsw i64 %435, 512
   %437 = getelementptr inbounds float, ptr %x, i64 %436
-  store <8 x float> zeroinitializer, ptr %acc3036, align 4
-  store <8 x float> zeroinitializer, ptr %acc3137, align 4
-  %panel.off38 = mul nsw i64 %p, 8192
-  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off38
+  store <8 x float> zeroinitializer, ptr %acc3038, align 4
+  store <8 x float> zeroinitializer, ptr %acc3139, align 4
+  %panel.off40 = mul nsw i64 %p, 8192
+  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
   %439 = add nsw i64 %p, 1
   %440 = icmp slt i64 %439, %p1
-  %pf.on39 = and i1 %pf.on, %440
+  %pf.on41 = and i1 %pf.on, %440
   %441 = mul nsw i64 %pf.j, 32768
   %442 = lshr i64 %441, %9
   %443 = add nsw i64 32768, %442
   %444 = getelementptr inbounds i8, ptr %438, i64 %443
-  %pf40 = select i1 %pf.on39, ptr %444, ptr %438
-  %pf.sh41 = select i1 %pf.on39, i64 %9, i64 0
-  br label %k.head42
+  %pf42 = select i1 %pf.on41, ptr %444, ptr %438
+  %pf.sh43 = select i1 %pf.on41, i64 %9, i64 0
+  br label %k.head44
 
-k.head42:                                         ; preds = %k.body43, %tile.mr4
-  %k45 = phi i64 [ 0, %tile.mr4 ], [ %488, %k.body43 ]
-  %445 = icmp slt i64 %k45, 512
-  br i1 %445, label %k.body43, label %k.end44
+k.head44:                                         ; preds = %pf.any.end49, %tile.mr4
+  %k47 = phi i64 [ 0, %tile.mr4 ], [ %488, %pf.any.end49 ]
+  %445 = icmp slt i64 %k47, 512
+  br i1 %445, label %k.body45, label %k.end46
 
-k.body43:                                         ; preds = %k.head42
-  %446 = mul nsw i64 %k45, 16
-  %447 = add nsw i64 %panel.off38, %446
-  %448 = mul nsw i64 %k45, 64
-  %449 = lshr i64 %448, %pf.sh41
-  %450 = getelementptr inbounds i8, ptr %pf40, i64 %449
+k.body45:                                         ; preds = %k.head44
+  %446 = mul nsw i64 %k47, 16
+  %447 = add nsw i64 %panel.off40, %446
+  %448 = mul nsw i64 %k47, 64
+  br i1 %pf.multi, label %pf.any.then48, label %pf.any.end49
+
+pf.any.then48:                                    ; preds = %k.body45
+  %449 = lshr i64 %448, %pf.sh43
+  %450 = getelementptr inbounds i8, ptr %pf42, i64 %449
   call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
+  br label %pf.any.end49
+
+pf.any.end49:                                     ; preds = %pf.any.then48, %k.body45
   %451 = getelementptr inbounds float, ptr %panels, i64 %447
   %452 = load <8 x float>, ptr %451, align 4
   %453 = add nsw i64 %447, 8
   %454 = getelementptr inbounds float, ptr %panels, i64 %453
   %455 = load <8 x float>, ptr %454, align 4
-  %456 = getelementptr inbounds float, ptr %419, i64 %k45
+  %456 = getelementptr inbounds float, ptr %419, i64 %k47
   %457 = load float, ptr %456, align 4
   %458 = insertelement <8 x float> poison, float %457, i32 0
   %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc0030, align 4
+  %460 = load <8 x float>, ptr %acc0032, align 4
   %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0030, align 4
-  %462 = load <8 x float>, ptr %acc0131, align 4
+  store <8 x float> %461, ptr %acc0032, align 4
+  %462 = load <8 x float>, ptr %acc0133, align 4
   %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
-  store <8 x float> %463, ptr %acc0131, align 4
-  %464 = getelementptr inbounds float, ptr %425, i64 %k45
+  store <8 x float> %463, ptr %acc0133, align 4
+  %464 = getelementptr inbounds float, ptr %425, i64 %k47
   %465 = load float, ptr %464, align 4
   %466 = insertelement <8 x float> poison, float %465, i32 0
   %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc1032, align 4
+  %468 = load <8 x float>, ptr %acc1034, align 4
   %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1032, align 4
-  %470 = load <8 x float>, ptr %acc1133, align 4
+  store <8 x float> %469, ptr %acc1034, align 4
+  %470 = load <8 x float>, ptr %acc1135, align 4
   %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
-  store <8 x float> %471, ptr %acc1133, align 4
-  %472 = getelementptr inbounds float, ptr %431, i64 %k45
+  store <8 x float> %471, ptr %acc1135, align 4
+  %472 = getelementptr inbounds float, ptr %431, i64 %k47
   %473 = load float, ptr %472, align 4
   %474 = insertelement <8 x float> poison, float %473, i32 0
   %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc2034, align 4
+  %476 = load <8 x float>, ptr %acc2036, align 4
   %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
-  store <8 x float> %477, ptr %acc2034, align 4
-  %478 = load <8 x float>, ptr %acc2135, align 4
+  store <8 x float> %477, ptr %acc2036, align 4
+  %478 = load <8 x float>, ptr %acc2137, align 4
   %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
-  store <8 x float> %479, ptr %acc2135, align 4
-  %480 = getelementptr inbounds float, ptr %437, i64 %k45
+  store <8 x float> %479, ptr %acc2137, align 4
+  %480 = getelementptr inbounds float, ptr %437, i64 %k47
   %481 = load float, ptr %480, align 4
   %482 = insertelement <8 x float> poison, float %481, i32 0
   %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc3036, align 4
+  %484 = load <8 x float>, ptr %acc3038, align 4
   %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
-  store <8 x float> %485, ptr %acc3036, align 4
-  %486 = load <8 x float>, ptr %acc3137, align 4
+  store <8 x float> %485, ptr %acc3038, align 4
+  %486 = load <8 x float>, ptr %acc3139, align 4
   %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
-  store <8 x float> %487, ptr %acc3137, align 4
-  %488 = add nsw i64 %k45, 1
-  br label %k.head42
+  store <8 x float> %487, ptr %acc3139, align 4
+  %488 = add nsw i64 %k47, 1
+  br label %k.head44
 
-k.end44:                                          ; preds = %k.head42
+k.end46:                                          ; preds = %k.head44
   %489 = add nsw i64 %r0, 0
   %490 = getelementptr inbounds float, ptr %rw, i64 %489
   %491 = load float, ptr %490, align 4
@@ -2422,16 +2441,16 @@ k.end44:                                          ; preds = %k.head42
   %493 = shufflevector <8 x float> %492, <8 x float> poison, <8 x i32> zeroinitializer
   %494 = mul nsw i64 %489, 1024
   %495 = getelementptr inbounds float, ptr %h, i64 %494
-  %col46 = mul nsw i64 %p, 16
-  %496 = load <8 x float>, ptr %acc0030, align 4
-  %497 = load <8 x float>, ptr %acc0131, align 4
-  %498 = add nsw i64 %col46, 0
+  %col50 = mul nsw i64 %p, 16
+  %496 = load <8 x float>, ptr %acc0032, align 4
+  %497 = load <8 x float>, ptr %acc0133, align 4
+  %498 = add nsw i64 %col50, 0
   %499 = fcmp ogt <8 x float> %496, zeroinitializer
   %500 = select <8 x i1> %499, <8 x float> %496, <8 x float> zeroinitializer
   %501 = fmul <8 x float> %500, %493
   %502 = getelementptr inbounds float, ptr %495, i64 %498
   store <8 x float> %501, ptr %502, align 4
-  %503 = add nsw i64 %col46, 8
+  %503 = add nsw i64 %col50, 8
   %504 = fcmp ogt <8 x float> %497, zeroinitializer
   %505 = select <8 x i1> %504, <8 x float> %497, <8 x float> zeroinitializer
   %506 = fmul <8 x float> %505, %493
@@ -2444,16 +2463,16 @@ k.end44:                                          ; preds = %k.head42
   %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
   %513 = mul nsw i64 %508, 1024
   %514 = getelementptr inbounds float, ptr %h, i64 %513
-  %col47 = mul nsw i64 %p, 16
-  %515 = load <8 x float>, ptr %acc1032, align 4
-  %516 = load <8 x float>, ptr %acc1133, align 4
-  %517 = add nsw i64 %col47, 0
+  %col51 = mul nsw i64 %p, 16
+  %515 = load <8 x float>, ptr %acc1034, align 4
+  %516 = load <8 x float>, ptr %acc1135, align 4
+  %517 = add nsw i64 %col51, 0
   %518 = fcmp ogt <8 x float> %515, zeroinitializer
   %519 = select <8 x i1> %518, <8 x float> %515, <8 x float> zeroinitializer
   %520 = fmul <8 x float> %519, %512
   %521 = getelementptr inbounds float, ptr %514, i64 %517
   store <8 x float> %520, ptr %521, align 4
-  %522 = add nsw i64 %col47, 8
+  %522 = add nsw i64 %col51, 8
   %523 = fcmp ogt <8 x float> %516, zeroinitializer
   %524 = select <8 x i1> %523, <8 x float> %516, <8 x float> zeroinitializer
   %525 = fmul <8 x float> %524, %512
@@ -2466,16 +2485,16 @@ k.end44:                                          ; preds = %k.head42
   %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
   %532 = mul nsw i64 %527, 1024
   %533 = getelementptr inbounds float, ptr %h, i64 %532
-  %col48 = mul nsw i64 %p, 16
-  %534 = load <8 x float>, ptr %acc2034, align 4
-  %535 = load <8 x float>, ptr %acc2135, align 4
-  %536 = add nsw i64 %col48, 0
+  %col52 = mul nsw i64 %p, 16
+  %534 = load <8 x float>, ptr %acc2036, align 4
+  %535 = load <8 x float>, ptr %acc2137, align 4
+  %536 = add nsw i64 %col52, 0
   %537 = fcmp ogt <8 x float> %534, zeroinitializer
   %538 = select <8 x i1> %537, <8 x float> %534, <8 x float> zeroinitializer
   %539 = fmul <8 x float> %538, %531
   %540 = getelementptr inbounds float, ptr %533, i64 %536
   store <8 x float> %539, ptr %540, align 4
-  %541 = add nsw i64 %col48, 8
+  %541 = add nsw i64 %col52, 8
   %542 = fcmp ogt <8 x float> %535, zeroinitializer
   %543 = select <8 x i1> %542, <8 x float> %535, <8 x float> zeroinitializer
   %544 = fmul <8 x float> %543, %531
@@ -2488,16 +2507,16 @@ k.end44:                                          ; preds = %k.head42
   %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
   %551 = mul nsw i64 %546, 1024
   %552 = getelementptr inbounds float, ptr %h, i64 %551
-  %col49 = mul nsw i64 %p, 16
-  %553 = load <8 x float>, ptr %acc3036, align 4
-  %554 = load <8 x float>, ptr %acc3137, align 4
-  %555 = add nsw i64 %col49, 0
+  %col53 = mul nsw i64 %p, 16
+  %553 = load <8 x float>, ptr %acc3038, align 4
+  %554 = load <8 x float>, ptr %acc3139, align 4
+  %555 = add nsw i64 %col53, 0
   %556 = fcmp ogt <8 x float> %553, zeroinitializer
   %557 = select <8 x i1> %556, <8 x float> %553, <8 x float> zeroinitializer
   %558 = fmul <8 x float> %557, %550
   %559 = getelementptr inbounds float, ptr %552, i64 %555
   store <8 x float> %558, ptr %559, align 4
-  %560 = add nsw i64 %col49, 8
+  %560 = add nsw i64 %col53, 8
   %561 = fcmp ogt <8 x float> %554, zeroinitializer
   %562 = select <8 x i1> %561, <8 x float> %554, <8 x float> zeroinitializer
   %563 = fmul <8 x float> %562, %550
@@ -2512,88 +2531,94 @@ tile.mr3:                                         ; preds = %r0.body
   %568 = sext i32 %567 to i64
   %569 = mul nsw i64 %568, 512
   %570 = getelementptr inbounds float, ptr %x, i64 %569
-  store <8 x float> zeroinitializer, ptr %acc0050, align 4
-  store <8 x float> zeroinitializer, ptr %acc0151, align 4
+  store <8 x float> zeroinitializer, ptr %acc0054, align 4
+  store <8 x float> zeroinitializer, ptr %acc0155, align 4
   %571 = add nsw i64 %r0, 1
   %572 = getelementptr inbounds i32, ptr %rows, i64 %571
   %573 = load i32, ptr %572, align 4
   %574 = sext i32 %573 to i64
   %575 = mul nsw i64 %574, 512
   %576 = getelementptr inbounds float, ptr %x, i64 %575
-  store <8 x float> zeroinitializer, ptr %acc1052, align 4
-  store <8 x float> zeroinitializer, ptr %acc1153, align 4
+  store <8 x float> zeroinitializer, ptr %acc1056, align 4
+  store <8 x float> zeroinitializer, ptr %acc1157, align 4
   %577 = add nsw i64 %r0, 2
   %578 = getelementptr inbounds i32, ptr %rows, i64 %577
   %579 = load i32, ptr %578, align 4
   %580 = sext i32 %579 to i64
   %581 = mul nsw i64 %580, 512
   %582 = getelementptr inbounds float, ptr %x, i64 %581
-  store <8 x float> zeroinitializer, ptr %acc2054, align 4
-  store <8 x float> zeroinitializer, ptr %acc2155, align 4
-  %panel.off56 = mul nsw i64 %p, 8192
-  %583 = getelementptr inbounds float, ptr %panels, i64 %panel.off56
+  store <8 x float> zeroinitializer, ptr %acc2058, align 4
+  store <8 x float> zeroinitializer, ptr %acc2159, align 4
+  %panel.off60 = mul nsw i64 %p, 8192
+  %583 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
   %584 = add nsw i64 %p, 1
   %585 = icmp slt i64 %584, %p1
-  %pf.on57 = and i1 %pf.on, %585
+  %pf.on61 = and i1 %pf.on, %585
   %586 = mul nsw i64 %pf.j, 32768
   %587 = lshr i64 %586, %9
   %588 = add nsw i64 32768, %587
   %589 = getelementptr inbounds i8, ptr %583, i64 %588
-  %pf58 = select i1 %pf.on57, ptr %589, ptr %583
-  %pf.sh59 = select i1 %pf.on57, i64 %9, i64 0
-  br label %k.head60
+  %pf62 = select i1 %pf.on61, ptr %589, ptr %583
+  %pf.sh63 = select i1 %pf.on61, i64 %9, i64 0
+  br label %k.head64
 
-k.head60:                                         ; preds = %k.body61, %tile.mr3
-  %k63 = phi i64 [ 0, %tile.mr3 ], [ %625, %k.body61 ]
-  %590 = icmp slt i64 %k63, 512
-  br i1 %590, label %k.body61, label %k.end62
+k.head64:                                         ; preds = %pf.any.end69, %tile.mr3
+  %k67 = phi i64 [ 0, %tile.mr3 ], [ %625, %pf.any.end69 ]
+  %590 = icmp slt i64 %k67, 512
+  br i1 %590, label %k.body65, label %k.end66
 
-k.body61:                                         ; preds = %k.head60
-  %591 = mul nsw i64 %k63, 16
-  %592 = add nsw i64 %panel.off56, %591
-  %593 = mul nsw i64 %k63, 64
-  %594 = lshr i64 %593, %pf.sh59
-  %595 = getelementptr inbounds i8, ptr %pf58, i64 %594
+k.body65:                                         ; preds = %k.head64
+  %591 = mul nsw i64 %k67, 16
+  %592 = add nsw i64 %panel.off60, %591
+  %593 = mul nsw i64 %k67, 64
+  br i1 %pf.multi, label %pf.any.then68, label %pf.any.end69
+
+pf.any.then68:                                    ; preds = %k.body65
+  %594 = lshr i64 %593, %pf.sh63
+  %595 = getelementptr inbounds i8, ptr %pf62, i64 %594
   call void @llvm.prefetch.p0(ptr %595, i32 0, i32 2, i32 1)
+  br label %pf.any.end69
+
+pf.any.end69:                                     ; preds = %pf.any.then68, %k.body65
   %596 = getelementptr inbounds float, ptr %panels, i64 %592
   %597 = load <8 x float>, ptr %596, align 4
   %598 = add nsw i64 %592, 8
   %599 = getelementptr inbounds float, ptr %panels, i64 %598
   %600 = load <8 x float>, ptr %599, align 4
-  %601 = getelementptr inbounds float, ptr %570, i64 %k63
+  %601 = getelementptr inbounds float, ptr %570, i64 %k67
   %602 = load float, ptr %601, align 4
   %603 = insertelement <8 x float> poison, float %602, i32 0
   %604 = shufflevector <8 x float> %603, <8 x float> poison, <8 x i32> zeroinitializer
-  %605 = load <8 x float>, ptr %acc0050, align 4
+  %605 = load <8 x float>, ptr %acc0054, align 4
   %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %597, <8 x float> %605)
-  store <8 x float> %606, ptr %acc0050, align 4
-  %607 = load <8 x float>, ptr %acc0151, align 4
+  store <8 x float> %606, ptr %acc0054, align 4
+  %607 = load <8 x float>, ptr %acc0155, align 4
   %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %600, <8 x float> %607)
-  store <8 x float> %608, ptr %acc0151, align 4
-  %609 = getelementptr inbounds float, ptr %576, i64 %k63
+  store <8 x float> %608, ptr %acc0155, align 4
+  %609 = getelementptr inbounds float, ptr %576, i64 %k67
   %610 = load float, ptr %609, align 4
   %611 = insertelement <8 x float> poison, float %610, i32 0
   %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
-  %613 = load <8 x float>, ptr %acc1052, align 4
+  %613 = load <8 x float>, ptr %acc1056, align 4
   %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %597, <8 x float> %613)
-  store <8 x float> %614, ptr %acc1052, align 4
-  %615 = load <8 x float>, ptr %acc1153, align 4
+  store <8 x float> %614, ptr %acc1056, align 4
+  %615 = load <8 x float>, ptr %acc1157, align 4
   %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %600, <8 x float> %615)
-  store <8 x float> %616, ptr %acc1153, align 4
-  %617 = getelementptr inbounds float, ptr %582, i64 %k63
+  store <8 x float> %616, ptr %acc1157, align 4
+  %617 = getelementptr inbounds float, ptr %582, i64 %k67
   %618 = load float, ptr %617, align 4
   %619 = insertelement <8 x float> poison, float %618, i32 0
   %620 = shufflevector <8 x float> %619, <8 x float> poison, <8 x i32> zeroinitializer
-  %621 = load <8 x float>, ptr %acc2054, align 4
+  %621 = load <8 x float>, ptr %acc2058, align 4
   %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %597, <8 x float> %621)
-  store <8 x float> %622, ptr %acc2054, align 4
-  %623 = load <8 x float>, ptr %acc2155, align 4
+  store <8 x float> %622, ptr %acc2058, align 4
+  %623 = load <8 x float>, ptr %acc2159, align 4
   %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %600, <8 x float> %623)
-  store <8 x float> %624, ptr %acc2155, align 4
-  %625 = add nsw i64 %k63, 1
-  br label %k.head60
+  store <8 x float> %624, ptr %acc2159, align 4
+  %625 = add nsw i64 %k67, 1
+  br label %k.head64
 
-k.end62:                                          ; preds = %k.head60
+k.end66:                                          ; preds = %k.head64
   %626 = add nsw i64 %r0, 0
   %627 = getelementptr inbounds float, ptr %rw, i64 %626
   %628 = load float, ptr %627, align 4
@@ -2601,16 +2626,16 @@ k.end62:                                          ; preds = %k.head60
   %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
   %631 = mul nsw i64 %626, 1024
   %632 = getelementptr inbounds float, ptr %h, i64 %631
-  %col64 = mul nsw i64 %p, 16
-  %633 = load <8 x float>, ptr %acc0050, align 4
-  %634 = load <8 x float>, ptr %acc0151, align 4
-  %635 = add nsw i64 %col64, 0
+  %col70 = mul nsw i64 %p, 16
+  %633 = load <8 x float>, ptr %acc0054, align 4
+  %634 = load <8 x float>, ptr %acc0155, align 4
+  %635 = add nsw i64 %col70, 0
   %636 = fcmp ogt <8 x float> %633, zeroinitializer
   %637 = select <8 x i1> %636, <8 x float> %633, <8 x float> zeroinitializer
   %638 = fmul <8 x float> %637, %630
   %639 = getelementptr inbounds float, ptr %632, i64 %635
   store <8 x float> %638, ptr %639, align 4
-  %640 = add nsw i64 %col64, 8
+  %640 = add nsw i64 %col70, 8
   %641 = fcmp ogt <8 x float> %634, zeroinitializer
   %642 = select <8 x i1> %641, <8 x float> %634, <8 x float> zeroinitializer
   %643 = fmul <8 x float> %642, %630
@@ -2623,16 +2648,16 @@ k.end62:                                          ; preds = %k.head60
   %649 = shufflevector <8 x float> %648, <8 x float> poison, <8 x i32> zeroinitializer
   %650 = mul nsw i64 %645, 1024
   %651 = getelementptr inbounds float, ptr %h, i64 %650
-  %col65 = mul nsw i64 %p, 16
-  %652 = load <8 x float>, ptr %acc1052, align 4
-  %653 = load <8 x float>, ptr %acc1153, align 4
-  %654 = add nsw i64 %col65, 0
+  %col71 = mul nsw i64 %p, 16
+  %652 = load <8 x float>, ptr %acc1056, align 4
+  %653 = load <8 x float>, ptr %acc1157, align 4
+  %654 = add nsw i64 %col71, 0
   %655 = fcmp ogt <8 x float> %652, zeroinitializer
   %656 = select <8 x i1> %655, <8 x float> %652, <8 x float> zeroinitializer
   %657 = fmul <8 x float> %656, %649
   %658 = getelementptr inbounds float, ptr %651, i64 %654
   store <8 x float> %657, ptr %658, align 4
-  %659 = add nsw i64 %col65, 8
+  %659 = add nsw i64 %col71, 8
   %660 = fcmp ogt <8 x float> %653, zeroinitializer
   %661 = select <8 x i1> %660, <8 x float> %653, <8 x float> zeroinitializer
   %662 = fmul <8 x float> %661, %649
@@ -2645,16 +2670,16 @@ k.end62:                                          ; preds = %k.head60
   %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
   %669 = mul nsw i64 %664, 1024
   %670 = getelementptr inbounds float, ptr %h, i64 %669
-  %col66 = mul nsw i64 %p, 16
-  %671 = load <8 x float>, ptr %acc2054, align 4
-  %672 = load <8 x float>, ptr %acc2155, align 4
-  %673 = add nsw i64 %col66, 0
+  %col72 = mul nsw i64 %p, 16
+  %671 = load <8 x float>, ptr %acc2058, align 4
+  %672 = load <8 x float>, ptr %acc2159, align 4
+  %673 = add nsw i64 %col72, 0
   %674 = fcmp ogt <8 x float> %671, zeroinitializer
   %675 = select <8 x i1> %674, <8 x float> %671, <8 x float> zeroinitializer
   %676 = fmul <8 x float> %675, %668
   %677 = getelementptr inbounds float, ptr %670, i64 %673
   store <8 x float> %676, ptr %677, align 4
-  %678 = add nsw i64 %col66, 8
+  %678 = add nsw i64 %col72, 8
   %679 = fcmp ogt <8 x float> %672, zeroinitializer
   %680 = select <8 x i1> %679, <8 x float> %672, <8 x float> zeroinitializer
   %681 = fmul <8 x float> %680, %668
@@ -2669,70 +2694,76 @@ tile.mr2:                                         ; preds = %r0.body
   %686 = sext i32 %685 to i64
   %687 = mul nsw i64 %686, 512
   %688 = getelementptr inbounds float, ptr %x, i64 %687
-  store <8 x float> zeroinitializer, ptr %acc0067, align 4
-  store <8 x float> zeroinitializer, ptr %acc0168, align 4
+  store <8 x float> zeroinitializer, ptr %acc0073, align 4
+  store <8 x float> zeroinitializer, ptr %acc0174, align 4
   %689 = add nsw i64 %r0, 1
   %690 = getelementptr inbounds i32, ptr %rows, i64 %689
   %691 = load i32, ptr %690, align 4
   %692 = sext i32 %691 to i64
   %693 = mul nsw i64 %692, 512
   %694 = getelementptr inbounds float, ptr %x, i64 %693
-  store <8 x float> zeroinitializer, ptr %acc1069, align 4
-  store <8 x float> zeroinitializer, ptr %acc1170, align 4
-  %panel.off71 = mul nsw i64 %p, 8192
-  %695 = getelementptr inbounds float, ptr %panels, i64 %panel.off71
+  store <8 x float> zeroinitializer, ptr %acc1075, align 4
+  store <8 x float> zeroinitializer, ptr %acc1176, align 4
+  %panel.off77 = mul nsw i64 %p, 8192
+  %695 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
   %696 = add nsw i64 %p, 1
   %697 = icmp slt i64 %696, %p1
-  %pf.on72 = and i1 %pf.on, %697
+  %pf.on78 = and i1 %pf.on, %697
   %698 = mul nsw i64 %pf.j, 32768
   %699 = lshr i64 %698, %9
   %700 = add nsw i64 32768, %699
   %701 = getelementptr inbounds i8, ptr %695, i64 %700
-  %pf73 = select i1 %pf.on72, ptr %701, ptr %695
-  %pf.sh74 = select i1 %pf.on72, i64 %9, i64 0
-  br label %k.head75
+  %pf79 = select i1 %pf.on78, ptr %701, ptr %695
+  %pf.sh80 = select i1 %pf.on78, i64 %9, i64 0
+  br label %k.head81
 
-k.head75:                                         ; preds = %k.body76, %tile.mr2
-  %k78 = phi i64 [ 0, %tile.mr2 ], [ %729, %k.body76 ]
-  %702 = icmp slt i64 %k78, 512
-  br i1 %702, label %k.body76, label %k.end77
+k.head81:                                         ; preds = %pf.any.end86, %tile.mr2
+  %k84 = phi i64 [ 0, %tile.mr2 ], [ %729, %pf.any.end86 ]
+  %702 = icmp slt i64 %k84, 512
+  br i1 %702, label %k.body82, label %k.end83
 
-k.body76:                                         ; preds = %k.head75
-  %703 = mul nsw i64 %k78, 16
-  %704 = add nsw i64 %panel.off71, %703
-  %705 = mul nsw i64 %k78, 64
-  %706 = lshr i64 %705, %pf.sh74
-  %707 = getelementptr inbounds i8, ptr %pf73, i64 %706
+k.body82:                                         ; preds = %k.head81
+  %703 = mul nsw i64 %k84, 16
+  %704 = add nsw i64 %panel.off77, %703
+  %705 = mul nsw i64 %k84, 64
+  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+
+pf.any.then85:                                    ; preds = %k.body82
+  %706 = lshr i64 %705, %pf.sh80
+  %707 = getelementptr inbounds i8, ptr %pf79, i64 %706
   call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
+  br label %pf.any.end86
+
+pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
   %708 = getelementptr inbounds float, ptr %panels, i64 %704
   %709 = load <8 x float>, ptr %708, align 4
   %710 = add nsw i64 %704, 8
   %711 = getelementptr inbounds float, ptr %panels, i64 %710
   %712 = load <8 x float>, ptr %711, align 4
-  %713 = getelementptr inbounds float, ptr %688, i64 %k78
+  %713 = getelementptr inbounds float, ptr %688, i64 %k84
   %714 = load float, ptr %713, align 4
   %715 = insertelement <8 x float> poison, float %714, i32 0
   %716 = shufflevector <8 x float> %715, <8 x float> poison, <8 x i32> zeroinitializer
-  %717 = load <8 x float>, ptr %acc0067, align 4
+  %717 = load <8 x float>, ptr %acc0073, align 4
   %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %709, <8 x float> %717)
-  store <8 x float> %718, ptr %acc0067, align 4
-  %719 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %718, ptr %acc0073, align 4
+  %719 = load <8 x float>, ptr %acc0174, align 4
   %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %712, <8 x float> %719)
-  store <8 x float> %720, ptr %acc0168, align 4
-  %721 = getelementptr inbounds float, ptr %694, i64 %k78
+  store <8 x float> %720, ptr %acc0174, align 4
+  %721 = getelementptr inbounds float, ptr %694, i64 %k84
   %722 = load float, ptr %721, align 4
   %723 = insertelement <8 x float> poison, float %722, i32 0
   %724 = shufflevector <8 x float> %723, <8 x float> poison, <8 x i32> zeroinitializer
-  %725 = load <8 x float>, ptr %acc1069, align 4
+  %725 = load <8 x float>, ptr %acc1075, align 4
   %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %709, <8 x float> %725)
-  store <8 x float> %726, ptr %acc1069, align 4
-  %727 = load <8 x float>, ptr %acc1170, align 4
+  store <8 x float> %726, ptr %acc1075, align 4
+  %727 = load <8 x float>, ptr %acc1176, align 4
   %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %712, <8 x float> %727)
-  store <8 x float> %728, ptr %acc1170, align 4
-  %729 = add nsw i64 %k78, 1
-  br label %k.head75
+  store <8 x float> %728, ptr %acc1176, align 4
+  %729 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end77:                                          ; preds = %k.head75
+k.end83:                                          ; preds = %k.head81
   %730 = add nsw i64 %r0, 0
   %731 = getelementptr inbounds float, ptr %rw, i64 %730
   %732 = load float, ptr %731, align 4
@@ -2740,16 +2771,16 @@ k.end77:                                          ; preds = %k.head75
   %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
   %735 = mul nsw i64 %730, 1024
   %736 = getelementptr inbounds float, ptr %h, i64 %735
-  %col79 = mul nsw i64 %p, 16
-  %737 = load <8 x float>, ptr %acc0067, align 4
-  %738 = load <8 x float>, ptr %acc0168, align 4
-  %739 = add nsw i64 %col79, 0
+  %col87 = mul nsw i64 %p, 16
+  %737 = load <8 x float>, ptr %acc0073, align 4
+  %738 = load <8 x float>, ptr %acc0174, align 4
+  %739 = add nsw i64 %col87, 0
   %740 = fcmp ogt <8 x float> %737, zeroinitializer
   %741 = select <8 x i1> %740, <8 x float> %737, <8 x float> zeroinitializer
   %742 = fmul <8 x float> %741, %734
   %743 = getelementptr inbounds float, ptr %736, i64 %739
   store <8 x float> %742, ptr %743, align 4
-  %744 = add nsw i64 %col79, 8
+  %744 = add nsw i64 %col87, 8
   %745 = fcmp ogt <8 x float> %738, zeroinitializer
   %746 = select <8 x i1> %745, <8 x float> %738, <8 x float> zeroinitializer
   %747 = fmul <8 x float> %746, %734
@@ -2762,16 +2793,16 @@ k.end77:                                          ; preds = %k.head75
   %753 = shufflevector <8 x float> %752, <8 x float> poison, <8 x i32> zeroinitializer
   %754 = mul nsw i64 %749, 1024
   %755 = getelementptr inbounds float, ptr %h, i64 %754
-  %col80 = mul nsw i64 %p, 16
-  %756 = load <8 x float>, ptr %acc1069, align 4
-  %757 = load <8 x float>, ptr %acc1170, align 4
-  %758 = add nsw i64 %col80, 0
+  %col88 = mul nsw i64 %p, 16
+  %756 = load <8 x float>, ptr %acc1075, align 4
+  %757 = load <8 x float>, ptr %acc1176, align 4
+  %758 = add nsw i64 %col88, 0
   %759 = fcmp ogt <8 x float> %756, zeroinitializer
   %760 = select <8 x i1> %759, <8 x float> %756, <8 x float> zeroinitializer
   %761 = fmul <8 x float> %760, %753
   %762 = getelementptr inbounds float, ptr %755, i64 %758
   store <8 x float> %761, ptr %762, align 4
-  %763 = add nsw i64 %col80, 8
+  %763 = add nsw i64 %col88, 8
   %764 = fcmp ogt <8 x float> %757, zeroinitializer
   %765 = select <8 x i1> %764, <8 x float> %757, <8 x float> zeroinitializer
   %766 = fmul <8 x float> %765, %753
@@ -2786,52 +2817,58 @@ tile.mr1:                                         ; preds = %r0.body
   %771 = sext i32 %770 to i64
   %772 = mul nsw i64 %771, 512
   %773 = getelementptr inbounds float, ptr %x, i64 %772
-  store <8 x float> zeroinitializer, ptr %acc0081, align 4
-  store <8 x float> zeroinitializer, ptr %acc0182, align 4
-  %panel.off83 = mul nsw i64 %p, 8192
-  %774 = getelementptr inbounds float, ptr %panels, i64 %panel.off83
+  store <8 x float> zeroinitializer, ptr %acc0089, align 4
+  store <8 x float> zeroinitializer, ptr %acc0190, align 4
+  %panel.off91 = mul nsw i64 %p, 8192
+  %774 = getelementptr inbounds float, ptr %panels, i64 %panel.off91
   %775 = add nsw i64 %p, 1
   %776 = icmp slt i64 %775, %p1
-  %pf.on84 = and i1 %pf.on, %776
+  %pf.on92 = and i1 %pf.on, %776
   %777 = mul nsw i64 %pf.j, 32768
   %778 = lshr i64 %777, %9
   %779 = add nsw i64 32768, %778
   %780 = getelementptr inbounds i8, ptr %774, i64 %779
-  %pf85 = select i1 %pf.on84, ptr %780, ptr %774
-  %pf.sh86 = select i1 %pf.on84, i64 %9, i64 0
-  br label %k.head87
+  %pf93 = select i1 %pf.on92, ptr %780, ptr %774
+  %pf.sh94 = select i1 %pf.on92, i64 %9, i64 0
+  br label %k.head95
 
-k.head87:                                         ; preds = %k.body88, %tile.mr1
-  %k90 = phi i64 [ 0, %tile.mr1 ], [ %800, %k.body88 ]
-  %781 = icmp slt i64 %k90, 512
-  br i1 %781, label %k.body88, label %k.end89
+k.head95:                                         ; preds = %pf.any.end100, %tile.mr1
+  %k98 = phi i64 [ 0, %tile.mr1 ], [ %800, %pf.any.end100 ]
+  %781 = icmp slt i64 %k98, 512
+  br i1 %781, label %k.body96, label %k.end97
 
-k.body88:                                         ; preds = %k.head87
-  %782 = mul nsw i64 %k90, 16
-  %783 = add nsw i64 %panel.off83, %782
-  %784 = mul nsw i64 %k90, 64
-  %785 = lshr i64 %784, %pf.sh86
-  %786 = getelementptr inbounds i8, ptr %pf85, i64 %785
+k.body96:                                         ; preds = %k.head95
+  %782 = mul nsw i64 %k98, 16
+  %783 = add nsw i64 %panel.off91, %782
+  %784 = mul nsw i64 %k98, 64
+  br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
+
+pf.any.then99:                                    ; preds = %k.body96
+  %785 = lshr i64 %784, %pf.sh94
+  %786 = getelementptr inbounds i8, ptr %pf93, i64 %785
   call void @llvm.prefetch.p0(ptr %786, i32 0, i32 2, i32 1)
+  br label %pf.any.end100
+
+pf.any.end100:                                    ; preds = %pf.any.then99, %k.body96
   %787 = getelementptr inbounds float, ptr %panels, i64 %783
   %788 = load <8 x float>, ptr %787, align 4
   %789 = add nsw i64 %783, 8
   %790 = getelementptr inbounds float, ptr %panels, i64 %789
   %791 = load <8 x float>, ptr %790, align 4
-  %792 = getelementptr inbounds float, ptr %773, i64 %k90
+  %792 = getelementptr inbounds float, ptr %773, i64 %k98
   %793 = load float, ptr %792, align 4
   %794 = insertelement <8 x float> poison, float %793, i32 0
   %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc0081, align 4
+  %796 = load <8 x float>, ptr %acc0089, align 4
   %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %788, <8 x float> %796)
-  store <8 x float> %797, ptr %acc0081, align 4
-  %798 = load <8 x float>, ptr %acc0182, align 4
+  store <8 x float> %797, ptr %acc0089, align 4
+  %798 = load <8 x float>, ptr %acc0190, align 4
   %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %791, <8 x float> %798)
-  store <8 x float> %799, ptr %acc0182, align 4
-  %800 = add nsw i64 %k90, 1
-  br label %k.head87
+  store <8 x float> %799, ptr %acc0190, align 4
+  %800 = add nsw i64 %k98, 1
+  br label %k.head95
 
-k.end89:                                          ; preds = %k.head87
+k.end97:                                          ; preds = %k.head95
   %801 = add nsw i64 %r0, 0
   %802 = getelementptr inbounds float, ptr %rw, i64 %801
   %803 = load float, ptr %802, align 4
@@ -2839,16 +2876,16 @@ k.end89:                                          ; preds = %k.head87
   %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
   %806 = mul nsw i64 %801, 1024
   %807 = getelementptr inbounds float, ptr %h, i64 %806
-  %col91 = mul nsw i64 %p, 16
-  %808 = load <8 x float>, ptr %acc0081, align 4
-  %809 = load <8 x float>, ptr %acc0182, align 4
-  %810 = add nsw i64 %col91, 0
+  %col101 = mul nsw i64 %p, 16
+  %808 = load <8 x float>, ptr %acc0089, align 4
+  %809 = load <8 x float>, ptr %acc0190, align 4
+  %810 = add nsw i64 %col101, 0
   %811 = fcmp ogt <8 x float> %808, zeroinitializer
   %812 = select <8 x i1> %811, <8 x float> %808, <8 x float> zeroinitializer
   %813 = fmul <8 x float> %812, %805
   %814 = getelementptr inbounds float, ptr %807, i64 %810
   store <8 x float> %813, ptr %814, align 4
-  %815 = add nsw i64 %col91, 8
+  %815 = add nsw i64 %col101, 8
   %816 = fcmp ogt <8 x float> %809, zeroinitializer
   %817 = select <8 x i1> %816, <8 x float> %809, <8 x float> zeroinitializer
   %818 = fmul <8 x float> %817, %805
@@ -2856,7 +2893,7 @@ k.end89:                                          ; preds = %k.head87
   store <8 x float> %818, ptr %819, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end89, %k.end77, %k.end62, %k.end44, %k.end23, %k.end
+tile.done:                                        ; preds = %k.end97, %k.end83, %k.end66, %k.end46, %k.end23, %k.end
   %820 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2899,26 +2936,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0022 = alloca <8 x float>, align 32
-  %acc0123 = alloca <8 x float>, align 32
-  %acc1024 = alloca <8 x float>, align 32
-  %acc1125 = alloca <8 x float>, align 32
-  %acc2026 = alloca <8 x float>, align 32
-  %acc2127 = alloca <8 x float>, align 32
-  %acc3028 = alloca <8 x float>, align 32
-  %acc3129 = alloca <8 x float>, align 32
-  %acc0039 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1041 = alloca <8 x float>, align 32
-  %acc1142 = alloca <8 x float>, align 32
-  %acc2043 = alloca <8 x float>, align 32
-  %acc2144 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
-  %acc1056 = alloca <8 x float>, align 32
-  %acc1157 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0168 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2952,6 +2989,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -3063,8 +3101,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
   %93 = icmp slt i64 %k, 1024
   br i1 %93, label %k.body, label %k.end
 
@@ -3072,9 +3110,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds float, ptr %panels, i64 %95
   %100 = load <8 x float>, ptr %99, align 4
   %101 = add nsw i64 %95, 8
@@ -3255,8 +3299,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %pf.any.end22 ]
   %232 = icmp slt i64 %k20, 1024
   br i1 %232, label %k.body18, label %k.end19
 
@@ -3264,9 +3308,15 @@ k.body18:                                         ; preds = %k.head17
   %233 = mul nsw i64 %k20, 16
   %234 = add nsw i64 %panel.off13, %233
   %235 = mul nsw i64 %k20, 64
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %236 = lshr i64 %235, %pf.sh16
   %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
   call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %238 = getelementptr inbounds float, ptr %panels, i64 %234
   %239 = load <8 x float>, ptr %238, align 4
   %240 = add nsw i64 %234, 8
@@ -3349,7 +3399,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col21 = mul nsw i64 %p, 16
+  %col23 = mul nsw i64 %p, 16
   %294 = add nsw i64 %r0, 0
   %295 = mul nsw i64 %294, 1024
   %296 = getelementptr inbounds float, ptr %h, i64 %295
@@ -3358,12 +3408,12 @@ tile.mr4:                                         ; preds = %r0.body
   %299 = sext i32 %298 to i64
   %300 = mul nsw i64 %299, 512
   %301 = getelementptr inbounds float, ptr %y, i64 %300
-  %302 = add nsw i64 %col21, 0
+  %302 = add nsw i64 %col23, 0
   %303 = getelementptr inbounds float, ptr %301, i64 %302
-  store <8 x float> zeroinitializer, ptr %acc0022, align 4
-  %304 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc0024, align 4
+  %304 = add nsw i64 %col23, 8
   %305 = getelementptr inbounds float, ptr %301, i64 %304
-  store <8 x float> zeroinitializer, ptr %acc0123, align 4
+  store <8 x float> zeroinitializer, ptr %acc0125, align 4
   %306 = add nsw i64 %r0, 1
   %307 = mul nsw i64 %306, 1024
   %308 = getelementptr inbounds float, ptr %h, i64 %307
@@ -3372,12 +3422,12 @@ tile.mr4:                                         ; preds = %r0.body
   %311 = sext i32 %310 to i64
   %312 = mul nsw i64 %311, 512
   %313 = getelementptr inbounds float, ptr %y, i64 %312
-  %314 = add nsw i64 %col21, 0
+  %314 = add nsw i64 %col23, 0
   %315 = getelementptr inbounds float, ptr %313, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc1024, align 4
-  %316 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc1026, align 4
+  %316 = add nsw i64 %col23, 8
   %317 = getelementptr inbounds float, ptr %313, i64 %316
-  store <8 x float> zeroinitializer, ptr %acc1125, align 4
+  store <8 x float> zeroinitializer, ptr %acc1127, align 4
   %318 = add nsw i64 %r0, 2
   %319 = mul nsw i64 %318, 1024
   %320 = getelementptr inbounds float, ptr %h, i64 %319
@@ -3386,12 +3436,12 @@ tile.mr4:                                         ; preds = %r0.body
   %323 = sext i32 %322 to i64
   %324 = mul nsw i64 %323, 512
   %325 = getelementptr inbounds float, ptr %y, i64 %324
-  %326 = add nsw i64 %col21, 0
+  %326 = add nsw i64 %col23, 0
   %327 = getelementptr inbounds float, ptr %325, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc2026, align 4
-  %328 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc2028, align 4
+  %328 = add nsw i64 %col23, 8
   %329 = getelementptr inbounds float, ptr %325, i64 %328
-  store <8 x float> zeroinitializer, ptr %acc2127, align 4
+  store <8 x float> zeroinitializer, ptr %acc2129, align 4
   %330 = add nsw i64 %r0, 3
   %331 = mul nsw i64 %330, 1024
   %332 = getelementptr inbounds float, ptr %h, i64 %331
@@ -3400,106 +3450,112 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = sext i32 %334 to i64
   %336 = mul nsw i64 %335, 512
   %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col21, 0
+  %338 = add nsw i64 %col23, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc3028, align 4
-  %340 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc3030, align 4
+  %340 = add nsw i64 %col23, 8
   %341 = getelementptr inbounds float, ptr %337, i64 %340
-  store <8 x float> zeroinitializer, ptr %acc3129, align 4
-  %panel.off30 = mul nsw i64 %p, 16384
-  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  store <8 x float> zeroinitializer, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 16384
+  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
   %343 = add nsw i64 %p, 1
   %344 = icmp slt i64 %343, %p1
-  %pf.on31 = and i1 %pf.on, %344
+  %pf.on33 = and i1 %pf.on, %344
   %345 = mul nsw i64 %pf.j, 65536
   %346 = lshr i64 %345, %10
   %347 = add nsw i64 65536, %346
   %348 = getelementptr inbounds i8, ptr %342, i64 %347
-  %pf32 = select i1 %pf.on31, ptr %348, ptr %342
-  %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
-  br label %k.head34
+  %pf34 = select i1 %pf.on33, ptr %348, ptr %342
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head34:                                         ; preds = %k.body35, %tile.mr4
-  %k37 = phi i64 [ 0, %tile.mr4 ], [ %392, %k.body35 ]
-  %349 = icmp slt i64 %k37, 1024
-  br i1 %349, label %k.body35, label %k.end36
+k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %392, %pf.any.end41 ]
+  %349 = icmp slt i64 %k39, 1024
+  br i1 %349, label %k.body37, label %k.end38
 
-k.body35:                                         ; preds = %k.head34
-  %350 = mul nsw i64 %k37, 16
-  %351 = add nsw i64 %panel.off30, %350
-  %352 = mul nsw i64 %k37, 64
-  %353 = lshr i64 %352, %pf.sh33
-  %354 = getelementptr inbounds i8, ptr %pf32, i64 %353
+k.body37:                                         ; preds = %k.head36
+  %350 = mul nsw i64 %k39, 16
+  %351 = add nsw i64 %panel.off32, %350
+  %352 = mul nsw i64 %k39, 64
+  br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
+
+pf.any.then40:                                    ; preds = %k.body37
+  %353 = lshr i64 %352, %pf.sh35
+  %354 = getelementptr inbounds i8, ptr %pf34, i64 %353
   call void @llvm.prefetch.p0(ptr %354, i32 0, i32 2, i32 1)
+  br label %pf.any.end41
+
+pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
   %355 = getelementptr inbounds float, ptr %panels, i64 %351
   %356 = load <8 x float>, ptr %355, align 4
   %357 = add nsw i64 %351, 8
   %358 = getelementptr inbounds float, ptr %panels, i64 %357
   %359 = load <8 x float>, ptr %358, align 4
-  %360 = getelementptr inbounds float, ptr %296, i64 %k37
+  %360 = getelementptr inbounds float, ptr %296, i64 %k39
   %361 = load float, ptr %360, align 4
   %362 = insertelement <8 x float> poison, float %361, i32 0
   %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %acc0022, align 4
+  %364 = load <8 x float>, ptr %acc0024, align 4
   %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %356, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0022, align 4
-  %366 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %365, ptr %acc0024, align 4
+  %366 = load <8 x float>, ptr %acc0125, align 4
   %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %359, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0123, align 4
-  %368 = getelementptr inbounds float, ptr %308, i64 %k37
+  store <8 x float> %367, ptr %acc0125, align 4
+  %368 = getelementptr inbounds float, ptr %308, i64 %k39
   %369 = load float, ptr %368, align 4
   %370 = insertelement <8 x float> poison, float %369, i32 0
   %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = load <8 x float>, ptr %acc1024, align 4
+  %372 = load <8 x float>, ptr %acc1026, align 4
   %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %356, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1024, align 4
-  %374 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %373, ptr %acc1026, align 4
+  %374 = load <8 x float>, ptr %acc1127, align 4
   %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %359, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1125, align 4
-  %376 = getelementptr inbounds float, ptr %320, i64 %k37
+  store <8 x float> %375, ptr %acc1127, align 4
+  %376 = getelementptr inbounds float, ptr %320, i64 %k39
   %377 = load float, ptr %376, align 4
   %378 = insertelement <8 x float> poison, float %377, i32 0
   %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
-  %380 = load <8 x float>, ptr %acc2026, align 4
+  %380 = load <8 x float>, ptr %acc2028, align 4
   %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %356, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2026, align 4
-  %382 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %381, ptr %acc2028, align 4
+  %382 = load <8 x float>, ptr %acc2129, align 4
   %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %359, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2127, align 4
-  %384 = getelementptr inbounds float, ptr %332, i64 %k37
+  store <8 x float> %383, ptr %acc2129, align 4
+  %384 = getelementptr inbounds float, ptr %332, i64 %k39
   %385 = load float, ptr %384, align 4
   %386 = insertelement <8 x float> poison, float %385, i32 0
   %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
-  %388 = load <8 x float>, ptr %acc3028, align 4
+  %388 = load <8 x float>, ptr %acc3030, align 4
   %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %356, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3028, align 4
-  %390 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %389, ptr %acc3030, align 4
+  %390 = load <8 x float>, ptr %acc3131, align 4
   %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %359, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3129, align 4
-  %392 = add nsw i64 %k37, 1
-  br label %k.head34
+  store <8 x float> %391, ptr %acc3131, align 4
+  %392 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end36:                                          ; preds = %k.head34
-  %393 = load <8 x float>, ptr %acc0022, align 4
+k.end38:                                          ; preds = %k.head36
+  %393 = load <8 x float>, ptr %acc0024, align 4
   store <8 x float> %393, ptr %303, align 4
-  %394 = load <8 x float>, ptr %acc0123, align 4
+  %394 = load <8 x float>, ptr %acc0125, align 4
   store <8 x float> %394, ptr %305, align 4
-  %395 = load <8 x float>, ptr %acc1024, align 4
+  %395 = load <8 x float>, ptr %acc1026, align 4
   store <8 x float> %395, ptr %315, align 4
-  %396 = load <8 x float>, ptr %acc1125, align 4
+  %396 = load <8 x float>, ptr %acc1127, align 4
   store <8 x float> %396, ptr %317, align 4
-  %397 = load <8 x float>, ptr %acc2026, align 4
+  %397 = load <8 x float>, ptr %acc2028, align 4
   store <8 x float> %397, ptr %327, align 4
-  %398 = load <8 x float>, ptr %acc2127, align 4
+  %398 = load <8 x float>, ptr %acc2129, align 4
   store <8 x float> %398, ptr %329, align 4
-  %399 = load <8 x float>, ptr %acc3028, align 4
+  %399 = load <8 x float>, ptr %acc3030, align 4
   store <8 x float> %399, ptr %339, align 4
-  %400 = load <8 x float>, ptr %acc3129, align 4
+  %400 = load <8 x float>, ptr %acc3131, align 4
   store <8 x float> %400, ptr %341, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col38 = mul nsw i64 %p, 16
+  %col42 = mul nsw i64 %p, 16
   %401 = add nsw i64 %r0, 0
   %402 = mul nsw i64 %401, 1024
   %403 = getelementptr inbounds float, ptr %h, i64 %402
@@ -3508,12 +3564,12 @@ tile.mr3:                                         ; preds = %r0.body
   %406 = sext i32 %405 to i64
   %407 = mul nsw i64 %406, 512
   %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col38, 0
+  %409 = add nsw i64 %col42, 0
   %410 = getelementptr inbounds float, ptr %408, i64 %409
-  store <8 x float> zeroinitializer, ptr %acc0039, align 4
-  %411 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc0043, align 4
+  %411 = add nsw i64 %col42, 8
   %412 = getelementptr inbounds float, ptr %408, i64 %411
-  store <8 x float> zeroinitializer, ptr %acc0140, align 4
+  store <8 x float> zeroinitializer, ptr %acc0144, align 4
   %413 = add nsw i64 %r0, 1
   %414 = mul nsw i64 %413, 1024
   %415 = getelementptr inbounds float, ptr %h, i64 %414
@@ -3522,12 +3578,12 @@ tile.mr3:                                         ; preds = %r0.body
   %418 = sext i32 %417 to i64
   %419 = mul nsw i64 %418, 512
   %420 = getelementptr inbounds float, ptr %y, i64 %419
-  %421 = add nsw i64 %col38, 0
+  %421 = add nsw i64 %col42, 0
   %422 = getelementptr inbounds float, ptr %420, i64 %421
-  store <8 x float> zeroinitializer, ptr %acc1041, align 4
-  %423 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc1045, align 4
+  %423 = add nsw i64 %col42, 8
   %424 = getelementptr inbounds float, ptr %420, i64 %423
-  store <8 x float> zeroinitializer, ptr %acc1142, align 4
+  store <8 x float> zeroinitializer, ptr %acc1146, align 4
   %425 = add nsw i64 %r0, 2
   %426 = mul nsw i64 %425, 1024
   %427 = getelementptr inbounds float, ptr %h, i64 %426
@@ -3536,92 +3592,98 @@ tile.mr3:                                         ; preds = %r0.body
   %430 = sext i32 %429 to i64
   %431 = mul nsw i64 %430, 512
   %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col38, 0
+  %433 = add nsw i64 %col42, 0
   %434 = getelementptr inbounds float, ptr %432, i64 %433
-  store <8 x float> zeroinitializer, ptr %acc2043, align 4
-  %435 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc2047, align 4
+  %435 = add nsw i64 %col42, 8
   %436 = getelementptr inbounds float, ptr %432, i64 %435
-  store <8 x float> zeroinitializer, ptr %acc2144, align 4
-  %panel.off45 = mul nsw i64 %p, 16384
-  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  store <8 x float> zeroinitializer, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 16384
+  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
   %438 = add nsw i64 %p, 1
   %439 = icmp slt i64 %438, %p1
-  %pf.on46 = and i1 %pf.on, %439
+  %pf.on50 = and i1 %pf.on, %439
   %440 = mul nsw i64 %pf.j, 65536
   %441 = lshr i64 %440, %10
   %442 = add nsw i64 65536, %441
   %443 = getelementptr inbounds i8, ptr %437, i64 %442
-  %pf47 = select i1 %pf.on46, ptr %443, ptr %437
-  %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
-  br label %k.head49
+  %pf51 = select i1 %pf.on50, ptr %443, ptr %437
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head49:                                         ; preds = %k.body50, %tile.mr3
-  %k52 = phi i64 [ 0, %tile.mr3 ], [ %479, %k.body50 ]
-  %444 = icmp slt i64 %k52, 1024
-  br i1 %444, label %k.body50, label %k.end51
+k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %479, %pf.any.end58 ]
+  %444 = icmp slt i64 %k56, 1024
+  br i1 %444, label %k.body54, label %k.end55
 
-k.body50:                                         ; preds = %k.head49
-  %445 = mul nsw i64 %k52, 16
-  %446 = add nsw i64 %panel.off45, %445
-  %447 = mul nsw i64 %k52, 64
-  %448 = lshr i64 %447, %pf.sh48
-  %449 = getelementptr inbounds i8, ptr %pf47, i64 %448
+k.body54:                                         ; preds = %k.head53
+  %445 = mul nsw i64 %k56, 16
+  %446 = add nsw i64 %panel.off49, %445
+  %447 = mul nsw i64 %k56, 64
+  br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
+
+pf.any.then57:                                    ; preds = %k.body54
+  %448 = lshr i64 %447, %pf.sh52
+  %449 = getelementptr inbounds i8, ptr %pf51, i64 %448
   call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  br label %pf.any.end58
+
+pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
   %450 = getelementptr inbounds float, ptr %panels, i64 %446
   %451 = load <8 x float>, ptr %450, align 4
   %452 = add nsw i64 %446, 8
   %453 = getelementptr inbounds float, ptr %panels, i64 %452
   %454 = load <8 x float>, ptr %453, align 4
-  %455 = getelementptr inbounds float, ptr %403, i64 %k52
+  %455 = getelementptr inbounds float, ptr %403, i64 %k56
   %456 = load float, ptr %455, align 4
   %457 = insertelement <8 x float> poison, float %456, i32 0
   %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc0039, align 4
+  %459 = load <8 x float>, ptr %acc0043, align 4
   %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %451, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0039, align 4
-  %461 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %460, ptr %acc0043, align 4
+  %461 = load <8 x float>, ptr %acc0144, align 4
   %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %454, <8 x float> %461)
-  store <8 x float> %462, ptr %acc0140, align 4
-  %463 = getelementptr inbounds float, ptr %415, i64 %k52
+  store <8 x float> %462, ptr %acc0144, align 4
+  %463 = getelementptr inbounds float, ptr %415, i64 %k56
   %464 = load float, ptr %463, align 4
   %465 = insertelement <8 x float> poison, float %464, i32 0
   %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc1041, align 4
+  %467 = load <8 x float>, ptr %acc1045, align 4
   %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %451, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1041, align 4
-  %469 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %468, ptr %acc1045, align 4
+  %469 = load <8 x float>, ptr %acc1146, align 4
   %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %454, <8 x float> %469)
-  store <8 x float> %470, ptr %acc1142, align 4
-  %471 = getelementptr inbounds float, ptr %427, i64 %k52
+  store <8 x float> %470, ptr %acc1146, align 4
+  %471 = getelementptr inbounds float, ptr %427, i64 %k56
   %472 = load float, ptr %471, align 4
   %473 = insertelement <8 x float> poison, float %472, i32 0
   %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc2043, align 4
+  %475 = load <8 x float>, ptr %acc2047, align 4
   %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %451, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2043, align 4
-  %477 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %476, ptr %acc2047, align 4
+  %477 = load <8 x float>, ptr %acc2148, align 4
   %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %454, <8 x float> %477)
-  store <8 x float> %478, ptr %acc2144, align 4
-  %479 = add nsw i64 %k52, 1
-  br label %k.head49
+  store <8 x float> %478, ptr %acc2148, align 4
+  %479 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end51:                                          ; preds = %k.head49
-  %480 = load <8 x float>, ptr %acc0039, align 4
+k.end55:                                          ; preds = %k.head53
+  %480 = load <8 x float>, ptr %acc0043, align 4
   store <8 x float> %480, ptr %410, align 4
-  %481 = load <8 x float>, ptr %acc0140, align 4
+  %481 = load <8 x float>, ptr %acc0144, align 4
   store <8 x float> %481, ptr %412, align 4
-  %482 = load <8 x float>, ptr %acc1041, align 4
+  %482 = load <8 x float>, ptr %acc1045, align 4
   store <8 x float> %482, ptr %422, align 4
-  %483 = load <8 x float>, ptr %acc1142, align 4
+  %483 = load <8 x float>, ptr %acc1146, align 4
   store <8 x float> %483, ptr %424, align 4
-  %484 = load <8 x float>, ptr %acc2043, align 4
+  %484 = load <8 x float>, ptr %acc2047, align 4
   store <8 x float> %484, ptr %434, align 4
-  %485 = load <8 x float>, ptr %acc2144, align 4
+  %485 = load <8 x float>, ptr %acc2148, align 4
   store <8 x float> %485, ptr %436, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col53 = mul nsw i64 %p, 16
+  %col59 = mul nsw i64 %p, 16
   %486 = add nsw i64 %r0, 0
   %487 = mul nsw i64 %486, 1024
   %488 = getelementptr inbounds float, ptr %h, i64 %487
@@ -3630,12 +3692,12 @@ tile.mr2:                                         ; preds = %r0.body
   %491 = sext i32 %490 to i64
   %492 = mul nsw i64 %491, 512
   %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col53, 0
+  %494 = add nsw i64 %col59, 0
   %495 = getelementptr inbounds float, ptr %493, i64 %494
-  store <8 x float> zeroinitializer, ptr %acc0054, align 4
-  %496 = add nsw i64 %col53, 8
+  store <8 x float> zeroinitializer, ptr %acc0060, align 4
+  %496 = add nsw i64 %col59, 8
   %497 = getelementptr inbounds float, ptr %493, i64 %496
-  store <8 x float> zeroinitializer, ptr %acc0155, align 4
+  store <8 x float> zeroinitializer, ptr %acc0161, align 4
   %498 = add nsw i64 %r0, 1
   %499 = mul nsw i64 %498, 1024
   %500 = getelementptr inbounds float, ptr %h, i64 %499
@@ -3644,78 +3706,84 @@ tile.mr2:                                         ; preds = %r0.body
   %503 = sext i32 %502 to i64
   %504 = mul nsw i64 %503, 512
   %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col53, 0
+  %506 = add nsw i64 %col59, 0
   %507 = getelementptr inbounds float, ptr %505, i64 %506
-  store <8 x float> zeroinitializer, ptr %acc1056, align 4
-  %508 = add nsw i64 %col53, 8
+  store <8 x float> zeroinitializer, ptr %acc1062, align 4
+  %508 = add nsw i64 %col59, 8
   %509 = getelementptr inbounds float, ptr %505, i64 %508
-  store <8 x float> zeroinitializer, ptr %acc1157, align 4
-  %panel.off58 = mul nsw i64 %p, 16384
-  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  store <8 x float> zeroinitializer, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 16384
+  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
   %511 = add nsw i64 %p, 1
   %512 = icmp slt i64 %511, %p1
-  %pf.on59 = and i1 %pf.on, %512
+  %pf.on65 = and i1 %pf.on, %512
   %513 = mul nsw i64 %pf.j, 65536
   %514 = lshr i64 %513, %10
   %515 = add nsw i64 65536, %514
   %516 = getelementptr inbounds i8, ptr %510, i64 %515
-  %pf60 = select i1 %pf.on59, ptr %516, ptr %510
-  %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
-  br label %k.head62
+  %pf66 = select i1 %pf.on65, ptr %516, ptr %510
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head62:                                         ; preds = %k.body63, %tile.mr2
-  %k65 = phi i64 [ 0, %tile.mr2 ], [ %544, %k.body63 ]
-  %517 = icmp slt i64 %k65, 1024
-  br i1 %517, label %k.body63, label %k.end64
+k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %544, %pf.any.end73 ]
+  %517 = icmp slt i64 %k71, 1024
+  br i1 %517, label %k.body69, label %k.end70
 
-k.body63:                                         ; preds = %k.head62
-  %518 = mul nsw i64 %k65, 16
-  %519 = add nsw i64 %panel.off58, %518
-  %520 = mul nsw i64 %k65, 64
-  %521 = lshr i64 %520, %pf.sh61
-  %522 = getelementptr inbounds i8, ptr %pf60, i64 %521
+k.body69:                                         ; preds = %k.head68
+  %518 = mul nsw i64 %k71, 16
+  %519 = add nsw i64 %panel.off64, %518
+  %520 = mul nsw i64 %k71, 64
+  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+
+pf.any.then72:                                    ; preds = %k.body69
+  %521 = lshr i64 %520, %pf.sh67
+  %522 = getelementptr inbounds i8, ptr %pf66, i64 %521
   call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
+  br label %pf.any.end73
+
+pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
   %523 = getelementptr inbounds float, ptr %panels, i64 %519
   %524 = load <8 x float>, ptr %523, align 4
   %525 = add nsw i64 %519, 8
   %526 = getelementptr inbounds float, ptr %panels, i64 %525
   %527 = load <8 x float>, ptr %526, align 4
-  %528 = getelementptr inbounds float, ptr %488, i64 %k65
+  %528 = getelementptr inbounds float, ptr %488, i64 %k71
   %529 = load float, ptr %528, align 4
   %530 = insertelement <8 x float> poison, float %529, i32 0
   %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = load <8 x float>, ptr %acc0054, align 4
+  %532 = load <8 x float>, ptr %acc0060, align 4
   %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %524, <8 x float> %532)
-  store <8 x float> %533, ptr %acc0054, align 4
-  %534 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %533, ptr %acc0060, align 4
+  %534 = load <8 x float>, ptr %acc0161, align 4
   %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> %534)
-  store <8 x float> %535, ptr %acc0155, align 4
-  %536 = getelementptr inbounds float, ptr %500, i64 %k65
+  store <8 x float> %535, ptr %acc0161, align 4
+  %536 = getelementptr inbounds float, ptr %500, i64 %k71
   %537 = load float, ptr %536, align 4
   %538 = insertelement <8 x float> poison, float %537, i32 0
   %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
-  %540 = load <8 x float>, ptr %acc1056, align 4
+  %540 = load <8 x float>, ptr %acc1062, align 4
   %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %524, <8 x float> %540)
-  store <8 x float> %541, ptr %acc1056, align 4
-  %542 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %541, ptr %acc1062, align 4
+  %542 = load <8 x float>, ptr %acc1163, align 4
   %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %527, <8 x float> %542)
-  store <8 x float> %543, ptr %acc1157, align 4
-  %544 = add nsw i64 %k65, 1
-  br label %k.head62
+  store <8 x float> %543, ptr %acc1163, align 4
+  %544 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end64:                                          ; preds = %k.head62
-  %545 = load <8 x float>, ptr %acc0054, align 4
+k.end70:                                          ; preds = %k.head68
+  %545 = load <8 x float>, ptr %acc0060, align 4
   store <8 x float> %545, ptr %495, align 4
-  %546 = load <8 x float>, ptr %acc0155, align 4
+  %546 = load <8 x float>, ptr %acc0161, align 4
   store <8 x float> %546, ptr %497, align 4
-  %547 = load <8 x float>, ptr %acc1056, align 4
+  %547 = load <8 x float>, ptr %acc1062, align 4
   store <8 x float> %547, ptr %507, align 4
-  %548 = load <8 x float>, ptr %acc1157, align 4
+  %548 = load <8 x float>, ptr %acc1163, align 4
   store <8 x float> %548, ptr %509, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col66 = mul nsw i64 %p, 16
+  %col74 = mul nsw i64 %p, 16
   %549 = add nsw i64 %r0, 0
   %550 = mul nsw i64 %549, 1024
   %551 = getelementptr inbounds float, ptr %h, i64 %550
@@ -3724,63 +3792,69 @@ tile.mr1:                                         ; preds = %r0.body
   %554 = sext i32 %553 to i64
   %555 = mul nsw i64 %554, 512
   %556 = getelementptr inbounds float, ptr %y, i64 %555
-  %557 = add nsw i64 %col66, 0
+  %557 = add nsw i64 %col74, 0
   %558 = getelementptr inbounds float, ptr %556, i64 %557
-  store <8 x float> zeroinitializer, ptr %acc0067, align 4
-  %559 = add nsw i64 %col66, 8
+  store <8 x float> zeroinitializer, ptr %acc0075, align 4
+  %559 = add nsw i64 %col74, 8
   %560 = getelementptr inbounds float, ptr %556, i64 %559
-  store <8 x float> zeroinitializer, ptr %acc0168, align 4
-  %panel.off69 = mul nsw i64 %p, 16384
-  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  store <8 x float> zeroinitializer, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 16384
+  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
   %562 = add nsw i64 %p, 1
   %563 = icmp slt i64 %562, %p1
-  %pf.on70 = and i1 %pf.on, %563
+  %pf.on78 = and i1 %pf.on, %563
   %564 = mul nsw i64 %pf.j, 65536
   %565 = lshr i64 %564, %10
   %566 = add nsw i64 65536, %565
   %567 = getelementptr inbounds i8, ptr %561, i64 %566
-  %pf71 = select i1 %pf.on70, ptr %567, ptr %561
-  %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
-  br label %k.head73
+  %pf79 = select i1 %pf.on78, ptr %567, ptr %561
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head73:                                         ; preds = %k.body74, %tile.mr1
-  %k76 = phi i64 [ 0, %tile.mr1 ], [ %587, %k.body74 ]
-  %568 = icmp slt i64 %k76, 1024
-  br i1 %568, label %k.body74, label %k.end75
+k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %587, %pf.any.end86 ]
+  %568 = icmp slt i64 %k84, 1024
+  br i1 %568, label %k.body82, label %k.end83
 
-k.body74:                                         ; preds = %k.head73
-  %569 = mul nsw i64 %k76, 16
-  %570 = add nsw i64 %panel.off69, %569
-  %571 = mul nsw i64 %k76, 64
-  %572 = lshr i64 %571, %pf.sh72
-  %573 = getelementptr inbounds i8, ptr %pf71, i64 %572
+k.body82:                                         ; preds = %k.head81
+  %569 = mul nsw i64 %k84, 16
+  %570 = add nsw i64 %panel.off77, %569
+  %571 = mul nsw i64 %k84, 64
+  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+
+pf.any.then85:                                    ; preds = %k.body82
+  %572 = lshr i64 %571, %pf.sh80
+  %573 = getelementptr inbounds i8, ptr %pf79, i64 %572
   call void @llvm.prefetch.p0(ptr %573, i32 0, i32 2, i32 1)
+  br label %pf.any.end86
+
+pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
   %574 = getelementptr inbounds float, ptr %panels, i64 %570
   %575 = load <8 x float>, ptr %574, align 4
   %576 = add nsw i64 %570, 8
   %577 = getelementptr inbounds float, ptr %panels, i64 %576
   %578 = load <8 x float>, ptr %577, align 4
-  %579 = getelementptr inbounds float, ptr %551, i64 %k76
+  %579 = getelementptr inbounds float, ptr %551, i64 %k84
   %580 = load float, ptr %579, align 4
   %581 = insertelement <8 x float> poison, float %580, i32 0
   %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = load <8 x float>, ptr %acc0067, align 4
+  %583 = load <8 x float>, ptr %acc0075, align 4
   %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %575, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0067, align 4
-  %585 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %584, ptr %acc0075, align 4
+  %585 = load <8 x float>, ptr %acc0176, align 4
   %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %578, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0168, align 4
-  %587 = add nsw i64 %k76, 1
-  br label %k.head73
+  store <8 x float> %586, ptr %acc0176, align 4
+  %587 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end75:                                          ; preds = %k.head73
-  %588 = load <8 x float>, ptr %acc0067, align 4
+k.end83:                                          ; preds = %k.head81
+  %588 = load <8 x float>, ptr %acc0075, align 4
   store <8 x float> %588, ptr %558, align 4
-  %589 = load <8 x float>, ptr %acc0168, align 4
+  %589 = load <8 x float>, ptr %acc0176, align 4
   store <8 x float> %589, ptr %560, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
   %590 = add nsw i64 %r0, 6
   br label %r0.head
 

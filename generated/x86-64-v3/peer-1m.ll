@@ -719,9 +719,21 @@ entry:
   %qacc107 = alloca <8 x float>, align 32
   %qacc108 = alloca <8 x float>, align 32
   %qacc117 = alloca <8 x float>, align 32
-  %tk.m = alloca i64, align 32
-  %tk.m122 = alloca i64, align 32
-  %tk.m137 = alloca i64, align 32
+  %tkv.v = alloca <16 x float>, align 32
+  %tkv.i = alloca <16 x i32>, align 32
+  %tkv.k = alloca <16 x i32>, align 32
+  %tkv.m = alloca i32, align 32
+  %tkv.bits = alloca i16, align 32
+  %tkv.v154 = alloca <16 x float>, align 32
+  %tkv.i155 = alloca <16 x i32>, align 32
+  %tkv.k156 = alloca <16 x i32>, align 32
+  %tkv.m157 = alloca i32, align 32
+  %tkv.bits158 = alloca i16, align 32
+  %tkv.v206 = alloca <16 x float>, align 32
+  %tkv.i207 = alloca <16 x i32>, align 32
+  %tkv.k208 = alloca <16 x i32>, align 32
+  %tkv.m209 = alloca i32, align 32
+  %tkv.bits210 = alloca i16, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   br label %start
@@ -730,7 +742,7 @@ start:                                            ; preds = %entry
   br label %tok.head
 
 tok.head:                                         ; preds = %hgroup.end, %start
-  %tok = phi i64 [ %t0, %start ], [ %914, %hgroup.end ]
+  %tok = phi i64 [ %t0, %start ], [ %1438, %hgroup.end ]
   %0 = icmp slt i64 %tok, %t1
   br i1 %0, label %tok.body, label %tok.end
 
@@ -740,7 +752,7 @@ tok.body:                                         ; preds = %tok.head
   br label %hgroup.head
 
 hgroup.head:                                      ; preds = %head.end, %tok.body
-  %hgroup = phi i64 [ 0, %tok.body ], [ %913, %head.end ]
+  %hgroup = phi i64 [ 0, %tok.body ], [ %1437, %head.end ]
   %3 = icmp slt i64 %hgroup, 8
   br i1 %3, label %hgroup.body, label %hgroup.end
 
@@ -1873,7 +1885,7 @@ qb1.end95:                                        ; preds = %qb1.head93
   br label %head.head
 
 head.head:                                        ; preds = %out.end, %qb1.end95
-  %head = phi i64 [ 0, %qb1.end95 ], [ %912, %out.end ]
+  %head = phi i64 [ 0, %qb1.end95 ], [ %1436, %out.end ]
   %756 = icmp slt i64 %head, %gn
   br i1 %756, label %head.body, label %head.end
 
@@ -1881,263 +1893,1168 @@ head.body:                                        ; preds = %head.head
   %hd = add nsw i64 %hgroup, %head
   %757 = mul nsw i64 %head, 1024
   %758 = getelementptr inbounds float, ptr %sa, i64 %757
-  store i64 0, ptr %tk.m, align 8
-  br label %tk.head
+  store <16 x float> zeroinitializer, ptr %tkv.v, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k, align 4
+  store i32 0, ptr %tkv.m, align 4
+  br label %tkv.c.head
 
-tk.head:                                          ; preds = %tk.put.end, %head.body
-  %tk = phi i64 [ 0, %head.body ], [ %780, %tk.put.end ]
-  %759 = icmp slt i64 %tk, 1024
-  br i1 %759, label %tk.body, label %tk.end
+tkv.c.head:                                       ; preds = %tkv.w.end, %head.body
+  %tkv.c = phi i64 [ 0, %head.body ], [ %828, %tkv.w.end ]
+  %759 = icmp slt i64 %tkv.c, 1024
+  br i1 %759, label %tkv.c.body, label %tkv.c.end
 
-tk.body:                                          ; preds = %tk.head
-  %760 = getelementptr inbounds float, ptr %758, i64 %tk
-  %761 = load float, ptr %760, align 4
-  %762 = load i64, ptr %tk.m, align 8
-  br label %tk.ins.head
+tkv.c.body:                                       ; preds = %tkv.c.head
+  %760 = load <16 x float>, ptr %tkv.v, align 4
+  %761 = load <16 x i32>, ptr %tkv.k, align 4
+  %762 = getelementptr inbounds float, ptr %758, i64 %tkv.c
+  %763 = load <16 x float>, ptr %762, align 4
+  %764 = extractelement <16 x float> %760, i32 15
+  %765 = insertelement <16 x float> poison, float %764, i32 0
+  %766 = shufflevector <16 x float> %765, <16 x float> poison, <16 x i32> zeroinitializer
+  %767 = fcmp uno <16 x float> %763, %763
+  %768 = fcmp ugt <16 x float> %763, %766
+  %769 = xor <16 x i1> %767, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %770 = and <16 x i1> %769, %768
+  %771 = bitcast <16 x i1> %770 to i16
+  %772 = load i32, ptr %tkv.m, align 4
+  %773 = icmp eq i32 %772, 16
+  %774 = select i1 %773, i16 %771, i16 -1
+  store i16 %774, ptr %tkv.bits, align 2
+  br label %tkv.w.head
 
-tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %762, %tk.body ], [ %764, %tk.shift.end ]
-  %763 = icmp sgt i64 %p, 0
-  br i1 %763, label %tk.ins.chk, label %tk.ins.end
+tkv.w.head:                                       ; preds = %tkv.in.end, %tkv.c.body
+  %775 = load i16, ptr %tkv.bits, align 2
+  %776 = icmp ne i16 %775, 0
+  br i1 %776, label %tkv.w.body, label %tkv.w.end
 
-tk.ins.chk:                                       ; preds = %tk.ins.head
-  %764 = sub nsw i64 %p, 1
-  %765 = getelementptr inbounds i64, ptr %ia, i64 %764
-  %766 = load i64, ptr %765, align 8
-  %767 = getelementptr inbounds float, ptr %758, i64 %766
-  %768 = load float, ptr %767, align 4
-  %769 = fcmp uno float %761, %761
-  %770 = fcmp ugt float %761, %768
-  %771 = xor i1 %769, true
-  %772 = and i1 %771, %770
-  br i1 %772, label %tk.ins.body, label %tk.ins.end
+tkv.w.body:                                       ; preds = %tkv.w.head
+  %777 = call i16 @llvm.cttz.i16(i16 %775, i1 true)
+  %778 = zext i16 %777 to i64
+  %779 = sub i16 %775, 1
+  %780 = and i16 %775, %779
+  store i16 %780, ptr %tkv.bits, align 2
+  %781 = add nsw i64 %tkv.c, %778
+  %782 = getelementptr inbounds float, ptr %758, i64 %781
+  %783 = load float, ptr %782, align 4
+  %784 = load i32, ptr %tkv.m, align 4
+  %785 = load <16 x float>, ptr %tkv.v, align 4
+  %786 = load <16 x i32>, ptr %tkv.k, align 4
+  %787 = extractelement <16 x float> %785, i32 15
+  %788 = fcmp uno float %783, %783
+  %789 = fcmp ugt float %783, %787
+  %790 = xor i1 %788, true
+  %791 = and i1 %790, %789
+  %792 = icmp slt i32 %784, 16
+  %793 = or i1 %792, %791
+  br i1 %793, label %tkv.in.then, label %tkv.in.end
 
-tk.ins.body:                                      ; preds = %tk.ins.chk
-  %773 = icmp slt i64 %p, 16
-  br i1 %773, label %tk.shift.then, label %tk.shift.end
+tkv.in.then:                                      ; preds = %tkv.w.body
+  %794 = insertelement <16 x float> poison, float %783, i32 0
+  %795 = shufflevector <16 x float> %794, <16 x float> poison, <16 x i32> zeroinitializer
+  %796 = insertelement <16 x i32> poison, i32 %784, i32 0
+  %797 = shufflevector <16 x i32> %796, <16 x i32> poison, <16 x i32> zeroinitializer
+  %798 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %797
+  %799 = fcmp uno <16 x float> %795, %795
+  %800 = fcmp ugt <16 x float> %795, %785
+  %801 = xor <16 x i1> %799, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %802 = and <16 x i1> %801, %800
+  %803 = or <16 x i1> %802, %798
+  %804 = bitcast <16 x i1> %803 to i16
+  %805 = call i16 @llvm.cttz.i16(i16 %804, i1 false)
+  %806 = zext i16 %805 to i64
+  %807 = trunc i64 %806 to i32
+  %808 = insertelement <16 x i32> poison, i32 %807, i32 0
+  %809 = shufflevector <16 x i32> %808, <16 x i32> poison, <16 x i32> zeroinitializer
+  %810 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %809
+  %811 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %809
+  %812 = trunc i64 %781 to i32
+  %813 = insertelement <16 x i32> poison, i32 %812, i32 0
+  %814 = shufflevector <16 x i32> %813, <16 x i32> poison, <16 x i32> zeroinitializer
+  %815 = shufflevector <16 x float> %785, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %816 = select <16 x i1> %811, <16 x float> %815, <16 x float> %785
+  %817 = select <16 x i1> %810, <16 x float> %795, <16 x float> %816
+  store <16 x float> %817, ptr %tkv.v, align 4
+  %818 = load <16 x i32>, ptr %tkv.i, align 4
+  %819 = shufflevector <16 x i32> %818, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %820 = select <16 x i1> %811, <16 x i32> %819, <16 x i32> %818
+  %821 = select <16 x i1> %810, <16 x i32> %814, <16 x i32> %820
+  store <16 x i32> %821, ptr %tkv.i, align 4
+  %822 = shufflevector <16 x i32> %786, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %823 = select <16 x i1> %811, <16 x i32> %822, <16 x i32> %786
+  %824 = select <16 x i1> %810, <16 x i32> zeroinitializer, <16 x i32> %823
+  store <16 x i32> %824, ptr %tkv.k, align 4
+  %825 = add nsw i32 %784, 1
+  %826 = icmp slt i32 %825, 16
+  %827 = select i1 %826, i32 %825, i32 16
+  store i32 %827, ptr %tkv.m, align 4
+  br label %tkv.in.end
 
-tk.shift.then:                                    ; preds = %tk.ins.body
-  %774 = getelementptr inbounds i64, ptr %ia, i64 %p
-  store i64 %766, ptr %774, align 8
-  br label %tk.shift.end
+tkv.in.end:                                       ; preds = %tkv.in.then, %tkv.w.body
+  br label %tkv.w.head
 
-tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
-  br label %tk.ins.head
+tkv.w.end:                                        ; preds = %tkv.w.head
+  %828 = add nsw i64 %tkv.c, 16
+  br label %tkv.c.head
 
-tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
-  %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %775 = icmp slt i64 %pf, 16
-  br i1 %775, label %tk.put.then, label %tk.put.end
+tkv.c.end:                                        ; preds = %tkv.c.head
+  br label %tkv.tail.head
 
-tk.put.then:                                      ; preds = %tk.ins.end
-  %776 = getelementptr inbounds i64, ptr %ia, i64 %pf
-  store i64 %tk, ptr %776, align 8
-  br label %tk.put.end
+tkv.tail.head:                                    ; preds = %tkv.in.end123, %tkv.c.end
+  %tkv.tail = phi i64 [ 1024, %tkv.c.end ], [ %876, %tkv.in.end123 ]
+  %829 = icmp slt i64 %tkv.tail, 1024
+  br i1 %829, label %tkv.tail.body, label %tkv.tail.end
 
-tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %777 = add nsw i64 %762, 1
-  %778 = icmp slt i64 %777, 16
-  %779 = select i1 %778, i64 %777, i64 16
-  store i64 %779, ptr %tk.m, align 8
-  %780 = add nsw i64 %tk, 1
-  br label %tk.head
+tkv.tail.body:                                    ; preds = %tkv.tail.head
+  %830 = getelementptr inbounds float, ptr %758, i64 %tkv.tail
+  %831 = load float, ptr %830, align 4
+  %832 = load i32, ptr %tkv.m, align 4
+  %833 = load <16 x float>, ptr %tkv.v, align 4
+  %834 = load <16 x i32>, ptr %tkv.k, align 4
+  %835 = extractelement <16 x float> %833, i32 15
+  %836 = fcmp uno float %831, %831
+  %837 = fcmp ugt float %831, %835
+  %838 = xor i1 %836, true
+  %839 = and i1 %838, %837
+  %840 = icmp slt i32 %832, 16
+  %841 = or i1 %840, %839
+  br i1 %841, label %tkv.in.then122, label %tkv.in.end123
 
-tk.end:                                           ; preds = %tk.head
-  %781 = load i64, ptr %tk.m, align 8
-  %782 = mul nsw i64 %head, 1024
-  %783 = getelementptr inbounds float, ptr %sb, i64 %782
-  store i64 0, ptr %tk.m122, align 8
-  br label %tk.head123
+tkv.in.then122:                                   ; preds = %tkv.tail.body
+  %842 = insertelement <16 x float> poison, float %831, i32 0
+  %843 = shufflevector <16 x float> %842, <16 x float> poison, <16 x i32> zeroinitializer
+  %844 = insertelement <16 x i32> poison, i32 %832, i32 0
+  %845 = shufflevector <16 x i32> %844, <16 x i32> poison, <16 x i32> zeroinitializer
+  %846 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %845
+  %847 = fcmp uno <16 x float> %843, %843
+  %848 = fcmp ugt <16 x float> %843, %833
+  %849 = xor <16 x i1> %847, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %850 = and <16 x i1> %849, %848
+  %851 = or <16 x i1> %850, %846
+  %852 = bitcast <16 x i1> %851 to i16
+  %853 = call i16 @llvm.cttz.i16(i16 %852, i1 false)
+  %854 = zext i16 %853 to i64
+  %855 = trunc i64 %854 to i32
+  %856 = insertelement <16 x i32> poison, i32 %855, i32 0
+  %857 = shufflevector <16 x i32> %856, <16 x i32> poison, <16 x i32> zeroinitializer
+  %858 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %857
+  %859 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %857
+  %860 = trunc i64 %tkv.tail to i32
+  %861 = insertelement <16 x i32> poison, i32 %860, i32 0
+  %862 = shufflevector <16 x i32> %861, <16 x i32> poison, <16 x i32> zeroinitializer
+  %863 = shufflevector <16 x float> %833, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %864 = select <16 x i1> %859, <16 x float> %863, <16 x float> %833
+  %865 = select <16 x i1> %858, <16 x float> %843, <16 x float> %864
+  store <16 x float> %865, ptr %tkv.v, align 4
+  %866 = load <16 x i32>, ptr %tkv.i, align 4
+  %867 = shufflevector <16 x i32> %866, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %868 = select <16 x i1> %859, <16 x i32> %867, <16 x i32> %866
+  %869 = select <16 x i1> %858, <16 x i32> %862, <16 x i32> %868
+  store <16 x i32> %869, ptr %tkv.i, align 4
+  %870 = shufflevector <16 x i32> %834, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %871 = select <16 x i1> %859, <16 x i32> %870, <16 x i32> %834
+  %872 = select <16 x i1> %858, <16 x i32> zeroinitializer, <16 x i32> %871
+  store <16 x i32> %872, ptr %tkv.k, align 4
+  %873 = add nsw i32 %832, 1
+  %874 = icmp slt i32 %873, 16
+  %875 = select i1 %874, i32 %873, i32 16
+  store i32 %875, ptr %tkv.m, align 4
+  br label %tkv.in.end123
 
-tk.head123:                                       ; preds = %tk.put.end136, %tk.end
-  %tk126 = phi i64 [ 0, %tk.end ], [ %805, %tk.put.end136 ]
-  %784 = icmp slt i64 %tk126, 1024
-  br i1 %784, label %tk.body124, label %tk.end125
+tkv.in.end123:                                    ; preds = %tkv.in.then122, %tkv.tail.body
+  %876 = add nsw i64 %tkv.tail, 1
+  br label %tkv.tail.head
 
-tk.body124:                                       ; preds = %tk.head123
-  %785 = getelementptr inbounds float, ptr %783, i64 %tk126
-  %786 = load float, ptr %785, align 4
-  %787 = load i64, ptr %tk.m122, align 8
-  br label %tk.ins.head127
+tkv.tail.end:                                     ; preds = %tkv.tail.head
+  %877 = load i32, ptr %tkv.m, align 4
+  %878 = zext i32 %877 to i64
+  %879 = load <16 x i32>, ptr %tkv.i, align 4
+  %880 = icmp slt i64 0, %878
+  br i1 %880, label %tkv.out.then, label %tkv.out.end
 
-tk.ins.head127:                                   ; preds = %tk.shift.end133, %tk.body124
-  %p131 = phi i64 [ %787, %tk.body124 ], [ %789, %tk.shift.end133 ]
-  %788 = icmp sgt i64 %p131, 0
-  br i1 %788, label %tk.ins.chk128, label %tk.ins.end130
+tkv.out.then:                                     ; preds = %tkv.tail.end
+  %881 = getelementptr inbounds i64, ptr %ia, i64 0
+  %882 = extractelement <16 x i32> %879, i32 0
+  %883 = zext i32 %882 to i64
+  store i64 %883, ptr %881, align 8
+  br label %tkv.out.end
 
-tk.ins.chk128:                                    ; preds = %tk.ins.head127
-  %789 = sub nsw i64 %p131, 1
-  %790 = getelementptr inbounds i64, ptr %ib, i64 %789
-  %791 = load i64, ptr %790, align 8
-  %792 = getelementptr inbounds float, ptr %783, i64 %791
-  %793 = load float, ptr %792, align 4
-  %794 = fcmp uno float %786, %786
-  %795 = fcmp ugt float %786, %793
-  %796 = xor i1 %794, true
-  %797 = and i1 %796, %795
-  br i1 %797, label %tk.ins.body129, label %tk.ins.end130
+tkv.out.end:                                      ; preds = %tkv.out.then, %tkv.tail.end
+  %884 = icmp slt i64 1, %878
+  br i1 %884, label %tkv.out.then124, label %tkv.out.end125
 
-tk.ins.body129:                                   ; preds = %tk.ins.chk128
-  %798 = icmp slt i64 %p131, 16
-  br i1 %798, label %tk.shift.then132, label %tk.shift.end133
+tkv.out.then124:                                  ; preds = %tkv.out.end
+  %885 = getelementptr inbounds i64, ptr %ia, i64 1
+  %886 = extractelement <16 x i32> %879, i32 1
+  %887 = zext i32 %886 to i64
+  store i64 %887, ptr %885, align 8
+  br label %tkv.out.end125
 
-tk.shift.then132:                                 ; preds = %tk.ins.body129
-  %799 = getelementptr inbounds i64, ptr %ib, i64 %p131
-  store i64 %791, ptr %799, align 8
-  br label %tk.shift.end133
+tkv.out.end125:                                   ; preds = %tkv.out.then124, %tkv.out.end
+  %888 = icmp slt i64 2, %878
+  br i1 %888, label %tkv.out.then126, label %tkv.out.end127
 
-tk.shift.end133:                                  ; preds = %tk.shift.then132, %tk.ins.body129
-  br label %tk.ins.head127
+tkv.out.then126:                                  ; preds = %tkv.out.end125
+  %889 = getelementptr inbounds i64, ptr %ia, i64 2
+  %890 = extractelement <16 x i32> %879, i32 2
+  %891 = zext i32 %890 to i64
+  store i64 %891, ptr %889, align 8
+  br label %tkv.out.end127
 
-tk.ins.end130:                                    ; preds = %tk.ins.chk128, %tk.ins.head127
-  %pf134 = phi i64 [ %p131, %tk.ins.head127 ], [ %p131, %tk.ins.chk128 ]
-  %800 = icmp slt i64 %pf134, 16
-  br i1 %800, label %tk.put.then135, label %tk.put.end136
+tkv.out.end127:                                   ; preds = %tkv.out.then126, %tkv.out.end125
+  %892 = icmp slt i64 3, %878
+  br i1 %892, label %tkv.out.then128, label %tkv.out.end129
 
-tk.put.then135:                                   ; preds = %tk.ins.end130
-  %801 = getelementptr inbounds i64, ptr %ib, i64 %pf134
-  store i64 %tk126, ptr %801, align 8
-  br label %tk.put.end136
+tkv.out.then128:                                  ; preds = %tkv.out.end127
+  %893 = getelementptr inbounds i64, ptr %ia, i64 3
+  %894 = extractelement <16 x i32> %879, i32 3
+  %895 = zext i32 %894 to i64
+  store i64 %895, ptr %893, align 8
+  br label %tkv.out.end129
 
-tk.put.end136:                                    ; preds = %tk.put.then135, %tk.ins.end130
-  %802 = add nsw i64 %787, 1
-  %803 = icmp slt i64 %802, 16
-  %804 = select i1 %803, i64 %802, i64 16
-  store i64 %804, ptr %tk.m122, align 8
-  %805 = add nsw i64 %tk126, 1
-  br label %tk.head123
+tkv.out.end129:                                   ; preds = %tkv.out.then128, %tkv.out.end127
+  %896 = icmp slt i64 4, %878
+  br i1 %896, label %tkv.out.then130, label %tkv.out.end131
 
-tk.end125:                                        ; preds = %tk.head123
-  %806 = load i64, ptr %tk.m122, align 8
+tkv.out.then130:                                  ; preds = %tkv.out.end129
+  %897 = getelementptr inbounds i64, ptr %ia, i64 4
+  %898 = extractelement <16 x i32> %879, i32 4
+  %899 = zext i32 %898 to i64
+  store i64 %899, ptr %897, align 8
+  br label %tkv.out.end131
+
+tkv.out.end131:                                   ; preds = %tkv.out.then130, %tkv.out.end129
+  %900 = icmp slt i64 5, %878
+  br i1 %900, label %tkv.out.then132, label %tkv.out.end133
+
+tkv.out.then132:                                  ; preds = %tkv.out.end131
+  %901 = getelementptr inbounds i64, ptr %ia, i64 5
+  %902 = extractelement <16 x i32> %879, i32 5
+  %903 = zext i32 %902 to i64
+  store i64 %903, ptr %901, align 8
+  br label %tkv.out.end133
+
+tkv.out.end133:                                   ; preds = %tkv.out.then132, %tkv.out.end131
+  %904 = icmp slt i64 6, %878
+  br i1 %904, label %tkv.out.then134, label %tkv.out.end135
+
+tkv.out.then134:                                  ; preds = %tkv.out.end133
+  %905 = getelementptr inbounds i64, ptr %ia, i64 6
+  %906 = extractelement <16 x i32> %879, i32 6
+  %907 = zext i32 %906 to i64
+  store i64 %907, ptr %905, align 8
+  br label %tkv.out.end135
+
+tkv.out.end135:                                   ; preds = %tkv.out.then134, %tkv.out.end133
+  %908 = icmp slt i64 7, %878
+  br i1 %908, label %tkv.out.then136, label %tkv.out.end137
+
+tkv.out.then136:                                  ; preds = %tkv.out.end135
+  %909 = getelementptr inbounds i64, ptr %ia, i64 7
+  %910 = extractelement <16 x i32> %879, i32 7
+  %911 = zext i32 %910 to i64
+  store i64 %911, ptr %909, align 8
+  br label %tkv.out.end137
+
+tkv.out.end137:                                   ; preds = %tkv.out.then136, %tkv.out.end135
+  %912 = icmp slt i64 8, %878
+  br i1 %912, label %tkv.out.then138, label %tkv.out.end139
+
+tkv.out.then138:                                  ; preds = %tkv.out.end137
+  %913 = getelementptr inbounds i64, ptr %ia, i64 8
+  %914 = extractelement <16 x i32> %879, i32 8
+  %915 = zext i32 %914 to i64
+  store i64 %915, ptr %913, align 8
+  br label %tkv.out.end139
+
+tkv.out.end139:                                   ; preds = %tkv.out.then138, %tkv.out.end137
+  %916 = icmp slt i64 9, %878
+  br i1 %916, label %tkv.out.then140, label %tkv.out.end141
+
+tkv.out.then140:                                  ; preds = %tkv.out.end139
+  %917 = getelementptr inbounds i64, ptr %ia, i64 9
+  %918 = extractelement <16 x i32> %879, i32 9
+  %919 = zext i32 %918 to i64
+  store i64 %919, ptr %917, align 8
+  br label %tkv.out.end141
+
+tkv.out.end141:                                   ; preds = %tkv.out.then140, %tkv.out.end139
+  %920 = icmp slt i64 10, %878
+  br i1 %920, label %tkv.out.then142, label %tkv.out.end143
+
+tkv.out.then142:                                  ; preds = %tkv.out.end141
+  %921 = getelementptr inbounds i64, ptr %ia, i64 10
+  %922 = extractelement <16 x i32> %879, i32 10
+  %923 = zext i32 %922 to i64
+  store i64 %923, ptr %921, align 8
+  br label %tkv.out.end143
+
+tkv.out.end143:                                   ; preds = %tkv.out.then142, %tkv.out.end141
+  %924 = icmp slt i64 11, %878
+  br i1 %924, label %tkv.out.then144, label %tkv.out.end145
+
+tkv.out.then144:                                  ; preds = %tkv.out.end143
+  %925 = getelementptr inbounds i64, ptr %ia, i64 11
+  %926 = extractelement <16 x i32> %879, i32 11
+  %927 = zext i32 %926 to i64
+  store i64 %927, ptr %925, align 8
+  br label %tkv.out.end145
+
+tkv.out.end145:                                   ; preds = %tkv.out.then144, %tkv.out.end143
+  %928 = icmp slt i64 12, %878
+  br i1 %928, label %tkv.out.then146, label %tkv.out.end147
+
+tkv.out.then146:                                  ; preds = %tkv.out.end145
+  %929 = getelementptr inbounds i64, ptr %ia, i64 12
+  %930 = extractelement <16 x i32> %879, i32 12
+  %931 = zext i32 %930 to i64
+  store i64 %931, ptr %929, align 8
+  br label %tkv.out.end147
+
+tkv.out.end147:                                   ; preds = %tkv.out.then146, %tkv.out.end145
+  %932 = icmp slt i64 13, %878
+  br i1 %932, label %tkv.out.then148, label %tkv.out.end149
+
+tkv.out.then148:                                  ; preds = %tkv.out.end147
+  %933 = getelementptr inbounds i64, ptr %ia, i64 13
+  %934 = extractelement <16 x i32> %879, i32 13
+  %935 = zext i32 %934 to i64
+  store i64 %935, ptr %933, align 8
+  br label %tkv.out.end149
+
+tkv.out.end149:                                   ; preds = %tkv.out.then148, %tkv.out.end147
+  %936 = icmp slt i64 14, %878
+  br i1 %936, label %tkv.out.then150, label %tkv.out.end151
+
+tkv.out.then150:                                  ; preds = %tkv.out.end149
+  %937 = getelementptr inbounds i64, ptr %ia, i64 14
+  %938 = extractelement <16 x i32> %879, i32 14
+  %939 = zext i32 %938 to i64
+  store i64 %939, ptr %937, align 8
+  br label %tkv.out.end151
+
+tkv.out.end151:                                   ; preds = %tkv.out.then150, %tkv.out.end149
+  %940 = icmp slt i64 15, %878
+  br i1 %940, label %tkv.out.then152, label %tkv.out.end153
+
+tkv.out.then152:                                  ; preds = %tkv.out.end151
+  %941 = getelementptr inbounds i64, ptr %ia, i64 15
+  %942 = extractelement <16 x i32> %879, i32 15
+  %943 = zext i32 %942 to i64
+  store i64 %943, ptr %941, align 8
+  br label %tkv.out.end153
+
+tkv.out.end153:                                   ; preds = %tkv.out.then152, %tkv.out.end151
+  %944 = mul nsw i64 %head, 1024
+  %945 = getelementptr inbounds float, ptr %sb, i64 %944
+  store <16 x float> zeroinitializer, ptr %tkv.v154, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i155, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k156, align 4
+  store i32 0, ptr %tkv.m157, align 4
+  br label %tkv.c.head159
+
+tkv.c.head159:                                    ; preds = %tkv.w.end165, %tkv.out.end153
+  %tkv.c162 = phi i64 [ 0, %tkv.out.end153 ], [ %1015, %tkv.w.end165 ]
+  %946 = icmp slt i64 %tkv.c162, 1024
+  br i1 %946, label %tkv.c.body160, label %tkv.c.end161
+
+tkv.c.body160:                                    ; preds = %tkv.c.head159
+  %947 = load <16 x float>, ptr %tkv.v154, align 4
+  %948 = load <16 x i32>, ptr %tkv.k156, align 4
+  %949 = getelementptr inbounds float, ptr %945, i64 %tkv.c162
+  %950 = load <16 x float>, ptr %949, align 4
+  %951 = extractelement <16 x float> %947, i32 15
+  %952 = insertelement <16 x float> poison, float %951, i32 0
+  %953 = shufflevector <16 x float> %952, <16 x float> poison, <16 x i32> zeroinitializer
+  %954 = fcmp uno <16 x float> %950, %950
+  %955 = fcmp ugt <16 x float> %950, %953
+  %956 = xor <16 x i1> %954, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %957 = and <16 x i1> %956, %955
+  %958 = bitcast <16 x i1> %957 to i16
+  %959 = load i32, ptr %tkv.m157, align 4
+  %960 = icmp eq i32 %959, 16
+  %961 = select i1 %960, i16 %958, i16 -1
+  store i16 %961, ptr %tkv.bits158, align 2
+  br label %tkv.w.head163
+
+tkv.w.head163:                                    ; preds = %tkv.in.end167, %tkv.c.body160
+  %962 = load i16, ptr %tkv.bits158, align 2
+  %963 = icmp ne i16 %962, 0
+  br i1 %963, label %tkv.w.body164, label %tkv.w.end165
+
+tkv.w.body164:                                    ; preds = %tkv.w.head163
+  %964 = call i16 @llvm.cttz.i16(i16 %962, i1 true)
+  %965 = zext i16 %964 to i64
+  %966 = sub i16 %962, 1
+  %967 = and i16 %962, %966
+  store i16 %967, ptr %tkv.bits158, align 2
+  %968 = add nsw i64 %tkv.c162, %965
+  %969 = getelementptr inbounds float, ptr %945, i64 %968
+  %970 = load float, ptr %969, align 4
+  %971 = load i32, ptr %tkv.m157, align 4
+  %972 = load <16 x float>, ptr %tkv.v154, align 4
+  %973 = load <16 x i32>, ptr %tkv.k156, align 4
+  %974 = extractelement <16 x float> %972, i32 15
+  %975 = fcmp uno float %970, %970
+  %976 = fcmp ugt float %970, %974
+  %977 = xor i1 %975, true
+  %978 = and i1 %977, %976
+  %979 = icmp slt i32 %971, 16
+  %980 = or i1 %979, %978
+  br i1 %980, label %tkv.in.then166, label %tkv.in.end167
+
+tkv.in.then166:                                   ; preds = %tkv.w.body164
+  %981 = insertelement <16 x float> poison, float %970, i32 0
+  %982 = shufflevector <16 x float> %981, <16 x float> poison, <16 x i32> zeroinitializer
+  %983 = insertelement <16 x i32> poison, i32 %971, i32 0
+  %984 = shufflevector <16 x i32> %983, <16 x i32> poison, <16 x i32> zeroinitializer
+  %985 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %984
+  %986 = fcmp uno <16 x float> %982, %982
+  %987 = fcmp ugt <16 x float> %982, %972
+  %988 = xor <16 x i1> %986, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %989 = and <16 x i1> %988, %987
+  %990 = or <16 x i1> %989, %985
+  %991 = bitcast <16 x i1> %990 to i16
+  %992 = call i16 @llvm.cttz.i16(i16 %991, i1 false)
+  %993 = zext i16 %992 to i64
+  %994 = trunc i64 %993 to i32
+  %995 = insertelement <16 x i32> poison, i32 %994, i32 0
+  %996 = shufflevector <16 x i32> %995, <16 x i32> poison, <16 x i32> zeroinitializer
+  %997 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %996
+  %998 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %996
+  %999 = trunc i64 %968 to i32
+  %1000 = insertelement <16 x i32> poison, i32 %999, i32 0
+  %1001 = shufflevector <16 x i32> %1000, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1002 = shufflevector <16 x float> %972, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1003 = select <16 x i1> %998, <16 x float> %1002, <16 x float> %972
+  %1004 = select <16 x i1> %997, <16 x float> %982, <16 x float> %1003
+  store <16 x float> %1004, ptr %tkv.v154, align 4
+  %1005 = load <16 x i32>, ptr %tkv.i155, align 4
+  %1006 = shufflevector <16 x i32> %1005, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1007 = select <16 x i1> %998, <16 x i32> %1006, <16 x i32> %1005
+  %1008 = select <16 x i1> %997, <16 x i32> %1001, <16 x i32> %1007
+  store <16 x i32> %1008, ptr %tkv.i155, align 4
+  %1009 = shufflevector <16 x i32> %973, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1010 = select <16 x i1> %998, <16 x i32> %1009, <16 x i32> %973
+  %1011 = select <16 x i1> %997, <16 x i32> zeroinitializer, <16 x i32> %1010
+  store <16 x i32> %1011, ptr %tkv.k156, align 4
+  %1012 = add nsw i32 %971, 1
+  %1013 = icmp slt i32 %1012, 16
+  %1014 = select i1 %1013, i32 %1012, i32 16
+  store i32 %1014, ptr %tkv.m157, align 4
+  br label %tkv.in.end167
+
+tkv.in.end167:                                    ; preds = %tkv.in.then166, %tkv.w.body164
+  br label %tkv.w.head163
+
+tkv.w.end165:                                     ; preds = %tkv.w.head163
+  %1015 = add nsw i64 %tkv.c162, 16
+  br label %tkv.c.head159
+
+tkv.c.end161:                                     ; preds = %tkv.c.head159
+  br label %tkv.tail.head168
+
+tkv.tail.head168:                                 ; preds = %tkv.in.end173, %tkv.c.end161
+  %tkv.tail171 = phi i64 [ 1024, %tkv.c.end161 ], [ %1063, %tkv.in.end173 ]
+  %1016 = icmp slt i64 %tkv.tail171, 1024
+  br i1 %1016, label %tkv.tail.body169, label %tkv.tail.end170
+
+tkv.tail.body169:                                 ; preds = %tkv.tail.head168
+  %1017 = getelementptr inbounds float, ptr %945, i64 %tkv.tail171
+  %1018 = load float, ptr %1017, align 4
+  %1019 = load i32, ptr %tkv.m157, align 4
+  %1020 = load <16 x float>, ptr %tkv.v154, align 4
+  %1021 = load <16 x i32>, ptr %tkv.k156, align 4
+  %1022 = extractelement <16 x float> %1020, i32 15
+  %1023 = fcmp uno float %1018, %1018
+  %1024 = fcmp ugt float %1018, %1022
+  %1025 = xor i1 %1023, true
+  %1026 = and i1 %1025, %1024
+  %1027 = icmp slt i32 %1019, 16
+  %1028 = or i1 %1027, %1026
+  br i1 %1028, label %tkv.in.then172, label %tkv.in.end173
+
+tkv.in.then172:                                   ; preds = %tkv.tail.body169
+  %1029 = insertelement <16 x float> poison, float %1018, i32 0
+  %1030 = shufflevector <16 x float> %1029, <16 x float> poison, <16 x i32> zeroinitializer
+  %1031 = insertelement <16 x i32> poison, i32 %1019, i32 0
+  %1032 = shufflevector <16 x i32> %1031, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1033 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1032
+  %1034 = fcmp uno <16 x float> %1030, %1030
+  %1035 = fcmp ugt <16 x float> %1030, %1020
+  %1036 = xor <16 x i1> %1034, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1037 = and <16 x i1> %1036, %1035
+  %1038 = or <16 x i1> %1037, %1033
+  %1039 = bitcast <16 x i1> %1038 to i16
+  %1040 = call i16 @llvm.cttz.i16(i16 %1039, i1 false)
+  %1041 = zext i16 %1040 to i64
+  %1042 = trunc i64 %1041 to i32
+  %1043 = insertelement <16 x i32> poison, i32 %1042, i32 0
+  %1044 = shufflevector <16 x i32> %1043, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1045 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1044
+  %1046 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1044
+  %1047 = trunc i64 %tkv.tail171 to i32
+  %1048 = insertelement <16 x i32> poison, i32 %1047, i32 0
+  %1049 = shufflevector <16 x i32> %1048, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1050 = shufflevector <16 x float> %1020, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1051 = select <16 x i1> %1046, <16 x float> %1050, <16 x float> %1020
+  %1052 = select <16 x i1> %1045, <16 x float> %1030, <16 x float> %1051
+  store <16 x float> %1052, ptr %tkv.v154, align 4
+  %1053 = load <16 x i32>, ptr %tkv.i155, align 4
+  %1054 = shufflevector <16 x i32> %1053, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1055 = select <16 x i1> %1046, <16 x i32> %1054, <16 x i32> %1053
+  %1056 = select <16 x i1> %1045, <16 x i32> %1049, <16 x i32> %1055
+  store <16 x i32> %1056, ptr %tkv.i155, align 4
+  %1057 = shufflevector <16 x i32> %1021, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1058 = select <16 x i1> %1046, <16 x i32> %1057, <16 x i32> %1021
+  %1059 = select <16 x i1> %1045, <16 x i32> zeroinitializer, <16 x i32> %1058
+  store <16 x i32> %1059, ptr %tkv.k156, align 4
+  %1060 = add nsw i32 %1019, 1
+  %1061 = icmp slt i32 %1060, 16
+  %1062 = select i1 %1061, i32 %1060, i32 16
+  store i32 %1062, ptr %tkv.m157, align 4
+  br label %tkv.in.end173
+
+tkv.in.end173:                                    ; preds = %tkv.in.then172, %tkv.tail.body169
+  %1063 = add nsw i64 %tkv.tail171, 1
+  br label %tkv.tail.head168
+
+tkv.tail.end170:                                  ; preds = %tkv.tail.head168
+  %1064 = load i32, ptr %tkv.m157, align 4
+  %1065 = zext i32 %1064 to i64
+  %1066 = load <16 x i32>, ptr %tkv.i155, align 4
+  %1067 = icmp slt i64 0, %1065
+  br i1 %1067, label %tkv.out.then174, label %tkv.out.end175
+
+tkv.out.then174:                                  ; preds = %tkv.tail.end170
+  %1068 = getelementptr inbounds i64, ptr %ib, i64 0
+  %1069 = extractelement <16 x i32> %1066, i32 0
+  %1070 = zext i32 %1069 to i64
+  store i64 %1070, ptr %1068, align 8
+  br label %tkv.out.end175
+
+tkv.out.end175:                                   ; preds = %tkv.out.then174, %tkv.tail.end170
+  %1071 = icmp slt i64 1, %1065
+  br i1 %1071, label %tkv.out.then176, label %tkv.out.end177
+
+tkv.out.then176:                                  ; preds = %tkv.out.end175
+  %1072 = getelementptr inbounds i64, ptr %ib, i64 1
+  %1073 = extractelement <16 x i32> %1066, i32 1
+  %1074 = zext i32 %1073 to i64
+  store i64 %1074, ptr %1072, align 8
+  br label %tkv.out.end177
+
+tkv.out.end177:                                   ; preds = %tkv.out.then176, %tkv.out.end175
+  %1075 = icmp slt i64 2, %1065
+  br i1 %1075, label %tkv.out.then178, label %tkv.out.end179
+
+tkv.out.then178:                                  ; preds = %tkv.out.end177
+  %1076 = getelementptr inbounds i64, ptr %ib, i64 2
+  %1077 = extractelement <16 x i32> %1066, i32 2
+  %1078 = zext i32 %1077 to i64
+  store i64 %1078, ptr %1076, align 8
+  br label %tkv.out.end179
+
+tkv.out.end179:                                   ; preds = %tkv.out.then178, %tkv.out.end177
+  %1079 = icmp slt i64 3, %1065
+  br i1 %1079, label %tkv.out.then180, label %tkv.out.end181
+
+tkv.out.then180:                                  ; preds = %tkv.out.end179
+  %1080 = getelementptr inbounds i64, ptr %ib, i64 3
+  %1081 = extractelement <16 x i32> %1066, i32 3
+  %1082 = zext i32 %1081 to i64
+  store i64 %1082, ptr %1080, align 8
+  br label %tkv.out.end181
+
+tkv.out.end181:                                   ; preds = %tkv.out.then180, %tkv.out.end179
+  %1083 = icmp slt i64 4, %1065
+  br i1 %1083, label %tkv.out.then182, label %tkv.out.end183
+
+tkv.out.then182:                                  ; preds = %tkv.out.end181
+  %1084 = getelementptr inbounds i64, ptr %ib, i64 4
+  %1085 = extractelement <16 x i32> %1066, i32 4
+  %1086 = zext i32 %1085 to i64
+  store i64 %1086, ptr %1084, align 8
+  br label %tkv.out.end183
+
+tkv.out.end183:                                   ; preds = %tkv.out.then182, %tkv.out.end181
+  %1087 = icmp slt i64 5, %1065
+  br i1 %1087, label %tkv.out.then184, label %tkv.out.end185
+
+tkv.out.then184:                                  ; preds = %tkv.out.end183
+  %1088 = getelementptr inbounds i64, ptr %ib, i64 5
+  %1089 = extractelement <16 x i32> %1066, i32 5
+  %1090 = zext i32 %1089 to i64
+  store i64 %1090, ptr %1088, align 8
+  br label %tkv.out.end185
+
+tkv.out.end185:                                   ; preds = %tkv.out.then184, %tkv.out.end183
+  %1091 = icmp slt i64 6, %1065
+  br i1 %1091, label %tkv.out.then186, label %tkv.out.end187
+
+tkv.out.then186:                                  ; preds = %tkv.out.end185
+  %1092 = getelementptr inbounds i64, ptr %ib, i64 6
+  %1093 = extractelement <16 x i32> %1066, i32 6
+  %1094 = zext i32 %1093 to i64
+  store i64 %1094, ptr %1092, align 8
+  br label %tkv.out.end187
+
+tkv.out.end187:                                   ; preds = %tkv.out.then186, %tkv.out.end185
+  %1095 = icmp slt i64 7, %1065
+  br i1 %1095, label %tkv.out.then188, label %tkv.out.end189
+
+tkv.out.then188:                                  ; preds = %tkv.out.end187
+  %1096 = getelementptr inbounds i64, ptr %ib, i64 7
+  %1097 = extractelement <16 x i32> %1066, i32 7
+  %1098 = zext i32 %1097 to i64
+  store i64 %1098, ptr %1096, align 8
+  br label %tkv.out.end189
+
+tkv.out.end189:                                   ; preds = %tkv.out.then188, %tkv.out.end187
+  %1099 = icmp slt i64 8, %1065
+  br i1 %1099, label %tkv.out.then190, label %tkv.out.end191
+
+tkv.out.then190:                                  ; preds = %tkv.out.end189
+  %1100 = getelementptr inbounds i64, ptr %ib, i64 8
+  %1101 = extractelement <16 x i32> %1066, i32 8
+  %1102 = zext i32 %1101 to i64
+  store i64 %1102, ptr %1100, align 8
+  br label %tkv.out.end191
+
+tkv.out.end191:                                   ; preds = %tkv.out.then190, %tkv.out.end189
+  %1103 = icmp slt i64 9, %1065
+  br i1 %1103, label %tkv.out.then192, label %tkv.out.end193
+
+tkv.out.then192:                                  ; preds = %tkv.out.end191
+  %1104 = getelementptr inbounds i64, ptr %ib, i64 9
+  %1105 = extractelement <16 x i32> %1066, i32 9
+  %1106 = zext i32 %1105 to i64
+  store i64 %1106, ptr %1104, align 8
+  br label %tkv.out.end193
+
+tkv.out.end193:                                   ; preds = %tkv.out.then192, %tkv.out.end191
+  %1107 = icmp slt i64 10, %1065
+  br i1 %1107, label %tkv.out.then194, label %tkv.out.end195
+
+tkv.out.then194:                                  ; preds = %tkv.out.end193
+  %1108 = getelementptr inbounds i64, ptr %ib, i64 10
+  %1109 = extractelement <16 x i32> %1066, i32 10
+  %1110 = zext i32 %1109 to i64
+  store i64 %1110, ptr %1108, align 8
+  br label %tkv.out.end195
+
+tkv.out.end195:                                   ; preds = %tkv.out.then194, %tkv.out.end193
+  %1111 = icmp slt i64 11, %1065
+  br i1 %1111, label %tkv.out.then196, label %tkv.out.end197
+
+tkv.out.then196:                                  ; preds = %tkv.out.end195
+  %1112 = getelementptr inbounds i64, ptr %ib, i64 11
+  %1113 = extractelement <16 x i32> %1066, i32 11
+  %1114 = zext i32 %1113 to i64
+  store i64 %1114, ptr %1112, align 8
+  br label %tkv.out.end197
+
+tkv.out.end197:                                   ; preds = %tkv.out.then196, %tkv.out.end195
+  %1115 = icmp slt i64 12, %1065
+  br i1 %1115, label %tkv.out.then198, label %tkv.out.end199
+
+tkv.out.then198:                                  ; preds = %tkv.out.end197
+  %1116 = getelementptr inbounds i64, ptr %ib, i64 12
+  %1117 = extractelement <16 x i32> %1066, i32 12
+  %1118 = zext i32 %1117 to i64
+  store i64 %1118, ptr %1116, align 8
+  br label %tkv.out.end199
+
+tkv.out.end199:                                   ; preds = %tkv.out.then198, %tkv.out.end197
+  %1119 = icmp slt i64 13, %1065
+  br i1 %1119, label %tkv.out.then200, label %tkv.out.end201
+
+tkv.out.then200:                                  ; preds = %tkv.out.end199
+  %1120 = getelementptr inbounds i64, ptr %ib, i64 13
+  %1121 = extractelement <16 x i32> %1066, i32 13
+  %1122 = zext i32 %1121 to i64
+  store i64 %1122, ptr %1120, align 8
+  br label %tkv.out.end201
+
+tkv.out.end201:                                   ; preds = %tkv.out.then200, %tkv.out.end199
+  %1123 = icmp slt i64 14, %1065
+  br i1 %1123, label %tkv.out.then202, label %tkv.out.end203
+
+tkv.out.then202:                                  ; preds = %tkv.out.end201
+  %1124 = getelementptr inbounds i64, ptr %ib, i64 14
+  %1125 = extractelement <16 x i32> %1066, i32 14
+  %1126 = zext i32 %1125 to i64
+  store i64 %1126, ptr %1124, align 8
+  br label %tkv.out.end203
+
+tkv.out.end203:                                   ; preds = %tkv.out.then202, %tkv.out.end201
+  %1127 = icmp slt i64 15, %1065
+  br i1 %1127, label %tkv.out.then204, label %tkv.out.end205
+
+tkv.out.then204:                                  ; preds = %tkv.out.end203
+  %1128 = getelementptr inbounds i64, ptr %ib, i64 15
+  %1129 = extractelement <16 x i32> %1066, i32 15
+  %1130 = zext i32 %1129 to i64
+  store i64 %1130, ptr %1128, align 8
+  br label %tkv.out.end205
+
+tkv.out.end205:                                   ; preds = %tkv.out.then204, %tkv.out.end203
   br label %ca.head
 
-ca.head:                                          ; preds = %cb.end, %tk.end125
-  %ca = phi i64 [ 0, %tk.end125 ], [ %825, %cb.end ]
-  %807 = icmp slt i64 %ca, 16
-  br i1 %807, label %ca.body, label %ca.end
+ca.head:                                          ; preds = %cb.end, %tkv.out.end205
+  %ca = phi i64 [ 0, %tkv.out.end205 ], [ %1149, %cb.end ]
+  %1131 = icmp slt i64 %ca, 16
+  br i1 %1131, label %ca.body, label %ca.end
 
 ca.body:                                          ; preds = %ca.head
-  %808 = getelementptr inbounds i64, ptr %ia, i64 %ca
-  %809 = load i64, ptr %808, align 8
-  %810 = getelementptr inbounds float, ptr %758, i64 %809
-  %811 = load float, ptr %810, align 4
+  %1132 = getelementptr inbounds i64, ptr %ia, i64 %ca
+  %1133 = load i64, ptr %1132, align 8
+  %1134 = getelementptr inbounds float, ptr %758, i64 %1133
+  %1135 = load float, ptr %1134, align 4
   br label %cb.head
 
 cb.head:                                          ; preds = %cb.body, %ca.body
-  %cb = phi i64 [ 0, %ca.body ], [ %824, %cb.body ]
-  %812 = icmp slt i64 %cb, 16
-  br i1 %812, label %cb.body, label %cb.end
+  %cb = phi i64 [ 0, %ca.body ], [ %1148, %cb.body ]
+  %1136 = icmp slt i64 %cb, 16
+  br i1 %1136, label %cb.body, label %cb.end
 
 cb.body:                                          ; preds = %cb.head
-  %813 = getelementptr inbounds i64, ptr %ib, i64 %cb
-  %814 = load i64, ptr %813, align 8
-  %815 = mul nsw i64 %ca, 16
-  %816 = add nsw i64 %815, %cb
-  %817 = getelementptr inbounds float, ptr %783, i64 %814
-  %818 = load float, ptr %817, align 4
-  %819 = fadd float %811, %818
-  %820 = getelementptr inbounds float, ptr %cv, i64 %816
-  store float %819, ptr %820, align 4
-  %821 = getelementptr inbounds i64, ptr %ck, i64 %816
-  %822 = mul nsw i64 %809, 1024
-  %823 = add nsw i64 %822, %814
-  store i64 %823, ptr %821, align 8
-  %824 = add nsw i64 %cb, 1
+  %1137 = getelementptr inbounds i64, ptr %ib, i64 %cb
+  %1138 = load i64, ptr %1137, align 8
+  %1139 = mul nsw i64 %ca, 16
+  %1140 = add nsw i64 %1139, %cb
+  %1141 = getelementptr inbounds float, ptr %945, i64 %1138
+  %1142 = load float, ptr %1141, align 4
+  %1143 = fadd float %1135, %1142
+  %1144 = getelementptr inbounds float, ptr %cv, i64 %1140
+  store float %1143, ptr %1144, align 4
+  %1145 = getelementptr inbounds i64, ptr %ck, i64 %1140
+  %1146 = mul nsw i64 %1133, 1024
+  %1147 = add nsw i64 %1146, %1138
+  store i64 %1147, ptr %1145, align 8
+  %1148 = add nsw i64 %cb, 1
   br label %cb.head
 
 cb.end:                                           ; preds = %cb.head
-  %825 = add nsw i64 %ca, 1
+  %1149 = add nsw i64 %ca, 1
   br label %ca.head
 
 ca.end:                                           ; preds = %ca.head
-  store i64 0, ptr %tk.m137, align 8
-  br label %tk.head138
+  store <16 x float> zeroinitializer, ptr %tkv.v206, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i207, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k208, align 4
+  store i32 0, ptr %tkv.m209, align 4
+  br label %tkv.c.head211
 
-tk.head138:                                       ; preds = %tk.put.end151, %ca.end
-  %tk141 = phi i64 [ 0, %ca.end ], [ %857, %tk.put.end151 ]
-  %826 = icmp slt i64 %tk141, 256
-  br i1 %826, label %tk.body139, label %tk.end140
+tkv.c.head211:                                    ; preds = %tkv.w.end217, %ca.end
+  %tkv.c214 = phi i64 [ 0, %ca.end ], [ %1249, %tkv.w.end217 ]
+  %1150 = icmp slt i64 %tkv.c214, 256
+  br i1 %1150, label %tkv.c.body212, label %tkv.c.end213
 
-tk.body139:                                       ; preds = %tk.head138
-  %827 = getelementptr inbounds float, ptr %cv, i64 %tk141
-  %828 = load float, ptr %827, align 4
-  %829 = getelementptr inbounds i64, ptr %ck, i64 %tk141
-  %830 = load i64, ptr %829, align 8
-  %831 = load i64, ptr %tk.m137, align 8
-  br label %tk.ins.head142
+tkv.c.body212:                                    ; preds = %tkv.c.head211
+  %1151 = load <16 x float>, ptr %tkv.v206, align 4
+  %1152 = load <16 x i32>, ptr %tkv.k208, align 4
+  %1153 = getelementptr inbounds float, ptr %cv, i64 %tkv.c214
+  %1154 = load <16 x float>, ptr %1153, align 4
+  %1155 = getelementptr inbounds i64, ptr %ck, i64 %tkv.c214
+  %1156 = load <16 x i64>, ptr %1155, align 8
+  %1157 = trunc <16 x i64> %1156 to <16 x i32>
+  %1158 = extractelement <16 x float> %1151, i32 15
+  %1159 = insertelement <16 x float> poison, float %1158, i32 0
+  %1160 = shufflevector <16 x float> %1159, <16 x float> poison, <16 x i32> zeroinitializer
+  %1161 = extractelement <16 x i32> %1152, i32 15
+  %1162 = insertelement <16 x i32> poison, i32 %1161, i32 0
+  %1163 = shufflevector <16 x i32> %1162, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1164 = fcmp uno <16 x float> %1154, %1154
+  %1165 = fcmp uno <16 x float> %1160, %1160
+  %1166 = fcmp one <16 x float> %1154, %1160
+  %1167 = xor <16 x i1> %1164, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1168 = and <16 x i1> %1167, %1166
+  %1169 = icmp ult <16 x i32> %1157, %1163
+  %1170 = fcmp ogt <16 x float> %1154, %1160
+  %1171 = select <16 x i1> %1168, <16 x i1> %1170, <16 x i1> %1169
+  %1172 = xor <16 x i1> %1164, %1165
+  %1173 = select <16 x i1> %1172, <16 x i1> %1165, <16 x i1> %1171
+  %1174 = bitcast <16 x i1> %1173 to i16
+  %1175 = load i32, ptr %tkv.m209, align 4
+  %1176 = icmp eq i32 %1175, 16
+  %1177 = select i1 %1176, i16 %1174, i16 -1
+  store i16 %1177, ptr %tkv.bits210, align 2
+  br label %tkv.w.head215
 
-tk.ins.head142:                                   ; preds = %tk.shift.end148, %tk.body139
-  %p146 = phi i64 [ %831, %tk.body139 ], [ %833, %tk.shift.end148 ]
-  %832 = icmp sgt i64 %p146, 0
-  br i1 %832, label %tk.ins.chk143, label %tk.ins.end145
+tkv.w.head215:                                    ; preds = %tkv.in.end219, %tkv.c.body212
+  %1178 = load i16, ptr %tkv.bits210, align 2
+  %1179 = icmp ne i16 %1178, 0
+  br i1 %1179, label %tkv.w.body216, label %tkv.w.end217
 
-tk.ins.chk143:                                    ; preds = %tk.ins.head142
-  %833 = sub nsw i64 %p146, 1
-  %834 = getelementptr inbounds i64, ptr %ic, i64 %833
-  %835 = load i64, ptr %834, align 8
-  %836 = getelementptr inbounds float, ptr %cv, i64 %835
-  %837 = load float, ptr %836, align 4
-  %838 = getelementptr inbounds i64, ptr %ck, i64 %835
-  %839 = load i64, ptr %838, align 8
-  %840 = fcmp uno float %828, %828
-  %841 = fcmp uno float %837, %837
-  %842 = fcmp one float %828, %837
-  %843 = xor i1 %840, true
-  %844 = and i1 %843, %842
-  %845 = icmp ult i64 %830, %839
-  %846 = fcmp ogt float %828, %837
-  %847 = select i1 %844, i1 %846, i1 %845
-  %848 = xor i1 %840, %841
-  %849 = select i1 %848, i1 %841, i1 %847
-  br i1 %849, label %tk.ins.body144, label %tk.ins.end145
+tkv.w.body216:                                    ; preds = %tkv.w.head215
+  %1180 = call i16 @llvm.cttz.i16(i16 %1178, i1 true)
+  %1181 = zext i16 %1180 to i64
+  %1182 = sub i16 %1178, 1
+  %1183 = and i16 %1178, %1182
+  store i16 %1183, ptr %tkv.bits210, align 2
+  %1184 = add nsw i64 %tkv.c214, %1181
+  %1185 = getelementptr inbounds float, ptr %cv, i64 %1184
+  %1186 = load float, ptr %1185, align 4
+  %1187 = getelementptr inbounds i64, ptr %ck, i64 %1184
+  %1188 = load i64, ptr %1187, align 8
+  %1189 = trunc i64 %1188 to i32
+  %1190 = load i32, ptr %tkv.m209, align 4
+  %1191 = load <16 x float>, ptr %tkv.v206, align 4
+  %1192 = load <16 x i32>, ptr %tkv.k208, align 4
+  %1193 = extractelement <16 x i32> %1192, i32 15
+  %1194 = extractelement <16 x float> %1191, i32 15
+  %1195 = fcmp uno float %1186, %1186
+  %1196 = fcmp uno float %1194, %1194
+  %1197 = fcmp one float %1186, %1194
+  %1198 = xor i1 %1195, true
+  %1199 = and i1 %1198, %1197
+  %1200 = icmp ult i32 %1189, %1193
+  %1201 = fcmp ogt float %1186, %1194
+  %1202 = select i1 %1199, i1 %1201, i1 %1200
+  %1203 = xor i1 %1195, %1196
+  %1204 = select i1 %1203, i1 %1196, i1 %1202
+  %1205 = icmp slt i32 %1190, 16
+  %1206 = or i1 %1205, %1204
+  br i1 %1206, label %tkv.in.then218, label %tkv.in.end219
 
-tk.ins.body144:                                   ; preds = %tk.ins.chk143
-  %850 = icmp slt i64 %p146, 16
-  br i1 %850, label %tk.shift.then147, label %tk.shift.end148
+tkv.in.then218:                                   ; preds = %tkv.w.body216
+  %1207 = insertelement <16 x float> poison, float %1186, i32 0
+  %1208 = shufflevector <16 x float> %1207, <16 x float> poison, <16 x i32> zeroinitializer
+  %1209 = insertelement <16 x i32> poison, i32 %1189, i32 0
+  %1210 = shufflevector <16 x i32> %1209, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1211 = insertelement <16 x i32> poison, i32 %1190, i32 0
+  %1212 = shufflevector <16 x i32> %1211, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1213 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1212
+  %1214 = fcmp uno <16 x float> %1208, %1208
+  %1215 = fcmp uno <16 x float> %1191, %1191
+  %1216 = fcmp one <16 x float> %1208, %1191
+  %1217 = xor <16 x i1> %1214, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1218 = and <16 x i1> %1217, %1216
+  %1219 = icmp ult <16 x i32> %1210, %1192
+  %1220 = fcmp ogt <16 x float> %1208, %1191
+  %1221 = select <16 x i1> %1218, <16 x i1> %1220, <16 x i1> %1219
+  %1222 = xor <16 x i1> %1214, %1215
+  %1223 = select <16 x i1> %1222, <16 x i1> %1215, <16 x i1> %1221
+  %1224 = or <16 x i1> %1223, %1213
+  %1225 = bitcast <16 x i1> %1224 to i16
+  %1226 = call i16 @llvm.cttz.i16(i16 %1225, i1 false)
+  %1227 = zext i16 %1226 to i64
+  %1228 = trunc i64 %1227 to i32
+  %1229 = insertelement <16 x i32> poison, i32 %1228, i32 0
+  %1230 = shufflevector <16 x i32> %1229, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1231 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1230
+  %1232 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1230
+  %1233 = trunc i64 %1184 to i32
+  %1234 = insertelement <16 x i32> poison, i32 %1233, i32 0
+  %1235 = shufflevector <16 x i32> %1234, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1236 = shufflevector <16 x float> %1191, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1237 = select <16 x i1> %1232, <16 x float> %1236, <16 x float> %1191
+  %1238 = select <16 x i1> %1231, <16 x float> %1208, <16 x float> %1237
+  store <16 x float> %1238, ptr %tkv.v206, align 4
+  %1239 = load <16 x i32>, ptr %tkv.i207, align 4
+  %1240 = shufflevector <16 x i32> %1239, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1241 = select <16 x i1> %1232, <16 x i32> %1240, <16 x i32> %1239
+  %1242 = select <16 x i1> %1231, <16 x i32> %1235, <16 x i32> %1241
+  store <16 x i32> %1242, ptr %tkv.i207, align 4
+  %1243 = shufflevector <16 x i32> %1192, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1244 = select <16 x i1> %1232, <16 x i32> %1243, <16 x i32> %1192
+  %1245 = select <16 x i1> %1231, <16 x i32> %1210, <16 x i32> %1244
+  store <16 x i32> %1245, ptr %tkv.k208, align 4
+  %1246 = add nsw i32 %1190, 1
+  %1247 = icmp slt i32 %1246, 16
+  %1248 = select i1 %1247, i32 %1246, i32 16
+  store i32 %1248, ptr %tkv.m209, align 4
+  br label %tkv.in.end219
 
-tk.shift.then147:                                 ; preds = %tk.ins.body144
-  %851 = getelementptr inbounds i64, ptr %ic, i64 %p146
-  store i64 %835, ptr %851, align 8
-  br label %tk.shift.end148
+tkv.in.end219:                                    ; preds = %tkv.in.then218, %tkv.w.body216
+  br label %tkv.w.head215
 
-tk.shift.end148:                                  ; preds = %tk.shift.then147, %tk.ins.body144
-  br label %tk.ins.head142
+tkv.w.end217:                                     ; preds = %tkv.w.head215
+  %1249 = add nsw i64 %tkv.c214, 16
+  br label %tkv.c.head211
 
-tk.ins.end145:                                    ; preds = %tk.ins.chk143, %tk.ins.head142
-  %pf149 = phi i64 [ %p146, %tk.ins.head142 ], [ %p146, %tk.ins.chk143 ]
-  %852 = icmp slt i64 %pf149, 16
-  br i1 %852, label %tk.put.then150, label %tk.put.end151
+tkv.c.end213:                                     ; preds = %tkv.c.head211
+  br label %tkv.tail.head220
 
-tk.put.then150:                                   ; preds = %tk.ins.end145
-  %853 = getelementptr inbounds i64, ptr %ic, i64 %pf149
-  store i64 %tk141, ptr %853, align 8
-  br label %tk.put.end151
+tkv.tail.head220:                                 ; preds = %tkv.in.end225, %tkv.c.end213
+  %tkv.tail223 = phi i64 [ 256, %tkv.c.end213 ], [ %1315, %tkv.in.end225 ]
+  %1250 = icmp slt i64 %tkv.tail223, 256
+  br i1 %1250, label %tkv.tail.body221, label %tkv.tail.end222
 
-tk.put.end151:                                    ; preds = %tk.put.then150, %tk.ins.end145
-  %854 = add nsw i64 %831, 1
-  %855 = icmp slt i64 %854, 16
-  %856 = select i1 %855, i64 %854, i64 16
-  store i64 %856, ptr %tk.m137, align 8
-  %857 = add nsw i64 %tk141, 1
-  br label %tk.head138
+tkv.tail.body221:                                 ; preds = %tkv.tail.head220
+  %1251 = getelementptr inbounds float, ptr %cv, i64 %tkv.tail223
+  %1252 = load float, ptr %1251, align 4
+  %1253 = getelementptr inbounds i64, ptr %ck, i64 %tkv.tail223
+  %1254 = load i64, ptr %1253, align 8
+  %1255 = trunc i64 %1254 to i32
+  %1256 = load i32, ptr %tkv.m209, align 4
+  %1257 = load <16 x float>, ptr %tkv.v206, align 4
+  %1258 = load <16 x i32>, ptr %tkv.k208, align 4
+  %1259 = extractelement <16 x i32> %1258, i32 15
+  %1260 = extractelement <16 x float> %1257, i32 15
+  %1261 = fcmp uno float %1252, %1252
+  %1262 = fcmp uno float %1260, %1260
+  %1263 = fcmp one float %1252, %1260
+  %1264 = xor i1 %1261, true
+  %1265 = and i1 %1264, %1263
+  %1266 = icmp ult i32 %1255, %1259
+  %1267 = fcmp ogt float %1252, %1260
+  %1268 = select i1 %1265, i1 %1267, i1 %1266
+  %1269 = xor i1 %1261, %1262
+  %1270 = select i1 %1269, i1 %1262, i1 %1268
+  %1271 = icmp slt i32 %1256, 16
+  %1272 = or i1 %1271, %1270
+  br i1 %1272, label %tkv.in.then224, label %tkv.in.end225
 
-tk.end140:                                        ; preds = %tk.head138
-  %858 = load i64, ptr %tk.m137, align 8
+tkv.in.then224:                                   ; preds = %tkv.tail.body221
+  %1273 = insertelement <16 x float> poison, float %1252, i32 0
+  %1274 = shufflevector <16 x float> %1273, <16 x float> poison, <16 x i32> zeroinitializer
+  %1275 = insertelement <16 x i32> poison, i32 %1255, i32 0
+  %1276 = shufflevector <16 x i32> %1275, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1277 = insertelement <16 x i32> poison, i32 %1256, i32 0
+  %1278 = shufflevector <16 x i32> %1277, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1279 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1278
+  %1280 = fcmp uno <16 x float> %1274, %1274
+  %1281 = fcmp uno <16 x float> %1257, %1257
+  %1282 = fcmp one <16 x float> %1274, %1257
+  %1283 = xor <16 x i1> %1280, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1284 = and <16 x i1> %1283, %1282
+  %1285 = icmp ult <16 x i32> %1276, %1258
+  %1286 = fcmp ogt <16 x float> %1274, %1257
+  %1287 = select <16 x i1> %1284, <16 x i1> %1286, <16 x i1> %1285
+  %1288 = xor <16 x i1> %1280, %1281
+  %1289 = select <16 x i1> %1288, <16 x i1> %1281, <16 x i1> %1287
+  %1290 = or <16 x i1> %1289, %1279
+  %1291 = bitcast <16 x i1> %1290 to i16
+  %1292 = call i16 @llvm.cttz.i16(i16 %1291, i1 false)
+  %1293 = zext i16 %1292 to i64
+  %1294 = trunc i64 %1293 to i32
+  %1295 = insertelement <16 x i32> poison, i32 %1294, i32 0
+  %1296 = shufflevector <16 x i32> %1295, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1297 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1296
+  %1298 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1296
+  %1299 = trunc i64 %tkv.tail223 to i32
+  %1300 = insertelement <16 x i32> poison, i32 %1299, i32 0
+  %1301 = shufflevector <16 x i32> %1300, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1302 = shufflevector <16 x float> %1257, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1303 = select <16 x i1> %1298, <16 x float> %1302, <16 x float> %1257
+  %1304 = select <16 x i1> %1297, <16 x float> %1274, <16 x float> %1303
+  store <16 x float> %1304, ptr %tkv.v206, align 4
+  %1305 = load <16 x i32>, ptr %tkv.i207, align 4
+  %1306 = shufflevector <16 x i32> %1305, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1307 = select <16 x i1> %1298, <16 x i32> %1306, <16 x i32> %1305
+  %1308 = select <16 x i1> %1297, <16 x i32> %1301, <16 x i32> %1307
+  store <16 x i32> %1308, ptr %tkv.i207, align 4
+  %1309 = shufflevector <16 x i32> %1258, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1310 = select <16 x i1> %1298, <16 x i32> %1309, <16 x i32> %1258
+  %1311 = select <16 x i1> %1297, <16 x i32> %1276, <16 x i32> %1310
+  store <16 x i32> %1311, ptr %tkv.k208, align 4
+  %1312 = add nsw i32 %1256, 1
+  %1313 = icmp slt i32 %1312, 16
+  %1314 = select i1 %1313, i32 %1312, i32 16
+  store i32 %1314, ptr %tkv.m209, align 4
+  br label %tkv.in.end225
+
+tkv.in.end225:                                    ; preds = %tkv.in.then224, %tkv.tail.body221
+  %1315 = add nsw i64 %tkv.tail223, 1
+  br label %tkv.tail.head220
+
+tkv.tail.end222:                                  ; preds = %tkv.tail.head220
+  %1316 = load i32, ptr %tkv.m209, align 4
+  %1317 = zext i32 %1316 to i64
+  %1318 = load <16 x i32>, ptr %tkv.i207, align 4
+  %1319 = icmp slt i64 0, %1317
+  br i1 %1319, label %tkv.out.then226, label %tkv.out.end227
+
+tkv.out.then226:                                  ; preds = %tkv.tail.end222
+  %1320 = getelementptr inbounds i64, ptr %ic, i64 0
+  %1321 = extractelement <16 x i32> %1318, i32 0
+  %1322 = zext i32 %1321 to i64
+  store i64 %1322, ptr %1320, align 8
+  br label %tkv.out.end227
+
+tkv.out.end227:                                   ; preds = %tkv.out.then226, %tkv.tail.end222
+  %1323 = icmp slt i64 1, %1317
+  br i1 %1323, label %tkv.out.then228, label %tkv.out.end229
+
+tkv.out.then228:                                  ; preds = %tkv.out.end227
+  %1324 = getelementptr inbounds i64, ptr %ic, i64 1
+  %1325 = extractelement <16 x i32> %1318, i32 1
+  %1326 = zext i32 %1325 to i64
+  store i64 %1326, ptr %1324, align 8
+  br label %tkv.out.end229
+
+tkv.out.end229:                                   ; preds = %tkv.out.then228, %tkv.out.end227
+  %1327 = icmp slt i64 2, %1317
+  br i1 %1327, label %tkv.out.then230, label %tkv.out.end231
+
+tkv.out.then230:                                  ; preds = %tkv.out.end229
+  %1328 = getelementptr inbounds i64, ptr %ic, i64 2
+  %1329 = extractelement <16 x i32> %1318, i32 2
+  %1330 = zext i32 %1329 to i64
+  store i64 %1330, ptr %1328, align 8
+  br label %tkv.out.end231
+
+tkv.out.end231:                                   ; preds = %tkv.out.then230, %tkv.out.end229
+  %1331 = icmp slt i64 3, %1317
+  br i1 %1331, label %tkv.out.then232, label %tkv.out.end233
+
+tkv.out.then232:                                  ; preds = %tkv.out.end231
+  %1332 = getelementptr inbounds i64, ptr %ic, i64 3
+  %1333 = extractelement <16 x i32> %1318, i32 3
+  %1334 = zext i32 %1333 to i64
+  store i64 %1334, ptr %1332, align 8
+  br label %tkv.out.end233
+
+tkv.out.end233:                                   ; preds = %tkv.out.then232, %tkv.out.end231
+  %1335 = icmp slt i64 4, %1317
+  br i1 %1335, label %tkv.out.then234, label %tkv.out.end235
+
+tkv.out.then234:                                  ; preds = %tkv.out.end233
+  %1336 = getelementptr inbounds i64, ptr %ic, i64 4
+  %1337 = extractelement <16 x i32> %1318, i32 4
+  %1338 = zext i32 %1337 to i64
+  store i64 %1338, ptr %1336, align 8
+  br label %tkv.out.end235
+
+tkv.out.end235:                                   ; preds = %tkv.out.then234, %tkv.out.end233
+  %1339 = icmp slt i64 5, %1317
+  br i1 %1339, label %tkv.out.then236, label %tkv.out.end237
+
+tkv.out.then236:                                  ; preds = %tkv.out.end235
+  %1340 = getelementptr inbounds i64, ptr %ic, i64 5
+  %1341 = extractelement <16 x i32> %1318, i32 5
+  %1342 = zext i32 %1341 to i64
+  store i64 %1342, ptr %1340, align 8
+  br label %tkv.out.end237
+
+tkv.out.end237:                                   ; preds = %tkv.out.then236, %tkv.out.end235
+  %1343 = icmp slt i64 6, %1317
+  br i1 %1343, label %tkv.out.then238, label %tkv.out.end239
+
+tkv.out.then238:                                  ; preds = %tkv.out.end237
+  %1344 = getelementptr inbounds i64, ptr %ic, i64 6
+  %1345 = extractelement <16 x i32> %1318, i32 6
+  %1346 = zext i32 %1345 to i64
+  store i64 %1346, ptr %1344, align 8
+  br label %tkv.out.end239
+
+tkv.out.end239:                                   ; preds = %tkv.out.then238, %tkv.out.end237
+  %1347 = icmp slt i64 7, %1317
+  br i1 %1347, label %tkv.out.then240, label %tkv.out.end241
+
+tkv.out.then240:                                  ; preds = %tkv.out.end239
+  %1348 = getelementptr inbounds i64, ptr %ic, i64 7
+  %1349 = extractelement <16 x i32> %1318, i32 7
+  %1350 = zext i32 %1349 to i64
+  store i64 %1350, ptr %1348, align 8
+  br label %tkv.out.end241
+
+tkv.out.end241:                                   ; preds = %tkv.out.then240, %tkv.out.end239
+  %1351 = icmp slt i64 8, %1317
+  br i1 %1351, label %tkv.out.then242, label %tkv.out.end243
+
+tkv.out.then242:                                  ; preds = %tkv.out.end241
+  %1352 = getelementptr inbounds i64, ptr %ic, i64 8
+  %1353 = extractelement <16 x i32> %1318, i32 8
+  %1354 = zext i32 %1353 to i64
+  store i64 %1354, ptr %1352, align 8
+  br label %tkv.out.end243
+
+tkv.out.end243:                                   ; preds = %tkv.out.then242, %tkv.out.end241
+  %1355 = icmp slt i64 9, %1317
+  br i1 %1355, label %tkv.out.then244, label %tkv.out.end245
+
+tkv.out.then244:                                  ; preds = %tkv.out.end243
+  %1356 = getelementptr inbounds i64, ptr %ic, i64 9
+  %1357 = extractelement <16 x i32> %1318, i32 9
+  %1358 = zext i32 %1357 to i64
+  store i64 %1358, ptr %1356, align 8
+  br label %tkv.out.end245
+
+tkv.out.end245:                                   ; preds = %tkv.out.then244, %tkv.out.end243
+  %1359 = icmp slt i64 10, %1317
+  br i1 %1359, label %tkv.out.then246, label %tkv.out.end247
+
+tkv.out.then246:                                  ; preds = %tkv.out.end245
+  %1360 = getelementptr inbounds i64, ptr %ic, i64 10
+  %1361 = extractelement <16 x i32> %1318, i32 10
+  %1362 = zext i32 %1361 to i64
+  store i64 %1362, ptr %1360, align 8
+  br label %tkv.out.end247
+
+tkv.out.end247:                                   ; preds = %tkv.out.then246, %tkv.out.end245
+  %1363 = icmp slt i64 11, %1317
+  br i1 %1363, label %tkv.out.then248, label %tkv.out.end249
+
+tkv.out.then248:                                  ; preds = %tkv.out.end247
+  %1364 = getelementptr inbounds i64, ptr %ic, i64 11
+  %1365 = extractelement <16 x i32> %1318, i32 11
+  %1366 = zext i32 %1365 to i64
+  store i64 %1366, ptr %1364, align 8
+  br label %tkv.out.end249
+
+tkv.out.end249:                                   ; preds = %tkv.out.then248, %tkv.out.end247
+  %1367 = icmp slt i64 12, %1317
+  br i1 %1367, label %tkv.out.then250, label %tkv.out.end251
+
+tkv.out.then250:                                  ; preds = %tkv.out.end249
+  %1368 = getelementptr inbounds i64, ptr %ic, i64 12
+  %1369 = extractelement <16 x i32> %1318, i32 12
+  %1370 = zext i32 %1369 to i64
+  store i64 %1370, ptr %1368, align 8
+  br label %tkv.out.end251
+
+tkv.out.end251:                                   ; preds = %tkv.out.then250, %tkv.out.end249
+  %1371 = icmp slt i64 13, %1317
+  br i1 %1371, label %tkv.out.then252, label %tkv.out.end253
+
+tkv.out.then252:                                  ; preds = %tkv.out.end251
+  %1372 = getelementptr inbounds i64, ptr %ic, i64 13
+  %1373 = extractelement <16 x i32> %1318, i32 13
+  %1374 = zext i32 %1373 to i64
+  store i64 %1374, ptr %1372, align 8
+  br label %tkv.out.end253
+
+tkv.out.end253:                                   ; preds = %tkv.out.then252, %tkv.out.end251
+  %1375 = icmp slt i64 14, %1317
+  br i1 %1375, label %tkv.out.then254, label %tkv.out.end255
+
+tkv.out.then254:                                  ; preds = %tkv.out.end253
+  %1376 = getelementptr inbounds i64, ptr %ic, i64 14
+  %1377 = extractelement <16 x i32> %1318, i32 14
+  %1378 = zext i32 %1377 to i64
+  store i64 %1378, ptr %1376, align 8
+  br label %tkv.out.end255
+
+tkv.out.end255:                                   ; preds = %tkv.out.then254, %tkv.out.end253
+  %1379 = icmp slt i64 15, %1317
+  br i1 %1379, label %tkv.out.then256, label %tkv.out.end257
+
+tkv.out.then256:                                  ; preds = %tkv.out.end255
+  %1380 = getelementptr inbounds i64, ptr %ic, i64 15
+  %1381 = extractelement <16 x i32> %1318, i32 15
+  %1382 = zext i32 %1381 to i64
+  store i64 %1382, ptr %1380, align 8
+  br label %tkv.out.end257
+
+tkv.out.end257:                                   ; preds = %tkv.out.then256, %tkv.out.end255
   br label %gather.head
 
-gather.head:                                      ; preds = %gather.body, %tk.end140
-  %gather = phi i64 [ 0, %tk.end140 ], [ %865, %gather.body ]
-  %859 = icmp slt i64 %gather, 16
-  br i1 %859, label %gather.body, label %gather.end
+gather.head:                                      ; preds = %gather.body, %tkv.out.end257
+  %gather = phi i64 [ 0, %tkv.out.end257 ], [ %1389, %gather.body ]
+  %1383 = icmp slt i64 %gather, 16
+  br i1 %1383, label %gather.body, label %gather.end
 
 gather.body:                                      ; preds = %gather.head
-  %860 = getelementptr inbounds i64, ptr %ic, i64 %gather
-  %861 = load i64, ptr %860, align 8
-  %862 = getelementptr inbounds float, ptr %cv, i64 %861
-  %863 = load float, ptr %862, align 4
-  %864 = getelementptr inbounds float, ptr %g, i64 %gather
-  store float %863, ptr %864, align 4
-  %865 = add nsw i64 %gather, 1
+  %1384 = getelementptr inbounds i64, ptr %ic, i64 %gather
+  %1385 = load i64, ptr %1384, align 8
+  %1386 = getelementptr inbounds float, ptr %cv, i64 %1385
+  %1387 = load float, ptr %1386, align 4
+  %1388 = getelementptr inbounds float, ptr %g, i64 %gather
+  store float %1387, ptr %1388, align 4
+  %1389 = add nsw i64 %gather, 1
   br label %gather.head
 
 gather.end:                                       ; preds = %gather.head
@@ -2145,110 +3062,113 @@ gather.end:                                       ; preds = %gather.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %gather.end
-  %smax152 = phi i64 [ 0, %gather.end ], [ %873, %smax.body ]
-  %866 = icmp slt i64 %smax152, 16
-  br i1 %866, label %smax.body, label %smax.end
+  %smax258 = phi i64 [ 0, %gather.end ], [ %1397, %smax.body ]
+  %1390 = icmp slt i64 %smax258, 16
+  br i1 %1390, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %867 = add nsw i64 0, %smax152
-  %868 = getelementptr inbounds float, ptr %g, i64 %867
-  %869 = load float, ptr %868, align 4
-  %870 = load float, ptr %smax, align 4
-  %871 = fcmp ogt float %869, %870
-  %872 = select i1 %871, float %869, float %870
-  store float %872, ptr %smax, align 4
-  %873 = add nsw i64 %smax152, 1
+  %1391 = add nsw i64 0, %smax258
+  %1392 = getelementptr inbounds float, ptr %g, i64 %1391
+  %1393 = load float, ptr %1392, align 4
+  %1394 = load float, ptr %smax, align 4
+  %1395 = fcmp ogt float %1393, %1394
+  %1396 = select i1 %1395, float %1393, float %1394
+  store float %1396, ptr %smax, align 4
+  %1397 = add nsw i64 %smax258, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %874 = load float, ptr %smax, align 4
+  %1398 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %887, %sexp.body ]
-  %875 = icmp slt i64 %sexp, 16
-  br i1 %875, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %1411, %sexp.body ]
+  %1399 = icmp slt i64 %sexp, 16
+  br i1 %1399, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %876 = add nsw i64 0, %sexp
-  %877 = getelementptr inbounds float, ptr %g, i64 %876
-  %878 = load float, ptr %877, align 4
-  %879 = fsub float %878, %874
-  %880 = fpext float %879 to double
-  %881 = call double @exp(double %880)
-  %882 = fptrunc double %881 to float
-  %883 = add nsw i64 0, %sexp
-  %884 = getelementptr inbounds float, ptr %g, i64 %883
-  store float %882, ptr %884, align 4
-  %885 = load float, ptr %ssum, align 4
-  %886 = fadd float %885, %882
-  store float %886, ptr %ssum, align 4
-  %887 = add nsw i64 %sexp, 1
+  %1400 = add nsw i64 0, %sexp
+  %1401 = getelementptr inbounds float, ptr %g, i64 %1400
+  %1402 = load float, ptr %1401, align 4
+  %1403 = fsub float %1402, %1398
+  %1404 = fpext float %1403 to double
+  %1405 = call double @exp(double %1404)
+  %1406 = fptrunc double %1405 to float
+  %1407 = add nsw i64 0, %sexp
+  %1408 = getelementptr inbounds float, ptr %g, i64 %1407
+  store float %1406, ptr %1408, align 4
+  %1409 = load float, ptr %ssum, align 4
+  %1410 = fadd float %1409, %1406
+  store float %1410, ptr %ssum, align 4
+  %1411 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %888 = load float, ptr %ssum, align 4
+  %1412 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %895, %sdiv.body ]
-  %889 = icmp slt i64 %sdiv, 16
-  br i1 %889, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %1419, %sdiv.body ]
+  %1413 = icmp slt i64 %sdiv, 16
+  br i1 %1413, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %890 = add nsw i64 0, %sdiv
-  %891 = getelementptr inbounds float, ptr %g, i64 %890
-  %892 = load float, ptr %891, align 4
-  %893 = fdiv float %892, %888
-  %894 = getelementptr inbounds float, ptr %g, i64 %890
-  store float %893, ptr %894, align 4
-  %895 = add nsw i64 %sdiv, 1
+  %1414 = add nsw i64 0, %sdiv
+  %1415 = getelementptr inbounds float, ptr %g, i64 %1414
+  %1416 = load float, ptr %1415, align 4
+  %1417 = fdiv float %1416, %1412
+  %1418 = getelementptr inbounds float, ptr %g, i64 %1414
+  store float %1417, ptr %1418, align 4
+  %1419 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %896 = mul nsw i64 %hd, 16
-  %897 = mul nsw i64 %tok, 128
-  %898 = add nsw i64 %897, %896
+  %1420 = mul nsw i64 %hd, 16
+  %1421 = mul nsw i64 %tok, 128
+  %1422 = add nsw i64 %1421, %1420
   br label %out.head
 
 out.head:                                         ; preds = %out.body, %sdiv.end
-  %out = phi i64 [ 0, %sdiv.end ], [ %911, %out.body ]
-  %899 = icmp slt i64 %out, 16
-  br i1 %899, label %out.body, label %out.end
+  %out = phi i64 [ 0, %sdiv.end ], [ %1435, %out.body ]
+  %1423 = icmp slt i64 %out, 16
+  br i1 %1423, label %out.body, label %out.end
 
 out.body:                                         ; preds = %out.head
-  %900 = add nsw i64 %898, %out
-  %901 = getelementptr inbounds i32, ptr %ids, i64 %900
-  %902 = getelementptr inbounds i64, ptr %ic, i64 %out
-  %903 = load i64, ptr %902, align 8
-  %904 = getelementptr inbounds i64, ptr %ck, i64 %903
-  %905 = load i64, ptr %904, align 8
-  %906 = trunc i64 %905 to i32
-  store i32 %906, ptr %901, align 4
-  %907 = getelementptr inbounds float, ptr %g, i64 %out
-  %908 = load float, ptr %907, align 4
-  %909 = fmul float %908, 1.000000e+00
-  %910 = getelementptr inbounds float, ptr %weights, i64 %900
-  store float %909, ptr %910, align 4
-  %911 = add nsw i64 %out, 1
+  %1424 = add nsw i64 %1422, %out
+  %1425 = getelementptr inbounds i32, ptr %ids, i64 %1424
+  %1426 = getelementptr inbounds i64, ptr %ic, i64 %out
+  %1427 = load i64, ptr %1426, align 8
+  %1428 = getelementptr inbounds i64, ptr %ck, i64 %1427
+  %1429 = load i64, ptr %1428, align 8
+  %1430 = trunc i64 %1429 to i32
+  store i32 %1430, ptr %1425, align 4
+  %1431 = getelementptr inbounds float, ptr %g, i64 %out
+  %1432 = load float, ptr %1431, align 4
+  %1433 = fmul float %1432, 1.000000e+00
+  %1434 = getelementptr inbounds float, ptr %weights, i64 %1424
+  store float %1433, ptr %1434, align 4
+  %1435 = add nsw i64 %out, 1
   br label %out.head
 
 out.end:                                          ; preds = %out.head
-  %912 = add nsw i64 %head, 1
+  %1436 = add nsw i64 %head, 1
   br label %head.head
 
 head.end:                                         ; preds = %head.head
-  %913 = add nsw i64 %hgroup, 8
+  %1437 = add nsw i64 %hgroup, 8
   br label %hgroup.head
 
 hgroup.end:                                       ; preds = %hgroup.head
-  %914 = add nsw i64 %tok, 1
+  %1438 = add nsw i64 %tok, 1
   br label %tok.head
 
 tok.end:                                          ; preds = %tok.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare i16 @llvm.cttz.i16(i16, i1 immarg) #1
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -2269,7 +3189,7 @@ start:                                            ; preds = %entry
   br label %t.head
 
 t.head:                                           ; preds = %y.end, %start
-  %t = phi i64 [ %t0, %start ], [ %120, %y.end ]
+  %t = phi i64 [ %t0, %start ], [ %126, %y.end ]
   %0 = icmp slt i64 %t, %t1
   br i1 %0, label %t.body, label %t.end
 
@@ -2298,62 +3218,36 @@ z.end:                                            ; preds = %z.head
   br label %slot.head
 
 slot.head:                                        ; preds = %slot.end4, %z.end
-  %slot = phi i64 [ 0, %z.end ], [ %111, %slot.end4 ]
+  %slot = phi i64 [ 0, %z.end ], [ %117, %slot.end4 ]
   %10 = icmp slt i64 %slot, 128
   br i1 %10, label %slot.body, label %slot.end
 
 slot.body:                                        ; preds = %slot.head
   %11 = mul nsw i64 %t, 128
   %12 = add nsw i64 %11, %slot
-  %13 = add nsw i64 %12, 2
-  %14 = mul nsw i64 %t1, 128
-  %15 = icmp slt i64 %13, %14
-  br i1 %15, label %pf.then, label %pf.end
+  %13 = mul nsw i64 %t1, 128
+  %14 = sub nsw i64 %13, 1
+  %15 = add nsw i64 %12, 2
+  %16 = icmp slt i64 %15, %14
+  %17 = select i1 %16, i64 %15, i64 %14
+  %18 = getelementptr inbounds i32, ptr %ids, i64 %17
+  %19 = load i32, ptr %18, align 4
+  %20 = icmp sge i32 %19, 0
+  %21 = select i1 %20, i32 %19, i32 0
+  %22 = zext i32 %21 to i64
+  %23 = mul nsw i64 %22, 1024
+  %24 = getelementptr inbounds i32, ptr %ids, i64 %12
+  %25 = load i32, ptr %24, align 4
+  %26 = icmp sge i32 %25, 0
+  br i1 %26, label %slot.then, label %slot.end4
 
-pf.then:                                          ; preds = %slot.body
-  %16 = getelementptr inbounds i32, ptr %ids, i64 %13
-  %17 = load i32, ptr %16, align 4
-  %18 = icmp sge i32 %17, 0
-  br i1 %18, label %pfe.then, label %pfe.end
-
-pfe.then:                                         ; preds = %pf.then
-  %19 = zext i32 %17 to i64
-  %20 = mul nsw i64 %19, 1024
-  br label %pfl.head
-
-pfl.head:                                         ; preds = %pfl.body, %pfe.then
-  %pfl = phi i64 [ 0, %pfe.then ], [ %25, %pfl.body ]
-  %21 = icmp slt i64 %pfl, 1024
-  br i1 %21, label %pfl.body, label %pfl.end
-
-pfl.body:                                         ; preds = %pfl.head
-  %22 = add nsw i64 %20, %pfl
-  %23 = getelementptr inbounds float, ptr %u, i64 %22
-  call void @llvm.prefetch.p0(ptr %23, i32 0, i32 3, i32 1)
-  %24 = getelementptr inbounds float, ptr %v, i64 %22
-  call void @llvm.prefetch.p0(ptr %24, i32 0, i32 3, i32 1)
-  %25 = add nsw i64 %pfl, 16
-  br label %pfl.head
-
-pfl.end:                                          ; preds = %pfl.head
-  br label %pfe.end
-
-pfe.end:                                          ; preds = %pfl.end, %pf.then
-  br label %pf.end
-
-pf.end:                                           ; preds = %pfe.end, %slot.body
-  %26 = getelementptr inbounds i32, ptr %ids, i64 %12
-  %27 = load i32, ptr %26, align 4
-  %28 = icmp sge i32 %27, 0
-  br i1 %28, label %slot.then, label %slot.end4
-
-slot.then:                                        ; preds = %pf.end
-  %29 = getelementptr inbounds float, ptr %weights, i64 %12
-  %30 = load float, ptr %29, align 4
-  %31 = zext i32 %27 to i64
-  %32 = mul nsw i64 %31, 1024
-  %33 = getelementptr inbounds float, ptr %u, i64 %32
-  %34 = getelementptr inbounds float, ptr %v, i64 %32
+slot.then:                                        ; preds = %slot.body
+  %27 = getelementptr inbounds float, ptr %weights, i64 %12
+  %28 = load float, ptr %27, align 4
+  %29 = zext i32 %25 to i64
+  %30 = mul nsw i64 %29, 1024
+  %31 = getelementptr inbounds float, ptr %u, i64 %30
+  %32 = getelementptr inbounds float, ptr %v, i64 %30
   store <8 x double> zeroinitializer, ptr %dacc, align 8
   store <8 x double> zeroinitializer, ptr %dacc1, align 8
   store <8 x double> zeroinitializer, ptr %dacc2, align 8
@@ -2361,132 +3255,144 @@ slot.then:                                        ; preds = %pf.end
   br label %dot.head
 
 dot.head:                                         ; preds = %dot.body, %slot.then
-  %dot = phi i64 [ 0, %slot.then ], [ %68, %dot.body ]
-  %35 = icmp slt i64 %dot, 1024
-  br i1 %35, label %dot.body, label %dot.end
+  %dot = phi i64 [ 0, %slot.then ], [ %74, %dot.body ]
+  %33 = icmp slt i64 %dot, 1024
+  br i1 %33, label %dot.body, label %dot.end
 
 dot.body:                                         ; preds = %dot.head
-  %36 = add nsw i64 %dot, 0
-  %37 = getelementptr inbounds double, ptr %xd, i64 %36
-  %38 = load <8 x double>, ptr %37, align 8
-  %39 = getelementptr inbounds float, ptr %33, i64 %36
-  %40 = load <8 x float>, ptr %39, align 4
-  %41 = fpext <8 x float> %40 to <8 x double>
-  %42 = load <8 x double>, ptr %dacc, align 8
-  %43 = call <8 x double> @llvm.fma.v8f64(<8 x double> %38, <8 x double> %41, <8 x double> %42)
-  store <8 x double> %43, ptr %dacc, align 8
-  %44 = add nsw i64 %dot, 8
-  %45 = getelementptr inbounds double, ptr %xd, i64 %44
-  %46 = load <8 x double>, ptr %45, align 8
-  %47 = getelementptr inbounds float, ptr %33, i64 %44
-  %48 = load <8 x float>, ptr %47, align 4
-  %49 = fpext <8 x float> %48 to <8 x double>
-  %50 = load <8 x double>, ptr %dacc1, align 8
-  %51 = call <8 x double> @llvm.fma.v8f64(<8 x double> %46, <8 x double> %49, <8 x double> %50)
-  store <8 x double> %51, ptr %dacc1, align 8
-  %52 = add nsw i64 %dot, 16
-  %53 = getelementptr inbounds double, ptr %xd, i64 %52
-  %54 = load <8 x double>, ptr %53, align 8
-  %55 = getelementptr inbounds float, ptr %33, i64 %52
-  %56 = load <8 x float>, ptr %55, align 4
-  %57 = fpext <8 x float> %56 to <8 x double>
-  %58 = load <8 x double>, ptr %dacc2, align 8
-  %59 = call <8 x double> @llvm.fma.v8f64(<8 x double> %54, <8 x double> %57, <8 x double> %58)
-  store <8 x double> %59, ptr %dacc2, align 8
-  %60 = add nsw i64 %dot, 24
-  %61 = getelementptr inbounds double, ptr %xd, i64 %60
-  %62 = load <8 x double>, ptr %61, align 8
-  %63 = getelementptr inbounds float, ptr %33, i64 %60
-  %64 = load <8 x float>, ptr %63, align 4
-  %65 = fpext <8 x float> %64 to <8 x double>
-  %66 = load <8 x double>, ptr %dacc3, align 8
-  %67 = call <8 x double> @llvm.fma.v8f64(<8 x double> %62, <8 x double> %65, <8 x double> %66)
-  store <8 x double> %67, ptr %dacc3, align 8
-  %68 = add nsw i64 %dot, 32
+  %34 = add nsw i64 %dot, 0
+  %35 = add nsw i64 %23, %34
+  %36 = getelementptr inbounds float, ptr %u, i64 %35
+  call void @llvm.prefetch.p0(ptr %36, i32 0, i32 2, i32 1)
+  %37 = getelementptr inbounds float, ptr %v, i64 %35
+  call void @llvm.prefetch.p0(ptr %37, i32 0, i32 2, i32 1)
+  %38 = add nsw i64 %dot, 16
+  %39 = add nsw i64 %23, %38
+  %40 = getelementptr inbounds float, ptr %u, i64 %39
+  call void @llvm.prefetch.p0(ptr %40, i32 0, i32 2, i32 1)
+  %41 = getelementptr inbounds float, ptr %v, i64 %39
+  call void @llvm.prefetch.p0(ptr %41, i32 0, i32 2, i32 1)
+  %42 = add nsw i64 %dot, 0
+  %43 = getelementptr inbounds double, ptr %xd, i64 %42
+  %44 = load <8 x double>, ptr %43, align 8
+  %45 = getelementptr inbounds float, ptr %31, i64 %42
+  %46 = load <8 x float>, ptr %45, align 4
+  %47 = fpext <8 x float> %46 to <8 x double>
+  %48 = load <8 x double>, ptr %dacc, align 8
+  %49 = call <8 x double> @llvm.fma.v8f64(<8 x double> %44, <8 x double> %47, <8 x double> %48)
+  store <8 x double> %49, ptr %dacc, align 8
+  %50 = add nsw i64 %dot, 8
+  %51 = getelementptr inbounds double, ptr %xd, i64 %50
+  %52 = load <8 x double>, ptr %51, align 8
+  %53 = getelementptr inbounds float, ptr %31, i64 %50
+  %54 = load <8 x float>, ptr %53, align 4
+  %55 = fpext <8 x float> %54 to <8 x double>
+  %56 = load <8 x double>, ptr %dacc1, align 8
+  %57 = call <8 x double> @llvm.fma.v8f64(<8 x double> %52, <8 x double> %55, <8 x double> %56)
+  store <8 x double> %57, ptr %dacc1, align 8
+  %58 = add nsw i64 %dot, 16
+  %59 = getelementptr inbounds double, ptr %xd, i64 %58
+  %60 = load <8 x double>, ptr %59, align 8
+  %61 = getelementptr inbounds float, ptr %31, i64 %58
+  %62 = load <8 x float>, ptr %61, align 4
+  %63 = fpext <8 x float> %62 to <8 x double>
+  %64 = load <8 x double>, ptr %dacc2, align 8
+  %65 = call <8 x double> @llvm.fma.v8f64(<8 x double> %60, <8 x double> %63, <8 x double> %64)
+  store <8 x double> %65, ptr %dacc2, align 8
+  %66 = add nsw i64 %dot, 24
+  %67 = getelementptr inbounds double, ptr %xd, i64 %66
+  %68 = load <8 x double>, ptr %67, align 8
+  %69 = getelementptr inbounds float, ptr %31, i64 %66
+  %70 = load <8 x float>, ptr %69, align 4
+  %71 = fpext <8 x float> %70 to <8 x double>
+  %72 = load <8 x double>, ptr %dacc3, align 8
+  %73 = call <8 x double> @llvm.fma.v8f64(<8 x double> %68, <8 x double> %71, <8 x double> %72)
+  store <8 x double> %73, ptr %dacc3, align 8
+  %74 = add nsw i64 %dot, 32
   br label %dot.head
 
 dot.end:                                          ; preds = %dot.head
-  %69 = load <8 x double>, ptr %dacc, align 8
-  %70 = load <8 x double>, ptr %dacc3, align 8
-  %71 = load <8 x double>, ptr %dacc2, align 8
-  %72 = fadd <8 x double> %71, %70
-  %73 = load <8 x double>, ptr %dacc1, align 8
-  %74 = fadd <8 x double> %69, %73
-  %75 = fadd <8 x double> %74, %72
-  %76 = extractelement <8 x double> %75, i32 0
-  %77 = fadd double 0.000000e+00, %76
-  %78 = extractelement <8 x double> %75, i32 1
-  %79 = fadd double %77, %78
-  %80 = extractelement <8 x double> %75, i32 2
-  %81 = fadd double %79, %80
-  %82 = extractelement <8 x double> %75, i32 3
-  %83 = fadd double %81, %82
-  %84 = extractelement <8 x double> %75, i32 4
+  %75 = load <8 x double>, ptr %dacc, align 8
+  %76 = load <8 x double>, ptr %dacc3, align 8
+  %77 = load <8 x double>, ptr %dacc2, align 8
+  %78 = fadd <8 x double> %77, %76
+  %79 = load <8 x double>, ptr %dacc1, align 8
+  %80 = fadd <8 x double> %75, %79
+  %81 = fadd <8 x double> %80, %78
+  %82 = extractelement <8 x double> %81, i32 0
+  %83 = fadd double 0.000000e+00, %82
+  %84 = extractelement <8 x double> %81, i32 1
   %85 = fadd double %83, %84
-  %86 = extractelement <8 x double> %75, i32 5
+  %86 = extractelement <8 x double> %81, i32 2
   %87 = fadd double %85, %86
-  %88 = extractelement <8 x double> %75, i32 6
+  %88 = extractelement <8 x double> %81, i32 3
   %89 = fadd double %87, %88
-  %90 = extractelement <8 x double> %75, i32 7
+  %90 = extractelement <8 x double> %81, i32 4
   %91 = fadd double %89, %90
-  store double %91, ptr %dtail, align 8
-  %92 = load double, ptr %dtail, align 8
-  %93 = fptrunc double %92 to float
-  %94 = fpext float %93 to double
-  %95 = fcmp ogt float %93, 0.000000e+00
-  %96 = select i1 %95, float %93, float 0.000000e+00
-  %97 = insertelement <8 x float> poison, float %96, i32 0
-  %98 = shufflevector <8 x float> %97, <8 x float> poison, <8 x i32> zeroinitializer
-  %99 = insertelement <8 x float> poison, float %30, i32 0
-  %100 = shufflevector <8 x float> %99, <8 x float> poison, <8 x i32> zeroinitializer
+  %92 = extractelement <8 x double> %81, i32 5
+  %93 = fadd double %91, %92
+  %94 = extractelement <8 x double> %81, i32 6
+  %95 = fadd double %93, %94
+  %96 = extractelement <8 x double> %81, i32 7
+  %97 = fadd double %95, %96
+  store double %97, ptr %dtail, align 8
+  %98 = load double, ptr %dtail, align 8
+  %99 = fptrunc double %98 to float
+  %100 = fpext float %99 to double
+  %101 = fcmp ogt float %99, 0.000000e+00
+  %102 = select i1 %101, float %99, float 0.000000e+00
+  %103 = insertelement <8 x float> poison, float %102, i32 0
+  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  %105 = insertelement <8 x float> poison, float %28, i32 0
+  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
   br label %axpy.head
 
 axpy.head:                                        ; preds = %axpy.body, %dot.end
-  %axpy = phi i64 [ 0, %dot.end ], [ %110, %axpy.body ]
-  %101 = icmp slt i64 %axpy, 1024
-  br i1 %101, label %axpy.body, label %axpy.end
+  %axpy = phi i64 [ 0, %dot.end ], [ %116, %axpy.body ]
+  %107 = icmp slt i64 %axpy, 1024
+  br i1 %107, label %axpy.body, label %axpy.end
 
 axpy.body:                                        ; preds = %axpy.head
-  %102 = getelementptr inbounds float, ptr %34, i64 %axpy
-  %103 = load <8 x float>, ptr %102, align 4
-  %104 = fmul <8 x float> %98, %103
-  %105 = fmul <8 x float> %100, %104
-  %106 = getelementptr inbounds double, ptr %acc, i64 %axpy
-  %107 = load <8 x double>, ptr %106, align 8
-  %108 = fpext <8 x float> %105 to <8 x double>
-  %109 = fadd <8 x double> %107, %108
-  store <8 x double> %109, ptr %106, align 8
-  %110 = add nsw i64 %axpy, 8
+  %108 = getelementptr inbounds float, ptr %32, i64 %axpy
+  %109 = load <8 x float>, ptr %108, align 4
+  %110 = fmul <8 x float> %104, %109
+  %111 = fmul <8 x float> %106, %110
+  %112 = getelementptr inbounds double, ptr %acc, i64 %axpy
+  %113 = load <8 x double>, ptr %112, align 8
+  %114 = fpext <8 x float> %111 to <8 x double>
+  %115 = fadd <8 x double> %113, %114
+  store <8 x double> %115, ptr %112, align 8
+  %116 = add nsw i64 %axpy, 8
   br label %axpy.head
 
 axpy.end:                                         ; preds = %axpy.head
   br label %slot.end4
 
-slot.end4:                                        ; preds = %axpy.end, %pf.end
-  %111 = add nsw i64 %slot, 1
+slot.end4:                                        ; preds = %axpy.end, %slot.body
+  %117 = add nsw i64 %slot, 1
   br label %slot.head
 
 slot.end:                                         ; preds = %slot.head
-  %112 = mul nsw i64 %t, 1024
-  %113 = getelementptr inbounds float, ptr %y, i64 %112
+  %118 = mul nsw i64 %t, 1024
+  %119 = getelementptr inbounds float, ptr %y, i64 %118
   br label %y.head
 
 y.head:                                           ; preds = %y.body, %slot.end
-  %y5 = phi i64 [ 0, %slot.end ], [ %119, %y.body ]
-  %114 = icmp slt i64 %y5, 1024
-  br i1 %114, label %y.body, label %y.end
+  %y5 = phi i64 [ 0, %slot.end ], [ %125, %y.body ]
+  %120 = icmp slt i64 %y5, 1024
+  br i1 %120, label %y.body, label %y.end
 
 y.body:                                           ; preds = %y.head
-  %115 = getelementptr inbounds float, ptr %113, i64 %y5
-  %116 = getelementptr inbounds double, ptr %acc, i64 %y5
-  %117 = load double, ptr %116, align 8
-  %118 = fptrunc double %117 to float
-  store float %118, ptr %115, align 4
-  %119 = add nsw i64 %y5, 1
+  %121 = getelementptr inbounds float, ptr %119, i64 %y5
+  %122 = getelementptr inbounds double, ptr %acc, i64 %y5
+  %123 = load double, ptr %122, align 8
+  %124 = fptrunc double %123 to float
+  store float %124, ptr %121, align 4
+  %125 = add nsw i64 %y5, 1
   br label %y.head
 
 y.end:                                            ; preds = %y.head
-  %120 = add nsw i64 %t, 1
+  %126 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head

@@ -925,36 +925,36 @@ entry:
   %acc31 = alloca <16 x float>, align 32
   %acc41 = alloca <16 x float>, align 32
   %acc51 = alloca <16 x float>, align 32
-  %acc0042 = alloca <16 x float>, align 32
-  %acc1043 = alloca <16 x float>, align 32
-  %acc2044 = alloca <16 x float>, align 32
-  %acc3045 = alloca <16 x float>, align 32
-  %acc4046 = alloca <16 x float>, align 32
-  %acc0150 = alloca <16 x float>, align 32
-  %acc1151 = alloca <16 x float>, align 32
-  %acc2152 = alloca <16 x float>, align 32
-  %acc3153 = alloca <16 x float>, align 32
-  %acc4154 = alloca <16 x float>, align 32
-  %acc00100 = alloca <16 x float>, align 32
-  %acc10101 = alloca <16 x float>, align 32
-  %acc20102 = alloca <16 x float>, align 32
-  %acc30103 = alloca <16 x float>, align 32
-  %acc01107 = alloca <16 x float>, align 32
-  %acc11108 = alloca <16 x float>, align 32
-  %acc21109 = alloca <16 x float>, align 32
-  %acc31110 = alloca <16 x float>, align 32
-  %acc00148 = alloca <16 x float>, align 32
-  %acc10149 = alloca <16 x float>, align 32
-  %acc20150 = alloca <16 x float>, align 32
-  %acc01154 = alloca <16 x float>, align 32
-  %acc11155 = alloca <16 x float>, align 32
-  %acc21156 = alloca <16 x float>, align 32
-  %acc00186 = alloca <16 x float>, align 32
-  %acc10187 = alloca <16 x float>, align 32
-  %acc01191 = alloca <16 x float>, align 32
-  %acc11192 = alloca <16 x float>, align 32
-  %acc00214 = alloca <16 x float>, align 32
-  %acc01218 = alloca <16 x float>, align 32
+  %acc0044 = alloca <16 x float>, align 32
+  %acc1045 = alloca <16 x float>, align 32
+  %acc2046 = alloca <16 x float>, align 32
+  %acc3047 = alloca <16 x float>, align 32
+  %acc4048 = alloca <16 x float>, align 32
+  %acc0152 = alloca <16 x float>, align 32
+  %acc1153 = alloca <16 x float>, align 32
+  %acc2154 = alloca <16 x float>, align 32
+  %acc3155 = alloca <16 x float>, align 32
+  %acc4156 = alloca <16 x float>, align 32
+  %acc00106 = alloca <16 x float>, align 32
+  %acc10107 = alloca <16 x float>, align 32
+  %acc20108 = alloca <16 x float>, align 32
+  %acc30109 = alloca <16 x float>, align 32
+  %acc01113 = alloca <16 x float>, align 32
+  %acc11114 = alloca <16 x float>, align 32
+  %acc21115 = alloca <16 x float>, align 32
+  %acc31116 = alloca <16 x float>, align 32
+  %acc00158 = alloca <16 x float>, align 32
+  %acc10159 = alloca <16 x float>, align 32
+  %acc20160 = alloca <16 x float>, align 32
+  %acc01164 = alloca <16 x float>, align 32
+  %acc11165 = alloca <16 x float>, align 32
+  %acc21166 = alloca <16 x float>, align 32
+  %acc00200 = alloca <16 x float>, align 32
+  %acc10201 = alloca <16 x float>, align 32
+  %acc01205 = alloca <16 x float>, align 32
+  %acc11206 = alloca <16 x float>, align 32
+  %acc00232 = alloca <16 x float>, align 32
+  %acc01236 = alloca <16 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1038,6 +1038,7 @@ r0.body:                                          ; preds = %r0.head
   %31 = icmp sge i64 %nrb, 8
   %32 = select i1 %31, i64 3, i64 %30
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %33 = shl i64 1, %32
   %34 = icmp slt i64 %pf.j, %33
   %35 = icmp sgt i64 %nrb, 1
@@ -1094,8 +1095,8 @@ tile.mr6:                                         ; preds = %r0.body
   store <16 x float> zeroinitializer, ptr %acc51, align 4
   br label %kp.head
 
-kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %160, %kp.body ]
+kp.head:                                          ; preds = %pf.any.end3, %tile.mr6
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %160, %pf.any.end3 ]
   %62 = icmp slt i64 %kp, 512
   br i1 %62, label %kp.body, label %kp.end
 
@@ -1105,9 +1106,15 @@ kp.body:                                          ; preds = %kp.head
   %64 = getelementptr inbounds i16, ptr %55, i64 %63
   %65 = load <32 x bfloat>, ptr %64, align 4
   %66 = mul nsw i64 %kk, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %kp.body
   %67 = lshr i64 %66, %pf.sh
   %68 = getelementptr inbounds i8, ptr %pf, i64 %67
   call void @llvm.prefetch.p0(ptr %68, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %kp.body
   %69 = getelementptr inbounds i32, ptr %38, i64 %kk
   %70 = load i32, ptr %69, align 4
   %71 = load <16 x float>, ptr %acc00, align 4
@@ -1161,9 +1168,15 @@ kp.body:                                          ; preds = %kp.head
   %113 = getelementptr inbounds i16, ptr %55, i64 %112
   %114 = load <32 x bfloat>, ptr %113, align 4
   %115 = mul nsw i64 %111, 64
+  br i1 %pf.multi, label %pf.any.then2, label %pf.any.end3
+
+pf.any.then2:                                     ; preds = %pf.any.end
   %116 = lshr i64 %115, %pf.sh
   %117 = getelementptr inbounds i8, ptr %pf, i64 %116
   call void @llvm.prefetch.p0(ptr %117, i32 0, i32 2, i32 1)
+  br label %pf.any.end3
+
+pf.any.end3:                                      ; preds = %pf.any.then2, %pf.any.end
   %118 = getelementptr inbounds i32, ptr %38, i64 %111
   %119 = load i32, ptr %118, align 4
   %120 = load <16 x float>, ptr %acc01, align 4
@@ -1222,24 +1235,24 @@ kp.end:                                           ; preds = %kp.head
   store <16 x float> %sum, ptr %acc00, align 4
   %163 = load <16 x float>, ptr %acc11, align 4
   %164 = load <16 x float>, ptr %acc10, align 4
-  %sum2 = fadd <16 x float> %164, %163
-  store <16 x float> %sum2, ptr %acc10, align 4
+  %sum4 = fadd <16 x float> %164, %163
+  store <16 x float> %sum4, ptr %acc10, align 4
   %165 = load <16 x float>, ptr %acc21, align 4
   %166 = load <16 x float>, ptr %acc20, align 4
-  %sum3 = fadd <16 x float> %166, %165
-  store <16 x float> %sum3, ptr %acc20, align 4
+  %sum5 = fadd <16 x float> %166, %165
+  store <16 x float> %sum5, ptr %acc20, align 4
   %167 = load <16 x float>, ptr %acc31, align 4
   %168 = load <16 x float>, ptr %acc30, align 4
-  %sum4 = fadd <16 x float> %168, %167
-  store <16 x float> %sum4, ptr %acc30, align 4
+  %sum6 = fadd <16 x float> %168, %167
+  store <16 x float> %sum6, ptr %acc30, align 4
   %169 = load <16 x float>, ptr %acc41, align 4
   %170 = load <16 x float>, ptr %acc40, align 4
-  %sum5 = fadd <16 x float> %170, %169
-  store <16 x float> %sum5, ptr %acc40, align 4
+  %sum7 = fadd <16 x float> %170, %169
+  store <16 x float> %sum7, ptr %acc40, align 4
   %171 = load <16 x float>, ptr %acc51, align 4
   %172 = load <16 x float>, ptr %acc50, align 4
-  %sum6 = fadd <16 x float> %172, %171
-  store <16 x float> %sum6, ptr %acc50, align 4
+  %sum8 = fadd <16 x float> %172, %171
+  store <16 x float> %sum8, ptr %acc50, align 4
   %173 = add nsw i64 %r0, 0
   %174 = add nsw i64 %chunk, %173
   %175 = getelementptr inbounds float, ptr %rw, i64 %174
@@ -1291,7 +1304,7 @@ kp.end:                                           ; preds = %kp.head
   %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
   %214 = mul nsw i64 %209, 768
   %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %col7 = mul nsw i64 %p, 8
+  %col9 = mul nsw i64 %p, 8
   %216 = load <16 x float>, ptr %acc10, align 4
   %217 = shufflevector <16 x float> %216, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
   %218 = load <16 x float>, ptr %acc10, align 4
@@ -1316,16 +1329,16 @@ kp.end:                                           ; preds = %kp.head
   %237 = fptosi <8 x float> %226 to <8 x i32>
   %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %239 to <8 x float>
-  %exp9 = fmul <8 x float> %236, %exp.2n8
-  %240 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
-  %silu11 = fmul <8 x float> %217, %sigmoid10
-  %glu12 = fmul <8 x float> %silu11, %219
-  %241 = fmul <8 x float> %glu12, %213
-  %242 = getelementptr inbounds i16, ptr %215, i64 %col7
-  %hb13 = fptrunc <8 x float> %241 to <8 x bfloat>
-  store <8 x bfloat> %hb13, ptr %242, align 4
+  %exp.2n10 = bitcast <8 x i32> %239 to <8 x float>
+  %exp11 = fmul <8 x float> %236, %exp.2n10
+  %240 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
+  %silu13 = fmul <8 x float> %217, %sigmoid12
+  %glu14 = fmul <8 x float> %silu13, %219
+  %241 = fmul <8 x float> %glu14, %213
+  %242 = getelementptr inbounds i16, ptr %215, i64 %col9
+  %hb15 = fptrunc <8 x float> %241 to <8 x bfloat>
+  store <8 x bfloat> %hb15, ptr %242, align 4
   %243 = add nsw i64 %r0, 2
   %244 = add nsw i64 %chunk, %243
   %245 = getelementptr inbounds float, ptr %rw, i64 %244
@@ -1334,7 +1347,7 @@ kp.end:                                           ; preds = %kp.head
   %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
   %249 = mul nsw i64 %244, 768
   %250 = getelementptr inbounds float, ptr %h, i64 %249
-  %col14 = mul nsw i64 %p, 8
+  %col16 = mul nsw i64 %p, 8
   %251 = load <16 x float>, ptr %acc20, align 4
   %252 = shufflevector <16 x float> %251, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
   %253 = load <16 x float>, ptr %acc20, align 4
@@ -1359,16 +1372,16 @@ kp.end:                                           ; preds = %kp.head
   %272 = fptosi <8 x float> %261 to <8 x i32>
   %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %274 to <8 x float>
-  %exp16 = fmul <8 x float> %271, %exp.2n15
-  %275 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
-  %silu18 = fmul <8 x float> %252, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %254
-  %276 = fmul <8 x float> %glu19, %248
-  %277 = getelementptr inbounds i16, ptr %250, i64 %col14
-  %hb20 = fptrunc <8 x float> %276 to <8 x bfloat>
-  store <8 x bfloat> %hb20, ptr %277, align 4
+  %exp.2n17 = bitcast <8 x i32> %274 to <8 x float>
+  %exp18 = fmul <8 x float> %271, %exp.2n17
+  %275 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
+  %silu20 = fmul <8 x float> %252, %sigmoid19
+  %glu21 = fmul <8 x float> %silu20, %254
+  %276 = fmul <8 x float> %glu21, %248
+  %277 = getelementptr inbounds i16, ptr %250, i64 %col16
+  %hb22 = fptrunc <8 x float> %276 to <8 x bfloat>
+  store <8 x bfloat> %hb22, ptr %277, align 4
   %278 = add nsw i64 %r0, 3
   %279 = add nsw i64 %chunk, %278
   %280 = getelementptr inbounds float, ptr %rw, i64 %279
@@ -1377,7 +1390,7 @@ kp.end:                                           ; preds = %kp.head
   %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
   %284 = mul nsw i64 %279, 768
   %285 = getelementptr inbounds float, ptr %h, i64 %284
-  %col21 = mul nsw i64 %p, 8
+  %col23 = mul nsw i64 %p, 8
   %286 = load <16 x float>, ptr %acc30, align 4
   %287 = shufflevector <16 x float> %286, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
   %288 = load <16 x float>, ptr %acc30, align 4
@@ -1402,16 +1415,16 @@ kp.end:                                           ; preds = %kp.head
   %307 = fptosi <8 x float> %296 to <8 x i32>
   %308 = add <8 x i32> %307, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %309 = shl <8 x i32> %308, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n22 = bitcast <8 x i32> %309 to <8 x float>
-  %exp23 = fmul <8 x float> %306, %exp.2n22
-  %310 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %310
-  %silu25 = fmul <8 x float> %287, %sigmoid24
-  %glu26 = fmul <8 x float> %silu25, %289
-  %311 = fmul <8 x float> %glu26, %283
-  %312 = getelementptr inbounds i16, ptr %285, i64 %col21
-  %hb27 = fptrunc <8 x float> %311 to <8 x bfloat>
-  store <8 x bfloat> %hb27, ptr %312, align 4
+  %exp.2n24 = bitcast <8 x i32> %309 to <8 x float>
+  %exp25 = fmul <8 x float> %306, %exp.2n24
+  %310 = fadd <8 x float> %exp25, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid26 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %310
+  %silu27 = fmul <8 x float> %287, %sigmoid26
+  %glu28 = fmul <8 x float> %silu27, %289
+  %311 = fmul <8 x float> %glu28, %283
+  %312 = getelementptr inbounds i16, ptr %285, i64 %col23
+  %hb29 = fptrunc <8 x float> %311 to <8 x bfloat>
+  store <8 x bfloat> %hb29, ptr %312, align 4
   %313 = add nsw i64 %r0, 4
   %314 = add nsw i64 %chunk, %313
   %315 = getelementptr inbounds float, ptr %rw, i64 %314
@@ -1420,7 +1433,7 @@ kp.end:                                           ; preds = %kp.head
   %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
   %319 = mul nsw i64 %314, 768
   %320 = getelementptr inbounds float, ptr %h, i64 %319
-  %col28 = mul nsw i64 %p, 8
+  %col30 = mul nsw i64 %p, 8
   %321 = load <16 x float>, ptr %acc40, align 4
   %322 = shufflevector <16 x float> %321, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
   %323 = load <16 x float>, ptr %acc40, align 4
@@ -1445,16 +1458,16 @@ kp.end:                                           ; preds = %kp.head
   %342 = fptosi <8 x float> %331 to <8 x i32>
   %343 = add <8 x i32> %342, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %344 = shl <8 x i32> %343, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n29 = bitcast <8 x i32> %344 to <8 x float>
-  %exp30 = fmul <8 x float> %341, %exp.2n29
-  %345 = fadd <8 x float> %exp30, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid31 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %345
-  %silu32 = fmul <8 x float> %322, %sigmoid31
-  %glu33 = fmul <8 x float> %silu32, %324
-  %346 = fmul <8 x float> %glu33, %318
-  %347 = getelementptr inbounds i16, ptr %320, i64 %col28
-  %hb34 = fptrunc <8 x float> %346 to <8 x bfloat>
-  store <8 x bfloat> %hb34, ptr %347, align 4
+  %exp.2n31 = bitcast <8 x i32> %344 to <8 x float>
+  %exp32 = fmul <8 x float> %341, %exp.2n31
+  %345 = fadd <8 x float> %exp32, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid33 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %345
+  %silu34 = fmul <8 x float> %322, %sigmoid33
+  %glu35 = fmul <8 x float> %silu34, %324
+  %346 = fmul <8 x float> %glu35, %318
+  %347 = getelementptr inbounds i16, ptr %320, i64 %col30
+  %hb36 = fptrunc <8 x float> %346 to <8 x bfloat>
+  store <8 x bfloat> %hb36, ptr %347, align 4
   %348 = add nsw i64 %r0, 5
   %349 = add nsw i64 %chunk, %348
   %350 = getelementptr inbounds float, ptr %rw, i64 %349
@@ -1463,7 +1476,7 @@ kp.end:                                           ; preds = %kp.head
   %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
   %354 = mul nsw i64 %349, 768
   %355 = getelementptr inbounds float, ptr %h, i64 %354
-  %col35 = mul nsw i64 %p, 8
+  %col37 = mul nsw i64 %p, 8
   %356 = load <16 x float>, ptr %acc50, align 4
   %357 = shufflevector <16 x float> %356, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
   %358 = load <16 x float>, ptr %acc50, align 4
@@ -1488,183 +1501,195 @@ kp.end:                                           ; preds = %kp.head
   %377 = fptosi <8 x float> %366 to <8 x i32>
   %378 = add <8 x i32> %377, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %379 = shl <8 x i32> %378, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n36 = bitcast <8 x i32> %379 to <8 x float>
-  %exp37 = fmul <8 x float> %376, %exp.2n36
-  %380 = fadd <8 x float> %exp37, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid38 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %380
-  %silu39 = fmul <8 x float> %357, %sigmoid38
-  %glu40 = fmul <8 x float> %silu39, %359
-  %381 = fmul <8 x float> %glu40, %353
-  %382 = getelementptr inbounds i16, ptr %355, i64 %col35
-  %hb41 = fptrunc <8 x float> %381 to <8 x bfloat>
-  store <8 x bfloat> %hb41, ptr %382, align 4
+  %exp.2n38 = bitcast <8 x i32> %379 to <8 x float>
+  %exp39 = fmul <8 x float> %376, %exp.2n38
+  %380 = fadd <8 x float> %exp39, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid40 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %380
+  %silu41 = fmul <8 x float> %357, %sigmoid40
+  %glu42 = fmul <8 x float> %silu41, %359
+  %381 = fmul <8 x float> %glu42, %353
+  %382 = getelementptr inbounds i16, ptr %355, i64 %col37
+  %hb43 = fptrunc <8 x float> %381 to <8 x bfloat>
+  store <8 x bfloat> %hb43, ptr %382, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
   %383 = add nsw i64 %r0, 0
   %384 = mul nsw i64 %383, 2048
   %385 = getelementptr inbounds i16, ptr %xb, i64 %384
-  store <16 x float> zeroinitializer, ptr %acc0042, align 4
+  store <16 x float> zeroinitializer, ptr %acc0044, align 4
   %386 = add nsw i64 %r0, 1
   %387 = mul nsw i64 %386, 2048
   %388 = getelementptr inbounds i16, ptr %xb, i64 %387
-  store <16 x float> zeroinitializer, ptr %acc1043, align 4
+  store <16 x float> zeroinitializer, ptr %acc1045, align 4
   %389 = add nsw i64 %r0, 2
   %390 = mul nsw i64 %389, 2048
   %391 = getelementptr inbounds i16, ptr %xb, i64 %390
-  store <16 x float> zeroinitializer, ptr %acc2044, align 4
+  store <16 x float> zeroinitializer, ptr %acc2046, align 4
   %392 = add nsw i64 %r0, 3
   %393 = mul nsw i64 %392, 2048
   %394 = getelementptr inbounds i16, ptr %xb, i64 %393
-  store <16 x float> zeroinitializer, ptr %acc3045, align 4
+  store <16 x float> zeroinitializer, ptr %acc3047, align 4
   %395 = add nsw i64 %r0, 4
   %396 = mul nsw i64 %395, 2048
   %397 = getelementptr inbounds i16, ptr %xb, i64 %396
-  store <16 x float> zeroinitializer, ptr %acc4046, align 4
+  store <16 x float> zeroinitializer, ptr %acc4048, align 4
   %398 = mul nsw i64 %p, 32768
   %399 = getelementptr inbounds i16, ptr %panels, i64 %398
   %400 = add nsw i64 %p, 1
   %401 = icmp slt i64 %400, %p1
-  %pf.on47 = and i1 %pf.on, %401
+  %pf.on49 = and i1 %pf.on, %401
   %402 = mul nsw i64 %pf.j, 65536
   %403 = lshr i64 %402, %32
   %404 = add nsw i64 65536, %403
   %405 = getelementptr inbounds i8, ptr %399, i64 %404
-  %pf48 = select i1 %pf.on47, ptr %405, ptr %399
-  %pf.sh49 = select i1 %pf.on47, i64 %32, i64 0
-  store <16 x float> zeroinitializer, ptr %acc0150, align 4
-  store <16 x float> zeroinitializer, ptr %acc1151, align 4
-  store <16 x float> zeroinitializer, ptr %acc2152, align 4
-  store <16 x float> zeroinitializer, ptr %acc3153, align 4
-  store <16 x float> zeroinitializer, ptr %acc4154, align 4
-  br label %kp.head55
+  %pf50 = select i1 %pf.on49, ptr %405, ptr %399
+  %pf.sh51 = select i1 %pf.on49, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0152, align 4
+  store <16 x float> zeroinitializer, ptr %acc1153, align 4
+  store <16 x float> zeroinitializer, ptr %acc2154, align 4
+  store <16 x float> zeroinitializer, ptr %acc3155, align 4
+  store <16 x float> zeroinitializer, ptr %acc4156, align 4
+  br label %kp.head57
 
-kp.head55:                                        ; preds = %kp.body56, %tile.mr5
-  %kp58 = phi i64 [ 0, %tile.mr5 ], [ %490, %kp.body56 ]
-  %406 = icmp slt i64 %kp58, 512
-  br i1 %406, label %kp.body56, label %kp.end57
+kp.head57:                                        ; preds = %pf.any.end65, %tile.mr5
+  %kp60 = phi i64 [ 0, %tile.mr5 ], [ %490, %pf.any.end65 ]
+  %406 = icmp slt i64 %kp60, 512
+  br i1 %406, label %kp.body58, label %kp.end59
 
-kp.body56:                                        ; preds = %kp.head55
-  %kk59 = mul nsw i64 %kp58, 2
-  %407 = mul nsw i64 %kk59, 32
+kp.body58:                                        ; preds = %kp.head57
+  %kk61 = mul nsw i64 %kp60, 2
+  %407 = mul nsw i64 %kk61, 32
   %408 = getelementptr inbounds i16, ptr %399, i64 %407
   %409 = load <32 x bfloat>, ptr %408, align 4
-  %410 = mul nsw i64 %kk59, 64
-  %411 = lshr i64 %410, %pf.sh49
-  %412 = getelementptr inbounds i8, ptr %pf48, i64 %411
+  %410 = mul nsw i64 %kk61, 64
+  br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
+
+pf.any.then62:                                    ; preds = %kp.body58
+  %411 = lshr i64 %410, %pf.sh51
+  %412 = getelementptr inbounds i8, ptr %pf50, i64 %411
   call void @llvm.prefetch.p0(ptr %412, i32 0, i32 2, i32 1)
-  %413 = getelementptr inbounds i32, ptr %385, i64 %kk59
+  br label %pf.any.end63
+
+pf.any.end63:                                     ; preds = %pf.any.then62, %kp.body58
+  %413 = getelementptr inbounds i32, ptr %385, i64 %kk61
   %414 = load i32, ptr %413, align 4
-  %415 = load <16 x float>, ptr %acc0042, align 4
+  %415 = load <16 x float>, ptr %acc0044, align 4
   %416 = insertelement <16 x i32> poison, i32 %414, i32 0
   %417 = shufflevector <16 x i32> %416, <16 x i32> poison, <16 x i32> zeroinitializer
   %418 = bitcast <16 x i32> %417 to <32 x bfloat>
   %419 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %415, <32 x bfloat> %409, <32 x bfloat> %418)
-  store <16 x float> %419, ptr %acc0042, align 4
-  %420 = getelementptr inbounds i32, ptr %388, i64 %kk59
+  store <16 x float> %419, ptr %acc0044, align 4
+  %420 = getelementptr inbounds i32, ptr %388, i64 %kk61
   %421 = load i32, ptr %420, align 4
-  %422 = load <16 x float>, ptr %acc1043, align 4
+  %422 = load <16 x float>, ptr %acc1045, align 4
   %423 = insertelement <16 x i32> poison, i32 %421, i32 0
   %424 = shufflevector <16 x i32> %423, <16 x i32> poison, <16 x i32> zeroinitializer
   %425 = bitcast <16 x i32> %424 to <32 x bfloat>
   %426 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %422, <32 x bfloat> %409, <32 x bfloat> %425)
-  store <16 x float> %426, ptr %acc1043, align 4
-  %427 = getelementptr inbounds i32, ptr %391, i64 %kk59
+  store <16 x float> %426, ptr %acc1045, align 4
+  %427 = getelementptr inbounds i32, ptr %391, i64 %kk61
   %428 = load i32, ptr %427, align 4
-  %429 = load <16 x float>, ptr %acc2044, align 4
+  %429 = load <16 x float>, ptr %acc2046, align 4
   %430 = insertelement <16 x i32> poison, i32 %428, i32 0
   %431 = shufflevector <16 x i32> %430, <16 x i32> poison, <16 x i32> zeroinitializer
   %432 = bitcast <16 x i32> %431 to <32 x bfloat>
   %433 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %429, <32 x bfloat> %409, <32 x bfloat> %432)
-  store <16 x float> %433, ptr %acc2044, align 4
-  %434 = getelementptr inbounds i32, ptr %394, i64 %kk59
+  store <16 x float> %433, ptr %acc2046, align 4
+  %434 = getelementptr inbounds i32, ptr %394, i64 %kk61
   %435 = load i32, ptr %434, align 4
-  %436 = load <16 x float>, ptr %acc3045, align 4
+  %436 = load <16 x float>, ptr %acc3047, align 4
   %437 = insertelement <16 x i32> poison, i32 %435, i32 0
   %438 = shufflevector <16 x i32> %437, <16 x i32> poison, <16 x i32> zeroinitializer
   %439 = bitcast <16 x i32> %438 to <32 x bfloat>
   %440 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %436, <32 x bfloat> %409, <32 x bfloat> %439)
-  store <16 x float> %440, ptr %acc3045, align 4
-  %441 = getelementptr inbounds i32, ptr %397, i64 %kk59
+  store <16 x float> %440, ptr %acc3047, align 4
+  %441 = getelementptr inbounds i32, ptr %397, i64 %kk61
   %442 = load i32, ptr %441, align 4
-  %443 = load <16 x float>, ptr %acc4046, align 4
+  %443 = load <16 x float>, ptr %acc4048, align 4
   %444 = insertelement <16 x i32> poison, i32 %442, i32 0
   %445 = shufflevector <16 x i32> %444, <16 x i32> poison, <16 x i32> zeroinitializer
   %446 = bitcast <16 x i32> %445 to <32 x bfloat>
   %447 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %443, <32 x bfloat> %409, <32 x bfloat> %446)
-  store <16 x float> %447, ptr %acc4046, align 4
-  %448 = add nsw i64 %kk59, 1
+  store <16 x float> %447, ptr %acc4048, align 4
+  %448 = add nsw i64 %kk61, 1
   %449 = mul nsw i64 %448, 32
   %450 = getelementptr inbounds i16, ptr %399, i64 %449
   %451 = load <32 x bfloat>, ptr %450, align 4
   %452 = mul nsw i64 %448, 64
-  %453 = lshr i64 %452, %pf.sh49
-  %454 = getelementptr inbounds i8, ptr %pf48, i64 %453
+  br i1 %pf.multi, label %pf.any.then64, label %pf.any.end65
+
+pf.any.then64:                                    ; preds = %pf.any.end63
+  %453 = lshr i64 %452, %pf.sh51
+  %454 = getelementptr inbounds i8, ptr %pf50, i64 %453
   call void @llvm.prefetch.p0(ptr %454, i32 0, i32 2, i32 1)
+  br label %pf.any.end65
+
+pf.any.end65:                                     ; preds = %pf.any.then64, %pf.any.end63
   %455 = getelementptr inbounds i32, ptr %385, i64 %448
   %456 = load i32, ptr %455, align 4
-  %457 = load <16 x float>, ptr %acc0150, align 4
+  %457 = load <16 x float>, ptr %acc0152, align 4
   %458 = insertelement <16 x i32> poison, i32 %456, i32 0
   %459 = shufflevector <16 x i32> %458, <16 x i32> poison, <16 x i32> zeroinitializer
   %460 = bitcast <16 x i32> %459 to <32 x bfloat>
   %461 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %457, <32 x bfloat> %451, <32 x bfloat> %460)
-  store <16 x float> %461, ptr %acc0150, align 4
+  store <16 x float> %461, ptr %acc0152, align 4
   %462 = getelementptr inbounds i32, ptr %388, i64 %448
   %463 = load i32, ptr %462, align 4
-  %464 = load <16 x float>, ptr %acc1151, align 4
+  %464 = load <16 x float>, ptr %acc1153, align 4
   %465 = insertelement <16 x i32> poison, i32 %463, i32 0
   %466 = shufflevector <16 x i32> %465, <16 x i32> poison, <16 x i32> zeroinitializer
   %467 = bitcast <16 x i32> %466 to <32 x bfloat>
   %468 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %464, <32 x bfloat> %451, <32 x bfloat> %467)
-  store <16 x float> %468, ptr %acc1151, align 4
+  store <16 x float> %468, ptr %acc1153, align 4
   %469 = getelementptr inbounds i32, ptr %391, i64 %448
   %470 = load i32, ptr %469, align 4
-  %471 = load <16 x float>, ptr %acc2152, align 4
+  %471 = load <16 x float>, ptr %acc2154, align 4
   %472 = insertelement <16 x i32> poison, i32 %470, i32 0
   %473 = shufflevector <16 x i32> %472, <16 x i32> poison, <16 x i32> zeroinitializer
   %474 = bitcast <16 x i32> %473 to <32 x bfloat>
   %475 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %471, <32 x bfloat> %451, <32 x bfloat> %474)
-  store <16 x float> %475, ptr %acc2152, align 4
+  store <16 x float> %475, ptr %acc2154, align 4
   %476 = getelementptr inbounds i32, ptr %394, i64 %448
   %477 = load i32, ptr %476, align 4
-  %478 = load <16 x float>, ptr %acc3153, align 4
+  %478 = load <16 x float>, ptr %acc3155, align 4
   %479 = insertelement <16 x i32> poison, i32 %477, i32 0
   %480 = shufflevector <16 x i32> %479, <16 x i32> poison, <16 x i32> zeroinitializer
   %481 = bitcast <16 x i32> %480 to <32 x bfloat>
   %482 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %478, <32 x bfloat> %451, <32 x bfloat> %481)
-  store <16 x float> %482, ptr %acc3153, align 4
+  store <16 x float> %482, ptr %acc3155, align 4
   %483 = getelementptr inbounds i32, ptr %397, i64 %448
   %484 = load i32, ptr %483, align 4
-  %485 = load <16 x float>, ptr %acc4154, align 4
+  %485 = load <16 x float>, ptr %acc4156, align 4
   %486 = insertelement <16 x i32> poison, i32 %484, i32 0
   %487 = shufflevector <16 x i32> %486, <16 x i32> poison, <16 x i32> zeroinitializer
   %488 = bitcast <16 x i32> %487 to <32 x bfloat>
   %489 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %485, <32 x bfloat> %451, <32 x bfloat> %488)
-  store <16 x float> %489, ptr %acc4154, align 4
-  %490 = add nsw i64 %kp58, 1
-  br label %kp.head55
+  store <16 x float> %489, ptr %acc4156, align 4
+  %490 = add nsw i64 %kp60, 1
+  br label %kp.head57
 
-kp.end57:                                         ; preds = %kp.head55
-  %491 = load <16 x float>, ptr %acc0150, align 4
-  %492 = load <16 x float>, ptr %acc0042, align 4
-  %sum60 = fadd <16 x float> %492, %491
-  store <16 x float> %sum60, ptr %acc0042, align 4
-  %493 = load <16 x float>, ptr %acc1151, align 4
-  %494 = load <16 x float>, ptr %acc1043, align 4
-  %sum61 = fadd <16 x float> %494, %493
-  store <16 x float> %sum61, ptr %acc1043, align 4
-  %495 = load <16 x float>, ptr %acc2152, align 4
-  %496 = load <16 x float>, ptr %acc2044, align 4
-  %sum62 = fadd <16 x float> %496, %495
-  store <16 x float> %sum62, ptr %acc2044, align 4
-  %497 = load <16 x float>, ptr %acc3153, align 4
-  %498 = load <16 x float>, ptr %acc3045, align 4
-  %sum63 = fadd <16 x float> %498, %497
-  store <16 x float> %sum63, ptr %acc3045, align 4
-  %499 = load <16 x float>, ptr %acc4154, align 4
-  %500 = load <16 x float>, ptr %acc4046, align 4
-  %sum64 = fadd <16 x float> %500, %499
-  store <16 x float> %sum64, ptr %acc4046, align 4
+kp.end59:                                         ; preds = %kp.head57
+  %491 = load <16 x float>, ptr %acc0152, align 4
+  %492 = load <16 x float>, ptr %acc0044, align 4
+  %sum66 = fadd <16 x float> %492, %491
+  store <16 x float> %sum66, ptr %acc0044, align 4
+  %493 = load <16 x float>, ptr %acc1153, align 4
+  %494 = load <16 x float>, ptr %acc1045, align 4
+  %sum67 = fadd <16 x float> %494, %493
+  store <16 x float> %sum67, ptr %acc1045, align 4
+  %495 = load <16 x float>, ptr %acc2154, align 4
+  %496 = load <16 x float>, ptr %acc2046, align 4
+  %sum68 = fadd <16 x float> %496, %495
+  store <16 x float> %sum68, ptr %acc2046, align 4
+  %497 = load <16 x float>, ptr %acc3155, align 4
+  %498 = load <16 x float>, ptr %acc3047, align 4
+  %sum69 = fadd <16 x float> %498, %497
+  store <16 x float> %sum69, ptr %acc3047, align 4
+  %499 = load <16 x float>, ptr %acc4156, align 4
+  %500 = load <16 x float>, ptr %acc4048, align 4
+  %sum70 = fadd <16 x float> %500, %499
+  store <16 x float> %sum70, ptr %acc4048, align 4
   %501 = add nsw i64 %r0, 0
   %502 = add nsw i64 %chunk, %501
   %503 = getelementptr inbounds float, ptr %rw, i64 %502
@@ -1673,10 +1698,10 @@ kp.end57:                                         ; preds = %kp.head55
   %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
   %507 = mul nsw i64 %502, 768
   %508 = getelementptr inbounds float, ptr %h, i64 %507
-  %col65 = mul nsw i64 %p, 8
-  %509 = load <16 x float>, ptr %acc0042, align 4
+  %col71 = mul nsw i64 %p, 8
+  %509 = load <16 x float>, ptr %acc0044, align 4
   %510 = shufflevector <16 x float> %509, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %511 = load <16 x float>, ptr %acc0042, align 4
+  %511 = load <16 x float>, ptr %acc0044, align 4
   %512 = shufflevector <16 x float> %511, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %513 = fneg <8 x float> %510
   %514 = fcmp olt <8 x float> %513, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1698,16 +1723,16 @@ kp.end57:                                         ; preds = %kp.head55
   %530 = fptosi <8 x float> %519 to <8 x i32>
   %531 = add <8 x i32> %530, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %532 = shl <8 x i32> %531, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n66 = bitcast <8 x i32> %532 to <8 x float>
-  %exp67 = fmul <8 x float> %529, %exp.2n66
-  %533 = fadd <8 x float> %exp67, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid68 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %533
-  %silu69 = fmul <8 x float> %510, %sigmoid68
-  %glu70 = fmul <8 x float> %silu69, %512
-  %534 = fmul <8 x float> %glu70, %506
-  %535 = getelementptr inbounds i16, ptr %508, i64 %col65
-  %hb71 = fptrunc <8 x float> %534 to <8 x bfloat>
-  store <8 x bfloat> %hb71, ptr %535, align 4
+  %exp.2n72 = bitcast <8 x i32> %532 to <8 x float>
+  %exp73 = fmul <8 x float> %529, %exp.2n72
+  %533 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %533
+  %silu75 = fmul <8 x float> %510, %sigmoid74
+  %glu76 = fmul <8 x float> %silu75, %512
+  %534 = fmul <8 x float> %glu76, %506
+  %535 = getelementptr inbounds i16, ptr %508, i64 %col71
+  %hb77 = fptrunc <8 x float> %534 to <8 x bfloat>
+  store <8 x bfloat> %hb77, ptr %535, align 4
   %536 = add nsw i64 %r0, 1
   %537 = add nsw i64 %chunk, %536
   %538 = getelementptr inbounds float, ptr %rw, i64 %537
@@ -1716,10 +1741,10 @@ kp.end57:                                         ; preds = %kp.head55
   %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
   %542 = mul nsw i64 %537, 768
   %543 = getelementptr inbounds float, ptr %h, i64 %542
-  %col72 = mul nsw i64 %p, 8
-  %544 = load <16 x float>, ptr %acc1043, align 4
+  %col78 = mul nsw i64 %p, 8
+  %544 = load <16 x float>, ptr %acc1045, align 4
   %545 = shufflevector <16 x float> %544, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %546 = load <16 x float>, ptr %acc1043, align 4
+  %546 = load <16 x float>, ptr %acc1045, align 4
   %547 = shufflevector <16 x float> %546, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %548 = fneg <8 x float> %545
   %549 = fcmp olt <8 x float> %548, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1741,16 +1766,16 @@ kp.end57:                                         ; preds = %kp.head55
   %565 = fptosi <8 x float> %554 to <8 x i32>
   %566 = add <8 x i32> %565, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %567 = shl <8 x i32> %566, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %567 to <8 x float>
-  %exp74 = fmul <8 x float> %564, %exp.2n73
-  %568 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %568
-  %silu76 = fmul <8 x float> %545, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %547
-  %569 = fmul <8 x float> %glu77, %541
-  %570 = getelementptr inbounds i16, ptr %543, i64 %col72
-  %hb78 = fptrunc <8 x float> %569 to <8 x bfloat>
-  store <8 x bfloat> %hb78, ptr %570, align 4
+  %exp.2n79 = bitcast <8 x i32> %567 to <8 x float>
+  %exp80 = fmul <8 x float> %564, %exp.2n79
+  %568 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %568
+  %silu82 = fmul <8 x float> %545, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %547
+  %569 = fmul <8 x float> %glu83, %541
+  %570 = getelementptr inbounds i16, ptr %543, i64 %col78
+  %hb84 = fptrunc <8 x float> %569 to <8 x bfloat>
+  store <8 x bfloat> %hb84, ptr %570, align 4
   %571 = add nsw i64 %r0, 2
   %572 = add nsw i64 %chunk, %571
   %573 = getelementptr inbounds float, ptr %rw, i64 %572
@@ -1759,10 +1784,10 @@ kp.end57:                                         ; preds = %kp.head55
   %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
   %577 = mul nsw i64 %572, 768
   %578 = getelementptr inbounds float, ptr %h, i64 %577
-  %col79 = mul nsw i64 %p, 8
-  %579 = load <16 x float>, ptr %acc2044, align 4
+  %col85 = mul nsw i64 %p, 8
+  %579 = load <16 x float>, ptr %acc2046, align 4
   %580 = shufflevector <16 x float> %579, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %581 = load <16 x float>, ptr %acc2044, align 4
+  %581 = load <16 x float>, ptr %acc2046, align 4
   %582 = shufflevector <16 x float> %581, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %583 = fneg <8 x float> %580
   %584 = fcmp olt <8 x float> %583, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1784,16 +1809,16 @@ kp.end57:                                         ; preds = %kp.head55
   %600 = fptosi <8 x float> %589 to <8 x i32>
   %601 = add <8 x i32> %600, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %602 = shl <8 x i32> %601, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n80 = bitcast <8 x i32> %602 to <8 x float>
-  %exp81 = fmul <8 x float> %599, %exp.2n80
-  %603 = fadd <8 x float> %exp81, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid82 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %603
-  %silu83 = fmul <8 x float> %580, %sigmoid82
-  %glu84 = fmul <8 x float> %silu83, %582
-  %604 = fmul <8 x float> %glu84, %576
-  %605 = getelementptr inbounds i16, ptr %578, i64 %col79
-  %hb85 = fptrunc <8 x float> %604 to <8 x bfloat>
-  store <8 x bfloat> %hb85, ptr %605, align 4
+  %exp.2n86 = bitcast <8 x i32> %602 to <8 x float>
+  %exp87 = fmul <8 x float> %599, %exp.2n86
+  %603 = fadd <8 x float> %exp87, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid88 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %603
+  %silu89 = fmul <8 x float> %580, %sigmoid88
+  %glu90 = fmul <8 x float> %silu89, %582
+  %604 = fmul <8 x float> %glu90, %576
+  %605 = getelementptr inbounds i16, ptr %578, i64 %col85
+  %hb91 = fptrunc <8 x float> %604 to <8 x bfloat>
+  store <8 x bfloat> %hb91, ptr %605, align 4
   %606 = add nsw i64 %r0, 3
   %607 = add nsw i64 %chunk, %606
   %608 = getelementptr inbounds float, ptr %rw, i64 %607
@@ -1802,10 +1827,10 @@ kp.end57:                                         ; preds = %kp.head55
   %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
   %612 = mul nsw i64 %607, 768
   %613 = getelementptr inbounds float, ptr %h, i64 %612
-  %col86 = mul nsw i64 %p, 8
-  %614 = load <16 x float>, ptr %acc3045, align 4
+  %col92 = mul nsw i64 %p, 8
+  %614 = load <16 x float>, ptr %acc3047, align 4
   %615 = shufflevector <16 x float> %614, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %616 = load <16 x float>, ptr %acc3045, align 4
+  %616 = load <16 x float>, ptr %acc3047, align 4
   %617 = shufflevector <16 x float> %616, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %618 = fneg <8 x float> %615
   %619 = fcmp olt <8 x float> %618, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1827,16 +1852,16 @@ kp.end57:                                         ; preds = %kp.head55
   %635 = fptosi <8 x float> %624 to <8 x i32>
   %636 = add <8 x i32> %635, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %637 = shl <8 x i32> %636, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n87 = bitcast <8 x i32> %637 to <8 x float>
-  %exp88 = fmul <8 x float> %634, %exp.2n87
-  %638 = fadd <8 x float> %exp88, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid89 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %638
-  %silu90 = fmul <8 x float> %615, %sigmoid89
-  %glu91 = fmul <8 x float> %silu90, %617
-  %639 = fmul <8 x float> %glu91, %611
-  %640 = getelementptr inbounds i16, ptr %613, i64 %col86
-  %hb92 = fptrunc <8 x float> %639 to <8 x bfloat>
-  store <8 x bfloat> %hb92, ptr %640, align 4
+  %exp.2n93 = bitcast <8 x i32> %637 to <8 x float>
+  %exp94 = fmul <8 x float> %634, %exp.2n93
+  %638 = fadd <8 x float> %exp94, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid95 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %638
+  %silu96 = fmul <8 x float> %615, %sigmoid95
+  %glu97 = fmul <8 x float> %silu96, %617
+  %639 = fmul <8 x float> %glu97, %611
+  %640 = getelementptr inbounds i16, ptr %613, i64 %col92
+  %hb98 = fptrunc <8 x float> %639 to <8 x bfloat>
+  store <8 x bfloat> %hb98, ptr %640, align 4
   %641 = add nsw i64 %r0, 4
   %642 = add nsw i64 %chunk, %641
   %643 = getelementptr inbounds float, ptr %rw, i64 %642
@@ -1845,10 +1870,10 @@ kp.end57:                                         ; preds = %kp.head55
   %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
   %647 = mul nsw i64 %642, 768
   %648 = getelementptr inbounds float, ptr %h, i64 %647
-  %col93 = mul nsw i64 %p, 8
-  %649 = load <16 x float>, ptr %acc4046, align 4
+  %col99 = mul nsw i64 %p, 8
+  %649 = load <16 x float>, ptr %acc4048, align 4
   %650 = shufflevector <16 x float> %649, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %651 = load <16 x float>, ptr %acc4046, align 4
+  %651 = load <16 x float>, ptr %acc4048, align 4
   %652 = shufflevector <16 x float> %651, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %653 = fneg <8 x float> %650
   %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -1870,158 +1895,170 @@ kp.end57:                                         ; preds = %kp.head55
   %670 = fptosi <8 x float> %659 to <8 x i32>
   %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n94 = bitcast <8 x i32> %672 to <8 x float>
-  %exp95 = fmul <8 x float> %669, %exp.2n94
-  %673 = fadd <8 x float> %exp95, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid96 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
-  %silu97 = fmul <8 x float> %650, %sigmoid96
-  %glu98 = fmul <8 x float> %silu97, %652
-  %674 = fmul <8 x float> %glu98, %646
-  %675 = getelementptr inbounds i16, ptr %648, i64 %col93
-  %hb99 = fptrunc <8 x float> %674 to <8 x bfloat>
-  store <8 x bfloat> %hb99, ptr %675, align 4
+  %exp.2n100 = bitcast <8 x i32> %672 to <8 x float>
+  %exp101 = fmul <8 x float> %669, %exp.2n100
+  %673 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
+  %silu103 = fmul <8 x float> %650, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %652
+  %674 = fmul <8 x float> %glu104, %646
+  %675 = getelementptr inbounds i16, ptr %648, i64 %col99
+  %hb105 = fptrunc <8 x float> %674 to <8 x bfloat>
+  store <8 x bfloat> %hb105, ptr %675, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
   %676 = add nsw i64 %r0, 0
   %677 = mul nsw i64 %676, 2048
   %678 = getelementptr inbounds i16, ptr %xb, i64 %677
-  store <16 x float> zeroinitializer, ptr %acc00100, align 4
+  store <16 x float> zeroinitializer, ptr %acc00106, align 4
   %679 = add nsw i64 %r0, 1
   %680 = mul nsw i64 %679, 2048
   %681 = getelementptr inbounds i16, ptr %xb, i64 %680
-  store <16 x float> zeroinitializer, ptr %acc10101, align 4
+  store <16 x float> zeroinitializer, ptr %acc10107, align 4
   %682 = add nsw i64 %r0, 2
   %683 = mul nsw i64 %682, 2048
   %684 = getelementptr inbounds i16, ptr %xb, i64 %683
-  store <16 x float> zeroinitializer, ptr %acc20102, align 4
+  store <16 x float> zeroinitializer, ptr %acc20108, align 4
   %685 = add nsw i64 %r0, 3
   %686 = mul nsw i64 %685, 2048
   %687 = getelementptr inbounds i16, ptr %xb, i64 %686
-  store <16 x float> zeroinitializer, ptr %acc30103, align 4
+  store <16 x float> zeroinitializer, ptr %acc30109, align 4
   %688 = mul nsw i64 %p, 32768
   %689 = getelementptr inbounds i16, ptr %panels, i64 %688
   %690 = add nsw i64 %p, 1
   %691 = icmp slt i64 %690, %p1
-  %pf.on104 = and i1 %pf.on, %691
+  %pf.on110 = and i1 %pf.on, %691
   %692 = mul nsw i64 %pf.j, 65536
   %693 = lshr i64 %692, %32
   %694 = add nsw i64 65536, %693
   %695 = getelementptr inbounds i8, ptr %689, i64 %694
-  %pf105 = select i1 %pf.on104, ptr %695, ptr %689
-  %pf.sh106 = select i1 %pf.on104, i64 %32, i64 0
-  store <16 x float> zeroinitializer, ptr %acc01107, align 4
-  store <16 x float> zeroinitializer, ptr %acc11108, align 4
-  store <16 x float> zeroinitializer, ptr %acc21109, align 4
-  store <16 x float> zeroinitializer, ptr %acc31110, align 4
-  br label %kp.head111
+  %pf111 = select i1 %pf.on110, ptr %695, ptr %689
+  %pf.sh112 = select i1 %pf.on110, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01113, align 4
+  store <16 x float> zeroinitializer, ptr %acc11114, align 4
+  store <16 x float> zeroinitializer, ptr %acc21115, align 4
+  store <16 x float> zeroinitializer, ptr %acc31116, align 4
+  br label %kp.head117
 
-kp.head111:                                       ; preds = %kp.body112, %tile.mr4
-  %kp114 = phi i64 [ 0, %tile.mr4 ], [ %766, %kp.body112 ]
-  %696 = icmp slt i64 %kp114, 512
-  br i1 %696, label %kp.body112, label %kp.end113
+kp.head117:                                       ; preds = %pf.any.end125, %tile.mr4
+  %kp120 = phi i64 [ 0, %tile.mr4 ], [ %766, %pf.any.end125 ]
+  %696 = icmp slt i64 %kp120, 512
+  br i1 %696, label %kp.body118, label %kp.end119
 
-kp.body112:                                       ; preds = %kp.head111
-  %kk115 = mul nsw i64 %kp114, 2
-  %697 = mul nsw i64 %kk115, 32
+kp.body118:                                       ; preds = %kp.head117
+  %kk121 = mul nsw i64 %kp120, 2
+  %697 = mul nsw i64 %kk121, 32
   %698 = getelementptr inbounds i16, ptr %689, i64 %697
   %699 = load <32 x bfloat>, ptr %698, align 4
-  %700 = mul nsw i64 %kk115, 64
-  %701 = lshr i64 %700, %pf.sh106
-  %702 = getelementptr inbounds i8, ptr %pf105, i64 %701
+  %700 = mul nsw i64 %kk121, 64
+  br i1 %pf.multi, label %pf.any.then122, label %pf.any.end123
+
+pf.any.then122:                                   ; preds = %kp.body118
+  %701 = lshr i64 %700, %pf.sh112
+  %702 = getelementptr inbounds i8, ptr %pf111, i64 %701
   call void @llvm.prefetch.p0(ptr %702, i32 0, i32 2, i32 1)
-  %703 = getelementptr inbounds i32, ptr %678, i64 %kk115
+  br label %pf.any.end123
+
+pf.any.end123:                                    ; preds = %pf.any.then122, %kp.body118
+  %703 = getelementptr inbounds i32, ptr %678, i64 %kk121
   %704 = load i32, ptr %703, align 4
-  %705 = load <16 x float>, ptr %acc00100, align 4
+  %705 = load <16 x float>, ptr %acc00106, align 4
   %706 = insertelement <16 x i32> poison, i32 %704, i32 0
   %707 = shufflevector <16 x i32> %706, <16 x i32> poison, <16 x i32> zeroinitializer
   %708 = bitcast <16 x i32> %707 to <32 x bfloat>
   %709 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %705, <32 x bfloat> %699, <32 x bfloat> %708)
-  store <16 x float> %709, ptr %acc00100, align 4
-  %710 = getelementptr inbounds i32, ptr %681, i64 %kk115
+  store <16 x float> %709, ptr %acc00106, align 4
+  %710 = getelementptr inbounds i32, ptr %681, i64 %kk121
   %711 = load i32, ptr %710, align 4
-  %712 = load <16 x float>, ptr %acc10101, align 4
+  %712 = load <16 x float>, ptr %acc10107, align 4
   %713 = insertelement <16 x i32> poison, i32 %711, i32 0
   %714 = shufflevector <16 x i32> %713, <16 x i32> poison, <16 x i32> zeroinitializer
   %715 = bitcast <16 x i32> %714 to <32 x bfloat>
   %716 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %712, <32 x bfloat> %699, <32 x bfloat> %715)
-  store <16 x float> %716, ptr %acc10101, align 4
-  %717 = getelementptr inbounds i32, ptr %684, i64 %kk115
+  store <16 x float> %716, ptr %acc10107, align 4
+  %717 = getelementptr inbounds i32, ptr %684, i64 %kk121
   %718 = load i32, ptr %717, align 4
-  %719 = load <16 x float>, ptr %acc20102, align 4
+  %719 = load <16 x float>, ptr %acc20108, align 4
   %720 = insertelement <16 x i32> poison, i32 %718, i32 0
   %721 = shufflevector <16 x i32> %720, <16 x i32> poison, <16 x i32> zeroinitializer
   %722 = bitcast <16 x i32> %721 to <32 x bfloat>
   %723 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %719, <32 x bfloat> %699, <32 x bfloat> %722)
-  store <16 x float> %723, ptr %acc20102, align 4
-  %724 = getelementptr inbounds i32, ptr %687, i64 %kk115
+  store <16 x float> %723, ptr %acc20108, align 4
+  %724 = getelementptr inbounds i32, ptr %687, i64 %kk121
   %725 = load i32, ptr %724, align 4
-  %726 = load <16 x float>, ptr %acc30103, align 4
+  %726 = load <16 x float>, ptr %acc30109, align 4
   %727 = insertelement <16 x i32> poison, i32 %725, i32 0
   %728 = shufflevector <16 x i32> %727, <16 x i32> poison, <16 x i32> zeroinitializer
   %729 = bitcast <16 x i32> %728 to <32 x bfloat>
   %730 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %726, <32 x bfloat> %699, <32 x bfloat> %729)
-  store <16 x float> %730, ptr %acc30103, align 4
-  %731 = add nsw i64 %kk115, 1
+  store <16 x float> %730, ptr %acc30109, align 4
+  %731 = add nsw i64 %kk121, 1
   %732 = mul nsw i64 %731, 32
   %733 = getelementptr inbounds i16, ptr %689, i64 %732
   %734 = load <32 x bfloat>, ptr %733, align 4
   %735 = mul nsw i64 %731, 64
-  %736 = lshr i64 %735, %pf.sh106
-  %737 = getelementptr inbounds i8, ptr %pf105, i64 %736
+  br i1 %pf.multi, label %pf.any.then124, label %pf.any.end125
+
+pf.any.then124:                                   ; preds = %pf.any.end123
+  %736 = lshr i64 %735, %pf.sh112
+  %737 = getelementptr inbounds i8, ptr %pf111, i64 %736
   call void @llvm.prefetch.p0(ptr %737, i32 0, i32 2, i32 1)
+  br label %pf.any.end125
+
+pf.any.end125:                                    ; preds = %pf.any.then124, %pf.any.end123
   %738 = getelementptr inbounds i32, ptr %678, i64 %731
   %739 = load i32, ptr %738, align 4
-  %740 = load <16 x float>, ptr %acc01107, align 4
+  %740 = load <16 x float>, ptr %acc01113, align 4
   %741 = insertelement <16 x i32> poison, i32 %739, i32 0
   %742 = shufflevector <16 x i32> %741, <16 x i32> poison, <16 x i32> zeroinitializer
   %743 = bitcast <16 x i32> %742 to <32 x bfloat>
   %744 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %740, <32 x bfloat> %734, <32 x bfloat> %743)
-  store <16 x float> %744, ptr %acc01107, align 4
+  store <16 x float> %744, ptr %acc01113, align 4
   %745 = getelementptr inbounds i32, ptr %681, i64 %731
   %746 = load i32, ptr %745, align 4
-  %747 = load <16 x float>, ptr %acc11108, align 4
+  %747 = load <16 x float>, ptr %acc11114, align 4
   %748 = insertelement <16 x i32> poison, i32 %746, i32 0
   %749 = shufflevector <16 x i32> %748, <16 x i32> poison, <16 x i32> zeroinitializer
   %750 = bitcast <16 x i32> %749 to <32 x bfloat>
   %751 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %747, <32 x bfloat> %734, <32 x bfloat> %750)
-  store <16 x float> %751, ptr %acc11108, align 4
+  store <16 x float> %751, ptr %acc11114, align 4
   %752 = getelementptr inbounds i32, ptr %684, i64 %731
   %753 = load i32, ptr %752, align 4
-  %754 = load <16 x float>, ptr %acc21109, align 4
+  %754 = load <16 x float>, ptr %acc21115, align 4
   %755 = insertelement <16 x i32> poison, i32 %753, i32 0
   %756 = shufflevector <16 x i32> %755, <16 x i32> poison, <16 x i32> zeroinitializer
   %757 = bitcast <16 x i32> %756 to <32 x bfloat>
   %758 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %754, <32 x bfloat> %734, <32 x bfloat> %757)
-  store <16 x float> %758, ptr %acc21109, align 4
+  store <16 x float> %758, ptr %acc21115, align 4
   %759 = getelementptr inbounds i32, ptr %687, i64 %731
   %760 = load i32, ptr %759, align 4
-  %761 = load <16 x float>, ptr %acc31110, align 4
+  %761 = load <16 x float>, ptr %acc31116, align 4
   %762 = insertelement <16 x i32> poison, i32 %760, i32 0
   %763 = shufflevector <16 x i32> %762, <16 x i32> poison, <16 x i32> zeroinitializer
   %764 = bitcast <16 x i32> %763 to <32 x bfloat>
   %765 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %761, <32 x bfloat> %734, <32 x bfloat> %764)
-  store <16 x float> %765, ptr %acc31110, align 4
-  %766 = add nsw i64 %kp114, 1
-  br label %kp.head111
+  store <16 x float> %765, ptr %acc31116, align 4
+  %766 = add nsw i64 %kp120, 1
+  br label %kp.head117
 
-kp.end113:                                        ; preds = %kp.head111
-  %767 = load <16 x float>, ptr %acc01107, align 4
-  %768 = load <16 x float>, ptr %acc00100, align 4
-  %sum116 = fadd <16 x float> %768, %767
-  store <16 x float> %sum116, ptr %acc00100, align 4
-  %769 = load <16 x float>, ptr %acc11108, align 4
-  %770 = load <16 x float>, ptr %acc10101, align 4
-  %sum117 = fadd <16 x float> %770, %769
-  store <16 x float> %sum117, ptr %acc10101, align 4
-  %771 = load <16 x float>, ptr %acc21109, align 4
-  %772 = load <16 x float>, ptr %acc20102, align 4
-  %sum118 = fadd <16 x float> %772, %771
-  store <16 x float> %sum118, ptr %acc20102, align 4
-  %773 = load <16 x float>, ptr %acc31110, align 4
-  %774 = load <16 x float>, ptr %acc30103, align 4
-  %sum119 = fadd <16 x float> %774, %773
-  store <16 x float> %sum119, ptr %acc30103, align 4
+kp.end119:                                        ; preds = %kp.head117
+  %767 = load <16 x float>, ptr %acc01113, align 4
+  %768 = load <16 x float>, ptr %acc00106, align 4
+  %sum126 = fadd <16 x float> %768, %767
+  store <16 x float> %sum126, ptr %acc00106, align 4
+  %769 = load <16 x float>, ptr %acc11114, align 4
+  %770 = load <16 x float>, ptr %acc10107, align 4
+  %sum127 = fadd <16 x float> %770, %769
+  store <16 x float> %sum127, ptr %acc10107, align 4
+  %771 = load <16 x float>, ptr %acc21115, align 4
+  %772 = load <16 x float>, ptr %acc20108, align 4
+  %sum128 = fadd <16 x float> %772, %771
+  store <16 x float> %sum128, ptr %acc20108, align 4
+  %773 = load <16 x float>, ptr %acc31116, align 4
+  %774 = load <16 x float>, ptr %acc30109, align 4
+  %sum129 = fadd <16 x float> %774, %773
+  store <16 x float> %sum129, ptr %acc30109, align 4
   %775 = add nsw i64 %r0, 0
   %776 = add nsw i64 %chunk, %775
   %777 = getelementptr inbounds float, ptr %rw, i64 %776
@@ -2030,10 +2067,10 @@ kp.end113:                                        ; preds = %kp.head111
   %780 = shufflevector <8 x float> %779, <8 x float> poison, <8 x i32> zeroinitializer
   %781 = mul nsw i64 %776, 768
   %782 = getelementptr inbounds float, ptr %h, i64 %781
-  %col120 = mul nsw i64 %p, 8
-  %783 = load <16 x float>, ptr %acc00100, align 4
+  %col130 = mul nsw i64 %p, 8
+  %783 = load <16 x float>, ptr %acc00106, align 4
   %784 = shufflevector <16 x float> %783, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %785 = load <16 x float>, ptr %acc00100, align 4
+  %785 = load <16 x float>, ptr %acc00106, align 4
   %786 = shufflevector <16 x float> %785, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %787 = fneg <8 x float> %784
   %788 = fcmp olt <8 x float> %787, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2055,16 +2092,16 @@ kp.end113:                                        ; preds = %kp.head111
   %804 = fptosi <8 x float> %793 to <8 x i32>
   %805 = add <8 x i32> %804, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %806 = shl <8 x i32> %805, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n121 = bitcast <8 x i32> %806 to <8 x float>
-  %exp122 = fmul <8 x float> %803, %exp.2n121
-  %807 = fadd <8 x float> %exp122, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid123 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %807
-  %silu124 = fmul <8 x float> %784, %sigmoid123
-  %glu125 = fmul <8 x float> %silu124, %786
-  %808 = fmul <8 x float> %glu125, %780
-  %809 = getelementptr inbounds i16, ptr %782, i64 %col120
-  %hb126 = fptrunc <8 x float> %808 to <8 x bfloat>
-  store <8 x bfloat> %hb126, ptr %809, align 4
+  %exp.2n131 = bitcast <8 x i32> %806 to <8 x float>
+  %exp132 = fmul <8 x float> %803, %exp.2n131
+  %807 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %807
+  %silu134 = fmul <8 x float> %784, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %786
+  %808 = fmul <8 x float> %glu135, %780
+  %809 = getelementptr inbounds i16, ptr %782, i64 %col130
+  %hb136 = fptrunc <8 x float> %808 to <8 x bfloat>
+  store <8 x bfloat> %hb136, ptr %809, align 4
   %810 = add nsw i64 %r0, 1
   %811 = add nsw i64 %chunk, %810
   %812 = getelementptr inbounds float, ptr %rw, i64 %811
@@ -2073,10 +2110,10 @@ kp.end113:                                        ; preds = %kp.head111
   %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
   %816 = mul nsw i64 %811, 768
   %817 = getelementptr inbounds float, ptr %h, i64 %816
-  %col127 = mul nsw i64 %p, 8
-  %818 = load <16 x float>, ptr %acc10101, align 4
+  %col137 = mul nsw i64 %p, 8
+  %818 = load <16 x float>, ptr %acc10107, align 4
   %819 = shufflevector <16 x float> %818, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %820 = load <16 x float>, ptr %acc10101, align 4
+  %820 = load <16 x float>, ptr %acc10107, align 4
   %821 = shufflevector <16 x float> %820, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %822 = fneg <8 x float> %819
   %823 = fcmp olt <8 x float> %822, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2098,16 +2135,16 @@ kp.end113:                                        ; preds = %kp.head111
   %839 = fptosi <8 x float> %828 to <8 x i32>
   %840 = add <8 x i32> %839, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %841 = shl <8 x i32> %840, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n128 = bitcast <8 x i32> %841 to <8 x float>
-  %exp129 = fmul <8 x float> %838, %exp.2n128
-  %842 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %842
-  %silu131 = fmul <8 x float> %819, %sigmoid130
-  %glu132 = fmul <8 x float> %silu131, %821
-  %843 = fmul <8 x float> %glu132, %815
-  %844 = getelementptr inbounds i16, ptr %817, i64 %col127
-  %hb133 = fptrunc <8 x float> %843 to <8 x bfloat>
-  store <8 x bfloat> %hb133, ptr %844, align 4
+  %exp.2n138 = bitcast <8 x i32> %841 to <8 x float>
+  %exp139 = fmul <8 x float> %838, %exp.2n138
+  %842 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %842
+  %silu141 = fmul <8 x float> %819, %sigmoid140
+  %glu142 = fmul <8 x float> %silu141, %821
+  %843 = fmul <8 x float> %glu142, %815
+  %844 = getelementptr inbounds i16, ptr %817, i64 %col137
+  %hb143 = fptrunc <8 x float> %843 to <8 x bfloat>
+  store <8 x bfloat> %hb143, ptr %844, align 4
   %845 = add nsw i64 %r0, 2
   %846 = add nsw i64 %chunk, %845
   %847 = getelementptr inbounds float, ptr %rw, i64 %846
@@ -2116,10 +2153,10 @@ kp.end113:                                        ; preds = %kp.head111
   %850 = shufflevector <8 x float> %849, <8 x float> poison, <8 x i32> zeroinitializer
   %851 = mul nsw i64 %846, 768
   %852 = getelementptr inbounds float, ptr %h, i64 %851
-  %col134 = mul nsw i64 %p, 8
-  %853 = load <16 x float>, ptr %acc20102, align 4
+  %col144 = mul nsw i64 %p, 8
+  %853 = load <16 x float>, ptr %acc20108, align 4
   %854 = shufflevector <16 x float> %853, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %855 = load <16 x float>, ptr %acc20102, align 4
+  %855 = load <16 x float>, ptr %acc20108, align 4
   %856 = shufflevector <16 x float> %855, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %857 = fneg <8 x float> %854
   %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2141,16 +2178,16 @@ kp.end113:                                        ; preds = %kp.head111
   %874 = fptosi <8 x float> %863 to <8 x i32>
   %875 = add <8 x i32> %874, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %876 = shl <8 x i32> %875, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n135 = bitcast <8 x i32> %876 to <8 x float>
-  %exp136 = fmul <8 x float> %873, %exp.2n135
-  %877 = fadd <8 x float> %exp136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid137 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %877
-  %silu138 = fmul <8 x float> %854, %sigmoid137
-  %glu139 = fmul <8 x float> %silu138, %856
-  %878 = fmul <8 x float> %glu139, %850
-  %879 = getelementptr inbounds i16, ptr %852, i64 %col134
-  %hb140 = fptrunc <8 x float> %878 to <8 x bfloat>
-  store <8 x bfloat> %hb140, ptr %879, align 4
+  %exp.2n145 = bitcast <8 x i32> %876 to <8 x float>
+  %exp146 = fmul <8 x float> %873, %exp.2n145
+  %877 = fadd <8 x float> %exp146, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid147 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %877
+  %silu148 = fmul <8 x float> %854, %sigmoid147
+  %glu149 = fmul <8 x float> %silu148, %856
+  %878 = fmul <8 x float> %glu149, %850
+  %879 = getelementptr inbounds i16, ptr %852, i64 %col144
+  %hb150 = fptrunc <8 x float> %878 to <8 x bfloat>
+  store <8 x bfloat> %hb150, ptr %879, align 4
   %880 = add nsw i64 %r0, 3
   %881 = add nsw i64 %chunk, %880
   %882 = getelementptr inbounds float, ptr %rw, i64 %881
@@ -2159,10 +2196,10 @@ kp.end113:                                        ; preds = %kp.head111
   %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
   %886 = mul nsw i64 %881, 768
   %887 = getelementptr inbounds float, ptr %h, i64 %886
-  %col141 = mul nsw i64 %p, 8
-  %888 = load <16 x float>, ptr %acc30103, align 4
+  %col151 = mul nsw i64 %p, 8
+  %888 = load <16 x float>, ptr %acc30109, align 4
   %889 = shufflevector <16 x float> %888, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %890 = load <16 x float>, ptr %acc30103, align 4
+  %890 = load <16 x float>, ptr %acc30109, align 4
   %891 = shufflevector <16 x float> %890, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %892 = fneg <8 x float> %889
   %893 = fcmp olt <8 x float> %892, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2184,133 +2221,145 @@ kp.end113:                                        ; preds = %kp.head111
   %909 = fptosi <8 x float> %898 to <8 x i32>
   %910 = add <8 x i32> %909, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %911 = shl <8 x i32> %910, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n142 = bitcast <8 x i32> %911 to <8 x float>
-  %exp143 = fmul <8 x float> %908, %exp.2n142
-  %912 = fadd <8 x float> %exp143, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid144 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %912
-  %silu145 = fmul <8 x float> %889, %sigmoid144
-  %glu146 = fmul <8 x float> %silu145, %891
-  %913 = fmul <8 x float> %glu146, %885
-  %914 = getelementptr inbounds i16, ptr %887, i64 %col141
-  %hb147 = fptrunc <8 x float> %913 to <8 x bfloat>
-  store <8 x bfloat> %hb147, ptr %914, align 4
+  %exp.2n152 = bitcast <8 x i32> %911 to <8 x float>
+  %exp153 = fmul <8 x float> %908, %exp.2n152
+  %912 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %912
+  %silu155 = fmul <8 x float> %889, %sigmoid154
+  %glu156 = fmul <8 x float> %silu155, %891
+  %913 = fmul <8 x float> %glu156, %885
+  %914 = getelementptr inbounds i16, ptr %887, i64 %col151
+  %hb157 = fptrunc <8 x float> %913 to <8 x bfloat>
+  store <8 x bfloat> %hb157, ptr %914, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
   %915 = add nsw i64 %r0, 0
   %916 = mul nsw i64 %915, 2048
   %917 = getelementptr inbounds i16, ptr %xb, i64 %916
-  store <16 x float> zeroinitializer, ptr %acc00148, align 4
+  store <16 x float> zeroinitializer, ptr %acc00158, align 4
   %918 = add nsw i64 %r0, 1
   %919 = mul nsw i64 %918, 2048
   %920 = getelementptr inbounds i16, ptr %xb, i64 %919
-  store <16 x float> zeroinitializer, ptr %acc10149, align 4
+  store <16 x float> zeroinitializer, ptr %acc10159, align 4
   %921 = add nsw i64 %r0, 2
   %922 = mul nsw i64 %921, 2048
   %923 = getelementptr inbounds i16, ptr %xb, i64 %922
-  store <16 x float> zeroinitializer, ptr %acc20150, align 4
+  store <16 x float> zeroinitializer, ptr %acc20160, align 4
   %924 = mul nsw i64 %p, 32768
   %925 = getelementptr inbounds i16, ptr %panels, i64 %924
   %926 = add nsw i64 %p, 1
   %927 = icmp slt i64 %926, %p1
-  %pf.on151 = and i1 %pf.on, %927
+  %pf.on161 = and i1 %pf.on, %927
   %928 = mul nsw i64 %pf.j, 65536
   %929 = lshr i64 %928, %32
   %930 = add nsw i64 65536, %929
   %931 = getelementptr inbounds i8, ptr %925, i64 %930
-  %pf152 = select i1 %pf.on151, ptr %931, ptr %925
-  %pf.sh153 = select i1 %pf.on151, i64 %32, i64 0
-  store <16 x float> zeroinitializer, ptr %acc01154, align 4
-  store <16 x float> zeroinitializer, ptr %acc11155, align 4
-  store <16 x float> zeroinitializer, ptr %acc21156, align 4
-  br label %kp.head157
+  %pf162 = select i1 %pf.on161, ptr %931, ptr %925
+  %pf.sh163 = select i1 %pf.on161, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01164, align 4
+  store <16 x float> zeroinitializer, ptr %acc11165, align 4
+  store <16 x float> zeroinitializer, ptr %acc21166, align 4
+  br label %kp.head167
 
-kp.head157:                                       ; preds = %kp.body158, %tile.mr3
-  %kp160 = phi i64 [ 0, %tile.mr3 ], [ %988, %kp.body158 ]
-  %932 = icmp slt i64 %kp160, 512
-  br i1 %932, label %kp.body158, label %kp.end159
+kp.head167:                                       ; preds = %pf.any.end175, %tile.mr3
+  %kp170 = phi i64 [ 0, %tile.mr3 ], [ %988, %pf.any.end175 ]
+  %932 = icmp slt i64 %kp170, 512
+  br i1 %932, label %kp.body168, label %kp.end169
 
-kp.body158:                                       ; preds = %kp.head157
-  %kk161 = mul nsw i64 %kp160, 2
-  %933 = mul nsw i64 %kk161, 32
+kp.body168:                                       ; preds = %kp.head167
+  %kk171 = mul nsw i64 %kp170, 2
+  %933 = mul nsw i64 %kk171, 32
   %934 = getelementptr inbounds i16, ptr %925, i64 %933
   %935 = load <32 x bfloat>, ptr %934, align 4
-  %936 = mul nsw i64 %kk161, 64
-  %937 = lshr i64 %936, %pf.sh153
-  %938 = getelementptr inbounds i8, ptr %pf152, i64 %937
+  %936 = mul nsw i64 %kk171, 64
+  br i1 %pf.multi, label %pf.any.then172, label %pf.any.end173
+
+pf.any.then172:                                   ; preds = %kp.body168
+  %937 = lshr i64 %936, %pf.sh163
+  %938 = getelementptr inbounds i8, ptr %pf162, i64 %937
   call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
-  %939 = getelementptr inbounds i32, ptr %917, i64 %kk161
+  br label %pf.any.end173
+
+pf.any.end173:                                    ; preds = %pf.any.then172, %kp.body168
+  %939 = getelementptr inbounds i32, ptr %917, i64 %kk171
   %940 = load i32, ptr %939, align 4
-  %941 = load <16 x float>, ptr %acc00148, align 4
+  %941 = load <16 x float>, ptr %acc00158, align 4
   %942 = insertelement <16 x i32> poison, i32 %940, i32 0
   %943 = shufflevector <16 x i32> %942, <16 x i32> poison, <16 x i32> zeroinitializer
   %944 = bitcast <16 x i32> %943 to <32 x bfloat>
   %945 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %941, <32 x bfloat> %935, <32 x bfloat> %944)
-  store <16 x float> %945, ptr %acc00148, align 4
-  %946 = getelementptr inbounds i32, ptr %920, i64 %kk161
+  store <16 x float> %945, ptr %acc00158, align 4
+  %946 = getelementptr inbounds i32, ptr %920, i64 %kk171
   %947 = load i32, ptr %946, align 4
-  %948 = load <16 x float>, ptr %acc10149, align 4
+  %948 = load <16 x float>, ptr %acc10159, align 4
   %949 = insertelement <16 x i32> poison, i32 %947, i32 0
   %950 = shufflevector <16 x i32> %949, <16 x i32> poison, <16 x i32> zeroinitializer
   %951 = bitcast <16 x i32> %950 to <32 x bfloat>
   %952 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %948, <32 x bfloat> %935, <32 x bfloat> %951)
-  store <16 x float> %952, ptr %acc10149, align 4
-  %953 = getelementptr inbounds i32, ptr %923, i64 %kk161
+  store <16 x float> %952, ptr %acc10159, align 4
+  %953 = getelementptr inbounds i32, ptr %923, i64 %kk171
   %954 = load i32, ptr %953, align 4
-  %955 = load <16 x float>, ptr %acc20150, align 4
+  %955 = load <16 x float>, ptr %acc20160, align 4
   %956 = insertelement <16 x i32> poison, i32 %954, i32 0
   %957 = shufflevector <16 x i32> %956, <16 x i32> poison, <16 x i32> zeroinitializer
   %958 = bitcast <16 x i32> %957 to <32 x bfloat>
   %959 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %955, <32 x bfloat> %935, <32 x bfloat> %958)
-  store <16 x float> %959, ptr %acc20150, align 4
-  %960 = add nsw i64 %kk161, 1
+  store <16 x float> %959, ptr %acc20160, align 4
+  %960 = add nsw i64 %kk171, 1
   %961 = mul nsw i64 %960, 32
   %962 = getelementptr inbounds i16, ptr %925, i64 %961
   %963 = load <32 x bfloat>, ptr %962, align 4
   %964 = mul nsw i64 %960, 64
-  %965 = lshr i64 %964, %pf.sh153
-  %966 = getelementptr inbounds i8, ptr %pf152, i64 %965
+  br i1 %pf.multi, label %pf.any.then174, label %pf.any.end175
+
+pf.any.then174:                                   ; preds = %pf.any.end173
+  %965 = lshr i64 %964, %pf.sh163
+  %966 = getelementptr inbounds i8, ptr %pf162, i64 %965
   call void @llvm.prefetch.p0(ptr %966, i32 0, i32 2, i32 1)
+  br label %pf.any.end175
+
+pf.any.end175:                                    ; preds = %pf.any.then174, %pf.any.end173
   %967 = getelementptr inbounds i32, ptr %917, i64 %960
   %968 = load i32, ptr %967, align 4
-  %969 = load <16 x float>, ptr %acc01154, align 4
+  %969 = load <16 x float>, ptr %acc01164, align 4
   %970 = insertelement <16 x i32> poison, i32 %968, i32 0
   %971 = shufflevector <16 x i32> %970, <16 x i32> poison, <16 x i32> zeroinitializer
   %972 = bitcast <16 x i32> %971 to <32 x bfloat>
   %973 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %969, <32 x bfloat> %963, <32 x bfloat> %972)
-  store <16 x float> %973, ptr %acc01154, align 4
+  store <16 x float> %973, ptr %acc01164, align 4
   %974 = getelementptr inbounds i32, ptr %920, i64 %960
   %975 = load i32, ptr %974, align 4
-  %976 = load <16 x float>, ptr %acc11155, align 4
+  %976 = load <16 x float>, ptr %acc11165, align 4
   %977 = insertelement <16 x i32> poison, i32 %975, i32 0
   %978 = shufflevector <16 x i32> %977, <16 x i32> poison, <16 x i32> zeroinitializer
   %979 = bitcast <16 x i32> %978 to <32 x bfloat>
   %980 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %976, <32 x bfloat> %963, <32 x bfloat> %979)
-  store <16 x float> %980, ptr %acc11155, align 4
+  store <16 x float> %980, ptr %acc11165, align 4
   %981 = getelementptr inbounds i32, ptr %923, i64 %960
   %982 = load i32, ptr %981, align 4
-  %983 = load <16 x float>, ptr %acc21156, align 4
+  %983 = load <16 x float>, ptr %acc21166, align 4
   %984 = insertelement <16 x i32> poison, i32 %982, i32 0
   %985 = shufflevector <16 x i32> %984, <16 x i32> poison, <16 x i32> zeroinitializer
   %986 = bitcast <16 x i32> %985 to <32 x bfloat>
   %987 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %983, <32 x bfloat> %963, <32 x bfloat> %986)
-  store <16 x float> %987, ptr %acc21156, align 4
-  %988 = add nsw i64 %kp160, 1
-  br label %kp.head157
+  store <16 x float> %987, ptr %acc21166, align 4
+  %988 = add nsw i64 %kp170, 1
+  br label %kp.head167
 
-kp.end159:                                        ; preds = %kp.head157
-  %989 = load <16 x float>, ptr %acc01154, align 4
-  %990 = load <16 x float>, ptr %acc00148, align 4
-  %sum162 = fadd <16 x float> %990, %989
-  store <16 x float> %sum162, ptr %acc00148, align 4
-  %991 = load <16 x float>, ptr %acc11155, align 4
-  %992 = load <16 x float>, ptr %acc10149, align 4
-  %sum163 = fadd <16 x float> %992, %991
-  store <16 x float> %sum163, ptr %acc10149, align 4
-  %993 = load <16 x float>, ptr %acc21156, align 4
-  %994 = load <16 x float>, ptr %acc20150, align 4
-  %sum164 = fadd <16 x float> %994, %993
-  store <16 x float> %sum164, ptr %acc20150, align 4
+kp.end169:                                        ; preds = %kp.head167
+  %989 = load <16 x float>, ptr %acc01164, align 4
+  %990 = load <16 x float>, ptr %acc00158, align 4
+  %sum176 = fadd <16 x float> %990, %989
+  store <16 x float> %sum176, ptr %acc00158, align 4
+  %991 = load <16 x float>, ptr %acc11165, align 4
+  %992 = load <16 x float>, ptr %acc10159, align 4
+  %sum177 = fadd <16 x float> %992, %991
+  store <16 x float> %sum177, ptr %acc10159, align 4
+  %993 = load <16 x float>, ptr %acc21166, align 4
+  %994 = load <16 x float>, ptr %acc20160, align 4
+  %sum178 = fadd <16 x float> %994, %993
+  store <16 x float> %sum178, ptr %acc20160, align 4
   %995 = add nsw i64 %r0, 0
   %996 = add nsw i64 %chunk, %995
   %997 = getelementptr inbounds float, ptr %rw, i64 %996
@@ -2319,10 +2368,10 @@ kp.end159:                                        ; preds = %kp.head157
   %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
   %1001 = mul nsw i64 %996, 768
   %1002 = getelementptr inbounds float, ptr %h, i64 %1001
-  %col165 = mul nsw i64 %p, 8
-  %1003 = load <16 x float>, ptr %acc00148, align 4
+  %col179 = mul nsw i64 %p, 8
+  %1003 = load <16 x float>, ptr %acc00158, align 4
   %1004 = shufflevector <16 x float> %1003, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1005 = load <16 x float>, ptr %acc00148, align 4
+  %1005 = load <16 x float>, ptr %acc00158, align 4
   %1006 = shufflevector <16 x float> %1005, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %1007 = fneg <8 x float> %1004
   %1008 = fcmp olt <8 x float> %1007, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2344,16 +2393,16 @@ kp.end159:                                        ; preds = %kp.head157
   %1024 = fptosi <8 x float> %1013 to <8 x i32>
   %1025 = add <8 x i32> %1024, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1026 = shl <8 x i32> %1025, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %1026 to <8 x float>
-  %exp167 = fmul <8 x float> %1023, %exp.2n166
-  %1027 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1027
-  %silu169 = fmul <8 x float> %1004, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %1006
-  %1028 = fmul <8 x float> %glu170, %1000
-  %1029 = getelementptr inbounds i16, ptr %1002, i64 %col165
-  %hb171 = fptrunc <8 x float> %1028 to <8 x bfloat>
-  store <8 x bfloat> %hb171, ptr %1029, align 4
+  %exp.2n180 = bitcast <8 x i32> %1026 to <8 x float>
+  %exp181 = fmul <8 x float> %1023, %exp.2n180
+  %1027 = fadd <8 x float> %exp181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid182 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1027
+  %silu183 = fmul <8 x float> %1004, %sigmoid182
+  %glu184 = fmul <8 x float> %silu183, %1006
+  %1028 = fmul <8 x float> %glu184, %1000
+  %1029 = getelementptr inbounds i16, ptr %1002, i64 %col179
+  %hb185 = fptrunc <8 x float> %1028 to <8 x bfloat>
+  store <8 x bfloat> %hb185, ptr %1029, align 4
   %1030 = add nsw i64 %r0, 1
   %1031 = add nsw i64 %chunk, %1030
   %1032 = getelementptr inbounds float, ptr %rw, i64 %1031
@@ -2362,10 +2411,10 @@ kp.end159:                                        ; preds = %kp.head157
   %1035 = shufflevector <8 x float> %1034, <8 x float> poison, <8 x i32> zeroinitializer
   %1036 = mul nsw i64 %1031, 768
   %1037 = getelementptr inbounds float, ptr %h, i64 %1036
-  %col172 = mul nsw i64 %p, 8
-  %1038 = load <16 x float>, ptr %acc10149, align 4
+  %col186 = mul nsw i64 %p, 8
+  %1038 = load <16 x float>, ptr %acc10159, align 4
   %1039 = shufflevector <16 x float> %1038, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1040 = load <16 x float>, ptr %acc10149, align 4
+  %1040 = load <16 x float>, ptr %acc10159, align 4
   %1041 = shufflevector <16 x float> %1040, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %1042 = fneg <8 x float> %1039
   %1043 = fcmp olt <8 x float> %1042, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2387,16 +2436,16 @@ kp.end159:                                        ; preds = %kp.head157
   %1059 = fptosi <8 x float> %1048 to <8 x i32>
   %1060 = add <8 x i32> %1059, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1061 = shl <8 x i32> %1060, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %1061 to <8 x float>
-  %exp174 = fmul <8 x float> %1058, %exp.2n173
-  %1062 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1062
-  %silu176 = fmul <8 x float> %1039, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %1041
-  %1063 = fmul <8 x float> %glu177, %1035
-  %1064 = getelementptr inbounds i16, ptr %1037, i64 %col172
-  %hb178 = fptrunc <8 x float> %1063 to <8 x bfloat>
-  store <8 x bfloat> %hb178, ptr %1064, align 4
+  %exp.2n187 = bitcast <8 x i32> %1061 to <8 x float>
+  %exp188 = fmul <8 x float> %1058, %exp.2n187
+  %1062 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1062
+  %silu190 = fmul <8 x float> %1039, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1041
+  %1063 = fmul <8 x float> %glu191, %1035
+  %1064 = getelementptr inbounds i16, ptr %1037, i64 %col186
+  %hb192 = fptrunc <8 x float> %1063 to <8 x bfloat>
+  store <8 x bfloat> %hb192, ptr %1064, align 4
   %1065 = add nsw i64 %r0, 2
   %1066 = add nsw i64 %chunk, %1065
   %1067 = getelementptr inbounds float, ptr %rw, i64 %1066
@@ -2405,10 +2454,10 @@ kp.end159:                                        ; preds = %kp.head157
   %1070 = shufflevector <8 x float> %1069, <8 x float> poison, <8 x i32> zeroinitializer
   %1071 = mul nsw i64 %1066, 768
   %1072 = getelementptr inbounds float, ptr %h, i64 %1071
-  %col179 = mul nsw i64 %p, 8
-  %1073 = load <16 x float>, ptr %acc20150, align 4
+  %col193 = mul nsw i64 %p, 8
+  %1073 = load <16 x float>, ptr %acc20160, align 4
   %1074 = shufflevector <16 x float> %1073, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1075 = load <16 x float>, ptr %acc20150, align 4
+  %1075 = load <16 x float>, ptr %acc20160, align 4
   %1076 = shufflevector <16 x float> %1075, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %1077 = fneg <8 x float> %1074
   %1078 = fcmp olt <8 x float> %1077, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2430,108 +2479,120 @@ kp.end159:                                        ; preds = %kp.head157
   %1094 = fptosi <8 x float> %1083 to <8 x i32>
   %1095 = add <8 x i32> %1094, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1096 = shl <8 x i32> %1095, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n180 = bitcast <8 x i32> %1096 to <8 x float>
-  %exp181 = fmul <8 x float> %1093, %exp.2n180
-  %1097 = fadd <8 x float> %exp181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid182 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1097
-  %silu183 = fmul <8 x float> %1074, %sigmoid182
-  %glu184 = fmul <8 x float> %silu183, %1076
-  %1098 = fmul <8 x float> %glu184, %1070
-  %1099 = getelementptr inbounds i16, ptr %1072, i64 %col179
-  %hb185 = fptrunc <8 x float> %1098 to <8 x bfloat>
-  store <8 x bfloat> %hb185, ptr %1099, align 4
+  %exp.2n194 = bitcast <8 x i32> %1096 to <8 x float>
+  %exp195 = fmul <8 x float> %1093, %exp.2n194
+  %1097 = fadd <8 x float> %exp195, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid196 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1097
+  %silu197 = fmul <8 x float> %1074, %sigmoid196
+  %glu198 = fmul <8 x float> %silu197, %1076
+  %1098 = fmul <8 x float> %glu198, %1070
+  %1099 = getelementptr inbounds i16, ptr %1072, i64 %col193
+  %hb199 = fptrunc <8 x float> %1098 to <8 x bfloat>
+  store <8 x bfloat> %hb199, ptr %1099, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
   %1100 = add nsw i64 %r0, 0
   %1101 = mul nsw i64 %1100, 2048
   %1102 = getelementptr inbounds i16, ptr %xb, i64 %1101
-  store <16 x float> zeroinitializer, ptr %acc00186, align 4
+  store <16 x float> zeroinitializer, ptr %acc00200, align 4
   %1103 = add nsw i64 %r0, 1
   %1104 = mul nsw i64 %1103, 2048
   %1105 = getelementptr inbounds i16, ptr %xb, i64 %1104
-  store <16 x float> zeroinitializer, ptr %acc10187, align 4
+  store <16 x float> zeroinitializer, ptr %acc10201, align 4
   %1106 = mul nsw i64 %p, 32768
   %1107 = getelementptr inbounds i16, ptr %panels, i64 %1106
   %1108 = add nsw i64 %p, 1
   %1109 = icmp slt i64 %1108, %p1
-  %pf.on188 = and i1 %pf.on, %1109
+  %pf.on202 = and i1 %pf.on, %1109
   %1110 = mul nsw i64 %pf.j, 65536
   %1111 = lshr i64 %1110, %32
   %1112 = add nsw i64 65536, %1111
   %1113 = getelementptr inbounds i8, ptr %1107, i64 %1112
-  %pf189 = select i1 %pf.on188, ptr %1113, ptr %1107
-  %pf.sh190 = select i1 %pf.on188, i64 %32, i64 0
-  store <16 x float> zeroinitializer, ptr %acc01191, align 4
-  store <16 x float> zeroinitializer, ptr %acc11192, align 4
-  br label %kp.head193
+  %pf203 = select i1 %pf.on202, ptr %1113, ptr %1107
+  %pf.sh204 = select i1 %pf.on202, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01205, align 4
+  store <16 x float> zeroinitializer, ptr %acc11206, align 4
+  br label %kp.head207
 
-kp.head193:                                       ; preds = %kp.body194, %tile.mr2
-  %kp196 = phi i64 [ 0, %tile.mr2 ], [ %1156, %kp.body194 ]
-  %1114 = icmp slt i64 %kp196, 512
-  br i1 %1114, label %kp.body194, label %kp.end195
+kp.head207:                                       ; preds = %pf.any.end215, %tile.mr2
+  %kp210 = phi i64 [ 0, %tile.mr2 ], [ %1156, %pf.any.end215 ]
+  %1114 = icmp slt i64 %kp210, 512
+  br i1 %1114, label %kp.body208, label %kp.end209
 
-kp.body194:                                       ; preds = %kp.head193
-  %kk197 = mul nsw i64 %kp196, 2
-  %1115 = mul nsw i64 %kk197, 32
+kp.body208:                                       ; preds = %kp.head207
+  %kk211 = mul nsw i64 %kp210, 2
+  %1115 = mul nsw i64 %kk211, 32
   %1116 = getelementptr inbounds i16, ptr %1107, i64 %1115
   %1117 = load <32 x bfloat>, ptr %1116, align 4
-  %1118 = mul nsw i64 %kk197, 64
-  %1119 = lshr i64 %1118, %pf.sh190
-  %1120 = getelementptr inbounds i8, ptr %pf189, i64 %1119
+  %1118 = mul nsw i64 %kk211, 64
+  br i1 %pf.multi, label %pf.any.then212, label %pf.any.end213
+
+pf.any.then212:                                   ; preds = %kp.body208
+  %1119 = lshr i64 %1118, %pf.sh204
+  %1120 = getelementptr inbounds i8, ptr %pf203, i64 %1119
   call void @llvm.prefetch.p0(ptr %1120, i32 0, i32 2, i32 1)
-  %1121 = getelementptr inbounds i32, ptr %1102, i64 %kk197
+  br label %pf.any.end213
+
+pf.any.end213:                                    ; preds = %pf.any.then212, %kp.body208
+  %1121 = getelementptr inbounds i32, ptr %1102, i64 %kk211
   %1122 = load i32, ptr %1121, align 4
-  %1123 = load <16 x float>, ptr %acc00186, align 4
+  %1123 = load <16 x float>, ptr %acc00200, align 4
   %1124 = insertelement <16 x i32> poison, i32 %1122, i32 0
   %1125 = shufflevector <16 x i32> %1124, <16 x i32> poison, <16 x i32> zeroinitializer
   %1126 = bitcast <16 x i32> %1125 to <32 x bfloat>
   %1127 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1123, <32 x bfloat> %1117, <32 x bfloat> %1126)
-  store <16 x float> %1127, ptr %acc00186, align 4
-  %1128 = getelementptr inbounds i32, ptr %1105, i64 %kk197
+  store <16 x float> %1127, ptr %acc00200, align 4
+  %1128 = getelementptr inbounds i32, ptr %1105, i64 %kk211
   %1129 = load i32, ptr %1128, align 4
-  %1130 = load <16 x float>, ptr %acc10187, align 4
+  %1130 = load <16 x float>, ptr %acc10201, align 4
   %1131 = insertelement <16 x i32> poison, i32 %1129, i32 0
   %1132 = shufflevector <16 x i32> %1131, <16 x i32> poison, <16 x i32> zeroinitializer
   %1133 = bitcast <16 x i32> %1132 to <32 x bfloat>
   %1134 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1130, <32 x bfloat> %1117, <32 x bfloat> %1133)
-  store <16 x float> %1134, ptr %acc10187, align 4
-  %1135 = add nsw i64 %kk197, 1
+  store <16 x float> %1134, ptr %acc10201, align 4
+  %1135 = add nsw i64 %kk211, 1
   %1136 = mul nsw i64 %1135, 32
   %1137 = getelementptr inbounds i16, ptr %1107, i64 %1136
   %1138 = load <32 x bfloat>, ptr %1137, align 4
   %1139 = mul nsw i64 %1135, 64
-  %1140 = lshr i64 %1139, %pf.sh190
-  %1141 = getelementptr inbounds i8, ptr %pf189, i64 %1140
+  br i1 %pf.multi, label %pf.any.then214, label %pf.any.end215
+
+pf.any.then214:                                   ; preds = %pf.any.end213
+  %1140 = lshr i64 %1139, %pf.sh204
+  %1141 = getelementptr inbounds i8, ptr %pf203, i64 %1140
   call void @llvm.prefetch.p0(ptr %1141, i32 0, i32 2, i32 1)
+  br label %pf.any.end215
+
+pf.any.end215:                                    ; preds = %pf.any.then214, %pf.any.end213
   %1142 = getelementptr inbounds i32, ptr %1102, i64 %1135
   %1143 = load i32, ptr %1142, align 4
-  %1144 = load <16 x float>, ptr %acc01191, align 4
+  %1144 = load <16 x float>, ptr %acc01205, align 4
   %1145 = insertelement <16 x i32> poison, i32 %1143, i32 0
   %1146 = shufflevector <16 x i32> %1145, <16 x i32> poison, <16 x i32> zeroinitializer
   %1147 = bitcast <16 x i32> %1146 to <32 x bfloat>
   %1148 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1144, <32 x bfloat> %1138, <32 x bfloat> %1147)
-  store <16 x float> %1148, ptr %acc01191, align 4
+  store <16 x float> %1148, ptr %acc01205, align 4
   %1149 = getelementptr inbounds i32, ptr %1105, i64 %1135
   %1150 = load i32, ptr %1149, align 4
-  %1151 = load <16 x float>, ptr %acc11192, align 4
+  %1151 = load <16 x float>, ptr %acc11206, align 4
   %1152 = insertelement <16 x i32> poison, i32 %1150, i32 0
   %1153 = shufflevector <16 x i32> %1152, <16 x i32> poison, <16 x i32> zeroinitializer
   %1154 = bitcast <16 x i32> %1153 to <32 x bfloat>
   %1155 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1151, <32 x bfloat> %1138, <32 x bfloat> %1154)
-  store <16 x float> %1155, ptr %acc11192, align 4
-  %1156 = add nsw i64 %kp196, 1
-  br label %kp.head193
+  store <16 x float> %1155, ptr %acc11206, align 4
+  %1156 = add nsw i64 %kp210, 1
+  br label %kp.head207
 
-kp.end195:                                        ; preds = %kp.head193
-  %1157 = load <16 x float>, ptr %acc01191, align 4
-  %1158 = load <16 x float>, ptr %acc00186, align 4
-  %sum198 = fadd <16 x float> %1158, %1157
-  store <16 x float> %sum198, ptr %acc00186, align 4
-  %1159 = load <16 x float>, ptr %acc11192, align 4
-  %1160 = load <16 x float>, ptr %acc10187, align 4
-  %sum199 = fadd <16 x float> %1160, %1159
-  store <16 x float> %sum199, ptr %acc10187, align 4
+kp.end209:                                        ; preds = %kp.head207
+  %1157 = load <16 x float>, ptr %acc01205, align 4
+  %1158 = load <16 x float>, ptr %acc00200, align 4
+  %sum216 = fadd <16 x float> %1158, %1157
+  store <16 x float> %sum216, ptr %acc00200, align 4
+  %1159 = load <16 x float>, ptr %acc11206, align 4
+  %1160 = load <16 x float>, ptr %acc10201, align 4
+  %sum217 = fadd <16 x float> %1160, %1159
+  store <16 x float> %sum217, ptr %acc10201, align 4
   %1161 = add nsw i64 %r0, 0
   %1162 = add nsw i64 %chunk, %1161
   %1163 = getelementptr inbounds float, ptr %rw, i64 %1162
@@ -2540,10 +2601,10 @@ kp.end195:                                        ; preds = %kp.head193
   %1166 = shufflevector <8 x float> %1165, <8 x float> poison, <8 x i32> zeroinitializer
   %1167 = mul nsw i64 %1162, 768
   %1168 = getelementptr inbounds float, ptr %h, i64 %1167
-  %col200 = mul nsw i64 %p, 8
-  %1169 = load <16 x float>, ptr %acc00186, align 4
+  %col218 = mul nsw i64 %p, 8
+  %1169 = load <16 x float>, ptr %acc00200, align 4
   %1170 = shufflevector <16 x float> %1169, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1171 = load <16 x float>, ptr %acc00186, align 4
+  %1171 = load <16 x float>, ptr %acc00200, align 4
   %1172 = shufflevector <16 x float> %1171, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %1173 = fneg <8 x float> %1170
   %1174 = fcmp olt <8 x float> %1173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2565,16 +2626,16 @@ kp.end195:                                        ; preds = %kp.head193
   %1190 = fptosi <8 x float> %1179 to <8 x i32>
   %1191 = add <8 x i32> %1190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1192 = shl <8 x i32> %1191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n201 = bitcast <8 x i32> %1192 to <8 x float>
-  %exp202 = fmul <8 x float> %1189, %exp.2n201
-  %1193 = fadd <8 x float> %exp202, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid203 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1193
-  %silu204 = fmul <8 x float> %1170, %sigmoid203
-  %glu205 = fmul <8 x float> %silu204, %1172
-  %1194 = fmul <8 x float> %glu205, %1166
-  %1195 = getelementptr inbounds i16, ptr %1168, i64 %col200
-  %hb206 = fptrunc <8 x float> %1194 to <8 x bfloat>
-  store <8 x bfloat> %hb206, ptr %1195, align 4
+  %exp.2n219 = bitcast <8 x i32> %1192 to <8 x float>
+  %exp220 = fmul <8 x float> %1189, %exp.2n219
+  %1193 = fadd <8 x float> %exp220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid221 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1193
+  %silu222 = fmul <8 x float> %1170, %sigmoid221
+  %glu223 = fmul <8 x float> %silu222, %1172
+  %1194 = fmul <8 x float> %glu223, %1166
+  %1195 = getelementptr inbounds i16, ptr %1168, i64 %col218
+  %hb224 = fptrunc <8 x float> %1194 to <8 x bfloat>
+  store <8 x bfloat> %hb224, ptr %1195, align 4
   %1196 = add nsw i64 %r0, 1
   %1197 = add nsw i64 %chunk, %1196
   %1198 = getelementptr inbounds float, ptr %rw, i64 %1197
@@ -2583,10 +2644,10 @@ kp.end195:                                        ; preds = %kp.head193
   %1201 = shufflevector <8 x float> %1200, <8 x float> poison, <8 x i32> zeroinitializer
   %1202 = mul nsw i64 %1197, 768
   %1203 = getelementptr inbounds float, ptr %h, i64 %1202
-  %col207 = mul nsw i64 %p, 8
-  %1204 = load <16 x float>, ptr %acc10187, align 4
+  %col225 = mul nsw i64 %p, 8
+  %1204 = load <16 x float>, ptr %acc10201, align 4
   %1205 = shufflevector <16 x float> %1204, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1206 = load <16 x float>, ptr %acc10187, align 4
+  %1206 = load <16 x float>, ptr %acc10201, align 4
   %1207 = shufflevector <16 x float> %1206, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %1208 = fneg <8 x float> %1205
   %1209 = fcmp olt <8 x float> %1208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2608,83 +2669,95 @@ kp.end195:                                        ; preds = %kp.head193
   %1225 = fptosi <8 x float> %1214 to <8 x i32>
   %1226 = add <8 x i32> %1225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1227 = shl <8 x i32> %1226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n208 = bitcast <8 x i32> %1227 to <8 x float>
-  %exp209 = fmul <8 x float> %1224, %exp.2n208
-  %1228 = fadd <8 x float> %exp209, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid210 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1228
-  %silu211 = fmul <8 x float> %1205, %sigmoid210
-  %glu212 = fmul <8 x float> %silu211, %1207
-  %1229 = fmul <8 x float> %glu212, %1201
-  %1230 = getelementptr inbounds i16, ptr %1203, i64 %col207
-  %hb213 = fptrunc <8 x float> %1229 to <8 x bfloat>
-  store <8 x bfloat> %hb213, ptr %1230, align 4
+  %exp.2n226 = bitcast <8 x i32> %1227 to <8 x float>
+  %exp227 = fmul <8 x float> %1224, %exp.2n226
+  %1228 = fadd <8 x float> %exp227, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid228 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1228
+  %silu229 = fmul <8 x float> %1205, %sigmoid228
+  %glu230 = fmul <8 x float> %silu229, %1207
+  %1229 = fmul <8 x float> %glu230, %1201
+  %1230 = getelementptr inbounds i16, ptr %1203, i64 %col225
+  %hb231 = fptrunc <8 x float> %1229 to <8 x bfloat>
+  store <8 x bfloat> %hb231, ptr %1230, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
   %1231 = add nsw i64 %r0, 0
   %1232 = mul nsw i64 %1231, 2048
   %1233 = getelementptr inbounds i16, ptr %xb, i64 %1232
-  store <16 x float> zeroinitializer, ptr %acc00214, align 4
+  store <16 x float> zeroinitializer, ptr %acc00232, align 4
   %1234 = mul nsw i64 %p, 32768
   %1235 = getelementptr inbounds i16, ptr %panels, i64 %1234
   %1236 = add nsw i64 %p, 1
   %1237 = icmp slt i64 %1236, %p1
-  %pf.on215 = and i1 %pf.on, %1237
+  %pf.on233 = and i1 %pf.on, %1237
   %1238 = mul nsw i64 %pf.j, 65536
   %1239 = lshr i64 %1238, %32
   %1240 = add nsw i64 65536, %1239
   %1241 = getelementptr inbounds i8, ptr %1235, i64 %1240
-  %pf216 = select i1 %pf.on215, ptr %1241, ptr %1235
-  %pf.sh217 = select i1 %pf.on215, i64 %32, i64 0
-  store <16 x float> zeroinitializer, ptr %acc01218, align 4
-  br label %kp.head219
+  %pf234 = select i1 %pf.on233, ptr %1241, ptr %1235
+  %pf.sh235 = select i1 %pf.on233, i64 %32, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01236, align 4
+  br label %kp.head237
 
-kp.head219:                                       ; preds = %kp.body220, %tile.mr1
-  %kp222 = phi i64 [ 0, %tile.mr1 ], [ %1270, %kp.body220 ]
-  %1242 = icmp slt i64 %kp222, 512
-  br i1 %1242, label %kp.body220, label %kp.end221
+kp.head237:                                       ; preds = %pf.any.end245, %tile.mr1
+  %kp240 = phi i64 [ 0, %tile.mr1 ], [ %1270, %pf.any.end245 ]
+  %1242 = icmp slt i64 %kp240, 512
+  br i1 %1242, label %kp.body238, label %kp.end239
 
-kp.body220:                                       ; preds = %kp.head219
-  %kk223 = mul nsw i64 %kp222, 2
-  %1243 = mul nsw i64 %kk223, 32
+kp.body238:                                       ; preds = %kp.head237
+  %kk241 = mul nsw i64 %kp240, 2
+  %1243 = mul nsw i64 %kk241, 32
   %1244 = getelementptr inbounds i16, ptr %1235, i64 %1243
   %1245 = load <32 x bfloat>, ptr %1244, align 4
-  %1246 = mul nsw i64 %kk223, 64
-  %1247 = lshr i64 %1246, %pf.sh217
-  %1248 = getelementptr inbounds i8, ptr %pf216, i64 %1247
+  %1246 = mul nsw i64 %kk241, 64
+  br i1 %pf.multi, label %pf.any.then242, label %pf.any.end243
+
+pf.any.then242:                                   ; preds = %kp.body238
+  %1247 = lshr i64 %1246, %pf.sh235
+  %1248 = getelementptr inbounds i8, ptr %pf234, i64 %1247
   call void @llvm.prefetch.p0(ptr %1248, i32 0, i32 2, i32 1)
-  %1249 = getelementptr inbounds i32, ptr %1233, i64 %kk223
+  br label %pf.any.end243
+
+pf.any.end243:                                    ; preds = %pf.any.then242, %kp.body238
+  %1249 = getelementptr inbounds i32, ptr %1233, i64 %kk241
   %1250 = load i32, ptr %1249, align 4
-  %1251 = load <16 x float>, ptr %acc00214, align 4
+  %1251 = load <16 x float>, ptr %acc00232, align 4
   %1252 = insertelement <16 x i32> poison, i32 %1250, i32 0
   %1253 = shufflevector <16 x i32> %1252, <16 x i32> poison, <16 x i32> zeroinitializer
   %1254 = bitcast <16 x i32> %1253 to <32 x bfloat>
   %1255 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1251, <32 x bfloat> %1245, <32 x bfloat> %1254)
-  store <16 x float> %1255, ptr %acc00214, align 4
-  %1256 = add nsw i64 %kk223, 1
+  store <16 x float> %1255, ptr %acc00232, align 4
+  %1256 = add nsw i64 %kk241, 1
   %1257 = mul nsw i64 %1256, 32
   %1258 = getelementptr inbounds i16, ptr %1235, i64 %1257
   %1259 = load <32 x bfloat>, ptr %1258, align 4
   %1260 = mul nsw i64 %1256, 64
-  %1261 = lshr i64 %1260, %pf.sh217
-  %1262 = getelementptr inbounds i8, ptr %pf216, i64 %1261
+  br i1 %pf.multi, label %pf.any.then244, label %pf.any.end245
+
+pf.any.then244:                                   ; preds = %pf.any.end243
+  %1261 = lshr i64 %1260, %pf.sh235
+  %1262 = getelementptr inbounds i8, ptr %pf234, i64 %1261
   call void @llvm.prefetch.p0(ptr %1262, i32 0, i32 2, i32 1)
+  br label %pf.any.end245
+
+pf.any.end245:                                    ; preds = %pf.any.then244, %pf.any.end243
   %1263 = getelementptr inbounds i32, ptr %1233, i64 %1256
   %1264 = load i32, ptr %1263, align 4
-  %1265 = load <16 x float>, ptr %acc01218, align 4
+  %1265 = load <16 x float>, ptr %acc01236, align 4
   %1266 = insertelement <16 x i32> poison, i32 %1264, i32 0
   %1267 = shufflevector <16 x i32> %1266, <16 x i32> poison, <16 x i32> zeroinitializer
   %1268 = bitcast <16 x i32> %1267 to <32 x bfloat>
   %1269 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1265, <32 x bfloat> %1259, <32 x bfloat> %1268)
-  store <16 x float> %1269, ptr %acc01218, align 4
-  %1270 = add nsw i64 %kp222, 1
-  br label %kp.head219
+  store <16 x float> %1269, ptr %acc01236, align 4
+  %1270 = add nsw i64 %kp240, 1
+  br label %kp.head237
 
-kp.end221:                                        ; preds = %kp.head219
-  %1271 = load <16 x float>, ptr %acc01218, align 4
-  %1272 = load <16 x float>, ptr %acc00214, align 4
-  %sum224 = fadd <16 x float> %1272, %1271
-  store <16 x float> %sum224, ptr %acc00214, align 4
+kp.end239:                                        ; preds = %kp.head237
+  %1271 = load <16 x float>, ptr %acc01236, align 4
+  %1272 = load <16 x float>, ptr %acc00232, align 4
+  %sum246 = fadd <16 x float> %1272, %1271
+  store <16 x float> %sum246, ptr %acc00232, align 4
   %1273 = add nsw i64 %r0, 0
   %1274 = add nsw i64 %chunk, %1273
   %1275 = getelementptr inbounds float, ptr %rw, i64 %1274
@@ -2693,10 +2766,10 @@ kp.end221:                                        ; preds = %kp.head219
   %1278 = shufflevector <8 x float> %1277, <8 x float> poison, <8 x i32> zeroinitializer
   %1279 = mul nsw i64 %1274, 768
   %1280 = getelementptr inbounds float, ptr %h, i64 %1279
-  %col225 = mul nsw i64 %p, 8
-  %1281 = load <16 x float>, ptr %acc00214, align 4
+  %col247 = mul nsw i64 %p, 8
+  %1281 = load <16 x float>, ptr %acc00232, align 4
   %1282 = shufflevector <16 x float> %1281, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1283 = load <16 x float>, ptr %acc00214, align 4
+  %1283 = load <16 x float>, ptr %acc00232, align 4
   %1284 = shufflevector <16 x float> %1283, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %1285 = fneg <8 x float> %1282
   %1286 = fcmp olt <8 x float> %1285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
@@ -2718,19 +2791,19 @@ kp.end221:                                        ; preds = %kp.head219
   %1302 = fptosi <8 x float> %1291 to <8 x i32>
   %1303 = add <8 x i32> %1302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %1304 = shl <8 x i32> %1303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n226 = bitcast <8 x i32> %1304 to <8 x float>
-  %exp227 = fmul <8 x float> %1301, %exp.2n226
-  %1305 = fadd <8 x float> %exp227, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid228 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1305
-  %silu229 = fmul <8 x float> %1282, %sigmoid228
-  %glu230 = fmul <8 x float> %silu229, %1284
-  %1306 = fmul <8 x float> %glu230, %1278
-  %1307 = getelementptr inbounds i16, ptr %1280, i64 %col225
-  %hb231 = fptrunc <8 x float> %1306 to <8 x bfloat>
-  store <8 x bfloat> %hb231, ptr %1307, align 4
+  %exp.2n248 = bitcast <8 x i32> %1304 to <8 x float>
+  %exp249 = fmul <8 x float> %1301, %exp.2n248
+  %1305 = fadd <8 x float> %exp249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid250 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1305
+  %silu251 = fmul <8 x float> %1282, %sigmoid250
+  %glu252 = fmul <8 x float> %silu251, %1284
+  %1306 = fmul <8 x float> %glu252, %1278
+  %1307 = getelementptr inbounds i16, ptr %1280, i64 %col247
+  %hb253 = fptrunc <8 x float> %1306 to <8 x bfloat>
+  store <8 x bfloat> %hb253, ptr %1307, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %kp.end221, %kp.end195, %kp.end159, %kp.end113, %kp.end57, %kp.end
+tile.done:                                        ; preds = %kp.end239, %kp.end209, %kp.end169, %kp.end119, %kp.end59, %kp.end
   %1308 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2776,36 +2849,36 @@ entry:
   %acc31 = alloca <16 x float>, align 32
   %acc41 = alloca <16 x float>, align 32
   %acc51 = alloca <16 x float>, align 32
-  %acc008 = alloca <16 x float>, align 32
-  %acc109 = alloca <16 x float>, align 32
-  %acc2010 = alloca <16 x float>, align 32
-  %acc3011 = alloca <16 x float>, align 32
-  %acc4012 = alloca <16 x float>, align 32
-  %acc0116 = alloca <16 x float>, align 32
-  %acc1117 = alloca <16 x float>, align 32
-  %acc2118 = alloca <16 x float>, align 32
-  %acc3119 = alloca <16 x float>, align 32
-  %acc4120 = alloca <16 x float>, align 32
-  %acc0032 = alloca <16 x float>, align 32
-  %acc1033 = alloca <16 x float>, align 32
-  %acc2034 = alloca <16 x float>, align 32
-  %acc3035 = alloca <16 x float>, align 32
-  %acc0139 = alloca <16 x float>, align 32
-  %acc1140 = alloca <16 x float>, align 32
-  %acc2141 = alloca <16 x float>, align 32
-  %acc3142 = alloca <16 x float>, align 32
-  %acc0053 = alloca <16 x float>, align 32
-  %acc1054 = alloca <16 x float>, align 32
-  %acc2055 = alloca <16 x float>, align 32
-  %acc0159 = alloca <16 x float>, align 32
-  %acc1160 = alloca <16 x float>, align 32
-  %acc2161 = alloca <16 x float>, align 32
-  %acc0071 = alloca <16 x float>, align 32
-  %acc1072 = alloca <16 x float>, align 32
-  %acc0176 = alloca <16 x float>, align 32
-  %acc1177 = alloca <16 x float>, align 32
-  %acc0086 = alloca <16 x float>, align 32
+  %acc0010 = alloca <16 x float>, align 32
+  %acc1011 = alloca <16 x float>, align 32
+  %acc2012 = alloca <16 x float>, align 32
+  %acc3013 = alloca <16 x float>, align 32
+  %acc4014 = alloca <16 x float>, align 32
+  %acc0118 = alloca <16 x float>, align 32
+  %acc1119 = alloca <16 x float>, align 32
+  %acc2120 = alloca <16 x float>, align 32
+  %acc3121 = alloca <16 x float>, align 32
+  %acc4122 = alloca <16 x float>, align 32
+  %acc0038 = alloca <16 x float>, align 32
+  %acc1039 = alloca <16 x float>, align 32
+  %acc2040 = alloca <16 x float>, align 32
+  %acc3041 = alloca <16 x float>, align 32
+  %acc0145 = alloca <16 x float>, align 32
+  %acc1146 = alloca <16 x float>, align 32
+  %acc2147 = alloca <16 x float>, align 32
+  %acc3148 = alloca <16 x float>, align 32
+  %acc0063 = alloca <16 x float>, align 32
+  %acc1064 = alloca <16 x float>, align 32
+  %acc2065 = alloca <16 x float>, align 32
+  %acc0169 = alloca <16 x float>, align 32
+  %acc1170 = alloca <16 x float>, align 32
+  %acc2171 = alloca <16 x float>, align 32
+  %acc0085 = alloca <16 x float>, align 32
+  %acc1086 = alloca <16 x float>, align 32
   %acc0190 = alloca <16 x float>, align 32
+  %acc1191 = alloca <16 x float>, align 32
+  %acc00104 = alloca <16 x float>, align 32
+  %acc01108 = alloca <16 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2839,6 +2912,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -2932,8 +3006,8 @@ tile.mr6:                                         ; preds = %r0.body
   store <16 x float> zeroinitializer, ptr %acc51, align 4
   br label %kp.head
 
-kp.head:                                          ; preds = %kp.body, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %174, %kp.body ]
+kp.head:                                          ; preds = %pf.any.end3, %tile.mr6
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %174, %pf.any.end3 ]
   %76 = icmp slt i64 %kp, 192
   br i1 %76, label %kp.body, label %kp.end
 
@@ -2943,9 +3017,15 @@ kp.body:                                          ; preds = %kp.head
   %78 = getelementptr inbounds i16, ptr %69, i64 %77
   %79 = load <32 x bfloat>, ptr %78, align 4
   %80 = mul nsw i64 %kk, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %kp.body
   %81 = lshr i64 %80, %pf.sh
   %82 = getelementptr inbounds i8, ptr %pf, i64 %81
   call void @llvm.prefetch.p0(ptr %82, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %kp.body
   %83 = getelementptr inbounds i32, ptr %16, i64 %kk
   %84 = load i32, ptr %83, align 4
   %85 = load <16 x float>, ptr %acc00, align 4
@@ -2999,9 +3079,15 @@ kp.body:                                          ; preds = %kp.head
   %127 = getelementptr inbounds i16, ptr %69, i64 %126
   %128 = load <32 x bfloat>, ptr %127, align 4
   %129 = mul nsw i64 %125, 64
+  br i1 %pf.multi, label %pf.any.then2, label %pf.any.end3
+
+pf.any.then2:                                     ; preds = %pf.any.end
   %130 = lshr i64 %129, %pf.sh
   %131 = getelementptr inbounds i8, ptr %pf, i64 %130
   call void @llvm.prefetch.p0(ptr %131, i32 0, i32 2, i32 1)
+  br label %pf.any.end3
+
+pf.any.end3:                                      ; preds = %pf.any.then2, %pf.any.end
   %132 = getelementptr inbounds i32, ptr %16, i64 %125
   %133 = load i32, ptr %132, align 4
   %134 = load <16 x float>, ptr %acc01, align 4
@@ -3060,24 +3146,24 @@ kp.end:                                           ; preds = %kp.head
   store <16 x float> %sum, ptr %acc00, align 4
   %177 = load <16 x float>, ptr %acc11, align 4
   %178 = load <16 x float>, ptr %acc10, align 4
-  %sum2 = fadd <16 x float> %178, %177
-  store <16 x float> %sum2, ptr %acc10, align 4
+  %sum4 = fadd <16 x float> %178, %177
+  store <16 x float> %sum4, ptr %acc10, align 4
   %179 = load <16 x float>, ptr %acc21, align 4
   %180 = load <16 x float>, ptr %acc20, align 4
-  %sum3 = fadd <16 x float> %180, %179
-  store <16 x float> %sum3, ptr %acc20, align 4
+  %sum5 = fadd <16 x float> %180, %179
+  store <16 x float> %sum5, ptr %acc20, align 4
   %181 = load <16 x float>, ptr %acc31, align 4
   %182 = load <16 x float>, ptr %acc30, align 4
-  %sum4 = fadd <16 x float> %182, %181
-  store <16 x float> %sum4, ptr %acc30, align 4
+  %sum6 = fadd <16 x float> %182, %181
+  store <16 x float> %sum6, ptr %acc30, align 4
   %183 = load <16 x float>, ptr %acc41, align 4
   %184 = load <16 x float>, ptr %acc40, align 4
-  %sum5 = fadd <16 x float> %184, %183
-  store <16 x float> %sum5, ptr %acc40, align 4
+  %sum7 = fadd <16 x float> %184, %183
+  store <16 x float> %sum7, ptr %acc40, align 4
   %185 = load <16 x float>, ptr %acc51, align 4
   %186 = load <16 x float>, ptr %acc50, align 4
-  %sum6 = fadd <16 x float> %186, %185
-  store <16 x float> %sum6, ptr %acc50, align 4
+  %sum8 = fadd <16 x float> %186, %185
+  store <16 x float> %sum8, ptr %acc50, align 4
   %187 = load <16 x float>, ptr %acc00, align 4
   store <16 x float> %187, ptr %22, align 4
   %188 = load <16 x float>, ptr %acc10, align 4
@@ -3093,7 +3179,7 @@ kp.end:                                           ; preds = %kp.head
   br label %tile.done
 
 tile.mr5:                                         ; preds = %r0.body
-  %col7 = mul nsw i64 %p, 16
+  %col9 = mul nsw i64 %p, 16
   %193 = add nsw i64 %r0, 0
   %194 = mul nsw i64 %193, 768
   %195 = getelementptr inbounds float, ptr %h, i64 %194
@@ -3101,9 +3187,9 @@ tile.mr5:                                         ; preds = %r0.body
   %197 = load i32, ptr %196, align 4
   %198 = sext i32 %197 to i64
   %199 = mul nsw i64 %198, 2048
-  %200 = add nsw i64 %199, %col7
+  %200 = add nsw i64 %199, %col9
   %201 = getelementptr inbounds float, ptr %y, i64 %200
-  store <16 x float> zeroinitializer, ptr %acc008, align 4
+  store <16 x float> zeroinitializer, ptr %acc0010, align 4
   %202 = add nsw i64 %r0, 1
   %203 = mul nsw i64 %202, 768
   %204 = getelementptr inbounds float, ptr %h, i64 %203
@@ -3111,9 +3197,9 @@ tile.mr5:                                         ; preds = %r0.body
   %206 = load i32, ptr %205, align 4
   %207 = sext i32 %206 to i64
   %208 = mul nsw i64 %207, 2048
-  %209 = add nsw i64 %208, %col7
+  %209 = add nsw i64 %208, %col9
   %210 = getelementptr inbounds float, ptr %y, i64 %209
-  store <16 x float> zeroinitializer, ptr %acc109, align 4
+  store <16 x float> zeroinitializer, ptr %acc1011, align 4
   %211 = add nsw i64 %r0, 2
   %212 = mul nsw i64 %211, 768
   %213 = getelementptr inbounds float, ptr %h, i64 %212
@@ -3121,9 +3207,9 @@ tile.mr5:                                         ; preds = %r0.body
   %215 = load i32, ptr %214, align 4
   %216 = sext i32 %215 to i64
   %217 = mul nsw i64 %216, 2048
-  %218 = add nsw i64 %217, %col7
+  %218 = add nsw i64 %217, %col9
   %219 = getelementptr inbounds float, ptr %y, i64 %218
-  store <16 x float> zeroinitializer, ptr %acc2010, align 4
+  store <16 x float> zeroinitializer, ptr %acc2012, align 4
   %220 = add nsw i64 %r0, 3
   %221 = mul nsw i64 %220, 768
   %222 = getelementptr inbounds float, ptr %h, i64 %221
@@ -3131,9 +3217,9 @@ tile.mr5:                                         ; preds = %r0.body
   %224 = load i32, ptr %223, align 4
   %225 = sext i32 %224 to i64
   %226 = mul nsw i64 %225, 2048
-  %227 = add nsw i64 %226, %col7
+  %227 = add nsw i64 %226, %col9
   %228 = getelementptr inbounds float, ptr %y, i64 %227
-  store <16 x float> zeroinitializer, ptr %acc3011, align 4
+  store <16 x float> zeroinitializer, ptr %acc3013, align 4
   %229 = add nsw i64 %r0, 4
   %230 = mul nsw i64 %229, 768
   %231 = getelementptr inbounds float, ptr %h, i64 %230
@@ -3141,167 +3227,179 @@ tile.mr5:                                         ; preds = %r0.body
   %233 = load i32, ptr %232, align 4
   %234 = sext i32 %233 to i64
   %235 = mul nsw i64 %234, 2048
-  %236 = add nsw i64 %235, %col7
+  %236 = add nsw i64 %235, %col9
   %237 = getelementptr inbounds float, ptr %y, i64 %236
-  store <16 x float> zeroinitializer, ptr %acc4012, align 4
+  store <16 x float> zeroinitializer, ptr %acc4014, align 4
   %238 = mul nsw i64 %p, 12288
   %239 = getelementptr inbounds i16, ptr %panels, i64 %238
   %240 = add nsw i64 %p, 1
   %241 = icmp slt i64 %240, %p1
-  %pf.on13 = and i1 %pf.on, %241
+  %pf.on15 = and i1 %pf.on, %241
   %242 = mul nsw i64 %pf.j, 24576
   %243 = lshr i64 %242, %10
   %244 = add nsw i64 24576, %243
   %245 = getelementptr inbounds i8, ptr %239, i64 %244
-  %pf14 = select i1 %pf.on13, ptr %245, ptr %239
-  %pf.sh15 = select i1 %pf.on13, i64 %10, i64 0
-  store <16 x float> zeroinitializer, ptr %acc0116, align 4
-  store <16 x float> zeroinitializer, ptr %acc1117, align 4
-  store <16 x float> zeroinitializer, ptr %acc2118, align 4
-  store <16 x float> zeroinitializer, ptr %acc3119, align 4
-  store <16 x float> zeroinitializer, ptr %acc4120, align 4
-  br label %kp.head21
+  %pf16 = select i1 %pf.on15, ptr %245, ptr %239
+  %pf.sh17 = select i1 %pf.on15, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0118, align 4
+  store <16 x float> zeroinitializer, ptr %acc1119, align 4
+  store <16 x float> zeroinitializer, ptr %acc2120, align 4
+  store <16 x float> zeroinitializer, ptr %acc3121, align 4
+  store <16 x float> zeroinitializer, ptr %acc4122, align 4
+  br label %kp.head23
 
-kp.head21:                                        ; preds = %kp.body22, %tile.mr5
-  %kp24 = phi i64 [ 0, %tile.mr5 ], [ %330, %kp.body22 ]
-  %246 = icmp slt i64 %kp24, 192
-  br i1 %246, label %kp.body22, label %kp.end23
+kp.head23:                                        ; preds = %pf.any.end31, %tile.mr5
+  %kp26 = phi i64 [ 0, %tile.mr5 ], [ %330, %pf.any.end31 ]
+  %246 = icmp slt i64 %kp26, 192
+  br i1 %246, label %kp.body24, label %kp.end25
 
-kp.body22:                                        ; preds = %kp.head21
-  %kk25 = mul nsw i64 %kp24, 2
-  %247 = mul nsw i64 %kk25, 32
+kp.body24:                                        ; preds = %kp.head23
+  %kk27 = mul nsw i64 %kp26, 2
+  %247 = mul nsw i64 %kk27, 32
   %248 = getelementptr inbounds i16, ptr %239, i64 %247
   %249 = load <32 x bfloat>, ptr %248, align 4
-  %250 = mul nsw i64 %kk25, 64
-  %251 = lshr i64 %250, %pf.sh15
-  %252 = getelementptr inbounds i8, ptr %pf14, i64 %251
+  %250 = mul nsw i64 %kk27, 64
+  br i1 %pf.multi, label %pf.any.then28, label %pf.any.end29
+
+pf.any.then28:                                    ; preds = %kp.body24
+  %251 = lshr i64 %250, %pf.sh17
+  %252 = getelementptr inbounds i8, ptr %pf16, i64 %251
   call void @llvm.prefetch.p0(ptr %252, i32 0, i32 2, i32 1)
-  %253 = getelementptr inbounds i32, ptr %195, i64 %kk25
+  br label %pf.any.end29
+
+pf.any.end29:                                     ; preds = %pf.any.then28, %kp.body24
+  %253 = getelementptr inbounds i32, ptr %195, i64 %kk27
   %254 = load i32, ptr %253, align 4
-  %255 = load <16 x float>, ptr %acc008, align 4
+  %255 = load <16 x float>, ptr %acc0010, align 4
   %256 = insertelement <16 x i32> poison, i32 %254, i32 0
   %257 = shufflevector <16 x i32> %256, <16 x i32> poison, <16 x i32> zeroinitializer
   %258 = bitcast <16 x i32> %257 to <32 x bfloat>
   %259 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %255, <32 x bfloat> %249, <32 x bfloat> %258)
-  store <16 x float> %259, ptr %acc008, align 4
-  %260 = getelementptr inbounds i32, ptr %204, i64 %kk25
+  store <16 x float> %259, ptr %acc0010, align 4
+  %260 = getelementptr inbounds i32, ptr %204, i64 %kk27
   %261 = load i32, ptr %260, align 4
-  %262 = load <16 x float>, ptr %acc109, align 4
+  %262 = load <16 x float>, ptr %acc1011, align 4
   %263 = insertelement <16 x i32> poison, i32 %261, i32 0
   %264 = shufflevector <16 x i32> %263, <16 x i32> poison, <16 x i32> zeroinitializer
   %265 = bitcast <16 x i32> %264 to <32 x bfloat>
   %266 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %262, <32 x bfloat> %249, <32 x bfloat> %265)
-  store <16 x float> %266, ptr %acc109, align 4
-  %267 = getelementptr inbounds i32, ptr %213, i64 %kk25
+  store <16 x float> %266, ptr %acc1011, align 4
+  %267 = getelementptr inbounds i32, ptr %213, i64 %kk27
   %268 = load i32, ptr %267, align 4
-  %269 = load <16 x float>, ptr %acc2010, align 4
+  %269 = load <16 x float>, ptr %acc2012, align 4
   %270 = insertelement <16 x i32> poison, i32 %268, i32 0
   %271 = shufflevector <16 x i32> %270, <16 x i32> poison, <16 x i32> zeroinitializer
   %272 = bitcast <16 x i32> %271 to <32 x bfloat>
   %273 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %269, <32 x bfloat> %249, <32 x bfloat> %272)
-  store <16 x float> %273, ptr %acc2010, align 4
-  %274 = getelementptr inbounds i32, ptr %222, i64 %kk25
+  store <16 x float> %273, ptr %acc2012, align 4
+  %274 = getelementptr inbounds i32, ptr %222, i64 %kk27
   %275 = load i32, ptr %274, align 4
-  %276 = load <16 x float>, ptr %acc3011, align 4
+  %276 = load <16 x float>, ptr %acc3013, align 4
   %277 = insertelement <16 x i32> poison, i32 %275, i32 0
   %278 = shufflevector <16 x i32> %277, <16 x i32> poison, <16 x i32> zeroinitializer
   %279 = bitcast <16 x i32> %278 to <32 x bfloat>
   %280 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %276, <32 x bfloat> %249, <32 x bfloat> %279)
-  store <16 x float> %280, ptr %acc3011, align 4
-  %281 = getelementptr inbounds i32, ptr %231, i64 %kk25
+  store <16 x float> %280, ptr %acc3013, align 4
+  %281 = getelementptr inbounds i32, ptr %231, i64 %kk27
   %282 = load i32, ptr %281, align 4
-  %283 = load <16 x float>, ptr %acc4012, align 4
+  %283 = load <16 x float>, ptr %acc4014, align 4
   %284 = insertelement <16 x i32> poison, i32 %282, i32 0
   %285 = shufflevector <16 x i32> %284, <16 x i32> poison, <16 x i32> zeroinitializer
   %286 = bitcast <16 x i32> %285 to <32 x bfloat>
   %287 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %283, <32 x bfloat> %249, <32 x bfloat> %286)
-  store <16 x float> %287, ptr %acc4012, align 4
-  %288 = add nsw i64 %kk25, 1
+  store <16 x float> %287, ptr %acc4014, align 4
+  %288 = add nsw i64 %kk27, 1
   %289 = mul nsw i64 %288, 32
   %290 = getelementptr inbounds i16, ptr %239, i64 %289
   %291 = load <32 x bfloat>, ptr %290, align 4
   %292 = mul nsw i64 %288, 64
-  %293 = lshr i64 %292, %pf.sh15
-  %294 = getelementptr inbounds i8, ptr %pf14, i64 %293
+  br i1 %pf.multi, label %pf.any.then30, label %pf.any.end31
+
+pf.any.then30:                                    ; preds = %pf.any.end29
+  %293 = lshr i64 %292, %pf.sh17
+  %294 = getelementptr inbounds i8, ptr %pf16, i64 %293
   call void @llvm.prefetch.p0(ptr %294, i32 0, i32 2, i32 1)
+  br label %pf.any.end31
+
+pf.any.end31:                                     ; preds = %pf.any.then30, %pf.any.end29
   %295 = getelementptr inbounds i32, ptr %195, i64 %288
   %296 = load i32, ptr %295, align 4
-  %297 = load <16 x float>, ptr %acc0116, align 4
+  %297 = load <16 x float>, ptr %acc0118, align 4
   %298 = insertelement <16 x i32> poison, i32 %296, i32 0
   %299 = shufflevector <16 x i32> %298, <16 x i32> poison, <16 x i32> zeroinitializer
   %300 = bitcast <16 x i32> %299 to <32 x bfloat>
   %301 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %297, <32 x bfloat> %291, <32 x bfloat> %300)
-  store <16 x float> %301, ptr %acc0116, align 4
+  store <16 x float> %301, ptr %acc0118, align 4
   %302 = getelementptr inbounds i32, ptr %204, i64 %288
   %303 = load i32, ptr %302, align 4
-  %304 = load <16 x float>, ptr %acc1117, align 4
+  %304 = load <16 x float>, ptr %acc1119, align 4
   %305 = insertelement <16 x i32> poison, i32 %303, i32 0
   %306 = shufflevector <16 x i32> %305, <16 x i32> poison, <16 x i32> zeroinitializer
   %307 = bitcast <16 x i32> %306 to <32 x bfloat>
   %308 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %304, <32 x bfloat> %291, <32 x bfloat> %307)
-  store <16 x float> %308, ptr %acc1117, align 4
+  store <16 x float> %308, ptr %acc1119, align 4
   %309 = getelementptr inbounds i32, ptr %213, i64 %288
   %310 = load i32, ptr %309, align 4
-  %311 = load <16 x float>, ptr %acc2118, align 4
+  %311 = load <16 x float>, ptr %acc2120, align 4
   %312 = insertelement <16 x i32> poison, i32 %310, i32 0
   %313 = shufflevector <16 x i32> %312, <16 x i32> poison, <16 x i32> zeroinitializer
   %314 = bitcast <16 x i32> %313 to <32 x bfloat>
   %315 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %311, <32 x bfloat> %291, <32 x bfloat> %314)
-  store <16 x float> %315, ptr %acc2118, align 4
+  store <16 x float> %315, ptr %acc2120, align 4
   %316 = getelementptr inbounds i32, ptr %222, i64 %288
   %317 = load i32, ptr %316, align 4
-  %318 = load <16 x float>, ptr %acc3119, align 4
+  %318 = load <16 x float>, ptr %acc3121, align 4
   %319 = insertelement <16 x i32> poison, i32 %317, i32 0
   %320 = shufflevector <16 x i32> %319, <16 x i32> poison, <16 x i32> zeroinitializer
   %321 = bitcast <16 x i32> %320 to <32 x bfloat>
   %322 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %318, <32 x bfloat> %291, <32 x bfloat> %321)
-  store <16 x float> %322, ptr %acc3119, align 4
+  store <16 x float> %322, ptr %acc3121, align 4
   %323 = getelementptr inbounds i32, ptr %231, i64 %288
   %324 = load i32, ptr %323, align 4
-  %325 = load <16 x float>, ptr %acc4120, align 4
+  %325 = load <16 x float>, ptr %acc4122, align 4
   %326 = insertelement <16 x i32> poison, i32 %324, i32 0
   %327 = shufflevector <16 x i32> %326, <16 x i32> poison, <16 x i32> zeroinitializer
   %328 = bitcast <16 x i32> %327 to <32 x bfloat>
   %329 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %325, <32 x bfloat> %291, <32 x bfloat> %328)
-  store <16 x float> %329, ptr %acc4120, align 4
-  %330 = add nsw i64 %kp24, 1
-  br label %kp.head21
+  store <16 x float> %329, ptr %acc4122, align 4
+  %330 = add nsw i64 %kp26, 1
+  br label %kp.head23
 
-kp.end23:                                         ; preds = %kp.head21
-  %331 = load <16 x float>, ptr %acc0116, align 4
-  %332 = load <16 x float>, ptr %acc008, align 4
-  %sum26 = fadd <16 x float> %332, %331
-  store <16 x float> %sum26, ptr %acc008, align 4
-  %333 = load <16 x float>, ptr %acc1117, align 4
-  %334 = load <16 x float>, ptr %acc109, align 4
-  %sum27 = fadd <16 x float> %334, %333
-  store <16 x float> %sum27, ptr %acc109, align 4
-  %335 = load <16 x float>, ptr %acc2118, align 4
-  %336 = load <16 x float>, ptr %acc2010, align 4
-  %sum28 = fadd <16 x float> %336, %335
-  store <16 x float> %sum28, ptr %acc2010, align 4
-  %337 = load <16 x float>, ptr %acc3119, align 4
-  %338 = load <16 x float>, ptr %acc3011, align 4
-  %sum29 = fadd <16 x float> %338, %337
-  store <16 x float> %sum29, ptr %acc3011, align 4
-  %339 = load <16 x float>, ptr %acc4120, align 4
-  %340 = load <16 x float>, ptr %acc4012, align 4
-  %sum30 = fadd <16 x float> %340, %339
-  store <16 x float> %sum30, ptr %acc4012, align 4
-  %341 = load <16 x float>, ptr %acc008, align 4
+kp.end25:                                         ; preds = %kp.head23
+  %331 = load <16 x float>, ptr %acc0118, align 4
+  %332 = load <16 x float>, ptr %acc0010, align 4
+  %sum32 = fadd <16 x float> %332, %331
+  store <16 x float> %sum32, ptr %acc0010, align 4
+  %333 = load <16 x float>, ptr %acc1119, align 4
+  %334 = load <16 x float>, ptr %acc1011, align 4
+  %sum33 = fadd <16 x float> %334, %333
+  store <16 x float> %sum33, ptr %acc1011, align 4
+  %335 = load <16 x float>, ptr %acc2120, align 4
+  %336 = load <16 x float>, ptr %acc2012, align 4
+  %sum34 = fadd <16 x float> %336, %335
+  store <16 x float> %sum34, ptr %acc2012, align 4
+  %337 = load <16 x float>, ptr %acc3121, align 4
+  %338 = load <16 x float>, ptr %acc3013, align 4
+  %sum35 = fadd <16 x float> %338, %337
+  store <16 x float> %sum35, ptr %acc3013, align 4
+  %339 = load <16 x float>, ptr %acc4122, align 4
+  %340 = load <16 x float>, ptr %acc4014, align 4
+  %sum36 = fadd <16 x float> %340, %339
+  store <16 x float> %sum36, ptr %acc4014, align 4
+  %341 = load <16 x float>, ptr %acc0010, align 4
   store <16 x float> %341, ptr %201, align 4
-  %342 = load <16 x float>, ptr %acc109, align 4
+  %342 = load <16 x float>, ptr %acc1011, align 4
   store <16 x float> %342, ptr %210, align 4
-  %343 = load <16 x float>, ptr %acc2010, align 4
+  %343 = load <16 x float>, ptr %acc2012, align 4
   store <16 x float> %343, ptr %219, align 4
-  %344 = load <16 x float>, ptr %acc3011, align 4
+  %344 = load <16 x float>, ptr %acc3013, align 4
   store <16 x float> %344, ptr %228, align 4
-  %345 = load <16 x float>, ptr %acc4012, align 4
+  %345 = load <16 x float>, ptr %acc4014, align 4
   store <16 x float> %345, ptr %237, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col31 = mul nsw i64 %p, 16
+  %col37 = mul nsw i64 %p, 16
   %346 = add nsw i64 %r0, 0
   %347 = mul nsw i64 %346, 768
   %348 = getelementptr inbounds float, ptr %h, i64 %347
@@ -3309,9 +3407,9 @@ tile.mr4:                                         ; preds = %r0.body
   %350 = load i32, ptr %349, align 4
   %351 = sext i32 %350 to i64
   %352 = mul nsw i64 %351, 2048
-  %353 = add nsw i64 %352, %col31
+  %353 = add nsw i64 %352, %col37
   %354 = getelementptr inbounds float, ptr %y, i64 %353
-  store <16 x float> zeroinitializer, ptr %acc0032, align 4
+  store <16 x float> zeroinitializer, ptr %acc0038, align 4
   %355 = add nsw i64 %r0, 1
   %356 = mul nsw i64 %355, 768
   %357 = getelementptr inbounds float, ptr %h, i64 %356
@@ -3319,9 +3417,9 @@ tile.mr4:                                         ; preds = %r0.body
   %359 = load i32, ptr %358, align 4
   %360 = sext i32 %359 to i64
   %361 = mul nsw i64 %360, 2048
-  %362 = add nsw i64 %361, %col31
+  %362 = add nsw i64 %361, %col37
   %363 = getelementptr inbounds float, ptr %y, i64 %362
-  store <16 x float> zeroinitializer, ptr %acc1033, align 4
+  store <16 x float> zeroinitializer, ptr %acc1039, align 4
   %364 = add nsw i64 %r0, 2
   %365 = mul nsw i64 %364, 768
   %366 = getelementptr inbounds float, ptr %h, i64 %365
@@ -3329,9 +3427,9 @@ tile.mr4:                                         ; preds = %r0.body
   %368 = load i32, ptr %367, align 4
   %369 = sext i32 %368 to i64
   %370 = mul nsw i64 %369, 2048
-  %371 = add nsw i64 %370, %col31
+  %371 = add nsw i64 %370, %col37
   %372 = getelementptr inbounds float, ptr %y, i64 %371
-  store <16 x float> zeroinitializer, ptr %acc2034, align 4
+  store <16 x float> zeroinitializer, ptr %acc2040, align 4
   %373 = add nsw i64 %r0, 3
   %374 = mul nsw i64 %373, 768
   %375 = getelementptr inbounds float, ptr %h, i64 %374
@@ -3339,144 +3437,156 @@ tile.mr4:                                         ; preds = %r0.body
   %377 = load i32, ptr %376, align 4
   %378 = sext i32 %377 to i64
   %379 = mul nsw i64 %378, 2048
-  %380 = add nsw i64 %379, %col31
+  %380 = add nsw i64 %379, %col37
   %381 = getelementptr inbounds float, ptr %y, i64 %380
-  store <16 x float> zeroinitializer, ptr %acc3035, align 4
+  store <16 x float> zeroinitializer, ptr %acc3041, align 4
   %382 = mul nsw i64 %p, 12288
   %383 = getelementptr inbounds i16, ptr %panels, i64 %382
   %384 = add nsw i64 %p, 1
   %385 = icmp slt i64 %384, %p1
-  %pf.on36 = and i1 %pf.on, %385
+  %pf.on42 = and i1 %pf.on, %385
   %386 = mul nsw i64 %pf.j, 24576
   %387 = lshr i64 %386, %10
   %388 = add nsw i64 24576, %387
   %389 = getelementptr inbounds i8, ptr %383, i64 %388
-  %pf37 = select i1 %pf.on36, ptr %389, ptr %383
-  %pf.sh38 = select i1 %pf.on36, i64 %10, i64 0
-  store <16 x float> zeroinitializer, ptr %acc0139, align 4
-  store <16 x float> zeroinitializer, ptr %acc1140, align 4
-  store <16 x float> zeroinitializer, ptr %acc2141, align 4
-  store <16 x float> zeroinitializer, ptr %acc3142, align 4
-  br label %kp.head43
+  %pf43 = select i1 %pf.on42, ptr %389, ptr %383
+  %pf.sh44 = select i1 %pf.on42, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0145, align 4
+  store <16 x float> zeroinitializer, ptr %acc1146, align 4
+  store <16 x float> zeroinitializer, ptr %acc2147, align 4
+  store <16 x float> zeroinitializer, ptr %acc3148, align 4
+  br label %kp.head49
 
-kp.head43:                                        ; preds = %kp.body44, %tile.mr4
-  %kp46 = phi i64 [ 0, %tile.mr4 ], [ %460, %kp.body44 ]
-  %390 = icmp slt i64 %kp46, 192
-  br i1 %390, label %kp.body44, label %kp.end45
+kp.head49:                                        ; preds = %pf.any.end57, %tile.mr4
+  %kp52 = phi i64 [ 0, %tile.mr4 ], [ %460, %pf.any.end57 ]
+  %390 = icmp slt i64 %kp52, 192
+  br i1 %390, label %kp.body50, label %kp.end51
 
-kp.body44:                                        ; preds = %kp.head43
-  %kk47 = mul nsw i64 %kp46, 2
-  %391 = mul nsw i64 %kk47, 32
+kp.body50:                                        ; preds = %kp.head49
+  %kk53 = mul nsw i64 %kp52, 2
+  %391 = mul nsw i64 %kk53, 32
   %392 = getelementptr inbounds i16, ptr %383, i64 %391
   %393 = load <32 x bfloat>, ptr %392, align 4
-  %394 = mul nsw i64 %kk47, 64
-  %395 = lshr i64 %394, %pf.sh38
-  %396 = getelementptr inbounds i8, ptr %pf37, i64 %395
+  %394 = mul nsw i64 %kk53, 64
+  br i1 %pf.multi, label %pf.any.then54, label %pf.any.end55
+
+pf.any.then54:                                    ; preds = %kp.body50
+  %395 = lshr i64 %394, %pf.sh44
+  %396 = getelementptr inbounds i8, ptr %pf43, i64 %395
   call void @llvm.prefetch.p0(ptr %396, i32 0, i32 2, i32 1)
-  %397 = getelementptr inbounds i32, ptr %348, i64 %kk47
+  br label %pf.any.end55
+
+pf.any.end55:                                     ; preds = %pf.any.then54, %kp.body50
+  %397 = getelementptr inbounds i32, ptr %348, i64 %kk53
   %398 = load i32, ptr %397, align 4
-  %399 = load <16 x float>, ptr %acc0032, align 4
+  %399 = load <16 x float>, ptr %acc0038, align 4
   %400 = insertelement <16 x i32> poison, i32 %398, i32 0
   %401 = shufflevector <16 x i32> %400, <16 x i32> poison, <16 x i32> zeroinitializer
   %402 = bitcast <16 x i32> %401 to <32 x bfloat>
   %403 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %399, <32 x bfloat> %393, <32 x bfloat> %402)
-  store <16 x float> %403, ptr %acc0032, align 4
-  %404 = getelementptr inbounds i32, ptr %357, i64 %kk47
+  store <16 x float> %403, ptr %acc0038, align 4
+  %404 = getelementptr inbounds i32, ptr %357, i64 %kk53
   %405 = load i32, ptr %404, align 4
-  %406 = load <16 x float>, ptr %acc1033, align 4
+  %406 = load <16 x float>, ptr %acc1039, align 4
   %407 = insertelement <16 x i32> poison, i32 %405, i32 0
   %408 = shufflevector <16 x i32> %407, <16 x i32> poison, <16 x i32> zeroinitializer
   %409 = bitcast <16 x i32> %408 to <32 x bfloat>
   %410 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %406, <32 x bfloat> %393, <32 x bfloat> %409)
-  store <16 x float> %410, ptr %acc1033, align 4
-  %411 = getelementptr inbounds i32, ptr %366, i64 %kk47
+  store <16 x float> %410, ptr %acc1039, align 4
+  %411 = getelementptr inbounds i32, ptr %366, i64 %kk53
   %412 = load i32, ptr %411, align 4
-  %413 = load <16 x float>, ptr %acc2034, align 4
+  %413 = load <16 x float>, ptr %acc2040, align 4
   %414 = insertelement <16 x i32> poison, i32 %412, i32 0
   %415 = shufflevector <16 x i32> %414, <16 x i32> poison, <16 x i32> zeroinitializer
   %416 = bitcast <16 x i32> %415 to <32 x bfloat>
   %417 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %413, <32 x bfloat> %393, <32 x bfloat> %416)
-  store <16 x float> %417, ptr %acc2034, align 4
-  %418 = getelementptr inbounds i32, ptr %375, i64 %kk47
+  store <16 x float> %417, ptr %acc2040, align 4
+  %418 = getelementptr inbounds i32, ptr %375, i64 %kk53
   %419 = load i32, ptr %418, align 4
-  %420 = load <16 x float>, ptr %acc3035, align 4
+  %420 = load <16 x float>, ptr %acc3041, align 4
   %421 = insertelement <16 x i32> poison, i32 %419, i32 0
   %422 = shufflevector <16 x i32> %421, <16 x i32> poison, <16 x i32> zeroinitializer
   %423 = bitcast <16 x i32> %422 to <32 x bfloat>
   %424 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %420, <32 x bfloat> %393, <32 x bfloat> %423)
-  store <16 x float> %424, ptr %acc3035, align 4
-  %425 = add nsw i64 %kk47, 1
+  store <16 x float> %424, ptr %acc3041, align 4
+  %425 = add nsw i64 %kk53, 1
   %426 = mul nsw i64 %425, 32
   %427 = getelementptr inbounds i16, ptr %383, i64 %426
   %428 = load <32 x bfloat>, ptr %427, align 4
   %429 = mul nsw i64 %425, 64
-  %430 = lshr i64 %429, %pf.sh38
-  %431 = getelementptr inbounds i8, ptr %pf37, i64 %430
+  br i1 %pf.multi, label %pf.any.then56, label %pf.any.end57
+
+pf.any.then56:                                    ; preds = %pf.any.end55
+  %430 = lshr i64 %429, %pf.sh44
+  %431 = getelementptr inbounds i8, ptr %pf43, i64 %430
   call void @llvm.prefetch.p0(ptr %431, i32 0, i32 2, i32 1)
+  br label %pf.any.end57
+
+pf.any.end57:                                     ; preds = %pf.any.then56, %pf.any.end55
   %432 = getelementptr inbounds i32, ptr %348, i64 %425
   %433 = load i32, ptr %432, align 4
-  %434 = load <16 x float>, ptr %acc0139, align 4
+  %434 = load <16 x float>, ptr %acc0145, align 4
   %435 = insertelement <16 x i32> poison, i32 %433, i32 0
   %436 = shufflevector <16 x i32> %435, <16 x i32> poison, <16 x i32> zeroinitializer
   %437 = bitcast <16 x i32> %436 to <32 x bfloat>
   %438 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %434, <32 x bfloat> %428, <32 x bfloat> %437)
-  store <16 x float> %438, ptr %acc0139, align 4
+  store <16 x float> %438, ptr %acc0145, align 4
   %439 = getelementptr inbounds i32, ptr %357, i64 %425
   %440 = load i32, ptr %439, align 4
-  %441 = load <16 x float>, ptr %acc1140, align 4
+  %441 = load <16 x float>, ptr %acc1146, align 4
   %442 = insertelement <16 x i32> poison, i32 %440, i32 0
   %443 = shufflevector <16 x i32> %442, <16 x i32> poison, <16 x i32> zeroinitializer
   %444 = bitcast <16 x i32> %443 to <32 x bfloat>
   %445 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %441, <32 x bfloat> %428, <32 x bfloat> %444)
-  store <16 x float> %445, ptr %acc1140, align 4
+  store <16 x float> %445, ptr %acc1146, align 4
   %446 = getelementptr inbounds i32, ptr %366, i64 %425
   %447 = load i32, ptr %446, align 4
-  %448 = load <16 x float>, ptr %acc2141, align 4
+  %448 = load <16 x float>, ptr %acc2147, align 4
   %449 = insertelement <16 x i32> poison, i32 %447, i32 0
   %450 = shufflevector <16 x i32> %449, <16 x i32> poison, <16 x i32> zeroinitializer
   %451 = bitcast <16 x i32> %450 to <32 x bfloat>
   %452 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %448, <32 x bfloat> %428, <32 x bfloat> %451)
-  store <16 x float> %452, ptr %acc2141, align 4
+  store <16 x float> %452, ptr %acc2147, align 4
   %453 = getelementptr inbounds i32, ptr %375, i64 %425
   %454 = load i32, ptr %453, align 4
-  %455 = load <16 x float>, ptr %acc3142, align 4
+  %455 = load <16 x float>, ptr %acc3148, align 4
   %456 = insertelement <16 x i32> poison, i32 %454, i32 0
   %457 = shufflevector <16 x i32> %456, <16 x i32> poison, <16 x i32> zeroinitializer
   %458 = bitcast <16 x i32> %457 to <32 x bfloat>
   %459 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %455, <32 x bfloat> %428, <32 x bfloat> %458)
-  store <16 x float> %459, ptr %acc3142, align 4
-  %460 = add nsw i64 %kp46, 1
-  br label %kp.head43
+  store <16 x float> %459, ptr %acc3148, align 4
+  %460 = add nsw i64 %kp52, 1
+  br label %kp.head49
 
-kp.end45:                                         ; preds = %kp.head43
-  %461 = load <16 x float>, ptr %acc0139, align 4
-  %462 = load <16 x float>, ptr %acc0032, align 4
-  %sum48 = fadd <16 x float> %462, %461
-  store <16 x float> %sum48, ptr %acc0032, align 4
-  %463 = load <16 x float>, ptr %acc1140, align 4
-  %464 = load <16 x float>, ptr %acc1033, align 4
-  %sum49 = fadd <16 x float> %464, %463
-  store <16 x float> %sum49, ptr %acc1033, align 4
-  %465 = load <16 x float>, ptr %acc2141, align 4
-  %466 = load <16 x float>, ptr %acc2034, align 4
-  %sum50 = fadd <16 x float> %466, %465
-  store <16 x float> %sum50, ptr %acc2034, align 4
-  %467 = load <16 x float>, ptr %acc3142, align 4
-  %468 = load <16 x float>, ptr %acc3035, align 4
-  %sum51 = fadd <16 x float> %468, %467
-  store <16 x float> %sum51, ptr %acc3035, align 4
-  %469 = load <16 x float>, ptr %acc0032, align 4
+kp.end51:                                         ; preds = %kp.head49
+  %461 = load <16 x float>, ptr %acc0145, align 4
+  %462 = load <16 x float>, ptr %acc0038, align 4
+  %sum58 = fadd <16 x float> %462, %461
+  store <16 x float> %sum58, ptr %acc0038, align 4
+  %463 = load <16 x float>, ptr %acc1146, align 4
+  %464 = load <16 x float>, ptr %acc1039, align 4
+  %sum59 = fadd <16 x float> %464, %463
+  store <16 x float> %sum59, ptr %acc1039, align 4
+  %465 = load <16 x float>, ptr %acc2147, align 4
+  %466 = load <16 x float>, ptr %acc2040, align 4
+  %sum60 = fadd <16 x float> %466, %465
+  store <16 x float> %sum60, ptr %acc2040, align 4
+  %467 = load <16 x float>, ptr %acc3148, align 4
+  %468 = load <16 x float>, ptr %acc3041, align 4
+  %sum61 = fadd <16 x float> %468, %467
+  store <16 x float> %sum61, ptr %acc3041, align 4
+  %469 = load <16 x float>, ptr %acc0038, align 4
   store <16 x float> %469, ptr %354, align 4
-  %470 = load <16 x float>, ptr %acc1033, align 4
+  %470 = load <16 x float>, ptr %acc1039, align 4
   store <16 x float> %470, ptr %363, align 4
-  %471 = load <16 x float>, ptr %acc2034, align 4
+  %471 = load <16 x float>, ptr %acc2040, align 4
   store <16 x float> %471, ptr %372, align 4
-  %472 = load <16 x float>, ptr %acc3035, align 4
+  %472 = load <16 x float>, ptr %acc3041, align 4
   store <16 x float> %472, ptr %381, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col52 = mul nsw i64 %p, 16
+  %col62 = mul nsw i64 %p, 16
   %473 = add nsw i64 %r0, 0
   %474 = mul nsw i64 %473, 768
   %475 = getelementptr inbounds float, ptr %h, i64 %474
@@ -3484,9 +3594,9 @@ tile.mr3:                                         ; preds = %r0.body
   %477 = load i32, ptr %476, align 4
   %478 = sext i32 %477 to i64
   %479 = mul nsw i64 %478, 2048
-  %480 = add nsw i64 %479, %col52
+  %480 = add nsw i64 %479, %col62
   %481 = getelementptr inbounds float, ptr %y, i64 %480
-  store <16 x float> zeroinitializer, ptr %acc0053, align 4
+  store <16 x float> zeroinitializer, ptr %acc0063, align 4
   %482 = add nsw i64 %r0, 1
   %483 = mul nsw i64 %482, 768
   %484 = getelementptr inbounds float, ptr %h, i64 %483
@@ -3494,9 +3604,9 @@ tile.mr3:                                         ; preds = %r0.body
   %486 = load i32, ptr %485, align 4
   %487 = sext i32 %486 to i64
   %488 = mul nsw i64 %487, 2048
-  %489 = add nsw i64 %488, %col52
+  %489 = add nsw i64 %488, %col62
   %490 = getelementptr inbounds float, ptr %y, i64 %489
-  store <16 x float> zeroinitializer, ptr %acc1054, align 4
+  store <16 x float> zeroinitializer, ptr %acc1064, align 4
   %491 = add nsw i64 %r0, 2
   %492 = mul nsw i64 %491, 768
   %493 = getelementptr inbounds float, ptr %h, i64 %492
@@ -3504,121 +3614,133 @@ tile.mr3:                                         ; preds = %r0.body
   %495 = load i32, ptr %494, align 4
   %496 = sext i32 %495 to i64
   %497 = mul nsw i64 %496, 2048
-  %498 = add nsw i64 %497, %col52
+  %498 = add nsw i64 %497, %col62
   %499 = getelementptr inbounds float, ptr %y, i64 %498
-  store <16 x float> zeroinitializer, ptr %acc2055, align 4
+  store <16 x float> zeroinitializer, ptr %acc2065, align 4
   %500 = mul nsw i64 %p, 12288
   %501 = getelementptr inbounds i16, ptr %panels, i64 %500
   %502 = add nsw i64 %p, 1
   %503 = icmp slt i64 %502, %p1
-  %pf.on56 = and i1 %pf.on, %503
+  %pf.on66 = and i1 %pf.on, %503
   %504 = mul nsw i64 %pf.j, 24576
   %505 = lshr i64 %504, %10
   %506 = add nsw i64 24576, %505
   %507 = getelementptr inbounds i8, ptr %501, i64 %506
-  %pf57 = select i1 %pf.on56, ptr %507, ptr %501
-  %pf.sh58 = select i1 %pf.on56, i64 %10, i64 0
-  store <16 x float> zeroinitializer, ptr %acc0159, align 4
-  store <16 x float> zeroinitializer, ptr %acc1160, align 4
-  store <16 x float> zeroinitializer, ptr %acc2161, align 4
-  br label %kp.head62
+  %pf67 = select i1 %pf.on66, ptr %507, ptr %501
+  %pf.sh68 = select i1 %pf.on66, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0169, align 4
+  store <16 x float> zeroinitializer, ptr %acc1170, align 4
+  store <16 x float> zeroinitializer, ptr %acc2171, align 4
+  br label %kp.head72
 
-kp.head62:                                        ; preds = %kp.body63, %tile.mr3
-  %kp65 = phi i64 [ 0, %tile.mr3 ], [ %564, %kp.body63 ]
-  %508 = icmp slt i64 %kp65, 192
-  br i1 %508, label %kp.body63, label %kp.end64
+kp.head72:                                        ; preds = %pf.any.end80, %tile.mr3
+  %kp75 = phi i64 [ 0, %tile.mr3 ], [ %564, %pf.any.end80 ]
+  %508 = icmp slt i64 %kp75, 192
+  br i1 %508, label %kp.body73, label %kp.end74
 
-kp.body63:                                        ; preds = %kp.head62
-  %kk66 = mul nsw i64 %kp65, 2
-  %509 = mul nsw i64 %kk66, 32
+kp.body73:                                        ; preds = %kp.head72
+  %kk76 = mul nsw i64 %kp75, 2
+  %509 = mul nsw i64 %kk76, 32
   %510 = getelementptr inbounds i16, ptr %501, i64 %509
   %511 = load <32 x bfloat>, ptr %510, align 4
-  %512 = mul nsw i64 %kk66, 64
-  %513 = lshr i64 %512, %pf.sh58
-  %514 = getelementptr inbounds i8, ptr %pf57, i64 %513
+  %512 = mul nsw i64 %kk76, 64
+  br i1 %pf.multi, label %pf.any.then77, label %pf.any.end78
+
+pf.any.then77:                                    ; preds = %kp.body73
+  %513 = lshr i64 %512, %pf.sh68
+  %514 = getelementptr inbounds i8, ptr %pf67, i64 %513
   call void @llvm.prefetch.p0(ptr %514, i32 0, i32 2, i32 1)
-  %515 = getelementptr inbounds i32, ptr %475, i64 %kk66
+  br label %pf.any.end78
+
+pf.any.end78:                                     ; preds = %pf.any.then77, %kp.body73
+  %515 = getelementptr inbounds i32, ptr %475, i64 %kk76
   %516 = load i32, ptr %515, align 4
-  %517 = load <16 x float>, ptr %acc0053, align 4
+  %517 = load <16 x float>, ptr %acc0063, align 4
   %518 = insertelement <16 x i32> poison, i32 %516, i32 0
   %519 = shufflevector <16 x i32> %518, <16 x i32> poison, <16 x i32> zeroinitializer
   %520 = bitcast <16 x i32> %519 to <32 x bfloat>
   %521 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %517, <32 x bfloat> %511, <32 x bfloat> %520)
-  store <16 x float> %521, ptr %acc0053, align 4
-  %522 = getelementptr inbounds i32, ptr %484, i64 %kk66
+  store <16 x float> %521, ptr %acc0063, align 4
+  %522 = getelementptr inbounds i32, ptr %484, i64 %kk76
   %523 = load i32, ptr %522, align 4
-  %524 = load <16 x float>, ptr %acc1054, align 4
+  %524 = load <16 x float>, ptr %acc1064, align 4
   %525 = insertelement <16 x i32> poison, i32 %523, i32 0
   %526 = shufflevector <16 x i32> %525, <16 x i32> poison, <16 x i32> zeroinitializer
   %527 = bitcast <16 x i32> %526 to <32 x bfloat>
   %528 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %524, <32 x bfloat> %511, <32 x bfloat> %527)
-  store <16 x float> %528, ptr %acc1054, align 4
-  %529 = getelementptr inbounds i32, ptr %493, i64 %kk66
+  store <16 x float> %528, ptr %acc1064, align 4
+  %529 = getelementptr inbounds i32, ptr %493, i64 %kk76
   %530 = load i32, ptr %529, align 4
-  %531 = load <16 x float>, ptr %acc2055, align 4
+  %531 = load <16 x float>, ptr %acc2065, align 4
   %532 = insertelement <16 x i32> poison, i32 %530, i32 0
   %533 = shufflevector <16 x i32> %532, <16 x i32> poison, <16 x i32> zeroinitializer
   %534 = bitcast <16 x i32> %533 to <32 x bfloat>
   %535 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %531, <32 x bfloat> %511, <32 x bfloat> %534)
-  store <16 x float> %535, ptr %acc2055, align 4
-  %536 = add nsw i64 %kk66, 1
+  store <16 x float> %535, ptr %acc2065, align 4
+  %536 = add nsw i64 %kk76, 1
   %537 = mul nsw i64 %536, 32
   %538 = getelementptr inbounds i16, ptr %501, i64 %537
   %539 = load <32 x bfloat>, ptr %538, align 4
   %540 = mul nsw i64 %536, 64
-  %541 = lshr i64 %540, %pf.sh58
-  %542 = getelementptr inbounds i8, ptr %pf57, i64 %541
+  br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
+
+pf.any.then79:                                    ; preds = %pf.any.end78
+  %541 = lshr i64 %540, %pf.sh68
+  %542 = getelementptr inbounds i8, ptr %pf67, i64 %541
   call void @llvm.prefetch.p0(ptr %542, i32 0, i32 2, i32 1)
+  br label %pf.any.end80
+
+pf.any.end80:                                     ; preds = %pf.any.then79, %pf.any.end78
   %543 = getelementptr inbounds i32, ptr %475, i64 %536
   %544 = load i32, ptr %543, align 4
-  %545 = load <16 x float>, ptr %acc0159, align 4
+  %545 = load <16 x float>, ptr %acc0169, align 4
   %546 = insertelement <16 x i32> poison, i32 %544, i32 0
   %547 = shufflevector <16 x i32> %546, <16 x i32> poison, <16 x i32> zeroinitializer
   %548 = bitcast <16 x i32> %547 to <32 x bfloat>
   %549 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %545, <32 x bfloat> %539, <32 x bfloat> %548)
-  store <16 x float> %549, ptr %acc0159, align 4
+  store <16 x float> %549, ptr %acc0169, align 4
   %550 = getelementptr inbounds i32, ptr %484, i64 %536
   %551 = load i32, ptr %550, align 4
-  %552 = load <16 x float>, ptr %acc1160, align 4
+  %552 = load <16 x float>, ptr %acc1170, align 4
   %553 = insertelement <16 x i32> poison, i32 %551, i32 0
   %554 = shufflevector <16 x i32> %553, <16 x i32> poison, <16 x i32> zeroinitializer
   %555 = bitcast <16 x i32> %554 to <32 x bfloat>
   %556 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %552, <32 x bfloat> %539, <32 x bfloat> %555)
-  store <16 x float> %556, ptr %acc1160, align 4
+  store <16 x float> %556, ptr %acc1170, align 4
   %557 = getelementptr inbounds i32, ptr %493, i64 %536
   %558 = load i32, ptr %557, align 4
-  %559 = load <16 x float>, ptr %acc2161, align 4
+  %559 = load <16 x float>, ptr %acc2171, align 4
   %560 = insertelement <16 x i32> poison, i32 %558, i32 0
   %561 = shufflevector <16 x i32> %560, <16 x i32> poison, <16 x i32> zeroinitializer
   %562 = bitcast <16 x i32> %561 to <32 x bfloat>
   %563 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %559, <32 x bfloat> %539, <32 x bfloat> %562)
-  store <16 x float> %563, ptr %acc2161, align 4
-  %564 = add nsw i64 %kp65, 1
-  br label %kp.head62
+  store <16 x float> %563, ptr %acc2171, align 4
+  %564 = add nsw i64 %kp75, 1
+  br label %kp.head72
 
-kp.end64:                                         ; preds = %kp.head62
-  %565 = load <16 x float>, ptr %acc0159, align 4
-  %566 = load <16 x float>, ptr %acc0053, align 4
-  %sum67 = fadd <16 x float> %566, %565
-  store <16 x float> %sum67, ptr %acc0053, align 4
-  %567 = load <16 x float>, ptr %acc1160, align 4
-  %568 = load <16 x float>, ptr %acc1054, align 4
-  %sum68 = fadd <16 x float> %568, %567
-  store <16 x float> %sum68, ptr %acc1054, align 4
-  %569 = load <16 x float>, ptr %acc2161, align 4
-  %570 = load <16 x float>, ptr %acc2055, align 4
-  %sum69 = fadd <16 x float> %570, %569
-  store <16 x float> %sum69, ptr %acc2055, align 4
-  %571 = load <16 x float>, ptr %acc0053, align 4
+kp.end74:                                         ; preds = %kp.head72
+  %565 = load <16 x float>, ptr %acc0169, align 4
+  %566 = load <16 x float>, ptr %acc0063, align 4
+  %sum81 = fadd <16 x float> %566, %565
+  store <16 x float> %sum81, ptr %acc0063, align 4
+  %567 = load <16 x float>, ptr %acc1170, align 4
+  %568 = load <16 x float>, ptr %acc1064, align 4
+  %sum82 = fadd <16 x float> %568, %567
+  store <16 x float> %sum82, ptr %acc1064, align 4
+  %569 = load <16 x float>, ptr %acc2171, align 4
+  %570 = load <16 x float>, ptr %acc2065, align 4
+  %sum83 = fadd <16 x float> %570, %569
+  store <16 x float> %sum83, ptr %acc2065, align 4
+  %571 = load <16 x float>, ptr %acc0063, align 4
   store <16 x float> %571, ptr %481, align 4
-  %572 = load <16 x float>, ptr %acc1054, align 4
+  %572 = load <16 x float>, ptr %acc1064, align 4
   store <16 x float> %572, ptr %490, align 4
-  %573 = load <16 x float>, ptr %acc2055, align 4
+  %573 = load <16 x float>, ptr %acc2065, align 4
   store <16 x float> %573, ptr %499, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col70 = mul nsw i64 %p, 16
+  %col84 = mul nsw i64 %p, 16
   %574 = add nsw i64 %r0, 0
   %575 = mul nsw i64 %574, 768
   %576 = getelementptr inbounds float, ptr %h, i64 %575
@@ -3626,9 +3748,9 @@ tile.mr2:                                         ; preds = %r0.body
   %578 = load i32, ptr %577, align 4
   %579 = sext i32 %578 to i64
   %580 = mul nsw i64 %579, 2048
-  %581 = add nsw i64 %580, %col70
+  %581 = add nsw i64 %580, %col84
   %582 = getelementptr inbounds float, ptr %y, i64 %581
-  store <16 x float> zeroinitializer, ptr %acc0071, align 4
+  store <16 x float> zeroinitializer, ptr %acc0085, align 4
   %583 = add nsw i64 %r0, 1
   %584 = mul nsw i64 %583, 768
   %585 = getelementptr inbounds float, ptr %h, i64 %584
@@ -3636,98 +3758,110 @@ tile.mr2:                                         ; preds = %r0.body
   %587 = load i32, ptr %586, align 4
   %588 = sext i32 %587 to i64
   %589 = mul nsw i64 %588, 2048
-  %590 = add nsw i64 %589, %col70
+  %590 = add nsw i64 %589, %col84
   %591 = getelementptr inbounds float, ptr %y, i64 %590
-  store <16 x float> zeroinitializer, ptr %acc1072, align 4
+  store <16 x float> zeroinitializer, ptr %acc1086, align 4
   %592 = mul nsw i64 %p, 12288
   %593 = getelementptr inbounds i16, ptr %panels, i64 %592
   %594 = add nsw i64 %p, 1
   %595 = icmp slt i64 %594, %p1
-  %pf.on73 = and i1 %pf.on, %595
+  %pf.on87 = and i1 %pf.on, %595
   %596 = mul nsw i64 %pf.j, 24576
   %597 = lshr i64 %596, %10
   %598 = add nsw i64 24576, %597
   %599 = getelementptr inbounds i8, ptr %593, i64 %598
-  %pf74 = select i1 %pf.on73, ptr %599, ptr %593
-  %pf.sh75 = select i1 %pf.on73, i64 %10, i64 0
-  store <16 x float> zeroinitializer, ptr %acc0176, align 4
-  store <16 x float> zeroinitializer, ptr %acc1177, align 4
-  br label %kp.head78
+  %pf88 = select i1 %pf.on87, ptr %599, ptr %593
+  %pf.sh89 = select i1 %pf.on87, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc0190, align 4
+  store <16 x float> zeroinitializer, ptr %acc1191, align 4
+  br label %kp.head92
 
-kp.head78:                                        ; preds = %kp.body79, %tile.mr2
-  %kp81 = phi i64 [ 0, %tile.mr2 ], [ %642, %kp.body79 ]
-  %600 = icmp slt i64 %kp81, 192
-  br i1 %600, label %kp.body79, label %kp.end80
+kp.head92:                                        ; preds = %pf.any.end100, %tile.mr2
+  %kp95 = phi i64 [ 0, %tile.mr2 ], [ %642, %pf.any.end100 ]
+  %600 = icmp slt i64 %kp95, 192
+  br i1 %600, label %kp.body93, label %kp.end94
 
-kp.body79:                                        ; preds = %kp.head78
-  %kk82 = mul nsw i64 %kp81, 2
-  %601 = mul nsw i64 %kk82, 32
+kp.body93:                                        ; preds = %kp.head92
+  %kk96 = mul nsw i64 %kp95, 2
+  %601 = mul nsw i64 %kk96, 32
   %602 = getelementptr inbounds i16, ptr %593, i64 %601
   %603 = load <32 x bfloat>, ptr %602, align 4
-  %604 = mul nsw i64 %kk82, 64
-  %605 = lshr i64 %604, %pf.sh75
-  %606 = getelementptr inbounds i8, ptr %pf74, i64 %605
+  %604 = mul nsw i64 %kk96, 64
+  br i1 %pf.multi, label %pf.any.then97, label %pf.any.end98
+
+pf.any.then97:                                    ; preds = %kp.body93
+  %605 = lshr i64 %604, %pf.sh89
+  %606 = getelementptr inbounds i8, ptr %pf88, i64 %605
   call void @llvm.prefetch.p0(ptr %606, i32 0, i32 2, i32 1)
-  %607 = getelementptr inbounds i32, ptr %576, i64 %kk82
+  br label %pf.any.end98
+
+pf.any.end98:                                     ; preds = %pf.any.then97, %kp.body93
+  %607 = getelementptr inbounds i32, ptr %576, i64 %kk96
   %608 = load i32, ptr %607, align 4
-  %609 = load <16 x float>, ptr %acc0071, align 4
+  %609 = load <16 x float>, ptr %acc0085, align 4
   %610 = insertelement <16 x i32> poison, i32 %608, i32 0
   %611 = shufflevector <16 x i32> %610, <16 x i32> poison, <16 x i32> zeroinitializer
   %612 = bitcast <16 x i32> %611 to <32 x bfloat>
   %613 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %609, <32 x bfloat> %603, <32 x bfloat> %612)
-  store <16 x float> %613, ptr %acc0071, align 4
-  %614 = getelementptr inbounds i32, ptr %585, i64 %kk82
+  store <16 x float> %613, ptr %acc0085, align 4
+  %614 = getelementptr inbounds i32, ptr %585, i64 %kk96
   %615 = load i32, ptr %614, align 4
-  %616 = load <16 x float>, ptr %acc1072, align 4
+  %616 = load <16 x float>, ptr %acc1086, align 4
   %617 = insertelement <16 x i32> poison, i32 %615, i32 0
   %618 = shufflevector <16 x i32> %617, <16 x i32> poison, <16 x i32> zeroinitializer
   %619 = bitcast <16 x i32> %618 to <32 x bfloat>
   %620 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %616, <32 x bfloat> %603, <32 x bfloat> %619)
-  store <16 x float> %620, ptr %acc1072, align 4
-  %621 = add nsw i64 %kk82, 1
+  store <16 x float> %620, ptr %acc1086, align 4
+  %621 = add nsw i64 %kk96, 1
   %622 = mul nsw i64 %621, 32
   %623 = getelementptr inbounds i16, ptr %593, i64 %622
   %624 = load <32 x bfloat>, ptr %623, align 4
   %625 = mul nsw i64 %621, 64
-  %626 = lshr i64 %625, %pf.sh75
-  %627 = getelementptr inbounds i8, ptr %pf74, i64 %626
+  br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
+
+pf.any.then99:                                    ; preds = %pf.any.end98
+  %626 = lshr i64 %625, %pf.sh89
+  %627 = getelementptr inbounds i8, ptr %pf88, i64 %626
   call void @llvm.prefetch.p0(ptr %627, i32 0, i32 2, i32 1)
+  br label %pf.any.end100
+
+pf.any.end100:                                    ; preds = %pf.any.then99, %pf.any.end98
   %628 = getelementptr inbounds i32, ptr %576, i64 %621
   %629 = load i32, ptr %628, align 4
-  %630 = load <16 x float>, ptr %acc0176, align 4
+  %630 = load <16 x float>, ptr %acc0190, align 4
   %631 = insertelement <16 x i32> poison, i32 %629, i32 0
   %632 = shufflevector <16 x i32> %631, <16 x i32> poison, <16 x i32> zeroinitializer
   %633 = bitcast <16 x i32> %632 to <32 x bfloat>
   %634 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %630, <32 x bfloat> %624, <32 x bfloat> %633)
-  store <16 x float> %634, ptr %acc0176, align 4
+  store <16 x float> %634, ptr %acc0190, align 4
   %635 = getelementptr inbounds i32, ptr %585, i64 %621
   %636 = load i32, ptr %635, align 4
-  %637 = load <16 x float>, ptr %acc1177, align 4
+  %637 = load <16 x float>, ptr %acc1191, align 4
   %638 = insertelement <16 x i32> poison, i32 %636, i32 0
   %639 = shufflevector <16 x i32> %638, <16 x i32> poison, <16 x i32> zeroinitializer
   %640 = bitcast <16 x i32> %639 to <32 x bfloat>
   %641 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %637, <32 x bfloat> %624, <32 x bfloat> %640)
-  store <16 x float> %641, ptr %acc1177, align 4
-  %642 = add nsw i64 %kp81, 1
-  br label %kp.head78
+  store <16 x float> %641, ptr %acc1191, align 4
+  %642 = add nsw i64 %kp95, 1
+  br label %kp.head92
 
-kp.end80:                                         ; preds = %kp.head78
-  %643 = load <16 x float>, ptr %acc0176, align 4
-  %644 = load <16 x float>, ptr %acc0071, align 4
-  %sum83 = fadd <16 x float> %644, %643
-  store <16 x float> %sum83, ptr %acc0071, align 4
-  %645 = load <16 x float>, ptr %acc1177, align 4
-  %646 = load <16 x float>, ptr %acc1072, align 4
-  %sum84 = fadd <16 x float> %646, %645
-  store <16 x float> %sum84, ptr %acc1072, align 4
-  %647 = load <16 x float>, ptr %acc0071, align 4
+kp.end94:                                         ; preds = %kp.head92
+  %643 = load <16 x float>, ptr %acc0190, align 4
+  %644 = load <16 x float>, ptr %acc0085, align 4
+  %sum101 = fadd <16 x float> %644, %643
+  store <16 x float> %sum101, ptr %acc0085, align 4
+  %645 = load <16 x float>, ptr %acc1191, align 4
+  %646 = load <16 x float>, ptr %acc1086, align 4
+  %sum102 = fadd <16 x float> %646, %645
+  store <16 x float> %sum102, ptr %acc1086, align 4
+  %647 = load <16 x float>, ptr %acc0085, align 4
   store <16 x float> %647, ptr %582, align 4
-  %648 = load <16 x float>, ptr %acc1072, align 4
+  %648 = load <16 x float>, ptr %acc1086, align 4
   store <16 x float> %648, ptr %591, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col85 = mul nsw i64 %p, 16
+  %col103 = mul nsw i64 %p, 16
   %649 = add nsw i64 %r0, 0
   %650 = mul nsw i64 %649, 768
   %651 = getelementptr inbounds float, ptr %h, i64 %650
@@ -3735,74 +3869,86 @@ tile.mr1:                                         ; preds = %r0.body
   %653 = load i32, ptr %652, align 4
   %654 = sext i32 %653 to i64
   %655 = mul nsw i64 %654, 2048
-  %656 = add nsw i64 %655, %col85
+  %656 = add nsw i64 %655, %col103
   %657 = getelementptr inbounds float, ptr %y, i64 %656
-  store <16 x float> zeroinitializer, ptr %acc0086, align 4
+  store <16 x float> zeroinitializer, ptr %acc00104, align 4
   %658 = mul nsw i64 %p, 12288
   %659 = getelementptr inbounds i16, ptr %panels, i64 %658
   %660 = add nsw i64 %p, 1
   %661 = icmp slt i64 %660, %p1
-  %pf.on87 = and i1 %pf.on, %661
+  %pf.on105 = and i1 %pf.on, %661
   %662 = mul nsw i64 %pf.j, 24576
   %663 = lshr i64 %662, %10
   %664 = add nsw i64 24576, %663
   %665 = getelementptr inbounds i8, ptr %659, i64 %664
-  %pf88 = select i1 %pf.on87, ptr %665, ptr %659
-  %pf.sh89 = select i1 %pf.on87, i64 %10, i64 0
-  store <16 x float> zeroinitializer, ptr %acc0190, align 4
-  br label %kp.head91
+  %pf106 = select i1 %pf.on105, ptr %665, ptr %659
+  %pf.sh107 = select i1 %pf.on105, i64 %10, i64 0
+  store <16 x float> zeroinitializer, ptr %acc01108, align 4
+  br label %kp.head109
 
-kp.head91:                                        ; preds = %kp.body92, %tile.mr1
-  %kp94 = phi i64 [ 0, %tile.mr1 ], [ %694, %kp.body92 ]
-  %666 = icmp slt i64 %kp94, 192
-  br i1 %666, label %kp.body92, label %kp.end93
+kp.head109:                                       ; preds = %pf.any.end117, %tile.mr1
+  %kp112 = phi i64 [ 0, %tile.mr1 ], [ %694, %pf.any.end117 ]
+  %666 = icmp slt i64 %kp112, 192
+  br i1 %666, label %kp.body110, label %kp.end111
 
-kp.body92:                                        ; preds = %kp.head91
-  %kk95 = mul nsw i64 %kp94, 2
-  %667 = mul nsw i64 %kk95, 32
+kp.body110:                                       ; preds = %kp.head109
+  %kk113 = mul nsw i64 %kp112, 2
+  %667 = mul nsw i64 %kk113, 32
   %668 = getelementptr inbounds i16, ptr %659, i64 %667
   %669 = load <32 x bfloat>, ptr %668, align 4
-  %670 = mul nsw i64 %kk95, 64
-  %671 = lshr i64 %670, %pf.sh89
-  %672 = getelementptr inbounds i8, ptr %pf88, i64 %671
+  %670 = mul nsw i64 %kk113, 64
+  br i1 %pf.multi, label %pf.any.then114, label %pf.any.end115
+
+pf.any.then114:                                   ; preds = %kp.body110
+  %671 = lshr i64 %670, %pf.sh107
+  %672 = getelementptr inbounds i8, ptr %pf106, i64 %671
   call void @llvm.prefetch.p0(ptr %672, i32 0, i32 2, i32 1)
-  %673 = getelementptr inbounds i32, ptr %651, i64 %kk95
+  br label %pf.any.end115
+
+pf.any.end115:                                    ; preds = %pf.any.then114, %kp.body110
+  %673 = getelementptr inbounds i32, ptr %651, i64 %kk113
   %674 = load i32, ptr %673, align 4
-  %675 = load <16 x float>, ptr %acc0086, align 4
+  %675 = load <16 x float>, ptr %acc00104, align 4
   %676 = insertelement <16 x i32> poison, i32 %674, i32 0
   %677 = shufflevector <16 x i32> %676, <16 x i32> poison, <16 x i32> zeroinitializer
   %678 = bitcast <16 x i32> %677 to <32 x bfloat>
   %679 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %675, <32 x bfloat> %669, <32 x bfloat> %678)
-  store <16 x float> %679, ptr %acc0086, align 4
-  %680 = add nsw i64 %kk95, 1
+  store <16 x float> %679, ptr %acc00104, align 4
+  %680 = add nsw i64 %kk113, 1
   %681 = mul nsw i64 %680, 32
   %682 = getelementptr inbounds i16, ptr %659, i64 %681
   %683 = load <32 x bfloat>, ptr %682, align 4
   %684 = mul nsw i64 %680, 64
-  %685 = lshr i64 %684, %pf.sh89
-  %686 = getelementptr inbounds i8, ptr %pf88, i64 %685
+  br i1 %pf.multi, label %pf.any.then116, label %pf.any.end117
+
+pf.any.then116:                                   ; preds = %pf.any.end115
+  %685 = lshr i64 %684, %pf.sh107
+  %686 = getelementptr inbounds i8, ptr %pf106, i64 %685
   call void @llvm.prefetch.p0(ptr %686, i32 0, i32 2, i32 1)
+  br label %pf.any.end117
+
+pf.any.end117:                                    ; preds = %pf.any.then116, %pf.any.end115
   %687 = getelementptr inbounds i32, ptr %651, i64 %680
   %688 = load i32, ptr %687, align 4
-  %689 = load <16 x float>, ptr %acc0190, align 4
+  %689 = load <16 x float>, ptr %acc01108, align 4
   %690 = insertelement <16 x i32> poison, i32 %688, i32 0
   %691 = shufflevector <16 x i32> %690, <16 x i32> poison, <16 x i32> zeroinitializer
   %692 = bitcast <16 x i32> %691 to <32 x bfloat>
   %693 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %689, <32 x bfloat> %683, <32 x bfloat> %692)
-  store <16 x float> %693, ptr %acc0190, align 4
-  %694 = add nsw i64 %kp94, 1
-  br label %kp.head91
+  store <16 x float> %693, ptr %acc01108, align 4
+  %694 = add nsw i64 %kp112, 1
+  br label %kp.head109
 
-kp.end93:                                         ; preds = %kp.head91
-  %695 = load <16 x float>, ptr %acc0190, align 4
-  %696 = load <16 x float>, ptr %acc0086, align 4
-  %sum96 = fadd <16 x float> %696, %695
-  store <16 x float> %sum96, ptr %acc0086, align 4
-  %697 = load <16 x float>, ptr %acc0086, align 4
+kp.end111:                                        ; preds = %kp.head109
+  %695 = load <16 x float>, ptr %acc01108, align 4
+  %696 = load <16 x float>, ptr %acc00104, align 4
+  %sum118 = fadd <16 x float> %696, %695
+  store <16 x float> %sum118, ptr %acc00104, align 4
+  %697 = load <16 x float>, ptr %acc00104, align 4
   store <16 x float> %697, ptr %657, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %kp.end93, %kp.end80, %kp.end64, %kp.end45, %kp.end23, %kp.end
+tile.done:                                        ; preds = %kp.end111, %kp.end94, %kp.end74, %kp.end51, %kp.end25, %kp.end
   %698 = add nsw i64 %r0, 6
   br label %r0.head
 

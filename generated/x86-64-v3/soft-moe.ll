@@ -2030,26 +2030,26 @@ entry:
   %acc3125 = alloca <8 x float>, align 32
   %acc4026 = alloca <8 x float>, align 32
   %acc4127 = alloca <8 x float>, align 32
-  %acc0051 = alloca <8 x float>, align 32
-  %acc0152 = alloca <8 x float>, align 32
-  %acc1053 = alloca <8 x float>, align 32
-  %acc1154 = alloca <8 x float>, align 32
-  %acc2055 = alloca <8 x float>, align 32
-  %acc2156 = alloca <8 x float>, align 32
-  %acc3057 = alloca <8 x float>, align 32
-  %acc3158 = alloca <8 x float>, align 32
-  %acc0079 = alloca <8 x float>, align 32
-  %acc0180 = alloca <8 x float>, align 32
-  %acc1081 = alloca <8 x float>, align 32
-  %acc1182 = alloca <8 x float>, align 32
-  %acc2083 = alloca <8 x float>, align 32
-  %acc2184 = alloca <8 x float>, align 32
-  %acc00102 = alloca <8 x float>, align 32
-  %acc01103 = alloca <8 x float>, align 32
-  %acc10104 = alloca <8 x float>, align 32
-  %acc11105 = alloca <8 x float>, align 32
-  %acc00120 = alloca <8 x float>, align 32
-  %acc01121 = alloca <8 x float>, align 32
+  %acc0053 = alloca <8 x float>, align 32
+  %acc0154 = alloca <8 x float>, align 32
+  %acc1055 = alloca <8 x float>, align 32
+  %acc1156 = alloca <8 x float>, align 32
+  %acc2057 = alloca <8 x float>, align 32
+  %acc2158 = alloca <8 x float>, align 32
+  %acc3059 = alloca <8 x float>, align 32
+  %acc3160 = alloca <8 x float>, align 32
+  %acc0083 = alloca <8 x float>, align 32
+  %acc0184 = alloca <8 x float>, align 32
+  %acc1085 = alloca <8 x float>, align 32
+  %acc1186 = alloca <8 x float>, align 32
+  %acc2087 = alloca <8 x float>, align 32
+  %acc2188 = alloca <8 x float>, align 32
+  %acc00108 = alloca <8 x float>, align 32
+  %acc01109 = alloca <8 x float>, align 32
+  %acc10110 = alloca <8 x float>, align 32
+  %acc11111 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2081,6 +2081,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -2155,8 +2156,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
   %56 = icmp slt i64 %k, 768
   br i1 %56, label %k.body, label %k.end
 
@@ -2164,9 +2165,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds float, ptr %panels, i64 %58
   %63 = load <8 x float>, ptr %62, align 4
   %64 = add nsw i64 %58, 8
@@ -2736,8 +2743,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh31 = select i1 %pf.on29, i64 %9, i64 0
   br label %k.head32
 
-k.head32:                                         ; preds = %k.body33, %tile.mr5
-  %k35 = phi i64 [ 0, %tile.mr5 ], [ %618, %k.body33 ]
+k.head32:                                         ; preds = %pf.any.end37, %tile.mr5
+  %k35 = phi i64 [ 0, %tile.mr5 ], [ %618, %pf.any.end37 ]
   %567 = icmp slt i64 %k35, 768
   br i1 %567, label %k.body33, label %k.end34
 
@@ -2745,9 +2752,15 @@ k.body33:                                         ; preds = %k.head32
   %568 = mul nsw i64 %k35, 16
   %569 = add nsw i64 %panel.off28, %568
   %570 = mul nsw i64 %k35, 64
+  br i1 %pf.multi, label %pf.any.then36, label %pf.any.end37
+
+pf.any.then36:                                    ; preds = %k.body33
   %571 = lshr i64 %570, %pf.sh31
   %572 = getelementptr inbounds i8, ptr %pf30, i64 %571
   call void @llvm.prefetch.p0(ptr %572, i32 0, i32 2, i32 1)
+  br label %pf.any.end37
+
+pf.any.end37:                                     ; preds = %pf.any.then36, %k.body33
   %573 = getelementptr inbounds float, ptr %panels, i64 %569
   %574 = load <8 x float>, ptr %573, align 4
   %575 = add nsw i64 %569, 8
@@ -2814,10 +2827,10 @@ k.end34:                                          ; preds = %k.head32
   %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
   %624 = mul nsw i64 %619, 3072
   %625 = getelementptr inbounds float, ptr %h, i64 %624
-  %col36 = mul nsw i64 %p, 16
+  %col38 = mul nsw i64 %p, 16
   %626 = load <8 x float>, ptr %acc0018, align 4
   %627 = load <8 x float>, ptr %acc0119, align 4
-  %628 = add nsw i64 %col36, 0
+  %628 = add nsw i64 %col38, 0
   %629 = fmul <8 x float> %626, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %630 = extractelement <8 x float> %629, i32 0
   %631 = call float @erff(float %630)
@@ -2845,11 +2858,11 @@ k.end34:                                          ; preds = %k.head32
   %653 = insertelement <8 x float> %650, float %652, i32 7
   %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %655 = fmul <8 x float> %626, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu37 = fmul <8 x float> %655, %654
-  %656 = fmul <8 x float> %gelu37, %623
+  %gelu39 = fmul <8 x float> %655, %654
+  %656 = fmul <8 x float> %gelu39, %623
   %657 = getelementptr inbounds float, ptr %625, i64 %628
   store <8 x float> %656, ptr %657, align 4
-  %658 = add nsw i64 %col36, 8
+  %658 = add nsw i64 %col38, 8
   %659 = fmul <8 x float> %627, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %660 = extractelement <8 x float> %659, i32 0
   %661 = call float @erff(float %660)
@@ -2877,8 +2890,8 @@ k.end34:                                          ; preds = %k.head32
   %683 = insertelement <8 x float> %680, float %682, i32 7
   %684 = fadd <8 x float> %683, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %685 = fmul <8 x float> %627, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu38 = fmul <8 x float> %685, %684
-  %686 = fmul <8 x float> %gelu38, %623
+  %gelu40 = fmul <8 x float> %685, %684
+  %686 = fmul <8 x float> %gelu40, %623
   %687 = getelementptr inbounds float, ptr %625, i64 %658
   store <8 x float> %686, ptr %687, align 4
   %688 = add nsw i64 %r0, 1
@@ -2888,10 +2901,10 @@ k.end34:                                          ; preds = %k.head32
   %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
   %693 = mul nsw i64 %688, 3072
   %694 = getelementptr inbounds float, ptr %h, i64 %693
-  %col39 = mul nsw i64 %p, 16
+  %col41 = mul nsw i64 %p, 16
   %695 = load <8 x float>, ptr %acc1020, align 4
   %696 = load <8 x float>, ptr %acc1121, align 4
-  %697 = add nsw i64 %col39, 0
+  %697 = add nsw i64 %col41, 0
   %698 = fmul <8 x float> %695, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %699 = extractelement <8 x float> %698, i32 0
   %700 = call float @erff(float %699)
@@ -2919,11 +2932,11 @@ k.end34:                                          ; preds = %k.head32
   %722 = insertelement <8 x float> %719, float %721, i32 7
   %723 = fadd <8 x float> %722, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %724 = fmul <8 x float> %695, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu40 = fmul <8 x float> %724, %723
-  %725 = fmul <8 x float> %gelu40, %692
+  %gelu42 = fmul <8 x float> %724, %723
+  %725 = fmul <8 x float> %gelu42, %692
   %726 = getelementptr inbounds float, ptr %694, i64 %697
   store <8 x float> %725, ptr %726, align 4
-  %727 = add nsw i64 %col39, 8
+  %727 = add nsw i64 %col41, 8
   %728 = fmul <8 x float> %696, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %729 = extractelement <8 x float> %728, i32 0
   %730 = call float @erff(float %729)
@@ -2951,8 +2964,8 @@ k.end34:                                          ; preds = %k.head32
   %752 = insertelement <8 x float> %749, float %751, i32 7
   %753 = fadd <8 x float> %752, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %754 = fmul <8 x float> %696, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu41 = fmul <8 x float> %754, %753
-  %755 = fmul <8 x float> %gelu41, %692
+  %gelu43 = fmul <8 x float> %754, %753
+  %755 = fmul <8 x float> %gelu43, %692
   %756 = getelementptr inbounds float, ptr %694, i64 %727
   store <8 x float> %755, ptr %756, align 4
   %757 = add nsw i64 %r0, 2
@@ -2962,10 +2975,10 @@ k.end34:                                          ; preds = %k.head32
   %761 = shufflevector <8 x float> %760, <8 x float> poison, <8 x i32> zeroinitializer
   %762 = mul nsw i64 %757, 3072
   %763 = getelementptr inbounds float, ptr %h, i64 %762
-  %col42 = mul nsw i64 %p, 16
+  %col44 = mul nsw i64 %p, 16
   %764 = load <8 x float>, ptr %acc2022, align 4
   %765 = load <8 x float>, ptr %acc2123, align 4
-  %766 = add nsw i64 %col42, 0
+  %766 = add nsw i64 %col44, 0
   %767 = fmul <8 x float> %764, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %768 = extractelement <8 x float> %767, i32 0
   %769 = call float @erff(float %768)
@@ -2993,11 +3006,11 @@ k.end34:                                          ; preds = %k.head32
   %791 = insertelement <8 x float> %788, float %790, i32 7
   %792 = fadd <8 x float> %791, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %793 = fmul <8 x float> %764, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu43 = fmul <8 x float> %793, %792
-  %794 = fmul <8 x float> %gelu43, %761
+  %gelu45 = fmul <8 x float> %793, %792
+  %794 = fmul <8 x float> %gelu45, %761
   %795 = getelementptr inbounds float, ptr %763, i64 %766
   store <8 x float> %794, ptr %795, align 4
-  %796 = add nsw i64 %col42, 8
+  %796 = add nsw i64 %col44, 8
   %797 = fmul <8 x float> %765, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %798 = extractelement <8 x float> %797, i32 0
   %799 = call float @erff(float %798)
@@ -3025,8 +3038,8 @@ k.end34:                                          ; preds = %k.head32
   %821 = insertelement <8 x float> %818, float %820, i32 7
   %822 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %823 = fmul <8 x float> %765, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu44 = fmul <8 x float> %823, %822
-  %824 = fmul <8 x float> %gelu44, %761
+  %gelu46 = fmul <8 x float> %823, %822
+  %824 = fmul <8 x float> %gelu46, %761
   %825 = getelementptr inbounds float, ptr %763, i64 %796
   store <8 x float> %824, ptr %825, align 4
   %826 = add nsw i64 %r0, 3
@@ -3036,10 +3049,10 @@ k.end34:                                          ; preds = %k.head32
   %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
   %831 = mul nsw i64 %826, 3072
   %832 = getelementptr inbounds float, ptr %h, i64 %831
-  %col45 = mul nsw i64 %p, 16
+  %col47 = mul nsw i64 %p, 16
   %833 = load <8 x float>, ptr %acc3024, align 4
   %834 = load <8 x float>, ptr %acc3125, align 4
-  %835 = add nsw i64 %col45, 0
+  %835 = add nsw i64 %col47, 0
   %836 = fmul <8 x float> %833, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %837 = extractelement <8 x float> %836, i32 0
   %838 = call float @erff(float %837)
@@ -3067,11 +3080,11 @@ k.end34:                                          ; preds = %k.head32
   %860 = insertelement <8 x float> %857, float %859, i32 7
   %861 = fadd <8 x float> %860, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %862 = fmul <8 x float> %833, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu46 = fmul <8 x float> %862, %861
-  %863 = fmul <8 x float> %gelu46, %830
+  %gelu48 = fmul <8 x float> %862, %861
+  %863 = fmul <8 x float> %gelu48, %830
   %864 = getelementptr inbounds float, ptr %832, i64 %835
   store <8 x float> %863, ptr %864, align 4
-  %865 = add nsw i64 %col45, 8
+  %865 = add nsw i64 %col47, 8
   %866 = fmul <8 x float> %834, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %867 = extractelement <8 x float> %866, i32 0
   %868 = call float @erff(float %867)
@@ -3099,8 +3112,8 @@ k.end34:                                          ; preds = %k.head32
   %890 = insertelement <8 x float> %887, float %889, i32 7
   %891 = fadd <8 x float> %890, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %892 = fmul <8 x float> %834, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu47 = fmul <8 x float> %892, %891
-  %893 = fmul <8 x float> %gelu47, %830
+  %gelu49 = fmul <8 x float> %892, %891
+  %893 = fmul <8 x float> %gelu49, %830
   %894 = getelementptr inbounds float, ptr %832, i64 %865
   store <8 x float> %893, ptr %894, align 4
   %895 = add nsw i64 %r0, 4
@@ -3110,10 +3123,10 @@ k.end34:                                          ; preds = %k.head32
   %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
   %900 = mul nsw i64 %895, 3072
   %901 = getelementptr inbounds float, ptr %h, i64 %900
-  %col48 = mul nsw i64 %p, 16
+  %col50 = mul nsw i64 %p, 16
   %902 = load <8 x float>, ptr %acc4026, align 4
   %903 = load <8 x float>, ptr %acc4127, align 4
-  %904 = add nsw i64 %col48, 0
+  %904 = add nsw i64 %col50, 0
   %905 = fmul <8 x float> %902, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %906 = extractelement <8 x float> %905, i32 0
   %907 = call float @erff(float %906)
@@ -3141,11 +3154,11 @@ k.end34:                                          ; preds = %k.head32
   %929 = insertelement <8 x float> %926, float %928, i32 7
   %930 = fadd <8 x float> %929, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %931 = fmul <8 x float> %902, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu49 = fmul <8 x float> %931, %930
-  %932 = fmul <8 x float> %gelu49, %899
+  %gelu51 = fmul <8 x float> %931, %930
+  %932 = fmul <8 x float> %gelu51, %899
   %933 = getelementptr inbounds float, ptr %901, i64 %904
   store <8 x float> %932, ptr %933, align 4
-  %934 = add nsw i64 %col48, 8
+  %934 = add nsw i64 %col50, 8
   %935 = fmul <8 x float> %903, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %936 = extractelement <8 x float> %935, i32 0
   %937 = call float @erff(float %936)
@@ -3173,8 +3186,8 @@ k.end34:                                          ; preds = %k.head32
   %959 = insertelement <8 x float> %956, float %958, i32 7
   %960 = fadd <8 x float> %959, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %961 = fmul <8 x float> %903, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu50 = fmul <8 x float> %961, %960
-  %962 = fmul <8 x float> %gelu50, %899
+  %gelu52 = fmul <8 x float> %961, %960
+  %962 = fmul <8 x float> %gelu52, %899
   %963 = getelementptr inbounds float, ptr %901, i64 %934
   store <8 x float> %962, ptr %963, align 4
   br label %tile.done
@@ -3186,106 +3199,112 @@ tile.mr4:                                         ; preds = %r0.body
   %967 = sext i32 %966 to i64
   %968 = mul nsw i64 %967, 768
   %969 = getelementptr inbounds float, ptr %x, i64 %968
-  store <8 x float> zeroinitializer, ptr %acc0051, align 4
-  store <8 x float> zeroinitializer, ptr %acc0152, align 4
+  store <8 x float> zeroinitializer, ptr %acc0053, align 4
+  store <8 x float> zeroinitializer, ptr %acc0154, align 4
   %970 = add nsw i64 %r0, 1
   %971 = getelementptr inbounds i32, ptr %rows, i64 %970
   %972 = load i32, ptr %971, align 4
   %973 = sext i32 %972 to i64
   %974 = mul nsw i64 %973, 768
   %975 = getelementptr inbounds float, ptr %x, i64 %974
-  store <8 x float> zeroinitializer, ptr %acc1053, align 4
-  store <8 x float> zeroinitializer, ptr %acc1154, align 4
+  store <8 x float> zeroinitializer, ptr %acc1055, align 4
+  store <8 x float> zeroinitializer, ptr %acc1156, align 4
   %976 = add nsw i64 %r0, 2
   %977 = getelementptr inbounds i32, ptr %rows, i64 %976
   %978 = load i32, ptr %977, align 4
   %979 = sext i32 %978 to i64
   %980 = mul nsw i64 %979, 768
   %981 = getelementptr inbounds float, ptr %x, i64 %980
-  store <8 x float> zeroinitializer, ptr %acc2055, align 4
-  store <8 x float> zeroinitializer, ptr %acc2156, align 4
+  store <8 x float> zeroinitializer, ptr %acc2057, align 4
+  store <8 x float> zeroinitializer, ptr %acc2158, align 4
   %982 = add nsw i64 %r0, 3
   %983 = getelementptr inbounds i32, ptr %rows, i64 %982
   %984 = load i32, ptr %983, align 4
   %985 = sext i32 %984 to i64
   %986 = mul nsw i64 %985, 768
   %987 = getelementptr inbounds float, ptr %x, i64 %986
-  store <8 x float> zeroinitializer, ptr %acc3057, align 4
-  store <8 x float> zeroinitializer, ptr %acc3158, align 4
-  %panel.off59 = mul nsw i64 %p, 12288
-  %988 = getelementptr inbounds float, ptr %panels, i64 %panel.off59
+  store <8 x float> zeroinitializer, ptr %acc3059, align 4
+  store <8 x float> zeroinitializer, ptr %acc3160, align 4
+  %panel.off61 = mul nsw i64 %p, 12288
+  %988 = getelementptr inbounds float, ptr %panels, i64 %panel.off61
   %989 = add nsw i64 %p, 1
   %990 = icmp slt i64 %989, %p1
-  %pf.on60 = and i1 %pf.on, %990
+  %pf.on62 = and i1 %pf.on, %990
   %991 = mul nsw i64 %pf.j, 49152
   %992 = lshr i64 %991, %9
   %993 = add nsw i64 49152, %992
   %994 = getelementptr inbounds i8, ptr %988, i64 %993
-  %pf61 = select i1 %pf.on60, ptr %994, ptr %988
-  %pf.sh62 = select i1 %pf.on60, i64 %9, i64 0
-  br label %k.head63
+  %pf63 = select i1 %pf.on62, ptr %994, ptr %988
+  %pf.sh64 = select i1 %pf.on62, i64 %9, i64 0
+  br label %k.head65
 
-k.head63:                                         ; preds = %k.body64, %tile.mr4
-  %k66 = phi i64 [ 0, %tile.mr4 ], [ %1038, %k.body64 ]
-  %995 = icmp slt i64 %k66, 768
-  br i1 %995, label %k.body64, label %k.end65
+k.head65:                                         ; preds = %pf.any.end70, %tile.mr4
+  %k68 = phi i64 [ 0, %tile.mr4 ], [ %1038, %pf.any.end70 ]
+  %995 = icmp slt i64 %k68, 768
+  br i1 %995, label %k.body66, label %k.end67
 
-k.body64:                                         ; preds = %k.head63
-  %996 = mul nsw i64 %k66, 16
-  %997 = add nsw i64 %panel.off59, %996
-  %998 = mul nsw i64 %k66, 64
-  %999 = lshr i64 %998, %pf.sh62
-  %1000 = getelementptr inbounds i8, ptr %pf61, i64 %999
+k.body66:                                         ; preds = %k.head65
+  %996 = mul nsw i64 %k68, 16
+  %997 = add nsw i64 %panel.off61, %996
+  %998 = mul nsw i64 %k68, 64
+  br i1 %pf.multi, label %pf.any.then69, label %pf.any.end70
+
+pf.any.then69:                                    ; preds = %k.body66
+  %999 = lshr i64 %998, %pf.sh64
+  %1000 = getelementptr inbounds i8, ptr %pf63, i64 %999
   call void @llvm.prefetch.p0(ptr %1000, i32 0, i32 2, i32 1)
+  br label %pf.any.end70
+
+pf.any.end70:                                     ; preds = %pf.any.then69, %k.body66
   %1001 = getelementptr inbounds float, ptr %panels, i64 %997
   %1002 = load <8 x float>, ptr %1001, align 4
   %1003 = add nsw i64 %997, 8
   %1004 = getelementptr inbounds float, ptr %panels, i64 %1003
   %1005 = load <8 x float>, ptr %1004, align 4
-  %1006 = getelementptr inbounds float, ptr %969, i64 %k66
+  %1006 = getelementptr inbounds float, ptr %969, i64 %k68
   %1007 = load float, ptr %1006, align 4
   %1008 = insertelement <8 x float> poison, float %1007, i32 0
   %1009 = shufflevector <8 x float> %1008, <8 x float> poison, <8 x i32> zeroinitializer
-  %1010 = load <8 x float>, ptr %acc0051, align 4
+  %1010 = load <8 x float>, ptr %acc0053, align 4
   %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1002, <8 x float> %1010)
-  store <8 x float> %1011, ptr %acc0051, align 4
-  %1012 = load <8 x float>, ptr %acc0152, align 4
+  store <8 x float> %1011, ptr %acc0053, align 4
+  %1012 = load <8 x float>, ptr %acc0154, align 4
   %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1005, <8 x float> %1012)
-  store <8 x float> %1013, ptr %acc0152, align 4
-  %1014 = getelementptr inbounds float, ptr %975, i64 %k66
+  store <8 x float> %1013, ptr %acc0154, align 4
+  %1014 = getelementptr inbounds float, ptr %975, i64 %k68
   %1015 = load float, ptr %1014, align 4
   %1016 = insertelement <8 x float> poison, float %1015, i32 0
   %1017 = shufflevector <8 x float> %1016, <8 x float> poison, <8 x i32> zeroinitializer
-  %1018 = load <8 x float>, ptr %acc1053, align 4
+  %1018 = load <8 x float>, ptr %acc1055, align 4
   %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1002, <8 x float> %1018)
-  store <8 x float> %1019, ptr %acc1053, align 4
-  %1020 = load <8 x float>, ptr %acc1154, align 4
+  store <8 x float> %1019, ptr %acc1055, align 4
+  %1020 = load <8 x float>, ptr %acc1156, align 4
   %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1005, <8 x float> %1020)
-  store <8 x float> %1021, ptr %acc1154, align 4
-  %1022 = getelementptr inbounds float, ptr %981, i64 %k66
+  store <8 x float> %1021, ptr %acc1156, align 4
+  %1022 = getelementptr inbounds float, ptr %981, i64 %k68
   %1023 = load float, ptr %1022, align 4
   %1024 = insertelement <8 x float> poison, float %1023, i32 0
   %1025 = shufflevector <8 x float> %1024, <8 x float> poison, <8 x i32> zeroinitializer
-  %1026 = load <8 x float>, ptr %acc2055, align 4
+  %1026 = load <8 x float>, ptr %acc2057, align 4
   %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1002, <8 x float> %1026)
-  store <8 x float> %1027, ptr %acc2055, align 4
-  %1028 = load <8 x float>, ptr %acc2156, align 4
+  store <8 x float> %1027, ptr %acc2057, align 4
+  %1028 = load <8 x float>, ptr %acc2158, align 4
   %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1005, <8 x float> %1028)
-  store <8 x float> %1029, ptr %acc2156, align 4
-  %1030 = getelementptr inbounds float, ptr %987, i64 %k66
+  store <8 x float> %1029, ptr %acc2158, align 4
+  %1030 = getelementptr inbounds float, ptr %987, i64 %k68
   %1031 = load float, ptr %1030, align 4
   %1032 = insertelement <8 x float> poison, float %1031, i32 0
   %1033 = shufflevector <8 x float> %1032, <8 x float> poison, <8 x i32> zeroinitializer
-  %1034 = load <8 x float>, ptr %acc3057, align 4
+  %1034 = load <8 x float>, ptr %acc3059, align 4
   %1035 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1033, <8 x float> %1002, <8 x float> %1034)
-  store <8 x float> %1035, ptr %acc3057, align 4
-  %1036 = load <8 x float>, ptr %acc3158, align 4
+  store <8 x float> %1035, ptr %acc3059, align 4
+  %1036 = load <8 x float>, ptr %acc3160, align 4
   %1037 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1033, <8 x float> %1005, <8 x float> %1036)
-  store <8 x float> %1037, ptr %acc3158, align 4
-  %1038 = add nsw i64 %k66, 1
-  br label %k.head63
+  store <8 x float> %1037, ptr %acc3160, align 4
+  %1038 = add nsw i64 %k68, 1
+  br label %k.head65
 
-k.end65:                                          ; preds = %k.head63
+k.end67:                                          ; preds = %k.head65
   %1039 = add nsw i64 %r0, 0
   %1040 = getelementptr inbounds float, ptr %rw, i64 %1039
   %1041 = load float, ptr %1040, align 4
@@ -3293,10 +3312,10 @@ k.end65:                                          ; preds = %k.head63
   %1043 = shufflevector <8 x float> %1042, <8 x float> poison, <8 x i32> zeroinitializer
   %1044 = mul nsw i64 %1039, 3072
   %1045 = getelementptr inbounds float, ptr %h, i64 %1044
-  %col67 = mul nsw i64 %p, 16
-  %1046 = load <8 x float>, ptr %acc0051, align 4
-  %1047 = load <8 x float>, ptr %acc0152, align 4
-  %1048 = add nsw i64 %col67, 0
+  %col71 = mul nsw i64 %p, 16
+  %1046 = load <8 x float>, ptr %acc0053, align 4
+  %1047 = load <8 x float>, ptr %acc0154, align 4
+  %1048 = add nsw i64 %col71, 0
   %1049 = fmul <8 x float> %1046, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1050 = extractelement <8 x float> %1049, i32 0
   %1051 = call float @erff(float %1050)
@@ -3324,11 +3343,11 @@ k.end65:                                          ; preds = %k.head63
   %1073 = insertelement <8 x float> %1070, float %1072, i32 7
   %1074 = fadd <8 x float> %1073, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1075 = fmul <8 x float> %1046, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu68 = fmul <8 x float> %1075, %1074
-  %1076 = fmul <8 x float> %gelu68, %1043
+  %gelu72 = fmul <8 x float> %1075, %1074
+  %1076 = fmul <8 x float> %gelu72, %1043
   %1077 = getelementptr inbounds float, ptr %1045, i64 %1048
   store <8 x float> %1076, ptr %1077, align 4
-  %1078 = add nsw i64 %col67, 8
+  %1078 = add nsw i64 %col71, 8
   %1079 = fmul <8 x float> %1047, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1080 = extractelement <8 x float> %1079, i32 0
   %1081 = call float @erff(float %1080)
@@ -3356,8 +3375,8 @@ k.end65:                                          ; preds = %k.head63
   %1103 = insertelement <8 x float> %1100, float %1102, i32 7
   %1104 = fadd <8 x float> %1103, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1105 = fmul <8 x float> %1047, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu69 = fmul <8 x float> %1105, %1104
-  %1106 = fmul <8 x float> %gelu69, %1043
+  %gelu73 = fmul <8 x float> %1105, %1104
+  %1106 = fmul <8 x float> %gelu73, %1043
   %1107 = getelementptr inbounds float, ptr %1045, i64 %1078
   store <8 x float> %1106, ptr %1107, align 4
   %1108 = add nsw i64 %r0, 1
@@ -3367,10 +3386,10 @@ k.end65:                                          ; preds = %k.head63
   %1112 = shufflevector <8 x float> %1111, <8 x float> poison, <8 x i32> zeroinitializer
   %1113 = mul nsw i64 %1108, 3072
   %1114 = getelementptr inbounds float, ptr %h, i64 %1113
-  %col70 = mul nsw i64 %p, 16
-  %1115 = load <8 x float>, ptr %acc1053, align 4
-  %1116 = load <8 x float>, ptr %acc1154, align 4
-  %1117 = add nsw i64 %col70, 0
+  %col74 = mul nsw i64 %p, 16
+  %1115 = load <8 x float>, ptr %acc1055, align 4
+  %1116 = load <8 x float>, ptr %acc1156, align 4
+  %1117 = add nsw i64 %col74, 0
   %1118 = fmul <8 x float> %1115, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1119 = extractelement <8 x float> %1118, i32 0
   %1120 = call float @erff(float %1119)
@@ -3398,11 +3417,11 @@ k.end65:                                          ; preds = %k.head63
   %1142 = insertelement <8 x float> %1139, float %1141, i32 7
   %1143 = fadd <8 x float> %1142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1144 = fmul <8 x float> %1115, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu71 = fmul <8 x float> %1144, %1143
-  %1145 = fmul <8 x float> %gelu71, %1112
+  %gelu75 = fmul <8 x float> %1144, %1143
+  %1145 = fmul <8 x float> %gelu75, %1112
   %1146 = getelementptr inbounds float, ptr %1114, i64 %1117
   store <8 x float> %1145, ptr %1146, align 4
-  %1147 = add nsw i64 %col70, 8
+  %1147 = add nsw i64 %col74, 8
   %1148 = fmul <8 x float> %1116, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1149 = extractelement <8 x float> %1148, i32 0
   %1150 = call float @erff(float %1149)
@@ -3430,8 +3449,8 @@ k.end65:                                          ; preds = %k.head63
   %1172 = insertelement <8 x float> %1169, float %1171, i32 7
   %1173 = fadd <8 x float> %1172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1174 = fmul <8 x float> %1116, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu72 = fmul <8 x float> %1174, %1173
-  %1175 = fmul <8 x float> %gelu72, %1112
+  %gelu76 = fmul <8 x float> %1174, %1173
+  %1175 = fmul <8 x float> %gelu76, %1112
   %1176 = getelementptr inbounds float, ptr %1114, i64 %1147
   store <8 x float> %1175, ptr %1176, align 4
   %1177 = add nsw i64 %r0, 2
@@ -3441,10 +3460,10 @@ k.end65:                                          ; preds = %k.head63
   %1181 = shufflevector <8 x float> %1180, <8 x float> poison, <8 x i32> zeroinitializer
   %1182 = mul nsw i64 %1177, 3072
   %1183 = getelementptr inbounds float, ptr %h, i64 %1182
-  %col73 = mul nsw i64 %p, 16
-  %1184 = load <8 x float>, ptr %acc2055, align 4
-  %1185 = load <8 x float>, ptr %acc2156, align 4
-  %1186 = add nsw i64 %col73, 0
+  %col77 = mul nsw i64 %p, 16
+  %1184 = load <8 x float>, ptr %acc2057, align 4
+  %1185 = load <8 x float>, ptr %acc2158, align 4
+  %1186 = add nsw i64 %col77, 0
   %1187 = fmul <8 x float> %1184, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1188 = extractelement <8 x float> %1187, i32 0
   %1189 = call float @erff(float %1188)
@@ -3472,11 +3491,11 @@ k.end65:                                          ; preds = %k.head63
   %1211 = insertelement <8 x float> %1208, float %1210, i32 7
   %1212 = fadd <8 x float> %1211, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1213 = fmul <8 x float> %1184, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu74 = fmul <8 x float> %1213, %1212
-  %1214 = fmul <8 x float> %gelu74, %1181
+  %gelu78 = fmul <8 x float> %1213, %1212
+  %1214 = fmul <8 x float> %gelu78, %1181
   %1215 = getelementptr inbounds float, ptr %1183, i64 %1186
   store <8 x float> %1214, ptr %1215, align 4
-  %1216 = add nsw i64 %col73, 8
+  %1216 = add nsw i64 %col77, 8
   %1217 = fmul <8 x float> %1185, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1218 = extractelement <8 x float> %1217, i32 0
   %1219 = call float @erff(float %1218)
@@ -3504,8 +3523,8 @@ k.end65:                                          ; preds = %k.head63
   %1241 = insertelement <8 x float> %1238, float %1240, i32 7
   %1242 = fadd <8 x float> %1241, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1243 = fmul <8 x float> %1185, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu75 = fmul <8 x float> %1243, %1242
-  %1244 = fmul <8 x float> %gelu75, %1181
+  %gelu79 = fmul <8 x float> %1243, %1242
+  %1244 = fmul <8 x float> %gelu79, %1181
   %1245 = getelementptr inbounds float, ptr %1183, i64 %1216
   store <8 x float> %1244, ptr %1245, align 4
   %1246 = add nsw i64 %r0, 3
@@ -3515,10 +3534,10 @@ k.end65:                                          ; preds = %k.head63
   %1250 = shufflevector <8 x float> %1249, <8 x float> poison, <8 x i32> zeroinitializer
   %1251 = mul nsw i64 %1246, 3072
   %1252 = getelementptr inbounds float, ptr %h, i64 %1251
-  %col76 = mul nsw i64 %p, 16
-  %1253 = load <8 x float>, ptr %acc3057, align 4
-  %1254 = load <8 x float>, ptr %acc3158, align 4
-  %1255 = add nsw i64 %col76, 0
+  %col80 = mul nsw i64 %p, 16
+  %1253 = load <8 x float>, ptr %acc3059, align 4
+  %1254 = load <8 x float>, ptr %acc3160, align 4
+  %1255 = add nsw i64 %col80, 0
   %1256 = fmul <8 x float> %1253, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1257 = extractelement <8 x float> %1256, i32 0
   %1258 = call float @erff(float %1257)
@@ -3546,11 +3565,11 @@ k.end65:                                          ; preds = %k.head63
   %1280 = insertelement <8 x float> %1277, float %1279, i32 7
   %1281 = fadd <8 x float> %1280, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1282 = fmul <8 x float> %1253, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu77 = fmul <8 x float> %1282, %1281
-  %1283 = fmul <8 x float> %gelu77, %1250
+  %gelu81 = fmul <8 x float> %1282, %1281
+  %1283 = fmul <8 x float> %gelu81, %1250
   %1284 = getelementptr inbounds float, ptr %1252, i64 %1255
   store <8 x float> %1283, ptr %1284, align 4
-  %1285 = add nsw i64 %col76, 8
+  %1285 = add nsw i64 %col80, 8
   %1286 = fmul <8 x float> %1254, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1287 = extractelement <8 x float> %1286, i32 0
   %1288 = call float @erff(float %1287)
@@ -3578,8 +3597,8 @@ k.end65:                                          ; preds = %k.head63
   %1310 = insertelement <8 x float> %1307, float %1309, i32 7
   %1311 = fadd <8 x float> %1310, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1312 = fmul <8 x float> %1254, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu78 = fmul <8 x float> %1312, %1311
-  %1313 = fmul <8 x float> %gelu78, %1250
+  %gelu82 = fmul <8 x float> %1312, %1311
+  %1313 = fmul <8 x float> %gelu82, %1250
   %1314 = getelementptr inbounds float, ptr %1252, i64 %1285
   store <8 x float> %1313, ptr %1314, align 4
   br label %tile.done
@@ -3591,88 +3610,94 @@ tile.mr3:                                         ; preds = %r0.body
   %1318 = sext i32 %1317 to i64
   %1319 = mul nsw i64 %1318, 768
   %1320 = getelementptr inbounds float, ptr %x, i64 %1319
-  store <8 x float> zeroinitializer, ptr %acc0079, align 4
-  store <8 x float> zeroinitializer, ptr %acc0180, align 4
+  store <8 x float> zeroinitializer, ptr %acc0083, align 4
+  store <8 x float> zeroinitializer, ptr %acc0184, align 4
   %1321 = add nsw i64 %r0, 1
   %1322 = getelementptr inbounds i32, ptr %rows, i64 %1321
   %1323 = load i32, ptr %1322, align 4
   %1324 = sext i32 %1323 to i64
   %1325 = mul nsw i64 %1324, 768
   %1326 = getelementptr inbounds float, ptr %x, i64 %1325
-  store <8 x float> zeroinitializer, ptr %acc1081, align 4
-  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  store <8 x float> zeroinitializer, ptr %acc1085, align 4
+  store <8 x float> zeroinitializer, ptr %acc1186, align 4
   %1327 = add nsw i64 %r0, 2
   %1328 = getelementptr inbounds i32, ptr %rows, i64 %1327
   %1329 = load i32, ptr %1328, align 4
   %1330 = sext i32 %1329 to i64
   %1331 = mul nsw i64 %1330, 768
   %1332 = getelementptr inbounds float, ptr %x, i64 %1331
-  store <8 x float> zeroinitializer, ptr %acc2083, align 4
-  store <8 x float> zeroinitializer, ptr %acc2184, align 4
-  %panel.off85 = mul nsw i64 %p, 12288
-  %1333 = getelementptr inbounds float, ptr %panels, i64 %panel.off85
+  store <8 x float> zeroinitializer, ptr %acc2087, align 4
+  store <8 x float> zeroinitializer, ptr %acc2188, align 4
+  %panel.off89 = mul nsw i64 %p, 12288
+  %1333 = getelementptr inbounds float, ptr %panels, i64 %panel.off89
   %1334 = add nsw i64 %p, 1
   %1335 = icmp slt i64 %1334, %p1
-  %pf.on86 = and i1 %pf.on, %1335
+  %pf.on90 = and i1 %pf.on, %1335
   %1336 = mul nsw i64 %pf.j, 49152
   %1337 = lshr i64 %1336, %9
   %1338 = add nsw i64 49152, %1337
   %1339 = getelementptr inbounds i8, ptr %1333, i64 %1338
-  %pf87 = select i1 %pf.on86, ptr %1339, ptr %1333
-  %pf.sh88 = select i1 %pf.on86, i64 %9, i64 0
-  br label %k.head89
+  %pf91 = select i1 %pf.on90, ptr %1339, ptr %1333
+  %pf.sh92 = select i1 %pf.on90, i64 %9, i64 0
+  br label %k.head93
 
-k.head89:                                         ; preds = %k.body90, %tile.mr3
-  %k92 = phi i64 [ 0, %tile.mr3 ], [ %1375, %k.body90 ]
-  %1340 = icmp slt i64 %k92, 768
-  br i1 %1340, label %k.body90, label %k.end91
+k.head93:                                         ; preds = %pf.any.end98, %tile.mr3
+  %k96 = phi i64 [ 0, %tile.mr3 ], [ %1375, %pf.any.end98 ]
+  %1340 = icmp slt i64 %k96, 768
+  br i1 %1340, label %k.body94, label %k.end95
 
-k.body90:                                         ; preds = %k.head89
-  %1341 = mul nsw i64 %k92, 16
-  %1342 = add nsw i64 %panel.off85, %1341
-  %1343 = mul nsw i64 %k92, 64
-  %1344 = lshr i64 %1343, %pf.sh88
-  %1345 = getelementptr inbounds i8, ptr %pf87, i64 %1344
+k.body94:                                         ; preds = %k.head93
+  %1341 = mul nsw i64 %k96, 16
+  %1342 = add nsw i64 %panel.off89, %1341
+  %1343 = mul nsw i64 %k96, 64
+  br i1 %pf.multi, label %pf.any.then97, label %pf.any.end98
+
+pf.any.then97:                                    ; preds = %k.body94
+  %1344 = lshr i64 %1343, %pf.sh92
+  %1345 = getelementptr inbounds i8, ptr %pf91, i64 %1344
   call void @llvm.prefetch.p0(ptr %1345, i32 0, i32 2, i32 1)
+  br label %pf.any.end98
+
+pf.any.end98:                                     ; preds = %pf.any.then97, %k.body94
   %1346 = getelementptr inbounds float, ptr %panels, i64 %1342
   %1347 = load <8 x float>, ptr %1346, align 4
   %1348 = add nsw i64 %1342, 8
   %1349 = getelementptr inbounds float, ptr %panels, i64 %1348
   %1350 = load <8 x float>, ptr %1349, align 4
-  %1351 = getelementptr inbounds float, ptr %1320, i64 %k92
+  %1351 = getelementptr inbounds float, ptr %1320, i64 %k96
   %1352 = load float, ptr %1351, align 4
   %1353 = insertelement <8 x float> poison, float %1352, i32 0
   %1354 = shufflevector <8 x float> %1353, <8 x float> poison, <8 x i32> zeroinitializer
-  %1355 = load <8 x float>, ptr %acc0079, align 4
+  %1355 = load <8 x float>, ptr %acc0083, align 4
   %1356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1354, <8 x float> %1347, <8 x float> %1355)
-  store <8 x float> %1356, ptr %acc0079, align 4
-  %1357 = load <8 x float>, ptr %acc0180, align 4
+  store <8 x float> %1356, ptr %acc0083, align 4
+  %1357 = load <8 x float>, ptr %acc0184, align 4
   %1358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1354, <8 x float> %1350, <8 x float> %1357)
-  store <8 x float> %1358, ptr %acc0180, align 4
-  %1359 = getelementptr inbounds float, ptr %1326, i64 %k92
+  store <8 x float> %1358, ptr %acc0184, align 4
+  %1359 = getelementptr inbounds float, ptr %1326, i64 %k96
   %1360 = load float, ptr %1359, align 4
   %1361 = insertelement <8 x float> poison, float %1360, i32 0
   %1362 = shufflevector <8 x float> %1361, <8 x float> poison, <8 x i32> zeroinitializer
-  %1363 = load <8 x float>, ptr %acc1081, align 4
+  %1363 = load <8 x float>, ptr %acc1085, align 4
   %1364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %1347, <8 x float> %1363)
-  store <8 x float> %1364, ptr %acc1081, align 4
-  %1365 = load <8 x float>, ptr %acc1182, align 4
+  store <8 x float> %1364, ptr %acc1085, align 4
+  %1365 = load <8 x float>, ptr %acc1186, align 4
   %1366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %1350, <8 x float> %1365)
-  store <8 x float> %1366, ptr %acc1182, align 4
-  %1367 = getelementptr inbounds float, ptr %1332, i64 %k92
+  store <8 x float> %1366, ptr %acc1186, align 4
+  %1367 = getelementptr inbounds float, ptr %1332, i64 %k96
   %1368 = load float, ptr %1367, align 4
   %1369 = insertelement <8 x float> poison, float %1368, i32 0
   %1370 = shufflevector <8 x float> %1369, <8 x float> poison, <8 x i32> zeroinitializer
-  %1371 = load <8 x float>, ptr %acc2083, align 4
+  %1371 = load <8 x float>, ptr %acc2087, align 4
   %1372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1370, <8 x float> %1347, <8 x float> %1371)
-  store <8 x float> %1372, ptr %acc2083, align 4
-  %1373 = load <8 x float>, ptr %acc2184, align 4
+  store <8 x float> %1372, ptr %acc2087, align 4
+  %1373 = load <8 x float>, ptr %acc2188, align 4
   %1374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1370, <8 x float> %1350, <8 x float> %1373)
-  store <8 x float> %1374, ptr %acc2184, align 4
-  %1375 = add nsw i64 %k92, 1
-  br label %k.head89
+  store <8 x float> %1374, ptr %acc2188, align 4
+  %1375 = add nsw i64 %k96, 1
+  br label %k.head93
 
-k.end91:                                          ; preds = %k.head89
+k.end95:                                          ; preds = %k.head93
   %1376 = add nsw i64 %r0, 0
   %1377 = getelementptr inbounds float, ptr %rw, i64 %1376
   %1378 = load float, ptr %1377, align 4
@@ -3680,10 +3705,10 @@ k.end91:                                          ; preds = %k.head89
   %1380 = shufflevector <8 x float> %1379, <8 x float> poison, <8 x i32> zeroinitializer
   %1381 = mul nsw i64 %1376, 3072
   %1382 = getelementptr inbounds float, ptr %h, i64 %1381
-  %col93 = mul nsw i64 %p, 16
-  %1383 = load <8 x float>, ptr %acc0079, align 4
-  %1384 = load <8 x float>, ptr %acc0180, align 4
-  %1385 = add nsw i64 %col93, 0
+  %col99 = mul nsw i64 %p, 16
+  %1383 = load <8 x float>, ptr %acc0083, align 4
+  %1384 = load <8 x float>, ptr %acc0184, align 4
+  %1385 = add nsw i64 %col99, 0
   %1386 = fmul <8 x float> %1383, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1387 = extractelement <8 x float> %1386, i32 0
   %1388 = call float @erff(float %1387)
@@ -3711,11 +3736,11 @@ k.end91:                                          ; preds = %k.head89
   %1410 = insertelement <8 x float> %1407, float %1409, i32 7
   %1411 = fadd <8 x float> %1410, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1412 = fmul <8 x float> %1383, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu94 = fmul <8 x float> %1412, %1411
-  %1413 = fmul <8 x float> %gelu94, %1380
+  %gelu100 = fmul <8 x float> %1412, %1411
+  %1413 = fmul <8 x float> %gelu100, %1380
   %1414 = getelementptr inbounds float, ptr %1382, i64 %1385
   store <8 x float> %1413, ptr %1414, align 4
-  %1415 = add nsw i64 %col93, 8
+  %1415 = add nsw i64 %col99, 8
   %1416 = fmul <8 x float> %1384, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1417 = extractelement <8 x float> %1416, i32 0
   %1418 = call float @erff(float %1417)
@@ -3743,8 +3768,8 @@ k.end91:                                          ; preds = %k.head89
   %1440 = insertelement <8 x float> %1437, float %1439, i32 7
   %1441 = fadd <8 x float> %1440, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1442 = fmul <8 x float> %1384, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu95 = fmul <8 x float> %1442, %1441
-  %1443 = fmul <8 x float> %gelu95, %1380
+  %gelu101 = fmul <8 x float> %1442, %1441
+  %1443 = fmul <8 x float> %gelu101, %1380
   %1444 = getelementptr inbounds float, ptr %1382, i64 %1415
   store <8 x float> %1443, ptr %1444, align 4
   %1445 = add nsw i64 %r0, 1
@@ -3754,10 +3779,10 @@ k.end91:                                          ; preds = %k.head89
   %1449 = shufflevector <8 x float> %1448, <8 x float> poison, <8 x i32> zeroinitializer
   %1450 = mul nsw i64 %1445, 3072
   %1451 = getelementptr inbounds float, ptr %h, i64 %1450
-  %col96 = mul nsw i64 %p, 16
-  %1452 = load <8 x float>, ptr %acc1081, align 4
-  %1453 = load <8 x float>, ptr %acc1182, align 4
-  %1454 = add nsw i64 %col96, 0
+  %col102 = mul nsw i64 %p, 16
+  %1452 = load <8 x float>, ptr %acc1085, align 4
+  %1453 = load <8 x float>, ptr %acc1186, align 4
+  %1454 = add nsw i64 %col102, 0
   %1455 = fmul <8 x float> %1452, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1456 = extractelement <8 x float> %1455, i32 0
   %1457 = call float @erff(float %1456)
@@ -3785,11 +3810,11 @@ k.end91:                                          ; preds = %k.head89
   %1479 = insertelement <8 x float> %1476, float %1478, i32 7
   %1480 = fadd <8 x float> %1479, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1481 = fmul <8 x float> %1452, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu97 = fmul <8 x float> %1481, %1480
-  %1482 = fmul <8 x float> %gelu97, %1449
+  %gelu103 = fmul <8 x float> %1481, %1480
+  %1482 = fmul <8 x float> %gelu103, %1449
   %1483 = getelementptr inbounds float, ptr %1451, i64 %1454
   store <8 x float> %1482, ptr %1483, align 4
-  %1484 = add nsw i64 %col96, 8
+  %1484 = add nsw i64 %col102, 8
   %1485 = fmul <8 x float> %1453, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1486 = extractelement <8 x float> %1485, i32 0
   %1487 = call float @erff(float %1486)
@@ -3817,8 +3842,8 @@ k.end91:                                          ; preds = %k.head89
   %1509 = insertelement <8 x float> %1506, float %1508, i32 7
   %1510 = fadd <8 x float> %1509, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1511 = fmul <8 x float> %1453, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu98 = fmul <8 x float> %1511, %1510
-  %1512 = fmul <8 x float> %gelu98, %1449
+  %gelu104 = fmul <8 x float> %1511, %1510
+  %1512 = fmul <8 x float> %gelu104, %1449
   %1513 = getelementptr inbounds float, ptr %1451, i64 %1484
   store <8 x float> %1512, ptr %1513, align 4
   %1514 = add nsw i64 %r0, 2
@@ -3828,10 +3853,10 @@ k.end91:                                          ; preds = %k.head89
   %1518 = shufflevector <8 x float> %1517, <8 x float> poison, <8 x i32> zeroinitializer
   %1519 = mul nsw i64 %1514, 3072
   %1520 = getelementptr inbounds float, ptr %h, i64 %1519
-  %col99 = mul nsw i64 %p, 16
-  %1521 = load <8 x float>, ptr %acc2083, align 4
-  %1522 = load <8 x float>, ptr %acc2184, align 4
-  %1523 = add nsw i64 %col99, 0
+  %col105 = mul nsw i64 %p, 16
+  %1521 = load <8 x float>, ptr %acc2087, align 4
+  %1522 = load <8 x float>, ptr %acc2188, align 4
+  %1523 = add nsw i64 %col105, 0
   %1524 = fmul <8 x float> %1521, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1525 = extractelement <8 x float> %1524, i32 0
   %1526 = call float @erff(float %1525)
@@ -3859,11 +3884,11 @@ k.end91:                                          ; preds = %k.head89
   %1548 = insertelement <8 x float> %1545, float %1547, i32 7
   %1549 = fadd <8 x float> %1548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1550 = fmul <8 x float> %1521, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu100 = fmul <8 x float> %1550, %1549
-  %1551 = fmul <8 x float> %gelu100, %1518
+  %gelu106 = fmul <8 x float> %1550, %1549
+  %1551 = fmul <8 x float> %gelu106, %1518
   %1552 = getelementptr inbounds float, ptr %1520, i64 %1523
   store <8 x float> %1551, ptr %1552, align 4
-  %1553 = add nsw i64 %col99, 8
+  %1553 = add nsw i64 %col105, 8
   %1554 = fmul <8 x float> %1522, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1555 = extractelement <8 x float> %1554, i32 0
   %1556 = call float @erff(float %1555)
@@ -3891,8 +3916,8 @@ k.end91:                                          ; preds = %k.head89
   %1578 = insertelement <8 x float> %1575, float %1577, i32 7
   %1579 = fadd <8 x float> %1578, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1580 = fmul <8 x float> %1522, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu101 = fmul <8 x float> %1580, %1579
-  %1581 = fmul <8 x float> %gelu101, %1518
+  %gelu107 = fmul <8 x float> %1580, %1579
+  %1581 = fmul <8 x float> %gelu107, %1518
   %1582 = getelementptr inbounds float, ptr %1520, i64 %1553
   store <8 x float> %1581, ptr %1582, align 4
   br label %tile.done
@@ -3904,70 +3929,76 @@ tile.mr2:                                         ; preds = %r0.body
   %1586 = sext i32 %1585 to i64
   %1587 = mul nsw i64 %1586, 768
   %1588 = getelementptr inbounds float, ptr %x, i64 %1587
-  store <8 x float> zeroinitializer, ptr %acc00102, align 4
-  store <8 x float> zeroinitializer, ptr %acc01103, align 4
+  store <8 x float> zeroinitializer, ptr %acc00108, align 4
+  store <8 x float> zeroinitializer, ptr %acc01109, align 4
   %1589 = add nsw i64 %r0, 1
   %1590 = getelementptr inbounds i32, ptr %rows, i64 %1589
   %1591 = load i32, ptr %1590, align 4
   %1592 = sext i32 %1591 to i64
   %1593 = mul nsw i64 %1592, 768
   %1594 = getelementptr inbounds float, ptr %x, i64 %1593
-  store <8 x float> zeroinitializer, ptr %acc10104, align 4
-  store <8 x float> zeroinitializer, ptr %acc11105, align 4
-  %panel.off106 = mul nsw i64 %p, 12288
-  %1595 = getelementptr inbounds float, ptr %panels, i64 %panel.off106
+  store <8 x float> zeroinitializer, ptr %acc10110, align 4
+  store <8 x float> zeroinitializer, ptr %acc11111, align 4
+  %panel.off112 = mul nsw i64 %p, 12288
+  %1595 = getelementptr inbounds float, ptr %panels, i64 %panel.off112
   %1596 = add nsw i64 %p, 1
   %1597 = icmp slt i64 %1596, %p1
-  %pf.on107 = and i1 %pf.on, %1597
+  %pf.on113 = and i1 %pf.on, %1597
   %1598 = mul nsw i64 %pf.j, 49152
   %1599 = lshr i64 %1598, %9
   %1600 = add nsw i64 49152, %1599
   %1601 = getelementptr inbounds i8, ptr %1595, i64 %1600
-  %pf108 = select i1 %pf.on107, ptr %1601, ptr %1595
-  %pf.sh109 = select i1 %pf.on107, i64 %9, i64 0
-  br label %k.head110
+  %pf114 = select i1 %pf.on113, ptr %1601, ptr %1595
+  %pf.sh115 = select i1 %pf.on113, i64 %9, i64 0
+  br label %k.head116
 
-k.head110:                                        ; preds = %k.body111, %tile.mr2
-  %k113 = phi i64 [ 0, %tile.mr2 ], [ %1629, %k.body111 ]
-  %1602 = icmp slt i64 %k113, 768
-  br i1 %1602, label %k.body111, label %k.end112
+k.head116:                                        ; preds = %pf.any.end121, %tile.mr2
+  %k119 = phi i64 [ 0, %tile.mr2 ], [ %1629, %pf.any.end121 ]
+  %1602 = icmp slt i64 %k119, 768
+  br i1 %1602, label %k.body117, label %k.end118
 
-k.body111:                                        ; preds = %k.head110
-  %1603 = mul nsw i64 %k113, 16
-  %1604 = add nsw i64 %panel.off106, %1603
-  %1605 = mul nsw i64 %k113, 64
-  %1606 = lshr i64 %1605, %pf.sh109
-  %1607 = getelementptr inbounds i8, ptr %pf108, i64 %1606
+k.body117:                                        ; preds = %k.head116
+  %1603 = mul nsw i64 %k119, 16
+  %1604 = add nsw i64 %panel.off112, %1603
+  %1605 = mul nsw i64 %k119, 64
+  br i1 %pf.multi, label %pf.any.then120, label %pf.any.end121
+
+pf.any.then120:                                   ; preds = %k.body117
+  %1606 = lshr i64 %1605, %pf.sh115
+  %1607 = getelementptr inbounds i8, ptr %pf114, i64 %1606
   call void @llvm.prefetch.p0(ptr %1607, i32 0, i32 2, i32 1)
+  br label %pf.any.end121
+
+pf.any.end121:                                    ; preds = %pf.any.then120, %k.body117
   %1608 = getelementptr inbounds float, ptr %panels, i64 %1604
   %1609 = load <8 x float>, ptr %1608, align 4
   %1610 = add nsw i64 %1604, 8
   %1611 = getelementptr inbounds float, ptr %panels, i64 %1610
   %1612 = load <8 x float>, ptr %1611, align 4
-  %1613 = getelementptr inbounds float, ptr %1588, i64 %k113
+  %1613 = getelementptr inbounds float, ptr %1588, i64 %k119
   %1614 = load float, ptr %1613, align 4
   %1615 = insertelement <8 x float> poison, float %1614, i32 0
   %1616 = shufflevector <8 x float> %1615, <8 x float> poison, <8 x i32> zeroinitializer
-  %1617 = load <8 x float>, ptr %acc00102, align 4
+  %1617 = load <8 x float>, ptr %acc00108, align 4
   %1618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1616, <8 x float> %1609, <8 x float> %1617)
-  store <8 x float> %1618, ptr %acc00102, align 4
-  %1619 = load <8 x float>, ptr %acc01103, align 4
+  store <8 x float> %1618, ptr %acc00108, align 4
+  %1619 = load <8 x float>, ptr %acc01109, align 4
   %1620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1616, <8 x float> %1612, <8 x float> %1619)
-  store <8 x float> %1620, ptr %acc01103, align 4
-  %1621 = getelementptr inbounds float, ptr %1594, i64 %k113
+  store <8 x float> %1620, ptr %acc01109, align 4
+  %1621 = getelementptr inbounds float, ptr %1594, i64 %k119
   %1622 = load float, ptr %1621, align 4
   %1623 = insertelement <8 x float> poison, float %1622, i32 0
   %1624 = shufflevector <8 x float> %1623, <8 x float> poison, <8 x i32> zeroinitializer
-  %1625 = load <8 x float>, ptr %acc10104, align 4
+  %1625 = load <8 x float>, ptr %acc10110, align 4
   %1626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1624, <8 x float> %1609, <8 x float> %1625)
-  store <8 x float> %1626, ptr %acc10104, align 4
-  %1627 = load <8 x float>, ptr %acc11105, align 4
+  store <8 x float> %1626, ptr %acc10110, align 4
+  %1627 = load <8 x float>, ptr %acc11111, align 4
   %1628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1624, <8 x float> %1612, <8 x float> %1627)
-  store <8 x float> %1628, ptr %acc11105, align 4
-  %1629 = add nsw i64 %k113, 1
-  br label %k.head110
+  store <8 x float> %1628, ptr %acc11111, align 4
+  %1629 = add nsw i64 %k119, 1
+  br label %k.head116
 
-k.end112:                                         ; preds = %k.head110
+k.end118:                                         ; preds = %k.head116
   %1630 = add nsw i64 %r0, 0
   %1631 = getelementptr inbounds float, ptr %rw, i64 %1630
   %1632 = load float, ptr %1631, align 4
@@ -3975,10 +4006,10 @@ k.end112:                                         ; preds = %k.head110
   %1634 = shufflevector <8 x float> %1633, <8 x float> poison, <8 x i32> zeroinitializer
   %1635 = mul nsw i64 %1630, 3072
   %1636 = getelementptr inbounds float, ptr %h, i64 %1635
-  %col114 = mul nsw i64 %p, 16
-  %1637 = load <8 x float>, ptr %acc00102, align 4
-  %1638 = load <8 x float>, ptr %acc01103, align 4
-  %1639 = add nsw i64 %col114, 0
+  %col122 = mul nsw i64 %p, 16
+  %1637 = load <8 x float>, ptr %acc00108, align 4
+  %1638 = load <8 x float>, ptr %acc01109, align 4
+  %1639 = add nsw i64 %col122, 0
   %1640 = fmul <8 x float> %1637, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1641 = extractelement <8 x float> %1640, i32 0
   %1642 = call float @erff(float %1641)
@@ -4006,11 +4037,11 @@ k.end112:                                         ; preds = %k.head110
   %1664 = insertelement <8 x float> %1661, float %1663, i32 7
   %1665 = fadd <8 x float> %1664, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1666 = fmul <8 x float> %1637, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu115 = fmul <8 x float> %1666, %1665
-  %1667 = fmul <8 x float> %gelu115, %1634
+  %gelu123 = fmul <8 x float> %1666, %1665
+  %1667 = fmul <8 x float> %gelu123, %1634
   %1668 = getelementptr inbounds float, ptr %1636, i64 %1639
   store <8 x float> %1667, ptr %1668, align 4
-  %1669 = add nsw i64 %col114, 8
+  %1669 = add nsw i64 %col122, 8
   %1670 = fmul <8 x float> %1638, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1671 = extractelement <8 x float> %1670, i32 0
   %1672 = call float @erff(float %1671)
@@ -4038,8 +4069,8 @@ k.end112:                                         ; preds = %k.head110
   %1694 = insertelement <8 x float> %1691, float %1693, i32 7
   %1695 = fadd <8 x float> %1694, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1696 = fmul <8 x float> %1638, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu116 = fmul <8 x float> %1696, %1695
-  %1697 = fmul <8 x float> %gelu116, %1634
+  %gelu124 = fmul <8 x float> %1696, %1695
+  %1697 = fmul <8 x float> %gelu124, %1634
   %1698 = getelementptr inbounds float, ptr %1636, i64 %1669
   store <8 x float> %1697, ptr %1698, align 4
   %1699 = add nsw i64 %r0, 1
@@ -4049,10 +4080,10 @@ k.end112:                                         ; preds = %k.head110
   %1703 = shufflevector <8 x float> %1702, <8 x float> poison, <8 x i32> zeroinitializer
   %1704 = mul nsw i64 %1699, 3072
   %1705 = getelementptr inbounds float, ptr %h, i64 %1704
-  %col117 = mul nsw i64 %p, 16
-  %1706 = load <8 x float>, ptr %acc10104, align 4
-  %1707 = load <8 x float>, ptr %acc11105, align 4
-  %1708 = add nsw i64 %col117, 0
+  %col125 = mul nsw i64 %p, 16
+  %1706 = load <8 x float>, ptr %acc10110, align 4
+  %1707 = load <8 x float>, ptr %acc11111, align 4
+  %1708 = add nsw i64 %col125, 0
   %1709 = fmul <8 x float> %1706, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1710 = extractelement <8 x float> %1709, i32 0
   %1711 = call float @erff(float %1710)
@@ -4080,11 +4111,11 @@ k.end112:                                         ; preds = %k.head110
   %1733 = insertelement <8 x float> %1730, float %1732, i32 7
   %1734 = fadd <8 x float> %1733, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1735 = fmul <8 x float> %1706, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu118 = fmul <8 x float> %1735, %1734
-  %1736 = fmul <8 x float> %gelu118, %1703
+  %gelu126 = fmul <8 x float> %1735, %1734
+  %1736 = fmul <8 x float> %gelu126, %1703
   %1737 = getelementptr inbounds float, ptr %1705, i64 %1708
   store <8 x float> %1736, ptr %1737, align 4
-  %1738 = add nsw i64 %col117, 8
+  %1738 = add nsw i64 %col125, 8
   %1739 = fmul <8 x float> %1707, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1740 = extractelement <8 x float> %1739, i32 0
   %1741 = call float @erff(float %1740)
@@ -4112,8 +4143,8 @@ k.end112:                                         ; preds = %k.head110
   %1763 = insertelement <8 x float> %1760, float %1762, i32 7
   %1764 = fadd <8 x float> %1763, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1765 = fmul <8 x float> %1707, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu119 = fmul <8 x float> %1765, %1764
-  %1766 = fmul <8 x float> %gelu119, %1703
+  %gelu127 = fmul <8 x float> %1765, %1764
+  %1766 = fmul <8 x float> %gelu127, %1703
   %1767 = getelementptr inbounds float, ptr %1705, i64 %1738
   store <8 x float> %1766, ptr %1767, align 4
   br label %tile.done
@@ -4125,52 +4156,58 @@ tile.mr1:                                         ; preds = %r0.body
   %1771 = sext i32 %1770 to i64
   %1772 = mul nsw i64 %1771, 768
   %1773 = getelementptr inbounds float, ptr %x, i64 %1772
-  store <8 x float> zeroinitializer, ptr %acc00120, align 4
-  store <8 x float> zeroinitializer, ptr %acc01121, align 4
-  %panel.off122 = mul nsw i64 %p, 12288
-  %1774 = getelementptr inbounds float, ptr %panels, i64 %panel.off122
+  store <8 x float> zeroinitializer, ptr %acc00128, align 4
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
+  %panel.off130 = mul nsw i64 %p, 12288
+  %1774 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
   %1775 = add nsw i64 %p, 1
   %1776 = icmp slt i64 %1775, %p1
-  %pf.on123 = and i1 %pf.on, %1776
+  %pf.on131 = and i1 %pf.on, %1776
   %1777 = mul nsw i64 %pf.j, 49152
   %1778 = lshr i64 %1777, %9
   %1779 = add nsw i64 49152, %1778
   %1780 = getelementptr inbounds i8, ptr %1774, i64 %1779
-  %pf124 = select i1 %pf.on123, ptr %1780, ptr %1774
-  %pf.sh125 = select i1 %pf.on123, i64 %9, i64 0
-  br label %k.head126
+  %pf132 = select i1 %pf.on131, ptr %1780, ptr %1774
+  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
+  br label %k.head134
 
-k.head126:                                        ; preds = %k.body127, %tile.mr1
-  %k129 = phi i64 [ 0, %tile.mr1 ], [ %1800, %k.body127 ]
-  %1781 = icmp slt i64 %k129, 768
-  br i1 %1781, label %k.body127, label %k.end128
+k.head134:                                        ; preds = %pf.any.end139, %tile.mr1
+  %k137 = phi i64 [ 0, %tile.mr1 ], [ %1800, %pf.any.end139 ]
+  %1781 = icmp slt i64 %k137, 768
+  br i1 %1781, label %k.body135, label %k.end136
 
-k.body127:                                        ; preds = %k.head126
-  %1782 = mul nsw i64 %k129, 16
-  %1783 = add nsw i64 %panel.off122, %1782
-  %1784 = mul nsw i64 %k129, 64
-  %1785 = lshr i64 %1784, %pf.sh125
-  %1786 = getelementptr inbounds i8, ptr %pf124, i64 %1785
+k.body135:                                        ; preds = %k.head134
+  %1782 = mul nsw i64 %k137, 16
+  %1783 = add nsw i64 %panel.off130, %1782
+  %1784 = mul nsw i64 %k137, 64
+  br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
+
+pf.any.then138:                                   ; preds = %k.body135
+  %1785 = lshr i64 %1784, %pf.sh133
+  %1786 = getelementptr inbounds i8, ptr %pf132, i64 %1785
   call void @llvm.prefetch.p0(ptr %1786, i32 0, i32 2, i32 1)
+  br label %pf.any.end139
+
+pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
   %1787 = getelementptr inbounds float, ptr %panels, i64 %1783
   %1788 = load <8 x float>, ptr %1787, align 4
   %1789 = add nsw i64 %1783, 8
   %1790 = getelementptr inbounds float, ptr %panels, i64 %1789
   %1791 = load <8 x float>, ptr %1790, align 4
-  %1792 = getelementptr inbounds float, ptr %1773, i64 %k129
+  %1792 = getelementptr inbounds float, ptr %1773, i64 %k137
   %1793 = load float, ptr %1792, align 4
   %1794 = insertelement <8 x float> poison, float %1793, i32 0
   %1795 = shufflevector <8 x float> %1794, <8 x float> poison, <8 x i32> zeroinitializer
-  %1796 = load <8 x float>, ptr %acc00120, align 4
+  %1796 = load <8 x float>, ptr %acc00128, align 4
   %1797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1795, <8 x float> %1788, <8 x float> %1796)
-  store <8 x float> %1797, ptr %acc00120, align 4
-  %1798 = load <8 x float>, ptr %acc01121, align 4
+  store <8 x float> %1797, ptr %acc00128, align 4
+  %1798 = load <8 x float>, ptr %acc01129, align 4
   %1799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1795, <8 x float> %1791, <8 x float> %1798)
-  store <8 x float> %1799, ptr %acc01121, align 4
-  %1800 = add nsw i64 %k129, 1
-  br label %k.head126
+  store <8 x float> %1799, ptr %acc01129, align 4
+  %1800 = add nsw i64 %k137, 1
+  br label %k.head134
 
-k.end128:                                         ; preds = %k.head126
+k.end136:                                         ; preds = %k.head134
   %1801 = add nsw i64 %r0, 0
   %1802 = getelementptr inbounds float, ptr %rw, i64 %1801
   %1803 = load float, ptr %1802, align 4
@@ -4178,10 +4215,10 @@ k.end128:                                         ; preds = %k.head126
   %1805 = shufflevector <8 x float> %1804, <8 x float> poison, <8 x i32> zeroinitializer
   %1806 = mul nsw i64 %1801, 3072
   %1807 = getelementptr inbounds float, ptr %h, i64 %1806
-  %col130 = mul nsw i64 %p, 16
-  %1808 = load <8 x float>, ptr %acc00120, align 4
-  %1809 = load <8 x float>, ptr %acc01121, align 4
-  %1810 = add nsw i64 %col130, 0
+  %col140 = mul nsw i64 %p, 16
+  %1808 = load <8 x float>, ptr %acc00128, align 4
+  %1809 = load <8 x float>, ptr %acc01129, align 4
+  %1810 = add nsw i64 %col140, 0
   %1811 = fmul <8 x float> %1808, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1812 = extractelement <8 x float> %1811, i32 0
   %1813 = call float @erff(float %1812)
@@ -4209,11 +4246,11 @@ k.end128:                                         ; preds = %k.head126
   %1835 = insertelement <8 x float> %1832, float %1834, i32 7
   %1836 = fadd <8 x float> %1835, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1837 = fmul <8 x float> %1808, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu131 = fmul <8 x float> %1837, %1836
-  %1838 = fmul <8 x float> %gelu131, %1805
+  %gelu141 = fmul <8 x float> %1837, %1836
+  %1838 = fmul <8 x float> %gelu141, %1805
   %1839 = getelementptr inbounds float, ptr %1807, i64 %1810
   store <8 x float> %1838, ptr %1839, align 4
-  %1840 = add nsw i64 %col130, 8
+  %1840 = add nsw i64 %col140, 8
   %1841 = fmul <8 x float> %1809, <float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000, float 0x3FE6A09E60000000>
   %1842 = extractelement <8 x float> %1841, i32 0
   %1843 = call float @erff(float %1842)
@@ -4241,13 +4278,13 @@ k.end128:                                         ; preds = %k.head126
   %1865 = insertelement <8 x float> %1862, float %1864, i32 7
   %1866 = fadd <8 x float> %1865, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
   %1867 = fmul <8 x float> %1809, <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>
-  %gelu132 = fmul <8 x float> %1867, %1866
-  %1868 = fmul <8 x float> %gelu132, %1805
+  %gelu142 = fmul <8 x float> %1867, %1866
+  %1868 = fmul <8 x float> %gelu142, %1805
   %1869 = getelementptr inbounds float, ptr %1807, i64 %1840
   store <8 x float> %1868, ptr %1869, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end128, %k.end112, %k.end91, %k.end65, %k.end34, %k.end
+tile.done:                                        ; preds = %k.end136, %k.end118, %k.end95, %k.end67, %k.end34, %k.end
   %1870 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -4287,26 +4324,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0022 = alloca <8 x float>, align 32
-  %acc0123 = alloca <8 x float>, align 32
-  %acc1024 = alloca <8 x float>, align 32
-  %acc1125 = alloca <8 x float>, align 32
-  %acc2026 = alloca <8 x float>, align 32
-  %acc2127 = alloca <8 x float>, align 32
-  %acc3028 = alloca <8 x float>, align 32
-  %acc3129 = alloca <8 x float>, align 32
-  %acc0039 = alloca <8 x float>, align 32
-  %acc0140 = alloca <8 x float>, align 32
-  %acc1041 = alloca <8 x float>, align 32
-  %acc1142 = alloca <8 x float>, align 32
-  %acc2043 = alloca <8 x float>, align 32
-  %acc2144 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
-  %acc1056 = alloca <8 x float>, align 32
-  %acc1157 = alloca <8 x float>, align 32
-  %acc0067 = alloca <8 x float>, align 32
-  %acc0168 = alloca <8 x float>, align 32
+  %acc0024 = alloca <8 x float>, align 32
+  %acc0125 = alloca <8 x float>, align 32
+  %acc1026 = alloca <8 x float>, align 32
+  %acc1127 = alloca <8 x float>, align 32
+  %acc2028 = alloca <8 x float>, align 32
+  %acc2129 = alloca <8 x float>, align 32
+  %acc3030 = alloca <8 x float>, align 32
+  %acc3131 = alloca <8 x float>, align 32
+  %acc0043 = alloca <8 x float>, align 32
+  %acc0144 = alloca <8 x float>, align 32
+  %acc1045 = alloca <8 x float>, align 32
+  %acc1146 = alloca <8 x float>, align 32
+  %acc2047 = alloca <8 x float>, align 32
+  %acc2148 = alloca <8 x float>, align 32
+  %acc0060 = alloca <8 x float>, align 32
+  %acc0161 = alloca <8 x float>, align 32
+  %acc1062 = alloca <8 x float>, align 32
+  %acc1163 = alloca <8 x float>, align 32
+  %acc0075 = alloca <8 x float>, align 32
+  %acc0176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4340,6 +4377,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -4451,8 +4489,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
   %93 = icmp slt i64 %k, 3072
   br i1 %93, label %k.body, label %k.end
 
@@ -4460,9 +4498,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 64
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds float, ptr %panels, i64 %95
   %100 = load <8 x float>, ptr %99, align 4
   %101 = add nsw i64 %95, 8
@@ -4643,8 +4687,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %pf.any.end22 ]
   %232 = icmp slt i64 %k20, 3072
   br i1 %232, label %k.body18, label %k.end19
 
@@ -4652,9 +4696,15 @@ k.body18:                                         ; preds = %k.head17
   %233 = mul nsw i64 %k20, 16
   %234 = add nsw i64 %panel.off13, %233
   %235 = mul nsw i64 %k20, 64
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %236 = lshr i64 %235, %pf.sh16
   %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
   call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %238 = getelementptr inbounds float, ptr %panels, i64 %234
   %239 = load <8 x float>, ptr %238, align 4
   %240 = add nsw i64 %234, 8
@@ -4737,7 +4787,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col21 = mul nsw i64 %p, 16
+  %col23 = mul nsw i64 %p, 16
   %294 = add nsw i64 %r0, 0
   %295 = mul nsw i64 %294, 3072
   %296 = getelementptr inbounds float, ptr %h, i64 %295
@@ -4746,12 +4796,12 @@ tile.mr4:                                         ; preds = %r0.body
   %299 = sext i32 %298 to i64
   %300 = mul nsw i64 %299, 768
   %301 = getelementptr inbounds float, ptr %y, i64 %300
-  %302 = add nsw i64 %col21, 0
+  %302 = add nsw i64 %col23, 0
   %303 = getelementptr inbounds float, ptr %301, i64 %302
-  store <8 x float> zeroinitializer, ptr %acc0022, align 4
-  %304 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc0024, align 4
+  %304 = add nsw i64 %col23, 8
   %305 = getelementptr inbounds float, ptr %301, i64 %304
-  store <8 x float> zeroinitializer, ptr %acc0123, align 4
+  store <8 x float> zeroinitializer, ptr %acc0125, align 4
   %306 = add nsw i64 %r0, 1
   %307 = mul nsw i64 %306, 3072
   %308 = getelementptr inbounds float, ptr %h, i64 %307
@@ -4760,12 +4810,12 @@ tile.mr4:                                         ; preds = %r0.body
   %311 = sext i32 %310 to i64
   %312 = mul nsw i64 %311, 768
   %313 = getelementptr inbounds float, ptr %y, i64 %312
-  %314 = add nsw i64 %col21, 0
+  %314 = add nsw i64 %col23, 0
   %315 = getelementptr inbounds float, ptr %313, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc1024, align 4
-  %316 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc1026, align 4
+  %316 = add nsw i64 %col23, 8
   %317 = getelementptr inbounds float, ptr %313, i64 %316
-  store <8 x float> zeroinitializer, ptr %acc1125, align 4
+  store <8 x float> zeroinitializer, ptr %acc1127, align 4
   %318 = add nsw i64 %r0, 2
   %319 = mul nsw i64 %318, 3072
   %320 = getelementptr inbounds float, ptr %h, i64 %319
@@ -4774,12 +4824,12 @@ tile.mr4:                                         ; preds = %r0.body
   %323 = sext i32 %322 to i64
   %324 = mul nsw i64 %323, 768
   %325 = getelementptr inbounds float, ptr %y, i64 %324
-  %326 = add nsw i64 %col21, 0
+  %326 = add nsw i64 %col23, 0
   %327 = getelementptr inbounds float, ptr %325, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc2026, align 4
-  %328 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc2028, align 4
+  %328 = add nsw i64 %col23, 8
   %329 = getelementptr inbounds float, ptr %325, i64 %328
-  store <8 x float> zeroinitializer, ptr %acc2127, align 4
+  store <8 x float> zeroinitializer, ptr %acc2129, align 4
   %330 = add nsw i64 %r0, 3
   %331 = mul nsw i64 %330, 3072
   %332 = getelementptr inbounds float, ptr %h, i64 %331
@@ -4788,106 +4838,112 @@ tile.mr4:                                         ; preds = %r0.body
   %335 = sext i32 %334 to i64
   %336 = mul nsw i64 %335, 768
   %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col21, 0
+  %338 = add nsw i64 %col23, 0
   %339 = getelementptr inbounds float, ptr %337, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc3028, align 4
-  %340 = add nsw i64 %col21, 8
+  store <8 x float> zeroinitializer, ptr %acc3030, align 4
+  %340 = add nsw i64 %col23, 8
   %341 = getelementptr inbounds float, ptr %337, i64 %340
-  store <8 x float> zeroinitializer, ptr %acc3129, align 4
-  %panel.off30 = mul nsw i64 %p, 49152
-  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off30
+  store <8 x float> zeroinitializer, ptr %acc3131, align 4
+  %panel.off32 = mul nsw i64 %p, 49152
+  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
   %343 = add nsw i64 %p, 1
   %344 = icmp slt i64 %343, %p1
-  %pf.on31 = and i1 %pf.on, %344
+  %pf.on33 = and i1 %pf.on, %344
   %345 = mul nsw i64 %pf.j, 196608
   %346 = lshr i64 %345, %10
   %347 = add nsw i64 196608, %346
   %348 = getelementptr inbounds i8, ptr %342, i64 %347
-  %pf32 = select i1 %pf.on31, ptr %348, ptr %342
-  %pf.sh33 = select i1 %pf.on31, i64 %10, i64 0
-  br label %k.head34
+  %pf34 = select i1 %pf.on33, ptr %348, ptr %342
+  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  br label %k.head36
 
-k.head34:                                         ; preds = %k.body35, %tile.mr4
-  %k37 = phi i64 [ 0, %tile.mr4 ], [ %392, %k.body35 ]
-  %349 = icmp slt i64 %k37, 3072
-  br i1 %349, label %k.body35, label %k.end36
+k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %392, %pf.any.end41 ]
+  %349 = icmp slt i64 %k39, 3072
+  br i1 %349, label %k.body37, label %k.end38
 
-k.body35:                                         ; preds = %k.head34
-  %350 = mul nsw i64 %k37, 16
-  %351 = add nsw i64 %panel.off30, %350
-  %352 = mul nsw i64 %k37, 64
-  %353 = lshr i64 %352, %pf.sh33
-  %354 = getelementptr inbounds i8, ptr %pf32, i64 %353
+k.body37:                                         ; preds = %k.head36
+  %350 = mul nsw i64 %k39, 16
+  %351 = add nsw i64 %panel.off32, %350
+  %352 = mul nsw i64 %k39, 64
+  br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
+
+pf.any.then40:                                    ; preds = %k.body37
+  %353 = lshr i64 %352, %pf.sh35
+  %354 = getelementptr inbounds i8, ptr %pf34, i64 %353
   call void @llvm.prefetch.p0(ptr %354, i32 0, i32 2, i32 1)
+  br label %pf.any.end41
+
+pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
   %355 = getelementptr inbounds float, ptr %panels, i64 %351
   %356 = load <8 x float>, ptr %355, align 4
   %357 = add nsw i64 %351, 8
   %358 = getelementptr inbounds float, ptr %panels, i64 %357
   %359 = load <8 x float>, ptr %358, align 4
-  %360 = getelementptr inbounds float, ptr %296, i64 %k37
+  %360 = getelementptr inbounds float, ptr %296, i64 %k39
   %361 = load float, ptr %360, align 4
   %362 = insertelement <8 x float> poison, float %361, i32 0
   %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %acc0022, align 4
+  %364 = load <8 x float>, ptr %acc0024, align 4
   %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %356, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0022, align 4
-  %366 = load <8 x float>, ptr %acc0123, align 4
+  store <8 x float> %365, ptr %acc0024, align 4
+  %366 = load <8 x float>, ptr %acc0125, align 4
   %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %359, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0123, align 4
-  %368 = getelementptr inbounds float, ptr %308, i64 %k37
+  store <8 x float> %367, ptr %acc0125, align 4
+  %368 = getelementptr inbounds float, ptr %308, i64 %k39
   %369 = load float, ptr %368, align 4
   %370 = insertelement <8 x float> poison, float %369, i32 0
   %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = load <8 x float>, ptr %acc1024, align 4
+  %372 = load <8 x float>, ptr %acc1026, align 4
   %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %356, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1024, align 4
-  %374 = load <8 x float>, ptr %acc1125, align 4
+  store <8 x float> %373, ptr %acc1026, align 4
+  %374 = load <8 x float>, ptr %acc1127, align 4
   %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %359, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1125, align 4
-  %376 = getelementptr inbounds float, ptr %320, i64 %k37
+  store <8 x float> %375, ptr %acc1127, align 4
+  %376 = getelementptr inbounds float, ptr %320, i64 %k39
   %377 = load float, ptr %376, align 4
   %378 = insertelement <8 x float> poison, float %377, i32 0
   %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
-  %380 = load <8 x float>, ptr %acc2026, align 4
+  %380 = load <8 x float>, ptr %acc2028, align 4
   %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %356, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2026, align 4
-  %382 = load <8 x float>, ptr %acc2127, align 4
+  store <8 x float> %381, ptr %acc2028, align 4
+  %382 = load <8 x float>, ptr %acc2129, align 4
   %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %359, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2127, align 4
-  %384 = getelementptr inbounds float, ptr %332, i64 %k37
+  store <8 x float> %383, ptr %acc2129, align 4
+  %384 = getelementptr inbounds float, ptr %332, i64 %k39
   %385 = load float, ptr %384, align 4
   %386 = insertelement <8 x float> poison, float %385, i32 0
   %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
-  %388 = load <8 x float>, ptr %acc3028, align 4
+  %388 = load <8 x float>, ptr %acc3030, align 4
   %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %356, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3028, align 4
-  %390 = load <8 x float>, ptr %acc3129, align 4
+  store <8 x float> %389, ptr %acc3030, align 4
+  %390 = load <8 x float>, ptr %acc3131, align 4
   %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %359, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3129, align 4
-  %392 = add nsw i64 %k37, 1
-  br label %k.head34
+  store <8 x float> %391, ptr %acc3131, align 4
+  %392 = add nsw i64 %k39, 1
+  br label %k.head36
 
-k.end36:                                          ; preds = %k.head34
-  %393 = load <8 x float>, ptr %acc0022, align 4
+k.end38:                                          ; preds = %k.head36
+  %393 = load <8 x float>, ptr %acc0024, align 4
   store <8 x float> %393, ptr %303, align 4
-  %394 = load <8 x float>, ptr %acc0123, align 4
+  %394 = load <8 x float>, ptr %acc0125, align 4
   store <8 x float> %394, ptr %305, align 4
-  %395 = load <8 x float>, ptr %acc1024, align 4
+  %395 = load <8 x float>, ptr %acc1026, align 4
   store <8 x float> %395, ptr %315, align 4
-  %396 = load <8 x float>, ptr %acc1125, align 4
+  %396 = load <8 x float>, ptr %acc1127, align 4
   store <8 x float> %396, ptr %317, align 4
-  %397 = load <8 x float>, ptr %acc2026, align 4
+  %397 = load <8 x float>, ptr %acc2028, align 4
   store <8 x float> %397, ptr %327, align 4
-  %398 = load <8 x float>, ptr %acc2127, align 4
+  %398 = load <8 x float>, ptr %acc2129, align 4
   store <8 x float> %398, ptr %329, align 4
-  %399 = load <8 x float>, ptr %acc3028, align 4
+  %399 = load <8 x float>, ptr %acc3030, align 4
   store <8 x float> %399, ptr %339, align 4
-  %400 = load <8 x float>, ptr %acc3129, align 4
+  %400 = load <8 x float>, ptr %acc3131, align 4
   store <8 x float> %400, ptr %341, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col38 = mul nsw i64 %p, 16
+  %col42 = mul nsw i64 %p, 16
   %401 = add nsw i64 %r0, 0
   %402 = mul nsw i64 %401, 3072
   %403 = getelementptr inbounds float, ptr %h, i64 %402
@@ -4896,12 +4952,12 @@ tile.mr3:                                         ; preds = %r0.body
   %406 = sext i32 %405 to i64
   %407 = mul nsw i64 %406, 768
   %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col38, 0
+  %409 = add nsw i64 %col42, 0
   %410 = getelementptr inbounds float, ptr %408, i64 %409
-  store <8 x float> zeroinitializer, ptr %acc0039, align 4
-  %411 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc0043, align 4
+  %411 = add nsw i64 %col42, 8
   %412 = getelementptr inbounds float, ptr %408, i64 %411
-  store <8 x float> zeroinitializer, ptr %acc0140, align 4
+  store <8 x float> zeroinitializer, ptr %acc0144, align 4
   %413 = add nsw i64 %r0, 1
   %414 = mul nsw i64 %413, 3072
   %415 = getelementptr inbounds float, ptr %h, i64 %414
@@ -4910,12 +4966,12 @@ tile.mr3:                                         ; preds = %r0.body
   %418 = sext i32 %417 to i64
   %419 = mul nsw i64 %418, 768
   %420 = getelementptr inbounds float, ptr %y, i64 %419
-  %421 = add nsw i64 %col38, 0
+  %421 = add nsw i64 %col42, 0
   %422 = getelementptr inbounds float, ptr %420, i64 %421
-  store <8 x float> zeroinitializer, ptr %acc1041, align 4
-  %423 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc1045, align 4
+  %423 = add nsw i64 %col42, 8
   %424 = getelementptr inbounds float, ptr %420, i64 %423
-  store <8 x float> zeroinitializer, ptr %acc1142, align 4
+  store <8 x float> zeroinitializer, ptr %acc1146, align 4
   %425 = add nsw i64 %r0, 2
   %426 = mul nsw i64 %425, 3072
   %427 = getelementptr inbounds float, ptr %h, i64 %426
@@ -4924,92 +4980,98 @@ tile.mr3:                                         ; preds = %r0.body
   %430 = sext i32 %429 to i64
   %431 = mul nsw i64 %430, 768
   %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col38, 0
+  %433 = add nsw i64 %col42, 0
   %434 = getelementptr inbounds float, ptr %432, i64 %433
-  store <8 x float> zeroinitializer, ptr %acc2043, align 4
-  %435 = add nsw i64 %col38, 8
+  store <8 x float> zeroinitializer, ptr %acc2047, align 4
+  %435 = add nsw i64 %col42, 8
   %436 = getelementptr inbounds float, ptr %432, i64 %435
-  store <8 x float> zeroinitializer, ptr %acc2144, align 4
-  %panel.off45 = mul nsw i64 %p, 49152
-  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  store <8 x float> zeroinitializer, ptr %acc2148, align 4
+  %panel.off49 = mul nsw i64 %p, 49152
+  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
   %438 = add nsw i64 %p, 1
   %439 = icmp slt i64 %438, %p1
-  %pf.on46 = and i1 %pf.on, %439
+  %pf.on50 = and i1 %pf.on, %439
   %440 = mul nsw i64 %pf.j, 196608
   %441 = lshr i64 %440, %10
   %442 = add nsw i64 196608, %441
   %443 = getelementptr inbounds i8, ptr %437, i64 %442
-  %pf47 = select i1 %pf.on46, ptr %443, ptr %437
-  %pf.sh48 = select i1 %pf.on46, i64 %10, i64 0
-  br label %k.head49
+  %pf51 = select i1 %pf.on50, ptr %443, ptr %437
+  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  br label %k.head53
 
-k.head49:                                         ; preds = %k.body50, %tile.mr3
-  %k52 = phi i64 [ 0, %tile.mr3 ], [ %479, %k.body50 ]
-  %444 = icmp slt i64 %k52, 3072
-  br i1 %444, label %k.body50, label %k.end51
+k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %479, %pf.any.end58 ]
+  %444 = icmp slt i64 %k56, 3072
+  br i1 %444, label %k.body54, label %k.end55
 
-k.body50:                                         ; preds = %k.head49
-  %445 = mul nsw i64 %k52, 16
-  %446 = add nsw i64 %panel.off45, %445
-  %447 = mul nsw i64 %k52, 64
-  %448 = lshr i64 %447, %pf.sh48
-  %449 = getelementptr inbounds i8, ptr %pf47, i64 %448
+k.body54:                                         ; preds = %k.head53
+  %445 = mul nsw i64 %k56, 16
+  %446 = add nsw i64 %panel.off49, %445
+  %447 = mul nsw i64 %k56, 64
+  br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
+
+pf.any.then57:                                    ; preds = %k.body54
+  %448 = lshr i64 %447, %pf.sh52
+  %449 = getelementptr inbounds i8, ptr %pf51, i64 %448
   call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  br label %pf.any.end58
+
+pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
   %450 = getelementptr inbounds float, ptr %panels, i64 %446
   %451 = load <8 x float>, ptr %450, align 4
   %452 = add nsw i64 %446, 8
   %453 = getelementptr inbounds float, ptr %panels, i64 %452
   %454 = load <8 x float>, ptr %453, align 4
-  %455 = getelementptr inbounds float, ptr %403, i64 %k52
+  %455 = getelementptr inbounds float, ptr %403, i64 %k56
   %456 = load float, ptr %455, align 4
   %457 = insertelement <8 x float> poison, float %456, i32 0
   %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc0039, align 4
+  %459 = load <8 x float>, ptr %acc0043, align 4
   %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %451, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0039, align 4
-  %461 = load <8 x float>, ptr %acc0140, align 4
+  store <8 x float> %460, ptr %acc0043, align 4
+  %461 = load <8 x float>, ptr %acc0144, align 4
   %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %454, <8 x float> %461)
-  store <8 x float> %462, ptr %acc0140, align 4
-  %463 = getelementptr inbounds float, ptr %415, i64 %k52
+  store <8 x float> %462, ptr %acc0144, align 4
+  %463 = getelementptr inbounds float, ptr %415, i64 %k56
   %464 = load float, ptr %463, align 4
   %465 = insertelement <8 x float> poison, float %464, i32 0
   %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc1041, align 4
+  %467 = load <8 x float>, ptr %acc1045, align 4
   %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %451, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1041, align 4
-  %469 = load <8 x float>, ptr %acc1142, align 4
+  store <8 x float> %468, ptr %acc1045, align 4
+  %469 = load <8 x float>, ptr %acc1146, align 4
   %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %454, <8 x float> %469)
-  store <8 x float> %470, ptr %acc1142, align 4
-  %471 = getelementptr inbounds float, ptr %427, i64 %k52
+  store <8 x float> %470, ptr %acc1146, align 4
+  %471 = getelementptr inbounds float, ptr %427, i64 %k56
   %472 = load float, ptr %471, align 4
   %473 = insertelement <8 x float> poison, float %472, i32 0
   %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc2043, align 4
+  %475 = load <8 x float>, ptr %acc2047, align 4
   %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %451, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2043, align 4
-  %477 = load <8 x float>, ptr %acc2144, align 4
+  store <8 x float> %476, ptr %acc2047, align 4
+  %477 = load <8 x float>, ptr %acc2148, align 4
   %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %454, <8 x float> %477)
-  store <8 x float> %478, ptr %acc2144, align 4
-  %479 = add nsw i64 %k52, 1
-  br label %k.head49
+  store <8 x float> %478, ptr %acc2148, align 4
+  %479 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end51:                                          ; preds = %k.head49
-  %480 = load <8 x float>, ptr %acc0039, align 4
+k.end55:                                          ; preds = %k.head53
+  %480 = load <8 x float>, ptr %acc0043, align 4
   store <8 x float> %480, ptr %410, align 4
-  %481 = load <8 x float>, ptr %acc0140, align 4
+  %481 = load <8 x float>, ptr %acc0144, align 4
   store <8 x float> %481, ptr %412, align 4
-  %482 = load <8 x float>, ptr %acc1041, align 4
+  %482 = load <8 x float>, ptr %acc1045, align 4
   store <8 x float> %482, ptr %422, align 4
-  %483 = load <8 x float>, ptr %acc1142, align 4
+  %483 = load <8 x float>, ptr %acc1146, align 4
   store <8 x float> %483, ptr %424, align 4
-  %484 = load <8 x float>, ptr %acc2043, align 4
+  %484 = load <8 x float>, ptr %acc2047, align 4
   store <8 x float> %484, ptr %434, align 4
-  %485 = load <8 x float>, ptr %acc2144, align 4
+  %485 = load <8 x float>, ptr %acc2148, align 4
   store <8 x float> %485, ptr %436, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col53 = mul nsw i64 %p, 16
+  %col59 = mul nsw i64 %p, 16
   %486 = add nsw i64 %r0, 0
   %487 = mul nsw i64 %486, 3072
   %488 = getelementptr inbounds float, ptr %h, i64 %487
@@ -5018,12 +5080,12 @@ tile.mr2:                                         ; preds = %r0.body
   %491 = sext i32 %490 to i64
   %492 = mul nsw i64 %491, 768
   %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col53, 0
+  %494 = add nsw i64 %col59, 0
   %495 = getelementptr inbounds float, ptr %493, i64 %494
-  store <8 x float> zeroinitializer, ptr %acc0054, align 4
-  %496 = add nsw i64 %col53, 8
+  store <8 x float> zeroinitializer, ptr %acc0060, align 4
+  %496 = add nsw i64 %col59, 8
   %497 = getelementptr inbounds float, ptr %493, i64 %496
-  store <8 x float> zeroinitializer, ptr %acc0155, align 4
+  store <8 x float> zeroinitializer, ptr %acc0161, align 4
   %498 = add nsw i64 %r0, 1
   %499 = mul nsw i64 %498, 3072
   %500 = getelementptr inbounds float, ptr %h, i64 %499
@@ -5032,78 +5094,84 @@ tile.mr2:                                         ; preds = %r0.body
   %503 = sext i32 %502 to i64
   %504 = mul nsw i64 %503, 768
   %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col53, 0
+  %506 = add nsw i64 %col59, 0
   %507 = getelementptr inbounds float, ptr %505, i64 %506
-  store <8 x float> zeroinitializer, ptr %acc1056, align 4
-  %508 = add nsw i64 %col53, 8
+  store <8 x float> zeroinitializer, ptr %acc1062, align 4
+  %508 = add nsw i64 %col59, 8
   %509 = getelementptr inbounds float, ptr %505, i64 %508
-  store <8 x float> zeroinitializer, ptr %acc1157, align 4
-  %panel.off58 = mul nsw i64 %p, 49152
-  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off58
+  store <8 x float> zeroinitializer, ptr %acc1163, align 4
+  %panel.off64 = mul nsw i64 %p, 49152
+  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
   %511 = add nsw i64 %p, 1
   %512 = icmp slt i64 %511, %p1
-  %pf.on59 = and i1 %pf.on, %512
+  %pf.on65 = and i1 %pf.on, %512
   %513 = mul nsw i64 %pf.j, 196608
   %514 = lshr i64 %513, %10
   %515 = add nsw i64 196608, %514
   %516 = getelementptr inbounds i8, ptr %510, i64 %515
-  %pf60 = select i1 %pf.on59, ptr %516, ptr %510
-  %pf.sh61 = select i1 %pf.on59, i64 %10, i64 0
-  br label %k.head62
+  %pf66 = select i1 %pf.on65, ptr %516, ptr %510
+  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  br label %k.head68
 
-k.head62:                                         ; preds = %k.body63, %tile.mr2
-  %k65 = phi i64 [ 0, %tile.mr2 ], [ %544, %k.body63 ]
-  %517 = icmp slt i64 %k65, 3072
-  br i1 %517, label %k.body63, label %k.end64
+k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %544, %pf.any.end73 ]
+  %517 = icmp slt i64 %k71, 3072
+  br i1 %517, label %k.body69, label %k.end70
 
-k.body63:                                         ; preds = %k.head62
-  %518 = mul nsw i64 %k65, 16
-  %519 = add nsw i64 %panel.off58, %518
-  %520 = mul nsw i64 %k65, 64
-  %521 = lshr i64 %520, %pf.sh61
-  %522 = getelementptr inbounds i8, ptr %pf60, i64 %521
+k.body69:                                         ; preds = %k.head68
+  %518 = mul nsw i64 %k71, 16
+  %519 = add nsw i64 %panel.off64, %518
+  %520 = mul nsw i64 %k71, 64
+  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+
+pf.any.then72:                                    ; preds = %k.body69
+  %521 = lshr i64 %520, %pf.sh67
+  %522 = getelementptr inbounds i8, ptr %pf66, i64 %521
   call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
+  br label %pf.any.end73
+
+pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
   %523 = getelementptr inbounds float, ptr %panels, i64 %519
   %524 = load <8 x float>, ptr %523, align 4
   %525 = add nsw i64 %519, 8
   %526 = getelementptr inbounds float, ptr %panels, i64 %525
   %527 = load <8 x float>, ptr %526, align 4
-  %528 = getelementptr inbounds float, ptr %488, i64 %k65
+  %528 = getelementptr inbounds float, ptr %488, i64 %k71
   %529 = load float, ptr %528, align 4
   %530 = insertelement <8 x float> poison, float %529, i32 0
   %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = load <8 x float>, ptr %acc0054, align 4
+  %532 = load <8 x float>, ptr %acc0060, align 4
   %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %524, <8 x float> %532)
-  store <8 x float> %533, ptr %acc0054, align 4
-  %534 = load <8 x float>, ptr %acc0155, align 4
+  store <8 x float> %533, ptr %acc0060, align 4
+  %534 = load <8 x float>, ptr %acc0161, align 4
   %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> %534)
-  store <8 x float> %535, ptr %acc0155, align 4
-  %536 = getelementptr inbounds float, ptr %500, i64 %k65
+  store <8 x float> %535, ptr %acc0161, align 4
+  %536 = getelementptr inbounds float, ptr %500, i64 %k71
   %537 = load float, ptr %536, align 4
   %538 = insertelement <8 x float> poison, float %537, i32 0
   %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
-  %540 = load <8 x float>, ptr %acc1056, align 4
+  %540 = load <8 x float>, ptr %acc1062, align 4
   %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %524, <8 x float> %540)
-  store <8 x float> %541, ptr %acc1056, align 4
-  %542 = load <8 x float>, ptr %acc1157, align 4
+  store <8 x float> %541, ptr %acc1062, align 4
+  %542 = load <8 x float>, ptr %acc1163, align 4
   %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %527, <8 x float> %542)
-  store <8 x float> %543, ptr %acc1157, align 4
-  %544 = add nsw i64 %k65, 1
-  br label %k.head62
+  store <8 x float> %543, ptr %acc1163, align 4
+  %544 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end64:                                          ; preds = %k.head62
-  %545 = load <8 x float>, ptr %acc0054, align 4
+k.end70:                                          ; preds = %k.head68
+  %545 = load <8 x float>, ptr %acc0060, align 4
   store <8 x float> %545, ptr %495, align 4
-  %546 = load <8 x float>, ptr %acc0155, align 4
+  %546 = load <8 x float>, ptr %acc0161, align 4
   store <8 x float> %546, ptr %497, align 4
-  %547 = load <8 x float>, ptr %acc1056, align 4
+  %547 = load <8 x float>, ptr %acc1062, align 4
   store <8 x float> %547, ptr %507, align 4
-  %548 = load <8 x float>, ptr %acc1157, align 4
+  %548 = load <8 x float>, ptr %acc1163, align 4
   store <8 x float> %548, ptr %509, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col66 = mul nsw i64 %p, 16
+  %col74 = mul nsw i64 %p, 16
   %549 = add nsw i64 %r0, 0
   %550 = mul nsw i64 %549, 3072
   %551 = getelementptr inbounds float, ptr %h, i64 %550
@@ -5112,63 +5180,69 @@ tile.mr1:                                         ; preds = %r0.body
   %554 = sext i32 %553 to i64
   %555 = mul nsw i64 %554, 768
   %556 = getelementptr inbounds float, ptr %y, i64 %555
-  %557 = add nsw i64 %col66, 0
+  %557 = add nsw i64 %col74, 0
   %558 = getelementptr inbounds float, ptr %556, i64 %557
-  store <8 x float> zeroinitializer, ptr %acc0067, align 4
-  %559 = add nsw i64 %col66, 8
+  store <8 x float> zeroinitializer, ptr %acc0075, align 4
+  %559 = add nsw i64 %col74, 8
   %560 = getelementptr inbounds float, ptr %556, i64 %559
-  store <8 x float> zeroinitializer, ptr %acc0168, align 4
-  %panel.off69 = mul nsw i64 %p, 49152
-  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  store <8 x float> zeroinitializer, ptr %acc0176, align 4
+  %panel.off77 = mul nsw i64 %p, 49152
+  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
   %562 = add nsw i64 %p, 1
   %563 = icmp slt i64 %562, %p1
-  %pf.on70 = and i1 %pf.on, %563
+  %pf.on78 = and i1 %pf.on, %563
   %564 = mul nsw i64 %pf.j, 196608
   %565 = lshr i64 %564, %10
   %566 = add nsw i64 196608, %565
   %567 = getelementptr inbounds i8, ptr %561, i64 %566
-  %pf71 = select i1 %pf.on70, ptr %567, ptr %561
-  %pf.sh72 = select i1 %pf.on70, i64 %10, i64 0
-  br label %k.head73
+  %pf79 = select i1 %pf.on78, ptr %567, ptr %561
+  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  br label %k.head81
 
-k.head73:                                         ; preds = %k.body74, %tile.mr1
-  %k76 = phi i64 [ 0, %tile.mr1 ], [ %587, %k.body74 ]
-  %568 = icmp slt i64 %k76, 3072
-  br i1 %568, label %k.body74, label %k.end75
+k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %587, %pf.any.end86 ]
+  %568 = icmp slt i64 %k84, 3072
+  br i1 %568, label %k.body82, label %k.end83
 
-k.body74:                                         ; preds = %k.head73
-  %569 = mul nsw i64 %k76, 16
-  %570 = add nsw i64 %panel.off69, %569
-  %571 = mul nsw i64 %k76, 64
-  %572 = lshr i64 %571, %pf.sh72
-  %573 = getelementptr inbounds i8, ptr %pf71, i64 %572
+k.body82:                                         ; preds = %k.head81
+  %569 = mul nsw i64 %k84, 16
+  %570 = add nsw i64 %panel.off77, %569
+  %571 = mul nsw i64 %k84, 64
+  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+
+pf.any.then85:                                    ; preds = %k.body82
+  %572 = lshr i64 %571, %pf.sh80
+  %573 = getelementptr inbounds i8, ptr %pf79, i64 %572
   call void @llvm.prefetch.p0(ptr %573, i32 0, i32 2, i32 1)
+  br label %pf.any.end86
+
+pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
   %574 = getelementptr inbounds float, ptr %panels, i64 %570
   %575 = load <8 x float>, ptr %574, align 4
   %576 = add nsw i64 %570, 8
   %577 = getelementptr inbounds float, ptr %panels, i64 %576
   %578 = load <8 x float>, ptr %577, align 4
-  %579 = getelementptr inbounds float, ptr %551, i64 %k76
+  %579 = getelementptr inbounds float, ptr %551, i64 %k84
   %580 = load float, ptr %579, align 4
   %581 = insertelement <8 x float> poison, float %580, i32 0
   %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = load <8 x float>, ptr %acc0067, align 4
+  %583 = load <8 x float>, ptr %acc0075, align 4
   %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %575, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0067, align 4
-  %585 = load <8 x float>, ptr %acc0168, align 4
+  store <8 x float> %584, ptr %acc0075, align 4
+  %585 = load <8 x float>, ptr %acc0176, align 4
   %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %578, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0168, align 4
-  %587 = add nsw i64 %k76, 1
-  br label %k.head73
+  store <8 x float> %586, ptr %acc0176, align 4
+  %587 = add nsw i64 %k84, 1
+  br label %k.head81
 
-k.end75:                                          ; preds = %k.head73
-  %588 = load <8 x float>, ptr %acc0067, align 4
+k.end83:                                          ; preds = %k.head81
+  %588 = load <8 x float>, ptr %acc0075, align 4
   store <8 x float> %588, ptr %558, align 4
-  %589 = load <8 x float>, ptr %acc0168, align 4
+  %589 = load <8 x float>, ptr %acc0176, align 4
   store <8 x float> %589, ptr %560, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end75, %k.end64, %k.end51, %k.end36, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
   %590 = add nsw i64 %r0, 6
   br label %r0.head
 

@@ -978,26 +978,26 @@ entry:
   %acc3114 = alloca <8 x float>, align 32
   %acc4015 = alloca <8 x float>, align 32
   %acc4116 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc3038 = alloca <8 x float>, align 32
-  %acc3139 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
-  %acc1056 = alloca <8 x float>, align 32
-  %acc1157 = alloca <8 x float>, align 32
-  %acc2058 = alloca <8 x float>, align 32
-  %acc2159 = alloca <8 x float>, align 32
-  %acc0073 = alloca <8 x float>, align 32
-  %acc0174 = alloca <8 x float>, align 32
-  %acc1075 = alloca <8 x float>, align 32
-  %acc1176 = alloca <8 x float>, align 32
-  %acc0089 = alloca <8 x float>, align 32
-  %acc0190 = alloca <8 x float>, align 32
+  %acc0034 = alloca <8 x float>, align 32
+  %acc0135 = alloca <8 x float>, align 32
+  %acc1036 = alloca <8 x float>, align 32
+  %acc1137 = alloca <8 x float>, align 32
+  %acc2038 = alloca <8 x float>, align 32
+  %acc2139 = alloca <8 x float>, align 32
+  %acc3040 = alloca <8 x float>, align 32
+  %acc3141 = alloca <8 x float>, align 32
+  %acc0058 = alloca <8 x float>, align 32
+  %acc0159 = alloca <8 x float>, align 32
+  %acc1060 = alloca <8 x float>, align 32
+  %acc1161 = alloca <8 x float>, align 32
+  %acc2062 = alloca <8 x float>, align 32
+  %acc2163 = alloca <8 x float>, align 32
+  %acc0079 = alloca <8 x float>, align 32
+  %acc0180 = alloca <8 x float>, align 32
+  %acc1081 = alloca <8 x float>, align 32
+  %acc1182 = alloca <8 x float>, align 32
+  %acc0097 = alloca <8 x float>, align 32
+  %acc0198 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -1029,6 +1029,7 @@ r0.body:                                          ; preds = %r0.head
   %8 = icmp sge i64 %nrb, 8
   %9 = select i1 %8, i64 3, i64 %7
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %10 = shl i64 1, %9
   %11 = icmp slt i64 %pf.j, %10
   %12 = icmp sgt i64 %nrb, 1
@@ -1103,8 +1104,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %9, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
   %56 = icmp slt i64 %k, 768
   br i1 %56, label %k.body, label %k.end
 
@@ -1112,9 +1113,15 @@ k.body:                                           ; preds = %k.head
   %57 = mul nsw i64 %k, 16
   %58 = add nsw i64 %panel.off, %57
   %59 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %60 = lshr i64 %59, %pf.sh
   %61 = getelementptr inbounds i8, ptr %pf, i64 %60
   call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %62 = getelementptr inbounds i16, ptr %panels, i64 %58
   %63 = load <8 x i32>, ptr %62, align 4
   %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -1373,8 +1380,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh20 = select i1 %pf.on18, i64 %9, i64 0
   br label %k.head21
 
-k.head21:                                         ; preds = %k.body22, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %316, %k.body22 ]
+k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %316, %pf.any.end26 ]
   %266 = icmp slt i64 %k24, 768
   br i1 %266, label %k.body22, label %k.end23
 
@@ -1382,64 +1389,70 @@ k.body22:                                         ; preds = %k.head21
   %267 = mul nsw i64 %k24, 16
   %268 = add nsw i64 %panel.off17, %267
   %269 = mul nsw i64 %k24, 32
+  br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
+
+pf.any.then25:                                    ; preds = %k.body22
   %270 = lshr i64 %269, %pf.sh20
   %271 = getelementptr inbounds i8, ptr %pf19, i64 %270
   call void @llvm.prefetch.p0(ptr %271, i32 0, i32 2, i32 1)
+  br label %pf.any.end26
+
+pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
   %272 = getelementptr inbounds i16, ptr %panels, i64 %268
   %273 = load <8 x i32>, ptr %272, align 4
   %274 = shl <8 x i32> %273, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b025 = bitcast <8 x i32> %274 to <8 x float>
+  %b027 = bitcast <8 x i32> %274 to <8 x float>
   %275 = and <8 x i32> %273, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b126 = bitcast <8 x i32> %275 to <8 x float>
+  %b128 = bitcast <8 x i32> %275 to <8 x float>
   %276 = getelementptr inbounds float, ptr %234, i64 %k24
   %277 = load float, ptr %276, align 4
   %278 = insertelement <8 x float> poison, float %277, i32 0
   %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
   %280 = load <8 x float>, ptr %acc007, align 4
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b025, <8 x float> %280)
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b027, <8 x float> %280)
   store <8 x float> %281, ptr %acc007, align 4
   %282 = load <8 x float>, ptr %acc018, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b126, <8 x float> %282)
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b128, <8 x float> %282)
   store <8 x float> %283, ptr %acc018, align 4
   %284 = getelementptr inbounds float, ptr %240, i64 %k24
   %285 = load float, ptr %284, align 4
   %286 = insertelement <8 x float> poison, float %285, i32 0
   %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
   %288 = load <8 x float>, ptr %acc109, align 4
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b025, <8 x float> %288)
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b027, <8 x float> %288)
   store <8 x float> %289, ptr %acc109, align 4
   %290 = load <8 x float>, ptr %acc1110, align 4
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b126, <8 x float> %290)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b128, <8 x float> %290)
   store <8 x float> %291, ptr %acc1110, align 4
   %292 = getelementptr inbounds float, ptr %246, i64 %k24
   %293 = load float, ptr %292, align 4
   %294 = insertelement <8 x float> poison, float %293, i32 0
   %295 = shufflevector <8 x float> %294, <8 x float> poison, <8 x i32> zeroinitializer
   %296 = load <8 x float>, ptr %acc2011, align 4
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b025, <8 x float> %296)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b027, <8 x float> %296)
   store <8 x float> %297, ptr %acc2011, align 4
   %298 = load <8 x float>, ptr %acc2112, align 4
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b126, <8 x float> %298)
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b128, <8 x float> %298)
   store <8 x float> %299, ptr %acc2112, align 4
   %300 = getelementptr inbounds float, ptr %252, i64 %k24
   %301 = load float, ptr %300, align 4
   %302 = insertelement <8 x float> poison, float %301, i32 0
   %303 = shufflevector <8 x float> %302, <8 x float> poison, <8 x i32> zeroinitializer
   %304 = load <8 x float>, ptr %acc3013, align 4
-  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b025, <8 x float> %304)
+  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b027, <8 x float> %304)
   store <8 x float> %305, ptr %acc3013, align 4
   %306 = load <8 x float>, ptr %acc3114, align 4
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b126, <8 x float> %306)
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b128, <8 x float> %306)
   store <8 x float> %307, ptr %acc3114, align 4
   %308 = getelementptr inbounds float, ptr %258, i64 %k24
   %309 = load float, ptr %308, align 4
   %310 = insertelement <8 x float> poison, float %309, i32 0
   %311 = shufflevector <8 x float> %310, <8 x float> poison, <8 x i32> zeroinitializer
   %312 = load <8 x float>, ptr %acc4015, align 4
-  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b025, <8 x float> %312)
+  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b027, <8 x float> %312)
   store <8 x float> %313, ptr %acc4015, align 4
   %314 = load <8 x float>, ptr %acc4116, align 4
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b126, <8 x float> %314)
+  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b128, <8 x float> %314)
   store <8 x float> %315, ptr %acc4116, align 4
   %316 = add nsw i64 %k24, 1
   br label %k.head21
@@ -1452,16 +1465,16 @@ k.end23:                                          ; preds = %k.head21
   %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
   %322 = mul nsw i64 %317, 3072
   %323 = getelementptr inbounds float, ptr %h, i64 %322
-  %col27 = mul nsw i64 %p, 16
+  %col29 = mul nsw i64 %p, 16
   %324 = load <8 x float>, ptr %acc007, align 4
   %325 = load <8 x float>, ptr %acc018, align 4
-  %326 = add nsw i64 %col27, 0
+  %326 = add nsw i64 %col29, 0
   %327 = fcmp ogt <8 x float> %324, zeroinitializer
   %328 = select <8 x i1> %327, <8 x float> %324, <8 x float> zeroinitializer
   %329 = fmul <8 x float> %328, %321
   %330 = getelementptr inbounds float, ptr %323, i64 %326
   store <8 x float> %329, ptr %330, align 4
-  %331 = add nsw i64 %col27, 8
+  %331 = add nsw i64 %col29, 8
   %332 = fcmp ogt <8 x float> %325, zeroinitializer
   %333 = select <8 x i1> %332, <8 x float> %325, <8 x float> zeroinitializer
   %334 = fmul <8 x float> %333, %321
@@ -1474,16 +1487,16 @@ k.end23:                                          ; preds = %k.head21
   %340 = shufflevector <8 x float> %339, <8 x float> poison, <8 x i32> zeroinitializer
   %341 = mul nsw i64 %336, 3072
   %342 = getelementptr inbounds float, ptr %h, i64 %341
-  %col28 = mul nsw i64 %p, 16
+  %col30 = mul nsw i64 %p, 16
   %343 = load <8 x float>, ptr %acc109, align 4
   %344 = load <8 x float>, ptr %acc1110, align 4
-  %345 = add nsw i64 %col28, 0
+  %345 = add nsw i64 %col30, 0
   %346 = fcmp ogt <8 x float> %343, zeroinitializer
   %347 = select <8 x i1> %346, <8 x float> %343, <8 x float> zeroinitializer
   %348 = fmul <8 x float> %347, %340
   %349 = getelementptr inbounds float, ptr %342, i64 %345
   store <8 x float> %348, ptr %349, align 4
-  %350 = add nsw i64 %col28, 8
+  %350 = add nsw i64 %col30, 8
   %351 = fcmp ogt <8 x float> %344, zeroinitializer
   %352 = select <8 x i1> %351, <8 x float> %344, <8 x float> zeroinitializer
   %353 = fmul <8 x float> %352, %340
@@ -1496,16 +1509,16 @@ k.end23:                                          ; preds = %k.head21
   %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
   %360 = mul nsw i64 %355, 3072
   %361 = getelementptr inbounds float, ptr %h, i64 %360
-  %col29 = mul nsw i64 %p, 16
+  %col31 = mul nsw i64 %p, 16
   %362 = load <8 x float>, ptr %acc2011, align 4
   %363 = load <8 x float>, ptr %acc2112, align 4
-  %364 = add nsw i64 %col29, 0
+  %364 = add nsw i64 %col31, 0
   %365 = fcmp ogt <8 x float> %362, zeroinitializer
   %366 = select <8 x i1> %365, <8 x float> %362, <8 x float> zeroinitializer
   %367 = fmul <8 x float> %366, %359
   %368 = getelementptr inbounds float, ptr %361, i64 %364
   store <8 x float> %367, ptr %368, align 4
-  %369 = add nsw i64 %col29, 8
+  %369 = add nsw i64 %col31, 8
   %370 = fcmp ogt <8 x float> %363, zeroinitializer
   %371 = select <8 x i1> %370, <8 x float> %363, <8 x float> zeroinitializer
   %372 = fmul <8 x float> %371, %359
@@ -1518,16 +1531,16 @@ k.end23:                                          ; preds = %k.head21
   %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
   %379 = mul nsw i64 %374, 3072
   %380 = getelementptr inbounds float, ptr %h, i64 %379
-  %col30 = mul nsw i64 %p, 16
+  %col32 = mul nsw i64 %p, 16
   %381 = load <8 x float>, ptr %acc3013, align 4
   %382 = load <8 x float>, ptr %acc3114, align 4
-  %383 = add nsw i64 %col30, 0
+  %383 = add nsw i64 %col32, 0
   %384 = fcmp ogt <8 x float> %381, zeroinitializer
   %385 = select <8 x i1> %384, <8 x float> %381, <8 x float> zeroinitializer
   %386 = fmul <8 x float> %385, %378
   %387 = getelementptr inbounds float, ptr %380, i64 %383
   store <8 x float> %386, ptr %387, align 4
-  %388 = add nsw i64 %col30, 8
+  %388 = add nsw i64 %col32, 8
   %389 = fcmp ogt <8 x float> %382, zeroinitializer
   %390 = select <8 x i1> %389, <8 x float> %382, <8 x float> zeroinitializer
   %391 = fmul <8 x float> %390, %378
@@ -1540,16 +1553,16 @@ k.end23:                                          ; preds = %k.head21
   %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
   %398 = mul nsw i64 %393, 3072
   %399 = getelementptr inbounds float, ptr %h, i64 %398
-  %col31 = mul nsw i64 %p, 16
+  %col33 = mul nsw i64 %p, 16
   %400 = load <8 x float>, ptr %acc4015, align 4
   %401 = load <8 x float>, ptr %acc4116, align 4
-  %402 = add nsw i64 %col31, 0
+  %402 = add nsw i64 %col33, 0
   %403 = fcmp ogt <8 x float> %400, zeroinitializer
   %404 = select <8 x i1> %403, <8 x float> %400, <8 x float> zeroinitializer
   %405 = fmul <8 x float> %404, %397
   %406 = getelementptr inbounds float, ptr %399, i64 %402
   store <8 x float> %405, ptr %406, align 4
-  %407 = add nsw i64 %col31, 8
+  %407 = add nsw i64 %col33, 8
   %408 = fcmp ogt <8 x float> %401, zeroinitializer
   %409 = select <8 x i1> %408, <8 x float> %401, <8 x float> zeroinitializer
   %410 = fmul <8 x float> %409, %397
@@ -1564,107 +1577,113 @@ tile.mr4:                                         ; preds = %r0.body
   %415 = sext i32 %414 to i64
   %416 = mul nsw i64 %415, 768
   %417 = getelementptr inbounds float, ptr %x, i64 %416
-  store <8 x float> zeroinitializer, ptr %acc0032, align 4
-  store <8 x float> zeroinitializer, ptr %acc0133, align 4
+  store <8 x float> zeroinitializer, ptr %acc0034, align 4
+  store <8 x float> zeroinitializer, ptr %acc0135, align 4
   %418 = add nsw i64 %r0, 1
   %419 = getelementptr inbounds i32, ptr %rows, i64 %418
   %420 = load i32, ptr %419, align 4
   %421 = sext i32 %420 to i64
   %422 = mul nsw i64 %421, 768
   %423 = getelementptr inbounds float, ptr %x, i64 %422
-  store <8 x float> zeroinitializer, ptr %acc1034, align 4
-  store <8 x float> zeroinitializer, ptr %acc1135, align 4
+  store <8 x float> zeroinitializer, ptr %acc1036, align 4
+  store <8 x float> zeroinitializer, ptr %acc1137, align 4
   %424 = add nsw i64 %r0, 2
   %425 = getelementptr inbounds i32, ptr %rows, i64 %424
   %426 = load i32, ptr %425, align 4
   %427 = sext i32 %426 to i64
   %428 = mul nsw i64 %427, 768
   %429 = getelementptr inbounds float, ptr %x, i64 %428
-  store <8 x float> zeroinitializer, ptr %acc2036, align 4
-  store <8 x float> zeroinitializer, ptr %acc2137, align 4
+  store <8 x float> zeroinitializer, ptr %acc2038, align 4
+  store <8 x float> zeroinitializer, ptr %acc2139, align 4
   %430 = add nsw i64 %r0, 3
   %431 = getelementptr inbounds i32, ptr %rows, i64 %430
   %432 = load i32, ptr %431, align 4
   %433 = sext i32 %432 to i64
   %434 = mul nsw i64 %433, 768
   %435 = getelementptr inbounds float, ptr %x, i64 %434
-  store <8 x float> zeroinitializer, ptr %acc3038, align 4
-  store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %panel.off40 = mul nsw i64 %p, 12288
-  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off40
+  store <8 x float> zeroinitializer, ptr %acc3040, align 4
+  store <8 x float> zeroinitializer, ptr %acc3141, align 4
+  %panel.off42 = mul nsw i64 %p, 12288
+  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
   %437 = add nsw i64 %p, 1
   %438 = icmp slt i64 %437, %p1
-  %pf.on41 = and i1 %pf.on, %438
+  %pf.on43 = and i1 %pf.on, %438
   %439 = mul nsw i64 %pf.j, 24576
   %440 = lshr i64 %439, %9
   %441 = add nsw i64 24576, %440
   %442 = getelementptr inbounds i8, ptr %436, i64 %441
-  %pf42 = select i1 %pf.on41, ptr %442, ptr %436
-  %pf.sh43 = select i1 %pf.on41, i64 %9, i64 0
-  br label %k.head44
+  %pf44 = select i1 %pf.on43, ptr %442, ptr %436
+  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  br label %k.head46
 
-k.head44:                                         ; preds = %k.body45, %tile.mr4
-  %k47 = phi i64 [ 0, %tile.mr4 ], [ %485, %k.body45 ]
-  %443 = icmp slt i64 %k47, 768
-  br i1 %443, label %k.body45, label %k.end46
+k.head46:                                         ; preds = %pf.any.end51, %tile.mr4
+  %k49 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end51 ]
+  %443 = icmp slt i64 %k49, 768
+  br i1 %443, label %k.body47, label %k.end48
 
-k.body45:                                         ; preds = %k.head44
-  %444 = mul nsw i64 %k47, 16
-  %445 = add nsw i64 %panel.off40, %444
-  %446 = mul nsw i64 %k47, 32
-  %447 = lshr i64 %446, %pf.sh43
-  %448 = getelementptr inbounds i8, ptr %pf42, i64 %447
+k.body47:                                         ; preds = %k.head46
+  %444 = mul nsw i64 %k49, 16
+  %445 = add nsw i64 %panel.off42, %444
+  %446 = mul nsw i64 %k49, 32
+  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+
+pf.any.then50:                                    ; preds = %k.body47
+  %447 = lshr i64 %446, %pf.sh45
+  %448 = getelementptr inbounds i8, ptr %pf44, i64 %447
   call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
+  br label %pf.any.end51
+
+pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
   %449 = getelementptr inbounds i16, ptr %panels, i64 %445
   %450 = load <8 x i32>, ptr %449, align 4
   %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b048 = bitcast <8 x i32> %451 to <8 x float>
+  %b052 = bitcast <8 x i32> %451 to <8 x float>
   %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b149 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = getelementptr inbounds float, ptr %417, i64 %k47
+  %b153 = bitcast <8 x i32> %452 to <8 x float>
+  %453 = getelementptr inbounds float, ptr %417, i64 %k49
   %454 = load float, ptr %453, align 4
   %455 = insertelement <8 x float> poison, float %454, i32 0
   %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc0032, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b048, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0032, align 4
-  %459 = load <8 x float>, ptr %acc0133, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b149, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0133, align 4
-  %461 = getelementptr inbounds float, ptr %423, i64 %k47
+  %457 = load <8 x float>, ptr %acc0034, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b052, <8 x float> %457)
+  store <8 x float> %458, ptr %acc0034, align 4
+  %459 = load <8 x float>, ptr %acc0135, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b153, <8 x float> %459)
+  store <8 x float> %460, ptr %acc0135, align 4
+  %461 = getelementptr inbounds float, ptr %423, i64 %k49
   %462 = load float, ptr %461, align 4
   %463 = insertelement <8 x float> poison, float %462, i32 0
   %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc1034, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b048, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1034, align 4
-  %467 = load <8 x float>, ptr %acc1135, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b149, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1135, align 4
-  %469 = getelementptr inbounds float, ptr %429, i64 %k47
+  %465 = load <8 x float>, ptr %acc1036, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b052, <8 x float> %465)
+  store <8 x float> %466, ptr %acc1036, align 4
+  %467 = load <8 x float>, ptr %acc1137, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b153, <8 x float> %467)
+  store <8 x float> %468, ptr %acc1137, align 4
+  %469 = getelementptr inbounds float, ptr %429, i64 %k49
   %470 = load float, ptr %469, align 4
   %471 = insertelement <8 x float> poison, float %470, i32 0
   %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc2036, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b048, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2036, align 4
-  %475 = load <8 x float>, ptr %acc2137, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b149, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2137, align 4
-  %477 = getelementptr inbounds float, ptr %435, i64 %k47
+  %473 = load <8 x float>, ptr %acc2038, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b052, <8 x float> %473)
+  store <8 x float> %474, ptr %acc2038, align 4
+  %475 = load <8 x float>, ptr %acc2139, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b153, <8 x float> %475)
+  store <8 x float> %476, ptr %acc2139, align 4
+  %477 = getelementptr inbounds float, ptr %435, i64 %k49
   %478 = load float, ptr %477, align 4
   %479 = insertelement <8 x float> poison, float %478, i32 0
   %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc3038, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b048, <8 x float> %481)
-  store <8 x float> %482, ptr %acc3038, align 4
-  %483 = load <8 x float>, ptr %acc3139, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b149, <8 x float> %483)
-  store <8 x float> %484, ptr %acc3139, align 4
-  %485 = add nsw i64 %k47, 1
-  br label %k.head44
+  %481 = load <8 x float>, ptr %acc3040, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b052, <8 x float> %481)
+  store <8 x float> %482, ptr %acc3040, align 4
+  %483 = load <8 x float>, ptr %acc3141, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b153, <8 x float> %483)
+  store <8 x float> %484, ptr %acc3141, align 4
+  %485 = add nsw i64 %k49, 1
+  br label %k.head46
 
-k.end46:                                          ; preds = %k.head44
+k.end48:                                          ; preds = %k.head46
   %486 = add nsw i64 %r0, 0
   %487 = getelementptr inbounds float, ptr %rw, i64 %486
   %488 = load float, ptr %487, align 4
@@ -1672,16 +1691,16 @@ k.end46:                                          ; preds = %k.head44
   %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
   %491 = mul nsw i64 %486, 3072
   %492 = getelementptr inbounds float, ptr %h, i64 %491
-  %col50 = mul nsw i64 %p, 16
-  %493 = load <8 x float>, ptr %acc0032, align 4
-  %494 = load <8 x float>, ptr %acc0133, align 4
-  %495 = add nsw i64 %col50, 0
+  %col54 = mul nsw i64 %p, 16
+  %493 = load <8 x float>, ptr %acc0034, align 4
+  %494 = load <8 x float>, ptr %acc0135, align 4
+  %495 = add nsw i64 %col54, 0
   %496 = fcmp ogt <8 x float> %493, zeroinitializer
   %497 = select <8 x i1> %496, <8 x float> %493, <8 x float> zeroinitializer
   %498 = fmul <8 x float> %497, %490
   %499 = getelementptr inbounds float, ptr %492, i64 %495
   store <8 x float> %498, ptr %499, align 4
-  %500 = add nsw i64 %col50, 8
+  %500 = add nsw i64 %col54, 8
   %501 = fcmp ogt <8 x float> %494, zeroinitializer
   %502 = select <8 x i1> %501, <8 x float> %494, <8 x float> zeroinitializer
   %503 = fmul <8 x float> %502, %490
@@ -1694,16 +1713,16 @@ k.end46:                                          ; preds = %k.head44
   %509 = shufflevector <8 x float> %508, <8 x float> poison, <8 x i32> zeroinitializer
   %510 = mul nsw i64 %505, 3072
   %511 = getelementptr inbounds float, ptr %h, i64 %510
-  %col51 = mul nsw i64 %p, 16
-  %512 = load <8 x float>, ptr %acc1034, align 4
-  %513 = load <8 x float>, ptr %acc1135, align 4
-  %514 = add nsw i64 %col51, 0
+  %col55 = mul nsw i64 %p, 16
+  %512 = load <8 x float>, ptr %acc1036, align 4
+  %513 = load <8 x float>, ptr %acc1137, align 4
+  %514 = add nsw i64 %col55, 0
   %515 = fcmp ogt <8 x float> %512, zeroinitializer
   %516 = select <8 x i1> %515, <8 x float> %512, <8 x float> zeroinitializer
   %517 = fmul <8 x float> %516, %509
   %518 = getelementptr inbounds float, ptr %511, i64 %514
   store <8 x float> %517, ptr %518, align 4
-  %519 = add nsw i64 %col51, 8
+  %519 = add nsw i64 %col55, 8
   %520 = fcmp ogt <8 x float> %513, zeroinitializer
   %521 = select <8 x i1> %520, <8 x float> %513, <8 x float> zeroinitializer
   %522 = fmul <8 x float> %521, %509
@@ -1716,16 +1735,16 @@ k.end46:                                          ; preds = %k.head44
   %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
   %529 = mul nsw i64 %524, 3072
   %530 = getelementptr inbounds float, ptr %h, i64 %529
-  %col52 = mul nsw i64 %p, 16
-  %531 = load <8 x float>, ptr %acc2036, align 4
-  %532 = load <8 x float>, ptr %acc2137, align 4
-  %533 = add nsw i64 %col52, 0
+  %col56 = mul nsw i64 %p, 16
+  %531 = load <8 x float>, ptr %acc2038, align 4
+  %532 = load <8 x float>, ptr %acc2139, align 4
+  %533 = add nsw i64 %col56, 0
   %534 = fcmp ogt <8 x float> %531, zeroinitializer
   %535 = select <8 x i1> %534, <8 x float> %531, <8 x float> zeroinitializer
   %536 = fmul <8 x float> %535, %528
   %537 = getelementptr inbounds float, ptr %530, i64 %533
   store <8 x float> %536, ptr %537, align 4
-  %538 = add nsw i64 %col52, 8
+  %538 = add nsw i64 %col56, 8
   %539 = fcmp ogt <8 x float> %532, zeroinitializer
   %540 = select <8 x i1> %539, <8 x float> %532, <8 x float> zeroinitializer
   %541 = fmul <8 x float> %540, %528
@@ -1738,16 +1757,16 @@ k.end46:                                          ; preds = %k.head44
   %547 = shufflevector <8 x float> %546, <8 x float> poison, <8 x i32> zeroinitializer
   %548 = mul nsw i64 %543, 3072
   %549 = getelementptr inbounds float, ptr %h, i64 %548
-  %col53 = mul nsw i64 %p, 16
-  %550 = load <8 x float>, ptr %acc3038, align 4
-  %551 = load <8 x float>, ptr %acc3139, align 4
-  %552 = add nsw i64 %col53, 0
+  %col57 = mul nsw i64 %p, 16
+  %550 = load <8 x float>, ptr %acc3040, align 4
+  %551 = load <8 x float>, ptr %acc3141, align 4
+  %552 = add nsw i64 %col57, 0
   %553 = fcmp ogt <8 x float> %550, zeroinitializer
   %554 = select <8 x i1> %553, <8 x float> %550, <8 x float> zeroinitializer
   %555 = fmul <8 x float> %554, %547
   %556 = getelementptr inbounds float, ptr %549, i64 %552
   store <8 x float> %555, ptr %556, align 4
-  %557 = add nsw i64 %col53, 8
+  %557 = add nsw i64 %col57, 8
   %558 = fcmp ogt <8 x float> %551, zeroinitializer
   %559 = select <8 x i1> %558, <8 x float> %551, <8 x float> zeroinitializer
   %560 = fmul <8 x float> %559, %547
@@ -1762,89 +1781,95 @@ tile.mr3:                                         ; preds = %r0.body
   %565 = sext i32 %564 to i64
   %566 = mul nsw i64 %565, 768
   %567 = getelementptr inbounds float, ptr %x, i64 %566
-  store <8 x float> zeroinitializer, ptr %acc0054, align 4
-  store <8 x float> zeroinitializer, ptr %acc0155, align 4
+  store <8 x float> zeroinitializer, ptr %acc0058, align 4
+  store <8 x float> zeroinitializer, ptr %acc0159, align 4
   %568 = add nsw i64 %r0, 1
   %569 = getelementptr inbounds i32, ptr %rows, i64 %568
   %570 = load i32, ptr %569, align 4
   %571 = sext i32 %570 to i64
   %572 = mul nsw i64 %571, 768
   %573 = getelementptr inbounds float, ptr %x, i64 %572
-  store <8 x float> zeroinitializer, ptr %acc1056, align 4
-  store <8 x float> zeroinitializer, ptr %acc1157, align 4
+  store <8 x float> zeroinitializer, ptr %acc1060, align 4
+  store <8 x float> zeroinitializer, ptr %acc1161, align 4
   %574 = add nsw i64 %r0, 2
   %575 = getelementptr inbounds i32, ptr %rows, i64 %574
   %576 = load i32, ptr %575, align 4
   %577 = sext i32 %576 to i64
   %578 = mul nsw i64 %577, 768
   %579 = getelementptr inbounds float, ptr %x, i64 %578
-  store <8 x float> zeroinitializer, ptr %acc2058, align 4
-  store <8 x float> zeroinitializer, ptr %acc2159, align 4
-  %panel.off60 = mul nsw i64 %p, 12288
-  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off60
+  store <8 x float> zeroinitializer, ptr %acc2062, align 4
+  store <8 x float> zeroinitializer, ptr %acc2163, align 4
+  %panel.off64 = mul nsw i64 %p, 12288
+  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
   %581 = add nsw i64 %p, 1
   %582 = icmp slt i64 %581, %p1
-  %pf.on61 = and i1 %pf.on, %582
+  %pf.on65 = and i1 %pf.on, %582
   %583 = mul nsw i64 %pf.j, 24576
   %584 = lshr i64 %583, %9
   %585 = add nsw i64 24576, %584
   %586 = getelementptr inbounds i8, ptr %580, i64 %585
-  %pf62 = select i1 %pf.on61, ptr %586, ptr %580
-  %pf.sh63 = select i1 %pf.on61, i64 %9, i64 0
-  br label %k.head64
+  %pf66 = select i1 %pf.on65, ptr %586, ptr %580
+  %pf.sh67 = select i1 %pf.on65, i64 %9, i64 0
+  br label %k.head68
 
-k.head64:                                         ; preds = %k.body65, %tile.mr3
-  %k67 = phi i64 [ 0, %tile.mr3 ], [ %621, %k.body65 ]
-  %587 = icmp slt i64 %k67, 768
-  br i1 %587, label %k.body65, label %k.end66
+k.head68:                                         ; preds = %pf.any.end73, %tile.mr3
+  %k71 = phi i64 [ 0, %tile.mr3 ], [ %621, %pf.any.end73 ]
+  %587 = icmp slt i64 %k71, 768
+  br i1 %587, label %k.body69, label %k.end70
 
-k.body65:                                         ; preds = %k.head64
-  %588 = mul nsw i64 %k67, 16
-  %589 = add nsw i64 %panel.off60, %588
-  %590 = mul nsw i64 %k67, 32
-  %591 = lshr i64 %590, %pf.sh63
-  %592 = getelementptr inbounds i8, ptr %pf62, i64 %591
+k.body69:                                         ; preds = %k.head68
+  %588 = mul nsw i64 %k71, 16
+  %589 = add nsw i64 %panel.off64, %588
+  %590 = mul nsw i64 %k71, 32
+  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+
+pf.any.then72:                                    ; preds = %k.body69
+  %591 = lshr i64 %590, %pf.sh67
+  %592 = getelementptr inbounds i8, ptr %pf66, i64 %591
   call void @llvm.prefetch.p0(ptr %592, i32 0, i32 2, i32 1)
+  br label %pf.any.end73
+
+pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
   %593 = getelementptr inbounds i16, ptr %panels, i64 %589
   %594 = load <8 x i32>, ptr %593, align 4
   %595 = shl <8 x i32> %594, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b068 = bitcast <8 x i32> %595 to <8 x float>
+  %b074 = bitcast <8 x i32> %595 to <8 x float>
   %596 = and <8 x i32> %594, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b169 = bitcast <8 x i32> %596 to <8 x float>
-  %597 = getelementptr inbounds float, ptr %567, i64 %k67
+  %b175 = bitcast <8 x i32> %596 to <8 x float>
+  %597 = getelementptr inbounds float, ptr %567, i64 %k71
   %598 = load float, ptr %597, align 4
   %599 = insertelement <8 x float> poison, float %598, i32 0
   %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = load <8 x float>, ptr %acc0054, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b068, <8 x float> %601)
-  store <8 x float> %602, ptr %acc0054, align 4
-  %603 = load <8 x float>, ptr %acc0155, align 4
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b169, <8 x float> %603)
-  store <8 x float> %604, ptr %acc0155, align 4
-  %605 = getelementptr inbounds float, ptr %573, i64 %k67
+  %601 = load <8 x float>, ptr %acc0058, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b074, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0058, align 4
+  %603 = load <8 x float>, ptr %acc0159, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b175, <8 x float> %603)
+  store <8 x float> %604, ptr %acc0159, align 4
+  %605 = getelementptr inbounds float, ptr %573, i64 %k71
   %606 = load float, ptr %605, align 4
   %607 = insertelement <8 x float> poison, float %606, i32 0
   %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
-  %609 = load <8 x float>, ptr %acc1056, align 4
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b068, <8 x float> %609)
-  store <8 x float> %610, ptr %acc1056, align 4
-  %611 = load <8 x float>, ptr %acc1157, align 4
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b169, <8 x float> %611)
-  store <8 x float> %612, ptr %acc1157, align 4
-  %613 = getelementptr inbounds float, ptr %579, i64 %k67
+  %609 = load <8 x float>, ptr %acc1060, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b074, <8 x float> %609)
+  store <8 x float> %610, ptr %acc1060, align 4
+  %611 = load <8 x float>, ptr %acc1161, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b175, <8 x float> %611)
+  store <8 x float> %612, ptr %acc1161, align 4
+  %613 = getelementptr inbounds float, ptr %579, i64 %k71
   %614 = load float, ptr %613, align 4
   %615 = insertelement <8 x float> poison, float %614, i32 0
   %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
-  %617 = load <8 x float>, ptr %acc2058, align 4
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b068, <8 x float> %617)
-  store <8 x float> %618, ptr %acc2058, align 4
-  %619 = load <8 x float>, ptr %acc2159, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b169, <8 x float> %619)
-  store <8 x float> %620, ptr %acc2159, align 4
-  %621 = add nsw i64 %k67, 1
-  br label %k.head64
+  %617 = load <8 x float>, ptr %acc2062, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b074, <8 x float> %617)
+  store <8 x float> %618, ptr %acc2062, align 4
+  %619 = load <8 x float>, ptr %acc2163, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b175, <8 x float> %619)
+  store <8 x float> %620, ptr %acc2163, align 4
+  %621 = add nsw i64 %k71, 1
+  br label %k.head68
 
-k.end66:                                          ; preds = %k.head64
+k.end70:                                          ; preds = %k.head68
   %622 = add nsw i64 %r0, 0
   %623 = getelementptr inbounds float, ptr %rw, i64 %622
   %624 = load float, ptr %623, align 4
@@ -1852,16 +1877,16 @@ k.end66:                                          ; preds = %k.head64
   %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
   %627 = mul nsw i64 %622, 3072
   %628 = getelementptr inbounds float, ptr %h, i64 %627
-  %col70 = mul nsw i64 %p, 16
-  %629 = load <8 x float>, ptr %acc0054, align 4
-  %630 = load <8 x float>, ptr %acc0155, align 4
-  %631 = add nsw i64 %col70, 0
+  %col76 = mul nsw i64 %p, 16
+  %629 = load <8 x float>, ptr %acc0058, align 4
+  %630 = load <8 x float>, ptr %acc0159, align 4
+  %631 = add nsw i64 %col76, 0
   %632 = fcmp ogt <8 x float> %629, zeroinitializer
   %633 = select <8 x i1> %632, <8 x float> %629, <8 x float> zeroinitializer
   %634 = fmul <8 x float> %633, %626
   %635 = getelementptr inbounds float, ptr %628, i64 %631
   store <8 x float> %634, ptr %635, align 4
-  %636 = add nsw i64 %col70, 8
+  %636 = add nsw i64 %col76, 8
   %637 = fcmp ogt <8 x float> %630, zeroinitializer
   %638 = select <8 x i1> %637, <8 x float> %630, <8 x float> zeroinitializer
   %639 = fmul <8 x float> %638, %626
@@ -1874,16 +1899,16 @@ k.end66:                                          ; preds = %k.head64
   %645 = shufflevector <8 x float> %644, <8 x float> poison, <8 x i32> zeroinitializer
   %646 = mul nsw i64 %641, 3072
   %647 = getelementptr inbounds float, ptr %h, i64 %646
-  %col71 = mul nsw i64 %p, 16
-  %648 = load <8 x float>, ptr %acc1056, align 4
-  %649 = load <8 x float>, ptr %acc1157, align 4
-  %650 = add nsw i64 %col71, 0
+  %col77 = mul nsw i64 %p, 16
+  %648 = load <8 x float>, ptr %acc1060, align 4
+  %649 = load <8 x float>, ptr %acc1161, align 4
+  %650 = add nsw i64 %col77, 0
   %651 = fcmp ogt <8 x float> %648, zeroinitializer
   %652 = select <8 x i1> %651, <8 x float> %648, <8 x float> zeroinitializer
   %653 = fmul <8 x float> %652, %645
   %654 = getelementptr inbounds float, ptr %647, i64 %650
   store <8 x float> %653, ptr %654, align 4
-  %655 = add nsw i64 %col71, 8
+  %655 = add nsw i64 %col77, 8
   %656 = fcmp ogt <8 x float> %649, zeroinitializer
   %657 = select <8 x i1> %656, <8 x float> %649, <8 x float> zeroinitializer
   %658 = fmul <8 x float> %657, %645
@@ -1896,16 +1921,16 @@ k.end66:                                          ; preds = %k.head64
   %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
   %665 = mul nsw i64 %660, 3072
   %666 = getelementptr inbounds float, ptr %h, i64 %665
-  %col72 = mul nsw i64 %p, 16
-  %667 = load <8 x float>, ptr %acc2058, align 4
-  %668 = load <8 x float>, ptr %acc2159, align 4
-  %669 = add nsw i64 %col72, 0
+  %col78 = mul nsw i64 %p, 16
+  %667 = load <8 x float>, ptr %acc2062, align 4
+  %668 = load <8 x float>, ptr %acc2163, align 4
+  %669 = add nsw i64 %col78, 0
   %670 = fcmp ogt <8 x float> %667, zeroinitializer
   %671 = select <8 x i1> %670, <8 x float> %667, <8 x float> zeroinitializer
   %672 = fmul <8 x float> %671, %664
   %673 = getelementptr inbounds float, ptr %666, i64 %669
   store <8 x float> %672, ptr %673, align 4
-  %674 = add nsw i64 %col72, 8
+  %674 = add nsw i64 %col78, 8
   %675 = fcmp ogt <8 x float> %668, zeroinitializer
   %676 = select <8 x i1> %675, <8 x float> %668, <8 x float> zeroinitializer
   %677 = fmul <8 x float> %676, %664
@@ -1920,71 +1945,77 @@ tile.mr2:                                         ; preds = %r0.body
   %682 = sext i32 %681 to i64
   %683 = mul nsw i64 %682, 768
   %684 = getelementptr inbounds float, ptr %x, i64 %683
-  store <8 x float> zeroinitializer, ptr %acc0073, align 4
-  store <8 x float> zeroinitializer, ptr %acc0174, align 4
+  store <8 x float> zeroinitializer, ptr %acc0079, align 4
+  store <8 x float> zeroinitializer, ptr %acc0180, align 4
   %685 = add nsw i64 %r0, 1
   %686 = getelementptr inbounds i32, ptr %rows, i64 %685
   %687 = load i32, ptr %686, align 4
   %688 = sext i32 %687 to i64
   %689 = mul nsw i64 %688, 768
   %690 = getelementptr inbounds float, ptr %x, i64 %689
-  store <8 x float> zeroinitializer, ptr %acc1075, align 4
-  store <8 x float> zeroinitializer, ptr %acc1176, align 4
-  %panel.off77 = mul nsw i64 %p, 12288
-  %691 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  store <8 x float> zeroinitializer, ptr %acc1081, align 4
+  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  %panel.off83 = mul nsw i64 %p, 12288
+  %691 = getelementptr inbounds i16, ptr %panels, i64 %panel.off83
   %692 = add nsw i64 %p, 1
   %693 = icmp slt i64 %692, %p1
-  %pf.on78 = and i1 %pf.on, %693
+  %pf.on84 = and i1 %pf.on, %693
   %694 = mul nsw i64 %pf.j, 24576
   %695 = lshr i64 %694, %9
   %696 = add nsw i64 24576, %695
   %697 = getelementptr inbounds i8, ptr %691, i64 %696
-  %pf79 = select i1 %pf.on78, ptr %697, ptr %691
-  %pf.sh80 = select i1 %pf.on78, i64 %9, i64 0
-  br label %k.head81
+  %pf85 = select i1 %pf.on84, ptr %697, ptr %691
+  %pf.sh86 = select i1 %pf.on84, i64 %9, i64 0
+  br label %k.head87
 
-k.head81:                                         ; preds = %k.body82, %tile.mr2
-  %k84 = phi i64 [ 0, %tile.mr2 ], [ %724, %k.body82 ]
-  %698 = icmp slt i64 %k84, 768
-  br i1 %698, label %k.body82, label %k.end83
+k.head87:                                         ; preds = %pf.any.end92, %tile.mr2
+  %k90 = phi i64 [ 0, %tile.mr2 ], [ %724, %pf.any.end92 ]
+  %698 = icmp slt i64 %k90, 768
+  br i1 %698, label %k.body88, label %k.end89
 
-k.body82:                                         ; preds = %k.head81
-  %699 = mul nsw i64 %k84, 16
-  %700 = add nsw i64 %panel.off77, %699
-  %701 = mul nsw i64 %k84, 32
-  %702 = lshr i64 %701, %pf.sh80
-  %703 = getelementptr inbounds i8, ptr %pf79, i64 %702
+k.body88:                                         ; preds = %k.head87
+  %699 = mul nsw i64 %k90, 16
+  %700 = add nsw i64 %panel.off83, %699
+  %701 = mul nsw i64 %k90, 32
+  br i1 %pf.multi, label %pf.any.then91, label %pf.any.end92
+
+pf.any.then91:                                    ; preds = %k.body88
+  %702 = lshr i64 %701, %pf.sh86
+  %703 = getelementptr inbounds i8, ptr %pf85, i64 %702
   call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
+  br label %pf.any.end92
+
+pf.any.end92:                                     ; preds = %pf.any.then91, %k.body88
   %704 = getelementptr inbounds i16, ptr %panels, i64 %700
   %705 = load <8 x i32>, ptr %704, align 4
   %706 = shl <8 x i32> %705, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %706 to <8 x float>
+  %b093 = bitcast <8 x i32> %706 to <8 x float>
   %707 = and <8 x i32> %705, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %707 to <8 x float>
-  %708 = getelementptr inbounds float, ptr %684, i64 %k84
+  %b194 = bitcast <8 x i32> %707 to <8 x float>
+  %708 = getelementptr inbounds float, ptr %684, i64 %k90
   %709 = load float, ptr %708, align 4
   %710 = insertelement <8 x float> poison, float %709, i32 0
   %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
-  %712 = load <8 x float>, ptr %acc0073, align 4
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b085, <8 x float> %712)
-  store <8 x float> %713, ptr %acc0073, align 4
-  %714 = load <8 x float>, ptr %acc0174, align 4
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b186, <8 x float> %714)
-  store <8 x float> %715, ptr %acc0174, align 4
-  %716 = getelementptr inbounds float, ptr %690, i64 %k84
+  %712 = load <8 x float>, ptr %acc0079, align 4
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b093, <8 x float> %712)
+  store <8 x float> %713, ptr %acc0079, align 4
+  %714 = load <8 x float>, ptr %acc0180, align 4
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b194, <8 x float> %714)
+  store <8 x float> %715, ptr %acc0180, align 4
+  %716 = getelementptr inbounds float, ptr %690, i64 %k90
   %717 = load float, ptr %716, align 4
   %718 = insertelement <8 x float> poison, float %717, i32 0
   %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
-  %720 = load <8 x float>, ptr %acc1075, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b085, <8 x float> %720)
-  store <8 x float> %721, ptr %acc1075, align 4
-  %722 = load <8 x float>, ptr %acc1176, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b186, <8 x float> %722)
-  store <8 x float> %723, ptr %acc1176, align 4
-  %724 = add nsw i64 %k84, 1
-  br label %k.head81
+  %720 = load <8 x float>, ptr %acc1081, align 4
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b093, <8 x float> %720)
+  store <8 x float> %721, ptr %acc1081, align 4
+  %722 = load <8 x float>, ptr %acc1182, align 4
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b194, <8 x float> %722)
+  store <8 x float> %723, ptr %acc1182, align 4
+  %724 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end83:                                          ; preds = %k.head81
+k.end89:                                          ; preds = %k.head87
   %725 = add nsw i64 %r0, 0
   %726 = getelementptr inbounds float, ptr %rw, i64 %725
   %727 = load float, ptr %726, align 4
@@ -1992,16 +2023,16 @@ k.end83:                                          ; preds = %k.head81
   %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
   %730 = mul nsw i64 %725, 3072
   %731 = getelementptr inbounds float, ptr %h, i64 %730
-  %col87 = mul nsw i64 %p, 16
-  %732 = load <8 x float>, ptr %acc0073, align 4
-  %733 = load <8 x float>, ptr %acc0174, align 4
-  %734 = add nsw i64 %col87, 0
+  %col95 = mul nsw i64 %p, 16
+  %732 = load <8 x float>, ptr %acc0079, align 4
+  %733 = load <8 x float>, ptr %acc0180, align 4
+  %734 = add nsw i64 %col95, 0
   %735 = fcmp ogt <8 x float> %732, zeroinitializer
   %736 = select <8 x i1> %735, <8 x float> %732, <8 x float> zeroinitializer
   %737 = fmul <8 x float> %736, %729
   %738 = getelementptr inbounds float, ptr %731, i64 %734
   store <8 x float> %737, ptr %738, align 4
-  %739 = add nsw i64 %col87, 8
+  %739 = add nsw i64 %col95, 8
   %740 = fcmp ogt <8 x float> %733, zeroinitializer
   %741 = select <8 x i1> %740, <8 x float> %733, <8 x float> zeroinitializer
   %742 = fmul <8 x float> %741, %729
@@ -2014,16 +2045,16 @@ k.end83:                                          ; preds = %k.head81
   %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
   %749 = mul nsw i64 %744, 3072
   %750 = getelementptr inbounds float, ptr %h, i64 %749
-  %col88 = mul nsw i64 %p, 16
-  %751 = load <8 x float>, ptr %acc1075, align 4
-  %752 = load <8 x float>, ptr %acc1176, align 4
-  %753 = add nsw i64 %col88, 0
+  %col96 = mul nsw i64 %p, 16
+  %751 = load <8 x float>, ptr %acc1081, align 4
+  %752 = load <8 x float>, ptr %acc1182, align 4
+  %753 = add nsw i64 %col96, 0
   %754 = fcmp ogt <8 x float> %751, zeroinitializer
   %755 = select <8 x i1> %754, <8 x float> %751, <8 x float> zeroinitializer
   %756 = fmul <8 x float> %755, %748
   %757 = getelementptr inbounds float, ptr %750, i64 %753
   store <8 x float> %756, ptr %757, align 4
-  %758 = add nsw i64 %col88, 8
+  %758 = add nsw i64 %col96, 8
   %759 = fcmp ogt <8 x float> %752, zeroinitializer
   %760 = select <8 x i1> %759, <8 x float> %752, <8 x float> zeroinitializer
   %761 = fmul <8 x float> %760, %748
@@ -2038,53 +2069,59 @@ tile.mr1:                                         ; preds = %r0.body
   %766 = sext i32 %765 to i64
   %767 = mul nsw i64 %766, 768
   %768 = getelementptr inbounds float, ptr %x, i64 %767
-  store <8 x float> zeroinitializer, ptr %acc0089, align 4
-  store <8 x float> zeroinitializer, ptr %acc0190, align 4
-  %panel.off91 = mul nsw i64 %p, 12288
-  %769 = getelementptr inbounds i16, ptr %panels, i64 %panel.off91
+  store <8 x float> zeroinitializer, ptr %acc0097, align 4
+  store <8 x float> zeroinitializer, ptr %acc0198, align 4
+  %panel.off99 = mul nsw i64 %p, 12288
+  %769 = getelementptr inbounds i16, ptr %panels, i64 %panel.off99
   %770 = add nsw i64 %p, 1
   %771 = icmp slt i64 %770, %p1
-  %pf.on92 = and i1 %pf.on, %771
+  %pf.on100 = and i1 %pf.on, %771
   %772 = mul nsw i64 %pf.j, 24576
   %773 = lshr i64 %772, %9
   %774 = add nsw i64 24576, %773
   %775 = getelementptr inbounds i8, ptr %769, i64 %774
-  %pf93 = select i1 %pf.on92, ptr %775, ptr %769
-  %pf.sh94 = select i1 %pf.on92, i64 %9, i64 0
-  br label %k.head95
+  %pf101 = select i1 %pf.on100, ptr %775, ptr %769
+  %pf.sh102 = select i1 %pf.on100, i64 %9, i64 0
+  br label %k.head103
 
-k.head95:                                         ; preds = %k.body96, %tile.mr1
-  %k98 = phi i64 [ 0, %tile.mr1 ], [ %794, %k.body96 ]
-  %776 = icmp slt i64 %k98, 768
-  br i1 %776, label %k.body96, label %k.end97
+k.head103:                                        ; preds = %pf.any.end108, %tile.mr1
+  %k106 = phi i64 [ 0, %tile.mr1 ], [ %794, %pf.any.end108 ]
+  %776 = icmp slt i64 %k106, 768
+  br i1 %776, label %k.body104, label %k.end105
 
-k.body96:                                         ; preds = %k.head95
-  %777 = mul nsw i64 %k98, 16
-  %778 = add nsw i64 %panel.off91, %777
-  %779 = mul nsw i64 %k98, 32
-  %780 = lshr i64 %779, %pf.sh94
-  %781 = getelementptr inbounds i8, ptr %pf93, i64 %780
+k.body104:                                        ; preds = %k.head103
+  %777 = mul nsw i64 %k106, 16
+  %778 = add nsw i64 %panel.off99, %777
+  %779 = mul nsw i64 %k106, 32
+  br i1 %pf.multi, label %pf.any.then107, label %pf.any.end108
+
+pf.any.then107:                                   ; preds = %k.body104
+  %780 = lshr i64 %779, %pf.sh102
+  %781 = getelementptr inbounds i8, ptr %pf101, i64 %780
   call void @llvm.prefetch.p0(ptr %781, i32 0, i32 2, i32 1)
+  br label %pf.any.end108
+
+pf.any.end108:                                    ; preds = %pf.any.then107, %k.body104
   %782 = getelementptr inbounds i16, ptr %panels, i64 %778
   %783 = load <8 x i32>, ptr %782, align 4
   %784 = shl <8 x i32> %783, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b099 = bitcast <8 x i32> %784 to <8 x float>
+  %b0109 = bitcast <8 x i32> %784 to <8 x float>
   %785 = and <8 x i32> %783, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1100 = bitcast <8 x i32> %785 to <8 x float>
-  %786 = getelementptr inbounds float, ptr %768, i64 %k98
+  %b1110 = bitcast <8 x i32> %785 to <8 x float>
+  %786 = getelementptr inbounds float, ptr %768, i64 %k106
   %787 = load float, ptr %786, align 4
   %788 = insertelement <8 x float> poison, float %787, i32 0
   %789 = shufflevector <8 x float> %788, <8 x float> poison, <8 x i32> zeroinitializer
-  %790 = load <8 x float>, ptr %acc0089, align 4
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b099, <8 x float> %790)
-  store <8 x float> %791, ptr %acc0089, align 4
-  %792 = load <8 x float>, ptr %acc0190, align 4
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b1100, <8 x float> %792)
-  store <8 x float> %793, ptr %acc0190, align 4
-  %794 = add nsw i64 %k98, 1
-  br label %k.head95
+  %790 = load <8 x float>, ptr %acc0097, align 4
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b0109, <8 x float> %790)
+  store <8 x float> %791, ptr %acc0097, align 4
+  %792 = load <8 x float>, ptr %acc0198, align 4
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b1110, <8 x float> %792)
+  store <8 x float> %793, ptr %acc0198, align 4
+  %794 = add nsw i64 %k106, 1
+  br label %k.head103
 
-k.end97:                                          ; preds = %k.head95
+k.end105:                                         ; preds = %k.head103
   %795 = add nsw i64 %r0, 0
   %796 = getelementptr inbounds float, ptr %rw, i64 %795
   %797 = load float, ptr %796, align 4
@@ -2092,16 +2129,16 @@ k.end97:                                          ; preds = %k.head95
   %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
   %800 = mul nsw i64 %795, 3072
   %801 = getelementptr inbounds float, ptr %h, i64 %800
-  %col101 = mul nsw i64 %p, 16
-  %802 = load <8 x float>, ptr %acc0089, align 4
-  %803 = load <8 x float>, ptr %acc0190, align 4
-  %804 = add nsw i64 %col101, 0
+  %col111 = mul nsw i64 %p, 16
+  %802 = load <8 x float>, ptr %acc0097, align 4
+  %803 = load <8 x float>, ptr %acc0198, align 4
+  %804 = add nsw i64 %col111, 0
   %805 = fcmp ogt <8 x float> %802, zeroinitializer
   %806 = select <8 x i1> %805, <8 x float> %802, <8 x float> zeroinitializer
   %807 = fmul <8 x float> %806, %799
   %808 = getelementptr inbounds float, ptr %801, i64 %804
   store <8 x float> %807, ptr %808, align 4
-  %809 = add nsw i64 %col101, 8
+  %809 = add nsw i64 %col111, 8
   %810 = fcmp ogt <8 x float> %803, zeroinitializer
   %811 = select <8 x i1> %810, <8 x float> %803, <8 x float> zeroinitializer
   %812 = fmul <8 x float> %811, %799
@@ -2109,7 +2146,7 @@ k.end97:                                          ; preds = %k.head95
   store <8 x float> %812, ptr %813, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end97, %k.end83, %k.end66, %k.end46, %k.end23, %k.end
+tile.done:                                        ; preds = %k.end105, %k.end89, %k.end70, %k.end48, %k.end23, %k.end
   %814 = add nsw i64 %r0, 6
   br label %r0.head
 
@@ -2152,26 +2189,26 @@ entry:
   %acc3110 = alloca <8 x float>, align 32
   %acc4011 = alloca <8 x float>, align 32
   %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc0026 = alloca <8 x float>, align 32
+  %acc0127 = alloca <8 x float>, align 32
+  %acc1028 = alloca <8 x float>, align 32
+  %acc1129 = alloca <8 x float>, align 32
+  %acc2030 = alloca <8 x float>, align 32
+  %acc2131 = alloca <8 x float>, align 32
+  %acc3032 = alloca <8 x float>, align 32
+  %acc3133 = alloca <8 x float>, align 32
+  %acc0047 = alloca <8 x float>, align 32
+  %acc0148 = alloca <8 x float>, align 32
+  %acc1049 = alloca <8 x float>, align 32
+  %acc1150 = alloca <8 x float>, align 32
+  %acc2051 = alloca <8 x float>, align 32
+  %acc2152 = alloca <8 x float>, align 32
+  %acc0066 = alloca <8 x float>, align 32
+  %acc0167 = alloca <8 x float>, align 32
+  %acc1068 = alloca <8 x float>, align 32
+  %acc1169 = alloca <8 x float>, align 32
+  %acc0083 = alloca <8 x float>, align 32
+  %acc0184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2205,6 +2242,7 @@ r0.body:                                          ; preds = %r0.head
   %9 = icmp sge i64 %nrb, 8
   %10 = select i1 %9, i64 3, i64 %8
   %pf.j = sdiv i64 %r0, 6
+  %pf.multi = icmp sgt i64 %nrb, 1
   %11 = shl i64 1, %10
   %12 = icmp slt i64 %pf.j, %11
   %13 = icmp sgt i64 %nrb, 1
@@ -2316,8 +2354,8 @@ tile.mr6:                                         ; preds = %r0.body
   %pf.sh = select i1 %pf.on1, i64 %10, i64 0
   br label %k.head
 
-k.head:                                           ; preds = %k.body, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %k.body ]
+k.head:                                           ; preds = %pf.any.end, %tile.mr6
+  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
   %93 = icmp slt i64 %k, 3072
   br i1 %93, label %k.body, label %k.end
 
@@ -2325,9 +2363,15 @@ k.body:                                           ; preds = %k.head
   %94 = mul nsw i64 %k, 16
   %95 = add nsw i64 %panel.off, %94
   %96 = mul nsw i64 %k, 32
+  br i1 %pf.multi, label %pf.any.then, label %pf.any.end
+
+pf.any.then:                                      ; preds = %k.body
   %97 = lshr i64 %96, %pf.sh
   %98 = getelementptr inbounds i8, ptr %pf, i64 %97
   call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  br label %pf.any.end
+
+pf.any.end:                                       ; preds = %pf.any.then, %k.body
   %99 = getelementptr inbounds i16, ptr %panels, i64 %95
   %100 = load <8 x i32>, ptr %99, align 4
   %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
@@ -2509,8 +2553,8 @@ tile.mr5:                                         ; preds = %r0.body
   %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
   br label %k.head17
 
-k.head17:                                         ; preds = %k.body18, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %k.body18 ]
+k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %pf.any.end22 ]
   %231 = icmp slt i64 %k20, 3072
   br i1 %231, label %k.body18, label %k.end19
 
@@ -2518,64 +2562,70 @@ k.body18:                                         ; preds = %k.head17
   %232 = mul nsw i64 %k20, 16
   %233 = add nsw i64 %panel.off13, %232
   %234 = mul nsw i64 %k20, 32
+  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+
+pf.any.then21:                                    ; preds = %k.body18
   %235 = lshr i64 %234, %pf.sh16
   %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
   call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  br label %pf.any.end22
+
+pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
   %237 = getelementptr inbounds i16, ptr %panels, i64 %233
   %238 = load <8 x i32>, ptr %237, align 4
   %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b021 = bitcast <8 x i32> %239 to <8 x float>
+  %b023 = bitcast <8 x i32> %239 to <8 x float>
   %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b122 = bitcast <8 x i32> %240 to <8 x float>
+  %b124 = bitcast <8 x i32> %240 to <8 x float>
   %241 = getelementptr inbounds float, ptr %166, i64 %k20
   %242 = load float, ptr %241, align 4
   %243 = insertelement <8 x float> poison, float %242, i32 0
   %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
   %245 = load <8 x float>, ptr %acc003, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b021, <8 x float> %245)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b023, <8 x float> %245)
   store <8 x float> %246, ptr %acc003, align 4
   %247 = load <8 x float>, ptr %acc014, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b122, <8 x float> %247)
+  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b124, <8 x float> %247)
   store <8 x float> %248, ptr %acc014, align 4
   %249 = getelementptr inbounds float, ptr %178, i64 %k20
   %250 = load float, ptr %249, align 4
   %251 = insertelement <8 x float> poison, float %250, i32 0
   %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
   %253 = load <8 x float>, ptr %acc105, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b021, <8 x float> %253)
+  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b023, <8 x float> %253)
   store <8 x float> %254, ptr %acc105, align 4
   %255 = load <8 x float>, ptr %acc116, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b122, <8 x float> %255)
+  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b124, <8 x float> %255)
   store <8 x float> %256, ptr %acc116, align 4
   %257 = getelementptr inbounds float, ptr %190, i64 %k20
   %258 = load float, ptr %257, align 4
   %259 = insertelement <8 x float> poison, float %258, i32 0
   %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
   %261 = load <8 x float>, ptr %acc207, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b021, <8 x float> %261)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b023, <8 x float> %261)
   store <8 x float> %262, ptr %acc207, align 4
   %263 = load <8 x float>, ptr %acc218, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b122, <8 x float> %263)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b124, <8 x float> %263)
   store <8 x float> %264, ptr %acc218, align 4
   %265 = getelementptr inbounds float, ptr %202, i64 %k20
   %266 = load float, ptr %265, align 4
   %267 = insertelement <8 x float> poison, float %266, i32 0
   %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
   %269 = load <8 x float>, ptr %acc309, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b021, <8 x float> %269)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b023, <8 x float> %269)
   store <8 x float> %270, ptr %acc309, align 4
   %271 = load <8 x float>, ptr %acc3110, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b122, <8 x float> %271)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b124, <8 x float> %271)
   store <8 x float> %272, ptr %acc3110, align 4
   %273 = getelementptr inbounds float, ptr %214, i64 %k20
   %274 = load float, ptr %273, align 4
   %275 = insertelement <8 x float> poison, float %274, i32 0
   %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
   %277 = load <8 x float>, ptr %acc4011, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b021, <8 x float> %277)
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b023, <8 x float> %277)
   store <8 x float> %278, ptr %acc4011, align 4
   %279 = load <8 x float>, ptr %acc4112, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b122, <8 x float> %279)
+  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b124, <8 x float> %279)
   store <8 x float> %280, ptr %acc4112, align 4
   %281 = add nsw i64 %k20, 1
   br label %k.head17
@@ -2604,7 +2654,7 @@ k.end19:                                          ; preds = %k.head17
   br label %tile.done
 
 tile.mr4:                                         ; preds = %r0.body
-  %col23 = mul nsw i64 %p, 16
+  %col25 = mul nsw i64 %p, 16
   %292 = add nsw i64 %r0, 0
   %293 = mul nsw i64 %292, 3072
   %294 = getelementptr inbounds float, ptr %h, i64 %293
@@ -2613,12 +2663,12 @@ tile.mr4:                                         ; preds = %r0.body
   %297 = sext i32 %296 to i64
   %298 = mul nsw i64 %297, 768
   %299 = getelementptr inbounds float, ptr %y, i64 %298
-  %300 = add nsw i64 %col23, 0
+  %300 = add nsw i64 %col25, 0
   %301 = getelementptr inbounds float, ptr %299, i64 %300
-  store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %302 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc0026, align 4
+  %302 = add nsw i64 %col25, 8
   %303 = getelementptr inbounds float, ptr %299, i64 %302
-  store <8 x float> zeroinitializer, ptr %acc0125, align 4
+  store <8 x float> zeroinitializer, ptr %acc0127, align 4
   %304 = add nsw i64 %r0, 1
   %305 = mul nsw i64 %304, 3072
   %306 = getelementptr inbounds float, ptr %h, i64 %305
@@ -2627,12 +2677,12 @@ tile.mr4:                                         ; preds = %r0.body
   %309 = sext i32 %308 to i64
   %310 = mul nsw i64 %309, 768
   %311 = getelementptr inbounds float, ptr %y, i64 %310
-  %312 = add nsw i64 %col23, 0
+  %312 = add nsw i64 %col25, 0
   %313 = getelementptr inbounds float, ptr %311, i64 %312
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %314 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc1028, align 4
+  %314 = add nsw i64 %col25, 8
   %315 = getelementptr inbounds float, ptr %311, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
+  store <8 x float> zeroinitializer, ptr %acc1129, align 4
   %316 = add nsw i64 %r0, 2
   %317 = mul nsw i64 %316, 3072
   %318 = getelementptr inbounds float, ptr %h, i64 %317
@@ -2641,12 +2691,12 @@ tile.mr4:                                         ; preds = %r0.body
   %321 = sext i32 %320 to i64
   %322 = mul nsw i64 %321, 768
   %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col23, 0
+  %324 = add nsw i64 %col25, 0
   %325 = getelementptr inbounds float, ptr %323, i64 %324
-  store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %326 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc2030, align 4
+  %326 = add nsw i64 %col25, 8
   %327 = getelementptr inbounds float, ptr %323, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc2129, align 4
+  store <8 x float> zeroinitializer, ptr %acc2131, align 4
   %328 = add nsw i64 %r0, 3
   %329 = mul nsw i64 %328, 3072
   %330 = getelementptr inbounds float, ptr %h, i64 %329
@@ -2655,107 +2705,113 @@ tile.mr4:                                         ; preds = %r0.body
   %333 = sext i32 %332 to i64
   %334 = mul nsw i64 %333, 768
   %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col23, 0
+  %336 = add nsw i64 %col25, 0
   %337 = getelementptr inbounds float, ptr %335, i64 %336
-  store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %338 = add nsw i64 %col23, 8
+  store <8 x float> zeroinitializer, ptr %acc3032, align 4
+  %338 = add nsw i64 %col25, 8
   %339 = getelementptr inbounds float, ptr %335, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc3131, align 4
-  %panel.off32 = mul nsw i64 %p, 49152
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off32
+  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %panel.off34 = mul nsw i64 %p, 49152
+  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
   %341 = add nsw i64 %p, 1
   %342 = icmp slt i64 %341, %p1
-  %pf.on33 = and i1 %pf.on, %342
+  %pf.on35 = and i1 %pf.on, %342
   %343 = mul nsw i64 %pf.j, 98304
   %344 = lshr i64 %343, %10
   %345 = add nsw i64 98304, %344
   %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf34 = select i1 %pf.on33, ptr %346, ptr %340
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
-  br label %k.head36
+  %pf36 = select i1 %pf.on35, ptr %346, ptr %340
+  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  br label %k.head38
 
-k.head36:                                         ; preds = %k.body37, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %389, %k.body37 ]
-  %347 = icmp slt i64 %k39, 3072
-  br i1 %347, label %k.body37, label %k.end38
+k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %389, %pf.any.end43 ]
+  %347 = icmp slt i64 %k41, 3072
+  br i1 %347, label %k.body39, label %k.end40
 
-k.body37:                                         ; preds = %k.head36
-  %348 = mul nsw i64 %k39, 16
-  %349 = add nsw i64 %panel.off32, %348
-  %350 = mul nsw i64 %k39, 32
-  %351 = lshr i64 %350, %pf.sh35
-  %352 = getelementptr inbounds i8, ptr %pf34, i64 %351
+k.body39:                                         ; preds = %k.head38
+  %348 = mul nsw i64 %k41, 16
+  %349 = add nsw i64 %panel.off34, %348
+  %350 = mul nsw i64 %k41, 32
+  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+
+pf.any.then42:                                    ; preds = %k.body39
+  %351 = lshr i64 %350, %pf.sh37
+  %352 = getelementptr inbounds i8, ptr %pf36, i64 %351
   call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  br label %pf.any.end43
+
+pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
   %353 = getelementptr inbounds i16, ptr %panels, i64 %349
   %354 = load <8 x i32>, ptr %353, align 4
   %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b040 = bitcast <8 x i32> %355 to <8 x float>
+  %b044 = bitcast <8 x i32> %355 to <8 x float>
   %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b141 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = getelementptr inbounds float, ptr %294, i64 %k39
+  %b145 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = getelementptr inbounds float, ptr %294, i64 %k41
   %358 = load float, ptr %357, align 4
   %359 = insertelement <8 x float> poison, float %358, i32 0
   %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0024, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b040, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0024, align 4
-  %363 = load <8 x float>, ptr %acc0125, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b141, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0125, align 4
-  %365 = getelementptr inbounds float, ptr %306, i64 %k39
+  %361 = load <8 x float>, ptr %acc0026, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b044, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0026, align 4
+  %363 = load <8 x float>, ptr %acc0127, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b145, <8 x float> %363)
+  store <8 x float> %364, ptr %acc0127, align 4
+  %365 = getelementptr inbounds float, ptr %306, i64 %k41
   %366 = load float, ptr %365, align 4
   %367 = insertelement <8 x float> poison, float %366, i32 0
   %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1026, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b040, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1026, align 4
-  %371 = load <8 x float>, ptr %acc1127, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b141, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1127, align 4
-  %373 = getelementptr inbounds float, ptr %318, i64 %k39
+  %369 = load <8 x float>, ptr %acc1028, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b044, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1028, align 4
+  %371 = load <8 x float>, ptr %acc1129, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b145, <8 x float> %371)
+  store <8 x float> %372, ptr %acc1129, align 4
+  %373 = getelementptr inbounds float, ptr %318, i64 %k41
   %374 = load float, ptr %373, align 4
   %375 = insertelement <8 x float> poison, float %374, i32 0
   %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2028, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b040, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2028, align 4
-  %379 = load <8 x float>, ptr %acc2129, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b141, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2129, align 4
-  %381 = getelementptr inbounds float, ptr %330, i64 %k39
+  %377 = load <8 x float>, ptr %acc2030, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b044, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2030, align 4
+  %379 = load <8 x float>, ptr %acc2131, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b145, <8 x float> %379)
+  store <8 x float> %380, ptr %acc2131, align 4
+  %381 = getelementptr inbounds float, ptr %330, i64 %k41
   %382 = load float, ptr %381, align 4
   %383 = insertelement <8 x float> poison, float %382, i32 0
   %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3030, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b040, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3030, align 4
-  %387 = load <8 x float>, ptr %acc3131, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b141, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3131, align 4
-  %389 = add nsw i64 %k39, 1
-  br label %k.head36
+  %385 = load <8 x float>, ptr %acc3032, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b044, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3032, align 4
+  %387 = load <8 x float>, ptr %acc3133, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b145, <8 x float> %387)
+  store <8 x float> %388, ptr %acc3133, align 4
+  %389 = add nsw i64 %k41, 1
+  br label %k.head38
 
-k.end38:                                          ; preds = %k.head36
-  %390 = load <8 x float>, ptr %acc0024, align 4
+k.end40:                                          ; preds = %k.head38
+  %390 = load <8 x float>, ptr %acc0026, align 4
   store <8 x float> %390, ptr %301, align 4
-  %391 = load <8 x float>, ptr %acc0125, align 4
+  %391 = load <8 x float>, ptr %acc0127, align 4
   store <8 x float> %391, ptr %303, align 4
-  %392 = load <8 x float>, ptr %acc1026, align 4
+  %392 = load <8 x float>, ptr %acc1028, align 4
   store <8 x float> %392, ptr %313, align 4
-  %393 = load <8 x float>, ptr %acc1127, align 4
+  %393 = load <8 x float>, ptr %acc1129, align 4
   store <8 x float> %393, ptr %315, align 4
-  %394 = load <8 x float>, ptr %acc2028, align 4
+  %394 = load <8 x float>, ptr %acc2030, align 4
   store <8 x float> %394, ptr %325, align 4
-  %395 = load <8 x float>, ptr %acc2129, align 4
+  %395 = load <8 x float>, ptr %acc2131, align 4
   store <8 x float> %395, ptr %327, align 4
-  %396 = load <8 x float>, ptr %acc3030, align 4
+  %396 = load <8 x float>, ptr %acc3032, align 4
   store <8 x float> %396, ptr %337, align 4
-  %397 = load <8 x float>, ptr %acc3131, align 4
+  %397 = load <8 x float>, ptr %acc3133, align 4
   store <8 x float> %397, ptr %339, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %r0.body
-  %col42 = mul nsw i64 %p, 16
+  %col46 = mul nsw i64 %p, 16
   %398 = add nsw i64 %r0, 0
   %399 = mul nsw i64 %398, 3072
   %400 = getelementptr inbounds float, ptr %h, i64 %399
@@ -2764,12 +2820,12 @@ tile.mr3:                                         ; preds = %r0.body
   %403 = sext i32 %402 to i64
   %404 = mul nsw i64 %403, 768
   %405 = getelementptr inbounds float, ptr %y, i64 %404
-  %406 = add nsw i64 %col42, 0
+  %406 = add nsw i64 %col46, 0
   %407 = getelementptr inbounds float, ptr %405, i64 %406
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %408 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc0047, align 4
+  %408 = add nsw i64 %col46, 8
   %409 = getelementptr inbounds float, ptr %405, i64 %408
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
+  store <8 x float> zeroinitializer, ptr %acc0148, align 4
   %410 = add nsw i64 %r0, 1
   %411 = mul nsw i64 %410, 3072
   %412 = getelementptr inbounds float, ptr %h, i64 %411
@@ -2778,12 +2834,12 @@ tile.mr3:                                         ; preds = %r0.body
   %415 = sext i32 %414 to i64
   %416 = mul nsw i64 %415, 768
   %417 = getelementptr inbounds float, ptr %y, i64 %416
-  %418 = add nsw i64 %col42, 0
+  %418 = add nsw i64 %col46, 0
   %419 = getelementptr inbounds float, ptr %417, i64 %418
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %420 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc1049, align 4
+  %420 = add nsw i64 %col46, 8
   %421 = getelementptr inbounds float, ptr %417, i64 %420
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
+  store <8 x float> zeroinitializer, ptr %acc1150, align 4
   %422 = add nsw i64 %r0, 2
   %423 = mul nsw i64 %422, 3072
   %424 = getelementptr inbounds float, ptr %h, i64 %423
@@ -2792,93 +2848,99 @@ tile.mr3:                                         ; preds = %r0.body
   %427 = sext i32 %426 to i64
   %428 = mul nsw i64 %427, 768
   %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col42, 0
+  %430 = add nsw i64 %col46, 0
   %431 = getelementptr inbounds float, ptr %429, i64 %430
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %432 = add nsw i64 %col42, 8
+  store <8 x float> zeroinitializer, ptr %acc2051, align 4
+  %432 = add nsw i64 %col46, 8
   %433 = getelementptr inbounds float, ptr %429, i64 %432
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
-  %panel.off49 = mul nsw i64 %p, 49152
-  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off49
+  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %panel.off53 = mul nsw i64 %p, 49152
+  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
   %435 = add nsw i64 %p, 1
   %436 = icmp slt i64 %435, %p1
-  %pf.on50 = and i1 %pf.on, %436
+  %pf.on54 = and i1 %pf.on, %436
   %437 = mul nsw i64 %pf.j, 98304
   %438 = lshr i64 %437, %10
   %439 = add nsw i64 98304, %438
   %440 = getelementptr inbounds i8, ptr %434, i64 %439
-  %pf51 = select i1 %pf.on50, ptr %440, ptr %434
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
-  br label %k.head53
+  %pf55 = select i1 %pf.on54, ptr %440, ptr %434
+  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  br label %k.head57
 
-k.head53:                                         ; preds = %k.body54, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %475, %k.body54 ]
-  %441 = icmp slt i64 %k56, 3072
-  br i1 %441, label %k.body54, label %k.end55
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %475, %pf.any.end62 ]
+  %441 = icmp slt i64 %k60, 3072
+  br i1 %441, label %k.body58, label %k.end59
 
-k.body54:                                         ; preds = %k.head53
-  %442 = mul nsw i64 %k56, 16
-  %443 = add nsw i64 %panel.off49, %442
-  %444 = mul nsw i64 %k56, 32
-  %445 = lshr i64 %444, %pf.sh52
-  %446 = getelementptr inbounds i8, ptr %pf51, i64 %445
+k.body58:                                         ; preds = %k.head57
+  %442 = mul nsw i64 %k60, 16
+  %443 = add nsw i64 %panel.off53, %442
+  %444 = mul nsw i64 %k60, 32
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+
+pf.any.then61:                                    ; preds = %k.body58
+  %445 = lshr i64 %444, %pf.sh56
+  %446 = getelementptr inbounds i8, ptr %pf55, i64 %445
   call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
+
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
   %447 = getelementptr inbounds i16, ptr %panels, i64 %443
   %448 = load <8 x i32>, ptr %447, align 4
   %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %449 to <8 x float>
+  %b063 = bitcast <8 x i32> %449 to <8 x float>
   %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = getelementptr inbounds float, ptr %400, i64 %k56
+  %b164 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = getelementptr inbounds float, ptr %400, i64 %k60
   %452 = load float, ptr %451, align 4
   %453 = insertelement <8 x float> poison, float %452, i32 0
   %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = load <8 x float>, ptr %acc0043, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b057, <8 x float> %455)
-  store <8 x float> %456, ptr %acc0043, align 4
-  %457 = load <8 x float>, ptr %acc0144, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b158, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0144, align 4
-  %459 = getelementptr inbounds float, ptr %412, i64 %k56
+  %455 = load <8 x float>, ptr %acc0047, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b063, <8 x float> %455)
+  store <8 x float> %456, ptr %acc0047, align 4
+  %457 = load <8 x float>, ptr %acc0148, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b164, <8 x float> %457)
+  store <8 x float> %458, ptr %acc0148, align 4
+  %459 = getelementptr inbounds float, ptr %412, i64 %k60
   %460 = load float, ptr %459, align 4
   %461 = insertelement <8 x float> poison, float %460, i32 0
   %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %acc1045, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b057, <8 x float> %463)
-  store <8 x float> %464, ptr %acc1045, align 4
-  %465 = load <8 x float>, ptr %acc1146, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b158, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1146, align 4
-  %467 = getelementptr inbounds float, ptr %424, i64 %k56
+  %463 = load <8 x float>, ptr %acc1049, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b063, <8 x float> %463)
+  store <8 x float> %464, ptr %acc1049, align 4
+  %465 = load <8 x float>, ptr %acc1150, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b164, <8 x float> %465)
+  store <8 x float> %466, ptr %acc1150, align 4
+  %467 = getelementptr inbounds float, ptr %424, i64 %k60
   %468 = load float, ptr %467, align 4
   %469 = insertelement <8 x float> poison, float %468, i32 0
   %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc2047, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b057, <8 x float> %471)
-  store <8 x float> %472, ptr %acc2047, align 4
-  %473 = load <8 x float>, ptr %acc2148, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b158, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2148, align 4
-  %475 = add nsw i64 %k56, 1
-  br label %k.head53
+  %471 = load <8 x float>, ptr %acc2051, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b063, <8 x float> %471)
+  store <8 x float> %472, ptr %acc2051, align 4
+  %473 = load <8 x float>, ptr %acc2152, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b164, <8 x float> %473)
+  store <8 x float> %474, ptr %acc2152, align 4
+  %475 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end55:                                          ; preds = %k.head53
-  %476 = load <8 x float>, ptr %acc0043, align 4
+k.end59:                                          ; preds = %k.head57
+  %476 = load <8 x float>, ptr %acc0047, align 4
   store <8 x float> %476, ptr %407, align 4
-  %477 = load <8 x float>, ptr %acc0144, align 4
+  %477 = load <8 x float>, ptr %acc0148, align 4
   store <8 x float> %477, ptr %409, align 4
-  %478 = load <8 x float>, ptr %acc1045, align 4
+  %478 = load <8 x float>, ptr %acc1049, align 4
   store <8 x float> %478, ptr %419, align 4
-  %479 = load <8 x float>, ptr %acc1146, align 4
+  %479 = load <8 x float>, ptr %acc1150, align 4
   store <8 x float> %479, ptr %421, align 4
-  %480 = load <8 x float>, ptr %acc2047, align 4
+  %480 = load <8 x float>, ptr %acc2051, align 4
   store <8 x float> %480, ptr %431, align 4
-  %481 = load <8 x float>, ptr %acc2148, align 4
+  %481 = load <8 x float>, ptr %acc2152, align 4
   store <8 x float> %481, ptr %433, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %r0.body
-  %col59 = mul nsw i64 %p, 16
+  %col65 = mul nsw i64 %p, 16
   %482 = add nsw i64 %r0, 0
   %483 = mul nsw i64 %482, 3072
   %484 = getelementptr inbounds float, ptr %h, i64 %483
@@ -2887,12 +2949,12 @@ tile.mr2:                                         ; preds = %r0.body
   %487 = sext i32 %486 to i64
   %488 = mul nsw i64 %487, 768
   %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col59, 0
+  %490 = add nsw i64 %col65, 0
   %491 = getelementptr inbounds float, ptr %489, i64 %490
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %492 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc0066, align 4
+  %492 = add nsw i64 %col65, 8
   %493 = getelementptr inbounds float, ptr %489, i64 %492
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
+  store <8 x float> zeroinitializer, ptr %acc0167, align 4
   %494 = add nsw i64 %r0, 1
   %495 = mul nsw i64 %494, 3072
   %496 = getelementptr inbounds float, ptr %h, i64 %495
@@ -2901,79 +2963,85 @@ tile.mr2:                                         ; preds = %r0.body
   %499 = sext i32 %498 to i64
   %500 = mul nsw i64 %499, 768
   %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col59, 0
+  %502 = add nsw i64 %col65, 0
   %503 = getelementptr inbounds float, ptr %501, i64 %502
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %504 = add nsw i64 %col59, 8
+  store <8 x float> zeroinitializer, ptr %acc1068, align 4
+  %504 = add nsw i64 %col65, 8
   %505 = getelementptr inbounds float, ptr %501, i64 %504
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
-  %panel.off64 = mul nsw i64 %p, 49152
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %panel.off70 = mul nsw i64 %p, 49152
+  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
   %507 = add nsw i64 %p, 1
   %508 = icmp slt i64 %507, %p1
-  %pf.on65 = and i1 %pf.on, %508
+  %pf.on71 = and i1 %pf.on, %508
   %509 = mul nsw i64 %pf.j, 98304
   %510 = lshr i64 %509, %10
   %511 = add nsw i64 98304, %510
   %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf66 = select i1 %pf.on65, ptr %512, ptr %506
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
-  br label %k.head68
+  %pf72 = select i1 %pf.on71, ptr %512, ptr %506
+  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  br label %k.head74
 
-k.head68:                                         ; preds = %k.body69, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %539, %k.body69 ]
-  %513 = icmp slt i64 %k71, 3072
-  br i1 %513, label %k.body69, label %k.end70
+k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %539, %pf.any.end79 ]
+  %513 = icmp slt i64 %k77, 3072
+  br i1 %513, label %k.body75, label %k.end76
 
-k.body69:                                         ; preds = %k.head68
-  %514 = mul nsw i64 %k71, 16
-  %515 = add nsw i64 %panel.off64, %514
-  %516 = mul nsw i64 %k71, 32
-  %517 = lshr i64 %516, %pf.sh67
-  %518 = getelementptr inbounds i8, ptr %pf66, i64 %517
+k.body75:                                         ; preds = %k.head74
+  %514 = mul nsw i64 %k77, 16
+  %515 = add nsw i64 %panel.off70, %514
+  %516 = mul nsw i64 %k77, 32
+  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+
+pf.any.then78:                                    ; preds = %k.body75
+  %517 = lshr i64 %516, %pf.sh73
+  %518 = getelementptr inbounds i8, ptr %pf72, i64 %517
   call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  br label %pf.any.end79
+
+pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
   %519 = getelementptr inbounds i16, ptr %panels, i64 %515
   %520 = load <8 x i32>, ptr %519, align 4
   %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b072 = bitcast <8 x i32> %521 to <8 x float>
+  %b080 = bitcast <8 x i32> %521 to <8 x float>
   %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b173 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %484, i64 %k71
+  %b181 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = getelementptr inbounds float, ptr %484, i64 %k77
   %524 = load float, ptr %523, align 4
   %525 = insertelement <8 x float> poison, float %524, i32 0
   %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0060, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b072, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0060, align 4
-  %529 = load <8 x float>, ptr %acc0161, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b173, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0161, align 4
-  %531 = getelementptr inbounds float, ptr %496, i64 %k71
+  %527 = load <8 x float>, ptr %acc0066, align 4
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b080, <8 x float> %527)
+  store <8 x float> %528, ptr %acc0066, align 4
+  %529 = load <8 x float>, ptr %acc0167, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b181, <8 x float> %529)
+  store <8 x float> %530, ptr %acc0167, align 4
+  %531 = getelementptr inbounds float, ptr %496, i64 %k77
   %532 = load float, ptr %531, align 4
   %533 = insertelement <8 x float> poison, float %532, i32 0
   %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1062, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b072, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1062, align 4
-  %537 = load <8 x float>, ptr %acc1163, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b173, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1163, align 4
-  %539 = add nsw i64 %k71, 1
-  br label %k.head68
+  %535 = load <8 x float>, ptr %acc1068, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b080, <8 x float> %535)
+  store <8 x float> %536, ptr %acc1068, align 4
+  %537 = load <8 x float>, ptr %acc1169, align 4
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b181, <8 x float> %537)
+  store <8 x float> %538, ptr %acc1169, align 4
+  %539 = add nsw i64 %k77, 1
+  br label %k.head74
 
-k.end70:                                          ; preds = %k.head68
-  %540 = load <8 x float>, ptr %acc0060, align 4
+k.end76:                                          ; preds = %k.head74
+  %540 = load <8 x float>, ptr %acc0066, align 4
   store <8 x float> %540, ptr %491, align 4
-  %541 = load <8 x float>, ptr %acc0161, align 4
+  %541 = load <8 x float>, ptr %acc0167, align 4
   store <8 x float> %541, ptr %493, align 4
-  %542 = load <8 x float>, ptr %acc1062, align 4
+  %542 = load <8 x float>, ptr %acc1068, align 4
   store <8 x float> %542, ptr %503, align 4
-  %543 = load <8 x float>, ptr %acc1163, align 4
+  %543 = load <8 x float>, ptr %acc1169, align 4
   store <8 x float> %543, ptr %505, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %r0.body
-  %col74 = mul nsw i64 %p, 16
+  %col82 = mul nsw i64 %p, 16
   %544 = add nsw i64 %r0, 0
   %545 = mul nsw i64 %544, 3072
   %546 = getelementptr inbounds float, ptr %h, i64 %545
@@ -2982,64 +3050,70 @@ tile.mr1:                                         ; preds = %r0.body
   %549 = sext i32 %548 to i64
   %550 = mul nsw i64 %549, 768
   %551 = getelementptr inbounds float, ptr %y, i64 %550
-  %552 = add nsw i64 %col74, 0
+  %552 = add nsw i64 %col82, 0
   %553 = getelementptr inbounds float, ptr %551, i64 %552
-  store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %554 = add nsw i64 %col74, 8
+  store <8 x float> zeroinitializer, ptr %acc0083, align 4
+  %554 = add nsw i64 %col82, 8
   %555 = getelementptr inbounds float, ptr %551, i64 %554
-  store <8 x float> zeroinitializer, ptr %acc0176, align 4
-  %panel.off77 = mul nsw i64 %p, 49152
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off77
+  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %panel.off85 = mul nsw i64 %p, 49152
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
   %557 = add nsw i64 %p, 1
   %558 = icmp slt i64 %557, %p1
-  %pf.on78 = and i1 %pf.on, %558
+  %pf.on86 = and i1 %pf.on, %558
   %559 = mul nsw i64 %pf.j, 98304
   %560 = lshr i64 %559, %10
   %561 = add nsw i64 98304, %560
   %562 = getelementptr inbounds i8, ptr %556, i64 %561
-  %pf79 = select i1 %pf.on78, ptr %562, ptr %556
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
-  br label %k.head81
+  %pf87 = select i1 %pf.on86, ptr %562, ptr %556
+  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  br label %k.head89
 
-k.head81:                                         ; preds = %k.body82, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %581, %k.body82 ]
-  %563 = icmp slt i64 %k84, 3072
-  br i1 %563, label %k.body82, label %k.end83
+k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %581, %pf.any.end94 ]
+  %563 = icmp slt i64 %k92, 3072
+  br i1 %563, label %k.body90, label %k.end91
 
-k.body82:                                         ; preds = %k.head81
-  %564 = mul nsw i64 %k84, 16
-  %565 = add nsw i64 %panel.off77, %564
-  %566 = mul nsw i64 %k84, 32
-  %567 = lshr i64 %566, %pf.sh80
-  %568 = getelementptr inbounds i8, ptr %pf79, i64 %567
+k.body90:                                         ; preds = %k.head89
+  %564 = mul nsw i64 %k92, 16
+  %565 = add nsw i64 %panel.off85, %564
+  %566 = mul nsw i64 %k92, 32
+  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+
+pf.any.then93:                                    ; preds = %k.body90
+  %567 = lshr i64 %566, %pf.sh88
+  %568 = getelementptr inbounds i8, ptr %pf87, i64 %567
   call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  br label %pf.any.end94
+
+pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
   %569 = getelementptr inbounds i16, ptr %panels, i64 %565
   %570 = load <8 x i32>, ptr %569, align 4
   %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b085 = bitcast <8 x i32> %571 to <8 x float>
+  %b095 = bitcast <8 x i32> %571 to <8 x float>
   %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b186 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = getelementptr inbounds float, ptr %546, i64 %k84
+  %b196 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = getelementptr inbounds float, ptr %546, i64 %k92
   %574 = load float, ptr %573, align 4
   %575 = insertelement <8 x float> poison, float %574, i32 0
   %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc0075, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b085, <8 x float> %577)
-  store <8 x float> %578, ptr %acc0075, align 4
-  %579 = load <8 x float>, ptr %acc0176, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b186, <8 x float> %579)
-  store <8 x float> %580, ptr %acc0176, align 4
-  %581 = add nsw i64 %k84, 1
-  br label %k.head81
+  %577 = load <8 x float>, ptr %acc0083, align 4
+  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b095, <8 x float> %577)
+  store <8 x float> %578, ptr %acc0083, align 4
+  %579 = load <8 x float>, ptr %acc0184, align 4
+  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b196, <8 x float> %579)
+  store <8 x float> %580, ptr %acc0184, align 4
+  %581 = add nsw i64 %k92, 1
+  br label %k.head89
 
-k.end83:                                          ; preds = %k.head81
-  %582 = load <8 x float>, ptr %acc0075, align 4
+k.end91:                                          ; preds = %k.head89
+  %582 = load <8 x float>, ptr %acc0083, align 4
   store <8 x float> %582, ptr %553, align 4
-  %583 = load <8 x float>, ptr %acc0176, align 4
+  %583 = load <8 x float>, ptr %acc0184, align 4
   store <8 x float> %583, ptr %555, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
+tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
   %584 = add nsw i64 %r0, 6
   br label %r0.head
 
