@@ -291,9 +291,10 @@ static void up_store(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLV
  * spread over the panel's time rather than bunched. A tile at byte off of
  * its own panel prefetches base + (off >> sh): the next panel's slice
  * (base = pan + bytes + j * bytes / S, sh = log2 S) or, in the other tiles
- * (the row blocks past the first S, the last panel of the call, and a single
- * row block: decode, where the hardware's stream prefetch is enough), its
- * own line (base = pan, sh = 0). */
+ * (the row blocks past the first S, the last panel of the call), its own line
+ * (base = pan, sh = 0). A single row block (decode: the hardware's stream
+ * prefetch is enough) prefetches nothing (any = 0): its own line was three
+ * instructions per line for nothing, 6 % of an int4 decode in cache. */
 struct pf {
 	LLVMValueRef base, sh, any;
 };
