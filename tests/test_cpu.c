@@ -545,6 +545,72 @@ static void test_safetensors(void **state)
 	free(gu), free(dn);
 }
 
+/* The generated GELU (erf form) against 0.5 x (1 + erf(x / sqrt 2)) in double
+ * over a sweep of x in [-8, 8): two MLP experts that are both the identity,
+ * equal (zero) router logits, top-2, so y = 0.5 gelu(x) + 0.5 gelu(x) = gelu(x)
+ * with every other operation exact. Within 3e-7 |x|, the f32 rounding of
+ * x / sqrt 2, 1 + erf and the products included (9.7e-8 measured). */
+static void test_gelu_sweep(void **state)
+{
+	(void)state;
+	enum { H = 16, E = 2, T = 1024 };
+	struct moe_desc d;
+	h_base_desc(&d, H, E, 2, H);
+	d.n_layers = 1;
+	d.n_moe_layers = 1;
+	d.kind = MOE_KIND_MLP;
+	d.act = MOE_ACT_GELU;
+	snprintf(d.names[MOE_ROLE_ROUTER], MOE_NAME_MAX, "l.{layer}.gate.weight");
+	snprintf(d.names[MOE_ROLE_UP], MOE_NAME_MAX, "l.{layer}.e.{expert}.up");
+	snprintf(d.names[MOE_ROLE_DOWN], MOE_NAME_MAX, "l.{layer}.e.{expert}.down");
+	static float router[E * H], eye[H * H];
+	for (int i = 0; i < H; i++)
+		eye[i * H + i] = 1.0f;
+	struct moe_st_tensor ts[1 + 2 * E];
+	char names[2 * E][64];
+	size_t n = 0;
+	ts[n++] = (struct moe_st_tensor){.name = "l.0.gate.weight",
+					 .dtype = MOE_ST_F32,
+					 .ndim = 2,
+					 .shape = {E, H},
+					 .data = router};
+	for (int e = 0; e < E; e++)
+		for (int r = 0; r < 2; r++, n++) {
+			snprintf(names[2 * e + r], sizeof names[0], "l.0.e.%d.%s", e,
+				 r ? "down" : "up");
+			ts[n] = (struct moe_st_tensor){.name = names[2 * e + r],
+						       .dtype = MOE_ST_F32,
+						       .ndim = 2,
+						       .shape = {H, H},
+						       .data = eye};
+		}
+	char path[300], err[1024];
+	snprintf(path, sizeof path, "%s/gelu.safetensors", h_tmpdir);
+	assert_int_equal(moe_st_write(path, ts, n, err, sizeof err), MOE_OK);
+	struct h_model m;
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	moe_model *mm;
+	assert_int_equal(m.create(&mm, NULL), MOE_OK);
+	const char *files[] = {path};
+	assert_int_equal(m.load(mm, files, 1), MOE_OK);
+	static float x[T * H], y[T * H];
+	for (int i = 0; i < T * H; i++)
+		x[i] = -8.0f + 16.0f * (float)i / (T * H);
+	assert_int_equal(m.forward(mm, 0, x, y, T, NULL, NULL), MOE_OK);
+	double worst = 0;
+	for (int i = 0; i < T * H; i++) {
+		double g = 0.5 * x[i] * (1.0 + erf(x[i] / sqrt(2.0)));
+		double rel = fabs(y[i] - g) / fmax(fabs((double)x[i]), 1e-30);
+		worst = fmax(worst, rel);
+	}
+	if (!(worst <= 3e-7))
+		fprintf(stderr, "gelu: worst |y - gelu(x)| / |x| = %g\n", worst);
+	assert_true(worst <= 3e-7);
+	m.destroy(mm);
+	h_model_close(&m);
+	unlink(path);
+}
+
 /* Run one forward of T tokens (seeded weights and input) and return y and,
  * optionally, the routing ids. */
 static void run_once(const struct moe_desc *d, size_t T, float *y, int32_t *ids, int64_t *n_dropped)
@@ -722,11 +788,11 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_expert_counts), cmocka_unit_test(test_features),
-	    cmocka_unit_test(test_invariance),    cmocka_unit_test(test_errors),
-	    cmocka_unit_test(test_refusals),      cmocka_unit_test(test_deterministic),
-	    cmocka_unit_test(test_safetensors),   cmocka_unit_test(test_capacity_and_bias),
-	    cmocka_unit_test(test_random),
+	    cmocka_unit_test(test_expert_counts),     cmocka_unit_test(test_features),
+	    cmocka_unit_test(test_invariance),        cmocka_unit_test(test_errors),
+	    cmocka_unit_test(test_refusals),          cmocka_unit_test(test_deterministic),
+	    cmocka_unit_test(test_safetensors),       cmocka_unit_test(test_gelu_sweep),
+	    cmocka_unit_test(test_capacity_and_bias), cmocka_unit_test(test_random),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

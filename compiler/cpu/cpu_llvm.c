@@ -55,16 +55,38 @@ static LLVMValueRef vsigmoid(struct moe_ll *g, LLVMValueRef x)
 			     LLVMBuildFAdd(g->b, e, moe_ll_vf32c(g, 1.0), ""), "sigmoid");
 }
 
-/* Apply a scalar libm function lane by lane (only for rare activations). */
-static LLVMValueRef vlibm(struct moe_ll *g, const char *fname, LLVMValueRef x)
+/* erf of 8 lanes without a library call per lane: erf(z) = sign(z) (1 -
+ * exp(-t^2) R(t)), t = min(|z|, 3.92) (past it erf is +-1 in f32), with
+ * R(t) = erfc(t) exp(t^2) as a degree-10 polynomial in u = t / (1 + t): a
+ * least-squares fit on 4000 Chebyshev nodes of [0, 3.92], within 1.6e-7 of
+ * erf in f32 arithmetic (2.5 ulp of 1; test_cpu sweeps it). Lane by lane,
+ * the C library's erff took 12 % of an expert-choice GELU layer at T = 256. */
+static LLVMValueRef verf(struct moe_ll *g, LLVMValueRef z)
 {
-	LLVMValueRef v = LLVMGetPoison(g->t_v8f);
-	for (int i = 0; i < MOE_VW; i++) {
-		LLVMValueRef e = LLVMBuildExtractElement(g->b, x, moe_ll_i32c(g, i), "");
-		e = moe_ll_libmf(g, fname, e);
-		v = LLVMBuildInsertElement(g->b, v, e, moe_ll_i32c(g, i), "");
-	}
-	return v;
+	LLVMBuilderRef b = g->b;
+	static const double c[] = {1.0,
+				   -1.128381133,
+				   -1.282851994e-1,
+				   1.176056415e-1,
+				   1.317841113e-1,
+				   -3.705720603e-2,
+				   3.349325955e-1,
+				   -7.105188966e-1,
+				   9.131350517e-1,
+				   -7.182874680e-1,
+				   2.251120806e-1};
+	int n = (int)(sizeof c / sizeof *c);
+	LLVMValueRef t = moe_ll_fmin(g, moe_ll_intr1(g, "llvm.fabs", z), moe_ll_vf32c(g, 3.92));
+	LLVMValueRef u =
+	    LLVMBuildFDiv(b, t, LLVMBuildFAdd(b, t, moe_ll_vf32c(g, 1.0), ""), "erf.u");
+	LLVMValueRef r = moe_ll_vf32c(g, c[n - 1]);
+	for (int k = n - 2; k >= 0; k--)
+		r = moe_ll_fma(g, r, u, moe_ll_vf32c(g, c[k]));
+	LLVMValueRef e = vexp(g, LLVMBuildFNeg(b, LLVMBuildFMul(b, t, t, ""), ""));
+	LLVMValueRef a = LLVMBuildFSub(b, moe_ll_vf32c(g, 1.0), LLVMBuildFMul(b, e, r, ""), "");
+	LLVMValueRef args[2] = {a, z};
+	LLVMTypeRef vt = g->t_v8f;
+	return moe_ll_intr(g, "llvm.copysign", &vt, 1, args, 2);
 }
 
 /* The elementwise activation (not swiglu_oai, which needs both halves). */
@@ -77,8 +99,7 @@ static LLVMValueRef vact(struct moe_ll *g, enum moe_act a, LLVMValueRef x)
 	case MOE_ACT_RELU:
 		return moe_ll_sel_gt(g, x, moe_ll_vf32c(g, 0.0), x, moe_ll_vf32c(g, 0.0));
 	case MOE_ACT_GELU: {
-		LLVMValueRef e =
-		    vlibm(g, "erff", LLVMBuildFMul(b, x, moe_ll_vf32c(g, M_SQRT1_2), ""));
+		LLVMValueRef e = verf(g, LLVMBuildFMul(b, x, moe_ll_vf32c(g, M_SQRT1_2), ""));
 		e = LLVMBuildFAdd(b, e, moe_ll_vf32c(g, 1.0), "");
 		return LLVMBuildFMul(b, LLVMBuildFMul(b, x, moe_ll_vf32c(g, 0.5), ""), e, "gelu");
 	}
