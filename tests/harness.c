@@ -92,6 +92,23 @@ int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t 
 	return 0;
 }
 
+moe_model *h_model_open_loaded(const struct moe_desc *d, struct h_model *m, const char *path)
+{
+	char err[2048];
+	int rc = h_model_open(d, m, err, sizeof err);
+	if (rc)
+		fprintf(stderr, "compile: %s\n", err);
+	assert_int_equal(rc, 0);
+	moe_model *mm;
+	assert_int_equal(m->create(&mm, NULL), MOE_OK);
+	const char *files[] = {path};
+	enum moe_status st = m->load(mm, files, 1);
+	if (st)
+		fprintf(stderr, "load: %s\n", m->last_error());
+	assert_int_equal(st, MOE_OK);
+	return mm;
+}
+
 void h_model_close(struct h_model *m)
 {
 	dlclose(m->dl);

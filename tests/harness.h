@@ -47,6 +47,9 @@ void h_base_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t k, uint32_
 /* Compile d into a fresh model.so under h_tmpdir and open it. Returns 0 or
  * the compile exit code (err holds the message). */
 int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t cap);
+/* h_model_open, then one model created on it with its weights loaded from the
+ * checkpoint file path (each step asserted). */
+moe_model *h_model_open_loaded(const struct moe_desc *d, struct h_model *m, const char *path);
 void h_model_close(struct h_model *m);
 /* x[i] uniform in [-1, 1), a function of (seed, i) only. */
 void h_fill_input(float *x, size_t n, uint64_t seed);

@@ -588,11 +588,7 @@ static void test_gelu_sweep(void **state)
 	snprintf(path, sizeof path, "%s/gelu.safetensors", h_tmpdir);
 	assert_int_equal(moe_st_write(path, ts, n, err, sizeof err), MOE_OK);
 	struct h_model m;
-	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
-	moe_model *mm;
-	assert_int_equal(m.create(&mm, NULL), MOE_OK);
-	const char *files[] = {path};
-	assert_int_equal(m.load(mm, files, 1), MOE_OK);
+	moe_model *mm = h_model_open_loaded(&d, &m, path);
 	static float x[T * H], y[T * H];
 	for (int i = 0; i < T * H; i++)
 		x[i] = -8.0f + 16.0f * (float)i / (T * H);

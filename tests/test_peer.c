@@ -293,11 +293,7 @@ static void test_peer_ties(void **state)
 		snprintf(path, sizeof path, "%s/peer_ties.safetensors", h_tmpdir);
 		peer_write(&d, &w, path);
 		struct h_model m;
-		assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
-		moe_model *mm;
-		assert_int_equal(m.create(&mm, NULL), MOE_OK);
-		const char *files[] = {path};
-		assert_int_equal(m.load(mm, files, 1), MOE_OK);
+		moe_model *mm = h_model_open_loaded(&d, &m, path);
 		static float x[T * H], y[T * H], yr[T * H], wg[T * W], wr[T * W];
 		static int32_t ids[T * W], idr[T * W];
 		h_fill_input(x, T * H, 23);
