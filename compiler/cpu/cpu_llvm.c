@@ -588,10 +588,18 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 	LLVMBuilderRef b = g->b;
 	struct moe_ll_loop r;
 	char nm[32];
-	moe_ll_loop_open(g, &r, moe_ll_i64c(g, 0), n, MR, "r0");
-	LLVMValueRef left = LLVMBuildNSWSub(b, n, r.iv, "left");
-	LLVMValueRef full = LLVMBuildICmp(b, LLVMIntSGE, left, moe_ll_i64c(g, MR), "");
-	LLVMValueRef mr = LLVMBuildSelect(b, full, moe_ll_i64c(g, MR), left, "mr");
+	/* nrb = ceil(n / MR) blocks of balanced sizes (they differ by at most
+	 * one row): block j covers rows [j n / nrb, (j + 1) n / nrb). 13 rows
+	 * run as 5, 4, 4 rather than 6, 6, 1, whose 1-row tile waits on its
+	 * accumulator chains and loads a panel vector per row. */
+	LLVMValueRef nrb = LLVMBuildSDiv(b, LLVMBuildNSWAdd(b, n, moe_ll_i64c(g, MR - 1), ""),
+					 moe_ll_i64c(g, MR), "nrb");
+	moe_ll_loop_open(g, &r, moe_ll_i64c(g, 0), nrb, 1, "rb");
+	LLVMValueRef r0 = LLVMBuildSDiv(b, LLVMBuildNSWMul(b, r.iv, n, ""), nrb, "r0");
+	LLVMValueRef r1 = LLVMBuildSDiv(
+	    b, LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, r.iv, moe_ll_i64c(g, 1), ""), n, ""), nrb,
+	    "r1");
+	LLVMValueRef mr = LLVMBuildNSWSub(b, r1, r0, "mr");
 	LLVMBasicBlockRef done = moe_ll_bb(g, "tile.done");
 	LLVMBasicBlockRef cases[MAX_MR + 1];
 	for (int m = 1; m <= MR; m++) {
@@ -599,16 +607,14 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 		cases[m] = moe_ll_bb(g, nm);
 	}
 	struct ffn fr = *f;
-	LLVMValueRef nrb = LLVMBuildSDiv(b, LLVMBuildNSWAdd(b, n, moe_ll_i64c(g, MR - 1), ""),
-					 moe_ll_i64c(g, MR), "nrb");
 	fr.pf_sh = moe_ll_i64c(g, 0);
 	for (int sh = 1; sh <= 3; sh++)
 		fr.pf_sh = LLVMBuildSelect(
 		    b, LLVMBuildICmp(b, LLVMIntSGE, nrb, moe_ll_i64c(g, 1 << sh), ""),
 		    moe_ll_i64c(g, sh), fr.pf_sh, "");
-	fr.pf_j = LLVMBuildSDiv(b, r.iv, moe_ll_i64c(g, MR), "pf.j");
+	fr.pf_j = r.iv;
 	fr.pf_multi = LLVMBuildICmp(b, LLVMIntSGT, nrb, moe_ll_i64c(g, 1), "pf.multi");
-	fr.pf_on = LLVMBuildAnd(b, LLVMBuildICmp(b, LLVMIntSGT, nrb, moe_ll_i64c(g, 1), ""),
+	fr.pf_on = LLVMBuildAnd(b, fr.pf_multi,
 				LLVMBuildICmp(b, LLVMIntSLT, fr.pf_j,
 					      LLVMBuildShl(b, moe_ll_i64c(g, 1), fr.pf_sh, ""), ""),
 				"pf.on");
@@ -618,7 +624,7 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 	LLVMBasicBlockRef after = cases[MR];
 	for (int m = MR; m >= 1; m--) {
 		LLVMPositionBuilderAtEnd(b, cases[m]);
-		tile(g, &fr, m, ncols, r.iv, p);
+		tile(g, &fr, m, ncols, r0, p);
 		LLVMBuildBr(b, done);
 		if (m != MR) {
 			LLVMMoveBasicBlockAfter(cases[m], after);

@@ -1098,37 +1098,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1088, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %1089, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1087, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %1088, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1137,1473 +1138,1473 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 7168
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 7168
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 7168
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 7168
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 7168
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 7168
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 7168
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 7168
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 7168
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 7168
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 7168
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 7168
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 114688
-  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 229376
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 229376, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 229376
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 229376, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
-  %56 = icmp slt i64 %k, 7168
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %57 = icmp slt i64 %k, 7168
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
-  %63 = load <8 x i32>, ptr %62, align 4
-  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %64 to <8 x float>
-  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = getelementptr inbounds float, ptr %18, i64 %k
-  %67 = load float, ptr %66, align 4
-  %68 = insertelement <8 x float> poison, float %67, i32 0
-  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
-  %70 = load <8 x float>, ptr %acc00, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
-  store <8 x float> %71, ptr %acc00, align 4
-  %72 = load <8 x float>, ptr %acc01, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
-  store <8 x float> %73, ptr %acc01, align 4
-  %74 = getelementptr inbounds float, ptr %24, i64 %k
-  %75 = load float, ptr %74, align 4
-  %76 = insertelement <8 x float> poison, float %75, i32 0
-  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
-  %78 = load <8 x float>, ptr %acc10, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
-  store <8 x float> %79, ptr %acc10, align 4
-  %80 = load <8 x float>, ptr %acc11, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
-  store <8 x float> %81, ptr %acc11, align 4
-  %82 = getelementptr inbounds float, ptr %30, i64 %k
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <8 x float> poison, float %83, i32 0
-  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
-  %86 = load <8 x float>, ptr %acc20, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
-  store <8 x float> %87, ptr %acc20, align 4
-  %88 = load <8 x float>, ptr %acc21, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
-  store <8 x float> %89, ptr %acc21, align 4
-  %90 = getelementptr inbounds float, ptr %36, i64 %k
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <8 x float> poison, float %91, i32 0
-  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
-  %94 = load <8 x float>, ptr %acc30, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
-  store <8 x float> %95, ptr %acc30, align 4
-  %96 = load <8 x float>, ptr %acc31, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
-  store <8 x float> %97, ptr %acc31, align 4
-  %98 = getelementptr inbounds float, ptr %42, i64 %k
-  %99 = load float, ptr %98, align 4
-  %100 = insertelement <8 x float> poison, float %99, i32 0
-  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
-  %102 = load <8 x float>, ptr %acc40, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
-  store <8 x float> %103, ptr %acc40, align 4
-  %104 = load <8 x float>, ptr %acc41, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
-  store <8 x float> %105, ptr %acc41, align 4
-  %106 = getelementptr inbounds float, ptr %48, i64 %k
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc50, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc50, align 4
-  %112 = load <8 x float>, ptr %acc51, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc51, align 4
-  %114 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
+  %64 = load <8 x i32>, ptr %63, align 4
+  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %66 to <8 x float>
+  %67 = getelementptr inbounds float, ptr %19, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %25, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %31, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %37, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %43, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %49, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %115 = add nsw i64 %r0, 0
-  %116 = getelementptr inbounds float, ptr %rw, i64 %115
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = mul nsw i64 %115, 2048
-  %121 = getelementptr inbounds float, ptr %h, i64 %120
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 2048
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 8
-  %122 = load <8 x float>, ptr %acc00, align 4
-  %123 = load <8 x float>, ptr %acc01, align 4
-  %124 = fneg <8 x float> %122
-  %125 = fcmp olt <8 x float> %124, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %126 = select <8 x i1> %125, <8 x float> %124, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = fcmp ogt <8 x float> %126, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %130 = call <8 x float> @llvm.floor.v8f32(<8 x float> %129)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %128)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %131)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %132, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %132, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %132, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %132, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %132, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %138 = fmul <8 x float> %132, %132
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %138, <8 x float> %132)
-  %140 = fadd <8 x float> %139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %141 = fptosi <8 x float> %130 to <8 x i32>
-  %142 = add <8 x i32> %141, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %143 = shl <8 x i32> %142, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %143 to <8 x float>
-  %exp = fmul <8 x float> %140, %exp.2n
-  %144 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %144
-  %silu = fmul <8 x float> %122, %sigmoid
-  %glu = fmul <8 x float> %silu, %123
-  %145 = fmul <8 x float> %glu, %119
-  %146 = getelementptr inbounds float, ptr %121, i64 %col
-  store <8 x float> %145, ptr %146, align 4
-  %147 = add nsw i64 %r0, 1
-  %148 = getelementptr inbounds float, ptr %rw, i64 %147
-  %149 = load float, ptr %148, align 4
-  %150 = insertelement <8 x float> poison, float %149, i32 0
-  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
-  %152 = mul nsw i64 %147, 2048
-  %153 = getelementptr inbounds float, ptr %h, i64 %152
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = fneg <8 x float> %123
+  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %131 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %132)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %133, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %133, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %133, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %133, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %133, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %139 = fmul <8 x float> %133, %133
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %139, <8 x float> %133)
+  %141 = fadd <8 x float> %140, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %142 = fptosi <8 x float> %131 to <8 x i32>
+  %143 = add <8 x i32> %142, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %144 = shl <8 x i32> %143, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %144 to <8 x float>
+  %exp = fmul <8 x float> %141, %exp.2n
+  %145 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %145
+  %silu = fmul <8 x float> %123, %sigmoid
+  %glu = fmul <8 x float> %silu, %124
+  %146 = fmul <8 x float> %glu, %120
+  %147 = getelementptr inbounds float, ptr %122, i64 %col
+  store <8 x float> %146, ptr %147, align 4
+  %148 = add nsw i64 %r0, 1
+  %149 = getelementptr inbounds float, ptr %rw, i64 %148
+  %150 = load float, ptr %149, align 4
+  %151 = insertelement <8 x float> poison, float %150, i32 0
+  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
+  %153 = mul nsw i64 %148, 2048
+  %154 = getelementptr inbounds float, ptr %h, i64 %153
   %col2 = mul nsw i64 %p, 8
-  %154 = load <8 x float>, ptr %acc10, align 4
-  %155 = load <8 x float>, ptr %acc11, align 4
-  %156 = fneg <8 x float> %154
-  %157 = fcmp olt <8 x float> %156, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %159 = fcmp ogt <8 x float> %158, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %160 = select <8 x i1> %159, <8 x float> %158, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %162 = call <8 x float> @llvm.floor.v8f32(<8 x float> %161)
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %160)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %163)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %164, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %164, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %164, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %164, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %164, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %170 = fmul <8 x float> %164, %164
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %170, <8 x float> %164)
-  %172 = fadd <8 x float> %171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %173 = fptosi <8 x float> %162 to <8 x i32>
-  %174 = add <8 x i32> %173, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %175 = shl <8 x i32> %174, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %175 to <8 x float>
-  %exp4 = fmul <8 x float> %172, %exp.2n3
-  %176 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %176
-  %silu6 = fmul <8 x float> %154, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %155
-  %177 = fmul <8 x float> %glu7, %151
-  %178 = getelementptr inbounds float, ptr %153, i64 %col2
-  store <8 x float> %177, ptr %178, align 4
-  %179 = add nsw i64 %r0, 2
-  %180 = getelementptr inbounds float, ptr %rw, i64 %179
-  %181 = load float, ptr %180, align 4
-  %182 = insertelement <8 x float> poison, float %181, i32 0
-  %183 = shufflevector <8 x float> %182, <8 x float> poison, <8 x i32> zeroinitializer
-  %184 = mul nsw i64 %179, 2048
-  %185 = getelementptr inbounds float, ptr %h, i64 %184
+  %155 = load <8 x float>, ptr %acc10, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  %157 = fneg <8 x float> %155
+  %158 = fcmp olt <8 x float> %157, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %159 = select <8 x i1> %158, <8 x float> %157, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %160 = fcmp ogt <8 x float> %159, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %162)
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %161)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %164)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %165, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %165, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %165, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %165, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %165, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %171 = fmul <8 x float> %165, %165
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %171, <8 x float> %165)
+  %173 = fadd <8 x float> %172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %174 = fptosi <8 x float> %163 to <8 x i32>
+  %175 = add <8 x i32> %174, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %176 = shl <8 x i32> %175, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %176 to <8 x float>
+  %exp4 = fmul <8 x float> %173, %exp.2n3
+  %177 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %177
+  %silu6 = fmul <8 x float> %155, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %156
+  %178 = fmul <8 x float> %glu7, %152
+  %179 = getelementptr inbounds float, ptr %154, i64 %col2
+  store <8 x float> %178, ptr %179, align 4
+  %180 = add nsw i64 %r0, 2
+  %181 = getelementptr inbounds float, ptr %rw, i64 %180
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = mul nsw i64 %180, 2048
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
   %col8 = mul nsw i64 %p, 8
-  %186 = load <8 x float>, ptr %acc20, align 4
-  %187 = load <8 x float>, ptr %acc21, align 4
-  %188 = fneg <8 x float> %186
-  %189 = fcmp olt <8 x float> %188, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %190 = select <8 x i1> %189, <8 x float> %188, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %191 = fcmp ogt <8 x float> %190, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %194 = call <8 x float> @llvm.floor.v8f32(<8 x float> %193)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %192)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %195)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %196, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %196, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %196, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %196, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %196, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %202 = fmul <8 x float> %196, %196
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %202, <8 x float> %196)
-  %204 = fadd <8 x float> %203, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %205 = fptosi <8 x float> %194 to <8 x i32>
-  %206 = add <8 x i32> %205, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %207 = shl <8 x i32> %206, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %207 to <8 x float>
-  %exp10 = fmul <8 x float> %204, %exp.2n9
-  %208 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %208
-  %silu12 = fmul <8 x float> %186, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %187
-  %209 = fmul <8 x float> %glu13, %183
-  %210 = getelementptr inbounds float, ptr %185, i64 %col8
-  store <8 x float> %209, ptr %210, align 4
-  %211 = add nsw i64 %r0, 3
-  %212 = getelementptr inbounds float, ptr %rw, i64 %211
-  %213 = load float, ptr %212, align 4
-  %214 = insertelement <8 x float> poison, float %213, i32 0
-  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
-  %216 = mul nsw i64 %211, 2048
-  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %187 = load <8 x float>, ptr %acc20, align 4
+  %188 = load <8 x float>, ptr %acc21, align 4
+  %189 = fneg <8 x float> %187
+  %190 = fcmp olt <8 x float> %189, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %192 = fcmp ogt <8 x float> %191, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %195 = call <8 x float> @llvm.floor.v8f32(<8 x float> %194)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %193)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %196)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %197, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %197, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %197, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %197, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %203 = fmul <8 x float> %197, %197
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %203, <8 x float> %197)
+  %205 = fadd <8 x float> %204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %206 = fptosi <8 x float> %195 to <8 x i32>
+  %207 = add <8 x i32> %206, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %208 = shl <8 x i32> %207, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %208 to <8 x float>
+  %exp10 = fmul <8 x float> %205, %exp.2n9
+  %209 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %209
+  %silu12 = fmul <8 x float> %187, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %188
+  %210 = fmul <8 x float> %glu13, %184
+  %211 = getelementptr inbounds float, ptr %186, i64 %col8
+  store <8 x float> %210, ptr %211, align 4
+  %212 = add nsw i64 %r0, 3
+  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = mul nsw i64 %212, 2048
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
   %col14 = mul nsw i64 %p, 8
-  %218 = load <8 x float>, ptr %acc30, align 4
-  %219 = load <8 x float>, ptr %acc31, align 4
-  %220 = fneg <8 x float> %218
-  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %234 = fmul <8 x float> %228, %228
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
-  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %237 = fptosi <8 x float> %226 to <8 x i32>
-  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %239 to <8 x float>
-  %exp16 = fmul <8 x float> %236, %exp.2n15
-  %240 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
-  %silu18 = fmul <8 x float> %218, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %219
-  %241 = fmul <8 x float> %glu19, %215
-  %242 = getelementptr inbounds float, ptr %217, i64 %col14
-  store <8 x float> %241, ptr %242, align 4
-  %243 = add nsw i64 %r0, 4
-  %244 = getelementptr inbounds float, ptr %rw, i64 %243
-  %245 = load float, ptr %244, align 4
-  %246 = insertelement <8 x float> poison, float %245, i32 0
-  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
-  %248 = mul nsw i64 %243, 2048
-  %249 = getelementptr inbounds float, ptr %h, i64 %248
+  %219 = load <8 x float>, ptr %acc30, align 4
+  %220 = load <8 x float>, ptr %acc31, align 4
+  %221 = fneg <8 x float> %219
+  %222 = fcmp olt <8 x float> %221, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = select <8 x i1> %222, <8 x float> %221, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %224 = fcmp ogt <8 x float> %223, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %227 = call <8 x float> @llvm.floor.v8f32(<8 x float> %226)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %225)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %228)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %229, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %229, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %229, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %229, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %229, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %235 = fmul <8 x float> %229, %229
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %235, <8 x float> %229)
+  %237 = fadd <8 x float> %236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %238 = fptosi <8 x float> %227 to <8 x i32>
+  %239 = add <8 x i32> %238, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %240 = shl <8 x i32> %239, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %240 to <8 x float>
+  %exp16 = fmul <8 x float> %237, %exp.2n15
+  %241 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %241
+  %silu18 = fmul <8 x float> %219, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %220
+  %242 = fmul <8 x float> %glu19, %216
+  %243 = getelementptr inbounds float, ptr %218, i64 %col14
+  store <8 x float> %242, ptr %243, align 4
+  %244 = add nsw i64 %r0, 4
+  %245 = getelementptr inbounds float, ptr %rw, i64 %244
+  %246 = load float, ptr %245, align 4
+  %247 = insertelement <8 x float> poison, float %246, i32 0
+  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
+  %249 = mul nsw i64 %244, 2048
+  %250 = getelementptr inbounds float, ptr %h, i64 %249
   %col20 = mul nsw i64 %p, 8
-  %250 = load <8 x float>, ptr %acc40, align 4
-  %251 = load <8 x float>, ptr %acc41, align 4
-  %252 = fneg <8 x float> %250
-  %253 = fcmp olt <8 x float> %252, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %254 = select <8 x i1> %253, <8 x float> %252, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %255 = fcmp ogt <8 x float> %254, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %258 = call <8 x float> @llvm.floor.v8f32(<8 x float> %257)
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %256)
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %259)
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %266 = fmul <8 x float> %260, %260
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %266, <8 x float> %260)
-  %268 = fadd <8 x float> %267, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %269 = fptosi <8 x float> %258 to <8 x i32>
-  %270 = add <8 x i32> %269, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %271 = shl <8 x i32> %270, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %271 to <8 x float>
-  %exp22 = fmul <8 x float> %268, %exp.2n21
-  %272 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %272
-  %silu24 = fmul <8 x float> %250, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %251
-  %273 = fmul <8 x float> %glu25, %247
-  %274 = getelementptr inbounds float, ptr %249, i64 %col20
-  store <8 x float> %273, ptr %274, align 4
-  %275 = add nsw i64 %r0, 5
-  %276 = getelementptr inbounds float, ptr %rw, i64 %275
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <8 x float> poison, float %277, i32 0
-  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
-  %280 = mul nsw i64 %275, 2048
-  %281 = getelementptr inbounds float, ptr %h, i64 %280
+  %251 = load <8 x float>, ptr %acc40, align 4
+  %252 = load <8 x float>, ptr %acc41, align 4
+  %253 = fneg <8 x float> %251
+  %254 = fcmp olt <8 x float> %253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %255 = select <8 x i1> %254, <8 x float> %253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %256 = fcmp ogt <8 x float> %255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %258)
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %257)
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %260)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %267 = fmul <8 x float> %261, %261
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %267, <8 x float> %261)
+  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %270 = fptosi <8 x float> %259 to <8 x i32>
+  %271 = add <8 x i32> %270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %272 = shl <8 x i32> %271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %272 to <8 x float>
+  %exp22 = fmul <8 x float> %269, %exp.2n21
+  %273 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %273
+  %silu24 = fmul <8 x float> %251, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %252
+  %274 = fmul <8 x float> %glu25, %248
+  %275 = getelementptr inbounds float, ptr %250, i64 %col20
+  store <8 x float> %274, ptr %275, align 4
+  %276 = add nsw i64 %r0, 5
+  %277 = getelementptr inbounds float, ptr %rw, i64 %276
+  %278 = load float, ptr %277, align 4
+  %279 = insertelement <8 x float> poison, float %278, i32 0
+  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
+  %281 = mul nsw i64 %276, 2048
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
   %col26 = mul nsw i64 %p, 8
-  %282 = load <8 x float>, ptr %acc50, align 4
-  %283 = load <8 x float>, ptr %acc51, align 4
-  %284 = fneg <8 x float> %282
-  %285 = fcmp olt <8 x float> %284, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %286 = select <8 x i1> %285, <8 x float> %284, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %287 = fcmp ogt <8 x float> %286, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %288 = select <8 x i1> %287, <8 x float> %286, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %290 = call <8 x float> @llvm.floor.v8f32(<8 x float> %289)
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %288)
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %291)
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %292, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %292, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %292, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %292, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %292, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %298 = fmul <8 x float> %292, %292
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %298, <8 x float> %292)
-  %300 = fadd <8 x float> %299, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %301 = fptosi <8 x float> %290 to <8 x i32>
-  %302 = add <8 x i32> %301, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %303 = shl <8 x i32> %302, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %303 to <8 x float>
-  %exp28 = fmul <8 x float> %300, %exp.2n27
-  %304 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %304
-  %silu30 = fmul <8 x float> %282, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %283
-  %305 = fmul <8 x float> %glu31, %279
-  %306 = getelementptr inbounds float, ptr %281, i64 %col26
-  store <8 x float> %305, ptr %306, align 4
+  %283 = load <8 x float>, ptr %acc50, align 4
+  %284 = load <8 x float>, ptr %acc51, align 4
+  %285 = fneg <8 x float> %283
+  %286 = fcmp olt <8 x float> %285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %287 = select <8 x i1> %286, <8 x float> %285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %288 = fcmp ogt <8 x float> %287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %290)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %289)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %292)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %299 = fmul <8 x float> %293, %293
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %299, <8 x float> %293)
+  %301 = fadd <8 x float> %300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %302 = fptosi <8 x float> %291 to <8 x i32>
+  %303 = add <8 x i32> %302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %304 = shl <8 x i32> %303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %304 to <8 x float>
+  %exp28 = fmul <8 x float> %301, %exp.2n27
+  %305 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %305
+  %silu30 = fmul <8 x float> %283, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %284
+  %306 = fmul <8 x float> %glu31, %280
+  %307 = getelementptr inbounds float, ptr %282, i64 %col26
+  store <8 x float> %306, ptr %307, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %307 = add nsw i64 %r0, 0
-  %308 = getelementptr inbounds i32, ptr %rows, i64 %307
-  %309 = load i32, ptr %308, align 4
-  %310 = sext i32 %309 to i64
-  %311 = mul nsw i64 %310, 7168
-  %312 = getelementptr inbounds float, ptr %x, i64 %311
+tile.mr5:                                         ; preds = %rb.body
+  %308 = add nsw i64 %r0, 0
+  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
+  %310 = load i32, ptr %309, align 4
+  %311 = sext i32 %310 to i64
+  %312 = mul nsw i64 %311, 7168
+  %313 = getelementptr inbounds float, ptr %x, i64 %312
   store <8 x float> zeroinitializer, ptr %acc0032, align 4
   store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %313 = add nsw i64 %r0, 1
-  %314 = getelementptr inbounds i32, ptr %rows, i64 %313
-  %315 = load i32, ptr %314, align 4
-  %316 = sext i32 %315 to i64
-  %317 = mul nsw i64 %316, 7168
-  %318 = getelementptr inbounds float, ptr %x, i64 %317
+  %314 = add nsw i64 %r0, 1
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 7168
+  %319 = getelementptr inbounds float, ptr %x, i64 %318
   store <8 x float> zeroinitializer, ptr %acc1034, align 4
   store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %319 = add nsw i64 %r0, 2
-  %320 = getelementptr inbounds i32, ptr %rows, i64 %319
-  %321 = load i32, ptr %320, align 4
-  %322 = sext i32 %321 to i64
-  %323 = mul nsw i64 %322, 7168
-  %324 = getelementptr inbounds float, ptr %x, i64 %323
+  %320 = add nsw i64 %r0, 2
+  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
+  %322 = load i32, ptr %321, align 4
+  %323 = sext i32 %322 to i64
+  %324 = mul nsw i64 %323, 7168
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
   store <8 x float> zeroinitializer, ptr %acc2036, align 4
   store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %325 = add nsw i64 %r0, 3
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %325
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 7168
-  %330 = getelementptr inbounds float, ptr %x, i64 %329
+  %326 = add nsw i64 %r0, 3
+  %327 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %328 = load i32, ptr %327, align 4
+  %329 = sext i32 %328 to i64
+  %330 = mul nsw i64 %329, 7168
+  %331 = getelementptr inbounds float, ptr %x, i64 %330
   store <8 x float> zeroinitializer, ptr %acc3038, align 4
   store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %331 = add nsw i64 %r0, 4
-  %332 = getelementptr inbounds i32, ptr %rows, i64 %331
-  %333 = load i32, ptr %332, align 4
-  %334 = sext i32 %333 to i64
-  %335 = mul nsw i64 %334, 7168
-  %336 = getelementptr inbounds float, ptr %x, i64 %335
+  %332 = add nsw i64 %r0, 4
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 7168
+  %337 = getelementptr inbounds float, ptr %x, i64 %336
   store <8 x float> zeroinitializer, ptr %acc4040, align 4
   store <8 x float> zeroinitializer, ptr %acc4141, align 4
   %panel.off42 = mul nsw i64 %p, 114688
-  %337 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %338 = add nsw i64 %p, 1
-  %339 = icmp slt i64 %338, %p1
-  %pf.on43 = and i1 %pf.on, %339
-  %340 = mul nsw i64 %pf.j, 229376
-  %341 = lshr i64 %340, %9
-  %342 = add nsw i64 229376, %341
-  %343 = getelementptr inbounds i8, ptr %337, i64 %342
-  %pf44 = select i1 %pf.on43, ptr %343, ptr %337
-  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  %338 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %339 = add nsw i64 %p, 1
+  %340 = icmp slt i64 %339, %p1
+  %pf.on43 = and i1 %pf.on, %340
+  %341 = mul nsw i64 %rb, 229376
+  %342 = lshr i64 %341, %11
+  %343 = add nsw i64 229376, %342
+  %344 = getelementptr inbounds i8, ptr %338, i64 %343
+  %pf44 = select i1 %pf.on43, ptr %344, ptr %338
+  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %394, %pf.any.end51 ]
-  %344 = icmp slt i64 %k49, 7168
-  br i1 %344, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %395, %pf.any.end51 ]
+  %345 = icmp slt i64 %k49, 7168
+  br i1 %345, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %345 = mul nsw i64 %k49, 16
-  %346 = add nsw i64 %panel.off42, %345
-  %347 = mul nsw i64 %k49, 32
+  %346 = mul nsw i64 %k49, 16
+  %347 = add nsw i64 %panel.off42, %346
+  %348 = mul nsw i64 %k49, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %348 = lshr i64 %347, %pf.sh45
-  %349 = getelementptr inbounds i8, ptr %pf44, i64 %348
-  call void @llvm.prefetch.p0(ptr %349, i32 0, i32 2, i32 1)
+  %349 = lshr i64 %348, %pf.sh45
+  %350 = getelementptr inbounds i8, ptr %pf44, i64 %349
+  call void @llvm.prefetch.p0(ptr %350, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %350 = getelementptr inbounds i16, ptr %panels, i64 %346
-  %351 = load <8 x i32>, ptr %350, align 4
-  %352 = shl <8 x i32> %351, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %352 to <8 x float>
-  %353 = and <8 x i32> %351, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %353 to <8 x float>
-  %354 = getelementptr inbounds float, ptr %312, i64 %k49
-  %355 = load float, ptr %354, align 4
-  %356 = insertelement <8 x float> poison, float %355, i32 0
-  %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
-  %358 = load <8 x float>, ptr %acc0032, align 4
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b052, <8 x float> %358)
-  store <8 x float> %359, ptr %acc0032, align 4
-  %360 = load <8 x float>, ptr %acc0133, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b153, <8 x float> %360)
-  store <8 x float> %361, ptr %acc0133, align 4
-  %362 = getelementptr inbounds float, ptr %318, i64 %k49
-  %363 = load float, ptr %362, align 4
-  %364 = insertelement <8 x float> poison, float %363, i32 0
-  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
-  %366 = load <8 x float>, ptr %acc1034, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b052, <8 x float> %366)
-  store <8 x float> %367, ptr %acc1034, align 4
-  %368 = load <8 x float>, ptr %acc1135, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b153, <8 x float> %368)
-  store <8 x float> %369, ptr %acc1135, align 4
-  %370 = getelementptr inbounds float, ptr %324, i64 %k49
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc2036, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b052, <8 x float> %374)
-  store <8 x float> %375, ptr %acc2036, align 4
-  %376 = load <8 x float>, ptr %acc2137, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b153, <8 x float> %376)
-  store <8 x float> %377, ptr %acc2137, align 4
-  %378 = getelementptr inbounds float, ptr %330, i64 %k49
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc3038, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b052, <8 x float> %382)
-  store <8 x float> %383, ptr %acc3038, align 4
-  %384 = load <8 x float>, ptr %acc3139, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b153, <8 x float> %384)
-  store <8 x float> %385, ptr %acc3139, align 4
-  %386 = getelementptr inbounds float, ptr %336, i64 %k49
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc4040, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b052, <8 x float> %390)
-  store <8 x float> %391, ptr %acc4040, align 4
-  %392 = load <8 x float>, ptr %acc4141, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b153, <8 x float> %392)
-  store <8 x float> %393, ptr %acc4141, align 4
-  %394 = add nsw i64 %k49, 1
+  %351 = getelementptr inbounds i16, ptr %panels, i64 %347
+  %352 = load <8 x i32>, ptr %351, align 4
+  %353 = shl <8 x i32> %352, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %353 to <8 x float>
+  %354 = and <8 x i32> %352, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %354 to <8 x float>
+  %355 = getelementptr inbounds float, ptr %313, i64 %k49
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc0032, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b052, <8 x float> %359)
+  store <8 x float> %360, ptr %acc0032, align 4
+  %361 = load <8 x float>, ptr %acc0133, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b153, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0133, align 4
+  %363 = getelementptr inbounds float, ptr %319, i64 %k49
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc1034, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b052, <8 x float> %367)
+  store <8 x float> %368, ptr %acc1034, align 4
+  %369 = load <8 x float>, ptr %acc1135, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b153, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1135, align 4
+  %371 = getelementptr inbounds float, ptr %325, i64 %k49
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc2036, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b052, <8 x float> %375)
+  store <8 x float> %376, ptr %acc2036, align 4
+  %377 = load <8 x float>, ptr %acc2137, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b153, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2137, align 4
+  %379 = getelementptr inbounds float, ptr %331, i64 %k49
+  %380 = load float, ptr %379, align 4
+  %381 = insertelement <8 x float> poison, float %380, i32 0
+  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
+  %383 = load <8 x float>, ptr %acc3038, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b052, <8 x float> %383)
+  store <8 x float> %384, ptr %acc3038, align 4
+  %385 = load <8 x float>, ptr %acc3139, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b153, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3139, align 4
+  %387 = getelementptr inbounds float, ptr %337, i64 %k49
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc4040, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b052, <8 x float> %391)
+  store <8 x float> %392, ptr %acc4040, align 4
+  %393 = load <8 x float>, ptr %acc4141, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b153, <8 x float> %393)
+  store <8 x float> %394, ptr %acc4141, align 4
+  %395 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %395 = add nsw i64 %r0, 0
-  %396 = getelementptr inbounds float, ptr %rw, i64 %395
-  %397 = load float, ptr %396, align 4
-  %398 = insertelement <8 x float> poison, float %397, i32 0
-  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
-  %400 = mul nsw i64 %395, 2048
-  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %396 = add nsw i64 %r0, 0
+  %397 = getelementptr inbounds float, ptr %rw, i64 %396
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = mul nsw i64 %396, 2048
+  %402 = getelementptr inbounds float, ptr %h, i64 %401
   %col54 = mul nsw i64 %p, 8
-  %402 = load <8 x float>, ptr %acc0032, align 4
-  %403 = load <8 x float>, ptr %acc0133, align 4
-  %404 = fneg <8 x float> %402
-  %405 = fcmp olt <8 x float> %404, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %406 = select <8 x i1> %405, <8 x float> %404, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %407 = fcmp ogt <8 x float> %406, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %410 = call <8 x float> @llvm.floor.v8f32(<8 x float> %409)
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %408)
-  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %411)
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %412, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> %412, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %412, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %412, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %412, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %418 = fmul <8 x float> %412, %412
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %418, <8 x float> %412)
-  %420 = fadd <8 x float> %419, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %421 = fptosi <8 x float> %410 to <8 x i32>
-  %422 = add <8 x i32> %421, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %423 = shl <8 x i32> %422, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %423 to <8 x float>
-  %exp56 = fmul <8 x float> %420, %exp.2n55
-  %424 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %424
-  %silu58 = fmul <8 x float> %402, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %403
-  %425 = fmul <8 x float> %glu59, %399
-  %426 = getelementptr inbounds float, ptr %401, i64 %col54
-  store <8 x float> %425, ptr %426, align 4
-  %427 = add nsw i64 %r0, 1
-  %428 = getelementptr inbounds float, ptr %rw, i64 %427
-  %429 = load float, ptr %428, align 4
-  %430 = insertelement <8 x float> poison, float %429, i32 0
-  %431 = shufflevector <8 x float> %430, <8 x float> poison, <8 x i32> zeroinitializer
-  %432 = mul nsw i64 %427, 2048
-  %433 = getelementptr inbounds float, ptr %h, i64 %432
+  %403 = load <8 x float>, ptr %acc0032, align 4
+  %404 = load <8 x float>, ptr %acc0133, align 4
+  %405 = fneg <8 x float> %403
+  %406 = fcmp olt <8 x float> %405, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %407 = select <8 x i1> %406, <8 x float> %405, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %408 = fcmp ogt <8 x float> %407, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %409 = select <8 x i1> %408, <8 x float> %407, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %411 = call <8 x float> @llvm.floor.v8f32(<8 x float> %410)
+  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %409)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %412)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %413, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %413, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %413, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %413, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %413, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %419 = fmul <8 x float> %413, %413
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %419, <8 x float> %413)
+  %421 = fadd <8 x float> %420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %422 = fptosi <8 x float> %411 to <8 x i32>
+  %423 = add <8 x i32> %422, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %424 = shl <8 x i32> %423, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %424 to <8 x float>
+  %exp56 = fmul <8 x float> %421, %exp.2n55
+  %425 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %425
+  %silu58 = fmul <8 x float> %403, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %404
+  %426 = fmul <8 x float> %glu59, %400
+  %427 = getelementptr inbounds float, ptr %402, i64 %col54
+  store <8 x float> %426, ptr %427, align 4
+  %428 = add nsw i64 %r0, 1
+  %429 = getelementptr inbounds float, ptr %rw, i64 %428
+  %430 = load float, ptr %429, align 4
+  %431 = insertelement <8 x float> poison, float %430, i32 0
+  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
+  %433 = mul nsw i64 %428, 2048
+  %434 = getelementptr inbounds float, ptr %h, i64 %433
   %col60 = mul nsw i64 %p, 8
-  %434 = load <8 x float>, ptr %acc1034, align 4
-  %435 = load <8 x float>, ptr %acc1135, align 4
-  %436 = fneg <8 x float> %434
-  %437 = fcmp olt <8 x float> %436, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %438 = select <8 x i1> %437, <8 x float> %436, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %439 = fcmp ogt <8 x float> %438, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %442 = call <8 x float> @llvm.floor.v8f32(<8 x float> %441)
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %440)
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %443)
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %444, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> %444, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %444, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %444, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %444, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %450 = fmul <8 x float> %444, %444
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %450, <8 x float> %444)
-  %452 = fadd <8 x float> %451, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %453 = fptosi <8 x float> %442 to <8 x i32>
-  %454 = add <8 x i32> %453, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %455 = shl <8 x i32> %454, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %455 to <8 x float>
-  %exp62 = fmul <8 x float> %452, %exp.2n61
-  %456 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %456
-  %silu64 = fmul <8 x float> %434, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %435
-  %457 = fmul <8 x float> %glu65, %431
-  %458 = getelementptr inbounds float, ptr %433, i64 %col60
-  store <8 x float> %457, ptr %458, align 4
-  %459 = add nsw i64 %r0, 2
-  %460 = getelementptr inbounds float, ptr %rw, i64 %459
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = mul nsw i64 %459, 2048
-  %465 = getelementptr inbounds float, ptr %h, i64 %464
+  %435 = load <8 x float>, ptr %acc1034, align 4
+  %436 = load <8 x float>, ptr %acc1135, align 4
+  %437 = fneg <8 x float> %435
+  %438 = fcmp olt <8 x float> %437, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %439 = select <8 x i1> %438, <8 x float> %437, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %440 = fcmp ogt <8 x float> %439, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %443 = call <8 x float> @llvm.floor.v8f32(<8 x float> %442)
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %441)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %444)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %445, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %445, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %445, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %445, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %445, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %451 = fmul <8 x float> %445, %445
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %451, <8 x float> %445)
+  %453 = fadd <8 x float> %452, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %454 = fptosi <8 x float> %443 to <8 x i32>
+  %455 = add <8 x i32> %454, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %456 = shl <8 x i32> %455, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %456 to <8 x float>
+  %exp62 = fmul <8 x float> %453, %exp.2n61
+  %457 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %457
+  %silu64 = fmul <8 x float> %435, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %436
+  %458 = fmul <8 x float> %glu65, %432
+  %459 = getelementptr inbounds float, ptr %434, i64 %col60
+  store <8 x float> %458, ptr %459, align 4
+  %460 = add nsw i64 %r0, 2
+  %461 = getelementptr inbounds float, ptr %rw, i64 %460
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = mul nsw i64 %460, 2048
+  %466 = getelementptr inbounds float, ptr %h, i64 %465
   %col66 = mul nsw i64 %p, 8
-  %466 = load <8 x float>, ptr %acc2036, align 4
-  %467 = load <8 x float>, ptr %acc2137, align 4
-  %468 = fneg <8 x float> %466
-  %469 = fcmp olt <8 x float> %468, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %470 = select <8 x i1> %469, <8 x float> %468, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %471 = fcmp ogt <8 x float> %470, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %474 = call <8 x float> @llvm.floor.v8f32(<8 x float> %473)
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %472)
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %475)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %476, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %476, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %476, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %476, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %476, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %482 = fmul <8 x float> %476, %476
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %482, <8 x float> %476)
-  %484 = fadd <8 x float> %483, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %485 = fptosi <8 x float> %474 to <8 x i32>
-  %486 = add <8 x i32> %485, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %487 = shl <8 x i32> %486, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %487 to <8 x float>
-  %exp68 = fmul <8 x float> %484, %exp.2n67
-  %488 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %488
-  %silu70 = fmul <8 x float> %466, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %467
-  %489 = fmul <8 x float> %glu71, %463
-  %490 = getelementptr inbounds float, ptr %465, i64 %col66
-  store <8 x float> %489, ptr %490, align 4
-  %491 = add nsw i64 %r0, 3
-  %492 = getelementptr inbounds float, ptr %rw, i64 %491
-  %493 = load float, ptr %492, align 4
-  %494 = insertelement <8 x float> poison, float %493, i32 0
-  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
-  %496 = mul nsw i64 %491, 2048
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %467 = load <8 x float>, ptr %acc2036, align 4
+  %468 = load <8 x float>, ptr %acc2137, align 4
+  %469 = fneg <8 x float> %467
+  %470 = fcmp olt <8 x float> %469, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %471 = select <8 x i1> %470, <8 x float> %469, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %472 = fcmp ogt <8 x float> %471, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %473 = select <8 x i1> %472, <8 x float> %471, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %475 = call <8 x float> @llvm.floor.v8f32(<8 x float> %474)
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %473)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %476)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %477, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %477, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %477, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %477, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %477, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %483 = fmul <8 x float> %477, %477
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %483, <8 x float> %477)
+  %485 = fadd <8 x float> %484, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %486 = fptosi <8 x float> %475 to <8 x i32>
+  %487 = add <8 x i32> %486, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %488 = shl <8 x i32> %487, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %488 to <8 x float>
+  %exp68 = fmul <8 x float> %485, %exp.2n67
+  %489 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %489
+  %silu70 = fmul <8 x float> %467, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %468
+  %490 = fmul <8 x float> %glu71, %464
+  %491 = getelementptr inbounds float, ptr %466, i64 %col66
+  store <8 x float> %490, ptr %491, align 4
+  %492 = add nsw i64 %r0, 3
+  %493 = getelementptr inbounds float, ptr %rw, i64 %492
+  %494 = load float, ptr %493, align 4
+  %495 = insertelement <8 x float> poison, float %494, i32 0
+  %496 = shufflevector <8 x float> %495, <8 x float> poison, <8 x i32> zeroinitializer
+  %497 = mul nsw i64 %492, 2048
+  %498 = getelementptr inbounds float, ptr %h, i64 %497
   %col72 = mul nsw i64 %p, 8
-  %498 = load <8 x float>, ptr %acc3038, align 4
-  %499 = load <8 x float>, ptr %acc3139, align 4
-  %500 = fneg <8 x float> %498
-  %501 = fcmp olt <8 x float> %500, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %502 = select <8 x i1> %501, <8 x float> %500, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %503 = fcmp ogt <8 x float> %502, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %506 = call <8 x float> @llvm.floor.v8f32(<8 x float> %505)
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %504)
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %507)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %508, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %508, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %508, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %508, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %508, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %514 = fmul <8 x float> %508, %508
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %514, <8 x float> %508)
-  %516 = fadd <8 x float> %515, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %517 = fptosi <8 x float> %506 to <8 x i32>
-  %518 = add <8 x i32> %517, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %519 = shl <8 x i32> %518, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %519 to <8 x float>
-  %exp74 = fmul <8 x float> %516, %exp.2n73
-  %520 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %520
-  %silu76 = fmul <8 x float> %498, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %499
-  %521 = fmul <8 x float> %glu77, %495
-  %522 = getelementptr inbounds float, ptr %497, i64 %col72
-  store <8 x float> %521, ptr %522, align 4
-  %523 = add nsw i64 %r0, 4
-  %524 = getelementptr inbounds float, ptr %rw, i64 %523
-  %525 = load float, ptr %524, align 4
-  %526 = insertelement <8 x float> poison, float %525, i32 0
-  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
-  %528 = mul nsw i64 %523, 2048
-  %529 = getelementptr inbounds float, ptr %h, i64 %528
+  %499 = load <8 x float>, ptr %acc3038, align 4
+  %500 = load <8 x float>, ptr %acc3139, align 4
+  %501 = fneg <8 x float> %499
+  %502 = fcmp olt <8 x float> %501, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %503 = select <8 x i1> %502, <8 x float> %501, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %504 = fcmp ogt <8 x float> %503, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %505, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %507 = call <8 x float> @llvm.floor.v8f32(<8 x float> %506)
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %505)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %508)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %509, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %509, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %509, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %509, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %509, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %515 = fmul <8 x float> %509, %509
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %515, <8 x float> %509)
+  %517 = fadd <8 x float> %516, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %518 = fptosi <8 x float> %507 to <8 x i32>
+  %519 = add <8 x i32> %518, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %520 = shl <8 x i32> %519, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %520 to <8 x float>
+  %exp74 = fmul <8 x float> %517, %exp.2n73
+  %521 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %521
+  %silu76 = fmul <8 x float> %499, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %500
+  %522 = fmul <8 x float> %glu77, %496
+  %523 = getelementptr inbounds float, ptr %498, i64 %col72
+  store <8 x float> %522, ptr %523, align 4
+  %524 = add nsw i64 %r0, 4
+  %525 = getelementptr inbounds float, ptr %rw, i64 %524
+  %526 = load float, ptr %525, align 4
+  %527 = insertelement <8 x float> poison, float %526, i32 0
+  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
+  %529 = mul nsw i64 %524, 2048
+  %530 = getelementptr inbounds float, ptr %h, i64 %529
   %col78 = mul nsw i64 %p, 8
-  %530 = load <8 x float>, ptr %acc4040, align 4
-  %531 = load <8 x float>, ptr %acc4141, align 4
-  %532 = fneg <8 x float> %530
-  %533 = fcmp olt <8 x float> %532, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %534 = select <8 x i1> %533, <8 x float> %532, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %535 = fcmp ogt <8 x float> %534, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %538 = call <8 x float> @llvm.floor.v8f32(<8 x float> %537)
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %536)
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %539)
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %540, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %540, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %540, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %540, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %540, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %546 = fmul <8 x float> %540, %540
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %546, <8 x float> %540)
-  %548 = fadd <8 x float> %547, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %549 = fptosi <8 x float> %538 to <8 x i32>
-  %550 = add <8 x i32> %549, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %551 = shl <8 x i32> %550, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %551 to <8 x float>
-  %exp80 = fmul <8 x float> %548, %exp.2n79
-  %552 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
-  %silu82 = fmul <8 x float> %530, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %531
-  %553 = fmul <8 x float> %glu83, %527
-  %554 = getelementptr inbounds float, ptr %529, i64 %col78
-  store <8 x float> %553, ptr %554, align 4
+  %531 = load <8 x float>, ptr %acc4040, align 4
+  %532 = load <8 x float>, ptr %acc4141, align 4
+  %533 = fneg <8 x float> %531
+  %534 = fcmp olt <8 x float> %533, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %535 = select <8 x i1> %534, <8 x float> %533, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %536 = fcmp ogt <8 x float> %535, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %537 = select <8 x i1> %536, <8 x float> %535, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %539 = call <8 x float> @llvm.floor.v8f32(<8 x float> %538)
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %537)
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %540)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %541, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %541, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %541, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %541, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %541, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %547 = fmul <8 x float> %541, %541
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %547, <8 x float> %541)
+  %549 = fadd <8 x float> %548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %550 = fptosi <8 x float> %539 to <8 x i32>
+  %551 = add <8 x i32> %550, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %552 = shl <8 x i32> %551, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %552 to <8 x float>
+  %exp80 = fmul <8 x float> %549, %exp.2n79
+  %553 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %553
+  %silu82 = fmul <8 x float> %531, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %532
+  %554 = fmul <8 x float> %glu83, %528
+  %555 = getelementptr inbounds float, ptr %530, i64 %col78
+  store <8 x float> %554, ptr %555, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %555 = add nsw i64 %r0, 0
-  %556 = getelementptr inbounds i32, ptr %rows, i64 %555
-  %557 = load i32, ptr %556, align 4
-  %558 = sext i32 %557 to i64
-  %559 = mul nsw i64 %558, 7168
-  %560 = getelementptr inbounds float, ptr %x, i64 %559
+tile.mr4:                                         ; preds = %rb.body
+  %556 = add nsw i64 %r0, 0
+  %557 = getelementptr inbounds i32, ptr %rows, i64 %556
+  %558 = load i32, ptr %557, align 4
+  %559 = sext i32 %558 to i64
+  %560 = mul nsw i64 %559, 7168
+  %561 = getelementptr inbounds float, ptr %x, i64 %560
   store <8 x float> zeroinitializer, ptr %acc0084, align 4
   store <8 x float> zeroinitializer, ptr %acc0185, align 4
-  %561 = add nsw i64 %r0, 1
-  %562 = getelementptr inbounds i32, ptr %rows, i64 %561
-  %563 = load i32, ptr %562, align 4
-  %564 = sext i32 %563 to i64
-  %565 = mul nsw i64 %564, 7168
-  %566 = getelementptr inbounds float, ptr %x, i64 %565
+  %562 = add nsw i64 %r0, 1
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 7168
+  %567 = getelementptr inbounds float, ptr %x, i64 %566
   store <8 x float> zeroinitializer, ptr %acc1086, align 4
   store <8 x float> zeroinitializer, ptr %acc1187, align 4
-  %567 = add nsw i64 %r0, 2
-  %568 = getelementptr inbounds i32, ptr %rows, i64 %567
-  %569 = load i32, ptr %568, align 4
-  %570 = sext i32 %569 to i64
-  %571 = mul nsw i64 %570, 7168
-  %572 = getelementptr inbounds float, ptr %x, i64 %571
+  %568 = add nsw i64 %r0, 2
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 7168
+  %573 = getelementptr inbounds float, ptr %x, i64 %572
   store <8 x float> zeroinitializer, ptr %acc2088, align 4
   store <8 x float> zeroinitializer, ptr %acc2189, align 4
-  %573 = add nsw i64 %r0, 3
-  %574 = getelementptr inbounds i32, ptr %rows, i64 %573
-  %575 = load i32, ptr %574, align 4
-  %576 = sext i32 %575 to i64
-  %577 = mul nsw i64 %576, 7168
-  %578 = getelementptr inbounds float, ptr %x, i64 %577
+  %574 = add nsw i64 %r0, 3
+  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
+  %576 = load i32, ptr %575, align 4
+  %577 = sext i32 %576 to i64
+  %578 = mul nsw i64 %577, 7168
+  %579 = getelementptr inbounds float, ptr %x, i64 %578
   store <8 x float> zeroinitializer, ptr %acc3090, align 4
   store <8 x float> zeroinitializer, ptr %acc3191, align 4
   %panel.off92 = mul nsw i64 %p, 114688
-  %579 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
-  %580 = add nsw i64 %p, 1
-  %581 = icmp slt i64 %580, %p1
-  %pf.on93 = and i1 %pf.on, %581
-  %582 = mul nsw i64 %pf.j, 229376
-  %583 = lshr i64 %582, %9
-  %584 = add nsw i64 229376, %583
-  %585 = getelementptr inbounds i8, ptr %579, i64 %584
-  %pf94 = select i1 %pf.on93, ptr %585, ptr %579
-  %pf.sh95 = select i1 %pf.on93, i64 %9, i64 0
+  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
+  %581 = add nsw i64 %p, 1
+  %582 = icmp slt i64 %581, %p1
+  %pf.on93 = and i1 %pf.on, %582
+  %583 = mul nsw i64 %rb, 229376
+  %584 = lshr i64 %583, %11
+  %585 = add nsw i64 229376, %584
+  %586 = getelementptr inbounds i8, ptr %580, i64 %585
+  %pf94 = select i1 %pf.on93, ptr %586, ptr %580
+  %pf.sh95 = select i1 %pf.on93, i64 %11, i64 0
   br label %k.head96
 
 k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
-  %k99 = phi i64 [ 0, %tile.mr4 ], [ %628, %pf.any.end101 ]
-  %586 = icmp slt i64 %k99, 7168
-  br i1 %586, label %k.body97, label %k.end98
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %629, %pf.any.end101 ]
+  %587 = icmp slt i64 %k99, 7168
+  br i1 %587, label %k.body97, label %k.end98
 
 k.body97:                                         ; preds = %k.head96
-  %587 = mul nsw i64 %k99, 16
-  %588 = add nsw i64 %panel.off92, %587
-  %589 = mul nsw i64 %k99, 32
+  %588 = mul nsw i64 %k99, 16
+  %589 = add nsw i64 %panel.off92, %588
+  %590 = mul nsw i64 %k99, 32
   br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
 
 pf.any.then100:                                   ; preds = %k.body97
-  %590 = lshr i64 %589, %pf.sh95
-  %591 = getelementptr inbounds i8, ptr %pf94, i64 %590
-  call void @llvm.prefetch.p0(ptr %591, i32 0, i32 2, i32 1)
+  %591 = lshr i64 %590, %pf.sh95
+  %592 = getelementptr inbounds i8, ptr %pf94, i64 %591
+  call void @llvm.prefetch.p0(ptr %592, i32 0, i32 2, i32 1)
   br label %pf.any.end101
 
 pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
-  %592 = getelementptr inbounds i16, ptr %panels, i64 %588
-  %593 = load <8 x i32>, ptr %592, align 4
-  %594 = shl <8 x i32> %593, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0102 = bitcast <8 x i32> %594 to <8 x float>
-  %595 = and <8 x i32> %593, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1103 = bitcast <8 x i32> %595 to <8 x float>
-  %596 = getelementptr inbounds float, ptr %560, i64 %k99
-  %597 = load float, ptr %596, align 4
-  %598 = insertelement <8 x float> poison, float %597, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = load <8 x float>, ptr %acc0084, align 4
-  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b0102, <8 x float> %600)
-  store <8 x float> %601, ptr %acc0084, align 4
-  %602 = load <8 x float>, ptr %acc0185, align 4
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b1103, <8 x float> %602)
-  store <8 x float> %603, ptr %acc0185, align 4
-  %604 = getelementptr inbounds float, ptr %566, i64 %k99
-  %605 = load float, ptr %604, align 4
-  %606 = insertelement <8 x float> poison, float %605, i32 0
-  %607 = shufflevector <8 x float> %606, <8 x float> poison, <8 x i32> zeroinitializer
-  %608 = load <8 x float>, ptr %acc1086, align 4
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b0102, <8 x float> %608)
-  store <8 x float> %609, ptr %acc1086, align 4
-  %610 = load <8 x float>, ptr %acc1187, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b1103, <8 x float> %610)
-  store <8 x float> %611, ptr %acc1187, align 4
-  %612 = getelementptr inbounds float, ptr %572, i64 %k99
-  %613 = load float, ptr %612, align 4
-  %614 = insertelement <8 x float> poison, float %613, i32 0
-  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
-  %616 = load <8 x float>, ptr %acc2088, align 4
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b0102, <8 x float> %616)
-  store <8 x float> %617, ptr %acc2088, align 4
-  %618 = load <8 x float>, ptr %acc2189, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b1103, <8 x float> %618)
-  store <8 x float> %619, ptr %acc2189, align 4
-  %620 = getelementptr inbounds float, ptr %578, i64 %k99
-  %621 = load float, ptr %620, align 4
-  %622 = insertelement <8 x float> poison, float %621, i32 0
-  %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
-  %624 = load <8 x float>, ptr %acc3090, align 4
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b0102, <8 x float> %624)
-  store <8 x float> %625, ptr %acc3090, align 4
-  %626 = load <8 x float>, ptr %acc3191, align 4
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b1103, <8 x float> %626)
-  store <8 x float> %627, ptr %acc3191, align 4
-  %628 = add nsw i64 %k99, 1
+  %593 = getelementptr inbounds i16, ptr %panels, i64 %589
+  %594 = load <8 x i32>, ptr %593, align 4
+  %595 = shl <8 x i32> %594, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0102 = bitcast <8 x i32> %595 to <8 x float>
+  %596 = and <8 x i32> %594, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1103 = bitcast <8 x i32> %596 to <8 x float>
+  %597 = getelementptr inbounds float, ptr %561, i64 %k99
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = load <8 x float>, ptr %acc0084, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b0102, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0084, align 4
+  %603 = load <8 x float>, ptr %acc0185, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b1103, <8 x float> %603)
+  store <8 x float> %604, ptr %acc0185, align 4
+  %605 = getelementptr inbounds float, ptr %567, i64 %k99
+  %606 = load float, ptr %605, align 4
+  %607 = insertelement <8 x float> poison, float %606, i32 0
+  %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
+  %609 = load <8 x float>, ptr %acc1086, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b0102, <8 x float> %609)
+  store <8 x float> %610, ptr %acc1086, align 4
+  %611 = load <8 x float>, ptr %acc1187, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b1103, <8 x float> %611)
+  store <8 x float> %612, ptr %acc1187, align 4
+  %613 = getelementptr inbounds float, ptr %573, i64 %k99
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = load <8 x float>, ptr %acc2088, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b0102, <8 x float> %617)
+  store <8 x float> %618, ptr %acc2088, align 4
+  %619 = load <8 x float>, ptr %acc2189, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b1103, <8 x float> %619)
+  store <8 x float> %620, ptr %acc2189, align 4
+  %621 = getelementptr inbounds float, ptr %579, i64 %k99
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc3090, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b0102, <8 x float> %625)
+  store <8 x float> %626, ptr %acc3090, align 4
+  %627 = load <8 x float>, ptr %acc3191, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b1103, <8 x float> %627)
+  store <8 x float> %628, ptr %acc3191, align 4
+  %629 = add nsw i64 %k99, 1
   br label %k.head96
 
 k.end98:                                          ; preds = %k.head96
-  %629 = add nsw i64 %r0, 0
-  %630 = getelementptr inbounds float, ptr %rw, i64 %629
-  %631 = load float, ptr %630, align 4
-  %632 = insertelement <8 x float> poison, float %631, i32 0
-  %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
-  %634 = mul nsw i64 %629, 2048
-  %635 = getelementptr inbounds float, ptr %h, i64 %634
+  %630 = add nsw i64 %r0, 0
+  %631 = getelementptr inbounds float, ptr %rw, i64 %630
+  %632 = load float, ptr %631, align 4
+  %633 = insertelement <8 x float> poison, float %632, i32 0
+  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
+  %635 = mul nsw i64 %630, 2048
+  %636 = getelementptr inbounds float, ptr %h, i64 %635
   %col104 = mul nsw i64 %p, 8
-  %636 = load <8 x float>, ptr %acc0084, align 4
-  %637 = load <8 x float>, ptr %acc0185, align 4
-  %638 = fneg <8 x float> %636
-  %639 = fcmp olt <8 x float> %638, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %640 = select <8 x i1> %639, <8 x float> %638, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %641 = fcmp ogt <8 x float> %640, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %642 = select <8 x i1> %641, <8 x float> %640, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %644 = call <8 x float> @llvm.floor.v8f32(<8 x float> %643)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %642)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %645)
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %646, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %646, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %646, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %646, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %646, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %652 = fmul <8 x float> %646, %646
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %652, <8 x float> %646)
-  %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %655 = fptosi <8 x float> %644 to <8 x i32>
-  %656 = add <8 x i32> %655, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %657 = shl <8 x i32> %656, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %657 to <8 x float>
-  %exp106 = fmul <8 x float> %654, %exp.2n105
-  %658 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %658
-  %silu108 = fmul <8 x float> %636, %sigmoid107
-  %glu109 = fmul <8 x float> %silu108, %637
-  %659 = fmul <8 x float> %glu109, %633
-  %660 = getelementptr inbounds float, ptr %635, i64 %col104
-  store <8 x float> %659, ptr %660, align 4
-  %661 = add nsw i64 %r0, 1
-  %662 = getelementptr inbounds float, ptr %rw, i64 %661
-  %663 = load float, ptr %662, align 4
-  %664 = insertelement <8 x float> poison, float %663, i32 0
-  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
-  %666 = mul nsw i64 %661, 2048
-  %667 = getelementptr inbounds float, ptr %h, i64 %666
+  %637 = load <8 x float>, ptr %acc0084, align 4
+  %638 = load <8 x float>, ptr %acc0185, align 4
+  %639 = fneg <8 x float> %637
+  %640 = fcmp olt <8 x float> %639, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %641 = select <8 x i1> %640, <8 x float> %639, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %642 = fcmp ogt <8 x float> %641, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %643 = select <8 x i1> %642, <8 x float> %641, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %645 = call <8 x float> @llvm.floor.v8f32(<8 x float> %644)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %643)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %646)
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %647, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %647, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %647, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %647, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %647, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %653 = fmul <8 x float> %647, %647
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %653, <8 x float> %647)
+  %655 = fadd <8 x float> %654, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %656 = fptosi <8 x float> %645 to <8 x i32>
+  %657 = add <8 x i32> %656, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %658 = shl <8 x i32> %657, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %658 to <8 x float>
+  %exp106 = fmul <8 x float> %655, %exp.2n105
+  %659 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %659
+  %silu108 = fmul <8 x float> %637, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %638
+  %660 = fmul <8 x float> %glu109, %634
+  %661 = getelementptr inbounds float, ptr %636, i64 %col104
+  store <8 x float> %660, ptr %661, align 4
+  %662 = add nsw i64 %r0, 1
+  %663 = getelementptr inbounds float, ptr %rw, i64 %662
+  %664 = load float, ptr %663, align 4
+  %665 = insertelement <8 x float> poison, float %664, i32 0
+  %666 = shufflevector <8 x float> %665, <8 x float> poison, <8 x i32> zeroinitializer
+  %667 = mul nsw i64 %662, 2048
+  %668 = getelementptr inbounds float, ptr %h, i64 %667
   %col110 = mul nsw i64 %p, 8
-  %668 = load <8 x float>, ptr %acc1086, align 4
-  %669 = load <8 x float>, ptr %acc1187, align 4
-  %670 = fneg <8 x float> %668
-  %671 = fcmp olt <8 x float> %670, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %672 = select <8 x i1> %671, <8 x float> %670, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %673 = fcmp ogt <8 x float> %672, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %674 = select <8 x i1> %673, <8 x float> %672, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %676 = call <8 x float> @llvm.floor.v8f32(<8 x float> %675)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %674)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %677)
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %678, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %678, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %678, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %678, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %678, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %684 = fmul <8 x float> %678, %678
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %684, <8 x float> %678)
-  %686 = fadd <8 x float> %685, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %687 = fptosi <8 x float> %676 to <8 x i32>
-  %688 = add <8 x i32> %687, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %689 = shl <8 x i32> %688, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n111 = bitcast <8 x i32> %689 to <8 x float>
-  %exp112 = fmul <8 x float> %686, %exp.2n111
-  %690 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %690
-  %silu114 = fmul <8 x float> %668, %sigmoid113
-  %glu115 = fmul <8 x float> %silu114, %669
-  %691 = fmul <8 x float> %glu115, %665
-  %692 = getelementptr inbounds float, ptr %667, i64 %col110
-  store <8 x float> %691, ptr %692, align 4
-  %693 = add nsw i64 %r0, 2
-  %694 = getelementptr inbounds float, ptr %rw, i64 %693
-  %695 = load float, ptr %694, align 4
-  %696 = insertelement <8 x float> poison, float %695, i32 0
-  %697 = shufflevector <8 x float> %696, <8 x float> poison, <8 x i32> zeroinitializer
-  %698 = mul nsw i64 %693, 2048
-  %699 = getelementptr inbounds float, ptr %h, i64 %698
+  %669 = load <8 x float>, ptr %acc1086, align 4
+  %670 = load <8 x float>, ptr %acc1187, align 4
+  %671 = fneg <8 x float> %669
+  %672 = fcmp olt <8 x float> %671, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %673 = select <8 x i1> %672, <8 x float> %671, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %674 = fcmp ogt <8 x float> %673, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %675 = select <8 x i1> %674, <8 x float> %673, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %677 = call <8 x float> @llvm.floor.v8f32(<8 x float> %676)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %675)
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %678)
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %679, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %679, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %679, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %679, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %679, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %685 = fmul <8 x float> %679, %679
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %685, <8 x float> %679)
+  %687 = fadd <8 x float> %686, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %688 = fptosi <8 x float> %677 to <8 x i32>
+  %689 = add <8 x i32> %688, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %690 = shl <8 x i32> %689, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n111 = bitcast <8 x i32> %690 to <8 x float>
+  %exp112 = fmul <8 x float> %687, %exp.2n111
+  %691 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %691
+  %silu114 = fmul <8 x float> %669, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %670
+  %692 = fmul <8 x float> %glu115, %666
+  %693 = getelementptr inbounds float, ptr %668, i64 %col110
+  store <8 x float> %692, ptr %693, align 4
+  %694 = add nsw i64 %r0, 2
+  %695 = getelementptr inbounds float, ptr %rw, i64 %694
+  %696 = load float, ptr %695, align 4
+  %697 = insertelement <8 x float> poison, float %696, i32 0
+  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
+  %699 = mul nsw i64 %694, 2048
+  %700 = getelementptr inbounds float, ptr %h, i64 %699
   %col116 = mul nsw i64 %p, 8
-  %700 = load <8 x float>, ptr %acc2088, align 4
-  %701 = load <8 x float>, ptr %acc2189, align 4
-  %702 = fneg <8 x float> %700
-  %703 = fcmp olt <8 x float> %702, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %705 = fcmp ogt <8 x float> %704, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %706 = select <8 x i1> %705, <8 x float> %704, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %708 = call <8 x float> @llvm.floor.v8f32(<8 x float> %707)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %706)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %709)
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %710, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %710, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %710, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %710, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %716 = fmul <8 x float> %710, %710
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %716, <8 x float> %710)
-  %718 = fadd <8 x float> %717, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %719 = fptosi <8 x float> %708 to <8 x i32>
-  %720 = add <8 x i32> %719, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %721 = shl <8 x i32> %720, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %721 to <8 x float>
-  %exp118 = fmul <8 x float> %718, %exp.2n117
-  %722 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %722
-  %silu120 = fmul <8 x float> %700, %sigmoid119
-  %glu121 = fmul <8 x float> %silu120, %701
-  %723 = fmul <8 x float> %glu121, %697
-  %724 = getelementptr inbounds float, ptr %699, i64 %col116
-  store <8 x float> %723, ptr %724, align 4
-  %725 = add nsw i64 %r0, 3
-  %726 = getelementptr inbounds float, ptr %rw, i64 %725
-  %727 = load float, ptr %726, align 4
-  %728 = insertelement <8 x float> poison, float %727, i32 0
-  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
-  %730 = mul nsw i64 %725, 2048
-  %731 = getelementptr inbounds float, ptr %h, i64 %730
+  %701 = load <8 x float>, ptr %acc2088, align 4
+  %702 = load <8 x float>, ptr %acc2189, align 4
+  %703 = fneg <8 x float> %701
+  %704 = fcmp olt <8 x float> %703, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %705 = select <8 x i1> %704, <8 x float> %703, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %706 = fcmp ogt <8 x float> %705, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %707 = select <8 x i1> %706, <8 x float> %705, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %709 = call <8 x float> @llvm.floor.v8f32(<8 x float> %708)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %707)
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %710)
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %711, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %711, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %711, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %711, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %711, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %717 = fmul <8 x float> %711, %711
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %717, <8 x float> %711)
+  %719 = fadd <8 x float> %718, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %720 = fptosi <8 x float> %709 to <8 x i32>
+  %721 = add <8 x i32> %720, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %722 = shl <8 x i32> %721, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n117 = bitcast <8 x i32> %722 to <8 x float>
+  %exp118 = fmul <8 x float> %719, %exp.2n117
+  %723 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %723
+  %silu120 = fmul <8 x float> %701, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %702
+  %724 = fmul <8 x float> %glu121, %698
+  %725 = getelementptr inbounds float, ptr %700, i64 %col116
+  store <8 x float> %724, ptr %725, align 4
+  %726 = add nsw i64 %r0, 3
+  %727 = getelementptr inbounds float, ptr %rw, i64 %726
+  %728 = load float, ptr %727, align 4
+  %729 = insertelement <8 x float> poison, float %728, i32 0
+  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
+  %731 = mul nsw i64 %726, 2048
+  %732 = getelementptr inbounds float, ptr %h, i64 %731
   %col122 = mul nsw i64 %p, 8
-  %732 = load <8 x float>, ptr %acc3090, align 4
-  %733 = load <8 x float>, ptr %acc3191, align 4
-  %734 = fneg <8 x float> %732
-  %735 = fcmp olt <8 x float> %734, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %736 = select <8 x i1> %735, <8 x float> %734, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %737 = fcmp ogt <8 x float> %736, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %738 = select <8 x i1> %737, <8 x float> %736, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %738, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %740 = call <8 x float> @llvm.floor.v8f32(<8 x float> %739)
-  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %738)
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %741)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %742, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %742, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %742, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %742, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %742, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %748 = fmul <8 x float> %742, %742
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %748, <8 x float> %742)
-  %750 = fadd <8 x float> %749, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %751 = fptosi <8 x float> %740 to <8 x i32>
-  %752 = add <8 x i32> %751, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %753 = shl <8 x i32> %752, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %753 to <8 x float>
-  %exp124 = fmul <8 x float> %750, %exp.2n123
-  %754 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %754
-  %silu126 = fmul <8 x float> %732, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %733
-  %755 = fmul <8 x float> %glu127, %729
-  %756 = getelementptr inbounds float, ptr %731, i64 %col122
-  store <8 x float> %755, ptr %756, align 4
+  %733 = load <8 x float>, ptr %acc3090, align 4
+  %734 = load <8 x float>, ptr %acc3191, align 4
+  %735 = fneg <8 x float> %733
+  %736 = fcmp olt <8 x float> %735, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %737 = select <8 x i1> %736, <8 x float> %735, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %738 = fcmp ogt <8 x float> %737, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %741 = call <8 x float> @llvm.floor.v8f32(<8 x float> %740)
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %739)
+  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %742)
+  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %743, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %743, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %743, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %743, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %743, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %749 = fmul <8 x float> %743, %743
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %749, <8 x float> %743)
+  %751 = fadd <8 x float> %750, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %752 = fptosi <8 x float> %741 to <8 x i32>
+  %753 = add <8 x i32> %752, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %754 = shl <8 x i32> %753, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n123 = bitcast <8 x i32> %754 to <8 x float>
+  %exp124 = fmul <8 x float> %751, %exp.2n123
+  %755 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %755
+  %silu126 = fmul <8 x float> %733, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %734
+  %756 = fmul <8 x float> %glu127, %730
+  %757 = getelementptr inbounds float, ptr %732, i64 %col122
+  store <8 x float> %756, ptr %757, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %757 = add nsw i64 %r0, 0
-  %758 = getelementptr inbounds i32, ptr %rows, i64 %757
-  %759 = load i32, ptr %758, align 4
-  %760 = sext i32 %759 to i64
-  %761 = mul nsw i64 %760, 7168
-  %762 = getelementptr inbounds float, ptr %x, i64 %761
+tile.mr3:                                         ; preds = %rb.body
+  %758 = add nsw i64 %r0, 0
+  %759 = getelementptr inbounds i32, ptr %rows, i64 %758
+  %760 = load i32, ptr %759, align 4
+  %761 = sext i32 %760 to i64
+  %762 = mul nsw i64 %761, 7168
+  %763 = getelementptr inbounds float, ptr %x, i64 %762
   store <8 x float> zeroinitializer, ptr %acc00128, align 4
   store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %763 = add nsw i64 %r0, 1
-  %764 = getelementptr inbounds i32, ptr %rows, i64 %763
-  %765 = load i32, ptr %764, align 4
-  %766 = sext i32 %765 to i64
-  %767 = mul nsw i64 %766, 7168
-  %768 = getelementptr inbounds float, ptr %x, i64 %767
+  %764 = add nsw i64 %r0, 1
+  %765 = getelementptr inbounds i32, ptr %rows, i64 %764
+  %766 = load i32, ptr %765, align 4
+  %767 = sext i32 %766 to i64
+  %768 = mul nsw i64 %767, 7168
+  %769 = getelementptr inbounds float, ptr %x, i64 %768
   store <8 x float> zeroinitializer, ptr %acc10130, align 4
   store <8 x float> zeroinitializer, ptr %acc11131, align 4
-  %769 = add nsw i64 %r0, 2
-  %770 = getelementptr inbounds i32, ptr %rows, i64 %769
-  %771 = load i32, ptr %770, align 4
-  %772 = sext i32 %771 to i64
-  %773 = mul nsw i64 %772, 7168
-  %774 = getelementptr inbounds float, ptr %x, i64 %773
+  %770 = add nsw i64 %r0, 2
+  %771 = getelementptr inbounds i32, ptr %rows, i64 %770
+  %772 = load i32, ptr %771, align 4
+  %773 = sext i32 %772 to i64
+  %774 = mul nsw i64 %773, 7168
+  %775 = getelementptr inbounds float, ptr %x, i64 %774
   store <8 x float> zeroinitializer, ptr %acc20132, align 4
   store <8 x float> zeroinitializer, ptr %acc21133, align 4
   %panel.off134 = mul nsw i64 %p, 114688
-  %775 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
-  %776 = add nsw i64 %p, 1
-  %777 = icmp slt i64 %776, %p1
-  %pf.on135 = and i1 %pf.on, %777
-  %778 = mul nsw i64 %pf.j, 229376
-  %779 = lshr i64 %778, %9
-  %780 = add nsw i64 229376, %779
-  %781 = getelementptr inbounds i8, ptr %775, i64 %780
-  %pf136 = select i1 %pf.on135, ptr %781, ptr %775
-  %pf.sh137 = select i1 %pf.on135, i64 %9, i64 0
+  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
+  %777 = add nsw i64 %p, 1
+  %778 = icmp slt i64 %777, %p1
+  %pf.on135 = and i1 %pf.on, %778
+  %779 = mul nsw i64 %rb, 229376
+  %780 = lshr i64 %779, %11
+  %781 = add nsw i64 229376, %780
+  %782 = getelementptr inbounds i8, ptr %776, i64 %781
+  %pf136 = select i1 %pf.on135, ptr %782, ptr %776
+  %pf.sh137 = select i1 %pf.on135, i64 %11, i64 0
   br label %k.head138
 
 k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
-  %k141 = phi i64 [ 0, %tile.mr3 ], [ %816, %pf.any.end143 ]
-  %782 = icmp slt i64 %k141, 7168
-  br i1 %782, label %k.body139, label %k.end140
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %817, %pf.any.end143 ]
+  %783 = icmp slt i64 %k141, 7168
+  br i1 %783, label %k.body139, label %k.end140
 
 k.body139:                                        ; preds = %k.head138
-  %783 = mul nsw i64 %k141, 16
-  %784 = add nsw i64 %panel.off134, %783
-  %785 = mul nsw i64 %k141, 32
+  %784 = mul nsw i64 %k141, 16
+  %785 = add nsw i64 %panel.off134, %784
+  %786 = mul nsw i64 %k141, 32
   br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
 
 pf.any.then142:                                   ; preds = %k.body139
-  %786 = lshr i64 %785, %pf.sh137
-  %787 = getelementptr inbounds i8, ptr %pf136, i64 %786
-  call void @llvm.prefetch.p0(ptr %787, i32 0, i32 2, i32 1)
+  %787 = lshr i64 %786, %pf.sh137
+  %788 = getelementptr inbounds i8, ptr %pf136, i64 %787
+  call void @llvm.prefetch.p0(ptr %788, i32 0, i32 2, i32 1)
   br label %pf.any.end143
 
 pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
-  %788 = getelementptr inbounds i16, ptr %panels, i64 %784
-  %789 = load <8 x i32>, ptr %788, align 4
-  %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %790 to <8 x float>
-  %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %791 to <8 x float>
-  %792 = getelementptr inbounds float, ptr %762, i64 %k141
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc00128, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0144, <8 x float> %796)
-  store <8 x float> %797, ptr %acc00128, align 4
-  %798 = load <8 x float>, ptr %acc01129, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1145, <8 x float> %798)
-  store <8 x float> %799, ptr %acc01129, align 4
-  %800 = getelementptr inbounds float, ptr %768, i64 %k141
-  %801 = load float, ptr %800, align 4
-  %802 = insertelement <8 x float> poison, float %801, i32 0
-  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
-  %804 = load <8 x float>, ptr %acc10130, align 4
-  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0144, <8 x float> %804)
-  store <8 x float> %805, ptr %acc10130, align 4
-  %806 = load <8 x float>, ptr %acc11131, align 4
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1145, <8 x float> %806)
-  store <8 x float> %807, ptr %acc11131, align 4
-  %808 = getelementptr inbounds float, ptr %774, i64 %k141
-  %809 = load float, ptr %808, align 4
-  %810 = insertelement <8 x float> poison, float %809, i32 0
-  %811 = shufflevector <8 x float> %810, <8 x float> poison, <8 x i32> zeroinitializer
-  %812 = load <8 x float>, ptr %acc20132, align 4
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b0144, <8 x float> %812)
-  store <8 x float> %813, ptr %acc20132, align 4
-  %814 = load <8 x float>, ptr %acc21133, align 4
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b1145, <8 x float> %814)
-  store <8 x float> %815, ptr %acc21133, align 4
-  %816 = add nsw i64 %k141, 1
+  %789 = getelementptr inbounds i16, ptr %panels, i64 %785
+  %790 = load <8 x i32>, ptr %789, align 4
+  %791 = shl <8 x i32> %790, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0144 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = and <8 x i32> %790, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1145 = bitcast <8 x i32> %792 to <8 x float>
+  %793 = getelementptr inbounds float, ptr %763, i64 %k141
+  %794 = load float, ptr %793, align 4
+  %795 = insertelement <8 x float> poison, float %794, i32 0
+  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
+  %797 = load <8 x float>, ptr %acc00128, align 4
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b0144, <8 x float> %797)
+  store <8 x float> %798, ptr %acc00128, align 4
+  %799 = load <8 x float>, ptr %acc01129, align 4
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b1145, <8 x float> %799)
+  store <8 x float> %800, ptr %acc01129, align 4
+  %801 = getelementptr inbounds float, ptr %769, i64 %k141
+  %802 = load float, ptr %801, align 4
+  %803 = insertelement <8 x float> poison, float %802, i32 0
+  %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
+  %805 = load <8 x float>, ptr %acc10130, align 4
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b0144, <8 x float> %805)
+  store <8 x float> %806, ptr %acc10130, align 4
+  %807 = load <8 x float>, ptr %acc11131, align 4
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b1145, <8 x float> %807)
+  store <8 x float> %808, ptr %acc11131, align 4
+  %809 = getelementptr inbounds float, ptr %775, i64 %k141
+  %810 = load float, ptr %809, align 4
+  %811 = insertelement <8 x float> poison, float %810, i32 0
+  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
+  %813 = load <8 x float>, ptr %acc20132, align 4
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b0144, <8 x float> %813)
+  store <8 x float> %814, ptr %acc20132, align 4
+  %815 = load <8 x float>, ptr %acc21133, align 4
+  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b1145, <8 x float> %815)
+  store <8 x float> %816, ptr %acc21133, align 4
+  %817 = add nsw i64 %k141, 1
   br label %k.head138
 
 k.end140:                                         ; preds = %k.head138
-  %817 = add nsw i64 %r0, 0
-  %818 = getelementptr inbounds float, ptr %rw, i64 %817
-  %819 = load float, ptr %818, align 4
-  %820 = insertelement <8 x float> poison, float %819, i32 0
-  %821 = shufflevector <8 x float> %820, <8 x float> poison, <8 x i32> zeroinitializer
-  %822 = mul nsw i64 %817, 2048
-  %823 = getelementptr inbounds float, ptr %h, i64 %822
+  %818 = add nsw i64 %r0, 0
+  %819 = getelementptr inbounds float, ptr %rw, i64 %818
+  %820 = load float, ptr %819, align 4
+  %821 = insertelement <8 x float> poison, float %820, i32 0
+  %822 = shufflevector <8 x float> %821, <8 x float> poison, <8 x i32> zeroinitializer
+  %823 = mul nsw i64 %818, 2048
+  %824 = getelementptr inbounds float, ptr %h, i64 %823
   %col146 = mul nsw i64 %p, 8
-  %824 = load <8 x float>, ptr %acc00128, align 4
-  %825 = load <8 x float>, ptr %acc01129, align 4
-  %826 = fneg <8 x float> %824
-  %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %829 = fcmp ogt <8 x float> %828, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %832 = call <8 x float> @llvm.floor.v8f32(<8 x float> %831)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %830)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %833)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %834, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %834, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %834, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %834, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %834, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %840 = fmul <8 x float> %834, %834
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %834)
-  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %843 = fptosi <8 x float> %832 to <8 x i32>
-  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %845 to <8 x float>
-  %exp148 = fmul <8 x float> %842, %exp.2n147
-  %846 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu150 = fmul <8 x float> %824, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %825
-  %847 = fmul <8 x float> %glu151, %821
-  %848 = getelementptr inbounds float, ptr %823, i64 %col146
-  store <8 x float> %847, ptr %848, align 4
-  %849 = add nsw i64 %r0, 1
-  %850 = getelementptr inbounds float, ptr %rw, i64 %849
-  %851 = load float, ptr %850, align 4
-  %852 = insertelement <8 x float> poison, float %851, i32 0
-  %853 = shufflevector <8 x float> %852, <8 x float> poison, <8 x i32> zeroinitializer
-  %854 = mul nsw i64 %849, 2048
-  %855 = getelementptr inbounds float, ptr %h, i64 %854
+  %825 = load <8 x float>, ptr %acc00128, align 4
+  %826 = load <8 x float>, ptr %acc01129, align 4
+  %827 = fneg <8 x float> %825
+  %828 = fcmp olt <8 x float> %827, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %829 = select <8 x i1> %828, <8 x float> %827, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %830 = fcmp ogt <8 x float> %829, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %831 = select <8 x i1> %830, <8 x float> %829, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %833 = call <8 x float> @llvm.floor.v8f32(<8 x float> %832)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %831)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %834)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %835, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %835, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %835, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %835, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %835, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %841 = fmul <8 x float> %835, %835
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %841, <8 x float> %835)
+  %843 = fadd <8 x float> %842, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %844 = fptosi <8 x float> %833 to <8 x i32>
+  %845 = add <8 x i32> %844, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %846 = shl <8 x i32> %845, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %846 to <8 x float>
+  %exp148 = fmul <8 x float> %843, %exp.2n147
+  %847 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %847
+  %silu150 = fmul <8 x float> %825, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %826
+  %848 = fmul <8 x float> %glu151, %822
+  %849 = getelementptr inbounds float, ptr %824, i64 %col146
+  store <8 x float> %848, ptr %849, align 4
+  %850 = add nsw i64 %r0, 1
+  %851 = getelementptr inbounds float, ptr %rw, i64 %850
+  %852 = load float, ptr %851, align 4
+  %853 = insertelement <8 x float> poison, float %852, i32 0
+  %854 = shufflevector <8 x float> %853, <8 x float> poison, <8 x i32> zeroinitializer
+  %855 = mul nsw i64 %850, 2048
+  %856 = getelementptr inbounds float, ptr %h, i64 %855
   %col152 = mul nsw i64 %p, 8
-  %856 = load <8 x float>, ptr %acc10130, align 4
-  %857 = load <8 x float>, ptr %acc11131, align 4
-  %858 = fneg <8 x float> %856
-  %859 = fcmp olt <8 x float> %858, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %860 = select <8 x i1> %859, <8 x float> %858, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %861 = fcmp ogt <8 x float> %860, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %862 = select <8 x i1> %861, <8 x float> %860, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %864 = call <8 x float> @llvm.floor.v8f32(<8 x float> %863)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %862)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %865)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %866, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %866, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %866, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %866, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %866, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %872 = fmul <8 x float> %866, %866
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %872, <8 x float> %866)
-  %874 = fadd <8 x float> %873, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %875 = fptosi <8 x float> %864 to <8 x i32>
-  %876 = add <8 x i32> %875, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %877 = shl <8 x i32> %876, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %877 to <8 x float>
-  %exp154 = fmul <8 x float> %874, %exp.2n153
-  %878 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %878
-  %silu156 = fmul <8 x float> %856, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %857
-  %879 = fmul <8 x float> %glu157, %853
-  %880 = getelementptr inbounds float, ptr %855, i64 %col152
-  store <8 x float> %879, ptr %880, align 4
-  %881 = add nsw i64 %r0, 2
-  %882 = getelementptr inbounds float, ptr %rw, i64 %881
-  %883 = load float, ptr %882, align 4
-  %884 = insertelement <8 x float> poison, float %883, i32 0
-  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
-  %886 = mul nsw i64 %881, 2048
-  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %857 = load <8 x float>, ptr %acc10130, align 4
+  %858 = load <8 x float>, ptr %acc11131, align 4
+  %859 = fneg <8 x float> %857
+  %860 = fcmp olt <8 x float> %859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %862 = fcmp ogt <8 x float> %861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %864)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %863)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %866)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %873 = fmul <8 x float> %867, %867
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %873, <8 x float> %867)
+  %875 = fadd <8 x float> %874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %876 = fptosi <8 x float> %865 to <8 x i32>
+  %877 = add <8 x i32> %876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %878 = shl <8 x i32> %877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %878 to <8 x float>
+  %exp154 = fmul <8 x float> %875, %exp.2n153
+  %879 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %879
+  %silu156 = fmul <8 x float> %857, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %858
+  %880 = fmul <8 x float> %glu157, %854
+  %881 = getelementptr inbounds float, ptr %856, i64 %col152
+  store <8 x float> %880, ptr %881, align 4
+  %882 = add nsw i64 %r0, 2
+  %883 = getelementptr inbounds float, ptr %rw, i64 %882
+  %884 = load float, ptr %883, align 4
+  %885 = insertelement <8 x float> poison, float %884, i32 0
+  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
+  %887 = mul nsw i64 %882, 2048
+  %888 = getelementptr inbounds float, ptr %h, i64 %887
   %col158 = mul nsw i64 %p, 8
-  %888 = load <8 x float>, ptr %acc20132, align 4
-  %889 = load <8 x float>, ptr %acc21133, align 4
-  %890 = fneg <8 x float> %888
-  %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %893 = fcmp ogt <8 x float> %892, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %896 = call <8 x float> @llvm.floor.v8f32(<8 x float> %895)
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %894)
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %897)
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %898, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %898, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %898, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %898, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %898, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %904 = fmul <8 x float> %898, %898
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %904, <8 x float> %898)
-  %906 = fadd <8 x float> %905, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %907 = fptosi <8 x float> %896 to <8 x i32>
-  %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %909 to <8 x float>
-  %exp160 = fmul <8 x float> %906, %exp.2n159
-  %910 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
-  %silu162 = fmul <8 x float> %888, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %889
-  %911 = fmul <8 x float> %glu163, %885
-  %912 = getelementptr inbounds float, ptr %887, i64 %col158
-  store <8 x float> %911, ptr %912, align 4
+  %889 = load <8 x float>, ptr %acc20132, align 4
+  %890 = load <8 x float>, ptr %acc21133, align 4
+  %891 = fneg <8 x float> %889
+  %892 = fcmp olt <8 x float> %891, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %893 = select <8 x i1> %892, <8 x float> %891, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %894 = fcmp ogt <8 x float> %893, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %897 = call <8 x float> @llvm.floor.v8f32(<8 x float> %896)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %895)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %898)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %899, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %899, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %899, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %899, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %899, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %905 = fmul <8 x float> %899, %899
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %905, <8 x float> %899)
+  %907 = fadd <8 x float> %906, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %908 = fptosi <8 x float> %897 to <8 x i32>
+  %909 = add <8 x i32> %908, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %910 = shl <8 x i32> %909, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n159 = bitcast <8 x i32> %910 to <8 x float>
+  %exp160 = fmul <8 x float> %907, %exp.2n159
+  %911 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %911
+  %silu162 = fmul <8 x float> %889, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %890
+  %912 = fmul <8 x float> %glu163, %886
+  %913 = getelementptr inbounds float, ptr %888, i64 %col158
+  store <8 x float> %912, ptr %913, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %913 = add nsw i64 %r0, 0
-  %914 = getelementptr inbounds i32, ptr %rows, i64 %913
-  %915 = load i32, ptr %914, align 4
-  %916 = sext i32 %915 to i64
-  %917 = mul nsw i64 %916, 7168
-  %918 = getelementptr inbounds float, ptr %x, i64 %917
+tile.mr2:                                         ; preds = %rb.body
+  %914 = add nsw i64 %r0, 0
+  %915 = getelementptr inbounds i32, ptr %rows, i64 %914
+  %916 = load i32, ptr %915, align 4
+  %917 = sext i32 %916 to i64
+  %918 = mul nsw i64 %917, 7168
+  %919 = getelementptr inbounds float, ptr %x, i64 %918
   store <8 x float> zeroinitializer, ptr %acc00164, align 4
   store <8 x float> zeroinitializer, ptr %acc01165, align 4
-  %919 = add nsw i64 %r0, 1
-  %920 = getelementptr inbounds i32, ptr %rows, i64 %919
-  %921 = load i32, ptr %920, align 4
-  %922 = sext i32 %921 to i64
-  %923 = mul nsw i64 %922, 7168
-  %924 = getelementptr inbounds float, ptr %x, i64 %923
+  %920 = add nsw i64 %r0, 1
+  %921 = getelementptr inbounds i32, ptr %rows, i64 %920
+  %922 = load i32, ptr %921, align 4
+  %923 = sext i32 %922 to i64
+  %924 = mul nsw i64 %923, 7168
+  %925 = getelementptr inbounds float, ptr %x, i64 %924
   store <8 x float> zeroinitializer, ptr %acc10166, align 4
   store <8 x float> zeroinitializer, ptr %acc11167, align 4
   %panel.off168 = mul nsw i64 %p, 114688
-  %925 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
-  %926 = add nsw i64 %p, 1
-  %927 = icmp slt i64 %926, %p1
-  %pf.on169 = and i1 %pf.on, %927
-  %928 = mul nsw i64 %pf.j, 229376
-  %929 = lshr i64 %928, %9
-  %930 = add nsw i64 229376, %929
-  %931 = getelementptr inbounds i8, ptr %925, i64 %930
-  %pf170 = select i1 %pf.on169, ptr %931, ptr %925
-  %pf.sh171 = select i1 %pf.on169, i64 %9, i64 0
+  %926 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
+  %927 = add nsw i64 %p, 1
+  %928 = icmp slt i64 %927, %p1
+  %pf.on169 = and i1 %pf.on, %928
+  %929 = mul nsw i64 %rb, 229376
+  %930 = lshr i64 %929, %11
+  %931 = add nsw i64 229376, %930
+  %932 = getelementptr inbounds i8, ptr %926, i64 %931
+  %pf170 = select i1 %pf.on169, ptr %932, ptr %926
+  %pf.sh171 = select i1 %pf.on169, i64 %11, i64 0
   br label %k.head172
 
 k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
-  %k175 = phi i64 [ 0, %tile.mr2 ], [ %958, %pf.any.end177 ]
-  %932 = icmp slt i64 %k175, 7168
-  br i1 %932, label %k.body173, label %k.end174
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %959, %pf.any.end177 ]
+  %933 = icmp slt i64 %k175, 7168
+  br i1 %933, label %k.body173, label %k.end174
 
 k.body173:                                        ; preds = %k.head172
-  %933 = mul nsw i64 %k175, 16
-  %934 = add nsw i64 %panel.off168, %933
-  %935 = mul nsw i64 %k175, 32
+  %934 = mul nsw i64 %k175, 16
+  %935 = add nsw i64 %panel.off168, %934
+  %936 = mul nsw i64 %k175, 32
   br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
 
 pf.any.then176:                                   ; preds = %k.body173
-  %936 = lshr i64 %935, %pf.sh171
-  %937 = getelementptr inbounds i8, ptr %pf170, i64 %936
-  call void @llvm.prefetch.p0(ptr %937, i32 0, i32 2, i32 1)
+  %937 = lshr i64 %936, %pf.sh171
+  %938 = getelementptr inbounds i8, ptr %pf170, i64 %937
+  call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
   br label %pf.any.end177
 
 pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
-  %938 = getelementptr inbounds i16, ptr %panels, i64 %934
-  %939 = load <8 x i32>, ptr %938, align 4
-  %940 = shl <8 x i32> %939, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %940 to <8 x float>
-  %941 = and <8 x i32> %939, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %941 to <8 x float>
-  %942 = getelementptr inbounds float, ptr %918, i64 %k175
-  %943 = load float, ptr %942, align 4
-  %944 = insertelement <8 x float> poison, float %943, i32 0
-  %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
-  %946 = load <8 x float>, ptr %acc00164, align 4
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b0178, <8 x float> %946)
-  store <8 x float> %947, ptr %acc00164, align 4
-  %948 = load <8 x float>, ptr %acc01165, align 4
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b1179, <8 x float> %948)
-  store <8 x float> %949, ptr %acc01165, align 4
-  %950 = getelementptr inbounds float, ptr %924, i64 %k175
-  %951 = load float, ptr %950, align 4
-  %952 = insertelement <8 x float> poison, float %951, i32 0
-  %953 = shufflevector <8 x float> %952, <8 x float> poison, <8 x i32> zeroinitializer
-  %954 = load <8 x float>, ptr %acc10166, align 4
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b0178, <8 x float> %954)
-  store <8 x float> %955, ptr %acc10166, align 4
-  %956 = load <8 x float>, ptr %acc11167, align 4
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b1179, <8 x float> %956)
-  store <8 x float> %957, ptr %acc11167, align 4
-  %958 = add nsw i64 %k175, 1
+  %939 = getelementptr inbounds i16, ptr %panels, i64 %935
+  %940 = load <8 x i32>, ptr %939, align 4
+  %941 = shl <8 x i32> %940, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %941 to <8 x float>
+  %942 = and <8 x i32> %940, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %942 to <8 x float>
+  %943 = getelementptr inbounds float, ptr %919, i64 %k175
+  %944 = load float, ptr %943, align 4
+  %945 = insertelement <8 x float> poison, float %944, i32 0
+  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
+  %947 = load <8 x float>, ptr %acc00164, align 4
+  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b0178, <8 x float> %947)
+  store <8 x float> %948, ptr %acc00164, align 4
+  %949 = load <8 x float>, ptr %acc01165, align 4
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b1179, <8 x float> %949)
+  store <8 x float> %950, ptr %acc01165, align 4
+  %951 = getelementptr inbounds float, ptr %925, i64 %k175
+  %952 = load float, ptr %951, align 4
+  %953 = insertelement <8 x float> poison, float %952, i32 0
+  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
+  %955 = load <8 x float>, ptr %acc10166, align 4
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b0178, <8 x float> %955)
+  store <8 x float> %956, ptr %acc10166, align 4
+  %957 = load <8 x float>, ptr %acc11167, align 4
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b1179, <8 x float> %957)
+  store <8 x float> %958, ptr %acc11167, align 4
+  %959 = add nsw i64 %k175, 1
   br label %k.head172
 
 k.end174:                                         ; preds = %k.head172
-  %959 = add nsw i64 %r0, 0
-  %960 = getelementptr inbounds float, ptr %rw, i64 %959
-  %961 = load float, ptr %960, align 4
-  %962 = insertelement <8 x float> poison, float %961, i32 0
-  %963 = shufflevector <8 x float> %962, <8 x float> poison, <8 x i32> zeroinitializer
-  %964 = mul nsw i64 %959, 2048
-  %965 = getelementptr inbounds float, ptr %h, i64 %964
+  %960 = add nsw i64 %r0, 0
+  %961 = getelementptr inbounds float, ptr %rw, i64 %960
+  %962 = load float, ptr %961, align 4
+  %963 = insertelement <8 x float> poison, float %962, i32 0
+  %964 = shufflevector <8 x float> %963, <8 x float> poison, <8 x i32> zeroinitializer
+  %965 = mul nsw i64 %960, 2048
+  %966 = getelementptr inbounds float, ptr %h, i64 %965
   %col180 = mul nsw i64 %p, 8
-  %966 = load <8 x float>, ptr %acc00164, align 4
-  %967 = load <8 x float>, ptr %acc01165, align 4
-  %968 = fneg <8 x float> %966
-  %969 = fcmp olt <8 x float> %968, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %970 = select <8 x i1> %969, <8 x float> %968, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %971 = fcmp ogt <8 x float> %970, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %972 = select <8 x i1> %971, <8 x float> %970, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %974 = call <8 x float> @llvm.floor.v8f32(<8 x float> %973)
-  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %972)
-  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %975)
-  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %976, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %976, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %976, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %976, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %976, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %982 = fmul <8 x float> %976, %976
-  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %982, <8 x float> %976)
-  %984 = fadd <8 x float> %983, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %985 = fptosi <8 x float> %974 to <8 x i32>
-  %986 = add <8 x i32> %985, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %987 = shl <8 x i32> %986, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %987 to <8 x float>
-  %exp182 = fmul <8 x float> %984, %exp.2n181
-  %988 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %988
-  %silu184 = fmul <8 x float> %966, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %967
-  %989 = fmul <8 x float> %glu185, %963
-  %990 = getelementptr inbounds float, ptr %965, i64 %col180
-  store <8 x float> %989, ptr %990, align 4
-  %991 = add nsw i64 %r0, 1
-  %992 = getelementptr inbounds float, ptr %rw, i64 %991
-  %993 = load float, ptr %992, align 4
-  %994 = insertelement <8 x float> poison, float %993, i32 0
-  %995 = shufflevector <8 x float> %994, <8 x float> poison, <8 x i32> zeroinitializer
-  %996 = mul nsw i64 %991, 2048
-  %997 = getelementptr inbounds float, ptr %h, i64 %996
+  %967 = load <8 x float>, ptr %acc00164, align 4
+  %968 = load <8 x float>, ptr %acc01165, align 4
+  %969 = fneg <8 x float> %967
+  %970 = fcmp olt <8 x float> %969, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %971 = select <8 x i1> %970, <8 x float> %969, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %972 = fcmp ogt <8 x float> %971, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %973 = select <8 x i1> %972, <8 x float> %971, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %975 = call <8 x float> @llvm.floor.v8f32(<8 x float> %974)
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %973)
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %976)
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %977, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %977, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %977, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %977, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %977, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %983 = fmul <8 x float> %977, %977
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %983, <8 x float> %977)
+  %985 = fadd <8 x float> %984, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %986 = fptosi <8 x float> %975 to <8 x i32>
+  %987 = add <8 x i32> %986, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %988 = shl <8 x i32> %987, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %988 to <8 x float>
+  %exp182 = fmul <8 x float> %985, %exp.2n181
+  %989 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %989
+  %silu184 = fmul <8 x float> %967, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %968
+  %990 = fmul <8 x float> %glu185, %964
+  %991 = getelementptr inbounds float, ptr %966, i64 %col180
+  store <8 x float> %990, ptr %991, align 4
+  %992 = add nsw i64 %r0, 1
+  %993 = getelementptr inbounds float, ptr %rw, i64 %992
+  %994 = load float, ptr %993, align 4
+  %995 = insertelement <8 x float> poison, float %994, i32 0
+  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
+  %997 = mul nsw i64 %992, 2048
+  %998 = getelementptr inbounds float, ptr %h, i64 %997
   %col186 = mul nsw i64 %p, 8
-  %998 = load <8 x float>, ptr %acc10166, align 4
-  %999 = load <8 x float>, ptr %acc11167, align 4
-  %1000 = fneg <8 x float> %998
-  %1001 = fcmp olt <8 x float> %1000, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1003 = fcmp ogt <8 x float> %1002, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1004 = select <8 x i1> %1003, <8 x float> %1002, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1006 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1005)
-  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1004)
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1007)
-  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1008, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1008, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1008, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1008, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1014 = fmul <8 x float> %1008, %1008
-  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1014, <8 x float> %1008)
-  %1016 = fadd <8 x float> %1015, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1017 = fptosi <8 x float> %1006 to <8 x i32>
-  %1018 = add <8 x i32> %1017, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1019 = shl <8 x i32> %1018, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %1019 to <8 x float>
-  %exp188 = fmul <8 x float> %1016, %exp.2n187
-  %1020 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
-  %silu190 = fmul <8 x float> %998, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %999
-  %1021 = fmul <8 x float> %glu191, %995
-  %1022 = getelementptr inbounds float, ptr %997, i64 %col186
-  store <8 x float> %1021, ptr %1022, align 4
+  %999 = load <8 x float>, ptr %acc10166, align 4
+  %1000 = load <8 x float>, ptr %acc11167, align 4
+  %1001 = fneg <8 x float> %999
+  %1002 = fcmp olt <8 x float> %1001, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1003 = select <8 x i1> %1002, <8 x float> %1001, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1004 = fcmp ogt <8 x float> %1003, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1005 = select <8 x i1> %1004, <8 x float> %1003, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1007 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1006)
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1005)
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1008)
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1009, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1009, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1009, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1009, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1009, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1015 = fmul <8 x float> %1009, %1009
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> %1015, <8 x float> %1009)
+  %1017 = fadd <8 x float> %1016, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1018 = fptosi <8 x float> %1007 to <8 x i32>
+  %1019 = add <8 x i32> %1018, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1020 = shl <8 x i32> %1019, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %1020 to <8 x float>
+  %exp188 = fmul <8 x float> %1017, %exp.2n187
+  %1021 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1021
+  %silu190 = fmul <8 x float> %999, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1000
+  %1022 = fmul <8 x float> %glu191, %996
+  %1023 = getelementptr inbounds float, ptr %998, i64 %col186
+  store <8 x float> %1022, ptr %1023, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %1023 = add nsw i64 %r0, 0
-  %1024 = getelementptr inbounds i32, ptr %rows, i64 %1023
-  %1025 = load i32, ptr %1024, align 4
-  %1026 = sext i32 %1025 to i64
-  %1027 = mul nsw i64 %1026, 7168
-  %1028 = getelementptr inbounds float, ptr %x, i64 %1027
+tile.mr1:                                         ; preds = %rb.body
+  %1024 = add nsw i64 %r0, 0
+  %1025 = getelementptr inbounds i32, ptr %rows, i64 %1024
+  %1026 = load i32, ptr %1025, align 4
+  %1027 = sext i32 %1026 to i64
+  %1028 = mul nsw i64 %1027, 7168
+  %1029 = getelementptr inbounds float, ptr %x, i64 %1028
   store <8 x float> zeroinitializer, ptr %acc00192, align 4
   store <8 x float> zeroinitializer, ptr %acc01193, align 4
   %panel.off194 = mul nsw i64 %p, 114688
-  %1029 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
-  %1030 = add nsw i64 %p, 1
-  %1031 = icmp slt i64 %1030, %p1
-  %pf.on195 = and i1 %pf.on, %1031
-  %1032 = mul nsw i64 %pf.j, 229376
-  %1033 = lshr i64 %1032, %9
-  %1034 = add nsw i64 229376, %1033
-  %1035 = getelementptr inbounds i8, ptr %1029, i64 %1034
-  %pf196 = select i1 %pf.on195, ptr %1035, ptr %1029
-  %pf.sh197 = select i1 %pf.on195, i64 %9, i64 0
+  %1030 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
+  %1031 = add nsw i64 %p, 1
+  %1032 = icmp slt i64 %1031, %p1
+  %pf.on195 = and i1 %pf.on, %1032
+  %1033 = mul nsw i64 %rb, 229376
+  %1034 = lshr i64 %1033, %11
+  %1035 = add nsw i64 229376, %1034
+  %1036 = getelementptr inbounds i8, ptr %1030, i64 %1035
+  %pf196 = select i1 %pf.on195, ptr %1036, ptr %1030
+  %pf.sh197 = select i1 %pf.on195, i64 %11, i64 0
   br label %k.head198
 
 k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
-  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1054, %pf.any.end203 ]
-  %1036 = icmp slt i64 %k201, 7168
-  br i1 %1036, label %k.body199, label %k.end200
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1055, %pf.any.end203 ]
+  %1037 = icmp slt i64 %k201, 7168
+  br i1 %1037, label %k.body199, label %k.end200
 
 k.body199:                                        ; preds = %k.head198
-  %1037 = mul nsw i64 %k201, 16
-  %1038 = add nsw i64 %panel.off194, %1037
-  %1039 = mul nsw i64 %k201, 32
+  %1038 = mul nsw i64 %k201, 16
+  %1039 = add nsw i64 %panel.off194, %1038
+  %1040 = mul nsw i64 %k201, 32
   br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
 
 pf.any.then202:                                   ; preds = %k.body199
-  %1040 = lshr i64 %1039, %pf.sh197
-  %1041 = getelementptr inbounds i8, ptr %pf196, i64 %1040
-  call void @llvm.prefetch.p0(ptr %1041, i32 0, i32 2, i32 1)
+  %1041 = lshr i64 %1040, %pf.sh197
+  %1042 = getelementptr inbounds i8, ptr %pf196, i64 %1041
+  call void @llvm.prefetch.p0(ptr %1042, i32 0, i32 2, i32 1)
   br label %pf.any.end203
 
 pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
-  %1042 = getelementptr inbounds i16, ptr %panels, i64 %1038
-  %1043 = load <8 x i32>, ptr %1042, align 4
-  %1044 = shl <8 x i32> %1043, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0204 = bitcast <8 x i32> %1044 to <8 x float>
-  %1045 = and <8 x i32> %1043, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1205 = bitcast <8 x i32> %1045 to <8 x float>
-  %1046 = getelementptr inbounds float, ptr %1028, i64 %k201
-  %1047 = load float, ptr %1046, align 4
-  %1048 = insertelement <8 x float> poison, float %1047, i32 0
-  %1049 = shufflevector <8 x float> %1048, <8 x float> poison, <8 x i32> zeroinitializer
-  %1050 = load <8 x float>, ptr %acc00192, align 4
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b0204, <8 x float> %1050)
-  store <8 x float> %1051, ptr %acc00192, align 4
-  %1052 = load <8 x float>, ptr %acc01193, align 4
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b1205, <8 x float> %1052)
-  store <8 x float> %1053, ptr %acc01193, align 4
-  %1054 = add nsw i64 %k201, 1
+  %1043 = getelementptr inbounds i16, ptr %panels, i64 %1039
+  %1044 = load <8 x i32>, ptr %1043, align 4
+  %1045 = shl <8 x i32> %1044, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0204 = bitcast <8 x i32> %1045 to <8 x float>
+  %1046 = and <8 x i32> %1044, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1205 = bitcast <8 x i32> %1046 to <8 x float>
+  %1047 = getelementptr inbounds float, ptr %1029, i64 %k201
+  %1048 = load float, ptr %1047, align 4
+  %1049 = insertelement <8 x float> poison, float %1048, i32 0
+  %1050 = shufflevector <8 x float> %1049, <8 x float> poison, <8 x i32> zeroinitializer
+  %1051 = load <8 x float>, ptr %acc00192, align 4
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %b0204, <8 x float> %1051)
+  store <8 x float> %1052, ptr %acc00192, align 4
+  %1053 = load <8 x float>, ptr %acc01193, align 4
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %b1205, <8 x float> %1053)
+  store <8 x float> %1054, ptr %acc01193, align 4
+  %1055 = add nsw i64 %k201, 1
   br label %k.head198
 
 k.end200:                                         ; preds = %k.head198
-  %1055 = add nsw i64 %r0, 0
-  %1056 = getelementptr inbounds float, ptr %rw, i64 %1055
-  %1057 = load float, ptr %1056, align 4
-  %1058 = insertelement <8 x float> poison, float %1057, i32 0
-  %1059 = shufflevector <8 x float> %1058, <8 x float> poison, <8 x i32> zeroinitializer
-  %1060 = mul nsw i64 %1055, 2048
-  %1061 = getelementptr inbounds float, ptr %h, i64 %1060
+  %1056 = add nsw i64 %r0, 0
+  %1057 = getelementptr inbounds float, ptr %rw, i64 %1056
+  %1058 = load float, ptr %1057, align 4
+  %1059 = insertelement <8 x float> poison, float %1058, i32 0
+  %1060 = shufflevector <8 x float> %1059, <8 x float> poison, <8 x i32> zeroinitializer
+  %1061 = mul nsw i64 %1056, 2048
+  %1062 = getelementptr inbounds float, ptr %h, i64 %1061
   %col206 = mul nsw i64 %p, 8
-  %1062 = load <8 x float>, ptr %acc00192, align 4
-  %1063 = load <8 x float>, ptr %acc01193, align 4
-  %1064 = fneg <8 x float> %1062
-  %1065 = fcmp olt <8 x float> %1064, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1066 = select <8 x i1> %1065, <8 x float> %1064, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1067 = fcmp ogt <8 x float> %1066, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1068 = select <8 x i1> %1067, <8 x float> %1066, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1070 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1069)
-  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1068)
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1071)
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1072, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1072, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1072, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1072, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1072, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1078 = fmul <8 x float> %1072, %1072
-  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1078, <8 x float> %1072)
-  %1080 = fadd <8 x float> %1079, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1081 = fptosi <8 x float> %1070 to <8 x i32>
-  %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %1083 to <8 x float>
-  %exp208 = fmul <8 x float> %1080, %exp.2n207
-  %1084 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
-  %silu210 = fmul <8 x float> %1062, %sigmoid209
-  %glu211 = fmul <8 x float> %silu210, %1063
-  %1085 = fmul <8 x float> %glu211, %1059
-  %1086 = getelementptr inbounds float, ptr %1061, i64 %col206
-  store <8 x float> %1085, ptr %1086, align 4
+  %1063 = load <8 x float>, ptr %acc00192, align 4
+  %1064 = load <8 x float>, ptr %acc01193, align 4
+  %1065 = fneg <8 x float> %1063
+  %1066 = fcmp olt <8 x float> %1065, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1067 = select <8 x i1> %1066, <8 x float> %1065, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1068 = fcmp ogt <8 x float> %1067, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1069 = select <8 x i1> %1068, <8 x float> %1067, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1071 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1070)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1069)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1072)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1073, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1073, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1073, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1073, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1073, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1079 = fmul <8 x float> %1073, %1073
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1078, <8 x float> %1079, <8 x float> %1073)
+  %1081 = fadd <8 x float> %1080, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1082 = fptosi <8 x float> %1071 to <8 x i32>
+  %1083 = add <8 x i32> %1082, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1084 = shl <8 x i32> %1083, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n207 = bitcast <8 x i32> %1084 to <8 x float>
+  %exp208 = fmul <8 x float> %1081, %exp.2n207
+  %1085 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1085
+  %silu210 = fmul <8 x float> %1063, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %1064
+  %1086 = fmul <8 x float> %glu211, %1060
+  %1087 = getelementptr inbounds float, ptr %1062, i64 %col206
+  store <8 x float> %1086, ptr %1087, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
-  %1087 = add nsw i64 %r0, 6
-  br label %r0.head
+  %1088 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %1088 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %1089 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2671,37 +2672,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 448
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %585, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %586, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %584, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %585, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2710,870 +2712,870 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 2048
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 7168
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 2048
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 7168
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
   store <8 x float> zeroinitializer, ptr %acc00, align 4
-  %24 = add nsw i64 %col, 8
-  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %22, i64 %25
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %26 = add nsw i64 %r0, 1
-  %27 = mul nsw i64 %26, 2048
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 7168
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  %27 = add nsw i64 %r0, 1
+  %28 = mul nsw i64 %27, 2048
+  %29 = getelementptr inbounds float, ptr %h, i64 %28
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 7168
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = add nsw i64 %col, 0
+  %36 = getelementptr inbounds float, ptr %34, i64 %35
   store <8 x float> zeroinitializer, ptr %acc10, align 4
-  %36 = add nsw i64 %col, 8
-  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  %37 = add nsw i64 %col, 8
+  %38 = getelementptr inbounds float, ptr %34, i64 %37
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %38 = add nsw i64 %r0, 2
-  %39 = mul nsw i64 %38, 2048
-  %40 = getelementptr inbounds float, ptr %h, i64 %39
-  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %42 = load i32, ptr %41, align 4
-  %43 = sext i32 %42 to i64
-  %44 = mul nsw i64 %43, 7168
-  %45 = getelementptr inbounds float, ptr %y, i64 %44
-  %46 = add nsw i64 %col, 0
-  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  %39 = add nsw i64 %r0, 2
+  %40 = mul nsw i64 %39, 2048
+  %41 = getelementptr inbounds float, ptr %h, i64 %40
+  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
+  %43 = load i32, ptr %42, align 4
+  %44 = sext i32 %43 to i64
+  %45 = mul nsw i64 %44, 7168
+  %46 = getelementptr inbounds float, ptr %y, i64 %45
+  %47 = add nsw i64 %col, 0
+  %48 = getelementptr inbounds float, ptr %46, i64 %47
   store <8 x float> zeroinitializer, ptr %acc20, align 4
-  %48 = add nsw i64 %col, 8
-  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  %49 = add nsw i64 %col, 8
+  %50 = getelementptr inbounds float, ptr %46, i64 %49
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %50 = add nsw i64 %r0, 3
-  %51 = mul nsw i64 %50, 2048
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 7168
-  %57 = getelementptr inbounds float, ptr %y, i64 %56
-  %58 = add nsw i64 %col, 0
-  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  %51 = add nsw i64 %r0, 3
+  %52 = mul nsw i64 %51, 2048
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 7168
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %59 = add nsw i64 %col, 0
+  %60 = getelementptr inbounds float, ptr %58, i64 %59
   store <8 x float> zeroinitializer, ptr %acc30, align 4
-  %60 = add nsw i64 %col, 8
-  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  %61 = add nsw i64 %col, 8
+  %62 = getelementptr inbounds float, ptr %58, i64 %61
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 2048
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 7168
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %63 = add nsw i64 %r0, 4
+  %64 = mul nsw i64 %63, 2048
+  %65 = getelementptr inbounds float, ptr %h, i64 %64
+  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %67 = load i32, ptr %66, align 4
+  %68 = sext i32 %67 to i64
+  %69 = mul nsw i64 %68, 7168
+  %70 = getelementptr inbounds float, ptr %y, i64 %69
+  %71 = add nsw i64 %col, 0
+  %72 = getelementptr inbounds float, ptr %70, i64 %71
   store <8 x float> zeroinitializer, ptr %acc40, align 4
-  %72 = add nsw i64 %col, 8
-  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %70, i64 %73
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 2048
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 7168
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %75 = add nsw i64 %r0, 5
+  %76 = mul nsw i64 %75, 2048
+  %77 = getelementptr inbounds float, ptr %h, i64 %76
+  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %79 = load i32, ptr %78, align 4
+  %80 = sext i32 %79 to i64
+  %81 = mul nsw i64 %80, 7168
+  %82 = getelementptr inbounds float, ptr %y, i64 %81
+  %83 = add nsw i64 %col, 0
+  %84 = getelementptr inbounds float, ptr %82, i64 %83
   store <8 x float> zeroinitializer, ptr %acc50, align 4
-  %84 = add nsw i64 %col, 8
-  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %82, i64 %85
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
-  %86 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %87 = add nsw i64 %p, 1
-  %88 = icmp slt i64 %87, %p1
-  %pf.on1 = and i1 %pf.on, %88
-  %89 = mul nsw i64 %pf.j, 65536
-  %90 = lshr i64 %89, %10
-  %91 = add nsw i64 65536, %90
-  %92 = getelementptr inbounds i8, ptr %86, i64 %91
-  %pf = select i1 %pf.on1, ptr %92, ptr %86
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %88 = add nsw i64 %p, 1
+  %89 = icmp slt i64 %88, %p1
+  %pf.on1 = and i1 %pf.on, %89
+  %90 = mul nsw i64 %rb, 65536
+  %91 = lshr i64 %90, %12
+  %92 = add nsw i64 65536, %91
+  %93 = getelementptr inbounds i8, ptr %87, i64 %92
+  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
-  %93 = icmp slt i64 %k, 2048
-  br i1 %93, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %94 = icmp slt i64 %k, 2048
+  br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %94 = mul nsw i64 %k, 16
-  %95 = add nsw i64 %panel.off, %94
-  %96 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 16
+  %96 = add nsw i64 %panel.off, %95
+  %97 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %97 = lshr i64 %96, %pf.sh
-  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
-  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %98 = lshr i64 %97, %pf.sh
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %99 = getelementptr inbounds i16, ptr %panels, i64 %95
-  %100 = load <8 x i32>, ptr %99, align 4
-  %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %101 to <8 x float>
-  %102 = and <8 x i32> %100, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = getelementptr inbounds float, ptr %16, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc00, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc00, align 4
-  %109 = load <8 x float>, ptr %acc01, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc01, align 4
-  %111 = getelementptr inbounds float, ptr %28, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc10, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc10, align 4
-  %117 = load <8 x float>, ptr %acc11, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc11, align 4
-  %119 = getelementptr inbounds float, ptr %40, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc20, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc20, align 4
-  %125 = load <8 x float>, ptr %acc21, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc21, align 4
-  %127 = getelementptr inbounds float, ptr %52, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc30, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc30, align 4
-  %133 = load <8 x float>, ptr %acc31, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc31, align 4
-  %135 = getelementptr inbounds float, ptr %64, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc40, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc40, align 4
-  %141 = load <8 x float>, ptr %acc41, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc41, align 4
-  %143 = getelementptr inbounds float, ptr %76, i64 %k
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <8 x float> poison, float %144, i32 0
-  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
-  %147 = load <8 x float>, ptr %acc50, align 4
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b0, <8 x float> %147)
-  store <8 x float> %148, ptr %acc50, align 4
-  %149 = load <8 x float>, ptr %acc51, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b1, <8 x float> %149)
-  store <8 x float> %150, ptr %acc51, align 4
-  %151 = add nsw i64 %k, 1
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %17, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %41, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %53, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %65, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %77, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %152 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %152, ptr %23, align 4
-  %153 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %153, ptr %25, align 4
-  %154 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %154, ptr %35, align 4
-  %155 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %155, ptr %37, align 4
-  %156 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %156, ptr %47, align 4
-  %157 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %157, ptr %49, align 4
-  %158 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %158, ptr %59, align 4
-  %159 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %159, ptr %61, align 4
-  %160 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %160, ptr %71, align 4
-  %161 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %161, ptr %73, align 4
-  %162 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %162, ptr %83, align 4
-  %163 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %163, ptr %85, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %24, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %26, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %36, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %38, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %48, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %50, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %60, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %62, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %72, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %84, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %86, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %164 = add nsw i64 %r0, 0
-  %165 = mul nsw i64 %164, 2048
-  %166 = getelementptr inbounds float, ptr %h, i64 %165
-  %167 = getelementptr inbounds i32, ptr %rows, i64 %164
-  %168 = load i32, ptr %167, align 4
-  %169 = sext i32 %168 to i64
-  %170 = mul nsw i64 %169, 7168
-  %171 = getelementptr inbounds float, ptr %y, i64 %170
-  %172 = add nsw i64 %col2, 0
-  %173 = getelementptr inbounds float, ptr %171, i64 %172
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 2048
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 7168
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col2, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
   store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %174 = add nsw i64 %col2, 8
-  %175 = getelementptr inbounds float, ptr %171, i64 %174
+  %175 = add nsw i64 %col2, 8
+  %176 = getelementptr inbounds float, ptr %172, i64 %175
   store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %176 = add nsw i64 %r0, 1
-  %177 = mul nsw i64 %176, 2048
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
-  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
-  %180 = load i32, ptr %179, align 4
-  %181 = sext i32 %180 to i64
-  %182 = mul nsw i64 %181, 7168
-  %183 = getelementptr inbounds float, ptr %y, i64 %182
-  %184 = add nsw i64 %col2, 0
-  %185 = getelementptr inbounds float, ptr %183, i64 %184
+  %177 = add nsw i64 %r0, 1
+  %178 = mul nsw i64 %177, 2048
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 7168
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
   store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %186 = add nsw i64 %col2, 8
-  %187 = getelementptr inbounds float, ptr %183, i64 %186
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %184, i64 %187
   store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %188 = add nsw i64 %r0, 2
-  %189 = mul nsw i64 %188, 2048
-  %190 = getelementptr inbounds float, ptr %h, i64 %189
-  %191 = getelementptr inbounds i32, ptr %rows, i64 %188
-  %192 = load i32, ptr %191, align 4
-  %193 = sext i32 %192 to i64
-  %194 = mul nsw i64 %193, 7168
-  %195 = getelementptr inbounds float, ptr %y, i64 %194
-  %196 = add nsw i64 %col2, 0
-  %197 = getelementptr inbounds float, ptr %195, i64 %196
+  %189 = add nsw i64 %r0, 2
+  %190 = mul nsw i64 %189, 2048
+  %191 = getelementptr inbounds float, ptr %h, i64 %190
+  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
+  %193 = load i32, ptr %192, align 4
+  %194 = sext i32 %193 to i64
+  %195 = mul nsw i64 %194, 7168
+  %196 = getelementptr inbounds float, ptr %y, i64 %195
+  %197 = add nsw i64 %col2, 0
+  %198 = getelementptr inbounds float, ptr %196, i64 %197
   store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %198 = add nsw i64 %col2, 8
-  %199 = getelementptr inbounds float, ptr %195, i64 %198
+  %199 = add nsw i64 %col2, 8
+  %200 = getelementptr inbounds float, ptr %196, i64 %199
   store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %200 = add nsw i64 %r0, 3
-  %201 = mul nsw i64 %200, 2048
-  %202 = getelementptr inbounds float, ptr %h, i64 %201
-  %203 = getelementptr inbounds i32, ptr %rows, i64 %200
-  %204 = load i32, ptr %203, align 4
-  %205 = sext i32 %204 to i64
-  %206 = mul nsw i64 %205, 7168
-  %207 = getelementptr inbounds float, ptr %y, i64 %206
-  %208 = add nsw i64 %col2, 0
-  %209 = getelementptr inbounds float, ptr %207, i64 %208
+  %201 = add nsw i64 %r0, 3
+  %202 = mul nsw i64 %201, 2048
+  %203 = getelementptr inbounds float, ptr %h, i64 %202
+  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
+  %205 = load i32, ptr %204, align 4
+  %206 = sext i32 %205 to i64
+  %207 = mul nsw i64 %206, 7168
+  %208 = getelementptr inbounds float, ptr %y, i64 %207
+  %209 = add nsw i64 %col2, 0
+  %210 = getelementptr inbounds float, ptr %208, i64 %209
   store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %210 = add nsw i64 %col2, 8
-  %211 = getelementptr inbounds float, ptr %207, i64 %210
+  %211 = add nsw i64 %col2, 8
+  %212 = getelementptr inbounds float, ptr %208, i64 %211
   store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 2048
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 7168
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col2, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 2048
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 7168
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col2, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
   store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %222 = add nsw i64 %col2, 8
-  %223 = getelementptr inbounds float, ptr %219, i64 %222
+  %223 = add nsw i64 %col2, 8
+  %224 = getelementptr inbounds float, ptr %220, i64 %223
   store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 32768
-  %224 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %225 = add nsw i64 %p, 1
-  %226 = icmp slt i64 %225, %p1
-  %pf.on14 = and i1 %pf.on, %226
-  %227 = mul nsw i64 %pf.j, 65536
-  %228 = lshr i64 %227, %10
-  %229 = add nsw i64 65536, %228
-  %230 = getelementptr inbounds i8, ptr %224, i64 %229
-  %pf15 = select i1 %pf.on14, ptr %230, ptr %224
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %225 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %226 = add nsw i64 %p, 1
+  %227 = icmp slt i64 %226, %p1
+  %pf.on14 = and i1 %pf.on, %227
+  %228 = mul nsw i64 %rb, 65536
+  %229 = lshr i64 %228, %12
+  %230 = add nsw i64 65536, %229
+  %231 = getelementptr inbounds i8, ptr %225, i64 %230
+  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %pf.any.end22 ]
-  %231 = icmp slt i64 %k20, 2048
-  br i1 %231, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %282, %pf.any.end22 ]
+  %232 = icmp slt i64 %k20, 2048
+  br i1 %232, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %232 = mul nsw i64 %k20, 16
-  %233 = add nsw i64 %panel.off13, %232
-  %234 = mul nsw i64 %k20, 32
+  %233 = mul nsw i64 %k20, 16
+  %234 = add nsw i64 %panel.off13, %233
+  %235 = mul nsw i64 %k20, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %235 = lshr i64 %234, %pf.sh16
-  %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
-  call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  %236 = lshr i64 %235, %pf.sh16
+  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
+  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %237 = getelementptr inbounds i16, ptr %panels, i64 %233
-  %238 = load <8 x i32>, ptr %237, align 4
-  %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %239 to <8 x float>
-  %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %240 to <8 x float>
-  %241 = getelementptr inbounds float, ptr %166, i64 %k20
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc003, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b023, <8 x float> %245)
-  store <8 x float> %246, ptr %acc003, align 4
-  %247 = load <8 x float>, ptr %acc014, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b124, <8 x float> %247)
-  store <8 x float> %248, ptr %acc014, align 4
-  %249 = getelementptr inbounds float, ptr %178, i64 %k20
-  %250 = load float, ptr %249, align 4
-  %251 = insertelement <8 x float> poison, float %250, i32 0
-  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc105, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b023, <8 x float> %253)
-  store <8 x float> %254, ptr %acc105, align 4
-  %255 = load <8 x float>, ptr %acc116, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b124, <8 x float> %255)
-  store <8 x float> %256, ptr %acc116, align 4
-  %257 = getelementptr inbounds float, ptr %190, i64 %k20
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc207, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b023, <8 x float> %261)
-  store <8 x float> %262, ptr %acc207, align 4
-  %263 = load <8 x float>, ptr %acc218, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b124, <8 x float> %263)
-  store <8 x float> %264, ptr %acc218, align 4
-  %265 = getelementptr inbounds float, ptr %202, i64 %k20
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc309, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b023, <8 x float> %269)
-  store <8 x float> %270, ptr %acc309, align 4
-  %271 = load <8 x float>, ptr %acc3110, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b124, <8 x float> %271)
-  store <8 x float> %272, ptr %acc3110, align 4
-  %273 = getelementptr inbounds float, ptr %214, i64 %k20
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc4011, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b023, <8 x float> %277)
-  store <8 x float> %278, ptr %acc4011, align 4
-  %279 = load <8 x float>, ptr %acc4112, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b124, <8 x float> %279)
-  store <8 x float> %280, ptr %acc4112, align 4
-  %281 = add nsw i64 %k20, 1
+  %238 = getelementptr inbounds i16, ptr %panels, i64 %234
+  %239 = load <8 x i32>, ptr %238, align 4
+  %240 = shl <8 x i32> %239, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %240 to <8 x float>
+  %241 = and <8 x i32> %239, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %241 to <8 x float>
+  %242 = getelementptr inbounds float, ptr %167, i64 %k20
+  %243 = load float, ptr %242, align 4
+  %244 = insertelement <8 x float> poison, float %243, i32 0
+  %245 = shufflevector <8 x float> %244, <8 x float> poison, <8 x i32> zeroinitializer
+  %246 = load <8 x float>, ptr %acc003, align 4
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b023, <8 x float> %246)
+  store <8 x float> %247, ptr %acc003, align 4
+  %248 = load <8 x float>, ptr %acc014, align 4
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b124, <8 x float> %248)
+  store <8 x float> %249, ptr %acc014, align 4
+  %250 = getelementptr inbounds float, ptr %179, i64 %k20
+  %251 = load float, ptr %250, align 4
+  %252 = insertelement <8 x float> poison, float %251, i32 0
+  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
+  %254 = load <8 x float>, ptr %acc105, align 4
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b023, <8 x float> %254)
+  store <8 x float> %255, ptr %acc105, align 4
+  %256 = load <8 x float>, ptr %acc116, align 4
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b124, <8 x float> %256)
+  store <8 x float> %257, ptr %acc116, align 4
+  %258 = getelementptr inbounds float, ptr %191, i64 %k20
+  %259 = load float, ptr %258, align 4
+  %260 = insertelement <8 x float> poison, float %259, i32 0
+  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
+  %262 = load <8 x float>, ptr %acc207, align 4
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b023, <8 x float> %262)
+  store <8 x float> %263, ptr %acc207, align 4
+  %264 = load <8 x float>, ptr %acc218, align 4
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b124, <8 x float> %264)
+  store <8 x float> %265, ptr %acc218, align 4
+  %266 = getelementptr inbounds float, ptr %203, i64 %k20
+  %267 = load float, ptr %266, align 4
+  %268 = insertelement <8 x float> poison, float %267, i32 0
+  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
+  %270 = load <8 x float>, ptr %acc309, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b023, <8 x float> %270)
+  store <8 x float> %271, ptr %acc309, align 4
+  %272 = load <8 x float>, ptr %acc3110, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b124, <8 x float> %272)
+  store <8 x float> %273, ptr %acc3110, align 4
+  %274 = getelementptr inbounds float, ptr %215, i64 %k20
+  %275 = load float, ptr %274, align 4
+  %276 = insertelement <8 x float> poison, float %275, i32 0
+  %277 = shufflevector <8 x float> %276, <8 x float> poison, <8 x i32> zeroinitializer
+  %278 = load <8 x float>, ptr %acc4011, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b023, <8 x float> %278)
+  store <8 x float> %279, ptr %acc4011, align 4
+  %280 = load <8 x float>, ptr %acc4112, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b124, <8 x float> %280)
+  store <8 x float> %281, ptr %acc4112, align 4
+  %282 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %282 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %282, ptr %173, align 4
-  %283 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %283, ptr %175, align 4
-  %284 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %284, ptr %185, align 4
-  %285 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %285, ptr %187, align 4
-  %286 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %286, ptr %197, align 4
-  %287 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %287, ptr %199, align 4
-  %288 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %288, ptr %209, align 4
-  %289 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %289, ptr %211, align 4
-  %290 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %290, ptr %221, align 4
-  %291 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %291, ptr %223, align 4
+  %283 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %283, ptr %174, align 4
+  %284 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %284, ptr %176, align 4
+  %285 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %285, ptr %186, align 4
+  %286 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %286, ptr %188, align 4
+  %287 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %287, ptr %198, align 4
+  %288 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %288, ptr %200, align 4
+  %289 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %289, ptr %210, align 4
+  %290 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %290, ptr %212, align 4
+  %291 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %291, ptr %222, align 4
+  %292 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %292, ptr %224, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %292 = add nsw i64 %r0, 0
-  %293 = mul nsw i64 %292, 2048
-  %294 = getelementptr inbounds float, ptr %h, i64 %293
-  %295 = getelementptr inbounds i32, ptr %rows, i64 %292
-  %296 = load i32, ptr %295, align 4
-  %297 = sext i32 %296 to i64
-  %298 = mul nsw i64 %297, 7168
-  %299 = getelementptr inbounds float, ptr %y, i64 %298
-  %300 = add nsw i64 %col25, 0
-  %301 = getelementptr inbounds float, ptr %299, i64 %300
+  %293 = add nsw i64 %r0, 0
+  %294 = mul nsw i64 %293, 2048
+  %295 = getelementptr inbounds float, ptr %h, i64 %294
+  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %297 = load i32, ptr %296, align 4
+  %298 = sext i32 %297 to i64
+  %299 = mul nsw i64 %298, 7168
+  %300 = getelementptr inbounds float, ptr %y, i64 %299
+  %301 = add nsw i64 %col25, 0
+  %302 = getelementptr inbounds float, ptr %300, i64 %301
   store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %302 = add nsw i64 %col25, 8
-  %303 = getelementptr inbounds float, ptr %299, i64 %302
+  %303 = add nsw i64 %col25, 8
+  %304 = getelementptr inbounds float, ptr %300, i64 %303
   store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %304 = add nsw i64 %r0, 1
-  %305 = mul nsw i64 %304, 2048
-  %306 = getelementptr inbounds float, ptr %h, i64 %305
-  %307 = getelementptr inbounds i32, ptr %rows, i64 %304
-  %308 = load i32, ptr %307, align 4
-  %309 = sext i32 %308 to i64
-  %310 = mul nsw i64 %309, 7168
-  %311 = getelementptr inbounds float, ptr %y, i64 %310
-  %312 = add nsw i64 %col25, 0
-  %313 = getelementptr inbounds float, ptr %311, i64 %312
+  %305 = add nsw i64 %r0, 1
+  %306 = mul nsw i64 %305, 2048
+  %307 = getelementptr inbounds float, ptr %h, i64 %306
+  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %309 = load i32, ptr %308, align 4
+  %310 = sext i32 %309 to i64
+  %311 = mul nsw i64 %310, 7168
+  %312 = getelementptr inbounds float, ptr %y, i64 %311
+  %313 = add nsw i64 %col25, 0
+  %314 = getelementptr inbounds float, ptr %312, i64 %313
   store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %314 = add nsw i64 %col25, 8
-  %315 = getelementptr inbounds float, ptr %311, i64 %314
+  %315 = add nsw i64 %col25, 8
+  %316 = getelementptr inbounds float, ptr %312, i64 %315
   store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %316 = add nsw i64 %r0, 2
-  %317 = mul nsw i64 %316, 2048
-  %318 = getelementptr inbounds float, ptr %h, i64 %317
-  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
-  %320 = load i32, ptr %319, align 4
-  %321 = sext i32 %320 to i64
-  %322 = mul nsw i64 %321, 7168
-  %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col25, 0
-  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  %317 = add nsw i64 %r0, 2
+  %318 = mul nsw i64 %317, 2048
+  %319 = getelementptr inbounds float, ptr %h, i64 %318
+  %320 = getelementptr inbounds i32, ptr %rows, i64 %317
+  %321 = load i32, ptr %320, align 4
+  %322 = sext i32 %321 to i64
+  %323 = mul nsw i64 %322, 7168
+  %324 = getelementptr inbounds float, ptr %y, i64 %323
+  %325 = add nsw i64 %col25, 0
+  %326 = getelementptr inbounds float, ptr %324, i64 %325
   store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %326 = add nsw i64 %col25, 8
-  %327 = getelementptr inbounds float, ptr %323, i64 %326
+  %327 = add nsw i64 %col25, 8
+  %328 = getelementptr inbounds float, ptr %324, i64 %327
   store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = mul nsw i64 %328, 2048
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 7168
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col25, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %329 = add nsw i64 %r0, 3
+  %330 = mul nsw i64 %329, 2048
+  %331 = getelementptr inbounds float, ptr %h, i64 %330
+  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
+  %333 = load i32, ptr %332, align 4
+  %334 = sext i32 %333 to i64
+  %335 = mul nsw i64 %334, 7168
+  %336 = getelementptr inbounds float, ptr %y, i64 %335
+  %337 = add nsw i64 %col25, 0
+  %338 = getelementptr inbounds float, ptr %336, i64 %337
   store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %338 = add nsw i64 %col25, 8
-  %339 = getelementptr inbounds float, ptr %335, i64 %338
+  %339 = add nsw i64 %col25, 8
+  %340 = getelementptr inbounds float, ptr %336, i64 %339
   store <8 x float> zeroinitializer, ptr %acc3133, align 4
   %panel.off34 = mul nsw i64 %p, 32768
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %341 = add nsw i64 %p, 1
-  %342 = icmp slt i64 %341, %p1
-  %pf.on35 = and i1 %pf.on, %342
-  %343 = mul nsw i64 %pf.j, 65536
-  %344 = lshr i64 %343, %10
-  %345 = add nsw i64 65536, %344
-  %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf36 = select i1 %pf.on35, ptr %346, ptr %340
-  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  %341 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %342 = add nsw i64 %p, 1
+  %343 = icmp slt i64 %342, %p1
+  %pf.on35 = and i1 %pf.on, %343
+  %344 = mul nsw i64 %rb, 65536
+  %345 = lshr i64 %344, %12
+  %346 = add nsw i64 65536, %345
+  %347 = getelementptr inbounds i8, ptr %341, i64 %346
+  %pf36 = select i1 %pf.on35, ptr %347, ptr %341
+  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %389, %pf.any.end43 ]
-  %347 = icmp slt i64 %k41, 2048
-  br i1 %347, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %390, %pf.any.end43 ]
+  %348 = icmp slt i64 %k41, 2048
+  br i1 %348, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %348 = mul nsw i64 %k41, 16
-  %349 = add nsw i64 %panel.off34, %348
-  %350 = mul nsw i64 %k41, 32
+  %349 = mul nsw i64 %k41, 16
+  %350 = add nsw i64 %panel.off34, %349
+  %351 = mul nsw i64 %k41, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %351 = lshr i64 %350, %pf.sh37
-  %352 = getelementptr inbounds i8, ptr %pf36, i64 %351
-  call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  %352 = lshr i64 %351, %pf.sh37
+  %353 = getelementptr inbounds i8, ptr %pf36, i64 %352
+  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %353 = getelementptr inbounds i16, ptr %panels, i64 %349
-  %354 = load <8 x i32>, ptr %353, align 4
-  %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %355 to <8 x float>
-  %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = getelementptr inbounds float, ptr %294, i64 %k41
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0026, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b044, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0026, align 4
-  %363 = load <8 x float>, ptr %acc0127, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b145, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0127, align 4
-  %365 = getelementptr inbounds float, ptr %306, i64 %k41
-  %366 = load float, ptr %365, align 4
-  %367 = insertelement <8 x float> poison, float %366, i32 0
-  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1028, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b044, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1028, align 4
-  %371 = load <8 x float>, ptr %acc1129, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b145, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1129, align 4
-  %373 = getelementptr inbounds float, ptr %318, i64 %k41
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2030, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b044, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2030, align 4
-  %379 = load <8 x float>, ptr %acc2131, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b145, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2131, align 4
-  %381 = getelementptr inbounds float, ptr %330, i64 %k41
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3032, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b044, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3032, align 4
-  %387 = load <8 x float>, ptr %acc3133, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b145, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3133, align 4
-  %389 = add nsw i64 %k41, 1
+  %354 = getelementptr inbounds i16, ptr %panels, i64 %350
+  %355 = load <8 x i32>, ptr %354, align 4
+  %356 = shl <8 x i32> %355, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = and <8 x i32> %355, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %357 to <8 x float>
+  %358 = getelementptr inbounds float, ptr %295, i64 %k41
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc0026, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b044, <8 x float> %362)
+  store <8 x float> %363, ptr %acc0026, align 4
+  %364 = load <8 x float>, ptr %acc0127, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b145, <8 x float> %364)
+  store <8 x float> %365, ptr %acc0127, align 4
+  %366 = getelementptr inbounds float, ptr %307, i64 %k41
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc1028, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b044, <8 x float> %370)
+  store <8 x float> %371, ptr %acc1028, align 4
+  %372 = load <8 x float>, ptr %acc1129, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b145, <8 x float> %372)
+  store <8 x float> %373, ptr %acc1129, align 4
+  %374 = getelementptr inbounds float, ptr %319, i64 %k41
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc2030, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b044, <8 x float> %378)
+  store <8 x float> %379, ptr %acc2030, align 4
+  %380 = load <8 x float>, ptr %acc2131, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b145, <8 x float> %380)
+  store <8 x float> %381, ptr %acc2131, align 4
+  %382 = getelementptr inbounds float, ptr %331, i64 %k41
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = load <8 x float>, ptr %acc3032, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b044, <8 x float> %386)
+  store <8 x float> %387, ptr %acc3032, align 4
+  %388 = load <8 x float>, ptr %acc3133, align 4
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b145, <8 x float> %388)
+  store <8 x float> %389, ptr %acc3133, align 4
+  %390 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %390 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %390, ptr %301, align 4
-  %391 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %391, ptr %303, align 4
-  %392 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %392, ptr %313, align 4
-  %393 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %393, ptr %315, align 4
-  %394 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %394, ptr %325, align 4
-  %395 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %395, ptr %327, align 4
-  %396 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %396, ptr %337, align 4
-  %397 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %397, ptr %339, align 4
+  %391 = load <8 x float>, ptr %acc0026, align 4
+  store <8 x float> %391, ptr %302, align 4
+  %392 = load <8 x float>, ptr %acc0127, align 4
+  store <8 x float> %392, ptr %304, align 4
+  %393 = load <8 x float>, ptr %acc1028, align 4
+  store <8 x float> %393, ptr %314, align 4
+  %394 = load <8 x float>, ptr %acc1129, align 4
+  store <8 x float> %394, ptr %316, align 4
+  %395 = load <8 x float>, ptr %acc2030, align 4
+  store <8 x float> %395, ptr %326, align 4
+  %396 = load <8 x float>, ptr %acc2131, align 4
+  store <8 x float> %396, ptr %328, align 4
+  %397 = load <8 x float>, ptr %acc3032, align 4
+  store <8 x float> %397, ptr %338, align 4
+  %398 = load <8 x float>, ptr %acc3133, align 4
+  store <8 x float> %398, ptr %340, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %398 = add nsw i64 %r0, 0
-  %399 = mul nsw i64 %398, 2048
-  %400 = getelementptr inbounds float, ptr %h, i64 %399
-  %401 = getelementptr inbounds i32, ptr %rows, i64 %398
-  %402 = load i32, ptr %401, align 4
-  %403 = sext i32 %402 to i64
-  %404 = mul nsw i64 %403, 7168
-  %405 = getelementptr inbounds float, ptr %y, i64 %404
-  %406 = add nsw i64 %col46, 0
-  %407 = getelementptr inbounds float, ptr %405, i64 %406
+  %399 = add nsw i64 %r0, 0
+  %400 = mul nsw i64 %399, 2048
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %402 = getelementptr inbounds i32, ptr %rows, i64 %399
+  %403 = load i32, ptr %402, align 4
+  %404 = sext i32 %403 to i64
+  %405 = mul nsw i64 %404, 7168
+  %406 = getelementptr inbounds float, ptr %y, i64 %405
+  %407 = add nsw i64 %col46, 0
+  %408 = getelementptr inbounds float, ptr %406, i64 %407
   store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %408 = add nsw i64 %col46, 8
-  %409 = getelementptr inbounds float, ptr %405, i64 %408
+  %409 = add nsw i64 %col46, 8
+  %410 = getelementptr inbounds float, ptr %406, i64 %409
   store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %410 = add nsw i64 %r0, 1
-  %411 = mul nsw i64 %410, 2048
-  %412 = getelementptr inbounds float, ptr %h, i64 %411
-  %413 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %414 = load i32, ptr %413, align 4
-  %415 = sext i32 %414 to i64
-  %416 = mul nsw i64 %415, 7168
-  %417 = getelementptr inbounds float, ptr %y, i64 %416
-  %418 = add nsw i64 %col46, 0
-  %419 = getelementptr inbounds float, ptr %417, i64 %418
+  %411 = add nsw i64 %r0, 1
+  %412 = mul nsw i64 %411, 2048
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 7168
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col46, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
   store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %420 = add nsw i64 %col46, 8
-  %421 = getelementptr inbounds float, ptr %417, i64 %420
+  %421 = add nsw i64 %col46, 8
+  %422 = getelementptr inbounds float, ptr %418, i64 %421
   store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %422 = add nsw i64 %r0, 2
-  %423 = mul nsw i64 %422, 2048
-  %424 = getelementptr inbounds float, ptr %h, i64 %423
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %422
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 7168
-  %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col46, 0
-  %431 = getelementptr inbounds float, ptr %429, i64 %430
+  %423 = add nsw i64 %r0, 2
+  %424 = mul nsw i64 %423, 2048
+  %425 = getelementptr inbounds float, ptr %h, i64 %424
+  %426 = getelementptr inbounds i32, ptr %rows, i64 %423
+  %427 = load i32, ptr %426, align 4
+  %428 = sext i32 %427 to i64
+  %429 = mul nsw i64 %428, 7168
+  %430 = getelementptr inbounds float, ptr %y, i64 %429
+  %431 = add nsw i64 %col46, 0
+  %432 = getelementptr inbounds float, ptr %430, i64 %431
   store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %432 = add nsw i64 %col46, 8
-  %433 = getelementptr inbounds float, ptr %429, i64 %432
+  %433 = add nsw i64 %col46, 8
+  %434 = getelementptr inbounds float, ptr %430, i64 %433
   store <8 x float> zeroinitializer, ptr %acc2152, align 4
   %panel.off53 = mul nsw i64 %p, 32768
-  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %435 = add nsw i64 %p, 1
-  %436 = icmp slt i64 %435, %p1
-  %pf.on54 = and i1 %pf.on, %436
-  %437 = mul nsw i64 %pf.j, 65536
-  %438 = lshr i64 %437, %10
-  %439 = add nsw i64 65536, %438
-  %440 = getelementptr inbounds i8, ptr %434, i64 %439
-  %pf55 = select i1 %pf.on54, ptr %440, ptr %434
-  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  %435 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %436 = add nsw i64 %p, 1
+  %437 = icmp slt i64 %436, %p1
+  %pf.on54 = and i1 %pf.on, %437
+  %438 = mul nsw i64 %rb, 65536
+  %439 = lshr i64 %438, %12
+  %440 = add nsw i64 65536, %439
+  %441 = getelementptr inbounds i8, ptr %435, i64 %440
+  %pf55 = select i1 %pf.on54, ptr %441, ptr %435
+  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %475, %pf.any.end62 ]
-  %441 = icmp slt i64 %k60, 2048
-  br i1 %441, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %476, %pf.any.end62 ]
+  %442 = icmp slt i64 %k60, 2048
+  br i1 %442, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %442 = mul nsw i64 %k60, 16
-  %443 = add nsw i64 %panel.off53, %442
-  %444 = mul nsw i64 %k60, 32
+  %443 = mul nsw i64 %k60, 16
+  %444 = add nsw i64 %panel.off53, %443
+  %445 = mul nsw i64 %k60, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %445 = lshr i64 %444, %pf.sh56
-  %446 = getelementptr inbounds i8, ptr %pf55, i64 %445
-  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  %446 = lshr i64 %445, %pf.sh56
+  %447 = getelementptr inbounds i8, ptr %pf55, i64 %446
+  call void @llvm.prefetch.p0(ptr %447, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %447 = getelementptr inbounds i16, ptr %panels, i64 %443
-  %448 = load <8 x i32>, ptr %447, align 4
-  %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %449 to <8 x float>
-  %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = getelementptr inbounds float, ptr %400, i64 %k60
-  %452 = load float, ptr %451, align 4
-  %453 = insertelement <8 x float> poison, float %452, i32 0
-  %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = load <8 x float>, ptr %acc0047, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b063, <8 x float> %455)
-  store <8 x float> %456, ptr %acc0047, align 4
-  %457 = load <8 x float>, ptr %acc0148, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b164, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0148, align 4
-  %459 = getelementptr inbounds float, ptr %412, i64 %k60
-  %460 = load float, ptr %459, align 4
-  %461 = insertelement <8 x float> poison, float %460, i32 0
-  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %acc1049, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b063, <8 x float> %463)
-  store <8 x float> %464, ptr %acc1049, align 4
-  %465 = load <8 x float>, ptr %acc1150, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b164, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1150, align 4
-  %467 = getelementptr inbounds float, ptr %424, i64 %k60
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc2051, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b063, <8 x float> %471)
-  store <8 x float> %472, ptr %acc2051, align 4
-  %473 = load <8 x float>, ptr %acc2152, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b164, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2152, align 4
-  %475 = add nsw i64 %k60, 1
+  %448 = getelementptr inbounds i16, ptr %panels, i64 %444
+  %449 = load <8 x i32>, ptr %448, align 4
+  %450 = shl <8 x i32> %449, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = and <8 x i32> %449, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %451 to <8 x float>
+  %452 = getelementptr inbounds float, ptr %401, i64 %k60
+  %453 = load float, ptr %452, align 4
+  %454 = insertelement <8 x float> poison, float %453, i32 0
+  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
+  %456 = load <8 x float>, ptr %acc0047, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b063, <8 x float> %456)
+  store <8 x float> %457, ptr %acc0047, align 4
+  %458 = load <8 x float>, ptr %acc0148, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b164, <8 x float> %458)
+  store <8 x float> %459, ptr %acc0148, align 4
+  %460 = getelementptr inbounds float, ptr %413, i64 %k60
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = load <8 x float>, ptr %acc1049, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
+  store <8 x float> %465, ptr %acc1049, align 4
+  %466 = load <8 x float>, ptr %acc1150, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
+  store <8 x float> %467, ptr %acc1150, align 4
+  %468 = getelementptr inbounds float, ptr %425, i64 %k60
+  %469 = load float, ptr %468, align 4
+  %470 = insertelement <8 x float> poison, float %469, i32 0
+  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
+  %472 = load <8 x float>, ptr %acc2051, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
+  store <8 x float> %473, ptr %acc2051, align 4
+  %474 = load <8 x float>, ptr %acc2152, align 4
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
+  store <8 x float> %475, ptr %acc2152, align 4
+  %476 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %476 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %476, ptr %407, align 4
-  %477 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %477, ptr %409, align 4
-  %478 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %478, ptr %419, align 4
-  %479 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %479, ptr %421, align 4
-  %480 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %480, ptr %431, align 4
-  %481 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %481, ptr %433, align 4
+  %477 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %477, ptr %408, align 4
+  %478 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %478, ptr %410, align 4
+  %479 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %479, ptr %420, align 4
+  %480 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %480, ptr %422, align 4
+  %481 = load <8 x float>, ptr %acc2051, align 4
+  store <8 x float> %481, ptr %432, align 4
+  %482 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %482, ptr %434, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %482 = add nsw i64 %r0, 0
-  %483 = mul nsw i64 %482, 2048
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 7168
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col65, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %483 = add nsw i64 %r0, 0
+  %484 = mul nsw i64 %483, 2048
+  %485 = getelementptr inbounds float, ptr %h, i64 %484
+  %486 = getelementptr inbounds i32, ptr %rows, i64 %483
+  %487 = load i32, ptr %486, align 4
+  %488 = sext i32 %487 to i64
+  %489 = mul nsw i64 %488, 7168
+  %490 = getelementptr inbounds float, ptr %y, i64 %489
+  %491 = add nsw i64 %col65, 0
+  %492 = getelementptr inbounds float, ptr %490, i64 %491
   store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %492 = add nsw i64 %col65, 8
-  %493 = getelementptr inbounds float, ptr %489, i64 %492
+  %493 = add nsw i64 %col65, 8
+  %494 = getelementptr inbounds float, ptr %490, i64 %493
   store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %494 = add nsw i64 %r0, 1
-  %495 = mul nsw i64 %494, 2048
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %497 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %498 = load i32, ptr %497, align 4
-  %499 = sext i32 %498 to i64
-  %500 = mul nsw i64 %499, 7168
-  %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col65, 0
-  %503 = getelementptr inbounds float, ptr %501, i64 %502
+  %495 = add nsw i64 %r0, 1
+  %496 = mul nsw i64 %495, 2048
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 7168
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col65, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
   store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %504 = add nsw i64 %col65, 8
-  %505 = getelementptr inbounds float, ptr %501, i64 %504
+  %505 = add nsw i64 %col65, 8
+  %506 = getelementptr inbounds float, ptr %502, i64 %505
   store <8 x float> zeroinitializer, ptr %acc1169, align 4
   %panel.off70 = mul nsw i64 %p, 32768
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %507 = add nsw i64 %p, 1
-  %508 = icmp slt i64 %507, %p1
-  %pf.on71 = and i1 %pf.on, %508
-  %509 = mul nsw i64 %pf.j, 65536
-  %510 = lshr i64 %509, %10
-  %511 = add nsw i64 65536, %510
-  %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf72 = select i1 %pf.on71, ptr %512, ptr %506
-  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  %507 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %508 = add nsw i64 %p, 1
+  %509 = icmp slt i64 %508, %p1
+  %pf.on71 = and i1 %pf.on, %509
+  %510 = mul nsw i64 %rb, 65536
+  %511 = lshr i64 %510, %12
+  %512 = add nsw i64 65536, %511
+  %513 = getelementptr inbounds i8, ptr %507, i64 %512
+  %pf72 = select i1 %pf.on71, ptr %513, ptr %507
+  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %539, %pf.any.end79 ]
-  %513 = icmp slt i64 %k77, 2048
-  br i1 %513, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %540, %pf.any.end79 ]
+  %514 = icmp slt i64 %k77, 2048
+  br i1 %514, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %514 = mul nsw i64 %k77, 16
-  %515 = add nsw i64 %panel.off70, %514
-  %516 = mul nsw i64 %k77, 32
+  %515 = mul nsw i64 %k77, 16
+  %516 = add nsw i64 %panel.off70, %515
+  %517 = mul nsw i64 %k77, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %517 = lshr i64 %516, %pf.sh73
-  %518 = getelementptr inbounds i8, ptr %pf72, i64 %517
-  call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  %518 = lshr i64 %517, %pf.sh73
+  %519 = getelementptr inbounds i8, ptr %pf72, i64 %518
+  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %519 = getelementptr inbounds i16, ptr %panels, i64 %515
-  %520 = load <8 x i32>, ptr %519, align 4
-  %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %521 to <8 x float>
-  %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %484, i64 %k77
-  %524 = load float, ptr %523, align 4
-  %525 = insertelement <8 x float> poison, float %524, i32 0
-  %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0066, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b080, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0066, align 4
-  %529 = load <8 x float>, ptr %acc0167, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b181, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0167, align 4
-  %531 = getelementptr inbounds float, ptr %496, i64 %k77
-  %532 = load float, ptr %531, align 4
-  %533 = insertelement <8 x float> poison, float %532, i32 0
-  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1068, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b080, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1068, align 4
-  %537 = load <8 x float>, ptr %acc1169, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b181, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1169, align 4
-  %539 = add nsw i64 %k77, 1
+  %520 = getelementptr inbounds i16, ptr %panels, i64 %516
+  %521 = load <8 x i32>, ptr %520, align 4
+  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %523 to <8 x float>
+  %524 = getelementptr inbounds float, ptr %485, i64 %k77
+  %525 = load float, ptr %524, align 4
+  %526 = insertelement <8 x float> poison, float %525, i32 0
+  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
+  %528 = load <8 x float>, ptr %acc0066, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b080, <8 x float> %528)
+  store <8 x float> %529, ptr %acc0066, align 4
+  %530 = load <8 x float>, ptr %acc0167, align 4
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b181, <8 x float> %530)
+  store <8 x float> %531, ptr %acc0167, align 4
+  %532 = getelementptr inbounds float, ptr %497, i64 %k77
+  %533 = load float, ptr %532, align 4
+  %534 = insertelement <8 x float> poison, float %533, i32 0
+  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
+  %536 = load <8 x float>, ptr %acc1068, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b080, <8 x float> %536)
+  store <8 x float> %537, ptr %acc1068, align 4
+  %538 = load <8 x float>, ptr %acc1169, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b181, <8 x float> %538)
+  store <8 x float> %539, ptr %acc1169, align 4
+  %540 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %540 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %540, ptr %491, align 4
-  %541 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %541, ptr %493, align 4
-  %542 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %542, ptr %503, align 4
-  %543 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %543, ptr %505, align 4
+  %541 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %541, ptr %492, align 4
+  %542 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %542, ptr %494, align 4
+  %543 = load <8 x float>, ptr %acc1068, align 4
+  store <8 x float> %543, ptr %504, align 4
+  %544 = load <8 x float>, ptr %acc1169, align 4
+  store <8 x float> %544, ptr %506, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %544 = add nsw i64 %r0, 0
-  %545 = mul nsw i64 %544, 2048
-  %546 = getelementptr inbounds float, ptr %h, i64 %545
-  %547 = getelementptr inbounds i32, ptr %rows, i64 %544
-  %548 = load i32, ptr %547, align 4
-  %549 = sext i32 %548 to i64
-  %550 = mul nsw i64 %549, 7168
-  %551 = getelementptr inbounds float, ptr %y, i64 %550
-  %552 = add nsw i64 %col82, 0
-  %553 = getelementptr inbounds float, ptr %551, i64 %552
+  %545 = add nsw i64 %r0, 0
+  %546 = mul nsw i64 %545, 2048
+  %547 = getelementptr inbounds float, ptr %h, i64 %546
+  %548 = getelementptr inbounds i32, ptr %rows, i64 %545
+  %549 = load i32, ptr %548, align 4
+  %550 = sext i32 %549 to i64
+  %551 = mul nsw i64 %550, 7168
+  %552 = getelementptr inbounds float, ptr %y, i64 %551
+  %553 = add nsw i64 %col82, 0
+  %554 = getelementptr inbounds float, ptr %552, i64 %553
   store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %554 = add nsw i64 %col82, 8
-  %555 = getelementptr inbounds float, ptr %551, i64 %554
+  %555 = add nsw i64 %col82, 8
+  %556 = getelementptr inbounds float, ptr %552, i64 %555
   store <8 x float> zeroinitializer, ptr %acc0184, align 4
   %panel.off85 = mul nsw i64 %p, 32768
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %557 = add nsw i64 %p, 1
-  %558 = icmp slt i64 %557, %p1
-  %pf.on86 = and i1 %pf.on, %558
-  %559 = mul nsw i64 %pf.j, 65536
-  %560 = lshr i64 %559, %10
-  %561 = add nsw i64 65536, %560
-  %562 = getelementptr inbounds i8, ptr %556, i64 %561
-  %pf87 = select i1 %pf.on86, ptr %562, ptr %556
-  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  %557 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %558 = add nsw i64 %p, 1
+  %559 = icmp slt i64 %558, %p1
+  %pf.on86 = and i1 %pf.on, %559
+  %560 = mul nsw i64 %rb, 65536
+  %561 = lshr i64 %560, %12
+  %562 = add nsw i64 65536, %561
+  %563 = getelementptr inbounds i8, ptr %557, i64 %562
+  %pf87 = select i1 %pf.on86, ptr %563, ptr %557
+  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %581, %pf.any.end94 ]
-  %563 = icmp slt i64 %k92, 2048
-  br i1 %563, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %582, %pf.any.end94 ]
+  %564 = icmp slt i64 %k92, 2048
+  br i1 %564, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %564 = mul nsw i64 %k92, 16
-  %565 = add nsw i64 %panel.off85, %564
-  %566 = mul nsw i64 %k92, 32
+  %565 = mul nsw i64 %k92, 16
+  %566 = add nsw i64 %panel.off85, %565
+  %567 = mul nsw i64 %k92, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %567 = lshr i64 %566, %pf.sh88
-  %568 = getelementptr inbounds i8, ptr %pf87, i64 %567
-  call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  %568 = lshr i64 %567, %pf.sh88
+  %569 = getelementptr inbounds i8, ptr %pf87, i64 %568
+  call void @llvm.prefetch.p0(ptr %569, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %569 = getelementptr inbounds i16, ptr %panels, i64 %565
-  %570 = load <8 x i32>, ptr %569, align 4
-  %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %571 to <8 x float>
-  %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = getelementptr inbounds float, ptr %546, i64 %k92
-  %574 = load float, ptr %573, align 4
-  %575 = insertelement <8 x float> poison, float %574, i32 0
-  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc0083, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b095, <8 x float> %577)
-  store <8 x float> %578, ptr %acc0083, align 4
-  %579 = load <8 x float>, ptr %acc0184, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b196, <8 x float> %579)
-  store <8 x float> %580, ptr %acc0184, align 4
-  %581 = add nsw i64 %k92, 1
+  %570 = getelementptr inbounds i16, ptr %panels, i64 %566
+  %571 = load <8 x i32>, ptr %570, align 4
+  %572 = shl <8 x i32> %571, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = and <8 x i32> %571, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %573 to <8 x float>
+  %574 = getelementptr inbounds float, ptr %547, i64 %k92
+  %575 = load float, ptr %574, align 4
+  %576 = insertelement <8 x float> poison, float %575, i32 0
+  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
+  %578 = load <8 x float>, ptr %acc0083, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b095, <8 x float> %578)
+  store <8 x float> %579, ptr %acc0083, align 4
+  %580 = load <8 x float>, ptr %acc0184, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b196, <8 x float> %580)
+  store <8 x float> %581, ptr %acc0184, align 4
+  %582 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %582 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %582, ptr %553, align 4
-  %583 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %583, ptr %555, align 4
+  %583 = load <8 x float>, ptr %acc0083, align 4
+  store <8 x float> %583, ptr %554, align 4
+  %584 = load <8 x float>, ptr %acc0184, align 4
+  store <8 x float> %584, ptr %556, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %584 = add nsw i64 %r0, 6
-  br label %r0.head
+  %585 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %585 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %586 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3630,37 +3632,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %983, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %984, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %982, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %983, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3669,1368 +3672,1368 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 7168
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 7168
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 7168
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 7168
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 7168
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 7168
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 7168
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 7168
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 7168
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 7168
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 7168
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 7168
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 114688
-  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 229376
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 229376, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 229376
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 229376, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
-  %56 = icmp slt i64 %k, 7168
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %57 = icmp slt i64 %k, 7168
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
-  %63 = load <8 x i32>, ptr %62, align 4
-  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %64 to <8 x float>
-  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = getelementptr inbounds float, ptr %18, i64 %k
-  %67 = load float, ptr %66, align 4
-  %68 = insertelement <8 x float> poison, float %67, i32 0
-  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
-  %70 = load <8 x float>, ptr %acc00, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
-  store <8 x float> %71, ptr %acc00, align 4
-  %72 = load <8 x float>, ptr %acc01, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
-  store <8 x float> %73, ptr %acc01, align 4
-  %74 = getelementptr inbounds float, ptr %24, i64 %k
-  %75 = load float, ptr %74, align 4
-  %76 = insertelement <8 x float> poison, float %75, i32 0
-  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
-  %78 = load <8 x float>, ptr %acc10, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
-  store <8 x float> %79, ptr %acc10, align 4
-  %80 = load <8 x float>, ptr %acc11, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
-  store <8 x float> %81, ptr %acc11, align 4
-  %82 = getelementptr inbounds float, ptr %30, i64 %k
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <8 x float> poison, float %83, i32 0
-  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
-  %86 = load <8 x float>, ptr %acc20, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
-  store <8 x float> %87, ptr %acc20, align 4
-  %88 = load <8 x float>, ptr %acc21, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
-  store <8 x float> %89, ptr %acc21, align 4
-  %90 = getelementptr inbounds float, ptr %36, i64 %k
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <8 x float> poison, float %91, i32 0
-  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
-  %94 = load <8 x float>, ptr %acc30, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
-  store <8 x float> %95, ptr %acc30, align 4
-  %96 = load <8 x float>, ptr %acc31, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
-  store <8 x float> %97, ptr %acc31, align 4
-  %98 = getelementptr inbounds float, ptr %42, i64 %k
-  %99 = load float, ptr %98, align 4
-  %100 = insertelement <8 x float> poison, float %99, i32 0
-  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
-  %102 = load <8 x float>, ptr %acc40, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
-  store <8 x float> %103, ptr %acc40, align 4
-  %104 = load <8 x float>, ptr %acc41, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
-  store <8 x float> %105, ptr %acc41, align 4
-  %106 = getelementptr inbounds float, ptr %48, i64 %k
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc50, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc50, align 4
-  %112 = load <8 x float>, ptr %acc51, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc51, align 4
-  %114 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
+  %64 = load <8 x i32>, ptr %63, align 4
+  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %66 to <8 x float>
+  %67 = getelementptr inbounds float, ptr %19, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %25, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %31, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %37, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %43, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %49, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %115 = add nsw i64 %r0, 0
-  %116 = mul nsw i64 %115, 2048
-  %117 = getelementptr inbounds float, ptr %h, i64 %116
+  %116 = add nsw i64 %r0, 0
+  %117 = mul nsw i64 %116, 2048
+  %118 = getelementptr inbounds float, ptr %h, i64 %117
   %col = mul nsw i64 %p, 8
-  %118 = load <8 x float>, ptr %acc00, align 4
-  %119 = load <8 x float>, ptr %acc01, align 4
-  %120 = fneg <8 x float> %118
-  %121 = fcmp olt <8 x float> %120, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %122 = select <8 x i1> %121, <8 x float> %120, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %123 = fcmp ogt <8 x float> %122, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %124 = select <8 x i1> %123, <8 x float> %122, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %126 = call <8 x float> @llvm.floor.v8f32(<8 x float> %125)
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %124)
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %127)
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %128, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %128, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %128, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %128, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %128, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %134 = fmul <8 x float> %128, %128
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %134, <8 x float> %128)
-  %136 = fadd <8 x float> %135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %137 = fptosi <8 x float> %126 to <8 x i32>
-  %138 = add <8 x i32> %137, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %139 = shl <8 x i32> %138, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %139 to <8 x float>
-  %exp = fmul <8 x float> %136, %exp.2n
-  %140 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %140
-  %silu = fmul <8 x float> %118, %sigmoid
-  %glu = fmul <8 x float> %silu, %119
-  %141 = getelementptr inbounds float, ptr %117, i64 %col
-  store <8 x float> %glu, ptr %141, align 4
-  %142 = add nsw i64 %r0, 1
-  %143 = mul nsw i64 %142, 2048
-  %144 = getelementptr inbounds float, ptr %h, i64 %143
+  %119 = load <8 x float>, ptr %acc00, align 4
+  %120 = load <8 x float>, ptr %acc01, align 4
+  %121 = fneg <8 x float> %119
+  %122 = fcmp olt <8 x float> %121, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %123 = select <8 x i1> %122, <8 x float> %121, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %124 = fcmp ogt <8 x float> %123, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %125 = select <8 x i1> %124, <8 x float> %123, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %127 = call <8 x float> @llvm.floor.v8f32(<8 x float> %126)
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %125)
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %128)
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %129, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %129, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %129, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %129, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %129, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %135 = fmul <8 x float> %129, %129
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %135, <8 x float> %129)
+  %137 = fadd <8 x float> %136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %138 = fptosi <8 x float> %127 to <8 x i32>
+  %139 = add <8 x i32> %138, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %140 = shl <8 x i32> %139, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %140 to <8 x float>
+  %exp = fmul <8 x float> %137, %exp.2n
+  %141 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %141
+  %silu = fmul <8 x float> %119, %sigmoid
+  %glu = fmul <8 x float> %silu, %120
+  %142 = getelementptr inbounds float, ptr %118, i64 %col
+  store <8 x float> %glu, ptr %142, align 4
+  %143 = add nsw i64 %r0, 1
+  %144 = mul nsw i64 %143, 2048
+  %145 = getelementptr inbounds float, ptr %h, i64 %144
   %col2 = mul nsw i64 %p, 8
-  %145 = load <8 x float>, ptr %acc10, align 4
-  %146 = load <8 x float>, ptr %acc11, align 4
-  %147 = fneg <8 x float> %145
-  %148 = fcmp olt <8 x float> %147, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %149 = select <8 x i1> %148, <8 x float> %147, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %150 = fcmp ogt <8 x float> %149, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %151 = select <8 x i1> %150, <8 x float> %149, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %153 = call <8 x float> @llvm.floor.v8f32(<8 x float> %152)
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %151)
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %154)
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %155, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> %155, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %155, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %155, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %155, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %161 = fmul <8 x float> %155, %155
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %161, <8 x float> %155)
-  %163 = fadd <8 x float> %162, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %164 = fptosi <8 x float> %153 to <8 x i32>
-  %165 = add <8 x i32> %164, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %166 = shl <8 x i32> %165, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %166 to <8 x float>
-  %exp4 = fmul <8 x float> %163, %exp.2n3
-  %167 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %167
-  %silu6 = fmul <8 x float> %145, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %146
-  %168 = getelementptr inbounds float, ptr %144, i64 %col2
-  store <8 x float> %glu7, ptr %168, align 4
-  %169 = add nsw i64 %r0, 2
-  %170 = mul nsw i64 %169, 2048
-  %171 = getelementptr inbounds float, ptr %h, i64 %170
+  %146 = load <8 x float>, ptr %acc10, align 4
+  %147 = load <8 x float>, ptr %acc11, align 4
+  %148 = fneg <8 x float> %146
+  %149 = fcmp olt <8 x float> %148, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %150 = select <8 x i1> %149, <8 x float> %148, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %151 = fcmp ogt <8 x float> %150, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %152 = select <8 x i1> %151, <8 x float> %150, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %154 = call <8 x float> @llvm.floor.v8f32(<8 x float> %153)
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %152)
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %155)
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %156, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %156, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %156, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %156, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %156, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %162 = fmul <8 x float> %156, %156
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %162, <8 x float> %156)
+  %164 = fadd <8 x float> %163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %165 = fptosi <8 x float> %154 to <8 x i32>
+  %166 = add <8 x i32> %165, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %167 = shl <8 x i32> %166, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %167 to <8 x float>
+  %exp4 = fmul <8 x float> %164, %exp.2n3
+  %168 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %168
+  %silu6 = fmul <8 x float> %146, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %147
+  %169 = getelementptr inbounds float, ptr %145, i64 %col2
+  store <8 x float> %glu7, ptr %169, align 4
+  %170 = add nsw i64 %r0, 2
+  %171 = mul nsw i64 %170, 2048
+  %172 = getelementptr inbounds float, ptr %h, i64 %171
   %col8 = mul nsw i64 %p, 8
-  %172 = load <8 x float>, ptr %acc20, align 4
-  %173 = load <8 x float>, ptr %acc21, align 4
-  %174 = fneg <8 x float> %172
-  %175 = fcmp olt <8 x float> %174, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %176 = select <8 x i1> %175, <8 x float> %174, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %177 = fcmp ogt <8 x float> %176, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %178 = select <8 x i1> %177, <8 x float> %176, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %180 = call <8 x float> @llvm.floor.v8f32(<8 x float> %179)
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %178)
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %181)
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %182, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %182, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %182, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %182, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %182, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %188 = fmul <8 x float> %182, %182
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %188, <8 x float> %182)
-  %190 = fadd <8 x float> %189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %191 = fptosi <8 x float> %180 to <8 x i32>
-  %192 = add <8 x i32> %191, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %193 = shl <8 x i32> %192, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %193 to <8 x float>
-  %exp10 = fmul <8 x float> %190, %exp.2n9
-  %194 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %194
-  %silu12 = fmul <8 x float> %172, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %173
-  %195 = getelementptr inbounds float, ptr %171, i64 %col8
-  store <8 x float> %glu13, ptr %195, align 4
-  %196 = add nsw i64 %r0, 3
-  %197 = mul nsw i64 %196, 2048
-  %198 = getelementptr inbounds float, ptr %h, i64 %197
+  %173 = load <8 x float>, ptr %acc20, align 4
+  %174 = load <8 x float>, ptr %acc21, align 4
+  %175 = fneg <8 x float> %173
+  %176 = fcmp olt <8 x float> %175, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %177 = select <8 x i1> %176, <8 x float> %175, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %178 = fcmp ogt <8 x float> %177, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %179 = select <8 x i1> %178, <8 x float> %177, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %181 = call <8 x float> @llvm.floor.v8f32(<8 x float> %180)
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %179)
+  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %182)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %189 = fmul <8 x float> %183, %183
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %189, <8 x float> %183)
+  %191 = fadd <8 x float> %190, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %192 = fptosi <8 x float> %181 to <8 x i32>
+  %193 = add <8 x i32> %192, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %194 = shl <8 x i32> %193, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %194 to <8 x float>
+  %exp10 = fmul <8 x float> %191, %exp.2n9
+  %195 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %195
+  %silu12 = fmul <8 x float> %173, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %174
+  %196 = getelementptr inbounds float, ptr %172, i64 %col8
+  store <8 x float> %glu13, ptr %196, align 4
+  %197 = add nsw i64 %r0, 3
+  %198 = mul nsw i64 %197, 2048
+  %199 = getelementptr inbounds float, ptr %h, i64 %198
   %col14 = mul nsw i64 %p, 8
-  %199 = load <8 x float>, ptr %acc30, align 4
-  %200 = load <8 x float>, ptr %acc31, align 4
-  %201 = fneg <8 x float> %199
-  %202 = fcmp olt <8 x float> %201, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %203 = select <8 x i1> %202, <8 x float> %201, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %204 = fcmp ogt <8 x float> %203, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %205 = select <8 x i1> %204, <8 x float> %203, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %207 = call <8 x float> @llvm.floor.v8f32(<8 x float> %206)
-  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %205)
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %208)
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %209, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %209, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %209, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %209, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %209, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %215 = fmul <8 x float> %209, %209
-  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %215, <8 x float> %209)
-  %217 = fadd <8 x float> %216, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %218 = fptosi <8 x float> %207 to <8 x i32>
-  %219 = add <8 x i32> %218, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %220 = shl <8 x i32> %219, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %220 to <8 x float>
-  %exp16 = fmul <8 x float> %217, %exp.2n15
-  %221 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %221
-  %silu18 = fmul <8 x float> %199, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %200
-  %222 = getelementptr inbounds float, ptr %198, i64 %col14
-  store <8 x float> %glu19, ptr %222, align 4
-  %223 = add nsw i64 %r0, 4
-  %224 = mul nsw i64 %223, 2048
-  %225 = getelementptr inbounds float, ptr %h, i64 %224
+  %200 = load <8 x float>, ptr %acc30, align 4
+  %201 = load <8 x float>, ptr %acc31, align 4
+  %202 = fneg <8 x float> %200
+  %203 = fcmp olt <8 x float> %202, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %204 = select <8 x i1> %203, <8 x float> %202, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %205 = fcmp ogt <8 x float> %204, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %206 = select <8 x i1> %205, <8 x float> %204, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %208 = call <8 x float> @llvm.floor.v8f32(<8 x float> %207)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %206)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %209)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %210, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %210, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %210, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %210, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %210, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %216 = fmul <8 x float> %210, %210
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %216, <8 x float> %210)
+  %218 = fadd <8 x float> %217, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %219 = fptosi <8 x float> %208 to <8 x i32>
+  %220 = add <8 x i32> %219, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %221 = shl <8 x i32> %220, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %221 to <8 x float>
+  %exp16 = fmul <8 x float> %218, %exp.2n15
+  %222 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %222
+  %silu18 = fmul <8 x float> %200, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %201
+  %223 = getelementptr inbounds float, ptr %199, i64 %col14
+  store <8 x float> %glu19, ptr %223, align 4
+  %224 = add nsw i64 %r0, 4
+  %225 = mul nsw i64 %224, 2048
+  %226 = getelementptr inbounds float, ptr %h, i64 %225
   %col20 = mul nsw i64 %p, 8
-  %226 = load <8 x float>, ptr %acc40, align 4
-  %227 = load <8 x float>, ptr %acc41, align 4
-  %228 = fneg <8 x float> %226
-  %229 = fcmp olt <8 x float> %228, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %230 = select <8 x i1> %229, <8 x float> %228, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %231 = fcmp ogt <8 x float> %230, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %232 = select <8 x i1> %231, <8 x float> %230, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %234 = call <8 x float> @llvm.floor.v8f32(<8 x float> %233)
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %232)
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %235)
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %236, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %236, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %236, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %236, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %236, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %242 = fmul <8 x float> %236, %236
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %242, <8 x float> %236)
-  %244 = fadd <8 x float> %243, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %245 = fptosi <8 x float> %234 to <8 x i32>
-  %246 = add <8 x i32> %245, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %247 = shl <8 x i32> %246, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %247 to <8 x float>
-  %exp22 = fmul <8 x float> %244, %exp.2n21
-  %248 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %248
-  %silu24 = fmul <8 x float> %226, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %227
-  %249 = getelementptr inbounds float, ptr %225, i64 %col20
-  store <8 x float> %glu25, ptr %249, align 4
-  %250 = add nsw i64 %r0, 5
-  %251 = mul nsw i64 %250, 2048
-  %252 = getelementptr inbounds float, ptr %h, i64 %251
+  %227 = load <8 x float>, ptr %acc40, align 4
+  %228 = load <8 x float>, ptr %acc41, align 4
+  %229 = fneg <8 x float> %227
+  %230 = fcmp olt <8 x float> %229, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %231 = select <8 x i1> %230, <8 x float> %229, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %232 = fcmp ogt <8 x float> %231, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %235 = call <8 x float> @llvm.floor.v8f32(<8 x float> %234)
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %233)
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %236)
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %237, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %237, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %237, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %237, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %237, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %243 = fmul <8 x float> %237, %237
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %243, <8 x float> %237)
+  %245 = fadd <8 x float> %244, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %246 = fptosi <8 x float> %235 to <8 x i32>
+  %247 = add <8 x i32> %246, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %248 = shl <8 x i32> %247, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %248 to <8 x float>
+  %exp22 = fmul <8 x float> %245, %exp.2n21
+  %249 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %249
+  %silu24 = fmul <8 x float> %227, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %228
+  %250 = getelementptr inbounds float, ptr %226, i64 %col20
+  store <8 x float> %glu25, ptr %250, align 4
+  %251 = add nsw i64 %r0, 5
+  %252 = mul nsw i64 %251, 2048
+  %253 = getelementptr inbounds float, ptr %h, i64 %252
   %col26 = mul nsw i64 %p, 8
-  %253 = load <8 x float>, ptr %acc50, align 4
-  %254 = load <8 x float>, ptr %acc51, align 4
-  %255 = fneg <8 x float> %253
-  %256 = fcmp olt <8 x float> %255, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %258 = fcmp ogt <8 x float> %257, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %259 = select <8 x i1> %258, <8 x float> %257, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %261 = call <8 x float> @llvm.floor.v8f32(<8 x float> %260)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %259)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %262)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %263, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %263, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %263, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %263, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %269 = fmul <8 x float> %263, %263
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %269, <8 x float> %263)
-  %271 = fadd <8 x float> %270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %272 = fptosi <8 x float> %261 to <8 x i32>
-  %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %274 to <8 x float>
-  %exp28 = fmul <8 x float> %271, %exp.2n27
-  %275 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
-  %silu30 = fmul <8 x float> %253, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %254
-  %276 = getelementptr inbounds float, ptr %252, i64 %col26
-  store <8 x float> %glu31, ptr %276, align 4
+  %254 = load <8 x float>, ptr %acc50, align 4
+  %255 = load <8 x float>, ptr %acc51, align 4
+  %256 = fneg <8 x float> %254
+  %257 = fcmp olt <8 x float> %256, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %259 = fcmp ogt <8 x float> %258, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %262 = call <8 x float> @llvm.floor.v8f32(<8 x float> %261)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %260)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %263)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %264, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %264, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %264, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %264, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %270 = fmul <8 x float> %264, %264
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %270, <8 x float> %264)
+  %272 = fadd <8 x float> %271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %273 = fptosi <8 x float> %262 to <8 x i32>
+  %274 = add <8 x i32> %273, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %275 = shl <8 x i32> %274, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %275 to <8 x float>
+  %exp28 = fmul <8 x float> %272, %exp.2n27
+  %276 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %276
+  %silu30 = fmul <8 x float> %254, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %255
+  %277 = getelementptr inbounds float, ptr %253, i64 %col26
+  store <8 x float> %glu31, ptr %277, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %277 = add nsw i64 %r0, 0
-  %278 = getelementptr inbounds i32, ptr %rows, i64 %277
-  %279 = load i32, ptr %278, align 4
-  %280 = sext i32 %279 to i64
-  %281 = mul nsw i64 %280, 7168
-  %282 = getelementptr inbounds float, ptr %x, i64 %281
+tile.mr5:                                         ; preds = %rb.body
+  %278 = add nsw i64 %r0, 0
+  %279 = getelementptr inbounds i32, ptr %rows, i64 %278
+  %280 = load i32, ptr %279, align 4
+  %281 = sext i32 %280 to i64
+  %282 = mul nsw i64 %281, 7168
+  %283 = getelementptr inbounds float, ptr %x, i64 %282
   store <8 x float> zeroinitializer, ptr %acc0032, align 4
   store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %283 = add nsw i64 %r0, 1
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %283
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 7168
-  %288 = getelementptr inbounds float, ptr %x, i64 %287
+  %284 = add nsw i64 %r0, 1
+  %285 = getelementptr inbounds i32, ptr %rows, i64 %284
+  %286 = load i32, ptr %285, align 4
+  %287 = sext i32 %286 to i64
+  %288 = mul nsw i64 %287, 7168
+  %289 = getelementptr inbounds float, ptr %x, i64 %288
   store <8 x float> zeroinitializer, ptr %acc1034, align 4
   store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %289 = add nsw i64 %r0, 2
-  %290 = getelementptr inbounds i32, ptr %rows, i64 %289
-  %291 = load i32, ptr %290, align 4
-  %292 = sext i32 %291 to i64
-  %293 = mul nsw i64 %292, 7168
-  %294 = getelementptr inbounds float, ptr %x, i64 %293
+  %290 = add nsw i64 %r0, 2
+  %291 = getelementptr inbounds i32, ptr %rows, i64 %290
+  %292 = load i32, ptr %291, align 4
+  %293 = sext i32 %292 to i64
+  %294 = mul nsw i64 %293, 7168
+  %295 = getelementptr inbounds float, ptr %x, i64 %294
   store <8 x float> zeroinitializer, ptr %acc2036, align 4
   store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %295 = add nsw i64 %r0, 3
-  %296 = getelementptr inbounds i32, ptr %rows, i64 %295
-  %297 = load i32, ptr %296, align 4
-  %298 = sext i32 %297 to i64
-  %299 = mul nsw i64 %298, 7168
-  %300 = getelementptr inbounds float, ptr %x, i64 %299
+  %296 = add nsw i64 %r0, 3
+  %297 = getelementptr inbounds i32, ptr %rows, i64 %296
+  %298 = load i32, ptr %297, align 4
+  %299 = sext i32 %298 to i64
+  %300 = mul nsw i64 %299, 7168
+  %301 = getelementptr inbounds float, ptr %x, i64 %300
   store <8 x float> zeroinitializer, ptr %acc3038, align 4
   store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %301 = add nsw i64 %r0, 4
-  %302 = getelementptr inbounds i32, ptr %rows, i64 %301
-  %303 = load i32, ptr %302, align 4
-  %304 = sext i32 %303 to i64
-  %305 = mul nsw i64 %304, 7168
-  %306 = getelementptr inbounds float, ptr %x, i64 %305
+  %302 = add nsw i64 %r0, 4
+  %303 = getelementptr inbounds i32, ptr %rows, i64 %302
+  %304 = load i32, ptr %303, align 4
+  %305 = sext i32 %304 to i64
+  %306 = mul nsw i64 %305, 7168
+  %307 = getelementptr inbounds float, ptr %x, i64 %306
   store <8 x float> zeroinitializer, ptr %acc4040, align 4
   store <8 x float> zeroinitializer, ptr %acc4141, align 4
   %panel.off42 = mul nsw i64 %p, 114688
-  %307 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %308 = add nsw i64 %p, 1
-  %309 = icmp slt i64 %308, %p1
-  %pf.on43 = and i1 %pf.on, %309
-  %310 = mul nsw i64 %pf.j, 229376
-  %311 = lshr i64 %310, %9
-  %312 = add nsw i64 229376, %311
-  %313 = getelementptr inbounds i8, ptr %307, i64 %312
-  %pf44 = select i1 %pf.on43, ptr %313, ptr %307
-  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  %308 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %309 = add nsw i64 %p, 1
+  %310 = icmp slt i64 %309, %p1
+  %pf.on43 = and i1 %pf.on, %310
+  %311 = mul nsw i64 %rb, 229376
+  %312 = lshr i64 %311, %11
+  %313 = add nsw i64 229376, %312
+  %314 = getelementptr inbounds i8, ptr %308, i64 %313
+  %pf44 = select i1 %pf.on43, ptr %314, ptr %308
+  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %364, %pf.any.end51 ]
-  %314 = icmp slt i64 %k49, 7168
-  br i1 %314, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %365, %pf.any.end51 ]
+  %315 = icmp slt i64 %k49, 7168
+  br i1 %315, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %315 = mul nsw i64 %k49, 16
-  %316 = add nsw i64 %panel.off42, %315
-  %317 = mul nsw i64 %k49, 32
+  %316 = mul nsw i64 %k49, 16
+  %317 = add nsw i64 %panel.off42, %316
+  %318 = mul nsw i64 %k49, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %318 = lshr i64 %317, %pf.sh45
-  %319 = getelementptr inbounds i8, ptr %pf44, i64 %318
-  call void @llvm.prefetch.p0(ptr %319, i32 0, i32 2, i32 1)
+  %319 = lshr i64 %318, %pf.sh45
+  %320 = getelementptr inbounds i8, ptr %pf44, i64 %319
+  call void @llvm.prefetch.p0(ptr %320, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %320 = getelementptr inbounds i16, ptr %panels, i64 %316
-  %321 = load <8 x i32>, ptr %320, align 4
-  %322 = shl <8 x i32> %321, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %322 to <8 x float>
-  %323 = and <8 x i32> %321, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %323 to <8 x float>
-  %324 = getelementptr inbounds float, ptr %282, i64 %k49
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %acc0032, align 4
-  %329 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b052, <8 x float> %328)
-  store <8 x float> %329, ptr %acc0032, align 4
-  %330 = load <8 x float>, ptr %acc0133, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %327, <8 x float> %b153, <8 x float> %330)
-  store <8 x float> %331, ptr %acc0133, align 4
-  %332 = getelementptr inbounds float, ptr %288, i64 %k49
-  %333 = load float, ptr %332, align 4
-  %334 = insertelement <8 x float> poison, float %333, i32 0
-  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
-  %336 = load <8 x float>, ptr %acc1034, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b052, <8 x float> %336)
-  store <8 x float> %337, ptr %acc1034, align 4
-  %338 = load <8 x float>, ptr %acc1135, align 4
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b153, <8 x float> %338)
-  store <8 x float> %339, ptr %acc1135, align 4
-  %340 = getelementptr inbounds float, ptr %294, i64 %k49
-  %341 = load float, ptr %340, align 4
-  %342 = insertelement <8 x float> poison, float %341, i32 0
-  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = load <8 x float>, ptr %acc2036, align 4
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b052, <8 x float> %344)
-  store <8 x float> %345, ptr %acc2036, align 4
-  %346 = load <8 x float>, ptr %acc2137, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b153, <8 x float> %346)
-  store <8 x float> %347, ptr %acc2137, align 4
-  %348 = getelementptr inbounds float, ptr %300, i64 %k49
-  %349 = load float, ptr %348, align 4
-  %350 = insertelement <8 x float> poison, float %349, i32 0
-  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
-  %352 = load <8 x float>, ptr %acc3038, align 4
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b052, <8 x float> %352)
-  store <8 x float> %353, ptr %acc3038, align 4
-  %354 = load <8 x float>, ptr %acc3139, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b153, <8 x float> %354)
-  store <8 x float> %355, ptr %acc3139, align 4
-  %356 = getelementptr inbounds float, ptr %306, i64 %k49
-  %357 = load float, ptr %356, align 4
-  %358 = insertelement <8 x float> poison, float %357, i32 0
-  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = load <8 x float>, ptr %acc4040, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b052, <8 x float> %360)
-  store <8 x float> %361, ptr %acc4040, align 4
-  %362 = load <8 x float>, ptr %acc4141, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b153, <8 x float> %362)
-  store <8 x float> %363, ptr %acc4141, align 4
-  %364 = add nsw i64 %k49, 1
+  %321 = getelementptr inbounds i16, ptr %panels, i64 %317
+  %322 = load <8 x i32>, ptr %321, align 4
+  %323 = shl <8 x i32> %322, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %323 to <8 x float>
+  %324 = and <8 x i32> %322, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %324 to <8 x float>
+  %325 = getelementptr inbounds float, ptr %283, i64 %k49
+  %326 = load float, ptr %325, align 4
+  %327 = insertelement <8 x float> poison, float %326, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = load <8 x float>, ptr %acc0032, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b052, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0032, align 4
+  %331 = load <8 x float>, ptr %acc0133, align 4
+  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b153, <8 x float> %331)
+  store <8 x float> %332, ptr %acc0133, align 4
+  %333 = getelementptr inbounds float, ptr %289, i64 %k49
+  %334 = load float, ptr %333, align 4
+  %335 = insertelement <8 x float> poison, float %334, i32 0
+  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
+  %337 = load <8 x float>, ptr %acc1034, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b052, <8 x float> %337)
+  store <8 x float> %338, ptr %acc1034, align 4
+  %339 = load <8 x float>, ptr %acc1135, align 4
+  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b153, <8 x float> %339)
+  store <8 x float> %340, ptr %acc1135, align 4
+  %341 = getelementptr inbounds float, ptr %295, i64 %k49
+  %342 = load float, ptr %341, align 4
+  %343 = insertelement <8 x float> poison, float %342, i32 0
+  %344 = shufflevector <8 x float> %343, <8 x float> poison, <8 x i32> zeroinitializer
+  %345 = load <8 x float>, ptr %acc2036, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %b052, <8 x float> %345)
+  store <8 x float> %346, ptr %acc2036, align 4
+  %347 = load <8 x float>, ptr %acc2137, align 4
+  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %b153, <8 x float> %347)
+  store <8 x float> %348, ptr %acc2137, align 4
+  %349 = getelementptr inbounds float, ptr %301, i64 %k49
+  %350 = load float, ptr %349, align 4
+  %351 = insertelement <8 x float> poison, float %350, i32 0
+  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
+  %353 = load <8 x float>, ptr %acc3038, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %b052, <8 x float> %353)
+  store <8 x float> %354, ptr %acc3038, align 4
+  %355 = load <8 x float>, ptr %acc3139, align 4
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %b153, <8 x float> %355)
+  store <8 x float> %356, ptr %acc3139, align 4
+  %357 = getelementptr inbounds float, ptr %307, i64 %k49
+  %358 = load float, ptr %357, align 4
+  %359 = insertelement <8 x float> poison, float %358, i32 0
+  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
+  %361 = load <8 x float>, ptr %acc4040, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b052, <8 x float> %361)
+  store <8 x float> %362, ptr %acc4040, align 4
+  %363 = load <8 x float>, ptr %acc4141, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b153, <8 x float> %363)
+  store <8 x float> %364, ptr %acc4141, align 4
+  %365 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %365 = add nsw i64 %r0, 0
-  %366 = mul nsw i64 %365, 2048
-  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %366 = add nsw i64 %r0, 0
+  %367 = mul nsw i64 %366, 2048
+  %368 = getelementptr inbounds float, ptr %h, i64 %367
   %col54 = mul nsw i64 %p, 8
-  %368 = load <8 x float>, ptr %acc0032, align 4
-  %369 = load <8 x float>, ptr %acc0133, align 4
-  %370 = fneg <8 x float> %368
-  %371 = fcmp olt <8 x float> %370, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %372 = select <8 x i1> %371, <8 x float> %370, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %373 = fcmp ogt <8 x float> %372, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %374 = select <8 x i1> %373, <8 x float> %372, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %376 = call <8 x float> @llvm.floor.v8f32(<8 x float> %375)
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %374)
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %377)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %378, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %378, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %378, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %378, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %378, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %384 = fmul <8 x float> %378, %378
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %384, <8 x float> %378)
-  %386 = fadd <8 x float> %385, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %387 = fptosi <8 x float> %376 to <8 x i32>
-  %388 = add <8 x i32> %387, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %389 = shl <8 x i32> %388, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %389 to <8 x float>
-  %exp56 = fmul <8 x float> %386, %exp.2n55
-  %390 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %390
-  %silu58 = fmul <8 x float> %368, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %369
-  %391 = getelementptr inbounds float, ptr %367, i64 %col54
-  store <8 x float> %glu59, ptr %391, align 4
-  %392 = add nsw i64 %r0, 1
-  %393 = mul nsw i64 %392, 2048
-  %394 = getelementptr inbounds float, ptr %h, i64 %393
+  %369 = load <8 x float>, ptr %acc0032, align 4
+  %370 = load <8 x float>, ptr %acc0133, align 4
+  %371 = fneg <8 x float> %369
+  %372 = fcmp olt <8 x float> %371, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %374 = fcmp ogt <8 x float> %373, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %377 = call <8 x float> @llvm.floor.v8f32(<8 x float> %376)
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %375)
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %378)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %379, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %379, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %379, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %379, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %379, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %385 = fmul <8 x float> %379, %379
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %385, <8 x float> %379)
+  %387 = fadd <8 x float> %386, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %388 = fptosi <8 x float> %377 to <8 x i32>
+  %389 = add <8 x i32> %388, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %390 = shl <8 x i32> %389, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %390 to <8 x float>
+  %exp56 = fmul <8 x float> %387, %exp.2n55
+  %391 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %391
+  %silu58 = fmul <8 x float> %369, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %370
+  %392 = getelementptr inbounds float, ptr %368, i64 %col54
+  store <8 x float> %glu59, ptr %392, align 4
+  %393 = add nsw i64 %r0, 1
+  %394 = mul nsw i64 %393, 2048
+  %395 = getelementptr inbounds float, ptr %h, i64 %394
   %col60 = mul nsw i64 %p, 8
-  %395 = load <8 x float>, ptr %acc1034, align 4
-  %396 = load <8 x float>, ptr %acc1135, align 4
-  %397 = fneg <8 x float> %395
-  %398 = fcmp olt <8 x float> %397, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %399 = select <8 x i1> %398, <8 x float> %397, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %400 = fcmp ogt <8 x float> %399, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %401 = select <8 x i1> %400, <8 x float> %399, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %403 = call <8 x float> @llvm.floor.v8f32(<8 x float> %402)
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %401)
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %404)
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %405, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %405, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %405, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %405, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %405, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %411 = fmul <8 x float> %405, %405
-  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %411, <8 x float> %405)
-  %413 = fadd <8 x float> %412, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %414 = fptosi <8 x float> %403 to <8 x i32>
-  %415 = add <8 x i32> %414, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %416 = shl <8 x i32> %415, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %416 to <8 x float>
-  %exp62 = fmul <8 x float> %413, %exp.2n61
-  %417 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %417
-  %silu64 = fmul <8 x float> %395, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %396
-  %418 = getelementptr inbounds float, ptr %394, i64 %col60
-  store <8 x float> %glu65, ptr %418, align 4
-  %419 = add nsw i64 %r0, 2
-  %420 = mul nsw i64 %419, 2048
-  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %396 = load <8 x float>, ptr %acc1034, align 4
+  %397 = load <8 x float>, ptr %acc1135, align 4
+  %398 = fneg <8 x float> %396
+  %399 = fcmp olt <8 x float> %398, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %400 = select <8 x i1> %399, <8 x float> %398, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %401 = fcmp ogt <8 x float> %400, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %402 = select <8 x i1> %401, <8 x float> %400, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %404 = call <8 x float> @llvm.floor.v8f32(<8 x float> %403)
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %402)
+  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %405)
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %406, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %406, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %406, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %406, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %406, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %412 = fmul <8 x float> %406, %406
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %412, <8 x float> %406)
+  %414 = fadd <8 x float> %413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %415 = fptosi <8 x float> %404 to <8 x i32>
+  %416 = add <8 x i32> %415, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %417 = shl <8 x i32> %416, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %417 to <8 x float>
+  %exp62 = fmul <8 x float> %414, %exp.2n61
+  %418 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %418
+  %silu64 = fmul <8 x float> %396, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %397
+  %419 = getelementptr inbounds float, ptr %395, i64 %col60
+  store <8 x float> %glu65, ptr %419, align 4
+  %420 = add nsw i64 %r0, 2
+  %421 = mul nsw i64 %420, 2048
+  %422 = getelementptr inbounds float, ptr %h, i64 %421
   %col66 = mul nsw i64 %p, 8
-  %422 = load <8 x float>, ptr %acc2036, align 4
-  %423 = load <8 x float>, ptr %acc2137, align 4
-  %424 = fneg <8 x float> %422
-  %425 = fcmp olt <8 x float> %424, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %427 = fcmp ogt <8 x float> %426, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %428 = select <8 x i1> %427, <8 x float> %426, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %430 = call <8 x float> @llvm.floor.v8f32(<8 x float> %429)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %428)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %431)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %432, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %432, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %432, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %432, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %432, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %438 = fmul <8 x float> %432, %432
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %438, <8 x float> %432)
-  %440 = fadd <8 x float> %439, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %441 = fptosi <8 x float> %430 to <8 x i32>
-  %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %443 to <8 x float>
-  %exp68 = fmul <8 x float> %440, %exp.2n67
-  %444 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
-  %silu70 = fmul <8 x float> %422, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %423
-  %445 = getelementptr inbounds float, ptr %421, i64 %col66
-  store <8 x float> %glu71, ptr %445, align 4
-  %446 = add nsw i64 %r0, 3
-  %447 = mul nsw i64 %446, 2048
-  %448 = getelementptr inbounds float, ptr %h, i64 %447
+  %423 = load <8 x float>, ptr %acc2036, align 4
+  %424 = load <8 x float>, ptr %acc2137, align 4
+  %425 = fneg <8 x float> %423
+  %426 = fcmp olt <8 x float> %425, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %427 = select <8 x i1> %426, <8 x float> %425, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %428 = fcmp ogt <8 x float> %427, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %429 = select <8 x i1> %428, <8 x float> %427, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %431 = call <8 x float> @llvm.floor.v8f32(<8 x float> %430)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %429)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %432)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %433, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %433, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %433, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %433, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %433, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %439 = fmul <8 x float> %433, %433
+  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %439, <8 x float> %433)
+  %441 = fadd <8 x float> %440, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %442 = fptosi <8 x float> %431 to <8 x i32>
+  %443 = add <8 x i32> %442, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %444 = shl <8 x i32> %443, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %444 to <8 x float>
+  %exp68 = fmul <8 x float> %441, %exp.2n67
+  %445 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %445
+  %silu70 = fmul <8 x float> %423, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %424
+  %446 = getelementptr inbounds float, ptr %422, i64 %col66
+  store <8 x float> %glu71, ptr %446, align 4
+  %447 = add nsw i64 %r0, 3
+  %448 = mul nsw i64 %447, 2048
+  %449 = getelementptr inbounds float, ptr %h, i64 %448
   %col72 = mul nsw i64 %p, 8
-  %449 = load <8 x float>, ptr %acc3038, align 4
-  %450 = load <8 x float>, ptr %acc3139, align 4
-  %451 = fneg <8 x float> %449
-  %452 = fcmp olt <8 x float> %451, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %453 = select <8 x i1> %452, <8 x float> %451, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %454 = fcmp ogt <8 x float> %453, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %455 = select <8 x i1> %454, <8 x float> %453, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %457 = call <8 x float> @llvm.floor.v8f32(<8 x float> %456)
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %455)
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %458)
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %459, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %459, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %459, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %459, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %459, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %465 = fmul <8 x float> %459, %459
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %465, <8 x float> %459)
-  %467 = fadd <8 x float> %466, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %468 = fptosi <8 x float> %457 to <8 x i32>
-  %469 = add <8 x i32> %468, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %470 = shl <8 x i32> %469, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %470 to <8 x float>
-  %exp74 = fmul <8 x float> %467, %exp.2n73
-  %471 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %471
-  %silu76 = fmul <8 x float> %449, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %450
-  %472 = getelementptr inbounds float, ptr %448, i64 %col72
-  store <8 x float> %glu77, ptr %472, align 4
-  %473 = add nsw i64 %r0, 4
-  %474 = mul nsw i64 %473, 2048
-  %475 = getelementptr inbounds float, ptr %h, i64 %474
+  %450 = load <8 x float>, ptr %acc3038, align 4
+  %451 = load <8 x float>, ptr %acc3139, align 4
+  %452 = fneg <8 x float> %450
+  %453 = fcmp olt <8 x float> %452, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %454 = select <8 x i1> %453, <8 x float> %452, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %455 = fcmp ogt <8 x float> %454, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %458 = call <8 x float> @llvm.floor.v8f32(<8 x float> %457)
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %456)
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %459)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %460, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %460, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %460, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %460, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %460, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %466 = fmul <8 x float> %460, %460
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %466, <8 x float> %460)
+  %468 = fadd <8 x float> %467, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %469 = fptosi <8 x float> %458 to <8 x i32>
+  %470 = add <8 x i32> %469, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %471 = shl <8 x i32> %470, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %471 to <8 x float>
+  %exp74 = fmul <8 x float> %468, %exp.2n73
+  %472 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %472
+  %silu76 = fmul <8 x float> %450, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %451
+  %473 = getelementptr inbounds float, ptr %449, i64 %col72
+  store <8 x float> %glu77, ptr %473, align 4
+  %474 = add nsw i64 %r0, 4
+  %475 = mul nsw i64 %474, 2048
+  %476 = getelementptr inbounds float, ptr %h, i64 %475
   %col78 = mul nsw i64 %p, 8
-  %476 = load <8 x float>, ptr %acc4040, align 4
-  %477 = load <8 x float>, ptr %acc4141, align 4
-  %478 = fneg <8 x float> %476
-  %479 = fcmp olt <8 x float> %478, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %480 = select <8 x i1> %479, <8 x float> %478, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %481 = fcmp ogt <8 x float> %480, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %482 = select <8 x i1> %481, <8 x float> %480, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %484 = call <8 x float> @llvm.floor.v8f32(<8 x float> %483)
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %482)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %485)
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %486, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %486, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %486, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %486, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %486, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %492 = fmul <8 x float> %486, %486
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %492, <8 x float> %486)
-  %494 = fadd <8 x float> %493, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %495 = fptosi <8 x float> %484 to <8 x i32>
-  %496 = add <8 x i32> %495, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %497 = shl <8 x i32> %496, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %497 to <8 x float>
-  %exp80 = fmul <8 x float> %494, %exp.2n79
-  %498 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %498
-  %silu82 = fmul <8 x float> %476, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %477
-  %499 = getelementptr inbounds float, ptr %475, i64 %col78
-  store <8 x float> %glu83, ptr %499, align 4
+  %477 = load <8 x float>, ptr %acc4040, align 4
+  %478 = load <8 x float>, ptr %acc4141, align 4
+  %479 = fneg <8 x float> %477
+  %480 = fcmp olt <8 x float> %479, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %481 = select <8 x i1> %480, <8 x float> %479, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %482 = fcmp ogt <8 x float> %481, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %483 = select <8 x i1> %482, <8 x float> %481, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %485 = call <8 x float> @llvm.floor.v8f32(<8 x float> %484)
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %483)
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %486)
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %487, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %487, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %487, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %487, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %487, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %493 = fmul <8 x float> %487, %487
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %493, <8 x float> %487)
+  %495 = fadd <8 x float> %494, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %496 = fptosi <8 x float> %485 to <8 x i32>
+  %497 = add <8 x i32> %496, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %498 = shl <8 x i32> %497, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %498 to <8 x float>
+  %exp80 = fmul <8 x float> %495, %exp.2n79
+  %499 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %499
+  %silu82 = fmul <8 x float> %477, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %478
+  %500 = getelementptr inbounds float, ptr %476, i64 %col78
+  store <8 x float> %glu83, ptr %500, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %500 = add nsw i64 %r0, 0
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %500
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 7168
-  %505 = getelementptr inbounds float, ptr %x, i64 %504
+tile.mr4:                                         ; preds = %rb.body
+  %501 = add nsw i64 %r0, 0
+  %502 = getelementptr inbounds i32, ptr %rows, i64 %501
+  %503 = load i32, ptr %502, align 4
+  %504 = sext i32 %503 to i64
+  %505 = mul nsw i64 %504, 7168
+  %506 = getelementptr inbounds float, ptr %x, i64 %505
   store <8 x float> zeroinitializer, ptr %acc0084, align 4
   store <8 x float> zeroinitializer, ptr %acc0185, align 4
-  %506 = add nsw i64 %r0, 1
-  %507 = getelementptr inbounds i32, ptr %rows, i64 %506
-  %508 = load i32, ptr %507, align 4
-  %509 = sext i32 %508 to i64
-  %510 = mul nsw i64 %509, 7168
-  %511 = getelementptr inbounds float, ptr %x, i64 %510
+  %507 = add nsw i64 %r0, 1
+  %508 = getelementptr inbounds i32, ptr %rows, i64 %507
+  %509 = load i32, ptr %508, align 4
+  %510 = sext i32 %509 to i64
+  %511 = mul nsw i64 %510, 7168
+  %512 = getelementptr inbounds float, ptr %x, i64 %511
   store <8 x float> zeroinitializer, ptr %acc1086, align 4
   store <8 x float> zeroinitializer, ptr %acc1187, align 4
-  %512 = add nsw i64 %r0, 2
-  %513 = getelementptr inbounds i32, ptr %rows, i64 %512
-  %514 = load i32, ptr %513, align 4
-  %515 = sext i32 %514 to i64
-  %516 = mul nsw i64 %515, 7168
-  %517 = getelementptr inbounds float, ptr %x, i64 %516
+  %513 = add nsw i64 %r0, 2
+  %514 = getelementptr inbounds i32, ptr %rows, i64 %513
+  %515 = load i32, ptr %514, align 4
+  %516 = sext i32 %515 to i64
+  %517 = mul nsw i64 %516, 7168
+  %518 = getelementptr inbounds float, ptr %x, i64 %517
   store <8 x float> zeroinitializer, ptr %acc2088, align 4
   store <8 x float> zeroinitializer, ptr %acc2189, align 4
-  %518 = add nsw i64 %r0, 3
-  %519 = getelementptr inbounds i32, ptr %rows, i64 %518
-  %520 = load i32, ptr %519, align 4
-  %521 = sext i32 %520 to i64
-  %522 = mul nsw i64 %521, 7168
-  %523 = getelementptr inbounds float, ptr %x, i64 %522
+  %519 = add nsw i64 %r0, 3
+  %520 = getelementptr inbounds i32, ptr %rows, i64 %519
+  %521 = load i32, ptr %520, align 4
+  %522 = sext i32 %521 to i64
+  %523 = mul nsw i64 %522, 7168
+  %524 = getelementptr inbounds float, ptr %x, i64 %523
   store <8 x float> zeroinitializer, ptr %acc3090, align 4
   store <8 x float> zeroinitializer, ptr %acc3191, align 4
   %panel.off92 = mul nsw i64 %p, 114688
-  %524 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
-  %525 = add nsw i64 %p, 1
-  %526 = icmp slt i64 %525, %p1
-  %pf.on93 = and i1 %pf.on, %526
-  %527 = mul nsw i64 %pf.j, 229376
-  %528 = lshr i64 %527, %9
-  %529 = add nsw i64 229376, %528
-  %530 = getelementptr inbounds i8, ptr %524, i64 %529
-  %pf94 = select i1 %pf.on93, ptr %530, ptr %524
-  %pf.sh95 = select i1 %pf.on93, i64 %9, i64 0
+  %525 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
+  %526 = add nsw i64 %p, 1
+  %527 = icmp slt i64 %526, %p1
+  %pf.on93 = and i1 %pf.on, %527
+  %528 = mul nsw i64 %rb, 229376
+  %529 = lshr i64 %528, %11
+  %530 = add nsw i64 229376, %529
+  %531 = getelementptr inbounds i8, ptr %525, i64 %530
+  %pf94 = select i1 %pf.on93, ptr %531, ptr %525
+  %pf.sh95 = select i1 %pf.on93, i64 %11, i64 0
   br label %k.head96
 
 k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
-  %k99 = phi i64 [ 0, %tile.mr4 ], [ %573, %pf.any.end101 ]
-  %531 = icmp slt i64 %k99, 7168
-  br i1 %531, label %k.body97, label %k.end98
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %574, %pf.any.end101 ]
+  %532 = icmp slt i64 %k99, 7168
+  br i1 %532, label %k.body97, label %k.end98
 
 k.body97:                                         ; preds = %k.head96
-  %532 = mul nsw i64 %k99, 16
-  %533 = add nsw i64 %panel.off92, %532
-  %534 = mul nsw i64 %k99, 32
+  %533 = mul nsw i64 %k99, 16
+  %534 = add nsw i64 %panel.off92, %533
+  %535 = mul nsw i64 %k99, 32
   br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
 
 pf.any.then100:                                   ; preds = %k.body97
-  %535 = lshr i64 %534, %pf.sh95
-  %536 = getelementptr inbounds i8, ptr %pf94, i64 %535
-  call void @llvm.prefetch.p0(ptr %536, i32 0, i32 2, i32 1)
+  %536 = lshr i64 %535, %pf.sh95
+  %537 = getelementptr inbounds i8, ptr %pf94, i64 %536
+  call void @llvm.prefetch.p0(ptr %537, i32 0, i32 2, i32 1)
   br label %pf.any.end101
 
 pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
-  %537 = getelementptr inbounds i16, ptr %panels, i64 %533
-  %538 = load <8 x i32>, ptr %537, align 4
-  %539 = shl <8 x i32> %538, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0102 = bitcast <8 x i32> %539 to <8 x float>
-  %540 = and <8 x i32> %538, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1103 = bitcast <8 x i32> %540 to <8 x float>
-  %541 = getelementptr inbounds float, ptr %505, i64 %k99
-  %542 = load float, ptr %541, align 4
-  %543 = insertelement <8 x float> poison, float %542, i32 0
-  %544 = shufflevector <8 x float> %543, <8 x float> poison, <8 x i32> zeroinitializer
-  %545 = load <8 x float>, ptr %acc0084, align 4
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b0102, <8 x float> %545)
-  store <8 x float> %546, ptr %acc0084, align 4
-  %547 = load <8 x float>, ptr %acc0185, align 4
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %b1103, <8 x float> %547)
-  store <8 x float> %548, ptr %acc0185, align 4
-  %549 = getelementptr inbounds float, ptr %511, i64 %k99
-  %550 = load float, ptr %549, align 4
-  %551 = insertelement <8 x float> poison, float %550, i32 0
-  %552 = shufflevector <8 x float> %551, <8 x float> poison, <8 x i32> zeroinitializer
-  %553 = load <8 x float>, ptr %acc1086, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b0102, <8 x float> %553)
-  store <8 x float> %554, ptr %acc1086, align 4
-  %555 = load <8 x float>, ptr %acc1187, align 4
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %b1103, <8 x float> %555)
-  store <8 x float> %556, ptr %acc1187, align 4
-  %557 = getelementptr inbounds float, ptr %517, i64 %k99
-  %558 = load float, ptr %557, align 4
-  %559 = insertelement <8 x float> poison, float %558, i32 0
-  %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
-  %561 = load <8 x float>, ptr %acc2088, align 4
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b0102, <8 x float> %561)
-  store <8 x float> %562, ptr %acc2088, align 4
-  %563 = load <8 x float>, ptr %acc2189, align 4
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %b1103, <8 x float> %563)
-  store <8 x float> %564, ptr %acc2189, align 4
-  %565 = getelementptr inbounds float, ptr %523, i64 %k99
-  %566 = load float, ptr %565, align 4
-  %567 = insertelement <8 x float> poison, float %566, i32 0
-  %568 = shufflevector <8 x float> %567, <8 x float> poison, <8 x i32> zeroinitializer
-  %569 = load <8 x float>, ptr %acc3090, align 4
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b0102, <8 x float> %569)
-  store <8 x float> %570, ptr %acc3090, align 4
-  %571 = load <8 x float>, ptr %acc3191, align 4
-  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %b1103, <8 x float> %571)
-  store <8 x float> %572, ptr %acc3191, align 4
-  %573 = add nsw i64 %k99, 1
+  %538 = getelementptr inbounds i16, ptr %panels, i64 %534
+  %539 = load <8 x i32>, ptr %538, align 4
+  %540 = shl <8 x i32> %539, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0102 = bitcast <8 x i32> %540 to <8 x float>
+  %541 = and <8 x i32> %539, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1103 = bitcast <8 x i32> %541 to <8 x float>
+  %542 = getelementptr inbounds float, ptr %506, i64 %k99
+  %543 = load float, ptr %542, align 4
+  %544 = insertelement <8 x float> poison, float %543, i32 0
+  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
+  %546 = load <8 x float>, ptr %acc0084, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b0102, <8 x float> %546)
+  store <8 x float> %547, ptr %acc0084, align 4
+  %548 = load <8 x float>, ptr %acc0185, align 4
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b1103, <8 x float> %548)
+  store <8 x float> %549, ptr %acc0185, align 4
+  %550 = getelementptr inbounds float, ptr %512, i64 %k99
+  %551 = load float, ptr %550, align 4
+  %552 = insertelement <8 x float> poison, float %551, i32 0
+  %553 = shufflevector <8 x float> %552, <8 x float> poison, <8 x i32> zeroinitializer
+  %554 = load <8 x float>, ptr %acc1086, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %b0102, <8 x float> %554)
+  store <8 x float> %555, ptr %acc1086, align 4
+  %556 = load <8 x float>, ptr %acc1187, align 4
+  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %b1103, <8 x float> %556)
+  store <8 x float> %557, ptr %acc1187, align 4
+  %558 = getelementptr inbounds float, ptr %518, i64 %k99
+  %559 = load float, ptr %558, align 4
+  %560 = insertelement <8 x float> poison, float %559, i32 0
+  %561 = shufflevector <8 x float> %560, <8 x float> poison, <8 x i32> zeroinitializer
+  %562 = load <8 x float>, ptr %acc2088, align 4
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %b0102, <8 x float> %562)
+  store <8 x float> %563, ptr %acc2088, align 4
+  %564 = load <8 x float>, ptr %acc2189, align 4
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %b1103, <8 x float> %564)
+  store <8 x float> %565, ptr %acc2189, align 4
+  %566 = getelementptr inbounds float, ptr %524, i64 %k99
+  %567 = load float, ptr %566, align 4
+  %568 = insertelement <8 x float> poison, float %567, i32 0
+  %569 = shufflevector <8 x float> %568, <8 x float> poison, <8 x i32> zeroinitializer
+  %570 = load <8 x float>, ptr %acc3090, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %569, <8 x float> %b0102, <8 x float> %570)
+  store <8 x float> %571, ptr %acc3090, align 4
+  %572 = load <8 x float>, ptr %acc3191, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %569, <8 x float> %b1103, <8 x float> %572)
+  store <8 x float> %573, ptr %acc3191, align 4
+  %574 = add nsw i64 %k99, 1
   br label %k.head96
 
 k.end98:                                          ; preds = %k.head96
-  %574 = add nsw i64 %r0, 0
-  %575 = mul nsw i64 %574, 2048
-  %576 = getelementptr inbounds float, ptr %h, i64 %575
+  %575 = add nsw i64 %r0, 0
+  %576 = mul nsw i64 %575, 2048
+  %577 = getelementptr inbounds float, ptr %h, i64 %576
   %col104 = mul nsw i64 %p, 8
-  %577 = load <8 x float>, ptr %acc0084, align 4
-  %578 = load <8 x float>, ptr %acc0185, align 4
-  %579 = fneg <8 x float> %577
-  %580 = fcmp olt <8 x float> %579, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %581 = select <8 x i1> %580, <8 x float> %579, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %582 = fcmp ogt <8 x float> %581, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %583 = select <8 x i1> %582, <8 x float> %581, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %585 = call <8 x float> @llvm.floor.v8f32(<8 x float> %584)
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %583)
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %586)
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %587, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> %587, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %587, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %587, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %587, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %593 = fmul <8 x float> %587, %587
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %593, <8 x float> %587)
-  %595 = fadd <8 x float> %594, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %596 = fptosi <8 x float> %585 to <8 x i32>
-  %597 = add <8 x i32> %596, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %598 = shl <8 x i32> %597, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %598 to <8 x float>
-  %exp106 = fmul <8 x float> %595, %exp.2n105
-  %599 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %599
-  %silu108 = fmul <8 x float> %577, %sigmoid107
-  %glu109 = fmul <8 x float> %silu108, %578
-  %600 = getelementptr inbounds float, ptr %576, i64 %col104
-  store <8 x float> %glu109, ptr %600, align 4
-  %601 = add nsw i64 %r0, 1
-  %602 = mul nsw i64 %601, 2048
-  %603 = getelementptr inbounds float, ptr %h, i64 %602
+  %578 = load <8 x float>, ptr %acc0084, align 4
+  %579 = load <8 x float>, ptr %acc0185, align 4
+  %580 = fneg <8 x float> %578
+  %581 = fcmp olt <8 x float> %580, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %582 = select <8 x i1> %581, <8 x float> %580, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %583 = fcmp ogt <8 x float> %582, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %584 = select <8 x i1> %583, <8 x float> %582, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %586 = call <8 x float> @llvm.floor.v8f32(<8 x float> %585)
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %584)
+  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %587)
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %588, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %588, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %588, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %588, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %588, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %594 = fmul <8 x float> %588, %588
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %594, <8 x float> %588)
+  %596 = fadd <8 x float> %595, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %597 = fptosi <8 x float> %586 to <8 x i32>
+  %598 = add <8 x i32> %597, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %599 = shl <8 x i32> %598, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %599 to <8 x float>
+  %exp106 = fmul <8 x float> %596, %exp.2n105
+  %600 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %600
+  %silu108 = fmul <8 x float> %578, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %579
+  %601 = getelementptr inbounds float, ptr %577, i64 %col104
+  store <8 x float> %glu109, ptr %601, align 4
+  %602 = add nsw i64 %r0, 1
+  %603 = mul nsw i64 %602, 2048
+  %604 = getelementptr inbounds float, ptr %h, i64 %603
   %col110 = mul nsw i64 %p, 8
-  %604 = load <8 x float>, ptr %acc1086, align 4
-  %605 = load <8 x float>, ptr %acc1187, align 4
-  %606 = fneg <8 x float> %604
-  %607 = fcmp olt <8 x float> %606, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %609 = fcmp ogt <8 x float> %608, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %610 = select <8 x i1> %609, <8 x float> %608, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %612 = call <8 x float> @llvm.floor.v8f32(<8 x float> %611)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %610)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %613)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %614, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %614, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %614, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %614, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %614, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %620 = fmul <8 x float> %614, %614
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %620, <8 x float> %614)
-  %622 = fadd <8 x float> %621, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %623 = fptosi <8 x float> %612 to <8 x i32>
-  %624 = add <8 x i32> %623, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %625 = shl <8 x i32> %624, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n111 = bitcast <8 x i32> %625 to <8 x float>
-  %exp112 = fmul <8 x float> %622, %exp.2n111
-  %626 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
-  %silu114 = fmul <8 x float> %604, %sigmoid113
-  %glu115 = fmul <8 x float> %silu114, %605
-  %627 = getelementptr inbounds float, ptr %603, i64 %col110
-  store <8 x float> %glu115, ptr %627, align 4
-  %628 = add nsw i64 %r0, 2
-  %629 = mul nsw i64 %628, 2048
-  %630 = getelementptr inbounds float, ptr %h, i64 %629
+  %605 = load <8 x float>, ptr %acc1086, align 4
+  %606 = load <8 x float>, ptr %acc1187, align 4
+  %607 = fneg <8 x float> %605
+  %608 = fcmp olt <8 x float> %607, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %609 = select <8 x i1> %608, <8 x float> %607, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %610 = fcmp ogt <8 x float> %609, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %611 = select <8 x i1> %610, <8 x float> %609, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %613 = call <8 x float> @llvm.floor.v8f32(<8 x float> %612)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %611)
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %614)
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %615, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %615, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %615, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %615, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %615, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %621 = fmul <8 x float> %615, %615
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %621, <8 x float> %615)
+  %623 = fadd <8 x float> %622, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %624 = fptosi <8 x float> %613 to <8 x i32>
+  %625 = add <8 x i32> %624, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %626 = shl <8 x i32> %625, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n111 = bitcast <8 x i32> %626 to <8 x float>
+  %exp112 = fmul <8 x float> %623, %exp.2n111
+  %627 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %627
+  %silu114 = fmul <8 x float> %605, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %606
+  %628 = getelementptr inbounds float, ptr %604, i64 %col110
+  store <8 x float> %glu115, ptr %628, align 4
+  %629 = add nsw i64 %r0, 2
+  %630 = mul nsw i64 %629, 2048
+  %631 = getelementptr inbounds float, ptr %h, i64 %630
   %col116 = mul nsw i64 %p, 8
-  %631 = load <8 x float>, ptr %acc2088, align 4
-  %632 = load <8 x float>, ptr %acc2189, align 4
-  %633 = fneg <8 x float> %631
-  %634 = fcmp olt <8 x float> %633, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %635 = select <8 x i1> %634, <8 x float> %633, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %636 = fcmp ogt <8 x float> %635, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %637 = select <8 x i1> %636, <8 x float> %635, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %637, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %639 = call <8 x float> @llvm.floor.v8f32(<8 x float> %638)
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %637)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %639, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %640)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %641, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %641, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %641, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %641, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %641, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %647 = fmul <8 x float> %641, %641
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %647, <8 x float> %641)
-  %649 = fadd <8 x float> %648, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %650 = fptosi <8 x float> %639 to <8 x i32>
-  %651 = add <8 x i32> %650, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %652 = shl <8 x i32> %651, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %652 to <8 x float>
-  %exp118 = fmul <8 x float> %649, %exp.2n117
-  %653 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %653
-  %silu120 = fmul <8 x float> %631, %sigmoid119
-  %glu121 = fmul <8 x float> %silu120, %632
-  %654 = getelementptr inbounds float, ptr %630, i64 %col116
-  store <8 x float> %glu121, ptr %654, align 4
-  %655 = add nsw i64 %r0, 3
-  %656 = mul nsw i64 %655, 2048
-  %657 = getelementptr inbounds float, ptr %h, i64 %656
+  %632 = load <8 x float>, ptr %acc2088, align 4
+  %633 = load <8 x float>, ptr %acc2189, align 4
+  %634 = fneg <8 x float> %632
+  %635 = fcmp olt <8 x float> %634, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %636 = select <8 x i1> %635, <8 x float> %634, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %637 = fcmp ogt <8 x float> %636, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %638 = select <8 x i1> %637, <8 x float> %636, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %638, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %640 = call <8 x float> @llvm.floor.v8f32(<8 x float> %639)
+  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %638)
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %641)
+  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %642, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %642, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %642, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %642, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %642, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %648 = fmul <8 x float> %642, %642
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %648, <8 x float> %642)
+  %650 = fadd <8 x float> %649, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %651 = fptosi <8 x float> %640 to <8 x i32>
+  %652 = add <8 x i32> %651, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %653 = shl <8 x i32> %652, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n117 = bitcast <8 x i32> %653 to <8 x float>
+  %exp118 = fmul <8 x float> %650, %exp.2n117
+  %654 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %654
+  %silu120 = fmul <8 x float> %632, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %633
+  %655 = getelementptr inbounds float, ptr %631, i64 %col116
+  store <8 x float> %glu121, ptr %655, align 4
+  %656 = add nsw i64 %r0, 3
+  %657 = mul nsw i64 %656, 2048
+  %658 = getelementptr inbounds float, ptr %h, i64 %657
   %col122 = mul nsw i64 %p, 8
-  %658 = load <8 x float>, ptr %acc3090, align 4
-  %659 = load <8 x float>, ptr %acc3191, align 4
-  %660 = fneg <8 x float> %658
-  %661 = fcmp olt <8 x float> %660, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %662 = select <8 x i1> %661, <8 x float> %660, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %663 = fcmp ogt <8 x float> %662, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %664 = select <8 x i1> %663, <8 x float> %662, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %666 = call <8 x float> @llvm.floor.v8f32(<8 x float> %665)
-  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %664)
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %667)
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %668, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> %668, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %668, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %668, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %668, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %674 = fmul <8 x float> %668, %668
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %674, <8 x float> %668)
-  %676 = fadd <8 x float> %675, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %677 = fptosi <8 x float> %666 to <8 x i32>
-  %678 = add <8 x i32> %677, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %679 = shl <8 x i32> %678, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %679 to <8 x float>
-  %exp124 = fmul <8 x float> %676, %exp.2n123
-  %680 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %680
-  %silu126 = fmul <8 x float> %658, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %659
-  %681 = getelementptr inbounds float, ptr %657, i64 %col122
-  store <8 x float> %glu127, ptr %681, align 4
+  %659 = load <8 x float>, ptr %acc3090, align 4
+  %660 = load <8 x float>, ptr %acc3191, align 4
+  %661 = fneg <8 x float> %659
+  %662 = fcmp olt <8 x float> %661, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %663 = select <8 x i1> %662, <8 x float> %661, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %664 = fcmp ogt <8 x float> %663, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %665 = select <8 x i1> %664, <8 x float> %663, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %667 = call <8 x float> @llvm.floor.v8f32(<8 x float> %666)
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %665)
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %668)
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %669, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %669, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %669, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %669, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %669, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %675 = fmul <8 x float> %669, %669
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %675, <8 x float> %669)
+  %677 = fadd <8 x float> %676, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %678 = fptosi <8 x float> %667 to <8 x i32>
+  %679 = add <8 x i32> %678, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %680 = shl <8 x i32> %679, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n123 = bitcast <8 x i32> %680 to <8 x float>
+  %exp124 = fmul <8 x float> %677, %exp.2n123
+  %681 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %681
+  %silu126 = fmul <8 x float> %659, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %660
+  %682 = getelementptr inbounds float, ptr %658, i64 %col122
+  store <8 x float> %glu127, ptr %682, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %682 = add nsw i64 %r0, 0
-  %683 = getelementptr inbounds i32, ptr %rows, i64 %682
-  %684 = load i32, ptr %683, align 4
-  %685 = sext i32 %684 to i64
-  %686 = mul nsw i64 %685, 7168
-  %687 = getelementptr inbounds float, ptr %x, i64 %686
+tile.mr3:                                         ; preds = %rb.body
+  %683 = add nsw i64 %r0, 0
+  %684 = getelementptr inbounds i32, ptr %rows, i64 %683
+  %685 = load i32, ptr %684, align 4
+  %686 = sext i32 %685 to i64
+  %687 = mul nsw i64 %686, 7168
+  %688 = getelementptr inbounds float, ptr %x, i64 %687
   store <8 x float> zeroinitializer, ptr %acc00128, align 4
   store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %688 = add nsw i64 %r0, 1
-  %689 = getelementptr inbounds i32, ptr %rows, i64 %688
-  %690 = load i32, ptr %689, align 4
-  %691 = sext i32 %690 to i64
-  %692 = mul nsw i64 %691, 7168
-  %693 = getelementptr inbounds float, ptr %x, i64 %692
+  %689 = add nsw i64 %r0, 1
+  %690 = getelementptr inbounds i32, ptr %rows, i64 %689
+  %691 = load i32, ptr %690, align 4
+  %692 = sext i32 %691 to i64
+  %693 = mul nsw i64 %692, 7168
+  %694 = getelementptr inbounds float, ptr %x, i64 %693
   store <8 x float> zeroinitializer, ptr %acc10130, align 4
   store <8 x float> zeroinitializer, ptr %acc11131, align 4
-  %694 = add nsw i64 %r0, 2
-  %695 = getelementptr inbounds i32, ptr %rows, i64 %694
-  %696 = load i32, ptr %695, align 4
-  %697 = sext i32 %696 to i64
-  %698 = mul nsw i64 %697, 7168
-  %699 = getelementptr inbounds float, ptr %x, i64 %698
+  %695 = add nsw i64 %r0, 2
+  %696 = getelementptr inbounds i32, ptr %rows, i64 %695
+  %697 = load i32, ptr %696, align 4
+  %698 = sext i32 %697 to i64
+  %699 = mul nsw i64 %698, 7168
+  %700 = getelementptr inbounds float, ptr %x, i64 %699
   store <8 x float> zeroinitializer, ptr %acc20132, align 4
   store <8 x float> zeroinitializer, ptr %acc21133, align 4
   %panel.off134 = mul nsw i64 %p, 114688
-  %700 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
-  %701 = add nsw i64 %p, 1
-  %702 = icmp slt i64 %701, %p1
-  %pf.on135 = and i1 %pf.on, %702
-  %703 = mul nsw i64 %pf.j, 229376
-  %704 = lshr i64 %703, %9
-  %705 = add nsw i64 229376, %704
-  %706 = getelementptr inbounds i8, ptr %700, i64 %705
-  %pf136 = select i1 %pf.on135, ptr %706, ptr %700
-  %pf.sh137 = select i1 %pf.on135, i64 %9, i64 0
+  %701 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
+  %702 = add nsw i64 %p, 1
+  %703 = icmp slt i64 %702, %p1
+  %pf.on135 = and i1 %pf.on, %703
+  %704 = mul nsw i64 %rb, 229376
+  %705 = lshr i64 %704, %11
+  %706 = add nsw i64 229376, %705
+  %707 = getelementptr inbounds i8, ptr %701, i64 %706
+  %pf136 = select i1 %pf.on135, ptr %707, ptr %701
+  %pf.sh137 = select i1 %pf.on135, i64 %11, i64 0
   br label %k.head138
 
 k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
-  %k141 = phi i64 [ 0, %tile.mr3 ], [ %741, %pf.any.end143 ]
-  %707 = icmp slt i64 %k141, 7168
-  br i1 %707, label %k.body139, label %k.end140
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %742, %pf.any.end143 ]
+  %708 = icmp slt i64 %k141, 7168
+  br i1 %708, label %k.body139, label %k.end140
 
 k.body139:                                        ; preds = %k.head138
-  %708 = mul nsw i64 %k141, 16
-  %709 = add nsw i64 %panel.off134, %708
-  %710 = mul nsw i64 %k141, 32
+  %709 = mul nsw i64 %k141, 16
+  %710 = add nsw i64 %panel.off134, %709
+  %711 = mul nsw i64 %k141, 32
   br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
 
 pf.any.then142:                                   ; preds = %k.body139
-  %711 = lshr i64 %710, %pf.sh137
-  %712 = getelementptr inbounds i8, ptr %pf136, i64 %711
-  call void @llvm.prefetch.p0(ptr %712, i32 0, i32 2, i32 1)
+  %712 = lshr i64 %711, %pf.sh137
+  %713 = getelementptr inbounds i8, ptr %pf136, i64 %712
+  call void @llvm.prefetch.p0(ptr %713, i32 0, i32 2, i32 1)
   br label %pf.any.end143
 
 pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
-  %713 = getelementptr inbounds i16, ptr %panels, i64 %709
-  %714 = load <8 x i32>, ptr %713, align 4
-  %715 = shl <8 x i32> %714, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %715 to <8 x float>
-  %716 = and <8 x i32> %714, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %716 to <8 x float>
-  %717 = getelementptr inbounds float, ptr %687, i64 %k141
-  %718 = load float, ptr %717, align 4
-  %719 = insertelement <8 x float> poison, float %718, i32 0
-  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
-  %721 = load <8 x float>, ptr %acc00128, align 4
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b0144, <8 x float> %721)
-  store <8 x float> %722, ptr %acc00128, align 4
-  %723 = load <8 x float>, ptr %acc01129, align 4
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b1145, <8 x float> %723)
-  store <8 x float> %724, ptr %acc01129, align 4
-  %725 = getelementptr inbounds float, ptr %693, i64 %k141
-  %726 = load float, ptr %725, align 4
-  %727 = insertelement <8 x float> poison, float %726, i32 0
-  %728 = shufflevector <8 x float> %727, <8 x float> poison, <8 x i32> zeroinitializer
-  %729 = load <8 x float>, ptr %acc10130, align 4
-  %730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b0144, <8 x float> %729)
-  store <8 x float> %730, ptr %acc10130, align 4
-  %731 = load <8 x float>, ptr %acc11131, align 4
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %728, <8 x float> %b1145, <8 x float> %731)
-  store <8 x float> %732, ptr %acc11131, align 4
-  %733 = getelementptr inbounds float, ptr %699, i64 %k141
-  %734 = load float, ptr %733, align 4
-  %735 = insertelement <8 x float> poison, float %734, i32 0
-  %736 = shufflevector <8 x float> %735, <8 x float> poison, <8 x i32> zeroinitializer
-  %737 = load <8 x float>, ptr %acc20132, align 4
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b0144, <8 x float> %737)
-  store <8 x float> %738, ptr %acc20132, align 4
-  %739 = load <8 x float>, ptr %acc21133, align 4
-  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %b1145, <8 x float> %739)
-  store <8 x float> %740, ptr %acc21133, align 4
-  %741 = add nsw i64 %k141, 1
+  %714 = getelementptr inbounds i16, ptr %panels, i64 %710
+  %715 = load <8 x i32>, ptr %714, align 4
+  %716 = shl <8 x i32> %715, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0144 = bitcast <8 x i32> %716 to <8 x float>
+  %717 = and <8 x i32> %715, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1145 = bitcast <8 x i32> %717 to <8 x float>
+  %718 = getelementptr inbounds float, ptr %688, i64 %k141
+  %719 = load float, ptr %718, align 4
+  %720 = insertelement <8 x float> poison, float %719, i32 0
+  %721 = shufflevector <8 x float> %720, <8 x float> poison, <8 x i32> zeroinitializer
+  %722 = load <8 x float>, ptr %acc00128, align 4
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %b0144, <8 x float> %722)
+  store <8 x float> %723, ptr %acc00128, align 4
+  %724 = load <8 x float>, ptr %acc01129, align 4
+  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %b1145, <8 x float> %724)
+  store <8 x float> %725, ptr %acc01129, align 4
+  %726 = getelementptr inbounds float, ptr %694, i64 %k141
+  %727 = load float, ptr %726, align 4
+  %728 = insertelement <8 x float> poison, float %727, i32 0
+  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
+  %730 = load <8 x float>, ptr %acc10130, align 4
+  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %b0144, <8 x float> %730)
+  store <8 x float> %731, ptr %acc10130, align 4
+  %732 = load <8 x float>, ptr %acc11131, align 4
+  %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %b1145, <8 x float> %732)
+  store <8 x float> %733, ptr %acc11131, align 4
+  %734 = getelementptr inbounds float, ptr %700, i64 %k141
+  %735 = load float, ptr %734, align 4
+  %736 = insertelement <8 x float> poison, float %735, i32 0
+  %737 = shufflevector <8 x float> %736, <8 x float> poison, <8 x i32> zeroinitializer
+  %738 = load <8 x float>, ptr %acc20132, align 4
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %b0144, <8 x float> %738)
+  store <8 x float> %739, ptr %acc20132, align 4
+  %740 = load <8 x float>, ptr %acc21133, align 4
+  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %b1145, <8 x float> %740)
+  store <8 x float> %741, ptr %acc21133, align 4
+  %742 = add nsw i64 %k141, 1
   br label %k.head138
 
 k.end140:                                         ; preds = %k.head138
-  %742 = add nsw i64 %r0, 0
-  %743 = mul nsw i64 %742, 2048
-  %744 = getelementptr inbounds float, ptr %h, i64 %743
+  %743 = add nsw i64 %r0, 0
+  %744 = mul nsw i64 %743, 2048
+  %745 = getelementptr inbounds float, ptr %h, i64 %744
   %col146 = mul nsw i64 %p, 8
-  %745 = load <8 x float>, ptr %acc00128, align 4
-  %746 = load <8 x float>, ptr %acc01129, align 4
-  %747 = fneg <8 x float> %745
-  %748 = fcmp olt <8 x float> %747, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %749 = select <8 x i1> %748, <8 x float> %747, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %750 = fcmp ogt <8 x float> %749, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %751 = select <8 x i1> %750, <8 x float> %749, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %753 = call <8 x float> @llvm.floor.v8f32(<8 x float> %752)
-  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %751)
-  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %754)
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %755, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %756, <8 x float> %755, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %755, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %758, <8 x float> %755, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %759, <8 x float> %755, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %761 = fmul <8 x float> %755, %755
-  %762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %761, <8 x float> %755)
-  %763 = fadd <8 x float> %762, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %764 = fptosi <8 x float> %753 to <8 x i32>
-  %765 = add <8 x i32> %764, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %766 = shl <8 x i32> %765, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %766 to <8 x float>
-  %exp148 = fmul <8 x float> %763, %exp.2n147
-  %767 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %767
-  %silu150 = fmul <8 x float> %745, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %746
-  %768 = getelementptr inbounds float, ptr %744, i64 %col146
-  store <8 x float> %glu151, ptr %768, align 4
-  %769 = add nsw i64 %r0, 1
-  %770 = mul nsw i64 %769, 2048
-  %771 = getelementptr inbounds float, ptr %h, i64 %770
+  %746 = load <8 x float>, ptr %acc00128, align 4
+  %747 = load <8 x float>, ptr %acc01129, align 4
+  %748 = fneg <8 x float> %746
+  %749 = fcmp olt <8 x float> %748, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %750 = select <8 x i1> %749, <8 x float> %748, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %751 = fcmp ogt <8 x float> %750, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %752 = select <8 x i1> %751, <8 x float> %750, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %752, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %754 = call <8 x float> @llvm.floor.v8f32(<8 x float> %753)
+  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %752)
+  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %755)
+  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %756, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %756, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %758, <8 x float> %756, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %759, <8 x float> %756, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %756, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %762 = fmul <8 x float> %756, %756
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %762, <8 x float> %756)
+  %764 = fadd <8 x float> %763, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %765 = fptosi <8 x float> %754 to <8 x i32>
+  %766 = add <8 x i32> %765, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %767 = shl <8 x i32> %766, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %767 to <8 x float>
+  %exp148 = fmul <8 x float> %764, %exp.2n147
+  %768 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %768
+  %silu150 = fmul <8 x float> %746, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %747
+  %769 = getelementptr inbounds float, ptr %745, i64 %col146
+  store <8 x float> %glu151, ptr %769, align 4
+  %770 = add nsw i64 %r0, 1
+  %771 = mul nsw i64 %770, 2048
+  %772 = getelementptr inbounds float, ptr %h, i64 %771
   %col152 = mul nsw i64 %p, 8
-  %772 = load <8 x float>, ptr %acc10130, align 4
-  %773 = load <8 x float>, ptr %acc11131, align 4
-  %774 = fneg <8 x float> %772
-  %775 = fcmp olt <8 x float> %774, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %776 = select <8 x i1> %775, <8 x float> %774, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %777 = fcmp ogt <8 x float> %776, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %778 = select <8 x i1> %777, <8 x float> %776, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %778, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %780 = call <8 x float> @llvm.floor.v8f32(<8 x float> %779)
-  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %778)
-  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %781)
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %782, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %783, <8 x float> %782, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %782, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %782, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %782, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %788 = fmul <8 x float> %782, %782
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %788, <8 x float> %782)
-  %790 = fadd <8 x float> %789, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %791 = fptosi <8 x float> %780 to <8 x i32>
-  %792 = add <8 x i32> %791, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %793 = shl <8 x i32> %792, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %793 to <8 x float>
-  %exp154 = fmul <8 x float> %790, %exp.2n153
-  %794 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %794
-  %silu156 = fmul <8 x float> %772, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %773
-  %795 = getelementptr inbounds float, ptr %771, i64 %col152
-  store <8 x float> %glu157, ptr %795, align 4
-  %796 = add nsw i64 %r0, 2
-  %797 = mul nsw i64 %796, 2048
-  %798 = getelementptr inbounds float, ptr %h, i64 %797
+  %773 = load <8 x float>, ptr %acc10130, align 4
+  %774 = load <8 x float>, ptr %acc11131, align 4
+  %775 = fneg <8 x float> %773
+  %776 = fcmp olt <8 x float> %775, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %777 = select <8 x i1> %776, <8 x float> %775, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %778 = fcmp ogt <8 x float> %777, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %779 = select <8 x i1> %778, <8 x float> %777, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %781 = call <8 x float> @llvm.floor.v8f32(<8 x float> %780)
+  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %779)
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %782)
+  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %783, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %783, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %783, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %783, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %783, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %789 = fmul <8 x float> %783, %783
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %789, <8 x float> %783)
+  %791 = fadd <8 x float> %790, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %792 = fptosi <8 x float> %781 to <8 x i32>
+  %793 = add <8 x i32> %792, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %794 = shl <8 x i32> %793, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %794 to <8 x float>
+  %exp154 = fmul <8 x float> %791, %exp.2n153
+  %795 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %795
+  %silu156 = fmul <8 x float> %773, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %774
+  %796 = getelementptr inbounds float, ptr %772, i64 %col152
+  store <8 x float> %glu157, ptr %796, align 4
+  %797 = add nsw i64 %r0, 2
+  %798 = mul nsw i64 %797, 2048
+  %799 = getelementptr inbounds float, ptr %h, i64 %798
   %col158 = mul nsw i64 %p, 8
-  %799 = load <8 x float>, ptr %acc20132, align 4
-  %800 = load <8 x float>, ptr %acc21133, align 4
-  %801 = fneg <8 x float> %799
-  %802 = fcmp olt <8 x float> %801, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %803 = select <8 x i1> %802, <8 x float> %801, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %804 = fcmp ogt <8 x float> %803, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %805 = select <8 x i1> %804, <8 x float> %803, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %807 = call <8 x float> @llvm.floor.v8f32(<8 x float> %806)
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %805)
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %808)
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %809, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %809, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %809, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %809, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %809, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %815 = fmul <8 x float> %809, %809
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %815, <8 x float> %809)
-  %817 = fadd <8 x float> %816, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %818 = fptosi <8 x float> %807 to <8 x i32>
-  %819 = add <8 x i32> %818, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %820 = shl <8 x i32> %819, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %820 to <8 x float>
-  %exp160 = fmul <8 x float> %817, %exp.2n159
-  %821 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %821
-  %silu162 = fmul <8 x float> %799, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %800
-  %822 = getelementptr inbounds float, ptr %798, i64 %col158
-  store <8 x float> %glu163, ptr %822, align 4
+  %800 = load <8 x float>, ptr %acc20132, align 4
+  %801 = load <8 x float>, ptr %acc21133, align 4
+  %802 = fneg <8 x float> %800
+  %803 = fcmp olt <8 x float> %802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %804 = select <8 x i1> %803, <8 x float> %802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %805 = fcmp ogt <8 x float> %804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %806 = select <8 x i1> %805, <8 x float> %804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %807)
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %806)
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %809)
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %816 = fmul <8 x float> %810, %810
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %816, <8 x float> %810)
+  %818 = fadd <8 x float> %817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %819 = fptosi <8 x float> %808 to <8 x i32>
+  %820 = add <8 x i32> %819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %821 = shl <8 x i32> %820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n159 = bitcast <8 x i32> %821 to <8 x float>
+  %exp160 = fmul <8 x float> %818, %exp.2n159
+  %822 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %822
+  %silu162 = fmul <8 x float> %800, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %801
+  %823 = getelementptr inbounds float, ptr %799, i64 %col158
+  store <8 x float> %glu163, ptr %823, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %823 = add nsw i64 %r0, 0
-  %824 = getelementptr inbounds i32, ptr %rows, i64 %823
-  %825 = load i32, ptr %824, align 4
-  %826 = sext i32 %825 to i64
-  %827 = mul nsw i64 %826, 7168
-  %828 = getelementptr inbounds float, ptr %x, i64 %827
+tile.mr2:                                         ; preds = %rb.body
+  %824 = add nsw i64 %r0, 0
+  %825 = getelementptr inbounds i32, ptr %rows, i64 %824
+  %826 = load i32, ptr %825, align 4
+  %827 = sext i32 %826 to i64
+  %828 = mul nsw i64 %827, 7168
+  %829 = getelementptr inbounds float, ptr %x, i64 %828
   store <8 x float> zeroinitializer, ptr %acc00164, align 4
   store <8 x float> zeroinitializer, ptr %acc01165, align 4
-  %829 = add nsw i64 %r0, 1
-  %830 = getelementptr inbounds i32, ptr %rows, i64 %829
-  %831 = load i32, ptr %830, align 4
-  %832 = sext i32 %831 to i64
-  %833 = mul nsw i64 %832, 7168
-  %834 = getelementptr inbounds float, ptr %x, i64 %833
+  %830 = add nsw i64 %r0, 1
+  %831 = getelementptr inbounds i32, ptr %rows, i64 %830
+  %832 = load i32, ptr %831, align 4
+  %833 = sext i32 %832 to i64
+  %834 = mul nsw i64 %833, 7168
+  %835 = getelementptr inbounds float, ptr %x, i64 %834
   store <8 x float> zeroinitializer, ptr %acc10166, align 4
   store <8 x float> zeroinitializer, ptr %acc11167, align 4
   %panel.off168 = mul nsw i64 %p, 114688
-  %835 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
-  %836 = add nsw i64 %p, 1
-  %837 = icmp slt i64 %836, %p1
-  %pf.on169 = and i1 %pf.on, %837
-  %838 = mul nsw i64 %pf.j, 229376
-  %839 = lshr i64 %838, %9
-  %840 = add nsw i64 229376, %839
-  %841 = getelementptr inbounds i8, ptr %835, i64 %840
-  %pf170 = select i1 %pf.on169, ptr %841, ptr %835
-  %pf.sh171 = select i1 %pf.on169, i64 %9, i64 0
+  %836 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
+  %837 = add nsw i64 %p, 1
+  %838 = icmp slt i64 %837, %p1
+  %pf.on169 = and i1 %pf.on, %838
+  %839 = mul nsw i64 %rb, 229376
+  %840 = lshr i64 %839, %11
+  %841 = add nsw i64 229376, %840
+  %842 = getelementptr inbounds i8, ptr %836, i64 %841
+  %pf170 = select i1 %pf.on169, ptr %842, ptr %836
+  %pf.sh171 = select i1 %pf.on169, i64 %11, i64 0
   br label %k.head172
 
 k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
-  %k175 = phi i64 [ 0, %tile.mr2 ], [ %868, %pf.any.end177 ]
-  %842 = icmp slt i64 %k175, 7168
-  br i1 %842, label %k.body173, label %k.end174
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %869, %pf.any.end177 ]
+  %843 = icmp slt i64 %k175, 7168
+  br i1 %843, label %k.body173, label %k.end174
 
 k.body173:                                        ; preds = %k.head172
-  %843 = mul nsw i64 %k175, 16
-  %844 = add nsw i64 %panel.off168, %843
-  %845 = mul nsw i64 %k175, 32
+  %844 = mul nsw i64 %k175, 16
+  %845 = add nsw i64 %panel.off168, %844
+  %846 = mul nsw i64 %k175, 32
   br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
 
 pf.any.then176:                                   ; preds = %k.body173
-  %846 = lshr i64 %845, %pf.sh171
-  %847 = getelementptr inbounds i8, ptr %pf170, i64 %846
-  call void @llvm.prefetch.p0(ptr %847, i32 0, i32 2, i32 1)
+  %847 = lshr i64 %846, %pf.sh171
+  %848 = getelementptr inbounds i8, ptr %pf170, i64 %847
+  call void @llvm.prefetch.p0(ptr %848, i32 0, i32 2, i32 1)
   br label %pf.any.end177
 
 pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
-  %848 = getelementptr inbounds i16, ptr %panels, i64 %844
-  %849 = load <8 x i32>, ptr %848, align 4
-  %850 = shl <8 x i32> %849, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %850 to <8 x float>
-  %851 = and <8 x i32> %849, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %851 to <8 x float>
-  %852 = getelementptr inbounds float, ptr %828, i64 %k175
-  %853 = load float, ptr %852, align 4
-  %854 = insertelement <8 x float> poison, float %853, i32 0
-  %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
-  %856 = load <8 x float>, ptr %acc00164, align 4
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b0178, <8 x float> %856)
-  store <8 x float> %857, ptr %acc00164, align 4
-  %858 = load <8 x float>, ptr %acc01165, align 4
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %b1179, <8 x float> %858)
-  store <8 x float> %859, ptr %acc01165, align 4
-  %860 = getelementptr inbounds float, ptr %834, i64 %k175
-  %861 = load float, ptr %860, align 4
-  %862 = insertelement <8 x float> poison, float %861, i32 0
-  %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
-  %864 = load <8 x float>, ptr %acc10166, align 4
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b0178, <8 x float> %864)
-  store <8 x float> %865, ptr %acc10166, align 4
-  %866 = load <8 x float>, ptr %acc11167, align 4
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %b1179, <8 x float> %866)
-  store <8 x float> %867, ptr %acc11167, align 4
-  %868 = add nsw i64 %k175, 1
+  %849 = getelementptr inbounds i16, ptr %panels, i64 %845
+  %850 = load <8 x i32>, ptr %849, align 4
+  %851 = shl <8 x i32> %850, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %851 to <8 x float>
+  %852 = and <8 x i32> %850, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %852 to <8 x float>
+  %853 = getelementptr inbounds float, ptr %829, i64 %k175
+  %854 = load float, ptr %853, align 4
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
+  %857 = load <8 x float>, ptr %acc00164, align 4
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b0178, <8 x float> %857)
+  store <8 x float> %858, ptr %acc00164, align 4
+  %859 = load <8 x float>, ptr %acc01165, align 4
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b1179, <8 x float> %859)
+  store <8 x float> %860, ptr %acc01165, align 4
+  %861 = getelementptr inbounds float, ptr %835, i64 %k175
+  %862 = load float, ptr %861, align 4
+  %863 = insertelement <8 x float> poison, float %862, i32 0
+  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
+  %865 = load <8 x float>, ptr %acc10166, align 4
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b0178, <8 x float> %865)
+  store <8 x float> %866, ptr %acc10166, align 4
+  %867 = load <8 x float>, ptr %acc11167, align 4
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b1179, <8 x float> %867)
+  store <8 x float> %868, ptr %acc11167, align 4
+  %869 = add nsw i64 %k175, 1
   br label %k.head172
 
 k.end174:                                         ; preds = %k.head172
-  %869 = add nsw i64 %r0, 0
-  %870 = mul nsw i64 %869, 2048
-  %871 = getelementptr inbounds float, ptr %h, i64 %870
+  %870 = add nsw i64 %r0, 0
+  %871 = mul nsw i64 %870, 2048
+  %872 = getelementptr inbounds float, ptr %h, i64 %871
   %col180 = mul nsw i64 %p, 8
-  %872 = load <8 x float>, ptr %acc00164, align 4
-  %873 = load <8 x float>, ptr %acc01165, align 4
-  %874 = fneg <8 x float> %872
-  %875 = fcmp olt <8 x float> %874, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %876 = select <8 x i1> %875, <8 x float> %874, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %877 = fcmp ogt <8 x float> %876, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %878 = select <8 x i1> %877, <8 x float> %876, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %880 = call <8 x float> @llvm.floor.v8f32(<8 x float> %879)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %878)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %881)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %882, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %882, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %882, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %882, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %882, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %888 = fmul <8 x float> %882, %882
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %888, <8 x float> %882)
-  %890 = fadd <8 x float> %889, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %891 = fptosi <8 x float> %880 to <8 x i32>
-  %892 = add <8 x i32> %891, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %893 = shl <8 x i32> %892, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %893 to <8 x float>
-  %exp182 = fmul <8 x float> %890, %exp.2n181
-  %894 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %894
-  %silu184 = fmul <8 x float> %872, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %873
-  %895 = getelementptr inbounds float, ptr %871, i64 %col180
-  store <8 x float> %glu185, ptr %895, align 4
-  %896 = add nsw i64 %r0, 1
-  %897 = mul nsw i64 %896, 2048
-  %898 = getelementptr inbounds float, ptr %h, i64 %897
+  %873 = load <8 x float>, ptr %acc00164, align 4
+  %874 = load <8 x float>, ptr %acc01165, align 4
+  %875 = fneg <8 x float> %873
+  %876 = fcmp olt <8 x float> %875, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %877 = select <8 x i1> %876, <8 x float> %875, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %878 = fcmp ogt <8 x float> %877, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %879 = select <8 x i1> %878, <8 x float> %877, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %881 = call <8 x float> @llvm.floor.v8f32(<8 x float> %880)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %879)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %882)
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %883, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %883, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %883, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %883, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %888 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %883, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %889 = fmul <8 x float> %883, %883
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %889, <8 x float> %883)
+  %891 = fadd <8 x float> %890, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %892 = fptosi <8 x float> %881 to <8 x i32>
+  %893 = add <8 x i32> %892, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %894 = shl <8 x i32> %893, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %894 to <8 x float>
+  %exp182 = fmul <8 x float> %891, %exp.2n181
+  %895 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %895
+  %silu184 = fmul <8 x float> %873, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %874
+  %896 = getelementptr inbounds float, ptr %872, i64 %col180
+  store <8 x float> %glu185, ptr %896, align 4
+  %897 = add nsw i64 %r0, 1
+  %898 = mul nsw i64 %897, 2048
+  %899 = getelementptr inbounds float, ptr %h, i64 %898
   %col186 = mul nsw i64 %p, 8
-  %899 = load <8 x float>, ptr %acc10166, align 4
-  %900 = load <8 x float>, ptr %acc11167, align 4
-  %901 = fneg <8 x float> %899
-  %902 = fcmp olt <8 x float> %901, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %903 = select <8 x i1> %902, <8 x float> %901, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %904 = fcmp ogt <8 x float> %903, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %905 = select <8 x i1> %904, <8 x float> %903, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %907 = call <8 x float> @llvm.floor.v8f32(<8 x float> %906)
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %905)
-  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %908)
-  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %909, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> %909, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %909, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %909, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %909, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %915 = fmul <8 x float> %909, %909
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %915, <8 x float> %909)
-  %917 = fadd <8 x float> %916, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %918 = fptosi <8 x float> %907 to <8 x i32>
-  %919 = add <8 x i32> %918, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %920 = shl <8 x i32> %919, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %920 to <8 x float>
-  %exp188 = fmul <8 x float> %917, %exp.2n187
-  %921 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %921
-  %silu190 = fmul <8 x float> %899, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %900
-  %922 = getelementptr inbounds float, ptr %898, i64 %col186
-  store <8 x float> %glu191, ptr %922, align 4
+  %900 = load <8 x float>, ptr %acc10166, align 4
+  %901 = load <8 x float>, ptr %acc11167, align 4
+  %902 = fneg <8 x float> %900
+  %903 = fcmp olt <8 x float> %902, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %904 = select <8 x i1> %903, <8 x float> %902, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %905 = fcmp ogt <8 x float> %904, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %906 = select <8 x i1> %905, <8 x float> %904, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %908 = call <8 x float> @llvm.floor.v8f32(<8 x float> %907)
+  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %906)
+  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %909)
+  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %910, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %910, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %910, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %910, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %910, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %916 = fmul <8 x float> %910, %910
+  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %916, <8 x float> %910)
+  %918 = fadd <8 x float> %917, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %919 = fptosi <8 x float> %908 to <8 x i32>
+  %920 = add <8 x i32> %919, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %921 = shl <8 x i32> %920, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %921 to <8 x float>
+  %exp188 = fmul <8 x float> %918, %exp.2n187
+  %922 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %922
+  %silu190 = fmul <8 x float> %900, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %901
+  %923 = getelementptr inbounds float, ptr %899, i64 %col186
+  store <8 x float> %glu191, ptr %923, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %923 = add nsw i64 %r0, 0
-  %924 = getelementptr inbounds i32, ptr %rows, i64 %923
-  %925 = load i32, ptr %924, align 4
-  %926 = sext i32 %925 to i64
-  %927 = mul nsw i64 %926, 7168
-  %928 = getelementptr inbounds float, ptr %x, i64 %927
+tile.mr1:                                         ; preds = %rb.body
+  %924 = add nsw i64 %r0, 0
+  %925 = getelementptr inbounds i32, ptr %rows, i64 %924
+  %926 = load i32, ptr %925, align 4
+  %927 = sext i32 %926 to i64
+  %928 = mul nsw i64 %927, 7168
+  %929 = getelementptr inbounds float, ptr %x, i64 %928
   store <8 x float> zeroinitializer, ptr %acc00192, align 4
   store <8 x float> zeroinitializer, ptr %acc01193, align 4
   %panel.off194 = mul nsw i64 %p, 114688
-  %929 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
-  %930 = add nsw i64 %p, 1
-  %931 = icmp slt i64 %930, %p1
-  %pf.on195 = and i1 %pf.on, %931
-  %932 = mul nsw i64 %pf.j, 229376
-  %933 = lshr i64 %932, %9
-  %934 = add nsw i64 229376, %933
-  %935 = getelementptr inbounds i8, ptr %929, i64 %934
-  %pf196 = select i1 %pf.on195, ptr %935, ptr %929
-  %pf.sh197 = select i1 %pf.on195, i64 %9, i64 0
+  %930 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
+  %931 = add nsw i64 %p, 1
+  %932 = icmp slt i64 %931, %p1
+  %pf.on195 = and i1 %pf.on, %932
+  %933 = mul nsw i64 %rb, 229376
+  %934 = lshr i64 %933, %11
+  %935 = add nsw i64 229376, %934
+  %936 = getelementptr inbounds i8, ptr %930, i64 %935
+  %pf196 = select i1 %pf.on195, ptr %936, ptr %930
+  %pf.sh197 = select i1 %pf.on195, i64 %11, i64 0
   br label %k.head198
 
 k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
-  %k201 = phi i64 [ 0, %tile.mr1 ], [ %954, %pf.any.end203 ]
-  %936 = icmp slt i64 %k201, 7168
-  br i1 %936, label %k.body199, label %k.end200
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %955, %pf.any.end203 ]
+  %937 = icmp slt i64 %k201, 7168
+  br i1 %937, label %k.body199, label %k.end200
 
 k.body199:                                        ; preds = %k.head198
-  %937 = mul nsw i64 %k201, 16
-  %938 = add nsw i64 %panel.off194, %937
-  %939 = mul nsw i64 %k201, 32
+  %938 = mul nsw i64 %k201, 16
+  %939 = add nsw i64 %panel.off194, %938
+  %940 = mul nsw i64 %k201, 32
   br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
 
 pf.any.then202:                                   ; preds = %k.body199
-  %940 = lshr i64 %939, %pf.sh197
-  %941 = getelementptr inbounds i8, ptr %pf196, i64 %940
-  call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  %941 = lshr i64 %940, %pf.sh197
+  %942 = getelementptr inbounds i8, ptr %pf196, i64 %941
+  call void @llvm.prefetch.p0(ptr %942, i32 0, i32 2, i32 1)
   br label %pf.any.end203
 
 pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
-  %942 = getelementptr inbounds i16, ptr %panels, i64 %938
-  %943 = load <8 x i32>, ptr %942, align 4
-  %944 = shl <8 x i32> %943, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0204 = bitcast <8 x i32> %944 to <8 x float>
-  %945 = and <8 x i32> %943, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1205 = bitcast <8 x i32> %945 to <8 x float>
-  %946 = getelementptr inbounds float, ptr %928, i64 %k201
-  %947 = load float, ptr %946, align 4
-  %948 = insertelement <8 x float> poison, float %947, i32 0
-  %949 = shufflevector <8 x float> %948, <8 x float> poison, <8 x i32> zeroinitializer
-  %950 = load <8 x float>, ptr %acc00192, align 4
-  %951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b0204, <8 x float> %950)
-  store <8 x float> %951, ptr %acc00192, align 4
-  %952 = load <8 x float>, ptr %acc01193, align 4
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %949, <8 x float> %b1205, <8 x float> %952)
-  store <8 x float> %953, ptr %acc01193, align 4
-  %954 = add nsw i64 %k201, 1
+  %943 = getelementptr inbounds i16, ptr %panels, i64 %939
+  %944 = load <8 x i32>, ptr %943, align 4
+  %945 = shl <8 x i32> %944, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0204 = bitcast <8 x i32> %945 to <8 x float>
+  %946 = and <8 x i32> %944, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1205 = bitcast <8 x i32> %946 to <8 x float>
+  %947 = getelementptr inbounds float, ptr %929, i64 %k201
+  %948 = load float, ptr %947, align 4
+  %949 = insertelement <8 x float> poison, float %948, i32 0
+  %950 = shufflevector <8 x float> %949, <8 x float> poison, <8 x i32> zeroinitializer
+  %951 = load <8 x float>, ptr %acc00192, align 4
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %b0204, <8 x float> %951)
+  store <8 x float> %952, ptr %acc00192, align 4
+  %953 = load <8 x float>, ptr %acc01193, align 4
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %b1205, <8 x float> %953)
+  store <8 x float> %954, ptr %acc01193, align 4
+  %955 = add nsw i64 %k201, 1
   br label %k.head198
 
 k.end200:                                         ; preds = %k.head198
-  %955 = add nsw i64 %r0, 0
-  %956 = mul nsw i64 %955, 2048
-  %957 = getelementptr inbounds float, ptr %h, i64 %956
+  %956 = add nsw i64 %r0, 0
+  %957 = mul nsw i64 %956, 2048
+  %958 = getelementptr inbounds float, ptr %h, i64 %957
   %col206 = mul nsw i64 %p, 8
-  %958 = load <8 x float>, ptr %acc00192, align 4
-  %959 = load <8 x float>, ptr %acc01193, align 4
-  %960 = fneg <8 x float> %958
-  %961 = fcmp olt <8 x float> %960, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %963 = fcmp ogt <8 x float> %962, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %964 = select <8 x i1> %963, <8 x float> %962, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %966 = call <8 x float> @llvm.floor.v8f32(<8 x float> %965)
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %964)
-  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %967)
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %968, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %968, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %968, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %968, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %968, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %974 = fmul <8 x float> %968, %968
-  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %974, <8 x float> %968)
-  %976 = fadd <8 x float> %975, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %977 = fptosi <8 x float> %966 to <8 x i32>
-  %978 = add <8 x i32> %977, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %979 = shl <8 x i32> %978, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %979 to <8 x float>
-  %exp208 = fmul <8 x float> %976, %exp.2n207
-  %980 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %980
-  %silu210 = fmul <8 x float> %958, %sigmoid209
-  %glu211 = fmul <8 x float> %silu210, %959
-  %981 = getelementptr inbounds float, ptr %957, i64 %col206
-  store <8 x float> %glu211, ptr %981, align 4
+  %959 = load <8 x float>, ptr %acc00192, align 4
+  %960 = load <8 x float>, ptr %acc01193, align 4
+  %961 = fneg <8 x float> %959
+  %962 = fcmp olt <8 x float> %961, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %963 = select <8 x i1> %962, <8 x float> %961, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %964 = fcmp ogt <8 x float> %963, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %965 = select <8 x i1> %964, <8 x float> %963, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %967 = call <8 x float> @llvm.floor.v8f32(<8 x float> %966)
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %965)
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %968)
+  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %969, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %969, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %969, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %969, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %969, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %975 = fmul <8 x float> %969, %969
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %975, <8 x float> %969)
+  %977 = fadd <8 x float> %976, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %978 = fptosi <8 x float> %967 to <8 x i32>
+  %979 = add <8 x i32> %978, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %980 = shl <8 x i32> %979, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n207 = bitcast <8 x i32> %980 to <8 x float>
+  %exp208 = fmul <8 x float> %977, %exp.2n207
+  %981 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %981
+  %silu210 = fmul <8 x float> %959, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %960
+  %982 = getelementptr inbounds float, ptr %958, i64 %col206
+  store <8 x float> %glu211, ptr %982, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
-  %982 = add nsw i64 %r0, 6
-  br label %r0.head
+  %983 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %983 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %984 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -5089,37 +5092,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 448
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %627, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %628, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %626, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %627, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -5128,912 +5132,912 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 2048
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 7168
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
-  %24 = load <8 x float>, ptr %23, align 4
-  store <8 x float> %24, ptr %acc00, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %21, i64 %25
-  %27 = load <8 x float>, ptr %26, align 4
-  store <8 x float> %27, ptr %acc01, align 4
-  %28 = add nsw i64 %r0, 1
-  %29 = mul nsw i64 %28, 2048
-  %30 = getelementptr inbounds float, ptr %h, i64 %29
-  %31 = getelementptr inbounds i32, ptr %rows, i64 %28
-  %32 = load i32, ptr %31, align 4
-  %33 = sext i32 %32 to i64
-  %34 = mul nsw i64 %33, 7168
-  %35 = getelementptr inbounds float, ptr %y, i64 %34
-  %36 = add nsw i64 %col, 0
-  %37 = getelementptr inbounds float, ptr %35, i64 %36
-  %38 = load <8 x float>, ptr %37, align 4
-  store <8 x float> %38, ptr %acc10, align 4
-  %39 = add nsw i64 %col, 8
-  %40 = getelementptr inbounds float, ptr %35, i64 %39
-  %41 = load <8 x float>, ptr %40, align 4
-  store <8 x float> %41, ptr %acc11, align 4
-  %42 = add nsw i64 %r0, 2
-  %43 = mul nsw i64 %42, 2048
-  %44 = getelementptr inbounds float, ptr %h, i64 %43
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 7168
-  %49 = getelementptr inbounds float, ptr %y, i64 %48
-  %50 = add nsw i64 %col, 0
-  %51 = getelementptr inbounds float, ptr %49, i64 %50
-  %52 = load <8 x float>, ptr %51, align 4
-  store <8 x float> %52, ptr %acc20, align 4
-  %53 = add nsw i64 %col, 8
-  %54 = getelementptr inbounds float, ptr %49, i64 %53
-  %55 = load <8 x float>, ptr %54, align 4
-  store <8 x float> %55, ptr %acc21, align 4
-  %56 = add nsw i64 %r0, 3
-  %57 = mul nsw i64 %56, 2048
-  %58 = getelementptr inbounds float, ptr %h, i64 %57
-  %59 = getelementptr inbounds i32, ptr %rows, i64 %56
-  %60 = load i32, ptr %59, align 4
-  %61 = sext i32 %60 to i64
-  %62 = mul nsw i64 %61, 7168
-  %63 = getelementptr inbounds float, ptr %y, i64 %62
-  %64 = add nsw i64 %col, 0
-  %65 = getelementptr inbounds float, ptr %63, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  store <8 x float> %66, ptr %acc30, align 4
-  %67 = add nsw i64 %col, 8
-  %68 = getelementptr inbounds float, ptr %63, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  store <8 x float> %69, ptr %acc31, align 4
-  %70 = add nsw i64 %r0, 4
-  %71 = mul nsw i64 %70, 2048
-  %72 = getelementptr inbounds float, ptr %h, i64 %71
-  %73 = getelementptr inbounds i32, ptr %rows, i64 %70
-  %74 = load i32, ptr %73, align 4
-  %75 = sext i32 %74 to i64
-  %76 = mul nsw i64 %75, 7168
-  %77 = getelementptr inbounds float, ptr %y, i64 %76
-  %78 = add nsw i64 %col, 0
-  %79 = getelementptr inbounds float, ptr %77, i64 %78
-  %80 = load <8 x float>, ptr %79, align 4
-  store <8 x float> %80, ptr %acc40, align 4
-  %81 = add nsw i64 %col, 8
-  %82 = getelementptr inbounds float, ptr %77, i64 %81
-  %83 = load <8 x float>, ptr %82, align 4
-  store <8 x float> %83, ptr %acc41, align 4
-  %84 = add nsw i64 %r0, 5
-  %85 = mul nsw i64 %84, 2048
-  %86 = getelementptr inbounds float, ptr %h, i64 %85
-  %87 = getelementptr inbounds i32, ptr %rows, i64 %84
-  %88 = load i32, ptr %87, align 4
-  %89 = sext i32 %88 to i64
-  %90 = mul nsw i64 %89, 7168
-  %91 = getelementptr inbounds float, ptr %y, i64 %90
-  %92 = add nsw i64 %col, 0
-  %93 = getelementptr inbounds float, ptr %91, i64 %92
-  %94 = load <8 x float>, ptr %93, align 4
-  store <8 x float> %94, ptr %acc50, align 4
-  %95 = add nsw i64 %col, 8
-  %96 = getelementptr inbounds float, ptr %91, i64 %95
-  %97 = load <8 x float>, ptr %96, align 4
-  store <8 x float> %97, ptr %acc51, align 4
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 2048
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 7168
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
+  %25 = load <8 x float>, ptr %24, align 4
+  store <8 x float> %25, ptr %acc00, align 4
+  %26 = add nsw i64 %col, 8
+  %27 = getelementptr inbounds float, ptr %22, i64 %26
+  %28 = load <8 x float>, ptr %27, align 4
+  store <8 x float> %28, ptr %acc01, align 4
+  %29 = add nsw i64 %r0, 1
+  %30 = mul nsw i64 %29, 2048
+  %31 = getelementptr inbounds float, ptr %h, i64 %30
+  %32 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %33 = load i32, ptr %32, align 4
+  %34 = sext i32 %33 to i64
+  %35 = mul nsw i64 %34, 7168
+  %36 = getelementptr inbounds float, ptr %y, i64 %35
+  %37 = add nsw i64 %col, 0
+  %38 = getelementptr inbounds float, ptr %36, i64 %37
+  %39 = load <8 x float>, ptr %38, align 4
+  store <8 x float> %39, ptr %acc10, align 4
+  %40 = add nsw i64 %col, 8
+  %41 = getelementptr inbounds float, ptr %36, i64 %40
+  %42 = load <8 x float>, ptr %41, align 4
+  store <8 x float> %42, ptr %acc11, align 4
+  %43 = add nsw i64 %r0, 2
+  %44 = mul nsw i64 %43, 2048
+  %45 = getelementptr inbounds float, ptr %h, i64 %44
+  %46 = getelementptr inbounds i32, ptr %rows, i64 %43
+  %47 = load i32, ptr %46, align 4
+  %48 = sext i32 %47 to i64
+  %49 = mul nsw i64 %48, 7168
+  %50 = getelementptr inbounds float, ptr %y, i64 %49
+  %51 = add nsw i64 %col, 0
+  %52 = getelementptr inbounds float, ptr %50, i64 %51
+  %53 = load <8 x float>, ptr %52, align 4
+  store <8 x float> %53, ptr %acc20, align 4
+  %54 = add nsw i64 %col, 8
+  %55 = getelementptr inbounds float, ptr %50, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
+  store <8 x float> %56, ptr %acc21, align 4
+  %57 = add nsw i64 %r0, 3
+  %58 = mul nsw i64 %57, 2048
+  %59 = getelementptr inbounds float, ptr %h, i64 %58
+  %60 = getelementptr inbounds i32, ptr %rows, i64 %57
+  %61 = load i32, ptr %60, align 4
+  %62 = sext i32 %61 to i64
+  %63 = mul nsw i64 %62, 7168
+  %64 = getelementptr inbounds float, ptr %y, i64 %63
+  %65 = add nsw i64 %col, 0
+  %66 = getelementptr inbounds float, ptr %64, i64 %65
+  %67 = load <8 x float>, ptr %66, align 4
+  store <8 x float> %67, ptr %acc30, align 4
+  %68 = add nsw i64 %col, 8
+  %69 = getelementptr inbounds float, ptr %64, i64 %68
+  %70 = load <8 x float>, ptr %69, align 4
+  store <8 x float> %70, ptr %acc31, align 4
+  %71 = add nsw i64 %r0, 4
+  %72 = mul nsw i64 %71, 2048
+  %73 = getelementptr inbounds float, ptr %h, i64 %72
+  %74 = getelementptr inbounds i32, ptr %rows, i64 %71
+  %75 = load i32, ptr %74, align 4
+  %76 = sext i32 %75 to i64
+  %77 = mul nsw i64 %76, 7168
+  %78 = getelementptr inbounds float, ptr %y, i64 %77
+  %79 = add nsw i64 %col, 0
+  %80 = getelementptr inbounds float, ptr %78, i64 %79
+  %81 = load <8 x float>, ptr %80, align 4
+  store <8 x float> %81, ptr %acc40, align 4
+  %82 = add nsw i64 %col, 8
+  %83 = getelementptr inbounds float, ptr %78, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  store <8 x float> %84, ptr %acc41, align 4
+  %85 = add nsw i64 %r0, 5
+  %86 = mul nsw i64 %85, 2048
+  %87 = getelementptr inbounds float, ptr %h, i64 %86
+  %88 = getelementptr inbounds i32, ptr %rows, i64 %85
+  %89 = load i32, ptr %88, align 4
+  %90 = sext i32 %89 to i64
+  %91 = mul nsw i64 %90, 7168
+  %92 = getelementptr inbounds float, ptr %y, i64 %91
+  %93 = add nsw i64 %col, 0
+  %94 = getelementptr inbounds float, ptr %92, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  store <8 x float> %95, ptr %acc50, align 4
+  %96 = add nsw i64 %col, 8
+  %97 = getelementptr inbounds float, ptr %92, i64 %96
+  %98 = load <8 x float>, ptr %97, align 4
+  store <8 x float> %98, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
-  %98 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %99 = add nsw i64 %p, 1
-  %100 = icmp slt i64 %99, %p1
-  %pf.on1 = and i1 %pf.on, %100
-  %101 = mul nsw i64 %pf.j, 65536
-  %102 = lshr i64 %101, %10
-  %103 = add nsw i64 65536, %102
-  %104 = getelementptr inbounds i8, ptr %98, i64 %103
-  %pf = select i1 %pf.on1, ptr %104, ptr %98
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %99 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %100 = add nsw i64 %p, 1
+  %101 = icmp slt i64 %100, %p1
+  %pf.on1 = and i1 %pf.on, %101
+  %102 = mul nsw i64 %rb, 65536
+  %103 = lshr i64 %102, %12
+  %104 = add nsw i64 65536, %103
+  %105 = getelementptr inbounds i8, ptr %99, i64 %104
+  %pf = select i1 %pf.on1, ptr %105, ptr %99
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %163, %pf.any.end ]
-  %105 = icmp slt i64 %k, 2048
-  br i1 %105, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %164, %pf.any.end ]
+  %106 = icmp slt i64 %k, 2048
+  br i1 %106, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %106 = mul nsw i64 %k, 16
-  %107 = add nsw i64 %panel.off, %106
-  %108 = mul nsw i64 %k, 32
+  %107 = mul nsw i64 %k, 16
+  %108 = add nsw i64 %panel.off, %107
+  %109 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %109 = lshr i64 %108, %pf.sh
-  %110 = getelementptr inbounds i8, ptr %pf, i64 %109
-  call void @llvm.prefetch.p0(ptr %110, i32 0, i32 2, i32 1)
+  %110 = lshr i64 %109, %pf.sh
+  %111 = getelementptr inbounds i8, ptr %pf, i64 %110
+  call void @llvm.prefetch.p0(ptr %111, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %111 = getelementptr inbounds i16, ptr %panels, i64 %107
-  %112 = load <8 x i32>, ptr %111, align 4
-  %113 = shl <8 x i32> %112, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %113 to <8 x float>
-  %114 = and <8 x i32> %112, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %114 to <8 x float>
-  %115 = getelementptr inbounds float, ptr %16, i64 %k
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = load <8 x float>, ptr %acc00, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b0, <8 x float> %119)
-  store <8 x float> %120, ptr %acc00, align 4
-  %121 = load <8 x float>, ptr %acc01, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %b1, <8 x float> %121)
-  store <8 x float> %122, ptr %acc01, align 4
-  %123 = getelementptr inbounds float, ptr %30, i64 %k
-  %124 = load float, ptr %123, align 4
-  %125 = insertelement <8 x float> poison, float %124, i32 0
-  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
-  %127 = load <8 x float>, ptr %acc10, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b0, <8 x float> %127)
-  store <8 x float> %128, ptr %acc10, align 4
-  %129 = load <8 x float>, ptr %acc11, align 4
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %b1, <8 x float> %129)
-  store <8 x float> %130, ptr %acc11, align 4
-  %131 = getelementptr inbounds float, ptr %44, i64 %k
-  %132 = load float, ptr %131, align 4
-  %133 = insertelement <8 x float> poison, float %132, i32 0
-  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
-  %135 = load <8 x float>, ptr %acc20, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b0, <8 x float> %135)
-  store <8 x float> %136, ptr %acc20, align 4
-  %137 = load <8 x float>, ptr %acc21, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %b1, <8 x float> %137)
-  store <8 x float> %138, ptr %acc21, align 4
-  %139 = getelementptr inbounds float, ptr %58, i64 %k
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc30, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b0, <8 x float> %143)
-  store <8 x float> %144, ptr %acc30, align 4
-  %145 = load <8 x float>, ptr %acc31, align 4
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %b1, <8 x float> %145)
-  store <8 x float> %146, ptr %acc31, align 4
-  %147 = getelementptr inbounds float, ptr %72, i64 %k
-  %148 = load float, ptr %147, align 4
-  %149 = insertelement <8 x float> poison, float %148, i32 0
-  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
-  %151 = load <8 x float>, ptr %acc40, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b0, <8 x float> %151)
-  store <8 x float> %152, ptr %acc40, align 4
-  %153 = load <8 x float>, ptr %acc41, align 4
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %b1, <8 x float> %153)
-  store <8 x float> %154, ptr %acc41, align 4
-  %155 = getelementptr inbounds float, ptr %86, i64 %k
-  %156 = load float, ptr %155, align 4
-  %157 = insertelement <8 x float> poison, float %156, i32 0
-  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
-  %159 = load <8 x float>, ptr %acc50, align 4
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b0, <8 x float> %159)
-  store <8 x float> %160, ptr %acc50, align 4
-  %161 = load <8 x float>, ptr %acc51, align 4
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %b1, <8 x float> %161)
-  store <8 x float> %162, ptr %acc51, align 4
-  %163 = add nsw i64 %k, 1
+  %112 = getelementptr inbounds i16, ptr %panels, i64 %108
+  %113 = load <8 x i32>, ptr %112, align 4
+  %114 = shl <8 x i32> %113, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %114 to <8 x float>
+  %115 = and <8 x i32> %113, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %115 to <8 x float>
+  %116 = getelementptr inbounds float, ptr %17, i64 %k
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc00, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
+  store <8 x float> %121, ptr %acc00, align 4
+  %122 = load <8 x float>, ptr %acc01, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
+  store <8 x float> %123, ptr %acc01, align 4
+  %124 = getelementptr inbounds float, ptr %31, i64 %k
+  %125 = load float, ptr %124, align 4
+  %126 = insertelement <8 x float> poison, float %125, i32 0
+  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
+  %128 = load <8 x float>, ptr %acc10, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %b0, <8 x float> %128)
+  store <8 x float> %129, ptr %acc10, align 4
+  %130 = load <8 x float>, ptr %acc11, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %b1, <8 x float> %130)
+  store <8 x float> %131, ptr %acc11, align 4
+  %132 = getelementptr inbounds float, ptr %45, i64 %k
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <8 x float> poison, float %133, i32 0
+  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
+  %136 = load <8 x float>, ptr %acc20, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %b0, <8 x float> %136)
+  store <8 x float> %137, ptr %acc20, align 4
+  %138 = load <8 x float>, ptr %acc21, align 4
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %b1, <8 x float> %138)
+  store <8 x float> %139, ptr %acc21, align 4
+  %140 = getelementptr inbounds float, ptr %59, i64 %k
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %acc30, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %b0, <8 x float> %144)
+  store <8 x float> %145, ptr %acc30, align 4
+  %146 = load <8 x float>, ptr %acc31, align 4
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %b1, <8 x float> %146)
+  store <8 x float> %147, ptr %acc31, align 4
+  %148 = getelementptr inbounds float, ptr %73, i64 %k
+  %149 = load float, ptr %148, align 4
+  %150 = insertelement <8 x float> poison, float %149, i32 0
+  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
+  %152 = load <8 x float>, ptr %acc40, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %b0, <8 x float> %152)
+  store <8 x float> %153, ptr %acc40, align 4
+  %154 = load <8 x float>, ptr %acc41, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %b1, <8 x float> %154)
+  store <8 x float> %155, ptr %acc41, align 4
+  %156 = getelementptr inbounds float, ptr %87, i64 %k
+  %157 = load float, ptr %156, align 4
+  %158 = insertelement <8 x float> poison, float %157, i32 0
+  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
+  %160 = load <8 x float>, ptr %acc50, align 4
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %b0, <8 x float> %160)
+  store <8 x float> %161, ptr %acc50, align 4
+  %162 = load <8 x float>, ptr %acc51, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %b1, <8 x float> %162)
+  store <8 x float> %163, ptr %acc51, align 4
+  %164 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %164 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %164, ptr %23, align 4
-  %165 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %165, ptr %26, align 4
-  %166 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %166, ptr %37, align 4
-  %167 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %167, ptr %40, align 4
-  %168 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %168, ptr %51, align 4
-  %169 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %169, ptr %54, align 4
-  %170 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %170, ptr %65, align 4
-  %171 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %171, ptr %68, align 4
-  %172 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %172, ptr %79, align 4
-  %173 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %173, ptr %82, align 4
-  %174 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %174, ptr %93, align 4
-  %175 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %175, ptr %96, align 4
+  %165 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %165, ptr %24, align 4
+  %166 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %166, ptr %27, align 4
+  %167 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %167, ptr %38, align 4
+  %168 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %168, ptr %41, align 4
+  %169 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %169, ptr %52, align 4
+  %170 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %170, ptr %55, align 4
+  %171 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %171, ptr %66, align 4
+  %172 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %172, ptr %69, align 4
+  %173 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %173, ptr %80, align 4
+  %174 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %174, ptr %83, align 4
+  %175 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %175, ptr %94, align 4
+  %176 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %176, ptr %97, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %176 = add nsw i64 %r0, 0
-  %177 = mul nsw i64 %176, 2048
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
-  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
-  %180 = load i32, ptr %179, align 4
-  %181 = sext i32 %180 to i64
-  %182 = mul nsw i64 %181, 7168
-  %183 = getelementptr inbounds float, ptr %y, i64 %182
-  %184 = add nsw i64 %col2, 0
-  %185 = getelementptr inbounds float, ptr %183, i64 %184
-  %186 = load <8 x float>, ptr %185, align 4
-  store <8 x float> %186, ptr %acc003, align 4
-  %187 = add nsw i64 %col2, 8
-  %188 = getelementptr inbounds float, ptr %183, i64 %187
-  %189 = load <8 x float>, ptr %188, align 4
-  store <8 x float> %189, ptr %acc014, align 4
-  %190 = add nsw i64 %r0, 1
-  %191 = mul nsw i64 %190, 2048
-  %192 = getelementptr inbounds float, ptr %h, i64 %191
-  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
-  %194 = load i32, ptr %193, align 4
-  %195 = sext i32 %194 to i64
-  %196 = mul nsw i64 %195, 7168
-  %197 = getelementptr inbounds float, ptr %y, i64 %196
-  %198 = add nsw i64 %col2, 0
-  %199 = getelementptr inbounds float, ptr %197, i64 %198
-  %200 = load <8 x float>, ptr %199, align 4
-  store <8 x float> %200, ptr %acc105, align 4
-  %201 = add nsw i64 %col2, 8
-  %202 = getelementptr inbounds float, ptr %197, i64 %201
-  %203 = load <8 x float>, ptr %202, align 4
-  store <8 x float> %203, ptr %acc116, align 4
-  %204 = add nsw i64 %r0, 2
-  %205 = mul nsw i64 %204, 2048
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
-  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %208 = load i32, ptr %207, align 4
-  %209 = sext i32 %208 to i64
-  %210 = mul nsw i64 %209, 7168
-  %211 = getelementptr inbounds float, ptr %y, i64 %210
-  %212 = add nsw i64 %col2, 0
-  %213 = getelementptr inbounds float, ptr %211, i64 %212
-  %214 = load <8 x float>, ptr %213, align 4
-  store <8 x float> %214, ptr %acc207, align 4
-  %215 = add nsw i64 %col2, 8
-  %216 = getelementptr inbounds float, ptr %211, i64 %215
-  %217 = load <8 x float>, ptr %216, align 4
-  store <8 x float> %217, ptr %acc218, align 4
-  %218 = add nsw i64 %r0, 3
-  %219 = mul nsw i64 %218, 2048
-  %220 = getelementptr inbounds float, ptr %h, i64 %219
-  %221 = getelementptr inbounds i32, ptr %rows, i64 %218
-  %222 = load i32, ptr %221, align 4
-  %223 = sext i32 %222 to i64
-  %224 = mul nsw i64 %223, 7168
-  %225 = getelementptr inbounds float, ptr %y, i64 %224
-  %226 = add nsw i64 %col2, 0
-  %227 = getelementptr inbounds float, ptr %225, i64 %226
-  %228 = load <8 x float>, ptr %227, align 4
-  store <8 x float> %228, ptr %acc309, align 4
-  %229 = add nsw i64 %col2, 8
-  %230 = getelementptr inbounds float, ptr %225, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
-  store <8 x float> %231, ptr %acc3110, align 4
-  %232 = add nsw i64 %r0, 4
-  %233 = mul nsw i64 %232, 2048
-  %234 = getelementptr inbounds float, ptr %h, i64 %233
-  %235 = getelementptr inbounds i32, ptr %rows, i64 %232
-  %236 = load i32, ptr %235, align 4
-  %237 = sext i32 %236 to i64
-  %238 = mul nsw i64 %237, 7168
-  %239 = getelementptr inbounds float, ptr %y, i64 %238
-  %240 = add nsw i64 %col2, 0
-  %241 = getelementptr inbounds float, ptr %239, i64 %240
-  %242 = load <8 x float>, ptr %241, align 4
-  store <8 x float> %242, ptr %acc4011, align 4
-  %243 = add nsw i64 %col2, 8
-  %244 = getelementptr inbounds float, ptr %239, i64 %243
-  %245 = load <8 x float>, ptr %244, align 4
-  store <8 x float> %245, ptr %acc4112, align 4
+  %177 = add nsw i64 %r0, 0
+  %178 = mul nsw i64 %177, 2048
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 7168
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
+  %187 = load <8 x float>, ptr %186, align 4
+  store <8 x float> %187, ptr %acc003, align 4
+  %188 = add nsw i64 %col2, 8
+  %189 = getelementptr inbounds float, ptr %184, i64 %188
+  %190 = load <8 x float>, ptr %189, align 4
+  store <8 x float> %190, ptr %acc014, align 4
+  %191 = add nsw i64 %r0, 1
+  %192 = mul nsw i64 %191, 2048
+  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
+  %195 = load i32, ptr %194, align 4
+  %196 = sext i32 %195 to i64
+  %197 = mul nsw i64 %196, 7168
+  %198 = getelementptr inbounds float, ptr %y, i64 %197
+  %199 = add nsw i64 %col2, 0
+  %200 = getelementptr inbounds float, ptr %198, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
+  store <8 x float> %201, ptr %acc105, align 4
+  %202 = add nsw i64 %col2, 8
+  %203 = getelementptr inbounds float, ptr %198, i64 %202
+  %204 = load <8 x float>, ptr %203, align 4
+  store <8 x float> %204, ptr %acc116, align 4
+  %205 = add nsw i64 %r0, 2
+  %206 = mul nsw i64 %205, 2048
+  %207 = getelementptr inbounds float, ptr %h, i64 %206
+  %208 = getelementptr inbounds i32, ptr %rows, i64 %205
+  %209 = load i32, ptr %208, align 4
+  %210 = sext i32 %209 to i64
+  %211 = mul nsw i64 %210, 7168
+  %212 = getelementptr inbounds float, ptr %y, i64 %211
+  %213 = add nsw i64 %col2, 0
+  %214 = getelementptr inbounds float, ptr %212, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
+  store <8 x float> %215, ptr %acc207, align 4
+  %216 = add nsw i64 %col2, 8
+  %217 = getelementptr inbounds float, ptr %212, i64 %216
+  %218 = load <8 x float>, ptr %217, align 4
+  store <8 x float> %218, ptr %acc218, align 4
+  %219 = add nsw i64 %r0, 3
+  %220 = mul nsw i64 %219, 2048
+  %221 = getelementptr inbounds float, ptr %h, i64 %220
+  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
+  %223 = load i32, ptr %222, align 4
+  %224 = sext i32 %223 to i64
+  %225 = mul nsw i64 %224, 7168
+  %226 = getelementptr inbounds float, ptr %y, i64 %225
+  %227 = add nsw i64 %col2, 0
+  %228 = getelementptr inbounds float, ptr %226, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  store <8 x float> %229, ptr %acc309, align 4
+  %230 = add nsw i64 %col2, 8
+  %231 = getelementptr inbounds float, ptr %226, i64 %230
+  %232 = load <8 x float>, ptr %231, align 4
+  store <8 x float> %232, ptr %acc3110, align 4
+  %233 = add nsw i64 %r0, 4
+  %234 = mul nsw i64 %233, 2048
+  %235 = getelementptr inbounds float, ptr %h, i64 %234
+  %236 = getelementptr inbounds i32, ptr %rows, i64 %233
+  %237 = load i32, ptr %236, align 4
+  %238 = sext i32 %237 to i64
+  %239 = mul nsw i64 %238, 7168
+  %240 = getelementptr inbounds float, ptr %y, i64 %239
+  %241 = add nsw i64 %col2, 0
+  %242 = getelementptr inbounds float, ptr %240, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  store <8 x float> %243, ptr %acc4011, align 4
+  %244 = add nsw i64 %col2, 8
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
+  store <8 x float> %246, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 32768
-  %246 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %247 = add nsw i64 %p, 1
-  %248 = icmp slt i64 %247, %p1
-  %pf.on14 = and i1 %pf.on, %248
-  %249 = mul nsw i64 %pf.j, 65536
-  %250 = lshr i64 %249, %10
-  %251 = add nsw i64 65536, %250
-  %252 = getelementptr inbounds i8, ptr %246, i64 %251
-  %pf15 = select i1 %pf.on14, ptr %252, ptr %246
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %247 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %248 = add nsw i64 %p, 1
+  %249 = icmp slt i64 %248, %p1
+  %pf.on14 = and i1 %pf.on, %249
+  %250 = mul nsw i64 %rb, 65536
+  %251 = lshr i64 %250, %12
+  %252 = add nsw i64 65536, %251
+  %253 = getelementptr inbounds i8, ptr %247, i64 %252
+  %pf15 = select i1 %pf.on14, ptr %253, ptr %247
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %303, %pf.any.end22 ]
-  %253 = icmp slt i64 %k20, 2048
-  br i1 %253, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %304, %pf.any.end22 ]
+  %254 = icmp slt i64 %k20, 2048
+  br i1 %254, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %254 = mul nsw i64 %k20, 16
-  %255 = add nsw i64 %panel.off13, %254
-  %256 = mul nsw i64 %k20, 32
+  %255 = mul nsw i64 %k20, 16
+  %256 = add nsw i64 %panel.off13, %255
+  %257 = mul nsw i64 %k20, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %257 = lshr i64 %256, %pf.sh16
-  %258 = getelementptr inbounds i8, ptr %pf15, i64 %257
-  call void @llvm.prefetch.p0(ptr %258, i32 0, i32 2, i32 1)
+  %258 = lshr i64 %257, %pf.sh16
+  %259 = getelementptr inbounds i8, ptr %pf15, i64 %258
+  call void @llvm.prefetch.p0(ptr %259, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %259 = getelementptr inbounds i16, ptr %panels, i64 %255
-  %260 = load <8 x i32>, ptr %259, align 4
-  %261 = shl <8 x i32> %260, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %261 to <8 x float>
-  %262 = and <8 x i32> %260, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %262 to <8 x float>
-  %263 = getelementptr inbounds float, ptr %178, i64 %k20
-  %264 = load float, ptr %263, align 4
-  %265 = insertelement <8 x float> poison, float %264, i32 0
-  %266 = shufflevector <8 x float> %265, <8 x float> poison, <8 x i32> zeroinitializer
-  %267 = load <8 x float>, ptr %acc003, align 4
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b023, <8 x float> %267)
-  store <8 x float> %268, ptr %acc003, align 4
-  %269 = load <8 x float>, ptr %acc014, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %b124, <8 x float> %269)
-  store <8 x float> %270, ptr %acc014, align 4
-  %271 = getelementptr inbounds float, ptr %192, i64 %k20
-  %272 = load float, ptr %271, align 4
-  %273 = insertelement <8 x float> poison, float %272, i32 0
-  %274 = shufflevector <8 x float> %273, <8 x float> poison, <8 x i32> zeroinitializer
-  %275 = load <8 x float>, ptr %acc105, align 4
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b023, <8 x float> %275)
-  store <8 x float> %276, ptr %acc105, align 4
-  %277 = load <8 x float>, ptr %acc116, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %b124, <8 x float> %277)
-  store <8 x float> %278, ptr %acc116, align 4
-  %279 = getelementptr inbounds float, ptr %206, i64 %k20
-  %280 = load float, ptr %279, align 4
-  %281 = insertelement <8 x float> poison, float %280, i32 0
-  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
-  %283 = load <8 x float>, ptr %acc207, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b023, <8 x float> %283)
-  store <8 x float> %284, ptr %acc207, align 4
-  %285 = load <8 x float>, ptr %acc218, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %b124, <8 x float> %285)
-  store <8 x float> %286, ptr %acc218, align 4
-  %287 = getelementptr inbounds float, ptr %220, i64 %k20
-  %288 = load float, ptr %287, align 4
-  %289 = insertelement <8 x float> poison, float %288, i32 0
-  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
-  %291 = load <8 x float>, ptr %acc309, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b023, <8 x float> %291)
-  store <8 x float> %292, ptr %acc309, align 4
-  %293 = load <8 x float>, ptr %acc3110, align 4
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %b124, <8 x float> %293)
-  store <8 x float> %294, ptr %acc3110, align 4
-  %295 = getelementptr inbounds float, ptr %234, i64 %k20
-  %296 = load float, ptr %295, align 4
-  %297 = insertelement <8 x float> poison, float %296, i32 0
-  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
-  %299 = load <8 x float>, ptr %acc4011, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b023, <8 x float> %299)
-  store <8 x float> %300, ptr %acc4011, align 4
-  %301 = load <8 x float>, ptr %acc4112, align 4
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %b124, <8 x float> %301)
-  store <8 x float> %302, ptr %acc4112, align 4
-  %303 = add nsw i64 %k20, 1
+  %260 = getelementptr inbounds i16, ptr %panels, i64 %256
+  %261 = load <8 x i32>, ptr %260, align 4
+  %262 = shl <8 x i32> %261, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %262 to <8 x float>
+  %263 = and <8 x i32> %261, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %263 to <8 x float>
+  %264 = getelementptr inbounds float, ptr %179, i64 %k20
+  %265 = load float, ptr %264, align 4
+  %266 = insertelement <8 x float> poison, float %265, i32 0
+  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
+  %268 = load <8 x float>, ptr %acc003, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %b023, <8 x float> %268)
+  store <8 x float> %269, ptr %acc003, align 4
+  %270 = load <8 x float>, ptr %acc014, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %b124, <8 x float> %270)
+  store <8 x float> %271, ptr %acc014, align 4
+  %272 = getelementptr inbounds float, ptr %193, i64 %k20
+  %273 = load float, ptr %272, align 4
+  %274 = insertelement <8 x float> poison, float %273, i32 0
+  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
+  %276 = load <8 x float>, ptr %acc105, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %b023, <8 x float> %276)
+  store <8 x float> %277, ptr %acc105, align 4
+  %278 = load <8 x float>, ptr %acc116, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %b124, <8 x float> %278)
+  store <8 x float> %279, ptr %acc116, align 4
+  %280 = getelementptr inbounds float, ptr %207, i64 %k20
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <8 x float> poison, float %281, i32 0
+  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
+  %284 = load <8 x float>, ptr %acc207, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %b023, <8 x float> %284)
+  store <8 x float> %285, ptr %acc207, align 4
+  %286 = load <8 x float>, ptr %acc218, align 4
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %b124, <8 x float> %286)
+  store <8 x float> %287, ptr %acc218, align 4
+  %288 = getelementptr inbounds float, ptr %221, i64 %k20
+  %289 = load float, ptr %288, align 4
+  %290 = insertelement <8 x float> poison, float %289, i32 0
+  %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
+  %292 = load <8 x float>, ptr %acc309, align 4
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %b023, <8 x float> %292)
+  store <8 x float> %293, ptr %acc309, align 4
+  %294 = load <8 x float>, ptr %acc3110, align 4
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %b124, <8 x float> %294)
+  store <8 x float> %295, ptr %acc3110, align 4
+  %296 = getelementptr inbounds float, ptr %235, i64 %k20
+  %297 = load float, ptr %296, align 4
+  %298 = insertelement <8 x float> poison, float %297, i32 0
+  %299 = shufflevector <8 x float> %298, <8 x float> poison, <8 x i32> zeroinitializer
+  %300 = load <8 x float>, ptr %acc4011, align 4
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %b023, <8 x float> %300)
+  store <8 x float> %301, ptr %acc4011, align 4
+  %302 = load <8 x float>, ptr %acc4112, align 4
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %b124, <8 x float> %302)
+  store <8 x float> %303, ptr %acc4112, align 4
+  %304 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %304 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %304, ptr %185, align 4
-  %305 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %305, ptr %188, align 4
-  %306 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %306, ptr %199, align 4
-  %307 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %307, ptr %202, align 4
-  %308 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %308, ptr %213, align 4
-  %309 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %309, ptr %216, align 4
-  %310 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %310, ptr %227, align 4
-  %311 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %311, ptr %230, align 4
-  %312 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %312, ptr %241, align 4
-  %313 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %313, ptr %244, align 4
+  %305 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %305, ptr %186, align 4
+  %306 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %306, ptr %189, align 4
+  %307 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %307, ptr %200, align 4
+  %308 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %308, ptr %203, align 4
+  %309 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %309, ptr %214, align 4
+  %310 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %310, ptr %217, align 4
+  %311 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %311, ptr %228, align 4
+  %312 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %312, ptr %231, align 4
+  %313 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %313, ptr %242, align 4
+  %314 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %314, ptr %245, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %314 = add nsw i64 %r0, 0
-  %315 = mul nsw i64 %314, 2048
-  %316 = getelementptr inbounds float, ptr %h, i64 %315
-  %317 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %318 = load i32, ptr %317, align 4
-  %319 = sext i32 %318 to i64
-  %320 = mul nsw i64 %319, 7168
-  %321 = getelementptr inbounds float, ptr %y, i64 %320
-  %322 = add nsw i64 %col25, 0
-  %323 = getelementptr inbounds float, ptr %321, i64 %322
-  %324 = load <8 x float>, ptr %323, align 4
-  store <8 x float> %324, ptr %acc0026, align 4
-  %325 = add nsw i64 %col25, 8
-  %326 = getelementptr inbounds float, ptr %321, i64 %325
-  %327 = load <8 x float>, ptr %326, align 4
-  store <8 x float> %327, ptr %acc0127, align 4
-  %328 = add nsw i64 %r0, 1
-  %329 = mul nsw i64 %328, 2048
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 7168
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col25, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
-  %338 = load <8 x float>, ptr %337, align 4
-  store <8 x float> %338, ptr %acc1028, align 4
-  %339 = add nsw i64 %col25, 8
-  %340 = getelementptr inbounds float, ptr %335, i64 %339
-  %341 = load <8 x float>, ptr %340, align 4
-  store <8 x float> %341, ptr %acc1129, align 4
-  %342 = add nsw i64 %r0, 2
-  %343 = mul nsw i64 %342, 2048
-  %344 = getelementptr inbounds float, ptr %h, i64 %343
-  %345 = getelementptr inbounds i32, ptr %rows, i64 %342
-  %346 = load i32, ptr %345, align 4
-  %347 = sext i32 %346 to i64
-  %348 = mul nsw i64 %347, 7168
-  %349 = getelementptr inbounds float, ptr %y, i64 %348
-  %350 = add nsw i64 %col25, 0
-  %351 = getelementptr inbounds float, ptr %349, i64 %350
-  %352 = load <8 x float>, ptr %351, align 4
-  store <8 x float> %352, ptr %acc2030, align 4
-  %353 = add nsw i64 %col25, 8
-  %354 = getelementptr inbounds float, ptr %349, i64 %353
-  %355 = load <8 x float>, ptr %354, align 4
-  store <8 x float> %355, ptr %acc2131, align 4
-  %356 = add nsw i64 %r0, 3
-  %357 = mul nsw i64 %356, 2048
-  %358 = getelementptr inbounds float, ptr %h, i64 %357
-  %359 = getelementptr inbounds i32, ptr %rows, i64 %356
-  %360 = load i32, ptr %359, align 4
-  %361 = sext i32 %360 to i64
-  %362 = mul nsw i64 %361, 7168
-  %363 = getelementptr inbounds float, ptr %y, i64 %362
-  %364 = add nsw i64 %col25, 0
-  %365 = getelementptr inbounds float, ptr %363, i64 %364
-  %366 = load <8 x float>, ptr %365, align 4
-  store <8 x float> %366, ptr %acc3032, align 4
-  %367 = add nsw i64 %col25, 8
-  %368 = getelementptr inbounds float, ptr %363, i64 %367
-  %369 = load <8 x float>, ptr %368, align 4
-  store <8 x float> %369, ptr %acc3133, align 4
+  %315 = add nsw i64 %r0, 0
+  %316 = mul nsw i64 %315, 2048
+  %317 = getelementptr inbounds float, ptr %h, i64 %316
+  %318 = getelementptr inbounds i32, ptr %rows, i64 %315
+  %319 = load i32, ptr %318, align 4
+  %320 = sext i32 %319 to i64
+  %321 = mul nsw i64 %320, 7168
+  %322 = getelementptr inbounds float, ptr %y, i64 %321
+  %323 = add nsw i64 %col25, 0
+  %324 = getelementptr inbounds float, ptr %322, i64 %323
+  %325 = load <8 x float>, ptr %324, align 4
+  store <8 x float> %325, ptr %acc0026, align 4
+  %326 = add nsw i64 %col25, 8
+  %327 = getelementptr inbounds float, ptr %322, i64 %326
+  %328 = load <8 x float>, ptr %327, align 4
+  store <8 x float> %328, ptr %acc0127, align 4
+  %329 = add nsw i64 %r0, 1
+  %330 = mul nsw i64 %329, 2048
+  %331 = getelementptr inbounds float, ptr %h, i64 %330
+  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
+  %333 = load i32, ptr %332, align 4
+  %334 = sext i32 %333 to i64
+  %335 = mul nsw i64 %334, 7168
+  %336 = getelementptr inbounds float, ptr %y, i64 %335
+  %337 = add nsw i64 %col25, 0
+  %338 = getelementptr inbounds float, ptr %336, i64 %337
+  %339 = load <8 x float>, ptr %338, align 4
+  store <8 x float> %339, ptr %acc1028, align 4
+  %340 = add nsw i64 %col25, 8
+  %341 = getelementptr inbounds float, ptr %336, i64 %340
+  %342 = load <8 x float>, ptr %341, align 4
+  store <8 x float> %342, ptr %acc1129, align 4
+  %343 = add nsw i64 %r0, 2
+  %344 = mul nsw i64 %343, 2048
+  %345 = getelementptr inbounds float, ptr %h, i64 %344
+  %346 = getelementptr inbounds i32, ptr %rows, i64 %343
+  %347 = load i32, ptr %346, align 4
+  %348 = sext i32 %347 to i64
+  %349 = mul nsw i64 %348, 7168
+  %350 = getelementptr inbounds float, ptr %y, i64 %349
+  %351 = add nsw i64 %col25, 0
+  %352 = getelementptr inbounds float, ptr %350, i64 %351
+  %353 = load <8 x float>, ptr %352, align 4
+  store <8 x float> %353, ptr %acc2030, align 4
+  %354 = add nsw i64 %col25, 8
+  %355 = getelementptr inbounds float, ptr %350, i64 %354
+  %356 = load <8 x float>, ptr %355, align 4
+  store <8 x float> %356, ptr %acc2131, align 4
+  %357 = add nsw i64 %r0, 3
+  %358 = mul nsw i64 %357, 2048
+  %359 = getelementptr inbounds float, ptr %h, i64 %358
+  %360 = getelementptr inbounds i32, ptr %rows, i64 %357
+  %361 = load i32, ptr %360, align 4
+  %362 = sext i32 %361 to i64
+  %363 = mul nsw i64 %362, 7168
+  %364 = getelementptr inbounds float, ptr %y, i64 %363
+  %365 = add nsw i64 %col25, 0
+  %366 = getelementptr inbounds float, ptr %364, i64 %365
+  %367 = load <8 x float>, ptr %366, align 4
+  store <8 x float> %367, ptr %acc3032, align 4
+  %368 = add nsw i64 %col25, 8
+  %369 = getelementptr inbounds float, ptr %364, i64 %368
+  %370 = load <8 x float>, ptr %369, align 4
+  store <8 x float> %370, ptr %acc3133, align 4
   %panel.off34 = mul nsw i64 %p, 32768
-  %370 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %371 = add nsw i64 %p, 1
-  %372 = icmp slt i64 %371, %p1
-  %pf.on35 = and i1 %pf.on, %372
-  %373 = mul nsw i64 %pf.j, 65536
-  %374 = lshr i64 %373, %10
-  %375 = add nsw i64 65536, %374
-  %376 = getelementptr inbounds i8, ptr %370, i64 %375
-  %pf36 = select i1 %pf.on35, ptr %376, ptr %370
-  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  %371 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %372 = add nsw i64 %p, 1
+  %373 = icmp slt i64 %372, %p1
+  %pf.on35 = and i1 %pf.on, %373
+  %374 = mul nsw i64 %rb, 65536
+  %375 = lshr i64 %374, %12
+  %376 = add nsw i64 65536, %375
+  %377 = getelementptr inbounds i8, ptr %371, i64 %376
+  %pf36 = select i1 %pf.on35, ptr %377, ptr %371
+  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %419, %pf.any.end43 ]
-  %377 = icmp slt i64 %k41, 2048
-  br i1 %377, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %420, %pf.any.end43 ]
+  %378 = icmp slt i64 %k41, 2048
+  br i1 %378, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %378 = mul nsw i64 %k41, 16
-  %379 = add nsw i64 %panel.off34, %378
-  %380 = mul nsw i64 %k41, 32
+  %379 = mul nsw i64 %k41, 16
+  %380 = add nsw i64 %panel.off34, %379
+  %381 = mul nsw i64 %k41, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %381 = lshr i64 %380, %pf.sh37
-  %382 = getelementptr inbounds i8, ptr %pf36, i64 %381
-  call void @llvm.prefetch.p0(ptr %382, i32 0, i32 2, i32 1)
+  %382 = lshr i64 %381, %pf.sh37
+  %383 = getelementptr inbounds i8, ptr %pf36, i64 %382
+  call void @llvm.prefetch.p0(ptr %383, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %383 = getelementptr inbounds i16, ptr %panels, i64 %379
-  %384 = load <8 x i32>, ptr %383, align 4
-  %385 = shl <8 x i32> %384, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %385 to <8 x float>
-  %386 = and <8 x i32> %384, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %386 to <8 x float>
-  %387 = getelementptr inbounds float, ptr %316, i64 %k41
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc0026, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b044, <8 x float> %391)
-  store <8 x float> %392, ptr %acc0026, align 4
-  %393 = load <8 x float>, ptr %acc0127, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b145, <8 x float> %393)
-  store <8 x float> %394, ptr %acc0127, align 4
-  %395 = getelementptr inbounds float, ptr %330, i64 %k41
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc1028, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b044, <8 x float> %399)
-  store <8 x float> %400, ptr %acc1028, align 4
-  %401 = load <8 x float>, ptr %acc1129, align 4
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %b145, <8 x float> %401)
-  store <8 x float> %402, ptr %acc1129, align 4
-  %403 = getelementptr inbounds float, ptr %344, i64 %k41
-  %404 = load float, ptr %403, align 4
-  %405 = insertelement <8 x float> poison, float %404, i32 0
-  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = load <8 x float>, ptr %acc2030, align 4
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b044, <8 x float> %407)
-  store <8 x float> %408, ptr %acc2030, align 4
-  %409 = load <8 x float>, ptr %acc2131, align 4
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> %b145, <8 x float> %409)
-  store <8 x float> %410, ptr %acc2131, align 4
-  %411 = getelementptr inbounds float, ptr %358, i64 %k41
-  %412 = load float, ptr %411, align 4
-  %413 = insertelement <8 x float> poison, float %412, i32 0
-  %414 = shufflevector <8 x float> %413, <8 x float> poison, <8 x i32> zeroinitializer
-  %415 = load <8 x float>, ptr %acc3032, align 4
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b044, <8 x float> %415)
-  store <8 x float> %416, ptr %acc3032, align 4
-  %417 = load <8 x float>, ptr %acc3133, align 4
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %b145, <8 x float> %417)
-  store <8 x float> %418, ptr %acc3133, align 4
-  %419 = add nsw i64 %k41, 1
+  %384 = getelementptr inbounds i16, ptr %panels, i64 %380
+  %385 = load <8 x i32>, ptr %384, align 4
+  %386 = shl <8 x i32> %385, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %386 to <8 x float>
+  %387 = and <8 x i32> %385, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %387 to <8 x float>
+  %388 = getelementptr inbounds float, ptr %317, i64 %k41
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = load <8 x float>, ptr %acc0026, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b044, <8 x float> %392)
+  store <8 x float> %393, ptr %acc0026, align 4
+  %394 = load <8 x float>, ptr %acc0127, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b145, <8 x float> %394)
+  store <8 x float> %395, ptr %acc0127, align 4
+  %396 = getelementptr inbounds float, ptr %331, i64 %k41
+  %397 = load float, ptr %396, align 4
+  %398 = insertelement <8 x float> poison, float %397, i32 0
+  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
+  %400 = load <8 x float>, ptr %acc1028, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %b044, <8 x float> %400)
+  store <8 x float> %401, ptr %acc1028, align 4
+  %402 = load <8 x float>, ptr %acc1129, align 4
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %b145, <8 x float> %402)
+  store <8 x float> %403, ptr %acc1129, align 4
+  %404 = getelementptr inbounds float, ptr %345, i64 %k41
+  %405 = load float, ptr %404, align 4
+  %406 = insertelement <8 x float> poison, float %405, i32 0
+  %407 = shufflevector <8 x float> %406, <8 x float> poison, <8 x i32> zeroinitializer
+  %408 = load <8 x float>, ptr %acc2030, align 4
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %b044, <8 x float> %408)
+  store <8 x float> %409, ptr %acc2030, align 4
+  %410 = load <8 x float>, ptr %acc2131, align 4
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %b145, <8 x float> %410)
+  store <8 x float> %411, ptr %acc2131, align 4
+  %412 = getelementptr inbounds float, ptr %359, i64 %k41
+  %413 = load float, ptr %412, align 4
+  %414 = insertelement <8 x float> poison, float %413, i32 0
+  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
+  %416 = load <8 x float>, ptr %acc3032, align 4
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %b044, <8 x float> %416)
+  store <8 x float> %417, ptr %acc3032, align 4
+  %418 = load <8 x float>, ptr %acc3133, align 4
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %b145, <8 x float> %418)
+  store <8 x float> %419, ptr %acc3133, align 4
+  %420 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %420 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %420, ptr %323, align 4
-  %421 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %421, ptr %326, align 4
-  %422 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %422, ptr %337, align 4
-  %423 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %423, ptr %340, align 4
-  %424 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %424, ptr %351, align 4
-  %425 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %425, ptr %354, align 4
-  %426 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %426, ptr %365, align 4
-  %427 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %427, ptr %368, align 4
+  %421 = load <8 x float>, ptr %acc0026, align 4
+  store <8 x float> %421, ptr %324, align 4
+  %422 = load <8 x float>, ptr %acc0127, align 4
+  store <8 x float> %422, ptr %327, align 4
+  %423 = load <8 x float>, ptr %acc1028, align 4
+  store <8 x float> %423, ptr %338, align 4
+  %424 = load <8 x float>, ptr %acc1129, align 4
+  store <8 x float> %424, ptr %341, align 4
+  %425 = load <8 x float>, ptr %acc2030, align 4
+  store <8 x float> %425, ptr %352, align 4
+  %426 = load <8 x float>, ptr %acc2131, align 4
+  store <8 x float> %426, ptr %355, align 4
+  %427 = load <8 x float>, ptr %acc3032, align 4
+  store <8 x float> %427, ptr %366, align 4
+  %428 = load <8 x float>, ptr %acc3133, align 4
+  store <8 x float> %428, ptr %369, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %428 = add nsw i64 %r0, 0
-  %429 = mul nsw i64 %428, 2048
-  %430 = getelementptr inbounds float, ptr %h, i64 %429
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %428
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 7168
-  %435 = getelementptr inbounds float, ptr %y, i64 %434
-  %436 = add nsw i64 %col46, 0
-  %437 = getelementptr inbounds float, ptr %435, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  store <8 x float> %438, ptr %acc0047, align 4
-  %439 = add nsw i64 %col46, 8
-  %440 = getelementptr inbounds float, ptr %435, i64 %439
-  %441 = load <8 x float>, ptr %440, align 4
-  store <8 x float> %441, ptr %acc0148, align 4
-  %442 = add nsw i64 %r0, 1
-  %443 = mul nsw i64 %442, 2048
-  %444 = getelementptr inbounds float, ptr %h, i64 %443
-  %445 = getelementptr inbounds i32, ptr %rows, i64 %442
-  %446 = load i32, ptr %445, align 4
-  %447 = sext i32 %446 to i64
-  %448 = mul nsw i64 %447, 7168
-  %449 = getelementptr inbounds float, ptr %y, i64 %448
-  %450 = add nsw i64 %col46, 0
-  %451 = getelementptr inbounds float, ptr %449, i64 %450
-  %452 = load <8 x float>, ptr %451, align 4
-  store <8 x float> %452, ptr %acc1049, align 4
-  %453 = add nsw i64 %col46, 8
-  %454 = getelementptr inbounds float, ptr %449, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  store <8 x float> %455, ptr %acc1150, align 4
-  %456 = add nsw i64 %r0, 2
-  %457 = mul nsw i64 %456, 2048
-  %458 = getelementptr inbounds float, ptr %h, i64 %457
-  %459 = getelementptr inbounds i32, ptr %rows, i64 %456
-  %460 = load i32, ptr %459, align 4
-  %461 = sext i32 %460 to i64
-  %462 = mul nsw i64 %461, 7168
-  %463 = getelementptr inbounds float, ptr %y, i64 %462
-  %464 = add nsw i64 %col46, 0
-  %465 = getelementptr inbounds float, ptr %463, i64 %464
-  %466 = load <8 x float>, ptr %465, align 4
-  store <8 x float> %466, ptr %acc2051, align 4
-  %467 = add nsw i64 %col46, 8
-  %468 = getelementptr inbounds float, ptr %463, i64 %467
-  %469 = load <8 x float>, ptr %468, align 4
-  store <8 x float> %469, ptr %acc2152, align 4
+  %429 = add nsw i64 %r0, 0
+  %430 = mul nsw i64 %429, 2048
+  %431 = getelementptr inbounds float, ptr %h, i64 %430
+  %432 = getelementptr inbounds i32, ptr %rows, i64 %429
+  %433 = load i32, ptr %432, align 4
+  %434 = sext i32 %433 to i64
+  %435 = mul nsw i64 %434, 7168
+  %436 = getelementptr inbounds float, ptr %y, i64 %435
+  %437 = add nsw i64 %col46, 0
+  %438 = getelementptr inbounds float, ptr %436, i64 %437
+  %439 = load <8 x float>, ptr %438, align 4
+  store <8 x float> %439, ptr %acc0047, align 4
+  %440 = add nsw i64 %col46, 8
+  %441 = getelementptr inbounds float, ptr %436, i64 %440
+  %442 = load <8 x float>, ptr %441, align 4
+  store <8 x float> %442, ptr %acc0148, align 4
+  %443 = add nsw i64 %r0, 1
+  %444 = mul nsw i64 %443, 2048
+  %445 = getelementptr inbounds float, ptr %h, i64 %444
+  %446 = getelementptr inbounds i32, ptr %rows, i64 %443
+  %447 = load i32, ptr %446, align 4
+  %448 = sext i32 %447 to i64
+  %449 = mul nsw i64 %448, 7168
+  %450 = getelementptr inbounds float, ptr %y, i64 %449
+  %451 = add nsw i64 %col46, 0
+  %452 = getelementptr inbounds float, ptr %450, i64 %451
+  %453 = load <8 x float>, ptr %452, align 4
+  store <8 x float> %453, ptr %acc1049, align 4
+  %454 = add nsw i64 %col46, 8
+  %455 = getelementptr inbounds float, ptr %450, i64 %454
+  %456 = load <8 x float>, ptr %455, align 4
+  store <8 x float> %456, ptr %acc1150, align 4
+  %457 = add nsw i64 %r0, 2
+  %458 = mul nsw i64 %457, 2048
+  %459 = getelementptr inbounds float, ptr %h, i64 %458
+  %460 = getelementptr inbounds i32, ptr %rows, i64 %457
+  %461 = load i32, ptr %460, align 4
+  %462 = sext i32 %461 to i64
+  %463 = mul nsw i64 %462, 7168
+  %464 = getelementptr inbounds float, ptr %y, i64 %463
+  %465 = add nsw i64 %col46, 0
+  %466 = getelementptr inbounds float, ptr %464, i64 %465
+  %467 = load <8 x float>, ptr %466, align 4
+  store <8 x float> %467, ptr %acc2051, align 4
+  %468 = add nsw i64 %col46, 8
+  %469 = getelementptr inbounds float, ptr %464, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
+  store <8 x float> %470, ptr %acc2152, align 4
   %panel.off53 = mul nsw i64 %p, 32768
-  %470 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %471 = add nsw i64 %p, 1
-  %472 = icmp slt i64 %471, %p1
-  %pf.on54 = and i1 %pf.on, %472
-  %473 = mul nsw i64 %pf.j, 65536
-  %474 = lshr i64 %473, %10
-  %475 = add nsw i64 65536, %474
-  %476 = getelementptr inbounds i8, ptr %470, i64 %475
-  %pf55 = select i1 %pf.on54, ptr %476, ptr %470
-  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  %471 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %472 = add nsw i64 %p, 1
+  %473 = icmp slt i64 %472, %p1
+  %pf.on54 = and i1 %pf.on, %473
+  %474 = mul nsw i64 %rb, 65536
+  %475 = lshr i64 %474, %12
+  %476 = add nsw i64 65536, %475
+  %477 = getelementptr inbounds i8, ptr %471, i64 %476
+  %pf55 = select i1 %pf.on54, ptr %477, ptr %471
+  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %511, %pf.any.end62 ]
-  %477 = icmp slt i64 %k60, 2048
-  br i1 %477, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %512, %pf.any.end62 ]
+  %478 = icmp slt i64 %k60, 2048
+  br i1 %478, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %478 = mul nsw i64 %k60, 16
-  %479 = add nsw i64 %panel.off53, %478
-  %480 = mul nsw i64 %k60, 32
+  %479 = mul nsw i64 %k60, 16
+  %480 = add nsw i64 %panel.off53, %479
+  %481 = mul nsw i64 %k60, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %481 = lshr i64 %480, %pf.sh56
-  %482 = getelementptr inbounds i8, ptr %pf55, i64 %481
-  call void @llvm.prefetch.p0(ptr %482, i32 0, i32 2, i32 1)
+  %482 = lshr i64 %481, %pf.sh56
+  %483 = getelementptr inbounds i8, ptr %pf55, i64 %482
+  call void @llvm.prefetch.p0(ptr %483, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %483 = getelementptr inbounds i16, ptr %panels, i64 %479
-  %484 = load <8 x i32>, ptr %483, align 4
-  %485 = shl <8 x i32> %484, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %485 to <8 x float>
-  %486 = and <8 x i32> %484, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %486 to <8 x float>
-  %487 = getelementptr inbounds float, ptr %430, i64 %k60
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc0047, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b063, <8 x float> %491)
-  store <8 x float> %492, ptr %acc0047, align 4
-  %493 = load <8 x float>, ptr %acc0148, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %b164, <8 x float> %493)
-  store <8 x float> %494, ptr %acc0148, align 4
-  %495 = getelementptr inbounds float, ptr %444, i64 %k60
-  %496 = load float, ptr %495, align 4
-  %497 = insertelement <8 x float> poison, float %496, i32 0
-  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = load <8 x float>, ptr %acc1049, align 4
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b063, <8 x float> %499)
-  store <8 x float> %500, ptr %acc1049, align 4
-  %501 = load <8 x float>, ptr %acc1150, align 4
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %b164, <8 x float> %501)
-  store <8 x float> %502, ptr %acc1150, align 4
-  %503 = getelementptr inbounds float, ptr %458, i64 %k60
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = load <8 x float>, ptr %acc2051, align 4
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b063, <8 x float> %507)
-  store <8 x float> %508, ptr %acc2051, align 4
-  %509 = load <8 x float>, ptr %acc2152, align 4
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> %b164, <8 x float> %509)
-  store <8 x float> %510, ptr %acc2152, align 4
-  %511 = add nsw i64 %k60, 1
+  %484 = getelementptr inbounds i16, ptr %panels, i64 %480
+  %485 = load <8 x i32>, ptr %484, align 4
+  %486 = shl <8 x i32> %485, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %486 to <8 x float>
+  %487 = and <8 x i32> %485, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %487 to <8 x float>
+  %488 = getelementptr inbounds float, ptr %431, i64 %k60
+  %489 = load float, ptr %488, align 4
+  %490 = insertelement <8 x float> poison, float %489, i32 0
+  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
+  %492 = load <8 x float>, ptr %acc0047, align 4
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b063, <8 x float> %492)
+  store <8 x float> %493, ptr %acc0047, align 4
+  %494 = load <8 x float>, ptr %acc0148, align 4
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b164, <8 x float> %494)
+  store <8 x float> %495, ptr %acc0148, align 4
+  %496 = getelementptr inbounds float, ptr %445, i64 %k60
+  %497 = load float, ptr %496, align 4
+  %498 = insertelement <8 x float> poison, float %497, i32 0
+  %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
+  %500 = load <8 x float>, ptr %acc1049, align 4
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b063, <8 x float> %500)
+  store <8 x float> %501, ptr %acc1049, align 4
+  %502 = load <8 x float>, ptr %acc1150, align 4
+  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b164, <8 x float> %502)
+  store <8 x float> %503, ptr %acc1150, align 4
+  %504 = getelementptr inbounds float, ptr %459, i64 %k60
+  %505 = load float, ptr %504, align 4
+  %506 = insertelement <8 x float> poison, float %505, i32 0
+  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
+  %508 = load <8 x float>, ptr %acc2051, align 4
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %b063, <8 x float> %508)
+  store <8 x float> %509, ptr %acc2051, align 4
+  %510 = load <8 x float>, ptr %acc2152, align 4
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %b164, <8 x float> %510)
+  store <8 x float> %511, ptr %acc2152, align 4
+  %512 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %512 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %512, ptr %437, align 4
-  %513 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %513, ptr %440, align 4
-  %514 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %514, ptr %451, align 4
-  %515 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %515, ptr %454, align 4
-  %516 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %516, ptr %465, align 4
-  %517 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %517, ptr %468, align 4
+  %513 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %513, ptr %438, align 4
+  %514 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %514, ptr %441, align 4
+  %515 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %515, ptr %452, align 4
+  %516 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %516, ptr %455, align 4
+  %517 = load <8 x float>, ptr %acc2051, align 4
+  store <8 x float> %517, ptr %466, align 4
+  %518 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %518, ptr %469, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %518 = add nsw i64 %r0, 0
-  %519 = mul nsw i64 %518, 2048
-  %520 = getelementptr inbounds float, ptr %h, i64 %519
-  %521 = getelementptr inbounds i32, ptr %rows, i64 %518
-  %522 = load i32, ptr %521, align 4
-  %523 = sext i32 %522 to i64
-  %524 = mul nsw i64 %523, 7168
-  %525 = getelementptr inbounds float, ptr %y, i64 %524
-  %526 = add nsw i64 %col65, 0
-  %527 = getelementptr inbounds float, ptr %525, i64 %526
-  %528 = load <8 x float>, ptr %527, align 4
-  store <8 x float> %528, ptr %acc0066, align 4
-  %529 = add nsw i64 %col65, 8
-  %530 = getelementptr inbounds float, ptr %525, i64 %529
-  %531 = load <8 x float>, ptr %530, align 4
-  store <8 x float> %531, ptr %acc0167, align 4
-  %532 = add nsw i64 %r0, 1
-  %533 = mul nsw i64 %532, 2048
-  %534 = getelementptr inbounds float, ptr %h, i64 %533
-  %535 = getelementptr inbounds i32, ptr %rows, i64 %532
-  %536 = load i32, ptr %535, align 4
-  %537 = sext i32 %536 to i64
-  %538 = mul nsw i64 %537, 7168
-  %539 = getelementptr inbounds float, ptr %y, i64 %538
-  %540 = add nsw i64 %col65, 0
-  %541 = getelementptr inbounds float, ptr %539, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  store <8 x float> %542, ptr %acc1068, align 4
-  %543 = add nsw i64 %col65, 8
-  %544 = getelementptr inbounds float, ptr %539, i64 %543
-  %545 = load <8 x float>, ptr %544, align 4
-  store <8 x float> %545, ptr %acc1169, align 4
+  %519 = add nsw i64 %r0, 0
+  %520 = mul nsw i64 %519, 2048
+  %521 = getelementptr inbounds float, ptr %h, i64 %520
+  %522 = getelementptr inbounds i32, ptr %rows, i64 %519
+  %523 = load i32, ptr %522, align 4
+  %524 = sext i32 %523 to i64
+  %525 = mul nsw i64 %524, 7168
+  %526 = getelementptr inbounds float, ptr %y, i64 %525
+  %527 = add nsw i64 %col65, 0
+  %528 = getelementptr inbounds float, ptr %526, i64 %527
+  %529 = load <8 x float>, ptr %528, align 4
+  store <8 x float> %529, ptr %acc0066, align 4
+  %530 = add nsw i64 %col65, 8
+  %531 = getelementptr inbounds float, ptr %526, i64 %530
+  %532 = load <8 x float>, ptr %531, align 4
+  store <8 x float> %532, ptr %acc0167, align 4
+  %533 = add nsw i64 %r0, 1
+  %534 = mul nsw i64 %533, 2048
+  %535 = getelementptr inbounds float, ptr %h, i64 %534
+  %536 = getelementptr inbounds i32, ptr %rows, i64 %533
+  %537 = load i32, ptr %536, align 4
+  %538 = sext i32 %537 to i64
+  %539 = mul nsw i64 %538, 7168
+  %540 = getelementptr inbounds float, ptr %y, i64 %539
+  %541 = add nsw i64 %col65, 0
+  %542 = getelementptr inbounds float, ptr %540, i64 %541
+  %543 = load <8 x float>, ptr %542, align 4
+  store <8 x float> %543, ptr %acc1068, align 4
+  %544 = add nsw i64 %col65, 8
+  %545 = getelementptr inbounds float, ptr %540, i64 %544
+  %546 = load <8 x float>, ptr %545, align 4
+  store <8 x float> %546, ptr %acc1169, align 4
   %panel.off70 = mul nsw i64 %p, 32768
-  %546 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %547 = add nsw i64 %p, 1
-  %548 = icmp slt i64 %547, %p1
-  %pf.on71 = and i1 %pf.on, %548
-  %549 = mul nsw i64 %pf.j, 65536
-  %550 = lshr i64 %549, %10
-  %551 = add nsw i64 65536, %550
-  %552 = getelementptr inbounds i8, ptr %546, i64 %551
-  %pf72 = select i1 %pf.on71, ptr %552, ptr %546
-  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  %547 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %548 = add nsw i64 %p, 1
+  %549 = icmp slt i64 %548, %p1
+  %pf.on71 = and i1 %pf.on, %549
+  %550 = mul nsw i64 %rb, 65536
+  %551 = lshr i64 %550, %12
+  %552 = add nsw i64 65536, %551
+  %553 = getelementptr inbounds i8, ptr %547, i64 %552
+  %pf72 = select i1 %pf.on71, ptr %553, ptr %547
+  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %579, %pf.any.end79 ]
-  %553 = icmp slt i64 %k77, 2048
-  br i1 %553, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %580, %pf.any.end79 ]
+  %554 = icmp slt i64 %k77, 2048
+  br i1 %554, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %554 = mul nsw i64 %k77, 16
-  %555 = add nsw i64 %panel.off70, %554
-  %556 = mul nsw i64 %k77, 32
+  %555 = mul nsw i64 %k77, 16
+  %556 = add nsw i64 %panel.off70, %555
+  %557 = mul nsw i64 %k77, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %557 = lshr i64 %556, %pf.sh73
-  %558 = getelementptr inbounds i8, ptr %pf72, i64 %557
-  call void @llvm.prefetch.p0(ptr %558, i32 0, i32 2, i32 1)
+  %558 = lshr i64 %557, %pf.sh73
+  %559 = getelementptr inbounds i8, ptr %pf72, i64 %558
+  call void @llvm.prefetch.p0(ptr %559, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %559 = getelementptr inbounds i16, ptr %panels, i64 %555
-  %560 = load <8 x i32>, ptr %559, align 4
-  %561 = shl <8 x i32> %560, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %561 to <8 x float>
-  %562 = and <8 x i32> %560, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %562 to <8 x float>
-  %563 = getelementptr inbounds float, ptr %520, i64 %k77
-  %564 = load float, ptr %563, align 4
-  %565 = insertelement <8 x float> poison, float %564, i32 0
-  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
-  %567 = load <8 x float>, ptr %acc0066, align 4
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b080, <8 x float> %567)
-  store <8 x float> %568, ptr %acc0066, align 4
-  %569 = load <8 x float>, ptr %acc0167, align 4
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %b181, <8 x float> %569)
-  store <8 x float> %570, ptr %acc0167, align 4
-  %571 = getelementptr inbounds float, ptr %534, i64 %k77
-  %572 = load float, ptr %571, align 4
-  %573 = insertelement <8 x float> poison, float %572, i32 0
-  %574 = shufflevector <8 x float> %573, <8 x float> poison, <8 x i32> zeroinitializer
-  %575 = load <8 x float>, ptr %acc1068, align 4
-  %576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b080, <8 x float> %575)
-  store <8 x float> %576, ptr %acc1068, align 4
-  %577 = load <8 x float>, ptr %acc1169, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %574, <8 x float> %b181, <8 x float> %577)
-  store <8 x float> %578, ptr %acc1169, align 4
-  %579 = add nsw i64 %k77, 1
+  %560 = getelementptr inbounds i16, ptr %panels, i64 %556
+  %561 = load <8 x i32>, ptr %560, align 4
+  %562 = shl <8 x i32> %561, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = and <8 x i32> %561, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %563 to <8 x float>
+  %564 = getelementptr inbounds float, ptr %521, i64 %k77
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc0066, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b080, <8 x float> %568)
+  store <8 x float> %569, ptr %acc0066, align 4
+  %570 = load <8 x float>, ptr %acc0167, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b181, <8 x float> %570)
+  store <8 x float> %571, ptr %acc0167, align 4
+  %572 = getelementptr inbounds float, ptr %535, i64 %k77
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc1068, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b080, <8 x float> %576)
+  store <8 x float> %577, ptr %acc1068, align 4
+  %578 = load <8 x float>, ptr %acc1169, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b181, <8 x float> %578)
+  store <8 x float> %579, ptr %acc1169, align 4
+  %580 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %580 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %580, ptr %527, align 4
-  %581 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %581, ptr %530, align 4
-  %582 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %582, ptr %541, align 4
-  %583 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %583, ptr %544, align 4
+  %581 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %581, ptr %528, align 4
+  %582 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %582, ptr %531, align 4
+  %583 = load <8 x float>, ptr %acc1068, align 4
+  store <8 x float> %583, ptr %542, align 4
+  %584 = load <8 x float>, ptr %acc1169, align 4
+  store <8 x float> %584, ptr %545, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %584 = add nsw i64 %r0, 0
-  %585 = mul nsw i64 %584, 2048
-  %586 = getelementptr inbounds float, ptr %h, i64 %585
-  %587 = getelementptr inbounds i32, ptr %rows, i64 %584
-  %588 = load i32, ptr %587, align 4
-  %589 = sext i32 %588 to i64
-  %590 = mul nsw i64 %589, 7168
-  %591 = getelementptr inbounds float, ptr %y, i64 %590
-  %592 = add nsw i64 %col82, 0
-  %593 = getelementptr inbounds float, ptr %591, i64 %592
-  %594 = load <8 x float>, ptr %593, align 4
-  store <8 x float> %594, ptr %acc0083, align 4
-  %595 = add nsw i64 %col82, 8
-  %596 = getelementptr inbounds float, ptr %591, i64 %595
-  %597 = load <8 x float>, ptr %596, align 4
-  store <8 x float> %597, ptr %acc0184, align 4
+  %585 = add nsw i64 %r0, 0
+  %586 = mul nsw i64 %585, 2048
+  %587 = getelementptr inbounds float, ptr %h, i64 %586
+  %588 = getelementptr inbounds i32, ptr %rows, i64 %585
+  %589 = load i32, ptr %588, align 4
+  %590 = sext i32 %589 to i64
+  %591 = mul nsw i64 %590, 7168
+  %592 = getelementptr inbounds float, ptr %y, i64 %591
+  %593 = add nsw i64 %col82, 0
+  %594 = getelementptr inbounds float, ptr %592, i64 %593
+  %595 = load <8 x float>, ptr %594, align 4
+  store <8 x float> %595, ptr %acc0083, align 4
+  %596 = add nsw i64 %col82, 8
+  %597 = getelementptr inbounds float, ptr %592, i64 %596
+  %598 = load <8 x float>, ptr %597, align 4
+  store <8 x float> %598, ptr %acc0184, align 4
   %panel.off85 = mul nsw i64 %p, 32768
-  %598 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %599 = add nsw i64 %p, 1
-  %600 = icmp slt i64 %599, %p1
-  %pf.on86 = and i1 %pf.on, %600
-  %601 = mul nsw i64 %pf.j, 65536
-  %602 = lshr i64 %601, %10
-  %603 = add nsw i64 65536, %602
-  %604 = getelementptr inbounds i8, ptr %598, i64 %603
-  %pf87 = select i1 %pf.on86, ptr %604, ptr %598
-  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  %599 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %600 = add nsw i64 %p, 1
+  %601 = icmp slt i64 %600, %p1
+  %pf.on86 = and i1 %pf.on, %601
+  %602 = mul nsw i64 %rb, 65536
+  %603 = lshr i64 %602, %12
+  %604 = add nsw i64 65536, %603
+  %605 = getelementptr inbounds i8, ptr %599, i64 %604
+  %pf87 = select i1 %pf.on86, ptr %605, ptr %599
+  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %623, %pf.any.end94 ]
-  %605 = icmp slt i64 %k92, 2048
-  br i1 %605, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %624, %pf.any.end94 ]
+  %606 = icmp slt i64 %k92, 2048
+  br i1 %606, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %606 = mul nsw i64 %k92, 16
-  %607 = add nsw i64 %panel.off85, %606
-  %608 = mul nsw i64 %k92, 32
+  %607 = mul nsw i64 %k92, 16
+  %608 = add nsw i64 %panel.off85, %607
+  %609 = mul nsw i64 %k92, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %609 = lshr i64 %608, %pf.sh88
-  %610 = getelementptr inbounds i8, ptr %pf87, i64 %609
-  call void @llvm.prefetch.p0(ptr %610, i32 0, i32 2, i32 1)
+  %610 = lshr i64 %609, %pf.sh88
+  %611 = getelementptr inbounds i8, ptr %pf87, i64 %610
+  call void @llvm.prefetch.p0(ptr %611, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %611 = getelementptr inbounds i16, ptr %panels, i64 %607
-  %612 = load <8 x i32>, ptr %611, align 4
-  %613 = shl <8 x i32> %612, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %613 to <8 x float>
-  %614 = and <8 x i32> %612, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %614 to <8 x float>
-  %615 = getelementptr inbounds float, ptr %586, i64 %k92
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc0083, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b095, <8 x float> %619)
-  store <8 x float> %620, ptr %acc0083, align 4
-  %621 = load <8 x float>, ptr %acc0184, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b196, <8 x float> %621)
-  store <8 x float> %622, ptr %acc0184, align 4
-  %623 = add nsw i64 %k92, 1
+  %612 = getelementptr inbounds i16, ptr %panels, i64 %608
+  %613 = load <8 x i32>, ptr %612, align 4
+  %614 = shl <8 x i32> %613, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %614 to <8 x float>
+  %615 = and <8 x i32> %613, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %615 to <8 x float>
+  %616 = getelementptr inbounds float, ptr %587, i64 %k92
+  %617 = load float, ptr %616, align 4
+  %618 = insertelement <8 x float> poison, float %617, i32 0
+  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
+  %620 = load <8 x float>, ptr %acc0083, align 4
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b095, <8 x float> %620)
+  store <8 x float> %621, ptr %acc0083, align 4
+  %622 = load <8 x float>, ptr %acc0184, align 4
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b196, <8 x float> %622)
+  store <8 x float> %623, ptr %acc0184, align 4
+  %624 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %624 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %624, ptr %593, align 4
-  %625 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %625, ptr %596, align 4
+  %625 = load <8 x float>, ptr %acc0083, align 4
+  store <8 x float> %625, ptr %594, align 4
+  %626 = load <8 x float>, ptr %acc0184, align 4
+  store <8 x float> %626, ptr %597, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %626 = add nsw i64 %r0, 6
-  br label %r0.head
+  %627 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %627 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %628 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

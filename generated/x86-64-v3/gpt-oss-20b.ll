@@ -963,37 +963,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1403, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %1404, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1402, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %1403, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1002,1767 +1003,1767 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 2880
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 2880
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 2880
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 2880
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 2880
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 2880
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 2880
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 2880
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 2880
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 2880
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 2880
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 2880
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
-  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 92160
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 92160, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 92160
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 92160, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
-  %56 = icmp slt i64 %k, 2880
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %57 = icmp slt i64 %k, 2880
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
-  %63 = load <8 x i32>, ptr %62, align 4
-  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %64 to <8 x float>
-  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = getelementptr inbounds float, ptr %18, i64 %k
-  %67 = load float, ptr %66, align 4
-  %68 = insertelement <8 x float> poison, float %67, i32 0
-  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
-  %70 = load <8 x float>, ptr %acc00, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
-  store <8 x float> %71, ptr %acc00, align 4
-  %72 = load <8 x float>, ptr %acc01, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
-  store <8 x float> %73, ptr %acc01, align 4
-  %74 = getelementptr inbounds float, ptr %24, i64 %k
-  %75 = load float, ptr %74, align 4
-  %76 = insertelement <8 x float> poison, float %75, i32 0
-  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
-  %78 = load <8 x float>, ptr %acc10, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
-  store <8 x float> %79, ptr %acc10, align 4
-  %80 = load <8 x float>, ptr %acc11, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
-  store <8 x float> %81, ptr %acc11, align 4
-  %82 = getelementptr inbounds float, ptr %30, i64 %k
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <8 x float> poison, float %83, i32 0
-  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
-  %86 = load <8 x float>, ptr %acc20, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
-  store <8 x float> %87, ptr %acc20, align 4
-  %88 = load <8 x float>, ptr %acc21, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
-  store <8 x float> %89, ptr %acc21, align 4
-  %90 = getelementptr inbounds float, ptr %36, i64 %k
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <8 x float> poison, float %91, i32 0
-  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
-  %94 = load <8 x float>, ptr %acc30, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
-  store <8 x float> %95, ptr %acc30, align 4
-  %96 = load <8 x float>, ptr %acc31, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
-  store <8 x float> %97, ptr %acc31, align 4
-  %98 = getelementptr inbounds float, ptr %42, i64 %k
-  %99 = load float, ptr %98, align 4
-  %100 = insertelement <8 x float> poison, float %99, i32 0
-  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
-  %102 = load <8 x float>, ptr %acc40, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
-  store <8 x float> %103, ptr %acc40, align 4
-  %104 = load <8 x float>, ptr %acc41, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
-  store <8 x float> %105, ptr %acc41, align 4
-  %106 = getelementptr inbounds float, ptr %48, i64 %k
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc50, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc50, align 4
-  %112 = load <8 x float>, ptr %acc51, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc51, align 4
-  %114 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
+  %64 = load <8 x i32>, ptr %63, align 4
+  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %66 to <8 x float>
+  %67 = getelementptr inbounds float, ptr %19, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %25, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %31, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %37, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %43, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %49, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %115 = add nsw i64 %r0, 0
-  %116 = getelementptr inbounds float, ptr %rw, i64 %115
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = mul nsw i64 %115, 2880
-  %121 = getelementptr inbounds float, ptr %h, i64 %120
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 2880
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 8
-  %122 = load <8 x float>, ptr %acc00, align 4
-  %123 = load <8 x float>, ptr %acc01, align 4
-  %124 = getelementptr inbounds float, ptr %bg, i64 %col
-  %125 = load <8 x float>, ptr %124, align 4
-  %126 = fadd <8 x float> %122, %125
-  %127 = getelementptr inbounds float, ptr %bu, i64 %col
-  %128 = load <8 x float>, ptr %127, align 4
-  %129 = fadd <8 x float> %123, %128
-  %130 = fcmp olt <8 x float> %126, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %131 = select <8 x i1> %130, <8 x float> %126, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %132 = fcmp olt <8 x float> %129, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %133 = select <8 x i1> %132, <8 x float> %129, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %134 = fcmp ogt <8 x float> %133, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %135 = select <8 x i1> %134, <8 x float> %133, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %136 = fmul <8 x float> %131, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %137 = fneg <8 x float> %136
-  %138 = fcmp olt <8 x float> %137, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %139 = select <8 x i1> %138, <8 x float> %137, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %140 = fcmp ogt <8 x float> %139, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %141 = select <8 x i1> %140, <8 x float> %139, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %143 = call <8 x float> @llvm.floor.v8f32(<8 x float> %142)
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %141)
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %144)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %145, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %145, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %145, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %145, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %145, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %151 = fmul <8 x float> %145, %145
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %151, <8 x float> %145)
-  %153 = fadd <8 x float> %152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %154 = fptosi <8 x float> %143 to <8 x i32>
-  %155 = add <8 x i32> %154, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %156 = shl <8 x i32> %155, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %156 to <8 x float>
-  %exp = fmul <8 x float> %153, %exp.2n
-  %157 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %157
-  %158 = fmul <8 x float> %131, %sigmoid
-  %159 = fadd <8 x float> %135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai = fmul <8 x float> %158, %159
-  %160 = fmul <8 x float> %oai, %119
-  %161 = getelementptr inbounds float, ptr %121, i64 %col
-  store <8 x float> %160, ptr %161, align 4
-  %162 = add nsw i64 %r0, 1
-  %163 = getelementptr inbounds float, ptr %rw, i64 %162
-  %164 = load float, ptr %163, align 4
-  %165 = insertelement <8 x float> poison, float %164, i32 0
-  %166 = shufflevector <8 x float> %165, <8 x float> poison, <8 x i32> zeroinitializer
-  %167 = mul nsw i64 %162, 2880
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = getelementptr inbounds float, ptr %bg, i64 %col
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = fadd <8 x float> %123, %126
+  %128 = getelementptr inbounds float, ptr %bu, i64 %col
+  %129 = load <8 x float>, ptr %128, align 4
+  %130 = fadd <8 x float> %124, %129
+  %131 = fcmp olt <8 x float> %127, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %132 = select <8 x i1> %131, <8 x float> %127, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %133 = fcmp olt <8 x float> %130, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %134 = select <8 x i1> %133, <8 x float> %130, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %135 = fcmp ogt <8 x float> %134, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %136 = select <8 x i1> %135, <8 x float> %134, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %137 = fmul <8 x float> %132, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %138 = fneg <8 x float> %137
+  %139 = fcmp olt <8 x float> %138, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %141 = fcmp ogt <8 x float> %140, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %142 = select <8 x i1> %141, <8 x float> %140, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %144 = call <8 x float> @llvm.floor.v8f32(<8 x float> %143)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %142)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %145)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %152 = fmul <8 x float> %146, %146
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %152, <8 x float> %146)
+  %154 = fadd <8 x float> %153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %155 = fptosi <8 x float> %144 to <8 x i32>
+  %156 = add <8 x i32> %155, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %157 = shl <8 x i32> %156, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %157 to <8 x float>
+  %exp = fmul <8 x float> %154, %exp.2n
+  %158 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %158
+  %159 = fmul <8 x float> %132, %sigmoid
+  %160 = fadd <8 x float> %136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai = fmul <8 x float> %159, %160
+  %161 = fmul <8 x float> %oai, %120
+  %162 = getelementptr inbounds float, ptr %122, i64 %col
+  store <8 x float> %161, ptr %162, align 4
+  %163 = add nsw i64 %r0, 1
+  %164 = getelementptr inbounds float, ptr %rw, i64 %163
+  %165 = load float, ptr %164, align 4
+  %166 = insertelement <8 x float> poison, float %165, i32 0
+  %167 = shufflevector <8 x float> %166, <8 x float> poison, <8 x i32> zeroinitializer
+  %168 = mul nsw i64 %163, 2880
+  %169 = getelementptr inbounds float, ptr %h, i64 %168
   %col2 = mul nsw i64 %p, 8
-  %169 = load <8 x float>, ptr %acc10, align 4
-  %170 = load <8 x float>, ptr %acc11, align 4
-  %171 = getelementptr inbounds float, ptr %bg, i64 %col2
-  %172 = load <8 x float>, ptr %171, align 4
-  %173 = fadd <8 x float> %169, %172
-  %174 = getelementptr inbounds float, ptr %bu, i64 %col2
-  %175 = load <8 x float>, ptr %174, align 4
-  %176 = fadd <8 x float> %170, %175
-  %177 = fcmp olt <8 x float> %173, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %178 = select <8 x i1> %177, <8 x float> %173, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %179 = fcmp olt <8 x float> %176, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %180 = select <8 x i1> %179, <8 x float> %176, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %181 = fcmp ogt <8 x float> %180, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %182 = select <8 x i1> %181, <8 x float> %180, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %183 = fmul <8 x float> %178, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %184 = fneg <8 x float> %183
-  %185 = fcmp olt <8 x float> %184, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %186 = select <8 x i1> %185, <8 x float> %184, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %187 = fcmp ogt <8 x float> %186, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %188 = select <8 x i1> %187, <8 x float> %186, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %190 = call <8 x float> @llvm.floor.v8f32(<8 x float> %189)
-  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %188)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %191)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %192, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %192, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %192, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %192, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %192, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %198 = fmul <8 x float> %192, %192
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %198, <8 x float> %192)
-  %200 = fadd <8 x float> %199, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %201 = fptosi <8 x float> %190 to <8 x i32>
-  %202 = add <8 x i32> %201, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %203 = shl <8 x i32> %202, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %203 to <8 x float>
-  %exp4 = fmul <8 x float> %200, %exp.2n3
-  %204 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %204
-  %205 = fmul <8 x float> %178, %sigmoid5
-  %206 = fadd <8 x float> %182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai6 = fmul <8 x float> %205, %206
-  %207 = fmul <8 x float> %oai6, %166
-  %208 = getelementptr inbounds float, ptr %168, i64 %col2
-  store <8 x float> %207, ptr %208, align 4
-  %209 = add nsw i64 %r0, 2
-  %210 = getelementptr inbounds float, ptr %rw, i64 %209
-  %211 = load float, ptr %210, align 4
-  %212 = insertelement <8 x float> poison, float %211, i32 0
-  %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
-  %214 = mul nsw i64 %209, 2880
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %170 = load <8 x float>, ptr %acc10, align 4
+  %171 = load <8 x float>, ptr %acc11, align 4
+  %172 = getelementptr inbounds float, ptr %bg, i64 %col2
+  %173 = load <8 x float>, ptr %172, align 4
+  %174 = fadd <8 x float> %170, %173
+  %175 = getelementptr inbounds float, ptr %bu, i64 %col2
+  %176 = load <8 x float>, ptr %175, align 4
+  %177 = fadd <8 x float> %171, %176
+  %178 = fcmp olt <8 x float> %174, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %179 = select <8 x i1> %178, <8 x float> %174, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %180 = fcmp olt <8 x float> %177, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %181 = select <8 x i1> %180, <8 x float> %177, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %182 = fcmp ogt <8 x float> %181, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %183 = select <8 x i1> %182, <8 x float> %181, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %184 = fmul <8 x float> %179, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %185 = fneg <8 x float> %184
+  %186 = fcmp olt <8 x float> %185, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %188 = fcmp ogt <8 x float> %187, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %189 = select <8 x i1> %188, <8 x float> %187, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %191 = call <8 x float> @llvm.floor.v8f32(<8 x float> %190)
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %189)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %192)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %193, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %193, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %193, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %193, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %193, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %199 = fmul <8 x float> %193, %193
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %199, <8 x float> %193)
+  %201 = fadd <8 x float> %200, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %202 = fptosi <8 x float> %191 to <8 x i32>
+  %203 = add <8 x i32> %202, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %204 = shl <8 x i32> %203, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %204 to <8 x float>
+  %exp4 = fmul <8 x float> %201, %exp.2n3
+  %205 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %205
+  %206 = fmul <8 x float> %179, %sigmoid5
+  %207 = fadd <8 x float> %183, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai6 = fmul <8 x float> %206, %207
+  %208 = fmul <8 x float> %oai6, %167
+  %209 = getelementptr inbounds float, ptr %169, i64 %col2
+  store <8 x float> %208, ptr %209, align 4
+  %210 = add nsw i64 %r0, 2
+  %211 = getelementptr inbounds float, ptr %rw, i64 %210
+  %212 = load float, ptr %211, align 4
+  %213 = insertelement <8 x float> poison, float %212, i32 0
+  %214 = shufflevector <8 x float> %213, <8 x float> poison, <8 x i32> zeroinitializer
+  %215 = mul nsw i64 %210, 2880
+  %216 = getelementptr inbounds float, ptr %h, i64 %215
   %col7 = mul nsw i64 %p, 8
-  %216 = load <8 x float>, ptr %acc20, align 4
-  %217 = load <8 x float>, ptr %acc21, align 4
-  %218 = getelementptr inbounds float, ptr %bg, i64 %col7
-  %219 = load <8 x float>, ptr %218, align 4
-  %220 = fadd <8 x float> %216, %219
-  %221 = getelementptr inbounds float, ptr %bu, i64 %col7
-  %222 = load <8 x float>, ptr %221, align 4
-  %223 = fadd <8 x float> %217, %222
-  %224 = fcmp olt <8 x float> %220, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %225 = select <8 x i1> %224, <8 x float> %220, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %226 = fcmp olt <8 x float> %223, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %227 = select <8 x i1> %226, <8 x float> %223, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %228 = fcmp ogt <8 x float> %227, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %229 = select <8 x i1> %228, <8 x float> %227, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %230 = fmul <8 x float> %225, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %231 = fneg <8 x float> %230
-  %232 = fcmp olt <8 x float> %231, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %234 = fcmp ogt <8 x float> %233, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %237 = call <8 x float> @llvm.floor.v8f32(<8 x float> %236)
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %235)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %238)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %239, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %239, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %239, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %239, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %239, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %245 = fmul <8 x float> %239, %239
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %245, <8 x float> %239)
-  %247 = fadd <8 x float> %246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %248 = fptosi <8 x float> %237 to <8 x i32>
-  %249 = add <8 x i32> %248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %250 = shl <8 x i32> %249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %250 to <8 x float>
-  %exp9 = fmul <8 x float> %247, %exp.2n8
-  %251 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %251
-  %252 = fmul <8 x float> %225, %sigmoid10
-  %253 = fadd <8 x float> %229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai11 = fmul <8 x float> %252, %253
-  %254 = fmul <8 x float> %oai11, %213
-  %255 = getelementptr inbounds float, ptr %215, i64 %col7
-  store <8 x float> %254, ptr %255, align 4
-  %256 = add nsw i64 %r0, 3
-  %257 = getelementptr inbounds float, ptr %rw, i64 %256
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = mul nsw i64 %256, 2880
-  %262 = getelementptr inbounds float, ptr %h, i64 %261
+  %217 = load <8 x float>, ptr %acc20, align 4
+  %218 = load <8 x float>, ptr %acc21, align 4
+  %219 = getelementptr inbounds float, ptr %bg, i64 %col7
+  %220 = load <8 x float>, ptr %219, align 4
+  %221 = fadd <8 x float> %217, %220
+  %222 = getelementptr inbounds float, ptr %bu, i64 %col7
+  %223 = load <8 x float>, ptr %222, align 4
+  %224 = fadd <8 x float> %218, %223
+  %225 = fcmp olt <8 x float> %221, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %226 = select <8 x i1> %225, <8 x float> %221, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %227 = fcmp olt <8 x float> %224, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %228 = select <8 x i1> %227, <8 x float> %224, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %229 = fcmp ogt <8 x float> %228, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %230 = select <8 x i1> %229, <8 x float> %228, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %231 = fmul <8 x float> %226, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %232 = fneg <8 x float> %231
+  %233 = fcmp olt <8 x float> %232, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %234 = select <8 x i1> %233, <8 x float> %232, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %235 = fcmp ogt <8 x float> %234, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %238 = call <8 x float> @llvm.floor.v8f32(<8 x float> %237)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %236)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %239)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %246 = fmul <8 x float> %240, %240
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %246, <8 x float> %240)
+  %248 = fadd <8 x float> %247, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %249 = fptosi <8 x float> %238 to <8 x i32>
+  %250 = add <8 x i32> %249, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %251 = shl <8 x i32> %250, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %251 to <8 x float>
+  %exp9 = fmul <8 x float> %248, %exp.2n8
+  %252 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %252
+  %253 = fmul <8 x float> %226, %sigmoid10
+  %254 = fadd <8 x float> %230, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai11 = fmul <8 x float> %253, %254
+  %255 = fmul <8 x float> %oai11, %214
+  %256 = getelementptr inbounds float, ptr %216, i64 %col7
+  store <8 x float> %255, ptr %256, align 4
+  %257 = add nsw i64 %r0, 3
+  %258 = getelementptr inbounds float, ptr %rw, i64 %257
+  %259 = load float, ptr %258, align 4
+  %260 = insertelement <8 x float> poison, float %259, i32 0
+  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
+  %262 = mul nsw i64 %257, 2880
+  %263 = getelementptr inbounds float, ptr %h, i64 %262
   %col12 = mul nsw i64 %p, 8
-  %263 = load <8 x float>, ptr %acc30, align 4
-  %264 = load <8 x float>, ptr %acc31, align 4
-  %265 = getelementptr inbounds float, ptr %bg, i64 %col12
-  %266 = load <8 x float>, ptr %265, align 4
-  %267 = fadd <8 x float> %263, %266
-  %268 = getelementptr inbounds float, ptr %bu, i64 %col12
-  %269 = load <8 x float>, ptr %268, align 4
-  %270 = fadd <8 x float> %264, %269
-  %271 = fcmp olt <8 x float> %267, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %272 = select <8 x i1> %271, <8 x float> %267, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %273 = fcmp olt <8 x float> %270, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %274 = select <8 x i1> %273, <8 x float> %270, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %275 = fcmp ogt <8 x float> %274, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %276 = select <8 x i1> %275, <8 x float> %274, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %277 = fmul <8 x float> %272, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %278 = fneg <8 x float> %277
-  %279 = fcmp olt <8 x float> %278, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %280 = select <8 x i1> %279, <8 x float> %278, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %281 = fcmp ogt <8 x float> %280, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %282 = select <8 x i1> %281, <8 x float> %280, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %284 = call <8 x float> @llvm.floor.v8f32(<8 x float> %283)
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %282)
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %285)
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %286, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %286, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %286, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %286, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %286, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %292 = fmul <8 x float> %286, %286
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %292, <8 x float> %286)
-  %294 = fadd <8 x float> %293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %295 = fptosi <8 x float> %284 to <8 x i32>
-  %296 = add <8 x i32> %295, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %297 = shl <8 x i32> %296, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n13 = bitcast <8 x i32> %297 to <8 x float>
-  %exp14 = fmul <8 x float> %294, %exp.2n13
-  %298 = fadd <8 x float> %exp14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid15 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %298
-  %299 = fmul <8 x float> %272, %sigmoid15
-  %300 = fadd <8 x float> %276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai16 = fmul <8 x float> %299, %300
-  %301 = fmul <8 x float> %oai16, %260
-  %302 = getelementptr inbounds float, ptr %262, i64 %col12
-  store <8 x float> %301, ptr %302, align 4
-  %303 = add nsw i64 %r0, 4
-  %304 = getelementptr inbounds float, ptr %rw, i64 %303
-  %305 = load float, ptr %304, align 4
-  %306 = insertelement <8 x float> poison, float %305, i32 0
-  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
-  %308 = mul nsw i64 %303, 2880
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
+  %264 = load <8 x float>, ptr %acc30, align 4
+  %265 = load <8 x float>, ptr %acc31, align 4
+  %266 = getelementptr inbounds float, ptr %bg, i64 %col12
+  %267 = load <8 x float>, ptr %266, align 4
+  %268 = fadd <8 x float> %264, %267
+  %269 = getelementptr inbounds float, ptr %bu, i64 %col12
+  %270 = load <8 x float>, ptr %269, align 4
+  %271 = fadd <8 x float> %265, %270
+  %272 = fcmp olt <8 x float> %268, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %273 = select <8 x i1> %272, <8 x float> %268, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %274 = fcmp olt <8 x float> %271, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %275 = select <8 x i1> %274, <8 x float> %271, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %276 = fcmp ogt <8 x float> %275, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %277 = select <8 x i1> %276, <8 x float> %275, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %278 = fmul <8 x float> %273, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %279 = fneg <8 x float> %278
+  %280 = fcmp olt <8 x float> %279, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %281 = select <8 x i1> %280, <8 x float> %279, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %282 = fcmp ogt <8 x float> %281, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %283 = select <8 x i1> %282, <8 x float> %281, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %285 = call <8 x float> @llvm.floor.v8f32(<8 x float> %284)
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %283)
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %286)
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %287, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %287, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %287, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %287, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %287, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %293 = fmul <8 x float> %287, %287
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %293, <8 x float> %287)
+  %295 = fadd <8 x float> %294, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %296 = fptosi <8 x float> %285 to <8 x i32>
+  %297 = add <8 x i32> %296, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %298 = shl <8 x i32> %297, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n13 = bitcast <8 x i32> %298 to <8 x float>
+  %exp14 = fmul <8 x float> %295, %exp.2n13
+  %299 = fadd <8 x float> %exp14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid15 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %299
+  %300 = fmul <8 x float> %273, %sigmoid15
+  %301 = fadd <8 x float> %277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai16 = fmul <8 x float> %300, %301
+  %302 = fmul <8 x float> %oai16, %261
+  %303 = getelementptr inbounds float, ptr %263, i64 %col12
+  store <8 x float> %302, ptr %303, align 4
+  %304 = add nsw i64 %r0, 4
+  %305 = getelementptr inbounds float, ptr %rw, i64 %304
+  %306 = load float, ptr %305, align 4
+  %307 = insertelement <8 x float> poison, float %306, i32 0
+  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
+  %309 = mul nsw i64 %304, 2880
+  %310 = getelementptr inbounds float, ptr %h, i64 %309
   %col17 = mul nsw i64 %p, 8
-  %310 = load <8 x float>, ptr %acc40, align 4
-  %311 = load <8 x float>, ptr %acc41, align 4
-  %312 = getelementptr inbounds float, ptr %bg, i64 %col17
-  %313 = load <8 x float>, ptr %312, align 4
-  %314 = fadd <8 x float> %310, %313
-  %315 = getelementptr inbounds float, ptr %bu, i64 %col17
-  %316 = load <8 x float>, ptr %315, align 4
-  %317 = fadd <8 x float> %311, %316
-  %318 = fcmp olt <8 x float> %314, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %319 = select <8 x i1> %318, <8 x float> %314, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %320 = fcmp olt <8 x float> %317, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %321 = select <8 x i1> %320, <8 x float> %317, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %322 = fcmp ogt <8 x float> %321, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %323 = select <8 x i1> %322, <8 x float> %321, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %324 = fmul <8 x float> %319, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %325 = fneg <8 x float> %324
-  %326 = fcmp olt <8 x float> %325, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %327 = select <8 x i1> %326, <8 x float> %325, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %328 = fcmp ogt <8 x float> %327, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %329 = select <8 x i1> %328, <8 x float> %327, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %331 = call <8 x float> @llvm.floor.v8f32(<8 x float> %330)
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %329)
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %332)
-  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %333, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %333, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %333, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %333, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %333, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %339 = fmul <8 x float> %333, %333
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %339, <8 x float> %333)
-  %341 = fadd <8 x float> %340, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %342 = fptosi <8 x float> %331 to <8 x i32>
-  %343 = add <8 x i32> %342, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %344 = shl <8 x i32> %343, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n18 = bitcast <8 x i32> %344 to <8 x float>
-  %exp19 = fmul <8 x float> %341, %exp.2n18
-  %345 = fadd <8 x float> %exp19, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid20 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %345
-  %346 = fmul <8 x float> %319, %sigmoid20
-  %347 = fadd <8 x float> %323, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai21 = fmul <8 x float> %346, %347
-  %348 = fmul <8 x float> %oai21, %307
-  %349 = getelementptr inbounds float, ptr %309, i64 %col17
-  store <8 x float> %348, ptr %349, align 4
-  %350 = add nsw i64 %r0, 5
-  %351 = getelementptr inbounds float, ptr %rw, i64 %350
-  %352 = load float, ptr %351, align 4
-  %353 = insertelement <8 x float> poison, float %352, i32 0
-  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
-  %355 = mul nsw i64 %350, 2880
-  %356 = getelementptr inbounds float, ptr %h, i64 %355
+  %311 = load <8 x float>, ptr %acc40, align 4
+  %312 = load <8 x float>, ptr %acc41, align 4
+  %313 = getelementptr inbounds float, ptr %bg, i64 %col17
+  %314 = load <8 x float>, ptr %313, align 4
+  %315 = fadd <8 x float> %311, %314
+  %316 = getelementptr inbounds float, ptr %bu, i64 %col17
+  %317 = load <8 x float>, ptr %316, align 4
+  %318 = fadd <8 x float> %312, %317
+  %319 = fcmp olt <8 x float> %315, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %320 = select <8 x i1> %319, <8 x float> %315, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %321 = fcmp olt <8 x float> %318, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %322 = select <8 x i1> %321, <8 x float> %318, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %323 = fcmp ogt <8 x float> %322, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %324 = select <8 x i1> %323, <8 x float> %322, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %325 = fmul <8 x float> %320, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %326 = fneg <8 x float> %325
+  %327 = fcmp olt <8 x float> %326, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %328 = select <8 x i1> %327, <8 x float> %326, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %329 = fcmp ogt <8 x float> %328, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %330 = select <8 x i1> %329, <8 x float> %328, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %330, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %332 = call <8 x float> @llvm.floor.v8f32(<8 x float> %331)
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %330)
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %333)
+  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %334, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %334, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %334, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %334, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %334, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %340 = fmul <8 x float> %334, %334
+  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %340, <8 x float> %334)
+  %342 = fadd <8 x float> %341, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %343 = fptosi <8 x float> %332 to <8 x i32>
+  %344 = add <8 x i32> %343, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %345 = shl <8 x i32> %344, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n18 = bitcast <8 x i32> %345 to <8 x float>
+  %exp19 = fmul <8 x float> %342, %exp.2n18
+  %346 = fadd <8 x float> %exp19, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid20 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %346
+  %347 = fmul <8 x float> %320, %sigmoid20
+  %348 = fadd <8 x float> %324, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai21 = fmul <8 x float> %347, %348
+  %349 = fmul <8 x float> %oai21, %308
+  %350 = getelementptr inbounds float, ptr %310, i64 %col17
+  store <8 x float> %349, ptr %350, align 4
+  %351 = add nsw i64 %r0, 5
+  %352 = getelementptr inbounds float, ptr %rw, i64 %351
+  %353 = load float, ptr %352, align 4
+  %354 = insertelement <8 x float> poison, float %353, i32 0
+  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
+  %356 = mul nsw i64 %351, 2880
+  %357 = getelementptr inbounds float, ptr %h, i64 %356
   %col22 = mul nsw i64 %p, 8
-  %357 = load <8 x float>, ptr %acc50, align 4
-  %358 = load <8 x float>, ptr %acc51, align 4
-  %359 = getelementptr inbounds float, ptr %bg, i64 %col22
-  %360 = load <8 x float>, ptr %359, align 4
-  %361 = fadd <8 x float> %357, %360
-  %362 = getelementptr inbounds float, ptr %bu, i64 %col22
-  %363 = load <8 x float>, ptr %362, align 4
-  %364 = fadd <8 x float> %358, %363
-  %365 = fcmp olt <8 x float> %361, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %366 = select <8 x i1> %365, <8 x float> %361, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %367 = fcmp olt <8 x float> %364, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %368 = select <8 x i1> %367, <8 x float> %364, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %369 = fcmp ogt <8 x float> %368, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %370 = select <8 x i1> %369, <8 x float> %368, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %371 = fmul <8 x float> %366, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %372 = fneg <8 x float> %371
-  %373 = fcmp olt <8 x float> %372, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %374 = select <8 x i1> %373, <8 x float> %372, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %375 = fcmp ogt <8 x float> %374, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %376 = select <8 x i1> %375, <8 x float> %374, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %378 = call <8 x float> @llvm.floor.v8f32(<8 x float> %377)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %376)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %379)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %380, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %380, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %380, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %380, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %380, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %386 = fmul <8 x float> %380, %380
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %386, <8 x float> %380)
-  %388 = fadd <8 x float> %387, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %389 = fptosi <8 x float> %378 to <8 x i32>
-  %390 = add <8 x i32> %389, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %391 = shl <8 x i32> %390, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %391 to <8 x float>
-  %exp24 = fmul <8 x float> %388, %exp.2n23
-  %392 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %392
-  %393 = fmul <8 x float> %366, %sigmoid25
-  %394 = fadd <8 x float> %370, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai26 = fmul <8 x float> %393, %394
-  %395 = fmul <8 x float> %oai26, %354
-  %396 = getelementptr inbounds float, ptr %356, i64 %col22
-  store <8 x float> %395, ptr %396, align 4
+  %358 = load <8 x float>, ptr %acc50, align 4
+  %359 = load <8 x float>, ptr %acc51, align 4
+  %360 = getelementptr inbounds float, ptr %bg, i64 %col22
+  %361 = load <8 x float>, ptr %360, align 4
+  %362 = fadd <8 x float> %358, %361
+  %363 = getelementptr inbounds float, ptr %bu, i64 %col22
+  %364 = load <8 x float>, ptr %363, align 4
+  %365 = fadd <8 x float> %359, %364
+  %366 = fcmp olt <8 x float> %362, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %367 = select <8 x i1> %366, <8 x float> %362, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %368 = fcmp olt <8 x float> %365, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %369 = select <8 x i1> %368, <8 x float> %365, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %370 = fcmp ogt <8 x float> %369, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %371 = select <8 x i1> %370, <8 x float> %369, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %372 = fmul <8 x float> %367, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %373 = fneg <8 x float> %372
+  %374 = fcmp olt <8 x float> %373, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %376 = fcmp ogt <8 x float> %375, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %377 = select <8 x i1> %376, <8 x float> %375, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %379 = call <8 x float> @llvm.floor.v8f32(<8 x float> %378)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %377)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %380)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %381, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %381, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %381, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %381, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %381, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %387 = fmul <8 x float> %381, %381
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %387, <8 x float> %381)
+  %389 = fadd <8 x float> %388, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %390 = fptosi <8 x float> %379 to <8 x i32>
+  %391 = add <8 x i32> %390, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %392 = shl <8 x i32> %391, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n23 = bitcast <8 x i32> %392 to <8 x float>
+  %exp24 = fmul <8 x float> %389, %exp.2n23
+  %393 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %393
+  %394 = fmul <8 x float> %367, %sigmoid25
+  %395 = fadd <8 x float> %371, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai26 = fmul <8 x float> %394, %395
+  %396 = fmul <8 x float> %oai26, %355
+  %397 = getelementptr inbounds float, ptr %357, i64 %col22
+  store <8 x float> %396, ptr %397, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %397 = add nsw i64 %r0, 0
-  %398 = getelementptr inbounds i32, ptr %rows, i64 %397
-  %399 = load i32, ptr %398, align 4
-  %400 = sext i32 %399 to i64
-  %401 = mul nsw i64 %400, 2880
-  %402 = getelementptr inbounds float, ptr %x, i64 %401
+tile.mr5:                                         ; preds = %rb.body
+  %398 = add nsw i64 %r0, 0
+  %399 = getelementptr inbounds i32, ptr %rows, i64 %398
+  %400 = load i32, ptr %399, align 4
+  %401 = sext i32 %400 to i64
+  %402 = mul nsw i64 %401, 2880
+  %403 = getelementptr inbounds float, ptr %x, i64 %402
   store <8 x float> zeroinitializer, ptr %acc0027, align 4
   store <8 x float> zeroinitializer, ptr %acc0128, align 4
-  %403 = add nsw i64 %r0, 1
-  %404 = getelementptr inbounds i32, ptr %rows, i64 %403
-  %405 = load i32, ptr %404, align 4
-  %406 = sext i32 %405 to i64
-  %407 = mul nsw i64 %406, 2880
-  %408 = getelementptr inbounds float, ptr %x, i64 %407
+  %404 = add nsw i64 %r0, 1
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %404
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 2880
+  %409 = getelementptr inbounds float, ptr %x, i64 %408
   store <8 x float> zeroinitializer, ptr %acc1029, align 4
   store <8 x float> zeroinitializer, ptr %acc1130, align 4
-  %409 = add nsw i64 %r0, 2
-  %410 = getelementptr inbounds i32, ptr %rows, i64 %409
-  %411 = load i32, ptr %410, align 4
-  %412 = sext i32 %411 to i64
-  %413 = mul nsw i64 %412, 2880
-  %414 = getelementptr inbounds float, ptr %x, i64 %413
+  %410 = add nsw i64 %r0, 2
+  %411 = getelementptr inbounds i32, ptr %rows, i64 %410
+  %412 = load i32, ptr %411, align 4
+  %413 = sext i32 %412 to i64
+  %414 = mul nsw i64 %413, 2880
+  %415 = getelementptr inbounds float, ptr %x, i64 %414
   store <8 x float> zeroinitializer, ptr %acc2031, align 4
   store <8 x float> zeroinitializer, ptr %acc2132, align 4
-  %415 = add nsw i64 %r0, 3
-  %416 = getelementptr inbounds i32, ptr %rows, i64 %415
-  %417 = load i32, ptr %416, align 4
-  %418 = sext i32 %417 to i64
-  %419 = mul nsw i64 %418, 2880
-  %420 = getelementptr inbounds float, ptr %x, i64 %419
+  %416 = add nsw i64 %r0, 3
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %416
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 2880
+  %421 = getelementptr inbounds float, ptr %x, i64 %420
   store <8 x float> zeroinitializer, ptr %acc3033, align 4
   store <8 x float> zeroinitializer, ptr %acc3134, align 4
-  %421 = add nsw i64 %r0, 4
-  %422 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %423 = load i32, ptr %422, align 4
-  %424 = sext i32 %423 to i64
-  %425 = mul nsw i64 %424, 2880
-  %426 = getelementptr inbounds float, ptr %x, i64 %425
+  %422 = add nsw i64 %r0, 4
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %422
+  %424 = load i32, ptr %423, align 4
+  %425 = sext i32 %424 to i64
+  %426 = mul nsw i64 %425, 2880
+  %427 = getelementptr inbounds float, ptr %x, i64 %426
   store <8 x float> zeroinitializer, ptr %acc4035, align 4
   store <8 x float> zeroinitializer, ptr %acc4136, align 4
   %panel.off37 = mul nsw i64 %p, 46080
-  %427 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
-  %428 = add nsw i64 %p, 1
-  %429 = icmp slt i64 %428, %p1
-  %pf.on38 = and i1 %pf.on, %429
-  %430 = mul nsw i64 %pf.j, 92160
-  %431 = lshr i64 %430, %9
-  %432 = add nsw i64 92160, %431
-  %433 = getelementptr inbounds i8, ptr %427, i64 %432
-  %pf39 = select i1 %pf.on38, ptr %433, ptr %427
-  %pf.sh40 = select i1 %pf.on38, i64 %9, i64 0
+  %428 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
+  %429 = add nsw i64 %p, 1
+  %430 = icmp slt i64 %429, %p1
+  %pf.on38 = and i1 %pf.on, %430
+  %431 = mul nsw i64 %rb, 92160
+  %432 = lshr i64 %431, %11
+  %433 = add nsw i64 92160, %432
+  %434 = getelementptr inbounds i8, ptr %428, i64 %433
+  %pf39 = select i1 %pf.on38, ptr %434, ptr %428
+  %pf.sh40 = select i1 %pf.on38, i64 %11, i64 0
   br label %k.head41
 
 k.head41:                                         ; preds = %pf.any.end46, %tile.mr5
-  %k44 = phi i64 [ 0, %tile.mr5 ], [ %484, %pf.any.end46 ]
-  %434 = icmp slt i64 %k44, 2880
-  br i1 %434, label %k.body42, label %k.end43
+  %k44 = phi i64 [ 0, %tile.mr5 ], [ %485, %pf.any.end46 ]
+  %435 = icmp slt i64 %k44, 2880
+  br i1 %435, label %k.body42, label %k.end43
 
 k.body42:                                         ; preds = %k.head41
-  %435 = mul nsw i64 %k44, 16
-  %436 = add nsw i64 %panel.off37, %435
-  %437 = mul nsw i64 %k44, 32
+  %436 = mul nsw i64 %k44, 16
+  %437 = add nsw i64 %panel.off37, %436
+  %438 = mul nsw i64 %k44, 32
   br i1 %pf.multi, label %pf.any.then45, label %pf.any.end46
 
 pf.any.then45:                                    ; preds = %k.body42
-  %438 = lshr i64 %437, %pf.sh40
-  %439 = getelementptr inbounds i8, ptr %pf39, i64 %438
-  call void @llvm.prefetch.p0(ptr %439, i32 0, i32 2, i32 1)
+  %439 = lshr i64 %438, %pf.sh40
+  %440 = getelementptr inbounds i8, ptr %pf39, i64 %439
+  call void @llvm.prefetch.p0(ptr %440, i32 0, i32 2, i32 1)
   br label %pf.any.end46
 
 pf.any.end46:                                     ; preds = %pf.any.then45, %k.body42
-  %440 = getelementptr inbounds i16, ptr %panels, i64 %436
-  %441 = load <8 x i32>, ptr %440, align 4
-  %442 = shl <8 x i32> %441, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %442 to <8 x float>
-  %443 = and <8 x i32> %441, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %443 to <8 x float>
-  %444 = getelementptr inbounds float, ptr %402, i64 %k44
-  %445 = load float, ptr %444, align 4
-  %446 = insertelement <8 x float> poison, float %445, i32 0
-  %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
-  %448 = load <8 x float>, ptr %acc0027, align 4
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b047, <8 x float> %448)
-  store <8 x float> %449, ptr %acc0027, align 4
-  %450 = load <8 x float>, ptr %acc0128, align 4
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %b148, <8 x float> %450)
-  store <8 x float> %451, ptr %acc0128, align 4
-  %452 = getelementptr inbounds float, ptr %408, i64 %k44
-  %453 = load float, ptr %452, align 4
-  %454 = insertelement <8 x float> poison, float %453, i32 0
-  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
-  %456 = load <8 x float>, ptr %acc1029, align 4
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b047, <8 x float> %456)
-  store <8 x float> %457, ptr %acc1029, align 4
-  %458 = load <8 x float>, ptr %acc1130, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b148, <8 x float> %458)
-  store <8 x float> %459, ptr %acc1130, align 4
-  %460 = getelementptr inbounds float, ptr %414, i64 %k44
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc2031, align 4
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b047, <8 x float> %464)
-  store <8 x float> %465, ptr %acc2031, align 4
-  %466 = load <8 x float>, ptr %acc2132, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b148, <8 x float> %466)
-  store <8 x float> %467, ptr %acc2132, align 4
-  %468 = getelementptr inbounds float, ptr %420, i64 %k44
-  %469 = load float, ptr %468, align 4
-  %470 = insertelement <8 x float> poison, float %469, i32 0
-  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
-  %472 = load <8 x float>, ptr %acc3033, align 4
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b047, <8 x float> %472)
-  store <8 x float> %473, ptr %acc3033, align 4
-  %474 = load <8 x float>, ptr %acc3134, align 4
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b148, <8 x float> %474)
-  store <8 x float> %475, ptr %acc3134, align 4
-  %476 = getelementptr inbounds float, ptr %426, i64 %k44
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc4035, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b047, <8 x float> %480)
-  store <8 x float> %481, ptr %acc4035, align 4
-  %482 = load <8 x float>, ptr %acc4136, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b148, <8 x float> %482)
-  store <8 x float> %483, ptr %acc4136, align 4
-  %484 = add nsw i64 %k44, 1
+  %441 = getelementptr inbounds i16, ptr %panels, i64 %437
+  %442 = load <8 x i32>, ptr %441, align 4
+  %443 = shl <8 x i32> %442, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %443 to <8 x float>
+  %444 = and <8 x i32> %442, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %444 to <8 x float>
+  %445 = getelementptr inbounds float, ptr %403, i64 %k44
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %acc0027, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
+  store <8 x float> %450, ptr %acc0027, align 4
+  %451 = load <8 x float>, ptr %acc0128, align 4
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
+  store <8 x float> %452, ptr %acc0128, align 4
+  %453 = getelementptr inbounds float, ptr %409, i64 %k44
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc1029, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
+  store <8 x float> %458, ptr %acc1029, align 4
+  %459 = load <8 x float>, ptr %acc1130, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
+  store <8 x float> %460, ptr %acc1130, align 4
+  %461 = getelementptr inbounds float, ptr %415, i64 %k44
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = load <8 x float>, ptr %acc2031, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b047, <8 x float> %465)
+  store <8 x float> %466, ptr %acc2031, align 4
+  %467 = load <8 x float>, ptr %acc2132, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b148, <8 x float> %467)
+  store <8 x float> %468, ptr %acc2132, align 4
+  %469 = getelementptr inbounds float, ptr %421, i64 %k44
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = load <8 x float>, ptr %acc3033, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b047, <8 x float> %473)
+  store <8 x float> %474, ptr %acc3033, align 4
+  %475 = load <8 x float>, ptr %acc3134, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b148, <8 x float> %475)
+  store <8 x float> %476, ptr %acc3134, align 4
+  %477 = getelementptr inbounds float, ptr %427, i64 %k44
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %acc4035, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b047, <8 x float> %481)
+  store <8 x float> %482, ptr %acc4035, align 4
+  %483 = load <8 x float>, ptr %acc4136, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b148, <8 x float> %483)
+  store <8 x float> %484, ptr %acc4136, align 4
+  %485 = add nsw i64 %k44, 1
   br label %k.head41
 
 k.end43:                                          ; preds = %k.head41
-  %485 = add nsw i64 %r0, 0
-  %486 = getelementptr inbounds float, ptr %rw, i64 %485
-  %487 = load float, ptr %486, align 4
-  %488 = insertelement <8 x float> poison, float %487, i32 0
-  %489 = shufflevector <8 x float> %488, <8 x float> poison, <8 x i32> zeroinitializer
-  %490 = mul nsw i64 %485, 2880
-  %491 = getelementptr inbounds float, ptr %h, i64 %490
+  %486 = add nsw i64 %r0, 0
+  %487 = getelementptr inbounds float, ptr %rw, i64 %486
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = mul nsw i64 %486, 2880
+  %492 = getelementptr inbounds float, ptr %h, i64 %491
   %col49 = mul nsw i64 %p, 8
-  %492 = load <8 x float>, ptr %acc0027, align 4
-  %493 = load <8 x float>, ptr %acc0128, align 4
-  %494 = getelementptr inbounds float, ptr %bg, i64 %col49
-  %495 = load <8 x float>, ptr %494, align 4
-  %496 = fadd <8 x float> %492, %495
-  %497 = getelementptr inbounds float, ptr %bu, i64 %col49
-  %498 = load <8 x float>, ptr %497, align 4
-  %499 = fadd <8 x float> %493, %498
-  %500 = fcmp olt <8 x float> %496, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %501 = select <8 x i1> %500, <8 x float> %496, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %502 = fcmp olt <8 x float> %499, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %503 = select <8 x i1> %502, <8 x float> %499, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %504 = fcmp ogt <8 x float> %503, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %506 = fmul <8 x float> %501, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %507 = fneg <8 x float> %506
-  %508 = fcmp olt <8 x float> %507, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %510 = fcmp ogt <8 x float> %509, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %511 = select <8 x i1> %510, <8 x float> %509, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %513 = call <8 x float> @llvm.floor.v8f32(<8 x float> %512)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %511)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %514)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %515, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %515, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %515, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %515, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %515, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %521 = fmul <8 x float> %515, %515
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %521, <8 x float> %515)
-  %523 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %524 = fptosi <8 x float> %513 to <8 x i32>
-  %525 = add <8 x i32> %524, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %526 = shl <8 x i32> %525, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n50 = bitcast <8 x i32> %526 to <8 x float>
-  %exp51 = fmul <8 x float> %523, %exp.2n50
-  %527 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
-  %528 = fmul <8 x float> %501, %sigmoid52
-  %529 = fadd <8 x float> %505, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai53 = fmul <8 x float> %528, %529
-  %530 = fmul <8 x float> %oai53, %489
-  %531 = getelementptr inbounds float, ptr %491, i64 %col49
-  store <8 x float> %530, ptr %531, align 4
-  %532 = add nsw i64 %r0, 1
-  %533 = getelementptr inbounds float, ptr %rw, i64 %532
-  %534 = load float, ptr %533, align 4
-  %535 = insertelement <8 x float> poison, float %534, i32 0
-  %536 = shufflevector <8 x float> %535, <8 x float> poison, <8 x i32> zeroinitializer
-  %537 = mul nsw i64 %532, 2880
-  %538 = getelementptr inbounds float, ptr %h, i64 %537
+  %493 = load <8 x float>, ptr %acc0027, align 4
+  %494 = load <8 x float>, ptr %acc0128, align 4
+  %495 = getelementptr inbounds float, ptr %bg, i64 %col49
+  %496 = load <8 x float>, ptr %495, align 4
+  %497 = fadd <8 x float> %493, %496
+  %498 = getelementptr inbounds float, ptr %bu, i64 %col49
+  %499 = load <8 x float>, ptr %498, align 4
+  %500 = fadd <8 x float> %494, %499
+  %501 = fcmp olt <8 x float> %497, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %502 = select <8 x i1> %501, <8 x float> %497, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %503 = fcmp olt <8 x float> %500, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %504 = select <8 x i1> %503, <8 x float> %500, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %505 = fcmp ogt <8 x float> %504, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %507 = fmul <8 x float> %502, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %508 = fneg <8 x float> %507
+  %509 = fcmp olt <8 x float> %508, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %510 = select <8 x i1> %509, <8 x float> %508, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %511 = fcmp ogt <8 x float> %510, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %512 = select <8 x i1> %511, <8 x float> %510, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %514 = call <8 x float> @llvm.floor.v8f32(<8 x float> %513)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %512)
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %515)
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %516, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %516, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %516, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %516, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %516, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %522 = fmul <8 x float> %516, %516
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %521, <8 x float> %522, <8 x float> %516)
+  %524 = fadd <8 x float> %523, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %525 = fptosi <8 x float> %514 to <8 x i32>
+  %526 = add <8 x i32> %525, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %527 = shl <8 x i32> %526, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n50 = bitcast <8 x i32> %527 to <8 x float>
+  %exp51 = fmul <8 x float> %524, %exp.2n50
+  %528 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %528
+  %529 = fmul <8 x float> %502, %sigmoid52
+  %530 = fadd <8 x float> %506, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai53 = fmul <8 x float> %529, %530
+  %531 = fmul <8 x float> %oai53, %490
+  %532 = getelementptr inbounds float, ptr %492, i64 %col49
+  store <8 x float> %531, ptr %532, align 4
+  %533 = add nsw i64 %r0, 1
+  %534 = getelementptr inbounds float, ptr %rw, i64 %533
+  %535 = load float, ptr %534, align 4
+  %536 = insertelement <8 x float> poison, float %535, i32 0
+  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
+  %538 = mul nsw i64 %533, 2880
+  %539 = getelementptr inbounds float, ptr %h, i64 %538
   %col54 = mul nsw i64 %p, 8
-  %539 = load <8 x float>, ptr %acc1029, align 4
-  %540 = load <8 x float>, ptr %acc1130, align 4
-  %541 = getelementptr inbounds float, ptr %bg, i64 %col54
-  %542 = load <8 x float>, ptr %541, align 4
-  %543 = fadd <8 x float> %539, %542
-  %544 = getelementptr inbounds float, ptr %bu, i64 %col54
-  %545 = load <8 x float>, ptr %544, align 4
-  %546 = fadd <8 x float> %540, %545
-  %547 = fcmp olt <8 x float> %543, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %548 = select <8 x i1> %547, <8 x float> %543, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %549 = fcmp olt <8 x float> %546, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %550 = select <8 x i1> %549, <8 x float> %546, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %551 = fcmp ogt <8 x float> %550, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %552 = select <8 x i1> %551, <8 x float> %550, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %553 = fmul <8 x float> %548, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %554 = fneg <8 x float> %553
-  %555 = fcmp olt <8 x float> %554, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %556 = select <8 x i1> %555, <8 x float> %554, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %557 = fcmp ogt <8 x float> %556, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %558 = select <8 x i1> %557, <8 x float> %556, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %560 = call <8 x float> @llvm.floor.v8f32(<8 x float> %559)
-  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %558)
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %561)
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %562, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %562, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %562, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %562, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %562, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %568 = fmul <8 x float> %562, %562
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %568, <8 x float> %562)
-  %570 = fadd <8 x float> %569, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %571 = fptosi <8 x float> %560 to <8 x i32>
-  %572 = add <8 x i32> %571, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %573 = shl <8 x i32> %572, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %573 to <8 x float>
-  %exp56 = fmul <8 x float> %570, %exp.2n55
-  %574 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %574
-  %575 = fmul <8 x float> %548, %sigmoid57
-  %576 = fadd <8 x float> %552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai58 = fmul <8 x float> %575, %576
-  %577 = fmul <8 x float> %oai58, %536
-  %578 = getelementptr inbounds float, ptr %538, i64 %col54
-  store <8 x float> %577, ptr %578, align 4
-  %579 = add nsw i64 %r0, 2
-  %580 = getelementptr inbounds float, ptr %rw, i64 %579
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = mul nsw i64 %579, 2880
-  %585 = getelementptr inbounds float, ptr %h, i64 %584
+  %540 = load <8 x float>, ptr %acc1029, align 4
+  %541 = load <8 x float>, ptr %acc1130, align 4
+  %542 = getelementptr inbounds float, ptr %bg, i64 %col54
+  %543 = load <8 x float>, ptr %542, align 4
+  %544 = fadd <8 x float> %540, %543
+  %545 = getelementptr inbounds float, ptr %bu, i64 %col54
+  %546 = load <8 x float>, ptr %545, align 4
+  %547 = fadd <8 x float> %541, %546
+  %548 = fcmp olt <8 x float> %544, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %549 = select <8 x i1> %548, <8 x float> %544, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %550 = fcmp olt <8 x float> %547, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %551 = select <8 x i1> %550, <8 x float> %547, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %552 = fcmp ogt <8 x float> %551, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %553 = select <8 x i1> %552, <8 x float> %551, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %554 = fmul <8 x float> %549, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %555 = fneg <8 x float> %554
+  %556 = fcmp olt <8 x float> %555, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %557 = select <8 x i1> %556, <8 x float> %555, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %558 = fcmp ogt <8 x float> %557, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %559 = select <8 x i1> %558, <8 x float> %557, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %561 = call <8 x float> @llvm.floor.v8f32(<8 x float> %560)
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %559)
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %562)
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %563, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %563, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %563, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %563, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %563, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %569 = fmul <8 x float> %563, %563
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %569, <8 x float> %563)
+  %571 = fadd <8 x float> %570, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %572 = fptosi <8 x float> %561 to <8 x i32>
+  %573 = add <8 x i32> %572, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %574 = shl <8 x i32> %573, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %574 to <8 x float>
+  %exp56 = fmul <8 x float> %571, %exp.2n55
+  %575 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %575
+  %576 = fmul <8 x float> %549, %sigmoid57
+  %577 = fadd <8 x float> %553, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai58 = fmul <8 x float> %576, %577
+  %578 = fmul <8 x float> %oai58, %537
+  %579 = getelementptr inbounds float, ptr %539, i64 %col54
+  store <8 x float> %578, ptr %579, align 4
+  %580 = add nsw i64 %r0, 2
+  %581 = getelementptr inbounds float, ptr %rw, i64 %580
+  %582 = load float, ptr %581, align 4
+  %583 = insertelement <8 x float> poison, float %582, i32 0
+  %584 = shufflevector <8 x float> %583, <8 x float> poison, <8 x i32> zeroinitializer
+  %585 = mul nsw i64 %580, 2880
+  %586 = getelementptr inbounds float, ptr %h, i64 %585
   %col59 = mul nsw i64 %p, 8
-  %586 = load <8 x float>, ptr %acc2031, align 4
-  %587 = load <8 x float>, ptr %acc2132, align 4
-  %588 = getelementptr inbounds float, ptr %bg, i64 %col59
-  %589 = load <8 x float>, ptr %588, align 4
-  %590 = fadd <8 x float> %586, %589
-  %591 = getelementptr inbounds float, ptr %bu, i64 %col59
-  %592 = load <8 x float>, ptr %591, align 4
-  %593 = fadd <8 x float> %587, %592
-  %594 = fcmp olt <8 x float> %590, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %595 = select <8 x i1> %594, <8 x float> %590, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %596 = fcmp olt <8 x float> %593, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %597 = select <8 x i1> %596, <8 x float> %593, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %598 = fcmp ogt <8 x float> %597, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %599 = select <8 x i1> %598, <8 x float> %597, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %600 = fmul <8 x float> %595, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %601 = fneg <8 x float> %600
-  %602 = fcmp olt <8 x float> %601, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %603 = select <8 x i1> %602, <8 x float> %601, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %604 = fcmp ogt <8 x float> %603, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %605 = select <8 x i1> %604, <8 x float> %603, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %607 = call <8 x float> @llvm.floor.v8f32(<8 x float> %606)
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %605)
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %608)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %609, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %609, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %609, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %609, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %609, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %615 = fmul <8 x float> %609, %609
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %615, <8 x float> %609)
-  %617 = fadd <8 x float> %616, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %618 = fptosi <8 x float> %607 to <8 x i32>
-  %619 = add <8 x i32> %618, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %620 = shl <8 x i32> %619, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n60 = bitcast <8 x i32> %620 to <8 x float>
-  %exp61 = fmul <8 x float> %617, %exp.2n60
-  %621 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %621
-  %622 = fmul <8 x float> %595, %sigmoid62
-  %623 = fadd <8 x float> %599, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai63 = fmul <8 x float> %622, %623
-  %624 = fmul <8 x float> %oai63, %583
-  %625 = getelementptr inbounds float, ptr %585, i64 %col59
-  store <8 x float> %624, ptr %625, align 4
-  %626 = add nsw i64 %r0, 3
-  %627 = getelementptr inbounds float, ptr %rw, i64 %626
-  %628 = load float, ptr %627, align 4
-  %629 = insertelement <8 x float> poison, float %628, i32 0
-  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
-  %631 = mul nsw i64 %626, 2880
-  %632 = getelementptr inbounds float, ptr %h, i64 %631
+  %587 = load <8 x float>, ptr %acc2031, align 4
+  %588 = load <8 x float>, ptr %acc2132, align 4
+  %589 = getelementptr inbounds float, ptr %bg, i64 %col59
+  %590 = load <8 x float>, ptr %589, align 4
+  %591 = fadd <8 x float> %587, %590
+  %592 = getelementptr inbounds float, ptr %bu, i64 %col59
+  %593 = load <8 x float>, ptr %592, align 4
+  %594 = fadd <8 x float> %588, %593
+  %595 = fcmp olt <8 x float> %591, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %596 = select <8 x i1> %595, <8 x float> %591, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %597 = fcmp olt <8 x float> %594, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %598 = select <8 x i1> %597, <8 x float> %594, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %599 = fcmp ogt <8 x float> %598, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %600 = select <8 x i1> %599, <8 x float> %598, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %601 = fmul <8 x float> %596, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %602 = fneg <8 x float> %601
+  %603 = fcmp olt <8 x float> %602, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %604 = select <8 x i1> %603, <8 x float> %602, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %605 = fcmp ogt <8 x float> %604, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %608 = call <8 x float> @llvm.floor.v8f32(<8 x float> %607)
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %606)
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %609)
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %610, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %610, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %610, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %610, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %610, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %616 = fmul <8 x float> %610, %610
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %610)
+  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %619 = fptosi <8 x float> %608 to <8 x i32>
+  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n60 = bitcast <8 x i32> %621 to <8 x float>
+  %exp61 = fmul <8 x float> %618, %exp.2n60
+  %622 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
+  %623 = fmul <8 x float> %596, %sigmoid62
+  %624 = fadd <8 x float> %600, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai63 = fmul <8 x float> %623, %624
+  %625 = fmul <8 x float> %oai63, %584
+  %626 = getelementptr inbounds float, ptr %586, i64 %col59
+  store <8 x float> %625, ptr %626, align 4
+  %627 = add nsw i64 %r0, 3
+  %628 = getelementptr inbounds float, ptr %rw, i64 %627
+  %629 = load float, ptr %628, align 4
+  %630 = insertelement <8 x float> poison, float %629, i32 0
+  %631 = shufflevector <8 x float> %630, <8 x float> poison, <8 x i32> zeroinitializer
+  %632 = mul nsw i64 %627, 2880
+  %633 = getelementptr inbounds float, ptr %h, i64 %632
   %col64 = mul nsw i64 %p, 8
-  %633 = load <8 x float>, ptr %acc3033, align 4
-  %634 = load <8 x float>, ptr %acc3134, align 4
-  %635 = getelementptr inbounds float, ptr %bg, i64 %col64
-  %636 = load <8 x float>, ptr %635, align 4
-  %637 = fadd <8 x float> %633, %636
-  %638 = getelementptr inbounds float, ptr %bu, i64 %col64
-  %639 = load <8 x float>, ptr %638, align 4
-  %640 = fadd <8 x float> %634, %639
-  %641 = fcmp olt <8 x float> %637, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %642 = select <8 x i1> %641, <8 x float> %637, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %643 = fcmp olt <8 x float> %640, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %644 = select <8 x i1> %643, <8 x float> %640, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %645 = fcmp ogt <8 x float> %644, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %646 = select <8 x i1> %645, <8 x float> %644, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %647 = fmul <8 x float> %642, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %648 = fneg <8 x float> %647
-  %649 = fcmp olt <8 x float> %648, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %650 = select <8 x i1> %649, <8 x float> %648, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %651 = fcmp ogt <8 x float> %650, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %652 = select <8 x i1> %651, <8 x float> %650, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %654 = call <8 x float> @llvm.floor.v8f32(<8 x float> %653)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %652)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %655)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %656, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %656, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %656, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %656, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %656, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %662 = fmul <8 x float> %656, %656
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %662, <8 x float> %656)
-  %664 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %665 = fptosi <8 x float> %654 to <8 x i32>
-  %666 = add <8 x i32> %665, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %667 = shl <8 x i32> %666, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %667 to <8 x float>
-  %exp66 = fmul <8 x float> %664, %exp.2n65
-  %668 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
-  %669 = fmul <8 x float> %642, %sigmoid67
-  %670 = fadd <8 x float> %646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai68 = fmul <8 x float> %669, %670
-  %671 = fmul <8 x float> %oai68, %630
-  %672 = getelementptr inbounds float, ptr %632, i64 %col64
-  store <8 x float> %671, ptr %672, align 4
-  %673 = add nsw i64 %r0, 4
-  %674 = getelementptr inbounds float, ptr %rw, i64 %673
-  %675 = load float, ptr %674, align 4
-  %676 = insertelement <8 x float> poison, float %675, i32 0
-  %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
-  %678 = mul nsw i64 %673, 2880
-  %679 = getelementptr inbounds float, ptr %h, i64 %678
+  %634 = load <8 x float>, ptr %acc3033, align 4
+  %635 = load <8 x float>, ptr %acc3134, align 4
+  %636 = getelementptr inbounds float, ptr %bg, i64 %col64
+  %637 = load <8 x float>, ptr %636, align 4
+  %638 = fadd <8 x float> %634, %637
+  %639 = getelementptr inbounds float, ptr %bu, i64 %col64
+  %640 = load <8 x float>, ptr %639, align 4
+  %641 = fadd <8 x float> %635, %640
+  %642 = fcmp olt <8 x float> %638, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %643 = select <8 x i1> %642, <8 x float> %638, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %644 = fcmp olt <8 x float> %641, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %645 = select <8 x i1> %644, <8 x float> %641, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %646 = fcmp ogt <8 x float> %645, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %648 = fmul <8 x float> %643, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %649 = fneg <8 x float> %648
+  %650 = fcmp olt <8 x float> %649, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %651 = select <8 x i1> %650, <8 x float> %649, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %652 = fcmp ogt <8 x float> %651, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %653 = select <8 x i1> %652, <8 x float> %651, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %655 = call <8 x float> @llvm.floor.v8f32(<8 x float> %654)
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %653)
+  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %656)
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %657, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %657, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %657, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %657, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %657, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %663 = fmul <8 x float> %657, %657
+  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %663, <8 x float> %657)
+  %665 = fadd <8 x float> %664, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %666 = fptosi <8 x float> %655 to <8 x i32>
+  %667 = add <8 x i32> %666, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %668 = shl <8 x i32> %667, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %668 to <8 x float>
+  %exp66 = fmul <8 x float> %665, %exp.2n65
+  %669 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %669
+  %670 = fmul <8 x float> %643, %sigmoid67
+  %671 = fadd <8 x float> %647, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai68 = fmul <8 x float> %670, %671
+  %672 = fmul <8 x float> %oai68, %631
+  %673 = getelementptr inbounds float, ptr %633, i64 %col64
+  store <8 x float> %672, ptr %673, align 4
+  %674 = add nsw i64 %r0, 4
+  %675 = getelementptr inbounds float, ptr %rw, i64 %674
+  %676 = load float, ptr %675, align 4
+  %677 = insertelement <8 x float> poison, float %676, i32 0
+  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
+  %679 = mul nsw i64 %674, 2880
+  %680 = getelementptr inbounds float, ptr %h, i64 %679
   %col69 = mul nsw i64 %p, 8
-  %680 = load <8 x float>, ptr %acc4035, align 4
-  %681 = load <8 x float>, ptr %acc4136, align 4
-  %682 = getelementptr inbounds float, ptr %bg, i64 %col69
-  %683 = load <8 x float>, ptr %682, align 4
-  %684 = fadd <8 x float> %680, %683
-  %685 = getelementptr inbounds float, ptr %bu, i64 %col69
-  %686 = load <8 x float>, ptr %685, align 4
-  %687 = fadd <8 x float> %681, %686
-  %688 = fcmp olt <8 x float> %684, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %689 = select <8 x i1> %688, <8 x float> %684, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %690 = fcmp olt <8 x float> %687, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %691 = select <8 x i1> %690, <8 x float> %687, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %692 = fcmp ogt <8 x float> %691, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %693 = select <8 x i1> %692, <8 x float> %691, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %694 = fmul <8 x float> %689, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %695 = fneg <8 x float> %694
-  %696 = fcmp olt <8 x float> %695, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %697 = select <8 x i1> %696, <8 x float> %695, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %698 = fcmp ogt <8 x float> %697, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %701 = call <8 x float> @llvm.floor.v8f32(<8 x float> %700)
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %699)
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %702)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %703, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %703, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %703, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %703, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %703, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %709 = fmul <8 x float> %703, %703
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %709, <8 x float> %703)
-  %711 = fadd <8 x float> %710, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %712 = fptosi <8 x float> %701 to <8 x i32>
-  %713 = add <8 x i32> %712, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %714 = shl <8 x i32> %713, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n70 = bitcast <8 x i32> %714 to <8 x float>
-  %exp71 = fmul <8 x float> %711, %exp.2n70
-  %715 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %715
-  %716 = fmul <8 x float> %689, %sigmoid72
-  %717 = fadd <8 x float> %693, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai73 = fmul <8 x float> %716, %717
-  %718 = fmul <8 x float> %oai73, %677
-  %719 = getelementptr inbounds float, ptr %679, i64 %col69
-  store <8 x float> %718, ptr %719, align 4
+  %681 = load <8 x float>, ptr %acc4035, align 4
+  %682 = load <8 x float>, ptr %acc4136, align 4
+  %683 = getelementptr inbounds float, ptr %bg, i64 %col69
+  %684 = load <8 x float>, ptr %683, align 4
+  %685 = fadd <8 x float> %681, %684
+  %686 = getelementptr inbounds float, ptr %bu, i64 %col69
+  %687 = load <8 x float>, ptr %686, align 4
+  %688 = fadd <8 x float> %682, %687
+  %689 = fcmp olt <8 x float> %685, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %690 = select <8 x i1> %689, <8 x float> %685, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %691 = fcmp olt <8 x float> %688, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %692 = select <8 x i1> %691, <8 x float> %688, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %693 = fcmp ogt <8 x float> %692, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %694 = select <8 x i1> %693, <8 x float> %692, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %695 = fmul <8 x float> %690, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %696 = fneg <8 x float> %695
+  %697 = fcmp olt <8 x float> %696, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %699 = fcmp ogt <8 x float> %698, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %700 = select <8 x i1> %699, <8 x float> %698, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %702 = call <8 x float> @llvm.floor.v8f32(<8 x float> %701)
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %700)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %703)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %704, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %704, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %704, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %704, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %704, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %710 = fmul <8 x float> %704, %704
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %710, <8 x float> %704)
+  %712 = fadd <8 x float> %711, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %713 = fptosi <8 x float> %702 to <8 x i32>
+  %714 = add <8 x i32> %713, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %715 = shl <8 x i32> %714, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n70 = bitcast <8 x i32> %715 to <8 x float>
+  %exp71 = fmul <8 x float> %712, %exp.2n70
+  %716 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %716
+  %717 = fmul <8 x float> %690, %sigmoid72
+  %718 = fadd <8 x float> %694, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai73 = fmul <8 x float> %717, %718
+  %719 = fmul <8 x float> %oai73, %678
+  %720 = getelementptr inbounds float, ptr %680, i64 %col69
+  store <8 x float> %719, ptr %720, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %720 = add nsw i64 %r0, 0
-  %721 = getelementptr inbounds i32, ptr %rows, i64 %720
-  %722 = load i32, ptr %721, align 4
-  %723 = sext i32 %722 to i64
-  %724 = mul nsw i64 %723, 2880
-  %725 = getelementptr inbounds float, ptr %x, i64 %724
+tile.mr4:                                         ; preds = %rb.body
+  %721 = add nsw i64 %r0, 0
+  %722 = getelementptr inbounds i32, ptr %rows, i64 %721
+  %723 = load i32, ptr %722, align 4
+  %724 = sext i32 %723 to i64
+  %725 = mul nsw i64 %724, 2880
+  %726 = getelementptr inbounds float, ptr %x, i64 %725
   store <8 x float> zeroinitializer, ptr %acc0074, align 4
   store <8 x float> zeroinitializer, ptr %acc0175, align 4
-  %726 = add nsw i64 %r0, 1
-  %727 = getelementptr inbounds i32, ptr %rows, i64 %726
-  %728 = load i32, ptr %727, align 4
-  %729 = sext i32 %728 to i64
-  %730 = mul nsw i64 %729, 2880
-  %731 = getelementptr inbounds float, ptr %x, i64 %730
+  %727 = add nsw i64 %r0, 1
+  %728 = getelementptr inbounds i32, ptr %rows, i64 %727
+  %729 = load i32, ptr %728, align 4
+  %730 = sext i32 %729 to i64
+  %731 = mul nsw i64 %730, 2880
+  %732 = getelementptr inbounds float, ptr %x, i64 %731
   store <8 x float> zeroinitializer, ptr %acc1076, align 4
   store <8 x float> zeroinitializer, ptr %acc1177, align 4
-  %732 = add nsw i64 %r0, 2
-  %733 = getelementptr inbounds i32, ptr %rows, i64 %732
-  %734 = load i32, ptr %733, align 4
-  %735 = sext i32 %734 to i64
-  %736 = mul nsw i64 %735, 2880
-  %737 = getelementptr inbounds float, ptr %x, i64 %736
+  %733 = add nsw i64 %r0, 2
+  %734 = getelementptr inbounds i32, ptr %rows, i64 %733
+  %735 = load i32, ptr %734, align 4
+  %736 = sext i32 %735 to i64
+  %737 = mul nsw i64 %736, 2880
+  %738 = getelementptr inbounds float, ptr %x, i64 %737
   store <8 x float> zeroinitializer, ptr %acc2078, align 4
   store <8 x float> zeroinitializer, ptr %acc2179, align 4
-  %738 = add nsw i64 %r0, 3
-  %739 = getelementptr inbounds i32, ptr %rows, i64 %738
-  %740 = load i32, ptr %739, align 4
-  %741 = sext i32 %740 to i64
-  %742 = mul nsw i64 %741, 2880
-  %743 = getelementptr inbounds float, ptr %x, i64 %742
+  %739 = add nsw i64 %r0, 3
+  %740 = getelementptr inbounds i32, ptr %rows, i64 %739
+  %741 = load i32, ptr %740, align 4
+  %742 = sext i32 %741 to i64
+  %743 = mul nsw i64 %742, 2880
+  %744 = getelementptr inbounds float, ptr %x, i64 %743
   store <8 x float> zeroinitializer, ptr %acc3080, align 4
   store <8 x float> zeroinitializer, ptr %acc3181, align 4
   %panel.off82 = mul nsw i64 %p, 46080
-  %744 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
-  %745 = add nsw i64 %p, 1
-  %746 = icmp slt i64 %745, %p1
-  %pf.on83 = and i1 %pf.on, %746
-  %747 = mul nsw i64 %pf.j, 92160
-  %748 = lshr i64 %747, %9
-  %749 = add nsw i64 92160, %748
-  %750 = getelementptr inbounds i8, ptr %744, i64 %749
-  %pf84 = select i1 %pf.on83, ptr %750, ptr %744
-  %pf.sh85 = select i1 %pf.on83, i64 %9, i64 0
+  %745 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
+  %746 = add nsw i64 %p, 1
+  %747 = icmp slt i64 %746, %p1
+  %pf.on83 = and i1 %pf.on, %747
+  %748 = mul nsw i64 %rb, 92160
+  %749 = lshr i64 %748, %11
+  %750 = add nsw i64 92160, %749
+  %751 = getelementptr inbounds i8, ptr %745, i64 %750
+  %pf84 = select i1 %pf.on83, ptr %751, ptr %745
+  %pf.sh85 = select i1 %pf.on83, i64 %11, i64 0
   br label %k.head86
 
 k.head86:                                         ; preds = %pf.any.end91, %tile.mr4
-  %k89 = phi i64 [ 0, %tile.mr4 ], [ %793, %pf.any.end91 ]
-  %751 = icmp slt i64 %k89, 2880
-  br i1 %751, label %k.body87, label %k.end88
+  %k89 = phi i64 [ 0, %tile.mr4 ], [ %794, %pf.any.end91 ]
+  %752 = icmp slt i64 %k89, 2880
+  br i1 %752, label %k.body87, label %k.end88
 
 k.body87:                                         ; preds = %k.head86
-  %752 = mul nsw i64 %k89, 16
-  %753 = add nsw i64 %panel.off82, %752
-  %754 = mul nsw i64 %k89, 32
+  %753 = mul nsw i64 %k89, 16
+  %754 = add nsw i64 %panel.off82, %753
+  %755 = mul nsw i64 %k89, 32
   br i1 %pf.multi, label %pf.any.then90, label %pf.any.end91
 
 pf.any.then90:                                    ; preds = %k.body87
-  %755 = lshr i64 %754, %pf.sh85
-  %756 = getelementptr inbounds i8, ptr %pf84, i64 %755
-  call void @llvm.prefetch.p0(ptr %756, i32 0, i32 2, i32 1)
+  %756 = lshr i64 %755, %pf.sh85
+  %757 = getelementptr inbounds i8, ptr %pf84, i64 %756
+  call void @llvm.prefetch.p0(ptr %757, i32 0, i32 2, i32 1)
   br label %pf.any.end91
 
 pf.any.end91:                                     ; preds = %pf.any.then90, %k.body87
-  %757 = getelementptr inbounds i16, ptr %panels, i64 %753
-  %758 = load <8 x i32>, ptr %757, align 4
-  %759 = shl <8 x i32> %758, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b092 = bitcast <8 x i32> %759 to <8 x float>
-  %760 = and <8 x i32> %758, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b193 = bitcast <8 x i32> %760 to <8 x float>
-  %761 = getelementptr inbounds float, ptr %725, i64 %k89
-  %762 = load float, ptr %761, align 4
-  %763 = insertelement <8 x float> poison, float %762, i32 0
-  %764 = shufflevector <8 x float> %763, <8 x float> poison, <8 x i32> zeroinitializer
-  %765 = load <8 x float>, ptr %acc0074, align 4
-  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b092, <8 x float> %765)
-  store <8 x float> %766, ptr %acc0074, align 4
-  %767 = load <8 x float>, ptr %acc0175, align 4
-  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %764, <8 x float> %b193, <8 x float> %767)
-  store <8 x float> %768, ptr %acc0175, align 4
-  %769 = getelementptr inbounds float, ptr %731, i64 %k89
-  %770 = load float, ptr %769, align 4
-  %771 = insertelement <8 x float> poison, float %770, i32 0
-  %772 = shufflevector <8 x float> %771, <8 x float> poison, <8 x i32> zeroinitializer
-  %773 = load <8 x float>, ptr %acc1076, align 4
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b092, <8 x float> %773)
-  store <8 x float> %774, ptr %acc1076, align 4
-  %775 = load <8 x float>, ptr %acc1177, align 4
-  %776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %b193, <8 x float> %775)
-  store <8 x float> %776, ptr %acc1177, align 4
-  %777 = getelementptr inbounds float, ptr %737, i64 %k89
-  %778 = load float, ptr %777, align 4
-  %779 = insertelement <8 x float> poison, float %778, i32 0
-  %780 = shufflevector <8 x float> %779, <8 x float> poison, <8 x i32> zeroinitializer
-  %781 = load <8 x float>, ptr %acc2078, align 4
-  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b092, <8 x float> %781)
-  store <8 x float> %782, ptr %acc2078, align 4
-  %783 = load <8 x float>, ptr %acc2179, align 4
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> %780, <8 x float> %b193, <8 x float> %783)
-  store <8 x float> %784, ptr %acc2179, align 4
-  %785 = getelementptr inbounds float, ptr %743, i64 %k89
-  %786 = load float, ptr %785, align 4
-  %787 = insertelement <8 x float> poison, float %786, i32 0
-  %788 = shufflevector <8 x float> %787, <8 x float> poison, <8 x i32> zeroinitializer
-  %789 = load <8 x float>, ptr %acc3080, align 4
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b092, <8 x float> %789)
-  store <8 x float> %790, ptr %acc3080, align 4
-  %791 = load <8 x float>, ptr %acc3181, align 4
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %b193, <8 x float> %791)
-  store <8 x float> %792, ptr %acc3181, align 4
-  %793 = add nsw i64 %k89, 1
+  %758 = getelementptr inbounds i16, ptr %panels, i64 %754
+  %759 = load <8 x i32>, ptr %758, align 4
+  %760 = shl <8 x i32> %759, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b092 = bitcast <8 x i32> %760 to <8 x float>
+  %761 = and <8 x i32> %759, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b193 = bitcast <8 x i32> %761 to <8 x float>
+  %762 = getelementptr inbounds float, ptr %726, i64 %k89
+  %763 = load float, ptr %762, align 4
+  %764 = insertelement <8 x float> poison, float %763, i32 0
+  %765 = shufflevector <8 x float> %764, <8 x float> poison, <8 x i32> zeroinitializer
+  %766 = load <8 x float>, ptr %acc0074, align 4
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %b092, <8 x float> %766)
+  store <8 x float> %767, ptr %acc0074, align 4
+  %768 = load <8 x float>, ptr %acc0175, align 4
+  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %b193, <8 x float> %768)
+  store <8 x float> %769, ptr %acc0175, align 4
+  %770 = getelementptr inbounds float, ptr %732, i64 %k89
+  %771 = load float, ptr %770, align 4
+  %772 = insertelement <8 x float> poison, float %771, i32 0
+  %773 = shufflevector <8 x float> %772, <8 x float> poison, <8 x i32> zeroinitializer
+  %774 = load <8 x float>, ptr %acc1076, align 4
+  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %b092, <8 x float> %774)
+  store <8 x float> %775, ptr %acc1076, align 4
+  %776 = load <8 x float>, ptr %acc1177, align 4
+  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %b193, <8 x float> %776)
+  store <8 x float> %777, ptr %acc1177, align 4
+  %778 = getelementptr inbounds float, ptr %738, i64 %k89
+  %779 = load float, ptr %778, align 4
+  %780 = insertelement <8 x float> poison, float %779, i32 0
+  %781 = shufflevector <8 x float> %780, <8 x float> poison, <8 x i32> zeroinitializer
+  %782 = load <8 x float>, ptr %acc2078, align 4
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> %b092, <8 x float> %782)
+  store <8 x float> %783, ptr %acc2078, align 4
+  %784 = load <8 x float>, ptr %acc2179, align 4
+  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> %b193, <8 x float> %784)
+  store <8 x float> %785, ptr %acc2179, align 4
+  %786 = getelementptr inbounds float, ptr %744, i64 %k89
+  %787 = load float, ptr %786, align 4
+  %788 = insertelement <8 x float> poison, float %787, i32 0
+  %789 = shufflevector <8 x float> %788, <8 x float> poison, <8 x i32> zeroinitializer
+  %790 = load <8 x float>, ptr %acc3080, align 4
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b092, <8 x float> %790)
+  store <8 x float> %791, ptr %acc3080, align 4
+  %792 = load <8 x float>, ptr %acc3181, align 4
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b193, <8 x float> %792)
+  store <8 x float> %793, ptr %acc3181, align 4
+  %794 = add nsw i64 %k89, 1
   br label %k.head86
 
 k.end88:                                          ; preds = %k.head86
-  %794 = add nsw i64 %r0, 0
-  %795 = getelementptr inbounds float, ptr %rw, i64 %794
-  %796 = load float, ptr %795, align 4
-  %797 = insertelement <8 x float> poison, float %796, i32 0
-  %798 = shufflevector <8 x float> %797, <8 x float> poison, <8 x i32> zeroinitializer
-  %799 = mul nsw i64 %794, 2880
-  %800 = getelementptr inbounds float, ptr %h, i64 %799
+  %795 = add nsw i64 %r0, 0
+  %796 = getelementptr inbounds float, ptr %rw, i64 %795
+  %797 = load float, ptr %796, align 4
+  %798 = insertelement <8 x float> poison, float %797, i32 0
+  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
+  %800 = mul nsw i64 %795, 2880
+  %801 = getelementptr inbounds float, ptr %h, i64 %800
   %col94 = mul nsw i64 %p, 8
-  %801 = load <8 x float>, ptr %acc0074, align 4
-  %802 = load <8 x float>, ptr %acc0175, align 4
-  %803 = getelementptr inbounds float, ptr %bg, i64 %col94
-  %804 = load <8 x float>, ptr %803, align 4
-  %805 = fadd <8 x float> %801, %804
-  %806 = getelementptr inbounds float, ptr %bu, i64 %col94
-  %807 = load <8 x float>, ptr %806, align 4
-  %808 = fadd <8 x float> %802, %807
-  %809 = fcmp olt <8 x float> %805, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %810 = select <8 x i1> %809, <8 x float> %805, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %811 = fcmp olt <8 x float> %808, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %812 = select <8 x i1> %811, <8 x float> %808, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %813 = fcmp ogt <8 x float> %812, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %815 = fmul <8 x float> %810, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %816 = fneg <8 x float> %815
-  %817 = fcmp olt <8 x float> %816, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %818 = select <8 x i1> %817, <8 x float> %816, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %819 = fcmp ogt <8 x float> %818, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %820 = select <8 x i1> %819, <8 x float> %818, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %822 = call <8 x float> @llvm.floor.v8f32(<8 x float> %821)
-  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %820)
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %823)
-  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %824, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> %824, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %824, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %824, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> %824, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %830 = fmul <8 x float> %824, %824
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> %830, <8 x float> %824)
-  %832 = fadd <8 x float> %831, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %833 = fptosi <8 x float> %822 to <8 x i32>
-  %834 = add <8 x i32> %833, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %835 = shl <8 x i32> %834, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n95 = bitcast <8 x i32> %835 to <8 x float>
-  %exp96 = fmul <8 x float> %832, %exp.2n95
-  %836 = fadd <8 x float> %exp96, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid97 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %836
-  %837 = fmul <8 x float> %810, %sigmoid97
-  %838 = fadd <8 x float> %814, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai98 = fmul <8 x float> %837, %838
-  %839 = fmul <8 x float> %oai98, %798
-  %840 = getelementptr inbounds float, ptr %800, i64 %col94
-  store <8 x float> %839, ptr %840, align 4
-  %841 = add nsw i64 %r0, 1
-  %842 = getelementptr inbounds float, ptr %rw, i64 %841
-  %843 = load float, ptr %842, align 4
-  %844 = insertelement <8 x float> poison, float %843, i32 0
-  %845 = shufflevector <8 x float> %844, <8 x float> poison, <8 x i32> zeroinitializer
-  %846 = mul nsw i64 %841, 2880
-  %847 = getelementptr inbounds float, ptr %h, i64 %846
+  %802 = load <8 x float>, ptr %acc0074, align 4
+  %803 = load <8 x float>, ptr %acc0175, align 4
+  %804 = getelementptr inbounds float, ptr %bg, i64 %col94
+  %805 = load <8 x float>, ptr %804, align 4
+  %806 = fadd <8 x float> %802, %805
+  %807 = getelementptr inbounds float, ptr %bu, i64 %col94
+  %808 = load <8 x float>, ptr %807, align 4
+  %809 = fadd <8 x float> %803, %808
+  %810 = fcmp olt <8 x float> %806, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %811 = select <8 x i1> %810, <8 x float> %806, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %812 = fcmp olt <8 x float> %809, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %813 = select <8 x i1> %812, <8 x float> %809, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %814 = fcmp ogt <8 x float> %813, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %815 = select <8 x i1> %814, <8 x float> %813, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %816 = fmul <8 x float> %811, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %817 = fneg <8 x float> %816
+  %818 = fcmp olt <8 x float> %817, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %819 = select <8 x i1> %818, <8 x float> %817, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %820 = fcmp ogt <8 x float> %819, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %823 = call <8 x float> @llvm.floor.v8f32(<8 x float> %822)
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %821)
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %824)
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %825, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %825, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %825, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> %825, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> %825, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %831 = fmul <8 x float> %825, %825
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %831, <8 x float> %825)
+  %833 = fadd <8 x float> %832, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %834 = fptosi <8 x float> %823 to <8 x i32>
+  %835 = add <8 x i32> %834, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %836 = shl <8 x i32> %835, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n95 = bitcast <8 x i32> %836 to <8 x float>
+  %exp96 = fmul <8 x float> %833, %exp.2n95
+  %837 = fadd <8 x float> %exp96, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid97 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %837
+  %838 = fmul <8 x float> %811, %sigmoid97
+  %839 = fadd <8 x float> %815, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai98 = fmul <8 x float> %838, %839
+  %840 = fmul <8 x float> %oai98, %799
+  %841 = getelementptr inbounds float, ptr %801, i64 %col94
+  store <8 x float> %840, ptr %841, align 4
+  %842 = add nsw i64 %r0, 1
+  %843 = getelementptr inbounds float, ptr %rw, i64 %842
+  %844 = load float, ptr %843, align 4
+  %845 = insertelement <8 x float> poison, float %844, i32 0
+  %846 = shufflevector <8 x float> %845, <8 x float> poison, <8 x i32> zeroinitializer
+  %847 = mul nsw i64 %842, 2880
+  %848 = getelementptr inbounds float, ptr %h, i64 %847
   %col99 = mul nsw i64 %p, 8
-  %848 = load <8 x float>, ptr %acc1076, align 4
-  %849 = load <8 x float>, ptr %acc1177, align 4
-  %850 = getelementptr inbounds float, ptr %bg, i64 %col99
-  %851 = load <8 x float>, ptr %850, align 4
-  %852 = fadd <8 x float> %848, %851
-  %853 = getelementptr inbounds float, ptr %bu, i64 %col99
-  %854 = load <8 x float>, ptr %853, align 4
-  %855 = fadd <8 x float> %849, %854
-  %856 = fcmp olt <8 x float> %852, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %857 = select <8 x i1> %856, <8 x float> %852, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %858 = fcmp olt <8 x float> %855, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %859 = select <8 x i1> %858, <8 x float> %855, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %860 = fcmp ogt <8 x float> %859, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %862 = fmul <8 x float> %857, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %863 = fneg <8 x float> %862
-  %864 = fcmp olt <8 x float> %863, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %865 = select <8 x i1> %864, <8 x float> %863, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %866 = fcmp ogt <8 x float> %865, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %867 = select <8 x i1> %866, <8 x float> %865, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %869 = call <8 x float> @llvm.floor.v8f32(<8 x float> %868)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %867)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %870)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %871, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %871, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %871, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %871, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %871, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %877 = fmul <8 x float> %871, %871
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %877, <8 x float> %871)
-  %879 = fadd <8 x float> %878, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %880 = fptosi <8 x float> %869 to <8 x i32>
-  %881 = add <8 x i32> %880, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %882 = shl <8 x i32> %881, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %882 to <8 x float>
-  %exp101 = fmul <8 x float> %879, %exp.2n100
-  %883 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %883
-  %884 = fmul <8 x float> %857, %sigmoid102
-  %885 = fadd <8 x float> %861, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai103 = fmul <8 x float> %884, %885
-  %886 = fmul <8 x float> %oai103, %845
-  %887 = getelementptr inbounds float, ptr %847, i64 %col99
-  store <8 x float> %886, ptr %887, align 4
-  %888 = add nsw i64 %r0, 2
-  %889 = getelementptr inbounds float, ptr %rw, i64 %888
-  %890 = load float, ptr %889, align 4
-  %891 = insertelement <8 x float> poison, float %890, i32 0
-  %892 = shufflevector <8 x float> %891, <8 x float> poison, <8 x i32> zeroinitializer
-  %893 = mul nsw i64 %888, 2880
-  %894 = getelementptr inbounds float, ptr %h, i64 %893
+  %849 = load <8 x float>, ptr %acc1076, align 4
+  %850 = load <8 x float>, ptr %acc1177, align 4
+  %851 = getelementptr inbounds float, ptr %bg, i64 %col99
+  %852 = load <8 x float>, ptr %851, align 4
+  %853 = fadd <8 x float> %849, %852
+  %854 = getelementptr inbounds float, ptr %bu, i64 %col99
+  %855 = load <8 x float>, ptr %854, align 4
+  %856 = fadd <8 x float> %850, %855
+  %857 = fcmp olt <8 x float> %853, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %858 = select <8 x i1> %857, <8 x float> %853, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %859 = fcmp olt <8 x float> %856, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %860 = select <8 x i1> %859, <8 x float> %856, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %861 = fcmp ogt <8 x float> %860, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %862 = select <8 x i1> %861, <8 x float> %860, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %863 = fmul <8 x float> %858, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %864 = fneg <8 x float> %863
+  %865 = fcmp olt <8 x float> %864, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %866 = select <8 x i1> %865, <8 x float> %864, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %867 = fcmp ogt <8 x float> %866, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %868 = select <8 x i1> %867, <8 x float> %866, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %870 = call <8 x float> @llvm.floor.v8f32(<8 x float> %869)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %868)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %871)
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %872, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %872, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %872, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %872, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %872, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %878 = fmul <8 x float> %872, %872
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %878, <8 x float> %872)
+  %880 = fadd <8 x float> %879, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %881 = fptosi <8 x float> %870 to <8 x i32>
+  %882 = add <8 x i32> %881, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %883 = shl <8 x i32> %882, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %883 to <8 x float>
+  %exp101 = fmul <8 x float> %880, %exp.2n100
+  %884 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %884
+  %885 = fmul <8 x float> %858, %sigmoid102
+  %886 = fadd <8 x float> %862, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai103 = fmul <8 x float> %885, %886
+  %887 = fmul <8 x float> %oai103, %846
+  %888 = getelementptr inbounds float, ptr %848, i64 %col99
+  store <8 x float> %887, ptr %888, align 4
+  %889 = add nsw i64 %r0, 2
+  %890 = getelementptr inbounds float, ptr %rw, i64 %889
+  %891 = load float, ptr %890, align 4
+  %892 = insertelement <8 x float> poison, float %891, i32 0
+  %893 = shufflevector <8 x float> %892, <8 x float> poison, <8 x i32> zeroinitializer
+  %894 = mul nsw i64 %889, 2880
+  %895 = getelementptr inbounds float, ptr %h, i64 %894
   %col104 = mul nsw i64 %p, 8
-  %895 = load <8 x float>, ptr %acc2078, align 4
-  %896 = load <8 x float>, ptr %acc2179, align 4
-  %897 = getelementptr inbounds float, ptr %bg, i64 %col104
-  %898 = load <8 x float>, ptr %897, align 4
-  %899 = fadd <8 x float> %895, %898
-  %900 = getelementptr inbounds float, ptr %bu, i64 %col104
-  %901 = load <8 x float>, ptr %900, align 4
-  %902 = fadd <8 x float> %896, %901
-  %903 = fcmp olt <8 x float> %899, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %904 = select <8 x i1> %903, <8 x float> %899, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %905 = fcmp olt <8 x float> %902, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %906 = select <8 x i1> %905, <8 x float> %902, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %907 = fcmp ogt <8 x float> %906, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %908 = select <8 x i1> %907, <8 x float> %906, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %909 = fmul <8 x float> %904, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %910 = fneg <8 x float> %909
-  %911 = fcmp olt <8 x float> %910, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %912 = select <8 x i1> %911, <8 x float> %910, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %913 = fcmp ogt <8 x float> %912, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %914 = select <8 x i1> %913, <8 x float> %912, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %916 = call <8 x float> @llvm.floor.v8f32(<8 x float> %915)
-  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %914)
-  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %917)
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %918, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> %918, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %918, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %918, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %918, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %924 = fmul <8 x float> %918, %918
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %924, <8 x float> %918)
-  %926 = fadd <8 x float> %925, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %927 = fptosi <8 x float> %916 to <8 x i32>
-  %928 = add <8 x i32> %927, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %929 = shl <8 x i32> %928, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %929 to <8 x float>
-  %exp106 = fmul <8 x float> %926, %exp.2n105
-  %930 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %930
-  %931 = fmul <8 x float> %904, %sigmoid107
-  %932 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai108 = fmul <8 x float> %931, %932
-  %933 = fmul <8 x float> %oai108, %892
-  %934 = getelementptr inbounds float, ptr %894, i64 %col104
-  store <8 x float> %933, ptr %934, align 4
-  %935 = add nsw i64 %r0, 3
-  %936 = getelementptr inbounds float, ptr %rw, i64 %935
-  %937 = load float, ptr %936, align 4
-  %938 = insertelement <8 x float> poison, float %937, i32 0
-  %939 = shufflevector <8 x float> %938, <8 x float> poison, <8 x i32> zeroinitializer
-  %940 = mul nsw i64 %935, 2880
-  %941 = getelementptr inbounds float, ptr %h, i64 %940
+  %896 = load <8 x float>, ptr %acc2078, align 4
+  %897 = load <8 x float>, ptr %acc2179, align 4
+  %898 = getelementptr inbounds float, ptr %bg, i64 %col104
+  %899 = load <8 x float>, ptr %898, align 4
+  %900 = fadd <8 x float> %896, %899
+  %901 = getelementptr inbounds float, ptr %bu, i64 %col104
+  %902 = load <8 x float>, ptr %901, align 4
+  %903 = fadd <8 x float> %897, %902
+  %904 = fcmp olt <8 x float> %900, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %905 = select <8 x i1> %904, <8 x float> %900, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %906 = fcmp olt <8 x float> %903, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %907 = select <8 x i1> %906, <8 x float> %903, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %908 = fcmp ogt <8 x float> %907, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %909 = select <8 x i1> %908, <8 x float> %907, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %910 = fmul <8 x float> %905, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %911 = fneg <8 x float> %910
+  %912 = fcmp olt <8 x float> %911, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %913 = select <8 x i1> %912, <8 x float> %911, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %914 = fcmp ogt <8 x float> %913, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %917 = call <8 x float> @llvm.floor.v8f32(<8 x float> %916)
+  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %915)
+  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %918)
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %919, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %919, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %919, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %919, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %919, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %925 = fmul <8 x float> %919, %919
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %925, <8 x float> %919)
+  %927 = fadd <8 x float> %926, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %928 = fptosi <8 x float> %917 to <8 x i32>
+  %929 = add <8 x i32> %928, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %930 = shl <8 x i32> %929, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %930 to <8 x float>
+  %exp106 = fmul <8 x float> %927, %exp.2n105
+  %931 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %931
+  %932 = fmul <8 x float> %905, %sigmoid107
+  %933 = fadd <8 x float> %909, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai108 = fmul <8 x float> %932, %933
+  %934 = fmul <8 x float> %oai108, %893
+  %935 = getelementptr inbounds float, ptr %895, i64 %col104
+  store <8 x float> %934, ptr %935, align 4
+  %936 = add nsw i64 %r0, 3
+  %937 = getelementptr inbounds float, ptr %rw, i64 %936
+  %938 = load float, ptr %937, align 4
+  %939 = insertelement <8 x float> poison, float %938, i32 0
+  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
+  %941 = mul nsw i64 %936, 2880
+  %942 = getelementptr inbounds float, ptr %h, i64 %941
   %col109 = mul nsw i64 %p, 8
-  %942 = load <8 x float>, ptr %acc3080, align 4
-  %943 = load <8 x float>, ptr %acc3181, align 4
-  %944 = getelementptr inbounds float, ptr %bg, i64 %col109
-  %945 = load <8 x float>, ptr %944, align 4
-  %946 = fadd <8 x float> %942, %945
-  %947 = getelementptr inbounds float, ptr %bu, i64 %col109
-  %948 = load <8 x float>, ptr %947, align 4
-  %949 = fadd <8 x float> %943, %948
-  %950 = fcmp olt <8 x float> %946, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %951 = select <8 x i1> %950, <8 x float> %946, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %952 = fcmp olt <8 x float> %949, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %953 = select <8 x i1> %952, <8 x float> %949, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %954 = fcmp ogt <8 x float> %953, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %955 = select <8 x i1> %954, <8 x float> %953, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %956 = fmul <8 x float> %951, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %957 = fneg <8 x float> %956
-  %958 = fcmp olt <8 x float> %957, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %959 = select <8 x i1> %958, <8 x float> %957, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %960 = fcmp ogt <8 x float> %959, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %961 = select <8 x i1> %960, <8 x float> %959, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %963 = call <8 x float> @llvm.floor.v8f32(<8 x float> %962)
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %961)
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %964)
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %965, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %966, <8 x float> %965, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %965, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %968, <8 x float> %965, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %965, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %971 = fmul <8 x float> %965, %965
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %971, <8 x float> %965)
-  %973 = fadd <8 x float> %972, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %974 = fptosi <8 x float> %963 to <8 x i32>
-  %975 = add <8 x i32> %974, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %976 = shl <8 x i32> %975, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n110 = bitcast <8 x i32> %976 to <8 x float>
-  %exp111 = fmul <8 x float> %973, %exp.2n110
-  %977 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %977
-  %978 = fmul <8 x float> %951, %sigmoid112
-  %979 = fadd <8 x float> %955, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai113 = fmul <8 x float> %978, %979
-  %980 = fmul <8 x float> %oai113, %939
-  %981 = getelementptr inbounds float, ptr %941, i64 %col109
-  store <8 x float> %980, ptr %981, align 4
+  %943 = load <8 x float>, ptr %acc3080, align 4
+  %944 = load <8 x float>, ptr %acc3181, align 4
+  %945 = getelementptr inbounds float, ptr %bg, i64 %col109
+  %946 = load <8 x float>, ptr %945, align 4
+  %947 = fadd <8 x float> %943, %946
+  %948 = getelementptr inbounds float, ptr %bu, i64 %col109
+  %949 = load <8 x float>, ptr %948, align 4
+  %950 = fadd <8 x float> %944, %949
+  %951 = fcmp olt <8 x float> %947, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %952 = select <8 x i1> %951, <8 x float> %947, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %953 = fcmp olt <8 x float> %950, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %954 = select <8 x i1> %953, <8 x float> %950, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %955 = fcmp ogt <8 x float> %954, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %956 = select <8 x i1> %955, <8 x float> %954, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %957 = fmul <8 x float> %952, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %958 = fneg <8 x float> %957
+  %959 = fcmp olt <8 x float> %958, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %960 = select <8 x i1> %959, <8 x float> %958, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %961 = fcmp ogt <8 x float> %960, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %964 = call <8 x float> @llvm.floor.v8f32(<8 x float> %963)
+  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %962)
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %965)
+  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %966, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %966, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %968, <8 x float> %966, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %966, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %966, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %972 = fmul <8 x float> %966, %966
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %972, <8 x float> %966)
+  %974 = fadd <8 x float> %973, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %975 = fptosi <8 x float> %964 to <8 x i32>
+  %976 = add <8 x i32> %975, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %977 = shl <8 x i32> %976, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n110 = bitcast <8 x i32> %977 to <8 x float>
+  %exp111 = fmul <8 x float> %974, %exp.2n110
+  %978 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %978
+  %979 = fmul <8 x float> %952, %sigmoid112
+  %980 = fadd <8 x float> %956, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai113 = fmul <8 x float> %979, %980
+  %981 = fmul <8 x float> %oai113, %940
+  %982 = getelementptr inbounds float, ptr %942, i64 %col109
+  store <8 x float> %981, ptr %982, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %982 = add nsw i64 %r0, 0
-  %983 = getelementptr inbounds i32, ptr %rows, i64 %982
-  %984 = load i32, ptr %983, align 4
-  %985 = sext i32 %984 to i64
-  %986 = mul nsw i64 %985, 2880
-  %987 = getelementptr inbounds float, ptr %x, i64 %986
+tile.mr3:                                         ; preds = %rb.body
+  %983 = add nsw i64 %r0, 0
+  %984 = getelementptr inbounds i32, ptr %rows, i64 %983
+  %985 = load i32, ptr %984, align 4
+  %986 = sext i32 %985 to i64
+  %987 = mul nsw i64 %986, 2880
+  %988 = getelementptr inbounds float, ptr %x, i64 %987
   store <8 x float> zeroinitializer, ptr %acc00114, align 4
   store <8 x float> zeroinitializer, ptr %acc01115, align 4
-  %988 = add nsw i64 %r0, 1
-  %989 = getelementptr inbounds i32, ptr %rows, i64 %988
-  %990 = load i32, ptr %989, align 4
-  %991 = sext i32 %990 to i64
-  %992 = mul nsw i64 %991, 2880
-  %993 = getelementptr inbounds float, ptr %x, i64 %992
+  %989 = add nsw i64 %r0, 1
+  %990 = getelementptr inbounds i32, ptr %rows, i64 %989
+  %991 = load i32, ptr %990, align 4
+  %992 = sext i32 %991 to i64
+  %993 = mul nsw i64 %992, 2880
+  %994 = getelementptr inbounds float, ptr %x, i64 %993
   store <8 x float> zeroinitializer, ptr %acc10116, align 4
   store <8 x float> zeroinitializer, ptr %acc11117, align 4
-  %994 = add nsw i64 %r0, 2
-  %995 = getelementptr inbounds i32, ptr %rows, i64 %994
-  %996 = load i32, ptr %995, align 4
-  %997 = sext i32 %996 to i64
-  %998 = mul nsw i64 %997, 2880
-  %999 = getelementptr inbounds float, ptr %x, i64 %998
+  %995 = add nsw i64 %r0, 2
+  %996 = getelementptr inbounds i32, ptr %rows, i64 %995
+  %997 = load i32, ptr %996, align 4
+  %998 = sext i32 %997 to i64
+  %999 = mul nsw i64 %998, 2880
+  %1000 = getelementptr inbounds float, ptr %x, i64 %999
   store <8 x float> zeroinitializer, ptr %acc20118, align 4
   store <8 x float> zeroinitializer, ptr %acc21119, align 4
   %panel.off120 = mul nsw i64 %p, 46080
-  %1000 = getelementptr inbounds i16, ptr %panels, i64 %panel.off120
-  %1001 = add nsw i64 %p, 1
-  %1002 = icmp slt i64 %1001, %p1
-  %pf.on121 = and i1 %pf.on, %1002
-  %1003 = mul nsw i64 %pf.j, 92160
-  %1004 = lshr i64 %1003, %9
-  %1005 = add nsw i64 92160, %1004
-  %1006 = getelementptr inbounds i8, ptr %1000, i64 %1005
-  %pf122 = select i1 %pf.on121, ptr %1006, ptr %1000
-  %pf.sh123 = select i1 %pf.on121, i64 %9, i64 0
+  %1001 = getelementptr inbounds i16, ptr %panels, i64 %panel.off120
+  %1002 = add nsw i64 %p, 1
+  %1003 = icmp slt i64 %1002, %p1
+  %pf.on121 = and i1 %pf.on, %1003
+  %1004 = mul nsw i64 %rb, 92160
+  %1005 = lshr i64 %1004, %11
+  %1006 = add nsw i64 92160, %1005
+  %1007 = getelementptr inbounds i8, ptr %1001, i64 %1006
+  %pf122 = select i1 %pf.on121, ptr %1007, ptr %1001
+  %pf.sh123 = select i1 %pf.on121, i64 %11, i64 0
   br label %k.head124
 
 k.head124:                                        ; preds = %pf.any.end129, %tile.mr3
-  %k127 = phi i64 [ 0, %tile.mr3 ], [ %1041, %pf.any.end129 ]
-  %1007 = icmp slt i64 %k127, 2880
-  br i1 %1007, label %k.body125, label %k.end126
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %1042, %pf.any.end129 ]
+  %1008 = icmp slt i64 %k127, 2880
+  br i1 %1008, label %k.body125, label %k.end126
 
 k.body125:                                        ; preds = %k.head124
-  %1008 = mul nsw i64 %k127, 16
-  %1009 = add nsw i64 %panel.off120, %1008
-  %1010 = mul nsw i64 %k127, 32
+  %1009 = mul nsw i64 %k127, 16
+  %1010 = add nsw i64 %panel.off120, %1009
+  %1011 = mul nsw i64 %k127, 32
   br i1 %pf.multi, label %pf.any.then128, label %pf.any.end129
 
 pf.any.then128:                                   ; preds = %k.body125
-  %1011 = lshr i64 %1010, %pf.sh123
-  %1012 = getelementptr inbounds i8, ptr %pf122, i64 %1011
-  call void @llvm.prefetch.p0(ptr %1012, i32 0, i32 2, i32 1)
+  %1012 = lshr i64 %1011, %pf.sh123
+  %1013 = getelementptr inbounds i8, ptr %pf122, i64 %1012
+  call void @llvm.prefetch.p0(ptr %1013, i32 0, i32 2, i32 1)
   br label %pf.any.end129
 
 pf.any.end129:                                    ; preds = %pf.any.then128, %k.body125
-  %1013 = getelementptr inbounds i16, ptr %panels, i64 %1009
-  %1014 = load <8 x i32>, ptr %1013, align 4
-  %1015 = shl <8 x i32> %1014, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0130 = bitcast <8 x i32> %1015 to <8 x float>
-  %1016 = and <8 x i32> %1014, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1131 = bitcast <8 x i32> %1016 to <8 x float>
-  %1017 = getelementptr inbounds float, ptr %987, i64 %k127
-  %1018 = load float, ptr %1017, align 4
-  %1019 = insertelement <8 x float> poison, float %1018, i32 0
-  %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
-  %1021 = load <8 x float>, ptr %acc00114, align 4
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0130, <8 x float> %1021)
-  store <8 x float> %1022, ptr %acc00114, align 4
-  %1023 = load <8 x float>, ptr %acc01115, align 4
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1131, <8 x float> %1023)
-  store <8 x float> %1024, ptr %acc01115, align 4
-  %1025 = getelementptr inbounds float, ptr %993, i64 %k127
-  %1026 = load float, ptr %1025, align 4
-  %1027 = insertelement <8 x float> poison, float %1026, i32 0
-  %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
-  %1029 = load <8 x float>, ptr %acc10116, align 4
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0130, <8 x float> %1029)
-  store <8 x float> %1030, ptr %acc10116, align 4
-  %1031 = load <8 x float>, ptr %acc11117, align 4
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1131, <8 x float> %1031)
-  store <8 x float> %1032, ptr %acc11117, align 4
-  %1033 = getelementptr inbounds float, ptr %999, i64 %k127
-  %1034 = load float, ptr %1033, align 4
-  %1035 = insertelement <8 x float> poison, float %1034, i32 0
-  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = load <8 x float>, ptr %acc20118, align 4
-  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0130, <8 x float> %1037)
-  store <8 x float> %1038, ptr %acc20118, align 4
-  %1039 = load <8 x float>, ptr %acc21119, align 4
-  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1131, <8 x float> %1039)
-  store <8 x float> %1040, ptr %acc21119, align 4
-  %1041 = add nsw i64 %k127, 1
+  %1014 = getelementptr inbounds i16, ptr %panels, i64 %1010
+  %1015 = load <8 x i32>, ptr %1014, align 4
+  %1016 = shl <8 x i32> %1015, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0130 = bitcast <8 x i32> %1016 to <8 x float>
+  %1017 = and <8 x i32> %1015, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1131 = bitcast <8 x i32> %1017 to <8 x float>
+  %1018 = getelementptr inbounds float, ptr %988, i64 %k127
+  %1019 = load float, ptr %1018, align 4
+  %1020 = insertelement <8 x float> poison, float %1019, i32 0
+  %1021 = shufflevector <8 x float> %1020, <8 x float> poison, <8 x i32> zeroinitializer
+  %1022 = load <8 x float>, ptr %acc00114, align 4
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %b0130, <8 x float> %1022)
+  store <8 x float> %1023, ptr %acc00114, align 4
+  %1024 = load <8 x float>, ptr %acc01115, align 4
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %b1131, <8 x float> %1024)
+  store <8 x float> %1025, ptr %acc01115, align 4
+  %1026 = getelementptr inbounds float, ptr %994, i64 %k127
+  %1027 = load float, ptr %1026, align 4
+  %1028 = insertelement <8 x float> poison, float %1027, i32 0
+  %1029 = shufflevector <8 x float> %1028, <8 x float> poison, <8 x i32> zeroinitializer
+  %1030 = load <8 x float>, ptr %acc10116, align 4
+  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %b0130, <8 x float> %1030)
+  store <8 x float> %1031, ptr %acc10116, align 4
+  %1032 = load <8 x float>, ptr %acc11117, align 4
+  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %b1131, <8 x float> %1032)
+  store <8 x float> %1033, ptr %acc11117, align 4
+  %1034 = getelementptr inbounds float, ptr %1000, i64 %k127
+  %1035 = load float, ptr %1034, align 4
+  %1036 = insertelement <8 x float> poison, float %1035, i32 0
+  %1037 = shufflevector <8 x float> %1036, <8 x float> poison, <8 x i32> zeroinitializer
+  %1038 = load <8 x float>, ptr %acc20118, align 4
+  %1039 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1037, <8 x float> %b0130, <8 x float> %1038)
+  store <8 x float> %1039, ptr %acc20118, align 4
+  %1040 = load <8 x float>, ptr %acc21119, align 4
+  %1041 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1037, <8 x float> %b1131, <8 x float> %1040)
+  store <8 x float> %1041, ptr %acc21119, align 4
+  %1042 = add nsw i64 %k127, 1
   br label %k.head124
 
 k.end126:                                         ; preds = %k.head124
-  %1042 = add nsw i64 %r0, 0
-  %1043 = getelementptr inbounds float, ptr %rw, i64 %1042
-  %1044 = load float, ptr %1043, align 4
-  %1045 = insertelement <8 x float> poison, float %1044, i32 0
-  %1046 = shufflevector <8 x float> %1045, <8 x float> poison, <8 x i32> zeroinitializer
-  %1047 = mul nsw i64 %1042, 2880
-  %1048 = getelementptr inbounds float, ptr %h, i64 %1047
+  %1043 = add nsw i64 %r0, 0
+  %1044 = getelementptr inbounds float, ptr %rw, i64 %1043
+  %1045 = load float, ptr %1044, align 4
+  %1046 = insertelement <8 x float> poison, float %1045, i32 0
+  %1047 = shufflevector <8 x float> %1046, <8 x float> poison, <8 x i32> zeroinitializer
+  %1048 = mul nsw i64 %1043, 2880
+  %1049 = getelementptr inbounds float, ptr %h, i64 %1048
   %col132 = mul nsw i64 %p, 8
-  %1049 = load <8 x float>, ptr %acc00114, align 4
-  %1050 = load <8 x float>, ptr %acc01115, align 4
-  %1051 = getelementptr inbounds float, ptr %bg, i64 %col132
-  %1052 = load <8 x float>, ptr %1051, align 4
-  %1053 = fadd <8 x float> %1049, %1052
-  %1054 = getelementptr inbounds float, ptr %bu, i64 %col132
-  %1055 = load <8 x float>, ptr %1054, align 4
-  %1056 = fadd <8 x float> %1050, %1055
-  %1057 = fcmp olt <8 x float> %1053, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1058 = select <8 x i1> %1057, <8 x float> %1053, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1059 = fcmp olt <8 x float> %1056, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1060 = select <8 x i1> %1059, <8 x float> %1056, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1061 = fcmp ogt <8 x float> %1060, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1062 = select <8 x i1> %1061, <8 x float> %1060, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1063 = fmul <8 x float> %1058, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1064 = fneg <8 x float> %1063
-  %1065 = fcmp olt <8 x float> %1064, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1066 = select <8 x i1> %1065, <8 x float> %1064, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1067 = fcmp ogt <8 x float> %1066, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1068 = select <8 x i1> %1067, <8 x float> %1066, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1070 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1069)
-  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1068)
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1071)
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1072, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1072, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1072, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1072, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1072, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1078 = fmul <8 x float> %1072, %1072
-  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1078, <8 x float> %1072)
-  %1080 = fadd <8 x float> %1079, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1081 = fptosi <8 x float> %1070 to <8 x i32>
-  %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n133 = bitcast <8 x i32> %1083 to <8 x float>
-  %exp134 = fmul <8 x float> %1080, %exp.2n133
-  %1084 = fadd <8 x float> %exp134, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid135 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
-  %1085 = fmul <8 x float> %1058, %sigmoid135
-  %1086 = fadd <8 x float> %1062, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai136 = fmul <8 x float> %1085, %1086
-  %1087 = fmul <8 x float> %oai136, %1046
-  %1088 = getelementptr inbounds float, ptr %1048, i64 %col132
-  store <8 x float> %1087, ptr %1088, align 4
-  %1089 = add nsw i64 %r0, 1
-  %1090 = getelementptr inbounds float, ptr %rw, i64 %1089
-  %1091 = load float, ptr %1090, align 4
-  %1092 = insertelement <8 x float> poison, float %1091, i32 0
-  %1093 = shufflevector <8 x float> %1092, <8 x float> poison, <8 x i32> zeroinitializer
-  %1094 = mul nsw i64 %1089, 2880
-  %1095 = getelementptr inbounds float, ptr %h, i64 %1094
+  %1050 = load <8 x float>, ptr %acc00114, align 4
+  %1051 = load <8 x float>, ptr %acc01115, align 4
+  %1052 = getelementptr inbounds float, ptr %bg, i64 %col132
+  %1053 = load <8 x float>, ptr %1052, align 4
+  %1054 = fadd <8 x float> %1050, %1053
+  %1055 = getelementptr inbounds float, ptr %bu, i64 %col132
+  %1056 = load <8 x float>, ptr %1055, align 4
+  %1057 = fadd <8 x float> %1051, %1056
+  %1058 = fcmp olt <8 x float> %1054, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1059 = select <8 x i1> %1058, <8 x float> %1054, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1060 = fcmp olt <8 x float> %1057, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1061 = select <8 x i1> %1060, <8 x float> %1057, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1062 = fcmp ogt <8 x float> %1061, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1063 = select <8 x i1> %1062, <8 x float> %1061, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1064 = fmul <8 x float> %1059, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1065 = fneg <8 x float> %1064
+  %1066 = fcmp olt <8 x float> %1065, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1067 = select <8 x i1> %1066, <8 x float> %1065, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1068 = fcmp ogt <8 x float> %1067, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1069 = select <8 x i1> %1068, <8 x float> %1067, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1071 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1070)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1069)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1072)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1073, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1073, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1073, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1073, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1073, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1079 = fmul <8 x float> %1073, %1073
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1078, <8 x float> %1079, <8 x float> %1073)
+  %1081 = fadd <8 x float> %1080, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1082 = fptosi <8 x float> %1071 to <8 x i32>
+  %1083 = add <8 x i32> %1082, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1084 = shl <8 x i32> %1083, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n133 = bitcast <8 x i32> %1084 to <8 x float>
+  %exp134 = fmul <8 x float> %1081, %exp.2n133
+  %1085 = fadd <8 x float> %exp134, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid135 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1085
+  %1086 = fmul <8 x float> %1059, %sigmoid135
+  %1087 = fadd <8 x float> %1063, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai136 = fmul <8 x float> %1086, %1087
+  %1088 = fmul <8 x float> %oai136, %1047
+  %1089 = getelementptr inbounds float, ptr %1049, i64 %col132
+  store <8 x float> %1088, ptr %1089, align 4
+  %1090 = add nsw i64 %r0, 1
+  %1091 = getelementptr inbounds float, ptr %rw, i64 %1090
+  %1092 = load float, ptr %1091, align 4
+  %1093 = insertelement <8 x float> poison, float %1092, i32 0
+  %1094 = shufflevector <8 x float> %1093, <8 x float> poison, <8 x i32> zeroinitializer
+  %1095 = mul nsw i64 %1090, 2880
+  %1096 = getelementptr inbounds float, ptr %h, i64 %1095
   %col137 = mul nsw i64 %p, 8
-  %1096 = load <8 x float>, ptr %acc10116, align 4
-  %1097 = load <8 x float>, ptr %acc11117, align 4
-  %1098 = getelementptr inbounds float, ptr %bg, i64 %col137
-  %1099 = load <8 x float>, ptr %1098, align 4
-  %1100 = fadd <8 x float> %1096, %1099
-  %1101 = getelementptr inbounds float, ptr %bu, i64 %col137
-  %1102 = load <8 x float>, ptr %1101, align 4
-  %1103 = fadd <8 x float> %1097, %1102
-  %1104 = fcmp olt <8 x float> %1100, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1105 = select <8 x i1> %1104, <8 x float> %1100, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1106 = fcmp olt <8 x float> %1103, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1107 = select <8 x i1> %1106, <8 x float> %1103, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1108 = fcmp ogt <8 x float> %1107, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1109 = select <8 x i1> %1108, <8 x float> %1107, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1110 = fmul <8 x float> %1105, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1111 = fneg <8 x float> %1110
-  %1112 = fcmp olt <8 x float> %1111, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1113 = select <8 x i1> %1112, <8 x float> %1111, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1114 = fcmp ogt <8 x float> %1113, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1115 = select <8 x i1> %1114, <8 x float> %1113, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1115, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1117 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1116)
-  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1115)
-  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1118)
-  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1119, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1120, <8 x float> %1119, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1119, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1119, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1119, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1125 = fmul <8 x float> %1119, %1119
-  %1126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> %1125, <8 x float> %1119)
-  %1127 = fadd <8 x float> %1126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1128 = fptosi <8 x float> %1117 to <8 x i32>
-  %1129 = add <8 x i32> %1128, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1130 = shl <8 x i32> %1129, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %1130 to <8 x float>
-  %exp139 = fmul <8 x float> %1127, %exp.2n138
-  %1131 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1131
-  %1132 = fmul <8 x float> %1105, %sigmoid140
-  %1133 = fadd <8 x float> %1109, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai141 = fmul <8 x float> %1132, %1133
-  %1134 = fmul <8 x float> %oai141, %1093
-  %1135 = getelementptr inbounds float, ptr %1095, i64 %col137
-  store <8 x float> %1134, ptr %1135, align 4
-  %1136 = add nsw i64 %r0, 2
-  %1137 = getelementptr inbounds float, ptr %rw, i64 %1136
-  %1138 = load float, ptr %1137, align 4
-  %1139 = insertelement <8 x float> poison, float %1138, i32 0
-  %1140 = shufflevector <8 x float> %1139, <8 x float> poison, <8 x i32> zeroinitializer
-  %1141 = mul nsw i64 %1136, 2880
-  %1142 = getelementptr inbounds float, ptr %h, i64 %1141
+  %1097 = load <8 x float>, ptr %acc10116, align 4
+  %1098 = load <8 x float>, ptr %acc11117, align 4
+  %1099 = getelementptr inbounds float, ptr %bg, i64 %col137
+  %1100 = load <8 x float>, ptr %1099, align 4
+  %1101 = fadd <8 x float> %1097, %1100
+  %1102 = getelementptr inbounds float, ptr %bu, i64 %col137
+  %1103 = load <8 x float>, ptr %1102, align 4
+  %1104 = fadd <8 x float> %1098, %1103
+  %1105 = fcmp olt <8 x float> %1101, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1106 = select <8 x i1> %1105, <8 x float> %1101, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1107 = fcmp olt <8 x float> %1104, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1108 = select <8 x i1> %1107, <8 x float> %1104, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1109 = fcmp ogt <8 x float> %1108, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1110 = select <8 x i1> %1109, <8 x float> %1108, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1111 = fmul <8 x float> %1106, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1112 = fneg <8 x float> %1111
+  %1113 = fcmp olt <8 x float> %1112, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1114 = select <8 x i1> %1113, <8 x float> %1112, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1115 = fcmp ogt <8 x float> %1114, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1116 = select <8 x i1> %1115, <8 x float> %1114, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1118 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1117)
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1116)
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1119)
+  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1120, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1120, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1120, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1120, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> %1120, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1126 = fmul <8 x float> %1120, %1120
+  %1127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1125, <8 x float> %1126, <8 x float> %1120)
+  %1128 = fadd <8 x float> %1127, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1129 = fptosi <8 x float> %1118 to <8 x i32>
+  %1130 = add <8 x i32> %1129, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1131 = shl <8 x i32> %1130, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n138 = bitcast <8 x i32> %1131 to <8 x float>
+  %exp139 = fmul <8 x float> %1128, %exp.2n138
+  %1132 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1132
+  %1133 = fmul <8 x float> %1106, %sigmoid140
+  %1134 = fadd <8 x float> %1110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai141 = fmul <8 x float> %1133, %1134
+  %1135 = fmul <8 x float> %oai141, %1094
+  %1136 = getelementptr inbounds float, ptr %1096, i64 %col137
+  store <8 x float> %1135, ptr %1136, align 4
+  %1137 = add nsw i64 %r0, 2
+  %1138 = getelementptr inbounds float, ptr %rw, i64 %1137
+  %1139 = load float, ptr %1138, align 4
+  %1140 = insertelement <8 x float> poison, float %1139, i32 0
+  %1141 = shufflevector <8 x float> %1140, <8 x float> poison, <8 x i32> zeroinitializer
+  %1142 = mul nsw i64 %1137, 2880
+  %1143 = getelementptr inbounds float, ptr %h, i64 %1142
   %col142 = mul nsw i64 %p, 8
-  %1143 = load <8 x float>, ptr %acc20118, align 4
-  %1144 = load <8 x float>, ptr %acc21119, align 4
-  %1145 = getelementptr inbounds float, ptr %bg, i64 %col142
-  %1146 = load <8 x float>, ptr %1145, align 4
-  %1147 = fadd <8 x float> %1143, %1146
-  %1148 = getelementptr inbounds float, ptr %bu, i64 %col142
-  %1149 = load <8 x float>, ptr %1148, align 4
-  %1150 = fadd <8 x float> %1144, %1149
-  %1151 = fcmp olt <8 x float> %1147, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1152 = select <8 x i1> %1151, <8 x float> %1147, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1153 = fcmp olt <8 x float> %1150, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1154 = select <8 x i1> %1153, <8 x float> %1150, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1155 = fcmp ogt <8 x float> %1154, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1156 = select <8 x i1> %1155, <8 x float> %1154, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1157 = fmul <8 x float> %1152, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1158 = fneg <8 x float> %1157
-  %1159 = fcmp olt <8 x float> %1158, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1160 = select <8 x i1> %1159, <8 x float> %1158, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1161 = fcmp ogt <8 x float> %1160, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1162 = select <8 x i1> %1161, <8 x float> %1160, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1162, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1164 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1163)
-  %1165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1164, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1162)
-  %1166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1164, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1165)
-  %1167 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1166, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1167, <8 x float> %1166, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1166, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1169, <8 x float> %1166, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1170, <8 x float> %1166, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1172 = fmul <8 x float> %1166, %1166
-  %1173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1171, <8 x float> %1172, <8 x float> %1166)
-  %1174 = fadd <8 x float> %1173, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1175 = fptosi <8 x float> %1164 to <8 x i32>
-  %1176 = add <8 x i32> %1175, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1177 = shl <8 x i32> %1176, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %1177 to <8 x float>
-  %exp144 = fmul <8 x float> %1174, %exp.2n143
-  %1178 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1178
-  %1179 = fmul <8 x float> %1152, %sigmoid145
-  %1180 = fadd <8 x float> %1156, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai146 = fmul <8 x float> %1179, %1180
-  %1181 = fmul <8 x float> %oai146, %1140
-  %1182 = getelementptr inbounds float, ptr %1142, i64 %col142
-  store <8 x float> %1181, ptr %1182, align 4
+  %1144 = load <8 x float>, ptr %acc20118, align 4
+  %1145 = load <8 x float>, ptr %acc21119, align 4
+  %1146 = getelementptr inbounds float, ptr %bg, i64 %col142
+  %1147 = load <8 x float>, ptr %1146, align 4
+  %1148 = fadd <8 x float> %1144, %1147
+  %1149 = getelementptr inbounds float, ptr %bu, i64 %col142
+  %1150 = load <8 x float>, ptr %1149, align 4
+  %1151 = fadd <8 x float> %1145, %1150
+  %1152 = fcmp olt <8 x float> %1148, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1153 = select <8 x i1> %1152, <8 x float> %1148, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1154 = fcmp olt <8 x float> %1151, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1155 = select <8 x i1> %1154, <8 x float> %1151, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1156 = fcmp ogt <8 x float> %1155, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1157 = select <8 x i1> %1156, <8 x float> %1155, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1158 = fmul <8 x float> %1153, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1159 = fneg <8 x float> %1158
+  %1160 = fcmp olt <8 x float> %1159, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1161 = select <8 x i1> %1160, <8 x float> %1159, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1162 = fcmp ogt <8 x float> %1161, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1163 = select <8 x i1> %1162, <8 x float> %1161, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1163, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1165 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1164)
+  %1166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1165, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1163)
+  %1167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1165, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1166)
+  %1168 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1167, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1167, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1169, <8 x float> %1167, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1170, <8 x float> %1167, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1171, <8 x float> %1167, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1173 = fmul <8 x float> %1167, %1167
+  %1174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1172, <8 x float> %1173, <8 x float> %1167)
+  %1175 = fadd <8 x float> %1174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1176 = fptosi <8 x float> %1165 to <8 x i32>
+  %1177 = add <8 x i32> %1176, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1178 = shl <8 x i32> %1177, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %1178 to <8 x float>
+  %exp144 = fmul <8 x float> %1175, %exp.2n143
+  %1179 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1179
+  %1180 = fmul <8 x float> %1153, %sigmoid145
+  %1181 = fadd <8 x float> %1157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai146 = fmul <8 x float> %1180, %1181
+  %1182 = fmul <8 x float> %oai146, %1141
+  %1183 = getelementptr inbounds float, ptr %1143, i64 %col142
+  store <8 x float> %1182, ptr %1183, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %1183 = add nsw i64 %r0, 0
-  %1184 = getelementptr inbounds i32, ptr %rows, i64 %1183
-  %1185 = load i32, ptr %1184, align 4
-  %1186 = sext i32 %1185 to i64
-  %1187 = mul nsw i64 %1186, 2880
-  %1188 = getelementptr inbounds float, ptr %x, i64 %1187
+tile.mr2:                                         ; preds = %rb.body
+  %1184 = add nsw i64 %r0, 0
+  %1185 = getelementptr inbounds i32, ptr %rows, i64 %1184
+  %1186 = load i32, ptr %1185, align 4
+  %1187 = sext i32 %1186 to i64
+  %1188 = mul nsw i64 %1187, 2880
+  %1189 = getelementptr inbounds float, ptr %x, i64 %1188
   store <8 x float> zeroinitializer, ptr %acc00147, align 4
   store <8 x float> zeroinitializer, ptr %acc01148, align 4
-  %1189 = add nsw i64 %r0, 1
-  %1190 = getelementptr inbounds i32, ptr %rows, i64 %1189
-  %1191 = load i32, ptr %1190, align 4
-  %1192 = sext i32 %1191 to i64
-  %1193 = mul nsw i64 %1192, 2880
-  %1194 = getelementptr inbounds float, ptr %x, i64 %1193
+  %1190 = add nsw i64 %r0, 1
+  %1191 = getelementptr inbounds i32, ptr %rows, i64 %1190
+  %1192 = load i32, ptr %1191, align 4
+  %1193 = sext i32 %1192 to i64
+  %1194 = mul nsw i64 %1193, 2880
+  %1195 = getelementptr inbounds float, ptr %x, i64 %1194
   store <8 x float> zeroinitializer, ptr %acc10149, align 4
   store <8 x float> zeroinitializer, ptr %acc11150, align 4
   %panel.off151 = mul nsw i64 %p, 46080
-  %1195 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
-  %1196 = add nsw i64 %p, 1
-  %1197 = icmp slt i64 %1196, %p1
-  %pf.on152 = and i1 %pf.on, %1197
-  %1198 = mul nsw i64 %pf.j, 92160
-  %1199 = lshr i64 %1198, %9
-  %1200 = add nsw i64 92160, %1199
-  %1201 = getelementptr inbounds i8, ptr %1195, i64 %1200
-  %pf153 = select i1 %pf.on152, ptr %1201, ptr %1195
-  %pf.sh154 = select i1 %pf.on152, i64 %9, i64 0
+  %1196 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
+  %1197 = add nsw i64 %p, 1
+  %1198 = icmp slt i64 %1197, %p1
+  %pf.on152 = and i1 %pf.on, %1198
+  %1199 = mul nsw i64 %rb, 92160
+  %1200 = lshr i64 %1199, %11
+  %1201 = add nsw i64 92160, %1200
+  %1202 = getelementptr inbounds i8, ptr %1196, i64 %1201
+  %pf153 = select i1 %pf.on152, ptr %1202, ptr %1196
+  %pf.sh154 = select i1 %pf.on152, i64 %11, i64 0
   br label %k.head155
 
 k.head155:                                        ; preds = %pf.any.end160, %tile.mr2
-  %k158 = phi i64 [ 0, %tile.mr2 ], [ %1228, %pf.any.end160 ]
-  %1202 = icmp slt i64 %k158, 2880
-  br i1 %1202, label %k.body156, label %k.end157
+  %k158 = phi i64 [ 0, %tile.mr2 ], [ %1229, %pf.any.end160 ]
+  %1203 = icmp slt i64 %k158, 2880
+  br i1 %1203, label %k.body156, label %k.end157
 
 k.body156:                                        ; preds = %k.head155
-  %1203 = mul nsw i64 %k158, 16
-  %1204 = add nsw i64 %panel.off151, %1203
-  %1205 = mul nsw i64 %k158, 32
+  %1204 = mul nsw i64 %k158, 16
+  %1205 = add nsw i64 %panel.off151, %1204
+  %1206 = mul nsw i64 %k158, 32
   br i1 %pf.multi, label %pf.any.then159, label %pf.any.end160
 
 pf.any.then159:                                   ; preds = %k.body156
-  %1206 = lshr i64 %1205, %pf.sh154
-  %1207 = getelementptr inbounds i8, ptr %pf153, i64 %1206
-  call void @llvm.prefetch.p0(ptr %1207, i32 0, i32 2, i32 1)
+  %1207 = lshr i64 %1206, %pf.sh154
+  %1208 = getelementptr inbounds i8, ptr %pf153, i64 %1207
+  call void @llvm.prefetch.p0(ptr %1208, i32 0, i32 2, i32 1)
   br label %pf.any.end160
 
 pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
-  %1208 = getelementptr inbounds i16, ptr %panels, i64 %1204
-  %1209 = load <8 x i32>, ptr %1208, align 4
-  %1210 = shl <8 x i32> %1209, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %1210 to <8 x float>
-  %1211 = and <8 x i32> %1209, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %1211 to <8 x float>
-  %1212 = getelementptr inbounds float, ptr %1188, i64 %k158
-  %1213 = load float, ptr %1212, align 4
-  %1214 = insertelement <8 x float> poison, float %1213, i32 0
-  %1215 = shufflevector <8 x float> %1214, <8 x float> poison, <8 x i32> zeroinitializer
-  %1216 = load <8 x float>, ptr %acc00147, align 4
-  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b0161, <8 x float> %1216)
-  store <8 x float> %1217, ptr %acc00147, align 4
-  %1218 = load <8 x float>, ptr %acc01148, align 4
-  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %b1162, <8 x float> %1218)
-  store <8 x float> %1219, ptr %acc01148, align 4
-  %1220 = getelementptr inbounds float, ptr %1194, i64 %k158
-  %1221 = load float, ptr %1220, align 4
-  %1222 = insertelement <8 x float> poison, float %1221, i32 0
-  %1223 = shufflevector <8 x float> %1222, <8 x float> poison, <8 x i32> zeroinitializer
-  %1224 = load <8 x float>, ptr %acc10149, align 4
-  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b0161, <8 x float> %1224)
-  store <8 x float> %1225, ptr %acc10149, align 4
-  %1226 = load <8 x float>, ptr %acc11150, align 4
-  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b1162, <8 x float> %1226)
-  store <8 x float> %1227, ptr %acc11150, align 4
-  %1228 = add nsw i64 %k158, 1
+  %1209 = getelementptr inbounds i16, ptr %panels, i64 %1205
+  %1210 = load <8 x i32>, ptr %1209, align 4
+  %1211 = shl <8 x i32> %1210, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %1211 to <8 x float>
+  %1212 = and <8 x i32> %1210, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %1212 to <8 x float>
+  %1213 = getelementptr inbounds float, ptr %1189, i64 %k158
+  %1214 = load float, ptr %1213, align 4
+  %1215 = insertelement <8 x float> poison, float %1214, i32 0
+  %1216 = shufflevector <8 x float> %1215, <8 x float> poison, <8 x i32> zeroinitializer
+  %1217 = load <8 x float>, ptr %acc00147, align 4
+  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %b0161, <8 x float> %1217)
+  store <8 x float> %1218, ptr %acc00147, align 4
+  %1219 = load <8 x float>, ptr %acc01148, align 4
+  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %b1162, <8 x float> %1219)
+  store <8 x float> %1220, ptr %acc01148, align 4
+  %1221 = getelementptr inbounds float, ptr %1195, i64 %k158
+  %1222 = load float, ptr %1221, align 4
+  %1223 = insertelement <8 x float> poison, float %1222, i32 0
+  %1224 = shufflevector <8 x float> %1223, <8 x float> poison, <8 x i32> zeroinitializer
+  %1225 = load <8 x float>, ptr %acc10149, align 4
+  %1226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1224, <8 x float> %b0161, <8 x float> %1225)
+  store <8 x float> %1226, ptr %acc10149, align 4
+  %1227 = load <8 x float>, ptr %acc11150, align 4
+  %1228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1224, <8 x float> %b1162, <8 x float> %1227)
+  store <8 x float> %1228, ptr %acc11150, align 4
+  %1229 = add nsw i64 %k158, 1
   br label %k.head155
 
 k.end157:                                         ; preds = %k.head155
-  %1229 = add nsw i64 %r0, 0
-  %1230 = getelementptr inbounds float, ptr %rw, i64 %1229
-  %1231 = load float, ptr %1230, align 4
-  %1232 = insertelement <8 x float> poison, float %1231, i32 0
-  %1233 = shufflevector <8 x float> %1232, <8 x float> poison, <8 x i32> zeroinitializer
-  %1234 = mul nsw i64 %1229, 2880
-  %1235 = getelementptr inbounds float, ptr %h, i64 %1234
+  %1230 = add nsw i64 %r0, 0
+  %1231 = getelementptr inbounds float, ptr %rw, i64 %1230
+  %1232 = load float, ptr %1231, align 4
+  %1233 = insertelement <8 x float> poison, float %1232, i32 0
+  %1234 = shufflevector <8 x float> %1233, <8 x float> poison, <8 x i32> zeroinitializer
+  %1235 = mul nsw i64 %1230, 2880
+  %1236 = getelementptr inbounds float, ptr %h, i64 %1235
   %col163 = mul nsw i64 %p, 8
-  %1236 = load <8 x float>, ptr %acc00147, align 4
-  %1237 = load <8 x float>, ptr %acc01148, align 4
-  %1238 = getelementptr inbounds float, ptr %bg, i64 %col163
-  %1239 = load <8 x float>, ptr %1238, align 4
-  %1240 = fadd <8 x float> %1236, %1239
-  %1241 = getelementptr inbounds float, ptr %bu, i64 %col163
-  %1242 = load <8 x float>, ptr %1241, align 4
-  %1243 = fadd <8 x float> %1237, %1242
-  %1244 = fcmp olt <8 x float> %1240, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1245 = select <8 x i1> %1244, <8 x float> %1240, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1246 = fcmp olt <8 x float> %1243, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1247 = select <8 x i1> %1246, <8 x float> %1243, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1248 = fcmp ogt <8 x float> %1247, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1249 = select <8 x i1> %1248, <8 x float> %1247, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1250 = fmul <8 x float> %1245, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1251 = fneg <8 x float> %1250
-  %1252 = fcmp olt <8 x float> %1251, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1253 = select <8 x i1> %1252, <8 x float> %1251, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1254 = fcmp ogt <8 x float> %1253, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1255 = select <8 x i1> %1254, <8 x float> %1253, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1255, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1257 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1256)
-  %1258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1255)
-  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1258)
-  %1260 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1259, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1260, <8 x float> %1259, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1261, <8 x float> %1259, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1262, <8 x float> %1259, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %1259, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1265 = fmul <8 x float> %1259, %1259
-  %1266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1264, <8 x float> %1265, <8 x float> %1259)
-  %1267 = fadd <8 x float> %1266, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1268 = fptosi <8 x float> %1257 to <8 x i32>
-  %1269 = add <8 x i32> %1268, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1270 = shl <8 x i32> %1269, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n164 = bitcast <8 x i32> %1270 to <8 x float>
-  %exp165 = fmul <8 x float> %1267, %exp.2n164
-  %1271 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1271
-  %1272 = fmul <8 x float> %1245, %sigmoid166
-  %1273 = fadd <8 x float> %1249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai167 = fmul <8 x float> %1272, %1273
-  %1274 = fmul <8 x float> %oai167, %1233
-  %1275 = getelementptr inbounds float, ptr %1235, i64 %col163
-  store <8 x float> %1274, ptr %1275, align 4
-  %1276 = add nsw i64 %r0, 1
-  %1277 = getelementptr inbounds float, ptr %rw, i64 %1276
-  %1278 = load float, ptr %1277, align 4
-  %1279 = insertelement <8 x float> poison, float %1278, i32 0
-  %1280 = shufflevector <8 x float> %1279, <8 x float> poison, <8 x i32> zeroinitializer
-  %1281 = mul nsw i64 %1276, 2880
-  %1282 = getelementptr inbounds float, ptr %h, i64 %1281
+  %1237 = load <8 x float>, ptr %acc00147, align 4
+  %1238 = load <8 x float>, ptr %acc01148, align 4
+  %1239 = getelementptr inbounds float, ptr %bg, i64 %col163
+  %1240 = load <8 x float>, ptr %1239, align 4
+  %1241 = fadd <8 x float> %1237, %1240
+  %1242 = getelementptr inbounds float, ptr %bu, i64 %col163
+  %1243 = load <8 x float>, ptr %1242, align 4
+  %1244 = fadd <8 x float> %1238, %1243
+  %1245 = fcmp olt <8 x float> %1241, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1246 = select <8 x i1> %1245, <8 x float> %1241, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1247 = fcmp olt <8 x float> %1244, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1248 = select <8 x i1> %1247, <8 x float> %1244, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1249 = fcmp ogt <8 x float> %1248, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1250 = select <8 x i1> %1249, <8 x float> %1248, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1251 = fmul <8 x float> %1246, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1252 = fneg <8 x float> %1251
+  %1253 = fcmp olt <8 x float> %1252, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1254 = select <8 x i1> %1253, <8 x float> %1252, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1255 = fcmp ogt <8 x float> %1254, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1256 = select <8 x i1> %1255, <8 x float> %1254, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1256, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1258 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1257)
+  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1258, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1256)
+  %1260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1258, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1259)
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1261, <8 x float> %1260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1262, <8 x float> %1260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %1260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1264, <8 x float> %1260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1266 = fmul <8 x float> %1260, %1260
+  %1267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1265, <8 x float> %1266, <8 x float> %1260)
+  %1268 = fadd <8 x float> %1267, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1269 = fptosi <8 x float> %1258 to <8 x i32>
+  %1270 = add <8 x i32> %1269, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1271 = shl <8 x i32> %1270, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n164 = bitcast <8 x i32> %1271 to <8 x float>
+  %exp165 = fmul <8 x float> %1268, %exp.2n164
+  %1272 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1272
+  %1273 = fmul <8 x float> %1246, %sigmoid166
+  %1274 = fadd <8 x float> %1250, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai167 = fmul <8 x float> %1273, %1274
+  %1275 = fmul <8 x float> %oai167, %1234
+  %1276 = getelementptr inbounds float, ptr %1236, i64 %col163
+  store <8 x float> %1275, ptr %1276, align 4
+  %1277 = add nsw i64 %r0, 1
+  %1278 = getelementptr inbounds float, ptr %rw, i64 %1277
+  %1279 = load float, ptr %1278, align 4
+  %1280 = insertelement <8 x float> poison, float %1279, i32 0
+  %1281 = shufflevector <8 x float> %1280, <8 x float> poison, <8 x i32> zeroinitializer
+  %1282 = mul nsw i64 %1277, 2880
+  %1283 = getelementptr inbounds float, ptr %h, i64 %1282
   %col168 = mul nsw i64 %p, 8
-  %1283 = load <8 x float>, ptr %acc10149, align 4
-  %1284 = load <8 x float>, ptr %acc11150, align 4
-  %1285 = getelementptr inbounds float, ptr %bg, i64 %col168
-  %1286 = load <8 x float>, ptr %1285, align 4
-  %1287 = fadd <8 x float> %1283, %1286
-  %1288 = getelementptr inbounds float, ptr %bu, i64 %col168
-  %1289 = load <8 x float>, ptr %1288, align 4
-  %1290 = fadd <8 x float> %1284, %1289
-  %1291 = fcmp olt <8 x float> %1287, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1292 = select <8 x i1> %1291, <8 x float> %1287, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1293 = fcmp olt <8 x float> %1290, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1294 = select <8 x i1> %1293, <8 x float> %1290, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1295 = fcmp ogt <8 x float> %1294, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1296 = select <8 x i1> %1295, <8 x float> %1294, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1297 = fmul <8 x float> %1292, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1298 = fneg <8 x float> %1297
-  %1299 = fcmp olt <8 x float> %1298, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1300 = select <8 x i1> %1299, <8 x float> %1298, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1301 = fcmp ogt <8 x float> %1300, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1302 = select <8 x i1> %1301, <8 x float> %1300, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1302, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1304 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1303)
-  %1305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1302)
-  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1305)
-  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1306, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> %1306, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1306, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1306, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1306, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1312 = fmul <8 x float> %1306, %1306
-  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1312, <8 x float> %1306)
-  %1314 = fadd <8 x float> %1313, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1315 = fptosi <8 x float> %1304 to <8 x i32>
-  %1316 = add <8 x i32> %1315, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1317 = shl <8 x i32> %1316, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n169 = bitcast <8 x i32> %1317 to <8 x float>
-  %exp170 = fmul <8 x float> %1314, %exp.2n169
-  %1318 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
-  %1319 = fmul <8 x float> %1292, %sigmoid171
-  %1320 = fadd <8 x float> %1296, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai172 = fmul <8 x float> %1319, %1320
-  %1321 = fmul <8 x float> %oai172, %1280
-  %1322 = getelementptr inbounds float, ptr %1282, i64 %col168
-  store <8 x float> %1321, ptr %1322, align 4
+  %1284 = load <8 x float>, ptr %acc10149, align 4
+  %1285 = load <8 x float>, ptr %acc11150, align 4
+  %1286 = getelementptr inbounds float, ptr %bg, i64 %col168
+  %1287 = load <8 x float>, ptr %1286, align 4
+  %1288 = fadd <8 x float> %1284, %1287
+  %1289 = getelementptr inbounds float, ptr %bu, i64 %col168
+  %1290 = load <8 x float>, ptr %1289, align 4
+  %1291 = fadd <8 x float> %1285, %1290
+  %1292 = fcmp olt <8 x float> %1288, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1293 = select <8 x i1> %1292, <8 x float> %1288, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1294 = fcmp olt <8 x float> %1291, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1295 = select <8 x i1> %1294, <8 x float> %1291, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1296 = fcmp ogt <8 x float> %1295, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1297 = select <8 x i1> %1296, <8 x float> %1295, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1298 = fmul <8 x float> %1293, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1299 = fneg <8 x float> %1298
+  %1300 = fcmp olt <8 x float> %1299, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1301 = select <8 x i1> %1300, <8 x float> %1299, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1302 = fcmp ogt <8 x float> %1301, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1303 = select <8 x i1> %1302, <8 x float> %1301, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1303, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1305 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1304)
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1303)
+  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1306)
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1307, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1307, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1307, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1307, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1307, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1313 = fmul <8 x float> %1307, %1307
+  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1313, <8 x float> %1307)
+  %1315 = fadd <8 x float> %1314, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1316 = fptosi <8 x float> %1305 to <8 x i32>
+  %1317 = add <8 x i32> %1316, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1318 = shl <8 x i32> %1317, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n169 = bitcast <8 x i32> %1318 to <8 x float>
+  %exp170 = fmul <8 x float> %1315, %exp.2n169
+  %1319 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1319
+  %1320 = fmul <8 x float> %1293, %sigmoid171
+  %1321 = fadd <8 x float> %1297, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai172 = fmul <8 x float> %1320, %1321
+  %1322 = fmul <8 x float> %oai172, %1281
+  %1323 = getelementptr inbounds float, ptr %1283, i64 %col168
+  store <8 x float> %1322, ptr %1323, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %1323 = add nsw i64 %r0, 0
-  %1324 = getelementptr inbounds i32, ptr %rows, i64 %1323
-  %1325 = load i32, ptr %1324, align 4
-  %1326 = sext i32 %1325 to i64
-  %1327 = mul nsw i64 %1326, 2880
-  %1328 = getelementptr inbounds float, ptr %x, i64 %1327
+tile.mr1:                                         ; preds = %rb.body
+  %1324 = add nsw i64 %r0, 0
+  %1325 = getelementptr inbounds i32, ptr %rows, i64 %1324
+  %1326 = load i32, ptr %1325, align 4
+  %1327 = sext i32 %1326 to i64
+  %1328 = mul nsw i64 %1327, 2880
+  %1329 = getelementptr inbounds float, ptr %x, i64 %1328
   store <8 x float> zeroinitializer, ptr %acc00173, align 4
   store <8 x float> zeroinitializer, ptr %acc01174, align 4
   %panel.off175 = mul nsw i64 %p, 46080
-  %1329 = getelementptr inbounds i16, ptr %panels, i64 %panel.off175
-  %1330 = add nsw i64 %p, 1
-  %1331 = icmp slt i64 %1330, %p1
-  %pf.on176 = and i1 %pf.on, %1331
-  %1332 = mul nsw i64 %pf.j, 92160
-  %1333 = lshr i64 %1332, %9
-  %1334 = add nsw i64 92160, %1333
-  %1335 = getelementptr inbounds i8, ptr %1329, i64 %1334
-  %pf177 = select i1 %pf.on176, ptr %1335, ptr %1329
-  %pf.sh178 = select i1 %pf.on176, i64 %9, i64 0
+  %1330 = getelementptr inbounds i16, ptr %panels, i64 %panel.off175
+  %1331 = add nsw i64 %p, 1
+  %1332 = icmp slt i64 %1331, %p1
+  %pf.on176 = and i1 %pf.on, %1332
+  %1333 = mul nsw i64 %rb, 92160
+  %1334 = lshr i64 %1333, %11
+  %1335 = add nsw i64 92160, %1334
+  %1336 = getelementptr inbounds i8, ptr %1330, i64 %1335
+  %pf177 = select i1 %pf.on176, ptr %1336, ptr %1330
+  %pf.sh178 = select i1 %pf.on176, i64 %11, i64 0
   br label %k.head179
 
 k.head179:                                        ; preds = %pf.any.end184, %tile.mr1
-  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1354, %pf.any.end184 ]
-  %1336 = icmp slt i64 %k182, 2880
-  br i1 %1336, label %k.body180, label %k.end181
+  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1355, %pf.any.end184 ]
+  %1337 = icmp slt i64 %k182, 2880
+  br i1 %1337, label %k.body180, label %k.end181
 
 k.body180:                                        ; preds = %k.head179
-  %1337 = mul nsw i64 %k182, 16
-  %1338 = add nsw i64 %panel.off175, %1337
-  %1339 = mul nsw i64 %k182, 32
+  %1338 = mul nsw i64 %k182, 16
+  %1339 = add nsw i64 %panel.off175, %1338
+  %1340 = mul nsw i64 %k182, 32
   br i1 %pf.multi, label %pf.any.then183, label %pf.any.end184
 
 pf.any.then183:                                   ; preds = %k.body180
-  %1340 = lshr i64 %1339, %pf.sh178
-  %1341 = getelementptr inbounds i8, ptr %pf177, i64 %1340
-  call void @llvm.prefetch.p0(ptr %1341, i32 0, i32 2, i32 1)
+  %1341 = lshr i64 %1340, %pf.sh178
+  %1342 = getelementptr inbounds i8, ptr %pf177, i64 %1341
+  call void @llvm.prefetch.p0(ptr %1342, i32 0, i32 2, i32 1)
   br label %pf.any.end184
 
 pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
-  %1342 = getelementptr inbounds i16, ptr %panels, i64 %1338
-  %1343 = load <8 x i32>, ptr %1342, align 4
-  %1344 = shl <8 x i32> %1343, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0185 = bitcast <8 x i32> %1344 to <8 x float>
-  %1345 = and <8 x i32> %1343, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1186 = bitcast <8 x i32> %1345 to <8 x float>
-  %1346 = getelementptr inbounds float, ptr %1328, i64 %k182
-  %1347 = load float, ptr %1346, align 4
-  %1348 = insertelement <8 x float> poison, float %1347, i32 0
-  %1349 = shufflevector <8 x float> %1348, <8 x float> poison, <8 x i32> zeroinitializer
-  %1350 = load <8 x float>, ptr %acc00173, align 4
-  %1351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b0185, <8 x float> %1350)
-  store <8 x float> %1351, ptr %acc00173, align 4
-  %1352 = load <8 x float>, ptr %acc01174, align 4
-  %1353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1349, <8 x float> %b1186, <8 x float> %1352)
-  store <8 x float> %1353, ptr %acc01174, align 4
-  %1354 = add nsw i64 %k182, 1
+  %1343 = getelementptr inbounds i16, ptr %panels, i64 %1339
+  %1344 = load <8 x i32>, ptr %1343, align 4
+  %1345 = shl <8 x i32> %1344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0185 = bitcast <8 x i32> %1345 to <8 x float>
+  %1346 = and <8 x i32> %1344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1186 = bitcast <8 x i32> %1346 to <8 x float>
+  %1347 = getelementptr inbounds float, ptr %1329, i64 %k182
+  %1348 = load float, ptr %1347, align 4
+  %1349 = insertelement <8 x float> poison, float %1348, i32 0
+  %1350 = shufflevector <8 x float> %1349, <8 x float> poison, <8 x i32> zeroinitializer
+  %1351 = load <8 x float>, ptr %acc00173, align 4
+  %1352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %b0185, <8 x float> %1351)
+  store <8 x float> %1352, ptr %acc00173, align 4
+  %1353 = load <8 x float>, ptr %acc01174, align 4
+  %1354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %b1186, <8 x float> %1353)
+  store <8 x float> %1354, ptr %acc01174, align 4
+  %1355 = add nsw i64 %k182, 1
   br label %k.head179
 
 k.end181:                                         ; preds = %k.head179
-  %1355 = add nsw i64 %r0, 0
-  %1356 = getelementptr inbounds float, ptr %rw, i64 %1355
-  %1357 = load float, ptr %1356, align 4
-  %1358 = insertelement <8 x float> poison, float %1357, i32 0
-  %1359 = shufflevector <8 x float> %1358, <8 x float> poison, <8 x i32> zeroinitializer
-  %1360 = mul nsw i64 %1355, 2880
-  %1361 = getelementptr inbounds float, ptr %h, i64 %1360
+  %1356 = add nsw i64 %r0, 0
+  %1357 = getelementptr inbounds float, ptr %rw, i64 %1356
+  %1358 = load float, ptr %1357, align 4
+  %1359 = insertelement <8 x float> poison, float %1358, i32 0
+  %1360 = shufflevector <8 x float> %1359, <8 x float> poison, <8 x i32> zeroinitializer
+  %1361 = mul nsw i64 %1356, 2880
+  %1362 = getelementptr inbounds float, ptr %h, i64 %1361
   %col187 = mul nsw i64 %p, 8
-  %1362 = load <8 x float>, ptr %acc00173, align 4
-  %1363 = load <8 x float>, ptr %acc01174, align 4
-  %1364 = getelementptr inbounds float, ptr %bg, i64 %col187
-  %1365 = load <8 x float>, ptr %1364, align 4
-  %1366 = fadd <8 x float> %1362, %1365
-  %1367 = getelementptr inbounds float, ptr %bu, i64 %col187
-  %1368 = load <8 x float>, ptr %1367, align 4
-  %1369 = fadd <8 x float> %1363, %1368
-  %1370 = fcmp olt <8 x float> %1366, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1371 = select <8 x i1> %1370, <8 x float> %1366, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1372 = fcmp olt <8 x float> %1369, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1373 = select <8 x i1> %1372, <8 x float> %1369, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1374 = fcmp ogt <8 x float> %1373, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1375 = select <8 x i1> %1374, <8 x float> %1373, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1376 = fmul <8 x float> %1371, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1377 = fneg <8 x float> %1376
-  %1378 = fcmp olt <8 x float> %1377, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1379 = select <8 x i1> %1378, <8 x float> %1377, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1380 = fcmp ogt <8 x float> %1379, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1381 = select <8 x i1> %1380, <8 x float> %1379, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1381, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1383 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1382)
-  %1384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1383, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1381)
-  %1385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1383, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1384)
-  %1386 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1385, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1386, <8 x float> %1385, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1387, <8 x float> %1385, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1388, <8 x float> %1385, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1389, <8 x float> %1385, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1391 = fmul <8 x float> %1385, %1385
-  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1391, <8 x float> %1385)
-  %1393 = fadd <8 x float> %1392, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1394 = fptosi <8 x float> %1383 to <8 x i32>
-  %1395 = add <8 x i32> %1394, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1396 = shl <8 x i32> %1395, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n188 = bitcast <8 x i32> %1396 to <8 x float>
-  %exp189 = fmul <8 x float> %1393, %exp.2n188
-  %1397 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1397
-  %1398 = fmul <8 x float> %1371, %sigmoid190
-  %1399 = fadd <8 x float> %1375, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai191 = fmul <8 x float> %1398, %1399
-  %1400 = fmul <8 x float> %oai191, %1359
-  %1401 = getelementptr inbounds float, ptr %1361, i64 %col187
-  store <8 x float> %1400, ptr %1401, align 4
+  %1363 = load <8 x float>, ptr %acc00173, align 4
+  %1364 = load <8 x float>, ptr %acc01174, align 4
+  %1365 = getelementptr inbounds float, ptr %bg, i64 %col187
+  %1366 = load <8 x float>, ptr %1365, align 4
+  %1367 = fadd <8 x float> %1363, %1366
+  %1368 = getelementptr inbounds float, ptr %bu, i64 %col187
+  %1369 = load <8 x float>, ptr %1368, align 4
+  %1370 = fadd <8 x float> %1364, %1369
+  %1371 = fcmp olt <8 x float> %1367, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1372 = select <8 x i1> %1371, <8 x float> %1367, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1373 = fcmp olt <8 x float> %1370, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1374 = select <8 x i1> %1373, <8 x float> %1370, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1375 = fcmp ogt <8 x float> %1374, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1376 = select <8 x i1> %1375, <8 x float> %1374, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1377 = fmul <8 x float> %1372, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1378 = fneg <8 x float> %1377
+  %1379 = fcmp olt <8 x float> %1378, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1380 = select <8 x i1> %1379, <8 x float> %1378, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1381 = fcmp ogt <8 x float> %1380, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1382 = select <8 x i1> %1381, <8 x float> %1380, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1382, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1384 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1383)
+  %1385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1384, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1382)
+  %1386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1384, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1385)
+  %1387 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1386, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1387, <8 x float> %1386, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1388, <8 x float> %1386, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1389, <8 x float> %1386, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1386, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1392 = fmul <8 x float> %1386, %1386
+  %1393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1391, <8 x float> %1392, <8 x float> %1386)
+  %1394 = fadd <8 x float> %1393, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1395 = fptosi <8 x float> %1384 to <8 x i32>
+  %1396 = add <8 x i32> %1395, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1397 = shl <8 x i32> %1396, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n188 = bitcast <8 x i32> %1397 to <8 x float>
+  %exp189 = fmul <8 x float> %1394, %exp.2n188
+  %1398 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1398
+  %1399 = fmul <8 x float> %1372, %sigmoid190
+  %1400 = fadd <8 x float> %1376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai191 = fmul <8 x float> %1399, %1400
+  %1401 = fmul <8 x float> %oai191, %1360
+  %1402 = getelementptr inbounds float, ptr %1362, i64 %col187
+  store <8 x float> %1401, ptr %1402, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end181, %k.end157, %k.end126, %k.end88, %k.end43, %k.end
-  %1402 = add nsw i64 %r0, 6
-  br label %r0.head
+  %1403 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %1403 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %1404 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2830,37 +2831,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 180
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %900, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %901, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %899, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %900, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2869,1185 +2871,1185 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 2880
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 2880
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 2880
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 2880
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
   store <8 x float> zeroinitializer, ptr %acc00, align 4
-  %24 = add nsw i64 %col, 8
-  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %22, i64 %25
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %26 = add nsw i64 %r0, 1
-  %27 = mul nsw i64 %26, 2880
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 2880
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  %27 = add nsw i64 %r0, 1
+  %28 = mul nsw i64 %27, 2880
+  %29 = getelementptr inbounds float, ptr %h, i64 %28
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 2880
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = add nsw i64 %col, 0
+  %36 = getelementptr inbounds float, ptr %34, i64 %35
   store <8 x float> zeroinitializer, ptr %acc10, align 4
-  %36 = add nsw i64 %col, 8
-  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  %37 = add nsw i64 %col, 8
+  %38 = getelementptr inbounds float, ptr %34, i64 %37
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %38 = add nsw i64 %r0, 2
-  %39 = mul nsw i64 %38, 2880
-  %40 = getelementptr inbounds float, ptr %h, i64 %39
-  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %42 = load i32, ptr %41, align 4
-  %43 = sext i32 %42 to i64
-  %44 = mul nsw i64 %43, 2880
-  %45 = getelementptr inbounds float, ptr %y, i64 %44
-  %46 = add nsw i64 %col, 0
-  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  %39 = add nsw i64 %r0, 2
+  %40 = mul nsw i64 %39, 2880
+  %41 = getelementptr inbounds float, ptr %h, i64 %40
+  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
+  %43 = load i32, ptr %42, align 4
+  %44 = sext i32 %43 to i64
+  %45 = mul nsw i64 %44, 2880
+  %46 = getelementptr inbounds float, ptr %y, i64 %45
+  %47 = add nsw i64 %col, 0
+  %48 = getelementptr inbounds float, ptr %46, i64 %47
   store <8 x float> zeroinitializer, ptr %acc20, align 4
-  %48 = add nsw i64 %col, 8
-  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  %49 = add nsw i64 %col, 8
+  %50 = getelementptr inbounds float, ptr %46, i64 %49
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %50 = add nsw i64 %r0, 3
-  %51 = mul nsw i64 %50, 2880
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 2880
-  %57 = getelementptr inbounds float, ptr %y, i64 %56
-  %58 = add nsw i64 %col, 0
-  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  %51 = add nsw i64 %r0, 3
+  %52 = mul nsw i64 %51, 2880
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 2880
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %59 = add nsw i64 %col, 0
+  %60 = getelementptr inbounds float, ptr %58, i64 %59
   store <8 x float> zeroinitializer, ptr %acc30, align 4
-  %60 = add nsw i64 %col, 8
-  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  %61 = add nsw i64 %col, 8
+  %62 = getelementptr inbounds float, ptr %58, i64 %61
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 2880
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 2880
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %63 = add nsw i64 %r0, 4
+  %64 = mul nsw i64 %63, 2880
+  %65 = getelementptr inbounds float, ptr %h, i64 %64
+  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %67 = load i32, ptr %66, align 4
+  %68 = sext i32 %67 to i64
+  %69 = mul nsw i64 %68, 2880
+  %70 = getelementptr inbounds float, ptr %y, i64 %69
+  %71 = add nsw i64 %col, 0
+  %72 = getelementptr inbounds float, ptr %70, i64 %71
   store <8 x float> zeroinitializer, ptr %acc40, align 4
-  %72 = add nsw i64 %col, 8
-  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %70, i64 %73
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 2880
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 2880
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %75 = add nsw i64 %r0, 5
+  %76 = mul nsw i64 %75, 2880
+  %77 = getelementptr inbounds float, ptr %h, i64 %76
+  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %79 = load i32, ptr %78, align 4
+  %80 = sext i32 %79 to i64
+  %81 = mul nsw i64 %80, 2880
+  %82 = getelementptr inbounds float, ptr %y, i64 %81
+  %83 = add nsw i64 %col, 0
+  %84 = getelementptr inbounds float, ptr %82, i64 %83
   store <8 x float> zeroinitializer, ptr %acc50, align 4
-  %84 = add nsw i64 %col, 8
-  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %82, i64 %85
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 46080
-  %86 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %87 = add nsw i64 %p, 1
-  %88 = icmp slt i64 %87, %p1
-  %pf.on1 = and i1 %pf.on, %88
-  %89 = mul nsw i64 %pf.j, 92160
-  %90 = lshr i64 %89, %10
-  %91 = add nsw i64 92160, %90
-  %92 = getelementptr inbounds i8, ptr %86, i64 %91
-  %pf = select i1 %pf.on1, ptr %92, ptr %86
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %88 = add nsw i64 %p, 1
+  %89 = icmp slt i64 %88, %p1
+  %pf.on1 = and i1 %pf.on, %89
+  %90 = mul nsw i64 %rb, 92160
+  %91 = lshr i64 %90, %12
+  %92 = add nsw i64 92160, %91
+  %93 = getelementptr inbounds i8, ptr %87, i64 %92
+  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
-  %93 = icmp slt i64 %k, 2880
-  br i1 %93, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %94 = icmp slt i64 %k, 2880
+  br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %94 = mul nsw i64 %k, 16
-  %95 = add nsw i64 %panel.off, %94
-  %96 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 16
+  %96 = add nsw i64 %panel.off, %95
+  %97 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %97 = lshr i64 %96, %pf.sh
-  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
-  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %98 = lshr i64 %97, %pf.sh
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %99 = getelementptr inbounds i16, ptr %panels, i64 %95
-  %100 = load <8 x i32>, ptr %99, align 4
-  %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %101 to <8 x float>
-  %102 = and <8 x i32> %100, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = getelementptr inbounds float, ptr %16, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc00, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc00, align 4
-  %109 = load <8 x float>, ptr %acc01, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc01, align 4
-  %111 = getelementptr inbounds float, ptr %28, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc10, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc10, align 4
-  %117 = load <8 x float>, ptr %acc11, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc11, align 4
-  %119 = getelementptr inbounds float, ptr %40, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc20, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc20, align 4
-  %125 = load <8 x float>, ptr %acc21, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc21, align 4
-  %127 = getelementptr inbounds float, ptr %52, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc30, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc30, align 4
-  %133 = load <8 x float>, ptr %acc31, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc31, align 4
-  %135 = getelementptr inbounds float, ptr %64, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc40, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc40, align 4
-  %141 = load <8 x float>, ptr %acc41, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc41, align 4
-  %143 = getelementptr inbounds float, ptr %76, i64 %k
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <8 x float> poison, float %144, i32 0
-  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
-  %147 = load <8 x float>, ptr %acc50, align 4
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b0, <8 x float> %147)
-  store <8 x float> %148, ptr %acc50, align 4
-  %149 = load <8 x float>, ptr %acc51, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b1, <8 x float> %149)
-  store <8 x float> %150, ptr %acc51, align 4
-  %151 = add nsw i64 %k, 1
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %17, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %41, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %53, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %65, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %77, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %152 = add nsw i64 %r0, 0
-  %153 = getelementptr inbounds float, ptr %rw, i64 %152
-  %154 = load float, ptr %153, align 4
-  %155 = insertelement <8 x float> poison, float %154, i32 0
-  %156 = shufflevector <8 x float> %155, <8 x float> poison, <8 x i32> zeroinitializer
-  %157 = load <8 x float>, ptr %acc00, align 4
-  %158 = add nsw i64 %col, 0
-  %159 = getelementptr inbounds float, ptr %bd, i64 %158
-  %160 = load <8 x float>, ptr %159, align 4
-  %161 = fmul <8 x float> %160, %156
-  %162 = fadd <8 x float> %157, %161
-  store <8 x float> %162, ptr %23, align 4
-  %163 = load <8 x float>, ptr %acc01, align 4
-  %164 = add nsw i64 %col, 8
-  %165 = getelementptr inbounds float, ptr %bd, i64 %164
-  %166 = load <8 x float>, ptr %165, align 4
-  %167 = fmul <8 x float> %166, %156
-  %168 = fadd <8 x float> %163, %167
-  store <8 x float> %168, ptr %25, align 4
-  %169 = add nsw i64 %r0, 1
-  %170 = getelementptr inbounds float, ptr %rw, i64 %169
-  %171 = load float, ptr %170, align 4
-  %172 = insertelement <8 x float> poison, float %171, i32 0
-  %173 = shufflevector <8 x float> %172, <8 x float> poison, <8 x i32> zeroinitializer
-  %174 = load <8 x float>, ptr %acc10, align 4
-  %175 = add nsw i64 %col, 0
-  %176 = getelementptr inbounds float, ptr %bd, i64 %175
-  %177 = load <8 x float>, ptr %176, align 4
-  %178 = fmul <8 x float> %177, %173
-  %179 = fadd <8 x float> %174, %178
-  store <8 x float> %179, ptr %35, align 4
-  %180 = load <8 x float>, ptr %acc11, align 4
-  %181 = add nsw i64 %col, 8
-  %182 = getelementptr inbounds float, ptr %bd, i64 %181
-  %183 = load <8 x float>, ptr %182, align 4
-  %184 = fmul <8 x float> %183, %173
-  %185 = fadd <8 x float> %180, %184
-  store <8 x float> %185, ptr %37, align 4
-  %186 = add nsw i64 %r0, 2
-  %187 = getelementptr inbounds float, ptr %rw, i64 %186
-  %188 = load float, ptr %187, align 4
-  %189 = insertelement <8 x float> poison, float %188, i32 0
-  %190 = shufflevector <8 x float> %189, <8 x float> poison, <8 x i32> zeroinitializer
-  %191 = load <8 x float>, ptr %acc20, align 4
-  %192 = add nsw i64 %col, 0
-  %193 = getelementptr inbounds float, ptr %bd, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  %195 = fmul <8 x float> %194, %190
-  %196 = fadd <8 x float> %191, %195
-  store <8 x float> %196, ptr %47, align 4
-  %197 = load <8 x float>, ptr %acc21, align 4
-  %198 = add nsw i64 %col, 8
-  %199 = getelementptr inbounds float, ptr %bd, i64 %198
-  %200 = load <8 x float>, ptr %199, align 4
-  %201 = fmul <8 x float> %200, %190
-  %202 = fadd <8 x float> %197, %201
-  store <8 x float> %202, ptr %49, align 4
-  %203 = add nsw i64 %r0, 3
-  %204 = getelementptr inbounds float, ptr %rw, i64 %203
-  %205 = load float, ptr %204, align 4
-  %206 = insertelement <8 x float> poison, float %205, i32 0
-  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
-  %208 = load <8 x float>, ptr %acc30, align 4
-  %209 = add nsw i64 %col, 0
-  %210 = getelementptr inbounds float, ptr %bd, i64 %209
-  %211 = load <8 x float>, ptr %210, align 4
-  %212 = fmul <8 x float> %211, %207
-  %213 = fadd <8 x float> %208, %212
-  store <8 x float> %213, ptr %59, align 4
-  %214 = load <8 x float>, ptr %acc31, align 4
-  %215 = add nsw i64 %col, 8
-  %216 = getelementptr inbounds float, ptr %bd, i64 %215
-  %217 = load <8 x float>, ptr %216, align 4
-  %218 = fmul <8 x float> %217, %207
-  %219 = fadd <8 x float> %214, %218
-  store <8 x float> %219, ptr %61, align 4
-  %220 = add nsw i64 %r0, 4
-  %221 = getelementptr inbounds float, ptr %rw, i64 %220
-  %222 = load float, ptr %221, align 4
-  %223 = insertelement <8 x float> poison, float %222, i32 0
-  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
-  %225 = load <8 x float>, ptr %acc40, align 4
-  %226 = add nsw i64 %col, 0
-  %227 = getelementptr inbounds float, ptr %bd, i64 %226
-  %228 = load <8 x float>, ptr %227, align 4
-  %229 = fmul <8 x float> %228, %224
-  %230 = fadd <8 x float> %225, %229
-  store <8 x float> %230, ptr %71, align 4
-  %231 = load <8 x float>, ptr %acc41, align 4
-  %232 = add nsw i64 %col, 8
-  %233 = getelementptr inbounds float, ptr %bd, i64 %232
-  %234 = load <8 x float>, ptr %233, align 4
-  %235 = fmul <8 x float> %234, %224
-  %236 = fadd <8 x float> %231, %235
-  store <8 x float> %236, ptr %73, align 4
-  %237 = add nsw i64 %r0, 5
-  %238 = getelementptr inbounds float, ptr %rw, i64 %237
-  %239 = load float, ptr %238, align 4
-  %240 = insertelement <8 x float> poison, float %239, i32 0
-  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
-  %242 = load <8 x float>, ptr %acc50, align 4
-  %243 = add nsw i64 %col, 0
-  %244 = getelementptr inbounds float, ptr %bd, i64 %243
-  %245 = load <8 x float>, ptr %244, align 4
-  %246 = fmul <8 x float> %245, %241
-  %247 = fadd <8 x float> %242, %246
-  store <8 x float> %247, ptr %83, align 4
-  %248 = load <8 x float>, ptr %acc51, align 4
-  %249 = add nsw i64 %col, 8
-  %250 = getelementptr inbounds float, ptr %bd, i64 %249
-  %251 = load <8 x float>, ptr %250, align 4
-  %252 = fmul <8 x float> %251, %241
-  %253 = fadd <8 x float> %248, %252
-  store <8 x float> %253, ptr %85, align 4
+  %153 = add nsw i64 %r0, 0
+  %154 = getelementptr inbounds float, ptr %rw, i64 %153
+  %155 = load float, ptr %154, align 4
+  %156 = insertelement <8 x float> poison, float %155, i32 0
+  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
+  %158 = load <8 x float>, ptr %acc00, align 4
+  %159 = add nsw i64 %col, 0
+  %160 = getelementptr inbounds float, ptr %bd, i64 %159
+  %161 = load <8 x float>, ptr %160, align 4
+  %162 = fmul <8 x float> %161, %157
+  %163 = fadd <8 x float> %158, %162
+  store <8 x float> %163, ptr %24, align 4
+  %164 = load <8 x float>, ptr %acc01, align 4
+  %165 = add nsw i64 %col, 8
+  %166 = getelementptr inbounds float, ptr %bd, i64 %165
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = fmul <8 x float> %167, %157
+  %169 = fadd <8 x float> %164, %168
+  store <8 x float> %169, ptr %26, align 4
+  %170 = add nsw i64 %r0, 1
+  %171 = getelementptr inbounds float, ptr %rw, i64 %170
+  %172 = load float, ptr %171, align 4
+  %173 = insertelement <8 x float> poison, float %172, i32 0
+  %174 = shufflevector <8 x float> %173, <8 x float> poison, <8 x i32> zeroinitializer
+  %175 = load <8 x float>, ptr %acc10, align 4
+  %176 = add nsw i64 %col, 0
+  %177 = getelementptr inbounds float, ptr %bd, i64 %176
+  %178 = load <8 x float>, ptr %177, align 4
+  %179 = fmul <8 x float> %178, %174
+  %180 = fadd <8 x float> %175, %179
+  store <8 x float> %180, ptr %36, align 4
+  %181 = load <8 x float>, ptr %acc11, align 4
+  %182 = add nsw i64 %col, 8
+  %183 = getelementptr inbounds float, ptr %bd, i64 %182
+  %184 = load <8 x float>, ptr %183, align 4
+  %185 = fmul <8 x float> %184, %174
+  %186 = fadd <8 x float> %181, %185
+  store <8 x float> %186, ptr %38, align 4
+  %187 = add nsw i64 %r0, 2
+  %188 = getelementptr inbounds float, ptr %rw, i64 %187
+  %189 = load float, ptr %188, align 4
+  %190 = insertelement <8 x float> poison, float %189, i32 0
+  %191 = shufflevector <8 x float> %190, <8 x float> poison, <8 x i32> zeroinitializer
+  %192 = load <8 x float>, ptr %acc20, align 4
+  %193 = add nsw i64 %col, 0
+  %194 = getelementptr inbounds float, ptr %bd, i64 %193
+  %195 = load <8 x float>, ptr %194, align 4
+  %196 = fmul <8 x float> %195, %191
+  %197 = fadd <8 x float> %192, %196
+  store <8 x float> %197, ptr %48, align 4
+  %198 = load <8 x float>, ptr %acc21, align 4
+  %199 = add nsw i64 %col, 8
+  %200 = getelementptr inbounds float, ptr %bd, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
+  %202 = fmul <8 x float> %201, %191
+  %203 = fadd <8 x float> %198, %202
+  store <8 x float> %203, ptr %50, align 4
+  %204 = add nsw i64 %r0, 3
+  %205 = getelementptr inbounds float, ptr %rw, i64 %204
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc30, align 4
+  %210 = add nsw i64 %col, 0
+  %211 = getelementptr inbounds float, ptr %bd, i64 %210
+  %212 = load <8 x float>, ptr %211, align 4
+  %213 = fmul <8 x float> %212, %208
+  %214 = fadd <8 x float> %209, %213
+  store <8 x float> %214, ptr %60, align 4
+  %215 = load <8 x float>, ptr %acc31, align 4
+  %216 = add nsw i64 %col, 8
+  %217 = getelementptr inbounds float, ptr %bd, i64 %216
+  %218 = load <8 x float>, ptr %217, align 4
+  %219 = fmul <8 x float> %218, %208
+  %220 = fadd <8 x float> %215, %219
+  store <8 x float> %220, ptr %62, align 4
+  %221 = add nsw i64 %r0, 4
+  %222 = getelementptr inbounds float, ptr %rw, i64 %221
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc40, align 4
+  %227 = add nsw i64 %col, 0
+  %228 = getelementptr inbounds float, ptr %bd, i64 %227
+  %229 = load <8 x float>, ptr %228, align 4
+  %230 = fmul <8 x float> %229, %225
+  %231 = fadd <8 x float> %226, %230
+  store <8 x float> %231, ptr %72, align 4
+  %232 = load <8 x float>, ptr %acc41, align 4
+  %233 = add nsw i64 %col, 8
+  %234 = getelementptr inbounds float, ptr %bd, i64 %233
+  %235 = load <8 x float>, ptr %234, align 4
+  %236 = fmul <8 x float> %235, %225
+  %237 = fadd <8 x float> %232, %236
+  store <8 x float> %237, ptr %74, align 4
+  %238 = add nsw i64 %r0, 5
+  %239 = getelementptr inbounds float, ptr %rw, i64 %238
+  %240 = load float, ptr %239, align 4
+  %241 = insertelement <8 x float> poison, float %240, i32 0
+  %242 = shufflevector <8 x float> %241, <8 x float> poison, <8 x i32> zeroinitializer
+  %243 = load <8 x float>, ptr %acc50, align 4
+  %244 = add nsw i64 %col, 0
+  %245 = getelementptr inbounds float, ptr %bd, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
+  %247 = fmul <8 x float> %246, %242
+  %248 = fadd <8 x float> %243, %247
+  store <8 x float> %248, ptr %84, align 4
+  %249 = load <8 x float>, ptr %acc51, align 4
+  %250 = add nsw i64 %col, 8
+  %251 = getelementptr inbounds float, ptr %bd, i64 %250
+  %252 = load <8 x float>, ptr %251, align 4
+  %253 = fmul <8 x float> %252, %242
+  %254 = fadd <8 x float> %249, %253
+  store <8 x float> %254, ptr %86, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %254 = add nsw i64 %r0, 0
-  %255 = mul nsw i64 %254, 2880
-  %256 = getelementptr inbounds float, ptr %h, i64 %255
-  %257 = getelementptr inbounds i32, ptr %rows, i64 %254
-  %258 = load i32, ptr %257, align 4
-  %259 = sext i32 %258 to i64
-  %260 = mul nsw i64 %259, 2880
-  %261 = getelementptr inbounds float, ptr %y, i64 %260
-  %262 = add nsw i64 %col2, 0
-  %263 = getelementptr inbounds float, ptr %261, i64 %262
+  %255 = add nsw i64 %r0, 0
+  %256 = mul nsw i64 %255, 2880
+  %257 = getelementptr inbounds float, ptr %h, i64 %256
+  %258 = getelementptr inbounds i32, ptr %rows, i64 %255
+  %259 = load i32, ptr %258, align 4
+  %260 = sext i32 %259 to i64
+  %261 = mul nsw i64 %260, 2880
+  %262 = getelementptr inbounds float, ptr %y, i64 %261
+  %263 = add nsw i64 %col2, 0
+  %264 = getelementptr inbounds float, ptr %262, i64 %263
   store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %264 = add nsw i64 %col2, 8
-  %265 = getelementptr inbounds float, ptr %261, i64 %264
+  %265 = add nsw i64 %col2, 8
+  %266 = getelementptr inbounds float, ptr %262, i64 %265
   store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %266 = add nsw i64 %r0, 1
-  %267 = mul nsw i64 %266, 2880
-  %268 = getelementptr inbounds float, ptr %h, i64 %267
-  %269 = getelementptr inbounds i32, ptr %rows, i64 %266
-  %270 = load i32, ptr %269, align 4
-  %271 = sext i32 %270 to i64
-  %272 = mul nsw i64 %271, 2880
-  %273 = getelementptr inbounds float, ptr %y, i64 %272
-  %274 = add nsw i64 %col2, 0
-  %275 = getelementptr inbounds float, ptr %273, i64 %274
+  %267 = add nsw i64 %r0, 1
+  %268 = mul nsw i64 %267, 2880
+  %269 = getelementptr inbounds float, ptr %h, i64 %268
+  %270 = getelementptr inbounds i32, ptr %rows, i64 %267
+  %271 = load i32, ptr %270, align 4
+  %272 = sext i32 %271 to i64
+  %273 = mul nsw i64 %272, 2880
+  %274 = getelementptr inbounds float, ptr %y, i64 %273
+  %275 = add nsw i64 %col2, 0
+  %276 = getelementptr inbounds float, ptr %274, i64 %275
   store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %276 = add nsw i64 %col2, 8
-  %277 = getelementptr inbounds float, ptr %273, i64 %276
+  %277 = add nsw i64 %col2, 8
+  %278 = getelementptr inbounds float, ptr %274, i64 %277
   store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %278 = add nsw i64 %r0, 2
-  %279 = mul nsw i64 %278, 2880
-  %280 = getelementptr inbounds float, ptr %h, i64 %279
-  %281 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %282 = load i32, ptr %281, align 4
-  %283 = sext i32 %282 to i64
-  %284 = mul nsw i64 %283, 2880
-  %285 = getelementptr inbounds float, ptr %y, i64 %284
-  %286 = add nsw i64 %col2, 0
-  %287 = getelementptr inbounds float, ptr %285, i64 %286
+  %279 = add nsw i64 %r0, 2
+  %280 = mul nsw i64 %279, 2880
+  %281 = getelementptr inbounds float, ptr %h, i64 %280
+  %282 = getelementptr inbounds i32, ptr %rows, i64 %279
+  %283 = load i32, ptr %282, align 4
+  %284 = sext i32 %283 to i64
+  %285 = mul nsw i64 %284, 2880
+  %286 = getelementptr inbounds float, ptr %y, i64 %285
+  %287 = add nsw i64 %col2, 0
+  %288 = getelementptr inbounds float, ptr %286, i64 %287
   store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %288 = add nsw i64 %col2, 8
-  %289 = getelementptr inbounds float, ptr %285, i64 %288
+  %289 = add nsw i64 %col2, 8
+  %290 = getelementptr inbounds float, ptr %286, i64 %289
   store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %290 = add nsw i64 %r0, 3
-  %291 = mul nsw i64 %290, 2880
-  %292 = getelementptr inbounds float, ptr %h, i64 %291
-  %293 = getelementptr inbounds i32, ptr %rows, i64 %290
-  %294 = load i32, ptr %293, align 4
-  %295 = sext i32 %294 to i64
-  %296 = mul nsw i64 %295, 2880
-  %297 = getelementptr inbounds float, ptr %y, i64 %296
-  %298 = add nsw i64 %col2, 0
-  %299 = getelementptr inbounds float, ptr %297, i64 %298
+  %291 = add nsw i64 %r0, 3
+  %292 = mul nsw i64 %291, 2880
+  %293 = getelementptr inbounds float, ptr %h, i64 %292
+  %294 = getelementptr inbounds i32, ptr %rows, i64 %291
+  %295 = load i32, ptr %294, align 4
+  %296 = sext i32 %295 to i64
+  %297 = mul nsw i64 %296, 2880
+  %298 = getelementptr inbounds float, ptr %y, i64 %297
+  %299 = add nsw i64 %col2, 0
+  %300 = getelementptr inbounds float, ptr %298, i64 %299
   store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %300 = add nsw i64 %col2, 8
-  %301 = getelementptr inbounds float, ptr %297, i64 %300
+  %301 = add nsw i64 %col2, 8
+  %302 = getelementptr inbounds float, ptr %298, i64 %301
   store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %302 = add nsw i64 %r0, 4
-  %303 = mul nsw i64 %302, 2880
-  %304 = getelementptr inbounds float, ptr %h, i64 %303
-  %305 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %306 = load i32, ptr %305, align 4
-  %307 = sext i32 %306 to i64
-  %308 = mul nsw i64 %307, 2880
-  %309 = getelementptr inbounds float, ptr %y, i64 %308
-  %310 = add nsw i64 %col2, 0
-  %311 = getelementptr inbounds float, ptr %309, i64 %310
+  %303 = add nsw i64 %r0, 4
+  %304 = mul nsw i64 %303, 2880
+  %305 = getelementptr inbounds float, ptr %h, i64 %304
+  %306 = getelementptr inbounds i32, ptr %rows, i64 %303
+  %307 = load i32, ptr %306, align 4
+  %308 = sext i32 %307 to i64
+  %309 = mul nsw i64 %308, 2880
+  %310 = getelementptr inbounds float, ptr %y, i64 %309
+  %311 = add nsw i64 %col2, 0
+  %312 = getelementptr inbounds float, ptr %310, i64 %311
   store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %312 = add nsw i64 %col2, 8
-  %313 = getelementptr inbounds float, ptr %309, i64 %312
+  %313 = add nsw i64 %col2, 8
+  %314 = getelementptr inbounds float, ptr %310, i64 %313
   store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 46080
-  %314 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %315 = add nsw i64 %p, 1
-  %316 = icmp slt i64 %315, %p1
-  %pf.on14 = and i1 %pf.on, %316
-  %317 = mul nsw i64 %pf.j, 92160
-  %318 = lshr i64 %317, %10
-  %319 = add nsw i64 92160, %318
-  %320 = getelementptr inbounds i8, ptr %314, i64 %319
-  %pf15 = select i1 %pf.on14, ptr %320, ptr %314
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %315 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %316 = add nsw i64 %p, 1
+  %317 = icmp slt i64 %316, %p1
+  %pf.on14 = and i1 %pf.on, %317
+  %318 = mul nsw i64 %rb, 92160
+  %319 = lshr i64 %318, %12
+  %320 = add nsw i64 92160, %319
+  %321 = getelementptr inbounds i8, ptr %315, i64 %320
+  %pf15 = select i1 %pf.on14, ptr %321, ptr %315
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %371, %pf.any.end22 ]
-  %321 = icmp slt i64 %k20, 2880
-  br i1 %321, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %372, %pf.any.end22 ]
+  %322 = icmp slt i64 %k20, 2880
+  br i1 %322, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %322 = mul nsw i64 %k20, 16
-  %323 = add nsw i64 %panel.off13, %322
-  %324 = mul nsw i64 %k20, 32
+  %323 = mul nsw i64 %k20, 16
+  %324 = add nsw i64 %panel.off13, %323
+  %325 = mul nsw i64 %k20, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %325 = lshr i64 %324, %pf.sh16
-  %326 = getelementptr inbounds i8, ptr %pf15, i64 %325
-  call void @llvm.prefetch.p0(ptr %326, i32 0, i32 2, i32 1)
+  %326 = lshr i64 %325, %pf.sh16
+  %327 = getelementptr inbounds i8, ptr %pf15, i64 %326
+  call void @llvm.prefetch.p0(ptr %327, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %327 = getelementptr inbounds i16, ptr %panels, i64 %323
-  %328 = load <8 x i32>, ptr %327, align 4
-  %329 = shl <8 x i32> %328, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %329 to <8 x float>
-  %330 = and <8 x i32> %328, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %330 to <8 x float>
-  %331 = getelementptr inbounds float, ptr %256, i64 %k20
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %acc003, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b023, <8 x float> %335)
-  store <8 x float> %336, ptr %acc003, align 4
-  %337 = load <8 x float>, ptr %acc014, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b124, <8 x float> %337)
-  store <8 x float> %338, ptr %acc014, align 4
-  %339 = getelementptr inbounds float, ptr %268, i64 %k20
-  %340 = load float, ptr %339, align 4
-  %341 = insertelement <8 x float> poison, float %340, i32 0
-  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %acc105, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b023, <8 x float> %343)
-  store <8 x float> %344, ptr %acc105, align 4
-  %345 = load <8 x float>, ptr %acc116, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b124, <8 x float> %345)
-  store <8 x float> %346, ptr %acc116, align 4
-  %347 = getelementptr inbounds float, ptr %280, i64 %k20
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc207, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b023, <8 x float> %351)
-  store <8 x float> %352, ptr %acc207, align 4
-  %353 = load <8 x float>, ptr %acc218, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b124, <8 x float> %353)
-  store <8 x float> %354, ptr %acc218, align 4
-  %355 = getelementptr inbounds float, ptr %292, i64 %k20
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc309, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b023, <8 x float> %359)
-  store <8 x float> %360, ptr %acc309, align 4
-  %361 = load <8 x float>, ptr %acc3110, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b124, <8 x float> %361)
-  store <8 x float> %362, ptr %acc3110, align 4
-  %363 = getelementptr inbounds float, ptr %304, i64 %k20
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc4011, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b023, <8 x float> %367)
-  store <8 x float> %368, ptr %acc4011, align 4
-  %369 = load <8 x float>, ptr %acc4112, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b124, <8 x float> %369)
-  store <8 x float> %370, ptr %acc4112, align 4
-  %371 = add nsw i64 %k20, 1
+  %328 = getelementptr inbounds i16, ptr %panels, i64 %324
+  %329 = load <8 x i32>, ptr %328, align 4
+  %330 = shl <8 x i32> %329, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %330 to <8 x float>
+  %331 = and <8 x i32> %329, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %331 to <8 x float>
+  %332 = getelementptr inbounds float, ptr %257, i64 %k20
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %acc003, align 4
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b023, <8 x float> %336)
+  store <8 x float> %337, ptr %acc003, align 4
+  %338 = load <8 x float>, ptr %acc014, align 4
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b124, <8 x float> %338)
+  store <8 x float> %339, ptr %acc014, align 4
+  %340 = getelementptr inbounds float, ptr %269, i64 %k20
+  %341 = load float, ptr %340, align 4
+  %342 = insertelement <8 x float> poison, float %341, i32 0
+  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
+  %344 = load <8 x float>, ptr %acc105, align 4
+  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b023, <8 x float> %344)
+  store <8 x float> %345, ptr %acc105, align 4
+  %346 = load <8 x float>, ptr %acc116, align 4
+  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b124, <8 x float> %346)
+  store <8 x float> %347, ptr %acc116, align 4
+  %348 = getelementptr inbounds float, ptr %281, i64 %k20
+  %349 = load float, ptr %348, align 4
+  %350 = insertelement <8 x float> poison, float %349, i32 0
+  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
+  %352 = load <8 x float>, ptr %acc207, align 4
+  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b023, <8 x float> %352)
+  store <8 x float> %353, ptr %acc207, align 4
+  %354 = load <8 x float>, ptr %acc218, align 4
+  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b124, <8 x float> %354)
+  store <8 x float> %355, ptr %acc218, align 4
+  %356 = getelementptr inbounds float, ptr %293, i64 %k20
+  %357 = load float, ptr %356, align 4
+  %358 = insertelement <8 x float> poison, float %357, i32 0
+  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
+  %360 = load <8 x float>, ptr %acc309, align 4
+  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b023, <8 x float> %360)
+  store <8 x float> %361, ptr %acc309, align 4
+  %362 = load <8 x float>, ptr %acc3110, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b124, <8 x float> %362)
+  store <8 x float> %363, ptr %acc3110, align 4
+  %364 = getelementptr inbounds float, ptr %305, i64 %k20
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
+  %368 = load <8 x float>, ptr %acc4011, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b023, <8 x float> %368)
+  store <8 x float> %369, ptr %acc4011, align 4
+  %370 = load <8 x float>, ptr %acc4112, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b124, <8 x float> %370)
+  store <8 x float> %371, ptr %acc4112, align 4
+  %372 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %372 = add nsw i64 %r0, 0
-  %373 = getelementptr inbounds float, ptr %rw, i64 %372
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc003, align 4
-  %378 = add nsw i64 %col2, 0
-  %379 = getelementptr inbounds float, ptr %bd, i64 %378
-  %380 = load <8 x float>, ptr %379, align 4
-  %381 = fmul <8 x float> %380, %376
-  %382 = fadd <8 x float> %377, %381
-  store <8 x float> %382, ptr %263, align 4
-  %383 = load <8 x float>, ptr %acc014, align 4
-  %384 = add nsw i64 %col2, 8
-  %385 = getelementptr inbounds float, ptr %bd, i64 %384
-  %386 = load <8 x float>, ptr %385, align 4
-  %387 = fmul <8 x float> %386, %376
-  %388 = fadd <8 x float> %383, %387
-  store <8 x float> %388, ptr %265, align 4
-  %389 = add nsw i64 %r0, 1
-  %390 = getelementptr inbounds float, ptr %rw, i64 %389
-  %391 = load float, ptr %390, align 4
-  %392 = insertelement <8 x float> poison, float %391, i32 0
-  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
-  %394 = load <8 x float>, ptr %acc105, align 4
-  %395 = add nsw i64 %col2, 0
-  %396 = getelementptr inbounds float, ptr %bd, i64 %395
-  %397 = load <8 x float>, ptr %396, align 4
-  %398 = fmul <8 x float> %397, %393
-  %399 = fadd <8 x float> %394, %398
-  store <8 x float> %399, ptr %275, align 4
-  %400 = load <8 x float>, ptr %acc116, align 4
-  %401 = add nsw i64 %col2, 8
-  %402 = getelementptr inbounds float, ptr %bd, i64 %401
-  %403 = load <8 x float>, ptr %402, align 4
-  %404 = fmul <8 x float> %403, %393
-  %405 = fadd <8 x float> %400, %404
-  store <8 x float> %405, ptr %277, align 4
-  %406 = add nsw i64 %r0, 2
-  %407 = getelementptr inbounds float, ptr %rw, i64 %406
-  %408 = load float, ptr %407, align 4
-  %409 = insertelement <8 x float> poison, float %408, i32 0
-  %410 = shufflevector <8 x float> %409, <8 x float> poison, <8 x i32> zeroinitializer
-  %411 = load <8 x float>, ptr %acc207, align 4
-  %412 = add nsw i64 %col2, 0
-  %413 = getelementptr inbounds float, ptr %bd, i64 %412
-  %414 = load <8 x float>, ptr %413, align 4
-  %415 = fmul <8 x float> %414, %410
-  %416 = fadd <8 x float> %411, %415
-  store <8 x float> %416, ptr %287, align 4
-  %417 = load <8 x float>, ptr %acc218, align 4
-  %418 = add nsw i64 %col2, 8
-  %419 = getelementptr inbounds float, ptr %bd, i64 %418
-  %420 = load <8 x float>, ptr %419, align 4
-  %421 = fmul <8 x float> %420, %410
-  %422 = fadd <8 x float> %417, %421
-  store <8 x float> %422, ptr %289, align 4
-  %423 = add nsw i64 %r0, 3
-  %424 = getelementptr inbounds float, ptr %rw, i64 %423
-  %425 = load float, ptr %424, align 4
-  %426 = insertelement <8 x float> poison, float %425, i32 0
-  %427 = shufflevector <8 x float> %426, <8 x float> poison, <8 x i32> zeroinitializer
-  %428 = load <8 x float>, ptr %acc309, align 4
-  %429 = add nsw i64 %col2, 0
-  %430 = getelementptr inbounds float, ptr %bd, i64 %429
-  %431 = load <8 x float>, ptr %430, align 4
-  %432 = fmul <8 x float> %431, %427
-  %433 = fadd <8 x float> %428, %432
-  store <8 x float> %433, ptr %299, align 4
-  %434 = load <8 x float>, ptr %acc3110, align 4
-  %435 = add nsw i64 %col2, 8
-  %436 = getelementptr inbounds float, ptr %bd, i64 %435
-  %437 = load <8 x float>, ptr %436, align 4
-  %438 = fmul <8 x float> %437, %427
-  %439 = fadd <8 x float> %434, %438
-  store <8 x float> %439, ptr %301, align 4
-  %440 = add nsw i64 %r0, 4
-  %441 = getelementptr inbounds float, ptr %rw, i64 %440
-  %442 = load float, ptr %441, align 4
-  %443 = insertelement <8 x float> poison, float %442, i32 0
-  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
-  %445 = load <8 x float>, ptr %acc4011, align 4
-  %446 = add nsw i64 %col2, 0
-  %447 = getelementptr inbounds float, ptr %bd, i64 %446
-  %448 = load <8 x float>, ptr %447, align 4
-  %449 = fmul <8 x float> %448, %444
-  %450 = fadd <8 x float> %445, %449
-  store <8 x float> %450, ptr %311, align 4
-  %451 = load <8 x float>, ptr %acc4112, align 4
-  %452 = add nsw i64 %col2, 8
-  %453 = getelementptr inbounds float, ptr %bd, i64 %452
-  %454 = load <8 x float>, ptr %453, align 4
-  %455 = fmul <8 x float> %454, %444
-  %456 = fadd <8 x float> %451, %455
-  store <8 x float> %456, ptr %313, align 4
+  %373 = add nsw i64 %r0, 0
+  %374 = getelementptr inbounds float, ptr %rw, i64 %373
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc003, align 4
+  %379 = add nsw i64 %col2, 0
+  %380 = getelementptr inbounds float, ptr %bd, i64 %379
+  %381 = load <8 x float>, ptr %380, align 4
+  %382 = fmul <8 x float> %381, %377
+  %383 = fadd <8 x float> %378, %382
+  store <8 x float> %383, ptr %264, align 4
+  %384 = load <8 x float>, ptr %acc014, align 4
+  %385 = add nsw i64 %col2, 8
+  %386 = getelementptr inbounds float, ptr %bd, i64 %385
+  %387 = load <8 x float>, ptr %386, align 4
+  %388 = fmul <8 x float> %387, %377
+  %389 = fadd <8 x float> %384, %388
+  store <8 x float> %389, ptr %266, align 4
+  %390 = add nsw i64 %r0, 1
+  %391 = getelementptr inbounds float, ptr %rw, i64 %390
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %acc105, align 4
+  %396 = add nsw i64 %col2, 0
+  %397 = getelementptr inbounds float, ptr %bd, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  %399 = fmul <8 x float> %398, %394
+  %400 = fadd <8 x float> %395, %399
+  store <8 x float> %400, ptr %276, align 4
+  %401 = load <8 x float>, ptr %acc116, align 4
+  %402 = add nsw i64 %col2, 8
+  %403 = getelementptr inbounds float, ptr %bd, i64 %402
+  %404 = load <8 x float>, ptr %403, align 4
+  %405 = fmul <8 x float> %404, %394
+  %406 = fadd <8 x float> %401, %405
+  store <8 x float> %406, ptr %278, align 4
+  %407 = add nsw i64 %r0, 2
+  %408 = getelementptr inbounds float, ptr %rw, i64 %407
+  %409 = load float, ptr %408, align 4
+  %410 = insertelement <8 x float> poison, float %409, i32 0
+  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
+  %412 = load <8 x float>, ptr %acc207, align 4
+  %413 = add nsw i64 %col2, 0
+  %414 = getelementptr inbounds float, ptr %bd, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = fmul <8 x float> %415, %411
+  %417 = fadd <8 x float> %412, %416
+  store <8 x float> %417, ptr %288, align 4
+  %418 = load <8 x float>, ptr %acc218, align 4
+  %419 = add nsw i64 %col2, 8
+  %420 = getelementptr inbounds float, ptr %bd, i64 %419
+  %421 = load <8 x float>, ptr %420, align 4
+  %422 = fmul <8 x float> %421, %411
+  %423 = fadd <8 x float> %418, %422
+  store <8 x float> %423, ptr %290, align 4
+  %424 = add nsw i64 %r0, 3
+  %425 = getelementptr inbounds float, ptr %rw, i64 %424
+  %426 = load float, ptr %425, align 4
+  %427 = insertelement <8 x float> poison, float %426, i32 0
+  %428 = shufflevector <8 x float> %427, <8 x float> poison, <8 x i32> zeroinitializer
+  %429 = load <8 x float>, ptr %acc309, align 4
+  %430 = add nsw i64 %col2, 0
+  %431 = getelementptr inbounds float, ptr %bd, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  %433 = fmul <8 x float> %432, %428
+  %434 = fadd <8 x float> %429, %433
+  store <8 x float> %434, ptr %300, align 4
+  %435 = load <8 x float>, ptr %acc3110, align 4
+  %436 = add nsw i64 %col2, 8
+  %437 = getelementptr inbounds float, ptr %bd, i64 %436
+  %438 = load <8 x float>, ptr %437, align 4
+  %439 = fmul <8 x float> %438, %428
+  %440 = fadd <8 x float> %435, %439
+  store <8 x float> %440, ptr %302, align 4
+  %441 = add nsw i64 %r0, 4
+  %442 = getelementptr inbounds float, ptr %rw, i64 %441
+  %443 = load float, ptr %442, align 4
+  %444 = insertelement <8 x float> poison, float %443, i32 0
+  %445 = shufflevector <8 x float> %444, <8 x float> poison, <8 x i32> zeroinitializer
+  %446 = load <8 x float>, ptr %acc4011, align 4
+  %447 = add nsw i64 %col2, 0
+  %448 = getelementptr inbounds float, ptr %bd, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  %450 = fmul <8 x float> %449, %445
+  %451 = fadd <8 x float> %446, %450
+  store <8 x float> %451, ptr %312, align 4
+  %452 = load <8 x float>, ptr %acc4112, align 4
+  %453 = add nsw i64 %col2, 8
+  %454 = getelementptr inbounds float, ptr %bd, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = fmul <8 x float> %455, %445
+  %457 = fadd <8 x float> %452, %456
+  store <8 x float> %457, ptr %314, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %457 = add nsw i64 %r0, 0
-  %458 = mul nsw i64 %457, 2880
-  %459 = getelementptr inbounds float, ptr %h, i64 %458
-  %460 = getelementptr inbounds i32, ptr %rows, i64 %457
-  %461 = load i32, ptr %460, align 4
-  %462 = sext i32 %461 to i64
-  %463 = mul nsw i64 %462, 2880
-  %464 = getelementptr inbounds float, ptr %y, i64 %463
-  %465 = add nsw i64 %col25, 0
-  %466 = getelementptr inbounds float, ptr %464, i64 %465
+  %458 = add nsw i64 %r0, 0
+  %459 = mul nsw i64 %458, 2880
+  %460 = getelementptr inbounds float, ptr %h, i64 %459
+  %461 = getelementptr inbounds i32, ptr %rows, i64 %458
+  %462 = load i32, ptr %461, align 4
+  %463 = sext i32 %462 to i64
+  %464 = mul nsw i64 %463, 2880
+  %465 = getelementptr inbounds float, ptr %y, i64 %464
+  %466 = add nsw i64 %col25, 0
+  %467 = getelementptr inbounds float, ptr %465, i64 %466
   store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %467 = add nsw i64 %col25, 8
-  %468 = getelementptr inbounds float, ptr %464, i64 %467
+  %468 = add nsw i64 %col25, 8
+  %469 = getelementptr inbounds float, ptr %465, i64 %468
   store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %469 = add nsw i64 %r0, 1
-  %470 = mul nsw i64 %469, 2880
-  %471 = getelementptr inbounds float, ptr %h, i64 %470
-  %472 = getelementptr inbounds i32, ptr %rows, i64 %469
-  %473 = load i32, ptr %472, align 4
-  %474 = sext i32 %473 to i64
-  %475 = mul nsw i64 %474, 2880
-  %476 = getelementptr inbounds float, ptr %y, i64 %475
-  %477 = add nsw i64 %col25, 0
-  %478 = getelementptr inbounds float, ptr %476, i64 %477
+  %470 = add nsw i64 %r0, 1
+  %471 = mul nsw i64 %470, 2880
+  %472 = getelementptr inbounds float, ptr %h, i64 %471
+  %473 = getelementptr inbounds i32, ptr %rows, i64 %470
+  %474 = load i32, ptr %473, align 4
+  %475 = sext i32 %474 to i64
+  %476 = mul nsw i64 %475, 2880
+  %477 = getelementptr inbounds float, ptr %y, i64 %476
+  %478 = add nsw i64 %col25, 0
+  %479 = getelementptr inbounds float, ptr %477, i64 %478
   store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %479 = add nsw i64 %col25, 8
-  %480 = getelementptr inbounds float, ptr %476, i64 %479
+  %480 = add nsw i64 %col25, 8
+  %481 = getelementptr inbounds float, ptr %477, i64 %480
   store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %481 = add nsw i64 %r0, 2
-  %482 = mul nsw i64 %481, 2880
-  %483 = getelementptr inbounds float, ptr %h, i64 %482
-  %484 = getelementptr inbounds i32, ptr %rows, i64 %481
-  %485 = load i32, ptr %484, align 4
-  %486 = sext i32 %485 to i64
-  %487 = mul nsw i64 %486, 2880
-  %488 = getelementptr inbounds float, ptr %y, i64 %487
-  %489 = add nsw i64 %col25, 0
-  %490 = getelementptr inbounds float, ptr %488, i64 %489
+  %482 = add nsw i64 %r0, 2
+  %483 = mul nsw i64 %482, 2880
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
+  %486 = load i32, ptr %485, align 4
+  %487 = sext i32 %486 to i64
+  %488 = mul nsw i64 %487, 2880
+  %489 = getelementptr inbounds float, ptr %y, i64 %488
+  %490 = add nsw i64 %col25, 0
+  %491 = getelementptr inbounds float, ptr %489, i64 %490
   store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %491 = add nsw i64 %col25, 8
-  %492 = getelementptr inbounds float, ptr %488, i64 %491
+  %492 = add nsw i64 %col25, 8
+  %493 = getelementptr inbounds float, ptr %489, i64 %492
   store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %493 = add nsw i64 %r0, 3
-  %494 = mul nsw i64 %493, 2880
-  %495 = getelementptr inbounds float, ptr %h, i64 %494
-  %496 = getelementptr inbounds i32, ptr %rows, i64 %493
-  %497 = load i32, ptr %496, align 4
-  %498 = sext i32 %497 to i64
-  %499 = mul nsw i64 %498, 2880
-  %500 = getelementptr inbounds float, ptr %y, i64 %499
-  %501 = add nsw i64 %col25, 0
-  %502 = getelementptr inbounds float, ptr %500, i64 %501
+  %494 = add nsw i64 %r0, 3
+  %495 = mul nsw i64 %494, 2880
+  %496 = getelementptr inbounds float, ptr %h, i64 %495
+  %497 = getelementptr inbounds i32, ptr %rows, i64 %494
+  %498 = load i32, ptr %497, align 4
+  %499 = sext i32 %498 to i64
+  %500 = mul nsw i64 %499, 2880
+  %501 = getelementptr inbounds float, ptr %y, i64 %500
+  %502 = add nsw i64 %col25, 0
+  %503 = getelementptr inbounds float, ptr %501, i64 %502
   store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %503 = add nsw i64 %col25, 8
-  %504 = getelementptr inbounds float, ptr %500, i64 %503
+  %504 = add nsw i64 %col25, 8
+  %505 = getelementptr inbounds float, ptr %501, i64 %504
   store <8 x float> zeroinitializer, ptr %acc3133, align 4
   %panel.off34 = mul nsw i64 %p, 46080
-  %505 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %506 = add nsw i64 %p, 1
-  %507 = icmp slt i64 %506, %p1
-  %pf.on35 = and i1 %pf.on, %507
-  %508 = mul nsw i64 %pf.j, 92160
-  %509 = lshr i64 %508, %10
-  %510 = add nsw i64 92160, %509
-  %511 = getelementptr inbounds i8, ptr %505, i64 %510
-  %pf36 = select i1 %pf.on35, ptr %511, ptr %505
-  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %507 = add nsw i64 %p, 1
+  %508 = icmp slt i64 %507, %p1
+  %pf.on35 = and i1 %pf.on, %508
+  %509 = mul nsw i64 %rb, 92160
+  %510 = lshr i64 %509, %12
+  %511 = add nsw i64 92160, %510
+  %512 = getelementptr inbounds i8, ptr %506, i64 %511
+  %pf36 = select i1 %pf.on35, ptr %512, ptr %506
+  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %554, %pf.any.end43 ]
-  %512 = icmp slt i64 %k41, 2880
-  br i1 %512, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %555, %pf.any.end43 ]
+  %513 = icmp slt i64 %k41, 2880
+  br i1 %513, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %513 = mul nsw i64 %k41, 16
-  %514 = add nsw i64 %panel.off34, %513
-  %515 = mul nsw i64 %k41, 32
+  %514 = mul nsw i64 %k41, 16
+  %515 = add nsw i64 %panel.off34, %514
+  %516 = mul nsw i64 %k41, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %516 = lshr i64 %515, %pf.sh37
-  %517 = getelementptr inbounds i8, ptr %pf36, i64 %516
-  call void @llvm.prefetch.p0(ptr %517, i32 0, i32 2, i32 1)
+  %517 = lshr i64 %516, %pf.sh37
+  %518 = getelementptr inbounds i8, ptr %pf36, i64 %517
+  call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %518 = getelementptr inbounds i16, ptr %panels, i64 %514
-  %519 = load <8 x i32>, ptr %518, align 4
-  %520 = shl <8 x i32> %519, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %520 to <8 x float>
-  %521 = and <8 x i32> %519, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %521 to <8 x float>
-  %522 = getelementptr inbounds float, ptr %459, i64 %k41
-  %523 = load float, ptr %522, align 4
-  %524 = insertelement <8 x float> poison, float %523, i32 0
-  %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
-  %526 = load <8 x float>, ptr %acc0026, align 4
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b044, <8 x float> %526)
-  store <8 x float> %527, ptr %acc0026, align 4
-  %528 = load <8 x float>, ptr %acc0127, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %b145, <8 x float> %528)
-  store <8 x float> %529, ptr %acc0127, align 4
-  %530 = getelementptr inbounds float, ptr %471, i64 %k41
-  %531 = load float, ptr %530, align 4
-  %532 = insertelement <8 x float> poison, float %531, i32 0
-  %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
-  %534 = load <8 x float>, ptr %acc1028, align 4
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b044, <8 x float> %534)
-  store <8 x float> %535, ptr %acc1028, align 4
-  %536 = load <8 x float>, ptr %acc1129, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %b145, <8 x float> %536)
-  store <8 x float> %537, ptr %acc1129, align 4
-  %538 = getelementptr inbounds float, ptr %483, i64 %k41
-  %539 = load float, ptr %538, align 4
-  %540 = insertelement <8 x float> poison, float %539, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = load <8 x float>, ptr %acc2030, align 4
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b044, <8 x float> %542)
-  store <8 x float> %543, ptr %acc2030, align 4
-  %544 = load <8 x float>, ptr %acc2131, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %b145, <8 x float> %544)
-  store <8 x float> %545, ptr %acc2131, align 4
-  %546 = getelementptr inbounds float, ptr %495, i64 %k41
-  %547 = load float, ptr %546, align 4
-  %548 = insertelement <8 x float> poison, float %547, i32 0
-  %549 = shufflevector <8 x float> %548, <8 x float> poison, <8 x i32> zeroinitializer
-  %550 = load <8 x float>, ptr %acc3032, align 4
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b044, <8 x float> %550)
-  store <8 x float> %551, ptr %acc3032, align 4
-  %552 = load <8 x float>, ptr %acc3133, align 4
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %b145, <8 x float> %552)
-  store <8 x float> %553, ptr %acc3133, align 4
-  %554 = add nsw i64 %k41, 1
+  %519 = getelementptr inbounds i16, ptr %panels, i64 %515
+  %520 = load <8 x i32>, ptr %519, align 4
+  %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %521 to <8 x float>
+  %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = getelementptr inbounds float, ptr %460, i64 %k41
+  %524 = load float, ptr %523, align 4
+  %525 = insertelement <8 x float> poison, float %524, i32 0
+  %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
+  %527 = load <8 x float>, ptr %acc0026, align 4
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b044, <8 x float> %527)
+  store <8 x float> %528, ptr %acc0026, align 4
+  %529 = load <8 x float>, ptr %acc0127, align 4
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b145, <8 x float> %529)
+  store <8 x float> %530, ptr %acc0127, align 4
+  %531 = getelementptr inbounds float, ptr %472, i64 %k41
+  %532 = load float, ptr %531, align 4
+  %533 = insertelement <8 x float> poison, float %532, i32 0
+  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
+  %535 = load <8 x float>, ptr %acc1028, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b044, <8 x float> %535)
+  store <8 x float> %536, ptr %acc1028, align 4
+  %537 = load <8 x float>, ptr %acc1129, align 4
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b145, <8 x float> %537)
+  store <8 x float> %538, ptr %acc1129, align 4
+  %539 = getelementptr inbounds float, ptr %484, i64 %k41
+  %540 = load float, ptr %539, align 4
+  %541 = insertelement <8 x float> poison, float %540, i32 0
+  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
+  %543 = load <8 x float>, ptr %acc2030, align 4
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %b044, <8 x float> %543)
+  store <8 x float> %544, ptr %acc2030, align 4
+  %545 = load <8 x float>, ptr %acc2131, align 4
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %b145, <8 x float> %545)
+  store <8 x float> %546, ptr %acc2131, align 4
+  %547 = getelementptr inbounds float, ptr %496, i64 %k41
+  %548 = load float, ptr %547, align 4
+  %549 = insertelement <8 x float> poison, float %548, i32 0
+  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
+  %551 = load <8 x float>, ptr %acc3032, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b044, <8 x float> %551)
+  store <8 x float> %552, ptr %acc3032, align 4
+  %553 = load <8 x float>, ptr %acc3133, align 4
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b145, <8 x float> %553)
+  store <8 x float> %554, ptr %acc3133, align 4
+  %555 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %555 = add nsw i64 %r0, 0
-  %556 = getelementptr inbounds float, ptr %rw, i64 %555
-  %557 = load float, ptr %556, align 4
-  %558 = insertelement <8 x float> poison, float %557, i32 0
-  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
-  %560 = load <8 x float>, ptr %acc0026, align 4
-  %561 = add nsw i64 %col25, 0
-  %562 = getelementptr inbounds float, ptr %bd, i64 %561
-  %563 = load <8 x float>, ptr %562, align 4
-  %564 = fmul <8 x float> %563, %559
-  %565 = fadd <8 x float> %560, %564
-  store <8 x float> %565, ptr %466, align 4
-  %566 = load <8 x float>, ptr %acc0127, align 4
-  %567 = add nsw i64 %col25, 8
-  %568 = getelementptr inbounds float, ptr %bd, i64 %567
-  %569 = load <8 x float>, ptr %568, align 4
-  %570 = fmul <8 x float> %569, %559
-  %571 = fadd <8 x float> %566, %570
-  store <8 x float> %571, ptr %468, align 4
-  %572 = add nsw i64 %r0, 1
-  %573 = getelementptr inbounds float, ptr %rw, i64 %572
-  %574 = load float, ptr %573, align 4
-  %575 = insertelement <8 x float> poison, float %574, i32 0
-  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc1028, align 4
-  %578 = add nsw i64 %col25, 0
-  %579 = getelementptr inbounds float, ptr %bd, i64 %578
-  %580 = load <8 x float>, ptr %579, align 4
-  %581 = fmul <8 x float> %580, %576
-  %582 = fadd <8 x float> %577, %581
-  store <8 x float> %582, ptr %478, align 4
-  %583 = load <8 x float>, ptr %acc1129, align 4
-  %584 = add nsw i64 %col25, 8
-  %585 = getelementptr inbounds float, ptr %bd, i64 %584
-  %586 = load <8 x float>, ptr %585, align 4
-  %587 = fmul <8 x float> %586, %576
-  %588 = fadd <8 x float> %583, %587
-  store <8 x float> %588, ptr %480, align 4
-  %589 = add nsw i64 %r0, 2
-  %590 = getelementptr inbounds float, ptr %rw, i64 %589
-  %591 = load float, ptr %590, align 4
-  %592 = insertelement <8 x float> poison, float %591, i32 0
-  %593 = shufflevector <8 x float> %592, <8 x float> poison, <8 x i32> zeroinitializer
-  %594 = load <8 x float>, ptr %acc2030, align 4
-  %595 = add nsw i64 %col25, 0
-  %596 = getelementptr inbounds float, ptr %bd, i64 %595
-  %597 = load <8 x float>, ptr %596, align 4
-  %598 = fmul <8 x float> %597, %593
-  %599 = fadd <8 x float> %594, %598
-  store <8 x float> %599, ptr %490, align 4
-  %600 = load <8 x float>, ptr %acc2131, align 4
-  %601 = add nsw i64 %col25, 8
-  %602 = getelementptr inbounds float, ptr %bd, i64 %601
-  %603 = load <8 x float>, ptr %602, align 4
-  %604 = fmul <8 x float> %603, %593
-  %605 = fadd <8 x float> %600, %604
-  store <8 x float> %605, ptr %492, align 4
-  %606 = add nsw i64 %r0, 3
-  %607 = getelementptr inbounds float, ptr %rw, i64 %606
-  %608 = load float, ptr %607, align 4
-  %609 = insertelement <8 x float> poison, float %608, i32 0
-  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = load <8 x float>, ptr %acc3032, align 4
-  %612 = add nsw i64 %col25, 0
-  %613 = getelementptr inbounds float, ptr %bd, i64 %612
-  %614 = load <8 x float>, ptr %613, align 4
-  %615 = fmul <8 x float> %614, %610
-  %616 = fadd <8 x float> %611, %615
-  store <8 x float> %616, ptr %502, align 4
-  %617 = load <8 x float>, ptr %acc3133, align 4
-  %618 = add nsw i64 %col25, 8
-  %619 = getelementptr inbounds float, ptr %bd, i64 %618
-  %620 = load <8 x float>, ptr %619, align 4
-  %621 = fmul <8 x float> %620, %610
-  %622 = fadd <8 x float> %617, %621
-  store <8 x float> %622, ptr %504, align 4
+  %556 = add nsw i64 %r0, 0
+  %557 = getelementptr inbounds float, ptr %rw, i64 %556
+  %558 = load float, ptr %557, align 4
+  %559 = insertelement <8 x float> poison, float %558, i32 0
+  %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
+  %561 = load <8 x float>, ptr %acc0026, align 4
+  %562 = add nsw i64 %col25, 0
+  %563 = getelementptr inbounds float, ptr %bd, i64 %562
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = fmul <8 x float> %564, %560
+  %566 = fadd <8 x float> %561, %565
+  store <8 x float> %566, ptr %467, align 4
+  %567 = load <8 x float>, ptr %acc0127, align 4
+  %568 = add nsw i64 %col25, 8
+  %569 = getelementptr inbounds float, ptr %bd, i64 %568
+  %570 = load <8 x float>, ptr %569, align 4
+  %571 = fmul <8 x float> %570, %560
+  %572 = fadd <8 x float> %567, %571
+  store <8 x float> %572, ptr %469, align 4
+  %573 = add nsw i64 %r0, 1
+  %574 = getelementptr inbounds float, ptr %rw, i64 %573
+  %575 = load float, ptr %574, align 4
+  %576 = insertelement <8 x float> poison, float %575, i32 0
+  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
+  %578 = load <8 x float>, ptr %acc1028, align 4
+  %579 = add nsw i64 %col25, 0
+  %580 = getelementptr inbounds float, ptr %bd, i64 %579
+  %581 = load <8 x float>, ptr %580, align 4
+  %582 = fmul <8 x float> %581, %577
+  %583 = fadd <8 x float> %578, %582
+  store <8 x float> %583, ptr %479, align 4
+  %584 = load <8 x float>, ptr %acc1129, align 4
+  %585 = add nsw i64 %col25, 8
+  %586 = getelementptr inbounds float, ptr %bd, i64 %585
+  %587 = load <8 x float>, ptr %586, align 4
+  %588 = fmul <8 x float> %587, %577
+  %589 = fadd <8 x float> %584, %588
+  store <8 x float> %589, ptr %481, align 4
+  %590 = add nsw i64 %r0, 2
+  %591 = getelementptr inbounds float, ptr %rw, i64 %590
+  %592 = load float, ptr %591, align 4
+  %593 = insertelement <8 x float> poison, float %592, i32 0
+  %594 = shufflevector <8 x float> %593, <8 x float> poison, <8 x i32> zeroinitializer
+  %595 = load <8 x float>, ptr %acc2030, align 4
+  %596 = add nsw i64 %col25, 0
+  %597 = getelementptr inbounds float, ptr %bd, i64 %596
+  %598 = load <8 x float>, ptr %597, align 4
+  %599 = fmul <8 x float> %598, %594
+  %600 = fadd <8 x float> %595, %599
+  store <8 x float> %600, ptr %491, align 4
+  %601 = load <8 x float>, ptr %acc2131, align 4
+  %602 = add nsw i64 %col25, 8
+  %603 = getelementptr inbounds float, ptr %bd, i64 %602
+  %604 = load <8 x float>, ptr %603, align 4
+  %605 = fmul <8 x float> %604, %594
+  %606 = fadd <8 x float> %601, %605
+  store <8 x float> %606, ptr %493, align 4
+  %607 = add nsw i64 %r0, 3
+  %608 = getelementptr inbounds float, ptr %rw, i64 %607
+  %609 = load float, ptr %608, align 4
+  %610 = insertelement <8 x float> poison, float %609, i32 0
+  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
+  %612 = load <8 x float>, ptr %acc3032, align 4
+  %613 = add nsw i64 %col25, 0
+  %614 = getelementptr inbounds float, ptr %bd, i64 %613
+  %615 = load <8 x float>, ptr %614, align 4
+  %616 = fmul <8 x float> %615, %611
+  %617 = fadd <8 x float> %612, %616
+  store <8 x float> %617, ptr %503, align 4
+  %618 = load <8 x float>, ptr %acc3133, align 4
+  %619 = add nsw i64 %col25, 8
+  %620 = getelementptr inbounds float, ptr %bd, i64 %619
+  %621 = load <8 x float>, ptr %620, align 4
+  %622 = fmul <8 x float> %621, %611
+  %623 = fadd <8 x float> %618, %622
+  store <8 x float> %623, ptr %505, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %623 = add nsw i64 %r0, 0
-  %624 = mul nsw i64 %623, 2880
-  %625 = getelementptr inbounds float, ptr %h, i64 %624
-  %626 = getelementptr inbounds i32, ptr %rows, i64 %623
-  %627 = load i32, ptr %626, align 4
-  %628 = sext i32 %627 to i64
-  %629 = mul nsw i64 %628, 2880
-  %630 = getelementptr inbounds float, ptr %y, i64 %629
-  %631 = add nsw i64 %col46, 0
-  %632 = getelementptr inbounds float, ptr %630, i64 %631
+  %624 = add nsw i64 %r0, 0
+  %625 = mul nsw i64 %624, 2880
+  %626 = getelementptr inbounds float, ptr %h, i64 %625
+  %627 = getelementptr inbounds i32, ptr %rows, i64 %624
+  %628 = load i32, ptr %627, align 4
+  %629 = sext i32 %628 to i64
+  %630 = mul nsw i64 %629, 2880
+  %631 = getelementptr inbounds float, ptr %y, i64 %630
+  %632 = add nsw i64 %col46, 0
+  %633 = getelementptr inbounds float, ptr %631, i64 %632
   store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %633 = add nsw i64 %col46, 8
-  %634 = getelementptr inbounds float, ptr %630, i64 %633
+  %634 = add nsw i64 %col46, 8
+  %635 = getelementptr inbounds float, ptr %631, i64 %634
   store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %635 = add nsw i64 %r0, 1
-  %636 = mul nsw i64 %635, 2880
-  %637 = getelementptr inbounds float, ptr %h, i64 %636
-  %638 = getelementptr inbounds i32, ptr %rows, i64 %635
-  %639 = load i32, ptr %638, align 4
-  %640 = sext i32 %639 to i64
-  %641 = mul nsw i64 %640, 2880
-  %642 = getelementptr inbounds float, ptr %y, i64 %641
-  %643 = add nsw i64 %col46, 0
-  %644 = getelementptr inbounds float, ptr %642, i64 %643
+  %636 = add nsw i64 %r0, 1
+  %637 = mul nsw i64 %636, 2880
+  %638 = getelementptr inbounds float, ptr %h, i64 %637
+  %639 = getelementptr inbounds i32, ptr %rows, i64 %636
+  %640 = load i32, ptr %639, align 4
+  %641 = sext i32 %640 to i64
+  %642 = mul nsw i64 %641, 2880
+  %643 = getelementptr inbounds float, ptr %y, i64 %642
+  %644 = add nsw i64 %col46, 0
+  %645 = getelementptr inbounds float, ptr %643, i64 %644
   store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %645 = add nsw i64 %col46, 8
-  %646 = getelementptr inbounds float, ptr %642, i64 %645
+  %646 = add nsw i64 %col46, 8
+  %647 = getelementptr inbounds float, ptr %643, i64 %646
   store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %647 = add nsw i64 %r0, 2
-  %648 = mul nsw i64 %647, 2880
-  %649 = getelementptr inbounds float, ptr %h, i64 %648
-  %650 = getelementptr inbounds i32, ptr %rows, i64 %647
-  %651 = load i32, ptr %650, align 4
-  %652 = sext i32 %651 to i64
-  %653 = mul nsw i64 %652, 2880
-  %654 = getelementptr inbounds float, ptr %y, i64 %653
-  %655 = add nsw i64 %col46, 0
-  %656 = getelementptr inbounds float, ptr %654, i64 %655
+  %648 = add nsw i64 %r0, 2
+  %649 = mul nsw i64 %648, 2880
+  %650 = getelementptr inbounds float, ptr %h, i64 %649
+  %651 = getelementptr inbounds i32, ptr %rows, i64 %648
+  %652 = load i32, ptr %651, align 4
+  %653 = sext i32 %652 to i64
+  %654 = mul nsw i64 %653, 2880
+  %655 = getelementptr inbounds float, ptr %y, i64 %654
+  %656 = add nsw i64 %col46, 0
+  %657 = getelementptr inbounds float, ptr %655, i64 %656
   store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %657 = add nsw i64 %col46, 8
-  %658 = getelementptr inbounds float, ptr %654, i64 %657
+  %658 = add nsw i64 %col46, 8
+  %659 = getelementptr inbounds float, ptr %655, i64 %658
   store <8 x float> zeroinitializer, ptr %acc2152, align 4
   %panel.off53 = mul nsw i64 %p, 46080
-  %659 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %660 = add nsw i64 %p, 1
-  %661 = icmp slt i64 %660, %p1
-  %pf.on54 = and i1 %pf.on, %661
-  %662 = mul nsw i64 %pf.j, 92160
-  %663 = lshr i64 %662, %10
-  %664 = add nsw i64 92160, %663
-  %665 = getelementptr inbounds i8, ptr %659, i64 %664
-  %pf55 = select i1 %pf.on54, ptr %665, ptr %659
-  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  %660 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %661 = add nsw i64 %p, 1
+  %662 = icmp slt i64 %661, %p1
+  %pf.on54 = and i1 %pf.on, %662
+  %663 = mul nsw i64 %rb, 92160
+  %664 = lshr i64 %663, %12
+  %665 = add nsw i64 92160, %664
+  %666 = getelementptr inbounds i8, ptr %660, i64 %665
+  %pf55 = select i1 %pf.on54, ptr %666, ptr %660
+  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %700, %pf.any.end62 ]
-  %666 = icmp slt i64 %k60, 2880
-  br i1 %666, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %701, %pf.any.end62 ]
+  %667 = icmp slt i64 %k60, 2880
+  br i1 %667, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %667 = mul nsw i64 %k60, 16
-  %668 = add nsw i64 %panel.off53, %667
-  %669 = mul nsw i64 %k60, 32
+  %668 = mul nsw i64 %k60, 16
+  %669 = add nsw i64 %panel.off53, %668
+  %670 = mul nsw i64 %k60, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %670 = lshr i64 %669, %pf.sh56
-  %671 = getelementptr inbounds i8, ptr %pf55, i64 %670
-  call void @llvm.prefetch.p0(ptr %671, i32 0, i32 2, i32 1)
+  %671 = lshr i64 %670, %pf.sh56
+  %672 = getelementptr inbounds i8, ptr %pf55, i64 %671
+  call void @llvm.prefetch.p0(ptr %672, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %672 = getelementptr inbounds i16, ptr %panels, i64 %668
-  %673 = load <8 x i32>, ptr %672, align 4
-  %674 = shl <8 x i32> %673, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %674 to <8 x float>
-  %675 = and <8 x i32> %673, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %675 to <8 x float>
-  %676 = getelementptr inbounds float, ptr %625, i64 %k60
-  %677 = load float, ptr %676, align 4
-  %678 = insertelement <8 x float> poison, float %677, i32 0
-  %679 = shufflevector <8 x float> %678, <8 x float> poison, <8 x i32> zeroinitializer
-  %680 = load <8 x float>, ptr %acc0047, align 4
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b063, <8 x float> %680)
-  store <8 x float> %681, ptr %acc0047, align 4
-  %682 = load <8 x float>, ptr %acc0148, align 4
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %b164, <8 x float> %682)
-  store <8 x float> %683, ptr %acc0148, align 4
-  %684 = getelementptr inbounds float, ptr %637, i64 %k60
-  %685 = load float, ptr %684, align 4
-  %686 = insertelement <8 x float> poison, float %685, i32 0
-  %687 = shufflevector <8 x float> %686, <8 x float> poison, <8 x i32> zeroinitializer
-  %688 = load <8 x float>, ptr %acc1049, align 4
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b063, <8 x float> %688)
-  store <8 x float> %689, ptr %acc1049, align 4
-  %690 = load <8 x float>, ptr %acc1150, align 4
-  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %b164, <8 x float> %690)
-  store <8 x float> %691, ptr %acc1150, align 4
-  %692 = getelementptr inbounds float, ptr %649, i64 %k60
-  %693 = load float, ptr %692, align 4
-  %694 = insertelement <8 x float> poison, float %693, i32 0
-  %695 = shufflevector <8 x float> %694, <8 x float> poison, <8 x i32> zeroinitializer
-  %696 = load <8 x float>, ptr %acc2051, align 4
-  %697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b063, <8 x float> %696)
-  store <8 x float> %697, ptr %acc2051, align 4
-  %698 = load <8 x float>, ptr %acc2152, align 4
-  %699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %695, <8 x float> %b164, <8 x float> %698)
-  store <8 x float> %699, ptr %acc2152, align 4
-  %700 = add nsw i64 %k60, 1
+  %673 = getelementptr inbounds i16, ptr %panels, i64 %669
+  %674 = load <8 x i32>, ptr %673, align 4
+  %675 = shl <8 x i32> %674, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %675 to <8 x float>
+  %676 = and <8 x i32> %674, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %676 to <8 x float>
+  %677 = getelementptr inbounds float, ptr %626, i64 %k60
+  %678 = load float, ptr %677, align 4
+  %679 = insertelement <8 x float> poison, float %678, i32 0
+  %680 = shufflevector <8 x float> %679, <8 x float> poison, <8 x i32> zeroinitializer
+  %681 = load <8 x float>, ptr %acc0047, align 4
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %b063, <8 x float> %681)
+  store <8 x float> %682, ptr %acc0047, align 4
+  %683 = load <8 x float>, ptr %acc0148, align 4
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %b164, <8 x float> %683)
+  store <8 x float> %684, ptr %acc0148, align 4
+  %685 = getelementptr inbounds float, ptr %638, i64 %k60
+  %686 = load float, ptr %685, align 4
+  %687 = insertelement <8 x float> poison, float %686, i32 0
+  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
+  %689 = load <8 x float>, ptr %acc1049, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b063, <8 x float> %689)
+  store <8 x float> %690, ptr %acc1049, align 4
+  %691 = load <8 x float>, ptr %acc1150, align 4
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b164, <8 x float> %691)
+  store <8 x float> %692, ptr %acc1150, align 4
+  %693 = getelementptr inbounds float, ptr %650, i64 %k60
+  %694 = load float, ptr %693, align 4
+  %695 = insertelement <8 x float> poison, float %694, i32 0
+  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
+  %697 = load <8 x float>, ptr %acc2051, align 4
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b063, <8 x float> %697)
+  store <8 x float> %698, ptr %acc2051, align 4
+  %699 = load <8 x float>, ptr %acc2152, align 4
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b164, <8 x float> %699)
+  store <8 x float> %700, ptr %acc2152, align 4
+  %701 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %701 = add nsw i64 %r0, 0
-  %702 = getelementptr inbounds float, ptr %rw, i64 %701
-  %703 = load float, ptr %702, align 4
-  %704 = insertelement <8 x float> poison, float %703, i32 0
-  %705 = shufflevector <8 x float> %704, <8 x float> poison, <8 x i32> zeroinitializer
-  %706 = load <8 x float>, ptr %acc0047, align 4
-  %707 = add nsw i64 %col46, 0
-  %708 = getelementptr inbounds float, ptr %bd, i64 %707
-  %709 = load <8 x float>, ptr %708, align 4
-  %710 = fmul <8 x float> %709, %705
-  %711 = fadd <8 x float> %706, %710
-  store <8 x float> %711, ptr %632, align 4
-  %712 = load <8 x float>, ptr %acc0148, align 4
-  %713 = add nsw i64 %col46, 8
-  %714 = getelementptr inbounds float, ptr %bd, i64 %713
-  %715 = load <8 x float>, ptr %714, align 4
-  %716 = fmul <8 x float> %715, %705
-  %717 = fadd <8 x float> %712, %716
-  store <8 x float> %717, ptr %634, align 4
-  %718 = add nsw i64 %r0, 1
-  %719 = getelementptr inbounds float, ptr %rw, i64 %718
-  %720 = load float, ptr %719, align 4
-  %721 = insertelement <8 x float> poison, float %720, i32 0
-  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
-  %723 = load <8 x float>, ptr %acc1049, align 4
-  %724 = add nsw i64 %col46, 0
-  %725 = getelementptr inbounds float, ptr %bd, i64 %724
-  %726 = load <8 x float>, ptr %725, align 4
-  %727 = fmul <8 x float> %726, %722
-  %728 = fadd <8 x float> %723, %727
-  store <8 x float> %728, ptr %644, align 4
-  %729 = load <8 x float>, ptr %acc1150, align 4
-  %730 = add nsw i64 %col46, 8
-  %731 = getelementptr inbounds float, ptr %bd, i64 %730
-  %732 = load <8 x float>, ptr %731, align 4
-  %733 = fmul <8 x float> %732, %722
-  %734 = fadd <8 x float> %729, %733
-  store <8 x float> %734, ptr %646, align 4
-  %735 = add nsw i64 %r0, 2
-  %736 = getelementptr inbounds float, ptr %rw, i64 %735
-  %737 = load float, ptr %736, align 4
-  %738 = insertelement <8 x float> poison, float %737, i32 0
-  %739 = shufflevector <8 x float> %738, <8 x float> poison, <8 x i32> zeroinitializer
-  %740 = load <8 x float>, ptr %acc2051, align 4
-  %741 = add nsw i64 %col46, 0
-  %742 = getelementptr inbounds float, ptr %bd, i64 %741
-  %743 = load <8 x float>, ptr %742, align 4
-  %744 = fmul <8 x float> %743, %739
-  %745 = fadd <8 x float> %740, %744
-  store <8 x float> %745, ptr %656, align 4
-  %746 = load <8 x float>, ptr %acc2152, align 4
-  %747 = add nsw i64 %col46, 8
-  %748 = getelementptr inbounds float, ptr %bd, i64 %747
-  %749 = load <8 x float>, ptr %748, align 4
-  %750 = fmul <8 x float> %749, %739
-  %751 = fadd <8 x float> %746, %750
-  store <8 x float> %751, ptr %658, align 4
+  %702 = add nsw i64 %r0, 0
+  %703 = getelementptr inbounds float, ptr %rw, i64 %702
+  %704 = load float, ptr %703, align 4
+  %705 = insertelement <8 x float> poison, float %704, i32 0
+  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
+  %707 = load <8 x float>, ptr %acc0047, align 4
+  %708 = add nsw i64 %col46, 0
+  %709 = getelementptr inbounds float, ptr %bd, i64 %708
+  %710 = load <8 x float>, ptr %709, align 4
+  %711 = fmul <8 x float> %710, %706
+  %712 = fadd <8 x float> %707, %711
+  store <8 x float> %712, ptr %633, align 4
+  %713 = load <8 x float>, ptr %acc0148, align 4
+  %714 = add nsw i64 %col46, 8
+  %715 = getelementptr inbounds float, ptr %bd, i64 %714
+  %716 = load <8 x float>, ptr %715, align 4
+  %717 = fmul <8 x float> %716, %706
+  %718 = fadd <8 x float> %713, %717
+  store <8 x float> %718, ptr %635, align 4
+  %719 = add nsw i64 %r0, 1
+  %720 = getelementptr inbounds float, ptr %rw, i64 %719
+  %721 = load float, ptr %720, align 4
+  %722 = insertelement <8 x float> poison, float %721, i32 0
+  %723 = shufflevector <8 x float> %722, <8 x float> poison, <8 x i32> zeroinitializer
+  %724 = load <8 x float>, ptr %acc1049, align 4
+  %725 = add nsw i64 %col46, 0
+  %726 = getelementptr inbounds float, ptr %bd, i64 %725
+  %727 = load <8 x float>, ptr %726, align 4
+  %728 = fmul <8 x float> %727, %723
+  %729 = fadd <8 x float> %724, %728
+  store <8 x float> %729, ptr %645, align 4
+  %730 = load <8 x float>, ptr %acc1150, align 4
+  %731 = add nsw i64 %col46, 8
+  %732 = getelementptr inbounds float, ptr %bd, i64 %731
+  %733 = load <8 x float>, ptr %732, align 4
+  %734 = fmul <8 x float> %733, %723
+  %735 = fadd <8 x float> %730, %734
+  store <8 x float> %735, ptr %647, align 4
+  %736 = add nsw i64 %r0, 2
+  %737 = getelementptr inbounds float, ptr %rw, i64 %736
+  %738 = load float, ptr %737, align 4
+  %739 = insertelement <8 x float> poison, float %738, i32 0
+  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
+  %741 = load <8 x float>, ptr %acc2051, align 4
+  %742 = add nsw i64 %col46, 0
+  %743 = getelementptr inbounds float, ptr %bd, i64 %742
+  %744 = load <8 x float>, ptr %743, align 4
+  %745 = fmul <8 x float> %744, %740
+  %746 = fadd <8 x float> %741, %745
+  store <8 x float> %746, ptr %657, align 4
+  %747 = load <8 x float>, ptr %acc2152, align 4
+  %748 = add nsw i64 %col46, 8
+  %749 = getelementptr inbounds float, ptr %bd, i64 %748
+  %750 = load <8 x float>, ptr %749, align 4
+  %751 = fmul <8 x float> %750, %740
+  %752 = fadd <8 x float> %747, %751
+  store <8 x float> %752, ptr %659, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %752 = add nsw i64 %r0, 0
-  %753 = mul nsw i64 %752, 2880
-  %754 = getelementptr inbounds float, ptr %h, i64 %753
-  %755 = getelementptr inbounds i32, ptr %rows, i64 %752
-  %756 = load i32, ptr %755, align 4
-  %757 = sext i32 %756 to i64
-  %758 = mul nsw i64 %757, 2880
-  %759 = getelementptr inbounds float, ptr %y, i64 %758
-  %760 = add nsw i64 %col65, 0
-  %761 = getelementptr inbounds float, ptr %759, i64 %760
+  %753 = add nsw i64 %r0, 0
+  %754 = mul nsw i64 %753, 2880
+  %755 = getelementptr inbounds float, ptr %h, i64 %754
+  %756 = getelementptr inbounds i32, ptr %rows, i64 %753
+  %757 = load i32, ptr %756, align 4
+  %758 = sext i32 %757 to i64
+  %759 = mul nsw i64 %758, 2880
+  %760 = getelementptr inbounds float, ptr %y, i64 %759
+  %761 = add nsw i64 %col65, 0
+  %762 = getelementptr inbounds float, ptr %760, i64 %761
   store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %762 = add nsw i64 %col65, 8
-  %763 = getelementptr inbounds float, ptr %759, i64 %762
+  %763 = add nsw i64 %col65, 8
+  %764 = getelementptr inbounds float, ptr %760, i64 %763
   store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %764 = add nsw i64 %r0, 1
-  %765 = mul nsw i64 %764, 2880
-  %766 = getelementptr inbounds float, ptr %h, i64 %765
-  %767 = getelementptr inbounds i32, ptr %rows, i64 %764
-  %768 = load i32, ptr %767, align 4
-  %769 = sext i32 %768 to i64
-  %770 = mul nsw i64 %769, 2880
-  %771 = getelementptr inbounds float, ptr %y, i64 %770
-  %772 = add nsw i64 %col65, 0
-  %773 = getelementptr inbounds float, ptr %771, i64 %772
+  %765 = add nsw i64 %r0, 1
+  %766 = mul nsw i64 %765, 2880
+  %767 = getelementptr inbounds float, ptr %h, i64 %766
+  %768 = getelementptr inbounds i32, ptr %rows, i64 %765
+  %769 = load i32, ptr %768, align 4
+  %770 = sext i32 %769 to i64
+  %771 = mul nsw i64 %770, 2880
+  %772 = getelementptr inbounds float, ptr %y, i64 %771
+  %773 = add nsw i64 %col65, 0
+  %774 = getelementptr inbounds float, ptr %772, i64 %773
   store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %774 = add nsw i64 %col65, 8
-  %775 = getelementptr inbounds float, ptr %771, i64 %774
+  %775 = add nsw i64 %col65, 8
+  %776 = getelementptr inbounds float, ptr %772, i64 %775
   store <8 x float> zeroinitializer, ptr %acc1169, align 4
   %panel.off70 = mul nsw i64 %p, 46080
-  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %777 = add nsw i64 %p, 1
-  %778 = icmp slt i64 %777, %p1
-  %pf.on71 = and i1 %pf.on, %778
-  %779 = mul nsw i64 %pf.j, 92160
-  %780 = lshr i64 %779, %10
-  %781 = add nsw i64 92160, %780
-  %782 = getelementptr inbounds i8, ptr %776, i64 %781
-  %pf72 = select i1 %pf.on71, ptr %782, ptr %776
-  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  %777 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %778 = add nsw i64 %p, 1
+  %779 = icmp slt i64 %778, %p1
+  %pf.on71 = and i1 %pf.on, %779
+  %780 = mul nsw i64 %rb, 92160
+  %781 = lshr i64 %780, %12
+  %782 = add nsw i64 92160, %781
+  %783 = getelementptr inbounds i8, ptr %777, i64 %782
+  %pf72 = select i1 %pf.on71, ptr %783, ptr %777
+  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %809, %pf.any.end79 ]
-  %783 = icmp slt i64 %k77, 2880
-  br i1 %783, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %810, %pf.any.end79 ]
+  %784 = icmp slt i64 %k77, 2880
+  br i1 %784, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %784 = mul nsw i64 %k77, 16
-  %785 = add nsw i64 %panel.off70, %784
-  %786 = mul nsw i64 %k77, 32
+  %785 = mul nsw i64 %k77, 16
+  %786 = add nsw i64 %panel.off70, %785
+  %787 = mul nsw i64 %k77, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %787 = lshr i64 %786, %pf.sh73
-  %788 = getelementptr inbounds i8, ptr %pf72, i64 %787
-  call void @llvm.prefetch.p0(ptr %788, i32 0, i32 2, i32 1)
+  %788 = lshr i64 %787, %pf.sh73
+  %789 = getelementptr inbounds i8, ptr %pf72, i64 %788
+  call void @llvm.prefetch.p0(ptr %789, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %789 = getelementptr inbounds i16, ptr %panels, i64 %785
-  %790 = load <8 x i32>, ptr %789, align 4
-  %791 = shl <8 x i32> %790, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %791 to <8 x float>
-  %792 = and <8 x i32> %790, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %792 to <8 x float>
-  %793 = getelementptr inbounds float, ptr %754, i64 %k77
-  %794 = load float, ptr %793, align 4
-  %795 = insertelement <8 x float> poison, float %794, i32 0
-  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
-  %797 = load <8 x float>, ptr %acc0066, align 4
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b080, <8 x float> %797)
-  store <8 x float> %798, ptr %acc0066, align 4
-  %799 = load <8 x float>, ptr %acc0167, align 4
-  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b181, <8 x float> %799)
-  store <8 x float> %800, ptr %acc0167, align 4
-  %801 = getelementptr inbounds float, ptr %766, i64 %k77
-  %802 = load float, ptr %801, align 4
-  %803 = insertelement <8 x float> poison, float %802, i32 0
-  %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
-  %805 = load <8 x float>, ptr %acc1068, align 4
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b080, <8 x float> %805)
-  store <8 x float> %806, ptr %acc1068, align 4
-  %807 = load <8 x float>, ptr %acc1169, align 4
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b181, <8 x float> %807)
-  store <8 x float> %808, ptr %acc1169, align 4
-  %809 = add nsw i64 %k77, 1
+  %790 = getelementptr inbounds i16, ptr %panels, i64 %786
+  %791 = load <8 x i32>, ptr %790, align 4
+  %792 = shl <8 x i32> %791, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %792 to <8 x float>
+  %793 = and <8 x i32> %791, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %793 to <8 x float>
+  %794 = getelementptr inbounds float, ptr %755, i64 %k77
+  %795 = load float, ptr %794, align 4
+  %796 = insertelement <8 x float> poison, float %795, i32 0
+  %797 = shufflevector <8 x float> %796, <8 x float> poison, <8 x i32> zeroinitializer
+  %798 = load <8 x float>, ptr %acc0066, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %b080, <8 x float> %798)
+  store <8 x float> %799, ptr %acc0066, align 4
+  %800 = load <8 x float>, ptr %acc0167, align 4
+  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %b181, <8 x float> %800)
+  store <8 x float> %801, ptr %acc0167, align 4
+  %802 = getelementptr inbounds float, ptr %767, i64 %k77
+  %803 = load float, ptr %802, align 4
+  %804 = insertelement <8 x float> poison, float %803, i32 0
+  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
+  %806 = load <8 x float>, ptr %acc1068, align 4
+  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> %b080, <8 x float> %806)
+  store <8 x float> %807, ptr %acc1068, align 4
+  %808 = load <8 x float>, ptr %acc1169, align 4
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> %b181, <8 x float> %808)
+  store <8 x float> %809, ptr %acc1169, align 4
+  %810 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %810 = add nsw i64 %r0, 0
-  %811 = getelementptr inbounds float, ptr %rw, i64 %810
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = load <8 x float>, ptr %acc0066, align 4
-  %816 = add nsw i64 %col65, 0
-  %817 = getelementptr inbounds float, ptr %bd, i64 %816
-  %818 = load <8 x float>, ptr %817, align 4
-  %819 = fmul <8 x float> %818, %814
-  %820 = fadd <8 x float> %815, %819
-  store <8 x float> %820, ptr %761, align 4
-  %821 = load <8 x float>, ptr %acc0167, align 4
-  %822 = add nsw i64 %col65, 8
-  %823 = getelementptr inbounds float, ptr %bd, i64 %822
-  %824 = load <8 x float>, ptr %823, align 4
-  %825 = fmul <8 x float> %824, %814
-  %826 = fadd <8 x float> %821, %825
-  store <8 x float> %826, ptr %763, align 4
-  %827 = add nsw i64 %r0, 1
-  %828 = getelementptr inbounds float, ptr %rw, i64 %827
-  %829 = load float, ptr %828, align 4
-  %830 = insertelement <8 x float> poison, float %829, i32 0
-  %831 = shufflevector <8 x float> %830, <8 x float> poison, <8 x i32> zeroinitializer
-  %832 = load <8 x float>, ptr %acc1068, align 4
-  %833 = add nsw i64 %col65, 0
-  %834 = getelementptr inbounds float, ptr %bd, i64 %833
-  %835 = load <8 x float>, ptr %834, align 4
-  %836 = fmul <8 x float> %835, %831
-  %837 = fadd <8 x float> %832, %836
-  store <8 x float> %837, ptr %773, align 4
-  %838 = load <8 x float>, ptr %acc1169, align 4
-  %839 = add nsw i64 %col65, 8
-  %840 = getelementptr inbounds float, ptr %bd, i64 %839
-  %841 = load <8 x float>, ptr %840, align 4
-  %842 = fmul <8 x float> %841, %831
-  %843 = fadd <8 x float> %838, %842
-  store <8 x float> %843, ptr %775, align 4
+  %811 = add nsw i64 %r0, 0
+  %812 = getelementptr inbounds float, ptr %rw, i64 %811
+  %813 = load float, ptr %812, align 4
+  %814 = insertelement <8 x float> poison, float %813, i32 0
+  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
+  %816 = load <8 x float>, ptr %acc0066, align 4
+  %817 = add nsw i64 %col65, 0
+  %818 = getelementptr inbounds float, ptr %bd, i64 %817
+  %819 = load <8 x float>, ptr %818, align 4
+  %820 = fmul <8 x float> %819, %815
+  %821 = fadd <8 x float> %816, %820
+  store <8 x float> %821, ptr %762, align 4
+  %822 = load <8 x float>, ptr %acc0167, align 4
+  %823 = add nsw i64 %col65, 8
+  %824 = getelementptr inbounds float, ptr %bd, i64 %823
+  %825 = load <8 x float>, ptr %824, align 4
+  %826 = fmul <8 x float> %825, %815
+  %827 = fadd <8 x float> %822, %826
+  store <8 x float> %827, ptr %764, align 4
+  %828 = add nsw i64 %r0, 1
+  %829 = getelementptr inbounds float, ptr %rw, i64 %828
+  %830 = load float, ptr %829, align 4
+  %831 = insertelement <8 x float> poison, float %830, i32 0
+  %832 = shufflevector <8 x float> %831, <8 x float> poison, <8 x i32> zeroinitializer
+  %833 = load <8 x float>, ptr %acc1068, align 4
+  %834 = add nsw i64 %col65, 0
+  %835 = getelementptr inbounds float, ptr %bd, i64 %834
+  %836 = load <8 x float>, ptr %835, align 4
+  %837 = fmul <8 x float> %836, %832
+  %838 = fadd <8 x float> %833, %837
+  store <8 x float> %838, ptr %774, align 4
+  %839 = load <8 x float>, ptr %acc1169, align 4
+  %840 = add nsw i64 %col65, 8
+  %841 = getelementptr inbounds float, ptr %bd, i64 %840
+  %842 = load <8 x float>, ptr %841, align 4
+  %843 = fmul <8 x float> %842, %832
+  %844 = fadd <8 x float> %839, %843
+  store <8 x float> %844, ptr %776, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %844 = add nsw i64 %r0, 0
-  %845 = mul nsw i64 %844, 2880
-  %846 = getelementptr inbounds float, ptr %h, i64 %845
-  %847 = getelementptr inbounds i32, ptr %rows, i64 %844
-  %848 = load i32, ptr %847, align 4
-  %849 = sext i32 %848 to i64
-  %850 = mul nsw i64 %849, 2880
-  %851 = getelementptr inbounds float, ptr %y, i64 %850
-  %852 = add nsw i64 %col82, 0
-  %853 = getelementptr inbounds float, ptr %851, i64 %852
+  %845 = add nsw i64 %r0, 0
+  %846 = mul nsw i64 %845, 2880
+  %847 = getelementptr inbounds float, ptr %h, i64 %846
+  %848 = getelementptr inbounds i32, ptr %rows, i64 %845
+  %849 = load i32, ptr %848, align 4
+  %850 = sext i32 %849 to i64
+  %851 = mul nsw i64 %850, 2880
+  %852 = getelementptr inbounds float, ptr %y, i64 %851
+  %853 = add nsw i64 %col82, 0
+  %854 = getelementptr inbounds float, ptr %852, i64 %853
   store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %854 = add nsw i64 %col82, 8
-  %855 = getelementptr inbounds float, ptr %851, i64 %854
+  %855 = add nsw i64 %col82, 8
+  %856 = getelementptr inbounds float, ptr %852, i64 %855
   store <8 x float> zeroinitializer, ptr %acc0184, align 4
   %panel.off85 = mul nsw i64 %p, 46080
-  %856 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %857 = add nsw i64 %p, 1
-  %858 = icmp slt i64 %857, %p1
-  %pf.on86 = and i1 %pf.on, %858
-  %859 = mul nsw i64 %pf.j, 92160
-  %860 = lshr i64 %859, %10
-  %861 = add nsw i64 92160, %860
-  %862 = getelementptr inbounds i8, ptr %856, i64 %861
-  %pf87 = select i1 %pf.on86, ptr %862, ptr %856
-  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  %857 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %858 = add nsw i64 %p, 1
+  %859 = icmp slt i64 %858, %p1
+  %pf.on86 = and i1 %pf.on, %859
+  %860 = mul nsw i64 %rb, 92160
+  %861 = lshr i64 %860, %12
+  %862 = add nsw i64 92160, %861
+  %863 = getelementptr inbounds i8, ptr %857, i64 %862
+  %pf87 = select i1 %pf.on86, ptr %863, ptr %857
+  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %881, %pf.any.end94 ]
-  %863 = icmp slt i64 %k92, 2880
-  br i1 %863, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %882, %pf.any.end94 ]
+  %864 = icmp slt i64 %k92, 2880
+  br i1 %864, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %864 = mul nsw i64 %k92, 16
-  %865 = add nsw i64 %panel.off85, %864
-  %866 = mul nsw i64 %k92, 32
+  %865 = mul nsw i64 %k92, 16
+  %866 = add nsw i64 %panel.off85, %865
+  %867 = mul nsw i64 %k92, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %867 = lshr i64 %866, %pf.sh88
-  %868 = getelementptr inbounds i8, ptr %pf87, i64 %867
-  call void @llvm.prefetch.p0(ptr %868, i32 0, i32 2, i32 1)
+  %868 = lshr i64 %867, %pf.sh88
+  %869 = getelementptr inbounds i8, ptr %pf87, i64 %868
+  call void @llvm.prefetch.p0(ptr %869, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %869 = getelementptr inbounds i16, ptr %panels, i64 %865
-  %870 = load <8 x i32>, ptr %869, align 4
-  %871 = shl <8 x i32> %870, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %871 to <8 x float>
-  %872 = and <8 x i32> %870, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %872 to <8 x float>
-  %873 = getelementptr inbounds float, ptr %846, i64 %k92
-  %874 = load float, ptr %873, align 4
-  %875 = insertelement <8 x float> poison, float %874, i32 0
-  %876 = shufflevector <8 x float> %875, <8 x float> poison, <8 x i32> zeroinitializer
-  %877 = load <8 x float>, ptr %acc0083, align 4
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b095, <8 x float> %877)
-  store <8 x float> %878, ptr %acc0083, align 4
-  %879 = load <8 x float>, ptr %acc0184, align 4
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %b196, <8 x float> %879)
-  store <8 x float> %880, ptr %acc0184, align 4
-  %881 = add nsw i64 %k92, 1
+  %870 = getelementptr inbounds i16, ptr %panels, i64 %866
+  %871 = load <8 x i32>, ptr %870, align 4
+  %872 = shl <8 x i32> %871, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %872 to <8 x float>
+  %873 = and <8 x i32> %871, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %873 to <8 x float>
+  %874 = getelementptr inbounds float, ptr %847, i64 %k92
+  %875 = load float, ptr %874, align 4
+  %876 = insertelement <8 x float> poison, float %875, i32 0
+  %877 = shufflevector <8 x float> %876, <8 x float> poison, <8 x i32> zeroinitializer
+  %878 = load <8 x float>, ptr %acc0083, align 4
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %b095, <8 x float> %878)
+  store <8 x float> %879, ptr %acc0083, align 4
+  %880 = load <8 x float>, ptr %acc0184, align 4
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %b196, <8 x float> %880)
+  store <8 x float> %881, ptr %acc0184, align 4
+  %882 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %882 = add nsw i64 %r0, 0
-  %883 = getelementptr inbounds float, ptr %rw, i64 %882
-  %884 = load float, ptr %883, align 4
-  %885 = insertelement <8 x float> poison, float %884, i32 0
-  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
-  %887 = load <8 x float>, ptr %acc0083, align 4
-  %888 = add nsw i64 %col82, 0
-  %889 = getelementptr inbounds float, ptr %bd, i64 %888
-  %890 = load <8 x float>, ptr %889, align 4
-  %891 = fmul <8 x float> %890, %886
-  %892 = fadd <8 x float> %887, %891
-  store <8 x float> %892, ptr %853, align 4
-  %893 = load <8 x float>, ptr %acc0184, align 4
-  %894 = add nsw i64 %col82, 8
-  %895 = getelementptr inbounds float, ptr %bd, i64 %894
-  %896 = load <8 x float>, ptr %895, align 4
-  %897 = fmul <8 x float> %896, %886
-  %898 = fadd <8 x float> %893, %897
-  store <8 x float> %898, ptr %855, align 4
+  %883 = add nsw i64 %r0, 0
+  %884 = getelementptr inbounds float, ptr %rw, i64 %883
+  %885 = load float, ptr %884, align 4
+  %886 = insertelement <8 x float> poison, float %885, i32 0
+  %887 = shufflevector <8 x float> %886, <8 x float> poison, <8 x i32> zeroinitializer
+  %888 = load <8 x float>, ptr %acc0083, align 4
+  %889 = add nsw i64 %col82, 0
+  %890 = getelementptr inbounds float, ptr %bd, i64 %889
+  %891 = load <8 x float>, ptr %890, align 4
+  %892 = fmul <8 x float> %891, %887
+  %893 = fadd <8 x float> %888, %892
+  store <8 x float> %893, ptr %854, align 4
+  %894 = load <8 x float>, ptr %acc0184, align 4
+  %895 = add nsw i64 %col82, 8
+  %896 = getelementptr inbounds float, ptr %bd, i64 %895
+  %897 = load <8 x float>, ptr %896, align 4
+  %898 = fmul <8 x float> %897, %887
+  %899 = fadd <8 x float> %894, %898
+  store <8 x float> %899, ptr %856, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %899 = add nsw i64 %r0, 6
-  br label %r0.head
+  %900 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %900 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %901 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -1756,37 +1756,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %821, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %822, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %820, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %821, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1795,1110 +1796,1110 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 512
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 512
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 512
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 512
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 512
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 512
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 512
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 512
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 512
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 512
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 512
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 512
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 8192
-  %49 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 32768
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 32768, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 32768
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 32768, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
-  %56 = icmp slt i64 %k, 512
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %116, %pf.any.end ]
+  %57 = icmp slt i64 %k, 512
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 64
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds float, ptr %panels, i64 %58
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %58, 8
-  %65 = getelementptr inbounds float, ptr %panels, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  %67 = getelementptr inbounds float, ptr %18, i64 %k
-  %68 = load float, ptr %67, align 4
-  %69 = insertelement <8 x float> poison, float %68, i32 0
-  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
-  %71 = load <8 x float>, ptr %acc00, align 4
-  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %63, <8 x float> %71)
-  store <8 x float> %72, ptr %acc00, align 4
-  %73 = load <8 x float>, ptr %acc01, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %66, <8 x float> %73)
-  store <8 x float> %74, ptr %acc01, align 4
-  %75 = getelementptr inbounds float, ptr %24, i64 %k
-  %76 = load float, ptr %75, align 4
-  %77 = insertelement <8 x float> poison, float %76, i32 0
-  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
-  %79 = load <8 x float>, ptr %acc10, align 4
-  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %63, <8 x float> %79)
-  store <8 x float> %80, ptr %acc10, align 4
-  %81 = load <8 x float>, ptr %acc11, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %66, <8 x float> %81)
-  store <8 x float> %82, ptr %acc11, align 4
-  %83 = getelementptr inbounds float, ptr %30, i64 %k
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = load <8 x float>, ptr %acc20, align 4
-  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %63, <8 x float> %87)
-  store <8 x float> %88, ptr %acc20, align 4
-  %89 = load <8 x float>, ptr %acc21, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %66, <8 x float> %89)
-  store <8 x float> %90, ptr %acc21, align 4
-  %91 = getelementptr inbounds float, ptr %36, i64 %k
-  %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> poison, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
-  %95 = load <8 x float>, ptr %acc30, align 4
-  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %63, <8 x float> %95)
-  store <8 x float> %96, ptr %acc30, align 4
-  %97 = load <8 x float>, ptr %acc31, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %66, <8 x float> %97)
-  store <8 x float> %98, ptr %acc31, align 4
-  %99 = getelementptr inbounds float, ptr %42, i64 %k
-  %100 = load float, ptr %99, align 4
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = load <8 x float>, ptr %acc40, align 4
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %63, <8 x float> %103)
-  store <8 x float> %104, ptr %acc40, align 4
-  %105 = load <8 x float>, ptr %acc41, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %66, <8 x float> %105)
-  store <8 x float> %106, ptr %acc41, align 4
-  %107 = getelementptr inbounds float, ptr %48, i64 %k
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc50, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %63, <8 x float> %111)
-  store <8 x float> %112, ptr %acc50, align 4
-  %113 = load <8 x float>, ptr %acc51, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %66, <8 x float> %113)
-  store <8 x float> %114, ptr %acc51, align 4
-  %115 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds float, ptr %panels, i64 %59
+  %64 = load <8 x float>, ptr %63, align 4
+  %65 = add nsw i64 %59, 8
+  %66 = getelementptr inbounds float, ptr %panels, i64 %65
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = getelementptr inbounds float, ptr %19, i64 %k
+  %69 = load float, ptr %68, align 4
+  %70 = insertelement <8 x float> poison, float %69, i32 0
+  %71 = shufflevector <8 x float> %70, <8 x float> poison, <8 x i32> zeroinitializer
+  %72 = load <8 x float>, ptr %acc00, align 4
+  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %64, <8 x float> %72)
+  store <8 x float> %73, ptr %acc00, align 4
+  %74 = load <8 x float>, ptr %acc01, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %67, <8 x float> %74)
+  store <8 x float> %75, ptr %acc01, align 4
+  %76 = getelementptr inbounds float, ptr %25, i64 %k
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc10, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %64, <8 x float> %80)
+  store <8 x float> %81, ptr %acc10, align 4
+  %82 = load <8 x float>, ptr %acc11, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %67, <8 x float> %82)
+  store <8 x float> %83, ptr %acc11, align 4
+  %84 = getelementptr inbounds float, ptr %31, i64 %k
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc20, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %64, <8 x float> %88)
+  store <8 x float> %89, ptr %acc20, align 4
+  %90 = load <8 x float>, ptr %acc21, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %67, <8 x float> %90)
+  store <8 x float> %91, ptr %acc21, align 4
+  %92 = getelementptr inbounds float, ptr %37, i64 %k
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc30, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %64, <8 x float> %96)
+  store <8 x float> %97, ptr %acc30, align 4
+  %98 = load <8 x float>, ptr %acc31, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %67, <8 x float> %98)
+  store <8 x float> %99, ptr %acc31, align 4
+  %100 = getelementptr inbounds float, ptr %43, i64 %k
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc40, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %64, <8 x float> %104)
+  store <8 x float> %105, ptr %acc40, align 4
+  %106 = load <8 x float>, ptr %acc41, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %67, <8 x float> %106)
+  store <8 x float> %107, ptr %acc41, align 4
+  %108 = getelementptr inbounds float, ptr %49, i64 %k
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc50, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %64, <8 x float> %112)
+  store <8 x float> %113, ptr %acc50, align 4
+  %114 = load <8 x float>, ptr %acc51, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %67, <8 x float> %114)
+  store <8 x float> %115, ptr %acc51, align 4
+  %116 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %116 = add nsw i64 %r0, 0
-  %117 = getelementptr inbounds float, ptr %rw, i64 %116
-  %118 = load float, ptr %117, align 4
-  %119 = insertelement <8 x float> poison, float %118, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %116, 1024
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
+  %117 = add nsw i64 %r0, 0
+  %118 = getelementptr inbounds float, ptr %rw, i64 %117
+  %119 = load float, ptr %118, align 4
+  %120 = insertelement <8 x float> poison, float %119, i32 0
+  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
+  %122 = mul nsw i64 %117, 1024
+  %123 = getelementptr inbounds float, ptr %h, i64 %122
   %col = mul nsw i64 %p, 16
-  %123 = load <8 x float>, ptr %acc00, align 4
-  %124 = load <8 x float>, ptr %acc01, align 4
-  %125 = add nsw i64 %col, 0
-  %126 = fcmp ogt <8 x float> %123, zeroinitializer
-  %127 = select <8 x i1> %126, <8 x float> %123, <8 x float> zeroinitializer
-  %128 = fmul <8 x float> %127, %120
-  %129 = getelementptr inbounds float, ptr %122, i64 %125
-  store <8 x float> %128, ptr %129, align 4
-  %130 = add nsw i64 %col, 8
-  %131 = fcmp ogt <8 x float> %124, zeroinitializer
-  %132 = select <8 x i1> %131, <8 x float> %124, <8 x float> zeroinitializer
-  %133 = fmul <8 x float> %132, %120
-  %134 = getelementptr inbounds float, ptr %122, i64 %130
-  store <8 x float> %133, ptr %134, align 4
-  %135 = add nsw i64 %r0, 1
-  %136 = getelementptr inbounds float, ptr %rw, i64 %135
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = mul nsw i64 %135, 1024
-  %141 = getelementptr inbounds float, ptr %h, i64 %140
+  %124 = load <8 x float>, ptr %acc00, align 4
+  %125 = load <8 x float>, ptr %acc01, align 4
+  %126 = add nsw i64 %col, 0
+  %127 = fcmp ogt <8 x float> %124, zeroinitializer
+  %128 = select <8 x i1> %127, <8 x float> %124, <8 x float> zeroinitializer
+  %129 = fmul <8 x float> %128, %121
+  %130 = getelementptr inbounds float, ptr %123, i64 %126
+  store <8 x float> %129, ptr %130, align 4
+  %131 = add nsw i64 %col, 8
+  %132 = fcmp ogt <8 x float> %125, zeroinitializer
+  %133 = select <8 x i1> %132, <8 x float> %125, <8 x float> zeroinitializer
+  %134 = fmul <8 x float> %133, %121
+  %135 = getelementptr inbounds float, ptr %123, i64 %131
+  store <8 x float> %134, ptr %135, align 4
+  %136 = add nsw i64 %r0, 1
+  %137 = getelementptr inbounds float, ptr %rw, i64 %136
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = mul nsw i64 %136, 1024
+  %142 = getelementptr inbounds float, ptr %h, i64 %141
   %col2 = mul nsw i64 %p, 16
-  %142 = load <8 x float>, ptr %acc10, align 4
-  %143 = load <8 x float>, ptr %acc11, align 4
-  %144 = add nsw i64 %col2, 0
-  %145 = fcmp ogt <8 x float> %142, zeroinitializer
-  %146 = select <8 x i1> %145, <8 x float> %142, <8 x float> zeroinitializer
-  %147 = fmul <8 x float> %146, %139
-  %148 = getelementptr inbounds float, ptr %141, i64 %144
-  store <8 x float> %147, ptr %148, align 4
-  %149 = add nsw i64 %col2, 8
-  %150 = fcmp ogt <8 x float> %143, zeroinitializer
-  %151 = select <8 x i1> %150, <8 x float> %143, <8 x float> zeroinitializer
-  %152 = fmul <8 x float> %151, %139
-  %153 = getelementptr inbounds float, ptr %141, i64 %149
-  store <8 x float> %152, ptr %153, align 4
-  %154 = add nsw i64 %r0, 2
-  %155 = getelementptr inbounds float, ptr %rw, i64 %154
-  %156 = load float, ptr %155, align 4
-  %157 = insertelement <8 x float> poison, float %156, i32 0
-  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
-  %159 = mul nsw i64 %154, 1024
-  %160 = getelementptr inbounds float, ptr %h, i64 %159
+  %143 = load <8 x float>, ptr %acc10, align 4
+  %144 = load <8 x float>, ptr %acc11, align 4
+  %145 = add nsw i64 %col2, 0
+  %146 = fcmp ogt <8 x float> %143, zeroinitializer
+  %147 = select <8 x i1> %146, <8 x float> %143, <8 x float> zeroinitializer
+  %148 = fmul <8 x float> %147, %140
+  %149 = getelementptr inbounds float, ptr %142, i64 %145
+  store <8 x float> %148, ptr %149, align 4
+  %150 = add nsw i64 %col2, 8
+  %151 = fcmp ogt <8 x float> %144, zeroinitializer
+  %152 = select <8 x i1> %151, <8 x float> %144, <8 x float> zeroinitializer
+  %153 = fmul <8 x float> %152, %140
+  %154 = getelementptr inbounds float, ptr %142, i64 %150
+  store <8 x float> %153, ptr %154, align 4
+  %155 = add nsw i64 %r0, 2
+  %156 = getelementptr inbounds float, ptr %rw, i64 %155
+  %157 = load float, ptr %156, align 4
+  %158 = insertelement <8 x float> poison, float %157, i32 0
+  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
+  %160 = mul nsw i64 %155, 1024
+  %161 = getelementptr inbounds float, ptr %h, i64 %160
   %col3 = mul nsw i64 %p, 16
-  %161 = load <8 x float>, ptr %acc20, align 4
-  %162 = load <8 x float>, ptr %acc21, align 4
-  %163 = add nsw i64 %col3, 0
-  %164 = fcmp ogt <8 x float> %161, zeroinitializer
-  %165 = select <8 x i1> %164, <8 x float> %161, <8 x float> zeroinitializer
-  %166 = fmul <8 x float> %165, %158
-  %167 = getelementptr inbounds float, ptr %160, i64 %163
-  store <8 x float> %166, ptr %167, align 4
-  %168 = add nsw i64 %col3, 8
-  %169 = fcmp ogt <8 x float> %162, zeroinitializer
-  %170 = select <8 x i1> %169, <8 x float> %162, <8 x float> zeroinitializer
-  %171 = fmul <8 x float> %170, %158
-  %172 = getelementptr inbounds float, ptr %160, i64 %168
-  store <8 x float> %171, ptr %172, align 4
-  %173 = add nsw i64 %r0, 3
-  %174 = getelementptr inbounds float, ptr %rw, i64 %173
-  %175 = load float, ptr %174, align 4
-  %176 = insertelement <8 x float> poison, float %175, i32 0
-  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
-  %178 = mul nsw i64 %173, 1024
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %162 = load <8 x float>, ptr %acc20, align 4
+  %163 = load <8 x float>, ptr %acc21, align 4
+  %164 = add nsw i64 %col3, 0
+  %165 = fcmp ogt <8 x float> %162, zeroinitializer
+  %166 = select <8 x i1> %165, <8 x float> %162, <8 x float> zeroinitializer
+  %167 = fmul <8 x float> %166, %159
+  %168 = getelementptr inbounds float, ptr %161, i64 %164
+  store <8 x float> %167, ptr %168, align 4
+  %169 = add nsw i64 %col3, 8
+  %170 = fcmp ogt <8 x float> %163, zeroinitializer
+  %171 = select <8 x i1> %170, <8 x float> %163, <8 x float> zeroinitializer
+  %172 = fmul <8 x float> %171, %159
+  %173 = getelementptr inbounds float, ptr %161, i64 %169
+  store <8 x float> %172, ptr %173, align 4
+  %174 = add nsw i64 %r0, 3
+  %175 = getelementptr inbounds float, ptr %rw, i64 %174
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = mul nsw i64 %174, 1024
+  %180 = getelementptr inbounds float, ptr %h, i64 %179
   %col4 = mul nsw i64 %p, 16
-  %180 = load <8 x float>, ptr %acc30, align 4
-  %181 = load <8 x float>, ptr %acc31, align 4
-  %182 = add nsw i64 %col4, 0
-  %183 = fcmp ogt <8 x float> %180, zeroinitializer
-  %184 = select <8 x i1> %183, <8 x float> %180, <8 x float> zeroinitializer
-  %185 = fmul <8 x float> %184, %177
-  %186 = getelementptr inbounds float, ptr %179, i64 %182
-  store <8 x float> %185, ptr %186, align 4
-  %187 = add nsw i64 %col4, 8
-  %188 = fcmp ogt <8 x float> %181, zeroinitializer
-  %189 = select <8 x i1> %188, <8 x float> %181, <8 x float> zeroinitializer
-  %190 = fmul <8 x float> %189, %177
-  %191 = getelementptr inbounds float, ptr %179, i64 %187
-  store <8 x float> %190, ptr %191, align 4
-  %192 = add nsw i64 %r0, 4
-  %193 = getelementptr inbounds float, ptr %rw, i64 %192
-  %194 = load float, ptr %193, align 4
-  %195 = insertelement <8 x float> poison, float %194, i32 0
-  %196 = shufflevector <8 x float> %195, <8 x float> poison, <8 x i32> zeroinitializer
-  %197 = mul nsw i64 %192, 1024
-  %198 = getelementptr inbounds float, ptr %h, i64 %197
+  %181 = load <8 x float>, ptr %acc30, align 4
+  %182 = load <8 x float>, ptr %acc31, align 4
+  %183 = add nsw i64 %col4, 0
+  %184 = fcmp ogt <8 x float> %181, zeroinitializer
+  %185 = select <8 x i1> %184, <8 x float> %181, <8 x float> zeroinitializer
+  %186 = fmul <8 x float> %185, %178
+  %187 = getelementptr inbounds float, ptr %180, i64 %183
+  store <8 x float> %186, ptr %187, align 4
+  %188 = add nsw i64 %col4, 8
+  %189 = fcmp ogt <8 x float> %182, zeroinitializer
+  %190 = select <8 x i1> %189, <8 x float> %182, <8 x float> zeroinitializer
+  %191 = fmul <8 x float> %190, %178
+  %192 = getelementptr inbounds float, ptr %180, i64 %188
+  store <8 x float> %191, ptr %192, align 4
+  %193 = add nsw i64 %r0, 4
+  %194 = getelementptr inbounds float, ptr %rw, i64 %193
+  %195 = load float, ptr %194, align 4
+  %196 = insertelement <8 x float> poison, float %195, i32 0
+  %197 = shufflevector <8 x float> %196, <8 x float> poison, <8 x i32> zeroinitializer
+  %198 = mul nsw i64 %193, 1024
+  %199 = getelementptr inbounds float, ptr %h, i64 %198
   %col5 = mul nsw i64 %p, 16
-  %199 = load <8 x float>, ptr %acc40, align 4
-  %200 = load <8 x float>, ptr %acc41, align 4
-  %201 = add nsw i64 %col5, 0
-  %202 = fcmp ogt <8 x float> %199, zeroinitializer
-  %203 = select <8 x i1> %202, <8 x float> %199, <8 x float> zeroinitializer
-  %204 = fmul <8 x float> %203, %196
-  %205 = getelementptr inbounds float, ptr %198, i64 %201
-  store <8 x float> %204, ptr %205, align 4
-  %206 = add nsw i64 %col5, 8
-  %207 = fcmp ogt <8 x float> %200, zeroinitializer
-  %208 = select <8 x i1> %207, <8 x float> %200, <8 x float> zeroinitializer
-  %209 = fmul <8 x float> %208, %196
-  %210 = getelementptr inbounds float, ptr %198, i64 %206
-  store <8 x float> %209, ptr %210, align 4
-  %211 = add nsw i64 %r0, 5
-  %212 = getelementptr inbounds float, ptr %rw, i64 %211
-  %213 = load float, ptr %212, align 4
-  %214 = insertelement <8 x float> poison, float %213, i32 0
-  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
-  %216 = mul nsw i64 %211, 1024
-  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %200 = load <8 x float>, ptr %acc40, align 4
+  %201 = load <8 x float>, ptr %acc41, align 4
+  %202 = add nsw i64 %col5, 0
+  %203 = fcmp ogt <8 x float> %200, zeroinitializer
+  %204 = select <8 x i1> %203, <8 x float> %200, <8 x float> zeroinitializer
+  %205 = fmul <8 x float> %204, %197
+  %206 = getelementptr inbounds float, ptr %199, i64 %202
+  store <8 x float> %205, ptr %206, align 4
+  %207 = add nsw i64 %col5, 8
+  %208 = fcmp ogt <8 x float> %201, zeroinitializer
+  %209 = select <8 x i1> %208, <8 x float> %201, <8 x float> zeroinitializer
+  %210 = fmul <8 x float> %209, %197
+  %211 = getelementptr inbounds float, ptr %199, i64 %207
+  store <8 x float> %210, ptr %211, align 4
+  %212 = add nsw i64 %r0, 5
+  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = mul nsw i64 %212, 1024
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
   %col6 = mul nsw i64 %p, 16
-  %218 = load <8 x float>, ptr %acc50, align 4
-  %219 = load <8 x float>, ptr %acc51, align 4
-  %220 = add nsw i64 %col6, 0
-  %221 = fcmp ogt <8 x float> %218, zeroinitializer
-  %222 = select <8 x i1> %221, <8 x float> %218, <8 x float> zeroinitializer
-  %223 = fmul <8 x float> %222, %215
-  %224 = getelementptr inbounds float, ptr %217, i64 %220
-  store <8 x float> %223, ptr %224, align 4
-  %225 = add nsw i64 %col6, 8
-  %226 = fcmp ogt <8 x float> %219, zeroinitializer
-  %227 = select <8 x i1> %226, <8 x float> %219, <8 x float> zeroinitializer
-  %228 = fmul <8 x float> %227, %215
-  %229 = getelementptr inbounds float, ptr %217, i64 %225
-  store <8 x float> %228, ptr %229, align 4
+  %219 = load <8 x float>, ptr %acc50, align 4
+  %220 = load <8 x float>, ptr %acc51, align 4
+  %221 = add nsw i64 %col6, 0
+  %222 = fcmp ogt <8 x float> %219, zeroinitializer
+  %223 = select <8 x i1> %222, <8 x float> %219, <8 x float> zeroinitializer
+  %224 = fmul <8 x float> %223, %216
+  %225 = getelementptr inbounds float, ptr %218, i64 %221
+  store <8 x float> %224, ptr %225, align 4
+  %226 = add nsw i64 %col6, 8
+  %227 = fcmp ogt <8 x float> %220, zeroinitializer
+  %228 = select <8 x i1> %227, <8 x float> %220, <8 x float> zeroinitializer
+  %229 = fmul <8 x float> %228, %216
+  %230 = getelementptr inbounds float, ptr %218, i64 %226
+  store <8 x float> %229, ptr %230, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %230 = add nsw i64 %r0, 0
-  %231 = getelementptr inbounds i32, ptr %rows, i64 %230
-  %232 = load i32, ptr %231, align 4
-  %233 = sext i32 %232 to i64
-  %234 = mul nsw i64 %233, 512
-  %235 = getelementptr inbounds float, ptr %x, i64 %234
+tile.mr5:                                         ; preds = %rb.body
+  %231 = add nsw i64 %r0, 0
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %231
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 512
+  %236 = getelementptr inbounds float, ptr %x, i64 %235
   store <8 x float> zeroinitializer, ptr %acc007, align 4
   store <8 x float> zeroinitializer, ptr %acc018, align 4
-  %236 = add nsw i64 %r0, 1
-  %237 = getelementptr inbounds i32, ptr %rows, i64 %236
-  %238 = load i32, ptr %237, align 4
-  %239 = sext i32 %238 to i64
-  %240 = mul nsw i64 %239, 512
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
+  %237 = add nsw i64 %r0, 1
+  %238 = getelementptr inbounds i32, ptr %rows, i64 %237
+  %239 = load i32, ptr %238, align 4
+  %240 = sext i32 %239 to i64
+  %241 = mul nsw i64 %240, 512
+  %242 = getelementptr inbounds float, ptr %x, i64 %241
   store <8 x float> zeroinitializer, ptr %acc109, align 4
   store <8 x float> zeroinitializer, ptr %acc1110, align 4
-  %242 = add nsw i64 %r0, 2
-  %243 = getelementptr inbounds i32, ptr %rows, i64 %242
-  %244 = load i32, ptr %243, align 4
-  %245 = sext i32 %244 to i64
-  %246 = mul nsw i64 %245, 512
-  %247 = getelementptr inbounds float, ptr %x, i64 %246
+  %243 = add nsw i64 %r0, 2
+  %244 = getelementptr inbounds i32, ptr %rows, i64 %243
+  %245 = load i32, ptr %244, align 4
+  %246 = sext i32 %245 to i64
+  %247 = mul nsw i64 %246, 512
+  %248 = getelementptr inbounds float, ptr %x, i64 %247
   store <8 x float> zeroinitializer, ptr %acc2011, align 4
   store <8 x float> zeroinitializer, ptr %acc2112, align 4
-  %248 = add nsw i64 %r0, 3
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %248
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 512
-  %253 = getelementptr inbounds float, ptr %x, i64 %252
+  %249 = add nsw i64 %r0, 3
+  %250 = getelementptr inbounds i32, ptr %rows, i64 %249
+  %251 = load i32, ptr %250, align 4
+  %252 = sext i32 %251 to i64
+  %253 = mul nsw i64 %252, 512
+  %254 = getelementptr inbounds float, ptr %x, i64 %253
   store <8 x float> zeroinitializer, ptr %acc3013, align 4
   store <8 x float> zeroinitializer, ptr %acc3114, align 4
-  %254 = add nsw i64 %r0, 4
-  %255 = getelementptr inbounds i32, ptr %rows, i64 %254
-  %256 = load i32, ptr %255, align 4
-  %257 = sext i32 %256 to i64
-  %258 = mul nsw i64 %257, 512
-  %259 = getelementptr inbounds float, ptr %x, i64 %258
+  %255 = add nsw i64 %r0, 4
+  %256 = getelementptr inbounds i32, ptr %rows, i64 %255
+  %257 = load i32, ptr %256, align 4
+  %258 = sext i32 %257 to i64
+  %259 = mul nsw i64 %258, 512
+  %260 = getelementptr inbounds float, ptr %x, i64 %259
   store <8 x float> zeroinitializer, ptr %acc4015, align 4
   store <8 x float> zeroinitializer, ptr %acc4116, align 4
   %panel.off17 = mul nsw i64 %p, 8192
-  %260 = getelementptr inbounds float, ptr %panels, i64 %panel.off17
-  %261 = add nsw i64 %p, 1
-  %262 = icmp slt i64 %261, %p1
-  %pf.on18 = and i1 %pf.on, %262
-  %263 = mul nsw i64 %pf.j, 32768
-  %264 = lshr i64 %263, %9
-  %265 = add nsw i64 32768, %264
-  %266 = getelementptr inbounds i8, ptr %260, i64 %265
-  %pf19 = select i1 %pf.on18, ptr %266, ptr %260
-  %pf.sh20 = select i1 %pf.on18, i64 %9, i64 0
+  %261 = getelementptr inbounds float, ptr %panels, i64 %panel.off17
+  %262 = add nsw i64 %p, 1
+  %263 = icmp slt i64 %262, %p1
+  %pf.on18 = and i1 %pf.on, %263
+  %264 = mul nsw i64 %rb, 32768
+  %265 = lshr i64 %264, %11
+  %266 = add nsw i64 32768, %265
+  %267 = getelementptr inbounds i8, ptr %261, i64 %266
+  %pf19 = select i1 %pf.on18, ptr %267, ptr %261
+  %pf.sh20 = select i1 %pf.on18, i64 %11, i64 0
   br label %k.head21
 
 k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %318, %pf.any.end26 ]
-  %267 = icmp slt i64 %k24, 512
-  br i1 %267, label %k.body22, label %k.end23
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %319, %pf.any.end26 ]
+  %268 = icmp slt i64 %k24, 512
+  br i1 %268, label %k.body22, label %k.end23
 
 k.body22:                                         ; preds = %k.head21
-  %268 = mul nsw i64 %k24, 16
-  %269 = add nsw i64 %panel.off17, %268
-  %270 = mul nsw i64 %k24, 64
+  %269 = mul nsw i64 %k24, 16
+  %270 = add nsw i64 %panel.off17, %269
+  %271 = mul nsw i64 %k24, 64
   br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
 
 pf.any.then25:                                    ; preds = %k.body22
-  %271 = lshr i64 %270, %pf.sh20
-  %272 = getelementptr inbounds i8, ptr %pf19, i64 %271
-  call void @llvm.prefetch.p0(ptr %272, i32 0, i32 2, i32 1)
+  %272 = lshr i64 %271, %pf.sh20
+  %273 = getelementptr inbounds i8, ptr %pf19, i64 %272
+  call void @llvm.prefetch.p0(ptr %273, i32 0, i32 2, i32 1)
   br label %pf.any.end26
 
 pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
-  %273 = getelementptr inbounds float, ptr %panels, i64 %269
-  %274 = load <8 x float>, ptr %273, align 4
-  %275 = add nsw i64 %269, 8
-  %276 = getelementptr inbounds float, ptr %panels, i64 %275
-  %277 = load <8 x float>, ptr %276, align 4
-  %278 = getelementptr inbounds float, ptr %235, i64 %k24
-  %279 = load float, ptr %278, align 4
-  %280 = insertelement <8 x float> poison, float %279, i32 0
-  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = load <8 x float>, ptr %acc007, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %274, <8 x float> %282)
-  store <8 x float> %283, ptr %acc007, align 4
-  %284 = load <8 x float>, ptr %acc018, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %277, <8 x float> %284)
-  store <8 x float> %285, ptr %acc018, align 4
-  %286 = getelementptr inbounds float, ptr %241, i64 %k24
-  %287 = load float, ptr %286, align 4
-  %288 = insertelement <8 x float> poison, float %287, i32 0
-  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
-  %290 = load <8 x float>, ptr %acc109, align 4
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %274, <8 x float> %290)
-  store <8 x float> %291, ptr %acc109, align 4
-  %292 = load <8 x float>, ptr %acc1110, align 4
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %277, <8 x float> %292)
-  store <8 x float> %293, ptr %acc1110, align 4
-  %294 = getelementptr inbounds float, ptr %247, i64 %k24
-  %295 = load float, ptr %294, align 4
-  %296 = insertelement <8 x float> poison, float %295, i32 0
-  %297 = shufflevector <8 x float> %296, <8 x float> poison, <8 x i32> zeroinitializer
-  %298 = load <8 x float>, ptr %acc2011, align 4
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %274, <8 x float> %298)
-  store <8 x float> %299, ptr %acc2011, align 4
-  %300 = load <8 x float>, ptr %acc2112, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %277, <8 x float> %300)
-  store <8 x float> %301, ptr %acc2112, align 4
-  %302 = getelementptr inbounds float, ptr %253, i64 %k24
-  %303 = load float, ptr %302, align 4
-  %304 = insertelement <8 x float> poison, float %303, i32 0
-  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
-  %306 = load <8 x float>, ptr %acc3013, align 4
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %274, <8 x float> %306)
-  store <8 x float> %307, ptr %acc3013, align 4
-  %308 = load <8 x float>, ptr %acc3114, align 4
-  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %277, <8 x float> %308)
-  store <8 x float> %309, ptr %acc3114, align 4
-  %310 = getelementptr inbounds float, ptr %259, i64 %k24
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %acc4015, align 4
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %274, <8 x float> %314)
-  store <8 x float> %315, ptr %acc4015, align 4
-  %316 = load <8 x float>, ptr %acc4116, align 4
-  %317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %313, <8 x float> %277, <8 x float> %316)
-  store <8 x float> %317, ptr %acc4116, align 4
-  %318 = add nsw i64 %k24, 1
+  %274 = getelementptr inbounds float, ptr %panels, i64 %270
+  %275 = load <8 x float>, ptr %274, align 4
+  %276 = add nsw i64 %270, 8
+  %277 = getelementptr inbounds float, ptr %panels, i64 %276
+  %278 = load <8 x float>, ptr %277, align 4
+  %279 = getelementptr inbounds float, ptr %236, i64 %k24
+  %280 = load float, ptr %279, align 4
+  %281 = insertelement <8 x float> poison, float %280, i32 0
+  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
+  %283 = load <8 x float>, ptr %acc007, align 4
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %275, <8 x float> %283)
+  store <8 x float> %284, ptr %acc007, align 4
+  %285 = load <8 x float>, ptr %acc018, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %278, <8 x float> %285)
+  store <8 x float> %286, ptr %acc018, align 4
+  %287 = getelementptr inbounds float, ptr %242, i64 %k24
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <8 x float> poison, float %288, i32 0
+  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
+  %291 = load <8 x float>, ptr %acc109, align 4
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %275, <8 x float> %291)
+  store <8 x float> %292, ptr %acc109, align 4
+  %293 = load <8 x float>, ptr %acc1110, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %278, <8 x float> %293)
+  store <8 x float> %294, ptr %acc1110, align 4
+  %295 = getelementptr inbounds float, ptr %248, i64 %k24
+  %296 = load float, ptr %295, align 4
+  %297 = insertelement <8 x float> poison, float %296, i32 0
+  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
+  %299 = load <8 x float>, ptr %acc2011, align 4
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %275, <8 x float> %299)
+  store <8 x float> %300, ptr %acc2011, align 4
+  %301 = load <8 x float>, ptr %acc2112, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %278, <8 x float> %301)
+  store <8 x float> %302, ptr %acc2112, align 4
+  %303 = getelementptr inbounds float, ptr %254, i64 %k24
+  %304 = load float, ptr %303, align 4
+  %305 = insertelement <8 x float> poison, float %304, i32 0
+  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
+  %307 = load <8 x float>, ptr %acc3013, align 4
+  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %275, <8 x float> %307)
+  store <8 x float> %308, ptr %acc3013, align 4
+  %309 = load <8 x float>, ptr %acc3114, align 4
+  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %278, <8 x float> %309)
+  store <8 x float> %310, ptr %acc3114, align 4
+  %311 = getelementptr inbounds float, ptr %260, i64 %k24
+  %312 = load float, ptr %311, align 4
+  %313 = insertelement <8 x float> poison, float %312, i32 0
+  %314 = shufflevector <8 x float> %313, <8 x float> poison, <8 x i32> zeroinitializer
+  %315 = load <8 x float>, ptr %acc4015, align 4
+  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %275, <8 x float> %315)
+  store <8 x float> %316, ptr %acc4015, align 4
+  %317 = load <8 x float>, ptr %acc4116, align 4
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %278, <8 x float> %317)
+  store <8 x float> %318, ptr %acc4116, align 4
+  %319 = add nsw i64 %k24, 1
   br label %k.head21
 
 k.end23:                                          ; preds = %k.head21
-  %319 = add nsw i64 %r0, 0
-  %320 = getelementptr inbounds float, ptr %rw, i64 %319
-  %321 = load float, ptr %320, align 4
-  %322 = insertelement <8 x float> poison, float %321, i32 0
-  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
-  %324 = mul nsw i64 %319, 1024
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
+  %320 = add nsw i64 %r0, 0
+  %321 = getelementptr inbounds float, ptr %rw, i64 %320
+  %322 = load float, ptr %321, align 4
+  %323 = insertelement <8 x float> poison, float %322, i32 0
+  %324 = shufflevector <8 x float> %323, <8 x float> poison, <8 x i32> zeroinitializer
+  %325 = mul nsw i64 %320, 1024
+  %326 = getelementptr inbounds float, ptr %h, i64 %325
   %col27 = mul nsw i64 %p, 16
-  %326 = load <8 x float>, ptr %acc007, align 4
-  %327 = load <8 x float>, ptr %acc018, align 4
-  %328 = add nsw i64 %col27, 0
-  %329 = fcmp ogt <8 x float> %326, zeroinitializer
-  %330 = select <8 x i1> %329, <8 x float> %326, <8 x float> zeroinitializer
-  %331 = fmul <8 x float> %330, %323
-  %332 = getelementptr inbounds float, ptr %325, i64 %328
-  store <8 x float> %331, ptr %332, align 4
-  %333 = add nsw i64 %col27, 8
-  %334 = fcmp ogt <8 x float> %327, zeroinitializer
-  %335 = select <8 x i1> %334, <8 x float> %327, <8 x float> zeroinitializer
-  %336 = fmul <8 x float> %335, %323
-  %337 = getelementptr inbounds float, ptr %325, i64 %333
-  store <8 x float> %336, ptr %337, align 4
-  %338 = add nsw i64 %r0, 1
-  %339 = getelementptr inbounds float, ptr %rw, i64 %338
-  %340 = load float, ptr %339, align 4
-  %341 = insertelement <8 x float> poison, float %340, i32 0
-  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = mul nsw i64 %338, 1024
-  %344 = getelementptr inbounds float, ptr %h, i64 %343
+  %327 = load <8 x float>, ptr %acc007, align 4
+  %328 = load <8 x float>, ptr %acc018, align 4
+  %329 = add nsw i64 %col27, 0
+  %330 = fcmp ogt <8 x float> %327, zeroinitializer
+  %331 = select <8 x i1> %330, <8 x float> %327, <8 x float> zeroinitializer
+  %332 = fmul <8 x float> %331, %324
+  %333 = getelementptr inbounds float, ptr %326, i64 %329
+  store <8 x float> %332, ptr %333, align 4
+  %334 = add nsw i64 %col27, 8
+  %335 = fcmp ogt <8 x float> %328, zeroinitializer
+  %336 = select <8 x i1> %335, <8 x float> %328, <8 x float> zeroinitializer
+  %337 = fmul <8 x float> %336, %324
+  %338 = getelementptr inbounds float, ptr %326, i64 %334
+  store <8 x float> %337, ptr %338, align 4
+  %339 = add nsw i64 %r0, 1
+  %340 = getelementptr inbounds float, ptr %rw, i64 %339
+  %341 = load float, ptr %340, align 4
+  %342 = insertelement <8 x float> poison, float %341, i32 0
+  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
+  %344 = mul nsw i64 %339, 1024
+  %345 = getelementptr inbounds float, ptr %h, i64 %344
   %col28 = mul nsw i64 %p, 16
-  %345 = load <8 x float>, ptr %acc109, align 4
-  %346 = load <8 x float>, ptr %acc1110, align 4
-  %347 = add nsw i64 %col28, 0
-  %348 = fcmp ogt <8 x float> %345, zeroinitializer
-  %349 = select <8 x i1> %348, <8 x float> %345, <8 x float> zeroinitializer
-  %350 = fmul <8 x float> %349, %342
-  %351 = getelementptr inbounds float, ptr %344, i64 %347
-  store <8 x float> %350, ptr %351, align 4
-  %352 = add nsw i64 %col28, 8
-  %353 = fcmp ogt <8 x float> %346, zeroinitializer
-  %354 = select <8 x i1> %353, <8 x float> %346, <8 x float> zeroinitializer
-  %355 = fmul <8 x float> %354, %342
-  %356 = getelementptr inbounds float, ptr %344, i64 %352
-  store <8 x float> %355, ptr %356, align 4
-  %357 = add nsw i64 %r0, 2
-  %358 = getelementptr inbounds float, ptr %rw, i64 %357
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = mul nsw i64 %357, 1024
-  %363 = getelementptr inbounds float, ptr %h, i64 %362
+  %346 = load <8 x float>, ptr %acc109, align 4
+  %347 = load <8 x float>, ptr %acc1110, align 4
+  %348 = add nsw i64 %col28, 0
+  %349 = fcmp ogt <8 x float> %346, zeroinitializer
+  %350 = select <8 x i1> %349, <8 x float> %346, <8 x float> zeroinitializer
+  %351 = fmul <8 x float> %350, %343
+  %352 = getelementptr inbounds float, ptr %345, i64 %348
+  store <8 x float> %351, ptr %352, align 4
+  %353 = add nsw i64 %col28, 8
+  %354 = fcmp ogt <8 x float> %347, zeroinitializer
+  %355 = select <8 x i1> %354, <8 x float> %347, <8 x float> zeroinitializer
+  %356 = fmul <8 x float> %355, %343
+  %357 = getelementptr inbounds float, ptr %345, i64 %353
+  store <8 x float> %356, ptr %357, align 4
+  %358 = add nsw i64 %r0, 2
+  %359 = getelementptr inbounds float, ptr %rw, i64 %358
+  %360 = load float, ptr %359, align 4
+  %361 = insertelement <8 x float> poison, float %360, i32 0
+  %362 = shufflevector <8 x float> %361, <8 x float> poison, <8 x i32> zeroinitializer
+  %363 = mul nsw i64 %358, 1024
+  %364 = getelementptr inbounds float, ptr %h, i64 %363
   %col29 = mul nsw i64 %p, 16
-  %364 = load <8 x float>, ptr %acc2011, align 4
-  %365 = load <8 x float>, ptr %acc2112, align 4
-  %366 = add nsw i64 %col29, 0
-  %367 = fcmp ogt <8 x float> %364, zeroinitializer
-  %368 = select <8 x i1> %367, <8 x float> %364, <8 x float> zeroinitializer
-  %369 = fmul <8 x float> %368, %361
-  %370 = getelementptr inbounds float, ptr %363, i64 %366
-  store <8 x float> %369, ptr %370, align 4
-  %371 = add nsw i64 %col29, 8
-  %372 = fcmp ogt <8 x float> %365, zeroinitializer
-  %373 = select <8 x i1> %372, <8 x float> %365, <8 x float> zeroinitializer
-  %374 = fmul <8 x float> %373, %361
-  %375 = getelementptr inbounds float, ptr %363, i64 %371
-  store <8 x float> %374, ptr %375, align 4
-  %376 = add nsw i64 %r0, 3
-  %377 = getelementptr inbounds float, ptr %rw, i64 %376
-  %378 = load float, ptr %377, align 4
-  %379 = insertelement <8 x float> poison, float %378, i32 0
-  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
-  %381 = mul nsw i64 %376, 1024
-  %382 = getelementptr inbounds float, ptr %h, i64 %381
+  %365 = load <8 x float>, ptr %acc2011, align 4
+  %366 = load <8 x float>, ptr %acc2112, align 4
+  %367 = add nsw i64 %col29, 0
+  %368 = fcmp ogt <8 x float> %365, zeroinitializer
+  %369 = select <8 x i1> %368, <8 x float> %365, <8 x float> zeroinitializer
+  %370 = fmul <8 x float> %369, %362
+  %371 = getelementptr inbounds float, ptr %364, i64 %367
+  store <8 x float> %370, ptr %371, align 4
+  %372 = add nsw i64 %col29, 8
+  %373 = fcmp ogt <8 x float> %366, zeroinitializer
+  %374 = select <8 x i1> %373, <8 x float> %366, <8 x float> zeroinitializer
+  %375 = fmul <8 x float> %374, %362
+  %376 = getelementptr inbounds float, ptr %364, i64 %372
+  store <8 x float> %375, ptr %376, align 4
+  %377 = add nsw i64 %r0, 3
+  %378 = getelementptr inbounds float, ptr %rw, i64 %377
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = mul nsw i64 %377, 1024
+  %383 = getelementptr inbounds float, ptr %h, i64 %382
   %col30 = mul nsw i64 %p, 16
-  %383 = load <8 x float>, ptr %acc3013, align 4
-  %384 = load <8 x float>, ptr %acc3114, align 4
-  %385 = add nsw i64 %col30, 0
-  %386 = fcmp ogt <8 x float> %383, zeroinitializer
-  %387 = select <8 x i1> %386, <8 x float> %383, <8 x float> zeroinitializer
-  %388 = fmul <8 x float> %387, %380
-  %389 = getelementptr inbounds float, ptr %382, i64 %385
-  store <8 x float> %388, ptr %389, align 4
-  %390 = add nsw i64 %col30, 8
-  %391 = fcmp ogt <8 x float> %384, zeroinitializer
-  %392 = select <8 x i1> %391, <8 x float> %384, <8 x float> zeroinitializer
-  %393 = fmul <8 x float> %392, %380
-  %394 = getelementptr inbounds float, ptr %382, i64 %390
-  store <8 x float> %393, ptr %394, align 4
-  %395 = add nsw i64 %r0, 4
-  %396 = getelementptr inbounds float, ptr %rw, i64 %395
-  %397 = load float, ptr %396, align 4
-  %398 = insertelement <8 x float> poison, float %397, i32 0
-  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
-  %400 = mul nsw i64 %395, 1024
-  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %384 = load <8 x float>, ptr %acc3013, align 4
+  %385 = load <8 x float>, ptr %acc3114, align 4
+  %386 = add nsw i64 %col30, 0
+  %387 = fcmp ogt <8 x float> %384, zeroinitializer
+  %388 = select <8 x i1> %387, <8 x float> %384, <8 x float> zeroinitializer
+  %389 = fmul <8 x float> %388, %381
+  %390 = getelementptr inbounds float, ptr %383, i64 %386
+  store <8 x float> %389, ptr %390, align 4
+  %391 = add nsw i64 %col30, 8
+  %392 = fcmp ogt <8 x float> %385, zeroinitializer
+  %393 = select <8 x i1> %392, <8 x float> %385, <8 x float> zeroinitializer
+  %394 = fmul <8 x float> %393, %381
+  %395 = getelementptr inbounds float, ptr %383, i64 %391
+  store <8 x float> %394, ptr %395, align 4
+  %396 = add nsw i64 %r0, 4
+  %397 = getelementptr inbounds float, ptr %rw, i64 %396
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = mul nsw i64 %396, 1024
+  %402 = getelementptr inbounds float, ptr %h, i64 %401
   %col31 = mul nsw i64 %p, 16
-  %402 = load <8 x float>, ptr %acc4015, align 4
-  %403 = load <8 x float>, ptr %acc4116, align 4
-  %404 = add nsw i64 %col31, 0
-  %405 = fcmp ogt <8 x float> %402, zeroinitializer
-  %406 = select <8 x i1> %405, <8 x float> %402, <8 x float> zeroinitializer
-  %407 = fmul <8 x float> %406, %399
-  %408 = getelementptr inbounds float, ptr %401, i64 %404
-  store <8 x float> %407, ptr %408, align 4
-  %409 = add nsw i64 %col31, 8
-  %410 = fcmp ogt <8 x float> %403, zeroinitializer
-  %411 = select <8 x i1> %410, <8 x float> %403, <8 x float> zeroinitializer
-  %412 = fmul <8 x float> %411, %399
-  %413 = getelementptr inbounds float, ptr %401, i64 %409
-  store <8 x float> %412, ptr %413, align 4
+  %403 = load <8 x float>, ptr %acc4015, align 4
+  %404 = load <8 x float>, ptr %acc4116, align 4
+  %405 = add nsw i64 %col31, 0
+  %406 = fcmp ogt <8 x float> %403, zeroinitializer
+  %407 = select <8 x i1> %406, <8 x float> %403, <8 x float> zeroinitializer
+  %408 = fmul <8 x float> %407, %400
+  %409 = getelementptr inbounds float, ptr %402, i64 %405
+  store <8 x float> %408, ptr %409, align 4
+  %410 = add nsw i64 %col31, 8
+  %411 = fcmp ogt <8 x float> %404, zeroinitializer
+  %412 = select <8 x i1> %411, <8 x float> %404, <8 x float> zeroinitializer
+  %413 = fmul <8 x float> %412, %400
+  %414 = getelementptr inbounds float, ptr %402, i64 %410
+  store <8 x float> %413, ptr %414, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %414 = add nsw i64 %r0, 0
-  %415 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %416 = load i32, ptr %415, align 4
-  %417 = sext i32 %416 to i64
-  %418 = mul nsw i64 %417, 512
-  %419 = getelementptr inbounds float, ptr %x, i64 %418
+tile.mr4:                                         ; preds = %rb.body
+  %415 = add nsw i64 %r0, 0
+  %416 = getelementptr inbounds i32, ptr %rows, i64 %415
+  %417 = load i32, ptr %416, align 4
+  %418 = sext i32 %417 to i64
+  %419 = mul nsw i64 %418, 512
+  %420 = getelementptr inbounds float, ptr %x, i64 %419
   store <8 x float> zeroinitializer, ptr %acc0032, align 4
   store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %420 = add nsw i64 %r0, 1
-  %421 = getelementptr inbounds i32, ptr %rows, i64 %420
-  %422 = load i32, ptr %421, align 4
-  %423 = sext i32 %422 to i64
-  %424 = mul nsw i64 %423, 512
-  %425 = getelementptr inbounds float, ptr %x, i64 %424
+  %421 = add nsw i64 %r0, 1
+  %422 = getelementptr inbounds i32, ptr %rows, i64 %421
+  %423 = load i32, ptr %422, align 4
+  %424 = sext i32 %423 to i64
+  %425 = mul nsw i64 %424, 512
+  %426 = getelementptr inbounds float, ptr %x, i64 %425
   store <8 x float> zeroinitializer, ptr %acc1034, align 4
   store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %426 = add nsw i64 %r0, 2
-  %427 = getelementptr inbounds i32, ptr %rows, i64 %426
-  %428 = load i32, ptr %427, align 4
-  %429 = sext i32 %428 to i64
-  %430 = mul nsw i64 %429, 512
-  %431 = getelementptr inbounds float, ptr %x, i64 %430
+  %427 = add nsw i64 %r0, 2
+  %428 = getelementptr inbounds i32, ptr %rows, i64 %427
+  %429 = load i32, ptr %428, align 4
+  %430 = sext i32 %429 to i64
+  %431 = mul nsw i64 %430, 512
+  %432 = getelementptr inbounds float, ptr %x, i64 %431
   store <8 x float> zeroinitializer, ptr %acc2036, align 4
   store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %432 = add nsw i64 %r0, 3
-  %433 = getelementptr inbounds i32, ptr %rows, i64 %432
-  %434 = load i32, ptr %433, align 4
-  %435 = sext i32 %434 to i64
-  %436 = mul nsw i64 %435, 512
-  %437 = getelementptr inbounds float, ptr %x, i64 %436
+  %433 = add nsw i64 %r0, 3
+  %434 = getelementptr inbounds i32, ptr %rows, i64 %433
+  %435 = load i32, ptr %434, align 4
+  %436 = sext i32 %435 to i64
+  %437 = mul nsw i64 %436, 512
+  %438 = getelementptr inbounds float, ptr %x, i64 %437
   store <8 x float> zeroinitializer, ptr %acc3038, align 4
   store <8 x float> zeroinitializer, ptr %acc3139, align 4
   %panel.off40 = mul nsw i64 %p, 8192
-  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
-  %439 = add nsw i64 %p, 1
-  %440 = icmp slt i64 %439, %p1
-  %pf.on41 = and i1 %pf.on, %440
-  %441 = mul nsw i64 %pf.j, 32768
-  %442 = lshr i64 %441, %9
-  %443 = add nsw i64 32768, %442
-  %444 = getelementptr inbounds i8, ptr %438, i64 %443
-  %pf42 = select i1 %pf.on41, ptr %444, ptr %438
-  %pf.sh43 = select i1 %pf.on41, i64 %9, i64 0
+  %439 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
+  %440 = add nsw i64 %p, 1
+  %441 = icmp slt i64 %440, %p1
+  %pf.on41 = and i1 %pf.on, %441
+  %442 = mul nsw i64 %rb, 32768
+  %443 = lshr i64 %442, %11
+  %444 = add nsw i64 32768, %443
+  %445 = getelementptr inbounds i8, ptr %439, i64 %444
+  %pf42 = select i1 %pf.on41, ptr %445, ptr %439
+  %pf.sh43 = select i1 %pf.on41, i64 %11, i64 0
   br label %k.head44
 
 k.head44:                                         ; preds = %pf.any.end49, %tile.mr4
-  %k47 = phi i64 [ 0, %tile.mr4 ], [ %488, %pf.any.end49 ]
-  %445 = icmp slt i64 %k47, 512
-  br i1 %445, label %k.body45, label %k.end46
+  %k47 = phi i64 [ 0, %tile.mr4 ], [ %489, %pf.any.end49 ]
+  %446 = icmp slt i64 %k47, 512
+  br i1 %446, label %k.body45, label %k.end46
 
 k.body45:                                         ; preds = %k.head44
-  %446 = mul nsw i64 %k47, 16
-  %447 = add nsw i64 %panel.off40, %446
-  %448 = mul nsw i64 %k47, 64
+  %447 = mul nsw i64 %k47, 16
+  %448 = add nsw i64 %panel.off40, %447
+  %449 = mul nsw i64 %k47, 64
   br i1 %pf.multi, label %pf.any.then48, label %pf.any.end49
 
 pf.any.then48:                                    ; preds = %k.body45
-  %449 = lshr i64 %448, %pf.sh43
-  %450 = getelementptr inbounds i8, ptr %pf42, i64 %449
-  call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
+  %450 = lshr i64 %449, %pf.sh43
+  %451 = getelementptr inbounds i8, ptr %pf42, i64 %450
+  call void @llvm.prefetch.p0(ptr %451, i32 0, i32 2, i32 1)
   br label %pf.any.end49
 
 pf.any.end49:                                     ; preds = %pf.any.then48, %k.body45
-  %451 = getelementptr inbounds float, ptr %panels, i64 %447
-  %452 = load <8 x float>, ptr %451, align 4
-  %453 = add nsw i64 %447, 8
-  %454 = getelementptr inbounds float, ptr %panels, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = getelementptr inbounds float, ptr %419, i64 %k47
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc0032, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0032, align 4
-  %462 = load <8 x float>, ptr %acc0133, align 4
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
-  store <8 x float> %463, ptr %acc0133, align 4
-  %464 = getelementptr inbounds float, ptr %425, i64 %k47
-  %465 = load float, ptr %464, align 4
-  %466 = insertelement <8 x float> poison, float %465, i32 0
-  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc1034, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1034, align 4
-  %470 = load <8 x float>, ptr %acc1135, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
-  store <8 x float> %471, ptr %acc1135, align 4
-  %472 = getelementptr inbounds float, ptr %431, i64 %k47
-  %473 = load float, ptr %472, align 4
-  %474 = insertelement <8 x float> poison, float %473, i32 0
-  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc2036, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
-  store <8 x float> %477, ptr %acc2036, align 4
-  %478 = load <8 x float>, ptr %acc2137, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
-  store <8 x float> %479, ptr %acc2137, align 4
-  %480 = getelementptr inbounds float, ptr %437, i64 %k47
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc3038, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
-  store <8 x float> %485, ptr %acc3038, align 4
-  %486 = load <8 x float>, ptr %acc3139, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
-  store <8 x float> %487, ptr %acc3139, align 4
-  %488 = add nsw i64 %k47, 1
+  %452 = getelementptr inbounds float, ptr %panels, i64 %448
+  %453 = load <8 x float>, ptr %452, align 4
+  %454 = add nsw i64 %448, 8
+  %455 = getelementptr inbounds float, ptr %panels, i64 %454
+  %456 = load <8 x float>, ptr %455, align 4
+  %457 = getelementptr inbounds float, ptr %420, i64 %k47
+  %458 = load float, ptr %457, align 4
+  %459 = insertelement <8 x float> poison, float %458, i32 0
+  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
+  %461 = load <8 x float>, ptr %acc0032, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %453, <8 x float> %461)
+  store <8 x float> %462, ptr %acc0032, align 4
+  %463 = load <8 x float>, ptr %acc0133, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> %463)
+  store <8 x float> %464, ptr %acc0133, align 4
+  %465 = getelementptr inbounds float, ptr %426, i64 %k47
+  %466 = load float, ptr %465, align 4
+  %467 = insertelement <8 x float> poison, float %466, i32 0
+  %468 = shufflevector <8 x float> %467, <8 x float> poison, <8 x i32> zeroinitializer
+  %469 = load <8 x float>, ptr %acc1034, align 4
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %453, <8 x float> %469)
+  store <8 x float> %470, ptr %acc1034, align 4
+  %471 = load <8 x float>, ptr %acc1135, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %456, <8 x float> %471)
+  store <8 x float> %472, ptr %acc1135, align 4
+  %473 = getelementptr inbounds float, ptr %432, i64 %k47
+  %474 = load float, ptr %473, align 4
+  %475 = insertelement <8 x float> poison, float %474, i32 0
+  %476 = shufflevector <8 x float> %475, <8 x float> poison, <8 x i32> zeroinitializer
+  %477 = load <8 x float>, ptr %acc2036, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %453, <8 x float> %477)
+  store <8 x float> %478, ptr %acc2036, align 4
+  %479 = load <8 x float>, ptr %acc2137, align 4
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %456, <8 x float> %479)
+  store <8 x float> %480, ptr %acc2137, align 4
+  %481 = getelementptr inbounds float, ptr %438, i64 %k47
+  %482 = load float, ptr %481, align 4
+  %483 = insertelement <8 x float> poison, float %482, i32 0
+  %484 = shufflevector <8 x float> %483, <8 x float> poison, <8 x i32> zeroinitializer
+  %485 = load <8 x float>, ptr %acc3038, align 4
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %453, <8 x float> %485)
+  store <8 x float> %486, ptr %acc3038, align 4
+  %487 = load <8 x float>, ptr %acc3139, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %456, <8 x float> %487)
+  store <8 x float> %488, ptr %acc3139, align 4
+  %489 = add nsw i64 %k47, 1
   br label %k.head44
 
 k.end46:                                          ; preds = %k.head44
-  %489 = add nsw i64 %r0, 0
-  %490 = getelementptr inbounds float, ptr %rw, i64 %489
-  %491 = load float, ptr %490, align 4
-  %492 = insertelement <8 x float> poison, float %491, i32 0
-  %493 = shufflevector <8 x float> %492, <8 x float> poison, <8 x i32> zeroinitializer
-  %494 = mul nsw i64 %489, 1024
-  %495 = getelementptr inbounds float, ptr %h, i64 %494
+  %490 = add nsw i64 %r0, 0
+  %491 = getelementptr inbounds float, ptr %rw, i64 %490
+  %492 = load float, ptr %491, align 4
+  %493 = insertelement <8 x float> poison, float %492, i32 0
+  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
+  %495 = mul nsw i64 %490, 1024
+  %496 = getelementptr inbounds float, ptr %h, i64 %495
   %col50 = mul nsw i64 %p, 16
-  %496 = load <8 x float>, ptr %acc0032, align 4
-  %497 = load <8 x float>, ptr %acc0133, align 4
-  %498 = add nsw i64 %col50, 0
-  %499 = fcmp ogt <8 x float> %496, zeroinitializer
-  %500 = select <8 x i1> %499, <8 x float> %496, <8 x float> zeroinitializer
-  %501 = fmul <8 x float> %500, %493
-  %502 = getelementptr inbounds float, ptr %495, i64 %498
-  store <8 x float> %501, ptr %502, align 4
-  %503 = add nsw i64 %col50, 8
-  %504 = fcmp ogt <8 x float> %497, zeroinitializer
-  %505 = select <8 x i1> %504, <8 x float> %497, <8 x float> zeroinitializer
-  %506 = fmul <8 x float> %505, %493
-  %507 = getelementptr inbounds float, ptr %495, i64 %503
-  store <8 x float> %506, ptr %507, align 4
-  %508 = add nsw i64 %r0, 1
-  %509 = getelementptr inbounds float, ptr %rw, i64 %508
-  %510 = load float, ptr %509, align 4
-  %511 = insertelement <8 x float> poison, float %510, i32 0
-  %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
-  %513 = mul nsw i64 %508, 1024
-  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %497 = load <8 x float>, ptr %acc0032, align 4
+  %498 = load <8 x float>, ptr %acc0133, align 4
+  %499 = add nsw i64 %col50, 0
+  %500 = fcmp ogt <8 x float> %497, zeroinitializer
+  %501 = select <8 x i1> %500, <8 x float> %497, <8 x float> zeroinitializer
+  %502 = fmul <8 x float> %501, %494
+  %503 = getelementptr inbounds float, ptr %496, i64 %499
+  store <8 x float> %502, ptr %503, align 4
+  %504 = add nsw i64 %col50, 8
+  %505 = fcmp ogt <8 x float> %498, zeroinitializer
+  %506 = select <8 x i1> %505, <8 x float> %498, <8 x float> zeroinitializer
+  %507 = fmul <8 x float> %506, %494
+  %508 = getelementptr inbounds float, ptr %496, i64 %504
+  store <8 x float> %507, ptr %508, align 4
+  %509 = add nsw i64 %r0, 1
+  %510 = getelementptr inbounds float, ptr %rw, i64 %509
+  %511 = load float, ptr %510, align 4
+  %512 = insertelement <8 x float> poison, float %511, i32 0
+  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
+  %514 = mul nsw i64 %509, 1024
+  %515 = getelementptr inbounds float, ptr %h, i64 %514
   %col51 = mul nsw i64 %p, 16
-  %515 = load <8 x float>, ptr %acc1034, align 4
-  %516 = load <8 x float>, ptr %acc1135, align 4
-  %517 = add nsw i64 %col51, 0
-  %518 = fcmp ogt <8 x float> %515, zeroinitializer
-  %519 = select <8 x i1> %518, <8 x float> %515, <8 x float> zeroinitializer
-  %520 = fmul <8 x float> %519, %512
-  %521 = getelementptr inbounds float, ptr %514, i64 %517
-  store <8 x float> %520, ptr %521, align 4
-  %522 = add nsw i64 %col51, 8
-  %523 = fcmp ogt <8 x float> %516, zeroinitializer
-  %524 = select <8 x i1> %523, <8 x float> %516, <8 x float> zeroinitializer
-  %525 = fmul <8 x float> %524, %512
-  %526 = getelementptr inbounds float, ptr %514, i64 %522
-  store <8 x float> %525, ptr %526, align 4
-  %527 = add nsw i64 %r0, 2
-  %528 = getelementptr inbounds float, ptr %rw, i64 %527
-  %529 = load float, ptr %528, align 4
-  %530 = insertelement <8 x float> poison, float %529, i32 0
-  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = mul nsw i64 %527, 1024
-  %533 = getelementptr inbounds float, ptr %h, i64 %532
+  %516 = load <8 x float>, ptr %acc1034, align 4
+  %517 = load <8 x float>, ptr %acc1135, align 4
+  %518 = add nsw i64 %col51, 0
+  %519 = fcmp ogt <8 x float> %516, zeroinitializer
+  %520 = select <8 x i1> %519, <8 x float> %516, <8 x float> zeroinitializer
+  %521 = fmul <8 x float> %520, %513
+  %522 = getelementptr inbounds float, ptr %515, i64 %518
+  store <8 x float> %521, ptr %522, align 4
+  %523 = add nsw i64 %col51, 8
+  %524 = fcmp ogt <8 x float> %517, zeroinitializer
+  %525 = select <8 x i1> %524, <8 x float> %517, <8 x float> zeroinitializer
+  %526 = fmul <8 x float> %525, %513
+  %527 = getelementptr inbounds float, ptr %515, i64 %523
+  store <8 x float> %526, ptr %527, align 4
+  %528 = add nsw i64 %r0, 2
+  %529 = getelementptr inbounds float, ptr %rw, i64 %528
+  %530 = load float, ptr %529, align 4
+  %531 = insertelement <8 x float> poison, float %530, i32 0
+  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
+  %533 = mul nsw i64 %528, 1024
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
   %col52 = mul nsw i64 %p, 16
-  %534 = load <8 x float>, ptr %acc2036, align 4
-  %535 = load <8 x float>, ptr %acc2137, align 4
-  %536 = add nsw i64 %col52, 0
-  %537 = fcmp ogt <8 x float> %534, zeroinitializer
-  %538 = select <8 x i1> %537, <8 x float> %534, <8 x float> zeroinitializer
-  %539 = fmul <8 x float> %538, %531
-  %540 = getelementptr inbounds float, ptr %533, i64 %536
-  store <8 x float> %539, ptr %540, align 4
-  %541 = add nsw i64 %col52, 8
-  %542 = fcmp ogt <8 x float> %535, zeroinitializer
-  %543 = select <8 x i1> %542, <8 x float> %535, <8 x float> zeroinitializer
-  %544 = fmul <8 x float> %543, %531
-  %545 = getelementptr inbounds float, ptr %533, i64 %541
-  store <8 x float> %544, ptr %545, align 4
-  %546 = add nsw i64 %r0, 3
-  %547 = getelementptr inbounds float, ptr %rw, i64 %546
-  %548 = load float, ptr %547, align 4
-  %549 = insertelement <8 x float> poison, float %548, i32 0
-  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
-  %551 = mul nsw i64 %546, 1024
-  %552 = getelementptr inbounds float, ptr %h, i64 %551
+  %535 = load <8 x float>, ptr %acc2036, align 4
+  %536 = load <8 x float>, ptr %acc2137, align 4
+  %537 = add nsw i64 %col52, 0
+  %538 = fcmp ogt <8 x float> %535, zeroinitializer
+  %539 = select <8 x i1> %538, <8 x float> %535, <8 x float> zeroinitializer
+  %540 = fmul <8 x float> %539, %532
+  %541 = getelementptr inbounds float, ptr %534, i64 %537
+  store <8 x float> %540, ptr %541, align 4
+  %542 = add nsw i64 %col52, 8
+  %543 = fcmp ogt <8 x float> %536, zeroinitializer
+  %544 = select <8 x i1> %543, <8 x float> %536, <8 x float> zeroinitializer
+  %545 = fmul <8 x float> %544, %532
+  %546 = getelementptr inbounds float, ptr %534, i64 %542
+  store <8 x float> %545, ptr %546, align 4
+  %547 = add nsw i64 %r0, 3
+  %548 = getelementptr inbounds float, ptr %rw, i64 %547
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = mul nsw i64 %547, 1024
+  %553 = getelementptr inbounds float, ptr %h, i64 %552
   %col53 = mul nsw i64 %p, 16
-  %553 = load <8 x float>, ptr %acc3038, align 4
-  %554 = load <8 x float>, ptr %acc3139, align 4
-  %555 = add nsw i64 %col53, 0
-  %556 = fcmp ogt <8 x float> %553, zeroinitializer
-  %557 = select <8 x i1> %556, <8 x float> %553, <8 x float> zeroinitializer
-  %558 = fmul <8 x float> %557, %550
-  %559 = getelementptr inbounds float, ptr %552, i64 %555
-  store <8 x float> %558, ptr %559, align 4
-  %560 = add nsw i64 %col53, 8
-  %561 = fcmp ogt <8 x float> %554, zeroinitializer
-  %562 = select <8 x i1> %561, <8 x float> %554, <8 x float> zeroinitializer
-  %563 = fmul <8 x float> %562, %550
-  %564 = getelementptr inbounds float, ptr %552, i64 %560
-  store <8 x float> %563, ptr %564, align 4
+  %554 = load <8 x float>, ptr %acc3038, align 4
+  %555 = load <8 x float>, ptr %acc3139, align 4
+  %556 = add nsw i64 %col53, 0
+  %557 = fcmp ogt <8 x float> %554, zeroinitializer
+  %558 = select <8 x i1> %557, <8 x float> %554, <8 x float> zeroinitializer
+  %559 = fmul <8 x float> %558, %551
+  %560 = getelementptr inbounds float, ptr %553, i64 %556
+  store <8 x float> %559, ptr %560, align 4
+  %561 = add nsw i64 %col53, 8
+  %562 = fcmp ogt <8 x float> %555, zeroinitializer
+  %563 = select <8 x i1> %562, <8 x float> %555, <8 x float> zeroinitializer
+  %564 = fmul <8 x float> %563, %551
+  %565 = getelementptr inbounds float, ptr %553, i64 %561
+  store <8 x float> %564, ptr %565, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %565 = add nsw i64 %r0, 0
-  %566 = getelementptr inbounds i32, ptr %rows, i64 %565
-  %567 = load i32, ptr %566, align 4
-  %568 = sext i32 %567 to i64
-  %569 = mul nsw i64 %568, 512
-  %570 = getelementptr inbounds float, ptr %x, i64 %569
+tile.mr3:                                         ; preds = %rb.body
+  %566 = add nsw i64 %r0, 0
+  %567 = getelementptr inbounds i32, ptr %rows, i64 %566
+  %568 = load i32, ptr %567, align 4
+  %569 = sext i32 %568 to i64
+  %570 = mul nsw i64 %569, 512
+  %571 = getelementptr inbounds float, ptr %x, i64 %570
   store <8 x float> zeroinitializer, ptr %acc0054, align 4
   store <8 x float> zeroinitializer, ptr %acc0155, align 4
-  %571 = add nsw i64 %r0, 1
-  %572 = getelementptr inbounds i32, ptr %rows, i64 %571
-  %573 = load i32, ptr %572, align 4
-  %574 = sext i32 %573 to i64
-  %575 = mul nsw i64 %574, 512
-  %576 = getelementptr inbounds float, ptr %x, i64 %575
+  %572 = add nsw i64 %r0, 1
+  %573 = getelementptr inbounds i32, ptr %rows, i64 %572
+  %574 = load i32, ptr %573, align 4
+  %575 = sext i32 %574 to i64
+  %576 = mul nsw i64 %575, 512
+  %577 = getelementptr inbounds float, ptr %x, i64 %576
   store <8 x float> zeroinitializer, ptr %acc1056, align 4
   store <8 x float> zeroinitializer, ptr %acc1157, align 4
-  %577 = add nsw i64 %r0, 2
-  %578 = getelementptr inbounds i32, ptr %rows, i64 %577
-  %579 = load i32, ptr %578, align 4
-  %580 = sext i32 %579 to i64
-  %581 = mul nsw i64 %580, 512
-  %582 = getelementptr inbounds float, ptr %x, i64 %581
+  %578 = add nsw i64 %r0, 2
+  %579 = getelementptr inbounds i32, ptr %rows, i64 %578
+  %580 = load i32, ptr %579, align 4
+  %581 = sext i32 %580 to i64
+  %582 = mul nsw i64 %581, 512
+  %583 = getelementptr inbounds float, ptr %x, i64 %582
   store <8 x float> zeroinitializer, ptr %acc2058, align 4
   store <8 x float> zeroinitializer, ptr %acc2159, align 4
   %panel.off60 = mul nsw i64 %p, 8192
-  %583 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
-  %584 = add nsw i64 %p, 1
-  %585 = icmp slt i64 %584, %p1
-  %pf.on61 = and i1 %pf.on, %585
-  %586 = mul nsw i64 %pf.j, 32768
-  %587 = lshr i64 %586, %9
-  %588 = add nsw i64 32768, %587
-  %589 = getelementptr inbounds i8, ptr %583, i64 %588
-  %pf62 = select i1 %pf.on61, ptr %589, ptr %583
-  %pf.sh63 = select i1 %pf.on61, i64 %9, i64 0
+  %584 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
+  %585 = add nsw i64 %p, 1
+  %586 = icmp slt i64 %585, %p1
+  %pf.on61 = and i1 %pf.on, %586
+  %587 = mul nsw i64 %rb, 32768
+  %588 = lshr i64 %587, %11
+  %589 = add nsw i64 32768, %588
+  %590 = getelementptr inbounds i8, ptr %584, i64 %589
+  %pf62 = select i1 %pf.on61, ptr %590, ptr %584
+  %pf.sh63 = select i1 %pf.on61, i64 %11, i64 0
   br label %k.head64
 
 k.head64:                                         ; preds = %pf.any.end69, %tile.mr3
-  %k67 = phi i64 [ 0, %tile.mr3 ], [ %625, %pf.any.end69 ]
-  %590 = icmp slt i64 %k67, 512
-  br i1 %590, label %k.body65, label %k.end66
+  %k67 = phi i64 [ 0, %tile.mr3 ], [ %626, %pf.any.end69 ]
+  %591 = icmp slt i64 %k67, 512
+  br i1 %591, label %k.body65, label %k.end66
 
 k.body65:                                         ; preds = %k.head64
-  %591 = mul nsw i64 %k67, 16
-  %592 = add nsw i64 %panel.off60, %591
-  %593 = mul nsw i64 %k67, 64
+  %592 = mul nsw i64 %k67, 16
+  %593 = add nsw i64 %panel.off60, %592
+  %594 = mul nsw i64 %k67, 64
   br i1 %pf.multi, label %pf.any.then68, label %pf.any.end69
 
 pf.any.then68:                                    ; preds = %k.body65
-  %594 = lshr i64 %593, %pf.sh63
-  %595 = getelementptr inbounds i8, ptr %pf62, i64 %594
-  call void @llvm.prefetch.p0(ptr %595, i32 0, i32 2, i32 1)
+  %595 = lshr i64 %594, %pf.sh63
+  %596 = getelementptr inbounds i8, ptr %pf62, i64 %595
+  call void @llvm.prefetch.p0(ptr %596, i32 0, i32 2, i32 1)
   br label %pf.any.end69
 
 pf.any.end69:                                     ; preds = %pf.any.then68, %k.body65
-  %596 = getelementptr inbounds float, ptr %panels, i64 %592
-  %597 = load <8 x float>, ptr %596, align 4
-  %598 = add nsw i64 %592, 8
-  %599 = getelementptr inbounds float, ptr %panels, i64 %598
-  %600 = load <8 x float>, ptr %599, align 4
-  %601 = getelementptr inbounds float, ptr %570, i64 %k67
-  %602 = load float, ptr %601, align 4
-  %603 = insertelement <8 x float> poison, float %602, i32 0
-  %604 = shufflevector <8 x float> %603, <8 x float> poison, <8 x i32> zeroinitializer
-  %605 = load <8 x float>, ptr %acc0054, align 4
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %597, <8 x float> %605)
-  store <8 x float> %606, ptr %acc0054, align 4
-  %607 = load <8 x float>, ptr %acc0155, align 4
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %604, <8 x float> %600, <8 x float> %607)
-  store <8 x float> %608, ptr %acc0155, align 4
-  %609 = getelementptr inbounds float, ptr %576, i64 %k67
-  %610 = load float, ptr %609, align 4
-  %611 = insertelement <8 x float> poison, float %610, i32 0
-  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
-  %613 = load <8 x float>, ptr %acc1056, align 4
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %597, <8 x float> %613)
-  store <8 x float> %614, ptr %acc1056, align 4
-  %615 = load <8 x float>, ptr %acc1157, align 4
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %600, <8 x float> %615)
-  store <8 x float> %616, ptr %acc1157, align 4
-  %617 = getelementptr inbounds float, ptr %582, i64 %k67
-  %618 = load float, ptr %617, align 4
-  %619 = insertelement <8 x float> poison, float %618, i32 0
-  %620 = shufflevector <8 x float> %619, <8 x float> poison, <8 x i32> zeroinitializer
-  %621 = load <8 x float>, ptr %acc2058, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %597, <8 x float> %621)
-  store <8 x float> %622, ptr %acc2058, align 4
-  %623 = load <8 x float>, ptr %acc2159, align 4
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %600, <8 x float> %623)
-  store <8 x float> %624, ptr %acc2159, align 4
-  %625 = add nsw i64 %k67, 1
+  %597 = getelementptr inbounds float, ptr %panels, i64 %593
+  %598 = load <8 x float>, ptr %597, align 4
+  %599 = add nsw i64 %593, 8
+  %600 = getelementptr inbounds float, ptr %panels, i64 %599
+  %601 = load <8 x float>, ptr %600, align 4
+  %602 = getelementptr inbounds float, ptr %571, i64 %k67
+  %603 = load float, ptr %602, align 4
+  %604 = insertelement <8 x float> poison, float %603, i32 0
+  %605 = shufflevector <8 x float> %604, <8 x float> poison, <8 x i32> zeroinitializer
+  %606 = load <8 x float>, ptr %acc0054, align 4
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %598, <8 x float> %606)
+  store <8 x float> %607, ptr %acc0054, align 4
+  %608 = load <8 x float>, ptr %acc0155, align 4
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %601, <8 x float> %608)
+  store <8 x float> %609, ptr %acc0155, align 4
+  %610 = getelementptr inbounds float, ptr %577, i64 %k67
+  %611 = load float, ptr %610, align 4
+  %612 = insertelement <8 x float> poison, float %611, i32 0
+  %613 = shufflevector <8 x float> %612, <8 x float> poison, <8 x i32> zeroinitializer
+  %614 = load <8 x float>, ptr %acc1056, align 4
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %598, <8 x float> %614)
+  store <8 x float> %615, ptr %acc1056, align 4
+  %616 = load <8 x float>, ptr %acc1157, align 4
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %601, <8 x float> %616)
+  store <8 x float> %617, ptr %acc1157, align 4
+  %618 = getelementptr inbounds float, ptr %583, i64 %k67
+  %619 = load float, ptr %618, align 4
+  %620 = insertelement <8 x float> poison, float %619, i32 0
+  %621 = shufflevector <8 x float> %620, <8 x float> poison, <8 x i32> zeroinitializer
+  %622 = load <8 x float>, ptr %acc2058, align 4
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %598, <8 x float> %622)
+  store <8 x float> %623, ptr %acc2058, align 4
+  %624 = load <8 x float>, ptr %acc2159, align 4
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %601, <8 x float> %624)
+  store <8 x float> %625, ptr %acc2159, align 4
+  %626 = add nsw i64 %k67, 1
   br label %k.head64
 
 k.end66:                                          ; preds = %k.head64
-  %626 = add nsw i64 %r0, 0
-  %627 = getelementptr inbounds float, ptr %rw, i64 %626
-  %628 = load float, ptr %627, align 4
-  %629 = insertelement <8 x float> poison, float %628, i32 0
-  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
-  %631 = mul nsw i64 %626, 1024
-  %632 = getelementptr inbounds float, ptr %h, i64 %631
+  %627 = add nsw i64 %r0, 0
+  %628 = getelementptr inbounds float, ptr %rw, i64 %627
+  %629 = load float, ptr %628, align 4
+  %630 = insertelement <8 x float> poison, float %629, i32 0
+  %631 = shufflevector <8 x float> %630, <8 x float> poison, <8 x i32> zeroinitializer
+  %632 = mul nsw i64 %627, 1024
+  %633 = getelementptr inbounds float, ptr %h, i64 %632
   %col70 = mul nsw i64 %p, 16
-  %633 = load <8 x float>, ptr %acc0054, align 4
-  %634 = load <8 x float>, ptr %acc0155, align 4
-  %635 = add nsw i64 %col70, 0
-  %636 = fcmp ogt <8 x float> %633, zeroinitializer
-  %637 = select <8 x i1> %636, <8 x float> %633, <8 x float> zeroinitializer
-  %638 = fmul <8 x float> %637, %630
-  %639 = getelementptr inbounds float, ptr %632, i64 %635
-  store <8 x float> %638, ptr %639, align 4
-  %640 = add nsw i64 %col70, 8
-  %641 = fcmp ogt <8 x float> %634, zeroinitializer
-  %642 = select <8 x i1> %641, <8 x float> %634, <8 x float> zeroinitializer
-  %643 = fmul <8 x float> %642, %630
-  %644 = getelementptr inbounds float, ptr %632, i64 %640
-  store <8 x float> %643, ptr %644, align 4
-  %645 = add nsw i64 %r0, 1
-  %646 = getelementptr inbounds float, ptr %rw, i64 %645
-  %647 = load float, ptr %646, align 4
-  %648 = insertelement <8 x float> poison, float %647, i32 0
-  %649 = shufflevector <8 x float> %648, <8 x float> poison, <8 x i32> zeroinitializer
-  %650 = mul nsw i64 %645, 1024
-  %651 = getelementptr inbounds float, ptr %h, i64 %650
+  %634 = load <8 x float>, ptr %acc0054, align 4
+  %635 = load <8 x float>, ptr %acc0155, align 4
+  %636 = add nsw i64 %col70, 0
+  %637 = fcmp ogt <8 x float> %634, zeroinitializer
+  %638 = select <8 x i1> %637, <8 x float> %634, <8 x float> zeroinitializer
+  %639 = fmul <8 x float> %638, %631
+  %640 = getelementptr inbounds float, ptr %633, i64 %636
+  store <8 x float> %639, ptr %640, align 4
+  %641 = add nsw i64 %col70, 8
+  %642 = fcmp ogt <8 x float> %635, zeroinitializer
+  %643 = select <8 x i1> %642, <8 x float> %635, <8 x float> zeroinitializer
+  %644 = fmul <8 x float> %643, %631
+  %645 = getelementptr inbounds float, ptr %633, i64 %641
+  store <8 x float> %644, ptr %645, align 4
+  %646 = add nsw i64 %r0, 1
+  %647 = getelementptr inbounds float, ptr %rw, i64 %646
+  %648 = load float, ptr %647, align 4
+  %649 = insertelement <8 x float> poison, float %648, i32 0
+  %650 = shufflevector <8 x float> %649, <8 x float> poison, <8 x i32> zeroinitializer
+  %651 = mul nsw i64 %646, 1024
+  %652 = getelementptr inbounds float, ptr %h, i64 %651
   %col71 = mul nsw i64 %p, 16
-  %652 = load <8 x float>, ptr %acc1056, align 4
-  %653 = load <8 x float>, ptr %acc1157, align 4
-  %654 = add nsw i64 %col71, 0
-  %655 = fcmp ogt <8 x float> %652, zeroinitializer
-  %656 = select <8 x i1> %655, <8 x float> %652, <8 x float> zeroinitializer
-  %657 = fmul <8 x float> %656, %649
-  %658 = getelementptr inbounds float, ptr %651, i64 %654
-  store <8 x float> %657, ptr %658, align 4
-  %659 = add nsw i64 %col71, 8
-  %660 = fcmp ogt <8 x float> %653, zeroinitializer
-  %661 = select <8 x i1> %660, <8 x float> %653, <8 x float> zeroinitializer
-  %662 = fmul <8 x float> %661, %649
-  %663 = getelementptr inbounds float, ptr %651, i64 %659
-  store <8 x float> %662, ptr %663, align 4
-  %664 = add nsw i64 %r0, 2
-  %665 = getelementptr inbounds float, ptr %rw, i64 %664
-  %666 = load float, ptr %665, align 4
-  %667 = insertelement <8 x float> poison, float %666, i32 0
-  %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
-  %669 = mul nsw i64 %664, 1024
-  %670 = getelementptr inbounds float, ptr %h, i64 %669
+  %653 = load <8 x float>, ptr %acc1056, align 4
+  %654 = load <8 x float>, ptr %acc1157, align 4
+  %655 = add nsw i64 %col71, 0
+  %656 = fcmp ogt <8 x float> %653, zeroinitializer
+  %657 = select <8 x i1> %656, <8 x float> %653, <8 x float> zeroinitializer
+  %658 = fmul <8 x float> %657, %650
+  %659 = getelementptr inbounds float, ptr %652, i64 %655
+  store <8 x float> %658, ptr %659, align 4
+  %660 = add nsw i64 %col71, 8
+  %661 = fcmp ogt <8 x float> %654, zeroinitializer
+  %662 = select <8 x i1> %661, <8 x float> %654, <8 x float> zeroinitializer
+  %663 = fmul <8 x float> %662, %650
+  %664 = getelementptr inbounds float, ptr %652, i64 %660
+  store <8 x float> %663, ptr %664, align 4
+  %665 = add nsw i64 %r0, 2
+  %666 = getelementptr inbounds float, ptr %rw, i64 %665
+  %667 = load float, ptr %666, align 4
+  %668 = insertelement <8 x float> poison, float %667, i32 0
+  %669 = shufflevector <8 x float> %668, <8 x float> poison, <8 x i32> zeroinitializer
+  %670 = mul nsw i64 %665, 1024
+  %671 = getelementptr inbounds float, ptr %h, i64 %670
   %col72 = mul nsw i64 %p, 16
-  %671 = load <8 x float>, ptr %acc2058, align 4
-  %672 = load <8 x float>, ptr %acc2159, align 4
-  %673 = add nsw i64 %col72, 0
-  %674 = fcmp ogt <8 x float> %671, zeroinitializer
-  %675 = select <8 x i1> %674, <8 x float> %671, <8 x float> zeroinitializer
-  %676 = fmul <8 x float> %675, %668
-  %677 = getelementptr inbounds float, ptr %670, i64 %673
-  store <8 x float> %676, ptr %677, align 4
-  %678 = add nsw i64 %col72, 8
-  %679 = fcmp ogt <8 x float> %672, zeroinitializer
-  %680 = select <8 x i1> %679, <8 x float> %672, <8 x float> zeroinitializer
-  %681 = fmul <8 x float> %680, %668
-  %682 = getelementptr inbounds float, ptr %670, i64 %678
-  store <8 x float> %681, ptr %682, align 4
+  %672 = load <8 x float>, ptr %acc2058, align 4
+  %673 = load <8 x float>, ptr %acc2159, align 4
+  %674 = add nsw i64 %col72, 0
+  %675 = fcmp ogt <8 x float> %672, zeroinitializer
+  %676 = select <8 x i1> %675, <8 x float> %672, <8 x float> zeroinitializer
+  %677 = fmul <8 x float> %676, %669
+  %678 = getelementptr inbounds float, ptr %671, i64 %674
+  store <8 x float> %677, ptr %678, align 4
+  %679 = add nsw i64 %col72, 8
+  %680 = fcmp ogt <8 x float> %673, zeroinitializer
+  %681 = select <8 x i1> %680, <8 x float> %673, <8 x float> zeroinitializer
+  %682 = fmul <8 x float> %681, %669
+  %683 = getelementptr inbounds float, ptr %671, i64 %679
+  store <8 x float> %682, ptr %683, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %683 = add nsw i64 %r0, 0
-  %684 = getelementptr inbounds i32, ptr %rows, i64 %683
-  %685 = load i32, ptr %684, align 4
-  %686 = sext i32 %685 to i64
-  %687 = mul nsw i64 %686, 512
-  %688 = getelementptr inbounds float, ptr %x, i64 %687
+tile.mr2:                                         ; preds = %rb.body
+  %684 = add nsw i64 %r0, 0
+  %685 = getelementptr inbounds i32, ptr %rows, i64 %684
+  %686 = load i32, ptr %685, align 4
+  %687 = sext i32 %686 to i64
+  %688 = mul nsw i64 %687, 512
+  %689 = getelementptr inbounds float, ptr %x, i64 %688
   store <8 x float> zeroinitializer, ptr %acc0073, align 4
   store <8 x float> zeroinitializer, ptr %acc0174, align 4
-  %689 = add nsw i64 %r0, 1
-  %690 = getelementptr inbounds i32, ptr %rows, i64 %689
-  %691 = load i32, ptr %690, align 4
-  %692 = sext i32 %691 to i64
-  %693 = mul nsw i64 %692, 512
-  %694 = getelementptr inbounds float, ptr %x, i64 %693
+  %690 = add nsw i64 %r0, 1
+  %691 = getelementptr inbounds i32, ptr %rows, i64 %690
+  %692 = load i32, ptr %691, align 4
+  %693 = sext i32 %692 to i64
+  %694 = mul nsw i64 %693, 512
+  %695 = getelementptr inbounds float, ptr %x, i64 %694
   store <8 x float> zeroinitializer, ptr %acc1075, align 4
   store <8 x float> zeroinitializer, ptr %acc1176, align 4
   %panel.off77 = mul nsw i64 %p, 8192
-  %695 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %696 = add nsw i64 %p, 1
-  %697 = icmp slt i64 %696, %p1
-  %pf.on78 = and i1 %pf.on, %697
-  %698 = mul nsw i64 %pf.j, 32768
-  %699 = lshr i64 %698, %9
-  %700 = add nsw i64 32768, %699
-  %701 = getelementptr inbounds i8, ptr %695, i64 %700
-  %pf79 = select i1 %pf.on78, ptr %701, ptr %695
-  %pf.sh80 = select i1 %pf.on78, i64 %9, i64 0
+  %696 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %697 = add nsw i64 %p, 1
+  %698 = icmp slt i64 %697, %p1
+  %pf.on78 = and i1 %pf.on, %698
+  %699 = mul nsw i64 %rb, 32768
+  %700 = lshr i64 %699, %11
+  %701 = add nsw i64 32768, %700
+  %702 = getelementptr inbounds i8, ptr %696, i64 %701
+  %pf79 = select i1 %pf.on78, ptr %702, ptr %696
+  %pf.sh80 = select i1 %pf.on78, i64 %11, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr2
-  %k84 = phi i64 [ 0, %tile.mr2 ], [ %729, %pf.any.end86 ]
-  %702 = icmp slt i64 %k84, 512
-  br i1 %702, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr2 ], [ %730, %pf.any.end86 ]
+  %703 = icmp slt i64 %k84, 512
+  br i1 %703, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %703 = mul nsw i64 %k84, 16
-  %704 = add nsw i64 %panel.off77, %703
-  %705 = mul nsw i64 %k84, 64
+  %704 = mul nsw i64 %k84, 16
+  %705 = add nsw i64 %panel.off77, %704
+  %706 = mul nsw i64 %k84, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %706 = lshr i64 %705, %pf.sh80
-  %707 = getelementptr inbounds i8, ptr %pf79, i64 %706
-  call void @llvm.prefetch.p0(ptr %707, i32 0, i32 2, i32 1)
+  %707 = lshr i64 %706, %pf.sh80
+  %708 = getelementptr inbounds i8, ptr %pf79, i64 %707
+  call void @llvm.prefetch.p0(ptr %708, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %708 = getelementptr inbounds float, ptr %panels, i64 %704
-  %709 = load <8 x float>, ptr %708, align 4
-  %710 = add nsw i64 %704, 8
-  %711 = getelementptr inbounds float, ptr %panels, i64 %710
-  %712 = load <8 x float>, ptr %711, align 4
-  %713 = getelementptr inbounds float, ptr %688, i64 %k84
-  %714 = load float, ptr %713, align 4
-  %715 = insertelement <8 x float> poison, float %714, i32 0
-  %716 = shufflevector <8 x float> %715, <8 x float> poison, <8 x i32> zeroinitializer
-  %717 = load <8 x float>, ptr %acc0073, align 4
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %709, <8 x float> %717)
-  store <8 x float> %718, ptr %acc0073, align 4
-  %719 = load <8 x float>, ptr %acc0174, align 4
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %712, <8 x float> %719)
-  store <8 x float> %720, ptr %acc0174, align 4
-  %721 = getelementptr inbounds float, ptr %694, i64 %k84
-  %722 = load float, ptr %721, align 4
-  %723 = insertelement <8 x float> poison, float %722, i32 0
-  %724 = shufflevector <8 x float> %723, <8 x float> poison, <8 x i32> zeroinitializer
-  %725 = load <8 x float>, ptr %acc1075, align 4
-  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %709, <8 x float> %725)
-  store <8 x float> %726, ptr %acc1075, align 4
-  %727 = load <8 x float>, ptr %acc1176, align 4
-  %728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %712, <8 x float> %727)
-  store <8 x float> %728, ptr %acc1176, align 4
-  %729 = add nsw i64 %k84, 1
+  %709 = getelementptr inbounds float, ptr %panels, i64 %705
+  %710 = load <8 x float>, ptr %709, align 4
+  %711 = add nsw i64 %705, 8
+  %712 = getelementptr inbounds float, ptr %panels, i64 %711
+  %713 = load <8 x float>, ptr %712, align 4
+  %714 = getelementptr inbounds float, ptr %689, i64 %k84
+  %715 = load float, ptr %714, align 4
+  %716 = insertelement <8 x float> poison, float %715, i32 0
+  %717 = shufflevector <8 x float> %716, <8 x float> poison, <8 x i32> zeroinitializer
+  %718 = load <8 x float>, ptr %acc0073, align 4
+  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %710, <8 x float> %718)
+  store <8 x float> %719, ptr %acc0073, align 4
+  %720 = load <8 x float>, ptr %acc0174, align 4
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %713, <8 x float> %720)
+  store <8 x float> %721, ptr %acc0174, align 4
+  %722 = getelementptr inbounds float, ptr %695, i64 %k84
+  %723 = load float, ptr %722, align 4
+  %724 = insertelement <8 x float> poison, float %723, i32 0
+  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
+  %726 = load <8 x float>, ptr %acc1075, align 4
+  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %710, <8 x float> %726)
+  store <8 x float> %727, ptr %acc1075, align 4
+  %728 = load <8 x float>, ptr %acc1176, align 4
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %713, <8 x float> %728)
+  store <8 x float> %729, ptr %acc1176, align 4
+  %730 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %730 = add nsw i64 %r0, 0
-  %731 = getelementptr inbounds float, ptr %rw, i64 %730
-  %732 = load float, ptr %731, align 4
-  %733 = insertelement <8 x float> poison, float %732, i32 0
-  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
-  %735 = mul nsw i64 %730, 1024
-  %736 = getelementptr inbounds float, ptr %h, i64 %735
+  %731 = add nsw i64 %r0, 0
+  %732 = getelementptr inbounds float, ptr %rw, i64 %731
+  %733 = load float, ptr %732, align 4
+  %734 = insertelement <8 x float> poison, float %733, i32 0
+  %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
+  %736 = mul nsw i64 %731, 1024
+  %737 = getelementptr inbounds float, ptr %h, i64 %736
   %col87 = mul nsw i64 %p, 16
-  %737 = load <8 x float>, ptr %acc0073, align 4
-  %738 = load <8 x float>, ptr %acc0174, align 4
-  %739 = add nsw i64 %col87, 0
-  %740 = fcmp ogt <8 x float> %737, zeroinitializer
-  %741 = select <8 x i1> %740, <8 x float> %737, <8 x float> zeroinitializer
-  %742 = fmul <8 x float> %741, %734
-  %743 = getelementptr inbounds float, ptr %736, i64 %739
-  store <8 x float> %742, ptr %743, align 4
-  %744 = add nsw i64 %col87, 8
-  %745 = fcmp ogt <8 x float> %738, zeroinitializer
-  %746 = select <8 x i1> %745, <8 x float> %738, <8 x float> zeroinitializer
-  %747 = fmul <8 x float> %746, %734
-  %748 = getelementptr inbounds float, ptr %736, i64 %744
-  store <8 x float> %747, ptr %748, align 4
-  %749 = add nsw i64 %r0, 1
-  %750 = getelementptr inbounds float, ptr %rw, i64 %749
-  %751 = load float, ptr %750, align 4
-  %752 = insertelement <8 x float> poison, float %751, i32 0
-  %753 = shufflevector <8 x float> %752, <8 x float> poison, <8 x i32> zeroinitializer
-  %754 = mul nsw i64 %749, 1024
-  %755 = getelementptr inbounds float, ptr %h, i64 %754
+  %738 = load <8 x float>, ptr %acc0073, align 4
+  %739 = load <8 x float>, ptr %acc0174, align 4
+  %740 = add nsw i64 %col87, 0
+  %741 = fcmp ogt <8 x float> %738, zeroinitializer
+  %742 = select <8 x i1> %741, <8 x float> %738, <8 x float> zeroinitializer
+  %743 = fmul <8 x float> %742, %735
+  %744 = getelementptr inbounds float, ptr %737, i64 %740
+  store <8 x float> %743, ptr %744, align 4
+  %745 = add nsw i64 %col87, 8
+  %746 = fcmp ogt <8 x float> %739, zeroinitializer
+  %747 = select <8 x i1> %746, <8 x float> %739, <8 x float> zeroinitializer
+  %748 = fmul <8 x float> %747, %735
+  %749 = getelementptr inbounds float, ptr %737, i64 %745
+  store <8 x float> %748, ptr %749, align 4
+  %750 = add nsw i64 %r0, 1
+  %751 = getelementptr inbounds float, ptr %rw, i64 %750
+  %752 = load float, ptr %751, align 4
+  %753 = insertelement <8 x float> poison, float %752, i32 0
+  %754 = shufflevector <8 x float> %753, <8 x float> poison, <8 x i32> zeroinitializer
+  %755 = mul nsw i64 %750, 1024
+  %756 = getelementptr inbounds float, ptr %h, i64 %755
   %col88 = mul nsw i64 %p, 16
-  %756 = load <8 x float>, ptr %acc1075, align 4
-  %757 = load <8 x float>, ptr %acc1176, align 4
-  %758 = add nsw i64 %col88, 0
-  %759 = fcmp ogt <8 x float> %756, zeroinitializer
-  %760 = select <8 x i1> %759, <8 x float> %756, <8 x float> zeroinitializer
-  %761 = fmul <8 x float> %760, %753
-  %762 = getelementptr inbounds float, ptr %755, i64 %758
-  store <8 x float> %761, ptr %762, align 4
-  %763 = add nsw i64 %col88, 8
-  %764 = fcmp ogt <8 x float> %757, zeroinitializer
-  %765 = select <8 x i1> %764, <8 x float> %757, <8 x float> zeroinitializer
-  %766 = fmul <8 x float> %765, %753
-  %767 = getelementptr inbounds float, ptr %755, i64 %763
-  store <8 x float> %766, ptr %767, align 4
+  %757 = load <8 x float>, ptr %acc1075, align 4
+  %758 = load <8 x float>, ptr %acc1176, align 4
+  %759 = add nsw i64 %col88, 0
+  %760 = fcmp ogt <8 x float> %757, zeroinitializer
+  %761 = select <8 x i1> %760, <8 x float> %757, <8 x float> zeroinitializer
+  %762 = fmul <8 x float> %761, %754
+  %763 = getelementptr inbounds float, ptr %756, i64 %759
+  store <8 x float> %762, ptr %763, align 4
+  %764 = add nsw i64 %col88, 8
+  %765 = fcmp ogt <8 x float> %758, zeroinitializer
+  %766 = select <8 x i1> %765, <8 x float> %758, <8 x float> zeroinitializer
+  %767 = fmul <8 x float> %766, %754
+  %768 = getelementptr inbounds float, ptr %756, i64 %764
+  store <8 x float> %767, ptr %768, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %768 = add nsw i64 %r0, 0
-  %769 = getelementptr inbounds i32, ptr %rows, i64 %768
-  %770 = load i32, ptr %769, align 4
-  %771 = sext i32 %770 to i64
-  %772 = mul nsw i64 %771, 512
-  %773 = getelementptr inbounds float, ptr %x, i64 %772
+tile.mr1:                                         ; preds = %rb.body
+  %769 = add nsw i64 %r0, 0
+  %770 = getelementptr inbounds i32, ptr %rows, i64 %769
+  %771 = load i32, ptr %770, align 4
+  %772 = sext i32 %771 to i64
+  %773 = mul nsw i64 %772, 512
+  %774 = getelementptr inbounds float, ptr %x, i64 %773
   store <8 x float> zeroinitializer, ptr %acc0089, align 4
   store <8 x float> zeroinitializer, ptr %acc0190, align 4
   %panel.off91 = mul nsw i64 %p, 8192
-  %774 = getelementptr inbounds float, ptr %panels, i64 %panel.off91
-  %775 = add nsw i64 %p, 1
-  %776 = icmp slt i64 %775, %p1
-  %pf.on92 = and i1 %pf.on, %776
-  %777 = mul nsw i64 %pf.j, 32768
-  %778 = lshr i64 %777, %9
-  %779 = add nsw i64 32768, %778
-  %780 = getelementptr inbounds i8, ptr %774, i64 %779
-  %pf93 = select i1 %pf.on92, ptr %780, ptr %774
-  %pf.sh94 = select i1 %pf.on92, i64 %9, i64 0
+  %775 = getelementptr inbounds float, ptr %panels, i64 %panel.off91
+  %776 = add nsw i64 %p, 1
+  %777 = icmp slt i64 %776, %p1
+  %pf.on92 = and i1 %pf.on, %777
+  %778 = mul nsw i64 %rb, 32768
+  %779 = lshr i64 %778, %11
+  %780 = add nsw i64 32768, %779
+  %781 = getelementptr inbounds i8, ptr %775, i64 %780
+  %pf93 = select i1 %pf.on92, ptr %781, ptr %775
+  %pf.sh94 = select i1 %pf.on92, i64 %11, i64 0
   br label %k.head95
 
 k.head95:                                         ; preds = %pf.any.end100, %tile.mr1
-  %k98 = phi i64 [ 0, %tile.mr1 ], [ %800, %pf.any.end100 ]
-  %781 = icmp slt i64 %k98, 512
-  br i1 %781, label %k.body96, label %k.end97
+  %k98 = phi i64 [ 0, %tile.mr1 ], [ %801, %pf.any.end100 ]
+  %782 = icmp slt i64 %k98, 512
+  br i1 %782, label %k.body96, label %k.end97
 
 k.body96:                                         ; preds = %k.head95
-  %782 = mul nsw i64 %k98, 16
-  %783 = add nsw i64 %panel.off91, %782
-  %784 = mul nsw i64 %k98, 64
+  %783 = mul nsw i64 %k98, 16
+  %784 = add nsw i64 %panel.off91, %783
+  %785 = mul nsw i64 %k98, 64
   br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
 
 pf.any.then99:                                    ; preds = %k.body96
-  %785 = lshr i64 %784, %pf.sh94
-  %786 = getelementptr inbounds i8, ptr %pf93, i64 %785
-  call void @llvm.prefetch.p0(ptr %786, i32 0, i32 2, i32 1)
+  %786 = lshr i64 %785, %pf.sh94
+  %787 = getelementptr inbounds i8, ptr %pf93, i64 %786
+  call void @llvm.prefetch.p0(ptr %787, i32 0, i32 2, i32 1)
   br label %pf.any.end100
 
 pf.any.end100:                                    ; preds = %pf.any.then99, %k.body96
-  %787 = getelementptr inbounds float, ptr %panels, i64 %783
-  %788 = load <8 x float>, ptr %787, align 4
-  %789 = add nsw i64 %783, 8
-  %790 = getelementptr inbounds float, ptr %panels, i64 %789
-  %791 = load <8 x float>, ptr %790, align 4
-  %792 = getelementptr inbounds float, ptr %773, i64 %k98
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc0089, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %788, <8 x float> %796)
-  store <8 x float> %797, ptr %acc0089, align 4
-  %798 = load <8 x float>, ptr %acc0190, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %791, <8 x float> %798)
-  store <8 x float> %799, ptr %acc0190, align 4
-  %800 = add nsw i64 %k98, 1
+  %788 = getelementptr inbounds float, ptr %panels, i64 %784
+  %789 = load <8 x float>, ptr %788, align 4
+  %790 = add nsw i64 %784, 8
+  %791 = getelementptr inbounds float, ptr %panels, i64 %790
+  %792 = load <8 x float>, ptr %791, align 4
+  %793 = getelementptr inbounds float, ptr %774, i64 %k98
+  %794 = load float, ptr %793, align 4
+  %795 = insertelement <8 x float> poison, float %794, i32 0
+  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
+  %797 = load <8 x float>, ptr %acc0089, align 4
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %789, <8 x float> %797)
+  store <8 x float> %798, ptr %acc0089, align 4
+  %799 = load <8 x float>, ptr %acc0190, align 4
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %792, <8 x float> %799)
+  store <8 x float> %800, ptr %acc0190, align 4
+  %801 = add nsw i64 %k98, 1
   br label %k.head95
 
 k.end97:                                          ; preds = %k.head95
-  %801 = add nsw i64 %r0, 0
-  %802 = getelementptr inbounds float, ptr %rw, i64 %801
-  %803 = load float, ptr %802, align 4
-  %804 = insertelement <8 x float> poison, float %803, i32 0
-  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
-  %806 = mul nsw i64 %801, 1024
-  %807 = getelementptr inbounds float, ptr %h, i64 %806
+  %802 = add nsw i64 %r0, 0
+  %803 = getelementptr inbounds float, ptr %rw, i64 %802
+  %804 = load float, ptr %803, align 4
+  %805 = insertelement <8 x float> poison, float %804, i32 0
+  %806 = shufflevector <8 x float> %805, <8 x float> poison, <8 x i32> zeroinitializer
+  %807 = mul nsw i64 %802, 1024
+  %808 = getelementptr inbounds float, ptr %h, i64 %807
   %col101 = mul nsw i64 %p, 16
-  %808 = load <8 x float>, ptr %acc0089, align 4
-  %809 = load <8 x float>, ptr %acc0190, align 4
-  %810 = add nsw i64 %col101, 0
-  %811 = fcmp ogt <8 x float> %808, zeroinitializer
-  %812 = select <8 x i1> %811, <8 x float> %808, <8 x float> zeroinitializer
-  %813 = fmul <8 x float> %812, %805
-  %814 = getelementptr inbounds float, ptr %807, i64 %810
-  store <8 x float> %813, ptr %814, align 4
-  %815 = add nsw i64 %col101, 8
-  %816 = fcmp ogt <8 x float> %809, zeroinitializer
-  %817 = select <8 x i1> %816, <8 x float> %809, <8 x float> zeroinitializer
-  %818 = fmul <8 x float> %817, %805
-  %819 = getelementptr inbounds float, ptr %807, i64 %815
-  store <8 x float> %818, ptr %819, align 4
+  %809 = load <8 x float>, ptr %acc0089, align 4
+  %810 = load <8 x float>, ptr %acc0190, align 4
+  %811 = add nsw i64 %col101, 0
+  %812 = fcmp ogt <8 x float> %809, zeroinitializer
+  %813 = select <8 x i1> %812, <8 x float> %809, <8 x float> zeroinitializer
+  %814 = fmul <8 x float> %813, %806
+  %815 = getelementptr inbounds float, ptr %808, i64 %811
+  store <8 x float> %814, ptr %815, align 4
+  %816 = add nsw i64 %col101, 8
+  %817 = fcmp ogt <8 x float> %810, zeroinitializer
+  %818 = select <8 x i1> %817, <8 x float> %810, <8 x float> zeroinitializer
+  %819 = fmul <8 x float> %818, %806
+  %820 = getelementptr inbounds float, ptr %808, i64 %816
+  store <8 x float> %819, ptr %820, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end97, %k.end83, %k.end66, %k.end46, %k.end23, %k.end
-  %820 = add nsw i64 %r0, 6
-  br label %r0.head
+  %821 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %821 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %822 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2963,37 +2964,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 32
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %591, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %592, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %590, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %591, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -3002,864 +3004,864 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 1024
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 512
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 1024
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 512
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
   store <8 x float> zeroinitializer, ptr %acc00, align 4
-  %24 = add nsw i64 %col, 8
-  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %22, i64 %25
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %26 = add nsw i64 %r0, 1
-  %27 = mul nsw i64 %26, 1024
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 512
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  %27 = add nsw i64 %r0, 1
+  %28 = mul nsw i64 %27, 1024
+  %29 = getelementptr inbounds float, ptr %h, i64 %28
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 512
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = add nsw i64 %col, 0
+  %36 = getelementptr inbounds float, ptr %34, i64 %35
   store <8 x float> zeroinitializer, ptr %acc10, align 4
-  %36 = add nsw i64 %col, 8
-  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  %37 = add nsw i64 %col, 8
+  %38 = getelementptr inbounds float, ptr %34, i64 %37
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %38 = add nsw i64 %r0, 2
-  %39 = mul nsw i64 %38, 1024
-  %40 = getelementptr inbounds float, ptr %h, i64 %39
-  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %42 = load i32, ptr %41, align 4
-  %43 = sext i32 %42 to i64
-  %44 = mul nsw i64 %43, 512
-  %45 = getelementptr inbounds float, ptr %y, i64 %44
-  %46 = add nsw i64 %col, 0
-  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  %39 = add nsw i64 %r0, 2
+  %40 = mul nsw i64 %39, 1024
+  %41 = getelementptr inbounds float, ptr %h, i64 %40
+  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
+  %43 = load i32, ptr %42, align 4
+  %44 = sext i32 %43 to i64
+  %45 = mul nsw i64 %44, 512
+  %46 = getelementptr inbounds float, ptr %y, i64 %45
+  %47 = add nsw i64 %col, 0
+  %48 = getelementptr inbounds float, ptr %46, i64 %47
   store <8 x float> zeroinitializer, ptr %acc20, align 4
-  %48 = add nsw i64 %col, 8
-  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  %49 = add nsw i64 %col, 8
+  %50 = getelementptr inbounds float, ptr %46, i64 %49
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %50 = add nsw i64 %r0, 3
-  %51 = mul nsw i64 %50, 1024
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 512
-  %57 = getelementptr inbounds float, ptr %y, i64 %56
-  %58 = add nsw i64 %col, 0
-  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  %51 = add nsw i64 %r0, 3
+  %52 = mul nsw i64 %51, 1024
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 512
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %59 = add nsw i64 %col, 0
+  %60 = getelementptr inbounds float, ptr %58, i64 %59
   store <8 x float> zeroinitializer, ptr %acc30, align 4
-  %60 = add nsw i64 %col, 8
-  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  %61 = add nsw i64 %col, 8
+  %62 = getelementptr inbounds float, ptr %58, i64 %61
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 1024
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 512
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %63 = add nsw i64 %r0, 4
+  %64 = mul nsw i64 %63, 1024
+  %65 = getelementptr inbounds float, ptr %h, i64 %64
+  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %67 = load i32, ptr %66, align 4
+  %68 = sext i32 %67 to i64
+  %69 = mul nsw i64 %68, 512
+  %70 = getelementptr inbounds float, ptr %y, i64 %69
+  %71 = add nsw i64 %col, 0
+  %72 = getelementptr inbounds float, ptr %70, i64 %71
   store <8 x float> zeroinitializer, ptr %acc40, align 4
-  %72 = add nsw i64 %col, 8
-  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %70, i64 %73
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 1024
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 512
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %75 = add nsw i64 %r0, 5
+  %76 = mul nsw i64 %75, 1024
+  %77 = getelementptr inbounds float, ptr %h, i64 %76
+  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %79 = load i32, ptr %78, align 4
+  %80 = sext i32 %79 to i64
+  %81 = mul nsw i64 %80, 512
+  %82 = getelementptr inbounds float, ptr %y, i64 %81
+  %83 = add nsw i64 %col, 0
+  %84 = getelementptr inbounds float, ptr %82, i64 %83
   store <8 x float> zeroinitializer, ptr %acc50, align 4
-  %84 = add nsw i64 %col, 8
-  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %82, i64 %85
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
-  %86 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %87 = add nsw i64 %p, 1
-  %88 = icmp slt i64 %87, %p1
-  %pf.on1 = and i1 %pf.on, %88
-  %89 = mul nsw i64 %pf.j, 65536
-  %90 = lshr i64 %89, %10
-  %91 = add nsw i64 65536, %90
-  %92 = getelementptr inbounds i8, ptr %86, i64 %91
-  %pf = select i1 %pf.on1, ptr %92, ptr %86
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %88 = add nsw i64 %p, 1
+  %89 = icmp slt i64 %88, %p1
+  %pf.on1 = and i1 %pf.on, %89
+  %90 = mul nsw i64 %rb, 65536
+  %91 = lshr i64 %90, %12
+  %92 = add nsw i64 65536, %91
+  %93 = getelementptr inbounds i8, ptr %87, i64 %92
+  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
-  %93 = icmp slt i64 %k, 1024
-  br i1 %93, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %pf.any.end ]
+  %94 = icmp slt i64 %k, 1024
+  br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %94 = mul nsw i64 %k, 16
-  %95 = add nsw i64 %panel.off, %94
-  %96 = mul nsw i64 %k, 64
+  %95 = mul nsw i64 %k, 16
+  %96 = add nsw i64 %panel.off, %95
+  %97 = mul nsw i64 %k, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %97 = lshr i64 %96, %pf.sh
-  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
-  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %98 = lshr i64 %97, %pf.sh
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %99 = getelementptr inbounds float, ptr %panels, i64 %95
-  %100 = load <8 x float>, ptr %99, align 4
-  %101 = add nsw i64 %95, 8
-  %102 = getelementptr inbounds float, ptr %panels, i64 %101
-  %103 = load <8 x float>, ptr %102, align 4
-  %104 = getelementptr inbounds float, ptr %16, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %100, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %103, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %28, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %100, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %103, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %40, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %100, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %103, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %52, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %100, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %103, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %64, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %100, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %103, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %76, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %100, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %103, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %100 = getelementptr inbounds float, ptr %panels, i64 %96
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = add nsw i64 %96, 8
+  %103 = getelementptr inbounds float, ptr %panels, i64 %102
+  %104 = load <8 x float>, ptr %103, align 4
+  %105 = getelementptr inbounds float, ptr %17, i64 %k
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = load <8 x float>, ptr %acc00, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
+  store <8 x float> %110, ptr %acc00, align 4
+  %111 = load <8 x float>, ptr %acc01, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
+  store <8 x float> %112, ptr %acc01, align 4
+  %113 = getelementptr inbounds float, ptr %29, i64 %k
+  %114 = load float, ptr %113, align 4
+  %115 = insertelement <8 x float> poison, float %114, i32 0
+  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
+  %117 = load <8 x float>, ptr %acc10, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
+  store <8 x float> %118, ptr %acc10, align 4
+  %119 = load <8 x float>, ptr %acc11, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
+  store <8 x float> %120, ptr %acc11, align 4
+  %121 = getelementptr inbounds float, ptr %41, i64 %k
+  %122 = load float, ptr %121, align 4
+  %123 = insertelement <8 x float> poison, float %122, i32 0
+  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
+  %125 = load <8 x float>, ptr %acc20, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
+  store <8 x float> %126, ptr %acc20, align 4
+  %127 = load <8 x float>, ptr %acc21, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
+  store <8 x float> %128, ptr %acc21, align 4
+  %129 = getelementptr inbounds float, ptr %53, i64 %k
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = load <8 x float>, ptr %acc30, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
+  store <8 x float> %134, ptr %acc30, align 4
+  %135 = load <8 x float>, ptr %acc31, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
+  store <8 x float> %136, ptr %acc31, align 4
+  %137 = getelementptr inbounds float, ptr %65, i64 %k
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = load <8 x float>, ptr %acc40, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
+  store <8 x float> %142, ptr %acc40, align 4
+  %143 = load <8 x float>, ptr %acc41, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
+  store <8 x float> %144, ptr %acc41, align 4
+  %145 = getelementptr inbounds float, ptr %77, i64 %k
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %acc50, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
+  store <8 x float> %150, ptr %acc50, align 4
+  %151 = load <8 x float>, ptr %acc51, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
+  store <8 x float> %152, ptr %acc51, align 4
+  %153 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %23, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %25, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %35, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %37, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %47, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %49, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %59, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %61, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %71, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %73, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %83, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %85, align 4
+  %154 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %154, ptr %24, align 4
+  %155 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %155, ptr %26, align 4
+  %156 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %156, ptr %36, align 4
+  %157 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %157, ptr %38, align 4
+  %158 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %158, ptr %48, align 4
+  %159 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %159, ptr %50, align 4
+  %160 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %160, ptr %60, align 4
+  %161 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %161, ptr %62, align 4
+  %162 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %162, ptr %72, align 4
+  %163 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %163, ptr %74, align 4
+  %164 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %164, ptr %84, align 4
+  %165 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %165, ptr %86, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 1024
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 512
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col2, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  %166 = add nsw i64 %r0, 0
+  %167 = mul nsw i64 %166, 1024
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
+  %170 = load i32, ptr %169, align 4
+  %171 = sext i32 %170 to i64
+  %172 = mul nsw i64 %171, 512
+  %173 = getelementptr inbounds float, ptr %y, i64 %172
+  %174 = add nsw i64 %col2, 0
+  %175 = getelementptr inbounds float, ptr %173, i64 %174
   store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %175 = add nsw i64 %col2, 8
-  %176 = getelementptr inbounds float, ptr %172, i64 %175
+  %176 = add nsw i64 %col2, 8
+  %177 = getelementptr inbounds float, ptr %173, i64 %176
   store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %177 = add nsw i64 %r0, 1
-  %178 = mul nsw i64 %177, 1024
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
-  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
-  %181 = load i32, ptr %180, align 4
-  %182 = sext i32 %181 to i64
-  %183 = mul nsw i64 %182, 512
-  %184 = getelementptr inbounds float, ptr %y, i64 %183
-  %185 = add nsw i64 %col2, 0
-  %186 = getelementptr inbounds float, ptr %184, i64 %185
+  %178 = add nsw i64 %r0, 1
+  %179 = mul nsw i64 %178, 1024
+  %180 = getelementptr inbounds float, ptr %h, i64 %179
+  %181 = getelementptr inbounds i32, ptr %rows, i64 %178
+  %182 = load i32, ptr %181, align 4
+  %183 = sext i32 %182 to i64
+  %184 = mul nsw i64 %183, 512
+  %185 = getelementptr inbounds float, ptr %y, i64 %184
+  %186 = add nsw i64 %col2, 0
+  %187 = getelementptr inbounds float, ptr %185, i64 %186
   store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %187 = add nsw i64 %col2, 8
-  %188 = getelementptr inbounds float, ptr %184, i64 %187
+  %188 = add nsw i64 %col2, 8
+  %189 = getelementptr inbounds float, ptr %185, i64 %188
   store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %189 = add nsw i64 %r0, 2
-  %190 = mul nsw i64 %189, 1024
-  %191 = getelementptr inbounds float, ptr %h, i64 %190
-  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
-  %193 = load i32, ptr %192, align 4
-  %194 = sext i32 %193 to i64
-  %195 = mul nsw i64 %194, 512
-  %196 = getelementptr inbounds float, ptr %y, i64 %195
-  %197 = add nsw i64 %col2, 0
-  %198 = getelementptr inbounds float, ptr %196, i64 %197
+  %190 = add nsw i64 %r0, 2
+  %191 = mul nsw i64 %190, 1024
+  %192 = getelementptr inbounds float, ptr %h, i64 %191
+  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
+  %194 = load i32, ptr %193, align 4
+  %195 = sext i32 %194 to i64
+  %196 = mul nsw i64 %195, 512
+  %197 = getelementptr inbounds float, ptr %y, i64 %196
+  %198 = add nsw i64 %col2, 0
+  %199 = getelementptr inbounds float, ptr %197, i64 %198
   store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %199 = add nsw i64 %col2, 8
-  %200 = getelementptr inbounds float, ptr %196, i64 %199
+  %200 = add nsw i64 %col2, 8
+  %201 = getelementptr inbounds float, ptr %197, i64 %200
   store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %201 = add nsw i64 %r0, 3
-  %202 = mul nsw i64 %201, 1024
-  %203 = getelementptr inbounds float, ptr %h, i64 %202
-  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
-  %205 = load i32, ptr %204, align 4
-  %206 = sext i32 %205 to i64
-  %207 = mul nsw i64 %206, 512
-  %208 = getelementptr inbounds float, ptr %y, i64 %207
-  %209 = add nsw i64 %col2, 0
-  %210 = getelementptr inbounds float, ptr %208, i64 %209
+  %202 = add nsw i64 %r0, 3
+  %203 = mul nsw i64 %202, 1024
+  %204 = getelementptr inbounds float, ptr %h, i64 %203
+  %205 = getelementptr inbounds i32, ptr %rows, i64 %202
+  %206 = load i32, ptr %205, align 4
+  %207 = sext i32 %206 to i64
+  %208 = mul nsw i64 %207, 512
+  %209 = getelementptr inbounds float, ptr %y, i64 %208
+  %210 = add nsw i64 %col2, 0
+  %211 = getelementptr inbounds float, ptr %209, i64 %210
   store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %211 = add nsw i64 %col2, 8
-  %212 = getelementptr inbounds float, ptr %208, i64 %211
+  %212 = add nsw i64 %col2, 8
+  %213 = getelementptr inbounds float, ptr %209, i64 %212
   store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 1024
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 512
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col2, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %214 = add nsw i64 %r0, 4
+  %215 = mul nsw i64 %214, 1024
+  %216 = getelementptr inbounds float, ptr %h, i64 %215
+  %217 = getelementptr inbounds i32, ptr %rows, i64 %214
+  %218 = load i32, ptr %217, align 4
+  %219 = sext i32 %218 to i64
+  %220 = mul nsw i64 %219, 512
+  %221 = getelementptr inbounds float, ptr %y, i64 %220
+  %222 = add nsw i64 %col2, 0
+  %223 = getelementptr inbounds float, ptr %221, i64 %222
   store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %223 = add nsw i64 %col2, 8
-  %224 = getelementptr inbounds float, ptr %220, i64 %223
+  %224 = add nsw i64 %col2, 8
+  %225 = getelementptr inbounds float, ptr %221, i64 %224
   store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 16384
-  %225 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %226 = add nsw i64 %p, 1
-  %227 = icmp slt i64 %226, %p1
-  %pf.on14 = and i1 %pf.on, %227
-  %228 = mul nsw i64 %pf.j, 65536
-  %229 = lshr i64 %228, %10
-  %230 = add nsw i64 65536, %229
-  %231 = getelementptr inbounds i8, ptr %225, i64 %230
-  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %226 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %227 = add nsw i64 %p, 1
+  %228 = icmp slt i64 %227, %p1
+  %pf.on14 = and i1 %pf.on, %228
+  %229 = mul nsw i64 %rb, 65536
+  %230 = lshr i64 %229, %12
+  %231 = add nsw i64 65536, %230
+  %232 = getelementptr inbounds i8, ptr %226, i64 %231
+  %pf15 = select i1 %pf.on14, ptr %232, ptr %226
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %pf.any.end22 ]
-  %232 = icmp slt i64 %k20, 1024
-  br i1 %232, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %284, %pf.any.end22 ]
+  %233 = icmp slt i64 %k20, 1024
+  br i1 %233, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %233 = mul nsw i64 %k20, 16
-  %234 = add nsw i64 %panel.off13, %233
-  %235 = mul nsw i64 %k20, 64
+  %234 = mul nsw i64 %k20, 16
+  %235 = add nsw i64 %panel.off13, %234
+  %236 = mul nsw i64 %k20, 64
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %236 = lshr i64 %235, %pf.sh16
-  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
-  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  %237 = lshr i64 %236, %pf.sh16
+  %238 = getelementptr inbounds i8, ptr %pf15, i64 %237
+  call void @llvm.prefetch.p0(ptr %238, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %238 = getelementptr inbounds float, ptr %panels, i64 %234
-  %239 = load <8 x float>, ptr %238, align 4
-  %240 = add nsw i64 %234, 8
-  %241 = getelementptr inbounds float, ptr %panels, i64 %240
-  %242 = load <8 x float>, ptr %241, align 4
-  %243 = getelementptr inbounds float, ptr %167, i64 %k20
-  %244 = load float, ptr %243, align 4
-  %245 = insertelement <8 x float> poison, float %244, i32 0
-  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
-  %247 = load <8 x float>, ptr %acc003, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %239, <8 x float> %247)
-  store <8 x float> %248, ptr %acc003, align 4
-  %249 = load <8 x float>, ptr %acc014, align 4
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %242, <8 x float> %249)
-  store <8 x float> %250, ptr %acc014, align 4
-  %251 = getelementptr inbounds float, ptr %179, i64 %k20
-  %252 = load float, ptr %251, align 4
-  %253 = insertelement <8 x float> poison, float %252, i32 0
-  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc105, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %239, <8 x float> %255)
-  store <8 x float> %256, ptr %acc105, align 4
-  %257 = load <8 x float>, ptr %acc116, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %242, <8 x float> %257)
-  store <8 x float> %258, ptr %acc116, align 4
-  %259 = getelementptr inbounds float, ptr %191, i64 %k20
-  %260 = load float, ptr %259, align 4
-  %261 = insertelement <8 x float> poison, float %260, i32 0
-  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc207, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %239, <8 x float> %263)
-  store <8 x float> %264, ptr %acc207, align 4
-  %265 = load <8 x float>, ptr %acc218, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %242, <8 x float> %265)
-  store <8 x float> %266, ptr %acc218, align 4
-  %267 = getelementptr inbounds float, ptr %203, i64 %k20
-  %268 = load float, ptr %267, align 4
-  %269 = insertelement <8 x float> poison, float %268, i32 0
-  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc309, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %239, <8 x float> %271)
-  store <8 x float> %272, ptr %acc309, align 4
-  %273 = load <8 x float>, ptr %acc3110, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %242, <8 x float> %273)
-  store <8 x float> %274, ptr %acc3110, align 4
-  %275 = getelementptr inbounds float, ptr %215, i64 %k20
-  %276 = load float, ptr %275, align 4
-  %277 = insertelement <8 x float> poison, float %276, i32 0
-  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
-  %279 = load <8 x float>, ptr %acc4011, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %239, <8 x float> %279)
-  store <8 x float> %280, ptr %acc4011, align 4
-  %281 = load <8 x float>, ptr %acc4112, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %242, <8 x float> %281)
-  store <8 x float> %282, ptr %acc4112, align 4
-  %283 = add nsw i64 %k20, 1
+  %239 = getelementptr inbounds float, ptr %panels, i64 %235
+  %240 = load <8 x float>, ptr %239, align 4
+  %241 = add nsw i64 %235, 8
+  %242 = getelementptr inbounds float, ptr %panels, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = getelementptr inbounds float, ptr %168, i64 %k20
+  %245 = load float, ptr %244, align 4
+  %246 = insertelement <8 x float> poison, float %245, i32 0
+  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
+  %248 = load <8 x float>, ptr %acc003, align 4
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %240, <8 x float> %248)
+  store <8 x float> %249, ptr %acc003, align 4
+  %250 = load <8 x float>, ptr %acc014, align 4
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> %250)
+  store <8 x float> %251, ptr %acc014, align 4
+  %252 = getelementptr inbounds float, ptr %180, i64 %k20
+  %253 = load float, ptr %252, align 4
+  %254 = insertelement <8 x float> poison, float %253, i32 0
+  %255 = shufflevector <8 x float> %254, <8 x float> poison, <8 x i32> zeroinitializer
+  %256 = load <8 x float>, ptr %acc105, align 4
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %240, <8 x float> %256)
+  store <8 x float> %257, ptr %acc105, align 4
+  %258 = load <8 x float>, ptr %acc116, align 4
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %243, <8 x float> %258)
+  store <8 x float> %259, ptr %acc116, align 4
+  %260 = getelementptr inbounds float, ptr %192, i64 %k20
+  %261 = load float, ptr %260, align 4
+  %262 = insertelement <8 x float> poison, float %261, i32 0
+  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
+  %264 = load <8 x float>, ptr %acc207, align 4
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %240, <8 x float> %264)
+  store <8 x float> %265, ptr %acc207, align 4
+  %266 = load <8 x float>, ptr %acc218, align 4
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %243, <8 x float> %266)
+  store <8 x float> %267, ptr %acc218, align 4
+  %268 = getelementptr inbounds float, ptr %204, i64 %k20
+  %269 = load float, ptr %268, align 4
+  %270 = insertelement <8 x float> poison, float %269, i32 0
+  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
+  %272 = load <8 x float>, ptr %acc309, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %240, <8 x float> %272)
+  store <8 x float> %273, ptr %acc309, align 4
+  %274 = load <8 x float>, ptr %acc3110, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %243, <8 x float> %274)
+  store <8 x float> %275, ptr %acc3110, align 4
+  %276 = getelementptr inbounds float, ptr %216, i64 %k20
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = load <8 x float>, ptr %acc4011, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %240, <8 x float> %280)
+  store <8 x float> %281, ptr %acc4011, align 4
+  %282 = load <8 x float>, ptr %acc4112, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %243, <8 x float> %282)
+  store <8 x float> %283, ptr %acc4112, align 4
+  %284 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %284 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %284, ptr %174, align 4
-  %285 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %285, ptr %176, align 4
-  %286 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %286, ptr %186, align 4
-  %287 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %287, ptr %188, align 4
-  %288 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %288, ptr %198, align 4
-  %289 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %289, ptr %200, align 4
-  %290 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %290, ptr %210, align 4
-  %291 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %291, ptr %212, align 4
-  %292 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %292, ptr %222, align 4
-  %293 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %293, ptr %224, align 4
+  %285 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %285, ptr %175, align 4
+  %286 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %286, ptr %177, align 4
+  %287 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %287, ptr %187, align 4
+  %288 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %288, ptr %189, align 4
+  %289 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %289, ptr %199, align 4
+  %290 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %290, ptr %201, align 4
+  %291 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %291, ptr %211, align 4
+  %292 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %292, ptr %213, align 4
+  %293 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %293, ptr %223, align 4
+  %294 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %294, ptr %225, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col23 = mul nsw i64 %p, 16
-  %294 = add nsw i64 %r0, 0
-  %295 = mul nsw i64 %294, 1024
-  %296 = getelementptr inbounds float, ptr %h, i64 %295
-  %297 = getelementptr inbounds i32, ptr %rows, i64 %294
-  %298 = load i32, ptr %297, align 4
-  %299 = sext i32 %298 to i64
-  %300 = mul nsw i64 %299, 512
-  %301 = getelementptr inbounds float, ptr %y, i64 %300
-  %302 = add nsw i64 %col23, 0
-  %303 = getelementptr inbounds float, ptr %301, i64 %302
+  %295 = add nsw i64 %r0, 0
+  %296 = mul nsw i64 %295, 1024
+  %297 = getelementptr inbounds float, ptr %h, i64 %296
+  %298 = getelementptr inbounds i32, ptr %rows, i64 %295
+  %299 = load i32, ptr %298, align 4
+  %300 = sext i32 %299 to i64
+  %301 = mul nsw i64 %300, 512
+  %302 = getelementptr inbounds float, ptr %y, i64 %301
+  %303 = add nsw i64 %col23, 0
+  %304 = getelementptr inbounds float, ptr %302, i64 %303
   store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %304 = add nsw i64 %col23, 8
-  %305 = getelementptr inbounds float, ptr %301, i64 %304
+  %305 = add nsw i64 %col23, 8
+  %306 = getelementptr inbounds float, ptr %302, i64 %305
   store <8 x float> zeroinitializer, ptr %acc0125, align 4
-  %306 = add nsw i64 %r0, 1
-  %307 = mul nsw i64 %306, 1024
-  %308 = getelementptr inbounds float, ptr %h, i64 %307
-  %309 = getelementptr inbounds i32, ptr %rows, i64 %306
-  %310 = load i32, ptr %309, align 4
-  %311 = sext i32 %310 to i64
-  %312 = mul nsw i64 %311, 512
-  %313 = getelementptr inbounds float, ptr %y, i64 %312
-  %314 = add nsw i64 %col23, 0
-  %315 = getelementptr inbounds float, ptr %313, i64 %314
+  %307 = add nsw i64 %r0, 1
+  %308 = mul nsw i64 %307, 1024
+  %309 = getelementptr inbounds float, ptr %h, i64 %308
+  %310 = getelementptr inbounds i32, ptr %rows, i64 %307
+  %311 = load i32, ptr %310, align 4
+  %312 = sext i32 %311 to i64
+  %313 = mul nsw i64 %312, 512
+  %314 = getelementptr inbounds float, ptr %y, i64 %313
+  %315 = add nsw i64 %col23, 0
+  %316 = getelementptr inbounds float, ptr %314, i64 %315
   store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %316 = add nsw i64 %col23, 8
-  %317 = getelementptr inbounds float, ptr %313, i64 %316
+  %317 = add nsw i64 %col23, 8
+  %318 = getelementptr inbounds float, ptr %314, i64 %317
   store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %318 = add nsw i64 %r0, 2
-  %319 = mul nsw i64 %318, 1024
-  %320 = getelementptr inbounds float, ptr %h, i64 %319
-  %321 = getelementptr inbounds i32, ptr %rows, i64 %318
-  %322 = load i32, ptr %321, align 4
-  %323 = sext i32 %322 to i64
-  %324 = mul nsw i64 %323, 512
-  %325 = getelementptr inbounds float, ptr %y, i64 %324
-  %326 = add nsw i64 %col23, 0
-  %327 = getelementptr inbounds float, ptr %325, i64 %326
+  %319 = add nsw i64 %r0, 2
+  %320 = mul nsw i64 %319, 1024
+  %321 = getelementptr inbounds float, ptr %h, i64 %320
+  %322 = getelementptr inbounds i32, ptr %rows, i64 %319
+  %323 = load i32, ptr %322, align 4
+  %324 = sext i32 %323 to i64
+  %325 = mul nsw i64 %324, 512
+  %326 = getelementptr inbounds float, ptr %y, i64 %325
+  %327 = add nsw i64 %col23, 0
+  %328 = getelementptr inbounds float, ptr %326, i64 %327
   store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %328 = add nsw i64 %col23, 8
-  %329 = getelementptr inbounds float, ptr %325, i64 %328
+  %329 = add nsw i64 %col23, 8
+  %330 = getelementptr inbounds float, ptr %326, i64 %329
   store <8 x float> zeroinitializer, ptr %acc2129, align 4
-  %330 = add nsw i64 %r0, 3
-  %331 = mul nsw i64 %330, 1024
-  %332 = getelementptr inbounds float, ptr %h, i64 %331
-  %333 = getelementptr inbounds i32, ptr %rows, i64 %330
-  %334 = load i32, ptr %333, align 4
-  %335 = sext i32 %334 to i64
-  %336 = mul nsw i64 %335, 512
-  %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col23, 0
-  %339 = getelementptr inbounds float, ptr %337, i64 %338
+  %331 = add nsw i64 %r0, 3
+  %332 = mul nsw i64 %331, 1024
+  %333 = getelementptr inbounds float, ptr %h, i64 %332
+  %334 = getelementptr inbounds i32, ptr %rows, i64 %331
+  %335 = load i32, ptr %334, align 4
+  %336 = sext i32 %335 to i64
+  %337 = mul nsw i64 %336, 512
+  %338 = getelementptr inbounds float, ptr %y, i64 %337
+  %339 = add nsw i64 %col23, 0
+  %340 = getelementptr inbounds float, ptr %338, i64 %339
   store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %340 = add nsw i64 %col23, 8
-  %341 = getelementptr inbounds float, ptr %337, i64 %340
+  %341 = add nsw i64 %col23, 8
+  %342 = getelementptr inbounds float, ptr %338, i64 %341
   store <8 x float> zeroinitializer, ptr %acc3131, align 4
   %panel.off32 = mul nsw i64 %p, 16384
-  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %343 = add nsw i64 %p, 1
-  %344 = icmp slt i64 %343, %p1
-  %pf.on33 = and i1 %pf.on, %344
-  %345 = mul nsw i64 %pf.j, 65536
-  %346 = lshr i64 %345, %10
-  %347 = add nsw i64 65536, %346
-  %348 = getelementptr inbounds i8, ptr %342, i64 %347
-  %pf34 = select i1 %pf.on33, ptr %348, ptr %342
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  %343 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
+  %344 = add nsw i64 %p, 1
+  %345 = icmp slt i64 %344, %p1
+  %pf.on33 = and i1 %pf.on, %345
+  %346 = mul nsw i64 %rb, 65536
+  %347 = lshr i64 %346, %12
+  %348 = add nsw i64 65536, %347
+  %349 = getelementptr inbounds i8, ptr %343, i64 %348
+  %pf34 = select i1 %pf.on33, ptr %349, ptr %343
+  %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %392, %pf.any.end41 ]
-  %349 = icmp slt i64 %k39, 1024
-  br i1 %349, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %393, %pf.any.end41 ]
+  %350 = icmp slt i64 %k39, 1024
+  br i1 %350, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %350 = mul nsw i64 %k39, 16
-  %351 = add nsw i64 %panel.off32, %350
-  %352 = mul nsw i64 %k39, 64
+  %351 = mul nsw i64 %k39, 16
+  %352 = add nsw i64 %panel.off32, %351
+  %353 = mul nsw i64 %k39, 64
   br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
 
 pf.any.then40:                                    ; preds = %k.body37
-  %353 = lshr i64 %352, %pf.sh35
-  %354 = getelementptr inbounds i8, ptr %pf34, i64 %353
-  call void @llvm.prefetch.p0(ptr %354, i32 0, i32 2, i32 1)
+  %354 = lshr i64 %353, %pf.sh35
+  %355 = getelementptr inbounds i8, ptr %pf34, i64 %354
+  call void @llvm.prefetch.p0(ptr %355, i32 0, i32 2, i32 1)
   br label %pf.any.end41
 
 pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %355 = getelementptr inbounds float, ptr %panels, i64 %351
-  %356 = load <8 x float>, ptr %355, align 4
-  %357 = add nsw i64 %351, 8
-  %358 = getelementptr inbounds float, ptr %panels, i64 %357
-  %359 = load <8 x float>, ptr %358, align 4
-  %360 = getelementptr inbounds float, ptr %296, i64 %k39
-  %361 = load float, ptr %360, align 4
-  %362 = insertelement <8 x float> poison, float %361, i32 0
-  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %acc0024, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %356, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0024, align 4
-  %366 = load <8 x float>, ptr %acc0125, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %359, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0125, align 4
-  %368 = getelementptr inbounds float, ptr %308, i64 %k39
-  %369 = load float, ptr %368, align 4
-  %370 = insertelement <8 x float> poison, float %369, i32 0
-  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = load <8 x float>, ptr %acc1026, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %356, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1026, align 4
-  %374 = load <8 x float>, ptr %acc1127, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %359, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1127, align 4
-  %376 = getelementptr inbounds float, ptr %320, i64 %k39
-  %377 = load float, ptr %376, align 4
-  %378 = insertelement <8 x float> poison, float %377, i32 0
-  %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
-  %380 = load <8 x float>, ptr %acc2028, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %356, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2028, align 4
-  %382 = load <8 x float>, ptr %acc2129, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %359, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2129, align 4
-  %384 = getelementptr inbounds float, ptr %332, i64 %k39
-  %385 = load float, ptr %384, align 4
-  %386 = insertelement <8 x float> poison, float %385, i32 0
-  %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
-  %388 = load <8 x float>, ptr %acc3030, align 4
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %356, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3030, align 4
-  %390 = load <8 x float>, ptr %acc3131, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %359, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3131, align 4
-  %392 = add nsw i64 %k39, 1
+  %356 = getelementptr inbounds float, ptr %panels, i64 %352
+  %357 = load <8 x float>, ptr %356, align 4
+  %358 = add nsw i64 %352, 8
+  %359 = getelementptr inbounds float, ptr %panels, i64 %358
+  %360 = load <8 x float>, ptr %359, align 4
+  %361 = getelementptr inbounds float, ptr %297, i64 %k39
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = load <8 x float>, ptr %acc0024, align 4
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
+  store <8 x float> %366, ptr %acc0024, align 4
+  %367 = load <8 x float>, ptr %acc0125, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
+  store <8 x float> %368, ptr %acc0125, align 4
+  %369 = getelementptr inbounds float, ptr %309, i64 %k39
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = load <8 x float>, ptr %acc1026, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
+  store <8 x float> %374, ptr %acc1026, align 4
+  %375 = load <8 x float>, ptr %acc1127, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
+  store <8 x float> %376, ptr %acc1127, align 4
+  %377 = getelementptr inbounds float, ptr %321, i64 %k39
+  %378 = load float, ptr %377, align 4
+  %379 = insertelement <8 x float> poison, float %378, i32 0
+  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
+  %381 = load <8 x float>, ptr %acc2028, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
+  store <8 x float> %382, ptr %acc2028, align 4
+  %383 = load <8 x float>, ptr %acc2129, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
+  store <8 x float> %384, ptr %acc2129, align 4
+  %385 = getelementptr inbounds float, ptr %333, i64 %k39
+  %386 = load float, ptr %385, align 4
+  %387 = insertelement <8 x float> poison, float %386, i32 0
+  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
+  %389 = load <8 x float>, ptr %acc3030, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
+  store <8 x float> %390, ptr %acc3030, align 4
+  %391 = load <8 x float>, ptr %acc3131, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
+  store <8 x float> %392, ptr %acc3131, align 4
+  %393 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %393 = load <8 x float>, ptr %acc0024, align 4
-  store <8 x float> %393, ptr %303, align 4
-  %394 = load <8 x float>, ptr %acc0125, align 4
-  store <8 x float> %394, ptr %305, align 4
-  %395 = load <8 x float>, ptr %acc1026, align 4
-  store <8 x float> %395, ptr %315, align 4
-  %396 = load <8 x float>, ptr %acc1127, align 4
-  store <8 x float> %396, ptr %317, align 4
-  %397 = load <8 x float>, ptr %acc2028, align 4
-  store <8 x float> %397, ptr %327, align 4
-  %398 = load <8 x float>, ptr %acc2129, align 4
-  store <8 x float> %398, ptr %329, align 4
-  %399 = load <8 x float>, ptr %acc3030, align 4
-  store <8 x float> %399, ptr %339, align 4
-  %400 = load <8 x float>, ptr %acc3131, align 4
-  store <8 x float> %400, ptr %341, align 4
+  %394 = load <8 x float>, ptr %acc0024, align 4
+  store <8 x float> %394, ptr %304, align 4
+  %395 = load <8 x float>, ptr %acc0125, align 4
+  store <8 x float> %395, ptr %306, align 4
+  %396 = load <8 x float>, ptr %acc1026, align 4
+  store <8 x float> %396, ptr %316, align 4
+  %397 = load <8 x float>, ptr %acc1127, align 4
+  store <8 x float> %397, ptr %318, align 4
+  %398 = load <8 x float>, ptr %acc2028, align 4
+  store <8 x float> %398, ptr %328, align 4
+  %399 = load <8 x float>, ptr %acc2129, align 4
+  store <8 x float> %399, ptr %330, align 4
+  %400 = load <8 x float>, ptr %acc3030, align 4
+  store <8 x float> %400, ptr %340, align 4
+  %401 = load <8 x float>, ptr %acc3131, align 4
+  store <8 x float> %401, ptr %342, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col42 = mul nsw i64 %p, 16
-  %401 = add nsw i64 %r0, 0
-  %402 = mul nsw i64 %401, 1024
-  %403 = getelementptr inbounds float, ptr %h, i64 %402
-  %404 = getelementptr inbounds i32, ptr %rows, i64 %401
-  %405 = load i32, ptr %404, align 4
-  %406 = sext i32 %405 to i64
-  %407 = mul nsw i64 %406, 512
-  %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col42, 0
-  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  %402 = add nsw i64 %r0, 0
+  %403 = mul nsw i64 %402, 1024
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 512
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col42, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
   store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %411 = add nsw i64 %col42, 8
-  %412 = getelementptr inbounds float, ptr %408, i64 %411
+  %412 = add nsw i64 %col42, 8
+  %413 = getelementptr inbounds float, ptr %409, i64 %412
   store <8 x float> zeroinitializer, ptr %acc0144, align 4
-  %413 = add nsw i64 %r0, 1
-  %414 = mul nsw i64 %413, 1024
-  %415 = getelementptr inbounds float, ptr %h, i64 %414
-  %416 = getelementptr inbounds i32, ptr %rows, i64 %413
-  %417 = load i32, ptr %416, align 4
-  %418 = sext i32 %417 to i64
-  %419 = mul nsw i64 %418, 512
-  %420 = getelementptr inbounds float, ptr %y, i64 %419
-  %421 = add nsw i64 %col42, 0
-  %422 = getelementptr inbounds float, ptr %420, i64 %421
+  %414 = add nsw i64 %r0, 1
+  %415 = mul nsw i64 %414, 1024
+  %416 = getelementptr inbounds float, ptr %h, i64 %415
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 512
+  %421 = getelementptr inbounds float, ptr %y, i64 %420
+  %422 = add nsw i64 %col42, 0
+  %423 = getelementptr inbounds float, ptr %421, i64 %422
   store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %423 = add nsw i64 %col42, 8
-  %424 = getelementptr inbounds float, ptr %420, i64 %423
+  %424 = add nsw i64 %col42, 8
+  %425 = getelementptr inbounds float, ptr %421, i64 %424
   store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %425 = add nsw i64 %r0, 2
-  %426 = mul nsw i64 %425, 1024
-  %427 = getelementptr inbounds float, ptr %h, i64 %426
-  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %429 = load i32, ptr %428, align 4
-  %430 = sext i32 %429 to i64
-  %431 = mul nsw i64 %430, 512
-  %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col42, 0
-  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  %426 = add nsw i64 %r0, 2
+  %427 = mul nsw i64 %426, 1024
+  %428 = getelementptr inbounds float, ptr %h, i64 %427
+  %429 = getelementptr inbounds i32, ptr %rows, i64 %426
+  %430 = load i32, ptr %429, align 4
+  %431 = sext i32 %430 to i64
+  %432 = mul nsw i64 %431, 512
+  %433 = getelementptr inbounds float, ptr %y, i64 %432
+  %434 = add nsw i64 %col42, 0
+  %435 = getelementptr inbounds float, ptr %433, i64 %434
   store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %435 = add nsw i64 %col42, 8
-  %436 = getelementptr inbounds float, ptr %432, i64 %435
+  %436 = add nsw i64 %col42, 8
+  %437 = getelementptr inbounds float, ptr %433, i64 %436
   store <8 x float> zeroinitializer, ptr %acc2148, align 4
   %panel.off49 = mul nsw i64 %p, 16384
-  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %438 = add nsw i64 %p, 1
-  %439 = icmp slt i64 %438, %p1
-  %pf.on50 = and i1 %pf.on, %439
-  %440 = mul nsw i64 %pf.j, 65536
-  %441 = lshr i64 %440, %10
-  %442 = add nsw i64 65536, %441
-  %443 = getelementptr inbounds i8, ptr %437, i64 %442
-  %pf51 = select i1 %pf.on50, ptr %443, ptr %437
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
+  %439 = add nsw i64 %p, 1
+  %440 = icmp slt i64 %439, %p1
+  %pf.on50 = and i1 %pf.on, %440
+  %441 = mul nsw i64 %rb, 65536
+  %442 = lshr i64 %441, %12
+  %443 = add nsw i64 65536, %442
+  %444 = getelementptr inbounds i8, ptr %438, i64 %443
+  %pf51 = select i1 %pf.on50, ptr %444, ptr %438
+  %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %479, %pf.any.end58 ]
-  %444 = icmp slt i64 %k56, 1024
-  br i1 %444, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %480, %pf.any.end58 ]
+  %445 = icmp slt i64 %k56, 1024
+  br i1 %445, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %445 = mul nsw i64 %k56, 16
-  %446 = add nsw i64 %panel.off49, %445
-  %447 = mul nsw i64 %k56, 64
+  %446 = mul nsw i64 %k56, 16
+  %447 = add nsw i64 %panel.off49, %446
+  %448 = mul nsw i64 %k56, 64
   br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
 pf.any.then57:                                    ; preds = %k.body54
-  %448 = lshr i64 %447, %pf.sh52
-  %449 = getelementptr inbounds i8, ptr %pf51, i64 %448
-  call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  %449 = lshr i64 %448, %pf.sh52
+  %450 = getelementptr inbounds i8, ptr %pf51, i64 %449
+  call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
   br label %pf.any.end58
 
 pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %450 = getelementptr inbounds float, ptr %panels, i64 %446
-  %451 = load <8 x float>, ptr %450, align 4
-  %452 = add nsw i64 %446, 8
-  %453 = getelementptr inbounds float, ptr %panels, i64 %452
-  %454 = load <8 x float>, ptr %453, align 4
-  %455 = getelementptr inbounds float, ptr %403, i64 %k56
-  %456 = load float, ptr %455, align 4
-  %457 = insertelement <8 x float> poison, float %456, i32 0
-  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc0043, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %451, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0043, align 4
-  %461 = load <8 x float>, ptr %acc0144, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %454, <8 x float> %461)
-  store <8 x float> %462, ptr %acc0144, align 4
-  %463 = getelementptr inbounds float, ptr %415, i64 %k56
-  %464 = load float, ptr %463, align 4
-  %465 = insertelement <8 x float> poison, float %464, i32 0
-  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc1045, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %451, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1045, align 4
-  %469 = load <8 x float>, ptr %acc1146, align 4
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %454, <8 x float> %469)
-  store <8 x float> %470, ptr %acc1146, align 4
-  %471 = getelementptr inbounds float, ptr %427, i64 %k56
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc2047, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %451, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2047, align 4
-  %477 = load <8 x float>, ptr %acc2148, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %454, <8 x float> %477)
-  store <8 x float> %478, ptr %acc2148, align 4
-  %479 = add nsw i64 %k56, 1
+  %451 = getelementptr inbounds float, ptr %panels, i64 %447
+  %452 = load <8 x float>, ptr %451, align 4
+  %453 = add nsw i64 %447, 8
+  %454 = getelementptr inbounds float, ptr %panels, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = getelementptr inbounds float, ptr %404, i64 %k56
+  %457 = load float, ptr %456, align 4
+  %458 = insertelement <8 x float> poison, float %457, i32 0
+  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
+  %460 = load <8 x float>, ptr %acc0043, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
+  store <8 x float> %461, ptr %acc0043, align 4
+  %462 = load <8 x float>, ptr %acc0144, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
+  store <8 x float> %463, ptr %acc0144, align 4
+  %464 = getelementptr inbounds float, ptr %416, i64 %k56
+  %465 = load float, ptr %464, align 4
+  %466 = insertelement <8 x float> poison, float %465, i32 0
+  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
+  %468 = load <8 x float>, ptr %acc1045, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
+  store <8 x float> %469, ptr %acc1045, align 4
+  %470 = load <8 x float>, ptr %acc1146, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
+  store <8 x float> %471, ptr %acc1146, align 4
+  %472 = getelementptr inbounds float, ptr %428, i64 %k56
+  %473 = load float, ptr %472, align 4
+  %474 = insertelement <8 x float> poison, float %473, i32 0
+  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
+  %476 = load <8 x float>, ptr %acc2047, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
+  store <8 x float> %477, ptr %acc2047, align 4
+  %478 = load <8 x float>, ptr %acc2148, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
+  store <8 x float> %479, ptr %acc2148, align 4
+  %480 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %480 = load <8 x float>, ptr %acc0043, align 4
-  store <8 x float> %480, ptr %410, align 4
-  %481 = load <8 x float>, ptr %acc0144, align 4
-  store <8 x float> %481, ptr %412, align 4
-  %482 = load <8 x float>, ptr %acc1045, align 4
-  store <8 x float> %482, ptr %422, align 4
-  %483 = load <8 x float>, ptr %acc1146, align 4
-  store <8 x float> %483, ptr %424, align 4
-  %484 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %484, ptr %434, align 4
-  %485 = load <8 x float>, ptr %acc2148, align 4
-  store <8 x float> %485, ptr %436, align 4
+  %481 = load <8 x float>, ptr %acc0043, align 4
+  store <8 x float> %481, ptr %411, align 4
+  %482 = load <8 x float>, ptr %acc0144, align 4
+  store <8 x float> %482, ptr %413, align 4
+  %483 = load <8 x float>, ptr %acc1045, align 4
+  store <8 x float> %483, ptr %423, align 4
+  %484 = load <8 x float>, ptr %acc1146, align 4
+  store <8 x float> %484, ptr %425, align 4
+  %485 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %485, ptr %435, align 4
+  %486 = load <8 x float>, ptr %acc2148, align 4
+  store <8 x float> %486, ptr %437, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col59 = mul nsw i64 %p, 16
-  %486 = add nsw i64 %r0, 0
-  %487 = mul nsw i64 %486, 1024
-  %488 = getelementptr inbounds float, ptr %h, i64 %487
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 512
-  %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col59, 0
-  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  %487 = add nsw i64 %r0, 0
+  %488 = mul nsw i64 %487, 1024
+  %489 = getelementptr inbounds float, ptr %h, i64 %488
+  %490 = getelementptr inbounds i32, ptr %rows, i64 %487
+  %491 = load i32, ptr %490, align 4
+  %492 = sext i32 %491 to i64
+  %493 = mul nsw i64 %492, 512
+  %494 = getelementptr inbounds float, ptr %y, i64 %493
+  %495 = add nsw i64 %col59, 0
+  %496 = getelementptr inbounds float, ptr %494, i64 %495
   store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %496 = add nsw i64 %col59, 8
-  %497 = getelementptr inbounds float, ptr %493, i64 %496
+  %497 = add nsw i64 %col59, 8
+  %498 = getelementptr inbounds float, ptr %494, i64 %497
   store <8 x float> zeroinitializer, ptr %acc0161, align 4
-  %498 = add nsw i64 %r0, 1
-  %499 = mul nsw i64 %498, 1024
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 512
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col59, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %499 = add nsw i64 %r0, 1
+  %500 = mul nsw i64 %499, 1024
+  %501 = getelementptr inbounds float, ptr %h, i64 %500
+  %502 = getelementptr inbounds i32, ptr %rows, i64 %499
+  %503 = load i32, ptr %502, align 4
+  %504 = sext i32 %503 to i64
+  %505 = mul nsw i64 %504, 512
+  %506 = getelementptr inbounds float, ptr %y, i64 %505
+  %507 = add nsw i64 %col59, 0
+  %508 = getelementptr inbounds float, ptr %506, i64 %507
   store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %508 = add nsw i64 %col59, 8
-  %509 = getelementptr inbounds float, ptr %505, i64 %508
+  %509 = add nsw i64 %col59, 8
+  %510 = getelementptr inbounds float, ptr %506, i64 %509
   store <8 x float> zeroinitializer, ptr %acc1163, align 4
   %panel.off64 = mul nsw i64 %p, 16384
-  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %511 = add nsw i64 %p, 1
-  %512 = icmp slt i64 %511, %p1
-  %pf.on65 = and i1 %pf.on, %512
-  %513 = mul nsw i64 %pf.j, 65536
-  %514 = lshr i64 %513, %10
-  %515 = add nsw i64 65536, %514
-  %516 = getelementptr inbounds i8, ptr %510, i64 %515
-  %pf66 = select i1 %pf.on65, ptr %516, ptr %510
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  %511 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %512 = add nsw i64 %p, 1
+  %513 = icmp slt i64 %512, %p1
+  %pf.on65 = and i1 %pf.on, %513
+  %514 = mul nsw i64 %rb, 65536
+  %515 = lshr i64 %514, %12
+  %516 = add nsw i64 65536, %515
+  %517 = getelementptr inbounds i8, ptr %511, i64 %516
+  %pf66 = select i1 %pf.on65, ptr %517, ptr %511
+  %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %544, %pf.any.end73 ]
-  %517 = icmp slt i64 %k71, 1024
-  br i1 %517, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %545, %pf.any.end73 ]
+  %518 = icmp slt i64 %k71, 1024
+  br i1 %518, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %518 = mul nsw i64 %k71, 16
-  %519 = add nsw i64 %panel.off64, %518
-  %520 = mul nsw i64 %k71, 64
+  %519 = mul nsw i64 %k71, 16
+  %520 = add nsw i64 %panel.off64, %519
+  %521 = mul nsw i64 %k71, 64
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %521 = lshr i64 %520, %pf.sh67
-  %522 = getelementptr inbounds i8, ptr %pf66, i64 %521
-  call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
+  %522 = lshr i64 %521, %pf.sh67
+  %523 = getelementptr inbounds i8, ptr %pf66, i64 %522
+  call void @llvm.prefetch.p0(ptr %523, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %523 = getelementptr inbounds float, ptr %panels, i64 %519
-  %524 = load <8 x float>, ptr %523, align 4
-  %525 = add nsw i64 %519, 8
-  %526 = getelementptr inbounds float, ptr %panels, i64 %525
-  %527 = load <8 x float>, ptr %526, align 4
-  %528 = getelementptr inbounds float, ptr %488, i64 %k71
-  %529 = load float, ptr %528, align 4
-  %530 = insertelement <8 x float> poison, float %529, i32 0
-  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = load <8 x float>, ptr %acc0060, align 4
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %524, <8 x float> %532)
-  store <8 x float> %533, ptr %acc0060, align 4
-  %534 = load <8 x float>, ptr %acc0161, align 4
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> %534)
-  store <8 x float> %535, ptr %acc0161, align 4
-  %536 = getelementptr inbounds float, ptr %500, i64 %k71
-  %537 = load float, ptr %536, align 4
-  %538 = insertelement <8 x float> poison, float %537, i32 0
-  %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
-  %540 = load <8 x float>, ptr %acc1062, align 4
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %524, <8 x float> %540)
-  store <8 x float> %541, ptr %acc1062, align 4
-  %542 = load <8 x float>, ptr %acc1163, align 4
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %527, <8 x float> %542)
-  store <8 x float> %543, ptr %acc1163, align 4
-  %544 = add nsw i64 %k71, 1
+  %524 = getelementptr inbounds float, ptr %panels, i64 %520
+  %525 = load <8 x float>, ptr %524, align 4
+  %526 = add nsw i64 %520, 8
+  %527 = getelementptr inbounds float, ptr %panels, i64 %526
+  %528 = load <8 x float>, ptr %527, align 4
+  %529 = getelementptr inbounds float, ptr %489, i64 %k71
+  %530 = load float, ptr %529, align 4
+  %531 = insertelement <8 x float> poison, float %530, i32 0
+  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
+  %533 = load <8 x float>, ptr %acc0060, align 4
+  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %525, <8 x float> %533)
+  store <8 x float> %534, ptr %acc0060, align 4
+  %535 = load <8 x float>, ptr %acc0161, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> %535)
+  store <8 x float> %536, ptr %acc0161, align 4
+  %537 = getelementptr inbounds float, ptr %501, i64 %k71
+  %538 = load float, ptr %537, align 4
+  %539 = insertelement <8 x float> poison, float %538, i32 0
+  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
+  %541 = load <8 x float>, ptr %acc1062, align 4
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %525, <8 x float> %541)
+  store <8 x float> %542, ptr %acc1062, align 4
+  %543 = load <8 x float>, ptr %acc1163, align 4
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %528, <8 x float> %543)
+  store <8 x float> %544, ptr %acc1163, align 4
+  %545 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %545 = load <8 x float>, ptr %acc0060, align 4
-  store <8 x float> %545, ptr %495, align 4
-  %546 = load <8 x float>, ptr %acc0161, align 4
-  store <8 x float> %546, ptr %497, align 4
-  %547 = load <8 x float>, ptr %acc1062, align 4
-  store <8 x float> %547, ptr %507, align 4
-  %548 = load <8 x float>, ptr %acc1163, align 4
-  store <8 x float> %548, ptr %509, align 4
+  %546 = load <8 x float>, ptr %acc0060, align 4
+  store <8 x float> %546, ptr %496, align 4
+  %547 = load <8 x float>, ptr %acc0161, align 4
+  store <8 x float> %547, ptr %498, align 4
+  %548 = load <8 x float>, ptr %acc1062, align 4
+  store <8 x float> %548, ptr %508, align 4
+  %549 = load <8 x float>, ptr %acc1163, align 4
+  store <8 x float> %549, ptr %510, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col74 = mul nsw i64 %p, 16
-  %549 = add nsw i64 %r0, 0
-  %550 = mul nsw i64 %549, 1024
-  %551 = getelementptr inbounds float, ptr %h, i64 %550
-  %552 = getelementptr inbounds i32, ptr %rows, i64 %549
-  %553 = load i32, ptr %552, align 4
-  %554 = sext i32 %553 to i64
-  %555 = mul nsw i64 %554, 512
-  %556 = getelementptr inbounds float, ptr %y, i64 %555
-  %557 = add nsw i64 %col74, 0
-  %558 = getelementptr inbounds float, ptr %556, i64 %557
+  %550 = add nsw i64 %r0, 0
+  %551 = mul nsw i64 %550, 1024
+  %552 = getelementptr inbounds float, ptr %h, i64 %551
+  %553 = getelementptr inbounds i32, ptr %rows, i64 %550
+  %554 = load i32, ptr %553, align 4
+  %555 = sext i32 %554 to i64
+  %556 = mul nsw i64 %555, 512
+  %557 = getelementptr inbounds float, ptr %y, i64 %556
+  %558 = add nsw i64 %col74, 0
+  %559 = getelementptr inbounds float, ptr %557, i64 %558
   store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %559 = add nsw i64 %col74, 8
-  %560 = getelementptr inbounds float, ptr %556, i64 %559
+  %560 = add nsw i64 %col74, 8
+  %561 = getelementptr inbounds float, ptr %557, i64 %560
   store <8 x float> zeroinitializer, ptr %acc0176, align 4
   %panel.off77 = mul nsw i64 %p, 16384
-  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %562 = add nsw i64 %p, 1
-  %563 = icmp slt i64 %562, %p1
-  %pf.on78 = and i1 %pf.on, %563
-  %564 = mul nsw i64 %pf.j, 65536
-  %565 = lshr i64 %564, %10
-  %566 = add nsw i64 65536, %565
-  %567 = getelementptr inbounds i8, ptr %561, i64 %566
-  %pf79 = select i1 %pf.on78, ptr %567, ptr %561
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  %562 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %563 = add nsw i64 %p, 1
+  %564 = icmp slt i64 %563, %p1
+  %pf.on78 = and i1 %pf.on, %564
+  %565 = mul nsw i64 %rb, 65536
+  %566 = lshr i64 %565, %12
+  %567 = add nsw i64 65536, %566
+  %568 = getelementptr inbounds i8, ptr %562, i64 %567
+  %pf79 = select i1 %pf.on78, ptr %568, ptr %562
+  %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %587, %pf.any.end86 ]
-  %568 = icmp slt i64 %k84, 1024
-  br i1 %568, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %588, %pf.any.end86 ]
+  %569 = icmp slt i64 %k84, 1024
+  br i1 %569, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %569 = mul nsw i64 %k84, 16
-  %570 = add nsw i64 %panel.off77, %569
-  %571 = mul nsw i64 %k84, 64
+  %570 = mul nsw i64 %k84, 16
+  %571 = add nsw i64 %panel.off77, %570
+  %572 = mul nsw i64 %k84, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %572 = lshr i64 %571, %pf.sh80
-  %573 = getelementptr inbounds i8, ptr %pf79, i64 %572
-  call void @llvm.prefetch.p0(ptr %573, i32 0, i32 2, i32 1)
+  %573 = lshr i64 %572, %pf.sh80
+  %574 = getelementptr inbounds i8, ptr %pf79, i64 %573
+  call void @llvm.prefetch.p0(ptr %574, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %574 = getelementptr inbounds float, ptr %panels, i64 %570
-  %575 = load <8 x float>, ptr %574, align 4
-  %576 = add nsw i64 %570, 8
-  %577 = getelementptr inbounds float, ptr %panels, i64 %576
-  %578 = load <8 x float>, ptr %577, align 4
-  %579 = getelementptr inbounds float, ptr %551, i64 %k84
-  %580 = load float, ptr %579, align 4
-  %581 = insertelement <8 x float> poison, float %580, i32 0
-  %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = load <8 x float>, ptr %acc0075, align 4
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %575, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0075, align 4
-  %585 = load <8 x float>, ptr %acc0176, align 4
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %578, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0176, align 4
-  %587 = add nsw i64 %k84, 1
+  %575 = getelementptr inbounds float, ptr %panels, i64 %571
+  %576 = load <8 x float>, ptr %575, align 4
+  %577 = add nsw i64 %571, 8
+  %578 = getelementptr inbounds float, ptr %panels, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
+  %580 = getelementptr inbounds float, ptr %552, i64 %k84
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc0075, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %576, <8 x float> %584)
+  store <8 x float> %585, ptr %acc0075, align 4
+  %586 = load <8 x float>, ptr %acc0176, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %579, <8 x float> %586)
+  store <8 x float> %587, ptr %acc0176, align 4
+  %588 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %588 = load <8 x float>, ptr %acc0075, align 4
-  store <8 x float> %588, ptr %558, align 4
-  %589 = load <8 x float>, ptr %acc0176, align 4
-  store <8 x float> %589, ptr %560, align 4
+  %589 = load <8 x float>, ptr %acc0075, align 4
+  store <8 x float> %589, ptr %559, align 4
+  %590 = load <8 x float>, ptr %acc0176, align 4
+  store <8 x float> %590, ptr %561, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %590 = add nsw i64 %r0, 6
-  br label %r0.head
+  %591 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %591 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %592 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

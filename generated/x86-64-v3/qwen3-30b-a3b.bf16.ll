@@ -961,7 +961,7 @@ start:                                            ; preds = %entry
   br label %chunk.head
 
 chunk.head:                                       ; preds = %p.end, %start
-  %chunk = phi i64 [ 0, %start ], [ %1310, %p.end ]
+  %chunk = phi i64 [ 0, %start ], [ %1311, %p.end ]
   %0 = icmp slt i64 %chunk, %n
   br i1 %0, label %chunk.body, label %chunk.end
 
@@ -1012,37 +1012,38 @@ cvt.end:                                          ; preds = %cvt.head
 cvt.r.end:                                        ; preds = %cvt.r.head
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %cvt.r.end
-  %p = phi i64 [ %p0, %cvt.r.end ], [ %1309, %r0.end ]
+p.head:                                           ; preds = %rb.end, %cvt.r.end
+  %p = phi i64 [ %p0, %cvt.r.end ], [ %1310, %rb.end ]
   %23 = icmp slt i64 %p, %p1
   br i1 %23, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %24 = add nsw i64 %cn, 5
+  %nrb = sdiv i64 %24, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1308, %tile.done ]
-  %24 = icmp slt i64 %r0, %cn
-  br i1 %24, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %1309, %tile.done ]
+  %25 = icmp slt i64 %rb, %nrb
+  br i1 %25, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %cn, %r0
-  %25 = icmp sge i64 %left, 6
-  %mr = select i1 %25, i64 6, i64 %left
-  %26 = add nsw i64 %cn, 5
-  %nrb = sdiv i64 %26, 6
-  %27 = icmp sge i64 %nrb, 2
-  %28 = select i1 %27, i64 1, i64 0
-  %29 = icmp sge i64 %nrb, 4
-  %30 = select i1 %29, i64 2, i64 %28
-  %31 = icmp sge i64 %nrb, 8
-  %32 = select i1 %31, i64 3, i64 %30
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %26 = mul nsw i64 %rb, %cn
+  %r0 = sdiv i64 %26, %nrb
+  %27 = add nsw i64 %rb, 1
+  %28 = mul nsw i64 %27, %cn
+  %r1 = sdiv i64 %28, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %29 = icmp sge i64 %nrb, 2
+  %30 = select i1 %29, i64 1, i64 0
+  %31 = icmp sge i64 %nrb, 4
+  %32 = select i1 %31, i64 2, i64 %30
+  %33 = icmp sge i64 %nrb, 8
+  %34 = select i1 %33, i64 3, i64 %32
   %pf.multi = icmp sgt i64 %nrb, 1
-  %33 = shl i64 1, %32
-  %34 = icmp slt i64 %pf.j, %33
-  %35 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %35, %34
+  %35 = shl i64 1, %34
+  %36 = icmp slt i64 %rb, %35
+  %pf.on = and i1 %pf.multi, %36
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1051,42 +1052,42 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %36 = add nsw i64 %r0, 0
-  %37 = mul nsw i64 %36, 2048
-  %38 = getelementptr inbounds i16, ptr %xb, i64 %37
+tile.mr6:                                         ; preds = %rb.body
+  %37 = add nsw i64 %r0, 0
+  %38 = mul nsw i64 %37, 2048
+  %39 = getelementptr inbounds i16, ptr %xb, i64 %38
   store <16 x float> zeroinitializer, ptr %acc00, align 4
-  %39 = add nsw i64 %r0, 1
-  %40 = mul nsw i64 %39, 2048
-  %41 = getelementptr inbounds i16, ptr %xb, i64 %40
+  %40 = add nsw i64 %r0, 1
+  %41 = mul nsw i64 %40, 2048
+  %42 = getelementptr inbounds i16, ptr %xb, i64 %41
   store <16 x float> zeroinitializer, ptr %acc10, align 4
-  %42 = add nsw i64 %r0, 2
-  %43 = mul nsw i64 %42, 2048
-  %44 = getelementptr inbounds i16, ptr %xb, i64 %43
+  %43 = add nsw i64 %r0, 2
+  %44 = mul nsw i64 %43, 2048
+  %45 = getelementptr inbounds i16, ptr %xb, i64 %44
   store <16 x float> zeroinitializer, ptr %acc20, align 4
-  %45 = add nsw i64 %r0, 3
-  %46 = mul nsw i64 %45, 2048
-  %47 = getelementptr inbounds i16, ptr %xb, i64 %46
+  %46 = add nsw i64 %r0, 3
+  %47 = mul nsw i64 %46, 2048
+  %48 = getelementptr inbounds i16, ptr %xb, i64 %47
   store <16 x float> zeroinitializer, ptr %acc30, align 4
-  %48 = add nsw i64 %r0, 4
-  %49 = mul nsw i64 %48, 2048
-  %50 = getelementptr inbounds i16, ptr %xb, i64 %49
+  %49 = add nsw i64 %r0, 4
+  %50 = mul nsw i64 %49, 2048
+  %51 = getelementptr inbounds i16, ptr %xb, i64 %50
   store <16 x float> zeroinitializer, ptr %acc40, align 4
-  %51 = add nsw i64 %r0, 5
-  %52 = mul nsw i64 %51, 2048
-  %53 = getelementptr inbounds i16, ptr %xb, i64 %52
+  %52 = add nsw i64 %r0, 5
+  %53 = mul nsw i64 %52, 2048
+  %54 = getelementptr inbounds i16, ptr %xb, i64 %53
   store <16 x float> zeroinitializer, ptr %acc50, align 4
-  %54 = mul nsw i64 %p, 32768
-  %55 = getelementptr inbounds i16, ptr %panels, i64 %54
-  %56 = add nsw i64 %p, 1
-  %57 = icmp slt i64 %56, %p1
-  %pf.on1 = and i1 %pf.on, %57
-  %58 = mul nsw i64 %pf.j, 65536
-  %59 = lshr i64 %58, %32
-  %60 = add nsw i64 65536, %59
-  %61 = getelementptr inbounds i8, ptr %55, i64 %60
-  %pf = select i1 %pf.on1, ptr %61, ptr %55
-  %pf.sh = select i1 %pf.on1, i64 %32, i64 0
+  %55 = mul nsw i64 %p, 32768
+  %56 = getelementptr inbounds i16, ptr %panels, i64 %55
+  %57 = add nsw i64 %p, 1
+  %58 = icmp slt i64 %57, %p1
+  %pf.on1 = and i1 %pf.on, %58
+  %59 = mul nsw i64 %rb, 65536
+  %60 = lshr i64 %59, %34
+  %61 = add nsw i64 65536, %60
+  %62 = getelementptr inbounds i8, ptr %56, i64 %61
+  %pf = select i1 %pf.on1, ptr %62, ptr %56
+  %pf.sh = select i1 %pf.on1, i64 %34, i64 0
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
   store <16 x float> zeroinitializer, ptr %acc21, align 4
@@ -1096,455 +1097,455 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %pf.any.end3, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %160, %pf.any.end3 ]
-  %62 = icmp slt i64 %kp, 512
-  br i1 %62, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %161, %pf.any.end3 ]
+  %63 = icmp slt i64 %kp, 512
+  br i1 %63, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %63 = mul nsw i64 %kk, 32
-  %64 = getelementptr inbounds i16, ptr %55, i64 %63
-  %65 = load <32 x bfloat>, ptr %64, align 4
-  %66 = mul nsw i64 %kk, 64
+  %64 = mul nsw i64 %kk, 32
+  %65 = getelementptr inbounds i16, ptr %56, i64 %64
+  %66 = load <32 x bfloat>, ptr %65, align 4
+  %67 = mul nsw i64 %kk, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %kp.body
-  %67 = lshr i64 %66, %pf.sh
-  %68 = getelementptr inbounds i8, ptr %pf, i64 %67
-  call void @llvm.prefetch.p0(ptr %68, i32 0, i32 2, i32 1)
+  %68 = lshr i64 %67, %pf.sh
+  %69 = getelementptr inbounds i8, ptr %pf, i64 %68
+  call void @llvm.prefetch.p0(ptr %69, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %kp.body
-  %69 = getelementptr inbounds i32, ptr %38, i64 %kk
-  %70 = load i32, ptr %69, align 4
-  %71 = load <16 x float>, ptr %acc00, align 4
-  %72 = insertelement <16 x i32> poison, i32 %70, i32 0
-  %73 = shufflevector <16 x i32> %72, <16 x i32> poison, <16 x i32> zeroinitializer
-  %74 = bitcast <16 x i32> %73 to <32 x bfloat>
-  %75 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %71, <32 x bfloat> %65, <32 x bfloat> %74)
-  store <16 x float> %75, ptr %acc00, align 4
-  %76 = getelementptr inbounds i32, ptr %41, i64 %kk
-  %77 = load i32, ptr %76, align 4
-  %78 = load <16 x float>, ptr %acc10, align 4
-  %79 = insertelement <16 x i32> poison, i32 %77, i32 0
-  %80 = shufflevector <16 x i32> %79, <16 x i32> poison, <16 x i32> zeroinitializer
-  %81 = bitcast <16 x i32> %80 to <32 x bfloat>
-  %82 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %78, <32 x bfloat> %65, <32 x bfloat> %81)
-  store <16 x float> %82, ptr %acc10, align 4
-  %83 = getelementptr inbounds i32, ptr %44, i64 %kk
-  %84 = load i32, ptr %83, align 4
-  %85 = load <16 x float>, ptr %acc20, align 4
-  %86 = insertelement <16 x i32> poison, i32 %84, i32 0
-  %87 = shufflevector <16 x i32> %86, <16 x i32> poison, <16 x i32> zeroinitializer
-  %88 = bitcast <16 x i32> %87 to <32 x bfloat>
-  %89 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %85, <32 x bfloat> %65, <32 x bfloat> %88)
-  store <16 x float> %89, ptr %acc20, align 4
-  %90 = getelementptr inbounds i32, ptr %47, i64 %kk
-  %91 = load i32, ptr %90, align 4
-  %92 = load <16 x float>, ptr %acc30, align 4
-  %93 = insertelement <16 x i32> poison, i32 %91, i32 0
-  %94 = shufflevector <16 x i32> %93, <16 x i32> poison, <16 x i32> zeroinitializer
-  %95 = bitcast <16 x i32> %94 to <32 x bfloat>
-  %96 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %92, <32 x bfloat> %65, <32 x bfloat> %95)
-  store <16 x float> %96, ptr %acc30, align 4
-  %97 = getelementptr inbounds i32, ptr %50, i64 %kk
-  %98 = load i32, ptr %97, align 4
-  %99 = load <16 x float>, ptr %acc40, align 4
-  %100 = insertelement <16 x i32> poison, i32 %98, i32 0
-  %101 = shufflevector <16 x i32> %100, <16 x i32> poison, <16 x i32> zeroinitializer
-  %102 = bitcast <16 x i32> %101 to <32 x bfloat>
-  %103 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %99, <32 x bfloat> %65, <32 x bfloat> %102)
-  store <16 x float> %103, ptr %acc40, align 4
-  %104 = getelementptr inbounds i32, ptr %53, i64 %kk
-  %105 = load i32, ptr %104, align 4
-  %106 = load <16 x float>, ptr %acc50, align 4
-  %107 = insertelement <16 x i32> poison, i32 %105, i32 0
-  %108 = shufflevector <16 x i32> %107, <16 x i32> poison, <16 x i32> zeroinitializer
-  %109 = bitcast <16 x i32> %108 to <32 x bfloat>
-  %110 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %106, <32 x bfloat> %65, <32 x bfloat> %109)
-  store <16 x float> %110, ptr %acc50, align 4
-  %111 = add nsw i64 %kk, 1
-  %112 = mul nsw i64 %111, 32
-  %113 = getelementptr inbounds i16, ptr %55, i64 %112
-  %114 = load <32 x bfloat>, ptr %113, align 4
-  %115 = mul nsw i64 %111, 64
+  %70 = getelementptr inbounds i32, ptr %39, i64 %kk
+  %71 = load i32, ptr %70, align 4
+  %72 = load <16 x float>, ptr %acc00, align 4
+  %73 = insertelement <16 x i32> poison, i32 %71, i32 0
+  %74 = shufflevector <16 x i32> %73, <16 x i32> poison, <16 x i32> zeroinitializer
+  %75 = bitcast <16 x i32> %74 to <32 x bfloat>
+  %76 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %72, <32 x bfloat> %66, <32 x bfloat> %75)
+  store <16 x float> %76, ptr %acc00, align 4
+  %77 = getelementptr inbounds i32, ptr %42, i64 %kk
+  %78 = load i32, ptr %77, align 4
+  %79 = load <16 x float>, ptr %acc10, align 4
+  %80 = insertelement <16 x i32> poison, i32 %78, i32 0
+  %81 = shufflevector <16 x i32> %80, <16 x i32> poison, <16 x i32> zeroinitializer
+  %82 = bitcast <16 x i32> %81 to <32 x bfloat>
+  %83 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %79, <32 x bfloat> %66, <32 x bfloat> %82)
+  store <16 x float> %83, ptr %acc10, align 4
+  %84 = getelementptr inbounds i32, ptr %45, i64 %kk
+  %85 = load i32, ptr %84, align 4
+  %86 = load <16 x float>, ptr %acc20, align 4
+  %87 = insertelement <16 x i32> poison, i32 %85, i32 0
+  %88 = shufflevector <16 x i32> %87, <16 x i32> poison, <16 x i32> zeroinitializer
+  %89 = bitcast <16 x i32> %88 to <32 x bfloat>
+  %90 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %86, <32 x bfloat> %66, <32 x bfloat> %89)
+  store <16 x float> %90, ptr %acc20, align 4
+  %91 = getelementptr inbounds i32, ptr %48, i64 %kk
+  %92 = load i32, ptr %91, align 4
+  %93 = load <16 x float>, ptr %acc30, align 4
+  %94 = insertelement <16 x i32> poison, i32 %92, i32 0
+  %95 = shufflevector <16 x i32> %94, <16 x i32> poison, <16 x i32> zeroinitializer
+  %96 = bitcast <16 x i32> %95 to <32 x bfloat>
+  %97 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %93, <32 x bfloat> %66, <32 x bfloat> %96)
+  store <16 x float> %97, ptr %acc30, align 4
+  %98 = getelementptr inbounds i32, ptr %51, i64 %kk
+  %99 = load i32, ptr %98, align 4
+  %100 = load <16 x float>, ptr %acc40, align 4
+  %101 = insertelement <16 x i32> poison, i32 %99, i32 0
+  %102 = shufflevector <16 x i32> %101, <16 x i32> poison, <16 x i32> zeroinitializer
+  %103 = bitcast <16 x i32> %102 to <32 x bfloat>
+  %104 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %100, <32 x bfloat> %66, <32 x bfloat> %103)
+  store <16 x float> %104, ptr %acc40, align 4
+  %105 = getelementptr inbounds i32, ptr %54, i64 %kk
+  %106 = load i32, ptr %105, align 4
+  %107 = load <16 x float>, ptr %acc50, align 4
+  %108 = insertelement <16 x i32> poison, i32 %106, i32 0
+  %109 = shufflevector <16 x i32> %108, <16 x i32> poison, <16 x i32> zeroinitializer
+  %110 = bitcast <16 x i32> %109 to <32 x bfloat>
+  %111 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %107, <32 x bfloat> %66, <32 x bfloat> %110)
+  store <16 x float> %111, ptr %acc50, align 4
+  %112 = add nsw i64 %kk, 1
+  %113 = mul nsw i64 %112, 32
+  %114 = getelementptr inbounds i16, ptr %56, i64 %113
+  %115 = load <32 x bfloat>, ptr %114, align 4
+  %116 = mul nsw i64 %112, 64
   br i1 %pf.multi, label %pf.any.then2, label %pf.any.end3
 
 pf.any.then2:                                     ; preds = %pf.any.end
-  %116 = lshr i64 %115, %pf.sh
-  %117 = getelementptr inbounds i8, ptr %pf, i64 %116
-  call void @llvm.prefetch.p0(ptr %117, i32 0, i32 2, i32 1)
+  %117 = lshr i64 %116, %pf.sh
+  %118 = getelementptr inbounds i8, ptr %pf, i64 %117
+  call void @llvm.prefetch.p0(ptr %118, i32 0, i32 2, i32 1)
   br label %pf.any.end3
 
 pf.any.end3:                                      ; preds = %pf.any.then2, %pf.any.end
-  %118 = getelementptr inbounds i32, ptr %38, i64 %111
-  %119 = load i32, ptr %118, align 4
-  %120 = load <16 x float>, ptr %acc01, align 4
-  %121 = insertelement <16 x i32> poison, i32 %119, i32 0
-  %122 = shufflevector <16 x i32> %121, <16 x i32> poison, <16 x i32> zeroinitializer
-  %123 = bitcast <16 x i32> %122 to <32 x bfloat>
-  %124 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %120, <32 x bfloat> %114, <32 x bfloat> %123)
-  store <16 x float> %124, ptr %acc01, align 4
-  %125 = getelementptr inbounds i32, ptr %41, i64 %111
-  %126 = load i32, ptr %125, align 4
-  %127 = load <16 x float>, ptr %acc11, align 4
-  %128 = insertelement <16 x i32> poison, i32 %126, i32 0
-  %129 = shufflevector <16 x i32> %128, <16 x i32> poison, <16 x i32> zeroinitializer
-  %130 = bitcast <16 x i32> %129 to <32 x bfloat>
-  %131 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %127, <32 x bfloat> %114, <32 x bfloat> %130)
-  store <16 x float> %131, ptr %acc11, align 4
-  %132 = getelementptr inbounds i32, ptr %44, i64 %111
-  %133 = load i32, ptr %132, align 4
-  %134 = load <16 x float>, ptr %acc21, align 4
-  %135 = insertelement <16 x i32> poison, i32 %133, i32 0
-  %136 = shufflevector <16 x i32> %135, <16 x i32> poison, <16 x i32> zeroinitializer
-  %137 = bitcast <16 x i32> %136 to <32 x bfloat>
-  %138 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %134, <32 x bfloat> %114, <32 x bfloat> %137)
-  store <16 x float> %138, ptr %acc21, align 4
-  %139 = getelementptr inbounds i32, ptr %47, i64 %111
-  %140 = load i32, ptr %139, align 4
-  %141 = load <16 x float>, ptr %acc31, align 4
-  %142 = insertelement <16 x i32> poison, i32 %140, i32 0
-  %143 = shufflevector <16 x i32> %142, <16 x i32> poison, <16 x i32> zeroinitializer
-  %144 = bitcast <16 x i32> %143 to <32 x bfloat>
-  %145 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %141, <32 x bfloat> %114, <32 x bfloat> %144)
-  store <16 x float> %145, ptr %acc31, align 4
-  %146 = getelementptr inbounds i32, ptr %50, i64 %111
-  %147 = load i32, ptr %146, align 4
-  %148 = load <16 x float>, ptr %acc41, align 4
-  %149 = insertelement <16 x i32> poison, i32 %147, i32 0
-  %150 = shufflevector <16 x i32> %149, <16 x i32> poison, <16 x i32> zeroinitializer
-  %151 = bitcast <16 x i32> %150 to <32 x bfloat>
-  %152 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %148, <32 x bfloat> %114, <32 x bfloat> %151)
-  store <16 x float> %152, ptr %acc41, align 4
-  %153 = getelementptr inbounds i32, ptr %53, i64 %111
-  %154 = load i32, ptr %153, align 4
-  %155 = load <16 x float>, ptr %acc51, align 4
-  %156 = insertelement <16 x i32> poison, i32 %154, i32 0
-  %157 = shufflevector <16 x i32> %156, <16 x i32> poison, <16 x i32> zeroinitializer
-  %158 = bitcast <16 x i32> %157 to <32 x bfloat>
-  %159 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %155, <32 x bfloat> %114, <32 x bfloat> %158)
-  store <16 x float> %159, ptr %acc51, align 4
-  %160 = add nsw i64 %kp, 1
+  %119 = getelementptr inbounds i32, ptr %39, i64 %112
+  %120 = load i32, ptr %119, align 4
+  %121 = load <16 x float>, ptr %acc01, align 4
+  %122 = insertelement <16 x i32> poison, i32 %120, i32 0
+  %123 = shufflevector <16 x i32> %122, <16 x i32> poison, <16 x i32> zeroinitializer
+  %124 = bitcast <16 x i32> %123 to <32 x bfloat>
+  %125 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %121, <32 x bfloat> %115, <32 x bfloat> %124)
+  store <16 x float> %125, ptr %acc01, align 4
+  %126 = getelementptr inbounds i32, ptr %42, i64 %112
+  %127 = load i32, ptr %126, align 4
+  %128 = load <16 x float>, ptr %acc11, align 4
+  %129 = insertelement <16 x i32> poison, i32 %127, i32 0
+  %130 = shufflevector <16 x i32> %129, <16 x i32> poison, <16 x i32> zeroinitializer
+  %131 = bitcast <16 x i32> %130 to <32 x bfloat>
+  %132 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %128, <32 x bfloat> %115, <32 x bfloat> %131)
+  store <16 x float> %132, ptr %acc11, align 4
+  %133 = getelementptr inbounds i32, ptr %45, i64 %112
+  %134 = load i32, ptr %133, align 4
+  %135 = load <16 x float>, ptr %acc21, align 4
+  %136 = insertelement <16 x i32> poison, i32 %134, i32 0
+  %137 = shufflevector <16 x i32> %136, <16 x i32> poison, <16 x i32> zeroinitializer
+  %138 = bitcast <16 x i32> %137 to <32 x bfloat>
+  %139 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %135, <32 x bfloat> %115, <32 x bfloat> %138)
+  store <16 x float> %139, ptr %acc21, align 4
+  %140 = getelementptr inbounds i32, ptr %48, i64 %112
+  %141 = load i32, ptr %140, align 4
+  %142 = load <16 x float>, ptr %acc31, align 4
+  %143 = insertelement <16 x i32> poison, i32 %141, i32 0
+  %144 = shufflevector <16 x i32> %143, <16 x i32> poison, <16 x i32> zeroinitializer
+  %145 = bitcast <16 x i32> %144 to <32 x bfloat>
+  %146 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %142, <32 x bfloat> %115, <32 x bfloat> %145)
+  store <16 x float> %146, ptr %acc31, align 4
+  %147 = getelementptr inbounds i32, ptr %51, i64 %112
+  %148 = load i32, ptr %147, align 4
+  %149 = load <16 x float>, ptr %acc41, align 4
+  %150 = insertelement <16 x i32> poison, i32 %148, i32 0
+  %151 = shufflevector <16 x i32> %150, <16 x i32> poison, <16 x i32> zeroinitializer
+  %152 = bitcast <16 x i32> %151 to <32 x bfloat>
+  %153 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %149, <32 x bfloat> %115, <32 x bfloat> %152)
+  store <16 x float> %153, ptr %acc41, align 4
+  %154 = getelementptr inbounds i32, ptr %54, i64 %112
+  %155 = load i32, ptr %154, align 4
+  %156 = load <16 x float>, ptr %acc51, align 4
+  %157 = insertelement <16 x i32> poison, i32 %155, i32 0
+  %158 = shufflevector <16 x i32> %157, <16 x i32> poison, <16 x i32> zeroinitializer
+  %159 = bitcast <16 x i32> %158 to <32 x bfloat>
+  %160 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %156, <32 x bfloat> %115, <32 x bfloat> %159)
+  store <16 x float> %160, ptr %acc51, align 4
+  %161 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %161 = load <16 x float>, ptr %acc01, align 4
-  %162 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %162, %161
+  %162 = load <16 x float>, ptr %acc01, align 4
+  %163 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %163, %162
   store <16 x float> %sum, ptr %acc00, align 4
-  %163 = load <16 x float>, ptr %acc11, align 4
-  %164 = load <16 x float>, ptr %acc10, align 4
-  %sum4 = fadd <16 x float> %164, %163
+  %164 = load <16 x float>, ptr %acc11, align 4
+  %165 = load <16 x float>, ptr %acc10, align 4
+  %sum4 = fadd <16 x float> %165, %164
   store <16 x float> %sum4, ptr %acc10, align 4
-  %165 = load <16 x float>, ptr %acc21, align 4
-  %166 = load <16 x float>, ptr %acc20, align 4
-  %sum5 = fadd <16 x float> %166, %165
+  %166 = load <16 x float>, ptr %acc21, align 4
+  %167 = load <16 x float>, ptr %acc20, align 4
+  %sum5 = fadd <16 x float> %167, %166
   store <16 x float> %sum5, ptr %acc20, align 4
-  %167 = load <16 x float>, ptr %acc31, align 4
-  %168 = load <16 x float>, ptr %acc30, align 4
-  %sum6 = fadd <16 x float> %168, %167
+  %168 = load <16 x float>, ptr %acc31, align 4
+  %169 = load <16 x float>, ptr %acc30, align 4
+  %sum6 = fadd <16 x float> %169, %168
   store <16 x float> %sum6, ptr %acc30, align 4
-  %169 = load <16 x float>, ptr %acc41, align 4
-  %170 = load <16 x float>, ptr %acc40, align 4
-  %sum7 = fadd <16 x float> %170, %169
+  %170 = load <16 x float>, ptr %acc41, align 4
+  %171 = load <16 x float>, ptr %acc40, align 4
+  %sum7 = fadd <16 x float> %171, %170
   store <16 x float> %sum7, ptr %acc40, align 4
-  %171 = load <16 x float>, ptr %acc51, align 4
-  %172 = load <16 x float>, ptr %acc50, align 4
-  %sum8 = fadd <16 x float> %172, %171
+  %172 = load <16 x float>, ptr %acc51, align 4
+  %173 = load <16 x float>, ptr %acc50, align 4
+  %sum8 = fadd <16 x float> %173, %172
   store <16 x float> %sum8, ptr %acc50, align 4
-  %173 = add nsw i64 %r0, 0
-  %174 = add nsw i64 %chunk, %173
-  %175 = getelementptr inbounds float, ptr %rw, i64 %174
-  %176 = load float, ptr %175, align 4
-  %177 = insertelement <8 x float> poison, float %176, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = mul nsw i64 %174, 768
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
+  %174 = add nsw i64 %r0, 0
+  %175 = add nsw i64 %chunk, %174
+  %176 = getelementptr inbounds float, ptr %rw, i64 %175
+  %177 = load float, ptr %176, align 4
+  %178 = insertelement <8 x float> poison, float %177, i32 0
+  %179 = shufflevector <8 x float> %178, <8 x float> poison, <8 x i32> zeroinitializer
+  %180 = mul nsw i64 %175, 768
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
   %col = mul nsw i64 %p, 8
-  %181 = load <16 x float>, ptr %acc00, align 4
-  %182 = shufflevector <16 x float> %181, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %183 = load <16 x float>, ptr %acc00, align 4
-  %184 = shufflevector <16 x float> %183, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %185 = fneg <8 x float> %182
-  %186 = fcmp olt <8 x float> %185, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %188 = fcmp ogt <8 x float> %187, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %189 = select <8 x i1> %188, <8 x float> %187, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %191 = call <8 x float> @llvm.floor.v8f32(<8 x float> %190)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %189)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %192)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %193, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %193, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %193, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %193, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %193, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %199 = fmul <8 x float> %193, %193
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %199, <8 x float> %193)
-  %201 = fadd <8 x float> %200, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %202 = fptosi <8 x float> %191 to <8 x i32>
-  %203 = add <8 x i32> %202, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %204 = shl <8 x i32> %203, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %204 to <8 x float>
-  %exp = fmul <8 x float> %201, %exp.2n
-  %205 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %205
-  %silu = fmul <8 x float> %182, %sigmoid
-  %glu = fmul <8 x float> %silu, %184
-  %206 = fmul <8 x float> %glu, %178
-  %207 = getelementptr inbounds i16, ptr %180, i64 %col
-  %hb = fptrunc <8 x float> %206 to <8 x bfloat>
-  store <8 x bfloat> %hb, ptr %207, align 4
-  %208 = add nsw i64 %r0, 1
-  %209 = add nsw i64 %chunk, %208
-  %210 = getelementptr inbounds float, ptr %rw, i64 %209
-  %211 = load float, ptr %210, align 4
-  %212 = insertelement <8 x float> poison, float %211, i32 0
-  %213 = shufflevector <8 x float> %212, <8 x float> poison, <8 x i32> zeroinitializer
-  %214 = mul nsw i64 %209, 768
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %182 = load <16 x float>, ptr %acc00, align 4
+  %183 = shufflevector <16 x float> %182, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %184 = load <16 x float>, ptr %acc00, align 4
+  %185 = shufflevector <16 x float> %184, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %186 = fneg <8 x float> %183
+  %187 = fcmp olt <8 x float> %186, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %188 = select <8 x i1> %187, <8 x float> %186, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %189 = fcmp ogt <8 x float> %188, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %190 = select <8 x i1> %189, <8 x float> %188, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %192 = call <8 x float> @llvm.floor.v8f32(<8 x float> %191)
+  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %190)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %193)
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %194, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %194, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %194, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %194, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %194, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %200 = fmul <8 x float> %194, %194
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %200, <8 x float> %194)
+  %202 = fadd <8 x float> %201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %203 = fptosi <8 x float> %192 to <8 x i32>
+  %204 = add <8 x i32> %203, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %205 = shl <8 x i32> %204, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %205 to <8 x float>
+  %exp = fmul <8 x float> %202, %exp.2n
+  %206 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %206
+  %silu = fmul <8 x float> %183, %sigmoid
+  %glu = fmul <8 x float> %silu, %185
+  %207 = fmul <8 x float> %glu, %179
+  %208 = getelementptr inbounds i16, ptr %181, i64 %col
+  %hb = fptrunc <8 x float> %207 to <8 x bfloat>
+  store <8 x bfloat> %hb, ptr %208, align 4
+  %209 = add nsw i64 %r0, 1
+  %210 = add nsw i64 %chunk, %209
+  %211 = getelementptr inbounds float, ptr %rw, i64 %210
+  %212 = load float, ptr %211, align 4
+  %213 = insertelement <8 x float> poison, float %212, i32 0
+  %214 = shufflevector <8 x float> %213, <8 x float> poison, <8 x i32> zeroinitializer
+  %215 = mul nsw i64 %210, 768
+  %216 = getelementptr inbounds float, ptr %h, i64 %215
   %col9 = mul nsw i64 %p, 8
-  %216 = load <16 x float>, ptr %acc10, align 4
-  %217 = shufflevector <16 x float> %216, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %218 = load <16 x float>, ptr %acc10, align 4
-  %219 = shufflevector <16 x float> %218, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %220 = fneg <8 x float> %217
-  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %234 = fmul <8 x float> %228, %228
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
-  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %237 = fptosi <8 x float> %226 to <8 x i32>
-  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n10 = bitcast <8 x i32> %239 to <8 x float>
-  %exp11 = fmul <8 x float> %236, %exp.2n10
-  %240 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
-  %silu13 = fmul <8 x float> %217, %sigmoid12
-  %glu14 = fmul <8 x float> %silu13, %219
-  %241 = fmul <8 x float> %glu14, %213
-  %242 = getelementptr inbounds i16, ptr %215, i64 %col9
-  %hb15 = fptrunc <8 x float> %241 to <8 x bfloat>
-  store <8 x bfloat> %hb15, ptr %242, align 4
-  %243 = add nsw i64 %r0, 2
-  %244 = add nsw i64 %chunk, %243
-  %245 = getelementptr inbounds float, ptr %rw, i64 %244
-  %246 = load float, ptr %245, align 4
-  %247 = insertelement <8 x float> poison, float %246, i32 0
-  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
-  %249 = mul nsw i64 %244, 768
-  %250 = getelementptr inbounds float, ptr %h, i64 %249
+  %217 = load <16 x float>, ptr %acc10, align 4
+  %218 = shufflevector <16 x float> %217, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %219 = load <16 x float>, ptr %acc10, align 4
+  %220 = shufflevector <16 x float> %219, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %221 = fneg <8 x float> %218
+  %222 = fcmp olt <8 x float> %221, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = select <8 x i1> %222, <8 x float> %221, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %224 = fcmp ogt <8 x float> %223, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %227 = call <8 x float> @llvm.floor.v8f32(<8 x float> %226)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %225)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %228)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %229, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %229, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %229, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %229, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %229, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %235 = fmul <8 x float> %229, %229
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %235, <8 x float> %229)
+  %237 = fadd <8 x float> %236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %238 = fptosi <8 x float> %227 to <8 x i32>
+  %239 = add <8 x i32> %238, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %240 = shl <8 x i32> %239, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n10 = bitcast <8 x i32> %240 to <8 x float>
+  %exp11 = fmul <8 x float> %237, %exp.2n10
+  %241 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %241
+  %silu13 = fmul <8 x float> %218, %sigmoid12
+  %glu14 = fmul <8 x float> %silu13, %220
+  %242 = fmul <8 x float> %glu14, %214
+  %243 = getelementptr inbounds i16, ptr %216, i64 %col9
+  %hb15 = fptrunc <8 x float> %242 to <8 x bfloat>
+  store <8 x bfloat> %hb15, ptr %243, align 4
+  %244 = add nsw i64 %r0, 2
+  %245 = add nsw i64 %chunk, %244
+  %246 = getelementptr inbounds float, ptr %rw, i64 %245
+  %247 = load float, ptr %246, align 4
+  %248 = insertelement <8 x float> poison, float %247, i32 0
+  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
+  %250 = mul nsw i64 %245, 768
+  %251 = getelementptr inbounds float, ptr %h, i64 %250
   %col16 = mul nsw i64 %p, 8
-  %251 = load <16 x float>, ptr %acc20, align 4
-  %252 = shufflevector <16 x float> %251, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %253 = load <16 x float>, ptr %acc20, align 4
-  %254 = shufflevector <16 x float> %253, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %255 = fneg <8 x float> %252
-  %256 = fcmp olt <8 x float> %255, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %258 = fcmp ogt <8 x float> %257, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %259 = select <8 x i1> %258, <8 x float> %257, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %261 = call <8 x float> @llvm.floor.v8f32(<8 x float> %260)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %259)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %262)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %263, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %263, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %263, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %263, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %269 = fmul <8 x float> %263, %263
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %269, <8 x float> %263)
-  %271 = fadd <8 x float> %270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %272 = fptosi <8 x float> %261 to <8 x i32>
-  %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n17 = bitcast <8 x i32> %274 to <8 x float>
-  %exp18 = fmul <8 x float> %271, %exp.2n17
-  %275 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
-  %silu20 = fmul <8 x float> %252, %sigmoid19
-  %glu21 = fmul <8 x float> %silu20, %254
-  %276 = fmul <8 x float> %glu21, %248
-  %277 = getelementptr inbounds i16, ptr %250, i64 %col16
-  %hb22 = fptrunc <8 x float> %276 to <8 x bfloat>
-  store <8 x bfloat> %hb22, ptr %277, align 4
-  %278 = add nsw i64 %r0, 3
-  %279 = add nsw i64 %chunk, %278
-  %280 = getelementptr inbounds float, ptr %rw, i64 %279
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = mul nsw i64 %279, 768
-  %285 = getelementptr inbounds float, ptr %h, i64 %284
+  %252 = load <16 x float>, ptr %acc20, align 4
+  %253 = shufflevector <16 x float> %252, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %254 = load <16 x float>, ptr %acc20, align 4
+  %255 = shufflevector <16 x float> %254, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %256 = fneg <8 x float> %253
+  %257 = fcmp olt <8 x float> %256, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %259 = fcmp ogt <8 x float> %258, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %262 = call <8 x float> @llvm.floor.v8f32(<8 x float> %261)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %260)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %263)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %264, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %264, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %264, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %264, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %270 = fmul <8 x float> %264, %264
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %270, <8 x float> %264)
+  %272 = fadd <8 x float> %271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %273 = fptosi <8 x float> %262 to <8 x i32>
+  %274 = add <8 x i32> %273, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %275 = shl <8 x i32> %274, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n17 = bitcast <8 x i32> %275 to <8 x float>
+  %exp18 = fmul <8 x float> %272, %exp.2n17
+  %276 = fadd <8 x float> %exp18, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid19 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %276
+  %silu20 = fmul <8 x float> %253, %sigmoid19
+  %glu21 = fmul <8 x float> %silu20, %255
+  %277 = fmul <8 x float> %glu21, %249
+  %278 = getelementptr inbounds i16, ptr %251, i64 %col16
+  %hb22 = fptrunc <8 x float> %277 to <8 x bfloat>
+  store <8 x bfloat> %hb22, ptr %278, align 4
+  %279 = add nsw i64 %r0, 3
+  %280 = add nsw i64 %chunk, %279
+  %281 = getelementptr inbounds float, ptr %rw, i64 %280
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = mul nsw i64 %280, 768
+  %286 = getelementptr inbounds float, ptr %h, i64 %285
   %col23 = mul nsw i64 %p, 8
-  %286 = load <16 x float>, ptr %acc30, align 4
-  %287 = shufflevector <16 x float> %286, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %288 = load <16 x float>, ptr %acc30, align 4
-  %289 = shufflevector <16 x float> %288, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %290 = fneg <8 x float> %287
-  %291 = fcmp olt <8 x float> %290, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %292 = select <8 x i1> %291, <8 x float> %290, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %293 = fcmp ogt <8 x float> %292, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %294 = select <8 x i1> %293, <8 x float> %292, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %296 = call <8 x float> @llvm.floor.v8f32(<8 x float> %295)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %294)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %297)
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %298, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %298, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %298, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> %298, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %298, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %304 = fmul <8 x float> %298, %298
-  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %304, <8 x float> %298)
-  %306 = fadd <8 x float> %305, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %307 = fptosi <8 x float> %296 to <8 x i32>
-  %308 = add <8 x i32> %307, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %309 = shl <8 x i32> %308, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n24 = bitcast <8 x i32> %309 to <8 x float>
-  %exp25 = fmul <8 x float> %306, %exp.2n24
-  %310 = fadd <8 x float> %exp25, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid26 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %310
-  %silu27 = fmul <8 x float> %287, %sigmoid26
-  %glu28 = fmul <8 x float> %silu27, %289
-  %311 = fmul <8 x float> %glu28, %283
-  %312 = getelementptr inbounds i16, ptr %285, i64 %col23
-  %hb29 = fptrunc <8 x float> %311 to <8 x bfloat>
-  store <8 x bfloat> %hb29, ptr %312, align 4
-  %313 = add nsw i64 %r0, 4
-  %314 = add nsw i64 %chunk, %313
-  %315 = getelementptr inbounds float, ptr %rw, i64 %314
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = mul nsw i64 %314, 768
-  %320 = getelementptr inbounds float, ptr %h, i64 %319
+  %287 = load <16 x float>, ptr %acc30, align 4
+  %288 = shufflevector <16 x float> %287, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %289 = load <16 x float>, ptr %acc30, align 4
+  %290 = shufflevector <16 x float> %289, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %291 = fneg <8 x float> %288
+  %292 = fcmp olt <8 x float> %291, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %293 = select <8 x i1> %292, <8 x float> %291, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %294 = fcmp ogt <8 x float> %293, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %295 = select <8 x i1> %294, <8 x float> %293, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %297 = call <8 x float> @llvm.floor.v8f32(<8 x float> %296)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %295)
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %298)
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %299, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %299, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> %299, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %299, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %299, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %305 = fmul <8 x float> %299, %299
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %305, <8 x float> %299)
+  %307 = fadd <8 x float> %306, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %308 = fptosi <8 x float> %297 to <8 x i32>
+  %309 = add <8 x i32> %308, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %310 = shl <8 x i32> %309, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n24 = bitcast <8 x i32> %310 to <8 x float>
+  %exp25 = fmul <8 x float> %307, %exp.2n24
+  %311 = fadd <8 x float> %exp25, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid26 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %311
+  %silu27 = fmul <8 x float> %288, %sigmoid26
+  %glu28 = fmul <8 x float> %silu27, %290
+  %312 = fmul <8 x float> %glu28, %284
+  %313 = getelementptr inbounds i16, ptr %286, i64 %col23
+  %hb29 = fptrunc <8 x float> %312 to <8 x bfloat>
+  store <8 x bfloat> %hb29, ptr %313, align 4
+  %314 = add nsw i64 %r0, 4
+  %315 = add nsw i64 %chunk, %314
+  %316 = getelementptr inbounds float, ptr %rw, i64 %315
+  %317 = load float, ptr %316, align 4
+  %318 = insertelement <8 x float> poison, float %317, i32 0
+  %319 = shufflevector <8 x float> %318, <8 x float> poison, <8 x i32> zeroinitializer
+  %320 = mul nsw i64 %315, 768
+  %321 = getelementptr inbounds float, ptr %h, i64 %320
   %col30 = mul nsw i64 %p, 8
-  %321 = load <16 x float>, ptr %acc40, align 4
-  %322 = shufflevector <16 x float> %321, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %323 = load <16 x float>, ptr %acc40, align 4
-  %324 = shufflevector <16 x float> %323, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %325 = fneg <8 x float> %322
-  %326 = fcmp olt <8 x float> %325, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %327 = select <8 x i1> %326, <8 x float> %325, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %328 = fcmp ogt <8 x float> %327, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %329 = select <8 x i1> %328, <8 x float> %327, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %331 = call <8 x float> @llvm.floor.v8f32(<8 x float> %330)
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %329)
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %331, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %332)
-  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %333, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %333, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %333, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %333, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %333, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %339 = fmul <8 x float> %333, %333
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %339, <8 x float> %333)
-  %341 = fadd <8 x float> %340, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %342 = fptosi <8 x float> %331 to <8 x i32>
-  %343 = add <8 x i32> %342, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %344 = shl <8 x i32> %343, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n31 = bitcast <8 x i32> %344 to <8 x float>
-  %exp32 = fmul <8 x float> %341, %exp.2n31
-  %345 = fadd <8 x float> %exp32, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid33 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %345
-  %silu34 = fmul <8 x float> %322, %sigmoid33
-  %glu35 = fmul <8 x float> %silu34, %324
-  %346 = fmul <8 x float> %glu35, %318
-  %347 = getelementptr inbounds i16, ptr %320, i64 %col30
-  %hb36 = fptrunc <8 x float> %346 to <8 x bfloat>
-  store <8 x bfloat> %hb36, ptr %347, align 4
-  %348 = add nsw i64 %r0, 5
-  %349 = add nsw i64 %chunk, %348
-  %350 = getelementptr inbounds float, ptr %rw, i64 %349
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = mul nsw i64 %349, 768
-  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %322 = load <16 x float>, ptr %acc40, align 4
+  %323 = shufflevector <16 x float> %322, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %324 = load <16 x float>, ptr %acc40, align 4
+  %325 = shufflevector <16 x float> %324, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %326 = fneg <8 x float> %323
+  %327 = fcmp olt <8 x float> %326, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %328 = select <8 x i1> %327, <8 x float> %326, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %329 = fcmp ogt <8 x float> %328, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %330 = select <8 x i1> %329, <8 x float> %328, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %330, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %332 = call <8 x float> @llvm.floor.v8f32(<8 x float> %331)
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %330)
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %333)
+  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %334, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %334, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %334, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %334, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %334, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %340 = fmul <8 x float> %334, %334
+  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %340, <8 x float> %334)
+  %342 = fadd <8 x float> %341, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %343 = fptosi <8 x float> %332 to <8 x i32>
+  %344 = add <8 x i32> %343, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %345 = shl <8 x i32> %344, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n31 = bitcast <8 x i32> %345 to <8 x float>
+  %exp32 = fmul <8 x float> %342, %exp.2n31
+  %346 = fadd <8 x float> %exp32, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid33 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %346
+  %silu34 = fmul <8 x float> %323, %sigmoid33
+  %glu35 = fmul <8 x float> %silu34, %325
+  %347 = fmul <8 x float> %glu35, %319
+  %348 = getelementptr inbounds i16, ptr %321, i64 %col30
+  %hb36 = fptrunc <8 x float> %347 to <8 x bfloat>
+  store <8 x bfloat> %hb36, ptr %348, align 4
+  %349 = add nsw i64 %r0, 5
+  %350 = add nsw i64 %chunk, %349
+  %351 = getelementptr inbounds float, ptr %rw, i64 %350
+  %352 = load float, ptr %351, align 4
+  %353 = insertelement <8 x float> poison, float %352, i32 0
+  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
+  %355 = mul nsw i64 %350, 768
+  %356 = getelementptr inbounds float, ptr %h, i64 %355
   %col37 = mul nsw i64 %p, 8
-  %356 = load <16 x float>, ptr %acc50, align 4
-  %357 = shufflevector <16 x float> %356, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %358 = load <16 x float>, ptr %acc50, align 4
-  %359 = shufflevector <16 x float> %358, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %360 = fneg <8 x float> %357
-  %361 = fcmp olt <8 x float> %360, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %362 = select <8 x i1> %361, <8 x float> %360, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %363 = fcmp ogt <8 x float> %362, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %364 = select <8 x i1> %363, <8 x float> %362, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %366 = call <8 x float> @llvm.floor.v8f32(<8 x float> %365)
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %364)
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %367)
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %368, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %368, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %368, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %368, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %368, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %374 = fmul <8 x float> %368, %368
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %374, <8 x float> %368)
-  %376 = fadd <8 x float> %375, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %377 = fptosi <8 x float> %366 to <8 x i32>
-  %378 = add <8 x i32> %377, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %379 = shl <8 x i32> %378, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n38 = bitcast <8 x i32> %379 to <8 x float>
-  %exp39 = fmul <8 x float> %376, %exp.2n38
-  %380 = fadd <8 x float> %exp39, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid40 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %380
-  %silu41 = fmul <8 x float> %357, %sigmoid40
-  %glu42 = fmul <8 x float> %silu41, %359
-  %381 = fmul <8 x float> %glu42, %353
-  %382 = getelementptr inbounds i16, ptr %355, i64 %col37
-  %hb43 = fptrunc <8 x float> %381 to <8 x bfloat>
-  store <8 x bfloat> %hb43, ptr %382, align 4
+  %357 = load <16 x float>, ptr %acc50, align 4
+  %358 = shufflevector <16 x float> %357, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %359 = load <16 x float>, ptr %acc50, align 4
+  %360 = shufflevector <16 x float> %359, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %361 = fneg <8 x float> %358
+  %362 = fcmp olt <8 x float> %361, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %363 = select <8 x i1> %362, <8 x float> %361, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %364 = fcmp ogt <8 x float> %363, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %365 = select <8 x i1> %364, <8 x float> %363, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %367 = call <8 x float> @llvm.floor.v8f32(<8 x float> %366)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %365)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %368)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %369, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %369, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %369, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %369, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %369, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %375 = fmul <8 x float> %369, %369
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %375, <8 x float> %369)
+  %377 = fadd <8 x float> %376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %378 = fptosi <8 x float> %367 to <8 x i32>
+  %379 = add <8 x i32> %378, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %380 = shl <8 x i32> %379, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n38 = bitcast <8 x i32> %380 to <8 x float>
+  %exp39 = fmul <8 x float> %377, %exp.2n38
+  %381 = fadd <8 x float> %exp39, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid40 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %381
+  %silu41 = fmul <8 x float> %358, %sigmoid40
+  %glu42 = fmul <8 x float> %silu41, %360
+  %382 = fmul <8 x float> %glu42, %354
+  %383 = getelementptr inbounds i16, ptr %356, i64 %col37
+  %hb43 = fptrunc <8 x float> %382 to <8 x bfloat>
+  store <8 x bfloat> %hb43, ptr %383, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %383 = add nsw i64 %r0, 0
-  %384 = mul nsw i64 %383, 2048
-  %385 = getelementptr inbounds i16, ptr %xb, i64 %384
+tile.mr5:                                         ; preds = %rb.body
+  %384 = add nsw i64 %r0, 0
+  %385 = mul nsw i64 %384, 2048
+  %386 = getelementptr inbounds i16, ptr %xb, i64 %385
   store <16 x float> zeroinitializer, ptr %acc0044, align 4
-  %386 = add nsw i64 %r0, 1
-  %387 = mul nsw i64 %386, 2048
-  %388 = getelementptr inbounds i16, ptr %xb, i64 %387
+  %387 = add nsw i64 %r0, 1
+  %388 = mul nsw i64 %387, 2048
+  %389 = getelementptr inbounds i16, ptr %xb, i64 %388
   store <16 x float> zeroinitializer, ptr %acc1045, align 4
-  %389 = add nsw i64 %r0, 2
-  %390 = mul nsw i64 %389, 2048
-  %391 = getelementptr inbounds i16, ptr %xb, i64 %390
+  %390 = add nsw i64 %r0, 2
+  %391 = mul nsw i64 %390, 2048
+  %392 = getelementptr inbounds i16, ptr %xb, i64 %391
   store <16 x float> zeroinitializer, ptr %acc2046, align 4
-  %392 = add nsw i64 %r0, 3
-  %393 = mul nsw i64 %392, 2048
-  %394 = getelementptr inbounds i16, ptr %xb, i64 %393
+  %393 = add nsw i64 %r0, 3
+  %394 = mul nsw i64 %393, 2048
+  %395 = getelementptr inbounds i16, ptr %xb, i64 %394
   store <16 x float> zeroinitializer, ptr %acc3047, align 4
-  %395 = add nsw i64 %r0, 4
-  %396 = mul nsw i64 %395, 2048
-  %397 = getelementptr inbounds i16, ptr %xb, i64 %396
+  %396 = add nsw i64 %r0, 4
+  %397 = mul nsw i64 %396, 2048
+  %398 = getelementptr inbounds i16, ptr %xb, i64 %397
   store <16 x float> zeroinitializer, ptr %acc4048, align 4
-  %398 = mul nsw i64 %p, 32768
-  %399 = getelementptr inbounds i16, ptr %panels, i64 %398
-  %400 = add nsw i64 %p, 1
-  %401 = icmp slt i64 %400, %p1
-  %pf.on49 = and i1 %pf.on, %401
-  %402 = mul nsw i64 %pf.j, 65536
-  %403 = lshr i64 %402, %32
-  %404 = add nsw i64 65536, %403
-  %405 = getelementptr inbounds i8, ptr %399, i64 %404
-  %pf50 = select i1 %pf.on49, ptr %405, ptr %399
-  %pf.sh51 = select i1 %pf.on49, i64 %32, i64 0
+  %399 = mul nsw i64 %p, 32768
+  %400 = getelementptr inbounds i16, ptr %panels, i64 %399
+  %401 = add nsw i64 %p, 1
+  %402 = icmp slt i64 %401, %p1
+  %pf.on49 = and i1 %pf.on, %402
+  %403 = mul nsw i64 %rb, 65536
+  %404 = lshr i64 %403, %34
+  %405 = add nsw i64 65536, %404
+  %406 = getelementptr inbounds i8, ptr %400, i64 %405
+  %pf50 = select i1 %pf.on49, ptr %406, ptr %400
+  %pf.sh51 = select i1 %pf.on49, i64 %34, i64 0
   store <16 x float> zeroinitializer, ptr %acc0152, align 4
   store <16 x float> zeroinitializer, ptr %acc1153, align 4
   store <16 x float> zeroinitializer, ptr %acc2154, align 4
@@ -1553,388 +1554,388 @@ tile.mr5:                                         ; preds = %r0.body
   br label %kp.head57
 
 kp.head57:                                        ; preds = %pf.any.end65, %tile.mr5
-  %kp60 = phi i64 [ 0, %tile.mr5 ], [ %490, %pf.any.end65 ]
-  %406 = icmp slt i64 %kp60, 512
-  br i1 %406, label %kp.body58, label %kp.end59
+  %kp60 = phi i64 [ 0, %tile.mr5 ], [ %491, %pf.any.end65 ]
+  %407 = icmp slt i64 %kp60, 512
+  br i1 %407, label %kp.body58, label %kp.end59
 
 kp.body58:                                        ; preds = %kp.head57
   %kk61 = mul nsw i64 %kp60, 2
-  %407 = mul nsw i64 %kk61, 32
-  %408 = getelementptr inbounds i16, ptr %399, i64 %407
-  %409 = load <32 x bfloat>, ptr %408, align 4
-  %410 = mul nsw i64 %kk61, 64
+  %408 = mul nsw i64 %kk61, 32
+  %409 = getelementptr inbounds i16, ptr %400, i64 %408
+  %410 = load <32 x bfloat>, ptr %409, align 4
+  %411 = mul nsw i64 %kk61, 64
   br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
 
 pf.any.then62:                                    ; preds = %kp.body58
-  %411 = lshr i64 %410, %pf.sh51
-  %412 = getelementptr inbounds i8, ptr %pf50, i64 %411
-  call void @llvm.prefetch.p0(ptr %412, i32 0, i32 2, i32 1)
+  %412 = lshr i64 %411, %pf.sh51
+  %413 = getelementptr inbounds i8, ptr %pf50, i64 %412
+  call void @llvm.prefetch.p0(ptr %413, i32 0, i32 2, i32 1)
   br label %pf.any.end63
 
 pf.any.end63:                                     ; preds = %pf.any.then62, %kp.body58
-  %413 = getelementptr inbounds i32, ptr %385, i64 %kk61
-  %414 = load i32, ptr %413, align 4
-  %415 = load <16 x float>, ptr %acc0044, align 4
-  %416 = insertelement <16 x i32> poison, i32 %414, i32 0
-  %417 = shufflevector <16 x i32> %416, <16 x i32> poison, <16 x i32> zeroinitializer
-  %418 = bitcast <16 x i32> %417 to <32 x bfloat>
-  %419 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %415, <32 x bfloat> %409, <32 x bfloat> %418)
-  store <16 x float> %419, ptr %acc0044, align 4
-  %420 = getelementptr inbounds i32, ptr %388, i64 %kk61
-  %421 = load i32, ptr %420, align 4
-  %422 = load <16 x float>, ptr %acc1045, align 4
-  %423 = insertelement <16 x i32> poison, i32 %421, i32 0
-  %424 = shufflevector <16 x i32> %423, <16 x i32> poison, <16 x i32> zeroinitializer
-  %425 = bitcast <16 x i32> %424 to <32 x bfloat>
-  %426 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %422, <32 x bfloat> %409, <32 x bfloat> %425)
-  store <16 x float> %426, ptr %acc1045, align 4
-  %427 = getelementptr inbounds i32, ptr %391, i64 %kk61
-  %428 = load i32, ptr %427, align 4
-  %429 = load <16 x float>, ptr %acc2046, align 4
-  %430 = insertelement <16 x i32> poison, i32 %428, i32 0
-  %431 = shufflevector <16 x i32> %430, <16 x i32> poison, <16 x i32> zeroinitializer
-  %432 = bitcast <16 x i32> %431 to <32 x bfloat>
-  %433 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %429, <32 x bfloat> %409, <32 x bfloat> %432)
-  store <16 x float> %433, ptr %acc2046, align 4
-  %434 = getelementptr inbounds i32, ptr %394, i64 %kk61
-  %435 = load i32, ptr %434, align 4
-  %436 = load <16 x float>, ptr %acc3047, align 4
-  %437 = insertelement <16 x i32> poison, i32 %435, i32 0
-  %438 = shufflevector <16 x i32> %437, <16 x i32> poison, <16 x i32> zeroinitializer
-  %439 = bitcast <16 x i32> %438 to <32 x bfloat>
-  %440 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %436, <32 x bfloat> %409, <32 x bfloat> %439)
-  store <16 x float> %440, ptr %acc3047, align 4
-  %441 = getelementptr inbounds i32, ptr %397, i64 %kk61
-  %442 = load i32, ptr %441, align 4
-  %443 = load <16 x float>, ptr %acc4048, align 4
-  %444 = insertelement <16 x i32> poison, i32 %442, i32 0
-  %445 = shufflevector <16 x i32> %444, <16 x i32> poison, <16 x i32> zeroinitializer
-  %446 = bitcast <16 x i32> %445 to <32 x bfloat>
-  %447 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %443, <32 x bfloat> %409, <32 x bfloat> %446)
-  store <16 x float> %447, ptr %acc4048, align 4
-  %448 = add nsw i64 %kk61, 1
-  %449 = mul nsw i64 %448, 32
-  %450 = getelementptr inbounds i16, ptr %399, i64 %449
-  %451 = load <32 x bfloat>, ptr %450, align 4
-  %452 = mul nsw i64 %448, 64
+  %414 = getelementptr inbounds i32, ptr %386, i64 %kk61
+  %415 = load i32, ptr %414, align 4
+  %416 = load <16 x float>, ptr %acc0044, align 4
+  %417 = insertelement <16 x i32> poison, i32 %415, i32 0
+  %418 = shufflevector <16 x i32> %417, <16 x i32> poison, <16 x i32> zeroinitializer
+  %419 = bitcast <16 x i32> %418 to <32 x bfloat>
+  %420 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %416, <32 x bfloat> %410, <32 x bfloat> %419)
+  store <16 x float> %420, ptr %acc0044, align 4
+  %421 = getelementptr inbounds i32, ptr %389, i64 %kk61
+  %422 = load i32, ptr %421, align 4
+  %423 = load <16 x float>, ptr %acc1045, align 4
+  %424 = insertelement <16 x i32> poison, i32 %422, i32 0
+  %425 = shufflevector <16 x i32> %424, <16 x i32> poison, <16 x i32> zeroinitializer
+  %426 = bitcast <16 x i32> %425 to <32 x bfloat>
+  %427 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %423, <32 x bfloat> %410, <32 x bfloat> %426)
+  store <16 x float> %427, ptr %acc1045, align 4
+  %428 = getelementptr inbounds i32, ptr %392, i64 %kk61
+  %429 = load i32, ptr %428, align 4
+  %430 = load <16 x float>, ptr %acc2046, align 4
+  %431 = insertelement <16 x i32> poison, i32 %429, i32 0
+  %432 = shufflevector <16 x i32> %431, <16 x i32> poison, <16 x i32> zeroinitializer
+  %433 = bitcast <16 x i32> %432 to <32 x bfloat>
+  %434 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %430, <32 x bfloat> %410, <32 x bfloat> %433)
+  store <16 x float> %434, ptr %acc2046, align 4
+  %435 = getelementptr inbounds i32, ptr %395, i64 %kk61
+  %436 = load i32, ptr %435, align 4
+  %437 = load <16 x float>, ptr %acc3047, align 4
+  %438 = insertelement <16 x i32> poison, i32 %436, i32 0
+  %439 = shufflevector <16 x i32> %438, <16 x i32> poison, <16 x i32> zeroinitializer
+  %440 = bitcast <16 x i32> %439 to <32 x bfloat>
+  %441 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %437, <32 x bfloat> %410, <32 x bfloat> %440)
+  store <16 x float> %441, ptr %acc3047, align 4
+  %442 = getelementptr inbounds i32, ptr %398, i64 %kk61
+  %443 = load i32, ptr %442, align 4
+  %444 = load <16 x float>, ptr %acc4048, align 4
+  %445 = insertelement <16 x i32> poison, i32 %443, i32 0
+  %446 = shufflevector <16 x i32> %445, <16 x i32> poison, <16 x i32> zeroinitializer
+  %447 = bitcast <16 x i32> %446 to <32 x bfloat>
+  %448 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %444, <32 x bfloat> %410, <32 x bfloat> %447)
+  store <16 x float> %448, ptr %acc4048, align 4
+  %449 = add nsw i64 %kk61, 1
+  %450 = mul nsw i64 %449, 32
+  %451 = getelementptr inbounds i16, ptr %400, i64 %450
+  %452 = load <32 x bfloat>, ptr %451, align 4
+  %453 = mul nsw i64 %449, 64
   br i1 %pf.multi, label %pf.any.then64, label %pf.any.end65
 
 pf.any.then64:                                    ; preds = %pf.any.end63
-  %453 = lshr i64 %452, %pf.sh51
-  %454 = getelementptr inbounds i8, ptr %pf50, i64 %453
-  call void @llvm.prefetch.p0(ptr %454, i32 0, i32 2, i32 1)
+  %454 = lshr i64 %453, %pf.sh51
+  %455 = getelementptr inbounds i8, ptr %pf50, i64 %454
+  call void @llvm.prefetch.p0(ptr %455, i32 0, i32 2, i32 1)
   br label %pf.any.end65
 
 pf.any.end65:                                     ; preds = %pf.any.then64, %pf.any.end63
-  %455 = getelementptr inbounds i32, ptr %385, i64 %448
-  %456 = load i32, ptr %455, align 4
-  %457 = load <16 x float>, ptr %acc0152, align 4
-  %458 = insertelement <16 x i32> poison, i32 %456, i32 0
-  %459 = shufflevector <16 x i32> %458, <16 x i32> poison, <16 x i32> zeroinitializer
-  %460 = bitcast <16 x i32> %459 to <32 x bfloat>
-  %461 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %457, <32 x bfloat> %451, <32 x bfloat> %460)
-  store <16 x float> %461, ptr %acc0152, align 4
-  %462 = getelementptr inbounds i32, ptr %388, i64 %448
-  %463 = load i32, ptr %462, align 4
-  %464 = load <16 x float>, ptr %acc1153, align 4
-  %465 = insertelement <16 x i32> poison, i32 %463, i32 0
-  %466 = shufflevector <16 x i32> %465, <16 x i32> poison, <16 x i32> zeroinitializer
-  %467 = bitcast <16 x i32> %466 to <32 x bfloat>
-  %468 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %464, <32 x bfloat> %451, <32 x bfloat> %467)
-  store <16 x float> %468, ptr %acc1153, align 4
-  %469 = getelementptr inbounds i32, ptr %391, i64 %448
-  %470 = load i32, ptr %469, align 4
-  %471 = load <16 x float>, ptr %acc2154, align 4
-  %472 = insertelement <16 x i32> poison, i32 %470, i32 0
-  %473 = shufflevector <16 x i32> %472, <16 x i32> poison, <16 x i32> zeroinitializer
-  %474 = bitcast <16 x i32> %473 to <32 x bfloat>
-  %475 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %471, <32 x bfloat> %451, <32 x bfloat> %474)
-  store <16 x float> %475, ptr %acc2154, align 4
-  %476 = getelementptr inbounds i32, ptr %394, i64 %448
-  %477 = load i32, ptr %476, align 4
-  %478 = load <16 x float>, ptr %acc3155, align 4
-  %479 = insertelement <16 x i32> poison, i32 %477, i32 0
-  %480 = shufflevector <16 x i32> %479, <16 x i32> poison, <16 x i32> zeroinitializer
-  %481 = bitcast <16 x i32> %480 to <32 x bfloat>
-  %482 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %478, <32 x bfloat> %451, <32 x bfloat> %481)
-  store <16 x float> %482, ptr %acc3155, align 4
-  %483 = getelementptr inbounds i32, ptr %397, i64 %448
-  %484 = load i32, ptr %483, align 4
-  %485 = load <16 x float>, ptr %acc4156, align 4
-  %486 = insertelement <16 x i32> poison, i32 %484, i32 0
-  %487 = shufflevector <16 x i32> %486, <16 x i32> poison, <16 x i32> zeroinitializer
-  %488 = bitcast <16 x i32> %487 to <32 x bfloat>
-  %489 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %485, <32 x bfloat> %451, <32 x bfloat> %488)
-  store <16 x float> %489, ptr %acc4156, align 4
-  %490 = add nsw i64 %kp60, 1
+  %456 = getelementptr inbounds i32, ptr %386, i64 %449
+  %457 = load i32, ptr %456, align 4
+  %458 = load <16 x float>, ptr %acc0152, align 4
+  %459 = insertelement <16 x i32> poison, i32 %457, i32 0
+  %460 = shufflevector <16 x i32> %459, <16 x i32> poison, <16 x i32> zeroinitializer
+  %461 = bitcast <16 x i32> %460 to <32 x bfloat>
+  %462 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %458, <32 x bfloat> %452, <32 x bfloat> %461)
+  store <16 x float> %462, ptr %acc0152, align 4
+  %463 = getelementptr inbounds i32, ptr %389, i64 %449
+  %464 = load i32, ptr %463, align 4
+  %465 = load <16 x float>, ptr %acc1153, align 4
+  %466 = insertelement <16 x i32> poison, i32 %464, i32 0
+  %467 = shufflevector <16 x i32> %466, <16 x i32> poison, <16 x i32> zeroinitializer
+  %468 = bitcast <16 x i32> %467 to <32 x bfloat>
+  %469 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %465, <32 x bfloat> %452, <32 x bfloat> %468)
+  store <16 x float> %469, ptr %acc1153, align 4
+  %470 = getelementptr inbounds i32, ptr %392, i64 %449
+  %471 = load i32, ptr %470, align 4
+  %472 = load <16 x float>, ptr %acc2154, align 4
+  %473 = insertelement <16 x i32> poison, i32 %471, i32 0
+  %474 = shufflevector <16 x i32> %473, <16 x i32> poison, <16 x i32> zeroinitializer
+  %475 = bitcast <16 x i32> %474 to <32 x bfloat>
+  %476 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %472, <32 x bfloat> %452, <32 x bfloat> %475)
+  store <16 x float> %476, ptr %acc2154, align 4
+  %477 = getelementptr inbounds i32, ptr %395, i64 %449
+  %478 = load i32, ptr %477, align 4
+  %479 = load <16 x float>, ptr %acc3155, align 4
+  %480 = insertelement <16 x i32> poison, i32 %478, i32 0
+  %481 = shufflevector <16 x i32> %480, <16 x i32> poison, <16 x i32> zeroinitializer
+  %482 = bitcast <16 x i32> %481 to <32 x bfloat>
+  %483 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %479, <32 x bfloat> %452, <32 x bfloat> %482)
+  store <16 x float> %483, ptr %acc3155, align 4
+  %484 = getelementptr inbounds i32, ptr %398, i64 %449
+  %485 = load i32, ptr %484, align 4
+  %486 = load <16 x float>, ptr %acc4156, align 4
+  %487 = insertelement <16 x i32> poison, i32 %485, i32 0
+  %488 = shufflevector <16 x i32> %487, <16 x i32> poison, <16 x i32> zeroinitializer
+  %489 = bitcast <16 x i32> %488 to <32 x bfloat>
+  %490 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %486, <32 x bfloat> %452, <32 x bfloat> %489)
+  store <16 x float> %490, ptr %acc4156, align 4
+  %491 = add nsw i64 %kp60, 1
   br label %kp.head57
 
 kp.end59:                                         ; preds = %kp.head57
-  %491 = load <16 x float>, ptr %acc0152, align 4
-  %492 = load <16 x float>, ptr %acc0044, align 4
-  %sum66 = fadd <16 x float> %492, %491
+  %492 = load <16 x float>, ptr %acc0152, align 4
+  %493 = load <16 x float>, ptr %acc0044, align 4
+  %sum66 = fadd <16 x float> %493, %492
   store <16 x float> %sum66, ptr %acc0044, align 4
-  %493 = load <16 x float>, ptr %acc1153, align 4
-  %494 = load <16 x float>, ptr %acc1045, align 4
-  %sum67 = fadd <16 x float> %494, %493
+  %494 = load <16 x float>, ptr %acc1153, align 4
+  %495 = load <16 x float>, ptr %acc1045, align 4
+  %sum67 = fadd <16 x float> %495, %494
   store <16 x float> %sum67, ptr %acc1045, align 4
-  %495 = load <16 x float>, ptr %acc2154, align 4
-  %496 = load <16 x float>, ptr %acc2046, align 4
-  %sum68 = fadd <16 x float> %496, %495
+  %496 = load <16 x float>, ptr %acc2154, align 4
+  %497 = load <16 x float>, ptr %acc2046, align 4
+  %sum68 = fadd <16 x float> %497, %496
   store <16 x float> %sum68, ptr %acc2046, align 4
-  %497 = load <16 x float>, ptr %acc3155, align 4
-  %498 = load <16 x float>, ptr %acc3047, align 4
-  %sum69 = fadd <16 x float> %498, %497
+  %498 = load <16 x float>, ptr %acc3155, align 4
+  %499 = load <16 x float>, ptr %acc3047, align 4
+  %sum69 = fadd <16 x float> %499, %498
   store <16 x float> %sum69, ptr %acc3047, align 4
-  %499 = load <16 x float>, ptr %acc4156, align 4
-  %500 = load <16 x float>, ptr %acc4048, align 4
-  %sum70 = fadd <16 x float> %500, %499
+  %500 = load <16 x float>, ptr %acc4156, align 4
+  %501 = load <16 x float>, ptr %acc4048, align 4
+  %sum70 = fadd <16 x float> %501, %500
   store <16 x float> %sum70, ptr %acc4048, align 4
-  %501 = add nsw i64 %r0, 0
-  %502 = add nsw i64 %chunk, %501
-  %503 = getelementptr inbounds float, ptr %rw, i64 %502
-  %504 = load float, ptr %503, align 4
-  %505 = insertelement <8 x float> poison, float %504, i32 0
-  %506 = shufflevector <8 x float> %505, <8 x float> poison, <8 x i32> zeroinitializer
-  %507 = mul nsw i64 %502, 768
-  %508 = getelementptr inbounds float, ptr %h, i64 %507
+  %502 = add nsw i64 %r0, 0
+  %503 = add nsw i64 %chunk, %502
+  %504 = getelementptr inbounds float, ptr %rw, i64 %503
+  %505 = load float, ptr %504, align 4
+  %506 = insertelement <8 x float> poison, float %505, i32 0
+  %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
+  %508 = mul nsw i64 %503, 768
+  %509 = getelementptr inbounds float, ptr %h, i64 %508
   %col71 = mul nsw i64 %p, 8
-  %509 = load <16 x float>, ptr %acc0044, align 4
-  %510 = shufflevector <16 x float> %509, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %511 = load <16 x float>, ptr %acc0044, align 4
-  %512 = shufflevector <16 x float> %511, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %513 = fneg <8 x float> %510
-  %514 = fcmp olt <8 x float> %513, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %515 = select <8 x i1> %514, <8 x float> %513, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %516 = fcmp ogt <8 x float> %515, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %517 = select <8 x i1> %516, <8 x float> %515, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %519 = call <8 x float> @llvm.floor.v8f32(<8 x float> %518)
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %517)
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %520)
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %521, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> %521, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %521, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %521, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %521, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %527 = fmul <8 x float> %521, %521
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %527, <8 x float> %521)
-  %529 = fadd <8 x float> %528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %530 = fptosi <8 x float> %519 to <8 x i32>
-  %531 = add <8 x i32> %530, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %532 = shl <8 x i32> %531, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n72 = bitcast <8 x i32> %532 to <8 x float>
-  %exp73 = fmul <8 x float> %529, %exp.2n72
-  %533 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %533
-  %silu75 = fmul <8 x float> %510, %sigmoid74
-  %glu76 = fmul <8 x float> %silu75, %512
-  %534 = fmul <8 x float> %glu76, %506
-  %535 = getelementptr inbounds i16, ptr %508, i64 %col71
-  %hb77 = fptrunc <8 x float> %534 to <8 x bfloat>
-  store <8 x bfloat> %hb77, ptr %535, align 4
-  %536 = add nsw i64 %r0, 1
-  %537 = add nsw i64 %chunk, %536
-  %538 = getelementptr inbounds float, ptr %rw, i64 %537
-  %539 = load float, ptr %538, align 4
-  %540 = insertelement <8 x float> poison, float %539, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = mul nsw i64 %537, 768
-  %543 = getelementptr inbounds float, ptr %h, i64 %542
+  %510 = load <16 x float>, ptr %acc0044, align 4
+  %511 = shufflevector <16 x float> %510, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %512 = load <16 x float>, ptr %acc0044, align 4
+  %513 = shufflevector <16 x float> %512, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %514 = fneg <8 x float> %511
+  %515 = fcmp olt <8 x float> %514, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %516 = select <8 x i1> %515, <8 x float> %514, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %517 = fcmp ogt <8 x float> %516, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %518 = select <8 x i1> %517, <8 x float> %516, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %520 = call <8 x float> @llvm.floor.v8f32(<8 x float> %519)
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %518)
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %521)
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %522, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %522, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %522, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %522, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %522, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %528 = fmul <8 x float> %522, %522
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %528, <8 x float> %522)
+  %530 = fadd <8 x float> %529, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %531 = fptosi <8 x float> %520 to <8 x i32>
+  %532 = add <8 x i32> %531, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %533 = shl <8 x i32> %532, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n72 = bitcast <8 x i32> %533 to <8 x float>
+  %exp73 = fmul <8 x float> %530, %exp.2n72
+  %534 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %534
+  %silu75 = fmul <8 x float> %511, %sigmoid74
+  %glu76 = fmul <8 x float> %silu75, %513
+  %535 = fmul <8 x float> %glu76, %507
+  %536 = getelementptr inbounds i16, ptr %509, i64 %col71
+  %hb77 = fptrunc <8 x float> %535 to <8 x bfloat>
+  store <8 x bfloat> %hb77, ptr %536, align 4
+  %537 = add nsw i64 %r0, 1
+  %538 = add nsw i64 %chunk, %537
+  %539 = getelementptr inbounds float, ptr %rw, i64 %538
+  %540 = load float, ptr %539, align 4
+  %541 = insertelement <8 x float> poison, float %540, i32 0
+  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
+  %543 = mul nsw i64 %538, 768
+  %544 = getelementptr inbounds float, ptr %h, i64 %543
   %col78 = mul nsw i64 %p, 8
-  %544 = load <16 x float>, ptr %acc1045, align 4
-  %545 = shufflevector <16 x float> %544, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %546 = load <16 x float>, ptr %acc1045, align 4
-  %547 = shufflevector <16 x float> %546, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %548 = fneg <8 x float> %545
-  %549 = fcmp olt <8 x float> %548, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %550 = select <8 x i1> %549, <8 x float> %548, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %551 = fcmp ogt <8 x float> %550, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %552 = select <8 x i1> %551, <8 x float> %550, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %554 = call <8 x float> @llvm.floor.v8f32(<8 x float> %553)
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %552)
-  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %555)
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %556, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %557, <8 x float> %556, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %556, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %556, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %556, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %562 = fmul <8 x float> %556, %556
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %562, <8 x float> %556)
-  %564 = fadd <8 x float> %563, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %565 = fptosi <8 x float> %554 to <8 x i32>
-  %566 = add <8 x i32> %565, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %567 = shl <8 x i32> %566, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %567 to <8 x float>
-  %exp80 = fmul <8 x float> %564, %exp.2n79
-  %568 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %568
-  %silu82 = fmul <8 x float> %545, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %547
-  %569 = fmul <8 x float> %glu83, %541
-  %570 = getelementptr inbounds i16, ptr %543, i64 %col78
-  %hb84 = fptrunc <8 x float> %569 to <8 x bfloat>
-  store <8 x bfloat> %hb84, ptr %570, align 4
-  %571 = add nsw i64 %r0, 2
-  %572 = add nsw i64 %chunk, %571
-  %573 = getelementptr inbounds float, ptr %rw, i64 %572
-  %574 = load float, ptr %573, align 4
-  %575 = insertelement <8 x float> poison, float %574, i32 0
-  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = mul nsw i64 %572, 768
-  %578 = getelementptr inbounds float, ptr %h, i64 %577
+  %545 = load <16 x float>, ptr %acc1045, align 4
+  %546 = shufflevector <16 x float> %545, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %547 = load <16 x float>, ptr %acc1045, align 4
+  %548 = shufflevector <16 x float> %547, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %549 = fneg <8 x float> %546
+  %550 = fcmp olt <8 x float> %549, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %551 = select <8 x i1> %550, <8 x float> %549, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %552 = fcmp ogt <8 x float> %551, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %553 = select <8 x i1> %552, <8 x float> %551, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %555 = call <8 x float> @llvm.floor.v8f32(<8 x float> %554)
+  %556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %553)
+  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %555, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %556)
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %557, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> %557, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %557, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %557, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %557, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %563 = fmul <8 x float> %557, %557
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %563, <8 x float> %557)
+  %565 = fadd <8 x float> %564, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %566 = fptosi <8 x float> %555 to <8 x i32>
+  %567 = add <8 x i32> %566, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %568 = shl <8 x i32> %567, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %568 to <8 x float>
+  %exp80 = fmul <8 x float> %565, %exp.2n79
+  %569 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %569
+  %silu82 = fmul <8 x float> %546, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %548
+  %570 = fmul <8 x float> %glu83, %542
+  %571 = getelementptr inbounds i16, ptr %544, i64 %col78
+  %hb84 = fptrunc <8 x float> %570 to <8 x bfloat>
+  store <8 x bfloat> %hb84, ptr %571, align 4
+  %572 = add nsw i64 %r0, 2
+  %573 = add nsw i64 %chunk, %572
+  %574 = getelementptr inbounds float, ptr %rw, i64 %573
+  %575 = load float, ptr %574, align 4
+  %576 = insertelement <8 x float> poison, float %575, i32 0
+  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
+  %578 = mul nsw i64 %573, 768
+  %579 = getelementptr inbounds float, ptr %h, i64 %578
   %col85 = mul nsw i64 %p, 8
-  %579 = load <16 x float>, ptr %acc2046, align 4
-  %580 = shufflevector <16 x float> %579, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %581 = load <16 x float>, ptr %acc2046, align 4
-  %582 = shufflevector <16 x float> %581, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %583 = fneg <8 x float> %580
-  %584 = fcmp olt <8 x float> %583, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %585 = select <8 x i1> %584, <8 x float> %583, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %586 = fcmp ogt <8 x float> %585, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %587 = select <8 x i1> %586, <8 x float> %585, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %589 = call <8 x float> @llvm.floor.v8f32(<8 x float> %588)
-  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %587)
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %590)
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %591, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %591, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %591, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %591, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %597 = fmul <8 x float> %591, %591
-  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %597, <8 x float> %591)
-  %599 = fadd <8 x float> %598, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %600 = fptosi <8 x float> %589 to <8 x i32>
-  %601 = add <8 x i32> %600, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %602 = shl <8 x i32> %601, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n86 = bitcast <8 x i32> %602 to <8 x float>
-  %exp87 = fmul <8 x float> %599, %exp.2n86
-  %603 = fadd <8 x float> %exp87, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid88 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %603
-  %silu89 = fmul <8 x float> %580, %sigmoid88
-  %glu90 = fmul <8 x float> %silu89, %582
-  %604 = fmul <8 x float> %glu90, %576
-  %605 = getelementptr inbounds i16, ptr %578, i64 %col85
-  %hb91 = fptrunc <8 x float> %604 to <8 x bfloat>
-  store <8 x bfloat> %hb91, ptr %605, align 4
-  %606 = add nsw i64 %r0, 3
-  %607 = add nsw i64 %chunk, %606
-  %608 = getelementptr inbounds float, ptr %rw, i64 %607
-  %609 = load float, ptr %608, align 4
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
-  %612 = mul nsw i64 %607, 768
-  %613 = getelementptr inbounds float, ptr %h, i64 %612
+  %580 = load <16 x float>, ptr %acc2046, align 4
+  %581 = shufflevector <16 x float> %580, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %582 = load <16 x float>, ptr %acc2046, align 4
+  %583 = shufflevector <16 x float> %582, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %584 = fneg <8 x float> %581
+  %585 = fcmp olt <8 x float> %584, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %586 = select <8 x i1> %585, <8 x float> %584, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %587 = fcmp ogt <8 x float> %586, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %588 = select <8 x i1> %587, <8 x float> %586, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %588, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %590 = call <8 x float> @llvm.floor.v8f32(<8 x float> %589)
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %588)
+  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %591)
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %592, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %592, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %594, <8 x float> %592, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %592, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %592, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %598 = fmul <8 x float> %592, %592
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %598, <8 x float> %592)
+  %600 = fadd <8 x float> %599, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %601 = fptosi <8 x float> %590 to <8 x i32>
+  %602 = add <8 x i32> %601, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %603 = shl <8 x i32> %602, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n86 = bitcast <8 x i32> %603 to <8 x float>
+  %exp87 = fmul <8 x float> %600, %exp.2n86
+  %604 = fadd <8 x float> %exp87, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid88 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %604
+  %silu89 = fmul <8 x float> %581, %sigmoid88
+  %glu90 = fmul <8 x float> %silu89, %583
+  %605 = fmul <8 x float> %glu90, %577
+  %606 = getelementptr inbounds i16, ptr %579, i64 %col85
+  %hb91 = fptrunc <8 x float> %605 to <8 x bfloat>
+  store <8 x bfloat> %hb91, ptr %606, align 4
+  %607 = add nsw i64 %r0, 3
+  %608 = add nsw i64 %chunk, %607
+  %609 = getelementptr inbounds float, ptr %rw, i64 %608
+  %610 = load float, ptr %609, align 4
+  %611 = insertelement <8 x float> poison, float %610, i32 0
+  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
+  %613 = mul nsw i64 %608, 768
+  %614 = getelementptr inbounds float, ptr %h, i64 %613
   %col92 = mul nsw i64 %p, 8
-  %614 = load <16 x float>, ptr %acc3047, align 4
-  %615 = shufflevector <16 x float> %614, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %616 = load <16 x float>, ptr %acc3047, align 4
-  %617 = shufflevector <16 x float> %616, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %618 = fneg <8 x float> %615
-  %619 = fcmp olt <8 x float> %618, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %620 = select <8 x i1> %619, <8 x float> %618, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %621 = fcmp ogt <8 x float> %620, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %622 = select <8 x i1> %621, <8 x float> %620, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %624 = call <8 x float> @llvm.floor.v8f32(<8 x float> %623)
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %622)
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %625)
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %626, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %626, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %626, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %626, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %626, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %632 = fmul <8 x float> %626, %626
-  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %632, <8 x float> %626)
-  %634 = fadd <8 x float> %633, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %635 = fptosi <8 x float> %624 to <8 x i32>
-  %636 = add <8 x i32> %635, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %637 = shl <8 x i32> %636, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n93 = bitcast <8 x i32> %637 to <8 x float>
-  %exp94 = fmul <8 x float> %634, %exp.2n93
-  %638 = fadd <8 x float> %exp94, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid95 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %638
-  %silu96 = fmul <8 x float> %615, %sigmoid95
-  %glu97 = fmul <8 x float> %silu96, %617
-  %639 = fmul <8 x float> %glu97, %611
-  %640 = getelementptr inbounds i16, ptr %613, i64 %col92
-  %hb98 = fptrunc <8 x float> %639 to <8 x bfloat>
-  store <8 x bfloat> %hb98, ptr %640, align 4
-  %641 = add nsw i64 %r0, 4
-  %642 = add nsw i64 %chunk, %641
-  %643 = getelementptr inbounds float, ptr %rw, i64 %642
-  %644 = load float, ptr %643, align 4
-  %645 = insertelement <8 x float> poison, float %644, i32 0
-  %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
-  %647 = mul nsw i64 %642, 768
-  %648 = getelementptr inbounds float, ptr %h, i64 %647
+  %615 = load <16 x float>, ptr %acc3047, align 4
+  %616 = shufflevector <16 x float> %615, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %617 = load <16 x float>, ptr %acc3047, align 4
+  %618 = shufflevector <16 x float> %617, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %619 = fneg <8 x float> %616
+  %620 = fcmp olt <8 x float> %619, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %621 = select <8 x i1> %620, <8 x float> %619, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %622 = fcmp ogt <8 x float> %621, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %623 = select <8 x i1> %622, <8 x float> %621, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %625 = call <8 x float> @llvm.floor.v8f32(<8 x float> %624)
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %623)
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %626)
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %627, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %627, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %627, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %627, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %627, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %633 = fmul <8 x float> %627, %627
+  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %633, <8 x float> %627)
+  %635 = fadd <8 x float> %634, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %636 = fptosi <8 x float> %625 to <8 x i32>
+  %637 = add <8 x i32> %636, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %638 = shl <8 x i32> %637, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n93 = bitcast <8 x i32> %638 to <8 x float>
+  %exp94 = fmul <8 x float> %635, %exp.2n93
+  %639 = fadd <8 x float> %exp94, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid95 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %639
+  %silu96 = fmul <8 x float> %616, %sigmoid95
+  %glu97 = fmul <8 x float> %silu96, %618
+  %640 = fmul <8 x float> %glu97, %612
+  %641 = getelementptr inbounds i16, ptr %614, i64 %col92
+  %hb98 = fptrunc <8 x float> %640 to <8 x bfloat>
+  store <8 x bfloat> %hb98, ptr %641, align 4
+  %642 = add nsw i64 %r0, 4
+  %643 = add nsw i64 %chunk, %642
+  %644 = getelementptr inbounds float, ptr %rw, i64 %643
+  %645 = load float, ptr %644, align 4
+  %646 = insertelement <8 x float> poison, float %645, i32 0
+  %647 = shufflevector <8 x float> %646, <8 x float> poison, <8 x i32> zeroinitializer
+  %648 = mul nsw i64 %643, 768
+  %649 = getelementptr inbounds float, ptr %h, i64 %648
   %col99 = mul nsw i64 %p, 8
-  %649 = load <16 x float>, ptr %acc4048, align 4
-  %650 = shufflevector <16 x float> %649, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %651 = load <16 x float>, ptr %acc4048, align 4
-  %652 = shufflevector <16 x float> %651, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %653 = fneg <8 x float> %650
-  %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %655 = select <8 x i1> %654, <8 x float> %653, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %656 = fcmp ogt <8 x float> %655, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %657 = select <8 x i1> %656, <8 x float> %655, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %659 = call <8 x float> @llvm.floor.v8f32(<8 x float> %658)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %657)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %660)
-  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %661, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %661, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %661, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %661, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %661, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %667 = fmul <8 x float> %661, %661
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %667, <8 x float> %661)
-  %669 = fadd <8 x float> %668, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %670 = fptosi <8 x float> %659 to <8 x i32>
-  %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %672 to <8 x float>
-  %exp101 = fmul <8 x float> %669, %exp.2n100
-  %673 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
-  %silu103 = fmul <8 x float> %650, %sigmoid102
-  %glu104 = fmul <8 x float> %silu103, %652
-  %674 = fmul <8 x float> %glu104, %646
-  %675 = getelementptr inbounds i16, ptr %648, i64 %col99
-  %hb105 = fptrunc <8 x float> %674 to <8 x bfloat>
-  store <8 x bfloat> %hb105, ptr %675, align 4
+  %650 = load <16 x float>, ptr %acc4048, align 4
+  %651 = shufflevector <16 x float> %650, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %652 = load <16 x float>, ptr %acc4048, align 4
+  %653 = shufflevector <16 x float> %652, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %654 = fneg <8 x float> %651
+  %655 = fcmp olt <8 x float> %654, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %656 = select <8 x i1> %655, <8 x float> %654, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %657 = fcmp ogt <8 x float> %656, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %658 = select <8 x i1> %657, <8 x float> %656, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %660 = call <8 x float> @llvm.floor.v8f32(<8 x float> %659)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %658)
+  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %661)
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %662, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %662, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %662, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %662, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %662, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %668 = fmul <8 x float> %662, %662
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %668, <8 x float> %662)
+  %670 = fadd <8 x float> %669, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %671 = fptosi <8 x float> %660 to <8 x i32>
+  %672 = add <8 x i32> %671, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %673 = shl <8 x i32> %672, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %673 to <8 x float>
+  %exp101 = fmul <8 x float> %670, %exp.2n100
+  %674 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %674
+  %silu103 = fmul <8 x float> %651, %sigmoid102
+  %glu104 = fmul <8 x float> %silu103, %653
+  %675 = fmul <8 x float> %glu104, %647
+  %676 = getelementptr inbounds i16, ptr %649, i64 %col99
+  %hb105 = fptrunc <8 x float> %675 to <8 x bfloat>
+  store <8 x bfloat> %hb105, ptr %676, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %676 = add nsw i64 %r0, 0
-  %677 = mul nsw i64 %676, 2048
-  %678 = getelementptr inbounds i16, ptr %xb, i64 %677
+tile.mr4:                                         ; preds = %rb.body
+  %677 = add nsw i64 %r0, 0
+  %678 = mul nsw i64 %677, 2048
+  %679 = getelementptr inbounds i16, ptr %xb, i64 %678
   store <16 x float> zeroinitializer, ptr %acc00106, align 4
-  %679 = add nsw i64 %r0, 1
-  %680 = mul nsw i64 %679, 2048
-  %681 = getelementptr inbounds i16, ptr %xb, i64 %680
+  %680 = add nsw i64 %r0, 1
+  %681 = mul nsw i64 %680, 2048
+  %682 = getelementptr inbounds i16, ptr %xb, i64 %681
   store <16 x float> zeroinitializer, ptr %acc10107, align 4
-  %682 = add nsw i64 %r0, 2
-  %683 = mul nsw i64 %682, 2048
-  %684 = getelementptr inbounds i16, ptr %xb, i64 %683
+  %683 = add nsw i64 %r0, 2
+  %684 = mul nsw i64 %683, 2048
+  %685 = getelementptr inbounds i16, ptr %xb, i64 %684
   store <16 x float> zeroinitializer, ptr %acc20108, align 4
-  %685 = add nsw i64 %r0, 3
-  %686 = mul nsw i64 %685, 2048
-  %687 = getelementptr inbounds i16, ptr %xb, i64 %686
+  %686 = add nsw i64 %r0, 3
+  %687 = mul nsw i64 %686, 2048
+  %688 = getelementptr inbounds i16, ptr %xb, i64 %687
   store <16 x float> zeroinitializer, ptr %acc30109, align 4
-  %688 = mul nsw i64 %p, 32768
-  %689 = getelementptr inbounds i16, ptr %panels, i64 %688
-  %690 = add nsw i64 %p, 1
-  %691 = icmp slt i64 %690, %p1
-  %pf.on110 = and i1 %pf.on, %691
-  %692 = mul nsw i64 %pf.j, 65536
-  %693 = lshr i64 %692, %32
-  %694 = add nsw i64 65536, %693
-  %695 = getelementptr inbounds i8, ptr %689, i64 %694
-  %pf111 = select i1 %pf.on110, ptr %695, ptr %689
-  %pf.sh112 = select i1 %pf.on110, i64 %32, i64 0
+  %689 = mul nsw i64 %p, 32768
+  %690 = getelementptr inbounds i16, ptr %panels, i64 %689
+  %691 = add nsw i64 %p, 1
+  %692 = icmp slt i64 %691, %p1
+  %pf.on110 = and i1 %pf.on, %692
+  %693 = mul nsw i64 %rb, 65536
+  %694 = lshr i64 %693, %34
+  %695 = add nsw i64 65536, %694
+  %696 = getelementptr inbounds i8, ptr %690, i64 %695
+  %pf111 = select i1 %pf.on110, ptr %696, ptr %690
+  %pf.sh112 = select i1 %pf.on110, i64 %34, i64 0
   store <16 x float> zeroinitializer, ptr %acc01113, align 4
   store <16 x float> zeroinitializer, ptr %acc11114, align 4
   store <16 x float> zeroinitializer, ptr %acc21115, align 4
@@ -1942,877 +1943,877 @@ tile.mr4:                                         ; preds = %r0.body
   br label %kp.head117
 
 kp.head117:                                       ; preds = %pf.any.end125, %tile.mr4
-  %kp120 = phi i64 [ 0, %tile.mr4 ], [ %766, %pf.any.end125 ]
-  %696 = icmp slt i64 %kp120, 512
-  br i1 %696, label %kp.body118, label %kp.end119
+  %kp120 = phi i64 [ 0, %tile.mr4 ], [ %767, %pf.any.end125 ]
+  %697 = icmp slt i64 %kp120, 512
+  br i1 %697, label %kp.body118, label %kp.end119
 
 kp.body118:                                       ; preds = %kp.head117
   %kk121 = mul nsw i64 %kp120, 2
-  %697 = mul nsw i64 %kk121, 32
-  %698 = getelementptr inbounds i16, ptr %689, i64 %697
-  %699 = load <32 x bfloat>, ptr %698, align 4
-  %700 = mul nsw i64 %kk121, 64
+  %698 = mul nsw i64 %kk121, 32
+  %699 = getelementptr inbounds i16, ptr %690, i64 %698
+  %700 = load <32 x bfloat>, ptr %699, align 4
+  %701 = mul nsw i64 %kk121, 64
   br i1 %pf.multi, label %pf.any.then122, label %pf.any.end123
 
 pf.any.then122:                                   ; preds = %kp.body118
-  %701 = lshr i64 %700, %pf.sh112
-  %702 = getelementptr inbounds i8, ptr %pf111, i64 %701
-  call void @llvm.prefetch.p0(ptr %702, i32 0, i32 2, i32 1)
+  %702 = lshr i64 %701, %pf.sh112
+  %703 = getelementptr inbounds i8, ptr %pf111, i64 %702
+  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
   br label %pf.any.end123
 
 pf.any.end123:                                    ; preds = %pf.any.then122, %kp.body118
-  %703 = getelementptr inbounds i32, ptr %678, i64 %kk121
-  %704 = load i32, ptr %703, align 4
-  %705 = load <16 x float>, ptr %acc00106, align 4
-  %706 = insertelement <16 x i32> poison, i32 %704, i32 0
-  %707 = shufflevector <16 x i32> %706, <16 x i32> poison, <16 x i32> zeroinitializer
-  %708 = bitcast <16 x i32> %707 to <32 x bfloat>
-  %709 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %705, <32 x bfloat> %699, <32 x bfloat> %708)
-  store <16 x float> %709, ptr %acc00106, align 4
-  %710 = getelementptr inbounds i32, ptr %681, i64 %kk121
-  %711 = load i32, ptr %710, align 4
-  %712 = load <16 x float>, ptr %acc10107, align 4
-  %713 = insertelement <16 x i32> poison, i32 %711, i32 0
-  %714 = shufflevector <16 x i32> %713, <16 x i32> poison, <16 x i32> zeroinitializer
-  %715 = bitcast <16 x i32> %714 to <32 x bfloat>
-  %716 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %712, <32 x bfloat> %699, <32 x bfloat> %715)
-  store <16 x float> %716, ptr %acc10107, align 4
-  %717 = getelementptr inbounds i32, ptr %684, i64 %kk121
-  %718 = load i32, ptr %717, align 4
-  %719 = load <16 x float>, ptr %acc20108, align 4
-  %720 = insertelement <16 x i32> poison, i32 %718, i32 0
-  %721 = shufflevector <16 x i32> %720, <16 x i32> poison, <16 x i32> zeroinitializer
-  %722 = bitcast <16 x i32> %721 to <32 x bfloat>
-  %723 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %719, <32 x bfloat> %699, <32 x bfloat> %722)
-  store <16 x float> %723, ptr %acc20108, align 4
-  %724 = getelementptr inbounds i32, ptr %687, i64 %kk121
-  %725 = load i32, ptr %724, align 4
-  %726 = load <16 x float>, ptr %acc30109, align 4
-  %727 = insertelement <16 x i32> poison, i32 %725, i32 0
-  %728 = shufflevector <16 x i32> %727, <16 x i32> poison, <16 x i32> zeroinitializer
-  %729 = bitcast <16 x i32> %728 to <32 x bfloat>
-  %730 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %726, <32 x bfloat> %699, <32 x bfloat> %729)
-  store <16 x float> %730, ptr %acc30109, align 4
-  %731 = add nsw i64 %kk121, 1
-  %732 = mul nsw i64 %731, 32
-  %733 = getelementptr inbounds i16, ptr %689, i64 %732
-  %734 = load <32 x bfloat>, ptr %733, align 4
-  %735 = mul nsw i64 %731, 64
+  %704 = getelementptr inbounds i32, ptr %679, i64 %kk121
+  %705 = load i32, ptr %704, align 4
+  %706 = load <16 x float>, ptr %acc00106, align 4
+  %707 = insertelement <16 x i32> poison, i32 %705, i32 0
+  %708 = shufflevector <16 x i32> %707, <16 x i32> poison, <16 x i32> zeroinitializer
+  %709 = bitcast <16 x i32> %708 to <32 x bfloat>
+  %710 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %706, <32 x bfloat> %700, <32 x bfloat> %709)
+  store <16 x float> %710, ptr %acc00106, align 4
+  %711 = getelementptr inbounds i32, ptr %682, i64 %kk121
+  %712 = load i32, ptr %711, align 4
+  %713 = load <16 x float>, ptr %acc10107, align 4
+  %714 = insertelement <16 x i32> poison, i32 %712, i32 0
+  %715 = shufflevector <16 x i32> %714, <16 x i32> poison, <16 x i32> zeroinitializer
+  %716 = bitcast <16 x i32> %715 to <32 x bfloat>
+  %717 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %713, <32 x bfloat> %700, <32 x bfloat> %716)
+  store <16 x float> %717, ptr %acc10107, align 4
+  %718 = getelementptr inbounds i32, ptr %685, i64 %kk121
+  %719 = load i32, ptr %718, align 4
+  %720 = load <16 x float>, ptr %acc20108, align 4
+  %721 = insertelement <16 x i32> poison, i32 %719, i32 0
+  %722 = shufflevector <16 x i32> %721, <16 x i32> poison, <16 x i32> zeroinitializer
+  %723 = bitcast <16 x i32> %722 to <32 x bfloat>
+  %724 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %720, <32 x bfloat> %700, <32 x bfloat> %723)
+  store <16 x float> %724, ptr %acc20108, align 4
+  %725 = getelementptr inbounds i32, ptr %688, i64 %kk121
+  %726 = load i32, ptr %725, align 4
+  %727 = load <16 x float>, ptr %acc30109, align 4
+  %728 = insertelement <16 x i32> poison, i32 %726, i32 0
+  %729 = shufflevector <16 x i32> %728, <16 x i32> poison, <16 x i32> zeroinitializer
+  %730 = bitcast <16 x i32> %729 to <32 x bfloat>
+  %731 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %727, <32 x bfloat> %700, <32 x bfloat> %730)
+  store <16 x float> %731, ptr %acc30109, align 4
+  %732 = add nsw i64 %kk121, 1
+  %733 = mul nsw i64 %732, 32
+  %734 = getelementptr inbounds i16, ptr %690, i64 %733
+  %735 = load <32 x bfloat>, ptr %734, align 4
+  %736 = mul nsw i64 %732, 64
   br i1 %pf.multi, label %pf.any.then124, label %pf.any.end125
 
 pf.any.then124:                                   ; preds = %pf.any.end123
-  %736 = lshr i64 %735, %pf.sh112
-  %737 = getelementptr inbounds i8, ptr %pf111, i64 %736
-  call void @llvm.prefetch.p0(ptr %737, i32 0, i32 2, i32 1)
+  %737 = lshr i64 %736, %pf.sh112
+  %738 = getelementptr inbounds i8, ptr %pf111, i64 %737
+  call void @llvm.prefetch.p0(ptr %738, i32 0, i32 2, i32 1)
   br label %pf.any.end125
 
 pf.any.end125:                                    ; preds = %pf.any.then124, %pf.any.end123
-  %738 = getelementptr inbounds i32, ptr %678, i64 %731
-  %739 = load i32, ptr %738, align 4
-  %740 = load <16 x float>, ptr %acc01113, align 4
-  %741 = insertelement <16 x i32> poison, i32 %739, i32 0
-  %742 = shufflevector <16 x i32> %741, <16 x i32> poison, <16 x i32> zeroinitializer
-  %743 = bitcast <16 x i32> %742 to <32 x bfloat>
-  %744 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %740, <32 x bfloat> %734, <32 x bfloat> %743)
-  store <16 x float> %744, ptr %acc01113, align 4
-  %745 = getelementptr inbounds i32, ptr %681, i64 %731
-  %746 = load i32, ptr %745, align 4
-  %747 = load <16 x float>, ptr %acc11114, align 4
-  %748 = insertelement <16 x i32> poison, i32 %746, i32 0
-  %749 = shufflevector <16 x i32> %748, <16 x i32> poison, <16 x i32> zeroinitializer
-  %750 = bitcast <16 x i32> %749 to <32 x bfloat>
-  %751 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %747, <32 x bfloat> %734, <32 x bfloat> %750)
-  store <16 x float> %751, ptr %acc11114, align 4
-  %752 = getelementptr inbounds i32, ptr %684, i64 %731
-  %753 = load i32, ptr %752, align 4
-  %754 = load <16 x float>, ptr %acc21115, align 4
-  %755 = insertelement <16 x i32> poison, i32 %753, i32 0
-  %756 = shufflevector <16 x i32> %755, <16 x i32> poison, <16 x i32> zeroinitializer
-  %757 = bitcast <16 x i32> %756 to <32 x bfloat>
-  %758 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %754, <32 x bfloat> %734, <32 x bfloat> %757)
-  store <16 x float> %758, ptr %acc21115, align 4
-  %759 = getelementptr inbounds i32, ptr %687, i64 %731
-  %760 = load i32, ptr %759, align 4
-  %761 = load <16 x float>, ptr %acc31116, align 4
-  %762 = insertelement <16 x i32> poison, i32 %760, i32 0
-  %763 = shufflevector <16 x i32> %762, <16 x i32> poison, <16 x i32> zeroinitializer
-  %764 = bitcast <16 x i32> %763 to <32 x bfloat>
-  %765 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %761, <32 x bfloat> %734, <32 x bfloat> %764)
-  store <16 x float> %765, ptr %acc31116, align 4
-  %766 = add nsw i64 %kp120, 1
+  %739 = getelementptr inbounds i32, ptr %679, i64 %732
+  %740 = load i32, ptr %739, align 4
+  %741 = load <16 x float>, ptr %acc01113, align 4
+  %742 = insertelement <16 x i32> poison, i32 %740, i32 0
+  %743 = shufflevector <16 x i32> %742, <16 x i32> poison, <16 x i32> zeroinitializer
+  %744 = bitcast <16 x i32> %743 to <32 x bfloat>
+  %745 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %741, <32 x bfloat> %735, <32 x bfloat> %744)
+  store <16 x float> %745, ptr %acc01113, align 4
+  %746 = getelementptr inbounds i32, ptr %682, i64 %732
+  %747 = load i32, ptr %746, align 4
+  %748 = load <16 x float>, ptr %acc11114, align 4
+  %749 = insertelement <16 x i32> poison, i32 %747, i32 0
+  %750 = shufflevector <16 x i32> %749, <16 x i32> poison, <16 x i32> zeroinitializer
+  %751 = bitcast <16 x i32> %750 to <32 x bfloat>
+  %752 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %748, <32 x bfloat> %735, <32 x bfloat> %751)
+  store <16 x float> %752, ptr %acc11114, align 4
+  %753 = getelementptr inbounds i32, ptr %685, i64 %732
+  %754 = load i32, ptr %753, align 4
+  %755 = load <16 x float>, ptr %acc21115, align 4
+  %756 = insertelement <16 x i32> poison, i32 %754, i32 0
+  %757 = shufflevector <16 x i32> %756, <16 x i32> poison, <16 x i32> zeroinitializer
+  %758 = bitcast <16 x i32> %757 to <32 x bfloat>
+  %759 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %755, <32 x bfloat> %735, <32 x bfloat> %758)
+  store <16 x float> %759, ptr %acc21115, align 4
+  %760 = getelementptr inbounds i32, ptr %688, i64 %732
+  %761 = load i32, ptr %760, align 4
+  %762 = load <16 x float>, ptr %acc31116, align 4
+  %763 = insertelement <16 x i32> poison, i32 %761, i32 0
+  %764 = shufflevector <16 x i32> %763, <16 x i32> poison, <16 x i32> zeroinitializer
+  %765 = bitcast <16 x i32> %764 to <32 x bfloat>
+  %766 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %762, <32 x bfloat> %735, <32 x bfloat> %765)
+  store <16 x float> %766, ptr %acc31116, align 4
+  %767 = add nsw i64 %kp120, 1
   br label %kp.head117
 
 kp.end119:                                        ; preds = %kp.head117
-  %767 = load <16 x float>, ptr %acc01113, align 4
-  %768 = load <16 x float>, ptr %acc00106, align 4
-  %sum126 = fadd <16 x float> %768, %767
+  %768 = load <16 x float>, ptr %acc01113, align 4
+  %769 = load <16 x float>, ptr %acc00106, align 4
+  %sum126 = fadd <16 x float> %769, %768
   store <16 x float> %sum126, ptr %acc00106, align 4
-  %769 = load <16 x float>, ptr %acc11114, align 4
-  %770 = load <16 x float>, ptr %acc10107, align 4
-  %sum127 = fadd <16 x float> %770, %769
+  %770 = load <16 x float>, ptr %acc11114, align 4
+  %771 = load <16 x float>, ptr %acc10107, align 4
+  %sum127 = fadd <16 x float> %771, %770
   store <16 x float> %sum127, ptr %acc10107, align 4
-  %771 = load <16 x float>, ptr %acc21115, align 4
-  %772 = load <16 x float>, ptr %acc20108, align 4
-  %sum128 = fadd <16 x float> %772, %771
+  %772 = load <16 x float>, ptr %acc21115, align 4
+  %773 = load <16 x float>, ptr %acc20108, align 4
+  %sum128 = fadd <16 x float> %773, %772
   store <16 x float> %sum128, ptr %acc20108, align 4
-  %773 = load <16 x float>, ptr %acc31116, align 4
-  %774 = load <16 x float>, ptr %acc30109, align 4
-  %sum129 = fadd <16 x float> %774, %773
+  %774 = load <16 x float>, ptr %acc31116, align 4
+  %775 = load <16 x float>, ptr %acc30109, align 4
+  %sum129 = fadd <16 x float> %775, %774
   store <16 x float> %sum129, ptr %acc30109, align 4
-  %775 = add nsw i64 %r0, 0
-  %776 = add nsw i64 %chunk, %775
-  %777 = getelementptr inbounds float, ptr %rw, i64 %776
-  %778 = load float, ptr %777, align 4
-  %779 = insertelement <8 x float> poison, float %778, i32 0
-  %780 = shufflevector <8 x float> %779, <8 x float> poison, <8 x i32> zeroinitializer
-  %781 = mul nsw i64 %776, 768
-  %782 = getelementptr inbounds float, ptr %h, i64 %781
+  %776 = add nsw i64 %r0, 0
+  %777 = add nsw i64 %chunk, %776
+  %778 = getelementptr inbounds float, ptr %rw, i64 %777
+  %779 = load float, ptr %778, align 4
+  %780 = insertelement <8 x float> poison, float %779, i32 0
+  %781 = shufflevector <8 x float> %780, <8 x float> poison, <8 x i32> zeroinitializer
+  %782 = mul nsw i64 %777, 768
+  %783 = getelementptr inbounds float, ptr %h, i64 %782
   %col130 = mul nsw i64 %p, 8
-  %783 = load <16 x float>, ptr %acc00106, align 4
-  %784 = shufflevector <16 x float> %783, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %785 = load <16 x float>, ptr %acc00106, align 4
-  %786 = shufflevector <16 x float> %785, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %787 = fneg <8 x float> %784
-  %788 = fcmp olt <8 x float> %787, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %789 = select <8 x i1> %788, <8 x float> %787, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %790 = fcmp ogt <8 x float> %789, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %791 = select <8 x i1> %790, <8 x float> %789, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %791, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %793 = call <8 x float> @llvm.floor.v8f32(<8 x float> %792)
-  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %791)
-  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %794)
-  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %795, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %795, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %795, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %798, <8 x float> %795, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %795, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %801 = fmul <8 x float> %795, %795
-  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %801, <8 x float> %795)
-  %803 = fadd <8 x float> %802, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %804 = fptosi <8 x float> %793 to <8 x i32>
-  %805 = add <8 x i32> %804, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %806 = shl <8 x i32> %805, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n131 = bitcast <8 x i32> %806 to <8 x float>
-  %exp132 = fmul <8 x float> %803, %exp.2n131
-  %807 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %807
-  %silu134 = fmul <8 x float> %784, %sigmoid133
-  %glu135 = fmul <8 x float> %silu134, %786
-  %808 = fmul <8 x float> %glu135, %780
-  %809 = getelementptr inbounds i16, ptr %782, i64 %col130
-  %hb136 = fptrunc <8 x float> %808 to <8 x bfloat>
-  store <8 x bfloat> %hb136, ptr %809, align 4
-  %810 = add nsw i64 %r0, 1
-  %811 = add nsw i64 %chunk, %810
-  %812 = getelementptr inbounds float, ptr %rw, i64 %811
-  %813 = load float, ptr %812, align 4
-  %814 = insertelement <8 x float> poison, float %813, i32 0
-  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
-  %816 = mul nsw i64 %811, 768
-  %817 = getelementptr inbounds float, ptr %h, i64 %816
+  %784 = load <16 x float>, ptr %acc00106, align 4
+  %785 = shufflevector <16 x float> %784, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %786 = load <16 x float>, ptr %acc00106, align 4
+  %787 = shufflevector <16 x float> %786, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %788 = fneg <8 x float> %785
+  %789 = fcmp olt <8 x float> %788, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %790 = select <8 x i1> %789, <8 x float> %788, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %791 = fcmp ogt <8 x float> %790, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %792 = select <8 x i1> %791, <8 x float> %790, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %794 = call <8 x float> @llvm.floor.v8f32(<8 x float> %793)
+  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %792)
+  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %795)
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %796, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %796, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %798, <8 x float> %796, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %796, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %796, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %802 = fmul <8 x float> %796, %796
+  %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %801, <8 x float> %802, <8 x float> %796)
+  %804 = fadd <8 x float> %803, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %805 = fptosi <8 x float> %794 to <8 x i32>
+  %806 = add <8 x i32> %805, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %807 = shl <8 x i32> %806, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n131 = bitcast <8 x i32> %807 to <8 x float>
+  %exp132 = fmul <8 x float> %804, %exp.2n131
+  %808 = fadd <8 x float> %exp132, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid133 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %808
+  %silu134 = fmul <8 x float> %785, %sigmoid133
+  %glu135 = fmul <8 x float> %silu134, %787
+  %809 = fmul <8 x float> %glu135, %781
+  %810 = getelementptr inbounds i16, ptr %783, i64 %col130
+  %hb136 = fptrunc <8 x float> %809 to <8 x bfloat>
+  store <8 x bfloat> %hb136, ptr %810, align 4
+  %811 = add nsw i64 %r0, 1
+  %812 = add nsw i64 %chunk, %811
+  %813 = getelementptr inbounds float, ptr %rw, i64 %812
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = mul nsw i64 %812, 768
+  %818 = getelementptr inbounds float, ptr %h, i64 %817
   %col137 = mul nsw i64 %p, 8
-  %818 = load <16 x float>, ptr %acc10107, align 4
-  %819 = shufflevector <16 x float> %818, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %820 = load <16 x float>, ptr %acc10107, align 4
-  %821 = shufflevector <16 x float> %820, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %822 = fneg <8 x float> %819
-  %823 = fcmp olt <8 x float> %822, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %824 = select <8 x i1> %823, <8 x float> %822, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %825 = fcmp ogt <8 x float> %824, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %826 = select <8 x i1> %825, <8 x float> %824, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %828 = call <8 x float> @llvm.floor.v8f32(<8 x float> %827)
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %826)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %829)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %830, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %830, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %830, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %830, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %830, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %836 = fmul <8 x float> %830, %830
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %836, <8 x float> %830)
-  %838 = fadd <8 x float> %837, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %839 = fptosi <8 x float> %828 to <8 x i32>
-  %840 = add <8 x i32> %839, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %841 = shl <8 x i32> %840, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %841 to <8 x float>
-  %exp139 = fmul <8 x float> %838, %exp.2n138
-  %842 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %842
-  %silu141 = fmul <8 x float> %819, %sigmoid140
-  %glu142 = fmul <8 x float> %silu141, %821
-  %843 = fmul <8 x float> %glu142, %815
-  %844 = getelementptr inbounds i16, ptr %817, i64 %col137
-  %hb143 = fptrunc <8 x float> %843 to <8 x bfloat>
-  store <8 x bfloat> %hb143, ptr %844, align 4
-  %845 = add nsw i64 %r0, 2
-  %846 = add nsw i64 %chunk, %845
-  %847 = getelementptr inbounds float, ptr %rw, i64 %846
-  %848 = load float, ptr %847, align 4
-  %849 = insertelement <8 x float> poison, float %848, i32 0
-  %850 = shufflevector <8 x float> %849, <8 x float> poison, <8 x i32> zeroinitializer
-  %851 = mul nsw i64 %846, 768
-  %852 = getelementptr inbounds float, ptr %h, i64 %851
+  %819 = load <16 x float>, ptr %acc10107, align 4
+  %820 = shufflevector <16 x float> %819, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %821 = load <16 x float>, ptr %acc10107, align 4
+  %822 = shufflevector <16 x float> %821, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %823 = fneg <8 x float> %820
+  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %837 = fmul <8 x float> %831, %831
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
+  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %840 = fptosi <8 x float> %829 to <8 x i32>
+  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n138 = bitcast <8 x i32> %842 to <8 x float>
+  %exp139 = fmul <8 x float> %839, %exp.2n138
+  %843 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
+  %silu141 = fmul <8 x float> %820, %sigmoid140
+  %glu142 = fmul <8 x float> %silu141, %822
+  %844 = fmul <8 x float> %glu142, %816
+  %845 = getelementptr inbounds i16, ptr %818, i64 %col137
+  %hb143 = fptrunc <8 x float> %844 to <8 x bfloat>
+  store <8 x bfloat> %hb143, ptr %845, align 4
+  %846 = add nsw i64 %r0, 2
+  %847 = add nsw i64 %chunk, %846
+  %848 = getelementptr inbounds float, ptr %rw, i64 %847
+  %849 = load float, ptr %848, align 4
+  %850 = insertelement <8 x float> poison, float %849, i32 0
+  %851 = shufflevector <8 x float> %850, <8 x float> poison, <8 x i32> zeroinitializer
+  %852 = mul nsw i64 %847, 768
+  %853 = getelementptr inbounds float, ptr %h, i64 %852
   %col144 = mul nsw i64 %p, 8
-  %853 = load <16 x float>, ptr %acc20108, align 4
-  %854 = shufflevector <16 x float> %853, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %855 = load <16 x float>, ptr %acc20108, align 4
-  %856 = shufflevector <16 x float> %855, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %857 = fneg <8 x float> %854
-  %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %860 = fcmp ogt <8 x float> %859, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %863 = call <8 x float> @llvm.floor.v8f32(<8 x float> %862)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %861)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %864)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %865, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %865, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %865, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %865, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %865, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %871 = fmul <8 x float> %865, %865
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %871, <8 x float> %865)
-  %873 = fadd <8 x float> %872, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %874 = fptosi <8 x float> %863 to <8 x i32>
-  %875 = add <8 x i32> %874, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %876 = shl <8 x i32> %875, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n145 = bitcast <8 x i32> %876 to <8 x float>
-  %exp146 = fmul <8 x float> %873, %exp.2n145
-  %877 = fadd <8 x float> %exp146, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid147 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %877
-  %silu148 = fmul <8 x float> %854, %sigmoid147
-  %glu149 = fmul <8 x float> %silu148, %856
-  %878 = fmul <8 x float> %glu149, %850
-  %879 = getelementptr inbounds i16, ptr %852, i64 %col144
-  %hb150 = fptrunc <8 x float> %878 to <8 x bfloat>
-  store <8 x bfloat> %hb150, ptr %879, align 4
-  %880 = add nsw i64 %r0, 3
-  %881 = add nsw i64 %chunk, %880
-  %882 = getelementptr inbounds float, ptr %rw, i64 %881
-  %883 = load float, ptr %882, align 4
-  %884 = insertelement <8 x float> poison, float %883, i32 0
-  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
-  %886 = mul nsw i64 %881, 768
-  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %854 = load <16 x float>, ptr %acc20108, align 4
+  %855 = shufflevector <16 x float> %854, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %856 = load <16 x float>, ptr %acc20108, align 4
+  %857 = shufflevector <16 x float> %856, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %858 = fneg <8 x float> %855
+  %859 = fcmp olt <8 x float> %858, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %860 = select <8 x i1> %859, <8 x float> %858, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %861 = fcmp ogt <8 x float> %860, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %862 = select <8 x i1> %861, <8 x float> %860, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %864 = call <8 x float> @llvm.floor.v8f32(<8 x float> %863)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %862)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %865)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %866, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %866, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %866, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %866, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %866, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %872 = fmul <8 x float> %866, %866
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %872, <8 x float> %866)
+  %874 = fadd <8 x float> %873, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %875 = fptosi <8 x float> %864 to <8 x i32>
+  %876 = add <8 x i32> %875, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %877 = shl <8 x i32> %876, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n145 = bitcast <8 x i32> %877 to <8 x float>
+  %exp146 = fmul <8 x float> %874, %exp.2n145
+  %878 = fadd <8 x float> %exp146, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid147 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %878
+  %silu148 = fmul <8 x float> %855, %sigmoid147
+  %glu149 = fmul <8 x float> %silu148, %857
+  %879 = fmul <8 x float> %glu149, %851
+  %880 = getelementptr inbounds i16, ptr %853, i64 %col144
+  %hb150 = fptrunc <8 x float> %879 to <8 x bfloat>
+  store <8 x bfloat> %hb150, ptr %880, align 4
+  %881 = add nsw i64 %r0, 3
+  %882 = add nsw i64 %chunk, %881
+  %883 = getelementptr inbounds float, ptr %rw, i64 %882
+  %884 = load float, ptr %883, align 4
+  %885 = insertelement <8 x float> poison, float %884, i32 0
+  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
+  %887 = mul nsw i64 %882, 768
+  %888 = getelementptr inbounds float, ptr %h, i64 %887
   %col151 = mul nsw i64 %p, 8
-  %888 = load <16 x float>, ptr %acc30109, align 4
-  %889 = shufflevector <16 x float> %888, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %890 = load <16 x float>, ptr %acc30109, align 4
-  %891 = shufflevector <16 x float> %890, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %892 = fneg <8 x float> %889
-  %893 = fcmp olt <8 x float> %892, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %895 = fcmp ogt <8 x float> %894, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %896 = select <8 x i1> %895, <8 x float> %894, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %898 = call <8 x float> @llvm.floor.v8f32(<8 x float> %897)
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %896)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %899)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %900, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %900, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %900, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %900, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %900, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %906 = fmul <8 x float> %900, %900
-  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %906, <8 x float> %900)
-  %908 = fadd <8 x float> %907, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %909 = fptosi <8 x float> %898 to <8 x i32>
-  %910 = add <8 x i32> %909, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %911 = shl <8 x i32> %910, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n152 = bitcast <8 x i32> %911 to <8 x float>
-  %exp153 = fmul <8 x float> %908, %exp.2n152
-  %912 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %912
-  %silu155 = fmul <8 x float> %889, %sigmoid154
-  %glu156 = fmul <8 x float> %silu155, %891
-  %913 = fmul <8 x float> %glu156, %885
-  %914 = getelementptr inbounds i16, ptr %887, i64 %col151
-  %hb157 = fptrunc <8 x float> %913 to <8 x bfloat>
-  store <8 x bfloat> %hb157, ptr %914, align 4
+  %889 = load <16 x float>, ptr %acc30109, align 4
+  %890 = shufflevector <16 x float> %889, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %891 = load <16 x float>, ptr %acc30109, align 4
+  %892 = shufflevector <16 x float> %891, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %893 = fneg <8 x float> %890
+  %894 = fcmp olt <8 x float> %893, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %896 = fcmp ogt <8 x float> %895, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %899 = call <8 x float> @llvm.floor.v8f32(<8 x float> %898)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %897)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %900)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %901, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %901, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %901, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %901, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %901, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %907 = fmul <8 x float> %901, %901
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %907, <8 x float> %901)
+  %909 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %910 = fptosi <8 x float> %899 to <8 x i32>
+  %911 = add <8 x i32> %910, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %912 = shl <8 x i32> %911, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n152 = bitcast <8 x i32> %912 to <8 x float>
+  %exp153 = fmul <8 x float> %909, %exp.2n152
+  %913 = fadd <8 x float> %exp153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid154 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %913
+  %silu155 = fmul <8 x float> %890, %sigmoid154
+  %glu156 = fmul <8 x float> %silu155, %892
+  %914 = fmul <8 x float> %glu156, %886
+  %915 = getelementptr inbounds i16, ptr %888, i64 %col151
+  %hb157 = fptrunc <8 x float> %914 to <8 x bfloat>
+  store <8 x bfloat> %hb157, ptr %915, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %915 = add nsw i64 %r0, 0
-  %916 = mul nsw i64 %915, 2048
-  %917 = getelementptr inbounds i16, ptr %xb, i64 %916
+tile.mr3:                                         ; preds = %rb.body
+  %916 = add nsw i64 %r0, 0
+  %917 = mul nsw i64 %916, 2048
+  %918 = getelementptr inbounds i16, ptr %xb, i64 %917
   store <16 x float> zeroinitializer, ptr %acc00158, align 4
-  %918 = add nsw i64 %r0, 1
-  %919 = mul nsw i64 %918, 2048
-  %920 = getelementptr inbounds i16, ptr %xb, i64 %919
+  %919 = add nsw i64 %r0, 1
+  %920 = mul nsw i64 %919, 2048
+  %921 = getelementptr inbounds i16, ptr %xb, i64 %920
   store <16 x float> zeroinitializer, ptr %acc10159, align 4
-  %921 = add nsw i64 %r0, 2
-  %922 = mul nsw i64 %921, 2048
-  %923 = getelementptr inbounds i16, ptr %xb, i64 %922
+  %922 = add nsw i64 %r0, 2
+  %923 = mul nsw i64 %922, 2048
+  %924 = getelementptr inbounds i16, ptr %xb, i64 %923
   store <16 x float> zeroinitializer, ptr %acc20160, align 4
-  %924 = mul nsw i64 %p, 32768
-  %925 = getelementptr inbounds i16, ptr %panels, i64 %924
-  %926 = add nsw i64 %p, 1
-  %927 = icmp slt i64 %926, %p1
-  %pf.on161 = and i1 %pf.on, %927
-  %928 = mul nsw i64 %pf.j, 65536
-  %929 = lshr i64 %928, %32
-  %930 = add nsw i64 65536, %929
-  %931 = getelementptr inbounds i8, ptr %925, i64 %930
-  %pf162 = select i1 %pf.on161, ptr %931, ptr %925
-  %pf.sh163 = select i1 %pf.on161, i64 %32, i64 0
+  %925 = mul nsw i64 %p, 32768
+  %926 = getelementptr inbounds i16, ptr %panels, i64 %925
+  %927 = add nsw i64 %p, 1
+  %928 = icmp slt i64 %927, %p1
+  %pf.on161 = and i1 %pf.on, %928
+  %929 = mul nsw i64 %rb, 65536
+  %930 = lshr i64 %929, %34
+  %931 = add nsw i64 65536, %930
+  %932 = getelementptr inbounds i8, ptr %926, i64 %931
+  %pf162 = select i1 %pf.on161, ptr %932, ptr %926
+  %pf.sh163 = select i1 %pf.on161, i64 %34, i64 0
   store <16 x float> zeroinitializer, ptr %acc01164, align 4
   store <16 x float> zeroinitializer, ptr %acc11165, align 4
   store <16 x float> zeroinitializer, ptr %acc21166, align 4
   br label %kp.head167
 
 kp.head167:                                       ; preds = %pf.any.end175, %tile.mr3
-  %kp170 = phi i64 [ 0, %tile.mr3 ], [ %988, %pf.any.end175 ]
-  %932 = icmp slt i64 %kp170, 512
-  br i1 %932, label %kp.body168, label %kp.end169
+  %kp170 = phi i64 [ 0, %tile.mr3 ], [ %989, %pf.any.end175 ]
+  %933 = icmp slt i64 %kp170, 512
+  br i1 %933, label %kp.body168, label %kp.end169
 
 kp.body168:                                       ; preds = %kp.head167
   %kk171 = mul nsw i64 %kp170, 2
-  %933 = mul nsw i64 %kk171, 32
-  %934 = getelementptr inbounds i16, ptr %925, i64 %933
-  %935 = load <32 x bfloat>, ptr %934, align 4
-  %936 = mul nsw i64 %kk171, 64
+  %934 = mul nsw i64 %kk171, 32
+  %935 = getelementptr inbounds i16, ptr %926, i64 %934
+  %936 = load <32 x bfloat>, ptr %935, align 4
+  %937 = mul nsw i64 %kk171, 64
   br i1 %pf.multi, label %pf.any.then172, label %pf.any.end173
 
 pf.any.then172:                                   ; preds = %kp.body168
-  %937 = lshr i64 %936, %pf.sh163
-  %938 = getelementptr inbounds i8, ptr %pf162, i64 %937
-  call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
+  %938 = lshr i64 %937, %pf.sh163
+  %939 = getelementptr inbounds i8, ptr %pf162, i64 %938
+  call void @llvm.prefetch.p0(ptr %939, i32 0, i32 2, i32 1)
   br label %pf.any.end173
 
 pf.any.end173:                                    ; preds = %pf.any.then172, %kp.body168
-  %939 = getelementptr inbounds i32, ptr %917, i64 %kk171
-  %940 = load i32, ptr %939, align 4
-  %941 = load <16 x float>, ptr %acc00158, align 4
-  %942 = insertelement <16 x i32> poison, i32 %940, i32 0
-  %943 = shufflevector <16 x i32> %942, <16 x i32> poison, <16 x i32> zeroinitializer
-  %944 = bitcast <16 x i32> %943 to <32 x bfloat>
-  %945 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %941, <32 x bfloat> %935, <32 x bfloat> %944)
-  store <16 x float> %945, ptr %acc00158, align 4
-  %946 = getelementptr inbounds i32, ptr %920, i64 %kk171
-  %947 = load i32, ptr %946, align 4
-  %948 = load <16 x float>, ptr %acc10159, align 4
-  %949 = insertelement <16 x i32> poison, i32 %947, i32 0
-  %950 = shufflevector <16 x i32> %949, <16 x i32> poison, <16 x i32> zeroinitializer
-  %951 = bitcast <16 x i32> %950 to <32 x bfloat>
-  %952 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %948, <32 x bfloat> %935, <32 x bfloat> %951)
-  store <16 x float> %952, ptr %acc10159, align 4
-  %953 = getelementptr inbounds i32, ptr %923, i64 %kk171
-  %954 = load i32, ptr %953, align 4
-  %955 = load <16 x float>, ptr %acc20160, align 4
-  %956 = insertelement <16 x i32> poison, i32 %954, i32 0
-  %957 = shufflevector <16 x i32> %956, <16 x i32> poison, <16 x i32> zeroinitializer
-  %958 = bitcast <16 x i32> %957 to <32 x bfloat>
-  %959 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %955, <32 x bfloat> %935, <32 x bfloat> %958)
-  store <16 x float> %959, ptr %acc20160, align 4
-  %960 = add nsw i64 %kk171, 1
-  %961 = mul nsw i64 %960, 32
-  %962 = getelementptr inbounds i16, ptr %925, i64 %961
-  %963 = load <32 x bfloat>, ptr %962, align 4
-  %964 = mul nsw i64 %960, 64
+  %940 = getelementptr inbounds i32, ptr %918, i64 %kk171
+  %941 = load i32, ptr %940, align 4
+  %942 = load <16 x float>, ptr %acc00158, align 4
+  %943 = insertelement <16 x i32> poison, i32 %941, i32 0
+  %944 = shufflevector <16 x i32> %943, <16 x i32> poison, <16 x i32> zeroinitializer
+  %945 = bitcast <16 x i32> %944 to <32 x bfloat>
+  %946 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %942, <32 x bfloat> %936, <32 x bfloat> %945)
+  store <16 x float> %946, ptr %acc00158, align 4
+  %947 = getelementptr inbounds i32, ptr %921, i64 %kk171
+  %948 = load i32, ptr %947, align 4
+  %949 = load <16 x float>, ptr %acc10159, align 4
+  %950 = insertelement <16 x i32> poison, i32 %948, i32 0
+  %951 = shufflevector <16 x i32> %950, <16 x i32> poison, <16 x i32> zeroinitializer
+  %952 = bitcast <16 x i32> %951 to <32 x bfloat>
+  %953 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %949, <32 x bfloat> %936, <32 x bfloat> %952)
+  store <16 x float> %953, ptr %acc10159, align 4
+  %954 = getelementptr inbounds i32, ptr %924, i64 %kk171
+  %955 = load i32, ptr %954, align 4
+  %956 = load <16 x float>, ptr %acc20160, align 4
+  %957 = insertelement <16 x i32> poison, i32 %955, i32 0
+  %958 = shufflevector <16 x i32> %957, <16 x i32> poison, <16 x i32> zeroinitializer
+  %959 = bitcast <16 x i32> %958 to <32 x bfloat>
+  %960 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %956, <32 x bfloat> %936, <32 x bfloat> %959)
+  store <16 x float> %960, ptr %acc20160, align 4
+  %961 = add nsw i64 %kk171, 1
+  %962 = mul nsw i64 %961, 32
+  %963 = getelementptr inbounds i16, ptr %926, i64 %962
+  %964 = load <32 x bfloat>, ptr %963, align 4
+  %965 = mul nsw i64 %961, 64
   br i1 %pf.multi, label %pf.any.then174, label %pf.any.end175
 
 pf.any.then174:                                   ; preds = %pf.any.end173
-  %965 = lshr i64 %964, %pf.sh163
-  %966 = getelementptr inbounds i8, ptr %pf162, i64 %965
-  call void @llvm.prefetch.p0(ptr %966, i32 0, i32 2, i32 1)
+  %966 = lshr i64 %965, %pf.sh163
+  %967 = getelementptr inbounds i8, ptr %pf162, i64 %966
+  call void @llvm.prefetch.p0(ptr %967, i32 0, i32 2, i32 1)
   br label %pf.any.end175
 
 pf.any.end175:                                    ; preds = %pf.any.then174, %pf.any.end173
-  %967 = getelementptr inbounds i32, ptr %917, i64 %960
-  %968 = load i32, ptr %967, align 4
-  %969 = load <16 x float>, ptr %acc01164, align 4
-  %970 = insertelement <16 x i32> poison, i32 %968, i32 0
-  %971 = shufflevector <16 x i32> %970, <16 x i32> poison, <16 x i32> zeroinitializer
-  %972 = bitcast <16 x i32> %971 to <32 x bfloat>
-  %973 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %969, <32 x bfloat> %963, <32 x bfloat> %972)
-  store <16 x float> %973, ptr %acc01164, align 4
-  %974 = getelementptr inbounds i32, ptr %920, i64 %960
-  %975 = load i32, ptr %974, align 4
-  %976 = load <16 x float>, ptr %acc11165, align 4
-  %977 = insertelement <16 x i32> poison, i32 %975, i32 0
-  %978 = shufflevector <16 x i32> %977, <16 x i32> poison, <16 x i32> zeroinitializer
-  %979 = bitcast <16 x i32> %978 to <32 x bfloat>
-  %980 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %976, <32 x bfloat> %963, <32 x bfloat> %979)
-  store <16 x float> %980, ptr %acc11165, align 4
-  %981 = getelementptr inbounds i32, ptr %923, i64 %960
-  %982 = load i32, ptr %981, align 4
-  %983 = load <16 x float>, ptr %acc21166, align 4
-  %984 = insertelement <16 x i32> poison, i32 %982, i32 0
-  %985 = shufflevector <16 x i32> %984, <16 x i32> poison, <16 x i32> zeroinitializer
-  %986 = bitcast <16 x i32> %985 to <32 x bfloat>
-  %987 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %983, <32 x bfloat> %963, <32 x bfloat> %986)
-  store <16 x float> %987, ptr %acc21166, align 4
-  %988 = add nsw i64 %kp170, 1
+  %968 = getelementptr inbounds i32, ptr %918, i64 %961
+  %969 = load i32, ptr %968, align 4
+  %970 = load <16 x float>, ptr %acc01164, align 4
+  %971 = insertelement <16 x i32> poison, i32 %969, i32 0
+  %972 = shufflevector <16 x i32> %971, <16 x i32> poison, <16 x i32> zeroinitializer
+  %973 = bitcast <16 x i32> %972 to <32 x bfloat>
+  %974 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %970, <32 x bfloat> %964, <32 x bfloat> %973)
+  store <16 x float> %974, ptr %acc01164, align 4
+  %975 = getelementptr inbounds i32, ptr %921, i64 %961
+  %976 = load i32, ptr %975, align 4
+  %977 = load <16 x float>, ptr %acc11165, align 4
+  %978 = insertelement <16 x i32> poison, i32 %976, i32 0
+  %979 = shufflevector <16 x i32> %978, <16 x i32> poison, <16 x i32> zeroinitializer
+  %980 = bitcast <16 x i32> %979 to <32 x bfloat>
+  %981 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %977, <32 x bfloat> %964, <32 x bfloat> %980)
+  store <16 x float> %981, ptr %acc11165, align 4
+  %982 = getelementptr inbounds i32, ptr %924, i64 %961
+  %983 = load i32, ptr %982, align 4
+  %984 = load <16 x float>, ptr %acc21166, align 4
+  %985 = insertelement <16 x i32> poison, i32 %983, i32 0
+  %986 = shufflevector <16 x i32> %985, <16 x i32> poison, <16 x i32> zeroinitializer
+  %987 = bitcast <16 x i32> %986 to <32 x bfloat>
+  %988 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %984, <32 x bfloat> %964, <32 x bfloat> %987)
+  store <16 x float> %988, ptr %acc21166, align 4
+  %989 = add nsw i64 %kp170, 1
   br label %kp.head167
 
 kp.end169:                                        ; preds = %kp.head167
-  %989 = load <16 x float>, ptr %acc01164, align 4
-  %990 = load <16 x float>, ptr %acc00158, align 4
-  %sum176 = fadd <16 x float> %990, %989
+  %990 = load <16 x float>, ptr %acc01164, align 4
+  %991 = load <16 x float>, ptr %acc00158, align 4
+  %sum176 = fadd <16 x float> %991, %990
   store <16 x float> %sum176, ptr %acc00158, align 4
-  %991 = load <16 x float>, ptr %acc11165, align 4
-  %992 = load <16 x float>, ptr %acc10159, align 4
-  %sum177 = fadd <16 x float> %992, %991
+  %992 = load <16 x float>, ptr %acc11165, align 4
+  %993 = load <16 x float>, ptr %acc10159, align 4
+  %sum177 = fadd <16 x float> %993, %992
   store <16 x float> %sum177, ptr %acc10159, align 4
-  %993 = load <16 x float>, ptr %acc21166, align 4
-  %994 = load <16 x float>, ptr %acc20160, align 4
-  %sum178 = fadd <16 x float> %994, %993
+  %994 = load <16 x float>, ptr %acc21166, align 4
+  %995 = load <16 x float>, ptr %acc20160, align 4
+  %sum178 = fadd <16 x float> %995, %994
   store <16 x float> %sum178, ptr %acc20160, align 4
-  %995 = add nsw i64 %r0, 0
-  %996 = add nsw i64 %chunk, %995
-  %997 = getelementptr inbounds float, ptr %rw, i64 %996
-  %998 = load float, ptr %997, align 4
-  %999 = insertelement <8 x float> poison, float %998, i32 0
-  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
-  %1001 = mul nsw i64 %996, 768
-  %1002 = getelementptr inbounds float, ptr %h, i64 %1001
+  %996 = add nsw i64 %r0, 0
+  %997 = add nsw i64 %chunk, %996
+  %998 = getelementptr inbounds float, ptr %rw, i64 %997
+  %999 = load float, ptr %998, align 4
+  %1000 = insertelement <8 x float> poison, float %999, i32 0
+  %1001 = shufflevector <8 x float> %1000, <8 x float> poison, <8 x i32> zeroinitializer
+  %1002 = mul nsw i64 %997, 768
+  %1003 = getelementptr inbounds float, ptr %h, i64 %1002
   %col179 = mul nsw i64 %p, 8
-  %1003 = load <16 x float>, ptr %acc00158, align 4
-  %1004 = shufflevector <16 x float> %1003, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1005 = load <16 x float>, ptr %acc00158, align 4
-  %1006 = shufflevector <16 x float> %1005, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1007 = fneg <8 x float> %1004
-  %1008 = fcmp olt <8 x float> %1007, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1009 = select <8 x i1> %1008, <8 x float> %1007, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1010 = fcmp ogt <8 x float> %1009, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1011 = select <8 x i1> %1010, <8 x float> %1009, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1013 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1012)
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1011)
-  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1014)
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1015, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1015, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1015, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1015, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1015, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1021 = fmul <8 x float> %1015, %1015
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1021, <8 x float> %1015)
-  %1023 = fadd <8 x float> %1022, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1024 = fptosi <8 x float> %1013 to <8 x i32>
-  %1025 = add <8 x i32> %1024, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1026 = shl <8 x i32> %1025, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n180 = bitcast <8 x i32> %1026 to <8 x float>
-  %exp181 = fmul <8 x float> %1023, %exp.2n180
-  %1027 = fadd <8 x float> %exp181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid182 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1027
-  %silu183 = fmul <8 x float> %1004, %sigmoid182
-  %glu184 = fmul <8 x float> %silu183, %1006
-  %1028 = fmul <8 x float> %glu184, %1000
-  %1029 = getelementptr inbounds i16, ptr %1002, i64 %col179
-  %hb185 = fptrunc <8 x float> %1028 to <8 x bfloat>
-  store <8 x bfloat> %hb185, ptr %1029, align 4
-  %1030 = add nsw i64 %r0, 1
-  %1031 = add nsw i64 %chunk, %1030
-  %1032 = getelementptr inbounds float, ptr %rw, i64 %1031
-  %1033 = load float, ptr %1032, align 4
-  %1034 = insertelement <8 x float> poison, float %1033, i32 0
-  %1035 = shufflevector <8 x float> %1034, <8 x float> poison, <8 x i32> zeroinitializer
-  %1036 = mul nsw i64 %1031, 768
-  %1037 = getelementptr inbounds float, ptr %h, i64 %1036
+  %1004 = load <16 x float>, ptr %acc00158, align 4
+  %1005 = shufflevector <16 x float> %1004, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1006 = load <16 x float>, ptr %acc00158, align 4
+  %1007 = shufflevector <16 x float> %1006, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1008 = fneg <8 x float> %1005
+  %1009 = fcmp olt <8 x float> %1008, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1010 = select <8 x i1> %1009, <8 x float> %1008, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1011 = fcmp ogt <8 x float> %1010, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1012 = select <8 x i1> %1011, <8 x float> %1010, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1014 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1013)
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1012)
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1015)
+  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1016, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1016, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1016, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1016, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1016, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1022 = fmul <8 x float> %1016, %1016
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %1022, <8 x float> %1016)
+  %1024 = fadd <8 x float> %1023, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1025 = fptosi <8 x float> %1014 to <8 x i32>
+  %1026 = add <8 x i32> %1025, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1027 = shl <8 x i32> %1026, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n180 = bitcast <8 x i32> %1027 to <8 x float>
+  %exp181 = fmul <8 x float> %1024, %exp.2n180
+  %1028 = fadd <8 x float> %exp181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid182 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1028
+  %silu183 = fmul <8 x float> %1005, %sigmoid182
+  %glu184 = fmul <8 x float> %silu183, %1007
+  %1029 = fmul <8 x float> %glu184, %1001
+  %1030 = getelementptr inbounds i16, ptr %1003, i64 %col179
+  %hb185 = fptrunc <8 x float> %1029 to <8 x bfloat>
+  store <8 x bfloat> %hb185, ptr %1030, align 4
+  %1031 = add nsw i64 %r0, 1
+  %1032 = add nsw i64 %chunk, %1031
+  %1033 = getelementptr inbounds float, ptr %rw, i64 %1032
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = mul nsw i64 %1032, 768
+  %1038 = getelementptr inbounds float, ptr %h, i64 %1037
   %col186 = mul nsw i64 %p, 8
-  %1038 = load <16 x float>, ptr %acc10159, align 4
-  %1039 = shufflevector <16 x float> %1038, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1040 = load <16 x float>, ptr %acc10159, align 4
-  %1041 = shufflevector <16 x float> %1040, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1042 = fneg <8 x float> %1039
-  %1043 = fcmp olt <8 x float> %1042, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1044 = select <8 x i1> %1043, <8 x float> %1042, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1045 = fcmp ogt <8 x float> %1044, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1046 = select <8 x i1> %1045, <8 x float> %1044, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1046, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1048 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1047)
-  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1046)
-  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1049)
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1050, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1051, <8 x float> %1050, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1052, <8 x float> %1050, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1050, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1050, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1056 = fmul <8 x float> %1050, %1050
-  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1056, <8 x float> %1050)
-  %1058 = fadd <8 x float> %1057, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1059 = fptosi <8 x float> %1048 to <8 x i32>
-  %1060 = add <8 x i32> %1059, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1061 = shl <8 x i32> %1060, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %1061 to <8 x float>
-  %exp188 = fmul <8 x float> %1058, %exp.2n187
-  %1062 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1062
-  %silu190 = fmul <8 x float> %1039, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %1041
-  %1063 = fmul <8 x float> %glu191, %1035
-  %1064 = getelementptr inbounds i16, ptr %1037, i64 %col186
-  %hb192 = fptrunc <8 x float> %1063 to <8 x bfloat>
-  store <8 x bfloat> %hb192, ptr %1064, align 4
-  %1065 = add nsw i64 %r0, 2
-  %1066 = add nsw i64 %chunk, %1065
-  %1067 = getelementptr inbounds float, ptr %rw, i64 %1066
-  %1068 = load float, ptr %1067, align 4
-  %1069 = insertelement <8 x float> poison, float %1068, i32 0
-  %1070 = shufflevector <8 x float> %1069, <8 x float> poison, <8 x i32> zeroinitializer
-  %1071 = mul nsw i64 %1066, 768
-  %1072 = getelementptr inbounds float, ptr %h, i64 %1071
+  %1039 = load <16 x float>, ptr %acc10159, align 4
+  %1040 = shufflevector <16 x float> %1039, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1041 = load <16 x float>, ptr %acc10159, align 4
+  %1042 = shufflevector <16 x float> %1041, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1043 = fneg <8 x float> %1040
+  %1044 = fcmp olt <8 x float> %1043, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1045 = select <8 x i1> %1044, <8 x float> %1043, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1046 = fcmp ogt <8 x float> %1045, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1047 = select <8 x i1> %1046, <8 x float> %1045, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1049 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1048)
+  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1047)
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1050)
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1051, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1052, <8 x float> %1051, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1051, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1051, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1051, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1057 = fmul <8 x float> %1051, %1051
+  %1058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1057, <8 x float> %1051)
+  %1059 = fadd <8 x float> %1058, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1060 = fptosi <8 x float> %1049 to <8 x i32>
+  %1061 = add <8 x i32> %1060, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1062 = shl <8 x i32> %1061, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %1062 to <8 x float>
+  %exp188 = fmul <8 x float> %1059, %exp.2n187
+  %1063 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1063
+  %silu190 = fmul <8 x float> %1040, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1042
+  %1064 = fmul <8 x float> %glu191, %1036
+  %1065 = getelementptr inbounds i16, ptr %1038, i64 %col186
+  %hb192 = fptrunc <8 x float> %1064 to <8 x bfloat>
+  store <8 x bfloat> %hb192, ptr %1065, align 4
+  %1066 = add nsw i64 %r0, 2
+  %1067 = add nsw i64 %chunk, %1066
+  %1068 = getelementptr inbounds float, ptr %rw, i64 %1067
+  %1069 = load float, ptr %1068, align 4
+  %1070 = insertelement <8 x float> poison, float %1069, i32 0
+  %1071 = shufflevector <8 x float> %1070, <8 x float> poison, <8 x i32> zeroinitializer
+  %1072 = mul nsw i64 %1067, 768
+  %1073 = getelementptr inbounds float, ptr %h, i64 %1072
   %col193 = mul nsw i64 %p, 8
-  %1073 = load <16 x float>, ptr %acc20160, align 4
-  %1074 = shufflevector <16 x float> %1073, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1075 = load <16 x float>, ptr %acc20160, align 4
-  %1076 = shufflevector <16 x float> %1075, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1077 = fneg <8 x float> %1074
-  %1078 = fcmp olt <8 x float> %1077, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1079 = select <8 x i1> %1078, <8 x float> %1077, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1080 = fcmp ogt <8 x float> %1079, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1081 = select <8 x i1> %1080, <8 x float> %1079, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1083 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1082)
-  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1081)
-  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1084)
-  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1085, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1086, <8 x float> %1085, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> %1085, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1088, <8 x float> %1085, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1085, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1091 = fmul <8 x float> %1085, %1085
-  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1090, <8 x float> %1091, <8 x float> %1085)
-  %1093 = fadd <8 x float> %1092, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1094 = fptosi <8 x float> %1083 to <8 x i32>
-  %1095 = add <8 x i32> %1094, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1096 = shl <8 x i32> %1095, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n194 = bitcast <8 x i32> %1096 to <8 x float>
-  %exp195 = fmul <8 x float> %1093, %exp.2n194
-  %1097 = fadd <8 x float> %exp195, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid196 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1097
-  %silu197 = fmul <8 x float> %1074, %sigmoid196
-  %glu198 = fmul <8 x float> %silu197, %1076
-  %1098 = fmul <8 x float> %glu198, %1070
-  %1099 = getelementptr inbounds i16, ptr %1072, i64 %col193
-  %hb199 = fptrunc <8 x float> %1098 to <8 x bfloat>
-  store <8 x bfloat> %hb199, ptr %1099, align 4
+  %1074 = load <16 x float>, ptr %acc20160, align 4
+  %1075 = shufflevector <16 x float> %1074, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1076 = load <16 x float>, ptr %acc20160, align 4
+  %1077 = shufflevector <16 x float> %1076, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1078 = fneg <8 x float> %1075
+  %1079 = fcmp olt <8 x float> %1078, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1080 = select <8 x i1> %1079, <8 x float> %1078, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1081 = fcmp ogt <8 x float> %1080, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1082 = select <8 x i1> %1081, <8 x float> %1080, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1084 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1083)
+  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1082)
+  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1085)
+  %1087 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1086, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> %1086, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1088, <8 x float> %1086, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1086, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1090, <8 x float> %1086, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1092 = fmul <8 x float> %1086, %1086
+  %1093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1091, <8 x float> %1092, <8 x float> %1086)
+  %1094 = fadd <8 x float> %1093, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1095 = fptosi <8 x float> %1084 to <8 x i32>
+  %1096 = add <8 x i32> %1095, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1097 = shl <8 x i32> %1096, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n194 = bitcast <8 x i32> %1097 to <8 x float>
+  %exp195 = fmul <8 x float> %1094, %exp.2n194
+  %1098 = fadd <8 x float> %exp195, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid196 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1098
+  %silu197 = fmul <8 x float> %1075, %sigmoid196
+  %glu198 = fmul <8 x float> %silu197, %1077
+  %1099 = fmul <8 x float> %glu198, %1071
+  %1100 = getelementptr inbounds i16, ptr %1073, i64 %col193
+  %hb199 = fptrunc <8 x float> %1099 to <8 x bfloat>
+  store <8 x bfloat> %hb199, ptr %1100, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %1100 = add nsw i64 %r0, 0
-  %1101 = mul nsw i64 %1100, 2048
-  %1102 = getelementptr inbounds i16, ptr %xb, i64 %1101
+tile.mr2:                                         ; preds = %rb.body
+  %1101 = add nsw i64 %r0, 0
+  %1102 = mul nsw i64 %1101, 2048
+  %1103 = getelementptr inbounds i16, ptr %xb, i64 %1102
   store <16 x float> zeroinitializer, ptr %acc00200, align 4
-  %1103 = add nsw i64 %r0, 1
-  %1104 = mul nsw i64 %1103, 2048
-  %1105 = getelementptr inbounds i16, ptr %xb, i64 %1104
+  %1104 = add nsw i64 %r0, 1
+  %1105 = mul nsw i64 %1104, 2048
+  %1106 = getelementptr inbounds i16, ptr %xb, i64 %1105
   store <16 x float> zeroinitializer, ptr %acc10201, align 4
-  %1106 = mul nsw i64 %p, 32768
-  %1107 = getelementptr inbounds i16, ptr %panels, i64 %1106
-  %1108 = add nsw i64 %p, 1
-  %1109 = icmp slt i64 %1108, %p1
-  %pf.on202 = and i1 %pf.on, %1109
-  %1110 = mul nsw i64 %pf.j, 65536
-  %1111 = lshr i64 %1110, %32
-  %1112 = add nsw i64 65536, %1111
-  %1113 = getelementptr inbounds i8, ptr %1107, i64 %1112
-  %pf203 = select i1 %pf.on202, ptr %1113, ptr %1107
-  %pf.sh204 = select i1 %pf.on202, i64 %32, i64 0
+  %1107 = mul nsw i64 %p, 32768
+  %1108 = getelementptr inbounds i16, ptr %panels, i64 %1107
+  %1109 = add nsw i64 %p, 1
+  %1110 = icmp slt i64 %1109, %p1
+  %pf.on202 = and i1 %pf.on, %1110
+  %1111 = mul nsw i64 %rb, 65536
+  %1112 = lshr i64 %1111, %34
+  %1113 = add nsw i64 65536, %1112
+  %1114 = getelementptr inbounds i8, ptr %1108, i64 %1113
+  %pf203 = select i1 %pf.on202, ptr %1114, ptr %1108
+  %pf.sh204 = select i1 %pf.on202, i64 %34, i64 0
   store <16 x float> zeroinitializer, ptr %acc01205, align 4
   store <16 x float> zeroinitializer, ptr %acc11206, align 4
   br label %kp.head207
 
 kp.head207:                                       ; preds = %pf.any.end215, %tile.mr2
-  %kp210 = phi i64 [ 0, %tile.mr2 ], [ %1156, %pf.any.end215 ]
-  %1114 = icmp slt i64 %kp210, 512
-  br i1 %1114, label %kp.body208, label %kp.end209
+  %kp210 = phi i64 [ 0, %tile.mr2 ], [ %1157, %pf.any.end215 ]
+  %1115 = icmp slt i64 %kp210, 512
+  br i1 %1115, label %kp.body208, label %kp.end209
 
 kp.body208:                                       ; preds = %kp.head207
   %kk211 = mul nsw i64 %kp210, 2
-  %1115 = mul nsw i64 %kk211, 32
-  %1116 = getelementptr inbounds i16, ptr %1107, i64 %1115
-  %1117 = load <32 x bfloat>, ptr %1116, align 4
-  %1118 = mul nsw i64 %kk211, 64
+  %1116 = mul nsw i64 %kk211, 32
+  %1117 = getelementptr inbounds i16, ptr %1108, i64 %1116
+  %1118 = load <32 x bfloat>, ptr %1117, align 4
+  %1119 = mul nsw i64 %kk211, 64
   br i1 %pf.multi, label %pf.any.then212, label %pf.any.end213
 
 pf.any.then212:                                   ; preds = %kp.body208
-  %1119 = lshr i64 %1118, %pf.sh204
-  %1120 = getelementptr inbounds i8, ptr %pf203, i64 %1119
-  call void @llvm.prefetch.p0(ptr %1120, i32 0, i32 2, i32 1)
+  %1120 = lshr i64 %1119, %pf.sh204
+  %1121 = getelementptr inbounds i8, ptr %pf203, i64 %1120
+  call void @llvm.prefetch.p0(ptr %1121, i32 0, i32 2, i32 1)
   br label %pf.any.end213
 
 pf.any.end213:                                    ; preds = %pf.any.then212, %kp.body208
-  %1121 = getelementptr inbounds i32, ptr %1102, i64 %kk211
-  %1122 = load i32, ptr %1121, align 4
-  %1123 = load <16 x float>, ptr %acc00200, align 4
-  %1124 = insertelement <16 x i32> poison, i32 %1122, i32 0
-  %1125 = shufflevector <16 x i32> %1124, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1126 = bitcast <16 x i32> %1125 to <32 x bfloat>
-  %1127 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1123, <32 x bfloat> %1117, <32 x bfloat> %1126)
-  store <16 x float> %1127, ptr %acc00200, align 4
-  %1128 = getelementptr inbounds i32, ptr %1105, i64 %kk211
-  %1129 = load i32, ptr %1128, align 4
-  %1130 = load <16 x float>, ptr %acc10201, align 4
-  %1131 = insertelement <16 x i32> poison, i32 %1129, i32 0
-  %1132 = shufflevector <16 x i32> %1131, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1133 = bitcast <16 x i32> %1132 to <32 x bfloat>
-  %1134 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1130, <32 x bfloat> %1117, <32 x bfloat> %1133)
-  store <16 x float> %1134, ptr %acc10201, align 4
-  %1135 = add nsw i64 %kk211, 1
-  %1136 = mul nsw i64 %1135, 32
-  %1137 = getelementptr inbounds i16, ptr %1107, i64 %1136
-  %1138 = load <32 x bfloat>, ptr %1137, align 4
-  %1139 = mul nsw i64 %1135, 64
+  %1122 = getelementptr inbounds i32, ptr %1103, i64 %kk211
+  %1123 = load i32, ptr %1122, align 4
+  %1124 = load <16 x float>, ptr %acc00200, align 4
+  %1125 = insertelement <16 x i32> poison, i32 %1123, i32 0
+  %1126 = shufflevector <16 x i32> %1125, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1127 = bitcast <16 x i32> %1126 to <32 x bfloat>
+  %1128 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1124, <32 x bfloat> %1118, <32 x bfloat> %1127)
+  store <16 x float> %1128, ptr %acc00200, align 4
+  %1129 = getelementptr inbounds i32, ptr %1106, i64 %kk211
+  %1130 = load i32, ptr %1129, align 4
+  %1131 = load <16 x float>, ptr %acc10201, align 4
+  %1132 = insertelement <16 x i32> poison, i32 %1130, i32 0
+  %1133 = shufflevector <16 x i32> %1132, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1134 = bitcast <16 x i32> %1133 to <32 x bfloat>
+  %1135 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1131, <32 x bfloat> %1118, <32 x bfloat> %1134)
+  store <16 x float> %1135, ptr %acc10201, align 4
+  %1136 = add nsw i64 %kk211, 1
+  %1137 = mul nsw i64 %1136, 32
+  %1138 = getelementptr inbounds i16, ptr %1108, i64 %1137
+  %1139 = load <32 x bfloat>, ptr %1138, align 4
+  %1140 = mul nsw i64 %1136, 64
   br i1 %pf.multi, label %pf.any.then214, label %pf.any.end215
 
 pf.any.then214:                                   ; preds = %pf.any.end213
-  %1140 = lshr i64 %1139, %pf.sh204
-  %1141 = getelementptr inbounds i8, ptr %pf203, i64 %1140
-  call void @llvm.prefetch.p0(ptr %1141, i32 0, i32 2, i32 1)
+  %1141 = lshr i64 %1140, %pf.sh204
+  %1142 = getelementptr inbounds i8, ptr %pf203, i64 %1141
+  call void @llvm.prefetch.p0(ptr %1142, i32 0, i32 2, i32 1)
   br label %pf.any.end215
 
 pf.any.end215:                                    ; preds = %pf.any.then214, %pf.any.end213
-  %1142 = getelementptr inbounds i32, ptr %1102, i64 %1135
-  %1143 = load i32, ptr %1142, align 4
-  %1144 = load <16 x float>, ptr %acc01205, align 4
-  %1145 = insertelement <16 x i32> poison, i32 %1143, i32 0
-  %1146 = shufflevector <16 x i32> %1145, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1147 = bitcast <16 x i32> %1146 to <32 x bfloat>
-  %1148 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1144, <32 x bfloat> %1138, <32 x bfloat> %1147)
-  store <16 x float> %1148, ptr %acc01205, align 4
-  %1149 = getelementptr inbounds i32, ptr %1105, i64 %1135
-  %1150 = load i32, ptr %1149, align 4
-  %1151 = load <16 x float>, ptr %acc11206, align 4
-  %1152 = insertelement <16 x i32> poison, i32 %1150, i32 0
-  %1153 = shufflevector <16 x i32> %1152, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1154 = bitcast <16 x i32> %1153 to <32 x bfloat>
-  %1155 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1151, <32 x bfloat> %1138, <32 x bfloat> %1154)
-  store <16 x float> %1155, ptr %acc11206, align 4
-  %1156 = add nsw i64 %kp210, 1
+  %1143 = getelementptr inbounds i32, ptr %1103, i64 %1136
+  %1144 = load i32, ptr %1143, align 4
+  %1145 = load <16 x float>, ptr %acc01205, align 4
+  %1146 = insertelement <16 x i32> poison, i32 %1144, i32 0
+  %1147 = shufflevector <16 x i32> %1146, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1148 = bitcast <16 x i32> %1147 to <32 x bfloat>
+  %1149 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1145, <32 x bfloat> %1139, <32 x bfloat> %1148)
+  store <16 x float> %1149, ptr %acc01205, align 4
+  %1150 = getelementptr inbounds i32, ptr %1106, i64 %1136
+  %1151 = load i32, ptr %1150, align 4
+  %1152 = load <16 x float>, ptr %acc11206, align 4
+  %1153 = insertelement <16 x i32> poison, i32 %1151, i32 0
+  %1154 = shufflevector <16 x i32> %1153, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1155 = bitcast <16 x i32> %1154 to <32 x bfloat>
+  %1156 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1152, <32 x bfloat> %1139, <32 x bfloat> %1155)
+  store <16 x float> %1156, ptr %acc11206, align 4
+  %1157 = add nsw i64 %kp210, 1
   br label %kp.head207
 
 kp.end209:                                        ; preds = %kp.head207
-  %1157 = load <16 x float>, ptr %acc01205, align 4
-  %1158 = load <16 x float>, ptr %acc00200, align 4
-  %sum216 = fadd <16 x float> %1158, %1157
+  %1158 = load <16 x float>, ptr %acc01205, align 4
+  %1159 = load <16 x float>, ptr %acc00200, align 4
+  %sum216 = fadd <16 x float> %1159, %1158
   store <16 x float> %sum216, ptr %acc00200, align 4
-  %1159 = load <16 x float>, ptr %acc11206, align 4
-  %1160 = load <16 x float>, ptr %acc10201, align 4
-  %sum217 = fadd <16 x float> %1160, %1159
+  %1160 = load <16 x float>, ptr %acc11206, align 4
+  %1161 = load <16 x float>, ptr %acc10201, align 4
+  %sum217 = fadd <16 x float> %1161, %1160
   store <16 x float> %sum217, ptr %acc10201, align 4
-  %1161 = add nsw i64 %r0, 0
-  %1162 = add nsw i64 %chunk, %1161
-  %1163 = getelementptr inbounds float, ptr %rw, i64 %1162
-  %1164 = load float, ptr %1163, align 4
-  %1165 = insertelement <8 x float> poison, float %1164, i32 0
-  %1166 = shufflevector <8 x float> %1165, <8 x float> poison, <8 x i32> zeroinitializer
-  %1167 = mul nsw i64 %1162, 768
-  %1168 = getelementptr inbounds float, ptr %h, i64 %1167
+  %1162 = add nsw i64 %r0, 0
+  %1163 = add nsw i64 %chunk, %1162
+  %1164 = getelementptr inbounds float, ptr %rw, i64 %1163
+  %1165 = load float, ptr %1164, align 4
+  %1166 = insertelement <8 x float> poison, float %1165, i32 0
+  %1167 = shufflevector <8 x float> %1166, <8 x float> poison, <8 x i32> zeroinitializer
+  %1168 = mul nsw i64 %1163, 768
+  %1169 = getelementptr inbounds float, ptr %h, i64 %1168
   %col218 = mul nsw i64 %p, 8
-  %1169 = load <16 x float>, ptr %acc00200, align 4
-  %1170 = shufflevector <16 x float> %1169, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1171 = load <16 x float>, ptr %acc00200, align 4
-  %1172 = shufflevector <16 x float> %1171, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1173 = fneg <8 x float> %1170
-  %1174 = fcmp olt <8 x float> %1173, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1175 = select <8 x i1> %1174, <8 x float> %1173, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1176 = fcmp ogt <8 x float> %1175, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1177 = select <8 x i1> %1176, <8 x float> %1175, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1177, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1179 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1178)
-  %1180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1179, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1177)
-  %1181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1179, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1180)
-  %1182 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1181, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1182, <8 x float> %1181, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1183, <8 x float> %1181, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1184, <8 x float> %1181, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1185, <8 x float> %1181, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1187 = fmul <8 x float> %1181, %1181
-  %1188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> %1187, <8 x float> %1181)
-  %1189 = fadd <8 x float> %1188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1190 = fptosi <8 x float> %1179 to <8 x i32>
-  %1191 = add <8 x i32> %1190, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1192 = shl <8 x i32> %1191, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n219 = bitcast <8 x i32> %1192 to <8 x float>
-  %exp220 = fmul <8 x float> %1189, %exp.2n219
-  %1193 = fadd <8 x float> %exp220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid221 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1193
-  %silu222 = fmul <8 x float> %1170, %sigmoid221
-  %glu223 = fmul <8 x float> %silu222, %1172
-  %1194 = fmul <8 x float> %glu223, %1166
-  %1195 = getelementptr inbounds i16, ptr %1168, i64 %col218
-  %hb224 = fptrunc <8 x float> %1194 to <8 x bfloat>
-  store <8 x bfloat> %hb224, ptr %1195, align 4
-  %1196 = add nsw i64 %r0, 1
-  %1197 = add nsw i64 %chunk, %1196
-  %1198 = getelementptr inbounds float, ptr %rw, i64 %1197
-  %1199 = load float, ptr %1198, align 4
-  %1200 = insertelement <8 x float> poison, float %1199, i32 0
-  %1201 = shufflevector <8 x float> %1200, <8 x float> poison, <8 x i32> zeroinitializer
-  %1202 = mul nsw i64 %1197, 768
-  %1203 = getelementptr inbounds float, ptr %h, i64 %1202
+  %1170 = load <16 x float>, ptr %acc00200, align 4
+  %1171 = shufflevector <16 x float> %1170, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1172 = load <16 x float>, ptr %acc00200, align 4
+  %1173 = shufflevector <16 x float> %1172, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1174 = fneg <8 x float> %1171
+  %1175 = fcmp olt <8 x float> %1174, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1176 = select <8 x i1> %1175, <8 x float> %1174, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1177 = fcmp ogt <8 x float> %1176, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1178 = select <8 x i1> %1177, <8 x float> %1176, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1178, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1180 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1179)
+  %1181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1180, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1178)
+  %1182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1180, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1181)
+  %1183 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1182, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1183, <8 x float> %1182, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1184, <8 x float> %1182, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1185, <8 x float> %1182, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1186, <8 x float> %1182, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1188 = fmul <8 x float> %1182, %1182
+  %1189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1187, <8 x float> %1188, <8 x float> %1182)
+  %1190 = fadd <8 x float> %1189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1191 = fptosi <8 x float> %1180 to <8 x i32>
+  %1192 = add <8 x i32> %1191, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1193 = shl <8 x i32> %1192, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n219 = bitcast <8 x i32> %1193 to <8 x float>
+  %exp220 = fmul <8 x float> %1190, %exp.2n219
+  %1194 = fadd <8 x float> %exp220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid221 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1194
+  %silu222 = fmul <8 x float> %1171, %sigmoid221
+  %glu223 = fmul <8 x float> %silu222, %1173
+  %1195 = fmul <8 x float> %glu223, %1167
+  %1196 = getelementptr inbounds i16, ptr %1169, i64 %col218
+  %hb224 = fptrunc <8 x float> %1195 to <8 x bfloat>
+  store <8 x bfloat> %hb224, ptr %1196, align 4
+  %1197 = add nsw i64 %r0, 1
+  %1198 = add nsw i64 %chunk, %1197
+  %1199 = getelementptr inbounds float, ptr %rw, i64 %1198
+  %1200 = load float, ptr %1199, align 4
+  %1201 = insertelement <8 x float> poison, float %1200, i32 0
+  %1202 = shufflevector <8 x float> %1201, <8 x float> poison, <8 x i32> zeroinitializer
+  %1203 = mul nsw i64 %1198, 768
+  %1204 = getelementptr inbounds float, ptr %h, i64 %1203
   %col225 = mul nsw i64 %p, 8
-  %1204 = load <16 x float>, ptr %acc10201, align 4
-  %1205 = shufflevector <16 x float> %1204, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1206 = load <16 x float>, ptr %acc10201, align 4
-  %1207 = shufflevector <16 x float> %1206, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1208 = fneg <8 x float> %1205
-  %1209 = fcmp olt <8 x float> %1208, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1210 = select <8 x i1> %1209, <8 x float> %1208, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1211 = fcmp ogt <8 x float> %1210, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1212 = select <8 x i1> %1211, <8 x float> %1210, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1214 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1213)
-  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1212)
-  %1216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1215)
-  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1216, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1217, <8 x float> %1216, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1218, <8 x float> %1216, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1219, <8 x float> %1216, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1220, <8 x float> %1216, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1222 = fmul <8 x float> %1216, %1216
-  %1223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1221, <8 x float> %1222, <8 x float> %1216)
-  %1224 = fadd <8 x float> %1223, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1225 = fptosi <8 x float> %1214 to <8 x i32>
-  %1226 = add <8 x i32> %1225, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1227 = shl <8 x i32> %1226, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n226 = bitcast <8 x i32> %1227 to <8 x float>
-  %exp227 = fmul <8 x float> %1224, %exp.2n226
-  %1228 = fadd <8 x float> %exp227, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid228 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1228
-  %silu229 = fmul <8 x float> %1205, %sigmoid228
-  %glu230 = fmul <8 x float> %silu229, %1207
-  %1229 = fmul <8 x float> %glu230, %1201
-  %1230 = getelementptr inbounds i16, ptr %1203, i64 %col225
-  %hb231 = fptrunc <8 x float> %1229 to <8 x bfloat>
-  store <8 x bfloat> %hb231, ptr %1230, align 4
+  %1205 = load <16 x float>, ptr %acc10201, align 4
+  %1206 = shufflevector <16 x float> %1205, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1207 = load <16 x float>, ptr %acc10201, align 4
+  %1208 = shufflevector <16 x float> %1207, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1209 = fneg <8 x float> %1206
+  %1210 = fcmp olt <8 x float> %1209, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1211 = select <8 x i1> %1210, <8 x float> %1209, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1212 = fcmp ogt <8 x float> %1211, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1213 = select <8 x i1> %1212, <8 x float> %1211, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1215 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1214)
+  %1216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1213)
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1216)
+  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1217, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1218, <8 x float> %1217, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1219, <8 x float> %1217, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1220, <8 x float> %1217, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1222 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1221, <8 x float> %1217, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1223 = fmul <8 x float> %1217, %1217
+  %1224 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1222, <8 x float> %1223, <8 x float> %1217)
+  %1225 = fadd <8 x float> %1224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1226 = fptosi <8 x float> %1215 to <8 x i32>
+  %1227 = add <8 x i32> %1226, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1228 = shl <8 x i32> %1227, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n226 = bitcast <8 x i32> %1228 to <8 x float>
+  %exp227 = fmul <8 x float> %1225, %exp.2n226
+  %1229 = fadd <8 x float> %exp227, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid228 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1229
+  %silu229 = fmul <8 x float> %1206, %sigmoid228
+  %glu230 = fmul <8 x float> %silu229, %1208
+  %1230 = fmul <8 x float> %glu230, %1202
+  %1231 = getelementptr inbounds i16, ptr %1204, i64 %col225
+  %hb231 = fptrunc <8 x float> %1230 to <8 x bfloat>
+  store <8 x bfloat> %hb231, ptr %1231, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %1231 = add nsw i64 %r0, 0
-  %1232 = mul nsw i64 %1231, 2048
-  %1233 = getelementptr inbounds i16, ptr %xb, i64 %1232
+tile.mr1:                                         ; preds = %rb.body
+  %1232 = add nsw i64 %r0, 0
+  %1233 = mul nsw i64 %1232, 2048
+  %1234 = getelementptr inbounds i16, ptr %xb, i64 %1233
   store <16 x float> zeroinitializer, ptr %acc00232, align 4
-  %1234 = mul nsw i64 %p, 32768
-  %1235 = getelementptr inbounds i16, ptr %panels, i64 %1234
-  %1236 = add nsw i64 %p, 1
-  %1237 = icmp slt i64 %1236, %p1
-  %pf.on233 = and i1 %pf.on, %1237
-  %1238 = mul nsw i64 %pf.j, 65536
-  %1239 = lshr i64 %1238, %32
-  %1240 = add nsw i64 65536, %1239
-  %1241 = getelementptr inbounds i8, ptr %1235, i64 %1240
-  %pf234 = select i1 %pf.on233, ptr %1241, ptr %1235
-  %pf.sh235 = select i1 %pf.on233, i64 %32, i64 0
+  %1235 = mul nsw i64 %p, 32768
+  %1236 = getelementptr inbounds i16, ptr %panels, i64 %1235
+  %1237 = add nsw i64 %p, 1
+  %1238 = icmp slt i64 %1237, %p1
+  %pf.on233 = and i1 %pf.on, %1238
+  %1239 = mul nsw i64 %rb, 65536
+  %1240 = lshr i64 %1239, %34
+  %1241 = add nsw i64 65536, %1240
+  %1242 = getelementptr inbounds i8, ptr %1236, i64 %1241
+  %pf234 = select i1 %pf.on233, ptr %1242, ptr %1236
+  %pf.sh235 = select i1 %pf.on233, i64 %34, i64 0
   store <16 x float> zeroinitializer, ptr %acc01236, align 4
   br label %kp.head237
 
 kp.head237:                                       ; preds = %pf.any.end245, %tile.mr1
-  %kp240 = phi i64 [ 0, %tile.mr1 ], [ %1270, %pf.any.end245 ]
-  %1242 = icmp slt i64 %kp240, 512
-  br i1 %1242, label %kp.body238, label %kp.end239
+  %kp240 = phi i64 [ 0, %tile.mr1 ], [ %1271, %pf.any.end245 ]
+  %1243 = icmp slt i64 %kp240, 512
+  br i1 %1243, label %kp.body238, label %kp.end239
 
 kp.body238:                                       ; preds = %kp.head237
   %kk241 = mul nsw i64 %kp240, 2
-  %1243 = mul nsw i64 %kk241, 32
-  %1244 = getelementptr inbounds i16, ptr %1235, i64 %1243
-  %1245 = load <32 x bfloat>, ptr %1244, align 4
-  %1246 = mul nsw i64 %kk241, 64
+  %1244 = mul nsw i64 %kk241, 32
+  %1245 = getelementptr inbounds i16, ptr %1236, i64 %1244
+  %1246 = load <32 x bfloat>, ptr %1245, align 4
+  %1247 = mul nsw i64 %kk241, 64
   br i1 %pf.multi, label %pf.any.then242, label %pf.any.end243
 
 pf.any.then242:                                   ; preds = %kp.body238
-  %1247 = lshr i64 %1246, %pf.sh235
-  %1248 = getelementptr inbounds i8, ptr %pf234, i64 %1247
-  call void @llvm.prefetch.p0(ptr %1248, i32 0, i32 2, i32 1)
+  %1248 = lshr i64 %1247, %pf.sh235
+  %1249 = getelementptr inbounds i8, ptr %pf234, i64 %1248
+  call void @llvm.prefetch.p0(ptr %1249, i32 0, i32 2, i32 1)
   br label %pf.any.end243
 
 pf.any.end243:                                    ; preds = %pf.any.then242, %kp.body238
-  %1249 = getelementptr inbounds i32, ptr %1233, i64 %kk241
-  %1250 = load i32, ptr %1249, align 4
-  %1251 = load <16 x float>, ptr %acc00232, align 4
-  %1252 = insertelement <16 x i32> poison, i32 %1250, i32 0
-  %1253 = shufflevector <16 x i32> %1252, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1254 = bitcast <16 x i32> %1253 to <32 x bfloat>
-  %1255 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1251, <32 x bfloat> %1245, <32 x bfloat> %1254)
-  store <16 x float> %1255, ptr %acc00232, align 4
-  %1256 = add nsw i64 %kk241, 1
-  %1257 = mul nsw i64 %1256, 32
-  %1258 = getelementptr inbounds i16, ptr %1235, i64 %1257
-  %1259 = load <32 x bfloat>, ptr %1258, align 4
-  %1260 = mul nsw i64 %1256, 64
+  %1250 = getelementptr inbounds i32, ptr %1234, i64 %kk241
+  %1251 = load i32, ptr %1250, align 4
+  %1252 = load <16 x float>, ptr %acc00232, align 4
+  %1253 = insertelement <16 x i32> poison, i32 %1251, i32 0
+  %1254 = shufflevector <16 x i32> %1253, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1255 = bitcast <16 x i32> %1254 to <32 x bfloat>
+  %1256 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1252, <32 x bfloat> %1246, <32 x bfloat> %1255)
+  store <16 x float> %1256, ptr %acc00232, align 4
+  %1257 = add nsw i64 %kk241, 1
+  %1258 = mul nsw i64 %1257, 32
+  %1259 = getelementptr inbounds i16, ptr %1236, i64 %1258
+  %1260 = load <32 x bfloat>, ptr %1259, align 4
+  %1261 = mul nsw i64 %1257, 64
   br i1 %pf.multi, label %pf.any.then244, label %pf.any.end245
 
 pf.any.then244:                                   ; preds = %pf.any.end243
-  %1261 = lshr i64 %1260, %pf.sh235
-  %1262 = getelementptr inbounds i8, ptr %pf234, i64 %1261
-  call void @llvm.prefetch.p0(ptr %1262, i32 0, i32 2, i32 1)
+  %1262 = lshr i64 %1261, %pf.sh235
+  %1263 = getelementptr inbounds i8, ptr %pf234, i64 %1262
+  call void @llvm.prefetch.p0(ptr %1263, i32 0, i32 2, i32 1)
   br label %pf.any.end245
 
 pf.any.end245:                                    ; preds = %pf.any.then244, %pf.any.end243
-  %1263 = getelementptr inbounds i32, ptr %1233, i64 %1256
-  %1264 = load i32, ptr %1263, align 4
-  %1265 = load <16 x float>, ptr %acc01236, align 4
-  %1266 = insertelement <16 x i32> poison, i32 %1264, i32 0
-  %1267 = shufflevector <16 x i32> %1266, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1268 = bitcast <16 x i32> %1267 to <32 x bfloat>
-  %1269 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1265, <32 x bfloat> %1259, <32 x bfloat> %1268)
-  store <16 x float> %1269, ptr %acc01236, align 4
-  %1270 = add nsw i64 %kp240, 1
+  %1264 = getelementptr inbounds i32, ptr %1234, i64 %1257
+  %1265 = load i32, ptr %1264, align 4
+  %1266 = load <16 x float>, ptr %acc01236, align 4
+  %1267 = insertelement <16 x i32> poison, i32 %1265, i32 0
+  %1268 = shufflevector <16 x i32> %1267, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1269 = bitcast <16 x i32> %1268 to <32 x bfloat>
+  %1270 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %1266, <32 x bfloat> %1260, <32 x bfloat> %1269)
+  store <16 x float> %1270, ptr %acc01236, align 4
+  %1271 = add nsw i64 %kp240, 1
   br label %kp.head237
 
 kp.end239:                                        ; preds = %kp.head237
-  %1271 = load <16 x float>, ptr %acc01236, align 4
-  %1272 = load <16 x float>, ptr %acc00232, align 4
-  %sum246 = fadd <16 x float> %1272, %1271
+  %1272 = load <16 x float>, ptr %acc01236, align 4
+  %1273 = load <16 x float>, ptr %acc00232, align 4
+  %sum246 = fadd <16 x float> %1273, %1272
   store <16 x float> %sum246, ptr %acc00232, align 4
-  %1273 = add nsw i64 %r0, 0
-  %1274 = add nsw i64 %chunk, %1273
-  %1275 = getelementptr inbounds float, ptr %rw, i64 %1274
-  %1276 = load float, ptr %1275, align 4
-  %1277 = insertelement <8 x float> poison, float %1276, i32 0
-  %1278 = shufflevector <8 x float> %1277, <8 x float> poison, <8 x i32> zeroinitializer
-  %1279 = mul nsw i64 %1274, 768
-  %1280 = getelementptr inbounds float, ptr %h, i64 %1279
+  %1274 = add nsw i64 %r0, 0
+  %1275 = add nsw i64 %chunk, %1274
+  %1276 = getelementptr inbounds float, ptr %rw, i64 %1275
+  %1277 = load float, ptr %1276, align 4
+  %1278 = insertelement <8 x float> poison, float %1277, i32 0
+  %1279 = shufflevector <8 x float> %1278, <8 x float> poison, <8 x i32> zeroinitializer
+  %1280 = mul nsw i64 %1275, 768
+  %1281 = getelementptr inbounds float, ptr %h, i64 %1280
   %col247 = mul nsw i64 %p, 8
-  %1281 = load <16 x float>, ptr %acc00232, align 4
-  %1282 = shufflevector <16 x float> %1281, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
-  %1283 = load <16 x float>, ptr %acc00232, align 4
-  %1284 = shufflevector <16 x float> %1283, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1285 = fneg <8 x float> %1282
-  %1286 = fcmp olt <8 x float> %1285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1287 = select <8 x i1> %1286, <8 x float> %1285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1288 = fcmp ogt <8 x float> %1287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1289 = select <8 x i1> %1288, <8 x float> %1287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1290)
-  %1292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1289)
-  %1293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1292)
-  %1294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1294, <8 x float> %1293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1295, <8 x float> %1293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1296, <8 x float> %1293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1297, <8 x float> %1293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1299 = fmul <8 x float> %1293, %1293
-  %1300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1298, <8 x float> %1299, <8 x float> %1293)
-  %1301 = fadd <8 x float> %1300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1302 = fptosi <8 x float> %1291 to <8 x i32>
-  %1303 = add <8 x i32> %1302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1304 = shl <8 x i32> %1303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n248 = bitcast <8 x i32> %1304 to <8 x float>
-  %exp249 = fmul <8 x float> %1301, %exp.2n248
-  %1305 = fadd <8 x float> %exp249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid250 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1305
-  %silu251 = fmul <8 x float> %1282, %sigmoid250
-  %glu252 = fmul <8 x float> %silu251, %1284
-  %1306 = fmul <8 x float> %glu252, %1278
-  %1307 = getelementptr inbounds i16, ptr %1280, i64 %col247
-  %hb253 = fptrunc <8 x float> %1306 to <8 x bfloat>
-  store <8 x bfloat> %hb253, ptr %1307, align 4
+  %1282 = load <16 x float>, ptr %acc00232, align 4
+  %1283 = shufflevector <16 x float> %1282, <16 x float> poison, <8 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7>
+  %1284 = load <16 x float>, ptr %acc00232, align 4
+  %1285 = shufflevector <16 x float> %1284, <16 x float> poison, <8 x i32> <i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %1286 = fneg <8 x float> %1283
+  %1287 = fcmp olt <8 x float> %1286, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1288 = select <8 x i1> %1287, <8 x float> %1286, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1289 = fcmp ogt <8 x float> %1288, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1290 = select <8 x i1> %1289, <8 x float> %1288, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1290, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1292 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1291)
+  %1293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1292, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1290)
+  %1294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1292, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1293)
+  %1295 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1294, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1295, <8 x float> %1294, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1296, <8 x float> %1294, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1297, <8 x float> %1294, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1298, <8 x float> %1294, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1300 = fmul <8 x float> %1294, %1294
+  %1301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1299, <8 x float> %1300, <8 x float> %1294)
+  %1302 = fadd <8 x float> %1301, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1303 = fptosi <8 x float> %1292 to <8 x i32>
+  %1304 = add <8 x i32> %1303, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1305 = shl <8 x i32> %1304, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n248 = bitcast <8 x i32> %1305 to <8 x float>
+  %exp249 = fmul <8 x float> %1302, %exp.2n248
+  %1306 = fadd <8 x float> %exp249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid250 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1306
+  %silu251 = fmul <8 x float> %1283, %sigmoid250
+  %glu252 = fmul <8 x float> %silu251, %1285
+  %1307 = fmul <8 x float> %glu252, %1279
+  %1308 = getelementptr inbounds i16, ptr %1281, i64 %col247
+  %hb253 = fptrunc <8 x float> %1307 to <8 x bfloat>
+  store <8 x bfloat> %hb253, ptr %1308, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %kp.end239, %kp.end209, %kp.end169, %kp.end119, %kp.end59, %kp.end
-  %1308 = add nsw i64 %r0, 6
-  br label %r0.head
+  %1309 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %1309 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %1310 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
-  %1310 = add nsw i64 %chunk, 96
+  %1311 = add nsw i64 %chunk, 96
   br label %chunk.head
 
 chunk.end:                                        ; preds = %chunk.head
@@ -2886,37 +2887,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 128
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %699, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %700, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %698, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %699, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2925,79 +2927,79 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 768
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 2048
-  %21 = add nsw i64 %20, %col
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 768
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 2048
+  %22 = add nsw i64 %21, %col
+  %23 = getelementptr inbounds float, ptr %y, i64 %22
   store <16 x float> zeroinitializer, ptr %acc00, align 4
-  %23 = add nsw i64 %r0, 1
-  %24 = mul nsw i64 %23, 768
-  %25 = getelementptr inbounds float, ptr %h, i64 %24
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %23
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 2048
-  %30 = add nsw i64 %29, %col
-  %31 = getelementptr inbounds float, ptr %y, i64 %30
+  %24 = add nsw i64 %r0, 1
+  %25 = mul nsw i64 %24, 768
+  %26 = getelementptr inbounds float, ptr %h, i64 %25
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %24
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 2048
+  %31 = add nsw i64 %30, %col
+  %32 = getelementptr inbounds float, ptr %y, i64 %31
   store <16 x float> zeroinitializer, ptr %acc10, align 4
-  %32 = add nsw i64 %r0, 2
-  %33 = mul nsw i64 %32, 768
-  %34 = getelementptr inbounds float, ptr %h, i64 %33
-  %35 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %36 = load i32, ptr %35, align 4
-  %37 = sext i32 %36 to i64
-  %38 = mul nsw i64 %37, 2048
-  %39 = add nsw i64 %38, %col
-  %40 = getelementptr inbounds float, ptr %y, i64 %39
+  %33 = add nsw i64 %r0, 2
+  %34 = mul nsw i64 %33, 768
+  %35 = getelementptr inbounds float, ptr %h, i64 %34
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %33
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 2048
+  %40 = add nsw i64 %39, %col
+  %41 = getelementptr inbounds float, ptr %y, i64 %40
   store <16 x float> zeroinitializer, ptr %acc20, align 4
-  %41 = add nsw i64 %r0, 3
-  %42 = mul nsw i64 %41, 768
-  %43 = getelementptr inbounds float, ptr %h, i64 %42
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %41
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 2048
-  %48 = add nsw i64 %47, %col
-  %49 = getelementptr inbounds float, ptr %y, i64 %48
+  %42 = add nsw i64 %r0, 3
+  %43 = mul nsw i64 %42, 768
+  %44 = getelementptr inbounds float, ptr %h, i64 %43
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 2048
+  %49 = add nsw i64 %48, %col
+  %50 = getelementptr inbounds float, ptr %y, i64 %49
   store <16 x float> zeroinitializer, ptr %acc30, align 4
-  %50 = add nsw i64 %r0, 4
-  %51 = mul nsw i64 %50, 768
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 2048
-  %57 = add nsw i64 %56, %col
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %51 = add nsw i64 %r0, 4
+  %52 = mul nsw i64 %51, 768
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 2048
+  %58 = add nsw i64 %57, %col
+  %59 = getelementptr inbounds float, ptr %y, i64 %58
   store <16 x float> zeroinitializer, ptr %acc40, align 4
-  %59 = add nsw i64 %r0, 5
-  %60 = mul nsw i64 %59, 768
-  %61 = getelementptr inbounds float, ptr %h, i64 %60
-  %62 = getelementptr inbounds i32, ptr %rows, i64 %59
-  %63 = load i32, ptr %62, align 4
-  %64 = sext i32 %63 to i64
-  %65 = mul nsw i64 %64, 2048
-  %66 = add nsw i64 %65, %col
-  %67 = getelementptr inbounds float, ptr %y, i64 %66
+  %60 = add nsw i64 %r0, 5
+  %61 = mul nsw i64 %60, 768
+  %62 = getelementptr inbounds float, ptr %h, i64 %61
+  %63 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %64 = load i32, ptr %63, align 4
+  %65 = sext i32 %64 to i64
+  %66 = mul nsw i64 %65, 2048
+  %67 = add nsw i64 %66, %col
+  %68 = getelementptr inbounds float, ptr %y, i64 %67
   store <16 x float> zeroinitializer, ptr %acc50, align 4
-  %68 = mul nsw i64 %p, 12288
-  %69 = getelementptr inbounds i16, ptr %panels, i64 %68
-  %70 = add nsw i64 %p, 1
-  %71 = icmp slt i64 %70, %p1
-  %pf.on1 = and i1 %pf.on, %71
-  %72 = mul nsw i64 %pf.j, 24576
-  %73 = lshr i64 %72, %10
-  %74 = add nsw i64 24576, %73
-  %75 = getelementptr inbounds i8, ptr %69, i64 %74
-  %pf = select i1 %pf.on1, ptr %75, ptr %69
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %69 = mul nsw i64 %p, 12288
+  %70 = getelementptr inbounds i16, ptr %panels, i64 %69
+  %71 = add nsw i64 %p, 1
+  %72 = icmp slt i64 %71, %p1
+  %pf.on1 = and i1 %pf.on, %72
+  %73 = mul nsw i64 %rb, 24576
+  %74 = lshr i64 %73, %12
+  %75 = add nsw i64 24576, %74
+  %76 = getelementptr inbounds i8, ptr %70, i64 %75
+  %pf = select i1 %pf.on1, ptr %76, ptr %70
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   store <16 x float> zeroinitializer, ptr %acc01, align 4
   store <16 x float> zeroinitializer, ptr %acc11, align 4
   store <16 x float> zeroinitializer, ptr %acc21, align 4
@@ -3007,240 +3009,240 @@ tile.mr6:                                         ; preds = %r0.body
   br label %kp.head
 
 kp.head:                                          ; preds = %pf.any.end3, %tile.mr6
-  %kp = phi i64 [ 0, %tile.mr6 ], [ %174, %pf.any.end3 ]
-  %76 = icmp slt i64 %kp, 192
-  br i1 %76, label %kp.body, label %kp.end
+  %kp = phi i64 [ 0, %tile.mr6 ], [ %175, %pf.any.end3 ]
+  %77 = icmp slt i64 %kp, 192
+  br i1 %77, label %kp.body, label %kp.end
 
 kp.body:                                          ; preds = %kp.head
   %kk = mul nsw i64 %kp, 2
-  %77 = mul nsw i64 %kk, 32
-  %78 = getelementptr inbounds i16, ptr %69, i64 %77
-  %79 = load <32 x bfloat>, ptr %78, align 4
-  %80 = mul nsw i64 %kk, 64
+  %78 = mul nsw i64 %kk, 32
+  %79 = getelementptr inbounds i16, ptr %70, i64 %78
+  %80 = load <32 x bfloat>, ptr %79, align 4
+  %81 = mul nsw i64 %kk, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %kp.body
-  %81 = lshr i64 %80, %pf.sh
-  %82 = getelementptr inbounds i8, ptr %pf, i64 %81
-  call void @llvm.prefetch.p0(ptr %82, i32 0, i32 2, i32 1)
+  %82 = lshr i64 %81, %pf.sh
+  %83 = getelementptr inbounds i8, ptr %pf, i64 %82
+  call void @llvm.prefetch.p0(ptr %83, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %kp.body
-  %83 = getelementptr inbounds i32, ptr %16, i64 %kk
-  %84 = load i32, ptr %83, align 4
-  %85 = load <16 x float>, ptr %acc00, align 4
-  %86 = insertelement <16 x i32> poison, i32 %84, i32 0
-  %87 = shufflevector <16 x i32> %86, <16 x i32> poison, <16 x i32> zeroinitializer
-  %88 = bitcast <16 x i32> %87 to <32 x bfloat>
-  %89 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %85, <32 x bfloat> %79, <32 x bfloat> %88)
-  store <16 x float> %89, ptr %acc00, align 4
-  %90 = getelementptr inbounds i32, ptr %25, i64 %kk
-  %91 = load i32, ptr %90, align 4
-  %92 = load <16 x float>, ptr %acc10, align 4
-  %93 = insertelement <16 x i32> poison, i32 %91, i32 0
-  %94 = shufflevector <16 x i32> %93, <16 x i32> poison, <16 x i32> zeroinitializer
-  %95 = bitcast <16 x i32> %94 to <32 x bfloat>
-  %96 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %92, <32 x bfloat> %79, <32 x bfloat> %95)
-  store <16 x float> %96, ptr %acc10, align 4
-  %97 = getelementptr inbounds i32, ptr %34, i64 %kk
-  %98 = load i32, ptr %97, align 4
-  %99 = load <16 x float>, ptr %acc20, align 4
-  %100 = insertelement <16 x i32> poison, i32 %98, i32 0
-  %101 = shufflevector <16 x i32> %100, <16 x i32> poison, <16 x i32> zeroinitializer
-  %102 = bitcast <16 x i32> %101 to <32 x bfloat>
-  %103 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %99, <32 x bfloat> %79, <32 x bfloat> %102)
-  store <16 x float> %103, ptr %acc20, align 4
-  %104 = getelementptr inbounds i32, ptr %43, i64 %kk
-  %105 = load i32, ptr %104, align 4
-  %106 = load <16 x float>, ptr %acc30, align 4
-  %107 = insertelement <16 x i32> poison, i32 %105, i32 0
-  %108 = shufflevector <16 x i32> %107, <16 x i32> poison, <16 x i32> zeroinitializer
-  %109 = bitcast <16 x i32> %108 to <32 x bfloat>
-  %110 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %106, <32 x bfloat> %79, <32 x bfloat> %109)
-  store <16 x float> %110, ptr %acc30, align 4
-  %111 = getelementptr inbounds i32, ptr %52, i64 %kk
-  %112 = load i32, ptr %111, align 4
-  %113 = load <16 x float>, ptr %acc40, align 4
-  %114 = insertelement <16 x i32> poison, i32 %112, i32 0
-  %115 = shufflevector <16 x i32> %114, <16 x i32> poison, <16 x i32> zeroinitializer
-  %116 = bitcast <16 x i32> %115 to <32 x bfloat>
-  %117 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %113, <32 x bfloat> %79, <32 x bfloat> %116)
-  store <16 x float> %117, ptr %acc40, align 4
-  %118 = getelementptr inbounds i32, ptr %61, i64 %kk
-  %119 = load i32, ptr %118, align 4
-  %120 = load <16 x float>, ptr %acc50, align 4
-  %121 = insertelement <16 x i32> poison, i32 %119, i32 0
-  %122 = shufflevector <16 x i32> %121, <16 x i32> poison, <16 x i32> zeroinitializer
-  %123 = bitcast <16 x i32> %122 to <32 x bfloat>
-  %124 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %120, <32 x bfloat> %79, <32 x bfloat> %123)
-  store <16 x float> %124, ptr %acc50, align 4
-  %125 = add nsw i64 %kk, 1
-  %126 = mul nsw i64 %125, 32
-  %127 = getelementptr inbounds i16, ptr %69, i64 %126
-  %128 = load <32 x bfloat>, ptr %127, align 4
-  %129 = mul nsw i64 %125, 64
+  %84 = getelementptr inbounds i32, ptr %17, i64 %kk
+  %85 = load i32, ptr %84, align 4
+  %86 = load <16 x float>, ptr %acc00, align 4
+  %87 = insertelement <16 x i32> poison, i32 %85, i32 0
+  %88 = shufflevector <16 x i32> %87, <16 x i32> poison, <16 x i32> zeroinitializer
+  %89 = bitcast <16 x i32> %88 to <32 x bfloat>
+  %90 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %86, <32 x bfloat> %80, <32 x bfloat> %89)
+  store <16 x float> %90, ptr %acc00, align 4
+  %91 = getelementptr inbounds i32, ptr %26, i64 %kk
+  %92 = load i32, ptr %91, align 4
+  %93 = load <16 x float>, ptr %acc10, align 4
+  %94 = insertelement <16 x i32> poison, i32 %92, i32 0
+  %95 = shufflevector <16 x i32> %94, <16 x i32> poison, <16 x i32> zeroinitializer
+  %96 = bitcast <16 x i32> %95 to <32 x bfloat>
+  %97 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %93, <32 x bfloat> %80, <32 x bfloat> %96)
+  store <16 x float> %97, ptr %acc10, align 4
+  %98 = getelementptr inbounds i32, ptr %35, i64 %kk
+  %99 = load i32, ptr %98, align 4
+  %100 = load <16 x float>, ptr %acc20, align 4
+  %101 = insertelement <16 x i32> poison, i32 %99, i32 0
+  %102 = shufflevector <16 x i32> %101, <16 x i32> poison, <16 x i32> zeroinitializer
+  %103 = bitcast <16 x i32> %102 to <32 x bfloat>
+  %104 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %100, <32 x bfloat> %80, <32 x bfloat> %103)
+  store <16 x float> %104, ptr %acc20, align 4
+  %105 = getelementptr inbounds i32, ptr %44, i64 %kk
+  %106 = load i32, ptr %105, align 4
+  %107 = load <16 x float>, ptr %acc30, align 4
+  %108 = insertelement <16 x i32> poison, i32 %106, i32 0
+  %109 = shufflevector <16 x i32> %108, <16 x i32> poison, <16 x i32> zeroinitializer
+  %110 = bitcast <16 x i32> %109 to <32 x bfloat>
+  %111 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %107, <32 x bfloat> %80, <32 x bfloat> %110)
+  store <16 x float> %111, ptr %acc30, align 4
+  %112 = getelementptr inbounds i32, ptr %53, i64 %kk
+  %113 = load i32, ptr %112, align 4
+  %114 = load <16 x float>, ptr %acc40, align 4
+  %115 = insertelement <16 x i32> poison, i32 %113, i32 0
+  %116 = shufflevector <16 x i32> %115, <16 x i32> poison, <16 x i32> zeroinitializer
+  %117 = bitcast <16 x i32> %116 to <32 x bfloat>
+  %118 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %114, <32 x bfloat> %80, <32 x bfloat> %117)
+  store <16 x float> %118, ptr %acc40, align 4
+  %119 = getelementptr inbounds i32, ptr %62, i64 %kk
+  %120 = load i32, ptr %119, align 4
+  %121 = load <16 x float>, ptr %acc50, align 4
+  %122 = insertelement <16 x i32> poison, i32 %120, i32 0
+  %123 = shufflevector <16 x i32> %122, <16 x i32> poison, <16 x i32> zeroinitializer
+  %124 = bitcast <16 x i32> %123 to <32 x bfloat>
+  %125 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %121, <32 x bfloat> %80, <32 x bfloat> %124)
+  store <16 x float> %125, ptr %acc50, align 4
+  %126 = add nsw i64 %kk, 1
+  %127 = mul nsw i64 %126, 32
+  %128 = getelementptr inbounds i16, ptr %70, i64 %127
+  %129 = load <32 x bfloat>, ptr %128, align 4
+  %130 = mul nsw i64 %126, 64
   br i1 %pf.multi, label %pf.any.then2, label %pf.any.end3
 
 pf.any.then2:                                     ; preds = %pf.any.end
-  %130 = lshr i64 %129, %pf.sh
-  %131 = getelementptr inbounds i8, ptr %pf, i64 %130
-  call void @llvm.prefetch.p0(ptr %131, i32 0, i32 2, i32 1)
+  %131 = lshr i64 %130, %pf.sh
+  %132 = getelementptr inbounds i8, ptr %pf, i64 %131
+  call void @llvm.prefetch.p0(ptr %132, i32 0, i32 2, i32 1)
   br label %pf.any.end3
 
 pf.any.end3:                                      ; preds = %pf.any.then2, %pf.any.end
-  %132 = getelementptr inbounds i32, ptr %16, i64 %125
-  %133 = load i32, ptr %132, align 4
-  %134 = load <16 x float>, ptr %acc01, align 4
-  %135 = insertelement <16 x i32> poison, i32 %133, i32 0
-  %136 = shufflevector <16 x i32> %135, <16 x i32> poison, <16 x i32> zeroinitializer
-  %137 = bitcast <16 x i32> %136 to <32 x bfloat>
-  %138 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %134, <32 x bfloat> %128, <32 x bfloat> %137)
-  store <16 x float> %138, ptr %acc01, align 4
-  %139 = getelementptr inbounds i32, ptr %25, i64 %125
-  %140 = load i32, ptr %139, align 4
-  %141 = load <16 x float>, ptr %acc11, align 4
-  %142 = insertelement <16 x i32> poison, i32 %140, i32 0
-  %143 = shufflevector <16 x i32> %142, <16 x i32> poison, <16 x i32> zeroinitializer
-  %144 = bitcast <16 x i32> %143 to <32 x bfloat>
-  %145 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %141, <32 x bfloat> %128, <32 x bfloat> %144)
-  store <16 x float> %145, ptr %acc11, align 4
-  %146 = getelementptr inbounds i32, ptr %34, i64 %125
-  %147 = load i32, ptr %146, align 4
-  %148 = load <16 x float>, ptr %acc21, align 4
-  %149 = insertelement <16 x i32> poison, i32 %147, i32 0
-  %150 = shufflevector <16 x i32> %149, <16 x i32> poison, <16 x i32> zeroinitializer
-  %151 = bitcast <16 x i32> %150 to <32 x bfloat>
-  %152 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %148, <32 x bfloat> %128, <32 x bfloat> %151)
-  store <16 x float> %152, ptr %acc21, align 4
-  %153 = getelementptr inbounds i32, ptr %43, i64 %125
-  %154 = load i32, ptr %153, align 4
-  %155 = load <16 x float>, ptr %acc31, align 4
-  %156 = insertelement <16 x i32> poison, i32 %154, i32 0
-  %157 = shufflevector <16 x i32> %156, <16 x i32> poison, <16 x i32> zeroinitializer
-  %158 = bitcast <16 x i32> %157 to <32 x bfloat>
-  %159 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %155, <32 x bfloat> %128, <32 x bfloat> %158)
-  store <16 x float> %159, ptr %acc31, align 4
-  %160 = getelementptr inbounds i32, ptr %52, i64 %125
-  %161 = load i32, ptr %160, align 4
-  %162 = load <16 x float>, ptr %acc41, align 4
-  %163 = insertelement <16 x i32> poison, i32 %161, i32 0
-  %164 = shufflevector <16 x i32> %163, <16 x i32> poison, <16 x i32> zeroinitializer
-  %165 = bitcast <16 x i32> %164 to <32 x bfloat>
-  %166 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %162, <32 x bfloat> %128, <32 x bfloat> %165)
-  store <16 x float> %166, ptr %acc41, align 4
-  %167 = getelementptr inbounds i32, ptr %61, i64 %125
-  %168 = load i32, ptr %167, align 4
-  %169 = load <16 x float>, ptr %acc51, align 4
-  %170 = insertelement <16 x i32> poison, i32 %168, i32 0
-  %171 = shufflevector <16 x i32> %170, <16 x i32> poison, <16 x i32> zeroinitializer
-  %172 = bitcast <16 x i32> %171 to <32 x bfloat>
-  %173 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %169, <32 x bfloat> %128, <32 x bfloat> %172)
-  store <16 x float> %173, ptr %acc51, align 4
-  %174 = add nsw i64 %kp, 1
+  %133 = getelementptr inbounds i32, ptr %17, i64 %126
+  %134 = load i32, ptr %133, align 4
+  %135 = load <16 x float>, ptr %acc01, align 4
+  %136 = insertelement <16 x i32> poison, i32 %134, i32 0
+  %137 = shufflevector <16 x i32> %136, <16 x i32> poison, <16 x i32> zeroinitializer
+  %138 = bitcast <16 x i32> %137 to <32 x bfloat>
+  %139 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %135, <32 x bfloat> %129, <32 x bfloat> %138)
+  store <16 x float> %139, ptr %acc01, align 4
+  %140 = getelementptr inbounds i32, ptr %26, i64 %126
+  %141 = load i32, ptr %140, align 4
+  %142 = load <16 x float>, ptr %acc11, align 4
+  %143 = insertelement <16 x i32> poison, i32 %141, i32 0
+  %144 = shufflevector <16 x i32> %143, <16 x i32> poison, <16 x i32> zeroinitializer
+  %145 = bitcast <16 x i32> %144 to <32 x bfloat>
+  %146 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %142, <32 x bfloat> %129, <32 x bfloat> %145)
+  store <16 x float> %146, ptr %acc11, align 4
+  %147 = getelementptr inbounds i32, ptr %35, i64 %126
+  %148 = load i32, ptr %147, align 4
+  %149 = load <16 x float>, ptr %acc21, align 4
+  %150 = insertelement <16 x i32> poison, i32 %148, i32 0
+  %151 = shufflevector <16 x i32> %150, <16 x i32> poison, <16 x i32> zeroinitializer
+  %152 = bitcast <16 x i32> %151 to <32 x bfloat>
+  %153 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %149, <32 x bfloat> %129, <32 x bfloat> %152)
+  store <16 x float> %153, ptr %acc21, align 4
+  %154 = getelementptr inbounds i32, ptr %44, i64 %126
+  %155 = load i32, ptr %154, align 4
+  %156 = load <16 x float>, ptr %acc31, align 4
+  %157 = insertelement <16 x i32> poison, i32 %155, i32 0
+  %158 = shufflevector <16 x i32> %157, <16 x i32> poison, <16 x i32> zeroinitializer
+  %159 = bitcast <16 x i32> %158 to <32 x bfloat>
+  %160 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %156, <32 x bfloat> %129, <32 x bfloat> %159)
+  store <16 x float> %160, ptr %acc31, align 4
+  %161 = getelementptr inbounds i32, ptr %53, i64 %126
+  %162 = load i32, ptr %161, align 4
+  %163 = load <16 x float>, ptr %acc41, align 4
+  %164 = insertelement <16 x i32> poison, i32 %162, i32 0
+  %165 = shufflevector <16 x i32> %164, <16 x i32> poison, <16 x i32> zeroinitializer
+  %166 = bitcast <16 x i32> %165 to <32 x bfloat>
+  %167 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %163, <32 x bfloat> %129, <32 x bfloat> %166)
+  store <16 x float> %167, ptr %acc41, align 4
+  %168 = getelementptr inbounds i32, ptr %62, i64 %126
+  %169 = load i32, ptr %168, align 4
+  %170 = load <16 x float>, ptr %acc51, align 4
+  %171 = insertelement <16 x i32> poison, i32 %169, i32 0
+  %172 = shufflevector <16 x i32> %171, <16 x i32> poison, <16 x i32> zeroinitializer
+  %173 = bitcast <16 x i32> %172 to <32 x bfloat>
+  %174 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %170, <32 x bfloat> %129, <32 x bfloat> %173)
+  store <16 x float> %174, ptr %acc51, align 4
+  %175 = add nsw i64 %kp, 1
   br label %kp.head
 
 kp.end:                                           ; preds = %kp.head
-  %175 = load <16 x float>, ptr %acc01, align 4
-  %176 = load <16 x float>, ptr %acc00, align 4
-  %sum = fadd <16 x float> %176, %175
+  %176 = load <16 x float>, ptr %acc01, align 4
+  %177 = load <16 x float>, ptr %acc00, align 4
+  %sum = fadd <16 x float> %177, %176
   store <16 x float> %sum, ptr %acc00, align 4
-  %177 = load <16 x float>, ptr %acc11, align 4
-  %178 = load <16 x float>, ptr %acc10, align 4
-  %sum4 = fadd <16 x float> %178, %177
+  %178 = load <16 x float>, ptr %acc11, align 4
+  %179 = load <16 x float>, ptr %acc10, align 4
+  %sum4 = fadd <16 x float> %179, %178
   store <16 x float> %sum4, ptr %acc10, align 4
-  %179 = load <16 x float>, ptr %acc21, align 4
-  %180 = load <16 x float>, ptr %acc20, align 4
-  %sum5 = fadd <16 x float> %180, %179
+  %180 = load <16 x float>, ptr %acc21, align 4
+  %181 = load <16 x float>, ptr %acc20, align 4
+  %sum5 = fadd <16 x float> %181, %180
   store <16 x float> %sum5, ptr %acc20, align 4
-  %181 = load <16 x float>, ptr %acc31, align 4
-  %182 = load <16 x float>, ptr %acc30, align 4
-  %sum6 = fadd <16 x float> %182, %181
+  %182 = load <16 x float>, ptr %acc31, align 4
+  %183 = load <16 x float>, ptr %acc30, align 4
+  %sum6 = fadd <16 x float> %183, %182
   store <16 x float> %sum6, ptr %acc30, align 4
-  %183 = load <16 x float>, ptr %acc41, align 4
-  %184 = load <16 x float>, ptr %acc40, align 4
-  %sum7 = fadd <16 x float> %184, %183
+  %184 = load <16 x float>, ptr %acc41, align 4
+  %185 = load <16 x float>, ptr %acc40, align 4
+  %sum7 = fadd <16 x float> %185, %184
   store <16 x float> %sum7, ptr %acc40, align 4
-  %185 = load <16 x float>, ptr %acc51, align 4
-  %186 = load <16 x float>, ptr %acc50, align 4
-  %sum8 = fadd <16 x float> %186, %185
+  %186 = load <16 x float>, ptr %acc51, align 4
+  %187 = load <16 x float>, ptr %acc50, align 4
+  %sum8 = fadd <16 x float> %187, %186
   store <16 x float> %sum8, ptr %acc50, align 4
-  %187 = load <16 x float>, ptr %acc00, align 4
-  store <16 x float> %187, ptr %22, align 4
-  %188 = load <16 x float>, ptr %acc10, align 4
-  store <16 x float> %188, ptr %31, align 4
-  %189 = load <16 x float>, ptr %acc20, align 4
-  store <16 x float> %189, ptr %40, align 4
-  %190 = load <16 x float>, ptr %acc30, align 4
-  store <16 x float> %190, ptr %49, align 4
-  %191 = load <16 x float>, ptr %acc40, align 4
-  store <16 x float> %191, ptr %58, align 4
-  %192 = load <16 x float>, ptr %acc50, align 4
-  store <16 x float> %192, ptr %67, align 4
+  %188 = load <16 x float>, ptr %acc00, align 4
+  store <16 x float> %188, ptr %23, align 4
+  %189 = load <16 x float>, ptr %acc10, align 4
+  store <16 x float> %189, ptr %32, align 4
+  %190 = load <16 x float>, ptr %acc20, align 4
+  store <16 x float> %190, ptr %41, align 4
+  %191 = load <16 x float>, ptr %acc30, align 4
+  store <16 x float> %191, ptr %50, align 4
+  %192 = load <16 x float>, ptr %acc40, align 4
+  store <16 x float> %192, ptr %59, align 4
+  %193 = load <16 x float>, ptr %acc50, align 4
+  store <16 x float> %193, ptr %68, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col9 = mul nsw i64 %p, 16
-  %193 = add nsw i64 %r0, 0
-  %194 = mul nsw i64 %193, 768
-  %195 = getelementptr inbounds float, ptr %h, i64 %194
-  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
-  %197 = load i32, ptr %196, align 4
-  %198 = sext i32 %197 to i64
-  %199 = mul nsw i64 %198, 2048
-  %200 = add nsw i64 %199, %col9
-  %201 = getelementptr inbounds float, ptr %y, i64 %200
+  %194 = add nsw i64 %r0, 0
+  %195 = mul nsw i64 %194, 768
+  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %197 = getelementptr inbounds i32, ptr %rows, i64 %194
+  %198 = load i32, ptr %197, align 4
+  %199 = sext i32 %198 to i64
+  %200 = mul nsw i64 %199, 2048
+  %201 = add nsw i64 %200, %col9
+  %202 = getelementptr inbounds float, ptr %y, i64 %201
   store <16 x float> zeroinitializer, ptr %acc0010, align 4
-  %202 = add nsw i64 %r0, 1
-  %203 = mul nsw i64 %202, 768
-  %204 = getelementptr inbounds float, ptr %h, i64 %203
-  %205 = getelementptr inbounds i32, ptr %rows, i64 %202
-  %206 = load i32, ptr %205, align 4
-  %207 = sext i32 %206 to i64
-  %208 = mul nsw i64 %207, 2048
-  %209 = add nsw i64 %208, %col9
-  %210 = getelementptr inbounds float, ptr %y, i64 %209
+  %203 = add nsw i64 %r0, 1
+  %204 = mul nsw i64 %203, 768
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %206 = getelementptr inbounds i32, ptr %rows, i64 %203
+  %207 = load i32, ptr %206, align 4
+  %208 = sext i32 %207 to i64
+  %209 = mul nsw i64 %208, 2048
+  %210 = add nsw i64 %209, %col9
+  %211 = getelementptr inbounds float, ptr %y, i64 %210
   store <16 x float> zeroinitializer, ptr %acc1011, align 4
-  %211 = add nsw i64 %r0, 2
-  %212 = mul nsw i64 %211, 768
-  %213 = getelementptr inbounds float, ptr %h, i64 %212
-  %214 = getelementptr inbounds i32, ptr %rows, i64 %211
-  %215 = load i32, ptr %214, align 4
-  %216 = sext i32 %215 to i64
-  %217 = mul nsw i64 %216, 2048
-  %218 = add nsw i64 %217, %col9
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %212 = add nsw i64 %r0, 2
+  %213 = mul nsw i64 %212, 768
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 2048
+  %219 = add nsw i64 %218, %col9
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
   store <16 x float> zeroinitializer, ptr %acc2012, align 4
-  %220 = add nsw i64 %r0, 3
-  %221 = mul nsw i64 %220, 768
-  %222 = getelementptr inbounds float, ptr %h, i64 %221
-  %223 = getelementptr inbounds i32, ptr %rows, i64 %220
-  %224 = load i32, ptr %223, align 4
-  %225 = sext i32 %224 to i64
-  %226 = mul nsw i64 %225, 2048
-  %227 = add nsw i64 %226, %col9
-  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  %221 = add nsw i64 %r0, 3
+  %222 = mul nsw i64 %221, 768
+  %223 = getelementptr inbounds float, ptr %h, i64 %222
+  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %225 = load i32, ptr %224, align 4
+  %226 = sext i32 %225 to i64
+  %227 = mul nsw i64 %226, 2048
+  %228 = add nsw i64 %227, %col9
+  %229 = getelementptr inbounds float, ptr %y, i64 %228
   store <16 x float> zeroinitializer, ptr %acc3013, align 4
-  %229 = add nsw i64 %r0, 4
-  %230 = mul nsw i64 %229, 768
-  %231 = getelementptr inbounds float, ptr %h, i64 %230
-  %232 = getelementptr inbounds i32, ptr %rows, i64 %229
-  %233 = load i32, ptr %232, align 4
-  %234 = sext i32 %233 to i64
-  %235 = mul nsw i64 %234, 2048
-  %236 = add nsw i64 %235, %col9
-  %237 = getelementptr inbounds float, ptr %y, i64 %236
+  %230 = add nsw i64 %r0, 4
+  %231 = mul nsw i64 %230, 768
+  %232 = getelementptr inbounds float, ptr %h, i64 %231
+  %233 = getelementptr inbounds i32, ptr %rows, i64 %230
+  %234 = load i32, ptr %233, align 4
+  %235 = sext i32 %234 to i64
+  %236 = mul nsw i64 %235, 2048
+  %237 = add nsw i64 %236, %col9
+  %238 = getelementptr inbounds float, ptr %y, i64 %237
   store <16 x float> zeroinitializer, ptr %acc4014, align 4
-  %238 = mul nsw i64 %p, 12288
-  %239 = getelementptr inbounds i16, ptr %panels, i64 %238
-  %240 = add nsw i64 %p, 1
-  %241 = icmp slt i64 %240, %p1
-  %pf.on15 = and i1 %pf.on, %241
-  %242 = mul nsw i64 %pf.j, 24576
-  %243 = lshr i64 %242, %10
-  %244 = add nsw i64 24576, %243
-  %245 = getelementptr inbounds i8, ptr %239, i64 %244
-  %pf16 = select i1 %pf.on15, ptr %245, ptr %239
-  %pf.sh17 = select i1 %pf.on15, i64 %10, i64 0
+  %239 = mul nsw i64 %p, 12288
+  %240 = getelementptr inbounds i16, ptr %panels, i64 %239
+  %241 = add nsw i64 %p, 1
+  %242 = icmp slt i64 %241, %p1
+  %pf.on15 = and i1 %pf.on, %242
+  %243 = mul nsw i64 %rb, 24576
+  %244 = lshr i64 %243, %12
+  %245 = add nsw i64 24576, %244
+  %246 = getelementptr inbounds i8, ptr %240, i64 %245
+  %pf16 = select i1 %pf.on15, ptr %246, ptr %240
+  %pf.sh17 = select i1 %pf.on15, i64 %12, i64 0
   store <16 x float> zeroinitializer, ptr %acc0118, align 4
   store <16 x float> zeroinitializer, ptr %acc1119, align 4
   store <16 x float> zeroinitializer, ptr %acc2120, align 4
@@ -3249,208 +3251,208 @@ tile.mr5:                                         ; preds = %r0.body
   br label %kp.head23
 
 kp.head23:                                        ; preds = %pf.any.end31, %tile.mr5
-  %kp26 = phi i64 [ 0, %tile.mr5 ], [ %330, %pf.any.end31 ]
-  %246 = icmp slt i64 %kp26, 192
-  br i1 %246, label %kp.body24, label %kp.end25
+  %kp26 = phi i64 [ 0, %tile.mr5 ], [ %331, %pf.any.end31 ]
+  %247 = icmp slt i64 %kp26, 192
+  br i1 %247, label %kp.body24, label %kp.end25
 
 kp.body24:                                        ; preds = %kp.head23
   %kk27 = mul nsw i64 %kp26, 2
-  %247 = mul nsw i64 %kk27, 32
-  %248 = getelementptr inbounds i16, ptr %239, i64 %247
-  %249 = load <32 x bfloat>, ptr %248, align 4
-  %250 = mul nsw i64 %kk27, 64
+  %248 = mul nsw i64 %kk27, 32
+  %249 = getelementptr inbounds i16, ptr %240, i64 %248
+  %250 = load <32 x bfloat>, ptr %249, align 4
+  %251 = mul nsw i64 %kk27, 64
   br i1 %pf.multi, label %pf.any.then28, label %pf.any.end29
 
 pf.any.then28:                                    ; preds = %kp.body24
-  %251 = lshr i64 %250, %pf.sh17
-  %252 = getelementptr inbounds i8, ptr %pf16, i64 %251
-  call void @llvm.prefetch.p0(ptr %252, i32 0, i32 2, i32 1)
+  %252 = lshr i64 %251, %pf.sh17
+  %253 = getelementptr inbounds i8, ptr %pf16, i64 %252
+  call void @llvm.prefetch.p0(ptr %253, i32 0, i32 2, i32 1)
   br label %pf.any.end29
 
 pf.any.end29:                                     ; preds = %pf.any.then28, %kp.body24
-  %253 = getelementptr inbounds i32, ptr %195, i64 %kk27
-  %254 = load i32, ptr %253, align 4
-  %255 = load <16 x float>, ptr %acc0010, align 4
-  %256 = insertelement <16 x i32> poison, i32 %254, i32 0
-  %257 = shufflevector <16 x i32> %256, <16 x i32> poison, <16 x i32> zeroinitializer
-  %258 = bitcast <16 x i32> %257 to <32 x bfloat>
-  %259 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %255, <32 x bfloat> %249, <32 x bfloat> %258)
-  store <16 x float> %259, ptr %acc0010, align 4
-  %260 = getelementptr inbounds i32, ptr %204, i64 %kk27
-  %261 = load i32, ptr %260, align 4
-  %262 = load <16 x float>, ptr %acc1011, align 4
-  %263 = insertelement <16 x i32> poison, i32 %261, i32 0
-  %264 = shufflevector <16 x i32> %263, <16 x i32> poison, <16 x i32> zeroinitializer
-  %265 = bitcast <16 x i32> %264 to <32 x bfloat>
-  %266 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %262, <32 x bfloat> %249, <32 x bfloat> %265)
-  store <16 x float> %266, ptr %acc1011, align 4
-  %267 = getelementptr inbounds i32, ptr %213, i64 %kk27
-  %268 = load i32, ptr %267, align 4
-  %269 = load <16 x float>, ptr %acc2012, align 4
-  %270 = insertelement <16 x i32> poison, i32 %268, i32 0
-  %271 = shufflevector <16 x i32> %270, <16 x i32> poison, <16 x i32> zeroinitializer
-  %272 = bitcast <16 x i32> %271 to <32 x bfloat>
-  %273 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %269, <32 x bfloat> %249, <32 x bfloat> %272)
-  store <16 x float> %273, ptr %acc2012, align 4
-  %274 = getelementptr inbounds i32, ptr %222, i64 %kk27
-  %275 = load i32, ptr %274, align 4
-  %276 = load <16 x float>, ptr %acc3013, align 4
-  %277 = insertelement <16 x i32> poison, i32 %275, i32 0
-  %278 = shufflevector <16 x i32> %277, <16 x i32> poison, <16 x i32> zeroinitializer
-  %279 = bitcast <16 x i32> %278 to <32 x bfloat>
-  %280 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %276, <32 x bfloat> %249, <32 x bfloat> %279)
-  store <16 x float> %280, ptr %acc3013, align 4
-  %281 = getelementptr inbounds i32, ptr %231, i64 %kk27
-  %282 = load i32, ptr %281, align 4
-  %283 = load <16 x float>, ptr %acc4014, align 4
-  %284 = insertelement <16 x i32> poison, i32 %282, i32 0
-  %285 = shufflevector <16 x i32> %284, <16 x i32> poison, <16 x i32> zeroinitializer
-  %286 = bitcast <16 x i32> %285 to <32 x bfloat>
-  %287 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %283, <32 x bfloat> %249, <32 x bfloat> %286)
-  store <16 x float> %287, ptr %acc4014, align 4
-  %288 = add nsw i64 %kk27, 1
-  %289 = mul nsw i64 %288, 32
-  %290 = getelementptr inbounds i16, ptr %239, i64 %289
-  %291 = load <32 x bfloat>, ptr %290, align 4
-  %292 = mul nsw i64 %288, 64
+  %254 = getelementptr inbounds i32, ptr %196, i64 %kk27
+  %255 = load i32, ptr %254, align 4
+  %256 = load <16 x float>, ptr %acc0010, align 4
+  %257 = insertelement <16 x i32> poison, i32 %255, i32 0
+  %258 = shufflevector <16 x i32> %257, <16 x i32> poison, <16 x i32> zeroinitializer
+  %259 = bitcast <16 x i32> %258 to <32 x bfloat>
+  %260 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %256, <32 x bfloat> %250, <32 x bfloat> %259)
+  store <16 x float> %260, ptr %acc0010, align 4
+  %261 = getelementptr inbounds i32, ptr %205, i64 %kk27
+  %262 = load i32, ptr %261, align 4
+  %263 = load <16 x float>, ptr %acc1011, align 4
+  %264 = insertelement <16 x i32> poison, i32 %262, i32 0
+  %265 = shufflevector <16 x i32> %264, <16 x i32> poison, <16 x i32> zeroinitializer
+  %266 = bitcast <16 x i32> %265 to <32 x bfloat>
+  %267 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %263, <32 x bfloat> %250, <32 x bfloat> %266)
+  store <16 x float> %267, ptr %acc1011, align 4
+  %268 = getelementptr inbounds i32, ptr %214, i64 %kk27
+  %269 = load i32, ptr %268, align 4
+  %270 = load <16 x float>, ptr %acc2012, align 4
+  %271 = insertelement <16 x i32> poison, i32 %269, i32 0
+  %272 = shufflevector <16 x i32> %271, <16 x i32> poison, <16 x i32> zeroinitializer
+  %273 = bitcast <16 x i32> %272 to <32 x bfloat>
+  %274 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %270, <32 x bfloat> %250, <32 x bfloat> %273)
+  store <16 x float> %274, ptr %acc2012, align 4
+  %275 = getelementptr inbounds i32, ptr %223, i64 %kk27
+  %276 = load i32, ptr %275, align 4
+  %277 = load <16 x float>, ptr %acc3013, align 4
+  %278 = insertelement <16 x i32> poison, i32 %276, i32 0
+  %279 = shufflevector <16 x i32> %278, <16 x i32> poison, <16 x i32> zeroinitializer
+  %280 = bitcast <16 x i32> %279 to <32 x bfloat>
+  %281 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %277, <32 x bfloat> %250, <32 x bfloat> %280)
+  store <16 x float> %281, ptr %acc3013, align 4
+  %282 = getelementptr inbounds i32, ptr %232, i64 %kk27
+  %283 = load i32, ptr %282, align 4
+  %284 = load <16 x float>, ptr %acc4014, align 4
+  %285 = insertelement <16 x i32> poison, i32 %283, i32 0
+  %286 = shufflevector <16 x i32> %285, <16 x i32> poison, <16 x i32> zeroinitializer
+  %287 = bitcast <16 x i32> %286 to <32 x bfloat>
+  %288 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %284, <32 x bfloat> %250, <32 x bfloat> %287)
+  store <16 x float> %288, ptr %acc4014, align 4
+  %289 = add nsw i64 %kk27, 1
+  %290 = mul nsw i64 %289, 32
+  %291 = getelementptr inbounds i16, ptr %240, i64 %290
+  %292 = load <32 x bfloat>, ptr %291, align 4
+  %293 = mul nsw i64 %289, 64
   br i1 %pf.multi, label %pf.any.then30, label %pf.any.end31
 
 pf.any.then30:                                    ; preds = %pf.any.end29
-  %293 = lshr i64 %292, %pf.sh17
-  %294 = getelementptr inbounds i8, ptr %pf16, i64 %293
-  call void @llvm.prefetch.p0(ptr %294, i32 0, i32 2, i32 1)
+  %294 = lshr i64 %293, %pf.sh17
+  %295 = getelementptr inbounds i8, ptr %pf16, i64 %294
+  call void @llvm.prefetch.p0(ptr %295, i32 0, i32 2, i32 1)
   br label %pf.any.end31
 
 pf.any.end31:                                     ; preds = %pf.any.then30, %pf.any.end29
-  %295 = getelementptr inbounds i32, ptr %195, i64 %288
-  %296 = load i32, ptr %295, align 4
-  %297 = load <16 x float>, ptr %acc0118, align 4
-  %298 = insertelement <16 x i32> poison, i32 %296, i32 0
-  %299 = shufflevector <16 x i32> %298, <16 x i32> poison, <16 x i32> zeroinitializer
-  %300 = bitcast <16 x i32> %299 to <32 x bfloat>
-  %301 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %297, <32 x bfloat> %291, <32 x bfloat> %300)
-  store <16 x float> %301, ptr %acc0118, align 4
-  %302 = getelementptr inbounds i32, ptr %204, i64 %288
-  %303 = load i32, ptr %302, align 4
-  %304 = load <16 x float>, ptr %acc1119, align 4
-  %305 = insertelement <16 x i32> poison, i32 %303, i32 0
-  %306 = shufflevector <16 x i32> %305, <16 x i32> poison, <16 x i32> zeroinitializer
-  %307 = bitcast <16 x i32> %306 to <32 x bfloat>
-  %308 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %304, <32 x bfloat> %291, <32 x bfloat> %307)
-  store <16 x float> %308, ptr %acc1119, align 4
-  %309 = getelementptr inbounds i32, ptr %213, i64 %288
-  %310 = load i32, ptr %309, align 4
-  %311 = load <16 x float>, ptr %acc2120, align 4
-  %312 = insertelement <16 x i32> poison, i32 %310, i32 0
-  %313 = shufflevector <16 x i32> %312, <16 x i32> poison, <16 x i32> zeroinitializer
-  %314 = bitcast <16 x i32> %313 to <32 x bfloat>
-  %315 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %311, <32 x bfloat> %291, <32 x bfloat> %314)
-  store <16 x float> %315, ptr %acc2120, align 4
-  %316 = getelementptr inbounds i32, ptr %222, i64 %288
-  %317 = load i32, ptr %316, align 4
-  %318 = load <16 x float>, ptr %acc3121, align 4
-  %319 = insertelement <16 x i32> poison, i32 %317, i32 0
-  %320 = shufflevector <16 x i32> %319, <16 x i32> poison, <16 x i32> zeroinitializer
-  %321 = bitcast <16 x i32> %320 to <32 x bfloat>
-  %322 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %318, <32 x bfloat> %291, <32 x bfloat> %321)
-  store <16 x float> %322, ptr %acc3121, align 4
-  %323 = getelementptr inbounds i32, ptr %231, i64 %288
-  %324 = load i32, ptr %323, align 4
-  %325 = load <16 x float>, ptr %acc4122, align 4
-  %326 = insertelement <16 x i32> poison, i32 %324, i32 0
-  %327 = shufflevector <16 x i32> %326, <16 x i32> poison, <16 x i32> zeroinitializer
-  %328 = bitcast <16 x i32> %327 to <32 x bfloat>
-  %329 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %325, <32 x bfloat> %291, <32 x bfloat> %328)
-  store <16 x float> %329, ptr %acc4122, align 4
-  %330 = add nsw i64 %kp26, 1
+  %296 = getelementptr inbounds i32, ptr %196, i64 %289
+  %297 = load i32, ptr %296, align 4
+  %298 = load <16 x float>, ptr %acc0118, align 4
+  %299 = insertelement <16 x i32> poison, i32 %297, i32 0
+  %300 = shufflevector <16 x i32> %299, <16 x i32> poison, <16 x i32> zeroinitializer
+  %301 = bitcast <16 x i32> %300 to <32 x bfloat>
+  %302 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %298, <32 x bfloat> %292, <32 x bfloat> %301)
+  store <16 x float> %302, ptr %acc0118, align 4
+  %303 = getelementptr inbounds i32, ptr %205, i64 %289
+  %304 = load i32, ptr %303, align 4
+  %305 = load <16 x float>, ptr %acc1119, align 4
+  %306 = insertelement <16 x i32> poison, i32 %304, i32 0
+  %307 = shufflevector <16 x i32> %306, <16 x i32> poison, <16 x i32> zeroinitializer
+  %308 = bitcast <16 x i32> %307 to <32 x bfloat>
+  %309 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %305, <32 x bfloat> %292, <32 x bfloat> %308)
+  store <16 x float> %309, ptr %acc1119, align 4
+  %310 = getelementptr inbounds i32, ptr %214, i64 %289
+  %311 = load i32, ptr %310, align 4
+  %312 = load <16 x float>, ptr %acc2120, align 4
+  %313 = insertelement <16 x i32> poison, i32 %311, i32 0
+  %314 = shufflevector <16 x i32> %313, <16 x i32> poison, <16 x i32> zeroinitializer
+  %315 = bitcast <16 x i32> %314 to <32 x bfloat>
+  %316 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %312, <32 x bfloat> %292, <32 x bfloat> %315)
+  store <16 x float> %316, ptr %acc2120, align 4
+  %317 = getelementptr inbounds i32, ptr %223, i64 %289
+  %318 = load i32, ptr %317, align 4
+  %319 = load <16 x float>, ptr %acc3121, align 4
+  %320 = insertelement <16 x i32> poison, i32 %318, i32 0
+  %321 = shufflevector <16 x i32> %320, <16 x i32> poison, <16 x i32> zeroinitializer
+  %322 = bitcast <16 x i32> %321 to <32 x bfloat>
+  %323 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %319, <32 x bfloat> %292, <32 x bfloat> %322)
+  store <16 x float> %323, ptr %acc3121, align 4
+  %324 = getelementptr inbounds i32, ptr %232, i64 %289
+  %325 = load i32, ptr %324, align 4
+  %326 = load <16 x float>, ptr %acc4122, align 4
+  %327 = insertelement <16 x i32> poison, i32 %325, i32 0
+  %328 = shufflevector <16 x i32> %327, <16 x i32> poison, <16 x i32> zeroinitializer
+  %329 = bitcast <16 x i32> %328 to <32 x bfloat>
+  %330 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %326, <32 x bfloat> %292, <32 x bfloat> %329)
+  store <16 x float> %330, ptr %acc4122, align 4
+  %331 = add nsw i64 %kp26, 1
   br label %kp.head23
 
 kp.end25:                                         ; preds = %kp.head23
-  %331 = load <16 x float>, ptr %acc0118, align 4
-  %332 = load <16 x float>, ptr %acc0010, align 4
-  %sum32 = fadd <16 x float> %332, %331
+  %332 = load <16 x float>, ptr %acc0118, align 4
+  %333 = load <16 x float>, ptr %acc0010, align 4
+  %sum32 = fadd <16 x float> %333, %332
   store <16 x float> %sum32, ptr %acc0010, align 4
-  %333 = load <16 x float>, ptr %acc1119, align 4
-  %334 = load <16 x float>, ptr %acc1011, align 4
-  %sum33 = fadd <16 x float> %334, %333
+  %334 = load <16 x float>, ptr %acc1119, align 4
+  %335 = load <16 x float>, ptr %acc1011, align 4
+  %sum33 = fadd <16 x float> %335, %334
   store <16 x float> %sum33, ptr %acc1011, align 4
-  %335 = load <16 x float>, ptr %acc2120, align 4
-  %336 = load <16 x float>, ptr %acc2012, align 4
-  %sum34 = fadd <16 x float> %336, %335
+  %336 = load <16 x float>, ptr %acc2120, align 4
+  %337 = load <16 x float>, ptr %acc2012, align 4
+  %sum34 = fadd <16 x float> %337, %336
   store <16 x float> %sum34, ptr %acc2012, align 4
-  %337 = load <16 x float>, ptr %acc3121, align 4
-  %338 = load <16 x float>, ptr %acc3013, align 4
-  %sum35 = fadd <16 x float> %338, %337
+  %338 = load <16 x float>, ptr %acc3121, align 4
+  %339 = load <16 x float>, ptr %acc3013, align 4
+  %sum35 = fadd <16 x float> %339, %338
   store <16 x float> %sum35, ptr %acc3013, align 4
-  %339 = load <16 x float>, ptr %acc4122, align 4
-  %340 = load <16 x float>, ptr %acc4014, align 4
-  %sum36 = fadd <16 x float> %340, %339
+  %340 = load <16 x float>, ptr %acc4122, align 4
+  %341 = load <16 x float>, ptr %acc4014, align 4
+  %sum36 = fadd <16 x float> %341, %340
   store <16 x float> %sum36, ptr %acc4014, align 4
-  %341 = load <16 x float>, ptr %acc0010, align 4
-  store <16 x float> %341, ptr %201, align 4
-  %342 = load <16 x float>, ptr %acc1011, align 4
-  store <16 x float> %342, ptr %210, align 4
-  %343 = load <16 x float>, ptr %acc2012, align 4
-  store <16 x float> %343, ptr %219, align 4
-  %344 = load <16 x float>, ptr %acc3013, align 4
-  store <16 x float> %344, ptr %228, align 4
-  %345 = load <16 x float>, ptr %acc4014, align 4
-  store <16 x float> %345, ptr %237, align 4
+  %342 = load <16 x float>, ptr %acc0010, align 4
+  store <16 x float> %342, ptr %202, align 4
+  %343 = load <16 x float>, ptr %acc1011, align 4
+  store <16 x float> %343, ptr %211, align 4
+  %344 = load <16 x float>, ptr %acc2012, align 4
+  store <16 x float> %344, ptr %220, align 4
+  %345 = load <16 x float>, ptr %acc3013, align 4
+  store <16 x float> %345, ptr %229, align 4
+  %346 = load <16 x float>, ptr %acc4014, align 4
+  store <16 x float> %346, ptr %238, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col37 = mul nsw i64 %p, 16
-  %346 = add nsw i64 %r0, 0
-  %347 = mul nsw i64 %346, 768
-  %348 = getelementptr inbounds float, ptr %h, i64 %347
-  %349 = getelementptr inbounds i32, ptr %rows, i64 %346
-  %350 = load i32, ptr %349, align 4
-  %351 = sext i32 %350 to i64
-  %352 = mul nsw i64 %351, 2048
-  %353 = add nsw i64 %352, %col37
-  %354 = getelementptr inbounds float, ptr %y, i64 %353
+  %347 = add nsw i64 %r0, 0
+  %348 = mul nsw i64 %347, 768
+  %349 = getelementptr inbounds float, ptr %h, i64 %348
+  %350 = getelementptr inbounds i32, ptr %rows, i64 %347
+  %351 = load i32, ptr %350, align 4
+  %352 = sext i32 %351 to i64
+  %353 = mul nsw i64 %352, 2048
+  %354 = add nsw i64 %353, %col37
+  %355 = getelementptr inbounds float, ptr %y, i64 %354
   store <16 x float> zeroinitializer, ptr %acc0038, align 4
-  %355 = add nsw i64 %r0, 1
-  %356 = mul nsw i64 %355, 768
-  %357 = getelementptr inbounds float, ptr %h, i64 %356
-  %358 = getelementptr inbounds i32, ptr %rows, i64 %355
-  %359 = load i32, ptr %358, align 4
-  %360 = sext i32 %359 to i64
-  %361 = mul nsw i64 %360, 2048
-  %362 = add nsw i64 %361, %col37
-  %363 = getelementptr inbounds float, ptr %y, i64 %362
+  %356 = add nsw i64 %r0, 1
+  %357 = mul nsw i64 %356, 768
+  %358 = getelementptr inbounds float, ptr %h, i64 %357
+  %359 = getelementptr inbounds i32, ptr %rows, i64 %356
+  %360 = load i32, ptr %359, align 4
+  %361 = sext i32 %360 to i64
+  %362 = mul nsw i64 %361, 2048
+  %363 = add nsw i64 %362, %col37
+  %364 = getelementptr inbounds float, ptr %y, i64 %363
   store <16 x float> zeroinitializer, ptr %acc1039, align 4
-  %364 = add nsw i64 %r0, 2
-  %365 = mul nsw i64 %364, 768
-  %366 = getelementptr inbounds float, ptr %h, i64 %365
-  %367 = getelementptr inbounds i32, ptr %rows, i64 %364
-  %368 = load i32, ptr %367, align 4
-  %369 = sext i32 %368 to i64
-  %370 = mul nsw i64 %369, 2048
-  %371 = add nsw i64 %370, %col37
-  %372 = getelementptr inbounds float, ptr %y, i64 %371
+  %365 = add nsw i64 %r0, 2
+  %366 = mul nsw i64 %365, 768
+  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %368 = getelementptr inbounds i32, ptr %rows, i64 %365
+  %369 = load i32, ptr %368, align 4
+  %370 = sext i32 %369 to i64
+  %371 = mul nsw i64 %370, 2048
+  %372 = add nsw i64 %371, %col37
+  %373 = getelementptr inbounds float, ptr %y, i64 %372
   store <16 x float> zeroinitializer, ptr %acc2040, align 4
-  %373 = add nsw i64 %r0, 3
-  %374 = mul nsw i64 %373, 768
-  %375 = getelementptr inbounds float, ptr %h, i64 %374
-  %376 = getelementptr inbounds i32, ptr %rows, i64 %373
-  %377 = load i32, ptr %376, align 4
-  %378 = sext i32 %377 to i64
-  %379 = mul nsw i64 %378, 2048
-  %380 = add nsw i64 %379, %col37
-  %381 = getelementptr inbounds float, ptr %y, i64 %380
+  %374 = add nsw i64 %r0, 3
+  %375 = mul nsw i64 %374, 768
+  %376 = getelementptr inbounds float, ptr %h, i64 %375
+  %377 = getelementptr inbounds i32, ptr %rows, i64 %374
+  %378 = load i32, ptr %377, align 4
+  %379 = sext i32 %378 to i64
+  %380 = mul nsw i64 %379, 2048
+  %381 = add nsw i64 %380, %col37
+  %382 = getelementptr inbounds float, ptr %y, i64 %381
   store <16 x float> zeroinitializer, ptr %acc3041, align 4
-  %382 = mul nsw i64 %p, 12288
-  %383 = getelementptr inbounds i16, ptr %panels, i64 %382
-  %384 = add nsw i64 %p, 1
-  %385 = icmp slt i64 %384, %p1
-  %pf.on42 = and i1 %pf.on, %385
-  %386 = mul nsw i64 %pf.j, 24576
-  %387 = lshr i64 %386, %10
-  %388 = add nsw i64 24576, %387
-  %389 = getelementptr inbounds i8, ptr %383, i64 %388
-  %pf43 = select i1 %pf.on42, ptr %389, ptr %383
-  %pf.sh44 = select i1 %pf.on42, i64 %10, i64 0
+  %383 = mul nsw i64 %p, 12288
+  %384 = getelementptr inbounds i16, ptr %panels, i64 %383
+  %385 = add nsw i64 %p, 1
+  %386 = icmp slt i64 %385, %p1
+  %pf.on42 = and i1 %pf.on, %386
+  %387 = mul nsw i64 %rb, 24576
+  %388 = lshr i64 %387, %12
+  %389 = add nsw i64 24576, %388
+  %390 = getelementptr inbounds i8, ptr %384, i64 %389
+  %pf43 = select i1 %pf.on42, ptr %390, ptr %384
+  %pf.sh44 = select i1 %pf.on42, i64 %12, i64 0
   store <16 x float> zeroinitializer, ptr %acc0145, align 4
   store <16 x float> zeroinitializer, ptr %acc1146, align 4
   store <16 x float> zeroinitializer, ptr %acc2147, align 4
@@ -3458,502 +3460,502 @@ tile.mr4:                                         ; preds = %r0.body
   br label %kp.head49
 
 kp.head49:                                        ; preds = %pf.any.end57, %tile.mr4
-  %kp52 = phi i64 [ 0, %tile.mr4 ], [ %460, %pf.any.end57 ]
-  %390 = icmp slt i64 %kp52, 192
-  br i1 %390, label %kp.body50, label %kp.end51
+  %kp52 = phi i64 [ 0, %tile.mr4 ], [ %461, %pf.any.end57 ]
+  %391 = icmp slt i64 %kp52, 192
+  br i1 %391, label %kp.body50, label %kp.end51
 
 kp.body50:                                        ; preds = %kp.head49
   %kk53 = mul nsw i64 %kp52, 2
-  %391 = mul nsw i64 %kk53, 32
-  %392 = getelementptr inbounds i16, ptr %383, i64 %391
-  %393 = load <32 x bfloat>, ptr %392, align 4
-  %394 = mul nsw i64 %kk53, 64
+  %392 = mul nsw i64 %kk53, 32
+  %393 = getelementptr inbounds i16, ptr %384, i64 %392
+  %394 = load <32 x bfloat>, ptr %393, align 4
+  %395 = mul nsw i64 %kk53, 64
   br i1 %pf.multi, label %pf.any.then54, label %pf.any.end55
 
 pf.any.then54:                                    ; preds = %kp.body50
-  %395 = lshr i64 %394, %pf.sh44
-  %396 = getelementptr inbounds i8, ptr %pf43, i64 %395
-  call void @llvm.prefetch.p0(ptr %396, i32 0, i32 2, i32 1)
+  %396 = lshr i64 %395, %pf.sh44
+  %397 = getelementptr inbounds i8, ptr %pf43, i64 %396
+  call void @llvm.prefetch.p0(ptr %397, i32 0, i32 2, i32 1)
   br label %pf.any.end55
 
 pf.any.end55:                                     ; preds = %pf.any.then54, %kp.body50
-  %397 = getelementptr inbounds i32, ptr %348, i64 %kk53
-  %398 = load i32, ptr %397, align 4
-  %399 = load <16 x float>, ptr %acc0038, align 4
-  %400 = insertelement <16 x i32> poison, i32 %398, i32 0
-  %401 = shufflevector <16 x i32> %400, <16 x i32> poison, <16 x i32> zeroinitializer
-  %402 = bitcast <16 x i32> %401 to <32 x bfloat>
-  %403 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %399, <32 x bfloat> %393, <32 x bfloat> %402)
-  store <16 x float> %403, ptr %acc0038, align 4
-  %404 = getelementptr inbounds i32, ptr %357, i64 %kk53
-  %405 = load i32, ptr %404, align 4
-  %406 = load <16 x float>, ptr %acc1039, align 4
-  %407 = insertelement <16 x i32> poison, i32 %405, i32 0
-  %408 = shufflevector <16 x i32> %407, <16 x i32> poison, <16 x i32> zeroinitializer
-  %409 = bitcast <16 x i32> %408 to <32 x bfloat>
-  %410 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %406, <32 x bfloat> %393, <32 x bfloat> %409)
-  store <16 x float> %410, ptr %acc1039, align 4
-  %411 = getelementptr inbounds i32, ptr %366, i64 %kk53
-  %412 = load i32, ptr %411, align 4
-  %413 = load <16 x float>, ptr %acc2040, align 4
-  %414 = insertelement <16 x i32> poison, i32 %412, i32 0
-  %415 = shufflevector <16 x i32> %414, <16 x i32> poison, <16 x i32> zeroinitializer
-  %416 = bitcast <16 x i32> %415 to <32 x bfloat>
-  %417 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %413, <32 x bfloat> %393, <32 x bfloat> %416)
-  store <16 x float> %417, ptr %acc2040, align 4
-  %418 = getelementptr inbounds i32, ptr %375, i64 %kk53
-  %419 = load i32, ptr %418, align 4
-  %420 = load <16 x float>, ptr %acc3041, align 4
-  %421 = insertelement <16 x i32> poison, i32 %419, i32 0
-  %422 = shufflevector <16 x i32> %421, <16 x i32> poison, <16 x i32> zeroinitializer
-  %423 = bitcast <16 x i32> %422 to <32 x bfloat>
-  %424 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %420, <32 x bfloat> %393, <32 x bfloat> %423)
-  store <16 x float> %424, ptr %acc3041, align 4
-  %425 = add nsw i64 %kk53, 1
-  %426 = mul nsw i64 %425, 32
-  %427 = getelementptr inbounds i16, ptr %383, i64 %426
-  %428 = load <32 x bfloat>, ptr %427, align 4
-  %429 = mul nsw i64 %425, 64
+  %398 = getelementptr inbounds i32, ptr %349, i64 %kk53
+  %399 = load i32, ptr %398, align 4
+  %400 = load <16 x float>, ptr %acc0038, align 4
+  %401 = insertelement <16 x i32> poison, i32 %399, i32 0
+  %402 = shufflevector <16 x i32> %401, <16 x i32> poison, <16 x i32> zeroinitializer
+  %403 = bitcast <16 x i32> %402 to <32 x bfloat>
+  %404 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %400, <32 x bfloat> %394, <32 x bfloat> %403)
+  store <16 x float> %404, ptr %acc0038, align 4
+  %405 = getelementptr inbounds i32, ptr %358, i64 %kk53
+  %406 = load i32, ptr %405, align 4
+  %407 = load <16 x float>, ptr %acc1039, align 4
+  %408 = insertelement <16 x i32> poison, i32 %406, i32 0
+  %409 = shufflevector <16 x i32> %408, <16 x i32> poison, <16 x i32> zeroinitializer
+  %410 = bitcast <16 x i32> %409 to <32 x bfloat>
+  %411 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %407, <32 x bfloat> %394, <32 x bfloat> %410)
+  store <16 x float> %411, ptr %acc1039, align 4
+  %412 = getelementptr inbounds i32, ptr %367, i64 %kk53
+  %413 = load i32, ptr %412, align 4
+  %414 = load <16 x float>, ptr %acc2040, align 4
+  %415 = insertelement <16 x i32> poison, i32 %413, i32 0
+  %416 = shufflevector <16 x i32> %415, <16 x i32> poison, <16 x i32> zeroinitializer
+  %417 = bitcast <16 x i32> %416 to <32 x bfloat>
+  %418 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %414, <32 x bfloat> %394, <32 x bfloat> %417)
+  store <16 x float> %418, ptr %acc2040, align 4
+  %419 = getelementptr inbounds i32, ptr %376, i64 %kk53
+  %420 = load i32, ptr %419, align 4
+  %421 = load <16 x float>, ptr %acc3041, align 4
+  %422 = insertelement <16 x i32> poison, i32 %420, i32 0
+  %423 = shufflevector <16 x i32> %422, <16 x i32> poison, <16 x i32> zeroinitializer
+  %424 = bitcast <16 x i32> %423 to <32 x bfloat>
+  %425 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %421, <32 x bfloat> %394, <32 x bfloat> %424)
+  store <16 x float> %425, ptr %acc3041, align 4
+  %426 = add nsw i64 %kk53, 1
+  %427 = mul nsw i64 %426, 32
+  %428 = getelementptr inbounds i16, ptr %384, i64 %427
+  %429 = load <32 x bfloat>, ptr %428, align 4
+  %430 = mul nsw i64 %426, 64
   br i1 %pf.multi, label %pf.any.then56, label %pf.any.end57
 
 pf.any.then56:                                    ; preds = %pf.any.end55
-  %430 = lshr i64 %429, %pf.sh44
-  %431 = getelementptr inbounds i8, ptr %pf43, i64 %430
-  call void @llvm.prefetch.p0(ptr %431, i32 0, i32 2, i32 1)
+  %431 = lshr i64 %430, %pf.sh44
+  %432 = getelementptr inbounds i8, ptr %pf43, i64 %431
+  call void @llvm.prefetch.p0(ptr %432, i32 0, i32 2, i32 1)
   br label %pf.any.end57
 
 pf.any.end57:                                     ; preds = %pf.any.then56, %pf.any.end55
-  %432 = getelementptr inbounds i32, ptr %348, i64 %425
-  %433 = load i32, ptr %432, align 4
-  %434 = load <16 x float>, ptr %acc0145, align 4
-  %435 = insertelement <16 x i32> poison, i32 %433, i32 0
-  %436 = shufflevector <16 x i32> %435, <16 x i32> poison, <16 x i32> zeroinitializer
-  %437 = bitcast <16 x i32> %436 to <32 x bfloat>
-  %438 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %434, <32 x bfloat> %428, <32 x bfloat> %437)
-  store <16 x float> %438, ptr %acc0145, align 4
-  %439 = getelementptr inbounds i32, ptr %357, i64 %425
-  %440 = load i32, ptr %439, align 4
-  %441 = load <16 x float>, ptr %acc1146, align 4
-  %442 = insertelement <16 x i32> poison, i32 %440, i32 0
-  %443 = shufflevector <16 x i32> %442, <16 x i32> poison, <16 x i32> zeroinitializer
-  %444 = bitcast <16 x i32> %443 to <32 x bfloat>
-  %445 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %441, <32 x bfloat> %428, <32 x bfloat> %444)
-  store <16 x float> %445, ptr %acc1146, align 4
-  %446 = getelementptr inbounds i32, ptr %366, i64 %425
-  %447 = load i32, ptr %446, align 4
-  %448 = load <16 x float>, ptr %acc2147, align 4
-  %449 = insertelement <16 x i32> poison, i32 %447, i32 0
-  %450 = shufflevector <16 x i32> %449, <16 x i32> poison, <16 x i32> zeroinitializer
-  %451 = bitcast <16 x i32> %450 to <32 x bfloat>
-  %452 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %448, <32 x bfloat> %428, <32 x bfloat> %451)
-  store <16 x float> %452, ptr %acc2147, align 4
-  %453 = getelementptr inbounds i32, ptr %375, i64 %425
-  %454 = load i32, ptr %453, align 4
-  %455 = load <16 x float>, ptr %acc3148, align 4
-  %456 = insertelement <16 x i32> poison, i32 %454, i32 0
-  %457 = shufflevector <16 x i32> %456, <16 x i32> poison, <16 x i32> zeroinitializer
-  %458 = bitcast <16 x i32> %457 to <32 x bfloat>
-  %459 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %455, <32 x bfloat> %428, <32 x bfloat> %458)
-  store <16 x float> %459, ptr %acc3148, align 4
-  %460 = add nsw i64 %kp52, 1
+  %433 = getelementptr inbounds i32, ptr %349, i64 %426
+  %434 = load i32, ptr %433, align 4
+  %435 = load <16 x float>, ptr %acc0145, align 4
+  %436 = insertelement <16 x i32> poison, i32 %434, i32 0
+  %437 = shufflevector <16 x i32> %436, <16 x i32> poison, <16 x i32> zeroinitializer
+  %438 = bitcast <16 x i32> %437 to <32 x bfloat>
+  %439 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %435, <32 x bfloat> %429, <32 x bfloat> %438)
+  store <16 x float> %439, ptr %acc0145, align 4
+  %440 = getelementptr inbounds i32, ptr %358, i64 %426
+  %441 = load i32, ptr %440, align 4
+  %442 = load <16 x float>, ptr %acc1146, align 4
+  %443 = insertelement <16 x i32> poison, i32 %441, i32 0
+  %444 = shufflevector <16 x i32> %443, <16 x i32> poison, <16 x i32> zeroinitializer
+  %445 = bitcast <16 x i32> %444 to <32 x bfloat>
+  %446 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %442, <32 x bfloat> %429, <32 x bfloat> %445)
+  store <16 x float> %446, ptr %acc1146, align 4
+  %447 = getelementptr inbounds i32, ptr %367, i64 %426
+  %448 = load i32, ptr %447, align 4
+  %449 = load <16 x float>, ptr %acc2147, align 4
+  %450 = insertelement <16 x i32> poison, i32 %448, i32 0
+  %451 = shufflevector <16 x i32> %450, <16 x i32> poison, <16 x i32> zeroinitializer
+  %452 = bitcast <16 x i32> %451 to <32 x bfloat>
+  %453 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %449, <32 x bfloat> %429, <32 x bfloat> %452)
+  store <16 x float> %453, ptr %acc2147, align 4
+  %454 = getelementptr inbounds i32, ptr %376, i64 %426
+  %455 = load i32, ptr %454, align 4
+  %456 = load <16 x float>, ptr %acc3148, align 4
+  %457 = insertelement <16 x i32> poison, i32 %455, i32 0
+  %458 = shufflevector <16 x i32> %457, <16 x i32> poison, <16 x i32> zeroinitializer
+  %459 = bitcast <16 x i32> %458 to <32 x bfloat>
+  %460 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %456, <32 x bfloat> %429, <32 x bfloat> %459)
+  store <16 x float> %460, ptr %acc3148, align 4
+  %461 = add nsw i64 %kp52, 1
   br label %kp.head49
 
 kp.end51:                                         ; preds = %kp.head49
-  %461 = load <16 x float>, ptr %acc0145, align 4
-  %462 = load <16 x float>, ptr %acc0038, align 4
-  %sum58 = fadd <16 x float> %462, %461
+  %462 = load <16 x float>, ptr %acc0145, align 4
+  %463 = load <16 x float>, ptr %acc0038, align 4
+  %sum58 = fadd <16 x float> %463, %462
   store <16 x float> %sum58, ptr %acc0038, align 4
-  %463 = load <16 x float>, ptr %acc1146, align 4
-  %464 = load <16 x float>, ptr %acc1039, align 4
-  %sum59 = fadd <16 x float> %464, %463
+  %464 = load <16 x float>, ptr %acc1146, align 4
+  %465 = load <16 x float>, ptr %acc1039, align 4
+  %sum59 = fadd <16 x float> %465, %464
   store <16 x float> %sum59, ptr %acc1039, align 4
-  %465 = load <16 x float>, ptr %acc2147, align 4
-  %466 = load <16 x float>, ptr %acc2040, align 4
-  %sum60 = fadd <16 x float> %466, %465
+  %466 = load <16 x float>, ptr %acc2147, align 4
+  %467 = load <16 x float>, ptr %acc2040, align 4
+  %sum60 = fadd <16 x float> %467, %466
   store <16 x float> %sum60, ptr %acc2040, align 4
-  %467 = load <16 x float>, ptr %acc3148, align 4
-  %468 = load <16 x float>, ptr %acc3041, align 4
-  %sum61 = fadd <16 x float> %468, %467
+  %468 = load <16 x float>, ptr %acc3148, align 4
+  %469 = load <16 x float>, ptr %acc3041, align 4
+  %sum61 = fadd <16 x float> %469, %468
   store <16 x float> %sum61, ptr %acc3041, align 4
-  %469 = load <16 x float>, ptr %acc0038, align 4
-  store <16 x float> %469, ptr %354, align 4
-  %470 = load <16 x float>, ptr %acc1039, align 4
-  store <16 x float> %470, ptr %363, align 4
-  %471 = load <16 x float>, ptr %acc2040, align 4
-  store <16 x float> %471, ptr %372, align 4
-  %472 = load <16 x float>, ptr %acc3041, align 4
-  store <16 x float> %472, ptr %381, align 4
+  %470 = load <16 x float>, ptr %acc0038, align 4
+  store <16 x float> %470, ptr %355, align 4
+  %471 = load <16 x float>, ptr %acc1039, align 4
+  store <16 x float> %471, ptr %364, align 4
+  %472 = load <16 x float>, ptr %acc2040, align 4
+  store <16 x float> %472, ptr %373, align 4
+  %473 = load <16 x float>, ptr %acc3041, align 4
+  store <16 x float> %473, ptr %382, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col62 = mul nsw i64 %p, 16
-  %473 = add nsw i64 %r0, 0
-  %474 = mul nsw i64 %473, 768
-  %475 = getelementptr inbounds float, ptr %h, i64 %474
-  %476 = getelementptr inbounds i32, ptr %rows, i64 %473
-  %477 = load i32, ptr %476, align 4
-  %478 = sext i32 %477 to i64
-  %479 = mul nsw i64 %478, 2048
-  %480 = add nsw i64 %479, %col62
-  %481 = getelementptr inbounds float, ptr %y, i64 %480
+  %474 = add nsw i64 %r0, 0
+  %475 = mul nsw i64 %474, 768
+  %476 = getelementptr inbounds float, ptr %h, i64 %475
+  %477 = getelementptr inbounds i32, ptr %rows, i64 %474
+  %478 = load i32, ptr %477, align 4
+  %479 = sext i32 %478 to i64
+  %480 = mul nsw i64 %479, 2048
+  %481 = add nsw i64 %480, %col62
+  %482 = getelementptr inbounds float, ptr %y, i64 %481
   store <16 x float> zeroinitializer, ptr %acc0063, align 4
-  %482 = add nsw i64 %r0, 1
-  %483 = mul nsw i64 %482, 768
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 2048
-  %489 = add nsw i64 %488, %col62
-  %490 = getelementptr inbounds float, ptr %y, i64 %489
+  %483 = add nsw i64 %r0, 1
+  %484 = mul nsw i64 %483, 768
+  %485 = getelementptr inbounds float, ptr %h, i64 %484
+  %486 = getelementptr inbounds i32, ptr %rows, i64 %483
+  %487 = load i32, ptr %486, align 4
+  %488 = sext i32 %487 to i64
+  %489 = mul nsw i64 %488, 2048
+  %490 = add nsw i64 %489, %col62
+  %491 = getelementptr inbounds float, ptr %y, i64 %490
   store <16 x float> zeroinitializer, ptr %acc1064, align 4
-  %491 = add nsw i64 %r0, 2
-  %492 = mul nsw i64 %491, 768
-  %493 = getelementptr inbounds float, ptr %h, i64 %492
-  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
-  %495 = load i32, ptr %494, align 4
-  %496 = sext i32 %495 to i64
-  %497 = mul nsw i64 %496, 2048
-  %498 = add nsw i64 %497, %col62
-  %499 = getelementptr inbounds float, ptr %y, i64 %498
+  %492 = add nsw i64 %r0, 2
+  %493 = mul nsw i64 %492, 768
+  %494 = getelementptr inbounds float, ptr %h, i64 %493
+  %495 = getelementptr inbounds i32, ptr %rows, i64 %492
+  %496 = load i32, ptr %495, align 4
+  %497 = sext i32 %496 to i64
+  %498 = mul nsw i64 %497, 2048
+  %499 = add nsw i64 %498, %col62
+  %500 = getelementptr inbounds float, ptr %y, i64 %499
   store <16 x float> zeroinitializer, ptr %acc2065, align 4
-  %500 = mul nsw i64 %p, 12288
-  %501 = getelementptr inbounds i16, ptr %panels, i64 %500
-  %502 = add nsw i64 %p, 1
-  %503 = icmp slt i64 %502, %p1
-  %pf.on66 = and i1 %pf.on, %503
-  %504 = mul nsw i64 %pf.j, 24576
-  %505 = lshr i64 %504, %10
-  %506 = add nsw i64 24576, %505
-  %507 = getelementptr inbounds i8, ptr %501, i64 %506
-  %pf67 = select i1 %pf.on66, ptr %507, ptr %501
-  %pf.sh68 = select i1 %pf.on66, i64 %10, i64 0
+  %501 = mul nsw i64 %p, 12288
+  %502 = getelementptr inbounds i16, ptr %panels, i64 %501
+  %503 = add nsw i64 %p, 1
+  %504 = icmp slt i64 %503, %p1
+  %pf.on66 = and i1 %pf.on, %504
+  %505 = mul nsw i64 %rb, 24576
+  %506 = lshr i64 %505, %12
+  %507 = add nsw i64 24576, %506
+  %508 = getelementptr inbounds i8, ptr %502, i64 %507
+  %pf67 = select i1 %pf.on66, ptr %508, ptr %502
+  %pf.sh68 = select i1 %pf.on66, i64 %12, i64 0
   store <16 x float> zeroinitializer, ptr %acc0169, align 4
   store <16 x float> zeroinitializer, ptr %acc1170, align 4
   store <16 x float> zeroinitializer, ptr %acc2171, align 4
   br label %kp.head72
 
 kp.head72:                                        ; preds = %pf.any.end80, %tile.mr3
-  %kp75 = phi i64 [ 0, %tile.mr3 ], [ %564, %pf.any.end80 ]
-  %508 = icmp slt i64 %kp75, 192
-  br i1 %508, label %kp.body73, label %kp.end74
+  %kp75 = phi i64 [ 0, %tile.mr3 ], [ %565, %pf.any.end80 ]
+  %509 = icmp slt i64 %kp75, 192
+  br i1 %509, label %kp.body73, label %kp.end74
 
 kp.body73:                                        ; preds = %kp.head72
   %kk76 = mul nsw i64 %kp75, 2
-  %509 = mul nsw i64 %kk76, 32
-  %510 = getelementptr inbounds i16, ptr %501, i64 %509
-  %511 = load <32 x bfloat>, ptr %510, align 4
-  %512 = mul nsw i64 %kk76, 64
+  %510 = mul nsw i64 %kk76, 32
+  %511 = getelementptr inbounds i16, ptr %502, i64 %510
+  %512 = load <32 x bfloat>, ptr %511, align 4
+  %513 = mul nsw i64 %kk76, 64
   br i1 %pf.multi, label %pf.any.then77, label %pf.any.end78
 
 pf.any.then77:                                    ; preds = %kp.body73
-  %513 = lshr i64 %512, %pf.sh68
-  %514 = getelementptr inbounds i8, ptr %pf67, i64 %513
-  call void @llvm.prefetch.p0(ptr %514, i32 0, i32 2, i32 1)
+  %514 = lshr i64 %513, %pf.sh68
+  %515 = getelementptr inbounds i8, ptr %pf67, i64 %514
+  call void @llvm.prefetch.p0(ptr %515, i32 0, i32 2, i32 1)
   br label %pf.any.end78
 
 pf.any.end78:                                     ; preds = %pf.any.then77, %kp.body73
-  %515 = getelementptr inbounds i32, ptr %475, i64 %kk76
-  %516 = load i32, ptr %515, align 4
-  %517 = load <16 x float>, ptr %acc0063, align 4
-  %518 = insertelement <16 x i32> poison, i32 %516, i32 0
-  %519 = shufflevector <16 x i32> %518, <16 x i32> poison, <16 x i32> zeroinitializer
-  %520 = bitcast <16 x i32> %519 to <32 x bfloat>
-  %521 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %517, <32 x bfloat> %511, <32 x bfloat> %520)
-  store <16 x float> %521, ptr %acc0063, align 4
-  %522 = getelementptr inbounds i32, ptr %484, i64 %kk76
-  %523 = load i32, ptr %522, align 4
-  %524 = load <16 x float>, ptr %acc1064, align 4
-  %525 = insertelement <16 x i32> poison, i32 %523, i32 0
-  %526 = shufflevector <16 x i32> %525, <16 x i32> poison, <16 x i32> zeroinitializer
-  %527 = bitcast <16 x i32> %526 to <32 x bfloat>
-  %528 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %524, <32 x bfloat> %511, <32 x bfloat> %527)
-  store <16 x float> %528, ptr %acc1064, align 4
-  %529 = getelementptr inbounds i32, ptr %493, i64 %kk76
-  %530 = load i32, ptr %529, align 4
-  %531 = load <16 x float>, ptr %acc2065, align 4
-  %532 = insertelement <16 x i32> poison, i32 %530, i32 0
-  %533 = shufflevector <16 x i32> %532, <16 x i32> poison, <16 x i32> zeroinitializer
-  %534 = bitcast <16 x i32> %533 to <32 x bfloat>
-  %535 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %531, <32 x bfloat> %511, <32 x bfloat> %534)
-  store <16 x float> %535, ptr %acc2065, align 4
-  %536 = add nsw i64 %kk76, 1
-  %537 = mul nsw i64 %536, 32
-  %538 = getelementptr inbounds i16, ptr %501, i64 %537
-  %539 = load <32 x bfloat>, ptr %538, align 4
-  %540 = mul nsw i64 %536, 64
+  %516 = getelementptr inbounds i32, ptr %476, i64 %kk76
+  %517 = load i32, ptr %516, align 4
+  %518 = load <16 x float>, ptr %acc0063, align 4
+  %519 = insertelement <16 x i32> poison, i32 %517, i32 0
+  %520 = shufflevector <16 x i32> %519, <16 x i32> poison, <16 x i32> zeroinitializer
+  %521 = bitcast <16 x i32> %520 to <32 x bfloat>
+  %522 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %518, <32 x bfloat> %512, <32 x bfloat> %521)
+  store <16 x float> %522, ptr %acc0063, align 4
+  %523 = getelementptr inbounds i32, ptr %485, i64 %kk76
+  %524 = load i32, ptr %523, align 4
+  %525 = load <16 x float>, ptr %acc1064, align 4
+  %526 = insertelement <16 x i32> poison, i32 %524, i32 0
+  %527 = shufflevector <16 x i32> %526, <16 x i32> poison, <16 x i32> zeroinitializer
+  %528 = bitcast <16 x i32> %527 to <32 x bfloat>
+  %529 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %525, <32 x bfloat> %512, <32 x bfloat> %528)
+  store <16 x float> %529, ptr %acc1064, align 4
+  %530 = getelementptr inbounds i32, ptr %494, i64 %kk76
+  %531 = load i32, ptr %530, align 4
+  %532 = load <16 x float>, ptr %acc2065, align 4
+  %533 = insertelement <16 x i32> poison, i32 %531, i32 0
+  %534 = shufflevector <16 x i32> %533, <16 x i32> poison, <16 x i32> zeroinitializer
+  %535 = bitcast <16 x i32> %534 to <32 x bfloat>
+  %536 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %532, <32 x bfloat> %512, <32 x bfloat> %535)
+  store <16 x float> %536, ptr %acc2065, align 4
+  %537 = add nsw i64 %kk76, 1
+  %538 = mul nsw i64 %537, 32
+  %539 = getelementptr inbounds i16, ptr %502, i64 %538
+  %540 = load <32 x bfloat>, ptr %539, align 4
+  %541 = mul nsw i64 %537, 64
   br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
 
 pf.any.then79:                                    ; preds = %pf.any.end78
-  %541 = lshr i64 %540, %pf.sh68
-  %542 = getelementptr inbounds i8, ptr %pf67, i64 %541
-  call void @llvm.prefetch.p0(ptr %542, i32 0, i32 2, i32 1)
+  %542 = lshr i64 %541, %pf.sh68
+  %543 = getelementptr inbounds i8, ptr %pf67, i64 %542
+  call void @llvm.prefetch.p0(ptr %543, i32 0, i32 2, i32 1)
   br label %pf.any.end80
 
 pf.any.end80:                                     ; preds = %pf.any.then79, %pf.any.end78
-  %543 = getelementptr inbounds i32, ptr %475, i64 %536
-  %544 = load i32, ptr %543, align 4
-  %545 = load <16 x float>, ptr %acc0169, align 4
-  %546 = insertelement <16 x i32> poison, i32 %544, i32 0
-  %547 = shufflevector <16 x i32> %546, <16 x i32> poison, <16 x i32> zeroinitializer
-  %548 = bitcast <16 x i32> %547 to <32 x bfloat>
-  %549 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %545, <32 x bfloat> %539, <32 x bfloat> %548)
-  store <16 x float> %549, ptr %acc0169, align 4
-  %550 = getelementptr inbounds i32, ptr %484, i64 %536
-  %551 = load i32, ptr %550, align 4
-  %552 = load <16 x float>, ptr %acc1170, align 4
-  %553 = insertelement <16 x i32> poison, i32 %551, i32 0
-  %554 = shufflevector <16 x i32> %553, <16 x i32> poison, <16 x i32> zeroinitializer
-  %555 = bitcast <16 x i32> %554 to <32 x bfloat>
-  %556 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %552, <32 x bfloat> %539, <32 x bfloat> %555)
-  store <16 x float> %556, ptr %acc1170, align 4
-  %557 = getelementptr inbounds i32, ptr %493, i64 %536
-  %558 = load i32, ptr %557, align 4
-  %559 = load <16 x float>, ptr %acc2171, align 4
-  %560 = insertelement <16 x i32> poison, i32 %558, i32 0
-  %561 = shufflevector <16 x i32> %560, <16 x i32> poison, <16 x i32> zeroinitializer
-  %562 = bitcast <16 x i32> %561 to <32 x bfloat>
-  %563 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %559, <32 x bfloat> %539, <32 x bfloat> %562)
-  store <16 x float> %563, ptr %acc2171, align 4
-  %564 = add nsw i64 %kp75, 1
+  %544 = getelementptr inbounds i32, ptr %476, i64 %537
+  %545 = load i32, ptr %544, align 4
+  %546 = load <16 x float>, ptr %acc0169, align 4
+  %547 = insertelement <16 x i32> poison, i32 %545, i32 0
+  %548 = shufflevector <16 x i32> %547, <16 x i32> poison, <16 x i32> zeroinitializer
+  %549 = bitcast <16 x i32> %548 to <32 x bfloat>
+  %550 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %546, <32 x bfloat> %540, <32 x bfloat> %549)
+  store <16 x float> %550, ptr %acc0169, align 4
+  %551 = getelementptr inbounds i32, ptr %485, i64 %537
+  %552 = load i32, ptr %551, align 4
+  %553 = load <16 x float>, ptr %acc1170, align 4
+  %554 = insertelement <16 x i32> poison, i32 %552, i32 0
+  %555 = shufflevector <16 x i32> %554, <16 x i32> poison, <16 x i32> zeroinitializer
+  %556 = bitcast <16 x i32> %555 to <32 x bfloat>
+  %557 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %553, <32 x bfloat> %540, <32 x bfloat> %556)
+  store <16 x float> %557, ptr %acc1170, align 4
+  %558 = getelementptr inbounds i32, ptr %494, i64 %537
+  %559 = load i32, ptr %558, align 4
+  %560 = load <16 x float>, ptr %acc2171, align 4
+  %561 = insertelement <16 x i32> poison, i32 %559, i32 0
+  %562 = shufflevector <16 x i32> %561, <16 x i32> poison, <16 x i32> zeroinitializer
+  %563 = bitcast <16 x i32> %562 to <32 x bfloat>
+  %564 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %560, <32 x bfloat> %540, <32 x bfloat> %563)
+  store <16 x float> %564, ptr %acc2171, align 4
+  %565 = add nsw i64 %kp75, 1
   br label %kp.head72
 
 kp.end74:                                         ; preds = %kp.head72
-  %565 = load <16 x float>, ptr %acc0169, align 4
-  %566 = load <16 x float>, ptr %acc0063, align 4
-  %sum81 = fadd <16 x float> %566, %565
+  %566 = load <16 x float>, ptr %acc0169, align 4
+  %567 = load <16 x float>, ptr %acc0063, align 4
+  %sum81 = fadd <16 x float> %567, %566
   store <16 x float> %sum81, ptr %acc0063, align 4
-  %567 = load <16 x float>, ptr %acc1170, align 4
-  %568 = load <16 x float>, ptr %acc1064, align 4
-  %sum82 = fadd <16 x float> %568, %567
+  %568 = load <16 x float>, ptr %acc1170, align 4
+  %569 = load <16 x float>, ptr %acc1064, align 4
+  %sum82 = fadd <16 x float> %569, %568
   store <16 x float> %sum82, ptr %acc1064, align 4
-  %569 = load <16 x float>, ptr %acc2171, align 4
-  %570 = load <16 x float>, ptr %acc2065, align 4
-  %sum83 = fadd <16 x float> %570, %569
+  %570 = load <16 x float>, ptr %acc2171, align 4
+  %571 = load <16 x float>, ptr %acc2065, align 4
+  %sum83 = fadd <16 x float> %571, %570
   store <16 x float> %sum83, ptr %acc2065, align 4
-  %571 = load <16 x float>, ptr %acc0063, align 4
-  store <16 x float> %571, ptr %481, align 4
-  %572 = load <16 x float>, ptr %acc1064, align 4
-  store <16 x float> %572, ptr %490, align 4
-  %573 = load <16 x float>, ptr %acc2065, align 4
-  store <16 x float> %573, ptr %499, align 4
+  %572 = load <16 x float>, ptr %acc0063, align 4
+  store <16 x float> %572, ptr %482, align 4
+  %573 = load <16 x float>, ptr %acc1064, align 4
+  store <16 x float> %573, ptr %491, align 4
+  %574 = load <16 x float>, ptr %acc2065, align 4
+  store <16 x float> %574, ptr %500, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col84 = mul nsw i64 %p, 16
-  %574 = add nsw i64 %r0, 0
-  %575 = mul nsw i64 %574, 768
-  %576 = getelementptr inbounds float, ptr %h, i64 %575
-  %577 = getelementptr inbounds i32, ptr %rows, i64 %574
-  %578 = load i32, ptr %577, align 4
-  %579 = sext i32 %578 to i64
-  %580 = mul nsw i64 %579, 2048
-  %581 = add nsw i64 %580, %col84
-  %582 = getelementptr inbounds float, ptr %y, i64 %581
+  %575 = add nsw i64 %r0, 0
+  %576 = mul nsw i64 %575, 768
+  %577 = getelementptr inbounds float, ptr %h, i64 %576
+  %578 = getelementptr inbounds i32, ptr %rows, i64 %575
+  %579 = load i32, ptr %578, align 4
+  %580 = sext i32 %579 to i64
+  %581 = mul nsw i64 %580, 2048
+  %582 = add nsw i64 %581, %col84
+  %583 = getelementptr inbounds float, ptr %y, i64 %582
   store <16 x float> zeroinitializer, ptr %acc0085, align 4
-  %583 = add nsw i64 %r0, 1
-  %584 = mul nsw i64 %583, 768
-  %585 = getelementptr inbounds float, ptr %h, i64 %584
-  %586 = getelementptr inbounds i32, ptr %rows, i64 %583
-  %587 = load i32, ptr %586, align 4
-  %588 = sext i32 %587 to i64
-  %589 = mul nsw i64 %588, 2048
-  %590 = add nsw i64 %589, %col84
-  %591 = getelementptr inbounds float, ptr %y, i64 %590
+  %584 = add nsw i64 %r0, 1
+  %585 = mul nsw i64 %584, 768
+  %586 = getelementptr inbounds float, ptr %h, i64 %585
+  %587 = getelementptr inbounds i32, ptr %rows, i64 %584
+  %588 = load i32, ptr %587, align 4
+  %589 = sext i32 %588 to i64
+  %590 = mul nsw i64 %589, 2048
+  %591 = add nsw i64 %590, %col84
+  %592 = getelementptr inbounds float, ptr %y, i64 %591
   store <16 x float> zeroinitializer, ptr %acc1086, align 4
-  %592 = mul nsw i64 %p, 12288
-  %593 = getelementptr inbounds i16, ptr %panels, i64 %592
-  %594 = add nsw i64 %p, 1
-  %595 = icmp slt i64 %594, %p1
-  %pf.on87 = and i1 %pf.on, %595
-  %596 = mul nsw i64 %pf.j, 24576
-  %597 = lshr i64 %596, %10
-  %598 = add nsw i64 24576, %597
-  %599 = getelementptr inbounds i8, ptr %593, i64 %598
-  %pf88 = select i1 %pf.on87, ptr %599, ptr %593
-  %pf.sh89 = select i1 %pf.on87, i64 %10, i64 0
+  %593 = mul nsw i64 %p, 12288
+  %594 = getelementptr inbounds i16, ptr %panels, i64 %593
+  %595 = add nsw i64 %p, 1
+  %596 = icmp slt i64 %595, %p1
+  %pf.on87 = and i1 %pf.on, %596
+  %597 = mul nsw i64 %rb, 24576
+  %598 = lshr i64 %597, %12
+  %599 = add nsw i64 24576, %598
+  %600 = getelementptr inbounds i8, ptr %594, i64 %599
+  %pf88 = select i1 %pf.on87, ptr %600, ptr %594
+  %pf.sh89 = select i1 %pf.on87, i64 %12, i64 0
   store <16 x float> zeroinitializer, ptr %acc0190, align 4
   store <16 x float> zeroinitializer, ptr %acc1191, align 4
   br label %kp.head92
 
 kp.head92:                                        ; preds = %pf.any.end100, %tile.mr2
-  %kp95 = phi i64 [ 0, %tile.mr2 ], [ %642, %pf.any.end100 ]
-  %600 = icmp slt i64 %kp95, 192
-  br i1 %600, label %kp.body93, label %kp.end94
+  %kp95 = phi i64 [ 0, %tile.mr2 ], [ %643, %pf.any.end100 ]
+  %601 = icmp slt i64 %kp95, 192
+  br i1 %601, label %kp.body93, label %kp.end94
 
 kp.body93:                                        ; preds = %kp.head92
   %kk96 = mul nsw i64 %kp95, 2
-  %601 = mul nsw i64 %kk96, 32
-  %602 = getelementptr inbounds i16, ptr %593, i64 %601
-  %603 = load <32 x bfloat>, ptr %602, align 4
-  %604 = mul nsw i64 %kk96, 64
+  %602 = mul nsw i64 %kk96, 32
+  %603 = getelementptr inbounds i16, ptr %594, i64 %602
+  %604 = load <32 x bfloat>, ptr %603, align 4
+  %605 = mul nsw i64 %kk96, 64
   br i1 %pf.multi, label %pf.any.then97, label %pf.any.end98
 
 pf.any.then97:                                    ; preds = %kp.body93
-  %605 = lshr i64 %604, %pf.sh89
-  %606 = getelementptr inbounds i8, ptr %pf88, i64 %605
-  call void @llvm.prefetch.p0(ptr %606, i32 0, i32 2, i32 1)
+  %606 = lshr i64 %605, %pf.sh89
+  %607 = getelementptr inbounds i8, ptr %pf88, i64 %606
+  call void @llvm.prefetch.p0(ptr %607, i32 0, i32 2, i32 1)
   br label %pf.any.end98
 
 pf.any.end98:                                     ; preds = %pf.any.then97, %kp.body93
-  %607 = getelementptr inbounds i32, ptr %576, i64 %kk96
-  %608 = load i32, ptr %607, align 4
-  %609 = load <16 x float>, ptr %acc0085, align 4
-  %610 = insertelement <16 x i32> poison, i32 %608, i32 0
-  %611 = shufflevector <16 x i32> %610, <16 x i32> poison, <16 x i32> zeroinitializer
-  %612 = bitcast <16 x i32> %611 to <32 x bfloat>
-  %613 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %609, <32 x bfloat> %603, <32 x bfloat> %612)
-  store <16 x float> %613, ptr %acc0085, align 4
-  %614 = getelementptr inbounds i32, ptr %585, i64 %kk96
-  %615 = load i32, ptr %614, align 4
-  %616 = load <16 x float>, ptr %acc1086, align 4
-  %617 = insertelement <16 x i32> poison, i32 %615, i32 0
-  %618 = shufflevector <16 x i32> %617, <16 x i32> poison, <16 x i32> zeroinitializer
-  %619 = bitcast <16 x i32> %618 to <32 x bfloat>
-  %620 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %616, <32 x bfloat> %603, <32 x bfloat> %619)
-  store <16 x float> %620, ptr %acc1086, align 4
-  %621 = add nsw i64 %kk96, 1
-  %622 = mul nsw i64 %621, 32
-  %623 = getelementptr inbounds i16, ptr %593, i64 %622
-  %624 = load <32 x bfloat>, ptr %623, align 4
-  %625 = mul nsw i64 %621, 64
+  %608 = getelementptr inbounds i32, ptr %577, i64 %kk96
+  %609 = load i32, ptr %608, align 4
+  %610 = load <16 x float>, ptr %acc0085, align 4
+  %611 = insertelement <16 x i32> poison, i32 %609, i32 0
+  %612 = shufflevector <16 x i32> %611, <16 x i32> poison, <16 x i32> zeroinitializer
+  %613 = bitcast <16 x i32> %612 to <32 x bfloat>
+  %614 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %610, <32 x bfloat> %604, <32 x bfloat> %613)
+  store <16 x float> %614, ptr %acc0085, align 4
+  %615 = getelementptr inbounds i32, ptr %586, i64 %kk96
+  %616 = load i32, ptr %615, align 4
+  %617 = load <16 x float>, ptr %acc1086, align 4
+  %618 = insertelement <16 x i32> poison, i32 %616, i32 0
+  %619 = shufflevector <16 x i32> %618, <16 x i32> poison, <16 x i32> zeroinitializer
+  %620 = bitcast <16 x i32> %619 to <32 x bfloat>
+  %621 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %617, <32 x bfloat> %604, <32 x bfloat> %620)
+  store <16 x float> %621, ptr %acc1086, align 4
+  %622 = add nsw i64 %kk96, 1
+  %623 = mul nsw i64 %622, 32
+  %624 = getelementptr inbounds i16, ptr %594, i64 %623
+  %625 = load <32 x bfloat>, ptr %624, align 4
+  %626 = mul nsw i64 %622, 64
   br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
 
 pf.any.then99:                                    ; preds = %pf.any.end98
-  %626 = lshr i64 %625, %pf.sh89
-  %627 = getelementptr inbounds i8, ptr %pf88, i64 %626
-  call void @llvm.prefetch.p0(ptr %627, i32 0, i32 2, i32 1)
+  %627 = lshr i64 %626, %pf.sh89
+  %628 = getelementptr inbounds i8, ptr %pf88, i64 %627
+  call void @llvm.prefetch.p0(ptr %628, i32 0, i32 2, i32 1)
   br label %pf.any.end100
 
 pf.any.end100:                                    ; preds = %pf.any.then99, %pf.any.end98
-  %628 = getelementptr inbounds i32, ptr %576, i64 %621
-  %629 = load i32, ptr %628, align 4
-  %630 = load <16 x float>, ptr %acc0190, align 4
-  %631 = insertelement <16 x i32> poison, i32 %629, i32 0
-  %632 = shufflevector <16 x i32> %631, <16 x i32> poison, <16 x i32> zeroinitializer
-  %633 = bitcast <16 x i32> %632 to <32 x bfloat>
-  %634 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %630, <32 x bfloat> %624, <32 x bfloat> %633)
-  store <16 x float> %634, ptr %acc0190, align 4
-  %635 = getelementptr inbounds i32, ptr %585, i64 %621
-  %636 = load i32, ptr %635, align 4
-  %637 = load <16 x float>, ptr %acc1191, align 4
-  %638 = insertelement <16 x i32> poison, i32 %636, i32 0
-  %639 = shufflevector <16 x i32> %638, <16 x i32> poison, <16 x i32> zeroinitializer
-  %640 = bitcast <16 x i32> %639 to <32 x bfloat>
-  %641 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %637, <32 x bfloat> %624, <32 x bfloat> %640)
-  store <16 x float> %641, ptr %acc1191, align 4
-  %642 = add nsw i64 %kp95, 1
+  %629 = getelementptr inbounds i32, ptr %577, i64 %622
+  %630 = load i32, ptr %629, align 4
+  %631 = load <16 x float>, ptr %acc0190, align 4
+  %632 = insertelement <16 x i32> poison, i32 %630, i32 0
+  %633 = shufflevector <16 x i32> %632, <16 x i32> poison, <16 x i32> zeroinitializer
+  %634 = bitcast <16 x i32> %633 to <32 x bfloat>
+  %635 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %631, <32 x bfloat> %625, <32 x bfloat> %634)
+  store <16 x float> %635, ptr %acc0190, align 4
+  %636 = getelementptr inbounds i32, ptr %586, i64 %622
+  %637 = load i32, ptr %636, align 4
+  %638 = load <16 x float>, ptr %acc1191, align 4
+  %639 = insertelement <16 x i32> poison, i32 %637, i32 0
+  %640 = shufflevector <16 x i32> %639, <16 x i32> poison, <16 x i32> zeroinitializer
+  %641 = bitcast <16 x i32> %640 to <32 x bfloat>
+  %642 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %638, <32 x bfloat> %625, <32 x bfloat> %641)
+  store <16 x float> %642, ptr %acc1191, align 4
+  %643 = add nsw i64 %kp95, 1
   br label %kp.head92
 
 kp.end94:                                         ; preds = %kp.head92
-  %643 = load <16 x float>, ptr %acc0190, align 4
-  %644 = load <16 x float>, ptr %acc0085, align 4
-  %sum101 = fadd <16 x float> %644, %643
+  %644 = load <16 x float>, ptr %acc0190, align 4
+  %645 = load <16 x float>, ptr %acc0085, align 4
+  %sum101 = fadd <16 x float> %645, %644
   store <16 x float> %sum101, ptr %acc0085, align 4
-  %645 = load <16 x float>, ptr %acc1191, align 4
-  %646 = load <16 x float>, ptr %acc1086, align 4
-  %sum102 = fadd <16 x float> %646, %645
+  %646 = load <16 x float>, ptr %acc1191, align 4
+  %647 = load <16 x float>, ptr %acc1086, align 4
+  %sum102 = fadd <16 x float> %647, %646
   store <16 x float> %sum102, ptr %acc1086, align 4
-  %647 = load <16 x float>, ptr %acc0085, align 4
-  store <16 x float> %647, ptr %582, align 4
-  %648 = load <16 x float>, ptr %acc1086, align 4
-  store <16 x float> %648, ptr %591, align 4
+  %648 = load <16 x float>, ptr %acc0085, align 4
+  store <16 x float> %648, ptr %583, align 4
+  %649 = load <16 x float>, ptr %acc1086, align 4
+  store <16 x float> %649, ptr %592, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col103 = mul nsw i64 %p, 16
-  %649 = add nsw i64 %r0, 0
-  %650 = mul nsw i64 %649, 768
-  %651 = getelementptr inbounds float, ptr %h, i64 %650
-  %652 = getelementptr inbounds i32, ptr %rows, i64 %649
-  %653 = load i32, ptr %652, align 4
-  %654 = sext i32 %653 to i64
-  %655 = mul nsw i64 %654, 2048
-  %656 = add nsw i64 %655, %col103
-  %657 = getelementptr inbounds float, ptr %y, i64 %656
+  %650 = add nsw i64 %r0, 0
+  %651 = mul nsw i64 %650, 768
+  %652 = getelementptr inbounds float, ptr %h, i64 %651
+  %653 = getelementptr inbounds i32, ptr %rows, i64 %650
+  %654 = load i32, ptr %653, align 4
+  %655 = sext i32 %654 to i64
+  %656 = mul nsw i64 %655, 2048
+  %657 = add nsw i64 %656, %col103
+  %658 = getelementptr inbounds float, ptr %y, i64 %657
   store <16 x float> zeroinitializer, ptr %acc00104, align 4
-  %658 = mul nsw i64 %p, 12288
-  %659 = getelementptr inbounds i16, ptr %panels, i64 %658
-  %660 = add nsw i64 %p, 1
-  %661 = icmp slt i64 %660, %p1
-  %pf.on105 = and i1 %pf.on, %661
-  %662 = mul nsw i64 %pf.j, 24576
-  %663 = lshr i64 %662, %10
-  %664 = add nsw i64 24576, %663
-  %665 = getelementptr inbounds i8, ptr %659, i64 %664
-  %pf106 = select i1 %pf.on105, ptr %665, ptr %659
-  %pf.sh107 = select i1 %pf.on105, i64 %10, i64 0
+  %659 = mul nsw i64 %p, 12288
+  %660 = getelementptr inbounds i16, ptr %panels, i64 %659
+  %661 = add nsw i64 %p, 1
+  %662 = icmp slt i64 %661, %p1
+  %pf.on105 = and i1 %pf.on, %662
+  %663 = mul nsw i64 %rb, 24576
+  %664 = lshr i64 %663, %12
+  %665 = add nsw i64 24576, %664
+  %666 = getelementptr inbounds i8, ptr %660, i64 %665
+  %pf106 = select i1 %pf.on105, ptr %666, ptr %660
+  %pf.sh107 = select i1 %pf.on105, i64 %12, i64 0
   store <16 x float> zeroinitializer, ptr %acc01108, align 4
   br label %kp.head109
 
 kp.head109:                                       ; preds = %pf.any.end117, %tile.mr1
-  %kp112 = phi i64 [ 0, %tile.mr1 ], [ %694, %pf.any.end117 ]
-  %666 = icmp slt i64 %kp112, 192
-  br i1 %666, label %kp.body110, label %kp.end111
+  %kp112 = phi i64 [ 0, %tile.mr1 ], [ %695, %pf.any.end117 ]
+  %667 = icmp slt i64 %kp112, 192
+  br i1 %667, label %kp.body110, label %kp.end111
 
 kp.body110:                                       ; preds = %kp.head109
   %kk113 = mul nsw i64 %kp112, 2
-  %667 = mul nsw i64 %kk113, 32
-  %668 = getelementptr inbounds i16, ptr %659, i64 %667
-  %669 = load <32 x bfloat>, ptr %668, align 4
-  %670 = mul nsw i64 %kk113, 64
+  %668 = mul nsw i64 %kk113, 32
+  %669 = getelementptr inbounds i16, ptr %660, i64 %668
+  %670 = load <32 x bfloat>, ptr %669, align 4
+  %671 = mul nsw i64 %kk113, 64
   br i1 %pf.multi, label %pf.any.then114, label %pf.any.end115
 
 pf.any.then114:                                   ; preds = %kp.body110
-  %671 = lshr i64 %670, %pf.sh107
-  %672 = getelementptr inbounds i8, ptr %pf106, i64 %671
-  call void @llvm.prefetch.p0(ptr %672, i32 0, i32 2, i32 1)
+  %672 = lshr i64 %671, %pf.sh107
+  %673 = getelementptr inbounds i8, ptr %pf106, i64 %672
+  call void @llvm.prefetch.p0(ptr %673, i32 0, i32 2, i32 1)
   br label %pf.any.end115
 
 pf.any.end115:                                    ; preds = %pf.any.then114, %kp.body110
-  %673 = getelementptr inbounds i32, ptr %651, i64 %kk113
-  %674 = load i32, ptr %673, align 4
-  %675 = load <16 x float>, ptr %acc00104, align 4
-  %676 = insertelement <16 x i32> poison, i32 %674, i32 0
-  %677 = shufflevector <16 x i32> %676, <16 x i32> poison, <16 x i32> zeroinitializer
-  %678 = bitcast <16 x i32> %677 to <32 x bfloat>
-  %679 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %675, <32 x bfloat> %669, <32 x bfloat> %678)
-  store <16 x float> %679, ptr %acc00104, align 4
-  %680 = add nsw i64 %kk113, 1
-  %681 = mul nsw i64 %680, 32
-  %682 = getelementptr inbounds i16, ptr %659, i64 %681
-  %683 = load <32 x bfloat>, ptr %682, align 4
-  %684 = mul nsw i64 %680, 64
+  %674 = getelementptr inbounds i32, ptr %652, i64 %kk113
+  %675 = load i32, ptr %674, align 4
+  %676 = load <16 x float>, ptr %acc00104, align 4
+  %677 = insertelement <16 x i32> poison, i32 %675, i32 0
+  %678 = shufflevector <16 x i32> %677, <16 x i32> poison, <16 x i32> zeroinitializer
+  %679 = bitcast <16 x i32> %678 to <32 x bfloat>
+  %680 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %676, <32 x bfloat> %670, <32 x bfloat> %679)
+  store <16 x float> %680, ptr %acc00104, align 4
+  %681 = add nsw i64 %kk113, 1
+  %682 = mul nsw i64 %681, 32
+  %683 = getelementptr inbounds i16, ptr %660, i64 %682
+  %684 = load <32 x bfloat>, ptr %683, align 4
+  %685 = mul nsw i64 %681, 64
   br i1 %pf.multi, label %pf.any.then116, label %pf.any.end117
 
 pf.any.then116:                                   ; preds = %pf.any.end115
-  %685 = lshr i64 %684, %pf.sh107
-  %686 = getelementptr inbounds i8, ptr %pf106, i64 %685
-  call void @llvm.prefetch.p0(ptr %686, i32 0, i32 2, i32 1)
+  %686 = lshr i64 %685, %pf.sh107
+  %687 = getelementptr inbounds i8, ptr %pf106, i64 %686
+  call void @llvm.prefetch.p0(ptr %687, i32 0, i32 2, i32 1)
   br label %pf.any.end117
 
 pf.any.end117:                                    ; preds = %pf.any.then116, %pf.any.end115
-  %687 = getelementptr inbounds i32, ptr %651, i64 %680
-  %688 = load i32, ptr %687, align 4
-  %689 = load <16 x float>, ptr %acc01108, align 4
-  %690 = insertelement <16 x i32> poison, i32 %688, i32 0
-  %691 = shufflevector <16 x i32> %690, <16 x i32> poison, <16 x i32> zeroinitializer
-  %692 = bitcast <16 x i32> %691 to <32 x bfloat>
-  %693 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %689, <32 x bfloat> %683, <32 x bfloat> %692)
-  store <16 x float> %693, ptr %acc01108, align 4
-  %694 = add nsw i64 %kp112, 1
+  %688 = getelementptr inbounds i32, ptr %652, i64 %681
+  %689 = load i32, ptr %688, align 4
+  %690 = load <16 x float>, ptr %acc01108, align 4
+  %691 = insertelement <16 x i32> poison, i32 %689, i32 0
+  %692 = shufflevector <16 x i32> %691, <16 x i32> poison, <16 x i32> zeroinitializer
+  %693 = bitcast <16 x i32> %692 to <32 x bfloat>
+  %694 = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %690, <32 x bfloat> %684, <32 x bfloat> %693)
+  store <16 x float> %694, ptr %acc01108, align 4
+  %695 = add nsw i64 %kp112, 1
   br label %kp.head109
 
 kp.end111:                                        ; preds = %kp.head109
-  %695 = load <16 x float>, ptr %acc01108, align 4
-  %696 = load <16 x float>, ptr %acc00104, align 4
-  %sum118 = fadd <16 x float> %696, %695
-  store <16 x float> %sum118, ptr %acc00104, align 4
+  %696 = load <16 x float>, ptr %acc01108, align 4
   %697 = load <16 x float>, ptr %acc00104, align 4
-  store <16 x float> %697, ptr %657, align 4
+  %sum118 = fadd <16 x float> %697, %696
+  store <16 x float> %sum118, ptr %acc00104, align 4
+  %698 = load <16 x float>, ptr %acc00104, align 4
+  store <16 x float> %698, ptr %658, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %kp.end111, %kp.end94, %kp.end74, %kp.end51, %kp.end25, %kp.end
-  %698 = add nsw i64 %r0, 6
-  br label %r0.head
+  %699 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %699 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %700 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

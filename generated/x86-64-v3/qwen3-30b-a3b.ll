@@ -959,37 +959,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1088, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %1089, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1087, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %1088, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -998,1473 +999,1473 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 2048
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 2048
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 2048
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 2048
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 2048
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 2048
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 2048
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 2048
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 2048
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 2048
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 2048
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 2048
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 32768
-  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 65536
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 65536, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 65536
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 65536, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
-  %56 = icmp slt i64 %k, 2048
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %57 = icmp slt i64 %k, 2048
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
-  %63 = load <8 x i32>, ptr %62, align 4
-  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %64 to <8 x float>
-  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = getelementptr inbounds float, ptr %18, i64 %k
-  %67 = load float, ptr %66, align 4
-  %68 = insertelement <8 x float> poison, float %67, i32 0
-  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
-  %70 = load <8 x float>, ptr %acc00, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
-  store <8 x float> %71, ptr %acc00, align 4
-  %72 = load <8 x float>, ptr %acc01, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
-  store <8 x float> %73, ptr %acc01, align 4
-  %74 = getelementptr inbounds float, ptr %24, i64 %k
-  %75 = load float, ptr %74, align 4
-  %76 = insertelement <8 x float> poison, float %75, i32 0
-  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
-  %78 = load <8 x float>, ptr %acc10, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
-  store <8 x float> %79, ptr %acc10, align 4
-  %80 = load <8 x float>, ptr %acc11, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
-  store <8 x float> %81, ptr %acc11, align 4
-  %82 = getelementptr inbounds float, ptr %30, i64 %k
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <8 x float> poison, float %83, i32 0
-  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
-  %86 = load <8 x float>, ptr %acc20, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
-  store <8 x float> %87, ptr %acc20, align 4
-  %88 = load <8 x float>, ptr %acc21, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
-  store <8 x float> %89, ptr %acc21, align 4
-  %90 = getelementptr inbounds float, ptr %36, i64 %k
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <8 x float> poison, float %91, i32 0
-  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
-  %94 = load <8 x float>, ptr %acc30, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
-  store <8 x float> %95, ptr %acc30, align 4
-  %96 = load <8 x float>, ptr %acc31, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
-  store <8 x float> %97, ptr %acc31, align 4
-  %98 = getelementptr inbounds float, ptr %42, i64 %k
-  %99 = load float, ptr %98, align 4
-  %100 = insertelement <8 x float> poison, float %99, i32 0
-  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
-  %102 = load <8 x float>, ptr %acc40, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
-  store <8 x float> %103, ptr %acc40, align 4
-  %104 = load <8 x float>, ptr %acc41, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
-  store <8 x float> %105, ptr %acc41, align 4
-  %106 = getelementptr inbounds float, ptr %48, i64 %k
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc50, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc50, align 4
-  %112 = load <8 x float>, ptr %acc51, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc51, align 4
-  %114 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
+  %64 = load <8 x i32>, ptr %63, align 4
+  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %66 to <8 x float>
+  %67 = getelementptr inbounds float, ptr %19, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %25, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %31, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %37, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %43, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %49, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %115 = add nsw i64 %r0, 0
-  %116 = getelementptr inbounds float, ptr %rw, i64 %115
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = mul nsw i64 %115, 768
-  %121 = getelementptr inbounds float, ptr %h, i64 %120
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 768
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 8
-  %122 = load <8 x float>, ptr %acc00, align 4
-  %123 = load <8 x float>, ptr %acc01, align 4
-  %124 = fneg <8 x float> %122
-  %125 = fcmp olt <8 x float> %124, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %126 = select <8 x i1> %125, <8 x float> %124, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = fcmp ogt <8 x float> %126, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %130 = call <8 x float> @llvm.floor.v8f32(<8 x float> %129)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %128)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %131)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %132, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %132, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %132, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %132, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %132, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %138 = fmul <8 x float> %132, %132
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %138, <8 x float> %132)
-  %140 = fadd <8 x float> %139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %141 = fptosi <8 x float> %130 to <8 x i32>
-  %142 = add <8 x i32> %141, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %143 = shl <8 x i32> %142, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %143 to <8 x float>
-  %exp = fmul <8 x float> %140, %exp.2n
-  %144 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %144
-  %silu = fmul <8 x float> %122, %sigmoid
-  %glu = fmul <8 x float> %silu, %123
-  %145 = fmul <8 x float> %glu, %119
-  %146 = getelementptr inbounds float, ptr %121, i64 %col
-  store <8 x float> %145, ptr %146, align 4
-  %147 = add nsw i64 %r0, 1
-  %148 = getelementptr inbounds float, ptr %rw, i64 %147
-  %149 = load float, ptr %148, align 4
-  %150 = insertelement <8 x float> poison, float %149, i32 0
-  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
-  %152 = mul nsw i64 %147, 768
-  %153 = getelementptr inbounds float, ptr %h, i64 %152
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = fneg <8 x float> %123
+  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %131 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %132)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %133, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %133, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %133, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %133, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %133, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %139 = fmul <8 x float> %133, %133
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %139, <8 x float> %133)
+  %141 = fadd <8 x float> %140, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %142 = fptosi <8 x float> %131 to <8 x i32>
+  %143 = add <8 x i32> %142, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %144 = shl <8 x i32> %143, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %144 to <8 x float>
+  %exp = fmul <8 x float> %141, %exp.2n
+  %145 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %145
+  %silu = fmul <8 x float> %123, %sigmoid
+  %glu = fmul <8 x float> %silu, %124
+  %146 = fmul <8 x float> %glu, %120
+  %147 = getelementptr inbounds float, ptr %122, i64 %col
+  store <8 x float> %146, ptr %147, align 4
+  %148 = add nsw i64 %r0, 1
+  %149 = getelementptr inbounds float, ptr %rw, i64 %148
+  %150 = load float, ptr %149, align 4
+  %151 = insertelement <8 x float> poison, float %150, i32 0
+  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
+  %153 = mul nsw i64 %148, 768
+  %154 = getelementptr inbounds float, ptr %h, i64 %153
   %col2 = mul nsw i64 %p, 8
-  %154 = load <8 x float>, ptr %acc10, align 4
-  %155 = load <8 x float>, ptr %acc11, align 4
-  %156 = fneg <8 x float> %154
-  %157 = fcmp olt <8 x float> %156, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %158 = select <8 x i1> %157, <8 x float> %156, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %159 = fcmp ogt <8 x float> %158, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %160 = select <8 x i1> %159, <8 x float> %158, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %162 = call <8 x float> @llvm.floor.v8f32(<8 x float> %161)
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %160)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %163)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %164, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %164, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %164, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %164, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %164, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %170 = fmul <8 x float> %164, %164
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %170, <8 x float> %164)
-  %172 = fadd <8 x float> %171, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %173 = fptosi <8 x float> %162 to <8 x i32>
-  %174 = add <8 x i32> %173, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %175 = shl <8 x i32> %174, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %175 to <8 x float>
-  %exp4 = fmul <8 x float> %172, %exp.2n3
-  %176 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %176
-  %silu6 = fmul <8 x float> %154, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %155
-  %177 = fmul <8 x float> %glu7, %151
-  %178 = getelementptr inbounds float, ptr %153, i64 %col2
-  store <8 x float> %177, ptr %178, align 4
-  %179 = add nsw i64 %r0, 2
-  %180 = getelementptr inbounds float, ptr %rw, i64 %179
-  %181 = load float, ptr %180, align 4
-  %182 = insertelement <8 x float> poison, float %181, i32 0
-  %183 = shufflevector <8 x float> %182, <8 x float> poison, <8 x i32> zeroinitializer
-  %184 = mul nsw i64 %179, 768
-  %185 = getelementptr inbounds float, ptr %h, i64 %184
+  %155 = load <8 x float>, ptr %acc10, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  %157 = fneg <8 x float> %155
+  %158 = fcmp olt <8 x float> %157, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %159 = select <8 x i1> %158, <8 x float> %157, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %160 = fcmp ogt <8 x float> %159, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %162)
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %161)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %164)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %165, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %165, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %165, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %165, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %165, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %171 = fmul <8 x float> %165, %165
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %171, <8 x float> %165)
+  %173 = fadd <8 x float> %172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %174 = fptosi <8 x float> %163 to <8 x i32>
+  %175 = add <8 x i32> %174, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %176 = shl <8 x i32> %175, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %176 to <8 x float>
+  %exp4 = fmul <8 x float> %173, %exp.2n3
+  %177 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %177
+  %silu6 = fmul <8 x float> %155, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %156
+  %178 = fmul <8 x float> %glu7, %152
+  %179 = getelementptr inbounds float, ptr %154, i64 %col2
+  store <8 x float> %178, ptr %179, align 4
+  %180 = add nsw i64 %r0, 2
+  %181 = getelementptr inbounds float, ptr %rw, i64 %180
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = mul nsw i64 %180, 768
+  %186 = getelementptr inbounds float, ptr %h, i64 %185
   %col8 = mul nsw i64 %p, 8
-  %186 = load <8 x float>, ptr %acc20, align 4
-  %187 = load <8 x float>, ptr %acc21, align 4
-  %188 = fneg <8 x float> %186
-  %189 = fcmp olt <8 x float> %188, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %190 = select <8 x i1> %189, <8 x float> %188, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %191 = fcmp ogt <8 x float> %190, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %194 = call <8 x float> @llvm.floor.v8f32(<8 x float> %193)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %192)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %195)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %196, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %196, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %196, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %196, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %196, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %202 = fmul <8 x float> %196, %196
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %202, <8 x float> %196)
-  %204 = fadd <8 x float> %203, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %205 = fptosi <8 x float> %194 to <8 x i32>
-  %206 = add <8 x i32> %205, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %207 = shl <8 x i32> %206, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %207 to <8 x float>
-  %exp10 = fmul <8 x float> %204, %exp.2n9
-  %208 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %208
-  %silu12 = fmul <8 x float> %186, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %187
-  %209 = fmul <8 x float> %glu13, %183
-  %210 = getelementptr inbounds float, ptr %185, i64 %col8
-  store <8 x float> %209, ptr %210, align 4
-  %211 = add nsw i64 %r0, 3
-  %212 = getelementptr inbounds float, ptr %rw, i64 %211
-  %213 = load float, ptr %212, align 4
-  %214 = insertelement <8 x float> poison, float %213, i32 0
-  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
-  %216 = mul nsw i64 %211, 768
-  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %187 = load <8 x float>, ptr %acc20, align 4
+  %188 = load <8 x float>, ptr %acc21, align 4
+  %189 = fneg <8 x float> %187
+  %190 = fcmp olt <8 x float> %189, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %192 = fcmp ogt <8 x float> %191, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %195 = call <8 x float> @llvm.floor.v8f32(<8 x float> %194)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %193)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %196)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %197, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %197, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %197, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %197, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %203 = fmul <8 x float> %197, %197
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %203, <8 x float> %197)
+  %205 = fadd <8 x float> %204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %206 = fptosi <8 x float> %195 to <8 x i32>
+  %207 = add <8 x i32> %206, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %208 = shl <8 x i32> %207, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %208 to <8 x float>
+  %exp10 = fmul <8 x float> %205, %exp.2n9
+  %209 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %209
+  %silu12 = fmul <8 x float> %187, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %188
+  %210 = fmul <8 x float> %glu13, %184
+  %211 = getelementptr inbounds float, ptr %186, i64 %col8
+  store <8 x float> %210, ptr %211, align 4
+  %212 = add nsw i64 %r0, 3
+  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = mul nsw i64 %212, 768
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
   %col14 = mul nsw i64 %p, 8
-  %218 = load <8 x float>, ptr %acc30, align 4
-  %219 = load <8 x float>, ptr %acc31, align 4
-  %220 = fneg <8 x float> %218
-  %221 = fcmp olt <8 x float> %220, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %222 = select <8 x i1> %221, <8 x float> %220, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %223 = fcmp ogt <8 x float> %222, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %226 = call <8 x float> @llvm.floor.v8f32(<8 x float> %225)
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %224)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %227)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %228, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> %228, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %228, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %228, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %228, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %234 = fmul <8 x float> %228, %228
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %234, <8 x float> %228)
-  %236 = fadd <8 x float> %235, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %237 = fptosi <8 x float> %226 to <8 x i32>
-  %238 = add <8 x i32> %237, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %239 = shl <8 x i32> %238, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %239 to <8 x float>
-  %exp16 = fmul <8 x float> %236, %exp.2n15
-  %240 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %240
-  %silu18 = fmul <8 x float> %218, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %219
-  %241 = fmul <8 x float> %glu19, %215
-  %242 = getelementptr inbounds float, ptr %217, i64 %col14
-  store <8 x float> %241, ptr %242, align 4
-  %243 = add nsw i64 %r0, 4
-  %244 = getelementptr inbounds float, ptr %rw, i64 %243
-  %245 = load float, ptr %244, align 4
-  %246 = insertelement <8 x float> poison, float %245, i32 0
-  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
-  %248 = mul nsw i64 %243, 768
-  %249 = getelementptr inbounds float, ptr %h, i64 %248
+  %219 = load <8 x float>, ptr %acc30, align 4
+  %220 = load <8 x float>, ptr %acc31, align 4
+  %221 = fneg <8 x float> %219
+  %222 = fcmp olt <8 x float> %221, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %223 = select <8 x i1> %222, <8 x float> %221, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %224 = fcmp ogt <8 x float> %223, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %227 = call <8 x float> @llvm.floor.v8f32(<8 x float> %226)
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %225)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %228)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %229, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %229, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %229, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %229, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %229, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %235 = fmul <8 x float> %229, %229
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %235, <8 x float> %229)
+  %237 = fadd <8 x float> %236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %238 = fptosi <8 x float> %227 to <8 x i32>
+  %239 = add <8 x i32> %238, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %240 = shl <8 x i32> %239, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %240 to <8 x float>
+  %exp16 = fmul <8 x float> %237, %exp.2n15
+  %241 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %241
+  %silu18 = fmul <8 x float> %219, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %220
+  %242 = fmul <8 x float> %glu19, %216
+  %243 = getelementptr inbounds float, ptr %218, i64 %col14
+  store <8 x float> %242, ptr %243, align 4
+  %244 = add nsw i64 %r0, 4
+  %245 = getelementptr inbounds float, ptr %rw, i64 %244
+  %246 = load float, ptr %245, align 4
+  %247 = insertelement <8 x float> poison, float %246, i32 0
+  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
+  %249 = mul nsw i64 %244, 768
+  %250 = getelementptr inbounds float, ptr %h, i64 %249
   %col20 = mul nsw i64 %p, 8
-  %250 = load <8 x float>, ptr %acc40, align 4
-  %251 = load <8 x float>, ptr %acc41, align 4
-  %252 = fneg <8 x float> %250
-  %253 = fcmp olt <8 x float> %252, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %254 = select <8 x i1> %253, <8 x float> %252, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %255 = fcmp ogt <8 x float> %254, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %256, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %258 = call <8 x float> @llvm.floor.v8f32(<8 x float> %257)
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %256)
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %259)
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %266 = fmul <8 x float> %260, %260
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %266, <8 x float> %260)
-  %268 = fadd <8 x float> %267, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %269 = fptosi <8 x float> %258 to <8 x i32>
-  %270 = add <8 x i32> %269, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %271 = shl <8 x i32> %270, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %271 to <8 x float>
-  %exp22 = fmul <8 x float> %268, %exp.2n21
-  %272 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %272
-  %silu24 = fmul <8 x float> %250, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %251
-  %273 = fmul <8 x float> %glu25, %247
-  %274 = getelementptr inbounds float, ptr %249, i64 %col20
-  store <8 x float> %273, ptr %274, align 4
-  %275 = add nsw i64 %r0, 5
-  %276 = getelementptr inbounds float, ptr %rw, i64 %275
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <8 x float> poison, float %277, i32 0
-  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
-  %280 = mul nsw i64 %275, 768
-  %281 = getelementptr inbounds float, ptr %h, i64 %280
+  %251 = load <8 x float>, ptr %acc40, align 4
+  %252 = load <8 x float>, ptr %acc41, align 4
+  %253 = fneg <8 x float> %251
+  %254 = fcmp olt <8 x float> %253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %255 = select <8 x i1> %254, <8 x float> %253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %256 = fcmp ogt <8 x float> %255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %258)
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %257)
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %260)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %267 = fmul <8 x float> %261, %261
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %267, <8 x float> %261)
+  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %270 = fptosi <8 x float> %259 to <8 x i32>
+  %271 = add <8 x i32> %270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %272 = shl <8 x i32> %271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %272 to <8 x float>
+  %exp22 = fmul <8 x float> %269, %exp.2n21
+  %273 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %273
+  %silu24 = fmul <8 x float> %251, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %252
+  %274 = fmul <8 x float> %glu25, %248
+  %275 = getelementptr inbounds float, ptr %250, i64 %col20
+  store <8 x float> %274, ptr %275, align 4
+  %276 = add nsw i64 %r0, 5
+  %277 = getelementptr inbounds float, ptr %rw, i64 %276
+  %278 = load float, ptr %277, align 4
+  %279 = insertelement <8 x float> poison, float %278, i32 0
+  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
+  %281 = mul nsw i64 %276, 768
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
   %col26 = mul nsw i64 %p, 8
-  %282 = load <8 x float>, ptr %acc50, align 4
-  %283 = load <8 x float>, ptr %acc51, align 4
-  %284 = fneg <8 x float> %282
-  %285 = fcmp olt <8 x float> %284, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %286 = select <8 x i1> %285, <8 x float> %284, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %287 = fcmp ogt <8 x float> %286, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %288 = select <8 x i1> %287, <8 x float> %286, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %290 = call <8 x float> @llvm.floor.v8f32(<8 x float> %289)
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %288)
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %291)
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %292, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %292, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %292, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %292, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %292, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %298 = fmul <8 x float> %292, %292
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %298, <8 x float> %292)
-  %300 = fadd <8 x float> %299, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %301 = fptosi <8 x float> %290 to <8 x i32>
-  %302 = add <8 x i32> %301, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %303 = shl <8 x i32> %302, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %303 to <8 x float>
-  %exp28 = fmul <8 x float> %300, %exp.2n27
-  %304 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %304
-  %silu30 = fmul <8 x float> %282, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %283
-  %305 = fmul <8 x float> %glu31, %279
-  %306 = getelementptr inbounds float, ptr %281, i64 %col26
-  store <8 x float> %305, ptr %306, align 4
+  %283 = load <8 x float>, ptr %acc50, align 4
+  %284 = load <8 x float>, ptr %acc51, align 4
+  %285 = fneg <8 x float> %283
+  %286 = fcmp olt <8 x float> %285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %287 = select <8 x i1> %286, <8 x float> %285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %288 = fcmp ogt <8 x float> %287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %290)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %289)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %292)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %299 = fmul <8 x float> %293, %293
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %299, <8 x float> %293)
+  %301 = fadd <8 x float> %300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %302 = fptosi <8 x float> %291 to <8 x i32>
+  %303 = add <8 x i32> %302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %304 = shl <8 x i32> %303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %304 to <8 x float>
+  %exp28 = fmul <8 x float> %301, %exp.2n27
+  %305 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %305
+  %silu30 = fmul <8 x float> %283, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %284
+  %306 = fmul <8 x float> %glu31, %280
+  %307 = getelementptr inbounds float, ptr %282, i64 %col26
+  store <8 x float> %306, ptr %307, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %307 = add nsw i64 %r0, 0
-  %308 = getelementptr inbounds i32, ptr %rows, i64 %307
-  %309 = load i32, ptr %308, align 4
-  %310 = sext i32 %309 to i64
-  %311 = mul nsw i64 %310, 2048
-  %312 = getelementptr inbounds float, ptr %x, i64 %311
+tile.mr5:                                         ; preds = %rb.body
+  %308 = add nsw i64 %r0, 0
+  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
+  %310 = load i32, ptr %309, align 4
+  %311 = sext i32 %310 to i64
+  %312 = mul nsw i64 %311, 2048
+  %313 = getelementptr inbounds float, ptr %x, i64 %312
   store <8 x float> zeroinitializer, ptr %acc0032, align 4
   store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %313 = add nsw i64 %r0, 1
-  %314 = getelementptr inbounds i32, ptr %rows, i64 %313
-  %315 = load i32, ptr %314, align 4
-  %316 = sext i32 %315 to i64
-  %317 = mul nsw i64 %316, 2048
-  %318 = getelementptr inbounds float, ptr %x, i64 %317
+  %314 = add nsw i64 %r0, 1
+  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
+  %316 = load i32, ptr %315, align 4
+  %317 = sext i32 %316 to i64
+  %318 = mul nsw i64 %317, 2048
+  %319 = getelementptr inbounds float, ptr %x, i64 %318
   store <8 x float> zeroinitializer, ptr %acc1034, align 4
   store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %319 = add nsw i64 %r0, 2
-  %320 = getelementptr inbounds i32, ptr %rows, i64 %319
-  %321 = load i32, ptr %320, align 4
-  %322 = sext i32 %321 to i64
-  %323 = mul nsw i64 %322, 2048
-  %324 = getelementptr inbounds float, ptr %x, i64 %323
+  %320 = add nsw i64 %r0, 2
+  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
+  %322 = load i32, ptr %321, align 4
+  %323 = sext i32 %322 to i64
+  %324 = mul nsw i64 %323, 2048
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
   store <8 x float> zeroinitializer, ptr %acc2036, align 4
   store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %325 = add nsw i64 %r0, 3
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %325
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 2048
-  %330 = getelementptr inbounds float, ptr %x, i64 %329
+  %326 = add nsw i64 %r0, 3
+  %327 = getelementptr inbounds i32, ptr %rows, i64 %326
+  %328 = load i32, ptr %327, align 4
+  %329 = sext i32 %328 to i64
+  %330 = mul nsw i64 %329, 2048
+  %331 = getelementptr inbounds float, ptr %x, i64 %330
   store <8 x float> zeroinitializer, ptr %acc3038, align 4
   store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %331 = add nsw i64 %r0, 4
-  %332 = getelementptr inbounds i32, ptr %rows, i64 %331
-  %333 = load i32, ptr %332, align 4
-  %334 = sext i32 %333 to i64
-  %335 = mul nsw i64 %334, 2048
-  %336 = getelementptr inbounds float, ptr %x, i64 %335
+  %332 = add nsw i64 %r0, 4
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 2048
+  %337 = getelementptr inbounds float, ptr %x, i64 %336
   store <8 x float> zeroinitializer, ptr %acc4040, align 4
   store <8 x float> zeroinitializer, ptr %acc4141, align 4
   %panel.off42 = mul nsw i64 %p, 32768
-  %337 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %338 = add nsw i64 %p, 1
-  %339 = icmp slt i64 %338, %p1
-  %pf.on43 = and i1 %pf.on, %339
-  %340 = mul nsw i64 %pf.j, 65536
-  %341 = lshr i64 %340, %9
-  %342 = add nsw i64 65536, %341
-  %343 = getelementptr inbounds i8, ptr %337, i64 %342
-  %pf44 = select i1 %pf.on43, ptr %343, ptr %337
-  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  %338 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %339 = add nsw i64 %p, 1
+  %340 = icmp slt i64 %339, %p1
+  %pf.on43 = and i1 %pf.on, %340
+  %341 = mul nsw i64 %rb, 65536
+  %342 = lshr i64 %341, %11
+  %343 = add nsw i64 65536, %342
+  %344 = getelementptr inbounds i8, ptr %338, i64 %343
+  %pf44 = select i1 %pf.on43, ptr %344, ptr %338
+  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %394, %pf.any.end51 ]
-  %344 = icmp slt i64 %k49, 2048
-  br i1 %344, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %395, %pf.any.end51 ]
+  %345 = icmp slt i64 %k49, 2048
+  br i1 %345, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %345 = mul nsw i64 %k49, 16
-  %346 = add nsw i64 %panel.off42, %345
-  %347 = mul nsw i64 %k49, 32
+  %346 = mul nsw i64 %k49, 16
+  %347 = add nsw i64 %panel.off42, %346
+  %348 = mul nsw i64 %k49, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %348 = lshr i64 %347, %pf.sh45
-  %349 = getelementptr inbounds i8, ptr %pf44, i64 %348
-  call void @llvm.prefetch.p0(ptr %349, i32 0, i32 2, i32 1)
+  %349 = lshr i64 %348, %pf.sh45
+  %350 = getelementptr inbounds i8, ptr %pf44, i64 %349
+  call void @llvm.prefetch.p0(ptr %350, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %350 = getelementptr inbounds i16, ptr %panels, i64 %346
-  %351 = load <8 x i32>, ptr %350, align 4
-  %352 = shl <8 x i32> %351, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %352 to <8 x float>
-  %353 = and <8 x i32> %351, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %353 to <8 x float>
-  %354 = getelementptr inbounds float, ptr %312, i64 %k49
-  %355 = load float, ptr %354, align 4
-  %356 = insertelement <8 x float> poison, float %355, i32 0
-  %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
-  %358 = load <8 x float>, ptr %acc0032, align 4
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b052, <8 x float> %358)
-  store <8 x float> %359, ptr %acc0032, align 4
-  %360 = load <8 x float>, ptr %acc0133, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %357, <8 x float> %b153, <8 x float> %360)
-  store <8 x float> %361, ptr %acc0133, align 4
-  %362 = getelementptr inbounds float, ptr %318, i64 %k49
-  %363 = load float, ptr %362, align 4
-  %364 = insertelement <8 x float> poison, float %363, i32 0
-  %365 = shufflevector <8 x float> %364, <8 x float> poison, <8 x i32> zeroinitializer
-  %366 = load <8 x float>, ptr %acc1034, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b052, <8 x float> %366)
-  store <8 x float> %367, ptr %acc1034, align 4
-  %368 = load <8 x float>, ptr %acc1135, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> %b153, <8 x float> %368)
-  store <8 x float> %369, ptr %acc1135, align 4
-  %370 = getelementptr inbounds float, ptr %324, i64 %k49
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %acc2036, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b052, <8 x float> %374)
-  store <8 x float> %375, ptr %acc2036, align 4
-  %376 = load <8 x float>, ptr %acc2137, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %b153, <8 x float> %376)
-  store <8 x float> %377, ptr %acc2137, align 4
-  %378 = getelementptr inbounds float, ptr %330, i64 %k49
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc3038, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b052, <8 x float> %382)
-  store <8 x float> %383, ptr %acc3038, align 4
-  %384 = load <8 x float>, ptr %acc3139, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %b153, <8 x float> %384)
-  store <8 x float> %385, ptr %acc3139, align 4
-  %386 = getelementptr inbounds float, ptr %336, i64 %k49
-  %387 = load float, ptr %386, align 4
-  %388 = insertelement <8 x float> poison, float %387, i32 0
-  %389 = shufflevector <8 x float> %388, <8 x float> poison, <8 x i32> zeroinitializer
-  %390 = load <8 x float>, ptr %acc4040, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b052, <8 x float> %390)
-  store <8 x float> %391, ptr %acc4040, align 4
-  %392 = load <8 x float>, ptr %acc4141, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %389, <8 x float> %b153, <8 x float> %392)
-  store <8 x float> %393, ptr %acc4141, align 4
-  %394 = add nsw i64 %k49, 1
+  %351 = getelementptr inbounds i16, ptr %panels, i64 %347
+  %352 = load <8 x i32>, ptr %351, align 4
+  %353 = shl <8 x i32> %352, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %353 to <8 x float>
+  %354 = and <8 x i32> %352, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %354 to <8 x float>
+  %355 = getelementptr inbounds float, ptr %313, i64 %k49
+  %356 = load float, ptr %355, align 4
+  %357 = insertelement <8 x float> poison, float %356, i32 0
+  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
+  %359 = load <8 x float>, ptr %acc0032, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b052, <8 x float> %359)
+  store <8 x float> %360, ptr %acc0032, align 4
+  %361 = load <8 x float>, ptr %acc0133, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b153, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0133, align 4
+  %363 = getelementptr inbounds float, ptr %319, i64 %k49
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %acc1034, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b052, <8 x float> %367)
+  store <8 x float> %368, ptr %acc1034, align 4
+  %369 = load <8 x float>, ptr %acc1135, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b153, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1135, align 4
+  %371 = getelementptr inbounds float, ptr %325, i64 %k49
+  %372 = load float, ptr %371, align 4
+  %373 = insertelement <8 x float> poison, float %372, i32 0
+  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
+  %375 = load <8 x float>, ptr %acc2036, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b052, <8 x float> %375)
+  store <8 x float> %376, ptr %acc2036, align 4
+  %377 = load <8 x float>, ptr %acc2137, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b153, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2137, align 4
+  %379 = getelementptr inbounds float, ptr %331, i64 %k49
+  %380 = load float, ptr %379, align 4
+  %381 = insertelement <8 x float> poison, float %380, i32 0
+  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
+  %383 = load <8 x float>, ptr %acc3038, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b052, <8 x float> %383)
+  store <8 x float> %384, ptr %acc3038, align 4
+  %385 = load <8 x float>, ptr %acc3139, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b153, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3139, align 4
+  %387 = getelementptr inbounds float, ptr %337, i64 %k49
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = load <8 x float>, ptr %acc4040, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b052, <8 x float> %391)
+  store <8 x float> %392, ptr %acc4040, align 4
+  %393 = load <8 x float>, ptr %acc4141, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b153, <8 x float> %393)
+  store <8 x float> %394, ptr %acc4141, align 4
+  %395 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %395 = add nsw i64 %r0, 0
-  %396 = getelementptr inbounds float, ptr %rw, i64 %395
-  %397 = load float, ptr %396, align 4
-  %398 = insertelement <8 x float> poison, float %397, i32 0
-  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
-  %400 = mul nsw i64 %395, 768
-  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %396 = add nsw i64 %r0, 0
+  %397 = getelementptr inbounds float, ptr %rw, i64 %396
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = mul nsw i64 %396, 768
+  %402 = getelementptr inbounds float, ptr %h, i64 %401
   %col54 = mul nsw i64 %p, 8
-  %402 = load <8 x float>, ptr %acc0032, align 4
-  %403 = load <8 x float>, ptr %acc0133, align 4
-  %404 = fneg <8 x float> %402
-  %405 = fcmp olt <8 x float> %404, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %406 = select <8 x i1> %405, <8 x float> %404, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %407 = fcmp ogt <8 x float> %406, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %410 = call <8 x float> @llvm.floor.v8f32(<8 x float> %409)
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %408)
-  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %411)
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %412, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> %412, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %412, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %412, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %412, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %418 = fmul <8 x float> %412, %412
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %418, <8 x float> %412)
-  %420 = fadd <8 x float> %419, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %421 = fptosi <8 x float> %410 to <8 x i32>
-  %422 = add <8 x i32> %421, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %423 = shl <8 x i32> %422, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %423 to <8 x float>
-  %exp56 = fmul <8 x float> %420, %exp.2n55
-  %424 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %424
-  %silu58 = fmul <8 x float> %402, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %403
-  %425 = fmul <8 x float> %glu59, %399
-  %426 = getelementptr inbounds float, ptr %401, i64 %col54
-  store <8 x float> %425, ptr %426, align 4
-  %427 = add nsw i64 %r0, 1
-  %428 = getelementptr inbounds float, ptr %rw, i64 %427
-  %429 = load float, ptr %428, align 4
-  %430 = insertelement <8 x float> poison, float %429, i32 0
-  %431 = shufflevector <8 x float> %430, <8 x float> poison, <8 x i32> zeroinitializer
-  %432 = mul nsw i64 %427, 768
-  %433 = getelementptr inbounds float, ptr %h, i64 %432
+  %403 = load <8 x float>, ptr %acc0032, align 4
+  %404 = load <8 x float>, ptr %acc0133, align 4
+  %405 = fneg <8 x float> %403
+  %406 = fcmp olt <8 x float> %405, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %407 = select <8 x i1> %406, <8 x float> %405, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %408 = fcmp ogt <8 x float> %407, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %409 = select <8 x i1> %408, <8 x float> %407, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %411 = call <8 x float> @llvm.floor.v8f32(<8 x float> %410)
+  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %409)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %412)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %413, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %413, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %413, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %413, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %413, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %419 = fmul <8 x float> %413, %413
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %419, <8 x float> %413)
+  %421 = fadd <8 x float> %420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %422 = fptosi <8 x float> %411 to <8 x i32>
+  %423 = add <8 x i32> %422, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %424 = shl <8 x i32> %423, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %424 to <8 x float>
+  %exp56 = fmul <8 x float> %421, %exp.2n55
+  %425 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %425
+  %silu58 = fmul <8 x float> %403, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %404
+  %426 = fmul <8 x float> %glu59, %400
+  %427 = getelementptr inbounds float, ptr %402, i64 %col54
+  store <8 x float> %426, ptr %427, align 4
+  %428 = add nsw i64 %r0, 1
+  %429 = getelementptr inbounds float, ptr %rw, i64 %428
+  %430 = load float, ptr %429, align 4
+  %431 = insertelement <8 x float> poison, float %430, i32 0
+  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
+  %433 = mul nsw i64 %428, 768
+  %434 = getelementptr inbounds float, ptr %h, i64 %433
   %col60 = mul nsw i64 %p, 8
-  %434 = load <8 x float>, ptr %acc1034, align 4
-  %435 = load <8 x float>, ptr %acc1135, align 4
-  %436 = fneg <8 x float> %434
-  %437 = fcmp olt <8 x float> %436, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %438 = select <8 x i1> %437, <8 x float> %436, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %439 = fcmp ogt <8 x float> %438, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %442 = call <8 x float> @llvm.floor.v8f32(<8 x float> %441)
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %440)
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %443)
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %444, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> %444, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %444, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %444, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %444, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %450 = fmul <8 x float> %444, %444
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %450, <8 x float> %444)
-  %452 = fadd <8 x float> %451, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %453 = fptosi <8 x float> %442 to <8 x i32>
-  %454 = add <8 x i32> %453, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %455 = shl <8 x i32> %454, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %455 to <8 x float>
-  %exp62 = fmul <8 x float> %452, %exp.2n61
-  %456 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %456
-  %silu64 = fmul <8 x float> %434, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %435
-  %457 = fmul <8 x float> %glu65, %431
-  %458 = getelementptr inbounds float, ptr %433, i64 %col60
-  store <8 x float> %457, ptr %458, align 4
-  %459 = add nsw i64 %r0, 2
-  %460 = getelementptr inbounds float, ptr %rw, i64 %459
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = mul nsw i64 %459, 768
-  %465 = getelementptr inbounds float, ptr %h, i64 %464
+  %435 = load <8 x float>, ptr %acc1034, align 4
+  %436 = load <8 x float>, ptr %acc1135, align 4
+  %437 = fneg <8 x float> %435
+  %438 = fcmp olt <8 x float> %437, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %439 = select <8 x i1> %438, <8 x float> %437, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %440 = fcmp ogt <8 x float> %439, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %443 = call <8 x float> @llvm.floor.v8f32(<8 x float> %442)
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %441)
+  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %444)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %445, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %445, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %445, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %445, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %445, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %451 = fmul <8 x float> %445, %445
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %451, <8 x float> %445)
+  %453 = fadd <8 x float> %452, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %454 = fptosi <8 x float> %443 to <8 x i32>
+  %455 = add <8 x i32> %454, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %456 = shl <8 x i32> %455, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %456 to <8 x float>
+  %exp62 = fmul <8 x float> %453, %exp.2n61
+  %457 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %457
+  %silu64 = fmul <8 x float> %435, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %436
+  %458 = fmul <8 x float> %glu65, %432
+  %459 = getelementptr inbounds float, ptr %434, i64 %col60
+  store <8 x float> %458, ptr %459, align 4
+  %460 = add nsw i64 %r0, 2
+  %461 = getelementptr inbounds float, ptr %rw, i64 %460
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = mul nsw i64 %460, 768
+  %466 = getelementptr inbounds float, ptr %h, i64 %465
   %col66 = mul nsw i64 %p, 8
-  %466 = load <8 x float>, ptr %acc2036, align 4
-  %467 = load <8 x float>, ptr %acc2137, align 4
-  %468 = fneg <8 x float> %466
-  %469 = fcmp olt <8 x float> %468, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %470 = select <8 x i1> %469, <8 x float> %468, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %471 = fcmp ogt <8 x float> %470, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %474 = call <8 x float> @llvm.floor.v8f32(<8 x float> %473)
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %472)
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %475)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %476, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %476, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %476, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %476, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %476, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %482 = fmul <8 x float> %476, %476
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %482, <8 x float> %476)
-  %484 = fadd <8 x float> %483, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %485 = fptosi <8 x float> %474 to <8 x i32>
-  %486 = add <8 x i32> %485, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %487 = shl <8 x i32> %486, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %487 to <8 x float>
-  %exp68 = fmul <8 x float> %484, %exp.2n67
-  %488 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %488
-  %silu70 = fmul <8 x float> %466, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %467
-  %489 = fmul <8 x float> %glu71, %463
-  %490 = getelementptr inbounds float, ptr %465, i64 %col66
-  store <8 x float> %489, ptr %490, align 4
-  %491 = add nsw i64 %r0, 3
-  %492 = getelementptr inbounds float, ptr %rw, i64 %491
-  %493 = load float, ptr %492, align 4
-  %494 = insertelement <8 x float> poison, float %493, i32 0
-  %495 = shufflevector <8 x float> %494, <8 x float> poison, <8 x i32> zeroinitializer
-  %496 = mul nsw i64 %491, 768
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %467 = load <8 x float>, ptr %acc2036, align 4
+  %468 = load <8 x float>, ptr %acc2137, align 4
+  %469 = fneg <8 x float> %467
+  %470 = fcmp olt <8 x float> %469, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %471 = select <8 x i1> %470, <8 x float> %469, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %472 = fcmp ogt <8 x float> %471, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %473 = select <8 x i1> %472, <8 x float> %471, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %475 = call <8 x float> @llvm.floor.v8f32(<8 x float> %474)
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %473)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %476)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %477, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %477, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %477, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %477, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %477, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %483 = fmul <8 x float> %477, %477
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %483, <8 x float> %477)
+  %485 = fadd <8 x float> %484, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %486 = fptosi <8 x float> %475 to <8 x i32>
+  %487 = add <8 x i32> %486, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %488 = shl <8 x i32> %487, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %488 to <8 x float>
+  %exp68 = fmul <8 x float> %485, %exp.2n67
+  %489 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %489
+  %silu70 = fmul <8 x float> %467, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %468
+  %490 = fmul <8 x float> %glu71, %464
+  %491 = getelementptr inbounds float, ptr %466, i64 %col66
+  store <8 x float> %490, ptr %491, align 4
+  %492 = add nsw i64 %r0, 3
+  %493 = getelementptr inbounds float, ptr %rw, i64 %492
+  %494 = load float, ptr %493, align 4
+  %495 = insertelement <8 x float> poison, float %494, i32 0
+  %496 = shufflevector <8 x float> %495, <8 x float> poison, <8 x i32> zeroinitializer
+  %497 = mul nsw i64 %492, 768
+  %498 = getelementptr inbounds float, ptr %h, i64 %497
   %col72 = mul nsw i64 %p, 8
-  %498 = load <8 x float>, ptr %acc3038, align 4
-  %499 = load <8 x float>, ptr %acc3139, align 4
-  %500 = fneg <8 x float> %498
-  %501 = fcmp olt <8 x float> %500, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %502 = select <8 x i1> %501, <8 x float> %500, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %503 = fcmp ogt <8 x float> %502, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %504, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %506 = call <8 x float> @llvm.floor.v8f32(<8 x float> %505)
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %504)
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %507)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %508, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> %508, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %508, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %508, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %508, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %514 = fmul <8 x float> %508, %508
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %514, <8 x float> %508)
-  %516 = fadd <8 x float> %515, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %517 = fptosi <8 x float> %506 to <8 x i32>
-  %518 = add <8 x i32> %517, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %519 = shl <8 x i32> %518, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %519 to <8 x float>
-  %exp74 = fmul <8 x float> %516, %exp.2n73
-  %520 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %520
-  %silu76 = fmul <8 x float> %498, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %499
-  %521 = fmul <8 x float> %glu77, %495
-  %522 = getelementptr inbounds float, ptr %497, i64 %col72
-  store <8 x float> %521, ptr %522, align 4
-  %523 = add nsw i64 %r0, 4
-  %524 = getelementptr inbounds float, ptr %rw, i64 %523
-  %525 = load float, ptr %524, align 4
-  %526 = insertelement <8 x float> poison, float %525, i32 0
-  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
-  %528 = mul nsw i64 %523, 768
-  %529 = getelementptr inbounds float, ptr %h, i64 %528
+  %499 = load <8 x float>, ptr %acc3038, align 4
+  %500 = load <8 x float>, ptr %acc3139, align 4
+  %501 = fneg <8 x float> %499
+  %502 = fcmp olt <8 x float> %501, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %503 = select <8 x i1> %502, <8 x float> %501, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %504 = fcmp ogt <8 x float> %503, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %505, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %507 = call <8 x float> @llvm.floor.v8f32(<8 x float> %506)
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %505)
+  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %508)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %509, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %509, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %509, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %509, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %509, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %515 = fmul <8 x float> %509, %509
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %515, <8 x float> %509)
+  %517 = fadd <8 x float> %516, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %518 = fptosi <8 x float> %507 to <8 x i32>
+  %519 = add <8 x i32> %518, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %520 = shl <8 x i32> %519, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %520 to <8 x float>
+  %exp74 = fmul <8 x float> %517, %exp.2n73
+  %521 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %521
+  %silu76 = fmul <8 x float> %499, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %500
+  %522 = fmul <8 x float> %glu77, %496
+  %523 = getelementptr inbounds float, ptr %498, i64 %col72
+  store <8 x float> %522, ptr %523, align 4
+  %524 = add nsw i64 %r0, 4
+  %525 = getelementptr inbounds float, ptr %rw, i64 %524
+  %526 = load float, ptr %525, align 4
+  %527 = insertelement <8 x float> poison, float %526, i32 0
+  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
+  %529 = mul nsw i64 %524, 768
+  %530 = getelementptr inbounds float, ptr %h, i64 %529
   %col78 = mul nsw i64 %p, 8
-  %530 = load <8 x float>, ptr %acc4040, align 4
-  %531 = load <8 x float>, ptr %acc4141, align 4
-  %532 = fneg <8 x float> %530
-  %533 = fcmp olt <8 x float> %532, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %534 = select <8 x i1> %533, <8 x float> %532, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %535 = fcmp ogt <8 x float> %534, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %536, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %538 = call <8 x float> @llvm.floor.v8f32(<8 x float> %537)
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %536)
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %539)
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %540, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %540, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %540, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %540, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %540, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %546 = fmul <8 x float> %540, %540
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %546, <8 x float> %540)
-  %548 = fadd <8 x float> %547, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %549 = fptosi <8 x float> %538 to <8 x i32>
-  %550 = add <8 x i32> %549, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %551 = shl <8 x i32> %550, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %551 to <8 x float>
-  %exp80 = fmul <8 x float> %548, %exp.2n79
-  %552 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %552
-  %silu82 = fmul <8 x float> %530, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %531
-  %553 = fmul <8 x float> %glu83, %527
-  %554 = getelementptr inbounds float, ptr %529, i64 %col78
-  store <8 x float> %553, ptr %554, align 4
+  %531 = load <8 x float>, ptr %acc4040, align 4
+  %532 = load <8 x float>, ptr %acc4141, align 4
+  %533 = fneg <8 x float> %531
+  %534 = fcmp olt <8 x float> %533, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %535 = select <8 x i1> %534, <8 x float> %533, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %536 = fcmp ogt <8 x float> %535, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %537 = select <8 x i1> %536, <8 x float> %535, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %539 = call <8 x float> @llvm.floor.v8f32(<8 x float> %538)
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %537)
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %540)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %541, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %541, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %541, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %541, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %541, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %547 = fmul <8 x float> %541, %541
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %547, <8 x float> %541)
+  %549 = fadd <8 x float> %548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %550 = fptosi <8 x float> %539 to <8 x i32>
+  %551 = add <8 x i32> %550, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %552 = shl <8 x i32> %551, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %552 to <8 x float>
+  %exp80 = fmul <8 x float> %549, %exp.2n79
+  %553 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %553
+  %silu82 = fmul <8 x float> %531, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %532
+  %554 = fmul <8 x float> %glu83, %528
+  %555 = getelementptr inbounds float, ptr %530, i64 %col78
+  store <8 x float> %554, ptr %555, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %555 = add nsw i64 %r0, 0
-  %556 = getelementptr inbounds i32, ptr %rows, i64 %555
-  %557 = load i32, ptr %556, align 4
-  %558 = sext i32 %557 to i64
-  %559 = mul nsw i64 %558, 2048
-  %560 = getelementptr inbounds float, ptr %x, i64 %559
+tile.mr4:                                         ; preds = %rb.body
+  %556 = add nsw i64 %r0, 0
+  %557 = getelementptr inbounds i32, ptr %rows, i64 %556
+  %558 = load i32, ptr %557, align 4
+  %559 = sext i32 %558 to i64
+  %560 = mul nsw i64 %559, 2048
+  %561 = getelementptr inbounds float, ptr %x, i64 %560
   store <8 x float> zeroinitializer, ptr %acc0084, align 4
   store <8 x float> zeroinitializer, ptr %acc0185, align 4
-  %561 = add nsw i64 %r0, 1
-  %562 = getelementptr inbounds i32, ptr %rows, i64 %561
-  %563 = load i32, ptr %562, align 4
-  %564 = sext i32 %563 to i64
-  %565 = mul nsw i64 %564, 2048
-  %566 = getelementptr inbounds float, ptr %x, i64 %565
+  %562 = add nsw i64 %r0, 1
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 2048
+  %567 = getelementptr inbounds float, ptr %x, i64 %566
   store <8 x float> zeroinitializer, ptr %acc1086, align 4
   store <8 x float> zeroinitializer, ptr %acc1187, align 4
-  %567 = add nsw i64 %r0, 2
-  %568 = getelementptr inbounds i32, ptr %rows, i64 %567
-  %569 = load i32, ptr %568, align 4
-  %570 = sext i32 %569 to i64
-  %571 = mul nsw i64 %570, 2048
-  %572 = getelementptr inbounds float, ptr %x, i64 %571
+  %568 = add nsw i64 %r0, 2
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 2048
+  %573 = getelementptr inbounds float, ptr %x, i64 %572
   store <8 x float> zeroinitializer, ptr %acc2088, align 4
   store <8 x float> zeroinitializer, ptr %acc2189, align 4
-  %573 = add nsw i64 %r0, 3
-  %574 = getelementptr inbounds i32, ptr %rows, i64 %573
-  %575 = load i32, ptr %574, align 4
-  %576 = sext i32 %575 to i64
-  %577 = mul nsw i64 %576, 2048
-  %578 = getelementptr inbounds float, ptr %x, i64 %577
+  %574 = add nsw i64 %r0, 3
+  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
+  %576 = load i32, ptr %575, align 4
+  %577 = sext i32 %576 to i64
+  %578 = mul nsw i64 %577, 2048
+  %579 = getelementptr inbounds float, ptr %x, i64 %578
   store <8 x float> zeroinitializer, ptr %acc3090, align 4
   store <8 x float> zeroinitializer, ptr %acc3191, align 4
   %panel.off92 = mul nsw i64 %p, 32768
-  %579 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
-  %580 = add nsw i64 %p, 1
-  %581 = icmp slt i64 %580, %p1
-  %pf.on93 = and i1 %pf.on, %581
-  %582 = mul nsw i64 %pf.j, 65536
-  %583 = lshr i64 %582, %9
-  %584 = add nsw i64 65536, %583
-  %585 = getelementptr inbounds i8, ptr %579, i64 %584
-  %pf94 = select i1 %pf.on93, ptr %585, ptr %579
-  %pf.sh95 = select i1 %pf.on93, i64 %9, i64 0
+  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
+  %581 = add nsw i64 %p, 1
+  %582 = icmp slt i64 %581, %p1
+  %pf.on93 = and i1 %pf.on, %582
+  %583 = mul nsw i64 %rb, 65536
+  %584 = lshr i64 %583, %11
+  %585 = add nsw i64 65536, %584
+  %586 = getelementptr inbounds i8, ptr %580, i64 %585
+  %pf94 = select i1 %pf.on93, ptr %586, ptr %580
+  %pf.sh95 = select i1 %pf.on93, i64 %11, i64 0
   br label %k.head96
 
 k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
-  %k99 = phi i64 [ 0, %tile.mr4 ], [ %628, %pf.any.end101 ]
-  %586 = icmp slt i64 %k99, 2048
-  br i1 %586, label %k.body97, label %k.end98
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %629, %pf.any.end101 ]
+  %587 = icmp slt i64 %k99, 2048
+  br i1 %587, label %k.body97, label %k.end98
 
 k.body97:                                         ; preds = %k.head96
-  %587 = mul nsw i64 %k99, 16
-  %588 = add nsw i64 %panel.off92, %587
-  %589 = mul nsw i64 %k99, 32
+  %588 = mul nsw i64 %k99, 16
+  %589 = add nsw i64 %panel.off92, %588
+  %590 = mul nsw i64 %k99, 32
   br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
 
 pf.any.then100:                                   ; preds = %k.body97
-  %590 = lshr i64 %589, %pf.sh95
-  %591 = getelementptr inbounds i8, ptr %pf94, i64 %590
-  call void @llvm.prefetch.p0(ptr %591, i32 0, i32 2, i32 1)
+  %591 = lshr i64 %590, %pf.sh95
+  %592 = getelementptr inbounds i8, ptr %pf94, i64 %591
+  call void @llvm.prefetch.p0(ptr %592, i32 0, i32 2, i32 1)
   br label %pf.any.end101
 
 pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
-  %592 = getelementptr inbounds i16, ptr %panels, i64 %588
-  %593 = load <8 x i32>, ptr %592, align 4
-  %594 = shl <8 x i32> %593, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0102 = bitcast <8 x i32> %594 to <8 x float>
-  %595 = and <8 x i32> %593, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1103 = bitcast <8 x i32> %595 to <8 x float>
-  %596 = getelementptr inbounds float, ptr %560, i64 %k99
-  %597 = load float, ptr %596, align 4
-  %598 = insertelement <8 x float> poison, float %597, i32 0
-  %599 = shufflevector <8 x float> %598, <8 x float> poison, <8 x i32> zeroinitializer
-  %600 = load <8 x float>, ptr %acc0084, align 4
-  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b0102, <8 x float> %600)
-  store <8 x float> %601, ptr %acc0084, align 4
-  %602 = load <8 x float>, ptr %acc0185, align 4
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %b1103, <8 x float> %602)
-  store <8 x float> %603, ptr %acc0185, align 4
-  %604 = getelementptr inbounds float, ptr %566, i64 %k99
-  %605 = load float, ptr %604, align 4
-  %606 = insertelement <8 x float> poison, float %605, i32 0
-  %607 = shufflevector <8 x float> %606, <8 x float> poison, <8 x i32> zeroinitializer
-  %608 = load <8 x float>, ptr %acc1086, align 4
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b0102, <8 x float> %608)
-  store <8 x float> %609, ptr %acc1086, align 4
-  %610 = load <8 x float>, ptr %acc1187, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %b1103, <8 x float> %610)
-  store <8 x float> %611, ptr %acc1187, align 4
-  %612 = getelementptr inbounds float, ptr %572, i64 %k99
-  %613 = load float, ptr %612, align 4
-  %614 = insertelement <8 x float> poison, float %613, i32 0
-  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
-  %616 = load <8 x float>, ptr %acc2088, align 4
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b0102, <8 x float> %616)
-  store <8 x float> %617, ptr %acc2088, align 4
-  %618 = load <8 x float>, ptr %acc2189, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %b1103, <8 x float> %618)
-  store <8 x float> %619, ptr %acc2189, align 4
-  %620 = getelementptr inbounds float, ptr %578, i64 %k99
-  %621 = load float, ptr %620, align 4
-  %622 = insertelement <8 x float> poison, float %621, i32 0
-  %623 = shufflevector <8 x float> %622, <8 x float> poison, <8 x i32> zeroinitializer
-  %624 = load <8 x float>, ptr %acc3090, align 4
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b0102, <8 x float> %624)
-  store <8 x float> %625, ptr %acc3090, align 4
-  %626 = load <8 x float>, ptr %acc3191, align 4
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %b1103, <8 x float> %626)
-  store <8 x float> %627, ptr %acc3191, align 4
-  %628 = add nsw i64 %k99, 1
+  %593 = getelementptr inbounds i16, ptr %panels, i64 %589
+  %594 = load <8 x i32>, ptr %593, align 4
+  %595 = shl <8 x i32> %594, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0102 = bitcast <8 x i32> %595 to <8 x float>
+  %596 = and <8 x i32> %594, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1103 = bitcast <8 x i32> %596 to <8 x float>
+  %597 = getelementptr inbounds float, ptr %561, i64 %k99
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = load <8 x float>, ptr %acc0084, align 4
+  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b0102, <8 x float> %601)
+  store <8 x float> %602, ptr %acc0084, align 4
+  %603 = load <8 x float>, ptr %acc0185, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b1103, <8 x float> %603)
+  store <8 x float> %604, ptr %acc0185, align 4
+  %605 = getelementptr inbounds float, ptr %567, i64 %k99
+  %606 = load float, ptr %605, align 4
+  %607 = insertelement <8 x float> poison, float %606, i32 0
+  %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
+  %609 = load <8 x float>, ptr %acc1086, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b0102, <8 x float> %609)
+  store <8 x float> %610, ptr %acc1086, align 4
+  %611 = load <8 x float>, ptr %acc1187, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b1103, <8 x float> %611)
+  store <8 x float> %612, ptr %acc1187, align 4
+  %613 = getelementptr inbounds float, ptr %573, i64 %k99
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = load <8 x float>, ptr %acc2088, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b0102, <8 x float> %617)
+  store <8 x float> %618, ptr %acc2088, align 4
+  %619 = load <8 x float>, ptr %acc2189, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b1103, <8 x float> %619)
+  store <8 x float> %620, ptr %acc2189, align 4
+  %621 = getelementptr inbounds float, ptr %579, i64 %k99
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc3090, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b0102, <8 x float> %625)
+  store <8 x float> %626, ptr %acc3090, align 4
+  %627 = load <8 x float>, ptr %acc3191, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b1103, <8 x float> %627)
+  store <8 x float> %628, ptr %acc3191, align 4
+  %629 = add nsw i64 %k99, 1
   br label %k.head96
 
 k.end98:                                          ; preds = %k.head96
-  %629 = add nsw i64 %r0, 0
-  %630 = getelementptr inbounds float, ptr %rw, i64 %629
-  %631 = load float, ptr %630, align 4
-  %632 = insertelement <8 x float> poison, float %631, i32 0
-  %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
-  %634 = mul nsw i64 %629, 768
-  %635 = getelementptr inbounds float, ptr %h, i64 %634
+  %630 = add nsw i64 %r0, 0
+  %631 = getelementptr inbounds float, ptr %rw, i64 %630
+  %632 = load float, ptr %631, align 4
+  %633 = insertelement <8 x float> poison, float %632, i32 0
+  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
+  %635 = mul nsw i64 %630, 768
+  %636 = getelementptr inbounds float, ptr %h, i64 %635
   %col104 = mul nsw i64 %p, 8
-  %636 = load <8 x float>, ptr %acc0084, align 4
-  %637 = load <8 x float>, ptr %acc0185, align 4
-  %638 = fneg <8 x float> %636
-  %639 = fcmp olt <8 x float> %638, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %640 = select <8 x i1> %639, <8 x float> %638, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %641 = fcmp ogt <8 x float> %640, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %642 = select <8 x i1> %641, <8 x float> %640, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %644 = call <8 x float> @llvm.floor.v8f32(<8 x float> %643)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %642)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %645)
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %646, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %646, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %646, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %646, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %646, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %652 = fmul <8 x float> %646, %646
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %652, <8 x float> %646)
-  %654 = fadd <8 x float> %653, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %655 = fptosi <8 x float> %644 to <8 x i32>
-  %656 = add <8 x i32> %655, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %657 = shl <8 x i32> %656, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %657 to <8 x float>
-  %exp106 = fmul <8 x float> %654, %exp.2n105
-  %658 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %658
-  %silu108 = fmul <8 x float> %636, %sigmoid107
-  %glu109 = fmul <8 x float> %silu108, %637
-  %659 = fmul <8 x float> %glu109, %633
-  %660 = getelementptr inbounds float, ptr %635, i64 %col104
-  store <8 x float> %659, ptr %660, align 4
-  %661 = add nsw i64 %r0, 1
-  %662 = getelementptr inbounds float, ptr %rw, i64 %661
-  %663 = load float, ptr %662, align 4
-  %664 = insertelement <8 x float> poison, float %663, i32 0
-  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
-  %666 = mul nsw i64 %661, 768
-  %667 = getelementptr inbounds float, ptr %h, i64 %666
+  %637 = load <8 x float>, ptr %acc0084, align 4
+  %638 = load <8 x float>, ptr %acc0185, align 4
+  %639 = fneg <8 x float> %637
+  %640 = fcmp olt <8 x float> %639, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %641 = select <8 x i1> %640, <8 x float> %639, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %642 = fcmp ogt <8 x float> %641, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %643 = select <8 x i1> %642, <8 x float> %641, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %645 = call <8 x float> @llvm.floor.v8f32(<8 x float> %644)
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %643)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %646)
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %647, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %647, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %647, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %647, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %647, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %653 = fmul <8 x float> %647, %647
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %653, <8 x float> %647)
+  %655 = fadd <8 x float> %654, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %656 = fptosi <8 x float> %645 to <8 x i32>
+  %657 = add <8 x i32> %656, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %658 = shl <8 x i32> %657, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %658 to <8 x float>
+  %exp106 = fmul <8 x float> %655, %exp.2n105
+  %659 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %659
+  %silu108 = fmul <8 x float> %637, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %638
+  %660 = fmul <8 x float> %glu109, %634
+  %661 = getelementptr inbounds float, ptr %636, i64 %col104
+  store <8 x float> %660, ptr %661, align 4
+  %662 = add nsw i64 %r0, 1
+  %663 = getelementptr inbounds float, ptr %rw, i64 %662
+  %664 = load float, ptr %663, align 4
+  %665 = insertelement <8 x float> poison, float %664, i32 0
+  %666 = shufflevector <8 x float> %665, <8 x float> poison, <8 x i32> zeroinitializer
+  %667 = mul nsw i64 %662, 768
+  %668 = getelementptr inbounds float, ptr %h, i64 %667
   %col110 = mul nsw i64 %p, 8
-  %668 = load <8 x float>, ptr %acc1086, align 4
-  %669 = load <8 x float>, ptr %acc1187, align 4
-  %670 = fneg <8 x float> %668
-  %671 = fcmp olt <8 x float> %670, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %672 = select <8 x i1> %671, <8 x float> %670, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %673 = fcmp ogt <8 x float> %672, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %674 = select <8 x i1> %673, <8 x float> %672, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %676 = call <8 x float> @llvm.floor.v8f32(<8 x float> %675)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %674)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %677)
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %678, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %678, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %678, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %678, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %678, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %684 = fmul <8 x float> %678, %678
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %684, <8 x float> %678)
-  %686 = fadd <8 x float> %685, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %687 = fptosi <8 x float> %676 to <8 x i32>
-  %688 = add <8 x i32> %687, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %689 = shl <8 x i32> %688, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n111 = bitcast <8 x i32> %689 to <8 x float>
-  %exp112 = fmul <8 x float> %686, %exp.2n111
-  %690 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %690
-  %silu114 = fmul <8 x float> %668, %sigmoid113
-  %glu115 = fmul <8 x float> %silu114, %669
-  %691 = fmul <8 x float> %glu115, %665
-  %692 = getelementptr inbounds float, ptr %667, i64 %col110
-  store <8 x float> %691, ptr %692, align 4
-  %693 = add nsw i64 %r0, 2
-  %694 = getelementptr inbounds float, ptr %rw, i64 %693
-  %695 = load float, ptr %694, align 4
-  %696 = insertelement <8 x float> poison, float %695, i32 0
-  %697 = shufflevector <8 x float> %696, <8 x float> poison, <8 x i32> zeroinitializer
-  %698 = mul nsw i64 %693, 768
-  %699 = getelementptr inbounds float, ptr %h, i64 %698
+  %669 = load <8 x float>, ptr %acc1086, align 4
+  %670 = load <8 x float>, ptr %acc1187, align 4
+  %671 = fneg <8 x float> %669
+  %672 = fcmp olt <8 x float> %671, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %673 = select <8 x i1> %672, <8 x float> %671, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %674 = fcmp ogt <8 x float> %673, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %675 = select <8 x i1> %674, <8 x float> %673, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %677 = call <8 x float> @llvm.floor.v8f32(<8 x float> %676)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %675)
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %678)
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %679, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %679, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %679, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %679, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %679, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %685 = fmul <8 x float> %679, %679
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %685, <8 x float> %679)
+  %687 = fadd <8 x float> %686, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %688 = fptosi <8 x float> %677 to <8 x i32>
+  %689 = add <8 x i32> %688, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %690 = shl <8 x i32> %689, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n111 = bitcast <8 x i32> %690 to <8 x float>
+  %exp112 = fmul <8 x float> %687, %exp.2n111
+  %691 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %691
+  %silu114 = fmul <8 x float> %669, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %670
+  %692 = fmul <8 x float> %glu115, %666
+  %693 = getelementptr inbounds float, ptr %668, i64 %col110
+  store <8 x float> %692, ptr %693, align 4
+  %694 = add nsw i64 %r0, 2
+  %695 = getelementptr inbounds float, ptr %rw, i64 %694
+  %696 = load float, ptr %695, align 4
+  %697 = insertelement <8 x float> poison, float %696, i32 0
+  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
+  %699 = mul nsw i64 %694, 768
+  %700 = getelementptr inbounds float, ptr %h, i64 %699
   %col116 = mul nsw i64 %p, 8
-  %700 = load <8 x float>, ptr %acc2088, align 4
-  %701 = load <8 x float>, ptr %acc2189, align 4
-  %702 = fneg <8 x float> %700
-  %703 = fcmp olt <8 x float> %702, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %705 = fcmp ogt <8 x float> %704, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %706 = select <8 x i1> %705, <8 x float> %704, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %708 = call <8 x float> @llvm.floor.v8f32(<8 x float> %707)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %706)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %709)
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %710, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %710, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %710, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %710, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %716 = fmul <8 x float> %710, %710
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %716, <8 x float> %710)
-  %718 = fadd <8 x float> %717, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %719 = fptosi <8 x float> %708 to <8 x i32>
-  %720 = add <8 x i32> %719, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %721 = shl <8 x i32> %720, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %721 to <8 x float>
-  %exp118 = fmul <8 x float> %718, %exp.2n117
-  %722 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %722
-  %silu120 = fmul <8 x float> %700, %sigmoid119
-  %glu121 = fmul <8 x float> %silu120, %701
-  %723 = fmul <8 x float> %glu121, %697
-  %724 = getelementptr inbounds float, ptr %699, i64 %col116
-  store <8 x float> %723, ptr %724, align 4
-  %725 = add nsw i64 %r0, 3
-  %726 = getelementptr inbounds float, ptr %rw, i64 %725
-  %727 = load float, ptr %726, align 4
-  %728 = insertelement <8 x float> poison, float %727, i32 0
-  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
-  %730 = mul nsw i64 %725, 768
-  %731 = getelementptr inbounds float, ptr %h, i64 %730
+  %701 = load <8 x float>, ptr %acc2088, align 4
+  %702 = load <8 x float>, ptr %acc2189, align 4
+  %703 = fneg <8 x float> %701
+  %704 = fcmp olt <8 x float> %703, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %705 = select <8 x i1> %704, <8 x float> %703, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %706 = fcmp ogt <8 x float> %705, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %707 = select <8 x i1> %706, <8 x float> %705, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %709 = call <8 x float> @llvm.floor.v8f32(<8 x float> %708)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %707)
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %710)
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %711, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %711, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %711, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %711, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %711, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %717 = fmul <8 x float> %711, %711
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %717, <8 x float> %711)
+  %719 = fadd <8 x float> %718, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %720 = fptosi <8 x float> %709 to <8 x i32>
+  %721 = add <8 x i32> %720, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %722 = shl <8 x i32> %721, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n117 = bitcast <8 x i32> %722 to <8 x float>
+  %exp118 = fmul <8 x float> %719, %exp.2n117
+  %723 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %723
+  %silu120 = fmul <8 x float> %701, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %702
+  %724 = fmul <8 x float> %glu121, %698
+  %725 = getelementptr inbounds float, ptr %700, i64 %col116
+  store <8 x float> %724, ptr %725, align 4
+  %726 = add nsw i64 %r0, 3
+  %727 = getelementptr inbounds float, ptr %rw, i64 %726
+  %728 = load float, ptr %727, align 4
+  %729 = insertelement <8 x float> poison, float %728, i32 0
+  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
+  %731 = mul nsw i64 %726, 768
+  %732 = getelementptr inbounds float, ptr %h, i64 %731
   %col122 = mul nsw i64 %p, 8
-  %732 = load <8 x float>, ptr %acc3090, align 4
-  %733 = load <8 x float>, ptr %acc3191, align 4
-  %734 = fneg <8 x float> %732
-  %735 = fcmp olt <8 x float> %734, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %736 = select <8 x i1> %735, <8 x float> %734, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %737 = fcmp ogt <8 x float> %736, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %738 = select <8 x i1> %737, <8 x float> %736, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %738, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %740 = call <8 x float> @llvm.floor.v8f32(<8 x float> %739)
-  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %738)
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %741)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %742, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %742, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %742, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %742, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %742, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %748 = fmul <8 x float> %742, %742
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %748, <8 x float> %742)
-  %750 = fadd <8 x float> %749, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %751 = fptosi <8 x float> %740 to <8 x i32>
-  %752 = add <8 x i32> %751, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %753 = shl <8 x i32> %752, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %753 to <8 x float>
-  %exp124 = fmul <8 x float> %750, %exp.2n123
-  %754 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %754
-  %silu126 = fmul <8 x float> %732, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %733
-  %755 = fmul <8 x float> %glu127, %729
-  %756 = getelementptr inbounds float, ptr %731, i64 %col122
-  store <8 x float> %755, ptr %756, align 4
+  %733 = load <8 x float>, ptr %acc3090, align 4
+  %734 = load <8 x float>, ptr %acc3191, align 4
+  %735 = fneg <8 x float> %733
+  %736 = fcmp olt <8 x float> %735, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %737 = select <8 x i1> %736, <8 x float> %735, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %738 = fcmp ogt <8 x float> %737, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %741 = call <8 x float> @llvm.floor.v8f32(<8 x float> %740)
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %739)
+  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %742)
+  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %743, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %743, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %743, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %743, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %743, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %749 = fmul <8 x float> %743, %743
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %749, <8 x float> %743)
+  %751 = fadd <8 x float> %750, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %752 = fptosi <8 x float> %741 to <8 x i32>
+  %753 = add <8 x i32> %752, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %754 = shl <8 x i32> %753, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n123 = bitcast <8 x i32> %754 to <8 x float>
+  %exp124 = fmul <8 x float> %751, %exp.2n123
+  %755 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %755
+  %silu126 = fmul <8 x float> %733, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %734
+  %756 = fmul <8 x float> %glu127, %730
+  %757 = getelementptr inbounds float, ptr %732, i64 %col122
+  store <8 x float> %756, ptr %757, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %757 = add nsw i64 %r0, 0
-  %758 = getelementptr inbounds i32, ptr %rows, i64 %757
-  %759 = load i32, ptr %758, align 4
-  %760 = sext i32 %759 to i64
-  %761 = mul nsw i64 %760, 2048
-  %762 = getelementptr inbounds float, ptr %x, i64 %761
+tile.mr3:                                         ; preds = %rb.body
+  %758 = add nsw i64 %r0, 0
+  %759 = getelementptr inbounds i32, ptr %rows, i64 %758
+  %760 = load i32, ptr %759, align 4
+  %761 = sext i32 %760 to i64
+  %762 = mul nsw i64 %761, 2048
+  %763 = getelementptr inbounds float, ptr %x, i64 %762
   store <8 x float> zeroinitializer, ptr %acc00128, align 4
   store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %763 = add nsw i64 %r0, 1
-  %764 = getelementptr inbounds i32, ptr %rows, i64 %763
-  %765 = load i32, ptr %764, align 4
-  %766 = sext i32 %765 to i64
-  %767 = mul nsw i64 %766, 2048
-  %768 = getelementptr inbounds float, ptr %x, i64 %767
+  %764 = add nsw i64 %r0, 1
+  %765 = getelementptr inbounds i32, ptr %rows, i64 %764
+  %766 = load i32, ptr %765, align 4
+  %767 = sext i32 %766 to i64
+  %768 = mul nsw i64 %767, 2048
+  %769 = getelementptr inbounds float, ptr %x, i64 %768
   store <8 x float> zeroinitializer, ptr %acc10130, align 4
   store <8 x float> zeroinitializer, ptr %acc11131, align 4
-  %769 = add nsw i64 %r0, 2
-  %770 = getelementptr inbounds i32, ptr %rows, i64 %769
-  %771 = load i32, ptr %770, align 4
-  %772 = sext i32 %771 to i64
-  %773 = mul nsw i64 %772, 2048
-  %774 = getelementptr inbounds float, ptr %x, i64 %773
+  %770 = add nsw i64 %r0, 2
+  %771 = getelementptr inbounds i32, ptr %rows, i64 %770
+  %772 = load i32, ptr %771, align 4
+  %773 = sext i32 %772 to i64
+  %774 = mul nsw i64 %773, 2048
+  %775 = getelementptr inbounds float, ptr %x, i64 %774
   store <8 x float> zeroinitializer, ptr %acc20132, align 4
   store <8 x float> zeroinitializer, ptr %acc21133, align 4
   %panel.off134 = mul nsw i64 %p, 32768
-  %775 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
-  %776 = add nsw i64 %p, 1
-  %777 = icmp slt i64 %776, %p1
-  %pf.on135 = and i1 %pf.on, %777
-  %778 = mul nsw i64 %pf.j, 65536
-  %779 = lshr i64 %778, %9
-  %780 = add nsw i64 65536, %779
-  %781 = getelementptr inbounds i8, ptr %775, i64 %780
-  %pf136 = select i1 %pf.on135, ptr %781, ptr %775
-  %pf.sh137 = select i1 %pf.on135, i64 %9, i64 0
+  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
+  %777 = add nsw i64 %p, 1
+  %778 = icmp slt i64 %777, %p1
+  %pf.on135 = and i1 %pf.on, %778
+  %779 = mul nsw i64 %rb, 65536
+  %780 = lshr i64 %779, %11
+  %781 = add nsw i64 65536, %780
+  %782 = getelementptr inbounds i8, ptr %776, i64 %781
+  %pf136 = select i1 %pf.on135, ptr %782, ptr %776
+  %pf.sh137 = select i1 %pf.on135, i64 %11, i64 0
   br label %k.head138
 
 k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
-  %k141 = phi i64 [ 0, %tile.mr3 ], [ %816, %pf.any.end143 ]
-  %782 = icmp slt i64 %k141, 2048
-  br i1 %782, label %k.body139, label %k.end140
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %817, %pf.any.end143 ]
+  %783 = icmp slt i64 %k141, 2048
+  br i1 %783, label %k.body139, label %k.end140
 
 k.body139:                                        ; preds = %k.head138
-  %783 = mul nsw i64 %k141, 16
-  %784 = add nsw i64 %panel.off134, %783
-  %785 = mul nsw i64 %k141, 32
+  %784 = mul nsw i64 %k141, 16
+  %785 = add nsw i64 %panel.off134, %784
+  %786 = mul nsw i64 %k141, 32
   br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
 
 pf.any.then142:                                   ; preds = %k.body139
-  %786 = lshr i64 %785, %pf.sh137
-  %787 = getelementptr inbounds i8, ptr %pf136, i64 %786
-  call void @llvm.prefetch.p0(ptr %787, i32 0, i32 2, i32 1)
+  %787 = lshr i64 %786, %pf.sh137
+  %788 = getelementptr inbounds i8, ptr %pf136, i64 %787
+  call void @llvm.prefetch.p0(ptr %788, i32 0, i32 2, i32 1)
   br label %pf.any.end143
 
 pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
-  %788 = getelementptr inbounds i16, ptr %panels, i64 %784
-  %789 = load <8 x i32>, ptr %788, align 4
-  %790 = shl <8 x i32> %789, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %790 to <8 x float>
-  %791 = and <8 x i32> %789, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %791 to <8 x float>
-  %792 = getelementptr inbounds float, ptr %762, i64 %k141
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc00128, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b0144, <8 x float> %796)
-  store <8 x float> %797, ptr %acc00128, align 4
-  %798 = load <8 x float>, ptr %acc01129, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b1145, <8 x float> %798)
-  store <8 x float> %799, ptr %acc01129, align 4
-  %800 = getelementptr inbounds float, ptr %768, i64 %k141
-  %801 = load float, ptr %800, align 4
-  %802 = insertelement <8 x float> poison, float %801, i32 0
-  %803 = shufflevector <8 x float> %802, <8 x float> poison, <8 x i32> zeroinitializer
-  %804 = load <8 x float>, ptr %acc10130, align 4
-  %805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b0144, <8 x float> %804)
-  store <8 x float> %805, ptr %acc10130, align 4
-  %806 = load <8 x float>, ptr %acc11131, align 4
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %803, <8 x float> %b1145, <8 x float> %806)
-  store <8 x float> %807, ptr %acc11131, align 4
-  %808 = getelementptr inbounds float, ptr %774, i64 %k141
-  %809 = load float, ptr %808, align 4
-  %810 = insertelement <8 x float> poison, float %809, i32 0
-  %811 = shufflevector <8 x float> %810, <8 x float> poison, <8 x i32> zeroinitializer
-  %812 = load <8 x float>, ptr %acc20132, align 4
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b0144, <8 x float> %812)
-  store <8 x float> %813, ptr %acc20132, align 4
-  %814 = load <8 x float>, ptr %acc21133, align 4
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %b1145, <8 x float> %814)
-  store <8 x float> %815, ptr %acc21133, align 4
-  %816 = add nsw i64 %k141, 1
+  %789 = getelementptr inbounds i16, ptr %panels, i64 %785
+  %790 = load <8 x i32>, ptr %789, align 4
+  %791 = shl <8 x i32> %790, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0144 = bitcast <8 x i32> %791 to <8 x float>
+  %792 = and <8 x i32> %790, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1145 = bitcast <8 x i32> %792 to <8 x float>
+  %793 = getelementptr inbounds float, ptr %763, i64 %k141
+  %794 = load float, ptr %793, align 4
+  %795 = insertelement <8 x float> poison, float %794, i32 0
+  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
+  %797 = load <8 x float>, ptr %acc00128, align 4
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b0144, <8 x float> %797)
+  store <8 x float> %798, ptr %acc00128, align 4
+  %799 = load <8 x float>, ptr %acc01129, align 4
+  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b1145, <8 x float> %799)
+  store <8 x float> %800, ptr %acc01129, align 4
+  %801 = getelementptr inbounds float, ptr %769, i64 %k141
+  %802 = load float, ptr %801, align 4
+  %803 = insertelement <8 x float> poison, float %802, i32 0
+  %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
+  %805 = load <8 x float>, ptr %acc10130, align 4
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b0144, <8 x float> %805)
+  store <8 x float> %806, ptr %acc10130, align 4
+  %807 = load <8 x float>, ptr %acc11131, align 4
+  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b1145, <8 x float> %807)
+  store <8 x float> %808, ptr %acc11131, align 4
+  %809 = getelementptr inbounds float, ptr %775, i64 %k141
+  %810 = load float, ptr %809, align 4
+  %811 = insertelement <8 x float> poison, float %810, i32 0
+  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
+  %813 = load <8 x float>, ptr %acc20132, align 4
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b0144, <8 x float> %813)
+  store <8 x float> %814, ptr %acc20132, align 4
+  %815 = load <8 x float>, ptr %acc21133, align 4
+  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b1145, <8 x float> %815)
+  store <8 x float> %816, ptr %acc21133, align 4
+  %817 = add nsw i64 %k141, 1
   br label %k.head138
 
 k.end140:                                         ; preds = %k.head138
-  %817 = add nsw i64 %r0, 0
-  %818 = getelementptr inbounds float, ptr %rw, i64 %817
-  %819 = load float, ptr %818, align 4
-  %820 = insertelement <8 x float> poison, float %819, i32 0
-  %821 = shufflevector <8 x float> %820, <8 x float> poison, <8 x i32> zeroinitializer
-  %822 = mul nsw i64 %817, 768
-  %823 = getelementptr inbounds float, ptr %h, i64 %822
+  %818 = add nsw i64 %r0, 0
+  %819 = getelementptr inbounds float, ptr %rw, i64 %818
+  %820 = load float, ptr %819, align 4
+  %821 = insertelement <8 x float> poison, float %820, i32 0
+  %822 = shufflevector <8 x float> %821, <8 x float> poison, <8 x i32> zeroinitializer
+  %823 = mul nsw i64 %818, 768
+  %824 = getelementptr inbounds float, ptr %h, i64 %823
   %col146 = mul nsw i64 %p, 8
-  %824 = load <8 x float>, ptr %acc00128, align 4
-  %825 = load <8 x float>, ptr %acc01129, align 4
-  %826 = fneg <8 x float> %824
-  %827 = fcmp olt <8 x float> %826, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %828 = select <8 x i1> %827, <8 x float> %826, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %829 = fcmp ogt <8 x float> %828, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %830 = select <8 x i1> %829, <8 x float> %828, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %832 = call <8 x float> @llvm.floor.v8f32(<8 x float> %831)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %830)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %833)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %834, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %834, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %834, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %834, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %834, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %840 = fmul <8 x float> %834, %834
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %840, <8 x float> %834)
-  %842 = fadd <8 x float> %841, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %843 = fptosi <8 x float> %832 to <8 x i32>
-  %844 = add <8 x i32> %843, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %845 = shl <8 x i32> %844, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %845 to <8 x float>
-  %exp148 = fmul <8 x float> %842, %exp.2n147
-  %846 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %846
-  %silu150 = fmul <8 x float> %824, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %825
-  %847 = fmul <8 x float> %glu151, %821
-  %848 = getelementptr inbounds float, ptr %823, i64 %col146
-  store <8 x float> %847, ptr %848, align 4
-  %849 = add nsw i64 %r0, 1
-  %850 = getelementptr inbounds float, ptr %rw, i64 %849
-  %851 = load float, ptr %850, align 4
-  %852 = insertelement <8 x float> poison, float %851, i32 0
-  %853 = shufflevector <8 x float> %852, <8 x float> poison, <8 x i32> zeroinitializer
-  %854 = mul nsw i64 %849, 768
-  %855 = getelementptr inbounds float, ptr %h, i64 %854
+  %825 = load <8 x float>, ptr %acc00128, align 4
+  %826 = load <8 x float>, ptr %acc01129, align 4
+  %827 = fneg <8 x float> %825
+  %828 = fcmp olt <8 x float> %827, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %829 = select <8 x i1> %828, <8 x float> %827, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %830 = fcmp ogt <8 x float> %829, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %831 = select <8 x i1> %830, <8 x float> %829, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %833 = call <8 x float> @llvm.floor.v8f32(<8 x float> %832)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %831)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %834)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %835, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %835, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %835, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %835, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %835, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %841 = fmul <8 x float> %835, %835
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %841, <8 x float> %835)
+  %843 = fadd <8 x float> %842, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %844 = fptosi <8 x float> %833 to <8 x i32>
+  %845 = add <8 x i32> %844, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %846 = shl <8 x i32> %845, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %846 to <8 x float>
+  %exp148 = fmul <8 x float> %843, %exp.2n147
+  %847 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %847
+  %silu150 = fmul <8 x float> %825, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %826
+  %848 = fmul <8 x float> %glu151, %822
+  %849 = getelementptr inbounds float, ptr %824, i64 %col146
+  store <8 x float> %848, ptr %849, align 4
+  %850 = add nsw i64 %r0, 1
+  %851 = getelementptr inbounds float, ptr %rw, i64 %850
+  %852 = load float, ptr %851, align 4
+  %853 = insertelement <8 x float> poison, float %852, i32 0
+  %854 = shufflevector <8 x float> %853, <8 x float> poison, <8 x i32> zeroinitializer
+  %855 = mul nsw i64 %850, 768
+  %856 = getelementptr inbounds float, ptr %h, i64 %855
   %col152 = mul nsw i64 %p, 8
-  %856 = load <8 x float>, ptr %acc10130, align 4
-  %857 = load <8 x float>, ptr %acc11131, align 4
-  %858 = fneg <8 x float> %856
-  %859 = fcmp olt <8 x float> %858, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %860 = select <8 x i1> %859, <8 x float> %858, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %861 = fcmp ogt <8 x float> %860, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %862 = select <8 x i1> %861, <8 x float> %860, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %864 = call <8 x float> @llvm.floor.v8f32(<8 x float> %863)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %862)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %865)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %866, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %866, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %866, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %866, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %866, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %872 = fmul <8 x float> %866, %866
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %872, <8 x float> %866)
-  %874 = fadd <8 x float> %873, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %875 = fptosi <8 x float> %864 to <8 x i32>
-  %876 = add <8 x i32> %875, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %877 = shl <8 x i32> %876, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %877 to <8 x float>
-  %exp154 = fmul <8 x float> %874, %exp.2n153
-  %878 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %878
-  %silu156 = fmul <8 x float> %856, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %857
-  %879 = fmul <8 x float> %glu157, %853
-  %880 = getelementptr inbounds float, ptr %855, i64 %col152
-  store <8 x float> %879, ptr %880, align 4
-  %881 = add nsw i64 %r0, 2
-  %882 = getelementptr inbounds float, ptr %rw, i64 %881
-  %883 = load float, ptr %882, align 4
-  %884 = insertelement <8 x float> poison, float %883, i32 0
-  %885 = shufflevector <8 x float> %884, <8 x float> poison, <8 x i32> zeroinitializer
-  %886 = mul nsw i64 %881, 768
-  %887 = getelementptr inbounds float, ptr %h, i64 %886
+  %857 = load <8 x float>, ptr %acc10130, align 4
+  %858 = load <8 x float>, ptr %acc11131, align 4
+  %859 = fneg <8 x float> %857
+  %860 = fcmp olt <8 x float> %859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %862 = fcmp ogt <8 x float> %861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %864)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %863)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %866)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %873 = fmul <8 x float> %867, %867
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %873, <8 x float> %867)
+  %875 = fadd <8 x float> %874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %876 = fptosi <8 x float> %865 to <8 x i32>
+  %877 = add <8 x i32> %876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %878 = shl <8 x i32> %877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %878 to <8 x float>
+  %exp154 = fmul <8 x float> %875, %exp.2n153
+  %879 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %879
+  %silu156 = fmul <8 x float> %857, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %858
+  %880 = fmul <8 x float> %glu157, %854
+  %881 = getelementptr inbounds float, ptr %856, i64 %col152
+  store <8 x float> %880, ptr %881, align 4
+  %882 = add nsw i64 %r0, 2
+  %883 = getelementptr inbounds float, ptr %rw, i64 %882
+  %884 = load float, ptr %883, align 4
+  %885 = insertelement <8 x float> poison, float %884, i32 0
+  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
+  %887 = mul nsw i64 %882, 768
+  %888 = getelementptr inbounds float, ptr %h, i64 %887
   %col158 = mul nsw i64 %p, 8
-  %888 = load <8 x float>, ptr %acc20132, align 4
-  %889 = load <8 x float>, ptr %acc21133, align 4
-  %890 = fneg <8 x float> %888
-  %891 = fcmp olt <8 x float> %890, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %892 = select <8 x i1> %891, <8 x float> %890, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %893 = fcmp ogt <8 x float> %892, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %894 = select <8 x i1> %893, <8 x float> %892, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %896 = call <8 x float> @llvm.floor.v8f32(<8 x float> %895)
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %894)
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %897)
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %898, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %898, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %898, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %898, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %898, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %904 = fmul <8 x float> %898, %898
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %904, <8 x float> %898)
-  %906 = fadd <8 x float> %905, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %907 = fptosi <8 x float> %896 to <8 x i32>
-  %908 = add <8 x i32> %907, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %909 = shl <8 x i32> %908, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %909 to <8 x float>
-  %exp160 = fmul <8 x float> %906, %exp.2n159
-  %910 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %910
-  %silu162 = fmul <8 x float> %888, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %889
-  %911 = fmul <8 x float> %glu163, %885
-  %912 = getelementptr inbounds float, ptr %887, i64 %col158
-  store <8 x float> %911, ptr %912, align 4
+  %889 = load <8 x float>, ptr %acc20132, align 4
+  %890 = load <8 x float>, ptr %acc21133, align 4
+  %891 = fneg <8 x float> %889
+  %892 = fcmp olt <8 x float> %891, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %893 = select <8 x i1> %892, <8 x float> %891, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %894 = fcmp ogt <8 x float> %893, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %897 = call <8 x float> @llvm.floor.v8f32(<8 x float> %896)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %895)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %898)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %899, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %899, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %899, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %899, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %899, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %905 = fmul <8 x float> %899, %899
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %905, <8 x float> %899)
+  %907 = fadd <8 x float> %906, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %908 = fptosi <8 x float> %897 to <8 x i32>
+  %909 = add <8 x i32> %908, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %910 = shl <8 x i32> %909, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n159 = bitcast <8 x i32> %910 to <8 x float>
+  %exp160 = fmul <8 x float> %907, %exp.2n159
+  %911 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %911
+  %silu162 = fmul <8 x float> %889, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %890
+  %912 = fmul <8 x float> %glu163, %886
+  %913 = getelementptr inbounds float, ptr %888, i64 %col158
+  store <8 x float> %912, ptr %913, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %913 = add nsw i64 %r0, 0
-  %914 = getelementptr inbounds i32, ptr %rows, i64 %913
-  %915 = load i32, ptr %914, align 4
-  %916 = sext i32 %915 to i64
-  %917 = mul nsw i64 %916, 2048
-  %918 = getelementptr inbounds float, ptr %x, i64 %917
+tile.mr2:                                         ; preds = %rb.body
+  %914 = add nsw i64 %r0, 0
+  %915 = getelementptr inbounds i32, ptr %rows, i64 %914
+  %916 = load i32, ptr %915, align 4
+  %917 = sext i32 %916 to i64
+  %918 = mul nsw i64 %917, 2048
+  %919 = getelementptr inbounds float, ptr %x, i64 %918
   store <8 x float> zeroinitializer, ptr %acc00164, align 4
   store <8 x float> zeroinitializer, ptr %acc01165, align 4
-  %919 = add nsw i64 %r0, 1
-  %920 = getelementptr inbounds i32, ptr %rows, i64 %919
-  %921 = load i32, ptr %920, align 4
-  %922 = sext i32 %921 to i64
-  %923 = mul nsw i64 %922, 2048
-  %924 = getelementptr inbounds float, ptr %x, i64 %923
+  %920 = add nsw i64 %r0, 1
+  %921 = getelementptr inbounds i32, ptr %rows, i64 %920
+  %922 = load i32, ptr %921, align 4
+  %923 = sext i32 %922 to i64
+  %924 = mul nsw i64 %923, 2048
+  %925 = getelementptr inbounds float, ptr %x, i64 %924
   store <8 x float> zeroinitializer, ptr %acc10166, align 4
   store <8 x float> zeroinitializer, ptr %acc11167, align 4
   %panel.off168 = mul nsw i64 %p, 32768
-  %925 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
-  %926 = add nsw i64 %p, 1
-  %927 = icmp slt i64 %926, %p1
-  %pf.on169 = and i1 %pf.on, %927
-  %928 = mul nsw i64 %pf.j, 65536
-  %929 = lshr i64 %928, %9
-  %930 = add nsw i64 65536, %929
-  %931 = getelementptr inbounds i8, ptr %925, i64 %930
-  %pf170 = select i1 %pf.on169, ptr %931, ptr %925
-  %pf.sh171 = select i1 %pf.on169, i64 %9, i64 0
+  %926 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
+  %927 = add nsw i64 %p, 1
+  %928 = icmp slt i64 %927, %p1
+  %pf.on169 = and i1 %pf.on, %928
+  %929 = mul nsw i64 %rb, 65536
+  %930 = lshr i64 %929, %11
+  %931 = add nsw i64 65536, %930
+  %932 = getelementptr inbounds i8, ptr %926, i64 %931
+  %pf170 = select i1 %pf.on169, ptr %932, ptr %926
+  %pf.sh171 = select i1 %pf.on169, i64 %11, i64 0
   br label %k.head172
 
 k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
-  %k175 = phi i64 [ 0, %tile.mr2 ], [ %958, %pf.any.end177 ]
-  %932 = icmp slt i64 %k175, 2048
-  br i1 %932, label %k.body173, label %k.end174
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %959, %pf.any.end177 ]
+  %933 = icmp slt i64 %k175, 2048
+  br i1 %933, label %k.body173, label %k.end174
 
 k.body173:                                        ; preds = %k.head172
-  %933 = mul nsw i64 %k175, 16
-  %934 = add nsw i64 %panel.off168, %933
-  %935 = mul nsw i64 %k175, 32
+  %934 = mul nsw i64 %k175, 16
+  %935 = add nsw i64 %panel.off168, %934
+  %936 = mul nsw i64 %k175, 32
   br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
 
 pf.any.then176:                                   ; preds = %k.body173
-  %936 = lshr i64 %935, %pf.sh171
-  %937 = getelementptr inbounds i8, ptr %pf170, i64 %936
-  call void @llvm.prefetch.p0(ptr %937, i32 0, i32 2, i32 1)
+  %937 = lshr i64 %936, %pf.sh171
+  %938 = getelementptr inbounds i8, ptr %pf170, i64 %937
+  call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
   br label %pf.any.end177
 
 pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
-  %938 = getelementptr inbounds i16, ptr %panels, i64 %934
-  %939 = load <8 x i32>, ptr %938, align 4
-  %940 = shl <8 x i32> %939, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %940 to <8 x float>
-  %941 = and <8 x i32> %939, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %941 to <8 x float>
-  %942 = getelementptr inbounds float, ptr %918, i64 %k175
-  %943 = load float, ptr %942, align 4
-  %944 = insertelement <8 x float> poison, float %943, i32 0
-  %945 = shufflevector <8 x float> %944, <8 x float> poison, <8 x i32> zeroinitializer
-  %946 = load <8 x float>, ptr %acc00164, align 4
-  %947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b0178, <8 x float> %946)
-  store <8 x float> %947, ptr %acc00164, align 4
-  %948 = load <8 x float>, ptr %acc01165, align 4
-  %949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %945, <8 x float> %b1179, <8 x float> %948)
-  store <8 x float> %949, ptr %acc01165, align 4
-  %950 = getelementptr inbounds float, ptr %924, i64 %k175
-  %951 = load float, ptr %950, align 4
-  %952 = insertelement <8 x float> poison, float %951, i32 0
-  %953 = shufflevector <8 x float> %952, <8 x float> poison, <8 x i32> zeroinitializer
-  %954 = load <8 x float>, ptr %acc10166, align 4
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b0178, <8 x float> %954)
-  store <8 x float> %955, ptr %acc10166, align 4
-  %956 = load <8 x float>, ptr %acc11167, align 4
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> %b1179, <8 x float> %956)
-  store <8 x float> %957, ptr %acc11167, align 4
-  %958 = add nsw i64 %k175, 1
+  %939 = getelementptr inbounds i16, ptr %panels, i64 %935
+  %940 = load <8 x i32>, ptr %939, align 4
+  %941 = shl <8 x i32> %940, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %941 to <8 x float>
+  %942 = and <8 x i32> %940, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %942 to <8 x float>
+  %943 = getelementptr inbounds float, ptr %919, i64 %k175
+  %944 = load float, ptr %943, align 4
+  %945 = insertelement <8 x float> poison, float %944, i32 0
+  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
+  %947 = load <8 x float>, ptr %acc00164, align 4
+  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b0178, <8 x float> %947)
+  store <8 x float> %948, ptr %acc00164, align 4
+  %949 = load <8 x float>, ptr %acc01165, align 4
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b1179, <8 x float> %949)
+  store <8 x float> %950, ptr %acc01165, align 4
+  %951 = getelementptr inbounds float, ptr %925, i64 %k175
+  %952 = load float, ptr %951, align 4
+  %953 = insertelement <8 x float> poison, float %952, i32 0
+  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
+  %955 = load <8 x float>, ptr %acc10166, align 4
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b0178, <8 x float> %955)
+  store <8 x float> %956, ptr %acc10166, align 4
+  %957 = load <8 x float>, ptr %acc11167, align 4
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b1179, <8 x float> %957)
+  store <8 x float> %958, ptr %acc11167, align 4
+  %959 = add nsw i64 %k175, 1
   br label %k.head172
 
 k.end174:                                         ; preds = %k.head172
-  %959 = add nsw i64 %r0, 0
-  %960 = getelementptr inbounds float, ptr %rw, i64 %959
-  %961 = load float, ptr %960, align 4
-  %962 = insertelement <8 x float> poison, float %961, i32 0
-  %963 = shufflevector <8 x float> %962, <8 x float> poison, <8 x i32> zeroinitializer
-  %964 = mul nsw i64 %959, 768
-  %965 = getelementptr inbounds float, ptr %h, i64 %964
+  %960 = add nsw i64 %r0, 0
+  %961 = getelementptr inbounds float, ptr %rw, i64 %960
+  %962 = load float, ptr %961, align 4
+  %963 = insertelement <8 x float> poison, float %962, i32 0
+  %964 = shufflevector <8 x float> %963, <8 x float> poison, <8 x i32> zeroinitializer
+  %965 = mul nsw i64 %960, 768
+  %966 = getelementptr inbounds float, ptr %h, i64 %965
   %col180 = mul nsw i64 %p, 8
-  %966 = load <8 x float>, ptr %acc00164, align 4
-  %967 = load <8 x float>, ptr %acc01165, align 4
-  %968 = fneg <8 x float> %966
-  %969 = fcmp olt <8 x float> %968, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %970 = select <8 x i1> %969, <8 x float> %968, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %971 = fcmp ogt <8 x float> %970, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %972 = select <8 x i1> %971, <8 x float> %970, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %974 = call <8 x float> @llvm.floor.v8f32(<8 x float> %973)
-  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %972)
-  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %975)
-  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %976, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %976, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %976, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %976, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %976, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %982 = fmul <8 x float> %976, %976
-  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %982, <8 x float> %976)
-  %984 = fadd <8 x float> %983, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %985 = fptosi <8 x float> %974 to <8 x i32>
-  %986 = add <8 x i32> %985, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %987 = shl <8 x i32> %986, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %987 to <8 x float>
-  %exp182 = fmul <8 x float> %984, %exp.2n181
-  %988 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %988
-  %silu184 = fmul <8 x float> %966, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %967
-  %989 = fmul <8 x float> %glu185, %963
-  %990 = getelementptr inbounds float, ptr %965, i64 %col180
-  store <8 x float> %989, ptr %990, align 4
-  %991 = add nsw i64 %r0, 1
-  %992 = getelementptr inbounds float, ptr %rw, i64 %991
-  %993 = load float, ptr %992, align 4
-  %994 = insertelement <8 x float> poison, float %993, i32 0
-  %995 = shufflevector <8 x float> %994, <8 x float> poison, <8 x i32> zeroinitializer
-  %996 = mul nsw i64 %991, 768
-  %997 = getelementptr inbounds float, ptr %h, i64 %996
+  %967 = load <8 x float>, ptr %acc00164, align 4
+  %968 = load <8 x float>, ptr %acc01165, align 4
+  %969 = fneg <8 x float> %967
+  %970 = fcmp olt <8 x float> %969, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %971 = select <8 x i1> %970, <8 x float> %969, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %972 = fcmp ogt <8 x float> %971, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %973 = select <8 x i1> %972, <8 x float> %971, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %975 = call <8 x float> @llvm.floor.v8f32(<8 x float> %974)
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %973)
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %976)
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %977, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %977, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %977, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %977, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %977, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %983 = fmul <8 x float> %977, %977
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %983, <8 x float> %977)
+  %985 = fadd <8 x float> %984, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %986 = fptosi <8 x float> %975 to <8 x i32>
+  %987 = add <8 x i32> %986, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %988 = shl <8 x i32> %987, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %988 to <8 x float>
+  %exp182 = fmul <8 x float> %985, %exp.2n181
+  %989 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %989
+  %silu184 = fmul <8 x float> %967, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %968
+  %990 = fmul <8 x float> %glu185, %964
+  %991 = getelementptr inbounds float, ptr %966, i64 %col180
+  store <8 x float> %990, ptr %991, align 4
+  %992 = add nsw i64 %r0, 1
+  %993 = getelementptr inbounds float, ptr %rw, i64 %992
+  %994 = load float, ptr %993, align 4
+  %995 = insertelement <8 x float> poison, float %994, i32 0
+  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
+  %997 = mul nsw i64 %992, 768
+  %998 = getelementptr inbounds float, ptr %h, i64 %997
   %col186 = mul nsw i64 %p, 8
-  %998 = load <8 x float>, ptr %acc10166, align 4
-  %999 = load <8 x float>, ptr %acc11167, align 4
-  %1000 = fneg <8 x float> %998
-  %1001 = fcmp olt <8 x float> %1000, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1002 = select <8 x i1> %1001, <8 x float> %1000, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1003 = fcmp ogt <8 x float> %1002, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1004 = select <8 x i1> %1003, <8 x float> %1002, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1006 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1005)
-  %1007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1004)
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1006, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1007)
-  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1008, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> %1008, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1008, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1008, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1014 = fmul <8 x float> %1008, %1008
-  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1014, <8 x float> %1008)
-  %1016 = fadd <8 x float> %1015, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1017 = fptosi <8 x float> %1006 to <8 x i32>
-  %1018 = add <8 x i32> %1017, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1019 = shl <8 x i32> %1018, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %1019 to <8 x float>
-  %exp188 = fmul <8 x float> %1016, %exp.2n187
-  %1020 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1020
-  %silu190 = fmul <8 x float> %998, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %999
-  %1021 = fmul <8 x float> %glu191, %995
-  %1022 = getelementptr inbounds float, ptr %997, i64 %col186
-  store <8 x float> %1021, ptr %1022, align 4
+  %999 = load <8 x float>, ptr %acc10166, align 4
+  %1000 = load <8 x float>, ptr %acc11167, align 4
+  %1001 = fneg <8 x float> %999
+  %1002 = fcmp olt <8 x float> %1001, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1003 = select <8 x i1> %1002, <8 x float> %1001, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1004 = fcmp ogt <8 x float> %1003, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1005 = select <8 x i1> %1004, <8 x float> %1003, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1007 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1006)
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1005)
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1008)
+  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1009, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1009, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1009, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1009, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1009, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1015 = fmul <8 x float> %1009, %1009
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> %1015, <8 x float> %1009)
+  %1017 = fadd <8 x float> %1016, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1018 = fptosi <8 x float> %1007 to <8 x i32>
+  %1019 = add <8 x i32> %1018, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1020 = shl <8 x i32> %1019, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %1020 to <8 x float>
+  %exp188 = fmul <8 x float> %1017, %exp.2n187
+  %1021 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1021
+  %silu190 = fmul <8 x float> %999, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1000
+  %1022 = fmul <8 x float> %glu191, %996
+  %1023 = getelementptr inbounds float, ptr %998, i64 %col186
+  store <8 x float> %1022, ptr %1023, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %1023 = add nsw i64 %r0, 0
-  %1024 = getelementptr inbounds i32, ptr %rows, i64 %1023
-  %1025 = load i32, ptr %1024, align 4
-  %1026 = sext i32 %1025 to i64
-  %1027 = mul nsw i64 %1026, 2048
-  %1028 = getelementptr inbounds float, ptr %x, i64 %1027
+tile.mr1:                                         ; preds = %rb.body
+  %1024 = add nsw i64 %r0, 0
+  %1025 = getelementptr inbounds i32, ptr %rows, i64 %1024
+  %1026 = load i32, ptr %1025, align 4
+  %1027 = sext i32 %1026 to i64
+  %1028 = mul nsw i64 %1027, 2048
+  %1029 = getelementptr inbounds float, ptr %x, i64 %1028
   store <8 x float> zeroinitializer, ptr %acc00192, align 4
   store <8 x float> zeroinitializer, ptr %acc01193, align 4
   %panel.off194 = mul nsw i64 %p, 32768
-  %1029 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
-  %1030 = add nsw i64 %p, 1
-  %1031 = icmp slt i64 %1030, %p1
-  %pf.on195 = and i1 %pf.on, %1031
-  %1032 = mul nsw i64 %pf.j, 65536
-  %1033 = lshr i64 %1032, %9
-  %1034 = add nsw i64 65536, %1033
-  %1035 = getelementptr inbounds i8, ptr %1029, i64 %1034
-  %pf196 = select i1 %pf.on195, ptr %1035, ptr %1029
-  %pf.sh197 = select i1 %pf.on195, i64 %9, i64 0
+  %1030 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
+  %1031 = add nsw i64 %p, 1
+  %1032 = icmp slt i64 %1031, %p1
+  %pf.on195 = and i1 %pf.on, %1032
+  %1033 = mul nsw i64 %rb, 65536
+  %1034 = lshr i64 %1033, %11
+  %1035 = add nsw i64 65536, %1034
+  %1036 = getelementptr inbounds i8, ptr %1030, i64 %1035
+  %pf196 = select i1 %pf.on195, ptr %1036, ptr %1030
+  %pf.sh197 = select i1 %pf.on195, i64 %11, i64 0
   br label %k.head198
 
 k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
-  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1054, %pf.any.end203 ]
-  %1036 = icmp slt i64 %k201, 2048
-  br i1 %1036, label %k.body199, label %k.end200
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1055, %pf.any.end203 ]
+  %1037 = icmp slt i64 %k201, 2048
+  br i1 %1037, label %k.body199, label %k.end200
 
 k.body199:                                        ; preds = %k.head198
-  %1037 = mul nsw i64 %k201, 16
-  %1038 = add nsw i64 %panel.off194, %1037
-  %1039 = mul nsw i64 %k201, 32
+  %1038 = mul nsw i64 %k201, 16
+  %1039 = add nsw i64 %panel.off194, %1038
+  %1040 = mul nsw i64 %k201, 32
   br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
 
 pf.any.then202:                                   ; preds = %k.body199
-  %1040 = lshr i64 %1039, %pf.sh197
-  %1041 = getelementptr inbounds i8, ptr %pf196, i64 %1040
-  call void @llvm.prefetch.p0(ptr %1041, i32 0, i32 2, i32 1)
+  %1041 = lshr i64 %1040, %pf.sh197
+  %1042 = getelementptr inbounds i8, ptr %pf196, i64 %1041
+  call void @llvm.prefetch.p0(ptr %1042, i32 0, i32 2, i32 1)
   br label %pf.any.end203
 
 pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
-  %1042 = getelementptr inbounds i16, ptr %panels, i64 %1038
-  %1043 = load <8 x i32>, ptr %1042, align 4
-  %1044 = shl <8 x i32> %1043, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0204 = bitcast <8 x i32> %1044 to <8 x float>
-  %1045 = and <8 x i32> %1043, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1205 = bitcast <8 x i32> %1045 to <8 x float>
-  %1046 = getelementptr inbounds float, ptr %1028, i64 %k201
-  %1047 = load float, ptr %1046, align 4
-  %1048 = insertelement <8 x float> poison, float %1047, i32 0
-  %1049 = shufflevector <8 x float> %1048, <8 x float> poison, <8 x i32> zeroinitializer
-  %1050 = load <8 x float>, ptr %acc00192, align 4
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b0204, <8 x float> %1050)
-  store <8 x float> %1051, ptr %acc00192, align 4
-  %1052 = load <8 x float>, ptr %acc01193, align 4
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %b1205, <8 x float> %1052)
-  store <8 x float> %1053, ptr %acc01193, align 4
-  %1054 = add nsw i64 %k201, 1
+  %1043 = getelementptr inbounds i16, ptr %panels, i64 %1039
+  %1044 = load <8 x i32>, ptr %1043, align 4
+  %1045 = shl <8 x i32> %1044, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0204 = bitcast <8 x i32> %1045 to <8 x float>
+  %1046 = and <8 x i32> %1044, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1205 = bitcast <8 x i32> %1046 to <8 x float>
+  %1047 = getelementptr inbounds float, ptr %1029, i64 %k201
+  %1048 = load float, ptr %1047, align 4
+  %1049 = insertelement <8 x float> poison, float %1048, i32 0
+  %1050 = shufflevector <8 x float> %1049, <8 x float> poison, <8 x i32> zeroinitializer
+  %1051 = load <8 x float>, ptr %acc00192, align 4
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %b0204, <8 x float> %1051)
+  store <8 x float> %1052, ptr %acc00192, align 4
+  %1053 = load <8 x float>, ptr %acc01193, align 4
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %b1205, <8 x float> %1053)
+  store <8 x float> %1054, ptr %acc01193, align 4
+  %1055 = add nsw i64 %k201, 1
   br label %k.head198
 
 k.end200:                                         ; preds = %k.head198
-  %1055 = add nsw i64 %r0, 0
-  %1056 = getelementptr inbounds float, ptr %rw, i64 %1055
-  %1057 = load float, ptr %1056, align 4
-  %1058 = insertelement <8 x float> poison, float %1057, i32 0
-  %1059 = shufflevector <8 x float> %1058, <8 x float> poison, <8 x i32> zeroinitializer
-  %1060 = mul nsw i64 %1055, 768
-  %1061 = getelementptr inbounds float, ptr %h, i64 %1060
+  %1056 = add nsw i64 %r0, 0
+  %1057 = getelementptr inbounds float, ptr %rw, i64 %1056
+  %1058 = load float, ptr %1057, align 4
+  %1059 = insertelement <8 x float> poison, float %1058, i32 0
+  %1060 = shufflevector <8 x float> %1059, <8 x float> poison, <8 x i32> zeroinitializer
+  %1061 = mul nsw i64 %1056, 768
+  %1062 = getelementptr inbounds float, ptr %h, i64 %1061
   %col206 = mul nsw i64 %p, 8
-  %1062 = load <8 x float>, ptr %acc00192, align 4
-  %1063 = load <8 x float>, ptr %acc01193, align 4
-  %1064 = fneg <8 x float> %1062
-  %1065 = fcmp olt <8 x float> %1064, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1066 = select <8 x i1> %1065, <8 x float> %1064, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1067 = fcmp ogt <8 x float> %1066, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1068 = select <8 x i1> %1067, <8 x float> %1066, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1070 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1069)
-  %1071 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1068)
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1070, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1071)
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1072, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1073, <8 x float> %1072, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1072, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1072, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1072, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1078 = fmul <8 x float> %1072, %1072
-  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1078, <8 x float> %1072)
-  %1080 = fadd <8 x float> %1079, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1081 = fptosi <8 x float> %1070 to <8 x i32>
-  %1082 = add <8 x i32> %1081, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1083 = shl <8 x i32> %1082, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %1083 to <8 x float>
-  %exp208 = fmul <8 x float> %1080, %exp.2n207
-  %1084 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1084
-  %silu210 = fmul <8 x float> %1062, %sigmoid209
-  %glu211 = fmul <8 x float> %silu210, %1063
-  %1085 = fmul <8 x float> %glu211, %1059
-  %1086 = getelementptr inbounds float, ptr %1061, i64 %col206
-  store <8 x float> %1085, ptr %1086, align 4
+  %1063 = load <8 x float>, ptr %acc00192, align 4
+  %1064 = load <8 x float>, ptr %acc01193, align 4
+  %1065 = fneg <8 x float> %1063
+  %1066 = fcmp olt <8 x float> %1065, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1067 = select <8 x i1> %1066, <8 x float> %1065, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1068 = fcmp ogt <8 x float> %1067, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1069 = select <8 x i1> %1068, <8 x float> %1067, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1071 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1070)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1069)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1072)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1073, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1073, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1073, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1073, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1073, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1079 = fmul <8 x float> %1073, %1073
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1078, <8 x float> %1079, <8 x float> %1073)
+  %1081 = fadd <8 x float> %1080, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1082 = fptosi <8 x float> %1071 to <8 x i32>
+  %1083 = add <8 x i32> %1082, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1084 = shl <8 x i32> %1083, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n207 = bitcast <8 x i32> %1084 to <8 x float>
+  %exp208 = fmul <8 x float> %1081, %exp.2n207
+  %1085 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1085
+  %silu210 = fmul <8 x float> %1063, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %1064
+  %1086 = fmul <8 x float> %glu211, %1060
+  %1087 = getelementptr inbounds float, ptr %1062, i64 %col206
+  store <8 x float> %1086, ptr %1087, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
-  %1087 = add nsw i64 %r0, 6
-  br label %r0.head
+  %1088 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %1088 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %1089 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2532,37 +2533,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 128
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %585, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %586, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %584, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %585, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2571,870 +2573,870 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 768
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 2048
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 768
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 2048
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
   store <8 x float> zeroinitializer, ptr %acc00, align 4
-  %24 = add nsw i64 %col, 8
-  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %22, i64 %25
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %26 = add nsw i64 %r0, 1
-  %27 = mul nsw i64 %26, 768
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 2048
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  %27 = add nsw i64 %r0, 1
+  %28 = mul nsw i64 %27, 768
+  %29 = getelementptr inbounds float, ptr %h, i64 %28
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 2048
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = add nsw i64 %col, 0
+  %36 = getelementptr inbounds float, ptr %34, i64 %35
   store <8 x float> zeroinitializer, ptr %acc10, align 4
-  %36 = add nsw i64 %col, 8
-  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  %37 = add nsw i64 %col, 8
+  %38 = getelementptr inbounds float, ptr %34, i64 %37
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %38 = add nsw i64 %r0, 2
-  %39 = mul nsw i64 %38, 768
-  %40 = getelementptr inbounds float, ptr %h, i64 %39
-  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %42 = load i32, ptr %41, align 4
-  %43 = sext i32 %42 to i64
-  %44 = mul nsw i64 %43, 2048
-  %45 = getelementptr inbounds float, ptr %y, i64 %44
-  %46 = add nsw i64 %col, 0
-  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  %39 = add nsw i64 %r0, 2
+  %40 = mul nsw i64 %39, 768
+  %41 = getelementptr inbounds float, ptr %h, i64 %40
+  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
+  %43 = load i32, ptr %42, align 4
+  %44 = sext i32 %43 to i64
+  %45 = mul nsw i64 %44, 2048
+  %46 = getelementptr inbounds float, ptr %y, i64 %45
+  %47 = add nsw i64 %col, 0
+  %48 = getelementptr inbounds float, ptr %46, i64 %47
   store <8 x float> zeroinitializer, ptr %acc20, align 4
-  %48 = add nsw i64 %col, 8
-  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  %49 = add nsw i64 %col, 8
+  %50 = getelementptr inbounds float, ptr %46, i64 %49
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %50 = add nsw i64 %r0, 3
-  %51 = mul nsw i64 %50, 768
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 2048
-  %57 = getelementptr inbounds float, ptr %y, i64 %56
-  %58 = add nsw i64 %col, 0
-  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  %51 = add nsw i64 %r0, 3
+  %52 = mul nsw i64 %51, 768
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 2048
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %59 = add nsw i64 %col, 0
+  %60 = getelementptr inbounds float, ptr %58, i64 %59
   store <8 x float> zeroinitializer, ptr %acc30, align 4
-  %60 = add nsw i64 %col, 8
-  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  %61 = add nsw i64 %col, 8
+  %62 = getelementptr inbounds float, ptr %58, i64 %61
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 768
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 2048
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %63 = add nsw i64 %r0, 4
+  %64 = mul nsw i64 %63, 768
+  %65 = getelementptr inbounds float, ptr %h, i64 %64
+  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %67 = load i32, ptr %66, align 4
+  %68 = sext i32 %67 to i64
+  %69 = mul nsw i64 %68, 2048
+  %70 = getelementptr inbounds float, ptr %y, i64 %69
+  %71 = add nsw i64 %col, 0
+  %72 = getelementptr inbounds float, ptr %70, i64 %71
   store <8 x float> zeroinitializer, ptr %acc40, align 4
-  %72 = add nsw i64 %col, 8
-  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %70, i64 %73
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 768
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 2048
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %75 = add nsw i64 %r0, 5
+  %76 = mul nsw i64 %75, 768
+  %77 = getelementptr inbounds float, ptr %h, i64 %76
+  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %79 = load i32, ptr %78, align 4
+  %80 = sext i32 %79 to i64
+  %81 = mul nsw i64 %80, 2048
+  %82 = getelementptr inbounds float, ptr %y, i64 %81
+  %83 = add nsw i64 %col, 0
+  %84 = getelementptr inbounds float, ptr %82, i64 %83
   store <8 x float> zeroinitializer, ptr %acc50, align 4
-  %84 = add nsw i64 %col, 8
-  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %82, i64 %85
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
-  %86 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %87 = add nsw i64 %p, 1
-  %88 = icmp slt i64 %87, %p1
-  %pf.on1 = and i1 %pf.on, %88
-  %89 = mul nsw i64 %pf.j, 24576
-  %90 = lshr i64 %89, %10
-  %91 = add nsw i64 24576, %90
-  %92 = getelementptr inbounds i8, ptr %86, i64 %91
-  %pf = select i1 %pf.on1, ptr %92, ptr %86
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %88 = add nsw i64 %p, 1
+  %89 = icmp slt i64 %88, %p1
+  %pf.on1 = and i1 %pf.on, %89
+  %90 = mul nsw i64 %rb, 24576
+  %91 = lshr i64 %90, %12
+  %92 = add nsw i64 24576, %91
+  %93 = getelementptr inbounds i8, ptr %87, i64 %92
+  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
-  %93 = icmp slt i64 %k, 768
-  br i1 %93, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %94 = icmp slt i64 %k, 768
+  br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %94 = mul nsw i64 %k, 16
-  %95 = add nsw i64 %panel.off, %94
-  %96 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 16
+  %96 = add nsw i64 %panel.off, %95
+  %97 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %97 = lshr i64 %96, %pf.sh
-  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
-  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %98 = lshr i64 %97, %pf.sh
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %99 = getelementptr inbounds i16, ptr %panels, i64 %95
-  %100 = load <8 x i32>, ptr %99, align 4
-  %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %101 to <8 x float>
-  %102 = and <8 x i32> %100, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = getelementptr inbounds float, ptr %16, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc00, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc00, align 4
-  %109 = load <8 x float>, ptr %acc01, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc01, align 4
-  %111 = getelementptr inbounds float, ptr %28, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc10, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc10, align 4
-  %117 = load <8 x float>, ptr %acc11, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc11, align 4
-  %119 = getelementptr inbounds float, ptr %40, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc20, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc20, align 4
-  %125 = load <8 x float>, ptr %acc21, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc21, align 4
-  %127 = getelementptr inbounds float, ptr %52, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc30, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc30, align 4
-  %133 = load <8 x float>, ptr %acc31, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc31, align 4
-  %135 = getelementptr inbounds float, ptr %64, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc40, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc40, align 4
-  %141 = load <8 x float>, ptr %acc41, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc41, align 4
-  %143 = getelementptr inbounds float, ptr %76, i64 %k
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <8 x float> poison, float %144, i32 0
-  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
-  %147 = load <8 x float>, ptr %acc50, align 4
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b0, <8 x float> %147)
-  store <8 x float> %148, ptr %acc50, align 4
-  %149 = load <8 x float>, ptr %acc51, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b1, <8 x float> %149)
-  store <8 x float> %150, ptr %acc51, align 4
-  %151 = add nsw i64 %k, 1
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %17, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %41, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %53, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %65, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %77, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %152 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %152, ptr %23, align 4
-  %153 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %153, ptr %25, align 4
-  %154 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %154, ptr %35, align 4
-  %155 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %155, ptr %37, align 4
-  %156 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %156, ptr %47, align 4
-  %157 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %157, ptr %49, align 4
-  %158 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %158, ptr %59, align 4
-  %159 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %159, ptr %61, align 4
-  %160 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %160, ptr %71, align 4
-  %161 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %161, ptr %73, align 4
-  %162 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %162, ptr %83, align 4
-  %163 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %163, ptr %85, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %24, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %26, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %36, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %38, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %48, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %50, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %60, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %62, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %72, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %84, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %86, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %164 = add nsw i64 %r0, 0
-  %165 = mul nsw i64 %164, 768
-  %166 = getelementptr inbounds float, ptr %h, i64 %165
-  %167 = getelementptr inbounds i32, ptr %rows, i64 %164
-  %168 = load i32, ptr %167, align 4
-  %169 = sext i32 %168 to i64
-  %170 = mul nsw i64 %169, 2048
-  %171 = getelementptr inbounds float, ptr %y, i64 %170
-  %172 = add nsw i64 %col2, 0
-  %173 = getelementptr inbounds float, ptr %171, i64 %172
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 768
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 2048
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col2, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
   store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %174 = add nsw i64 %col2, 8
-  %175 = getelementptr inbounds float, ptr %171, i64 %174
+  %175 = add nsw i64 %col2, 8
+  %176 = getelementptr inbounds float, ptr %172, i64 %175
   store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %176 = add nsw i64 %r0, 1
-  %177 = mul nsw i64 %176, 768
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
-  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
-  %180 = load i32, ptr %179, align 4
-  %181 = sext i32 %180 to i64
-  %182 = mul nsw i64 %181, 2048
-  %183 = getelementptr inbounds float, ptr %y, i64 %182
-  %184 = add nsw i64 %col2, 0
-  %185 = getelementptr inbounds float, ptr %183, i64 %184
+  %177 = add nsw i64 %r0, 1
+  %178 = mul nsw i64 %177, 768
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 2048
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
   store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %186 = add nsw i64 %col2, 8
-  %187 = getelementptr inbounds float, ptr %183, i64 %186
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %184, i64 %187
   store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %188 = add nsw i64 %r0, 2
-  %189 = mul nsw i64 %188, 768
-  %190 = getelementptr inbounds float, ptr %h, i64 %189
-  %191 = getelementptr inbounds i32, ptr %rows, i64 %188
-  %192 = load i32, ptr %191, align 4
-  %193 = sext i32 %192 to i64
-  %194 = mul nsw i64 %193, 2048
-  %195 = getelementptr inbounds float, ptr %y, i64 %194
-  %196 = add nsw i64 %col2, 0
-  %197 = getelementptr inbounds float, ptr %195, i64 %196
+  %189 = add nsw i64 %r0, 2
+  %190 = mul nsw i64 %189, 768
+  %191 = getelementptr inbounds float, ptr %h, i64 %190
+  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
+  %193 = load i32, ptr %192, align 4
+  %194 = sext i32 %193 to i64
+  %195 = mul nsw i64 %194, 2048
+  %196 = getelementptr inbounds float, ptr %y, i64 %195
+  %197 = add nsw i64 %col2, 0
+  %198 = getelementptr inbounds float, ptr %196, i64 %197
   store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %198 = add nsw i64 %col2, 8
-  %199 = getelementptr inbounds float, ptr %195, i64 %198
+  %199 = add nsw i64 %col2, 8
+  %200 = getelementptr inbounds float, ptr %196, i64 %199
   store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %200 = add nsw i64 %r0, 3
-  %201 = mul nsw i64 %200, 768
-  %202 = getelementptr inbounds float, ptr %h, i64 %201
-  %203 = getelementptr inbounds i32, ptr %rows, i64 %200
-  %204 = load i32, ptr %203, align 4
-  %205 = sext i32 %204 to i64
-  %206 = mul nsw i64 %205, 2048
-  %207 = getelementptr inbounds float, ptr %y, i64 %206
-  %208 = add nsw i64 %col2, 0
-  %209 = getelementptr inbounds float, ptr %207, i64 %208
+  %201 = add nsw i64 %r0, 3
+  %202 = mul nsw i64 %201, 768
+  %203 = getelementptr inbounds float, ptr %h, i64 %202
+  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
+  %205 = load i32, ptr %204, align 4
+  %206 = sext i32 %205 to i64
+  %207 = mul nsw i64 %206, 2048
+  %208 = getelementptr inbounds float, ptr %y, i64 %207
+  %209 = add nsw i64 %col2, 0
+  %210 = getelementptr inbounds float, ptr %208, i64 %209
   store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %210 = add nsw i64 %col2, 8
-  %211 = getelementptr inbounds float, ptr %207, i64 %210
+  %211 = add nsw i64 %col2, 8
+  %212 = getelementptr inbounds float, ptr %208, i64 %211
   store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 768
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 2048
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col2, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 768
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 2048
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col2, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
   store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %222 = add nsw i64 %col2, 8
-  %223 = getelementptr inbounds float, ptr %219, i64 %222
+  %223 = add nsw i64 %col2, 8
+  %224 = getelementptr inbounds float, ptr %220, i64 %223
   store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 12288
-  %224 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %225 = add nsw i64 %p, 1
-  %226 = icmp slt i64 %225, %p1
-  %pf.on14 = and i1 %pf.on, %226
-  %227 = mul nsw i64 %pf.j, 24576
-  %228 = lshr i64 %227, %10
-  %229 = add nsw i64 24576, %228
-  %230 = getelementptr inbounds i8, ptr %224, i64 %229
-  %pf15 = select i1 %pf.on14, ptr %230, ptr %224
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %225 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %226 = add nsw i64 %p, 1
+  %227 = icmp slt i64 %226, %p1
+  %pf.on14 = and i1 %pf.on, %227
+  %228 = mul nsw i64 %rb, 24576
+  %229 = lshr i64 %228, %12
+  %230 = add nsw i64 24576, %229
+  %231 = getelementptr inbounds i8, ptr %225, i64 %230
+  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %pf.any.end22 ]
-  %231 = icmp slt i64 %k20, 768
-  br i1 %231, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %282, %pf.any.end22 ]
+  %232 = icmp slt i64 %k20, 768
+  br i1 %232, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %232 = mul nsw i64 %k20, 16
-  %233 = add nsw i64 %panel.off13, %232
-  %234 = mul nsw i64 %k20, 32
+  %233 = mul nsw i64 %k20, 16
+  %234 = add nsw i64 %panel.off13, %233
+  %235 = mul nsw i64 %k20, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %235 = lshr i64 %234, %pf.sh16
-  %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
-  call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  %236 = lshr i64 %235, %pf.sh16
+  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
+  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %237 = getelementptr inbounds i16, ptr %panels, i64 %233
-  %238 = load <8 x i32>, ptr %237, align 4
-  %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %239 to <8 x float>
-  %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %240 to <8 x float>
-  %241 = getelementptr inbounds float, ptr %166, i64 %k20
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc003, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b023, <8 x float> %245)
-  store <8 x float> %246, ptr %acc003, align 4
-  %247 = load <8 x float>, ptr %acc014, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b124, <8 x float> %247)
-  store <8 x float> %248, ptr %acc014, align 4
-  %249 = getelementptr inbounds float, ptr %178, i64 %k20
-  %250 = load float, ptr %249, align 4
-  %251 = insertelement <8 x float> poison, float %250, i32 0
-  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc105, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b023, <8 x float> %253)
-  store <8 x float> %254, ptr %acc105, align 4
-  %255 = load <8 x float>, ptr %acc116, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b124, <8 x float> %255)
-  store <8 x float> %256, ptr %acc116, align 4
-  %257 = getelementptr inbounds float, ptr %190, i64 %k20
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc207, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b023, <8 x float> %261)
-  store <8 x float> %262, ptr %acc207, align 4
-  %263 = load <8 x float>, ptr %acc218, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b124, <8 x float> %263)
-  store <8 x float> %264, ptr %acc218, align 4
-  %265 = getelementptr inbounds float, ptr %202, i64 %k20
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc309, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b023, <8 x float> %269)
-  store <8 x float> %270, ptr %acc309, align 4
-  %271 = load <8 x float>, ptr %acc3110, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b124, <8 x float> %271)
-  store <8 x float> %272, ptr %acc3110, align 4
-  %273 = getelementptr inbounds float, ptr %214, i64 %k20
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc4011, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b023, <8 x float> %277)
-  store <8 x float> %278, ptr %acc4011, align 4
-  %279 = load <8 x float>, ptr %acc4112, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b124, <8 x float> %279)
-  store <8 x float> %280, ptr %acc4112, align 4
-  %281 = add nsw i64 %k20, 1
+  %238 = getelementptr inbounds i16, ptr %panels, i64 %234
+  %239 = load <8 x i32>, ptr %238, align 4
+  %240 = shl <8 x i32> %239, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %240 to <8 x float>
+  %241 = and <8 x i32> %239, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %241 to <8 x float>
+  %242 = getelementptr inbounds float, ptr %167, i64 %k20
+  %243 = load float, ptr %242, align 4
+  %244 = insertelement <8 x float> poison, float %243, i32 0
+  %245 = shufflevector <8 x float> %244, <8 x float> poison, <8 x i32> zeroinitializer
+  %246 = load <8 x float>, ptr %acc003, align 4
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b023, <8 x float> %246)
+  store <8 x float> %247, ptr %acc003, align 4
+  %248 = load <8 x float>, ptr %acc014, align 4
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b124, <8 x float> %248)
+  store <8 x float> %249, ptr %acc014, align 4
+  %250 = getelementptr inbounds float, ptr %179, i64 %k20
+  %251 = load float, ptr %250, align 4
+  %252 = insertelement <8 x float> poison, float %251, i32 0
+  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
+  %254 = load <8 x float>, ptr %acc105, align 4
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b023, <8 x float> %254)
+  store <8 x float> %255, ptr %acc105, align 4
+  %256 = load <8 x float>, ptr %acc116, align 4
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b124, <8 x float> %256)
+  store <8 x float> %257, ptr %acc116, align 4
+  %258 = getelementptr inbounds float, ptr %191, i64 %k20
+  %259 = load float, ptr %258, align 4
+  %260 = insertelement <8 x float> poison, float %259, i32 0
+  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
+  %262 = load <8 x float>, ptr %acc207, align 4
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b023, <8 x float> %262)
+  store <8 x float> %263, ptr %acc207, align 4
+  %264 = load <8 x float>, ptr %acc218, align 4
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b124, <8 x float> %264)
+  store <8 x float> %265, ptr %acc218, align 4
+  %266 = getelementptr inbounds float, ptr %203, i64 %k20
+  %267 = load float, ptr %266, align 4
+  %268 = insertelement <8 x float> poison, float %267, i32 0
+  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
+  %270 = load <8 x float>, ptr %acc309, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b023, <8 x float> %270)
+  store <8 x float> %271, ptr %acc309, align 4
+  %272 = load <8 x float>, ptr %acc3110, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b124, <8 x float> %272)
+  store <8 x float> %273, ptr %acc3110, align 4
+  %274 = getelementptr inbounds float, ptr %215, i64 %k20
+  %275 = load float, ptr %274, align 4
+  %276 = insertelement <8 x float> poison, float %275, i32 0
+  %277 = shufflevector <8 x float> %276, <8 x float> poison, <8 x i32> zeroinitializer
+  %278 = load <8 x float>, ptr %acc4011, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b023, <8 x float> %278)
+  store <8 x float> %279, ptr %acc4011, align 4
+  %280 = load <8 x float>, ptr %acc4112, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b124, <8 x float> %280)
+  store <8 x float> %281, ptr %acc4112, align 4
+  %282 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %282 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %282, ptr %173, align 4
-  %283 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %283, ptr %175, align 4
-  %284 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %284, ptr %185, align 4
-  %285 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %285, ptr %187, align 4
-  %286 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %286, ptr %197, align 4
-  %287 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %287, ptr %199, align 4
-  %288 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %288, ptr %209, align 4
-  %289 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %289, ptr %211, align 4
-  %290 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %290, ptr %221, align 4
-  %291 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %291, ptr %223, align 4
+  %283 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %283, ptr %174, align 4
+  %284 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %284, ptr %176, align 4
+  %285 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %285, ptr %186, align 4
+  %286 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %286, ptr %188, align 4
+  %287 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %287, ptr %198, align 4
+  %288 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %288, ptr %200, align 4
+  %289 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %289, ptr %210, align 4
+  %290 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %290, ptr %212, align 4
+  %291 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %291, ptr %222, align 4
+  %292 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %292, ptr %224, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %292 = add nsw i64 %r0, 0
-  %293 = mul nsw i64 %292, 768
-  %294 = getelementptr inbounds float, ptr %h, i64 %293
-  %295 = getelementptr inbounds i32, ptr %rows, i64 %292
-  %296 = load i32, ptr %295, align 4
-  %297 = sext i32 %296 to i64
-  %298 = mul nsw i64 %297, 2048
-  %299 = getelementptr inbounds float, ptr %y, i64 %298
-  %300 = add nsw i64 %col25, 0
-  %301 = getelementptr inbounds float, ptr %299, i64 %300
+  %293 = add nsw i64 %r0, 0
+  %294 = mul nsw i64 %293, 768
+  %295 = getelementptr inbounds float, ptr %h, i64 %294
+  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %297 = load i32, ptr %296, align 4
+  %298 = sext i32 %297 to i64
+  %299 = mul nsw i64 %298, 2048
+  %300 = getelementptr inbounds float, ptr %y, i64 %299
+  %301 = add nsw i64 %col25, 0
+  %302 = getelementptr inbounds float, ptr %300, i64 %301
   store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %302 = add nsw i64 %col25, 8
-  %303 = getelementptr inbounds float, ptr %299, i64 %302
+  %303 = add nsw i64 %col25, 8
+  %304 = getelementptr inbounds float, ptr %300, i64 %303
   store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %304 = add nsw i64 %r0, 1
-  %305 = mul nsw i64 %304, 768
-  %306 = getelementptr inbounds float, ptr %h, i64 %305
-  %307 = getelementptr inbounds i32, ptr %rows, i64 %304
-  %308 = load i32, ptr %307, align 4
-  %309 = sext i32 %308 to i64
-  %310 = mul nsw i64 %309, 2048
-  %311 = getelementptr inbounds float, ptr %y, i64 %310
-  %312 = add nsw i64 %col25, 0
-  %313 = getelementptr inbounds float, ptr %311, i64 %312
+  %305 = add nsw i64 %r0, 1
+  %306 = mul nsw i64 %305, 768
+  %307 = getelementptr inbounds float, ptr %h, i64 %306
+  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %309 = load i32, ptr %308, align 4
+  %310 = sext i32 %309 to i64
+  %311 = mul nsw i64 %310, 2048
+  %312 = getelementptr inbounds float, ptr %y, i64 %311
+  %313 = add nsw i64 %col25, 0
+  %314 = getelementptr inbounds float, ptr %312, i64 %313
   store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %314 = add nsw i64 %col25, 8
-  %315 = getelementptr inbounds float, ptr %311, i64 %314
+  %315 = add nsw i64 %col25, 8
+  %316 = getelementptr inbounds float, ptr %312, i64 %315
   store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %316 = add nsw i64 %r0, 2
-  %317 = mul nsw i64 %316, 768
-  %318 = getelementptr inbounds float, ptr %h, i64 %317
-  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
-  %320 = load i32, ptr %319, align 4
-  %321 = sext i32 %320 to i64
-  %322 = mul nsw i64 %321, 2048
-  %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col25, 0
-  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  %317 = add nsw i64 %r0, 2
+  %318 = mul nsw i64 %317, 768
+  %319 = getelementptr inbounds float, ptr %h, i64 %318
+  %320 = getelementptr inbounds i32, ptr %rows, i64 %317
+  %321 = load i32, ptr %320, align 4
+  %322 = sext i32 %321 to i64
+  %323 = mul nsw i64 %322, 2048
+  %324 = getelementptr inbounds float, ptr %y, i64 %323
+  %325 = add nsw i64 %col25, 0
+  %326 = getelementptr inbounds float, ptr %324, i64 %325
   store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %326 = add nsw i64 %col25, 8
-  %327 = getelementptr inbounds float, ptr %323, i64 %326
+  %327 = add nsw i64 %col25, 8
+  %328 = getelementptr inbounds float, ptr %324, i64 %327
   store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = mul nsw i64 %328, 768
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 2048
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col25, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %329 = add nsw i64 %r0, 3
+  %330 = mul nsw i64 %329, 768
+  %331 = getelementptr inbounds float, ptr %h, i64 %330
+  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
+  %333 = load i32, ptr %332, align 4
+  %334 = sext i32 %333 to i64
+  %335 = mul nsw i64 %334, 2048
+  %336 = getelementptr inbounds float, ptr %y, i64 %335
+  %337 = add nsw i64 %col25, 0
+  %338 = getelementptr inbounds float, ptr %336, i64 %337
   store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %338 = add nsw i64 %col25, 8
-  %339 = getelementptr inbounds float, ptr %335, i64 %338
+  %339 = add nsw i64 %col25, 8
+  %340 = getelementptr inbounds float, ptr %336, i64 %339
   store <8 x float> zeroinitializer, ptr %acc3133, align 4
   %panel.off34 = mul nsw i64 %p, 12288
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %341 = add nsw i64 %p, 1
-  %342 = icmp slt i64 %341, %p1
-  %pf.on35 = and i1 %pf.on, %342
-  %343 = mul nsw i64 %pf.j, 24576
-  %344 = lshr i64 %343, %10
-  %345 = add nsw i64 24576, %344
-  %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf36 = select i1 %pf.on35, ptr %346, ptr %340
-  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  %341 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %342 = add nsw i64 %p, 1
+  %343 = icmp slt i64 %342, %p1
+  %pf.on35 = and i1 %pf.on, %343
+  %344 = mul nsw i64 %rb, 24576
+  %345 = lshr i64 %344, %12
+  %346 = add nsw i64 24576, %345
+  %347 = getelementptr inbounds i8, ptr %341, i64 %346
+  %pf36 = select i1 %pf.on35, ptr %347, ptr %341
+  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %389, %pf.any.end43 ]
-  %347 = icmp slt i64 %k41, 768
-  br i1 %347, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %390, %pf.any.end43 ]
+  %348 = icmp slt i64 %k41, 768
+  br i1 %348, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %348 = mul nsw i64 %k41, 16
-  %349 = add nsw i64 %panel.off34, %348
-  %350 = mul nsw i64 %k41, 32
+  %349 = mul nsw i64 %k41, 16
+  %350 = add nsw i64 %panel.off34, %349
+  %351 = mul nsw i64 %k41, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %351 = lshr i64 %350, %pf.sh37
-  %352 = getelementptr inbounds i8, ptr %pf36, i64 %351
-  call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  %352 = lshr i64 %351, %pf.sh37
+  %353 = getelementptr inbounds i8, ptr %pf36, i64 %352
+  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %353 = getelementptr inbounds i16, ptr %panels, i64 %349
-  %354 = load <8 x i32>, ptr %353, align 4
-  %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %355 to <8 x float>
-  %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = getelementptr inbounds float, ptr %294, i64 %k41
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0026, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b044, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0026, align 4
-  %363 = load <8 x float>, ptr %acc0127, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b145, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0127, align 4
-  %365 = getelementptr inbounds float, ptr %306, i64 %k41
-  %366 = load float, ptr %365, align 4
-  %367 = insertelement <8 x float> poison, float %366, i32 0
-  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1028, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b044, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1028, align 4
-  %371 = load <8 x float>, ptr %acc1129, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b145, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1129, align 4
-  %373 = getelementptr inbounds float, ptr %318, i64 %k41
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2030, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b044, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2030, align 4
-  %379 = load <8 x float>, ptr %acc2131, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b145, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2131, align 4
-  %381 = getelementptr inbounds float, ptr %330, i64 %k41
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3032, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b044, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3032, align 4
-  %387 = load <8 x float>, ptr %acc3133, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b145, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3133, align 4
-  %389 = add nsw i64 %k41, 1
+  %354 = getelementptr inbounds i16, ptr %panels, i64 %350
+  %355 = load <8 x i32>, ptr %354, align 4
+  %356 = shl <8 x i32> %355, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = and <8 x i32> %355, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %357 to <8 x float>
+  %358 = getelementptr inbounds float, ptr %295, i64 %k41
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc0026, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b044, <8 x float> %362)
+  store <8 x float> %363, ptr %acc0026, align 4
+  %364 = load <8 x float>, ptr %acc0127, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b145, <8 x float> %364)
+  store <8 x float> %365, ptr %acc0127, align 4
+  %366 = getelementptr inbounds float, ptr %307, i64 %k41
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc1028, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b044, <8 x float> %370)
+  store <8 x float> %371, ptr %acc1028, align 4
+  %372 = load <8 x float>, ptr %acc1129, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b145, <8 x float> %372)
+  store <8 x float> %373, ptr %acc1129, align 4
+  %374 = getelementptr inbounds float, ptr %319, i64 %k41
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc2030, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b044, <8 x float> %378)
+  store <8 x float> %379, ptr %acc2030, align 4
+  %380 = load <8 x float>, ptr %acc2131, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b145, <8 x float> %380)
+  store <8 x float> %381, ptr %acc2131, align 4
+  %382 = getelementptr inbounds float, ptr %331, i64 %k41
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = load <8 x float>, ptr %acc3032, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b044, <8 x float> %386)
+  store <8 x float> %387, ptr %acc3032, align 4
+  %388 = load <8 x float>, ptr %acc3133, align 4
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b145, <8 x float> %388)
+  store <8 x float> %389, ptr %acc3133, align 4
+  %390 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %390 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %390, ptr %301, align 4
-  %391 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %391, ptr %303, align 4
-  %392 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %392, ptr %313, align 4
-  %393 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %393, ptr %315, align 4
-  %394 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %394, ptr %325, align 4
-  %395 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %395, ptr %327, align 4
-  %396 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %396, ptr %337, align 4
-  %397 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %397, ptr %339, align 4
+  %391 = load <8 x float>, ptr %acc0026, align 4
+  store <8 x float> %391, ptr %302, align 4
+  %392 = load <8 x float>, ptr %acc0127, align 4
+  store <8 x float> %392, ptr %304, align 4
+  %393 = load <8 x float>, ptr %acc1028, align 4
+  store <8 x float> %393, ptr %314, align 4
+  %394 = load <8 x float>, ptr %acc1129, align 4
+  store <8 x float> %394, ptr %316, align 4
+  %395 = load <8 x float>, ptr %acc2030, align 4
+  store <8 x float> %395, ptr %326, align 4
+  %396 = load <8 x float>, ptr %acc2131, align 4
+  store <8 x float> %396, ptr %328, align 4
+  %397 = load <8 x float>, ptr %acc3032, align 4
+  store <8 x float> %397, ptr %338, align 4
+  %398 = load <8 x float>, ptr %acc3133, align 4
+  store <8 x float> %398, ptr %340, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %398 = add nsw i64 %r0, 0
-  %399 = mul nsw i64 %398, 768
-  %400 = getelementptr inbounds float, ptr %h, i64 %399
-  %401 = getelementptr inbounds i32, ptr %rows, i64 %398
-  %402 = load i32, ptr %401, align 4
-  %403 = sext i32 %402 to i64
-  %404 = mul nsw i64 %403, 2048
-  %405 = getelementptr inbounds float, ptr %y, i64 %404
-  %406 = add nsw i64 %col46, 0
-  %407 = getelementptr inbounds float, ptr %405, i64 %406
+  %399 = add nsw i64 %r0, 0
+  %400 = mul nsw i64 %399, 768
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %402 = getelementptr inbounds i32, ptr %rows, i64 %399
+  %403 = load i32, ptr %402, align 4
+  %404 = sext i32 %403 to i64
+  %405 = mul nsw i64 %404, 2048
+  %406 = getelementptr inbounds float, ptr %y, i64 %405
+  %407 = add nsw i64 %col46, 0
+  %408 = getelementptr inbounds float, ptr %406, i64 %407
   store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %408 = add nsw i64 %col46, 8
-  %409 = getelementptr inbounds float, ptr %405, i64 %408
+  %409 = add nsw i64 %col46, 8
+  %410 = getelementptr inbounds float, ptr %406, i64 %409
   store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %410 = add nsw i64 %r0, 1
-  %411 = mul nsw i64 %410, 768
-  %412 = getelementptr inbounds float, ptr %h, i64 %411
-  %413 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %414 = load i32, ptr %413, align 4
-  %415 = sext i32 %414 to i64
-  %416 = mul nsw i64 %415, 2048
-  %417 = getelementptr inbounds float, ptr %y, i64 %416
-  %418 = add nsw i64 %col46, 0
-  %419 = getelementptr inbounds float, ptr %417, i64 %418
+  %411 = add nsw i64 %r0, 1
+  %412 = mul nsw i64 %411, 768
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 2048
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col46, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
   store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %420 = add nsw i64 %col46, 8
-  %421 = getelementptr inbounds float, ptr %417, i64 %420
+  %421 = add nsw i64 %col46, 8
+  %422 = getelementptr inbounds float, ptr %418, i64 %421
   store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %422 = add nsw i64 %r0, 2
-  %423 = mul nsw i64 %422, 768
-  %424 = getelementptr inbounds float, ptr %h, i64 %423
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %422
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 2048
-  %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col46, 0
-  %431 = getelementptr inbounds float, ptr %429, i64 %430
+  %423 = add nsw i64 %r0, 2
+  %424 = mul nsw i64 %423, 768
+  %425 = getelementptr inbounds float, ptr %h, i64 %424
+  %426 = getelementptr inbounds i32, ptr %rows, i64 %423
+  %427 = load i32, ptr %426, align 4
+  %428 = sext i32 %427 to i64
+  %429 = mul nsw i64 %428, 2048
+  %430 = getelementptr inbounds float, ptr %y, i64 %429
+  %431 = add nsw i64 %col46, 0
+  %432 = getelementptr inbounds float, ptr %430, i64 %431
   store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %432 = add nsw i64 %col46, 8
-  %433 = getelementptr inbounds float, ptr %429, i64 %432
+  %433 = add nsw i64 %col46, 8
+  %434 = getelementptr inbounds float, ptr %430, i64 %433
   store <8 x float> zeroinitializer, ptr %acc2152, align 4
   %panel.off53 = mul nsw i64 %p, 12288
-  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %435 = add nsw i64 %p, 1
-  %436 = icmp slt i64 %435, %p1
-  %pf.on54 = and i1 %pf.on, %436
-  %437 = mul nsw i64 %pf.j, 24576
-  %438 = lshr i64 %437, %10
-  %439 = add nsw i64 24576, %438
-  %440 = getelementptr inbounds i8, ptr %434, i64 %439
-  %pf55 = select i1 %pf.on54, ptr %440, ptr %434
-  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  %435 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %436 = add nsw i64 %p, 1
+  %437 = icmp slt i64 %436, %p1
+  %pf.on54 = and i1 %pf.on, %437
+  %438 = mul nsw i64 %rb, 24576
+  %439 = lshr i64 %438, %12
+  %440 = add nsw i64 24576, %439
+  %441 = getelementptr inbounds i8, ptr %435, i64 %440
+  %pf55 = select i1 %pf.on54, ptr %441, ptr %435
+  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %475, %pf.any.end62 ]
-  %441 = icmp slt i64 %k60, 768
-  br i1 %441, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %476, %pf.any.end62 ]
+  %442 = icmp slt i64 %k60, 768
+  br i1 %442, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %442 = mul nsw i64 %k60, 16
-  %443 = add nsw i64 %panel.off53, %442
-  %444 = mul nsw i64 %k60, 32
+  %443 = mul nsw i64 %k60, 16
+  %444 = add nsw i64 %panel.off53, %443
+  %445 = mul nsw i64 %k60, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %445 = lshr i64 %444, %pf.sh56
-  %446 = getelementptr inbounds i8, ptr %pf55, i64 %445
-  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  %446 = lshr i64 %445, %pf.sh56
+  %447 = getelementptr inbounds i8, ptr %pf55, i64 %446
+  call void @llvm.prefetch.p0(ptr %447, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %447 = getelementptr inbounds i16, ptr %panels, i64 %443
-  %448 = load <8 x i32>, ptr %447, align 4
-  %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %449 to <8 x float>
-  %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = getelementptr inbounds float, ptr %400, i64 %k60
-  %452 = load float, ptr %451, align 4
-  %453 = insertelement <8 x float> poison, float %452, i32 0
-  %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = load <8 x float>, ptr %acc0047, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b063, <8 x float> %455)
-  store <8 x float> %456, ptr %acc0047, align 4
-  %457 = load <8 x float>, ptr %acc0148, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b164, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0148, align 4
-  %459 = getelementptr inbounds float, ptr %412, i64 %k60
-  %460 = load float, ptr %459, align 4
-  %461 = insertelement <8 x float> poison, float %460, i32 0
-  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %acc1049, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b063, <8 x float> %463)
-  store <8 x float> %464, ptr %acc1049, align 4
-  %465 = load <8 x float>, ptr %acc1150, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b164, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1150, align 4
-  %467 = getelementptr inbounds float, ptr %424, i64 %k60
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc2051, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b063, <8 x float> %471)
-  store <8 x float> %472, ptr %acc2051, align 4
-  %473 = load <8 x float>, ptr %acc2152, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b164, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2152, align 4
-  %475 = add nsw i64 %k60, 1
+  %448 = getelementptr inbounds i16, ptr %panels, i64 %444
+  %449 = load <8 x i32>, ptr %448, align 4
+  %450 = shl <8 x i32> %449, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = and <8 x i32> %449, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %451 to <8 x float>
+  %452 = getelementptr inbounds float, ptr %401, i64 %k60
+  %453 = load float, ptr %452, align 4
+  %454 = insertelement <8 x float> poison, float %453, i32 0
+  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
+  %456 = load <8 x float>, ptr %acc0047, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b063, <8 x float> %456)
+  store <8 x float> %457, ptr %acc0047, align 4
+  %458 = load <8 x float>, ptr %acc0148, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b164, <8 x float> %458)
+  store <8 x float> %459, ptr %acc0148, align 4
+  %460 = getelementptr inbounds float, ptr %413, i64 %k60
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = load <8 x float>, ptr %acc1049, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
+  store <8 x float> %465, ptr %acc1049, align 4
+  %466 = load <8 x float>, ptr %acc1150, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
+  store <8 x float> %467, ptr %acc1150, align 4
+  %468 = getelementptr inbounds float, ptr %425, i64 %k60
+  %469 = load float, ptr %468, align 4
+  %470 = insertelement <8 x float> poison, float %469, i32 0
+  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
+  %472 = load <8 x float>, ptr %acc2051, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
+  store <8 x float> %473, ptr %acc2051, align 4
+  %474 = load <8 x float>, ptr %acc2152, align 4
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
+  store <8 x float> %475, ptr %acc2152, align 4
+  %476 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %476 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %476, ptr %407, align 4
-  %477 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %477, ptr %409, align 4
-  %478 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %478, ptr %419, align 4
-  %479 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %479, ptr %421, align 4
-  %480 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %480, ptr %431, align 4
-  %481 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %481, ptr %433, align 4
+  %477 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %477, ptr %408, align 4
+  %478 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %478, ptr %410, align 4
+  %479 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %479, ptr %420, align 4
+  %480 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %480, ptr %422, align 4
+  %481 = load <8 x float>, ptr %acc2051, align 4
+  store <8 x float> %481, ptr %432, align 4
+  %482 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %482, ptr %434, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %482 = add nsw i64 %r0, 0
-  %483 = mul nsw i64 %482, 768
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 2048
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col65, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %483 = add nsw i64 %r0, 0
+  %484 = mul nsw i64 %483, 768
+  %485 = getelementptr inbounds float, ptr %h, i64 %484
+  %486 = getelementptr inbounds i32, ptr %rows, i64 %483
+  %487 = load i32, ptr %486, align 4
+  %488 = sext i32 %487 to i64
+  %489 = mul nsw i64 %488, 2048
+  %490 = getelementptr inbounds float, ptr %y, i64 %489
+  %491 = add nsw i64 %col65, 0
+  %492 = getelementptr inbounds float, ptr %490, i64 %491
   store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %492 = add nsw i64 %col65, 8
-  %493 = getelementptr inbounds float, ptr %489, i64 %492
+  %493 = add nsw i64 %col65, 8
+  %494 = getelementptr inbounds float, ptr %490, i64 %493
   store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %494 = add nsw i64 %r0, 1
-  %495 = mul nsw i64 %494, 768
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %497 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %498 = load i32, ptr %497, align 4
-  %499 = sext i32 %498 to i64
-  %500 = mul nsw i64 %499, 2048
-  %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col65, 0
-  %503 = getelementptr inbounds float, ptr %501, i64 %502
+  %495 = add nsw i64 %r0, 1
+  %496 = mul nsw i64 %495, 768
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 2048
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col65, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
   store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %504 = add nsw i64 %col65, 8
-  %505 = getelementptr inbounds float, ptr %501, i64 %504
+  %505 = add nsw i64 %col65, 8
+  %506 = getelementptr inbounds float, ptr %502, i64 %505
   store <8 x float> zeroinitializer, ptr %acc1169, align 4
   %panel.off70 = mul nsw i64 %p, 12288
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %507 = add nsw i64 %p, 1
-  %508 = icmp slt i64 %507, %p1
-  %pf.on71 = and i1 %pf.on, %508
-  %509 = mul nsw i64 %pf.j, 24576
-  %510 = lshr i64 %509, %10
-  %511 = add nsw i64 24576, %510
-  %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf72 = select i1 %pf.on71, ptr %512, ptr %506
-  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  %507 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %508 = add nsw i64 %p, 1
+  %509 = icmp slt i64 %508, %p1
+  %pf.on71 = and i1 %pf.on, %509
+  %510 = mul nsw i64 %rb, 24576
+  %511 = lshr i64 %510, %12
+  %512 = add nsw i64 24576, %511
+  %513 = getelementptr inbounds i8, ptr %507, i64 %512
+  %pf72 = select i1 %pf.on71, ptr %513, ptr %507
+  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %539, %pf.any.end79 ]
-  %513 = icmp slt i64 %k77, 768
-  br i1 %513, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %540, %pf.any.end79 ]
+  %514 = icmp slt i64 %k77, 768
+  br i1 %514, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %514 = mul nsw i64 %k77, 16
-  %515 = add nsw i64 %panel.off70, %514
-  %516 = mul nsw i64 %k77, 32
+  %515 = mul nsw i64 %k77, 16
+  %516 = add nsw i64 %panel.off70, %515
+  %517 = mul nsw i64 %k77, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %517 = lshr i64 %516, %pf.sh73
-  %518 = getelementptr inbounds i8, ptr %pf72, i64 %517
-  call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  %518 = lshr i64 %517, %pf.sh73
+  %519 = getelementptr inbounds i8, ptr %pf72, i64 %518
+  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %519 = getelementptr inbounds i16, ptr %panels, i64 %515
-  %520 = load <8 x i32>, ptr %519, align 4
-  %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %521 to <8 x float>
-  %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %484, i64 %k77
-  %524 = load float, ptr %523, align 4
-  %525 = insertelement <8 x float> poison, float %524, i32 0
-  %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0066, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b080, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0066, align 4
-  %529 = load <8 x float>, ptr %acc0167, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b181, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0167, align 4
-  %531 = getelementptr inbounds float, ptr %496, i64 %k77
-  %532 = load float, ptr %531, align 4
-  %533 = insertelement <8 x float> poison, float %532, i32 0
-  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1068, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b080, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1068, align 4
-  %537 = load <8 x float>, ptr %acc1169, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b181, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1169, align 4
-  %539 = add nsw i64 %k77, 1
+  %520 = getelementptr inbounds i16, ptr %panels, i64 %516
+  %521 = load <8 x i32>, ptr %520, align 4
+  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %523 to <8 x float>
+  %524 = getelementptr inbounds float, ptr %485, i64 %k77
+  %525 = load float, ptr %524, align 4
+  %526 = insertelement <8 x float> poison, float %525, i32 0
+  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
+  %528 = load <8 x float>, ptr %acc0066, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b080, <8 x float> %528)
+  store <8 x float> %529, ptr %acc0066, align 4
+  %530 = load <8 x float>, ptr %acc0167, align 4
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b181, <8 x float> %530)
+  store <8 x float> %531, ptr %acc0167, align 4
+  %532 = getelementptr inbounds float, ptr %497, i64 %k77
+  %533 = load float, ptr %532, align 4
+  %534 = insertelement <8 x float> poison, float %533, i32 0
+  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
+  %536 = load <8 x float>, ptr %acc1068, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b080, <8 x float> %536)
+  store <8 x float> %537, ptr %acc1068, align 4
+  %538 = load <8 x float>, ptr %acc1169, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b181, <8 x float> %538)
+  store <8 x float> %539, ptr %acc1169, align 4
+  %540 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %540 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %540, ptr %491, align 4
-  %541 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %541, ptr %493, align 4
-  %542 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %542, ptr %503, align 4
-  %543 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %543, ptr %505, align 4
+  %541 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %541, ptr %492, align 4
+  %542 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %542, ptr %494, align 4
+  %543 = load <8 x float>, ptr %acc1068, align 4
+  store <8 x float> %543, ptr %504, align 4
+  %544 = load <8 x float>, ptr %acc1169, align 4
+  store <8 x float> %544, ptr %506, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %544 = add nsw i64 %r0, 0
-  %545 = mul nsw i64 %544, 768
-  %546 = getelementptr inbounds float, ptr %h, i64 %545
-  %547 = getelementptr inbounds i32, ptr %rows, i64 %544
-  %548 = load i32, ptr %547, align 4
-  %549 = sext i32 %548 to i64
-  %550 = mul nsw i64 %549, 2048
-  %551 = getelementptr inbounds float, ptr %y, i64 %550
-  %552 = add nsw i64 %col82, 0
-  %553 = getelementptr inbounds float, ptr %551, i64 %552
+  %545 = add nsw i64 %r0, 0
+  %546 = mul nsw i64 %545, 768
+  %547 = getelementptr inbounds float, ptr %h, i64 %546
+  %548 = getelementptr inbounds i32, ptr %rows, i64 %545
+  %549 = load i32, ptr %548, align 4
+  %550 = sext i32 %549 to i64
+  %551 = mul nsw i64 %550, 2048
+  %552 = getelementptr inbounds float, ptr %y, i64 %551
+  %553 = add nsw i64 %col82, 0
+  %554 = getelementptr inbounds float, ptr %552, i64 %553
   store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %554 = add nsw i64 %col82, 8
-  %555 = getelementptr inbounds float, ptr %551, i64 %554
+  %555 = add nsw i64 %col82, 8
+  %556 = getelementptr inbounds float, ptr %552, i64 %555
   store <8 x float> zeroinitializer, ptr %acc0184, align 4
   %panel.off85 = mul nsw i64 %p, 12288
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %557 = add nsw i64 %p, 1
-  %558 = icmp slt i64 %557, %p1
-  %pf.on86 = and i1 %pf.on, %558
-  %559 = mul nsw i64 %pf.j, 24576
-  %560 = lshr i64 %559, %10
-  %561 = add nsw i64 24576, %560
-  %562 = getelementptr inbounds i8, ptr %556, i64 %561
-  %pf87 = select i1 %pf.on86, ptr %562, ptr %556
-  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  %557 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %558 = add nsw i64 %p, 1
+  %559 = icmp slt i64 %558, %p1
+  %pf.on86 = and i1 %pf.on, %559
+  %560 = mul nsw i64 %rb, 24576
+  %561 = lshr i64 %560, %12
+  %562 = add nsw i64 24576, %561
+  %563 = getelementptr inbounds i8, ptr %557, i64 %562
+  %pf87 = select i1 %pf.on86, ptr %563, ptr %557
+  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %581, %pf.any.end94 ]
-  %563 = icmp slt i64 %k92, 768
-  br i1 %563, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %582, %pf.any.end94 ]
+  %564 = icmp slt i64 %k92, 768
+  br i1 %564, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %564 = mul nsw i64 %k92, 16
-  %565 = add nsw i64 %panel.off85, %564
-  %566 = mul nsw i64 %k92, 32
+  %565 = mul nsw i64 %k92, 16
+  %566 = add nsw i64 %panel.off85, %565
+  %567 = mul nsw i64 %k92, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %567 = lshr i64 %566, %pf.sh88
-  %568 = getelementptr inbounds i8, ptr %pf87, i64 %567
-  call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  %568 = lshr i64 %567, %pf.sh88
+  %569 = getelementptr inbounds i8, ptr %pf87, i64 %568
+  call void @llvm.prefetch.p0(ptr %569, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %569 = getelementptr inbounds i16, ptr %panels, i64 %565
-  %570 = load <8 x i32>, ptr %569, align 4
-  %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %571 to <8 x float>
-  %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = getelementptr inbounds float, ptr %546, i64 %k92
-  %574 = load float, ptr %573, align 4
-  %575 = insertelement <8 x float> poison, float %574, i32 0
-  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc0083, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b095, <8 x float> %577)
-  store <8 x float> %578, ptr %acc0083, align 4
-  %579 = load <8 x float>, ptr %acc0184, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b196, <8 x float> %579)
-  store <8 x float> %580, ptr %acc0184, align 4
-  %581 = add nsw i64 %k92, 1
+  %570 = getelementptr inbounds i16, ptr %panels, i64 %566
+  %571 = load <8 x i32>, ptr %570, align 4
+  %572 = shl <8 x i32> %571, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = and <8 x i32> %571, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %573 to <8 x float>
+  %574 = getelementptr inbounds float, ptr %547, i64 %k92
+  %575 = load float, ptr %574, align 4
+  %576 = insertelement <8 x float> poison, float %575, i32 0
+  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
+  %578 = load <8 x float>, ptr %acc0083, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b095, <8 x float> %578)
+  store <8 x float> %579, ptr %acc0083, align 4
+  %580 = load <8 x float>, ptr %acc0184, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b196, <8 x float> %580)
+  store <8 x float> %581, ptr %acc0184, align 4
+  %582 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %582 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %582, ptr %553, align 4
-  %583 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %583, ptr %555, align 4
+  %583 = load <8 x float>, ptr %acc0083, align 4
+  store <8 x float> %583, ptr %554, align 4
+  %584 = load <8 x float>, ptr %acc0184, align 4
+  store <8 x float> %584, ptr %556, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %584 = add nsw i64 %r0, 6
-  br label %r0.head
+  %585 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %585 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %586 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -1003,37 +1003,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %815, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %816, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %814, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %815, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1042,1116 +1043,1116 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 768
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 768
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 768
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 768
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 768
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 768
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 768
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 768
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 768
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 768
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 768
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 768
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 12288
-  %49 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 24576
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 24576, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 24576
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 24576, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %114, %pf.any.end ]
-  %56 = icmp slt i64 %k, 768
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %57 = icmp slt i64 %k, 768
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds i16, ptr %panels, i64 %58
-  %63 = load <8 x i32>, ptr %62, align 4
-  %64 = shl <8 x i32> %63, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %64 to <8 x float>
-  %65 = and <8 x i32> %63, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = getelementptr inbounds float, ptr %18, i64 %k
-  %67 = load float, ptr %66, align 4
-  %68 = insertelement <8 x float> poison, float %67, i32 0
-  %69 = shufflevector <8 x float> %68, <8 x float> poison, <8 x i32> zeroinitializer
-  %70 = load <8 x float>, ptr %acc00, align 4
-  %71 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b0, <8 x float> %70)
-  store <8 x float> %71, ptr %acc00, align 4
-  %72 = load <8 x float>, ptr %acc01, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %69, <8 x float> %b1, <8 x float> %72)
-  store <8 x float> %73, ptr %acc01, align 4
-  %74 = getelementptr inbounds float, ptr %24, i64 %k
-  %75 = load float, ptr %74, align 4
-  %76 = insertelement <8 x float> poison, float %75, i32 0
-  %77 = shufflevector <8 x float> %76, <8 x float> poison, <8 x i32> zeroinitializer
-  %78 = load <8 x float>, ptr %acc10, align 4
-  %79 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b0, <8 x float> %78)
-  store <8 x float> %79, ptr %acc10, align 4
-  %80 = load <8 x float>, ptr %acc11, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %77, <8 x float> %b1, <8 x float> %80)
-  store <8 x float> %81, ptr %acc11, align 4
-  %82 = getelementptr inbounds float, ptr %30, i64 %k
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <8 x float> poison, float %83, i32 0
-  %85 = shufflevector <8 x float> %84, <8 x float> poison, <8 x i32> zeroinitializer
-  %86 = load <8 x float>, ptr %acc20, align 4
-  %87 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b0, <8 x float> %86)
-  store <8 x float> %87, ptr %acc20, align 4
-  %88 = load <8 x float>, ptr %acc21, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %85, <8 x float> %b1, <8 x float> %88)
-  store <8 x float> %89, ptr %acc21, align 4
-  %90 = getelementptr inbounds float, ptr %36, i64 %k
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <8 x float> poison, float %91, i32 0
-  %93 = shufflevector <8 x float> %92, <8 x float> poison, <8 x i32> zeroinitializer
-  %94 = load <8 x float>, ptr %acc30, align 4
-  %95 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b0, <8 x float> %94)
-  store <8 x float> %95, ptr %acc30, align 4
-  %96 = load <8 x float>, ptr %acc31, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %93, <8 x float> %b1, <8 x float> %96)
-  store <8 x float> %97, ptr %acc31, align 4
-  %98 = getelementptr inbounds float, ptr %42, i64 %k
-  %99 = load float, ptr %98, align 4
-  %100 = insertelement <8 x float> poison, float %99, i32 0
-  %101 = shufflevector <8 x float> %100, <8 x float> poison, <8 x i32> zeroinitializer
-  %102 = load <8 x float>, ptr %acc40, align 4
-  %103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b0, <8 x float> %102)
-  store <8 x float> %103, ptr %acc40, align 4
-  %104 = load <8 x float>, ptr %acc41, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %101, <8 x float> %b1, <8 x float> %104)
-  store <8 x float> %105, ptr %acc41, align 4
-  %106 = getelementptr inbounds float, ptr %48, i64 %k
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc50, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc50, align 4
-  %112 = load <8 x float>, ptr %acc51, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc51, align 4
-  %114 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
+  %64 = load <8 x i32>, ptr %63, align 4
+  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %65 to <8 x float>
+  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %66 to <8 x float>
+  %67 = getelementptr inbounds float, ptr %19, i64 %k
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <8 x float> poison, float %68, i32 0
+  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
+  %71 = load <8 x float>, ptr %acc00, align 4
+  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
+  store <8 x float> %72, ptr %acc00, align 4
+  %73 = load <8 x float>, ptr %acc01, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
+  store <8 x float> %74, ptr %acc01, align 4
+  %75 = getelementptr inbounds float, ptr %25, i64 %k
+  %76 = load float, ptr %75, align 4
+  %77 = insertelement <8 x float> poison, float %76, i32 0
+  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
+  %79 = load <8 x float>, ptr %acc10, align 4
+  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
+  store <8 x float> %80, ptr %acc10, align 4
+  %81 = load <8 x float>, ptr %acc11, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
+  store <8 x float> %82, ptr %acc11, align 4
+  %83 = getelementptr inbounds float, ptr %31, i64 %k
+  %84 = load float, ptr %83, align 4
+  %85 = insertelement <8 x float> poison, float %84, i32 0
+  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
+  %87 = load <8 x float>, ptr %acc20, align 4
+  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
+  store <8 x float> %88, ptr %acc20, align 4
+  %89 = load <8 x float>, ptr %acc21, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
+  store <8 x float> %90, ptr %acc21, align 4
+  %91 = getelementptr inbounds float, ptr %37, i64 %k
+  %92 = load float, ptr %91, align 4
+  %93 = insertelement <8 x float> poison, float %92, i32 0
+  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
+  %95 = load <8 x float>, ptr %acc30, align 4
+  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
+  store <8 x float> %96, ptr %acc30, align 4
+  %97 = load <8 x float>, ptr %acc31, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
+  store <8 x float> %98, ptr %acc31, align 4
+  %99 = getelementptr inbounds float, ptr %43, i64 %k
+  %100 = load float, ptr %99, align 4
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = load <8 x float>, ptr %acc40, align 4
+  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
+  store <8 x float> %104, ptr %acc40, align 4
+  %105 = load <8 x float>, ptr %acc41, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
+  store <8 x float> %106, ptr %acc41, align 4
+  %107 = getelementptr inbounds float, ptr %49, i64 %k
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc50, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
+  store <8 x float> %112, ptr %acc50, align 4
+  %113 = load <8 x float>, ptr %acc51, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
+  store <8 x float> %114, ptr %acc51, align 4
+  %115 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %115 = add nsw i64 %r0, 0
-  %116 = getelementptr inbounds float, ptr %rw, i64 %115
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = mul nsw i64 %115, 3072
-  %121 = getelementptr inbounds float, ptr %h, i64 %120
+  %116 = add nsw i64 %r0, 0
+  %117 = getelementptr inbounds float, ptr %rw, i64 %116
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = mul nsw i64 %116, 3072
+  %122 = getelementptr inbounds float, ptr %h, i64 %121
   %col = mul nsw i64 %p, 16
-  %122 = load <8 x float>, ptr %acc00, align 4
-  %123 = load <8 x float>, ptr %acc01, align 4
-  %124 = add nsw i64 %col, 0
-  %125 = fcmp ogt <8 x float> %122, zeroinitializer
-  %126 = select <8 x i1> %125, <8 x float> %122, <8 x float> zeroinitializer
-  %127 = fmul <8 x float> %126, %119
-  %128 = getelementptr inbounds float, ptr %121, i64 %124
-  store <8 x float> %127, ptr %128, align 4
-  %129 = add nsw i64 %col, 8
-  %130 = fcmp ogt <8 x float> %123, zeroinitializer
-  %131 = select <8 x i1> %130, <8 x float> %123, <8 x float> zeroinitializer
-  %132 = fmul <8 x float> %131, %119
-  %133 = getelementptr inbounds float, ptr %121, i64 %129
-  store <8 x float> %132, ptr %133, align 4
-  %134 = add nsw i64 %r0, 1
-  %135 = getelementptr inbounds float, ptr %rw, i64 %134
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = mul nsw i64 %134, 3072
-  %140 = getelementptr inbounds float, ptr %h, i64 %139
+  %123 = load <8 x float>, ptr %acc00, align 4
+  %124 = load <8 x float>, ptr %acc01, align 4
+  %125 = add nsw i64 %col, 0
+  %126 = fcmp ogt <8 x float> %123, zeroinitializer
+  %127 = select <8 x i1> %126, <8 x float> %123, <8 x float> zeroinitializer
+  %128 = fmul <8 x float> %127, %120
+  %129 = getelementptr inbounds float, ptr %122, i64 %125
+  store <8 x float> %128, ptr %129, align 4
+  %130 = add nsw i64 %col, 8
+  %131 = fcmp ogt <8 x float> %124, zeroinitializer
+  %132 = select <8 x i1> %131, <8 x float> %124, <8 x float> zeroinitializer
+  %133 = fmul <8 x float> %132, %120
+  %134 = getelementptr inbounds float, ptr %122, i64 %130
+  store <8 x float> %133, ptr %134, align 4
+  %135 = add nsw i64 %r0, 1
+  %136 = getelementptr inbounds float, ptr %rw, i64 %135
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = mul nsw i64 %135, 3072
+  %141 = getelementptr inbounds float, ptr %h, i64 %140
   %col2 = mul nsw i64 %p, 16
-  %141 = load <8 x float>, ptr %acc10, align 4
-  %142 = load <8 x float>, ptr %acc11, align 4
-  %143 = add nsw i64 %col2, 0
-  %144 = fcmp ogt <8 x float> %141, zeroinitializer
-  %145 = select <8 x i1> %144, <8 x float> %141, <8 x float> zeroinitializer
-  %146 = fmul <8 x float> %145, %138
-  %147 = getelementptr inbounds float, ptr %140, i64 %143
-  store <8 x float> %146, ptr %147, align 4
-  %148 = add nsw i64 %col2, 8
-  %149 = fcmp ogt <8 x float> %142, zeroinitializer
-  %150 = select <8 x i1> %149, <8 x float> %142, <8 x float> zeroinitializer
-  %151 = fmul <8 x float> %150, %138
-  %152 = getelementptr inbounds float, ptr %140, i64 %148
-  store <8 x float> %151, ptr %152, align 4
-  %153 = add nsw i64 %r0, 2
-  %154 = getelementptr inbounds float, ptr %rw, i64 %153
-  %155 = load float, ptr %154, align 4
-  %156 = insertelement <8 x float> poison, float %155, i32 0
-  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
-  %158 = mul nsw i64 %153, 3072
-  %159 = getelementptr inbounds float, ptr %h, i64 %158
+  %142 = load <8 x float>, ptr %acc10, align 4
+  %143 = load <8 x float>, ptr %acc11, align 4
+  %144 = add nsw i64 %col2, 0
+  %145 = fcmp ogt <8 x float> %142, zeroinitializer
+  %146 = select <8 x i1> %145, <8 x float> %142, <8 x float> zeroinitializer
+  %147 = fmul <8 x float> %146, %139
+  %148 = getelementptr inbounds float, ptr %141, i64 %144
+  store <8 x float> %147, ptr %148, align 4
+  %149 = add nsw i64 %col2, 8
+  %150 = fcmp ogt <8 x float> %143, zeroinitializer
+  %151 = select <8 x i1> %150, <8 x float> %143, <8 x float> zeroinitializer
+  %152 = fmul <8 x float> %151, %139
+  %153 = getelementptr inbounds float, ptr %141, i64 %149
+  store <8 x float> %152, ptr %153, align 4
+  %154 = add nsw i64 %r0, 2
+  %155 = getelementptr inbounds float, ptr %rw, i64 %154
+  %156 = load float, ptr %155, align 4
+  %157 = insertelement <8 x float> poison, float %156, i32 0
+  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
+  %159 = mul nsw i64 %154, 3072
+  %160 = getelementptr inbounds float, ptr %h, i64 %159
   %col3 = mul nsw i64 %p, 16
-  %160 = load <8 x float>, ptr %acc20, align 4
-  %161 = load <8 x float>, ptr %acc21, align 4
-  %162 = add nsw i64 %col3, 0
-  %163 = fcmp ogt <8 x float> %160, zeroinitializer
-  %164 = select <8 x i1> %163, <8 x float> %160, <8 x float> zeroinitializer
-  %165 = fmul <8 x float> %164, %157
-  %166 = getelementptr inbounds float, ptr %159, i64 %162
-  store <8 x float> %165, ptr %166, align 4
-  %167 = add nsw i64 %col3, 8
-  %168 = fcmp ogt <8 x float> %161, zeroinitializer
-  %169 = select <8 x i1> %168, <8 x float> %161, <8 x float> zeroinitializer
-  %170 = fmul <8 x float> %169, %157
-  %171 = getelementptr inbounds float, ptr %159, i64 %167
-  store <8 x float> %170, ptr %171, align 4
-  %172 = add nsw i64 %r0, 3
-  %173 = getelementptr inbounds float, ptr %rw, i64 %172
-  %174 = load float, ptr %173, align 4
-  %175 = insertelement <8 x float> poison, float %174, i32 0
-  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
-  %177 = mul nsw i64 %172, 3072
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
+  %161 = load <8 x float>, ptr %acc20, align 4
+  %162 = load <8 x float>, ptr %acc21, align 4
+  %163 = add nsw i64 %col3, 0
+  %164 = fcmp ogt <8 x float> %161, zeroinitializer
+  %165 = select <8 x i1> %164, <8 x float> %161, <8 x float> zeroinitializer
+  %166 = fmul <8 x float> %165, %158
+  %167 = getelementptr inbounds float, ptr %160, i64 %163
+  store <8 x float> %166, ptr %167, align 4
+  %168 = add nsw i64 %col3, 8
+  %169 = fcmp ogt <8 x float> %162, zeroinitializer
+  %170 = select <8 x i1> %169, <8 x float> %162, <8 x float> zeroinitializer
+  %171 = fmul <8 x float> %170, %158
+  %172 = getelementptr inbounds float, ptr %160, i64 %168
+  store <8 x float> %171, ptr %172, align 4
+  %173 = add nsw i64 %r0, 3
+  %174 = getelementptr inbounds float, ptr %rw, i64 %173
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = mul nsw i64 %173, 3072
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
   %col4 = mul nsw i64 %p, 16
-  %179 = load <8 x float>, ptr %acc30, align 4
-  %180 = load <8 x float>, ptr %acc31, align 4
-  %181 = add nsw i64 %col4, 0
-  %182 = fcmp ogt <8 x float> %179, zeroinitializer
-  %183 = select <8 x i1> %182, <8 x float> %179, <8 x float> zeroinitializer
-  %184 = fmul <8 x float> %183, %176
-  %185 = getelementptr inbounds float, ptr %178, i64 %181
-  store <8 x float> %184, ptr %185, align 4
-  %186 = add nsw i64 %col4, 8
-  %187 = fcmp ogt <8 x float> %180, zeroinitializer
-  %188 = select <8 x i1> %187, <8 x float> %180, <8 x float> zeroinitializer
-  %189 = fmul <8 x float> %188, %176
-  %190 = getelementptr inbounds float, ptr %178, i64 %186
-  store <8 x float> %189, ptr %190, align 4
-  %191 = add nsw i64 %r0, 4
-  %192 = getelementptr inbounds float, ptr %rw, i64 %191
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <8 x float> poison, float %193, i32 0
-  %195 = shufflevector <8 x float> %194, <8 x float> poison, <8 x i32> zeroinitializer
-  %196 = mul nsw i64 %191, 3072
-  %197 = getelementptr inbounds float, ptr %h, i64 %196
+  %180 = load <8 x float>, ptr %acc30, align 4
+  %181 = load <8 x float>, ptr %acc31, align 4
+  %182 = add nsw i64 %col4, 0
+  %183 = fcmp ogt <8 x float> %180, zeroinitializer
+  %184 = select <8 x i1> %183, <8 x float> %180, <8 x float> zeroinitializer
+  %185 = fmul <8 x float> %184, %177
+  %186 = getelementptr inbounds float, ptr %179, i64 %182
+  store <8 x float> %185, ptr %186, align 4
+  %187 = add nsw i64 %col4, 8
+  %188 = fcmp ogt <8 x float> %181, zeroinitializer
+  %189 = select <8 x i1> %188, <8 x float> %181, <8 x float> zeroinitializer
+  %190 = fmul <8 x float> %189, %177
+  %191 = getelementptr inbounds float, ptr %179, i64 %187
+  store <8 x float> %190, ptr %191, align 4
+  %192 = add nsw i64 %r0, 4
+  %193 = getelementptr inbounds float, ptr %rw, i64 %192
+  %194 = load float, ptr %193, align 4
+  %195 = insertelement <8 x float> poison, float %194, i32 0
+  %196 = shufflevector <8 x float> %195, <8 x float> poison, <8 x i32> zeroinitializer
+  %197 = mul nsw i64 %192, 3072
+  %198 = getelementptr inbounds float, ptr %h, i64 %197
   %col5 = mul nsw i64 %p, 16
-  %198 = load <8 x float>, ptr %acc40, align 4
-  %199 = load <8 x float>, ptr %acc41, align 4
-  %200 = add nsw i64 %col5, 0
-  %201 = fcmp ogt <8 x float> %198, zeroinitializer
-  %202 = select <8 x i1> %201, <8 x float> %198, <8 x float> zeroinitializer
-  %203 = fmul <8 x float> %202, %195
-  %204 = getelementptr inbounds float, ptr %197, i64 %200
-  store <8 x float> %203, ptr %204, align 4
-  %205 = add nsw i64 %col5, 8
-  %206 = fcmp ogt <8 x float> %199, zeroinitializer
-  %207 = select <8 x i1> %206, <8 x float> %199, <8 x float> zeroinitializer
-  %208 = fmul <8 x float> %207, %195
-  %209 = getelementptr inbounds float, ptr %197, i64 %205
-  store <8 x float> %208, ptr %209, align 4
-  %210 = add nsw i64 %r0, 5
-  %211 = getelementptr inbounds float, ptr %rw, i64 %210
-  %212 = load float, ptr %211, align 4
-  %213 = insertelement <8 x float> poison, float %212, i32 0
-  %214 = shufflevector <8 x float> %213, <8 x float> poison, <8 x i32> zeroinitializer
-  %215 = mul nsw i64 %210, 3072
-  %216 = getelementptr inbounds float, ptr %h, i64 %215
+  %199 = load <8 x float>, ptr %acc40, align 4
+  %200 = load <8 x float>, ptr %acc41, align 4
+  %201 = add nsw i64 %col5, 0
+  %202 = fcmp ogt <8 x float> %199, zeroinitializer
+  %203 = select <8 x i1> %202, <8 x float> %199, <8 x float> zeroinitializer
+  %204 = fmul <8 x float> %203, %196
+  %205 = getelementptr inbounds float, ptr %198, i64 %201
+  store <8 x float> %204, ptr %205, align 4
+  %206 = add nsw i64 %col5, 8
+  %207 = fcmp ogt <8 x float> %200, zeroinitializer
+  %208 = select <8 x i1> %207, <8 x float> %200, <8 x float> zeroinitializer
+  %209 = fmul <8 x float> %208, %196
+  %210 = getelementptr inbounds float, ptr %198, i64 %206
+  store <8 x float> %209, ptr %210, align 4
+  %211 = add nsw i64 %r0, 5
+  %212 = getelementptr inbounds float, ptr %rw, i64 %211
+  %213 = load float, ptr %212, align 4
+  %214 = insertelement <8 x float> poison, float %213, i32 0
+  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
+  %216 = mul nsw i64 %211, 3072
+  %217 = getelementptr inbounds float, ptr %h, i64 %216
   %col6 = mul nsw i64 %p, 16
-  %217 = load <8 x float>, ptr %acc50, align 4
-  %218 = load <8 x float>, ptr %acc51, align 4
-  %219 = add nsw i64 %col6, 0
-  %220 = fcmp ogt <8 x float> %217, zeroinitializer
-  %221 = select <8 x i1> %220, <8 x float> %217, <8 x float> zeroinitializer
-  %222 = fmul <8 x float> %221, %214
-  %223 = getelementptr inbounds float, ptr %216, i64 %219
-  store <8 x float> %222, ptr %223, align 4
-  %224 = add nsw i64 %col6, 8
-  %225 = fcmp ogt <8 x float> %218, zeroinitializer
-  %226 = select <8 x i1> %225, <8 x float> %218, <8 x float> zeroinitializer
-  %227 = fmul <8 x float> %226, %214
-  %228 = getelementptr inbounds float, ptr %216, i64 %224
-  store <8 x float> %227, ptr %228, align 4
+  %218 = load <8 x float>, ptr %acc50, align 4
+  %219 = load <8 x float>, ptr %acc51, align 4
+  %220 = add nsw i64 %col6, 0
+  %221 = fcmp ogt <8 x float> %218, zeroinitializer
+  %222 = select <8 x i1> %221, <8 x float> %218, <8 x float> zeroinitializer
+  %223 = fmul <8 x float> %222, %215
+  %224 = getelementptr inbounds float, ptr %217, i64 %220
+  store <8 x float> %223, ptr %224, align 4
+  %225 = add nsw i64 %col6, 8
+  %226 = fcmp ogt <8 x float> %219, zeroinitializer
+  %227 = select <8 x i1> %226, <8 x float> %219, <8 x float> zeroinitializer
+  %228 = fmul <8 x float> %227, %215
+  %229 = getelementptr inbounds float, ptr %217, i64 %225
+  store <8 x float> %228, ptr %229, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %229 = add nsw i64 %r0, 0
-  %230 = getelementptr inbounds i32, ptr %rows, i64 %229
-  %231 = load i32, ptr %230, align 4
-  %232 = sext i32 %231 to i64
-  %233 = mul nsw i64 %232, 768
-  %234 = getelementptr inbounds float, ptr %x, i64 %233
+tile.mr5:                                         ; preds = %rb.body
+  %230 = add nsw i64 %r0, 0
+  %231 = getelementptr inbounds i32, ptr %rows, i64 %230
+  %232 = load i32, ptr %231, align 4
+  %233 = sext i32 %232 to i64
+  %234 = mul nsw i64 %233, 768
+  %235 = getelementptr inbounds float, ptr %x, i64 %234
   store <8 x float> zeroinitializer, ptr %acc007, align 4
   store <8 x float> zeroinitializer, ptr %acc018, align 4
-  %235 = add nsw i64 %r0, 1
-  %236 = getelementptr inbounds i32, ptr %rows, i64 %235
-  %237 = load i32, ptr %236, align 4
-  %238 = sext i32 %237 to i64
-  %239 = mul nsw i64 %238, 768
-  %240 = getelementptr inbounds float, ptr %x, i64 %239
+  %236 = add nsw i64 %r0, 1
+  %237 = getelementptr inbounds i32, ptr %rows, i64 %236
+  %238 = load i32, ptr %237, align 4
+  %239 = sext i32 %238 to i64
+  %240 = mul nsw i64 %239, 768
+  %241 = getelementptr inbounds float, ptr %x, i64 %240
   store <8 x float> zeroinitializer, ptr %acc109, align 4
   store <8 x float> zeroinitializer, ptr %acc1110, align 4
-  %241 = add nsw i64 %r0, 2
-  %242 = getelementptr inbounds i32, ptr %rows, i64 %241
-  %243 = load i32, ptr %242, align 4
-  %244 = sext i32 %243 to i64
-  %245 = mul nsw i64 %244, 768
-  %246 = getelementptr inbounds float, ptr %x, i64 %245
+  %242 = add nsw i64 %r0, 2
+  %243 = getelementptr inbounds i32, ptr %rows, i64 %242
+  %244 = load i32, ptr %243, align 4
+  %245 = sext i32 %244 to i64
+  %246 = mul nsw i64 %245, 768
+  %247 = getelementptr inbounds float, ptr %x, i64 %246
   store <8 x float> zeroinitializer, ptr %acc2011, align 4
   store <8 x float> zeroinitializer, ptr %acc2112, align 4
-  %247 = add nsw i64 %r0, 3
-  %248 = getelementptr inbounds i32, ptr %rows, i64 %247
-  %249 = load i32, ptr %248, align 4
-  %250 = sext i32 %249 to i64
-  %251 = mul nsw i64 %250, 768
-  %252 = getelementptr inbounds float, ptr %x, i64 %251
+  %248 = add nsw i64 %r0, 3
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %248
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 768
+  %253 = getelementptr inbounds float, ptr %x, i64 %252
   store <8 x float> zeroinitializer, ptr %acc3013, align 4
   store <8 x float> zeroinitializer, ptr %acc3114, align 4
-  %253 = add nsw i64 %r0, 4
-  %254 = getelementptr inbounds i32, ptr %rows, i64 %253
-  %255 = load i32, ptr %254, align 4
-  %256 = sext i32 %255 to i64
-  %257 = mul nsw i64 %256, 768
-  %258 = getelementptr inbounds float, ptr %x, i64 %257
+  %254 = add nsw i64 %r0, 4
+  %255 = getelementptr inbounds i32, ptr %rows, i64 %254
+  %256 = load i32, ptr %255, align 4
+  %257 = sext i32 %256 to i64
+  %258 = mul nsw i64 %257, 768
+  %259 = getelementptr inbounds float, ptr %x, i64 %258
   store <8 x float> zeroinitializer, ptr %acc4015, align 4
   store <8 x float> zeroinitializer, ptr %acc4116, align 4
   %panel.off17 = mul nsw i64 %p, 12288
-  %259 = getelementptr inbounds i16, ptr %panels, i64 %panel.off17
-  %260 = add nsw i64 %p, 1
-  %261 = icmp slt i64 %260, %p1
-  %pf.on18 = and i1 %pf.on, %261
-  %262 = mul nsw i64 %pf.j, 24576
-  %263 = lshr i64 %262, %9
-  %264 = add nsw i64 24576, %263
-  %265 = getelementptr inbounds i8, ptr %259, i64 %264
-  %pf19 = select i1 %pf.on18, ptr %265, ptr %259
-  %pf.sh20 = select i1 %pf.on18, i64 %9, i64 0
+  %260 = getelementptr inbounds i16, ptr %panels, i64 %panel.off17
+  %261 = add nsw i64 %p, 1
+  %262 = icmp slt i64 %261, %p1
+  %pf.on18 = and i1 %pf.on, %262
+  %263 = mul nsw i64 %rb, 24576
+  %264 = lshr i64 %263, %11
+  %265 = add nsw i64 24576, %264
+  %266 = getelementptr inbounds i8, ptr %260, i64 %265
+  %pf19 = select i1 %pf.on18, ptr %266, ptr %260
+  %pf.sh20 = select i1 %pf.on18, i64 %11, i64 0
   br label %k.head21
 
 k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %316, %pf.any.end26 ]
-  %266 = icmp slt i64 %k24, 768
-  br i1 %266, label %k.body22, label %k.end23
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %317, %pf.any.end26 ]
+  %267 = icmp slt i64 %k24, 768
+  br i1 %267, label %k.body22, label %k.end23
 
 k.body22:                                         ; preds = %k.head21
-  %267 = mul nsw i64 %k24, 16
-  %268 = add nsw i64 %panel.off17, %267
-  %269 = mul nsw i64 %k24, 32
+  %268 = mul nsw i64 %k24, 16
+  %269 = add nsw i64 %panel.off17, %268
+  %270 = mul nsw i64 %k24, 32
   br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
 
 pf.any.then25:                                    ; preds = %k.body22
-  %270 = lshr i64 %269, %pf.sh20
-  %271 = getelementptr inbounds i8, ptr %pf19, i64 %270
-  call void @llvm.prefetch.p0(ptr %271, i32 0, i32 2, i32 1)
+  %271 = lshr i64 %270, %pf.sh20
+  %272 = getelementptr inbounds i8, ptr %pf19, i64 %271
+  call void @llvm.prefetch.p0(ptr %272, i32 0, i32 2, i32 1)
   br label %pf.any.end26
 
 pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
-  %272 = getelementptr inbounds i16, ptr %panels, i64 %268
-  %273 = load <8 x i32>, ptr %272, align 4
-  %274 = shl <8 x i32> %273, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b027 = bitcast <8 x i32> %274 to <8 x float>
-  %275 = and <8 x i32> %273, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b128 = bitcast <8 x i32> %275 to <8 x float>
-  %276 = getelementptr inbounds float, ptr %234, i64 %k24
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <8 x float> poison, float %277, i32 0
-  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
-  %280 = load <8 x float>, ptr %acc007, align 4
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b027, <8 x float> %280)
-  store <8 x float> %281, ptr %acc007, align 4
-  %282 = load <8 x float>, ptr %acc018, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b128, <8 x float> %282)
-  store <8 x float> %283, ptr %acc018, align 4
-  %284 = getelementptr inbounds float, ptr %240, i64 %k24
-  %285 = load float, ptr %284, align 4
-  %286 = insertelement <8 x float> poison, float %285, i32 0
-  %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
-  %288 = load <8 x float>, ptr %acc109, align 4
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b027, <8 x float> %288)
-  store <8 x float> %289, ptr %acc109, align 4
-  %290 = load <8 x float>, ptr %acc1110, align 4
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b128, <8 x float> %290)
-  store <8 x float> %291, ptr %acc1110, align 4
-  %292 = getelementptr inbounds float, ptr %246, i64 %k24
-  %293 = load float, ptr %292, align 4
-  %294 = insertelement <8 x float> poison, float %293, i32 0
-  %295 = shufflevector <8 x float> %294, <8 x float> poison, <8 x i32> zeroinitializer
-  %296 = load <8 x float>, ptr %acc2011, align 4
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b027, <8 x float> %296)
-  store <8 x float> %297, ptr %acc2011, align 4
-  %298 = load <8 x float>, ptr %acc2112, align 4
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b128, <8 x float> %298)
-  store <8 x float> %299, ptr %acc2112, align 4
-  %300 = getelementptr inbounds float, ptr %252, i64 %k24
-  %301 = load float, ptr %300, align 4
-  %302 = insertelement <8 x float> poison, float %301, i32 0
-  %303 = shufflevector <8 x float> %302, <8 x float> poison, <8 x i32> zeroinitializer
-  %304 = load <8 x float>, ptr %acc3013, align 4
-  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b027, <8 x float> %304)
-  store <8 x float> %305, ptr %acc3013, align 4
-  %306 = load <8 x float>, ptr %acc3114, align 4
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b128, <8 x float> %306)
-  store <8 x float> %307, ptr %acc3114, align 4
-  %308 = getelementptr inbounds float, ptr %258, i64 %k24
-  %309 = load float, ptr %308, align 4
-  %310 = insertelement <8 x float> poison, float %309, i32 0
-  %311 = shufflevector <8 x float> %310, <8 x float> poison, <8 x i32> zeroinitializer
-  %312 = load <8 x float>, ptr %acc4015, align 4
-  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b027, <8 x float> %312)
-  store <8 x float> %313, ptr %acc4015, align 4
-  %314 = load <8 x float>, ptr %acc4116, align 4
-  %315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %b128, <8 x float> %314)
-  store <8 x float> %315, ptr %acc4116, align 4
-  %316 = add nsw i64 %k24, 1
+  %273 = getelementptr inbounds i16, ptr %panels, i64 %269
+  %274 = load <8 x i32>, ptr %273, align 4
+  %275 = shl <8 x i32> %274, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b027 = bitcast <8 x i32> %275 to <8 x float>
+  %276 = and <8 x i32> %274, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b128 = bitcast <8 x i32> %276 to <8 x float>
+  %277 = getelementptr inbounds float, ptr %235, i64 %k24
+  %278 = load float, ptr %277, align 4
+  %279 = insertelement <8 x float> poison, float %278, i32 0
+  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
+  %281 = load <8 x float>, ptr %acc007, align 4
+  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b027, <8 x float> %281)
+  store <8 x float> %282, ptr %acc007, align 4
+  %283 = load <8 x float>, ptr %acc018, align 4
+  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b128, <8 x float> %283)
+  store <8 x float> %284, ptr %acc018, align 4
+  %285 = getelementptr inbounds float, ptr %241, i64 %k24
+  %286 = load float, ptr %285, align 4
+  %287 = insertelement <8 x float> poison, float %286, i32 0
+  %288 = shufflevector <8 x float> %287, <8 x float> poison, <8 x i32> zeroinitializer
+  %289 = load <8 x float>, ptr %acc109, align 4
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b027, <8 x float> %289)
+  store <8 x float> %290, ptr %acc109, align 4
+  %291 = load <8 x float>, ptr %acc1110, align 4
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b128, <8 x float> %291)
+  store <8 x float> %292, ptr %acc1110, align 4
+  %293 = getelementptr inbounds float, ptr %247, i64 %k24
+  %294 = load float, ptr %293, align 4
+  %295 = insertelement <8 x float> poison, float %294, i32 0
+  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
+  %297 = load <8 x float>, ptr %acc2011, align 4
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b027, <8 x float> %297)
+  store <8 x float> %298, ptr %acc2011, align 4
+  %299 = load <8 x float>, ptr %acc2112, align 4
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b128, <8 x float> %299)
+  store <8 x float> %300, ptr %acc2112, align 4
+  %301 = getelementptr inbounds float, ptr %253, i64 %k24
+  %302 = load float, ptr %301, align 4
+  %303 = insertelement <8 x float> poison, float %302, i32 0
+  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
+  %305 = load <8 x float>, ptr %acc3013, align 4
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b027, <8 x float> %305)
+  store <8 x float> %306, ptr %acc3013, align 4
+  %307 = load <8 x float>, ptr %acc3114, align 4
+  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b128, <8 x float> %307)
+  store <8 x float> %308, ptr %acc3114, align 4
+  %309 = getelementptr inbounds float, ptr %259, i64 %k24
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %acc4015, align 4
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b027, <8 x float> %313)
+  store <8 x float> %314, ptr %acc4015, align 4
+  %315 = load <8 x float>, ptr %acc4116, align 4
+  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b128, <8 x float> %315)
+  store <8 x float> %316, ptr %acc4116, align 4
+  %317 = add nsw i64 %k24, 1
   br label %k.head21
 
 k.end23:                                          ; preds = %k.head21
-  %317 = add nsw i64 %r0, 0
-  %318 = getelementptr inbounds float, ptr %rw, i64 %317
-  %319 = load float, ptr %318, align 4
-  %320 = insertelement <8 x float> poison, float %319, i32 0
-  %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
-  %322 = mul nsw i64 %317, 3072
-  %323 = getelementptr inbounds float, ptr %h, i64 %322
+  %318 = add nsw i64 %r0, 0
+  %319 = getelementptr inbounds float, ptr %rw, i64 %318
+  %320 = load float, ptr %319, align 4
+  %321 = insertelement <8 x float> poison, float %320, i32 0
+  %322 = shufflevector <8 x float> %321, <8 x float> poison, <8 x i32> zeroinitializer
+  %323 = mul nsw i64 %318, 3072
+  %324 = getelementptr inbounds float, ptr %h, i64 %323
   %col29 = mul nsw i64 %p, 16
-  %324 = load <8 x float>, ptr %acc007, align 4
-  %325 = load <8 x float>, ptr %acc018, align 4
-  %326 = add nsw i64 %col29, 0
-  %327 = fcmp ogt <8 x float> %324, zeroinitializer
-  %328 = select <8 x i1> %327, <8 x float> %324, <8 x float> zeroinitializer
-  %329 = fmul <8 x float> %328, %321
-  %330 = getelementptr inbounds float, ptr %323, i64 %326
-  store <8 x float> %329, ptr %330, align 4
-  %331 = add nsw i64 %col29, 8
-  %332 = fcmp ogt <8 x float> %325, zeroinitializer
-  %333 = select <8 x i1> %332, <8 x float> %325, <8 x float> zeroinitializer
-  %334 = fmul <8 x float> %333, %321
-  %335 = getelementptr inbounds float, ptr %323, i64 %331
-  store <8 x float> %334, ptr %335, align 4
-  %336 = add nsw i64 %r0, 1
-  %337 = getelementptr inbounds float, ptr %rw, i64 %336
-  %338 = load float, ptr %337, align 4
-  %339 = insertelement <8 x float> poison, float %338, i32 0
-  %340 = shufflevector <8 x float> %339, <8 x float> poison, <8 x i32> zeroinitializer
-  %341 = mul nsw i64 %336, 3072
-  %342 = getelementptr inbounds float, ptr %h, i64 %341
+  %325 = load <8 x float>, ptr %acc007, align 4
+  %326 = load <8 x float>, ptr %acc018, align 4
+  %327 = add nsw i64 %col29, 0
+  %328 = fcmp ogt <8 x float> %325, zeroinitializer
+  %329 = select <8 x i1> %328, <8 x float> %325, <8 x float> zeroinitializer
+  %330 = fmul <8 x float> %329, %322
+  %331 = getelementptr inbounds float, ptr %324, i64 %327
+  store <8 x float> %330, ptr %331, align 4
+  %332 = add nsw i64 %col29, 8
+  %333 = fcmp ogt <8 x float> %326, zeroinitializer
+  %334 = select <8 x i1> %333, <8 x float> %326, <8 x float> zeroinitializer
+  %335 = fmul <8 x float> %334, %322
+  %336 = getelementptr inbounds float, ptr %324, i64 %332
+  store <8 x float> %335, ptr %336, align 4
+  %337 = add nsw i64 %r0, 1
+  %338 = getelementptr inbounds float, ptr %rw, i64 %337
+  %339 = load float, ptr %338, align 4
+  %340 = insertelement <8 x float> poison, float %339, i32 0
+  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
+  %342 = mul nsw i64 %337, 3072
+  %343 = getelementptr inbounds float, ptr %h, i64 %342
   %col30 = mul nsw i64 %p, 16
-  %343 = load <8 x float>, ptr %acc109, align 4
-  %344 = load <8 x float>, ptr %acc1110, align 4
-  %345 = add nsw i64 %col30, 0
-  %346 = fcmp ogt <8 x float> %343, zeroinitializer
-  %347 = select <8 x i1> %346, <8 x float> %343, <8 x float> zeroinitializer
-  %348 = fmul <8 x float> %347, %340
-  %349 = getelementptr inbounds float, ptr %342, i64 %345
-  store <8 x float> %348, ptr %349, align 4
-  %350 = add nsw i64 %col30, 8
-  %351 = fcmp ogt <8 x float> %344, zeroinitializer
-  %352 = select <8 x i1> %351, <8 x float> %344, <8 x float> zeroinitializer
-  %353 = fmul <8 x float> %352, %340
-  %354 = getelementptr inbounds float, ptr %342, i64 %350
-  store <8 x float> %353, ptr %354, align 4
-  %355 = add nsw i64 %r0, 2
-  %356 = getelementptr inbounds float, ptr %rw, i64 %355
-  %357 = load float, ptr %356, align 4
-  %358 = insertelement <8 x float> poison, float %357, i32 0
-  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = mul nsw i64 %355, 3072
-  %361 = getelementptr inbounds float, ptr %h, i64 %360
+  %344 = load <8 x float>, ptr %acc109, align 4
+  %345 = load <8 x float>, ptr %acc1110, align 4
+  %346 = add nsw i64 %col30, 0
+  %347 = fcmp ogt <8 x float> %344, zeroinitializer
+  %348 = select <8 x i1> %347, <8 x float> %344, <8 x float> zeroinitializer
+  %349 = fmul <8 x float> %348, %341
+  %350 = getelementptr inbounds float, ptr %343, i64 %346
+  store <8 x float> %349, ptr %350, align 4
+  %351 = add nsw i64 %col30, 8
+  %352 = fcmp ogt <8 x float> %345, zeroinitializer
+  %353 = select <8 x i1> %352, <8 x float> %345, <8 x float> zeroinitializer
+  %354 = fmul <8 x float> %353, %341
+  %355 = getelementptr inbounds float, ptr %343, i64 %351
+  store <8 x float> %354, ptr %355, align 4
+  %356 = add nsw i64 %r0, 2
+  %357 = getelementptr inbounds float, ptr %rw, i64 %356
+  %358 = load float, ptr %357, align 4
+  %359 = insertelement <8 x float> poison, float %358, i32 0
+  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
+  %361 = mul nsw i64 %356, 3072
+  %362 = getelementptr inbounds float, ptr %h, i64 %361
   %col31 = mul nsw i64 %p, 16
-  %362 = load <8 x float>, ptr %acc2011, align 4
-  %363 = load <8 x float>, ptr %acc2112, align 4
-  %364 = add nsw i64 %col31, 0
-  %365 = fcmp ogt <8 x float> %362, zeroinitializer
-  %366 = select <8 x i1> %365, <8 x float> %362, <8 x float> zeroinitializer
-  %367 = fmul <8 x float> %366, %359
-  %368 = getelementptr inbounds float, ptr %361, i64 %364
-  store <8 x float> %367, ptr %368, align 4
-  %369 = add nsw i64 %col31, 8
-  %370 = fcmp ogt <8 x float> %363, zeroinitializer
-  %371 = select <8 x i1> %370, <8 x float> %363, <8 x float> zeroinitializer
-  %372 = fmul <8 x float> %371, %359
-  %373 = getelementptr inbounds float, ptr %361, i64 %369
-  store <8 x float> %372, ptr %373, align 4
-  %374 = add nsw i64 %r0, 3
-  %375 = getelementptr inbounds float, ptr %rw, i64 %374
-  %376 = load float, ptr %375, align 4
-  %377 = insertelement <8 x float> poison, float %376, i32 0
-  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
-  %379 = mul nsw i64 %374, 3072
-  %380 = getelementptr inbounds float, ptr %h, i64 %379
+  %363 = load <8 x float>, ptr %acc2011, align 4
+  %364 = load <8 x float>, ptr %acc2112, align 4
+  %365 = add nsw i64 %col31, 0
+  %366 = fcmp ogt <8 x float> %363, zeroinitializer
+  %367 = select <8 x i1> %366, <8 x float> %363, <8 x float> zeroinitializer
+  %368 = fmul <8 x float> %367, %360
+  %369 = getelementptr inbounds float, ptr %362, i64 %365
+  store <8 x float> %368, ptr %369, align 4
+  %370 = add nsw i64 %col31, 8
+  %371 = fcmp ogt <8 x float> %364, zeroinitializer
+  %372 = select <8 x i1> %371, <8 x float> %364, <8 x float> zeroinitializer
+  %373 = fmul <8 x float> %372, %360
+  %374 = getelementptr inbounds float, ptr %362, i64 %370
+  store <8 x float> %373, ptr %374, align 4
+  %375 = add nsw i64 %r0, 3
+  %376 = getelementptr inbounds float, ptr %rw, i64 %375
+  %377 = load float, ptr %376, align 4
+  %378 = insertelement <8 x float> poison, float %377, i32 0
+  %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
+  %380 = mul nsw i64 %375, 3072
+  %381 = getelementptr inbounds float, ptr %h, i64 %380
   %col32 = mul nsw i64 %p, 16
-  %381 = load <8 x float>, ptr %acc3013, align 4
-  %382 = load <8 x float>, ptr %acc3114, align 4
-  %383 = add nsw i64 %col32, 0
-  %384 = fcmp ogt <8 x float> %381, zeroinitializer
-  %385 = select <8 x i1> %384, <8 x float> %381, <8 x float> zeroinitializer
-  %386 = fmul <8 x float> %385, %378
-  %387 = getelementptr inbounds float, ptr %380, i64 %383
-  store <8 x float> %386, ptr %387, align 4
-  %388 = add nsw i64 %col32, 8
-  %389 = fcmp ogt <8 x float> %382, zeroinitializer
-  %390 = select <8 x i1> %389, <8 x float> %382, <8 x float> zeroinitializer
-  %391 = fmul <8 x float> %390, %378
-  %392 = getelementptr inbounds float, ptr %380, i64 %388
-  store <8 x float> %391, ptr %392, align 4
-  %393 = add nsw i64 %r0, 4
-  %394 = getelementptr inbounds float, ptr %rw, i64 %393
-  %395 = load float, ptr %394, align 4
-  %396 = insertelement <8 x float> poison, float %395, i32 0
-  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
-  %398 = mul nsw i64 %393, 3072
-  %399 = getelementptr inbounds float, ptr %h, i64 %398
+  %382 = load <8 x float>, ptr %acc3013, align 4
+  %383 = load <8 x float>, ptr %acc3114, align 4
+  %384 = add nsw i64 %col32, 0
+  %385 = fcmp ogt <8 x float> %382, zeroinitializer
+  %386 = select <8 x i1> %385, <8 x float> %382, <8 x float> zeroinitializer
+  %387 = fmul <8 x float> %386, %379
+  %388 = getelementptr inbounds float, ptr %381, i64 %384
+  store <8 x float> %387, ptr %388, align 4
+  %389 = add nsw i64 %col32, 8
+  %390 = fcmp ogt <8 x float> %383, zeroinitializer
+  %391 = select <8 x i1> %390, <8 x float> %383, <8 x float> zeroinitializer
+  %392 = fmul <8 x float> %391, %379
+  %393 = getelementptr inbounds float, ptr %381, i64 %389
+  store <8 x float> %392, ptr %393, align 4
+  %394 = add nsw i64 %r0, 4
+  %395 = getelementptr inbounds float, ptr %rw, i64 %394
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = mul nsw i64 %394, 3072
+  %400 = getelementptr inbounds float, ptr %h, i64 %399
   %col33 = mul nsw i64 %p, 16
-  %400 = load <8 x float>, ptr %acc4015, align 4
-  %401 = load <8 x float>, ptr %acc4116, align 4
-  %402 = add nsw i64 %col33, 0
-  %403 = fcmp ogt <8 x float> %400, zeroinitializer
-  %404 = select <8 x i1> %403, <8 x float> %400, <8 x float> zeroinitializer
-  %405 = fmul <8 x float> %404, %397
-  %406 = getelementptr inbounds float, ptr %399, i64 %402
-  store <8 x float> %405, ptr %406, align 4
-  %407 = add nsw i64 %col33, 8
-  %408 = fcmp ogt <8 x float> %401, zeroinitializer
-  %409 = select <8 x i1> %408, <8 x float> %401, <8 x float> zeroinitializer
-  %410 = fmul <8 x float> %409, %397
-  %411 = getelementptr inbounds float, ptr %399, i64 %407
-  store <8 x float> %410, ptr %411, align 4
+  %401 = load <8 x float>, ptr %acc4015, align 4
+  %402 = load <8 x float>, ptr %acc4116, align 4
+  %403 = add nsw i64 %col33, 0
+  %404 = fcmp ogt <8 x float> %401, zeroinitializer
+  %405 = select <8 x i1> %404, <8 x float> %401, <8 x float> zeroinitializer
+  %406 = fmul <8 x float> %405, %398
+  %407 = getelementptr inbounds float, ptr %400, i64 %403
+  store <8 x float> %406, ptr %407, align 4
+  %408 = add nsw i64 %col33, 8
+  %409 = fcmp ogt <8 x float> %402, zeroinitializer
+  %410 = select <8 x i1> %409, <8 x float> %402, <8 x float> zeroinitializer
+  %411 = fmul <8 x float> %410, %398
+  %412 = getelementptr inbounds float, ptr %400, i64 %408
+  store <8 x float> %411, ptr %412, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %412 = add nsw i64 %r0, 0
-  %413 = getelementptr inbounds i32, ptr %rows, i64 %412
-  %414 = load i32, ptr %413, align 4
-  %415 = sext i32 %414 to i64
-  %416 = mul nsw i64 %415, 768
-  %417 = getelementptr inbounds float, ptr %x, i64 %416
+tile.mr4:                                         ; preds = %rb.body
+  %413 = add nsw i64 %r0, 0
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %413
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 768
+  %418 = getelementptr inbounds float, ptr %x, i64 %417
   store <8 x float> zeroinitializer, ptr %acc0034, align 4
   store <8 x float> zeroinitializer, ptr %acc0135, align 4
-  %418 = add nsw i64 %r0, 1
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %418
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 768
-  %423 = getelementptr inbounds float, ptr %x, i64 %422
+  %419 = add nsw i64 %r0, 1
+  %420 = getelementptr inbounds i32, ptr %rows, i64 %419
+  %421 = load i32, ptr %420, align 4
+  %422 = sext i32 %421 to i64
+  %423 = mul nsw i64 %422, 768
+  %424 = getelementptr inbounds float, ptr %x, i64 %423
   store <8 x float> zeroinitializer, ptr %acc1036, align 4
   store <8 x float> zeroinitializer, ptr %acc1137, align 4
-  %424 = add nsw i64 %r0, 2
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %424
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 768
-  %429 = getelementptr inbounds float, ptr %x, i64 %428
+  %425 = add nsw i64 %r0, 2
+  %426 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %427 = load i32, ptr %426, align 4
+  %428 = sext i32 %427 to i64
+  %429 = mul nsw i64 %428, 768
+  %430 = getelementptr inbounds float, ptr %x, i64 %429
   store <8 x float> zeroinitializer, ptr %acc2038, align 4
   store <8 x float> zeroinitializer, ptr %acc2139, align 4
-  %430 = add nsw i64 %r0, 3
-  %431 = getelementptr inbounds i32, ptr %rows, i64 %430
-  %432 = load i32, ptr %431, align 4
-  %433 = sext i32 %432 to i64
-  %434 = mul nsw i64 %433, 768
-  %435 = getelementptr inbounds float, ptr %x, i64 %434
+  %431 = add nsw i64 %r0, 3
+  %432 = getelementptr inbounds i32, ptr %rows, i64 %431
+  %433 = load i32, ptr %432, align 4
+  %434 = sext i32 %433 to i64
+  %435 = mul nsw i64 %434, 768
+  %436 = getelementptr inbounds float, ptr %x, i64 %435
   store <8 x float> zeroinitializer, ptr %acc3040, align 4
   store <8 x float> zeroinitializer, ptr %acc3141, align 4
   %panel.off42 = mul nsw i64 %p, 12288
-  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %437 = add nsw i64 %p, 1
-  %438 = icmp slt i64 %437, %p1
-  %pf.on43 = and i1 %pf.on, %438
-  %439 = mul nsw i64 %pf.j, 24576
-  %440 = lshr i64 %439, %9
-  %441 = add nsw i64 24576, %440
-  %442 = getelementptr inbounds i8, ptr %436, i64 %441
-  %pf44 = select i1 %pf.on43, ptr %442, ptr %436
-  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  %437 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %438 = add nsw i64 %p, 1
+  %439 = icmp slt i64 %438, %p1
+  %pf.on43 = and i1 %pf.on, %439
+  %440 = mul nsw i64 %rb, 24576
+  %441 = lshr i64 %440, %11
+  %442 = add nsw i64 24576, %441
+  %443 = getelementptr inbounds i8, ptr %437, i64 %442
+  %pf44 = select i1 %pf.on43, ptr %443, ptr %437
+  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr4
-  %k49 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end51 ]
-  %443 = icmp slt i64 %k49, 768
-  br i1 %443, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr4 ], [ %486, %pf.any.end51 ]
+  %444 = icmp slt i64 %k49, 768
+  br i1 %444, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %444 = mul nsw i64 %k49, 16
-  %445 = add nsw i64 %panel.off42, %444
-  %446 = mul nsw i64 %k49, 32
+  %445 = mul nsw i64 %k49, 16
+  %446 = add nsw i64 %panel.off42, %445
+  %447 = mul nsw i64 %k49, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %447 = lshr i64 %446, %pf.sh45
-  %448 = getelementptr inbounds i8, ptr %pf44, i64 %447
-  call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
+  %448 = lshr i64 %447, %pf.sh45
+  %449 = getelementptr inbounds i8, ptr %pf44, i64 %448
+  call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %449 = getelementptr inbounds i16, ptr %panels, i64 %445
-  %450 = load <8 x i32>, ptr %449, align 4
-  %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = getelementptr inbounds float, ptr %417, i64 %k49
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc0034, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b052, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0034, align 4
-  %459 = load <8 x float>, ptr %acc0135, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b153, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0135, align 4
-  %461 = getelementptr inbounds float, ptr %423, i64 %k49
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc1036, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b052, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1036, align 4
-  %467 = load <8 x float>, ptr %acc1137, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b153, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1137, align 4
-  %469 = getelementptr inbounds float, ptr %429, i64 %k49
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc2038, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b052, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2038, align 4
-  %475 = load <8 x float>, ptr %acc2139, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b153, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2139, align 4
-  %477 = getelementptr inbounds float, ptr %435, i64 %k49
-  %478 = load float, ptr %477, align 4
-  %479 = insertelement <8 x float> poison, float %478, i32 0
-  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc3040, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b052, <8 x float> %481)
-  store <8 x float> %482, ptr %acc3040, align 4
-  %483 = load <8 x float>, ptr %acc3141, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b153, <8 x float> %483)
-  store <8 x float> %484, ptr %acc3141, align 4
-  %485 = add nsw i64 %k49, 1
+  %450 = getelementptr inbounds i16, ptr %panels, i64 %446
+  %451 = load <8 x i32>, ptr %450, align 4
+  %452 = shl <8 x i32> %451, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %452 to <8 x float>
+  %453 = and <8 x i32> %451, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %453 to <8 x float>
+  %454 = getelementptr inbounds float, ptr %418, i64 %k49
+  %455 = load float, ptr %454, align 4
+  %456 = insertelement <8 x float> poison, float %455, i32 0
+  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
+  %458 = load <8 x float>, ptr %acc0034, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b052, <8 x float> %458)
+  store <8 x float> %459, ptr %acc0034, align 4
+  %460 = load <8 x float>, ptr %acc0135, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b153, <8 x float> %460)
+  store <8 x float> %461, ptr %acc0135, align 4
+  %462 = getelementptr inbounds float, ptr %424, i64 %k49
+  %463 = load float, ptr %462, align 4
+  %464 = insertelement <8 x float> poison, float %463, i32 0
+  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
+  %466 = load <8 x float>, ptr %acc1036, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b052, <8 x float> %466)
+  store <8 x float> %467, ptr %acc1036, align 4
+  %468 = load <8 x float>, ptr %acc1137, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b153, <8 x float> %468)
+  store <8 x float> %469, ptr %acc1137, align 4
+  %470 = getelementptr inbounds float, ptr %430, i64 %k49
+  %471 = load float, ptr %470, align 4
+  %472 = insertelement <8 x float> poison, float %471, i32 0
+  %473 = shufflevector <8 x float> %472, <8 x float> poison, <8 x i32> zeroinitializer
+  %474 = load <8 x float>, ptr %acc2038, align 4
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %b052, <8 x float> %474)
+  store <8 x float> %475, ptr %acc2038, align 4
+  %476 = load <8 x float>, ptr %acc2139, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %b153, <8 x float> %476)
+  store <8 x float> %477, ptr %acc2139, align 4
+  %478 = getelementptr inbounds float, ptr %436, i64 %k49
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <8 x float> poison, float %479, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = load <8 x float>, ptr %acc3040, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %b052, <8 x float> %482)
+  store <8 x float> %483, ptr %acc3040, align 4
+  %484 = load <8 x float>, ptr %acc3141, align 4
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %b153, <8 x float> %484)
+  store <8 x float> %485, ptr %acc3141, align 4
+  %486 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %486 = add nsw i64 %r0, 0
-  %487 = getelementptr inbounds float, ptr %rw, i64 %486
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = mul nsw i64 %486, 3072
-  %492 = getelementptr inbounds float, ptr %h, i64 %491
+  %487 = add nsw i64 %r0, 0
+  %488 = getelementptr inbounds float, ptr %rw, i64 %487
+  %489 = load float, ptr %488, align 4
+  %490 = insertelement <8 x float> poison, float %489, i32 0
+  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
+  %492 = mul nsw i64 %487, 3072
+  %493 = getelementptr inbounds float, ptr %h, i64 %492
   %col54 = mul nsw i64 %p, 16
-  %493 = load <8 x float>, ptr %acc0034, align 4
-  %494 = load <8 x float>, ptr %acc0135, align 4
-  %495 = add nsw i64 %col54, 0
-  %496 = fcmp ogt <8 x float> %493, zeroinitializer
-  %497 = select <8 x i1> %496, <8 x float> %493, <8 x float> zeroinitializer
-  %498 = fmul <8 x float> %497, %490
-  %499 = getelementptr inbounds float, ptr %492, i64 %495
-  store <8 x float> %498, ptr %499, align 4
-  %500 = add nsw i64 %col54, 8
-  %501 = fcmp ogt <8 x float> %494, zeroinitializer
-  %502 = select <8 x i1> %501, <8 x float> %494, <8 x float> zeroinitializer
-  %503 = fmul <8 x float> %502, %490
-  %504 = getelementptr inbounds float, ptr %492, i64 %500
-  store <8 x float> %503, ptr %504, align 4
-  %505 = add nsw i64 %r0, 1
-  %506 = getelementptr inbounds float, ptr %rw, i64 %505
-  %507 = load float, ptr %506, align 4
-  %508 = insertelement <8 x float> poison, float %507, i32 0
-  %509 = shufflevector <8 x float> %508, <8 x float> poison, <8 x i32> zeroinitializer
-  %510 = mul nsw i64 %505, 3072
-  %511 = getelementptr inbounds float, ptr %h, i64 %510
+  %494 = load <8 x float>, ptr %acc0034, align 4
+  %495 = load <8 x float>, ptr %acc0135, align 4
+  %496 = add nsw i64 %col54, 0
+  %497 = fcmp ogt <8 x float> %494, zeroinitializer
+  %498 = select <8 x i1> %497, <8 x float> %494, <8 x float> zeroinitializer
+  %499 = fmul <8 x float> %498, %491
+  %500 = getelementptr inbounds float, ptr %493, i64 %496
+  store <8 x float> %499, ptr %500, align 4
+  %501 = add nsw i64 %col54, 8
+  %502 = fcmp ogt <8 x float> %495, zeroinitializer
+  %503 = select <8 x i1> %502, <8 x float> %495, <8 x float> zeroinitializer
+  %504 = fmul <8 x float> %503, %491
+  %505 = getelementptr inbounds float, ptr %493, i64 %501
+  store <8 x float> %504, ptr %505, align 4
+  %506 = add nsw i64 %r0, 1
+  %507 = getelementptr inbounds float, ptr %rw, i64 %506
+  %508 = load float, ptr %507, align 4
+  %509 = insertelement <8 x float> poison, float %508, i32 0
+  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
+  %511 = mul nsw i64 %506, 3072
+  %512 = getelementptr inbounds float, ptr %h, i64 %511
   %col55 = mul nsw i64 %p, 16
-  %512 = load <8 x float>, ptr %acc1036, align 4
-  %513 = load <8 x float>, ptr %acc1137, align 4
-  %514 = add nsw i64 %col55, 0
-  %515 = fcmp ogt <8 x float> %512, zeroinitializer
-  %516 = select <8 x i1> %515, <8 x float> %512, <8 x float> zeroinitializer
-  %517 = fmul <8 x float> %516, %509
-  %518 = getelementptr inbounds float, ptr %511, i64 %514
-  store <8 x float> %517, ptr %518, align 4
-  %519 = add nsw i64 %col55, 8
-  %520 = fcmp ogt <8 x float> %513, zeroinitializer
-  %521 = select <8 x i1> %520, <8 x float> %513, <8 x float> zeroinitializer
-  %522 = fmul <8 x float> %521, %509
-  %523 = getelementptr inbounds float, ptr %511, i64 %519
-  store <8 x float> %522, ptr %523, align 4
-  %524 = add nsw i64 %r0, 2
-  %525 = getelementptr inbounds float, ptr %rw, i64 %524
-  %526 = load float, ptr %525, align 4
-  %527 = insertelement <8 x float> poison, float %526, i32 0
-  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
-  %529 = mul nsw i64 %524, 3072
-  %530 = getelementptr inbounds float, ptr %h, i64 %529
+  %513 = load <8 x float>, ptr %acc1036, align 4
+  %514 = load <8 x float>, ptr %acc1137, align 4
+  %515 = add nsw i64 %col55, 0
+  %516 = fcmp ogt <8 x float> %513, zeroinitializer
+  %517 = select <8 x i1> %516, <8 x float> %513, <8 x float> zeroinitializer
+  %518 = fmul <8 x float> %517, %510
+  %519 = getelementptr inbounds float, ptr %512, i64 %515
+  store <8 x float> %518, ptr %519, align 4
+  %520 = add nsw i64 %col55, 8
+  %521 = fcmp ogt <8 x float> %514, zeroinitializer
+  %522 = select <8 x i1> %521, <8 x float> %514, <8 x float> zeroinitializer
+  %523 = fmul <8 x float> %522, %510
+  %524 = getelementptr inbounds float, ptr %512, i64 %520
+  store <8 x float> %523, ptr %524, align 4
+  %525 = add nsw i64 %r0, 2
+  %526 = getelementptr inbounds float, ptr %rw, i64 %525
+  %527 = load float, ptr %526, align 4
+  %528 = insertelement <8 x float> poison, float %527, i32 0
+  %529 = shufflevector <8 x float> %528, <8 x float> poison, <8 x i32> zeroinitializer
+  %530 = mul nsw i64 %525, 3072
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
   %col56 = mul nsw i64 %p, 16
-  %531 = load <8 x float>, ptr %acc2038, align 4
-  %532 = load <8 x float>, ptr %acc2139, align 4
-  %533 = add nsw i64 %col56, 0
-  %534 = fcmp ogt <8 x float> %531, zeroinitializer
-  %535 = select <8 x i1> %534, <8 x float> %531, <8 x float> zeroinitializer
-  %536 = fmul <8 x float> %535, %528
-  %537 = getelementptr inbounds float, ptr %530, i64 %533
-  store <8 x float> %536, ptr %537, align 4
-  %538 = add nsw i64 %col56, 8
-  %539 = fcmp ogt <8 x float> %532, zeroinitializer
-  %540 = select <8 x i1> %539, <8 x float> %532, <8 x float> zeroinitializer
-  %541 = fmul <8 x float> %540, %528
-  %542 = getelementptr inbounds float, ptr %530, i64 %538
-  store <8 x float> %541, ptr %542, align 4
-  %543 = add nsw i64 %r0, 3
-  %544 = getelementptr inbounds float, ptr %rw, i64 %543
-  %545 = load float, ptr %544, align 4
-  %546 = insertelement <8 x float> poison, float %545, i32 0
-  %547 = shufflevector <8 x float> %546, <8 x float> poison, <8 x i32> zeroinitializer
-  %548 = mul nsw i64 %543, 3072
-  %549 = getelementptr inbounds float, ptr %h, i64 %548
+  %532 = load <8 x float>, ptr %acc2038, align 4
+  %533 = load <8 x float>, ptr %acc2139, align 4
+  %534 = add nsw i64 %col56, 0
+  %535 = fcmp ogt <8 x float> %532, zeroinitializer
+  %536 = select <8 x i1> %535, <8 x float> %532, <8 x float> zeroinitializer
+  %537 = fmul <8 x float> %536, %529
+  %538 = getelementptr inbounds float, ptr %531, i64 %534
+  store <8 x float> %537, ptr %538, align 4
+  %539 = add nsw i64 %col56, 8
+  %540 = fcmp ogt <8 x float> %533, zeroinitializer
+  %541 = select <8 x i1> %540, <8 x float> %533, <8 x float> zeroinitializer
+  %542 = fmul <8 x float> %541, %529
+  %543 = getelementptr inbounds float, ptr %531, i64 %539
+  store <8 x float> %542, ptr %543, align 4
+  %544 = add nsw i64 %r0, 3
+  %545 = getelementptr inbounds float, ptr %rw, i64 %544
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = mul nsw i64 %544, 3072
+  %550 = getelementptr inbounds float, ptr %h, i64 %549
   %col57 = mul nsw i64 %p, 16
-  %550 = load <8 x float>, ptr %acc3040, align 4
-  %551 = load <8 x float>, ptr %acc3141, align 4
-  %552 = add nsw i64 %col57, 0
-  %553 = fcmp ogt <8 x float> %550, zeroinitializer
-  %554 = select <8 x i1> %553, <8 x float> %550, <8 x float> zeroinitializer
-  %555 = fmul <8 x float> %554, %547
-  %556 = getelementptr inbounds float, ptr %549, i64 %552
-  store <8 x float> %555, ptr %556, align 4
-  %557 = add nsw i64 %col57, 8
-  %558 = fcmp ogt <8 x float> %551, zeroinitializer
-  %559 = select <8 x i1> %558, <8 x float> %551, <8 x float> zeroinitializer
-  %560 = fmul <8 x float> %559, %547
-  %561 = getelementptr inbounds float, ptr %549, i64 %557
-  store <8 x float> %560, ptr %561, align 4
+  %551 = load <8 x float>, ptr %acc3040, align 4
+  %552 = load <8 x float>, ptr %acc3141, align 4
+  %553 = add nsw i64 %col57, 0
+  %554 = fcmp ogt <8 x float> %551, zeroinitializer
+  %555 = select <8 x i1> %554, <8 x float> %551, <8 x float> zeroinitializer
+  %556 = fmul <8 x float> %555, %548
+  %557 = getelementptr inbounds float, ptr %550, i64 %553
+  store <8 x float> %556, ptr %557, align 4
+  %558 = add nsw i64 %col57, 8
+  %559 = fcmp ogt <8 x float> %552, zeroinitializer
+  %560 = select <8 x i1> %559, <8 x float> %552, <8 x float> zeroinitializer
+  %561 = fmul <8 x float> %560, %548
+  %562 = getelementptr inbounds float, ptr %550, i64 %558
+  store <8 x float> %561, ptr %562, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %562 = add nsw i64 %r0, 0
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 768
-  %567 = getelementptr inbounds float, ptr %x, i64 %566
+tile.mr3:                                         ; preds = %rb.body
+  %563 = add nsw i64 %r0, 0
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 768
+  %568 = getelementptr inbounds float, ptr %x, i64 %567
   store <8 x float> zeroinitializer, ptr %acc0058, align 4
   store <8 x float> zeroinitializer, ptr %acc0159, align 4
-  %568 = add nsw i64 %r0, 1
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 768
-  %573 = getelementptr inbounds float, ptr %x, i64 %572
+  %569 = add nsw i64 %r0, 1
+  %570 = getelementptr inbounds i32, ptr %rows, i64 %569
+  %571 = load i32, ptr %570, align 4
+  %572 = sext i32 %571 to i64
+  %573 = mul nsw i64 %572, 768
+  %574 = getelementptr inbounds float, ptr %x, i64 %573
   store <8 x float> zeroinitializer, ptr %acc1060, align 4
   store <8 x float> zeroinitializer, ptr %acc1161, align 4
-  %574 = add nsw i64 %r0, 2
-  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
-  %576 = load i32, ptr %575, align 4
-  %577 = sext i32 %576 to i64
-  %578 = mul nsw i64 %577, 768
-  %579 = getelementptr inbounds float, ptr %x, i64 %578
+  %575 = add nsw i64 %r0, 2
+  %576 = getelementptr inbounds i32, ptr %rows, i64 %575
+  %577 = load i32, ptr %576, align 4
+  %578 = sext i32 %577 to i64
+  %579 = mul nsw i64 %578, 768
+  %580 = getelementptr inbounds float, ptr %x, i64 %579
   store <8 x float> zeroinitializer, ptr %acc2062, align 4
   store <8 x float> zeroinitializer, ptr %acc2163, align 4
   %panel.off64 = mul nsw i64 %p, 12288
-  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
-  %581 = add nsw i64 %p, 1
-  %582 = icmp slt i64 %581, %p1
-  %pf.on65 = and i1 %pf.on, %582
-  %583 = mul nsw i64 %pf.j, 24576
-  %584 = lshr i64 %583, %9
-  %585 = add nsw i64 24576, %584
-  %586 = getelementptr inbounds i8, ptr %580, i64 %585
-  %pf66 = select i1 %pf.on65, ptr %586, ptr %580
-  %pf.sh67 = select i1 %pf.on65, i64 %9, i64 0
+  %581 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %582 = add nsw i64 %p, 1
+  %583 = icmp slt i64 %582, %p1
+  %pf.on65 = and i1 %pf.on, %583
+  %584 = mul nsw i64 %rb, 24576
+  %585 = lshr i64 %584, %11
+  %586 = add nsw i64 24576, %585
+  %587 = getelementptr inbounds i8, ptr %581, i64 %586
+  %pf66 = select i1 %pf.on65, ptr %587, ptr %581
+  %pf.sh67 = select i1 %pf.on65, i64 %11, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr3
-  %k71 = phi i64 [ 0, %tile.mr3 ], [ %621, %pf.any.end73 ]
-  %587 = icmp slt i64 %k71, 768
-  br i1 %587, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr3 ], [ %622, %pf.any.end73 ]
+  %588 = icmp slt i64 %k71, 768
+  br i1 %588, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %588 = mul nsw i64 %k71, 16
-  %589 = add nsw i64 %panel.off64, %588
-  %590 = mul nsw i64 %k71, 32
+  %589 = mul nsw i64 %k71, 16
+  %590 = add nsw i64 %panel.off64, %589
+  %591 = mul nsw i64 %k71, 32
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %591 = lshr i64 %590, %pf.sh67
-  %592 = getelementptr inbounds i8, ptr %pf66, i64 %591
-  call void @llvm.prefetch.p0(ptr %592, i32 0, i32 2, i32 1)
+  %592 = lshr i64 %591, %pf.sh67
+  %593 = getelementptr inbounds i8, ptr %pf66, i64 %592
+  call void @llvm.prefetch.p0(ptr %593, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %593 = getelementptr inbounds i16, ptr %panels, i64 %589
-  %594 = load <8 x i32>, ptr %593, align 4
-  %595 = shl <8 x i32> %594, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %595 to <8 x float>
-  %596 = and <8 x i32> %594, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %596 to <8 x float>
-  %597 = getelementptr inbounds float, ptr %567, i64 %k71
-  %598 = load float, ptr %597, align 4
-  %599 = insertelement <8 x float> poison, float %598, i32 0
-  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = load <8 x float>, ptr %acc0058, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b074, <8 x float> %601)
-  store <8 x float> %602, ptr %acc0058, align 4
-  %603 = load <8 x float>, ptr %acc0159, align 4
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b175, <8 x float> %603)
-  store <8 x float> %604, ptr %acc0159, align 4
-  %605 = getelementptr inbounds float, ptr %573, i64 %k71
-  %606 = load float, ptr %605, align 4
-  %607 = insertelement <8 x float> poison, float %606, i32 0
-  %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
-  %609 = load <8 x float>, ptr %acc1060, align 4
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b074, <8 x float> %609)
-  store <8 x float> %610, ptr %acc1060, align 4
-  %611 = load <8 x float>, ptr %acc1161, align 4
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b175, <8 x float> %611)
-  store <8 x float> %612, ptr %acc1161, align 4
-  %613 = getelementptr inbounds float, ptr %579, i64 %k71
-  %614 = load float, ptr %613, align 4
-  %615 = insertelement <8 x float> poison, float %614, i32 0
-  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
-  %617 = load <8 x float>, ptr %acc2062, align 4
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b074, <8 x float> %617)
-  store <8 x float> %618, ptr %acc2062, align 4
-  %619 = load <8 x float>, ptr %acc2163, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b175, <8 x float> %619)
-  store <8 x float> %620, ptr %acc2163, align 4
-  %621 = add nsw i64 %k71, 1
+  %594 = getelementptr inbounds i16, ptr %panels, i64 %590
+  %595 = load <8 x i32>, ptr %594, align 4
+  %596 = shl <8 x i32> %595, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %596 to <8 x float>
+  %597 = and <8 x i32> %595, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %597 to <8 x float>
+  %598 = getelementptr inbounds float, ptr %568, i64 %k71
+  %599 = load float, ptr %598, align 4
+  %600 = insertelement <8 x float> poison, float %599, i32 0
+  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
+  %602 = load <8 x float>, ptr %acc0058, align 4
+  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %b074, <8 x float> %602)
+  store <8 x float> %603, ptr %acc0058, align 4
+  %604 = load <8 x float>, ptr %acc0159, align 4
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %b175, <8 x float> %604)
+  store <8 x float> %605, ptr %acc0159, align 4
+  %606 = getelementptr inbounds float, ptr %574, i64 %k71
+  %607 = load float, ptr %606, align 4
+  %608 = insertelement <8 x float> poison, float %607, i32 0
+  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
+  %610 = load <8 x float>, ptr %acc1060, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b074, <8 x float> %610)
+  store <8 x float> %611, ptr %acc1060, align 4
+  %612 = load <8 x float>, ptr %acc1161, align 4
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b175, <8 x float> %612)
+  store <8 x float> %613, ptr %acc1161, align 4
+  %614 = getelementptr inbounds float, ptr %580, i64 %k71
+  %615 = load float, ptr %614, align 4
+  %616 = insertelement <8 x float> poison, float %615, i32 0
+  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
+  %618 = load <8 x float>, ptr %acc2062, align 4
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b074, <8 x float> %618)
+  store <8 x float> %619, ptr %acc2062, align 4
+  %620 = load <8 x float>, ptr %acc2163, align 4
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b175, <8 x float> %620)
+  store <8 x float> %621, ptr %acc2163, align 4
+  %622 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %622 = add nsw i64 %r0, 0
-  %623 = getelementptr inbounds float, ptr %rw, i64 %622
-  %624 = load float, ptr %623, align 4
-  %625 = insertelement <8 x float> poison, float %624, i32 0
-  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = mul nsw i64 %622, 3072
-  %628 = getelementptr inbounds float, ptr %h, i64 %627
+  %623 = add nsw i64 %r0, 0
+  %624 = getelementptr inbounds float, ptr %rw, i64 %623
+  %625 = load float, ptr %624, align 4
+  %626 = insertelement <8 x float> poison, float %625, i32 0
+  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
+  %628 = mul nsw i64 %623, 3072
+  %629 = getelementptr inbounds float, ptr %h, i64 %628
   %col76 = mul nsw i64 %p, 16
-  %629 = load <8 x float>, ptr %acc0058, align 4
-  %630 = load <8 x float>, ptr %acc0159, align 4
-  %631 = add nsw i64 %col76, 0
-  %632 = fcmp ogt <8 x float> %629, zeroinitializer
-  %633 = select <8 x i1> %632, <8 x float> %629, <8 x float> zeroinitializer
-  %634 = fmul <8 x float> %633, %626
-  %635 = getelementptr inbounds float, ptr %628, i64 %631
-  store <8 x float> %634, ptr %635, align 4
-  %636 = add nsw i64 %col76, 8
-  %637 = fcmp ogt <8 x float> %630, zeroinitializer
-  %638 = select <8 x i1> %637, <8 x float> %630, <8 x float> zeroinitializer
-  %639 = fmul <8 x float> %638, %626
-  %640 = getelementptr inbounds float, ptr %628, i64 %636
-  store <8 x float> %639, ptr %640, align 4
-  %641 = add nsw i64 %r0, 1
-  %642 = getelementptr inbounds float, ptr %rw, i64 %641
-  %643 = load float, ptr %642, align 4
-  %644 = insertelement <8 x float> poison, float %643, i32 0
-  %645 = shufflevector <8 x float> %644, <8 x float> poison, <8 x i32> zeroinitializer
-  %646 = mul nsw i64 %641, 3072
-  %647 = getelementptr inbounds float, ptr %h, i64 %646
+  %630 = load <8 x float>, ptr %acc0058, align 4
+  %631 = load <8 x float>, ptr %acc0159, align 4
+  %632 = add nsw i64 %col76, 0
+  %633 = fcmp ogt <8 x float> %630, zeroinitializer
+  %634 = select <8 x i1> %633, <8 x float> %630, <8 x float> zeroinitializer
+  %635 = fmul <8 x float> %634, %627
+  %636 = getelementptr inbounds float, ptr %629, i64 %632
+  store <8 x float> %635, ptr %636, align 4
+  %637 = add nsw i64 %col76, 8
+  %638 = fcmp ogt <8 x float> %631, zeroinitializer
+  %639 = select <8 x i1> %638, <8 x float> %631, <8 x float> zeroinitializer
+  %640 = fmul <8 x float> %639, %627
+  %641 = getelementptr inbounds float, ptr %629, i64 %637
+  store <8 x float> %640, ptr %641, align 4
+  %642 = add nsw i64 %r0, 1
+  %643 = getelementptr inbounds float, ptr %rw, i64 %642
+  %644 = load float, ptr %643, align 4
+  %645 = insertelement <8 x float> poison, float %644, i32 0
+  %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
+  %647 = mul nsw i64 %642, 3072
+  %648 = getelementptr inbounds float, ptr %h, i64 %647
   %col77 = mul nsw i64 %p, 16
-  %648 = load <8 x float>, ptr %acc1060, align 4
-  %649 = load <8 x float>, ptr %acc1161, align 4
-  %650 = add nsw i64 %col77, 0
-  %651 = fcmp ogt <8 x float> %648, zeroinitializer
-  %652 = select <8 x i1> %651, <8 x float> %648, <8 x float> zeroinitializer
-  %653 = fmul <8 x float> %652, %645
-  %654 = getelementptr inbounds float, ptr %647, i64 %650
-  store <8 x float> %653, ptr %654, align 4
-  %655 = add nsw i64 %col77, 8
-  %656 = fcmp ogt <8 x float> %649, zeroinitializer
-  %657 = select <8 x i1> %656, <8 x float> %649, <8 x float> zeroinitializer
-  %658 = fmul <8 x float> %657, %645
-  %659 = getelementptr inbounds float, ptr %647, i64 %655
-  store <8 x float> %658, ptr %659, align 4
-  %660 = add nsw i64 %r0, 2
-  %661 = getelementptr inbounds float, ptr %rw, i64 %660
-  %662 = load float, ptr %661, align 4
-  %663 = insertelement <8 x float> poison, float %662, i32 0
-  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
-  %665 = mul nsw i64 %660, 3072
-  %666 = getelementptr inbounds float, ptr %h, i64 %665
+  %649 = load <8 x float>, ptr %acc1060, align 4
+  %650 = load <8 x float>, ptr %acc1161, align 4
+  %651 = add nsw i64 %col77, 0
+  %652 = fcmp ogt <8 x float> %649, zeroinitializer
+  %653 = select <8 x i1> %652, <8 x float> %649, <8 x float> zeroinitializer
+  %654 = fmul <8 x float> %653, %646
+  %655 = getelementptr inbounds float, ptr %648, i64 %651
+  store <8 x float> %654, ptr %655, align 4
+  %656 = add nsw i64 %col77, 8
+  %657 = fcmp ogt <8 x float> %650, zeroinitializer
+  %658 = select <8 x i1> %657, <8 x float> %650, <8 x float> zeroinitializer
+  %659 = fmul <8 x float> %658, %646
+  %660 = getelementptr inbounds float, ptr %648, i64 %656
+  store <8 x float> %659, ptr %660, align 4
+  %661 = add nsw i64 %r0, 2
+  %662 = getelementptr inbounds float, ptr %rw, i64 %661
+  %663 = load float, ptr %662, align 4
+  %664 = insertelement <8 x float> poison, float %663, i32 0
+  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
+  %666 = mul nsw i64 %661, 3072
+  %667 = getelementptr inbounds float, ptr %h, i64 %666
   %col78 = mul nsw i64 %p, 16
-  %667 = load <8 x float>, ptr %acc2062, align 4
-  %668 = load <8 x float>, ptr %acc2163, align 4
-  %669 = add nsw i64 %col78, 0
-  %670 = fcmp ogt <8 x float> %667, zeroinitializer
-  %671 = select <8 x i1> %670, <8 x float> %667, <8 x float> zeroinitializer
-  %672 = fmul <8 x float> %671, %664
-  %673 = getelementptr inbounds float, ptr %666, i64 %669
-  store <8 x float> %672, ptr %673, align 4
-  %674 = add nsw i64 %col78, 8
-  %675 = fcmp ogt <8 x float> %668, zeroinitializer
-  %676 = select <8 x i1> %675, <8 x float> %668, <8 x float> zeroinitializer
-  %677 = fmul <8 x float> %676, %664
-  %678 = getelementptr inbounds float, ptr %666, i64 %674
-  store <8 x float> %677, ptr %678, align 4
+  %668 = load <8 x float>, ptr %acc2062, align 4
+  %669 = load <8 x float>, ptr %acc2163, align 4
+  %670 = add nsw i64 %col78, 0
+  %671 = fcmp ogt <8 x float> %668, zeroinitializer
+  %672 = select <8 x i1> %671, <8 x float> %668, <8 x float> zeroinitializer
+  %673 = fmul <8 x float> %672, %665
+  %674 = getelementptr inbounds float, ptr %667, i64 %670
+  store <8 x float> %673, ptr %674, align 4
+  %675 = add nsw i64 %col78, 8
+  %676 = fcmp ogt <8 x float> %669, zeroinitializer
+  %677 = select <8 x i1> %676, <8 x float> %669, <8 x float> zeroinitializer
+  %678 = fmul <8 x float> %677, %665
+  %679 = getelementptr inbounds float, ptr %667, i64 %675
+  store <8 x float> %678, ptr %679, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %679 = add nsw i64 %r0, 0
-  %680 = getelementptr inbounds i32, ptr %rows, i64 %679
-  %681 = load i32, ptr %680, align 4
-  %682 = sext i32 %681 to i64
-  %683 = mul nsw i64 %682, 768
-  %684 = getelementptr inbounds float, ptr %x, i64 %683
+tile.mr2:                                         ; preds = %rb.body
+  %680 = add nsw i64 %r0, 0
+  %681 = getelementptr inbounds i32, ptr %rows, i64 %680
+  %682 = load i32, ptr %681, align 4
+  %683 = sext i32 %682 to i64
+  %684 = mul nsw i64 %683, 768
+  %685 = getelementptr inbounds float, ptr %x, i64 %684
   store <8 x float> zeroinitializer, ptr %acc0079, align 4
   store <8 x float> zeroinitializer, ptr %acc0180, align 4
-  %685 = add nsw i64 %r0, 1
-  %686 = getelementptr inbounds i32, ptr %rows, i64 %685
-  %687 = load i32, ptr %686, align 4
-  %688 = sext i32 %687 to i64
-  %689 = mul nsw i64 %688, 768
-  %690 = getelementptr inbounds float, ptr %x, i64 %689
+  %686 = add nsw i64 %r0, 1
+  %687 = getelementptr inbounds i32, ptr %rows, i64 %686
+  %688 = load i32, ptr %687, align 4
+  %689 = sext i32 %688 to i64
+  %690 = mul nsw i64 %689, 768
+  %691 = getelementptr inbounds float, ptr %x, i64 %690
   store <8 x float> zeroinitializer, ptr %acc1081, align 4
   store <8 x float> zeroinitializer, ptr %acc1182, align 4
   %panel.off83 = mul nsw i64 %p, 12288
-  %691 = getelementptr inbounds i16, ptr %panels, i64 %panel.off83
-  %692 = add nsw i64 %p, 1
-  %693 = icmp slt i64 %692, %p1
-  %pf.on84 = and i1 %pf.on, %693
-  %694 = mul nsw i64 %pf.j, 24576
-  %695 = lshr i64 %694, %9
-  %696 = add nsw i64 24576, %695
-  %697 = getelementptr inbounds i8, ptr %691, i64 %696
-  %pf85 = select i1 %pf.on84, ptr %697, ptr %691
-  %pf.sh86 = select i1 %pf.on84, i64 %9, i64 0
+  %692 = getelementptr inbounds i16, ptr %panels, i64 %panel.off83
+  %693 = add nsw i64 %p, 1
+  %694 = icmp slt i64 %693, %p1
+  %pf.on84 = and i1 %pf.on, %694
+  %695 = mul nsw i64 %rb, 24576
+  %696 = lshr i64 %695, %11
+  %697 = add nsw i64 24576, %696
+  %698 = getelementptr inbounds i8, ptr %692, i64 %697
+  %pf85 = select i1 %pf.on84, ptr %698, ptr %692
+  %pf.sh86 = select i1 %pf.on84, i64 %11, i64 0
   br label %k.head87
 
 k.head87:                                         ; preds = %pf.any.end92, %tile.mr2
-  %k90 = phi i64 [ 0, %tile.mr2 ], [ %724, %pf.any.end92 ]
-  %698 = icmp slt i64 %k90, 768
-  br i1 %698, label %k.body88, label %k.end89
+  %k90 = phi i64 [ 0, %tile.mr2 ], [ %725, %pf.any.end92 ]
+  %699 = icmp slt i64 %k90, 768
+  br i1 %699, label %k.body88, label %k.end89
 
 k.body88:                                         ; preds = %k.head87
-  %699 = mul nsw i64 %k90, 16
-  %700 = add nsw i64 %panel.off83, %699
-  %701 = mul nsw i64 %k90, 32
+  %700 = mul nsw i64 %k90, 16
+  %701 = add nsw i64 %panel.off83, %700
+  %702 = mul nsw i64 %k90, 32
   br i1 %pf.multi, label %pf.any.then91, label %pf.any.end92
 
 pf.any.then91:                                    ; preds = %k.body88
-  %702 = lshr i64 %701, %pf.sh86
-  %703 = getelementptr inbounds i8, ptr %pf85, i64 %702
-  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
+  %703 = lshr i64 %702, %pf.sh86
+  %704 = getelementptr inbounds i8, ptr %pf85, i64 %703
+  call void @llvm.prefetch.p0(ptr %704, i32 0, i32 2, i32 1)
   br label %pf.any.end92
 
 pf.any.end92:                                     ; preds = %pf.any.then91, %k.body88
-  %704 = getelementptr inbounds i16, ptr %panels, i64 %700
-  %705 = load <8 x i32>, ptr %704, align 4
-  %706 = shl <8 x i32> %705, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b093 = bitcast <8 x i32> %706 to <8 x float>
-  %707 = and <8 x i32> %705, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b194 = bitcast <8 x i32> %707 to <8 x float>
-  %708 = getelementptr inbounds float, ptr %684, i64 %k90
-  %709 = load float, ptr %708, align 4
-  %710 = insertelement <8 x float> poison, float %709, i32 0
-  %711 = shufflevector <8 x float> %710, <8 x float> poison, <8 x i32> zeroinitializer
-  %712 = load <8 x float>, ptr %acc0079, align 4
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b093, <8 x float> %712)
-  store <8 x float> %713, ptr %acc0079, align 4
-  %714 = load <8 x float>, ptr %acc0180, align 4
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %b194, <8 x float> %714)
-  store <8 x float> %715, ptr %acc0180, align 4
-  %716 = getelementptr inbounds float, ptr %690, i64 %k90
-  %717 = load float, ptr %716, align 4
-  %718 = insertelement <8 x float> poison, float %717, i32 0
-  %719 = shufflevector <8 x float> %718, <8 x float> poison, <8 x i32> zeroinitializer
-  %720 = load <8 x float>, ptr %acc1081, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b093, <8 x float> %720)
-  store <8 x float> %721, ptr %acc1081, align 4
-  %722 = load <8 x float>, ptr %acc1182, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %b194, <8 x float> %722)
-  store <8 x float> %723, ptr %acc1182, align 4
-  %724 = add nsw i64 %k90, 1
+  %705 = getelementptr inbounds i16, ptr %panels, i64 %701
+  %706 = load <8 x i32>, ptr %705, align 4
+  %707 = shl <8 x i32> %706, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b093 = bitcast <8 x i32> %707 to <8 x float>
+  %708 = and <8 x i32> %706, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b194 = bitcast <8 x i32> %708 to <8 x float>
+  %709 = getelementptr inbounds float, ptr %685, i64 %k90
+  %710 = load float, ptr %709, align 4
+  %711 = insertelement <8 x float> poison, float %710, i32 0
+  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
+  %713 = load <8 x float>, ptr %acc0079, align 4
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b093, <8 x float> %713)
+  store <8 x float> %714, ptr %acc0079, align 4
+  %715 = load <8 x float>, ptr %acc0180, align 4
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b194, <8 x float> %715)
+  store <8 x float> %716, ptr %acc0180, align 4
+  %717 = getelementptr inbounds float, ptr %691, i64 %k90
+  %718 = load float, ptr %717, align 4
+  %719 = insertelement <8 x float> poison, float %718, i32 0
+  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
+  %721 = load <8 x float>, ptr %acc1081, align 4
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b093, <8 x float> %721)
+  store <8 x float> %722, ptr %acc1081, align 4
+  %723 = load <8 x float>, ptr %acc1182, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b194, <8 x float> %723)
+  store <8 x float> %724, ptr %acc1182, align 4
+  %725 = add nsw i64 %k90, 1
   br label %k.head87
 
 k.end89:                                          ; preds = %k.head87
-  %725 = add nsw i64 %r0, 0
-  %726 = getelementptr inbounds float, ptr %rw, i64 %725
-  %727 = load float, ptr %726, align 4
-  %728 = insertelement <8 x float> poison, float %727, i32 0
-  %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
-  %730 = mul nsw i64 %725, 3072
-  %731 = getelementptr inbounds float, ptr %h, i64 %730
+  %726 = add nsw i64 %r0, 0
+  %727 = getelementptr inbounds float, ptr %rw, i64 %726
+  %728 = load float, ptr %727, align 4
+  %729 = insertelement <8 x float> poison, float %728, i32 0
+  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
+  %731 = mul nsw i64 %726, 3072
+  %732 = getelementptr inbounds float, ptr %h, i64 %731
   %col95 = mul nsw i64 %p, 16
-  %732 = load <8 x float>, ptr %acc0079, align 4
-  %733 = load <8 x float>, ptr %acc0180, align 4
-  %734 = add nsw i64 %col95, 0
-  %735 = fcmp ogt <8 x float> %732, zeroinitializer
-  %736 = select <8 x i1> %735, <8 x float> %732, <8 x float> zeroinitializer
-  %737 = fmul <8 x float> %736, %729
-  %738 = getelementptr inbounds float, ptr %731, i64 %734
-  store <8 x float> %737, ptr %738, align 4
-  %739 = add nsw i64 %col95, 8
-  %740 = fcmp ogt <8 x float> %733, zeroinitializer
-  %741 = select <8 x i1> %740, <8 x float> %733, <8 x float> zeroinitializer
-  %742 = fmul <8 x float> %741, %729
-  %743 = getelementptr inbounds float, ptr %731, i64 %739
-  store <8 x float> %742, ptr %743, align 4
-  %744 = add nsw i64 %r0, 1
-  %745 = getelementptr inbounds float, ptr %rw, i64 %744
-  %746 = load float, ptr %745, align 4
-  %747 = insertelement <8 x float> poison, float %746, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = mul nsw i64 %744, 3072
-  %750 = getelementptr inbounds float, ptr %h, i64 %749
+  %733 = load <8 x float>, ptr %acc0079, align 4
+  %734 = load <8 x float>, ptr %acc0180, align 4
+  %735 = add nsw i64 %col95, 0
+  %736 = fcmp ogt <8 x float> %733, zeroinitializer
+  %737 = select <8 x i1> %736, <8 x float> %733, <8 x float> zeroinitializer
+  %738 = fmul <8 x float> %737, %730
+  %739 = getelementptr inbounds float, ptr %732, i64 %735
+  store <8 x float> %738, ptr %739, align 4
+  %740 = add nsw i64 %col95, 8
+  %741 = fcmp ogt <8 x float> %734, zeroinitializer
+  %742 = select <8 x i1> %741, <8 x float> %734, <8 x float> zeroinitializer
+  %743 = fmul <8 x float> %742, %730
+  %744 = getelementptr inbounds float, ptr %732, i64 %740
+  store <8 x float> %743, ptr %744, align 4
+  %745 = add nsw i64 %r0, 1
+  %746 = getelementptr inbounds float, ptr %rw, i64 %745
+  %747 = load float, ptr %746, align 4
+  %748 = insertelement <8 x float> poison, float %747, i32 0
+  %749 = shufflevector <8 x float> %748, <8 x float> poison, <8 x i32> zeroinitializer
+  %750 = mul nsw i64 %745, 3072
+  %751 = getelementptr inbounds float, ptr %h, i64 %750
   %col96 = mul nsw i64 %p, 16
-  %751 = load <8 x float>, ptr %acc1081, align 4
-  %752 = load <8 x float>, ptr %acc1182, align 4
-  %753 = add nsw i64 %col96, 0
-  %754 = fcmp ogt <8 x float> %751, zeroinitializer
-  %755 = select <8 x i1> %754, <8 x float> %751, <8 x float> zeroinitializer
-  %756 = fmul <8 x float> %755, %748
-  %757 = getelementptr inbounds float, ptr %750, i64 %753
-  store <8 x float> %756, ptr %757, align 4
-  %758 = add nsw i64 %col96, 8
-  %759 = fcmp ogt <8 x float> %752, zeroinitializer
-  %760 = select <8 x i1> %759, <8 x float> %752, <8 x float> zeroinitializer
-  %761 = fmul <8 x float> %760, %748
-  %762 = getelementptr inbounds float, ptr %750, i64 %758
-  store <8 x float> %761, ptr %762, align 4
+  %752 = load <8 x float>, ptr %acc1081, align 4
+  %753 = load <8 x float>, ptr %acc1182, align 4
+  %754 = add nsw i64 %col96, 0
+  %755 = fcmp ogt <8 x float> %752, zeroinitializer
+  %756 = select <8 x i1> %755, <8 x float> %752, <8 x float> zeroinitializer
+  %757 = fmul <8 x float> %756, %749
+  %758 = getelementptr inbounds float, ptr %751, i64 %754
+  store <8 x float> %757, ptr %758, align 4
+  %759 = add nsw i64 %col96, 8
+  %760 = fcmp ogt <8 x float> %753, zeroinitializer
+  %761 = select <8 x i1> %760, <8 x float> %753, <8 x float> zeroinitializer
+  %762 = fmul <8 x float> %761, %749
+  %763 = getelementptr inbounds float, ptr %751, i64 %759
+  store <8 x float> %762, ptr %763, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %763 = add nsw i64 %r0, 0
-  %764 = getelementptr inbounds i32, ptr %rows, i64 %763
-  %765 = load i32, ptr %764, align 4
-  %766 = sext i32 %765 to i64
-  %767 = mul nsw i64 %766, 768
-  %768 = getelementptr inbounds float, ptr %x, i64 %767
+tile.mr1:                                         ; preds = %rb.body
+  %764 = add nsw i64 %r0, 0
+  %765 = getelementptr inbounds i32, ptr %rows, i64 %764
+  %766 = load i32, ptr %765, align 4
+  %767 = sext i32 %766 to i64
+  %768 = mul nsw i64 %767, 768
+  %769 = getelementptr inbounds float, ptr %x, i64 %768
   store <8 x float> zeroinitializer, ptr %acc0097, align 4
   store <8 x float> zeroinitializer, ptr %acc0198, align 4
   %panel.off99 = mul nsw i64 %p, 12288
-  %769 = getelementptr inbounds i16, ptr %panels, i64 %panel.off99
-  %770 = add nsw i64 %p, 1
-  %771 = icmp slt i64 %770, %p1
-  %pf.on100 = and i1 %pf.on, %771
-  %772 = mul nsw i64 %pf.j, 24576
-  %773 = lshr i64 %772, %9
-  %774 = add nsw i64 24576, %773
-  %775 = getelementptr inbounds i8, ptr %769, i64 %774
-  %pf101 = select i1 %pf.on100, ptr %775, ptr %769
-  %pf.sh102 = select i1 %pf.on100, i64 %9, i64 0
+  %770 = getelementptr inbounds i16, ptr %panels, i64 %panel.off99
+  %771 = add nsw i64 %p, 1
+  %772 = icmp slt i64 %771, %p1
+  %pf.on100 = and i1 %pf.on, %772
+  %773 = mul nsw i64 %rb, 24576
+  %774 = lshr i64 %773, %11
+  %775 = add nsw i64 24576, %774
+  %776 = getelementptr inbounds i8, ptr %770, i64 %775
+  %pf101 = select i1 %pf.on100, ptr %776, ptr %770
+  %pf.sh102 = select i1 %pf.on100, i64 %11, i64 0
   br label %k.head103
 
 k.head103:                                        ; preds = %pf.any.end108, %tile.mr1
-  %k106 = phi i64 [ 0, %tile.mr1 ], [ %794, %pf.any.end108 ]
-  %776 = icmp slt i64 %k106, 768
-  br i1 %776, label %k.body104, label %k.end105
+  %k106 = phi i64 [ 0, %tile.mr1 ], [ %795, %pf.any.end108 ]
+  %777 = icmp slt i64 %k106, 768
+  br i1 %777, label %k.body104, label %k.end105
 
 k.body104:                                        ; preds = %k.head103
-  %777 = mul nsw i64 %k106, 16
-  %778 = add nsw i64 %panel.off99, %777
-  %779 = mul nsw i64 %k106, 32
+  %778 = mul nsw i64 %k106, 16
+  %779 = add nsw i64 %panel.off99, %778
+  %780 = mul nsw i64 %k106, 32
   br i1 %pf.multi, label %pf.any.then107, label %pf.any.end108
 
 pf.any.then107:                                   ; preds = %k.body104
-  %780 = lshr i64 %779, %pf.sh102
-  %781 = getelementptr inbounds i8, ptr %pf101, i64 %780
-  call void @llvm.prefetch.p0(ptr %781, i32 0, i32 2, i32 1)
+  %781 = lshr i64 %780, %pf.sh102
+  %782 = getelementptr inbounds i8, ptr %pf101, i64 %781
+  call void @llvm.prefetch.p0(ptr %782, i32 0, i32 2, i32 1)
   br label %pf.any.end108
 
 pf.any.end108:                                    ; preds = %pf.any.then107, %k.body104
-  %782 = getelementptr inbounds i16, ptr %panels, i64 %778
-  %783 = load <8 x i32>, ptr %782, align 4
-  %784 = shl <8 x i32> %783, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0109 = bitcast <8 x i32> %784 to <8 x float>
-  %785 = and <8 x i32> %783, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1110 = bitcast <8 x i32> %785 to <8 x float>
-  %786 = getelementptr inbounds float, ptr %768, i64 %k106
-  %787 = load float, ptr %786, align 4
-  %788 = insertelement <8 x float> poison, float %787, i32 0
-  %789 = shufflevector <8 x float> %788, <8 x float> poison, <8 x i32> zeroinitializer
-  %790 = load <8 x float>, ptr %acc0097, align 4
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b0109, <8 x float> %790)
-  store <8 x float> %791, ptr %acc0097, align 4
-  %792 = load <8 x float>, ptr %acc0198, align 4
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b1110, <8 x float> %792)
-  store <8 x float> %793, ptr %acc0198, align 4
-  %794 = add nsw i64 %k106, 1
+  %783 = getelementptr inbounds i16, ptr %panels, i64 %779
+  %784 = load <8 x i32>, ptr %783, align 4
+  %785 = shl <8 x i32> %784, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0109 = bitcast <8 x i32> %785 to <8 x float>
+  %786 = and <8 x i32> %784, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1110 = bitcast <8 x i32> %786 to <8 x float>
+  %787 = getelementptr inbounds float, ptr %769, i64 %k106
+  %788 = load float, ptr %787, align 4
+  %789 = insertelement <8 x float> poison, float %788, i32 0
+  %790 = shufflevector <8 x float> %789, <8 x float> poison, <8 x i32> zeroinitializer
+  %791 = load <8 x float>, ptr %acc0097, align 4
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %b0109, <8 x float> %791)
+  store <8 x float> %792, ptr %acc0097, align 4
+  %793 = load <8 x float>, ptr %acc0198, align 4
+  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %b1110, <8 x float> %793)
+  store <8 x float> %794, ptr %acc0198, align 4
+  %795 = add nsw i64 %k106, 1
   br label %k.head103
 
 k.end105:                                         ; preds = %k.head103
-  %795 = add nsw i64 %r0, 0
-  %796 = getelementptr inbounds float, ptr %rw, i64 %795
-  %797 = load float, ptr %796, align 4
-  %798 = insertelement <8 x float> poison, float %797, i32 0
-  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
-  %800 = mul nsw i64 %795, 3072
-  %801 = getelementptr inbounds float, ptr %h, i64 %800
+  %796 = add nsw i64 %r0, 0
+  %797 = getelementptr inbounds float, ptr %rw, i64 %796
+  %798 = load float, ptr %797, align 4
+  %799 = insertelement <8 x float> poison, float %798, i32 0
+  %800 = shufflevector <8 x float> %799, <8 x float> poison, <8 x i32> zeroinitializer
+  %801 = mul nsw i64 %796, 3072
+  %802 = getelementptr inbounds float, ptr %h, i64 %801
   %col111 = mul nsw i64 %p, 16
-  %802 = load <8 x float>, ptr %acc0097, align 4
-  %803 = load <8 x float>, ptr %acc0198, align 4
-  %804 = add nsw i64 %col111, 0
-  %805 = fcmp ogt <8 x float> %802, zeroinitializer
-  %806 = select <8 x i1> %805, <8 x float> %802, <8 x float> zeroinitializer
-  %807 = fmul <8 x float> %806, %799
-  %808 = getelementptr inbounds float, ptr %801, i64 %804
-  store <8 x float> %807, ptr %808, align 4
-  %809 = add nsw i64 %col111, 8
-  %810 = fcmp ogt <8 x float> %803, zeroinitializer
-  %811 = select <8 x i1> %810, <8 x float> %803, <8 x float> zeroinitializer
-  %812 = fmul <8 x float> %811, %799
-  %813 = getelementptr inbounds float, ptr %801, i64 %809
-  store <8 x float> %812, ptr %813, align 4
+  %803 = load <8 x float>, ptr %acc0097, align 4
+  %804 = load <8 x float>, ptr %acc0198, align 4
+  %805 = add nsw i64 %col111, 0
+  %806 = fcmp ogt <8 x float> %803, zeroinitializer
+  %807 = select <8 x i1> %806, <8 x float> %803, <8 x float> zeroinitializer
+  %808 = fmul <8 x float> %807, %800
+  %809 = getelementptr inbounds float, ptr %802, i64 %805
+  store <8 x float> %808, ptr %809, align 4
+  %810 = add nsw i64 %col111, 8
+  %811 = fcmp ogt <8 x float> %804, zeroinitializer
+  %812 = select <8 x i1> %811, <8 x float> %804, <8 x float> zeroinitializer
+  %813 = fmul <8 x float> %812, %800
+  %814 = getelementptr inbounds float, ptr %802, i64 %810
+  store <8 x float> %813, ptr %814, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end105, %k.end89, %k.end70, %k.end48, %k.end23, %k.end
-  %814 = add nsw i64 %r0, 6
-  br label %r0.head
+  %815 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %815 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %816 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2216,37 +2217,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 48
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %585, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %586, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %584, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %585, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2255,870 +2257,870 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 3072
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 768
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 3072
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 768
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
   store <8 x float> zeroinitializer, ptr %acc00, align 4
-  %24 = add nsw i64 %col, 8
-  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %22, i64 %25
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %26 = add nsw i64 %r0, 1
-  %27 = mul nsw i64 %26, 3072
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 768
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  %27 = add nsw i64 %r0, 1
+  %28 = mul nsw i64 %27, 3072
+  %29 = getelementptr inbounds float, ptr %h, i64 %28
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 768
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = add nsw i64 %col, 0
+  %36 = getelementptr inbounds float, ptr %34, i64 %35
   store <8 x float> zeroinitializer, ptr %acc10, align 4
-  %36 = add nsw i64 %col, 8
-  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  %37 = add nsw i64 %col, 8
+  %38 = getelementptr inbounds float, ptr %34, i64 %37
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %38 = add nsw i64 %r0, 2
-  %39 = mul nsw i64 %38, 3072
-  %40 = getelementptr inbounds float, ptr %h, i64 %39
-  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %42 = load i32, ptr %41, align 4
-  %43 = sext i32 %42 to i64
-  %44 = mul nsw i64 %43, 768
-  %45 = getelementptr inbounds float, ptr %y, i64 %44
-  %46 = add nsw i64 %col, 0
-  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  %39 = add nsw i64 %r0, 2
+  %40 = mul nsw i64 %39, 3072
+  %41 = getelementptr inbounds float, ptr %h, i64 %40
+  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
+  %43 = load i32, ptr %42, align 4
+  %44 = sext i32 %43 to i64
+  %45 = mul nsw i64 %44, 768
+  %46 = getelementptr inbounds float, ptr %y, i64 %45
+  %47 = add nsw i64 %col, 0
+  %48 = getelementptr inbounds float, ptr %46, i64 %47
   store <8 x float> zeroinitializer, ptr %acc20, align 4
-  %48 = add nsw i64 %col, 8
-  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  %49 = add nsw i64 %col, 8
+  %50 = getelementptr inbounds float, ptr %46, i64 %49
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %50 = add nsw i64 %r0, 3
-  %51 = mul nsw i64 %50, 3072
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 768
-  %57 = getelementptr inbounds float, ptr %y, i64 %56
-  %58 = add nsw i64 %col, 0
-  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  %51 = add nsw i64 %r0, 3
+  %52 = mul nsw i64 %51, 3072
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 768
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %59 = add nsw i64 %col, 0
+  %60 = getelementptr inbounds float, ptr %58, i64 %59
   store <8 x float> zeroinitializer, ptr %acc30, align 4
-  %60 = add nsw i64 %col, 8
-  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  %61 = add nsw i64 %col, 8
+  %62 = getelementptr inbounds float, ptr %58, i64 %61
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 3072
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 768
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %63 = add nsw i64 %r0, 4
+  %64 = mul nsw i64 %63, 3072
+  %65 = getelementptr inbounds float, ptr %h, i64 %64
+  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %67 = load i32, ptr %66, align 4
+  %68 = sext i32 %67 to i64
+  %69 = mul nsw i64 %68, 768
+  %70 = getelementptr inbounds float, ptr %y, i64 %69
+  %71 = add nsw i64 %col, 0
+  %72 = getelementptr inbounds float, ptr %70, i64 %71
   store <8 x float> zeroinitializer, ptr %acc40, align 4
-  %72 = add nsw i64 %col, 8
-  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %70, i64 %73
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 3072
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 768
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %75 = add nsw i64 %r0, 5
+  %76 = mul nsw i64 %75, 3072
+  %77 = getelementptr inbounds float, ptr %h, i64 %76
+  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %79 = load i32, ptr %78, align 4
+  %80 = sext i32 %79 to i64
+  %81 = mul nsw i64 %80, 768
+  %82 = getelementptr inbounds float, ptr %y, i64 %81
+  %83 = add nsw i64 %col, 0
+  %84 = getelementptr inbounds float, ptr %82, i64 %83
   store <8 x float> zeroinitializer, ptr %acc50, align 4
-  %84 = add nsw i64 %col, 8
-  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %82, i64 %85
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 49152
-  %86 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %87 = add nsw i64 %p, 1
-  %88 = icmp slt i64 %87, %p1
-  %pf.on1 = and i1 %pf.on, %88
-  %89 = mul nsw i64 %pf.j, 98304
-  %90 = lshr i64 %89, %10
-  %91 = add nsw i64 98304, %90
-  %92 = getelementptr inbounds i8, ptr %86, i64 %91
-  %pf = select i1 %pf.on1, ptr %92, ptr %86
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %88 = add nsw i64 %p, 1
+  %89 = icmp slt i64 %88, %p1
+  %pf.on1 = and i1 %pf.on, %89
+  %90 = mul nsw i64 %rb, 98304
+  %91 = lshr i64 %90, %12
+  %92 = add nsw i64 98304, %91
+  %93 = getelementptr inbounds i8, ptr %87, i64 %92
+  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %151, %pf.any.end ]
-  %93 = icmp slt i64 %k, 3072
-  br i1 %93, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %94 = icmp slt i64 %k, 3072
+  br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %94 = mul nsw i64 %k, 16
-  %95 = add nsw i64 %panel.off, %94
-  %96 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 16
+  %96 = add nsw i64 %panel.off, %95
+  %97 = mul nsw i64 %k, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %97 = lshr i64 %96, %pf.sh
-  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
-  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %98 = lshr i64 %97, %pf.sh
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %99 = getelementptr inbounds i16, ptr %panels, i64 %95
-  %100 = load <8 x i32>, ptr %99, align 4
-  %101 = shl <8 x i32> %100, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %101 to <8 x float>
-  %102 = and <8 x i32> %100, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = getelementptr inbounds float, ptr %16, i64 %k
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <8 x float> poison, float %104, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
-  %107 = load <8 x float>, ptr %acc00, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b0, <8 x float> %107)
-  store <8 x float> %108, ptr %acc00, align 4
-  %109 = load <8 x float>, ptr %acc01, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %106, <8 x float> %b1, <8 x float> %109)
-  store <8 x float> %110, ptr %acc01, align 4
-  %111 = getelementptr inbounds float, ptr %28, i64 %k
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <8 x float> poison, float %112, i32 0
-  %114 = shufflevector <8 x float> %113, <8 x float> poison, <8 x i32> zeroinitializer
-  %115 = load <8 x float>, ptr %acc10, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b0, <8 x float> %115)
-  store <8 x float> %116, ptr %acc10, align 4
-  %117 = load <8 x float>, ptr %acc11, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %114, <8 x float> %b1, <8 x float> %117)
-  store <8 x float> %118, ptr %acc11, align 4
-  %119 = getelementptr inbounds float, ptr %40, i64 %k
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %acc20, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b0, <8 x float> %123)
-  store <8 x float> %124, ptr %acc20, align 4
-  %125 = load <8 x float>, ptr %acc21, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %122, <8 x float> %b1, <8 x float> %125)
-  store <8 x float> %126, ptr %acc21, align 4
-  %127 = getelementptr inbounds float, ptr %52, i64 %k
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %acc30, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b0, <8 x float> %131)
-  store <8 x float> %132, ptr %acc30, align 4
-  %133 = load <8 x float>, ptr %acc31, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %b1, <8 x float> %133)
-  store <8 x float> %134, ptr %acc31, align 4
-  %135 = getelementptr inbounds float, ptr %64, i64 %k
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <8 x float> poison, float %136, i32 0
-  %138 = shufflevector <8 x float> %137, <8 x float> poison, <8 x i32> zeroinitializer
-  %139 = load <8 x float>, ptr %acc40, align 4
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b0, <8 x float> %139)
-  store <8 x float> %140, ptr %acc40, align 4
-  %141 = load <8 x float>, ptr %acc41, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %b1, <8 x float> %141)
-  store <8 x float> %142, ptr %acc41, align 4
-  %143 = getelementptr inbounds float, ptr %76, i64 %k
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <8 x float> poison, float %144, i32 0
-  %146 = shufflevector <8 x float> %145, <8 x float> poison, <8 x i32> zeroinitializer
-  %147 = load <8 x float>, ptr %acc50, align 4
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b0, <8 x float> %147)
-  store <8 x float> %148, ptr %acc50, align 4
-  %149 = load <8 x float>, ptr %acc51, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %b1, <8 x float> %149)
-  store <8 x float> %150, ptr %acc51, align 4
-  %151 = add nsw i64 %k, 1
+  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
+  %101 = load <8 x i32>, ptr %100, align 4
+  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %102 to <8 x float>
+  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %103 to <8 x float>
+  %104 = getelementptr inbounds float, ptr %17, i64 %k
+  %105 = load float, ptr %104, align 4
+  %106 = insertelement <8 x float> poison, float %105, i32 0
+  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
+  %108 = load <8 x float>, ptr %acc00, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
+  store <8 x float> %109, ptr %acc00, align 4
+  %110 = load <8 x float>, ptr %acc01, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
+  store <8 x float> %111, ptr %acc01, align 4
+  %112 = getelementptr inbounds float, ptr %29, i64 %k
+  %113 = load float, ptr %112, align 4
+  %114 = insertelement <8 x float> poison, float %113, i32 0
+  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
+  %116 = load <8 x float>, ptr %acc10, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
+  store <8 x float> %117, ptr %acc10, align 4
+  %118 = load <8 x float>, ptr %acc11, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
+  store <8 x float> %119, ptr %acc11, align 4
+  %120 = getelementptr inbounds float, ptr %41, i64 %k
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %acc20, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
+  store <8 x float> %125, ptr %acc20, align 4
+  %126 = load <8 x float>, ptr %acc21, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
+  store <8 x float> %127, ptr %acc21, align 4
+  %128 = getelementptr inbounds float, ptr %53, i64 %k
+  %129 = load float, ptr %128, align 4
+  %130 = insertelement <8 x float> poison, float %129, i32 0
+  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
+  %132 = load <8 x float>, ptr %acc30, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
+  store <8 x float> %133, ptr %acc30, align 4
+  %134 = load <8 x float>, ptr %acc31, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
+  store <8 x float> %135, ptr %acc31, align 4
+  %136 = getelementptr inbounds float, ptr %65, i64 %k
+  %137 = load float, ptr %136, align 4
+  %138 = insertelement <8 x float> poison, float %137, i32 0
+  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
+  %140 = load <8 x float>, ptr %acc40, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
+  store <8 x float> %141, ptr %acc40, align 4
+  %142 = load <8 x float>, ptr %acc41, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
+  store <8 x float> %143, ptr %acc41, align 4
+  %144 = getelementptr inbounds float, ptr %77, i64 %k
+  %145 = load float, ptr %144, align 4
+  %146 = insertelement <8 x float> poison, float %145, i32 0
+  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
+  %148 = load <8 x float>, ptr %acc50, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
+  store <8 x float> %149, ptr %acc50, align 4
+  %150 = load <8 x float>, ptr %acc51, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
+  store <8 x float> %151, ptr %acc51, align 4
+  %152 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %152 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %152, ptr %23, align 4
-  %153 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %153, ptr %25, align 4
-  %154 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %154, ptr %35, align 4
-  %155 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %155, ptr %37, align 4
-  %156 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %156, ptr %47, align 4
-  %157 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %157, ptr %49, align 4
-  %158 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %158, ptr %59, align 4
-  %159 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %159, ptr %61, align 4
-  %160 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %160, ptr %71, align 4
-  %161 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %161, ptr %73, align 4
-  %162 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %162, ptr %83, align 4
-  %163 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %163, ptr %85, align 4
+  %153 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %153, ptr %24, align 4
+  %154 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %154, ptr %26, align 4
+  %155 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %155, ptr %36, align 4
+  %156 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %156, ptr %38, align 4
+  %157 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %157, ptr %48, align 4
+  %158 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %158, ptr %50, align 4
+  %159 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %159, ptr %60, align 4
+  %160 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %160, ptr %62, align 4
+  %161 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %161, ptr %72, align 4
+  %162 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %162, ptr %74, align 4
+  %163 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %163, ptr %84, align 4
+  %164 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %164, ptr %86, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %164 = add nsw i64 %r0, 0
-  %165 = mul nsw i64 %164, 3072
-  %166 = getelementptr inbounds float, ptr %h, i64 %165
-  %167 = getelementptr inbounds i32, ptr %rows, i64 %164
-  %168 = load i32, ptr %167, align 4
-  %169 = sext i32 %168 to i64
-  %170 = mul nsw i64 %169, 768
-  %171 = getelementptr inbounds float, ptr %y, i64 %170
-  %172 = add nsw i64 %col2, 0
-  %173 = getelementptr inbounds float, ptr %171, i64 %172
+  %165 = add nsw i64 %r0, 0
+  %166 = mul nsw i64 %165, 3072
+  %167 = getelementptr inbounds float, ptr %h, i64 %166
+  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
+  %169 = load i32, ptr %168, align 4
+  %170 = sext i32 %169 to i64
+  %171 = mul nsw i64 %170, 768
+  %172 = getelementptr inbounds float, ptr %y, i64 %171
+  %173 = add nsw i64 %col2, 0
+  %174 = getelementptr inbounds float, ptr %172, i64 %173
   store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %174 = add nsw i64 %col2, 8
-  %175 = getelementptr inbounds float, ptr %171, i64 %174
+  %175 = add nsw i64 %col2, 8
+  %176 = getelementptr inbounds float, ptr %172, i64 %175
   store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %176 = add nsw i64 %r0, 1
-  %177 = mul nsw i64 %176, 3072
-  %178 = getelementptr inbounds float, ptr %h, i64 %177
-  %179 = getelementptr inbounds i32, ptr %rows, i64 %176
-  %180 = load i32, ptr %179, align 4
-  %181 = sext i32 %180 to i64
-  %182 = mul nsw i64 %181, 768
-  %183 = getelementptr inbounds float, ptr %y, i64 %182
-  %184 = add nsw i64 %col2, 0
-  %185 = getelementptr inbounds float, ptr %183, i64 %184
+  %177 = add nsw i64 %r0, 1
+  %178 = mul nsw i64 %177, 3072
+  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
+  %181 = load i32, ptr %180, align 4
+  %182 = sext i32 %181 to i64
+  %183 = mul nsw i64 %182, 768
+  %184 = getelementptr inbounds float, ptr %y, i64 %183
+  %185 = add nsw i64 %col2, 0
+  %186 = getelementptr inbounds float, ptr %184, i64 %185
   store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %186 = add nsw i64 %col2, 8
-  %187 = getelementptr inbounds float, ptr %183, i64 %186
+  %187 = add nsw i64 %col2, 8
+  %188 = getelementptr inbounds float, ptr %184, i64 %187
   store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %188 = add nsw i64 %r0, 2
-  %189 = mul nsw i64 %188, 3072
-  %190 = getelementptr inbounds float, ptr %h, i64 %189
-  %191 = getelementptr inbounds i32, ptr %rows, i64 %188
-  %192 = load i32, ptr %191, align 4
-  %193 = sext i32 %192 to i64
-  %194 = mul nsw i64 %193, 768
-  %195 = getelementptr inbounds float, ptr %y, i64 %194
-  %196 = add nsw i64 %col2, 0
-  %197 = getelementptr inbounds float, ptr %195, i64 %196
+  %189 = add nsw i64 %r0, 2
+  %190 = mul nsw i64 %189, 3072
+  %191 = getelementptr inbounds float, ptr %h, i64 %190
+  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
+  %193 = load i32, ptr %192, align 4
+  %194 = sext i32 %193 to i64
+  %195 = mul nsw i64 %194, 768
+  %196 = getelementptr inbounds float, ptr %y, i64 %195
+  %197 = add nsw i64 %col2, 0
+  %198 = getelementptr inbounds float, ptr %196, i64 %197
   store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %198 = add nsw i64 %col2, 8
-  %199 = getelementptr inbounds float, ptr %195, i64 %198
+  %199 = add nsw i64 %col2, 8
+  %200 = getelementptr inbounds float, ptr %196, i64 %199
   store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %200 = add nsw i64 %r0, 3
-  %201 = mul nsw i64 %200, 3072
-  %202 = getelementptr inbounds float, ptr %h, i64 %201
-  %203 = getelementptr inbounds i32, ptr %rows, i64 %200
-  %204 = load i32, ptr %203, align 4
-  %205 = sext i32 %204 to i64
-  %206 = mul nsw i64 %205, 768
-  %207 = getelementptr inbounds float, ptr %y, i64 %206
-  %208 = add nsw i64 %col2, 0
-  %209 = getelementptr inbounds float, ptr %207, i64 %208
+  %201 = add nsw i64 %r0, 3
+  %202 = mul nsw i64 %201, 3072
+  %203 = getelementptr inbounds float, ptr %h, i64 %202
+  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
+  %205 = load i32, ptr %204, align 4
+  %206 = sext i32 %205 to i64
+  %207 = mul nsw i64 %206, 768
+  %208 = getelementptr inbounds float, ptr %y, i64 %207
+  %209 = add nsw i64 %col2, 0
+  %210 = getelementptr inbounds float, ptr %208, i64 %209
   store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %210 = add nsw i64 %col2, 8
-  %211 = getelementptr inbounds float, ptr %207, i64 %210
+  %211 = add nsw i64 %col2, 8
+  %212 = getelementptr inbounds float, ptr %208, i64 %211
   store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %212 = add nsw i64 %r0, 4
-  %213 = mul nsw i64 %212, 3072
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 768
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col2, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %213 = add nsw i64 %r0, 4
+  %214 = mul nsw i64 %213, 3072
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 768
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col2, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
   store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %222 = add nsw i64 %col2, 8
-  %223 = getelementptr inbounds float, ptr %219, i64 %222
+  %223 = add nsw i64 %col2, 8
+  %224 = getelementptr inbounds float, ptr %220, i64 %223
   store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 49152
-  %224 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %225 = add nsw i64 %p, 1
-  %226 = icmp slt i64 %225, %p1
-  %pf.on14 = and i1 %pf.on, %226
-  %227 = mul nsw i64 %pf.j, 98304
-  %228 = lshr i64 %227, %10
-  %229 = add nsw i64 98304, %228
-  %230 = getelementptr inbounds i8, ptr %224, i64 %229
-  %pf15 = select i1 %pf.on14, ptr %230, ptr %224
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %225 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %226 = add nsw i64 %p, 1
+  %227 = icmp slt i64 %226, %p1
+  %pf.on14 = and i1 %pf.on, %227
+  %228 = mul nsw i64 %rb, 98304
+  %229 = lshr i64 %228, %12
+  %230 = add nsw i64 98304, %229
+  %231 = getelementptr inbounds i8, ptr %225, i64 %230
+  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %281, %pf.any.end22 ]
-  %231 = icmp slt i64 %k20, 3072
-  br i1 %231, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %282, %pf.any.end22 ]
+  %232 = icmp slt i64 %k20, 3072
+  br i1 %232, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %232 = mul nsw i64 %k20, 16
-  %233 = add nsw i64 %panel.off13, %232
-  %234 = mul nsw i64 %k20, 32
+  %233 = mul nsw i64 %k20, 16
+  %234 = add nsw i64 %panel.off13, %233
+  %235 = mul nsw i64 %k20, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %235 = lshr i64 %234, %pf.sh16
-  %236 = getelementptr inbounds i8, ptr %pf15, i64 %235
-  call void @llvm.prefetch.p0(ptr %236, i32 0, i32 2, i32 1)
+  %236 = lshr i64 %235, %pf.sh16
+  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
+  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %237 = getelementptr inbounds i16, ptr %panels, i64 %233
-  %238 = load <8 x i32>, ptr %237, align 4
-  %239 = shl <8 x i32> %238, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %239 to <8 x float>
-  %240 = and <8 x i32> %238, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %240 to <8 x float>
-  %241 = getelementptr inbounds float, ptr %166, i64 %k20
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc003, align 4
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b023, <8 x float> %245)
-  store <8 x float> %246, ptr %acc003, align 4
-  %247 = load <8 x float>, ptr %acc014, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %b124, <8 x float> %247)
-  store <8 x float> %248, ptr %acc014, align 4
-  %249 = getelementptr inbounds float, ptr %178, i64 %k20
-  %250 = load float, ptr %249, align 4
-  %251 = insertelement <8 x float> poison, float %250, i32 0
-  %252 = shufflevector <8 x float> %251, <8 x float> poison, <8 x i32> zeroinitializer
-  %253 = load <8 x float>, ptr %acc105, align 4
-  %254 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b023, <8 x float> %253)
-  store <8 x float> %254, ptr %acc105, align 4
-  %255 = load <8 x float>, ptr %acc116, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %252, <8 x float> %b124, <8 x float> %255)
-  store <8 x float> %256, ptr %acc116, align 4
-  %257 = getelementptr inbounds float, ptr %190, i64 %k20
-  %258 = load float, ptr %257, align 4
-  %259 = insertelement <8 x float> poison, float %258, i32 0
-  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
-  %261 = load <8 x float>, ptr %acc207, align 4
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b023, <8 x float> %261)
-  store <8 x float> %262, ptr %acc207, align 4
-  %263 = load <8 x float>, ptr %acc218, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> %b124, <8 x float> %263)
-  store <8 x float> %264, ptr %acc218, align 4
-  %265 = getelementptr inbounds float, ptr %202, i64 %k20
-  %266 = load float, ptr %265, align 4
-  %267 = insertelement <8 x float> poison, float %266, i32 0
-  %268 = shufflevector <8 x float> %267, <8 x float> poison, <8 x i32> zeroinitializer
-  %269 = load <8 x float>, ptr %acc309, align 4
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b023, <8 x float> %269)
-  store <8 x float> %270, ptr %acc309, align 4
-  %271 = load <8 x float>, ptr %acc3110, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %b124, <8 x float> %271)
-  store <8 x float> %272, ptr %acc3110, align 4
-  %273 = getelementptr inbounds float, ptr %214, i64 %k20
-  %274 = load float, ptr %273, align 4
-  %275 = insertelement <8 x float> poison, float %274, i32 0
-  %276 = shufflevector <8 x float> %275, <8 x float> poison, <8 x i32> zeroinitializer
-  %277 = load <8 x float>, ptr %acc4011, align 4
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b023, <8 x float> %277)
-  store <8 x float> %278, ptr %acc4011, align 4
-  %279 = load <8 x float>, ptr %acc4112, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %b124, <8 x float> %279)
-  store <8 x float> %280, ptr %acc4112, align 4
-  %281 = add nsw i64 %k20, 1
+  %238 = getelementptr inbounds i16, ptr %panels, i64 %234
+  %239 = load <8 x i32>, ptr %238, align 4
+  %240 = shl <8 x i32> %239, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %240 to <8 x float>
+  %241 = and <8 x i32> %239, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %241 to <8 x float>
+  %242 = getelementptr inbounds float, ptr %167, i64 %k20
+  %243 = load float, ptr %242, align 4
+  %244 = insertelement <8 x float> poison, float %243, i32 0
+  %245 = shufflevector <8 x float> %244, <8 x float> poison, <8 x i32> zeroinitializer
+  %246 = load <8 x float>, ptr %acc003, align 4
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b023, <8 x float> %246)
+  store <8 x float> %247, ptr %acc003, align 4
+  %248 = load <8 x float>, ptr %acc014, align 4
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b124, <8 x float> %248)
+  store <8 x float> %249, ptr %acc014, align 4
+  %250 = getelementptr inbounds float, ptr %179, i64 %k20
+  %251 = load float, ptr %250, align 4
+  %252 = insertelement <8 x float> poison, float %251, i32 0
+  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
+  %254 = load <8 x float>, ptr %acc105, align 4
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b023, <8 x float> %254)
+  store <8 x float> %255, ptr %acc105, align 4
+  %256 = load <8 x float>, ptr %acc116, align 4
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b124, <8 x float> %256)
+  store <8 x float> %257, ptr %acc116, align 4
+  %258 = getelementptr inbounds float, ptr %191, i64 %k20
+  %259 = load float, ptr %258, align 4
+  %260 = insertelement <8 x float> poison, float %259, i32 0
+  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
+  %262 = load <8 x float>, ptr %acc207, align 4
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b023, <8 x float> %262)
+  store <8 x float> %263, ptr %acc207, align 4
+  %264 = load <8 x float>, ptr %acc218, align 4
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b124, <8 x float> %264)
+  store <8 x float> %265, ptr %acc218, align 4
+  %266 = getelementptr inbounds float, ptr %203, i64 %k20
+  %267 = load float, ptr %266, align 4
+  %268 = insertelement <8 x float> poison, float %267, i32 0
+  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
+  %270 = load <8 x float>, ptr %acc309, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b023, <8 x float> %270)
+  store <8 x float> %271, ptr %acc309, align 4
+  %272 = load <8 x float>, ptr %acc3110, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b124, <8 x float> %272)
+  store <8 x float> %273, ptr %acc3110, align 4
+  %274 = getelementptr inbounds float, ptr %215, i64 %k20
+  %275 = load float, ptr %274, align 4
+  %276 = insertelement <8 x float> poison, float %275, i32 0
+  %277 = shufflevector <8 x float> %276, <8 x float> poison, <8 x i32> zeroinitializer
+  %278 = load <8 x float>, ptr %acc4011, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b023, <8 x float> %278)
+  store <8 x float> %279, ptr %acc4011, align 4
+  %280 = load <8 x float>, ptr %acc4112, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b124, <8 x float> %280)
+  store <8 x float> %281, ptr %acc4112, align 4
+  %282 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %282 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %282, ptr %173, align 4
-  %283 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %283, ptr %175, align 4
-  %284 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %284, ptr %185, align 4
-  %285 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %285, ptr %187, align 4
-  %286 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %286, ptr %197, align 4
-  %287 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %287, ptr %199, align 4
-  %288 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %288, ptr %209, align 4
-  %289 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %289, ptr %211, align 4
-  %290 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %290, ptr %221, align 4
-  %291 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %291, ptr %223, align 4
+  %283 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %283, ptr %174, align 4
+  %284 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %284, ptr %176, align 4
+  %285 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %285, ptr %186, align 4
+  %286 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %286, ptr %188, align 4
+  %287 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %287, ptr %198, align 4
+  %288 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %288, ptr %200, align 4
+  %289 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %289, ptr %210, align 4
+  %290 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %290, ptr %212, align 4
+  %291 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %291, ptr %222, align 4
+  %292 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %292, ptr %224, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %292 = add nsw i64 %r0, 0
-  %293 = mul nsw i64 %292, 3072
-  %294 = getelementptr inbounds float, ptr %h, i64 %293
-  %295 = getelementptr inbounds i32, ptr %rows, i64 %292
-  %296 = load i32, ptr %295, align 4
-  %297 = sext i32 %296 to i64
-  %298 = mul nsw i64 %297, 768
-  %299 = getelementptr inbounds float, ptr %y, i64 %298
-  %300 = add nsw i64 %col25, 0
-  %301 = getelementptr inbounds float, ptr %299, i64 %300
+  %293 = add nsw i64 %r0, 0
+  %294 = mul nsw i64 %293, 3072
+  %295 = getelementptr inbounds float, ptr %h, i64 %294
+  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %297 = load i32, ptr %296, align 4
+  %298 = sext i32 %297 to i64
+  %299 = mul nsw i64 %298, 768
+  %300 = getelementptr inbounds float, ptr %y, i64 %299
+  %301 = add nsw i64 %col25, 0
+  %302 = getelementptr inbounds float, ptr %300, i64 %301
   store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %302 = add nsw i64 %col25, 8
-  %303 = getelementptr inbounds float, ptr %299, i64 %302
+  %303 = add nsw i64 %col25, 8
+  %304 = getelementptr inbounds float, ptr %300, i64 %303
   store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %304 = add nsw i64 %r0, 1
-  %305 = mul nsw i64 %304, 3072
-  %306 = getelementptr inbounds float, ptr %h, i64 %305
-  %307 = getelementptr inbounds i32, ptr %rows, i64 %304
-  %308 = load i32, ptr %307, align 4
-  %309 = sext i32 %308 to i64
-  %310 = mul nsw i64 %309, 768
-  %311 = getelementptr inbounds float, ptr %y, i64 %310
-  %312 = add nsw i64 %col25, 0
-  %313 = getelementptr inbounds float, ptr %311, i64 %312
+  %305 = add nsw i64 %r0, 1
+  %306 = mul nsw i64 %305, 3072
+  %307 = getelementptr inbounds float, ptr %h, i64 %306
+  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %309 = load i32, ptr %308, align 4
+  %310 = sext i32 %309 to i64
+  %311 = mul nsw i64 %310, 768
+  %312 = getelementptr inbounds float, ptr %y, i64 %311
+  %313 = add nsw i64 %col25, 0
+  %314 = getelementptr inbounds float, ptr %312, i64 %313
   store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %314 = add nsw i64 %col25, 8
-  %315 = getelementptr inbounds float, ptr %311, i64 %314
+  %315 = add nsw i64 %col25, 8
+  %316 = getelementptr inbounds float, ptr %312, i64 %315
   store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %316 = add nsw i64 %r0, 2
-  %317 = mul nsw i64 %316, 3072
-  %318 = getelementptr inbounds float, ptr %h, i64 %317
-  %319 = getelementptr inbounds i32, ptr %rows, i64 %316
-  %320 = load i32, ptr %319, align 4
-  %321 = sext i32 %320 to i64
-  %322 = mul nsw i64 %321, 768
-  %323 = getelementptr inbounds float, ptr %y, i64 %322
-  %324 = add nsw i64 %col25, 0
-  %325 = getelementptr inbounds float, ptr %323, i64 %324
+  %317 = add nsw i64 %r0, 2
+  %318 = mul nsw i64 %317, 3072
+  %319 = getelementptr inbounds float, ptr %h, i64 %318
+  %320 = getelementptr inbounds i32, ptr %rows, i64 %317
+  %321 = load i32, ptr %320, align 4
+  %322 = sext i32 %321 to i64
+  %323 = mul nsw i64 %322, 768
+  %324 = getelementptr inbounds float, ptr %y, i64 %323
+  %325 = add nsw i64 %col25, 0
+  %326 = getelementptr inbounds float, ptr %324, i64 %325
   store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %326 = add nsw i64 %col25, 8
-  %327 = getelementptr inbounds float, ptr %323, i64 %326
+  %327 = add nsw i64 %col25, 8
+  %328 = getelementptr inbounds float, ptr %324, i64 %327
   store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = mul nsw i64 %328, 3072
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %331 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %332 = load i32, ptr %331, align 4
-  %333 = sext i32 %332 to i64
-  %334 = mul nsw i64 %333, 768
-  %335 = getelementptr inbounds float, ptr %y, i64 %334
-  %336 = add nsw i64 %col25, 0
-  %337 = getelementptr inbounds float, ptr %335, i64 %336
+  %329 = add nsw i64 %r0, 3
+  %330 = mul nsw i64 %329, 3072
+  %331 = getelementptr inbounds float, ptr %h, i64 %330
+  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
+  %333 = load i32, ptr %332, align 4
+  %334 = sext i32 %333 to i64
+  %335 = mul nsw i64 %334, 768
+  %336 = getelementptr inbounds float, ptr %y, i64 %335
+  %337 = add nsw i64 %col25, 0
+  %338 = getelementptr inbounds float, ptr %336, i64 %337
   store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %338 = add nsw i64 %col25, 8
-  %339 = getelementptr inbounds float, ptr %335, i64 %338
+  %339 = add nsw i64 %col25, 8
+  %340 = getelementptr inbounds float, ptr %336, i64 %339
   store <8 x float> zeroinitializer, ptr %acc3133, align 4
   %panel.off34 = mul nsw i64 %p, 49152
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %341 = add nsw i64 %p, 1
-  %342 = icmp slt i64 %341, %p1
-  %pf.on35 = and i1 %pf.on, %342
-  %343 = mul nsw i64 %pf.j, 98304
-  %344 = lshr i64 %343, %10
-  %345 = add nsw i64 98304, %344
-  %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf36 = select i1 %pf.on35, ptr %346, ptr %340
-  %pf.sh37 = select i1 %pf.on35, i64 %10, i64 0
+  %341 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %342 = add nsw i64 %p, 1
+  %343 = icmp slt i64 %342, %p1
+  %pf.on35 = and i1 %pf.on, %343
+  %344 = mul nsw i64 %rb, 98304
+  %345 = lshr i64 %344, %12
+  %346 = add nsw i64 98304, %345
+  %347 = getelementptr inbounds i8, ptr %341, i64 %346
+  %pf36 = select i1 %pf.on35, ptr %347, ptr %341
+  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %389, %pf.any.end43 ]
-  %347 = icmp slt i64 %k41, 3072
-  br i1 %347, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %390, %pf.any.end43 ]
+  %348 = icmp slt i64 %k41, 3072
+  br i1 %348, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %348 = mul nsw i64 %k41, 16
-  %349 = add nsw i64 %panel.off34, %348
-  %350 = mul nsw i64 %k41, 32
+  %349 = mul nsw i64 %k41, 16
+  %350 = add nsw i64 %panel.off34, %349
+  %351 = mul nsw i64 %k41, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %351 = lshr i64 %350, %pf.sh37
-  %352 = getelementptr inbounds i8, ptr %pf36, i64 %351
-  call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
+  %352 = lshr i64 %351, %pf.sh37
+  %353 = getelementptr inbounds i8, ptr %pf36, i64 %352
+  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %353 = getelementptr inbounds i16, ptr %panels, i64 %349
-  %354 = load <8 x i32>, ptr %353, align 4
-  %355 = shl <8 x i32> %354, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %355 to <8 x float>
-  %356 = and <8 x i32> %354, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = getelementptr inbounds float, ptr %294, i64 %k41
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0026, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b044, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0026, align 4
-  %363 = load <8 x float>, ptr %acc0127, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b145, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0127, align 4
-  %365 = getelementptr inbounds float, ptr %306, i64 %k41
-  %366 = load float, ptr %365, align 4
-  %367 = insertelement <8 x float> poison, float %366, i32 0
-  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1028, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b044, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1028, align 4
-  %371 = load <8 x float>, ptr %acc1129, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %b145, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1129, align 4
-  %373 = getelementptr inbounds float, ptr %318, i64 %k41
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2030, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b044, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2030, align 4
-  %379 = load <8 x float>, ptr %acc2131, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %b145, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2131, align 4
-  %381 = getelementptr inbounds float, ptr %330, i64 %k41
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3032, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b044, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3032, align 4
-  %387 = load <8 x float>, ptr %acc3133, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %b145, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3133, align 4
-  %389 = add nsw i64 %k41, 1
+  %354 = getelementptr inbounds i16, ptr %panels, i64 %350
+  %355 = load <8 x i32>, ptr %354, align 4
+  %356 = shl <8 x i32> %355, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %356 to <8 x float>
+  %357 = and <8 x i32> %355, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %357 to <8 x float>
+  %358 = getelementptr inbounds float, ptr %295, i64 %k41
+  %359 = load float, ptr %358, align 4
+  %360 = insertelement <8 x float> poison, float %359, i32 0
+  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
+  %362 = load <8 x float>, ptr %acc0026, align 4
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b044, <8 x float> %362)
+  store <8 x float> %363, ptr %acc0026, align 4
+  %364 = load <8 x float>, ptr %acc0127, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b145, <8 x float> %364)
+  store <8 x float> %365, ptr %acc0127, align 4
+  %366 = getelementptr inbounds float, ptr %307, i64 %k41
+  %367 = load float, ptr %366, align 4
+  %368 = insertelement <8 x float> poison, float %367, i32 0
+  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
+  %370 = load <8 x float>, ptr %acc1028, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b044, <8 x float> %370)
+  store <8 x float> %371, ptr %acc1028, align 4
+  %372 = load <8 x float>, ptr %acc1129, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b145, <8 x float> %372)
+  store <8 x float> %373, ptr %acc1129, align 4
+  %374 = getelementptr inbounds float, ptr %319, i64 %k41
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc2030, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b044, <8 x float> %378)
+  store <8 x float> %379, ptr %acc2030, align 4
+  %380 = load <8 x float>, ptr %acc2131, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b145, <8 x float> %380)
+  store <8 x float> %381, ptr %acc2131, align 4
+  %382 = getelementptr inbounds float, ptr %331, i64 %k41
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = load <8 x float>, ptr %acc3032, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b044, <8 x float> %386)
+  store <8 x float> %387, ptr %acc3032, align 4
+  %388 = load <8 x float>, ptr %acc3133, align 4
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b145, <8 x float> %388)
+  store <8 x float> %389, ptr %acc3133, align 4
+  %390 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %390 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %390, ptr %301, align 4
-  %391 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %391, ptr %303, align 4
-  %392 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %392, ptr %313, align 4
-  %393 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %393, ptr %315, align 4
-  %394 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %394, ptr %325, align 4
-  %395 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %395, ptr %327, align 4
-  %396 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %396, ptr %337, align 4
-  %397 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %397, ptr %339, align 4
+  %391 = load <8 x float>, ptr %acc0026, align 4
+  store <8 x float> %391, ptr %302, align 4
+  %392 = load <8 x float>, ptr %acc0127, align 4
+  store <8 x float> %392, ptr %304, align 4
+  %393 = load <8 x float>, ptr %acc1028, align 4
+  store <8 x float> %393, ptr %314, align 4
+  %394 = load <8 x float>, ptr %acc1129, align 4
+  store <8 x float> %394, ptr %316, align 4
+  %395 = load <8 x float>, ptr %acc2030, align 4
+  store <8 x float> %395, ptr %326, align 4
+  %396 = load <8 x float>, ptr %acc2131, align 4
+  store <8 x float> %396, ptr %328, align 4
+  %397 = load <8 x float>, ptr %acc3032, align 4
+  store <8 x float> %397, ptr %338, align 4
+  %398 = load <8 x float>, ptr %acc3133, align 4
+  store <8 x float> %398, ptr %340, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %398 = add nsw i64 %r0, 0
-  %399 = mul nsw i64 %398, 3072
-  %400 = getelementptr inbounds float, ptr %h, i64 %399
-  %401 = getelementptr inbounds i32, ptr %rows, i64 %398
-  %402 = load i32, ptr %401, align 4
-  %403 = sext i32 %402 to i64
-  %404 = mul nsw i64 %403, 768
-  %405 = getelementptr inbounds float, ptr %y, i64 %404
-  %406 = add nsw i64 %col46, 0
-  %407 = getelementptr inbounds float, ptr %405, i64 %406
+  %399 = add nsw i64 %r0, 0
+  %400 = mul nsw i64 %399, 3072
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %402 = getelementptr inbounds i32, ptr %rows, i64 %399
+  %403 = load i32, ptr %402, align 4
+  %404 = sext i32 %403 to i64
+  %405 = mul nsw i64 %404, 768
+  %406 = getelementptr inbounds float, ptr %y, i64 %405
+  %407 = add nsw i64 %col46, 0
+  %408 = getelementptr inbounds float, ptr %406, i64 %407
   store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %408 = add nsw i64 %col46, 8
-  %409 = getelementptr inbounds float, ptr %405, i64 %408
+  %409 = add nsw i64 %col46, 8
+  %410 = getelementptr inbounds float, ptr %406, i64 %409
   store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %410 = add nsw i64 %r0, 1
-  %411 = mul nsw i64 %410, 3072
-  %412 = getelementptr inbounds float, ptr %h, i64 %411
-  %413 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %414 = load i32, ptr %413, align 4
-  %415 = sext i32 %414 to i64
-  %416 = mul nsw i64 %415, 768
-  %417 = getelementptr inbounds float, ptr %y, i64 %416
-  %418 = add nsw i64 %col46, 0
-  %419 = getelementptr inbounds float, ptr %417, i64 %418
+  %411 = add nsw i64 %r0, 1
+  %412 = mul nsw i64 %411, 3072
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
+  %415 = load i32, ptr %414, align 4
+  %416 = sext i32 %415 to i64
+  %417 = mul nsw i64 %416, 768
+  %418 = getelementptr inbounds float, ptr %y, i64 %417
+  %419 = add nsw i64 %col46, 0
+  %420 = getelementptr inbounds float, ptr %418, i64 %419
   store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %420 = add nsw i64 %col46, 8
-  %421 = getelementptr inbounds float, ptr %417, i64 %420
+  %421 = add nsw i64 %col46, 8
+  %422 = getelementptr inbounds float, ptr %418, i64 %421
   store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %422 = add nsw i64 %r0, 2
-  %423 = mul nsw i64 %422, 3072
-  %424 = getelementptr inbounds float, ptr %h, i64 %423
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %422
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 768
-  %429 = getelementptr inbounds float, ptr %y, i64 %428
-  %430 = add nsw i64 %col46, 0
-  %431 = getelementptr inbounds float, ptr %429, i64 %430
+  %423 = add nsw i64 %r0, 2
+  %424 = mul nsw i64 %423, 3072
+  %425 = getelementptr inbounds float, ptr %h, i64 %424
+  %426 = getelementptr inbounds i32, ptr %rows, i64 %423
+  %427 = load i32, ptr %426, align 4
+  %428 = sext i32 %427 to i64
+  %429 = mul nsw i64 %428, 768
+  %430 = getelementptr inbounds float, ptr %y, i64 %429
+  %431 = add nsw i64 %col46, 0
+  %432 = getelementptr inbounds float, ptr %430, i64 %431
   store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %432 = add nsw i64 %col46, 8
-  %433 = getelementptr inbounds float, ptr %429, i64 %432
+  %433 = add nsw i64 %col46, 8
+  %434 = getelementptr inbounds float, ptr %430, i64 %433
   store <8 x float> zeroinitializer, ptr %acc2152, align 4
   %panel.off53 = mul nsw i64 %p, 49152
-  %434 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %435 = add nsw i64 %p, 1
-  %436 = icmp slt i64 %435, %p1
-  %pf.on54 = and i1 %pf.on, %436
-  %437 = mul nsw i64 %pf.j, 98304
-  %438 = lshr i64 %437, %10
-  %439 = add nsw i64 98304, %438
-  %440 = getelementptr inbounds i8, ptr %434, i64 %439
-  %pf55 = select i1 %pf.on54, ptr %440, ptr %434
-  %pf.sh56 = select i1 %pf.on54, i64 %10, i64 0
+  %435 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %436 = add nsw i64 %p, 1
+  %437 = icmp slt i64 %436, %p1
+  %pf.on54 = and i1 %pf.on, %437
+  %438 = mul nsw i64 %rb, 98304
+  %439 = lshr i64 %438, %12
+  %440 = add nsw i64 98304, %439
+  %441 = getelementptr inbounds i8, ptr %435, i64 %440
+  %pf55 = select i1 %pf.on54, ptr %441, ptr %435
+  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %475, %pf.any.end62 ]
-  %441 = icmp slt i64 %k60, 3072
-  br i1 %441, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %476, %pf.any.end62 ]
+  %442 = icmp slt i64 %k60, 3072
+  br i1 %442, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %442 = mul nsw i64 %k60, 16
-  %443 = add nsw i64 %panel.off53, %442
-  %444 = mul nsw i64 %k60, 32
+  %443 = mul nsw i64 %k60, 16
+  %444 = add nsw i64 %panel.off53, %443
+  %445 = mul nsw i64 %k60, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %445 = lshr i64 %444, %pf.sh56
-  %446 = getelementptr inbounds i8, ptr %pf55, i64 %445
-  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  %446 = lshr i64 %445, %pf.sh56
+  %447 = getelementptr inbounds i8, ptr %pf55, i64 %446
+  call void @llvm.prefetch.p0(ptr %447, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %447 = getelementptr inbounds i16, ptr %panels, i64 %443
-  %448 = load <8 x i32>, ptr %447, align 4
-  %449 = shl <8 x i32> %448, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %449 to <8 x float>
-  %450 = and <8 x i32> %448, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = getelementptr inbounds float, ptr %400, i64 %k60
-  %452 = load float, ptr %451, align 4
-  %453 = insertelement <8 x float> poison, float %452, i32 0
-  %454 = shufflevector <8 x float> %453, <8 x float> poison, <8 x i32> zeroinitializer
-  %455 = load <8 x float>, ptr %acc0047, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b063, <8 x float> %455)
-  store <8 x float> %456, ptr %acc0047, align 4
-  %457 = load <8 x float>, ptr %acc0148, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %b164, <8 x float> %457)
-  store <8 x float> %458, ptr %acc0148, align 4
-  %459 = getelementptr inbounds float, ptr %412, i64 %k60
-  %460 = load float, ptr %459, align 4
-  %461 = insertelement <8 x float> poison, float %460, i32 0
-  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %acc1049, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b063, <8 x float> %463)
-  store <8 x float> %464, ptr %acc1049, align 4
-  %465 = load <8 x float>, ptr %acc1150, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %b164, <8 x float> %465)
-  store <8 x float> %466, ptr %acc1150, align 4
-  %467 = getelementptr inbounds float, ptr %424, i64 %k60
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = load <8 x float>, ptr %acc2051, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b063, <8 x float> %471)
-  store <8 x float> %472, ptr %acc2051, align 4
-  %473 = load <8 x float>, ptr %acc2152, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %470, <8 x float> %b164, <8 x float> %473)
-  store <8 x float> %474, ptr %acc2152, align 4
-  %475 = add nsw i64 %k60, 1
+  %448 = getelementptr inbounds i16, ptr %panels, i64 %444
+  %449 = load <8 x i32>, ptr %448, align 4
+  %450 = shl <8 x i32> %449, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %450 to <8 x float>
+  %451 = and <8 x i32> %449, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %451 to <8 x float>
+  %452 = getelementptr inbounds float, ptr %401, i64 %k60
+  %453 = load float, ptr %452, align 4
+  %454 = insertelement <8 x float> poison, float %453, i32 0
+  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
+  %456 = load <8 x float>, ptr %acc0047, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b063, <8 x float> %456)
+  store <8 x float> %457, ptr %acc0047, align 4
+  %458 = load <8 x float>, ptr %acc0148, align 4
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b164, <8 x float> %458)
+  store <8 x float> %459, ptr %acc0148, align 4
+  %460 = getelementptr inbounds float, ptr %413, i64 %k60
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = load <8 x float>, ptr %acc1049, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
+  store <8 x float> %465, ptr %acc1049, align 4
+  %466 = load <8 x float>, ptr %acc1150, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
+  store <8 x float> %467, ptr %acc1150, align 4
+  %468 = getelementptr inbounds float, ptr %425, i64 %k60
+  %469 = load float, ptr %468, align 4
+  %470 = insertelement <8 x float> poison, float %469, i32 0
+  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
+  %472 = load <8 x float>, ptr %acc2051, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
+  store <8 x float> %473, ptr %acc2051, align 4
+  %474 = load <8 x float>, ptr %acc2152, align 4
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
+  store <8 x float> %475, ptr %acc2152, align 4
+  %476 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %476 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %476, ptr %407, align 4
-  %477 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %477, ptr %409, align 4
-  %478 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %478, ptr %419, align 4
-  %479 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %479, ptr %421, align 4
-  %480 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %480, ptr %431, align 4
-  %481 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %481, ptr %433, align 4
+  %477 = load <8 x float>, ptr %acc0047, align 4
+  store <8 x float> %477, ptr %408, align 4
+  %478 = load <8 x float>, ptr %acc0148, align 4
+  store <8 x float> %478, ptr %410, align 4
+  %479 = load <8 x float>, ptr %acc1049, align 4
+  store <8 x float> %479, ptr %420, align 4
+  %480 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %480, ptr %422, align 4
+  %481 = load <8 x float>, ptr %acc2051, align 4
+  store <8 x float> %481, ptr %432, align 4
+  %482 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %482, ptr %434, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %482 = add nsw i64 %r0, 0
-  %483 = mul nsw i64 %482, 3072
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 768
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col65, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
+  %483 = add nsw i64 %r0, 0
+  %484 = mul nsw i64 %483, 3072
+  %485 = getelementptr inbounds float, ptr %h, i64 %484
+  %486 = getelementptr inbounds i32, ptr %rows, i64 %483
+  %487 = load i32, ptr %486, align 4
+  %488 = sext i32 %487 to i64
+  %489 = mul nsw i64 %488, 768
+  %490 = getelementptr inbounds float, ptr %y, i64 %489
+  %491 = add nsw i64 %col65, 0
+  %492 = getelementptr inbounds float, ptr %490, i64 %491
   store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %492 = add nsw i64 %col65, 8
-  %493 = getelementptr inbounds float, ptr %489, i64 %492
+  %493 = add nsw i64 %col65, 8
+  %494 = getelementptr inbounds float, ptr %490, i64 %493
   store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %494 = add nsw i64 %r0, 1
-  %495 = mul nsw i64 %494, 3072
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %497 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %498 = load i32, ptr %497, align 4
-  %499 = sext i32 %498 to i64
-  %500 = mul nsw i64 %499, 768
-  %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col65, 0
-  %503 = getelementptr inbounds float, ptr %501, i64 %502
+  %495 = add nsw i64 %r0, 1
+  %496 = mul nsw i64 %495, 3072
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 768
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col65, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
   store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %504 = add nsw i64 %col65, 8
-  %505 = getelementptr inbounds float, ptr %501, i64 %504
+  %505 = add nsw i64 %col65, 8
+  %506 = getelementptr inbounds float, ptr %502, i64 %505
   store <8 x float> zeroinitializer, ptr %acc1169, align 4
   %panel.off70 = mul nsw i64 %p, 49152
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %507 = add nsw i64 %p, 1
-  %508 = icmp slt i64 %507, %p1
-  %pf.on71 = and i1 %pf.on, %508
-  %509 = mul nsw i64 %pf.j, 98304
-  %510 = lshr i64 %509, %10
-  %511 = add nsw i64 98304, %510
-  %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf72 = select i1 %pf.on71, ptr %512, ptr %506
-  %pf.sh73 = select i1 %pf.on71, i64 %10, i64 0
+  %507 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %508 = add nsw i64 %p, 1
+  %509 = icmp slt i64 %508, %p1
+  %pf.on71 = and i1 %pf.on, %509
+  %510 = mul nsw i64 %rb, 98304
+  %511 = lshr i64 %510, %12
+  %512 = add nsw i64 98304, %511
+  %513 = getelementptr inbounds i8, ptr %507, i64 %512
+  %pf72 = select i1 %pf.on71, ptr %513, ptr %507
+  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %539, %pf.any.end79 ]
-  %513 = icmp slt i64 %k77, 3072
-  br i1 %513, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %540, %pf.any.end79 ]
+  %514 = icmp slt i64 %k77, 3072
+  br i1 %514, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %514 = mul nsw i64 %k77, 16
-  %515 = add nsw i64 %panel.off70, %514
-  %516 = mul nsw i64 %k77, 32
+  %515 = mul nsw i64 %k77, 16
+  %516 = add nsw i64 %panel.off70, %515
+  %517 = mul nsw i64 %k77, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %517 = lshr i64 %516, %pf.sh73
-  %518 = getelementptr inbounds i8, ptr %pf72, i64 %517
-  call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  %518 = lshr i64 %517, %pf.sh73
+  %519 = getelementptr inbounds i8, ptr %pf72, i64 %518
+  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %519 = getelementptr inbounds i16, ptr %panels, i64 %515
-  %520 = load <8 x i32>, ptr %519, align 4
-  %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %521 to <8 x float>
-  %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %484, i64 %k77
-  %524 = load float, ptr %523, align 4
-  %525 = insertelement <8 x float> poison, float %524, i32 0
-  %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0066, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b080, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0066, align 4
-  %529 = load <8 x float>, ptr %acc0167, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b181, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0167, align 4
-  %531 = getelementptr inbounds float, ptr %496, i64 %k77
-  %532 = load float, ptr %531, align 4
-  %533 = insertelement <8 x float> poison, float %532, i32 0
-  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1068, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b080, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1068, align 4
-  %537 = load <8 x float>, ptr %acc1169, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b181, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1169, align 4
-  %539 = add nsw i64 %k77, 1
+  %520 = getelementptr inbounds i16, ptr %panels, i64 %516
+  %521 = load <8 x i32>, ptr %520, align 4
+  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %522 to <8 x float>
+  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %523 to <8 x float>
+  %524 = getelementptr inbounds float, ptr %485, i64 %k77
+  %525 = load float, ptr %524, align 4
+  %526 = insertelement <8 x float> poison, float %525, i32 0
+  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
+  %528 = load <8 x float>, ptr %acc0066, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b080, <8 x float> %528)
+  store <8 x float> %529, ptr %acc0066, align 4
+  %530 = load <8 x float>, ptr %acc0167, align 4
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b181, <8 x float> %530)
+  store <8 x float> %531, ptr %acc0167, align 4
+  %532 = getelementptr inbounds float, ptr %497, i64 %k77
+  %533 = load float, ptr %532, align 4
+  %534 = insertelement <8 x float> poison, float %533, i32 0
+  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
+  %536 = load <8 x float>, ptr %acc1068, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b080, <8 x float> %536)
+  store <8 x float> %537, ptr %acc1068, align 4
+  %538 = load <8 x float>, ptr %acc1169, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b181, <8 x float> %538)
+  store <8 x float> %539, ptr %acc1169, align 4
+  %540 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %540 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %540, ptr %491, align 4
-  %541 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %541, ptr %493, align 4
-  %542 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %542, ptr %503, align 4
-  %543 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %543, ptr %505, align 4
+  %541 = load <8 x float>, ptr %acc0066, align 4
+  store <8 x float> %541, ptr %492, align 4
+  %542 = load <8 x float>, ptr %acc0167, align 4
+  store <8 x float> %542, ptr %494, align 4
+  %543 = load <8 x float>, ptr %acc1068, align 4
+  store <8 x float> %543, ptr %504, align 4
+  %544 = load <8 x float>, ptr %acc1169, align 4
+  store <8 x float> %544, ptr %506, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %544 = add nsw i64 %r0, 0
-  %545 = mul nsw i64 %544, 3072
-  %546 = getelementptr inbounds float, ptr %h, i64 %545
-  %547 = getelementptr inbounds i32, ptr %rows, i64 %544
-  %548 = load i32, ptr %547, align 4
-  %549 = sext i32 %548 to i64
-  %550 = mul nsw i64 %549, 768
-  %551 = getelementptr inbounds float, ptr %y, i64 %550
-  %552 = add nsw i64 %col82, 0
-  %553 = getelementptr inbounds float, ptr %551, i64 %552
+  %545 = add nsw i64 %r0, 0
+  %546 = mul nsw i64 %545, 3072
+  %547 = getelementptr inbounds float, ptr %h, i64 %546
+  %548 = getelementptr inbounds i32, ptr %rows, i64 %545
+  %549 = load i32, ptr %548, align 4
+  %550 = sext i32 %549 to i64
+  %551 = mul nsw i64 %550, 768
+  %552 = getelementptr inbounds float, ptr %y, i64 %551
+  %553 = add nsw i64 %col82, 0
+  %554 = getelementptr inbounds float, ptr %552, i64 %553
   store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %554 = add nsw i64 %col82, 8
-  %555 = getelementptr inbounds float, ptr %551, i64 %554
+  %555 = add nsw i64 %col82, 8
+  %556 = getelementptr inbounds float, ptr %552, i64 %555
   store <8 x float> zeroinitializer, ptr %acc0184, align 4
   %panel.off85 = mul nsw i64 %p, 49152
-  %556 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %557 = add nsw i64 %p, 1
-  %558 = icmp slt i64 %557, %p1
-  %pf.on86 = and i1 %pf.on, %558
-  %559 = mul nsw i64 %pf.j, 98304
-  %560 = lshr i64 %559, %10
-  %561 = add nsw i64 98304, %560
-  %562 = getelementptr inbounds i8, ptr %556, i64 %561
-  %pf87 = select i1 %pf.on86, ptr %562, ptr %556
-  %pf.sh88 = select i1 %pf.on86, i64 %10, i64 0
+  %557 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %558 = add nsw i64 %p, 1
+  %559 = icmp slt i64 %558, %p1
+  %pf.on86 = and i1 %pf.on, %559
+  %560 = mul nsw i64 %rb, 98304
+  %561 = lshr i64 %560, %12
+  %562 = add nsw i64 98304, %561
+  %563 = getelementptr inbounds i8, ptr %557, i64 %562
+  %pf87 = select i1 %pf.on86, ptr %563, ptr %557
+  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %581, %pf.any.end94 ]
-  %563 = icmp slt i64 %k92, 3072
-  br i1 %563, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %582, %pf.any.end94 ]
+  %564 = icmp slt i64 %k92, 3072
+  br i1 %564, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %564 = mul nsw i64 %k92, 16
-  %565 = add nsw i64 %panel.off85, %564
-  %566 = mul nsw i64 %k92, 32
+  %565 = mul nsw i64 %k92, 16
+  %566 = add nsw i64 %panel.off85, %565
+  %567 = mul nsw i64 %k92, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %567 = lshr i64 %566, %pf.sh88
-  %568 = getelementptr inbounds i8, ptr %pf87, i64 %567
-  call void @llvm.prefetch.p0(ptr %568, i32 0, i32 2, i32 1)
+  %568 = lshr i64 %567, %pf.sh88
+  %569 = getelementptr inbounds i8, ptr %pf87, i64 %568
+  call void @llvm.prefetch.p0(ptr %569, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %569 = getelementptr inbounds i16, ptr %panels, i64 %565
-  %570 = load <8 x i32>, ptr %569, align 4
-  %571 = shl <8 x i32> %570, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %571 to <8 x float>
-  %572 = and <8 x i32> %570, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = getelementptr inbounds float, ptr %546, i64 %k92
-  %574 = load float, ptr %573, align 4
-  %575 = insertelement <8 x float> poison, float %574, i32 0
-  %576 = shufflevector <8 x float> %575, <8 x float> poison, <8 x i32> zeroinitializer
-  %577 = load <8 x float>, ptr %acc0083, align 4
-  %578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b095, <8 x float> %577)
-  store <8 x float> %578, ptr %acc0083, align 4
-  %579 = load <8 x float>, ptr %acc0184, align 4
-  %580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %576, <8 x float> %b196, <8 x float> %579)
-  store <8 x float> %580, ptr %acc0184, align 4
-  %581 = add nsw i64 %k92, 1
+  %570 = getelementptr inbounds i16, ptr %panels, i64 %566
+  %571 = load <8 x i32>, ptr %570, align 4
+  %572 = shl <8 x i32> %571, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = and <8 x i32> %571, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %573 to <8 x float>
+  %574 = getelementptr inbounds float, ptr %547, i64 %k92
+  %575 = load float, ptr %574, align 4
+  %576 = insertelement <8 x float> poison, float %575, i32 0
+  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
+  %578 = load <8 x float>, ptr %acc0083, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b095, <8 x float> %578)
+  store <8 x float> %579, ptr %acc0083, align 4
+  %580 = load <8 x float>, ptr %acc0184, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b196, <8 x float> %580)
+  store <8 x float> %581, ptr %acc0184, align 4
+  %582 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %582 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %582, ptr %553, align 4
-  %583 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %583, ptr %555, align 4
+  %583 = load <8 x float>, ptr %acc0083, align 4
+  store <8 x float> %583, ptr %554, align 4
+  %584 = load <8 x float>, ptr %acc0184, align 4
+  store <8 x float> %584, ptr %556, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %584 = add nsw i64 %r0, 6
-  br label %r0.head
+  %585 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %585 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %586 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -951,37 +951,38 @@ entry:
 start:                                            ; preds = %entry
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1094, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %1095, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %1 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %1, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %1093, %tile.done ]
-  %1 = icmp slt i64 %r0, %n
-  br i1 %1, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %1094, %tile.done ]
+  %2 = icmp slt i64 %rb, %nrb
+  br i1 %2, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %2 = icmp sge i64 %left, 6
-  %mr = select i1 %2, i64 6, i64 %left
-  %3 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %3, 6
-  %4 = icmp sge i64 %nrb, 2
-  %5 = select i1 %4, i64 1, i64 0
-  %6 = icmp sge i64 %nrb, 4
-  %7 = select i1 %6, i64 2, i64 %5
-  %8 = icmp sge i64 %nrb, 8
-  %9 = select i1 %8, i64 3, i64 %7
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %3 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %3, %nrb
+  %4 = add nsw i64 %rb, 1
+  %5 = mul nsw i64 %4, %n
+  %r1 = sdiv i64 %5, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %6 = icmp sge i64 %nrb, 2
+  %7 = select i1 %6, i64 1, i64 0
+  %8 = icmp sge i64 %nrb, 4
+  %9 = select i1 %8, i64 2, i64 %7
+  %10 = icmp sge i64 %nrb, 8
+  %11 = select i1 %10, i64 3, i64 %9
   %pf.multi = icmp sgt i64 %nrb, 1
-  %10 = shl i64 1, %9
-  %11 = icmp slt i64 %pf.j, %10
-  %12 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %12, %11
+  %12 = shl i64 1, %11
+  %13 = icmp slt i64 %rb, %12
+  %pf.on = and i1 %pf.multi, %13
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -990,1467 +991,1467 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
-  %13 = add nsw i64 %r0, 0
-  %14 = getelementptr inbounds i32, ptr %rows, i64 %13
-  %15 = load i32, ptr %14, align 4
-  %16 = sext i32 %15 to i64
-  %17 = mul nsw i64 %16, 1024
-  %18 = getelementptr inbounds float, ptr %x, i64 %17
+tile.mr6:                                         ; preds = %rb.body
+  %14 = add nsw i64 %r0, 0
+  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
+  %16 = load i32, ptr %15, align 4
+  %17 = sext i32 %16 to i64
+  %18 = mul nsw i64 %17, 1024
+  %19 = getelementptr inbounds float, ptr %x, i64 %18
   store <8 x float> zeroinitializer, ptr %acc00, align 4
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %19 = add nsw i64 %r0, 1
-  %20 = getelementptr inbounds i32, ptr %rows, i64 %19
-  %21 = load i32, ptr %20, align 4
-  %22 = sext i32 %21 to i64
-  %23 = mul nsw i64 %22, 1024
-  %24 = getelementptr inbounds float, ptr %x, i64 %23
+  %20 = add nsw i64 %r0, 1
+  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
+  %22 = load i32, ptr %21, align 4
+  %23 = sext i32 %22 to i64
+  %24 = mul nsw i64 %23, 1024
+  %25 = getelementptr inbounds float, ptr %x, i64 %24
   store <8 x float> zeroinitializer, ptr %acc10, align 4
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %25 = add nsw i64 %r0, 2
-  %26 = getelementptr inbounds i32, ptr %rows, i64 %25
-  %27 = load i32, ptr %26, align 4
-  %28 = sext i32 %27 to i64
-  %29 = mul nsw i64 %28, 1024
-  %30 = getelementptr inbounds float, ptr %x, i64 %29
+  %26 = add nsw i64 %r0, 2
+  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
+  %28 = load i32, ptr %27, align 4
+  %29 = sext i32 %28 to i64
+  %30 = mul nsw i64 %29, 1024
+  %31 = getelementptr inbounds float, ptr %x, i64 %30
   store <8 x float> zeroinitializer, ptr %acc20, align 4
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %31 = add nsw i64 %r0, 3
-  %32 = getelementptr inbounds i32, ptr %rows, i64 %31
-  %33 = load i32, ptr %32, align 4
-  %34 = sext i32 %33 to i64
-  %35 = mul nsw i64 %34, 1024
-  %36 = getelementptr inbounds float, ptr %x, i64 %35
+  %32 = add nsw i64 %r0, 3
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 1024
+  %37 = getelementptr inbounds float, ptr %x, i64 %36
   store <8 x float> zeroinitializer, ptr %acc30, align 4
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %37 = add nsw i64 %r0, 4
-  %38 = getelementptr inbounds i32, ptr %rows, i64 %37
-  %39 = load i32, ptr %38, align 4
-  %40 = sext i32 %39 to i64
-  %41 = mul nsw i64 %40, 1024
-  %42 = getelementptr inbounds float, ptr %x, i64 %41
+  %38 = add nsw i64 %r0, 4
+  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
+  %40 = load i32, ptr %39, align 4
+  %41 = sext i32 %40 to i64
+  %42 = mul nsw i64 %41, 1024
+  %43 = getelementptr inbounds float, ptr %x, i64 %42
   store <8 x float> zeroinitializer, ptr %acc40, align 4
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %43 = add nsw i64 %r0, 5
-  %44 = getelementptr inbounds i32, ptr %rows, i64 %43
-  %45 = load i32, ptr %44, align 4
-  %46 = sext i32 %45 to i64
-  %47 = mul nsw i64 %46, 1024
-  %48 = getelementptr inbounds float, ptr %x, i64 %47
+  %44 = add nsw i64 %r0, 5
+  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
+  %46 = load i32, ptr %45, align 4
+  %47 = sext i32 %46 to i64
+  %48 = mul nsw i64 %47, 1024
+  %49 = getelementptr inbounds float, ptr %x, i64 %48
   store <8 x float> zeroinitializer, ptr %acc50, align 4
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 16384
-  %49 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %50 = add nsw i64 %p, 1
-  %51 = icmp slt i64 %50, %p1
-  %pf.on1 = and i1 %pf.on, %51
-  %52 = mul nsw i64 %pf.j, 65536
-  %53 = lshr i64 %52, %9
-  %54 = add nsw i64 65536, %53
-  %55 = getelementptr inbounds i8, ptr %49, i64 %54
-  %pf = select i1 %pf.on1, ptr %55, ptr %49
-  %pf.sh = select i1 %pf.on1, i64 %9, i64 0
+  %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %51 = add nsw i64 %p, 1
+  %52 = icmp slt i64 %51, %p1
+  %pf.on1 = and i1 %pf.on, %52
+  %53 = mul nsw i64 %rb, 65536
+  %54 = lshr i64 %53, %11
+  %55 = add nsw i64 65536, %54
+  %56 = getelementptr inbounds i8, ptr %50, i64 %55
+  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
-  %56 = icmp slt i64 %k, 1024
-  br i1 %56, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %116, %pf.any.end ]
+  %57 = icmp slt i64 %k, 1024
+  br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %57 = mul nsw i64 %k, 16
-  %58 = add nsw i64 %panel.off, %57
-  %59 = mul nsw i64 %k, 64
+  %58 = mul nsw i64 %k, 16
+  %59 = add nsw i64 %panel.off, %58
+  %60 = mul nsw i64 %k, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %60 = lshr i64 %59, %pf.sh
-  %61 = getelementptr inbounds i8, ptr %pf, i64 %60
-  call void @llvm.prefetch.p0(ptr %61, i32 0, i32 2, i32 1)
+  %61 = lshr i64 %60, %pf.sh
+  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
+  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %62 = getelementptr inbounds float, ptr %panels, i64 %58
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %58, 8
-  %65 = getelementptr inbounds float, ptr %panels, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  %67 = getelementptr inbounds float, ptr %18, i64 %k
-  %68 = load float, ptr %67, align 4
-  %69 = insertelement <8 x float> poison, float %68, i32 0
-  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
-  %71 = load <8 x float>, ptr %acc00, align 4
-  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %63, <8 x float> %71)
-  store <8 x float> %72, ptr %acc00, align 4
-  %73 = load <8 x float>, ptr %acc01, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %66, <8 x float> %73)
-  store <8 x float> %74, ptr %acc01, align 4
-  %75 = getelementptr inbounds float, ptr %24, i64 %k
-  %76 = load float, ptr %75, align 4
-  %77 = insertelement <8 x float> poison, float %76, i32 0
-  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
-  %79 = load <8 x float>, ptr %acc10, align 4
-  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %63, <8 x float> %79)
-  store <8 x float> %80, ptr %acc10, align 4
-  %81 = load <8 x float>, ptr %acc11, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %66, <8 x float> %81)
-  store <8 x float> %82, ptr %acc11, align 4
-  %83 = getelementptr inbounds float, ptr %30, i64 %k
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = load <8 x float>, ptr %acc20, align 4
-  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %63, <8 x float> %87)
-  store <8 x float> %88, ptr %acc20, align 4
-  %89 = load <8 x float>, ptr %acc21, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %66, <8 x float> %89)
-  store <8 x float> %90, ptr %acc21, align 4
-  %91 = getelementptr inbounds float, ptr %36, i64 %k
-  %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> poison, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
-  %95 = load <8 x float>, ptr %acc30, align 4
-  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %63, <8 x float> %95)
-  store <8 x float> %96, ptr %acc30, align 4
-  %97 = load <8 x float>, ptr %acc31, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %66, <8 x float> %97)
-  store <8 x float> %98, ptr %acc31, align 4
-  %99 = getelementptr inbounds float, ptr %42, i64 %k
-  %100 = load float, ptr %99, align 4
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = load <8 x float>, ptr %acc40, align 4
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %63, <8 x float> %103)
-  store <8 x float> %104, ptr %acc40, align 4
-  %105 = load <8 x float>, ptr %acc41, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %66, <8 x float> %105)
-  store <8 x float> %106, ptr %acc41, align 4
-  %107 = getelementptr inbounds float, ptr %48, i64 %k
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc50, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %63, <8 x float> %111)
-  store <8 x float> %112, ptr %acc50, align 4
-  %113 = load <8 x float>, ptr %acc51, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %66, <8 x float> %113)
-  store <8 x float> %114, ptr %acc51, align 4
-  %115 = add nsw i64 %k, 1
+  %63 = getelementptr inbounds float, ptr %panels, i64 %59
+  %64 = load <8 x float>, ptr %63, align 4
+  %65 = add nsw i64 %59, 8
+  %66 = getelementptr inbounds float, ptr %panels, i64 %65
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = getelementptr inbounds float, ptr %19, i64 %k
+  %69 = load float, ptr %68, align 4
+  %70 = insertelement <8 x float> poison, float %69, i32 0
+  %71 = shufflevector <8 x float> %70, <8 x float> poison, <8 x i32> zeroinitializer
+  %72 = load <8 x float>, ptr %acc00, align 4
+  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %64, <8 x float> %72)
+  store <8 x float> %73, ptr %acc00, align 4
+  %74 = load <8 x float>, ptr %acc01, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %67, <8 x float> %74)
+  store <8 x float> %75, ptr %acc01, align 4
+  %76 = getelementptr inbounds float, ptr %25, i64 %k
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc10, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %64, <8 x float> %80)
+  store <8 x float> %81, ptr %acc10, align 4
+  %82 = load <8 x float>, ptr %acc11, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %67, <8 x float> %82)
+  store <8 x float> %83, ptr %acc11, align 4
+  %84 = getelementptr inbounds float, ptr %31, i64 %k
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc20, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %64, <8 x float> %88)
+  store <8 x float> %89, ptr %acc20, align 4
+  %90 = load <8 x float>, ptr %acc21, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %67, <8 x float> %90)
+  store <8 x float> %91, ptr %acc21, align 4
+  %92 = getelementptr inbounds float, ptr %37, i64 %k
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc30, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %64, <8 x float> %96)
+  store <8 x float> %97, ptr %acc30, align 4
+  %98 = load <8 x float>, ptr %acc31, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %67, <8 x float> %98)
+  store <8 x float> %99, ptr %acc31, align 4
+  %100 = getelementptr inbounds float, ptr %43, i64 %k
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc40, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %64, <8 x float> %104)
+  store <8 x float> %105, ptr %acc40, align 4
+  %106 = load <8 x float>, ptr %acc41, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %67, <8 x float> %106)
+  store <8 x float> %107, ptr %acc41, align 4
+  %108 = getelementptr inbounds float, ptr %49, i64 %k
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc50, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %64, <8 x float> %112)
+  store <8 x float> %113, ptr %acc50, align 4
+  %114 = load <8 x float>, ptr %acc51, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %67, <8 x float> %114)
+  store <8 x float> %115, ptr %acc51, align 4
+  %116 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %116 = add nsw i64 %r0, 0
-  %117 = getelementptr inbounds float, ptr %rw, i64 %116
-  %118 = load float, ptr %117, align 4
-  %119 = insertelement <8 x float> poison, float %118, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %116, 2816
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
+  %117 = add nsw i64 %r0, 0
+  %118 = getelementptr inbounds float, ptr %rw, i64 %117
+  %119 = load float, ptr %118, align 4
+  %120 = insertelement <8 x float> poison, float %119, i32 0
+  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
+  %122 = mul nsw i64 %117, 2816
+  %123 = getelementptr inbounds float, ptr %h, i64 %122
   %col = mul nsw i64 %p, 8
-  %123 = load <8 x float>, ptr %acc00, align 4
-  %124 = load <8 x float>, ptr %acc01, align 4
-  %125 = fneg <8 x float> %123
-  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %131 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %132)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %133, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %133, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %133, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %133, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %133, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %139 = fmul <8 x float> %133, %133
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %139, <8 x float> %133)
-  %141 = fadd <8 x float> %140, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %142 = fptosi <8 x float> %131 to <8 x i32>
-  %143 = add <8 x i32> %142, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %144 = shl <8 x i32> %143, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %144 to <8 x float>
-  %exp = fmul <8 x float> %141, %exp.2n
-  %145 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %145
-  %silu = fmul <8 x float> %123, %sigmoid
-  %glu = fmul <8 x float> %silu, %124
-  %146 = fmul <8 x float> %glu, %120
-  %147 = getelementptr inbounds float, ptr %122, i64 %col
-  store <8 x float> %146, ptr %147, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = getelementptr inbounds float, ptr %rw, i64 %148
-  %150 = load float, ptr %149, align 4
-  %151 = insertelement <8 x float> poison, float %150, i32 0
-  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
-  %153 = mul nsw i64 %148, 2816
-  %154 = getelementptr inbounds float, ptr %h, i64 %153
+  %124 = load <8 x float>, ptr %acc00, align 4
+  %125 = load <8 x float>, ptr %acc01, align 4
+  %126 = fneg <8 x float> %124
+  %127 = fcmp olt <8 x float> %126, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %129 = fcmp ogt <8 x float> %128, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %132 = call <8 x float> @llvm.floor.v8f32(<8 x float> %131)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %130)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %133)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %134, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %134, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %134, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %134, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %134, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %140 = fmul <8 x float> %134, %134
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %140, <8 x float> %134)
+  %142 = fadd <8 x float> %141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %143 = fptosi <8 x float> %132 to <8 x i32>
+  %144 = add <8 x i32> %143, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %145 = shl <8 x i32> %144, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %145 to <8 x float>
+  %exp = fmul <8 x float> %142, %exp.2n
+  %146 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %146
+  %silu = fmul <8 x float> %124, %sigmoid
+  %glu = fmul <8 x float> %silu, %125
+  %147 = fmul <8 x float> %glu, %121
+  %148 = getelementptr inbounds float, ptr %123, i64 %col
+  store <8 x float> %147, ptr %148, align 4
+  %149 = add nsw i64 %r0, 1
+  %150 = getelementptr inbounds float, ptr %rw, i64 %149
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = mul nsw i64 %149, 2816
+  %155 = getelementptr inbounds float, ptr %h, i64 %154
   %col2 = mul nsw i64 %p, 8
-  %155 = load <8 x float>, ptr %acc10, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  %157 = fneg <8 x float> %155
-  %158 = fcmp olt <8 x float> %157, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %159 = select <8 x i1> %158, <8 x float> %157, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %160 = fcmp ogt <8 x float> %159, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %162)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %161)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %164)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %165, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %165, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %165, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %165, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %165, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %171 = fmul <8 x float> %165, %165
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %171, <8 x float> %165)
-  %173 = fadd <8 x float> %172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %174 = fptosi <8 x float> %163 to <8 x i32>
-  %175 = add <8 x i32> %174, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %176 = shl <8 x i32> %175, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %176 to <8 x float>
-  %exp4 = fmul <8 x float> %173, %exp.2n3
-  %177 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %177
-  %silu6 = fmul <8 x float> %155, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %156
-  %178 = fmul <8 x float> %glu7, %152
-  %179 = getelementptr inbounds float, ptr %154, i64 %col2
-  store <8 x float> %178, ptr %179, align 4
-  %180 = add nsw i64 %r0, 2
-  %181 = getelementptr inbounds float, ptr %rw, i64 %180
-  %182 = load float, ptr %181, align 4
-  %183 = insertelement <8 x float> poison, float %182, i32 0
-  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
-  %185 = mul nsw i64 %180, 2816
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %156 = load <8 x float>, ptr %acc10, align 4
+  %157 = load <8 x float>, ptr %acc11, align 4
+  %158 = fneg <8 x float> %156
+  %159 = fcmp olt <8 x float> %158, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %160 = select <8 x i1> %159, <8 x float> %158, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %161 = fcmp ogt <8 x float> %160, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %164 = call <8 x float> @llvm.floor.v8f32(<8 x float> %163)
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %162)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %165)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %166, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %166, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %166, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %166, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %166, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %172 = fmul <8 x float> %166, %166
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %172, <8 x float> %166)
+  %174 = fadd <8 x float> %173, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %175 = fptosi <8 x float> %164 to <8 x i32>
+  %176 = add <8 x i32> %175, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %177 = shl <8 x i32> %176, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %177 to <8 x float>
+  %exp4 = fmul <8 x float> %174, %exp.2n3
+  %178 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %178
+  %silu6 = fmul <8 x float> %156, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %157
+  %179 = fmul <8 x float> %glu7, %153
+  %180 = getelementptr inbounds float, ptr %155, i64 %col2
+  store <8 x float> %179, ptr %180, align 4
+  %181 = add nsw i64 %r0, 2
+  %182 = getelementptr inbounds float, ptr %rw, i64 %181
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = mul nsw i64 %181, 2816
+  %187 = getelementptr inbounds float, ptr %h, i64 %186
   %col8 = mul nsw i64 %p, 8
-  %187 = load <8 x float>, ptr %acc20, align 4
-  %188 = load <8 x float>, ptr %acc21, align 4
-  %189 = fneg <8 x float> %187
-  %190 = fcmp olt <8 x float> %189, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %192 = fcmp ogt <8 x float> %191, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %195 = call <8 x float> @llvm.floor.v8f32(<8 x float> %194)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %193)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %196)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %197, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %197, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %197, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %197, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %203 = fmul <8 x float> %197, %197
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %203, <8 x float> %197)
-  %205 = fadd <8 x float> %204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %206 = fptosi <8 x float> %195 to <8 x i32>
-  %207 = add <8 x i32> %206, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %208 = shl <8 x i32> %207, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %208 to <8 x float>
-  %exp10 = fmul <8 x float> %205, %exp.2n9
-  %209 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %209
-  %silu12 = fmul <8 x float> %187, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %188
-  %210 = fmul <8 x float> %glu13, %184
-  %211 = getelementptr inbounds float, ptr %186, i64 %col8
-  store <8 x float> %210, ptr %211, align 4
-  %212 = add nsw i64 %r0, 3
-  %213 = getelementptr inbounds float, ptr %rw, i64 %212
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = mul nsw i64 %212, 2816
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
+  %188 = load <8 x float>, ptr %acc20, align 4
+  %189 = load <8 x float>, ptr %acc21, align 4
+  %190 = fneg <8 x float> %188
+  %191 = fcmp olt <8 x float> %190, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %193 = fcmp ogt <8 x float> %192, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %196 = call <8 x float> @llvm.floor.v8f32(<8 x float> %195)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %194)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %197)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %198, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %198, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %198, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %198, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %198, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %204 = fmul <8 x float> %198, %198
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %204, <8 x float> %198)
+  %206 = fadd <8 x float> %205, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %207 = fptosi <8 x float> %196 to <8 x i32>
+  %208 = add <8 x i32> %207, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %209 = shl <8 x i32> %208, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %209 to <8 x float>
+  %exp10 = fmul <8 x float> %206, %exp.2n9
+  %210 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %210
+  %silu12 = fmul <8 x float> %188, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %189
+  %211 = fmul <8 x float> %glu13, %185
+  %212 = getelementptr inbounds float, ptr %187, i64 %col8
+  store <8 x float> %211, ptr %212, align 4
+  %213 = add nsw i64 %r0, 3
+  %214 = getelementptr inbounds float, ptr %rw, i64 %213
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = mul nsw i64 %213, 2816
+  %219 = getelementptr inbounds float, ptr %h, i64 %218
   %col14 = mul nsw i64 %p, 8
-  %219 = load <8 x float>, ptr %acc30, align 4
-  %220 = load <8 x float>, ptr %acc31, align 4
-  %221 = fneg <8 x float> %219
-  %222 = fcmp olt <8 x float> %221, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %223 = select <8 x i1> %222, <8 x float> %221, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %224 = fcmp ogt <8 x float> %223, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %227 = call <8 x float> @llvm.floor.v8f32(<8 x float> %226)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %225)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %228)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %229, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %229, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %229, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %229, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %229, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %235 = fmul <8 x float> %229, %229
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %235, <8 x float> %229)
-  %237 = fadd <8 x float> %236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %238 = fptosi <8 x float> %227 to <8 x i32>
-  %239 = add <8 x i32> %238, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %240 = shl <8 x i32> %239, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %240 to <8 x float>
-  %exp16 = fmul <8 x float> %237, %exp.2n15
-  %241 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %241
-  %silu18 = fmul <8 x float> %219, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %220
-  %242 = fmul <8 x float> %glu19, %216
-  %243 = getelementptr inbounds float, ptr %218, i64 %col14
-  store <8 x float> %242, ptr %243, align 4
-  %244 = add nsw i64 %r0, 4
-  %245 = getelementptr inbounds float, ptr %rw, i64 %244
-  %246 = load float, ptr %245, align 4
-  %247 = insertelement <8 x float> poison, float %246, i32 0
-  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
-  %249 = mul nsw i64 %244, 2816
-  %250 = getelementptr inbounds float, ptr %h, i64 %249
+  %220 = load <8 x float>, ptr %acc30, align 4
+  %221 = load <8 x float>, ptr %acc31, align 4
+  %222 = fneg <8 x float> %220
+  %223 = fcmp olt <8 x float> %222, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %225 = fcmp ogt <8 x float> %224, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %226 = select <8 x i1> %225, <8 x float> %224, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %228 = call <8 x float> @llvm.floor.v8f32(<8 x float> %227)
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %226)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %229)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %230, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %230, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %230, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %230, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %230, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %236 = fmul <8 x float> %230, %230
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %236, <8 x float> %230)
+  %238 = fadd <8 x float> %237, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %239 = fptosi <8 x float> %228 to <8 x i32>
+  %240 = add <8 x i32> %239, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %241 = shl <8 x i32> %240, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %241 to <8 x float>
+  %exp16 = fmul <8 x float> %238, %exp.2n15
+  %242 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %242
+  %silu18 = fmul <8 x float> %220, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %221
+  %243 = fmul <8 x float> %glu19, %217
+  %244 = getelementptr inbounds float, ptr %219, i64 %col14
+  store <8 x float> %243, ptr %244, align 4
+  %245 = add nsw i64 %r0, 4
+  %246 = getelementptr inbounds float, ptr %rw, i64 %245
+  %247 = load float, ptr %246, align 4
+  %248 = insertelement <8 x float> poison, float %247, i32 0
+  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
+  %250 = mul nsw i64 %245, 2816
+  %251 = getelementptr inbounds float, ptr %h, i64 %250
   %col20 = mul nsw i64 %p, 8
-  %251 = load <8 x float>, ptr %acc40, align 4
-  %252 = load <8 x float>, ptr %acc41, align 4
-  %253 = fneg <8 x float> %251
-  %254 = fcmp olt <8 x float> %253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %255 = select <8 x i1> %254, <8 x float> %253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %256 = fcmp ogt <8 x float> %255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %258)
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %257)
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %260)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %267 = fmul <8 x float> %261, %261
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %267, <8 x float> %261)
-  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %270 = fptosi <8 x float> %259 to <8 x i32>
-  %271 = add <8 x i32> %270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %272 = shl <8 x i32> %271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %272 to <8 x float>
-  %exp22 = fmul <8 x float> %269, %exp.2n21
-  %273 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %273
-  %silu24 = fmul <8 x float> %251, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %252
-  %274 = fmul <8 x float> %glu25, %248
-  %275 = getelementptr inbounds float, ptr %250, i64 %col20
-  store <8 x float> %274, ptr %275, align 4
-  %276 = add nsw i64 %r0, 5
-  %277 = getelementptr inbounds float, ptr %rw, i64 %276
-  %278 = load float, ptr %277, align 4
-  %279 = insertelement <8 x float> poison, float %278, i32 0
-  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
-  %281 = mul nsw i64 %276, 2816
-  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %252 = load <8 x float>, ptr %acc40, align 4
+  %253 = load <8 x float>, ptr %acc41, align 4
+  %254 = fneg <8 x float> %252
+  %255 = fcmp olt <8 x float> %254, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %257 = fcmp ogt <8 x float> %256, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %260 = call <8 x float> @llvm.floor.v8f32(<8 x float> %259)
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %258)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %261)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %262, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %262, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %262, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %262, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %262, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %268 = fmul <8 x float> %262, %262
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %268, <8 x float> %262)
+  %270 = fadd <8 x float> %269, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %271 = fptosi <8 x float> %260 to <8 x i32>
+  %272 = add <8 x i32> %271, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %273 = shl <8 x i32> %272, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %273 to <8 x float>
+  %exp22 = fmul <8 x float> %270, %exp.2n21
+  %274 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %274
+  %silu24 = fmul <8 x float> %252, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %253
+  %275 = fmul <8 x float> %glu25, %249
+  %276 = getelementptr inbounds float, ptr %251, i64 %col20
+  store <8 x float> %275, ptr %276, align 4
+  %277 = add nsw i64 %r0, 5
+  %278 = getelementptr inbounds float, ptr %rw, i64 %277
+  %279 = load float, ptr %278, align 4
+  %280 = insertelement <8 x float> poison, float %279, i32 0
+  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
+  %282 = mul nsw i64 %277, 2816
+  %283 = getelementptr inbounds float, ptr %h, i64 %282
   %col26 = mul nsw i64 %p, 8
-  %283 = load <8 x float>, ptr %acc50, align 4
-  %284 = load <8 x float>, ptr %acc51, align 4
-  %285 = fneg <8 x float> %283
-  %286 = fcmp olt <8 x float> %285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %287 = select <8 x i1> %286, <8 x float> %285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %288 = fcmp ogt <8 x float> %287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %290)
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %289)
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %292)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %299 = fmul <8 x float> %293, %293
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %299, <8 x float> %293)
-  %301 = fadd <8 x float> %300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %302 = fptosi <8 x float> %291 to <8 x i32>
-  %303 = add <8 x i32> %302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %304 = shl <8 x i32> %303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %304 to <8 x float>
-  %exp28 = fmul <8 x float> %301, %exp.2n27
-  %305 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %305
-  %silu30 = fmul <8 x float> %283, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %284
-  %306 = fmul <8 x float> %glu31, %280
-  %307 = getelementptr inbounds float, ptr %282, i64 %col26
-  store <8 x float> %306, ptr %307, align 4
+  %284 = load <8 x float>, ptr %acc50, align 4
+  %285 = load <8 x float>, ptr %acc51, align 4
+  %286 = fneg <8 x float> %284
+  %287 = fcmp olt <8 x float> %286, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %288 = select <8 x i1> %287, <8 x float> %286, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %289 = fcmp ogt <8 x float> %288, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %290 = select <8 x i1> %289, <8 x float> %288, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %292 = call <8 x float> @llvm.floor.v8f32(<8 x float> %291)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %290)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %293)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %294, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %294, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %294, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %294, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %294, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %300 = fmul <8 x float> %294, %294
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %300, <8 x float> %294)
+  %302 = fadd <8 x float> %301, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %303 = fptosi <8 x float> %292 to <8 x i32>
+  %304 = add <8 x i32> %303, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %305 = shl <8 x i32> %304, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %305 to <8 x float>
+  %exp28 = fmul <8 x float> %302, %exp.2n27
+  %306 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %306
+  %silu30 = fmul <8 x float> %284, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %285
+  %307 = fmul <8 x float> %glu31, %281
+  %308 = getelementptr inbounds float, ptr %283, i64 %col26
+  store <8 x float> %307, ptr %308, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
-  %308 = add nsw i64 %r0, 0
-  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
-  %310 = load i32, ptr %309, align 4
-  %311 = sext i32 %310 to i64
-  %312 = mul nsw i64 %311, 1024
-  %313 = getelementptr inbounds float, ptr %x, i64 %312
+tile.mr5:                                         ; preds = %rb.body
+  %309 = add nsw i64 %r0, 0
+  %310 = getelementptr inbounds i32, ptr %rows, i64 %309
+  %311 = load i32, ptr %310, align 4
+  %312 = sext i32 %311 to i64
+  %313 = mul nsw i64 %312, 1024
+  %314 = getelementptr inbounds float, ptr %x, i64 %313
   store <8 x float> zeroinitializer, ptr %acc0032, align 4
   store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %314 = add nsw i64 %r0, 1
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 1024
-  %319 = getelementptr inbounds float, ptr %x, i64 %318
+  %315 = add nsw i64 %r0, 1
+  %316 = getelementptr inbounds i32, ptr %rows, i64 %315
+  %317 = load i32, ptr %316, align 4
+  %318 = sext i32 %317 to i64
+  %319 = mul nsw i64 %318, 1024
+  %320 = getelementptr inbounds float, ptr %x, i64 %319
   store <8 x float> zeroinitializer, ptr %acc1034, align 4
   store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %320 = add nsw i64 %r0, 2
-  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
-  %322 = load i32, ptr %321, align 4
-  %323 = sext i32 %322 to i64
-  %324 = mul nsw i64 %323, 1024
-  %325 = getelementptr inbounds float, ptr %x, i64 %324
+  %321 = add nsw i64 %r0, 2
+  %322 = getelementptr inbounds i32, ptr %rows, i64 %321
+  %323 = load i32, ptr %322, align 4
+  %324 = sext i32 %323 to i64
+  %325 = mul nsw i64 %324, 1024
+  %326 = getelementptr inbounds float, ptr %x, i64 %325
   store <8 x float> zeroinitializer, ptr %acc2036, align 4
   store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %326 = add nsw i64 %r0, 3
-  %327 = getelementptr inbounds i32, ptr %rows, i64 %326
-  %328 = load i32, ptr %327, align 4
-  %329 = sext i32 %328 to i64
-  %330 = mul nsw i64 %329, 1024
-  %331 = getelementptr inbounds float, ptr %x, i64 %330
+  %327 = add nsw i64 %r0, 3
+  %328 = getelementptr inbounds i32, ptr %rows, i64 %327
+  %329 = load i32, ptr %328, align 4
+  %330 = sext i32 %329 to i64
+  %331 = mul nsw i64 %330, 1024
+  %332 = getelementptr inbounds float, ptr %x, i64 %331
   store <8 x float> zeroinitializer, ptr %acc3038, align 4
   store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %332 = add nsw i64 %r0, 4
-  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
-  %334 = load i32, ptr %333, align 4
-  %335 = sext i32 %334 to i64
-  %336 = mul nsw i64 %335, 1024
-  %337 = getelementptr inbounds float, ptr %x, i64 %336
+  %333 = add nsw i64 %r0, 4
+  %334 = getelementptr inbounds i32, ptr %rows, i64 %333
+  %335 = load i32, ptr %334, align 4
+  %336 = sext i32 %335 to i64
+  %337 = mul nsw i64 %336, 1024
+  %338 = getelementptr inbounds float, ptr %x, i64 %337
   store <8 x float> zeroinitializer, ptr %acc4040, align 4
   store <8 x float> zeroinitializer, ptr %acc4141, align 4
   %panel.off42 = mul nsw i64 %p, 16384
-  %338 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
-  %339 = add nsw i64 %p, 1
-  %340 = icmp slt i64 %339, %p1
-  %pf.on43 = and i1 %pf.on, %340
-  %341 = mul nsw i64 %pf.j, 65536
-  %342 = lshr i64 %341, %9
-  %343 = add nsw i64 65536, %342
-  %344 = getelementptr inbounds i8, ptr %338, i64 %343
-  %pf44 = select i1 %pf.on43, ptr %344, ptr %338
-  %pf.sh45 = select i1 %pf.on43, i64 %9, i64 0
+  %339 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
+  %340 = add nsw i64 %p, 1
+  %341 = icmp slt i64 %340, %p1
+  %pf.on43 = and i1 %pf.on, %341
+  %342 = mul nsw i64 %rb, 65536
+  %343 = lshr i64 %342, %11
+  %344 = add nsw i64 65536, %343
+  %345 = getelementptr inbounds i8, ptr %339, i64 %344
+  %pf44 = select i1 %pf.on43, ptr %345, ptr %339
+  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %396, %pf.any.end51 ]
-  %345 = icmp slt i64 %k49, 1024
-  br i1 %345, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %397, %pf.any.end51 ]
+  %346 = icmp slt i64 %k49, 1024
+  br i1 %346, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %346 = mul nsw i64 %k49, 16
-  %347 = add nsw i64 %panel.off42, %346
-  %348 = mul nsw i64 %k49, 64
+  %347 = mul nsw i64 %k49, 16
+  %348 = add nsw i64 %panel.off42, %347
+  %349 = mul nsw i64 %k49, 64
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %349 = lshr i64 %348, %pf.sh45
-  %350 = getelementptr inbounds i8, ptr %pf44, i64 %349
-  call void @llvm.prefetch.p0(ptr %350, i32 0, i32 2, i32 1)
+  %350 = lshr i64 %349, %pf.sh45
+  %351 = getelementptr inbounds i8, ptr %pf44, i64 %350
+  call void @llvm.prefetch.p0(ptr %351, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %351 = getelementptr inbounds float, ptr %panels, i64 %347
-  %352 = load <8 x float>, ptr %351, align 4
-  %353 = add nsw i64 %347, 8
-  %354 = getelementptr inbounds float, ptr %panels, i64 %353
-  %355 = load <8 x float>, ptr %354, align 4
-  %356 = getelementptr inbounds float, ptr %313, i64 %k49
-  %357 = load float, ptr %356, align 4
-  %358 = insertelement <8 x float> poison, float %357, i32 0
-  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = load <8 x float>, ptr %acc0032, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %352, <8 x float> %360)
-  store <8 x float> %361, ptr %acc0032, align 4
-  %362 = load <8 x float>, ptr %acc0133, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %355, <8 x float> %362)
-  store <8 x float> %363, ptr %acc0133, align 4
-  %364 = getelementptr inbounds float, ptr %319, i64 %k49
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <8 x float> poison, float %365, i32 0
-  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
-  %368 = load <8 x float>, ptr %acc1034, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %352, <8 x float> %368)
-  store <8 x float> %369, ptr %acc1034, align 4
-  %370 = load <8 x float>, ptr %acc1135, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %355, <8 x float> %370)
-  store <8 x float> %371, ptr %acc1135, align 4
-  %372 = getelementptr inbounds float, ptr %325, i64 %k49
-  %373 = load float, ptr %372, align 4
-  %374 = insertelement <8 x float> poison, float %373, i32 0
-  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
-  %376 = load <8 x float>, ptr %acc2036, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %352, <8 x float> %376)
-  store <8 x float> %377, ptr %acc2036, align 4
-  %378 = load <8 x float>, ptr %acc2137, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %355, <8 x float> %378)
-  store <8 x float> %379, ptr %acc2137, align 4
-  %380 = getelementptr inbounds float, ptr %331, i64 %k49
-  %381 = load float, ptr %380, align 4
-  %382 = insertelement <8 x float> poison, float %381, i32 0
-  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
-  %384 = load <8 x float>, ptr %acc3038, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %352, <8 x float> %384)
-  store <8 x float> %385, ptr %acc3038, align 4
-  %386 = load <8 x float>, ptr %acc3139, align 4
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %355, <8 x float> %386)
-  store <8 x float> %387, ptr %acc3139, align 4
-  %388 = getelementptr inbounds float, ptr %337, i64 %k49
-  %389 = load float, ptr %388, align 4
-  %390 = insertelement <8 x float> poison, float %389, i32 0
-  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
-  %392 = load <8 x float>, ptr %acc4040, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %352, <8 x float> %392)
-  store <8 x float> %393, ptr %acc4040, align 4
-  %394 = load <8 x float>, ptr %acc4141, align 4
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %355, <8 x float> %394)
-  store <8 x float> %395, ptr %acc4141, align 4
-  %396 = add nsw i64 %k49, 1
+  %352 = getelementptr inbounds float, ptr %panels, i64 %348
+  %353 = load <8 x float>, ptr %352, align 4
+  %354 = add nsw i64 %348, 8
+  %355 = getelementptr inbounds float, ptr %panels, i64 %354
+  %356 = load <8 x float>, ptr %355, align 4
+  %357 = getelementptr inbounds float, ptr %314, i64 %k49
+  %358 = load float, ptr %357, align 4
+  %359 = insertelement <8 x float> poison, float %358, i32 0
+  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
+  %361 = load <8 x float>, ptr %acc0032, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %353, <8 x float> %361)
+  store <8 x float> %362, ptr %acc0032, align 4
+  %363 = load <8 x float>, ptr %acc0133, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %356, <8 x float> %363)
+  store <8 x float> %364, ptr %acc0133, align 4
+  %365 = getelementptr inbounds float, ptr %320, i64 %k49
+  %366 = load float, ptr %365, align 4
+  %367 = insertelement <8 x float> poison, float %366, i32 0
+  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
+  %369 = load <8 x float>, ptr %acc1034, align 4
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %353, <8 x float> %369)
+  store <8 x float> %370, ptr %acc1034, align 4
+  %371 = load <8 x float>, ptr %acc1135, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %356, <8 x float> %371)
+  store <8 x float> %372, ptr %acc1135, align 4
+  %373 = getelementptr inbounds float, ptr %326, i64 %k49
+  %374 = load float, ptr %373, align 4
+  %375 = insertelement <8 x float> poison, float %374, i32 0
+  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
+  %377 = load <8 x float>, ptr %acc2036, align 4
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %353, <8 x float> %377)
+  store <8 x float> %378, ptr %acc2036, align 4
+  %379 = load <8 x float>, ptr %acc2137, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %356, <8 x float> %379)
+  store <8 x float> %380, ptr %acc2137, align 4
+  %381 = getelementptr inbounds float, ptr %332, i64 %k49
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = load <8 x float>, ptr %acc3038, align 4
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %353, <8 x float> %385)
+  store <8 x float> %386, ptr %acc3038, align 4
+  %387 = load <8 x float>, ptr %acc3139, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %356, <8 x float> %387)
+  store <8 x float> %388, ptr %acc3139, align 4
+  %389 = getelementptr inbounds float, ptr %338, i64 %k49
+  %390 = load float, ptr %389, align 4
+  %391 = insertelement <8 x float> poison, float %390, i32 0
+  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
+  %393 = load <8 x float>, ptr %acc4040, align 4
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %353, <8 x float> %393)
+  store <8 x float> %394, ptr %acc4040, align 4
+  %395 = load <8 x float>, ptr %acc4141, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %356, <8 x float> %395)
+  store <8 x float> %396, ptr %acc4141, align 4
+  %397 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %397 = add nsw i64 %r0, 0
-  %398 = getelementptr inbounds float, ptr %rw, i64 %397
-  %399 = load float, ptr %398, align 4
-  %400 = insertelement <8 x float> poison, float %399, i32 0
-  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
-  %402 = mul nsw i64 %397, 2816
-  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %398 = add nsw i64 %r0, 0
+  %399 = getelementptr inbounds float, ptr %rw, i64 %398
+  %400 = load float, ptr %399, align 4
+  %401 = insertelement <8 x float> poison, float %400, i32 0
+  %402 = shufflevector <8 x float> %401, <8 x float> poison, <8 x i32> zeroinitializer
+  %403 = mul nsw i64 %398, 2816
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
   %col52 = mul nsw i64 %p, 8
-  %404 = load <8 x float>, ptr %acc0032, align 4
-  %405 = load <8 x float>, ptr %acc0133, align 4
-  %406 = fneg <8 x float> %404
-  %407 = fcmp olt <8 x float> %406, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %408 = select <8 x i1> %407, <8 x float> %406, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %409 = fcmp ogt <8 x float> %408, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %410 = select <8 x i1> %409, <8 x float> %408, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %412 = call <8 x float> @llvm.floor.v8f32(<8 x float> %411)
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %410)
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %413)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %414, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %414, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %414, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %414, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %420 = fmul <8 x float> %414, %414
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %420, <8 x float> %414)
-  %422 = fadd <8 x float> %421, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %423 = fptosi <8 x float> %412 to <8 x i32>
-  %424 = add <8 x i32> %423, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %425 = shl <8 x i32> %424, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %425 to <8 x float>
-  %exp54 = fmul <8 x float> %422, %exp.2n53
-  %426 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %426
-  %silu56 = fmul <8 x float> %404, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %405
-  %427 = fmul <8 x float> %glu57, %401
-  %428 = getelementptr inbounds float, ptr %403, i64 %col52
-  store <8 x float> %427, ptr %428, align 4
-  %429 = add nsw i64 %r0, 1
-  %430 = getelementptr inbounds float, ptr %rw, i64 %429
-  %431 = load float, ptr %430, align 4
-  %432 = insertelement <8 x float> poison, float %431, i32 0
-  %433 = shufflevector <8 x float> %432, <8 x float> poison, <8 x i32> zeroinitializer
-  %434 = mul nsw i64 %429, 2816
-  %435 = getelementptr inbounds float, ptr %h, i64 %434
+  %405 = load <8 x float>, ptr %acc0032, align 4
+  %406 = load <8 x float>, ptr %acc0133, align 4
+  %407 = fneg <8 x float> %405
+  %408 = fcmp olt <8 x float> %407, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %409 = select <8 x i1> %408, <8 x float> %407, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %410 = fcmp ogt <8 x float> %409, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %411 = select <8 x i1> %410, <8 x float> %409, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %413 = call <8 x float> @llvm.floor.v8f32(<8 x float> %412)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %411)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %414)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %415, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %415, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %415, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %415, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %415, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %421 = fmul <8 x float> %415, %415
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %421, <8 x float> %415)
+  %423 = fadd <8 x float> %422, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %424 = fptosi <8 x float> %413 to <8 x i32>
+  %425 = add <8 x i32> %424, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %426 = shl <8 x i32> %425, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %426 to <8 x float>
+  %exp54 = fmul <8 x float> %423, %exp.2n53
+  %427 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %427
+  %silu56 = fmul <8 x float> %405, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %406
+  %428 = fmul <8 x float> %glu57, %402
+  %429 = getelementptr inbounds float, ptr %404, i64 %col52
+  store <8 x float> %428, ptr %429, align 4
+  %430 = add nsw i64 %r0, 1
+  %431 = getelementptr inbounds float, ptr %rw, i64 %430
+  %432 = load float, ptr %431, align 4
+  %433 = insertelement <8 x float> poison, float %432, i32 0
+  %434 = shufflevector <8 x float> %433, <8 x float> poison, <8 x i32> zeroinitializer
+  %435 = mul nsw i64 %430, 2816
+  %436 = getelementptr inbounds float, ptr %h, i64 %435
   %col58 = mul nsw i64 %p, 8
-  %436 = load <8 x float>, ptr %acc1034, align 4
-  %437 = load <8 x float>, ptr %acc1135, align 4
-  %438 = fneg <8 x float> %436
-  %439 = fcmp olt <8 x float> %438, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %440 = select <8 x i1> %439, <8 x float> %438, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %441 = fcmp ogt <8 x float> %440, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %442 = select <8 x i1> %441, <8 x float> %440, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %444 = call <8 x float> @llvm.floor.v8f32(<8 x float> %443)
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %442)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %445)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %446, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %446, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %446, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %446, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %446, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %452 = fmul <8 x float> %446, %446
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %452, <8 x float> %446)
-  %454 = fadd <8 x float> %453, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %455 = fptosi <8 x float> %444 to <8 x i32>
-  %456 = add <8 x i32> %455, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %457 = shl <8 x i32> %456, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %457 to <8 x float>
-  %exp60 = fmul <8 x float> %454, %exp.2n59
-  %458 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %458
-  %silu62 = fmul <8 x float> %436, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %437
-  %459 = fmul <8 x float> %glu63, %433
-  %460 = getelementptr inbounds float, ptr %435, i64 %col58
-  store <8 x float> %459, ptr %460, align 4
-  %461 = add nsw i64 %r0, 2
-  %462 = getelementptr inbounds float, ptr %rw, i64 %461
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = mul nsw i64 %461, 2816
-  %467 = getelementptr inbounds float, ptr %h, i64 %466
+  %437 = load <8 x float>, ptr %acc1034, align 4
+  %438 = load <8 x float>, ptr %acc1135, align 4
+  %439 = fneg <8 x float> %437
+  %440 = fcmp olt <8 x float> %439, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %442 = fcmp ogt <8 x float> %441, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %443 = select <8 x i1> %442, <8 x float> %441, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %445 = call <8 x float> @llvm.floor.v8f32(<8 x float> %444)
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %443)
+  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %446)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %447, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %447, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %447, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %447, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %447, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %453 = fmul <8 x float> %447, %447
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %453, <8 x float> %447)
+  %455 = fadd <8 x float> %454, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %456 = fptosi <8 x float> %445 to <8 x i32>
+  %457 = add <8 x i32> %456, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %458 = shl <8 x i32> %457, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %458 to <8 x float>
+  %exp60 = fmul <8 x float> %455, %exp.2n59
+  %459 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %459
+  %silu62 = fmul <8 x float> %437, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %438
+  %460 = fmul <8 x float> %glu63, %434
+  %461 = getelementptr inbounds float, ptr %436, i64 %col58
+  store <8 x float> %460, ptr %461, align 4
+  %462 = add nsw i64 %r0, 2
+  %463 = getelementptr inbounds float, ptr %rw, i64 %462
+  %464 = load float, ptr %463, align 4
+  %465 = insertelement <8 x float> poison, float %464, i32 0
+  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
+  %467 = mul nsw i64 %462, 2816
+  %468 = getelementptr inbounds float, ptr %h, i64 %467
   %col64 = mul nsw i64 %p, 8
-  %468 = load <8 x float>, ptr %acc2036, align 4
-  %469 = load <8 x float>, ptr %acc2137, align 4
-  %470 = fneg <8 x float> %468
-  %471 = fcmp olt <8 x float> %470, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %472 = select <8 x i1> %471, <8 x float> %470, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %473 = fcmp ogt <8 x float> %472, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %474 = select <8 x i1> %473, <8 x float> %472, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %476 = call <8 x float> @llvm.floor.v8f32(<8 x float> %475)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %474)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %477)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %478, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %478, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %478, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %478, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %478, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %484 = fmul <8 x float> %478, %478
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %484, <8 x float> %478)
-  %486 = fadd <8 x float> %485, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %487 = fptosi <8 x float> %476 to <8 x i32>
-  %488 = add <8 x i32> %487, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %489 = shl <8 x i32> %488, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %489 to <8 x float>
-  %exp66 = fmul <8 x float> %486, %exp.2n65
-  %490 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %490
-  %silu68 = fmul <8 x float> %468, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %469
-  %491 = fmul <8 x float> %glu69, %465
-  %492 = getelementptr inbounds float, ptr %467, i64 %col64
-  store <8 x float> %491, ptr %492, align 4
-  %493 = add nsw i64 %r0, 3
-  %494 = getelementptr inbounds float, ptr %rw, i64 %493
-  %495 = load float, ptr %494, align 4
-  %496 = insertelement <8 x float> poison, float %495, i32 0
-  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
-  %498 = mul nsw i64 %493, 2816
-  %499 = getelementptr inbounds float, ptr %h, i64 %498
+  %469 = load <8 x float>, ptr %acc2036, align 4
+  %470 = load <8 x float>, ptr %acc2137, align 4
+  %471 = fneg <8 x float> %469
+  %472 = fcmp olt <8 x float> %471, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %473 = select <8 x i1> %472, <8 x float> %471, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %474 = fcmp ogt <8 x float> %473, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %477 = call <8 x float> @llvm.floor.v8f32(<8 x float> %476)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %475)
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %478)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %479, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %479, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %479, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %479, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %479, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %485 = fmul <8 x float> %479, %479
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %485, <8 x float> %479)
+  %487 = fadd <8 x float> %486, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %488 = fptosi <8 x float> %477 to <8 x i32>
+  %489 = add <8 x i32> %488, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %490 = shl <8 x i32> %489, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %490 to <8 x float>
+  %exp66 = fmul <8 x float> %487, %exp.2n65
+  %491 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %491
+  %silu68 = fmul <8 x float> %469, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %470
+  %492 = fmul <8 x float> %glu69, %466
+  %493 = getelementptr inbounds float, ptr %468, i64 %col64
+  store <8 x float> %492, ptr %493, align 4
+  %494 = add nsw i64 %r0, 3
+  %495 = getelementptr inbounds float, ptr %rw, i64 %494
+  %496 = load float, ptr %495, align 4
+  %497 = insertelement <8 x float> poison, float %496, i32 0
+  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
+  %499 = mul nsw i64 %494, 2816
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
   %col70 = mul nsw i64 %p, 8
-  %500 = load <8 x float>, ptr %acc3038, align 4
-  %501 = load <8 x float>, ptr %acc3139, align 4
-  %502 = fneg <8 x float> %500
-  %503 = fcmp olt <8 x float> %502, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %504 = select <8 x i1> %503, <8 x float> %502, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %505 = fcmp ogt <8 x float> %504, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %506, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %508 = call <8 x float> @llvm.floor.v8f32(<8 x float> %507)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %506)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %508, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %509)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %510, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %510, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %510, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %510, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %510, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %516 = fmul <8 x float> %510, %510
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %516, <8 x float> %510)
-  %518 = fadd <8 x float> %517, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %519 = fptosi <8 x float> %508 to <8 x i32>
-  %520 = add <8 x i32> %519, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %521 = shl <8 x i32> %520, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %521 to <8 x float>
-  %exp72 = fmul <8 x float> %518, %exp.2n71
-  %522 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %522
-  %silu74 = fmul <8 x float> %500, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %501
-  %523 = fmul <8 x float> %glu75, %497
-  %524 = getelementptr inbounds float, ptr %499, i64 %col70
-  store <8 x float> %523, ptr %524, align 4
-  %525 = add nsw i64 %r0, 4
-  %526 = getelementptr inbounds float, ptr %rw, i64 %525
-  %527 = load float, ptr %526, align 4
-  %528 = insertelement <8 x float> poison, float %527, i32 0
-  %529 = shufflevector <8 x float> %528, <8 x float> poison, <8 x i32> zeroinitializer
-  %530 = mul nsw i64 %525, 2816
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %501 = load <8 x float>, ptr %acc3038, align 4
+  %502 = load <8 x float>, ptr %acc3139, align 4
+  %503 = fneg <8 x float> %501
+  %504 = fcmp olt <8 x float> %503, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %506 = fcmp ogt <8 x float> %505, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %507 = select <8 x i1> %506, <8 x float> %505, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %509 = call <8 x float> @llvm.floor.v8f32(<8 x float> %508)
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %507)
+  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %510)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %511, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %511, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %511, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %511, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %511, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %517 = fmul <8 x float> %511, %511
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %517, <8 x float> %511)
+  %519 = fadd <8 x float> %518, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %520 = fptosi <8 x float> %509 to <8 x i32>
+  %521 = add <8 x i32> %520, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %522 = shl <8 x i32> %521, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %522 to <8 x float>
+  %exp72 = fmul <8 x float> %519, %exp.2n71
+  %523 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %523
+  %silu74 = fmul <8 x float> %501, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %502
+  %524 = fmul <8 x float> %glu75, %498
+  %525 = getelementptr inbounds float, ptr %500, i64 %col70
+  store <8 x float> %524, ptr %525, align 4
+  %526 = add nsw i64 %r0, 4
+  %527 = getelementptr inbounds float, ptr %rw, i64 %526
+  %528 = load float, ptr %527, align 4
+  %529 = insertelement <8 x float> poison, float %528, i32 0
+  %530 = shufflevector <8 x float> %529, <8 x float> poison, <8 x i32> zeroinitializer
+  %531 = mul nsw i64 %526, 2816
+  %532 = getelementptr inbounds float, ptr %h, i64 %531
   %col76 = mul nsw i64 %p, 8
-  %532 = load <8 x float>, ptr %acc4040, align 4
-  %533 = load <8 x float>, ptr %acc4141, align 4
-  %534 = fneg <8 x float> %532
-  %535 = fcmp olt <8 x float> %534, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %536 = select <8 x i1> %535, <8 x float> %534, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %537 = fcmp ogt <8 x float> %536, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %538 = select <8 x i1> %537, <8 x float> %536, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %538, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %540 = call <8 x float> @llvm.floor.v8f32(<8 x float> %539)
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %538)
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %541)
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %542, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %542, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %542, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %542, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %542, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %548 = fmul <8 x float> %542, %542
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %547, <8 x float> %548, <8 x float> %542)
-  %550 = fadd <8 x float> %549, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %551 = fptosi <8 x float> %540 to <8 x i32>
-  %552 = add <8 x i32> %551, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %553 = shl <8 x i32> %552, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %553 to <8 x float>
-  %exp78 = fmul <8 x float> %550, %exp.2n77
-  %554 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %554
-  %silu80 = fmul <8 x float> %532, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %533
-  %555 = fmul <8 x float> %glu81, %529
-  %556 = getelementptr inbounds float, ptr %531, i64 %col76
-  store <8 x float> %555, ptr %556, align 4
+  %533 = load <8 x float>, ptr %acc4040, align 4
+  %534 = load <8 x float>, ptr %acc4141, align 4
+  %535 = fneg <8 x float> %533
+  %536 = fcmp olt <8 x float> %535, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %537 = select <8 x i1> %536, <8 x float> %535, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %538 = fcmp ogt <8 x float> %537, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %539 = select <8 x i1> %538, <8 x float> %537, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %541 = call <8 x float> @llvm.floor.v8f32(<8 x float> %540)
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %539)
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %542)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %543, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %543, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %543, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %543, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %547, <8 x float> %543, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %549 = fmul <8 x float> %543, %543
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %549, <8 x float> %543)
+  %551 = fadd <8 x float> %550, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %552 = fptosi <8 x float> %541 to <8 x i32>
+  %553 = add <8 x i32> %552, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %554 = shl <8 x i32> %553, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %554 to <8 x float>
+  %exp78 = fmul <8 x float> %551, %exp.2n77
+  %555 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %555
+  %silu80 = fmul <8 x float> %533, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %534
+  %556 = fmul <8 x float> %glu81, %530
+  %557 = getelementptr inbounds float, ptr %532, i64 %col76
+  store <8 x float> %556, ptr %557, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
-  %557 = add nsw i64 %r0, 0
-  %558 = getelementptr inbounds i32, ptr %rows, i64 %557
-  %559 = load i32, ptr %558, align 4
-  %560 = sext i32 %559 to i64
-  %561 = mul nsw i64 %560, 1024
-  %562 = getelementptr inbounds float, ptr %x, i64 %561
+tile.mr4:                                         ; preds = %rb.body
+  %558 = add nsw i64 %r0, 0
+  %559 = getelementptr inbounds i32, ptr %rows, i64 %558
+  %560 = load i32, ptr %559, align 4
+  %561 = sext i32 %560 to i64
+  %562 = mul nsw i64 %561, 1024
+  %563 = getelementptr inbounds float, ptr %x, i64 %562
   store <8 x float> zeroinitializer, ptr %acc0082, align 4
   store <8 x float> zeroinitializer, ptr %acc0183, align 4
-  %563 = add nsw i64 %r0, 1
-  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
-  %565 = load i32, ptr %564, align 4
-  %566 = sext i32 %565 to i64
-  %567 = mul nsw i64 %566, 1024
-  %568 = getelementptr inbounds float, ptr %x, i64 %567
+  %564 = add nsw i64 %r0, 1
+  %565 = getelementptr inbounds i32, ptr %rows, i64 %564
+  %566 = load i32, ptr %565, align 4
+  %567 = sext i32 %566 to i64
+  %568 = mul nsw i64 %567, 1024
+  %569 = getelementptr inbounds float, ptr %x, i64 %568
   store <8 x float> zeroinitializer, ptr %acc1084, align 4
   store <8 x float> zeroinitializer, ptr %acc1185, align 4
-  %569 = add nsw i64 %r0, 2
-  %570 = getelementptr inbounds i32, ptr %rows, i64 %569
-  %571 = load i32, ptr %570, align 4
-  %572 = sext i32 %571 to i64
-  %573 = mul nsw i64 %572, 1024
-  %574 = getelementptr inbounds float, ptr %x, i64 %573
+  %570 = add nsw i64 %r0, 2
+  %571 = getelementptr inbounds i32, ptr %rows, i64 %570
+  %572 = load i32, ptr %571, align 4
+  %573 = sext i32 %572 to i64
+  %574 = mul nsw i64 %573, 1024
+  %575 = getelementptr inbounds float, ptr %x, i64 %574
   store <8 x float> zeroinitializer, ptr %acc2086, align 4
   store <8 x float> zeroinitializer, ptr %acc2187, align 4
-  %575 = add nsw i64 %r0, 3
-  %576 = getelementptr inbounds i32, ptr %rows, i64 %575
-  %577 = load i32, ptr %576, align 4
-  %578 = sext i32 %577 to i64
-  %579 = mul nsw i64 %578, 1024
-  %580 = getelementptr inbounds float, ptr %x, i64 %579
+  %576 = add nsw i64 %r0, 3
+  %577 = getelementptr inbounds i32, ptr %rows, i64 %576
+  %578 = load i32, ptr %577, align 4
+  %579 = sext i32 %578 to i64
+  %580 = mul nsw i64 %579, 1024
+  %581 = getelementptr inbounds float, ptr %x, i64 %580
   store <8 x float> zeroinitializer, ptr %acc3088, align 4
   store <8 x float> zeroinitializer, ptr %acc3189, align 4
   %panel.off90 = mul nsw i64 %p, 16384
-  %581 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
-  %582 = add nsw i64 %p, 1
-  %583 = icmp slt i64 %582, %p1
-  %pf.on91 = and i1 %pf.on, %583
-  %584 = mul nsw i64 %pf.j, 65536
-  %585 = lshr i64 %584, %9
-  %586 = add nsw i64 65536, %585
-  %587 = getelementptr inbounds i8, ptr %581, i64 %586
-  %pf92 = select i1 %pf.on91, ptr %587, ptr %581
-  %pf.sh93 = select i1 %pf.on91, i64 %9, i64 0
+  %582 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
+  %583 = add nsw i64 %p, 1
+  %584 = icmp slt i64 %583, %p1
+  %pf.on91 = and i1 %pf.on, %584
+  %585 = mul nsw i64 %rb, 65536
+  %586 = lshr i64 %585, %11
+  %587 = add nsw i64 65536, %586
+  %588 = getelementptr inbounds i8, ptr %582, i64 %587
+  %pf92 = select i1 %pf.on91, ptr %588, ptr %582
+  %pf.sh93 = select i1 %pf.on91, i64 %11, i64 0
   br label %k.head94
 
 k.head94:                                         ; preds = %pf.any.end99, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %631, %pf.any.end99 ]
-  %588 = icmp slt i64 %k97, 1024
-  br i1 %588, label %k.body95, label %k.end96
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %632, %pf.any.end99 ]
+  %589 = icmp slt i64 %k97, 1024
+  br i1 %589, label %k.body95, label %k.end96
 
 k.body95:                                         ; preds = %k.head94
-  %589 = mul nsw i64 %k97, 16
-  %590 = add nsw i64 %panel.off90, %589
-  %591 = mul nsw i64 %k97, 64
+  %590 = mul nsw i64 %k97, 16
+  %591 = add nsw i64 %panel.off90, %590
+  %592 = mul nsw i64 %k97, 64
   br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
 
 pf.any.then98:                                    ; preds = %k.body95
-  %592 = lshr i64 %591, %pf.sh93
-  %593 = getelementptr inbounds i8, ptr %pf92, i64 %592
-  call void @llvm.prefetch.p0(ptr %593, i32 0, i32 2, i32 1)
+  %593 = lshr i64 %592, %pf.sh93
+  %594 = getelementptr inbounds i8, ptr %pf92, i64 %593
+  call void @llvm.prefetch.p0(ptr %594, i32 0, i32 2, i32 1)
   br label %pf.any.end99
 
 pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
-  %594 = getelementptr inbounds float, ptr %panels, i64 %590
-  %595 = load <8 x float>, ptr %594, align 4
-  %596 = add nsw i64 %590, 8
-  %597 = getelementptr inbounds float, ptr %panels, i64 %596
-  %598 = load <8 x float>, ptr %597, align 4
-  %599 = getelementptr inbounds float, ptr %562, i64 %k97
-  %600 = load float, ptr %599, align 4
-  %601 = insertelement <8 x float> poison, float %600, i32 0
-  %602 = shufflevector <8 x float> %601, <8 x float> poison, <8 x i32> zeroinitializer
-  %603 = load <8 x float>, ptr %acc0082, align 4
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %595, <8 x float> %603)
-  store <8 x float> %604, ptr %acc0082, align 4
-  %605 = load <8 x float>, ptr %acc0183, align 4
-  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %598, <8 x float> %605)
-  store <8 x float> %606, ptr %acc0183, align 4
-  %607 = getelementptr inbounds float, ptr %568, i64 %k97
-  %608 = load float, ptr %607, align 4
-  %609 = insertelement <8 x float> poison, float %608, i32 0
-  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = load <8 x float>, ptr %acc1084, align 4
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %595, <8 x float> %611)
-  store <8 x float> %612, ptr %acc1084, align 4
-  %613 = load <8 x float>, ptr %acc1185, align 4
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %598, <8 x float> %613)
-  store <8 x float> %614, ptr %acc1185, align 4
-  %615 = getelementptr inbounds float, ptr %574, i64 %k97
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc2086, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %595, <8 x float> %619)
-  store <8 x float> %620, ptr %acc2086, align 4
-  %621 = load <8 x float>, ptr %acc2187, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %598, <8 x float> %621)
-  store <8 x float> %622, ptr %acc2187, align 4
-  %623 = getelementptr inbounds float, ptr %580, i64 %k97
-  %624 = load float, ptr %623, align 4
-  %625 = insertelement <8 x float> poison, float %624, i32 0
-  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = load <8 x float>, ptr %acc3088, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %595, <8 x float> %627)
-  store <8 x float> %628, ptr %acc3088, align 4
-  %629 = load <8 x float>, ptr %acc3189, align 4
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %598, <8 x float> %629)
-  store <8 x float> %630, ptr %acc3189, align 4
-  %631 = add nsw i64 %k97, 1
+  %595 = getelementptr inbounds float, ptr %panels, i64 %591
+  %596 = load <8 x float>, ptr %595, align 4
+  %597 = add nsw i64 %591, 8
+  %598 = getelementptr inbounds float, ptr %panels, i64 %597
+  %599 = load <8 x float>, ptr %598, align 4
+  %600 = getelementptr inbounds float, ptr %563, i64 %k97
+  %601 = load float, ptr %600, align 4
+  %602 = insertelement <8 x float> poison, float %601, i32 0
+  %603 = shufflevector <8 x float> %602, <8 x float> poison, <8 x i32> zeroinitializer
+  %604 = load <8 x float>, ptr %acc0082, align 4
+  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %596, <8 x float> %604)
+  store <8 x float> %605, ptr %acc0082, align 4
+  %606 = load <8 x float>, ptr %acc0183, align 4
+  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %599, <8 x float> %606)
+  store <8 x float> %607, ptr %acc0183, align 4
+  %608 = getelementptr inbounds float, ptr %569, i64 %k97
+  %609 = load float, ptr %608, align 4
+  %610 = insertelement <8 x float> poison, float %609, i32 0
+  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
+  %612 = load <8 x float>, ptr %acc1084, align 4
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %596, <8 x float> %612)
+  store <8 x float> %613, ptr %acc1084, align 4
+  %614 = load <8 x float>, ptr %acc1185, align 4
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %599, <8 x float> %614)
+  store <8 x float> %615, ptr %acc1185, align 4
+  %616 = getelementptr inbounds float, ptr %575, i64 %k97
+  %617 = load float, ptr %616, align 4
+  %618 = insertelement <8 x float> poison, float %617, i32 0
+  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
+  %620 = load <8 x float>, ptr %acc2086, align 4
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %596, <8 x float> %620)
+  store <8 x float> %621, ptr %acc2086, align 4
+  %622 = load <8 x float>, ptr %acc2187, align 4
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %599, <8 x float> %622)
+  store <8 x float> %623, ptr %acc2187, align 4
+  %624 = getelementptr inbounds float, ptr %581, i64 %k97
+  %625 = load float, ptr %624, align 4
+  %626 = insertelement <8 x float> poison, float %625, i32 0
+  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
+  %628 = load <8 x float>, ptr %acc3088, align 4
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %596, <8 x float> %628)
+  store <8 x float> %629, ptr %acc3088, align 4
+  %630 = load <8 x float>, ptr %acc3189, align 4
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %599, <8 x float> %630)
+  store <8 x float> %631, ptr %acc3189, align 4
+  %632 = add nsw i64 %k97, 1
   br label %k.head94
 
 k.end96:                                          ; preds = %k.head94
-  %632 = add nsw i64 %r0, 0
-  %633 = getelementptr inbounds float, ptr %rw, i64 %632
-  %634 = load float, ptr %633, align 4
-  %635 = insertelement <8 x float> poison, float %634, i32 0
-  %636 = shufflevector <8 x float> %635, <8 x float> poison, <8 x i32> zeroinitializer
-  %637 = mul nsw i64 %632, 2816
-  %638 = getelementptr inbounds float, ptr %h, i64 %637
+  %633 = add nsw i64 %r0, 0
+  %634 = getelementptr inbounds float, ptr %rw, i64 %633
+  %635 = load float, ptr %634, align 4
+  %636 = insertelement <8 x float> poison, float %635, i32 0
+  %637 = shufflevector <8 x float> %636, <8 x float> poison, <8 x i32> zeroinitializer
+  %638 = mul nsw i64 %633, 2816
+  %639 = getelementptr inbounds float, ptr %h, i64 %638
   %col100 = mul nsw i64 %p, 8
-  %639 = load <8 x float>, ptr %acc0082, align 4
-  %640 = load <8 x float>, ptr %acc0183, align 4
-  %641 = fneg <8 x float> %639
-  %642 = fcmp olt <8 x float> %641, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %643 = select <8 x i1> %642, <8 x float> %641, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %644 = fcmp ogt <8 x float> %643, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %645 = select <8 x i1> %644, <8 x float> %643, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %647 = call <8 x float> @llvm.floor.v8f32(<8 x float> %646)
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %645)
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %648)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %649, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %649, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %649, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %649, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %649, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %655 = fmul <8 x float> %649, %649
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %655, <8 x float> %649)
-  %657 = fadd <8 x float> %656, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %658 = fptosi <8 x float> %647 to <8 x i32>
-  %659 = add <8 x i32> %658, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %660 = shl <8 x i32> %659, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %660 to <8 x float>
-  %exp102 = fmul <8 x float> %657, %exp.2n101
-  %661 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %661
-  %silu104 = fmul <8 x float> %639, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %640
-  %662 = fmul <8 x float> %glu105, %636
-  %663 = getelementptr inbounds float, ptr %638, i64 %col100
-  store <8 x float> %662, ptr %663, align 4
-  %664 = add nsw i64 %r0, 1
-  %665 = getelementptr inbounds float, ptr %rw, i64 %664
-  %666 = load float, ptr %665, align 4
-  %667 = insertelement <8 x float> poison, float %666, i32 0
-  %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
-  %669 = mul nsw i64 %664, 2816
-  %670 = getelementptr inbounds float, ptr %h, i64 %669
+  %640 = load <8 x float>, ptr %acc0082, align 4
+  %641 = load <8 x float>, ptr %acc0183, align 4
+  %642 = fneg <8 x float> %640
+  %643 = fcmp olt <8 x float> %642, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %644 = select <8 x i1> %643, <8 x float> %642, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %645 = fcmp ogt <8 x float> %644, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %646 = select <8 x i1> %645, <8 x float> %644, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %648 = call <8 x float> @llvm.floor.v8f32(<8 x float> %647)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %646)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %649)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %650, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %650, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %650, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %650, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %650, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %656 = fmul <8 x float> %650, %650
+  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %656, <8 x float> %650)
+  %658 = fadd <8 x float> %657, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %659 = fptosi <8 x float> %648 to <8 x i32>
+  %660 = add <8 x i32> %659, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %661 = shl <8 x i32> %660, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %661 to <8 x float>
+  %exp102 = fmul <8 x float> %658, %exp.2n101
+  %662 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %662
+  %silu104 = fmul <8 x float> %640, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %641
+  %663 = fmul <8 x float> %glu105, %637
+  %664 = getelementptr inbounds float, ptr %639, i64 %col100
+  store <8 x float> %663, ptr %664, align 4
+  %665 = add nsw i64 %r0, 1
+  %666 = getelementptr inbounds float, ptr %rw, i64 %665
+  %667 = load float, ptr %666, align 4
+  %668 = insertelement <8 x float> poison, float %667, i32 0
+  %669 = shufflevector <8 x float> %668, <8 x float> poison, <8 x i32> zeroinitializer
+  %670 = mul nsw i64 %665, 2816
+  %671 = getelementptr inbounds float, ptr %h, i64 %670
   %col106 = mul nsw i64 %p, 8
-  %671 = load <8 x float>, ptr %acc1084, align 4
-  %672 = load <8 x float>, ptr %acc1185, align 4
-  %673 = fneg <8 x float> %671
-  %674 = fcmp olt <8 x float> %673, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %675 = select <8 x i1> %674, <8 x float> %673, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %676 = fcmp ogt <8 x float> %675, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %677 = select <8 x i1> %676, <8 x float> %675, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %679 = call <8 x float> @llvm.floor.v8f32(<8 x float> %678)
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %677)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %680)
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %681, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %681, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %681, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %681, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %685, <8 x float> %681, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %687 = fmul <8 x float> %681, %681
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %687, <8 x float> %681)
-  %689 = fadd <8 x float> %688, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %690 = fptosi <8 x float> %679 to <8 x i32>
-  %691 = add <8 x i32> %690, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %692 = shl <8 x i32> %691, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %692 to <8 x float>
-  %exp108 = fmul <8 x float> %689, %exp.2n107
-  %693 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %693
-  %silu110 = fmul <8 x float> %671, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %672
-  %694 = fmul <8 x float> %glu111, %668
-  %695 = getelementptr inbounds float, ptr %670, i64 %col106
-  store <8 x float> %694, ptr %695, align 4
-  %696 = add nsw i64 %r0, 2
-  %697 = getelementptr inbounds float, ptr %rw, i64 %696
-  %698 = load float, ptr %697, align 4
-  %699 = insertelement <8 x float> poison, float %698, i32 0
-  %700 = shufflevector <8 x float> %699, <8 x float> poison, <8 x i32> zeroinitializer
-  %701 = mul nsw i64 %696, 2816
-  %702 = getelementptr inbounds float, ptr %h, i64 %701
+  %672 = load <8 x float>, ptr %acc1084, align 4
+  %673 = load <8 x float>, ptr %acc1185, align 4
+  %674 = fneg <8 x float> %672
+  %675 = fcmp olt <8 x float> %674, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %676 = select <8 x i1> %675, <8 x float> %674, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %677 = fcmp ogt <8 x float> %676, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %678 = select <8 x i1> %677, <8 x float> %676, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %680 = call <8 x float> @llvm.floor.v8f32(<8 x float> %679)
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %678)
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %681)
+  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %682, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %682, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %682, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %685, <8 x float> %682, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %682, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %688 = fmul <8 x float> %682, %682
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %688, <8 x float> %682)
+  %690 = fadd <8 x float> %689, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %691 = fptosi <8 x float> %680 to <8 x i32>
+  %692 = add <8 x i32> %691, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %693 = shl <8 x i32> %692, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n107 = bitcast <8 x i32> %693 to <8 x float>
+  %exp108 = fmul <8 x float> %690, %exp.2n107
+  %694 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %694
+  %silu110 = fmul <8 x float> %672, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %673
+  %695 = fmul <8 x float> %glu111, %669
+  %696 = getelementptr inbounds float, ptr %671, i64 %col106
+  store <8 x float> %695, ptr %696, align 4
+  %697 = add nsw i64 %r0, 2
+  %698 = getelementptr inbounds float, ptr %rw, i64 %697
+  %699 = load float, ptr %698, align 4
+  %700 = insertelement <8 x float> poison, float %699, i32 0
+  %701 = shufflevector <8 x float> %700, <8 x float> poison, <8 x i32> zeroinitializer
+  %702 = mul nsw i64 %697, 2816
+  %703 = getelementptr inbounds float, ptr %h, i64 %702
   %col112 = mul nsw i64 %p, 8
-  %703 = load <8 x float>, ptr %acc2086, align 4
-  %704 = load <8 x float>, ptr %acc2187, align 4
-  %705 = fneg <8 x float> %703
-  %706 = fcmp olt <8 x float> %705, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %707 = select <8 x i1> %706, <8 x float> %705, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %708 = fcmp ogt <8 x float> %707, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %709 = select <8 x i1> %708, <8 x float> %707, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %711 = call <8 x float> @llvm.floor.v8f32(<8 x float> %710)
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %709)
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %712)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %713, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %713, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %713, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %713, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %713, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %719 = fmul <8 x float> %713, %713
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %719, <8 x float> %713)
-  %721 = fadd <8 x float> %720, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %722 = fptosi <8 x float> %711 to <8 x i32>
-  %723 = add <8 x i32> %722, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %724 = shl <8 x i32> %723, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %724 to <8 x float>
-  %exp114 = fmul <8 x float> %721, %exp.2n113
-  %725 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %725
-  %silu116 = fmul <8 x float> %703, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %704
-  %726 = fmul <8 x float> %glu117, %700
-  %727 = getelementptr inbounds float, ptr %702, i64 %col112
-  store <8 x float> %726, ptr %727, align 4
-  %728 = add nsw i64 %r0, 3
-  %729 = getelementptr inbounds float, ptr %rw, i64 %728
-  %730 = load float, ptr %729, align 4
-  %731 = insertelement <8 x float> poison, float %730, i32 0
-  %732 = shufflevector <8 x float> %731, <8 x float> poison, <8 x i32> zeroinitializer
-  %733 = mul nsw i64 %728, 2816
-  %734 = getelementptr inbounds float, ptr %h, i64 %733
+  %704 = load <8 x float>, ptr %acc2086, align 4
+  %705 = load <8 x float>, ptr %acc2187, align 4
+  %706 = fneg <8 x float> %704
+  %707 = fcmp olt <8 x float> %706, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %708 = select <8 x i1> %707, <8 x float> %706, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %709 = fcmp ogt <8 x float> %708, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %710 = select <8 x i1> %709, <8 x float> %708, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %712 = call <8 x float> @llvm.floor.v8f32(<8 x float> %711)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %710)
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %713)
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %714, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %714, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %714, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %714, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %714, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %720 = fmul <8 x float> %714, %714
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %720, <8 x float> %714)
+  %722 = fadd <8 x float> %721, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %723 = fptosi <8 x float> %712 to <8 x i32>
+  %724 = add <8 x i32> %723, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %725 = shl <8 x i32> %724, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n113 = bitcast <8 x i32> %725 to <8 x float>
+  %exp114 = fmul <8 x float> %722, %exp.2n113
+  %726 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %726
+  %silu116 = fmul <8 x float> %704, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %705
+  %727 = fmul <8 x float> %glu117, %701
+  %728 = getelementptr inbounds float, ptr %703, i64 %col112
+  store <8 x float> %727, ptr %728, align 4
+  %729 = add nsw i64 %r0, 3
+  %730 = getelementptr inbounds float, ptr %rw, i64 %729
+  %731 = load float, ptr %730, align 4
+  %732 = insertelement <8 x float> poison, float %731, i32 0
+  %733 = shufflevector <8 x float> %732, <8 x float> poison, <8 x i32> zeroinitializer
+  %734 = mul nsw i64 %729, 2816
+  %735 = getelementptr inbounds float, ptr %h, i64 %734
   %col118 = mul nsw i64 %p, 8
-  %735 = load <8 x float>, ptr %acc3088, align 4
-  %736 = load <8 x float>, ptr %acc3189, align 4
-  %737 = fneg <8 x float> %735
-  %738 = fcmp olt <8 x float> %737, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %740 = fcmp ogt <8 x float> %739, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %741 = select <8 x i1> %740, <8 x float> %739, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %743 = call <8 x float> @llvm.floor.v8f32(<8 x float> %742)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %741)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %744)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %745, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %745, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %745, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %745, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %745, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %751 = fmul <8 x float> %745, %745
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %751, <8 x float> %745)
-  %753 = fadd <8 x float> %752, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %754 = fptosi <8 x float> %743 to <8 x i32>
-  %755 = add <8 x i32> %754, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %756 = shl <8 x i32> %755, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %756 to <8 x float>
-  %exp120 = fmul <8 x float> %753, %exp.2n119
-  %757 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %757
-  %silu122 = fmul <8 x float> %735, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %736
-  %758 = fmul <8 x float> %glu123, %732
-  %759 = getelementptr inbounds float, ptr %734, i64 %col118
-  store <8 x float> %758, ptr %759, align 4
+  %736 = load <8 x float>, ptr %acc3088, align 4
+  %737 = load <8 x float>, ptr %acc3189, align 4
+  %738 = fneg <8 x float> %736
+  %739 = fcmp olt <8 x float> %738, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %740 = select <8 x i1> %739, <8 x float> %738, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %741 = fcmp ogt <8 x float> %740, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %742 = select <8 x i1> %741, <8 x float> %740, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %744 = call <8 x float> @llvm.floor.v8f32(<8 x float> %743)
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %742)
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %745)
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %746, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %746, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %746, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %746, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %746, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %752 = fmul <8 x float> %746, %746
+  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> %752, <8 x float> %746)
+  %754 = fadd <8 x float> %753, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %755 = fptosi <8 x float> %744 to <8 x i32>
+  %756 = add <8 x i32> %755, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %757 = shl <8 x i32> %756, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %757 to <8 x float>
+  %exp120 = fmul <8 x float> %754, %exp.2n119
+  %758 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %758
+  %silu122 = fmul <8 x float> %736, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %737
+  %759 = fmul <8 x float> %glu123, %733
+  %760 = getelementptr inbounds float, ptr %735, i64 %col118
+  store <8 x float> %759, ptr %760, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
-  %760 = add nsw i64 %r0, 0
-  %761 = getelementptr inbounds i32, ptr %rows, i64 %760
-  %762 = load i32, ptr %761, align 4
-  %763 = sext i32 %762 to i64
-  %764 = mul nsw i64 %763, 1024
-  %765 = getelementptr inbounds float, ptr %x, i64 %764
+tile.mr3:                                         ; preds = %rb.body
+  %761 = add nsw i64 %r0, 0
+  %762 = getelementptr inbounds i32, ptr %rows, i64 %761
+  %763 = load i32, ptr %762, align 4
+  %764 = sext i32 %763 to i64
+  %765 = mul nsw i64 %764, 1024
+  %766 = getelementptr inbounds float, ptr %x, i64 %765
   store <8 x float> zeroinitializer, ptr %acc00124, align 4
   store <8 x float> zeroinitializer, ptr %acc01125, align 4
-  %766 = add nsw i64 %r0, 1
-  %767 = getelementptr inbounds i32, ptr %rows, i64 %766
-  %768 = load i32, ptr %767, align 4
-  %769 = sext i32 %768 to i64
-  %770 = mul nsw i64 %769, 1024
-  %771 = getelementptr inbounds float, ptr %x, i64 %770
+  %767 = add nsw i64 %r0, 1
+  %768 = getelementptr inbounds i32, ptr %rows, i64 %767
+  %769 = load i32, ptr %768, align 4
+  %770 = sext i32 %769 to i64
+  %771 = mul nsw i64 %770, 1024
+  %772 = getelementptr inbounds float, ptr %x, i64 %771
   store <8 x float> zeroinitializer, ptr %acc10126, align 4
   store <8 x float> zeroinitializer, ptr %acc11127, align 4
-  %772 = add nsw i64 %r0, 2
-  %773 = getelementptr inbounds i32, ptr %rows, i64 %772
-  %774 = load i32, ptr %773, align 4
-  %775 = sext i32 %774 to i64
-  %776 = mul nsw i64 %775, 1024
-  %777 = getelementptr inbounds float, ptr %x, i64 %776
+  %773 = add nsw i64 %r0, 2
+  %774 = getelementptr inbounds i32, ptr %rows, i64 %773
+  %775 = load i32, ptr %774, align 4
+  %776 = sext i32 %775 to i64
+  %777 = mul nsw i64 %776, 1024
+  %778 = getelementptr inbounds float, ptr %x, i64 %777
   store <8 x float> zeroinitializer, ptr %acc20128, align 4
   store <8 x float> zeroinitializer, ptr %acc21129, align 4
   %panel.off130 = mul nsw i64 %p, 16384
-  %778 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
-  %779 = add nsw i64 %p, 1
-  %780 = icmp slt i64 %779, %p1
-  %pf.on131 = and i1 %pf.on, %780
-  %781 = mul nsw i64 %pf.j, 65536
-  %782 = lshr i64 %781, %9
-  %783 = add nsw i64 65536, %782
-  %784 = getelementptr inbounds i8, ptr %778, i64 %783
-  %pf132 = select i1 %pf.on131, ptr %784, ptr %778
-  %pf.sh133 = select i1 %pf.on131, i64 %9, i64 0
+  %779 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
+  %780 = add nsw i64 %p, 1
+  %781 = icmp slt i64 %780, %p1
+  %pf.on131 = and i1 %pf.on, %781
+  %782 = mul nsw i64 %rb, 65536
+  %783 = lshr i64 %782, %11
+  %784 = add nsw i64 65536, %783
+  %785 = getelementptr inbounds i8, ptr %779, i64 %784
+  %pf132 = select i1 %pf.on131, ptr %785, ptr %779
+  %pf.sh133 = select i1 %pf.on131, i64 %11, i64 0
   br label %k.head134
 
 k.head134:                                        ; preds = %pf.any.end139, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %820, %pf.any.end139 ]
-  %785 = icmp slt i64 %k137, 1024
-  br i1 %785, label %k.body135, label %k.end136
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %821, %pf.any.end139 ]
+  %786 = icmp slt i64 %k137, 1024
+  br i1 %786, label %k.body135, label %k.end136
 
 k.body135:                                        ; preds = %k.head134
-  %786 = mul nsw i64 %k137, 16
-  %787 = add nsw i64 %panel.off130, %786
-  %788 = mul nsw i64 %k137, 64
+  %787 = mul nsw i64 %k137, 16
+  %788 = add nsw i64 %panel.off130, %787
+  %789 = mul nsw i64 %k137, 64
   br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
 
 pf.any.then138:                                   ; preds = %k.body135
-  %789 = lshr i64 %788, %pf.sh133
-  %790 = getelementptr inbounds i8, ptr %pf132, i64 %789
-  call void @llvm.prefetch.p0(ptr %790, i32 0, i32 2, i32 1)
+  %790 = lshr i64 %789, %pf.sh133
+  %791 = getelementptr inbounds i8, ptr %pf132, i64 %790
+  call void @llvm.prefetch.p0(ptr %791, i32 0, i32 2, i32 1)
   br label %pf.any.end139
 
 pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
-  %791 = getelementptr inbounds float, ptr %panels, i64 %787
-  %792 = load <8 x float>, ptr %791, align 4
-  %793 = add nsw i64 %787, 8
-  %794 = getelementptr inbounds float, ptr %panels, i64 %793
-  %795 = load <8 x float>, ptr %794, align 4
-  %796 = getelementptr inbounds float, ptr %765, i64 %k137
-  %797 = load float, ptr %796, align 4
-  %798 = insertelement <8 x float> poison, float %797, i32 0
-  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
-  %800 = load <8 x float>, ptr %acc00124, align 4
-  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %792, <8 x float> %800)
-  store <8 x float> %801, ptr %acc00124, align 4
-  %802 = load <8 x float>, ptr %acc01125, align 4
-  %803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %799, <8 x float> %795, <8 x float> %802)
-  store <8 x float> %803, ptr %acc01125, align 4
-  %804 = getelementptr inbounds float, ptr %771, i64 %k137
-  %805 = load float, ptr %804, align 4
-  %806 = insertelement <8 x float> poison, float %805, i32 0
-  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
-  %808 = load <8 x float>, ptr %acc10126, align 4
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %792, <8 x float> %808)
-  store <8 x float> %809, ptr %acc10126, align 4
-  %810 = load <8 x float>, ptr %acc11127, align 4
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %795, <8 x float> %810)
-  store <8 x float> %811, ptr %acc11127, align 4
-  %812 = getelementptr inbounds float, ptr %777, i64 %k137
-  %813 = load float, ptr %812, align 4
-  %814 = insertelement <8 x float> poison, float %813, i32 0
-  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
-  %816 = load <8 x float>, ptr %acc20128, align 4
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %792, <8 x float> %816)
-  store <8 x float> %817, ptr %acc20128, align 4
-  %818 = load <8 x float>, ptr %acc21129, align 4
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %795, <8 x float> %818)
-  store <8 x float> %819, ptr %acc21129, align 4
-  %820 = add nsw i64 %k137, 1
+  %792 = getelementptr inbounds float, ptr %panels, i64 %788
+  %793 = load <8 x float>, ptr %792, align 4
+  %794 = add nsw i64 %788, 8
+  %795 = getelementptr inbounds float, ptr %panels, i64 %794
+  %796 = load <8 x float>, ptr %795, align 4
+  %797 = getelementptr inbounds float, ptr %766, i64 %k137
+  %798 = load float, ptr %797, align 4
+  %799 = insertelement <8 x float> poison, float %798, i32 0
+  %800 = shufflevector <8 x float> %799, <8 x float> poison, <8 x i32> zeroinitializer
+  %801 = load <8 x float>, ptr %acc00124, align 4
+  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %793, <8 x float> %801)
+  store <8 x float> %802, ptr %acc00124, align 4
+  %803 = load <8 x float>, ptr %acc01125, align 4
+  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %796, <8 x float> %803)
+  store <8 x float> %804, ptr %acc01125, align 4
+  %805 = getelementptr inbounds float, ptr %772, i64 %k137
+  %806 = load float, ptr %805, align 4
+  %807 = insertelement <8 x float> poison, float %806, i32 0
+  %808 = shufflevector <8 x float> %807, <8 x float> poison, <8 x i32> zeroinitializer
+  %809 = load <8 x float>, ptr %acc10126, align 4
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %793, <8 x float> %809)
+  store <8 x float> %810, ptr %acc10126, align 4
+  %811 = load <8 x float>, ptr %acc11127, align 4
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %796, <8 x float> %811)
+  store <8 x float> %812, ptr %acc11127, align 4
+  %813 = getelementptr inbounds float, ptr %778, i64 %k137
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = load <8 x float>, ptr %acc20128, align 4
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %793, <8 x float> %817)
+  store <8 x float> %818, ptr %acc20128, align 4
+  %819 = load <8 x float>, ptr %acc21129, align 4
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %796, <8 x float> %819)
+  store <8 x float> %820, ptr %acc21129, align 4
+  %821 = add nsw i64 %k137, 1
   br label %k.head134
 
 k.end136:                                         ; preds = %k.head134
-  %821 = add nsw i64 %r0, 0
-  %822 = getelementptr inbounds float, ptr %rw, i64 %821
-  %823 = load float, ptr %822, align 4
-  %824 = insertelement <8 x float> poison, float %823, i32 0
-  %825 = shufflevector <8 x float> %824, <8 x float> poison, <8 x i32> zeroinitializer
-  %826 = mul nsw i64 %821, 2816
-  %827 = getelementptr inbounds float, ptr %h, i64 %826
+  %822 = add nsw i64 %r0, 0
+  %823 = getelementptr inbounds float, ptr %rw, i64 %822
+  %824 = load float, ptr %823, align 4
+  %825 = insertelement <8 x float> poison, float %824, i32 0
+  %826 = shufflevector <8 x float> %825, <8 x float> poison, <8 x i32> zeroinitializer
+  %827 = mul nsw i64 %822, 2816
+  %828 = getelementptr inbounds float, ptr %h, i64 %827
   %col140 = mul nsw i64 %p, 8
-  %828 = load <8 x float>, ptr %acc00124, align 4
-  %829 = load <8 x float>, ptr %acc01125, align 4
-  %830 = fneg <8 x float> %828
-  %831 = fcmp olt <8 x float> %830, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %832 = select <8 x i1> %831, <8 x float> %830, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %833 = fcmp ogt <8 x float> %832, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %834 = select <8 x i1> %833, <8 x float> %832, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %836 = call <8 x float> @llvm.floor.v8f32(<8 x float> %835)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %834)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %837)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %838, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %838, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %838, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %838, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> %838, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %844 = fmul <8 x float> %838, %838
-  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> %844, <8 x float> %838)
-  %846 = fadd <8 x float> %845, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %847 = fptosi <8 x float> %836 to <8 x i32>
-  %848 = add <8 x i32> %847, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %849 = shl <8 x i32> %848, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %849 to <8 x float>
-  %exp142 = fmul <8 x float> %846, %exp.2n141
-  %850 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %850
-  %silu144 = fmul <8 x float> %828, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %829
-  %851 = fmul <8 x float> %glu145, %825
-  %852 = getelementptr inbounds float, ptr %827, i64 %col140
-  store <8 x float> %851, ptr %852, align 4
-  %853 = add nsw i64 %r0, 1
-  %854 = getelementptr inbounds float, ptr %rw, i64 %853
-  %855 = load float, ptr %854, align 4
-  %856 = insertelement <8 x float> poison, float %855, i32 0
-  %857 = shufflevector <8 x float> %856, <8 x float> poison, <8 x i32> zeroinitializer
-  %858 = mul nsw i64 %853, 2816
-  %859 = getelementptr inbounds float, ptr %h, i64 %858
+  %829 = load <8 x float>, ptr %acc00124, align 4
+  %830 = load <8 x float>, ptr %acc01125, align 4
+  %831 = fneg <8 x float> %829
+  %832 = fcmp olt <8 x float> %831, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %833 = select <8 x i1> %832, <8 x float> %831, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %834 = fcmp ogt <8 x float> %833, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %835 = select <8 x i1> %834, <8 x float> %833, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %837 = call <8 x float> @llvm.floor.v8f32(<8 x float> %836)
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %835)
+  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %838)
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %839, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %839, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %839, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> %839, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> %839, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %845 = fmul <8 x float> %839, %839
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %845, <8 x float> %839)
+  %847 = fadd <8 x float> %846, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %848 = fptosi <8 x float> %837 to <8 x i32>
+  %849 = add <8 x i32> %848, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %850 = shl <8 x i32> %849, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %850 to <8 x float>
+  %exp142 = fmul <8 x float> %847, %exp.2n141
+  %851 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %851
+  %silu144 = fmul <8 x float> %829, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %830
+  %852 = fmul <8 x float> %glu145, %826
+  %853 = getelementptr inbounds float, ptr %828, i64 %col140
+  store <8 x float> %852, ptr %853, align 4
+  %854 = add nsw i64 %r0, 1
+  %855 = getelementptr inbounds float, ptr %rw, i64 %854
+  %856 = load float, ptr %855, align 4
+  %857 = insertelement <8 x float> poison, float %856, i32 0
+  %858 = shufflevector <8 x float> %857, <8 x float> poison, <8 x i32> zeroinitializer
+  %859 = mul nsw i64 %854, 2816
+  %860 = getelementptr inbounds float, ptr %h, i64 %859
   %col146 = mul nsw i64 %p, 8
-  %860 = load <8 x float>, ptr %acc10126, align 4
-  %861 = load <8 x float>, ptr %acc11127, align 4
-  %862 = fneg <8 x float> %860
-  %863 = fcmp olt <8 x float> %862, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %864 = select <8 x i1> %863, <8 x float> %862, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %865 = fcmp ogt <8 x float> %864, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %866 = select <8 x i1> %865, <8 x float> %864, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %868 = call <8 x float> @llvm.floor.v8f32(<8 x float> %867)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %866)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %869)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %870, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %870, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %870, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %870, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %870, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %876 = fmul <8 x float> %870, %870
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %876, <8 x float> %870)
-  %878 = fadd <8 x float> %877, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %879 = fptosi <8 x float> %868 to <8 x i32>
-  %880 = add <8 x i32> %879, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %881 = shl <8 x i32> %880, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %881 to <8 x float>
-  %exp148 = fmul <8 x float> %878, %exp.2n147
-  %882 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %882
-  %silu150 = fmul <8 x float> %860, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %861
-  %883 = fmul <8 x float> %glu151, %857
-  %884 = getelementptr inbounds float, ptr %859, i64 %col146
-  store <8 x float> %883, ptr %884, align 4
-  %885 = add nsw i64 %r0, 2
-  %886 = getelementptr inbounds float, ptr %rw, i64 %885
-  %887 = load float, ptr %886, align 4
-  %888 = insertelement <8 x float> poison, float %887, i32 0
-  %889 = shufflevector <8 x float> %888, <8 x float> poison, <8 x i32> zeroinitializer
-  %890 = mul nsw i64 %885, 2816
-  %891 = getelementptr inbounds float, ptr %h, i64 %890
+  %861 = load <8 x float>, ptr %acc10126, align 4
+  %862 = load <8 x float>, ptr %acc11127, align 4
+  %863 = fneg <8 x float> %861
+  %864 = fcmp olt <8 x float> %863, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %865 = select <8 x i1> %864, <8 x float> %863, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %866 = fcmp ogt <8 x float> %865, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %867 = select <8 x i1> %866, <8 x float> %865, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %869 = call <8 x float> @llvm.floor.v8f32(<8 x float> %868)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %867)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %870)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %871, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %871, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %871, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %871, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %871, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %877 = fmul <8 x float> %871, %871
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %877, <8 x float> %871)
+  %879 = fadd <8 x float> %878, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %880 = fptosi <8 x float> %869 to <8 x i32>
+  %881 = add <8 x i32> %880, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %882 = shl <8 x i32> %881, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %882 to <8 x float>
+  %exp148 = fmul <8 x float> %879, %exp.2n147
+  %883 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %883
+  %silu150 = fmul <8 x float> %861, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %862
+  %884 = fmul <8 x float> %glu151, %858
+  %885 = getelementptr inbounds float, ptr %860, i64 %col146
+  store <8 x float> %884, ptr %885, align 4
+  %886 = add nsw i64 %r0, 2
+  %887 = getelementptr inbounds float, ptr %rw, i64 %886
+  %888 = load float, ptr %887, align 4
+  %889 = insertelement <8 x float> poison, float %888, i32 0
+  %890 = shufflevector <8 x float> %889, <8 x float> poison, <8 x i32> zeroinitializer
+  %891 = mul nsw i64 %886, 2816
+  %892 = getelementptr inbounds float, ptr %h, i64 %891
   %col152 = mul nsw i64 %p, 8
-  %892 = load <8 x float>, ptr %acc20128, align 4
-  %893 = load <8 x float>, ptr %acc21129, align 4
-  %894 = fneg <8 x float> %892
-  %895 = fcmp olt <8 x float> %894, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %896 = select <8 x i1> %895, <8 x float> %894, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %897 = fcmp ogt <8 x float> %896, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %898 = select <8 x i1> %897, <8 x float> %896, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %900 = call <8 x float> @llvm.floor.v8f32(<8 x float> %899)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %898)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %901)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %902, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %902, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %902, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %902, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %902, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %908 = fmul <8 x float> %902, %902
-  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> %908, <8 x float> %902)
-  %910 = fadd <8 x float> %909, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %911 = fptosi <8 x float> %900 to <8 x i32>
-  %912 = add <8 x i32> %911, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %913 = shl <8 x i32> %912, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %913 to <8 x float>
-  %exp154 = fmul <8 x float> %910, %exp.2n153
-  %914 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %914
-  %silu156 = fmul <8 x float> %892, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %893
-  %915 = fmul <8 x float> %glu157, %889
-  %916 = getelementptr inbounds float, ptr %891, i64 %col152
-  store <8 x float> %915, ptr %916, align 4
+  %893 = load <8 x float>, ptr %acc20128, align 4
+  %894 = load <8 x float>, ptr %acc21129, align 4
+  %895 = fneg <8 x float> %893
+  %896 = fcmp olt <8 x float> %895, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %898 = fcmp ogt <8 x float> %897, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %899 = select <8 x i1> %898, <8 x float> %897, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %901 = call <8 x float> @llvm.floor.v8f32(<8 x float> %900)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %899)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %902)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %903, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %903, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %903, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %903, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> %903, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %909 = fmul <8 x float> %903, %903
+  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> %909, <8 x float> %903)
+  %911 = fadd <8 x float> %910, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %912 = fptosi <8 x float> %901 to <8 x i32>
+  %913 = add <8 x i32> %912, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %914 = shl <8 x i32> %913, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %914 to <8 x float>
+  %exp154 = fmul <8 x float> %911, %exp.2n153
+  %915 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %915
+  %silu156 = fmul <8 x float> %893, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %894
+  %916 = fmul <8 x float> %glu157, %890
+  %917 = getelementptr inbounds float, ptr %892, i64 %col152
+  store <8 x float> %916, ptr %917, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
-  %917 = add nsw i64 %r0, 0
-  %918 = getelementptr inbounds i32, ptr %rows, i64 %917
-  %919 = load i32, ptr %918, align 4
-  %920 = sext i32 %919 to i64
-  %921 = mul nsw i64 %920, 1024
-  %922 = getelementptr inbounds float, ptr %x, i64 %921
+tile.mr2:                                         ; preds = %rb.body
+  %918 = add nsw i64 %r0, 0
+  %919 = getelementptr inbounds i32, ptr %rows, i64 %918
+  %920 = load i32, ptr %919, align 4
+  %921 = sext i32 %920 to i64
+  %922 = mul nsw i64 %921, 1024
+  %923 = getelementptr inbounds float, ptr %x, i64 %922
   store <8 x float> zeroinitializer, ptr %acc00158, align 4
   store <8 x float> zeroinitializer, ptr %acc01159, align 4
-  %923 = add nsw i64 %r0, 1
-  %924 = getelementptr inbounds i32, ptr %rows, i64 %923
-  %925 = load i32, ptr %924, align 4
-  %926 = sext i32 %925 to i64
-  %927 = mul nsw i64 %926, 1024
-  %928 = getelementptr inbounds float, ptr %x, i64 %927
+  %924 = add nsw i64 %r0, 1
+  %925 = getelementptr inbounds i32, ptr %rows, i64 %924
+  %926 = load i32, ptr %925, align 4
+  %927 = sext i32 %926 to i64
+  %928 = mul nsw i64 %927, 1024
+  %929 = getelementptr inbounds float, ptr %x, i64 %928
   store <8 x float> zeroinitializer, ptr %acc10160, align 4
   store <8 x float> zeroinitializer, ptr %acc11161, align 4
   %panel.off162 = mul nsw i64 %p, 16384
-  %929 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
-  %930 = add nsw i64 %p, 1
-  %931 = icmp slt i64 %930, %p1
-  %pf.on163 = and i1 %pf.on, %931
-  %932 = mul nsw i64 %pf.j, 65536
-  %933 = lshr i64 %932, %9
-  %934 = add nsw i64 65536, %933
-  %935 = getelementptr inbounds i8, ptr %929, i64 %934
-  %pf164 = select i1 %pf.on163, ptr %935, ptr %929
-  %pf.sh165 = select i1 %pf.on163, i64 %9, i64 0
+  %930 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
+  %931 = add nsw i64 %p, 1
+  %932 = icmp slt i64 %931, %p1
+  %pf.on163 = and i1 %pf.on, %932
+  %933 = mul nsw i64 %rb, 65536
+  %934 = lshr i64 %933, %11
+  %935 = add nsw i64 65536, %934
+  %936 = getelementptr inbounds i8, ptr %930, i64 %935
+  %pf164 = select i1 %pf.on163, ptr %936, ptr %930
+  %pf.sh165 = select i1 %pf.on163, i64 %11, i64 0
   br label %k.head166
 
 k.head166:                                        ; preds = %pf.any.end171, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %963, %pf.any.end171 ]
-  %936 = icmp slt i64 %k169, 1024
-  br i1 %936, label %k.body167, label %k.end168
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %964, %pf.any.end171 ]
+  %937 = icmp slt i64 %k169, 1024
+  br i1 %937, label %k.body167, label %k.end168
 
 k.body167:                                        ; preds = %k.head166
-  %937 = mul nsw i64 %k169, 16
-  %938 = add nsw i64 %panel.off162, %937
-  %939 = mul nsw i64 %k169, 64
+  %938 = mul nsw i64 %k169, 16
+  %939 = add nsw i64 %panel.off162, %938
+  %940 = mul nsw i64 %k169, 64
   br i1 %pf.multi, label %pf.any.then170, label %pf.any.end171
 
 pf.any.then170:                                   ; preds = %k.body167
-  %940 = lshr i64 %939, %pf.sh165
-  %941 = getelementptr inbounds i8, ptr %pf164, i64 %940
-  call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  %941 = lshr i64 %940, %pf.sh165
+  %942 = getelementptr inbounds i8, ptr %pf164, i64 %941
+  call void @llvm.prefetch.p0(ptr %942, i32 0, i32 2, i32 1)
   br label %pf.any.end171
 
 pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
-  %942 = getelementptr inbounds float, ptr %panels, i64 %938
-  %943 = load <8 x float>, ptr %942, align 4
-  %944 = add nsw i64 %938, 8
-  %945 = getelementptr inbounds float, ptr %panels, i64 %944
-  %946 = load <8 x float>, ptr %945, align 4
-  %947 = getelementptr inbounds float, ptr %922, i64 %k169
-  %948 = load float, ptr %947, align 4
-  %949 = insertelement <8 x float> poison, float %948, i32 0
-  %950 = shufflevector <8 x float> %949, <8 x float> poison, <8 x i32> zeroinitializer
-  %951 = load <8 x float>, ptr %acc00158, align 4
-  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %943, <8 x float> %951)
-  store <8 x float> %952, ptr %acc00158, align 4
-  %953 = load <8 x float>, ptr %acc01159, align 4
-  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %946, <8 x float> %953)
-  store <8 x float> %954, ptr %acc01159, align 4
-  %955 = getelementptr inbounds float, ptr %928, i64 %k169
-  %956 = load float, ptr %955, align 4
-  %957 = insertelement <8 x float> poison, float %956, i32 0
-  %958 = shufflevector <8 x float> %957, <8 x float> poison, <8 x i32> zeroinitializer
-  %959 = load <8 x float>, ptr %acc10160, align 4
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %943, <8 x float> %959)
-  store <8 x float> %960, ptr %acc10160, align 4
-  %961 = load <8 x float>, ptr %acc11161, align 4
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %946, <8 x float> %961)
-  store <8 x float> %962, ptr %acc11161, align 4
-  %963 = add nsw i64 %k169, 1
+  %943 = getelementptr inbounds float, ptr %panels, i64 %939
+  %944 = load <8 x float>, ptr %943, align 4
+  %945 = add nsw i64 %939, 8
+  %946 = getelementptr inbounds float, ptr %panels, i64 %945
+  %947 = load <8 x float>, ptr %946, align 4
+  %948 = getelementptr inbounds float, ptr %923, i64 %k169
+  %949 = load float, ptr %948, align 4
+  %950 = insertelement <8 x float> poison, float %949, i32 0
+  %951 = shufflevector <8 x float> %950, <8 x float> poison, <8 x i32> zeroinitializer
+  %952 = load <8 x float>, ptr %acc00158, align 4
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %944, <8 x float> %952)
+  store <8 x float> %953, ptr %acc00158, align 4
+  %954 = load <8 x float>, ptr %acc01159, align 4
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %947, <8 x float> %954)
+  store <8 x float> %955, ptr %acc01159, align 4
+  %956 = getelementptr inbounds float, ptr %929, i64 %k169
+  %957 = load float, ptr %956, align 4
+  %958 = insertelement <8 x float> poison, float %957, i32 0
+  %959 = shufflevector <8 x float> %958, <8 x float> poison, <8 x i32> zeroinitializer
+  %960 = load <8 x float>, ptr %acc10160, align 4
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %944, <8 x float> %960)
+  store <8 x float> %961, ptr %acc10160, align 4
+  %962 = load <8 x float>, ptr %acc11161, align 4
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %947, <8 x float> %962)
+  store <8 x float> %963, ptr %acc11161, align 4
+  %964 = add nsw i64 %k169, 1
   br label %k.head166
 
 k.end168:                                         ; preds = %k.head166
-  %964 = add nsw i64 %r0, 0
-  %965 = getelementptr inbounds float, ptr %rw, i64 %964
-  %966 = load float, ptr %965, align 4
-  %967 = insertelement <8 x float> poison, float %966, i32 0
-  %968 = shufflevector <8 x float> %967, <8 x float> poison, <8 x i32> zeroinitializer
-  %969 = mul nsw i64 %964, 2816
-  %970 = getelementptr inbounds float, ptr %h, i64 %969
+  %965 = add nsw i64 %r0, 0
+  %966 = getelementptr inbounds float, ptr %rw, i64 %965
+  %967 = load float, ptr %966, align 4
+  %968 = insertelement <8 x float> poison, float %967, i32 0
+  %969 = shufflevector <8 x float> %968, <8 x float> poison, <8 x i32> zeroinitializer
+  %970 = mul nsw i64 %965, 2816
+  %971 = getelementptr inbounds float, ptr %h, i64 %970
   %col172 = mul nsw i64 %p, 8
-  %971 = load <8 x float>, ptr %acc00158, align 4
-  %972 = load <8 x float>, ptr %acc01159, align 4
-  %973 = fneg <8 x float> %971
-  %974 = fcmp olt <8 x float> %973, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %975 = select <8 x i1> %974, <8 x float> %973, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %976 = fcmp ogt <8 x float> %975, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %977 = select <8 x i1> %976, <8 x float> %975, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %979 = call <8 x float> @llvm.floor.v8f32(<8 x float> %978)
-  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %977)
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %980)
-  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %981, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %981, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> %981, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %984, <8 x float> %981, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %981, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %987 = fmul <8 x float> %981, %981
-  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %987, <8 x float> %981)
-  %989 = fadd <8 x float> %988, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %990 = fptosi <8 x float> %979 to <8 x i32>
-  %991 = add <8 x i32> %990, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %992 = shl <8 x i32> %991, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %992 to <8 x float>
-  %exp174 = fmul <8 x float> %989, %exp.2n173
-  %993 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %993
-  %silu176 = fmul <8 x float> %971, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %972
-  %994 = fmul <8 x float> %glu177, %968
-  %995 = getelementptr inbounds float, ptr %970, i64 %col172
-  store <8 x float> %994, ptr %995, align 4
-  %996 = add nsw i64 %r0, 1
-  %997 = getelementptr inbounds float, ptr %rw, i64 %996
-  %998 = load float, ptr %997, align 4
-  %999 = insertelement <8 x float> poison, float %998, i32 0
-  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
-  %1001 = mul nsw i64 %996, 2816
-  %1002 = getelementptr inbounds float, ptr %h, i64 %1001
+  %972 = load <8 x float>, ptr %acc00158, align 4
+  %973 = load <8 x float>, ptr %acc01159, align 4
+  %974 = fneg <8 x float> %972
+  %975 = fcmp olt <8 x float> %974, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %976 = select <8 x i1> %975, <8 x float> %974, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %977 = fcmp ogt <8 x float> %976, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %978 = select <8 x i1> %977, <8 x float> %976, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %980 = call <8 x float> @llvm.floor.v8f32(<8 x float> %979)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %978)
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %981)
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %982, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> %982, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %984, <8 x float> %982, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %982, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %982, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %988 = fmul <8 x float> %982, %982
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %987, <8 x float> %988, <8 x float> %982)
+  %990 = fadd <8 x float> %989, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %991 = fptosi <8 x float> %980 to <8 x i32>
+  %992 = add <8 x i32> %991, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %993 = shl <8 x i32> %992, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %993 to <8 x float>
+  %exp174 = fmul <8 x float> %990, %exp.2n173
+  %994 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %994
+  %silu176 = fmul <8 x float> %972, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %973
+  %995 = fmul <8 x float> %glu177, %969
+  %996 = getelementptr inbounds float, ptr %971, i64 %col172
+  store <8 x float> %995, ptr %996, align 4
+  %997 = add nsw i64 %r0, 1
+  %998 = getelementptr inbounds float, ptr %rw, i64 %997
+  %999 = load float, ptr %998, align 4
+  %1000 = insertelement <8 x float> poison, float %999, i32 0
+  %1001 = shufflevector <8 x float> %1000, <8 x float> poison, <8 x i32> zeroinitializer
+  %1002 = mul nsw i64 %997, 2816
+  %1003 = getelementptr inbounds float, ptr %h, i64 %1002
   %col178 = mul nsw i64 %p, 8
-  %1003 = load <8 x float>, ptr %acc10160, align 4
-  %1004 = load <8 x float>, ptr %acc11161, align 4
-  %1005 = fneg <8 x float> %1003
-  %1006 = fcmp olt <8 x float> %1005, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1007 = select <8 x i1> %1006, <8 x float> %1005, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1008 = fcmp ogt <8 x float> %1007, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1009 = select <8 x i1> %1008, <8 x float> %1007, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1009, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1011 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1010)
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1009)
-  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1012)
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1013, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> %1013, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> %1013, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1013, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1013, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1019 = fmul <8 x float> %1013, %1013
-  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1019, <8 x float> %1013)
-  %1021 = fadd <8 x float> %1020, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1022 = fptosi <8 x float> %1011 to <8 x i32>
-  %1023 = add <8 x i32> %1022, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1024 = shl <8 x i32> %1023, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1024 to <8 x float>
-  %exp180 = fmul <8 x float> %1021, %exp.2n179
-  %1025 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1025
-  %silu182 = fmul <8 x float> %1003, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %1004
-  %1026 = fmul <8 x float> %glu183, %1000
-  %1027 = getelementptr inbounds float, ptr %1002, i64 %col178
-  store <8 x float> %1026, ptr %1027, align 4
+  %1004 = load <8 x float>, ptr %acc10160, align 4
+  %1005 = load <8 x float>, ptr %acc11161, align 4
+  %1006 = fneg <8 x float> %1004
+  %1007 = fcmp olt <8 x float> %1006, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1008 = select <8 x i1> %1007, <8 x float> %1006, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1009 = fcmp ogt <8 x float> %1008, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1010 = select <8 x i1> %1009, <8 x float> %1008, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1012 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1011)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1010)
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1013)
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1014, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> %1014, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1014, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1014, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1014, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1020 = fmul <8 x float> %1014, %1014
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1020, <8 x float> %1014)
+  %1022 = fadd <8 x float> %1021, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1023 = fptosi <8 x float> %1012 to <8 x i32>
+  %1024 = add <8 x i32> %1023, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1025 = shl <8 x i32> %1024, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n179 = bitcast <8 x i32> %1025 to <8 x float>
+  %exp180 = fmul <8 x float> %1022, %exp.2n179
+  %1026 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1026
+  %silu182 = fmul <8 x float> %1004, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %1005
+  %1027 = fmul <8 x float> %glu183, %1001
+  %1028 = getelementptr inbounds float, ptr %1003, i64 %col178
+  store <8 x float> %1027, ptr %1028, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
-  %1028 = add nsw i64 %r0, 0
-  %1029 = getelementptr inbounds i32, ptr %rows, i64 %1028
-  %1030 = load i32, ptr %1029, align 4
-  %1031 = sext i32 %1030 to i64
-  %1032 = mul nsw i64 %1031, 1024
-  %1033 = getelementptr inbounds float, ptr %x, i64 %1032
+tile.mr1:                                         ; preds = %rb.body
+  %1029 = add nsw i64 %r0, 0
+  %1030 = getelementptr inbounds i32, ptr %rows, i64 %1029
+  %1031 = load i32, ptr %1030, align 4
+  %1032 = sext i32 %1031 to i64
+  %1033 = mul nsw i64 %1032, 1024
+  %1034 = getelementptr inbounds float, ptr %x, i64 %1033
   store <8 x float> zeroinitializer, ptr %acc00184, align 4
   store <8 x float> zeroinitializer, ptr %acc01185, align 4
   %panel.off186 = mul nsw i64 %p, 16384
-  %1034 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
-  %1035 = add nsw i64 %p, 1
-  %1036 = icmp slt i64 %1035, %p1
-  %pf.on187 = and i1 %pf.on, %1036
-  %1037 = mul nsw i64 %pf.j, 65536
-  %1038 = lshr i64 %1037, %9
-  %1039 = add nsw i64 65536, %1038
-  %1040 = getelementptr inbounds i8, ptr %1034, i64 %1039
-  %pf188 = select i1 %pf.on187, ptr %1040, ptr %1034
-  %pf.sh189 = select i1 %pf.on187, i64 %9, i64 0
+  %1035 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
+  %1036 = add nsw i64 %p, 1
+  %1037 = icmp slt i64 %1036, %p1
+  %pf.on187 = and i1 %pf.on, %1037
+  %1038 = mul nsw i64 %rb, 65536
+  %1039 = lshr i64 %1038, %11
+  %1040 = add nsw i64 65536, %1039
+  %1041 = getelementptr inbounds i8, ptr %1035, i64 %1040
+  %pf188 = select i1 %pf.on187, ptr %1041, ptr %1035
+  %pf.sh189 = select i1 %pf.on187, i64 %11, i64 0
   br label %k.head190
 
 k.head190:                                        ; preds = %pf.any.end195, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1060, %pf.any.end195 ]
-  %1041 = icmp slt i64 %k193, 1024
-  br i1 %1041, label %k.body191, label %k.end192
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1061, %pf.any.end195 ]
+  %1042 = icmp slt i64 %k193, 1024
+  br i1 %1042, label %k.body191, label %k.end192
 
 k.body191:                                        ; preds = %k.head190
-  %1042 = mul nsw i64 %k193, 16
-  %1043 = add nsw i64 %panel.off186, %1042
-  %1044 = mul nsw i64 %k193, 64
+  %1043 = mul nsw i64 %k193, 16
+  %1044 = add nsw i64 %panel.off186, %1043
+  %1045 = mul nsw i64 %k193, 64
   br i1 %pf.multi, label %pf.any.then194, label %pf.any.end195
 
 pf.any.then194:                                   ; preds = %k.body191
-  %1045 = lshr i64 %1044, %pf.sh189
-  %1046 = getelementptr inbounds i8, ptr %pf188, i64 %1045
-  call void @llvm.prefetch.p0(ptr %1046, i32 0, i32 2, i32 1)
+  %1046 = lshr i64 %1045, %pf.sh189
+  %1047 = getelementptr inbounds i8, ptr %pf188, i64 %1046
+  call void @llvm.prefetch.p0(ptr %1047, i32 0, i32 2, i32 1)
   br label %pf.any.end195
 
 pf.any.end195:                                    ; preds = %pf.any.then194, %k.body191
-  %1047 = getelementptr inbounds float, ptr %panels, i64 %1043
-  %1048 = load <8 x float>, ptr %1047, align 4
-  %1049 = add nsw i64 %1043, 8
-  %1050 = getelementptr inbounds float, ptr %panels, i64 %1049
-  %1051 = load <8 x float>, ptr %1050, align 4
-  %1052 = getelementptr inbounds float, ptr %1033, i64 %k193
-  %1053 = load float, ptr %1052, align 4
-  %1054 = insertelement <8 x float> poison, float %1053, i32 0
-  %1055 = shufflevector <8 x float> %1054, <8 x float> poison, <8 x i32> zeroinitializer
-  %1056 = load <8 x float>, ptr %acc00184, align 4
-  %1057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1048, <8 x float> %1056)
-  store <8 x float> %1057, ptr %acc00184, align 4
-  %1058 = load <8 x float>, ptr %acc01185, align 4
-  %1059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1055, <8 x float> %1051, <8 x float> %1058)
-  store <8 x float> %1059, ptr %acc01185, align 4
-  %1060 = add nsw i64 %k193, 1
+  %1048 = getelementptr inbounds float, ptr %panels, i64 %1044
+  %1049 = load <8 x float>, ptr %1048, align 4
+  %1050 = add nsw i64 %1044, 8
+  %1051 = getelementptr inbounds float, ptr %panels, i64 %1050
+  %1052 = load <8 x float>, ptr %1051, align 4
+  %1053 = getelementptr inbounds float, ptr %1034, i64 %k193
+  %1054 = load float, ptr %1053, align 4
+  %1055 = insertelement <8 x float> poison, float %1054, i32 0
+  %1056 = shufflevector <8 x float> %1055, <8 x float> poison, <8 x i32> zeroinitializer
+  %1057 = load <8 x float>, ptr %acc00184, align 4
+  %1058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1049, <8 x float> %1057)
+  store <8 x float> %1058, ptr %acc00184, align 4
+  %1059 = load <8 x float>, ptr %acc01185, align 4
+  %1060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1052, <8 x float> %1059)
+  store <8 x float> %1060, ptr %acc01185, align 4
+  %1061 = add nsw i64 %k193, 1
   br label %k.head190
 
 k.end192:                                         ; preds = %k.head190
-  %1061 = add nsw i64 %r0, 0
-  %1062 = getelementptr inbounds float, ptr %rw, i64 %1061
-  %1063 = load float, ptr %1062, align 4
-  %1064 = insertelement <8 x float> poison, float %1063, i32 0
-  %1065 = shufflevector <8 x float> %1064, <8 x float> poison, <8 x i32> zeroinitializer
-  %1066 = mul nsw i64 %1061, 2816
-  %1067 = getelementptr inbounds float, ptr %h, i64 %1066
+  %1062 = add nsw i64 %r0, 0
+  %1063 = getelementptr inbounds float, ptr %rw, i64 %1062
+  %1064 = load float, ptr %1063, align 4
+  %1065 = insertelement <8 x float> poison, float %1064, i32 0
+  %1066 = shufflevector <8 x float> %1065, <8 x float> poison, <8 x i32> zeroinitializer
+  %1067 = mul nsw i64 %1062, 2816
+  %1068 = getelementptr inbounds float, ptr %h, i64 %1067
   %col196 = mul nsw i64 %p, 8
-  %1068 = load <8 x float>, ptr %acc00184, align 4
-  %1069 = load <8 x float>, ptr %acc01185, align 4
-  %1070 = fneg <8 x float> %1068
-  %1071 = fcmp olt <8 x float> %1070, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1072 = select <8 x i1> %1071, <8 x float> %1070, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1073 = fcmp ogt <8 x float> %1072, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1074 = select <8 x i1> %1073, <8 x float> %1072, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1076 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1075)
-  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1074)
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1077)
-  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1078, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1079, <8 x float> %1078, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1080, <8 x float> %1078, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> %1078, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %1078, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1084 = fmul <8 x float> %1078, %1078
-  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %1084, <8 x float> %1078)
-  %1086 = fadd <8 x float> %1085, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1087 = fptosi <8 x float> %1076 to <8 x i32>
-  %1088 = add <8 x i32> %1087, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1089 = shl <8 x i32> %1088, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1089 to <8 x float>
-  %exp198 = fmul <8 x float> %1086, %exp.2n197
-  %1090 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1090
-  %silu200 = fmul <8 x float> %1068, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1069
-  %1091 = fmul <8 x float> %glu201, %1065
-  %1092 = getelementptr inbounds float, ptr %1067, i64 %col196
-  store <8 x float> %1091, ptr %1092, align 4
+  %1069 = load <8 x float>, ptr %acc00184, align 4
+  %1070 = load <8 x float>, ptr %acc01185, align 4
+  %1071 = fneg <8 x float> %1069
+  %1072 = fcmp olt <8 x float> %1071, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1073 = select <8 x i1> %1072, <8 x float> %1071, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1074 = fcmp ogt <8 x float> %1073, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1075 = select <8 x i1> %1074, <8 x float> %1073, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1077 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1076)
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1075)
+  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1078)
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1079, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1080, <8 x float> %1079, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> %1079, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %1079, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %1079, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1085 = fmul <8 x float> %1079, %1079
+  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %1085, <8 x float> %1079)
+  %1087 = fadd <8 x float> %1086, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1088 = fptosi <8 x float> %1077 to <8 x i32>
+  %1089 = add <8 x i32> %1088, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1090 = shl <8 x i32> %1089, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n197 = bitcast <8 x i32> %1090 to <8 x float>
+  %exp198 = fmul <8 x float> %1087, %exp.2n197
+  %1091 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1091
+  %silu200 = fmul <8 x float> %1069, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %1070
+  %1092 = fmul <8 x float> %glu201, %1066
+  %1093 = getelementptr inbounds float, ptr %1068, i64 %col196
+  store <8 x float> %1092, ptr %1093, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
-  %1093 = add nsw i64 %r0, 6
-  br label %r0.head
+  %1094 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %1094 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %1095 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2518,37 +2519,38 @@ start:                                            ; preds = %entry
   %end = select i1 %0, i64 %p1, i64 64
   br label %p.head
 
-p.head:                                           ; preds = %r0.end, %start
-  %p = phi i64 [ %p0, %start ], [ %591, %r0.end ]
+p.head:                                           ; preds = %rb.end, %start
+  %p = phi i64 [ %p0, %start ], [ %592, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  br label %r0.head
+  %2 = add nsw i64 %n, 5
+  %nrb = sdiv i64 %2, 6
+  br label %rb.head
 
-r0.head:                                          ; preds = %tile.done, %p.body
-  %r0 = phi i64 [ 0, %p.body ], [ %590, %tile.done ]
-  %2 = icmp slt i64 %r0, %n
-  br i1 %2, label %r0.body, label %r0.end
+rb.head:                                          ; preds = %tile.done, %p.body
+  %rb = phi i64 [ 0, %p.body ], [ %591, %tile.done ]
+  %3 = icmp slt i64 %rb, %nrb
+  br i1 %3, label %rb.body, label %rb.end
 
-r0.body:                                          ; preds = %r0.head
-  %left = sub nsw i64 %n, %r0
-  %3 = icmp sge i64 %left, 6
-  %mr = select i1 %3, i64 6, i64 %left
-  %4 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %4, 6
-  %5 = icmp sge i64 %nrb, 2
-  %6 = select i1 %5, i64 1, i64 0
-  %7 = icmp sge i64 %nrb, 4
-  %8 = select i1 %7, i64 2, i64 %6
-  %9 = icmp sge i64 %nrb, 8
-  %10 = select i1 %9, i64 3, i64 %8
-  %pf.j = sdiv i64 %r0, 6
+rb.body:                                          ; preds = %rb.head
+  %4 = mul nsw i64 %rb, %n
+  %r0 = sdiv i64 %4, %nrb
+  %5 = add nsw i64 %rb, 1
+  %6 = mul nsw i64 %5, %n
+  %r1 = sdiv i64 %6, %nrb
+  %mr = sub nsw i64 %r1, %r0
+  %7 = icmp sge i64 %nrb, 2
+  %8 = select i1 %7, i64 1, i64 0
+  %9 = icmp sge i64 %nrb, 4
+  %10 = select i1 %9, i64 2, i64 %8
+  %11 = icmp sge i64 %nrb, 8
+  %12 = select i1 %11, i64 3, i64 %10
   %pf.multi = icmp sgt i64 %nrb, 1
-  %11 = shl i64 1, %10
-  %12 = icmp slt i64 %pf.j, %11
-  %13 = icmp sgt i64 %nrb, 1
-  %pf.on = and i1 %13, %12
+  %13 = shl i64 1, %12
+  %14 = icmp slt i64 %rb, %13
+  %pf.on = and i1 %pf.multi, %14
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2557,864 +2559,864 @@ r0.body:                                          ; preds = %r0.head
     i64 5, label %tile.mr5
   ]
 
-tile.mr6:                                         ; preds = %r0.body
+tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
-  %14 = add nsw i64 %r0, 0
-  %15 = mul nsw i64 %14, 2816
-  %16 = getelementptr inbounds float, ptr %h, i64 %15
-  %17 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %18 = load i32, ptr %17, align 4
-  %19 = sext i32 %18 to i64
-  %20 = mul nsw i64 %19, 1024
-  %21 = getelementptr inbounds float, ptr %y, i64 %20
-  %22 = add nsw i64 %col, 0
-  %23 = getelementptr inbounds float, ptr %21, i64 %22
+  %15 = add nsw i64 %r0, 0
+  %16 = mul nsw i64 %15, 2816
+  %17 = getelementptr inbounds float, ptr %h, i64 %16
+  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %19 = load i32, ptr %18, align 4
+  %20 = sext i32 %19 to i64
+  %21 = mul nsw i64 %20, 1024
+  %22 = getelementptr inbounds float, ptr %y, i64 %21
+  %23 = add nsw i64 %col, 0
+  %24 = getelementptr inbounds float, ptr %22, i64 %23
   store <8 x float> zeroinitializer, ptr %acc00, align 4
-  %24 = add nsw i64 %col, 8
-  %25 = getelementptr inbounds float, ptr %21, i64 %24
+  %25 = add nsw i64 %col, 8
+  %26 = getelementptr inbounds float, ptr %22, i64 %25
   store <8 x float> zeroinitializer, ptr %acc01, align 4
-  %26 = add nsw i64 %r0, 1
-  %27 = mul nsw i64 %26, 2816
-  %28 = getelementptr inbounds float, ptr %h, i64 %27
-  %29 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %30 = load i32, ptr %29, align 4
-  %31 = sext i32 %30 to i64
-  %32 = mul nsw i64 %31, 1024
-  %33 = getelementptr inbounds float, ptr %y, i64 %32
-  %34 = add nsw i64 %col, 0
-  %35 = getelementptr inbounds float, ptr %33, i64 %34
+  %27 = add nsw i64 %r0, 1
+  %28 = mul nsw i64 %27, 2816
+  %29 = getelementptr inbounds float, ptr %h, i64 %28
+  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
+  %31 = load i32, ptr %30, align 4
+  %32 = sext i32 %31 to i64
+  %33 = mul nsw i64 %32, 1024
+  %34 = getelementptr inbounds float, ptr %y, i64 %33
+  %35 = add nsw i64 %col, 0
+  %36 = getelementptr inbounds float, ptr %34, i64 %35
   store <8 x float> zeroinitializer, ptr %acc10, align 4
-  %36 = add nsw i64 %col, 8
-  %37 = getelementptr inbounds float, ptr %33, i64 %36
+  %37 = add nsw i64 %col, 8
+  %38 = getelementptr inbounds float, ptr %34, i64 %37
   store <8 x float> zeroinitializer, ptr %acc11, align 4
-  %38 = add nsw i64 %r0, 2
-  %39 = mul nsw i64 %38, 2816
-  %40 = getelementptr inbounds float, ptr %h, i64 %39
-  %41 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %42 = load i32, ptr %41, align 4
-  %43 = sext i32 %42 to i64
-  %44 = mul nsw i64 %43, 1024
-  %45 = getelementptr inbounds float, ptr %y, i64 %44
-  %46 = add nsw i64 %col, 0
-  %47 = getelementptr inbounds float, ptr %45, i64 %46
+  %39 = add nsw i64 %r0, 2
+  %40 = mul nsw i64 %39, 2816
+  %41 = getelementptr inbounds float, ptr %h, i64 %40
+  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
+  %43 = load i32, ptr %42, align 4
+  %44 = sext i32 %43 to i64
+  %45 = mul nsw i64 %44, 1024
+  %46 = getelementptr inbounds float, ptr %y, i64 %45
+  %47 = add nsw i64 %col, 0
+  %48 = getelementptr inbounds float, ptr %46, i64 %47
   store <8 x float> zeroinitializer, ptr %acc20, align 4
-  %48 = add nsw i64 %col, 8
-  %49 = getelementptr inbounds float, ptr %45, i64 %48
+  %49 = add nsw i64 %col, 8
+  %50 = getelementptr inbounds float, ptr %46, i64 %49
   store <8 x float> zeroinitializer, ptr %acc21, align 4
-  %50 = add nsw i64 %r0, 3
-  %51 = mul nsw i64 %50, 2816
-  %52 = getelementptr inbounds float, ptr %h, i64 %51
-  %53 = getelementptr inbounds i32, ptr %rows, i64 %50
-  %54 = load i32, ptr %53, align 4
-  %55 = sext i32 %54 to i64
-  %56 = mul nsw i64 %55, 1024
-  %57 = getelementptr inbounds float, ptr %y, i64 %56
-  %58 = add nsw i64 %col, 0
-  %59 = getelementptr inbounds float, ptr %57, i64 %58
+  %51 = add nsw i64 %r0, 3
+  %52 = mul nsw i64 %51, 2816
+  %53 = getelementptr inbounds float, ptr %h, i64 %52
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 1024
+  %58 = getelementptr inbounds float, ptr %y, i64 %57
+  %59 = add nsw i64 %col, 0
+  %60 = getelementptr inbounds float, ptr %58, i64 %59
   store <8 x float> zeroinitializer, ptr %acc30, align 4
-  %60 = add nsw i64 %col, 8
-  %61 = getelementptr inbounds float, ptr %57, i64 %60
+  %61 = add nsw i64 %col, 8
+  %62 = getelementptr inbounds float, ptr %58, i64 %61
   store <8 x float> zeroinitializer, ptr %acc31, align 4
-  %62 = add nsw i64 %r0, 4
-  %63 = mul nsw i64 %62, 2816
-  %64 = getelementptr inbounds float, ptr %h, i64 %63
-  %65 = getelementptr inbounds i32, ptr %rows, i64 %62
-  %66 = load i32, ptr %65, align 4
-  %67 = sext i32 %66 to i64
-  %68 = mul nsw i64 %67, 1024
-  %69 = getelementptr inbounds float, ptr %y, i64 %68
-  %70 = add nsw i64 %col, 0
-  %71 = getelementptr inbounds float, ptr %69, i64 %70
+  %63 = add nsw i64 %r0, 4
+  %64 = mul nsw i64 %63, 2816
+  %65 = getelementptr inbounds float, ptr %h, i64 %64
+  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %67 = load i32, ptr %66, align 4
+  %68 = sext i32 %67 to i64
+  %69 = mul nsw i64 %68, 1024
+  %70 = getelementptr inbounds float, ptr %y, i64 %69
+  %71 = add nsw i64 %col, 0
+  %72 = getelementptr inbounds float, ptr %70, i64 %71
   store <8 x float> zeroinitializer, ptr %acc40, align 4
-  %72 = add nsw i64 %col, 8
-  %73 = getelementptr inbounds float, ptr %69, i64 %72
+  %73 = add nsw i64 %col, 8
+  %74 = getelementptr inbounds float, ptr %70, i64 %73
   store <8 x float> zeroinitializer, ptr %acc41, align 4
-  %74 = add nsw i64 %r0, 5
-  %75 = mul nsw i64 %74, 2816
-  %76 = getelementptr inbounds float, ptr %h, i64 %75
-  %77 = getelementptr inbounds i32, ptr %rows, i64 %74
-  %78 = load i32, ptr %77, align 4
-  %79 = sext i32 %78 to i64
-  %80 = mul nsw i64 %79, 1024
-  %81 = getelementptr inbounds float, ptr %y, i64 %80
-  %82 = add nsw i64 %col, 0
-  %83 = getelementptr inbounds float, ptr %81, i64 %82
+  %75 = add nsw i64 %r0, 5
+  %76 = mul nsw i64 %75, 2816
+  %77 = getelementptr inbounds float, ptr %h, i64 %76
+  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %79 = load i32, ptr %78, align 4
+  %80 = sext i32 %79 to i64
+  %81 = mul nsw i64 %80, 1024
+  %82 = getelementptr inbounds float, ptr %y, i64 %81
+  %83 = add nsw i64 %col, 0
+  %84 = getelementptr inbounds float, ptr %82, i64 %83
   store <8 x float> zeroinitializer, ptr %acc50, align 4
-  %84 = add nsw i64 %col, 8
-  %85 = getelementptr inbounds float, ptr %81, i64 %84
+  %85 = add nsw i64 %col, 8
+  %86 = getelementptr inbounds float, ptr %82, i64 %85
   store <8 x float> zeroinitializer, ptr %acc51, align 4
   %panel.off = mul nsw i64 %p, 45056
-  %86 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %87 = add nsw i64 %p, 1
-  %88 = icmp slt i64 %87, %p1
-  %pf.on1 = and i1 %pf.on, %88
-  %89 = mul nsw i64 %pf.j, 180224
-  %90 = lshr i64 %89, %10
-  %91 = add nsw i64 180224, %90
-  %92 = getelementptr inbounds i8, ptr %86, i64 %91
-  %pf = select i1 %pf.on1, ptr %92, ptr %86
-  %pf.sh = select i1 %pf.on1, i64 %10, i64 0
+  %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %88 = add nsw i64 %p, 1
+  %89 = icmp slt i64 %88, %p1
+  %pf.on1 = and i1 %pf.on, %89
+  %90 = mul nsw i64 %rb, 180224
+  %91 = lshr i64 %90, %12
+  %92 = add nsw i64 180224, %91
+  %93 = getelementptr inbounds i8, ptr %87, i64 %92
+  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
-  %93 = icmp slt i64 %k, 2816
-  br i1 %93, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %pf.any.end ]
+  %94 = icmp slt i64 %k, 2816
+  br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %94 = mul nsw i64 %k, 16
-  %95 = add nsw i64 %panel.off, %94
-  %96 = mul nsw i64 %k, 64
+  %95 = mul nsw i64 %k, 16
+  %96 = add nsw i64 %panel.off, %95
+  %97 = mul nsw i64 %k, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %97 = lshr i64 %96, %pf.sh
-  %98 = getelementptr inbounds i8, ptr %pf, i64 %97
-  call void @llvm.prefetch.p0(ptr %98, i32 0, i32 2, i32 1)
+  %98 = lshr i64 %97, %pf.sh
+  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
+  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %99 = getelementptr inbounds float, ptr %panels, i64 %95
-  %100 = load <8 x float>, ptr %99, align 4
-  %101 = add nsw i64 %95, 8
-  %102 = getelementptr inbounds float, ptr %panels, i64 %101
-  %103 = load <8 x float>, ptr %102, align 4
-  %104 = getelementptr inbounds float, ptr %16, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %100, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %103, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %28, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %100, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %103, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %40, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %100, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %103, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %52, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %100, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %103, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %64, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %100, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %103, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %76, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %100, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %103, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %100 = getelementptr inbounds float, ptr %panels, i64 %96
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = add nsw i64 %96, 8
+  %103 = getelementptr inbounds float, ptr %panels, i64 %102
+  %104 = load <8 x float>, ptr %103, align 4
+  %105 = getelementptr inbounds float, ptr %17, i64 %k
+  %106 = load float, ptr %105, align 4
+  %107 = insertelement <8 x float> poison, float %106, i32 0
+  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
+  %109 = load <8 x float>, ptr %acc00, align 4
+  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
+  store <8 x float> %110, ptr %acc00, align 4
+  %111 = load <8 x float>, ptr %acc01, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
+  store <8 x float> %112, ptr %acc01, align 4
+  %113 = getelementptr inbounds float, ptr %29, i64 %k
+  %114 = load float, ptr %113, align 4
+  %115 = insertelement <8 x float> poison, float %114, i32 0
+  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
+  %117 = load <8 x float>, ptr %acc10, align 4
+  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
+  store <8 x float> %118, ptr %acc10, align 4
+  %119 = load <8 x float>, ptr %acc11, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
+  store <8 x float> %120, ptr %acc11, align 4
+  %121 = getelementptr inbounds float, ptr %41, i64 %k
+  %122 = load float, ptr %121, align 4
+  %123 = insertelement <8 x float> poison, float %122, i32 0
+  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
+  %125 = load <8 x float>, ptr %acc20, align 4
+  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
+  store <8 x float> %126, ptr %acc20, align 4
+  %127 = load <8 x float>, ptr %acc21, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
+  store <8 x float> %128, ptr %acc21, align 4
+  %129 = getelementptr inbounds float, ptr %53, i64 %k
+  %130 = load float, ptr %129, align 4
+  %131 = insertelement <8 x float> poison, float %130, i32 0
+  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
+  %133 = load <8 x float>, ptr %acc30, align 4
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
+  store <8 x float> %134, ptr %acc30, align 4
+  %135 = load <8 x float>, ptr %acc31, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
+  store <8 x float> %136, ptr %acc31, align 4
+  %137 = getelementptr inbounds float, ptr %65, i64 %k
+  %138 = load float, ptr %137, align 4
+  %139 = insertelement <8 x float> poison, float %138, i32 0
+  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
+  %141 = load <8 x float>, ptr %acc40, align 4
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
+  store <8 x float> %142, ptr %acc40, align 4
+  %143 = load <8 x float>, ptr %acc41, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
+  store <8 x float> %144, ptr %acc41, align 4
+  %145 = getelementptr inbounds float, ptr %77, i64 %k
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %acc50, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
+  store <8 x float> %150, ptr %acc50, align 4
+  %151 = load <8 x float>, ptr %acc51, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
+  store <8 x float> %152, ptr %acc51, align 4
+  %153 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %23, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %25, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %35, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %37, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %47, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %49, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %59, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %61, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %71, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %73, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %83, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %85, align 4
+  %154 = load <8 x float>, ptr %acc00, align 4
+  store <8 x float> %154, ptr %24, align 4
+  %155 = load <8 x float>, ptr %acc01, align 4
+  store <8 x float> %155, ptr %26, align 4
+  %156 = load <8 x float>, ptr %acc10, align 4
+  store <8 x float> %156, ptr %36, align 4
+  %157 = load <8 x float>, ptr %acc11, align 4
+  store <8 x float> %157, ptr %38, align 4
+  %158 = load <8 x float>, ptr %acc20, align 4
+  store <8 x float> %158, ptr %48, align 4
+  %159 = load <8 x float>, ptr %acc21, align 4
+  store <8 x float> %159, ptr %50, align 4
+  %160 = load <8 x float>, ptr %acc30, align 4
+  store <8 x float> %160, ptr %60, align 4
+  %161 = load <8 x float>, ptr %acc31, align 4
+  store <8 x float> %161, ptr %62, align 4
+  %162 = load <8 x float>, ptr %acc40, align 4
+  store <8 x float> %162, ptr %72, align 4
+  %163 = load <8 x float>, ptr %acc41, align 4
+  store <8 x float> %163, ptr %74, align 4
+  %164 = load <8 x float>, ptr %acc50, align 4
+  store <8 x float> %164, ptr %84, align 4
+  %165 = load <8 x float>, ptr %acc51, align 4
+  store <8 x float> %165, ptr %86, align 4
   br label %tile.done
 
-tile.mr5:                                         ; preds = %r0.body
+tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 2816
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 1024
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col2, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
+  %166 = add nsw i64 %r0, 0
+  %167 = mul nsw i64 %166, 2816
+  %168 = getelementptr inbounds float, ptr %h, i64 %167
+  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
+  %170 = load i32, ptr %169, align 4
+  %171 = sext i32 %170 to i64
+  %172 = mul nsw i64 %171, 1024
+  %173 = getelementptr inbounds float, ptr %y, i64 %172
+  %174 = add nsw i64 %col2, 0
+  %175 = getelementptr inbounds float, ptr %173, i64 %174
   store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %175 = add nsw i64 %col2, 8
-  %176 = getelementptr inbounds float, ptr %172, i64 %175
+  %176 = add nsw i64 %col2, 8
+  %177 = getelementptr inbounds float, ptr %173, i64 %176
   store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %177 = add nsw i64 %r0, 1
-  %178 = mul nsw i64 %177, 2816
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
-  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
-  %181 = load i32, ptr %180, align 4
-  %182 = sext i32 %181 to i64
-  %183 = mul nsw i64 %182, 1024
-  %184 = getelementptr inbounds float, ptr %y, i64 %183
-  %185 = add nsw i64 %col2, 0
-  %186 = getelementptr inbounds float, ptr %184, i64 %185
+  %178 = add nsw i64 %r0, 1
+  %179 = mul nsw i64 %178, 2816
+  %180 = getelementptr inbounds float, ptr %h, i64 %179
+  %181 = getelementptr inbounds i32, ptr %rows, i64 %178
+  %182 = load i32, ptr %181, align 4
+  %183 = sext i32 %182 to i64
+  %184 = mul nsw i64 %183, 1024
+  %185 = getelementptr inbounds float, ptr %y, i64 %184
+  %186 = add nsw i64 %col2, 0
+  %187 = getelementptr inbounds float, ptr %185, i64 %186
   store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %187 = add nsw i64 %col2, 8
-  %188 = getelementptr inbounds float, ptr %184, i64 %187
+  %188 = add nsw i64 %col2, 8
+  %189 = getelementptr inbounds float, ptr %185, i64 %188
   store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %189 = add nsw i64 %r0, 2
-  %190 = mul nsw i64 %189, 2816
-  %191 = getelementptr inbounds float, ptr %h, i64 %190
-  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
-  %193 = load i32, ptr %192, align 4
-  %194 = sext i32 %193 to i64
-  %195 = mul nsw i64 %194, 1024
-  %196 = getelementptr inbounds float, ptr %y, i64 %195
-  %197 = add nsw i64 %col2, 0
-  %198 = getelementptr inbounds float, ptr %196, i64 %197
+  %190 = add nsw i64 %r0, 2
+  %191 = mul nsw i64 %190, 2816
+  %192 = getelementptr inbounds float, ptr %h, i64 %191
+  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
+  %194 = load i32, ptr %193, align 4
+  %195 = sext i32 %194 to i64
+  %196 = mul nsw i64 %195, 1024
+  %197 = getelementptr inbounds float, ptr %y, i64 %196
+  %198 = add nsw i64 %col2, 0
+  %199 = getelementptr inbounds float, ptr %197, i64 %198
   store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %199 = add nsw i64 %col2, 8
-  %200 = getelementptr inbounds float, ptr %196, i64 %199
+  %200 = add nsw i64 %col2, 8
+  %201 = getelementptr inbounds float, ptr %197, i64 %200
   store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %201 = add nsw i64 %r0, 3
-  %202 = mul nsw i64 %201, 2816
-  %203 = getelementptr inbounds float, ptr %h, i64 %202
-  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
-  %205 = load i32, ptr %204, align 4
-  %206 = sext i32 %205 to i64
-  %207 = mul nsw i64 %206, 1024
-  %208 = getelementptr inbounds float, ptr %y, i64 %207
-  %209 = add nsw i64 %col2, 0
-  %210 = getelementptr inbounds float, ptr %208, i64 %209
+  %202 = add nsw i64 %r0, 3
+  %203 = mul nsw i64 %202, 2816
+  %204 = getelementptr inbounds float, ptr %h, i64 %203
+  %205 = getelementptr inbounds i32, ptr %rows, i64 %202
+  %206 = load i32, ptr %205, align 4
+  %207 = sext i32 %206 to i64
+  %208 = mul nsw i64 %207, 1024
+  %209 = getelementptr inbounds float, ptr %y, i64 %208
+  %210 = add nsw i64 %col2, 0
+  %211 = getelementptr inbounds float, ptr %209, i64 %210
   store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %211 = add nsw i64 %col2, 8
-  %212 = getelementptr inbounds float, ptr %208, i64 %211
+  %212 = add nsw i64 %col2, 8
+  %213 = getelementptr inbounds float, ptr %209, i64 %212
   store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 2816
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 1024
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col2, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %214 = add nsw i64 %r0, 4
+  %215 = mul nsw i64 %214, 2816
+  %216 = getelementptr inbounds float, ptr %h, i64 %215
+  %217 = getelementptr inbounds i32, ptr %rows, i64 %214
+  %218 = load i32, ptr %217, align 4
+  %219 = sext i32 %218 to i64
+  %220 = mul nsw i64 %219, 1024
+  %221 = getelementptr inbounds float, ptr %y, i64 %220
+  %222 = add nsw i64 %col2, 0
+  %223 = getelementptr inbounds float, ptr %221, i64 %222
   store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %223 = add nsw i64 %col2, 8
-  %224 = getelementptr inbounds float, ptr %220, i64 %223
+  %224 = add nsw i64 %col2, 8
+  %225 = getelementptr inbounds float, ptr %221, i64 %224
   store <8 x float> zeroinitializer, ptr %acc4112, align 4
   %panel.off13 = mul nsw i64 %p, 45056
-  %225 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %226 = add nsw i64 %p, 1
-  %227 = icmp slt i64 %226, %p1
-  %pf.on14 = and i1 %pf.on, %227
-  %228 = mul nsw i64 %pf.j, 180224
-  %229 = lshr i64 %228, %10
-  %230 = add nsw i64 180224, %229
-  %231 = getelementptr inbounds i8, ptr %225, i64 %230
-  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
-  %pf.sh16 = select i1 %pf.on14, i64 %10, i64 0
+  %226 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %227 = add nsw i64 %p, 1
+  %228 = icmp slt i64 %227, %p1
+  %pf.on14 = and i1 %pf.on, %228
+  %229 = mul nsw i64 %rb, 180224
+  %230 = lshr i64 %229, %12
+  %231 = add nsw i64 180224, %230
+  %232 = getelementptr inbounds i8, ptr %226, i64 %231
+  %pf15 = select i1 %pf.on14, ptr %232, ptr %226
+  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %283, %pf.any.end22 ]
-  %232 = icmp slt i64 %k20, 2816
-  br i1 %232, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %284, %pf.any.end22 ]
+  %233 = icmp slt i64 %k20, 2816
+  br i1 %233, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %233 = mul nsw i64 %k20, 16
-  %234 = add nsw i64 %panel.off13, %233
-  %235 = mul nsw i64 %k20, 64
+  %234 = mul nsw i64 %k20, 16
+  %235 = add nsw i64 %panel.off13, %234
+  %236 = mul nsw i64 %k20, 64
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %236 = lshr i64 %235, %pf.sh16
-  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
-  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  %237 = lshr i64 %236, %pf.sh16
+  %238 = getelementptr inbounds i8, ptr %pf15, i64 %237
+  call void @llvm.prefetch.p0(ptr %238, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %238 = getelementptr inbounds float, ptr %panels, i64 %234
-  %239 = load <8 x float>, ptr %238, align 4
-  %240 = add nsw i64 %234, 8
-  %241 = getelementptr inbounds float, ptr %panels, i64 %240
-  %242 = load <8 x float>, ptr %241, align 4
-  %243 = getelementptr inbounds float, ptr %167, i64 %k20
-  %244 = load float, ptr %243, align 4
-  %245 = insertelement <8 x float> poison, float %244, i32 0
-  %246 = shufflevector <8 x float> %245, <8 x float> poison, <8 x i32> zeroinitializer
-  %247 = load <8 x float>, ptr %acc003, align 4
-  %248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %239, <8 x float> %247)
-  store <8 x float> %248, ptr %acc003, align 4
-  %249 = load <8 x float>, ptr %acc014, align 4
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %242, <8 x float> %249)
-  store <8 x float> %250, ptr %acc014, align 4
-  %251 = getelementptr inbounds float, ptr %179, i64 %k20
-  %252 = load float, ptr %251, align 4
-  %253 = insertelement <8 x float> poison, float %252, i32 0
-  %254 = shufflevector <8 x float> %253, <8 x float> poison, <8 x i32> zeroinitializer
-  %255 = load <8 x float>, ptr %acc105, align 4
-  %256 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %239, <8 x float> %255)
-  store <8 x float> %256, ptr %acc105, align 4
-  %257 = load <8 x float>, ptr %acc116, align 4
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %254, <8 x float> %242, <8 x float> %257)
-  store <8 x float> %258, ptr %acc116, align 4
-  %259 = getelementptr inbounds float, ptr %191, i64 %k20
-  %260 = load float, ptr %259, align 4
-  %261 = insertelement <8 x float> poison, float %260, i32 0
-  %262 = shufflevector <8 x float> %261, <8 x float> poison, <8 x i32> zeroinitializer
-  %263 = load <8 x float>, ptr %acc207, align 4
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %239, <8 x float> %263)
-  store <8 x float> %264, ptr %acc207, align 4
-  %265 = load <8 x float>, ptr %acc218, align 4
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %242, <8 x float> %265)
-  store <8 x float> %266, ptr %acc218, align 4
-  %267 = getelementptr inbounds float, ptr %203, i64 %k20
-  %268 = load float, ptr %267, align 4
-  %269 = insertelement <8 x float> poison, float %268, i32 0
-  %270 = shufflevector <8 x float> %269, <8 x float> poison, <8 x i32> zeroinitializer
-  %271 = load <8 x float>, ptr %acc309, align 4
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %239, <8 x float> %271)
-  store <8 x float> %272, ptr %acc309, align 4
-  %273 = load <8 x float>, ptr %acc3110, align 4
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %242, <8 x float> %273)
-  store <8 x float> %274, ptr %acc3110, align 4
-  %275 = getelementptr inbounds float, ptr %215, i64 %k20
-  %276 = load float, ptr %275, align 4
-  %277 = insertelement <8 x float> poison, float %276, i32 0
-  %278 = shufflevector <8 x float> %277, <8 x float> poison, <8 x i32> zeroinitializer
-  %279 = load <8 x float>, ptr %acc4011, align 4
-  %280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %239, <8 x float> %279)
-  store <8 x float> %280, ptr %acc4011, align 4
-  %281 = load <8 x float>, ptr %acc4112, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %278, <8 x float> %242, <8 x float> %281)
-  store <8 x float> %282, ptr %acc4112, align 4
-  %283 = add nsw i64 %k20, 1
+  %239 = getelementptr inbounds float, ptr %panels, i64 %235
+  %240 = load <8 x float>, ptr %239, align 4
+  %241 = add nsw i64 %235, 8
+  %242 = getelementptr inbounds float, ptr %panels, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = getelementptr inbounds float, ptr %168, i64 %k20
+  %245 = load float, ptr %244, align 4
+  %246 = insertelement <8 x float> poison, float %245, i32 0
+  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
+  %248 = load <8 x float>, ptr %acc003, align 4
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %240, <8 x float> %248)
+  store <8 x float> %249, ptr %acc003, align 4
+  %250 = load <8 x float>, ptr %acc014, align 4
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> %250)
+  store <8 x float> %251, ptr %acc014, align 4
+  %252 = getelementptr inbounds float, ptr %180, i64 %k20
+  %253 = load float, ptr %252, align 4
+  %254 = insertelement <8 x float> poison, float %253, i32 0
+  %255 = shufflevector <8 x float> %254, <8 x float> poison, <8 x i32> zeroinitializer
+  %256 = load <8 x float>, ptr %acc105, align 4
+  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %240, <8 x float> %256)
+  store <8 x float> %257, ptr %acc105, align 4
+  %258 = load <8 x float>, ptr %acc116, align 4
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %243, <8 x float> %258)
+  store <8 x float> %259, ptr %acc116, align 4
+  %260 = getelementptr inbounds float, ptr %192, i64 %k20
+  %261 = load float, ptr %260, align 4
+  %262 = insertelement <8 x float> poison, float %261, i32 0
+  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
+  %264 = load <8 x float>, ptr %acc207, align 4
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %240, <8 x float> %264)
+  store <8 x float> %265, ptr %acc207, align 4
+  %266 = load <8 x float>, ptr %acc218, align 4
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %243, <8 x float> %266)
+  store <8 x float> %267, ptr %acc218, align 4
+  %268 = getelementptr inbounds float, ptr %204, i64 %k20
+  %269 = load float, ptr %268, align 4
+  %270 = insertelement <8 x float> poison, float %269, i32 0
+  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
+  %272 = load <8 x float>, ptr %acc309, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %240, <8 x float> %272)
+  store <8 x float> %273, ptr %acc309, align 4
+  %274 = load <8 x float>, ptr %acc3110, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %243, <8 x float> %274)
+  store <8 x float> %275, ptr %acc3110, align 4
+  %276 = getelementptr inbounds float, ptr %216, i64 %k20
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = load <8 x float>, ptr %acc4011, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %240, <8 x float> %280)
+  store <8 x float> %281, ptr %acc4011, align 4
+  %282 = load <8 x float>, ptr %acc4112, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %243, <8 x float> %282)
+  store <8 x float> %283, ptr %acc4112, align 4
+  %284 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %284 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %284, ptr %174, align 4
-  %285 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %285, ptr %176, align 4
-  %286 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %286, ptr %186, align 4
-  %287 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %287, ptr %188, align 4
-  %288 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %288, ptr %198, align 4
-  %289 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %289, ptr %200, align 4
-  %290 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %290, ptr %210, align 4
-  %291 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %291, ptr %212, align 4
-  %292 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %292, ptr %222, align 4
-  %293 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %293, ptr %224, align 4
+  %285 = load <8 x float>, ptr %acc003, align 4
+  store <8 x float> %285, ptr %175, align 4
+  %286 = load <8 x float>, ptr %acc014, align 4
+  store <8 x float> %286, ptr %177, align 4
+  %287 = load <8 x float>, ptr %acc105, align 4
+  store <8 x float> %287, ptr %187, align 4
+  %288 = load <8 x float>, ptr %acc116, align 4
+  store <8 x float> %288, ptr %189, align 4
+  %289 = load <8 x float>, ptr %acc207, align 4
+  store <8 x float> %289, ptr %199, align 4
+  %290 = load <8 x float>, ptr %acc218, align 4
+  store <8 x float> %290, ptr %201, align 4
+  %291 = load <8 x float>, ptr %acc309, align 4
+  store <8 x float> %291, ptr %211, align 4
+  %292 = load <8 x float>, ptr %acc3110, align 4
+  store <8 x float> %292, ptr %213, align 4
+  %293 = load <8 x float>, ptr %acc4011, align 4
+  store <8 x float> %293, ptr %223, align 4
+  %294 = load <8 x float>, ptr %acc4112, align 4
+  store <8 x float> %294, ptr %225, align 4
   br label %tile.done
 
-tile.mr4:                                         ; preds = %r0.body
+tile.mr4:                                         ; preds = %rb.body
   %col23 = mul nsw i64 %p, 16
-  %294 = add nsw i64 %r0, 0
-  %295 = mul nsw i64 %294, 2816
-  %296 = getelementptr inbounds float, ptr %h, i64 %295
-  %297 = getelementptr inbounds i32, ptr %rows, i64 %294
-  %298 = load i32, ptr %297, align 4
-  %299 = sext i32 %298 to i64
-  %300 = mul nsw i64 %299, 1024
-  %301 = getelementptr inbounds float, ptr %y, i64 %300
-  %302 = add nsw i64 %col23, 0
-  %303 = getelementptr inbounds float, ptr %301, i64 %302
+  %295 = add nsw i64 %r0, 0
+  %296 = mul nsw i64 %295, 2816
+  %297 = getelementptr inbounds float, ptr %h, i64 %296
+  %298 = getelementptr inbounds i32, ptr %rows, i64 %295
+  %299 = load i32, ptr %298, align 4
+  %300 = sext i32 %299 to i64
+  %301 = mul nsw i64 %300, 1024
+  %302 = getelementptr inbounds float, ptr %y, i64 %301
+  %303 = add nsw i64 %col23, 0
+  %304 = getelementptr inbounds float, ptr %302, i64 %303
   store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %304 = add nsw i64 %col23, 8
-  %305 = getelementptr inbounds float, ptr %301, i64 %304
+  %305 = add nsw i64 %col23, 8
+  %306 = getelementptr inbounds float, ptr %302, i64 %305
   store <8 x float> zeroinitializer, ptr %acc0125, align 4
-  %306 = add nsw i64 %r0, 1
-  %307 = mul nsw i64 %306, 2816
-  %308 = getelementptr inbounds float, ptr %h, i64 %307
-  %309 = getelementptr inbounds i32, ptr %rows, i64 %306
-  %310 = load i32, ptr %309, align 4
-  %311 = sext i32 %310 to i64
-  %312 = mul nsw i64 %311, 1024
-  %313 = getelementptr inbounds float, ptr %y, i64 %312
-  %314 = add nsw i64 %col23, 0
-  %315 = getelementptr inbounds float, ptr %313, i64 %314
+  %307 = add nsw i64 %r0, 1
+  %308 = mul nsw i64 %307, 2816
+  %309 = getelementptr inbounds float, ptr %h, i64 %308
+  %310 = getelementptr inbounds i32, ptr %rows, i64 %307
+  %311 = load i32, ptr %310, align 4
+  %312 = sext i32 %311 to i64
+  %313 = mul nsw i64 %312, 1024
+  %314 = getelementptr inbounds float, ptr %y, i64 %313
+  %315 = add nsw i64 %col23, 0
+  %316 = getelementptr inbounds float, ptr %314, i64 %315
   store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %316 = add nsw i64 %col23, 8
-  %317 = getelementptr inbounds float, ptr %313, i64 %316
+  %317 = add nsw i64 %col23, 8
+  %318 = getelementptr inbounds float, ptr %314, i64 %317
   store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %318 = add nsw i64 %r0, 2
-  %319 = mul nsw i64 %318, 2816
-  %320 = getelementptr inbounds float, ptr %h, i64 %319
-  %321 = getelementptr inbounds i32, ptr %rows, i64 %318
-  %322 = load i32, ptr %321, align 4
-  %323 = sext i32 %322 to i64
-  %324 = mul nsw i64 %323, 1024
-  %325 = getelementptr inbounds float, ptr %y, i64 %324
-  %326 = add nsw i64 %col23, 0
-  %327 = getelementptr inbounds float, ptr %325, i64 %326
+  %319 = add nsw i64 %r0, 2
+  %320 = mul nsw i64 %319, 2816
+  %321 = getelementptr inbounds float, ptr %h, i64 %320
+  %322 = getelementptr inbounds i32, ptr %rows, i64 %319
+  %323 = load i32, ptr %322, align 4
+  %324 = sext i32 %323 to i64
+  %325 = mul nsw i64 %324, 1024
+  %326 = getelementptr inbounds float, ptr %y, i64 %325
+  %327 = add nsw i64 %col23, 0
+  %328 = getelementptr inbounds float, ptr %326, i64 %327
   store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %328 = add nsw i64 %col23, 8
-  %329 = getelementptr inbounds float, ptr %325, i64 %328
+  %329 = add nsw i64 %col23, 8
+  %330 = getelementptr inbounds float, ptr %326, i64 %329
   store <8 x float> zeroinitializer, ptr %acc2129, align 4
-  %330 = add nsw i64 %r0, 3
-  %331 = mul nsw i64 %330, 2816
-  %332 = getelementptr inbounds float, ptr %h, i64 %331
-  %333 = getelementptr inbounds i32, ptr %rows, i64 %330
-  %334 = load i32, ptr %333, align 4
-  %335 = sext i32 %334 to i64
-  %336 = mul nsw i64 %335, 1024
-  %337 = getelementptr inbounds float, ptr %y, i64 %336
-  %338 = add nsw i64 %col23, 0
-  %339 = getelementptr inbounds float, ptr %337, i64 %338
+  %331 = add nsw i64 %r0, 3
+  %332 = mul nsw i64 %331, 2816
+  %333 = getelementptr inbounds float, ptr %h, i64 %332
+  %334 = getelementptr inbounds i32, ptr %rows, i64 %331
+  %335 = load i32, ptr %334, align 4
+  %336 = sext i32 %335 to i64
+  %337 = mul nsw i64 %336, 1024
+  %338 = getelementptr inbounds float, ptr %y, i64 %337
+  %339 = add nsw i64 %col23, 0
+  %340 = getelementptr inbounds float, ptr %338, i64 %339
   store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %340 = add nsw i64 %col23, 8
-  %341 = getelementptr inbounds float, ptr %337, i64 %340
+  %341 = add nsw i64 %col23, 8
+  %342 = getelementptr inbounds float, ptr %338, i64 %341
   store <8 x float> zeroinitializer, ptr %acc3131, align 4
   %panel.off32 = mul nsw i64 %p, 45056
-  %342 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %343 = add nsw i64 %p, 1
-  %344 = icmp slt i64 %343, %p1
-  %pf.on33 = and i1 %pf.on, %344
-  %345 = mul nsw i64 %pf.j, 180224
-  %346 = lshr i64 %345, %10
-  %347 = add nsw i64 180224, %346
-  %348 = getelementptr inbounds i8, ptr %342, i64 %347
-  %pf34 = select i1 %pf.on33, ptr %348, ptr %342
-  %pf.sh35 = select i1 %pf.on33, i64 %10, i64 0
+  %343 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
+  %344 = add nsw i64 %p, 1
+  %345 = icmp slt i64 %344, %p1
+  %pf.on33 = and i1 %pf.on, %345
+  %346 = mul nsw i64 %rb, 180224
+  %347 = lshr i64 %346, %12
+  %348 = add nsw i64 180224, %347
+  %349 = getelementptr inbounds i8, ptr %343, i64 %348
+  %pf34 = select i1 %pf.on33, ptr %349, ptr %343
+  %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %392, %pf.any.end41 ]
-  %349 = icmp slt i64 %k39, 2816
-  br i1 %349, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %393, %pf.any.end41 ]
+  %350 = icmp slt i64 %k39, 2816
+  br i1 %350, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %350 = mul nsw i64 %k39, 16
-  %351 = add nsw i64 %panel.off32, %350
-  %352 = mul nsw i64 %k39, 64
+  %351 = mul nsw i64 %k39, 16
+  %352 = add nsw i64 %panel.off32, %351
+  %353 = mul nsw i64 %k39, 64
   br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
 
 pf.any.then40:                                    ; preds = %k.body37
-  %353 = lshr i64 %352, %pf.sh35
-  %354 = getelementptr inbounds i8, ptr %pf34, i64 %353
-  call void @llvm.prefetch.p0(ptr %354, i32 0, i32 2, i32 1)
+  %354 = lshr i64 %353, %pf.sh35
+  %355 = getelementptr inbounds i8, ptr %pf34, i64 %354
+  call void @llvm.prefetch.p0(ptr %355, i32 0, i32 2, i32 1)
   br label %pf.any.end41
 
 pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %355 = getelementptr inbounds float, ptr %panels, i64 %351
-  %356 = load <8 x float>, ptr %355, align 4
-  %357 = add nsw i64 %351, 8
-  %358 = getelementptr inbounds float, ptr %panels, i64 %357
-  %359 = load <8 x float>, ptr %358, align 4
-  %360 = getelementptr inbounds float, ptr %296, i64 %k39
-  %361 = load float, ptr %360, align 4
-  %362 = insertelement <8 x float> poison, float %361, i32 0
-  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %acc0024, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %356, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0024, align 4
-  %366 = load <8 x float>, ptr %acc0125, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %359, <8 x float> %366)
-  store <8 x float> %367, ptr %acc0125, align 4
-  %368 = getelementptr inbounds float, ptr %308, i64 %k39
-  %369 = load float, ptr %368, align 4
-  %370 = insertelement <8 x float> poison, float %369, i32 0
-  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = load <8 x float>, ptr %acc1026, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %356, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1026, align 4
-  %374 = load <8 x float>, ptr %acc1127, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %359, <8 x float> %374)
-  store <8 x float> %375, ptr %acc1127, align 4
-  %376 = getelementptr inbounds float, ptr %320, i64 %k39
-  %377 = load float, ptr %376, align 4
-  %378 = insertelement <8 x float> poison, float %377, i32 0
-  %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
-  %380 = load <8 x float>, ptr %acc2028, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %356, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2028, align 4
-  %382 = load <8 x float>, ptr %acc2129, align 4
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> %359, <8 x float> %382)
-  store <8 x float> %383, ptr %acc2129, align 4
-  %384 = getelementptr inbounds float, ptr %332, i64 %k39
-  %385 = load float, ptr %384, align 4
-  %386 = insertelement <8 x float> poison, float %385, i32 0
-  %387 = shufflevector <8 x float> %386, <8 x float> poison, <8 x i32> zeroinitializer
-  %388 = load <8 x float>, ptr %acc3030, align 4
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %356, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3030, align 4
-  %390 = load <8 x float>, ptr %acc3131, align 4
-  %391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %359, <8 x float> %390)
-  store <8 x float> %391, ptr %acc3131, align 4
-  %392 = add nsw i64 %k39, 1
+  %356 = getelementptr inbounds float, ptr %panels, i64 %352
+  %357 = load <8 x float>, ptr %356, align 4
+  %358 = add nsw i64 %352, 8
+  %359 = getelementptr inbounds float, ptr %panels, i64 %358
+  %360 = load <8 x float>, ptr %359, align 4
+  %361 = getelementptr inbounds float, ptr %297, i64 %k39
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = load <8 x float>, ptr %acc0024, align 4
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
+  store <8 x float> %366, ptr %acc0024, align 4
+  %367 = load <8 x float>, ptr %acc0125, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
+  store <8 x float> %368, ptr %acc0125, align 4
+  %369 = getelementptr inbounds float, ptr %309, i64 %k39
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = load <8 x float>, ptr %acc1026, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
+  store <8 x float> %374, ptr %acc1026, align 4
+  %375 = load <8 x float>, ptr %acc1127, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
+  store <8 x float> %376, ptr %acc1127, align 4
+  %377 = getelementptr inbounds float, ptr %321, i64 %k39
+  %378 = load float, ptr %377, align 4
+  %379 = insertelement <8 x float> poison, float %378, i32 0
+  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
+  %381 = load <8 x float>, ptr %acc2028, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
+  store <8 x float> %382, ptr %acc2028, align 4
+  %383 = load <8 x float>, ptr %acc2129, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
+  store <8 x float> %384, ptr %acc2129, align 4
+  %385 = getelementptr inbounds float, ptr %333, i64 %k39
+  %386 = load float, ptr %385, align 4
+  %387 = insertelement <8 x float> poison, float %386, i32 0
+  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
+  %389 = load <8 x float>, ptr %acc3030, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
+  store <8 x float> %390, ptr %acc3030, align 4
+  %391 = load <8 x float>, ptr %acc3131, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
+  store <8 x float> %392, ptr %acc3131, align 4
+  %393 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %393 = load <8 x float>, ptr %acc0024, align 4
-  store <8 x float> %393, ptr %303, align 4
-  %394 = load <8 x float>, ptr %acc0125, align 4
-  store <8 x float> %394, ptr %305, align 4
-  %395 = load <8 x float>, ptr %acc1026, align 4
-  store <8 x float> %395, ptr %315, align 4
-  %396 = load <8 x float>, ptr %acc1127, align 4
-  store <8 x float> %396, ptr %317, align 4
-  %397 = load <8 x float>, ptr %acc2028, align 4
-  store <8 x float> %397, ptr %327, align 4
-  %398 = load <8 x float>, ptr %acc2129, align 4
-  store <8 x float> %398, ptr %329, align 4
-  %399 = load <8 x float>, ptr %acc3030, align 4
-  store <8 x float> %399, ptr %339, align 4
-  %400 = load <8 x float>, ptr %acc3131, align 4
-  store <8 x float> %400, ptr %341, align 4
+  %394 = load <8 x float>, ptr %acc0024, align 4
+  store <8 x float> %394, ptr %304, align 4
+  %395 = load <8 x float>, ptr %acc0125, align 4
+  store <8 x float> %395, ptr %306, align 4
+  %396 = load <8 x float>, ptr %acc1026, align 4
+  store <8 x float> %396, ptr %316, align 4
+  %397 = load <8 x float>, ptr %acc1127, align 4
+  store <8 x float> %397, ptr %318, align 4
+  %398 = load <8 x float>, ptr %acc2028, align 4
+  store <8 x float> %398, ptr %328, align 4
+  %399 = load <8 x float>, ptr %acc2129, align 4
+  store <8 x float> %399, ptr %330, align 4
+  %400 = load <8 x float>, ptr %acc3030, align 4
+  store <8 x float> %400, ptr %340, align 4
+  %401 = load <8 x float>, ptr %acc3131, align 4
+  store <8 x float> %401, ptr %342, align 4
   br label %tile.done
 
-tile.mr3:                                         ; preds = %r0.body
+tile.mr3:                                         ; preds = %rb.body
   %col42 = mul nsw i64 %p, 16
-  %401 = add nsw i64 %r0, 0
-  %402 = mul nsw i64 %401, 2816
-  %403 = getelementptr inbounds float, ptr %h, i64 %402
-  %404 = getelementptr inbounds i32, ptr %rows, i64 %401
-  %405 = load i32, ptr %404, align 4
-  %406 = sext i32 %405 to i64
-  %407 = mul nsw i64 %406, 1024
-  %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col42, 0
-  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  %402 = add nsw i64 %r0, 0
+  %403 = mul nsw i64 %402, 2816
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %406 = load i32, ptr %405, align 4
+  %407 = sext i32 %406 to i64
+  %408 = mul nsw i64 %407, 1024
+  %409 = getelementptr inbounds float, ptr %y, i64 %408
+  %410 = add nsw i64 %col42, 0
+  %411 = getelementptr inbounds float, ptr %409, i64 %410
   store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %411 = add nsw i64 %col42, 8
-  %412 = getelementptr inbounds float, ptr %408, i64 %411
+  %412 = add nsw i64 %col42, 8
+  %413 = getelementptr inbounds float, ptr %409, i64 %412
   store <8 x float> zeroinitializer, ptr %acc0144, align 4
-  %413 = add nsw i64 %r0, 1
-  %414 = mul nsw i64 %413, 2816
-  %415 = getelementptr inbounds float, ptr %h, i64 %414
-  %416 = getelementptr inbounds i32, ptr %rows, i64 %413
-  %417 = load i32, ptr %416, align 4
-  %418 = sext i32 %417 to i64
-  %419 = mul nsw i64 %418, 1024
-  %420 = getelementptr inbounds float, ptr %y, i64 %419
-  %421 = add nsw i64 %col42, 0
-  %422 = getelementptr inbounds float, ptr %420, i64 %421
+  %414 = add nsw i64 %r0, 1
+  %415 = mul nsw i64 %414, 2816
+  %416 = getelementptr inbounds float, ptr %h, i64 %415
+  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
+  %418 = load i32, ptr %417, align 4
+  %419 = sext i32 %418 to i64
+  %420 = mul nsw i64 %419, 1024
+  %421 = getelementptr inbounds float, ptr %y, i64 %420
+  %422 = add nsw i64 %col42, 0
+  %423 = getelementptr inbounds float, ptr %421, i64 %422
   store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %423 = add nsw i64 %col42, 8
-  %424 = getelementptr inbounds float, ptr %420, i64 %423
+  %424 = add nsw i64 %col42, 8
+  %425 = getelementptr inbounds float, ptr %421, i64 %424
   store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %425 = add nsw i64 %r0, 2
-  %426 = mul nsw i64 %425, 2816
-  %427 = getelementptr inbounds float, ptr %h, i64 %426
-  %428 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %429 = load i32, ptr %428, align 4
-  %430 = sext i32 %429 to i64
-  %431 = mul nsw i64 %430, 1024
-  %432 = getelementptr inbounds float, ptr %y, i64 %431
-  %433 = add nsw i64 %col42, 0
-  %434 = getelementptr inbounds float, ptr %432, i64 %433
+  %426 = add nsw i64 %r0, 2
+  %427 = mul nsw i64 %426, 2816
+  %428 = getelementptr inbounds float, ptr %h, i64 %427
+  %429 = getelementptr inbounds i32, ptr %rows, i64 %426
+  %430 = load i32, ptr %429, align 4
+  %431 = sext i32 %430 to i64
+  %432 = mul nsw i64 %431, 1024
+  %433 = getelementptr inbounds float, ptr %y, i64 %432
+  %434 = add nsw i64 %col42, 0
+  %435 = getelementptr inbounds float, ptr %433, i64 %434
   store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %435 = add nsw i64 %col42, 8
-  %436 = getelementptr inbounds float, ptr %432, i64 %435
+  %436 = add nsw i64 %col42, 8
+  %437 = getelementptr inbounds float, ptr %433, i64 %436
   store <8 x float> zeroinitializer, ptr %acc2148, align 4
   %panel.off49 = mul nsw i64 %p, 45056
-  %437 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %438 = add nsw i64 %p, 1
-  %439 = icmp slt i64 %438, %p1
-  %pf.on50 = and i1 %pf.on, %439
-  %440 = mul nsw i64 %pf.j, 180224
-  %441 = lshr i64 %440, %10
-  %442 = add nsw i64 180224, %441
-  %443 = getelementptr inbounds i8, ptr %437, i64 %442
-  %pf51 = select i1 %pf.on50, ptr %443, ptr %437
-  %pf.sh52 = select i1 %pf.on50, i64 %10, i64 0
+  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
+  %439 = add nsw i64 %p, 1
+  %440 = icmp slt i64 %439, %p1
+  %pf.on50 = and i1 %pf.on, %440
+  %441 = mul nsw i64 %rb, 180224
+  %442 = lshr i64 %441, %12
+  %443 = add nsw i64 180224, %442
+  %444 = getelementptr inbounds i8, ptr %438, i64 %443
+  %pf51 = select i1 %pf.on50, ptr %444, ptr %438
+  %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %479, %pf.any.end58 ]
-  %444 = icmp slt i64 %k56, 2816
-  br i1 %444, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %480, %pf.any.end58 ]
+  %445 = icmp slt i64 %k56, 2816
+  br i1 %445, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %445 = mul nsw i64 %k56, 16
-  %446 = add nsw i64 %panel.off49, %445
-  %447 = mul nsw i64 %k56, 64
+  %446 = mul nsw i64 %k56, 16
+  %447 = add nsw i64 %panel.off49, %446
+  %448 = mul nsw i64 %k56, 64
   br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
 pf.any.then57:                                    ; preds = %k.body54
-  %448 = lshr i64 %447, %pf.sh52
-  %449 = getelementptr inbounds i8, ptr %pf51, i64 %448
-  call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  %449 = lshr i64 %448, %pf.sh52
+  %450 = getelementptr inbounds i8, ptr %pf51, i64 %449
+  call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
   br label %pf.any.end58
 
 pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %450 = getelementptr inbounds float, ptr %panels, i64 %446
-  %451 = load <8 x float>, ptr %450, align 4
-  %452 = add nsw i64 %446, 8
-  %453 = getelementptr inbounds float, ptr %panels, i64 %452
-  %454 = load <8 x float>, ptr %453, align 4
-  %455 = getelementptr inbounds float, ptr %403, i64 %k56
-  %456 = load float, ptr %455, align 4
-  %457 = insertelement <8 x float> poison, float %456, i32 0
-  %458 = shufflevector <8 x float> %457, <8 x float> poison, <8 x i32> zeroinitializer
-  %459 = load <8 x float>, ptr %acc0043, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %451, <8 x float> %459)
-  store <8 x float> %460, ptr %acc0043, align 4
-  %461 = load <8 x float>, ptr %acc0144, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> %454, <8 x float> %461)
-  store <8 x float> %462, ptr %acc0144, align 4
-  %463 = getelementptr inbounds float, ptr %415, i64 %k56
-  %464 = load float, ptr %463, align 4
-  %465 = insertelement <8 x float> poison, float %464, i32 0
-  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc1045, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %451, <8 x float> %467)
-  store <8 x float> %468, ptr %acc1045, align 4
-  %469 = load <8 x float>, ptr %acc1146, align 4
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %454, <8 x float> %469)
-  store <8 x float> %470, ptr %acc1146, align 4
-  %471 = getelementptr inbounds float, ptr %427, i64 %k56
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc2047, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %451, <8 x float> %475)
-  store <8 x float> %476, ptr %acc2047, align 4
-  %477 = load <8 x float>, ptr %acc2148, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %454, <8 x float> %477)
-  store <8 x float> %478, ptr %acc2148, align 4
-  %479 = add nsw i64 %k56, 1
+  %451 = getelementptr inbounds float, ptr %panels, i64 %447
+  %452 = load <8 x float>, ptr %451, align 4
+  %453 = add nsw i64 %447, 8
+  %454 = getelementptr inbounds float, ptr %panels, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = getelementptr inbounds float, ptr %404, i64 %k56
+  %457 = load float, ptr %456, align 4
+  %458 = insertelement <8 x float> poison, float %457, i32 0
+  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
+  %460 = load <8 x float>, ptr %acc0043, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
+  store <8 x float> %461, ptr %acc0043, align 4
+  %462 = load <8 x float>, ptr %acc0144, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
+  store <8 x float> %463, ptr %acc0144, align 4
+  %464 = getelementptr inbounds float, ptr %416, i64 %k56
+  %465 = load float, ptr %464, align 4
+  %466 = insertelement <8 x float> poison, float %465, i32 0
+  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
+  %468 = load <8 x float>, ptr %acc1045, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
+  store <8 x float> %469, ptr %acc1045, align 4
+  %470 = load <8 x float>, ptr %acc1146, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
+  store <8 x float> %471, ptr %acc1146, align 4
+  %472 = getelementptr inbounds float, ptr %428, i64 %k56
+  %473 = load float, ptr %472, align 4
+  %474 = insertelement <8 x float> poison, float %473, i32 0
+  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
+  %476 = load <8 x float>, ptr %acc2047, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
+  store <8 x float> %477, ptr %acc2047, align 4
+  %478 = load <8 x float>, ptr %acc2148, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
+  store <8 x float> %479, ptr %acc2148, align 4
+  %480 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %480 = load <8 x float>, ptr %acc0043, align 4
-  store <8 x float> %480, ptr %410, align 4
-  %481 = load <8 x float>, ptr %acc0144, align 4
-  store <8 x float> %481, ptr %412, align 4
-  %482 = load <8 x float>, ptr %acc1045, align 4
-  store <8 x float> %482, ptr %422, align 4
-  %483 = load <8 x float>, ptr %acc1146, align 4
-  store <8 x float> %483, ptr %424, align 4
-  %484 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %484, ptr %434, align 4
-  %485 = load <8 x float>, ptr %acc2148, align 4
-  store <8 x float> %485, ptr %436, align 4
+  %481 = load <8 x float>, ptr %acc0043, align 4
+  store <8 x float> %481, ptr %411, align 4
+  %482 = load <8 x float>, ptr %acc0144, align 4
+  store <8 x float> %482, ptr %413, align 4
+  %483 = load <8 x float>, ptr %acc1045, align 4
+  store <8 x float> %483, ptr %423, align 4
+  %484 = load <8 x float>, ptr %acc1146, align 4
+  store <8 x float> %484, ptr %425, align 4
+  %485 = load <8 x float>, ptr %acc2047, align 4
+  store <8 x float> %485, ptr %435, align 4
+  %486 = load <8 x float>, ptr %acc2148, align 4
+  store <8 x float> %486, ptr %437, align 4
   br label %tile.done
 
-tile.mr2:                                         ; preds = %r0.body
+tile.mr2:                                         ; preds = %rb.body
   %col59 = mul nsw i64 %p, 16
-  %486 = add nsw i64 %r0, 0
-  %487 = mul nsw i64 %486, 2816
-  %488 = getelementptr inbounds float, ptr %h, i64 %487
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 1024
-  %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col59, 0
-  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  %487 = add nsw i64 %r0, 0
+  %488 = mul nsw i64 %487, 2816
+  %489 = getelementptr inbounds float, ptr %h, i64 %488
+  %490 = getelementptr inbounds i32, ptr %rows, i64 %487
+  %491 = load i32, ptr %490, align 4
+  %492 = sext i32 %491 to i64
+  %493 = mul nsw i64 %492, 1024
+  %494 = getelementptr inbounds float, ptr %y, i64 %493
+  %495 = add nsw i64 %col59, 0
+  %496 = getelementptr inbounds float, ptr %494, i64 %495
   store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %496 = add nsw i64 %col59, 8
-  %497 = getelementptr inbounds float, ptr %493, i64 %496
+  %497 = add nsw i64 %col59, 8
+  %498 = getelementptr inbounds float, ptr %494, i64 %497
   store <8 x float> zeroinitializer, ptr %acc0161, align 4
-  %498 = add nsw i64 %r0, 1
-  %499 = mul nsw i64 %498, 2816
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 1024
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col59, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %499 = add nsw i64 %r0, 1
+  %500 = mul nsw i64 %499, 2816
+  %501 = getelementptr inbounds float, ptr %h, i64 %500
+  %502 = getelementptr inbounds i32, ptr %rows, i64 %499
+  %503 = load i32, ptr %502, align 4
+  %504 = sext i32 %503 to i64
+  %505 = mul nsw i64 %504, 1024
+  %506 = getelementptr inbounds float, ptr %y, i64 %505
+  %507 = add nsw i64 %col59, 0
+  %508 = getelementptr inbounds float, ptr %506, i64 %507
   store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %508 = add nsw i64 %col59, 8
-  %509 = getelementptr inbounds float, ptr %505, i64 %508
+  %509 = add nsw i64 %col59, 8
+  %510 = getelementptr inbounds float, ptr %506, i64 %509
   store <8 x float> zeroinitializer, ptr %acc1163, align 4
   %panel.off64 = mul nsw i64 %p, 45056
-  %510 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %511 = add nsw i64 %p, 1
-  %512 = icmp slt i64 %511, %p1
-  %pf.on65 = and i1 %pf.on, %512
-  %513 = mul nsw i64 %pf.j, 180224
-  %514 = lshr i64 %513, %10
-  %515 = add nsw i64 180224, %514
-  %516 = getelementptr inbounds i8, ptr %510, i64 %515
-  %pf66 = select i1 %pf.on65, ptr %516, ptr %510
-  %pf.sh67 = select i1 %pf.on65, i64 %10, i64 0
+  %511 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %512 = add nsw i64 %p, 1
+  %513 = icmp slt i64 %512, %p1
+  %pf.on65 = and i1 %pf.on, %513
+  %514 = mul nsw i64 %rb, 180224
+  %515 = lshr i64 %514, %12
+  %516 = add nsw i64 180224, %515
+  %517 = getelementptr inbounds i8, ptr %511, i64 %516
+  %pf66 = select i1 %pf.on65, ptr %517, ptr %511
+  %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %544, %pf.any.end73 ]
-  %517 = icmp slt i64 %k71, 2816
-  br i1 %517, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %545, %pf.any.end73 ]
+  %518 = icmp slt i64 %k71, 2816
+  br i1 %518, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %518 = mul nsw i64 %k71, 16
-  %519 = add nsw i64 %panel.off64, %518
-  %520 = mul nsw i64 %k71, 64
+  %519 = mul nsw i64 %k71, 16
+  %520 = add nsw i64 %panel.off64, %519
+  %521 = mul nsw i64 %k71, 64
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %521 = lshr i64 %520, %pf.sh67
-  %522 = getelementptr inbounds i8, ptr %pf66, i64 %521
-  call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
+  %522 = lshr i64 %521, %pf.sh67
+  %523 = getelementptr inbounds i8, ptr %pf66, i64 %522
+  call void @llvm.prefetch.p0(ptr %523, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %523 = getelementptr inbounds float, ptr %panels, i64 %519
-  %524 = load <8 x float>, ptr %523, align 4
-  %525 = add nsw i64 %519, 8
-  %526 = getelementptr inbounds float, ptr %panels, i64 %525
-  %527 = load <8 x float>, ptr %526, align 4
-  %528 = getelementptr inbounds float, ptr %488, i64 %k71
-  %529 = load float, ptr %528, align 4
-  %530 = insertelement <8 x float> poison, float %529, i32 0
-  %531 = shufflevector <8 x float> %530, <8 x float> poison, <8 x i32> zeroinitializer
-  %532 = load <8 x float>, ptr %acc0060, align 4
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %524, <8 x float> %532)
-  store <8 x float> %533, ptr %acc0060, align 4
-  %534 = load <8 x float>, ptr %acc0161, align 4
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> %534)
-  store <8 x float> %535, ptr %acc0161, align 4
-  %536 = getelementptr inbounds float, ptr %500, i64 %k71
-  %537 = load float, ptr %536, align 4
-  %538 = insertelement <8 x float> poison, float %537, i32 0
-  %539 = shufflevector <8 x float> %538, <8 x float> poison, <8 x i32> zeroinitializer
-  %540 = load <8 x float>, ptr %acc1062, align 4
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %524, <8 x float> %540)
-  store <8 x float> %541, ptr %acc1062, align 4
-  %542 = load <8 x float>, ptr %acc1163, align 4
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> %527, <8 x float> %542)
-  store <8 x float> %543, ptr %acc1163, align 4
-  %544 = add nsw i64 %k71, 1
+  %524 = getelementptr inbounds float, ptr %panels, i64 %520
+  %525 = load <8 x float>, ptr %524, align 4
+  %526 = add nsw i64 %520, 8
+  %527 = getelementptr inbounds float, ptr %panels, i64 %526
+  %528 = load <8 x float>, ptr %527, align 4
+  %529 = getelementptr inbounds float, ptr %489, i64 %k71
+  %530 = load float, ptr %529, align 4
+  %531 = insertelement <8 x float> poison, float %530, i32 0
+  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
+  %533 = load <8 x float>, ptr %acc0060, align 4
+  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %525, <8 x float> %533)
+  store <8 x float> %534, ptr %acc0060, align 4
+  %535 = load <8 x float>, ptr %acc0161, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> %535)
+  store <8 x float> %536, ptr %acc0161, align 4
+  %537 = getelementptr inbounds float, ptr %501, i64 %k71
+  %538 = load float, ptr %537, align 4
+  %539 = insertelement <8 x float> poison, float %538, i32 0
+  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
+  %541 = load <8 x float>, ptr %acc1062, align 4
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %525, <8 x float> %541)
+  store <8 x float> %542, ptr %acc1062, align 4
+  %543 = load <8 x float>, ptr %acc1163, align 4
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %528, <8 x float> %543)
+  store <8 x float> %544, ptr %acc1163, align 4
+  %545 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %545 = load <8 x float>, ptr %acc0060, align 4
-  store <8 x float> %545, ptr %495, align 4
-  %546 = load <8 x float>, ptr %acc0161, align 4
-  store <8 x float> %546, ptr %497, align 4
-  %547 = load <8 x float>, ptr %acc1062, align 4
-  store <8 x float> %547, ptr %507, align 4
-  %548 = load <8 x float>, ptr %acc1163, align 4
-  store <8 x float> %548, ptr %509, align 4
+  %546 = load <8 x float>, ptr %acc0060, align 4
+  store <8 x float> %546, ptr %496, align 4
+  %547 = load <8 x float>, ptr %acc0161, align 4
+  store <8 x float> %547, ptr %498, align 4
+  %548 = load <8 x float>, ptr %acc1062, align 4
+  store <8 x float> %548, ptr %508, align 4
+  %549 = load <8 x float>, ptr %acc1163, align 4
+  store <8 x float> %549, ptr %510, align 4
   br label %tile.done
 
-tile.mr1:                                         ; preds = %r0.body
+tile.mr1:                                         ; preds = %rb.body
   %col74 = mul nsw i64 %p, 16
-  %549 = add nsw i64 %r0, 0
-  %550 = mul nsw i64 %549, 2816
-  %551 = getelementptr inbounds float, ptr %h, i64 %550
-  %552 = getelementptr inbounds i32, ptr %rows, i64 %549
-  %553 = load i32, ptr %552, align 4
-  %554 = sext i32 %553 to i64
-  %555 = mul nsw i64 %554, 1024
-  %556 = getelementptr inbounds float, ptr %y, i64 %555
-  %557 = add nsw i64 %col74, 0
-  %558 = getelementptr inbounds float, ptr %556, i64 %557
+  %550 = add nsw i64 %r0, 0
+  %551 = mul nsw i64 %550, 2816
+  %552 = getelementptr inbounds float, ptr %h, i64 %551
+  %553 = getelementptr inbounds i32, ptr %rows, i64 %550
+  %554 = load i32, ptr %553, align 4
+  %555 = sext i32 %554 to i64
+  %556 = mul nsw i64 %555, 1024
+  %557 = getelementptr inbounds float, ptr %y, i64 %556
+  %558 = add nsw i64 %col74, 0
+  %559 = getelementptr inbounds float, ptr %557, i64 %558
   store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %559 = add nsw i64 %col74, 8
-  %560 = getelementptr inbounds float, ptr %556, i64 %559
+  %560 = add nsw i64 %col74, 8
+  %561 = getelementptr inbounds float, ptr %557, i64 %560
   store <8 x float> zeroinitializer, ptr %acc0176, align 4
   %panel.off77 = mul nsw i64 %p, 45056
-  %561 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %562 = add nsw i64 %p, 1
-  %563 = icmp slt i64 %562, %p1
-  %pf.on78 = and i1 %pf.on, %563
-  %564 = mul nsw i64 %pf.j, 180224
-  %565 = lshr i64 %564, %10
-  %566 = add nsw i64 180224, %565
-  %567 = getelementptr inbounds i8, ptr %561, i64 %566
-  %pf79 = select i1 %pf.on78, ptr %567, ptr %561
-  %pf.sh80 = select i1 %pf.on78, i64 %10, i64 0
+  %562 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %563 = add nsw i64 %p, 1
+  %564 = icmp slt i64 %563, %p1
+  %pf.on78 = and i1 %pf.on, %564
+  %565 = mul nsw i64 %rb, 180224
+  %566 = lshr i64 %565, %12
+  %567 = add nsw i64 180224, %566
+  %568 = getelementptr inbounds i8, ptr %562, i64 %567
+  %pf79 = select i1 %pf.on78, ptr %568, ptr %562
+  %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %587, %pf.any.end86 ]
-  %568 = icmp slt i64 %k84, 2816
-  br i1 %568, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %588, %pf.any.end86 ]
+  %569 = icmp slt i64 %k84, 2816
+  br i1 %569, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %569 = mul nsw i64 %k84, 16
-  %570 = add nsw i64 %panel.off77, %569
-  %571 = mul nsw i64 %k84, 64
+  %570 = mul nsw i64 %k84, 16
+  %571 = add nsw i64 %panel.off77, %570
+  %572 = mul nsw i64 %k84, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %572 = lshr i64 %571, %pf.sh80
-  %573 = getelementptr inbounds i8, ptr %pf79, i64 %572
-  call void @llvm.prefetch.p0(ptr %573, i32 0, i32 2, i32 1)
+  %573 = lshr i64 %572, %pf.sh80
+  %574 = getelementptr inbounds i8, ptr %pf79, i64 %573
+  call void @llvm.prefetch.p0(ptr %574, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %574 = getelementptr inbounds float, ptr %panels, i64 %570
-  %575 = load <8 x float>, ptr %574, align 4
-  %576 = add nsw i64 %570, 8
-  %577 = getelementptr inbounds float, ptr %panels, i64 %576
-  %578 = load <8 x float>, ptr %577, align 4
-  %579 = getelementptr inbounds float, ptr %551, i64 %k84
-  %580 = load float, ptr %579, align 4
-  %581 = insertelement <8 x float> poison, float %580, i32 0
-  %582 = shufflevector <8 x float> %581, <8 x float> poison, <8 x i32> zeroinitializer
-  %583 = load <8 x float>, ptr %acc0075, align 4
-  %584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %575, <8 x float> %583)
-  store <8 x float> %584, ptr %acc0075, align 4
-  %585 = load <8 x float>, ptr %acc0176, align 4
-  %586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %582, <8 x float> %578, <8 x float> %585)
-  store <8 x float> %586, ptr %acc0176, align 4
-  %587 = add nsw i64 %k84, 1
+  %575 = getelementptr inbounds float, ptr %panels, i64 %571
+  %576 = load <8 x float>, ptr %575, align 4
+  %577 = add nsw i64 %571, 8
+  %578 = getelementptr inbounds float, ptr %panels, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
+  %580 = getelementptr inbounds float, ptr %552, i64 %k84
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc0075, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %576, <8 x float> %584)
+  store <8 x float> %585, ptr %acc0075, align 4
+  %586 = load <8 x float>, ptr %acc0176, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %579, <8 x float> %586)
+  store <8 x float> %587, ptr %acc0176, align 4
+  %588 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %588 = load <8 x float>, ptr %acc0075, align 4
-  store <8 x float> %588, ptr %558, align 4
-  %589 = load <8 x float>, ptr %acc0176, align 4
-  store <8 x float> %589, ptr %560, align 4
+  %589 = load <8 x float>, ptr %acc0075, align 4
+  store <8 x float> %589, ptr %559, align 4
+  %590 = load <8 x float>, ptr %acc0176, align 4
+  store <8 x float> %590, ptr %561, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %590 = add nsw i64 %r0, 6
-  br label %r0.head
+  %591 = add nsw i64 %rb, 1
+  br label %rb.head
 
-r0.end:                                           ; preds = %r0.head
-  %591 = add nsw i64 %p, 1
+rb.end:                                           ; preds = %rb.head
+  %592 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
