@@ -383,17 +383,88 @@ static void prefetch_k(struct moe_ll *g, struct pf pf, LLVMValueRef k)
 	prefetch_at(g, pf, LLVMBuildNSWMul(g->b, k, moe_ll_i64c(g, (int64_t)es * MOE_NR), ""));
 }
 
-/* One up tile of mr rows at row r0 and panel p, K = hidden: the 12 (at
- * mr = 6) accumulators stay in registers across the K loop. */
+/* The f32 tiles' accumulator chains per output element: on AVX-512 targets
+ * two, k even and k odd, added at the end, so a 1-row tile (decode) is not
+ * bound by the FMA latency (one chain: one k per 4 cycles, 16 bytes of panel
+ * a cycle, slower than the L3); every tile of the target uses the same
+ * chains, so a row's sums do not depend on the tile it falls in. */
+static int f32_chains(const struct moe_ll *g)
+{
+	return g->wide ? 2 : 1;
+}
+
+/* One k step of an f32 tile: panel row k (at element off) times a_row[r][k]
+ * into the accumulators acc[r][0..nv) (one <16 x float> when wide). */
+static void f32_k_step(struct moe_ll *g, int mr, int wide, int nv, const LLVMValueRef *a_row,
+		       LLVMValueRef acc[][2], LLVMValueRef panels, LLVMValueRef off, LLVMValueRef k)
+{
+	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
+	LLVMValueRef wv[2];
+	if (wide)
+		wv[0] = load_row16w(g, panels, off);
+	else
+		load_row16(g, panels, off, wv, nv);
+	for (int r = 0; r < mr; r++) {
+		LLVMValueRef a = moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, a_row[r], k));
+		if (wide) {
+			a = moe_ll_splat(g, a, g->t_v16f);
+			moe_ll_st(g, moe_ll_fma(g, a, wv[0], moe_ll_ld(g, t16, acc[r][0])),
+				  acc[r][0]);
+			continue;
+		}
+		a = moe_ll_splat(g, a, g->t_v8f);
+		for (int v = 0; v < nv; v++)
+			moe_ll_st(g, moe_ll_fma(g, a, wv[v], moe_ll_ld(g, g->t_v8f, acc[r][v])),
+				  acc[r][v]);
+	}
+}
+
+/* The K loop of an f32 tile over chains (f32_chains): k in pairs, k even
+ * into chain 0 and k odd into chain 1, an odd K's last k into chain 0; then
+ * chain 1 is added to chain 0. acc[c][r][v]: chain c of row r. */
+static void f32_k_loop(struct moe_ll *g, int mr, int wide, int nv, int nch,
+		       const LLVMValueRef *a_row, LLVMValueRef acc[][MOE_MR][2],
+		       LLVMValueRef panels, LLVMValueRef pbase, struct pf pf, int64_t K)
+{
+	LLVMBuilderRef b = g->b;
+	struct moe_ll_loop k;
+	int64_t steps = K / nch;
+	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, steps), 1, "k");
+	for (int c = 0; c < nch; c++) {
+		LLVMValueRef kk = LLVMBuildNSWAdd(
+		    b, LLVMBuildNSWMul(b, k.iv, moe_ll_i64c(g, nch), ""), moe_ll_i64c(g, c), "");
+		prefetch_k(g, pf, kk);
+		LLVMValueRef off = LLVMBuildNSWAdd(
+		    b, pbase, LLVMBuildNSWMul(b, kk, moe_ll_i64c(g, MOE_NR), ""), "");
+		f32_k_step(g, mr, wide, nv, a_row, acc[c], panels, off, kk);
+	}
+	moe_ll_loop_close(g, &k);
+	for (int64_t kk = steps * nch; kk < K; kk++) {
+		LLVMValueRef kv = moe_ll_i64c(g, kk);
+		prefetch_k(g, pf, kv);
+		f32_k_step(g, mr, wide, nv, a_row, acc[0], panels,
+			   LLVMBuildNSWAdd(b, pbase, moe_ll_i64c(g, kk * MOE_NR), ""), kv);
+	}
+	LLVMTypeRef t = wide ? LLVMVectorType(g->t_f32, 2 * MOE_VW) : g->t_v8f;
+	for (int c = 1; c < nch; c++)
+		for (int r = 0; r < mr; r++)
+			for (int v = 0; v < (wide ? 1 : nv); v++)
+				moe_ll_st(g,
+					  LLVMBuildFAdd(b, moe_ll_ld(g, t, acc[0][r][v]),
+							moe_ll_ld(g, t, acc[c][r][v]), ""),
+					  acc[0][r][v]);
+}
+
+/* One up tile of mr rows at row r0 and panel p, K = hidden: the accumulators
+ * (12 at mr = 6 and AVX-512) stay in registers across the K loop. */
 static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef r0, LLVMValueRef p)
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
 	LLVMValueRef x = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), panels = moe_ll_prm(g, 4);
-	LLVMValueRef a_row[MOE_MR], acc[MOE_MR][2];
+	LLVMValueRef a_row[MOE_MR], acc[2][MOE_MR][2];
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
-	/* one row: two 8-lane chains hide the FMA latency better than one */
-	int wide = g->wide && mr > 1;
+	int wide = g->wide, nch = f32_chains(g);
 	char nm[32];
 
 	for (int r = 0; r < mr; r++) {
@@ -402,47 +473,21 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
 		a_row[r] = moe_ll_at(g, g->t_f32, x,
 				     LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""));
-		for (int v = 0; v < 2 - wide; v++) {
-			snprintf(nm, sizeof nm, "acc%d%d", r, v);
-			acc[r][v] = moe_ll_alloca(g, wide ? t16 : g->t_v8f, 1, nm);
-			moe_ll_st(g, LLVMConstNull(wide ? t16 : g->t_v8f), acc[r][v]);
-		}
+		for (int c = 0; c < nch; c++)
+			for (int v = 0; v < 2 - wide; v++) {
+				snprintf(nm, sizeof nm, "acc%d%d%d", c, r, v);
+				acc[c][r][v] = moe_ll_alloca(g, wide ? t16 : g->t_v8f, 1, nm);
+				moe_ll_st(g, LLVMConstNull(wide ? t16 : g->t_v8f), acc[c][r][v]);
+			}
 	}
 	LLVMValueRef pbase =
 	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->hidden * MOE_NR), "panel.off");
 	struct pf pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
-	struct moe_ll_loop k;
-	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, ge->hidden), 1, "k");
-	LLVMValueRef off =
-	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, moe_ll_i64c(g, MOE_NR), ""), "");
-	prefetch_k(g, pf, k.iv);
-	if (wide) {
-		LLVMValueRef w = load_row16w(g, panels, off);
-		for (int r = 0; r < mr; r++) {
-			LLVMValueRef a =
-			    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, a_row[r], k.iv));
-			a = moe_ll_splat(g, a, g->t_v16f);
-			moe_ll_st(g, moe_ll_fma(g, a, w, moe_ll_ld(g, t16, acc[r][0])), acc[r][0]);
-		}
-	} else {
-		LLVMValueRef wv[2];
-		load_row16(g, panels, off, wv, 2);
-		LLVMValueRef w0 = wv[0], w1 = wv[1];
-		for (int r = 0; r < mr; r++) {
-			LLVMValueRef a =
-			    moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, a_row[r], k.iv));
-			a = moe_ll_splat(g, a, g->t_v8f);
-			moe_ll_st(g, moe_ll_fma(g, a, w0, moe_ll_ld(g, g->t_v8f, acc[r][0])),
-				  acc[r][0]);
-			moe_ll_st(g, moe_ll_fma(g, a, w1, moe_ll_ld(g, g->t_v8f, acc[r][1])),
-				  acc[r][1]);
-		}
-	}
-	moe_ll_loop_close(g, &k);
+	f32_k_loop(g, mr, wide, 2, nch, a_row, acc, panels, pbase, pf, ge->hidden);
 
 	/* Epilogue: scale, bias, activation, store to h. */
 	for (int r = 0; r < mr; r++)
-		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[r], wide);
+		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[0][r], wide);
 }
 
 /* Constant <8 x i1> mask of lanes [0, n). */
@@ -487,9 +532,9 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	LLVMValueRef bd = moe_ll_prm(g, 5), y = moe_ll_prm(g, 6);
 	int nv = ncols > MOE_VW ? 2 : 1;
 	int lanes[2] = {ncols > MOE_VW ? MOE_VW : ncols, ncols - MOE_VW};
-	int wide = g->wide && ncols == MOE_NR && mr > 1;
+	int wide = g->wide && ncols == MOE_NR, nch = f32_chains(g);
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
-	LLVMValueRef a_row[MOE_MR], y_ptr[MOE_MR][2], acc[MOE_MR][2];
+	LLVMValueRef a_row[MOE_MR], y_ptr[MOE_MR][2], acc[2][MOE_MR][2];
 	char nm[32];
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
 
@@ -507,43 +552,23 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 				      LLVMBuildNSWAdd(b, c0, moe_ll_i64c(g, v * MOE_VW), ""));
 			if (wide && v)
 				continue;
-			snprintf(nm, sizeof nm, "acc%d%d", r, v);
-			acc[r][v] = moe_ll_alloca(g, wide ? t16 : g->t_v8f, 1, nm);
-			moe_ll_st(g,
-				  f->store ? LLVMConstNull(wide ? t16 : g->t_v8f)
-				  : wide   ? moe_ll_ld(g, t16, y_ptr[r][0])
-					   : vload_cols(g, y_ptr[r][v], lanes[v]),
-				  acc[r][v]);
+			/* chain 0 starts from y when adding to it, the others from 0 */
+			for (int c = 0; c < nch; c++) {
+				LLVMTypeRef t = wide ? t16 : g->t_v8f;
+				snprintf(nm, sizeof nm, "acc%d%d%d", c, r, v);
+				acc[c][r][v] = moe_ll_alloca(g, t, 1, nm);
+				moe_ll_st(g,
+					  f->store || c ? LLVMConstNull(t)
+					  : wide        ? moe_ll_ld(g, t16, y_ptr[r][0])
+							: vload_cols(g, y_ptr[r][v], lanes[v]),
+					  acc[c][r][v]);
+			}
 		}
 	}
 	LLVMValueRef pbase =
 	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->width * MOE_NR), "panel.off");
 	struct pf pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
-	struct moe_ll_loop k;
-	moe_ll_loop_open(g, &k, moe_ll_i64c(g, 0), moe_ll_i64c(g, ge->width), 1, "k");
-	LLVMValueRef off =
-	    LLVMBuildNSWAdd(b, pbase, LLVMBuildNSWMul(b, k.iv, moe_ll_i64c(g, MOE_NR), ""), "");
-	prefetch_k(g, pf, k.iv);
-	LLVMValueRef wv[2];
-	if (wide)
-		wv[0] = load_row16w(g, panels, off);
-	else
-		load_row16(g, panels, off, wv, nv);
-	for (int r = 0; r < mr; r++) {
-		LLVMValueRef a = moe_ll_ld(g, g->t_f32, moe_ll_at(g, g->t_f32, a_row[r], k.iv));
-		if (wide) {
-			moe_ll_st(g,
-				  moe_ll_fma(g, moe_ll_splat(g, a, g->t_v16f), wv[0],
-					     moe_ll_ld(g, t16, acc[r][0])),
-				  acc[r][0]);
-			continue;
-		}
-		a = moe_ll_splat(g, a, g->t_v8f);
-		for (int v = 0; v < nv; v++)
-			moe_ll_st(g, moe_ll_fma(g, a, wv[v], moe_ll_ld(g, g->t_v8f, acc[r][v])),
-				  acc[r][v]);
-	}
-	moe_ll_loop_close(g, &k);
+	f32_k_loop(g, mr, wide, nv, nch, a_row, acc, panels, pbase, pf, ge->width);
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef w = NULL;
@@ -553,8 +578,8 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 					 g->t_v8f);
 		}
 		for (int v = 0; v < nv; v++) {
-			LLVMValueRef o = wide ? half16(g, moe_ll_ld(g, t16, acc[r][0]), v)
-					      : moe_ll_ld(g, g->t_v8f, acc[r][v]);
+			LLVMValueRef o = wide ? half16(g, moe_ll_ld(g, t16, acc[0][r][0]), v)
+					      : moe_ll_ld(g, g->t_v8f, acc[0][r][v]);
 			if (f->bias) {
 				LLVMValueRef c =
 				    LLVMBuildNSWAdd(b, c0, moe_ll_i64c(g, v * MOE_VW), "");

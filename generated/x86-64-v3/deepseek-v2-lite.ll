@@ -870,55 +870,55 @@ declare double @exp(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc3038 = alloca <8 x float>, align 32
-  %acc3139 = alloca <8 x float>, align 32
-  %acc4040 = alloca <8 x float>, align 32
-  %acc4141 = alloca <8 x float>, align 32
-  %acc0084 = alloca <8 x float>, align 32
-  %acc0185 = alloca <8 x float>, align 32
-  %acc1086 = alloca <8 x float>, align 32
-  %acc1187 = alloca <8 x float>, align 32
-  %acc2088 = alloca <8 x float>, align 32
-  %acc2189 = alloca <8 x float>, align 32
-  %acc3090 = alloca <8 x float>, align 32
-  %acc3191 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc10130 = alloca <8 x float>, align 32
-  %acc11131 = alloca <8 x float>, align 32
-  %acc20132 = alloca <8 x float>, align 32
-  %acc21133 = alloca <8 x float>, align 32
-  %acc00164 = alloca <8 x float>, align 32
-  %acc01165 = alloca <8 x float>, align 32
-  %acc10166 = alloca <8 x float>, align 32
-  %acc11167 = alloca <8 x float>, align 32
-  %acc00192 = alloca <8 x float>, align 32
-  %acc01193 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc00032 = alloca <8 x float>, align 32
+  %acc00133 = alloca <8 x float>, align 32
+  %acc01034 = alloca <8 x float>, align 32
+  %acc01135 = alloca <8 x float>, align 32
+  %acc02036 = alloca <8 x float>, align 32
+  %acc02137 = alloca <8 x float>, align 32
+  %acc03038 = alloca <8 x float>, align 32
+  %acc03139 = alloca <8 x float>, align 32
+  %acc04040 = alloca <8 x float>, align 32
+  %acc04141 = alloca <8 x float>, align 32
+  %acc00084 = alloca <8 x float>, align 32
+  %acc00185 = alloca <8 x float>, align 32
+  %acc01086 = alloca <8 x float>, align 32
+  %acc01187 = alloca <8 x float>, align 32
+  %acc02088 = alloca <8 x float>, align 32
+  %acc02189 = alloca <8 x float>, align 32
+  %acc03090 = alloca <8 x float>, align 32
+  %acc03191 = alloca <8 x float>, align 32
+  %acc000128 = alloca <8 x float>, align 32
+  %acc001129 = alloca <8 x float>, align 32
+  %acc010130 = alloca <8 x float>, align 32
+  %acc011131 = alloca <8 x float>, align 32
+  %acc020132 = alloca <8 x float>, align 32
+  %acc021133 = alloca <8 x float>, align 32
+  %acc000164 = alloca <8 x float>, align 32
+  %acc001165 = alloca <8 x float>, align 32
+  %acc010166 = alloca <8 x float>, align 32
+  %acc011167 = alloca <8 x float>, align 32
+  %acc000192 = alloca <8 x float>, align 32
+  %acc001193 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1089, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %1101, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -928,7 +928,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1088, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %1100, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -964,48 +964,48 @@ tile.mr6:                                         ; preds = %rb.body
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 2048
   %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %20 = add nsw i64 %r0, 1
   %21 = getelementptr inbounds i32, ptr %rows, i64 %20
   %22 = load i32, ptr %21, align 4
   %23 = sext i32 %22 to i64
   %24 = mul nsw i64 %23, 2048
   %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %26 = add nsw i64 %r0, 2
   %27 = getelementptr inbounds i32, ptr %rows, i64 %26
   %28 = load i32, ptr %27, align 4
   %29 = sext i32 %28 to i64
   %30 = mul nsw i64 %29, 2048
   %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %32 = add nsw i64 %r0, 3
   %33 = getelementptr inbounds i32, ptr %rows, i64 %32
   %34 = load i32, ptr %33, align 4
   %35 = sext i32 %34 to i64
   %36 = mul nsw i64 %35, 2048
   %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %38 = add nsw i64 %r0, 4
   %39 = getelementptr inbounds i32, ptr %rows, i64 %38
   %40 = load i32, ptr %39, align 4
   %41 = sext i32 %40 to i64
   %42 = mul nsw i64 %41, 2048
   %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %44 = add nsw i64 %r0, 5
   %45 = getelementptr inbounds i32, ptr %rows, i64 %44
   %46 = load i32, ptr %45, align 4
   %47 = sext i32 %46 to i64
   %48 = mul nsw i64 %47, 2048
   %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 32768
   %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %51 = add nsw i64 %p, 1
@@ -1020,14 +1020,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
   %57 = icmp slt i64 %k, 2048
   br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 16
-  %59 = add nsw i64 %panel.off, %58
-  %60 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 1
+  %59 = add nsw i64 %58, 0
+  %60 = mul nsw i64 %59, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -1037,1393 +1037,1405 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
-  %64 = load <8 x i32>, ptr %63, align 4
-  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %66 to <8 x float>
-  %67 = getelementptr inbounds float, ptr %19, i64 %k
-  %68 = load float, ptr %67, align 4
-  %69 = insertelement <8 x float> poison, float %68, i32 0
-  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
-  %71 = load <8 x float>, ptr %acc00, align 4
-  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
-  store <8 x float> %72, ptr %acc00, align 4
-  %73 = load <8 x float>, ptr %acc01, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
-  store <8 x float> %74, ptr %acc01, align 4
-  %75 = getelementptr inbounds float, ptr %25, i64 %k
-  %76 = load float, ptr %75, align 4
-  %77 = insertelement <8 x float> poison, float %76, i32 0
-  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
-  %79 = load <8 x float>, ptr %acc10, align 4
-  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
-  store <8 x float> %80, ptr %acc10, align 4
-  %81 = load <8 x float>, ptr %acc11, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
-  store <8 x float> %82, ptr %acc11, align 4
-  %83 = getelementptr inbounds float, ptr %31, i64 %k
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = load <8 x float>, ptr %acc20, align 4
-  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
-  store <8 x float> %88, ptr %acc20, align 4
-  %89 = load <8 x float>, ptr %acc21, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
-  store <8 x float> %90, ptr %acc21, align 4
-  %91 = getelementptr inbounds float, ptr %37, i64 %k
-  %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> poison, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
-  %95 = load <8 x float>, ptr %acc30, align 4
-  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
-  store <8 x float> %96, ptr %acc30, align 4
-  %97 = load <8 x float>, ptr %acc31, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
-  store <8 x float> %98, ptr %acc31, align 4
-  %99 = getelementptr inbounds float, ptr %43, i64 %k
-  %100 = load float, ptr %99, align 4
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = load <8 x float>, ptr %acc40, align 4
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
-  store <8 x float> %104, ptr %acc40, align 4
-  %105 = load <8 x float>, ptr %acc41, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
-  store <8 x float> %106, ptr %acc41, align 4
-  %107 = getelementptr inbounds float, ptr %49, i64 %k
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc50, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
-  store <8 x float> %112, ptr %acc50, align 4
-  %113 = load <8 x float>, ptr %acc51, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
-  store <8 x float> %114, ptr %acc51, align 4
-  %115 = add nsw i64 %k, 1
+  %63 = mul nsw i64 %59, 16
+  %64 = add nsw i64 %panel.off, %63
+  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
+  %66 = load <8 x i32>, ptr %65, align 4
+  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %67 to <8 x float>
+  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %68 to <8 x float>
+  %69 = getelementptr inbounds float, ptr %19, i64 %59
+  %70 = load float, ptr %69, align 4
+  %71 = insertelement <8 x float> poison, float %70, i32 0
+  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
+  %73 = load <8 x float>, ptr %acc000, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
+  store <8 x float> %74, ptr %acc000, align 4
+  %75 = load <8 x float>, ptr %acc001, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
+  store <8 x float> %76, ptr %acc001, align 4
+  %77 = getelementptr inbounds float, ptr %25, i64 %59
+  %78 = load float, ptr %77, align 4
+  %79 = insertelement <8 x float> poison, float %78, i32 0
+  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
+  %81 = load <8 x float>, ptr %acc010, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
+  store <8 x float> %82, ptr %acc010, align 4
+  %83 = load <8 x float>, ptr %acc011, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
+  store <8 x float> %84, ptr %acc011, align 4
+  %85 = getelementptr inbounds float, ptr %31, i64 %59
+  %86 = load float, ptr %85, align 4
+  %87 = insertelement <8 x float> poison, float %86, i32 0
+  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
+  %89 = load <8 x float>, ptr %acc020, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
+  store <8 x float> %90, ptr %acc020, align 4
+  %91 = load <8 x float>, ptr %acc021, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
+  store <8 x float> %92, ptr %acc021, align 4
+  %93 = getelementptr inbounds float, ptr %37, i64 %59
+  %94 = load float, ptr %93, align 4
+  %95 = insertelement <8 x float> poison, float %94, i32 0
+  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
+  %97 = load <8 x float>, ptr %acc030, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
+  store <8 x float> %98, ptr %acc030, align 4
+  %99 = load <8 x float>, ptr %acc031, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
+  store <8 x float> %100, ptr %acc031, align 4
+  %101 = getelementptr inbounds float, ptr %43, i64 %59
+  %102 = load float, ptr %101, align 4
+  %103 = insertelement <8 x float> poison, float %102, i32 0
+  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  %105 = load <8 x float>, ptr %acc040, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
+  store <8 x float> %106, ptr %acc040, align 4
+  %107 = load <8 x float>, ptr %acc041, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
+  store <8 x float> %108, ptr %acc041, align 4
+  %109 = getelementptr inbounds float, ptr %49, i64 %59
+  %110 = load float, ptr %109, align 4
+  %111 = insertelement <8 x float> poison, float %110, i32 0
+  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
+  %113 = load <8 x float>, ptr %acc050, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
+  store <8 x float> %114, ptr %acc050, align 4
+  %115 = load <8 x float>, ptr %acc051, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
+  store <8 x float> %116, ptr %acc051, align 4
+  %117 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %116 = add nsw i64 %r0, 0
-  %117 = getelementptr inbounds float, ptr %rw, i64 %116
-  %118 = load float, ptr %117, align 4
-  %119 = insertelement <8 x float> poison, float %118, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %116, 1408
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
+  %118 = add nsw i64 %r0, 0
+  %119 = getelementptr inbounds float, ptr %rw, i64 %118
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = mul nsw i64 %118, 1408
+  %124 = getelementptr inbounds float, ptr %h, i64 %123
   %col = mul nsw i64 %p, 8
-  %123 = load <8 x float>, ptr %acc00, align 4
-  %124 = load <8 x float>, ptr %acc01, align 4
-  %125 = fneg <8 x float> %123
-  %126 = fcmp olt <8 x float> %125, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = fcmp ogt <8 x float> %127, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %131 = call <8 x float> @llvm.floor.v8f32(<8 x float> %130)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %129)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %132)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %133, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %133, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %133, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %133, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %133, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %139 = fmul <8 x float> %133, %133
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %139, <8 x float> %133)
-  %141 = fadd <8 x float> %140, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %142 = fptosi <8 x float> %131 to <8 x i32>
-  %143 = add <8 x i32> %142, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %144 = shl <8 x i32> %143, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %144 to <8 x float>
-  %exp = fmul <8 x float> %141, %exp.2n
-  %145 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %145
-  %silu = fmul <8 x float> %123, %sigmoid
-  %glu = fmul <8 x float> %silu, %124
-  %146 = fmul <8 x float> %glu, %120
-  %147 = getelementptr inbounds float, ptr %122, i64 %col
-  store <8 x float> %146, ptr %147, align 4
-  %148 = add nsw i64 %r0, 1
-  %149 = getelementptr inbounds float, ptr %rw, i64 %148
-  %150 = load float, ptr %149, align 4
-  %151 = insertelement <8 x float> poison, float %150, i32 0
-  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
-  %153 = mul nsw i64 %148, 1408
-  %154 = getelementptr inbounds float, ptr %h, i64 %153
+  %125 = load <8 x float>, ptr %acc000, align 4
+  %126 = load <8 x float>, ptr %acc001, align 4
+  %127 = fneg <8 x float> %125
+  %128 = fcmp olt <8 x float> %127, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %130 = fcmp ogt <8 x float> %129, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %131 = select <8 x i1> %130, <8 x float> %129, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %132)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %131)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %134)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %135, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %135, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %135, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %135, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %135, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %141 = fmul <8 x float> %135, %135
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %141, <8 x float> %135)
+  %143 = fadd <8 x float> %142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %144 = fptosi <8 x float> %133 to <8 x i32>
+  %145 = add <8 x i32> %144, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %146 = shl <8 x i32> %145, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %146 to <8 x float>
+  %exp = fmul <8 x float> %143, %exp.2n
+  %147 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %147
+  %silu = fmul <8 x float> %125, %sigmoid
+  %glu = fmul <8 x float> %silu, %126
+  %148 = fmul <8 x float> %glu, %122
+  %149 = getelementptr inbounds float, ptr %124, i64 %col
+  store <8 x float> %148, ptr %149, align 4
+  %150 = add nsw i64 %r0, 1
+  %151 = getelementptr inbounds float, ptr %rw, i64 %150
+  %152 = load float, ptr %151, align 4
+  %153 = insertelement <8 x float> poison, float %152, i32 0
+  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
+  %155 = mul nsw i64 %150, 1408
+  %156 = getelementptr inbounds float, ptr %h, i64 %155
   %col2 = mul nsw i64 %p, 8
-  %155 = load <8 x float>, ptr %acc10, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  %157 = fneg <8 x float> %155
-  %158 = fcmp olt <8 x float> %157, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %159 = select <8 x i1> %158, <8 x float> %157, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %160 = fcmp ogt <8 x float> %159, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %163 = call <8 x float> @llvm.floor.v8f32(<8 x float> %162)
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %161)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %164)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %165, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> %165, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %165, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %165, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %165, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %171 = fmul <8 x float> %165, %165
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %171, <8 x float> %165)
-  %173 = fadd <8 x float> %172, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %174 = fptosi <8 x float> %163 to <8 x i32>
-  %175 = add <8 x i32> %174, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %176 = shl <8 x i32> %175, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %176 to <8 x float>
-  %exp4 = fmul <8 x float> %173, %exp.2n3
-  %177 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %177
-  %silu6 = fmul <8 x float> %155, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %156
-  %178 = fmul <8 x float> %glu7, %152
-  %179 = getelementptr inbounds float, ptr %154, i64 %col2
-  store <8 x float> %178, ptr %179, align 4
-  %180 = add nsw i64 %r0, 2
-  %181 = getelementptr inbounds float, ptr %rw, i64 %180
-  %182 = load float, ptr %181, align 4
-  %183 = insertelement <8 x float> poison, float %182, i32 0
-  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
-  %185 = mul nsw i64 %180, 1408
-  %186 = getelementptr inbounds float, ptr %h, i64 %185
+  %157 = load <8 x float>, ptr %acc010, align 4
+  %158 = load <8 x float>, ptr %acc011, align 4
+  %159 = fneg <8 x float> %157
+  %160 = fcmp olt <8 x float> %159, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %162 = fcmp ogt <8 x float> %161, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %163 = select <8 x i1> %162, <8 x float> %161, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %165 = call <8 x float> @llvm.floor.v8f32(<8 x float> %164)
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %163)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %166)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %167, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %167, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %167, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %167, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %167, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %173 = fmul <8 x float> %167, %167
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %173, <8 x float> %167)
+  %175 = fadd <8 x float> %174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %176 = fptosi <8 x float> %165 to <8 x i32>
+  %177 = add <8 x i32> %176, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %178 = shl <8 x i32> %177, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %178 to <8 x float>
+  %exp4 = fmul <8 x float> %175, %exp.2n3
+  %179 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %179
+  %silu6 = fmul <8 x float> %157, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %158
+  %180 = fmul <8 x float> %glu7, %154
+  %181 = getelementptr inbounds float, ptr %156, i64 %col2
+  store <8 x float> %180, ptr %181, align 4
+  %182 = add nsw i64 %r0, 2
+  %183 = getelementptr inbounds float, ptr %rw, i64 %182
+  %184 = load float, ptr %183, align 4
+  %185 = insertelement <8 x float> poison, float %184, i32 0
+  %186 = shufflevector <8 x float> %185, <8 x float> poison, <8 x i32> zeroinitializer
+  %187 = mul nsw i64 %182, 1408
+  %188 = getelementptr inbounds float, ptr %h, i64 %187
   %col8 = mul nsw i64 %p, 8
-  %187 = load <8 x float>, ptr %acc20, align 4
-  %188 = load <8 x float>, ptr %acc21, align 4
-  %189 = fneg <8 x float> %187
-  %190 = fcmp olt <8 x float> %189, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %192 = fcmp ogt <8 x float> %191, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %195 = call <8 x float> @llvm.floor.v8f32(<8 x float> %194)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %193)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %196)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %197, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %197, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %197, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %197, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %203 = fmul <8 x float> %197, %197
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %203, <8 x float> %197)
-  %205 = fadd <8 x float> %204, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %206 = fptosi <8 x float> %195 to <8 x i32>
-  %207 = add <8 x i32> %206, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %208 = shl <8 x i32> %207, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %208 to <8 x float>
-  %exp10 = fmul <8 x float> %205, %exp.2n9
-  %209 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %209
-  %silu12 = fmul <8 x float> %187, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %188
-  %210 = fmul <8 x float> %glu13, %184
-  %211 = getelementptr inbounds float, ptr %186, i64 %col8
-  store <8 x float> %210, ptr %211, align 4
-  %212 = add nsw i64 %r0, 3
-  %213 = getelementptr inbounds float, ptr %rw, i64 %212
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = mul nsw i64 %212, 1408
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
+  %189 = load <8 x float>, ptr %acc020, align 4
+  %190 = load <8 x float>, ptr %acc021, align 4
+  %191 = fneg <8 x float> %189
+  %192 = fcmp olt <8 x float> %191, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %194 = fcmp ogt <8 x float> %193, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %195 = select <8 x i1> %194, <8 x float> %193, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %197 = call <8 x float> @llvm.floor.v8f32(<8 x float> %196)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %195)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %198)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %205 = fmul <8 x float> %199, %199
+  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %205, <8 x float> %199)
+  %207 = fadd <8 x float> %206, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %208 = fptosi <8 x float> %197 to <8 x i32>
+  %209 = add <8 x i32> %208, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %210 = shl <8 x i32> %209, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %210 to <8 x float>
+  %exp10 = fmul <8 x float> %207, %exp.2n9
+  %211 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %211
+  %silu12 = fmul <8 x float> %189, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %190
+  %212 = fmul <8 x float> %glu13, %186
+  %213 = getelementptr inbounds float, ptr %188, i64 %col8
+  store <8 x float> %212, ptr %213, align 4
+  %214 = add nsw i64 %r0, 3
+  %215 = getelementptr inbounds float, ptr %rw, i64 %214
+  %216 = load float, ptr %215, align 4
+  %217 = insertelement <8 x float> poison, float %216, i32 0
+  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
+  %219 = mul nsw i64 %214, 1408
+  %220 = getelementptr inbounds float, ptr %h, i64 %219
   %col14 = mul nsw i64 %p, 8
-  %219 = load <8 x float>, ptr %acc30, align 4
-  %220 = load <8 x float>, ptr %acc31, align 4
-  %221 = fneg <8 x float> %219
-  %222 = fcmp olt <8 x float> %221, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %223 = select <8 x i1> %222, <8 x float> %221, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %224 = fcmp ogt <8 x float> %223, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %227 = call <8 x float> @llvm.floor.v8f32(<8 x float> %226)
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %225)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %228)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %229, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> %229, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %229, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %229, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %229, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %235 = fmul <8 x float> %229, %229
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %235, <8 x float> %229)
-  %237 = fadd <8 x float> %236, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %238 = fptosi <8 x float> %227 to <8 x i32>
-  %239 = add <8 x i32> %238, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %240 = shl <8 x i32> %239, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %240 to <8 x float>
-  %exp16 = fmul <8 x float> %237, %exp.2n15
-  %241 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %241
-  %silu18 = fmul <8 x float> %219, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %220
-  %242 = fmul <8 x float> %glu19, %216
-  %243 = getelementptr inbounds float, ptr %218, i64 %col14
-  store <8 x float> %242, ptr %243, align 4
-  %244 = add nsw i64 %r0, 4
-  %245 = getelementptr inbounds float, ptr %rw, i64 %244
-  %246 = load float, ptr %245, align 4
-  %247 = insertelement <8 x float> poison, float %246, i32 0
-  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
-  %249 = mul nsw i64 %244, 1408
-  %250 = getelementptr inbounds float, ptr %h, i64 %249
+  %221 = load <8 x float>, ptr %acc030, align 4
+  %222 = load <8 x float>, ptr %acc031, align 4
+  %223 = fneg <8 x float> %221
+  %224 = fcmp olt <8 x float> %223, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %226 = fcmp ogt <8 x float> %225, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %227 = select <8 x i1> %226, <8 x float> %225, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %229 = call <8 x float> @llvm.floor.v8f32(<8 x float> %228)
+  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %227)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %230)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %231, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %231, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %231, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %231, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %231, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %237 = fmul <8 x float> %231, %231
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %237, <8 x float> %231)
+  %239 = fadd <8 x float> %238, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %240 = fptosi <8 x float> %229 to <8 x i32>
+  %241 = add <8 x i32> %240, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %242 = shl <8 x i32> %241, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %242 to <8 x float>
+  %exp16 = fmul <8 x float> %239, %exp.2n15
+  %243 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %243
+  %silu18 = fmul <8 x float> %221, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %222
+  %244 = fmul <8 x float> %glu19, %218
+  %245 = getelementptr inbounds float, ptr %220, i64 %col14
+  store <8 x float> %244, ptr %245, align 4
+  %246 = add nsw i64 %r0, 4
+  %247 = getelementptr inbounds float, ptr %rw, i64 %246
+  %248 = load float, ptr %247, align 4
+  %249 = insertelement <8 x float> poison, float %248, i32 0
+  %250 = shufflevector <8 x float> %249, <8 x float> poison, <8 x i32> zeroinitializer
+  %251 = mul nsw i64 %246, 1408
+  %252 = getelementptr inbounds float, ptr %h, i64 %251
   %col20 = mul nsw i64 %p, 8
-  %251 = load <8 x float>, ptr %acc40, align 4
-  %252 = load <8 x float>, ptr %acc41, align 4
-  %253 = fneg <8 x float> %251
-  %254 = fcmp olt <8 x float> %253, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %255 = select <8 x i1> %254, <8 x float> %253, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %256 = fcmp ogt <8 x float> %255, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %259 = call <8 x float> @llvm.floor.v8f32(<8 x float> %258)
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %257)
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %260)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %261, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> %261, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %261, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %261, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %261, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %267 = fmul <8 x float> %261, %261
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %267, <8 x float> %261)
-  %269 = fadd <8 x float> %268, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %270 = fptosi <8 x float> %259 to <8 x i32>
-  %271 = add <8 x i32> %270, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %272 = shl <8 x i32> %271, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %272 to <8 x float>
-  %exp22 = fmul <8 x float> %269, %exp.2n21
-  %273 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %273
-  %silu24 = fmul <8 x float> %251, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %252
-  %274 = fmul <8 x float> %glu25, %248
-  %275 = getelementptr inbounds float, ptr %250, i64 %col20
-  store <8 x float> %274, ptr %275, align 4
-  %276 = add nsw i64 %r0, 5
-  %277 = getelementptr inbounds float, ptr %rw, i64 %276
-  %278 = load float, ptr %277, align 4
-  %279 = insertelement <8 x float> poison, float %278, i32 0
-  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
-  %281 = mul nsw i64 %276, 1408
-  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %253 = load <8 x float>, ptr %acc040, align 4
+  %254 = load <8 x float>, ptr %acc041, align 4
+  %255 = fneg <8 x float> %253
+  %256 = fcmp olt <8 x float> %255, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %258 = fcmp ogt <8 x float> %257, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %259 = select <8 x i1> %258, <8 x float> %257, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %261 = call <8 x float> @llvm.floor.v8f32(<8 x float> %260)
+  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %259)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %262)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %263, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %263, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %263, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %263, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %269 = fmul <8 x float> %263, %263
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %269, <8 x float> %263)
+  %271 = fadd <8 x float> %270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %272 = fptosi <8 x float> %261 to <8 x i32>
+  %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %274 to <8 x float>
+  %exp22 = fmul <8 x float> %271, %exp.2n21
+  %275 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
+  %silu24 = fmul <8 x float> %253, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %254
+  %276 = fmul <8 x float> %glu25, %250
+  %277 = getelementptr inbounds float, ptr %252, i64 %col20
+  store <8 x float> %276, ptr %277, align 4
+  %278 = add nsw i64 %r0, 5
+  %279 = getelementptr inbounds float, ptr %rw, i64 %278
+  %280 = load float, ptr %279, align 4
+  %281 = insertelement <8 x float> poison, float %280, i32 0
+  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
+  %283 = mul nsw i64 %278, 1408
+  %284 = getelementptr inbounds float, ptr %h, i64 %283
   %col26 = mul nsw i64 %p, 8
-  %283 = load <8 x float>, ptr %acc50, align 4
-  %284 = load <8 x float>, ptr %acc51, align 4
-  %285 = fneg <8 x float> %283
-  %286 = fcmp olt <8 x float> %285, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %287 = select <8 x i1> %286, <8 x float> %285, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %288 = fcmp ogt <8 x float> %287, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %291 = call <8 x float> @llvm.floor.v8f32(<8 x float> %290)
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %289)
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %292)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %293, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %293, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %293, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %293, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %293, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %299 = fmul <8 x float> %293, %293
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %299, <8 x float> %293)
-  %301 = fadd <8 x float> %300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %302 = fptosi <8 x float> %291 to <8 x i32>
-  %303 = add <8 x i32> %302, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %304 = shl <8 x i32> %303, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %304 to <8 x float>
-  %exp28 = fmul <8 x float> %301, %exp.2n27
-  %305 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %305
-  %silu30 = fmul <8 x float> %283, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %284
-  %306 = fmul <8 x float> %glu31, %280
-  %307 = getelementptr inbounds float, ptr %282, i64 %col26
-  store <8 x float> %306, ptr %307, align 4
+  %285 = load <8 x float>, ptr %acc050, align 4
+  %286 = load <8 x float>, ptr %acc051, align 4
+  %287 = fneg <8 x float> %285
+  %288 = fcmp olt <8 x float> %287, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %290 = fcmp ogt <8 x float> %289, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %291 = select <8 x i1> %290, <8 x float> %289, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %293 = call <8 x float> @llvm.floor.v8f32(<8 x float> %292)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %291)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %294)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %295, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %295, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %295, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %295, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %295, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %301 = fmul <8 x float> %295, %295
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %301, <8 x float> %295)
+  %303 = fadd <8 x float> %302, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %304 = fptosi <8 x float> %293 to <8 x i32>
+  %305 = add <8 x i32> %304, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %306 = shl <8 x i32> %305, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %306 to <8 x float>
+  %exp28 = fmul <8 x float> %303, %exp.2n27
+  %307 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %307
+  %silu30 = fmul <8 x float> %285, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %286
+  %308 = fmul <8 x float> %glu31, %282
+  %309 = getelementptr inbounds float, ptr %284, i64 %col26
+  store <8 x float> %308, ptr %309, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %308 = add nsw i64 %r0, 0
-  %309 = getelementptr inbounds i32, ptr %rows, i64 %308
-  %310 = load i32, ptr %309, align 4
-  %311 = sext i32 %310 to i64
-  %312 = mul nsw i64 %311, 2048
-  %313 = getelementptr inbounds float, ptr %x, i64 %312
-  store <8 x float> zeroinitializer, ptr %acc0032, align 4
-  store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %314 = add nsw i64 %r0, 1
-  %315 = getelementptr inbounds i32, ptr %rows, i64 %314
-  %316 = load i32, ptr %315, align 4
-  %317 = sext i32 %316 to i64
-  %318 = mul nsw i64 %317, 2048
-  %319 = getelementptr inbounds float, ptr %x, i64 %318
-  store <8 x float> zeroinitializer, ptr %acc1034, align 4
-  store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %320 = add nsw i64 %r0, 2
-  %321 = getelementptr inbounds i32, ptr %rows, i64 %320
-  %322 = load i32, ptr %321, align 4
-  %323 = sext i32 %322 to i64
-  %324 = mul nsw i64 %323, 2048
-  %325 = getelementptr inbounds float, ptr %x, i64 %324
-  store <8 x float> zeroinitializer, ptr %acc2036, align 4
-  store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %326 = add nsw i64 %r0, 3
-  %327 = getelementptr inbounds i32, ptr %rows, i64 %326
-  %328 = load i32, ptr %327, align 4
-  %329 = sext i32 %328 to i64
-  %330 = mul nsw i64 %329, 2048
-  %331 = getelementptr inbounds float, ptr %x, i64 %330
-  store <8 x float> zeroinitializer, ptr %acc3038, align 4
-  store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %332 = add nsw i64 %r0, 4
-  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
-  %334 = load i32, ptr %333, align 4
-  %335 = sext i32 %334 to i64
-  %336 = mul nsw i64 %335, 2048
-  %337 = getelementptr inbounds float, ptr %x, i64 %336
-  store <8 x float> zeroinitializer, ptr %acc4040, align 4
-  store <8 x float> zeroinitializer, ptr %acc4141, align 4
+  %310 = add nsw i64 %r0, 0
+  %311 = getelementptr inbounds i32, ptr %rows, i64 %310
+  %312 = load i32, ptr %311, align 4
+  %313 = sext i32 %312 to i64
+  %314 = mul nsw i64 %313, 2048
+  %315 = getelementptr inbounds float, ptr %x, i64 %314
+  store <8 x float> zeroinitializer, ptr %acc00032, align 4
+  store <8 x float> zeroinitializer, ptr %acc00133, align 4
+  %316 = add nsw i64 %r0, 1
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %316
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 2048
+  %321 = getelementptr inbounds float, ptr %x, i64 %320
+  store <8 x float> zeroinitializer, ptr %acc01034, align 4
+  store <8 x float> zeroinitializer, ptr %acc01135, align 4
+  %322 = add nsw i64 %r0, 2
+  %323 = getelementptr inbounds i32, ptr %rows, i64 %322
+  %324 = load i32, ptr %323, align 4
+  %325 = sext i32 %324 to i64
+  %326 = mul nsw i64 %325, 2048
+  %327 = getelementptr inbounds float, ptr %x, i64 %326
+  store <8 x float> zeroinitializer, ptr %acc02036, align 4
+  store <8 x float> zeroinitializer, ptr %acc02137, align 4
+  %328 = add nsw i64 %r0, 3
+  %329 = getelementptr inbounds i32, ptr %rows, i64 %328
+  %330 = load i32, ptr %329, align 4
+  %331 = sext i32 %330 to i64
+  %332 = mul nsw i64 %331, 2048
+  %333 = getelementptr inbounds float, ptr %x, i64 %332
+  store <8 x float> zeroinitializer, ptr %acc03038, align 4
+  store <8 x float> zeroinitializer, ptr %acc03139, align 4
+  %334 = add nsw i64 %r0, 4
+  %335 = getelementptr inbounds i32, ptr %rows, i64 %334
+  %336 = load i32, ptr %335, align 4
+  %337 = sext i32 %336 to i64
+  %338 = mul nsw i64 %337, 2048
+  %339 = getelementptr inbounds float, ptr %x, i64 %338
+  store <8 x float> zeroinitializer, ptr %acc04040, align 4
+  store <8 x float> zeroinitializer, ptr %acc04141, align 4
   %panel.off42 = mul nsw i64 %p, 32768
-  %338 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %339 = add nsw i64 %p, 1
-  %340 = icmp slt i64 %339, %p1
-  %pf.on43 = and i1 %pf.on, %340
-  %341 = mul nsw i64 %rb, 65536
-  %342 = lshr i64 %341, %11
-  %343 = add nsw i64 65536, %342
-  %344 = getelementptr inbounds i8, ptr %338, i64 %343
-  %pf44 = select i1 %pf.on43, ptr %344, ptr %338
+  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %341 = add nsw i64 %p, 1
+  %342 = icmp slt i64 %341, %p1
+  %pf.on43 = and i1 %pf.on, %342
+  %343 = mul nsw i64 %rb, 65536
+  %344 = lshr i64 %343, %11
+  %345 = add nsw i64 65536, %344
+  %346 = getelementptr inbounds i8, ptr %340, i64 %345
+  %pf44 = select i1 %pf.on43, ptr %346, ptr %340
   %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %395, %pf.any.end51 ]
-  %345 = icmp slt i64 %k49, 2048
-  br i1 %345, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %399, %pf.any.end51 ]
+  %347 = icmp slt i64 %k49, 2048
+  br i1 %347, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %346 = mul nsw i64 %k49, 16
-  %347 = add nsw i64 %panel.off42, %346
-  %348 = mul nsw i64 %k49, 32
+  %348 = mul nsw i64 %k49, 1
+  %349 = add nsw i64 %348, 0
+  %350 = mul nsw i64 %349, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %349 = lshr i64 %348, %pf.sh45
-  %350 = getelementptr inbounds i8, ptr %pf44, i64 %349
-  call void @llvm.prefetch.p0(ptr %350, i32 0, i32 2, i32 1)
+  %351 = lshr i64 %350, %pf.sh45
+  %352 = getelementptr inbounds i8, ptr %pf44, i64 %351
+  call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %351 = getelementptr inbounds i16, ptr %panels, i64 %347
-  %352 = load <8 x i32>, ptr %351, align 4
-  %353 = shl <8 x i32> %352, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %353 to <8 x float>
-  %354 = and <8 x i32> %352, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %354 to <8 x float>
-  %355 = getelementptr inbounds float, ptr %313, i64 %k49
-  %356 = load float, ptr %355, align 4
-  %357 = insertelement <8 x float> poison, float %356, i32 0
-  %358 = shufflevector <8 x float> %357, <8 x float> poison, <8 x i32> zeroinitializer
-  %359 = load <8 x float>, ptr %acc0032, align 4
-  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b052, <8 x float> %359)
-  store <8 x float> %360, ptr %acc0032, align 4
-  %361 = load <8 x float>, ptr %acc0133, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %358, <8 x float> %b153, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0133, align 4
-  %363 = getelementptr inbounds float, ptr %319, i64 %k49
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %acc1034, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b052, <8 x float> %367)
-  store <8 x float> %368, ptr %acc1034, align 4
-  %369 = load <8 x float>, ptr %acc1135, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %b153, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1135, align 4
-  %371 = getelementptr inbounds float, ptr %325, i64 %k49
-  %372 = load float, ptr %371, align 4
-  %373 = insertelement <8 x float> poison, float %372, i32 0
-  %374 = shufflevector <8 x float> %373, <8 x float> poison, <8 x i32> zeroinitializer
-  %375 = load <8 x float>, ptr %acc2036, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b052, <8 x float> %375)
-  store <8 x float> %376, ptr %acc2036, align 4
-  %377 = load <8 x float>, ptr %acc2137, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %374, <8 x float> %b153, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2137, align 4
-  %379 = getelementptr inbounds float, ptr %331, i64 %k49
-  %380 = load float, ptr %379, align 4
-  %381 = insertelement <8 x float> poison, float %380, i32 0
-  %382 = shufflevector <8 x float> %381, <8 x float> poison, <8 x i32> zeroinitializer
-  %383 = load <8 x float>, ptr %acc3038, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b052, <8 x float> %383)
-  store <8 x float> %384, ptr %acc3038, align 4
-  %385 = load <8 x float>, ptr %acc3139, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %b153, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3139, align 4
-  %387 = getelementptr inbounds float, ptr %337, i64 %k49
-  %388 = load float, ptr %387, align 4
-  %389 = insertelement <8 x float> poison, float %388, i32 0
-  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
-  %391 = load <8 x float>, ptr %acc4040, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b052, <8 x float> %391)
-  store <8 x float> %392, ptr %acc4040, align 4
-  %393 = load <8 x float>, ptr %acc4141, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %390, <8 x float> %b153, <8 x float> %393)
-  store <8 x float> %394, ptr %acc4141, align 4
-  %395 = add nsw i64 %k49, 1
+  %353 = mul nsw i64 %349, 16
+  %354 = add nsw i64 %panel.off42, %353
+  %355 = getelementptr inbounds i16, ptr %panels, i64 %354
+  %356 = load <8 x i32>, ptr %355, align 4
+  %357 = shl <8 x i32> %356, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %357 to <8 x float>
+  %358 = and <8 x i32> %356, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %358 to <8 x float>
+  %359 = getelementptr inbounds float, ptr %315, i64 %349
+  %360 = load float, ptr %359, align 4
+  %361 = insertelement <8 x float> poison, float %360, i32 0
+  %362 = shufflevector <8 x float> %361, <8 x float> poison, <8 x i32> zeroinitializer
+  %363 = load <8 x float>, ptr %acc00032, align 4
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> %b052, <8 x float> %363)
+  store <8 x float> %364, ptr %acc00032, align 4
+  %365 = load <8 x float>, ptr %acc00133, align 4
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> %b153, <8 x float> %365)
+  store <8 x float> %366, ptr %acc00133, align 4
+  %367 = getelementptr inbounds float, ptr %321, i64 %349
+  %368 = load float, ptr %367, align 4
+  %369 = insertelement <8 x float> poison, float %368, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = load <8 x float>, ptr %acc01034, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %b052, <8 x float> %371)
+  store <8 x float> %372, ptr %acc01034, align 4
+  %373 = load <8 x float>, ptr %acc01135, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %b153, <8 x float> %373)
+  store <8 x float> %374, ptr %acc01135, align 4
+  %375 = getelementptr inbounds float, ptr %327, i64 %349
+  %376 = load float, ptr %375, align 4
+  %377 = insertelement <8 x float> poison, float %376, i32 0
+  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
+  %379 = load <8 x float>, ptr %acc02036, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %b052, <8 x float> %379)
+  store <8 x float> %380, ptr %acc02036, align 4
+  %381 = load <8 x float>, ptr %acc02137, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %b153, <8 x float> %381)
+  store <8 x float> %382, ptr %acc02137, align 4
+  %383 = getelementptr inbounds float, ptr %333, i64 %349
+  %384 = load float, ptr %383, align 4
+  %385 = insertelement <8 x float> poison, float %384, i32 0
+  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
+  %387 = load <8 x float>, ptr %acc03038, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %b052, <8 x float> %387)
+  store <8 x float> %388, ptr %acc03038, align 4
+  %389 = load <8 x float>, ptr %acc03139, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %b153, <8 x float> %389)
+  store <8 x float> %390, ptr %acc03139, align 4
+  %391 = getelementptr inbounds float, ptr %339, i64 %349
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %acc04040, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %b052, <8 x float> %395)
+  store <8 x float> %396, ptr %acc04040, align 4
+  %397 = load <8 x float>, ptr %acc04141, align 4
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %b153, <8 x float> %397)
+  store <8 x float> %398, ptr %acc04141, align 4
+  %399 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %396 = add nsw i64 %r0, 0
-  %397 = getelementptr inbounds float, ptr %rw, i64 %396
-  %398 = load float, ptr %397, align 4
-  %399 = insertelement <8 x float> poison, float %398, i32 0
-  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
-  %401 = mul nsw i64 %396, 1408
-  %402 = getelementptr inbounds float, ptr %h, i64 %401
+  %400 = add nsw i64 %r0, 0
+  %401 = getelementptr inbounds float, ptr %rw, i64 %400
+  %402 = load float, ptr %401, align 4
+  %403 = insertelement <8 x float> poison, float %402, i32 0
+  %404 = shufflevector <8 x float> %403, <8 x float> poison, <8 x i32> zeroinitializer
+  %405 = mul nsw i64 %400, 1408
+  %406 = getelementptr inbounds float, ptr %h, i64 %405
   %col54 = mul nsw i64 %p, 8
-  %403 = load <8 x float>, ptr %acc0032, align 4
-  %404 = load <8 x float>, ptr %acc0133, align 4
-  %405 = fneg <8 x float> %403
-  %406 = fcmp olt <8 x float> %405, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %407 = select <8 x i1> %406, <8 x float> %405, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %408 = fcmp ogt <8 x float> %407, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %409 = select <8 x i1> %408, <8 x float> %407, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %411 = call <8 x float> @llvm.floor.v8f32(<8 x float> %410)
-  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %409)
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %412)
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %413, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %413, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %413, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %413, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %413, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %419 = fmul <8 x float> %413, %413
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %419, <8 x float> %413)
-  %421 = fadd <8 x float> %420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %422 = fptosi <8 x float> %411 to <8 x i32>
-  %423 = add <8 x i32> %422, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %424 = shl <8 x i32> %423, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %424 to <8 x float>
-  %exp56 = fmul <8 x float> %421, %exp.2n55
-  %425 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %425
-  %silu58 = fmul <8 x float> %403, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %404
-  %426 = fmul <8 x float> %glu59, %400
-  %427 = getelementptr inbounds float, ptr %402, i64 %col54
-  store <8 x float> %426, ptr %427, align 4
-  %428 = add nsw i64 %r0, 1
-  %429 = getelementptr inbounds float, ptr %rw, i64 %428
-  %430 = load float, ptr %429, align 4
-  %431 = insertelement <8 x float> poison, float %430, i32 0
-  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
-  %433 = mul nsw i64 %428, 1408
-  %434 = getelementptr inbounds float, ptr %h, i64 %433
+  %407 = load <8 x float>, ptr %acc00032, align 4
+  %408 = load <8 x float>, ptr %acc00133, align 4
+  %409 = fneg <8 x float> %407
+  %410 = fcmp olt <8 x float> %409, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %411 = select <8 x i1> %410, <8 x float> %409, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %412 = fcmp ogt <8 x float> %411, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %413 = select <8 x i1> %412, <8 x float> %411, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %415 = call <8 x float> @llvm.floor.v8f32(<8 x float> %414)
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %413)
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %416)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %417, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %417, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %417, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %417, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %417, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %423 = fmul <8 x float> %417, %417
+  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %423, <8 x float> %417)
+  %425 = fadd <8 x float> %424, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %426 = fptosi <8 x float> %415 to <8 x i32>
+  %427 = add <8 x i32> %426, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %428 = shl <8 x i32> %427, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %428 to <8 x float>
+  %exp56 = fmul <8 x float> %425, %exp.2n55
+  %429 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %429
+  %silu58 = fmul <8 x float> %407, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %408
+  %430 = fmul <8 x float> %glu59, %404
+  %431 = getelementptr inbounds float, ptr %406, i64 %col54
+  store <8 x float> %430, ptr %431, align 4
+  %432 = add nsw i64 %r0, 1
+  %433 = getelementptr inbounds float, ptr %rw, i64 %432
+  %434 = load float, ptr %433, align 4
+  %435 = insertelement <8 x float> poison, float %434, i32 0
+  %436 = shufflevector <8 x float> %435, <8 x float> poison, <8 x i32> zeroinitializer
+  %437 = mul nsw i64 %432, 1408
+  %438 = getelementptr inbounds float, ptr %h, i64 %437
   %col60 = mul nsw i64 %p, 8
-  %435 = load <8 x float>, ptr %acc1034, align 4
-  %436 = load <8 x float>, ptr %acc1135, align 4
-  %437 = fneg <8 x float> %435
-  %438 = fcmp olt <8 x float> %437, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %439 = select <8 x i1> %438, <8 x float> %437, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %440 = fcmp ogt <8 x float> %439, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %443 = call <8 x float> @llvm.floor.v8f32(<8 x float> %442)
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %441)
-  %445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %444)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %445, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %446, <8 x float> %445, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> %445, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %445, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %445, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %451 = fmul <8 x float> %445, %445
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %451, <8 x float> %445)
-  %453 = fadd <8 x float> %452, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %454 = fptosi <8 x float> %443 to <8 x i32>
-  %455 = add <8 x i32> %454, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %456 = shl <8 x i32> %455, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %456 to <8 x float>
-  %exp62 = fmul <8 x float> %453, %exp.2n61
-  %457 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %457
-  %silu64 = fmul <8 x float> %435, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %436
-  %458 = fmul <8 x float> %glu65, %432
-  %459 = getelementptr inbounds float, ptr %434, i64 %col60
-  store <8 x float> %458, ptr %459, align 4
-  %460 = add nsw i64 %r0, 2
-  %461 = getelementptr inbounds float, ptr %rw, i64 %460
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = mul nsw i64 %460, 1408
-  %466 = getelementptr inbounds float, ptr %h, i64 %465
+  %439 = load <8 x float>, ptr %acc01034, align 4
+  %440 = load <8 x float>, ptr %acc01135, align 4
+  %441 = fneg <8 x float> %439
+  %442 = fcmp olt <8 x float> %441, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %443 = select <8 x i1> %442, <8 x float> %441, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %444 = fcmp ogt <8 x float> %443, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %445 = select <8 x i1> %444, <8 x float> %443, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %447 = call <8 x float> @llvm.floor.v8f32(<8 x float> %446)
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %445)
+  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %448)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %449, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %449, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %449, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %449, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %449, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %455 = fmul <8 x float> %449, %449
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %455, <8 x float> %449)
+  %457 = fadd <8 x float> %456, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %458 = fptosi <8 x float> %447 to <8 x i32>
+  %459 = add <8 x i32> %458, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %460 = shl <8 x i32> %459, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %460 to <8 x float>
+  %exp62 = fmul <8 x float> %457, %exp.2n61
+  %461 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %461
+  %silu64 = fmul <8 x float> %439, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %440
+  %462 = fmul <8 x float> %glu65, %436
+  %463 = getelementptr inbounds float, ptr %438, i64 %col60
+  store <8 x float> %462, ptr %463, align 4
+  %464 = add nsw i64 %r0, 2
+  %465 = getelementptr inbounds float, ptr %rw, i64 %464
+  %466 = load float, ptr %465, align 4
+  %467 = insertelement <8 x float> poison, float %466, i32 0
+  %468 = shufflevector <8 x float> %467, <8 x float> poison, <8 x i32> zeroinitializer
+  %469 = mul nsw i64 %464, 1408
+  %470 = getelementptr inbounds float, ptr %h, i64 %469
   %col66 = mul nsw i64 %p, 8
-  %467 = load <8 x float>, ptr %acc2036, align 4
-  %468 = load <8 x float>, ptr %acc2137, align 4
-  %469 = fneg <8 x float> %467
-  %470 = fcmp olt <8 x float> %469, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %471 = select <8 x i1> %470, <8 x float> %469, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %472 = fcmp ogt <8 x float> %471, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %473 = select <8 x i1> %472, <8 x float> %471, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %475 = call <8 x float> @llvm.floor.v8f32(<8 x float> %474)
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %473)
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %476)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %477, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %477, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %477, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %477, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %477, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %483 = fmul <8 x float> %477, %477
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %483, <8 x float> %477)
-  %485 = fadd <8 x float> %484, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %486 = fptosi <8 x float> %475 to <8 x i32>
-  %487 = add <8 x i32> %486, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %488 = shl <8 x i32> %487, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %488 to <8 x float>
-  %exp68 = fmul <8 x float> %485, %exp.2n67
-  %489 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %489
-  %silu70 = fmul <8 x float> %467, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %468
-  %490 = fmul <8 x float> %glu71, %464
-  %491 = getelementptr inbounds float, ptr %466, i64 %col66
-  store <8 x float> %490, ptr %491, align 4
-  %492 = add nsw i64 %r0, 3
-  %493 = getelementptr inbounds float, ptr %rw, i64 %492
-  %494 = load float, ptr %493, align 4
-  %495 = insertelement <8 x float> poison, float %494, i32 0
-  %496 = shufflevector <8 x float> %495, <8 x float> poison, <8 x i32> zeroinitializer
-  %497 = mul nsw i64 %492, 1408
-  %498 = getelementptr inbounds float, ptr %h, i64 %497
+  %471 = load <8 x float>, ptr %acc02036, align 4
+  %472 = load <8 x float>, ptr %acc02137, align 4
+  %473 = fneg <8 x float> %471
+  %474 = fcmp olt <8 x float> %473, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %476 = fcmp ogt <8 x float> %475, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %477 = select <8 x i1> %476, <8 x float> %475, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %479 = call <8 x float> @llvm.floor.v8f32(<8 x float> %478)
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %477)
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %480)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %481, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %481, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %481, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %481, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %481, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %487 = fmul <8 x float> %481, %481
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %487, <8 x float> %481)
+  %489 = fadd <8 x float> %488, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %490 = fptosi <8 x float> %479 to <8 x i32>
+  %491 = add <8 x i32> %490, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %492 = shl <8 x i32> %491, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %492 to <8 x float>
+  %exp68 = fmul <8 x float> %489, %exp.2n67
+  %493 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %493
+  %silu70 = fmul <8 x float> %471, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %472
+  %494 = fmul <8 x float> %glu71, %468
+  %495 = getelementptr inbounds float, ptr %470, i64 %col66
+  store <8 x float> %494, ptr %495, align 4
+  %496 = add nsw i64 %r0, 3
+  %497 = getelementptr inbounds float, ptr %rw, i64 %496
+  %498 = load float, ptr %497, align 4
+  %499 = insertelement <8 x float> poison, float %498, i32 0
+  %500 = shufflevector <8 x float> %499, <8 x float> poison, <8 x i32> zeroinitializer
+  %501 = mul nsw i64 %496, 1408
+  %502 = getelementptr inbounds float, ptr %h, i64 %501
   %col72 = mul nsw i64 %p, 8
-  %499 = load <8 x float>, ptr %acc3038, align 4
-  %500 = load <8 x float>, ptr %acc3139, align 4
-  %501 = fneg <8 x float> %499
-  %502 = fcmp olt <8 x float> %501, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %503 = select <8 x i1> %502, <8 x float> %501, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %504 = fcmp ogt <8 x float> %503, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %505, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %507 = call <8 x float> @llvm.floor.v8f32(<8 x float> %506)
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %505)
-  %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %508)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %509, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %510, <8 x float> %509, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> %509, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %509, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %509, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %515 = fmul <8 x float> %509, %509
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %515, <8 x float> %509)
-  %517 = fadd <8 x float> %516, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %518 = fptosi <8 x float> %507 to <8 x i32>
-  %519 = add <8 x i32> %518, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %520 = shl <8 x i32> %519, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %520 to <8 x float>
-  %exp74 = fmul <8 x float> %517, %exp.2n73
-  %521 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %521
-  %silu76 = fmul <8 x float> %499, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %500
-  %522 = fmul <8 x float> %glu77, %496
-  %523 = getelementptr inbounds float, ptr %498, i64 %col72
-  store <8 x float> %522, ptr %523, align 4
-  %524 = add nsw i64 %r0, 4
-  %525 = getelementptr inbounds float, ptr %rw, i64 %524
-  %526 = load float, ptr %525, align 4
-  %527 = insertelement <8 x float> poison, float %526, i32 0
-  %528 = shufflevector <8 x float> %527, <8 x float> poison, <8 x i32> zeroinitializer
-  %529 = mul nsw i64 %524, 1408
-  %530 = getelementptr inbounds float, ptr %h, i64 %529
+  %503 = load <8 x float>, ptr %acc03038, align 4
+  %504 = load <8 x float>, ptr %acc03139, align 4
+  %505 = fneg <8 x float> %503
+  %506 = fcmp olt <8 x float> %505, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %507 = select <8 x i1> %506, <8 x float> %505, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %508 = fcmp ogt <8 x float> %507, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %511 = call <8 x float> @llvm.floor.v8f32(<8 x float> %510)
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %509)
+  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %512)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %513, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %513, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %513, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %513, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %513, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %519 = fmul <8 x float> %513, %513
+  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %519, <8 x float> %513)
+  %521 = fadd <8 x float> %520, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %522 = fptosi <8 x float> %511 to <8 x i32>
+  %523 = add <8 x i32> %522, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %524 = shl <8 x i32> %523, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %524 to <8 x float>
+  %exp74 = fmul <8 x float> %521, %exp.2n73
+  %525 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %525
+  %silu76 = fmul <8 x float> %503, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %504
+  %526 = fmul <8 x float> %glu77, %500
+  %527 = getelementptr inbounds float, ptr %502, i64 %col72
+  store <8 x float> %526, ptr %527, align 4
+  %528 = add nsw i64 %r0, 4
+  %529 = getelementptr inbounds float, ptr %rw, i64 %528
+  %530 = load float, ptr %529, align 4
+  %531 = insertelement <8 x float> poison, float %530, i32 0
+  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
+  %533 = mul nsw i64 %528, 1408
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
   %col78 = mul nsw i64 %p, 8
-  %531 = load <8 x float>, ptr %acc4040, align 4
-  %532 = load <8 x float>, ptr %acc4141, align 4
-  %533 = fneg <8 x float> %531
-  %534 = fcmp olt <8 x float> %533, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %535 = select <8 x i1> %534, <8 x float> %533, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %536 = fcmp ogt <8 x float> %535, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %537 = select <8 x i1> %536, <8 x float> %535, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %539 = call <8 x float> @llvm.floor.v8f32(<8 x float> %538)
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %537)
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %540)
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %541, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %541, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> %541, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %541, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %541, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %547 = fmul <8 x float> %541, %541
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %547, <8 x float> %541)
-  %549 = fadd <8 x float> %548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %550 = fptosi <8 x float> %539 to <8 x i32>
-  %551 = add <8 x i32> %550, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %552 = shl <8 x i32> %551, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %552 to <8 x float>
-  %exp80 = fmul <8 x float> %549, %exp.2n79
-  %553 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %553
-  %silu82 = fmul <8 x float> %531, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %532
-  %554 = fmul <8 x float> %glu83, %528
-  %555 = getelementptr inbounds float, ptr %530, i64 %col78
-  store <8 x float> %554, ptr %555, align 4
+  %535 = load <8 x float>, ptr %acc04040, align 4
+  %536 = load <8 x float>, ptr %acc04141, align 4
+  %537 = fneg <8 x float> %535
+  %538 = fcmp olt <8 x float> %537, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %539 = select <8 x i1> %538, <8 x float> %537, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %540 = fcmp ogt <8 x float> %539, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %543 = call <8 x float> @llvm.floor.v8f32(<8 x float> %542)
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %541)
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %544)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %545, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %545, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %547, <8 x float> %545, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %545, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %545, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %551 = fmul <8 x float> %545, %545
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %551, <8 x float> %545)
+  %553 = fadd <8 x float> %552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %554 = fptosi <8 x float> %543 to <8 x i32>
+  %555 = add <8 x i32> %554, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %556 = shl <8 x i32> %555, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %556 to <8 x float>
+  %exp80 = fmul <8 x float> %553, %exp.2n79
+  %557 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %557
+  %silu82 = fmul <8 x float> %535, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %536
+  %558 = fmul <8 x float> %glu83, %532
+  %559 = getelementptr inbounds float, ptr %534, i64 %col78
+  store <8 x float> %558, ptr %559, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %556 = add nsw i64 %r0, 0
-  %557 = getelementptr inbounds i32, ptr %rows, i64 %556
-  %558 = load i32, ptr %557, align 4
-  %559 = sext i32 %558 to i64
-  %560 = mul nsw i64 %559, 2048
-  %561 = getelementptr inbounds float, ptr %x, i64 %560
-  store <8 x float> zeroinitializer, ptr %acc0084, align 4
-  store <8 x float> zeroinitializer, ptr %acc0185, align 4
-  %562 = add nsw i64 %r0, 1
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 2048
-  %567 = getelementptr inbounds float, ptr %x, i64 %566
-  store <8 x float> zeroinitializer, ptr %acc1086, align 4
-  store <8 x float> zeroinitializer, ptr %acc1187, align 4
-  %568 = add nsw i64 %r0, 2
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 2048
-  %573 = getelementptr inbounds float, ptr %x, i64 %572
-  store <8 x float> zeroinitializer, ptr %acc2088, align 4
-  store <8 x float> zeroinitializer, ptr %acc2189, align 4
-  %574 = add nsw i64 %r0, 3
-  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
-  %576 = load i32, ptr %575, align 4
-  %577 = sext i32 %576 to i64
-  %578 = mul nsw i64 %577, 2048
-  %579 = getelementptr inbounds float, ptr %x, i64 %578
-  store <8 x float> zeroinitializer, ptr %acc3090, align 4
-  store <8 x float> zeroinitializer, ptr %acc3191, align 4
+  %560 = add nsw i64 %r0, 0
+  %561 = getelementptr inbounds i32, ptr %rows, i64 %560
+  %562 = load i32, ptr %561, align 4
+  %563 = sext i32 %562 to i64
+  %564 = mul nsw i64 %563, 2048
+  %565 = getelementptr inbounds float, ptr %x, i64 %564
+  store <8 x float> zeroinitializer, ptr %acc00084, align 4
+  store <8 x float> zeroinitializer, ptr %acc00185, align 4
+  %566 = add nsw i64 %r0, 1
+  %567 = getelementptr inbounds i32, ptr %rows, i64 %566
+  %568 = load i32, ptr %567, align 4
+  %569 = sext i32 %568 to i64
+  %570 = mul nsw i64 %569, 2048
+  %571 = getelementptr inbounds float, ptr %x, i64 %570
+  store <8 x float> zeroinitializer, ptr %acc01086, align 4
+  store <8 x float> zeroinitializer, ptr %acc01187, align 4
+  %572 = add nsw i64 %r0, 2
+  %573 = getelementptr inbounds i32, ptr %rows, i64 %572
+  %574 = load i32, ptr %573, align 4
+  %575 = sext i32 %574 to i64
+  %576 = mul nsw i64 %575, 2048
+  %577 = getelementptr inbounds float, ptr %x, i64 %576
+  store <8 x float> zeroinitializer, ptr %acc02088, align 4
+  store <8 x float> zeroinitializer, ptr %acc02189, align 4
+  %578 = add nsw i64 %r0, 3
+  %579 = getelementptr inbounds i32, ptr %rows, i64 %578
+  %580 = load i32, ptr %579, align 4
+  %581 = sext i32 %580 to i64
+  %582 = mul nsw i64 %581, 2048
+  %583 = getelementptr inbounds float, ptr %x, i64 %582
+  store <8 x float> zeroinitializer, ptr %acc03090, align 4
+  store <8 x float> zeroinitializer, ptr %acc03191, align 4
   %panel.off92 = mul nsw i64 %p, 32768
-  %580 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
-  %581 = add nsw i64 %p, 1
-  %582 = icmp slt i64 %581, %p1
-  %pf.on93 = and i1 %pf.on, %582
-  %583 = mul nsw i64 %rb, 65536
-  %584 = lshr i64 %583, %11
-  %585 = add nsw i64 65536, %584
-  %586 = getelementptr inbounds i8, ptr %580, i64 %585
-  %pf94 = select i1 %pf.on93, ptr %586, ptr %580
+  %584 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
+  %585 = add nsw i64 %p, 1
+  %586 = icmp slt i64 %585, %p1
+  %pf.on93 = and i1 %pf.on, %586
+  %587 = mul nsw i64 %rb, 65536
+  %588 = lshr i64 %587, %11
+  %589 = add nsw i64 65536, %588
+  %590 = getelementptr inbounds i8, ptr %584, i64 %589
+  %pf94 = select i1 %pf.on93, ptr %590, ptr %584
   %pf.sh95 = select i1 %pf.on93, i64 %11, i64 0
   br label %k.head96
 
 k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
-  %k99 = phi i64 [ 0, %tile.mr4 ], [ %629, %pf.any.end101 ]
-  %587 = icmp slt i64 %k99, 2048
-  br i1 %587, label %k.body97, label %k.end98
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %635, %pf.any.end101 ]
+  %591 = icmp slt i64 %k99, 2048
+  br i1 %591, label %k.body97, label %k.end98
 
 k.body97:                                         ; preds = %k.head96
-  %588 = mul nsw i64 %k99, 16
-  %589 = add nsw i64 %panel.off92, %588
-  %590 = mul nsw i64 %k99, 32
+  %592 = mul nsw i64 %k99, 1
+  %593 = add nsw i64 %592, 0
+  %594 = mul nsw i64 %593, 32
   br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
 
 pf.any.then100:                                   ; preds = %k.body97
-  %591 = lshr i64 %590, %pf.sh95
-  %592 = getelementptr inbounds i8, ptr %pf94, i64 %591
-  call void @llvm.prefetch.p0(ptr %592, i32 0, i32 2, i32 1)
+  %595 = lshr i64 %594, %pf.sh95
+  %596 = getelementptr inbounds i8, ptr %pf94, i64 %595
+  call void @llvm.prefetch.p0(ptr %596, i32 0, i32 2, i32 1)
   br label %pf.any.end101
 
 pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
-  %593 = getelementptr inbounds i16, ptr %panels, i64 %589
-  %594 = load <8 x i32>, ptr %593, align 4
-  %595 = shl <8 x i32> %594, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0102 = bitcast <8 x i32> %595 to <8 x float>
-  %596 = and <8 x i32> %594, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1103 = bitcast <8 x i32> %596 to <8 x float>
-  %597 = getelementptr inbounds float, ptr %561, i64 %k99
-  %598 = load float, ptr %597, align 4
-  %599 = insertelement <8 x float> poison, float %598, i32 0
-  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = load <8 x float>, ptr %acc0084, align 4
-  %602 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b0102, <8 x float> %601)
-  store <8 x float> %602, ptr %acc0084, align 4
-  %603 = load <8 x float>, ptr %acc0185, align 4
-  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %600, <8 x float> %b1103, <8 x float> %603)
-  store <8 x float> %604, ptr %acc0185, align 4
-  %605 = getelementptr inbounds float, ptr %567, i64 %k99
-  %606 = load float, ptr %605, align 4
-  %607 = insertelement <8 x float> poison, float %606, i32 0
-  %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
-  %609 = load <8 x float>, ptr %acc1086, align 4
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b0102, <8 x float> %609)
-  store <8 x float> %610, ptr %acc1086, align 4
-  %611 = load <8 x float>, ptr %acc1187, align 4
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b1103, <8 x float> %611)
-  store <8 x float> %612, ptr %acc1187, align 4
-  %613 = getelementptr inbounds float, ptr %573, i64 %k99
-  %614 = load float, ptr %613, align 4
-  %615 = insertelement <8 x float> poison, float %614, i32 0
-  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
-  %617 = load <8 x float>, ptr %acc2088, align 4
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b0102, <8 x float> %617)
-  store <8 x float> %618, ptr %acc2088, align 4
-  %619 = load <8 x float>, ptr %acc2189, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b1103, <8 x float> %619)
-  store <8 x float> %620, ptr %acc2189, align 4
-  %621 = getelementptr inbounds float, ptr %579, i64 %k99
-  %622 = load float, ptr %621, align 4
-  %623 = insertelement <8 x float> poison, float %622, i32 0
-  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
-  %625 = load <8 x float>, ptr %acc3090, align 4
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b0102, <8 x float> %625)
-  store <8 x float> %626, ptr %acc3090, align 4
-  %627 = load <8 x float>, ptr %acc3191, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b1103, <8 x float> %627)
-  store <8 x float> %628, ptr %acc3191, align 4
-  %629 = add nsw i64 %k99, 1
+  %597 = mul nsw i64 %593, 16
+  %598 = add nsw i64 %panel.off92, %597
+  %599 = getelementptr inbounds i16, ptr %panels, i64 %598
+  %600 = load <8 x i32>, ptr %599, align 4
+  %601 = shl <8 x i32> %600, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0102 = bitcast <8 x i32> %601 to <8 x float>
+  %602 = and <8 x i32> %600, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1103 = bitcast <8 x i32> %602 to <8 x float>
+  %603 = getelementptr inbounds float, ptr %565, i64 %593
+  %604 = load float, ptr %603, align 4
+  %605 = insertelement <8 x float> poison, float %604, i32 0
+  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
+  %607 = load <8 x float>, ptr %acc00084, align 4
+  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b0102, <8 x float> %607)
+  store <8 x float> %608, ptr %acc00084, align 4
+  %609 = load <8 x float>, ptr %acc00185, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b1103, <8 x float> %609)
+  store <8 x float> %610, ptr %acc00185, align 4
+  %611 = getelementptr inbounds float, ptr %571, i64 %593
+  %612 = load float, ptr %611, align 4
+  %613 = insertelement <8 x float> poison, float %612, i32 0
+  %614 = shufflevector <8 x float> %613, <8 x float> poison, <8 x i32> zeroinitializer
+  %615 = load <8 x float>, ptr %acc01086, align 4
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %b0102, <8 x float> %615)
+  store <8 x float> %616, ptr %acc01086, align 4
+  %617 = load <8 x float>, ptr %acc01187, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %b1103, <8 x float> %617)
+  store <8 x float> %618, ptr %acc01187, align 4
+  %619 = getelementptr inbounds float, ptr %577, i64 %593
+  %620 = load float, ptr %619, align 4
+  %621 = insertelement <8 x float> poison, float %620, i32 0
+  %622 = shufflevector <8 x float> %621, <8 x float> poison, <8 x i32> zeroinitializer
+  %623 = load <8 x float>, ptr %acc02088, align 4
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %b0102, <8 x float> %623)
+  store <8 x float> %624, ptr %acc02088, align 4
+  %625 = load <8 x float>, ptr %acc02189, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %b1103, <8 x float> %625)
+  store <8 x float> %626, ptr %acc02189, align 4
+  %627 = getelementptr inbounds float, ptr %583, i64 %593
+  %628 = load float, ptr %627, align 4
+  %629 = insertelement <8 x float> poison, float %628, i32 0
+  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
+  %631 = load <8 x float>, ptr %acc03090, align 4
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %b0102, <8 x float> %631)
+  store <8 x float> %632, ptr %acc03090, align 4
+  %633 = load <8 x float>, ptr %acc03191, align 4
+  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %b1103, <8 x float> %633)
+  store <8 x float> %634, ptr %acc03191, align 4
+  %635 = add nsw i64 %k99, 1
   br label %k.head96
 
 k.end98:                                          ; preds = %k.head96
-  %630 = add nsw i64 %r0, 0
-  %631 = getelementptr inbounds float, ptr %rw, i64 %630
-  %632 = load float, ptr %631, align 4
-  %633 = insertelement <8 x float> poison, float %632, i32 0
-  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
-  %635 = mul nsw i64 %630, 1408
-  %636 = getelementptr inbounds float, ptr %h, i64 %635
+  %636 = add nsw i64 %r0, 0
+  %637 = getelementptr inbounds float, ptr %rw, i64 %636
+  %638 = load float, ptr %637, align 4
+  %639 = insertelement <8 x float> poison, float %638, i32 0
+  %640 = shufflevector <8 x float> %639, <8 x float> poison, <8 x i32> zeroinitializer
+  %641 = mul nsw i64 %636, 1408
+  %642 = getelementptr inbounds float, ptr %h, i64 %641
   %col104 = mul nsw i64 %p, 8
-  %637 = load <8 x float>, ptr %acc0084, align 4
-  %638 = load <8 x float>, ptr %acc0185, align 4
-  %639 = fneg <8 x float> %637
-  %640 = fcmp olt <8 x float> %639, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %641 = select <8 x i1> %640, <8 x float> %639, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %642 = fcmp ogt <8 x float> %641, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %643 = select <8 x i1> %642, <8 x float> %641, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %645 = call <8 x float> @llvm.floor.v8f32(<8 x float> %644)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %643)
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %646)
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %647, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %647, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %647, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %647, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %647, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %653 = fmul <8 x float> %647, %647
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %653, <8 x float> %647)
-  %655 = fadd <8 x float> %654, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %656 = fptosi <8 x float> %645 to <8 x i32>
-  %657 = add <8 x i32> %656, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %658 = shl <8 x i32> %657, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %658 to <8 x float>
-  %exp106 = fmul <8 x float> %655, %exp.2n105
-  %659 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %659
-  %silu108 = fmul <8 x float> %637, %sigmoid107
-  %glu109 = fmul <8 x float> %silu108, %638
-  %660 = fmul <8 x float> %glu109, %634
-  %661 = getelementptr inbounds float, ptr %636, i64 %col104
-  store <8 x float> %660, ptr %661, align 4
-  %662 = add nsw i64 %r0, 1
-  %663 = getelementptr inbounds float, ptr %rw, i64 %662
-  %664 = load float, ptr %663, align 4
-  %665 = insertelement <8 x float> poison, float %664, i32 0
-  %666 = shufflevector <8 x float> %665, <8 x float> poison, <8 x i32> zeroinitializer
-  %667 = mul nsw i64 %662, 1408
-  %668 = getelementptr inbounds float, ptr %h, i64 %667
+  %643 = load <8 x float>, ptr %acc00084, align 4
+  %644 = load <8 x float>, ptr %acc00185, align 4
+  %645 = fneg <8 x float> %643
+  %646 = fcmp olt <8 x float> %645, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %648 = fcmp ogt <8 x float> %647, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %649 = select <8 x i1> %648, <8 x float> %647, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %651 = call <8 x float> @llvm.floor.v8f32(<8 x float> %650)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %649)
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %652)
+  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %653, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %653, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %653, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %653, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %653, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %659 = fmul <8 x float> %653, %653
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %659, <8 x float> %653)
+  %661 = fadd <8 x float> %660, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %662 = fptosi <8 x float> %651 to <8 x i32>
+  %663 = add <8 x i32> %662, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %664 = shl <8 x i32> %663, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %664 to <8 x float>
+  %exp106 = fmul <8 x float> %661, %exp.2n105
+  %665 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %665
+  %silu108 = fmul <8 x float> %643, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %644
+  %666 = fmul <8 x float> %glu109, %640
+  %667 = getelementptr inbounds float, ptr %642, i64 %col104
+  store <8 x float> %666, ptr %667, align 4
+  %668 = add nsw i64 %r0, 1
+  %669 = getelementptr inbounds float, ptr %rw, i64 %668
+  %670 = load float, ptr %669, align 4
+  %671 = insertelement <8 x float> poison, float %670, i32 0
+  %672 = shufflevector <8 x float> %671, <8 x float> poison, <8 x i32> zeroinitializer
+  %673 = mul nsw i64 %668, 1408
+  %674 = getelementptr inbounds float, ptr %h, i64 %673
   %col110 = mul nsw i64 %p, 8
-  %669 = load <8 x float>, ptr %acc1086, align 4
-  %670 = load <8 x float>, ptr %acc1187, align 4
-  %671 = fneg <8 x float> %669
-  %672 = fcmp olt <8 x float> %671, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %673 = select <8 x i1> %672, <8 x float> %671, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %674 = fcmp ogt <8 x float> %673, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %675 = select <8 x i1> %674, <8 x float> %673, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %677 = call <8 x float> @llvm.floor.v8f32(<8 x float> %676)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %675)
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %678)
-  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %679, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %679, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> %679, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %682, <8 x float> %679, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %679, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %685 = fmul <8 x float> %679, %679
-  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %685, <8 x float> %679)
-  %687 = fadd <8 x float> %686, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %688 = fptosi <8 x float> %677 to <8 x i32>
-  %689 = add <8 x i32> %688, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %690 = shl <8 x i32> %689, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n111 = bitcast <8 x i32> %690 to <8 x float>
-  %exp112 = fmul <8 x float> %687, %exp.2n111
-  %691 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %691
-  %silu114 = fmul <8 x float> %669, %sigmoid113
-  %glu115 = fmul <8 x float> %silu114, %670
-  %692 = fmul <8 x float> %glu115, %666
-  %693 = getelementptr inbounds float, ptr %668, i64 %col110
-  store <8 x float> %692, ptr %693, align 4
-  %694 = add nsw i64 %r0, 2
-  %695 = getelementptr inbounds float, ptr %rw, i64 %694
-  %696 = load float, ptr %695, align 4
-  %697 = insertelement <8 x float> poison, float %696, i32 0
-  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
-  %699 = mul nsw i64 %694, 1408
-  %700 = getelementptr inbounds float, ptr %h, i64 %699
+  %675 = load <8 x float>, ptr %acc01086, align 4
+  %676 = load <8 x float>, ptr %acc01187, align 4
+  %677 = fneg <8 x float> %675
+  %678 = fcmp olt <8 x float> %677, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %679 = select <8 x i1> %678, <8 x float> %677, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %680 = fcmp ogt <8 x float> %679, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %681 = select <8 x i1> %680, <8 x float> %679, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %683 = call <8 x float> @llvm.floor.v8f32(<8 x float> %682)
+  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %681)
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %684)
+  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %685, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %685, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %685, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %685, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %685, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %691 = fmul <8 x float> %685, %685
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %691, <8 x float> %685)
+  %693 = fadd <8 x float> %692, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %694 = fptosi <8 x float> %683 to <8 x i32>
+  %695 = add <8 x i32> %694, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %696 = shl <8 x i32> %695, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n111 = bitcast <8 x i32> %696 to <8 x float>
+  %exp112 = fmul <8 x float> %693, %exp.2n111
+  %697 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %697
+  %silu114 = fmul <8 x float> %675, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %676
+  %698 = fmul <8 x float> %glu115, %672
+  %699 = getelementptr inbounds float, ptr %674, i64 %col110
+  store <8 x float> %698, ptr %699, align 4
+  %700 = add nsw i64 %r0, 2
+  %701 = getelementptr inbounds float, ptr %rw, i64 %700
+  %702 = load float, ptr %701, align 4
+  %703 = insertelement <8 x float> poison, float %702, i32 0
+  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
+  %705 = mul nsw i64 %700, 1408
+  %706 = getelementptr inbounds float, ptr %h, i64 %705
   %col116 = mul nsw i64 %p, 8
-  %701 = load <8 x float>, ptr %acc2088, align 4
-  %702 = load <8 x float>, ptr %acc2189, align 4
-  %703 = fneg <8 x float> %701
-  %704 = fcmp olt <8 x float> %703, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %705 = select <8 x i1> %704, <8 x float> %703, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %706 = fcmp ogt <8 x float> %705, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %707 = select <8 x i1> %706, <8 x float> %705, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %709 = call <8 x float> @llvm.floor.v8f32(<8 x float> %708)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %707)
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %710)
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %711, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %711, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %711, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %711, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %711, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %717 = fmul <8 x float> %711, %711
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %717, <8 x float> %711)
-  %719 = fadd <8 x float> %718, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %720 = fptosi <8 x float> %709 to <8 x i32>
-  %721 = add <8 x i32> %720, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %722 = shl <8 x i32> %721, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %722 to <8 x float>
-  %exp118 = fmul <8 x float> %719, %exp.2n117
-  %723 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %723
-  %silu120 = fmul <8 x float> %701, %sigmoid119
-  %glu121 = fmul <8 x float> %silu120, %702
-  %724 = fmul <8 x float> %glu121, %698
-  %725 = getelementptr inbounds float, ptr %700, i64 %col116
-  store <8 x float> %724, ptr %725, align 4
-  %726 = add nsw i64 %r0, 3
-  %727 = getelementptr inbounds float, ptr %rw, i64 %726
-  %728 = load float, ptr %727, align 4
-  %729 = insertelement <8 x float> poison, float %728, i32 0
-  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
-  %731 = mul nsw i64 %726, 1408
-  %732 = getelementptr inbounds float, ptr %h, i64 %731
+  %707 = load <8 x float>, ptr %acc02088, align 4
+  %708 = load <8 x float>, ptr %acc02189, align 4
+  %709 = fneg <8 x float> %707
+  %710 = fcmp olt <8 x float> %709, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %711 = select <8 x i1> %710, <8 x float> %709, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %712 = fcmp ogt <8 x float> %711, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %713 = select <8 x i1> %712, <8 x float> %711, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %715 = call <8 x float> @llvm.floor.v8f32(<8 x float> %714)
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %713)
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %716)
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %717, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %717, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %717, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %717, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %717, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %723 = fmul <8 x float> %717, %717
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %723, <8 x float> %717)
+  %725 = fadd <8 x float> %724, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %726 = fptosi <8 x float> %715 to <8 x i32>
+  %727 = add <8 x i32> %726, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %728 = shl <8 x i32> %727, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n117 = bitcast <8 x i32> %728 to <8 x float>
+  %exp118 = fmul <8 x float> %725, %exp.2n117
+  %729 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %729
+  %silu120 = fmul <8 x float> %707, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %708
+  %730 = fmul <8 x float> %glu121, %704
+  %731 = getelementptr inbounds float, ptr %706, i64 %col116
+  store <8 x float> %730, ptr %731, align 4
+  %732 = add nsw i64 %r0, 3
+  %733 = getelementptr inbounds float, ptr %rw, i64 %732
+  %734 = load float, ptr %733, align 4
+  %735 = insertelement <8 x float> poison, float %734, i32 0
+  %736 = shufflevector <8 x float> %735, <8 x float> poison, <8 x i32> zeroinitializer
+  %737 = mul nsw i64 %732, 1408
+  %738 = getelementptr inbounds float, ptr %h, i64 %737
   %col122 = mul nsw i64 %p, 8
-  %733 = load <8 x float>, ptr %acc3090, align 4
-  %734 = load <8 x float>, ptr %acc3191, align 4
-  %735 = fneg <8 x float> %733
-  %736 = fcmp olt <8 x float> %735, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %737 = select <8 x i1> %736, <8 x float> %735, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %738 = fcmp ogt <8 x float> %737, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %739 = select <8 x i1> %738, <8 x float> %737, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %741 = call <8 x float> @llvm.floor.v8f32(<8 x float> %740)
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %739)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %742)
-  %744 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %743, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> %743, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %743, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %746, <8 x float> %743, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %743, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %749 = fmul <8 x float> %743, %743
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %749, <8 x float> %743)
-  %751 = fadd <8 x float> %750, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %752 = fptosi <8 x float> %741 to <8 x i32>
-  %753 = add <8 x i32> %752, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %754 = shl <8 x i32> %753, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %754 to <8 x float>
-  %exp124 = fmul <8 x float> %751, %exp.2n123
-  %755 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %755
-  %silu126 = fmul <8 x float> %733, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %734
-  %756 = fmul <8 x float> %glu127, %730
-  %757 = getelementptr inbounds float, ptr %732, i64 %col122
-  store <8 x float> %756, ptr %757, align 4
+  %739 = load <8 x float>, ptr %acc03090, align 4
+  %740 = load <8 x float>, ptr %acc03191, align 4
+  %741 = fneg <8 x float> %739
+  %742 = fcmp olt <8 x float> %741, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %743 = select <8 x i1> %742, <8 x float> %741, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %744 = fcmp ogt <8 x float> %743, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %745 = select <8 x i1> %744, <8 x float> %743, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %747 = call <8 x float> @llvm.floor.v8f32(<8 x float> %746)
+  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %745)
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %748)
+  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %749, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %749, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> %749, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %752, <8 x float> %749, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %749, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %755 = fmul <8 x float> %749, %749
+  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> %755, <8 x float> %749)
+  %757 = fadd <8 x float> %756, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %758 = fptosi <8 x float> %747 to <8 x i32>
+  %759 = add <8 x i32> %758, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %760 = shl <8 x i32> %759, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n123 = bitcast <8 x i32> %760 to <8 x float>
+  %exp124 = fmul <8 x float> %757, %exp.2n123
+  %761 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %761
+  %silu126 = fmul <8 x float> %739, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %740
+  %762 = fmul <8 x float> %glu127, %736
+  %763 = getelementptr inbounds float, ptr %738, i64 %col122
+  store <8 x float> %762, ptr %763, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %758 = add nsw i64 %r0, 0
-  %759 = getelementptr inbounds i32, ptr %rows, i64 %758
-  %760 = load i32, ptr %759, align 4
-  %761 = sext i32 %760 to i64
-  %762 = mul nsw i64 %761, 2048
-  %763 = getelementptr inbounds float, ptr %x, i64 %762
-  store <8 x float> zeroinitializer, ptr %acc00128, align 4
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %764 = add nsw i64 %r0, 1
+  %764 = add nsw i64 %r0, 0
   %765 = getelementptr inbounds i32, ptr %rows, i64 %764
   %766 = load i32, ptr %765, align 4
   %767 = sext i32 %766 to i64
   %768 = mul nsw i64 %767, 2048
   %769 = getelementptr inbounds float, ptr %x, i64 %768
-  store <8 x float> zeroinitializer, ptr %acc10130, align 4
-  store <8 x float> zeroinitializer, ptr %acc11131, align 4
-  %770 = add nsw i64 %r0, 2
+  store <8 x float> zeroinitializer, ptr %acc000128, align 4
+  store <8 x float> zeroinitializer, ptr %acc001129, align 4
+  %770 = add nsw i64 %r0, 1
   %771 = getelementptr inbounds i32, ptr %rows, i64 %770
   %772 = load i32, ptr %771, align 4
   %773 = sext i32 %772 to i64
   %774 = mul nsw i64 %773, 2048
   %775 = getelementptr inbounds float, ptr %x, i64 %774
-  store <8 x float> zeroinitializer, ptr %acc20132, align 4
-  store <8 x float> zeroinitializer, ptr %acc21133, align 4
+  store <8 x float> zeroinitializer, ptr %acc010130, align 4
+  store <8 x float> zeroinitializer, ptr %acc011131, align 4
+  %776 = add nsw i64 %r0, 2
+  %777 = getelementptr inbounds i32, ptr %rows, i64 %776
+  %778 = load i32, ptr %777, align 4
+  %779 = sext i32 %778 to i64
+  %780 = mul nsw i64 %779, 2048
+  %781 = getelementptr inbounds float, ptr %x, i64 %780
+  store <8 x float> zeroinitializer, ptr %acc020132, align 4
+  store <8 x float> zeroinitializer, ptr %acc021133, align 4
   %panel.off134 = mul nsw i64 %p, 32768
-  %776 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
-  %777 = add nsw i64 %p, 1
-  %778 = icmp slt i64 %777, %p1
-  %pf.on135 = and i1 %pf.on, %778
-  %779 = mul nsw i64 %rb, 65536
-  %780 = lshr i64 %779, %11
-  %781 = add nsw i64 65536, %780
-  %782 = getelementptr inbounds i8, ptr %776, i64 %781
-  %pf136 = select i1 %pf.on135, ptr %782, ptr %776
+  %782 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
+  %783 = add nsw i64 %p, 1
+  %784 = icmp slt i64 %783, %p1
+  %pf.on135 = and i1 %pf.on, %784
+  %785 = mul nsw i64 %rb, 65536
+  %786 = lshr i64 %785, %11
+  %787 = add nsw i64 65536, %786
+  %788 = getelementptr inbounds i8, ptr %782, i64 %787
+  %pf136 = select i1 %pf.on135, ptr %788, ptr %782
   %pf.sh137 = select i1 %pf.on135, i64 %11, i64 0
   br label %k.head138
 
 k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
-  %k141 = phi i64 [ 0, %tile.mr3 ], [ %817, %pf.any.end143 ]
-  %783 = icmp slt i64 %k141, 2048
-  br i1 %783, label %k.body139, label %k.end140
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %825, %pf.any.end143 ]
+  %789 = icmp slt i64 %k141, 2048
+  br i1 %789, label %k.body139, label %k.end140
 
 k.body139:                                        ; preds = %k.head138
-  %784 = mul nsw i64 %k141, 16
-  %785 = add nsw i64 %panel.off134, %784
-  %786 = mul nsw i64 %k141, 32
+  %790 = mul nsw i64 %k141, 1
+  %791 = add nsw i64 %790, 0
+  %792 = mul nsw i64 %791, 32
   br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
 
 pf.any.then142:                                   ; preds = %k.body139
-  %787 = lshr i64 %786, %pf.sh137
-  %788 = getelementptr inbounds i8, ptr %pf136, i64 %787
-  call void @llvm.prefetch.p0(ptr %788, i32 0, i32 2, i32 1)
+  %793 = lshr i64 %792, %pf.sh137
+  %794 = getelementptr inbounds i8, ptr %pf136, i64 %793
+  call void @llvm.prefetch.p0(ptr %794, i32 0, i32 2, i32 1)
   br label %pf.any.end143
 
 pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
-  %789 = getelementptr inbounds i16, ptr %panels, i64 %785
-  %790 = load <8 x i32>, ptr %789, align 4
-  %791 = shl <8 x i32> %790, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %791 to <8 x float>
-  %792 = and <8 x i32> %790, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %792 to <8 x float>
-  %793 = getelementptr inbounds float, ptr %763, i64 %k141
-  %794 = load float, ptr %793, align 4
-  %795 = insertelement <8 x float> poison, float %794, i32 0
-  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
-  %797 = load <8 x float>, ptr %acc00128, align 4
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b0144, <8 x float> %797)
-  store <8 x float> %798, ptr %acc00128, align 4
-  %799 = load <8 x float>, ptr %acc01129, align 4
-  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %b1145, <8 x float> %799)
-  store <8 x float> %800, ptr %acc01129, align 4
-  %801 = getelementptr inbounds float, ptr %769, i64 %k141
+  %795 = mul nsw i64 %791, 16
+  %796 = add nsw i64 %panel.off134, %795
+  %797 = getelementptr inbounds i16, ptr %panels, i64 %796
+  %798 = load <8 x i32>, ptr %797, align 4
+  %799 = shl <8 x i32> %798, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0144 = bitcast <8 x i32> %799 to <8 x float>
+  %800 = and <8 x i32> %798, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1145 = bitcast <8 x i32> %800 to <8 x float>
+  %801 = getelementptr inbounds float, ptr %769, i64 %791
   %802 = load float, ptr %801, align 4
   %803 = insertelement <8 x float> poison, float %802, i32 0
   %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
-  %805 = load <8 x float>, ptr %acc10130, align 4
+  %805 = load <8 x float>, ptr %acc000128, align 4
   %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b0144, <8 x float> %805)
-  store <8 x float> %806, ptr %acc10130, align 4
-  %807 = load <8 x float>, ptr %acc11131, align 4
+  store <8 x float> %806, ptr %acc000128, align 4
+  %807 = load <8 x float>, ptr %acc001129, align 4
   %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b1145, <8 x float> %807)
-  store <8 x float> %808, ptr %acc11131, align 4
-  %809 = getelementptr inbounds float, ptr %775, i64 %k141
+  store <8 x float> %808, ptr %acc001129, align 4
+  %809 = getelementptr inbounds float, ptr %775, i64 %791
   %810 = load float, ptr %809, align 4
   %811 = insertelement <8 x float> poison, float %810, i32 0
   %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
-  %813 = load <8 x float>, ptr %acc20132, align 4
+  %813 = load <8 x float>, ptr %acc010130, align 4
   %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b0144, <8 x float> %813)
-  store <8 x float> %814, ptr %acc20132, align 4
-  %815 = load <8 x float>, ptr %acc21133, align 4
+  store <8 x float> %814, ptr %acc010130, align 4
+  %815 = load <8 x float>, ptr %acc011131, align 4
   %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b1145, <8 x float> %815)
-  store <8 x float> %816, ptr %acc21133, align 4
-  %817 = add nsw i64 %k141, 1
+  store <8 x float> %816, ptr %acc011131, align 4
+  %817 = getelementptr inbounds float, ptr %781, i64 %791
+  %818 = load float, ptr %817, align 4
+  %819 = insertelement <8 x float> poison, float %818, i32 0
+  %820 = shufflevector <8 x float> %819, <8 x float> poison, <8 x i32> zeroinitializer
+  %821 = load <8 x float>, ptr %acc020132, align 4
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %b0144, <8 x float> %821)
+  store <8 x float> %822, ptr %acc020132, align 4
+  %823 = load <8 x float>, ptr %acc021133, align 4
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %b1145, <8 x float> %823)
+  store <8 x float> %824, ptr %acc021133, align 4
+  %825 = add nsw i64 %k141, 1
   br label %k.head138
 
 k.end140:                                         ; preds = %k.head138
-  %818 = add nsw i64 %r0, 0
-  %819 = getelementptr inbounds float, ptr %rw, i64 %818
-  %820 = load float, ptr %819, align 4
-  %821 = insertelement <8 x float> poison, float %820, i32 0
-  %822 = shufflevector <8 x float> %821, <8 x float> poison, <8 x i32> zeroinitializer
-  %823 = mul nsw i64 %818, 1408
-  %824 = getelementptr inbounds float, ptr %h, i64 %823
+  %826 = add nsw i64 %r0, 0
+  %827 = getelementptr inbounds float, ptr %rw, i64 %826
+  %828 = load float, ptr %827, align 4
+  %829 = insertelement <8 x float> poison, float %828, i32 0
+  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
+  %831 = mul nsw i64 %826, 1408
+  %832 = getelementptr inbounds float, ptr %h, i64 %831
   %col146 = mul nsw i64 %p, 8
-  %825 = load <8 x float>, ptr %acc00128, align 4
-  %826 = load <8 x float>, ptr %acc01129, align 4
-  %827 = fneg <8 x float> %825
-  %828 = fcmp olt <8 x float> %827, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %829 = select <8 x i1> %828, <8 x float> %827, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %830 = fcmp ogt <8 x float> %829, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %831 = select <8 x i1> %830, <8 x float> %829, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %833 = call <8 x float> @llvm.floor.v8f32(<8 x float> %832)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %831)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %834)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %835, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %837 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %835, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> %835, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %835, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> %835, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %841 = fmul <8 x float> %835, %835
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %841, <8 x float> %835)
-  %843 = fadd <8 x float> %842, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %844 = fptosi <8 x float> %833 to <8 x i32>
-  %845 = add <8 x i32> %844, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %846 = shl <8 x i32> %845, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %846 to <8 x float>
-  %exp148 = fmul <8 x float> %843, %exp.2n147
-  %847 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %847
-  %silu150 = fmul <8 x float> %825, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %826
-  %848 = fmul <8 x float> %glu151, %822
-  %849 = getelementptr inbounds float, ptr %824, i64 %col146
-  store <8 x float> %848, ptr %849, align 4
-  %850 = add nsw i64 %r0, 1
-  %851 = getelementptr inbounds float, ptr %rw, i64 %850
-  %852 = load float, ptr %851, align 4
-  %853 = insertelement <8 x float> poison, float %852, i32 0
-  %854 = shufflevector <8 x float> %853, <8 x float> poison, <8 x i32> zeroinitializer
-  %855 = mul nsw i64 %850, 1408
-  %856 = getelementptr inbounds float, ptr %h, i64 %855
+  %833 = load <8 x float>, ptr %acc000128, align 4
+  %834 = load <8 x float>, ptr %acc001129, align 4
+  %835 = fneg <8 x float> %833
+  %836 = fcmp olt <8 x float> %835, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %837 = select <8 x i1> %836, <8 x float> %835, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %838 = fcmp ogt <8 x float> %837, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %839 = select <8 x i1> %838, <8 x float> %837, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %841 = call <8 x float> @llvm.floor.v8f32(<8 x float> %840)
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %839)
+  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %842)
+  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %843, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %843, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> %843, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %843, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> %843, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %849 = fmul <8 x float> %843, %843
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %849, <8 x float> %843)
+  %851 = fadd <8 x float> %850, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %852 = fptosi <8 x float> %841 to <8 x i32>
+  %853 = add <8 x i32> %852, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %854 = shl <8 x i32> %853, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %854 to <8 x float>
+  %exp148 = fmul <8 x float> %851, %exp.2n147
+  %855 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %855
+  %silu150 = fmul <8 x float> %833, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %834
+  %856 = fmul <8 x float> %glu151, %830
+  %857 = getelementptr inbounds float, ptr %832, i64 %col146
+  store <8 x float> %856, ptr %857, align 4
+  %858 = add nsw i64 %r0, 1
+  %859 = getelementptr inbounds float, ptr %rw, i64 %858
+  %860 = load float, ptr %859, align 4
+  %861 = insertelement <8 x float> poison, float %860, i32 0
+  %862 = shufflevector <8 x float> %861, <8 x float> poison, <8 x i32> zeroinitializer
+  %863 = mul nsw i64 %858, 1408
+  %864 = getelementptr inbounds float, ptr %h, i64 %863
   %col152 = mul nsw i64 %p, 8
-  %857 = load <8 x float>, ptr %acc10130, align 4
-  %858 = load <8 x float>, ptr %acc11131, align 4
-  %859 = fneg <8 x float> %857
-  %860 = fcmp olt <8 x float> %859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %862 = fcmp ogt <8 x float> %861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %864)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %863)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %866)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %873 = fmul <8 x float> %867, %867
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %873, <8 x float> %867)
-  %875 = fadd <8 x float> %874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %876 = fptosi <8 x float> %865 to <8 x i32>
-  %877 = add <8 x i32> %876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %878 = shl <8 x i32> %877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %878 to <8 x float>
-  %exp154 = fmul <8 x float> %875, %exp.2n153
-  %879 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %879
-  %silu156 = fmul <8 x float> %857, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %858
-  %880 = fmul <8 x float> %glu157, %854
-  %881 = getelementptr inbounds float, ptr %856, i64 %col152
-  store <8 x float> %880, ptr %881, align 4
-  %882 = add nsw i64 %r0, 2
-  %883 = getelementptr inbounds float, ptr %rw, i64 %882
-  %884 = load float, ptr %883, align 4
-  %885 = insertelement <8 x float> poison, float %884, i32 0
-  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
-  %887 = mul nsw i64 %882, 1408
-  %888 = getelementptr inbounds float, ptr %h, i64 %887
+  %865 = load <8 x float>, ptr %acc010130, align 4
+  %866 = load <8 x float>, ptr %acc011131, align 4
+  %867 = fneg <8 x float> %865
+  %868 = fcmp olt <8 x float> %867, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %869 = select <8 x i1> %868, <8 x float> %867, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %870 = fcmp ogt <8 x float> %869, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %871 = select <8 x i1> %870, <8 x float> %869, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %873 = call <8 x float> @llvm.floor.v8f32(<8 x float> %872)
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %871)
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %874)
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %875, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %875, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %875, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> %875, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %875, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %881 = fmul <8 x float> %875, %875
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %881, <8 x float> %875)
+  %883 = fadd <8 x float> %882, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %884 = fptosi <8 x float> %873 to <8 x i32>
+  %885 = add <8 x i32> %884, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %886 = shl <8 x i32> %885, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %886 to <8 x float>
+  %exp154 = fmul <8 x float> %883, %exp.2n153
+  %887 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %887
+  %silu156 = fmul <8 x float> %865, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %866
+  %888 = fmul <8 x float> %glu157, %862
+  %889 = getelementptr inbounds float, ptr %864, i64 %col152
+  store <8 x float> %888, ptr %889, align 4
+  %890 = add nsw i64 %r0, 2
+  %891 = getelementptr inbounds float, ptr %rw, i64 %890
+  %892 = load float, ptr %891, align 4
+  %893 = insertelement <8 x float> poison, float %892, i32 0
+  %894 = shufflevector <8 x float> %893, <8 x float> poison, <8 x i32> zeroinitializer
+  %895 = mul nsw i64 %890, 1408
+  %896 = getelementptr inbounds float, ptr %h, i64 %895
   %col158 = mul nsw i64 %p, 8
-  %889 = load <8 x float>, ptr %acc20132, align 4
-  %890 = load <8 x float>, ptr %acc21133, align 4
-  %891 = fneg <8 x float> %889
-  %892 = fcmp olt <8 x float> %891, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %893 = select <8 x i1> %892, <8 x float> %891, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %894 = fcmp ogt <8 x float> %893, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %897 = call <8 x float> @llvm.floor.v8f32(<8 x float> %896)
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %895)
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %898)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %899, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %899, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %899, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %899, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %899, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %905 = fmul <8 x float> %899, %899
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %905, <8 x float> %899)
-  %907 = fadd <8 x float> %906, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %908 = fptosi <8 x float> %897 to <8 x i32>
-  %909 = add <8 x i32> %908, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %910 = shl <8 x i32> %909, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %910 to <8 x float>
-  %exp160 = fmul <8 x float> %907, %exp.2n159
-  %911 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %911
-  %silu162 = fmul <8 x float> %889, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %890
-  %912 = fmul <8 x float> %glu163, %886
-  %913 = getelementptr inbounds float, ptr %888, i64 %col158
-  store <8 x float> %912, ptr %913, align 4
+  %897 = load <8 x float>, ptr %acc020132, align 4
+  %898 = load <8 x float>, ptr %acc021133, align 4
+  %899 = fneg <8 x float> %897
+  %900 = fcmp olt <8 x float> %899, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %901 = select <8 x i1> %900, <8 x float> %899, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %902 = fcmp ogt <8 x float> %901, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %903 = select <8 x i1> %902, <8 x float> %901, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %905 = call <8 x float> @llvm.floor.v8f32(<8 x float> %904)
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %903)
+  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %906)
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %907, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> %907, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> %907, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> %907, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %907, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %913 = fmul <8 x float> %907, %907
+  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %913, <8 x float> %907)
+  %915 = fadd <8 x float> %914, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %916 = fptosi <8 x float> %905 to <8 x i32>
+  %917 = add <8 x i32> %916, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %918 = shl <8 x i32> %917, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n159 = bitcast <8 x i32> %918 to <8 x float>
+  %exp160 = fmul <8 x float> %915, %exp.2n159
+  %919 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %919
+  %silu162 = fmul <8 x float> %897, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %898
+  %920 = fmul <8 x float> %glu163, %894
+  %921 = getelementptr inbounds float, ptr %896, i64 %col158
+  store <8 x float> %920, ptr %921, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %914 = add nsw i64 %r0, 0
-  %915 = getelementptr inbounds i32, ptr %rows, i64 %914
-  %916 = load i32, ptr %915, align 4
-  %917 = sext i32 %916 to i64
-  %918 = mul nsw i64 %917, 2048
-  %919 = getelementptr inbounds float, ptr %x, i64 %918
-  store <8 x float> zeroinitializer, ptr %acc00164, align 4
-  store <8 x float> zeroinitializer, ptr %acc01165, align 4
-  %920 = add nsw i64 %r0, 1
-  %921 = getelementptr inbounds i32, ptr %rows, i64 %920
-  %922 = load i32, ptr %921, align 4
-  %923 = sext i32 %922 to i64
-  %924 = mul nsw i64 %923, 2048
-  %925 = getelementptr inbounds float, ptr %x, i64 %924
-  store <8 x float> zeroinitializer, ptr %acc10166, align 4
-  store <8 x float> zeroinitializer, ptr %acc11167, align 4
+  %922 = add nsw i64 %r0, 0
+  %923 = getelementptr inbounds i32, ptr %rows, i64 %922
+  %924 = load i32, ptr %923, align 4
+  %925 = sext i32 %924 to i64
+  %926 = mul nsw i64 %925, 2048
+  %927 = getelementptr inbounds float, ptr %x, i64 %926
+  store <8 x float> zeroinitializer, ptr %acc000164, align 4
+  store <8 x float> zeroinitializer, ptr %acc001165, align 4
+  %928 = add nsw i64 %r0, 1
+  %929 = getelementptr inbounds i32, ptr %rows, i64 %928
+  %930 = load i32, ptr %929, align 4
+  %931 = sext i32 %930 to i64
+  %932 = mul nsw i64 %931, 2048
+  %933 = getelementptr inbounds float, ptr %x, i64 %932
+  store <8 x float> zeroinitializer, ptr %acc010166, align 4
+  store <8 x float> zeroinitializer, ptr %acc011167, align 4
   %panel.off168 = mul nsw i64 %p, 32768
-  %926 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
-  %927 = add nsw i64 %p, 1
-  %928 = icmp slt i64 %927, %p1
-  %pf.on169 = and i1 %pf.on, %928
-  %929 = mul nsw i64 %rb, 65536
-  %930 = lshr i64 %929, %11
-  %931 = add nsw i64 65536, %930
-  %932 = getelementptr inbounds i8, ptr %926, i64 %931
-  %pf170 = select i1 %pf.on169, ptr %932, ptr %926
+  %934 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
+  %935 = add nsw i64 %p, 1
+  %936 = icmp slt i64 %935, %p1
+  %pf.on169 = and i1 %pf.on, %936
+  %937 = mul nsw i64 %rb, 65536
+  %938 = lshr i64 %937, %11
+  %939 = add nsw i64 65536, %938
+  %940 = getelementptr inbounds i8, ptr %934, i64 %939
+  %pf170 = select i1 %pf.on169, ptr %940, ptr %934
   %pf.sh171 = select i1 %pf.on169, i64 %11, i64 0
   br label %k.head172
 
 k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
-  %k175 = phi i64 [ 0, %tile.mr2 ], [ %959, %pf.any.end177 ]
-  %933 = icmp slt i64 %k175, 2048
-  br i1 %933, label %k.body173, label %k.end174
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %969, %pf.any.end177 ]
+  %941 = icmp slt i64 %k175, 2048
+  br i1 %941, label %k.body173, label %k.end174
 
 k.body173:                                        ; preds = %k.head172
-  %934 = mul nsw i64 %k175, 16
-  %935 = add nsw i64 %panel.off168, %934
-  %936 = mul nsw i64 %k175, 32
+  %942 = mul nsw i64 %k175, 1
+  %943 = add nsw i64 %942, 0
+  %944 = mul nsw i64 %943, 32
   br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
 
 pf.any.then176:                                   ; preds = %k.body173
-  %937 = lshr i64 %936, %pf.sh171
-  %938 = getelementptr inbounds i8, ptr %pf170, i64 %937
-  call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
+  %945 = lshr i64 %944, %pf.sh171
+  %946 = getelementptr inbounds i8, ptr %pf170, i64 %945
+  call void @llvm.prefetch.p0(ptr %946, i32 0, i32 2, i32 1)
   br label %pf.any.end177
 
 pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
-  %939 = getelementptr inbounds i16, ptr %panels, i64 %935
-  %940 = load <8 x i32>, ptr %939, align 4
-  %941 = shl <8 x i32> %940, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %941 to <8 x float>
-  %942 = and <8 x i32> %940, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %942 to <8 x float>
-  %943 = getelementptr inbounds float, ptr %919, i64 %k175
-  %944 = load float, ptr %943, align 4
-  %945 = insertelement <8 x float> poison, float %944, i32 0
-  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
-  %947 = load <8 x float>, ptr %acc00164, align 4
-  %948 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b0178, <8 x float> %947)
-  store <8 x float> %948, ptr %acc00164, align 4
-  %949 = load <8 x float>, ptr %acc01165, align 4
-  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %946, <8 x float> %b1179, <8 x float> %949)
-  store <8 x float> %950, ptr %acc01165, align 4
-  %951 = getelementptr inbounds float, ptr %925, i64 %k175
-  %952 = load float, ptr %951, align 4
-  %953 = insertelement <8 x float> poison, float %952, i32 0
-  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
-  %955 = load <8 x float>, ptr %acc10166, align 4
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b0178, <8 x float> %955)
-  store <8 x float> %956, ptr %acc10166, align 4
-  %957 = load <8 x float>, ptr %acc11167, align 4
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %b1179, <8 x float> %957)
-  store <8 x float> %958, ptr %acc11167, align 4
-  %959 = add nsw i64 %k175, 1
-  br label %k.head172
-
-k.end174:                                         ; preds = %k.head172
-  %960 = add nsw i64 %r0, 0
-  %961 = getelementptr inbounds float, ptr %rw, i64 %960
+  %947 = mul nsw i64 %943, 16
+  %948 = add nsw i64 %panel.off168, %947
+  %949 = getelementptr inbounds i16, ptr %panels, i64 %948
+  %950 = load <8 x i32>, ptr %949, align 4
+  %951 = shl <8 x i32> %950, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %951 to <8 x float>
+  %952 = and <8 x i32> %950, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %952 to <8 x float>
+  %953 = getelementptr inbounds float, ptr %927, i64 %943
+  %954 = load float, ptr %953, align 4
+  %955 = insertelement <8 x float> poison, float %954, i32 0
+  %956 = shufflevector <8 x float> %955, <8 x float> poison, <8 x i32> zeroinitializer
+  %957 = load <8 x float>, ptr %acc000164, align 4
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %b0178, <8 x float> %957)
+  store <8 x float> %958, ptr %acc000164, align 4
+  %959 = load <8 x float>, ptr %acc001165, align 4
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %b1179, <8 x float> %959)
+  store <8 x float> %960, ptr %acc001165, align 4
+  %961 = getelementptr inbounds float, ptr %933, i64 %943
   %962 = load float, ptr %961, align 4
   %963 = insertelement <8 x float> poison, float %962, i32 0
   %964 = shufflevector <8 x float> %963, <8 x float> poison, <8 x i32> zeroinitializer
-  %965 = mul nsw i64 %960, 1408
-  %966 = getelementptr inbounds float, ptr %h, i64 %965
+  %965 = load <8 x float>, ptr %acc010166, align 4
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %b0178, <8 x float> %965)
+  store <8 x float> %966, ptr %acc010166, align 4
+  %967 = load <8 x float>, ptr %acc011167, align 4
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %b1179, <8 x float> %967)
+  store <8 x float> %968, ptr %acc011167, align 4
+  %969 = add nsw i64 %k175, 1
+  br label %k.head172
+
+k.end174:                                         ; preds = %k.head172
+  %970 = add nsw i64 %r0, 0
+  %971 = getelementptr inbounds float, ptr %rw, i64 %970
+  %972 = load float, ptr %971, align 4
+  %973 = insertelement <8 x float> poison, float %972, i32 0
+  %974 = shufflevector <8 x float> %973, <8 x float> poison, <8 x i32> zeroinitializer
+  %975 = mul nsw i64 %970, 1408
+  %976 = getelementptr inbounds float, ptr %h, i64 %975
   %col180 = mul nsw i64 %p, 8
-  %967 = load <8 x float>, ptr %acc00164, align 4
-  %968 = load <8 x float>, ptr %acc01165, align 4
-  %969 = fneg <8 x float> %967
-  %970 = fcmp olt <8 x float> %969, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %971 = select <8 x i1> %970, <8 x float> %969, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %972 = fcmp ogt <8 x float> %971, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %973 = select <8 x i1> %972, <8 x float> %971, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %975 = call <8 x float> @llvm.floor.v8f32(<8 x float> %974)
-  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %973)
-  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %976)
-  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %977, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %977, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> %977, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %977, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %977, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %983 = fmul <8 x float> %977, %977
-  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %983, <8 x float> %977)
-  %985 = fadd <8 x float> %984, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %986 = fptosi <8 x float> %975 to <8 x i32>
-  %987 = add <8 x i32> %986, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %988 = shl <8 x i32> %987, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %988 to <8 x float>
-  %exp182 = fmul <8 x float> %985, %exp.2n181
-  %989 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %989
-  %silu184 = fmul <8 x float> %967, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %968
-  %990 = fmul <8 x float> %glu185, %964
-  %991 = getelementptr inbounds float, ptr %966, i64 %col180
-  store <8 x float> %990, ptr %991, align 4
-  %992 = add nsw i64 %r0, 1
-  %993 = getelementptr inbounds float, ptr %rw, i64 %992
-  %994 = load float, ptr %993, align 4
-  %995 = insertelement <8 x float> poison, float %994, i32 0
-  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
-  %997 = mul nsw i64 %992, 1408
-  %998 = getelementptr inbounds float, ptr %h, i64 %997
+  %977 = load <8 x float>, ptr %acc000164, align 4
+  %978 = load <8 x float>, ptr %acc001165, align 4
+  %979 = fneg <8 x float> %977
+  %980 = fcmp olt <8 x float> %979, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %981 = select <8 x i1> %980, <8 x float> %979, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %982 = fcmp ogt <8 x float> %981, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %983 = select <8 x i1> %982, <8 x float> %981, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %985 = call <8 x float> @llvm.floor.v8f32(<8 x float> %984)
+  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %983)
+  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %986)
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %987, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> %987, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> %987, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> %987, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %991, <8 x float> %987, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %993 = fmul <8 x float> %987, %987
+  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %993, <8 x float> %987)
+  %995 = fadd <8 x float> %994, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %996 = fptosi <8 x float> %985 to <8 x i32>
+  %997 = add <8 x i32> %996, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %998 = shl <8 x i32> %997, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %998 to <8 x float>
+  %exp182 = fmul <8 x float> %995, %exp.2n181
+  %999 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %999
+  %silu184 = fmul <8 x float> %977, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %978
+  %1000 = fmul <8 x float> %glu185, %974
+  %1001 = getelementptr inbounds float, ptr %976, i64 %col180
+  store <8 x float> %1000, ptr %1001, align 4
+  %1002 = add nsw i64 %r0, 1
+  %1003 = getelementptr inbounds float, ptr %rw, i64 %1002
+  %1004 = load float, ptr %1003, align 4
+  %1005 = insertelement <8 x float> poison, float %1004, i32 0
+  %1006 = shufflevector <8 x float> %1005, <8 x float> poison, <8 x i32> zeroinitializer
+  %1007 = mul nsw i64 %1002, 1408
+  %1008 = getelementptr inbounds float, ptr %h, i64 %1007
   %col186 = mul nsw i64 %p, 8
-  %999 = load <8 x float>, ptr %acc10166, align 4
-  %1000 = load <8 x float>, ptr %acc11167, align 4
-  %1001 = fneg <8 x float> %999
-  %1002 = fcmp olt <8 x float> %1001, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1003 = select <8 x i1> %1002, <8 x float> %1001, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1004 = fcmp ogt <8 x float> %1003, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1005 = select <8 x i1> %1004, <8 x float> %1003, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1005, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1007 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1006)
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1005)
-  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1007, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1008)
-  %1010 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1009, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> %1009, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1011, <8 x float> %1009, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1009, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1009, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1015 = fmul <8 x float> %1009, %1009
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> %1015, <8 x float> %1009)
-  %1017 = fadd <8 x float> %1016, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1018 = fptosi <8 x float> %1007 to <8 x i32>
-  %1019 = add <8 x i32> %1018, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1020 = shl <8 x i32> %1019, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %1020 to <8 x float>
-  %exp188 = fmul <8 x float> %1017, %exp.2n187
-  %1021 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1021
-  %silu190 = fmul <8 x float> %999, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %1000
-  %1022 = fmul <8 x float> %glu191, %996
-  %1023 = getelementptr inbounds float, ptr %998, i64 %col186
-  store <8 x float> %1022, ptr %1023, align 4
+  %1009 = load <8 x float>, ptr %acc010166, align 4
+  %1010 = load <8 x float>, ptr %acc011167, align 4
+  %1011 = fneg <8 x float> %1009
+  %1012 = fcmp olt <8 x float> %1011, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1013 = select <8 x i1> %1012, <8 x float> %1011, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1014 = fcmp ogt <8 x float> %1013, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1015 = select <8 x i1> %1014, <8 x float> %1013, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1017 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1016)
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1015)
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1018)
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1019, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1019, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %1019, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> %1019, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %1019, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1025 = fmul <8 x float> %1019, %1019
+  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> %1025, <8 x float> %1019)
+  %1027 = fadd <8 x float> %1026, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1028 = fptosi <8 x float> %1017 to <8 x i32>
+  %1029 = add <8 x i32> %1028, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1030 = shl <8 x i32> %1029, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %1030 to <8 x float>
+  %exp188 = fmul <8 x float> %1027, %exp.2n187
+  %1031 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1031
+  %silu190 = fmul <8 x float> %1009, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %1010
+  %1032 = fmul <8 x float> %glu191, %1006
+  %1033 = getelementptr inbounds float, ptr %1008, i64 %col186
+  store <8 x float> %1032, ptr %1033, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1024 = add nsw i64 %r0, 0
-  %1025 = getelementptr inbounds i32, ptr %rows, i64 %1024
-  %1026 = load i32, ptr %1025, align 4
-  %1027 = sext i32 %1026 to i64
-  %1028 = mul nsw i64 %1027, 2048
-  %1029 = getelementptr inbounds float, ptr %x, i64 %1028
-  store <8 x float> zeroinitializer, ptr %acc00192, align 4
-  store <8 x float> zeroinitializer, ptr %acc01193, align 4
+  %1034 = add nsw i64 %r0, 0
+  %1035 = getelementptr inbounds i32, ptr %rows, i64 %1034
+  %1036 = load i32, ptr %1035, align 4
+  %1037 = sext i32 %1036 to i64
+  %1038 = mul nsw i64 %1037, 2048
+  %1039 = getelementptr inbounds float, ptr %x, i64 %1038
+  store <8 x float> zeroinitializer, ptr %acc000192, align 4
+  store <8 x float> zeroinitializer, ptr %acc001193, align 4
   %panel.off194 = mul nsw i64 %p, 32768
-  %1030 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
-  %1031 = add nsw i64 %p, 1
-  %1032 = icmp slt i64 %1031, %p1
-  %pf.on195 = and i1 %pf.on, %1032
-  %1033 = mul nsw i64 %rb, 65536
-  %1034 = lshr i64 %1033, %11
-  %1035 = add nsw i64 65536, %1034
-  %1036 = getelementptr inbounds i8, ptr %1030, i64 %1035
-  %pf196 = select i1 %pf.on195, ptr %1036, ptr %1030
+  %1040 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
+  %1041 = add nsw i64 %p, 1
+  %1042 = icmp slt i64 %1041, %p1
+  %pf.on195 = and i1 %pf.on, %1042
+  %1043 = mul nsw i64 %rb, 65536
+  %1044 = lshr i64 %1043, %11
+  %1045 = add nsw i64 65536, %1044
+  %1046 = getelementptr inbounds i8, ptr %1040, i64 %1045
+  %pf196 = select i1 %pf.on195, ptr %1046, ptr %1040
   %pf.sh197 = select i1 %pf.on195, i64 %11, i64 0
   br label %k.head198
 
 k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
-  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1055, %pf.any.end203 ]
-  %1037 = icmp slt i64 %k201, 2048
-  br i1 %1037, label %k.body199, label %k.end200
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1067, %pf.any.end203 ]
+  %1047 = icmp slt i64 %k201, 2048
+  br i1 %1047, label %k.body199, label %k.end200
 
 k.body199:                                        ; preds = %k.head198
-  %1038 = mul nsw i64 %k201, 16
-  %1039 = add nsw i64 %panel.off194, %1038
-  %1040 = mul nsw i64 %k201, 32
+  %1048 = mul nsw i64 %k201, 1
+  %1049 = add nsw i64 %1048, 0
+  %1050 = mul nsw i64 %1049, 32
   br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
 
 pf.any.then202:                                   ; preds = %k.body199
-  %1041 = lshr i64 %1040, %pf.sh197
-  %1042 = getelementptr inbounds i8, ptr %pf196, i64 %1041
-  call void @llvm.prefetch.p0(ptr %1042, i32 0, i32 2, i32 1)
+  %1051 = lshr i64 %1050, %pf.sh197
+  %1052 = getelementptr inbounds i8, ptr %pf196, i64 %1051
+  call void @llvm.prefetch.p0(ptr %1052, i32 0, i32 2, i32 1)
   br label %pf.any.end203
 
 pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
-  %1043 = getelementptr inbounds i16, ptr %panels, i64 %1039
-  %1044 = load <8 x i32>, ptr %1043, align 4
-  %1045 = shl <8 x i32> %1044, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0204 = bitcast <8 x i32> %1045 to <8 x float>
-  %1046 = and <8 x i32> %1044, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1205 = bitcast <8 x i32> %1046 to <8 x float>
-  %1047 = getelementptr inbounds float, ptr %1029, i64 %k201
-  %1048 = load float, ptr %1047, align 4
-  %1049 = insertelement <8 x float> poison, float %1048, i32 0
-  %1050 = shufflevector <8 x float> %1049, <8 x float> poison, <8 x i32> zeroinitializer
-  %1051 = load <8 x float>, ptr %acc00192, align 4
-  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %b0204, <8 x float> %1051)
-  store <8 x float> %1052, ptr %acc00192, align 4
-  %1053 = load <8 x float>, ptr %acc01193, align 4
-  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %b1205, <8 x float> %1053)
-  store <8 x float> %1054, ptr %acc01193, align 4
-  %1055 = add nsw i64 %k201, 1
+  %1053 = mul nsw i64 %1049, 16
+  %1054 = add nsw i64 %panel.off194, %1053
+  %1055 = getelementptr inbounds i16, ptr %panels, i64 %1054
+  %1056 = load <8 x i32>, ptr %1055, align 4
+  %1057 = shl <8 x i32> %1056, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0204 = bitcast <8 x i32> %1057 to <8 x float>
+  %1058 = and <8 x i32> %1056, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1205 = bitcast <8 x i32> %1058 to <8 x float>
+  %1059 = getelementptr inbounds float, ptr %1039, i64 %1049
+  %1060 = load float, ptr %1059, align 4
+  %1061 = insertelement <8 x float> poison, float %1060, i32 0
+  %1062 = shufflevector <8 x float> %1061, <8 x float> poison, <8 x i32> zeroinitializer
+  %1063 = load <8 x float>, ptr %acc000192, align 4
+  %1064 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1062, <8 x float> %b0204, <8 x float> %1063)
+  store <8 x float> %1064, ptr %acc000192, align 4
+  %1065 = load <8 x float>, ptr %acc001193, align 4
+  %1066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1062, <8 x float> %b1205, <8 x float> %1065)
+  store <8 x float> %1066, ptr %acc001193, align 4
+  %1067 = add nsw i64 %k201, 1
   br label %k.head198
 
 k.end200:                                         ; preds = %k.head198
-  %1056 = add nsw i64 %r0, 0
-  %1057 = getelementptr inbounds float, ptr %rw, i64 %1056
-  %1058 = load float, ptr %1057, align 4
-  %1059 = insertelement <8 x float> poison, float %1058, i32 0
-  %1060 = shufflevector <8 x float> %1059, <8 x float> poison, <8 x i32> zeroinitializer
-  %1061 = mul nsw i64 %1056, 1408
-  %1062 = getelementptr inbounds float, ptr %h, i64 %1061
+  %1068 = add nsw i64 %r0, 0
+  %1069 = getelementptr inbounds float, ptr %rw, i64 %1068
+  %1070 = load float, ptr %1069, align 4
+  %1071 = insertelement <8 x float> poison, float %1070, i32 0
+  %1072 = shufflevector <8 x float> %1071, <8 x float> poison, <8 x i32> zeroinitializer
+  %1073 = mul nsw i64 %1068, 1408
+  %1074 = getelementptr inbounds float, ptr %h, i64 %1073
   %col206 = mul nsw i64 %p, 8
-  %1063 = load <8 x float>, ptr %acc00192, align 4
-  %1064 = load <8 x float>, ptr %acc01193, align 4
-  %1065 = fneg <8 x float> %1063
-  %1066 = fcmp olt <8 x float> %1065, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1067 = select <8 x i1> %1066, <8 x float> %1065, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1068 = fcmp ogt <8 x float> %1067, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1069 = select <8 x i1> %1068, <8 x float> %1067, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1071 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1070)
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1069)
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1072)
-  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1073, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1073, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1073, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1073, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1073, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1079 = fmul <8 x float> %1073, %1073
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1078, <8 x float> %1079, <8 x float> %1073)
-  %1081 = fadd <8 x float> %1080, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1082 = fptosi <8 x float> %1071 to <8 x i32>
-  %1083 = add <8 x i32> %1082, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1084 = shl <8 x i32> %1083, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %1084 to <8 x float>
-  %exp208 = fmul <8 x float> %1081, %exp.2n207
-  %1085 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1085
-  %silu210 = fmul <8 x float> %1063, %sigmoid209
-  %glu211 = fmul <8 x float> %silu210, %1064
-  %1086 = fmul <8 x float> %glu211, %1060
-  %1087 = getelementptr inbounds float, ptr %1062, i64 %col206
-  store <8 x float> %1086, ptr %1087, align 4
+  %1075 = load <8 x float>, ptr %acc000192, align 4
+  %1076 = load <8 x float>, ptr %acc001193, align 4
+  %1077 = fneg <8 x float> %1075
+  %1078 = fcmp olt <8 x float> %1077, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1079 = select <8 x i1> %1078, <8 x float> %1077, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1080 = fcmp ogt <8 x float> %1079, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1081 = select <8 x i1> %1080, <8 x float> %1079, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1083 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1082)
+  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1081)
+  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1084)
+  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1085, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1086, <8 x float> %1085, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> %1085, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1088, <8 x float> %1085, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1085, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1091 = fmul <8 x float> %1085, %1085
+  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1090, <8 x float> %1091, <8 x float> %1085)
+  %1093 = fadd <8 x float> %1092, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1094 = fptosi <8 x float> %1083 to <8 x i32>
+  %1095 = add <8 x i32> %1094, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1096 = shl <8 x i32> %1095, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n207 = bitcast <8 x i32> %1096 to <8 x float>
+  %exp208 = fmul <8 x float> %1093, %exp.2n207
+  %1097 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1097
+  %silu210 = fmul <8 x float> %1075, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %1076
+  %1098 = fmul <8 x float> %glu211, %1072
+  %1099 = getelementptr inbounds float, ptr %1074, i64 %col206
+  store <8 x float> %1098, ptr %1099, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
-  %1088 = add nsw i64 %rb, 1
+  %1100 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1089 = add nsw i64 %p, 1
+  %1101 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2442,48 +2454,48 @@ declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc003 = alloca <8 x float>, align 32
-  %acc014 = alloca <8 x float>, align 32
-  %acc105 = alloca <8 x float>, align 32
-  %acc116 = alloca <8 x float>, align 32
-  %acc207 = alloca <8 x float>, align 32
-  %acc218 = alloca <8 x float>, align 32
-  %acc309 = alloca <8 x float>, align 32
-  %acc3110 = alloca <8 x float>, align 32
-  %acc4011 = alloca <8 x float>, align 32
-  %acc4112 = alloca <8 x float>, align 32
-  %acc0026 = alloca <8 x float>, align 32
-  %acc0127 = alloca <8 x float>, align 32
-  %acc1028 = alloca <8 x float>, align 32
-  %acc1129 = alloca <8 x float>, align 32
-  %acc2030 = alloca <8 x float>, align 32
-  %acc2131 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc2051 = alloca <8 x float>, align 32
-  %acc2152 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc0083 = alloca <8 x float>, align 32
-  %acc0184 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0003 = alloca <8 x float>, align 32
+  %acc0014 = alloca <8 x float>, align 32
+  %acc0105 = alloca <8 x float>, align 32
+  %acc0116 = alloca <8 x float>, align 32
+  %acc0207 = alloca <8 x float>, align 32
+  %acc0218 = alloca <8 x float>, align 32
+  %acc0309 = alloca <8 x float>, align 32
+  %acc03110 = alloca <8 x float>, align 32
+  %acc04011 = alloca <8 x float>, align 32
+  %acc04112 = alloca <8 x float>, align 32
+  %acc00026 = alloca <8 x float>, align 32
+  %acc00127 = alloca <8 x float>, align 32
+  %acc01028 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc02030 = alloca <8 x float>, align 32
+  %acc02131 = alloca <8 x float>, align 32
+  %acc03032 = alloca <8 x float>, align 32
+  %acc03133 = alloca <8 x float>, align 32
+  %acc00047 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01049 = alloca <8 x float>, align 32
+  %acc01150 = alloca <8 x float>, align 32
+  %acc02051 = alloca <8 x float>, align 32
+  %acc02152 = alloca <8 x float>, align 32
+  %acc00066 = alloca <8 x float>, align 32
+  %acc00167 = alloca <8 x float>, align 32
+  %acc01068 = alloca <8 x float>, align 32
+  %acc01169 = alloca <8 x float>, align 32
+  %acc00083 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2492,7 +2504,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %586, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %598, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2502,7 +2514,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %585, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %597, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -2543,10 +2555,10 @@ tile.mr6:                                         ; preds = %rb.body
   %22 = getelementptr inbounds float, ptr %y, i64 %21
   %23 = add nsw i64 %col, 0
   %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
   %25 = add nsw i64 %col, 8
   %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %27 = add nsw i64 %r0, 1
   %28 = mul nsw i64 %27, 1408
   %29 = getelementptr inbounds float, ptr %h, i64 %28
@@ -2557,10 +2569,10 @@ tile.mr6:                                         ; preds = %rb.body
   %34 = getelementptr inbounds float, ptr %y, i64 %33
   %35 = add nsw i64 %col, 0
   %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
   %37 = add nsw i64 %col, 8
   %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %39 = add nsw i64 %r0, 2
   %40 = mul nsw i64 %39, 1408
   %41 = getelementptr inbounds float, ptr %h, i64 %40
@@ -2571,10 +2583,10 @@ tile.mr6:                                         ; preds = %rb.body
   %46 = getelementptr inbounds float, ptr %y, i64 %45
   %47 = add nsw i64 %col, 0
   %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
   %49 = add nsw i64 %col, 8
   %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %51 = add nsw i64 %r0, 3
   %52 = mul nsw i64 %51, 1408
   %53 = getelementptr inbounds float, ptr %h, i64 %52
@@ -2585,10 +2597,10 @@ tile.mr6:                                         ; preds = %rb.body
   %58 = getelementptr inbounds float, ptr %y, i64 %57
   %59 = add nsw i64 %col, 0
   %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
   %61 = add nsw i64 %col, 8
   %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %63 = add nsw i64 %r0, 4
   %64 = mul nsw i64 %63, 1408
   %65 = getelementptr inbounds float, ptr %h, i64 %64
@@ -2599,10 +2611,10 @@ tile.mr6:                                         ; preds = %rb.body
   %70 = getelementptr inbounds float, ptr %y, i64 %69
   %71 = add nsw i64 %col, 0
   %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
   %73 = add nsw i64 %col, 8
   %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %75 = add nsw i64 %r0, 5
   %76 = mul nsw i64 %75, 1408
   %77 = getelementptr inbounds float, ptr %h, i64 %76
@@ -2613,10 +2625,10 @@ tile.mr6:                                         ; preds = %rb.body
   %82 = getelementptr inbounds float, ptr %y, i64 %81
   %83 = add nsw i64 %col, 0
   %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
   %85 = add nsw i64 %col, 8
   %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 22528
   %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %88 = add nsw i64 %p, 1
@@ -2631,14 +2643,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %154, %pf.any.end ]
   %94 = icmp slt i64 %k, 1408
   br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 16
-  %96 = add nsw i64 %panel.off, %95
-  %97 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 1
+  %96 = add nsw i64 %95, 0
+  %97 = mul nsw i64 %96, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -2648,753 +2660,765 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %17, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %41, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %53, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %65, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %77, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %100 = mul nsw i64 %96, 16
+  %101 = add nsw i64 %panel.off, %100
+  %102 = getelementptr inbounds i16, ptr %panels, i64 %101
+  %103 = load <8 x i32>, ptr %102, align 4
+  %104 = shl <8 x i32> %103, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %104 to <8 x float>
+  %105 = and <8 x i32> %103, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %105 to <8 x float>
+  %106 = getelementptr inbounds float, ptr %17, i64 %96
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc000, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc000, align 4
+  %112 = load <8 x float>, ptr %acc001, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc001, align 4
+  %114 = getelementptr inbounds float, ptr %29, i64 %96
+  %115 = load float, ptr %114, align 4
+  %116 = insertelement <8 x float> poison, float %115, i32 0
+  %117 = shufflevector <8 x float> %116, <8 x float> poison, <8 x i32> zeroinitializer
+  %118 = load <8 x float>, ptr %acc010, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b0, <8 x float> %118)
+  store <8 x float> %119, ptr %acc010, align 4
+  %120 = load <8 x float>, ptr %acc011, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b1, <8 x float> %120)
+  store <8 x float> %121, ptr %acc011, align 4
+  %122 = getelementptr inbounds float, ptr %41, i64 %96
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <8 x float> poison, float %123, i32 0
+  %125 = shufflevector <8 x float> %124, <8 x float> poison, <8 x i32> zeroinitializer
+  %126 = load <8 x float>, ptr %acc020, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b0, <8 x float> %126)
+  store <8 x float> %127, ptr %acc020, align 4
+  %128 = load <8 x float>, ptr %acc021, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b1, <8 x float> %128)
+  store <8 x float> %129, ptr %acc021, align 4
+  %130 = getelementptr inbounds float, ptr %53, i64 %96
+  %131 = load float, ptr %130, align 4
+  %132 = insertelement <8 x float> poison, float %131, i32 0
+  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
+  %134 = load <8 x float>, ptr %acc030, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b0, <8 x float> %134)
+  store <8 x float> %135, ptr %acc030, align 4
+  %136 = load <8 x float>, ptr %acc031, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b1, <8 x float> %136)
+  store <8 x float> %137, ptr %acc031, align 4
+  %138 = getelementptr inbounds float, ptr %65, i64 %96
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = load <8 x float>, ptr %acc040, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b0, <8 x float> %142)
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = load <8 x float>, ptr %acc041, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b1, <8 x float> %144)
+  store <8 x float> %145, ptr %acc041, align 4
+  %146 = getelementptr inbounds float, ptr %77, i64 %96
+  %147 = load float, ptr %146, align 4
+  %148 = insertelement <8 x float> poison, float %147, i32 0
+  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
+  %150 = load <8 x float>, ptr %acc050, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b0, <8 x float> %150)
+  store <8 x float> %151, ptr %acc050, align 4
+  %152 = load <8 x float>, ptr %acc051, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b1, <8 x float> %152)
+  store <8 x float> %153, ptr %acc051, align 4
+  %154 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %24, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %26, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %36, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %38, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %48, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %50, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %60, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %62, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %72, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %74, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %84, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %86, align 4
+  %155 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %155, ptr %24, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %156, ptr %26, align 4
+  %157 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %157, ptr %36, align 4
+  %158 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %158, ptr %38, align 4
+  %159 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %159, ptr %48, align 4
+  %160 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %160, ptr %50, align 4
+  %161 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %161, ptr %60, align 4
+  %162 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %162, ptr %62, align 4
+  %163 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %163, ptr %72, align 4
+  %164 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %164, ptr %74, align 4
+  %165 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %165, ptr %84, align 4
+  %166 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %166, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 1408
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 2048
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col2, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
-  store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %175 = add nsw i64 %col2, 8
-  %176 = getelementptr inbounds float, ptr %172, i64 %175
-  store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %177 = add nsw i64 %r0, 1
-  %178 = mul nsw i64 %177, 1408
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
-  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
-  %181 = load i32, ptr %180, align 4
-  %182 = sext i32 %181 to i64
-  %183 = mul nsw i64 %182, 2048
-  %184 = getelementptr inbounds float, ptr %y, i64 %183
-  %185 = add nsw i64 %col2, 0
-  %186 = getelementptr inbounds float, ptr %184, i64 %185
-  store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %187 = add nsw i64 %col2, 8
-  %188 = getelementptr inbounds float, ptr %184, i64 %187
-  store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %189 = add nsw i64 %r0, 2
-  %190 = mul nsw i64 %189, 1408
-  %191 = getelementptr inbounds float, ptr %h, i64 %190
-  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
-  %193 = load i32, ptr %192, align 4
-  %194 = sext i32 %193 to i64
-  %195 = mul nsw i64 %194, 2048
-  %196 = getelementptr inbounds float, ptr %y, i64 %195
-  %197 = add nsw i64 %col2, 0
-  %198 = getelementptr inbounds float, ptr %196, i64 %197
-  store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %199 = add nsw i64 %col2, 8
-  %200 = getelementptr inbounds float, ptr %196, i64 %199
-  store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %201 = add nsw i64 %r0, 3
-  %202 = mul nsw i64 %201, 1408
-  %203 = getelementptr inbounds float, ptr %h, i64 %202
-  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
-  %205 = load i32, ptr %204, align 4
-  %206 = sext i32 %205 to i64
-  %207 = mul nsw i64 %206, 2048
-  %208 = getelementptr inbounds float, ptr %y, i64 %207
-  %209 = add nsw i64 %col2, 0
-  %210 = getelementptr inbounds float, ptr %208, i64 %209
-  store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %211 = add nsw i64 %col2, 8
-  %212 = getelementptr inbounds float, ptr %208, i64 %211
-  store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 1408
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 2048
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col2, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %223 = add nsw i64 %col2, 8
-  %224 = getelementptr inbounds float, ptr %220, i64 %223
-  store <8 x float> zeroinitializer, ptr %acc4112, align 4
+  %167 = add nsw i64 %r0, 0
+  %168 = mul nsw i64 %167, 1408
+  %169 = getelementptr inbounds float, ptr %h, i64 %168
+  %170 = getelementptr inbounds i32, ptr %rows, i64 %167
+  %171 = load i32, ptr %170, align 4
+  %172 = sext i32 %171 to i64
+  %173 = mul nsw i64 %172, 2048
+  %174 = getelementptr inbounds float, ptr %y, i64 %173
+  %175 = add nsw i64 %col2, 0
+  %176 = getelementptr inbounds float, ptr %174, i64 %175
+  store <8 x float> zeroinitializer, ptr %acc0003, align 4
+  %177 = add nsw i64 %col2, 8
+  %178 = getelementptr inbounds float, ptr %174, i64 %177
+  store <8 x float> zeroinitializer, ptr %acc0014, align 4
+  %179 = add nsw i64 %r0, 1
+  %180 = mul nsw i64 %179, 1408
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 2048
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col2, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  store <8 x float> zeroinitializer, ptr %acc0105, align 4
+  %189 = add nsw i64 %col2, 8
+  %190 = getelementptr inbounds float, ptr %186, i64 %189
+  store <8 x float> zeroinitializer, ptr %acc0116, align 4
+  %191 = add nsw i64 %r0, 2
+  %192 = mul nsw i64 %191, 1408
+  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
+  %195 = load i32, ptr %194, align 4
+  %196 = sext i32 %195 to i64
+  %197 = mul nsw i64 %196, 2048
+  %198 = getelementptr inbounds float, ptr %y, i64 %197
+  %199 = add nsw i64 %col2, 0
+  %200 = getelementptr inbounds float, ptr %198, i64 %199
+  store <8 x float> zeroinitializer, ptr %acc0207, align 4
+  %201 = add nsw i64 %col2, 8
+  %202 = getelementptr inbounds float, ptr %198, i64 %201
+  store <8 x float> zeroinitializer, ptr %acc0218, align 4
+  %203 = add nsw i64 %r0, 3
+  %204 = mul nsw i64 %203, 1408
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %206 = getelementptr inbounds i32, ptr %rows, i64 %203
+  %207 = load i32, ptr %206, align 4
+  %208 = sext i32 %207 to i64
+  %209 = mul nsw i64 %208, 2048
+  %210 = getelementptr inbounds float, ptr %y, i64 %209
+  %211 = add nsw i64 %col2, 0
+  %212 = getelementptr inbounds float, ptr %210, i64 %211
+  store <8 x float> zeroinitializer, ptr %acc0309, align 4
+  %213 = add nsw i64 %col2, 8
+  %214 = getelementptr inbounds float, ptr %210, i64 %213
+  store <8 x float> zeroinitializer, ptr %acc03110, align 4
+  %215 = add nsw i64 %r0, 4
+  %216 = mul nsw i64 %215, 1408
+  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %218 = getelementptr inbounds i32, ptr %rows, i64 %215
+  %219 = load i32, ptr %218, align 4
+  %220 = sext i32 %219 to i64
+  %221 = mul nsw i64 %220, 2048
+  %222 = getelementptr inbounds float, ptr %y, i64 %221
+  %223 = add nsw i64 %col2, 0
+  %224 = getelementptr inbounds float, ptr %222, i64 %223
+  store <8 x float> zeroinitializer, ptr %acc04011, align 4
+  %225 = add nsw i64 %col2, 8
+  %226 = getelementptr inbounds float, ptr %222, i64 %225
+  store <8 x float> zeroinitializer, ptr %acc04112, align 4
   %panel.off13 = mul nsw i64 %p, 22528
-  %225 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %226 = add nsw i64 %p, 1
-  %227 = icmp slt i64 %226, %p1
-  %pf.on14 = and i1 %pf.on, %227
-  %228 = mul nsw i64 %rb, 45056
-  %229 = lshr i64 %228, %12
-  %230 = add nsw i64 45056, %229
-  %231 = getelementptr inbounds i8, ptr %225, i64 %230
-  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
+  %227 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %228 = add nsw i64 %p, 1
+  %229 = icmp slt i64 %228, %p1
+  %pf.on14 = and i1 %pf.on, %229
+  %230 = mul nsw i64 %rb, 45056
+  %231 = lshr i64 %230, %12
+  %232 = add nsw i64 45056, %231
+  %233 = getelementptr inbounds i8, ptr %227, i64 %232
+  %pf15 = select i1 %pf.on14, ptr %233, ptr %227
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %282, %pf.any.end22 ]
-  %232 = icmp slt i64 %k20, 1408
-  br i1 %232, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %286, %pf.any.end22 ]
+  %234 = icmp slt i64 %k20, 1408
+  br i1 %234, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %233 = mul nsw i64 %k20, 16
-  %234 = add nsw i64 %panel.off13, %233
-  %235 = mul nsw i64 %k20, 32
+  %235 = mul nsw i64 %k20, 1
+  %236 = add nsw i64 %235, 0
+  %237 = mul nsw i64 %236, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %236 = lshr i64 %235, %pf.sh16
-  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
-  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  %238 = lshr i64 %237, %pf.sh16
+  %239 = getelementptr inbounds i8, ptr %pf15, i64 %238
+  call void @llvm.prefetch.p0(ptr %239, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %238 = getelementptr inbounds i16, ptr %panels, i64 %234
-  %239 = load <8 x i32>, ptr %238, align 4
-  %240 = shl <8 x i32> %239, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %240 to <8 x float>
-  %241 = and <8 x i32> %239, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %241 to <8 x float>
-  %242 = getelementptr inbounds float, ptr %167, i64 %k20
-  %243 = load float, ptr %242, align 4
-  %244 = insertelement <8 x float> poison, float %243, i32 0
-  %245 = shufflevector <8 x float> %244, <8 x float> poison, <8 x i32> zeroinitializer
-  %246 = load <8 x float>, ptr %acc003, align 4
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b023, <8 x float> %246)
-  store <8 x float> %247, ptr %acc003, align 4
-  %248 = load <8 x float>, ptr %acc014, align 4
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b124, <8 x float> %248)
-  store <8 x float> %249, ptr %acc014, align 4
-  %250 = getelementptr inbounds float, ptr %179, i64 %k20
-  %251 = load float, ptr %250, align 4
-  %252 = insertelement <8 x float> poison, float %251, i32 0
-  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
-  %254 = load <8 x float>, ptr %acc105, align 4
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b023, <8 x float> %254)
-  store <8 x float> %255, ptr %acc105, align 4
-  %256 = load <8 x float>, ptr %acc116, align 4
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b124, <8 x float> %256)
-  store <8 x float> %257, ptr %acc116, align 4
-  %258 = getelementptr inbounds float, ptr %191, i64 %k20
-  %259 = load float, ptr %258, align 4
-  %260 = insertelement <8 x float> poison, float %259, i32 0
-  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
-  %262 = load <8 x float>, ptr %acc207, align 4
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b023, <8 x float> %262)
-  store <8 x float> %263, ptr %acc207, align 4
-  %264 = load <8 x float>, ptr %acc218, align 4
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b124, <8 x float> %264)
-  store <8 x float> %265, ptr %acc218, align 4
-  %266 = getelementptr inbounds float, ptr %203, i64 %k20
-  %267 = load float, ptr %266, align 4
-  %268 = insertelement <8 x float> poison, float %267, i32 0
-  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
-  %270 = load <8 x float>, ptr %acc309, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b023, <8 x float> %270)
-  store <8 x float> %271, ptr %acc309, align 4
-  %272 = load <8 x float>, ptr %acc3110, align 4
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b124, <8 x float> %272)
-  store <8 x float> %273, ptr %acc3110, align 4
-  %274 = getelementptr inbounds float, ptr %215, i64 %k20
-  %275 = load float, ptr %274, align 4
-  %276 = insertelement <8 x float> poison, float %275, i32 0
-  %277 = shufflevector <8 x float> %276, <8 x float> poison, <8 x i32> zeroinitializer
-  %278 = load <8 x float>, ptr %acc4011, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b023, <8 x float> %278)
-  store <8 x float> %279, ptr %acc4011, align 4
-  %280 = load <8 x float>, ptr %acc4112, align 4
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b124, <8 x float> %280)
-  store <8 x float> %281, ptr %acc4112, align 4
-  %282 = add nsw i64 %k20, 1
+  %240 = mul nsw i64 %236, 16
+  %241 = add nsw i64 %panel.off13, %240
+  %242 = getelementptr inbounds i16, ptr %panels, i64 %241
+  %243 = load <8 x i32>, ptr %242, align 4
+  %244 = shl <8 x i32> %243, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %244 to <8 x float>
+  %245 = and <8 x i32> %243, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %245 to <8 x float>
+  %246 = getelementptr inbounds float, ptr %169, i64 %236
+  %247 = load float, ptr %246, align 4
+  %248 = insertelement <8 x float> poison, float %247, i32 0
+  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
+  %250 = load <8 x float>, ptr %acc0003, align 4
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b023, <8 x float> %250)
+  store <8 x float> %251, ptr %acc0003, align 4
+  %252 = load <8 x float>, ptr %acc0014, align 4
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b124, <8 x float> %252)
+  store <8 x float> %253, ptr %acc0014, align 4
+  %254 = getelementptr inbounds float, ptr %181, i64 %236
+  %255 = load float, ptr %254, align 4
+  %256 = insertelement <8 x float> poison, float %255, i32 0
+  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
+  %258 = load <8 x float>, ptr %acc0105, align 4
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b023, <8 x float> %258)
+  store <8 x float> %259, ptr %acc0105, align 4
+  %260 = load <8 x float>, ptr %acc0116, align 4
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b124, <8 x float> %260)
+  store <8 x float> %261, ptr %acc0116, align 4
+  %262 = getelementptr inbounds float, ptr %193, i64 %236
+  %263 = load float, ptr %262, align 4
+  %264 = insertelement <8 x float> poison, float %263, i32 0
+  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
+  %266 = load <8 x float>, ptr %acc0207, align 4
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b023, <8 x float> %266)
+  store <8 x float> %267, ptr %acc0207, align 4
+  %268 = load <8 x float>, ptr %acc0218, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b124, <8 x float> %268)
+  store <8 x float> %269, ptr %acc0218, align 4
+  %270 = getelementptr inbounds float, ptr %205, i64 %236
+  %271 = load float, ptr %270, align 4
+  %272 = insertelement <8 x float> poison, float %271, i32 0
+  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
+  %274 = load <8 x float>, ptr %acc0309, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b023, <8 x float> %274)
+  store <8 x float> %275, ptr %acc0309, align 4
+  %276 = load <8 x float>, ptr %acc03110, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b124, <8 x float> %276)
+  store <8 x float> %277, ptr %acc03110, align 4
+  %278 = getelementptr inbounds float, ptr %217, i64 %236
+  %279 = load float, ptr %278, align 4
+  %280 = insertelement <8 x float> poison, float %279, i32 0
+  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
+  %282 = load <8 x float>, ptr %acc04011, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b023, <8 x float> %282)
+  store <8 x float> %283, ptr %acc04011, align 4
+  %284 = load <8 x float>, ptr %acc04112, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b124, <8 x float> %284)
+  store <8 x float> %285, ptr %acc04112, align 4
+  %286 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %283 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %283, ptr %174, align 4
-  %284 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %284, ptr %176, align 4
-  %285 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %285, ptr %186, align 4
-  %286 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %286, ptr %188, align 4
-  %287 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %287, ptr %198, align 4
-  %288 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %288, ptr %200, align 4
-  %289 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %289, ptr %210, align 4
-  %290 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %290, ptr %212, align 4
-  %291 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %291, ptr %222, align 4
-  %292 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %292, ptr %224, align 4
+  %287 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %287, ptr %176, align 4
+  %288 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %288, ptr %178, align 4
+  %289 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %289, ptr %188, align 4
+  %290 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %290, ptr %190, align 4
+  %291 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %291, ptr %200, align 4
+  %292 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %292, ptr %202, align 4
+  %293 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %293, ptr %212, align 4
+  %294 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %294, ptr %214, align 4
+  %295 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %295, ptr %224, align 4
+  %296 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %296, ptr %226, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %293 = add nsw i64 %r0, 0
-  %294 = mul nsw i64 %293, 1408
-  %295 = getelementptr inbounds float, ptr %h, i64 %294
-  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
-  %297 = load i32, ptr %296, align 4
-  %298 = sext i32 %297 to i64
-  %299 = mul nsw i64 %298, 2048
-  %300 = getelementptr inbounds float, ptr %y, i64 %299
-  %301 = add nsw i64 %col25, 0
-  %302 = getelementptr inbounds float, ptr %300, i64 %301
-  store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %303 = add nsw i64 %col25, 8
-  %304 = getelementptr inbounds float, ptr %300, i64 %303
-  store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %305 = add nsw i64 %r0, 1
-  %306 = mul nsw i64 %305, 1408
-  %307 = getelementptr inbounds float, ptr %h, i64 %306
-  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
-  %309 = load i32, ptr %308, align 4
-  %310 = sext i32 %309 to i64
-  %311 = mul nsw i64 %310, 2048
-  %312 = getelementptr inbounds float, ptr %y, i64 %311
-  %313 = add nsw i64 %col25, 0
-  %314 = getelementptr inbounds float, ptr %312, i64 %313
-  store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %315 = add nsw i64 %col25, 8
-  %316 = getelementptr inbounds float, ptr %312, i64 %315
-  store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %317 = add nsw i64 %r0, 2
-  %318 = mul nsw i64 %317, 1408
-  %319 = getelementptr inbounds float, ptr %h, i64 %318
-  %320 = getelementptr inbounds i32, ptr %rows, i64 %317
-  %321 = load i32, ptr %320, align 4
-  %322 = sext i32 %321 to i64
-  %323 = mul nsw i64 %322, 2048
-  %324 = getelementptr inbounds float, ptr %y, i64 %323
-  %325 = add nsw i64 %col25, 0
-  %326 = getelementptr inbounds float, ptr %324, i64 %325
-  store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %327 = add nsw i64 %col25, 8
-  %328 = getelementptr inbounds float, ptr %324, i64 %327
-  store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %329 = add nsw i64 %r0, 3
-  %330 = mul nsw i64 %329, 1408
-  %331 = getelementptr inbounds float, ptr %h, i64 %330
-  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
-  %333 = load i32, ptr %332, align 4
-  %334 = sext i32 %333 to i64
-  %335 = mul nsw i64 %334, 2048
-  %336 = getelementptr inbounds float, ptr %y, i64 %335
-  %337 = add nsw i64 %col25, 0
-  %338 = getelementptr inbounds float, ptr %336, i64 %337
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %339 = add nsw i64 %col25, 8
-  %340 = getelementptr inbounds float, ptr %336, i64 %339
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %297 = add nsw i64 %r0, 0
+  %298 = mul nsw i64 %297, 1408
+  %299 = getelementptr inbounds float, ptr %h, i64 %298
+  %300 = getelementptr inbounds i32, ptr %rows, i64 %297
+  %301 = load i32, ptr %300, align 4
+  %302 = sext i32 %301 to i64
+  %303 = mul nsw i64 %302, 2048
+  %304 = getelementptr inbounds float, ptr %y, i64 %303
+  %305 = add nsw i64 %col25, 0
+  %306 = getelementptr inbounds float, ptr %304, i64 %305
+  store <8 x float> zeroinitializer, ptr %acc00026, align 4
+  %307 = add nsw i64 %col25, 8
+  %308 = getelementptr inbounds float, ptr %304, i64 %307
+  store <8 x float> zeroinitializer, ptr %acc00127, align 4
+  %309 = add nsw i64 %r0, 1
+  %310 = mul nsw i64 %309, 1408
+  %311 = getelementptr inbounds float, ptr %h, i64 %310
+  %312 = getelementptr inbounds i32, ptr %rows, i64 %309
+  %313 = load i32, ptr %312, align 4
+  %314 = sext i32 %313 to i64
+  %315 = mul nsw i64 %314, 2048
+  %316 = getelementptr inbounds float, ptr %y, i64 %315
+  %317 = add nsw i64 %col25, 0
+  %318 = getelementptr inbounds float, ptr %316, i64 %317
+  store <8 x float> zeroinitializer, ptr %acc01028, align 4
+  %319 = add nsw i64 %col25, 8
+  %320 = getelementptr inbounds float, ptr %316, i64 %319
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
+  %321 = add nsw i64 %r0, 2
+  %322 = mul nsw i64 %321, 1408
+  %323 = getelementptr inbounds float, ptr %h, i64 %322
+  %324 = getelementptr inbounds i32, ptr %rows, i64 %321
+  %325 = load i32, ptr %324, align 4
+  %326 = sext i32 %325 to i64
+  %327 = mul nsw i64 %326, 2048
+  %328 = getelementptr inbounds float, ptr %y, i64 %327
+  %329 = add nsw i64 %col25, 0
+  %330 = getelementptr inbounds float, ptr %328, i64 %329
+  store <8 x float> zeroinitializer, ptr %acc02030, align 4
+  %331 = add nsw i64 %col25, 8
+  %332 = getelementptr inbounds float, ptr %328, i64 %331
+  store <8 x float> zeroinitializer, ptr %acc02131, align 4
+  %333 = add nsw i64 %r0, 3
+  %334 = mul nsw i64 %333, 1408
+  %335 = getelementptr inbounds float, ptr %h, i64 %334
+  %336 = getelementptr inbounds i32, ptr %rows, i64 %333
+  %337 = load i32, ptr %336, align 4
+  %338 = sext i32 %337 to i64
+  %339 = mul nsw i64 %338, 2048
+  %340 = getelementptr inbounds float, ptr %y, i64 %339
+  %341 = add nsw i64 %col25, 0
+  %342 = getelementptr inbounds float, ptr %340, i64 %341
+  store <8 x float> zeroinitializer, ptr %acc03032, align 4
+  %343 = add nsw i64 %col25, 8
+  %344 = getelementptr inbounds float, ptr %340, i64 %343
+  store <8 x float> zeroinitializer, ptr %acc03133, align 4
   %panel.off34 = mul nsw i64 %p, 22528
-  %341 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %342 = add nsw i64 %p, 1
-  %343 = icmp slt i64 %342, %p1
-  %pf.on35 = and i1 %pf.on, %343
-  %344 = mul nsw i64 %rb, 45056
-  %345 = lshr i64 %344, %12
-  %346 = add nsw i64 45056, %345
-  %347 = getelementptr inbounds i8, ptr %341, i64 %346
-  %pf36 = select i1 %pf.on35, ptr %347, ptr %341
+  %345 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %346 = add nsw i64 %p, 1
+  %347 = icmp slt i64 %346, %p1
+  %pf.on35 = and i1 %pf.on, %347
+  %348 = mul nsw i64 %rb, 45056
+  %349 = lshr i64 %348, %12
+  %350 = add nsw i64 45056, %349
+  %351 = getelementptr inbounds i8, ptr %345, i64 %350
+  %pf36 = select i1 %pf.on35, ptr %351, ptr %345
   %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %390, %pf.any.end43 ]
-  %348 = icmp slt i64 %k41, 1408
-  br i1 %348, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %396, %pf.any.end43 ]
+  %352 = icmp slt i64 %k41, 1408
+  br i1 %352, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %349 = mul nsw i64 %k41, 16
-  %350 = add nsw i64 %panel.off34, %349
-  %351 = mul nsw i64 %k41, 32
+  %353 = mul nsw i64 %k41, 1
+  %354 = add nsw i64 %353, 0
+  %355 = mul nsw i64 %354, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %352 = lshr i64 %351, %pf.sh37
-  %353 = getelementptr inbounds i8, ptr %pf36, i64 %352
-  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
+  %356 = lshr i64 %355, %pf.sh37
+  %357 = getelementptr inbounds i8, ptr %pf36, i64 %356
+  call void @llvm.prefetch.p0(ptr %357, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %354 = getelementptr inbounds i16, ptr %panels, i64 %350
-  %355 = load <8 x i32>, ptr %354, align 4
-  %356 = shl <8 x i32> %355, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = and <8 x i32> %355, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %357 to <8 x float>
-  %358 = getelementptr inbounds float, ptr %295, i64 %k41
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc0026, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b044, <8 x float> %362)
-  store <8 x float> %363, ptr %acc0026, align 4
-  %364 = load <8 x float>, ptr %acc0127, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b145, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0127, align 4
-  %366 = getelementptr inbounds float, ptr %307, i64 %k41
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = load <8 x float>, ptr %acc1028, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b044, <8 x float> %370)
-  store <8 x float> %371, ptr %acc1028, align 4
-  %372 = load <8 x float>, ptr %acc1129, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b145, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1129, align 4
-  %374 = getelementptr inbounds float, ptr %319, i64 %k41
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc2030, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b044, <8 x float> %378)
-  store <8 x float> %379, ptr %acc2030, align 4
-  %380 = load <8 x float>, ptr %acc2131, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b145, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2131, align 4
-  %382 = getelementptr inbounds float, ptr %331, i64 %k41
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = load <8 x float>, ptr %acc3032, align 4
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b044, <8 x float> %386)
-  store <8 x float> %387, ptr %acc3032, align 4
-  %388 = load <8 x float>, ptr %acc3133, align 4
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b145, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3133, align 4
-  %390 = add nsw i64 %k41, 1
+  %358 = mul nsw i64 %354, 16
+  %359 = add nsw i64 %panel.off34, %358
+  %360 = getelementptr inbounds i16, ptr %panels, i64 %359
+  %361 = load <8 x i32>, ptr %360, align 4
+  %362 = shl <8 x i32> %361, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %362 to <8 x float>
+  %363 = and <8 x i32> %361, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %363 to <8 x float>
+  %364 = getelementptr inbounds float, ptr %299, i64 %354
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
+  %368 = load <8 x float>, ptr %acc00026, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b044, <8 x float> %368)
+  store <8 x float> %369, ptr %acc00026, align 4
+  %370 = load <8 x float>, ptr %acc00127, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b145, <8 x float> %370)
+  store <8 x float> %371, ptr %acc00127, align 4
+  %372 = getelementptr inbounds float, ptr %311, i64 %354
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = load <8 x float>, ptr %acc01028, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b044, <8 x float> %376)
+  store <8 x float> %377, ptr %acc01028, align 4
+  %378 = load <8 x float>, ptr %acc01129, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b145, <8 x float> %378)
+  store <8 x float> %379, ptr %acc01129, align 4
+  %380 = getelementptr inbounds float, ptr %323, i64 %354
+  %381 = load float, ptr %380, align 4
+  %382 = insertelement <8 x float> poison, float %381, i32 0
+  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
+  %384 = load <8 x float>, ptr %acc02030, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b044, <8 x float> %384)
+  store <8 x float> %385, ptr %acc02030, align 4
+  %386 = load <8 x float>, ptr %acc02131, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b145, <8 x float> %386)
+  store <8 x float> %387, ptr %acc02131, align 4
+  %388 = getelementptr inbounds float, ptr %335, i64 %354
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = load <8 x float>, ptr %acc03032, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b044, <8 x float> %392)
+  store <8 x float> %393, ptr %acc03032, align 4
+  %394 = load <8 x float>, ptr %acc03133, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b145, <8 x float> %394)
+  store <8 x float> %395, ptr %acc03133, align 4
+  %396 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %391 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %391, ptr %302, align 4
-  %392 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %392, ptr %304, align 4
-  %393 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %393, ptr %314, align 4
-  %394 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %394, ptr %316, align 4
-  %395 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %395, ptr %326, align 4
-  %396 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %396, ptr %328, align 4
-  %397 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %397, ptr %338, align 4
-  %398 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %398, ptr %340, align 4
+  %397 = load <8 x float>, ptr %acc00026, align 4
+  store <8 x float> %397, ptr %306, align 4
+  %398 = load <8 x float>, ptr %acc00127, align 4
+  store <8 x float> %398, ptr %308, align 4
+  %399 = load <8 x float>, ptr %acc01028, align 4
+  store <8 x float> %399, ptr %318, align 4
+  %400 = load <8 x float>, ptr %acc01129, align 4
+  store <8 x float> %400, ptr %320, align 4
+  %401 = load <8 x float>, ptr %acc02030, align 4
+  store <8 x float> %401, ptr %330, align 4
+  %402 = load <8 x float>, ptr %acc02131, align 4
+  store <8 x float> %402, ptr %332, align 4
+  %403 = load <8 x float>, ptr %acc03032, align 4
+  store <8 x float> %403, ptr %342, align 4
+  %404 = load <8 x float>, ptr %acc03133, align 4
+  store <8 x float> %404, ptr %344, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %399 = add nsw i64 %r0, 0
-  %400 = mul nsw i64 %399, 1408
-  %401 = getelementptr inbounds float, ptr %h, i64 %400
-  %402 = getelementptr inbounds i32, ptr %rows, i64 %399
-  %403 = load i32, ptr %402, align 4
-  %404 = sext i32 %403 to i64
-  %405 = mul nsw i64 %404, 2048
-  %406 = getelementptr inbounds float, ptr %y, i64 %405
-  %407 = add nsw i64 %col46, 0
-  %408 = getelementptr inbounds float, ptr %406, i64 %407
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %409 = add nsw i64 %col46, 8
-  %410 = getelementptr inbounds float, ptr %406, i64 %409
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %411 = add nsw i64 %r0, 1
-  %412 = mul nsw i64 %411, 1408
-  %413 = getelementptr inbounds float, ptr %h, i64 %412
-  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
-  %415 = load i32, ptr %414, align 4
-  %416 = sext i32 %415 to i64
-  %417 = mul nsw i64 %416, 2048
-  %418 = getelementptr inbounds float, ptr %y, i64 %417
-  %419 = add nsw i64 %col46, 0
-  %420 = getelementptr inbounds float, ptr %418, i64 %419
-  store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %421 = add nsw i64 %col46, 8
-  %422 = getelementptr inbounds float, ptr %418, i64 %421
-  store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %423 = add nsw i64 %r0, 2
-  %424 = mul nsw i64 %423, 1408
-  %425 = getelementptr inbounds float, ptr %h, i64 %424
-  %426 = getelementptr inbounds i32, ptr %rows, i64 %423
-  %427 = load i32, ptr %426, align 4
-  %428 = sext i32 %427 to i64
-  %429 = mul nsw i64 %428, 2048
-  %430 = getelementptr inbounds float, ptr %y, i64 %429
-  %431 = add nsw i64 %col46, 0
-  %432 = getelementptr inbounds float, ptr %430, i64 %431
-  store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %433 = add nsw i64 %col46, 8
-  %434 = getelementptr inbounds float, ptr %430, i64 %433
-  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %405 = add nsw i64 %r0, 0
+  %406 = mul nsw i64 %405, 1408
+  %407 = getelementptr inbounds float, ptr %h, i64 %406
+  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
+  %409 = load i32, ptr %408, align 4
+  %410 = sext i32 %409 to i64
+  %411 = mul nsw i64 %410, 2048
+  %412 = getelementptr inbounds float, ptr %y, i64 %411
+  %413 = add nsw i64 %col46, 0
+  %414 = getelementptr inbounds float, ptr %412, i64 %413
+  store <8 x float> zeroinitializer, ptr %acc00047, align 4
+  %415 = add nsw i64 %col46, 8
+  %416 = getelementptr inbounds float, ptr %412, i64 %415
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  %417 = add nsw i64 %r0, 1
+  %418 = mul nsw i64 %417, 1408
+  %419 = getelementptr inbounds float, ptr %h, i64 %418
+  %420 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %421 = load i32, ptr %420, align 4
+  %422 = sext i32 %421 to i64
+  %423 = mul nsw i64 %422, 2048
+  %424 = getelementptr inbounds float, ptr %y, i64 %423
+  %425 = add nsw i64 %col46, 0
+  %426 = getelementptr inbounds float, ptr %424, i64 %425
+  store <8 x float> zeroinitializer, ptr %acc01049, align 4
+  %427 = add nsw i64 %col46, 8
+  %428 = getelementptr inbounds float, ptr %424, i64 %427
+  store <8 x float> zeroinitializer, ptr %acc01150, align 4
+  %429 = add nsw i64 %r0, 2
+  %430 = mul nsw i64 %429, 1408
+  %431 = getelementptr inbounds float, ptr %h, i64 %430
+  %432 = getelementptr inbounds i32, ptr %rows, i64 %429
+  %433 = load i32, ptr %432, align 4
+  %434 = sext i32 %433 to i64
+  %435 = mul nsw i64 %434, 2048
+  %436 = getelementptr inbounds float, ptr %y, i64 %435
+  %437 = add nsw i64 %col46, 0
+  %438 = getelementptr inbounds float, ptr %436, i64 %437
+  store <8 x float> zeroinitializer, ptr %acc02051, align 4
+  %439 = add nsw i64 %col46, 8
+  %440 = getelementptr inbounds float, ptr %436, i64 %439
+  store <8 x float> zeroinitializer, ptr %acc02152, align 4
   %panel.off53 = mul nsw i64 %p, 22528
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %436 = add nsw i64 %p, 1
-  %437 = icmp slt i64 %436, %p1
-  %pf.on54 = and i1 %pf.on, %437
-  %438 = mul nsw i64 %rb, 45056
-  %439 = lshr i64 %438, %12
-  %440 = add nsw i64 45056, %439
-  %441 = getelementptr inbounds i8, ptr %435, i64 %440
-  %pf55 = select i1 %pf.on54, ptr %441, ptr %435
+  %441 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %442 = add nsw i64 %p, 1
+  %443 = icmp slt i64 %442, %p1
+  %pf.on54 = and i1 %pf.on, %443
+  %444 = mul nsw i64 %rb, 45056
+  %445 = lshr i64 %444, %12
+  %446 = add nsw i64 45056, %445
+  %447 = getelementptr inbounds i8, ptr %441, i64 %446
+  %pf55 = select i1 %pf.on54, ptr %447, ptr %441
   %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %476, %pf.any.end62 ]
-  %442 = icmp slt i64 %k60, 1408
-  br i1 %442, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %484, %pf.any.end62 ]
+  %448 = icmp slt i64 %k60, 1408
+  br i1 %448, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %443 = mul nsw i64 %k60, 16
-  %444 = add nsw i64 %panel.off53, %443
-  %445 = mul nsw i64 %k60, 32
+  %449 = mul nsw i64 %k60, 1
+  %450 = add nsw i64 %449, 0
+  %451 = mul nsw i64 %450, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %446 = lshr i64 %445, %pf.sh56
-  %447 = getelementptr inbounds i8, ptr %pf55, i64 %446
-  call void @llvm.prefetch.p0(ptr %447, i32 0, i32 2, i32 1)
+  %452 = lshr i64 %451, %pf.sh56
+  %453 = getelementptr inbounds i8, ptr %pf55, i64 %452
+  call void @llvm.prefetch.p0(ptr %453, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %448 = getelementptr inbounds i16, ptr %panels, i64 %444
-  %449 = load <8 x i32>, ptr %448, align 4
-  %450 = shl <8 x i32> %449, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = and <8 x i32> %449, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = getelementptr inbounds float, ptr %401, i64 %k60
-  %453 = load float, ptr %452, align 4
-  %454 = insertelement <8 x float> poison, float %453, i32 0
-  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
-  %456 = load <8 x float>, ptr %acc0047, align 4
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b063, <8 x float> %456)
-  store <8 x float> %457, ptr %acc0047, align 4
-  %458 = load <8 x float>, ptr %acc0148, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b164, <8 x float> %458)
-  store <8 x float> %459, ptr %acc0148, align 4
-  %460 = getelementptr inbounds float, ptr %413, i64 %k60
+  %454 = mul nsw i64 %450, 16
+  %455 = add nsw i64 %panel.off53, %454
+  %456 = getelementptr inbounds i16, ptr %panels, i64 %455
+  %457 = load <8 x i32>, ptr %456, align 4
+  %458 = shl <8 x i32> %457, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %458 to <8 x float>
+  %459 = and <8 x i32> %457, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %459 to <8 x float>
+  %460 = getelementptr inbounds float, ptr %407, i64 %450
   %461 = load float, ptr %460, align 4
   %462 = insertelement <8 x float> poison, float %461, i32 0
   %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc1049, align 4
+  %464 = load <8 x float>, ptr %acc00047, align 4
   %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
-  store <8 x float> %465, ptr %acc1049, align 4
-  %466 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %465, ptr %acc00047, align 4
+  %466 = load <8 x float>, ptr %acc00148, align 4
   %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
-  store <8 x float> %467, ptr %acc1150, align 4
-  %468 = getelementptr inbounds float, ptr %425, i64 %k60
+  store <8 x float> %467, ptr %acc00148, align 4
+  %468 = getelementptr inbounds float, ptr %419, i64 %450
   %469 = load float, ptr %468, align 4
   %470 = insertelement <8 x float> poison, float %469, i32 0
   %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
-  %472 = load <8 x float>, ptr %acc2051, align 4
+  %472 = load <8 x float>, ptr %acc01049, align 4
   %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
-  store <8 x float> %473, ptr %acc2051, align 4
-  %474 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %473, ptr %acc01049, align 4
+  %474 = load <8 x float>, ptr %acc01150, align 4
   %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
-  store <8 x float> %475, ptr %acc2152, align 4
-  %476 = add nsw i64 %k60, 1
+  store <8 x float> %475, ptr %acc01150, align 4
+  %476 = getelementptr inbounds float, ptr %431, i64 %450
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc02051, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b063, <8 x float> %480)
+  store <8 x float> %481, ptr %acc02051, align 4
+  %482 = load <8 x float>, ptr %acc02152, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b164, <8 x float> %482)
+  store <8 x float> %483, ptr %acc02152, align 4
+  %484 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %477 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %477, ptr %408, align 4
-  %478 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %478, ptr %410, align 4
-  %479 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %479, ptr %420, align 4
-  %480 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %480, ptr %422, align 4
-  %481 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %481, ptr %432, align 4
-  %482 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %482, ptr %434, align 4
+  %485 = load <8 x float>, ptr %acc00047, align 4
+  store <8 x float> %485, ptr %414, align 4
+  %486 = load <8 x float>, ptr %acc00148, align 4
+  store <8 x float> %486, ptr %416, align 4
+  %487 = load <8 x float>, ptr %acc01049, align 4
+  store <8 x float> %487, ptr %426, align 4
+  %488 = load <8 x float>, ptr %acc01150, align 4
+  store <8 x float> %488, ptr %428, align 4
+  %489 = load <8 x float>, ptr %acc02051, align 4
+  store <8 x float> %489, ptr %438, align 4
+  %490 = load <8 x float>, ptr %acc02152, align 4
+  store <8 x float> %490, ptr %440, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %483 = add nsw i64 %r0, 0
-  %484 = mul nsw i64 %483, 1408
-  %485 = getelementptr inbounds float, ptr %h, i64 %484
-  %486 = getelementptr inbounds i32, ptr %rows, i64 %483
-  %487 = load i32, ptr %486, align 4
-  %488 = sext i32 %487 to i64
-  %489 = mul nsw i64 %488, 2048
-  %490 = getelementptr inbounds float, ptr %y, i64 %489
-  %491 = add nsw i64 %col65, 0
-  %492 = getelementptr inbounds float, ptr %490, i64 %491
-  store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %493 = add nsw i64 %col65, 8
-  %494 = getelementptr inbounds float, ptr %490, i64 %493
-  store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %495 = add nsw i64 %r0, 1
-  %496 = mul nsw i64 %495, 1408
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 2048
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col65, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
-  store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %505 = add nsw i64 %col65, 8
-  %506 = getelementptr inbounds float, ptr %502, i64 %505
-  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %491 = add nsw i64 %r0, 0
+  %492 = mul nsw i64 %491, 1408
+  %493 = getelementptr inbounds float, ptr %h, i64 %492
+  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
+  %495 = load i32, ptr %494, align 4
+  %496 = sext i32 %495 to i64
+  %497 = mul nsw i64 %496, 2048
+  %498 = getelementptr inbounds float, ptr %y, i64 %497
+  %499 = add nsw i64 %col65, 0
+  %500 = getelementptr inbounds float, ptr %498, i64 %499
+  store <8 x float> zeroinitializer, ptr %acc00066, align 4
+  %501 = add nsw i64 %col65, 8
+  %502 = getelementptr inbounds float, ptr %498, i64 %501
+  store <8 x float> zeroinitializer, ptr %acc00167, align 4
+  %503 = add nsw i64 %r0, 1
+  %504 = mul nsw i64 %503, 1408
+  %505 = getelementptr inbounds float, ptr %h, i64 %504
+  %506 = getelementptr inbounds i32, ptr %rows, i64 %503
+  %507 = load i32, ptr %506, align 4
+  %508 = sext i32 %507 to i64
+  %509 = mul nsw i64 %508, 2048
+  %510 = getelementptr inbounds float, ptr %y, i64 %509
+  %511 = add nsw i64 %col65, 0
+  %512 = getelementptr inbounds float, ptr %510, i64 %511
+  store <8 x float> zeroinitializer, ptr %acc01068, align 4
+  %513 = add nsw i64 %col65, 8
+  %514 = getelementptr inbounds float, ptr %510, i64 %513
+  store <8 x float> zeroinitializer, ptr %acc01169, align 4
   %panel.off70 = mul nsw i64 %p, 22528
-  %507 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %508 = add nsw i64 %p, 1
-  %509 = icmp slt i64 %508, %p1
-  %pf.on71 = and i1 %pf.on, %509
-  %510 = mul nsw i64 %rb, 45056
-  %511 = lshr i64 %510, %12
-  %512 = add nsw i64 45056, %511
-  %513 = getelementptr inbounds i8, ptr %507, i64 %512
-  %pf72 = select i1 %pf.on71, ptr %513, ptr %507
+  %515 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %516 = add nsw i64 %p, 1
+  %517 = icmp slt i64 %516, %p1
+  %pf.on71 = and i1 %pf.on, %517
+  %518 = mul nsw i64 %rb, 45056
+  %519 = lshr i64 %518, %12
+  %520 = add nsw i64 45056, %519
+  %521 = getelementptr inbounds i8, ptr %515, i64 %520
+  %pf72 = select i1 %pf.on71, ptr %521, ptr %515
   %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %540, %pf.any.end79 ]
-  %514 = icmp slt i64 %k77, 1408
-  br i1 %514, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %550, %pf.any.end79 ]
+  %522 = icmp slt i64 %k77, 1408
+  br i1 %522, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %515 = mul nsw i64 %k77, 16
-  %516 = add nsw i64 %panel.off70, %515
-  %517 = mul nsw i64 %k77, 32
+  %523 = mul nsw i64 %k77, 1
+  %524 = add nsw i64 %523, 0
+  %525 = mul nsw i64 %524, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %518 = lshr i64 %517, %pf.sh73
-  %519 = getelementptr inbounds i8, ptr %pf72, i64 %518
-  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
+  %526 = lshr i64 %525, %pf.sh73
+  %527 = getelementptr inbounds i8, ptr %pf72, i64 %526
+  call void @llvm.prefetch.p0(ptr %527, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %520 = getelementptr inbounds i16, ptr %panels, i64 %516
-  %521 = load <8 x i32>, ptr %520, align 4
-  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %523 to <8 x float>
-  %524 = getelementptr inbounds float, ptr %485, i64 %k77
-  %525 = load float, ptr %524, align 4
-  %526 = insertelement <8 x float> poison, float %525, i32 0
-  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
-  %528 = load <8 x float>, ptr %acc0066, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b080, <8 x float> %528)
-  store <8 x float> %529, ptr %acc0066, align 4
-  %530 = load <8 x float>, ptr %acc0167, align 4
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b181, <8 x float> %530)
-  store <8 x float> %531, ptr %acc0167, align 4
-  %532 = getelementptr inbounds float, ptr %497, i64 %k77
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <8 x float> poison, float %533, i32 0
-  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
-  %536 = load <8 x float>, ptr %acc1068, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b080, <8 x float> %536)
-  store <8 x float> %537, ptr %acc1068, align 4
-  %538 = load <8 x float>, ptr %acc1169, align 4
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b181, <8 x float> %538)
-  store <8 x float> %539, ptr %acc1169, align 4
-  %540 = add nsw i64 %k77, 1
+  %528 = mul nsw i64 %524, 16
+  %529 = add nsw i64 %panel.off70, %528
+  %530 = getelementptr inbounds i16, ptr %panels, i64 %529
+  %531 = load <8 x i32>, ptr %530, align 4
+  %532 = shl <8 x i32> %531, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %532 to <8 x float>
+  %533 = and <8 x i32> %531, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %533 to <8 x float>
+  %534 = getelementptr inbounds float, ptr %493, i64 %524
+  %535 = load float, ptr %534, align 4
+  %536 = insertelement <8 x float> poison, float %535, i32 0
+  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
+  %538 = load <8 x float>, ptr %acc00066, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b080, <8 x float> %538)
+  store <8 x float> %539, ptr %acc00066, align 4
+  %540 = load <8 x float>, ptr %acc00167, align 4
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b181, <8 x float> %540)
+  store <8 x float> %541, ptr %acc00167, align 4
+  %542 = getelementptr inbounds float, ptr %505, i64 %524
+  %543 = load float, ptr %542, align 4
+  %544 = insertelement <8 x float> poison, float %543, i32 0
+  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
+  %546 = load <8 x float>, ptr %acc01068, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b080, <8 x float> %546)
+  store <8 x float> %547, ptr %acc01068, align 4
+  %548 = load <8 x float>, ptr %acc01169, align 4
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b181, <8 x float> %548)
+  store <8 x float> %549, ptr %acc01169, align 4
+  %550 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %541 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %541, ptr %492, align 4
-  %542 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %542, ptr %494, align 4
-  %543 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %543, ptr %504, align 4
-  %544 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %544, ptr %506, align 4
+  %551 = load <8 x float>, ptr %acc00066, align 4
+  store <8 x float> %551, ptr %500, align 4
+  %552 = load <8 x float>, ptr %acc00167, align 4
+  store <8 x float> %552, ptr %502, align 4
+  %553 = load <8 x float>, ptr %acc01068, align 4
+  store <8 x float> %553, ptr %512, align 4
+  %554 = load <8 x float>, ptr %acc01169, align 4
+  store <8 x float> %554, ptr %514, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %545 = add nsw i64 %r0, 0
-  %546 = mul nsw i64 %545, 1408
-  %547 = getelementptr inbounds float, ptr %h, i64 %546
-  %548 = getelementptr inbounds i32, ptr %rows, i64 %545
-  %549 = load i32, ptr %548, align 4
-  %550 = sext i32 %549 to i64
-  %551 = mul nsw i64 %550, 2048
-  %552 = getelementptr inbounds float, ptr %y, i64 %551
-  %553 = add nsw i64 %col82, 0
-  %554 = getelementptr inbounds float, ptr %552, i64 %553
-  store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %555 = add nsw i64 %col82, 8
-  %556 = getelementptr inbounds float, ptr %552, i64 %555
-  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %555 = add nsw i64 %r0, 0
+  %556 = mul nsw i64 %555, 1408
+  %557 = getelementptr inbounds float, ptr %h, i64 %556
+  %558 = getelementptr inbounds i32, ptr %rows, i64 %555
+  %559 = load i32, ptr %558, align 4
+  %560 = sext i32 %559 to i64
+  %561 = mul nsw i64 %560, 2048
+  %562 = getelementptr inbounds float, ptr %y, i64 %561
+  %563 = add nsw i64 %col82, 0
+  %564 = getelementptr inbounds float, ptr %562, i64 %563
+  store <8 x float> zeroinitializer, ptr %acc00083, align 4
+  %565 = add nsw i64 %col82, 8
+  %566 = getelementptr inbounds float, ptr %562, i64 %565
+  store <8 x float> zeroinitializer, ptr %acc00184, align 4
   %panel.off85 = mul nsw i64 %p, 22528
-  %557 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %558 = add nsw i64 %p, 1
-  %559 = icmp slt i64 %558, %p1
-  %pf.on86 = and i1 %pf.on, %559
-  %560 = mul nsw i64 %rb, 45056
-  %561 = lshr i64 %560, %12
-  %562 = add nsw i64 45056, %561
-  %563 = getelementptr inbounds i8, ptr %557, i64 %562
-  %pf87 = select i1 %pf.on86, ptr %563, ptr %557
+  %567 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %568 = add nsw i64 %p, 1
+  %569 = icmp slt i64 %568, %p1
+  %pf.on86 = and i1 %pf.on, %569
+  %570 = mul nsw i64 %rb, 45056
+  %571 = lshr i64 %570, %12
+  %572 = add nsw i64 45056, %571
+  %573 = getelementptr inbounds i8, ptr %567, i64 %572
+  %pf87 = select i1 %pf.on86, ptr %573, ptr %567
   %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %582, %pf.any.end94 ]
-  %564 = icmp slt i64 %k92, 1408
-  br i1 %564, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %594, %pf.any.end94 ]
+  %574 = icmp slt i64 %k92, 1408
+  br i1 %574, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %565 = mul nsw i64 %k92, 16
-  %566 = add nsw i64 %panel.off85, %565
-  %567 = mul nsw i64 %k92, 32
+  %575 = mul nsw i64 %k92, 1
+  %576 = add nsw i64 %575, 0
+  %577 = mul nsw i64 %576, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %568 = lshr i64 %567, %pf.sh88
-  %569 = getelementptr inbounds i8, ptr %pf87, i64 %568
-  call void @llvm.prefetch.p0(ptr %569, i32 0, i32 2, i32 1)
+  %578 = lshr i64 %577, %pf.sh88
+  %579 = getelementptr inbounds i8, ptr %pf87, i64 %578
+  call void @llvm.prefetch.p0(ptr %579, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %570 = getelementptr inbounds i16, ptr %panels, i64 %566
-  %571 = load <8 x i32>, ptr %570, align 4
-  %572 = shl <8 x i32> %571, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = and <8 x i32> %571, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %573 to <8 x float>
-  %574 = getelementptr inbounds float, ptr %547, i64 %k92
-  %575 = load float, ptr %574, align 4
-  %576 = insertelement <8 x float> poison, float %575, i32 0
-  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
-  %578 = load <8 x float>, ptr %acc0083, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b095, <8 x float> %578)
-  store <8 x float> %579, ptr %acc0083, align 4
-  %580 = load <8 x float>, ptr %acc0184, align 4
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b196, <8 x float> %580)
-  store <8 x float> %581, ptr %acc0184, align 4
-  %582 = add nsw i64 %k92, 1
+  %580 = mul nsw i64 %576, 16
+  %581 = add nsw i64 %panel.off85, %580
+  %582 = getelementptr inbounds i16, ptr %panels, i64 %581
+  %583 = load <8 x i32>, ptr %582, align 4
+  %584 = shl <8 x i32> %583, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %584 to <8 x float>
+  %585 = and <8 x i32> %583, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %585 to <8 x float>
+  %586 = getelementptr inbounds float, ptr %557, i64 %576
+  %587 = load float, ptr %586, align 4
+  %588 = insertelement <8 x float> poison, float %587, i32 0
+  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
+  %590 = load <8 x float>, ptr %acc00083, align 4
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b095, <8 x float> %590)
+  store <8 x float> %591, ptr %acc00083, align 4
+  %592 = load <8 x float>, ptr %acc00184, align 4
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b196, <8 x float> %592)
+  store <8 x float> %593, ptr %acc00184, align 4
+  %594 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %583 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %583, ptr %554, align 4
-  %584 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %584, ptr %556, align 4
+  %595 = load <8 x float>, ptr %acc00083, align 4
+  store <8 x float> %595, ptr %564, align 4
+  %596 = load <8 x float>, ptr %acc00184, align 4
+  store <8 x float> %596, ptr %566, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %585 = add nsw i64 %rb, 1
+  %597 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %586 = add nsw i64 %p, 1
+  %598 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3404,55 +3428,55 @@ p.end:                                            ; preds = %p.head
 ; Function Attrs: nounwind
 define hidden void @moe_shared_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc3038 = alloca <8 x float>, align 32
-  %acc3139 = alloca <8 x float>, align 32
-  %acc4040 = alloca <8 x float>, align 32
-  %acc4141 = alloca <8 x float>, align 32
-  %acc0084 = alloca <8 x float>, align 32
-  %acc0185 = alloca <8 x float>, align 32
-  %acc1086 = alloca <8 x float>, align 32
-  %acc1187 = alloca <8 x float>, align 32
-  %acc2088 = alloca <8 x float>, align 32
-  %acc2189 = alloca <8 x float>, align 32
-  %acc3090 = alloca <8 x float>, align 32
-  %acc3191 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc10130 = alloca <8 x float>, align 32
-  %acc11131 = alloca <8 x float>, align 32
-  %acc20132 = alloca <8 x float>, align 32
-  %acc21133 = alloca <8 x float>, align 32
-  %acc00164 = alloca <8 x float>, align 32
-  %acc01165 = alloca <8 x float>, align 32
-  %acc10166 = alloca <8 x float>, align 32
-  %acc11167 = alloca <8 x float>, align 32
-  %acc00192 = alloca <8 x float>, align 32
-  %acc01193 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc00032 = alloca <8 x float>, align 32
+  %acc00133 = alloca <8 x float>, align 32
+  %acc01034 = alloca <8 x float>, align 32
+  %acc01135 = alloca <8 x float>, align 32
+  %acc02036 = alloca <8 x float>, align 32
+  %acc02137 = alloca <8 x float>, align 32
+  %acc03038 = alloca <8 x float>, align 32
+  %acc03139 = alloca <8 x float>, align 32
+  %acc04040 = alloca <8 x float>, align 32
+  %acc04141 = alloca <8 x float>, align 32
+  %acc00084 = alloca <8 x float>, align 32
+  %acc00185 = alloca <8 x float>, align 32
+  %acc01086 = alloca <8 x float>, align 32
+  %acc01187 = alloca <8 x float>, align 32
+  %acc02088 = alloca <8 x float>, align 32
+  %acc02189 = alloca <8 x float>, align 32
+  %acc03090 = alloca <8 x float>, align 32
+  %acc03191 = alloca <8 x float>, align 32
+  %acc000128 = alloca <8 x float>, align 32
+  %acc001129 = alloca <8 x float>, align 32
+  %acc010130 = alloca <8 x float>, align 32
+  %acc011131 = alloca <8 x float>, align 32
+  %acc020132 = alloca <8 x float>, align 32
+  %acc021133 = alloca <8 x float>, align 32
+  %acc000164 = alloca <8 x float>, align 32
+  %acc001165 = alloca <8 x float>, align 32
+  %acc010166 = alloca <8 x float>, align 32
+  %acc011167 = alloca <8 x float>, align 32
+  %acc000192 = alloca <8 x float>, align 32
+  %acc001193 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %984, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %996, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -3462,7 +3486,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %983, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %995, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -3498,48 +3522,48 @@ tile.mr6:                                         ; preds = %rb.body
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 2048
   %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %20 = add nsw i64 %r0, 1
   %21 = getelementptr inbounds i32, ptr %rows, i64 %20
   %22 = load i32, ptr %21, align 4
   %23 = sext i32 %22 to i64
   %24 = mul nsw i64 %23, 2048
   %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %26 = add nsw i64 %r0, 2
   %27 = getelementptr inbounds i32, ptr %rows, i64 %26
   %28 = load i32, ptr %27, align 4
   %29 = sext i32 %28 to i64
   %30 = mul nsw i64 %29, 2048
   %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %32 = add nsw i64 %r0, 3
   %33 = getelementptr inbounds i32, ptr %rows, i64 %32
   %34 = load i32, ptr %33, align 4
   %35 = sext i32 %34 to i64
   %36 = mul nsw i64 %35, 2048
   %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %38 = add nsw i64 %r0, 4
   %39 = getelementptr inbounds i32, ptr %rows, i64 %38
   %40 = load i32, ptr %39, align 4
   %41 = sext i32 %40 to i64
   %42 = mul nsw i64 %41, 2048
   %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %44 = add nsw i64 %r0, 5
   %45 = getelementptr inbounds i32, ptr %rows, i64 %44
   %46 = load i32, ptr %45, align 4
   %47 = sext i32 %46 to i64
   %48 = mul nsw i64 %47, 2048
   %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 32768
   %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %51 = add nsw i64 %p, 1
@@ -3554,14 +3578,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
   %57 = icmp slt i64 %k, 2048
   br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 16
-  %59 = add nsw i64 %panel.off, %58
-  %60 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 1
+  %59 = add nsw i64 %58, 0
+  %60 = mul nsw i64 %59, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -3571,1288 +3595,1300 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
-  %64 = load <8 x i32>, ptr %63, align 4
-  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %66 to <8 x float>
-  %67 = getelementptr inbounds float, ptr %19, i64 %k
-  %68 = load float, ptr %67, align 4
-  %69 = insertelement <8 x float> poison, float %68, i32 0
-  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
-  %71 = load <8 x float>, ptr %acc00, align 4
-  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
-  store <8 x float> %72, ptr %acc00, align 4
-  %73 = load <8 x float>, ptr %acc01, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
-  store <8 x float> %74, ptr %acc01, align 4
-  %75 = getelementptr inbounds float, ptr %25, i64 %k
-  %76 = load float, ptr %75, align 4
-  %77 = insertelement <8 x float> poison, float %76, i32 0
-  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
-  %79 = load <8 x float>, ptr %acc10, align 4
-  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
-  store <8 x float> %80, ptr %acc10, align 4
-  %81 = load <8 x float>, ptr %acc11, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
-  store <8 x float> %82, ptr %acc11, align 4
-  %83 = getelementptr inbounds float, ptr %31, i64 %k
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = load <8 x float>, ptr %acc20, align 4
-  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
-  store <8 x float> %88, ptr %acc20, align 4
-  %89 = load <8 x float>, ptr %acc21, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
-  store <8 x float> %90, ptr %acc21, align 4
-  %91 = getelementptr inbounds float, ptr %37, i64 %k
-  %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> poison, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
-  %95 = load <8 x float>, ptr %acc30, align 4
-  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
-  store <8 x float> %96, ptr %acc30, align 4
-  %97 = load <8 x float>, ptr %acc31, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
-  store <8 x float> %98, ptr %acc31, align 4
-  %99 = getelementptr inbounds float, ptr %43, i64 %k
-  %100 = load float, ptr %99, align 4
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = load <8 x float>, ptr %acc40, align 4
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
-  store <8 x float> %104, ptr %acc40, align 4
-  %105 = load <8 x float>, ptr %acc41, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
-  store <8 x float> %106, ptr %acc41, align 4
-  %107 = getelementptr inbounds float, ptr %49, i64 %k
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc50, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
-  store <8 x float> %112, ptr %acc50, align 4
-  %113 = load <8 x float>, ptr %acc51, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
-  store <8 x float> %114, ptr %acc51, align 4
-  %115 = add nsw i64 %k, 1
+  %63 = mul nsw i64 %59, 16
+  %64 = add nsw i64 %panel.off, %63
+  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
+  %66 = load <8 x i32>, ptr %65, align 4
+  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %67 to <8 x float>
+  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %68 to <8 x float>
+  %69 = getelementptr inbounds float, ptr %19, i64 %59
+  %70 = load float, ptr %69, align 4
+  %71 = insertelement <8 x float> poison, float %70, i32 0
+  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
+  %73 = load <8 x float>, ptr %acc000, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
+  store <8 x float> %74, ptr %acc000, align 4
+  %75 = load <8 x float>, ptr %acc001, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
+  store <8 x float> %76, ptr %acc001, align 4
+  %77 = getelementptr inbounds float, ptr %25, i64 %59
+  %78 = load float, ptr %77, align 4
+  %79 = insertelement <8 x float> poison, float %78, i32 0
+  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
+  %81 = load <8 x float>, ptr %acc010, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
+  store <8 x float> %82, ptr %acc010, align 4
+  %83 = load <8 x float>, ptr %acc011, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
+  store <8 x float> %84, ptr %acc011, align 4
+  %85 = getelementptr inbounds float, ptr %31, i64 %59
+  %86 = load float, ptr %85, align 4
+  %87 = insertelement <8 x float> poison, float %86, i32 0
+  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
+  %89 = load <8 x float>, ptr %acc020, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
+  store <8 x float> %90, ptr %acc020, align 4
+  %91 = load <8 x float>, ptr %acc021, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
+  store <8 x float> %92, ptr %acc021, align 4
+  %93 = getelementptr inbounds float, ptr %37, i64 %59
+  %94 = load float, ptr %93, align 4
+  %95 = insertelement <8 x float> poison, float %94, i32 0
+  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
+  %97 = load <8 x float>, ptr %acc030, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
+  store <8 x float> %98, ptr %acc030, align 4
+  %99 = load <8 x float>, ptr %acc031, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
+  store <8 x float> %100, ptr %acc031, align 4
+  %101 = getelementptr inbounds float, ptr %43, i64 %59
+  %102 = load float, ptr %101, align 4
+  %103 = insertelement <8 x float> poison, float %102, i32 0
+  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  %105 = load <8 x float>, ptr %acc040, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
+  store <8 x float> %106, ptr %acc040, align 4
+  %107 = load <8 x float>, ptr %acc041, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
+  store <8 x float> %108, ptr %acc041, align 4
+  %109 = getelementptr inbounds float, ptr %49, i64 %59
+  %110 = load float, ptr %109, align 4
+  %111 = insertelement <8 x float> poison, float %110, i32 0
+  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
+  %113 = load <8 x float>, ptr %acc050, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
+  store <8 x float> %114, ptr %acc050, align 4
+  %115 = load <8 x float>, ptr %acc051, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
+  store <8 x float> %116, ptr %acc051, align 4
+  %117 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %116 = add nsw i64 %r0, 0
-  %117 = mul nsw i64 %116, 2816
-  %118 = getelementptr inbounds float, ptr %h, i64 %117
+  %118 = add nsw i64 %r0, 0
+  %119 = mul nsw i64 %118, 2816
+  %120 = getelementptr inbounds float, ptr %h, i64 %119
   %col = mul nsw i64 %p, 8
-  %119 = load <8 x float>, ptr %acc00, align 4
-  %120 = load <8 x float>, ptr %acc01, align 4
-  %121 = fneg <8 x float> %119
-  %122 = fcmp olt <8 x float> %121, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %123 = select <8 x i1> %122, <8 x float> %121, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %124 = fcmp ogt <8 x float> %123, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %125 = select <8 x i1> %124, <8 x float> %123, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %127 = call <8 x float> @llvm.floor.v8f32(<8 x float> %126)
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %125)
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %128)
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %129, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %129, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %129, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %129, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %129, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %135 = fmul <8 x float> %129, %129
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %135, <8 x float> %129)
-  %137 = fadd <8 x float> %136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %138 = fptosi <8 x float> %127 to <8 x i32>
-  %139 = add <8 x i32> %138, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %140 = shl <8 x i32> %139, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %140 to <8 x float>
-  %exp = fmul <8 x float> %137, %exp.2n
-  %141 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %141
-  %silu = fmul <8 x float> %119, %sigmoid
-  %glu = fmul <8 x float> %silu, %120
-  %142 = getelementptr inbounds float, ptr %118, i64 %col
-  store <8 x float> %glu, ptr %142, align 4
-  %143 = add nsw i64 %r0, 1
-  %144 = mul nsw i64 %143, 2816
-  %145 = getelementptr inbounds float, ptr %h, i64 %144
+  %121 = load <8 x float>, ptr %acc000, align 4
+  %122 = load <8 x float>, ptr %acc001, align 4
+  %123 = fneg <8 x float> %121
+  %124 = fcmp olt <8 x float> %123, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %125 = select <8 x i1> %124, <8 x float> %123, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %126 = fcmp ogt <8 x float> %125, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %127 = select <8 x i1> %126, <8 x float> %125, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %129 = call <8 x float> @llvm.floor.v8f32(<8 x float> %128)
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %127)
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %130)
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %131, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %131, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %131, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %131, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %131, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %137 = fmul <8 x float> %131, %131
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %137, <8 x float> %131)
+  %139 = fadd <8 x float> %138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %140 = fptosi <8 x float> %129 to <8 x i32>
+  %141 = add <8 x i32> %140, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %142 = shl <8 x i32> %141, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %142 to <8 x float>
+  %exp = fmul <8 x float> %139, %exp.2n
+  %143 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %143
+  %silu = fmul <8 x float> %121, %sigmoid
+  %glu = fmul <8 x float> %silu, %122
+  %144 = getelementptr inbounds float, ptr %120, i64 %col
+  store <8 x float> %glu, ptr %144, align 4
+  %145 = add nsw i64 %r0, 1
+  %146 = mul nsw i64 %145, 2816
+  %147 = getelementptr inbounds float, ptr %h, i64 %146
   %col2 = mul nsw i64 %p, 8
-  %146 = load <8 x float>, ptr %acc10, align 4
-  %147 = load <8 x float>, ptr %acc11, align 4
-  %148 = fneg <8 x float> %146
-  %149 = fcmp olt <8 x float> %148, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %150 = select <8 x i1> %149, <8 x float> %148, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %151 = fcmp ogt <8 x float> %150, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %152 = select <8 x i1> %151, <8 x float> %150, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %154 = call <8 x float> @llvm.floor.v8f32(<8 x float> %153)
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %152)
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %155)
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %156, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %157, <8 x float> %156, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> %158, <8 x float> %156, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %156, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %156, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %162 = fmul <8 x float> %156, %156
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %162, <8 x float> %156)
-  %164 = fadd <8 x float> %163, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %165 = fptosi <8 x float> %154 to <8 x i32>
-  %166 = add <8 x i32> %165, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %167 = shl <8 x i32> %166, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %167 to <8 x float>
-  %exp4 = fmul <8 x float> %164, %exp.2n3
-  %168 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %168
-  %silu6 = fmul <8 x float> %146, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %147
-  %169 = getelementptr inbounds float, ptr %145, i64 %col2
-  store <8 x float> %glu7, ptr %169, align 4
-  %170 = add nsw i64 %r0, 2
-  %171 = mul nsw i64 %170, 2816
-  %172 = getelementptr inbounds float, ptr %h, i64 %171
+  %148 = load <8 x float>, ptr %acc010, align 4
+  %149 = load <8 x float>, ptr %acc011, align 4
+  %150 = fneg <8 x float> %148
+  %151 = fcmp olt <8 x float> %150, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %152 = select <8 x i1> %151, <8 x float> %150, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %153 = fcmp ogt <8 x float> %152, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %154 = select <8 x i1> %153, <8 x float> %152, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %156 = call <8 x float> @llvm.floor.v8f32(<8 x float> %155)
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %154)
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %156, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %157)
+  %159 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %158, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %158, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %158, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %158, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %158, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %164 = fmul <8 x float> %158, %158
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> %164, <8 x float> %158)
+  %166 = fadd <8 x float> %165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %167 = fptosi <8 x float> %156 to <8 x i32>
+  %168 = add <8 x i32> %167, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %169 = shl <8 x i32> %168, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %169 to <8 x float>
+  %exp4 = fmul <8 x float> %166, %exp.2n3
+  %170 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %170
+  %silu6 = fmul <8 x float> %148, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %149
+  %171 = getelementptr inbounds float, ptr %147, i64 %col2
+  store <8 x float> %glu7, ptr %171, align 4
+  %172 = add nsw i64 %r0, 2
+  %173 = mul nsw i64 %172, 2816
+  %174 = getelementptr inbounds float, ptr %h, i64 %173
   %col8 = mul nsw i64 %p, 8
-  %173 = load <8 x float>, ptr %acc20, align 4
-  %174 = load <8 x float>, ptr %acc21, align 4
-  %175 = fneg <8 x float> %173
-  %176 = fcmp olt <8 x float> %175, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %177 = select <8 x i1> %176, <8 x float> %175, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %178 = fcmp ogt <8 x float> %177, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %179 = select <8 x i1> %178, <8 x float> %177, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %181 = call <8 x float> @llvm.floor.v8f32(<8 x float> %180)
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %179)
-  %183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %182)
-  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %189 = fmul <8 x float> %183, %183
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %189, <8 x float> %183)
-  %191 = fadd <8 x float> %190, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %192 = fptosi <8 x float> %181 to <8 x i32>
-  %193 = add <8 x i32> %192, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %194 = shl <8 x i32> %193, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %194 to <8 x float>
-  %exp10 = fmul <8 x float> %191, %exp.2n9
-  %195 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %195
-  %silu12 = fmul <8 x float> %173, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %174
-  %196 = getelementptr inbounds float, ptr %172, i64 %col8
-  store <8 x float> %glu13, ptr %196, align 4
-  %197 = add nsw i64 %r0, 3
-  %198 = mul nsw i64 %197, 2816
-  %199 = getelementptr inbounds float, ptr %h, i64 %198
+  %175 = load <8 x float>, ptr %acc020, align 4
+  %176 = load <8 x float>, ptr %acc021, align 4
+  %177 = fneg <8 x float> %175
+  %178 = fcmp olt <8 x float> %177, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %179 = select <8 x i1> %178, <8 x float> %177, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %180 = fcmp ogt <8 x float> %179, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %181 = select <8 x i1> %180, <8 x float> %179, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %181, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %183 = call <8 x float> @llvm.floor.v8f32(<8 x float> %182)
+  %184 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %181)
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %184)
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %185, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %185, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %187, <8 x float> %185, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %188, <8 x float> %185, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> %185, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %191 = fmul <8 x float> %185, %185
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %191, <8 x float> %185)
+  %193 = fadd <8 x float> %192, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %194 = fptosi <8 x float> %183 to <8 x i32>
+  %195 = add <8 x i32> %194, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %196 = shl <8 x i32> %195, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %196 to <8 x float>
+  %exp10 = fmul <8 x float> %193, %exp.2n9
+  %197 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %197
+  %silu12 = fmul <8 x float> %175, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %176
+  %198 = getelementptr inbounds float, ptr %174, i64 %col8
+  store <8 x float> %glu13, ptr %198, align 4
+  %199 = add nsw i64 %r0, 3
+  %200 = mul nsw i64 %199, 2816
+  %201 = getelementptr inbounds float, ptr %h, i64 %200
   %col14 = mul nsw i64 %p, 8
-  %200 = load <8 x float>, ptr %acc30, align 4
-  %201 = load <8 x float>, ptr %acc31, align 4
-  %202 = fneg <8 x float> %200
-  %203 = fcmp olt <8 x float> %202, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %204 = select <8 x i1> %203, <8 x float> %202, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %205 = fcmp ogt <8 x float> %204, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %206 = select <8 x i1> %205, <8 x float> %204, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %206, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %208 = call <8 x float> @llvm.floor.v8f32(<8 x float> %207)
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %206)
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %209)
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %210, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %210, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %210, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %210, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %210, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %216 = fmul <8 x float> %210, %210
-  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %216, <8 x float> %210)
-  %218 = fadd <8 x float> %217, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %219 = fptosi <8 x float> %208 to <8 x i32>
-  %220 = add <8 x i32> %219, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %221 = shl <8 x i32> %220, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %221 to <8 x float>
-  %exp16 = fmul <8 x float> %218, %exp.2n15
-  %222 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %222
-  %silu18 = fmul <8 x float> %200, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %201
-  %223 = getelementptr inbounds float, ptr %199, i64 %col14
-  store <8 x float> %glu19, ptr %223, align 4
-  %224 = add nsw i64 %r0, 4
-  %225 = mul nsw i64 %224, 2816
-  %226 = getelementptr inbounds float, ptr %h, i64 %225
+  %202 = load <8 x float>, ptr %acc030, align 4
+  %203 = load <8 x float>, ptr %acc031, align 4
+  %204 = fneg <8 x float> %202
+  %205 = fcmp olt <8 x float> %204, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %206 = select <8 x i1> %205, <8 x float> %204, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %207 = fcmp ogt <8 x float> %206, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %208 = select <8 x i1> %207, <8 x float> %206, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %210 = call <8 x float> @llvm.floor.v8f32(<8 x float> %209)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %208)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %211)
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %212, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %213, <8 x float> %212, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %214, <8 x float> %212, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %212, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %212, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %218 = fmul <8 x float> %212, %212
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %218, <8 x float> %212)
+  %220 = fadd <8 x float> %219, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %221 = fptosi <8 x float> %210 to <8 x i32>
+  %222 = add <8 x i32> %221, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %223 = shl <8 x i32> %222, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %223 to <8 x float>
+  %exp16 = fmul <8 x float> %220, %exp.2n15
+  %224 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %224
+  %silu18 = fmul <8 x float> %202, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %203
+  %225 = getelementptr inbounds float, ptr %201, i64 %col14
+  store <8 x float> %glu19, ptr %225, align 4
+  %226 = add nsw i64 %r0, 4
+  %227 = mul nsw i64 %226, 2816
+  %228 = getelementptr inbounds float, ptr %h, i64 %227
   %col20 = mul nsw i64 %p, 8
-  %227 = load <8 x float>, ptr %acc40, align 4
-  %228 = load <8 x float>, ptr %acc41, align 4
-  %229 = fneg <8 x float> %227
-  %230 = fcmp olt <8 x float> %229, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %231 = select <8 x i1> %230, <8 x float> %229, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %232 = fcmp ogt <8 x float> %231, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %235 = call <8 x float> @llvm.floor.v8f32(<8 x float> %234)
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %233)
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %236)
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %237, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> %237, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %237, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %237, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %237, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %243 = fmul <8 x float> %237, %237
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %243, <8 x float> %237)
-  %245 = fadd <8 x float> %244, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %246 = fptosi <8 x float> %235 to <8 x i32>
-  %247 = add <8 x i32> %246, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %248 = shl <8 x i32> %247, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %248 to <8 x float>
-  %exp22 = fmul <8 x float> %245, %exp.2n21
-  %249 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %249
-  %silu24 = fmul <8 x float> %227, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %228
-  %250 = getelementptr inbounds float, ptr %226, i64 %col20
-  store <8 x float> %glu25, ptr %250, align 4
-  %251 = add nsw i64 %r0, 5
-  %252 = mul nsw i64 %251, 2816
-  %253 = getelementptr inbounds float, ptr %h, i64 %252
+  %229 = load <8 x float>, ptr %acc040, align 4
+  %230 = load <8 x float>, ptr %acc041, align 4
+  %231 = fneg <8 x float> %229
+  %232 = fcmp olt <8 x float> %231, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %234 = fcmp ogt <8 x float> %233, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %237 = call <8 x float> @llvm.floor.v8f32(<8 x float> %236)
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %235)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %238)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %239, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %239, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %239, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %239, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %239, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %245 = fmul <8 x float> %239, %239
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %245, <8 x float> %239)
+  %247 = fadd <8 x float> %246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %248 = fptosi <8 x float> %237 to <8 x i32>
+  %249 = add <8 x i32> %248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %250 = shl <8 x i32> %249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %250 to <8 x float>
+  %exp22 = fmul <8 x float> %247, %exp.2n21
+  %251 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %251
+  %silu24 = fmul <8 x float> %229, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %230
+  %252 = getelementptr inbounds float, ptr %228, i64 %col20
+  store <8 x float> %glu25, ptr %252, align 4
+  %253 = add nsw i64 %r0, 5
+  %254 = mul nsw i64 %253, 2816
+  %255 = getelementptr inbounds float, ptr %h, i64 %254
   %col26 = mul nsw i64 %p, 8
-  %254 = load <8 x float>, ptr %acc50, align 4
-  %255 = load <8 x float>, ptr %acc51, align 4
-  %256 = fneg <8 x float> %254
-  %257 = fcmp olt <8 x float> %256, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %259 = fcmp ogt <8 x float> %258, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %262 = call <8 x float> @llvm.floor.v8f32(<8 x float> %261)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %260)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %263)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %264, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %264, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %264, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %264, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %270 = fmul <8 x float> %264, %264
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %270, <8 x float> %264)
-  %272 = fadd <8 x float> %271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %273 = fptosi <8 x float> %262 to <8 x i32>
-  %274 = add <8 x i32> %273, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %275 = shl <8 x i32> %274, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %275 to <8 x float>
-  %exp28 = fmul <8 x float> %272, %exp.2n27
-  %276 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %276
-  %silu30 = fmul <8 x float> %254, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %255
-  %277 = getelementptr inbounds float, ptr %253, i64 %col26
-  store <8 x float> %glu31, ptr %277, align 4
+  %256 = load <8 x float>, ptr %acc050, align 4
+  %257 = load <8 x float>, ptr %acc051, align 4
+  %258 = fneg <8 x float> %256
+  %259 = fcmp olt <8 x float> %258, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %261 = fcmp ogt <8 x float> %260, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %262 = select <8 x i1> %261, <8 x float> %260, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %264 = call <8 x float> @llvm.floor.v8f32(<8 x float> %263)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %262)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %265)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %266, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %266, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %266, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %266, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %270, <8 x float> %266, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %272 = fmul <8 x float> %266, %266
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %272, <8 x float> %266)
+  %274 = fadd <8 x float> %273, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %275 = fptosi <8 x float> %264 to <8 x i32>
+  %276 = add <8 x i32> %275, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %277 = shl <8 x i32> %276, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %277 to <8 x float>
+  %exp28 = fmul <8 x float> %274, %exp.2n27
+  %278 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %278
+  %silu30 = fmul <8 x float> %256, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %257
+  %279 = getelementptr inbounds float, ptr %255, i64 %col26
+  store <8 x float> %glu31, ptr %279, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %278 = add nsw i64 %r0, 0
-  %279 = getelementptr inbounds i32, ptr %rows, i64 %278
-  %280 = load i32, ptr %279, align 4
-  %281 = sext i32 %280 to i64
-  %282 = mul nsw i64 %281, 2048
-  %283 = getelementptr inbounds float, ptr %x, i64 %282
-  store <8 x float> zeroinitializer, ptr %acc0032, align 4
-  store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %284 = add nsw i64 %r0, 1
-  %285 = getelementptr inbounds i32, ptr %rows, i64 %284
-  %286 = load i32, ptr %285, align 4
-  %287 = sext i32 %286 to i64
-  %288 = mul nsw i64 %287, 2048
-  %289 = getelementptr inbounds float, ptr %x, i64 %288
-  store <8 x float> zeroinitializer, ptr %acc1034, align 4
-  store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %290 = add nsw i64 %r0, 2
-  %291 = getelementptr inbounds i32, ptr %rows, i64 %290
-  %292 = load i32, ptr %291, align 4
-  %293 = sext i32 %292 to i64
-  %294 = mul nsw i64 %293, 2048
-  %295 = getelementptr inbounds float, ptr %x, i64 %294
-  store <8 x float> zeroinitializer, ptr %acc2036, align 4
-  store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %296 = add nsw i64 %r0, 3
-  %297 = getelementptr inbounds i32, ptr %rows, i64 %296
-  %298 = load i32, ptr %297, align 4
-  %299 = sext i32 %298 to i64
-  %300 = mul nsw i64 %299, 2048
-  %301 = getelementptr inbounds float, ptr %x, i64 %300
-  store <8 x float> zeroinitializer, ptr %acc3038, align 4
-  store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %302 = add nsw i64 %r0, 4
-  %303 = getelementptr inbounds i32, ptr %rows, i64 %302
-  %304 = load i32, ptr %303, align 4
-  %305 = sext i32 %304 to i64
-  %306 = mul nsw i64 %305, 2048
-  %307 = getelementptr inbounds float, ptr %x, i64 %306
-  store <8 x float> zeroinitializer, ptr %acc4040, align 4
-  store <8 x float> zeroinitializer, ptr %acc4141, align 4
+  %280 = add nsw i64 %r0, 0
+  %281 = getelementptr inbounds i32, ptr %rows, i64 %280
+  %282 = load i32, ptr %281, align 4
+  %283 = sext i32 %282 to i64
+  %284 = mul nsw i64 %283, 2048
+  %285 = getelementptr inbounds float, ptr %x, i64 %284
+  store <8 x float> zeroinitializer, ptr %acc00032, align 4
+  store <8 x float> zeroinitializer, ptr %acc00133, align 4
+  %286 = add nsw i64 %r0, 1
+  %287 = getelementptr inbounds i32, ptr %rows, i64 %286
+  %288 = load i32, ptr %287, align 4
+  %289 = sext i32 %288 to i64
+  %290 = mul nsw i64 %289, 2048
+  %291 = getelementptr inbounds float, ptr %x, i64 %290
+  store <8 x float> zeroinitializer, ptr %acc01034, align 4
+  store <8 x float> zeroinitializer, ptr %acc01135, align 4
+  %292 = add nsw i64 %r0, 2
+  %293 = getelementptr inbounds i32, ptr %rows, i64 %292
+  %294 = load i32, ptr %293, align 4
+  %295 = sext i32 %294 to i64
+  %296 = mul nsw i64 %295, 2048
+  %297 = getelementptr inbounds float, ptr %x, i64 %296
+  store <8 x float> zeroinitializer, ptr %acc02036, align 4
+  store <8 x float> zeroinitializer, ptr %acc02137, align 4
+  %298 = add nsw i64 %r0, 3
+  %299 = getelementptr inbounds i32, ptr %rows, i64 %298
+  %300 = load i32, ptr %299, align 4
+  %301 = sext i32 %300 to i64
+  %302 = mul nsw i64 %301, 2048
+  %303 = getelementptr inbounds float, ptr %x, i64 %302
+  store <8 x float> zeroinitializer, ptr %acc03038, align 4
+  store <8 x float> zeroinitializer, ptr %acc03139, align 4
+  %304 = add nsw i64 %r0, 4
+  %305 = getelementptr inbounds i32, ptr %rows, i64 %304
+  %306 = load i32, ptr %305, align 4
+  %307 = sext i32 %306 to i64
+  %308 = mul nsw i64 %307, 2048
+  %309 = getelementptr inbounds float, ptr %x, i64 %308
+  store <8 x float> zeroinitializer, ptr %acc04040, align 4
+  store <8 x float> zeroinitializer, ptr %acc04141, align 4
   %panel.off42 = mul nsw i64 %p, 32768
-  %308 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %309 = add nsw i64 %p, 1
-  %310 = icmp slt i64 %309, %p1
-  %pf.on43 = and i1 %pf.on, %310
-  %311 = mul nsw i64 %rb, 65536
-  %312 = lshr i64 %311, %11
-  %313 = add nsw i64 65536, %312
-  %314 = getelementptr inbounds i8, ptr %308, i64 %313
-  %pf44 = select i1 %pf.on43, ptr %314, ptr %308
+  %310 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %311 = add nsw i64 %p, 1
+  %312 = icmp slt i64 %311, %p1
+  %pf.on43 = and i1 %pf.on, %312
+  %313 = mul nsw i64 %rb, 65536
+  %314 = lshr i64 %313, %11
+  %315 = add nsw i64 65536, %314
+  %316 = getelementptr inbounds i8, ptr %310, i64 %315
+  %pf44 = select i1 %pf.on43, ptr %316, ptr %310
   %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %365, %pf.any.end51 ]
-  %315 = icmp slt i64 %k49, 2048
-  br i1 %315, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %369, %pf.any.end51 ]
+  %317 = icmp slt i64 %k49, 2048
+  br i1 %317, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %316 = mul nsw i64 %k49, 16
-  %317 = add nsw i64 %panel.off42, %316
-  %318 = mul nsw i64 %k49, 32
+  %318 = mul nsw i64 %k49, 1
+  %319 = add nsw i64 %318, 0
+  %320 = mul nsw i64 %319, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %319 = lshr i64 %318, %pf.sh45
-  %320 = getelementptr inbounds i8, ptr %pf44, i64 %319
-  call void @llvm.prefetch.p0(ptr %320, i32 0, i32 2, i32 1)
+  %321 = lshr i64 %320, %pf.sh45
+  %322 = getelementptr inbounds i8, ptr %pf44, i64 %321
+  call void @llvm.prefetch.p0(ptr %322, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %321 = getelementptr inbounds i16, ptr %panels, i64 %317
-  %322 = load <8 x i32>, ptr %321, align 4
-  %323 = shl <8 x i32> %322, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %323 to <8 x float>
-  %324 = and <8 x i32> %322, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %324 to <8 x float>
-  %325 = getelementptr inbounds float, ptr %283, i64 %k49
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc0032, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b052, <8 x float> %329)
-  store <8 x float> %330, ptr %acc0032, align 4
-  %331 = load <8 x float>, ptr %acc0133, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %b153, <8 x float> %331)
-  store <8 x float> %332, ptr %acc0133, align 4
-  %333 = getelementptr inbounds float, ptr %289, i64 %k49
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %acc1034, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b052, <8 x float> %337)
-  store <8 x float> %338, ptr %acc1034, align 4
-  %339 = load <8 x float>, ptr %acc1135, align 4
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %b153, <8 x float> %339)
-  store <8 x float> %340, ptr %acc1135, align 4
-  %341 = getelementptr inbounds float, ptr %295, i64 %k49
-  %342 = load float, ptr %341, align 4
-  %343 = insertelement <8 x float> poison, float %342, i32 0
-  %344 = shufflevector <8 x float> %343, <8 x float> poison, <8 x i32> zeroinitializer
-  %345 = load <8 x float>, ptr %acc2036, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %b052, <8 x float> %345)
-  store <8 x float> %346, ptr %acc2036, align 4
-  %347 = load <8 x float>, ptr %acc2137, align 4
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %b153, <8 x float> %347)
-  store <8 x float> %348, ptr %acc2137, align 4
-  %349 = getelementptr inbounds float, ptr %301, i64 %k49
-  %350 = load float, ptr %349, align 4
-  %351 = insertelement <8 x float> poison, float %350, i32 0
-  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
-  %353 = load <8 x float>, ptr %acc3038, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %b052, <8 x float> %353)
-  store <8 x float> %354, ptr %acc3038, align 4
-  %355 = load <8 x float>, ptr %acc3139, align 4
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %b153, <8 x float> %355)
-  store <8 x float> %356, ptr %acc3139, align 4
-  %357 = getelementptr inbounds float, ptr %307, i64 %k49
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc4040, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b052, <8 x float> %361)
-  store <8 x float> %362, ptr %acc4040, align 4
-  %363 = load <8 x float>, ptr %acc4141, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %b153, <8 x float> %363)
-  store <8 x float> %364, ptr %acc4141, align 4
-  %365 = add nsw i64 %k49, 1
+  %323 = mul nsw i64 %319, 16
+  %324 = add nsw i64 %panel.off42, %323
+  %325 = getelementptr inbounds i16, ptr %panels, i64 %324
+  %326 = load <8 x i32>, ptr %325, align 4
+  %327 = shl <8 x i32> %326, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %327 to <8 x float>
+  %328 = and <8 x i32> %326, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %328 to <8 x float>
+  %329 = getelementptr inbounds float, ptr %285, i64 %319
+  %330 = load float, ptr %329, align 4
+  %331 = insertelement <8 x float> poison, float %330, i32 0
+  %332 = shufflevector <8 x float> %331, <8 x float> poison, <8 x i32> zeroinitializer
+  %333 = load <8 x float>, ptr %acc00032, align 4
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b052, <8 x float> %333)
+  store <8 x float> %334, ptr %acc00032, align 4
+  %335 = load <8 x float>, ptr %acc00133, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b153, <8 x float> %335)
+  store <8 x float> %336, ptr %acc00133, align 4
+  %337 = getelementptr inbounds float, ptr %291, i64 %319
+  %338 = load float, ptr %337, align 4
+  %339 = insertelement <8 x float> poison, float %338, i32 0
+  %340 = shufflevector <8 x float> %339, <8 x float> poison, <8 x i32> zeroinitializer
+  %341 = load <8 x float>, ptr %acc01034, align 4
+  %342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %b052, <8 x float> %341)
+  store <8 x float> %342, ptr %acc01034, align 4
+  %343 = load <8 x float>, ptr %acc01135, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %b153, <8 x float> %343)
+  store <8 x float> %344, ptr %acc01135, align 4
+  %345 = getelementptr inbounds float, ptr %297, i64 %319
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %acc02036, align 4
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %b052, <8 x float> %349)
+  store <8 x float> %350, ptr %acc02036, align 4
+  %351 = load <8 x float>, ptr %acc02137, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %b153, <8 x float> %351)
+  store <8 x float> %352, ptr %acc02137, align 4
+  %353 = getelementptr inbounds float, ptr %303, i64 %319
+  %354 = load float, ptr %353, align 4
+  %355 = insertelement <8 x float> poison, float %354, i32 0
+  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
+  %357 = load <8 x float>, ptr %acc03038, align 4
+  %358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> %b052, <8 x float> %357)
+  store <8 x float> %358, ptr %acc03038, align 4
+  %359 = load <8 x float>, ptr %acc03139, align 4
+  %360 = call <8 x float> @llvm.fma.v8f32(<8 x float> %356, <8 x float> %b153, <8 x float> %359)
+  store <8 x float> %360, ptr %acc03139, align 4
+  %361 = getelementptr inbounds float, ptr %309, i64 %319
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = load <8 x float>, ptr %acc04040, align 4
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %b052, <8 x float> %365)
+  store <8 x float> %366, ptr %acc04040, align 4
+  %367 = load <8 x float>, ptr %acc04141, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %b153, <8 x float> %367)
+  store <8 x float> %368, ptr %acc04141, align 4
+  %369 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %366 = add nsw i64 %r0, 0
-  %367 = mul nsw i64 %366, 2816
-  %368 = getelementptr inbounds float, ptr %h, i64 %367
+  %370 = add nsw i64 %r0, 0
+  %371 = mul nsw i64 %370, 2816
+  %372 = getelementptr inbounds float, ptr %h, i64 %371
   %col54 = mul nsw i64 %p, 8
-  %369 = load <8 x float>, ptr %acc0032, align 4
-  %370 = load <8 x float>, ptr %acc0133, align 4
-  %371 = fneg <8 x float> %369
-  %372 = fcmp olt <8 x float> %371, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %374 = fcmp ogt <8 x float> %373, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %377 = call <8 x float> @llvm.floor.v8f32(<8 x float> %376)
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %375)
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %378)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %379, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %379, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %379, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %379, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %379, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %385 = fmul <8 x float> %379, %379
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %385, <8 x float> %379)
-  %387 = fadd <8 x float> %386, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %388 = fptosi <8 x float> %377 to <8 x i32>
-  %389 = add <8 x i32> %388, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %390 = shl <8 x i32> %389, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %390 to <8 x float>
-  %exp56 = fmul <8 x float> %387, %exp.2n55
-  %391 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %391
-  %silu58 = fmul <8 x float> %369, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %370
-  %392 = getelementptr inbounds float, ptr %368, i64 %col54
-  store <8 x float> %glu59, ptr %392, align 4
-  %393 = add nsw i64 %r0, 1
-  %394 = mul nsw i64 %393, 2816
-  %395 = getelementptr inbounds float, ptr %h, i64 %394
+  %373 = load <8 x float>, ptr %acc00032, align 4
+  %374 = load <8 x float>, ptr %acc00133, align 4
+  %375 = fneg <8 x float> %373
+  %376 = fcmp olt <8 x float> %375, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %377 = select <8 x i1> %376, <8 x float> %375, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %378 = fcmp ogt <8 x float> %377, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %379 = select <8 x i1> %378, <8 x float> %377, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %381 = call <8 x float> @llvm.floor.v8f32(<8 x float> %380)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %379)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %382)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %383, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %383, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %383, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %383, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %383, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %389 = fmul <8 x float> %383, %383
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %389, <8 x float> %383)
+  %391 = fadd <8 x float> %390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %392 = fptosi <8 x float> %381 to <8 x i32>
+  %393 = add <8 x i32> %392, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %394 = shl <8 x i32> %393, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %394 to <8 x float>
+  %exp56 = fmul <8 x float> %391, %exp.2n55
+  %395 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %395
+  %silu58 = fmul <8 x float> %373, %sigmoid57
+  %glu59 = fmul <8 x float> %silu58, %374
+  %396 = getelementptr inbounds float, ptr %372, i64 %col54
+  store <8 x float> %glu59, ptr %396, align 4
+  %397 = add nsw i64 %r0, 1
+  %398 = mul nsw i64 %397, 2816
+  %399 = getelementptr inbounds float, ptr %h, i64 %398
   %col60 = mul nsw i64 %p, 8
-  %396 = load <8 x float>, ptr %acc1034, align 4
-  %397 = load <8 x float>, ptr %acc1135, align 4
-  %398 = fneg <8 x float> %396
-  %399 = fcmp olt <8 x float> %398, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %400 = select <8 x i1> %399, <8 x float> %398, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %401 = fcmp ogt <8 x float> %400, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %402 = select <8 x i1> %401, <8 x float> %400, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %404 = call <8 x float> @llvm.floor.v8f32(<8 x float> %403)
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %402)
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %405)
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %406, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %408 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %406, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> %406, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %406, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %410, <8 x float> %406, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %412 = fmul <8 x float> %406, %406
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %412, <8 x float> %406)
-  %414 = fadd <8 x float> %413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %415 = fptosi <8 x float> %404 to <8 x i32>
-  %416 = add <8 x i32> %415, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %417 = shl <8 x i32> %416, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %417 to <8 x float>
-  %exp62 = fmul <8 x float> %414, %exp.2n61
-  %418 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %418
-  %silu64 = fmul <8 x float> %396, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %397
-  %419 = getelementptr inbounds float, ptr %395, i64 %col60
-  store <8 x float> %glu65, ptr %419, align 4
-  %420 = add nsw i64 %r0, 2
-  %421 = mul nsw i64 %420, 2816
-  %422 = getelementptr inbounds float, ptr %h, i64 %421
+  %400 = load <8 x float>, ptr %acc01034, align 4
+  %401 = load <8 x float>, ptr %acc01135, align 4
+  %402 = fneg <8 x float> %400
+  %403 = fcmp olt <8 x float> %402, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %404 = select <8 x i1> %403, <8 x float> %402, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %405 = fcmp ogt <8 x float> %404, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %406 = select <8 x i1> %405, <8 x float> %404, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %406, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %408 = call <8 x float> @llvm.floor.v8f32(<8 x float> %407)
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %406)
+  %410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %408, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %409)
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %410, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> %410, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %412, <8 x float> %410, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> %410, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %414, <8 x float> %410, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %416 = fmul <8 x float> %410, %410
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %416, <8 x float> %410)
+  %418 = fadd <8 x float> %417, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %419 = fptosi <8 x float> %408 to <8 x i32>
+  %420 = add <8 x i32> %419, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %421 = shl <8 x i32> %420, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %421 to <8 x float>
+  %exp62 = fmul <8 x float> %418, %exp.2n61
+  %422 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %422
+  %silu64 = fmul <8 x float> %400, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %401
+  %423 = getelementptr inbounds float, ptr %399, i64 %col60
+  store <8 x float> %glu65, ptr %423, align 4
+  %424 = add nsw i64 %r0, 2
+  %425 = mul nsw i64 %424, 2816
+  %426 = getelementptr inbounds float, ptr %h, i64 %425
   %col66 = mul nsw i64 %p, 8
-  %423 = load <8 x float>, ptr %acc2036, align 4
-  %424 = load <8 x float>, ptr %acc2137, align 4
-  %425 = fneg <8 x float> %423
-  %426 = fcmp olt <8 x float> %425, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %427 = select <8 x i1> %426, <8 x float> %425, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %428 = fcmp ogt <8 x float> %427, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %429 = select <8 x i1> %428, <8 x float> %427, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %431 = call <8 x float> @llvm.floor.v8f32(<8 x float> %430)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %429)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %432)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %433, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %433, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %433, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %433, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %433, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %439 = fmul <8 x float> %433, %433
-  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %439, <8 x float> %433)
-  %441 = fadd <8 x float> %440, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %442 = fptosi <8 x float> %431 to <8 x i32>
-  %443 = add <8 x i32> %442, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %444 = shl <8 x i32> %443, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %444 to <8 x float>
-  %exp68 = fmul <8 x float> %441, %exp.2n67
-  %445 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %445
-  %silu70 = fmul <8 x float> %423, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %424
-  %446 = getelementptr inbounds float, ptr %422, i64 %col66
-  store <8 x float> %glu71, ptr %446, align 4
-  %447 = add nsw i64 %r0, 3
-  %448 = mul nsw i64 %447, 2816
-  %449 = getelementptr inbounds float, ptr %h, i64 %448
+  %427 = load <8 x float>, ptr %acc02036, align 4
+  %428 = load <8 x float>, ptr %acc02137, align 4
+  %429 = fneg <8 x float> %427
+  %430 = fcmp olt <8 x float> %429, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %431 = select <8 x i1> %430, <8 x float> %429, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %432 = fcmp ogt <8 x float> %431, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %433 = select <8 x i1> %432, <8 x float> %431, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %435 = call <8 x float> @llvm.floor.v8f32(<8 x float> %434)
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %433)
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %436)
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %437, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %438, <8 x float> %437, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %437, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %440, <8 x float> %437, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %441, <8 x float> %437, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %443 = fmul <8 x float> %437, %437
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %443, <8 x float> %437)
+  %445 = fadd <8 x float> %444, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %446 = fptosi <8 x float> %435 to <8 x i32>
+  %447 = add <8 x i32> %446, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %448 = shl <8 x i32> %447, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %448 to <8 x float>
+  %exp68 = fmul <8 x float> %445, %exp.2n67
+  %449 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %449
+  %silu70 = fmul <8 x float> %427, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %428
+  %450 = getelementptr inbounds float, ptr %426, i64 %col66
+  store <8 x float> %glu71, ptr %450, align 4
+  %451 = add nsw i64 %r0, 3
+  %452 = mul nsw i64 %451, 2816
+  %453 = getelementptr inbounds float, ptr %h, i64 %452
   %col72 = mul nsw i64 %p, 8
-  %450 = load <8 x float>, ptr %acc3038, align 4
-  %451 = load <8 x float>, ptr %acc3139, align 4
-  %452 = fneg <8 x float> %450
-  %453 = fcmp olt <8 x float> %452, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %454 = select <8 x i1> %453, <8 x float> %452, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %455 = fcmp ogt <8 x float> %454, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %458 = call <8 x float> @llvm.floor.v8f32(<8 x float> %457)
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %456)
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %459)
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %460, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %460, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %460, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %460, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %460, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %466 = fmul <8 x float> %460, %460
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %466, <8 x float> %460)
-  %468 = fadd <8 x float> %467, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %469 = fptosi <8 x float> %458 to <8 x i32>
-  %470 = add <8 x i32> %469, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %471 = shl <8 x i32> %470, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %471 to <8 x float>
-  %exp74 = fmul <8 x float> %468, %exp.2n73
-  %472 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %472
-  %silu76 = fmul <8 x float> %450, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %451
-  %473 = getelementptr inbounds float, ptr %449, i64 %col72
-  store <8 x float> %glu77, ptr %473, align 4
-  %474 = add nsw i64 %r0, 4
-  %475 = mul nsw i64 %474, 2816
-  %476 = getelementptr inbounds float, ptr %h, i64 %475
+  %454 = load <8 x float>, ptr %acc03038, align 4
+  %455 = load <8 x float>, ptr %acc03139, align 4
+  %456 = fneg <8 x float> %454
+  %457 = fcmp olt <8 x float> %456, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %459 = fcmp ogt <8 x float> %458, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %462 = call <8 x float> @llvm.floor.v8f32(<8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %460)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %463)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %464, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %464, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %464, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %464, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %464, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %470 = fmul <8 x float> %464, %464
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %464)
+  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %473 = fptosi <8 x float> %462 to <8 x i32>
+  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %475 to <8 x float>
+  %exp74 = fmul <8 x float> %472, %exp.2n73
+  %476 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
+  %silu76 = fmul <8 x float> %454, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %455
+  %477 = getelementptr inbounds float, ptr %453, i64 %col72
+  store <8 x float> %glu77, ptr %477, align 4
+  %478 = add nsw i64 %r0, 4
+  %479 = mul nsw i64 %478, 2816
+  %480 = getelementptr inbounds float, ptr %h, i64 %479
   %col78 = mul nsw i64 %p, 8
-  %477 = load <8 x float>, ptr %acc4040, align 4
-  %478 = load <8 x float>, ptr %acc4141, align 4
-  %479 = fneg <8 x float> %477
-  %480 = fcmp olt <8 x float> %479, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %481 = select <8 x i1> %480, <8 x float> %479, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %482 = fcmp ogt <8 x float> %481, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %483 = select <8 x i1> %482, <8 x float> %481, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %485 = call <8 x float> @llvm.floor.v8f32(<8 x float> %484)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %483)
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %486)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %487, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %487, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> %487, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %487, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %487, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %493 = fmul <8 x float> %487, %487
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %493, <8 x float> %487)
-  %495 = fadd <8 x float> %494, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %496 = fptosi <8 x float> %485 to <8 x i32>
-  %497 = add <8 x i32> %496, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %498 = shl <8 x i32> %497, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %498 to <8 x float>
-  %exp80 = fmul <8 x float> %495, %exp.2n79
-  %499 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %499
-  %silu82 = fmul <8 x float> %477, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %478
-  %500 = getelementptr inbounds float, ptr %476, i64 %col78
-  store <8 x float> %glu83, ptr %500, align 4
+  %481 = load <8 x float>, ptr %acc04040, align 4
+  %482 = load <8 x float>, ptr %acc04141, align 4
+  %483 = fneg <8 x float> %481
+  %484 = fcmp olt <8 x float> %483, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %485 = select <8 x i1> %484, <8 x float> %483, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %486 = fcmp ogt <8 x float> %485, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %487 = select <8 x i1> %486, <8 x float> %485, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %489 = call <8 x float> @llvm.floor.v8f32(<8 x float> %488)
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %487)
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %490)
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %491, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %491, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> %491, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %491, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %491, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %497 = fmul <8 x float> %491, %491
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %497, <8 x float> %491)
+  %499 = fadd <8 x float> %498, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %500 = fptosi <8 x float> %489 to <8 x i32>
+  %501 = add <8 x i32> %500, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %502 = shl <8 x i32> %501, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %502 to <8 x float>
+  %exp80 = fmul <8 x float> %499, %exp.2n79
+  %503 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %503
+  %silu82 = fmul <8 x float> %481, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %482
+  %504 = getelementptr inbounds float, ptr %480, i64 %col78
+  store <8 x float> %glu83, ptr %504, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %501 = add nsw i64 %r0, 0
-  %502 = getelementptr inbounds i32, ptr %rows, i64 %501
-  %503 = load i32, ptr %502, align 4
-  %504 = sext i32 %503 to i64
-  %505 = mul nsw i64 %504, 2048
-  %506 = getelementptr inbounds float, ptr %x, i64 %505
-  store <8 x float> zeroinitializer, ptr %acc0084, align 4
-  store <8 x float> zeroinitializer, ptr %acc0185, align 4
-  %507 = add nsw i64 %r0, 1
-  %508 = getelementptr inbounds i32, ptr %rows, i64 %507
-  %509 = load i32, ptr %508, align 4
-  %510 = sext i32 %509 to i64
-  %511 = mul nsw i64 %510, 2048
-  %512 = getelementptr inbounds float, ptr %x, i64 %511
-  store <8 x float> zeroinitializer, ptr %acc1086, align 4
-  store <8 x float> zeroinitializer, ptr %acc1187, align 4
-  %513 = add nsw i64 %r0, 2
-  %514 = getelementptr inbounds i32, ptr %rows, i64 %513
-  %515 = load i32, ptr %514, align 4
-  %516 = sext i32 %515 to i64
-  %517 = mul nsw i64 %516, 2048
-  %518 = getelementptr inbounds float, ptr %x, i64 %517
-  store <8 x float> zeroinitializer, ptr %acc2088, align 4
-  store <8 x float> zeroinitializer, ptr %acc2189, align 4
-  %519 = add nsw i64 %r0, 3
-  %520 = getelementptr inbounds i32, ptr %rows, i64 %519
-  %521 = load i32, ptr %520, align 4
-  %522 = sext i32 %521 to i64
-  %523 = mul nsw i64 %522, 2048
-  %524 = getelementptr inbounds float, ptr %x, i64 %523
-  store <8 x float> zeroinitializer, ptr %acc3090, align 4
-  store <8 x float> zeroinitializer, ptr %acc3191, align 4
+  %505 = add nsw i64 %r0, 0
+  %506 = getelementptr inbounds i32, ptr %rows, i64 %505
+  %507 = load i32, ptr %506, align 4
+  %508 = sext i32 %507 to i64
+  %509 = mul nsw i64 %508, 2048
+  %510 = getelementptr inbounds float, ptr %x, i64 %509
+  store <8 x float> zeroinitializer, ptr %acc00084, align 4
+  store <8 x float> zeroinitializer, ptr %acc00185, align 4
+  %511 = add nsw i64 %r0, 1
+  %512 = getelementptr inbounds i32, ptr %rows, i64 %511
+  %513 = load i32, ptr %512, align 4
+  %514 = sext i32 %513 to i64
+  %515 = mul nsw i64 %514, 2048
+  %516 = getelementptr inbounds float, ptr %x, i64 %515
+  store <8 x float> zeroinitializer, ptr %acc01086, align 4
+  store <8 x float> zeroinitializer, ptr %acc01187, align 4
+  %517 = add nsw i64 %r0, 2
+  %518 = getelementptr inbounds i32, ptr %rows, i64 %517
+  %519 = load i32, ptr %518, align 4
+  %520 = sext i32 %519 to i64
+  %521 = mul nsw i64 %520, 2048
+  %522 = getelementptr inbounds float, ptr %x, i64 %521
+  store <8 x float> zeroinitializer, ptr %acc02088, align 4
+  store <8 x float> zeroinitializer, ptr %acc02189, align 4
+  %523 = add nsw i64 %r0, 3
+  %524 = getelementptr inbounds i32, ptr %rows, i64 %523
+  %525 = load i32, ptr %524, align 4
+  %526 = sext i32 %525 to i64
+  %527 = mul nsw i64 %526, 2048
+  %528 = getelementptr inbounds float, ptr %x, i64 %527
+  store <8 x float> zeroinitializer, ptr %acc03090, align 4
+  store <8 x float> zeroinitializer, ptr %acc03191, align 4
   %panel.off92 = mul nsw i64 %p, 32768
-  %525 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
-  %526 = add nsw i64 %p, 1
-  %527 = icmp slt i64 %526, %p1
-  %pf.on93 = and i1 %pf.on, %527
-  %528 = mul nsw i64 %rb, 65536
-  %529 = lshr i64 %528, %11
-  %530 = add nsw i64 65536, %529
-  %531 = getelementptr inbounds i8, ptr %525, i64 %530
-  %pf94 = select i1 %pf.on93, ptr %531, ptr %525
+  %529 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
+  %530 = add nsw i64 %p, 1
+  %531 = icmp slt i64 %530, %p1
+  %pf.on93 = and i1 %pf.on, %531
+  %532 = mul nsw i64 %rb, 65536
+  %533 = lshr i64 %532, %11
+  %534 = add nsw i64 65536, %533
+  %535 = getelementptr inbounds i8, ptr %529, i64 %534
+  %pf94 = select i1 %pf.on93, ptr %535, ptr %529
   %pf.sh95 = select i1 %pf.on93, i64 %11, i64 0
   br label %k.head96
 
 k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
-  %k99 = phi i64 [ 0, %tile.mr4 ], [ %574, %pf.any.end101 ]
-  %532 = icmp slt i64 %k99, 2048
-  br i1 %532, label %k.body97, label %k.end98
+  %k99 = phi i64 [ 0, %tile.mr4 ], [ %580, %pf.any.end101 ]
+  %536 = icmp slt i64 %k99, 2048
+  br i1 %536, label %k.body97, label %k.end98
 
 k.body97:                                         ; preds = %k.head96
-  %533 = mul nsw i64 %k99, 16
-  %534 = add nsw i64 %panel.off92, %533
-  %535 = mul nsw i64 %k99, 32
+  %537 = mul nsw i64 %k99, 1
+  %538 = add nsw i64 %537, 0
+  %539 = mul nsw i64 %538, 32
   br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
 
 pf.any.then100:                                   ; preds = %k.body97
-  %536 = lshr i64 %535, %pf.sh95
-  %537 = getelementptr inbounds i8, ptr %pf94, i64 %536
-  call void @llvm.prefetch.p0(ptr %537, i32 0, i32 2, i32 1)
+  %540 = lshr i64 %539, %pf.sh95
+  %541 = getelementptr inbounds i8, ptr %pf94, i64 %540
+  call void @llvm.prefetch.p0(ptr %541, i32 0, i32 2, i32 1)
   br label %pf.any.end101
 
 pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
-  %538 = getelementptr inbounds i16, ptr %panels, i64 %534
-  %539 = load <8 x i32>, ptr %538, align 4
-  %540 = shl <8 x i32> %539, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0102 = bitcast <8 x i32> %540 to <8 x float>
-  %541 = and <8 x i32> %539, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1103 = bitcast <8 x i32> %541 to <8 x float>
-  %542 = getelementptr inbounds float, ptr %506, i64 %k99
-  %543 = load float, ptr %542, align 4
-  %544 = insertelement <8 x float> poison, float %543, i32 0
-  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
-  %546 = load <8 x float>, ptr %acc0084, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b0102, <8 x float> %546)
-  store <8 x float> %547, ptr %acc0084, align 4
-  %548 = load <8 x float>, ptr %acc0185, align 4
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b1103, <8 x float> %548)
-  store <8 x float> %549, ptr %acc0185, align 4
-  %550 = getelementptr inbounds float, ptr %512, i64 %k99
-  %551 = load float, ptr %550, align 4
-  %552 = insertelement <8 x float> poison, float %551, i32 0
-  %553 = shufflevector <8 x float> %552, <8 x float> poison, <8 x i32> zeroinitializer
-  %554 = load <8 x float>, ptr %acc1086, align 4
-  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %b0102, <8 x float> %554)
-  store <8 x float> %555, ptr %acc1086, align 4
-  %556 = load <8 x float>, ptr %acc1187, align 4
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %553, <8 x float> %b1103, <8 x float> %556)
-  store <8 x float> %557, ptr %acc1187, align 4
-  %558 = getelementptr inbounds float, ptr %518, i64 %k99
-  %559 = load float, ptr %558, align 4
-  %560 = insertelement <8 x float> poison, float %559, i32 0
-  %561 = shufflevector <8 x float> %560, <8 x float> poison, <8 x i32> zeroinitializer
-  %562 = load <8 x float>, ptr %acc2088, align 4
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %b0102, <8 x float> %562)
-  store <8 x float> %563, ptr %acc2088, align 4
-  %564 = load <8 x float>, ptr %acc2189, align 4
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %b1103, <8 x float> %564)
-  store <8 x float> %565, ptr %acc2189, align 4
-  %566 = getelementptr inbounds float, ptr %524, i64 %k99
-  %567 = load float, ptr %566, align 4
-  %568 = insertelement <8 x float> poison, float %567, i32 0
-  %569 = shufflevector <8 x float> %568, <8 x float> poison, <8 x i32> zeroinitializer
-  %570 = load <8 x float>, ptr %acc3090, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %569, <8 x float> %b0102, <8 x float> %570)
-  store <8 x float> %571, ptr %acc3090, align 4
-  %572 = load <8 x float>, ptr %acc3191, align 4
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %569, <8 x float> %b1103, <8 x float> %572)
-  store <8 x float> %573, ptr %acc3191, align 4
-  %574 = add nsw i64 %k99, 1
+  %542 = mul nsw i64 %538, 16
+  %543 = add nsw i64 %panel.off92, %542
+  %544 = getelementptr inbounds i16, ptr %panels, i64 %543
+  %545 = load <8 x i32>, ptr %544, align 4
+  %546 = shl <8 x i32> %545, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0102 = bitcast <8 x i32> %546 to <8 x float>
+  %547 = and <8 x i32> %545, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1103 = bitcast <8 x i32> %547 to <8 x float>
+  %548 = getelementptr inbounds float, ptr %510, i64 %538
+  %549 = load float, ptr %548, align 4
+  %550 = insertelement <8 x float> poison, float %549, i32 0
+  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
+  %552 = load <8 x float>, ptr %acc00084, align 4
+  %553 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b0102, <8 x float> %552)
+  store <8 x float> %553, ptr %acc00084, align 4
+  %554 = load <8 x float>, ptr %acc00185, align 4
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %b1103, <8 x float> %554)
+  store <8 x float> %555, ptr %acc00185, align 4
+  %556 = getelementptr inbounds float, ptr %516, i64 %538
+  %557 = load float, ptr %556, align 4
+  %558 = insertelement <8 x float> poison, float %557, i32 0
+  %559 = shufflevector <8 x float> %558, <8 x float> poison, <8 x i32> zeroinitializer
+  %560 = load <8 x float>, ptr %acc01086, align 4
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b0102, <8 x float> %560)
+  store <8 x float> %561, ptr %acc01086, align 4
+  %562 = load <8 x float>, ptr %acc01187, align 4
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %b1103, <8 x float> %562)
+  store <8 x float> %563, ptr %acc01187, align 4
+  %564 = getelementptr inbounds float, ptr %522, i64 %538
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc02088, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b0102, <8 x float> %568)
+  store <8 x float> %569, ptr %acc02088, align 4
+  %570 = load <8 x float>, ptr %acc02189, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b1103, <8 x float> %570)
+  store <8 x float> %571, ptr %acc02189, align 4
+  %572 = getelementptr inbounds float, ptr %528, i64 %538
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc03090, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b0102, <8 x float> %576)
+  store <8 x float> %577, ptr %acc03090, align 4
+  %578 = load <8 x float>, ptr %acc03191, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b1103, <8 x float> %578)
+  store <8 x float> %579, ptr %acc03191, align 4
+  %580 = add nsw i64 %k99, 1
   br label %k.head96
 
 k.end98:                                          ; preds = %k.head96
-  %575 = add nsw i64 %r0, 0
-  %576 = mul nsw i64 %575, 2816
-  %577 = getelementptr inbounds float, ptr %h, i64 %576
+  %581 = add nsw i64 %r0, 0
+  %582 = mul nsw i64 %581, 2816
+  %583 = getelementptr inbounds float, ptr %h, i64 %582
   %col104 = mul nsw i64 %p, 8
-  %578 = load <8 x float>, ptr %acc0084, align 4
-  %579 = load <8 x float>, ptr %acc0185, align 4
-  %580 = fneg <8 x float> %578
-  %581 = fcmp olt <8 x float> %580, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %582 = select <8 x i1> %581, <8 x float> %580, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %583 = fcmp ogt <8 x float> %582, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %584 = select <8 x i1> %583, <8 x float> %582, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %584, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %586 = call <8 x float> @llvm.floor.v8f32(<8 x float> %585)
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %584)
-  %588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %586, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %587)
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %588, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %588, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> %588, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %591, <8 x float> %588, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> %588, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %594 = fmul <8 x float> %588, %588
-  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %593, <8 x float> %594, <8 x float> %588)
-  %596 = fadd <8 x float> %595, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %597 = fptosi <8 x float> %586 to <8 x i32>
-  %598 = add <8 x i32> %597, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %599 = shl <8 x i32> %598, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %599 to <8 x float>
-  %exp106 = fmul <8 x float> %596, %exp.2n105
-  %600 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %600
-  %silu108 = fmul <8 x float> %578, %sigmoid107
-  %glu109 = fmul <8 x float> %silu108, %579
-  %601 = getelementptr inbounds float, ptr %577, i64 %col104
-  store <8 x float> %glu109, ptr %601, align 4
-  %602 = add nsw i64 %r0, 1
-  %603 = mul nsw i64 %602, 2816
-  %604 = getelementptr inbounds float, ptr %h, i64 %603
+  %584 = load <8 x float>, ptr %acc00084, align 4
+  %585 = load <8 x float>, ptr %acc00185, align 4
+  %586 = fneg <8 x float> %584
+  %587 = fcmp olt <8 x float> %586, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %588 = select <8 x i1> %587, <8 x float> %586, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %589 = fcmp ogt <8 x float> %588, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %590 = select <8 x i1> %589, <8 x float> %588, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %590, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %592 = call <8 x float> @llvm.floor.v8f32(<8 x float> %591)
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %590)
+  %594 = call <8 x float> @llvm.fma.v8f32(<8 x float> %592, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %593)
+  %595 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %594, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %594, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %596, <8 x float> %594, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %597, <8 x float> %594, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %598, <8 x float> %594, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %600 = fmul <8 x float> %594, %594
+  %601 = call <8 x float> @llvm.fma.v8f32(<8 x float> %599, <8 x float> %600, <8 x float> %594)
+  %602 = fadd <8 x float> %601, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %603 = fptosi <8 x float> %592 to <8 x i32>
+  %604 = add <8 x i32> %603, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %605 = shl <8 x i32> %604, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %605 to <8 x float>
+  %exp106 = fmul <8 x float> %602, %exp.2n105
+  %606 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %606
+  %silu108 = fmul <8 x float> %584, %sigmoid107
+  %glu109 = fmul <8 x float> %silu108, %585
+  %607 = getelementptr inbounds float, ptr %583, i64 %col104
+  store <8 x float> %glu109, ptr %607, align 4
+  %608 = add nsw i64 %r0, 1
+  %609 = mul nsw i64 %608, 2816
+  %610 = getelementptr inbounds float, ptr %h, i64 %609
   %col110 = mul nsw i64 %p, 8
-  %605 = load <8 x float>, ptr %acc1086, align 4
-  %606 = load <8 x float>, ptr %acc1187, align 4
-  %607 = fneg <8 x float> %605
-  %608 = fcmp olt <8 x float> %607, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %609 = select <8 x i1> %608, <8 x float> %607, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %610 = fcmp ogt <8 x float> %609, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %611 = select <8 x i1> %610, <8 x float> %609, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %613 = call <8 x float> @llvm.floor.v8f32(<8 x float> %612)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %611)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %614)
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %615, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %615, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %615, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %615, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %615, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %621 = fmul <8 x float> %615, %615
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %621, <8 x float> %615)
-  %623 = fadd <8 x float> %622, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %624 = fptosi <8 x float> %613 to <8 x i32>
-  %625 = add <8 x i32> %624, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %626 = shl <8 x i32> %625, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n111 = bitcast <8 x i32> %626 to <8 x float>
-  %exp112 = fmul <8 x float> %623, %exp.2n111
-  %627 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %627
-  %silu114 = fmul <8 x float> %605, %sigmoid113
-  %glu115 = fmul <8 x float> %silu114, %606
-  %628 = getelementptr inbounds float, ptr %604, i64 %col110
-  store <8 x float> %glu115, ptr %628, align 4
-  %629 = add nsw i64 %r0, 2
-  %630 = mul nsw i64 %629, 2816
-  %631 = getelementptr inbounds float, ptr %h, i64 %630
+  %611 = load <8 x float>, ptr %acc01086, align 4
+  %612 = load <8 x float>, ptr %acc01187, align 4
+  %613 = fneg <8 x float> %611
+  %614 = fcmp olt <8 x float> %613, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %615 = select <8 x i1> %614, <8 x float> %613, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %616 = fcmp ogt <8 x float> %615, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %617 = select <8 x i1> %616, <8 x float> %615, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %619 = call <8 x float> @llvm.floor.v8f32(<8 x float> %618)
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %617)
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %620)
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %621, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %621, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %623, <8 x float> %621, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %621, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %621, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %627 = fmul <8 x float> %621, %621
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %627, <8 x float> %621)
+  %629 = fadd <8 x float> %628, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %630 = fptosi <8 x float> %619 to <8 x i32>
+  %631 = add <8 x i32> %630, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %632 = shl <8 x i32> %631, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n111 = bitcast <8 x i32> %632 to <8 x float>
+  %exp112 = fmul <8 x float> %629, %exp.2n111
+  %633 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %633
+  %silu114 = fmul <8 x float> %611, %sigmoid113
+  %glu115 = fmul <8 x float> %silu114, %612
+  %634 = getelementptr inbounds float, ptr %610, i64 %col110
+  store <8 x float> %glu115, ptr %634, align 4
+  %635 = add nsw i64 %r0, 2
+  %636 = mul nsw i64 %635, 2816
+  %637 = getelementptr inbounds float, ptr %h, i64 %636
   %col116 = mul nsw i64 %p, 8
-  %632 = load <8 x float>, ptr %acc2088, align 4
-  %633 = load <8 x float>, ptr %acc2189, align 4
-  %634 = fneg <8 x float> %632
-  %635 = fcmp olt <8 x float> %634, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %636 = select <8 x i1> %635, <8 x float> %634, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %637 = fcmp ogt <8 x float> %636, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %638 = select <8 x i1> %637, <8 x float> %636, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %638, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %640 = call <8 x float> @llvm.floor.v8f32(<8 x float> %639)
-  %641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %638)
-  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %641)
-  %643 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %642, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %642, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %642, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %645, <8 x float> %642, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %642, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %648 = fmul <8 x float> %642, %642
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %647, <8 x float> %648, <8 x float> %642)
-  %650 = fadd <8 x float> %649, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %651 = fptosi <8 x float> %640 to <8 x i32>
-  %652 = add <8 x i32> %651, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %653 = shl <8 x i32> %652, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %653 to <8 x float>
-  %exp118 = fmul <8 x float> %650, %exp.2n117
-  %654 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %654
-  %silu120 = fmul <8 x float> %632, %sigmoid119
-  %glu121 = fmul <8 x float> %silu120, %633
-  %655 = getelementptr inbounds float, ptr %631, i64 %col116
-  store <8 x float> %glu121, ptr %655, align 4
-  %656 = add nsw i64 %r0, 3
-  %657 = mul nsw i64 %656, 2816
-  %658 = getelementptr inbounds float, ptr %h, i64 %657
+  %638 = load <8 x float>, ptr %acc02088, align 4
+  %639 = load <8 x float>, ptr %acc02189, align 4
+  %640 = fneg <8 x float> %638
+  %641 = fcmp olt <8 x float> %640, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %642 = select <8 x i1> %641, <8 x float> %640, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %643 = fcmp ogt <8 x float> %642, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %644 = select <8 x i1> %643, <8 x float> %642, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %646 = call <8 x float> @llvm.floor.v8f32(<8 x float> %645)
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %644)
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %647)
+  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %648, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> %648, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %650, <8 x float> %648, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %648, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %648, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %654 = fmul <8 x float> %648, %648
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %654, <8 x float> %648)
+  %656 = fadd <8 x float> %655, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %657 = fptosi <8 x float> %646 to <8 x i32>
+  %658 = add <8 x i32> %657, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %659 = shl <8 x i32> %658, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n117 = bitcast <8 x i32> %659 to <8 x float>
+  %exp118 = fmul <8 x float> %656, %exp.2n117
+  %660 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %660
+  %silu120 = fmul <8 x float> %638, %sigmoid119
+  %glu121 = fmul <8 x float> %silu120, %639
+  %661 = getelementptr inbounds float, ptr %637, i64 %col116
+  store <8 x float> %glu121, ptr %661, align 4
+  %662 = add nsw i64 %r0, 3
+  %663 = mul nsw i64 %662, 2816
+  %664 = getelementptr inbounds float, ptr %h, i64 %663
   %col122 = mul nsw i64 %p, 8
-  %659 = load <8 x float>, ptr %acc3090, align 4
-  %660 = load <8 x float>, ptr %acc3191, align 4
-  %661 = fneg <8 x float> %659
-  %662 = fcmp olt <8 x float> %661, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %663 = select <8 x i1> %662, <8 x float> %661, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %664 = fcmp ogt <8 x float> %663, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %665 = select <8 x i1> %664, <8 x float> %663, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %667 = call <8 x float> @llvm.floor.v8f32(<8 x float> %666)
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %665)
-  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %668)
-  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %669, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> %669, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> %669, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %669, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %669, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %675 = fmul <8 x float> %669, %669
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %675, <8 x float> %669)
-  %677 = fadd <8 x float> %676, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %678 = fptosi <8 x float> %667 to <8 x i32>
-  %679 = add <8 x i32> %678, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %680 = shl <8 x i32> %679, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %680 to <8 x float>
-  %exp124 = fmul <8 x float> %677, %exp.2n123
-  %681 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %681
-  %silu126 = fmul <8 x float> %659, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %660
-  %682 = getelementptr inbounds float, ptr %658, i64 %col122
-  store <8 x float> %glu127, ptr %682, align 4
+  %665 = load <8 x float>, ptr %acc03090, align 4
+  %666 = load <8 x float>, ptr %acc03191, align 4
+  %667 = fneg <8 x float> %665
+  %668 = fcmp olt <8 x float> %667, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %669 = select <8 x i1> %668, <8 x float> %667, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %670 = fcmp ogt <8 x float> %669, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %671 = select <8 x i1> %670, <8 x float> %669, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %671, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %673 = call <8 x float> @llvm.floor.v8f32(<8 x float> %672)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %671)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %674)
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %675, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %675, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %675, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %675, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %680 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %675, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %681 = fmul <8 x float> %675, %675
+  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %681, <8 x float> %675)
+  %683 = fadd <8 x float> %682, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %684 = fptosi <8 x float> %673 to <8 x i32>
+  %685 = add <8 x i32> %684, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %686 = shl <8 x i32> %685, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n123 = bitcast <8 x i32> %686 to <8 x float>
+  %exp124 = fmul <8 x float> %683, %exp.2n123
+  %687 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %687
+  %silu126 = fmul <8 x float> %665, %sigmoid125
+  %glu127 = fmul <8 x float> %silu126, %666
+  %688 = getelementptr inbounds float, ptr %664, i64 %col122
+  store <8 x float> %glu127, ptr %688, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %683 = add nsw i64 %r0, 0
-  %684 = getelementptr inbounds i32, ptr %rows, i64 %683
-  %685 = load i32, ptr %684, align 4
-  %686 = sext i32 %685 to i64
-  %687 = mul nsw i64 %686, 2048
-  %688 = getelementptr inbounds float, ptr %x, i64 %687
-  store <8 x float> zeroinitializer, ptr %acc00128, align 4
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %689 = add nsw i64 %r0, 1
+  %689 = add nsw i64 %r0, 0
   %690 = getelementptr inbounds i32, ptr %rows, i64 %689
   %691 = load i32, ptr %690, align 4
   %692 = sext i32 %691 to i64
   %693 = mul nsw i64 %692, 2048
   %694 = getelementptr inbounds float, ptr %x, i64 %693
-  store <8 x float> zeroinitializer, ptr %acc10130, align 4
-  store <8 x float> zeroinitializer, ptr %acc11131, align 4
-  %695 = add nsw i64 %r0, 2
+  store <8 x float> zeroinitializer, ptr %acc000128, align 4
+  store <8 x float> zeroinitializer, ptr %acc001129, align 4
+  %695 = add nsw i64 %r0, 1
   %696 = getelementptr inbounds i32, ptr %rows, i64 %695
   %697 = load i32, ptr %696, align 4
   %698 = sext i32 %697 to i64
   %699 = mul nsw i64 %698, 2048
   %700 = getelementptr inbounds float, ptr %x, i64 %699
-  store <8 x float> zeroinitializer, ptr %acc20132, align 4
-  store <8 x float> zeroinitializer, ptr %acc21133, align 4
+  store <8 x float> zeroinitializer, ptr %acc010130, align 4
+  store <8 x float> zeroinitializer, ptr %acc011131, align 4
+  %701 = add nsw i64 %r0, 2
+  %702 = getelementptr inbounds i32, ptr %rows, i64 %701
+  %703 = load i32, ptr %702, align 4
+  %704 = sext i32 %703 to i64
+  %705 = mul nsw i64 %704, 2048
+  %706 = getelementptr inbounds float, ptr %x, i64 %705
+  store <8 x float> zeroinitializer, ptr %acc020132, align 4
+  store <8 x float> zeroinitializer, ptr %acc021133, align 4
   %panel.off134 = mul nsw i64 %p, 32768
-  %701 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
-  %702 = add nsw i64 %p, 1
-  %703 = icmp slt i64 %702, %p1
-  %pf.on135 = and i1 %pf.on, %703
-  %704 = mul nsw i64 %rb, 65536
-  %705 = lshr i64 %704, %11
-  %706 = add nsw i64 65536, %705
-  %707 = getelementptr inbounds i8, ptr %701, i64 %706
-  %pf136 = select i1 %pf.on135, ptr %707, ptr %701
+  %707 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
+  %708 = add nsw i64 %p, 1
+  %709 = icmp slt i64 %708, %p1
+  %pf.on135 = and i1 %pf.on, %709
+  %710 = mul nsw i64 %rb, 65536
+  %711 = lshr i64 %710, %11
+  %712 = add nsw i64 65536, %711
+  %713 = getelementptr inbounds i8, ptr %707, i64 %712
+  %pf136 = select i1 %pf.on135, ptr %713, ptr %707
   %pf.sh137 = select i1 %pf.on135, i64 %11, i64 0
   br label %k.head138
 
 k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
-  %k141 = phi i64 [ 0, %tile.mr3 ], [ %742, %pf.any.end143 ]
-  %708 = icmp slt i64 %k141, 2048
-  br i1 %708, label %k.body139, label %k.end140
+  %k141 = phi i64 [ 0, %tile.mr3 ], [ %750, %pf.any.end143 ]
+  %714 = icmp slt i64 %k141, 2048
+  br i1 %714, label %k.body139, label %k.end140
 
 k.body139:                                        ; preds = %k.head138
-  %709 = mul nsw i64 %k141, 16
-  %710 = add nsw i64 %panel.off134, %709
-  %711 = mul nsw i64 %k141, 32
+  %715 = mul nsw i64 %k141, 1
+  %716 = add nsw i64 %715, 0
+  %717 = mul nsw i64 %716, 32
   br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
 
 pf.any.then142:                                   ; preds = %k.body139
-  %712 = lshr i64 %711, %pf.sh137
-  %713 = getelementptr inbounds i8, ptr %pf136, i64 %712
-  call void @llvm.prefetch.p0(ptr %713, i32 0, i32 2, i32 1)
+  %718 = lshr i64 %717, %pf.sh137
+  %719 = getelementptr inbounds i8, ptr %pf136, i64 %718
+  call void @llvm.prefetch.p0(ptr %719, i32 0, i32 2, i32 1)
   br label %pf.any.end143
 
 pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
-  %714 = getelementptr inbounds i16, ptr %panels, i64 %710
-  %715 = load <8 x i32>, ptr %714, align 4
-  %716 = shl <8 x i32> %715, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %716 to <8 x float>
-  %717 = and <8 x i32> %715, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %717 to <8 x float>
-  %718 = getelementptr inbounds float, ptr %688, i64 %k141
-  %719 = load float, ptr %718, align 4
-  %720 = insertelement <8 x float> poison, float %719, i32 0
-  %721 = shufflevector <8 x float> %720, <8 x float> poison, <8 x i32> zeroinitializer
-  %722 = load <8 x float>, ptr %acc00128, align 4
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %b0144, <8 x float> %722)
-  store <8 x float> %723, ptr %acc00128, align 4
-  %724 = load <8 x float>, ptr %acc01129, align 4
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %b1145, <8 x float> %724)
-  store <8 x float> %725, ptr %acc01129, align 4
-  %726 = getelementptr inbounds float, ptr %694, i64 %k141
+  %720 = mul nsw i64 %716, 16
+  %721 = add nsw i64 %panel.off134, %720
+  %722 = getelementptr inbounds i16, ptr %panels, i64 %721
+  %723 = load <8 x i32>, ptr %722, align 4
+  %724 = shl <8 x i32> %723, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0144 = bitcast <8 x i32> %724 to <8 x float>
+  %725 = and <8 x i32> %723, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1145 = bitcast <8 x i32> %725 to <8 x float>
+  %726 = getelementptr inbounds float, ptr %694, i64 %716
   %727 = load float, ptr %726, align 4
   %728 = insertelement <8 x float> poison, float %727, i32 0
   %729 = shufflevector <8 x float> %728, <8 x float> poison, <8 x i32> zeroinitializer
-  %730 = load <8 x float>, ptr %acc10130, align 4
+  %730 = load <8 x float>, ptr %acc000128, align 4
   %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %b0144, <8 x float> %730)
-  store <8 x float> %731, ptr %acc10130, align 4
-  %732 = load <8 x float>, ptr %acc11131, align 4
+  store <8 x float> %731, ptr %acc000128, align 4
+  %732 = load <8 x float>, ptr %acc001129, align 4
   %733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %729, <8 x float> %b1145, <8 x float> %732)
-  store <8 x float> %733, ptr %acc11131, align 4
-  %734 = getelementptr inbounds float, ptr %700, i64 %k141
+  store <8 x float> %733, ptr %acc001129, align 4
+  %734 = getelementptr inbounds float, ptr %700, i64 %716
   %735 = load float, ptr %734, align 4
   %736 = insertelement <8 x float> poison, float %735, i32 0
   %737 = shufflevector <8 x float> %736, <8 x float> poison, <8 x i32> zeroinitializer
-  %738 = load <8 x float>, ptr %acc20132, align 4
+  %738 = load <8 x float>, ptr %acc010130, align 4
   %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %b0144, <8 x float> %738)
-  store <8 x float> %739, ptr %acc20132, align 4
-  %740 = load <8 x float>, ptr %acc21133, align 4
+  store <8 x float> %739, ptr %acc010130, align 4
+  %740 = load <8 x float>, ptr %acc011131, align 4
   %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %b1145, <8 x float> %740)
-  store <8 x float> %741, ptr %acc21133, align 4
-  %742 = add nsw i64 %k141, 1
+  store <8 x float> %741, ptr %acc011131, align 4
+  %742 = getelementptr inbounds float, ptr %706, i64 %716
+  %743 = load float, ptr %742, align 4
+  %744 = insertelement <8 x float> poison, float %743, i32 0
+  %745 = shufflevector <8 x float> %744, <8 x float> poison, <8 x i32> zeroinitializer
+  %746 = load <8 x float>, ptr %acc020132, align 4
+  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b0144, <8 x float> %746)
+  store <8 x float> %747, ptr %acc020132, align 4
+  %748 = load <8 x float>, ptr %acc021133, align 4
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> %b1145, <8 x float> %748)
+  store <8 x float> %749, ptr %acc021133, align 4
+  %750 = add nsw i64 %k141, 1
   br label %k.head138
 
 k.end140:                                         ; preds = %k.head138
-  %743 = add nsw i64 %r0, 0
-  %744 = mul nsw i64 %743, 2816
-  %745 = getelementptr inbounds float, ptr %h, i64 %744
+  %751 = add nsw i64 %r0, 0
+  %752 = mul nsw i64 %751, 2816
+  %753 = getelementptr inbounds float, ptr %h, i64 %752
   %col146 = mul nsw i64 %p, 8
-  %746 = load <8 x float>, ptr %acc00128, align 4
-  %747 = load <8 x float>, ptr %acc01129, align 4
-  %748 = fneg <8 x float> %746
-  %749 = fcmp olt <8 x float> %748, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %750 = select <8 x i1> %749, <8 x float> %748, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %751 = fcmp ogt <8 x float> %750, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %752 = select <8 x i1> %751, <8 x float> %750, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %752, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %754 = call <8 x float> @llvm.floor.v8f32(<8 x float> %753)
-  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %752)
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %755)
-  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %756, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %756, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %758, <8 x float> %756, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %759, <8 x float> %756, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> %756, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %762 = fmul <8 x float> %756, %756
-  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %761, <8 x float> %762, <8 x float> %756)
-  %764 = fadd <8 x float> %763, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %765 = fptosi <8 x float> %754 to <8 x i32>
-  %766 = add <8 x i32> %765, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %767 = shl <8 x i32> %766, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %767 to <8 x float>
-  %exp148 = fmul <8 x float> %764, %exp.2n147
-  %768 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %768
-  %silu150 = fmul <8 x float> %746, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %747
-  %769 = getelementptr inbounds float, ptr %745, i64 %col146
-  store <8 x float> %glu151, ptr %769, align 4
-  %770 = add nsw i64 %r0, 1
-  %771 = mul nsw i64 %770, 2816
-  %772 = getelementptr inbounds float, ptr %h, i64 %771
+  %754 = load <8 x float>, ptr %acc000128, align 4
+  %755 = load <8 x float>, ptr %acc001129, align 4
+  %756 = fneg <8 x float> %754
+  %757 = fcmp olt <8 x float> %756, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %758 = select <8 x i1> %757, <8 x float> %756, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %759 = fcmp ogt <8 x float> %758, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %760 = select <8 x i1> %759, <8 x float> %758, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %760, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %762 = call <8 x float> @llvm.floor.v8f32(<8 x float> %761)
+  %763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %760)
+  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %762, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %763)
+  %765 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %764, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %764, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %766, <8 x float> %764, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %767, <8 x float> %764, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> %764, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %770 = fmul <8 x float> %764, %764
+  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %769, <8 x float> %770, <8 x float> %764)
+  %772 = fadd <8 x float> %771, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %773 = fptosi <8 x float> %762 to <8 x i32>
+  %774 = add <8 x i32> %773, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %775 = shl <8 x i32> %774, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %775 to <8 x float>
+  %exp148 = fmul <8 x float> %772, %exp.2n147
+  %776 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %776
+  %silu150 = fmul <8 x float> %754, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %755
+  %777 = getelementptr inbounds float, ptr %753, i64 %col146
+  store <8 x float> %glu151, ptr %777, align 4
+  %778 = add nsw i64 %r0, 1
+  %779 = mul nsw i64 %778, 2816
+  %780 = getelementptr inbounds float, ptr %h, i64 %779
   %col152 = mul nsw i64 %p, 8
-  %773 = load <8 x float>, ptr %acc10130, align 4
-  %774 = load <8 x float>, ptr %acc11131, align 4
-  %775 = fneg <8 x float> %773
-  %776 = fcmp olt <8 x float> %775, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %777 = select <8 x i1> %776, <8 x float> %775, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %778 = fcmp ogt <8 x float> %777, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %779 = select <8 x i1> %778, <8 x float> %777, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %781 = call <8 x float> @llvm.floor.v8f32(<8 x float> %780)
-  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %779)
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %782)
-  %784 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %783, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %784, <8 x float> %783, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %786 = call <8 x float> @llvm.fma.v8f32(<8 x float> %785, <8 x float> %783, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %783, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %783, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %789 = fmul <8 x float> %783, %783
-  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %788, <8 x float> %789, <8 x float> %783)
-  %791 = fadd <8 x float> %790, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %792 = fptosi <8 x float> %781 to <8 x i32>
-  %793 = add <8 x i32> %792, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %794 = shl <8 x i32> %793, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %794 to <8 x float>
-  %exp154 = fmul <8 x float> %791, %exp.2n153
-  %795 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %795
-  %silu156 = fmul <8 x float> %773, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %774
-  %796 = getelementptr inbounds float, ptr %772, i64 %col152
-  store <8 x float> %glu157, ptr %796, align 4
-  %797 = add nsw i64 %r0, 2
-  %798 = mul nsw i64 %797, 2816
-  %799 = getelementptr inbounds float, ptr %h, i64 %798
+  %781 = load <8 x float>, ptr %acc010130, align 4
+  %782 = load <8 x float>, ptr %acc011131, align 4
+  %783 = fneg <8 x float> %781
+  %784 = fcmp olt <8 x float> %783, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %785 = select <8 x i1> %784, <8 x float> %783, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %786 = fcmp ogt <8 x float> %785, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %787 = select <8 x i1> %786, <8 x float> %785, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %789 = call <8 x float> @llvm.floor.v8f32(<8 x float> %788)
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %787)
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %790)
+  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %791, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %792, <8 x float> %791, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %793, <8 x float> %791, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %791, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %791, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %797 = fmul <8 x float> %791, %791
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %797, <8 x float> %791)
+  %799 = fadd <8 x float> %798, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %800 = fptosi <8 x float> %789 to <8 x i32>
+  %801 = add <8 x i32> %800, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %802 = shl <8 x i32> %801, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %802 to <8 x float>
+  %exp154 = fmul <8 x float> %799, %exp.2n153
+  %803 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %803
+  %silu156 = fmul <8 x float> %781, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %782
+  %804 = getelementptr inbounds float, ptr %780, i64 %col152
+  store <8 x float> %glu157, ptr %804, align 4
+  %805 = add nsw i64 %r0, 2
+  %806 = mul nsw i64 %805, 2816
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
   %col158 = mul nsw i64 %p, 8
-  %800 = load <8 x float>, ptr %acc20132, align 4
-  %801 = load <8 x float>, ptr %acc21133, align 4
-  %802 = fneg <8 x float> %800
-  %803 = fcmp olt <8 x float> %802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %804 = select <8 x i1> %803, <8 x float> %802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %805 = fcmp ogt <8 x float> %804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %806 = select <8 x i1> %805, <8 x float> %804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %807)
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %806)
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %809)
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %811, <8 x float> %810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %813, <8 x float> %810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> %810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %816 = fmul <8 x float> %810, %810
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %816, <8 x float> %810)
-  %818 = fadd <8 x float> %817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %819 = fptosi <8 x float> %808 to <8 x i32>
-  %820 = add <8 x i32> %819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %821 = shl <8 x i32> %820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %821 to <8 x float>
-  %exp160 = fmul <8 x float> %818, %exp.2n159
-  %822 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %822
-  %silu162 = fmul <8 x float> %800, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %801
-  %823 = getelementptr inbounds float, ptr %799, i64 %col158
-  store <8 x float> %glu163, ptr %823, align 4
+  %808 = load <8 x float>, ptr %acc020132, align 4
+  %809 = load <8 x float>, ptr %acc021133, align 4
+  %810 = fneg <8 x float> %808
+  %811 = fcmp olt <8 x float> %810, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %812 = select <8 x i1> %811, <8 x float> %810, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %813 = fcmp ogt <8 x float> %812, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %814 = select <8 x i1> %813, <8 x float> %812, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %814, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %816 = call <8 x float> @llvm.floor.v8f32(<8 x float> %815)
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %814)
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %817)
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %818, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %819, <8 x float> %818, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %821 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %818, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> %818, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %818, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %824 = fmul <8 x float> %818, %818
+  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> %824, <8 x float> %818)
+  %826 = fadd <8 x float> %825, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %827 = fptosi <8 x float> %816 to <8 x i32>
+  %828 = add <8 x i32> %827, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %829 = shl <8 x i32> %828, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n159 = bitcast <8 x i32> %829 to <8 x float>
+  %exp160 = fmul <8 x float> %826, %exp.2n159
+  %830 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %830
+  %silu162 = fmul <8 x float> %808, %sigmoid161
+  %glu163 = fmul <8 x float> %silu162, %809
+  %831 = getelementptr inbounds float, ptr %807, i64 %col158
+  store <8 x float> %glu163, ptr %831, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %824 = add nsw i64 %r0, 0
-  %825 = getelementptr inbounds i32, ptr %rows, i64 %824
-  %826 = load i32, ptr %825, align 4
-  %827 = sext i32 %826 to i64
-  %828 = mul nsw i64 %827, 2048
-  %829 = getelementptr inbounds float, ptr %x, i64 %828
-  store <8 x float> zeroinitializer, ptr %acc00164, align 4
-  store <8 x float> zeroinitializer, ptr %acc01165, align 4
-  %830 = add nsw i64 %r0, 1
-  %831 = getelementptr inbounds i32, ptr %rows, i64 %830
-  %832 = load i32, ptr %831, align 4
-  %833 = sext i32 %832 to i64
-  %834 = mul nsw i64 %833, 2048
-  %835 = getelementptr inbounds float, ptr %x, i64 %834
-  store <8 x float> zeroinitializer, ptr %acc10166, align 4
-  store <8 x float> zeroinitializer, ptr %acc11167, align 4
+  %832 = add nsw i64 %r0, 0
+  %833 = getelementptr inbounds i32, ptr %rows, i64 %832
+  %834 = load i32, ptr %833, align 4
+  %835 = sext i32 %834 to i64
+  %836 = mul nsw i64 %835, 2048
+  %837 = getelementptr inbounds float, ptr %x, i64 %836
+  store <8 x float> zeroinitializer, ptr %acc000164, align 4
+  store <8 x float> zeroinitializer, ptr %acc001165, align 4
+  %838 = add nsw i64 %r0, 1
+  %839 = getelementptr inbounds i32, ptr %rows, i64 %838
+  %840 = load i32, ptr %839, align 4
+  %841 = sext i32 %840 to i64
+  %842 = mul nsw i64 %841, 2048
+  %843 = getelementptr inbounds float, ptr %x, i64 %842
+  store <8 x float> zeroinitializer, ptr %acc010166, align 4
+  store <8 x float> zeroinitializer, ptr %acc011167, align 4
   %panel.off168 = mul nsw i64 %p, 32768
-  %836 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
-  %837 = add nsw i64 %p, 1
-  %838 = icmp slt i64 %837, %p1
-  %pf.on169 = and i1 %pf.on, %838
-  %839 = mul nsw i64 %rb, 65536
-  %840 = lshr i64 %839, %11
-  %841 = add nsw i64 65536, %840
-  %842 = getelementptr inbounds i8, ptr %836, i64 %841
-  %pf170 = select i1 %pf.on169, ptr %842, ptr %836
+  %844 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
+  %845 = add nsw i64 %p, 1
+  %846 = icmp slt i64 %845, %p1
+  %pf.on169 = and i1 %pf.on, %846
+  %847 = mul nsw i64 %rb, 65536
+  %848 = lshr i64 %847, %11
+  %849 = add nsw i64 65536, %848
+  %850 = getelementptr inbounds i8, ptr %844, i64 %849
+  %pf170 = select i1 %pf.on169, ptr %850, ptr %844
   %pf.sh171 = select i1 %pf.on169, i64 %11, i64 0
   br label %k.head172
 
 k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
-  %k175 = phi i64 [ 0, %tile.mr2 ], [ %869, %pf.any.end177 ]
-  %843 = icmp slt i64 %k175, 2048
-  br i1 %843, label %k.body173, label %k.end174
+  %k175 = phi i64 [ 0, %tile.mr2 ], [ %879, %pf.any.end177 ]
+  %851 = icmp slt i64 %k175, 2048
+  br i1 %851, label %k.body173, label %k.end174
 
 k.body173:                                        ; preds = %k.head172
-  %844 = mul nsw i64 %k175, 16
-  %845 = add nsw i64 %panel.off168, %844
-  %846 = mul nsw i64 %k175, 32
+  %852 = mul nsw i64 %k175, 1
+  %853 = add nsw i64 %852, 0
+  %854 = mul nsw i64 %853, 32
   br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
 
 pf.any.then176:                                   ; preds = %k.body173
-  %847 = lshr i64 %846, %pf.sh171
-  %848 = getelementptr inbounds i8, ptr %pf170, i64 %847
-  call void @llvm.prefetch.p0(ptr %848, i32 0, i32 2, i32 1)
+  %855 = lshr i64 %854, %pf.sh171
+  %856 = getelementptr inbounds i8, ptr %pf170, i64 %855
+  call void @llvm.prefetch.p0(ptr %856, i32 0, i32 2, i32 1)
   br label %pf.any.end177
 
 pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
-  %849 = getelementptr inbounds i16, ptr %panels, i64 %845
-  %850 = load <8 x i32>, ptr %849, align 4
-  %851 = shl <8 x i32> %850, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %851 to <8 x float>
-  %852 = and <8 x i32> %850, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %852 to <8 x float>
-  %853 = getelementptr inbounds float, ptr %829, i64 %k175
-  %854 = load float, ptr %853, align 4
-  %855 = insertelement <8 x float> poison, float %854, i32 0
-  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
-  %857 = load <8 x float>, ptr %acc00164, align 4
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b0178, <8 x float> %857)
-  store <8 x float> %858, ptr %acc00164, align 4
-  %859 = load <8 x float>, ptr %acc01165, align 4
-  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b1179, <8 x float> %859)
-  store <8 x float> %860, ptr %acc01165, align 4
-  %861 = getelementptr inbounds float, ptr %835, i64 %k175
-  %862 = load float, ptr %861, align 4
-  %863 = insertelement <8 x float> poison, float %862, i32 0
-  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
-  %865 = load <8 x float>, ptr %acc10166, align 4
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b0178, <8 x float> %865)
-  store <8 x float> %866, ptr %acc10166, align 4
-  %867 = load <8 x float>, ptr %acc11167, align 4
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b1179, <8 x float> %867)
-  store <8 x float> %868, ptr %acc11167, align 4
-  %869 = add nsw i64 %k175, 1
+  %857 = mul nsw i64 %853, 16
+  %858 = add nsw i64 %panel.off168, %857
+  %859 = getelementptr inbounds i16, ptr %panels, i64 %858
+  %860 = load <8 x i32>, ptr %859, align 4
+  %861 = shl <8 x i32> %860, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0178 = bitcast <8 x i32> %861 to <8 x float>
+  %862 = and <8 x i32> %860, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1179 = bitcast <8 x i32> %862 to <8 x float>
+  %863 = getelementptr inbounds float, ptr %837, i64 %853
+  %864 = load float, ptr %863, align 4
+  %865 = insertelement <8 x float> poison, float %864, i32 0
+  %866 = shufflevector <8 x float> %865, <8 x float> poison, <8 x i32> zeroinitializer
+  %867 = load <8 x float>, ptr %acc000164, align 4
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %b0178, <8 x float> %867)
+  store <8 x float> %868, ptr %acc000164, align 4
+  %869 = load <8 x float>, ptr %acc001165, align 4
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %b1179, <8 x float> %869)
+  store <8 x float> %870, ptr %acc001165, align 4
+  %871 = getelementptr inbounds float, ptr %843, i64 %853
+  %872 = load float, ptr %871, align 4
+  %873 = insertelement <8 x float> poison, float %872, i32 0
+  %874 = shufflevector <8 x float> %873, <8 x float> poison, <8 x i32> zeroinitializer
+  %875 = load <8 x float>, ptr %acc010166, align 4
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %b0178, <8 x float> %875)
+  store <8 x float> %876, ptr %acc010166, align 4
+  %877 = load <8 x float>, ptr %acc011167, align 4
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %b1179, <8 x float> %877)
+  store <8 x float> %878, ptr %acc011167, align 4
+  %879 = add nsw i64 %k175, 1
   br label %k.head172
 
 k.end174:                                         ; preds = %k.head172
-  %870 = add nsw i64 %r0, 0
-  %871 = mul nsw i64 %870, 2816
-  %872 = getelementptr inbounds float, ptr %h, i64 %871
+  %880 = add nsw i64 %r0, 0
+  %881 = mul nsw i64 %880, 2816
+  %882 = getelementptr inbounds float, ptr %h, i64 %881
   %col180 = mul nsw i64 %p, 8
-  %873 = load <8 x float>, ptr %acc00164, align 4
-  %874 = load <8 x float>, ptr %acc01165, align 4
-  %875 = fneg <8 x float> %873
-  %876 = fcmp olt <8 x float> %875, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %877 = select <8 x i1> %876, <8 x float> %875, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %878 = fcmp ogt <8 x float> %877, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %879 = select <8 x i1> %878, <8 x float> %877, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %881 = call <8 x float> @llvm.floor.v8f32(<8 x float> %880)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %879)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %882)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %883, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %883, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %885, <8 x float> %883, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %886, <8 x float> %883, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %888 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %883, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %889 = fmul <8 x float> %883, %883
-  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %889, <8 x float> %883)
-  %891 = fadd <8 x float> %890, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %892 = fptosi <8 x float> %881 to <8 x i32>
-  %893 = add <8 x i32> %892, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %894 = shl <8 x i32> %893, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %894 to <8 x float>
-  %exp182 = fmul <8 x float> %891, %exp.2n181
-  %895 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %895
-  %silu184 = fmul <8 x float> %873, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %874
-  %896 = getelementptr inbounds float, ptr %872, i64 %col180
-  store <8 x float> %glu185, ptr %896, align 4
-  %897 = add nsw i64 %r0, 1
-  %898 = mul nsw i64 %897, 2816
-  %899 = getelementptr inbounds float, ptr %h, i64 %898
+  %883 = load <8 x float>, ptr %acc000164, align 4
+  %884 = load <8 x float>, ptr %acc001165, align 4
+  %885 = fneg <8 x float> %883
+  %886 = fcmp olt <8 x float> %885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %887 = select <8 x i1> %886, <8 x float> %885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %888 = fcmp ogt <8 x float> %887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %889 = select <8 x i1> %888, <8 x float> %887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %890)
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %889)
+  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %892)
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> %893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> %893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %899 = fmul <8 x float> %893, %893
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %899, <8 x float> %893)
+  %901 = fadd <8 x float> %900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %902 = fptosi <8 x float> %891 to <8 x i32>
+  %903 = add <8 x i32> %902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %904 = shl <8 x i32> %903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %904 to <8 x float>
+  %exp182 = fmul <8 x float> %901, %exp.2n181
+  %905 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %905
+  %silu184 = fmul <8 x float> %883, %sigmoid183
+  %glu185 = fmul <8 x float> %silu184, %884
+  %906 = getelementptr inbounds float, ptr %882, i64 %col180
+  store <8 x float> %glu185, ptr %906, align 4
+  %907 = add nsw i64 %r0, 1
+  %908 = mul nsw i64 %907, 2816
+  %909 = getelementptr inbounds float, ptr %h, i64 %908
   %col186 = mul nsw i64 %p, 8
-  %900 = load <8 x float>, ptr %acc10166, align 4
-  %901 = load <8 x float>, ptr %acc11167, align 4
-  %902 = fneg <8 x float> %900
-  %903 = fcmp olt <8 x float> %902, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %904 = select <8 x i1> %903, <8 x float> %902, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %905 = fcmp ogt <8 x float> %904, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %906 = select <8 x i1> %905, <8 x float> %904, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %908 = call <8 x float> @llvm.floor.v8f32(<8 x float> %907)
-  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %906)
-  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %909)
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %910, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %910, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %910, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %910, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %910, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %916 = fmul <8 x float> %910, %910
-  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %916, <8 x float> %910)
-  %918 = fadd <8 x float> %917, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %919 = fptosi <8 x float> %908 to <8 x i32>
-  %920 = add <8 x i32> %919, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %921 = shl <8 x i32> %920, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %921 to <8 x float>
-  %exp188 = fmul <8 x float> %918, %exp.2n187
-  %922 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %922
-  %silu190 = fmul <8 x float> %900, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %901
-  %923 = getelementptr inbounds float, ptr %899, i64 %col186
-  store <8 x float> %glu191, ptr %923, align 4
+  %910 = load <8 x float>, ptr %acc010166, align 4
+  %911 = load <8 x float>, ptr %acc011167, align 4
+  %912 = fneg <8 x float> %910
+  %913 = fcmp olt <8 x float> %912, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %914 = select <8 x i1> %913, <8 x float> %912, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %915 = fcmp ogt <8 x float> %914, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %916 = select <8 x i1> %915, <8 x float> %914, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %918 = call <8 x float> @llvm.floor.v8f32(<8 x float> %917)
+  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %916)
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %918, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %919)
+  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %920, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %920, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %920, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %920, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %920, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %926 = fmul <8 x float> %920, %920
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> %926, <8 x float> %920)
+  %928 = fadd <8 x float> %927, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %929 = fptosi <8 x float> %918 to <8 x i32>
+  %930 = add <8 x i32> %929, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %931 = shl <8 x i32> %930, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n187 = bitcast <8 x i32> %931 to <8 x float>
+  %exp188 = fmul <8 x float> %928, %exp.2n187
+  %932 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %932
+  %silu190 = fmul <8 x float> %910, %sigmoid189
+  %glu191 = fmul <8 x float> %silu190, %911
+  %933 = getelementptr inbounds float, ptr %909, i64 %col186
+  store <8 x float> %glu191, ptr %933, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %924 = add nsw i64 %r0, 0
-  %925 = getelementptr inbounds i32, ptr %rows, i64 %924
-  %926 = load i32, ptr %925, align 4
-  %927 = sext i32 %926 to i64
-  %928 = mul nsw i64 %927, 2048
-  %929 = getelementptr inbounds float, ptr %x, i64 %928
-  store <8 x float> zeroinitializer, ptr %acc00192, align 4
-  store <8 x float> zeroinitializer, ptr %acc01193, align 4
+  %934 = add nsw i64 %r0, 0
+  %935 = getelementptr inbounds i32, ptr %rows, i64 %934
+  %936 = load i32, ptr %935, align 4
+  %937 = sext i32 %936 to i64
+  %938 = mul nsw i64 %937, 2048
+  %939 = getelementptr inbounds float, ptr %x, i64 %938
+  store <8 x float> zeroinitializer, ptr %acc000192, align 4
+  store <8 x float> zeroinitializer, ptr %acc001193, align 4
   %panel.off194 = mul nsw i64 %p, 32768
-  %930 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
-  %931 = add nsw i64 %p, 1
-  %932 = icmp slt i64 %931, %p1
-  %pf.on195 = and i1 %pf.on, %932
-  %933 = mul nsw i64 %rb, 65536
-  %934 = lshr i64 %933, %11
-  %935 = add nsw i64 65536, %934
-  %936 = getelementptr inbounds i8, ptr %930, i64 %935
-  %pf196 = select i1 %pf.on195, ptr %936, ptr %930
+  %940 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
+  %941 = add nsw i64 %p, 1
+  %942 = icmp slt i64 %941, %p1
+  %pf.on195 = and i1 %pf.on, %942
+  %943 = mul nsw i64 %rb, 65536
+  %944 = lshr i64 %943, %11
+  %945 = add nsw i64 65536, %944
+  %946 = getelementptr inbounds i8, ptr %940, i64 %945
+  %pf196 = select i1 %pf.on195, ptr %946, ptr %940
   %pf.sh197 = select i1 %pf.on195, i64 %11, i64 0
   br label %k.head198
 
 k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
-  %k201 = phi i64 [ 0, %tile.mr1 ], [ %955, %pf.any.end203 ]
-  %937 = icmp slt i64 %k201, 2048
-  br i1 %937, label %k.body199, label %k.end200
+  %k201 = phi i64 [ 0, %tile.mr1 ], [ %967, %pf.any.end203 ]
+  %947 = icmp slt i64 %k201, 2048
+  br i1 %947, label %k.body199, label %k.end200
 
 k.body199:                                        ; preds = %k.head198
-  %938 = mul nsw i64 %k201, 16
-  %939 = add nsw i64 %panel.off194, %938
-  %940 = mul nsw i64 %k201, 32
+  %948 = mul nsw i64 %k201, 1
+  %949 = add nsw i64 %948, 0
+  %950 = mul nsw i64 %949, 32
   br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
 
 pf.any.then202:                                   ; preds = %k.body199
-  %941 = lshr i64 %940, %pf.sh197
-  %942 = getelementptr inbounds i8, ptr %pf196, i64 %941
-  call void @llvm.prefetch.p0(ptr %942, i32 0, i32 2, i32 1)
+  %951 = lshr i64 %950, %pf.sh197
+  %952 = getelementptr inbounds i8, ptr %pf196, i64 %951
+  call void @llvm.prefetch.p0(ptr %952, i32 0, i32 2, i32 1)
   br label %pf.any.end203
 
 pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
-  %943 = getelementptr inbounds i16, ptr %panels, i64 %939
-  %944 = load <8 x i32>, ptr %943, align 4
-  %945 = shl <8 x i32> %944, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0204 = bitcast <8 x i32> %945 to <8 x float>
-  %946 = and <8 x i32> %944, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1205 = bitcast <8 x i32> %946 to <8 x float>
-  %947 = getelementptr inbounds float, ptr %929, i64 %k201
-  %948 = load float, ptr %947, align 4
-  %949 = insertelement <8 x float> poison, float %948, i32 0
-  %950 = shufflevector <8 x float> %949, <8 x float> poison, <8 x i32> zeroinitializer
-  %951 = load <8 x float>, ptr %acc00192, align 4
-  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %b0204, <8 x float> %951)
-  store <8 x float> %952, ptr %acc00192, align 4
-  %953 = load <8 x float>, ptr %acc01193, align 4
-  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %950, <8 x float> %b1205, <8 x float> %953)
-  store <8 x float> %954, ptr %acc01193, align 4
-  %955 = add nsw i64 %k201, 1
+  %953 = mul nsw i64 %949, 16
+  %954 = add nsw i64 %panel.off194, %953
+  %955 = getelementptr inbounds i16, ptr %panels, i64 %954
+  %956 = load <8 x i32>, ptr %955, align 4
+  %957 = shl <8 x i32> %956, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0204 = bitcast <8 x i32> %957 to <8 x float>
+  %958 = and <8 x i32> %956, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1205 = bitcast <8 x i32> %958 to <8 x float>
+  %959 = getelementptr inbounds float, ptr %939, i64 %949
+  %960 = load float, ptr %959, align 4
+  %961 = insertelement <8 x float> poison, float %960, i32 0
+  %962 = shufflevector <8 x float> %961, <8 x float> poison, <8 x i32> zeroinitializer
+  %963 = load <8 x float>, ptr %acc000192, align 4
+  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %b0204, <8 x float> %963)
+  store <8 x float> %964, ptr %acc000192, align 4
+  %965 = load <8 x float>, ptr %acc001193, align 4
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %b1205, <8 x float> %965)
+  store <8 x float> %966, ptr %acc001193, align 4
+  %967 = add nsw i64 %k201, 1
   br label %k.head198
 
 k.end200:                                         ; preds = %k.head198
-  %956 = add nsw i64 %r0, 0
-  %957 = mul nsw i64 %956, 2816
-  %958 = getelementptr inbounds float, ptr %h, i64 %957
+  %968 = add nsw i64 %r0, 0
+  %969 = mul nsw i64 %968, 2816
+  %970 = getelementptr inbounds float, ptr %h, i64 %969
   %col206 = mul nsw i64 %p, 8
-  %959 = load <8 x float>, ptr %acc00192, align 4
-  %960 = load <8 x float>, ptr %acc01193, align 4
-  %961 = fneg <8 x float> %959
-  %962 = fcmp olt <8 x float> %961, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %963 = select <8 x i1> %962, <8 x float> %961, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %964 = fcmp ogt <8 x float> %963, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %965 = select <8 x i1> %964, <8 x float> %963, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %967 = call <8 x float> @llvm.floor.v8f32(<8 x float> %966)
-  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %965)
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %968)
-  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %969, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %969, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %969, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %969, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %969, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %975 = fmul <8 x float> %969, %969
-  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %975, <8 x float> %969)
-  %977 = fadd <8 x float> %976, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %978 = fptosi <8 x float> %967 to <8 x i32>
-  %979 = add <8 x i32> %978, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %980 = shl <8 x i32> %979, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %980 to <8 x float>
-  %exp208 = fmul <8 x float> %977, %exp.2n207
-  %981 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %981
-  %silu210 = fmul <8 x float> %959, %sigmoid209
-  %glu211 = fmul <8 x float> %silu210, %960
-  %982 = getelementptr inbounds float, ptr %958, i64 %col206
-  store <8 x float> %glu211, ptr %982, align 4
+  %971 = load <8 x float>, ptr %acc000192, align 4
+  %972 = load <8 x float>, ptr %acc001193, align 4
+  %973 = fneg <8 x float> %971
+  %974 = fcmp olt <8 x float> %973, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %975 = select <8 x i1> %974, <8 x float> %973, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %976 = fcmp ogt <8 x float> %975, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %977 = select <8 x i1> %976, <8 x float> %975, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %979 = call <8 x float> @llvm.floor.v8f32(<8 x float> %978)
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %977)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %979, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %980)
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %981, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %981, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> %981, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %984, <8 x float> %981, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %981, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %987 = fmul <8 x float> %981, %981
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %987, <8 x float> %981)
+  %989 = fadd <8 x float> %988, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %990 = fptosi <8 x float> %979 to <8 x i32>
+  %991 = add <8 x i32> %990, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %992 = shl <8 x i32> %991, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n207 = bitcast <8 x i32> %992 to <8 x float>
+  %exp208 = fmul <8 x float> %989, %exp.2n207
+  %993 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %993
+  %silu210 = fmul <8 x float> %971, %sigmoid209
+  %glu211 = fmul <8 x float> %silu210, %972
+  %994 = getelementptr inbounds float, ptr %970, i64 %col206
+  store <8 x float> %glu211, ptr %994, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
-  %983 = add nsw i64 %rb, 1
+  %995 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %984 = add nsw i64 %p, 1
+  %996 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4862,48 +4898,48 @@ p.end:                                            ; preds = %p.head
 ; Function Attrs: nounwind
 define hidden void @moe_shared_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc003 = alloca <8 x float>, align 32
-  %acc014 = alloca <8 x float>, align 32
-  %acc105 = alloca <8 x float>, align 32
-  %acc116 = alloca <8 x float>, align 32
-  %acc207 = alloca <8 x float>, align 32
-  %acc218 = alloca <8 x float>, align 32
-  %acc309 = alloca <8 x float>, align 32
-  %acc3110 = alloca <8 x float>, align 32
-  %acc4011 = alloca <8 x float>, align 32
-  %acc4112 = alloca <8 x float>, align 32
-  %acc0026 = alloca <8 x float>, align 32
-  %acc0127 = alloca <8 x float>, align 32
-  %acc1028 = alloca <8 x float>, align 32
-  %acc1129 = alloca <8 x float>, align 32
-  %acc2030 = alloca <8 x float>, align 32
-  %acc2131 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc2051 = alloca <8 x float>, align 32
-  %acc2152 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc0083 = alloca <8 x float>, align 32
-  %acc0184 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0003 = alloca <8 x float>, align 32
+  %acc0014 = alloca <8 x float>, align 32
+  %acc0105 = alloca <8 x float>, align 32
+  %acc0116 = alloca <8 x float>, align 32
+  %acc0207 = alloca <8 x float>, align 32
+  %acc0218 = alloca <8 x float>, align 32
+  %acc0309 = alloca <8 x float>, align 32
+  %acc03110 = alloca <8 x float>, align 32
+  %acc04011 = alloca <8 x float>, align 32
+  %acc04112 = alloca <8 x float>, align 32
+  %acc00026 = alloca <8 x float>, align 32
+  %acc00127 = alloca <8 x float>, align 32
+  %acc01028 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc02030 = alloca <8 x float>, align 32
+  %acc02131 = alloca <8 x float>, align 32
+  %acc03032 = alloca <8 x float>, align 32
+  %acc03133 = alloca <8 x float>, align 32
+  %acc00047 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01049 = alloca <8 x float>, align 32
+  %acc01150 = alloca <8 x float>, align 32
+  %acc02051 = alloca <8 x float>, align 32
+  %acc02152 = alloca <8 x float>, align 32
+  %acc00066 = alloca <8 x float>, align 32
+  %acc00167 = alloca <8 x float>, align 32
+  %acc01068 = alloca <8 x float>, align 32
+  %acc01169 = alloca <8 x float>, align 32
+  %acc00083 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4912,7 +4948,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %628, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %640, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -4922,7 +4958,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %627, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %639, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -4964,11 +5000,11 @@ tile.mr6:                                         ; preds = %rb.body
   %23 = add nsw i64 %col, 0
   %24 = getelementptr inbounds float, ptr %22, i64 %23
   %25 = load <8 x float>, ptr %24, align 4
-  store <8 x float> %25, ptr %acc00, align 4
+  store <8 x float> %25, ptr %acc000, align 4
   %26 = add nsw i64 %col, 8
   %27 = getelementptr inbounds float, ptr %22, i64 %26
   %28 = load <8 x float>, ptr %27, align 4
-  store <8 x float> %28, ptr %acc01, align 4
+  store <8 x float> %28, ptr %acc001, align 4
   %29 = add nsw i64 %r0, 1
   %30 = mul nsw i64 %29, 2816
   %31 = getelementptr inbounds float, ptr %h, i64 %30
@@ -4980,11 +5016,11 @@ tile.mr6:                                         ; preds = %rb.body
   %37 = add nsw i64 %col, 0
   %38 = getelementptr inbounds float, ptr %36, i64 %37
   %39 = load <8 x float>, ptr %38, align 4
-  store <8 x float> %39, ptr %acc10, align 4
+  store <8 x float> %39, ptr %acc010, align 4
   %40 = add nsw i64 %col, 8
   %41 = getelementptr inbounds float, ptr %36, i64 %40
   %42 = load <8 x float>, ptr %41, align 4
-  store <8 x float> %42, ptr %acc11, align 4
+  store <8 x float> %42, ptr %acc011, align 4
   %43 = add nsw i64 %r0, 2
   %44 = mul nsw i64 %43, 2816
   %45 = getelementptr inbounds float, ptr %h, i64 %44
@@ -4996,11 +5032,11 @@ tile.mr6:                                         ; preds = %rb.body
   %51 = add nsw i64 %col, 0
   %52 = getelementptr inbounds float, ptr %50, i64 %51
   %53 = load <8 x float>, ptr %52, align 4
-  store <8 x float> %53, ptr %acc20, align 4
+  store <8 x float> %53, ptr %acc020, align 4
   %54 = add nsw i64 %col, 8
   %55 = getelementptr inbounds float, ptr %50, i64 %54
   %56 = load <8 x float>, ptr %55, align 4
-  store <8 x float> %56, ptr %acc21, align 4
+  store <8 x float> %56, ptr %acc021, align 4
   %57 = add nsw i64 %r0, 3
   %58 = mul nsw i64 %57, 2816
   %59 = getelementptr inbounds float, ptr %h, i64 %58
@@ -5012,11 +5048,11 @@ tile.mr6:                                         ; preds = %rb.body
   %65 = add nsw i64 %col, 0
   %66 = getelementptr inbounds float, ptr %64, i64 %65
   %67 = load <8 x float>, ptr %66, align 4
-  store <8 x float> %67, ptr %acc30, align 4
+  store <8 x float> %67, ptr %acc030, align 4
   %68 = add nsw i64 %col, 8
   %69 = getelementptr inbounds float, ptr %64, i64 %68
   %70 = load <8 x float>, ptr %69, align 4
-  store <8 x float> %70, ptr %acc31, align 4
+  store <8 x float> %70, ptr %acc031, align 4
   %71 = add nsw i64 %r0, 4
   %72 = mul nsw i64 %71, 2816
   %73 = getelementptr inbounds float, ptr %h, i64 %72
@@ -5028,11 +5064,11 @@ tile.mr6:                                         ; preds = %rb.body
   %79 = add nsw i64 %col, 0
   %80 = getelementptr inbounds float, ptr %78, i64 %79
   %81 = load <8 x float>, ptr %80, align 4
-  store <8 x float> %81, ptr %acc40, align 4
+  store <8 x float> %81, ptr %acc040, align 4
   %82 = add nsw i64 %col, 8
   %83 = getelementptr inbounds float, ptr %78, i64 %82
   %84 = load <8 x float>, ptr %83, align 4
-  store <8 x float> %84, ptr %acc41, align 4
+  store <8 x float> %84, ptr %acc041, align 4
   %85 = add nsw i64 %r0, 5
   %86 = mul nsw i64 %85, 2816
   %87 = getelementptr inbounds float, ptr %h, i64 %86
@@ -5044,11 +5080,11 @@ tile.mr6:                                         ; preds = %rb.body
   %93 = add nsw i64 %col, 0
   %94 = getelementptr inbounds float, ptr %92, i64 %93
   %95 = load <8 x float>, ptr %94, align 4
-  store <8 x float> %95, ptr %acc50, align 4
+  store <8 x float> %95, ptr %acc050, align 4
   %96 = add nsw i64 %col, 8
   %97 = getelementptr inbounds float, ptr %92, i64 %96
   %98 = load <8 x float>, ptr %97, align 4
-  store <8 x float> %98, ptr %acc51, align 4
+  store <8 x float> %98, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 45056
   %99 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %100 = add nsw i64 %p, 1
@@ -5063,14 +5099,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %164, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %166, %pf.any.end ]
   %106 = icmp slt i64 %k, 2816
   br i1 %106, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %107 = mul nsw i64 %k, 16
-  %108 = add nsw i64 %panel.off, %107
-  %109 = mul nsw i64 %k, 32
+  %107 = mul nsw i64 %k, 1
+  %108 = add nsw i64 %107, 0
+  %109 = mul nsw i64 %108, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -5080,783 +5116,795 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %112 = getelementptr inbounds i16, ptr %panels, i64 %108
-  %113 = load <8 x i32>, ptr %112, align 4
-  %114 = shl <8 x i32> %113, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %114 to <8 x float>
-  %115 = and <8 x i32> %113, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %115 to <8 x float>
-  %116 = getelementptr inbounds float, ptr %17, i64 %k
-  %117 = load float, ptr %116, align 4
-  %118 = insertelement <8 x float> poison, float %117, i32 0
-  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
-  %120 = load <8 x float>, ptr %acc00, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b0, <8 x float> %120)
-  store <8 x float> %121, ptr %acc00, align 4
-  %122 = load <8 x float>, ptr %acc01, align 4
-  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %b1, <8 x float> %122)
-  store <8 x float> %123, ptr %acc01, align 4
-  %124 = getelementptr inbounds float, ptr %31, i64 %k
-  %125 = load float, ptr %124, align 4
-  %126 = insertelement <8 x float> poison, float %125, i32 0
-  %127 = shufflevector <8 x float> %126, <8 x float> poison, <8 x i32> zeroinitializer
-  %128 = load <8 x float>, ptr %acc10, align 4
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %b0, <8 x float> %128)
-  store <8 x float> %129, ptr %acc10, align 4
-  %130 = load <8 x float>, ptr %acc11, align 4
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %127, <8 x float> %b1, <8 x float> %130)
-  store <8 x float> %131, ptr %acc11, align 4
-  %132 = getelementptr inbounds float, ptr %45, i64 %k
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <8 x float> poison, float %133, i32 0
-  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
-  %136 = load <8 x float>, ptr %acc20, align 4
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %b0, <8 x float> %136)
-  store <8 x float> %137, ptr %acc20, align 4
-  %138 = load <8 x float>, ptr %acc21, align 4
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %b1, <8 x float> %138)
-  store <8 x float> %139, ptr %acc21, align 4
-  %140 = getelementptr inbounds float, ptr %59, i64 %k
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %acc30, align 4
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %b0, <8 x float> %144)
-  store <8 x float> %145, ptr %acc30, align 4
-  %146 = load <8 x float>, ptr %acc31, align 4
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %b1, <8 x float> %146)
-  store <8 x float> %147, ptr %acc31, align 4
-  %148 = getelementptr inbounds float, ptr %73, i64 %k
-  %149 = load float, ptr %148, align 4
-  %150 = insertelement <8 x float> poison, float %149, i32 0
-  %151 = shufflevector <8 x float> %150, <8 x float> poison, <8 x i32> zeroinitializer
-  %152 = load <8 x float>, ptr %acc40, align 4
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %b0, <8 x float> %152)
-  store <8 x float> %153, ptr %acc40, align 4
-  %154 = load <8 x float>, ptr %acc41, align 4
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %b1, <8 x float> %154)
-  store <8 x float> %155, ptr %acc41, align 4
-  %156 = getelementptr inbounds float, ptr %87, i64 %k
-  %157 = load float, ptr %156, align 4
-  %158 = insertelement <8 x float> poison, float %157, i32 0
-  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
-  %160 = load <8 x float>, ptr %acc50, align 4
-  %161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %b0, <8 x float> %160)
-  store <8 x float> %161, ptr %acc50, align 4
-  %162 = load <8 x float>, ptr %acc51, align 4
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %159, <8 x float> %b1, <8 x float> %162)
-  store <8 x float> %163, ptr %acc51, align 4
-  %164 = add nsw i64 %k, 1
+  %112 = mul nsw i64 %108, 16
+  %113 = add nsw i64 %panel.off, %112
+  %114 = getelementptr inbounds i16, ptr %panels, i64 %113
+  %115 = load <8 x i32>, ptr %114, align 4
+  %116 = shl <8 x i32> %115, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %116 to <8 x float>
+  %117 = and <8 x i32> %115, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %117 to <8 x float>
+  %118 = getelementptr inbounds float, ptr %17, i64 %108
+  %119 = load float, ptr %118, align 4
+  %120 = insertelement <8 x float> poison, float %119, i32 0
+  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
+  %122 = load <8 x float>, ptr %acc000, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> %b0, <8 x float> %122)
+  store <8 x float> %123, ptr %acc000, align 4
+  %124 = load <8 x float>, ptr %acc001, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %121, <8 x float> %b1, <8 x float> %124)
+  store <8 x float> %125, ptr %acc001, align 4
+  %126 = getelementptr inbounds float, ptr %31, i64 %108
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %acc010, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %b0, <8 x float> %130)
+  store <8 x float> %131, ptr %acc010, align 4
+  %132 = load <8 x float>, ptr %acc011, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %b1, <8 x float> %132)
+  store <8 x float> %133, ptr %acc011, align 4
+  %134 = getelementptr inbounds float, ptr %45, i64 %108
+  %135 = load float, ptr %134, align 4
+  %136 = insertelement <8 x float> poison, float %135, i32 0
+  %137 = shufflevector <8 x float> %136, <8 x float> poison, <8 x i32> zeroinitializer
+  %138 = load <8 x float>, ptr %acc020, align 4
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %b0, <8 x float> %138)
+  store <8 x float> %139, ptr %acc020, align 4
+  %140 = load <8 x float>, ptr %acc021, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %b1, <8 x float> %140)
+  store <8 x float> %141, ptr %acc021, align 4
+  %142 = getelementptr inbounds float, ptr %59, i64 %108
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <8 x float> poison, float %143, i32 0
+  %145 = shufflevector <8 x float> %144, <8 x float> poison, <8 x i32> zeroinitializer
+  %146 = load <8 x float>, ptr %acc030, align 4
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %b0, <8 x float> %146)
+  store <8 x float> %147, ptr %acc030, align 4
+  %148 = load <8 x float>, ptr %acc031, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %b1, <8 x float> %148)
+  store <8 x float> %149, ptr %acc031, align 4
+  %150 = getelementptr inbounds float, ptr %73, i64 %108
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc040, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b0, <8 x float> %154)
+  store <8 x float> %155, ptr %acc040, align 4
+  %156 = load <8 x float>, ptr %acc041, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b1, <8 x float> %156)
+  store <8 x float> %157, ptr %acc041, align 4
+  %158 = getelementptr inbounds float, ptr %87, i64 %108
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc050, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b0, <8 x float> %162)
+  store <8 x float> %163, ptr %acc050, align 4
+  %164 = load <8 x float>, ptr %acc051, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b1, <8 x float> %164)
+  store <8 x float> %165, ptr %acc051, align 4
+  %166 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %165 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %165, ptr %24, align 4
-  %166 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %166, ptr %27, align 4
-  %167 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %167, ptr %38, align 4
-  %168 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %168, ptr %41, align 4
-  %169 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %169, ptr %52, align 4
-  %170 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %170, ptr %55, align 4
-  %171 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %171, ptr %66, align 4
-  %172 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %172, ptr %69, align 4
-  %173 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %173, ptr %80, align 4
-  %174 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %174, ptr %83, align 4
-  %175 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %175, ptr %94, align 4
-  %176 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %176, ptr %97, align 4
+  %167 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %167, ptr %24, align 4
+  %168 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %168, ptr %27, align 4
+  %169 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %169, ptr %38, align 4
+  %170 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %170, ptr %41, align 4
+  %171 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %171, ptr %52, align 4
+  %172 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %172, ptr %55, align 4
+  %173 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %173, ptr %66, align 4
+  %174 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %174, ptr %69, align 4
+  %175 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %175, ptr %80, align 4
+  %176 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %176, ptr %83, align 4
+  %177 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %177, ptr %94, align 4
+  %178 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %178, ptr %97, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %177 = add nsw i64 %r0, 0
-  %178 = mul nsw i64 %177, 2816
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
-  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
-  %181 = load i32, ptr %180, align 4
-  %182 = sext i32 %181 to i64
-  %183 = mul nsw i64 %182, 2048
-  %184 = getelementptr inbounds float, ptr %y, i64 %183
-  %185 = add nsw i64 %col2, 0
-  %186 = getelementptr inbounds float, ptr %184, i64 %185
-  %187 = load <8 x float>, ptr %186, align 4
-  store <8 x float> %187, ptr %acc003, align 4
-  %188 = add nsw i64 %col2, 8
-  %189 = getelementptr inbounds float, ptr %184, i64 %188
-  %190 = load <8 x float>, ptr %189, align 4
-  store <8 x float> %190, ptr %acc014, align 4
-  %191 = add nsw i64 %r0, 1
-  %192 = mul nsw i64 %191, 2816
-  %193 = getelementptr inbounds float, ptr %h, i64 %192
-  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
-  %195 = load i32, ptr %194, align 4
-  %196 = sext i32 %195 to i64
-  %197 = mul nsw i64 %196, 2048
-  %198 = getelementptr inbounds float, ptr %y, i64 %197
-  %199 = add nsw i64 %col2, 0
-  %200 = getelementptr inbounds float, ptr %198, i64 %199
-  %201 = load <8 x float>, ptr %200, align 4
-  store <8 x float> %201, ptr %acc105, align 4
-  %202 = add nsw i64 %col2, 8
-  %203 = getelementptr inbounds float, ptr %198, i64 %202
-  %204 = load <8 x float>, ptr %203, align 4
-  store <8 x float> %204, ptr %acc116, align 4
-  %205 = add nsw i64 %r0, 2
-  %206 = mul nsw i64 %205, 2816
-  %207 = getelementptr inbounds float, ptr %h, i64 %206
-  %208 = getelementptr inbounds i32, ptr %rows, i64 %205
-  %209 = load i32, ptr %208, align 4
-  %210 = sext i32 %209 to i64
-  %211 = mul nsw i64 %210, 2048
-  %212 = getelementptr inbounds float, ptr %y, i64 %211
-  %213 = add nsw i64 %col2, 0
-  %214 = getelementptr inbounds float, ptr %212, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  store <8 x float> %215, ptr %acc207, align 4
-  %216 = add nsw i64 %col2, 8
-  %217 = getelementptr inbounds float, ptr %212, i64 %216
-  %218 = load <8 x float>, ptr %217, align 4
-  store <8 x float> %218, ptr %acc218, align 4
-  %219 = add nsw i64 %r0, 3
-  %220 = mul nsw i64 %219, 2816
-  %221 = getelementptr inbounds float, ptr %h, i64 %220
-  %222 = getelementptr inbounds i32, ptr %rows, i64 %219
-  %223 = load i32, ptr %222, align 4
-  %224 = sext i32 %223 to i64
-  %225 = mul nsw i64 %224, 2048
-  %226 = getelementptr inbounds float, ptr %y, i64 %225
-  %227 = add nsw i64 %col2, 0
-  %228 = getelementptr inbounds float, ptr %226, i64 %227
-  %229 = load <8 x float>, ptr %228, align 4
-  store <8 x float> %229, ptr %acc309, align 4
-  %230 = add nsw i64 %col2, 8
-  %231 = getelementptr inbounds float, ptr %226, i64 %230
-  %232 = load <8 x float>, ptr %231, align 4
-  store <8 x float> %232, ptr %acc3110, align 4
-  %233 = add nsw i64 %r0, 4
-  %234 = mul nsw i64 %233, 2816
-  %235 = getelementptr inbounds float, ptr %h, i64 %234
-  %236 = getelementptr inbounds i32, ptr %rows, i64 %233
-  %237 = load i32, ptr %236, align 4
-  %238 = sext i32 %237 to i64
-  %239 = mul nsw i64 %238, 2048
-  %240 = getelementptr inbounds float, ptr %y, i64 %239
-  %241 = add nsw i64 %col2, 0
-  %242 = getelementptr inbounds float, ptr %240, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  store <8 x float> %243, ptr %acc4011, align 4
-  %244 = add nsw i64 %col2, 8
-  %245 = getelementptr inbounds float, ptr %240, i64 %244
-  %246 = load <8 x float>, ptr %245, align 4
-  store <8 x float> %246, ptr %acc4112, align 4
+  %179 = add nsw i64 %r0, 0
+  %180 = mul nsw i64 %179, 2816
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 2048
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col2, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  %189 = load <8 x float>, ptr %188, align 4
+  store <8 x float> %189, ptr %acc0003, align 4
+  %190 = add nsw i64 %col2, 8
+  %191 = getelementptr inbounds float, ptr %186, i64 %190
+  %192 = load <8 x float>, ptr %191, align 4
+  store <8 x float> %192, ptr %acc0014, align 4
+  %193 = add nsw i64 %r0, 1
+  %194 = mul nsw i64 %193, 2816
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
+  %196 = getelementptr inbounds i32, ptr %rows, i64 %193
+  %197 = load i32, ptr %196, align 4
+  %198 = sext i32 %197 to i64
+  %199 = mul nsw i64 %198, 2048
+  %200 = getelementptr inbounds float, ptr %y, i64 %199
+  %201 = add nsw i64 %col2, 0
+  %202 = getelementptr inbounds float, ptr %200, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  store <8 x float> %203, ptr %acc0105, align 4
+  %204 = add nsw i64 %col2, 8
+  %205 = getelementptr inbounds float, ptr %200, i64 %204
+  %206 = load <8 x float>, ptr %205, align 4
+  store <8 x float> %206, ptr %acc0116, align 4
+  %207 = add nsw i64 %r0, 2
+  %208 = mul nsw i64 %207, 2816
+  %209 = getelementptr inbounds float, ptr %h, i64 %208
+  %210 = getelementptr inbounds i32, ptr %rows, i64 %207
+  %211 = load i32, ptr %210, align 4
+  %212 = sext i32 %211 to i64
+  %213 = mul nsw i64 %212, 2048
+  %214 = getelementptr inbounds float, ptr %y, i64 %213
+  %215 = add nsw i64 %col2, 0
+  %216 = getelementptr inbounds float, ptr %214, i64 %215
+  %217 = load <8 x float>, ptr %216, align 4
+  store <8 x float> %217, ptr %acc0207, align 4
+  %218 = add nsw i64 %col2, 8
+  %219 = getelementptr inbounds float, ptr %214, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  store <8 x float> %220, ptr %acc0218, align 4
+  %221 = add nsw i64 %r0, 3
+  %222 = mul nsw i64 %221, 2816
+  %223 = getelementptr inbounds float, ptr %h, i64 %222
+  %224 = getelementptr inbounds i32, ptr %rows, i64 %221
+  %225 = load i32, ptr %224, align 4
+  %226 = sext i32 %225 to i64
+  %227 = mul nsw i64 %226, 2048
+  %228 = getelementptr inbounds float, ptr %y, i64 %227
+  %229 = add nsw i64 %col2, 0
+  %230 = getelementptr inbounds float, ptr %228, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  store <8 x float> %231, ptr %acc0309, align 4
+  %232 = add nsw i64 %col2, 8
+  %233 = getelementptr inbounds float, ptr %228, i64 %232
+  %234 = load <8 x float>, ptr %233, align 4
+  store <8 x float> %234, ptr %acc03110, align 4
+  %235 = add nsw i64 %r0, 4
+  %236 = mul nsw i64 %235, 2816
+  %237 = getelementptr inbounds float, ptr %h, i64 %236
+  %238 = getelementptr inbounds i32, ptr %rows, i64 %235
+  %239 = load i32, ptr %238, align 4
+  %240 = sext i32 %239 to i64
+  %241 = mul nsw i64 %240, 2048
+  %242 = getelementptr inbounds float, ptr %y, i64 %241
+  %243 = add nsw i64 %col2, 0
+  %244 = getelementptr inbounds float, ptr %242, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  store <8 x float> %245, ptr %acc04011, align 4
+  %246 = add nsw i64 %col2, 8
+  %247 = getelementptr inbounds float, ptr %242, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  store <8 x float> %248, ptr %acc04112, align 4
   %panel.off13 = mul nsw i64 %p, 45056
-  %247 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %248 = add nsw i64 %p, 1
-  %249 = icmp slt i64 %248, %p1
-  %pf.on14 = and i1 %pf.on, %249
-  %250 = mul nsw i64 %rb, 90112
-  %251 = lshr i64 %250, %12
-  %252 = add nsw i64 90112, %251
-  %253 = getelementptr inbounds i8, ptr %247, i64 %252
-  %pf15 = select i1 %pf.on14, ptr %253, ptr %247
+  %249 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %250 = add nsw i64 %p, 1
+  %251 = icmp slt i64 %250, %p1
+  %pf.on14 = and i1 %pf.on, %251
+  %252 = mul nsw i64 %rb, 90112
+  %253 = lshr i64 %252, %12
+  %254 = add nsw i64 90112, %253
+  %255 = getelementptr inbounds i8, ptr %249, i64 %254
+  %pf15 = select i1 %pf.on14, ptr %255, ptr %249
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %304, %pf.any.end22 ]
-  %254 = icmp slt i64 %k20, 2816
-  br i1 %254, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %308, %pf.any.end22 ]
+  %256 = icmp slt i64 %k20, 2816
+  br i1 %256, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %255 = mul nsw i64 %k20, 16
-  %256 = add nsw i64 %panel.off13, %255
-  %257 = mul nsw i64 %k20, 32
+  %257 = mul nsw i64 %k20, 1
+  %258 = add nsw i64 %257, 0
+  %259 = mul nsw i64 %258, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %258 = lshr i64 %257, %pf.sh16
-  %259 = getelementptr inbounds i8, ptr %pf15, i64 %258
-  call void @llvm.prefetch.p0(ptr %259, i32 0, i32 2, i32 1)
+  %260 = lshr i64 %259, %pf.sh16
+  %261 = getelementptr inbounds i8, ptr %pf15, i64 %260
+  call void @llvm.prefetch.p0(ptr %261, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %260 = getelementptr inbounds i16, ptr %panels, i64 %256
-  %261 = load <8 x i32>, ptr %260, align 4
-  %262 = shl <8 x i32> %261, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %262 to <8 x float>
-  %263 = and <8 x i32> %261, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %263 to <8 x float>
-  %264 = getelementptr inbounds float, ptr %179, i64 %k20
-  %265 = load float, ptr %264, align 4
-  %266 = insertelement <8 x float> poison, float %265, i32 0
-  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
-  %268 = load <8 x float>, ptr %acc003, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %b023, <8 x float> %268)
-  store <8 x float> %269, ptr %acc003, align 4
-  %270 = load <8 x float>, ptr %acc014, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %b124, <8 x float> %270)
-  store <8 x float> %271, ptr %acc014, align 4
-  %272 = getelementptr inbounds float, ptr %193, i64 %k20
-  %273 = load float, ptr %272, align 4
-  %274 = insertelement <8 x float> poison, float %273, i32 0
-  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = load <8 x float>, ptr %acc105, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %b023, <8 x float> %276)
-  store <8 x float> %277, ptr %acc105, align 4
-  %278 = load <8 x float>, ptr %acc116, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %b124, <8 x float> %278)
-  store <8 x float> %279, ptr %acc116, align 4
-  %280 = getelementptr inbounds float, ptr %207, i64 %k20
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = load <8 x float>, ptr %acc207, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %b023, <8 x float> %284)
-  store <8 x float> %285, ptr %acc207, align 4
-  %286 = load <8 x float>, ptr %acc218, align 4
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %b124, <8 x float> %286)
-  store <8 x float> %287, ptr %acc218, align 4
-  %288 = getelementptr inbounds float, ptr %221, i64 %k20
-  %289 = load float, ptr %288, align 4
-  %290 = insertelement <8 x float> poison, float %289, i32 0
-  %291 = shufflevector <8 x float> %290, <8 x float> poison, <8 x i32> zeroinitializer
-  %292 = load <8 x float>, ptr %acc309, align 4
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %b023, <8 x float> %292)
-  store <8 x float> %293, ptr %acc309, align 4
-  %294 = load <8 x float>, ptr %acc3110, align 4
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %b124, <8 x float> %294)
-  store <8 x float> %295, ptr %acc3110, align 4
-  %296 = getelementptr inbounds float, ptr %235, i64 %k20
-  %297 = load float, ptr %296, align 4
-  %298 = insertelement <8 x float> poison, float %297, i32 0
-  %299 = shufflevector <8 x float> %298, <8 x float> poison, <8 x i32> zeroinitializer
-  %300 = load <8 x float>, ptr %acc4011, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %b023, <8 x float> %300)
-  store <8 x float> %301, ptr %acc4011, align 4
-  %302 = load <8 x float>, ptr %acc4112, align 4
-  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %b124, <8 x float> %302)
-  store <8 x float> %303, ptr %acc4112, align 4
-  %304 = add nsw i64 %k20, 1
+  %262 = mul nsw i64 %258, 16
+  %263 = add nsw i64 %panel.off13, %262
+  %264 = getelementptr inbounds i16, ptr %panels, i64 %263
+  %265 = load <8 x i32>, ptr %264, align 4
+  %266 = shl <8 x i32> %265, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %266 to <8 x float>
+  %267 = and <8 x i32> %265, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %267 to <8 x float>
+  %268 = getelementptr inbounds float, ptr %181, i64 %258
+  %269 = load float, ptr %268, align 4
+  %270 = insertelement <8 x float> poison, float %269, i32 0
+  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
+  %272 = load <8 x float>, ptr %acc0003, align 4
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %b023, <8 x float> %272)
+  store <8 x float> %273, ptr %acc0003, align 4
+  %274 = load <8 x float>, ptr %acc0014, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %b124, <8 x float> %274)
+  store <8 x float> %275, ptr %acc0014, align 4
+  %276 = getelementptr inbounds float, ptr %195, i64 %258
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = load <8 x float>, ptr %acc0105, align 4
+  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b023, <8 x float> %280)
+  store <8 x float> %281, ptr %acc0105, align 4
+  %282 = load <8 x float>, ptr %acc0116, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %b124, <8 x float> %282)
+  store <8 x float> %283, ptr %acc0116, align 4
+  %284 = getelementptr inbounds float, ptr %209, i64 %258
+  %285 = load float, ptr %284, align 4
+  %286 = insertelement <8 x float> poison, float %285, i32 0
+  %287 = shufflevector <8 x float> %286, <8 x float> poison, <8 x i32> zeroinitializer
+  %288 = load <8 x float>, ptr %acc0207, align 4
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b023, <8 x float> %288)
+  store <8 x float> %289, ptr %acc0207, align 4
+  %290 = load <8 x float>, ptr %acc0218, align 4
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> %b124, <8 x float> %290)
+  store <8 x float> %291, ptr %acc0218, align 4
+  %292 = getelementptr inbounds float, ptr %223, i64 %258
+  %293 = load float, ptr %292, align 4
+  %294 = insertelement <8 x float> poison, float %293, i32 0
+  %295 = shufflevector <8 x float> %294, <8 x float> poison, <8 x i32> zeroinitializer
+  %296 = load <8 x float>, ptr %acc0309, align 4
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b023, <8 x float> %296)
+  store <8 x float> %297, ptr %acc0309, align 4
+  %298 = load <8 x float>, ptr %acc03110, align 4
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %b124, <8 x float> %298)
+  store <8 x float> %299, ptr %acc03110, align 4
+  %300 = getelementptr inbounds float, ptr %237, i64 %258
+  %301 = load float, ptr %300, align 4
+  %302 = insertelement <8 x float> poison, float %301, i32 0
+  %303 = shufflevector <8 x float> %302, <8 x float> poison, <8 x i32> zeroinitializer
+  %304 = load <8 x float>, ptr %acc04011, align 4
+  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b023, <8 x float> %304)
+  store <8 x float> %305, ptr %acc04011, align 4
+  %306 = load <8 x float>, ptr %acc04112, align 4
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %b124, <8 x float> %306)
+  store <8 x float> %307, ptr %acc04112, align 4
+  %308 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %305 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %305, ptr %186, align 4
-  %306 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %306, ptr %189, align 4
-  %307 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %307, ptr %200, align 4
-  %308 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %308, ptr %203, align 4
-  %309 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %309, ptr %214, align 4
-  %310 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %310, ptr %217, align 4
-  %311 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %311, ptr %228, align 4
-  %312 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %312, ptr %231, align 4
-  %313 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %313, ptr %242, align 4
-  %314 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %314, ptr %245, align 4
+  %309 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %309, ptr %188, align 4
+  %310 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %310, ptr %191, align 4
+  %311 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %311, ptr %202, align 4
+  %312 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %312, ptr %205, align 4
+  %313 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %313, ptr %216, align 4
+  %314 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %314, ptr %219, align 4
+  %315 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %315, ptr %230, align 4
+  %316 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %316, ptr %233, align 4
+  %317 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %317, ptr %244, align 4
+  %318 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %318, ptr %247, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %315 = add nsw i64 %r0, 0
-  %316 = mul nsw i64 %315, 2816
-  %317 = getelementptr inbounds float, ptr %h, i64 %316
-  %318 = getelementptr inbounds i32, ptr %rows, i64 %315
-  %319 = load i32, ptr %318, align 4
-  %320 = sext i32 %319 to i64
-  %321 = mul nsw i64 %320, 2048
-  %322 = getelementptr inbounds float, ptr %y, i64 %321
-  %323 = add nsw i64 %col25, 0
-  %324 = getelementptr inbounds float, ptr %322, i64 %323
-  %325 = load <8 x float>, ptr %324, align 4
-  store <8 x float> %325, ptr %acc0026, align 4
-  %326 = add nsw i64 %col25, 8
-  %327 = getelementptr inbounds float, ptr %322, i64 %326
-  %328 = load <8 x float>, ptr %327, align 4
-  store <8 x float> %328, ptr %acc0127, align 4
-  %329 = add nsw i64 %r0, 1
-  %330 = mul nsw i64 %329, 2816
-  %331 = getelementptr inbounds float, ptr %h, i64 %330
-  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
-  %333 = load i32, ptr %332, align 4
-  %334 = sext i32 %333 to i64
-  %335 = mul nsw i64 %334, 2048
-  %336 = getelementptr inbounds float, ptr %y, i64 %335
-  %337 = add nsw i64 %col25, 0
-  %338 = getelementptr inbounds float, ptr %336, i64 %337
-  %339 = load <8 x float>, ptr %338, align 4
-  store <8 x float> %339, ptr %acc1028, align 4
-  %340 = add nsw i64 %col25, 8
-  %341 = getelementptr inbounds float, ptr %336, i64 %340
-  %342 = load <8 x float>, ptr %341, align 4
-  store <8 x float> %342, ptr %acc1129, align 4
-  %343 = add nsw i64 %r0, 2
-  %344 = mul nsw i64 %343, 2816
-  %345 = getelementptr inbounds float, ptr %h, i64 %344
-  %346 = getelementptr inbounds i32, ptr %rows, i64 %343
-  %347 = load i32, ptr %346, align 4
-  %348 = sext i32 %347 to i64
-  %349 = mul nsw i64 %348, 2048
-  %350 = getelementptr inbounds float, ptr %y, i64 %349
-  %351 = add nsw i64 %col25, 0
-  %352 = getelementptr inbounds float, ptr %350, i64 %351
-  %353 = load <8 x float>, ptr %352, align 4
-  store <8 x float> %353, ptr %acc2030, align 4
-  %354 = add nsw i64 %col25, 8
-  %355 = getelementptr inbounds float, ptr %350, i64 %354
-  %356 = load <8 x float>, ptr %355, align 4
-  store <8 x float> %356, ptr %acc2131, align 4
-  %357 = add nsw i64 %r0, 3
-  %358 = mul nsw i64 %357, 2816
-  %359 = getelementptr inbounds float, ptr %h, i64 %358
-  %360 = getelementptr inbounds i32, ptr %rows, i64 %357
-  %361 = load i32, ptr %360, align 4
-  %362 = sext i32 %361 to i64
-  %363 = mul nsw i64 %362, 2048
-  %364 = getelementptr inbounds float, ptr %y, i64 %363
-  %365 = add nsw i64 %col25, 0
-  %366 = getelementptr inbounds float, ptr %364, i64 %365
-  %367 = load <8 x float>, ptr %366, align 4
-  store <8 x float> %367, ptr %acc3032, align 4
-  %368 = add nsw i64 %col25, 8
-  %369 = getelementptr inbounds float, ptr %364, i64 %368
-  %370 = load <8 x float>, ptr %369, align 4
-  store <8 x float> %370, ptr %acc3133, align 4
+  %319 = add nsw i64 %r0, 0
+  %320 = mul nsw i64 %319, 2816
+  %321 = getelementptr inbounds float, ptr %h, i64 %320
+  %322 = getelementptr inbounds i32, ptr %rows, i64 %319
+  %323 = load i32, ptr %322, align 4
+  %324 = sext i32 %323 to i64
+  %325 = mul nsw i64 %324, 2048
+  %326 = getelementptr inbounds float, ptr %y, i64 %325
+  %327 = add nsw i64 %col25, 0
+  %328 = getelementptr inbounds float, ptr %326, i64 %327
+  %329 = load <8 x float>, ptr %328, align 4
+  store <8 x float> %329, ptr %acc00026, align 4
+  %330 = add nsw i64 %col25, 8
+  %331 = getelementptr inbounds float, ptr %326, i64 %330
+  %332 = load <8 x float>, ptr %331, align 4
+  store <8 x float> %332, ptr %acc00127, align 4
+  %333 = add nsw i64 %r0, 1
+  %334 = mul nsw i64 %333, 2816
+  %335 = getelementptr inbounds float, ptr %h, i64 %334
+  %336 = getelementptr inbounds i32, ptr %rows, i64 %333
+  %337 = load i32, ptr %336, align 4
+  %338 = sext i32 %337 to i64
+  %339 = mul nsw i64 %338, 2048
+  %340 = getelementptr inbounds float, ptr %y, i64 %339
+  %341 = add nsw i64 %col25, 0
+  %342 = getelementptr inbounds float, ptr %340, i64 %341
+  %343 = load <8 x float>, ptr %342, align 4
+  store <8 x float> %343, ptr %acc01028, align 4
+  %344 = add nsw i64 %col25, 8
+  %345 = getelementptr inbounds float, ptr %340, i64 %344
+  %346 = load <8 x float>, ptr %345, align 4
+  store <8 x float> %346, ptr %acc01129, align 4
+  %347 = add nsw i64 %r0, 2
+  %348 = mul nsw i64 %347, 2816
+  %349 = getelementptr inbounds float, ptr %h, i64 %348
+  %350 = getelementptr inbounds i32, ptr %rows, i64 %347
+  %351 = load i32, ptr %350, align 4
+  %352 = sext i32 %351 to i64
+  %353 = mul nsw i64 %352, 2048
+  %354 = getelementptr inbounds float, ptr %y, i64 %353
+  %355 = add nsw i64 %col25, 0
+  %356 = getelementptr inbounds float, ptr %354, i64 %355
+  %357 = load <8 x float>, ptr %356, align 4
+  store <8 x float> %357, ptr %acc02030, align 4
+  %358 = add nsw i64 %col25, 8
+  %359 = getelementptr inbounds float, ptr %354, i64 %358
+  %360 = load <8 x float>, ptr %359, align 4
+  store <8 x float> %360, ptr %acc02131, align 4
+  %361 = add nsw i64 %r0, 3
+  %362 = mul nsw i64 %361, 2816
+  %363 = getelementptr inbounds float, ptr %h, i64 %362
+  %364 = getelementptr inbounds i32, ptr %rows, i64 %361
+  %365 = load i32, ptr %364, align 4
+  %366 = sext i32 %365 to i64
+  %367 = mul nsw i64 %366, 2048
+  %368 = getelementptr inbounds float, ptr %y, i64 %367
+  %369 = add nsw i64 %col25, 0
+  %370 = getelementptr inbounds float, ptr %368, i64 %369
+  %371 = load <8 x float>, ptr %370, align 4
+  store <8 x float> %371, ptr %acc03032, align 4
+  %372 = add nsw i64 %col25, 8
+  %373 = getelementptr inbounds float, ptr %368, i64 %372
+  %374 = load <8 x float>, ptr %373, align 4
+  store <8 x float> %374, ptr %acc03133, align 4
   %panel.off34 = mul nsw i64 %p, 45056
-  %371 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %372 = add nsw i64 %p, 1
-  %373 = icmp slt i64 %372, %p1
-  %pf.on35 = and i1 %pf.on, %373
-  %374 = mul nsw i64 %rb, 90112
-  %375 = lshr i64 %374, %12
-  %376 = add nsw i64 90112, %375
-  %377 = getelementptr inbounds i8, ptr %371, i64 %376
-  %pf36 = select i1 %pf.on35, ptr %377, ptr %371
+  %375 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %376 = add nsw i64 %p, 1
+  %377 = icmp slt i64 %376, %p1
+  %pf.on35 = and i1 %pf.on, %377
+  %378 = mul nsw i64 %rb, 90112
+  %379 = lshr i64 %378, %12
+  %380 = add nsw i64 90112, %379
+  %381 = getelementptr inbounds i8, ptr %375, i64 %380
+  %pf36 = select i1 %pf.on35, ptr %381, ptr %375
   %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %420, %pf.any.end43 ]
-  %378 = icmp slt i64 %k41, 2816
-  br i1 %378, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %426, %pf.any.end43 ]
+  %382 = icmp slt i64 %k41, 2816
+  br i1 %382, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %379 = mul nsw i64 %k41, 16
-  %380 = add nsw i64 %panel.off34, %379
-  %381 = mul nsw i64 %k41, 32
+  %383 = mul nsw i64 %k41, 1
+  %384 = add nsw i64 %383, 0
+  %385 = mul nsw i64 %384, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %382 = lshr i64 %381, %pf.sh37
-  %383 = getelementptr inbounds i8, ptr %pf36, i64 %382
-  call void @llvm.prefetch.p0(ptr %383, i32 0, i32 2, i32 1)
+  %386 = lshr i64 %385, %pf.sh37
+  %387 = getelementptr inbounds i8, ptr %pf36, i64 %386
+  call void @llvm.prefetch.p0(ptr %387, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %384 = getelementptr inbounds i16, ptr %panels, i64 %380
-  %385 = load <8 x i32>, ptr %384, align 4
-  %386 = shl <8 x i32> %385, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %386 to <8 x float>
-  %387 = and <8 x i32> %385, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %387 to <8 x float>
-  %388 = getelementptr inbounds float, ptr %317, i64 %k41
-  %389 = load float, ptr %388, align 4
-  %390 = insertelement <8 x float> poison, float %389, i32 0
-  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
-  %392 = load <8 x float>, ptr %acc0026, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b044, <8 x float> %392)
-  store <8 x float> %393, ptr %acc0026, align 4
-  %394 = load <8 x float>, ptr %acc0127, align 4
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b145, <8 x float> %394)
-  store <8 x float> %395, ptr %acc0127, align 4
-  %396 = getelementptr inbounds float, ptr %331, i64 %k41
-  %397 = load float, ptr %396, align 4
-  %398 = insertelement <8 x float> poison, float %397, i32 0
-  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
-  %400 = load <8 x float>, ptr %acc1028, align 4
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %b044, <8 x float> %400)
-  store <8 x float> %401, ptr %acc1028, align 4
-  %402 = load <8 x float>, ptr %acc1129, align 4
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %b145, <8 x float> %402)
-  store <8 x float> %403, ptr %acc1129, align 4
-  %404 = getelementptr inbounds float, ptr %345, i64 %k41
-  %405 = load float, ptr %404, align 4
-  %406 = insertelement <8 x float> poison, float %405, i32 0
-  %407 = shufflevector <8 x float> %406, <8 x float> poison, <8 x i32> zeroinitializer
-  %408 = load <8 x float>, ptr %acc2030, align 4
-  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %b044, <8 x float> %408)
-  store <8 x float> %409, ptr %acc2030, align 4
-  %410 = load <8 x float>, ptr %acc2131, align 4
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %b145, <8 x float> %410)
-  store <8 x float> %411, ptr %acc2131, align 4
-  %412 = getelementptr inbounds float, ptr %359, i64 %k41
-  %413 = load float, ptr %412, align 4
-  %414 = insertelement <8 x float> poison, float %413, i32 0
-  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
-  %416 = load <8 x float>, ptr %acc3032, align 4
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %b044, <8 x float> %416)
-  store <8 x float> %417, ptr %acc3032, align 4
-  %418 = load <8 x float>, ptr %acc3133, align 4
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %b145, <8 x float> %418)
-  store <8 x float> %419, ptr %acc3133, align 4
-  %420 = add nsw i64 %k41, 1
+  %388 = mul nsw i64 %384, 16
+  %389 = add nsw i64 %panel.off34, %388
+  %390 = getelementptr inbounds i16, ptr %panels, i64 %389
+  %391 = load <8 x i32>, ptr %390, align 4
+  %392 = shl <8 x i32> %391, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %392 to <8 x float>
+  %393 = and <8 x i32> %391, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %393 to <8 x float>
+  %394 = getelementptr inbounds float, ptr %321, i64 %384
+  %395 = load float, ptr %394, align 4
+  %396 = insertelement <8 x float> poison, float %395, i32 0
+  %397 = shufflevector <8 x float> %396, <8 x float> poison, <8 x i32> zeroinitializer
+  %398 = load <8 x float>, ptr %acc00026, align 4
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b044, <8 x float> %398)
+  store <8 x float> %399, ptr %acc00026, align 4
+  %400 = load <8 x float>, ptr %acc00127, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> %b145, <8 x float> %400)
+  store <8 x float> %401, ptr %acc00127, align 4
+  %402 = getelementptr inbounds float, ptr %335, i64 %384
+  %403 = load float, ptr %402, align 4
+  %404 = insertelement <8 x float> poison, float %403, i32 0
+  %405 = shufflevector <8 x float> %404, <8 x float> poison, <8 x i32> zeroinitializer
+  %406 = load <8 x float>, ptr %acc01028, align 4
+  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %b044, <8 x float> %406)
+  store <8 x float> %407, ptr %acc01028, align 4
+  %408 = load <8 x float>, ptr %acc01129, align 4
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %b145, <8 x float> %408)
+  store <8 x float> %409, ptr %acc01129, align 4
+  %410 = getelementptr inbounds float, ptr %349, i64 %384
+  %411 = load float, ptr %410, align 4
+  %412 = insertelement <8 x float> poison, float %411, i32 0
+  %413 = shufflevector <8 x float> %412, <8 x float> poison, <8 x i32> zeroinitializer
+  %414 = load <8 x float>, ptr %acc02030, align 4
+  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> %b044, <8 x float> %414)
+  store <8 x float> %415, ptr %acc02030, align 4
+  %416 = load <8 x float>, ptr %acc02131, align 4
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> %b145, <8 x float> %416)
+  store <8 x float> %417, ptr %acc02131, align 4
+  %418 = getelementptr inbounds float, ptr %363, i64 %384
+  %419 = load float, ptr %418, align 4
+  %420 = insertelement <8 x float> poison, float %419, i32 0
+  %421 = shufflevector <8 x float> %420, <8 x float> poison, <8 x i32> zeroinitializer
+  %422 = load <8 x float>, ptr %acc03032, align 4
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %b044, <8 x float> %422)
+  store <8 x float> %423, ptr %acc03032, align 4
+  %424 = load <8 x float>, ptr %acc03133, align 4
+  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %b145, <8 x float> %424)
+  store <8 x float> %425, ptr %acc03133, align 4
+  %426 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %421 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %421, ptr %324, align 4
-  %422 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %422, ptr %327, align 4
-  %423 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %423, ptr %338, align 4
-  %424 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %424, ptr %341, align 4
-  %425 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %425, ptr %352, align 4
-  %426 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %426, ptr %355, align 4
-  %427 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %427, ptr %366, align 4
-  %428 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %428, ptr %369, align 4
+  %427 = load <8 x float>, ptr %acc00026, align 4
+  store <8 x float> %427, ptr %328, align 4
+  %428 = load <8 x float>, ptr %acc00127, align 4
+  store <8 x float> %428, ptr %331, align 4
+  %429 = load <8 x float>, ptr %acc01028, align 4
+  store <8 x float> %429, ptr %342, align 4
+  %430 = load <8 x float>, ptr %acc01129, align 4
+  store <8 x float> %430, ptr %345, align 4
+  %431 = load <8 x float>, ptr %acc02030, align 4
+  store <8 x float> %431, ptr %356, align 4
+  %432 = load <8 x float>, ptr %acc02131, align 4
+  store <8 x float> %432, ptr %359, align 4
+  %433 = load <8 x float>, ptr %acc03032, align 4
+  store <8 x float> %433, ptr %370, align 4
+  %434 = load <8 x float>, ptr %acc03133, align 4
+  store <8 x float> %434, ptr %373, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %429 = add nsw i64 %r0, 0
-  %430 = mul nsw i64 %429, 2816
-  %431 = getelementptr inbounds float, ptr %h, i64 %430
-  %432 = getelementptr inbounds i32, ptr %rows, i64 %429
-  %433 = load i32, ptr %432, align 4
-  %434 = sext i32 %433 to i64
-  %435 = mul nsw i64 %434, 2048
-  %436 = getelementptr inbounds float, ptr %y, i64 %435
-  %437 = add nsw i64 %col46, 0
-  %438 = getelementptr inbounds float, ptr %436, i64 %437
-  %439 = load <8 x float>, ptr %438, align 4
-  store <8 x float> %439, ptr %acc0047, align 4
-  %440 = add nsw i64 %col46, 8
-  %441 = getelementptr inbounds float, ptr %436, i64 %440
-  %442 = load <8 x float>, ptr %441, align 4
-  store <8 x float> %442, ptr %acc0148, align 4
-  %443 = add nsw i64 %r0, 1
-  %444 = mul nsw i64 %443, 2816
-  %445 = getelementptr inbounds float, ptr %h, i64 %444
-  %446 = getelementptr inbounds i32, ptr %rows, i64 %443
-  %447 = load i32, ptr %446, align 4
-  %448 = sext i32 %447 to i64
-  %449 = mul nsw i64 %448, 2048
-  %450 = getelementptr inbounds float, ptr %y, i64 %449
-  %451 = add nsw i64 %col46, 0
-  %452 = getelementptr inbounds float, ptr %450, i64 %451
-  %453 = load <8 x float>, ptr %452, align 4
-  store <8 x float> %453, ptr %acc1049, align 4
-  %454 = add nsw i64 %col46, 8
-  %455 = getelementptr inbounds float, ptr %450, i64 %454
-  %456 = load <8 x float>, ptr %455, align 4
-  store <8 x float> %456, ptr %acc1150, align 4
-  %457 = add nsw i64 %r0, 2
-  %458 = mul nsw i64 %457, 2816
-  %459 = getelementptr inbounds float, ptr %h, i64 %458
-  %460 = getelementptr inbounds i32, ptr %rows, i64 %457
-  %461 = load i32, ptr %460, align 4
-  %462 = sext i32 %461 to i64
-  %463 = mul nsw i64 %462, 2048
-  %464 = getelementptr inbounds float, ptr %y, i64 %463
-  %465 = add nsw i64 %col46, 0
-  %466 = getelementptr inbounds float, ptr %464, i64 %465
-  %467 = load <8 x float>, ptr %466, align 4
-  store <8 x float> %467, ptr %acc2051, align 4
-  %468 = add nsw i64 %col46, 8
-  %469 = getelementptr inbounds float, ptr %464, i64 %468
-  %470 = load <8 x float>, ptr %469, align 4
-  store <8 x float> %470, ptr %acc2152, align 4
+  %435 = add nsw i64 %r0, 0
+  %436 = mul nsw i64 %435, 2816
+  %437 = getelementptr inbounds float, ptr %h, i64 %436
+  %438 = getelementptr inbounds i32, ptr %rows, i64 %435
+  %439 = load i32, ptr %438, align 4
+  %440 = sext i32 %439 to i64
+  %441 = mul nsw i64 %440, 2048
+  %442 = getelementptr inbounds float, ptr %y, i64 %441
+  %443 = add nsw i64 %col46, 0
+  %444 = getelementptr inbounds float, ptr %442, i64 %443
+  %445 = load <8 x float>, ptr %444, align 4
+  store <8 x float> %445, ptr %acc00047, align 4
+  %446 = add nsw i64 %col46, 8
+  %447 = getelementptr inbounds float, ptr %442, i64 %446
+  %448 = load <8 x float>, ptr %447, align 4
+  store <8 x float> %448, ptr %acc00148, align 4
+  %449 = add nsw i64 %r0, 1
+  %450 = mul nsw i64 %449, 2816
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %452 = getelementptr inbounds i32, ptr %rows, i64 %449
+  %453 = load i32, ptr %452, align 4
+  %454 = sext i32 %453 to i64
+  %455 = mul nsw i64 %454, 2048
+  %456 = getelementptr inbounds float, ptr %y, i64 %455
+  %457 = add nsw i64 %col46, 0
+  %458 = getelementptr inbounds float, ptr %456, i64 %457
+  %459 = load <8 x float>, ptr %458, align 4
+  store <8 x float> %459, ptr %acc01049, align 4
+  %460 = add nsw i64 %col46, 8
+  %461 = getelementptr inbounds float, ptr %456, i64 %460
+  %462 = load <8 x float>, ptr %461, align 4
+  store <8 x float> %462, ptr %acc01150, align 4
+  %463 = add nsw i64 %r0, 2
+  %464 = mul nsw i64 %463, 2816
+  %465 = getelementptr inbounds float, ptr %h, i64 %464
+  %466 = getelementptr inbounds i32, ptr %rows, i64 %463
+  %467 = load i32, ptr %466, align 4
+  %468 = sext i32 %467 to i64
+  %469 = mul nsw i64 %468, 2048
+  %470 = getelementptr inbounds float, ptr %y, i64 %469
+  %471 = add nsw i64 %col46, 0
+  %472 = getelementptr inbounds float, ptr %470, i64 %471
+  %473 = load <8 x float>, ptr %472, align 4
+  store <8 x float> %473, ptr %acc02051, align 4
+  %474 = add nsw i64 %col46, 8
+  %475 = getelementptr inbounds float, ptr %470, i64 %474
+  %476 = load <8 x float>, ptr %475, align 4
+  store <8 x float> %476, ptr %acc02152, align 4
   %panel.off53 = mul nsw i64 %p, 45056
-  %471 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %472 = add nsw i64 %p, 1
-  %473 = icmp slt i64 %472, %p1
-  %pf.on54 = and i1 %pf.on, %473
-  %474 = mul nsw i64 %rb, 90112
-  %475 = lshr i64 %474, %12
-  %476 = add nsw i64 90112, %475
-  %477 = getelementptr inbounds i8, ptr %471, i64 %476
-  %pf55 = select i1 %pf.on54, ptr %477, ptr %471
+  %477 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %478 = add nsw i64 %p, 1
+  %479 = icmp slt i64 %478, %p1
+  %pf.on54 = and i1 %pf.on, %479
+  %480 = mul nsw i64 %rb, 90112
+  %481 = lshr i64 %480, %12
+  %482 = add nsw i64 90112, %481
+  %483 = getelementptr inbounds i8, ptr %477, i64 %482
+  %pf55 = select i1 %pf.on54, ptr %483, ptr %477
   %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %512, %pf.any.end62 ]
-  %478 = icmp slt i64 %k60, 2816
-  br i1 %478, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %520, %pf.any.end62 ]
+  %484 = icmp slt i64 %k60, 2816
+  br i1 %484, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %479 = mul nsw i64 %k60, 16
-  %480 = add nsw i64 %panel.off53, %479
-  %481 = mul nsw i64 %k60, 32
+  %485 = mul nsw i64 %k60, 1
+  %486 = add nsw i64 %485, 0
+  %487 = mul nsw i64 %486, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %482 = lshr i64 %481, %pf.sh56
-  %483 = getelementptr inbounds i8, ptr %pf55, i64 %482
-  call void @llvm.prefetch.p0(ptr %483, i32 0, i32 2, i32 1)
+  %488 = lshr i64 %487, %pf.sh56
+  %489 = getelementptr inbounds i8, ptr %pf55, i64 %488
+  call void @llvm.prefetch.p0(ptr %489, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %484 = getelementptr inbounds i16, ptr %panels, i64 %480
-  %485 = load <8 x i32>, ptr %484, align 4
-  %486 = shl <8 x i32> %485, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %486 to <8 x float>
-  %487 = and <8 x i32> %485, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %487 to <8 x float>
-  %488 = getelementptr inbounds float, ptr %431, i64 %k60
-  %489 = load float, ptr %488, align 4
-  %490 = insertelement <8 x float> poison, float %489, i32 0
-  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
-  %492 = load <8 x float>, ptr %acc0047, align 4
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b063, <8 x float> %492)
-  store <8 x float> %493, ptr %acc0047, align 4
-  %494 = load <8 x float>, ptr %acc0148, align 4
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> %b164, <8 x float> %494)
-  store <8 x float> %495, ptr %acc0148, align 4
-  %496 = getelementptr inbounds float, ptr %445, i64 %k60
+  %490 = mul nsw i64 %486, 16
+  %491 = add nsw i64 %panel.off53, %490
+  %492 = getelementptr inbounds i16, ptr %panels, i64 %491
+  %493 = load <8 x i32>, ptr %492, align 4
+  %494 = shl <8 x i32> %493, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %494 to <8 x float>
+  %495 = and <8 x i32> %493, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %495 to <8 x float>
+  %496 = getelementptr inbounds float, ptr %437, i64 %486
   %497 = load float, ptr %496, align 4
   %498 = insertelement <8 x float> poison, float %497, i32 0
   %499 = shufflevector <8 x float> %498, <8 x float> poison, <8 x i32> zeroinitializer
-  %500 = load <8 x float>, ptr %acc1049, align 4
+  %500 = load <8 x float>, ptr %acc00047, align 4
   %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b063, <8 x float> %500)
-  store <8 x float> %501, ptr %acc1049, align 4
-  %502 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %501, ptr %acc00047, align 4
+  %502 = load <8 x float>, ptr %acc00148, align 4
   %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %b164, <8 x float> %502)
-  store <8 x float> %503, ptr %acc1150, align 4
-  %504 = getelementptr inbounds float, ptr %459, i64 %k60
+  store <8 x float> %503, ptr %acc00148, align 4
+  %504 = getelementptr inbounds float, ptr %451, i64 %486
   %505 = load float, ptr %504, align 4
   %506 = insertelement <8 x float> poison, float %505, i32 0
   %507 = shufflevector <8 x float> %506, <8 x float> poison, <8 x i32> zeroinitializer
-  %508 = load <8 x float>, ptr %acc2051, align 4
+  %508 = load <8 x float>, ptr %acc01049, align 4
   %509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %b063, <8 x float> %508)
-  store <8 x float> %509, ptr %acc2051, align 4
-  %510 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %509, ptr %acc01049, align 4
+  %510 = load <8 x float>, ptr %acc01150, align 4
   %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> %b164, <8 x float> %510)
-  store <8 x float> %511, ptr %acc2152, align 4
-  %512 = add nsw i64 %k60, 1
+  store <8 x float> %511, ptr %acc01150, align 4
+  %512 = getelementptr inbounds float, ptr %465, i64 %486
+  %513 = load float, ptr %512, align 4
+  %514 = insertelement <8 x float> poison, float %513, i32 0
+  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
+  %516 = load <8 x float>, ptr %acc02051, align 4
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %b063, <8 x float> %516)
+  store <8 x float> %517, ptr %acc02051, align 4
+  %518 = load <8 x float>, ptr %acc02152, align 4
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %b164, <8 x float> %518)
+  store <8 x float> %519, ptr %acc02152, align 4
+  %520 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %513 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %513, ptr %438, align 4
-  %514 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %514, ptr %441, align 4
-  %515 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %515, ptr %452, align 4
-  %516 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %516, ptr %455, align 4
-  %517 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %517, ptr %466, align 4
-  %518 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %518, ptr %469, align 4
+  %521 = load <8 x float>, ptr %acc00047, align 4
+  store <8 x float> %521, ptr %444, align 4
+  %522 = load <8 x float>, ptr %acc00148, align 4
+  store <8 x float> %522, ptr %447, align 4
+  %523 = load <8 x float>, ptr %acc01049, align 4
+  store <8 x float> %523, ptr %458, align 4
+  %524 = load <8 x float>, ptr %acc01150, align 4
+  store <8 x float> %524, ptr %461, align 4
+  %525 = load <8 x float>, ptr %acc02051, align 4
+  store <8 x float> %525, ptr %472, align 4
+  %526 = load <8 x float>, ptr %acc02152, align 4
+  store <8 x float> %526, ptr %475, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %519 = add nsw i64 %r0, 0
-  %520 = mul nsw i64 %519, 2816
-  %521 = getelementptr inbounds float, ptr %h, i64 %520
-  %522 = getelementptr inbounds i32, ptr %rows, i64 %519
-  %523 = load i32, ptr %522, align 4
-  %524 = sext i32 %523 to i64
-  %525 = mul nsw i64 %524, 2048
-  %526 = getelementptr inbounds float, ptr %y, i64 %525
-  %527 = add nsw i64 %col65, 0
-  %528 = getelementptr inbounds float, ptr %526, i64 %527
-  %529 = load <8 x float>, ptr %528, align 4
-  store <8 x float> %529, ptr %acc0066, align 4
-  %530 = add nsw i64 %col65, 8
-  %531 = getelementptr inbounds float, ptr %526, i64 %530
-  %532 = load <8 x float>, ptr %531, align 4
-  store <8 x float> %532, ptr %acc0167, align 4
-  %533 = add nsw i64 %r0, 1
-  %534 = mul nsw i64 %533, 2816
-  %535 = getelementptr inbounds float, ptr %h, i64 %534
-  %536 = getelementptr inbounds i32, ptr %rows, i64 %533
-  %537 = load i32, ptr %536, align 4
-  %538 = sext i32 %537 to i64
-  %539 = mul nsw i64 %538, 2048
-  %540 = getelementptr inbounds float, ptr %y, i64 %539
-  %541 = add nsw i64 %col65, 0
-  %542 = getelementptr inbounds float, ptr %540, i64 %541
-  %543 = load <8 x float>, ptr %542, align 4
-  store <8 x float> %543, ptr %acc1068, align 4
-  %544 = add nsw i64 %col65, 8
-  %545 = getelementptr inbounds float, ptr %540, i64 %544
-  %546 = load <8 x float>, ptr %545, align 4
-  store <8 x float> %546, ptr %acc1169, align 4
+  %527 = add nsw i64 %r0, 0
+  %528 = mul nsw i64 %527, 2816
+  %529 = getelementptr inbounds float, ptr %h, i64 %528
+  %530 = getelementptr inbounds i32, ptr %rows, i64 %527
+  %531 = load i32, ptr %530, align 4
+  %532 = sext i32 %531 to i64
+  %533 = mul nsw i64 %532, 2048
+  %534 = getelementptr inbounds float, ptr %y, i64 %533
+  %535 = add nsw i64 %col65, 0
+  %536 = getelementptr inbounds float, ptr %534, i64 %535
+  %537 = load <8 x float>, ptr %536, align 4
+  store <8 x float> %537, ptr %acc00066, align 4
+  %538 = add nsw i64 %col65, 8
+  %539 = getelementptr inbounds float, ptr %534, i64 %538
+  %540 = load <8 x float>, ptr %539, align 4
+  store <8 x float> %540, ptr %acc00167, align 4
+  %541 = add nsw i64 %r0, 1
+  %542 = mul nsw i64 %541, 2816
+  %543 = getelementptr inbounds float, ptr %h, i64 %542
+  %544 = getelementptr inbounds i32, ptr %rows, i64 %541
+  %545 = load i32, ptr %544, align 4
+  %546 = sext i32 %545 to i64
+  %547 = mul nsw i64 %546, 2048
+  %548 = getelementptr inbounds float, ptr %y, i64 %547
+  %549 = add nsw i64 %col65, 0
+  %550 = getelementptr inbounds float, ptr %548, i64 %549
+  %551 = load <8 x float>, ptr %550, align 4
+  store <8 x float> %551, ptr %acc01068, align 4
+  %552 = add nsw i64 %col65, 8
+  %553 = getelementptr inbounds float, ptr %548, i64 %552
+  %554 = load <8 x float>, ptr %553, align 4
+  store <8 x float> %554, ptr %acc01169, align 4
   %panel.off70 = mul nsw i64 %p, 45056
-  %547 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %548 = add nsw i64 %p, 1
-  %549 = icmp slt i64 %548, %p1
-  %pf.on71 = and i1 %pf.on, %549
-  %550 = mul nsw i64 %rb, 90112
-  %551 = lshr i64 %550, %12
-  %552 = add nsw i64 90112, %551
-  %553 = getelementptr inbounds i8, ptr %547, i64 %552
-  %pf72 = select i1 %pf.on71, ptr %553, ptr %547
+  %555 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %556 = add nsw i64 %p, 1
+  %557 = icmp slt i64 %556, %p1
+  %pf.on71 = and i1 %pf.on, %557
+  %558 = mul nsw i64 %rb, 90112
+  %559 = lshr i64 %558, %12
+  %560 = add nsw i64 90112, %559
+  %561 = getelementptr inbounds i8, ptr %555, i64 %560
+  %pf72 = select i1 %pf.on71, ptr %561, ptr %555
   %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %580, %pf.any.end79 ]
-  %554 = icmp slt i64 %k77, 2816
-  br i1 %554, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %590, %pf.any.end79 ]
+  %562 = icmp slt i64 %k77, 2816
+  br i1 %562, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %555 = mul nsw i64 %k77, 16
-  %556 = add nsw i64 %panel.off70, %555
-  %557 = mul nsw i64 %k77, 32
+  %563 = mul nsw i64 %k77, 1
+  %564 = add nsw i64 %563, 0
+  %565 = mul nsw i64 %564, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %558 = lshr i64 %557, %pf.sh73
-  %559 = getelementptr inbounds i8, ptr %pf72, i64 %558
-  call void @llvm.prefetch.p0(ptr %559, i32 0, i32 2, i32 1)
+  %566 = lshr i64 %565, %pf.sh73
+  %567 = getelementptr inbounds i8, ptr %pf72, i64 %566
+  call void @llvm.prefetch.p0(ptr %567, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %560 = getelementptr inbounds i16, ptr %panels, i64 %556
-  %561 = load <8 x i32>, ptr %560, align 4
-  %562 = shl <8 x i32> %561, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %562 to <8 x float>
-  %563 = and <8 x i32> %561, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %563 to <8 x float>
-  %564 = getelementptr inbounds float, ptr %521, i64 %k77
-  %565 = load float, ptr %564, align 4
-  %566 = insertelement <8 x float> poison, float %565, i32 0
-  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
-  %568 = load <8 x float>, ptr %acc0066, align 4
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b080, <8 x float> %568)
-  store <8 x float> %569, ptr %acc0066, align 4
-  %570 = load <8 x float>, ptr %acc0167, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b181, <8 x float> %570)
-  store <8 x float> %571, ptr %acc0167, align 4
-  %572 = getelementptr inbounds float, ptr %535, i64 %k77
-  %573 = load float, ptr %572, align 4
-  %574 = insertelement <8 x float> poison, float %573, i32 0
-  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
-  %576 = load <8 x float>, ptr %acc1068, align 4
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b080, <8 x float> %576)
-  store <8 x float> %577, ptr %acc1068, align 4
-  %578 = load <8 x float>, ptr %acc1169, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b181, <8 x float> %578)
-  store <8 x float> %579, ptr %acc1169, align 4
-  %580 = add nsw i64 %k77, 1
+  %568 = mul nsw i64 %564, 16
+  %569 = add nsw i64 %panel.off70, %568
+  %570 = getelementptr inbounds i16, ptr %panels, i64 %569
+  %571 = load <8 x i32>, ptr %570, align 4
+  %572 = shl <8 x i32> %571, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %572 to <8 x float>
+  %573 = and <8 x i32> %571, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %573 to <8 x float>
+  %574 = getelementptr inbounds float, ptr %529, i64 %564
+  %575 = load float, ptr %574, align 4
+  %576 = insertelement <8 x float> poison, float %575, i32 0
+  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
+  %578 = load <8 x float>, ptr %acc00066, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b080, <8 x float> %578)
+  store <8 x float> %579, ptr %acc00066, align 4
+  %580 = load <8 x float>, ptr %acc00167, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b181, <8 x float> %580)
+  store <8 x float> %581, ptr %acc00167, align 4
+  %582 = getelementptr inbounds float, ptr %543, i64 %564
+  %583 = load float, ptr %582, align 4
+  %584 = insertelement <8 x float> poison, float %583, i32 0
+  %585 = shufflevector <8 x float> %584, <8 x float> poison, <8 x i32> zeroinitializer
+  %586 = load <8 x float>, ptr %acc01068, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %b080, <8 x float> %586)
+  store <8 x float> %587, ptr %acc01068, align 4
+  %588 = load <8 x float>, ptr %acc01169, align 4
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %585, <8 x float> %b181, <8 x float> %588)
+  store <8 x float> %589, ptr %acc01169, align 4
+  %590 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %581 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %581, ptr %528, align 4
-  %582 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %582, ptr %531, align 4
-  %583 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %583, ptr %542, align 4
-  %584 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %584, ptr %545, align 4
+  %591 = load <8 x float>, ptr %acc00066, align 4
+  store <8 x float> %591, ptr %536, align 4
+  %592 = load <8 x float>, ptr %acc00167, align 4
+  store <8 x float> %592, ptr %539, align 4
+  %593 = load <8 x float>, ptr %acc01068, align 4
+  store <8 x float> %593, ptr %550, align 4
+  %594 = load <8 x float>, ptr %acc01169, align 4
+  store <8 x float> %594, ptr %553, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %585 = add nsw i64 %r0, 0
-  %586 = mul nsw i64 %585, 2816
-  %587 = getelementptr inbounds float, ptr %h, i64 %586
-  %588 = getelementptr inbounds i32, ptr %rows, i64 %585
-  %589 = load i32, ptr %588, align 4
-  %590 = sext i32 %589 to i64
-  %591 = mul nsw i64 %590, 2048
-  %592 = getelementptr inbounds float, ptr %y, i64 %591
-  %593 = add nsw i64 %col82, 0
-  %594 = getelementptr inbounds float, ptr %592, i64 %593
-  %595 = load <8 x float>, ptr %594, align 4
-  store <8 x float> %595, ptr %acc0083, align 4
-  %596 = add nsw i64 %col82, 8
-  %597 = getelementptr inbounds float, ptr %592, i64 %596
-  %598 = load <8 x float>, ptr %597, align 4
-  store <8 x float> %598, ptr %acc0184, align 4
+  %595 = add nsw i64 %r0, 0
+  %596 = mul nsw i64 %595, 2816
+  %597 = getelementptr inbounds float, ptr %h, i64 %596
+  %598 = getelementptr inbounds i32, ptr %rows, i64 %595
+  %599 = load i32, ptr %598, align 4
+  %600 = sext i32 %599 to i64
+  %601 = mul nsw i64 %600, 2048
+  %602 = getelementptr inbounds float, ptr %y, i64 %601
+  %603 = add nsw i64 %col82, 0
+  %604 = getelementptr inbounds float, ptr %602, i64 %603
+  %605 = load <8 x float>, ptr %604, align 4
+  store <8 x float> %605, ptr %acc00083, align 4
+  %606 = add nsw i64 %col82, 8
+  %607 = getelementptr inbounds float, ptr %602, i64 %606
+  %608 = load <8 x float>, ptr %607, align 4
+  store <8 x float> %608, ptr %acc00184, align 4
   %panel.off85 = mul nsw i64 %p, 45056
-  %599 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %600 = add nsw i64 %p, 1
-  %601 = icmp slt i64 %600, %p1
-  %pf.on86 = and i1 %pf.on, %601
-  %602 = mul nsw i64 %rb, 90112
-  %603 = lshr i64 %602, %12
-  %604 = add nsw i64 90112, %603
-  %605 = getelementptr inbounds i8, ptr %599, i64 %604
-  %pf87 = select i1 %pf.on86, ptr %605, ptr %599
+  %609 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %610 = add nsw i64 %p, 1
+  %611 = icmp slt i64 %610, %p1
+  %pf.on86 = and i1 %pf.on, %611
+  %612 = mul nsw i64 %rb, 90112
+  %613 = lshr i64 %612, %12
+  %614 = add nsw i64 90112, %613
+  %615 = getelementptr inbounds i8, ptr %609, i64 %614
+  %pf87 = select i1 %pf.on86, ptr %615, ptr %609
   %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %624, %pf.any.end94 ]
-  %606 = icmp slt i64 %k92, 2816
-  br i1 %606, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %636, %pf.any.end94 ]
+  %616 = icmp slt i64 %k92, 2816
+  br i1 %616, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %607 = mul nsw i64 %k92, 16
-  %608 = add nsw i64 %panel.off85, %607
-  %609 = mul nsw i64 %k92, 32
+  %617 = mul nsw i64 %k92, 1
+  %618 = add nsw i64 %617, 0
+  %619 = mul nsw i64 %618, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %610 = lshr i64 %609, %pf.sh88
-  %611 = getelementptr inbounds i8, ptr %pf87, i64 %610
-  call void @llvm.prefetch.p0(ptr %611, i32 0, i32 2, i32 1)
+  %620 = lshr i64 %619, %pf.sh88
+  %621 = getelementptr inbounds i8, ptr %pf87, i64 %620
+  call void @llvm.prefetch.p0(ptr %621, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %612 = getelementptr inbounds i16, ptr %panels, i64 %608
-  %613 = load <8 x i32>, ptr %612, align 4
-  %614 = shl <8 x i32> %613, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %614 to <8 x float>
-  %615 = and <8 x i32> %613, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %615 to <8 x float>
-  %616 = getelementptr inbounds float, ptr %587, i64 %k92
-  %617 = load float, ptr %616, align 4
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
-  %620 = load <8 x float>, ptr %acc0083, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b095, <8 x float> %620)
-  store <8 x float> %621, ptr %acc0083, align 4
-  %622 = load <8 x float>, ptr %acc0184, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %b196, <8 x float> %622)
-  store <8 x float> %623, ptr %acc0184, align 4
-  %624 = add nsw i64 %k92, 1
+  %622 = mul nsw i64 %618, 16
+  %623 = add nsw i64 %panel.off85, %622
+  %624 = getelementptr inbounds i16, ptr %panels, i64 %623
+  %625 = load <8 x i32>, ptr %624, align 4
+  %626 = shl <8 x i32> %625, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %626 to <8 x float>
+  %627 = and <8 x i32> %625, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %627 to <8 x float>
+  %628 = getelementptr inbounds float, ptr %597, i64 %618
+  %629 = load float, ptr %628, align 4
+  %630 = insertelement <8 x float> poison, float %629, i32 0
+  %631 = shufflevector <8 x float> %630, <8 x float> poison, <8 x i32> zeroinitializer
+  %632 = load <8 x float>, ptr %acc00083, align 4
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %b095, <8 x float> %632)
+  store <8 x float> %633, ptr %acc00083, align 4
+  %634 = load <8 x float>, ptr %acc00184, align 4
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %631, <8 x float> %b196, <8 x float> %634)
+  store <8 x float> %635, ptr %acc00184, align 4
+  %636 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %625 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %625, ptr %594, align 4
-  %626 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %626, ptr %597, align 4
+  %637 = load <8 x float>, ptr %acc00083, align 4
+  store <8 x float> %637, ptr %604, align 4
+  %638 = load <8 x float>, ptr %acc00184, align 4
+  store <8 x float> %638, ptr %607, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %627 = add nsw i64 %rb, 1
+  %639 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %628 = add nsw i64 %p, 1
+  %640 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

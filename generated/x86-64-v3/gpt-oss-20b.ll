@@ -916,55 +916,55 @@ declare double @exp(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc0027 = alloca <8 x float>, align 32
-  %acc0128 = alloca <8 x float>, align 32
-  %acc1029 = alloca <8 x float>, align 32
-  %acc1130 = alloca <8 x float>, align 32
-  %acc2031 = alloca <8 x float>, align 32
-  %acc2132 = alloca <8 x float>, align 32
-  %acc3033 = alloca <8 x float>, align 32
-  %acc3134 = alloca <8 x float>, align 32
-  %acc4035 = alloca <8 x float>, align 32
-  %acc4136 = alloca <8 x float>, align 32
-  %acc0074 = alloca <8 x float>, align 32
-  %acc0175 = alloca <8 x float>, align 32
-  %acc1076 = alloca <8 x float>, align 32
-  %acc1177 = alloca <8 x float>, align 32
-  %acc2078 = alloca <8 x float>, align 32
-  %acc2179 = alloca <8 x float>, align 32
-  %acc3080 = alloca <8 x float>, align 32
-  %acc3181 = alloca <8 x float>, align 32
-  %acc00114 = alloca <8 x float>, align 32
-  %acc01115 = alloca <8 x float>, align 32
-  %acc10116 = alloca <8 x float>, align 32
-  %acc11117 = alloca <8 x float>, align 32
-  %acc20118 = alloca <8 x float>, align 32
-  %acc21119 = alloca <8 x float>, align 32
-  %acc00147 = alloca <8 x float>, align 32
-  %acc01148 = alloca <8 x float>, align 32
-  %acc10149 = alloca <8 x float>, align 32
-  %acc11150 = alloca <8 x float>, align 32
-  %acc00173 = alloca <8 x float>, align 32
-  %acc01174 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc00027 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01029 = alloca <8 x float>, align 32
+  %acc01130 = alloca <8 x float>, align 32
+  %acc02031 = alloca <8 x float>, align 32
+  %acc02132 = alloca <8 x float>, align 32
+  %acc03033 = alloca <8 x float>, align 32
+  %acc03134 = alloca <8 x float>, align 32
+  %acc04035 = alloca <8 x float>, align 32
+  %acc04136 = alloca <8 x float>, align 32
+  %acc00074 = alloca <8 x float>, align 32
+  %acc00175 = alloca <8 x float>, align 32
+  %acc01076 = alloca <8 x float>, align 32
+  %acc01177 = alloca <8 x float>, align 32
+  %acc02078 = alloca <8 x float>, align 32
+  %acc02179 = alloca <8 x float>, align 32
+  %acc03080 = alloca <8 x float>, align 32
+  %acc03181 = alloca <8 x float>, align 32
+  %acc000114 = alloca <8 x float>, align 32
+  %acc001115 = alloca <8 x float>, align 32
+  %acc010116 = alloca <8 x float>, align 32
+  %acc011117 = alloca <8 x float>, align 32
+  %acc020118 = alloca <8 x float>, align 32
+  %acc021119 = alloca <8 x float>, align 32
+  %acc000147 = alloca <8 x float>, align 32
+  %acc001148 = alloca <8 x float>, align 32
+  %acc010149 = alloca <8 x float>, align 32
+  %acc011150 = alloca <8 x float>, align 32
+  %acc000173 = alloca <8 x float>, align 32
+  %acc001174 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1404, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %1416, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -974,7 +974,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1403, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %1415, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -1010,48 +1010,48 @@ tile.mr6:                                         ; preds = %rb.body
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 2880
   %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %20 = add nsw i64 %r0, 1
   %21 = getelementptr inbounds i32, ptr %rows, i64 %20
   %22 = load i32, ptr %21, align 4
   %23 = sext i32 %22 to i64
   %24 = mul nsw i64 %23, 2880
   %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %26 = add nsw i64 %r0, 2
   %27 = getelementptr inbounds i32, ptr %rows, i64 %26
   %28 = load i32, ptr %27, align 4
   %29 = sext i32 %28 to i64
   %30 = mul nsw i64 %29, 2880
   %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %32 = add nsw i64 %r0, 3
   %33 = getelementptr inbounds i32, ptr %rows, i64 %32
   %34 = load i32, ptr %33, align 4
   %35 = sext i32 %34 to i64
   %36 = mul nsw i64 %35, 2880
   %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %38 = add nsw i64 %r0, 4
   %39 = getelementptr inbounds i32, ptr %rows, i64 %38
   %40 = load i32, ptr %39, align 4
   %41 = sext i32 %40 to i64
   %42 = mul nsw i64 %41, 2880
   %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %44 = add nsw i64 %r0, 5
   %45 = getelementptr inbounds i32, ptr %rows, i64 %44
   %46 = load i32, ptr %45, align 4
   %47 = sext i32 %46 to i64
   %48 = mul nsw i64 %47, 2880
   %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 46080
   %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %51 = add nsw i64 %p, 1
@@ -1066,14 +1066,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
   %57 = icmp slt i64 %k, 2880
   br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 16
-  %59 = add nsw i64 %panel.off, %58
-  %60 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 1
+  %59 = add nsw i64 %58, 0
+  %60 = mul nsw i64 %59, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -1083,1687 +1083,1699 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
-  %64 = load <8 x i32>, ptr %63, align 4
-  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %66 to <8 x float>
-  %67 = getelementptr inbounds float, ptr %19, i64 %k
-  %68 = load float, ptr %67, align 4
-  %69 = insertelement <8 x float> poison, float %68, i32 0
-  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
-  %71 = load <8 x float>, ptr %acc00, align 4
-  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
-  store <8 x float> %72, ptr %acc00, align 4
-  %73 = load <8 x float>, ptr %acc01, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
-  store <8 x float> %74, ptr %acc01, align 4
-  %75 = getelementptr inbounds float, ptr %25, i64 %k
-  %76 = load float, ptr %75, align 4
-  %77 = insertelement <8 x float> poison, float %76, i32 0
-  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
-  %79 = load <8 x float>, ptr %acc10, align 4
-  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
-  store <8 x float> %80, ptr %acc10, align 4
-  %81 = load <8 x float>, ptr %acc11, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
-  store <8 x float> %82, ptr %acc11, align 4
-  %83 = getelementptr inbounds float, ptr %31, i64 %k
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = load <8 x float>, ptr %acc20, align 4
-  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
-  store <8 x float> %88, ptr %acc20, align 4
-  %89 = load <8 x float>, ptr %acc21, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
-  store <8 x float> %90, ptr %acc21, align 4
-  %91 = getelementptr inbounds float, ptr %37, i64 %k
-  %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> poison, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
-  %95 = load <8 x float>, ptr %acc30, align 4
-  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
-  store <8 x float> %96, ptr %acc30, align 4
-  %97 = load <8 x float>, ptr %acc31, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
-  store <8 x float> %98, ptr %acc31, align 4
-  %99 = getelementptr inbounds float, ptr %43, i64 %k
-  %100 = load float, ptr %99, align 4
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = load <8 x float>, ptr %acc40, align 4
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
-  store <8 x float> %104, ptr %acc40, align 4
-  %105 = load <8 x float>, ptr %acc41, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
-  store <8 x float> %106, ptr %acc41, align 4
-  %107 = getelementptr inbounds float, ptr %49, i64 %k
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc50, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
-  store <8 x float> %112, ptr %acc50, align 4
-  %113 = load <8 x float>, ptr %acc51, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
-  store <8 x float> %114, ptr %acc51, align 4
-  %115 = add nsw i64 %k, 1
+  %63 = mul nsw i64 %59, 16
+  %64 = add nsw i64 %panel.off, %63
+  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
+  %66 = load <8 x i32>, ptr %65, align 4
+  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %67 to <8 x float>
+  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %68 to <8 x float>
+  %69 = getelementptr inbounds float, ptr %19, i64 %59
+  %70 = load float, ptr %69, align 4
+  %71 = insertelement <8 x float> poison, float %70, i32 0
+  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
+  %73 = load <8 x float>, ptr %acc000, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
+  store <8 x float> %74, ptr %acc000, align 4
+  %75 = load <8 x float>, ptr %acc001, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
+  store <8 x float> %76, ptr %acc001, align 4
+  %77 = getelementptr inbounds float, ptr %25, i64 %59
+  %78 = load float, ptr %77, align 4
+  %79 = insertelement <8 x float> poison, float %78, i32 0
+  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
+  %81 = load <8 x float>, ptr %acc010, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
+  store <8 x float> %82, ptr %acc010, align 4
+  %83 = load <8 x float>, ptr %acc011, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
+  store <8 x float> %84, ptr %acc011, align 4
+  %85 = getelementptr inbounds float, ptr %31, i64 %59
+  %86 = load float, ptr %85, align 4
+  %87 = insertelement <8 x float> poison, float %86, i32 0
+  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
+  %89 = load <8 x float>, ptr %acc020, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
+  store <8 x float> %90, ptr %acc020, align 4
+  %91 = load <8 x float>, ptr %acc021, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
+  store <8 x float> %92, ptr %acc021, align 4
+  %93 = getelementptr inbounds float, ptr %37, i64 %59
+  %94 = load float, ptr %93, align 4
+  %95 = insertelement <8 x float> poison, float %94, i32 0
+  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
+  %97 = load <8 x float>, ptr %acc030, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
+  store <8 x float> %98, ptr %acc030, align 4
+  %99 = load <8 x float>, ptr %acc031, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
+  store <8 x float> %100, ptr %acc031, align 4
+  %101 = getelementptr inbounds float, ptr %43, i64 %59
+  %102 = load float, ptr %101, align 4
+  %103 = insertelement <8 x float> poison, float %102, i32 0
+  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  %105 = load <8 x float>, ptr %acc040, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
+  store <8 x float> %106, ptr %acc040, align 4
+  %107 = load <8 x float>, ptr %acc041, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
+  store <8 x float> %108, ptr %acc041, align 4
+  %109 = getelementptr inbounds float, ptr %49, i64 %59
+  %110 = load float, ptr %109, align 4
+  %111 = insertelement <8 x float> poison, float %110, i32 0
+  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
+  %113 = load <8 x float>, ptr %acc050, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
+  store <8 x float> %114, ptr %acc050, align 4
+  %115 = load <8 x float>, ptr %acc051, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
+  store <8 x float> %116, ptr %acc051, align 4
+  %117 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %116 = add nsw i64 %r0, 0
-  %117 = getelementptr inbounds float, ptr %rw, i64 %116
-  %118 = load float, ptr %117, align 4
-  %119 = insertelement <8 x float> poison, float %118, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %116, 2880
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
+  %118 = add nsw i64 %r0, 0
+  %119 = getelementptr inbounds float, ptr %rw, i64 %118
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = mul nsw i64 %118, 2880
+  %124 = getelementptr inbounds float, ptr %h, i64 %123
   %col = mul nsw i64 %p, 8
-  %123 = load <8 x float>, ptr %acc00, align 4
-  %124 = load <8 x float>, ptr %acc01, align 4
-  %125 = getelementptr inbounds float, ptr %bg, i64 %col
-  %126 = load <8 x float>, ptr %125, align 4
-  %127 = fadd <8 x float> %123, %126
-  %128 = getelementptr inbounds float, ptr %bu, i64 %col
-  %129 = load <8 x float>, ptr %128, align 4
-  %130 = fadd <8 x float> %124, %129
-  %131 = fcmp olt <8 x float> %127, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %132 = select <8 x i1> %131, <8 x float> %127, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %133 = fcmp olt <8 x float> %130, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %134 = select <8 x i1> %133, <8 x float> %130, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %135 = fcmp ogt <8 x float> %134, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %136 = select <8 x i1> %135, <8 x float> %134, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %137 = fmul <8 x float> %132, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %138 = fneg <8 x float> %137
-  %139 = fcmp olt <8 x float> %138, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %140 = select <8 x i1> %139, <8 x float> %138, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %141 = fcmp ogt <8 x float> %140, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %142 = select <8 x i1> %141, <8 x float> %140, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %144 = call <8 x float> @llvm.floor.v8f32(<8 x float> %143)
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %142)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %145)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %146, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %146, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %146, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %146, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %146, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %152 = fmul <8 x float> %146, %146
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %152, <8 x float> %146)
-  %154 = fadd <8 x float> %153, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %155 = fptosi <8 x float> %144 to <8 x i32>
-  %156 = add <8 x i32> %155, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %157 = shl <8 x i32> %156, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %157 to <8 x float>
-  %exp = fmul <8 x float> %154, %exp.2n
-  %158 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %158
-  %159 = fmul <8 x float> %132, %sigmoid
-  %160 = fadd <8 x float> %136, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai = fmul <8 x float> %159, %160
-  %161 = fmul <8 x float> %oai, %120
-  %162 = getelementptr inbounds float, ptr %122, i64 %col
-  store <8 x float> %161, ptr %162, align 4
-  %163 = add nsw i64 %r0, 1
-  %164 = getelementptr inbounds float, ptr %rw, i64 %163
-  %165 = load float, ptr %164, align 4
-  %166 = insertelement <8 x float> poison, float %165, i32 0
-  %167 = shufflevector <8 x float> %166, <8 x float> poison, <8 x i32> zeroinitializer
-  %168 = mul nsw i64 %163, 2880
-  %169 = getelementptr inbounds float, ptr %h, i64 %168
+  %125 = load <8 x float>, ptr %acc000, align 4
+  %126 = load <8 x float>, ptr %acc001, align 4
+  %127 = getelementptr inbounds float, ptr %bg, i64 %col
+  %128 = load <8 x float>, ptr %127, align 4
+  %129 = fadd <8 x float> %125, %128
+  %130 = getelementptr inbounds float, ptr %bu, i64 %col
+  %131 = load <8 x float>, ptr %130, align 4
+  %132 = fadd <8 x float> %126, %131
+  %133 = fcmp olt <8 x float> %129, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %134 = select <8 x i1> %133, <8 x float> %129, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %135 = fcmp olt <8 x float> %132, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %136 = select <8 x i1> %135, <8 x float> %132, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %137 = fcmp ogt <8 x float> %136, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %139 = fmul <8 x float> %134, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %140 = fneg <8 x float> %139
+  %141 = fcmp olt <8 x float> %140, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %142 = select <8 x i1> %141, <8 x float> %140, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %143 = fcmp ogt <8 x float> %142, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %144 = select <8 x i1> %143, <8 x float> %142, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %146 = call <8 x float> @llvm.floor.v8f32(<8 x float> %145)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %144)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %147)
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %148, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %148, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %148, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %148, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %148, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %154 = fmul <8 x float> %148, %148
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %154, <8 x float> %148)
+  %156 = fadd <8 x float> %155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %157 = fptosi <8 x float> %146 to <8 x i32>
+  %158 = add <8 x i32> %157, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %159 = shl <8 x i32> %158, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %159 to <8 x float>
+  %exp = fmul <8 x float> %156, %exp.2n
+  %160 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %160
+  %161 = fmul <8 x float> %134, %sigmoid
+  %162 = fadd <8 x float> %138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai = fmul <8 x float> %161, %162
+  %163 = fmul <8 x float> %oai, %122
+  %164 = getelementptr inbounds float, ptr %124, i64 %col
+  store <8 x float> %163, ptr %164, align 4
+  %165 = add nsw i64 %r0, 1
+  %166 = getelementptr inbounds float, ptr %rw, i64 %165
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = mul nsw i64 %165, 2880
+  %171 = getelementptr inbounds float, ptr %h, i64 %170
   %col2 = mul nsw i64 %p, 8
-  %170 = load <8 x float>, ptr %acc10, align 4
-  %171 = load <8 x float>, ptr %acc11, align 4
-  %172 = getelementptr inbounds float, ptr %bg, i64 %col2
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = fadd <8 x float> %170, %173
-  %175 = getelementptr inbounds float, ptr %bu, i64 %col2
-  %176 = load <8 x float>, ptr %175, align 4
-  %177 = fadd <8 x float> %171, %176
-  %178 = fcmp olt <8 x float> %174, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %179 = select <8 x i1> %178, <8 x float> %174, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %180 = fcmp olt <8 x float> %177, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %181 = select <8 x i1> %180, <8 x float> %177, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %182 = fcmp ogt <8 x float> %181, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %183 = select <8 x i1> %182, <8 x float> %181, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %184 = fmul <8 x float> %179, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %185 = fneg <8 x float> %184
-  %186 = fcmp olt <8 x float> %185, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %187 = select <8 x i1> %186, <8 x float> %185, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %188 = fcmp ogt <8 x float> %187, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %189 = select <8 x i1> %188, <8 x float> %187, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %189, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %191 = call <8 x float> @llvm.floor.v8f32(<8 x float> %190)
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %189)
-  %193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %192)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %193, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %193, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> %193, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %193, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %193, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %199 = fmul <8 x float> %193, %193
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %199, <8 x float> %193)
-  %201 = fadd <8 x float> %200, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %202 = fptosi <8 x float> %191 to <8 x i32>
-  %203 = add <8 x i32> %202, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %204 = shl <8 x i32> %203, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %204 to <8 x float>
-  %exp4 = fmul <8 x float> %201, %exp.2n3
-  %205 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %205
-  %206 = fmul <8 x float> %179, %sigmoid5
-  %207 = fadd <8 x float> %183, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai6 = fmul <8 x float> %206, %207
-  %208 = fmul <8 x float> %oai6, %167
-  %209 = getelementptr inbounds float, ptr %169, i64 %col2
-  store <8 x float> %208, ptr %209, align 4
-  %210 = add nsw i64 %r0, 2
-  %211 = getelementptr inbounds float, ptr %rw, i64 %210
-  %212 = load float, ptr %211, align 4
-  %213 = insertelement <8 x float> poison, float %212, i32 0
-  %214 = shufflevector <8 x float> %213, <8 x float> poison, <8 x i32> zeroinitializer
-  %215 = mul nsw i64 %210, 2880
-  %216 = getelementptr inbounds float, ptr %h, i64 %215
+  %172 = load <8 x float>, ptr %acc010, align 4
+  %173 = load <8 x float>, ptr %acc011, align 4
+  %174 = getelementptr inbounds float, ptr %bg, i64 %col2
+  %175 = load <8 x float>, ptr %174, align 4
+  %176 = fadd <8 x float> %172, %175
+  %177 = getelementptr inbounds float, ptr %bu, i64 %col2
+  %178 = load <8 x float>, ptr %177, align 4
+  %179 = fadd <8 x float> %173, %178
+  %180 = fcmp olt <8 x float> %176, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %181 = select <8 x i1> %180, <8 x float> %176, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %182 = fcmp olt <8 x float> %179, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %183 = select <8 x i1> %182, <8 x float> %179, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %184 = fcmp ogt <8 x float> %183, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %186 = fmul <8 x float> %181, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %187 = fneg <8 x float> %186
+  %188 = fcmp olt <8 x float> %187, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %189 = select <8 x i1> %188, <8 x float> %187, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %190 = fcmp ogt <8 x float> %189, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %193 = call <8 x float> @llvm.floor.v8f32(<8 x float> %192)
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %191)
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %194)
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %195, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %195, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %195, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %195, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %195, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %201 = fmul <8 x float> %195, %195
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %201, <8 x float> %195)
+  %203 = fadd <8 x float> %202, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %204 = fptosi <8 x float> %193 to <8 x i32>
+  %205 = add <8 x i32> %204, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %206 = shl <8 x i32> %205, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %206 to <8 x float>
+  %exp4 = fmul <8 x float> %203, %exp.2n3
+  %207 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %207
+  %208 = fmul <8 x float> %181, %sigmoid5
+  %209 = fadd <8 x float> %185, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai6 = fmul <8 x float> %208, %209
+  %210 = fmul <8 x float> %oai6, %169
+  %211 = getelementptr inbounds float, ptr %171, i64 %col2
+  store <8 x float> %210, ptr %211, align 4
+  %212 = add nsw i64 %r0, 2
+  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = mul nsw i64 %212, 2880
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
   %col7 = mul nsw i64 %p, 8
-  %217 = load <8 x float>, ptr %acc20, align 4
-  %218 = load <8 x float>, ptr %acc21, align 4
-  %219 = getelementptr inbounds float, ptr %bg, i64 %col7
-  %220 = load <8 x float>, ptr %219, align 4
-  %221 = fadd <8 x float> %217, %220
-  %222 = getelementptr inbounds float, ptr %bu, i64 %col7
-  %223 = load <8 x float>, ptr %222, align 4
-  %224 = fadd <8 x float> %218, %223
-  %225 = fcmp olt <8 x float> %221, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %226 = select <8 x i1> %225, <8 x float> %221, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %227 = fcmp olt <8 x float> %224, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %228 = select <8 x i1> %227, <8 x float> %224, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %229 = fcmp ogt <8 x float> %228, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %230 = select <8 x i1> %229, <8 x float> %228, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %231 = fmul <8 x float> %226, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %232 = fneg <8 x float> %231
-  %233 = fcmp olt <8 x float> %232, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %234 = select <8 x i1> %233, <8 x float> %232, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %235 = fcmp ogt <8 x float> %234, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %238 = call <8 x float> @llvm.floor.v8f32(<8 x float> %237)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %236)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %239)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %240, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %240, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %240, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %240, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %240, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %246 = fmul <8 x float> %240, %240
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %246, <8 x float> %240)
-  %248 = fadd <8 x float> %247, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %249 = fptosi <8 x float> %238 to <8 x i32>
-  %250 = add <8 x i32> %249, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %251 = shl <8 x i32> %250, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %251 to <8 x float>
-  %exp9 = fmul <8 x float> %248, %exp.2n8
-  %252 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %252
-  %253 = fmul <8 x float> %226, %sigmoid10
-  %254 = fadd <8 x float> %230, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai11 = fmul <8 x float> %253, %254
-  %255 = fmul <8 x float> %oai11, %214
-  %256 = getelementptr inbounds float, ptr %216, i64 %col7
-  store <8 x float> %255, ptr %256, align 4
-  %257 = add nsw i64 %r0, 3
-  %258 = getelementptr inbounds float, ptr %rw, i64 %257
-  %259 = load float, ptr %258, align 4
-  %260 = insertelement <8 x float> poison, float %259, i32 0
-  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
-  %262 = mul nsw i64 %257, 2880
-  %263 = getelementptr inbounds float, ptr %h, i64 %262
+  %219 = load <8 x float>, ptr %acc020, align 4
+  %220 = load <8 x float>, ptr %acc021, align 4
+  %221 = getelementptr inbounds float, ptr %bg, i64 %col7
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = fadd <8 x float> %219, %222
+  %224 = getelementptr inbounds float, ptr %bu, i64 %col7
+  %225 = load <8 x float>, ptr %224, align 4
+  %226 = fadd <8 x float> %220, %225
+  %227 = fcmp olt <8 x float> %223, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %228 = select <8 x i1> %227, <8 x float> %223, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %229 = fcmp olt <8 x float> %226, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %230 = select <8 x i1> %229, <8 x float> %226, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %231 = fcmp ogt <8 x float> %230, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %232 = select <8 x i1> %231, <8 x float> %230, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %233 = fmul <8 x float> %228, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %234 = fneg <8 x float> %233
+  %235 = fcmp olt <8 x float> %234, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %237 = fcmp ogt <8 x float> %236, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %238 = select <8 x i1> %237, <8 x float> %236, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %240 = call <8 x float> @llvm.floor.v8f32(<8 x float> %239)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %238)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %241)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %242, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %242, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %242, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %242, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %242, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %248 = fmul <8 x float> %242, %242
+  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %248, <8 x float> %242)
+  %250 = fadd <8 x float> %249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %251 = fptosi <8 x float> %240 to <8 x i32>
+  %252 = add <8 x i32> %251, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %253 = shl <8 x i32> %252, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n8 = bitcast <8 x i32> %253 to <8 x float>
+  %exp9 = fmul <8 x float> %250, %exp.2n8
+  %254 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %254
+  %255 = fmul <8 x float> %228, %sigmoid10
+  %256 = fadd <8 x float> %232, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai11 = fmul <8 x float> %255, %256
+  %257 = fmul <8 x float> %oai11, %216
+  %258 = getelementptr inbounds float, ptr %218, i64 %col7
+  store <8 x float> %257, ptr %258, align 4
+  %259 = add nsw i64 %r0, 3
+  %260 = getelementptr inbounds float, ptr %rw, i64 %259
+  %261 = load float, ptr %260, align 4
+  %262 = insertelement <8 x float> poison, float %261, i32 0
+  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
+  %264 = mul nsw i64 %259, 2880
+  %265 = getelementptr inbounds float, ptr %h, i64 %264
   %col12 = mul nsw i64 %p, 8
-  %264 = load <8 x float>, ptr %acc30, align 4
-  %265 = load <8 x float>, ptr %acc31, align 4
-  %266 = getelementptr inbounds float, ptr %bg, i64 %col12
-  %267 = load <8 x float>, ptr %266, align 4
-  %268 = fadd <8 x float> %264, %267
-  %269 = getelementptr inbounds float, ptr %bu, i64 %col12
-  %270 = load <8 x float>, ptr %269, align 4
-  %271 = fadd <8 x float> %265, %270
-  %272 = fcmp olt <8 x float> %268, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %273 = select <8 x i1> %272, <8 x float> %268, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %274 = fcmp olt <8 x float> %271, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %275 = select <8 x i1> %274, <8 x float> %271, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %276 = fcmp ogt <8 x float> %275, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %277 = select <8 x i1> %276, <8 x float> %275, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %278 = fmul <8 x float> %273, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %279 = fneg <8 x float> %278
-  %280 = fcmp olt <8 x float> %279, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %281 = select <8 x i1> %280, <8 x float> %279, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %282 = fcmp ogt <8 x float> %281, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %283 = select <8 x i1> %282, <8 x float> %281, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %285 = call <8 x float> @llvm.floor.v8f32(<8 x float> %284)
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %283)
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %286)
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %287, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %287, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %289, <8 x float> %287, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %287, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %287, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %293 = fmul <8 x float> %287, %287
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %293, <8 x float> %287)
-  %295 = fadd <8 x float> %294, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %296 = fptosi <8 x float> %285 to <8 x i32>
-  %297 = add <8 x i32> %296, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %298 = shl <8 x i32> %297, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n13 = bitcast <8 x i32> %298 to <8 x float>
-  %exp14 = fmul <8 x float> %295, %exp.2n13
-  %299 = fadd <8 x float> %exp14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid15 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %299
-  %300 = fmul <8 x float> %273, %sigmoid15
-  %301 = fadd <8 x float> %277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai16 = fmul <8 x float> %300, %301
-  %302 = fmul <8 x float> %oai16, %261
-  %303 = getelementptr inbounds float, ptr %263, i64 %col12
-  store <8 x float> %302, ptr %303, align 4
-  %304 = add nsw i64 %r0, 4
-  %305 = getelementptr inbounds float, ptr %rw, i64 %304
-  %306 = load float, ptr %305, align 4
-  %307 = insertelement <8 x float> poison, float %306, i32 0
-  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
-  %309 = mul nsw i64 %304, 2880
-  %310 = getelementptr inbounds float, ptr %h, i64 %309
+  %266 = load <8 x float>, ptr %acc030, align 4
+  %267 = load <8 x float>, ptr %acc031, align 4
+  %268 = getelementptr inbounds float, ptr %bg, i64 %col12
+  %269 = load <8 x float>, ptr %268, align 4
+  %270 = fadd <8 x float> %266, %269
+  %271 = getelementptr inbounds float, ptr %bu, i64 %col12
+  %272 = load <8 x float>, ptr %271, align 4
+  %273 = fadd <8 x float> %267, %272
+  %274 = fcmp olt <8 x float> %270, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %275 = select <8 x i1> %274, <8 x float> %270, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %276 = fcmp olt <8 x float> %273, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %277 = select <8 x i1> %276, <8 x float> %273, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %278 = fcmp ogt <8 x float> %277, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %279 = select <8 x i1> %278, <8 x float> %277, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %280 = fmul <8 x float> %275, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %281 = fneg <8 x float> %280
+  %282 = fcmp olt <8 x float> %281, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %283 = select <8 x i1> %282, <8 x float> %281, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %284 = fcmp ogt <8 x float> %283, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %285 = select <8 x i1> %284, <8 x float> %283, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %287 = call <8 x float> @llvm.floor.v8f32(<8 x float> %286)
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %285)
+  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %288)
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %289, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %289, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %289, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %289, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %289, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %295 = fmul <8 x float> %289, %289
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %295, <8 x float> %289)
+  %297 = fadd <8 x float> %296, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %298 = fptosi <8 x float> %287 to <8 x i32>
+  %299 = add <8 x i32> %298, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %300 = shl <8 x i32> %299, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n13 = bitcast <8 x i32> %300 to <8 x float>
+  %exp14 = fmul <8 x float> %297, %exp.2n13
+  %301 = fadd <8 x float> %exp14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid15 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %301
+  %302 = fmul <8 x float> %275, %sigmoid15
+  %303 = fadd <8 x float> %279, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai16 = fmul <8 x float> %302, %303
+  %304 = fmul <8 x float> %oai16, %263
+  %305 = getelementptr inbounds float, ptr %265, i64 %col12
+  store <8 x float> %304, ptr %305, align 4
+  %306 = add nsw i64 %r0, 4
+  %307 = getelementptr inbounds float, ptr %rw, i64 %306
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = mul nsw i64 %306, 2880
+  %312 = getelementptr inbounds float, ptr %h, i64 %311
   %col17 = mul nsw i64 %p, 8
-  %311 = load <8 x float>, ptr %acc40, align 4
-  %312 = load <8 x float>, ptr %acc41, align 4
-  %313 = getelementptr inbounds float, ptr %bg, i64 %col17
-  %314 = load <8 x float>, ptr %313, align 4
-  %315 = fadd <8 x float> %311, %314
-  %316 = getelementptr inbounds float, ptr %bu, i64 %col17
-  %317 = load <8 x float>, ptr %316, align 4
-  %318 = fadd <8 x float> %312, %317
-  %319 = fcmp olt <8 x float> %315, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %320 = select <8 x i1> %319, <8 x float> %315, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %321 = fcmp olt <8 x float> %318, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %322 = select <8 x i1> %321, <8 x float> %318, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %323 = fcmp ogt <8 x float> %322, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %324 = select <8 x i1> %323, <8 x float> %322, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %325 = fmul <8 x float> %320, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %326 = fneg <8 x float> %325
-  %327 = fcmp olt <8 x float> %326, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %328 = select <8 x i1> %327, <8 x float> %326, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %329 = fcmp ogt <8 x float> %328, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %330 = select <8 x i1> %329, <8 x float> %328, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %330, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %332 = call <8 x float> @llvm.floor.v8f32(<8 x float> %331)
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %330)
-  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %333)
-  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %334, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %334, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %334, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %334, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %334, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %340 = fmul <8 x float> %334, %334
-  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %340, <8 x float> %334)
-  %342 = fadd <8 x float> %341, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %343 = fptosi <8 x float> %332 to <8 x i32>
-  %344 = add <8 x i32> %343, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %345 = shl <8 x i32> %344, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n18 = bitcast <8 x i32> %345 to <8 x float>
-  %exp19 = fmul <8 x float> %342, %exp.2n18
-  %346 = fadd <8 x float> %exp19, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid20 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %346
-  %347 = fmul <8 x float> %320, %sigmoid20
-  %348 = fadd <8 x float> %324, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai21 = fmul <8 x float> %347, %348
-  %349 = fmul <8 x float> %oai21, %308
-  %350 = getelementptr inbounds float, ptr %310, i64 %col17
-  store <8 x float> %349, ptr %350, align 4
-  %351 = add nsw i64 %r0, 5
-  %352 = getelementptr inbounds float, ptr %rw, i64 %351
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = mul nsw i64 %351, 2880
-  %357 = getelementptr inbounds float, ptr %h, i64 %356
+  %313 = load <8 x float>, ptr %acc040, align 4
+  %314 = load <8 x float>, ptr %acc041, align 4
+  %315 = getelementptr inbounds float, ptr %bg, i64 %col17
+  %316 = load <8 x float>, ptr %315, align 4
+  %317 = fadd <8 x float> %313, %316
+  %318 = getelementptr inbounds float, ptr %bu, i64 %col17
+  %319 = load <8 x float>, ptr %318, align 4
+  %320 = fadd <8 x float> %314, %319
+  %321 = fcmp olt <8 x float> %317, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %322 = select <8 x i1> %321, <8 x float> %317, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %323 = fcmp olt <8 x float> %320, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %324 = select <8 x i1> %323, <8 x float> %320, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %325 = fcmp ogt <8 x float> %324, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %326 = select <8 x i1> %325, <8 x float> %324, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %327 = fmul <8 x float> %322, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %328 = fneg <8 x float> %327
+  %329 = fcmp olt <8 x float> %328, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %330 = select <8 x i1> %329, <8 x float> %328, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %331 = fcmp ogt <8 x float> %330, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %332 = select <8 x i1> %331, <8 x float> %330, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %334 = call <8 x float> @llvm.floor.v8f32(<8 x float> %333)
+  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %332)
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %335)
+  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %336, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %336, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %336, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %336, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %336, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %342 = fmul <8 x float> %336, %336
+  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %342, <8 x float> %336)
+  %344 = fadd <8 x float> %343, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %345 = fptosi <8 x float> %334 to <8 x i32>
+  %346 = add <8 x i32> %345, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %347 = shl <8 x i32> %346, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n18 = bitcast <8 x i32> %347 to <8 x float>
+  %exp19 = fmul <8 x float> %344, %exp.2n18
+  %348 = fadd <8 x float> %exp19, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid20 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %348
+  %349 = fmul <8 x float> %322, %sigmoid20
+  %350 = fadd <8 x float> %326, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai21 = fmul <8 x float> %349, %350
+  %351 = fmul <8 x float> %oai21, %310
+  %352 = getelementptr inbounds float, ptr %312, i64 %col17
+  store <8 x float> %351, ptr %352, align 4
+  %353 = add nsw i64 %r0, 5
+  %354 = getelementptr inbounds float, ptr %rw, i64 %353
+  %355 = load float, ptr %354, align 4
+  %356 = insertelement <8 x float> poison, float %355, i32 0
+  %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
+  %358 = mul nsw i64 %353, 2880
+  %359 = getelementptr inbounds float, ptr %h, i64 %358
   %col22 = mul nsw i64 %p, 8
-  %358 = load <8 x float>, ptr %acc50, align 4
-  %359 = load <8 x float>, ptr %acc51, align 4
-  %360 = getelementptr inbounds float, ptr %bg, i64 %col22
-  %361 = load <8 x float>, ptr %360, align 4
-  %362 = fadd <8 x float> %358, %361
-  %363 = getelementptr inbounds float, ptr %bu, i64 %col22
-  %364 = load <8 x float>, ptr %363, align 4
-  %365 = fadd <8 x float> %359, %364
-  %366 = fcmp olt <8 x float> %362, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %367 = select <8 x i1> %366, <8 x float> %362, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %368 = fcmp olt <8 x float> %365, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %369 = select <8 x i1> %368, <8 x float> %365, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %370 = fcmp ogt <8 x float> %369, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %371 = select <8 x i1> %370, <8 x float> %369, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %372 = fmul <8 x float> %367, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %373 = fneg <8 x float> %372
-  %374 = fcmp olt <8 x float> %373, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %376 = fcmp ogt <8 x float> %375, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %377 = select <8 x i1> %376, <8 x float> %375, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %379 = call <8 x float> @llvm.floor.v8f32(<8 x float> %378)
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %377)
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %380)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %381, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %381, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %381, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %381, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %381, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %387 = fmul <8 x float> %381, %381
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %387, <8 x float> %381)
-  %389 = fadd <8 x float> %388, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %390 = fptosi <8 x float> %379 to <8 x i32>
-  %391 = add <8 x i32> %390, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %392 = shl <8 x i32> %391, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %392 to <8 x float>
-  %exp24 = fmul <8 x float> %389, %exp.2n23
-  %393 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %393
-  %394 = fmul <8 x float> %367, %sigmoid25
-  %395 = fadd <8 x float> %371, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai26 = fmul <8 x float> %394, %395
-  %396 = fmul <8 x float> %oai26, %355
-  %397 = getelementptr inbounds float, ptr %357, i64 %col22
-  store <8 x float> %396, ptr %397, align 4
+  %360 = load <8 x float>, ptr %acc050, align 4
+  %361 = load <8 x float>, ptr %acc051, align 4
+  %362 = getelementptr inbounds float, ptr %bg, i64 %col22
+  %363 = load <8 x float>, ptr %362, align 4
+  %364 = fadd <8 x float> %360, %363
+  %365 = getelementptr inbounds float, ptr %bu, i64 %col22
+  %366 = load <8 x float>, ptr %365, align 4
+  %367 = fadd <8 x float> %361, %366
+  %368 = fcmp olt <8 x float> %364, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %369 = select <8 x i1> %368, <8 x float> %364, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %370 = fcmp olt <8 x float> %367, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %371 = select <8 x i1> %370, <8 x float> %367, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %372 = fcmp ogt <8 x float> %371, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %374 = fmul <8 x float> %369, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %375 = fneg <8 x float> %374
+  %376 = fcmp olt <8 x float> %375, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %377 = select <8 x i1> %376, <8 x float> %375, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %378 = fcmp ogt <8 x float> %377, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %379 = select <8 x i1> %378, <8 x float> %377, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %381 = call <8 x float> @llvm.floor.v8f32(<8 x float> %380)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %379)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %382)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %383, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %383, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %383, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %383, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %383, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %389 = fmul <8 x float> %383, %383
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %389, <8 x float> %383)
+  %391 = fadd <8 x float> %390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %392 = fptosi <8 x float> %381 to <8 x i32>
+  %393 = add <8 x i32> %392, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %394 = shl <8 x i32> %393, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n23 = bitcast <8 x i32> %394 to <8 x float>
+  %exp24 = fmul <8 x float> %391, %exp.2n23
+  %395 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %395
+  %396 = fmul <8 x float> %369, %sigmoid25
+  %397 = fadd <8 x float> %373, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai26 = fmul <8 x float> %396, %397
+  %398 = fmul <8 x float> %oai26, %357
+  %399 = getelementptr inbounds float, ptr %359, i64 %col22
+  store <8 x float> %398, ptr %399, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %398 = add nsw i64 %r0, 0
-  %399 = getelementptr inbounds i32, ptr %rows, i64 %398
-  %400 = load i32, ptr %399, align 4
-  %401 = sext i32 %400 to i64
-  %402 = mul nsw i64 %401, 2880
-  %403 = getelementptr inbounds float, ptr %x, i64 %402
-  store <8 x float> zeroinitializer, ptr %acc0027, align 4
-  store <8 x float> zeroinitializer, ptr %acc0128, align 4
-  %404 = add nsw i64 %r0, 1
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %404
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 2880
-  %409 = getelementptr inbounds float, ptr %x, i64 %408
-  store <8 x float> zeroinitializer, ptr %acc1029, align 4
-  store <8 x float> zeroinitializer, ptr %acc1130, align 4
-  %410 = add nsw i64 %r0, 2
-  %411 = getelementptr inbounds i32, ptr %rows, i64 %410
-  %412 = load i32, ptr %411, align 4
-  %413 = sext i32 %412 to i64
-  %414 = mul nsw i64 %413, 2880
-  %415 = getelementptr inbounds float, ptr %x, i64 %414
-  store <8 x float> zeroinitializer, ptr %acc2031, align 4
-  store <8 x float> zeroinitializer, ptr %acc2132, align 4
-  %416 = add nsw i64 %r0, 3
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %416
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 2880
-  %421 = getelementptr inbounds float, ptr %x, i64 %420
-  store <8 x float> zeroinitializer, ptr %acc3033, align 4
-  store <8 x float> zeroinitializer, ptr %acc3134, align 4
-  %422 = add nsw i64 %r0, 4
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %422
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 2880
-  %427 = getelementptr inbounds float, ptr %x, i64 %426
-  store <8 x float> zeroinitializer, ptr %acc4035, align 4
-  store <8 x float> zeroinitializer, ptr %acc4136, align 4
+  %400 = add nsw i64 %r0, 0
+  %401 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %402 = load i32, ptr %401, align 4
+  %403 = sext i32 %402 to i64
+  %404 = mul nsw i64 %403, 2880
+  %405 = getelementptr inbounds float, ptr %x, i64 %404
+  store <8 x float> zeroinitializer, ptr %acc00027, align 4
+  store <8 x float> zeroinitializer, ptr %acc00128, align 4
+  %406 = add nsw i64 %r0, 1
+  %407 = getelementptr inbounds i32, ptr %rows, i64 %406
+  %408 = load i32, ptr %407, align 4
+  %409 = sext i32 %408 to i64
+  %410 = mul nsw i64 %409, 2880
+  %411 = getelementptr inbounds float, ptr %x, i64 %410
+  store <8 x float> zeroinitializer, ptr %acc01029, align 4
+  store <8 x float> zeroinitializer, ptr %acc01130, align 4
+  %412 = add nsw i64 %r0, 2
+  %413 = getelementptr inbounds i32, ptr %rows, i64 %412
+  %414 = load i32, ptr %413, align 4
+  %415 = sext i32 %414 to i64
+  %416 = mul nsw i64 %415, 2880
+  %417 = getelementptr inbounds float, ptr %x, i64 %416
+  store <8 x float> zeroinitializer, ptr %acc02031, align 4
+  store <8 x float> zeroinitializer, ptr %acc02132, align 4
+  %418 = add nsw i64 %r0, 3
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %418
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 2880
+  %423 = getelementptr inbounds float, ptr %x, i64 %422
+  store <8 x float> zeroinitializer, ptr %acc03033, align 4
+  store <8 x float> zeroinitializer, ptr %acc03134, align 4
+  %424 = add nsw i64 %r0, 4
+  %425 = getelementptr inbounds i32, ptr %rows, i64 %424
+  %426 = load i32, ptr %425, align 4
+  %427 = sext i32 %426 to i64
+  %428 = mul nsw i64 %427, 2880
+  %429 = getelementptr inbounds float, ptr %x, i64 %428
+  store <8 x float> zeroinitializer, ptr %acc04035, align 4
+  store <8 x float> zeroinitializer, ptr %acc04136, align 4
   %panel.off37 = mul nsw i64 %p, 46080
-  %428 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
-  %429 = add nsw i64 %p, 1
-  %430 = icmp slt i64 %429, %p1
-  %pf.on38 = and i1 %pf.on, %430
-  %431 = mul nsw i64 %rb, 92160
-  %432 = lshr i64 %431, %11
-  %433 = add nsw i64 92160, %432
-  %434 = getelementptr inbounds i8, ptr %428, i64 %433
-  %pf39 = select i1 %pf.on38, ptr %434, ptr %428
+  %430 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
+  %431 = add nsw i64 %p, 1
+  %432 = icmp slt i64 %431, %p1
+  %pf.on38 = and i1 %pf.on, %432
+  %433 = mul nsw i64 %rb, 92160
+  %434 = lshr i64 %433, %11
+  %435 = add nsw i64 92160, %434
+  %436 = getelementptr inbounds i8, ptr %430, i64 %435
+  %pf39 = select i1 %pf.on38, ptr %436, ptr %430
   %pf.sh40 = select i1 %pf.on38, i64 %11, i64 0
   br label %k.head41
 
 k.head41:                                         ; preds = %pf.any.end46, %tile.mr5
-  %k44 = phi i64 [ 0, %tile.mr5 ], [ %485, %pf.any.end46 ]
-  %435 = icmp slt i64 %k44, 2880
-  br i1 %435, label %k.body42, label %k.end43
+  %k44 = phi i64 [ 0, %tile.mr5 ], [ %489, %pf.any.end46 ]
+  %437 = icmp slt i64 %k44, 2880
+  br i1 %437, label %k.body42, label %k.end43
 
 k.body42:                                         ; preds = %k.head41
-  %436 = mul nsw i64 %k44, 16
-  %437 = add nsw i64 %panel.off37, %436
-  %438 = mul nsw i64 %k44, 32
+  %438 = mul nsw i64 %k44, 1
+  %439 = add nsw i64 %438, 0
+  %440 = mul nsw i64 %439, 32
   br i1 %pf.multi, label %pf.any.then45, label %pf.any.end46
 
 pf.any.then45:                                    ; preds = %k.body42
-  %439 = lshr i64 %438, %pf.sh40
-  %440 = getelementptr inbounds i8, ptr %pf39, i64 %439
-  call void @llvm.prefetch.p0(ptr %440, i32 0, i32 2, i32 1)
+  %441 = lshr i64 %440, %pf.sh40
+  %442 = getelementptr inbounds i8, ptr %pf39, i64 %441
+  call void @llvm.prefetch.p0(ptr %442, i32 0, i32 2, i32 1)
   br label %pf.any.end46
 
 pf.any.end46:                                     ; preds = %pf.any.then45, %k.body42
-  %441 = getelementptr inbounds i16, ptr %panels, i64 %437
-  %442 = load <8 x i32>, ptr %441, align 4
-  %443 = shl <8 x i32> %442, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %443 to <8 x float>
-  %444 = and <8 x i32> %442, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %444 to <8 x float>
-  %445 = getelementptr inbounds float, ptr %403, i64 %k44
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = load <8 x float>, ptr %acc0027, align 4
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b047, <8 x float> %449)
-  store <8 x float> %450, ptr %acc0027, align 4
-  %451 = load <8 x float>, ptr %acc0128, align 4
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %b148, <8 x float> %451)
-  store <8 x float> %452, ptr %acc0128, align 4
-  %453 = getelementptr inbounds float, ptr %409, i64 %k44
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc1029, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b047, <8 x float> %457)
-  store <8 x float> %458, ptr %acc1029, align 4
-  %459 = load <8 x float>, ptr %acc1130, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b148, <8 x float> %459)
-  store <8 x float> %460, ptr %acc1130, align 4
-  %461 = getelementptr inbounds float, ptr %415, i64 %k44
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc2031, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b047, <8 x float> %465)
-  store <8 x float> %466, ptr %acc2031, align 4
-  %467 = load <8 x float>, ptr %acc2132, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b148, <8 x float> %467)
-  store <8 x float> %468, ptr %acc2132, align 4
-  %469 = getelementptr inbounds float, ptr %421, i64 %k44
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc3033, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b047, <8 x float> %473)
-  store <8 x float> %474, ptr %acc3033, align 4
-  %475 = load <8 x float>, ptr %acc3134, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b148, <8 x float> %475)
-  store <8 x float> %476, ptr %acc3134, align 4
-  %477 = getelementptr inbounds float, ptr %427, i64 %k44
-  %478 = load float, ptr %477, align 4
-  %479 = insertelement <8 x float> poison, float %478, i32 0
-  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc4035, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b047, <8 x float> %481)
-  store <8 x float> %482, ptr %acc4035, align 4
-  %483 = load <8 x float>, ptr %acc4136, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b148, <8 x float> %483)
-  store <8 x float> %484, ptr %acc4136, align 4
-  %485 = add nsw i64 %k44, 1
+  %443 = mul nsw i64 %439, 16
+  %444 = add nsw i64 %panel.off37, %443
+  %445 = getelementptr inbounds i16, ptr %panels, i64 %444
+  %446 = load <8 x i32>, ptr %445, align 4
+  %447 = shl <8 x i32> %446, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %447 to <8 x float>
+  %448 = and <8 x i32> %446, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %448 to <8 x float>
+  %449 = getelementptr inbounds float, ptr %405, i64 %439
+  %450 = load float, ptr %449, align 4
+  %451 = insertelement <8 x float> poison, float %450, i32 0
+  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
+  %453 = load <8 x float>, ptr %acc00027, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %b047, <8 x float> %453)
+  store <8 x float> %454, ptr %acc00027, align 4
+  %455 = load <8 x float>, ptr %acc00128, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %b148, <8 x float> %455)
+  store <8 x float> %456, ptr %acc00128, align 4
+  %457 = getelementptr inbounds float, ptr %411, i64 %439
+  %458 = load float, ptr %457, align 4
+  %459 = insertelement <8 x float> poison, float %458, i32 0
+  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
+  %461 = load <8 x float>, ptr %acc01029, align 4
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %b047, <8 x float> %461)
+  store <8 x float> %462, ptr %acc01029, align 4
+  %463 = load <8 x float>, ptr %acc01130, align 4
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %b148, <8 x float> %463)
+  store <8 x float> %464, ptr %acc01130, align 4
+  %465 = getelementptr inbounds float, ptr %417, i64 %439
+  %466 = load float, ptr %465, align 4
+  %467 = insertelement <8 x float> poison, float %466, i32 0
+  %468 = shufflevector <8 x float> %467, <8 x float> poison, <8 x i32> zeroinitializer
+  %469 = load <8 x float>, ptr %acc02031, align 4
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %b047, <8 x float> %469)
+  store <8 x float> %470, ptr %acc02031, align 4
+  %471 = load <8 x float>, ptr %acc02132, align 4
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %b148, <8 x float> %471)
+  store <8 x float> %472, ptr %acc02132, align 4
+  %473 = getelementptr inbounds float, ptr %423, i64 %439
+  %474 = load float, ptr %473, align 4
+  %475 = insertelement <8 x float> poison, float %474, i32 0
+  %476 = shufflevector <8 x float> %475, <8 x float> poison, <8 x i32> zeroinitializer
+  %477 = load <8 x float>, ptr %acc03033, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %b047, <8 x float> %477)
+  store <8 x float> %478, ptr %acc03033, align 4
+  %479 = load <8 x float>, ptr %acc03134, align 4
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %b148, <8 x float> %479)
+  store <8 x float> %480, ptr %acc03134, align 4
+  %481 = getelementptr inbounds float, ptr %429, i64 %439
+  %482 = load float, ptr %481, align 4
+  %483 = insertelement <8 x float> poison, float %482, i32 0
+  %484 = shufflevector <8 x float> %483, <8 x float> poison, <8 x i32> zeroinitializer
+  %485 = load <8 x float>, ptr %acc04035, align 4
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %b047, <8 x float> %485)
+  store <8 x float> %486, ptr %acc04035, align 4
+  %487 = load <8 x float>, ptr %acc04136, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %b148, <8 x float> %487)
+  store <8 x float> %488, ptr %acc04136, align 4
+  %489 = add nsw i64 %k44, 1
   br label %k.head41
 
 k.end43:                                          ; preds = %k.head41
-  %486 = add nsw i64 %r0, 0
-  %487 = getelementptr inbounds float, ptr %rw, i64 %486
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = mul nsw i64 %486, 2880
-  %492 = getelementptr inbounds float, ptr %h, i64 %491
+  %490 = add nsw i64 %r0, 0
+  %491 = getelementptr inbounds float, ptr %rw, i64 %490
+  %492 = load float, ptr %491, align 4
+  %493 = insertelement <8 x float> poison, float %492, i32 0
+  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
+  %495 = mul nsw i64 %490, 2880
+  %496 = getelementptr inbounds float, ptr %h, i64 %495
   %col49 = mul nsw i64 %p, 8
-  %493 = load <8 x float>, ptr %acc0027, align 4
-  %494 = load <8 x float>, ptr %acc0128, align 4
-  %495 = getelementptr inbounds float, ptr %bg, i64 %col49
-  %496 = load <8 x float>, ptr %495, align 4
-  %497 = fadd <8 x float> %493, %496
-  %498 = getelementptr inbounds float, ptr %bu, i64 %col49
-  %499 = load <8 x float>, ptr %498, align 4
-  %500 = fadd <8 x float> %494, %499
-  %501 = fcmp olt <8 x float> %497, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %502 = select <8 x i1> %501, <8 x float> %497, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %503 = fcmp olt <8 x float> %500, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %504 = select <8 x i1> %503, <8 x float> %500, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %505 = fcmp ogt <8 x float> %504, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %506 = select <8 x i1> %505, <8 x float> %504, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %507 = fmul <8 x float> %502, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %508 = fneg <8 x float> %507
-  %509 = fcmp olt <8 x float> %508, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %510 = select <8 x i1> %509, <8 x float> %508, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %511 = fcmp ogt <8 x float> %510, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %512 = select <8 x i1> %511, <8 x float> %510, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %514 = call <8 x float> @llvm.floor.v8f32(<8 x float> %513)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %512)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %515)
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %516, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %516, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %516, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %516, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %516, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %522 = fmul <8 x float> %516, %516
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %521, <8 x float> %522, <8 x float> %516)
-  %524 = fadd <8 x float> %523, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %525 = fptosi <8 x float> %514 to <8 x i32>
-  %526 = add <8 x i32> %525, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %527 = shl <8 x i32> %526, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n50 = bitcast <8 x i32> %527 to <8 x float>
-  %exp51 = fmul <8 x float> %524, %exp.2n50
-  %528 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %528
-  %529 = fmul <8 x float> %502, %sigmoid52
-  %530 = fadd <8 x float> %506, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai53 = fmul <8 x float> %529, %530
-  %531 = fmul <8 x float> %oai53, %490
-  %532 = getelementptr inbounds float, ptr %492, i64 %col49
-  store <8 x float> %531, ptr %532, align 4
-  %533 = add nsw i64 %r0, 1
-  %534 = getelementptr inbounds float, ptr %rw, i64 %533
-  %535 = load float, ptr %534, align 4
-  %536 = insertelement <8 x float> poison, float %535, i32 0
-  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
-  %538 = mul nsw i64 %533, 2880
-  %539 = getelementptr inbounds float, ptr %h, i64 %538
+  %497 = load <8 x float>, ptr %acc00027, align 4
+  %498 = load <8 x float>, ptr %acc00128, align 4
+  %499 = getelementptr inbounds float, ptr %bg, i64 %col49
+  %500 = load <8 x float>, ptr %499, align 4
+  %501 = fadd <8 x float> %497, %500
+  %502 = getelementptr inbounds float, ptr %bu, i64 %col49
+  %503 = load <8 x float>, ptr %502, align 4
+  %504 = fadd <8 x float> %498, %503
+  %505 = fcmp olt <8 x float> %501, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %506 = select <8 x i1> %505, <8 x float> %501, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %507 = fcmp olt <8 x float> %504, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %508 = select <8 x i1> %507, <8 x float> %504, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %509 = fcmp ogt <8 x float> %508, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %510 = select <8 x i1> %509, <8 x float> %508, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %511 = fmul <8 x float> %506, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %512 = fneg <8 x float> %511
+  %513 = fcmp olt <8 x float> %512, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %514 = select <8 x i1> %513, <8 x float> %512, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %515 = fcmp ogt <8 x float> %514, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %516 = select <8 x i1> %515, <8 x float> %514, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %518 = call <8 x float> @llvm.floor.v8f32(<8 x float> %517)
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %516)
+  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %519)
+  %521 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %520, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %521, <8 x float> %520, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> %520, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> %520, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> %520, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %526 = fmul <8 x float> %520, %520
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %526, <8 x float> %520)
+  %528 = fadd <8 x float> %527, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %529 = fptosi <8 x float> %518 to <8 x i32>
+  %530 = add <8 x i32> %529, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %531 = shl <8 x i32> %530, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n50 = bitcast <8 x i32> %531 to <8 x float>
+  %exp51 = fmul <8 x float> %528, %exp.2n50
+  %532 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %532
+  %533 = fmul <8 x float> %506, %sigmoid52
+  %534 = fadd <8 x float> %510, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai53 = fmul <8 x float> %533, %534
+  %535 = fmul <8 x float> %oai53, %494
+  %536 = getelementptr inbounds float, ptr %496, i64 %col49
+  store <8 x float> %535, ptr %536, align 4
+  %537 = add nsw i64 %r0, 1
+  %538 = getelementptr inbounds float, ptr %rw, i64 %537
+  %539 = load float, ptr %538, align 4
+  %540 = insertelement <8 x float> poison, float %539, i32 0
+  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
+  %542 = mul nsw i64 %537, 2880
+  %543 = getelementptr inbounds float, ptr %h, i64 %542
   %col54 = mul nsw i64 %p, 8
-  %540 = load <8 x float>, ptr %acc1029, align 4
-  %541 = load <8 x float>, ptr %acc1130, align 4
-  %542 = getelementptr inbounds float, ptr %bg, i64 %col54
-  %543 = load <8 x float>, ptr %542, align 4
-  %544 = fadd <8 x float> %540, %543
-  %545 = getelementptr inbounds float, ptr %bu, i64 %col54
-  %546 = load <8 x float>, ptr %545, align 4
-  %547 = fadd <8 x float> %541, %546
-  %548 = fcmp olt <8 x float> %544, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %549 = select <8 x i1> %548, <8 x float> %544, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %550 = fcmp olt <8 x float> %547, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %551 = select <8 x i1> %550, <8 x float> %547, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %552 = fcmp ogt <8 x float> %551, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %553 = select <8 x i1> %552, <8 x float> %551, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %554 = fmul <8 x float> %549, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %555 = fneg <8 x float> %554
-  %556 = fcmp olt <8 x float> %555, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %557 = select <8 x i1> %556, <8 x float> %555, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %558 = fcmp ogt <8 x float> %557, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %559 = select <8 x i1> %558, <8 x float> %557, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %561 = call <8 x float> @llvm.floor.v8f32(<8 x float> %560)
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %559)
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %562)
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %563, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %563, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %563, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %566, <8 x float> %563, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %563, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %569 = fmul <8 x float> %563, %563
-  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %569, <8 x float> %563)
-  %571 = fadd <8 x float> %570, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %572 = fptosi <8 x float> %561 to <8 x i32>
-  %573 = add <8 x i32> %572, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %574 = shl <8 x i32> %573, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %574 to <8 x float>
-  %exp56 = fmul <8 x float> %571, %exp.2n55
-  %575 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %575
-  %576 = fmul <8 x float> %549, %sigmoid57
-  %577 = fadd <8 x float> %553, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai58 = fmul <8 x float> %576, %577
-  %578 = fmul <8 x float> %oai58, %537
-  %579 = getelementptr inbounds float, ptr %539, i64 %col54
-  store <8 x float> %578, ptr %579, align 4
-  %580 = add nsw i64 %r0, 2
-  %581 = getelementptr inbounds float, ptr %rw, i64 %580
-  %582 = load float, ptr %581, align 4
-  %583 = insertelement <8 x float> poison, float %582, i32 0
-  %584 = shufflevector <8 x float> %583, <8 x float> poison, <8 x i32> zeroinitializer
-  %585 = mul nsw i64 %580, 2880
-  %586 = getelementptr inbounds float, ptr %h, i64 %585
+  %544 = load <8 x float>, ptr %acc01029, align 4
+  %545 = load <8 x float>, ptr %acc01130, align 4
+  %546 = getelementptr inbounds float, ptr %bg, i64 %col54
+  %547 = load <8 x float>, ptr %546, align 4
+  %548 = fadd <8 x float> %544, %547
+  %549 = getelementptr inbounds float, ptr %bu, i64 %col54
+  %550 = load <8 x float>, ptr %549, align 4
+  %551 = fadd <8 x float> %545, %550
+  %552 = fcmp olt <8 x float> %548, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %553 = select <8 x i1> %552, <8 x float> %548, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %554 = fcmp olt <8 x float> %551, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %555 = select <8 x i1> %554, <8 x float> %551, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %556 = fcmp ogt <8 x float> %555, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %557 = select <8 x i1> %556, <8 x float> %555, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %558 = fmul <8 x float> %553, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %559 = fneg <8 x float> %558
+  %560 = fcmp olt <8 x float> %559, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %561 = select <8 x i1> %560, <8 x float> %559, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %562 = fcmp ogt <8 x float> %561, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %563 = select <8 x i1> %562, <8 x float> %561, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %565 = call <8 x float> @llvm.floor.v8f32(<8 x float> %564)
+  %566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %563)
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %566)
+  %568 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %567, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %568, <8 x float> %567, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %569, <8 x float> %567, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %570, <8 x float> %567, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %573 = fmul <8 x float> %567, %567
+  %574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %572, <8 x float> %573, <8 x float> %567)
+  %575 = fadd <8 x float> %574, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %576 = fptosi <8 x float> %565 to <8 x i32>
+  %577 = add <8 x i32> %576, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %578 = shl <8 x i32> %577, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %578 to <8 x float>
+  %exp56 = fmul <8 x float> %575, %exp.2n55
+  %579 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %579
+  %580 = fmul <8 x float> %553, %sigmoid57
+  %581 = fadd <8 x float> %557, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai58 = fmul <8 x float> %580, %581
+  %582 = fmul <8 x float> %oai58, %541
+  %583 = getelementptr inbounds float, ptr %543, i64 %col54
+  store <8 x float> %582, ptr %583, align 4
+  %584 = add nsw i64 %r0, 2
+  %585 = getelementptr inbounds float, ptr %rw, i64 %584
+  %586 = load float, ptr %585, align 4
+  %587 = insertelement <8 x float> poison, float %586, i32 0
+  %588 = shufflevector <8 x float> %587, <8 x float> poison, <8 x i32> zeroinitializer
+  %589 = mul nsw i64 %584, 2880
+  %590 = getelementptr inbounds float, ptr %h, i64 %589
   %col59 = mul nsw i64 %p, 8
-  %587 = load <8 x float>, ptr %acc2031, align 4
-  %588 = load <8 x float>, ptr %acc2132, align 4
-  %589 = getelementptr inbounds float, ptr %bg, i64 %col59
-  %590 = load <8 x float>, ptr %589, align 4
-  %591 = fadd <8 x float> %587, %590
-  %592 = getelementptr inbounds float, ptr %bu, i64 %col59
-  %593 = load <8 x float>, ptr %592, align 4
-  %594 = fadd <8 x float> %588, %593
-  %595 = fcmp olt <8 x float> %591, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %596 = select <8 x i1> %595, <8 x float> %591, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %597 = fcmp olt <8 x float> %594, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %598 = select <8 x i1> %597, <8 x float> %594, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %599 = fcmp ogt <8 x float> %598, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %600 = select <8 x i1> %599, <8 x float> %598, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %601 = fmul <8 x float> %596, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %602 = fneg <8 x float> %601
-  %603 = fcmp olt <8 x float> %602, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %604 = select <8 x i1> %603, <8 x float> %602, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %605 = fcmp ogt <8 x float> %604, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %606 = select <8 x i1> %605, <8 x float> %604, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %608 = call <8 x float> @llvm.floor.v8f32(<8 x float> %607)
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %606)
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %609)
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %610, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %610, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %610, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %610, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %610, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %616 = fmul <8 x float> %610, %610
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %616, <8 x float> %610)
-  %618 = fadd <8 x float> %617, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %619 = fptosi <8 x float> %608 to <8 x i32>
-  %620 = add <8 x i32> %619, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %621 = shl <8 x i32> %620, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n60 = bitcast <8 x i32> %621 to <8 x float>
-  %exp61 = fmul <8 x float> %618, %exp.2n60
-  %622 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %622
-  %623 = fmul <8 x float> %596, %sigmoid62
-  %624 = fadd <8 x float> %600, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai63 = fmul <8 x float> %623, %624
-  %625 = fmul <8 x float> %oai63, %584
-  %626 = getelementptr inbounds float, ptr %586, i64 %col59
-  store <8 x float> %625, ptr %626, align 4
-  %627 = add nsw i64 %r0, 3
-  %628 = getelementptr inbounds float, ptr %rw, i64 %627
-  %629 = load float, ptr %628, align 4
-  %630 = insertelement <8 x float> poison, float %629, i32 0
-  %631 = shufflevector <8 x float> %630, <8 x float> poison, <8 x i32> zeroinitializer
-  %632 = mul nsw i64 %627, 2880
-  %633 = getelementptr inbounds float, ptr %h, i64 %632
+  %591 = load <8 x float>, ptr %acc02031, align 4
+  %592 = load <8 x float>, ptr %acc02132, align 4
+  %593 = getelementptr inbounds float, ptr %bg, i64 %col59
+  %594 = load <8 x float>, ptr %593, align 4
+  %595 = fadd <8 x float> %591, %594
+  %596 = getelementptr inbounds float, ptr %bu, i64 %col59
+  %597 = load <8 x float>, ptr %596, align 4
+  %598 = fadd <8 x float> %592, %597
+  %599 = fcmp olt <8 x float> %595, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %600 = select <8 x i1> %599, <8 x float> %595, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %601 = fcmp olt <8 x float> %598, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %602 = select <8 x i1> %601, <8 x float> %598, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %603 = fcmp ogt <8 x float> %602, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %604 = select <8 x i1> %603, <8 x float> %602, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %605 = fmul <8 x float> %600, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %606 = fneg <8 x float> %605
+  %607 = fcmp olt <8 x float> %606, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %608 = select <8 x i1> %607, <8 x float> %606, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %609 = fcmp ogt <8 x float> %608, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %610 = select <8 x i1> %609, <8 x float> %608, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %612 = call <8 x float> @llvm.floor.v8f32(<8 x float> %611)
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %610)
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %613)
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %614, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %614, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %614, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %614, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %614, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %620 = fmul <8 x float> %614, %614
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %620, <8 x float> %614)
+  %622 = fadd <8 x float> %621, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %623 = fptosi <8 x float> %612 to <8 x i32>
+  %624 = add <8 x i32> %623, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %625 = shl <8 x i32> %624, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n60 = bitcast <8 x i32> %625 to <8 x float>
+  %exp61 = fmul <8 x float> %622, %exp.2n60
+  %626 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
+  %627 = fmul <8 x float> %600, %sigmoid62
+  %628 = fadd <8 x float> %604, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai63 = fmul <8 x float> %627, %628
+  %629 = fmul <8 x float> %oai63, %588
+  %630 = getelementptr inbounds float, ptr %590, i64 %col59
+  store <8 x float> %629, ptr %630, align 4
+  %631 = add nsw i64 %r0, 3
+  %632 = getelementptr inbounds float, ptr %rw, i64 %631
+  %633 = load float, ptr %632, align 4
+  %634 = insertelement <8 x float> poison, float %633, i32 0
+  %635 = shufflevector <8 x float> %634, <8 x float> poison, <8 x i32> zeroinitializer
+  %636 = mul nsw i64 %631, 2880
+  %637 = getelementptr inbounds float, ptr %h, i64 %636
   %col64 = mul nsw i64 %p, 8
-  %634 = load <8 x float>, ptr %acc3033, align 4
-  %635 = load <8 x float>, ptr %acc3134, align 4
-  %636 = getelementptr inbounds float, ptr %bg, i64 %col64
-  %637 = load <8 x float>, ptr %636, align 4
-  %638 = fadd <8 x float> %634, %637
-  %639 = getelementptr inbounds float, ptr %bu, i64 %col64
-  %640 = load <8 x float>, ptr %639, align 4
-  %641 = fadd <8 x float> %635, %640
-  %642 = fcmp olt <8 x float> %638, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %643 = select <8 x i1> %642, <8 x float> %638, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %644 = fcmp olt <8 x float> %641, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %645 = select <8 x i1> %644, <8 x float> %641, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %646 = fcmp ogt <8 x float> %645, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %648 = fmul <8 x float> %643, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %649 = fneg <8 x float> %648
-  %650 = fcmp olt <8 x float> %649, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %651 = select <8 x i1> %650, <8 x float> %649, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %652 = fcmp ogt <8 x float> %651, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %653 = select <8 x i1> %652, <8 x float> %651, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %655 = call <8 x float> @llvm.floor.v8f32(<8 x float> %654)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %653)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %656)
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %657, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %657, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %657, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %657, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %657, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %663 = fmul <8 x float> %657, %657
-  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %663, <8 x float> %657)
-  %665 = fadd <8 x float> %664, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %666 = fptosi <8 x float> %655 to <8 x i32>
-  %667 = add <8 x i32> %666, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %668 = shl <8 x i32> %667, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %668 to <8 x float>
-  %exp66 = fmul <8 x float> %665, %exp.2n65
-  %669 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %669
-  %670 = fmul <8 x float> %643, %sigmoid67
-  %671 = fadd <8 x float> %647, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai68 = fmul <8 x float> %670, %671
-  %672 = fmul <8 x float> %oai68, %631
-  %673 = getelementptr inbounds float, ptr %633, i64 %col64
-  store <8 x float> %672, ptr %673, align 4
-  %674 = add nsw i64 %r0, 4
-  %675 = getelementptr inbounds float, ptr %rw, i64 %674
-  %676 = load float, ptr %675, align 4
-  %677 = insertelement <8 x float> poison, float %676, i32 0
-  %678 = shufflevector <8 x float> %677, <8 x float> poison, <8 x i32> zeroinitializer
-  %679 = mul nsw i64 %674, 2880
-  %680 = getelementptr inbounds float, ptr %h, i64 %679
+  %638 = load <8 x float>, ptr %acc03033, align 4
+  %639 = load <8 x float>, ptr %acc03134, align 4
+  %640 = getelementptr inbounds float, ptr %bg, i64 %col64
+  %641 = load <8 x float>, ptr %640, align 4
+  %642 = fadd <8 x float> %638, %641
+  %643 = getelementptr inbounds float, ptr %bu, i64 %col64
+  %644 = load <8 x float>, ptr %643, align 4
+  %645 = fadd <8 x float> %639, %644
+  %646 = fcmp olt <8 x float> %642, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %647 = select <8 x i1> %646, <8 x float> %642, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %648 = fcmp olt <8 x float> %645, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %649 = select <8 x i1> %648, <8 x float> %645, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %650 = fcmp ogt <8 x float> %649, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %651 = select <8 x i1> %650, <8 x float> %649, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %652 = fmul <8 x float> %647, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %653 = fneg <8 x float> %652
+  %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %655 = select <8 x i1> %654, <8 x float> %653, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %656 = fcmp ogt <8 x float> %655, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %657 = select <8 x i1> %656, <8 x float> %655, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %659 = call <8 x float> @llvm.floor.v8f32(<8 x float> %658)
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %657)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %660)
+  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %661, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %661, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %661, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %661, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %661, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %667 = fmul <8 x float> %661, %661
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %667, <8 x float> %661)
+  %669 = fadd <8 x float> %668, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %670 = fptosi <8 x float> %659 to <8 x i32>
+  %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %672 to <8 x float>
+  %exp66 = fmul <8 x float> %669, %exp.2n65
+  %673 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
+  %674 = fmul <8 x float> %647, %sigmoid67
+  %675 = fadd <8 x float> %651, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai68 = fmul <8 x float> %674, %675
+  %676 = fmul <8 x float> %oai68, %635
+  %677 = getelementptr inbounds float, ptr %637, i64 %col64
+  store <8 x float> %676, ptr %677, align 4
+  %678 = add nsw i64 %r0, 4
+  %679 = getelementptr inbounds float, ptr %rw, i64 %678
+  %680 = load float, ptr %679, align 4
+  %681 = insertelement <8 x float> poison, float %680, i32 0
+  %682 = shufflevector <8 x float> %681, <8 x float> poison, <8 x i32> zeroinitializer
+  %683 = mul nsw i64 %678, 2880
+  %684 = getelementptr inbounds float, ptr %h, i64 %683
   %col69 = mul nsw i64 %p, 8
-  %681 = load <8 x float>, ptr %acc4035, align 4
-  %682 = load <8 x float>, ptr %acc4136, align 4
-  %683 = getelementptr inbounds float, ptr %bg, i64 %col69
-  %684 = load <8 x float>, ptr %683, align 4
-  %685 = fadd <8 x float> %681, %684
-  %686 = getelementptr inbounds float, ptr %bu, i64 %col69
-  %687 = load <8 x float>, ptr %686, align 4
-  %688 = fadd <8 x float> %682, %687
-  %689 = fcmp olt <8 x float> %685, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %690 = select <8 x i1> %689, <8 x float> %685, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %691 = fcmp olt <8 x float> %688, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %692 = select <8 x i1> %691, <8 x float> %688, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %693 = fcmp ogt <8 x float> %692, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %694 = select <8 x i1> %693, <8 x float> %692, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %695 = fmul <8 x float> %690, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %696 = fneg <8 x float> %695
-  %697 = fcmp olt <8 x float> %696, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %699 = fcmp ogt <8 x float> %698, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %700 = select <8 x i1> %699, <8 x float> %698, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %700, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %702 = call <8 x float> @llvm.floor.v8f32(<8 x float> %701)
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %700)
-  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %703)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %704, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %704, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %704, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %704, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %704, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %710 = fmul <8 x float> %704, %704
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %710, <8 x float> %704)
-  %712 = fadd <8 x float> %711, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %713 = fptosi <8 x float> %702 to <8 x i32>
-  %714 = add <8 x i32> %713, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %715 = shl <8 x i32> %714, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n70 = bitcast <8 x i32> %715 to <8 x float>
-  %exp71 = fmul <8 x float> %712, %exp.2n70
-  %716 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %716
-  %717 = fmul <8 x float> %690, %sigmoid72
-  %718 = fadd <8 x float> %694, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai73 = fmul <8 x float> %717, %718
-  %719 = fmul <8 x float> %oai73, %678
-  %720 = getelementptr inbounds float, ptr %680, i64 %col69
-  store <8 x float> %719, ptr %720, align 4
+  %685 = load <8 x float>, ptr %acc04035, align 4
+  %686 = load <8 x float>, ptr %acc04136, align 4
+  %687 = getelementptr inbounds float, ptr %bg, i64 %col69
+  %688 = load <8 x float>, ptr %687, align 4
+  %689 = fadd <8 x float> %685, %688
+  %690 = getelementptr inbounds float, ptr %bu, i64 %col69
+  %691 = load <8 x float>, ptr %690, align 4
+  %692 = fadd <8 x float> %686, %691
+  %693 = fcmp olt <8 x float> %689, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %694 = select <8 x i1> %693, <8 x float> %689, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %695 = fcmp olt <8 x float> %692, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %696 = select <8 x i1> %695, <8 x float> %692, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %697 = fcmp ogt <8 x float> %696, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %699 = fmul <8 x float> %694, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %700 = fneg <8 x float> %699
+  %701 = fcmp olt <8 x float> %700, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %702 = select <8 x i1> %701, <8 x float> %700, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %703 = fcmp ogt <8 x float> %702, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %706 = call <8 x float> @llvm.floor.v8f32(<8 x float> %705)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %704)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %707)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %708, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %708, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %708, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %708, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %708, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %714 = fmul <8 x float> %708, %708
+  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %714, <8 x float> %708)
+  %716 = fadd <8 x float> %715, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %717 = fptosi <8 x float> %706 to <8 x i32>
+  %718 = add <8 x i32> %717, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %719 = shl <8 x i32> %718, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n70 = bitcast <8 x i32> %719 to <8 x float>
+  %exp71 = fmul <8 x float> %716, %exp.2n70
+  %720 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %720
+  %721 = fmul <8 x float> %694, %sigmoid72
+  %722 = fadd <8 x float> %698, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai73 = fmul <8 x float> %721, %722
+  %723 = fmul <8 x float> %oai73, %682
+  %724 = getelementptr inbounds float, ptr %684, i64 %col69
+  store <8 x float> %723, ptr %724, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %721 = add nsw i64 %r0, 0
-  %722 = getelementptr inbounds i32, ptr %rows, i64 %721
-  %723 = load i32, ptr %722, align 4
-  %724 = sext i32 %723 to i64
-  %725 = mul nsw i64 %724, 2880
-  %726 = getelementptr inbounds float, ptr %x, i64 %725
-  store <8 x float> zeroinitializer, ptr %acc0074, align 4
-  store <8 x float> zeroinitializer, ptr %acc0175, align 4
-  %727 = add nsw i64 %r0, 1
-  %728 = getelementptr inbounds i32, ptr %rows, i64 %727
-  %729 = load i32, ptr %728, align 4
-  %730 = sext i32 %729 to i64
-  %731 = mul nsw i64 %730, 2880
-  %732 = getelementptr inbounds float, ptr %x, i64 %731
-  store <8 x float> zeroinitializer, ptr %acc1076, align 4
-  store <8 x float> zeroinitializer, ptr %acc1177, align 4
-  %733 = add nsw i64 %r0, 2
-  %734 = getelementptr inbounds i32, ptr %rows, i64 %733
-  %735 = load i32, ptr %734, align 4
-  %736 = sext i32 %735 to i64
-  %737 = mul nsw i64 %736, 2880
-  %738 = getelementptr inbounds float, ptr %x, i64 %737
-  store <8 x float> zeroinitializer, ptr %acc2078, align 4
-  store <8 x float> zeroinitializer, ptr %acc2179, align 4
-  %739 = add nsw i64 %r0, 3
-  %740 = getelementptr inbounds i32, ptr %rows, i64 %739
-  %741 = load i32, ptr %740, align 4
-  %742 = sext i32 %741 to i64
-  %743 = mul nsw i64 %742, 2880
-  %744 = getelementptr inbounds float, ptr %x, i64 %743
-  store <8 x float> zeroinitializer, ptr %acc3080, align 4
-  store <8 x float> zeroinitializer, ptr %acc3181, align 4
+  %725 = add nsw i64 %r0, 0
+  %726 = getelementptr inbounds i32, ptr %rows, i64 %725
+  %727 = load i32, ptr %726, align 4
+  %728 = sext i32 %727 to i64
+  %729 = mul nsw i64 %728, 2880
+  %730 = getelementptr inbounds float, ptr %x, i64 %729
+  store <8 x float> zeroinitializer, ptr %acc00074, align 4
+  store <8 x float> zeroinitializer, ptr %acc00175, align 4
+  %731 = add nsw i64 %r0, 1
+  %732 = getelementptr inbounds i32, ptr %rows, i64 %731
+  %733 = load i32, ptr %732, align 4
+  %734 = sext i32 %733 to i64
+  %735 = mul nsw i64 %734, 2880
+  %736 = getelementptr inbounds float, ptr %x, i64 %735
+  store <8 x float> zeroinitializer, ptr %acc01076, align 4
+  store <8 x float> zeroinitializer, ptr %acc01177, align 4
+  %737 = add nsw i64 %r0, 2
+  %738 = getelementptr inbounds i32, ptr %rows, i64 %737
+  %739 = load i32, ptr %738, align 4
+  %740 = sext i32 %739 to i64
+  %741 = mul nsw i64 %740, 2880
+  %742 = getelementptr inbounds float, ptr %x, i64 %741
+  store <8 x float> zeroinitializer, ptr %acc02078, align 4
+  store <8 x float> zeroinitializer, ptr %acc02179, align 4
+  %743 = add nsw i64 %r0, 3
+  %744 = getelementptr inbounds i32, ptr %rows, i64 %743
+  %745 = load i32, ptr %744, align 4
+  %746 = sext i32 %745 to i64
+  %747 = mul nsw i64 %746, 2880
+  %748 = getelementptr inbounds float, ptr %x, i64 %747
+  store <8 x float> zeroinitializer, ptr %acc03080, align 4
+  store <8 x float> zeroinitializer, ptr %acc03181, align 4
   %panel.off82 = mul nsw i64 %p, 46080
-  %745 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
-  %746 = add nsw i64 %p, 1
-  %747 = icmp slt i64 %746, %p1
-  %pf.on83 = and i1 %pf.on, %747
-  %748 = mul nsw i64 %rb, 92160
-  %749 = lshr i64 %748, %11
-  %750 = add nsw i64 92160, %749
-  %751 = getelementptr inbounds i8, ptr %745, i64 %750
-  %pf84 = select i1 %pf.on83, ptr %751, ptr %745
+  %749 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
+  %750 = add nsw i64 %p, 1
+  %751 = icmp slt i64 %750, %p1
+  %pf.on83 = and i1 %pf.on, %751
+  %752 = mul nsw i64 %rb, 92160
+  %753 = lshr i64 %752, %11
+  %754 = add nsw i64 92160, %753
+  %755 = getelementptr inbounds i8, ptr %749, i64 %754
+  %pf84 = select i1 %pf.on83, ptr %755, ptr %749
   %pf.sh85 = select i1 %pf.on83, i64 %11, i64 0
   br label %k.head86
 
 k.head86:                                         ; preds = %pf.any.end91, %tile.mr4
-  %k89 = phi i64 [ 0, %tile.mr4 ], [ %794, %pf.any.end91 ]
-  %752 = icmp slt i64 %k89, 2880
-  br i1 %752, label %k.body87, label %k.end88
+  %k89 = phi i64 [ 0, %tile.mr4 ], [ %800, %pf.any.end91 ]
+  %756 = icmp slt i64 %k89, 2880
+  br i1 %756, label %k.body87, label %k.end88
 
 k.body87:                                         ; preds = %k.head86
-  %753 = mul nsw i64 %k89, 16
-  %754 = add nsw i64 %panel.off82, %753
-  %755 = mul nsw i64 %k89, 32
+  %757 = mul nsw i64 %k89, 1
+  %758 = add nsw i64 %757, 0
+  %759 = mul nsw i64 %758, 32
   br i1 %pf.multi, label %pf.any.then90, label %pf.any.end91
 
 pf.any.then90:                                    ; preds = %k.body87
-  %756 = lshr i64 %755, %pf.sh85
-  %757 = getelementptr inbounds i8, ptr %pf84, i64 %756
-  call void @llvm.prefetch.p0(ptr %757, i32 0, i32 2, i32 1)
+  %760 = lshr i64 %759, %pf.sh85
+  %761 = getelementptr inbounds i8, ptr %pf84, i64 %760
+  call void @llvm.prefetch.p0(ptr %761, i32 0, i32 2, i32 1)
   br label %pf.any.end91
 
 pf.any.end91:                                     ; preds = %pf.any.then90, %k.body87
-  %758 = getelementptr inbounds i16, ptr %panels, i64 %754
-  %759 = load <8 x i32>, ptr %758, align 4
-  %760 = shl <8 x i32> %759, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b092 = bitcast <8 x i32> %760 to <8 x float>
-  %761 = and <8 x i32> %759, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b193 = bitcast <8 x i32> %761 to <8 x float>
-  %762 = getelementptr inbounds float, ptr %726, i64 %k89
-  %763 = load float, ptr %762, align 4
-  %764 = insertelement <8 x float> poison, float %763, i32 0
-  %765 = shufflevector <8 x float> %764, <8 x float> poison, <8 x i32> zeroinitializer
-  %766 = load <8 x float>, ptr %acc0074, align 4
-  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %b092, <8 x float> %766)
-  store <8 x float> %767, ptr %acc0074, align 4
-  %768 = load <8 x float>, ptr %acc0175, align 4
-  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> %b193, <8 x float> %768)
-  store <8 x float> %769, ptr %acc0175, align 4
-  %770 = getelementptr inbounds float, ptr %732, i64 %k89
-  %771 = load float, ptr %770, align 4
-  %772 = insertelement <8 x float> poison, float %771, i32 0
-  %773 = shufflevector <8 x float> %772, <8 x float> poison, <8 x i32> zeroinitializer
-  %774 = load <8 x float>, ptr %acc1076, align 4
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %b092, <8 x float> %774)
-  store <8 x float> %775, ptr %acc1076, align 4
-  %776 = load <8 x float>, ptr %acc1177, align 4
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %b193, <8 x float> %776)
-  store <8 x float> %777, ptr %acc1177, align 4
-  %778 = getelementptr inbounds float, ptr %738, i64 %k89
-  %779 = load float, ptr %778, align 4
-  %780 = insertelement <8 x float> poison, float %779, i32 0
-  %781 = shufflevector <8 x float> %780, <8 x float> poison, <8 x i32> zeroinitializer
-  %782 = load <8 x float>, ptr %acc2078, align 4
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> %b092, <8 x float> %782)
-  store <8 x float> %783, ptr %acc2078, align 4
-  %784 = load <8 x float>, ptr %acc2179, align 4
-  %785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %781, <8 x float> %b193, <8 x float> %784)
-  store <8 x float> %785, ptr %acc2179, align 4
-  %786 = getelementptr inbounds float, ptr %744, i64 %k89
-  %787 = load float, ptr %786, align 4
-  %788 = insertelement <8 x float> poison, float %787, i32 0
-  %789 = shufflevector <8 x float> %788, <8 x float> poison, <8 x i32> zeroinitializer
-  %790 = load <8 x float>, ptr %acc3080, align 4
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b092, <8 x float> %790)
-  store <8 x float> %791, ptr %acc3080, align 4
-  %792 = load <8 x float>, ptr %acc3181, align 4
-  %793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %789, <8 x float> %b193, <8 x float> %792)
-  store <8 x float> %793, ptr %acc3181, align 4
-  %794 = add nsw i64 %k89, 1
+  %762 = mul nsw i64 %758, 16
+  %763 = add nsw i64 %panel.off82, %762
+  %764 = getelementptr inbounds i16, ptr %panels, i64 %763
+  %765 = load <8 x i32>, ptr %764, align 4
+  %766 = shl <8 x i32> %765, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b092 = bitcast <8 x i32> %766 to <8 x float>
+  %767 = and <8 x i32> %765, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b193 = bitcast <8 x i32> %767 to <8 x float>
+  %768 = getelementptr inbounds float, ptr %730, i64 %758
+  %769 = load float, ptr %768, align 4
+  %770 = insertelement <8 x float> poison, float %769, i32 0
+  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
+  %772 = load <8 x float>, ptr %acc00074, align 4
+  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b092, <8 x float> %772)
+  store <8 x float> %773, ptr %acc00074, align 4
+  %774 = load <8 x float>, ptr %acc00175, align 4
+  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b193, <8 x float> %774)
+  store <8 x float> %775, ptr %acc00175, align 4
+  %776 = getelementptr inbounds float, ptr %736, i64 %758
+  %777 = load float, ptr %776, align 4
+  %778 = insertelement <8 x float> poison, float %777, i32 0
+  %779 = shufflevector <8 x float> %778, <8 x float> poison, <8 x i32> zeroinitializer
+  %780 = load <8 x float>, ptr %acc01076, align 4
+  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %b092, <8 x float> %780)
+  store <8 x float> %781, ptr %acc01076, align 4
+  %782 = load <8 x float>, ptr %acc01177, align 4
+  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %b193, <8 x float> %782)
+  store <8 x float> %783, ptr %acc01177, align 4
+  %784 = getelementptr inbounds float, ptr %742, i64 %758
+  %785 = load float, ptr %784, align 4
+  %786 = insertelement <8 x float> poison, float %785, i32 0
+  %787 = shufflevector <8 x float> %786, <8 x float> poison, <8 x i32> zeroinitializer
+  %788 = load <8 x float>, ptr %acc02078, align 4
+  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %b092, <8 x float> %788)
+  store <8 x float> %789, ptr %acc02078, align 4
+  %790 = load <8 x float>, ptr %acc02179, align 4
+  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %b193, <8 x float> %790)
+  store <8 x float> %791, ptr %acc02179, align 4
+  %792 = getelementptr inbounds float, ptr %748, i64 %758
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = load <8 x float>, ptr %acc03080, align 4
+  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b092, <8 x float> %796)
+  store <8 x float> %797, ptr %acc03080, align 4
+  %798 = load <8 x float>, ptr %acc03181, align 4
+  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b193, <8 x float> %798)
+  store <8 x float> %799, ptr %acc03181, align 4
+  %800 = add nsw i64 %k89, 1
   br label %k.head86
 
 k.end88:                                          ; preds = %k.head86
-  %795 = add nsw i64 %r0, 0
-  %796 = getelementptr inbounds float, ptr %rw, i64 %795
-  %797 = load float, ptr %796, align 4
-  %798 = insertelement <8 x float> poison, float %797, i32 0
-  %799 = shufflevector <8 x float> %798, <8 x float> poison, <8 x i32> zeroinitializer
-  %800 = mul nsw i64 %795, 2880
-  %801 = getelementptr inbounds float, ptr %h, i64 %800
+  %801 = add nsw i64 %r0, 0
+  %802 = getelementptr inbounds float, ptr %rw, i64 %801
+  %803 = load float, ptr %802, align 4
+  %804 = insertelement <8 x float> poison, float %803, i32 0
+  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
+  %806 = mul nsw i64 %801, 2880
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
   %col94 = mul nsw i64 %p, 8
-  %802 = load <8 x float>, ptr %acc0074, align 4
-  %803 = load <8 x float>, ptr %acc0175, align 4
-  %804 = getelementptr inbounds float, ptr %bg, i64 %col94
-  %805 = load <8 x float>, ptr %804, align 4
-  %806 = fadd <8 x float> %802, %805
-  %807 = getelementptr inbounds float, ptr %bu, i64 %col94
-  %808 = load <8 x float>, ptr %807, align 4
-  %809 = fadd <8 x float> %803, %808
-  %810 = fcmp olt <8 x float> %806, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %811 = select <8 x i1> %810, <8 x float> %806, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %812 = fcmp olt <8 x float> %809, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %813 = select <8 x i1> %812, <8 x float> %809, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %814 = fcmp ogt <8 x float> %813, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %815 = select <8 x i1> %814, <8 x float> %813, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %816 = fmul <8 x float> %811, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %817 = fneg <8 x float> %816
-  %818 = fcmp olt <8 x float> %817, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %819 = select <8 x i1> %818, <8 x float> %817, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %820 = fcmp ogt <8 x float> %819, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %821, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %823 = call <8 x float> @llvm.floor.v8f32(<8 x float> %822)
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %821)
-  %825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %824)
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %825, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %825, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> %825, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> %825, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> %825, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %831 = fmul <8 x float> %825, %825
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %831, <8 x float> %825)
-  %833 = fadd <8 x float> %832, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %834 = fptosi <8 x float> %823 to <8 x i32>
-  %835 = add <8 x i32> %834, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %836 = shl <8 x i32> %835, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n95 = bitcast <8 x i32> %836 to <8 x float>
-  %exp96 = fmul <8 x float> %833, %exp.2n95
-  %837 = fadd <8 x float> %exp96, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid97 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %837
-  %838 = fmul <8 x float> %811, %sigmoid97
-  %839 = fadd <8 x float> %815, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai98 = fmul <8 x float> %838, %839
-  %840 = fmul <8 x float> %oai98, %799
-  %841 = getelementptr inbounds float, ptr %801, i64 %col94
-  store <8 x float> %840, ptr %841, align 4
-  %842 = add nsw i64 %r0, 1
-  %843 = getelementptr inbounds float, ptr %rw, i64 %842
-  %844 = load float, ptr %843, align 4
-  %845 = insertelement <8 x float> poison, float %844, i32 0
-  %846 = shufflevector <8 x float> %845, <8 x float> poison, <8 x i32> zeroinitializer
-  %847 = mul nsw i64 %842, 2880
-  %848 = getelementptr inbounds float, ptr %h, i64 %847
+  %808 = load <8 x float>, ptr %acc00074, align 4
+  %809 = load <8 x float>, ptr %acc00175, align 4
+  %810 = getelementptr inbounds float, ptr %bg, i64 %col94
+  %811 = load <8 x float>, ptr %810, align 4
+  %812 = fadd <8 x float> %808, %811
+  %813 = getelementptr inbounds float, ptr %bu, i64 %col94
+  %814 = load <8 x float>, ptr %813, align 4
+  %815 = fadd <8 x float> %809, %814
+  %816 = fcmp olt <8 x float> %812, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %817 = select <8 x i1> %816, <8 x float> %812, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %818 = fcmp olt <8 x float> %815, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %820 = fcmp ogt <8 x float> %819, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %822 = fmul <8 x float> %817, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %823 = fneg <8 x float> %822
+  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %837 = fmul <8 x float> %831, %831
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
+  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %840 = fptosi <8 x float> %829 to <8 x i32>
+  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n95 = bitcast <8 x i32> %842 to <8 x float>
+  %exp96 = fmul <8 x float> %839, %exp.2n95
+  %843 = fadd <8 x float> %exp96, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid97 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
+  %844 = fmul <8 x float> %817, %sigmoid97
+  %845 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai98 = fmul <8 x float> %844, %845
+  %846 = fmul <8 x float> %oai98, %805
+  %847 = getelementptr inbounds float, ptr %807, i64 %col94
+  store <8 x float> %846, ptr %847, align 4
+  %848 = add nsw i64 %r0, 1
+  %849 = getelementptr inbounds float, ptr %rw, i64 %848
+  %850 = load float, ptr %849, align 4
+  %851 = insertelement <8 x float> poison, float %850, i32 0
+  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
+  %853 = mul nsw i64 %848, 2880
+  %854 = getelementptr inbounds float, ptr %h, i64 %853
   %col99 = mul nsw i64 %p, 8
-  %849 = load <8 x float>, ptr %acc1076, align 4
-  %850 = load <8 x float>, ptr %acc1177, align 4
-  %851 = getelementptr inbounds float, ptr %bg, i64 %col99
-  %852 = load <8 x float>, ptr %851, align 4
-  %853 = fadd <8 x float> %849, %852
-  %854 = getelementptr inbounds float, ptr %bu, i64 %col99
-  %855 = load <8 x float>, ptr %854, align 4
-  %856 = fadd <8 x float> %850, %855
-  %857 = fcmp olt <8 x float> %853, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %858 = select <8 x i1> %857, <8 x float> %853, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %859 = fcmp olt <8 x float> %856, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %860 = select <8 x i1> %859, <8 x float> %856, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %861 = fcmp ogt <8 x float> %860, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %862 = select <8 x i1> %861, <8 x float> %860, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %863 = fmul <8 x float> %858, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %864 = fneg <8 x float> %863
-  %865 = fcmp olt <8 x float> %864, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %866 = select <8 x i1> %865, <8 x float> %864, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %867 = fcmp ogt <8 x float> %866, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %868 = select <8 x i1> %867, <8 x float> %866, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %870 = call <8 x float> @llvm.floor.v8f32(<8 x float> %869)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %868)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %871)
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %872, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %872, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %872, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %872, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %872, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %878 = fmul <8 x float> %872, %872
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %878, <8 x float> %872)
-  %880 = fadd <8 x float> %879, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %881 = fptosi <8 x float> %870 to <8 x i32>
-  %882 = add <8 x i32> %881, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %883 = shl <8 x i32> %882, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %883 to <8 x float>
-  %exp101 = fmul <8 x float> %880, %exp.2n100
-  %884 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %884
-  %885 = fmul <8 x float> %858, %sigmoid102
-  %886 = fadd <8 x float> %862, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai103 = fmul <8 x float> %885, %886
-  %887 = fmul <8 x float> %oai103, %846
-  %888 = getelementptr inbounds float, ptr %848, i64 %col99
-  store <8 x float> %887, ptr %888, align 4
-  %889 = add nsw i64 %r0, 2
-  %890 = getelementptr inbounds float, ptr %rw, i64 %889
-  %891 = load float, ptr %890, align 4
-  %892 = insertelement <8 x float> poison, float %891, i32 0
-  %893 = shufflevector <8 x float> %892, <8 x float> poison, <8 x i32> zeroinitializer
-  %894 = mul nsw i64 %889, 2880
-  %895 = getelementptr inbounds float, ptr %h, i64 %894
+  %855 = load <8 x float>, ptr %acc01076, align 4
+  %856 = load <8 x float>, ptr %acc01177, align 4
+  %857 = getelementptr inbounds float, ptr %bg, i64 %col99
+  %858 = load <8 x float>, ptr %857, align 4
+  %859 = fadd <8 x float> %855, %858
+  %860 = getelementptr inbounds float, ptr %bu, i64 %col99
+  %861 = load <8 x float>, ptr %860, align 4
+  %862 = fadd <8 x float> %856, %861
+  %863 = fcmp olt <8 x float> %859, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %864 = select <8 x i1> %863, <8 x float> %859, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %865 = fcmp olt <8 x float> %862, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %866 = select <8 x i1> %865, <8 x float> %862, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %867 = fcmp ogt <8 x float> %866, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %868 = select <8 x i1> %867, <8 x float> %866, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %869 = fmul <8 x float> %864, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %870 = fneg <8 x float> %869
+  %871 = fcmp olt <8 x float> %870, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %872 = select <8 x i1> %871, <8 x float> %870, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %873 = fcmp ogt <8 x float> %872, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %876 = call <8 x float> @llvm.floor.v8f32(<8 x float> %875)
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %874)
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %877)
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %878, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %878, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %878, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %878, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %878, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %884 = fmul <8 x float> %878, %878
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %884, <8 x float> %878)
+  %886 = fadd <8 x float> %885, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %887 = fptosi <8 x float> %876 to <8 x i32>
+  %888 = add <8 x i32> %887, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %889 = shl <8 x i32> %888, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n100 = bitcast <8 x i32> %889 to <8 x float>
+  %exp101 = fmul <8 x float> %886, %exp.2n100
+  %890 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %890
+  %891 = fmul <8 x float> %864, %sigmoid102
+  %892 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai103 = fmul <8 x float> %891, %892
+  %893 = fmul <8 x float> %oai103, %852
+  %894 = getelementptr inbounds float, ptr %854, i64 %col99
+  store <8 x float> %893, ptr %894, align 4
+  %895 = add nsw i64 %r0, 2
+  %896 = getelementptr inbounds float, ptr %rw, i64 %895
+  %897 = load float, ptr %896, align 4
+  %898 = insertelement <8 x float> poison, float %897, i32 0
+  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
+  %900 = mul nsw i64 %895, 2880
+  %901 = getelementptr inbounds float, ptr %h, i64 %900
   %col104 = mul nsw i64 %p, 8
-  %896 = load <8 x float>, ptr %acc2078, align 4
-  %897 = load <8 x float>, ptr %acc2179, align 4
-  %898 = getelementptr inbounds float, ptr %bg, i64 %col104
-  %899 = load <8 x float>, ptr %898, align 4
-  %900 = fadd <8 x float> %896, %899
-  %901 = getelementptr inbounds float, ptr %bu, i64 %col104
-  %902 = load <8 x float>, ptr %901, align 4
-  %903 = fadd <8 x float> %897, %902
-  %904 = fcmp olt <8 x float> %900, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %905 = select <8 x i1> %904, <8 x float> %900, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %906 = fcmp olt <8 x float> %903, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %907 = select <8 x i1> %906, <8 x float> %903, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %908 = fcmp ogt <8 x float> %907, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %909 = select <8 x i1> %908, <8 x float> %907, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %910 = fmul <8 x float> %905, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %911 = fneg <8 x float> %910
-  %912 = fcmp olt <8 x float> %911, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %913 = select <8 x i1> %912, <8 x float> %911, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %914 = fcmp ogt <8 x float> %913, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %917 = call <8 x float> @llvm.floor.v8f32(<8 x float> %916)
-  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %915)
-  %919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %917, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %918)
-  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %919, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %920, <8 x float> %919, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> %919, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %922, <8 x float> %919, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> %919, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %925 = fmul <8 x float> %919, %919
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %925, <8 x float> %919)
-  %927 = fadd <8 x float> %926, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %928 = fptosi <8 x float> %917 to <8 x i32>
-  %929 = add <8 x i32> %928, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %930 = shl <8 x i32> %929, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %930 to <8 x float>
-  %exp106 = fmul <8 x float> %927, %exp.2n105
-  %931 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %931
-  %932 = fmul <8 x float> %905, %sigmoid107
-  %933 = fadd <8 x float> %909, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai108 = fmul <8 x float> %932, %933
-  %934 = fmul <8 x float> %oai108, %893
-  %935 = getelementptr inbounds float, ptr %895, i64 %col104
-  store <8 x float> %934, ptr %935, align 4
-  %936 = add nsw i64 %r0, 3
-  %937 = getelementptr inbounds float, ptr %rw, i64 %936
-  %938 = load float, ptr %937, align 4
-  %939 = insertelement <8 x float> poison, float %938, i32 0
-  %940 = shufflevector <8 x float> %939, <8 x float> poison, <8 x i32> zeroinitializer
-  %941 = mul nsw i64 %936, 2880
-  %942 = getelementptr inbounds float, ptr %h, i64 %941
+  %902 = load <8 x float>, ptr %acc02078, align 4
+  %903 = load <8 x float>, ptr %acc02179, align 4
+  %904 = getelementptr inbounds float, ptr %bg, i64 %col104
+  %905 = load <8 x float>, ptr %904, align 4
+  %906 = fadd <8 x float> %902, %905
+  %907 = getelementptr inbounds float, ptr %bu, i64 %col104
+  %908 = load <8 x float>, ptr %907, align 4
+  %909 = fadd <8 x float> %903, %908
+  %910 = fcmp olt <8 x float> %906, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %911 = select <8 x i1> %910, <8 x float> %906, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %912 = fcmp olt <8 x float> %909, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %913 = select <8 x i1> %912, <8 x float> %909, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %914 = fcmp ogt <8 x float> %913, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %916 = fmul <8 x float> %911, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %917 = fneg <8 x float> %916
+  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %931 = fmul <8 x float> %925, %925
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
+  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %934 = fptosi <8 x float> %923 to <8 x i32>
+  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n105 = bitcast <8 x i32> %936 to <8 x float>
+  %exp106 = fmul <8 x float> %933, %exp.2n105
+  %937 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
+  %938 = fmul <8 x float> %911, %sigmoid107
+  %939 = fadd <8 x float> %915, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai108 = fmul <8 x float> %938, %939
+  %940 = fmul <8 x float> %oai108, %899
+  %941 = getelementptr inbounds float, ptr %901, i64 %col104
+  store <8 x float> %940, ptr %941, align 4
+  %942 = add nsw i64 %r0, 3
+  %943 = getelementptr inbounds float, ptr %rw, i64 %942
+  %944 = load float, ptr %943, align 4
+  %945 = insertelement <8 x float> poison, float %944, i32 0
+  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
+  %947 = mul nsw i64 %942, 2880
+  %948 = getelementptr inbounds float, ptr %h, i64 %947
   %col109 = mul nsw i64 %p, 8
-  %943 = load <8 x float>, ptr %acc3080, align 4
-  %944 = load <8 x float>, ptr %acc3181, align 4
-  %945 = getelementptr inbounds float, ptr %bg, i64 %col109
-  %946 = load <8 x float>, ptr %945, align 4
-  %947 = fadd <8 x float> %943, %946
-  %948 = getelementptr inbounds float, ptr %bu, i64 %col109
-  %949 = load <8 x float>, ptr %948, align 4
-  %950 = fadd <8 x float> %944, %949
-  %951 = fcmp olt <8 x float> %947, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %952 = select <8 x i1> %951, <8 x float> %947, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %953 = fcmp olt <8 x float> %950, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %954 = select <8 x i1> %953, <8 x float> %950, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %955 = fcmp ogt <8 x float> %954, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %956 = select <8 x i1> %955, <8 x float> %954, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %957 = fmul <8 x float> %952, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %958 = fneg <8 x float> %957
-  %959 = fcmp olt <8 x float> %958, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %960 = select <8 x i1> %959, <8 x float> %958, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %961 = fcmp ogt <8 x float> %960, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %964 = call <8 x float> @llvm.floor.v8f32(<8 x float> %963)
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %962)
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %965)
-  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %966, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %966, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %968, <8 x float> %966, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %966, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %966, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %972 = fmul <8 x float> %966, %966
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %971, <8 x float> %972, <8 x float> %966)
-  %974 = fadd <8 x float> %973, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %975 = fptosi <8 x float> %964 to <8 x i32>
-  %976 = add <8 x i32> %975, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %977 = shl <8 x i32> %976, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n110 = bitcast <8 x i32> %977 to <8 x float>
-  %exp111 = fmul <8 x float> %974, %exp.2n110
-  %978 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %978
-  %979 = fmul <8 x float> %952, %sigmoid112
-  %980 = fadd <8 x float> %956, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai113 = fmul <8 x float> %979, %980
-  %981 = fmul <8 x float> %oai113, %940
-  %982 = getelementptr inbounds float, ptr %942, i64 %col109
-  store <8 x float> %981, ptr %982, align 4
+  %949 = load <8 x float>, ptr %acc03080, align 4
+  %950 = load <8 x float>, ptr %acc03181, align 4
+  %951 = getelementptr inbounds float, ptr %bg, i64 %col109
+  %952 = load <8 x float>, ptr %951, align 4
+  %953 = fadd <8 x float> %949, %952
+  %954 = getelementptr inbounds float, ptr %bu, i64 %col109
+  %955 = load <8 x float>, ptr %954, align 4
+  %956 = fadd <8 x float> %950, %955
+  %957 = fcmp olt <8 x float> %953, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %958 = select <8 x i1> %957, <8 x float> %953, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %959 = fcmp olt <8 x float> %956, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %960 = select <8 x i1> %959, <8 x float> %956, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %961 = fcmp ogt <8 x float> %960, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %963 = fmul <8 x float> %958, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %964 = fneg <8 x float> %963
+  %965 = fcmp olt <8 x float> %964, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %966 = select <8 x i1> %965, <8 x float> %964, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %967 = fcmp ogt <8 x float> %966, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %968 = select <8 x i1> %967, <8 x float> %966, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %968, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %970 = call <8 x float> @llvm.floor.v8f32(<8 x float> %969)
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %968)
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %971)
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %972, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %972, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %972, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %972, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %976, <8 x float> %972, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %978 = fmul <8 x float> %972, %972
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %978, <8 x float> %972)
+  %980 = fadd <8 x float> %979, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %981 = fptosi <8 x float> %970 to <8 x i32>
+  %982 = add <8 x i32> %981, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %983 = shl <8 x i32> %982, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n110 = bitcast <8 x i32> %983 to <8 x float>
+  %exp111 = fmul <8 x float> %980, %exp.2n110
+  %984 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %984
+  %985 = fmul <8 x float> %958, %sigmoid112
+  %986 = fadd <8 x float> %962, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai113 = fmul <8 x float> %985, %986
+  %987 = fmul <8 x float> %oai113, %946
+  %988 = getelementptr inbounds float, ptr %948, i64 %col109
+  store <8 x float> %987, ptr %988, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %983 = add nsw i64 %r0, 0
-  %984 = getelementptr inbounds i32, ptr %rows, i64 %983
-  %985 = load i32, ptr %984, align 4
-  %986 = sext i32 %985 to i64
-  %987 = mul nsw i64 %986, 2880
-  %988 = getelementptr inbounds float, ptr %x, i64 %987
-  store <8 x float> zeroinitializer, ptr %acc00114, align 4
-  store <8 x float> zeroinitializer, ptr %acc01115, align 4
-  %989 = add nsw i64 %r0, 1
+  %989 = add nsw i64 %r0, 0
   %990 = getelementptr inbounds i32, ptr %rows, i64 %989
   %991 = load i32, ptr %990, align 4
   %992 = sext i32 %991 to i64
   %993 = mul nsw i64 %992, 2880
   %994 = getelementptr inbounds float, ptr %x, i64 %993
-  store <8 x float> zeroinitializer, ptr %acc10116, align 4
-  store <8 x float> zeroinitializer, ptr %acc11117, align 4
-  %995 = add nsw i64 %r0, 2
+  store <8 x float> zeroinitializer, ptr %acc000114, align 4
+  store <8 x float> zeroinitializer, ptr %acc001115, align 4
+  %995 = add nsw i64 %r0, 1
   %996 = getelementptr inbounds i32, ptr %rows, i64 %995
   %997 = load i32, ptr %996, align 4
   %998 = sext i32 %997 to i64
   %999 = mul nsw i64 %998, 2880
   %1000 = getelementptr inbounds float, ptr %x, i64 %999
-  store <8 x float> zeroinitializer, ptr %acc20118, align 4
-  store <8 x float> zeroinitializer, ptr %acc21119, align 4
+  store <8 x float> zeroinitializer, ptr %acc010116, align 4
+  store <8 x float> zeroinitializer, ptr %acc011117, align 4
+  %1001 = add nsw i64 %r0, 2
+  %1002 = getelementptr inbounds i32, ptr %rows, i64 %1001
+  %1003 = load i32, ptr %1002, align 4
+  %1004 = sext i32 %1003 to i64
+  %1005 = mul nsw i64 %1004, 2880
+  %1006 = getelementptr inbounds float, ptr %x, i64 %1005
+  store <8 x float> zeroinitializer, ptr %acc020118, align 4
+  store <8 x float> zeroinitializer, ptr %acc021119, align 4
   %panel.off120 = mul nsw i64 %p, 46080
-  %1001 = getelementptr inbounds i16, ptr %panels, i64 %panel.off120
-  %1002 = add nsw i64 %p, 1
-  %1003 = icmp slt i64 %1002, %p1
-  %pf.on121 = and i1 %pf.on, %1003
-  %1004 = mul nsw i64 %rb, 92160
-  %1005 = lshr i64 %1004, %11
-  %1006 = add nsw i64 92160, %1005
-  %1007 = getelementptr inbounds i8, ptr %1001, i64 %1006
-  %pf122 = select i1 %pf.on121, ptr %1007, ptr %1001
+  %1007 = getelementptr inbounds i16, ptr %panels, i64 %panel.off120
+  %1008 = add nsw i64 %p, 1
+  %1009 = icmp slt i64 %1008, %p1
+  %pf.on121 = and i1 %pf.on, %1009
+  %1010 = mul nsw i64 %rb, 92160
+  %1011 = lshr i64 %1010, %11
+  %1012 = add nsw i64 92160, %1011
+  %1013 = getelementptr inbounds i8, ptr %1007, i64 %1012
+  %pf122 = select i1 %pf.on121, ptr %1013, ptr %1007
   %pf.sh123 = select i1 %pf.on121, i64 %11, i64 0
   br label %k.head124
 
 k.head124:                                        ; preds = %pf.any.end129, %tile.mr3
-  %k127 = phi i64 [ 0, %tile.mr3 ], [ %1042, %pf.any.end129 ]
-  %1008 = icmp slt i64 %k127, 2880
-  br i1 %1008, label %k.body125, label %k.end126
+  %k127 = phi i64 [ 0, %tile.mr3 ], [ %1050, %pf.any.end129 ]
+  %1014 = icmp slt i64 %k127, 2880
+  br i1 %1014, label %k.body125, label %k.end126
 
 k.body125:                                        ; preds = %k.head124
-  %1009 = mul nsw i64 %k127, 16
-  %1010 = add nsw i64 %panel.off120, %1009
-  %1011 = mul nsw i64 %k127, 32
+  %1015 = mul nsw i64 %k127, 1
+  %1016 = add nsw i64 %1015, 0
+  %1017 = mul nsw i64 %1016, 32
   br i1 %pf.multi, label %pf.any.then128, label %pf.any.end129
 
 pf.any.then128:                                   ; preds = %k.body125
-  %1012 = lshr i64 %1011, %pf.sh123
-  %1013 = getelementptr inbounds i8, ptr %pf122, i64 %1012
-  call void @llvm.prefetch.p0(ptr %1013, i32 0, i32 2, i32 1)
+  %1018 = lshr i64 %1017, %pf.sh123
+  %1019 = getelementptr inbounds i8, ptr %pf122, i64 %1018
+  call void @llvm.prefetch.p0(ptr %1019, i32 0, i32 2, i32 1)
   br label %pf.any.end129
 
 pf.any.end129:                                    ; preds = %pf.any.then128, %k.body125
-  %1014 = getelementptr inbounds i16, ptr %panels, i64 %1010
-  %1015 = load <8 x i32>, ptr %1014, align 4
-  %1016 = shl <8 x i32> %1015, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0130 = bitcast <8 x i32> %1016 to <8 x float>
-  %1017 = and <8 x i32> %1015, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1131 = bitcast <8 x i32> %1017 to <8 x float>
-  %1018 = getelementptr inbounds float, ptr %988, i64 %k127
-  %1019 = load float, ptr %1018, align 4
-  %1020 = insertelement <8 x float> poison, float %1019, i32 0
-  %1021 = shufflevector <8 x float> %1020, <8 x float> poison, <8 x i32> zeroinitializer
-  %1022 = load <8 x float>, ptr %acc00114, align 4
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %b0130, <8 x float> %1022)
-  store <8 x float> %1023, ptr %acc00114, align 4
-  %1024 = load <8 x float>, ptr %acc01115, align 4
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %b1131, <8 x float> %1024)
-  store <8 x float> %1025, ptr %acc01115, align 4
-  %1026 = getelementptr inbounds float, ptr %994, i64 %k127
+  %1020 = mul nsw i64 %1016, 16
+  %1021 = add nsw i64 %panel.off120, %1020
+  %1022 = getelementptr inbounds i16, ptr %panels, i64 %1021
+  %1023 = load <8 x i32>, ptr %1022, align 4
+  %1024 = shl <8 x i32> %1023, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0130 = bitcast <8 x i32> %1024 to <8 x float>
+  %1025 = and <8 x i32> %1023, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1131 = bitcast <8 x i32> %1025 to <8 x float>
+  %1026 = getelementptr inbounds float, ptr %994, i64 %1016
   %1027 = load float, ptr %1026, align 4
   %1028 = insertelement <8 x float> poison, float %1027, i32 0
   %1029 = shufflevector <8 x float> %1028, <8 x float> poison, <8 x i32> zeroinitializer
-  %1030 = load <8 x float>, ptr %acc10116, align 4
+  %1030 = load <8 x float>, ptr %acc000114, align 4
   %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %b0130, <8 x float> %1030)
-  store <8 x float> %1031, ptr %acc10116, align 4
-  %1032 = load <8 x float>, ptr %acc11117, align 4
+  store <8 x float> %1031, ptr %acc000114, align 4
+  %1032 = load <8 x float>, ptr %acc001115, align 4
   %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %b1131, <8 x float> %1032)
-  store <8 x float> %1033, ptr %acc11117, align 4
-  %1034 = getelementptr inbounds float, ptr %1000, i64 %k127
+  store <8 x float> %1033, ptr %acc001115, align 4
+  %1034 = getelementptr inbounds float, ptr %1000, i64 %1016
   %1035 = load float, ptr %1034, align 4
   %1036 = insertelement <8 x float> poison, float %1035, i32 0
   %1037 = shufflevector <8 x float> %1036, <8 x float> poison, <8 x i32> zeroinitializer
-  %1038 = load <8 x float>, ptr %acc20118, align 4
+  %1038 = load <8 x float>, ptr %acc010116, align 4
   %1039 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1037, <8 x float> %b0130, <8 x float> %1038)
-  store <8 x float> %1039, ptr %acc20118, align 4
-  %1040 = load <8 x float>, ptr %acc21119, align 4
+  store <8 x float> %1039, ptr %acc010116, align 4
+  %1040 = load <8 x float>, ptr %acc011117, align 4
   %1041 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1037, <8 x float> %b1131, <8 x float> %1040)
-  store <8 x float> %1041, ptr %acc21119, align 4
-  %1042 = add nsw i64 %k127, 1
+  store <8 x float> %1041, ptr %acc011117, align 4
+  %1042 = getelementptr inbounds float, ptr %1006, i64 %1016
+  %1043 = load float, ptr %1042, align 4
+  %1044 = insertelement <8 x float> poison, float %1043, i32 0
+  %1045 = shufflevector <8 x float> %1044, <8 x float> poison, <8 x i32> zeroinitializer
+  %1046 = load <8 x float>, ptr %acc020118, align 4
+  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> %b0130, <8 x float> %1046)
+  store <8 x float> %1047, ptr %acc020118, align 4
+  %1048 = load <8 x float>, ptr %acc021119, align 4
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> %b1131, <8 x float> %1048)
+  store <8 x float> %1049, ptr %acc021119, align 4
+  %1050 = add nsw i64 %k127, 1
   br label %k.head124
 
 k.end126:                                         ; preds = %k.head124
-  %1043 = add nsw i64 %r0, 0
-  %1044 = getelementptr inbounds float, ptr %rw, i64 %1043
-  %1045 = load float, ptr %1044, align 4
-  %1046 = insertelement <8 x float> poison, float %1045, i32 0
-  %1047 = shufflevector <8 x float> %1046, <8 x float> poison, <8 x i32> zeroinitializer
-  %1048 = mul nsw i64 %1043, 2880
-  %1049 = getelementptr inbounds float, ptr %h, i64 %1048
+  %1051 = add nsw i64 %r0, 0
+  %1052 = getelementptr inbounds float, ptr %rw, i64 %1051
+  %1053 = load float, ptr %1052, align 4
+  %1054 = insertelement <8 x float> poison, float %1053, i32 0
+  %1055 = shufflevector <8 x float> %1054, <8 x float> poison, <8 x i32> zeroinitializer
+  %1056 = mul nsw i64 %1051, 2880
+  %1057 = getelementptr inbounds float, ptr %h, i64 %1056
   %col132 = mul nsw i64 %p, 8
-  %1050 = load <8 x float>, ptr %acc00114, align 4
-  %1051 = load <8 x float>, ptr %acc01115, align 4
-  %1052 = getelementptr inbounds float, ptr %bg, i64 %col132
-  %1053 = load <8 x float>, ptr %1052, align 4
-  %1054 = fadd <8 x float> %1050, %1053
-  %1055 = getelementptr inbounds float, ptr %bu, i64 %col132
-  %1056 = load <8 x float>, ptr %1055, align 4
-  %1057 = fadd <8 x float> %1051, %1056
-  %1058 = fcmp olt <8 x float> %1054, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1059 = select <8 x i1> %1058, <8 x float> %1054, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1060 = fcmp olt <8 x float> %1057, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1061 = select <8 x i1> %1060, <8 x float> %1057, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1062 = fcmp ogt <8 x float> %1061, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1063 = select <8 x i1> %1062, <8 x float> %1061, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1064 = fmul <8 x float> %1059, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1065 = fneg <8 x float> %1064
-  %1066 = fcmp olt <8 x float> %1065, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1067 = select <8 x i1> %1066, <8 x float> %1065, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1068 = fcmp ogt <8 x float> %1067, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1069 = select <8 x i1> %1068, <8 x float> %1067, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1071 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1070)
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1069)
-  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1072)
-  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1073, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1073, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1073, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1073, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1073, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1079 = fmul <8 x float> %1073, %1073
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1078, <8 x float> %1079, <8 x float> %1073)
-  %1081 = fadd <8 x float> %1080, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1082 = fptosi <8 x float> %1071 to <8 x i32>
-  %1083 = add <8 x i32> %1082, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1084 = shl <8 x i32> %1083, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n133 = bitcast <8 x i32> %1084 to <8 x float>
-  %exp134 = fmul <8 x float> %1081, %exp.2n133
-  %1085 = fadd <8 x float> %exp134, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid135 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1085
-  %1086 = fmul <8 x float> %1059, %sigmoid135
-  %1087 = fadd <8 x float> %1063, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai136 = fmul <8 x float> %1086, %1087
-  %1088 = fmul <8 x float> %oai136, %1047
-  %1089 = getelementptr inbounds float, ptr %1049, i64 %col132
-  store <8 x float> %1088, ptr %1089, align 4
-  %1090 = add nsw i64 %r0, 1
-  %1091 = getelementptr inbounds float, ptr %rw, i64 %1090
-  %1092 = load float, ptr %1091, align 4
-  %1093 = insertelement <8 x float> poison, float %1092, i32 0
-  %1094 = shufflevector <8 x float> %1093, <8 x float> poison, <8 x i32> zeroinitializer
-  %1095 = mul nsw i64 %1090, 2880
-  %1096 = getelementptr inbounds float, ptr %h, i64 %1095
+  %1058 = load <8 x float>, ptr %acc000114, align 4
+  %1059 = load <8 x float>, ptr %acc001115, align 4
+  %1060 = getelementptr inbounds float, ptr %bg, i64 %col132
+  %1061 = load <8 x float>, ptr %1060, align 4
+  %1062 = fadd <8 x float> %1058, %1061
+  %1063 = getelementptr inbounds float, ptr %bu, i64 %col132
+  %1064 = load <8 x float>, ptr %1063, align 4
+  %1065 = fadd <8 x float> %1059, %1064
+  %1066 = fcmp olt <8 x float> %1062, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1067 = select <8 x i1> %1066, <8 x float> %1062, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1068 = fcmp olt <8 x float> %1065, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1069 = select <8 x i1> %1068, <8 x float> %1065, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1070 = fcmp ogt <8 x float> %1069, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1071 = select <8 x i1> %1070, <8 x float> %1069, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1072 = fmul <8 x float> %1067, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1073 = fneg <8 x float> %1072
+  %1074 = fcmp olt <8 x float> %1073, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1075 = select <8 x i1> %1074, <8 x float> %1073, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1076 = fcmp ogt <8 x float> %1075, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1077 = select <8 x i1> %1076, <8 x float> %1075, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1079 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1078)
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1079, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1077)
+  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1079, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1080)
+  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1081, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %1081, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %1081, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %1081, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1085, <8 x float> %1081, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1087 = fmul <8 x float> %1081, %1081
+  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1086, <8 x float> %1087, <8 x float> %1081)
+  %1089 = fadd <8 x float> %1088, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1090 = fptosi <8 x float> %1079 to <8 x i32>
+  %1091 = add <8 x i32> %1090, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1092 = shl <8 x i32> %1091, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n133 = bitcast <8 x i32> %1092 to <8 x float>
+  %exp134 = fmul <8 x float> %1089, %exp.2n133
+  %1093 = fadd <8 x float> %exp134, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid135 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1093
+  %1094 = fmul <8 x float> %1067, %sigmoid135
+  %1095 = fadd <8 x float> %1071, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai136 = fmul <8 x float> %1094, %1095
+  %1096 = fmul <8 x float> %oai136, %1055
+  %1097 = getelementptr inbounds float, ptr %1057, i64 %col132
+  store <8 x float> %1096, ptr %1097, align 4
+  %1098 = add nsw i64 %r0, 1
+  %1099 = getelementptr inbounds float, ptr %rw, i64 %1098
+  %1100 = load float, ptr %1099, align 4
+  %1101 = insertelement <8 x float> poison, float %1100, i32 0
+  %1102 = shufflevector <8 x float> %1101, <8 x float> poison, <8 x i32> zeroinitializer
+  %1103 = mul nsw i64 %1098, 2880
+  %1104 = getelementptr inbounds float, ptr %h, i64 %1103
   %col137 = mul nsw i64 %p, 8
-  %1097 = load <8 x float>, ptr %acc10116, align 4
-  %1098 = load <8 x float>, ptr %acc11117, align 4
-  %1099 = getelementptr inbounds float, ptr %bg, i64 %col137
-  %1100 = load <8 x float>, ptr %1099, align 4
-  %1101 = fadd <8 x float> %1097, %1100
-  %1102 = getelementptr inbounds float, ptr %bu, i64 %col137
-  %1103 = load <8 x float>, ptr %1102, align 4
-  %1104 = fadd <8 x float> %1098, %1103
-  %1105 = fcmp olt <8 x float> %1101, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1106 = select <8 x i1> %1105, <8 x float> %1101, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1107 = fcmp olt <8 x float> %1104, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1108 = select <8 x i1> %1107, <8 x float> %1104, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1109 = fcmp ogt <8 x float> %1108, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1110 = select <8 x i1> %1109, <8 x float> %1108, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1111 = fmul <8 x float> %1106, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1112 = fneg <8 x float> %1111
-  %1113 = fcmp olt <8 x float> %1112, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1114 = select <8 x i1> %1113, <8 x float> %1112, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1115 = fcmp ogt <8 x float> %1114, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1116 = select <8 x i1> %1115, <8 x float> %1114, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1118 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1117)
-  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1116)
-  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1119)
-  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1120, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1120, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1120, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1120, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> %1120, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1126 = fmul <8 x float> %1120, %1120
-  %1127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1125, <8 x float> %1126, <8 x float> %1120)
-  %1128 = fadd <8 x float> %1127, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1129 = fptosi <8 x float> %1118 to <8 x i32>
-  %1130 = add <8 x i32> %1129, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1131 = shl <8 x i32> %1130, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %1131 to <8 x float>
-  %exp139 = fmul <8 x float> %1128, %exp.2n138
-  %1132 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1132
-  %1133 = fmul <8 x float> %1106, %sigmoid140
-  %1134 = fadd <8 x float> %1110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai141 = fmul <8 x float> %1133, %1134
-  %1135 = fmul <8 x float> %oai141, %1094
-  %1136 = getelementptr inbounds float, ptr %1096, i64 %col137
-  store <8 x float> %1135, ptr %1136, align 4
-  %1137 = add nsw i64 %r0, 2
-  %1138 = getelementptr inbounds float, ptr %rw, i64 %1137
-  %1139 = load float, ptr %1138, align 4
-  %1140 = insertelement <8 x float> poison, float %1139, i32 0
-  %1141 = shufflevector <8 x float> %1140, <8 x float> poison, <8 x i32> zeroinitializer
-  %1142 = mul nsw i64 %1137, 2880
-  %1143 = getelementptr inbounds float, ptr %h, i64 %1142
+  %1105 = load <8 x float>, ptr %acc010116, align 4
+  %1106 = load <8 x float>, ptr %acc011117, align 4
+  %1107 = getelementptr inbounds float, ptr %bg, i64 %col137
+  %1108 = load <8 x float>, ptr %1107, align 4
+  %1109 = fadd <8 x float> %1105, %1108
+  %1110 = getelementptr inbounds float, ptr %bu, i64 %col137
+  %1111 = load <8 x float>, ptr %1110, align 4
+  %1112 = fadd <8 x float> %1106, %1111
+  %1113 = fcmp olt <8 x float> %1109, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1114 = select <8 x i1> %1113, <8 x float> %1109, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1115 = fcmp olt <8 x float> %1112, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1116 = select <8 x i1> %1115, <8 x float> %1112, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1117 = fcmp ogt <8 x float> %1116, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1118 = select <8 x i1> %1117, <8 x float> %1116, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1119 = fmul <8 x float> %1114, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1120 = fneg <8 x float> %1119
+  %1121 = fcmp olt <8 x float> %1120, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1122 = select <8 x i1> %1121, <8 x float> %1120, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1123 = fcmp ogt <8 x float> %1122, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1124 = select <8 x i1> %1123, <8 x float> %1122, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1126 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1125)
+  %1127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1124)
+  %1128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1127)
+  %1129 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1128, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1129, <8 x float> %1128, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1130, <8 x float> %1128, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1131, <8 x float> %1128, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1132, <8 x float> %1128, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1134 = fmul <8 x float> %1128, %1128
+  %1135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1133, <8 x float> %1134, <8 x float> %1128)
+  %1136 = fadd <8 x float> %1135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1137 = fptosi <8 x float> %1126 to <8 x i32>
+  %1138 = add <8 x i32> %1137, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1139 = shl <8 x i32> %1138, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n138 = bitcast <8 x i32> %1139 to <8 x float>
+  %exp139 = fmul <8 x float> %1136, %exp.2n138
+  %1140 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1140
+  %1141 = fmul <8 x float> %1114, %sigmoid140
+  %1142 = fadd <8 x float> %1118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai141 = fmul <8 x float> %1141, %1142
+  %1143 = fmul <8 x float> %oai141, %1102
+  %1144 = getelementptr inbounds float, ptr %1104, i64 %col137
+  store <8 x float> %1143, ptr %1144, align 4
+  %1145 = add nsw i64 %r0, 2
+  %1146 = getelementptr inbounds float, ptr %rw, i64 %1145
+  %1147 = load float, ptr %1146, align 4
+  %1148 = insertelement <8 x float> poison, float %1147, i32 0
+  %1149 = shufflevector <8 x float> %1148, <8 x float> poison, <8 x i32> zeroinitializer
+  %1150 = mul nsw i64 %1145, 2880
+  %1151 = getelementptr inbounds float, ptr %h, i64 %1150
   %col142 = mul nsw i64 %p, 8
-  %1144 = load <8 x float>, ptr %acc20118, align 4
-  %1145 = load <8 x float>, ptr %acc21119, align 4
-  %1146 = getelementptr inbounds float, ptr %bg, i64 %col142
-  %1147 = load <8 x float>, ptr %1146, align 4
-  %1148 = fadd <8 x float> %1144, %1147
-  %1149 = getelementptr inbounds float, ptr %bu, i64 %col142
-  %1150 = load <8 x float>, ptr %1149, align 4
-  %1151 = fadd <8 x float> %1145, %1150
-  %1152 = fcmp olt <8 x float> %1148, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1153 = select <8 x i1> %1152, <8 x float> %1148, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1154 = fcmp olt <8 x float> %1151, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1155 = select <8 x i1> %1154, <8 x float> %1151, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1156 = fcmp ogt <8 x float> %1155, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1157 = select <8 x i1> %1156, <8 x float> %1155, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1158 = fmul <8 x float> %1153, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1159 = fneg <8 x float> %1158
-  %1160 = fcmp olt <8 x float> %1159, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1161 = select <8 x i1> %1160, <8 x float> %1159, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1162 = fcmp ogt <8 x float> %1161, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1163 = select <8 x i1> %1162, <8 x float> %1161, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1163, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1165 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1164)
-  %1166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1165, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1163)
-  %1167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1165, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1166)
-  %1168 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1167, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1167, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1169, <8 x float> %1167, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1170, <8 x float> %1167, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1171, <8 x float> %1167, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1173 = fmul <8 x float> %1167, %1167
-  %1174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1172, <8 x float> %1173, <8 x float> %1167)
-  %1175 = fadd <8 x float> %1174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1176 = fptosi <8 x float> %1165 to <8 x i32>
-  %1177 = add <8 x i32> %1176, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1178 = shl <8 x i32> %1177, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %1178 to <8 x float>
-  %exp144 = fmul <8 x float> %1175, %exp.2n143
-  %1179 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1179
-  %1180 = fmul <8 x float> %1153, %sigmoid145
-  %1181 = fadd <8 x float> %1157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai146 = fmul <8 x float> %1180, %1181
-  %1182 = fmul <8 x float> %oai146, %1141
-  %1183 = getelementptr inbounds float, ptr %1143, i64 %col142
-  store <8 x float> %1182, ptr %1183, align 4
+  %1152 = load <8 x float>, ptr %acc020118, align 4
+  %1153 = load <8 x float>, ptr %acc021119, align 4
+  %1154 = getelementptr inbounds float, ptr %bg, i64 %col142
+  %1155 = load <8 x float>, ptr %1154, align 4
+  %1156 = fadd <8 x float> %1152, %1155
+  %1157 = getelementptr inbounds float, ptr %bu, i64 %col142
+  %1158 = load <8 x float>, ptr %1157, align 4
+  %1159 = fadd <8 x float> %1153, %1158
+  %1160 = fcmp olt <8 x float> %1156, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1161 = select <8 x i1> %1160, <8 x float> %1156, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1162 = fcmp olt <8 x float> %1159, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1163 = select <8 x i1> %1162, <8 x float> %1159, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1164 = fcmp ogt <8 x float> %1163, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1165 = select <8 x i1> %1164, <8 x float> %1163, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1166 = fmul <8 x float> %1161, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1167 = fneg <8 x float> %1166
+  %1168 = fcmp olt <8 x float> %1167, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1169 = select <8 x i1> %1168, <8 x float> %1167, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1170 = fcmp ogt <8 x float> %1169, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1171 = select <8 x i1> %1170, <8 x float> %1169, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1171, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1173 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1172)
+  %1174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1173, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1171)
+  %1175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1173, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1174)
+  %1176 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1175, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1176, <8 x float> %1175, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1177, <8 x float> %1175, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1178, <8 x float> %1175, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1179, <8 x float> %1175, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1181 = fmul <8 x float> %1175, %1175
+  %1182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1180, <8 x float> %1181, <8 x float> %1175)
+  %1183 = fadd <8 x float> %1182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1184 = fptosi <8 x float> %1173 to <8 x i32>
+  %1185 = add <8 x i32> %1184, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1186 = shl <8 x i32> %1185, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n143 = bitcast <8 x i32> %1186 to <8 x float>
+  %exp144 = fmul <8 x float> %1183, %exp.2n143
+  %1187 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1187
+  %1188 = fmul <8 x float> %1161, %sigmoid145
+  %1189 = fadd <8 x float> %1165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai146 = fmul <8 x float> %1188, %1189
+  %1190 = fmul <8 x float> %oai146, %1149
+  %1191 = getelementptr inbounds float, ptr %1151, i64 %col142
+  store <8 x float> %1190, ptr %1191, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %1184 = add nsw i64 %r0, 0
-  %1185 = getelementptr inbounds i32, ptr %rows, i64 %1184
-  %1186 = load i32, ptr %1185, align 4
-  %1187 = sext i32 %1186 to i64
-  %1188 = mul nsw i64 %1187, 2880
-  %1189 = getelementptr inbounds float, ptr %x, i64 %1188
-  store <8 x float> zeroinitializer, ptr %acc00147, align 4
-  store <8 x float> zeroinitializer, ptr %acc01148, align 4
-  %1190 = add nsw i64 %r0, 1
-  %1191 = getelementptr inbounds i32, ptr %rows, i64 %1190
-  %1192 = load i32, ptr %1191, align 4
-  %1193 = sext i32 %1192 to i64
-  %1194 = mul nsw i64 %1193, 2880
-  %1195 = getelementptr inbounds float, ptr %x, i64 %1194
-  store <8 x float> zeroinitializer, ptr %acc10149, align 4
-  store <8 x float> zeroinitializer, ptr %acc11150, align 4
+  %1192 = add nsw i64 %r0, 0
+  %1193 = getelementptr inbounds i32, ptr %rows, i64 %1192
+  %1194 = load i32, ptr %1193, align 4
+  %1195 = sext i32 %1194 to i64
+  %1196 = mul nsw i64 %1195, 2880
+  %1197 = getelementptr inbounds float, ptr %x, i64 %1196
+  store <8 x float> zeroinitializer, ptr %acc000147, align 4
+  store <8 x float> zeroinitializer, ptr %acc001148, align 4
+  %1198 = add nsw i64 %r0, 1
+  %1199 = getelementptr inbounds i32, ptr %rows, i64 %1198
+  %1200 = load i32, ptr %1199, align 4
+  %1201 = sext i32 %1200 to i64
+  %1202 = mul nsw i64 %1201, 2880
+  %1203 = getelementptr inbounds float, ptr %x, i64 %1202
+  store <8 x float> zeroinitializer, ptr %acc010149, align 4
+  store <8 x float> zeroinitializer, ptr %acc011150, align 4
   %panel.off151 = mul nsw i64 %p, 46080
-  %1196 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
-  %1197 = add nsw i64 %p, 1
-  %1198 = icmp slt i64 %1197, %p1
-  %pf.on152 = and i1 %pf.on, %1198
-  %1199 = mul nsw i64 %rb, 92160
-  %1200 = lshr i64 %1199, %11
-  %1201 = add nsw i64 92160, %1200
-  %1202 = getelementptr inbounds i8, ptr %1196, i64 %1201
-  %pf153 = select i1 %pf.on152, ptr %1202, ptr %1196
+  %1204 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
+  %1205 = add nsw i64 %p, 1
+  %1206 = icmp slt i64 %1205, %p1
+  %pf.on152 = and i1 %pf.on, %1206
+  %1207 = mul nsw i64 %rb, 92160
+  %1208 = lshr i64 %1207, %11
+  %1209 = add nsw i64 92160, %1208
+  %1210 = getelementptr inbounds i8, ptr %1204, i64 %1209
+  %pf153 = select i1 %pf.on152, ptr %1210, ptr %1204
   %pf.sh154 = select i1 %pf.on152, i64 %11, i64 0
   br label %k.head155
 
 k.head155:                                        ; preds = %pf.any.end160, %tile.mr2
-  %k158 = phi i64 [ 0, %tile.mr2 ], [ %1229, %pf.any.end160 ]
-  %1203 = icmp slt i64 %k158, 2880
-  br i1 %1203, label %k.body156, label %k.end157
+  %k158 = phi i64 [ 0, %tile.mr2 ], [ %1239, %pf.any.end160 ]
+  %1211 = icmp slt i64 %k158, 2880
+  br i1 %1211, label %k.body156, label %k.end157
 
 k.body156:                                        ; preds = %k.head155
-  %1204 = mul nsw i64 %k158, 16
-  %1205 = add nsw i64 %panel.off151, %1204
-  %1206 = mul nsw i64 %k158, 32
+  %1212 = mul nsw i64 %k158, 1
+  %1213 = add nsw i64 %1212, 0
+  %1214 = mul nsw i64 %1213, 32
   br i1 %pf.multi, label %pf.any.then159, label %pf.any.end160
 
 pf.any.then159:                                   ; preds = %k.body156
-  %1207 = lshr i64 %1206, %pf.sh154
-  %1208 = getelementptr inbounds i8, ptr %pf153, i64 %1207
-  call void @llvm.prefetch.p0(ptr %1208, i32 0, i32 2, i32 1)
+  %1215 = lshr i64 %1214, %pf.sh154
+  %1216 = getelementptr inbounds i8, ptr %pf153, i64 %1215
+  call void @llvm.prefetch.p0(ptr %1216, i32 0, i32 2, i32 1)
   br label %pf.any.end160
 
 pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
-  %1209 = getelementptr inbounds i16, ptr %panels, i64 %1205
-  %1210 = load <8 x i32>, ptr %1209, align 4
-  %1211 = shl <8 x i32> %1210, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %1211 to <8 x float>
-  %1212 = and <8 x i32> %1210, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %1212 to <8 x float>
-  %1213 = getelementptr inbounds float, ptr %1189, i64 %k158
-  %1214 = load float, ptr %1213, align 4
-  %1215 = insertelement <8 x float> poison, float %1214, i32 0
-  %1216 = shufflevector <8 x float> %1215, <8 x float> poison, <8 x i32> zeroinitializer
-  %1217 = load <8 x float>, ptr %acc00147, align 4
-  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %b0161, <8 x float> %1217)
-  store <8 x float> %1218, ptr %acc00147, align 4
-  %1219 = load <8 x float>, ptr %acc01148, align 4
-  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %b1162, <8 x float> %1219)
-  store <8 x float> %1220, ptr %acc01148, align 4
-  %1221 = getelementptr inbounds float, ptr %1195, i64 %k158
-  %1222 = load float, ptr %1221, align 4
-  %1223 = insertelement <8 x float> poison, float %1222, i32 0
-  %1224 = shufflevector <8 x float> %1223, <8 x float> poison, <8 x i32> zeroinitializer
-  %1225 = load <8 x float>, ptr %acc10149, align 4
-  %1226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1224, <8 x float> %b0161, <8 x float> %1225)
-  store <8 x float> %1226, ptr %acc10149, align 4
-  %1227 = load <8 x float>, ptr %acc11150, align 4
-  %1228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1224, <8 x float> %b1162, <8 x float> %1227)
-  store <8 x float> %1228, ptr %acc11150, align 4
-  %1229 = add nsw i64 %k158, 1
-  br label %k.head155
-
-k.end157:                                         ; preds = %k.head155
-  %1230 = add nsw i64 %r0, 0
-  %1231 = getelementptr inbounds float, ptr %rw, i64 %1230
+  %1217 = mul nsw i64 %1213, 16
+  %1218 = add nsw i64 %panel.off151, %1217
+  %1219 = getelementptr inbounds i16, ptr %panels, i64 %1218
+  %1220 = load <8 x i32>, ptr %1219, align 4
+  %1221 = shl <8 x i32> %1220, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %1221 to <8 x float>
+  %1222 = and <8 x i32> %1220, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %1222 to <8 x float>
+  %1223 = getelementptr inbounds float, ptr %1197, i64 %1213
+  %1224 = load float, ptr %1223, align 4
+  %1225 = insertelement <8 x float> poison, float %1224, i32 0
+  %1226 = shufflevector <8 x float> %1225, <8 x float> poison, <8 x i32> zeroinitializer
+  %1227 = load <8 x float>, ptr %acc000147, align 4
+  %1228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1226, <8 x float> %b0161, <8 x float> %1227)
+  store <8 x float> %1228, ptr %acc000147, align 4
+  %1229 = load <8 x float>, ptr %acc001148, align 4
+  %1230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1226, <8 x float> %b1162, <8 x float> %1229)
+  store <8 x float> %1230, ptr %acc001148, align 4
+  %1231 = getelementptr inbounds float, ptr %1203, i64 %1213
   %1232 = load float, ptr %1231, align 4
   %1233 = insertelement <8 x float> poison, float %1232, i32 0
   %1234 = shufflevector <8 x float> %1233, <8 x float> poison, <8 x i32> zeroinitializer
-  %1235 = mul nsw i64 %1230, 2880
-  %1236 = getelementptr inbounds float, ptr %h, i64 %1235
+  %1235 = load <8 x float>, ptr %acc010149, align 4
+  %1236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> %b0161, <8 x float> %1235)
+  store <8 x float> %1236, ptr %acc010149, align 4
+  %1237 = load <8 x float>, ptr %acc011150, align 4
+  %1238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> %b1162, <8 x float> %1237)
+  store <8 x float> %1238, ptr %acc011150, align 4
+  %1239 = add nsw i64 %k158, 1
+  br label %k.head155
+
+k.end157:                                         ; preds = %k.head155
+  %1240 = add nsw i64 %r0, 0
+  %1241 = getelementptr inbounds float, ptr %rw, i64 %1240
+  %1242 = load float, ptr %1241, align 4
+  %1243 = insertelement <8 x float> poison, float %1242, i32 0
+  %1244 = shufflevector <8 x float> %1243, <8 x float> poison, <8 x i32> zeroinitializer
+  %1245 = mul nsw i64 %1240, 2880
+  %1246 = getelementptr inbounds float, ptr %h, i64 %1245
   %col163 = mul nsw i64 %p, 8
-  %1237 = load <8 x float>, ptr %acc00147, align 4
-  %1238 = load <8 x float>, ptr %acc01148, align 4
-  %1239 = getelementptr inbounds float, ptr %bg, i64 %col163
-  %1240 = load <8 x float>, ptr %1239, align 4
-  %1241 = fadd <8 x float> %1237, %1240
-  %1242 = getelementptr inbounds float, ptr %bu, i64 %col163
-  %1243 = load <8 x float>, ptr %1242, align 4
-  %1244 = fadd <8 x float> %1238, %1243
-  %1245 = fcmp olt <8 x float> %1241, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1246 = select <8 x i1> %1245, <8 x float> %1241, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1247 = fcmp olt <8 x float> %1244, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1248 = select <8 x i1> %1247, <8 x float> %1244, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1249 = fcmp ogt <8 x float> %1248, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1250 = select <8 x i1> %1249, <8 x float> %1248, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1251 = fmul <8 x float> %1246, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1252 = fneg <8 x float> %1251
-  %1253 = fcmp olt <8 x float> %1252, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1254 = select <8 x i1> %1253, <8 x float> %1252, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1255 = fcmp ogt <8 x float> %1254, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1256 = select <8 x i1> %1255, <8 x float> %1254, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1256, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1258 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1257)
-  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1258, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1256)
-  %1260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1258, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1259)
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1260, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1261, <8 x float> %1260, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1262, <8 x float> %1260, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1263, <8 x float> %1260, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1264, <8 x float> %1260, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1266 = fmul <8 x float> %1260, %1260
-  %1267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1265, <8 x float> %1266, <8 x float> %1260)
-  %1268 = fadd <8 x float> %1267, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1269 = fptosi <8 x float> %1258 to <8 x i32>
-  %1270 = add <8 x i32> %1269, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1271 = shl <8 x i32> %1270, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n164 = bitcast <8 x i32> %1271 to <8 x float>
-  %exp165 = fmul <8 x float> %1268, %exp.2n164
-  %1272 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1272
-  %1273 = fmul <8 x float> %1246, %sigmoid166
-  %1274 = fadd <8 x float> %1250, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai167 = fmul <8 x float> %1273, %1274
-  %1275 = fmul <8 x float> %oai167, %1234
-  %1276 = getelementptr inbounds float, ptr %1236, i64 %col163
-  store <8 x float> %1275, ptr %1276, align 4
-  %1277 = add nsw i64 %r0, 1
-  %1278 = getelementptr inbounds float, ptr %rw, i64 %1277
-  %1279 = load float, ptr %1278, align 4
-  %1280 = insertelement <8 x float> poison, float %1279, i32 0
-  %1281 = shufflevector <8 x float> %1280, <8 x float> poison, <8 x i32> zeroinitializer
-  %1282 = mul nsw i64 %1277, 2880
-  %1283 = getelementptr inbounds float, ptr %h, i64 %1282
+  %1247 = load <8 x float>, ptr %acc000147, align 4
+  %1248 = load <8 x float>, ptr %acc001148, align 4
+  %1249 = getelementptr inbounds float, ptr %bg, i64 %col163
+  %1250 = load <8 x float>, ptr %1249, align 4
+  %1251 = fadd <8 x float> %1247, %1250
+  %1252 = getelementptr inbounds float, ptr %bu, i64 %col163
+  %1253 = load <8 x float>, ptr %1252, align 4
+  %1254 = fadd <8 x float> %1248, %1253
+  %1255 = fcmp olt <8 x float> %1251, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1256 = select <8 x i1> %1255, <8 x float> %1251, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1257 = fcmp olt <8 x float> %1254, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1258 = select <8 x i1> %1257, <8 x float> %1254, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1259 = fcmp ogt <8 x float> %1258, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1260 = select <8 x i1> %1259, <8 x float> %1258, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1261 = fmul <8 x float> %1256, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1262 = fneg <8 x float> %1261
+  %1263 = fcmp olt <8 x float> %1262, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1264 = select <8 x i1> %1263, <8 x float> %1262, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1265 = fcmp ogt <8 x float> %1264, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1266 = select <8 x i1> %1265, <8 x float> %1264, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1266, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1268 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1267)
+  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1268, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1266)
+  %1270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1268, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1269)
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1270, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1271, <8 x float> %1270, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> %1270, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1273, <8 x float> %1270, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1274, <8 x float> %1270, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1276 = fmul <8 x float> %1270, %1270
+  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %1276, <8 x float> %1270)
+  %1278 = fadd <8 x float> %1277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1279 = fptosi <8 x float> %1268 to <8 x i32>
+  %1280 = add <8 x i32> %1279, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1281 = shl <8 x i32> %1280, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n164 = bitcast <8 x i32> %1281 to <8 x float>
+  %exp165 = fmul <8 x float> %1278, %exp.2n164
+  %1282 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1282
+  %1283 = fmul <8 x float> %1256, %sigmoid166
+  %1284 = fadd <8 x float> %1260, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai167 = fmul <8 x float> %1283, %1284
+  %1285 = fmul <8 x float> %oai167, %1244
+  %1286 = getelementptr inbounds float, ptr %1246, i64 %col163
+  store <8 x float> %1285, ptr %1286, align 4
+  %1287 = add nsw i64 %r0, 1
+  %1288 = getelementptr inbounds float, ptr %rw, i64 %1287
+  %1289 = load float, ptr %1288, align 4
+  %1290 = insertelement <8 x float> poison, float %1289, i32 0
+  %1291 = shufflevector <8 x float> %1290, <8 x float> poison, <8 x i32> zeroinitializer
+  %1292 = mul nsw i64 %1287, 2880
+  %1293 = getelementptr inbounds float, ptr %h, i64 %1292
   %col168 = mul nsw i64 %p, 8
-  %1284 = load <8 x float>, ptr %acc10149, align 4
-  %1285 = load <8 x float>, ptr %acc11150, align 4
-  %1286 = getelementptr inbounds float, ptr %bg, i64 %col168
-  %1287 = load <8 x float>, ptr %1286, align 4
-  %1288 = fadd <8 x float> %1284, %1287
-  %1289 = getelementptr inbounds float, ptr %bu, i64 %col168
-  %1290 = load <8 x float>, ptr %1289, align 4
-  %1291 = fadd <8 x float> %1285, %1290
-  %1292 = fcmp olt <8 x float> %1288, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1293 = select <8 x i1> %1292, <8 x float> %1288, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1294 = fcmp olt <8 x float> %1291, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1295 = select <8 x i1> %1294, <8 x float> %1291, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1296 = fcmp ogt <8 x float> %1295, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1297 = select <8 x i1> %1296, <8 x float> %1295, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1298 = fmul <8 x float> %1293, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1299 = fneg <8 x float> %1298
-  %1300 = fcmp olt <8 x float> %1299, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1301 = select <8 x i1> %1300, <8 x float> %1299, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1302 = fcmp ogt <8 x float> %1301, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1303 = select <8 x i1> %1302, <8 x float> %1301, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1303, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1305 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1304)
-  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1303)
-  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1306)
-  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1307, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1307, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1307, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1307, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1307, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1313 = fmul <8 x float> %1307, %1307
-  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1313, <8 x float> %1307)
-  %1315 = fadd <8 x float> %1314, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1316 = fptosi <8 x float> %1305 to <8 x i32>
-  %1317 = add <8 x i32> %1316, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1318 = shl <8 x i32> %1317, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n169 = bitcast <8 x i32> %1318 to <8 x float>
-  %exp170 = fmul <8 x float> %1315, %exp.2n169
-  %1319 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1319
-  %1320 = fmul <8 x float> %1293, %sigmoid171
-  %1321 = fadd <8 x float> %1297, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai172 = fmul <8 x float> %1320, %1321
-  %1322 = fmul <8 x float> %oai172, %1281
-  %1323 = getelementptr inbounds float, ptr %1283, i64 %col168
-  store <8 x float> %1322, ptr %1323, align 4
+  %1294 = load <8 x float>, ptr %acc010149, align 4
+  %1295 = load <8 x float>, ptr %acc011150, align 4
+  %1296 = getelementptr inbounds float, ptr %bg, i64 %col168
+  %1297 = load <8 x float>, ptr %1296, align 4
+  %1298 = fadd <8 x float> %1294, %1297
+  %1299 = getelementptr inbounds float, ptr %bu, i64 %col168
+  %1300 = load <8 x float>, ptr %1299, align 4
+  %1301 = fadd <8 x float> %1295, %1300
+  %1302 = fcmp olt <8 x float> %1298, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1303 = select <8 x i1> %1302, <8 x float> %1298, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1304 = fcmp olt <8 x float> %1301, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1305 = select <8 x i1> %1304, <8 x float> %1301, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1306 = fcmp ogt <8 x float> %1305, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1307 = select <8 x i1> %1306, <8 x float> %1305, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1308 = fmul <8 x float> %1303, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1309 = fneg <8 x float> %1308
+  %1310 = fcmp olt <8 x float> %1309, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1311 = select <8 x i1> %1310, <8 x float> %1309, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1312 = fcmp ogt <8 x float> %1311, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1313 = select <8 x i1> %1312, <8 x float> %1311, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1315 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1314)
+  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1315, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1313)
+  %1317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1315, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1316)
+  %1318 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1317, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1318, <8 x float> %1317, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %1317, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1317, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1321, <8 x float> %1317, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1323 = fmul <8 x float> %1317, %1317
+  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %1323, <8 x float> %1317)
+  %1325 = fadd <8 x float> %1324, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1326 = fptosi <8 x float> %1315 to <8 x i32>
+  %1327 = add <8 x i32> %1326, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1328 = shl <8 x i32> %1327, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n169 = bitcast <8 x i32> %1328 to <8 x float>
+  %exp170 = fmul <8 x float> %1325, %exp.2n169
+  %1329 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1329
+  %1330 = fmul <8 x float> %1303, %sigmoid171
+  %1331 = fadd <8 x float> %1307, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai172 = fmul <8 x float> %1330, %1331
+  %1332 = fmul <8 x float> %oai172, %1291
+  %1333 = getelementptr inbounds float, ptr %1293, i64 %col168
+  store <8 x float> %1332, ptr %1333, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1324 = add nsw i64 %r0, 0
-  %1325 = getelementptr inbounds i32, ptr %rows, i64 %1324
-  %1326 = load i32, ptr %1325, align 4
-  %1327 = sext i32 %1326 to i64
-  %1328 = mul nsw i64 %1327, 2880
-  %1329 = getelementptr inbounds float, ptr %x, i64 %1328
-  store <8 x float> zeroinitializer, ptr %acc00173, align 4
-  store <8 x float> zeroinitializer, ptr %acc01174, align 4
+  %1334 = add nsw i64 %r0, 0
+  %1335 = getelementptr inbounds i32, ptr %rows, i64 %1334
+  %1336 = load i32, ptr %1335, align 4
+  %1337 = sext i32 %1336 to i64
+  %1338 = mul nsw i64 %1337, 2880
+  %1339 = getelementptr inbounds float, ptr %x, i64 %1338
+  store <8 x float> zeroinitializer, ptr %acc000173, align 4
+  store <8 x float> zeroinitializer, ptr %acc001174, align 4
   %panel.off175 = mul nsw i64 %p, 46080
-  %1330 = getelementptr inbounds i16, ptr %panels, i64 %panel.off175
-  %1331 = add nsw i64 %p, 1
-  %1332 = icmp slt i64 %1331, %p1
-  %pf.on176 = and i1 %pf.on, %1332
-  %1333 = mul nsw i64 %rb, 92160
-  %1334 = lshr i64 %1333, %11
-  %1335 = add nsw i64 92160, %1334
-  %1336 = getelementptr inbounds i8, ptr %1330, i64 %1335
-  %pf177 = select i1 %pf.on176, ptr %1336, ptr %1330
+  %1340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off175
+  %1341 = add nsw i64 %p, 1
+  %1342 = icmp slt i64 %1341, %p1
+  %pf.on176 = and i1 %pf.on, %1342
+  %1343 = mul nsw i64 %rb, 92160
+  %1344 = lshr i64 %1343, %11
+  %1345 = add nsw i64 92160, %1344
+  %1346 = getelementptr inbounds i8, ptr %1340, i64 %1345
+  %pf177 = select i1 %pf.on176, ptr %1346, ptr %1340
   %pf.sh178 = select i1 %pf.on176, i64 %11, i64 0
   br label %k.head179
 
 k.head179:                                        ; preds = %pf.any.end184, %tile.mr1
-  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1355, %pf.any.end184 ]
-  %1337 = icmp slt i64 %k182, 2880
-  br i1 %1337, label %k.body180, label %k.end181
+  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1367, %pf.any.end184 ]
+  %1347 = icmp slt i64 %k182, 2880
+  br i1 %1347, label %k.body180, label %k.end181
 
 k.body180:                                        ; preds = %k.head179
-  %1338 = mul nsw i64 %k182, 16
-  %1339 = add nsw i64 %panel.off175, %1338
-  %1340 = mul nsw i64 %k182, 32
+  %1348 = mul nsw i64 %k182, 1
+  %1349 = add nsw i64 %1348, 0
+  %1350 = mul nsw i64 %1349, 32
   br i1 %pf.multi, label %pf.any.then183, label %pf.any.end184
 
 pf.any.then183:                                   ; preds = %k.body180
-  %1341 = lshr i64 %1340, %pf.sh178
-  %1342 = getelementptr inbounds i8, ptr %pf177, i64 %1341
-  call void @llvm.prefetch.p0(ptr %1342, i32 0, i32 2, i32 1)
+  %1351 = lshr i64 %1350, %pf.sh178
+  %1352 = getelementptr inbounds i8, ptr %pf177, i64 %1351
+  call void @llvm.prefetch.p0(ptr %1352, i32 0, i32 2, i32 1)
   br label %pf.any.end184
 
 pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
-  %1343 = getelementptr inbounds i16, ptr %panels, i64 %1339
-  %1344 = load <8 x i32>, ptr %1343, align 4
-  %1345 = shl <8 x i32> %1344, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0185 = bitcast <8 x i32> %1345 to <8 x float>
-  %1346 = and <8 x i32> %1344, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1186 = bitcast <8 x i32> %1346 to <8 x float>
-  %1347 = getelementptr inbounds float, ptr %1329, i64 %k182
-  %1348 = load float, ptr %1347, align 4
-  %1349 = insertelement <8 x float> poison, float %1348, i32 0
-  %1350 = shufflevector <8 x float> %1349, <8 x float> poison, <8 x i32> zeroinitializer
-  %1351 = load <8 x float>, ptr %acc00173, align 4
-  %1352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %b0185, <8 x float> %1351)
-  store <8 x float> %1352, ptr %acc00173, align 4
-  %1353 = load <8 x float>, ptr %acc01174, align 4
-  %1354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1350, <8 x float> %b1186, <8 x float> %1353)
-  store <8 x float> %1354, ptr %acc01174, align 4
-  %1355 = add nsw i64 %k182, 1
+  %1353 = mul nsw i64 %1349, 16
+  %1354 = add nsw i64 %panel.off175, %1353
+  %1355 = getelementptr inbounds i16, ptr %panels, i64 %1354
+  %1356 = load <8 x i32>, ptr %1355, align 4
+  %1357 = shl <8 x i32> %1356, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0185 = bitcast <8 x i32> %1357 to <8 x float>
+  %1358 = and <8 x i32> %1356, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1186 = bitcast <8 x i32> %1358 to <8 x float>
+  %1359 = getelementptr inbounds float, ptr %1339, i64 %1349
+  %1360 = load float, ptr %1359, align 4
+  %1361 = insertelement <8 x float> poison, float %1360, i32 0
+  %1362 = shufflevector <8 x float> %1361, <8 x float> poison, <8 x i32> zeroinitializer
+  %1363 = load <8 x float>, ptr %acc000173, align 4
+  %1364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %b0185, <8 x float> %1363)
+  store <8 x float> %1364, ptr %acc000173, align 4
+  %1365 = load <8 x float>, ptr %acc001174, align 4
+  %1366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %b1186, <8 x float> %1365)
+  store <8 x float> %1366, ptr %acc001174, align 4
+  %1367 = add nsw i64 %k182, 1
   br label %k.head179
 
 k.end181:                                         ; preds = %k.head179
-  %1356 = add nsw i64 %r0, 0
-  %1357 = getelementptr inbounds float, ptr %rw, i64 %1356
-  %1358 = load float, ptr %1357, align 4
-  %1359 = insertelement <8 x float> poison, float %1358, i32 0
-  %1360 = shufflevector <8 x float> %1359, <8 x float> poison, <8 x i32> zeroinitializer
-  %1361 = mul nsw i64 %1356, 2880
-  %1362 = getelementptr inbounds float, ptr %h, i64 %1361
+  %1368 = add nsw i64 %r0, 0
+  %1369 = getelementptr inbounds float, ptr %rw, i64 %1368
+  %1370 = load float, ptr %1369, align 4
+  %1371 = insertelement <8 x float> poison, float %1370, i32 0
+  %1372 = shufflevector <8 x float> %1371, <8 x float> poison, <8 x i32> zeroinitializer
+  %1373 = mul nsw i64 %1368, 2880
+  %1374 = getelementptr inbounds float, ptr %h, i64 %1373
   %col187 = mul nsw i64 %p, 8
-  %1363 = load <8 x float>, ptr %acc00173, align 4
-  %1364 = load <8 x float>, ptr %acc01174, align 4
-  %1365 = getelementptr inbounds float, ptr %bg, i64 %col187
-  %1366 = load <8 x float>, ptr %1365, align 4
-  %1367 = fadd <8 x float> %1363, %1366
-  %1368 = getelementptr inbounds float, ptr %bu, i64 %col187
-  %1369 = load <8 x float>, ptr %1368, align 4
-  %1370 = fadd <8 x float> %1364, %1369
-  %1371 = fcmp olt <8 x float> %1367, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1372 = select <8 x i1> %1371, <8 x float> %1367, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1373 = fcmp olt <8 x float> %1370, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1374 = select <8 x i1> %1373, <8 x float> %1370, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1375 = fcmp ogt <8 x float> %1374, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1376 = select <8 x i1> %1375, <8 x float> %1374, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1377 = fmul <8 x float> %1372, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1378 = fneg <8 x float> %1377
-  %1379 = fcmp olt <8 x float> %1378, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1380 = select <8 x i1> %1379, <8 x float> %1378, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1381 = fcmp ogt <8 x float> %1380, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1382 = select <8 x i1> %1381, <8 x float> %1380, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1382, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1384 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1383)
-  %1385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1384, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1382)
-  %1386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1384, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1385)
-  %1387 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1386, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1387, <8 x float> %1386, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1388, <8 x float> %1386, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1389, <8 x float> %1386, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1386, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1392 = fmul <8 x float> %1386, %1386
-  %1393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1391, <8 x float> %1392, <8 x float> %1386)
-  %1394 = fadd <8 x float> %1393, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1395 = fptosi <8 x float> %1384 to <8 x i32>
-  %1396 = add <8 x i32> %1395, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1397 = shl <8 x i32> %1396, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n188 = bitcast <8 x i32> %1397 to <8 x float>
-  %exp189 = fmul <8 x float> %1394, %exp.2n188
-  %1398 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1398
-  %1399 = fmul <8 x float> %1372, %sigmoid190
-  %1400 = fadd <8 x float> %1376, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai191 = fmul <8 x float> %1399, %1400
-  %1401 = fmul <8 x float> %oai191, %1360
-  %1402 = getelementptr inbounds float, ptr %1362, i64 %col187
-  store <8 x float> %1401, ptr %1402, align 4
+  %1375 = load <8 x float>, ptr %acc000173, align 4
+  %1376 = load <8 x float>, ptr %acc001174, align 4
+  %1377 = getelementptr inbounds float, ptr %bg, i64 %col187
+  %1378 = load <8 x float>, ptr %1377, align 4
+  %1379 = fadd <8 x float> %1375, %1378
+  %1380 = getelementptr inbounds float, ptr %bu, i64 %col187
+  %1381 = load <8 x float>, ptr %1380, align 4
+  %1382 = fadd <8 x float> %1376, %1381
+  %1383 = fcmp olt <8 x float> %1379, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1384 = select <8 x i1> %1383, <8 x float> %1379, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1385 = fcmp olt <8 x float> %1382, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1386 = select <8 x i1> %1385, <8 x float> %1382, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1387 = fcmp ogt <8 x float> %1386, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1388 = select <8 x i1> %1387, <8 x float> %1386, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1389 = fmul <8 x float> %1384, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1390 = fneg <8 x float> %1389
+  %1391 = fcmp olt <8 x float> %1390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1392 = select <8 x i1> %1391, <8 x float> %1390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1393 = fcmp ogt <8 x float> %1392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1394 = select <8 x i1> %1393, <8 x float> %1392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1395)
+  %1397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1394)
+  %1398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1397)
+  %1399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1399, <8 x float> %1398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1400, <8 x float> %1398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1401, <8 x float> %1398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1402, <8 x float> %1398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1404 = fmul <8 x float> %1398, %1398
+  %1405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1403, <8 x float> %1404, <8 x float> %1398)
+  %1406 = fadd <8 x float> %1405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1407 = fptosi <8 x float> %1396 to <8 x i32>
+  %1408 = add <8 x i32> %1407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1409 = shl <8 x i32> %1408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n188 = bitcast <8 x i32> %1409 to <8 x float>
+  %exp189 = fmul <8 x float> %1406, %exp.2n188
+  %1410 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1410
+  %1411 = fmul <8 x float> %1384, %sigmoid190
+  %1412 = fadd <8 x float> %1388, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai191 = fmul <8 x float> %1411, %1412
+  %1413 = fmul <8 x float> %oai191, %1372
+  %1414 = getelementptr inbounds float, ptr %1374, i64 %col187
+  store <8 x float> %1413, ptr %1414, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end181, %k.end157, %k.end126, %k.end88, %k.end43, %k.end
-  %1403 = add nsw i64 %rb, 1
+  %1415 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1404 = add nsw i64 %p, 1
+  %1416 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2782,48 +2794,48 @@ declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc003 = alloca <8 x float>, align 32
-  %acc014 = alloca <8 x float>, align 32
-  %acc105 = alloca <8 x float>, align 32
-  %acc116 = alloca <8 x float>, align 32
-  %acc207 = alloca <8 x float>, align 32
-  %acc218 = alloca <8 x float>, align 32
-  %acc309 = alloca <8 x float>, align 32
-  %acc3110 = alloca <8 x float>, align 32
-  %acc4011 = alloca <8 x float>, align 32
-  %acc4112 = alloca <8 x float>, align 32
-  %acc0026 = alloca <8 x float>, align 32
-  %acc0127 = alloca <8 x float>, align 32
-  %acc1028 = alloca <8 x float>, align 32
-  %acc1129 = alloca <8 x float>, align 32
-  %acc2030 = alloca <8 x float>, align 32
-  %acc2131 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc2051 = alloca <8 x float>, align 32
-  %acc2152 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc0083 = alloca <8 x float>, align 32
-  %acc0184 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0003 = alloca <8 x float>, align 32
+  %acc0014 = alloca <8 x float>, align 32
+  %acc0105 = alloca <8 x float>, align 32
+  %acc0116 = alloca <8 x float>, align 32
+  %acc0207 = alloca <8 x float>, align 32
+  %acc0218 = alloca <8 x float>, align 32
+  %acc0309 = alloca <8 x float>, align 32
+  %acc03110 = alloca <8 x float>, align 32
+  %acc04011 = alloca <8 x float>, align 32
+  %acc04112 = alloca <8 x float>, align 32
+  %acc00026 = alloca <8 x float>, align 32
+  %acc00127 = alloca <8 x float>, align 32
+  %acc01028 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc02030 = alloca <8 x float>, align 32
+  %acc02131 = alloca <8 x float>, align 32
+  %acc03032 = alloca <8 x float>, align 32
+  %acc03133 = alloca <8 x float>, align 32
+  %acc00047 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01049 = alloca <8 x float>, align 32
+  %acc01150 = alloca <8 x float>, align 32
+  %acc02051 = alloca <8 x float>, align 32
+  %acc02152 = alloca <8 x float>, align 32
+  %acc00066 = alloca <8 x float>, align 32
+  %acc00167 = alloca <8 x float>, align 32
+  %acc01068 = alloca <8 x float>, align 32
+  %acc01169 = alloca <8 x float>, align 32
+  %acc00083 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2832,7 +2844,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %901, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %913, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2842,7 +2854,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %900, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %912, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -2883,10 +2895,10 @@ tile.mr6:                                         ; preds = %rb.body
   %22 = getelementptr inbounds float, ptr %y, i64 %21
   %23 = add nsw i64 %col, 0
   %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
   %25 = add nsw i64 %col, 8
   %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %27 = add nsw i64 %r0, 1
   %28 = mul nsw i64 %27, 2880
   %29 = getelementptr inbounds float, ptr %h, i64 %28
@@ -2897,10 +2909,10 @@ tile.mr6:                                         ; preds = %rb.body
   %34 = getelementptr inbounds float, ptr %y, i64 %33
   %35 = add nsw i64 %col, 0
   %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
   %37 = add nsw i64 %col, 8
   %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %39 = add nsw i64 %r0, 2
   %40 = mul nsw i64 %39, 2880
   %41 = getelementptr inbounds float, ptr %h, i64 %40
@@ -2911,10 +2923,10 @@ tile.mr6:                                         ; preds = %rb.body
   %46 = getelementptr inbounds float, ptr %y, i64 %45
   %47 = add nsw i64 %col, 0
   %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
   %49 = add nsw i64 %col, 8
   %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %51 = add nsw i64 %r0, 3
   %52 = mul nsw i64 %51, 2880
   %53 = getelementptr inbounds float, ptr %h, i64 %52
@@ -2925,10 +2937,10 @@ tile.mr6:                                         ; preds = %rb.body
   %58 = getelementptr inbounds float, ptr %y, i64 %57
   %59 = add nsw i64 %col, 0
   %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
   %61 = add nsw i64 %col, 8
   %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %63 = add nsw i64 %r0, 4
   %64 = mul nsw i64 %63, 2880
   %65 = getelementptr inbounds float, ptr %h, i64 %64
@@ -2939,10 +2951,10 @@ tile.mr6:                                         ; preds = %rb.body
   %70 = getelementptr inbounds float, ptr %y, i64 %69
   %71 = add nsw i64 %col, 0
   %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
   %73 = add nsw i64 %col, 8
   %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %75 = add nsw i64 %r0, 5
   %76 = mul nsw i64 %75, 2880
   %77 = getelementptr inbounds float, ptr %h, i64 %76
@@ -2953,10 +2965,10 @@ tile.mr6:                                         ; preds = %rb.body
   %82 = getelementptr inbounds float, ptr %y, i64 %81
   %83 = add nsw i64 %col, 0
   %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
   %85 = add nsw i64 %col, 8
   %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 46080
   %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %88 = add nsw i64 %p, 1
@@ -2971,14 +2983,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %154, %pf.any.end ]
   %94 = icmp slt i64 %k, 2880
   br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 16
-  %96 = add nsw i64 %panel.off, %95
-  %97 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 1
+  %96 = add nsw i64 %95, 0
+  %97 = mul nsw i64 %96, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -2988,1068 +3000,1080 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %17, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %41, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %53, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %65, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %77, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %100 = mul nsw i64 %96, 16
+  %101 = add nsw i64 %panel.off, %100
+  %102 = getelementptr inbounds i16, ptr %panels, i64 %101
+  %103 = load <8 x i32>, ptr %102, align 4
+  %104 = shl <8 x i32> %103, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %104 to <8 x float>
+  %105 = and <8 x i32> %103, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %105 to <8 x float>
+  %106 = getelementptr inbounds float, ptr %17, i64 %96
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc000, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc000, align 4
+  %112 = load <8 x float>, ptr %acc001, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc001, align 4
+  %114 = getelementptr inbounds float, ptr %29, i64 %96
+  %115 = load float, ptr %114, align 4
+  %116 = insertelement <8 x float> poison, float %115, i32 0
+  %117 = shufflevector <8 x float> %116, <8 x float> poison, <8 x i32> zeroinitializer
+  %118 = load <8 x float>, ptr %acc010, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b0, <8 x float> %118)
+  store <8 x float> %119, ptr %acc010, align 4
+  %120 = load <8 x float>, ptr %acc011, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b1, <8 x float> %120)
+  store <8 x float> %121, ptr %acc011, align 4
+  %122 = getelementptr inbounds float, ptr %41, i64 %96
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <8 x float> poison, float %123, i32 0
+  %125 = shufflevector <8 x float> %124, <8 x float> poison, <8 x i32> zeroinitializer
+  %126 = load <8 x float>, ptr %acc020, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b0, <8 x float> %126)
+  store <8 x float> %127, ptr %acc020, align 4
+  %128 = load <8 x float>, ptr %acc021, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b1, <8 x float> %128)
+  store <8 x float> %129, ptr %acc021, align 4
+  %130 = getelementptr inbounds float, ptr %53, i64 %96
+  %131 = load float, ptr %130, align 4
+  %132 = insertelement <8 x float> poison, float %131, i32 0
+  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
+  %134 = load <8 x float>, ptr %acc030, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b0, <8 x float> %134)
+  store <8 x float> %135, ptr %acc030, align 4
+  %136 = load <8 x float>, ptr %acc031, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b1, <8 x float> %136)
+  store <8 x float> %137, ptr %acc031, align 4
+  %138 = getelementptr inbounds float, ptr %65, i64 %96
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = load <8 x float>, ptr %acc040, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b0, <8 x float> %142)
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = load <8 x float>, ptr %acc041, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b1, <8 x float> %144)
+  store <8 x float> %145, ptr %acc041, align 4
+  %146 = getelementptr inbounds float, ptr %77, i64 %96
+  %147 = load float, ptr %146, align 4
+  %148 = insertelement <8 x float> poison, float %147, i32 0
+  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
+  %150 = load <8 x float>, ptr %acc050, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b0, <8 x float> %150)
+  store <8 x float> %151, ptr %acc050, align 4
+  %152 = load <8 x float>, ptr %acc051, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b1, <8 x float> %152)
+  store <8 x float> %153, ptr %acc051, align 4
+  %154 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = add nsw i64 %r0, 0
-  %154 = getelementptr inbounds float, ptr %rw, i64 %153
-  %155 = load float, ptr %154, align 4
-  %156 = insertelement <8 x float> poison, float %155, i32 0
-  %157 = shufflevector <8 x float> %156, <8 x float> poison, <8 x i32> zeroinitializer
-  %158 = load <8 x float>, ptr %acc00, align 4
-  %159 = add nsw i64 %col, 0
-  %160 = getelementptr inbounds float, ptr %bd, i64 %159
-  %161 = load <8 x float>, ptr %160, align 4
-  %162 = fmul <8 x float> %161, %157
-  %163 = fadd <8 x float> %158, %162
-  store <8 x float> %163, ptr %24, align 4
-  %164 = load <8 x float>, ptr %acc01, align 4
-  %165 = add nsw i64 %col, 8
-  %166 = getelementptr inbounds float, ptr %bd, i64 %165
-  %167 = load <8 x float>, ptr %166, align 4
-  %168 = fmul <8 x float> %167, %157
-  %169 = fadd <8 x float> %164, %168
-  store <8 x float> %169, ptr %26, align 4
-  %170 = add nsw i64 %r0, 1
-  %171 = getelementptr inbounds float, ptr %rw, i64 %170
-  %172 = load float, ptr %171, align 4
-  %173 = insertelement <8 x float> poison, float %172, i32 0
-  %174 = shufflevector <8 x float> %173, <8 x float> poison, <8 x i32> zeroinitializer
-  %175 = load <8 x float>, ptr %acc10, align 4
-  %176 = add nsw i64 %col, 0
-  %177 = getelementptr inbounds float, ptr %bd, i64 %176
-  %178 = load <8 x float>, ptr %177, align 4
-  %179 = fmul <8 x float> %178, %174
-  %180 = fadd <8 x float> %175, %179
-  store <8 x float> %180, ptr %36, align 4
-  %181 = load <8 x float>, ptr %acc11, align 4
-  %182 = add nsw i64 %col, 8
-  %183 = getelementptr inbounds float, ptr %bd, i64 %182
-  %184 = load <8 x float>, ptr %183, align 4
-  %185 = fmul <8 x float> %184, %174
-  %186 = fadd <8 x float> %181, %185
-  store <8 x float> %186, ptr %38, align 4
-  %187 = add nsw i64 %r0, 2
-  %188 = getelementptr inbounds float, ptr %rw, i64 %187
-  %189 = load float, ptr %188, align 4
-  %190 = insertelement <8 x float> poison, float %189, i32 0
-  %191 = shufflevector <8 x float> %190, <8 x float> poison, <8 x i32> zeroinitializer
-  %192 = load <8 x float>, ptr %acc20, align 4
-  %193 = add nsw i64 %col, 0
-  %194 = getelementptr inbounds float, ptr %bd, i64 %193
-  %195 = load <8 x float>, ptr %194, align 4
-  %196 = fmul <8 x float> %195, %191
-  %197 = fadd <8 x float> %192, %196
-  store <8 x float> %197, ptr %48, align 4
-  %198 = load <8 x float>, ptr %acc21, align 4
-  %199 = add nsw i64 %col, 8
-  %200 = getelementptr inbounds float, ptr %bd, i64 %199
-  %201 = load <8 x float>, ptr %200, align 4
-  %202 = fmul <8 x float> %201, %191
-  %203 = fadd <8 x float> %198, %202
-  store <8 x float> %203, ptr %50, align 4
-  %204 = add nsw i64 %r0, 3
-  %205 = getelementptr inbounds float, ptr %rw, i64 %204
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc30, align 4
-  %210 = add nsw i64 %col, 0
-  %211 = getelementptr inbounds float, ptr %bd, i64 %210
-  %212 = load <8 x float>, ptr %211, align 4
-  %213 = fmul <8 x float> %212, %208
-  %214 = fadd <8 x float> %209, %213
-  store <8 x float> %214, ptr %60, align 4
-  %215 = load <8 x float>, ptr %acc31, align 4
-  %216 = add nsw i64 %col, 8
-  %217 = getelementptr inbounds float, ptr %bd, i64 %216
-  %218 = load <8 x float>, ptr %217, align 4
-  %219 = fmul <8 x float> %218, %208
-  %220 = fadd <8 x float> %215, %219
-  store <8 x float> %220, ptr %62, align 4
-  %221 = add nsw i64 %r0, 4
-  %222 = getelementptr inbounds float, ptr %rw, i64 %221
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc40, align 4
-  %227 = add nsw i64 %col, 0
-  %228 = getelementptr inbounds float, ptr %bd, i64 %227
-  %229 = load <8 x float>, ptr %228, align 4
-  %230 = fmul <8 x float> %229, %225
-  %231 = fadd <8 x float> %226, %230
-  store <8 x float> %231, ptr %72, align 4
-  %232 = load <8 x float>, ptr %acc41, align 4
-  %233 = add nsw i64 %col, 8
-  %234 = getelementptr inbounds float, ptr %bd, i64 %233
-  %235 = load <8 x float>, ptr %234, align 4
-  %236 = fmul <8 x float> %235, %225
-  %237 = fadd <8 x float> %232, %236
-  store <8 x float> %237, ptr %74, align 4
-  %238 = add nsw i64 %r0, 5
-  %239 = getelementptr inbounds float, ptr %rw, i64 %238
-  %240 = load float, ptr %239, align 4
-  %241 = insertelement <8 x float> poison, float %240, i32 0
-  %242 = shufflevector <8 x float> %241, <8 x float> poison, <8 x i32> zeroinitializer
-  %243 = load <8 x float>, ptr %acc50, align 4
-  %244 = add nsw i64 %col, 0
-  %245 = getelementptr inbounds float, ptr %bd, i64 %244
-  %246 = load <8 x float>, ptr %245, align 4
-  %247 = fmul <8 x float> %246, %242
-  %248 = fadd <8 x float> %243, %247
-  store <8 x float> %248, ptr %84, align 4
-  %249 = load <8 x float>, ptr %acc51, align 4
-  %250 = add nsw i64 %col, 8
-  %251 = getelementptr inbounds float, ptr %bd, i64 %250
-  %252 = load <8 x float>, ptr %251, align 4
-  %253 = fmul <8 x float> %252, %242
-  %254 = fadd <8 x float> %249, %253
-  store <8 x float> %254, ptr %86, align 4
+  %155 = add nsw i64 %r0, 0
+  %156 = getelementptr inbounds float, ptr %rw, i64 %155
+  %157 = load float, ptr %156, align 4
+  %158 = insertelement <8 x float> poison, float %157, i32 0
+  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
+  %160 = load <8 x float>, ptr %acc000, align 4
+  %161 = add nsw i64 %col, 0
+  %162 = getelementptr inbounds float, ptr %bd, i64 %161
+  %163 = load <8 x float>, ptr %162, align 4
+  %164 = fmul <8 x float> %163, %159
+  %165 = fadd <8 x float> %160, %164
+  store <8 x float> %165, ptr %24, align 4
+  %166 = load <8 x float>, ptr %acc001, align 4
+  %167 = add nsw i64 %col, 8
+  %168 = getelementptr inbounds float, ptr %bd, i64 %167
+  %169 = load <8 x float>, ptr %168, align 4
+  %170 = fmul <8 x float> %169, %159
+  %171 = fadd <8 x float> %166, %170
+  store <8 x float> %171, ptr %26, align 4
+  %172 = add nsw i64 %r0, 1
+  %173 = getelementptr inbounds float, ptr %rw, i64 %172
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = load <8 x float>, ptr %acc010, align 4
+  %178 = add nsw i64 %col, 0
+  %179 = getelementptr inbounds float, ptr %bd, i64 %178
+  %180 = load <8 x float>, ptr %179, align 4
+  %181 = fmul <8 x float> %180, %176
+  %182 = fadd <8 x float> %177, %181
+  store <8 x float> %182, ptr %36, align 4
+  %183 = load <8 x float>, ptr %acc011, align 4
+  %184 = add nsw i64 %col, 8
+  %185 = getelementptr inbounds float, ptr %bd, i64 %184
+  %186 = load <8 x float>, ptr %185, align 4
+  %187 = fmul <8 x float> %186, %176
+  %188 = fadd <8 x float> %183, %187
+  store <8 x float> %188, ptr %38, align 4
+  %189 = add nsw i64 %r0, 2
+  %190 = getelementptr inbounds float, ptr %rw, i64 %189
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = load <8 x float>, ptr %acc020, align 4
+  %195 = add nsw i64 %col, 0
+  %196 = getelementptr inbounds float, ptr %bd, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  %198 = fmul <8 x float> %197, %193
+  %199 = fadd <8 x float> %194, %198
+  store <8 x float> %199, ptr %48, align 4
+  %200 = load <8 x float>, ptr %acc021, align 4
+  %201 = add nsw i64 %col, 8
+  %202 = getelementptr inbounds float, ptr %bd, i64 %201
+  %203 = load <8 x float>, ptr %202, align 4
+  %204 = fmul <8 x float> %203, %193
+  %205 = fadd <8 x float> %200, %204
+  store <8 x float> %205, ptr %50, align 4
+  %206 = add nsw i64 %r0, 3
+  %207 = getelementptr inbounds float, ptr %rw, i64 %206
+  %208 = load float, ptr %207, align 4
+  %209 = insertelement <8 x float> poison, float %208, i32 0
+  %210 = shufflevector <8 x float> %209, <8 x float> poison, <8 x i32> zeroinitializer
+  %211 = load <8 x float>, ptr %acc030, align 4
+  %212 = add nsw i64 %col, 0
+  %213 = getelementptr inbounds float, ptr %bd, i64 %212
+  %214 = load <8 x float>, ptr %213, align 4
+  %215 = fmul <8 x float> %214, %210
+  %216 = fadd <8 x float> %211, %215
+  store <8 x float> %216, ptr %60, align 4
+  %217 = load <8 x float>, ptr %acc031, align 4
+  %218 = add nsw i64 %col, 8
+  %219 = getelementptr inbounds float, ptr %bd, i64 %218
+  %220 = load <8 x float>, ptr %219, align 4
+  %221 = fmul <8 x float> %220, %210
+  %222 = fadd <8 x float> %217, %221
+  store <8 x float> %222, ptr %62, align 4
+  %223 = add nsw i64 %r0, 4
+  %224 = getelementptr inbounds float, ptr %rw, i64 %223
+  %225 = load float, ptr %224, align 4
+  %226 = insertelement <8 x float> poison, float %225, i32 0
+  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
+  %228 = load <8 x float>, ptr %acc040, align 4
+  %229 = add nsw i64 %col, 0
+  %230 = getelementptr inbounds float, ptr %bd, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  %232 = fmul <8 x float> %231, %227
+  %233 = fadd <8 x float> %228, %232
+  store <8 x float> %233, ptr %72, align 4
+  %234 = load <8 x float>, ptr %acc041, align 4
+  %235 = add nsw i64 %col, 8
+  %236 = getelementptr inbounds float, ptr %bd, i64 %235
+  %237 = load <8 x float>, ptr %236, align 4
+  %238 = fmul <8 x float> %237, %227
+  %239 = fadd <8 x float> %234, %238
+  store <8 x float> %239, ptr %74, align 4
+  %240 = add nsw i64 %r0, 5
+  %241 = getelementptr inbounds float, ptr %rw, i64 %240
+  %242 = load float, ptr %241, align 4
+  %243 = insertelement <8 x float> poison, float %242, i32 0
+  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
+  %245 = load <8 x float>, ptr %acc050, align 4
+  %246 = add nsw i64 %col, 0
+  %247 = getelementptr inbounds float, ptr %bd, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = fmul <8 x float> %248, %244
+  %250 = fadd <8 x float> %245, %249
+  store <8 x float> %250, ptr %84, align 4
+  %251 = load <8 x float>, ptr %acc051, align 4
+  %252 = add nsw i64 %col, 8
+  %253 = getelementptr inbounds float, ptr %bd, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %255 = fmul <8 x float> %254, %244
+  %256 = fadd <8 x float> %251, %255
+  store <8 x float> %256, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %255 = add nsw i64 %r0, 0
-  %256 = mul nsw i64 %255, 2880
-  %257 = getelementptr inbounds float, ptr %h, i64 %256
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %255
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 2880
-  %262 = getelementptr inbounds float, ptr %y, i64 %261
-  %263 = add nsw i64 %col2, 0
-  %264 = getelementptr inbounds float, ptr %262, i64 %263
-  store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %265 = add nsw i64 %col2, 8
-  %266 = getelementptr inbounds float, ptr %262, i64 %265
-  store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %267 = add nsw i64 %r0, 1
-  %268 = mul nsw i64 %267, 2880
-  %269 = getelementptr inbounds float, ptr %h, i64 %268
-  %270 = getelementptr inbounds i32, ptr %rows, i64 %267
-  %271 = load i32, ptr %270, align 4
-  %272 = sext i32 %271 to i64
-  %273 = mul nsw i64 %272, 2880
-  %274 = getelementptr inbounds float, ptr %y, i64 %273
-  %275 = add nsw i64 %col2, 0
-  %276 = getelementptr inbounds float, ptr %274, i64 %275
-  store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %277 = add nsw i64 %col2, 8
-  %278 = getelementptr inbounds float, ptr %274, i64 %277
-  store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %279 = add nsw i64 %r0, 2
-  %280 = mul nsw i64 %279, 2880
-  %281 = getelementptr inbounds float, ptr %h, i64 %280
-  %282 = getelementptr inbounds i32, ptr %rows, i64 %279
-  %283 = load i32, ptr %282, align 4
-  %284 = sext i32 %283 to i64
-  %285 = mul nsw i64 %284, 2880
-  %286 = getelementptr inbounds float, ptr %y, i64 %285
-  %287 = add nsw i64 %col2, 0
-  %288 = getelementptr inbounds float, ptr %286, i64 %287
-  store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %289 = add nsw i64 %col2, 8
-  %290 = getelementptr inbounds float, ptr %286, i64 %289
-  store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %291 = add nsw i64 %r0, 3
-  %292 = mul nsw i64 %291, 2880
-  %293 = getelementptr inbounds float, ptr %h, i64 %292
-  %294 = getelementptr inbounds i32, ptr %rows, i64 %291
-  %295 = load i32, ptr %294, align 4
-  %296 = sext i32 %295 to i64
-  %297 = mul nsw i64 %296, 2880
-  %298 = getelementptr inbounds float, ptr %y, i64 %297
-  %299 = add nsw i64 %col2, 0
-  %300 = getelementptr inbounds float, ptr %298, i64 %299
-  store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %301 = add nsw i64 %col2, 8
-  %302 = getelementptr inbounds float, ptr %298, i64 %301
-  store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %303 = add nsw i64 %r0, 4
-  %304 = mul nsw i64 %303, 2880
-  %305 = getelementptr inbounds float, ptr %h, i64 %304
-  %306 = getelementptr inbounds i32, ptr %rows, i64 %303
-  %307 = load i32, ptr %306, align 4
-  %308 = sext i32 %307 to i64
-  %309 = mul nsw i64 %308, 2880
-  %310 = getelementptr inbounds float, ptr %y, i64 %309
-  %311 = add nsw i64 %col2, 0
-  %312 = getelementptr inbounds float, ptr %310, i64 %311
-  store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %313 = add nsw i64 %col2, 8
-  %314 = getelementptr inbounds float, ptr %310, i64 %313
-  store <8 x float> zeroinitializer, ptr %acc4112, align 4
+  %257 = add nsw i64 %r0, 0
+  %258 = mul nsw i64 %257, 2880
+  %259 = getelementptr inbounds float, ptr %h, i64 %258
+  %260 = getelementptr inbounds i32, ptr %rows, i64 %257
+  %261 = load i32, ptr %260, align 4
+  %262 = sext i32 %261 to i64
+  %263 = mul nsw i64 %262, 2880
+  %264 = getelementptr inbounds float, ptr %y, i64 %263
+  %265 = add nsw i64 %col2, 0
+  %266 = getelementptr inbounds float, ptr %264, i64 %265
+  store <8 x float> zeroinitializer, ptr %acc0003, align 4
+  %267 = add nsw i64 %col2, 8
+  %268 = getelementptr inbounds float, ptr %264, i64 %267
+  store <8 x float> zeroinitializer, ptr %acc0014, align 4
+  %269 = add nsw i64 %r0, 1
+  %270 = mul nsw i64 %269, 2880
+  %271 = getelementptr inbounds float, ptr %h, i64 %270
+  %272 = getelementptr inbounds i32, ptr %rows, i64 %269
+  %273 = load i32, ptr %272, align 4
+  %274 = sext i32 %273 to i64
+  %275 = mul nsw i64 %274, 2880
+  %276 = getelementptr inbounds float, ptr %y, i64 %275
+  %277 = add nsw i64 %col2, 0
+  %278 = getelementptr inbounds float, ptr %276, i64 %277
+  store <8 x float> zeroinitializer, ptr %acc0105, align 4
+  %279 = add nsw i64 %col2, 8
+  %280 = getelementptr inbounds float, ptr %276, i64 %279
+  store <8 x float> zeroinitializer, ptr %acc0116, align 4
+  %281 = add nsw i64 %r0, 2
+  %282 = mul nsw i64 %281, 2880
+  %283 = getelementptr inbounds float, ptr %h, i64 %282
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %281
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 2880
+  %288 = getelementptr inbounds float, ptr %y, i64 %287
+  %289 = add nsw i64 %col2, 0
+  %290 = getelementptr inbounds float, ptr %288, i64 %289
+  store <8 x float> zeroinitializer, ptr %acc0207, align 4
+  %291 = add nsw i64 %col2, 8
+  %292 = getelementptr inbounds float, ptr %288, i64 %291
+  store <8 x float> zeroinitializer, ptr %acc0218, align 4
+  %293 = add nsw i64 %r0, 3
+  %294 = mul nsw i64 %293, 2880
+  %295 = getelementptr inbounds float, ptr %h, i64 %294
+  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
+  %297 = load i32, ptr %296, align 4
+  %298 = sext i32 %297 to i64
+  %299 = mul nsw i64 %298, 2880
+  %300 = getelementptr inbounds float, ptr %y, i64 %299
+  %301 = add nsw i64 %col2, 0
+  %302 = getelementptr inbounds float, ptr %300, i64 %301
+  store <8 x float> zeroinitializer, ptr %acc0309, align 4
+  %303 = add nsw i64 %col2, 8
+  %304 = getelementptr inbounds float, ptr %300, i64 %303
+  store <8 x float> zeroinitializer, ptr %acc03110, align 4
+  %305 = add nsw i64 %r0, 4
+  %306 = mul nsw i64 %305, 2880
+  %307 = getelementptr inbounds float, ptr %h, i64 %306
+  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
+  %309 = load i32, ptr %308, align 4
+  %310 = sext i32 %309 to i64
+  %311 = mul nsw i64 %310, 2880
+  %312 = getelementptr inbounds float, ptr %y, i64 %311
+  %313 = add nsw i64 %col2, 0
+  %314 = getelementptr inbounds float, ptr %312, i64 %313
+  store <8 x float> zeroinitializer, ptr %acc04011, align 4
+  %315 = add nsw i64 %col2, 8
+  %316 = getelementptr inbounds float, ptr %312, i64 %315
+  store <8 x float> zeroinitializer, ptr %acc04112, align 4
   %panel.off13 = mul nsw i64 %p, 46080
-  %315 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %316 = add nsw i64 %p, 1
-  %317 = icmp slt i64 %316, %p1
-  %pf.on14 = and i1 %pf.on, %317
-  %318 = mul nsw i64 %rb, 92160
-  %319 = lshr i64 %318, %12
-  %320 = add nsw i64 92160, %319
-  %321 = getelementptr inbounds i8, ptr %315, i64 %320
-  %pf15 = select i1 %pf.on14, ptr %321, ptr %315
+  %317 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %318 = add nsw i64 %p, 1
+  %319 = icmp slt i64 %318, %p1
+  %pf.on14 = and i1 %pf.on, %319
+  %320 = mul nsw i64 %rb, 92160
+  %321 = lshr i64 %320, %12
+  %322 = add nsw i64 92160, %321
+  %323 = getelementptr inbounds i8, ptr %317, i64 %322
+  %pf15 = select i1 %pf.on14, ptr %323, ptr %317
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %372, %pf.any.end22 ]
-  %322 = icmp slt i64 %k20, 2880
-  br i1 %322, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %376, %pf.any.end22 ]
+  %324 = icmp slt i64 %k20, 2880
+  br i1 %324, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %323 = mul nsw i64 %k20, 16
-  %324 = add nsw i64 %panel.off13, %323
-  %325 = mul nsw i64 %k20, 32
+  %325 = mul nsw i64 %k20, 1
+  %326 = add nsw i64 %325, 0
+  %327 = mul nsw i64 %326, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %326 = lshr i64 %325, %pf.sh16
-  %327 = getelementptr inbounds i8, ptr %pf15, i64 %326
-  call void @llvm.prefetch.p0(ptr %327, i32 0, i32 2, i32 1)
+  %328 = lshr i64 %327, %pf.sh16
+  %329 = getelementptr inbounds i8, ptr %pf15, i64 %328
+  call void @llvm.prefetch.p0(ptr %329, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %328 = getelementptr inbounds i16, ptr %panels, i64 %324
-  %329 = load <8 x i32>, ptr %328, align 4
-  %330 = shl <8 x i32> %329, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %330 to <8 x float>
-  %331 = and <8 x i32> %329, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %331 to <8 x float>
-  %332 = getelementptr inbounds float, ptr %257, i64 %k20
-  %333 = load float, ptr %332, align 4
-  %334 = insertelement <8 x float> poison, float %333, i32 0
-  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
-  %336 = load <8 x float>, ptr %acc003, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b023, <8 x float> %336)
-  store <8 x float> %337, ptr %acc003, align 4
-  %338 = load <8 x float>, ptr %acc014, align 4
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %b124, <8 x float> %338)
-  store <8 x float> %339, ptr %acc014, align 4
-  %340 = getelementptr inbounds float, ptr %269, i64 %k20
-  %341 = load float, ptr %340, align 4
-  %342 = insertelement <8 x float> poison, float %341, i32 0
-  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = load <8 x float>, ptr %acc105, align 4
-  %345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b023, <8 x float> %344)
-  store <8 x float> %345, ptr %acc105, align 4
-  %346 = load <8 x float>, ptr %acc116, align 4
-  %347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %343, <8 x float> %b124, <8 x float> %346)
-  store <8 x float> %347, ptr %acc116, align 4
-  %348 = getelementptr inbounds float, ptr %281, i64 %k20
-  %349 = load float, ptr %348, align 4
-  %350 = insertelement <8 x float> poison, float %349, i32 0
-  %351 = shufflevector <8 x float> %350, <8 x float> poison, <8 x i32> zeroinitializer
-  %352 = load <8 x float>, ptr %acc207, align 4
-  %353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b023, <8 x float> %352)
-  store <8 x float> %353, ptr %acc207, align 4
-  %354 = load <8 x float>, ptr %acc218, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %351, <8 x float> %b124, <8 x float> %354)
-  store <8 x float> %355, ptr %acc218, align 4
-  %356 = getelementptr inbounds float, ptr %293, i64 %k20
-  %357 = load float, ptr %356, align 4
-  %358 = insertelement <8 x float> poison, float %357, i32 0
-  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = load <8 x float>, ptr %acc309, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b023, <8 x float> %360)
-  store <8 x float> %361, ptr %acc309, align 4
-  %362 = load <8 x float>, ptr %acc3110, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %b124, <8 x float> %362)
-  store <8 x float> %363, ptr %acc3110, align 4
-  %364 = getelementptr inbounds float, ptr %305, i64 %k20
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <8 x float> poison, float %365, i32 0
-  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
-  %368 = load <8 x float>, ptr %acc4011, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b023, <8 x float> %368)
-  store <8 x float> %369, ptr %acc4011, align 4
-  %370 = load <8 x float>, ptr %acc4112, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b124, <8 x float> %370)
-  store <8 x float> %371, ptr %acc4112, align 4
-  %372 = add nsw i64 %k20, 1
+  %330 = mul nsw i64 %326, 16
+  %331 = add nsw i64 %panel.off13, %330
+  %332 = getelementptr inbounds i16, ptr %panels, i64 %331
+  %333 = load <8 x i32>, ptr %332, align 4
+  %334 = shl <8 x i32> %333, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %334 to <8 x float>
+  %335 = and <8 x i32> %333, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %335 to <8 x float>
+  %336 = getelementptr inbounds float, ptr %259, i64 %326
+  %337 = load float, ptr %336, align 4
+  %338 = insertelement <8 x float> poison, float %337, i32 0
+  %339 = shufflevector <8 x float> %338, <8 x float> poison, <8 x i32> zeroinitializer
+  %340 = load <8 x float>, ptr %acc0003, align 4
+  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %b023, <8 x float> %340)
+  store <8 x float> %341, ptr %acc0003, align 4
+  %342 = load <8 x float>, ptr %acc0014, align 4
+  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %b124, <8 x float> %342)
+  store <8 x float> %343, ptr %acc0014, align 4
+  %344 = getelementptr inbounds float, ptr %271, i64 %326
+  %345 = load float, ptr %344, align 4
+  %346 = insertelement <8 x float> poison, float %345, i32 0
+  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
+  %348 = load <8 x float>, ptr %acc0105, align 4
+  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %b023, <8 x float> %348)
+  store <8 x float> %349, ptr %acc0105, align 4
+  %350 = load <8 x float>, ptr %acc0116, align 4
+  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %b124, <8 x float> %350)
+  store <8 x float> %351, ptr %acc0116, align 4
+  %352 = getelementptr inbounds float, ptr %283, i64 %326
+  %353 = load float, ptr %352, align 4
+  %354 = insertelement <8 x float> poison, float %353, i32 0
+  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
+  %356 = load <8 x float>, ptr %acc0207, align 4
+  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %355, <8 x float> %b023, <8 x float> %356)
+  store <8 x float> %357, ptr %acc0207, align 4
+  %358 = load <8 x float>, ptr %acc0218, align 4
+  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %355, <8 x float> %b124, <8 x float> %358)
+  store <8 x float> %359, ptr %acc0218, align 4
+  %360 = getelementptr inbounds float, ptr %295, i64 %326
+  %361 = load float, ptr %360, align 4
+  %362 = insertelement <8 x float> poison, float %361, i32 0
+  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
+  %364 = load <8 x float>, ptr %acc0309, align 4
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b023, <8 x float> %364)
+  store <8 x float> %365, ptr %acc0309, align 4
+  %366 = load <8 x float>, ptr %acc03110, align 4
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b124, <8 x float> %366)
+  store <8 x float> %367, ptr %acc03110, align 4
+  %368 = getelementptr inbounds float, ptr %307, i64 %326
+  %369 = load float, ptr %368, align 4
+  %370 = insertelement <8 x float> poison, float %369, i32 0
+  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
+  %372 = load <8 x float>, ptr %acc04011, align 4
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b023, <8 x float> %372)
+  store <8 x float> %373, ptr %acc04011, align 4
+  %374 = load <8 x float>, ptr %acc04112, align 4
+  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b124, <8 x float> %374)
+  store <8 x float> %375, ptr %acc04112, align 4
+  %376 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %373 = add nsw i64 %r0, 0
-  %374 = getelementptr inbounds float, ptr %rw, i64 %373
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc003, align 4
-  %379 = add nsw i64 %col2, 0
-  %380 = getelementptr inbounds float, ptr %bd, i64 %379
-  %381 = load <8 x float>, ptr %380, align 4
-  %382 = fmul <8 x float> %381, %377
-  %383 = fadd <8 x float> %378, %382
-  store <8 x float> %383, ptr %264, align 4
-  %384 = load <8 x float>, ptr %acc014, align 4
-  %385 = add nsw i64 %col2, 8
-  %386 = getelementptr inbounds float, ptr %bd, i64 %385
-  %387 = load <8 x float>, ptr %386, align 4
-  %388 = fmul <8 x float> %387, %377
-  %389 = fadd <8 x float> %384, %388
-  store <8 x float> %389, ptr %266, align 4
-  %390 = add nsw i64 %r0, 1
-  %391 = getelementptr inbounds float, ptr %rw, i64 %390
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %acc105, align 4
-  %396 = add nsw i64 %col2, 0
-  %397 = getelementptr inbounds float, ptr %bd, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  %399 = fmul <8 x float> %398, %394
-  %400 = fadd <8 x float> %395, %399
-  store <8 x float> %400, ptr %276, align 4
-  %401 = load <8 x float>, ptr %acc116, align 4
-  %402 = add nsw i64 %col2, 8
-  %403 = getelementptr inbounds float, ptr %bd, i64 %402
-  %404 = load <8 x float>, ptr %403, align 4
-  %405 = fmul <8 x float> %404, %394
-  %406 = fadd <8 x float> %401, %405
-  store <8 x float> %406, ptr %278, align 4
-  %407 = add nsw i64 %r0, 2
-  %408 = getelementptr inbounds float, ptr %rw, i64 %407
-  %409 = load float, ptr %408, align 4
-  %410 = insertelement <8 x float> poison, float %409, i32 0
-  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
-  %412 = load <8 x float>, ptr %acc207, align 4
-  %413 = add nsw i64 %col2, 0
-  %414 = getelementptr inbounds float, ptr %bd, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  %416 = fmul <8 x float> %415, %411
-  %417 = fadd <8 x float> %412, %416
-  store <8 x float> %417, ptr %288, align 4
-  %418 = load <8 x float>, ptr %acc218, align 4
-  %419 = add nsw i64 %col2, 8
-  %420 = getelementptr inbounds float, ptr %bd, i64 %419
-  %421 = load <8 x float>, ptr %420, align 4
-  %422 = fmul <8 x float> %421, %411
-  %423 = fadd <8 x float> %418, %422
-  store <8 x float> %423, ptr %290, align 4
-  %424 = add nsw i64 %r0, 3
-  %425 = getelementptr inbounds float, ptr %rw, i64 %424
-  %426 = load float, ptr %425, align 4
-  %427 = insertelement <8 x float> poison, float %426, i32 0
-  %428 = shufflevector <8 x float> %427, <8 x float> poison, <8 x i32> zeroinitializer
-  %429 = load <8 x float>, ptr %acc309, align 4
-  %430 = add nsw i64 %col2, 0
-  %431 = getelementptr inbounds float, ptr %bd, i64 %430
-  %432 = load <8 x float>, ptr %431, align 4
-  %433 = fmul <8 x float> %432, %428
-  %434 = fadd <8 x float> %429, %433
-  store <8 x float> %434, ptr %300, align 4
-  %435 = load <8 x float>, ptr %acc3110, align 4
-  %436 = add nsw i64 %col2, 8
-  %437 = getelementptr inbounds float, ptr %bd, i64 %436
-  %438 = load <8 x float>, ptr %437, align 4
-  %439 = fmul <8 x float> %438, %428
-  %440 = fadd <8 x float> %435, %439
-  store <8 x float> %440, ptr %302, align 4
-  %441 = add nsw i64 %r0, 4
-  %442 = getelementptr inbounds float, ptr %rw, i64 %441
-  %443 = load float, ptr %442, align 4
-  %444 = insertelement <8 x float> poison, float %443, i32 0
-  %445 = shufflevector <8 x float> %444, <8 x float> poison, <8 x i32> zeroinitializer
-  %446 = load <8 x float>, ptr %acc4011, align 4
-  %447 = add nsw i64 %col2, 0
-  %448 = getelementptr inbounds float, ptr %bd, i64 %447
-  %449 = load <8 x float>, ptr %448, align 4
-  %450 = fmul <8 x float> %449, %445
-  %451 = fadd <8 x float> %446, %450
-  store <8 x float> %451, ptr %312, align 4
-  %452 = load <8 x float>, ptr %acc4112, align 4
-  %453 = add nsw i64 %col2, 8
-  %454 = getelementptr inbounds float, ptr %bd, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = fmul <8 x float> %455, %445
-  %457 = fadd <8 x float> %452, %456
-  store <8 x float> %457, ptr %314, align 4
+  %377 = add nsw i64 %r0, 0
+  %378 = getelementptr inbounds float, ptr %rw, i64 %377
+  %379 = load float, ptr %378, align 4
+  %380 = insertelement <8 x float> poison, float %379, i32 0
+  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
+  %382 = load <8 x float>, ptr %acc0003, align 4
+  %383 = add nsw i64 %col2, 0
+  %384 = getelementptr inbounds float, ptr %bd, i64 %383
+  %385 = load <8 x float>, ptr %384, align 4
+  %386 = fmul <8 x float> %385, %381
+  %387 = fadd <8 x float> %382, %386
+  store <8 x float> %387, ptr %266, align 4
+  %388 = load <8 x float>, ptr %acc0014, align 4
+  %389 = add nsw i64 %col2, 8
+  %390 = getelementptr inbounds float, ptr %bd, i64 %389
+  %391 = load <8 x float>, ptr %390, align 4
+  %392 = fmul <8 x float> %391, %381
+  %393 = fadd <8 x float> %388, %392
+  store <8 x float> %393, ptr %268, align 4
+  %394 = add nsw i64 %r0, 1
+  %395 = getelementptr inbounds float, ptr %rw, i64 %394
+  %396 = load float, ptr %395, align 4
+  %397 = insertelement <8 x float> poison, float %396, i32 0
+  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
+  %399 = load <8 x float>, ptr %acc0105, align 4
+  %400 = add nsw i64 %col2, 0
+  %401 = getelementptr inbounds float, ptr %bd, i64 %400
+  %402 = load <8 x float>, ptr %401, align 4
+  %403 = fmul <8 x float> %402, %398
+  %404 = fadd <8 x float> %399, %403
+  store <8 x float> %404, ptr %278, align 4
+  %405 = load <8 x float>, ptr %acc0116, align 4
+  %406 = add nsw i64 %col2, 8
+  %407 = getelementptr inbounds float, ptr %bd, i64 %406
+  %408 = load <8 x float>, ptr %407, align 4
+  %409 = fmul <8 x float> %408, %398
+  %410 = fadd <8 x float> %405, %409
+  store <8 x float> %410, ptr %280, align 4
+  %411 = add nsw i64 %r0, 2
+  %412 = getelementptr inbounds float, ptr %rw, i64 %411
+  %413 = load float, ptr %412, align 4
+  %414 = insertelement <8 x float> poison, float %413, i32 0
+  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
+  %416 = load <8 x float>, ptr %acc0207, align 4
+  %417 = add nsw i64 %col2, 0
+  %418 = getelementptr inbounds float, ptr %bd, i64 %417
+  %419 = load <8 x float>, ptr %418, align 4
+  %420 = fmul <8 x float> %419, %415
+  %421 = fadd <8 x float> %416, %420
+  store <8 x float> %421, ptr %290, align 4
+  %422 = load <8 x float>, ptr %acc0218, align 4
+  %423 = add nsw i64 %col2, 8
+  %424 = getelementptr inbounds float, ptr %bd, i64 %423
+  %425 = load <8 x float>, ptr %424, align 4
+  %426 = fmul <8 x float> %425, %415
+  %427 = fadd <8 x float> %422, %426
+  store <8 x float> %427, ptr %292, align 4
+  %428 = add nsw i64 %r0, 3
+  %429 = getelementptr inbounds float, ptr %rw, i64 %428
+  %430 = load float, ptr %429, align 4
+  %431 = insertelement <8 x float> poison, float %430, i32 0
+  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
+  %433 = load <8 x float>, ptr %acc0309, align 4
+  %434 = add nsw i64 %col2, 0
+  %435 = getelementptr inbounds float, ptr %bd, i64 %434
+  %436 = load <8 x float>, ptr %435, align 4
+  %437 = fmul <8 x float> %436, %432
+  %438 = fadd <8 x float> %433, %437
+  store <8 x float> %438, ptr %302, align 4
+  %439 = load <8 x float>, ptr %acc03110, align 4
+  %440 = add nsw i64 %col2, 8
+  %441 = getelementptr inbounds float, ptr %bd, i64 %440
+  %442 = load <8 x float>, ptr %441, align 4
+  %443 = fmul <8 x float> %442, %432
+  %444 = fadd <8 x float> %439, %443
+  store <8 x float> %444, ptr %304, align 4
+  %445 = add nsw i64 %r0, 4
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = load <8 x float>, ptr %acc04011, align 4
+  %451 = add nsw i64 %col2, 0
+  %452 = getelementptr inbounds float, ptr %bd, i64 %451
+  %453 = load <8 x float>, ptr %452, align 4
+  %454 = fmul <8 x float> %453, %449
+  %455 = fadd <8 x float> %450, %454
+  store <8 x float> %455, ptr %314, align 4
+  %456 = load <8 x float>, ptr %acc04112, align 4
+  %457 = add nsw i64 %col2, 8
+  %458 = getelementptr inbounds float, ptr %bd, i64 %457
+  %459 = load <8 x float>, ptr %458, align 4
+  %460 = fmul <8 x float> %459, %449
+  %461 = fadd <8 x float> %456, %460
+  store <8 x float> %461, ptr %316, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %458 = add nsw i64 %r0, 0
-  %459 = mul nsw i64 %458, 2880
-  %460 = getelementptr inbounds float, ptr %h, i64 %459
-  %461 = getelementptr inbounds i32, ptr %rows, i64 %458
-  %462 = load i32, ptr %461, align 4
-  %463 = sext i32 %462 to i64
-  %464 = mul nsw i64 %463, 2880
-  %465 = getelementptr inbounds float, ptr %y, i64 %464
-  %466 = add nsw i64 %col25, 0
-  %467 = getelementptr inbounds float, ptr %465, i64 %466
-  store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %468 = add nsw i64 %col25, 8
-  %469 = getelementptr inbounds float, ptr %465, i64 %468
-  store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %470 = add nsw i64 %r0, 1
-  %471 = mul nsw i64 %470, 2880
-  %472 = getelementptr inbounds float, ptr %h, i64 %471
-  %473 = getelementptr inbounds i32, ptr %rows, i64 %470
-  %474 = load i32, ptr %473, align 4
-  %475 = sext i32 %474 to i64
-  %476 = mul nsw i64 %475, 2880
-  %477 = getelementptr inbounds float, ptr %y, i64 %476
-  %478 = add nsw i64 %col25, 0
-  %479 = getelementptr inbounds float, ptr %477, i64 %478
-  store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %480 = add nsw i64 %col25, 8
-  %481 = getelementptr inbounds float, ptr %477, i64 %480
-  store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %482 = add nsw i64 %r0, 2
-  %483 = mul nsw i64 %482, 2880
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
-  %485 = getelementptr inbounds i32, ptr %rows, i64 %482
-  %486 = load i32, ptr %485, align 4
-  %487 = sext i32 %486 to i64
-  %488 = mul nsw i64 %487, 2880
-  %489 = getelementptr inbounds float, ptr %y, i64 %488
-  %490 = add nsw i64 %col25, 0
-  %491 = getelementptr inbounds float, ptr %489, i64 %490
-  store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %492 = add nsw i64 %col25, 8
-  %493 = getelementptr inbounds float, ptr %489, i64 %492
-  store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %494 = add nsw i64 %r0, 3
-  %495 = mul nsw i64 %494, 2880
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %497 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %498 = load i32, ptr %497, align 4
-  %499 = sext i32 %498 to i64
-  %500 = mul nsw i64 %499, 2880
-  %501 = getelementptr inbounds float, ptr %y, i64 %500
-  %502 = add nsw i64 %col25, 0
-  %503 = getelementptr inbounds float, ptr %501, i64 %502
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %504 = add nsw i64 %col25, 8
-  %505 = getelementptr inbounds float, ptr %501, i64 %504
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %462 = add nsw i64 %r0, 0
+  %463 = mul nsw i64 %462, 2880
+  %464 = getelementptr inbounds float, ptr %h, i64 %463
+  %465 = getelementptr inbounds i32, ptr %rows, i64 %462
+  %466 = load i32, ptr %465, align 4
+  %467 = sext i32 %466 to i64
+  %468 = mul nsw i64 %467, 2880
+  %469 = getelementptr inbounds float, ptr %y, i64 %468
+  %470 = add nsw i64 %col25, 0
+  %471 = getelementptr inbounds float, ptr %469, i64 %470
+  store <8 x float> zeroinitializer, ptr %acc00026, align 4
+  %472 = add nsw i64 %col25, 8
+  %473 = getelementptr inbounds float, ptr %469, i64 %472
+  store <8 x float> zeroinitializer, ptr %acc00127, align 4
+  %474 = add nsw i64 %r0, 1
+  %475 = mul nsw i64 %474, 2880
+  %476 = getelementptr inbounds float, ptr %h, i64 %475
+  %477 = getelementptr inbounds i32, ptr %rows, i64 %474
+  %478 = load i32, ptr %477, align 4
+  %479 = sext i32 %478 to i64
+  %480 = mul nsw i64 %479, 2880
+  %481 = getelementptr inbounds float, ptr %y, i64 %480
+  %482 = add nsw i64 %col25, 0
+  %483 = getelementptr inbounds float, ptr %481, i64 %482
+  store <8 x float> zeroinitializer, ptr %acc01028, align 4
+  %484 = add nsw i64 %col25, 8
+  %485 = getelementptr inbounds float, ptr %481, i64 %484
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
+  %486 = add nsw i64 %r0, 2
+  %487 = mul nsw i64 %486, 2880
+  %488 = getelementptr inbounds float, ptr %h, i64 %487
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 2880
+  %493 = getelementptr inbounds float, ptr %y, i64 %492
+  %494 = add nsw i64 %col25, 0
+  %495 = getelementptr inbounds float, ptr %493, i64 %494
+  store <8 x float> zeroinitializer, ptr %acc02030, align 4
+  %496 = add nsw i64 %col25, 8
+  %497 = getelementptr inbounds float, ptr %493, i64 %496
+  store <8 x float> zeroinitializer, ptr %acc02131, align 4
+  %498 = add nsw i64 %r0, 3
+  %499 = mul nsw i64 %498, 2880
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 2880
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col25, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  store <8 x float> zeroinitializer, ptr %acc03032, align 4
+  %508 = add nsw i64 %col25, 8
+  %509 = getelementptr inbounds float, ptr %505, i64 %508
+  store <8 x float> zeroinitializer, ptr %acc03133, align 4
   %panel.off34 = mul nsw i64 %p, 46080
-  %506 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %507 = add nsw i64 %p, 1
-  %508 = icmp slt i64 %507, %p1
-  %pf.on35 = and i1 %pf.on, %508
-  %509 = mul nsw i64 %rb, 92160
-  %510 = lshr i64 %509, %12
-  %511 = add nsw i64 92160, %510
-  %512 = getelementptr inbounds i8, ptr %506, i64 %511
-  %pf36 = select i1 %pf.on35, ptr %512, ptr %506
+  %510 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %511 = add nsw i64 %p, 1
+  %512 = icmp slt i64 %511, %p1
+  %pf.on35 = and i1 %pf.on, %512
+  %513 = mul nsw i64 %rb, 92160
+  %514 = lshr i64 %513, %12
+  %515 = add nsw i64 92160, %514
+  %516 = getelementptr inbounds i8, ptr %510, i64 %515
+  %pf36 = select i1 %pf.on35, ptr %516, ptr %510
   %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %555, %pf.any.end43 ]
-  %513 = icmp slt i64 %k41, 2880
-  br i1 %513, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %561, %pf.any.end43 ]
+  %517 = icmp slt i64 %k41, 2880
+  br i1 %517, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %514 = mul nsw i64 %k41, 16
-  %515 = add nsw i64 %panel.off34, %514
-  %516 = mul nsw i64 %k41, 32
+  %518 = mul nsw i64 %k41, 1
+  %519 = add nsw i64 %518, 0
+  %520 = mul nsw i64 %519, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %517 = lshr i64 %516, %pf.sh37
-  %518 = getelementptr inbounds i8, ptr %pf36, i64 %517
-  call void @llvm.prefetch.p0(ptr %518, i32 0, i32 2, i32 1)
+  %521 = lshr i64 %520, %pf.sh37
+  %522 = getelementptr inbounds i8, ptr %pf36, i64 %521
+  call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %519 = getelementptr inbounds i16, ptr %panels, i64 %515
-  %520 = load <8 x i32>, ptr %519, align 4
-  %521 = shl <8 x i32> %520, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %521 to <8 x float>
-  %522 = and <8 x i32> %520, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = getelementptr inbounds float, ptr %460, i64 %k41
-  %524 = load float, ptr %523, align 4
-  %525 = insertelement <8 x float> poison, float %524, i32 0
-  %526 = shufflevector <8 x float> %525, <8 x float> poison, <8 x i32> zeroinitializer
-  %527 = load <8 x float>, ptr %acc0026, align 4
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b044, <8 x float> %527)
-  store <8 x float> %528, ptr %acc0026, align 4
-  %529 = load <8 x float>, ptr %acc0127, align 4
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %b145, <8 x float> %529)
-  store <8 x float> %530, ptr %acc0127, align 4
-  %531 = getelementptr inbounds float, ptr %472, i64 %k41
-  %532 = load float, ptr %531, align 4
-  %533 = insertelement <8 x float> poison, float %532, i32 0
-  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = load <8 x float>, ptr %acc1028, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b044, <8 x float> %535)
-  store <8 x float> %536, ptr %acc1028, align 4
-  %537 = load <8 x float>, ptr %acc1129, align 4
-  %538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %534, <8 x float> %b145, <8 x float> %537)
-  store <8 x float> %538, ptr %acc1129, align 4
-  %539 = getelementptr inbounds float, ptr %484, i64 %k41
-  %540 = load float, ptr %539, align 4
-  %541 = insertelement <8 x float> poison, float %540, i32 0
-  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
-  %543 = load <8 x float>, ptr %acc2030, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %b044, <8 x float> %543)
-  store <8 x float> %544, ptr %acc2030, align 4
-  %545 = load <8 x float>, ptr %acc2131, align 4
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %b145, <8 x float> %545)
-  store <8 x float> %546, ptr %acc2131, align 4
-  %547 = getelementptr inbounds float, ptr %496, i64 %k41
-  %548 = load float, ptr %547, align 4
-  %549 = insertelement <8 x float> poison, float %548, i32 0
-  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
-  %551 = load <8 x float>, ptr %acc3032, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b044, <8 x float> %551)
-  store <8 x float> %552, ptr %acc3032, align 4
-  %553 = load <8 x float>, ptr %acc3133, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %b145, <8 x float> %553)
-  store <8 x float> %554, ptr %acc3133, align 4
-  %555 = add nsw i64 %k41, 1
+  %523 = mul nsw i64 %519, 16
+  %524 = add nsw i64 %panel.off34, %523
+  %525 = getelementptr inbounds i16, ptr %panels, i64 %524
+  %526 = load <8 x i32>, ptr %525, align 4
+  %527 = shl <8 x i32> %526, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %527 to <8 x float>
+  %528 = and <8 x i32> %526, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %528 to <8 x float>
+  %529 = getelementptr inbounds float, ptr %464, i64 %519
+  %530 = load float, ptr %529, align 4
+  %531 = insertelement <8 x float> poison, float %530, i32 0
+  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
+  %533 = load <8 x float>, ptr %acc00026, align 4
+  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b044, <8 x float> %533)
+  store <8 x float> %534, ptr %acc00026, align 4
+  %535 = load <8 x float>, ptr %acc00127, align 4
+  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b145, <8 x float> %535)
+  store <8 x float> %536, ptr %acc00127, align 4
+  %537 = getelementptr inbounds float, ptr %476, i64 %519
+  %538 = load float, ptr %537, align 4
+  %539 = insertelement <8 x float> poison, float %538, i32 0
+  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
+  %541 = load <8 x float>, ptr %acc01028, align 4
+  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %b044, <8 x float> %541)
+  store <8 x float> %542, ptr %acc01028, align 4
+  %543 = load <8 x float>, ptr %acc01129, align 4
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %b145, <8 x float> %543)
+  store <8 x float> %544, ptr %acc01129, align 4
+  %545 = getelementptr inbounds float, ptr %488, i64 %519
+  %546 = load float, ptr %545, align 4
+  %547 = insertelement <8 x float> poison, float %546, i32 0
+  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
+  %549 = load <8 x float>, ptr %acc02030, align 4
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b044, <8 x float> %549)
+  store <8 x float> %550, ptr %acc02030, align 4
+  %551 = load <8 x float>, ptr %acc02131, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b145, <8 x float> %551)
+  store <8 x float> %552, ptr %acc02131, align 4
+  %553 = getelementptr inbounds float, ptr %500, i64 %519
+  %554 = load float, ptr %553, align 4
+  %555 = insertelement <8 x float> poison, float %554, i32 0
+  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
+  %557 = load <8 x float>, ptr %acc03032, align 4
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %b044, <8 x float> %557)
+  store <8 x float> %558, ptr %acc03032, align 4
+  %559 = load <8 x float>, ptr %acc03133, align 4
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %b145, <8 x float> %559)
+  store <8 x float> %560, ptr %acc03133, align 4
+  %561 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %556 = add nsw i64 %r0, 0
-  %557 = getelementptr inbounds float, ptr %rw, i64 %556
-  %558 = load float, ptr %557, align 4
-  %559 = insertelement <8 x float> poison, float %558, i32 0
-  %560 = shufflevector <8 x float> %559, <8 x float> poison, <8 x i32> zeroinitializer
-  %561 = load <8 x float>, ptr %acc0026, align 4
-  %562 = add nsw i64 %col25, 0
-  %563 = getelementptr inbounds float, ptr %bd, i64 %562
-  %564 = load <8 x float>, ptr %563, align 4
-  %565 = fmul <8 x float> %564, %560
-  %566 = fadd <8 x float> %561, %565
-  store <8 x float> %566, ptr %467, align 4
-  %567 = load <8 x float>, ptr %acc0127, align 4
-  %568 = add nsw i64 %col25, 8
+  %562 = add nsw i64 %r0, 0
+  %563 = getelementptr inbounds float, ptr %rw, i64 %562
+  %564 = load float, ptr %563, align 4
+  %565 = insertelement <8 x float> poison, float %564, i32 0
+  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
+  %567 = load <8 x float>, ptr %acc00026, align 4
+  %568 = add nsw i64 %col25, 0
   %569 = getelementptr inbounds float, ptr %bd, i64 %568
   %570 = load <8 x float>, ptr %569, align 4
-  %571 = fmul <8 x float> %570, %560
+  %571 = fmul <8 x float> %570, %566
   %572 = fadd <8 x float> %567, %571
-  store <8 x float> %572, ptr %469, align 4
-  %573 = add nsw i64 %r0, 1
-  %574 = getelementptr inbounds float, ptr %rw, i64 %573
-  %575 = load float, ptr %574, align 4
-  %576 = insertelement <8 x float> poison, float %575, i32 0
-  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
-  %578 = load <8 x float>, ptr %acc1028, align 4
-  %579 = add nsw i64 %col25, 0
-  %580 = getelementptr inbounds float, ptr %bd, i64 %579
-  %581 = load <8 x float>, ptr %580, align 4
-  %582 = fmul <8 x float> %581, %577
-  %583 = fadd <8 x float> %578, %582
-  store <8 x float> %583, ptr %479, align 4
-  %584 = load <8 x float>, ptr %acc1129, align 4
-  %585 = add nsw i64 %col25, 8
+  store <8 x float> %572, ptr %471, align 4
+  %573 = load <8 x float>, ptr %acc00127, align 4
+  %574 = add nsw i64 %col25, 8
+  %575 = getelementptr inbounds float, ptr %bd, i64 %574
+  %576 = load <8 x float>, ptr %575, align 4
+  %577 = fmul <8 x float> %576, %566
+  %578 = fadd <8 x float> %573, %577
+  store <8 x float> %578, ptr %473, align 4
+  %579 = add nsw i64 %r0, 1
+  %580 = getelementptr inbounds float, ptr %rw, i64 %579
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc01028, align 4
+  %585 = add nsw i64 %col25, 0
   %586 = getelementptr inbounds float, ptr %bd, i64 %585
   %587 = load <8 x float>, ptr %586, align 4
-  %588 = fmul <8 x float> %587, %577
+  %588 = fmul <8 x float> %587, %583
   %589 = fadd <8 x float> %584, %588
-  store <8 x float> %589, ptr %481, align 4
-  %590 = add nsw i64 %r0, 2
-  %591 = getelementptr inbounds float, ptr %rw, i64 %590
-  %592 = load float, ptr %591, align 4
-  %593 = insertelement <8 x float> poison, float %592, i32 0
-  %594 = shufflevector <8 x float> %593, <8 x float> poison, <8 x i32> zeroinitializer
-  %595 = load <8 x float>, ptr %acc2030, align 4
-  %596 = add nsw i64 %col25, 0
-  %597 = getelementptr inbounds float, ptr %bd, i64 %596
-  %598 = load <8 x float>, ptr %597, align 4
-  %599 = fmul <8 x float> %598, %594
-  %600 = fadd <8 x float> %595, %599
-  store <8 x float> %600, ptr %491, align 4
-  %601 = load <8 x float>, ptr %acc2131, align 4
-  %602 = add nsw i64 %col25, 8
+  store <8 x float> %589, ptr %483, align 4
+  %590 = load <8 x float>, ptr %acc01129, align 4
+  %591 = add nsw i64 %col25, 8
+  %592 = getelementptr inbounds float, ptr %bd, i64 %591
+  %593 = load <8 x float>, ptr %592, align 4
+  %594 = fmul <8 x float> %593, %583
+  %595 = fadd <8 x float> %590, %594
+  store <8 x float> %595, ptr %485, align 4
+  %596 = add nsw i64 %r0, 2
+  %597 = getelementptr inbounds float, ptr %rw, i64 %596
+  %598 = load float, ptr %597, align 4
+  %599 = insertelement <8 x float> poison, float %598, i32 0
+  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
+  %601 = load <8 x float>, ptr %acc02030, align 4
+  %602 = add nsw i64 %col25, 0
   %603 = getelementptr inbounds float, ptr %bd, i64 %602
   %604 = load <8 x float>, ptr %603, align 4
-  %605 = fmul <8 x float> %604, %594
+  %605 = fmul <8 x float> %604, %600
   %606 = fadd <8 x float> %601, %605
-  store <8 x float> %606, ptr %493, align 4
-  %607 = add nsw i64 %r0, 3
-  %608 = getelementptr inbounds float, ptr %rw, i64 %607
-  %609 = load float, ptr %608, align 4
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
-  %612 = load <8 x float>, ptr %acc3032, align 4
-  %613 = add nsw i64 %col25, 0
-  %614 = getelementptr inbounds float, ptr %bd, i64 %613
-  %615 = load <8 x float>, ptr %614, align 4
-  %616 = fmul <8 x float> %615, %611
-  %617 = fadd <8 x float> %612, %616
-  store <8 x float> %617, ptr %503, align 4
-  %618 = load <8 x float>, ptr %acc3133, align 4
-  %619 = add nsw i64 %col25, 8
+  store <8 x float> %606, ptr %495, align 4
+  %607 = load <8 x float>, ptr %acc02131, align 4
+  %608 = add nsw i64 %col25, 8
+  %609 = getelementptr inbounds float, ptr %bd, i64 %608
+  %610 = load <8 x float>, ptr %609, align 4
+  %611 = fmul <8 x float> %610, %600
+  %612 = fadd <8 x float> %607, %611
+  store <8 x float> %612, ptr %497, align 4
+  %613 = add nsw i64 %r0, 3
+  %614 = getelementptr inbounds float, ptr %rw, i64 %613
+  %615 = load float, ptr %614, align 4
+  %616 = insertelement <8 x float> poison, float %615, i32 0
+  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
+  %618 = load <8 x float>, ptr %acc03032, align 4
+  %619 = add nsw i64 %col25, 0
   %620 = getelementptr inbounds float, ptr %bd, i64 %619
   %621 = load <8 x float>, ptr %620, align 4
-  %622 = fmul <8 x float> %621, %611
+  %622 = fmul <8 x float> %621, %617
   %623 = fadd <8 x float> %618, %622
-  store <8 x float> %623, ptr %505, align 4
+  store <8 x float> %623, ptr %507, align 4
+  %624 = load <8 x float>, ptr %acc03133, align 4
+  %625 = add nsw i64 %col25, 8
+  %626 = getelementptr inbounds float, ptr %bd, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %628 = fmul <8 x float> %627, %617
+  %629 = fadd <8 x float> %624, %628
+  store <8 x float> %629, ptr %509, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %624 = add nsw i64 %r0, 0
-  %625 = mul nsw i64 %624, 2880
-  %626 = getelementptr inbounds float, ptr %h, i64 %625
-  %627 = getelementptr inbounds i32, ptr %rows, i64 %624
-  %628 = load i32, ptr %627, align 4
-  %629 = sext i32 %628 to i64
-  %630 = mul nsw i64 %629, 2880
-  %631 = getelementptr inbounds float, ptr %y, i64 %630
-  %632 = add nsw i64 %col46, 0
-  %633 = getelementptr inbounds float, ptr %631, i64 %632
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %634 = add nsw i64 %col46, 8
-  %635 = getelementptr inbounds float, ptr %631, i64 %634
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %636 = add nsw i64 %r0, 1
-  %637 = mul nsw i64 %636, 2880
-  %638 = getelementptr inbounds float, ptr %h, i64 %637
-  %639 = getelementptr inbounds i32, ptr %rows, i64 %636
-  %640 = load i32, ptr %639, align 4
-  %641 = sext i32 %640 to i64
-  %642 = mul nsw i64 %641, 2880
-  %643 = getelementptr inbounds float, ptr %y, i64 %642
-  %644 = add nsw i64 %col46, 0
-  %645 = getelementptr inbounds float, ptr %643, i64 %644
-  store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %646 = add nsw i64 %col46, 8
-  %647 = getelementptr inbounds float, ptr %643, i64 %646
-  store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %648 = add nsw i64 %r0, 2
-  %649 = mul nsw i64 %648, 2880
-  %650 = getelementptr inbounds float, ptr %h, i64 %649
-  %651 = getelementptr inbounds i32, ptr %rows, i64 %648
-  %652 = load i32, ptr %651, align 4
-  %653 = sext i32 %652 to i64
-  %654 = mul nsw i64 %653, 2880
-  %655 = getelementptr inbounds float, ptr %y, i64 %654
-  %656 = add nsw i64 %col46, 0
-  %657 = getelementptr inbounds float, ptr %655, i64 %656
-  store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %658 = add nsw i64 %col46, 8
-  %659 = getelementptr inbounds float, ptr %655, i64 %658
-  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %630 = add nsw i64 %r0, 0
+  %631 = mul nsw i64 %630, 2880
+  %632 = getelementptr inbounds float, ptr %h, i64 %631
+  %633 = getelementptr inbounds i32, ptr %rows, i64 %630
+  %634 = load i32, ptr %633, align 4
+  %635 = sext i32 %634 to i64
+  %636 = mul nsw i64 %635, 2880
+  %637 = getelementptr inbounds float, ptr %y, i64 %636
+  %638 = add nsw i64 %col46, 0
+  %639 = getelementptr inbounds float, ptr %637, i64 %638
+  store <8 x float> zeroinitializer, ptr %acc00047, align 4
+  %640 = add nsw i64 %col46, 8
+  %641 = getelementptr inbounds float, ptr %637, i64 %640
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  %642 = add nsw i64 %r0, 1
+  %643 = mul nsw i64 %642, 2880
+  %644 = getelementptr inbounds float, ptr %h, i64 %643
+  %645 = getelementptr inbounds i32, ptr %rows, i64 %642
+  %646 = load i32, ptr %645, align 4
+  %647 = sext i32 %646 to i64
+  %648 = mul nsw i64 %647, 2880
+  %649 = getelementptr inbounds float, ptr %y, i64 %648
+  %650 = add nsw i64 %col46, 0
+  %651 = getelementptr inbounds float, ptr %649, i64 %650
+  store <8 x float> zeroinitializer, ptr %acc01049, align 4
+  %652 = add nsw i64 %col46, 8
+  %653 = getelementptr inbounds float, ptr %649, i64 %652
+  store <8 x float> zeroinitializer, ptr %acc01150, align 4
+  %654 = add nsw i64 %r0, 2
+  %655 = mul nsw i64 %654, 2880
+  %656 = getelementptr inbounds float, ptr %h, i64 %655
+  %657 = getelementptr inbounds i32, ptr %rows, i64 %654
+  %658 = load i32, ptr %657, align 4
+  %659 = sext i32 %658 to i64
+  %660 = mul nsw i64 %659, 2880
+  %661 = getelementptr inbounds float, ptr %y, i64 %660
+  %662 = add nsw i64 %col46, 0
+  %663 = getelementptr inbounds float, ptr %661, i64 %662
+  store <8 x float> zeroinitializer, ptr %acc02051, align 4
+  %664 = add nsw i64 %col46, 8
+  %665 = getelementptr inbounds float, ptr %661, i64 %664
+  store <8 x float> zeroinitializer, ptr %acc02152, align 4
   %panel.off53 = mul nsw i64 %p, 46080
-  %660 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %661 = add nsw i64 %p, 1
-  %662 = icmp slt i64 %661, %p1
-  %pf.on54 = and i1 %pf.on, %662
-  %663 = mul nsw i64 %rb, 92160
-  %664 = lshr i64 %663, %12
-  %665 = add nsw i64 92160, %664
-  %666 = getelementptr inbounds i8, ptr %660, i64 %665
-  %pf55 = select i1 %pf.on54, ptr %666, ptr %660
+  %666 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %667 = add nsw i64 %p, 1
+  %668 = icmp slt i64 %667, %p1
+  %pf.on54 = and i1 %pf.on, %668
+  %669 = mul nsw i64 %rb, 92160
+  %670 = lshr i64 %669, %12
+  %671 = add nsw i64 92160, %670
+  %672 = getelementptr inbounds i8, ptr %666, i64 %671
+  %pf55 = select i1 %pf.on54, ptr %672, ptr %666
   %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %701, %pf.any.end62 ]
-  %667 = icmp slt i64 %k60, 2880
-  br i1 %667, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %709, %pf.any.end62 ]
+  %673 = icmp slt i64 %k60, 2880
+  br i1 %673, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %668 = mul nsw i64 %k60, 16
-  %669 = add nsw i64 %panel.off53, %668
-  %670 = mul nsw i64 %k60, 32
+  %674 = mul nsw i64 %k60, 1
+  %675 = add nsw i64 %674, 0
+  %676 = mul nsw i64 %675, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %671 = lshr i64 %670, %pf.sh56
-  %672 = getelementptr inbounds i8, ptr %pf55, i64 %671
-  call void @llvm.prefetch.p0(ptr %672, i32 0, i32 2, i32 1)
+  %677 = lshr i64 %676, %pf.sh56
+  %678 = getelementptr inbounds i8, ptr %pf55, i64 %677
+  call void @llvm.prefetch.p0(ptr %678, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %673 = getelementptr inbounds i16, ptr %panels, i64 %669
-  %674 = load <8 x i32>, ptr %673, align 4
-  %675 = shl <8 x i32> %674, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %675 to <8 x float>
-  %676 = and <8 x i32> %674, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %676 to <8 x float>
-  %677 = getelementptr inbounds float, ptr %626, i64 %k60
-  %678 = load float, ptr %677, align 4
-  %679 = insertelement <8 x float> poison, float %678, i32 0
-  %680 = shufflevector <8 x float> %679, <8 x float> poison, <8 x i32> zeroinitializer
-  %681 = load <8 x float>, ptr %acc0047, align 4
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %b063, <8 x float> %681)
-  store <8 x float> %682, ptr %acc0047, align 4
-  %683 = load <8 x float>, ptr %acc0148, align 4
-  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %b164, <8 x float> %683)
-  store <8 x float> %684, ptr %acc0148, align 4
-  %685 = getelementptr inbounds float, ptr %638, i64 %k60
+  %679 = mul nsw i64 %675, 16
+  %680 = add nsw i64 %panel.off53, %679
+  %681 = getelementptr inbounds i16, ptr %panels, i64 %680
+  %682 = load <8 x i32>, ptr %681, align 4
+  %683 = shl <8 x i32> %682, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %683 to <8 x float>
+  %684 = and <8 x i32> %682, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %684 to <8 x float>
+  %685 = getelementptr inbounds float, ptr %632, i64 %675
   %686 = load float, ptr %685, align 4
   %687 = insertelement <8 x float> poison, float %686, i32 0
   %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
-  %689 = load <8 x float>, ptr %acc1049, align 4
+  %689 = load <8 x float>, ptr %acc00047, align 4
   %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b063, <8 x float> %689)
-  store <8 x float> %690, ptr %acc1049, align 4
-  %691 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %690, ptr %acc00047, align 4
+  %691 = load <8 x float>, ptr %acc00148, align 4
   %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b164, <8 x float> %691)
-  store <8 x float> %692, ptr %acc1150, align 4
-  %693 = getelementptr inbounds float, ptr %650, i64 %k60
+  store <8 x float> %692, ptr %acc00148, align 4
+  %693 = getelementptr inbounds float, ptr %644, i64 %675
   %694 = load float, ptr %693, align 4
   %695 = insertelement <8 x float> poison, float %694, i32 0
   %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
-  %697 = load <8 x float>, ptr %acc2051, align 4
+  %697 = load <8 x float>, ptr %acc01049, align 4
   %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b063, <8 x float> %697)
-  store <8 x float> %698, ptr %acc2051, align 4
-  %699 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %698, ptr %acc01049, align 4
+  %699 = load <8 x float>, ptr %acc01150, align 4
   %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b164, <8 x float> %699)
-  store <8 x float> %700, ptr %acc2152, align 4
-  %701 = add nsw i64 %k60, 1
+  store <8 x float> %700, ptr %acc01150, align 4
+  %701 = getelementptr inbounds float, ptr %656, i64 %675
+  %702 = load float, ptr %701, align 4
+  %703 = insertelement <8 x float> poison, float %702, i32 0
+  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
+  %705 = load <8 x float>, ptr %acc02051, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b063, <8 x float> %705)
+  store <8 x float> %706, ptr %acc02051, align 4
+  %707 = load <8 x float>, ptr %acc02152, align 4
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b164, <8 x float> %707)
+  store <8 x float> %708, ptr %acc02152, align 4
+  %709 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %702 = add nsw i64 %r0, 0
-  %703 = getelementptr inbounds float, ptr %rw, i64 %702
-  %704 = load float, ptr %703, align 4
-  %705 = insertelement <8 x float> poison, float %704, i32 0
-  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
-  %707 = load <8 x float>, ptr %acc0047, align 4
-  %708 = add nsw i64 %col46, 0
-  %709 = getelementptr inbounds float, ptr %bd, i64 %708
-  %710 = load <8 x float>, ptr %709, align 4
-  %711 = fmul <8 x float> %710, %706
-  %712 = fadd <8 x float> %707, %711
-  store <8 x float> %712, ptr %633, align 4
-  %713 = load <8 x float>, ptr %acc0148, align 4
-  %714 = add nsw i64 %col46, 8
-  %715 = getelementptr inbounds float, ptr %bd, i64 %714
-  %716 = load <8 x float>, ptr %715, align 4
-  %717 = fmul <8 x float> %716, %706
-  %718 = fadd <8 x float> %713, %717
-  store <8 x float> %718, ptr %635, align 4
-  %719 = add nsw i64 %r0, 1
-  %720 = getelementptr inbounds float, ptr %rw, i64 %719
-  %721 = load float, ptr %720, align 4
-  %722 = insertelement <8 x float> poison, float %721, i32 0
-  %723 = shufflevector <8 x float> %722, <8 x float> poison, <8 x i32> zeroinitializer
-  %724 = load <8 x float>, ptr %acc1049, align 4
-  %725 = add nsw i64 %col46, 0
-  %726 = getelementptr inbounds float, ptr %bd, i64 %725
-  %727 = load <8 x float>, ptr %726, align 4
-  %728 = fmul <8 x float> %727, %723
-  %729 = fadd <8 x float> %724, %728
-  store <8 x float> %729, ptr %645, align 4
-  %730 = load <8 x float>, ptr %acc1150, align 4
-  %731 = add nsw i64 %col46, 8
-  %732 = getelementptr inbounds float, ptr %bd, i64 %731
-  %733 = load <8 x float>, ptr %732, align 4
-  %734 = fmul <8 x float> %733, %723
-  %735 = fadd <8 x float> %730, %734
-  store <8 x float> %735, ptr %647, align 4
-  %736 = add nsw i64 %r0, 2
-  %737 = getelementptr inbounds float, ptr %rw, i64 %736
-  %738 = load float, ptr %737, align 4
-  %739 = insertelement <8 x float> poison, float %738, i32 0
-  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
-  %741 = load <8 x float>, ptr %acc2051, align 4
-  %742 = add nsw i64 %col46, 0
-  %743 = getelementptr inbounds float, ptr %bd, i64 %742
-  %744 = load <8 x float>, ptr %743, align 4
-  %745 = fmul <8 x float> %744, %740
-  %746 = fadd <8 x float> %741, %745
-  store <8 x float> %746, ptr %657, align 4
-  %747 = load <8 x float>, ptr %acc2152, align 4
-  %748 = add nsw i64 %col46, 8
-  %749 = getelementptr inbounds float, ptr %bd, i64 %748
-  %750 = load <8 x float>, ptr %749, align 4
-  %751 = fmul <8 x float> %750, %740
-  %752 = fadd <8 x float> %747, %751
-  store <8 x float> %752, ptr %659, align 4
+  %710 = add nsw i64 %r0, 0
+  %711 = getelementptr inbounds float, ptr %rw, i64 %710
+  %712 = load float, ptr %711, align 4
+  %713 = insertelement <8 x float> poison, float %712, i32 0
+  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
+  %715 = load <8 x float>, ptr %acc00047, align 4
+  %716 = add nsw i64 %col46, 0
+  %717 = getelementptr inbounds float, ptr %bd, i64 %716
+  %718 = load <8 x float>, ptr %717, align 4
+  %719 = fmul <8 x float> %718, %714
+  %720 = fadd <8 x float> %715, %719
+  store <8 x float> %720, ptr %639, align 4
+  %721 = load <8 x float>, ptr %acc00148, align 4
+  %722 = add nsw i64 %col46, 8
+  %723 = getelementptr inbounds float, ptr %bd, i64 %722
+  %724 = load <8 x float>, ptr %723, align 4
+  %725 = fmul <8 x float> %724, %714
+  %726 = fadd <8 x float> %721, %725
+  store <8 x float> %726, ptr %641, align 4
+  %727 = add nsw i64 %r0, 1
+  %728 = getelementptr inbounds float, ptr %rw, i64 %727
+  %729 = load float, ptr %728, align 4
+  %730 = insertelement <8 x float> poison, float %729, i32 0
+  %731 = shufflevector <8 x float> %730, <8 x float> poison, <8 x i32> zeroinitializer
+  %732 = load <8 x float>, ptr %acc01049, align 4
+  %733 = add nsw i64 %col46, 0
+  %734 = getelementptr inbounds float, ptr %bd, i64 %733
+  %735 = load <8 x float>, ptr %734, align 4
+  %736 = fmul <8 x float> %735, %731
+  %737 = fadd <8 x float> %732, %736
+  store <8 x float> %737, ptr %651, align 4
+  %738 = load <8 x float>, ptr %acc01150, align 4
+  %739 = add nsw i64 %col46, 8
+  %740 = getelementptr inbounds float, ptr %bd, i64 %739
+  %741 = load <8 x float>, ptr %740, align 4
+  %742 = fmul <8 x float> %741, %731
+  %743 = fadd <8 x float> %738, %742
+  store <8 x float> %743, ptr %653, align 4
+  %744 = add nsw i64 %r0, 2
+  %745 = getelementptr inbounds float, ptr %rw, i64 %744
+  %746 = load float, ptr %745, align 4
+  %747 = insertelement <8 x float> poison, float %746, i32 0
+  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
+  %749 = load <8 x float>, ptr %acc02051, align 4
+  %750 = add nsw i64 %col46, 0
+  %751 = getelementptr inbounds float, ptr %bd, i64 %750
+  %752 = load <8 x float>, ptr %751, align 4
+  %753 = fmul <8 x float> %752, %748
+  %754 = fadd <8 x float> %749, %753
+  store <8 x float> %754, ptr %663, align 4
+  %755 = load <8 x float>, ptr %acc02152, align 4
+  %756 = add nsw i64 %col46, 8
+  %757 = getelementptr inbounds float, ptr %bd, i64 %756
+  %758 = load <8 x float>, ptr %757, align 4
+  %759 = fmul <8 x float> %758, %748
+  %760 = fadd <8 x float> %755, %759
+  store <8 x float> %760, ptr %665, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %753 = add nsw i64 %r0, 0
-  %754 = mul nsw i64 %753, 2880
-  %755 = getelementptr inbounds float, ptr %h, i64 %754
-  %756 = getelementptr inbounds i32, ptr %rows, i64 %753
-  %757 = load i32, ptr %756, align 4
-  %758 = sext i32 %757 to i64
-  %759 = mul nsw i64 %758, 2880
-  %760 = getelementptr inbounds float, ptr %y, i64 %759
-  %761 = add nsw i64 %col65, 0
-  %762 = getelementptr inbounds float, ptr %760, i64 %761
-  store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %763 = add nsw i64 %col65, 8
-  %764 = getelementptr inbounds float, ptr %760, i64 %763
-  store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %765 = add nsw i64 %r0, 1
-  %766 = mul nsw i64 %765, 2880
-  %767 = getelementptr inbounds float, ptr %h, i64 %766
-  %768 = getelementptr inbounds i32, ptr %rows, i64 %765
-  %769 = load i32, ptr %768, align 4
-  %770 = sext i32 %769 to i64
-  %771 = mul nsw i64 %770, 2880
-  %772 = getelementptr inbounds float, ptr %y, i64 %771
-  %773 = add nsw i64 %col65, 0
-  %774 = getelementptr inbounds float, ptr %772, i64 %773
-  store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %775 = add nsw i64 %col65, 8
-  %776 = getelementptr inbounds float, ptr %772, i64 %775
-  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %761 = add nsw i64 %r0, 0
+  %762 = mul nsw i64 %761, 2880
+  %763 = getelementptr inbounds float, ptr %h, i64 %762
+  %764 = getelementptr inbounds i32, ptr %rows, i64 %761
+  %765 = load i32, ptr %764, align 4
+  %766 = sext i32 %765 to i64
+  %767 = mul nsw i64 %766, 2880
+  %768 = getelementptr inbounds float, ptr %y, i64 %767
+  %769 = add nsw i64 %col65, 0
+  %770 = getelementptr inbounds float, ptr %768, i64 %769
+  store <8 x float> zeroinitializer, ptr %acc00066, align 4
+  %771 = add nsw i64 %col65, 8
+  %772 = getelementptr inbounds float, ptr %768, i64 %771
+  store <8 x float> zeroinitializer, ptr %acc00167, align 4
+  %773 = add nsw i64 %r0, 1
+  %774 = mul nsw i64 %773, 2880
+  %775 = getelementptr inbounds float, ptr %h, i64 %774
+  %776 = getelementptr inbounds i32, ptr %rows, i64 %773
+  %777 = load i32, ptr %776, align 4
+  %778 = sext i32 %777 to i64
+  %779 = mul nsw i64 %778, 2880
+  %780 = getelementptr inbounds float, ptr %y, i64 %779
+  %781 = add nsw i64 %col65, 0
+  %782 = getelementptr inbounds float, ptr %780, i64 %781
+  store <8 x float> zeroinitializer, ptr %acc01068, align 4
+  %783 = add nsw i64 %col65, 8
+  %784 = getelementptr inbounds float, ptr %780, i64 %783
+  store <8 x float> zeroinitializer, ptr %acc01169, align 4
   %panel.off70 = mul nsw i64 %p, 46080
-  %777 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %778 = add nsw i64 %p, 1
-  %779 = icmp slt i64 %778, %p1
-  %pf.on71 = and i1 %pf.on, %779
-  %780 = mul nsw i64 %rb, 92160
-  %781 = lshr i64 %780, %12
-  %782 = add nsw i64 92160, %781
-  %783 = getelementptr inbounds i8, ptr %777, i64 %782
-  %pf72 = select i1 %pf.on71, ptr %783, ptr %777
+  %785 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %786 = add nsw i64 %p, 1
+  %787 = icmp slt i64 %786, %p1
+  %pf.on71 = and i1 %pf.on, %787
+  %788 = mul nsw i64 %rb, 92160
+  %789 = lshr i64 %788, %12
+  %790 = add nsw i64 92160, %789
+  %791 = getelementptr inbounds i8, ptr %785, i64 %790
+  %pf72 = select i1 %pf.on71, ptr %791, ptr %785
   %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %810, %pf.any.end79 ]
-  %784 = icmp slt i64 %k77, 2880
-  br i1 %784, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %820, %pf.any.end79 ]
+  %792 = icmp slt i64 %k77, 2880
+  br i1 %792, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %785 = mul nsw i64 %k77, 16
-  %786 = add nsw i64 %panel.off70, %785
-  %787 = mul nsw i64 %k77, 32
+  %793 = mul nsw i64 %k77, 1
+  %794 = add nsw i64 %793, 0
+  %795 = mul nsw i64 %794, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %788 = lshr i64 %787, %pf.sh73
-  %789 = getelementptr inbounds i8, ptr %pf72, i64 %788
-  call void @llvm.prefetch.p0(ptr %789, i32 0, i32 2, i32 1)
+  %796 = lshr i64 %795, %pf.sh73
+  %797 = getelementptr inbounds i8, ptr %pf72, i64 %796
+  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %790 = getelementptr inbounds i16, ptr %panels, i64 %786
-  %791 = load <8 x i32>, ptr %790, align 4
-  %792 = shl <8 x i32> %791, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %792 to <8 x float>
-  %793 = and <8 x i32> %791, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %793 to <8 x float>
-  %794 = getelementptr inbounds float, ptr %755, i64 %k77
-  %795 = load float, ptr %794, align 4
-  %796 = insertelement <8 x float> poison, float %795, i32 0
-  %797 = shufflevector <8 x float> %796, <8 x float> poison, <8 x i32> zeroinitializer
-  %798 = load <8 x float>, ptr %acc0066, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %b080, <8 x float> %798)
-  store <8 x float> %799, ptr %acc0066, align 4
-  %800 = load <8 x float>, ptr %acc0167, align 4
-  %801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %797, <8 x float> %b181, <8 x float> %800)
-  store <8 x float> %801, ptr %acc0167, align 4
-  %802 = getelementptr inbounds float, ptr %767, i64 %k77
-  %803 = load float, ptr %802, align 4
-  %804 = insertelement <8 x float> poison, float %803, i32 0
-  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
-  %806 = load <8 x float>, ptr %acc1068, align 4
-  %807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> %b080, <8 x float> %806)
-  store <8 x float> %807, ptr %acc1068, align 4
-  %808 = load <8 x float>, ptr %acc1169, align 4
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %805, <8 x float> %b181, <8 x float> %808)
-  store <8 x float> %809, ptr %acc1169, align 4
-  %810 = add nsw i64 %k77, 1
-  br label %k.head74
-
-k.end76:                                          ; preds = %k.head74
-  %811 = add nsw i64 %r0, 0
-  %812 = getelementptr inbounds float, ptr %rw, i64 %811
+  %798 = mul nsw i64 %794, 16
+  %799 = add nsw i64 %panel.off70, %798
+  %800 = getelementptr inbounds i16, ptr %panels, i64 %799
+  %801 = load <8 x i32>, ptr %800, align 4
+  %802 = shl <8 x i32> %801, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %802 to <8 x float>
+  %803 = and <8 x i32> %801, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %803 to <8 x float>
+  %804 = getelementptr inbounds float, ptr %763, i64 %794
+  %805 = load float, ptr %804, align 4
+  %806 = insertelement <8 x float> poison, float %805, i32 0
+  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
+  %808 = load <8 x float>, ptr %acc00066, align 4
+  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %b080, <8 x float> %808)
+  store <8 x float> %809, ptr %acc00066, align 4
+  %810 = load <8 x float>, ptr %acc00167, align 4
+  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %b181, <8 x float> %810)
+  store <8 x float> %811, ptr %acc00167, align 4
+  %812 = getelementptr inbounds float, ptr %775, i64 %794
   %813 = load float, ptr %812, align 4
   %814 = insertelement <8 x float> poison, float %813, i32 0
   %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
-  %816 = load <8 x float>, ptr %acc0066, align 4
-  %817 = add nsw i64 %col65, 0
-  %818 = getelementptr inbounds float, ptr %bd, i64 %817
-  %819 = load <8 x float>, ptr %818, align 4
-  %820 = fmul <8 x float> %819, %815
-  %821 = fadd <8 x float> %816, %820
-  store <8 x float> %821, ptr %762, align 4
-  %822 = load <8 x float>, ptr %acc0167, align 4
-  %823 = add nsw i64 %col65, 8
-  %824 = getelementptr inbounds float, ptr %bd, i64 %823
-  %825 = load <8 x float>, ptr %824, align 4
-  %826 = fmul <8 x float> %825, %815
-  %827 = fadd <8 x float> %822, %826
-  store <8 x float> %827, ptr %764, align 4
-  %828 = add nsw i64 %r0, 1
-  %829 = getelementptr inbounds float, ptr %rw, i64 %828
-  %830 = load float, ptr %829, align 4
-  %831 = insertelement <8 x float> poison, float %830, i32 0
-  %832 = shufflevector <8 x float> %831, <8 x float> poison, <8 x i32> zeroinitializer
-  %833 = load <8 x float>, ptr %acc1068, align 4
-  %834 = add nsw i64 %col65, 0
-  %835 = getelementptr inbounds float, ptr %bd, i64 %834
-  %836 = load <8 x float>, ptr %835, align 4
-  %837 = fmul <8 x float> %836, %832
-  %838 = fadd <8 x float> %833, %837
-  store <8 x float> %838, ptr %774, align 4
-  %839 = load <8 x float>, ptr %acc1169, align 4
-  %840 = add nsw i64 %col65, 8
-  %841 = getelementptr inbounds float, ptr %bd, i64 %840
-  %842 = load <8 x float>, ptr %841, align 4
-  %843 = fmul <8 x float> %842, %832
-  %844 = fadd <8 x float> %839, %843
-  store <8 x float> %844, ptr %776, align 4
+  %816 = load <8 x float>, ptr %acc01068, align 4
+  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %b080, <8 x float> %816)
+  store <8 x float> %817, ptr %acc01068, align 4
+  %818 = load <8 x float>, ptr %acc01169, align 4
+  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %b181, <8 x float> %818)
+  store <8 x float> %819, ptr %acc01169, align 4
+  %820 = add nsw i64 %k77, 1
+  br label %k.head74
+
+k.end76:                                          ; preds = %k.head74
+  %821 = add nsw i64 %r0, 0
+  %822 = getelementptr inbounds float, ptr %rw, i64 %821
+  %823 = load float, ptr %822, align 4
+  %824 = insertelement <8 x float> poison, float %823, i32 0
+  %825 = shufflevector <8 x float> %824, <8 x float> poison, <8 x i32> zeroinitializer
+  %826 = load <8 x float>, ptr %acc00066, align 4
+  %827 = add nsw i64 %col65, 0
+  %828 = getelementptr inbounds float, ptr %bd, i64 %827
+  %829 = load <8 x float>, ptr %828, align 4
+  %830 = fmul <8 x float> %829, %825
+  %831 = fadd <8 x float> %826, %830
+  store <8 x float> %831, ptr %770, align 4
+  %832 = load <8 x float>, ptr %acc00167, align 4
+  %833 = add nsw i64 %col65, 8
+  %834 = getelementptr inbounds float, ptr %bd, i64 %833
+  %835 = load <8 x float>, ptr %834, align 4
+  %836 = fmul <8 x float> %835, %825
+  %837 = fadd <8 x float> %832, %836
+  store <8 x float> %837, ptr %772, align 4
+  %838 = add nsw i64 %r0, 1
+  %839 = getelementptr inbounds float, ptr %rw, i64 %838
+  %840 = load float, ptr %839, align 4
+  %841 = insertelement <8 x float> poison, float %840, i32 0
+  %842 = shufflevector <8 x float> %841, <8 x float> poison, <8 x i32> zeroinitializer
+  %843 = load <8 x float>, ptr %acc01068, align 4
+  %844 = add nsw i64 %col65, 0
+  %845 = getelementptr inbounds float, ptr %bd, i64 %844
+  %846 = load <8 x float>, ptr %845, align 4
+  %847 = fmul <8 x float> %846, %842
+  %848 = fadd <8 x float> %843, %847
+  store <8 x float> %848, ptr %782, align 4
+  %849 = load <8 x float>, ptr %acc01169, align 4
+  %850 = add nsw i64 %col65, 8
+  %851 = getelementptr inbounds float, ptr %bd, i64 %850
+  %852 = load <8 x float>, ptr %851, align 4
+  %853 = fmul <8 x float> %852, %842
+  %854 = fadd <8 x float> %849, %853
+  store <8 x float> %854, ptr %784, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %845 = add nsw i64 %r0, 0
-  %846 = mul nsw i64 %845, 2880
-  %847 = getelementptr inbounds float, ptr %h, i64 %846
-  %848 = getelementptr inbounds i32, ptr %rows, i64 %845
-  %849 = load i32, ptr %848, align 4
-  %850 = sext i32 %849 to i64
-  %851 = mul nsw i64 %850, 2880
-  %852 = getelementptr inbounds float, ptr %y, i64 %851
-  %853 = add nsw i64 %col82, 0
-  %854 = getelementptr inbounds float, ptr %852, i64 %853
-  store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %855 = add nsw i64 %col82, 8
-  %856 = getelementptr inbounds float, ptr %852, i64 %855
-  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %855 = add nsw i64 %r0, 0
+  %856 = mul nsw i64 %855, 2880
+  %857 = getelementptr inbounds float, ptr %h, i64 %856
+  %858 = getelementptr inbounds i32, ptr %rows, i64 %855
+  %859 = load i32, ptr %858, align 4
+  %860 = sext i32 %859 to i64
+  %861 = mul nsw i64 %860, 2880
+  %862 = getelementptr inbounds float, ptr %y, i64 %861
+  %863 = add nsw i64 %col82, 0
+  %864 = getelementptr inbounds float, ptr %862, i64 %863
+  store <8 x float> zeroinitializer, ptr %acc00083, align 4
+  %865 = add nsw i64 %col82, 8
+  %866 = getelementptr inbounds float, ptr %862, i64 %865
+  store <8 x float> zeroinitializer, ptr %acc00184, align 4
   %panel.off85 = mul nsw i64 %p, 46080
-  %857 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %858 = add nsw i64 %p, 1
-  %859 = icmp slt i64 %858, %p1
-  %pf.on86 = and i1 %pf.on, %859
-  %860 = mul nsw i64 %rb, 92160
-  %861 = lshr i64 %860, %12
-  %862 = add nsw i64 92160, %861
-  %863 = getelementptr inbounds i8, ptr %857, i64 %862
-  %pf87 = select i1 %pf.on86, ptr %863, ptr %857
+  %867 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %868 = add nsw i64 %p, 1
+  %869 = icmp slt i64 %868, %p1
+  %pf.on86 = and i1 %pf.on, %869
+  %870 = mul nsw i64 %rb, 92160
+  %871 = lshr i64 %870, %12
+  %872 = add nsw i64 92160, %871
+  %873 = getelementptr inbounds i8, ptr %867, i64 %872
+  %pf87 = select i1 %pf.on86, ptr %873, ptr %867
   %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %882, %pf.any.end94 ]
-  %864 = icmp slt i64 %k92, 2880
-  br i1 %864, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %894, %pf.any.end94 ]
+  %874 = icmp slt i64 %k92, 2880
+  br i1 %874, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %865 = mul nsw i64 %k92, 16
-  %866 = add nsw i64 %panel.off85, %865
-  %867 = mul nsw i64 %k92, 32
+  %875 = mul nsw i64 %k92, 1
+  %876 = add nsw i64 %875, 0
+  %877 = mul nsw i64 %876, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %868 = lshr i64 %867, %pf.sh88
-  %869 = getelementptr inbounds i8, ptr %pf87, i64 %868
-  call void @llvm.prefetch.p0(ptr %869, i32 0, i32 2, i32 1)
+  %878 = lshr i64 %877, %pf.sh88
+  %879 = getelementptr inbounds i8, ptr %pf87, i64 %878
+  call void @llvm.prefetch.p0(ptr %879, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %870 = getelementptr inbounds i16, ptr %panels, i64 %866
-  %871 = load <8 x i32>, ptr %870, align 4
-  %872 = shl <8 x i32> %871, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %872 to <8 x float>
-  %873 = and <8 x i32> %871, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %873 to <8 x float>
-  %874 = getelementptr inbounds float, ptr %847, i64 %k92
-  %875 = load float, ptr %874, align 4
-  %876 = insertelement <8 x float> poison, float %875, i32 0
-  %877 = shufflevector <8 x float> %876, <8 x float> poison, <8 x i32> zeroinitializer
-  %878 = load <8 x float>, ptr %acc0083, align 4
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %b095, <8 x float> %878)
-  store <8 x float> %879, ptr %acc0083, align 4
-  %880 = load <8 x float>, ptr %acc0184, align 4
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %b196, <8 x float> %880)
-  store <8 x float> %881, ptr %acc0184, align 4
-  %882 = add nsw i64 %k92, 1
+  %880 = mul nsw i64 %876, 16
+  %881 = add nsw i64 %panel.off85, %880
+  %882 = getelementptr inbounds i16, ptr %panels, i64 %881
+  %883 = load <8 x i32>, ptr %882, align 4
+  %884 = shl <8 x i32> %883, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %884 to <8 x float>
+  %885 = and <8 x i32> %883, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %885 to <8 x float>
+  %886 = getelementptr inbounds float, ptr %857, i64 %876
+  %887 = load float, ptr %886, align 4
+  %888 = insertelement <8 x float> poison, float %887, i32 0
+  %889 = shufflevector <8 x float> %888, <8 x float> poison, <8 x i32> zeroinitializer
+  %890 = load <8 x float>, ptr %acc00083, align 4
+  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %b095, <8 x float> %890)
+  store <8 x float> %891, ptr %acc00083, align 4
+  %892 = load <8 x float>, ptr %acc00184, align 4
+  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %b196, <8 x float> %892)
+  store <8 x float> %893, ptr %acc00184, align 4
+  %894 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %883 = add nsw i64 %r0, 0
-  %884 = getelementptr inbounds float, ptr %rw, i64 %883
-  %885 = load float, ptr %884, align 4
-  %886 = insertelement <8 x float> poison, float %885, i32 0
-  %887 = shufflevector <8 x float> %886, <8 x float> poison, <8 x i32> zeroinitializer
-  %888 = load <8 x float>, ptr %acc0083, align 4
-  %889 = add nsw i64 %col82, 0
-  %890 = getelementptr inbounds float, ptr %bd, i64 %889
-  %891 = load <8 x float>, ptr %890, align 4
-  %892 = fmul <8 x float> %891, %887
-  %893 = fadd <8 x float> %888, %892
-  store <8 x float> %893, ptr %854, align 4
-  %894 = load <8 x float>, ptr %acc0184, align 4
-  %895 = add nsw i64 %col82, 8
-  %896 = getelementptr inbounds float, ptr %bd, i64 %895
-  %897 = load <8 x float>, ptr %896, align 4
-  %898 = fmul <8 x float> %897, %887
-  %899 = fadd <8 x float> %894, %898
-  store <8 x float> %899, ptr %856, align 4
+  %895 = add nsw i64 %r0, 0
+  %896 = getelementptr inbounds float, ptr %rw, i64 %895
+  %897 = load float, ptr %896, align 4
+  %898 = insertelement <8 x float> poison, float %897, i32 0
+  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
+  %900 = load <8 x float>, ptr %acc00083, align 4
+  %901 = add nsw i64 %col82, 0
+  %902 = getelementptr inbounds float, ptr %bd, i64 %901
+  %903 = load <8 x float>, ptr %902, align 4
+  %904 = fmul <8 x float> %903, %899
+  %905 = fadd <8 x float> %900, %904
+  store <8 x float> %905, ptr %864, align 4
+  %906 = load <8 x float>, ptr %acc00184, align 4
+  %907 = add nsw i64 %col82, 8
+  %908 = getelementptr inbounds float, ptr %bd, i64 %907
+  %909 = load <8 x float>, ptr %908, align 4
+  %910 = fmul <8 x float> %909, %899
+  %911 = fadd <8 x float> %906, %910
+  store <8 x float> %911, ptr %866, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %900 = add nsw i64 %rb, 1
+  %912 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %901 = add nsw i64 %p, 1
+  %913 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

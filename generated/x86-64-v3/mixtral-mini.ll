@@ -912,55 +912,55 @@ declare double @exp(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc3038 = alloca <8 x float>, align 32
-  %acc3139 = alloca <8 x float>, align 32
-  %acc4040 = alloca <8 x float>, align 32
-  %acc4141 = alloca <8 x float>, align 32
-  %acc0082 = alloca <8 x float>, align 32
-  %acc0183 = alloca <8 x float>, align 32
-  %acc1084 = alloca <8 x float>, align 32
-  %acc1185 = alloca <8 x float>, align 32
-  %acc2086 = alloca <8 x float>, align 32
-  %acc2187 = alloca <8 x float>, align 32
-  %acc3088 = alloca <8 x float>, align 32
-  %acc3189 = alloca <8 x float>, align 32
-  %acc00124 = alloca <8 x float>, align 32
-  %acc01125 = alloca <8 x float>, align 32
-  %acc10126 = alloca <8 x float>, align 32
-  %acc11127 = alloca <8 x float>, align 32
-  %acc20128 = alloca <8 x float>, align 32
-  %acc21129 = alloca <8 x float>, align 32
-  %acc00158 = alloca <8 x float>, align 32
-  %acc01159 = alloca <8 x float>, align 32
-  %acc10160 = alloca <8 x float>, align 32
-  %acc11161 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc00032 = alloca <8 x float>, align 32
+  %acc00133 = alloca <8 x float>, align 32
+  %acc01034 = alloca <8 x float>, align 32
+  %acc01135 = alloca <8 x float>, align 32
+  %acc02036 = alloca <8 x float>, align 32
+  %acc02137 = alloca <8 x float>, align 32
+  %acc03038 = alloca <8 x float>, align 32
+  %acc03139 = alloca <8 x float>, align 32
+  %acc04040 = alloca <8 x float>, align 32
+  %acc04141 = alloca <8 x float>, align 32
+  %acc00082 = alloca <8 x float>, align 32
+  %acc00183 = alloca <8 x float>, align 32
+  %acc01084 = alloca <8 x float>, align 32
   %acc01185 = alloca <8 x float>, align 32
+  %acc02086 = alloca <8 x float>, align 32
+  %acc02187 = alloca <8 x float>, align 32
+  %acc03088 = alloca <8 x float>, align 32
+  %acc03189 = alloca <8 x float>, align 32
+  %acc000124 = alloca <8 x float>, align 32
+  %acc001125 = alloca <8 x float>, align 32
+  %acc010126 = alloca <8 x float>, align 32
+  %acc011127 = alloca <8 x float>, align 32
+  %acc020128 = alloca <8 x float>, align 32
+  %acc021129 = alloca <8 x float>, align 32
+  %acc000158 = alloca <8 x float>, align 32
+  %acc001159 = alloca <8 x float>, align 32
+  %acc010160 = alloca <8 x float>, align 32
+  %acc011161 = alloca <8 x float>, align 32
+  %acc000184 = alloca <8 x float>, align 32
+  %acc001185 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1095, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %1107, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -970,7 +970,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1094, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %1106, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -1006,48 +1006,48 @@ tile.mr6:                                         ; preds = %rb.body
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 64
   %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %20 = add nsw i64 %r0, 1
   %21 = getelementptr inbounds i32, ptr %rows, i64 %20
   %22 = load i32, ptr %21, align 4
   %23 = sext i32 %22 to i64
   %24 = mul nsw i64 %23, 64
   %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %26 = add nsw i64 %r0, 2
   %27 = getelementptr inbounds i32, ptr %rows, i64 %26
   %28 = load i32, ptr %27, align 4
   %29 = sext i32 %28 to i64
   %30 = mul nsw i64 %29, 64
   %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %32 = add nsw i64 %r0, 3
   %33 = getelementptr inbounds i32, ptr %rows, i64 %32
   %34 = load i32, ptr %33, align 4
   %35 = sext i32 %34 to i64
   %36 = mul nsw i64 %35, 64
   %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %38 = add nsw i64 %r0, 4
   %39 = getelementptr inbounds i32, ptr %rows, i64 %38
   %40 = load i32, ptr %39, align 4
   %41 = sext i32 %40 to i64
   %42 = mul nsw i64 %41, 64
   %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %44 = add nsw i64 %r0, 5
   %45 = getelementptr inbounds i32, ptr %rows, i64 %44
   %46 = load i32, ptr %45, align 4
   %47 = sext i32 %46 to i64
   %48 = mul nsw i64 %47, 64
   %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 1024
   %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
   %51 = add nsw i64 %p, 1
@@ -1062,14 +1062,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %116, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %118, %pf.any.end ]
   %57 = icmp slt i64 %k, 64
   br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 16
-  %59 = add nsw i64 %panel.off, %58
-  %60 = mul nsw i64 %k, 64
+  %58 = mul nsw i64 %k, 1
+  %59 = add nsw i64 %58, 0
+  %60 = mul nsw i64 %59, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -1079,1387 +1079,1399 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = getelementptr inbounds float, ptr %panels, i64 %59
-  %64 = load <8 x float>, ptr %63, align 4
-  %65 = add nsw i64 %59, 8
-  %66 = getelementptr inbounds float, ptr %panels, i64 %65
-  %67 = load <8 x float>, ptr %66, align 4
-  %68 = getelementptr inbounds float, ptr %19, i64 %k
-  %69 = load float, ptr %68, align 4
-  %70 = insertelement <8 x float> poison, float %69, i32 0
-  %71 = shufflevector <8 x float> %70, <8 x float> poison, <8 x i32> zeroinitializer
-  %72 = load <8 x float>, ptr %acc00, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %64, <8 x float> %72)
-  store <8 x float> %73, ptr %acc00, align 4
-  %74 = load <8 x float>, ptr %acc01, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %67, <8 x float> %74)
-  store <8 x float> %75, ptr %acc01, align 4
-  %76 = getelementptr inbounds float, ptr %25, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc10, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %64, <8 x float> %80)
-  store <8 x float> %81, ptr %acc10, align 4
-  %82 = load <8 x float>, ptr %acc11, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %67, <8 x float> %82)
-  store <8 x float> %83, ptr %acc11, align 4
-  %84 = getelementptr inbounds float, ptr %31, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc20, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %64, <8 x float> %88)
-  store <8 x float> %89, ptr %acc20, align 4
-  %90 = load <8 x float>, ptr %acc21, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %67, <8 x float> %90)
-  store <8 x float> %91, ptr %acc21, align 4
-  %92 = getelementptr inbounds float, ptr %37, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc30, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %64, <8 x float> %96)
-  store <8 x float> %97, ptr %acc30, align 4
-  %98 = load <8 x float>, ptr %acc31, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %67, <8 x float> %98)
-  store <8 x float> %99, ptr %acc31, align 4
-  %100 = getelementptr inbounds float, ptr %43, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc40, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %64, <8 x float> %104)
-  store <8 x float> %105, ptr %acc40, align 4
-  %106 = load <8 x float>, ptr %acc41, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %67, <8 x float> %106)
-  store <8 x float> %107, ptr %acc41, align 4
-  %108 = getelementptr inbounds float, ptr %49, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc50, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %64, <8 x float> %112)
-  store <8 x float> %113, ptr %acc50, align 4
-  %114 = load <8 x float>, ptr %acc51, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %67, <8 x float> %114)
-  store <8 x float> %115, ptr %acc51, align 4
-  %116 = add nsw i64 %k, 1
+  %63 = mul nsw i64 %59, 16
+  %64 = add nsw i64 %panel.off, %63
+  %65 = getelementptr inbounds float, ptr %panels, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %67 = add nsw i64 %64, 8
+  %68 = getelementptr inbounds float, ptr %panels, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  %70 = getelementptr inbounds float, ptr %19, i64 %59
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc000, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %66, <8 x float> %74)
+  store <8 x float> %75, ptr %acc000, align 4
+  %76 = load <8 x float>, ptr %acc001, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %69, <8 x float> %76)
+  store <8 x float> %77, ptr %acc001, align 4
+  %78 = getelementptr inbounds float, ptr %25, i64 %59
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc010, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %66, <8 x float> %82)
+  store <8 x float> %83, ptr %acc010, align 4
+  %84 = load <8 x float>, ptr %acc011, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %69, <8 x float> %84)
+  store <8 x float> %85, ptr %acc011, align 4
+  %86 = getelementptr inbounds float, ptr %31, i64 %59
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc020, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %66, <8 x float> %90)
+  store <8 x float> %91, ptr %acc020, align 4
+  %92 = load <8 x float>, ptr %acc021, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %69, <8 x float> %92)
+  store <8 x float> %93, ptr %acc021, align 4
+  %94 = getelementptr inbounds float, ptr %37, i64 %59
+  %95 = load float, ptr %94, align 4
+  %96 = insertelement <8 x float> poison, float %95, i32 0
+  %97 = shufflevector <8 x float> %96, <8 x float> poison, <8 x i32> zeroinitializer
+  %98 = load <8 x float>, ptr %acc030, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %66, <8 x float> %98)
+  store <8 x float> %99, ptr %acc030, align 4
+  %100 = load <8 x float>, ptr %acc031, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %69, <8 x float> %100)
+  store <8 x float> %101, ptr %acc031, align 4
+  %102 = getelementptr inbounds float, ptr %43, i64 %59
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <8 x float> poison, float %103, i32 0
+  %105 = shufflevector <8 x float> %104, <8 x float> poison, <8 x i32> zeroinitializer
+  %106 = load <8 x float>, ptr %acc040, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %66, <8 x float> %106)
+  store <8 x float> %107, ptr %acc040, align 4
+  %108 = load <8 x float>, ptr %acc041, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %69, <8 x float> %108)
+  store <8 x float> %109, ptr %acc041, align 4
+  %110 = getelementptr inbounds float, ptr %49, i64 %59
+  %111 = load float, ptr %110, align 4
+  %112 = insertelement <8 x float> poison, float %111, i32 0
+  %113 = shufflevector <8 x float> %112, <8 x float> poison, <8 x i32> zeroinitializer
+  %114 = load <8 x float>, ptr %acc050, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %66, <8 x float> %114)
+  store <8 x float> %115, ptr %acc050, align 4
+  %116 = load <8 x float>, ptr %acc051, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %69, <8 x float> %116)
+  store <8 x float> %117, ptr %acc051, align 4
+  %118 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %117 = add nsw i64 %r0, 0
-  %118 = getelementptr inbounds float, ptr %rw, i64 %117
-  %119 = load float, ptr %118, align 4
-  %120 = insertelement <8 x float> poison, float %119, i32 0
-  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
-  %122 = mul nsw i64 %117, 192
-  %123 = getelementptr inbounds float, ptr %h, i64 %122
+  %119 = add nsw i64 %r0, 0
+  %120 = getelementptr inbounds float, ptr %rw, i64 %119
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = mul nsw i64 %119, 192
+  %125 = getelementptr inbounds float, ptr %h, i64 %124
   %col = mul nsw i64 %p, 8
-  %124 = load <8 x float>, ptr %acc00, align 4
-  %125 = load <8 x float>, ptr %acc01, align 4
-  %126 = fneg <8 x float> %124
-  %127 = fcmp olt <8 x float> %126, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %128 = select <8 x i1> %127, <8 x float> %126, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %129 = fcmp ogt <8 x float> %128, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %132 = call <8 x float> @llvm.floor.v8f32(<8 x float> %131)
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %130)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %133)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %134, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %134, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %134, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %134, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %134, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %140 = fmul <8 x float> %134, %134
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %140, <8 x float> %134)
-  %142 = fadd <8 x float> %141, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %143 = fptosi <8 x float> %132 to <8 x i32>
-  %144 = add <8 x i32> %143, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %145 = shl <8 x i32> %144, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %145 to <8 x float>
-  %exp = fmul <8 x float> %142, %exp.2n
-  %146 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %146
-  %silu = fmul <8 x float> %124, %sigmoid
-  %glu = fmul <8 x float> %silu, %125
-  %147 = fmul <8 x float> %glu, %121
-  %148 = getelementptr inbounds float, ptr %123, i64 %col
-  store <8 x float> %147, ptr %148, align 4
-  %149 = add nsw i64 %r0, 1
-  %150 = getelementptr inbounds float, ptr %rw, i64 %149
-  %151 = load float, ptr %150, align 4
-  %152 = insertelement <8 x float> poison, float %151, i32 0
-  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
-  %154 = mul nsw i64 %149, 192
-  %155 = getelementptr inbounds float, ptr %h, i64 %154
+  %126 = load <8 x float>, ptr %acc000, align 4
+  %127 = load <8 x float>, ptr %acc001, align 4
+  %128 = fneg <8 x float> %126
+  %129 = fcmp olt <8 x float> %128, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %131 = fcmp ogt <8 x float> %130, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %132 = select <8 x i1> %131, <8 x float> %130, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %134 = call <8 x float> @llvm.floor.v8f32(<8 x float> %133)
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %132)
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %135)
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %136, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %136, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %136, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %136, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %136, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %142 = fmul <8 x float> %136, %136
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %142, <8 x float> %136)
+  %144 = fadd <8 x float> %143, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %145 = fptosi <8 x float> %134 to <8 x i32>
+  %146 = add <8 x i32> %145, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %147 = shl <8 x i32> %146, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %147 to <8 x float>
+  %exp = fmul <8 x float> %144, %exp.2n
+  %148 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %148
+  %silu = fmul <8 x float> %126, %sigmoid
+  %glu = fmul <8 x float> %silu, %127
+  %149 = fmul <8 x float> %glu, %123
+  %150 = getelementptr inbounds float, ptr %125, i64 %col
+  store <8 x float> %149, ptr %150, align 4
+  %151 = add nsw i64 %r0, 1
+  %152 = getelementptr inbounds float, ptr %rw, i64 %151
+  %153 = load float, ptr %152, align 4
+  %154 = insertelement <8 x float> poison, float %153, i32 0
+  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
+  %156 = mul nsw i64 %151, 192
+  %157 = getelementptr inbounds float, ptr %h, i64 %156
   %col2 = mul nsw i64 %p, 8
-  %156 = load <8 x float>, ptr %acc10, align 4
-  %157 = load <8 x float>, ptr %acc11, align 4
-  %158 = fneg <8 x float> %156
-  %159 = fcmp olt <8 x float> %158, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %160 = select <8 x i1> %159, <8 x float> %158, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %161 = fcmp ogt <8 x float> %160, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %164 = call <8 x float> @llvm.floor.v8f32(<8 x float> %163)
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %162)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %165)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %166, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %167, <8 x float> %166, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %166, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %166, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %166, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %172 = fmul <8 x float> %166, %166
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %172, <8 x float> %166)
-  %174 = fadd <8 x float> %173, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %175 = fptosi <8 x float> %164 to <8 x i32>
-  %176 = add <8 x i32> %175, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %177 = shl <8 x i32> %176, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %177 to <8 x float>
-  %exp4 = fmul <8 x float> %174, %exp.2n3
-  %178 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %178
-  %silu6 = fmul <8 x float> %156, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %157
-  %179 = fmul <8 x float> %glu7, %153
-  %180 = getelementptr inbounds float, ptr %155, i64 %col2
-  store <8 x float> %179, ptr %180, align 4
-  %181 = add nsw i64 %r0, 2
-  %182 = getelementptr inbounds float, ptr %rw, i64 %181
-  %183 = load float, ptr %182, align 4
-  %184 = insertelement <8 x float> poison, float %183, i32 0
-  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
-  %186 = mul nsw i64 %181, 192
-  %187 = getelementptr inbounds float, ptr %h, i64 %186
+  %158 = load <8 x float>, ptr %acc010, align 4
+  %159 = load <8 x float>, ptr %acc011, align 4
+  %160 = fneg <8 x float> %158
+  %161 = fcmp olt <8 x float> %160, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %163 = fcmp ogt <8 x float> %162, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %164 = select <8 x i1> %163, <8 x float> %162, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %166 = call <8 x float> @llvm.floor.v8f32(<8 x float> %165)
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %164)
+  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %167)
+  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %168, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %168, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %168, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %168, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %168, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %174 = fmul <8 x float> %168, %168
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %174, <8 x float> %168)
+  %176 = fadd <8 x float> %175, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %177 = fptosi <8 x float> %166 to <8 x i32>
+  %178 = add <8 x i32> %177, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %179 = shl <8 x i32> %178, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %179 to <8 x float>
+  %exp4 = fmul <8 x float> %176, %exp.2n3
+  %180 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %180
+  %silu6 = fmul <8 x float> %158, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %159
+  %181 = fmul <8 x float> %glu7, %155
+  %182 = getelementptr inbounds float, ptr %157, i64 %col2
+  store <8 x float> %181, ptr %182, align 4
+  %183 = add nsw i64 %r0, 2
+  %184 = getelementptr inbounds float, ptr %rw, i64 %183
+  %185 = load float, ptr %184, align 4
+  %186 = insertelement <8 x float> poison, float %185, i32 0
+  %187 = shufflevector <8 x float> %186, <8 x float> poison, <8 x i32> zeroinitializer
+  %188 = mul nsw i64 %183, 192
+  %189 = getelementptr inbounds float, ptr %h, i64 %188
   %col8 = mul nsw i64 %p, 8
-  %188 = load <8 x float>, ptr %acc20, align 4
-  %189 = load <8 x float>, ptr %acc21, align 4
-  %190 = fneg <8 x float> %188
-  %191 = fcmp olt <8 x float> %190, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %192 = select <8 x i1> %191, <8 x float> %190, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %193 = fcmp ogt <8 x float> %192, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %196 = call <8 x float> @llvm.floor.v8f32(<8 x float> %195)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %194)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %197)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %198, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %198, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %198, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %198, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %198, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %204 = fmul <8 x float> %198, %198
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %204, <8 x float> %198)
-  %206 = fadd <8 x float> %205, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %207 = fptosi <8 x float> %196 to <8 x i32>
-  %208 = add <8 x i32> %207, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %209 = shl <8 x i32> %208, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %209 to <8 x float>
-  %exp10 = fmul <8 x float> %206, %exp.2n9
-  %210 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %210
-  %silu12 = fmul <8 x float> %188, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %189
-  %211 = fmul <8 x float> %glu13, %185
-  %212 = getelementptr inbounds float, ptr %187, i64 %col8
-  store <8 x float> %211, ptr %212, align 4
-  %213 = add nsw i64 %r0, 3
-  %214 = getelementptr inbounds float, ptr %rw, i64 %213
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = mul nsw i64 %213, 192
-  %219 = getelementptr inbounds float, ptr %h, i64 %218
+  %190 = load <8 x float>, ptr %acc020, align 4
+  %191 = load <8 x float>, ptr %acc021, align 4
+  %192 = fneg <8 x float> %190
+  %193 = fcmp olt <8 x float> %192, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %195 = fcmp ogt <8 x float> %194, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %196 = select <8 x i1> %195, <8 x float> %194, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %198 = call <8 x float> @llvm.floor.v8f32(<8 x float> %197)
+  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %196)
+  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %199)
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %200, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %200, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %200, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %200, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %200, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %206 = fmul <8 x float> %200, %200
+  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> %206, <8 x float> %200)
+  %208 = fadd <8 x float> %207, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %209 = fptosi <8 x float> %198 to <8 x i32>
+  %210 = add <8 x i32> %209, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %211 = shl <8 x i32> %210, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %211 to <8 x float>
+  %exp10 = fmul <8 x float> %208, %exp.2n9
+  %212 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %212
+  %silu12 = fmul <8 x float> %190, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %191
+  %213 = fmul <8 x float> %glu13, %187
+  %214 = getelementptr inbounds float, ptr %189, i64 %col8
+  store <8 x float> %213, ptr %214, align 4
+  %215 = add nsw i64 %r0, 3
+  %216 = getelementptr inbounds float, ptr %rw, i64 %215
+  %217 = load float, ptr %216, align 4
+  %218 = insertelement <8 x float> poison, float %217, i32 0
+  %219 = shufflevector <8 x float> %218, <8 x float> poison, <8 x i32> zeroinitializer
+  %220 = mul nsw i64 %215, 192
+  %221 = getelementptr inbounds float, ptr %h, i64 %220
   %col14 = mul nsw i64 %p, 8
-  %220 = load <8 x float>, ptr %acc30, align 4
-  %221 = load <8 x float>, ptr %acc31, align 4
-  %222 = fneg <8 x float> %220
-  %223 = fcmp olt <8 x float> %222, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %224 = select <8 x i1> %223, <8 x float> %222, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %225 = fcmp ogt <8 x float> %224, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %226 = select <8 x i1> %225, <8 x float> %224, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %226, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %228 = call <8 x float> @llvm.floor.v8f32(<8 x float> %227)
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %226)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %229)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %230, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %230, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %230, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %230, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %230, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %236 = fmul <8 x float> %230, %230
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %236, <8 x float> %230)
-  %238 = fadd <8 x float> %237, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %239 = fptosi <8 x float> %228 to <8 x i32>
-  %240 = add <8 x i32> %239, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %241 = shl <8 x i32> %240, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %241 to <8 x float>
-  %exp16 = fmul <8 x float> %238, %exp.2n15
-  %242 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %242
-  %silu18 = fmul <8 x float> %220, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %221
-  %243 = fmul <8 x float> %glu19, %217
-  %244 = getelementptr inbounds float, ptr %219, i64 %col14
-  store <8 x float> %243, ptr %244, align 4
-  %245 = add nsw i64 %r0, 4
-  %246 = getelementptr inbounds float, ptr %rw, i64 %245
-  %247 = load float, ptr %246, align 4
-  %248 = insertelement <8 x float> poison, float %247, i32 0
-  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
-  %250 = mul nsw i64 %245, 192
-  %251 = getelementptr inbounds float, ptr %h, i64 %250
+  %222 = load <8 x float>, ptr %acc030, align 4
+  %223 = load <8 x float>, ptr %acc031, align 4
+  %224 = fneg <8 x float> %222
+  %225 = fcmp olt <8 x float> %224, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %226 = select <8 x i1> %225, <8 x float> %224, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %227 = fcmp ogt <8 x float> %226, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %228 = select <8 x i1> %227, <8 x float> %226, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %230 = call <8 x float> @llvm.floor.v8f32(<8 x float> %229)
+  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %228)
+  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %231)
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %232, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %232, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %232, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %232, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %232, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %238 = fmul <8 x float> %232, %232
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %238, <8 x float> %232)
+  %240 = fadd <8 x float> %239, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %241 = fptosi <8 x float> %230 to <8 x i32>
+  %242 = add <8 x i32> %241, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %243 = shl <8 x i32> %242, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %243 to <8 x float>
+  %exp16 = fmul <8 x float> %240, %exp.2n15
+  %244 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %244
+  %silu18 = fmul <8 x float> %222, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %223
+  %245 = fmul <8 x float> %glu19, %219
+  %246 = getelementptr inbounds float, ptr %221, i64 %col14
+  store <8 x float> %245, ptr %246, align 4
+  %247 = add nsw i64 %r0, 4
+  %248 = getelementptr inbounds float, ptr %rw, i64 %247
+  %249 = load float, ptr %248, align 4
+  %250 = insertelement <8 x float> poison, float %249, i32 0
+  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
+  %252 = mul nsw i64 %247, 192
+  %253 = getelementptr inbounds float, ptr %h, i64 %252
   %col20 = mul nsw i64 %p, 8
-  %252 = load <8 x float>, ptr %acc40, align 4
-  %253 = load <8 x float>, ptr %acc41, align 4
-  %254 = fneg <8 x float> %252
-  %255 = fcmp olt <8 x float> %254, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %256 = select <8 x i1> %255, <8 x float> %254, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %257 = fcmp ogt <8 x float> %256, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %258, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %260 = call <8 x float> @llvm.floor.v8f32(<8 x float> %259)
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %258)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %261)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %262, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %262, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %262, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %262, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %262, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %268 = fmul <8 x float> %262, %262
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %268, <8 x float> %262)
-  %270 = fadd <8 x float> %269, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %271 = fptosi <8 x float> %260 to <8 x i32>
-  %272 = add <8 x i32> %271, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %273 = shl <8 x i32> %272, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %273 to <8 x float>
-  %exp22 = fmul <8 x float> %270, %exp.2n21
-  %274 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %274
-  %silu24 = fmul <8 x float> %252, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %253
-  %275 = fmul <8 x float> %glu25, %249
-  %276 = getelementptr inbounds float, ptr %251, i64 %col20
-  store <8 x float> %275, ptr %276, align 4
-  %277 = add nsw i64 %r0, 5
-  %278 = getelementptr inbounds float, ptr %rw, i64 %277
-  %279 = load float, ptr %278, align 4
-  %280 = insertelement <8 x float> poison, float %279, i32 0
-  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = mul nsw i64 %277, 192
-  %283 = getelementptr inbounds float, ptr %h, i64 %282
+  %254 = load <8 x float>, ptr %acc040, align 4
+  %255 = load <8 x float>, ptr %acc041, align 4
+  %256 = fneg <8 x float> %254
+  %257 = fcmp olt <8 x float> %256, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %259 = fcmp ogt <8 x float> %258, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %262 = call <8 x float> @llvm.floor.v8f32(<8 x float> %261)
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %260)
+  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %263)
+  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %264, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %264, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %264, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %264, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %270 = fmul <8 x float> %264, %264
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %270, <8 x float> %264)
+  %272 = fadd <8 x float> %271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %273 = fptosi <8 x float> %262 to <8 x i32>
+  %274 = add <8 x i32> %273, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %275 = shl <8 x i32> %274, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %275 to <8 x float>
+  %exp22 = fmul <8 x float> %272, %exp.2n21
+  %276 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %276
+  %silu24 = fmul <8 x float> %254, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %255
+  %277 = fmul <8 x float> %glu25, %251
+  %278 = getelementptr inbounds float, ptr %253, i64 %col20
+  store <8 x float> %277, ptr %278, align 4
+  %279 = add nsw i64 %r0, 5
+  %280 = getelementptr inbounds float, ptr %rw, i64 %279
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <8 x float> poison, float %281, i32 0
+  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
+  %284 = mul nsw i64 %279, 192
+  %285 = getelementptr inbounds float, ptr %h, i64 %284
   %col26 = mul nsw i64 %p, 8
-  %284 = load <8 x float>, ptr %acc50, align 4
-  %285 = load <8 x float>, ptr %acc51, align 4
-  %286 = fneg <8 x float> %284
-  %287 = fcmp olt <8 x float> %286, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %288 = select <8 x i1> %287, <8 x float> %286, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %289 = fcmp ogt <8 x float> %288, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %290 = select <8 x i1> %289, <8 x float> %288, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %292 = call <8 x float> @llvm.floor.v8f32(<8 x float> %291)
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %290)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %293)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %294, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %295, <8 x float> %294, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %294, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %294, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %294, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %300 = fmul <8 x float> %294, %294
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %300, <8 x float> %294)
-  %302 = fadd <8 x float> %301, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %303 = fptosi <8 x float> %292 to <8 x i32>
-  %304 = add <8 x i32> %303, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %305 = shl <8 x i32> %304, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %305 to <8 x float>
-  %exp28 = fmul <8 x float> %302, %exp.2n27
-  %306 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %306
-  %silu30 = fmul <8 x float> %284, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %285
-  %307 = fmul <8 x float> %glu31, %281
-  %308 = getelementptr inbounds float, ptr %283, i64 %col26
-  store <8 x float> %307, ptr %308, align 4
+  %286 = load <8 x float>, ptr %acc050, align 4
+  %287 = load <8 x float>, ptr %acc051, align 4
+  %288 = fneg <8 x float> %286
+  %289 = fcmp olt <8 x float> %288, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %290 = select <8 x i1> %289, <8 x float> %288, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %291 = fcmp ogt <8 x float> %290, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %292 = select <8 x i1> %291, <8 x float> %290, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %294 = call <8 x float> @llvm.floor.v8f32(<8 x float> %293)
+  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %292)
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %295)
+  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %296, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %296, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %296, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %296, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %296, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %302 = fmul <8 x float> %296, %296
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> %302, <8 x float> %296)
+  %304 = fadd <8 x float> %303, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %305 = fptosi <8 x float> %294 to <8 x i32>
+  %306 = add <8 x i32> %305, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %307 = shl <8 x i32> %306, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %307 to <8 x float>
+  %exp28 = fmul <8 x float> %304, %exp.2n27
+  %308 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %308
+  %silu30 = fmul <8 x float> %286, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %287
+  %309 = fmul <8 x float> %glu31, %283
+  %310 = getelementptr inbounds float, ptr %285, i64 %col26
+  store <8 x float> %309, ptr %310, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %309 = add nsw i64 %r0, 0
-  %310 = getelementptr inbounds i32, ptr %rows, i64 %309
-  %311 = load i32, ptr %310, align 4
-  %312 = sext i32 %311 to i64
-  %313 = mul nsw i64 %312, 64
-  %314 = getelementptr inbounds float, ptr %x, i64 %313
-  store <8 x float> zeroinitializer, ptr %acc0032, align 4
-  store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %315 = add nsw i64 %r0, 1
-  %316 = getelementptr inbounds i32, ptr %rows, i64 %315
-  %317 = load i32, ptr %316, align 4
-  %318 = sext i32 %317 to i64
-  %319 = mul nsw i64 %318, 64
-  %320 = getelementptr inbounds float, ptr %x, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc1034, align 4
-  store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %321 = add nsw i64 %r0, 2
-  %322 = getelementptr inbounds i32, ptr %rows, i64 %321
-  %323 = load i32, ptr %322, align 4
-  %324 = sext i32 %323 to i64
-  %325 = mul nsw i64 %324, 64
-  %326 = getelementptr inbounds float, ptr %x, i64 %325
-  store <8 x float> zeroinitializer, ptr %acc2036, align 4
-  store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %327 = add nsw i64 %r0, 3
-  %328 = getelementptr inbounds i32, ptr %rows, i64 %327
-  %329 = load i32, ptr %328, align 4
-  %330 = sext i32 %329 to i64
-  %331 = mul nsw i64 %330, 64
-  %332 = getelementptr inbounds float, ptr %x, i64 %331
-  store <8 x float> zeroinitializer, ptr %acc3038, align 4
-  store <8 x float> zeroinitializer, ptr %acc3139, align 4
-  %333 = add nsw i64 %r0, 4
-  %334 = getelementptr inbounds i32, ptr %rows, i64 %333
-  %335 = load i32, ptr %334, align 4
-  %336 = sext i32 %335 to i64
-  %337 = mul nsw i64 %336, 64
-  %338 = getelementptr inbounds float, ptr %x, i64 %337
-  store <8 x float> zeroinitializer, ptr %acc4040, align 4
-  store <8 x float> zeroinitializer, ptr %acc4141, align 4
+  %311 = add nsw i64 %r0, 0
+  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %313 = load i32, ptr %312, align 4
+  %314 = sext i32 %313 to i64
+  %315 = mul nsw i64 %314, 64
+  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  store <8 x float> zeroinitializer, ptr %acc00032, align 4
+  store <8 x float> zeroinitializer, ptr %acc00133, align 4
+  %317 = add nsw i64 %r0, 1
+  %318 = getelementptr inbounds i32, ptr %rows, i64 %317
+  %319 = load i32, ptr %318, align 4
+  %320 = sext i32 %319 to i64
+  %321 = mul nsw i64 %320, 64
+  %322 = getelementptr inbounds float, ptr %x, i64 %321
+  store <8 x float> zeroinitializer, ptr %acc01034, align 4
+  store <8 x float> zeroinitializer, ptr %acc01135, align 4
+  %323 = add nsw i64 %r0, 2
+  %324 = getelementptr inbounds i32, ptr %rows, i64 %323
+  %325 = load i32, ptr %324, align 4
+  %326 = sext i32 %325 to i64
+  %327 = mul nsw i64 %326, 64
+  %328 = getelementptr inbounds float, ptr %x, i64 %327
+  store <8 x float> zeroinitializer, ptr %acc02036, align 4
+  store <8 x float> zeroinitializer, ptr %acc02137, align 4
+  %329 = add nsw i64 %r0, 3
+  %330 = getelementptr inbounds i32, ptr %rows, i64 %329
+  %331 = load i32, ptr %330, align 4
+  %332 = sext i32 %331 to i64
+  %333 = mul nsw i64 %332, 64
+  %334 = getelementptr inbounds float, ptr %x, i64 %333
+  store <8 x float> zeroinitializer, ptr %acc03038, align 4
+  store <8 x float> zeroinitializer, ptr %acc03139, align 4
+  %335 = add nsw i64 %r0, 4
+  %336 = getelementptr inbounds i32, ptr %rows, i64 %335
+  %337 = load i32, ptr %336, align 4
+  %338 = sext i32 %337 to i64
+  %339 = mul nsw i64 %338, 64
+  %340 = getelementptr inbounds float, ptr %x, i64 %339
+  store <8 x float> zeroinitializer, ptr %acc04040, align 4
+  store <8 x float> zeroinitializer, ptr %acc04141, align 4
   %panel.off42 = mul nsw i64 %p, 1024
-  %339 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
-  %340 = add nsw i64 %p, 1
-  %341 = icmp slt i64 %340, %p1
-  %pf.on43 = and i1 %pf.on, %341
-  %342 = mul nsw i64 %rb, 4096
-  %343 = lshr i64 %342, %11
-  %344 = add nsw i64 4096, %343
-  %345 = getelementptr inbounds i8, ptr %339, i64 %344
-  %pf44 = select i1 %pf.on43, ptr %345, ptr %339
+  %341 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
+  %342 = add nsw i64 %p, 1
+  %343 = icmp slt i64 %342, %p1
+  %pf.on43 = and i1 %pf.on, %343
+  %344 = mul nsw i64 %rb, 4096
+  %345 = lshr i64 %344, %11
+  %346 = add nsw i64 4096, %345
+  %347 = getelementptr inbounds i8, ptr %341, i64 %346
+  %pf44 = select i1 %pf.on43, ptr %347, ptr %341
   %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %397, %pf.any.end51 ]
-  %346 = icmp slt i64 %k49, 64
-  br i1 %346, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %401, %pf.any.end51 ]
+  %348 = icmp slt i64 %k49, 64
+  br i1 %348, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %347 = mul nsw i64 %k49, 16
-  %348 = add nsw i64 %panel.off42, %347
-  %349 = mul nsw i64 %k49, 64
+  %349 = mul nsw i64 %k49, 1
+  %350 = add nsw i64 %349, 0
+  %351 = mul nsw i64 %350, 64
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %350 = lshr i64 %349, %pf.sh45
-  %351 = getelementptr inbounds i8, ptr %pf44, i64 %350
-  call void @llvm.prefetch.p0(ptr %351, i32 0, i32 2, i32 1)
+  %352 = lshr i64 %351, %pf.sh45
+  %353 = getelementptr inbounds i8, ptr %pf44, i64 %352
+  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %352 = getelementptr inbounds float, ptr %panels, i64 %348
-  %353 = load <8 x float>, ptr %352, align 4
-  %354 = add nsw i64 %348, 8
-  %355 = getelementptr inbounds float, ptr %panels, i64 %354
-  %356 = load <8 x float>, ptr %355, align 4
-  %357 = getelementptr inbounds float, ptr %314, i64 %k49
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %acc0032, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %353, <8 x float> %361)
-  store <8 x float> %362, ptr %acc0032, align 4
-  %363 = load <8 x float>, ptr %acc0133, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %356, <8 x float> %363)
-  store <8 x float> %364, ptr %acc0133, align 4
-  %365 = getelementptr inbounds float, ptr %320, i64 %k49
-  %366 = load float, ptr %365, align 4
-  %367 = insertelement <8 x float> poison, float %366, i32 0
-  %368 = shufflevector <8 x float> %367, <8 x float> poison, <8 x i32> zeroinitializer
-  %369 = load <8 x float>, ptr %acc1034, align 4
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %353, <8 x float> %369)
-  store <8 x float> %370, ptr %acc1034, align 4
-  %371 = load <8 x float>, ptr %acc1135, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %356, <8 x float> %371)
-  store <8 x float> %372, ptr %acc1135, align 4
-  %373 = getelementptr inbounds float, ptr %326, i64 %k49
-  %374 = load float, ptr %373, align 4
-  %375 = insertelement <8 x float> poison, float %374, i32 0
-  %376 = shufflevector <8 x float> %375, <8 x float> poison, <8 x i32> zeroinitializer
-  %377 = load <8 x float>, ptr %acc2036, align 4
-  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %353, <8 x float> %377)
-  store <8 x float> %378, ptr %acc2036, align 4
-  %379 = load <8 x float>, ptr %acc2137, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %376, <8 x float> %356, <8 x float> %379)
-  store <8 x float> %380, ptr %acc2137, align 4
-  %381 = getelementptr inbounds float, ptr %332, i64 %k49
-  %382 = load float, ptr %381, align 4
-  %383 = insertelement <8 x float> poison, float %382, i32 0
-  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
-  %385 = load <8 x float>, ptr %acc3038, align 4
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %353, <8 x float> %385)
-  store <8 x float> %386, ptr %acc3038, align 4
-  %387 = load <8 x float>, ptr %acc3139, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %356, <8 x float> %387)
-  store <8 x float> %388, ptr %acc3139, align 4
-  %389 = getelementptr inbounds float, ptr %338, i64 %k49
-  %390 = load float, ptr %389, align 4
-  %391 = insertelement <8 x float> poison, float %390, i32 0
-  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
-  %393 = load <8 x float>, ptr %acc4040, align 4
-  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %353, <8 x float> %393)
-  store <8 x float> %394, ptr %acc4040, align 4
-  %395 = load <8 x float>, ptr %acc4141, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %392, <8 x float> %356, <8 x float> %395)
-  store <8 x float> %396, ptr %acc4141, align 4
-  %397 = add nsw i64 %k49, 1
+  %354 = mul nsw i64 %350, 16
+  %355 = add nsw i64 %panel.off42, %354
+  %356 = getelementptr inbounds float, ptr %panels, i64 %355
+  %357 = load <8 x float>, ptr %356, align 4
+  %358 = add nsw i64 %355, 8
+  %359 = getelementptr inbounds float, ptr %panels, i64 %358
+  %360 = load <8 x float>, ptr %359, align 4
+  %361 = getelementptr inbounds float, ptr %316, i64 %350
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = load <8 x float>, ptr %acc00032, align 4
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
+  store <8 x float> %366, ptr %acc00032, align 4
+  %367 = load <8 x float>, ptr %acc00133, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
+  store <8 x float> %368, ptr %acc00133, align 4
+  %369 = getelementptr inbounds float, ptr %322, i64 %350
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = load <8 x float>, ptr %acc01034, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
+  store <8 x float> %374, ptr %acc01034, align 4
+  %375 = load <8 x float>, ptr %acc01135, align 4
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
+  store <8 x float> %376, ptr %acc01135, align 4
+  %377 = getelementptr inbounds float, ptr %328, i64 %350
+  %378 = load float, ptr %377, align 4
+  %379 = insertelement <8 x float> poison, float %378, i32 0
+  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
+  %381 = load <8 x float>, ptr %acc02036, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
+  store <8 x float> %382, ptr %acc02036, align 4
+  %383 = load <8 x float>, ptr %acc02137, align 4
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
+  store <8 x float> %384, ptr %acc02137, align 4
+  %385 = getelementptr inbounds float, ptr %334, i64 %350
+  %386 = load float, ptr %385, align 4
+  %387 = insertelement <8 x float> poison, float %386, i32 0
+  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
+  %389 = load <8 x float>, ptr %acc03038, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
+  store <8 x float> %390, ptr %acc03038, align 4
+  %391 = load <8 x float>, ptr %acc03139, align 4
+  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
+  store <8 x float> %392, ptr %acc03139, align 4
+  %393 = getelementptr inbounds float, ptr %340, i64 %350
+  %394 = load float, ptr %393, align 4
+  %395 = insertelement <8 x float> poison, float %394, i32 0
+  %396 = shufflevector <8 x float> %395, <8 x float> poison, <8 x i32> zeroinitializer
+  %397 = load <8 x float>, ptr %acc04040, align 4
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %357, <8 x float> %397)
+  store <8 x float> %398, ptr %acc04040, align 4
+  %399 = load <8 x float>, ptr %acc04141, align 4
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %360, <8 x float> %399)
+  store <8 x float> %400, ptr %acc04141, align 4
+  %401 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %398 = add nsw i64 %r0, 0
-  %399 = getelementptr inbounds float, ptr %rw, i64 %398
-  %400 = load float, ptr %399, align 4
-  %401 = insertelement <8 x float> poison, float %400, i32 0
-  %402 = shufflevector <8 x float> %401, <8 x float> poison, <8 x i32> zeroinitializer
-  %403 = mul nsw i64 %398, 192
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
+  %402 = add nsw i64 %r0, 0
+  %403 = getelementptr inbounds float, ptr %rw, i64 %402
+  %404 = load float, ptr %403, align 4
+  %405 = insertelement <8 x float> poison, float %404, i32 0
+  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
+  %407 = mul nsw i64 %402, 192
+  %408 = getelementptr inbounds float, ptr %h, i64 %407
   %col52 = mul nsw i64 %p, 8
-  %405 = load <8 x float>, ptr %acc0032, align 4
-  %406 = load <8 x float>, ptr %acc0133, align 4
-  %407 = fneg <8 x float> %405
-  %408 = fcmp olt <8 x float> %407, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %409 = select <8 x i1> %408, <8 x float> %407, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %410 = fcmp ogt <8 x float> %409, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %411 = select <8 x i1> %410, <8 x float> %409, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %411, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %413 = call <8 x float> @llvm.floor.v8f32(<8 x float> %412)
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %411)
-  %415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %414)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %415, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %416, <8 x float> %415, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> %415, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %415, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %415, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %421 = fmul <8 x float> %415, %415
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %421, <8 x float> %415)
-  %423 = fadd <8 x float> %422, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %424 = fptosi <8 x float> %413 to <8 x i32>
-  %425 = add <8 x i32> %424, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %426 = shl <8 x i32> %425, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %426 to <8 x float>
-  %exp54 = fmul <8 x float> %423, %exp.2n53
-  %427 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %427
-  %silu56 = fmul <8 x float> %405, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %406
-  %428 = fmul <8 x float> %glu57, %402
-  %429 = getelementptr inbounds float, ptr %404, i64 %col52
-  store <8 x float> %428, ptr %429, align 4
-  %430 = add nsw i64 %r0, 1
-  %431 = getelementptr inbounds float, ptr %rw, i64 %430
-  %432 = load float, ptr %431, align 4
-  %433 = insertelement <8 x float> poison, float %432, i32 0
-  %434 = shufflevector <8 x float> %433, <8 x float> poison, <8 x i32> zeroinitializer
-  %435 = mul nsw i64 %430, 192
-  %436 = getelementptr inbounds float, ptr %h, i64 %435
+  %409 = load <8 x float>, ptr %acc00032, align 4
+  %410 = load <8 x float>, ptr %acc00133, align 4
+  %411 = fneg <8 x float> %409
+  %412 = fcmp olt <8 x float> %411, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %413 = select <8 x i1> %412, <8 x float> %411, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %414 = fcmp ogt <8 x float> %413, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %415 = select <8 x i1> %414, <8 x float> %413, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %417 = call <8 x float> @llvm.floor.v8f32(<8 x float> %416)
+  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %415)
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %418)
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %419, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %419, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %419, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %419, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %419, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %425 = fmul <8 x float> %419, %419
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %425, <8 x float> %419)
+  %427 = fadd <8 x float> %426, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %428 = fptosi <8 x float> %417 to <8 x i32>
+  %429 = add <8 x i32> %428, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %430 = shl <8 x i32> %429, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %430 to <8 x float>
+  %exp54 = fmul <8 x float> %427, %exp.2n53
+  %431 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %431
+  %silu56 = fmul <8 x float> %409, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %410
+  %432 = fmul <8 x float> %glu57, %406
+  %433 = getelementptr inbounds float, ptr %408, i64 %col52
+  store <8 x float> %432, ptr %433, align 4
+  %434 = add nsw i64 %r0, 1
+  %435 = getelementptr inbounds float, ptr %rw, i64 %434
+  %436 = load float, ptr %435, align 4
+  %437 = insertelement <8 x float> poison, float %436, i32 0
+  %438 = shufflevector <8 x float> %437, <8 x float> poison, <8 x i32> zeroinitializer
+  %439 = mul nsw i64 %434, 192
+  %440 = getelementptr inbounds float, ptr %h, i64 %439
   %col58 = mul nsw i64 %p, 8
-  %437 = load <8 x float>, ptr %acc1034, align 4
-  %438 = load <8 x float>, ptr %acc1135, align 4
-  %439 = fneg <8 x float> %437
-  %440 = fcmp olt <8 x float> %439, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %441 = select <8 x i1> %440, <8 x float> %439, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %442 = fcmp ogt <8 x float> %441, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %443 = select <8 x i1> %442, <8 x float> %441, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %443, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %445 = call <8 x float> @llvm.floor.v8f32(<8 x float> %444)
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %443)
-  %447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %446)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %447, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %447, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> %447, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %447, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %447, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %453 = fmul <8 x float> %447, %447
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %453, <8 x float> %447)
-  %455 = fadd <8 x float> %454, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %456 = fptosi <8 x float> %445 to <8 x i32>
-  %457 = add <8 x i32> %456, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %458 = shl <8 x i32> %457, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %458 to <8 x float>
-  %exp60 = fmul <8 x float> %455, %exp.2n59
-  %459 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %459
-  %silu62 = fmul <8 x float> %437, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %438
-  %460 = fmul <8 x float> %glu63, %434
-  %461 = getelementptr inbounds float, ptr %436, i64 %col58
-  store <8 x float> %460, ptr %461, align 4
-  %462 = add nsw i64 %r0, 2
-  %463 = getelementptr inbounds float, ptr %rw, i64 %462
-  %464 = load float, ptr %463, align 4
-  %465 = insertelement <8 x float> poison, float %464, i32 0
-  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = mul nsw i64 %462, 192
-  %468 = getelementptr inbounds float, ptr %h, i64 %467
+  %441 = load <8 x float>, ptr %acc01034, align 4
+  %442 = load <8 x float>, ptr %acc01135, align 4
+  %443 = fneg <8 x float> %441
+  %444 = fcmp olt <8 x float> %443, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %445 = select <8 x i1> %444, <8 x float> %443, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %446 = fcmp ogt <8 x float> %445, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %447 = select <8 x i1> %446, <8 x float> %445, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %449 = call <8 x float> @llvm.floor.v8f32(<8 x float> %448)
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %447)
+  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %450)
+  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %451, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %451, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %451, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %451, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %451, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %457 = fmul <8 x float> %451, %451
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %457, <8 x float> %451)
+  %459 = fadd <8 x float> %458, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %460 = fptosi <8 x float> %449 to <8 x i32>
+  %461 = add <8 x i32> %460, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %462 = shl <8 x i32> %461, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %462 to <8 x float>
+  %exp60 = fmul <8 x float> %459, %exp.2n59
+  %463 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %463
+  %silu62 = fmul <8 x float> %441, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %442
+  %464 = fmul <8 x float> %glu63, %438
+  %465 = getelementptr inbounds float, ptr %440, i64 %col58
+  store <8 x float> %464, ptr %465, align 4
+  %466 = add nsw i64 %r0, 2
+  %467 = getelementptr inbounds float, ptr %rw, i64 %466
+  %468 = load float, ptr %467, align 4
+  %469 = insertelement <8 x float> poison, float %468, i32 0
+  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
+  %471 = mul nsw i64 %466, 192
+  %472 = getelementptr inbounds float, ptr %h, i64 %471
   %col64 = mul nsw i64 %p, 8
-  %469 = load <8 x float>, ptr %acc2036, align 4
-  %470 = load <8 x float>, ptr %acc2137, align 4
-  %471 = fneg <8 x float> %469
-  %472 = fcmp olt <8 x float> %471, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %473 = select <8 x i1> %472, <8 x float> %471, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %474 = fcmp ogt <8 x float> %473, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %477 = call <8 x float> @llvm.floor.v8f32(<8 x float> %476)
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %475)
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %478)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %479, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %479, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %479, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %479, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %479, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %485 = fmul <8 x float> %479, %479
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %485, <8 x float> %479)
-  %487 = fadd <8 x float> %486, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %488 = fptosi <8 x float> %477 to <8 x i32>
-  %489 = add <8 x i32> %488, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %490 = shl <8 x i32> %489, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %490 to <8 x float>
-  %exp66 = fmul <8 x float> %487, %exp.2n65
-  %491 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %491
-  %silu68 = fmul <8 x float> %469, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %470
-  %492 = fmul <8 x float> %glu69, %466
-  %493 = getelementptr inbounds float, ptr %468, i64 %col64
-  store <8 x float> %492, ptr %493, align 4
-  %494 = add nsw i64 %r0, 3
-  %495 = getelementptr inbounds float, ptr %rw, i64 %494
-  %496 = load float, ptr %495, align 4
-  %497 = insertelement <8 x float> poison, float %496, i32 0
-  %498 = shufflevector <8 x float> %497, <8 x float> poison, <8 x i32> zeroinitializer
-  %499 = mul nsw i64 %494, 192
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %473 = load <8 x float>, ptr %acc02036, align 4
+  %474 = load <8 x float>, ptr %acc02137, align 4
+  %475 = fneg <8 x float> %473
+  %476 = fcmp olt <8 x float> %475, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %477 = select <8 x i1> %476, <8 x float> %475, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %478 = fcmp ogt <8 x float> %477, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %479 = select <8 x i1> %478, <8 x float> %477, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %481 = call <8 x float> @llvm.floor.v8f32(<8 x float> %480)
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %479)
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %482)
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %483, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %483, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %483, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %483, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %483, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %489 = fmul <8 x float> %483, %483
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %489, <8 x float> %483)
+  %491 = fadd <8 x float> %490, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %492 = fptosi <8 x float> %481 to <8 x i32>
+  %493 = add <8 x i32> %492, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %494 = shl <8 x i32> %493, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %494 to <8 x float>
+  %exp66 = fmul <8 x float> %491, %exp.2n65
+  %495 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %495
+  %silu68 = fmul <8 x float> %473, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %474
+  %496 = fmul <8 x float> %glu69, %470
+  %497 = getelementptr inbounds float, ptr %472, i64 %col64
+  store <8 x float> %496, ptr %497, align 4
+  %498 = add nsw i64 %r0, 3
+  %499 = getelementptr inbounds float, ptr %rw, i64 %498
+  %500 = load float, ptr %499, align 4
+  %501 = insertelement <8 x float> poison, float %500, i32 0
+  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
+  %503 = mul nsw i64 %498, 192
+  %504 = getelementptr inbounds float, ptr %h, i64 %503
   %col70 = mul nsw i64 %p, 8
-  %501 = load <8 x float>, ptr %acc3038, align 4
-  %502 = load <8 x float>, ptr %acc3139, align 4
-  %503 = fneg <8 x float> %501
-  %504 = fcmp olt <8 x float> %503, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %505 = select <8 x i1> %504, <8 x float> %503, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %506 = fcmp ogt <8 x float> %505, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %507 = select <8 x i1> %506, <8 x float> %505, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %507, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %509 = call <8 x float> @llvm.floor.v8f32(<8 x float> %508)
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %507)
-  %511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %510)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %511, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %512, <8 x float> %511, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> %511, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %511, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %511, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %517 = fmul <8 x float> %511, %511
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %517, <8 x float> %511)
-  %519 = fadd <8 x float> %518, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %520 = fptosi <8 x float> %509 to <8 x i32>
-  %521 = add <8 x i32> %520, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %522 = shl <8 x i32> %521, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %522 to <8 x float>
-  %exp72 = fmul <8 x float> %519, %exp.2n71
-  %523 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %523
-  %silu74 = fmul <8 x float> %501, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %502
-  %524 = fmul <8 x float> %glu75, %498
-  %525 = getelementptr inbounds float, ptr %500, i64 %col70
-  store <8 x float> %524, ptr %525, align 4
-  %526 = add nsw i64 %r0, 4
-  %527 = getelementptr inbounds float, ptr %rw, i64 %526
-  %528 = load float, ptr %527, align 4
-  %529 = insertelement <8 x float> poison, float %528, i32 0
-  %530 = shufflevector <8 x float> %529, <8 x float> poison, <8 x i32> zeroinitializer
-  %531 = mul nsw i64 %526, 192
-  %532 = getelementptr inbounds float, ptr %h, i64 %531
+  %505 = load <8 x float>, ptr %acc03038, align 4
+  %506 = load <8 x float>, ptr %acc03139, align 4
+  %507 = fneg <8 x float> %505
+  %508 = fcmp olt <8 x float> %507, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %510 = fcmp ogt <8 x float> %509, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %511 = select <8 x i1> %510, <8 x float> %509, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %513 = call <8 x float> @llvm.floor.v8f32(<8 x float> %512)
+  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %511)
+  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %514)
+  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %515, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %515, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %515, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %515, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %515, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %521 = fmul <8 x float> %515, %515
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %521, <8 x float> %515)
+  %523 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %524 = fptosi <8 x float> %513 to <8 x i32>
+  %525 = add <8 x i32> %524, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %526 = shl <8 x i32> %525, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %526 to <8 x float>
+  %exp72 = fmul <8 x float> %523, %exp.2n71
+  %527 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
+  %silu74 = fmul <8 x float> %505, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %506
+  %528 = fmul <8 x float> %glu75, %502
+  %529 = getelementptr inbounds float, ptr %504, i64 %col70
+  store <8 x float> %528, ptr %529, align 4
+  %530 = add nsw i64 %r0, 4
+  %531 = getelementptr inbounds float, ptr %rw, i64 %530
+  %532 = load float, ptr %531, align 4
+  %533 = insertelement <8 x float> poison, float %532, i32 0
+  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
+  %535 = mul nsw i64 %530, 192
+  %536 = getelementptr inbounds float, ptr %h, i64 %535
   %col76 = mul nsw i64 %p, 8
-  %533 = load <8 x float>, ptr %acc4040, align 4
-  %534 = load <8 x float>, ptr %acc4141, align 4
-  %535 = fneg <8 x float> %533
-  %536 = fcmp olt <8 x float> %535, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %537 = select <8 x i1> %536, <8 x float> %535, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %538 = fcmp ogt <8 x float> %537, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %539 = select <8 x i1> %538, <8 x float> %537, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %539, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %541 = call <8 x float> @llvm.floor.v8f32(<8 x float> %540)
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %539)
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %542)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %543, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %544, <8 x float> %543, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %543, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %543, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %547, <8 x float> %543, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %549 = fmul <8 x float> %543, %543
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %549, <8 x float> %543)
-  %551 = fadd <8 x float> %550, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %552 = fptosi <8 x float> %541 to <8 x i32>
-  %553 = add <8 x i32> %552, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %554 = shl <8 x i32> %553, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %554 to <8 x float>
-  %exp78 = fmul <8 x float> %551, %exp.2n77
-  %555 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %555
-  %silu80 = fmul <8 x float> %533, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %534
-  %556 = fmul <8 x float> %glu81, %530
-  %557 = getelementptr inbounds float, ptr %532, i64 %col76
-  store <8 x float> %556, ptr %557, align 4
+  %537 = load <8 x float>, ptr %acc04040, align 4
+  %538 = load <8 x float>, ptr %acc04141, align 4
+  %539 = fneg <8 x float> %537
+  %540 = fcmp olt <8 x float> %539, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %542 = fcmp ogt <8 x float> %541, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %543 = select <8 x i1> %542, <8 x float> %541, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %545 = call <8 x float> @llvm.floor.v8f32(<8 x float> %544)
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %543)
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %546)
+  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %547, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %547, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %547, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %547, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %553 = fmul <8 x float> %547, %547
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %553, <8 x float> %547)
+  %555 = fadd <8 x float> %554, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %556 = fptosi <8 x float> %545 to <8 x i32>
+  %557 = add <8 x i32> %556, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %558 = shl <8 x i32> %557, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %558 to <8 x float>
+  %exp78 = fmul <8 x float> %555, %exp.2n77
+  %559 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %559
+  %silu80 = fmul <8 x float> %537, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %538
+  %560 = fmul <8 x float> %glu81, %534
+  %561 = getelementptr inbounds float, ptr %536, i64 %col76
+  store <8 x float> %560, ptr %561, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %558 = add nsw i64 %r0, 0
-  %559 = getelementptr inbounds i32, ptr %rows, i64 %558
-  %560 = load i32, ptr %559, align 4
-  %561 = sext i32 %560 to i64
-  %562 = mul nsw i64 %561, 64
-  %563 = getelementptr inbounds float, ptr %x, i64 %562
-  store <8 x float> zeroinitializer, ptr %acc0082, align 4
-  store <8 x float> zeroinitializer, ptr %acc0183, align 4
-  %564 = add nsw i64 %r0, 1
-  %565 = getelementptr inbounds i32, ptr %rows, i64 %564
-  %566 = load i32, ptr %565, align 4
-  %567 = sext i32 %566 to i64
-  %568 = mul nsw i64 %567, 64
-  %569 = getelementptr inbounds float, ptr %x, i64 %568
-  store <8 x float> zeroinitializer, ptr %acc1084, align 4
-  store <8 x float> zeroinitializer, ptr %acc1185, align 4
-  %570 = add nsw i64 %r0, 2
-  %571 = getelementptr inbounds i32, ptr %rows, i64 %570
-  %572 = load i32, ptr %571, align 4
-  %573 = sext i32 %572 to i64
-  %574 = mul nsw i64 %573, 64
-  %575 = getelementptr inbounds float, ptr %x, i64 %574
-  store <8 x float> zeroinitializer, ptr %acc2086, align 4
-  store <8 x float> zeroinitializer, ptr %acc2187, align 4
-  %576 = add nsw i64 %r0, 3
-  %577 = getelementptr inbounds i32, ptr %rows, i64 %576
-  %578 = load i32, ptr %577, align 4
-  %579 = sext i32 %578 to i64
-  %580 = mul nsw i64 %579, 64
-  %581 = getelementptr inbounds float, ptr %x, i64 %580
-  store <8 x float> zeroinitializer, ptr %acc3088, align 4
-  store <8 x float> zeroinitializer, ptr %acc3189, align 4
+  %562 = add nsw i64 %r0, 0
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 64
+  %567 = getelementptr inbounds float, ptr %x, i64 %566
+  store <8 x float> zeroinitializer, ptr %acc00082, align 4
+  store <8 x float> zeroinitializer, ptr %acc00183, align 4
+  %568 = add nsw i64 %r0, 1
+  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
+  %570 = load i32, ptr %569, align 4
+  %571 = sext i32 %570 to i64
+  %572 = mul nsw i64 %571, 64
+  %573 = getelementptr inbounds float, ptr %x, i64 %572
+  store <8 x float> zeroinitializer, ptr %acc01084, align 4
+  store <8 x float> zeroinitializer, ptr %acc01185, align 4
+  %574 = add nsw i64 %r0, 2
+  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
+  %576 = load i32, ptr %575, align 4
+  %577 = sext i32 %576 to i64
+  %578 = mul nsw i64 %577, 64
+  %579 = getelementptr inbounds float, ptr %x, i64 %578
+  store <8 x float> zeroinitializer, ptr %acc02086, align 4
+  store <8 x float> zeroinitializer, ptr %acc02187, align 4
+  %580 = add nsw i64 %r0, 3
+  %581 = getelementptr inbounds i32, ptr %rows, i64 %580
+  %582 = load i32, ptr %581, align 4
+  %583 = sext i32 %582 to i64
+  %584 = mul nsw i64 %583, 64
+  %585 = getelementptr inbounds float, ptr %x, i64 %584
+  store <8 x float> zeroinitializer, ptr %acc03088, align 4
+  store <8 x float> zeroinitializer, ptr %acc03189, align 4
   %panel.off90 = mul nsw i64 %p, 1024
-  %582 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
-  %583 = add nsw i64 %p, 1
-  %584 = icmp slt i64 %583, %p1
-  %pf.on91 = and i1 %pf.on, %584
-  %585 = mul nsw i64 %rb, 4096
-  %586 = lshr i64 %585, %11
-  %587 = add nsw i64 4096, %586
-  %588 = getelementptr inbounds i8, ptr %582, i64 %587
-  %pf92 = select i1 %pf.on91, ptr %588, ptr %582
+  %586 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
+  %587 = add nsw i64 %p, 1
+  %588 = icmp slt i64 %587, %p1
+  %pf.on91 = and i1 %pf.on, %588
+  %589 = mul nsw i64 %rb, 4096
+  %590 = lshr i64 %589, %11
+  %591 = add nsw i64 4096, %590
+  %592 = getelementptr inbounds i8, ptr %586, i64 %591
+  %pf92 = select i1 %pf.on91, ptr %592, ptr %586
   %pf.sh93 = select i1 %pf.on91, i64 %11, i64 0
   br label %k.head94
 
 k.head94:                                         ; preds = %pf.any.end99, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %632, %pf.any.end99 ]
-  %589 = icmp slt i64 %k97, 64
-  br i1 %589, label %k.body95, label %k.end96
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %638, %pf.any.end99 ]
+  %593 = icmp slt i64 %k97, 64
+  br i1 %593, label %k.body95, label %k.end96
 
 k.body95:                                         ; preds = %k.head94
-  %590 = mul nsw i64 %k97, 16
-  %591 = add nsw i64 %panel.off90, %590
-  %592 = mul nsw i64 %k97, 64
+  %594 = mul nsw i64 %k97, 1
+  %595 = add nsw i64 %594, 0
+  %596 = mul nsw i64 %595, 64
   br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
 
 pf.any.then98:                                    ; preds = %k.body95
-  %593 = lshr i64 %592, %pf.sh93
-  %594 = getelementptr inbounds i8, ptr %pf92, i64 %593
-  call void @llvm.prefetch.p0(ptr %594, i32 0, i32 2, i32 1)
+  %597 = lshr i64 %596, %pf.sh93
+  %598 = getelementptr inbounds i8, ptr %pf92, i64 %597
+  call void @llvm.prefetch.p0(ptr %598, i32 0, i32 2, i32 1)
   br label %pf.any.end99
 
 pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
-  %595 = getelementptr inbounds float, ptr %panels, i64 %591
-  %596 = load <8 x float>, ptr %595, align 4
-  %597 = add nsw i64 %591, 8
-  %598 = getelementptr inbounds float, ptr %panels, i64 %597
-  %599 = load <8 x float>, ptr %598, align 4
-  %600 = getelementptr inbounds float, ptr %563, i64 %k97
-  %601 = load float, ptr %600, align 4
-  %602 = insertelement <8 x float> poison, float %601, i32 0
-  %603 = shufflevector <8 x float> %602, <8 x float> poison, <8 x i32> zeroinitializer
-  %604 = load <8 x float>, ptr %acc0082, align 4
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %596, <8 x float> %604)
-  store <8 x float> %605, ptr %acc0082, align 4
-  %606 = load <8 x float>, ptr %acc0183, align 4
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %603, <8 x float> %599, <8 x float> %606)
-  store <8 x float> %607, ptr %acc0183, align 4
-  %608 = getelementptr inbounds float, ptr %569, i64 %k97
-  %609 = load float, ptr %608, align 4
-  %610 = insertelement <8 x float> poison, float %609, i32 0
-  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
-  %612 = load <8 x float>, ptr %acc1084, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %596, <8 x float> %612)
-  store <8 x float> %613, ptr %acc1084, align 4
-  %614 = load <8 x float>, ptr %acc1185, align 4
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %611, <8 x float> %599, <8 x float> %614)
-  store <8 x float> %615, ptr %acc1185, align 4
-  %616 = getelementptr inbounds float, ptr %575, i64 %k97
-  %617 = load float, ptr %616, align 4
-  %618 = insertelement <8 x float> poison, float %617, i32 0
-  %619 = shufflevector <8 x float> %618, <8 x float> poison, <8 x i32> zeroinitializer
-  %620 = load <8 x float>, ptr %acc2086, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %596, <8 x float> %620)
-  store <8 x float> %621, ptr %acc2086, align 4
-  %622 = load <8 x float>, ptr %acc2187, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %619, <8 x float> %599, <8 x float> %622)
-  store <8 x float> %623, ptr %acc2187, align 4
-  %624 = getelementptr inbounds float, ptr %581, i64 %k97
-  %625 = load float, ptr %624, align 4
-  %626 = insertelement <8 x float> poison, float %625, i32 0
-  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
-  %628 = load <8 x float>, ptr %acc3088, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %596, <8 x float> %628)
-  store <8 x float> %629, ptr %acc3088, align 4
-  %630 = load <8 x float>, ptr %acc3189, align 4
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %599, <8 x float> %630)
-  store <8 x float> %631, ptr %acc3189, align 4
-  %632 = add nsw i64 %k97, 1
+  %599 = mul nsw i64 %595, 16
+  %600 = add nsw i64 %panel.off90, %599
+  %601 = getelementptr inbounds float, ptr %panels, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  %603 = add nsw i64 %600, 8
+  %604 = getelementptr inbounds float, ptr %panels, i64 %603
+  %605 = load <8 x float>, ptr %604, align 4
+  %606 = getelementptr inbounds float, ptr %567, i64 %595
+  %607 = load float, ptr %606, align 4
+  %608 = insertelement <8 x float> poison, float %607, i32 0
+  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
+  %610 = load <8 x float>, ptr %acc00082, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %602, <8 x float> %610)
+  store <8 x float> %611, ptr %acc00082, align 4
+  %612 = load <8 x float>, ptr %acc00183, align 4
+  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %605, <8 x float> %612)
+  store <8 x float> %613, ptr %acc00183, align 4
+  %614 = getelementptr inbounds float, ptr %573, i64 %595
+  %615 = load float, ptr %614, align 4
+  %616 = insertelement <8 x float> poison, float %615, i32 0
+  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
+  %618 = load <8 x float>, ptr %acc01084, align 4
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %602, <8 x float> %618)
+  store <8 x float> %619, ptr %acc01084, align 4
+  %620 = load <8 x float>, ptr %acc01185, align 4
+  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %605, <8 x float> %620)
+  store <8 x float> %621, ptr %acc01185, align 4
+  %622 = getelementptr inbounds float, ptr %579, i64 %595
+  %623 = load float, ptr %622, align 4
+  %624 = insertelement <8 x float> poison, float %623, i32 0
+  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
+  %626 = load <8 x float>, ptr %acc02086, align 4
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %602, <8 x float> %626)
+  store <8 x float> %627, ptr %acc02086, align 4
+  %628 = load <8 x float>, ptr %acc02187, align 4
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %605, <8 x float> %628)
+  store <8 x float> %629, ptr %acc02187, align 4
+  %630 = getelementptr inbounds float, ptr %585, i64 %595
+  %631 = load float, ptr %630, align 4
+  %632 = insertelement <8 x float> poison, float %631, i32 0
+  %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
+  %634 = load <8 x float>, ptr %acc03088, align 4
+  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %602, <8 x float> %634)
+  store <8 x float> %635, ptr %acc03088, align 4
+  %636 = load <8 x float>, ptr %acc03189, align 4
+  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %605, <8 x float> %636)
+  store <8 x float> %637, ptr %acc03189, align 4
+  %638 = add nsw i64 %k97, 1
   br label %k.head94
 
 k.end96:                                          ; preds = %k.head94
-  %633 = add nsw i64 %r0, 0
-  %634 = getelementptr inbounds float, ptr %rw, i64 %633
-  %635 = load float, ptr %634, align 4
-  %636 = insertelement <8 x float> poison, float %635, i32 0
-  %637 = shufflevector <8 x float> %636, <8 x float> poison, <8 x i32> zeroinitializer
-  %638 = mul nsw i64 %633, 192
-  %639 = getelementptr inbounds float, ptr %h, i64 %638
+  %639 = add nsw i64 %r0, 0
+  %640 = getelementptr inbounds float, ptr %rw, i64 %639
+  %641 = load float, ptr %640, align 4
+  %642 = insertelement <8 x float> poison, float %641, i32 0
+  %643 = shufflevector <8 x float> %642, <8 x float> poison, <8 x i32> zeroinitializer
+  %644 = mul nsw i64 %639, 192
+  %645 = getelementptr inbounds float, ptr %h, i64 %644
   %col100 = mul nsw i64 %p, 8
-  %640 = load <8 x float>, ptr %acc0082, align 4
-  %641 = load <8 x float>, ptr %acc0183, align 4
-  %642 = fneg <8 x float> %640
-  %643 = fcmp olt <8 x float> %642, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %644 = select <8 x i1> %643, <8 x float> %642, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %645 = fcmp ogt <8 x float> %644, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %646 = select <8 x i1> %645, <8 x float> %644, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %648 = call <8 x float> @llvm.floor.v8f32(<8 x float> %647)
-  %649 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %646)
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %649)
-  %651 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %650, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %650, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> %650, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %653, <8 x float> %650, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %650, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %656 = fmul <8 x float> %650, %650
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %656, <8 x float> %650)
-  %658 = fadd <8 x float> %657, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %659 = fptosi <8 x float> %648 to <8 x i32>
-  %660 = add <8 x i32> %659, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %661 = shl <8 x i32> %660, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %661 to <8 x float>
-  %exp102 = fmul <8 x float> %658, %exp.2n101
-  %662 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %662
-  %silu104 = fmul <8 x float> %640, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %641
-  %663 = fmul <8 x float> %glu105, %637
-  %664 = getelementptr inbounds float, ptr %639, i64 %col100
-  store <8 x float> %663, ptr %664, align 4
-  %665 = add nsw i64 %r0, 1
-  %666 = getelementptr inbounds float, ptr %rw, i64 %665
-  %667 = load float, ptr %666, align 4
-  %668 = insertelement <8 x float> poison, float %667, i32 0
-  %669 = shufflevector <8 x float> %668, <8 x float> poison, <8 x i32> zeroinitializer
-  %670 = mul nsw i64 %665, 192
-  %671 = getelementptr inbounds float, ptr %h, i64 %670
+  %646 = load <8 x float>, ptr %acc00082, align 4
+  %647 = load <8 x float>, ptr %acc00183, align 4
+  %648 = fneg <8 x float> %646
+  %649 = fcmp olt <8 x float> %648, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %650 = select <8 x i1> %649, <8 x float> %648, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %651 = fcmp ogt <8 x float> %650, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %652 = select <8 x i1> %651, <8 x float> %650, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %654 = call <8 x float> @llvm.floor.v8f32(<8 x float> %653)
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %652)
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %655)
+  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %656, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %656, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %656, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %656, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %656, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %662 = fmul <8 x float> %656, %656
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %662, <8 x float> %656)
+  %664 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %665 = fptosi <8 x float> %654 to <8 x i32>
+  %666 = add <8 x i32> %665, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %667 = shl <8 x i32> %666, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %667 to <8 x float>
+  %exp102 = fmul <8 x float> %664, %exp.2n101
+  %668 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
+  %silu104 = fmul <8 x float> %646, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %647
+  %669 = fmul <8 x float> %glu105, %643
+  %670 = getelementptr inbounds float, ptr %645, i64 %col100
+  store <8 x float> %669, ptr %670, align 4
+  %671 = add nsw i64 %r0, 1
+  %672 = getelementptr inbounds float, ptr %rw, i64 %671
+  %673 = load float, ptr %672, align 4
+  %674 = insertelement <8 x float> poison, float %673, i32 0
+  %675 = shufflevector <8 x float> %674, <8 x float> poison, <8 x i32> zeroinitializer
+  %676 = mul nsw i64 %671, 192
+  %677 = getelementptr inbounds float, ptr %h, i64 %676
   %col106 = mul nsw i64 %p, 8
-  %672 = load <8 x float>, ptr %acc1084, align 4
-  %673 = load <8 x float>, ptr %acc1185, align 4
-  %674 = fneg <8 x float> %672
-  %675 = fcmp olt <8 x float> %674, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %676 = select <8 x i1> %675, <8 x float> %674, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %677 = fcmp ogt <8 x float> %676, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %678 = select <8 x i1> %677, <8 x float> %676, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %680 = call <8 x float> @llvm.floor.v8f32(<8 x float> %679)
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %678)
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %681)
-  %683 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %682, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> %682, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> %682, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> %685, <8 x float> %682, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %682, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %688 = fmul <8 x float> %682, %682
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %688, <8 x float> %682)
-  %690 = fadd <8 x float> %689, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %691 = fptosi <8 x float> %680 to <8 x i32>
-  %692 = add <8 x i32> %691, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %693 = shl <8 x i32> %692, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %693 to <8 x float>
-  %exp108 = fmul <8 x float> %690, %exp.2n107
-  %694 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %694
-  %silu110 = fmul <8 x float> %672, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %673
-  %695 = fmul <8 x float> %glu111, %669
-  %696 = getelementptr inbounds float, ptr %671, i64 %col106
-  store <8 x float> %695, ptr %696, align 4
-  %697 = add nsw i64 %r0, 2
-  %698 = getelementptr inbounds float, ptr %rw, i64 %697
-  %699 = load float, ptr %698, align 4
-  %700 = insertelement <8 x float> poison, float %699, i32 0
-  %701 = shufflevector <8 x float> %700, <8 x float> poison, <8 x i32> zeroinitializer
-  %702 = mul nsw i64 %697, 192
-  %703 = getelementptr inbounds float, ptr %h, i64 %702
+  %678 = load <8 x float>, ptr %acc01084, align 4
+  %679 = load <8 x float>, ptr %acc01185, align 4
+  %680 = fneg <8 x float> %678
+  %681 = fcmp olt <8 x float> %680, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %682 = select <8 x i1> %681, <8 x float> %680, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %683 = fcmp ogt <8 x float> %682, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %684 = select <8 x i1> %683, <8 x float> %682, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %686 = call <8 x float> @llvm.floor.v8f32(<8 x float> %685)
+  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %684)
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %687)
+  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %688, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %688, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %688, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> %688, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %688, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %694 = fmul <8 x float> %688, %688
+  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %694, <8 x float> %688)
+  %696 = fadd <8 x float> %695, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %697 = fptosi <8 x float> %686 to <8 x i32>
+  %698 = add <8 x i32> %697, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %699 = shl <8 x i32> %698, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n107 = bitcast <8 x i32> %699 to <8 x float>
+  %exp108 = fmul <8 x float> %696, %exp.2n107
+  %700 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %700
+  %silu110 = fmul <8 x float> %678, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %679
+  %701 = fmul <8 x float> %glu111, %675
+  %702 = getelementptr inbounds float, ptr %677, i64 %col106
+  store <8 x float> %701, ptr %702, align 4
+  %703 = add nsw i64 %r0, 2
+  %704 = getelementptr inbounds float, ptr %rw, i64 %703
+  %705 = load float, ptr %704, align 4
+  %706 = insertelement <8 x float> poison, float %705, i32 0
+  %707 = shufflevector <8 x float> %706, <8 x float> poison, <8 x i32> zeroinitializer
+  %708 = mul nsw i64 %703, 192
+  %709 = getelementptr inbounds float, ptr %h, i64 %708
   %col112 = mul nsw i64 %p, 8
-  %704 = load <8 x float>, ptr %acc2086, align 4
-  %705 = load <8 x float>, ptr %acc2187, align 4
-  %706 = fneg <8 x float> %704
-  %707 = fcmp olt <8 x float> %706, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %708 = select <8 x i1> %707, <8 x float> %706, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %709 = fcmp ogt <8 x float> %708, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %710 = select <8 x i1> %709, <8 x float> %708, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %712 = call <8 x float> @llvm.floor.v8f32(<8 x float> %711)
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %710)
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %713)
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %714, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> %714, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> %714, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %714, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %714, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %720 = fmul <8 x float> %714, %714
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %720, <8 x float> %714)
-  %722 = fadd <8 x float> %721, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %723 = fptosi <8 x float> %712 to <8 x i32>
-  %724 = add <8 x i32> %723, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %725 = shl <8 x i32> %724, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %725 to <8 x float>
-  %exp114 = fmul <8 x float> %722, %exp.2n113
-  %726 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %726
-  %silu116 = fmul <8 x float> %704, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %705
-  %727 = fmul <8 x float> %glu117, %701
-  %728 = getelementptr inbounds float, ptr %703, i64 %col112
-  store <8 x float> %727, ptr %728, align 4
-  %729 = add nsw i64 %r0, 3
-  %730 = getelementptr inbounds float, ptr %rw, i64 %729
-  %731 = load float, ptr %730, align 4
-  %732 = insertelement <8 x float> poison, float %731, i32 0
-  %733 = shufflevector <8 x float> %732, <8 x float> poison, <8 x i32> zeroinitializer
-  %734 = mul nsw i64 %729, 192
-  %735 = getelementptr inbounds float, ptr %h, i64 %734
+  %710 = load <8 x float>, ptr %acc02086, align 4
+  %711 = load <8 x float>, ptr %acc02187, align 4
+  %712 = fneg <8 x float> %710
+  %713 = fcmp olt <8 x float> %712, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %714 = select <8 x i1> %713, <8 x float> %712, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %715 = fcmp ogt <8 x float> %714, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %716 = select <8 x i1> %715, <8 x float> %714, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %718 = call <8 x float> @llvm.floor.v8f32(<8 x float> %717)
+  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %716)
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %719)
+  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %720, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %720, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %720, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %720, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %720, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %726 = fmul <8 x float> %720, %720
+  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %726, <8 x float> %720)
+  %728 = fadd <8 x float> %727, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %729 = fptosi <8 x float> %718 to <8 x i32>
+  %730 = add <8 x i32> %729, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %731 = shl <8 x i32> %730, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n113 = bitcast <8 x i32> %731 to <8 x float>
+  %exp114 = fmul <8 x float> %728, %exp.2n113
+  %732 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %732
+  %silu116 = fmul <8 x float> %710, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %711
+  %733 = fmul <8 x float> %glu117, %707
+  %734 = getelementptr inbounds float, ptr %709, i64 %col112
+  store <8 x float> %733, ptr %734, align 4
+  %735 = add nsw i64 %r0, 3
+  %736 = getelementptr inbounds float, ptr %rw, i64 %735
+  %737 = load float, ptr %736, align 4
+  %738 = insertelement <8 x float> poison, float %737, i32 0
+  %739 = shufflevector <8 x float> %738, <8 x float> poison, <8 x i32> zeroinitializer
+  %740 = mul nsw i64 %735, 192
+  %741 = getelementptr inbounds float, ptr %h, i64 %740
   %col118 = mul nsw i64 %p, 8
-  %736 = load <8 x float>, ptr %acc3088, align 4
-  %737 = load <8 x float>, ptr %acc3189, align 4
-  %738 = fneg <8 x float> %736
-  %739 = fcmp olt <8 x float> %738, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %740 = select <8 x i1> %739, <8 x float> %738, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %741 = fcmp ogt <8 x float> %740, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %742 = select <8 x i1> %741, <8 x float> %740, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %744 = call <8 x float> @llvm.floor.v8f32(<8 x float> %743)
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %742)
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %744, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %745)
-  %747 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %746, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> %746, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %746, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %749, <8 x float> %746, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %746, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %752 = fmul <8 x float> %746, %746
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> %752, <8 x float> %746)
-  %754 = fadd <8 x float> %753, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %755 = fptosi <8 x float> %744 to <8 x i32>
-  %756 = add <8 x i32> %755, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %757 = shl <8 x i32> %756, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %757 to <8 x float>
-  %exp120 = fmul <8 x float> %754, %exp.2n119
-  %758 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %758
-  %silu122 = fmul <8 x float> %736, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %737
-  %759 = fmul <8 x float> %glu123, %733
-  %760 = getelementptr inbounds float, ptr %735, i64 %col118
-  store <8 x float> %759, ptr %760, align 4
+  %742 = load <8 x float>, ptr %acc03088, align 4
+  %743 = load <8 x float>, ptr %acc03189, align 4
+  %744 = fneg <8 x float> %742
+  %745 = fcmp olt <8 x float> %744, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %746 = select <8 x i1> %745, <8 x float> %744, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %747 = fcmp ogt <8 x float> %746, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %748 = select <8 x i1> %747, <8 x float> %746, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %750 = call <8 x float> @llvm.floor.v8f32(<8 x float> %749)
+  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %748)
+  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %751)
+  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %752, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %752, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> %752, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %752, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %756, <8 x float> %752, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %758 = fmul <8 x float> %752, %752
+  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %758, <8 x float> %752)
+  %760 = fadd <8 x float> %759, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %761 = fptosi <8 x float> %750 to <8 x i32>
+  %762 = add <8 x i32> %761, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %763 = shl <8 x i32> %762, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %763 to <8 x float>
+  %exp120 = fmul <8 x float> %760, %exp.2n119
+  %764 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %764
+  %silu122 = fmul <8 x float> %742, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %743
+  %765 = fmul <8 x float> %glu123, %739
+  %766 = getelementptr inbounds float, ptr %741, i64 %col118
+  store <8 x float> %765, ptr %766, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %761 = add nsw i64 %r0, 0
-  %762 = getelementptr inbounds i32, ptr %rows, i64 %761
-  %763 = load i32, ptr %762, align 4
-  %764 = sext i32 %763 to i64
-  %765 = mul nsw i64 %764, 64
-  %766 = getelementptr inbounds float, ptr %x, i64 %765
-  store <8 x float> zeroinitializer, ptr %acc00124, align 4
-  store <8 x float> zeroinitializer, ptr %acc01125, align 4
-  %767 = add nsw i64 %r0, 1
+  %767 = add nsw i64 %r0, 0
   %768 = getelementptr inbounds i32, ptr %rows, i64 %767
   %769 = load i32, ptr %768, align 4
   %770 = sext i32 %769 to i64
   %771 = mul nsw i64 %770, 64
   %772 = getelementptr inbounds float, ptr %x, i64 %771
-  store <8 x float> zeroinitializer, ptr %acc10126, align 4
-  store <8 x float> zeroinitializer, ptr %acc11127, align 4
-  %773 = add nsw i64 %r0, 2
+  store <8 x float> zeroinitializer, ptr %acc000124, align 4
+  store <8 x float> zeroinitializer, ptr %acc001125, align 4
+  %773 = add nsw i64 %r0, 1
   %774 = getelementptr inbounds i32, ptr %rows, i64 %773
   %775 = load i32, ptr %774, align 4
   %776 = sext i32 %775 to i64
   %777 = mul nsw i64 %776, 64
   %778 = getelementptr inbounds float, ptr %x, i64 %777
-  store <8 x float> zeroinitializer, ptr %acc20128, align 4
-  store <8 x float> zeroinitializer, ptr %acc21129, align 4
+  store <8 x float> zeroinitializer, ptr %acc010126, align 4
+  store <8 x float> zeroinitializer, ptr %acc011127, align 4
+  %779 = add nsw i64 %r0, 2
+  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
+  %781 = load i32, ptr %780, align 4
+  %782 = sext i32 %781 to i64
+  %783 = mul nsw i64 %782, 64
+  %784 = getelementptr inbounds float, ptr %x, i64 %783
+  store <8 x float> zeroinitializer, ptr %acc020128, align 4
+  store <8 x float> zeroinitializer, ptr %acc021129, align 4
   %panel.off130 = mul nsw i64 %p, 1024
-  %779 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
-  %780 = add nsw i64 %p, 1
-  %781 = icmp slt i64 %780, %p1
-  %pf.on131 = and i1 %pf.on, %781
-  %782 = mul nsw i64 %rb, 4096
-  %783 = lshr i64 %782, %11
-  %784 = add nsw i64 4096, %783
-  %785 = getelementptr inbounds i8, ptr %779, i64 %784
-  %pf132 = select i1 %pf.on131, ptr %785, ptr %779
+  %785 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
+  %786 = add nsw i64 %p, 1
+  %787 = icmp slt i64 %786, %p1
+  %pf.on131 = and i1 %pf.on, %787
+  %788 = mul nsw i64 %rb, 4096
+  %789 = lshr i64 %788, %11
+  %790 = add nsw i64 4096, %789
+  %791 = getelementptr inbounds i8, ptr %785, i64 %790
+  %pf132 = select i1 %pf.on131, ptr %791, ptr %785
   %pf.sh133 = select i1 %pf.on131, i64 %11, i64 0
   br label %k.head134
 
 k.head134:                                        ; preds = %pf.any.end139, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %821, %pf.any.end139 ]
-  %786 = icmp slt i64 %k137, 64
-  br i1 %786, label %k.body135, label %k.end136
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %829, %pf.any.end139 ]
+  %792 = icmp slt i64 %k137, 64
+  br i1 %792, label %k.body135, label %k.end136
 
 k.body135:                                        ; preds = %k.head134
-  %787 = mul nsw i64 %k137, 16
-  %788 = add nsw i64 %panel.off130, %787
-  %789 = mul nsw i64 %k137, 64
+  %793 = mul nsw i64 %k137, 1
+  %794 = add nsw i64 %793, 0
+  %795 = mul nsw i64 %794, 64
   br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
 
 pf.any.then138:                                   ; preds = %k.body135
-  %790 = lshr i64 %789, %pf.sh133
-  %791 = getelementptr inbounds i8, ptr %pf132, i64 %790
-  call void @llvm.prefetch.p0(ptr %791, i32 0, i32 2, i32 1)
+  %796 = lshr i64 %795, %pf.sh133
+  %797 = getelementptr inbounds i8, ptr %pf132, i64 %796
+  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
   br label %pf.any.end139
 
 pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
-  %792 = getelementptr inbounds float, ptr %panels, i64 %788
-  %793 = load <8 x float>, ptr %792, align 4
-  %794 = add nsw i64 %788, 8
-  %795 = getelementptr inbounds float, ptr %panels, i64 %794
-  %796 = load <8 x float>, ptr %795, align 4
-  %797 = getelementptr inbounds float, ptr %766, i64 %k137
-  %798 = load float, ptr %797, align 4
-  %799 = insertelement <8 x float> poison, float %798, i32 0
-  %800 = shufflevector <8 x float> %799, <8 x float> poison, <8 x i32> zeroinitializer
-  %801 = load <8 x float>, ptr %acc00124, align 4
-  %802 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %793, <8 x float> %801)
-  store <8 x float> %802, ptr %acc00124, align 4
-  %803 = load <8 x float>, ptr %acc01125, align 4
-  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %800, <8 x float> %796, <8 x float> %803)
-  store <8 x float> %804, ptr %acc01125, align 4
-  %805 = getelementptr inbounds float, ptr %772, i64 %k137
+  %798 = mul nsw i64 %794, 16
+  %799 = add nsw i64 %panel.off130, %798
+  %800 = getelementptr inbounds float, ptr %panels, i64 %799
+  %801 = load <8 x float>, ptr %800, align 4
+  %802 = add nsw i64 %799, 8
+  %803 = getelementptr inbounds float, ptr %panels, i64 %802
+  %804 = load <8 x float>, ptr %803, align 4
+  %805 = getelementptr inbounds float, ptr %772, i64 %794
   %806 = load float, ptr %805, align 4
   %807 = insertelement <8 x float> poison, float %806, i32 0
   %808 = shufflevector <8 x float> %807, <8 x float> poison, <8 x i32> zeroinitializer
-  %809 = load <8 x float>, ptr %acc10126, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %793, <8 x float> %809)
-  store <8 x float> %810, ptr %acc10126, align 4
-  %811 = load <8 x float>, ptr %acc11127, align 4
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %796, <8 x float> %811)
-  store <8 x float> %812, ptr %acc11127, align 4
-  %813 = getelementptr inbounds float, ptr %778, i64 %k137
+  %809 = load <8 x float>, ptr %acc000124, align 4
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %801, <8 x float> %809)
+  store <8 x float> %810, ptr %acc000124, align 4
+  %811 = load <8 x float>, ptr %acc001125, align 4
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %804, <8 x float> %811)
+  store <8 x float> %812, ptr %acc001125, align 4
+  %813 = getelementptr inbounds float, ptr %778, i64 %794
   %814 = load float, ptr %813, align 4
   %815 = insertelement <8 x float> poison, float %814, i32 0
   %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
-  %817 = load <8 x float>, ptr %acc20128, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %793, <8 x float> %817)
-  store <8 x float> %818, ptr %acc20128, align 4
-  %819 = load <8 x float>, ptr %acc21129, align 4
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %796, <8 x float> %819)
-  store <8 x float> %820, ptr %acc21129, align 4
-  %821 = add nsw i64 %k137, 1
+  %817 = load <8 x float>, ptr %acc010126, align 4
+  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %801, <8 x float> %817)
+  store <8 x float> %818, ptr %acc010126, align 4
+  %819 = load <8 x float>, ptr %acc011127, align 4
+  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %804, <8 x float> %819)
+  store <8 x float> %820, ptr %acc011127, align 4
+  %821 = getelementptr inbounds float, ptr %784, i64 %794
+  %822 = load float, ptr %821, align 4
+  %823 = insertelement <8 x float> poison, float %822, i32 0
+  %824 = shufflevector <8 x float> %823, <8 x float> poison, <8 x i32> zeroinitializer
+  %825 = load <8 x float>, ptr %acc020128, align 4
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %801, <8 x float> %825)
+  store <8 x float> %826, ptr %acc020128, align 4
+  %827 = load <8 x float>, ptr %acc021129, align 4
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %804, <8 x float> %827)
+  store <8 x float> %828, ptr %acc021129, align 4
+  %829 = add nsw i64 %k137, 1
   br label %k.head134
 
 k.end136:                                         ; preds = %k.head134
-  %822 = add nsw i64 %r0, 0
-  %823 = getelementptr inbounds float, ptr %rw, i64 %822
-  %824 = load float, ptr %823, align 4
-  %825 = insertelement <8 x float> poison, float %824, i32 0
-  %826 = shufflevector <8 x float> %825, <8 x float> poison, <8 x i32> zeroinitializer
-  %827 = mul nsw i64 %822, 192
-  %828 = getelementptr inbounds float, ptr %h, i64 %827
+  %830 = add nsw i64 %r0, 0
+  %831 = getelementptr inbounds float, ptr %rw, i64 %830
+  %832 = load float, ptr %831, align 4
+  %833 = insertelement <8 x float> poison, float %832, i32 0
+  %834 = shufflevector <8 x float> %833, <8 x float> poison, <8 x i32> zeroinitializer
+  %835 = mul nsw i64 %830, 192
+  %836 = getelementptr inbounds float, ptr %h, i64 %835
   %col140 = mul nsw i64 %p, 8
-  %829 = load <8 x float>, ptr %acc00124, align 4
-  %830 = load <8 x float>, ptr %acc01125, align 4
-  %831 = fneg <8 x float> %829
-  %832 = fcmp olt <8 x float> %831, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %833 = select <8 x i1> %832, <8 x float> %831, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %834 = fcmp ogt <8 x float> %833, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %835 = select <8 x i1> %834, <8 x float> %833, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %837 = call <8 x float> @llvm.floor.v8f32(<8 x float> %836)
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %835)
-  %839 = call <8 x float> @llvm.fma.v8f32(<8 x float> %837, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %838)
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %839, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %840, <8 x float> %839, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %839, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> %839, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> %839, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %845 = fmul <8 x float> %839, %839
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %845, <8 x float> %839)
-  %847 = fadd <8 x float> %846, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %848 = fptosi <8 x float> %837 to <8 x i32>
-  %849 = add <8 x i32> %848, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %850 = shl <8 x i32> %849, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %850 to <8 x float>
-  %exp142 = fmul <8 x float> %847, %exp.2n141
-  %851 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %851
-  %silu144 = fmul <8 x float> %829, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %830
-  %852 = fmul <8 x float> %glu145, %826
-  %853 = getelementptr inbounds float, ptr %828, i64 %col140
-  store <8 x float> %852, ptr %853, align 4
-  %854 = add nsw i64 %r0, 1
-  %855 = getelementptr inbounds float, ptr %rw, i64 %854
-  %856 = load float, ptr %855, align 4
-  %857 = insertelement <8 x float> poison, float %856, i32 0
-  %858 = shufflevector <8 x float> %857, <8 x float> poison, <8 x i32> zeroinitializer
-  %859 = mul nsw i64 %854, 192
-  %860 = getelementptr inbounds float, ptr %h, i64 %859
+  %837 = load <8 x float>, ptr %acc000124, align 4
+  %838 = load <8 x float>, ptr %acc001125, align 4
+  %839 = fneg <8 x float> %837
+  %840 = fcmp olt <8 x float> %839, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %841 = select <8 x i1> %840, <8 x float> %839, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %842 = fcmp ogt <8 x float> %841, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %843 = select <8 x i1> %842, <8 x float> %841, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %845 = call <8 x float> @llvm.floor.v8f32(<8 x float> %844)
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %843)
+  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %846)
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %847, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %847, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %847, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %847, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %847, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %853 = fmul <8 x float> %847, %847
+  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %853, <8 x float> %847)
+  %855 = fadd <8 x float> %854, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %856 = fptosi <8 x float> %845 to <8 x i32>
+  %857 = add <8 x i32> %856, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %858 = shl <8 x i32> %857, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %858 to <8 x float>
+  %exp142 = fmul <8 x float> %855, %exp.2n141
+  %859 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %859
+  %silu144 = fmul <8 x float> %837, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %838
+  %860 = fmul <8 x float> %glu145, %834
+  %861 = getelementptr inbounds float, ptr %836, i64 %col140
+  store <8 x float> %860, ptr %861, align 4
+  %862 = add nsw i64 %r0, 1
+  %863 = getelementptr inbounds float, ptr %rw, i64 %862
+  %864 = load float, ptr %863, align 4
+  %865 = insertelement <8 x float> poison, float %864, i32 0
+  %866 = shufflevector <8 x float> %865, <8 x float> poison, <8 x i32> zeroinitializer
+  %867 = mul nsw i64 %862, 192
+  %868 = getelementptr inbounds float, ptr %h, i64 %867
   %col146 = mul nsw i64 %p, 8
-  %861 = load <8 x float>, ptr %acc10126, align 4
-  %862 = load <8 x float>, ptr %acc11127, align 4
-  %863 = fneg <8 x float> %861
-  %864 = fcmp olt <8 x float> %863, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %865 = select <8 x i1> %864, <8 x float> %863, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %866 = fcmp ogt <8 x float> %865, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %867 = select <8 x i1> %866, <8 x float> %865, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %869 = call <8 x float> @llvm.floor.v8f32(<8 x float> %868)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %867)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %870)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %871, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %871, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %871, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %871, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> %871, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %877 = fmul <8 x float> %871, %871
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %877, <8 x float> %871)
-  %879 = fadd <8 x float> %878, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %880 = fptosi <8 x float> %869 to <8 x i32>
-  %881 = add <8 x i32> %880, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %882 = shl <8 x i32> %881, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %882 to <8 x float>
-  %exp148 = fmul <8 x float> %879, %exp.2n147
-  %883 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %883
-  %silu150 = fmul <8 x float> %861, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %862
-  %884 = fmul <8 x float> %glu151, %858
-  %885 = getelementptr inbounds float, ptr %860, i64 %col146
-  store <8 x float> %884, ptr %885, align 4
-  %886 = add nsw i64 %r0, 2
-  %887 = getelementptr inbounds float, ptr %rw, i64 %886
-  %888 = load float, ptr %887, align 4
-  %889 = insertelement <8 x float> poison, float %888, i32 0
-  %890 = shufflevector <8 x float> %889, <8 x float> poison, <8 x i32> zeroinitializer
-  %891 = mul nsw i64 %886, 192
-  %892 = getelementptr inbounds float, ptr %h, i64 %891
+  %869 = load <8 x float>, ptr %acc010126, align 4
+  %870 = load <8 x float>, ptr %acc011127, align 4
+  %871 = fneg <8 x float> %869
+  %872 = fcmp olt <8 x float> %871, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %873 = select <8 x i1> %872, <8 x float> %871, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %874 = fcmp ogt <8 x float> %873, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %875 = select <8 x i1> %874, <8 x float> %873, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %877 = call <8 x float> @llvm.floor.v8f32(<8 x float> %876)
+  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %875)
+  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %878)
+  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %879, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %879, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %879, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %879, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %879, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %885 = fmul <8 x float> %879, %879
+  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %885, <8 x float> %879)
+  %887 = fadd <8 x float> %886, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %888 = fptosi <8 x float> %877 to <8 x i32>
+  %889 = add <8 x i32> %888, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %890 = shl <8 x i32> %889, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %890 to <8 x float>
+  %exp148 = fmul <8 x float> %887, %exp.2n147
+  %891 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %891
+  %silu150 = fmul <8 x float> %869, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %870
+  %892 = fmul <8 x float> %glu151, %866
+  %893 = getelementptr inbounds float, ptr %868, i64 %col146
+  store <8 x float> %892, ptr %893, align 4
+  %894 = add nsw i64 %r0, 2
+  %895 = getelementptr inbounds float, ptr %rw, i64 %894
+  %896 = load float, ptr %895, align 4
+  %897 = insertelement <8 x float> poison, float %896, i32 0
+  %898 = shufflevector <8 x float> %897, <8 x float> poison, <8 x i32> zeroinitializer
+  %899 = mul nsw i64 %894, 192
+  %900 = getelementptr inbounds float, ptr %h, i64 %899
   %col152 = mul nsw i64 %p, 8
-  %893 = load <8 x float>, ptr %acc20128, align 4
-  %894 = load <8 x float>, ptr %acc21129, align 4
-  %895 = fneg <8 x float> %893
-  %896 = fcmp olt <8 x float> %895, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %898 = fcmp ogt <8 x float> %897, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %899 = select <8 x i1> %898, <8 x float> %897, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %901 = call <8 x float> @llvm.floor.v8f32(<8 x float> %900)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %899)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %902)
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %903, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %903, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %903, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %903, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> %903, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %909 = fmul <8 x float> %903, %903
-  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> %909, <8 x float> %903)
-  %911 = fadd <8 x float> %910, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %912 = fptosi <8 x float> %901 to <8 x i32>
-  %913 = add <8 x i32> %912, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %914 = shl <8 x i32> %913, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %914 to <8 x float>
-  %exp154 = fmul <8 x float> %911, %exp.2n153
-  %915 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %915
-  %silu156 = fmul <8 x float> %893, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %894
-  %916 = fmul <8 x float> %glu157, %890
-  %917 = getelementptr inbounds float, ptr %892, i64 %col152
-  store <8 x float> %916, ptr %917, align 4
+  %901 = load <8 x float>, ptr %acc020128, align 4
+  %902 = load <8 x float>, ptr %acc021129, align 4
+  %903 = fneg <8 x float> %901
+  %904 = fcmp olt <8 x float> %903, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %905 = select <8 x i1> %904, <8 x float> %903, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %906 = fcmp ogt <8 x float> %905, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %907 = select <8 x i1> %906, <8 x float> %905, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %909 = call <8 x float> @llvm.floor.v8f32(<8 x float> %908)
+  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %907)
+  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %910)
+  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %911, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %911, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %911, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %911, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %911, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %917 = fmul <8 x float> %911, %911
+  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> %917, <8 x float> %911)
+  %919 = fadd <8 x float> %918, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %920 = fptosi <8 x float> %909 to <8 x i32>
+  %921 = add <8 x i32> %920, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %922 = shl <8 x i32> %921, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %922 to <8 x float>
+  %exp154 = fmul <8 x float> %919, %exp.2n153
+  %923 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %923
+  %silu156 = fmul <8 x float> %901, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %902
+  %924 = fmul <8 x float> %glu157, %898
+  %925 = getelementptr inbounds float, ptr %900, i64 %col152
+  store <8 x float> %924, ptr %925, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %918 = add nsw i64 %r0, 0
-  %919 = getelementptr inbounds i32, ptr %rows, i64 %918
-  %920 = load i32, ptr %919, align 4
-  %921 = sext i32 %920 to i64
-  %922 = mul nsw i64 %921, 64
-  %923 = getelementptr inbounds float, ptr %x, i64 %922
-  store <8 x float> zeroinitializer, ptr %acc00158, align 4
-  store <8 x float> zeroinitializer, ptr %acc01159, align 4
-  %924 = add nsw i64 %r0, 1
-  %925 = getelementptr inbounds i32, ptr %rows, i64 %924
-  %926 = load i32, ptr %925, align 4
-  %927 = sext i32 %926 to i64
-  %928 = mul nsw i64 %927, 64
-  %929 = getelementptr inbounds float, ptr %x, i64 %928
-  store <8 x float> zeroinitializer, ptr %acc10160, align 4
-  store <8 x float> zeroinitializer, ptr %acc11161, align 4
+  %926 = add nsw i64 %r0, 0
+  %927 = getelementptr inbounds i32, ptr %rows, i64 %926
+  %928 = load i32, ptr %927, align 4
+  %929 = sext i32 %928 to i64
+  %930 = mul nsw i64 %929, 64
+  %931 = getelementptr inbounds float, ptr %x, i64 %930
+  store <8 x float> zeroinitializer, ptr %acc000158, align 4
+  store <8 x float> zeroinitializer, ptr %acc001159, align 4
+  %932 = add nsw i64 %r0, 1
+  %933 = getelementptr inbounds i32, ptr %rows, i64 %932
+  %934 = load i32, ptr %933, align 4
+  %935 = sext i32 %934 to i64
+  %936 = mul nsw i64 %935, 64
+  %937 = getelementptr inbounds float, ptr %x, i64 %936
+  store <8 x float> zeroinitializer, ptr %acc010160, align 4
+  store <8 x float> zeroinitializer, ptr %acc011161, align 4
   %panel.off162 = mul nsw i64 %p, 1024
-  %930 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
-  %931 = add nsw i64 %p, 1
-  %932 = icmp slt i64 %931, %p1
-  %pf.on163 = and i1 %pf.on, %932
-  %933 = mul nsw i64 %rb, 4096
-  %934 = lshr i64 %933, %11
-  %935 = add nsw i64 4096, %934
-  %936 = getelementptr inbounds i8, ptr %930, i64 %935
-  %pf164 = select i1 %pf.on163, ptr %936, ptr %930
+  %938 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
+  %939 = add nsw i64 %p, 1
+  %940 = icmp slt i64 %939, %p1
+  %pf.on163 = and i1 %pf.on, %940
+  %941 = mul nsw i64 %rb, 4096
+  %942 = lshr i64 %941, %11
+  %943 = add nsw i64 4096, %942
+  %944 = getelementptr inbounds i8, ptr %938, i64 %943
+  %pf164 = select i1 %pf.on163, ptr %944, ptr %938
   %pf.sh165 = select i1 %pf.on163, i64 %11, i64 0
   br label %k.head166
 
 k.head166:                                        ; preds = %pf.any.end171, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %964, %pf.any.end171 ]
-  %937 = icmp slt i64 %k169, 64
-  br i1 %937, label %k.body167, label %k.end168
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %974, %pf.any.end171 ]
+  %945 = icmp slt i64 %k169, 64
+  br i1 %945, label %k.body167, label %k.end168
 
 k.body167:                                        ; preds = %k.head166
-  %938 = mul nsw i64 %k169, 16
-  %939 = add nsw i64 %panel.off162, %938
-  %940 = mul nsw i64 %k169, 64
+  %946 = mul nsw i64 %k169, 1
+  %947 = add nsw i64 %946, 0
+  %948 = mul nsw i64 %947, 64
   br i1 %pf.multi, label %pf.any.then170, label %pf.any.end171
 
 pf.any.then170:                                   ; preds = %k.body167
-  %941 = lshr i64 %940, %pf.sh165
-  %942 = getelementptr inbounds i8, ptr %pf164, i64 %941
-  call void @llvm.prefetch.p0(ptr %942, i32 0, i32 2, i32 1)
+  %949 = lshr i64 %948, %pf.sh165
+  %950 = getelementptr inbounds i8, ptr %pf164, i64 %949
+  call void @llvm.prefetch.p0(ptr %950, i32 0, i32 2, i32 1)
   br label %pf.any.end171
 
 pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
-  %943 = getelementptr inbounds float, ptr %panels, i64 %939
-  %944 = load <8 x float>, ptr %943, align 4
-  %945 = add nsw i64 %939, 8
-  %946 = getelementptr inbounds float, ptr %panels, i64 %945
-  %947 = load <8 x float>, ptr %946, align 4
-  %948 = getelementptr inbounds float, ptr %923, i64 %k169
-  %949 = load float, ptr %948, align 4
-  %950 = insertelement <8 x float> poison, float %949, i32 0
-  %951 = shufflevector <8 x float> %950, <8 x float> poison, <8 x i32> zeroinitializer
-  %952 = load <8 x float>, ptr %acc00158, align 4
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %944, <8 x float> %952)
-  store <8 x float> %953, ptr %acc00158, align 4
-  %954 = load <8 x float>, ptr %acc01159, align 4
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %947, <8 x float> %954)
-  store <8 x float> %955, ptr %acc01159, align 4
-  %956 = getelementptr inbounds float, ptr %929, i64 %k169
-  %957 = load float, ptr %956, align 4
-  %958 = insertelement <8 x float> poison, float %957, i32 0
-  %959 = shufflevector <8 x float> %958, <8 x float> poison, <8 x i32> zeroinitializer
-  %960 = load <8 x float>, ptr %acc10160, align 4
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %944, <8 x float> %960)
-  store <8 x float> %961, ptr %acc10160, align 4
-  %962 = load <8 x float>, ptr %acc11161, align 4
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %947, <8 x float> %962)
-  store <8 x float> %963, ptr %acc11161, align 4
-  %964 = add nsw i64 %k169, 1
-  br label %k.head166
-
-k.end168:                                         ; preds = %k.head166
-  %965 = add nsw i64 %r0, 0
-  %966 = getelementptr inbounds float, ptr %rw, i64 %965
+  %951 = mul nsw i64 %947, 16
+  %952 = add nsw i64 %panel.off162, %951
+  %953 = getelementptr inbounds float, ptr %panels, i64 %952
+  %954 = load <8 x float>, ptr %953, align 4
+  %955 = add nsw i64 %952, 8
+  %956 = getelementptr inbounds float, ptr %panels, i64 %955
+  %957 = load <8 x float>, ptr %956, align 4
+  %958 = getelementptr inbounds float, ptr %931, i64 %947
+  %959 = load float, ptr %958, align 4
+  %960 = insertelement <8 x float> poison, float %959, i32 0
+  %961 = shufflevector <8 x float> %960, <8 x float> poison, <8 x i32> zeroinitializer
+  %962 = load <8 x float>, ptr %acc000158, align 4
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %954, <8 x float> %962)
+  store <8 x float> %963, ptr %acc000158, align 4
+  %964 = load <8 x float>, ptr %acc001159, align 4
+  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> %964)
+  store <8 x float> %965, ptr %acc001159, align 4
+  %966 = getelementptr inbounds float, ptr %937, i64 %947
   %967 = load float, ptr %966, align 4
   %968 = insertelement <8 x float> poison, float %967, i32 0
   %969 = shufflevector <8 x float> %968, <8 x float> poison, <8 x i32> zeroinitializer
-  %970 = mul nsw i64 %965, 192
-  %971 = getelementptr inbounds float, ptr %h, i64 %970
+  %970 = load <8 x float>, ptr %acc010160, align 4
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %954, <8 x float> %970)
+  store <8 x float> %971, ptr %acc010160, align 4
+  %972 = load <8 x float>, ptr %acc011161, align 4
+  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %957, <8 x float> %972)
+  store <8 x float> %973, ptr %acc011161, align 4
+  %974 = add nsw i64 %k169, 1
+  br label %k.head166
+
+k.end168:                                         ; preds = %k.head166
+  %975 = add nsw i64 %r0, 0
+  %976 = getelementptr inbounds float, ptr %rw, i64 %975
+  %977 = load float, ptr %976, align 4
+  %978 = insertelement <8 x float> poison, float %977, i32 0
+  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
+  %980 = mul nsw i64 %975, 192
+  %981 = getelementptr inbounds float, ptr %h, i64 %980
   %col172 = mul nsw i64 %p, 8
-  %972 = load <8 x float>, ptr %acc00158, align 4
-  %973 = load <8 x float>, ptr %acc01159, align 4
-  %974 = fneg <8 x float> %972
-  %975 = fcmp olt <8 x float> %974, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %976 = select <8 x i1> %975, <8 x float> %974, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %977 = fcmp ogt <8 x float> %976, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %978 = select <8 x i1> %977, <8 x float> %976, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %980 = call <8 x float> @llvm.floor.v8f32(<8 x float> %979)
-  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %978)
-  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %981)
-  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %982, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> %982, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %984, <8 x float> %982, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> %982, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %982, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %988 = fmul <8 x float> %982, %982
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %987, <8 x float> %988, <8 x float> %982)
-  %990 = fadd <8 x float> %989, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %991 = fptosi <8 x float> %980 to <8 x i32>
-  %992 = add <8 x i32> %991, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %993 = shl <8 x i32> %992, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %993 to <8 x float>
-  %exp174 = fmul <8 x float> %990, %exp.2n173
-  %994 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %994
-  %silu176 = fmul <8 x float> %972, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %973
-  %995 = fmul <8 x float> %glu177, %969
-  %996 = getelementptr inbounds float, ptr %971, i64 %col172
-  store <8 x float> %995, ptr %996, align 4
-  %997 = add nsw i64 %r0, 1
-  %998 = getelementptr inbounds float, ptr %rw, i64 %997
-  %999 = load float, ptr %998, align 4
-  %1000 = insertelement <8 x float> poison, float %999, i32 0
-  %1001 = shufflevector <8 x float> %1000, <8 x float> poison, <8 x i32> zeroinitializer
-  %1002 = mul nsw i64 %997, 192
-  %1003 = getelementptr inbounds float, ptr %h, i64 %1002
+  %982 = load <8 x float>, ptr %acc000158, align 4
+  %983 = load <8 x float>, ptr %acc001159, align 4
+  %984 = fneg <8 x float> %982
+  %985 = fcmp olt <8 x float> %984, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %986 = select <8 x i1> %985, <8 x float> %984, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %987 = fcmp ogt <8 x float> %986, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %988 = select <8 x i1> %987, <8 x float> %986, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %990 = call <8 x float> @llvm.floor.v8f32(<8 x float> %989)
+  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %988)
+  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %991)
+  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %992, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %992, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %992, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %992, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %992, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %998 = fmul <8 x float> %992, %992
+  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %998, <8 x float> %992)
+  %1000 = fadd <8 x float> %999, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1001 = fptosi <8 x float> %990 to <8 x i32>
+  %1002 = add <8 x i32> %1001, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1003 = shl <8 x i32> %1002, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %1003 to <8 x float>
+  %exp174 = fmul <8 x float> %1000, %exp.2n173
+  %1004 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1004
+  %silu176 = fmul <8 x float> %982, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %983
+  %1005 = fmul <8 x float> %glu177, %979
+  %1006 = getelementptr inbounds float, ptr %981, i64 %col172
+  store <8 x float> %1005, ptr %1006, align 4
+  %1007 = add nsw i64 %r0, 1
+  %1008 = getelementptr inbounds float, ptr %rw, i64 %1007
+  %1009 = load float, ptr %1008, align 4
+  %1010 = insertelement <8 x float> poison, float %1009, i32 0
+  %1011 = shufflevector <8 x float> %1010, <8 x float> poison, <8 x i32> zeroinitializer
+  %1012 = mul nsw i64 %1007, 192
+  %1013 = getelementptr inbounds float, ptr %h, i64 %1012
   %col178 = mul nsw i64 %p, 8
-  %1004 = load <8 x float>, ptr %acc10160, align 4
-  %1005 = load <8 x float>, ptr %acc11161, align 4
-  %1006 = fneg <8 x float> %1004
-  %1007 = fcmp olt <8 x float> %1006, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1008 = select <8 x i1> %1007, <8 x float> %1006, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1009 = fcmp ogt <8 x float> %1008, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1010 = select <8 x i1> %1009, <8 x float> %1008, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1012 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1011)
-  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1010)
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1013)
-  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1014, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> %1014, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1014, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1014, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1014, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1020 = fmul <8 x float> %1014, %1014
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1020, <8 x float> %1014)
-  %1022 = fadd <8 x float> %1021, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1023 = fptosi <8 x float> %1012 to <8 x i32>
-  %1024 = add <8 x i32> %1023, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1025 = shl <8 x i32> %1024, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1025 to <8 x float>
-  %exp180 = fmul <8 x float> %1022, %exp.2n179
-  %1026 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1026
-  %silu182 = fmul <8 x float> %1004, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %1005
-  %1027 = fmul <8 x float> %glu183, %1001
-  %1028 = getelementptr inbounds float, ptr %1003, i64 %col178
-  store <8 x float> %1027, ptr %1028, align 4
+  %1014 = load <8 x float>, ptr %acc010160, align 4
+  %1015 = load <8 x float>, ptr %acc011161, align 4
+  %1016 = fneg <8 x float> %1014
+  %1017 = fcmp olt <8 x float> %1016, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1019 = fcmp ogt <8 x float> %1018, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1022 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1021)
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1020)
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1023)
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1024, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1024, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1024, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1024, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1024, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1030 = fmul <8 x float> %1024, %1024
+  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1030, <8 x float> %1024)
+  %1032 = fadd <8 x float> %1031, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1033 = fptosi <8 x float> %1022 to <8 x i32>
+  %1034 = add <8 x i32> %1033, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1035 = shl <8 x i32> %1034, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n179 = bitcast <8 x i32> %1035 to <8 x float>
+  %exp180 = fmul <8 x float> %1032, %exp.2n179
+  %1036 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1036
+  %silu182 = fmul <8 x float> %1014, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %1015
+  %1037 = fmul <8 x float> %glu183, %1011
+  %1038 = getelementptr inbounds float, ptr %1013, i64 %col178
+  store <8 x float> %1037, ptr %1038, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1029 = add nsw i64 %r0, 0
-  %1030 = getelementptr inbounds i32, ptr %rows, i64 %1029
-  %1031 = load i32, ptr %1030, align 4
-  %1032 = sext i32 %1031 to i64
-  %1033 = mul nsw i64 %1032, 64
-  %1034 = getelementptr inbounds float, ptr %x, i64 %1033
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  store <8 x float> zeroinitializer, ptr %acc01185, align 4
+  %1039 = add nsw i64 %r0, 0
+  %1040 = getelementptr inbounds i32, ptr %rows, i64 %1039
+  %1041 = load i32, ptr %1040, align 4
+  %1042 = sext i32 %1041 to i64
+  %1043 = mul nsw i64 %1042, 64
+  %1044 = getelementptr inbounds float, ptr %x, i64 %1043
+  store <8 x float> zeroinitializer, ptr %acc000184, align 4
+  store <8 x float> zeroinitializer, ptr %acc001185, align 4
   %panel.off186 = mul nsw i64 %p, 1024
-  %1035 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
-  %1036 = add nsw i64 %p, 1
-  %1037 = icmp slt i64 %1036, %p1
-  %pf.on187 = and i1 %pf.on, %1037
-  %1038 = mul nsw i64 %rb, 4096
-  %1039 = lshr i64 %1038, %11
-  %1040 = add nsw i64 4096, %1039
-  %1041 = getelementptr inbounds i8, ptr %1035, i64 %1040
-  %pf188 = select i1 %pf.on187, ptr %1041, ptr %1035
+  %1045 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
+  %1046 = add nsw i64 %p, 1
+  %1047 = icmp slt i64 %1046, %p1
+  %pf.on187 = and i1 %pf.on, %1047
+  %1048 = mul nsw i64 %rb, 4096
+  %1049 = lshr i64 %1048, %11
+  %1050 = add nsw i64 4096, %1049
+  %1051 = getelementptr inbounds i8, ptr %1045, i64 %1050
+  %pf188 = select i1 %pf.on187, ptr %1051, ptr %1045
   %pf.sh189 = select i1 %pf.on187, i64 %11, i64 0
   br label %k.head190
 
 k.head190:                                        ; preds = %pf.any.end195, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1061, %pf.any.end195 ]
-  %1042 = icmp slt i64 %k193, 64
-  br i1 %1042, label %k.body191, label %k.end192
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1073, %pf.any.end195 ]
+  %1052 = icmp slt i64 %k193, 64
+  br i1 %1052, label %k.body191, label %k.end192
 
 k.body191:                                        ; preds = %k.head190
-  %1043 = mul nsw i64 %k193, 16
-  %1044 = add nsw i64 %panel.off186, %1043
-  %1045 = mul nsw i64 %k193, 64
+  %1053 = mul nsw i64 %k193, 1
+  %1054 = add nsw i64 %1053, 0
+  %1055 = mul nsw i64 %1054, 64
   br i1 %pf.multi, label %pf.any.then194, label %pf.any.end195
 
 pf.any.then194:                                   ; preds = %k.body191
-  %1046 = lshr i64 %1045, %pf.sh189
-  %1047 = getelementptr inbounds i8, ptr %pf188, i64 %1046
-  call void @llvm.prefetch.p0(ptr %1047, i32 0, i32 2, i32 1)
+  %1056 = lshr i64 %1055, %pf.sh189
+  %1057 = getelementptr inbounds i8, ptr %pf188, i64 %1056
+  call void @llvm.prefetch.p0(ptr %1057, i32 0, i32 2, i32 1)
   br label %pf.any.end195
 
 pf.any.end195:                                    ; preds = %pf.any.then194, %k.body191
-  %1048 = getelementptr inbounds float, ptr %panels, i64 %1044
-  %1049 = load <8 x float>, ptr %1048, align 4
-  %1050 = add nsw i64 %1044, 8
-  %1051 = getelementptr inbounds float, ptr %panels, i64 %1050
-  %1052 = load <8 x float>, ptr %1051, align 4
-  %1053 = getelementptr inbounds float, ptr %1034, i64 %k193
-  %1054 = load float, ptr %1053, align 4
-  %1055 = insertelement <8 x float> poison, float %1054, i32 0
-  %1056 = shufflevector <8 x float> %1055, <8 x float> poison, <8 x i32> zeroinitializer
-  %1057 = load <8 x float>, ptr %acc00184, align 4
-  %1058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1049, <8 x float> %1057)
-  store <8 x float> %1058, ptr %acc00184, align 4
-  %1059 = load <8 x float>, ptr %acc01185, align 4
-  %1060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1056, <8 x float> %1052, <8 x float> %1059)
-  store <8 x float> %1060, ptr %acc01185, align 4
-  %1061 = add nsw i64 %k193, 1
+  %1058 = mul nsw i64 %1054, 16
+  %1059 = add nsw i64 %panel.off186, %1058
+  %1060 = getelementptr inbounds float, ptr %panels, i64 %1059
+  %1061 = load <8 x float>, ptr %1060, align 4
+  %1062 = add nsw i64 %1059, 8
+  %1063 = getelementptr inbounds float, ptr %panels, i64 %1062
+  %1064 = load <8 x float>, ptr %1063, align 4
+  %1065 = getelementptr inbounds float, ptr %1044, i64 %1054
+  %1066 = load float, ptr %1065, align 4
+  %1067 = insertelement <8 x float> poison, float %1066, i32 0
+  %1068 = shufflevector <8 x float> %1067, <8 x float> poison, <8 x i32> zeroinitializer
+  %1069 = load <8 x float>, ptr %acc000184, align 4
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> %1061, <8 x float> %1069)
+  store <8 x float> %1070, ptr %acc000184, align 4
+  %1071 = load <8 x float>, ptr %acc001185, align 4
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> %1064, <8 x float> %1071)
+  store <8 x float> %1072, ptr %acc001185, align 4
+  %1073 = add nsw i64 %k193, 1
   br label %k.head190
 
 k.end192:                                         ; preds = %k.head190
-  %1062 = add nsw i64 %r0, 0
-  %1063 = getelementptr inbounds float, ptr %rw, i64 %1062
-  %1064 = load float, ptr %1063, align 4
-  %1065 = insertelement <8 x float> poison, float %1064, i32 0
-  %1066 = shufflevector <8 x float> %1065, <8 x float> poison, <8 x i32> zeroinitializer
-  %1067 = mul nsw i64 %1062, 192
-  %1068 = getelementptr inbounds float, ptr %h, i64 %1067
+  %1074 = add nsw i64 %r0, 0
+  %1075 = getelementptr inbounds float, ptr %rw, i64 %1074
+  %1076 = load float, ptr %1075, align 4
+  %1077 = insertelement <8 x float> poison, float %1076, i32 0
+  %1078 = shufflevector <8 x float> %1077, <8 x float> poison, <8 x i32> zeroinitializer
+  %1079 = mul nsw i64 %1074, 192
+  %1080 = getelementptr inbounds float, ptr %h, i64 %1079
   %col196 = mul nsw i64 %p, 8
-  %1069 = load <8 x float>, ptr %acc00184, align 4
-  %1070 = load <8 x float>, ptr %acc01185, align 4
-  %1071 = fneg <8 x float> %1069
-  %1072 = fcmp olt <8 x float> %1071, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1073 = select <8 x i1> %1072, <8 x float> %1071, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1074 = fcmp ogt <8 x float> %1073, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1075 = select <8 x i1> %1074, <8 x float> %1073, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1077 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1076)
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1075)
-  %1079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1078)
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1079, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1080, <8 x float> %1079, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> %1079, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %1079, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %1079, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1085 = fmul <8 x float> %1079, %1079
-  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %1085, <8 x float> %1079)
-  %1087 = fadd <8 x float> %1086, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1088 = fptosi <8 x float> %1077 to <8 x i32>
-  %1089 = add <8 x i32> %1088, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1090 = shl <8 x i32> %1089, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1090 to <8 x float>
-  %exp198 = fmul <8 x float> %1087, %exp.2n197
-  %1091 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1091
-  %silu200 = fmul <8 x float> %1069, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1070
-  %1092 = fmul <8 x float> %glu201, %1066
-  %1093 = getelementptr inbounds float, ptr %1068, i64 %col196
-  store <8 x float> %1092, ptr %1093, align 4
+  %1081 = load <8 x float>, ptr %acc000184, align 4
+  %1082 = load <8 x float>, ptr %acc001185, align 4
+  %1083 = fneg <8 x float> %1081
+  %1084 = fcmp olt <8 x float> %1083, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1085 = select <8 x i1> %1084, <8 x float> %1083, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1086 = fcmp ogt <8 x float> %1085, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1087 = select <8 x i1> %1086, <8 x float> %1085, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1089 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1088)
+  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1087)
+  %1091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1090)
+  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1091, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1092, <8 x float> %1091, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1093, <8 x float> %1091, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1095 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %1091, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1091, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1097 = fmul <8 x float> %1091, %1091
+  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1096, <8 x float> %1097, <8 x float> %1091)
+  %1099 = fadd <8 x float> %1098, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1100 = fptosi <8 x float> %1089 to <8 x i32>
+  %1101 = add <8 x i32> %1100, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1102 = shl <8 x i32> %1101, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n197 = bitcast <8 x i32> %1102 to <8 x float>
+  %exp198 = fmul <8 x float> %1099, %exp.2n197
+  %1103 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1103
+  %silu200 = fmul <8 x float> %1081, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %1082
+  %1104 = fmul <8 x float> %glu201, %1078
+  %1105 = getelementptr inbounds float, ptr %1080, i64 %col196
+  store <8 x float> %1104, ptr %1105, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
-  %1094 = add nsw i64 %rb, 1
+  %1106 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1095 = add nsw i64 %p, 1
+  %1107 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2478,48 +2490,48 @@ declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc003 = alloca <8 x float>, align 32
-  %acc014 = alloca <8 x float>, align 32
-  %acc105 = alloca <8 x float>, align 32
-  %acc116 = alloca <8 x float>, align 32
-  %acc207 = alloca <8 x float>, align 32
-  %acc218 = alloca <8 x float>, align 32
-  %acc309 = alloca <8 x float>, align 32
-  %acc3110 = alloca <8 x float>, align 32
-  %acc4011 = alloca <8 x float>, align 32
-  %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0003 = alloca <8 x float>, align 32
+  %acc0014 = alloca <8 x float>, align 32
+  %acc0105 = alloca <8 x float>, align 32
+  %acc0116 = alloca <8 x float>, align 32
+  %acc0207 = alloca <8 x float>, align 32
+  %acc0218 = alloca <8 x float>, align 32
+  %acc0309 = alloca <8 x float>, align 32
+  %acc03110 = alloca <8 x float>, align 32
+  %acc04011 = alloca <8 x float>, align 32
+  %acc04112 = alloca <8 x float>, align 32
+  %acc00024 = alloca <8 x float>, align 32
+  %acc00125 = alloca <8 x float>, align 32
+  %acc01026 = alloca <8 x float>, align 32
+  %acc01127 = alloca <8 x float>, align 32
+  %acc02028 = alloca <8 x float>, align 32
+  %acc02129 = alloca <8 x float>, align 32
+  %acc03030 = alloca <8 x float>, align 32
+  %acc03131 = alloca <8 x float>, align 32
+  %acc00043 = alloca <8 x float>, align 32
+  %acc00144 = alloca <8 x float>, align 32
+  %acc01045 = alloca <8 x float>, align 32
+  %acc01146 = alloca <8 x float>, align 32
+  %acc02047 = alloca <8 x float>, align 32
+  %acc02148 = alloca <8 x float>, align 32
+  %acc00060 = alloca <8 x float>, align 32
+  %acc00161 = alloca <8 x float>, align 32
+  %acc01062 = alloca <8 x float>, align 32
+  %acc01163 = alloca <8 x float>, align 32
+  %acc00075 = alloca <8 x float>, align 32
+  %acc00176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2528,7 +2540,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %592, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %604, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2538,7 +2550,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %591, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %603, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -2579,10 +2591,10 @@ tile.mr6:                                         ; preds = %rb.body
   %22 = getelementptr inbounds float, ptr %y, i64 %21
   %23 = add nsw i64 %col, 0
   %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
   %25 = add nsw i64 %col, 8
   %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %27 = add nsw i64 %r0, 1
   %28 = mul nsw i64 %27, 192
   %29 = getelementptr inbounds float, ptr %h, i64 %28
@@ -2593,10 +2605,10 @@ tile.mr6:                                         ; preds = %rb.body
   %34 = getelementptr inbounds float, ptr %y, i64 %33
   %35 = add nsw i64 %col, 0
   %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
   %37 = add nsw i64 %col, 8
   %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %39 = add nsw i64 %r0, 2
   %40 = mul nsw i64 %39, 192
   %41 = getelementptr inbounds float, ptr %h, i64 %40
@@ -2607,10 +2619,10 @@ tile.mr6:                                         ; preds = %rb.body
   %46 = getelementptr inbounds float, ptr %y, i64 %45
   %47 = add nsw i64 %col, 0
   %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
   %49 = add nsw i64 %col, 8
   %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %51 = add nsw i64 %r0, 3
   %52 = mul nsw i64 %51, 192
   %53 = getelementptr inbounds float, ptr %h, i64 %52
@@ -2621,10 +2633,10 @@ tile.mr6:                                         ; preds = %rb.body
   %58 = getelementptr inbounds float, ptr %y, i64 %57
   %59 = add nsw i64 %col, 0
   %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
   %61 = add nsw i64 %col, 8
   %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %63 = add nsw i64 %r0, 4
   %64 = mul nsw i64 %63, 192
   %65 = getelementptr inbounds float, ptr %h, i64 %64
@@ -2635,10 +2647,10 @@ tile.mr6:                                         ; preds = %rb.body
   %70 = getelementptr inbounds float, ptr %y, i64 %69
   %71 = add nsw i64 %col, 0
   %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
   %73 = add nsw i64 %col, 8
   %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %75 = add nsw i64 %r0, 5
   %76 = mul nsw i64 %75, 192
   %77 = getelementptr inbounds float, ptr %h, i64 %76
@@ -2649,10 +2661,10 @@ tile.mr6:                                         ; preds = %rb.body
   %82 = getelementptr inbounds float, ptr %y, i64 %81
   %83 = add nsw i64 %col, 0
   %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
   %85 = add nsw i64 %col, 8
   %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 3072
   %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
   %88 = add nsw i64 %p, 1
@@ -2667,14 +2679,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %155, %pf.any.end ]
   %94 = icmp slt i64 %k, 192
   br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 16
-  %96 = add nsw i64 %panel.off, %95
-  %97 = mul nsw i64 %k, 64
+  %95 = mul nsw i64 %k, 1
+  %96 = add nsw i64 %95, 0
+  %97 = mul nsw i64 %96, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -2684,747 +2696,759 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = getelementptr inbounds float, ptr %panels, i64 %96
-  %101 = load <8 x float>, ptr %100, align 4
-  %102 = add nsw i64 %96, 8
-  %103 = getelementptr inbounds float, ptr %panels, i64 %102
-  %104 = load <8 x float>, ptr %103, align 4
-  %105 = getelementptr inbounds float, ptr %17, i64 %k
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = load <8 x float>, ptr %acc00, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
-  store <8 x float> %110, ptr %acc00, align 4
-  %111 = load <8 x float>, ptr %acc01, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
-  store <8 x float> %112, ptr %acc01, align 4
-  %113 = getelementptr inbounds float, ptr %29, i64 %k
-  %114 = load float, ptr %113, align 4
-  %115 = insertelement <8 x float> poison, float %114, i32 0
-  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
-  %117 = load <8 x float>, ptr %acc10, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
-  store <8 x float> %118, ptr %acc10, align 4
-  %119 = load <8 x float>, ptr %acc11, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
-  store <8 x float> %120, ptr %acc11, align 4
-  %121 = getelementptr inbounds float, ptr %41, i64 %k
-  %122 = load float, ptr %121, align 4
-  %123 = insertelement <8 x float> poison, float %122, i32 0
-  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
-  %125 = load <8 x float>, ptr %acc20, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
-  store <8 x float> %126, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
-  store <8 x float> %128, ptr %acc21, align 4
-  %129 = getelementptr inbounds float, ptr %53, i64 %k
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = load <8 x float>, ptr %acc30, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
-  store <8 x float> %134, ptr %acc30, align 4
-  %135 = load <8 x float>, ptr %acc31, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
-  store <8 x float> %136, ptr %acc31, align 4
-  %137 = getelementptr inbounds float, ptr %65, i64 %k
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = load <8 x float>, ptr %acc40, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
-  store <8 x float> %142, ptr %acc40, align 4
-  %143 = load <8 x float>, ptr %acc41, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
-  store <8 x float> %144, ptr %acc41, align 4
-  %145 = getelementptr inbounds float, ptr %77, i64 %k
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %acc50, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
-  store <8 x float> %150, ptr %acc50, align 4
-  %151 = load <8 x float>, ptr %acc51, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
-  store <8 x float> %152, ptr %acc51, align 4
-  %153 = add nsw i64 %k, 1
+  %100 = mul nsw i64 %96, 16
+  %101 = add nsw i64 %panel.off, %100
+  %102 = getelementptr inbounds float, ptr %panels, i64 %101
+  %103 = load <8 x float>, ptr %102, align 4
+  %104 = add nsw i64 %101, 8
+  %105 = getelementptr inbounds float, ptr %panels, i64 %104
+  %106 = load <8 x float>, ptr %105, align 4
+  %107 = getelementptr inbounds float, ptr %17, i64 %96
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc000, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %103, <8 x float> %111)
+  store <8 x float> %112, ptr %acc000, align 4
+  %113 = load <8 x float>, ptr %acc001, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %106, <8 x float> %113)
+  store <8 x float> %114, ptr %acc001, align 4
+  %115 = getelementptr inbounds float, ptr %29, i64 %96
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = load <8 x float>, ptr %acc010, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %103, <8 x float> %119)
+  store <8 x float> %120, ptr %acc010, align 4
+  %121 = load <8 x float>, ptr %acc011, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %106, <8 x float> %121)
+  store <8 x float> %122, ptr %acc011, align 4
+  %123 = getelementptr inbounds float, ptr %41, i64 %96
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <8 x float> poison, float %124, i32 0
+  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
+  %127 = load <8 x float>, ptr %acc020, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %103, <8 x float> %127)
+  store <8 x float> %128, ptr %acc020, align 4
+  %129 = load <8 x float>, ptr %acc021, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %106, <8 x float> %129)
+  store <8 x float> %130, ptr %acc021, align 4
+  %131 = getelementptr inbounds float, ptr %53, i64 %96
+  %132 = load float, ptr %131, align 4
+  %133 = insertelement <8 x float> poison, float %132, i32 0
+  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
+  %135 = load <8 x float>, ptr %acc030, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %103, <8 x float> %135)
+  store <8 x float> %136, ptr %acc030, align 4
+  %137 = load <8 x float>, ptr %acc031, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %106, <8 x float> %137)
+  store <8 x float> %138, ptr %acc031, align 4
+  %139 = getelementptr inbounds float, ptr %65, i64 %96
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc040, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %103, <8 x float> %143)
+  store <8 x float> %144, ptr %acc040, align 4
+  %145 = load <8 x float>, ptr %acc041, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %106, <8 x float> %145)
+  store <8 x float> %146, ptr %acc041, align 4
+  %147 = getelementptr inbounds float, ptr %77, i64 %96
+  %148 = load float, ptr %147, align 4
+  %149 = insertelement <8 x float> poison, float %148, i32 0
+  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
+  %151 = load <8 x float>, ptr %acc050, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %103, <8 x float> %151)
+  store <8 x float> %152, ptr %acc050, align 4
+  %153 = load <8 x float>, ptr %acc051, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %106, <8 x float> %153)
+  store <8 x float> %154, ptr %acc051, align 4
+  %155 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %154 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %154, ptr %24, align 4
-  %155 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %155, ptr %26, align 4
-  %156 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %156, ptr %36, align 4
-  %157 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %157, ptr %38, align 4
-  %158 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %158, ptr %48, align 4
-  %159 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %159, ptr %50, align 4
-  %160 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %160, ptr %60, align 4
-  %161 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %161, ptr %62, align 4
-  %162 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %162, ptr %72, align 4
-  %163 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %163, ptr %74, align 4
-  %164 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %164, ptr %84, align 4
-  %165 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %165, ptr %86, align 4
+  %156 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %156, ptr %24, align 4
+  %157 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %157, ptr %26, align 4
+  %158 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %158, ptr %36, align 4
+  %159 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %159, ptr %38, align 4
+  %160 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %160, ptr %48, align 4
+  %161 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %161, ptr %50, align 4
+  %162 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %162, ptr %60, align 4
+  %163 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %163, ptr %62, align 4
+  %164 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %164, ptr %72, align 4
+  %165 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %165, ptr %74, align 4
+  %166 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %166, ptr %84, align 4
+  %167 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %167, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %166 = add nsw i64 %r0, 0
-  %167 = mul nsw i64 %166, 192
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
-  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
-  %170 = load i32, ptr %169, align 4
-  %171 = sext i32 %170 to i64
-  %172 = mul nsw i64 %171, 64
-  %173 = getelementptr inbounds float, ptr %y, i64 %172
-  %174 = add nsw i64 %col2, 0
-  %175 = getelementptr inbounds float, ptr %173, i64 %174
-  store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %176 = add nsw i64 %col2, 8
-  %177 = getelementptr inbounds float, ptr %173, i64 %176
-  store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %178 = add nsw i64 %r0, 1
-  %179 = mul nsw i64 %178, 192
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
-  %181 = getelementptr inbounds i32, ptr %rows, i64 %178
-  %182 = load i32, ptr %181, align 4
-  %183 = sext i32 %182 to i64
-  %184 = mul nsw i64 %183, 64
-  %185 = getelementptr inbounds float, ptr %y, i64 %184
-  %186 = add nsw i64 %col2, 0
-  %187 = getelementptr inbounds float, ptr %185, i64 %186
-  store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %188 = add nsw i64 %col2, 8
-  %189 = getelementptr inbounds float, ptr %185, i64 %188
-  store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %190 = add nsw i64 %r0, 2
-  %191 = mul nsw i64 %190, 192
-  %192 = getelementptr inbounds float, ptr %h, i64 %191
-  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
-  %194 = load i32, ptr %193, align 4
-  %195 = sext i32 %194 to i64
-  %196 = mul nsw i64 %195, 64
-  %197 = getelementptr inbounds float, ptr %y, i64 %196
-  %198 = add nsw i64 %col2, 0
-  %199 = getelementptr inbounds float, ptr %197, i64 %198
-  store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %200 = add nsw i64 %col2, 8
-  %201 = getelementptr inbounds float, ptr %197, i64 %200
-  store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %202 = add nsw i64 %r0, 3
-  %203 = mul nsw i64 %202, 192
-  %204 = getelementptr inbounds float, ptr %h, i64 %203
-  %205 = getelementptr inbounds i32, ptr %rows, i64 %202
-  %206 = load i32, ptr %205, align 4
-  %207 = sext i32 %206 to i64
-  %208 = mul nsw i64 %207, 64
-  %209 = getelementptr inbounds float, ptr %y, i64 %208
-  %210 = add nsw i64 %col2, 0
-  %211 = getelementptr inbounds float, ptr %209, i64 %210
-  store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %212 = add nsw i64 %col2, 8
-  %213 = getelementptr inbounds float, ptr %209, i64 %212
-  store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %214 = add nsw i64 %r0, 4
-  %215 = mul nsw i64 %214, 192
-  %216 = getelementptr inbounds float, ptr %h, i64 %215
-  %217 = getelementptr inbounds i32, ptr %rows, i64 %214
-  %218 = load i32, ptr %217, align 4
-  %219 = sext i32 %218 to i64
-  %220 = mul nsw i64 %219, 64
-  %221 = getelementptr inbounds float, ptr %y, i64 %220
-  %222 = add nsw i64 %col2, 0
-  %223 = getelementptr inbounds float, ptr %221, i64 %222
-  store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %224 = add nsw i64 %col2, 8
-  %225 = getelementptr inbounds float, ptr %221, i64 %224
-  store <8 x float> zeroinitializer, ptr %acc4112, align 4
+  %168 = add nsw i64 %r0, 0
+  %169 = mul nsw i64 %168, 192
+  %170 = getelementptr inbounds float, ptr %h, i64 %169
+  %171 = getelementptr inbounds i32, ptr %rows, i64 %168
+  %172 = load i32, ptr %171, align 4
+  %173 = sext i32 %172 to i64
+  %174 = mul nsw i64 %173, 64
+  %175 = getelementptr inbounds float, ptr %y, i64 %174
+  %176 = add nsw i64 %col2, 0
+  %177 = getelementptr inbounds float, ptr %175, i64 %176
+  store <8 x float> zeroinitializer, ptr %acc0003, align 4
+  %178 = add nsw i64 %col2, 8
+  %179 = getelementptr inbounds float, ptr %175, i64 %178
+  store <8 x float> zeroinitializer, ptr %acc0014, align 4
+  %180 = add nsw i64 %r0, 1
+  %181 = mul nsw i64 %180, 192
+  %182 = getelementptr inbounds float, ptr %h, i64 %181
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 64
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col2, 0
+  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  store <8 x float> zeroinitializer, ptr %acc0105, align 4
+  %190 = add nsw i64 %col2, 8
+  %191 = getelementptr inbounds float, ptr %187, i64 %190
+  store <8 x float> zeroinitializer, ptr %acc0116, align 4
+  %192 = add nsw i64 %r0, 2
+  %193 = mul nsw i64 %192, 192
+  %194 = getelementptr inbounds float, ptr %h, i64 %193
+  %195 = getelementptr inbounds i32, ptr %rows, i64 %192
+  %196 = load i32, ptr %195, align 4
+  %197 = sext i32 %196 to i64
+  %198 = mul nsw i64 %197, 64
+  %199 = getelementptr inbounds float, ptr %y, i64 %198
+  %200 = add nsw i64 %col2, 0
+  %201 = getelementptr inbounds float, ptr %199, i64 %200
+  store <8 x float> zeroinitializer, ptr %acc0207, align 4
+  %202 = add nsw i64 %col2, 8
+  %203 = getelementptr inbounds float, ptr %199, i64 %202
+  store <8 x float> zeroinitializer, ptr %acc0218, align 4
+  %204 = add nsw i64 %r0, 3
+  %205 = mul nsw i64 %204, 192
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
+  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
+  %208 = load i32, ptr %207, align 4
+  %209 = sext i32 %208 to i64
+  %210 = mul nsw i64 %209, 64
+  %211 = getelementptr inbounds float, ptr %y, i64 %210
+  %212 = add nsw i64 %col2, 0
+  %213 = getelementptr inbounds float, ptr %211, i64 %212
+  store <8 x float> zeroinitializer, ptr %acc0309, align 4
+  %214 = add nsw i64 %col2, 8
+  %215 = getelementptr inbounds float, ptr %211, i64 %214
+  store <8 x float> zeroinitializer, ptr %acc03110, align 4
+  %216 = add nsw i64 %r0, 4
+  %217 = mul nsw i64 %216, 192
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
+  %219 = getelementptr inbounds i32, ptr %rows, i64 %216
+  %220 = load i32, ptr %219, align 4
+  %221 = sext i32 %220 to i64
+  %222 = mul nsw i64 %221, 64
+  %223 = getelementptr inbounds float, ptr %y, i64 %222
+  %224 = add nsw i64 %col2, 0
+  %225 = getelementptr inbounds float, ptr %223, i64 %224
+  store <8 x float> zeroinitializer, ptr %acc04011, align 4
+  %226 = add nsw i64 %col2, 8
+  %227 = getelementptr inbounds float, ptr %223, i64 %226
+  store <8 x float> zeroinitializer, ptr %acc04112, align 4
   %panel.off13 = mul nsw i64 %p, 3072
-  %226 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %227 = add nsw i64 %p, 1
-  %228 = icmp slt i64 %227, %p1
-  %pf.on14 = and i1 %pf.on, %228
-  %229 = mul nsw i64 %rb, 12288
-  %230 = lshr i64 %229, %12
-  %231 = add nsw i64 12288, %230
-  %232 = getelementptr inbounds i8, ptr %226, i64 %231
-  %pf15 = select i1 %pf.on14, ptr %232, ptr %226
+  %228 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %229 = add nsw i64 %p, 1
+  %230 = icmp slt i64 %229, %p1
+  %pf.on14 = and i1 %pf.on, %230
+  %231 = mul nsw i64 %rb, 12288
+  %232 = lshr i64 %231, %12
+  %233 = add nsw i64 12288, %232
+  %234 = getelementptr inbounds i8, ptr %228, i64 %233
+  %pf15 = select i1 %pf.on14, ptr %234, ptr %228
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %284, %pf.any.end22 ]
-  %233 = icmp slt i64 %k20, 192
-  br i1 %233, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %pf.any.end22 ]
+  %235 = icmp slt i64 %k20, 192
+  br i1 %235, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %234 = mul nsw i64 %k20, 16
-  %235 = add nsw i64 %panel.off13, %234
-  %236 = mul nsw i64 %k20, 64
+  %236 = mul nsw i64 %k20, 1
+  %237 = add nsw i64 %236, 0
+  %238 = mul nsw i64 %237, 64
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %237 = lshr i64 %236, %pf.sh16
-  %238 = getelementptr inbounds i8, ptr %pf15, i64 %237
-  call void @llvm.prefetch.p0(ptr %238, i32 0, i32 2, i32 1)
+  %239 = lshr i64 %238, %pf.sh16
+  %240 = getelementptr inbounds i8, ptr %pf15, i64 %239
+  call void @llvm.prefetch.p0(ptr %240, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %239 = getelementptr inbounds float, ptr %panels, i64 %235
-  %240 = load <8 x float>, ptr %239, align 4
-  %241 = add nsw i64 %235, 8
-  %242 = getelementptr inbounds float, ptr %panels, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  %244 = getelementptr inbounds float, ptr %168, i64 %k20
-  %245 = load float, ptr %244, align 4
-  %246 = insertelement <8 x float> poison, float %245, i32 0
-  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
-  %248 = load <8 x float>, ptr %acc003, align 4
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %240, <8 x float> %248)
-  store <8 x float> %249, ptr %acc003, align 4
-  %250 = load <8 x float>, ptr %acc014, align 4
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> %250)
-  store <8 x float> %251, ptr %acc014, align 4
-  %252 = getelementptr inbounds float, ptr %180, i64 %k20
-  %253 = load float, ptr %252, align 4
-  %254 = insertelement <8 x float> poison, float %253, i32 0
-  %255 = shufflevector <8 x float> %254, <8 x float> poison, <8 x i32> zeroinitializer
-  %256 = load <8 x float>, ptr %acc105, align 4
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %240, <8 x float> %256)
-  store <8 x float> %257, ptr %acc105, align 4
-  %258 = load <8 x float>, ptr %acc116, align 4
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %243, <8 x float> %258)
-  store <8 x float> %259, ptr %acc116, align 4
-  %260 = getelementptr inbounds float, ptr %192, i64 %k20
-  %261 = load float, ptr %260, align 4
-  %262 = insertelement <8 x float> poison, float %261, i32 0
-  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
-  %264 = load <8 x float>, ptr %acc207, align 4
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %240, <8 x float> %264)
-  store <8 x float> %265, ptr %acc207, align 4
-  %266 = load <8 x float>, ptr %acc218, align 4
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %243, <8 x float> %266)
-  store <8 x float> %267, ptr %acc218, align 4
-  %268 = getelementptr inbounds float, ptr %204, i64 %k20
-  %269 = load float, ptr %268, align 4
-  %270 = insertelement <8 x float> poison, float %269, i32 0
-  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
-  %272 = load <8 x float>, ptr %acc309, align 4
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %240, <8 x float> %272)
-  store <8 x float> %273, ptr %acc309, align 4
-  %274 = load <8 x float>, ptr %acc3110, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %243, <8 x float> %274)
-  store <8 x float> %275, ptr %acc3110, align 4
-  %276 = getelementptr inbounds float, ptr %216, i64 %k20
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <8 x float> poison, float %277, i32 0
-  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
-  %280 = load <8 x float>, ptr %acc4011, align 4
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %240, <8 x float> %280)
-  store <8 x float> %281, ptr %acc4011, align 4
-  %282 = load <8 x float>, ptr %acc4112, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %243, <8 x float> %282)
-  store <8 x float> %283, ptr %acc4112, align 4
-  %284 = add nsw i64 %k20, 1
+  %241 = mul nsw i64 %237, 16
+  %242 = add nsw i64 %panel.off13, %241
+  %243 = getelementptr inbounds float, ptr %panels, i64 %242
+  %244 = load <8 x float>, ptr %243, align 4
+  %245 = add nsw i64 %242, 8
+  %246 = getelementptr inbounds float, ptr %panels, i64 %245
+  %247 = load <8 x float>, ptr %246, align 4
+  %248 = getelementptr inbounds float, ptr %170, i64 %237
+  %249 = load float, ptr %248, align 4
+  %250 = insertelement <8 x float> poison, float %249, i32 0
+  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
+  %252 = load <8 x float>, ptr %acc0003, align 4
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
+  store <8 x float> %253, ptr %acc0003, align 4
+  %254 = load <8 x float>, ptr %acc0014, align 4
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
+  store <8 x float> %255, ptr %acc0014, align 4
+  %256 = getelementptr inbounds float, ptr %182, i64 %237
+  %257 = load float, ptr %256, align 4
+  %258 = insertelement <8 x float> poison, float %257, i32 0
+  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
+  %260 = load <8 x float>, ptr %acc0105, align 4
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
+  store <8 x float> %261, ptr %acc0105, align 4
+  %262 = load <8 x float>, ptr %acc0116, align 4
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
+  store <8 x float> %263, ptr %acc0116, align 4
+  %264 = getelementptr inbounds float, ptr %194, i64 %237
+  %265 = load float, ptr %264, align 4
+  %266 = insertelement <8 x float> poison, float %265, i32 0
+  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
+  %268 = load <8 x float>, ptr %acc0207, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
+  store <8 x float> %269, ptr %acc0207, align 4
+  %270 = load <8 x float>, ptr %acc0218, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
+  store <8 x float> %271, ptr %acc0218, align 4
+  %272 = getelementptr inbounds float, ptr %206, i64 %237
+  %273 = load float, ptr %272, align 4
+  %274 = insertelement <8 x float> poison, float %273, i32 0
+  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
+  %276 = load <8 x float>, ptr %acc0309, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
+  store <8 x float> %277, ptr %acc0309, align 4
+  %278 = load <8 x float>, ptr %acc03110, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
+  store <8 x float> %279, ptr %acc03110, align 4
+  %280 = getelementptr inbounds float, ptr %218, i64 %237
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <8 x float> poison, float %281, i32 0
+  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
+  %284 = load <8 x float>, ptr %acc04011, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
+  store <8 x float> %285, ptr %acc04011, align 4
+  %286 = load <8 x float>, ptr %acc04112, align 4
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
+  store <8 x float> %287, ptr %acc04112, align 4
+  %288 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %285 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %285, ptr %175, align 4
-  %286 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %286, ptr %177, align 4
-  %287 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %287, ptr %187, align 4
-  %288 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %288, ptr %189, align 4
-  %289 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %289, ptr %199, align 4
-  %290 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %290, ptr %201, align 4
-  %291 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %291, ptr %211, align 4
-  %292 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %292, ptr %213, align 4
-  %293 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %293, ptr %223, align 4
-  %294 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %294, ptr %225, align 4
+  %289 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %289, ptr %177, align 4
+  %290 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %290, ptr %179, align 4
+  %291 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %291, ptr %189, align 4
+  %292 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %292, ptr %191, align 4
+  %293 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %293, ptr %201, align 4
+  %294 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %294, ptr %203, align 4
+  %295 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %295, ptr %213, align 4
+  %296 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %296, ptr %215, align 4
+  %297 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %297, ptr %225, align 4
+  %298 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %298, ptr %227, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col23 = mul nsw i64 %p, 16
-  %295 = add nsw i64 %r0, 0
-  %296 = mul nsw i64 %295, 192
-  %297 = getelementptr inbounds float, ptr %h, i64 %296
-  %298 = getelementptr inbounds i32, ptr %rows, i64 %295
-  %299 = load i32, ptr %298, align 4
-  %300 = sext i32 %299 to i64
-  %301 = mul nsw i64 %300, 64
-  %302 = getelementptr inbounds float, ptr %y, i64 %301
-  %303 = add nsw i64 %col23, 0
-  %304 = getelementptr inbounds float, ptr %302, i64 %303
-  store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %305 = add nsw i64 %col23, 8
-  %306 = getelementptr inbounds float, ptr %302, i64 %305
-  store <8 x float> zeroinitializer, ptr %acc0125, align 4
-  %307 = add nsw i64 %r0, 1
-  %308 = mul nsw i64 %307, 192
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
-  %310 = getelementptr inbounds i32, ptr %rows, i64 %307
-  %311 = load i32, ptr %310, align 4
-  %312 = sext i32 %311 to i64
-  %313 = mul nsw i64 %312, 64
-  %314 = getelementptr inbounds float, ptr %y, i64 %313
-  %315 = add nsw i64 %col23, 0
-  %316 = getelementptr inbounds float, ptr %314, i64 %315
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %317 = add nsw i64 %col23, 8
-  %318 = getelementptr inbounds float, ptr %314, i64 %317
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %319 = add nsw i64 %r0, 2
-  %320 = mul nsw i64 %319, 192
-  %321 = getelementptr inbounds float, ptr %h, i64 %320
-  %322 = getelementptr inbounds i32, ptr %rows, i64 %319
-  %323 = load i32, ptr %322, align 4
-  %324 = sext i32 %323 to i64
-  %325 = mul nsw i64 %324, 64
-  %326 = getelementptr inbounds float, ptr %y, i64 %325
-  %327 = add nsw i64 %col23, 0
-  %328 = getelementptr inbounds float, ptr %326, i64 %327
-  store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %329 = add nsw i64 %col23, 8
-  %330 = getelementptr inbounds float, ptr %326, i64 %329
-  store <8 x float> zeroinitializer, ptr %acc2129, align 4
-  %331 = add nsw i64 %r0, 3
-  %332 = mul nsw i64 %331, 192
-  %333 = getelementptr inbounds float, ptr %h, i64 %332
-  %334 = getelementptr inbounds i32, ptr %rows, i64 %331
-  %335 = load i32, ptr %334, align 4
-  %336 = sext i32 %335 to i64
-  %337 = mul nsw i64 %336, 64
-  %338 = getelementptr inbounds float, ptr %y, i64 %337
-  %339 = add nsw i64 %col23, 0
-  %340 = getelementptr inbounds float, ptr %338, i64 %339
-  store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %341 = add nsw i64 %col23, 8
-  %342 = getelementptr inbounds float, ptr %338, i64 %341
-  store <8 x float> zeroinitializer, ptr %acc3131, align 4
+  %299 = add nsw i64 %r0, 0
+  %300 = mul nsw i64 %299, 192
+  %301 = getelementptr inbounds float, ptr %h, i64 %300
+  %302 = getelementptr inbounds i32, ptr %rows, i64 %299
+  %303 = load i32, ptr %302, align 4
+  %304 = sext i32 %303 to i64
+  %305 = mul nsw i64 %304, 64
+  %306 = getelementptr inbounds float, ptr %y, i64 %305
+  %307 = add nsw i64 %col23, 0
+  %308 = getelementptr inbounds float, ptr %306, i64 %307
+  store <8 x float> zeroinitializer, ptr %acc00024, align 4
+  %309 = add nsw i64 %col23, 8
+  %310 = getelementptr inbounds float, ptr %306, i64 %309
+  store <8 x float> zeroinitializer, ptr %acc00125, align 4
+  %311 = add nsw i64 %r0, 1
+  %312 = mul nsw i64 %311, 192
+  %313 = getelementptr inbounds float, ptr %h, i64 %312
+  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %315 = load i32, ptr %314, align 4
+  %316 = sext i32 %315 to i64
+  %317 = mul nsw i64 %316, 64
+  %318 = getelementptr inbounds float, ptr %y, i64 %317
+  %319 = add nsw i64 %col23, 0
+  %320 = getelementptr inbounds float, ptr %318, i64 %319
+  store <8 x float> zeroinitializer, ptr %acc01026, align 4
+  %321 = add nsw i64 %col23, 8
+  %322 = getelementptr inbounds float, ptr %318, i64 %321
+  store <8 x float> zeroinitializer, ptr %acc01127, align 4
+  %323 = add nsw i64 %r0, 2
+  %324 = mul nsw i64 %323, 192
+  %325 = getelementptr inbounds float, ptr %h, i64 %324
+  %326 = getelementptr inbounds i32, ptr %rows, i64 %323
+  %327 = load i32, ptr %326, align 4
+  %328 = sext i32 %327 to i64
+  %329 = mul nsw i64 %328, 64
+  %330 = getelementptr inbounds float, ptr %y, i64 %329
+  %331 = add nsw i64 %col23, 0
+  %332 = getelementptr inbounds float, ptr %330, i64 %331
+  store <8 x float> zeroinitializer, ptr %acc02028, align 4
+  %333 = add nsw i64 %col23, 8
+  %334 = getelementptr inbounds float, ptr %330, i64 %333
+  store <8 x float> zeroinitializer, ptr %acc02129, align 4
+  %335 = add nsw i64 %r0, 3
+  %336 = mul nsw i64 %335, 192
+  %337 = getelementptr inbounds float, ptr %h, i64 %336
+  %338 = getelementptr inbounds i32, ptr %rows, i64 %335
+  %339 = load i32, ptr %338, align 4
+  %340 = sext i32 %339 to i64
+  %341 = mul nsw i64 %340, 64
+  %342 = getelementptr inbounds float, ptr %y, i64 %341
+  %343 = add nsw i64 %col23, 0
+  %344 = getelementptr inbounds float, ptr %342, i64 %343
+  store <8 x float> zeroinitializer, ptr %acc03030, align 4
+  %345 = add nsw i64 %col23, 8
+  %346 = getelementptr inbounds float, ptr %342, i64 %345
+  store <8 x float> zeroinitializer, ptr %acc03131, align 4
   %panel.off32 = mul nsw i64 %p, 3072
-  %343 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %344 = add nsw i64 %p, 1
-  %345 = icmp slt i64 %344, %p1
-  %pf.on33 = and i1 %pf.on, %345
-  %346 = mul nsw i64 %rb, 12288
-  %347 = lshr i64 %346, %12
-  %348 = add nsw i64 12288, %347
-  %349 = getelementptr inbounds i8, ptr %343, i64 %348
-  %pf34 = select i1 %pf.on33, ptr %349, ptr %343
+  %347 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
+  %348 = add nsw i64 %p, 1
+  %349 = icmp slt i64 %348, %p1
+  %pf.on33 = and i1 %pf.on, %349
+  %350 = mul nsw i64 %rb, 12288
+  %351 = lshr i64 %350, %12
+  %352 = add nsw i64 12288, %351
+  %353 = getelementptr inbounds i8, ptr %347, i64 %352
+  %pf34 = select i1 %pf.on33, ptr %353, ptr %347
   %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %393, %pf.any.end41 ]
-  %350 = icmp slt i64 %k39, 192
-  br i1 %350, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %399, %pf.any.end41 ]
+  %354 = icmp slt i64 %k39, 192
+  br i1 %354, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %351 = mul nsw i64 %k39, 16
-  %352 = add nsw i64 %panel.off32, %351
-  %353 = mul nsw i64 %k39, 64
+  %355 = mul nsw i64 %k39, 1
+  %356 = add nsw i64 %355, 0
+  %357 = mul nsw i64 %356, 64
   br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
 
 pf.any.then40:                                    ; preds = %k.body37
-  %354 = lshr i64 %353, %pf.sh35
-  %355 = getelementptr inbounds i8, ptr %pf34, i64 %354
-  call void @llvm.prefetch.p0(ptr %355, i32 0, i32 2, i32 1)
+  %358 = lshr i64 %357, %pf.sh35
+  %359 = getelementptr inbounds i8, ptr %pf34, i64 %358
+  call void @llvm.prefetch.p0(ptr %359, i32 0, i32 2, i32 1)
   br label %pf.any.end41
 
 pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %356 = getelementptr inbounds float, ptr %panels, i64 %352
-  %357 = load <8 x float>, ptr %356, align 4
-  %358 = add nsw i64 %352, 8
-  %359 = getelementptr inbounds float, ptr %panels, i64 %358
-  %360 = load <8 x float>, ptr %359, align 4
-  %361 = getelementptr inbounds float, ptr %297, i64 %k39
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = load <8 x float>, ptr %acc0024, align 4
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
-  store <8 x float> %366, ptr %acc0024, align 4
-  %367 = load <8 x float>, ptr %acc0125, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
-  store <8 x float> %368, ptr %acc0125, align 4
-  %369 = getelementptr inbounds float, ptr %309, i64 %k39
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = load <8 x float>, ptr %acc1026, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
-  store <8 x float> %374, ptr %acc1026, align 4
-  %375 = load <8 x float>, ptr %acc1127, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
-  store <8 x float> %376, ptr %acc1127, align 4
-  %377 = getelementptr inbounds float, ptr %321, i64 %k39
-  %378 = load float, ptr %377, align 4
-  %379 = insertelement <8 x float> poison, float %378, i32 0
-  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
-  %381 = load <8 x float>, ptr %acc2028, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
-  store <8 x float> %382, ptr %acc2028, align 4
-  %383 = load <8 x float>, ptr %acc2129, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
-  store <8 x float> %384, ptr %acc2129, align 4
-  %385 = getelementptr inbounds float, ptr %333, i64 %k39
-  %386 = load float, ptr %385, align 4
-  %387 = insertelement <8 x float> poison, float %386, i32 0
-  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
-  %389 = load <8 x float>, ptr %acc3030, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
-  store <8 x float> %390, ptr %acc3030, align 4
-  %391 = load <8 x float>, ptr %acc3131, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
-  store <8 x float> %392, ptr %acc3131, align 4
-  %393 = add nsw i64 %k39, 1
+  %360 = mul nsw i64 %356, 16
+  %361 = add nsw i64 %panel.off32, %360
+  %362 = getelementptr inbounds float, ptr %panels, i64 %361
+  %363 = load <8 x float>, ptr %362, align 4
+  %364 = add nsw i64 %361, 8
+  %365 = getelementptr inbounds float, ptr %panels, i64 %364
+  %366 = load <8 x float>, ptr %365, align 4
+  %367 = getelementptr inbounds float, ptr %301, i64 %356
+  %368 = load float, ptr %367, align 4
+  %369 = insertelement <8 x float> poison, float %368, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = load <8 x float>, ptr %acc00024, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %363, <8 x float> %371)
+  store <8 x float> %372, ptr %acc00024, align 4
+  %373 = load <8 x float>, ptr %acc00125, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> %373)
+  store <8 x float> %374, ptr %acc00125, align 4
+  %375 = getelementptr inbounds float, ptr %313, i64 %356
+  %376 = load float, ptr %375, align 4
+  %377 = insertelement <8 x float> poison, float %376, i32 0
+  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
+  %379 = load <8 x float>, ptr %acc01026, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %363, <8 x float> %379)
+  store <8 x float> %380, ptr %acc01026, align 4
+  %381 = load <8 x float>, ptr %acc01127, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %366, <8 x float> %381)
+  store <8 x float> %382, ptr %acc01127, align 4
+  %383 = getelementptr inbounds float, ptr %325, i64 %356
+  %384 = load float, ptr %383, align 4
+  %385 = insertelement <8 x float> poison, float %384, i32 0
+  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
+  %387 = load <8 x float>, ptr %acc02028, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %363, <8 x float> %387)
+  store <8 x float> %388, ptr %acc02028, align 4
+  %389 = load <8 x float>, ptr %acc02129, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %366, <8 x float> %389)
+  store <8 x float> %390, ptr %acc02129, align 4
+  %391 = getelementptr inbounds float, ptr %337, i64 %356
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %acc03030, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %363, <8 x float> %395)
+  store <8 x float> %396, ptr %acc03030, align 4
+  %397 = load <8 x float>, ptr %acc03131, align 4
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %366, <8 x float> %397)
+  store <8 x float> %398, ptr %acc03131, align 4
+  %399 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %394 = load <8 x float>, ptr %acc0024, align 4
-  store <8 x float> %394, ptr %304, align 4
-  %395 = load <8 x float>, ptr %acc0125, align 4
-  store <8 x float> %395, ptr %306, align 4
-  %396 = load <8 x float>, ptr %acc1026, align 4
-  store <8 x float> %396, ptr %316, align 4
-  %397 = load <8 x float>, ptr %acc1127, align 4
-  store <8 x float> %397, ptr %318, align 4
-  %398 = load <8 x float>, ptr %acc2028, align 4
-  store <8 x float> %398, ptr %328, align 4
-  %399 = load <8 x float>, ptr %acc2129, align 4
-  store <8 x float> %399, ptr %330, align 4
-  %400 = load <8 x float>, ptr %acc3030, align 4
-  store <8 x float> %400, ptr %340, align 4
-  %401 = load <8 x float>, ptr %acc3131, align 4
-  store <8 x float> %401, ptr %342, align 4
+  %400 = load <8 x float>, ptr %acc00024, align 4
+  store <8 x float> %400, ptr %308, align 4
+  %401 = load <8 x float>, ptr %acc00125, align 4
+  store <8 x float> %401, ptr %310, align 4
+  %402 = load <8 x float>, ptr %acc01026, align 4
+  store <8 x float> %402, ptr %320, align 4
+  %403 = load <8 x float>, ptr %acc01127, align 4
+  store <8 x float> %403, ptr %322, align 4
+  %404 = load <8 x float>, ptr %acc02028, align 4
+  store <8 x float> %404, ptr %332, align 4
+  %405 = load <8 x float>, ptr %acc02129, align 4
+  store <8 x float> %405, ptr %334, align 4
+  %406 = load <8 x float>, ptr %acc03030, align 4
+  store <8 x float> %406, ptr %344, align 4
+  %407 = load <8 x float>, ptr %acc03131, align 4
+  store <8 x float> %407, ptr %346, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col42 = mul nsw i64 %p, 16
-  %402 = add nsw i64 %r0, 0
-  %403 = mul nsw i64 %402, 192
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 64
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col42, 0
-  %411 = getelementptr inbounds float, ptr %409, i64 %410
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %412 = add nsw i64 %col42, 8
-  %413 = getelementptr inbounds float, ptr %409, i64 %412
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
-  %414 = add nsw i64 %r0, 1
-  %415 = mul nsw i64 %414, 192
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 64
-  %421 = getelementptr inbounds float, ptr %y, i64 %420
-  %422 = add nsw i64 %col42, 0
-  %423 = getelementptr inbounds float, ptr %421, i64 %422
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %424 = add nsw i64 %col42, 8
-  %425 = getelementptr inbounds float, ptr %421, i64 %424
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %426 = add nsw i64 %r0, 2
-  %427 = mul nsw i64 %426, 192
-  %428 = getelementptr inbounds float, ptr %h, i64 %427
-  %429 = getelementptr inbounds i32, ptr %rows, i64 %426
-  %430 = load i32, ptr %429, align 4
-  %431 = sext i32 %430 to i64
-  %432 = mul nsw i64 %431, 64
-  %433 = getelementptr inbounds float, ptr %y, i64 %432
-  %434 = add nsw i64 %col42, 0
-  %435 = getelementptr inbounds float, ptr %433, i64 %434
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %436 = add nsw i64 %col42, 8
-  %437 = getelementptr inbounds float, ptr %433, i64 %436
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
+  %408 = add nsw i64 %r0, 0
+  %409 = mul nsw i64 %408, 192
+  %410 = getelementptr inbounds float, ptr %h, i64 %409
+  %411 = getelementptr inbounds i32, ptr %rows, i64 %408
+  %412 = load i32, ptr %411, align 4
+  %413 = sext i32 %412 to i64
+  %414 = mul nsw i64 %413, 64
+  %415 = getelementptr inbounds float, ptr %y, i64 %414
+  %416 = add nsw i64 %col42, 0
+  %417 = getelementptr inbounds float, ptr %415, i64 %416
+  store <8 x float> zeroinitializer, ptr %acc00043, align 4
+  %418 = add nsw i64 %col42, 8
+  %419 = getelementptr inbounds float, ptr %415, i64 %418
+  store <8 x float> zeroinitializer, ptr %acc00144, align 4
+  %420 = add nsw i64 %r0, 1
+  %421 = mul nsw i64 %420, 192
+  %422 = getelementptr inbounds float, ptr %h, i64 %421
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %420
+  %424 = load i32, ptr %423, align 4
+  %425 = sext i32 %424 to i64
+  %426 = mul nsw i64 %425, 64
+  %427 = getelementptr inbounds float, ptr %y, i64 %426
+  %428 = add nsw i64 %col42, 0
+  %429 = getelementptr inbounds float, ptr %427, i64 %428
+  store <8 x float> zeroinitializer, ptr %acc01045, align 4
+  %430 = add nsw i64 %col42, 8
+  %431 = getelementptr inbounds float, ptr %427, i64 %430
+  store <8 x float> zeroinitializer, ptr %acc01146, align 4
+  %432 = add nsw i64 %r0, 2
+  %433 = mul nsw i64 %432, 192
+  %434 = getelementptr inbounds float, ptr %h, i64 %433
+  %435 = getelementptr inbounds i32, ptr %rows, i64 %432
+  %436 = load i32, ptr %435, align 4
+  %437 = sext i32 %436 to i64
+  %438 = mul nsw i64 %437, 64
+  %439 = getelementptr inbounds float, ptr %y, i64 %438
+  %440 = add nsw i64 %col42, 0
+  %441 = getelementptr inbounds float, ptr %439, i64 %440
+  store <8 x float> zeroinitializer, ptr %acc02047, align 4
+  %442 = add nsw i64 %col42, 8
+  %443 = getelementptr inbounds float, ptr %439, i64 %442
+  store <8 x float> zeroinitializer, ptr %acc02148, align 4
   %panel.off49 = mul nsw i64 %p, 3072
-  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %439 = add nsw i64 %p, 1
-  %440 = icmp slt i64 %439, %p1
-  %pf.on50 = and i1 %pf.on, %440
-  %441 = mul nsw i64 %rb, 12288
-  %442 = lshr i64 %441, %12
-  %443 = add nsw i64 12288, %442
-  %444 = getelementptr inbounds i8, ptr %438, i64 %443
-  %pf51 = select i1 %pf.on50, ptr %444, ptr %438
+  %444 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
+  %445 = add nsw i64 %p, 1
+  %446 = icmp slt i64 %445, %p1
+  %pf.on50 = and i1 %pf.on, %446
+  %447 = mul nsw i64 %rb, 12288
+  %448 = lshr i64 %447, %12
+  %449 = add nsw i64 12288, %448
+  %450 = getelementptr inbounds i8, ptr %444, i64 %449
+  %pf51 = select i1 %pf.on50, ptr %450, ptr %444
   %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %480, %pf.any.end58 ]
-  %445 = icmp slt i64 %k56, 192
-  br i1 %445, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %488, %pf.any.end58 ]
+  %451 = icmp slt i64 %k56, 192
+  br i1 %451, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %446 = mul nsw i64 %k56, 16
-  %447 = add nsw i64 %panel.off49, %446
-  %448 = mul nsw i64 %k56, 64
+  %452 = mul nsw i64 %k56, 1
+  %453 = add nsw i64 %452, 0
+  %454 = mul nsw i64 %453, 64
   br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
 pf.any.then57:                                    ; preds = %k.body54
-  %449 = lshr i64 %448, %pf.sh52
-  %450 = getelementptr inbounds i8, ptr %pf51, i64 %449
-  call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
+  %455 = lshr i64 %454, %pf.sh52
+  %456 = getelementptr inbounds i8, ptr %pf51, i64 %455
+  call void @llvm.prefetch.p0(ptr %456, i32 0, i32 2, i32 1)
   br label %pf.any.end58
 
 pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %451 = getelementptr inbounds float, ptr %panels, i64 %447
-  %452 = load <8 x float>, ptr %451, align 4
-  %453 = add nsw i64 %447, 8
-  %454 = getelementptr inbounds float, ptr %panels, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = getelementptr inbounds float, ptr %404, i64 %k56
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc0043, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0043, align 4
-  %462 = load <8 x float>, ptr %acc0144, align 4
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
-  store <8 x float> %463, ptr %acc0144, align 4
-  %464 = getelementptr inbounds float, ptr %416, i64 %k56
+  %457 = mul nsw i64 %453, 16
+  %458 = add nsw i64 %panel.off49, %457
+  %459 = getelementptr inbounds float, ptr %panels, i64 %458
+  %460 = load <8 x float>, ptr %459, align 4
+  %461 = add nsw i64 %458, 8
+  %462 = getelementptr inbounds float, ptr %panels, i64 %461
+  %463 = load <8 x float>, ptr %462, align 4
+  %464 = getelementptr inbounds float, ptr %410, i64 %453
   %465 = load float, ptr %464, align 4
   %466 = insertelement <8 x float> poison, float %465, i32 0
   %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc1045, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1045, align 4
-  %470 = load <8 x float>, ptr %acc1146, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
-  store <8 x float> %471, ptr %acc1146, align 4
-  %472 = getelementptr inbounds float, ptr %428, i64 %k56
+  %468 = load <8 x float>, ptr %acc00043, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %460, <8 x float> %468)
+  store <8 x float> %469, ptr %acc00043, align 4
+  %470 = load <8 x float>, ptr %acc00144, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> %470)
+  store <8 x float> %471, ptr %acc00144, align 4
+  %472 = getelementptr inbounds float, ptr %422, i64 %453
   %473 = load float, ptr %472, align 4
   %474 = insertelement <8 x float> poison, float %473, i32 0
   %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc2047, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
-  store <8 x float> %477, ptr %acc2047, align 4
-  %478 = load <8 x float>, ptr %acc2148, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
-  store <8 x float> %479, ptr %acc2148, align 4
-  %480 = add nsw i64 %k56, 1
+  %476 = load <8 x float>, ptr %acc01045, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %460, <8 x float> %476)
+  store <8 x float> %477, ptr %acc01045, align 4
+  %478 = load <8 x float>, ptr %acc01146, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %463, <8 x float> %478)
+  store <8 x float> %479, ptr %acc01146, align 4
+  %480 = getelementptr inbounds float, ptr %434, i64 %453
+  %481 = load float, ptr %480, align 4
+  %482 = insertelement <8 x float> poison, float %481, i32 0
+  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
+  %484 = load <8 x float>, ptr %acc02047, align 4
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %460, <8 x float> %484)
+  store <8 x float> %485, ptr %acc02047, align 4
+  %486 = load <8 x float>, ptr %acc02148, align 4
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %463, <8 x float> %486)
+  store <8 x float> %487, ptr %acc02148, align 4
+  %488 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %481 = load <8 x float>, ptr %acc0043, align 4
-  store <8 x float> %481, ptr %411, align 4
-  %482 = load <8 x float>, ptr %acc0144, align 4
-  store <8 x float> %482, ptr %413, align 4
-  %483 = load <8 x float>, ptr %acc1045, align 4
-  store <8 x float> %483, ptr %423, align 4
-  %484 = load <8 x float>, ptr %acc1146, align 4
-  store <8 x float> %484, ptr %425, align 4
-  %485 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %485, ptr %435, align 4
-  %486 = load <8 x float>, ptr %acc2148, align 4
-  store <8 x float> %486, ptr %437, align 4
+  %489 = load <8 x float>, ptr %acc00043, align 4
+  store <8 x float> %489, ptr %417, align 4
+  %490 = load <8 x float>, ptr %acc00144, align 4
+  store <8 x float> %490, ptr %419, align 4
+  %491 = load <8 x float>, ptr %acc01045, align 4
+  store <8 x float> %491, ptr %429, align 4
+  %492 = load <8 x float>, ptr %acc01146, align 4
+  store <8 x float> %492, ptr %431, align 4
+  %493 = load <8 x float>, ptr %acc02047, align 4
+  store <8 x float> %493, ptr %441, align 4
+  %494 = load <8 x float>, ptr %acc02148, align 4
+  store <8 x float> %494, ptr %443, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col59 = mul nsw i64 %p, 16
-  %487 = add nsw i64 %r0, 0
-  %488 = mul nsw i64 %487, 192
-  %489 = getelementptr inbounds float, ptr %h, i64 %488
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %487
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 64
-  %494 = getelementptr inbounds float, ptr %y, i64 %493
-  %495 = add nsw i64 %col59, 0
-  %496 = getelementptr inbounds float, ptr %494, i64 %495
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %497 = add nsw i64 %col59, 8
-  %498 = getelementptr inbounds float, ptr %494, i64 %497
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
-  %499 = add nsw i64 %r0, 1
-  %500 = mul nsw i64 %499, 192
-  %501 = getelementptr inbounds float, ptr %h, i64 %500
-  %502 = getelementptr inbounds i32, ptr %rows, i64 %499
-  %503 = load i32, ptr %502, align 4
-  %504 = sext i32 %503 to i64
-  %505 = mul nsw i64 %504, 64
-  %506 = getelementptr inbounds float, ptr %y, i64 %505
-  %507 = add nsw i64 %col59, 0
-  %508 = getelementptr inbounds float, ptr %506, i64 %507
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %509 = add nsw i64 %col59, 8
-  %510 = getelementptr inbounds float, ptr %506, i64 %509
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
+  %495 = add nsw i64 %r0, 0
+  %496 = mul nsw i64 %495, 192
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 64
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col59, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  store <8 x float> zeroinitializer, ptr %acc00060, align 4
+  %505 = add nsw i64 %col59, 8
+  %506 = getelementptr inbounds float, ptr %502, i64 %505
+  store <8 x float> zeroinitializer, ptr %acc00161, align 4
+  %507 = add nsw i64 %r0, 1
+  %508 = mul nsw i64 %507, 192
+  %509 = getelementptr inbounds float, ptr %h, i64 %508
+  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
+  %511 = load i32, ptr %510, align 4
+  %512 = sext i32 %511 to i64
+  %513 = mul nsw i64 %512, 64
+  %514 = getelementptr inbounds float, ptr %y, i64 %513
+  %515 = add nsw i64 %col59, 0
+  %516 = getelementptr inbounds float, ptr %514, i64 %515
+  store <8 x float> zeroinitializer, ptr %acc01062, align 4
+  %517 = add nsw i64 %col59, 8
+  %518 = getelementptr inbounds float, ptr %514, i64 %517
+  store <8 x float> zeroinitializer, ptr %acc01163, align 4
   %panel.off64 = mul nsw i64 %p, 3072
-  %511 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %512 = add nsw i64 %p, 1
-  %513 = icmp slt i64 %512, %p1
-  %pf.on65 = and i1 %pf.on, %513
-  %514 = mul nsw i64 %rb, 12288
-  %515 = lshr i64 %514, %12
-  %516 = add nsw i64 12288, %515
-  %517 = getelementptr inbounds i8, ptr %511, i64 %516
-  %pf66 = select i1 %pf.on65, ptr %517, ptr %511
+  %519 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %520 = add nsw i64 %p, 1
+  %521 = icmp slt i64 %520, %p1
+  %pf.on65 = and i1 %pf.on, %521
+  %522 = mul nsw i64 %rb, 12288
+  %523 = lshr i64 %522, %12
+  %524 = add nsw i64 12288, %523
+  %525 = getelementptr inbounds i8, ptr %519, i64 %524
+  %pf66 = select i1 %pf.on65, ptr %525, ptr %519
   %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %545, %pf.any.end73 ]
-  %518 = icmp slt i64 %k71, 192
-  br i1 %518, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %555, %pf.any.end73 ]
+  %526 = icmp slt i64 %k71, 192
+  br i1 %526, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %519 = mul nsw i64 %k71, 16
-  %520 = add nsw i64 %panel.off64, %519
-  %521 = mul nsw i64 %k71, 64
+  %527 = mul nsw i64 %k71, 1
+  %528 = add nsw i64 %527, 0
+  %529 = mul nsw i64 %528, 64
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %522 = lshr i64 %521, %pf.sh67
-  %523 = getelementptr inbounds i8, ptr %pf66, i64 %522
-  call void @llvm.prefetch.p0(ptr %523, i32 0, i32 2, i32 1)
+  %530 = lshr i64 %529, %pf.sh67
+  %531 = getelementptr inbounds i8, ptr %pf66, i64 %530
+  call void @llvm.prefetch.p0(ptr %531, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %524 = getelementptr inbounds float, ptr %panels, i64 %520
-  %525 = load <8 x float>, ptr %524, align 4
-  %526 = add nsw i64 %520, 8
-  %527 = getelementptr inbounds float, ptr %panels, i64 %526
-  %528 = load <8 x float>, ptr %527, align 4
-  %529 = getelementptr inbounds float, ptr %489, i64 %k71
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = load <8 x float>, ptr %acc0060, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %525, <8 x float> %533)
-  store <8 x float> %534, ptr %acc0060, align 4
-  %535 = load <8 x float>, ptr %acc0161, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> %535)
-  store <8 x float> %536, ptr %acc0161, align 4
-  %537 = getelementptr inbounds float, ptr %501, i64 %k71
-  %538 = load float, ptr %537, align 4
-  %539 = insertelement <8 x float> poison, float %538, i32 0
-  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
-  %541 = load <8 x float>, ptr %acc1062, align 4
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %525, <8 x float> %541)
-  store <8 x float> %542, ptr %acc1062, align 4
-  %543 = load <8 x float>, ptr %acc1163, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %528, <8 x float> %543)
-  store <8 x float> %544, ptr %acc1163, align 4
-  %545 = add nsw i64 %k71, 1
+  %532 = mul nsw i64 %528, 16
+  %533 = add nsw i64 %panel.off64, %532
+  %534 = getelementptr inbounds float, ptr %panels, i64 %533
+  %535 = load <8 x float>, ptr %534, align 4
+  %536 = add nsw i64 %533, 8
+  %537 = getelementptr inbounds float, ptr %panels, i64 %536
+  %538 = load <8 x float>, ptr %537, align 4
+  %539 = getelementptr inbounds float, ptr %497, i64 %528
+  %540 = load float, ptr %539, align 4
+  %541 = insertelement <8 x float> poison, float %540, i32 0
+  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
+  %543 = load <8 x float>, ptr %acc00060, align 4
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %535, <8 x float> %543)
+  store <8 x float> %544, ptr %acc00060, align 4
+  %545 = load <8 x float>, ptr %acc00161, align 4
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %538, <8 x float> %545)
+  store <8 x float> %546, ptr %acc00161, align 4
+  %547 = getelementptr inbounds float, ptr %509, i64 %528
+  %548 = load float, ptr %547, align 4
+  %549 = insertelement <8 x float> poison, float %548, i32 0
+  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
+  %551 = load <8 x float>, ptr %acc01062, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %535, <8 x float> %551)
+  store <8 x float> %552, ptr %acc01062, align 4
+  %553 = load <8 x float>, ptr %acc01163, align 4
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %538, <8 x float> %553)
+  store <8 x float> %554, ptr %acc01163, align 4
+  %555 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %546 = load <8 x float>, ptr %acc0060, align 4
-  store <8 x float> %546, ptr %496, align 4
-  %547 = load <8 x float>, ptr %acc0161, align 4
-  store <8 x float> %547, ptr %498, align 4
-  %548 = load <8 x float>, ptr %acc1062, align 4
-  store <8 x float> %548, ptr %508, align 4
-  %549 = load <8 x float>, ptr %acc1163, align 4
-  store <8 x float> %549, ptr %510, align 4
+  %556 = load <8 x float>, ptr %acc00060, align 4
+  store <8 x float> %556, ptr %504, align 4
+  %557 = load <8 x float>, ptr %acc00161, align 4
+  store <8 x float> %557, ptr %506, align 4
+  %558 = load <8 x float>, ptr %acc01062, align 4
+  store <8 x float> %558, ptr %516, align 4
+  %559 = load <8 x float>, ptr %acc01163, align 4
+  store <8 x float> %559, ptr %518, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col74 = mul nsw i64 %p, 16
-  %550 = add nsw i64 %r0, 0
-  %551 = mul nsw i64 %550, 192
-  %552 = getelementptr inbounds float, ptr %h, i64 %551
-  %553 = getelementptr inbounds i32, ptr %rows, i64 %550
-  %554 = load i32, ptr %553, align 4
-  %555 = sext i32 %554 to i64
-  %556 = mul nsw i64 %555, 64
-  %557 = getelementptr inbounds float, ptr %y, i64 %556
-  %558 = add nsw i64 %col74, 0
-  %559 = getelementptr inbounds float, ptr %557, i64 %558
-  store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %560 = add nsw i64 %col74, 8
-  %561 = getelementptr inbounds float, ptr %557, i64 %560
-  store <8 x float> zeroinitializer, ptr %acc0176, align 4
+  %560 = add nsw i64 %r0, 0
+  %561 = mul nsw i64 %560, 192
+  %562 = getelementptr inbounds float, ptr %h, i64 %561
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %560
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 64
+  %567 = getelementptr inbounds float, ptr %y, i64 %566
+  %568 = add nsw i64 %col74, 0
+  %569 = getelementptr inbounds float, ptr %567, i64 %568
+  store <8 x float> zeroinitializer, ptr %acc00075, align 4
+  %570 = add nsw i64 %col74, 8
+  %571 = getelementptr inbounds float, ptr %567, i64 %570
+  store <8 x float> zeroinitializer, ptr %acc00176, align 4
   %panel.off77 = mul nsw i64 %p, 3072
-  %562 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %563 = add nsw i64 %p, 1
-  %564 = icmp slt i64 %563, %p1
-  %pf.on78 = and i1 %pf.on, %564
-  %565 = mul nsw i64 %rb, 12288
-  %566 = lshr i64 %565, %12
-  %567 = add nsw i64 12288, %566
-  %568 = getelementptr inbounds i8, ptr %562, i64 %567
-  %pf79 = select i1 %pf.on78, ptr %568, ptr %562
+  %572 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %573 = add nsw i64 %p, 1
+  %574 = icmp slt i64 %573, %p1
+  %pf.on78 = and i1 %pf.on, %574
+  %575 = mul nsw i64 %rb, 12288
+  %576 = lshr i64 %575, %12
+  %577 = add nsw i64 12288, %576
+  %578 = getelementptr inbounds i8, ptr %572, i64 %577
+  %pf79 = select i1 %pf.on78, ptr %578, ptr %572
   %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %588, %pf.any.end86 ]
-  %569 = icmp slt i64 %k84, 192
-  br i1 %569, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %600, %pf.any.end86 ]
+  %579 = icmp slt i64 %k84, 192
+  br i1 %579, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %570 = mul nsw i64 %k84, 16
-  %571 = add nsw i64 %panel.off77, %570
-  %572 = mul nsw i64 %k84, 64
+  %580 = mul nsw i64 %k84, 1
+  %581 = add nsw i64 %580, 0
+  %582 = mul nsw i64 %581, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %573 = lshr i64 %572, %pf.sh80
-  %574 = getelementptr inbounds i8, ptr %pf79, i64 %573
-  call void @llvm.prefetch.p0(ptr %574, i32 0, i32 2, i32 1)
+  %583 = lshr i64 %582, %pf.sh80
+  %584 = getelementptr inbounds i8, ptr %pf79, i64 %583
+  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %575 = getelementptr inbounds float, ptr %panels, i64 %571
-  %576 = load <8 x float>, ptr %575, align 4
-  %577 = add nsw i64 %571, 8
-  %578 = getelementptr inbounds float, ptr %panels, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
-  %580 = getelementptr inbounds float, ptr %552, i64 %k84
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc0075, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %576, <8 x float> %584)
-  store <8 x float> %585, ptr %acc0075, align 4
-  %586 = load <8 x float>, ptr %acc0176, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %579, <8 x float> %586)
-  store <8 x float> %587, ptr %acc0176, align 4
-  %588 = add nsw i64 %k84, 1
+  %585 = mul nsw i64 %581, 16
+  %586 = add nsw i64 %panel.off77, %585
+  %587 = getelementptr inbounds float, ptr %panels, i64 %586
+  %588 = load <8 x float>, ptr %587, align 4
+  %589 = add nsw i64 %586, 8
+  %590 = getelementptr inbounds float, ptr %panels, i64 %589
+  %591 = load <8 x float>, ptr %590, align 4
+  %592 = getelementptr inbounds float, ptr %562, i64 %581
+  %593 = load float, ptr %592, align 4
+  %594 = insertelement <8 x float> poison, float %593, i32 0
+  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
+  %596 = load <8 x float>, ptr %acc00075, align 4
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %588, <8 x float> %596)
+  store <8 x float> %597, ptr %acc00075, align 4
+  %598 = load <8 x float>, ptr %acc00176, align 4
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> %598)
+  store <8 x float> %599, ptr %acc00176, align 4
+  %600 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %589 = load <8 x float>, ptr %acc0075, align 4
-  store <8 x float> %589, ptr %559, align 4
-  %590 = load <8 x float>, ptr %acc0176, align 4
-  store <8 x float> %590, ptr %561, align 4
+  %601 = load <8 x float>, ptr %acc00075, align 4
+  store <8 x float> %601, ptr %569, align 4
+  %602 = load <8 x float>, ptr %acc00176, align 4
+  store <8 x float> %602, ptr %571, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %591 = add nsw i64 %rb, 1
+  %603 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %592 = add nsw i64 %p, 1
+  %604 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

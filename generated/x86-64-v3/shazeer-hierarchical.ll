@@ -2506,55 +2506,55 @@ declare double @log1p(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc007 = alloca <8 x float>, align 32
-  %acc018 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1110 = alloca <8 x float>, align 32
-  %acc2011 = alloca <8 x float>, align 32
-  %acc2112 = alloca <8 x float>, align 32
-  %acc3013 = alloca <8 x float>, align 32
-  %acc3114 = alloca <8 x float>, align 32
-  %acc4015 = alloca <8 x float>, align 32
-  %acc4116 = alloca <8 x float>, align 32
-  %acc0032 = alloca <8 x float>, align 32
-  %acc0133 = alloca <8 x float>, align 32
-  %acc1034 = alloca <8 x float>, align 32
-  %acc1135 = alloca <8 x float>, align 32
-  %acc2036 = alloca <8 x float>, align 32
-  %acc2137 = alloca <8 x float>, align 32
-  %acc3038 = alloca <8 x float>, align 32
-  %acc3139 = alloca <8 x float>, align 32
-  %acc0054 = alloca <8 x float>, align 32
-  %acc0155 = alloca <8 x float>, align 32
-  %acc1056 = alloca <8 x float>, align 32
-  %acc1157 = alloca <8 x float>, align 32
-  %acc2058 = alloca <8 x float>, align 32
-  %acc2159 = alloca <8 x float>, align 32
-  %acc0073 = alloca <8 x float>, align 32
-  %acc0174 = alloca <8 x float>, align 32
-  %acc1075 = alloca <8 x float>, align 32
-  %acc1176 = alloca <8 x float>, align 32
-  %acc0089 = alloca <8 x float>, align 32
-  %acc0190 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0007 = alloca <8 x float>, align 32
+  %acc0018 = alloca <8 x float>, align 32
+  %acc0109 = alloca <8 x float>, align 32
+  %acc01110 = alloca <8 x float>, align 32
+  %acc02011 = alloca <8 x float>, align 32
+  %acc02112 = alloca <8 x float>, align 32
+  %acc03013 = alloca <8 x float>, align 32
+  %acc03114 = alloca <8 x float>, align 32
+  %acc04015 = alloca <8 x float>, align 32
+  %acc04116 = alloca <8 x float>, align 32
+  %acc00032 = alloca <8 x float>, align 32
+  %acc00133 = alloca <8 x float>, align 32
+  %acc01034 = alloca <8 x float>, align 32
+  %acc01135 = alloca <8 x float>, align 32
+  %acc02036 = alloca <8 x float>, align 32
+  %acc02137 = alloca <8 x float>, align 32
+  %acc03038 = alloca <8 x float>, align 32
+  %acc03139 = alloca <8 x float>, align 32
+  %acc00054 = alloca <8 x float>, align 32
+  %acc00155 = alloca <8 x float>, align 32
+  %acc01056 = alloca <8 x float>, align 32
+  %acc01157 = alloca <8 x float>, align 32
+  %acc02058 = alloca <8 x float>, align 32
+  %acc02159 = alloca <8 x float>, align 32
+  %acc00073 = alloca <8 x float>, align 32
+  %acc00174 = alloca <8 x float>, align 32
+  %acc01075 = alloca <8 x float>, align 32
+  %acc01176 = alloca <8 x float>, align 32
+  %acc00089 = alloca <8 x float>, align 32
+  %acc00190 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %822, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %834, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -2564,7 +2564,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %821, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %833, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -2600,48 +2600,48 @@ tile.mr6:                                         ; preds = %rb.body
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 512
   %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %20 = add nsw i64 %r0, 1
   %21 = getelementptr inbounds i32, ptr %rows, i64 %20
   %22 = load i32, ptr %21, align 4
   %23 = sext i32 %22 to i64
   %24 = mul nsw i64 %23, 512
   %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %26 = add nsw i64 %r0, 2
   %27 = getelementptr inbounds i32, ptr %rows, i64 %26
   %28 = load i32, ptr %27, align 4
   %29 = sext i32 %28 to i64
   %30 = mul nsw i64 %29, 512
   %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %32 = add nsw i64 %r0, 3
   %33 = getelementptr inbounds i32, ptr %rows, i64 %32
   %34 = load i32, ptr %33, align 4
   %35 = sext i32 %34 to i64
   %36 = mul nsw i64 %35, 512
   %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %38 = add nsw i64 %r0, 4
   %39 = getelementptr inbounds i32, ptr %rows, i64 %38
   %40 = load i32, ptr %39, align 4
   %41 = sext i32 %40 to i64
   %42 = mul nsw i64 %41, 512
   %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %44 = add nsw i64 %r0, 5
   %45 = getelementptr inbounds i32, ptr %rows, i64 %44
   %46 = load i32, ptr %45, align 4
   %47 = sext i32 %46 to i64
   %48 = mul nsw i64 %47, 512
   %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 8192
   %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
   %51 = add nsw i64 %p, 1
@@ -2656,14 +2656,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %116, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %118, %pf.any.end ]
   %57 = icmp slt i64 %k, 512
   br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 16
-  %59 = add nsw i64 %panel.off, %58
-  %60 = mul nsw i64 %k, 64
+  %58 = mul nsw i64 %k, 1
+  %59 = add nsw i64 %58, 0
+  %60 = mul nsw i64 %59, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -2673,1030 +2673,1042 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = getelementptr inbounds float, ptr %panels, i64 %59
-  %64 = load <8 x float>, ptr %63, align 4
-  %65 = add nsw i64 %59, 8
-  %66 = getelementptr inbounds float, ptr %panels, i64 %65
-  %67 = load <8 x float>, ptr %66, align 4
-  %68 = getelementptr inbounds float, ptr %19, i64 %k
-  %69 = load float, ptr %68, align 4
-  %70 = insertelement <8 x float> poison, float %69, i32 0
-  %71 = shufflevector <8 x float> %70, <8 x float> poison, <8 x i32> zeroinitializer
-  %72 = load <8 x float>, ptr %acc00, align 4
-  %73 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %64, <8 x float> %72)
-  store <8 x float> %73, ptr %acc00, align 4
-  %74 = load <8 x float>, ptr %acc01, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %71, <8 x float> %67, <8 x float> %74)
-  store <8 x float> %75, ptr %acc01, align 4
-  %76 = getelementptr inbounds float, ptr %25, i64 %k
-  %77 = load float, ptr %76, align 4
-  %78 = insertelement <8 x float> poison, float %77, i32 0
-  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
-  %80 = load <8 x float>, ptr %acc10, align 4
-  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %64, <8 x float> %80)
-  store <8 x float> %81, ptr %acc10, align 4
-  %82 = load <8 x float>, ptr %acc11, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %67, <8 x float> %82)
-  store <8 x float> %83, ptr %acc11, align 4
-  %84 = getelementptr inbounds float, ptr %31, i64 %k
-  %85 = load float, ptr %84, align 4
-  %86 = insertelement <8 x float> poison, float %85, i32 0
-  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
-  %88 = load <8 x float>, ptr %acc20, align 4
-  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %64, <8 x float> %88)
-  store <8 x float> %89, ptr %acc20, align 4
-  %90 = load <8 x float>, ptr %acc21, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %67, <8 x float> %90)
-  store <8 x float> %91, ptr %acc21, align 4
-  %92 = getelementptr inbounds float, ptr %37, i64 %k
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <8 x float> poison, float %93, i32 0
-  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
-  %96 = load <8 x float>, ptr %acc30, align 4
-  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %64, <8 x float> %96)
-  store <8 x float> %97, ptr %acc30, align 4
-  %98 = load <8 x float>, ptr %acc31, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %67, <8 x float> %98)
-  store <8 x float> %99, ptr %acc31, align 4
-  %100 = getelementptr inbounds float, ptr %43, i64 %k
-  %101 = load float, ptr %100, align 4
-  %102 = insertelement <8 x float> poison, float %101, i32 0
-  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
-  %104 = load <8 x float>, ptr %acc40, align 4
-  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %64, <8 x float> %104)
-  store <8 x float> %105, ptr %acc40, align 4
-  %106 = load <8 x float>, ptr %acc41, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %67, <8 x float> %106)
-  store <8 x float> %107, ptr %acc41, align 4
-  %108 = getelementptr inbounds float, ptr %49, i64 %k
-  %109 = load float, ptr %108, align 4
-  %110 = insertelement <8 x float> poison, float %109, i32 0
-  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
-  %112 = load <8 x float>, ptr %acc50, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %64, <8 x float> %112)
-  store <8 x float> %113, ptr %acc50, align 4
-  %114 = load <8 x float>, ptr %acc51, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %67, <8 x float> %114)
-  store <8 x float> %115, ptr %acc51, align 4
-  %116 = add nsw i64 %k, 1
+  %63 = mul nsw i64 %59, 16
+  %64 = add nsw i64 %panel.off, %63
+  %65 = getelementptr inbounds float, ptr %panels, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %67 = add nsw i64 %64, 8
+  %68 = getelementptr inbounds float, ptr %panels, i64 %67
+  %69 = load <8 x float>, ptr %68, align 4
+  %70 = getelementptr inbounds float, ptr %19, i64 %59
+  %71 = load float, ptr %70, align 4
+  %72 = insertelement <8 x float> poison, float %71, i32 0
+  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
+  %74 = load <8 x float>, ptr %acc000, align 4
+  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %66, <8 x float> %74)
+  store <8 x float> %75, ptr %acc000, align 4
+  %76 = load <8 x float>, ptr %acc001, align 4
+  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %69, <8 x float> %76)
+  store <8 x float> %77, ptr %acc001, align 4
+  %78 = getelementptr inbounds float, ptr %25, i64 %59
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <8 x float> poison, float %79, i32 0
+  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
+  %82 = load <8 x float>, ptr %acc010, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %66, <8 x float> %82)
+  store <8 x float> %83, ptr %acc010, align 4
+  %84 = load <8 x float>, ptr %acc011, align 4
+  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %69, <8 x float> %84)
+  store <8 x float> %85, ptr %acc011, align 4
+  %86 = getelementptr inbounds float, ptr %31, i64 %59
+  %87 = load float, ptr %86, align 4
+  %88 = insertelement <8 x float> poison, float %87, i32 0
+  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
+  %90 = load <8 x float>, ptr %acc020, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %66, <8 x float> %90)
+  store <8 x float> %91, ptr %acc020, align 4
+  %92 = load <8 x float>, ptr %acc021, align 4
+  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %69, <8 x float> %92)
+  store <8 x float> %93, ptr %acc021, align 4
+  %94 = getelementptr inbounds float, ptr %37, i64 %59
+  %95 = load float, ptr %94, align 4
+  %96 = insertelement <8 x float> poison, float %95, i32 0
+  %97 = shufflevector <8 x float> %96, <8 x float> poison, <8 x i32> zeroinitializer
+  %98 = load <8 x float>, ptr %acc030, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %66, <8 x float> %98)
+  store <8 x float> %99, ptr %acc030, align 4
+  %100 = load <8 x float>, ptr %acc031, align 4
+  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %69, <8 x float> %100)
+  store <8 x float> %101, ptr %acc031, align 4
+  %102 = getelementptr inbounds float, ptr %43, i64 %59
+  %103 = load float, ptr %102, align 4
+  %104 = insertelement <8 x float> poison, float %103, i32 0
+  %105 = shufflevector <8 x float> %104, <8 x float> poison, <8 x i32> zeroinitializer
+  %106 = load <8 x float>, ptr %acc040, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %66, <8 x float> %106)
+  store <8 x float> %107, ptr %acc040, align 4
+  %108 = load <8 x float>, ptr %acc041, align 4
+  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %69, <8 x float> %108)
+  store <8 x float> %109, ptr %acc041, align 4
+  %110 = getelementptr inbounds float, ptr %49, i64 %59
+  %111 = load float, ptr %110, align 4
+  %112 = insertelement <8 x float> poison, float %111, i32 0
+  %113 = shufflevector <8 x float> %112, <8 x float> poison, <8 x i32> zeroinitializer
+  %114 = load <8 x float>, ptr %acc050, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %66, <8 x float> %114)
+  store <8 x float> %115, ptr %acc050, align 4
+  %116 = load <8 x float>, ptr %acc051, align 4
+  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %69, <8 x float> %116)
+  store <8 x float> %117, ptr %acc051, align 4
+  %118 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %117 = add nsw i64 %r0, 0
-  %118 = getelementptr inbounds float, ptr %rw, i64 %117
-  %119 = load float, ptr %118, align 4
-  %120 = insertelement <8 x float> poison, float %119, i32 0
-  %121 = shufflevector <8 x float> %120, <8 x float> poison, <8 x i32> zeroinitializer
-  %122 = mul nsw i64 %117, 1024
-  %123 = getelementptr inbounds float, ptr %h, i64 %122
+  %119 = add nsw i64 %r0, 0
+  %120 = getelementptr inbounds float, ptr %rw, i64 %119
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = mul nsw i64 %119, 1024
+  %125 = getelementptr inbounds float, ptr %h, i64 %124
   %col = mul nsw i64 %p, 16
-  %124 = load <8 x float>, ptr %acc00, align 4
-  %125 = load <8 x float>, ptr %acc01, align 4
-  %126 = add nsw i64 %col, 0
-  %127 = fcmp ogt <8 x float> %124, zeroinitializer
-  %128 = select <8 x i1> %127, <8 x float> %124, <8 x float> zeroinitializer
-  %129 = fmul <8 x float> %128, %121
-  %130 = getelementptr inbounds float, ptr %123, i64 %126
-  store <8 x float> %129, ptr %130, align 4
-  %131 = add nsw i64 %col, 8
-  %132 = fcmp ogt <8 x float> %125, zeroinitializer
-  %133 = select <8 x i1> %132, <8 x float> %125, <8 x float> zeroinitializer
-  %134 = fmul <8 x float> %133, %121
-  %135 = getelementptr inbounds float, ptr %123, i64 %131
-  store <8 x float> %134, ptr %135, align 4
-  %136 = add nsw i64 %r0, 1
-  %137 = getelementptr inbounds float, ptr %rw, i64 %136
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = mul nsw i64 %136, 1024
-  %142 = getelementptr inbounds float, ptr %h, i64 %141
+  %126 = load <8 x float>, ptr %acc000, align 4
+  %127 = load <8 x float>, ptr %acc001, align 4
+  %128 = add nsw i64 %col, 0
+  %129 = fcmp ogt <8 x float> %126, zeroinitializer
+  %130 = select <8 x i1> %129, <8 x float> %126, <8 x float> zeroinitializer
+  %131 = fmul <8 x float> %130, %123
+  %132 = getelementptr inbounds float, ptr %125, i64 %128
+  store <8 x float> %131, ptr %132, align 4
+  %133 = add nsw i64 %col, 8
+  %134 = fcmp ogt <8 x float> %127, zeroinitializer
+  %135 = select <8 x i1> %134, <8 x float> %127, <8 x float> zeroinitializer
+  %136 = fmul <8 x float> %135, %123
+  %137 = getelementptr inbounds float, ptr %125, i64 %133
+  store <8 x float> %136, ptr %137, align 4
+  %138 = add nsw i64 %r0, 1
+  %139 = getelementptr inbounds float, ptr %rw, i64 %138
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = mul nsw i64 %138, 1024
+  %144 = getelementptr inbounds float, ptr %h, i64 %143
   %col2 = mul nsw i64 %p, 16
-  %143 = load <8 x float>, ptr %acc10, align 4
-  %144 = load <8 x float>, ptr %acc11, align 4
-  %145 = add nsw i64 %col2, 0
-  %146 = fcmp ogt <8 x float> %143, zeroinitializer
-  %147 = select <8 x i1> %146, <8 x float> %143, <8 x float> zeroinitializer
-  %148 = fmul <8 x float> %147, %140
-  %149 = getelementptr inbounds float, ptr %142, i64 %145
-  store <8 x float> %148, ptr %149, align 4
-  %150 = add nsw i64 %col2, 8
-  %151 = fcmp ogt <8 x float> %144, zeroinitializer
-  %152 = select <8 x i1> %151, <8 x float> %144, <8 x float> zeroinitializer
-  %153 = fmul <8 x float> %152, %140
-  %154 = getelementptr inbounds float, ptr %142, i64 %150
-  store <8 x float> %153, ptr %154, align 4
-  %155 = add nsw i64 %r0, 2
-  %156 = getelementptr inbounds float, ptr %rw, i64 %155
-  %157 = load float, ptr %156, align 4
-  %158 = insertelement <8 x float> poison, float %157, i32 0
-  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
-  %160 = mul nsw i64 %155, 1024
-  %161 = getelementptr inbounds float, ptr %h, i64 %160
+  %145 = load <8 x float>, ptr %acc010, align 4
+  %146 = load <8 x float>, ptr %acc011, align 4
+  %147 = add nsw i64 %col2, 0
+  %148 = fcmp ogt <8 x float> %145, zeroinitializer
+  %149 = select <8 x i1> %148, <8 x float> %145, <8 x float> zeroinitializer
+  %150 = fmul <8 x float> %149, %142
+  %151 = getelementptr inbounds float, ptr %144, i64 %147
+  store <8 x float> %150, ptr %151, align 4
+  %152 = add nsw i64 %col2, 8
+  %153 = fcmp ogt <8 x float> %146, zeroinitializer
+  %154 = select <8 x i1> %153, <8 x float> %146, <8 x float> zeroinitializer
+  %155 = fmul <8 x float> %154, %142
+  %156 = getelementptr inbounds float, ptr %144, i64 %152
+  store <8 x float> %155, ptr %156, align 4
+  %157 = add nsw i64 %r0, 2
+  %158 = getelementptr inbounds float, ptr %rw, i64 %157
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = mul nsw i64 %157, 1024
+  %163 = getelementptr inbounds float, ptr %h, i64 %162
   %col3 = mul nsw i64 %p, 16
-  %162 = load <8 x float>, ptr %acc20, align 4
-  %163 = load <8 x float>, ptr %acc21, align 4
-  %164 = add nsw i64 %col3, 0
-  %165 = fcmp ogt <8 x float> %162, zeroinitializer
-  %166 = select <8 x i1> %165, <8 x float> %162, <8 x float> zeroinitializer
-  %167 = fmul <8 x float> %166, %159
-  %168 = getelementptr inbounds float, ptr %161, i64 %164
-  store <8 x float> %167, ptr %168, align 4
-  %169 = add nsw i64 %col3, 8
-  %170 = fcmp ogt <8 x float> %163, zeroinitializer
-  %171 = select <8 x i1> %170, <8 x float> %163, <8 x float> zeroinitializer
-  %172 = fmul <8 x float> %171, %159
-  %173 = getelementptr inbounds float, ptr %161, i64 %169
-  store <8 x float> %172, ptr %173, align 4
-  %174 = add nsw i64 %r0, 3
-  %175 = getelementptr inbounds float, ptr %rw, i64 %174
-  %176 = load float, ptr %175, align 4
-  %177 = insertelement <8 x float> poison, float %176, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = mul nsw i64 %174, 1024
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
+  %164 = load <8 x float>, ptr %acc020, align 4
+  %165 = load <8 x float>, ptr %acc021, align 4
+  %166 = add nsw i64 %col3, 0
+  %167 = fcmp ogt <8 x float> %164, zeroinitializer
+  %168 = select <8 x i1> %167, <8 x float> %164, <8 x float> zeroinitializer
+  %169 = fmul <8 x float> %168, %161
+  %170 = getelementptr inbounds float, ptr %163, i64 %166
+  store <8 x float> %169, ptr %170, align 4
+  %171 = add nsw i64 %col3, 8
+  %172 = fcmp ogt <8 x float> %165, zeroinitializer
+  %173 = select <8 x i1> %172, <8 x float> %165, <8 x float> zeroinitializer
+  %174 = fmul <8 x float> %173, %161
+  %175 = getelementptr inbounds float, ptr %163, i64 %171
+  store <8 x float> %174, ptr %175, align 4
+  %176 = add nsw i64 %r0, 3
+  %177 = getelementptr inbounds float, ptr %rw, i64 %176
+  %178 = load float, ptr %177, align 4
+  %179 = insertelement <8 x float> poison, float %178, i32 0
+  %180 = shufflevector <8 x float> %179, <8 x float> poison, <8 x i32> zeroinitializer
+  %181 = mul nsw i64 %176, 1024
+  %182 = getelementptr inbounds float, ptr %h, i64 %181
   %col4 = mul nsw i64 %p, 16
-  %181 = load <8 x float>, ptr %acc30, align 4
-  %182 = load <8 x float>, ptr %acc31, align 4
-  %183 = add nsw i64 %col4, 0
-  %184 = fcmp ogt <8 x float> %181, zeroinitializer
-  %185 = select <8 x i1> %184, <8 x float> %181, <8 x float> zeroinitializer
-  %186 = fmul <8 x float> %185, %178
-  %187 = getelementptr inbounds float, ptr %180, i64 %183
-  store <8 x float> %186, ptr %187, align 4
-  %188 = add nsw i64 %col4, 8
-  %189 = fcmp ogt <8 x float> %182, zeroinitializer
-  %190 = select <8 x i1> %189, <8 x float> %182, <8 x float> zeroinitializer
-  %191 = fmul <8 x float> %190, %178
-  %192 = getelementptr inbounds float, ptr %180, i64 %188
-  store <8 x float> %191, ptr %192, align 4
-  %193 = add nsw i64 %r0, 4
-  %194 = getelementptr inbounds float, ptr %rw, i64 %193
-  %195 = load float, ptr %194, align 4
-  %196 = insertelement <8 x float> poison, float %195, i32 0
-  %197 = shufflevector <8 x float> %196, <8 x float> poison, <8 x i32> zeroinitializer
-  %198 = mul nsw i64 %193, 1024
-  %199 = getelementptr inbounds float, ptr %h, i64 %198
+  %183 = load <8 x float>, ptr %acc030, align 4
+  %184 = load <8 x float>, ptr %acc031, align 4
+  %185 = add nsw i64 %col4, 0
+  %186 = fcmp ogt <8 x float> %183, zeroinitializer
+  %187 = select <8 x i1> %186, <8 x float> %183, <8 x float> zeroinitializer
+  %188 = fmul <8 x float> %187, %180
+  %189 = getelementptr inbounds float, ptr %182, i64 %185
+  store <8 x float> %188, ptr %189, align 4
+  %190 = add nsw i64 %col4, 8
+  %191 = fcmp ogt <8 x float> %184, zeroinitializer
+  %192 = select <8 x i1> %191, <8 x float> %184, <8 x float> zeroinitializer
+  %193 = fmul <8 x float> %192, %180
+  %194 = getelementptr inbounds float, ptr %182, i64 %190
+  store <8 x float> %193, ptr %194, align 4
+  %195 = add nsw i64 %r0, 4
+  %196 = getelementptr inbounds float, ptr %rw, i64 %195
+  %197 = load float, ptr %196, align 4
+  %198 = insertelement <8 x float> poison, float %197, i32 0
+  %199 = shufflevector <8 x float> %198, <8 x float> poison, <8 x i32> zeroinitializer
+  %200 = mul nsw i64 %195, 1024
+  %201 = getelementptr inbounds float, ptr %h, i64 %200
   %col5 = mul nsw i64 %p, 16
-  %200 = load <8 x float>, ptr %acc40, align 4
-  %201 = load <8 x float>, ptr %acc41, align 4
-  %202 = add nsw i64 %col5, 0
-  %203 = fcmp ogt <8 x float> %200, zeroinitializer
-  %204 = select <8 x i1> %203, <8 x float> %200, <8 x float> zeroinitializer
-  %205 = fmul <8 x float> %204, %197
-  %206 = getelementptr inbounds float, ptr %199, i64 %202
-  store <8 x float> %205, ptr %206, align 4
-  %207 = add nsw i64 %col5, 8
-  %208 = fcmp ogt <8 x float> %201, zeroinitializer
-  %209 = select <8 x i1> %208, <8 x float> %201, <8 x float> zeroinitializer
-  %210 = fmul <8 x float> %209, %197
-  %211 = getelementptr inbounds float, ptr %199, i64 %207
-  store <8 x float> %210, ptr %211, align 4
-  %212 = add nsw i64 %r0, 5
-  %213 = getelementptr inbounds float, ptr %rw, i64 %212
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = mul nsw i64 %212, 1024
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
+  %202 = load <8 x float>, ptr %acc040, align 4
+  %203 = load <8 x float>, ptr %acc041, align 4
+  %204 = add nsw i64 %col5, 0
+  %205 = fcmp ogt <8 x float> %202, zeroinitializer
+  %206 = select <8 x i1> %205, <8 x float> %202, <8 x float> zeroinitializer
+  %207 = fmul <8 x float> %206, %199
+  %208 = getelementptr inbounds float, ptr %201, i64 %204
+  store <8 x float> %207, ptr %208, align 4
+  %209 = add nsw i64 %col5, 8
+  %210 = fcmp ogt <8 x float> %203, zeroinitializer
+  %211 = select <8 x i1> %210, <8 x float> %203, <8 x float> zeroinitializer
+  %212 = fmul <8 x float> %211, %199
+  %213 = getelementptr inbounds float, ptr %201, i64 %209
+  store <8 x float> %212, ptr %213, align 4
+  %214 = add nsw i64 %r0, 5
+  %215 = getelementptr inbounds float, ptr %rw, i64 %214
+  %216 = load float, ptr %215, align 4
+  %217 = insertelement <8 x float> poison, float %216, i32 0
+  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
+  %219 = mul nsw i64 %214, 1024
+  %220 = getelementptr inbounds float, ptr %h, i64 %219
   %col6 = mul nsw i64 %p, 16
-  %219 = load <8 x float>, ptr %acc50, align 4
-  %220 = load <8 x float>, ptr %acc51, align 4
-  %221 = add nsw i64 %col6, 0
-  %222 = fcmp ogt <8 x float> %219, zeroinitializer
-  %223 = select <8 x i1> %222, <8 x float> %219, <8 x float> zeroinitializer
-  %224 = fmul <8 x float> %223, %216
-  %225 = getelementptr inbounds float, ptr %218, i64 %221
-  store <8 x float> %224, ptr %225, align 4
-  %226 = add nsw i64 %col6, 8
-  %227 = fcmp ogt <8 x float> %220, zeroinitializer
-  %228 = select <8 x i1> %227, <8 x float> %220, <8 x float> zeroinitializer
-  %229 = fmul <8 x float> %228, %216
-  %230 = getelementptr inbounds float, ptr %218, i64 %226
-  store <8 x float> %229, ptr %230, align 4
+  %221 = load <8 x float>, ptr %acc050, align 4
+  %222 = load <8 x float>, ptr %acc051, align 4
+  %223 = add nsw i64 %col6, 0
+  %224 = fcmp ogt <8 x float> %221, zeroinitializer
+  %225 = select <8 x i1> %224, <8 x float> %221, <8 x float> zeroinitializer
+  %226 = fmul <8 x float> %225, %218
+  %227 = getelementptr inbounds float, ptr %220, i64 %223
+  store <8 x float> %226, ptr %227, align 4
+  %228 = add nsw i64 %col6, 8
+  %229 = fcmp ogt <8 x float> %222, zeroinitializer
+  %230 = select <8 x i1> %229, <8 x float> %222, <8 x float> zeroinitializer
+  %231 = fmul <8 x float> %230, %218
+  %232 = getelementptr inbounds float, ptr %220, i64 %228
+  store <8 x float> %231, ptr %232, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %231 = add nsw i64 %r0, 0
-  %232 = getelementptr inbounds i32, ptr %rows, i64 %231
-  %233 = load i32, ptr %232, align 4
-  %234 = sext i32 %233 to i64
-  %235 = mul nsw i64 %234, 512
-  %236 = getelementptr inbounds float, ptr %x, i64 %235
-  store <8 x float> zeroinitializer, ptr %acc007, align 4
-  store <8 x float> zeroinitializer, ptr %acc018, align 4
-  %237 = add nsw i64 %r0, 1
-  %238 = getelementptr inbounds i32, ptr %rows, i64 %237
-  %239 = load i32, ptr %238, align 4
-  %240 = sext i32 %239 to i64
-  %241 = mul nsw i64 %240, 512
-  %242 = getelementptr inbounds float, ptr %x, i64 %241
-  store <8 x float> zeroinitializer, ptr %acc109, align 4
-  store <8 x float> zeroinitializer, ptr %acc1110, align 4
-  %243 = add nsw i64 %r0, 2
-  %244 = getelementptr inbounds i32, ptr %rows, i64 %243
-  %245 = load i32, ptr %244, align 4
-  %246 = sext i32 %245 to i64
-  %247 = mul nsw i64 %246, 512
-  %248 = getelementptr inbounds float, ptr %x, i64 %247
-  store <8 x float> zeroinitializer, ptr %acc2011, align 4
-  store <8 x float> zeroinitializer, ptr %acc2112, align 4
-  %249 = add nsw i64 %r0, 3
-  %250 = getelementptr inbounds i32, ptr %rows, i64 %249
-  %251 = load i32, ptr %250, align 4
-  %252 = sext i32 %251 to i64
-  %253 = mul nsw i64 %252, 512
-  %254 = getelementptr inbounds float, ptr %x, i64 %253
-  store <8 x float> zeroinitializer, ptr %acc3013, align 4
-  store <8 x float> zeroinitializer, ptr %acc3114, align 4
-  %255 = add nsw i64 %r0, 4
-  %256 = getelementptr inbounds i32, ptr %rows, i64 %255
-  %257 = load i32, ptr %256, align 4
-  %258 = sext i32 %257 to i64
-  %259 = mul nsw i64 %258, 512
-  %260 = getelementptr inbounds float, ptr %x, i64 %259
-  store <8 x float> zeroinitializer, ptr %acc4015, align 4
-  store <8 x float> zeroinitializer, ptr %acc4116, align 4
+  %233 = add nsw i64 %r0, 0
+  %234 = getelementptr inbounds i32, ptr %rows, i64 %233
+  %235 = load i32, ptr %234, align 4
+  %236 = sext i32 %235 to i64
+  %237 = mul nsw i64 %236, 512
+  %238 = getelementptr inbounds float, ptr %x, i64 %237
+  store <8 x float> zeroinitializer, ptr %acc0007, align 4
+  store <8 x float> zeroinitializer, ptr %acc0018, align 4
+  %239 = add nsw i64 %r0, 1
+  %240 = getelementptr inbounds i32, ptr %rows, i64 %239
+  %241 = load i32, ptr %240, align 4
+  %242 = sext i32 %241 to i64
+  %243 = mul nsw i64 %242, 512
+  %244 = getelementptr inbounds float, ptr %x, i64 %243
+  store <8 x float> zeroinitializer, ptr %acc0109, align 4
+  store <8 x float> zeroinitializer, ptr %acc01110, align 4
+  %245 = add nsw i64 %r0, 2
+  %246 = getelementptr inbounds i32, ptr %rows, i64 %245
+  %247 = load i32, ptr %246, align 4
+  %248 = sext i32 %247 to i64
+  %249 = mul nsw i64 %248, 512
+  %250 = getelementptr inbounds float, ptr %x, i64 %249
+  store <8 x float> zeroinitializer, ptr %acc02011, align 4
+  store <8 x float> zeroinitializer, ptr %acc02112, align 4
+  %251 = add nsw i64 %r0, 3
+  %252 = getelementptr inbounds i32, ptr %rows, i64 %251
+  %253 = load i32, ptr %252, align 4
+  %254 = sext i32 %253 to i64
+  %255 = mul nsw i64 %254, 512
+  %256 = getelementptr inbounds float, ptr %x, i64 %255
+  store <8 x float> zeroinitializer, ptr %acc03013, align 4
+  store <8 x float> zeroinitializer, ptr %acc03114, align 4
+  %257 = add nsw i64 %r0, 4
+  %258 = getelementptr inbounds i32, ptr %rows, i64 %257
+  %259 = load i32, ptr %258, align 4
+  %260 = sext i32 %259 to i64
+  %261 = mul nsw i64 %260, 512
+  %262 = getelementptr inbounds float, ptr %x, i64 %261
+  store <8 x float> zeroinitializer, ptr %acc04015, align 4
+  store <8 x float> zeroinitializer, ptr %acc04116, align 4
   %panel.off17 = mul nsw i64 %p, 8192
-  %261 = getelementptr inbounds float, ptr %panels, i64 %panel.off17
-  %262 = add nsw i64 %p, 1
-  %263 = icmp slt i64 %262, %p1
-  %pf.on18 = and i1 %pf.on, %263
-  %264 = mul nsw i64 %rb, 32768
-  %265 = lshr i64 %264, %11
-  %266 = add nsw i64 32768, %265
-  %267 = getelementptr inbounds i8, ptr %261, i64 %266
-  %pf19 = select i1 %pf.on18, ptr %267, ptr %261
+  %263 = getelementptr inbounds float, ptr %panels, i64 %panel.off17
+  %264 = add nsw i64 %p, 1
+  %265 = icmp slt i64 %264, %p1
+  %pf.on18 = and i1 %pf.on, %265
+  %266 = mul nsw i64 %rb, 32768
+  %267 = lshr i64 %266, %11
+  %268 = add nsw i64 32768, %267
+  %269 = getelementptr inbounds i8, ptr %263, i64 %268
+  %pf19 = select i1 %pf.on18, ptr %269, ptr %263
   %pf.sh20 = select i1 %pf.on18, i64 %11, i64 0
   br label %k.head21
 
 k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %319, %pf.any.end26 ]
-  %268 = icmp slt i64 %k24, 512
-  br i1 %268, label %k.body22, label %k.end23
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %323, %pf.any.end26 ]
+  %270 = icmp slt i64 %k24, 512
+  br i1 %270, label %k.body22, label %k.end23
 
 k.body22:                                         ; preds = %k.head21
-  %269 = mul nsw i64 %k24, 16
-  %270 = add nsw i64 %panel.off17, %269
-  %271 = mul nsw i64 %k24, 64
+  %271 = mul nsw i64 %k24, 1
+  %272 = add nsw i64 %271, 0
+  %273 = mul nsw i64 %272, 64
   br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
 
 pf.any.then25:                                    ; preds = %k.body22
-  %272 = lshr i64 %271, %pf.sh20
-  %273 = getelementptr inbounds i8, ptr %pf19, i64 %272
-  call void @llvm.prefetch.p0(ptr %273, i32 0, i32 2, i32 1)
+  %274 = lshr i64 %273, %pf.sh20
+  %275 = getelementptr inbounds i8, ptr %pf19, i64 %274
+  call void @llvm.prefetch.p0(ptr %275, i32 0, i32 2, i32 1)
   br label %pf.any.end26
 
 pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
-  %274 = getelementptr inbounds float, ptr %panels, i64 %270
-  %275 = load <8 x float>, ptr %274, align 4
-  %276 = add nsw i64 %270, 8
-  %277 = getelementptr inbounds float, ptr %panels, i64 %276
-  %278 = load <8 x float>, ptr %277, align 4
-  %279 = getelementptr inbounds float, ptr %236, i64 %k24
-  %280 = load float, ptr %279, align 4
-  %281 = insertelement <8 x float> poison, float %280, i32 0
-  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
-  %283 = load <8 x float>, ptr %acc007, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %275, <8 x float> %283)
-  store <8 x float> %284, ptr %acc007, align 4
-  %285 = load <8 x float>, ptr %acc018, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %282, <8 x float> %278, <8 x float> %285)
-  store <8 x float> %286, ptr %acc018, align 4
-  %287 = getelementptr inbounds float, ptr %242, i64 %k24
-  %288 = load float, ptr %287, align 4
-  %289 = insertelement <8 x float> poison, float %288, i32 0
-  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
-  %291 = load <8 x float>, ptr %acc109, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %275, <8 x float> %291)
-  store <8 x float> %292, ptr %acc109, align 4
-  %293 = load <8 x float>, ptr %acc1110, align 4
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %278, <8 x float> %293)
-  store <8 x float> %294, ptr %acc1110, align 4
-  %295 = getelementptr inbounds float, ptr %248, i64 %k24
-  %296 = load float, ptr %295, align 4
-  %297 = insertelement <8 x float> poison, float %296, i32 0
-  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
-  %299 = load <8 x float>, ptr %acc2011, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %275, <8 x float> %299)
-  store <8 x float> %300, ptr %acc2011, align 4
-  %301 = load <8 x float>, ptr %acc2112, align 4
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %278, <8 x float> %301)
-  store <8 x float> %302, ptr %acc2112, align 4
-  %303 = getelementptr inbounds float, ptr %254, i64 %k24
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %acc3013, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %275, <8 x float> %307)
-  store <8 x float> %308, ptr %acc3013, align 4
-  %309 = load <8 x float>, ptr %acc3114, align 4
-  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %278, <8 x float> %309)
-  store <8 x float> %310, ptr %acc3114, align 4
-  %311 = getelementptr inbounds float, ptr %260, i64 %k24
-  %312 = load float, ptr %311, align 4
-  %313 = insertelement <8 x float> poison, float %312, i32 0
-  %314 = shufflevector <8 x float> %313, <8 x float> poison, <8 x i32> zeroinitializer
-  %315 = load <8 x float>, ptr %acc4015, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %275, <8 x float> %315)
-  store <8 x float> %316, ptr %acc4015, align 4
-  %317 = load <8 x float>, ptr %acc4116, align 4
-  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %314, <8 x float> %278, <8 x float> %317)
-  store <8 x float> %318, ptr %acc4116, align 4
-  %319 = add nsw i64 %k24, 1
+  %276 = mul nsw i64 %272, 16
+  %277 = add nsw i64 %panel.off17, %276
+  %278 = getelementptr inbounds float, ptr %panels, i64 %277
+  %279 = load <8 x float>, ptr %278, align 4
+  %280 = add nsw i64 %277, 8
+  %281 = getelementptr inbounds float, ptr %panels, i64 %280
+  %282 = load <8 x float>, ptr %281, align 4
+  %283 = getelementptr inbounds float, ptr %238, i64 %272
+  %284 = load float, ptr %283, align 4
+  %285 = insertelement <8 x float> poison, float %284, i32 0
+  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
+  %287 = load <8 x float>, ptr %acc0007, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %279, <8 x float> %287)
+  store <8 x float> %288, ptr %acc0007, align 4
+  %289 = load <8 x float>, ptr %acc0018, align 4
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %282, <8 x float> %289)
+  store <8 x float> %290, ptr %acc0018, align 4
+  %291 = getelementptr inbounds float, ptr %244, i64 %272
+  %292 = load float, ptr %291, align 4
+  %293 = insertelement <8 x float> poison, float %292, i32 0
+  %294 = shufflevector <8 x float> %293, <8 x float> poison, <8 x i32> zeroinitializer
+  %295 = load <8 x float>, ptr %acc0109, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %279, <8 x float> %295)
+  store <8 x float> %296, ptr %acc0109, align 4
+  %297 = load <8 x float>, ptr %acc01110, align 4
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %282, <8 x float> %297)
+  store <8 x float> %298, ptr %acc01110, align 4
+  %299 = getelementptr inbounds float, ptr %250, i64 %272
+  %300 = load float, ptr %299, align 4
+  %301 = insertelement <8 x float> poison, float %300, i32 0
+  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
+  %303 = load <8 x float>, ptr %acc02011, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %279, <8 x float> %303)
+  store <8 x float> %304, ptr %acc02011, align 4
+  %305 = load <8 x float>, ptr %acc02112, align 4
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %282, <8 x float> %305)
+  store <8 x float> %306, ptr %acc02112, align 4
+  %307 = getelementptr inbounds float, ptr %256, i64 %272
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = load <8 x float>, ptr %acc03013, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %279, <8 x float> %311)
+  store <8 x float> %312, ptr %acc03013, align 4
+  %313 = load <8 x float>, ptr %acc03114, align 4
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %282, <8 x float> %313)
+  store <8 x float> %314, ptr %acc03114, align 4
+  %315 = getelementptr inbounds float, ptr %262, i64 %272
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc04015, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %279, <8 x float> %319)
+  store <8 x float> %320, ptr %acc04015, align 4
+  %321 = load <8 x float>, ptr %acc04116, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %282, <8 x float> %321)
+  store <8 x float> %322, ptr %acc04116, align 4
+  %323 = add nsw i64 %k24, 1
   br label %k.head21
 
 k.end23:                                          ; preds = %k.head21
-  %320 = add nsw i64 %r0, 0
-  %321 = getelementptr inbounds float, ptr %rw, i64 %320
-  %322 = load float, ptr %321, align 4
-  %323 = insertelement <8 x float> poison, float %322, i32 0
-  %324 = shufflevector <8 x float> %323, <8 x float> poison, <8 x i32> zeroinitializer
-  %325 = mul nsw i64 %320, 1024
-  %326 = getelementptr inbounds float, ptr %h, i64 %325
+  %324 = add nsw i64 %r0, 0
+  %325 = getelementptr inbounds float, ptr %rw, i64 %324
+  %326 = load float, ptr %325, align 4
+  %327 = insertelement <8 x float> poison, float %326, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = mul nsw i64 %324, 1024
+  %330 = getelementptr inbounds float, ptr %h, i64 %329
   %col27 = mul nsw i64 %p, 16
-  %327 = load <8 x float>, ptr %acc007, align 4
-  %328 = load <8 x float>, ptr %acc018, align 4
-  %329 = add nsw i64 %col27, 0
-  %330 = fcmp ogt <8 x float> %327, zeroinitializer
-  %331 = select <8 x i1> %330, <8 x float> %327, <8 x float> zeroinitializer
-  %332 = fmul <8 x float> %331, %324
-  %333 = getelementptr inbounds float, ptr %326, i64 %329
-  store <8 x float> %332, ptr %333, align 4
-  %334 = add nsw i64 %col27, 8
-  %335 = fcmp ogt <8 x float> %328, zeroinitializer
-  %336 = select <8 x i1> %335, <8 x float> %328, <8 x float> zeroinitializer
-  %337 = fmul <8 x float> %336, %324
-  %338 = getelementptr inbounds float, ptr %326, i64 %334
-  store <8 x float> %337, ptr %338, align 4
-  %339 = add nsw i64 %r0, 1
-  %340 = getelementptr inbounds float, ptr %rw, i64 %339
-  %341 = load float, ptr %340, align 4
-  %342 = insertelement <8 x float> poison, float %341, i32 0
-  %343 = shufflevector <8 x float> %342, <8 x float> poison, <8 x i32> zeroinitializer
-  %344 = mul nsw i64 %339, 1024
-  %345 = getelementptr inbounds float, ptr %h, i64 %344
+  %331 = load <8 x float>, ptr %acc0007, align 4
+  %332 = load <8 x float>, ptr %acc0018, align 4
+  %333 = add nsw i64 %col27, 0
+  %334 = fcmp ogt <8 x float> %331, zeroinitializer
+  %335 = select <8 x i1> %334, <8 x float> %331, <8 x float> zeroinitializer
+  %336 = fmul <8 x float> %335, %328
+  %337 = getelementptr inbounds float, ptr %330, i64 %333
+  store <8 x float> %336, ptr %337, align 4
+  %338 = add nsw i64 %col27, 8
+  %339 = fcmp ogt <8 x float> %332, zeroinitializer
+  %340 = select <8 x i1> %339, <8 x float> %332, <8 x float> zeroinitializer
+  %341 = fmul <8 x float> %340, %328
+  %342 = getelementptr inbounds float, ptr %330, i64 %338
+  store <8 x float> %341, ptr %342, align 4
+  %343 = add nsw i64 %r0, 1
+  %344 = getelementptr inbounds float, ptr %rw, i64 %343
+  %345 = load float, ptr %344, align 4
+  %346 = insertelement <8 x float> poison, float %345, i32 0
+  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
+  %348 = mul nsw i64 %343, 1024
+  %349 = getelementptr inbounds float, ptr %h, i64 %348
   %col28 = mul nsw i64 %p, 16
-  %346 = load <8 x float>, ptr %acc109, align 4
-  %347 = load <8 x float>, ptr %acc1110, align 4
-  %348 = add nsw i64 %col28, 0
-  %349 = fcmp ogt <8 x float> %346, zeroinitializer
-  %350 = select <8 x i1> %349, <8 x float> %346, <8 x float> zeroinitializer
-  %351 = fmul <8 x float> %350, %343
-  %352 = getelementptr inbounds float, ptr %345, i64 %348
-  store <8 x float> %351, ptr %352, align 4
-  %353 = add nsw i64 %col28, 8
-  %354 = fcmp ogt <8 x float> %347, zeroinitializer
-  %355 = select <8 x i1> %354, <8 x float> %347, <8 x float> zeroinitializer
-  %356 = fmul <8 x float> %355, %343
-  %357 = getelementptr inbounds float, ptr %345, i64 %353
-  store <8 x float> %356, ptr %357, align 4
-  %358 = add nsw i64 %r0, 2
-  %359 = getelementptr inbounds float, ptr %rw, i64 %358
-  %360 = load float, ptr %359, align 4
-  %361 = insertelement <8 x float> poison, float %360, i32 0
-  %362 = shufflevector <8 x float> %361, <8 x float> poison, <8 x i32> zeroinitializer
-  %363 = mul nsw i64 %358, 1024
-  %364 = getelementptr inbounds float, ptr %h, i64 %363
+  %350 = load <8 x float>, ptr %acc0109, align 4
+  %351 = load <8 x float>, ptr %acc01110, align 4
+  %352 = add nsw i64 %col28, 0
+  %353 = fcmp ogt <8 x float> %350, zeroinitializer
+  %354 = select <8 x i1> %353, <8 x float> %350, <8 x float> zeroinitializer
+  %355 = fmul <8 x float> %354, %347
+  %356 = getelementptr inbounds float, ptr %349, i64 %352
+  store <8 x float> %355, ptr %356, align 4
+  %357 = add nsw i64 %col28, 8
+  %358 = fcmp ogt <8 x float> %351, zeroinitializer
+  %359 = select <8 x i1> %358, <8 x float> %351, <8 x float> zeroinitializer
+  %360 = fmul <8 x float> %359, %347
+  %361 = getelementptr inbounds float, ptr %349, i64 %357
+  store <8 x float> %360, ptr %361, align 4
+  %362 = add nsw i64 %r0, 2
+  %363 = getelementptr inbounds float, ptr %rw, i64 %362
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = mul nsw i64 %362, 1024
+  %368 = getelementptr inbounds float, ptr %h, i64 %367
   %col29 = mul nsw i64 %p, 16
-  %365 = load <8 x float>, ptr %acc2011, align 4
-  %366 = load <8 x float>, ptr %acc2112, align 4
-  %367 = add nsw i64 %col29, 0
-  %368 = fcmp ogt <8 x float> %365, zeroinitializer
-  %369 = select <8 x i1> %368, <8 x float> %365, <8 x float> zeroinitializer
-  %370 = fmul <8 x float> %369, %362
-  %371 = getelementptr inbounds float, ptr %364, i64 %367
-  store <8 x float> %370, ptr %371, align 4
-  %372 = add nsw i64 %col29, 8
-  %373 = fcmp ogt <8 x float> %366, zeroinitializer
-  %374 = select <8 x i1> %373, <8 x float> %366, <8 x float> zeroinitializer
-  %375 = fmul <8 x float> %374, %362
-  %376 = getelementptr inbounds float, ptr %364, i64 %372
-  store <8 x float> %375, ptr %376, align 4
-  %377 = add nsw i64 %r0, 3
-  %378 = getelementptr inbounds float, ptr %rw, i64 %377
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = mul nsw i64 %377, 1024
-  %383 = getelementptr inbounds float, ptr %h, i64 %382
+  %369 = load <8 x float>, ptr %acc02011, align 4
+  %370 = load <8 x float>, ptr %acc02112, align 4
+  %371 = add nsw i64 %col29, 0
+  %372 = fcmp ogt <8 x float> %369, zeroinitializer
+  %373 = select <8 x i1> %372, <8 x float> %369, <8 x float> zeroinitializer
+  %374 = fmul <8 x float> %373, %366
+  %375 = getelementptr inbounds float, ptr %368, i64 %371
+  store <8 x float> %374, ptr %375, align 4
+  %376 = add nsw i64 %col29, 8
+  %377 = fcmp ogt <8 x float> %370, zeroinitializer
+  %378 = select <8 x i1> %377, <8 x float> %370, <8 x float> zeroinitializer
+  %379 = fmul <8 x float> %378, %366
+  %380 = getelementptr inbounds float, ptr %368, i64 %376
+  store <8 x float> %379, ptr %380, align 4
+  %381 = add nsw i64 %r0, 3
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = mul nsw i64 %381, 1024
+  %387 = getelementptr inbounds float, ptr %h, i64 %386
   %col30 = mul nsw i64 %p, 16
-  %384 = load <8 x float>, ptr %acc3013, align 4
-  %385 = load <8 x float>, ptr %acc3114, align 4
-  %386 = add nsw i64 %col30, 0
-  %387 = fcmp ogt <8 x float> %384, zeroinitializer
-  %388 = select <8 x i1> %387, <8 x float> %384, <8 x float> zeroinitializer
-  %389 = fmul <8 x float> %388, %381
-  %390 = getelementptr inbounds float, ptr %383, i64 %386
-  store <8 x float> %389, ptr %390, align 4
-  %391 = add nsw i64 %col30, 8
-  %392 = fcmp ogt <8 x float> %385, zeroinitializer
-  %393 = select <8 x i1> %392, <8 x float> %385, <8 x float> zeroinitializer
-  %394 = fmul <8 x float> %393, %381
-  %395 = getelementptr inbounds float, ptr %383, i64 %391
-  store <8 x float> %394, ptr %395, align 4
-  %396 = add nsw i64 %r0, 4
-  %397 = getelementptr inbounds float, ptr %rw, i64 %396
-  %398 = load float, ptr %397, align 4
-  %399 = insertelement <8 x float> poison, float %398, i32 0
-  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
-  %401 = mul nsw i64 %396, 1024
-  %402 = getelementptr inbounds float, ptr %h, i64 %401
+  %388 = load <8 x float>, ptr %acc03013, align 4
+  %389 = load <8 x float>, ptr %acc03114, align 4
+  %390 = add nsw i64 %col30, 0
+  %391 = fcmp ogt <8 x float> %388, zeroinitializer
+  %392 = select <8 x i1> %391, <8 x float> %388, <8 x float> zeroinitializer
+  %393 = fmul <8 x float> %392, %385
+  %394 = getelementptr inbounds float, ptr %387, i64 %390
+  store <8 x float> %393, ptr %394, align 4
+  %395 = add nsw i64 %col30, 8
+  %396 = fcmp ogt <8 x float> %389, zeroinitializer
+  %397 = select <8 x i1> %396, <8 x float> %389, <8 x float> zeroinitializer
+  %398 = fmul <8 x float> %397, %385
+  %399 = getelementptr inbounds float, ptr %387, i64 %395
+  store <8 x float> %398, ptr %399, align 4
+  %400 = add nsw i64 %r0, 4
+  %401 = getelementptr inbounds float, ptr %rw, i64 %400
+  %402 = load float, ptr %401, align 4
+  %403 = insertelement <8 x float> poison, float %402, i32 0
+  %404 = shufflevector <8 x float> %403, <8 x float> poison, <8 x i32> zeroinitializer
+  %405 = mul nsw i64 %400, 1024
+  %406 = getelementptr inbounds float, ptr %h, i64 %405
   %col31 = mul nsw i64 %p, 16
-  %403 = load <8 x float>, ptr %acc4015, align 4
-  %404 = load <8 x float>, ptr %acc4116, align 4
-  %405 = add nsw i64 %col31, 0
-  %406 = fcmp ogt <8 x float> %403, zeroinitializer
-  %407 = select <8 x i1> %406, <8 x float> %403, <8 x float> zeroinitializer
-  %408 = fmul <8 x float> %407, %400
-  %409 = getelementptr inbounds float, ptr %402, i64 %405
-  store <8 x float> %408, ptr %409, align 4
-  %410 = add nsw i64 %col31, 8
-  %411 = fcmp ogt <8 x float> %404, zeroinitializer
-  %412 = select <8 x i1> %411, <8 x float> %404, <8 x float> zeroinitializer
-  %413 = fmul <8 x float> %412, %400
-  %414 = getelementptr inbounds float, ptr %402, i64 %410
-  store <8 x float> %413, ptr %414, align 4
+  %407 = load <8 x float>, ptr %acc04015, align 4
+  %408 = load <8 x float>, ptr %acc04116, align 4
+  %409 = add nsw i64 %col31, 0
+  %410 = fcmp ogt <8 x float> %407, zeroinitializer
+  %411 = select <8 x i1> %410, <8 x float> %407, <8 x float> zeroinitializer
+  %412 = fmul <8 x float> %411, %404
+  %413 = getelementptr inbounds float, ptr %406, i64 %409
+  store <8 x float> %412, ptr %413, align 4
+  %414 = add nsw i64 %col31, 8
+  %415 = fcmp ogt <8 x float> %408, zeroinitializer
+  %416 = select <8 x i1> %415, <8 x float> %408, <8 x float> zeroinitializer
+  %417 = fmul <8 x float> %416, %404
+  %418 = getelementptr inbounds float, ptr %406, i64 %414
+  store <8 x float> %417, ptr %418, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %415 = add nsw i64 %r0, 0
-  %416 = getelementptr inbounds i32, ptr %rows, i64 %415
-  %417 = load i32, ptr %416, align 4
-  %418 = sext i32 %417 to i64
-  %419 = mul nsw i64 %418, 512
-  %420 = getelementptr inbounds float, ptr %x, i64 %419
-  store <8 x float> zeroinitializer, ptr %acc0032, align 4
-  store <8 x float> zeroinitializer, ptr %acc0133, align 4
-  %421 = add nsw i64 %r0, 1
-  %422 = getelementptr inbounds i32, ptr %rows, i64 %421
-  %423 = load i32, ptr %422, align 4
-  %424 = sext i32 %423 to i64
-  %425 = mul nsw i64 %424, 512
-  %426 = getelementptr inbounds float, ptr %x, i64 %425
-  store <8 x float> zeroinitializer, ptr %acc1034, align 4
-  store <8 x float> zeroinitializer, ptr %acc1135, align 4
-  %427 = add nsw i64 %r0, 2
-  %428 = getelementptr inbounds i32, ptr %rows, i64 %427
-  %429 = load i32, ptr %428, align 4
-  %430 = sext i32 %429 to i64
-  %431 = mul nsw i64 %430, 512
-  %432 = getelementptr inbounds float, ptr %x, i64 %431
-  store <8 x float> zeroinitializer, ptr %acc2036, align 4
-  store <8 x float> zeroinitializer, ptr %acc2137, align 4
-  %433 = add nsw i64 %r0, 3
-  %434 = getelementptr inbounds i32, ptr %rows, i64 %433
-  %435 = load i32, ptr %434, align 4
-  %436 = sext i32 %435 to i64
-  %437 = mul nsw i64 %436, 512
-  %438 = getelementptr inbounds float, ptr %x, i64 %437
-  store <8 x float> zeroinitializer, ptr %acc3038, align 4
-  store <8 x float> zeroinitializer, ptr %acc3139, align 4
+  %419 = add nsw i64 %r0, 0
+  %420 = getelementptr inbounds i32, ptr %rows, i64 %419
+  %421 = load i32, ptr %420, align 4
+  %422 = sext i32 %421 to i64
+  %423 = mul nsw i64 %422, 512
+  %424 = getelementptr inbounds float, ptr %x, i64 %423
+  store <8 x float> zeroinitializer, ptr %acc00032, align 4
+  store <8 x float> zeroinitializer, ptr %acc00133, align 4
+  %425 = add nsw i64 %r0, 1
+  %426 = getelementptr inbounds i32, ptr %rows, i64 %425
+  %427 = load i32, ptr %426, align 4
+  %428 = sext i32 %427 to i64
+  %429 = mul nsw i64 %428, 512
+  %430 = getelementptr inbounds float, ptr %x, i64 %429
+  store <8 x float> zeroinitializer, ptr %acc01034, align 4
+  store <8 x float> zeroinitializer, ptr %acc01135, align 4
+  %431 = add nsw i64 %r0, 2
+  %432 = getelementptr inbounds i32, ptr %rows, i64 %431
+  %433 = load i32, ptr %432, align 4
+  %434 = sext i32 %433 to i64
+  %435 = mul nsw i64 %434, 512
+  %436 = getelementptr inbounds float, ptr %x, i64 %435
+  store <8 x float> zeroinitializer, ptr %acc02036, align 4
+  store <8 x float> zeroinitializer, ptr %acc02137, align 4
+  %437 = add nsw i64 %r0, 3
+  %438 = getelementptr inbounds i32, ptr %rows, i64 %437
+  %439 = load i32, ptr %438, align 4
+  %440 = sext i32 %439 to i64
+  %441 = mul nsw i64 %440, 512
+  %442 = getelementptr inbounds float, ptr %x, i64 %441
+  store <8 x float> zeroinitializer, ptr %acc03038, align 4
+  store <8 x float> zeroinitializer, ptr %acc03139, align 4
   %panel.off40 = mul nsw i64 %p, 8192
-  %439 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
-  %440 = add nsw i64 %p, 1
-  %441 = icmp slt i64 %440, %p1
-  %pf.on41 = and i1 %pf.on, %441
-  %442 = mul nsw i64 %rb, 32768
-  %443 = lshr i64 %442, %11
-  %444 = add nsw i64 32768, %443
-  %445 = getelementptr inbounds i8, ptr %439, i64 %444
-  %pf42 = select i1 %pf.on41, ptr %445, ptr %439
+  %443 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
+  %444 = add nsw i64 %p, 1
+  %445 = icmp slt i64 %444, %p1
+  %pf.on41 = and i1 %pf.on, %445
+  %446 = mul nsw i64 %rb, 32768
+  %447 = lshr i64 %446, %11
+  %448 = add nsw i64 32768, %447
+  %449 = getelementptr inbounds i8, ptr %443, i64 %448
+  %pf42 = select i1 %pf.on41, ptr %449, ptr %443
   %pf.sh43 = select i1 %pf.on41, i64 %11, i64 0
   br label %k.head44
 
 k.head44:                                         ; preds = %pf.any.end49, %tile.mr4
-  %k47 = phi i64 [ 0, %tile.mr4 ], [ %489, %pf.any.end49 ]
-  %446 = icmp slt i64 %k47, 512
-  br i1 %446, label %k.body45, label %k.end46
+  %k47 = phi i64 [ 0, %tile.mr4 ], [ %495, %pf.any.end49 ]
+  %450 = icmp slt i64 %k47, 512
+  br i1 %450, label %k.body45, label %k.end46
 
 k.body45:                                         ; preds = %k.head44
-  %447 = mul nsw i64 %k47, 16
-  %448 = add nsw i64 %panel.off40, %447
-  %449 = mul nsw i64 %k47, 64
+  %451 = mul nsw i64 %k47, 1
+  %452 = add nsw i64 %451, 0
+  %453 = mul nsw i64 %452, 64
   br i1 %pf.multi, label %pf.any.then48, label %pf.any.end49
 
 pf.any.then48:                                    ; preds = %k.body45
-  %450 = lshr i64 %449, %pf.sh43
-  %451 = getelementptr inbounds i8, ptr %pf42, i64 %450
-  call void @llvm.prefetch.p0(ptr %451, i32 0, i32 2, i32 1)
+  %454 = lshr i64 %453, %pf.sh43
+  %455 = getelementptr inbounds i8, ptr %pf42, i64 %454
+  call void @llvm.prefetch.p0(ptr %455, i32 0, i32 2, i32 1)
   br label %pf.any.end49
 
 pf.any.end49:                                     ; preds = %pf.any.then48, %k.body45
-  %452 = getelementptr inbounds float, ptr %panels, i64 %448
-  %453 = load <8 x float>, ptr %452, align 4
-  %454 = add nsw i64 %448, 8
-  %455 = getelementptr inbounds float, ptr %panels, i64 %454
-  %456 = load <8 x float>, ptr %455, align 4
-  %457 = getelementptr inbounds float, ptr %420, i64 %k47
-  %458 = load float, ptr %457, align 4
-  %459 = insertelement <8 x float> poison, float %458, i32 0
-  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
-  %461 = load <8 x float>, ptr %acc0032, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %453, <8 x float> %461)
-  store <8 x float> %462, ptr %acc0032, align 4
-  %463 = load <8 x float>, ptr %acc0133, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %456, <8 x float> %463)
-  store <8 x float> %464, ptr %acc0133, align 4
-  %465 = getelementptr inbounds float, ptr %426, i64 %k47
-  %466 = load float, ptr %465, align 4
-  %467 = insertelement <8 x float> poison, float %466, i32 0
-  %468 = shufflevector <8 x float> %467, <8 x float> poison, <8 x i32> zeroinitializer
-  %469 = load <8 x float>, ptr %acc1034, align 4
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %453, <8 x float> %469)
-  store <8 x float> %470, ptr %acc1034, align 4
-  %471 = load <8 x float>, ptr %acc1135, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %456, <8 x float> %471)
-  store <8 x float> %472, ptr %acc1135, align 4
-  %473 = getelementptr inbounds float, ptr %432, i64 %k47
-  %474 = load float, ptr %473, align 4
-  %475 = insertelement <8 x float> poison, float %474, i32 0
-  %476 = shufflevector <8 x float> %475, <8 x float> poison, <8 x i32> zeroinitializer
-  %477 = load <8 x float>, ptr %acc2036, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %453, <8 x float> %477)
-  store <8 x float> %478, ptr %acc2036, align 4
-  %479 = load <8 x float>, ptr %acc2137, align 4
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %456, <8 x float> %479)
-  store <8 x float> %480, ptr %acc2137, align 4
-  %481 = getelementptr inbounds float, ptr %438, i64 %k47
-  %482 = load float, ptr %481, align 4
-  %483 = insertelement <8 x float> poison, float %482, i32 0
-  %484 = shufflevector <8 x float> %483, <8 x float> poison, <8 x i32> zeroinitializer
-  %485 = load <8 x float>, ptr %acc3038, align 4
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %453, <8 x float> %485)
-  store <8 x float> %486, ptr %acc3038, align 4
-  %487 = load <8 x float>, ptr %acc3139, align 4
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %456, <8 x float> %487)
-  store <8 x float> %488, ptr %acc3139, align 4
-  %489 = add nsw i64 %k47, 1
+  %456 = mul nsw i64 %452, 16
+  %457 = add nsw i64 %panel.off40, %456
+  %458 = getelementptr inbounds float, ptr %panels, i64 %457
+  %459 = load <8 x float>, ptr %458, align 4
+  %460 = add nsw i64 %457, 8
+  %461 = getelementptr inbounds float, ptr %panels, i64 %460
+  %462 = load <8 x float>, ptr %461, align 4
+  %463 = getelementptr inbounds float, ptr %424, i64 %452
+  %464 = load float, ptr %463, align 4
+  %465 = insertelement <8 x float> poison, float %464, i32 0
+  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
+  %467 = load <8 x float>, ptr %acc00032, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %459, <8 x float> %467)
+  store <8 x float> %468, ptr %acc00032, align 4
+  %469 = load <8 x float>, ptr %acc00133, align 4
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> %469)
+  store <8 x float> %470, ptr %acc00133, align 4
+  %471 = getelementptr inbounds float, ptr %430, i64 %452
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = load <8 x float>, ptr %acc01034, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %459, <8 x float> %475)
+  store <8 x float> %476, ptr %acc01034, align 4
+  %477 = load <8 x float>, ptr %acc01135, align 4
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %462, <8 x float> %477)
+  store <8 x float> %478, ptr %acc01135, align 4
+  %479 = getelementptr inbounds float, ptr %436, i64 %452
+  %480 = load float, ptr %479, align 4
+  %481 = insertelement <8 x float> poison, float %480, i32 0
+  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
+  %483 = load <8 x float>, ptr %acc02036, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %459, <8 x float> %483)
+  store <8 x float> %484, ptr %acc02036, align 4
+  %485 = load <8 x float>, ptr %acc02137, align 4
+  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %462, <8 x float> %485)
+  store <8 x float> %486, ptr %acc02137, align 4
+  %487 = getelementptr inbounds float, ptr %442, i64 %452
+  %488 = load float, ptr %487, align 4
+  %489 = insertelement <8 x float> poison, float %488, i32 0
+  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
+  %491 = load <8 x float>, ptr %acc03038, align 4
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %459, <8 x float> %491)
+  store <8 x float> %492, ptr %acc03038, align 4
+  %493 = load <8 x float>, ptr %acc03139, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %462, <8 x float> %493)
+  store <8 x float> %494, ptr %acc03139, align 4
+  %495 = add nsw i64 %k47, 1
   br label %k.head44
 
 k.end46:                                          ; preds = %k.head44
-  %490 = add nsw i64 %r0, 0
-  %491 = getelementptr inbounds float, ptr %rw, i64 %490
-  %492 = load float, ptr %491, align 4
-  %493 = insertelement <8 x float> poison, float %492, i32 0
-  %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
-  %495 = mul nsw i64 %490, 1024
-  %496 = getelementptr inbounds float, ptr %h, i64 %495
+  %496 = add nsw i64 %r0, 0
+  %497 = getelementptr inbounds float, ptr %rw, i64 %496
+  %498 = load float, ptr %497, align 4
+  %499 = insertelement <8 x float> poison, float %498, i32 0
+  %500 = shufflevector <8 x float> %499, <8 x float> poison, <8 x i32> zeroinitializer
+  %501 = mul nsw i64 %496, 1024
+  %502 = getelementptr inbounds float, ptr %h, i64 %501
   %col50 = mul nsw i64 %p, 16
-  %497 = load <8 x float>, ptr %acc0032, align 4
-  %498 = load <8 x float>, ptr %acc0133, align 4
-  %499 = add nsw i64 %col50, 0
-  %500 = fcmp ogt <8 x float> %497, zeroinitializer
-  %501 = select <8 x i1> %500, <8 x float> %497, <8 x float> zeroinitializer
-  %502 = fmul <8 x float> %501, %494
-  %503 = getelementptr inbounds float, ptr %496, i64 %499
-  store <8 x float> %502, ptr %503, align 4
-  %504 = add nsw i64 %col50, 8
-  %505 = fcmp ogt <8 x float> %498, zeroinitializer
-  %506 = select <8 x i1> %505, <8 x float> %498, <8 x float> zeroinitializer
-  %507 = fmul <8 x float> %506, %494
-  %508 = getelementptr inbounds float, ptr %496, i64 %504
-  store <8 x float> %507, ptr %508, align 4
-  %509 = add nsw i64 %r0, 1
-  %510 = getelementptr inbounds float, ptr %rw, i64 %509
-  %511 = load float, ptr %510, align 4
-  %512 = insertelement <8 x float> poison, float %511, i32 0
-  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
-  %514 = mul nsw i64 %509, 1024
-  %515 = getelementptr inbounds float, ptr %h, i64 %514
+  %503 = load <8 x float>, ptr %acc00032, align 4
+  %504 = load <8 x float>, ptr %acc00133, align 4
+  %505 = add nsw i64 %col50, 0
+  %506 = fcmp ogt <8 x float> %503, zeroinitializer
+  %507 = select <8 x i1> %506, <8 x float> %503, <8 x float> zeroinitializer
+  %508 = fmul <8 x float> %507, %500
+  %509 = getelementptr inbounds float, ptr %502, i64 %505
+  store <8 x float> %508, ptr %509, align 4
+  %510 = add nsw i64 %col50, 8
+  %511 = fcmp ogt <8 x float> %504, zeroinitializer
+  %512 = select <8 x i1> %511, <8 x float> %504, <8 x float> zeroinitializer
+  %513 = fmul <8 x float> %512, %500
+  %514 = getelementptr inbounds float, ptr %502, i64 %510
+  store <8 x float> %513, ptr %514, align 4
+  %515 = add nsw i64 %r0, 1
+  %516 = getelementptr inbounds float, ptr %rw, i64 %515
+  %517 = load float, ptr %516, align 4
+  %518 = insertelement <8 x float> poison, float %517, i32 0
+  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
+  %520 = mul nsw i64 %515, 1024
+  %521 = getelementptr inbounds float, ptr %h, i64 %520
   %col51 = mul nsw i64 %p, 16
-  %516 = load <8 x float>, ptr %acc1034, align 4
-  %517 = load <8 x float>, ptr %acc1135, align 4
-  %518 = add nsw i64 %col51, 0
-  %519 = fcmp ogt <8 x float> %516, zeroinitializer
-  %520 = select <8 x i1> %519, <8 x float> %516, <8 x float> zeroinitializer
-  %521 = fmul <8 x float> %520, %513
-  %522 = getelementptr inbounds float, ptr %515, i64 %518
-  store <8 x float> %521, ptr %522, align 4
-  %523 = add nsw i64 %col51, 8
-  %524 = fcmp ogt <8 x float> %517, zeroinitializer
-  %525 = select <8 x i1> %524, <8 x float> %517, <8 x float> zeroinitializer
-  %526 = fmul <8 x float> %525, %513
-  %527 = getelementptr inbounds float, ptr %515, i64 %523
-  store <8 x float> %526, ptr %527, align 4
-  %528 = add nsw i64 %r0, 2
-  %529 = getelementptr inbounds float, ptr %rw, i64 %528
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = mul nsw i64 %528, 1024
-  %534 = getelementptr inbounds float, ptr %h, i64 %533
+  %522 = load <8 x float>, ptr %acc01034, align 4
+  %523 = load <8 x float>, ptr %acc01135, align 4
+  %524 = add nsw i64 %col51, 0
+  %525 = fcmp ogt <8 x float> %522, zeroinitializer
+  %526 = select <8 x i1> %525, <8 x float> %522, <8 x float> zeroinitializer
+  %527 = fmul <8 x float> %526, %519
+  %528 = getelementptr inbounds float, ptr %521, i64 %524
+  store <8 x float> %527, ptr %528, align 4
+  %529 = add nsw i64 %col51, 8
+  %530 = fcmp ogt <8 x float> %523, zeroinitializer
+  %531 = select <8 x i1> %530, <8 x float> %523, <8 x float> zeroinitializer
+  %532 = fmul <8 x float> %531, %519
+  %533 = getelementptr inbounds float, ptr %521, i64 %529
+  store <8 x float> %532, ptr %533, align 4
+  %534 = add nsw i64 %r0, 2
+  %535 = getelementptr inbounds float, ptr %rw, i64 %534
+  %536 = load float, ptr %535, align 4
+  %537 = insertelement <8 x float> poison, float %536, i32 0
+  %538 = shufflevector <8 x float> %537, <8 x float> poison, <8 x i32> zeroinitializer
+  %539 = mul nsw i64 %534, 1024
+  %540 = getelementptr inbounds float, ptr %h, i64 %539
   %col52 = mul nsw i64 %p, 16
-  %535 = load <8 x float>, ptr %acc2036, align 4
-  %536 = load <8 x float>, ptr %acc2137, align 4
-  %537 = add nsw i64 %col52, 0
-  %538 = fcmp ogt <8 x float> %535, zeroinitializer
-  %539 = select <8 x i1> %538, <8 x float> %535, <8 x float> zeroinitializer
-  %540 = fmul <8 x float> %539, %532
-  %541 = getelementptr inbounds float, ptr %534, i64 %537
-  store <8 x float> %540, ptr %541, align 4
-  %542 = add nsw i64 %col52, 8
-  %543 = fcmp ogt <8 x float> %536, zeroinitializer
-  %544 = select <8 x i1> %543, <8 x float> %536, <8 x float> zeroinitializer
-  %545 = fmul <8 x float> %544, %532
-  %546 = getelementptr inbounds float, ptr %534, i64 %542
-  store <8 x float> %545, ptr %546, align 4
-  %547 = add nsw i64 %r0, 3
-  %548 = getelementptr inbounds float, ptr %rw, i64 %547
-  %549 = load float, ptr %548, align 4
-  %550 = insertelement <8 x float> poison, float %549, i32 0
-  %551 = shufflevector <8 x float> %550, <8 x float> poison, <8 x i32> zeroinitializer
-  %552 = mul nsw i64 %547, 1024
-  %553 = getelementptr inbounds float, ptr %h, i64 %552
+  %541 = load <8 x float>, ptr %acc02036, align 4
+  %542 = load <8 x float>, ptr %acc02137, align 4
+  %543 = add nsw i64 %col52, 0
+  %544 = fcmp ogt <8 x float> %541, zeroinitializer
+  %545 = select <8 x i1> %544, <8 x float> %541, <8 x float> zeroinitializer
+  %546 = fmul <8 x float> %545, %538
+  %547 = getelementptr inbounds float, ptr %540, i64 %543
+  store <8 x float> %546, ptr %547, align 4
+  %548 = add nsw i64 %col52, 8
+  %549 = fcmp ogt <8 x float> %542, zeroinitializer
+  %550 = select <8 x i1> %549, <8 x float> %542, <8 x float> zeroinitializer
+  %551 = fmul <8 x float> %550, %538
+  %552 = getelementptr inbounds float, ptr %540, i64 %548
+  store <8 x float> %551, ptr %552, align 4
+  %553 = add nsw i64 %r0, 3
+  %554 = getelementptr inbounds float, ptr %rw, i64 %553
+  %555 = load float, ptr %554, align 4
+  %556 = insertelement <8 x float> poison, float %555, i32 0
+  %557 = shufflevector <8 x float> %556, <8 x float> poison, <8 x i32> zeroinitializer
+  %558 = mul nsw i64 %553, 1024
+  %559 = getelementptr inbounds float, ptr %h, i64 %558
   %col53 = mul nsw i64 %p, 16
-  %554 = load <8 x float>, ptr %acc3038, align 4
-  %555 = load <8 x float>, ptr %acc3139, align 4
-  %556 = add nsw i64 %col53, 0
-  %557 = fcmp ogt <8 x float> %554, zeroinitializer
-  %558 = select <8 x i1> %557, <8 x float> %554, <8 x float> zeroinitializer
-  %559 = fmul <8 x float> %558, %551
-  %560 = getelementptr inbounds float, ptr %553, i64 %556
-  store <8 x float> %559, ptr %560, align 4
-  %561 = add nsw i64 %col53, 8
-  %562 = fcmp ogt <8 x float> %555, zeroinitializer
-  %563 = select <8 x i1> %562, <8 x float> %555, <8 x float> zeroinitializer
-  %564 = fmul <8 x float> %563, %551
-  %565 = getelementptr inbounds float, ptr %553, i64 %561
-  store <8 x float> %564, ptr %565, align 4
+  %560 = load <8 x float>, ptr %acc03038, align 4
+  %561 = load <8 x float>, ptr %acc03139, align 4
+  %562 = add nsw i64 %col53, 0
+  %563 = fcmp ogt <8 x float> %560, zeroinitializer
+  %564 = select <8 x i1> %563, <8 x float> %560, <8 x float> zeroinitializer
+  %565 = fmul <8 x float> %564, %557
+  %566 = getelementptr inbounds float, ptr %559, i64 %562
+  store <8 x float> %565, ptr %566, align 4
+  %567 = add nsw i64 %col53, 8
+  %568 = fcmp ogt <8 x float> %561, zeroinitializer
+  %569 = select <8 x i1> %568, <8 x float> %561, <8 x float> zeroinitializer
+  %570 = fmul <8 x float> %569, %557
+  %571 = getelementptr inbounds float, ptr %559, i64 %567
+  store <8 x float> %570, ptr %571, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %566 = add nsw i64 %r0, 0
-  %567 = getelementptr inbounds i32, ptr %rows, i64 %566
-  %568 = load i32, ptr %567, align 4
-  %569 = sext i32 %568 to i64
-  %570 = mul nsw i64 %569, 512
-  %571 = getelementptr inbounds float, ptr %x, i64 %570
-  store <8 x float> zeroinitializer, ptr %acc0054, align 4
-  store <8 x float> zeroinitializer, ptr %acc0155, align 4
-  %572 = add nsw i64 %r0, 1
+  %572 = add nsw i64 %r0, 0
   %573 = getelementptr inbounds i32, ptr %rows, i64 %572
   %574 = load i32, ptr %573, align 4
   %575 = sext i32 %574 to i64
   %576 = mul nsw i64 %575, 512
   %577 = getelementptr inbounds float, ptr %x, i64 %576
-  store <8 x float> zeroinitializer, ptr %acc1056, align 4
-  store <8 x float> zeroinitializer, ptr %acc1157, align 4
-  %578 = add nsw i64 %r0, 2
+  store <8 x float> zeroinitializer, ptr %acc00054, align 4
+  store <8 x float> zeroinitializer, ptr %acc00155, align 4
+  %578 = add nsw i64 %r0, 1
   %579 = getelementptr inbounds i32, ptr %rows, i64 %578
   %580 = load i32, ptr %579, align 4
   %581 = sext i32 %580 to i64
   %582 = mul nsw i64 %581, 512
   %583 = getelementptr inbounds float, ptr %x, i64 %582
-  store <8 x float> zeroinitializer, ptr %acc2058, align 4
-  store <8 x float> zeroinitializer, ptr %acc2159, align 4
+  store <8 x float> zeroinitializer, ptr %acc01056, align 4
+  store <8 x float> zeroinitializer, ptr %acc01157, align 4
+  %584 = add nsw i64 %r0, 2
+  %585 = getelementptr inbounds i32, ptr %rows, i64 %584
+  %586 = load i32, ptr %585, align 4
+  %587 = sext i32 %586 to i64
+  %588 = mul nsw i64 %587, 512
+  %589 = getelementptr inbounds float, ptr %x, i64 %588
+  store <8 x float> zeroinitializer, ptr %acc02058, align 4
+  store <8 x float> zeroinitializer, ptr %acc02159, align 4
   %panel.off60 = mul nsw i64 %p, 8192
-  %584 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
-  %585 = add nsw i64 %p, 1
-  %586 = icmp slt i64 %585, %p1
-  %pf.on61 = and i1 %pf.on, %586
-  %587 = mul nsw i64 %rb, 32768
-  %588 = lshr i64 %587, %11
-  %589 = add nsw i64 32768, %588
-  %590 = getelementptr inbounds i8, ptr %584, i64 %589
-  %pf62 = select i1 %pf.on61, ptr %590, ptr %584
+  %590 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
+  %591 = add nsw i64 %p, 1
+  %592 = icmp slt i64 %591, %p1
+  %pf.on61 = and i1 %pf.on, %592
+  %593 = mul nsw i64 %rb, 32768
+  %594 = lshr i64 %593, %11
+  %595 = add nsw i64 32768, %594
+  %596 = getelementptr inbounds i8, ptr %590, i64 %595
+  %pf62 = select i1 %pf.on61, ptr %596, ptr %590
   %pf.sh63 = select i1 %pf.on61, i64 %11, i64 0
   br label %k.head64
 
 k.head64:                                         ; preds = %pf.any.end69, %tile.mr3
-  %k67 = phi i64 [ 0, %tile.mr3 ], [ %626, %pf.any.end69 ]
-  %591 = icmp slt i64 %k67, 512
-  br i1 %591, label %k.body65, label %k.end66
+  %k67 = phi i64 [ 0, %tile.mr3 ], [ %634, %pf.any.end69 ]
+  %597 = icmp slt i64 %k67, 512
+  br i1 %597, label %k.body65, label %k.end66
 
 k.body65:                                         ; preds = %k.head64
-  %592 = mul nsw i64 %k67, 16
-  %593 = add nsw i64 %panel.off60, %592
-  %594 = mul nsw i64 %k67, 64
+  %598 = mul nsw i64 %k67, 1
+  %599 = add nsw i64 %598, 0
+  %600 = mul nsw i64 %599, 64
   br i1 %pf.multi, label %pf.any.then68, label %pf.any.end69
 
 pf.any.then68:                                    ; preds = %k.body65
-  %595 = lshr i64 %594, %pf.sh63
-  %596 = getelementptr inbounds i8, ptr %pf62, i64 %595
-  call void @llvm.prefetch.p0(ptr %596, i32 0, i32 2, i32 1)
+  %601 = lshr i64 %600, %pf.sh63
+  %602 = getelementptr inbounds i8, ptr %pf62, i64 %601
+  call void @llvm.prefetch.p0(ptr %602, i32 0, i32 2, i32 1)
   br label %pf.any.end69
 
 pf.any.end69:                                     ; preds = %pf.any.then68, %k.body65
-  %597 = getelementptr inbounds float, ptr %panels, i64 %593
-  %598 = load <8 x float>, ptr %597, align 4
-  %599 = add nsw i64 %593, 8
-  %600 = getelementptr inbounds float, ptr %panels, i64 %599
-  %601 = load <8 x float>, ptr %600, align 4
-  %602 = getelementptr inbounds float, ptr %571, i64 %k67
-  %603 = load float, ptr %602, align 4
-  %604 = insertelement <8 x float> poison, float %603, i32 0
-  %605 = shufflevector <8 x float> %604, <8 x float> poison, <8 x i32> zeroinitializer
-  %606 = load <8 x float>, ptr %acc0054, align 4
-  %607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %598, <8 x float> %606)
-  store <8 x float> %607, ptr %acc0054, align 4
-  %608 = load <8 x float>, ptr %acc0155, align 4
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %605, <8 x float> %601, <8 x float> %608)
-  store <8 x float> %609, ptr %acc0155, align 4
-  %610 = getelementptr inbounds float, ptr %577, i64 %k67
+  %603 = mul nsw i64 %599, 16
+  %604 = add nsw i64 %panel.off60, %603
+  %605 = getelementptr inbounds float, ptr %panels, i64 %604
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = add nsw i64 %604, 8
+  %608 = getelementptr inbounds float, ptr %panels, i64 %607
+  %609 = load <8 x float>, ptr %608, align 4
+  %610 = getelementptr inbounds float, ptr %577, i64 %599
   %611 = load float, ptr %610, align 4
   %612 = insertelement <8 x float> poison, float %611, i32 0
   %613 = shufflevector <8 x float> %612, <8 x float> poison, <8 x i32> zeroinitializer
-  %614 = load <8 x float>, ptr %acc1056, align 4
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %598, <8 x float> %614)
-  store <8 x float> %615, ptr %acc1056, align 4
-  %616 = load <8 x float>, ptr %acc1157, align 4
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %601, <8 x float> %616)
-  store <8 x float> %617, ptr %acc1157, align 4
-  %618 = getelementptr inbounds float, ptr %583, i64 %k67
+  %614 = load <8 x float>, ptr %acc00054, align 4
+  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %606, <8 x float> %614)
+  store <8 x float> %615, ptr %acc00054, align 4
+  %616 = load <8 x float>, ptr %acc00155, align 4
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %609, <8 x float> %616)
+  store <8 x float> %617, ptr %acc00155, align 4
+  %618 = getelementptr inbounds float, ptr %583, i64 %599
   %619 = load float, ptr %618, align 4
   %620 = insertelement <8 x float> poison, float %619, i32 0
   %621 = shufflevector <8 x float> %620, <8 x float> poison, <8 x i32> zeroinitializer
-  %622 = load <8 x float>, ptr %acc2058, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %598, <8 x float> %622)
-  store <8 x float> %623, ptr %acc2058, align 4
-  %624 = load <8 x float>, ptr %acc2159, align 4
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %601, <8 x float> %624)
-  store <8 x float> %625, ptr %acc2159, align 4
-  %626 = add nsw i64 %k67, 1
+  %622 = load <8 x float>, ptr %acc01056, align 4
+  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %606, <8 x float> %622)
+  store <8 x float> %623, ptr %acc01056, align 4
+  %624 = load <8 x float>, ptr %acc01157, align 4
+  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %609, <8 x float> %624)
+  store <8 x float> %625, ptr %acc01157, align 4
+  %626 = getelementptr inbounds float, ptr %589, i64 %599
+  %627 = load float, ptr %626, align 4
+  %628 = insertelement <8 x float> poison, float %627, i32 0
+  %629 = shufflevector <8 x float> %628, <8 x float> poison, <8 x i32> zeroinitializer
+  %630 = load <8 x float>, ptr %acc02058, align 4
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %606, <8 x float> %630)
+  store <8 x float> %631, ptr %acc02058, align 4
+  %632 = load <8 x float>, ptr %acc02159, align 4
+  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %609, <8 x float> %632)
+  store <8 x float> %633, ptr %acc02159, align 4
+  %634 = add nsw i64 %k67, 1
   br label %k.head64
 
 k.end66:                                          ; preds = %k.head64
-  %627 = add nsw i64 %r0, 0
-  %628 = getelementptr inbounds float, ptr %rw, i64 %627
-  %629 = load float, ptr %628, align 4
-  %630 = insertelement <8 x float> poison, float %629, i32 0
-  %631 = shufflevector <8 x float> %630, <8 x float> poison, <8 x i32> zeroinitializer
-  %632 = mul nsw i64 %627, 1024
-  %633 = getelementptr inbounds float, ptr %h, i64 %632
+  %635 = add nsw i64 %r0, 0
+  %636 = getelementptr inbounds float, ptr %rw, i64 %635
+  %637 = load float, ptr %636, align 4
+  %638 = insertelement <8 x float> poison, float %637, i32 0
+  %639 = shufflevector <8 x float> %638, <8 x float> poison, <8 x i32> zeroinitializer
+  %640 = mul nsw i64 %635, 1024
+  %641 = getelementptr inbounds float, ptr %h, i64 %640
   %col70 = mul nsw i64 %p, 16
-  %634 = load <8 x float>, ptr %acc0054, align 4
-  %635 = load <8 x float>, ptr %acc0155, align 4
-  %636 = add nsw i64 %col70, 0
-  %637 = fcmp ogt <8 x float> %634, zeroinitializer
-  %638 = select <8 x i1> %637, <8 x float> %634, <8 x float> zeroinitializer
-  %639 = fmul <8 x float> %638, %631
-  %640 = getelementptr inbounds float, ptr %633, i64 %636
-  store <8 x float> %639, ptr %640, align 4
-  %641 = add nsw i64 %col70, 8
-  %642 = fcmp ogt <8 x float> %635, zeroinitializer
-  %643 = select <8 x i1> %642, <8 x float> %635, <8 x float> zeroinitializer
-  %644 = fmul <8 x float> %643, %631
-  %645 = getelementptr inbounds float, ptr %633, i64 %641
-  store <8 x float> %644, ptr %645, align 4
-  %646 = add nsw i64 %r0, 1
-  %647 = getelementptr inbounds float, ptr %rw, i64 %646
-  %648 = load float, ptr %647, align 4
-  %649 = insertelement <8 x float> poison, float %648, i32 0
-  %650 = shufflevector <8 x float> %649, <8 x float> poison, <8 x i32> zeroinitializer
-  %651 = mul nsw i64 %646, 1024
-  %652 = getelementptr inbounds float, ptr %h, i64 %651
+  %642 = load <8 x float>, ptr %acc00054, align 4
+  %643 = load <8 x float>, ptr %acc00155, align 4
+  %644 = add nsw i64 %col70, 0
+  %645 = fcmp ogt <8 x float> %642, zeroinitializer
+  %646 = select <8 x i1> %645, <8 x float> %642, <8 x float> zeroinitializer
+  %647 = fmul <8 x float> %646, %639
+  %648 = getelementptr inbounds float, ptr %641, i64 %644
+  store <8 x float> %647, ptr %648, align 4
+  %649 = add nsw i64 %col70, 8
+  %650 = fcmp ogt <8 x float> %643, zeroinitializer
+  %651 = select <8 x i1> %650, <8 x float> %643, <8 x float> zeroinitializer
+  %652 = fmul <8 x float> %651, %639
+  %653 = getelementptr inbounds float, ptr %641, i64 %649
+  store <8 x float> %652, ptr %653, align 4
+  %654 = add nsw i64 %r0, 1
+  %655 = getelementptr inbounds float, ptr %rw, i64 %654
+  %656 = load float, ptr %655, align 4
+  %657 = insertelement <8 x float> poison, float %656, i32 0
+  %658 = shufflevector <8 x float> %657, <8 x float> poison, <8 x i32> zeroinitializer
+  %659 = mul nsw i64 %654, 1024
+  %660 = getelementptr inbounds float, ptr %h, i64 %659
   %col71 = mul nsw i64 %p, 16
-  %653 = load <8 x float>, ptr %acc1056, align 4
-  %654 = load <8 x float>, ptr %acc1157, align 4
-  %655 = add nsw i64 %col71, 0
-  %656 = fcmp ogt <8 x float> %653, zeroinitializer
-  %657 = select <8 x i1> %656, <8 x float> %653, <8 x float> zeroinitializer
-  %658 = fmul <8 x float> %657, %650
-  %659 = getelementptr inbounds float, ptr %652, i64 %655
-  store <8 x float> %658, ptr %659, align 4
-  %660 = add nsw i64 %col71, 8
-  %661 = fcmp ogt <8 x float> %654, zeroinitializer
-  %662 = select <8 x i1> %661, <8 x float> %654, <8 x float> zeroinitializer
-  %663 = fmul <8 x float> %662, %650
-  %664 = getelementptr inbounds float, ptr %652, i64 %660
-  store <8 x float> %663, ptr %664, align 4
-  %665 = add nsw i64 %r0, 2
-  %666 = getelementptr inbounds float, ptr %rw, i64 %665
-  %667 = load float, ptr %666, align 4
-  %668 = insertelement <8 x float> poison, float %667, i32 0
-  %669 = shufflevector <8 x float> %668, <8 x float> poison, <8 x i32> zeroinitializer
-  %670 = mul nsw i64 %665, 1024
-  %671 = getelementptr inbounds float, ptr %h, i64 %670
+  %661 = load <8 x float>, ptr %acc01056, align 4
+  %662 = load <8 x float>, ptr %acc01157, align 4
+  %663 = add nsw i64 %col71, 0
+  %664 = fcmp ogt <8 x float> %661, zeroinitializer
+  %665 = select <8 x i1> %664, <8 x float> %661, <8 x float> zeroinitializer
+  %666 = fmul <8 x float> %665, %658
+  %667 = getelementptr inbounds float, ptr %660, i64 %663
+  store <8 x float> %666, ptr %667, align 4
+  %668 = add nsw i64 %col71, 8
+  %669 = fcmp ogt <8 x float> %662, zeroinitializer
+  %670 = select <8 x i1> %669, <8 x float> %662, <8 x float> zeroinitializer
+  %671 = fmul <8 x float> %670, %658
+  %672 = getelementptr inbounds float, ptr %660, i64 %668
+  store <8 x float> %671, ptr %672, align 4
+  %673 = add nsw i64 %r0, 2
+  %674 = getelementptr inbounds float, ptr %rw, i64 %673
+  %675 = load float, ptr %674, align 4
+  %676 = insertelement <8 x float> poison, float %675, i32 0
+  %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
+  %678 = mul nsw i64 %673, 1024
+  %679 = getelementptr inbounds float, ptr %h, i64 %678
   %col72 = mul nsw i64 %p, 16
-  %672 = load <8 x float>, ptr %acc2058, align 4
-  %673 = load <8 x float>, ptr %acc2159, align 4
-  %674 = add nsw i64 %col72, 0
-  %675 = fcmp ogt <8 x float> %672, zeroinitializer
-  %676 = select <8 x i1> %675, <8 x float> %672, <8 x float> zeroinitializer
-  %677 = fmul <8 x float> %676, %669
-  %678 = getelementptr inbounds float, ptr %671, i64 %674
-  store <8 x float> %677, ptr %678, align 4
-  %679 = add nsw i64 %col72, 8
-  %680 = fcmp ogt <8 x float> %673, zeroinitializer
-  %681 = select <8 x i1> %680, <8 x float> %673, <8 x float> zeroinitializer
-  %682 = fmul <8 x float> %681, %669
-  %683 = getelementptr inbounds float, ptr %671, i64 %679
-  store <8 x float> %682, ptr %683, align 4
+  %680 = load <8 x float>, ptr %acc02058, align 4
+  %681 = load <8 x float>, ptr %acc02159, align 4
+  %682 = add nsw i64 %col72, 0
+  %683 = fcmp ogt <8 x float> %680, zeroinitializer
+  %684 = select <8 x i1> %683, <8 x float> %680, <8 x float> zeroinitializer
+  %685 = fmul <8 x float> %684, %677
+  %686 = getelementptr inbounds float, ptr %679, i64 %682
+  store <8 x float> %685, ptr %686, align 4
+  %687 = add nsw i64 %col72, 8
+  %688 = fcmp ogt <8 x float> %681, zeroinitializer
+  %689 = select <8 x i1> %688, <8 x float> %681, <8 x float> zeroinitializer
+  %690 = fmul <8 x float> %689, %677
+  %691 = getelementptr inbounds float, ptr %679, i64 %687
+  store <8 x float> %690, ptr %691, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %684 = add nsw i64 %r0, 0
-  %685 = getelementptr inbounds i32, ptr %rows, i64 %684
-  %686 = load i32, ptr %685, align 4
-  %687 = sext i32 %686 to i64
-  %688 = mul nsw i64 %687, 512
-  %689 = getelementptr inbounds float, ptr %x, i64 %688
-  store <8 x float> zeroinitializer, ptr %acc0073, align 4
-  store <8 x float> zeroinitializer, ptr %acc0174, align 4
-  %690 = add nsw i64 %r0, 1
-  %691 = getelementptr inbounds i32, ptr %rows, i64 %690
-  %692 = load i32, ptr %691, align 4
-  %693 = sext i32 %692 to i64
-  %694 = mul nsw i64 %693, 512
-  %695 = getelementptr inbounds float, ptr %x, i64 %694
-  store <8 x float> zeroinitializer, ptr %acc1075, align 4
-  store <8 x float> zeroinitializer, ptr %acc1176, align 4
+  %692 = add nsw i64 %r0, 0
+  %693 = getelementptr inbounds i32, ptr %rows, i64 %692
+  %694 = load i32, ptr %693, align 4
+  %695 = sext i32 %694 to i64
+  %696 = mul nsw i64 %695, 512
+  %697 = getelementptr inbounds float, ptr %x, i64 %696
+  store <8 x float> zeroinitializer, ptr %acc00073, align 4
+  store <8 x float> zeroinitializer, ptr %acc00174, align 4
+  %698 = add nsw i64 %r0, 1
+  %699 = getelementptr inbounds i32, ptr %rows, i64 %698
+  %700 = load i32, ptr %699, align 4
+  %701 = sext i32 %700 to i64
+  %702 = mul nsw i64 %701, 512
+  %703 = getelementptr inbounds float, ptr %x, i64 %702
+  store <8 x float> zeroinitializer, ptr %acc01075, align 4
+  store <8 x float> zeroinitializer, ptr %acc01176, align 4
   %panel.off77 = mul nsw i64 %p, 8192
-  %696 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %697 = add nsw i64 %p, 1
-  %698 = icmp slt i64 %697, %p1
-  %pf.on78 = and i1 %pf.on, %698
-  %699 = mul nsw i64 %rb, 32768
-  %700 = lshr i64 %699, %11
-  %701 = add nsw i64 32768, %700
-  %702 = getelementptr inbounds i8, ptr %696, i64 %701
-  %pf79 = select i1 %pf.on78, ptr %702, ptr %696
+  %704 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %705 = add nsw i64 %p, 1
+  %706 = icmp slt i64 %705, %p1
+  %pf.on78 = and i1 %pf.on, %706
+  %707 = mul nsw i64 %rb, 32768
+  %708 = lshr i64 %707, %11
+  %709 = add nsw i64 32768, %708
+  %710 = getelementptr inbounds i8, ptr %704, i64 %709
+  %pf79 = select i1 %pf.on78, ptr %710, ptr %704
   %pf.sh80 = select i1 %pf.on78, i64 %11, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr2
-  %k84 = phi i64 [ 0, %tile.mr2 ], [ %730, %pf.any.end86 ]
-  %703 = icmp slt i64 %k84, 512
-  br i1 %703, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr2 ], [ %740, %pf.any.end86 ]
+  %711 = icmp slt i64 %k84, 512
+  br i1 %711, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %704 = mul nsw i64 %k84, 16
-  %705 = add nsw i64 %panel.off77, %704
-  %706 = mul nsw i64 %k84, 64
+  %712 = mul nsw i64 %k84, 1
+  %713 = add nsw i64 %712, 0
+  %714 = mul nsw i64 %713, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %707 = lshr i64 %706, %pf.sh80
-  %708 = getelementptr inbounds i8, ptr %pf79, i64 %707
-  call void @llvm.prefetch.p0(ptr %708, i32 0, i32 2, i32 1)
+  %715 = lshr i64 %714, %pf.sh80
+  %716 = getelementptr inbounds i8, ptr %pf79, i64 %715
+  call void @llvm.prefetch.p0(ptr %716, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %709 = getelementptr inbounds float, ptr %panels, i64 %705
-  %710 = load <8 x float>, ptr %709, align 4
-  %711 = add nsw i64 %705, 8
-  %712 = getelementptr inbounds float, ptr %panels, i64 %711
-  %713 = load <8 x float>, ptr %712, align 4
-  %714 = getelementptr inbounds float, ptr %689, i64 %k84
-  %715 = load float, ptr %714, align 4
-  %716 = insertelement <8 x float> poison, float %715, i32 0
-  %717 = shufflevector <8 x float> %716, <8 x float> poison, <8 x i32> zeroinitializer
-  %718 = load <8 x float>, ptr %acc0073, align 4
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %710, <8 x float> %718)
-  store <8 x float> %719, ptr %acc0073, align 4
-  %720 = load <8 x float>, ptr %acc0174, align 4
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %717, <8 x float> %713, <8 x float> %720)
-  store <8 x float> %721, ptr %acc0174, align 4
-  %722 = getelementptr inbounds float, ptr %695, i64 %k84
-  %723 = load float, ptr %722, align 4
-  %724 = insertelement <8 x float> poison, float %723, i32 0
-  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
-  %726 = load <8 x float>, ptr %acc1075, align 4
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %710, <8 x float> %726)
-  store <8 x float> %727, ptr %acc1075, align 4
-  %728 = load <8 x float>, ptr %acc1176, align 4
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %713, <8 x float> %728)
-  store <8 x float> %729, ptr %acc1176, align 4
-  %730 = add nsw i64 %k84, 1
-  br label %k.head81
-
-k.end83:                                          ; preds = %k.head81
-  %731 = add nsw i64 %r0, 0
-  %732 = getelementptr inbounds float, ptr %rw, i64 %731
+  %717 = mul nsw i64 %713, 16
+  %718 = add nsw i64 %panel.off77, %717
+  %719 = getelementptr inbounds float, ptr %panels, i64 %718
+  %720 = load <8 x float>, ptr %719, align 4
+  %721 = add nsw i64 %718, 8
+  %722 = getelementptr inbounds float, ptr %panels, i64 %721
+  %723 = load <8 x float>, ptr %722, align 4
+  %724 = getelementptr inbounds float, ptr %697, i64 %713
+  %725 = load float, ptr %724, align 4
+  %726 = insertelement <8 x float> poison, float %725, i32 0
+  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
+  %728 = load <8 x float>, ptr %acc00073, align 4
+  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %720, <8 x float> %728)
+  store <8 x float> %729, ptr %acc00073, align 4
+  %730 = load <8 x float>, ptr %acc00174, align 4
+  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %723, <8 x float> %730)
+  store <8 x float> %731, ptr %acc00174, align 4
+  %732 = getelementptr inbounds float, ptr %703, i64 %713
   %733 = load float, ptr %732, align 4
   %734 = insertelement <8 x float> poison, float %733, i32 0
   %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
-  %736 = mul nsw i64 %731, 1024
-  %737 = getelementptr inbounds float, ptr %h, i64 %736
+  %736 = load <8 x float>, ptr %acc01075, align 4
+  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %720, <8 x float> %736)
+  store <8 x float> %737, ptr %acc01075, align 4
+  %738 = load <8 x float>, ptr %acc01176, align 4
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %723, <8 x float> %738)
+  store <8 x float> %739, ptr %acc01176, align 4
+  %740 = add nsw i64 %k84, 1
+  br label %k.head81
+
+k.end83:                                          ; preds = %k.head81
+  %741 = add nsw i64 %r0, 0
+  %742 = getelementptr inbounds float, ptr %rw, i64 %741
+  %743 = load float, ptr %742, align 4
+  %744 = insertelement <8 x float> poison, float %743, i32 0
+  %745 = shufflevector <8 x float> %744, <8 x float> poison, <8 x i32> zeroinitializer
+  %746 = mul nsw i64 %741, 1024
+  %747 = getelementptr inbounds float, ptr %h, i64 %746
   %col87 = mul nsw i64 %p, 16
-  %738 = load <8 x float>, ptr %acc0073, align 4
-  %739 = load <8 x float>, ptr %acc0174, align 4
-  %740 = add nsw i64 %col87, 0
-  %741 = fcmp ogt <8 x float> %738, zeroinitializer
-  %742 = select <8 x i1> %741, <8 x float> %738, <8 x float> zeroinitializer
-  %743 = fmul <8 x float> %742, %735
-  %744 = getelementptr inbounds float, ptr %737, i64 %740
-  store <8 x float> %743, ptr %744, align 4
-  %745 = add nsw i64 %col87, 8
-  %746 = fcmp ogt <8 x float> %739, zeroinitializer
-  %747 = select <8 x i1> %746, <8 x float> %739, <8 x float> zeroinitializer
-  %748 = fmul <8 x float> %747, %735
-  %749 = getelementptr inbounds float, ptr %737, i64 %745
-  store <8 x float> %748, ptr %749, align 4
-  %750 = add nsw i64 %r0, 1
-  %751 = getelementptr inbounds float, ptr %rw, i64 %750
-  %752 = load float, ptr %751, align 4
-  %753 = insertelement <8 x float> poison, float %752, i32 0
-  %754 = shufflevector <8 x float> %753, <8 x float> poison, <8 x i32> zeroinitializer
-  %755 = mul nsw i64 %750, 1024
-  %756 = getelementptr inbounds float, ptr %h, i64 %755
+  %748 = load <8 x float>, ptr %acc00073, align 4
+  %749 = load <8 x float>, ptr %acc00174, align 4
+  %750 = add nsw i64 %col87, 0
+  %751 = fcmp ogt <8 x float> %748, zeroinitializer
+  %752 = select <8 x i1> %751, <8 x float> %748, <8 x float> zeroinitializer
+  %753 = fmul <8 x float> %752, %745
+  %754 = getelementptr inbounds float, ptr %747, i64 %750
+  store <8 x float> %753, ptr %754, align 4
+  %755 = add nsw i64 %col87, 8
+  %756 = fcmp ogt <8 x float> %749, zeroinitializer
+  %757 = select <8 x i1> %756, <8 x float> %749, <8 x float> zeroinitializer
+  %758 = fmul <8 x float> %757, %745
+  %759 = getelementptr inbounds float, ptr %747, i64 %755
+  store <8 x float> %758, ptr %759, align 4
+  %760 = add nsw i64 %r0, 1
+  %761 = getelementptr inbounds float, ptr %rw, i64 %760
+  %762 = load float, ptr %761, align 4
+  %763 = insertelement <8 x float> poison, float %762, i32 0
+  %764 = shufflevector <8 x float> %763, <8 x float> poison, <8 x i32> zeroinitializer
+  %765 = mul nsw i64 %760, 1024
+  %766 = getelementptr inbounds float, ptr %h, i64 %765
   %col88 = mul nsw i64 %p, 16
-  %757 = load <8 x float>, ptr %acc1075, align 4
-  %758 = load <8 x float>, ptr %acc1176, align 4
-  %759 = add nsw i64 %col88, 0
-  %760 = fcmp ogt <8 x float> %757, zeroinitializer
-  %761 = select <8 x i1> %760, <8 x float> %757, <8 x float> zeroinitializer
-  %762 = fmul <8 x float> %761, %754
-  %763 = getelementptr inbounds float, ptr %756, i64 %759
-  store <8 x float> %762, ptr %763, align 4
-  %764 = add nsw i64 %col88, 8
-  %765 = fcmp ogt <8 x float> %758, zeroinitializer
-  %766 = select <8 x i1> %765, <8 x float> %758, <8 x float> zeroinitializer
-  %767 = fmul <8 x float> %766, %754
-  %768 = getelementptr inbounds float, ptr %756, i64 %764
-  store <8 x float> %767, ptr %768, align 4
+  %767 = load <8 x float>, ptr %acc01075, align 4
+  %768 = load <8 x float>, ptr %acc01176, align 4
+  %769 = add nsw i64 %col88, 0
+  %770 = fcmp ogt <8 x float> %767, zeroinitializer
+  %771 = select <8 x i1> %770, <8 x float> %767, <8 x float> zeroinitializer
+  %772 = fmul <8 x float> %771, %764
+  %773 = getelementptr inbounds float, ptr %766, i64 %769
+  store <8 x float> %772, ptr %773, align 4
+  %774 = add nsw i64 %col88, 8
+  %775 = fcmp ogt <8 x float> %768, zeroinitializer
+  %776 = select <8 x i1> %775, <8 x float> %768, <8 x float> zeroinitializer
+  %777 = fmul <8 x float> %776, %764
+  %778 = getelementptr inbounds float, ptr %766, i64 %774
+  store <8 x float> %777, ptr %778, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %769 = add nsw i64 %r0, 0
-  %770 = getelementptr inbounds i32, ptr %rows, i64 %769
-  %771 = load i32, ptr %770, align 4
-  %772 = sext i32 %771 to i64
-  %773 = mul nsw i64 %772, 512
-  %774 = getelementptr inbounds float, ptr %x, i64 %773
-  store <8 x float> zeroinitializer, ptr %acc0089, align 4
-  store <8 x float> zeroinitializer, ptr %acc0190, align 4
+  %779 = add nsw i64 %r0, 0
+  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
+  %781 = load i32, ptr %780, align 4
+  %782 = sext i32 %781 to i64
+  %783 = mul nsw i64 %782, 512
+  %784 = getelementptr inbounds float, ptr %x, i64 %783
+  store <8 x float> zeroinitializer, ptr %acc00089, align 4
+  store <8 x float> zeroinitializer, ptr %acc00190, align 4
   %panel.off91 = mul nsw i64 %p, 8192
-  %775 = getelementptr inbounds float, ptr %panels, i64 %panel.off91
-  %776 = add nsw i64 %p, 1
-  %777 = icmp slt i64 %776, %p1
-  %pf.on92 = and i1 %pf.on, %777
-  %778 = mul nsw i64 %rb, 32768
-  %779 = lshr i64 %778, %11
-  %780 = add nsw i64 32768, %779
-  %781 = getelementptr inbounds i8, ptr %775, i64 %780
-  %pf93 = select i1 %pf.on92, ptr %781, ptr %775
+  %785 = getelementptr inbounds float, ptr %panels, i64 %panel.off91
+  %786 = add nsw i64 %p, 1
+  %787 = icmp slt i64 %786, %p1
+  %pf.on92 = and i1 %pf.on, %787
+  %788 = mul nsw i64 %rb, 32768
+  %789 = lshr i64 %788, %11
+  %790 = add nsw i64 32768, %789
+  %791 = getelementptr inbounds i8, ptr %785, i64 %790
+  %pf93 = select i1 %pf.on92, ptr %791, ptr %785
   %pf.sh94 = select i1 %pf.on92, i64 %11, i64 0
   br label %k.head95
 
 k.head95:                                         ; preds = %pf.any.end100, %tile.mr1
-  %k98 = phi i64 [ 0, %tile.mr1 ], [ %801, %pf.any.end100 ]
-  %782 = icmp slt i64 %k98, 512
-  br i1 %782, label %k.body96, label %k.end97
+  %k98 = phi i64 [ 0, %tile.mr1 ], [ %813, %pf.any.end100 ]
+  %792 = icmp slt i64 %k98, 512
+  br i1 %792, label %k.body96, label %k.end97
 
 k.body96:                                         ; preds = %k.head95
-  %783 = mul nsw i64 %k98, 16
-  %784 = add nsw i64 %panel.off91, %783
-  %785 = mul nsw i64 %k98, 64
+  %793 = mul nsw i64 %k98, 1
+  %794 = add nsw i64 %793, 0
+  %795 = mul nsw i64 %794, 64
   br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
 
 pf.any.then99:                                    ; preds = %k.body96
-  %786 = lshr i64 %785, %pf.sh94
-  %787 = getelementptr inbounds i8, ptr %pf93, i64 %786
-  call void @llvm.prefetch.p0(ptr %787, i32 0, i32 2, i32 1)
+  %796 = lshr i64 %795, %pf.sh94
+  %797 = getelementptr inbounds i8, ptr %pf93, i64 %796
+  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
   br label %pf.any.end100
 
 pf.any.end100:                                    ; preds = %pf.any.then99, %k.body96
-  %788 = getelementptr inbounds float, ptr %panels, i64 %784
-  %789 = load <8 x float>, ptr %788, align 4
-  %790 = add nsw i64 %784, 8
-  %791 = getelementptr inbounds float, ptr %panels, i64 %790
-  %792 = load <8 x float>, ptr %791, align 4
-  %793 = getelementptr inbounds float, ptr %774, i64 %k98
-  %794 = load float, ptr %793, align 4
-  %795 = insertelement <8 x float> poison, float %794, i32 0
-  %796 = shufflevector <8 x float> %795, <8 x float> poison, <8 x i32> zeroinitializer
-  %797 = load <8 x float>, ptr %acc0089, align 4
-  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %789, <8 x float> %797)
-  store <8 x float> %798, ptr %acc0089, align 4
-  %799 = load <8 x float>, ptr %acc0190, align 4
-  %800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %796, <8 x float> %792, <8 x float> %799)
-  store <8 x float> %800, ptr %acc0190, align 4
-  %801 = add nsw i64 %k98, 1
+  %798 = mul nsw i64 %794, 16
+  %799 = add nsw i64 %panel.off91, %798
+  %800 = getelementptr inbounds float, ptr %panels, i64 %799
+  %801 = load <8 x float>, ptr %800, align 4
+  %802 = add nsw i64 %799, 8
+  %803 = getelementptr inbounds float, ptr %panels, i64 %802
+  %804 = load <8 x float>, ptr %803, align 4
+  %805 = getelementptr inbounds float, ptr %784, i64 %794
+  %806 = load float, ptr %805, align 4
+  %807 = insertelement <8 x float> poison, float %806, i32 0
+  %808 = shufflevector <8 x float> %807, <8 x float> poison, <8 x i32> zeroinitializer
+  %809 = load <8 x float>, ptr %acc00089, align 4
+  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %801, <8 x float> %809)
+  store <8 x float> %810, ptr %acc00089, align 4
+  %811 = load <8 x float>, ptr %acc00190, align 4
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %804, <8 x float> %811)
+  store <8 x float> %812, ptr %acc00190, align 4
+  %813 = add nsw i64 %k98, 1
   br label %k.head95
 
 k.end97:                                          ; preds = %k.head95
-  %802 = add nsw i64 %r0, 0
-  %803 = getelementptr inbounds float, ptr %rw, i64 %802
-  %804 = load float, ptr %803, align 4
-  %805 = insertelement <8 x float> poison, float %804, i32 0
-  %806 = shufflevector <8 x float> %805, <8 x float> poison, <8 x i32> zeroinitializer
-  %807 = mul nsw i64 %802, 1024
-  %808 = getelementptr inbounds float, ptr %h, i64 %807
+  %814 = add nsw i64 %r0, 0
+  %815 = getelementptr inbounds float, ptr %rw, i64 %814
+  %816 = load float, ptr %815, align 4
+  %817 = insertelement <8 x float> poison, float %816, i32 0
+  %818 = shufflevector <8 x float> %817, <8 x float> poison, <8 x i32> zeroinitializer
+  %819 = mul nsw i64 %814, 1024
+  %820 = getelementptr inbounds float, ptr %h, i64 %819
   %col101 = mul nsw i64 %p, 16
-  %809 = load <8 x float>, ptr %acc0089, align 4
-  %810 = load <8 x float>, ptr %acc0190, align 4
-  %811 = add nsw i64 %col101, 0
-  %812 = fcmp ogt <8 x float> %809, zeroinitializer
-  %813 = select <8 x i1> %812, <8 x float> %809, <8 x float> zeroinitializer
-  %814 = fmul <8 x float> %813, %806
-  %815 = getelementptr inbounds float, ptr %808, i64 %811
-  store <8 x float> %814, ptr %815, align 4
-  %816 = add nsw i64 %col101, 8
-  %817 = fcmp ogt <8 x float> %810, zeroinitializer
-  %818 = select <8 x i1> %817, <8 x float> %810, <8 x float> zeroinitializer
-  %819 = fmul <8 x float> %818, %806
-  %820 = getelementptr inbounds float, ptr %808, i64 %816
-  store <8 x float> %819, ptr %820, align 4
+  %821 = load <8 x float>, ptr %acc00089, align 4
+  %822 = load <8 x float>, ptr %acc00190, align 4
+  %823 = add nsw i64 %col101, 0
+  %824 = fcmp ogt <8 x float> %821, zeroinitializer
+  %825 = select <8 x i1> %824, <8 x float> %821, <8 x float> zeroinitializer
+  %826 = fmul <8 x float> %825, %818
+  %827 = getelementptr inbounds float, ptr %820, i64 %823
+  store <8 x float> %826, ptr %827, align 4
+  %828 = add nsw i64 %col101, 8
+  %829 = fcmp ogt <8 x float> %822, zeroinitializer
+  %830 = select <8 x i1> %829, <8 x float> %822, <8 x float> zeroinitializer
+  %831 = fmul <8 x float> %830, %818
+  %832 = getelementptr inbounds float, ptr %820, i64 %828
+  store <8 x float> %831, ptr %832, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end97, %k.end83, %k.end66, %k.end46, %k.end23, %k.end
-  %821 = add nsw i64 %rb, 1
+  %833 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %822 = add nsw i64 %p, 1
+  %834 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -3712,48 +3724,48 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc003 = alloca <8 x float>, align 32
-  %acc014 = alloca <8 x float>, align 32
-  %acc105 = alloca <8 x float>, align 32
-  %acc116 = alloca <8 x float>, align 32
-  %acc207 = alloca <8 x float>, align 32
-  %acc218 = alloca <8 x float>, align 32
-  %acc309 = alloca <8 x float>, align 32
-  %acc3110 = alloca <8 x float>, align 32
-  %acc4011 = alloca <8 x float>, align 32
-  %acc4112 = alloca <8 x float>, align 32
-  %acc0024 = alloca <8 x float>, align 32
-  %acc0125 = alloca <8 x float>, align 32
-  %acc1026 = alloca <8 x float>, align 32
-  %acc1127 = alloca <8 x float>, align 32
-  %acc2028 = alloca <8 x float>, align 32
-  %acc2129 = alloca <8 x float>, align 32
-  %acc3030 = alloca <8 x float>, align 32
-  %acc3131 = alloca <8 x float>, align 32
-  %acc0043 = alloca <8 x float>, align 32
-  %acc0144 = alloca <8 x float>, align 32
-  %acc1045 = alloca <8 x float>, align 32
-  %acc1146 = alloca <8 x float>, align 32
-  %acc2047 = alloca <8 x float>, align 32
-  %acc2148 = alloca <8 x float>, align 32
-  %acc0060 = alloca <8 x float>, align 32
-  %acc0161 = alloca <8 x float>, align 32
-  %acc1062 = alloca <8 x float>, align 32
-  %acc1163 = alloca <8 x float>, align 32
-  %acc0075 = alloca <8 x float>, align 32
-  %acc0176 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0003 = alloca <8 x float>, align 32
+  %acc0014 = alloca <8 x float>, align 32
+  %acc0105 = alloca <8 x float>, align 32
+  %acc0116 = alloca <8 x float>, align 32
+  %acc0207 = alloca <8 x float>, align 32
+  %acc0218 = alloca <8 x float>, align 32
+  %acc0309 = alloca <8 x float>, align 32
+  %acc03110 = alloca <8 x float>, align 32
+  %acc04011 = alloca <8 x float>, align 32
+  %acc04112 = alloca <8 x float>, align 32
+  %acc00024 = alloca <8 x float>, align 32
+  %acc00125 = alloca <8 x float>, align 32
+  %acc01026 = alloca <8 x float>, align 32
+  %acc01127 = alloca <8 x float>, align 32
+  %acc02028 = alloca <8 x float>, align 32
+  %acc02129 = alloca <8 x float>, align 32
+  %acc03030 = alloca <8 x float>, align 32
+  %acc03131 = alloca <8 x float>, align 32
+  %acc00043 = alloca <8 x float>, align 32
+  %acc00144 = alloca <8 x float>, align 32
+  %acc01045 = alloca <8 x float>, align 32
+  %acc01146 = alloca <8 x float>, align 32
+  %acc02047 = alloca <8 x float>, align 32
+  %acc02148 = alloca <8 x float>, align 32
+  %acc00060 = alloca <8 x float>, align 32
+  %acc00161 = alloca <8 x float>, align 32
+  %acc01062 = alloca <8 x float>, align 32
+  %acc01163 = alloca <8 x float>, align 32
+  %acc00075 = alloca <8 x float>, align 32
+  %acc00176 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -3762,7 +3774,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %592, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %604, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -3772,7 +3784,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %591, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %603, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -3813,10 +3825,10 @@ tile.mr6:                                         ; preds = %rb.body
   %22 = getelementptr inbounds float, ptr %y, i64 %21
   %23 = add nsw i64 %col, 0
   %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
   %25 = add nsw i64 %col, 8
   %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %27 = add nsw i64 %r0, 1
   %28 = mul nsw i64 %27, 1024
   %29 = getelementptr inbounds float, ptr %h, i64 %28
@@ -3827,10 +3839,10 @@ tile.mr6:                                         ; preds = %rb.body
   %34 = getelementptr inbounds float, ptr %y, i64 %33
   %35 = add nsw i64 %col, 0
   %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
   %37 = add nsw i64 %col, 8
   %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %39 = add nsw i64 %r0, 2
   %40 = mul nsw i64 %39, 1024
   %41 = getelementptr inbounds float, ptr %h, i64 %40
@@ -3841,10 +3853,10 @@ tile.mr6:                                         ; preds = %rb.body
   %46 = getelementptr inbounds float, ptr %y, i64 %45
   %47 = add nsw i64 %col, 0
   %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
   %49 = add nsw i64 %col, 8
   %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %51 = add nsw i64 %r0, 3
   %52 = mul nsw i64 %51, 1024
   %53 = getelementptr inbounds float, ptr %h, i64 %52
@@ -3855,10 +3867,10 @@ tile.mr6:                                         ; preds = %rb.body
   %58 = getelementptr inbounds float, ptr %y, i64 %57
   %59 = add nsw i64 %col, 0
   %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
   %61 = add nsw i64 %col, 8
   %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %63 = add nsw i64 %r0, 4
   %64 = mul nsw i64 %63, 1024
   %65 = getelementptr inbounds float, ptr %h, i64 %64
@@ -3869,10 +3881,10 @@ tile.mr6:                                         ; preds = %rb.body
   %70 = getelementptr inbounds float, ptr %y, i64 %69
   %71 = add nsw i64 %col, 0
   %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
   %73 = add nsw i64 %col, 8
   %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %75 = add nsw i64 %r0, 5
   %76 = mul nsw i64 %75, 1024
   %77 = getelementptr inbounds float, ptr %h, i64 %76
@@ -3883,10 +3895,10 @@ tile.mr6:                                         ; preds = %rb.body
   %82 = getelementptr inbounds float, ptr %y, i64 %81
   %83 = add nsw i64 %col, 0
   %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
   %85 = add nsw i64 %col, 8
   %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 16384
   %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
   %88 = add nsw i64 %p, 1
@@ -3901,14 +3913,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %153, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %155, %pf.any.end ]
   %94 = icmp slt i64 %k, 1024
   br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 16
-  %96 = add nsw i64 %panel.off, %95
-  %97 = mul nsw i64 %k, 64
+  %95 = mul nsw i64 %k, 1
+  %96 = add nsw i64 %95, 0
+  %97 = mul nsw i64 %96, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -3918,747 +3930,759 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = getelementptr inbounds float, ptr %panels, i64 %96
-  %101 = load <8 x float>, ptr %100, align 4
-  %102 = add nsw i64 %96, 8
-  %103 = getelementptr inbounds float, ptr %panels, i64 %102
-  %104 = load <8 x float>, ptr %103, align 4
-  %105 = getelementptr inbounds float, ptr %17, i64 %k
-  %106 = load float, ptr %105, align 4
-  %107 = insertelement <8 x float> poison, float %106, i32 0
-  %108 = shufflevector <8 x float> %107, <8 x float> poison, <8 x i32> zeroinitializer
-  %109 = load <8 x float>, ptr %acc00, align 4
-  %110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %101, <8 x float> %109)
-  store <8 x float> %110, ptr %acc00, align 4
-  %111 = load <8 x float>, ptr %acc01, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %108, <8 x float> %104, <8 x float> %111)
-  store <8 x float> %112, ptr %acc01, align 4
-  %113 = getelementptr inbounds float, ptr %29, i64 %k
-  %114 = load float, ptr %113, align 4
-  %115 = insertelement <8 x float> poison, float %114, i32 0
-  %116 = shufflevector <8 x float> %115, <8 x float> poison, <8 x i32> zeroinitializer
-  %117 = load <8 x float>, ptr %acc10, align 4
-  %118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %101, <8 x float> %117)
-  store <8 x float> %118, ptr %acc10, align 4
-  %119 = load <8 x float>, ptr %acc11, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %116, <8 x float> %104, <8 x float> %119)
-  store <8 x float> %120, ptr %acc11, align 4
-  %121 = getelementptr inbounds float, ptr %41, i64 %k
-  %122 = load float, ptr %121, align 4
-  %123 = insertelement <8 x float> poison, float %122, i32 0
-  %124 = shufflevector <8 x float> %123, <8 x float> poison, <8 x i32> zeroinitializer
-  %125 = load <8 x float>, ptr %acc20, align 4
-  %126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %101, <8 x float> %125)
-  store <8 x float> %126, ptr %acc20, align 4
-  %127 = load <8 x float>, ptr %acc21, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %124, <8 x float> %104, <8 x float> %127)
-  store <8 x float> %128, ptr %acc21, align 4
-  %129 = getelementptr inbounds float, ptr %53, i64 %k
-  %130 = load float, ptr %129, align 4
-  %131 = insertelement <8 x float> poison, float %130, i32 0
-  %132 = shufflevector <8 x float> %131, <8 x float> poison, <8 x i32> zeroinitializer
-  %133 = load <8 x float>, ptr %acc30, align 4
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %101, <8 x float> %133)
-  store <8 x float> %134, ptr %acc30, align 4
-  %135 = load <8 x float>, ptr %acc31, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> %104, <8 x float> %135)
-  store <8 x float> %136, ptr %acc31, align 4
-  %137 = getelementptr inbounds float, ptr %65, i64 %k
-  %138 = load float, ptr %137, align 4
-  %139 = insertelement <8 x float> poison, float %138, i32 0
-  %140 = shufflevector <8 x float> %139, <8 x float> poison, <8 x i32> zeroinitializer
-  %141 = load <8 x float>, ptr %acc40, align 4
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %101, <8 x float> %141)
-  store <8 x float> %142, ptr %acc40, align 4
-  %143 = load <8 x float>, ptr %acc41, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %104, <8 x float> %143)
-  store <8 x float> %144, ptr %acc41, align 4
-  %145 = getelementptr inbounds float, ptr %77, i64 %k
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %acc50, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %101, <8 x float> %149)
-  store <8 x float> %150, ptr %acc50, align 4
-  %151 = load <8 x float>, ptr %acc51, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %104, <8 x float> %151)
-  store <8 x float> %152, ptr %acc51, align 4
-  %153 = add nsw i64 %k, 1
+  %100 = mul nsw i64 %96, 16
+  %101 = add nsw i64 %panel.off, %100
+  %102 = getelementptr inbounds float, ptr %panels, i64 %101
+  %103 = load <8 x float>, ptr %102, align 4
+  %104 = add nsw i64 %101, 8
+  %105 = getelementptr inbounds float, ptr %panels, i64 %104
+  %106 = load <8 x float>, ptr %105, align 4
+  %107 = getelementptr inbounds float, ptr %17, i64 %96
+  %108 = load float, ptr %107, align 4
+  %109 = insertelement <8 x float> poison, float %108, i32 0
+  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
+  %111 = load <8 x float>, ptr %acc000, align 4
+  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %103, <8 x float> %111)
+  store <8 x float> %112, ptr %acc000, align 4
+  %113 = load <8 x float>, ptr %acc001, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %106, <8 x float> %113)
+  store <8 x float> %114, ptr %acc001, align 4
+  %115 = getelementptr inbounds float, ptr %29, i64 %96
+  %116 = load float, ptr %115, align 4
+  %117 = insertelement <8 x float> poison, float %116, i32 0
+  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
+  %119 = load <8 x float>, ptr %acc010, align 4
+  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %103, <8 x float> %119)
+  store <8 x float> %120, ptr %acc010, align 4
+  %121 = load <8 x float>, ptr %acc011, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %106, <8 x float> %121)
+  store <8 x float> %122, ptr %acc011, align 4
+  %123 = getelementptr inbounds float, ptr %41, i64 %96
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <8 x float> poison, float %124, i32 0
+  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
+  %127 = load <8 x float>, ptr %acc020, align 4
+  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %103, <8 x float> %127)
+  store <8 x float> %128, ptr %acc020, align 4
+  %129 = load <8 x float>, ptr %acc021, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %106, <8 x float> %129)
+  store <8 x float> %130, ptr %acc021, align 4
+  %131 = getelementptr inbounds float, ptr %53, i64 %96
+  %132 = load float, ptr %131, align 4
+  %133 = insertelement <8 x float> poison, float %132, i32 0
+  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
+  %135 = load <8 x float>, ptr %acc030, align 4
+  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %103, <8 x float> %135)
+  store <8 x float> %136, ptr %acc030, align 4
+  %137 = load <8 x float>, ptr %acc031, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %106, <8 x float> %137)
+  store <8 x float> %138, ptr %acc031, align 4
+  %139 = getelementptr inbounds float, ptr %65, i64 %96
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %acc040, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %103, <8 x float> %143)
+  store <8 x float> %144, ptr %acc040, align 4
+  %145 = load <8 x float>, ptr %acc041, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %106, <8 x float> %145)
+  store <8 x float> %146, ptr %acc041, align 4
+  %147 = getelementptr inbounds float, ptr %77, i64 %96
+  %148 = load float, ptr %147, align 4
+  %149 = insertelement <8 x float> poison, float %148, i32 0
+  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
+  %151 = load <8 x float>, ptr %acc050, align 4
+  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %103, <8 x float> %151)
+  store <8 x float> %152, ptr %acc050, align 4
+  %153 = load <8 x float>, ptr %acc051, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %106, <8 x float> %153)
+  store <8 x float> %154, ptr %acc051, align 4
+  %155 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %154 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %154, ptr %24, align 4
-  %155 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %155, ptr %26, align 4
-  %156 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %156, ptr %36, align 4
-  %157 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %157, ptr %38, align 4
-  %158 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %158, ptr %48, align 4
-  %159 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %159, ptr %50, align 4
-  %160 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %160, ptr %60, align 4
-  %161 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %161, ptr %62, align 4
-  %162 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %162, ptr %72, align 4
-  %163 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %163, ptr %74, align 4
-  %164 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %164, ptr %84, align 4
-  %165 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %165, ptr %86, align 4
+  %156 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %156, ptr %24, align 4
+  %157 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %157, ptr %26, align 4
+  %158 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %158, ptr %36, align 4
+  %159 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %159, ptr %38, align 4
+  %160 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %160, ptr %48, align 4
+  %161 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %161, ptr %50, align 4
+  %162 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %162, ptr %60, align 4
+  %163 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %163, ptr %62, align 4
+  %164 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %164, ptr %72, align 4
+  %165 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %165, ptr %74, align 4
+  %166 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %166, ptr %84, align 4
+  %167 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %167, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %166 = add nsw i64 %r0, 0
-  %167 = mul nsw i64 %166, 1024
-  %168 = getelementptr inbounds float, ptr %h, i64 %167
-  %169 = getelementptr inbounds i32, ptr %rows, i64 %166
-  %170 = load i32, ptr %169, align 4
-  %171 = sext i32 %170 to i64
-  %172 = mul nsw i64 %171, 512
-  %173 = getelementptr inbounds float, ptr %y, i64 %172
-  %174 = add nsw i64 %col2, 0
-  %175 = getelementptr inbounds float, ptr %173, i64 %174
-  store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %176 = add nsw i64 %col2, 8
-  %177 = getelementptr inbounds float, ptr %173, i64 %176
-  store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %178 = add nsw i64 %r0, 1
-  %179 = mul nsw i64 %178, 1024
-  %180 = getelementptr inbounds float, ptr %h, i64 %179
-  %181 = getelementptr inbounds i32, ptr %rows, i64 %178
-  %182 = load i32, ptr %181, align 4
-  %183 = sext i32 %182 to i64
-  %184 = mul nsw i64 %183, 512
-  %185 = getelementptr inbounds float, ptr %y, i64 %184
-  %186 = add nsw i64 %col2, 0
-  %187 = getelementptr inbounds float, ptr %185, i64 %186
-  store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %188 = add nsw i64 %col2, 8
-  %189 = getelementptr inbounds float, ptr %185, i64 %188
-  store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %190 = add nsw i64 %r0, 2
-  %191 = mul nsw i64 %190, 1024
-  %192 = getelementptr inbounds float, ptr %h, i64 %191
-  %193 = getelementptr inbounds i32, ptr %rows, i64 %190
-  %194 = load i32, ptr %193, align 4
-  %195 = sext i32 %194 to i64
-  %196 = mul nsw i64 %195, 512
-  %197 = getelementptr inbounds float, ptr %y, i64 %196
-  %198 = add nsw i64 %col2, 0
-  %199 = getelementptr inbounds float, ptr %197, i64 %198
-  store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %200 = add nsw i64 %col2, 8
-  %201 = getelementptr inbounds float, ptr %197, i64 %200
-  store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %202 = add nsw i64 %r0, 3
-  %203 = mul nsw i64 %202, 1024
-  %204 = getelementptr inbounds float, ptr %h, i64 %203
-  %205 = getelementptr inbounds i32, ptr %rows, i64 %202
-  %206 = load i32, ptr %205, align 4
-  %207 = sext i32 %206 to i64
-  %208 = mul nsw i64 %207, 512
-  %209 = getelementptr inbounds float, ptr %y, i64 %208
-  %210 = add nsw i64 %col2, 0
-  %211 = getelementptr inbounds float, ptr %209, i64 %210
-  store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %212 = add nsw i64 %col2, 8
-  %213 = getelementptr inbounds float, ptr %209, i64 %212
-  store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %214 = add nsw i64 %r0, 4
-  %215 = mul nsw i64 %214, 1024
-  %216 = getelementptr inbounds float, ptr %h, i64 %215
-  %217 = getelementptr inbounds i32, ptr %rows, i64 %214
-  %218 = load i32, ptr %217, align 4
-  %219 = sext i32 %218 to i64
-  %220 = mul nsw i64 %219, 512
-  %221 = getelementptr inbounds float, ptr %y, i64 %220
-  %222 = add nsw i64 %col2, 0
-  %223 = getelementptr inbounds float, ptr %221, i64 %222
-  store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %224 = add nsw i64 %col2, 8
-  %225 = getelementptr inbounds float, ptr %221, i64 %224
-  store <8 x float> zeroinitializer, ptr %acc4112, align 4
+  %168 = add nsw i64 %r0, 0
+  %169 = mul nsw i64 %168, 1024
+  %170 = getelementptr inbounds float, ptr %h, i64 %169
+  %171 = getelementptr inbounds i32, ptr %rows, i64 %168
+  %172 = load i32, ptr %171, align 4
+  %173 = sext i32 %172 to i64
+  %174 = mul nsw i64 %173, 512
+  %175 = getelementptr inbounds float, ptr %y, i64 %174
+  %176 = add nsw i64 %col2, 0
+  %177 = getelementptr inbounds float, ptr %175, i64 %176
+  store <8 x float> zeroinitializer, ptr %acc0003, align 4
+  %178 = add nsw i64 %col2, 8
+  %179 = getelementptr inbounds float, ptr %175, i64 %178
+  store <8 x float> zeroinitializer, ptr %acc0014, align 4
+  %180 = add nsw i64 %r0, 1
+  %181 = mul nsw i64 %180, 1024
+  %182 = getelementptr inbounds float, ptr %h, i64 %181
+  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
+  %184 = load i32, ptr %183, align 4
+  %185 = sext i32 %184 to i64
+  %186 = mul nsw i64 %185, 512
+  %187 = getelementptr inbounds float, ptr %y, i64 %186
+  %188 = add nsw i64 %col2, 0
+  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  store <8 x float> zeroinitializer, ptr %acc0105, align 4
+  %190 = add nsw i64 %col2, 8
+  %191 = getelementptr inbounds float, ptr %187, i64 %190
+  store <8 x float> zeroinitializer, ptr %acc0116, align 4
+  %192 = add nsw i64 %r0, 2
+  %193 = mul nsw i64 %192, 1024
+  %194 = getelementptr inbounds float, ptr %h, i64 %193
+  %195 = getelementptr inbounds i32, ptr %rows, i64 %192
+  %196 = load i32, ptr %195, align 4
+  %197 = sext i32 %196 to i64
+  %198 = mul nsw i64 %197, 512
+  %199 = getelementptr inbounds float, ptr %y, i64 %198
+  %200 = add nsw i64 %col2, 0
+  %201 = getelementptr inbounds float, ptr %199, i64 %200
+  store <8 x float> zeroinitializer, ptr %acc0207, align 4
+  %202 = add nsw i64 %col2, 8
+  %203 = getelementptr inbounds float, ptr %199, i64 %202
+  store <8 x float> zeroinitializer, ptr %acc0218, align 4
+  %204 = add nsw i64 %r0, 3
+  %205 = mul nsw i64 %204, 1024
+  %206 = getelementptr inbounds float, ptr %h, i64 %205
+  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
+  %208 = load i32, ptr %207, align 4
+  %209 = sext i32 %208 to i64
+  %210 = mul nsw i64 %209, 512
+  %211 = getelementptr inbounds float, ptr %y, i64 %210
+  %212 = add nsw i64 %col2, 0
+  %213 = getelementptr inbounds float, ptr %211, i64 %212
+  store <8 x float> zeroinitializer, ptr %acc0309, align 4
+  %214 = add nsw i64 %col2, 8
+  %215 = getelementptr inbounds float, ptr %211, i64 %214
+  store <8 x float> zeroinitializer, ptr %acc03110, align 4
+  %216 = add nsw i64 %r0, 4
+  %217 = mul nsw i64 %216, 1024
+  %218 = getelementptr inbounds float, ptr %h, i64 %217
+  %219 = getelementptr inbounds i32, ptr %rows, i64 %216
+  %220 = load i32, ptr %219, align 4
+  %221 = sext i32 %220 to i64
+  %222 = mul nsw i64 %221, 512
+  %223 = getelementptr inbounds float, ptr %y, i64 %222
+  %224 = add nsw i64 %col2, 0
+  %225 = getelementptr inbounds float, ptr %223, i64 %224
+  store <8 x float> zeroinitializer, ptr %acc04011, align 4
+  %226 = add nsw i64 %col2, 8
+  %227 = getelementptr inbounds float, ptr %223, i64 %226
+  store <8 x float> zeroinitializer, ptr %acc04112, align 4
   %panel.off13 = mul nsw i64 %p, 16384
-  %226 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %227 = add nsw i64 %p, 1
-  %228 = icmp slt i64 %227, %p1
-  %pf.on14 = and i1 %pf.on, %228
-  %229 = mul nsw i64 %rb, 65536
-  %230 = lshr i64 %229, %12
-  %231 = add nsw i64 65536, %230
-  %232 = getelementptr inbounds i8, ptr %226, i64 %231
-  %pf15 = select i1 %pf.on14, ptr %232, ptr %226
+  %228 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %229 = add nsw i64 %p, 1
+  %230 = icmp slt i64 %229, %p1
+  %pf.on14 = and i1 %pf.on, %230
+  %231 = mul nsw i64 %rb, 65536
+  %232 = lshr i64 %231, %12
+  %233 = add nsw i64 65536, %232
+  %234 = getelementptr inbounds i8, ptr %228, i64 %233
+  %pf15 = select i1 %pf.on14, ptr %234, ptr %228
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %284, %pf.any.end22 ]
-  %233 = icmp slt i64 %k20, 1024
-  br i1 %233, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %pf.any.end22 ]
+  %235 = icmp slt i64 %k20, 1024
+  br i1 %235, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %234 = mul nsw i64 %k20, 16
-  %235 = add nsw i64 %panel.off13, %234
-  %236 = mul nsw i64 %k20, 64
+  %236 = mul nsw i64 %k20, 1
+  %237 = add nsw i64 %236, 0
+  %238 = mul nsw i64 %237, 64
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %237 = lshr i64 %236, %pf.sh16
-  %238 = getelementptr inbounds i8, ptr %pf15, i64 %237
-  call void @llvm.prefetch.p0(ptr %238, i32 0, i32 2, i32 1)
+  %239 = lshr i64 %238, %pf.sh16
+  %240 = getelementptr inbounds i8, ptr %pf15, i64 %239
+  call void @llvm.prefetch.p0(ptr %240, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %239 = getelementptr inbounds float, ptr %panels, i64 %235
-  %240 = load <8 x float>, ptr %239, align 4
-  %241 = add nsw i64 %235, 8
-  %242 = getelementptr inbounds float, ptr %panels, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  %244 = getelementptr inbounds float, ptr %168, i64 %k20
-  %245 = load float, ptr %244, align 4
-  %246 = insertelement <8 x float> poison, float %245, i32 0
-  %247 = shufflevector <8 x float> %246, <8 x float> poison, <8 x i32> zeroinitializer
-  %248 = load <8 x float>, ptr %acc003, align 4
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %240, <8 x float> %248)
-  store <8 x float> %249, ptr %acc003, align 4
-  %250 = load <8 x float>, ptr %acc014, align 4
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %243, <8 x float> %250)
-  store <8 x float> %251, ptr %acc014, align 4
-  %252 = getelementptr inbounds float, ptr %180, i64 %k20
-  %253 = load float, ptr %252, align 4
-  %254 = insertelement <8 x float> poison, float %253, i32 0
-  %255 = shufflevector <8 x float> %254, <8 x float> poison, <8 x i32> zeroinitializer
-  %256 = load <8 x float>, ptr %acc105, align 4
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %240, <8 x float> %256)
-  store <8 x float> %257, ptr %acc105, align 4
-  %258 = load <8 x float>, ptr %acc116, align 4
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %255, <8 x float> %243, <8 x float> %258)
-  store <8 x float> %259, ptr %acc116, align 4
-  %260 = getelementptr inbounds float, ptr %192, i64 %k20
-  %261 = load float, ptr %260, align 4
-  %262 = insertelement <8 x float> poison, float %261, i32 0
-  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
-  %264 = load <8 x float>, ptr %acc207, align 4
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %240, <8 x float> %264)
-  store <8 x float> %265, ptr %acc207, align 4
-  %266 = load <8 x float>, ptr %acc218, align 4
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %263, <8 x float> %243, <8 x float> %266)
-  store <8 x float> %267, ptr %acc218, align 4
-  %268 = getelementptr inbounds float, ptr %204, i64 %k20
-  %269 = load float, ptr %268, align 4
-  %270 = insertelement <8 x float> poison, float %269, i32 0
-  %271 = shufflevector <8 x float> %270, <8 x float> poison, <8 x i32> zeroinitializer
-  %272 = load <8 x float>, ptr %acc309, align 4
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %240, <8 x float> %272)
-  store <8 x float> %273, ptr %acc309, align 4
-  %274 = load <8 x float>, ptr %acc3110, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %243, <8 x float> %274)
-  store <8 x float> %275, ptr %acc3110, align 4
-  %276 = getelementptr inbounds float, ptr %216, i64 %k20
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <8 x float> poison, float %277, i32 0
-  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
-  %280 = load <8 x float>, ptr %acc4011, align 4
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %240, <8 x float> %280)
-  store <8 x float> %281, ptr %acc4011, align 4
-  %282 = load <8 x float>, ptr %acc4112, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %279, <8 x float> %243, <8 x float> %282)
-  store <8 x float> %283, ptr %acc4112, align 4
-  %284 = add nsw i64 %k20, 1
+  %241 = mul nsw i64 %237, 16
+  %242 = add nsw i64 %panel.off13, %241
+  %243 = getelementptr inbounds float, ptr %panels, i64 %242
+  %244 = load <8 x float>, ptr %243, align 4
+  %245 = add nsw i64 %242, 8
+  %246 = getelementptr inbounds float, ptr %panels, i64 %245
+  %247 = load <8 x float>, ptr %246, align 4
+  %248 = getelementptr inbounds float, ptr %170, i64 %237
+  %249 = load float, ptr %248, align 4
+  %250 = insertelement <8 x float> poison, float %249, i32 0
+  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
+  %252 = load <8 x float>, ptr %acc0003, align 4
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
+  store <8 x float> %253, ptr %acc0003, align 4
+  %254 = load <8 x float>, ptr %acc0014, align 4
+  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
+  store <8 x float> %255, ptr %acc0014, align 4
+  %256 = getelementptr inbounds float, ptr %182, i64 %237
+  %257 = load float, ptr %256, align 4
+  %258 = insertelement <8 x float> poison, float %257, i32 0
+  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
+  %260 = load <8 x float>, ptr %acc0105, align 4
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
+  store <8 x float> %261, ptr %acc0105, align 4
+  %262 = load <8 x float>, ptr %acc0116, align 4
+  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
+  store <8 x float> %263, ptr %acc0116, align 4
+  %264 = getelementptr inbounds float, ptr %194, i64 %237
+  %265 = load float, ptr %264, align 4
+  %266 = insertelement <8 x float> poison, float %265, i32 0
+  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
+  %268 = load <8 x float>, ptr %acc0207, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
+  store <8 x float> %269, ptr %acc0207, align 4
+  %270 = load <8 x float>, ptr %acc0218, align 4
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
+  store <8 x float> %271, ptr %acc0218, align 4
+  %272 = getelementptr inbounds float, ptr %206, i64 %237
+  %273 = load float, ptr %272, align 4
+  %274 = insertelement <8 x float> poison, float %273, i32 0
+  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
+  %276 = load <8 x float>, ptr %acc0309, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
+  store <8 x float> %277, ptr %acc0309, align 4
+  %278 = load <8 x float>, ptr %acc03110, align 4
+  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
+  store <8 x float> %279, ptr %acc03110, align 4
+  %280 = getelementptr inbounds float, ptr %218, i64 %237
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <8 x float> poison, float %281, i32 0
+  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
+  %284 = load <8 x float>, ptr %acc04011, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
+  store <8 x float> %285, ptr %acc04011, align 4
+  %286 = load <8 x float>, ptr %acc04112, align 4
+  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
+  store <8 x float> %287, ptr %acc04112, align 4
+  %288 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %285 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %285, ptr %175, align 4
-  %286 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %286, ptr %177, align 4
-  %287 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %287, ptr %187, align 4
-  %288 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %288, ptr %189, align 4
-  %289 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %289, ptr %199, align 4
-  %290 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %290, ptr %201, align 4
-  %291 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %291, ptr %211, align 4
-  %292 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %292, ptr %213, align 4
-  %293 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %293, ptr %223, align 4
-  %294 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %294, ptr %225, align 4
+  %289 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %289, ptr %177, align 4
+  %290 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %290, ptr %179, align 4
+  %291 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %291, ptr %189, align 4
+  %292 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %292, ptr %191, align 4
+  %293 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %293, ptr %201, align 4
+  %294 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %294, ptr %203, align 4
+  %295 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %295, ptr %213, align 4
+  %296 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %296, ptr %215, align 4
+  %297 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %297, ptr %225, align 4
+  %298 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %298, ptr %227, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col23 = mul nsw i64 %p, 16
-  %295 = add nsw i64 %r0, 0
-  %296 = mul nsw i64 %295, 1024
-  %297 = getelementptr inbounds float, ptr %h, i64 %296
-  %298 = getelementptr inbounds i32, ptr %rows, i64 %295
-  %299 = load i32, ptr %298, align 4
-  %300 = sext i32 %299 to i64
-  %301 = mul nsw i64 %300, 512
-  %302 = getelementptr inbounds float, ptr %y, i64 %301
-  %303 = add nsw i64 %col23, 0
-  %304 = getelementptr inbounds float, ptr %302, i64 %303
-  store <8 x float> zeroinitializer, ptr %acc0024, align 4
-  %305 = add nsw i64 %col23, 8
-  %306 = getelementptr inbounds float, ptr %302, i64 %305
-  store <8 x float> zeroinitializer, ptr %acc0125, align 4
-  %307 = add nsw i64 %r0, 1
-  %308 = mul nsw i64 %307, 1024
-  %309 = getelementptr inbounds float, ptr %h, i64 %308
-  %310 = getelementptr inbounds i32, ptr %rows, i64 %307
-  %311 = load i32, ptr %310, align 4
-  %312 = sext i32 %311 to i64
-  %313 = mul nsw i64 %312, 512
-  %314 = getelementptr inbounds float, ptr %y, i64 %313
-  %315 = add nsw i64 %col23, 0
-  %316 = getelementptr inbounds float, ptr %314, i64 %315
-  store <8 x float> zeroinitializer, ptr %acc1026, align 4
-  %317 = add nsw i64 %col23, 8
-  %318 = getelementptr inbounds float, ptr %314, i64 %317
-  store <8 x float> zeroinitializer, ptr %acc1127, align 4
-  %319 = add nsw i64 %r0, 2
-  %320 = mul nsw i64 %319, 1024
-  %321 = getelementptr inbounds float, ptr %h, i64 %320
-  %322 = getelementptr inbounds i32, ptr %rows, i64 %319
-  %323 = load i32, ptr %322, align 4
-  %324 = sext i32 %323 to i64
-  %325 = mul nsw i64 %324, 512
-  %326 = getelementptr inbounds float, ptr %y, i64 %325
-  %327 = add nsw i64 %col23, 0
-  %328 = getelementptr inbounds float, ptr %326, i64 %327
-  store <8 x float> zeroinitializer, ptr %acc2028, align 4
-  %329 = add nsw i64 %col23, 8
-  %330 = getelementptr inbounds float, ptr %326, i64 %329
-  store <8 x float> zeroinitializer, ptr %acc2129, align 4
-  %331 = add nsw i64 %r0, 3
-  %332 = mul nsw i64 %331, 1024
-  %333 = getelementptr inbounds float, ptr %h, i64 %332
-  %334 = getelementptr inbounds i32, ptr %rows, i64 %331
-  %335 = load i32, ptr %334, align 4
-  %336 = sext i32 %335 to i64
-  %337 = mul nsw i64 %336, 512
-  %338 = getelementptr inbounds float, ptr %y, i64 %337
-  %339 = add nsw i64 %col23, 0
-  %340 = getelementptr inbounds float, ptr %338, i64 %339
-  store <8 x float> zeroinitializer, ptr %acc3030, align 4
-  %341 = add nsw i64 %col23, 8
-  %342 = getelementptr inbounds float, ptr %338, i64 %341
-  store <8 x float> zeroinitializer, ptr %acc3131, align 4
+  %299 = add nsw i64 %r0, 0
+  %300 = mul nsw i64 %299, 1024
+  %301 = getelementptr inbounds float, ptr %h, i64 %300
+  %302 = getelementptr inbounds i32, ptr %rows, i64 %299
+  %303 = load i32, ptr %302, align 4
+  %304 = sext i32 %303 to i64
+  %305 = mul nsw i64 %304, 512
+  %306 = getelementptr inbounds float, ptr %y, i64 %305
+  %307 = add nsw i64 %col23, 0
+  %308 = getelementptr inbounds float, ptr %306, i64 %307
+  store <8 x float> zeroinitializer, ptr %acc00024, align 4
+  %309 = add nsw i64 %col23, 8
+  %310 = getelementptr inbounds float, ptr %306, i64 %309
+  store <8 x float> zeroinitializer, ptr %acc00125, align 4
+  %311 = add nsw i64 %r0, 1
+  %312 = mul nsw i64 %311, 1024
+  %313 = getelementptr inbounds float, ptr %h, i64 %312
+  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
+  %315 = load i32, ptr %314, align 4
+  %316 = sext i32 %315 to i64
+  %317 = mul nsw i64 %316, 512
+  %318 = getelementptr inbounds float, ptr %y, i64 %317
+  %319 = add nsw i64 %col23, 0
+  %320 = getelementptr inbounds float, ptr %318, i64 %319
+  store <8 x float> zeroinitializer, ptr %acc01026, align 4
+  %321 = add nsw i64 %col23, 8
+  %322 = getelementptr inbounds float, ptr %318, i64 %321
+  store <8 x float> zeroinitializer, ptr %acc01127, align 4
+  %323 = add nsw i64 %r0, 2
+  %324 = mul nsw i64 %323, 1024
+  %325 = getelementptr inbounds float, ptr %h, i64 %324
+  %326 = getelementptr inbounds i32, ptr %rows, i64 %323
+  %327 = load i32, ptr %326, align 4
+  %328 = sext i32 %327 to i64
+  %329 = mul nsw i64 %328, 512
+  %330 = getelementptr inbounds float, ptr %y, i64 %329
+  %331 = add nsw i64 %col23, 0
+  %332 = getelementptr inbounds float, ptr %330, i64 %331
+  store <8 x float> zeroinitializer, ptr %acc02028, align 4
+  %333 = add nsw i64 %col23, 8
+  %334 = getelementptr inbounds float, ptr %330, i64 %333
+  store <8 x float> zeroinitializer, ptr %acc02129, align 4
+  %335 = add nsw i64 %r0, 3
+  %336 = mul nsw i64 %335, 1024
+  %337 = getelementptr inbounds float, ptr %h, i64 %336
+  %338 = getelementptr inbounds i32, ptr %rows, i64 %335
+  %339 = load i32, ptr %338, align 4
+  %340 = sext i32 %339 to i64
+  %341 = mul nsw i64 %340, 512
+  %342 = getelementptr inbounds float, ptr %y, i64 %341
+  %343 = add nsw i64 %col23, 0
+  %344 = getelementptr inbounds float, ptr %342, i64 %343
+  store <8 x float> zeroinitializer, ptr %acc03030, align 4
+  %345 = add nsw i64 %col23, 8
+  %346 = getelementptr inbounds float, ptr %342, i64 %345
+  store <8 x float> zeroinitializer, ptr %acc03131, align 4
   %panel.off32 = mul nsw i64 %p, 16384
-  %343 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %344 = add nsw i64 %p, 1
-  %345 = icmp slt i64 %344, %p1
-  %pf.on33 = and i1 %pf.on, %345
-  %346 = mul nsw i64 %rb, 65536
-  %347 = lshr i64 %346, %12
-  %348 = add nsw i64 65536, %347
-  %349 = getelementptr inbounds i8, ptr %343, i64 %348
-  %pf34 = select i1 %pf.on33, ptr %349, ptr %343
+  %347 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
+  %348 = add nsw i64 %p, 1
+  %349 = icmp slt i64 %348, %p1
+  %pf.on33 = and i1 %pf.on, %349
+  %350 = mul nsw i64 %rb, 65536
+  %351 = lshr i64 %350, %12
+  %352 = add nsw i64 65536, %351
+  %353 = getelementptr inbounds i8, ptr %347, i64 %352
+  %pf34 = select i1 %pf.on33, ptr %353, ptr %347
   %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %393, %pf.any.end41 ]
-  %350 = icmp slt i64 %k39, 1024
-  br i1 %350, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %399, %pf.any.end41 ]
+  %354 = icmp slt i64 %k39, 1024
+  br i1 %354, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %351 = mul nsw i64 %k39, 16
-  %352 = add nsw i64 %panel.off32, %351
-  %353 = mul nsw i64 %k39, 64
+  %355 = mul nsw i64 %k39, 1
+  %356 = add nsw i64 %355, 0
+  %357 = mul nsw i64 %356, 64
   br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
 
 pf.any.then40:                                    ; preds = %k.body37
-  %354 = lshr i64 %353, %pf.sh35
-  %355 = getelementptr inbounds i8, ptr %pf34, i64 %354
-  call void @llvm.prefetch.p0(ptr %355, i32 0, i32 2, i32 1)
+  %358 = lshr i64 %357, %pf.sh35
+  %359 = getelementptr inbounds i8, ptr %pf34, i64 %358
+  call void @llvm.prefetch.p0(ptr %359, i32 0, i32 2, i32 1)
   br label %pf.any.end41
 
 pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %356 = getelementptr inbounds float, ptr %panels, i64 %352
-  %357 = load <8 x float>, ptr %356, align 4
-  %358 = add nsw i64 %352, 8
-  %359 = getelementptr inbounds float, ptr %panels, i64 %358
-  %360 = load <8 x float>, ptr %359, align 4
-  %361 = getelementptr inbounds float, ptr %297, i64 %k39
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = load <8 x float>, ptr %acc0024, align 4
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
-  store <8 x float> %366, ptr %acc0024, align 4
-  %367 = load <8 x float>, ptr %acc0125, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
-  store <8 x float> %368, ptr %acc0125, align 4
-  %369 = getelementptr inbounds float, ptr %309, i64 %k39
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = load <8 x float>, ptr %acc1026, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
-  store <8 x float> %374, ptr %acc1026, align 4
-  %375 = load <8 x float>, ptr %acc1127, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
-  store <8 x float> %376, ptr %acc1127, align 4
-  %377 = getelementptr inbounds float, ptr %321, i64 %k39
-  %378 = load float, ptr %377, align 4
-  %379 = insertelement <8 x float> poison, float %378, i32 0
-  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
-  %381 = load <8 x float>, ptr %acc2028, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
-  store <8 x float> %382, ptr %acc2028, align 4
-  %383 = load <8 x float>, ptr %acc2129, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
-  store <8 x float> %384, ptr %acc2129, align 4
-  %385 = getelementptr inbounds float, ptr %333, i64 %k39
-  %386 = load float, ptr %385, align 4
-  %387 = insertelement <8 x float> poison, float %386, i32 0
-  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
-  %389 = load <8 x float>, ptr %acc3030, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
-  store <8 x float> %390, ptr %acc3030, align 4
-  %391 = load <8 x float>, ptr %acc3131, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
-  store <8 x float> %392, ptr %acc3131, align 4
-  %393 = add nsw i64 %k39, 1
+  %360 = mul nsw i64 %356, 16
+  %361 = add nsw i64 %panel.off32, %360
+  %362 = getelementptr inbounds float, ptr %panels, i64 %361
+  %363 = load <8 x float>, ptr %362, align 4
+  %364 = add nsw i64 %361, 8
+  %365 = getelementptr inbounds float, ptr %panels, i64 %364
+  %366 = load <8 x float>, ptr %365, align 4
+  %367 = getelementptr inbounds float, ptr %301, i64 %356
+  %368 = load float, ptr %367, align 4
+  %369 = insertelement <8 x float> poison, float %368, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = load <8 x float>, ptr %acc00024, align 4
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %363, <8 x float> %371)
+  store <8 x float> %372, ptr %acc00024, align 4
+  %373 = load <8 x float>, ptr %acc00125, align 4
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> %373)
+  store <8 x float> %374, ptr %acc00125, align 4
+  %375 = getelementptr inbounds float, ptr %313, i64 %356
+  %376 = load float, ptr %375, align 4
+  %377 = insertelement <8 x float> poison, float %376, i32 0
+  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
+  %379 = load <8 x float>, ptr %acc01026, align 4
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %363, <8 x float> %379)
+  store <8 x float> %380, ptr %acc01026, align 4
+  %381 = load <8 x float>, ptr %acc01127, align 4
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %366, <8 x float> %381)
+  store <8 x float> %382, ptr %acc01127, align 4
+  %383 = getelementptr inbounds float, ptr %325, i64 %356
+  %384 = load float, ptr %383, align 4
+  %385 = insertelement <8 x float> poison, float %384, i32 0
+  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
+  %387 = load <8 x float>, ptr %acc02028, align 4
+  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %363, <8 x float> %387)
+  store <8 x float> %388, ptr %acc02028, align 4
+  %389 = load <8 x float>, ptr %acc02129, align 4
+  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %366, <8 x float> %389)
+  store <8 x float> %390, ptr %acc02129, align 4
+  %391 = getelementptr inbounds float, ptr %337, i64 %356
+  %392 = load float, ptr %391, align 4
+  %393 = insertelement <8 x float> poison, float %392, i32 0
+  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
+  %395 = load <8 x float>, ptr %acc03030, align 4
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %363, <8 x float> %395)
+  store <8 x float> %396, ptr %acc03030, align 4
+  %397 = load <8 x float>, ptr %acc03131, align 4
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %366, <8 x float> %397)
+  store <8 x float> %398, ptr %acc03131, align 4
+  %399 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %394 = load <8 x float>, ptr %acc0024, align 4
-  store <8 x float> %394, ptr %304, align 4
-  %395 = load <8 x float>, ptr %acc0125, align 4
-  store <8 x float> %395, ptr %306, align 4
-  %396 = load <8 x float>, ptr %acc1026, align 4
-  store <8 x float> %396, ptr %316, align 4
-  %397 = load <8 x float>, ptr %acc1127, align 4
-  store <8 x float> %397, ptr %318, align 4
-  %398 = load <8 x float>, ptr %acc2028, align 4
-  store <8 x float> %398, ptr %328, align 4
-  %399 = load <8 x float>, ptr %acc2129, align 4
-  store <8 x float> %399, ptr %330, align 4
-  %400 = load <8 x float>, ptr %acc3030, align 4
-  store <8 x float> %400, ptr %340, align 4
-  %401 = load <8 x float>, ptr %acc3131, align 4
-  store <8 x float> %401, ptr %342, align 4
+  %400 = load <8 x float>, ptr %acc00024, align 4
+  store <8 x float> %400, ptr %308, align 4
+  %401 = load <8 x float>, ptr %acc00125, align 4
+  store <8 x float> %401, ptr %310, align 4
+  %402 = load <8 x float>, ptr %acc01026, align 4
+  store <8 x float> %402, ptr %320, align 4
+  %403 = load <8 x float>, ptr %acc01127, align 4
+  store <8 x float> %403, ptr %322, align 4
+  %404 = load <8 x float>, ptr %acc02028, align 4
+  store <8 x float> %404, ptr %332, align 4
+  %405 = load <8 x float>, ptr %acc02129, align 4
+  store <8 x float> %405, ptr %334, align 4
+  %406 = load <8 x float>, ptr %acc03030, align 4
+  store <8 x float> %406, ptr %344, align 4
+  %407 = load <8 x float>, ptr %acc03131, align 4
+  store <8 x float> %407, ptr %346, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col42 = mul nsw i64 %p, 16
-  %402 = add nsw i64 %r0, 0
-  %403 = mul nsw i64 %402, 1024
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %405 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %406 = load i32, ptr %405, align 4
-  %407 = sext i32 %406 to i64
-  %408 = mul nsw i64 %407, 512
-  %409 = getelementptr inbounds float, ptr %y, i64 %408
-  %410 = add nsw i64 %col42, 0
-  %411 = getelementptr inbounds float, ptr %409, i64 %410
-  store <8 x float> zeroinitializer, ptr %acc0043, align 4
-  %412 = add nsw i64 %col42, 8
-  %413 = getelementptr inbounds float, ptr %409, i64 %412
-  store <8 x float> zeroinitializer, ptr %acc0144, align 4
-  %414 = add nsw i64 %r0, 1
-  %415 = mul nsw i64 %414, 1024
-  %416 = getelementptr inbounds float, ptr %h, i64 %415
-  %417 = getelementptr inbounds i32, ptr %rows, i64 %414
-  %418 = load i32, ptr %417, align 4
-  %419 = sext i32 %418 to i64
-  %420 = mul nsw i64 %419, 512
-  %421 = getelementptr inbounds float, ptr %y, i64 %420
-  %422 = add nsw i64 %col42, 0
-  %423 = getelementptr inbounds float, ptr %421, i64 %422
-  store <8 x float> zeroinitializer, ptr %acc1045, align 4
-  %424 = add nsw i64 %col42, 8
-  %425 = getelementptr inbounds float, ptr %421, i64 %424
-  store <8 x float> zeroinitializer, ptr %acc1146, align 4
-  %426 = add nsw i64 %r0, 2
-  %427 = mul nsw i64 %426, 1024
-  %428 = getelementptr inbounds float, ptr %h, i64 %427
-  %429 = getelementptr inbounds i32, ptr %rows, i64 %426
-  %430 = load i32, ptr %429, align 4
-  %431 = sext i32 %430 to i64
-  %432 = mul nsw i64 %431, 512
-  %433 = getelementptr inbounds float, ptr %y, i64 %432
-  %434 = add nsw i64 %col42, 0
-  %435 = getelementptr inbounds float, ptr %433, i64 %434
-  store <8 x float> zeroinitializer, ptr %acc2047, align 4
-  %436 = add nsw i64 %col42, 8
-  %437 = getelementptr inbounds float, ptr %433, i64 %436
-  store <8 x float> zeroinitializer, ptr %acc2148, align 4
+  %408 = add nsw i64 %r0, 0
+  %409 = mul nsw i64 %408, 1024
+  %410 = getelementptr inbounds float, ptr %h, i64 %409
+  %411 = getelementptr inbounds i32, ptr %rows, i64 %408
+  %412 = load i32, ptr %411, align 4
+  %413 = sext i32 %412 to i64
+  %414 = mul nsw i64 %413, 512
+  %415 = getelementptr inbounds float, ptr %y, i64 %414
+  %416 = add nsw i64 %col42, 0
+  %417 = getelementptr inbounds float, ptr %415, i64 %416
+  store <8 x float> zeroinitializer, ptr %acc00043, align 4
+  %418 = add nsw i64 %col42, 8
+  %419 = getelementptr inbounds float, ptr %415, i64 %418
+  store <8 x float> zeroinitializer, ptr %acc00144, align 4
+  %420 = add nsw i64 %r0, 1
+  %421 = mul nsw i64 %420, 1024
+  %422 = getelementptr inbounds float, ptr %h, i64 %421
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %420
+  %424 = load i32, ptr %423, align 4
+  %425 = sext i32 %424 to i64
+  %426 = mul nsw i64 %425, 512
+  %427 = getelementptr inbounds float, ptr %y, i64 %426
+  %428 = add nsw i64 %col42, 0
+  %429 = getelementptr inbounds float, ptr %427, i64 %428
+  store <8 x float> zeroinitializer, ptr %acc01045, align 4
+  %430 = add nsw i64 %col42, 8
+  %431 = getelementptr inbounds float, ptr %427, i64 %430
+  store <8 x float> zeroinitializer, ptr %acc01146, align 4
+  %432 = add nsw i64 %r0, 2
+  %433 = mul nsw i64 %432, 1024
+  %434 = getelementptr inbounds float, ptr %h, i64 %433
+  %435 = getelementptr inbounds i32, ptr %rows, i64 %432
+  %436 = load i32, ptr %435, align 4
+  %437 = sext i32 %436 to i64
+  %438 = mul nsw i64 %437, 512
+  %439 = getelementptr inbounds float, ptr %y, i64 %438
+  %440 = add nsw i64 %col42, 0
+  %441 = getelementptr inbounds float, ptr %439, i64 %440
+  store <8 x float> zeroinitializer, ptr %acc02047, align 4
+  %442 = add nsw i64 %col42, 8
+  %443 = getelementptr inbounds float, ptr %439, i64 %442
+  store <8 x float> zeroinitializer, ptr %acc02148, align 4
   %panel.off49 = mul nsw i64 %p, 16384
-  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %439 = add nsw i64 %p, 1
-  %440 = icmp slt i64 %439, %p1
-  %pf.on50 = and i1 %pf.on, %440
-  %441 = mul nsw i64 %rb, 65536
-  %442 = lshr i64 %441, %12
-  %443 = add nsw i64 65536, %442
-  %444 = getelementptr inbounds i8, ptr %438, i64 %443
-  %pf51 = select i1 %pf.on50, ptr %444, ptr %438
+  %444 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
+  %445 = add nsw i64 %p, 1
+  %446 = icmp slt i64 %445, %p1
+  %pf.on50 = and i1 %pf.on, %446
+  %447 = mul nsw i64 %rb, 65536
+  %448 = lshr i64 %447, %12
+  %449 = add nsw i64 65536, %448
+  %450 = getelementptr inbounds i8, ptr %444, i64 %449
+  %pf51 = select i1 %pf.on50, ptr %450, ptr %444
   %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %480, %pf.any.end58 ]
-  %445 = icmp slt i64 %k56, 1024
-  br i1 %445, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %488, %pf.any.end58 ]
+  %451 = icmp slt i64 %k56, 1024
+  br i1 %451, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %446 = mul nsw i64 %k56, 16
-  %447 = add nsw i64 %panel.off49, %446
-  %448 = mul nsw i64 %k56, 64
+  %452 = mul nsw i64 %k56, 1
+  %453 = add nsw i64 %452, 0
+  %454 = mul nsw i64 %453, 64
   br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
 pf.any.then57:                                    ; preds = %k.body54
-  %449 = lshr i64 %448, %pf.sh52
-  %450 = getelementptr inbounds i8, ptr %pf51, i64 %449
-  call void @llvm.prefetch.p0(ptr %450, i32 0, i32 2, i32 1)
+  %455 = lshr i64 %454, %pf.sh52
+  %456 = getelementptr inbounds i8, ptr %pf51, i64 %455
+  call void @llvm.prefetch.p0(ptr %456, i32 0, i32 2, i32 1)
   br label %pf.any.end58
 
 pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %451 = getelementptr inbounds float, ptr %panels, i64 %447
-  %452 = load <8 x float>, ptr %451, align 4
-  %453 = add nsw i64 %447, 8
-  %454 = getelementptr inbounds float, ptr %panels, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = getelementptr inbounds float, ptr %404, i64 %k56
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc0043, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0043, align 4
-  %462 = load <8 x float>, ptr %acc0144, align 4
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
-  store <8 x float> %463, ptr %acc0144, align 4
-  %464 = getelementptr inbounds float, ptr %416, i64 %k56
+  %457 = mul nsw i64 %453, 16
+  %458 = add nsw i64 %panel.off49, %457
+  %459 = getelementptr inbounds float, ptr %panels, i64 %458
+  %460 = load <8 x float>, ptr %459, align 4
+  %461 = add nsw i64 %458, 8
+  %462 = getelementptr inbounds float, ptr %panels, i64 %461
+  %463 = load <8 x float>, ptr %462, align 4
+  %464 = getelementptr inbounds float, ptr %410, i64 %453
   %465 = load float, ptr %464, align 4
   %466 = insertelement <8 x float> poison, float %465, i32 0
   %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc1045, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1045, align 4
-  %470 = load <8 x float>, ptr %acc1146, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
-  store <8 x float> %471, ptr %acc1146, align 4
-  %472 = getelementptr inbounds float, ptr %428, i64 %k56
+  %468 = load <8 x float>, ptr %acc00043, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %460, <8 x float> %468)
+  store <8 x float> %469, ptr %acc00043, align 4
+  %470 = load <8 x float>, ptr %acc00144, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> %470)
+  store <8 x float> %471, ptr %acc00144, align 4
+  %472 = getelementptr inbounds float, ptr %422, i64 %453
   %473 = load float, ptr %472, align 4
   %474 = insertelement <8 x float> poison, float %473, i32 0
   %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc2047, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
-  store <8 x float> %477, ptr %acc2047, align 4
-  %478 = load <8 x float>, ptr %acc2148, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
-  store <8 x float> %479, ptr %acc2148, align 4
-  %480 = add nsw i64 %k56, 1
+  %476 = load <8 x float>, ptr %acc01045, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %460, <8 x float> %476)
+  store <8 x float> %477, ptr %acc01045, align 4
+  %478 = load <8 x float>, ptr %acc01146, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %463, <8 x float> %478)
+  store <8 x float> %479, ptr %acc01146, align 4
+  %480 = getelementptr inbounds float, ptr %434, i64 %453
+  %481 = load float, ptr %480, align 4
+  %482 = insertelement <8 x float> poison, float %481, i32 0
+  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
+  %484 = load <8 x float>, ptr %acc02047, align 4
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %460, <8 x float> %484)
+  store <8 x float> %485, ptr %acc02047, align 4
+  %486 = load <8 x float>, ptr %acc02148, align 4
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %463, <8 x float> %486)
+  store <8 x float> %487, ptr %acc02148, align 4
+  %488 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %481 = load <8 x float>, ptr %acc0043, align 4
-  store <8 x float> %481, ptr %411, align 4
-  %482 = load <8 x float>, ptr %acc0144, align 4
-  store <8 x float> %482, ptr %413, align 4
-  %483 = load <8 x float>, ptr %acc1045, align 4
-  store <8 x float> %483, ptr %423, align 4
-  %484 = load <8 x float>, ptr %acc1146, align 4
-  store <8 x float> %484, ptr %425, align 4
-  %485 = load <8 x float>, ptr %acc2047, align 4
-  store <8 x float> %485, ptr %435, align 4
-  %486 = load <8 x float>, ptr %acc2148, align 4
-  store <8 x float> %486, ptr %437, align 4
+  %489 = load <8 x float>, ptr %acc00043, align 4
+  store <8 x float> %489, ptr %417, align 4
+  %490 = load <8 x float>, ptr %acc00144, align 4
+  store <8 x float> %490, ptr %419, align 4
+  %491 = load <8 x float>, ptr %acc01045, align 4
+  store <8 x float> %491, ptr %429, align 4
+  %492 = load <8 x float>, ptr %acc01146, align 4
+  store <8 x float> %492, ptr %431, align 4
+  %493 = load <8 x float>, ptr %acc02047, align 4
+  store <8 x float> %493, ptr %441, align 4
+  %494 = load <8 x float>, ptr %acc02148, align 4
+  store <8 x float> %494, ptr %443, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col59 = mul nsw i64 %p, 16
-  %487 = add nsw i64 %r0, 0
-  %488 = mul nsw i64 %487, 1024
-  %489 = getelementptr inbounds float, ptr %h, i64 %488
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %487
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 512
-  %494 = getelementptr inbounds float, ptr %y, i64 %493
-  %495 = add nsw i64 %col59, 0
-  %496 = getelementptr inbounds float, ptr %494, i64 %495
-  store <8 x float> zeroinitializer, ptr %acc0060, align 4
-  %497 = add nsw i64 %col59, 8
-  %498 = getelementptr inbounds float, ptr %494, i64 %497
-  store <8 x float> zeroinitializer, ptr %acc0161, align 4
-  %499 = add nsw i64 %r0, 1
-  %500 = mul nsw i64 %499, 1024
-  %501 = getelementptr inbounds float, ptr %h, i64 %500
-  %502 = getelementptr inbounds i32, ptr %rows, i64 %499
-  %503 = load i32, ptr %502, align 4
-  %504 = sext i32 %503 to i64
-  %505 = mul nsw i64 %504, 512
-  %506 = getelementptr inbounds float, ptr %y, i64 %505
-  %507 = add nsw i64 %col59, 0
-  %508 = getelementptr inbounds float, ptr %506, i64 %507
-  store <8 x float> zeroinitializer, ptr %acc1062, align 4
-  %509 = add nsw i64 %col59, 8
-  %510 = getelementptr inbounds float, ptr %506, i64 %509
-  store <8 x float> zeroinitializer, ptr %acc1163, align 4
+  %495 = add nsw i64 %r0, 0
+  %496 = mul nsw i64 %495, 1024
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 512
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col59, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  store <8 x float> zeroinitializer, ptr %acc00060, align 4
+  %505 = add nsw i64 %col59, 8
+  %506 = getelementptr inbounds float, ptr %502, i64 %505
+  store <8 x float> zeroinitializer, ptr %acc00161, align 4
+  %507 = add nsw i64 %r0, 1
+  %508 = mul nsw i64 %507, 1024
+  %509 = getelementptr inbounds float, ptr %h, i64 %508
+  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
+  %511 = load i32, ptr %510, align 4
+  %512 = sext i32 %511 to i64
+  %513 = mul nsw i64 %512, 512
+  %514 = getelementptr inbounds float, ptr %y, i64 %513
+  %515 = add nsw i64 %col59, 0
+  %516 = getelementptr inbounds float, ptr %514, i64 %515
+  store <8 x float> zeroinitializer, ptr %acc01062, align 4
+  %517 = add nsw i64 %col59, 8
+  %518 = getelementptr inbounds float, ptr %514, i64 %517
+  store <8 x float> zeroinitializer, ptr %acc01163, align 4
   %panel.off64 = mul nsw i64 %p, 16384
-  %511 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %512 = add nsw i64 %p, 1
-  %513 = icmp slt i64 %512, %p1
-  %pf.on65 = and i1 %pf.on, %513
-  %514 = mul nsw i64 %rb, 65536
-  %515 = lshr i64 %514, %12
-  %516 = add nsw i64 65536, %515
-  %517 = getelementptr inbounds i8, ptr %511, i64 %516
-  %pf66 = select i1 %pf.on65, ptr %517, ptr %511
+  %519 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %520 = add nsw i64 %p, 1
+  %521 = icmp slt i64 %520, %p1
+  %pf.on65 = and i1 %pf.on, %521
+  %522 = mul nsw i64 %rb, 65536
+  %523 = lshr i64 %522, %12
+  %524 = add nsw i64 65536, %523
+  %525 = getelementptr inbounds i8, ptr %519, i64 %524
+  %pf66 = select i1 %pf.on65, ptr %525, ptr %519
   %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %545, %pf.any.end73 ]
-  %518 = icmp slt i64 %k71, 1024
-  br i1 %518, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %555, %pf.any.end73 ]
+  %526 = icmp slt i64 %k71, 1024
+  br i1 %526, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %519 = mul nsw i64 %k71, 16
-  %520 = add nsw i64 %panel.off64, %519
-  %521 = mul nsw i64 %k71, 64
+  %527 = mul nsw i64 %k71, 1
+  %528 = add nsw i64 %527, 0
+  %529 = mul nsw i64 %528, 64
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %522 = lshr i64 %521, %pf.sh67
-  %523 = getelementptr inbounds i8, ptr %pf66, i64 %522
-  call void @llvm.prefetch.p0(ptr %523, i32 0, i32 2, i32 1)
+  %530 = lshr i64 %529, %pf.sh67
+  %531 = getelementptr inbounds i8, ptr %pf66, i64 %530
+  call void @llvm.prefetch.p0(ptr %531, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %524 = getelementptr inbounds float, ptr %panels, i64 %520
-  %525 = load <8 x float>, ptr %524, align 4
-  %526 = add nsw i64 %520, 8
-  %527 = getelementptr inbounds float, ptr %panels, i64 %526
-  %528 = load <8 x float>, ptr %527, align 4
-  %529 = getelementptr inbounds float, ptr %489, i64 %k71
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = load <8 x float>, ptr %acc0060, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %525, <8 x float> %533)
-  store <8 x float> %534, ptr %acc0060, align 4
-  %535 = load <8 x float>, ptr %acc0161, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> %535)
-  store <8 x float> %536, ptr %acc0161, align 4
-  %537 = getelementptr inbounds float, ptr %501, i64 %k71
-  %538 = load float, ptr %537, align 4
-  %539 = insertelement <8 x float> poison, float %538, i32 0
-  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
-  %541 = load <8 x float>, ptr %acc1062, align 4
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %525, <8 x float> %541)
-  store <8 x float> %542, ptr %acc1062, align 4
-  %543 = load <8 x float>, ptr %acc1163, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %528, <8 x float> %543)
-  store <8 x float> %544, ptr %acc1163, align 4
-  %545 = add nsw i64 %k71, 1
+  %532 = mul nsw i64 %528, 16
+  %533 = add nsw i64 %panel.off64, %532
+  %534 = getelementptr inbounds float, ptr %panels, i64 %533
+  %535 = load <8 x float>, ptr %534, align 4
+  %536 = add nsw i64 %533, 8
+  %537 = getelementptr inbounds float, ptr %panels, i64 %536
+  %538 = load <8 x float>, ptr %537, align 4
+  %539 = getelementptr inbounds float, ptr %497, i64 %528
+  %540 = load float, ptr %539, align 4
+  %541 = insertelement <8 x float> poison, float %540, i32 0
+  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
+  %543 = load <8 x float>, ptr %acc00060, align 4
+  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %535, <8 x float> %543)
+  store <8 x float> %544, ptr %acc00060, align 4
+  %545 = load <8 x float>, ptr %acc00161, align 4
+  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %538, <8 x float> %545)
+  store <8 x float> %546, ptr %acc00161, align 4
+  %547 = getelementptr inbounds float, ptr %509, i64 %528
+  %548 = load float, ptr %547, align 4
+  %549 = insertelement <8 x float> poison, float %548, i32 0
+  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
+  %551 = load <8 x float>, ptr %acc01062, align 4
+  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %535, <8 x float> %551)
+  store <8 x float> %552, ptr %acc01062, align 4
+  %553 = load <8 x float>, ptr %acc01163, align 4
+  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %538, <8 x float> %553)
+  store <8 x float> %554, ptr %acc01163, align 4
+  %555 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %546 = load <8 x float>, ptr %acc0060, align 4
-  store <8 x float> %546, ptr %496, align 4
-  %547 = load <8 x float>, ptr %acc0161, align 4
-  store <8 x float> %547, ptr %498, align 4
-  %548 = load <8 x float>, ptr %acc1062, align 4
-  store <8 x float> %548, ptr %508, align 4
-  %549 = load <8 x float>, ptr %acc1163, align 4
-  store <8 x float> %549, ptr %510, align 4
+  %556 = load <8 x float>, ptr %acc00060, align 4
+  store <8 x float> %556, ptr %504, align 4
+  %557 = load <8 x float>, ptr %acc00161, align 4
+  store <8 x float> %557, ptr %506, align 4
+  %558 = load <8 x float>, ptr %acc01062, align 4
+  store <8 x float> %558, ptr %516, align 4
+  %559 = load <8 x float>, ptr %acc01163, align 4
+  store <8 x float> %559, ptr %518, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col74 = mul nsw i64 %p, 16
-  %550 = add nsw i64 %r0, 0
-  %551 = mul nsw i64 %550, 1024
-  %552 = getelementptr inbounds float, ptr %h, i64 %551
-  %553 = getelementptr inbounds i32, ptr %rows, i64 %550
-  %554 = load i32, ptr %553, align 4
-  %555 = sext i32 %554 to i64
-  %556 = mul nsw i64 %555, 512
-  %557 = getelementptr inbounds float, ptr %y, i64 %556
-  %558 = add nsw i64 %col74, 0
-  %559 = getelementptr inbounds float, ptr %557, i64 %558
-  store <8 x float> zeroinitializer, ptr %acc0075, align 4
-  %560 = add nsw i64 %col74, 8
-  %561 = getelementptr inbounds float, ptr %557, i64 %560
-  store <8 x float> zeroinitializer, ptr %acc0176, align 4
+  %560 = add nsw i64 %r0, 0
+  %561 = mul nsw i64 %560, 1024
+  %562 = getelementptr inbounds float, ptr %h, i64 %561
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %560
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 512
+  %567 = getelementptr inbounds float, ptr %y, i64 %566
+  %568 = add nsw i64 %col74, 0
+  %569 = getelementptr inbounds float, ptr %567, i64 %568
+  store <8 x float> zeroinitializer, ptr %acc00075, align 4
+  %570 = add nsw i64 %col74, 8
+  %571 = getelementptr inbounds float, ptr %567, i64 %570
+  store <8 x float> zeroinitializer, ptr %acc00176, align 4
   %panel.off77 = mul nsw i64 %p, 16384
-  %562 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %563 = add nsw i64 %p, 1
-  %564 = icmp slt i64 %563, %p1
-  %pf.on78 = and i1 %pf.on, %564
-  %565 = mul nsw i64 %rb, 65536
-  %566 = lshr i64 %565, %12
-  %567 = add nsw i64 65536, %566
-  %568 = getelementptr inbounds i8, ptr %562, i64 %567
-  %pf79 = select i1 %pf.on78, ptr %568, ptr %562
+  %572 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %573 = add nsw i64 %p, 1
+  %574 = icmp slt i64 %573, %p1
+  %pf.on78 = and i1 %pf.on, %574
+  %575 = mul nsw i64 %rb, 65536
+  %576 = lshr i64 %575, %12
+  %577 = add nsw i64 65536, %576
+  %578 = getelementptr inbounds i8, ptr %572, i64 %577
+  %pf79 = select i1 %pf.on78, ptr %578, ptr %572
   %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %588, %pf.any.end86 ]
-  %569 = icmp slt i64 %k84, 1024
-  br i1 %569, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %600, %pf.any.end86 ]
+  %579 = icmp slt i64 %k84, 1024
+  br i1 %579, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %570 = mul nsw i64 %k84, 16
-  %571 = add nsw i64 %panel.off77, %570
-  %572 = mul nsw i64 %k84, 64
+  %580 = mul nsw i64 %k84, 1
+  %581 = add nsw i64 %580, 0
+  %582 = mul nsw i64 %581, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %573 = lshr i64 %572, %pf.sh80
-  %574 = getelementptr inbounds i8, ptr %pf79, i64 %573
-  call void @llvm.prefetch.p0(ptr %574, i32 0, i32 2, i32 1)
+  %583 = lshr i64 %582, %pf.sh80
+  %584 = getelementptr inbounds i8, ptr %pf79, i64 %583
+  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %575 = getelementptr inbounds float, ptr %panels, i64 %571
-  %576 = load <8 x float>, ptr %575, align 4
-  %577 = add nsw i64 %571, 8
-  %578 = getelementptr inbounds float, ptr %panels, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
-  %580 = getelementptr inbounds float, ptr %552, i64 %k84
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc0075, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %576, <8 x float> %584)
-  store <8 x float> %585, ptr %acc0075, align 4
-  %586 = load <8 x float>, ptr %acc0176, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %579, <8 x float> %586)
-  store <8 x float> %587, ptr %acc0176, align 4
-  %588 = add nsw i64 %k84, 1
+  %585 = mul nsw i64 %581, 16
+  %586 = add nsw i64 %panel.off77, %585
+  %587 = getelementptr inbounds float, ptr %panels, i64 %586
+  %588 = load <8 x float>, ptr %587, align 4
+  %589 = add nsw i64 %586, 8
+  %590 = getelementptr inbounds float, ptr %panels, i64 %589
+  %591 = load <8 x float>, ptr %590, align 4
+  %592 = getelementptr inbounds float, ptr %562, i64 %581
+  %593 = load float, ptr %592, align 4
+  %594 = insertelement <8 x float> poison, float %593, i32 0
+  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
+  %596 = load <8 x float>, ptr %acc00075, align 4
+  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %588, <8 x float> %596)
+  store <8 x float> %597, ptr %acc00075, align 4
+  %598 = load <8 x float>, ptr %acc00176, align 4
+  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> %598)
+  store <8 x float> %599, ptr %acc00176, align 4
+  %600 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %589 = load <8 x float>, ptr %acc0075, align 4
-  store <8 x float> %589, ptr %559, align 4
-  %590 = load <8 x float>, ptr %acc0176, align 4
-  store <8 x float> %590, ptr %561, align 4
+  %601 = load <8 x float>, ptr %acc00075, align 4
+  store <8 x float> %601, ptr %569, align 4
+  %602 = load <8 x float>, ptr %acc00176, align 4
+  store <8 x float> %602, ptr %571, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %591 = add nsw i64 %rb, 1
+  %603 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %592 = add nsw i64 %p, 1
+  %604 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

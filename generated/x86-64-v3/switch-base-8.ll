@@ -956,55 +956,55 @@ t.end:                                            ; preds = %t.head
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc007 = alloca <8 x float>, align 32
-  %acc018 = alloca <8 x float>, align 32
-  %acc109 = alloca <8 x float>, align 32
-  %acc1110 = alloca <8 x float>, align 32
-  %acc2011 = alloca <8 x float>, align 32
-  %acc2112 = alloca <8 x float>, align 32
-  %acc3013 = alloca <8 x float>, align 32
-  %acc3114 = alloca <8 x float>, align 32
-  %acc4015 = alloca <8 x float>, align 32
-  %acc4116 = alloca <8 x float>, align 32
-  %acc0034 = alloca <8 x float>, align 32
-  %acc0135 = alloca <8 x float>, align 32
-  %acc1036 = alloca <8 x float>, align 32
-  %acc1137 = alloca <8 x float>, align 32
-  %acc2038 = alloca <8 x float>, align 32
-  %acc2139 = alloca <8 x float>, align 32
-  %acc3040 = alloca <8 x float>, align 32
-  %acc3141 = alloca <8 x float>, align 32
-  %acc0058 = alloca <8 x float>, align 32
-  %acc0159 = alloca <8 x float>, align 32
-  %acc1060 = alloca <8 x float>, align 32
-  %acc1161 = alloca <8 x float>, align 32
-  %acc2062 = alloca <8 x float>, align 32
-  %acc2163 = alloca <8 x float>, align 32
-  %acc0079 = alloca <8 x float>, align 32
-  %acc0180 = alloca <8 x float>, align 32
-  %acc1081 = alloca <8 x float>, align 32
-  %acc1182 = alloca <8 x float>, align 32
-  %acc0097 = alloca <8 x float>, align 32
-  %acc0198 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0007 = alloca <8 x float>, align 32
+  %acc0018 = alloca <8 x float>, align 32
+  %acc0109 = alloca <8 x float>, align 32
+  %acc01110 = alloca <8 x float>, align 32
+  %acc02011 = alloca <8 x float>, align 32
+  %acc02112 = alloca <8 x float>, align 32
+  %acc03013 = alloca <8 x float>, align 32
+  %acc03114 = alloca <8 x float>, align 32
+  %acc04015 = alloca <8 x float>, align 32
+  %acc04116 = alloca <8 x float>, align 32
+  %acc00034 = alloca <8 x float>, align 32
+  %acc00135 = alloca <8 x float>, align 32
+  %acc01036 = alloca <8 x float>, align 32
+  %acc01137 = alloca <8 x float>, align 32
+  %acc02038 = alloca <8 x float>, align 32
+  %acc02139 = alloca <8 x float>, align 32
+  %acc03040 = alloca <8 x float>, align 32
+  %acc03141 = alloca <8 x float>, align 32
+  %acc00058 = alloca <8 x float>, align 32
+  %acc00159 = alloca <8 x float>, align 32
+  %acc01060 = alloca <8 x float>, align 32
+  %acc01161 = alloca <8 x float>, align 32
+  %acc02062 = alloca <8 x float>, align 32
+  %acc02163 = alloca <8 x float>, align 32
+  %acc00079 = alloca <8 x float>, align 32
+  %acc00180 = alloca <8 x float>, align 32
+  %acc01081 = alloca <8 x float>, align 32
+  %acc01182 = alloca <8 x float>, align 32
+  %acc00097 = alloca <8 x float>, align 32
+  %acc00198 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %816, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %828, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -1014,7 +1014,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %815, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %827, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -1050,48 +1050,48 @@ tile.mr6:                                         ; preds = %rb.body
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 768
   %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %20 = add nsw i64 %r0, 1
   %21 = getelementptr inbounds i32, ptr %rows, i64 %20
   %22 = load i32, ptr %21, align 4
   %23 = sext i32 %22 to i64
   %24 = mul nsw i64 %23, 768
   %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %26 = add nsw i64 %r0, 2
   %27 = getelementptr inbounds i32, ptr %rows, i64 %26
   %28 = load i32, ptr %27, align 4
   %29 = sext i32 %28 to i64
   %30 = mul nsw i64 %29, 768
   %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %32 = add nsw i64 %r0, 3
   %33 = getelementptr inbounds i32, ptr %rows, i64 %32
   %34 = load i32, ptr %33, align 4
   %35 = sext i32 %34 to i64
   %36 = mul nsw i64 %35, 768
   %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %38 = add nsw i64 %r0, 4
   %39 = getelementptr inbounds i32, ptr %rows, i64 %38
   %40 = load i32, ptr %39, align 4
   %41 = sext i32 %40 to i64
   %42 = mul nsw i64 %41, 768
   %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %44 = add nsw i64 %r0, 5
   %45 = getelementptr inbounds i32, ptr %rows, i64 %44
   %46 = load i32, ptr %45, align 4
   %47 = sext i32 %46 to i64
   %48 = mul nsw i64 %47, 768
   %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 12288
   %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %51 = add nsw i64 %p, 1
@@ -1106,14 +1106,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %115, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
   %57 = icmp slt i64 %k, 768
   br i1 %57, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 16
-  %59 = add nsw i64 %panel.off, %58
-  %60 = mul nsw i64 %k, 32
+  %58 = mul nsw i64 %k, 1
+  %59 = add nsw i64 %58, 0
+  %60 = mul nsw i64 %59, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -1123,1036 +1123,1048 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = getelementptr inbounds i16, ptr %panels, i64 %59
-  %64 = load <8 x i32>, ptr %63, align 4
-  %65 = shl <8 x i32> %64, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %65 to <8 x float>
-  %66 = and <8 x i32> %64, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %66 to <8 x float>
-  %67 = getelementptr inbounds float, ptr %19, i64 %k
-  %68 = load float, ptr %67, align 4
-  %69 = insertelement <8 x float> poison, float %68, i32 0
-  %70 = shufflevector <8 x float> %69, <8 x float> poison, <8 x i32> zeroinitializer
-  %71 = load <8 x float>, ptr %acc00, align 4
-  %72 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b0, <8 x float> %71)
-  store <8 x float> %72, ptr %acc00, align 4
-  %73 = load <8 x float>, ptr %acc01, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %70, <8 x float> %b1, <8 x float> %73)
-  store <8 x float> %74, ptr %acc01, align 4
-  %75 = getelementptr inbounds float, ptr %25, i64 %k
-  %76 = load float, ptr %75, align 4
-  %77 = insertelement <8 x float> poison, float %76, i32 0
-  %78 = shufflevector <8 x float> %77, <8 x float> poison, <8 x i32> zeroinitializer
-  %79 = load <8 x float>, ptr %acc10, align 4
-  %80 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b0, <8 x float> %79)
-  store <8 x float> %80, ptr %acc10, align 4
-  %81 = load <8 x float>, ptr %acc11, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %78, <8 x float> %b1, <8 x float> %81)
-  store <8 x float> %82, ptr %acc11, align 4
-  %83 = getelementptr inbounds float, ptr %31, i64 %k
-  %84 = load float, ptr %83, align 4
-  %85 = insertelement <8 x float> poison, float %84, i32 0
-  %86 = shufflevector <8 x float> %85, <8 x float> poison, <8 x i32> zeroinitializer
-  %87 = load <8 x float>, ptr %acc20, align 4
-  %88 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b0, <8 x float> %87)
-  store <8 x float> %88, ptr %acc20, align 4
-  %89 = load <8 x float>, ptr %acc21, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %86, <8 x float> %b1, <8 x float> %89)
-  store <8 x float> %90, ptr %acc21, align 4
-  %91 = getelementptr inbounds float, ptr %37, i64 %k
-  %92 = load float, ptr %91, align 4
-  %93 = insertelement <8 x float> poison, float %92, i32 0
-  %94 = shufflevector <8 x float> %93, <8 x float> poison, <8 x i32> zeroinitializer
-  %95 = load <8 x float>, ptr %acc30, align 4
-  %96 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b0, <8 x float> %95)
-  store <8 x float> %96, ptr %acc30, align 4
-  %97 = load <8 x float>, ptr %acc31, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %94, <8 x float> %b1, <8 x float> %97)
-  store <8 x float> %98, ptr %acc31, align 4
-  %99 = getelementptr inbounds float, ptr %43, i64 %k
-  %100 = load float, ptr %99, align 4
-  %101 = insertelement <8 x float> poison, float %100, i32 0
-  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
-  %103 = load <8 x float>, ptr %acc40, align 4
-  %104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b0, <8 x float> %103)
-  store <8 x float> %104, ptr %acc40, align 4
-  %105 = load <8 x float>, ptr %acc41, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %102, <8 x float> %b1, <8 x float> %105)
-  store <8 x float> %106, ptr %acc41, align 4
-  %107 = getelementptr inbounds float, ptr %49, i64 %k
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc50, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b0, <8 x float> %111)
-  store <8 x float> %112, ptr %acc50, align 4
-  %113 = load <8 x float>, ptr %acc51, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %b1, <8 x float> %113)
-  store <8 x float> %114, ptr %acc51, align 4
-  %115 = add nsw i64 %k, 1
+  %63 = mul nsw i64 %59, 16
+  %64 = add nsw i64 %panel.off, %63
+  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
+  %66 = load <8 x i32>, ptr %65, align 4
+  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %67 to <8 x float>
+  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %68 to <8 x float>
+  %69 = getelementptr inbounds float, ptr %19, i64 %59
+  %70 = load float, ptr %69, align 4
+  %71 = insertelement <8 x float> poison, float %70, i32 0
+  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
+  %73 = load <8 x float>, ptr %acc000, align 4
+  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
+  store <8 x float> %74, ptr %acc000, align 4
+  %75 = load <8 x float>, ptr %acc001, align 4
+  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
+  store <8 x float> %76, ptr %acc001, align 4
+  %77 = getelementptr inbounds float, ptr %25, i64 %59
+  %78 = load float, ptr %77, align 4
+  %79 = insertelement <8 x float> poison, float %78, i32 0
+  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
+  %81 = load <8 x float>, ptr %acc010, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
+  store <8 x float> %82, ptr %acc010, align 4
+  %83 = load <8 x float>, ptr %acc011, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
+  store <8 x float> %84, ptr %acc011, align 4
+  %85 = getelementptr inbounds float, ptr %31, i64 %59
+  %86 = load float, ptr %85, align 4
+  %87 = insertelement <8 x float> poison, float %86, i32 0
+  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
+  %89 = load <8 x float>, ptr %acc020, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
+  store <8 x float> %90, ptr %acc020, align 4
+  %91 = load <8 x float>, ptr %acc021, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
+  store <8 x float> %92, ptr %acc021, align 4
+  %93 = getelementptr inbounds float, ptr %37, i64 %59
+  %94 = load float, ptr %93, align 4
+  %95 = insertelement <8 x float> poison, float %94, i32 0
+  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
+  %97 = load <8 x float>, ptr %acc030, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
+  store <8 x float> %98, ptr %acc030, align 4
+  %99 = load <8 x float>, ptr %acc031, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
+  store <8 x float> %100, ptr %acc031, align 4
+  %101 = getelementptr inbounds float, ptr %43, i64 %59
+  %102 = load float, ptr %101, align 4
+  %103 = insertelement <8 x float> poison, float %102, i32 0
+  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  %105 = load <8 x float>, ptr %acc040, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
+  store <8 x float> %106, ptr %acc040, align 4
+  %107 = load <8 x float>, ptr %acc041, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
+  store <8 x float> %108, ptr %acc041, align 4
+  %109 = getelementptr inbounds float, ptr %49, i64 %59
+  %110 = load float, ptr %109, align 4
+  %111 = insertelement <8 x float> poison, float %110, i32 0
+  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
+  %113 = load <8 x float>, ptr %acc050, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
+  store <8 x float> %114, ptr %acc050, align 4
+  %115 = load <8 x float>, ptr %acc051, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
+  store <8 x float> %116, ptr %acc051, align 4
+  %117 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %116 = add nsw i64 %r0, 0
-  %117 = getelementptr inbounds float, ptr %rw, i64 %116
-  %118 = load float, ptr %117, align 4
-  %119 = insertelement <8 x float> poison, float %118, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = mul nsw i64 %116, 3072
-  %122 = getelementptr inbounds float, ptr %h, i64 %121
+  %118 = add nsw i64 %r0, 0
+  %119 = getelementptr inbounds float, ptr %rw, i64 %118
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = mul nsw i64 %118, 3072
+  %124 = getelementptr inbounds float, ptr %h, i64 %123
   %col = mul nsw i64 %p, 16
-  %123 = load <8 x float>, ptr %acc00, align 4
-  %124 = load <8 x float>, ptr %acc01, align 4
-  %125 = add nsw i64 %col, 0
-  %126 = fcmp ogt <8 x float> %123, zeroinitializer
-  %127 = select <8 x i1> %126, <8 x float> %123, <8 x float> zeroinitializer
-  %128 = fmul <8 x float> %127, %120
-  %129 = getelementptr inbounds float, ptr %122, i64 %125
-  store <8 x float> %128, ptr %129, align 4
-  %130 = add nsw i64 %col, 8
-  %131 = fcmp ogt <8 x float> %124, zeroinitializer
-  %132 = select <8 x i1> %131, <8 x float> %124, <8 x float> zeroinitializer
-  %133 = fmul <8 x float> %132, %120
-  %134 = getelementptr inbounds float, ptr %122, i64 %130
-  store <8 x float> %133, ptr %134, align 4
-  %135 = add nsw i64 %r0, 1
-  %136 = getelementptr inbounds float, ptr %rw, i64 %135
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = mul nsw i64 %135, 3072
-  %141 = getelementptr inbounds float, ptr %h, i64 %140
+  %125 = load <8 x float>, ptr %acc000, align 4
+  %126 = load <8 x float>, ptr %acc001, align 4
+  %127 = add nsw i64 %col, 0
+  %128 = fcmp ogt <8 x float> %125, zeroinitializer
+  %129 = select <8 x i1> %128, <8 x float> %125, <8 x float> zeroinitializer
+  %130 = fmul <8 x float> %129, %122
+  %131 = getelementptr inbounds float, ptr %124, i64 %127
+  store <8 x float> %130, ptr %131, align 4
+  %132 = add nsw i64 %col, 8
+  %133 = fcmp ogt <8 x float> %126, zeroinitializer
+  %134 = select <8 x i1> %133, <8 x float> %126, <8 x float> zeroinitializer
+  %135 = fmul <8 x float> %134, %122
+  %136 = getelementptr inbounds float, ptr %124, i64 %132
+  store <8 x float> %135, ptr %136, align 4
+  %137 = add nsw i64 %r0, 1
+  %138 = getelementptr inbounds float, ptr %rw, i64 %137
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = mul nsw i64 %137, 3072
+  %143 = getelementptr inbounds float, ptr %h, i64 %142
   %col2 = mul nsw i64 %p, 16
-  %142 = load <8 x float>, ptr %acc10, align 4
-  %143 = load <8 x float>, ptr %acc11, align 4
-  %144 = add nsw i64 %col2, 0
-  %145 = fcmp ogt <8 x float> %142, zeroinitializer
-  %146 = select <8 x i1> %145, <8 x float> %142, <8 x float> zeroinitializer
-  %147 = fmul <8 x float> %146, %139
-  %148 = getelementptr inbounds float, ptr %141, i64 %144
-  store <8 x float> %147, ptr %148, align 4
-  %149 = add nsw i64 %col2, 8
-  %150 = fcmp ogt <8 x float> %143, zeroinitializer
-  %151 = select <8 x i1> %150, <8 x float> %143, <8 x float> zeroinitializer
-  %152 = fmul <8 x float> %151, %139
-  %153 = getelementptr inbounds float, ptr %141, i64 %149
-  store <8 x float> %152, ptr %153, align 4
-  %154 = add nsw i64 %r0, 2
-  %155 = getelementptr inbounds float, ptr %rw, i64 %154
-  %156 = load float, ptr %155, align 4
-  %157 = insertelement <8 x float> poison, float %156, i32 0
-  %158 = shufflevector <8 x float> %157, <8 x float> poison, <8 x i32> zeroinitializer
-  %159 = mul nsw i64 %154, 3072
-  %160 = getelementptr inbounds float, ptr %h, i64 %159
+  %144 = load <8 x float>, ptr %acc010, align 4
+  %145 = load <8 x float>, ptr %acc011, align 4
+  %146 = add nsw i64 %col2, 0
+  %147 = fcmp ogt <8 x float> %144, zeroinitializer
+  %148 = select <8 x i1> %147, <8 x float> %144, <8 x float> zeroinitializer
+  %149 = fmul <8 x float> %148, %141
+  %150 = getelementptr inbounds float, ptr %143, i64 %146
+  store <8 x float> %149, ptr %150, align 4
+  %151 = add nsw i64 %col2, 8
+  %152 = fcmp ogt <8 x float> %145, zeroinitializer
+  %153 = select <8 x i1> %152, <8 x float> %145, <8 x float> zeroinitializer
+  %154 = fmul <8 x float> %153, %141
+  %155 = getelementptr inbounds float, ptr %143, i64 %151
+  store <8 x float> %154, ptr %155, align 4
+  %156 = add nsw i64 %r0, 2
+  %157 = getelementptr inbounds float, ptr %rw, i64 %156
+  %158 = load float, ptr %157, align 4
+  %159 = insertelement <8 x float> poison, float %158, i32 0
+  %160 = shufflevector <8 x float> %159, <8 x float> poison, <8 x i32> zeroinitializer
+  %161 = mul nsw i64 %156, 3072
+  %162 = getelementptr inbounds float, ptr %h, i64 %161
   %col3 = mul nsw i64 %p, 16
-  %161 = load <8 x float>, ptr %acc20, align 4
-  %162 = load <8 x float>, ptr %acc21, align 4
-  %163 = add nsw i64 %col3, 0
-  %164 = fcmp ogt <8 x float> %161, zeroinitializer
-  %165 = select <8 x i1> %164, <8 x float> %161, <8 x float> zeroinitializer
-  %166 = fmul <8 x float> %165, %158
-  %167 = getelementptr inbounds float, ptr %160, i64 %163
-  store <8 x float> %166, ptr %167, align 4
-  %168 = add nsw i64 %col3, 8
-  %169 = fcmp ogt <8 x float> %162, zeroinitializer
-  %170 = select <8 x i1> %169, <8 x float> %162, <8 x float> zeroinitializer
-  %171 = fmul <8 x float> %170, %158
-  %172 = getelementptr inbounds float, ptr %160, i64 %168
-  store <8 x float> %171, ptr %172, align 4
-  %173 = add nsw i64 %r0, 3
-  %174 = getelementptr inbounds float, ptr %rw, i64 %173
-  %175 = load float, ptr %174, align 4
-  %176 = insertelement <8 x float> poison, float %175, i32 0
-  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
-  %178 = mul nsw i64 %173, 3072
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
+  %163 = load <8 x float>, ptr %acc020, align 4
+  %164 = load <8 x float>, ptr %acc021, align 4
+  %165 = add nsw i64 %col3, 0
+  %166 = fcmp ogt <8 x float> %163, zeroinitializer
+  %167 = select <8 x i1> %166, <8 x float> %163, <8 x float> zeroinitializer
+  %168 = fmul <8 x float> %167, %160
+  %169 = getelementptr inbounds float, ptr %162, i64 %165
+  store <8 x float> %168, ptr %169, align 4
+  %170 = add nsw i64 %col3, 8
+  %171 = fcmp ogt <8 x float> %164, zeroinitializer
+  %172 = select <8 x i1> %171, <8 x float> %164, <8 x float> zeroinitializer
+  %173 = fmul <8 x float> %172, %160
+  %174 = getelementptr inbounds float, ptr %162, i64 %170
+  store <8 x float> %173, ptr %174, align 4
+  %175 = add nsw i64 %r0, 3
+  %176 = getelementptr inbounds float, ptr %rw, i64 %175
+  %177 = load float, ptr %176, align 4
+  %178 = insertelement <8 x float> poison, float %177, i32 0
+  %179 = shufflevector <8 x float> %178, <8 x float> poison, <8 x i32> zeroinitializer
+  %180 = mul nsw i64 %175, 3072
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
   %col4 = mul nsw i64 %p, 16
-  %180 = load <8 x float>, ptr %acc30, align 4
-  %181 = load <8 x float>, ptr %acc31, align 4
-  %182 = add nsw i64 %col4, 0
-  %183 = fcmp ogt <8 x float> %180, zeroinitializer
-  %184 = select <8 x i1> %183, <8 x float> %180, <8 x float> zeroinitializer
-  %185 = fmul <8 x float> %184, %177
-  %186 = getelementptr inbounds float, ptr %179, i64 %182
-  store <8 x float> %185, ptr %186, align 4
-  %187 = add nsw i64 %col4, 8
-  %188 = fcmp ogt <8 x float> %181, zeroinitializer
-  %189 = select <8 x i1> %188, <8 x float> %181, <8 x float> zeroinitializer
-  %190 = fmul <8 x float> %189, %177
-  %191 = getelementptr inbounds float, ptr %179, i64 %187
-  store <8 x float> %190, ptr %191, align 4
-  %192 = add nsw i64 %r0, 4
-  %193 = getelementptr inbounds float, ptr %rw, i64 %192
-  %194 = load float, ptr %193, align 4
-  %195 = insertelement <8 x float> poison, float %194, i32 0
-  %196 = shufflevector <8 x float> %195, <8 x float> poison, <8 x i32> zeroinitializer
-  %197 = mul nsw i64 %192, 3072
-  %198 = getelementptr inbounds float, ptr %h, i64 %197
+  %182 = load <8 x float>, ptr %acc030, align 4
+  %183 = load <8 x float>, ptr %acc031, align 4
+  %184 = add nsw i64 %col4, 0
+  %185 = fcmp ogt <8 x float> %182, zeroinitializer
+  %186 = select <8 x i1> %185, <8 x float> %182, <8 x float> zeroinitializer
+  %187 = fmul <8 x float> %186, %179
+  %188 = getelementptr inbounds float, ptr %181, i64 %184
+  store <8 x float> %187, ptr %188, align 4
+  %189 = add nsw i64 %col4, 8
+  %190 = fcmp ogt <8 x float> %183, zeroinitializer
+  %191 = select <8 x i1> %190, <8 x float> %183, <8 x float> zeroinitializer
+  %192 = fmul <8 x float> %191, %179
+  %193 = getelementptr inbounds float, ptr %181, i64 %189
+  store <8 x float> %192, ptr %193, align 4
+  %194 = add nsw i64 %r0, 4
+  %195 = getelementptr inbounds float, ptr %rw, i64 %194
+  %196 = load float, ptr %195, align 4
+  %197 = insertelement <8 x float> poison, float %196, i32 0
+  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
+  %199 = mul nsw i64 %194, 3072
+  %200 = getelementptr inbounds float, ptr %h, i64 %199
   %col5 = mul nsw i64 %p, 16
-  %199 = load <8 x float>, ptr %acc40, align 4
-  %200 = load <8 x float>, ptr %acc41, align 4
-  %201 = add nsw i64 %col5, 0
-  %202 = fcmp ogt <8 x float> %199, zeroinitializer
-  %203 = select <8 x i1> %202, <8 x float> %199, <8 x float> zeroinitializer
-  %204 = fmul <8 x float> %203, %196
-  %205 = getelementptr inbounds float, ptr %198, i64 %201
-  store <8 x float> %204, ptr %205, align 4
-  %206 = add nsw i64 %col5, 8
-  %207 = fcmp ogt <8 x float> %200, zeroinitializer
-  %208 = select <8 x i1> %207, <8 x float> %200, <8 x float> zeroinitializer
-  %209 = fmul <8 x float> %208, %196
-  %210 = getelementptr inbounds float, ptr %198, i64 %206
-  store <8 x float> %209, ptr %210, align 4
-  %211 = add nsw i64 %r0, 5
-  %212 = getelementptr inbounds float, ptr %rw, i64 %211
-  %213 = load float, ptr %212, align 4
-  %214 = insertelement <8 x float> poison, float %213, i32 0
-  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
-  %216 = mul nsw i64 %211, 3072
-  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %201 = load <8 x float>, ptr %acc040, align 4
+  %202 = load <8 x float>, ptr %acc041, align 4
+  %203 = add nsw i64 %col5, 0
+  %204 = fcmp ogt <8 x float> %201, zeroinitializer
+  %205 = select <8 x i1> %204, <8 x float> %201, <8 x float> zeroinitializer
+  %206 = fmul <8 x float> %205, %198
+  %207 = getelementptr inbounds float, ptr %200, i64 %203
+  store <8 x float> %206, ptr %207, align 4
+  %208 = add nsw i64 %col5, 8
+  %209 = fcmp ogt <8 x float> %202, zeroinitializer
+  %210 = select <8 x i1> %209, <8 x float> %202, <8 x float> zeroinitializer
+  %211 = fmul <8 x float> %210, %198
+  %212 = getelementptr inbounds float, ptr %200, i64 %208
+  store <8 x float> %211, ptr %212, align 4
+  %213 = add nsw i64 %r0, 5
+  %214 = getelementptr inbounds float, ptr %rw, i64 %213
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = mul nsw i64 %213, 3072
+  %219 = getelementptr inbounds float, ptr %h, i64 %218
   %col6 = mul nsw i64 %p, 16
-  %218 = load <8 x float>, ptr %acc50, align 4
-  %219 = load <8 x float>, ptr %acc51, align 4
-  %220 = add nsw i64 %col6, 0
-  %221 = fcmp ogt <8 x float> %218, zeroinitializer
-  %222 = select <8 x i1> %221, <8 x float> %218, <8 x float> zeroinitializer
-  %223 = fmul <8 x float> %222, %215
-  %224 = getelementptr inbounds float, ptr %217, i64 %220
-  store <8 x float> %223, ptr %224, align 4
-  %225 = add nsw i64 %col6, 8
-  %226 = fcmp ogt <8 x float> %219, zeroinitializer
-  %227 = select <8 x i1> %226, <8 x float> %219, <8 x float> zeroinitializer
-  %228 = fmul <8 x float> %227, %215
-  %229 = getelementptr inbounds float, ptr %217, i64 %225
-  store <8 x float> %228, ptr %229, align 4
+  %220 = load <8 x float>, ptr %acc050, align 4
+  %221 = load <8 x float>, ptr %acc051, align 4
+  %222 = add nsw i64 %col6, 0
+  %223 = fcmp ogt <8 x float> %220, zeroinitializer
+  %224 = select <8 x i1> %223, <8 x float> %220, <8 x float> zeroinitializer
+  %225 = fmul <8 x float> %224, %217
+  %226 = getelementptr inbounds float, ptr %219, i64 %222
+  store <8 x float> %225, ptr %226, align 4
+  %227 = add nsw i64 %col6, 8
+  %228 = fcmp ogt <8 x float> %221, zeroinitializer
+  %229 = select <8 x i1> %228, <8 x float> %221, <8 x float> zeroinitializer
+  %230 = fmul <8 x float> %229, %217
+  %231 = getelementptr inbounds float, ptr %219, i64 %227
+  store <8 x float> %230, ptr %231, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %230 = add nsw i64 %r0, 0
-  %231 = getelementptr inbounds i32, ptr %rows, i64 %230
-  %232 = load i32, ptr %231, align 4
-  %233 = sext i32 %232 to i64
-  %234 = mul nsw i64 %233, 768
-  %235 = getelementptr inbounds float, ptr %x, i64 %234
-  store <8 x float> zeroinitializer, ptr %acc007, align 4
-  store <8 x float> zeroinitializer, ptr %acc018, align 4
-  %236 = add nsw i64 %r0, 1
-  %237 = getelementptr inbounds i32, ptr %rows, i64 %236
-  %238 = load i32, ptr %237, align 4
-  %239 = sext i32 %238 to i64
-  %240 = mul nsw i64 %239, 768
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
-  store <8 x float> zeroinitializer, ptr %acc109, align 4
-  store <8 x float> zeroinitializer, ptr %acc1110, align 4
-  %242 = add nsw i64 %r0, 2
-  %243 = getelementptr inbounds i32, ptr %rows, i64 %242
-  %244 = load i32, ptr %243, align 4
-  %245 = sext i32 %244 to i64
-  %246 = mul nsw i64 %245, 768
-  %247 = getelementptr inbounds float, ptr %x, i64 %246
-  store <8 x float> zeroinitializer, ptr %acc2011, align 4
-  store <8 x float> zeroinitializer, ptr %acc2112, align 4
-  %248 = add nsw i64 %r0, 3
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %248
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 768
-  %253 = getelementptr inbounds float, ptr %x, i64 %252
-  store <8 x float> zeroinitializer, ptr %acc3013, align 4
-  store <8 x float> zeroinitializer, ptr %acc3114, align 4
-  %254 = add nsw i64 %r0, 4
-  %255 = getelementptr inbounds i32, ptr %rows, i64 %254
-  %256 = load i32, ptr %255, align 4
-  %257 = sext i32 %256 to i64
-  %258 = mul nsw i64 %257, 768
-  %259 = getelementptr inbounds float, ptr %x, i64 %258
-  store <8 x float> zeroinitializer, ptr %acc4015, align 4
-  store <8 x float> zeroinitializer, ptr %acc4116, align 4
+  %232 = add nsw i64 %r0, 0
+  %233 = getelementptr inbounds i32, ptr %rows, i64 %232
+  %234 = load i32, ptr %233, align 4
+  %235 = sext i32 %234 to i64
+  %236 = mul nsw i64 %235, 768
+  %237 = getelementptr inbounds float, ptr %x, i64 %236
+  store <8 x float> zeroinitializer, ptr %acc0007, align 4
+  store <8 x float> zeroinitializer, ptr %acc0018, align 4
+  %238 = add nsw i64 %r0, 1
+  %239 = getelementptr inbounds i32, ptr %rows, i64 %238
+  %240 = load i32, ptr %239, align 4
+  %241 = sext i32 %240 to i64
+  %242 = mul nsw i64 %241, 768
+  %243 = getelementptr inbounds float, ptr %x, i64 %242
+  store <8 x float> zeroinitializer, ptr %acc0109, align 4
+  store <8 x float> zeroinitializer, ptr %acc01110, align 4
+  %244 = add nsw i64 %r0, 2
+  %245 = getelementptr inbounds i32, ptr %rows, i64 %244
+  %246 = load i32, ptr %245, align 4
+  %247 = sext i32 %246 to i64
+  %248 = mul nsw i64 %247, 768
+  %249 = getelementptr inbounds float, ptr %x, i64 %248
+  store <8 x float> zeroinitializer, ptr %acc02011, align 4
+  store <8 x float> zeroinitializer, ptr %acc02112, align 4
+  %250 = add nsw i64 %r0, 3
+  %251 = getelementptr inbounds i32, ptr %rows, i64 %250
+  %252 = load i32, ptr %251, align 4
+  %253 = sext i32 %252 to i64
+  %254 = mul nsw i64 %253, 768
+  %255 = getelementptr inbounds float, ptr %x, i64 %254
+  store <8 x float> zeroinitializer, ptr %acc03013, align 4
+  store <8 x float> zeroinitializer, ptr %acc03114, align 4
+  %256 = add nsw i64 %r0, 4
+  %257 = getelementptr inbounds i32, ptr %rows, i64 %256
+  %258 = load i32, ptr %257, align 4
+  %259 = sext i32 %258 to i64
+  %260 = mul nsw i64 %259, 768
+  %261 = getelementptr inbounds float, ptr %x, i64 %260
+  store <8 x float> zeroinitializer, ptr %acc04015, align 4
+  store <8 x float> zeroinitializer, ptr %acc04116, align 4
   %panel.off17 = mul nsw i64 %p, 12288
-  %260 = getelementptr inbounds i16, ptr %panels, i64 %panel.off17
-  %261 = add nsw i64 %p, 1
-  %262 = icmp slt i64 %261, %p1
-  %pf.on18 = and i1 %pf.on, %262
-  %263 = mul nsw i64 %rb, 24576
-  %264 = lshr i64 %263, %11
-  %265 = add nsw i64 24576, %264
-  %266 = getelementptr inbounds i8, ptr %260, i64 %265
-  %pf19 = select i1 %pf.on18, ptr %266, ptr %260
+  %262 = getelementptr inbounds i16, ptr %panels, i64 %panel.off17
+  %263 = add nsw i64 %p, 1
+  %264 = icmp slt i64 %263, %p1
+  %pf.on18 = and i1 %pf.on, %264
+  %265 = mul nsw i64 %rb, 24576
+  %266 = lshr i64 %265, %11
+  %267 = add nsw i64 24576, %266
+  %268 = getelementptr inbounds i8, ptr %262, i64 %267
+  %pf19 = select i1 %pf.on18, ptr %268, ptr %262
   %pf.sh20 = select i1 %pf.on18, i64 %11, i64 0
   br label %k.head21
 
 k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %317, %pf.any.end26 ]
-  %267 = icmp slt i64 %k24, 768
-  br i1 %267, label %k.body22, label %k.end23
+  %k24 = phi i64 [ 0, %tile.mr5 ], [ %321, %pf.any.end26 ]
+  %269 = icmp slt i64 %k24, 768
+  br i1 %269, label %k.body22, label %k.end23
 
 k.body22:                                         ; preds = %k.head21
-  %268 = mul nsw i64 %k24, 16
-  %269 = add nsw i64 %panel.off17, %268
-  %270 = mul nsw i64 %k24, 32
+  %270 = mul nsw i64 %k24, 1
+  %271 = add nsw i64 %270, 0
+  %272 = mul nsw i64 %271, 32
   br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
 
 pf.any.then25:                                    ; preds = %k.body22
-  %271 = lshr i64 %270, %pf.sh20
-  %272 = getelementptr inbounds i8, ptr %pf19, i64 %271
-  call void @llvm.prefetch.p0(ptr %272, i32 0, i32 2, i32 1)
+  %273 = lshr i64 %272, %pf.sh20
+  %274 = getelementptr inbounds i8, ptr %pf19, i64 %273
+  call void @llvm.prefetch.p0(ptr %274, i32 0, i32 2, i32 1)
   br label %pf.any.end26
 
 pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
-  %273 = getelementptr inbounds i16, ptr %panels, i64 %269
-  %274 = load <8 x i32>, ptr %273, align 4
-  %275 = shl <8 x i32> %274, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b027 = bitcast <8 x i32> %275 to <8 x float>
-  %276 = and <8 x i32> %274, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b128 = bitcast <8 x i32> %276 to <8 x float>
-  %277 = getelementptr inbounds float, ptr %235, i64 %k24
-  %278 = load float, ptr %277, align 4
-  %279 = insertelement <8 x float> poison, float %278, i32 0
-  %280 = shufflevector <8 x float> %279, <8 x float> poison, <8 x i32> zeroinitializer
-  %281 = load <8 x float>, ptr %acc007, align 4
-  %282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b027, <8 x float> %281)
-  store <8 x float> %282, ptr %acc007, align 4
-  %283 = load <8 x float>, ptr %acc018, align 4
-  %284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %280, <8 x float> %b128, <8 x float> %283)
-  store <8 x float> %284, ptr %acc018, align 4
-  %285 = getelementptr inbounds float, ptr %241, i64 %k24
-  %286 = load float, ptr %285, align 4
-  %287 = insertelement <8 x float> poison, float %286, i32 0
-  %288 = shufflevector <8 x float> %287, <8 x float> poison, <8 x i32> zeroinitializer
-  %289 = load <8 x float>, ptr %acc109, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b027, <8 x float> %289)
-  store <8 x float> %290, ptr %acc109, align 4
-  %291 = load <8 x float>, ptr %acc1110, align 4
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %288, <8 x float> %b128, <8 x float> %291)
-  store <8 x float> %292, ptr %acc1110, align 4
-  %293 = getelementptr inbounds float, ptr %247, i64 %k24
-  %294 = load float, ptr %293, align 4
-  %295 = insertelement <8 x float> poison, float %294, i32 0
-  %296 = shufflevector <8 x float> %295, <8 x float> poison, <8 x i32> zeroinitializer
-  %297 = load <8 x float>, ptr %acc2011, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b027, <8 x float> %297)
-  store <8 x float> %298, ptr %acc2011, align 4
-  %299 = load <8 x float>, ptr %acc2112, align 4
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %b128, <8 x float> %299)
-  store <8 x float> %300, ptr %acc2112, align 4
-  %301 = getelementptr inbounds float, ptr %253, i64 %k24
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <8 x float> poison, float %302, i32 0
-  %304 = shufflevector <8 x float> %303, <8 x float> poison, <8 x i32> zeroinitializer
-  %305 = load <8 x float>, ptr %acc3013, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b027, <8 x float> %305)
-  store <8 x float> %306, ptr %acc3013, align 4
-  %307 = load <8 x float>, ptr %acc3114, align 4
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %b128, <8 x float> %307)
-  store <8 x float> %308, ptr %acc3114, align 4
-  %309 = getelementptr inbounds float, ptr %259, i64 %k24
-  %310 = load float, ptr %309, align 4
-  %311 = insertelement <8 x float> poison, float %310, i32 0
-  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
-  %313 = load <8 x float>, ptr %acc4015, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b027, <8 x float> %313)
-  store <8 x float> %314, ptr %acc4015, align 4
-  %315 = load <8 x float>, ptr %acc4116, align 4
-  %316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %312, <8 x float> %b128, <8 x float> %315)
-  store <8 x float> %316, ptr %acc4116, align 4
-  %317 = add nsw i64 %k24, 1
+  %275 = mul nsw i64 %271, 16
+  %276 = add nsw i64 %panel.off17, %275
+  %277 = getelementptr inbounds i16, ptr %panels, i64 %276
+  %278 = load <8 x i32>, ptr %277, align 4
+  %279 = shl <8 x i32> %278, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b027 = bitcast <8 x i32> %279 to <8 x float>
+  %280 = and <8 x i32> %278, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b128 = bitcast <8 x i32> %280 to <8 x float>
+  %281 = getelementptr inbounds float, ptr %237, i64 %271
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc0007, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b027, <8 x float> %285)
+  store <8 x float> %286, ptr %acc0007, align 4
+  %287 = load <8 x float>, ptr %acc0018, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b128, <8 x float> %287)
+  store <8 x float> %288, ptr %acc0018, align 4
+  %289 = getelementptr inbounds float, ptr %243, i64 %271
+  %290 = load float, ptr %289, align 4
+  %291 = insertelement <8 x float> poison, float %290, i32 0
+  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
+  %293 = load <8 x float>, ptr %acc0109, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %b027, <8 x float> %293)
+  store <8 x float> %294, ptr %acc0109, align 4
+  %295 = load <8 x float>, ptr %acc01110, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %b128, <8 x float> %295)
+  store <8 x float> %296, ptr %acc01110, align 4
+  %297 = getelementptr inbounds float, ptr %249, i64 %271
+  %298 = load float, ptr %297, align 4
+  %299 = insertelement <8 x float> poison, float %298, i32 0
+  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
+  %301 = load <8 x float>, ptr %acc02011, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %b027, <8 x float> %301)
+  store <8 x float> %302, ptr %acc02011, align 4
+  %303 = load <8 x float>, ptr %acc02112, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %b128, <8 x float> %303)
+  store <8 x float> %304, ptr %acc02112, align 4
+  %305 = getelementptr inbounds float, ptr %255, i64 %271
+  %306 = load float, ptr %305, align 4
+  %307 = insertelement <8 x float> poison, float %306, i32 0
+  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
+  %309 = load <8 x float>, ptr %acc03013, align 4
+  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %b027, <8 x float> %309)
+  store <8 x float> %310, ptr %acc03013, align 4
+  %311 = load <8 x float>, ptr %acc03114, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %b128, <8 x float> %311)
+  store <8 x float> %312, ptr %acc03114, align 4
+  %313 = getelementptr inbounds float, ptr %261, i64 %271
+  %314 = load float, ptr %313, align 4
+  %315 = insertelement <8 x float> poison, float %314, i32 0
+  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
+  %317 = load <8 x float>, ptr %acc04015, align 4
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b027, <8 x float> %317)
+  store <8 x float> %318, ptr %acc04015, align 4
+  %319 = load <8 x float>, ptr %acc04116, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b128, <8 x float> %319)
+  store <8 x float> %320, ptr %acc04116, align 4
+  %321 = add nsw i64 %k24, 1
   br label %k.head21
 
 k.end23:                                          ; preds = %k.head21
-  %318 = add nsw i64 %r0, 0
-  %319 = getelementptr inbounds float, ptr %rw, i64 %318
-  %320 = load float, ptr %319, align 4
-  %321 = insertelement <8 x float> poison, float %320, i32 0
-  %322 = shufflevector <8 x float> %321, <8 x float> poison, <8 x i32> zeroinitializer
-  %323 = mul nsw i64 %318, 3072
-  %324 = getelementptr inbounds float, ptr %h, i64 %323
+  %322 = add nsw i64 %r0, 0
+  %323 = getelementptr inbounds float, ptr %rw, i64 %322
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = mul nsw i64 %322, 3072
+  %328 = getelementptr inbounds float, ptr %h, i64 %327
   %col29 = mul nsw i64 %p, 16
-  %325 = load <8 x float>, ptr %acc007, align 4
-  %326 = load <8 x float>, ptr %acc018, align 4
-  %327 = add nsw i64 %col29, 0
-  %328 = fcmp ogt <8 x float> %325, zeroinitializer
-  %329 = select <8 x i1> %328, <8 x float> %325, <8 x float> zeroinitializer
-  %330 = fmul <8 x float> %329, %322
-  %331 = getelementptr inbounds float, ptr %324, i64 %327
-  store <8 x float> %330, ptr %331, align 4
-  %332 = add nsw i64 %col29, 8
-  %333 = fcmp ogt <8 x float> %326, zeroinitializer
-  %334 = select <8 x i1> %333, <8 x float> %326, <8 x float> zeroinitializer
-  %335 = fmul <8 x float> %334, %322
-  %336 = getelementptr inbounds float, ptr %324, i64 %332
-  store <8 x float> %335, ptr %336, align 4
-  %337 = add nsw i64 %r0, 1
-  %338 = getelementptr inbounds float, ptr %rw, i64 %337
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = mul nsw i64 %337, 3072
-  %343 = getelementptr inbounds float, ptr %h, i64 %342
+  %329 = load <8 x float>, ptr %acc0007, align 4
+  %330 = load <8 x float>, ptr %acc0018, align 4
+  %331 = add nsw i64 %col29, 0
+  %332 = fcmp ogt <8 x float> %329, zeroinitializer
+  %333 = select <8 x i1> %332, <8 x float> %329, <8 x float> zeroinitializer
+  %334 = fmul <8 x float> %333, %326
+  %335 = getelementptr inbounds float, ptr %328, i64 %331
+  store <8 x float> %334, ptr %335, align 4
+  %336 = add nsw i64 %col29, 8
+  %337 = fcmp ogt <8 x float> %330, zeroinitializer
+  %338 = select <8 x i1> %337, <8 x float> %330, <8 x float> zeroinitializer
+  %339 = fmul <8 x float> %338, %326
+  %340 = getelementptr inbounds float, ptr %328, i64 %336
+  store <8 x float> %339, ptr %340, align 4
+  %341 = add nsw i64 %r0, 1
+  %342 = getelementptr inbounds float, ptr %rw, i64 %341
+  %343 = load float, ptr %342, align 4
+  %344 = insertelement <8 x float> poison, float %343, i32 0
+  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
+  %346 = mul nsw i64 %341, 3072
+  %347 = getelementptr inbounds float, ptr %h, i64 %346
   %col30 = mul nsw i64 %p, 16
-  %344 = load <8 x float>, ptr %acc109, align 4
-  %345 = load <8 x float>, ptr %acc1110, align 4
-  %346 = add nsw i64 %col30, 0
-  %347 = fcmp ogt <8 x float> %344, zeroinitializer
-  %348 = select <8 x i1> %347, <8 x float> %344, <8 x float> zeroinitializer
-  %349 = fmul <8 x float> %348, %341
-  %350 = getelementptr inbounds float, ptr %343, i64 %346
-  store <8 x float> %349, ptr %350, align 4
-  %351 = add nsw i64 %col30, 8
-  %352 = fcmp ogt <8 x float> %345, zeroinitializer
-  %353 = select <8 x i1> %352, <8 x float> %345, <8 x float> zeroinitializer
-  %354 = fmul <8 x float> %353, %341
-  %355 = getelementptr inbounds float, ptr %343, i64 %351
-  store <8 x float> %354, ptr %355, align 4
-  %356 = add nsw i64 %r0, 2
-  %357 = getelementptr inbounds float, ptr %rw, i64 %356
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = mul nsw i64 %356, 3072
-  %362 = getelementptr inbounds float, ptr %h, i64 %361
+  %348 = load <8 x float>, ptr %acc0109, align 4
+  %349 = load <8 x float>, ptr %acc01110, align 4
+  %350 = add nsw i64 %col30, 0
+  %351 = fcmp ogt <8 x float> %348, zeroinitializer
+  %352 = select <8 x i1> %351, <8 x float> %348, <8 x float> zeroinitializer
+  %353 = fmul <8 x float> %352, %345
+  %354 = getelementptr inbounds float, ptr %347, i64 %350
+  store <8 x float> %353, ptr %354, align 4
+  %355 = add nsw i64 %col30, 8
+  %356 = fcmp ogt <8 x float> %349, zeroinitializer
+  %357 = select <8 x i1> %356, <8 x float> %349, <8 x float> zeroinitializer
+  %358 = fmul <8 x float> %357, %345
+  %359 = getelementptr inbounds float, ptr %347, i64 %355
+  store <8 x float> %358, ptr %359, align 4
+  %360 = add nsw i64 %r0, 2
+  %361 = getelementptr inbounds float, ptr %rw, i64 %360
+  %362 = load float, ptr %361, align 4
+  %363 = insertelement <8 x float> poison, float %362, i32 0
+  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
+  %365 = mul nsw i64 %360, 3072
+  %366 = getelementptr inbounds float, ptr %h, i64 %365
   %col31 = mul nsw i64 %p, 16
-  %363 = load <8 x float>, ptr %acc2011, align 4
-  %364 = load <8 x float>, ptr %acc2112, align 4
-  %365 = add nsw i64 %col31, 0
-  %366 = fcmp ogt <8 x float> %363, zeroinitializer
-  %367 = select <8 x i1> %366, <8 x float> %363, <8 x float> zeroinitializer
-  %368 = fmul <8 x float> %367, %360
-  %369 = getelementptr inbounds float, ptr %362, i64 %365
-  store <8 x float> %368, ptr %369, align 4
-  %370 = add nsw i64 %col31, 8
-  %371 = fcmp ogt <8 x float> %364, zeroinitializer
-  %372 = select <8 x i1> %371, <8 x float> %364, <8 x float> zeroinitializer
-  %373 = fmul <8 x float> %372, %360
-  %374 = getelementptr inbounds float, ptr %362, i64 %370
-  store <8 x float> %373, ptr %374, align 4
-  %375 = add nsw i64 %r0, 3
-  %376 = getelementptr inbounds float, ptr %rw, i64 %375
-  %377 = load float, ptr %376, align 4
-  %378 = insertelement <8 x float> poison, float %377, i32 0
-  %379 = shufflevector <8 x float> %378, <8 x float> poison, <8 x i32> zeroinitializer
-  %380 = mul nsw i64 %375, 3072
-  %381 = getelementptr inbounds float, ptr %h, i64 %380
+  %367 = load <8 x float>, ptr %acc02011, align 4
+  %368 = load <8 x float>, ptr %acc02112, align 4
+  %369 = add nsw i64 %col31, 0
+  %370 = fcmp ogt <8 x float> %367, zeroinitializer
+  %371 = select <8 x i1> %370, <8 x float> %367, <8 x float> zeroinitializer
+  %372 = fmul <8 x float> %371, %364
+  %373 = getelementptr inbounds float, ptr %366, i64 %369
+  store <8 x float> %372, ptr %373, align 4
+  %374 = add nsw i64 %col31, 8
+  %375 = fcmp ogt <8 x float> %368, zeroinitializer
+  %376 = select <8 x i1> %375, <8 x float> %368, <8 x float> zeroinitializer
+  %377 = fmul <8 x float> %376, %364
+  %378 = getelementptr inbounds float, ptr %366, i64 %374
+  store <8 x float> %377, ptr %378, align 4
+  %379 = add nsw i64 %r0, 3
+  %380 = getelementptr inbounds float, ptr %rw, i64 %379
+  %381 = load float, ptr %380, align 4
+  %382 = insertelement <8 x float> poison, float %381, i32 0
+  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
+  %384 = mul nsw i64 %379, 3072
+  %385 = getelementptr inbounds float, ptr %h, i64 %384
   %col32 = mul nsw i64 %p, 16
-  %382 = load <8 x float>, ptr %acc3013, align 4
-  %383 = load <8 x float>, ptr %acc3114, align 4
-  %384 = add nsw i64 %col32, 0
-  %385 = fcmp ogt <8 x float> %382, zeroinitializer
-  %386 = select <8 x i1> %385, <8 x float> %382, <8 x float> zeroinitializer
-  %387 = fmul <8 x float> %386, %379
-  %388 = getelementptr inbounds float, ptr %381, i64 %384
-  store <8 x float> %387, ptr %388, align 4
-  %389 = add nsw i64 %col32, 8
-  %390 = fcmp ogt <8 x float> %383, zeroinitializer
-  %391 = select <8 x i1> %390, <8 x float> %383, <8 x float> zeroinitializer
-  %392 = fmul <8 x float> %391, %379
-  %393 = getelementptr inbounds float, ptr %381, i64 %389
-  store <8 x float> %392, ptr %393, align 4
-  %394 = add nsw i64 %r0, 4
-  %395 = getelementptr inbounds float, ptr %rw, i64 %394
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = mul nsw i64 %394, 3072
-  %400 = getelementptr inbounds float, ptr %h, i64 %399
+  %386 = load <8 x float>, ptr %acc03013, align 4
+  %387 = load <8 x float>, ptr %acc03114, align 4
+  %388 = add nsw i64 %col32, 0
+  %389 = fcmp ogt <8 x float> %386, zeroinitializer
+  %390 = select <8 x i1> %389, <8 x float> %386, <8 x float> zeroinitializer
+  %391 = fmul <8 x float> %390, %383
+  %392 = getelementptr inbounds float, ptr %385, i64 %388
+  store <8 x float> %391, ptr %392, align 4
+  %393 = add nsw i64 %col32, 8
+  %394 = fcmp ogt <8 x float> %387, zeroinitializer
+  %395 = select <8 x i1> %394, <8 x float> %387, <8 x float> zeroinitializer
+  %396 = fmul <8 x float> %395, %383
+  %397 = getelementptr inbounds float, ptr %385, i64 %393
+  store <8 x float> %396, ptr %397, align 4
+  %398 = add nsw i64 %r0, 4
+  %399 = getelementptr inbounds float, ptr %rw, i64 %398
+  %400 = load float, ptr %399, align 4
+  %401 = insertelement <8 x float> poison, float %400, i32 0
+  %402 = shufflevector <8 x float> %401, <8 x float> poison, <8 x i32> zeroinitializer
+  %403 = mul nsw i64 %398, 3072
+  %404 = getelementptr inbounds float, ptr %h, i64 %403
   %col33 = mul nsw i64 %p, 16
-  %401 = load <8 x float>, ptr %acc4015, align 4
-  %402 = load <8 x float>, ptr %acc4116, align 4
-  %403 = add nsw i64 %col33, 0
-  %404 = fcmp ogt <8 x float> %401, zeroinitializer
-  %405 = select <8 x i1> %404, <8 x float> %401, <8 x float> zeroinitializer
-  %406 = fmul <8 x float> %405, %398
-  %407 = getelementptr inbounds float, ptr %400, i64 %403
-  store <8 x float> %406, ptr %407, align 4
-  %408 = add nsw i64 %col33, 8
-  %409 = fcmp ogt <8 x float> %402, zeroinitializer
-  %410 = select <8 x i1> %409, <8 x float> %402, <8 x float> zeroinitializer
-  %411 = fmul <8 x float> %410, %398
-  %412 = getelementptr inbounds float, ptr %400, i64 %408
-  store <8 x float> %411, ptr %412, align 4
+  %405 = load <8 x float>, ptr %acc04015, align 4
+  %406 = load <8 x float>, ptr %acc04116, align 4
+  %407 = add nsw i64 %col33, 0
+  %408 = fcmp ogt <8 x float> %405, zeroinitializer
+  %409 = select <8 x i1> %408, <8 x float> %405, <8 x float> zeroinitializer
+  %410 = fmul <8 x float> %409, %402
+  %411 = getelementptr inbounds float, ptr %404, i64 %407
+  store <8 x float> %410, ptr %411, align 4
+  %412 = add nsw i64 %col33, 8
+  %413 = fcmp ogt <8 x float> %406, zeroinitializer
+  %414 = select <8 x i1> %413, <8 x float> %406, <8 x float> zeroinitializer
+  %415 = fmul <8 x float> %414, %402
+  %416 = getelementptr inbounds float, ptr %404, i64 %412
+  store <8 x float> %415, ptr %416, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %413 = add nsw i64 %r0, 0
-  %414 = getelementptr inbounds i32, ptr %rows, i64 %413
-  %415 = load i32, ptr %414, align 4
-  %416 = sext i32 %415 to i64
-  %417 = mul nsw i64 %416, 768
-  %418 = getelementptr inbounds float, ptr %x, i64 %417
-  store <8 x float> zeroinitializer, ptr %acc0034, align 4
-  store <8 x float> zeroinitializer, ptr %acc0135, align 4
-  %419 = add nsw i64 %r0, 1
-  %420 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %421 = load i32, ptr %420, align 4
-  %422 = sext i32 %421 to i64
-  %423 = mul nsw i64 %422, 768
-  %424 = getelementptr inbounds float, ptr %x, i64 %423
-  store <8 x float> zeroinitializer, ptr %acc1036, align 4
-  store <8 x float> zeroinitializer, ptr %acc1137, align 4
-  %425 = add nsw i64 %r0, 2
-  %426 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %427 = load i32, ptr %426, align 4
-  %428 = sext i32 %427 to i64
-  %429 = mul nsw i64 %428, 768
-  %430 = getelementptr inbounds float, ptr %x, i64 %429
-  store <8 x float> zeroinitializer, ptr %acc2038, align 4
-  store <8 x float> zeroinitializer, ptr %acc2139, align 4
-  %431 = add nsw i64 %r0, 3
-  %432 = getelementptr inbounds i32, ptr %rows, i64 %431
-  %433 = load i32, ptr %432, align 4
-  %434 = sext i32 %433 to i64
-  %435 = mul nsw i64 %434, 768
-  %436 = getelementptr inbounds float, ptr %x, i64 %435
-  store <8 x float> zeroinitializer, ptr %acc3040, align 4
-  store <8 x float> zeroinitializer, ptr %acc3141, align 4
+  %417 = add nsw i64 %r0, 0
+  %418 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %419 = load i32, ptr %418, align 4
+  %420 = sext i32 %419 to i64
+  %421 = mul nsw i64 %420, 768
+  %422 = getelementptr inbounds float, ptr %x, i64 %421
+  store <8 x float> zeroinitializer, ptr %acc00034, align 4
+  store <8 x float> zeroinitializer, ptr %acc00135, align 4
+  %423 = add nsw i64 %r0, 1
+  %424 = getelementptr inbounds i32, ptr %rows, i64 %423
+  %425 = load i32, ptr %424, align 4
+  %426 = sext i32 %425 to i64
+  %427 = mul nsw i64 %426, 768
+  %428 = getelementptr inbounds float, ptr %x, i64 %427
+  store <8 x float> zeroinitializer, ptr %acc01036, align 4
+  store <8 x float> zeroinitializer, ptr %acc01137, align 4
+  %429 = add nsw i64 %r0, 2
+  %430 = getelementptr inbounds i32, ptr %rows, i64 %429
+  %431 = load i32, ptr %430, align 4
+  %432 = sext i32 %431 to i64
+  %433 = mul nsw i64 %432, 768
+  %434 = getelementptr inbounds float, ptr %x, i64 %433
+  store <8 x float> zeroinitializer, ptr %acc02038, align 4
+  store <8 x float> zeroinitializer, ptr %acc02139, align 4
+  %435 = add nsw i64 %r0, 3
+  %436 = getelementptr inbounds i32, ptr %rows, i64 %435
+  %437 = load i32, ptr %436, align 4
+  %438 = sext i32 %437 to i64
+  %439 = mul nsw i64 %438, 768
+  %440 = getelementptr inbounds float, ptr %x, i64 %439
+  store <8 x float> zeroinitializer, ptr %acc03040, align 4
+  store <8 x float> zeroinitializer, ptr %acc03141, align 4
   %panel.off42 = mul nsw i64 %p, 12288
-  %437 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %438 = add nsw i64 %p, 1
-  %439 = icmp slt i64 %438, %p1
-  %pf.on43 = and i1 %pf.on, %439
-  %440 = mul nsw i64 %rb, 24576
-  %441 = lshr i64 %440, %11
-  %442 = add nsw i64 24576, %441
-  %443 = getelementptr inbounds i8, ptr %437, i64 %442
-  %pf44 = select i1 %pf.on43, ptr %443, ptr %437
+  %441 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
+  %442 = add nsw i64 %p, 1
+  %443 = icmp slt i64 %442, %p1
+  %pf.on43 = and i1 %pf.on, %443
+  %444 = mul nsw i64 %rb, 24576
+  %445 = lshr i64 %444, %11
+  %446 = add nsw i64 24576, %445
+  %447 = getelementptr inbounds i8, ptr %441, i64 %446
+  %pf44 = select i1 %pf.on43, ptr %447, ptr %441
   %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr4
-  %k49 = phi i64 [ 0, %tile.mr4 ], [ %486, %pf.any.end51 ]
-  %444 = icmp slt i64 %k49, 768
-  br i1 %444, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr4 ], [ %492, %pf.any.end51 ]
+  %448 = icmp slt i64 %k49, 768
+  br i1 %448, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %445 = mul nsw i64 %k49, 16
-  %446 = add nsw i64 %panel.off42, %445
-  %447 = mul nsw i64 %k49, 32
+  %449 = mul nsw i64 %k49, 1
+  %450 = add nsw i64 %449, 0
+  %451 = mul nsw i64 %450, 32
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %448 = lshr i64 %447, %pf.sh45
-  %449 = getelementptr inbounds i8, ptr %pf44, i64 %448
-  call void @llvm.prefetch.p0(ptr %449, i32 0, i32 2, i32 1)
+  %452 = lshr i64 %451, %pf.sh45
+  %453 = getelementptr inbounds i8, ptr %pf44, i64 %452
+  call void @llvm.prefetch.p0(ptr %453, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %450 = getelementptr inbounds i16, ptr %panels, i64 %446
-  %451 = load <8 x i32>, ptr %450, align 4
-  %452 = shl <8 x i32> %451, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = and <8 x i32> %451, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %453 to <8 x float>
-  %454 = getelementptr inbounds float, ptr %418, i64 %k49
-  %455 = load float, ptr %454, align 4
-  %456 = insertelement <8 x float> poison, float %455, i32 0
-  %457 = shufflevector <8 x float> %456, <8 x float> poison, <8 x i32> zeroinitializer
-  %458 = load <8 x float>, ptr %acc0034, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b052, <8 x float> %458)
-  store <8 x float> %459, ptr %acc0034, align 4
-  %460 = load <8 x float>, ptr %acc0135, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> %b153, <8 x float> %460)
-  store <8 x float> %461, ptr %acc0135, align 4
-  %462 = getelementptr inbounds float, ptr %424, i64 %k49
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <8 x float> poison, float %463, i32 0
-  %465 = shufflevector <8 x float> %464, <8 x float> poison, <8 x i32> zeroinitializer
-  %466 = load <8 x float>, ptr %acc1036, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b052, <8 x float> %466)
-  store <8 x float> %467, ptr %acc1036, align 4
-  %468 = load <8 x float>, ptr %acc1137, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %b153, <8 x float> %468)
-  store <8 x float> %469, ptr %acc1137, align 4
-  %470 = getelementptr inbounds float, ptr %430, i64 %k49
-  %471 = load float, ptr %470, align 4
-  %472 = insertelement <8 x float> poison, float %471, i32 0
-  %473 = shufflevector <8 x float> %472, <8 x float> poison, <8 x i32> zeroinitializer
-  %474 = load <8 x float>, ptr %acc2038, align 4
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %b052, <8 x float> %474)
-  store <8 x float> %475, ptr %acc2038, align 4
-  %476 = load <8 x float>, ptr %acc2139, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %473, <8 x float> %b153, <8 x float> %476)
-  store <8 x float> %477, ptr %acc2139, align 4
-  %478 = getelementptr inbounds float, ptr %436, i64 %k49
-  %479 = load float, ptr %478, align 4
-  %480 = insertelement <8 x float> poison, float %479, i32 0
-  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
-  %482 = load <8 x float>, ptr %acc3040, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %b052, <8 x float> %482)
-  store <8 x float> %483, ptr %acc3040, align 4
-  %484 = load <8 x float>, ptr %acc3141, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> %b153, <8 x float> %484)
-  store <8 x float> %485, ptr %acc3141, align 4
-  %486 = add nsw i64 %k49, 1
+  %454 = mul nsw i64 %450, 16
+  %455 = add nsw i64 %panel.off42, %454
+  %456 = getelementptr inbounds i16, ptr %panels, i64 %455
+  %457 = load <8 x i32>, ptr %456, align 4
+  %458 = shl <8 x i32> %457, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b052 = bitcast <8 x i32> %458 to <8 x float>
+  %459 = and <8 x i32> %457, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b153 = bitcast <8 x i32> %459 to <8 x float>
+  %460 = getelementptr inbounds float, ptr %422, i64 %450
+  %461 = load float, ptr %460, align 4
+  %462 = insertelement <8 x float> poison, float %461, i32 0
+  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
+  %464 = load <8 x float>, ptr %acc00034, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b052, <8 x float> %464)
+  store <8 x float> %465, ptr %acc00034, align 4
+  %466 = load <8 x float>, ptr %acc00135, align 4
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b153, <8 x float> %466)
+  store <8 x float> %467, ptr %acc00135, align 4
+  %468 = getelementptr inbounds float, ptr %428, i64 %450
+  %469 = load float, ptr %468, align 4
+  %470 = insertelement <8 x float> poison, float %469, i32 0
+  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
+  %472 = load <8 x float>, ptr %acc01036, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b052, <8 x float> %472)
+  store <8 x float> %473, ptr %acc01036, align 4
+  %474 = load <8 x float>, ptr %acc01137, align 4
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b153, <8 x float> %474)
+  store <8 x float> %475, ptr %acc01137, align 4
+  %476 = getelementptr inbounds float, ptr %434, i64 %450
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc02038, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b052, <8 x float> %480)
+  store <8 x float> %481, ptr %acc02038, align 4
+  %482 = load <8 x float>, ptr %acc02139, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b153, <8 x float> %482)
+  store <8 x float> %483, ptr %acc02139, align 4
+  %484 = getelementptr inbounds float, ptr %440, i64 %450
+  %485 = load float, ptr %484, align 4
+  %486 = insertelement <8 x float> poison, float %485, i32 0
+  %487 = shufflevector <8 x float> %486, <8 x float> poison, <8 x i32> zeroinitializer
+  %488 = load <8 x float>, ptr %acc03040, align 4
+  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %b052, <8 x float> %488)
+  store <8 x float> %489, ptr %acc03040, align 4
+  %490 = load <8 x float>, ptr %acc03141, align 4
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %b153, <8 x float> %490)
+  store <8 x float> %491, ptr %acc03141, align 4
+  %492 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %487 = add nsw i64 %r0, 0
-  %488 = getelementptr inbounds float, ptr %rw, i64 %487
-  %489 = load float, ptr %488, align 4
-  %490 = insertelement <8 x float> poison, float %489, i32 0
-  %491 = shufflevector <8 x float> %490, <8 x float> poison, <8 x i32> zeroinitializer
-  %492 = mul nsw i64 %487, 3072
-  %493 = getelementptr inbounds float, ptr %h, i64 %492
+  %493 = add nsw i64 %r0, 0
+  %494 = getelementptr inbounds float, ptr %rw, i64 %493
+  %495 = load float, ptr %494, align 4
+  %496 = insertelement <8 x float> poison, float %495, i32 0
+  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
+  %498 = mul nsw i64 %493, 3072
+  %499 = getelementptr inbounds float, ptr %h, i64 %498
   %col54 = mul nsw i64 %p, 16
-  %494 = load <8 x float>, ptr %acc0034, align 4
-  %495 = load <8 x float>, ptr %acc0135, align 4
-  %496 = add nsw i64 %col54, 0
-  %497 = fcmp ogt <8 x float> %494, zeroinitializer
-  %498 = select <8 x i1> %497, <8 x float> %494, <8 x float> zeroinitializer
-  %499 = fmul <8 x float> %498, %491
-  %500 = getelementptr inbounds float, ptr %493, i64 %496
-  store <8 x float> %499, ptr %500, align 4
-  %501 = add nsw i64 %col54, 8
-  %502 = fcmp ogt <8 x float> %495, zeroinitializer
-  %503 = select <8 x i1> %502, <8 x float> %495, <8 x float> zeroinitializer
-  %504 = fmul <8 x float> %503, %491
-  %505 = getelementptr inbounds float, ptr %493, i64 %501
-  store <8 x float> %504, ptr %505, align 4
-  %506 = add nsw i64 %r0, 1
-  %507 = getelementptr inbounds float, ptr %rw, i64 %506
-  %508 = load float, ptr %507, align 4
-  %509 = insertelement <8 x float> poison, float %508, i32 0
-  %510 = shufflevector <8 x float> %509, <8 x float> poison, <8 x i32> zeroinitializer
-  %511 = mul nsw i64 %506, 3072
-  %512 = getelementptr inbounds float, ptr %h, i64 %511
+  %500 = load <8 x float>, ptr %acc00034, align 4
+  %501 = load <8 x float>, ptr %acc00135, align 4
+  %502 = add nsw i64 %col54, 0
+  %503 = fcmp ogt <8 x float> %500, zeroinitializer
+  %504 = select <8 x i1> %503, <8 x float> %500, <8 x float> zeroinitializer
+  %505 = fmul <8 x float> %504, %497
+  %506 = getelementptr inbounds float, ptr %499, i64 %502
+  store <8 x float> %505, ptr %506, align 4
+  %507 = add nsw i64 %col54, 8
+  %508 = fcmp ogt <8 x float> %501, zeroinitializer
+  %509 = select <8 x i1> %508, <8 x float> %501, <8 x float> zeroinitializer
+  %510 = fmul <8 x float> %509, %497
+  %511 = getelementptr inbounds float, ptr %499, i64 %507
+  store <8 x float> %510, ptr %511, align 4
+  %512 = add nsw i64 %r0, 1
+  %513 = getelementptr inbounds float, ptr %rw, i64 %512
+  %514 = load float, ptr %513, align 4
+  %515 = insertelement <8 x float> poison, float %514, i32 0
+  %516 = shufflevector <8 x float> %515, <8 x float> poison, <8 x i32> zeroinitializer
+  %517 = mul nsw i64 %512, 3072
+  %518 = getelementptr inbounds float, ptr %h, i64 %517
   %col55 = mul nsw i64 %p, 16
-  %513 = load <8 x float>, ptr %acc1036, align 4
-  %514 = load <8 x float>, ptr %acc1137, align 4
-  %515 = add nsw i64 %col55, 0
-  %516 = fcmp ogt <8 x float> %513, zeroinitializer
-  %517 = select <8 x i1> %516, <8 x float> %513, <8 x float> zeroinitializer
-  %518 = fmul <8 x float> %517, %510
-  %519 = getelementptr inbounds float, ptr %512, i64 %515
-  store <8 x float> %518, ptr %519, align 4
-  %520 = add nsw i64 %col55, 8
-  %521 = fcmp ogt <8 x float> %514, zeroinitializer
-  %522 = select <8 x i1> %521, <8 x float> %514, <8 x float> zeroinitializer
-  %523 = fmul <8 x float> %522, %510
-  %524 = getelementptr inbounds float, ptr %512, i64 %520
-  store <8 x float> %523, ptr %524, align 4
-  %525 = add nsw i64 %r0, 2
-  %526 = getelementptr inbounds float, ptr %rw, i64 %525
-  %527 = load float, ptr %526, align 4
-  %528 = insertelement <8 x float> poison, float %527, i32 0
-  %529 = shufflevector <8 x float> %528, <8 x float> poison, <8 x i32> zeroinitializer
-  %530 = mul nsw i64 %525, 3072
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %519 = load <8 x float>, ptr %acc01036, align 4
+  %520 = load <8 x float>, ptr %acc01137, align 4
+  %521 = add nsw i64 %col55, 0
+  %522 = fcmp ogt <8 x float> %519, zeroinitializer
+  %523 = select <8 x i1> %522, <8 x float> %519, <8 x float> zeroinitializer
+  %524 = fmul <8 x float> %523, %516
+  %525 = getelementptr inbounds float, ptr %518, i64 %521
+  store <8 x float> %524, ptr %525, align 4
+  %526 = add nsw i64 %col55, 8
+  %527 = fcmp ogt <8 x float> %520, zeroinitializer
+  %528 = select <8 x i1> %527, <8 x float> %520, <8 x float> zeroinitializer
+  %529 = fmul <8 x float> %528, %516
+  %530 = getelementptr inbounds float, ptr %518, i64 %526
+  store <8 x float> %529, ptr %530, align 4
+  %531 = add nsw i64 %r0, 2
+  %532 = getelementptr inbounds float, ptr %rw, i64 %531
+  %533 = load float, ptr %532, align 4
+  %534 = insertelement <8 x float> poison, float %533, i32 0
+  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
+  %536 = mul nsw i64 %531, 3072
+  %537 = getelementptr inbounds float, ptr %h, i64 %536
   %col56 = mul nsw i64 %p, 16
-  %532 = load <8 x float>, ptr %acc2038, align 4
-  %533 = load <8 x float>, ptr %acc2139, align 4
-  %534 = add nsw i64 %col56, 0
-  %535 = fcmp ogt <8 x float> %532, zeroinitializer
-  %536 = select <8 x i1> %535, <8 x float> %532, <8 x float> zeroinitializer
-  %537 = fmul <8 x float> %536, %529
-  %538 = getelementptr inbounds float, ptr %531, i64 %534
-  store <8 x float> %537, ptr %538, align 4
-  %539 = add nsw i64 %col56, 8
-  %540 = fcmp ogt <8 x float> %533, zeroinitializer
-  %541 = select <8 x i1> %540, <8 x float> %533, <8 x float> zeroinitializer
-  %542 = fmul <8 x float> %541, %529
-  %543 = getelementptr inbounds float, ptr %531, i64 %539
-  store <8 x float> %542, ptr %543, align 4
-  %544 = add nsw i64 %r0, 3
-  %545 = getelementptr inbounds float, ptr %rw, i64 %544
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = mul nsw i64 %544, 3072
-  %550 = getelementptr inbounds float, ptr %h, i64 %549
+  %538 = load <8 x float>, ptr %acc02038, align 4
+  %539 = load <8 x float>, ptr %acc02139, align 4
+  %540 = add nsw i64 %col56, 0
+  %541 = fcmp ogt <8 x float> %538, zeroinitializer
+  %542 = select <8 x i1> %541, <8 x float> %538, <8 x float> zeroinitializer
+  %543 = fmul <8 x float> %542, %535
+  %544 = getelementptr inbounds float, ptr %537, i64 %540
+  store <8 x float> %543, ptr %544, align 4
+  %545 = add nsw i64 %col56, 8
+  %546 = fcmp ogt <8 x float> %539, zeroinitializer
+  %547 = select <8 x i1> %546, <8 x float> %539, <8 x float> zeroinitializer
+  %548 = fmul <8 x float> %547, %535
+  %549 = getelementptr inbounds float, ptr %537, i64 %545
+  store <8 x float> %548, ptr %549, align 4
+  %550 = add nsw i64 %r0, 3
+  %551 = getelementptr inbounds float, ptr %rw, i64 %550
+  %552 = load float, ptr %551, align 4
+  %553 = insertelement <8 x float> poison, float %552, i32 0
+  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
+  %555 = mul nsw i64 %550, 3072
+  %556 = getelementptr inbounds float, ptr %h, i64 %555
   %col57 = mul nsw i64 %p, 16
-  %551 = load <8 x float>, ptr %acc3040, align 4
-  %552 = load <8 x float>, ptr %acc3141, align 4
-  %553 = add nsw i64 %col57, 0
-  %554 = fcmp ogt <8 x float> %551, zeroinitializer
-  %555 = select <8 x i1> %554, <8 x float> %551, <8 x float> zeroinitializer
-  %556 = fmul <8 x float> %555, %548
-  %557 = getelementptr inbounds float, ptr %550, i64 %553
-  store <8 x float> %556, ptr %557, align 4
-  %558 = add nsw i64 %col57, 8
-  %559 = fcmp ogt <8 x float> %552, zeroinitializer
-  %560 = select <8 x i1> %559, <8 x float> %552, <8 x float> zeroinitializer
-  %561 = fmul <8 x float> %560, %548
-  %562 = getelementptr inbounds float, ptr %550, i64 %558
-  store <8 x float> %561, ptr %562, align 4
+  %557 = load <8 x float>, ptr %acc03040, align 4
+  %558 = load <8 x float>, ptr %acc03141, align 4
+  %559 = add nsw i64 %col57, 0
+  %560 = fcmp ogt <8 x float> %557, zeroinitializer
+  %561 = select <8 x i1> %560, <8 x float> %557, <8 x float> zeroinitializer
+  %562 = fmul <8 x float> %561, %554
+  %563 = getelementptr inbounds float, ptr %556, i64 %559
+  store <8 x float> %562, ptr %563, align 4
+  %564 = add nsw i64 %col57, 8
+  %565 = fcmp ogt <8 x float> %558, zeroinitializer
+  %566 = select <8 x i1> %565, <8 x float> %558, <8 x float> zeroinitializer
+  %567 = fmul <8 x float> %566, %554
+  %568 = getelementptr inbounds float, ptr %556, i64 %564
+  store <8 x float> %567, ptr %568, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %563 = add nsw i64 %r0, 0
-  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
-  %565 = load i32, ptr %564, align 4
-  %566 = sext i32 %565 to i64
-  %567 = mul nsw i64 %566, 768
-  %568 = getelementptr inbounds float, ptr %x, i64 %567
-  store <8 x float> zeroinitializer, ptr %acc0058, align 4
-  store <8 x float> zeroinitializer, ptr %acc0159, align 4
-  %569 = add nsw i64 %r0, 1
+  %569 = add nsw i64 %r0, 0
   %570 = getelementptr inbounds i32, ptr %rows, i64 %569
   %571 = load i32, ptr %570, align 4
   %572 = sext i32 %571 to i64
   %573 = mul nsw i64 %572, 768
   %574 = getelementptr inbounds float, ptr %x, i64 %573
-  store <8 x float> zeroinitializer, ptr %acc1060, align 4
-  store <8 x float> zeroinitializer, ptr %acc1161, align 4
-  %575 = add nsw i64 %r0, 2
+  store <8 x float> zeroinitializer, ptr %acc00058, align 4
+  store <8 x float> zeroinitializer, ptr %acc00159, align 4
+  %575 = add nsw i64 %r0, 1
   %576 = getelementptr inbounds i32, ptr %rows, i64 %575
   %577 = load i32, ptr %576, align 4
   %578 = sext i32 %577 to i64
   %579 = mul nsw i64 %578, 768
   %580 = getelementptr inbounds float, ptr %x, i64 %579
-  store <8 x float> zeroinitializer, ptr %acc2062, align 4
-  store <8 x float> zeroinitializer, ptr %acc2163, align 4
+  store <8 x float> zeroinitializer, ptr %acc01060, align 4
+  store <8 x float> zeroinitializer, ptr %acc01161, align 4
+  %581 = add nsw i64 %r0, 2
+  %582 = getelementptr inbounds i32, ptr %rows, i64 %581
+  %583 = load i32, ptr %582, align 4
+  %584 = sext i32 %583 to i64
+  %585 = mul nsw i64 %584, 768
+  %586 = getelementptr inbounds float, ptr %x, i64 %585
+  store <8 x float> zeroinitializer, ptr %acc02062, align 4
+  store <8 x float> zeroinitializer, ptr %acc02163, align 4
   %panel.off64 = mul nsw i64 %p, 12288
-  %581 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
-  %582 = add nsw i64 %p, 1
-  %583 = icmp slt i64 %582, %p1
-  %pf.on65 = and i1 %pf.on, %583
-  %584 = mul nsw i64 %rb, 24576
-  %585 = lshr i64 %584, %11
-  %586 = add nsw i64 24576, %585
-  %587 = getelementptr inbounds i8, ptr %581, i64 %586
-  %pf66 = select i1 %pf.on65, ptr %587, ptr %581
+  %587 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
+  %588 = add nsw i64 %p, 1
+  %589 = icmp slt i64 %588, %p1
+  %pf.on65 = and i1 %pf.on, %589
+  %590 = mul nsw i64 %rb, 24576
+  %591 = lshr i64 %590, %11
+  %592 = add nsw i64 24576, %591
+  %593 = getelementptr inbounds i8, ptr %587, i64 %592
+  %pf66 = select i1 %pf.on65, ptr %593, ptr %587
   %pf.sh67 = select i1 %pf.on65, i64 %11, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr3
-  %k71 = phi i64 [ 0, %tile.mr3 ], [ %622, %pf.any.end73 ]
-  %588 = icmp slt i64 %k71, 768
-  br i1 %588, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr3 ], [ %630, %pf.any.end73 ]
+  %594 = icmp slt i64 %k71, 768
+  br i1 %594, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %589 = mul nsw i64 %k71, 16
-  %590 = add nsw i64 %panel.off64, %589
-  %591 = mul nsw i64 %k71, 32
+  %595 = mul nsw i64 %k71, 1
+  %596 = add nsw i64 %595, 0
+  %597 = mul nsw i64 %596, 32
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %592 = lshr i64 %591, %pf.sh67
-  %593 = getelementptr inbounds i8, ptr %pf66, i64 %592
-  call void @llvm.prefetch.p0(ptr %593, i32 0, i32 2, i32 1)
+  %598 = lshr i64 %597, %pf.sh67
+  %599 = getelementptr inbounds i8, ptr %pf66, i64 %598
+  call void @llvm.prefetch.p0(ptr %599, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %594 = getelementptr inbounds i16, ptr %panels, i64 %590
-  %595 = load <8 x i32>, ptr %594, align 4
-  %596 = shl <8 x i32> %595, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %596 to <8 x float>
-  %597 = and <8 x i32> %595, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %597 to <8 x float>
-  %598 = getelementptr inbounds float, ptr %568, i64 %k71
-  %599 = load float, ptr %598, align 4
-  %600 = insertelement <8 x float> poison, float %599, i32 0
-  %601 = shufflevector <8 x float> %600, <8 x float> poison, <8 x i32> zeroinitializer
-  %602 = load <8 x float>, ptr %acc0058, align 4
-  %603 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %b074, <8 x float> %602)
-  store <8 x float> %603, ptr %acc0058, align 4
-  %604 = load <8 x float>, ptr %acc0159, align 4
-  %605 = call <8 x float> @llvm.fma.v8f32(<8 x float> %601, <8 x float> %b175, <8 x float> %604)
-  store <8 x float> %605, ptr %acc0159, align 4
-  %606 = getelementptr inbounds float, ptr %574, i64 %k71
+  %600 = mul nsw i64 %596, 16
+  %601 = add nsw i64 %panel.off64, %600
+  %602 = getelementptr inbounds i16, ptr %panels, i64 %601
+  %603 = load <8 x i32>, ptr %602, align 4
+  %604 = shl <8 x i32> %603, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b074 = bitcast <8 x i32> %604 to <8 x float>
+  %605 = and <8 x i32> %603, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b175 = bitcast <8 x i32> %605 to <8 x float>
+  %606 = getelementptr inbounds float, ptr %574, i64 %596
   %607 = load float, ptr %606, align 4
   %608 = insertelement <8 x float> poison, float %607, i32 0
   %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
-  %610 = load <8 x float>, ptr %acc1060, align 4
+  %610 = load <8 x float>, ptr %acc00058, align 4
   %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b074, <8 x float> %610)
-  store <8 x float> %611, ptr %acc1060, align 4
-  %612 = load <8 x float>, ptr %acc1161, align 4
+  store <8 x float> %611, ptr %acc00058, align 4
+  %612 = load <8 x float>, ptr %acc00159, align 4
   %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b175, <8 x float> %612)
-  store <8 x float> %613, ptr %acc1161, align 4
-  %614 = getelementptr inbounds float, ptr %580, i64 %k71
+  store <8 x float> %613, ptr %acc00159, align 4
+  %614 = getelementptr inbounds float, ptr %580, i64 %596
   %615 = load float, ptr %614, align 4
   %616 = insertelement <8 x float> poison, float %615, i32 0
   %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
-  %618 = load <8 x float>, ptr %acc2062, align 4
+  %618 = load <8 x float>, ptr %acc01060, align 4
   %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b074, <8 x float> %618)
-  store <8 x float> %619, ptr %acc2062, align 4
-  %620 = load <8 x float>, ptr %acc2163, align 4
+  store <8 x float> %619, ptr %acc01060, align 4
+  %620 = load <8 x float>, ptr %acc01161, align 4
   %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b175, <8 x float> %620)
-  store <8 x float> %621, ptr %acc2163, align 4
-  %622 = add nsw i64 %k71, 1
+  store <8 x float> %621, ptr %acc01161, align 4
+  %622 = getelementptr inbounds float, ptr %586, i64 %596
+  %623 = load float, ptr %622, align 4
+  %624 = insertelement <8 x float> poison, float %623, i32 0
+  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
+  %626 = load <8 x float>, ptr %acc02062, align 4
+  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %b074, <8 x float> %626)
+  store <8 x float> %627, ptr %acc02062, align 4
+  %628 = load <8 x float>, ptr %acc02163, align 4
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %b175, <8 x float> %628)
+  store <8 x float> %629, ptr %acc02163, align 4
+  %630 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %623 = add nsw i64 %r0, 0
-  %624 = getelementptr inbounds float, ptr %rw, i64 %623
-  %625 = load float, ptr %624, align 4
-  %626 = insertelement <8 x float> poison, float %625, i32 0
-  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
-  %628 = mul nsw i64 %623, 3072
-  %629 = getelementptr inbounds float, ptr %h, i64 %628
+  %631 = add nsw i64 %r0, 0
+  %632 = getelementptr inbounds float, ptr %rw, i64 %631
+  %633 = load float, ptr %632, align 4
+  %634 = insertelement <8 x float> poison, float %633, i32 0
+  %635 = shufflevector <8 x float> %634, <8 x float> poison, <8 x i32> zeroinitializer
+  %636 = mul nsw i64 %631, 3072
+  %637 = getelementptr inbounds float, ptr %h, i64 %636
   %col76 = mul nsw i64 %p, 16
-  %630 = load <8 x float>, ptr %acc0058, align 4
-  %631 = load <8 x float>, ptr %acc0159, align 4
-  %632 = add nsw i64 %col76, 0
-  %633 = fcmp ogt <8 x float> %630, zeroinitializer
-  %634 = select <8 x i1> %633, <8 x float> %630, <8 x float> zeroinitializer
-  %635 = fmul <8 x float> %634, %627
-  %636 = getelementptr inbounds float, ptr %629, i64 %632
-  store <8 x float> %635, ptr %636, align 4
-  %637 = add nsw i64 %col76, 8
-  %638 = fcmp ogt <8 x float> %631, zeroinitializer
-  %639 = select <8 x i1> %638, <8 x float> %631, <8 x float> zeroinitializer
-  %640 = fmul <8 x float> %639, %627
-  %641 = getelementptr inbounds float, ptr %629, i64 %637
-  store <8 x float> %640, ptr %641, align 4
-  %642 = add nsw i64 %r0, 1
-  %643 = getelementptr inbounds float, ptr %rw, i64 %642
-  %644 = load float, ptr %643, align 4
-  %645 = insertelement <8 x float> poison, float %644, i32 0
-  %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
-  %647 = mul nsw i64 %642, 3072
-  %648 = getelementptr inbounds float, ptr %h, i64 %647
+  %638 = load <8 x float>, ptr %acc00058, align 4
+  %639 = load <8 x float>, ptr %acc00159, align 4
+  %640 = add nsw i64 %col76, 0
+  %641 = fcmp ogt <8 x float> %638, zeroinitializer
+  %642 = select <8 x i1> %641, <8 x float> %638, <8 x float> zeroinitializer
+  %643 = fmul <8 x float> %642, %635
+  %644 = getelementptr inbounds float, ptr %637, i64 %640
+  store <8 x float> %643, ptr %644, align 4
+  %645 = add nsw i64 %col76, 8
+  %646 = fcmp ogt <8 x float> %639, zeroinitializer
+  %647 = select <8 x i1> %646, <8 x float> %639, <8 x float> zeroinitializer
+  %648 = fmul <8 x float> %647, %635
+  %649 = getelementptr inbounds float, ptr %637, i64 %645
+  store <8 x float> %648, ptr %649, align 4
+  %650 = add nsw i64 %r0, 1
+  %651 = getelementptr inbounds float, ptr %rw, i64 %650
+  %652 = load float, ptr %651, align 4
+  %653 = insertelement <8 x float> poison, float %652, i32 0
+  %654 = shufflevector <8 x float> %653, <8 x float> poison, <8 x i32> zeroinitializer
+  %655 = mul nsw i64 %650, 3072
+  %656 = getelementptr inbounds float, ptr %h, i64 %655
   %col77 = mul nsw i64 %p, 16
-  %649 = load <8 x float>, ptr %acc1060, align 4
-  %650 = load <8 x float>, ptr %acc1161, align 4
-  %651 = add nsw i64 %col77, 0
-  %652 = fcmp ogt <8 x float> %649, zeroinitializer
-  %653 = select <8 x i1> %652, <8 x float> %649, <8 x float> zeroinitializer
-  %654 = fmul <8 x float> %653, %646
-  %655 = getelementptr inbounds float, ptr %648, i64 %651
-  store <8 x float> %654, ptr %655, align 4
-  %656 = add nsw i64 %col77, 8
-  %657 = fcmp ogt <8 x float> %650, zeroinitializer
-  %658 = select <8 x i1> %657, <8 x float> %650, <8 x float> zeroinitializer
-  %659 = fmul <8 x float> %658, %646
-  %660 = getelementptr inbounds float, ptr %648, i64 %656
-  store <8 x float> %659, ptr %660, align 4
-  %661 = add nsw i64 %r0, 2
-  %662 = getelementptr inbounds float, ptr %rw, i64 %661
-  %663 = load float, ptr %662, align 4
-  %664 = insertelement <8 x float> poison, float %663, i32 0
-  %665 = shufflevector <8 x float> %664, <8 x float> poison, <8 x i32> zeroinitializer
-  %666 = mul nsw i64 %661, 3072
-  %667 = getelementptr inbounds float, ptr %h, i64 %666
+  %657 = load <8 x float>, ptr %acc01060, align 4
+  %658 = load <8 x float>, ptr %acc01161, align 4
+  %659 = add nsw i64 %col77, 0
+  %660 = fcmp ogt <8 x float> %657, zeroinitializer
+  %661 = select <8 x i1> %660, <8 x float> %657, <8 x float> zeroinitializer
+  %662 = fmul <8 x float> %661, %654
+  %663 = getelementptr inbounds float, ptr %656, i64 %659
+  store <8 x float> %662, ptr %663, align 4
+  %664 = add nsw i64 %col77, 8
+  %665 = fcmp ogt <8 x float> %658, zeroinitializer
+  %666 = select <8 x i1> %665, <8 x float> %658, <8 x float> zeroinitializer
+  %667 = fmul <8 x float> %666, %654
+  %668 = getelementptr inbounds float, ptr %656, i64 %664
+  store <8 x float> %667, ptr %668, align 4
+  %669 = add nsw i64 %r0, 2
+  %670 = getelementptr inbounds float, ptr %rw, i64 %669
+  %671 = load float, ptr %670, align 4
+  %672 = insertelement <8 x float> poison, float %671, i32 0
+  %673 = shufflevector <8 x float> %672, <8 x float> poison, <8 x i32> zeroinitializer
+  %674 = mul nsw i64 %669, 3072
+  %675 = getelementptr inbounds float, ptr %h, i64 %674
   %col78 = mul nsw i64 %p, 16
-  %668 = load <8 x float>, ptr %acc2062, align 4
-  %669 = load <8 x float>, ptr %acc2163, align 4
-  %670 = add nsw i64 %col78, 0
-  %671 = fcmp ogt <8 x float> %668, zeroinitializer
-  %672 = select <8 x i1> %671, <8 x float> %668, <8 x float> zeroinitializer
-  %673 = fmul <8 x float> %672, %665
-  %674 = getelementptr inbounds float, ptr %667, i64 %670
-  store <8 x float> %673, ptr %674, align 4
-  %675 = add nsw i64 %col78, 8
-  %676 = fcmp ogt <8 x float> %669, zeroinitializer
-  %677 = select <8 x i1> %676, <8 x float> %669, <8 x float> zeroinitializer
-  %678 = fmul <8 x float> %677, %665
-  %679 = getelementptr inbounds float, ptr %667, i64 %675
-  store <8 x float> %678, ptr %679, align 4
+  %676 = load <8 x float>, ptr %acc02062, align 4
+  %677 = load <8 x float>, ptr %acc02163, align 4
+  %678 = add nsw i64 %col78, 0
+  %679 = fcmp ogt <8 x float> %676, zeroinitializer
+  %680 = select <8 x i1> %679, <8 x float> %676, <8 x float> zeroinitializer
+  %681 = fmul <8 x float> %680, %673
+  %682 = getelementptr inbounds float, ptr %675, i64 %678
+  store <8 x float> %681, ptr %682, align 4
+  %683 = add nsw i64 %col78, 8
+  %684 = fcmp ogt <8 x float> %677, zeroinitializer
+  %685 = select <8 x i1> %684, <8 x float> %677, <8 x float> zeroinitializer
+  %686 = fmul <8 x float> %685, %673
+  %687 = getelementptr inbounds float, ptr %675, i64 %683
+  store <8 x float> %686, ptr %687, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %680 = add nsw i64 %r0, 0
-  %681 = getelementptr inbounds i32, ptr %rows, i64 %680
-  %682 = load i32, ptr %681, align 4
-  %683 = sext i32 %682 to i64
-  %684 = mul nsw i64 %683, 768
-  %685 = getelementptr inbounds float, ptr %x, i64 %684
-  store <8 x float> zeroinitializer, ptr %acc0079, align 4
-  store <8 x float> zeroinitializer, ptr %acc0180, align 4
-  %686 = add nsw i64 %r0, 1
-  %687 = getelementptr inbounds i32, ptr %rows, i64 %686
-  %688 = load i32, ptr %687, align 4
-  %689 = sext i32 %688 to i64
-  %690 = mul nsw i64 %689, 768
-  %691 = getelementptr inbounds float, ptr %x, i64 %690
-  store <8 x float> zeroinitializer, ptr %acc1081, align 4
-  store <8 x float> zeroinitializer, ptr %acc1182, align 4
+  %688 = add nsw i64 %r0, 0
+  %689 = getelementptr inbounds i32, ptr %rows, i64 %688
+  %690 = load i32, ptr %689, align 4
+  %691 = sext i32 %690 to i64
+  %692 = mul nsw i64 %691, 768
+  %693 = getelementptr inbounds float, ptr %x, i64 %692
+  store <8 x float> zeroinitializer, ptr %acc00079, align 4
+  store <8 x float> zeroinitializer, ptr %acc00180, align 4
+  %694 = add nsw i64 %r0, 1
+  %695 = getelementptr inbounds i32, ptr %rows, i64 %694
+  %696 = load i32, ptr %695, align 4
+  %697 = sext i32 %696 to i64
+  %698 = mul nsw i64 %697, 768
+  %699 = getelementptr inbounds float, ptr %x, i64 %698
+  store <8 x float> zeroinitializer, ptr %acc01081, align 4
+  store <8 x float> zeroinitializer, ptr %acc01182, align 4
   %panel.off83 = mul nsw i64 %p, 12288
-  %692 = getelementptr inbounds i16, ptr %panels, i64 %panel.off83
-  %693 = add nsw i64 %p, 1
-  %694 = icmp slt i64 %693, %p1
-  %pf.on84 = and i1 %pf.on, %694
-  %695 = mul nsw i64 %rb, 24576
-  %696 = lshr i64 %695, %11
-  %697 = add nsw i64 24576, %696
-  %698 = getelementptr inbounds i8, ptr %692, i64 %697
-  %pf85 = select i1 %pf.on84, ptr %698, ptr %692
+  %700 = getelementptr inbounds i16, ptr %panels, i64 %panel.off83
+  %701 = add nsw i64 %p, 1
+  %702 = icmp slt i64 %701, %p1
+  %pf.on84 = and i1 %pf.on, %702
+  %703 = mul nsw i64 %rb, 24576
+  %704 = lshr i64 %703, %11
+  %705 = add nsw i64 24576, %704
+  %706 = getelementptr inbounds i8, ptr %700, i64 %705
+  %pf85 = select i1 %pf.on84, ptr %706, ptr %700
   %pf.sh86 = select i1 %pf.on84, i64 %11, i64 0
   br label %k.head87
 
 k.head87:                                         ; preds = %pf.any.end92, %tile.mr2
-  %k90 = phi i64 [ 0, %tile.mr2 ], [ %725, %pf.any.end92 ]
-  %699 = icmp slt i64 %k90, 768
-  br i1 %699, label %k.body88, label %k.end89
+  %k90 = phi i64 [ 0, %tile.mr2 ], [ %735, %pf.any.end92 ]
+  %707 = icmp slt i64 %k90, 768
+  br i1 %707, label %k.body88, label %k.end89
 
 k.body88:                                         ; preds = %k.head87
-  %700 = mul nsw i64 %k90, 16
-  %701 = add nsw i64 %panel.off83, %700
-  %702 = mul nsw i64 %k90, 32
+  %708 = mul nsw i64 %k90, 1
+  %709 = add nsw i64 %708, 0
+  %710 = mul nsw i64 %709, 32
   br i1 %pf.multi, label %pf.any.then91, label %pf.any.end92
 
 pf.any.then91:                                    ; preds = %k.body88
-  %703 = lshr i64 %702, %pf.sh86
-  %704 = getelementptr inbounds i8, ptr %pf85, i64 %703
-  call void @llvm.prefetch.p0(ptr %704, i32 0, i32 2, i32 1)
+  %711 = lshr i64 %710, %pf.sh86
+  %712 = getelementptr inbounds i8, ptr %pf85, i64 %711
+  call void @llvm.prefetch.p0(ptr %712, i32 0, i32 2, i32 1)
   br label %pf.any.end92
 
 pf.any.end92:                                     ; preds = %pf.any.then91, %k.body88
-  %705 = getelementptr inbounds i16, ptr %panels, i64 %701
-  %706 = load <8 x i32>, ptr %705, align 4
-  %707 = shl <8 x i32> %706, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b093 = bitcast <8 x i32> %707 to <8 x float>
-  %708 = and <8 x i32> %706, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b194 = bitcast <8 x i32> %708 to <8 x float>
-  %709 = getelementptr inbounds float, ptr %685, i64 %k90
-  %710 = load float, ptr %709, align 4
-  %711 = insertelement <8 x float> poison, float %710, i32 0
-  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
-  %713 = load <8 x float>, ptr %acc0079, align 4
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b093, <8 x float> %713)
-  store <8 x float> %714, ptr %acc0079, align 4
-  %715 = load <8 x float>, ptr %acc0180, align 4
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b194, <8 x float> %715)
-  store <8 x float> %716, ptr %acc0180, align 4
-  %717 = getelementptr inbounds float, ptr %691, i64 %k90
-  %718 = load float, ptr %717, align 4
-  %719 = insertelement <8 x float> poison, float %718, i32 0
-  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
-  %721 = load <8 x float>, ptr %acc1081, align 4
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b093, <8 x float> %721)
-  store <8 x float> %722, ptr %acc1081, align 4
-  %723 = load <8 x float>, ptr %acc1182, align 4
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b194, <8 x float> %723)
-  store <8 x float> %724, ptr %acc1182, align 4
-  %725 = add nsw i64 %k90, 1
-  br label %k.head87
-
-k.end89:                                          ; preds = %k.head87
-  %726 = add nsw i64 %r0, 0
-  %727 = getelementptr inbounds float, ptr %rw, i64 %726
+  %713 = mul nsw i64 %709, 16
+  %714 = add nsw i64 %panel.off83, %713
+  %715 = getelementptr inbounds i16, ptr %panels, i64 %714
+  %716 = load <8 x i32>, ptr %715, align 4
+  %717 = shl <8 x i32> %716, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b093 = bitcast <8 x i32> %717 to <8 x float>
+  %718 = and <8 x i32> %716, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b194 = bitcast <8 x i32> %718 to <8 x float>
+  %719 = getelementptr inbounds float, ptr %693, i64 %709
+  %720 = load float, ptr %719, align 4
+  %721 = insertelement <8 x float> poison, float %720, i32 0
+  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
+  %723 = load <8 x float>, ptr %acc00079, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %b093, <8 x float> %723)
+  store <8 x float> %724, ptr %acc00079, align 4
+  %725 = load <8 x float>, ptr %acc00180, align 4
+  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %b194, <8 x float> %725)
+  store <8 x float> %726, ptr %acc00180, align 4
+  %727 = getelementptr inbounds float, ptr %699, i64 %709
   %728 = load float, ptr %727, align 4
   %729 = insertelement <8 x float> poison, float %728, i32 0
   %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
-  %731 = mul nsw i64 %726, 3072
-  %732 = getelementptr inbounds float, ptr %h, i64 %731
+  %731 = load <8 x float>, ptr %acc01081, align 4
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %b093, <8 x float> %731)
+  store <8 x float> %732, ptr %acc01081, align 4
+  %733 = load <8 x float>, ptr %acc01182, align 4
+  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %b194, <8 x float> %733)
+  store <8 x float> %734, ptr %acc01182, align 4
+  %735 = add nsw i64 %k90, 1
+  br label %k.head87
+
+k.end89:                                          ; preds = %k.head87
+  %736 = add nsw i64 %r0, 0
+  %737 = getelementptr inbounds float, ptr %rw, i64 %736
+  %738 = load float, ptr %737, align 4
+  %739 = insertelement <8 x float> poison, float %738, i32 0
+  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
+  %741 = mul nsw i64 %736, 3072
+  %742 = getelementptr inbounds float, ptr %h, i64 %741
   %col95 = mul nsw i64 %p, 16
-  %733 = load <8 x float>, ptr %acc0079, align 4
-  %734 = load <8 x float>, ptr %acc0180, align 4
-  %735 = add nsw i64 %col95, 0
-  %736 = fcmp ogt <8 x float> %733, zeroinitializer
-  %737 = select <8 x i1> %736, <8 x float> %733, <8 x float> zeroinitializer
-  %738 = fmul <8 x float> %737, %730
-  %739 = getelementptr inbounds float, ptr %732, i64 %735
-  store <8 x float> %738, ptr %739, align 4
-  %740 = add nsw i64 %col95, 8
-  %741 = fcmp ogt <8 x float> %734, zeroinitializer
-  %742 = select <8 x i1> %741, <8 x float> %734, <8 x float> zeroinitializer
-  %743 = fmul <8 x float> %742, %730
-  %744 = getelementptr inbounds float, ptr %732, i64 %740
-  store <8 x float> %743, ptr %744, align 4
-  %745 = add nsw i64 %r0, 1
-  %746 = getelementptr inbounds float, ptr %rw, i64 %745
-  %747 = load float, ptr %746, align 4
-  %748 = insertelement <8 x float> poison, float %747, i32 0
-  %749 = shufflevector <8 x float> %748, <8 x float> poison, <8 x i32> zeroinitializer
-  %750 = mul nsw i64 %745, 3072
-  %751 = getelementptr inbounds float, ptr %h, i64 %750
+  %743 = load <8 x float>, ptr %acc00079, align 4
+  %744 = load <8 x float>, ptr %acc00180, align 4
+  %745 = add nsw i64 %col95, 0
+  %746 = fcmp ogt <8 x float> %743, zeroinitializer
+  %747 = select <8 x i1> %746, <8 x float> %743, <8 x float> zeroinitializer
+  %748 = fmul <8 x float> %747, %740
+  %749 = getelementptr inbounds float, ptr %742, i64 %745
+  store <8 x float> %748, ptr %749, align 4
+  %750 = add nsw i64 %col95, 8
+  %751 = fcmp ogt <8 x float> %744, zeroinitializer
+  %752 = select <8 x i1> %751, <8 x float> %744, <8 x float> zeroinitializer
+  %753 = fmul <8 x float> %752, %740
+  %754 = getelementptr inbounds float, ptr %742, i64 %750
+  store <8 x float> %753, ptr %754, align 4
+  %755 = add nsw i64 %r0, 1
+  %756 = getelementptr inbounds float, ptr %rw, i64 %755
+  %757 = load float, ptr %756, align 4
+  %758 = insertelement <8 x float> poison, float %757, i32 0
+  %759 = shufflevector <8 x float> %758, <8 x float> poison, <8 x i32> zeroinitializer
+  %760 = mul nsw i64 %755, 3072
+  %761 = getelementptr inbounds float, ptr %h, i64 %760
   %col96 = mul nsw i64 %p, 16
-  %752 = load <8 x float>, ptr %acc1081, align 4
-  %753 = load <8 x float>, ptr %acc1182, align 4
-  %754 = add nsw i64 %col96, 0
-  %755 = fcmp ogt <8 x float> %752, zeroinitializer
-  %756 = select <8 x i1> %755, <8 x float> %752, <8 x float> zeroinitializer
-  %757 = fmul <8 x float> %756, %749
-  %758 = getelementptr inbounds float, ptr %751, i64 %754
-  store <8 x float> %757, ptr %758, align 4
-  %759 = add nsw i64 %col96, 8
-  %760 = fcmp ogt <8 x float> %753, zeroinitializer
-  %761 = select <8 x i1> %760, <8 x float> %753, <8 x float> zeroinitializer
-  %762 = fmul <8 x float> %761, %749
-  %763 = getelementptr inbounds float, ptr %751, i64 %759
-  store <8 x float> %762, ptr %763, align 4
+  %762 = load <8 x float>, ptr %acc01081, align 4
+  %763 = load <8 x float>, ptr %acc01182, align 4
+  %764 = add nsw i64 %col96, 0
+  %765 = fcmp ogt <8 x float> %762, zeroinitializer
+  %766 = select <8 x i1> %765, <8 x float> %762, <8 x float> zeroinitializer
+  %767 = fmul <8 x float> %766, %759
+  %768 = getelementptr inbounds float, ptr %761, i64 %764
+  store <8 x float> %767, ptr %768, align 4
+  %769 = add nsw i64 %col96, 8
+  %770 = fcmp ogt <8 x float> %763, zeroinitializer
+  %771 = select <8 x i1> %770, <8 x float> %763, <8 x float> zeroinitializer
+  %772 = fmul <8 x float> %771, %759
+  %773 = getelementptr inbounds float, ptr %761, i64 %769
+  store <8 x float> %772, ptr %773, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %764 = add nsw i64 %r0, 0
-  %765 = getelementptr inbounds i32, ptr %rows, i64 %764
-  %766 = load i32, ptr %765, align 4
-  %767 = sext i32 %766 to i64
-  %768 = mul nsw i64 %767, 768
-  %769 = getelementptr inbounds float, ptr %x, i64 %768
-  store <8 x float> zeroinitializer, ptr %acc0097, align 4
-  store <8 x float> zeroinitializer, ptr %acc0198, align 4
+  %774 = add nsw i64 %r0, 0
+  %775 = getelementptr inbounds i32, ptr %rows, i64 %774
+  %776 = load i32, ptr %775, align 4
+  %777 = sext i32 %776 to i64
+  %778 = mul nsw i64 %777, 768
+  %779 = getelementptr inbounds float, ptr %x, i64 %778
+  store <8 x float> zeroinitializer, ptr %acc00097, align 4
+  store <8 x float> zeroinitializer, ptr %acc00198, align 4
   %panel.off99 = mul nsw i64 %p, 12288
-  %770 = getelementptr inbounds i16, ptr %panels, i64 %panel.off99
-  %771 = add nsw i64 %p, 1
-  %772 = icmp slt i64 %771, %p1
-  %pf.on100 = and i1 %pf.on, %772
-  %773 = mul nsw i64 %rb, 24576
-  %774 = lshr i64 %773, %11
-  %775 = add nsw i64 24576, %774
-  %776 = getelementptr inbounds i8, ptr %770, i64 %775
-  %pf101 = select i1 %pf.on100, ptr %776, ptr %770
+  %780 = getelementptr inbounds i16, ptr %panels, i64 %panel.off99
+  %781 = add nsw i64 %p, 1
+  %782 = icmp slt i64 %781, %p1
+  %pf.on100 = and i1 %pf.on, %782
+  %783 = mul nsw i64 %rb, 24576
+  %784 = lshr i64 %783, %11
+  %785 = add nsw i64 24576, %784
+  %786 = getelementptr inbounds i8, ptr %780, i64 %785
+  %pf101 = select i1 %pf.on100, ptr %786, ptr %780
   %pf.sh102 = select i1 %pf.on100, i64 %11, i64 0
   br label %k.head103
 
 k.head103:                                        ; preds = %pf.any.end108, %tile.mr1
-  %k106 = phi i64 [ 0, %tile.mr1 ], [ %795, %pf.any.end108 ]
-  %777 = icmp slt i64 %k106, 768
-  br i1 %777, label %k.body104, label %k.end105
+  %k106 = phi i64 [ 0, %tile.mr1 ], [ %807, %pf.any.end108 ]
+  %787 = icmp slt i64 %k106, 768
+  br i1 %787, label %k.body104, label %k.end105
 
 k.body104:                                        ; preds = %k.head103
-  %778 = mul nsw i64 %k106, 16
-  %779 = add nsw i64 %panel.off99, %778
-  %780 = mul nsw i64 %k106, 32
+  %788 = mul nsw i64 %k106, 1
+  %789 = add nsw i64 %788, 0
+  %790 = mul nsw i64 %789, 32
   br i1 %pf.multi, label %pf.any.then107, label %pf.any.end108
 
 pf.any.then107:                                   ; preds = %k.body104
-  %781 = lshr i64 %780, %pf.sh102
-  %782 = getelementptr inbounds i8, ptr %pf101, i64 %781
-  call void @llvm.prefetch.p0(ptr %782, i32 0, i32 2, i32 1)
+  %791 = lshr i64 %790, %pf.sh102
+  %792 = getelementptr inbounds i8, ptr %pf101, i64 %791
+  call void @llvm.prefetch.p0(ptr %792, i32 0, i32 2, i32 1)
   br label %pf.any.end108
 
 pf.any.end108:                                    ; preds = %pf.any.then107, %k.body104
-  %783 = getelementptr inbounds i16, ptr %panels, i64 %779
-  %784 = load <8 x i32>, ptr %783, align 4
-  %785 = shl <8 x i32> %784, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0109 = bitcast <8 x i32> %785 to <8 x float>
-  %786 = and <8 x i32> %784, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1110 = bitcast <8 x i32> %786 to <8 x float>
-  %787 = getelementptr inbounds float, ptr %769, i64 %k106
-  %788 = load float, ptr %787, align 4
-  %789 = insertelement <8 x float> poison, float %788, i32 0
-  %790 = shufflevector <8 x float> %789, <8 x float> poison, <8 x i32> zeroinitializer
-  %791 = load <8 x float>, ptr %acc0097, align 4
-  %792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %b0109, <8 x float> %791)
-  store <8 x float> %792, ptr %acc0097, align 4
-  %793 = load <8 x float>, ptr %acc0198, align 4
-  %794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %790, <8 x float> %b1110, <8 x float> %793)
-  store <8 x float> %794, ptr %acc0198, align 4
-  %795 = add nsw i64 %k106, 1
+  %793 = mul nsw i64 %789, 16
+  %794 = add nsw i64 %panel.off99, %793
+  %795 = getelementptr inbounds i16, ptr %panels, i64 %794
+  %796 = load <8 x i32>, ptr %795, align 4
+  %797 = shl <8 x i32> %796, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0109 = bitcast <8 x i32> %797 to <8 x float>
+  %798 = and <8 x i32> %796, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1110 = bitcast <8 x i32> %798 to <8 x float>
+  %799 = getelementptr inbounds float, ptr %779, i64 %789
+  %800 = load float, ptr %799, align 4
+  %801 = insertelement <8 x float> poison, float %800, i32 0
+  %802 = shufflevector <8 x float> %801, <8 x float> poison, <8 x i32> zeroinitializer
+  %803 = load <8 x float>, ptr %acc00097, align 4
+  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %b0109, <8 x float> %803)
+  store <8 x float> %804, ptr %acc00097, align 4
+  %805 = load <8 x float>, ptr %acc00198, align 4
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %b1110, <8 x float> %805)
+  store <8 x float> %806, ptr %acc00198, align 4
+  %807 = add nsw i64 %k106, 1
   br label %k.head103
 
 k.end105:                                         ; preds = %k.head103
-  %796 = add nsw i64 %r0, 0
-  %797 = getelementptr inbounds float, ptr %rw, i64 %796
-  %798 = load float, ptr %797, align 4
-  %799 = insertelement <8 x float> poison, float %798, i32 0
-  %800 = shufflevector <8 x float> %799, <8 x float> poison, <8 x i32> zeroinitializer
-  %801 = mul nsw i64 %796, 3072
-  %802 = getelementptr inbounds float, ptr %h, i64 %801
+  %808 = add nsw i64 %r0, 0
+  %809 = getelementptr inbounds float, ptr %rw, i64 %808
+  %810 = load float, ptr %809, align 4
+  %811 = insertelement <8 x float> poison, float %810, i32 0
+  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
+  %813 = mul nsw i64 %808, 3072
+  %814 = getelementptr inbounds float, ptr %h, i64 %813
   %col111 = mul nsw i64 %p, 16
-  %803 = load <8 x float>, ptr %acc0097, align 4
-  %804 = load <8 x float>, ptr %acc0198, align 4
-  %805 = add nsw i64 %col111, 0
-  %806 = fcmp ogt <8 x float> %803, zeroinitializer
-  %807 = select <8 x i1> %806, <8 x float> %803, <8 x float> zeroinitializer
-  %808 = fmul <8 x float> %807, %800
-  %809 = getelementptr inbounds float, ptr %802, i64 %805
-  store <8 x float> %808, ptr %809, align 4
-  %810 = add nsw i64 %col111, 8
-  %811 = fcmp ogt <8 x float> %804, zeroinitializer
-  %812 = select <8 x i1> %811, <8 x float> %804, <8 x float> zeroinitializer
-  %813 = fmul <8 x float> %812, %800
-  %814 = getelementptr inbounds float, ptr %802, i64 %810
-  store <8 x float> %813, ptr %814, align 4
+  %815 = load <8 x float>, ptr %acc00097, align 4
+  %816 = load <8 x float>, ptr %acc00198, align 4
+  %817 = add nsw i64 %col111, 0
+  %818 = fcmp ogt <8 x float> %815, zeroinitializer
+  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> zeroinitializer
+  %820 = fmul <8 x float> %819, %812
+  %821 = getelementptr inbounds float, ptr %814, i64 %817
+  store <8 x float> %820, ptr %821, align 4
+  %822 = add nsw i64 %col111, 8
+  %823 = fcmp ogt <8 x float> %816, zeroinitializer
+  %824 = select <8 x i1> %823, <8 x float> %816, <8 x float> zeroinitializer
+  %825 = fmul <8 x float> %824, %812
+  %826 = getelementptr inbounds float, ptr %814, i64 %822
+  store <8 x float> %825, ptr %826, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end105, %k.end89, %k.end70, %k.end48, %k.end23, %k.end
-  %815 = add nsw i64 %rb, 1
+  %827 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %816 = add nsw i64 %p, 1
+  %828 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2168,48 +2180,48 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
-  %acc00 = alloca <8 x float>, align 32
-  %acc01 = alloca <8 x float>, align 32
-  %acc10 = alloca <8 x float>, align 32
-  %acc11 = alloca <8 x float>, align 32
-  %acc20 = alloca <8 x float>, align 32
-  %acc21 = alloca <8 x float>, align 32
-  %acc30 = alloca <8 x float>, align 32
-  %acc31 = alloca <8 x float>, align 32
-  %acc40 = alloca <8 x float>, align 32
-  %acc41 = alloca <8 x float>, align 32
-  %acc50 = alloca <8 x float>, align 32
-  %acc51 = alloca <8 x float>, align 32
-  %acc003 = alloca <8 x float>, align 32
-  %acc014 = alloca <8 x float>, align 32
-  %acc105 = alloca <8 x float>, align 32
-  %acc116 = alloca <8 x float>, align 32
-  %acc207 = alloca <8 x float>, align 32
-  %acc218 = alloca <8 x float>, align 32
-  %acc309 = alloca <8 x float>, align 32
-  %acc3110 = alloca <8 x float>, align 32
-  %acc4011 = alloca <8 x float>, align 32
-  %acc4112 = alloca <8 x float>, align 32
-  %acc0026 = alloca <8 x float>, align 32
-  %acc0127 = alloca <8 x float>, align 32
-  %acc1028 = alloca <8 x float>, align 32
-  %acc1129 = alloca <8 x float>, align 32
-  %acc2030 = alloca <8 x float>, align 32
-  %acc2131 = alloca <8 x float>, align 32
-  %acc3032 = alloca <8 x float>, align 32
-  %acc3133 = alloca <8 x float>, align 32
-  %acc0047 = alloca <8 x float>, align 32
-  %acc0148 = alloca <8 x float>, align 32
-  %acc1049 = alloca <8 x float>, align 32
-  %acc1150 = alloca <8 x float>, align 32
-  %acc2051 = alloca <8 x float>, align 32
-  %acc2152 = alloca <8 x float>, align 32
-  %acc0066 = alloca <8 x float>, align 32
-  %acc0167 = alloca <8 x float>, align 32
-  %acc1068 = alloca <8 x float>, align 32
-  %acc1169 = alloca <8 x float>, align 32
-  %acc0083 = alloca <8 x float>, align 32
-  %acc0184 = alloca <8 x float>, align 32
+  %acc000 = alloca <8 x float>, align 32
+  %acc001 = alloca <8 x float>, align 32
+  %acc010 = alloca <8 x float>, align 32
+  %acc011 = alloca <8 x float>, align 32
+  %acc020 = alloca <8 x float>, align 32
+  %acc021 = alloca <8 x float>, align 32
+  %acc030 = alloca <8 x float>, align 32
+  %acc031 = alloca <8 x float>, align 32
+  %acc040 = alloca <8 x float>, align 32
+  %acc041 = alloca <8 x float>, align 32
+  %acc050 = alloca <8 x float>, align 32
+  %acc051 = alloca <8 x float>, align 32
+  %acc0003 = alloca <8 x float>, align 32
+  %acc0014 = alloca <8 x float>, align 32
+  %acc0105 = alloca <8 x float>, align 32
+  %acc0116 = alloca <8 x float>, align 32
+  %acc0207 = alloca <8 x float>, align 32
+  %acc0218 = alloca <8 x float>, align 32
+  %acc0309 = alloca <8 x float>, align 32
+  %acc03110 = alloca <8 x float>, align 32
+  %acc04011 = alloca <8 x float>, align 32
+  %acc04112 = alloca <8 x float>, align 32
+  %acc00026 = alloca <8 x float>, align 32
+  %acc00127 = alloca <8 x float>, align 32
+  %acc01028 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc02030 = alloca <8 x float>, align 32
+  %acc02131 = alloca <8 x float>, align 32
+  %acc03032 = alloca <8 x float>, align 32
+  %acc03133 = alloca <8 x float>, align 32
+  %acc00047 = alloca <8 x float>, align 32
+  %acc00148 = alloca <8 x float>, align 32
+  %acc01049 = alloca <8 x float>, align 32
+  %acc01150 = alloca <8 x float>, align 32
+  %acc02051 = alloca <8 x float>, align 32
+  %acc02152 = alloca <8 x float>, align 32
+  %acc00066 = alloca <8 x float>, align 32
+  %acc00167 = alloca <8 x float>, align 32
+  %acc01068 = alloca <8 x float>, align 32
+  %acc01169 = alloca <8 x float>, align 32
+  %acc00083 = alloca <8 x float>, align 32
+  %acc00184 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2218,7 +2230,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %586, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %598, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2228,7 +2240,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %585, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %597, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -2269,10 +2281,10 @@ tile.mr6:                                         ; preds = %rb.body
   %22 = getelementptr inbounds float, ptr %y, i64 %21
   %23 = add nsw i64 %col, 0
   %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc00, align 4
+  store <8 x float> zeroinitializer, ptr %acc000, align 4
   %25 = add nsw i64 %col, 8
   %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc01, align 4
+  store <8 x float> zeroinitializer, ptr %acc001, align 4
   %27 = add nsw i64 %r0, 1
   %28 = mul nsw i64 %27, 3072
   %29 = getelementptr inbounds float, ptr %h, i64 %28
@@ -2283,10 +2295,10 @@ tile.mr6:                                         ; preds = %rb.body
   %34 = getelementptr inbounds float, ptr %y, i64 %33
   %35 = add nsw i64 %col, 0
   %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc10, align 4
+  store <8 x float> zeroinitializer, ptr %acc010, align 4
   %37 = add nsw i64 %col, 8
   %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc11, align 4
+  store <8 x float> zeroinitializer, ptr %acc011, align 4
   %39 = add nsw i64 %r0, 2
   %40 = mul nsw i64 %39, 3072
   %41 = getelementptr inbounds float, ptr %h, i64 %40
@@ -2297,10 +2309,10 @@ tile.mr6:                                         ; preds = %rb.body
   %46 = getelementptr inbounds float, ptr %y, i64 %45
   %47 = add nsw i64 %col, 0
   %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc20, align 4
+  store <8 x float> zeroinitializer, ptr %acc020, align 4
   %49 = add nsw i64 %col, 8
   %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc21, align 4
+  store <8 x float> zeroinitializer, ptr %acc021, align 4
   %51 = add nsw i64 %r0, 3
   %52 = mul nsw i64 %51, 3072
   %53 = getelementptr inbounds float, ptr %h, i64 %52
@@ -2311,10 +2323,10 @@ tile.mr6:                                         ; preds = %rb.body
   %58 = getelementptr inbounds float, ptr %y, i64 %57
   %59 = add nsw i64 %col, 0
   %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc30, align 4
+  store <8 x float> zeroinitializer, ptr %acc030, align 4
   %61 = add nsw i64 %col, 8
   %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc31, align 4
+  store <8 x float> zeroinitializer, ptr %acc031, align 4
   %63 = add nsw i64 %r0, 4
   %64 = mul nsw i64 %63, 3072
   %65 = getelementptr inbounds float, ptr %h, i64 %64
@@ -2325,10 +2337,10 @@ tile.mr6:                                         ; preds = %rb.body
   %70 = getelementptr inbounds float, ptr %y, i64 %69
   %71 = add nsw i64 %col, 0
   %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc40, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
   %73 = add nsw i64 %col, 8
   %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc41, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
   %75 = add nsw i64 %r0, 5
   %76 = mul nsw i64 %75, 3072
   %77 = getelementptr inbounds float, ptr %h, i64 %76
@@ -2339,10 +2351,10 @@ tile.mr6:                                         ; preds = %rb.body
   %82 = getelementptr inbounds float, ptr %y, i64 %81
   %83 = add nsw i64 %col, 0
   %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc50, align 4
+  store <8 x float> zeroinitializer, ptr %acc050, align 4
   %85 = add nsw i64 %col, 8
   %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc51, align 4
+  store <8 x float> zeroinitializer, ptr %acc051, align 4
   %panel.off = mul nsw i64 %p, 49152
   %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
   %88 = add nsw i64 %p, 1
@@ -2357,14 +2369,14 @@ tile.mr6:                                         ; preds = %rb.body
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %152, %pf.any.end ]
+  %k = phi i64 [ 0, %tile.mr6 ], [ %154, %pf.any.end ]
   %94 = icmp slt i64 %k, 3072
   br i1 %94, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 16
-  %96 = add nsw i64 %panel.off, %95
-  %97 = mul nsw i64 %k, 32
+  %95 = mul nsw i64 %k, 1
+  %96 = add nsw i64 %95, 0
+  %97 = mul nsw i64 %96, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
@@ -2374,753 +2386,765 @@ pf.any.then:                                      ; preds = %k.body
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = getelementptr inbounds i16, ptr %panels, i64 %96
-  %101 = load <8 x i32>, ptr %100, align 4
-  %102 = shl <8 x i32> %101, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %102 to <8 x float>
-  %103 = and <8 x i32> %101, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %103 to <8 x float>
-  %104 = getelementptr inbounds float, ptr %17, i64 %k
-  %105 = load float, ptr %104, align 4
-  %106 = insertelement <8 x float> poison, float %105, i32 0
-  %107 = shufflevector <8 x float> %106, <8 x float> poison, <8 x i32> zeroinitializer
-  %108 = load <8 x float>, ptr %acc00, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b0, <8 x float> %108)
-  store <8 x float> %109, ptr %acc00, align 4
-  %110 = load <8 x float>, ptr %acc01, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %107, <8 x float> %b1, <8 x float> %110)
-  store <8 x float> %111, ptr %acc01, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %k
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <8 x float> poison, float %113, i32 0
-  %115 = shufflevector <8 x float> %114, <8 x float> poison, <8 x i32> zeroinitializer
-  %116 = load <8 x float>, ptr %acc10, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b0, <8 x float> %116)
-  store <8 x float> %117, ptr %acc10, align 4
-  %118 = load <8 x float>, ptr %acc11, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %115, <8 x float> %b1, <8 x float> %118)
-  store <8 x float> %119, ptr %acc11, align 4
-  %120 = getelementptr inbounds float, ptr %41, i64 %k
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %acc20, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b0, <8 x float> %124)
-  store <8 x float> %125, ptr %acc20, align 4
-  %126 = load <8 x float>, ptr %acc21, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %b1, <8 x float> %126)
-  store <8 x float> %127, ptr %acc21, align 4
-  %128 = getelementptr inbounds float, ptr %53, i64 %k
-  %129 = load float, ptr %128, align 4
-  %130 = insertelement <8 x float> poison, float %129, i32 0
-  %131 = shufflevector <8 x float> %130, <8 x float> poison, <8 x i32> zeroinitializer
-  %132 = load <8 x float>, ptr %acc30, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b0, <8 x float> %132)
-  store <8 x float> %133, ptr %acc30, align 4
-  %134 = load <8 x float>, ptr %acc31, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> %b1, <8 x float> %134)
-  store <8 x float> %135, ptr %acc31, align 4
-  %136 = getelementptr inbounds float, ptr %65, i64 %k
-  %137 = load float, ptr %136, align 4
-  %138 = insertelement <8 x float> poison, float %137, i32 0
-  %139 = shufflevector <8 x float> %138, <8 x float> poison, <8 x i32> zeroinitializer
-  %140 = load <8 x float>, ptr %acc40, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b0, <8 x float> %140)
-  store <8 x float> %141, ptr %acc40, align 4
-  %142 = load <8 x float>, ptr %acc41, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %b1, <8 x float> %142)
-  store <8 x float> %143, ptr %acc41, align 4
-  %144 = getelementptr inbounds float, ptr %77, i64 %k
-  %145 = load float, ptr %144, align 4
-  %146 = insertelement <8 x float> poison, float %145, i32 0
-  %147 = shufflevector <8 x float> %146, <8 x float> poison, <8 x i32> zeroinitializer
-  %148 = load <8 x float>, ptr %acc50, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b0, <8 x float> %148)
-  store <8 x float> %149, ptr %acc50, align 4
-  %150 = load <8 x float>, ptr %acc51, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %b1, <8 x float> %150)
-  store <8 x float> %151, ptr %acc51, align 4
-  %152 = add nsw i64 %k, 1
+  %100 = mul nsw i64 %96, 16
+  %101 = add nsw i64 %panel.off, %100
+  %102 = getelementptr inbounds i16, ptr %panels, i64 %101
+  %103 = load <8 x i32>, ptr %102, align 4
+  %104 = shl <8 x i32> %103, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %104 to <8 x float>
+  %105 = and <8 x i32> %103, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %105 to <8 x float>
+  %106 = getelementptr inbounds float, ptr %17, i64 %96
+  %107 = load float, ptr %106, align 4
+  %108 = insertelement <8 x float> poison, float %107, i32 0
+  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
+  %110 = load <8 x float>, ptr %acc000, align 4
+  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
+  store <8 x float> %111, ptr %acc000, align 4
+  %112 = load <8 x float>, ptr %acc001, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
+  store <8 x float> %113, ptr %acc001, align 4
+  %114 = getelementptr inbounds float, ptr %29, i64 %96
+  %115 = load float, ptr %114, align 4
+  %116 = insertelement <8 x float> poison, float %115, i32 0
+  %117 = shufflevector <8 x float> %116, <8 x float> poison, <8 x i32> zeroinitializer
+  %118 = load <8 x float>, ptr %acc010, align 4
+  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b0, <8 x float> %118)
+  store <8 x float> %119, ptr %acc010, align 4
+  %120 = load <8 x float>, ptr %acc011, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b1, <8 x float> %120)
+  store <8 x float> %121, ptr %acc011, align 4
+  %122 = getelementptr inbounds float, ptr %41, i64 %96
+  %123 = load float, ptr %122, align 4
+  %124 = insertelement <8 x float> poison, float %123, i32 0
+  %125 = shufflevector <8 x float> %124, <8 x float> poison, <8 x i32> zeroinitializer
+  %126 = load <8 x float>, ptr %acc020, align 4
+  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b0, <8 x float> %126)
+  store <8 x float> %127, ptr %acc020, align 4
+  %128 = load <8 x float>, ptr %acc021, align 4
+  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b1, <8 x float> %128)
+  store <8 x float> %129, ptr %acc021, align 4
+  %130 = getelementptr inbounds float, ptr %53, i64 %96
+  %131 = load float, ptr %130, align 4
+  %132 = insertelement <8 x float> poison, float %131, i32 0
+  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
+  %134 = load <8 x float>, ptr %acc030, align 4
+  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b0, <8 x float> %134)
+  store <8 x float> %135, ptr %acc030, align 4
+  %136 = load <8 x float>, ptr %acc031, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b1, <8 x float> %136)
+  store <8 x float> %137, ptr %acc031, align 4
+  %138 = getelementptr inbounds float, ptr %65, i64 %96
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = load <8 x float>, ptr %acc040, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b0, <8 x float> %142)
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = load <8 x float>, ptr %acc041, align 4
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b1, <8 x float> %144)
+  store <8 x float> %145, ptr %acc041, align 4
+  %146 = getelementptr inbounds float, ptr %77, i64 %96
+  %147 = load float, ptr %146, align 4
+  %148 = insertelement <8 x float> poison, float %147, i32 0
+  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
+  %150 = load <8 x float>, ptr %acc050, align 4
+  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b0, <8 x float> %150)
+  store <8 x float> %151, ptr %acc050, align 4
+  %152 = load <8 x float>, ptr %acc051, align 4
+  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b1, <8 x float> %152)
+  store <8 x float> %153, ptr %acc051, align 4
+  %154 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %153 = load <8 x float>, ptr %acc00, align 4
-  store <8 x float> %153, ptr %24, align 4
-  %154 = load <8 x float>, ptr %acc01, align 4
-  store <8 x float> %154, ptr %26, align 4
-  %155 = load <8 x float>, ptr %acc10, align 4
-  store <8 x float> %155, ptr %36, align 4
-  %156 = load <8 x float>, ptr %acc11, align 4
-  store <8 x float> %156, ptr %38, align 4
-  %157 = load <8 x float>, ptr %acc20, align 4
-  store <8 x float> %157, ptr %48, align 4
-  %158 = load <8 x float>, ptr %acc21, align 4
-  store <8 x float> %158, ptr %50, align 4
-  %159 = load <8 x float>, ptr %acc30, align 4
-  store <8 x float> %159, ptr %60, align 4
-  %160 = load <8 x float>, ptr %acc31, align 4
-  store <8 x float> %160, ptr %62, align 4
-  %161 = load <8 x float>, ptr %acc40, align 4
-  store <8 x float> %161, ptr %72, align 4
-  %162 = load <8 x float>, ptr %acc41, align 4
-  store <8 x float> %162, ptr %74, align 4
-  %163 = load <8 x float>, ptr %acc50, align 4
-  store <8 x float> %163, ptr %84, align 4
-  %164 = load <8 x float>, ptr %acc51, align 4
-  store <8 x float> %164, ptr %86, align 4
+  %155 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %155, ptr %24, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %156, ptr %26, align 4
+  %157 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %157, ptr %36, align 4
+  %158 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %158, ptr %38, align 4
+  %159 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %159, ptr %48, align 4
+  %160 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %160, ptr %50, align 4
+  %161 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %161, ptr %60, align 4
+  %162 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %162, ptr %62, align 4
+  %163 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %163, ptr %72, align 4
+  %164 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %164, ptr %74, align 4
+  %165 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %165, ptr %84, align 4
+  %166 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %166, ptr %86, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %165 = add nsw i64 %r0, 0
-  %166 = mul nsw i64 %165, 3072
-  %167 = getelementptr inbounds float, ptr %h, i64 %166
-  %168 = getelementptr inbounds i32, ptr %rows, i64 %165
-  %169 = load i32, ptr %168, align 4
-  %170 = sext i32 %169 to i64
-  %171 = mul nsw i64 %170, 768
-  %172 = getelementptr inbounds float, ptr %y, i64 %171
-  %173 = add nsw i64 %col2, 0
-  %174 = getelementptr inbounds float, ptr %172, i64 %173
-  store <8 x float> zeroinitializer, ptr %acc003, align 4
-  %175 = add nsw i64 %col2, 8
-  %176 = getelementptr inbounds float, ptr %172, i64 %175
-  store <8 x float> zeroinitializer, ptr %acc014, align 4
-  %177 = add nsw i64 %r0, 1
-  %178 = mul nsw i64 %177, 3072
-  %179 = getelementptr inbounds float, ptr %h, i64 %178
-  %180 = getelementptr inbounds i32, ptr %rows, i64 %177
-  %181 = load i32, ptr %180, align 4
-  %182 = sext i32 %181 to i64
-  %183 = mul nsw i64 %182, 768
-  %184 = getelementptr inbounds float, ptr %y, i64 %183
-  %185 = add nsw i64 %col2, 0
-  %186 = getelementptr inbounds float, ptr %184, i64 %185
-  store <8 x float> zeroinitializer, ptr %acc105, align 4
-  %187 = add nsw i64 %col2, 8
-  %188 = getelementptr inbounds float, ptr %184, i64 %187
-  store <8 x float> zeroinitializer, ptr %acc116, align 4
-  %189 = add nsw i64 %r0, 2
-  %190 = mul nsw i64 %189, 3072
-  %191 = getelementptr inbounds float, ptr %h, i64 %190
-  %192 = getelementptr inbounds i32, ptr %rows, i64 %189
-  %193 = load i32, ptr %192, align 4
-  %194 = sext i32 %193 to i64
-  %195 = mul nsw i64 %194, 768
-  %196 = getelementptr inbounds float, ptr %y, i64 %195
-  %197 = add nsw i64 %col2, 0
-  %198 = getelementptr inbounds float, ptr %196, i64 %197
-  store <8 x float> zeroinitializer, ptr %acc207, align 4
-  %199 = add nsw i64 %col2, 8
-  %200 = getelementptr inbounds float, ptr %196, i64 %199
-  store <8 x float> zeroinitializer, ptr %acc218, align 4
-  %201 = add nsw i64 %r0, 3
-  %202 = mul nsw i64 %201, 3072
-  %203 = getelementptr inbounds float, ptr %h, i64 %202
-  %204 = getelementptr inbounds i32, ptr %rows, i64 %201
-  %205 = load i32, ptr %204, align 4
-  %206 = sext i32 %205 to i64
-  %207 = mul nsw i64 %206, 768
-  %208 = getelementptr inbounds float, ptr %y, i64 %207
-  %209 = add nsw i64 %col2, 0
-  %210 = getelementptr inbounds float, ptr %208, i64 %209
-  store <8 x float> zeroinitializer, ptr %acc309, align 4
-  %211 = add nsw i64 %col2, 8
-  %212 = getelementptr inbounds float, ptr %208, i64 %211
-  store <8 x float> zeroinitializer, ptr %acc3110, align 4
-  %213 = add nsw i64 %r0, 4
-  %214 = mul nsw i64 %213, 3072
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %213
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 768
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col2, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  store <8 x float> zeroinitializer, ptr %acc4011, align 4
-  %223 = add nsw i64 %col2, 8
-  %224 = getelementptr inbounds float, ptr %220, i64 %223
-  store <8 x float> zeroinitializer, ptr %acc4112, align 4
+  %167 = add nsw i64 %r0, 0
+  %168 = mul nsw i64 %167, 3072
+  %169 = getelementptr inbounds float, ptr %h, i64 %168
+  %170 = getelementptr inbounds i32, ptr %rows, i64 %167
+  %171 = load i32, ptr %170, align 4
+  %172 = sext i32 %171 to i64
+  %173 = mul nsw i64 %172, 768
+  %174 = getelementptr inbounds float, ptr %y, i64 %173
+  %175 = add nsw i64 %col2, 0
+  %176 = getelementptr inbounds float, ptr %174, i64 %175
+  store <8 x float> zeroinitializer, ptr %acc0003, align 4
+  %177 = add nsw i64 %col2, 8
+  %178 = getelementptr inbounds float, ptr %174, i64 %177
+  store <8 x float> zeroinitializer, ptr %acc0014, align 4
+  %179 = add nsw i64 %r0, 1
+  %180 = mul nsw i64 %179, 3072
+  %181 = getelementptr inbounds float, ptr %h, i64 %180
+  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
+  %183 = load i32, ptr %182, align 4
+  %184 = sext i32 %183 to i64
+  %185 = mul nsw i64 %184, 768
+  %186 = getelementptr inbounds float, ptr %y, i64 %185
+  %187 = add nsw i64 %col2, 0
+  %188 = getelementptr inbounds float, ptr %186, i64 %187
+  store <8 x float> zeroinitializer, ptr %acc0105, align 4
+  %189 = add nsw i64 %col2, 8
+  %190 = getelementptr inbounds float, ptr %186, i64 %189
+  store <8 x float> zeroinitializer, ptr %acc0116, align 4
+  %191 = add nsw i64 %r0, 2
+  %192 = mul nsw i64 %191, 3072
+  %193 = getelementptr inbounds float, ptr %h, i64 %192
+  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
+  %195 = load i32, ptr %194, align 4
+  %196 = sext i32 %195 to i64
+  %197 = mul nsw i64 %196, 768
+  %198 = getelementptr inbounds float, ptr %y, i64 %197
+  %199 = add nsw i64 %col2, 0
+  %200 = getelementptr inbounds float, ptr %198, i64 %199
+  store <8 x float> zeroinitializer, ptr %acc0207, align 4
+  %201 = add nsw i64 %col2, 8
+  %202 = getelementptr inbounds float, ptr %198, i64 %201
+  store <8 x float> zeroinitializer, ptr %acc0218, align 4
+  %203 = add nsw i64 %r0, 3
+  %204 = mul nsw i64 %203, 3072
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %206 = getelementptr inbounds i32, ptr %rows, i64 %203
+  %207 = load i32, ptr %206, align 4
+  %208 = sext i32 %207 to i64
+  %209 = mul nsw i64 %208, 768
+  %210 = getelementptr inbounds float, ptr %y, i64 %209
+  %211 = add nsw i64 %col2, 0
+  %212 = getelementptr inbounds float, ptr %210, i64 %211
+  store <8 x float> zeroinitializer, ptr %acc0309, align 4
+  %213 = add nsw i64 %col2, 8
+  %214 = getelementptr inbounds float, ptr %210, i64 %213
+  store <8 x float> zeroinitializer, ptr %acc03110, align 4
+  %215 = add nsw i64 %r0, 4
+  %216 = mul nsw i64 %215, 3072
+  %217 = getelementptr inbounds float, ptr %h, i64 %216
+  %218 = getelementptr inbounds i32, ptr %rows, i64 %215
+  %219 = load i32, ptr %218, align 4
+  %220 = sext i32 %219 to i64
+  %221 = mul nsw i64 %220, 768
+  %222 = getelementptr inbounds float, ptr %y, i64 %221
+  %223 = add nsw i64 %col2, 0
+  %224 = getelementptr inbounds float, ptr %222, i64 %223
+  store <8 x float> zeroinitializer, ptr %acc04011, align 4
+  %225 = add nsw i64 %col2, 8
+  %226 = getelementptr inbounds float, ptr %222, i64 %225
+  store <8 x float> zeroinitializer, ptr %acc04112, align 4
   %panel.off13 = mul nsw i64 %p, 49152
-  %225 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %226 = add nsw i64 %p, 1
-  %227 = icmp slt i64 %226, %p1
-  %pf.on14 = and i1 %pf.on, %227
-  %228 = mul nsw i64 %rb, 98304
-  %229 = lshr i64 %228, %12
-  %230 = add nsw i64 98304, %229
-  %231 = getelementptr inbounds i8, ptr %225, i64 %230
-  %pf15 = select i1 %pf.on14, ptr %231, ptr %225
+  %227 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
+  %228 = add nsw i64 %p, 1
+  %229 = icmp slt i64 %228, %p1
+  %pf.on14 = and i1 %pf.on, %229
+  %230 = mul nsw i64 %rb, 98304
+  %231 = lshr i64 %230, %12
+  %232 = add nsw i64 98304, %231
+  %233 = getelementptr inbounds i8, ptr %227, i64 %232
+  %pf15 = select i1 %pf.on14, ptr %233, ptr %227
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %282, %pf.any.end22 ]
-  %232 = icmp slt i64 %k20, 3072
-  br i1 %232, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %286, %pf.any.end22 ]
+  %234 = icmp slt i64 %k20, 3072
+  br i1 %234, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %233 = mul nsw i64 %k20, 16
-  %234 = add nsw i64 %panel.off13, %233
-  %235 = mul nsw i64 %k20, 32
+  %235 = mul nsw i64 %k20, 1
+  %236 = add nsw i64 %235, 0
+  %237 = mul nsw i64 %236, 32
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %236 = lshr i64 %235, %pf.sh16
-  %237 = getelementptr inbounds i8, ptr %pf15, i64 %236
-  call void @llvm.prefetch.p0(ptr %237, i32 0, i32 2, i32 1)
+  %238 = lshr i64 %237, %pf.sh16
+  %239 = getelementptr inbounds i8, ptr %pf15, i64 %238
+  call void @llvm.prefetch.p0(ptr %239, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %238 = getelementptr inbounds i16, ptr %panels, i64 %234
-  %239 = load <8 x i32>, ptr %238, align 4
-  %240 = shl <8 x i32> %239, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %240 to <8 x float>
-  %241 = and <8 x i32> %239, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %241 to <8 x float>
-  %242 = getelementptr inbounds float, ptr %167, i64 %k20
-  %243 = load float, ptr %242, align 4
-  %244 = insertelement <8 x float> poison, float %243, i32 0
-  %245 = shufflevector <8 x float> %244, <8 x float> poison, <8 x i32> zeroinitializer
-  %246 = load <8 x float>, ptr %acc003, align 4
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b023, <8 x float> %246)
-  store <8 x float> %247, ptr %acc003, align 4
-  %248 = load <8 x float>, ptr %acc014, align 4
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %b124, <8 x float> %248)
-  store <8 x float> %249, ptr %acc014, align 4
-  %250 = getelementptr inbounds float, ptr %179, i64 %k20
-  %251 = load float, ptr %250, align 4
-  %252 = insertelement <8 x float> poison, float %251, i32 0
-  %253 = shufflevector <8 x float> %252, <8 x float> poison, <8 x i32> zeroinitializer
-  %254 = load <8 x float>, ptr %acc105, align 4
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b023, <8 x float> %254)
-  store <8 x float> %255, ptr %acc105, align 4
-  %256 = load <8 x float>, ptr %acc116, align 4
-  %257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %253, <8 x float> %b124, <8 x float> %256)
-  store <8 x float> %257, ptr %acc116, align 4
-  %258 = getelementptr inbounds float, ptr %191, i64 %k20
-  %259 = load float, ptr %258, align 4
-  %260 = insertelement <8 x float> poison, float %259, i32 0
-  %261 = shufflevector <8 x float> %260, <8 x float> poison, <8 x i32> zeroinitializer
-  %262 = load <8 x float>, ptr %acc207, align 4
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b023, <8 x float> %262)
-  store <8 x float> %263, ptr %acc207, align 4
-  %264 = load <8 x float>, ptr %acc218, align 4
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> %b124, <8 x float> %264)
-  store <8 x float> %265, ptr %acc218, align 4
-  %266 = getelementptr inbounds float, ptr %203, i64 %k20
-  %267 = load float, ptr %266, align 4
-  %268 = insertelement <8 x float> poison, float %267, i32 0
-  %269 = shufflevector <8 x float> %268, <8 x float> poison, <8 x i32> zeroinitializer
-  %270 = load <8 x float>, ptr %acc309, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b023, <8 x float> %270)
-  store <8 x float> %271, ptr %acc309, align 4
-  %272 = load <8 x float>, ptr %acc3110, align 4
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %b124, <8 x float> %272)
-  store <8 x float> %273, ptr %acc3110, align 4
-  %274 = getelementptr inbounds float, ptr %215, i64 %k20
-  %275 = load float, ptr %274, align 4
-  %276 = insertelement <8 x float> poison, float %275, i32 0
-  %277 = shufflevector <8 x float> %276, <8 x float> poison, <8 x i32> zeroinitializer
-  %278 = load <8 x float>, ptr %acc4011, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b023, <8 x float> %278)
-  store <8 x float> %279, ptr %acc4011, align 4
-  %280 = load <8 x float>, ptr %acc4112, align 4
-  %281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %277, <8 x float> %b124, <8 x float> %280)
-  store <8 x float> %281, ptr %acc4112, align 4
-  %282 = add nsw i64 %k20, 1
+  %240 = mul nsw i64 %236, 16
+  %241 = add nsw i64 %panel.off13, %240
+  %242 = getelementptr inbounds i16, ptr %panels, i64 %241
+  %243 = load <8 x i32>, ptr %242, align 4
+  %244 = shl <8 x i32> %243, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b023 = bitcast <8 x i32> %244 to <8 x float>
+  %245 = and <8 x i32> %243, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b124 = bitcast <8 x i32> %245 to <8 x float>
+  %246 = getelementptr inbounds float, ptr %169, i64 %236
+  %247 = load float, ptr %246, align 4
+  %248 = insertelement <8 x float> poison, float %247, i32 0
+  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
+  %250 = load <8 x float>, ptr %acc0003, align 4
+  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b023, <8 x float> %250)
+  store <8 x float> %251, ptr %acc0003, align 4
+  %252 = load <8 x float>, ptr %acc0014, align 4
+  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b124, <8 x float> %252)
+  store <8 x float> %253, ptr %acc0014, align 4
+  %254 = getelementptr inbounds float, ptr %181, i64 %236
+  %255 = load float, ptr %254, align 4
+  %256 = insertelement <8 x float> poison, float %255, i32 0
+  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
+  %258 = load <8 x float>, ptr %acc0105, align 4
+  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b023, <8 x float> %258)
+  store <8 x float> %259, ptr %acc0105, align 4
+  %260 = load <8 x float>, ptr %acc0116, align 4
+  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b124, <8 x float> %260)
+  store <8 x float> %261, ptr %acc0116, align 4
+  %262 = getelementptr inbounds float, ptr %193, i64 %236
+  %263 = load float, ptr %262, align 4
+  %264 = insertelement <8 x float> poison, float %263, i32 0
+  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
+  %266 = load <8 x float>, ptr %acc0207, align 4
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b023, <8 x float> %266)
+  store <8 x float> %267, ptr %acc0207, align 4
+  %268 = load <8 x float>, ptr %acc0218, align 4
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b124, <8 x float> %268)
+  store <8 x float> %269, ptr %acc0218, align 4
+  %270 = getelementptr inbounds float, ptr %205, i64 %236
+  %271 = load float, ptr %270, align 4
+  %272 = insertelement <8 x float> poison, float %271, i32 0
+  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
+  %274 = load <8 x float>, ptr %acc0309, align 4
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b023, <8 x float> %274)
+  store <8 x float> %275, ptr %acc0309, align 4
+  %276 = load <8 x float>, ptr %acc03110, align 4
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b124, <8 x float> %276)
+  store <8 x float> %277, ptr %acc03110, align 4
+  %278 = getelementptr inbounds float, ptr %217, i64 %236
+  %279 = load float, ptr %278, align 4
+  %280 = insertelement <8 x float> poison, float %279, i32 0
+  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
+  %282 = load <8 x float>, ptr %acc04011, align 4
+  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b023, <8 x float> %282)
+  store <8 x float> %283, ptr %acc04011, align 4
+  %284 = load <8 x float>, ptr %acc04112, align 4
+  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b124, <8 x float> %284)
+  store <8 x float> %285, ptr %acc04112, align 4
+  %286 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %283 = load <8 x float>, ptr %acc003, align 4
-  store <8 x float> %283, ptr %174, align 4
-  %284 = load <8 x float>, ptr %acc014, align 4
-  store <8 x float> %284, ptr %176, align 4
-  %285 = load <8 x float>, ptr %acc105, align 4
-  store <8 x float> %285, ptr %186, align 4
-  %286 = load <8 x float>, ptr %acc116, align 4
-  store <8 x float> %286, ptr %188, align 4
-  %287 = load <8 x float>, ptr %acc207, align 4
-  store <8 x float> %287, ptr %198, align 4
-  %288 = load <8 x float>, ptr %acc218, align 4
-  store <8 x float> %288, ptr %200, align 4
-  %289 = load <8 x float>, ptr %acc309, align 4
-  store <8 x float> %289, ptr %210, align 4
-  %290 = load <8 x float>, ptr %acc3110, align 4
-  store <8 x float> %290, ptr %212, align 4
-  %291 = load <8 x float>, ptr %acc4011, align 4
-  store <8 x float> %291, ptr %222, align 4
-  %292 = load <8 x float>, ptr %acc4112, align 4
-  store <8 x float> %292, ptr %224, align 4
+  %287 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %287, ptr %176, align 4
+  %288 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %288, ptr %178, align 4
+  %289 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %289, ptr %188, align 4
+  %290 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %290, ptr %190, align 4
+  %291 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %291, ptr %200, align 4
+  %292 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %292, ptr %202, align 4
+  %293 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %293, ptr %212, align 4
+  %294 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %294, ptr %214, align 4
+  %295 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %295, ptr %224, align 4
+  %296 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %296, ptr %226, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col25 = mul nsw i64 %p, 16
-  %293 = add nsw i64 %r0, 0
-  %294 = mul nsw i64 %293, 3072
-  %295 = getelementptr inbounds float, ptr %h, i64 %294
-  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
-  %297 = load i32, ptr %296, align 4
-  %298 = sext i32 %297 to i64
-  %299 = mul nsw i64 %298, 768
-  %300 = getelementptr inbounds float, ptr %y, i64 %299
-  %301 = add nsw i64 %col25, 0
-  %302 = getelementptr inbounds float, ptr %300, i64 %301
-  store <8 x float> zeroinitializer, ptr %acc0026, align 4
-  %303 = add nsw i64 %col25, 8
-  %304 = getelementptr inbounds float, ptr %300, i64 %303
-  store <8 x float> zeroinitializer, ptr %acc0127, align 4
-  %305 = add nsw i64 %r0, 1
-  %306 = mul nsw i64 %305, 3072
-  %307 = getelementptr inbounds float, ptr %h, i64 %306
-  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
-  %309 = load i32, ptr %308, align 4
-  %310 = sext i32 %309 to i64
-  %311 = mul nsw i64 %310, 768
-  %312 = getelementptr inbounds float, ptr %y, i64 %311
-  %313 = add nsw i64 %col25, 0
-  %314 = getelementptr inbounds float, ptr %312, i64 %313
-  store <8 x float> zeroinitializer, ptr %acc1028, align 4
-  %315 = add nsw i64 %col25, 8
-  %316 = getelementptr inbounds float, ptr %312, i64 %315
-  store <8 x float> zeroinitializer, ptr %acc1129, align 4
-  %317 = add nsw i64 %r0, 2
-  %318 = mul nsw i64 %317, 3072
-  %319 = getelementptr inbounds float, ptr %h, i64 %318
-  %320 = getelementptr inbounds i32, ptr %rows, i64 %317
-  %321 = load i32, ptr %320, align 4
-  %322 = sext i32 %321 to i64
-  %323 = mul nsw i64 %322, 768
-  %324 = getelementptr inbounds float, ptr %y, i64 %323
-  %325 = add nsw i64 %col25, 0
-  %326 = getelementptr inbounds float, ptr %324, i64 %325
-  store <8 x float> zeroinitializer, ptr %acc2030, align 4
-  %327 = add nsw i64 %col25, 8
-  %328 = getelementptr inbounds float, ptr %324, i64 %327
-  store <8 x float> zeroinitializer, ptr %acc2131, align 4
-  %329 = add nsw i64 %r0, 3
-  %330 = mul nsw i64 %329, 3072
-  %331 = getelementptr inbounds float, ptr %h, i64 %330
-  %332 = getelementptr inbounds i32, ptr %rows, i64 %329
-  %333 = load i32, ptr %332, align 4
-  %334 = sext i32 %333 to i64
-  %335 = mul nsw i64 %334, 768
-  %336 = getelementptr inbounds float, ptr %y, i64 %335
-  %337 = add nsw i64 %col25, 0
-  %338 = getelementptr inbounds float, ptr %336, i64 %337
-  store <8 x float> zeroinitializer, ptr %acc3032, align 4
-  %339 = add nsw i64 %col25, 8
-  %340 = getelementptr inbounds float, ptr %336, i64 %339
-  store <8 x float> zeroinitializer, ptr %acc3133, align 4
+  %297 = add nsw i64 %r0, 0
+  %298 = mul nsw i64 %297, 3072
+  %299 = getelementptr inbounds float, ptr %h, i64 %298
+  %300 = getelementptr inbounds i32, ptr %rows, i64 %297
+  %301 = load i32, ptr %300, align 4
+  %302 = sext i32 %301 to i64
+  %303 = mul nsw i64 %302, 768
+  %304 = getelementptr inbounds float, ptr %y, i64 %303
+  %305 = add nsw i64 %col25, 0
+  %306 = getelementptr inbounds float, ptr %304, i64 %305
+  store <8 x float> zeroinitializer, ptr %acc00026, align 4
+  %307 = add nsw i64 %col25, 8
+  %308 = getelementptr inbounds float, ptr %304, i64 %307
+  store <8 x float> zeroinitializer, ptr %acc00127, align 4
+  %309 = add nsw i64 %r0, 1
+  %310 = mul nsw i64 %309, 3072
+  %311 = getelementptr inbounds float, ptr %h, i64 %310
+  %312 = getelementptr inbounds i32, ptr %rows, i64 %309
+  %313 = load i32, ptr %312, align 4
+  %314 = sext i32 %313 to i64
+  %315 = mul nsw i64 %314, 768
+  %316 = getelementptr inbounds float, ptr %y, i64 %315
+  %317 = add nsw i64 %col25, 0
+  %318 = getelementptr inbounds float, ptr %316, i64 %317
+  store <8 x float> zeroinitializer, ptr %acc01028, align 4
+  %319 = add nsw i64 %col25, 8
+  %320 = getelementptr inbounds float, ptr %316, i64 %319
+  store <8 x float> zeroinitializer, ptr %acc01129, align 4
+  %321 = add nsw i64 %r0, 2
+  %322 = mul nsw i64 %321, 3072
+  %323 = getelementptr inbounds float, ptr %h, i64 %322
+  %324 = getelementptr inbounds i32, ptr %rows, i64 %321
+  %325 = load i32, ptr %324, align 4
+  %326 = sext i32 %325 to i64
+  %327 = mul nsw i64 %326, 768
+  %328 = getelementptr inbounds float, ptr %y, i64 %327
+  %329 = add nsw i64 %col25, 0
+  %330 = getelementptr inbounds float, ptr %328, i64 %329
+  store <8 x float> zeroinitializer, ptr %acc02030, align 4
+  %331 = add nsw i64 %col25, 8
+  %332 = getelementptr inbounds float, ptr %328, i64 %331
+  store <8 x float> zeroinitializer, ptr %acc02131, align 4
+  %333 = add nsw i64 %r0, 3
+  %334 = mul nsw i64 %333, 3072
+  %335 = getelementptr inbounds float, ptr %h, i64 %334
+  %336 = getelementptr inbounds i32, ptr %rows, i64 %333
+  %337 = load i32, ptr %336, align 4
+  %338 = sext i32 %337 to i64
+  %339 = mul nsw i64 %338, 768
+  %340 = getelementptr inbounds float, ptr %y, i64 %339
+  %341 = add nsw i64 %col25, 0
+  %342 = getelementptr inbounds float, ptr %340, i64 %341
+  store <8 x float> zeroinitializer, ptr %acc03032, align 4
+  %343 = add nsw i64 %col25, 8
+  %344 = getelementptr inbounds float, ptr %340, i64 %343
+  store <8 x float> zeroinitializer, ptr %acc03133, align 4
   %panel.off34 = mul nsw i64 %p, 49152
-  %341 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %342 = add nsw i64 %p, 1
-  %343 = icmp slt i64 %342, %p1
-  %pf.on35 = and i1 %pf.on, %343
-  %344 = mul nsw i64 %rb, 98304
-  %345 = lshr i64 %344, %12
-  %346 = add nsw i64 98304, %345
-  %347 = getelementptr inbounds i8, ptr %341, i64 %346
-  %pf36 = select i1 %pf.on35, ptr %347, ptr %341
+  %345 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
+  %346 = add nsw i64 %p, 1
+  %347 = icmp slt i64 %346, %p1
+  %pf.on35 = and i1 %pf.on, %347
+  %348 = mul nsw i64 %rb, 98304
+  %349 = lshr i64 %348, %12
+  %350 = add nsw i64 98304, %349
+  %351 = getelementptr inbounds i8, ptr %345, i64 %350
+  %pf36 = select i1 %pf.on35, ptr %351, ptr %345
   %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
   br label %k.head38
 
 k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %390, %pf.any.end43 ]
-  %348 = icmp slt i64 %k41, 3072
-  br i1 %348, label %k.body39, label %k.end40
+  %k41 = phi i64 [ 0, %tile.mr4 ], [ %396, %pf.any.end43 ]
+  %352 = icmp slt i64 %k41, 3072
+  br i1 %352, label %k.body39, label %k.end40
 
 k.body39:                                         ; preds = %k.head38
-  %349 = mul nsw i64 %k41, 16
-  %350 = add nsw i64 %panel.off34, %349
-  %351 = mul nsw i64 %k41, 32
+  %353 = mul nsw i64 %k41, 1
+  %354 = add nsw i64 %353, 0
+  %355 = mul nsw i64 %354, 32
   br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
 
 pf.any.then42:                                    ; preds = %k.body39
-  %352 = lshr i64 %351, %pf.sh37
-  %353 = getelementptr inbounds i8, ptr %pf36, i64 %352
-  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
+  %356 = lshr i64 %355, %pf.sh37
+  %357 = getelementptr inbounds i8, ptr %pf36, i64 %356
+  call void @llvm.prefetch.p0(ptr %357, i32 0, i32 2, i32 1)
   br label %pf.any.end43
 
 pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %354 = getelementptr inbounds i16, ptr %panels, i64 %350
-  %355 = load <8 x i32>, ptr %354, align 4
-  %356 = shl <8 x i32> %355, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %356 to <8 x float>
-  %357 = and <8 x i32> %355, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %357 to <8 x float>
-  %358 = getelementptr inbounds float, ptr %295, i64 %k41
-  %359 = load float, ptr %358, align 4
-  %360 = insertelement <8 x float> poison, float %359, i32 0
-  %361 = shufflevector <8 x float> %360, <8 x float> poison, <8 x i32> zeroinitializer
-  %362 = load <8 x float>, ptr %acc0026, align 4
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b044, <8 x float> %362)
-  store <8 x float> %363, ptr %acc0026, align 4
-  %364 = load <8 x float>, ptr %acc0127, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> %b145, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0127, align 4
-  %366 = getelementptr inbounds float, ptr %307, i64 %k41
-  %367 = load float, ptr %366, align 4
-  %368 = insertelement <8 x float> poison, float %367, i32 0
-  %369 = shufflevector <8 x float> %368, <8 x float> poison, <8 x i32> zeroinitializer
-  %370 = load <8 x float>, ptr %acc1028, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b044, <8 x float> %370)
-  store <8 x float> %371, ptr %acc1028, align 4
-  %372 = load <8 x float>, ptr %acc1129, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %b145, <8 x float> %372)
-  store <8 x float> %373, ptr %acc1129, align 4
-  %374 = getelementptr inbounds float, ptr %319, i64 %k41
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc2030, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b044, <8 x float> %378)
-  store <8 x float> %379, ptr %acc2030, align 4
-  %380 = load <8 x float>, ptr %acc2131, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %b145, <8 x float> %380)
-  store <8 x float> %381, ptr %acc2131, align 4
-  %382 = getelementptr inbounds float, ptr %331, i64 %k41
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = load <8 x float>, ptr %acc3032, align 4
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b044, <8 x float> %386)
-  store <8 x float> %387, ptr %acc3032, align 4
-  %388 = load <8 x float>, ptr %acc3133, align 4
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %b145, <8 x float> %388)
-  store <8 x float> %389, ptr %acc3133, align 4
-  %390 = add nsw i64 %k41, 1
+  %358 = mul nsw i64 %354, 16
+  %359 = add nsw i64 %panel.off34, %358
+  %360 = getelementptr inbounds i16, ptr %panels, i64 %359
+  %361 = load <8 x i32>, ptr %360, align 4
+  %362 = shl <8 x i32> %361, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b044 = bitcast <8 x i32> %362 to <8 x float>
+  %363 = and <8 x i32> %361, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b145 = bitcast <8 x i32> %363 to <8 x float>
+  %364 = getelementptr inbounds float, ptr %299, i64 %354
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <8 x float> poison, float %365, i32 0
+  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
+  %368 = load <8 x float>, ptr %acc00026, align 4
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b044, <8 x float> %368)
+  store <8 x float> %369, ptr %acc00026, align 4
+  %370 = load <8 x float>, ptr %acc00127, align 4
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b145, <8 x float> %370)
+  store <8 x float> %371, ptr %acc00127, align 4
+  %372 = getelementptr inbounds float, ptr %311, i64 %354
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = load <8 x float>, ptr %acc01028, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b044, <8 x float> %376)
+  store <8 x float> %377, ptr %acc01028, align 4
+  %378 = load <8 x float>, ptr %acc01129, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b145, <8 x float> %378)
+  store <8 x float> %379, ptr %acc01129, align 4
+  %380 = getelementptr inbounds float, ptr %323, i64 %354
+  %381 = load float, ptr %380, align 4
+  %382 = insertelement <8 x float> poison, float %381, i32 0
+  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
+  %384 = load <8 x float>, ptr %acc02030, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b044, <8 x float> %384)
+  store <8 x float> %385, ptr %acc02030, align 4
+  %386 = load <8 x float>, ptr %acc02131, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b145, <8 x float> %386)
+  store <8 x float> %387, ptr %acc02131, align 4
+  %388 = getelementptr inbounds float, ptr %335, i64 %354
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = load <8 x float>, ptr %acc03032, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b044, <8 x float> %392)
+  store <8 x float> %393, ptr %acc03032, align 4
+  %394 = load <8 x float>, ptr %acc03133, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b145, <8 x float> %394)
+  store <8 x float> %395, ptr %acc03133, align 4
+  %396 = add nsw i64 %k41, 1
   br label %k.head38
 
 k.end40:                                          ; preds = %k.head38
-  %391 = load <8 x float>, ptr %acc0026, align 4
-  store <8 x float> %391, ptr %302, align 4
-  %392 = load <8 x float>, ptr %acc0127, align 4
-  store <8 x float> %392, ptr %304, align 4
-  %393 = load <8 x float>, ptr %acc1028, align 4
-  store <8 x float> %393, ptr %314, align 4
-  %394 = load <8 x float>, ptr %acc1129, align 4
-  store <8 x float> %394, ptr %316, align 4
-  %395 = load <8 x float>, ptr %acc2030, align 4
-  store <8 x float> %395, ptr %326, align 4
-  %396 = load <8 x float>, ptr %acc2131, align 4
-  store <8 x float> %396, ptr %328, align 4
-  %397 = load <8 x float>, ptr %acc3032, align 4
-  store <8 x float> %397, ptr %338, align 4
-  %398 = load <8 x float>, ptr %acc3133, align 4
-  store <8 x float> %398, ptr %340, align 4
+  %397 = load <8 x float>, ptr %acc00026, align 4
+  store <8 x float> %397, ptr %306, align 4
+  %398 = load <8 x float>, ptr %acc00127, align 4
+  store <8 x float> %398, ptr %308, align 4
+  %399 = load <8 x float>, ptr %acc01028, align 4
+  store <8 x float> %399, ptr %318, align 4
+  %400 = load <8 x float>, ptr %acc01129, align 4
+  store <8 x float> %400, ptr %320, align 4
+  %401 = load <8 x float>, ptr %acc02030, align 4
+  store <8 x float> %401, ptr %330, align 4
+  %402 = load <8 x float>, ptr %acc02131, align 4
+  store <8 x float> %402, ptr %332, align 4
+  %403 = load <8 x float>, ptr %acc03032, align 4
+  store <8 x float> %403, ptr %342, align 4
+  %404 = load <8 x float>, ptr %acc03133, align 4
+  store <8 x float> %404, ptr %344, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col46 = mul nsw i64 %p, 16
-  %399 = add nsw i64 %r0, 0
-  %400 = mul nsw i64 %399, 3072
-  %401 = getelementptr inbounds float, ptr %h, i64 %400
-  %402 = getelementptr inbounds i32, ptr %rows, i64 %399
-  %403 = load i32, ptr %402, align 4
-  %404 = sext i32 %403 to i64
-  %405 = mul nsw i64 %404, 768
-  %406 = getelementptr inbounds float, ptr %y, i64 %405
-  %407 = add nsw i64 %col46, 0
-  %408 = getelementptr inbounds float, ptr %406, i64 %407
-  store <8 x float> zeroinitializer, ptr %acc0047, align 4
-  %409 = add nsw i64 %col46, 8
-  %410 = getelementptr inbounds float, ptr %406, i64 %409
-  store <8 x float> zeroinitializer, ptr %acc0148, align 4
-  %411 = add nsw i64 %r0, 1
-  %412 = mul nsw i64 %411, 3072
-  %413 = getelementptr inbounds float, ptr %h, i64 %412
-  %414 = getelementptr inbounds i32, ptr %rows, i64 %411
-  %415 = load i32, ptr %414, align 4
-  %416 = sext i32 %415 to i64
-  %417 = mul nsw i64 %416, 768
-  %418 = getelementptr inbounds float, ptr %y, i64 %417
-  %419 = add nsw i64 %col46, 0
-  %420 = getelementptr inbounds float, ptr %418, i64 %419
-  store <8 x float> zeroinitializer, ptr %acc1049, align 4
-  %421 = add nsw i64 %col46, 8
-  %422 = getelementptr inbounds float, ptr %418, i64 %421
-  store <8 x float> zeroinitializer, ptr %acc1150, align 4
-  %423 = add nsw i64 %r0, 2
-  %424 = mul nsw i64 %423, 3072
-  %425 = getelementptr inbounds float, ptr %h, i64 %424
-  %426 = getelementptr inbounds i32, ptr %rows, i64 %423
-  %427 = load i32, ptr %426, align 4
-  %428 = sext i32 %427 to i64
-  %429 = mul nsw i64 %428, 768
-  %430 = getelementptr inbounds float, ptr %y, i64 %429
-  %431 = add nsw i64 %col46, 0
-  %432 = getelementptr inbounds float, ptr %430, i64 %431
-  store <8 x float> zeroinitializer, ptr %acc2051, align 4
-  %433 = add nsw i64 %col46, 8
-  %434 = getelementptr inbounds float, ptr %430, i64 %433
-  store <8 x float> zeroinitializer, ptr %acc2152, align 4
+  %405 = add nsw i64 %r0, 0
+  %406 = mul nsw i64 %405, 3072
+  %407 = getelementptr inbounds float, ptr %h, i64 %406
+  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
+  %409 = load i32, ptr %408, align 4
+  %410 = sext i32 %409 to i64
+  %411 = mul nsw i64 %410, 768
+  %412 = getelementptr inbounds float, ptr %y, i64 %411
+  %413 = add nsw i64 %col46, 0
+  %414 = getelementptr inbounds float, ptr %412, i64 %413
+  store <8 x float> zeroinitializer, ptr %acc00047, align 4
+  %415 = add nsw i64 %col46, 8
+  %416 = getelementptr inbounds float, ptr %412, i64 %415
+  store <8 x float> zeroinitializer, ptr %acc00148, align 4
+  %417 = add nsw i64 %r0, 1
+  %418 = mul nsw i64 %417, 3072
+  %419 = getelementptr inbounds float, ptr %h, i64 %418
+  %420 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %421 = load i32, ptr %420, align 4
+  %422 = sext i32 %421 to i64
+  %423 = mul nsw i64 %422, 768
+  %424 = getelementptr inbounds float, ptr %y, i64 %423
+  %425 = add nsw i64 %col46, 0
+  %426 = getelementptr inbounds float, ptr %424, i64 %425
+  store <8 x float> zeroinitializer, ptr %acc01049, align 4
+  %427 = add nsw i64 %col46, 8
+  %428 = getelementptr inbounds float, ptr %424, i64 %427
+  store <8 x float> zeroinitializer, ptr %acc01150, align 4
+  %429 = add nsw i64 %r0, 2
+  %430 = mul nsw i64 %429, 3072
+  %431 = getelementptr inbounds float, ptr %h, i64 %430
+  %432 = getelementptr inbounds i32, ptr %rows, i64 %429
+  %433 = load i32, ptr %432, align 4
+  %434 = sext i32 %433 to i64
+  %435 = mul nsw i64 %434, 768
+  %436 = getelementptr inbounds float, ptr %y, i64 %435
+  %437 = add nsw i64 %col46, 0
+  %438 = getelementptr inbounds float, ptr %436, i64 %437
+  store <8 x float> zeroinitializer, ptr %acc02051, align 4
+  %439 = add nsw i64 %col46, 8
+  %440 = getelementptr inbounds float, ptr %436, i64 %439
+  store <8 x float> zeroinitializer, ptr %acc02152, align 4
   %panel.off53 = mul nsw i64 %p, 49152
-  %435 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %436 = add nsw i64 %p, 1
-  %437 = icmp slt i64 %436, %p1
-  %pf.on54 = and i1 %pf.on, %437
-  %438 = mul nsw i64 %rb, 98304
-  %439 = lshr i64 %438, %12
-  %440 = add nsw i64 98304, %439
-  %441 = getelementptr inbounds i8, ptr %435, i64 %440
-  %pf55 = select i1 %pf.on54, ptr %441, ptr %435
+  %441 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
+  %442 = add nsw i64 %p, 1
+  %443 = icmp slt i64 %442, %p1
+  %pf.on54 = and i1 %pf.on, %443
+  %444 = mul nsw i64 %rb, 98304
+  %445 = lshr i64 %444, %12
+  %446 = add nsw i64 98304, %445
+  %447 = getelementptr inbounds i8, ptr %441, i64 %446
+  %pf55 = select i1 %pf.on54, ptr %447, ptr %441
   %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
   br label %k.head57
 
 k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %476, %pf.any.end62 ]
-  %442 = icmp slt i64 %k60, 3072
-  br i1 %442, label %k.body58, label %k.end59
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %484, %pf.any.end62 ]
+  %448 = icmp slt i64 %k60, 3072
+  br i1 %448, label %k.body58, label %k.end59
 
 k.body58:                                         ; preds = %k.head57
-  %443 = mul nsw i64 %k60, 16
-  %444 = add nsw i64 %panel.off53, %443
-  %445 = mul nsw i64 %k60, 32
+  %449 = mul nsw i64 %k60, 1
+  %450 = add nsw i64 %449, 0
+  %451 = mul nsw i64 %450, 32
   br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
 pf.any.then61:                                    ; preds = %k.body58
-  %446 = lshr i64 %445, %pf.sh56
-  %447 = getelementptr inbounds i8, ptr %pf55, i64 %446
-  call void @llvm.prefetch.p0(ptr %447, i32 0, i32 2, i32 1)
+  %452 = lshr i64 %451, %pf.sh56
+  %453 = getelementptr inbounds i8, ptr %pf55, i64 %452
+  call void @llvm.prefetch.p0(ptr %453, i32 0, i32 2, i32 1)
   br label %pf.any.end62
 
 pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %448 = getelementptr inbounds i16, ptr %panels, i64 %444
-  %449 = load <8 x i32>, ptr %448, align 4
-  %450 = shl <8 x i32> %449, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %450 to <8 x float>
-  %451 = and <8 x i32> %449, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = getelementptr inbounds float, ptr %401, i64 %k60
-  %453 = load float, ptr %452, align 4
-  %454 = insertelement <8 x float> poison, float %453, i32 0
-  %455 = shufflevector <8 x float> %454, <8 x float> poison, <8 x i32> zeroinitializer
-  %456 = load <8 x float>, ptr %acc0047, align 4
-  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b063, <8 x float> %456)
-  store <8 x float> %457, ptr %acc0047, align 4
-  %458 = load <8 x float>, ptr %acc0148, align 4
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %b164, <8 x float> %458)
-  store <8 x float> %459, ptr %acc0148, align 4
-  %460 = getelementptr inbounds float, ptr %413, i64 %k60
+  %454 = mul nsw i64 %450, 16
+  %455 = add nsw i64 %panel.off53, %454
+  %456 = getelementptr inbounds i16, ptr %panels, i64 %455
+  %457 = load <8 x i32>, ptr %456, align 4
+  %458 = shl <8 x i32> %457, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b063 = bitcast <8 x i32> %458 to <8 x float>
+  %459 = and <8 x i32> %457, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b164 = bitcast <8 x i32> %459 to <8 x float>
+  %460 = getelementptr inbounds float, ptr %407, i64 %450
   %461 = load float, ptr %460, align 4
   %462 = insertelement <8 x float> poison, float %461, i32 0
   %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc1049, align 4
+  %464 = load <8 x float>, ptr %acc00047, align 4
   %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
-  store <8 x float> %465, ptr %acc1049, align 4
-  %466 = load <8 x float>, ptr %acc1150, align 4
+  store <8 x float> %465, ptr %acc00047, align 4
+  %466 = load <8 x float>, ptr %acc00148, align 4
   %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
-  store <8 x float> %467, ptr %acc1150, align 4
-  %468 = getelementptr inbounds float, ptr %425, i64 %k60
+  store <8 x float> %467, ptr %acc00148, align 4
+  %468 = getelementptr inbounds float, ptr %419, i64 %450
   %469 = load float, ptr %468, align 4
   %470 = insertelement <8 x float> poison, float %469, i32 0
   %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
-  %472 = load <8 x float>, ptr %acc2051, align 4
+  %472 = load <8 x float>, ptr %acc01049, align 4
   %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
-  store <8 x float> %473, ptr %acc2051, align 4
-  %474 = load <8 x float>, ptr %acc2152, align 4
+  store <8 x float> %473, ptr %acc01049, align 4
+  %474 = load <8 x float>, ptr %acc01150, align 4
   %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
-  store <8 x float> %475, ptr %acc2152, align 4
-  %476 = add nsw i64 %k60, 1
+  store <8 x float> %475, ptr %acc01150, align 4
+  %476 = getelementptr inbounds float, ptr %431, i64 %450
+  %477 = load float, ptr %476, align 4
+  %478 = insertelement <8 x float> poison, float %477, i32 0
+  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
+  %480 = load <8 x float>, ptr %acc02051, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b063, <8 x float> %480)
+  store <8 x float> %481, ptr %acc02051, align 4
+  %482 = load <8 x float>, ptr %acc02152, align 4
+  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b164, <8 x float> %482)
+  store <8 x float> %483, ptr %acc02152, align 4
+  %484 = add nsw i64 %k60, 1
   br label %k.head57
 
 k.end59:                                          ; preds = %k.head57
-  %477 = load <8 x float>, ptr %acc0047, align 4
-  store <8 x float> %477, ptr %408, align 4
-  %478 = load <8 x float>, ptr %acc0148, align 4
-  store <8 x float> %478, ptr %410, align 4
-  %479 = load <8 x float>, ptr %acc1049, align 4
-  store <8 x float> %479, ptr %420, align 4
-  %480 = load <8 x float>, ptr %acc1150, align 4
-  store <8 x float> %480, ptr %422, align 4
-  %481 = load <8 x float>, ptr %acc2051, align 4
-  store <8 x float> %481, ptr %432, align 4
-  %482 = load <8 x float>, ptr %acc2152, align 4
-  store <8 x float> %482, ptr %434, align 4
+  %485 = load <8 x float>, ptr %acc00047, align 4
+  store <8 x float> %485, ptr %414, align 4
+  %486 = load <8 x float>, ptr %acc00148, align 4
+  store <8 x float> %486, ptr %416, align 4
+  %487 = load <8 x float>, ptr %acc01049, align 4
+  store <8 x float> %487, ptr %426, align 4
+  %488 = load <8 x float>, ptr %acc01150, align 4
+  store <8 x float> %488, ptr %428, align 4
+  %489 = load <8 x float>, ptr %acc02051, align 4
+  store <8 x float> %489, ptr %438, align 4
+  %490 = load <8 x float>, ptr %acc02152, align 4
+  store <8 x float> %490, ptr %440, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col65 = mul nsw i64 %p, 16
-  %483 = add nsw i64 %r0, 0
-  %484 = mul nsw i64 %483, 3072
-  %485 = getelementptr inbounds float, ptr %h, i64 %484
-  %486 = getelementptr inbounds i32, ptr %rows, i64 %483
-  %487 = load i32, ptr %486, align 4
-  %488 = sext i32 %487 to i64
-  %489 = mul nsw i64 %488, 768
-  %490 = getelementptr inbounds float, ptr %y, i64 %489
-  %491 = add nsw i64 %col65, 0
-  %492 = getelementptr inbounds float, ptr %490, i64 %491
-  store <8 x float> zeroinitializer, ptr %acc0066, align 4
-  %493 = add nsw i64 %col65, 8
-  %494 = getelementptr inbounds float, ptr %490, i64 %493
-  store <8 x float> zeroinitializer, ptr %acc0167, align 4
-  %495 = add nsw i64 %r0, 1
-  %496 = mul nsw i64 %495, 3072
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 768
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col65, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
-  store <8 x float> zeroinitializer, ptr %acc1068, align 4
-  %505 = add nsw i64 %col65, 8
-  %506 = getelementptr inbounds float, ptr %502, i64 %505
-  store <8 x float> zeroinitializer, ptr %acc1169, align 4
+  %491 = add nsw i64 %r0, 0
+  %492 = mul nsw i64 %491, 3072
+  %493 = getelementptr inbounds float, ptr %h, i64 %492
+  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
+  %495 = load i32, ptr %494, align 4
+  %496 = sext i32 %495 to i64
+  %497 = mul nsw i64 %496, 768
+  %498 = getelementptr inbounds float, ptr %y, i64 %497
+  %499 = add nsw i64 %col65, 0
+  %500 = getelementptr inbounds float, ptr %498, i64 %499
+  store <8 x float> zeroinitializer, ptr %acc00066, align 4
+  %501 = add nsw i64 %col65, 8
+  %502 = getelementptr inbounds float, ptr %498, i64 %501
+  store <8 x float> zeroinitializer, ptr %acc00167, align 4
+  %503 = add nsw i64 %r0, 1
+  %504 = mul nsw i64 %503, 3072
+  %505 = getelementptr inbounds float, ptr %h, i64 %504
+  %506 = getelementptr inbounds i32, ptr %rows, i64 %503
+  %507 = load i32, ptr %506, align 4
+  %508 = sext i32 %507 to i64
+  %509 = mul nsw i64 %508, 768
+  %510 = getelementptr inbounds float, ptr %y, i64 %509
+  %511 = add nsw i64 %col65, 0
+  %512 = getelementptr inbounds float, ptr %510, i64 %511
+  store <8 x float> zeroinitializer, ptr %acc01068, align 4
+  %513 = add nsw i64 %col65, 8
+  %514 = getelementptr inbounds float, ptr %510, i64 %513
+  store <8 x float> zeroinitializer, ptr %acc01169, align 4
   %panel.off70 = mul nsw i64 %p, 49152
-  %507 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %508 = add nsw i64 %p, 1
-  %509 = icmp slt i64 %508, %p1
-  %pf.on71 = and i1 %pf.on, %509
-  %510 = mul nsw i64 %rb, 98304
-  %511 = lshr i64 %510, %12
-  %512 = add nsw i64 98304, %511
-  %513 = getelementptr inbounds i8, ptr %507, i64 %512
-  %pf72 = select i1 %pf.on71, ptr %513, ptr %507
+  %515 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
+  %516 = add nsw i64 %p, 1
+  %517 = icmp slt i64 %516, %p1
+  %pf.on71 = and i1 %pf.on, %517
+  %518 = mul nsw i64 %rb, 98304
+  %519 = lshr i64 %518, %12
+  %520 = add nsw i64 98304, %519
+  %521 = getelementptr inbounds i8, ptr %515, i64 %520
+  %pf72 = select i1 %pf.on71, ptr %521, ptr %515
   %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
   br label %k.head74
 
 k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %540, %pf.any.end79 ]
-  %514 = icmp slt i64 %k77, 3072
-  br i1 %514, label %k.body75, label %k.end76
+  %k77 = phi i64 [ 0, %tile.mr2 ], [ %550, %pf.any.end79 ]
+  %522 = icmp slt i64 %k77, 3072
+  br i1 %522, label %k.body75, label %k.end76
 
 k.body75:                                         ; preds = %k.head74
-  %515 = mul nsw i64 %k77, 16
-  %516 = add nsw i64 %panel.off70, %515
-  %517 = mul nsw i64 %k77, 32
+  %523 = mul nsw i64 %k77, 1
+  %524 = add nsw i64 %523, 0
+  %525 = mul nsw i64 %524, 32
   br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
 
 pf.any.then78:                                    ; preds = %k.body75
-  %518 = lshr i64 %517, %pf.sh73
-  %519 = getelementptr inbounds i8, ptr %pf72, i64 %518
-  call void @llvm.prefetch.p0(ptr %519, i32 0, i32 2, i32 1)
+  %526 = lshr i64 %525, %pf.sh73
+  %527 = getelementptr inbounds i8, ptr %pf72, i64 %526
+  call void @llvm.prefetch.p0(ptr %527, i32 0, i32 2, i32 1)
   br label %pf.any.end79
 
 pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %520 = getelementptr inbounds i16, ptr %panels, i64 %516
-  %521 = load <8 x i32>, ptr %520, align 4
-  %522 = shl <8 x i32> %521, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %522 to <8 x float>
-  %523 = and <8 x i32> %521, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %523 to <8 x float>
-  %524 = getelementptr inbounds float, ptr %485, i64 %k77
-  %525 = load float, ptr %524, align 4
-  %526 = insertelement <8 x float> poison, float %525, i32 0
-  %527 = shufflevector <8 x float> %526, <8 x float> poison, <8 x i32> zeroinitializer
-  %528 = load <8 x float>, ptr %acc0066, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b080, <8 x float> %528)
-  store <8 x float> %529, ptr %acc0066, align 4
-  %530 = load <8 x float>, ptr %acc0167, align 4
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %b181, <8 x float> %530)
-  store <8 x float> %531, ptr %acc0167, align 4
-  %532 = getelementptr inbounds float, ptr %497, i64 %k77
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <8 x float> poison, float %533, i32 0
-  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
-  %536 = load <8 x float>, ptr %acc1068, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b080, <8 x float> %536)
-  store <8 x float> %537, ptr %acc1068, align 4
-  %538 = load <8 x float>, ptr %acc1169, align 4
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %535, <8 x float> %b181, <8 x float> %538)
-  store <8 x float> %539, ptr %acc1169, align 4
-  %540 = add nsw i64 %k77, 1
+  %528 = mul nsw i64 %524, 16
+  %529 = add nsw i64 %panel.off70, %528
+  %530 = getelementptr inbounds i16, ptr %panels, i64 %529
+  %531 = load <8 x i32>, ptr %530, align 4
+  %532 = shl <8 x i32> %531, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b080 = bitcast <8 x i32> %532 to <8 x float>
+  %533 = and <8 x i32> %531, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b181 = bitcast <8 x i32> %533 to <8 x float>
+  %534 = getelementptr inbounds float, ptr %493, i64 %524
+  %535 = load float, ptr %534, align 4
+  %536 = insertelement <8 x float> poison, float %535, i32 0
+  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
+  %538 = load <8 x float>, ptr %acc00066, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b080, <8 x float> %538)
+  store <8 x float> %539, ptr %acc00066, align 4
+  %540 = load <8 x float>, ptr %acc00167, align 4
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b181, <8 x float> %540)
+  store <8 x float> %541, ptr %acc00167, align 4
+  %542 = getelementptr inbounds float, ptr %505, i64 %524
+  %543 = load float, ptr %542, align 4
+  %544 = insertelement <8 x float> poison, float %543, i32 0
+  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
+  %546 = load <8 x float>, ptr %acc01068, align 4
+  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b080, <8 x float> %546)
+  store <8 x float> %547, ptr %acc01068, align 4
+  %548 = load <8 x float>, ptr %acc01169, align 4
+  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b181, <8 x float> %548)
+  store <8 x float> %549, ptr %acc01169, align 4
+  %550 = add nsw i64 %k77, 1
   br label %k.head74
 
 k.end76:                                          ; preds = %k.head74
-  %541 = load <8 x float>, ptr %acc0066, align 4
-  store <8 x float> %541, ptr %492, align 4
-  %542 = load <8 x float>, ptr %acc0167, align 4
-  store <8 x float> %542, ptr %494, align 4
-  %543 = load <8 x float>, ptr %acc1068, align 4
-  store <8 x float> %543, ptr %504, align 4
-  %544 = load <8 x float>, ptr %acc1169, align 4
-  store <8 x float> %544, ptr %506, align 4
+  %551 = load <8 x float>, ptr %acc00066, align 4
+  store <8 x float> %551, ptr %500, align 4
+  %552 = load <8 x float>, ptr %acc00167, align 4
+  store <8 x float> %552, ptr %502, align 4
+  %553 = load <8 x float>, ptr %acc01068, align 4
+  store <8 x float> %553, ptr %512, align 4
+  %554 = load <8 x float>, ptr %acc01169, align 4
+  store <8 x float> %554, ptr %514, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col82 = mul nsw i64 %p, 16
-  %545 = add nsw i64 %r0, 0
-  %546 = mul nsw i64 %545, 3072
-  %547 = getelementptr inbounds float, ptr %h, i64 %546
-  %548 = getelementptr inbounds i32, ptr %rows, i64 %545
-  %549 = load i32, ptr %548, align 4
-  %550 = sext i32 %549 to i64
-  %551 = mul nsw i64 %550, 768
-  %552 = getelementptr inbounds float, ptr %y, i64 %551
-  %553 = add nsw i64 %col82, 0
-  %554 = getelementptr inbounds float, ptr %552, i64 %553
-  store <8 x float> zeroinitializer, ptr %acc0083, align 4
-  %555 = add nsw i64 %col82, 8
-  %556 = getelementptr inbounds float, ptr %552, i64 %555
-  store <8 x float> zeroinitializer, ptr %acc0184, align 4
+  %555 = add nsw i64 %r0, 0
+  %556 = mul nsw i64 %555, 3072
+  %557 = getelementptr inbounds float, ptr %h, i64 %556
+  %558 = getelementptr inbounds i32, ptr %rows, i64 %555
+  %559 = load i32, ptr %558, align 4
+  %560 = sext i32 %559 to i64
+  %561 = mul nsw i64 %560, 768
+  %562 = getelementptr inbounds float, ptr %y, i64 %561
+  %563 = add nsw i64 %col82, 0
+  %564 = getelementptr inbounds float, ptr %562, i64 %563
+  store <8 x float> zeroinitializer, ptr %acc00083, align 4
+  %565 = add nsw i64 %col82, 8
+  %566 = getelementptr inbounds float, ptr %562, i64 %565
+  store <8 x float> zeroinitializer, ptr %acc00184, align 4
   %panel.off85 = mul nsw i64 %p, 49152
-  %557 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %558 = add nsw i64 %p, 1
-  %559 = icmp slt i64 %558, %p1
-  %pf.on86 = and i1 %pf.on, %559
-  %560 = mul nsw i64 %rb, 98304
-  %561 = lshr i64 %560, %12
-  %562 = add nsw i64 98304, %561
-  %563 = getelementptr inbounds i8, ptr %557, i64 %562
-  %pf87 = select i1 %pf.on86, ptr %563, ptr %557
+  %567 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
+  %568 = add nsw i64 %p, 1
+  %569 = icmp slt i64 %568, %p1
+  %pf.on86 = and i1 %pf.on, %569
+  %570 = mul nsw i64 %rb, 98304
+  %571 = lshr i64 %570, %12
+  %572 = add nsw i64 98304, %571
+  %573 = getelementptr inbounds i8, ptr %567, i64 %572
+  %pf87 = select i1 %pf.on86, ptr %573, ptr %567
   %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
   br label %k.head89
 
 k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %582, %pf.any.end94 ]
-  %564 = icmp slt i64 %k92, 3072
-  br i1 %564, label %k.body90, label %k.end91
+  %k92 = phi i64 [ 0, %tile.mr1 ], [ %594, %pf.any.end94 ]
+  %574 = icmp slt i64 %k92, 3072
+  br i1 %574, label %k.body90, label %k.end91
 
 k.body90:                                         ; preds = %k.head89
-  %565 = mul nsw i64 %k92, 16
-  %566 = add nsw i64 %panel.off85, %565
-  %567 = mul nsw i64 %k92, 32
+  %575 = mul nsw i64 %k92, 1
+  %576 = add nsw i64 %575, 0
+  %577 = mul nsw i64 %576, 32
   br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
 
 pf.any.then93:                                    ; preds = %k.body90
-  %568 = lshr i64 %567, %pf.sh88
-  %569 = getelementptr inbounds i8, ptr %pf87, i64 %568
-  call void @llvm.prefetch.p0(ptr %569, i32 0, i32 2, i32 1)
+  %578 = lshr i64 %577, %pf.sh88
+  %579 = getelementptr inbounds i8, ptr %pf87, i64 %578
+  call void @llvm.prefetch.p0(ptr %579, i32 0, i32 2, i32 1)
   br label %pf.any.end94
 
 pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %570 = getelementptr inbounds i16, ptr %panels, i64 %566
-  %571 = load <8 x i32>, ptr %570, align 4
-  %572 = shl <8 x i32> %571, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %572 to <8 x float>
-  %573 = and <8 x i32> %571, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %573 to <8 x float>
-  %574 = getelementptr inbounds float, ptr %547, i64 %k92
-  %575 = load float, ptr %574, align 4
-  %576 = insertelement <8 x float> poison, float %575, i32 0
-  %577 = shufflevector <8 x float> %576, <8 x float> poison, <8 x i32> zeroinitializer
-  %578 = load <8 x float>, ptr %acc0083, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b095, <8 x float> %578)
-  store <8 x float> %579, ptr %acc0083, align 4
-  %580 = load <8 x float>, ptr %acc0184, align 4
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %577, <8 x float> %b196, <8 x float> %580)
-  store <8 x float> %581, ptr %acc0184, align 4
-  %582 = add nsw i64 %k92, 1
+  %580 = mul nsw i64 %576, 16
+  %581 = add nsw i64 %panel.off85, %580
+  %582 = getelementptr inbounds i16, ptr %panels, i64 %581
+  %583 = load <8 x i32>, ptr %582, align 4
+  %584 = shl <8 x i32> %583, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b095 = bitcast <8 x i32> %584 to <8 x float>
+  %585 = and <8 x i32> %583, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b196 = bitcast <8 x i32> %585 to <8 x float>
+  %586 = getelementptr inbounds float, ptr %557, i64 %576
+  %587 = load float, ptr %586, align 4
+  %588 = insertelement <8 x float> poison, float %587, i32 0
+  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
+  %590 = load <8 x float>, ptr %acc00083, align 4
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b095, <8 x float> %590)
+  store <8 x float> %591, ptr %acc00083, align 4
+  %592 = load <8 x float>, ptr %acc00184, align 4
+  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b196, <8 x float> %592)
+  store <8 x float> %593, ptr %acc00184, align 4
+  %594 = add nsw i64 %k92, 1
   br label %k.head89
 
 k.end91:                                          ; preds = %k.head89
-  %583 = load <8 x float>, ptr %acc0083, align 4
-  store <8 x float> %583, ptr %554, align 4
-  %584 = load <8 x float>, ptr %acc0184, align 4
-  store <8 x float> %584, ptr %556, align 4
+  %595 = load <8 x float>, ptr %acc00083, align 4
+  store <8 x float> %595, ptr %564, align 4
+  %596 = load <8 x float>, ptr %acc00184, align 4
+  store <8 x float> %596, ptr %566, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %585 = add nsw i64 %rb, 1
+  %597 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %586 = add nsw i64 %p, 1
+  %598 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
