@@ -8,7 +8,9 @@
  * MOE_INT8_COMPUTE_TOL with identical expert choices, and really quantized
  * (an error no f32 sum would make); batch and thread invariance bit for
  * bit; a target without the instructions computes in f32 within the f32
- * bound. */
+ * bound; the 256-bit form (AVX-VNNI, run here as AVX-512 VNNI with
+ * -evex512) gives the 512-bit form's bits, and AVX-VNNI targets get the VEX
+ * instruction. */
 #include "harness.h"
 
 #include <math.h>
@@ -20,6 +22,7 @@
 
 #include <cmocka.h>
 
+#include "backend.h"
 #include "moe_kernels.h"
 #include "moegen.h"
 
@@ -168,6 +171,65 @@ static void test_overflow(void **state)
 	free(x), free(y);
 }
 
+/* The 256-bit kernels (AVX-VNNI targets; here AVX-512 VNNI limited to
+ * 256-bit vectors by -evex512, the same instruction in EVEX form) give the
+ * bits of the 512-bit ones: the int32 sums are exact, and every f32 lane
+ * computes the same operations in the same order. And they are int8
+ * compute, not the f32 fallback: quantized against the reference. */
+static void test_narrow(void **state)
+{
+	(void)state;
+	for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+		struct moe_desc d;
+		idesc(&d, &cases[c]);
+		size_t T = 77, H = d.hidden;
+		float *ya = malloc(T * H * 4), *yb = malloc(T * H * 4);
+		assert_true(ya && yb);
+		forward(&d, T, 2, ya);
+		h_features = "-evex512";
+		forward(&d, T, 2, yb);
+		h_compare(&d, 9, 1, 40 + c, NULL, NULL);
+		h_features = NULL;
+		assert_memory_equal(ya, yb, T * H * 4);
+		assert_true(h_last_rel > H_TOL);
+		free(ya), free(yb);
+	}
+}
+
+/* An AVX-VNNI target without AVX-512 (alderlake) gets int8 compute in the
+ * VEX form of vpdpbusd and no 512-bit register; without avxvnni the f32
+ * kernels, no vpdpbusd. */
+static void test_avxvnni_asm(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	idesc(&d, &cases[1]);
+	static struct moe_plan p;
+	struct moe_diag dg = {0};
+	assert_int_equal(moe_plan_build(&d, MOE_TARGET_CPU, &p, &dg), 0);
+	static const struct {
+		const char *cpu, *features;
+		int vnni;
+	} ts[] = {{"alderlake", NULL, 1}, {"x86-64-v3", "+avxvnni", 1}, {"x86-64-v3", NULL, 0}};
+	for (size_t i = 0; i < sizeof ts / sizeof *ts; i++) {
+		struct moe_cpu_target t = {.triple = "x86_64-unknown-linux-gnu",
+					   .cpu = ts[i].cpu,
+					   .features = ts[i].features,
+					   .opt_level = 2};
+		char *out = NULL, err[512];
+		size_t len = 0;
+		int rc = moe_cpu_generate(&p, &t, MOE_EMIT_ASM, &out, &len, err, sizeof err);
+		if (rc)
+			fprintf(stderr, "%s\n", err);
+		assert_int_equal(rc, 0);
+		assert_non_null(out);
+		assert_true((strstr(out, "{vex}\tvpdpbusd") != NULL) == ts[i].vnni);
+		assert_true((strstr(out, "vpdpbusd") != NULL) == ts[i].vnni);
+		assert_null(strstr(out, "%zmm"));
+		free(out);
+	}
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -177,9 +239,10 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_resolved), cmocka_unit_test(test_vs_reference),
-	    cmocka_unit_test(test_fallback), cmocka_unit_test(test_invariant),
-	    cmocka_unit_test(test_overflow),
+	    cmocka_unit_test(test_resolved),    cmocka_unit_test(test_vs_reference),
+	    cmocka_unit_test(test_fallback),    cmocka_unit_test(test_invariant),
+	    cmocka_unit_test(test_overflow),    cmocka_unit_test(test_narrow),
+	    cmocka_unit_test(test_avxvnni_asm),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

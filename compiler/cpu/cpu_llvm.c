@@ -1195,7 +1195,7 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 
 /* Rows per int8 tile: one int32 chain per row over the runs of a group,
  * and its f32 sum over the groups. */
-#define I8_MR 8
+#define I8_MR 8 /* 4 with 256-bit vectors (i8_mr) */
 /* The quantized rows one call keeps at a time (as for bf16 compute). */
 #define I8_CHUNK_BYTES (512 * 1024)
 #define I8_CHUNK_ROWS 96
@@ -1203,6 +1203,32 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 static LLVMTypeRef t_v16i(struct moe_ll *g)
 {
 	return LLVMVectorType(g->t_i32, 2 * MOE_VW);
+}
+
+/* int8 tiles keep 16 columns per row as <16 x ...> values: one register on
+ * AVX-512 targets, two 256-bit ones elsewhere (AVX-VNNI, or AVX-512 VNNI
+ * limited to 256-bit vectors), where a tile holds 4 rows instead of 8. */
+static int i8_mr(const struct moe_ll *g)
+{
+	return g->wide ? I8_MR : I8_MR / 2;
+}
+
+/* The lanes [h * 8, h * 8 + 8) of a 16-lane vector, and two halves joined. */
+static LLVMValueRef half8(struct moe_ll *g, LLVMValueRef v, int h)
+{
+	LLVMValueRef e[MOE_VW];
+	for (int i = 0; i < MOE_VW; i++)
+		e[i] = moe_ll_i32c(g, h * MOE_VW + i);
+	return LLVMBuildShuffleVector(g->b, v, LLVMGetUndef(LLVMTypeOf(v)),
+				      LLVMConstVector(e, MOE_VW), "");
+}
+
+static LLVMValueRef join8(struct moe_ll *g, LLVMValueRef lo, LLVMValueRef hi)
+{
+	LLVMValueRef e[2 * MOE_VW];
+	for (int i = 0; i < 2 * MOE_VW; i++)
+		e[i] = moe_ll_i32c(g, i);
+	return LLVMBuildShuffleVector(g->b, lo, hi, LLVMConstVector(e, 2 * MOE_VW), "");
 }
 
 /* Quantize the K f32 values at src (K a multiple of the group, the group of
@@ -1239,14 +1265,26 @@ static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t g
 	LLVMValueRef off = LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, group), ""),
 					   LLVMBuildNSWMul(b, j.iv, moe_ll_i64c(g, 16), ""), "");
 	LLVMValueRef x = moe_ll_ld(g, t16, moe_ll_at(g, g->t_f32, src, off));
-	/* vcvtps2dq with its rounding in the instruction (to nearest even,
-	 * whatever MXCSR says): defined for every input — a row that overflowed
-	 * to inf or NaN gives the byte 0 and a non-finite scale, so its output
-	 * is non-finite and the runtime reports the overflow (int8 compute is
-	 * generated for AVX-512 targets only) */
-	LLVMValueRef cargs[4] = {LLVMBuildFMul(b, x, vinv, ""), LLVMConstNull(ti),
-				 LLVMConstInt(g->t_i16, 0xffff, 0), moe_ll_i32c(g, 8)};
-	LLVMValueRef q = moe_ll_intr(g, "llvm.x86.avx512.mask.cvtps2dq.512", NULL, 0, cargs, 4);
+	/* vcvtps2dq, with its rounding in the instruction on 512-bit vectors
+	 * (to nearest even, whatever MXCSR says): defined for every input — a
+	 * row that overflowed to inf or NaN gives the byte 0 and a non-finite
+	 * scale, so its output is non-finite and the runtime reports the
+	 * overflow (int8 compute is generated for x86 targets only) */
+	LLVMValueRef xs = LLVMBuildFMul(b, x, vinv, ""), q;
+	if (g->wide) {
+		LLVMValueRef cargs[4] = {xs, LLVMConstNull(ti), LLVMConstInt(g->t_i16, 0xffff, 0),
+					 moe_ll_i32c(g, 8)};
+		q = moe_ll_intr(g, "llvm.x86.avx512.mask.cvtps2dq.512", NULL, 0, cargs, 4);
+	} else {
+		/* 256-bit vcvtps2dq rounds as MXCSR says: to nearest even
+		 * unless the caller changed it */
+		LLVMValueRef h[2];
+		for (int i = 0; i < 2; i++) {
+			LLVMValueRef a = half8(g, xs, i);
+			h[i] = moe_ll_intr(g, "llvm.x86.avx.cvt.ps2dq.256", NULL, 0, &a, 1);
+		}
+		q = join8(g, h[0], h[1]);
+	}
 	moe_ll_st(g, LLVMBuildTrunc(b, q, LLVMVectorType(g->t_i8, 16), ""),
 		  moe_ll_at(g, g->t_i8, dst, off));
 	moe_ll_st(g, LLVMBuildAdd(b, moe_ll_ld(g, ti, vs), q, ""), vs);
@@ -1261,8 +1299,18 @@ static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t g
  * a (broadcast), summed per column in int32: vpdpbusd. */
 static LLVMValueRef dpbusd(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef w, LLVMValueRef a)
 {
-	LLVMValueRef args[3] = {acc, w, moe_ll_splat(g, a, t_v16i(g))};
-	return moe_ll_intr(g, "llvm.x86.avx512.vpdpbusd.512", NULL, 0, args, 3);
+	LLVMValueRef a16 = moe_ll_splat(g, a, t_v16i(g));
+	if (g->wide) {
+		LLVMValueRef args[3] = {acc, w, a16};
+		return moe_ll_intr(g, "llvm.x86.avx512.vpdpbusd.512", NULL, 0, args, 3);
+	}
+	/* two 256-bit vpdpbusd: VEX (AVX-VNNI) or EVEX (AVX-512 VNNI and VL) */
+	LLVMValueRef h[2];
+	for (int i = 0; i < 2; i++) {
+		LLVMValueRef args[3] = {half8(g, acc, i), half8(g, w, i), half8(g, a16, i)};
+		h[i] = moe_ll_intr(g, "llvm.x86.avx512.vpdpbusd.256", NULL, 0, args, 3);
+	}
+	return join8(g, h[0], h[1]);
 }
 
 /* acc[r] += the mr quantized rows (xq[r]: K int8 codes, qs[r]: their sums
@@ -1281,7 +1329,8 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 	 * tile still keeps about 8 sums in flight; the int32 sums are exact,
 	 * so how they are split changes no bit. */
 	uint32_t runs = f->group / (uint32_t)run, ru = 1;
-	while (ru < 8 && (int)(2 * ru) * mr * halves <= 8 && runs % (2 * ru) == 0)
+	int fly = g->wide ? 8 : 4; /* 256-bit: each sum takes two registers */
+	while (ru < 8 && (int)(2 * ru) * mr * halves <= fly && runs % (2 * ru) == 0)
 		ru *= 2;
 	int nch = (int)ru * halves;
 	LLVMValueRef accg[I8_MR][16];
@@ -1497,7 +1546,7 @@ static void gen_up_i8(struct moe_ll *g, const char *name, const struct ffn *f0)
 	struct moe_ll_loop c, p;
 	LLVMValueRef cn = i8_chunk_open(g, &f, &c, cr, f.geom->hidden, q->group, 1);
 	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
-	row_blocks_mr(g, &f, up_tile_i8, MOE_NR, p.iv, cn, I8_MR);
+	row_blocks_mr(g, &f, up_tile_i8, MOE_NR, p.iv, cn, i8_mr(g));
 	moe_ll_loop_close(g, &p);
 	moe_ll_loop_close(g, &c);
 	moe_ll_fn_end(g);
@@ -1553,7 +1602,7 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 			: i8                                  ? down_tile_i8
 			: ge->q_down.kind != MOE_QFORMAT_NONE ? down_tile_q
 							      : down_tile;
-	int mr = bf ? BF_MR : i8 ? I8_MR : ge->q_down.kind != MOE_QFORMAT_NONE ? Q_MR : MOE_MR;
+	int mr = bf ? BF_MR : i8 ? i8_mr(g) : ge->q_down.kind != MOE_QFORMAT_NONE ? Q_MR : MOE_MR;
 	struct ffn fc = *f;
 	struct moe_ll_loop c, p;
 	LLVMValueRef n = moe_ll_prm(g, 3);
@@ -1985,7 +2034,8 @@ static int cpu_in(const char *cpu, const char *const *cpus, size_t n)
 }
 
 /* Whether the target has AVX-512F (32 vector registers, 16-lane FMAs with a
- * folded broadcast): from the feature string, else the CPU's name. */
+ * folded broadcast): from the feature string, else the CPU's name; not with
+ * -evex512 (AVX-512 instructions on 256-bit vectors only). */
 static int has_avx512(const char *triple, const char *cpu, const char *features)
 {
 	static const char *const cpus[] = {
@@ -1993,14 +2043,17 @@ static int has_avx512(const char *triple, const char *cpu, const char *features)
 	    "cooperlake", "cannonlake",     "icelake-client", "icelake-server", "tigerlake",
 	    "rocketlake", "sapphirerapids", "emeraldrapids",  "graniterapids",  "graniterapids-d",
 	};
-	if (strncmp(triple, "x86_64", 6) != 0)
+	if (strncmp(triple, "x86_64", 6) != 0 || feature(features, "evex512") < 0)
 		return 0;
 	int f = feature(features, "avx512f");
 	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
 }
 
-/* Whether the target has the AVX-512 int8 dot product (vpdpbusd):
- * avx512vnni in the feature string, else the CPU's name. */
+/* Whether the target has the int8 dot product vpdpbusd: on 512-bit vectors
+ * (AVX-512 VNNI), or on 256-bit ones, where the int8 kernels then run on
+ * halves: AVX-VNNI (VEX; Alder Lake and the later cores without AVX-512), or
+ * AVX-512 VNNI and VL with -evex512. From the feature string, else the
+ * CPU's name. */
 static int has_int8_dot(const char *triple, const char *cpu, const char *features)
 {
 	static const char *const cpus[] = {
@@ -2009,10 +2062,21 @@ static int has_int8_dot(const char *triple, const char *cpu, const char *feature
 	    "graniterapids", "graniterapids-d", "diamondrapids",  "znver4",
 	    "znver5",
 	};
-	if (!has_avx512(triple, cpu, features))
+	static const char *const vex[] = {
+	    "alderlake",    "raptorlake", "meteorlake",       "arrowlake",
+	    "arrowlake-s",  "lunarlake",  "pantherlake",      "gracemont",
+	    "sierraforest", "grandridge", "clearwaterforest",
+	};
+	if (strncmp(triple, "x86_64", 6) != 0)
 		return 0;
 	int f = feature(features, "avx512vnni");
-	return f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
+	int evex = f ? f > 0 : cpu_in(cpu, cpus, sizeof cpus / sizeof *cpus);
+	if (has_avx512(triple, cpu, features))
+		return evex;
+	if (evex && feature(features, "avx512vl") >= 0 && feature(features, "evex512") < 0)
+		return 1;
+	f = feature(features, "avxvnni");
+	return f ? f > 0 : cpu_in(cpu, vex, sizeof vex / sizeof *vex);
 }
 
 /* Whether the target has the AVX-512 bf16 dot product (vdpbf16ps) and
