@@ -1,6 +1,7 @@
 /* test_soft.c: Soft MoE generated for the CPU against the reference on token
  * groups of several sizes (outputs within 1e-5, the same statistics), with the
- * scalar scale and the per-channel one (soft.scale channel), bit
+ * scalar scale and the per-channel one (soft.scale channel), soft.group_size
+ * (against the reference, and bit for bit one call per group), bit
  * identity across thread counts, a tiny case recomputed in double, and the
  * refused combinations. */
 #include <setjmp.h>
@@ -77,6 +78,47 @@ static void test_soft_gamma_vs_ref(void **state)
 		for (size_t j = 0; j < sizeof Ts / sizeof *Ts; j++)
 			h_compare(&d, Ts[j], j % 2 ? 3 : 1, 900 + 10 * i + j, NULL, NULL);
 	}
+}
+
+/* soft.group_size G: the call's tokens in groups of G (the last one the
+ * rest), each with its own slots. Against the reference (groups of 1, of
+ * 7 with a remainder, and one group larger than the call), and the same
+ * bits as one call per group without groups: what a batch of sequences
+ * computes, with the slots of every group through one pass of the experts. */
+static void test_soft_groups(void **state)
+{
+	(void)state;
+	static const size_t Ts[] = {1, 19, 33};
+	static const uint32_t Gs[] = {7, 1, 50};
+	for (size_t i = 0; i < sizeof Gs / sizeof *Gs; i++) {
+		struct moe_desc d;
+		soft_desc(&d, 32, 4 + (uint32_t)i, 2, 24);
+		d.soft_group = Gs[i];
+		if (i == 1) {
+			d.shared_count = 1;
+			d.shared_intermediate = 16;
+			d.output_bias = 1;
+		}
+		for (size_t j = 0; j < sizeof Ts / sizeof *Ts; j++)
+			h_compare(&d, Ts[j], j % 2 ? 3 : 1, 500 + 10 * i + j, NULL, NULL);
+	}
+	struct moe_desc d, one;
+	soft_desc(&d, 40, 5, 3, 24);
+	d.kind = MOE_KIND_MLP;
+	d.act = MOE_ACT_GELU;
+	one = d;
+	d.soft_group = 7;
+	size_t T = 19, H = d.hidden;
+	float *x = malloc(T * H * 4), *y = malloc(T * H * 4), *yg = malloc(T * H * 4);
+	assert_true(x && y && yg);
+	h_fill_input(x, T * H, 77);
+	assert_int_equal(h_forward(&d, x, T, 2, 0, yg), MOE_OK);
+	for (size_t g0 = 0; g0 < T; g0 += 7) {
+		size_t n = T - g0 < 7 ? T - g0 : 7;
+		assert_int_equal(h_forward(&one, x + g0 * H, n, 1, 0, y + g0 * H), MOE_OK);
+	}
+	assert_memory_equal(y, yg, T * H * 4);
+	free(x), free(y), free(yg);
 }
 
 /* The same group with 1 and 3 threads gives the same bits. */
@@ -371,7 +413,7 @@ int main(void)
 	    cmocka_unit_test(test_soft_vs_ref),  cmocka_unit_test(test_soft_gamma_vs_ref),
 	    cmocka_unit_test(test_soft_threads), cmocka_unit_test(test_soft_tiles),
 	    cmocka_unit_test(test_soft_hand),    cmocka_unit_test(test_soft_gamma_load),
-	    cmocka_unit_test(test_refusals),
+	    cmocka_unit_test(test_refusals),     cmocka_unit_test(test_soft_groups),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -56,8 +56,9 @@ static const char *const usage_bench =
     "  --json FILE  also write the rows, the probes and the machine as JSON\n"
     "  --no-generated  probes and baseline only\n"
     "  --modes    research routers, generated layer only: hier, sparsemixer,\n"
-    "             noisy, ec, soft, peer, peer-1m (full size, 8 GiB; only when\n"
-    "             named). Default: all but peer-1m in a full run, none with\n"
+    "             noisy, ec, soft, soft-g (soft in groups of 256 tokens),\n"
+    "             peer, peer-1m (full size, 8 GiB; only when named).\n"
+    "             Default: all but peer-1m in a full run, none with\n"
     "             --quick; alone, without --shapes, it runs no shapes; none: no\n"
     "             research routers. hier, sparsemixer, noisy and ec are each\n"
     "             followed by their token-choice twin (NAME-tc: the same experts\n"
@@ -94,7 +95,7 @@ static const struct shape shapes[] = {
 enum routing { ROUTE_UNIFORM, ROUTE_ZIPF, ROUTE_COUNT };
 static const char *const routing_names[ROUTE_COUNT] = {"uniform", "zipf"};
 
-#define N_MODE_NAMES 7 /* entries of modes[] below */
+#define N_MODE_NAMES 8 /* entries of modes[] below */
 
 /* The weight formats of the FFN matrices a run can time: dtypes, and the
  * kept-quantized formats (router f32). */
@@ -210,8 +211,8 @@ static int item_shape(struct opts *o, const char *s)
 	return -1;
 }
 
-static const char *const mode_names[N_MODE_NAMES] = {"hier", "sparsemixer", "noisy",  "ec",
-						     "soft", "peer",        "peer-1m"};
+static const char *const mode_names[N_MODE_NAMES] = {"hier", "sparsemixer", "noisy", "ec",
+						     "soft", "soft-g",      "peer",  "peer-1m"};
 
 static int item_mode(struct opts *o, const char *s)
 {
@@ -333,7 +334,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 	}
 	if (modes_arg && each_item(modes_arg, item_mode, o))
 		return bad_usage("--modes: expected none or a list of hier, sparsemixer, noisy, "
-				 "ec, soft, peer, peer-1m, got '%s'",
+				 "ec, soft, soft-g, peer, peer-1m, got '%s'",
 				 modes_arg);
 	if (!modes_arg && !o->quick)
 		for (int i = 0; i < N_MODE_NAMES - 1; i++)
@@ -1466,23 +1467,26 @@ struct mode {
 	 * inference, no capacity; NULL: none (soft, product key). */
 	const char *twin;
 	uint32_t twin_k;
+	uint32_t group; /* soft: tokens per group (0: one group) */
 };
 
 static const struct mode modes[] = {
     {"hier", "shazeer-hierarchical", MOE_MODE_HIERARCHICAL, MOE_DTYPE_F32, 512, 256, 1024, 4,
-     MOE_KIND_MLP, MOE_ACT_RELU, 0, 0, "hier-tc", 4},
+     MOE_KIND_MLP, MOE_ACT_RELU, 0, 0, "hier-tc", 4, 0},
     {"sparsemixer", "phi-3.5-moe / 4", MOE_MODE_SPARSEMIXER, MOE_DTYPE_BF16, 1024, 16, 1600, 2,
-     MOE_KIND_GLU, MOE_ACT_SILU, 0, 0, "sparsemixer-tc", 2},
+     MOE_KIND_GLU, MOE_ACT_SILU, 0, 0, "sparsemixer-tc", 2, 0},
     {"noisy", "noisy-top-k, training", MOE_MODE_TOKEN_CHOICE, MOE_DTYPE_F32, 512, 32, 1024, 4,
-     MOE_KIND_MLP, MOE_ACT_RELU, 1, 0, "noisy-tc", 4},
+     MOE_KIND_MLP, MOE_ACT_RELU, 1, 0, "noisy-tc", 4, 0},
     {"ec", "expert-choice, E 64 -> 16", MOE_MODE_EXPERT_CHOICE, MOE_DTYPE_F32, 768, 16, 3072, 0,
-     MOE_KIND_MLP, MOE_ACT_GELU, 0, 0, "ec-tc", 2},
+     MOE_KIND_MLP, MOE_ACT_GELU, 0, 0, "ec-tc", 2, 0},
     {"soft", "soft-moe, E 128 -> 16", MOE_MODE_SOFT, MOE_DTYPE_F32, 768, 16, 3072, 0, MOE_KIND_MLP,
-     MOE_ACT_GELU, 0, 0, NULL, 0},
+     MOE_ACT_GELU, 0, 0, NULL, 0, 0},
+    {"soft-g", "soft-moe, E 128 -> 16, groups of 256 tokens", MOE_MODE_SOFT, MOE_DTYPE_F32, 768, 16,
+     3072, 0, MOE_KIND_MLP, MOE_ACT_GELU, 0, 0, NULL, 0, 256},
     {"peer", "peer-1m, R 1024 -> 128", MOE_MODE_PRODUCT_KEY, MOE_DTYPE_F32, 1024, 0, 1, 128,
-     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 128, NULL, 0},
+     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 128, NULL, 0, 0},
     {"peer-1m", "peer-1m, full size", MOE_MODE_PRODUCT_KEY, MOE_DTYPE_F32, 1024, 0, 1, 128,
-     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 1024, NULL, 0},
+     MOE_KIND_SINGLE_NEURON, MOE_ACT_RELU, 0, 1024, NULL, 0, 0},
 };
 #define N_MODES (sizeof modes / sizeof *modes)
 _Static_assert(N_MODES == N_MODE_NAMES, "modes[] and mode_names[] list the same modes");
@@ -1552,6 +1556,7 @@ static void mode_desc(const struct mode *md, struct moe_desc *d)
 		break;
 	case MOE_MODE_SOFT:
 		d->soft_slots_per_expert = 1;
+		d->soft_group = md->group;
 		break;
 	case MOE_MODE_PRODUCT_KEY:
 		d->n_experts = md->R * md->R;

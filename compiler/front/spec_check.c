@@ -128,6 +128,7 @@
 	X(EC_CF, "expert_choice.capacity_factor")                                                  \
 	X(SOFT, "soft")                                                                            \
 	X(SOFT_P, "soft.slots_per_expert")                                                         \
+	X(SOFT_GROUP, "soft.group_size")                                                           \
 	X(SOFT_SCALE, "soft.scale")                                                                \
 	X(PK, "product_key")                                                                       \
 	X(PK_R, "product_key.sub_keys")                                                            \
@@ -343,6 +344,7 @@ static const struct field ec_fields[] = {FLOAT_(EC_CF, 0, MAX_FACTOR, OPEN_LO | 
 static const struct field soft_fields[] = {
     UINT_(SOFT_P, 1, MAX_DIM, 0),
     ENUM_(SOFT_SCALE, soft_scale_names, 0),
+    UINT_(SOFT_GROUP, 1, UINT32_MAX, 0),
 };
 static const struct field pk_fields[] = {
     UINT_(PK_R, 1, MAX_SUB_KEYS, REQ),    UINT_(PK_HEADS, 1, 1024, 0),
@@ -2041,6 +2043,7 @@ static void resolve_router(struct ctx *c, struct moe_desc *o)
 	if (mode == MOE_MODE_SOFT) {
 		o->soft_slots_per_expert = c->ok[S_SOFT_P] ? (uint32_t)c->u[S_SOFT_P] : 1;
 		o->soft_gamma = c->ok[S_SOFT_SCALE] && !strcmp(c->str[S_SOFT_SCALE], "channel");
+		o->soft_group = c->ok[S_SOFT_GROUP] ? (uint32_t)c->u[S_SOFT_GROUP] : 0;
 	}
 	if (mode == MOE_MODE_SPARSEMIXER)
 		o->sparsemixer_eps = c->ok[S_SM_EPS] ? (float)c->f[S_SM_EPS] : 0.01f;

@@ -425,6 +425,8 @@ size_t moe_desc_dump(const struct moe_desc *d, char *buf, size_t cap)
 		put(&o, "expert_choice capacity_factor %s\n", fl(d->ec_capacity_factor).s);
 	if (d->mode == MOE_MODE_SOFT)
 		put(&o, "soft slots_per_expert %u\n", d->soft_slots_per_expert);
+	if (d->mode == MOE_MODE_SOFT && d->soft_group)
+		put(&o, "soft_group %u\n", d->soft_group);
 	if (d->mode == MOE_MODE_SOFT && d->soft_gamma)
 		put(&o, "soft_scale channel\n");
 	if (d->mode == MOE_MODE_SPARSEMIXER)
@@ -767,6 +769,8 @@ static void parse_line(struct line *l, struct moe_desc *d)
 		take_f32(l, "capacity_factor", &d->ec_capacity_factor);
 	} else if (!strcmp(h, "soft")) {
 		take_u32(l, "slots_per_expert", 0, &d->soft_slots_per_expert);
+	} else if (!strcmp(h, "soft_group")) {
+		take_u32(l, NULL, 0, &d->soft_group);
 	} else if (!strcmp(h, "sparsemixer")) {
 		take_f32(l, "eps", &d->sparsemixer_eps);
 	} else if (!strcmp(h, "top_p")) {

@@ -265,9 +265,13 @@ struct moe_desc {
 	struct moe_level levels[MOE_MAX_LEVELS];
 	float ec_capacity_factor;       /* expert_choice: C = ceil(T * f / E) */
 	uint32_t soft_slots_per_expert; /* soft */
-	float sparsemixer_eps;          /* sparsemixer (router_jitter_noise) */
-	float top_p;          /* top_p: the cumulative probability the chosen experts reach */
-	uint32_t pk_sub_keys; /* R = sqrt(N) */
+	/* soft: tokens per group, each group with its own S slots (the
+	 * dispatch softmax over its tokens, the combine over its slot
+	 * outputs); 0: one group of all the tokens of the call */
+	uint32_t soft_group;
+	float sparsemixer_eps; /* sparsemixer (router_jitter_noise) */
+	float top_p;           /* top_p: the cumulative probability the chosen experts reach */
+	uint32_t pk_sub_keys;  /* R = sqrt(N) */
 	uint32_t pk_heads;
 	uint32_t pk_top_k;
 	uint32_t pk_query_dim;   /* d, split in two halves of d/2 */

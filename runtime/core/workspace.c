@@ -49,20 +49,32 @@ void moe_workspace(const struct moe_desc *d, uint64_t ops, uint32_t ld_h, uint32
 		b[MOE_BUF_H_SHARED].per_token = 4ull * ld_h_shared;
 	}
 	if (HAS(SOFT_LOGITS)) {
-		/* the S slots are the routed FFN's rows: expert e's P slots */
-		uint64_t S = E * d->soft_slots_per_expert;
+		/* the S slots of each group are the routed FFN's rows: expert
+		 * e's P slots of every group. With groups of G tokens a call of
+		 * T tokens has at most T / G + 1 groups: per token 1 / G of a
+		 * group's buffers (rounded up), and one group fixed */
+		uint64_t S = E * d->soft_slots_per_expert, G = d->soft_group;
+#define PER_GROUP(bytes) (G ? ((bytes) + G - 1) / G : 0)
+#define AT_LEAST(v, n) ((v) = (v) > (n) ? (v) : (n))
 		b[MOE_BUF_LOGITS].per_token = 4 * S;
 		b[MOE_BUF_SOFT_XN].per_token = 4 * H;
 		b[MOE_BUF_SOFT_C].per_token = 4 * S;
-		b[MOE_BUF_SOFT_D].per_token = 4 * S;
+		b[MOE_BUF_SOFT_D].per_token = 4 * S + PER_GROUP(4 * S * MOE_SOFT_DT_PAD);
 		b[MOE_BUF_SOFT_D].fixed = 4 * S * MOE_SOFT_DT_PAD;
+		AT_LEAST(b[MOE_BUF_SOFT_XS].per_token, PER_GROUP(4 * S * H));
 		b[MOE_BUF_SOFT_XS].fixed = 4 * S * H;
+		AT_LEAST(b[MOE_BUF_SOFT_Y].per_token, PER_GROUP(4 * S * H));
 		b[MOE_BUF_SOFT_Y].fixed = 4 * S * H;
 		b[MOE_BUF_COUNTS].fixed = 8 * E;
 		b[MOE_BUF_OFFSETS].fixed = 8 * (E + 1);
+		AT_LEAST(b[MOE_BUF_ROWS].per_token, PER_GROUP(4 * S));
 		b[MOE_BUF_ROWS].fixed = 4 * S;
+		AT_LEAST(b[MOE_BUF_ROW_W].per_token, PER_GROUP(4 * S));
 		b[MOE_BUF_ROW_W].fixed = 4 * S;
+		AT_LEAST(b[MOE_BUF_H].per_token, PER_GROUP(4 * S * ld_h));
 		b[MOE_BUF_H].fixed = 4 * S * ld_h;
+#undef PER_GROUP
+#undef AT_LEAST
 	}
 #undef HAS
 }

@@ -10,9 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The Soft MoE buffers of one forward (S = E * slots per expert slots). */
+/* The Soft MoE buffers of one forward (S = E * slots per expert slots per
+ * group of G tokens, ng groups; the last one may be shorter). Group g's
+ * dispatch weights are Dt + S (g G + g MOE_SOFT_DT_PAD), [S, n_g + pad];
+ * its slot inputs and outputs rows g S .. g S + S - 1 of xs and Y. */
 struct moe_soft {
 	uint32_t S, P;
+	size_t G, ng;
 	float *xn, *L, *C, *Dt, *xs, *Y, *ones, *h;
 	int32_t *rows;    /* 0 .. S - 1 */
 	int64_t *counts;  /* P per expert */
@@ -38,6 +42,8 @@ enum moe_status moe_begin_soft_logits(struct moe_exec *x)
 	s->xn = ws->soft_xn, s->L = ws->logits, s->C = ws->soft_c, s->Dt = ws->soft_d;
 	s->xs = ws->soft_xs, s->Y = ws->soft_y, s->ones = ws->row_w, s->rows = ws->rows;
 	s->counts = ws->counts, s->offsets = ws->offsets, s->h = ws->h;
+	s->G = d->soft_group ? d->soft_group : (T ? T : 1);
+	s->ng = (T + s->G - 1) / s->G;
 	x->soft = s;
 	x->n_slots = S;
 	return MOE_OK;
@@ -57,10 +63,26 @@ void moe_run_soft_combine(struct moe_exec *x, int64_t t0, int64_t t1, unsigned t
 	MOE_KERNEL(x->m, SOFT_COMBINE)(x->soft->L, t0, t1, x->soft->C);
 }
 
+/* The tokens of group g: [g G, g G + n). */
+static int64_t group_n(const struct moe_exec *x, size_t g)
+{
+	const struct moe_soft *s = x->soft;
+	size_t t0 = g * s->G;
+	return (int64_t)(x->T - t0 < s->G ? x->T - t0 : s->G);
+}
+
+static float *group_dt(const struct moe_soft *s, size_t g)
+{
+	return s->Dt + (size_t)s->S * (g * s->G + g * MOE_SOFT_DT_PAD);
+}
+
 void moe_run_soft_dispatch(struct moe_exec *x, int64_t s0, int64_t s1, unsigned thread)
 {
 	(void)thread;
-	MOE_KERNEL(x->m, SOFT_DISPATCH)(x->soft->L, (int64_t)x->T, s0, s1, x->soft->Dt);
+	struct moe_soft *s = x->soft;
+	for (size_t g = 0; g < s->ng; g++)
+		MOE_KERNEL(x->m, SOFT_DISPATCH)
+	(s->L + g * s->G * s->S, group_n(x, g), s0, s1, group_dt(s, g));
 }
 
 /* Column panels [p0, p1) of the slot inputs, every slot: each value is one
@@ -69,27 +91,33 @@ void moe_run_soft_slot_in(struct moe_exec *x, int64_t p0, int64_t p1, unsigned t
 {
 	(void)thread;
 	struct moe_soft *s = x->soft;
-	MOE_KERNEL(x->m, SOFT_SLOT_IN)(s->Dt, x->x, (int64_t)x->T, p0, p1, s->xs);
+	size_t H = x->d->hidden;
+	for (size_t g = 0; g < s->ng; g++)
+		MOE_KERNEL(x->m, SOFT_SLOT_IN)
+	(group_dt(s, g), x->x + g * s->G * H, group_n(x, g), p0, p1, s->xs + g * s->S * H);
 }
 
-/* The slots become the rows of the routed FFN: expert e's P slots, weight 1,
- * outputs into Y. */
+/* The slots become the rows of the routed FFN: expert e's P slots of every
+ * group, group by group, weight 1, outputs into Y. */
 enum moe_status moe_begin_soft_slots(struct moe_exec *x)
 {
 	struct moe_soft *s = x->soft;
-	uint32_t E = x->d->n_experts;
-	for (uint32_t i = 0; i < s->S; i++) {
-		s->ones[i] = 1.0f;
-		s->rows[i] = (int32_t)i;
-	}
+	uint32_t E = x->d->n_experts, P = s->P;
+	size_t n = 0;
+	for (uint32_t e = 0; e < E; e++)
+		for (size_t g = 0; g < s->ng; g++)
+			for (uint32_t j = 0; j < P; j++) {
+				s->ones[n] = 1.0f;
+				s->rows[n++] = (int32_t)(g * s->S + (size_t)e * P + j);
+			}
 	for (uint32_t e = 0; e <= E; e++) {
 		if (e < E)
-			s->counts[e] = s->P;
-		s->offsets[e] = (int64_t)e * s->P;
+			s->counts[e] = (int64_t)(s->ng * P);
+		s->offsets[e] = (int64_t)(e * s->ng * P);
 	}
 	x->ffn = (struct moe_ffn_rows){.in = s->xs,
 				       .out = s->Y,
-				       .out_rows = s->S,
+				       .out_rows = s->ng * s->S,
 				       .rows = s->rows,
 				       .row_w = s->ones,
 				       .counts = s->counts,
@@ -102,7 +130,13 @@ void moe_run_soft_out(struct moe_exec *x, int64_t t0, int64_t t1, unsigned threa
 {
 	(void)thread;
 	struct moe_soft *s = x->soft;
-	MOE_KERNEL(x->m, SOFT_OUT)(s->C, s->Y, x->lw->output_bias, t0, t1, x->y);
+	size_t H = x->d->hidden;
+	for (size_t g = (size_t)t0 / s->G; g < s->ng && (int64_t)(g * s->G) < t1; g++) {
+		int64_t a = (int64_t)(g * s->G), b = a + group_n(x, g);
+		MOE_KERNEL(x->m, SOFT_OUT)
+		(s->C, s->Y + g * s->S * H, x->lw->output_bias, a > t0 ? a : t0, b < t1 ? b : t1,
+		 x->y);
+	}
 }
 
 /* The reference's statistics for soft mode: counts = P, the probability of
@@ -145,10 +179,10 @@ enum moe_status moe_begin_soft_stats(struct moe_exec *x)
 	}
 	if (rt->counts)
 		for (uint32_t e = 0; e < E; e++)
-			rt->counts[e] = P;
+			rt->counts[e] = (int64_t)(P * r->ng);
 	rt->n_dropped = 0;
 	for (uint32_t e = 0; e < E; e++)
-		load[e] = P;
+		load[e] = (double)(P * r->ng);
 	moe_routing_losses(d, imp, load, T, zsum, rt);
 	free(imp), free(load);
 	return MOE_OK;

@@ -815,8 +815,9 @@ static int route_expert_choice(struct fwd *f)
 	return ok;
 }
 
-/* Soft MoE: slots are softmax mixtures of all tokens; tokens are softmax
- * mixtures of all slot outputs. */
+/* Soft MoE: slots are softmax mixtures of the tokens of their group (all the
+ * tokens, or soft_group consecutive ones, the last group the rest); tokens
+ * are softmax mixtures of their group's slot outputs. */
 static int route_soft(struct fwd *f)
 {
 	const struct moe_desc *d = f->d;
@@ -832,7 +833,8 @@ static int route_soft(struct fwd *f)
 	float *xn = xcalloc(T * H, sizeof *xn), *pn = xcalloc((size_t)S * H, sizeof *pn);
 	float *L = xcalloc(T * S, sizeof *L), *D = xcalloc(T * S, sizeof *D);
 	float *Cm = xcalloc(T * S, sizeof *Cm), *col = xcalloc(T, sizeof *col);
-	float *cs = xcalloc(T, sizeof *cs), *Y = xcalloc((size_t)S * H, sizeof *Y);
+	size_t G = d->soft_group ? d->soft_group : (T ? T : 1), ng = (T + G - 1) / G;
+	float *cs = xcalloc(T, sizeof *cs), *Y = xcalloc(ng * S * H + 1, sizeof *Y);
 	float *xs = xcalloc(H, sizeof *xs), *a = xcalloc(wmax, sizeof *a);
 	float *p = xcalloc(f->E, sizeof *p), *out = xcalloc(H, sizeof *out);
 	double *acc = xcalloc(H, sizeof *acc);
@@ -853,12 +855,15 @@ static int route_soft(struct fwd *f)
 		for (size_t t = 0; t < T; t++)
 			for (uint32_t s = 0; s < S; s++)
 				L[t * S + s] = scale * dot_fma(xn + t * H, pn + (size_t)s * H, H);
-		for (uint32_t s = 0; s < S; s++) {
-			for (size_t t = 0; t < T; t++)
-				col[t] = L[t * S + s];
-			score_vec(MOE_SCORE_SOFTMAX, col, cs, (uint32_t)T);
-			for (size_t t = 0; t < T; t++)
-				D[t * S + s] = cs[t];
+		for (size_t g0 = 0; g0 < T; g0 += G) {
+			size_t n = T - g0 < G ? T - g0 : G;
+			for (uint32_t s = 0; s < S; s++) {
+				for (size_t t = 0; t < n; t++)
+					col[t] = L[(g0 + t) * S + s];
+				score_vec(MOE_SCORE_SOFTMAX, col, cs, (uint32_t)n);
+				for (size_t t = 0; t < n; t++)
+					D[(g0 + t) * S + s] = cs[t];
+			}
 		}
 		for (size_t t = 0; t < T; t++) {
 			score_vec(MOE_SCORE_SOFTMAX, L + t * S, Cm + t * S, S);
@@ -874,21 +879,25 @@ static int route_soft(struct fwd *f)
 		}
 		/* the slot inputs x~_s = D^T x and the output C Y: f32 fused
 		 * chains over t, then s, ascending (dot_fma's order) */
-		for (uint32_t s = 0; s < S; s++) {
-			for (uint32_t h = 0; h < H; h++) {
-				float v = 0.0f;
-				for (size_t t = 0; t < T; t++)
-					v = fmaf(D[t * S + s], f->x[t * H + h], v);
-				xs[h] = v;
+		for (size_t g0 = 0; g0 < T; g0 += G) {
+			size_t n = T - g0 < G ? T - g0 : G;
+			float *Yg = Y + g0 / G * S * H;
+			for (uint32_t s = 0; s < S; s++) {
+				for (uint32_t h = 0; h < H; h++) {
+					float v = 0.0f;
+					for (size_t t = g0; t < g0 + n; t++)
+						v = fmaf(D[t * S + s], f->x[t * H + h], v);
+					xs[h] = v;
+				}
+				expert_fwd(f, s / P, xs, Yg + (size_t)s * H, a);
 			}
-			expert_fwd(f, s / P, xs, Y + (size_t)s * H, a);
 		}
 		for (size_t t = 0; t < T; t++) {
-			const float *xt = f->x + t * H;
+			const float *xt = f->x + t * H, *Yg = Y + t / G * S * H;
 			for (uint32_t h = 0; h < H; h++) {
 				float v = 0.0f;
 				for (uint32_t s = 0; s < S; s++)
-					v = fmaf(Cm[t * S + s], Y[(size_t)s * H + h], v);
+					v = fmaf(Cm[t * S + s], Yg[(size_t)s * H + h], v);
 				acc[h] = v;
 			}
 			if (f->Is) {
@@ -904,7 +913,7 @@ static int route_soft(struct fwd *f)
 				f->y[t * H + h] = (float)acc[h];
 		}
 		for (uint32_t e = 0; e < f->E; e++)
-			f->counts[e] = P;
+			f->counts[e] = (int64_t)(P * ng);
 	}
 	free(xn), free(pn), free(L), free(D), free(Cm), free(col), free(cs), free(Y);
 	free(xs), free(a), free(p), free(out), free(acc);
