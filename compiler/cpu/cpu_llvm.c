@@ -465,7 +465,7 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 	LLVMValueRef a_row[MOE_MR], acc[2][MOE_MR][2];
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 	int wide = g->wide, nch = f32_chains(g);
-	char nm[32];
+	char nm[48];
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
@@ -535,7 +535,7 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	int wide = g->wide && ncols == MOE_NR, nch = f32_chains(g);
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 	LLVMValueRef a_row[MOE_MR], y_ptr[MOE_MR][2], acc[2][MOE_MR][2];
-	char nm[32];
+	char nm[48];
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
 
 	for (int r = 0; r < mr; r++) {
