@@ -67,16 +67,22 @@ static void idesc(struct moe_desc *d, const struct icase *c)
 	}
 }
 
+/* d from case c and its CPU plan, built without error. */
+static void plan_case(struct moe_desc *d, const struct icase *c, struct moe_plan *p)
+{
+	idesc(d, c);
+	struct moe_diag dg = {0};
+	assert_int_equal(moe_plan_build(d, MOE_TARGET_CPU, p, &dg), 0);
+}
+
 /* The plan takes int8 only where the target has the dot instructions, and
  * lays the codes out for them then alone. */
 static void test_resolved(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	idesc(&d, &cases[1]);
 	static struct moe_plan p;
-	struct moe_diag dg = {0};
-	assert_int_equal(moe_plan_build(&d, MOE_TARGET_CPU, &p, &dg), 0);
+	plan_case(&d, &cases[1], &p);
 	assert_int_equal(p.compute, MOE_COMPUTE_AUTO);
 	moe_plan_set_compute(&p, 1, 1);
 	assert_int_equal(p.compute, MOE_COMPUTE_INT8);
@@ -89,6 +95,7 @@ static void test_resolved(void **state)
 	assert_int_equal(p.routed.up_bytes, ub);
 	assert_int_equal(p.routed.down_bytes, db);
 	d.compute = MOE_COMPUTE_AUTO; /* auto never picks int8 */
+	struct moe_diag dg = {0};
 	assert_int_equal(moe_plan_build(&d, MOE_TARGET_CPU, &p, &dg), 0);
 	moe_plan_set_compute(&p, 1, 1);
 	assert_int_equal(p.compute, MOE_COMPUTE_F32);
@@ -203,10 +210,8 @@ static void test_avxvnni_asm(void **state)
 {
 	(void)state;
 	struct moe_desc d;
-	idesc(&d, &cases[1]);
 	static struct moe_plan p;
-	struct moe_diag dg = {0};
-	assert_int_equal(moe_plan_build(&d, MOE_TARGET_CPU, &p, &dg), 0);
+	plan_case(&d, &cases[1], &p);
 	static const struct {
 		const char *cpu, *features;
 		int vnni;

@@ -183,6 +183,25 @@ static void load_row16(struct moe_ll *g, LLVMValueRef base, LLVMValueRef idx, LL
 		    load_w8(g, base, LLVMBuildNSWAdd(b, idx, moe_ll_i64c(g, MOE_VW), ""), "b1");
 }
 
+/* Half h (0: lanes 0..7, 1: lanes 8..15) of a 16-lane vector. */
+static LLVMValueRef half16(struct moe_ll *g, LLVMValueRef v, int h)
+{
+	LLVMValueRef m[MOE_VW];
+	for (int i = 0; i < MOE_VW; i++)
+		m[i] = moe_ll_i32c(g, h * MOE_VW + i);
+	return LLVMBuildShuffleVector(g->b, v, LLVMGetPoison(LLVMTypeOf(v)),
+				      LLVMConstVector(m, MOE_VW), "");
+}
+
+/* Two 8-lane vectors joined into one of 16. */
+static LLVMValueRef join8(struct moe_ll *g, LLVMValueRef lo, LLVMValueRef hi)
+{
+	LLVMValueRef e[2 * MOE_VW];
+	for (int i = 0; i < 2 * MOE_VW; i++)
+		e[i] = moe_ll_i32c(g, i);
+	return LLVMBuildShuffleVector(g->b, lo, hi, LLVMConstVector(e, 2 * MOE_VW), "");
+}
+
 /* The same panel row as one <16 x float> (AVX-512 targets). */
 static LLVMValueRef load_row16w(struct moe_ll *g, LLVMValueRef base, LLVMValueRef idx)
 {
@@ -199,23 +218,11 @@ static LLVMValueRef load_row16w(struct moe_ll *g, LLVMValueRef base, LLVMValueRe
 		return LLVMBuildFPExt(b, v, t16, "w16");
 	}
 	default: {
-		LLVMValueRef h[2], m[2 * MOE_VW];
+		LLVMValueRef h[2];
 		load_row16(g, base, idx, h, 2);
-		for (int i = 0; i < 2 * MOE_VW; i++)
-			m[i] = moe_ll_i32c(g, i);
-		return LLVMBuildShuffleVector(b, h[0], h[1], LLVMConstVector(m, 2 * MOE_VW), "w16");
+		return join8(g, h[0], h[1]);
 	}
 	}
-}
-
-/* Half h (0: lanes 0..7, 1: lanes 8..15) of a <16 x float>. */
-static LLVMValueRef half16(struct moe_ll *g, LLVMValueRef v, int h)
-{
-	LLVMValueRef m[MOE_VW];
-	for (int i = 0; i < MOE_VW; i++)
-		m[i] = moe_ll_i32c(g, h * MOE_VW + i);
-	return LLVMBuildShuffleVector(g->b, v, LLVMGetPoison(LLVMTypeOf(v)),
-				      LLVMConstVector(m, MOE_VW), "");
 }
 
 /* The micro-kernels ------------------------------------------------------- */
@@ -1213,24 +1220,6 @@ static int i8_mr(const struct moe_ll *g)
 	return g->wide ? I8_MR : I8_MR / 2;
 }
 
-/* The lanes [h * 8, h * 8 + 8) of a 16-lane vector, and two halves joined. */
-static LLVMValueRef half8(struct moe_ll *g, LLVMValueRef v, int h)
-{
-	LLVMValueRef e[MOE_VW];
-	for (int i = 0; i < MOE_VW; i++)
-		e[i] = moe_ll_i32c(g, h * MOE_VW + i);
-	return LLVMBuildShuffleVector(g->b, v, LLVMGetUndef(LLVMTypeOf(v)),
-				      LLVMConstVector(e, MOE_VW), "");
-}
-
-static LLVMValueRef join8(struct moe_ll *g, LLVMValueRef lo, LLVMValueRef hi)
-{
-	LLVMValueRef e[2 * MOE_VW];
-	for (int i = 0; i < 2 * MOE_VW; i++)
-		e[i] = moe_ll_i32c(g, i);
-	return LLVMBuildShuffleVector(g->b, lo, hi, LLVMConstVector(e, 2 * MOE_VW), "");
-}
-
 /* Quantize the K f32 values at src (K a multiple of the group, the group of
  * 16): s = max |x| / 127 to *sx, the codes q = x * (127 / max |x|) rounded
  * to nearest even (all 0 when max |x| is 0) to dst, and each group's sum of
@@ -1280,7 +1269,7 @@ static void quant_row(struct moe_ll *g, LLVMValueRef src, uint32_t K, uint32_t g
 		 * unless the caller changed it */
 		LLVMValueRef h[2];
 		for (int i = 0; i < 2; i++) {
-			LLVMValueRef a = half8(g, xs, i);
+			LLVMValueRef a = half16(g, xs, i);
 			h[i] = moe_ll_intr(g, "llvm.x86.avx.cvt.ps2dq.256", NULL, 0, &a, 1);
 		}
 		q = join8(g, h[0], h[1]);
@@ -1307,7 +1296,7 @@ static LLVMValueRef dpbusd(struct moe_ll *g, LLVMValueRef acc, LLVMValueRef w, L
 	/* two 256-bit vpdpbusd: VEX (AVX-VNNI) or EVEX (AVX-512 VNNI and VL) */
 	LLVMValueRef h[2];
 	for (int i = 0; i < 2; i++) {
-		LLVMValueRef args[3] = {half8(g, acc, i), half8(g, w, i), half8(g, a16, i)};
+		LLVMValueRef args[3] = {half16(g, acc, i), half16(g, w, i), half16(g, a16, i)};
 		h[i] = moe_ll_intr(g, "llvm.x86.avx512.vpdpbusd.256", NULL, 0, args, 3);
 	}
 	return join8(g, h[0], h[1]);
