@@ -244,7 +244,10 @@ static void test_bench_json(void **state)
 }
 
 /* bench --modes: a research mode is followed by its token-choice twin (the
- * same experts behind softmax top-k), each a row with routing "mode". */
+ * same experts behind softmax top-k), each a row with routing "mode"; the
+ * two run back to back in every repetition, and the mode's row gives its
+ * GFLOP/s as a share of the twin's (with one repetition, the ratio of the
+ * two rows). */
 static void test_bench_twin(void **state)
 {
 	(void)state;
@@ -261,6 +264,10 @@ static void test_bench_twin(void **state)
 		assert_int_equal((int)num(r, "tokens"), 8);
 		assert_true(num(r, "ms") > 0 && num(r, "flops") > 0);
 	}
+	const cJSON *m = cJSON_GetArrayItem(rows, 0), *t = cJSON_GetArrayItem(rows, 1);
+	double pct = num(m, "pct_of_twin"), want = 100 * num(m, "gflops") / num(t, "gflops");
+	assert_float_equal(pct, want, 1e-9 * want);
+	assert_true(cJSON_IsNull(get(t, "pct_of_twin")));
 	cJSON_Delete(o);
 }
 

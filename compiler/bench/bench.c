@@ -52,7 +52,8 @@ static const char *const usage_bench =
     "             read four times the last-level cache per cycle, at most 8)\n"
     "  --quick    qwen3 and deepseek at 1,16,256 tokens, short probes\n"
     "  --csv FILE also write shape,tokens,weights,routing,ms,gflops,gbps,\n"
-    "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup,pct_now_bw\n"
+    "             pct_peak_flops,pct_peak_bw,baseline_ms,speedup,pct_now_bw,\n"
+    "             pct_of_twin\n"
     "  --json FILE  also write the rows, the probes and the machine as JSON\n"
     "  --no-generated  probes and baseline only\n"
     "  --modes    research routers, generated layer only: hier, sparsemixer,\n"
@@ -1011,6 +1012,13 @@ static int cmp_double(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* The median of v[0..n) (sorts v). */
+static double median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof *v, cmp_double);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 /* The median of the timed runs of fn; the first run warms up (page faults,
  * frequency) and counts as a sample only when it is long enough for that not
  * to matter. With reps 0 the count adapts to about two seconds of runs. */
@@ -1032,21 +1040,40 @@ struct timed {
  * of 128 MiB, a quarter stays in a 32 MiB cache and reads 20 % fast */
 #define NOW_PROBE_BYTES ((size_t)1 << 30)
 
-static double time_median(const struct timed *tm, int reps)
+/* Time the n functions of tm interleaved: every repetition runs each once,
+ * in order, so that the changing load of a shared machine touches them
+ * alike. med[i]: fn i's median seconds (-1 on a failure); pair (n == 2, may
+ * be NULL): the median over the repetitions of t1 / t0, the same-moment ratio
+ * of the two. Each probe-timed run (struct timed's probe) reads the probe
+ * first; with n > 1 every other run waits TURN_SETTLE_US first, so that no
+ * layer shares the cores with the spinning pool of the one before. */
+#define TURN_SETTLE_US 500
+#define MAX_TIMED 2
+static void time_medians(const struct timed *tm, int n, int reps, double *med, double *pair)
 {
-	double samples[64];
-	int n = 0, copy = 0;
+	double samples[MAX_TIMED][64], tp[MAX_TIMED][64];
+	int ns = 0, n_tp[MAX_TIMED] = {0}, copy = 0, now[MAX_TIMED];
+	double warm = 0, w[MAX_TIMED];
+	for (int i = 0; i < n; i++)
+		med[i] = -1;
+	if (pair)
+		*pair = -1;
 	moe_progress_step(&progress, progress_done++, progress_total, progress_item);
-	double t0 = moe_now();
-	if (tm->fn(tm->ctx, copy))
-		return -1;
-	double warm = moe_now() - t0;
+	for (int i = 0; i < n; i++) {
+		double t0 = moe_now();
+		if (tm[i].fn(tm[i].ctx, copy))
+			return;
+		w[i] = moe_now() - t0;
+		warm = w[i] > warm ? w[i] : warm;
+	}
 	if (reps <= 0) {
 		if (warm >= 1.0) {
-			samples[n++] = warm;
+			for (int i = 0; i < n; i++)
+				samples[i][0] = w[i];
+			ns = 1;
 			reps = warm > 4.0 ? 1 : 2;
 		} else {
-			reps = warm > 0 ? (int)(2.0 / warm) : 25;
+			reps = warm > 0 ? (int)(2.0 / (n * warm)) : 25;
 			reps = reps < 3 ? 3 : reps > 25 ? 25 : reps;
 		}
 	}
@@ -1056,37 +1083,53 @@ static double time_median(const struct timed *tm, int reps)
 	 * first forward touches its workspace for the first time (page
 	 * faults: a quarter of a qwen3 T = 4096 int8 forward), which a serving
 	 * loop pays once, not per call. */
-	for (int c = 1; c <= reps && c < tm->n_copies; c++)
-		if (tm->fn(tm->ctx, c))
-			return -1;
-	int now = tm->probe && tm->tp && warm < NOW_PROBE_MAX_S;
-	double tp[64];
-	int n_tp = 0;
-	if (tm->tp)
-		*tm->tp = -1;
-	for (int r = 0; r < reps; r++) {
-		copy = (copy + 1) % tm->n_copies;
-		double gbps = 0;
-		if (now) {
-			gbps = moe_dram_probe_read(tm->probe);
-			/* the read's pool spins a while before it sleeps: run after
-			 * that, or the layer shares the cores with it (a 0.34 ms
-			 * layer took 0.48-0.50 ms right after the read) */
-			usleep(NOW_PROBE_SETTLE_US);
+	for (int i = 0; i < n; i++) {
+		for (int c = 1; c <= reps && c < tm[i].n_copies; c++)
+			if (tm[i].fn(tm[i].ctx, c))
+				return;
+		now[i] = tm[i].probe && tm[i].tp && w[i] < NOW_PROBE_MAX_S;
+		if (tm[i].tp)
+			*tm[i].tp = -1;
+	}
+	for (int r = 0; r < reps; r++, ns++) {
+		copy++;
+		for (int i = 0; i < n; i++) {
+			double gbps = 0;
+			if (now[i]) {
+				gbps = moe_dram_probe_read(tm[i].probe);
+				/* the read's pool spins a while before it sleeps: run
+				 * after that, or the layer shares the cores with it (a
+				 * 0.34 ms layer took 0.48-0.50 ms right after the read) */
+				usleep(NOW_PROBE_SETTLE_US);
+			} else if (n > 1) {
+				usleep(TURN_SETTLE_US);
+			}
+			double t0 = moe_now();
+			if (tm[i].fn(tm[i].ctx, copy % tm[i].n_copies))
+				return;
+			samples[i][ns] = moe_now() - t0;
+			if (now[i])
+				tp[i][n_tp[i]++] = samples[i][ns] * gbps;
 		}
-		t0 = moe_now();
-		if (tm->fn(tm->ctx, copy))
-			return -1;
-		samples[n++] = moe_now() - t0;
-		if (now)
-			tp[n_tp++] = samples[n - 1] * gbps;
 	}
-	if (n_tp) {
-		qsort(tp, (size_t)n_tp, sizeof *tp, cmp_double);
-		*tm->tp = n_tp % 2 ? tp[n_tp / 2] : 0.5 * (tp[n_tp / 2 - 1] + tp[n_tp / 2]);
+	if (pair && n == 2) {
+		double q[64];
+		for (int r = 0; r < ns; r++)
+			q[r] = samples[1][r] / samples[0][r];
+		*pair = median(q, ns);
 	}
-	qsort(samples, (size_t)n, sizeof *samples, cmp_double);
-	return n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
+	for (int i = 0; i < n; i++) {
+		if (n_tp[i])
+			*tm[i].tp = median(tp[i], n_tp[i]);
+		med[i] = median(samples[i], ns);
+	}
+}
+
+static double time_median(const struct timed *tm, int reps)
+{
+	double m;
+	time_medians(tm, 1, reps, &m, NULL);
+	return m;
 }
 
 /* Output ------------------------------------------------------------------ */
@@ -1180,7 +1223,7 @@ static void emit_row(const struct row *r, const struct machine *mc, FILE *out, F
 		for (int i = 0; i < 11; i++)
 			if (!strcmp(c[i], "-"))
 				c[i][0] = 0;
-		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r->shape, r->T, r->wname,
+		fprintf(csv, "%s,%u,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,\n", r->shape, r->T, r->wname,
 			routing_names[r->routing], c[0], c[1], c[2], c[3], c[4], c[5], c[7], c[10]);
 	}
 }
@@ -1674,6 +1717,9 @@ struct mode_row {
 	 * timed interleaved on one model */
 	double fwd_ms, route_ms, experts_ms;
 	double tp; /* struct result's */
+	/* a mode with a twin: its GFLOP/s over the twin's, in %, the median over
+	 * repetitions that ran the two back to back (-1: none) */
+	double vs_twin;
 };
 
 #define MAX_MODE_ROWS ((int)(N_MODES * MAX_TOKENS_LIST))
@@ -1681,8 +1727,9 @@ struct mode_row {
 static void print_mode_header(FILE *out)
 {
 	moe_progress_clear(&progress);
-	fprintf(out, "%-11s %5s %4s %10s %8s %7s %6s %6s %5s %10s %9s\n", "mode", "T", "wt", "ms",
-		"GFLOP/s", "GB/s", "%peakF", "%peakB", "%nowB", "tokens/s", "experts");
+	fprintf(out, "%-14s %5s %4s %10s %8s %7s %6s %6s %5s %10s %9s %6s\n", "mode", "T", "wt",
+		"ms", "GFLOP/s", "GB/s", "%peakF", "%peakB", "%nowB", "tokens/s", "experts",
+		"%twin");
 }
 
 static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FILE *out, FILE *csv)
@@ -1693,7 +1740,8 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 	double pb = gb > 0 && mc->dram_gbps > 0 ? 100 * gb / mc->dram_gbps : -1;
 	double pn = r->ms > 0 ? pct_now(r->bytes, r->tp) : -1;
 	double tps = r->ms > 0 ? r->T / s : -1;
-	char c[7][32];
+	char c[8][32];
+	fmt_num(c[7], 32, r->vs_twin, "%.1f");
 	fmt_num(c[0], 32, r->ms, "%.3f");
 	fmt_num(c[1], 32, gf, "%.1f");
 	fmt_num(c[2], 32, gb, "%.1f");
@@ -1703,9 +1751,9 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 	fmt_num(c[6], 32, pn, "%.1f");
 	if (out) {
 		moe_progress_clear(&progress);
-		fprintf(out, "%-11s %5u %4s %10s %8s %7s %6s %6s %5s %10s %9.0f\n", r->mode, r->T,
-			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[6], c[5],
-			r->touched);
+		fprintf(out, "%-14s %5u %4s %10s %8s %7s %6s %6s %5s %10s %9.0f %6s\n", r->mode,
+			r->T, moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[6], c[5],
+			r->touched, c[7]);
 		if (r->route_ms >= 0) {
 			double tot = r->route_ms + r->experts_ms;
 			fprintf(out,
@@ -1717,12 +1765,12 @@ static void emit_mode_row(const struct mode_row *r, const struct machine *mc, FI
 		fflush(out);
 	}
 	if (csv) {
-		for (int i = 0; i < 7; i++)
+		for (int i = 0; i < 8; i++)
 			if (!strcmp(c[i], "-"))
 				c[i][0] = 0;
 		/* the shape columns, with the mode as the routing */
-		fprintf(csv, "%s,%u,%s,mode,%s,%s,%s,%s,%s,,,%s\n", r->mode, r->T,
-			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[6]);
+		fprintf(csv, "%s,%u,%s,mode,%s,%s,%s,%s,%s,,,%s,%s\n", r->mode, r->T,
+			moe_dtype_names[r->wt], c[0], c[1], c[2], c[3], c[4], c[6], c[7]);
 	}
 }
 
@@ -1824,72 +1872,115 @@ struct mode_table {
 	int n;
 };
 
-/* Time md's generated layer (twin: its token-choice twin instead) at each T. */
-static void bench_mode(const struct mode *md, int twin, const struct opts *o,
-		       const struct machine *mc, struct moe_pool *pool, const char *tmpdir,
-		       struct mode_table *tab)
+/* One of the layers bench_mode times: the mode's, or its token-choice twin's. */
+struct mode_side {
+	struct moe_desc d;
+	const char *name;
+	int training, wb, copies, have_gen;
+	double params;
+	struct gen g;
+	struct moe_fwd_opts fo;
+};
+
+/* The bytes a side's copies and inputs need. */
+static double side_need(const struct mode_side *sd, uint32_t T_max)
 {
-	struct moe_desc *d = malloc(sizeof *d);
+	return sd->params * (sd->wb * sd->copies + (sd->wb < 4 ? 4 : 0)) +
+	       4.0 * T_max * sd->d.hidden * 4;
+}
+
+/* Time md's generated layer at each T, and its token-choice twin's (if it
+ * has one) in the same repetitions, back to back: a mode and its twin see
+ * the same moments of a shared machine, and each T's row of the mode says
+ * its GFLOP/s as a share of the twin's over those moments. */
+static void bench_mode(const struct mode *md, const struct opts *o, const struct machine *mc,
+		       struct moe_pool *pool, const char *tmpdir, struct mode_table *tab)
+{
+	int ns = md->twin ? 2 : 1;
+	struct mode_side *sd = calloc((size_t)ns, sizeof *sd);
 	float *x = NULL, *y = NULL, *wts = NULL;
 	int32_t *ids = NULL;
 	int64_t *counts = NULL;
-	struct gen g = {0};
-	int have_gen = 0;
 	char err[2048];
-	if (!d)
+	if (!sd)
 		return;
-	if (twin)
-		twin_desc(md, d);
-	else
-		mode_desc(md, d);
-	const char *name = twin ? md->twin : md->name;
-	int training = twin ? 0 : md->training;
 	uint32_t T_max = 0;
 	for (int i = 0; i < o->n_tokens; i++)
 		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
-	int wb = dtype_bytes(d->weight_dtype);
-	double params = mode_params(d, training);
-	/* Enough copies that the bytes one T = 1 forward nominally reads, times
-	 * the copies, exceed four times the cache (as for the shapes). */
-	double t1_touched =
-	    d->mode == MOE_MODE_SOFT || d->mode == MOE_MODE_EXPERT_CHOICE ? d->n_experts : d->top_k;
-	int copies = o->copies;
-	if (!copies) {
-		copies = (int)ceil(4.0 * (double)mc->llc / mode_bytes(d, training, 1, t1_touched));
-		copies = copies < 1 ? 1 : copies > MAX_COPIES ? MAX_COPIES : copies;
+	double need = 0;
+	for (int i = 0; i < ns; i++) {
+		struct mode_side *s = &sd[i];
+		if (i)
+			twin_desc(md, &s->d);
+		else
+			mode_desc(md, &s->d);
+		s->name = i ? md->twin : md->name;
+		s->training = i ? 0 : md->training;
+		s->fo = (struct moe_fwd_opts){.training = s->training, .seed = SEED};
+		s->wb = dtype_bytes(s->d.weight_dtype);
+		s->params = mode_params(&s->d, s->training);
+		/* Enough copies that the bytes one T = 1 forward nominally reads,
+		 * times the copies, exceed four times the cache (as for the
+		 * shapes). */
+		double t1_touched =
+		    s->d.mode == MOE_MODE_SOFT || s->d.mode == MOE_MODE_EXPERT_CHOICE
+			? s->d.n_experts
+			: s->d.top_k;
+		s->copies = o->copies;
+		if (!s->copies) {
+			s->copies = (int)ceil(4.0 * (double)mc->llc /
+					      mode_bytes(&s->d, s->training, 1, t1_touched));
+			s->copies = s->copies < 1            ? 1
+				    : s->copies > MAX_COPIES ? MAX_COPIES
+							     : s->copies;
+		}
+		need += side_need(s, T_max);
+		say("\n%s (%s%s): %s, H=%u, ", s->name, md->label, i ? ", token-choice twin" : "",
+		    moe_mode_names[s->d.mode], s->d.hidden);
+		if (s->d.mode == MOE_MODE_PRODUCT_KEY)
+			say("N=%u^2, %u heads, top-%u, d=%u", md->R, PK_HEADS, PK_TOP_K,
+			    PK_QUERY_DIM);
+		else
+			say("E=%u k=%u I=%u %s/%s", s->d.n_experts, s->d.top_k, s->d.intermediate,
+			    moe_kind_names[s->d.kind], moe_act_names[s->d.act]);
+		say(", %s weights %.2f GB%s\n", moe_dtype_names[s->d.weight_dtype],
+		    s->params * s->wb * 1e-9, s->training ? ", training forward" : "");
 	}
-	say("\n%s (%s%s): %s, H=%u, ", name, md->label, twin ? ", token-choice twin" : "",
-	    moe_mode_names[d->mode], d->hidden);
-	if (d->mode == MOE_MODE_PRODUCT_KEY)
-		say("N=%u^2, %u heads, top-%u, d=%u", md->R, PK_HEADS, PK_TOP_K, PK_QUERY_DIM);
-	else
-		say("E=%u k=%u I=%u %s/%s", d->n_experts, d->top_k, d->intermediate,
-		    moe_kind_names[d->kind], moe_act_names[d->act]);
-	say(", %s weights %.2f GB%s\n", moe_dtype_names[d->weight_dtype], params * wb * 1e-9,
-	    training ? ", training forward" : "");
-	/* moe_init_random draws f32 canonical weights before packing. */
+	/* moe_init_random draws f32 canonical weights before packing. Fewer
+	 * copies where memory is short: a layer this large is far beyond the
+	 * cache anyway. */
 	double avail = mem_available();
-	double need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
-	/* Fewer copies where memory is short: a layer this large is far beyond
-	 * the cache anyway. */
-	while (!o->copies && copies > 1 && avail > 0 && need > 0.9 * avail) {
-		copies--;
-		need = params * (wb * copies + (wb < 4 ? 4 : 0)) + 4.0 * T_max * d->hidden * 4;
+	while (!o->copies && avail > 0 && need > 0.9 * avail) {
+		int big = ns > 1 && sd[1].copies > sd[0].copies;
+		if (sd[big].copies <= 1)
+			break;
+		need -= side_need(&sd[big], T_max);
+		sd[big].copies--;
+		need += side_need(&sd[big], T_max);
 	}
 	if (avail > 0 && need > 0.9 * avail) {
 		say("  skipped: needs about %.1f GB, %.1f GB available\n", need * 1e-9,
 		    avail * 1e-9);
 		goto out;
 	}
-	double t0 = moe_now();
-	if (gen_open(d, tmpdir, o->threads, copies, &g, err, sizeof err)) {
-		say("  generated: unavailable: %s\n", err);
-		goto out;
+	for (int i = 0; i < ns; i++) {
+		double t0 = moe_now();
+		if (gen_open(&sd[i].d, tmpdir, o->threads, sd[i].copies, &sd[i].g, err,
+			     sizeof err)) {
+			say("  %s: generated: unavailable: %s\n", sd[i].name, err);
+			goto out;
+		}
+		sd[i].have_gen = 1;
+		say("  %s: compiled and initialized in %.1f s, %d weight cop%s\n", sd[i].name,
+		    moe_now() - t0, sd[i].g.n_copies, sd[i].g.n_copies == 1 ? "y" : "ies");
 	}
-	have_gen = 1;
-	say("  compiled and initialized in %.1f s, %d weight cop%s\n", moe_now() - t0, g.n_copies,
-	    g.n_copies == 1 ? "y" : "ies");
+	const struct moe_desc *d = &sd[0].d;
 	size_t W = moe_desc_route_width(d), E = d->n_experts;
+	for (int i = 1; i < ns; i++) {
+		size_t w = moe_desc_route_width(&sd[i].d);
+		W = w > W ? w : W;
+		E = sd[i].d.n_experts > E ? sd[i].d.n_experts : E;
+	}
 	x = malloc((size_t)T_max * d->hidden * sizeof *x);
 	y = malloc((size_t)T_max * d->hidden * sizeof *y);
 	counts = malloc(E * sizeof *counts);
@@ -1902,56 +1993,88 @@ static void bench_mode(const struct mode *md, int twin, const struct opts *o,
 	/* Random tokens, uniform in [-1, 1): every router spreads them. */
 	for (size_t i = 0; i < (size_t)T_max * d->hidden; i++)
 		x[i] = 2 * urand(77, i / d->hidden, i % d->hidden) - 1;
-	struct moe_fwd_opts fo = {.training = training, .seed = SEED};
 	int printed_header = 0;
 	for (int i = 0; i < o->n_tokens; i++) {
 		uint32_t T = o->tokens[i];
-		/* Which experts ran and how many assignments, on an untimed call. */
-		struct moe_routing rt = {.counts = counts};
-		enum moe_status st = g.forward(g.m[0], 0, x, y, T, &rt, &fo);
-		if (st != MOE_OK) {
-			say("  T=%u: %s: %s\n", T, moe_status_name(st), g.last_error());
-			continue;
-		}
-		double touched = 0, assigned = 0;
-		for (size_t e = 0; e < E; e++) {
-			touched += counts[e] > 0;
-			assigned += (double)counts[e];
-		}
-		struct mode_ctx c = {&g, x, y, T, &fo, err, sizeof err};
-		snprintf(progress_item, sizeof progress_item, "(%s T=%u)", name, T);
-		struct mode_row *r = tab->n < MAX_MODE_ROWS ? &tab->r[tab->n++] : NULL;
-		if (!r)
+		struct mode_ctx c[MAX_TIMED];
+		struct timed tm[MAX_TIMED];
+		struct mode_row *r[MAX_TIMED];
+		if (tab->n + ns > MAX_MODE_ROWS)
 			break;
-		*r = (struct mode_row){
-		    name, T, d->weight_dtype, -1, 0, 0, touched, assigned, -1, -1, -1, -1};
-		struct timed tm = {mode_run, &c, g.n_copies, mc->now, &r->tp};
-		r->ms = time_median(&tm, o->reps) * 1e3;
-		if (r->ms < 0)
-			say("  T=%u: %s\n", T, err);
-		r->flops = mode_flops(d, training, T, assigned);
-		r->bytes = mode_bytes(d, training, T, touched);
+		int ok = 1;
+		for (int k = 0; k < ns; k++) {
+			struct mode_side *s = &sd[k];
+			/* Which experts ran and how many assignments, on an untimed
+			 * call. */
+			struct moe_routing rt = {.counts = counts};
+			enum moe_status st = s->g.forward(s->g.m[0], 0, x, y, T, &rt, &s->fo);
+			if (st != MOE_OK) {
+				say("  %s T=%u: %s: %s\n", s->name, T, moe_status_name(st),
+				    s->g.last_error());
+				ok = 0;
+				break;
+			}
+			double touched = 0, assigned = 0;
+			for (size_t e = 0; e < s->d.n_experts; e++) {
+				touched += counts[e] > 0;
+				assigned += (double)counts[e];
+			}
+			c[k] = (struct mode_ctx){&s->g, x, y, T, &s->fo, err, sizeof err};
+			r[k] = &tab->r[tab->n + k];
+			*r[k] = (struct mode_row){
+			    .mode = s->name,
+			    .T = T,
+			    .wt = s->d.weight_dtype,
+			    .ms = -1,
+			    .flops = mode_flops(&s->d, s->training, T, assigned),
+			    .bytes = mode_bytes(&s->d, s->training, T, touched),
+			    .touched = touched,
+			    .assigned = assigned,
+			    .fwd_ms = -1,
+			    .route_ms = -1,
+			    .experts_ms = -1,
+			    .tp = -1,
+			    .vs_twin = -1,
+			};
+			tm[k] = (struct timed){mode_run, &c[k], s->g.n_copies, mc->now, &r[k]->tp};
+		}
+		if (!ok)
+			continue;
+		tab->n += ns;
+		snprintf(progress_item, sizeof progress_item, "(%s%s T=%u)", md->name,
+			 ns > 1 ? " and its twin" : "", T);
+		double med[MAX_TIMED], pair;
+		time_medians(tm, ns, o->reps, med, &pair);
+		for (int k = 0; k < ns; k++) {
+			r[k]->ms = med[k] * 1e3;
+			if (r[k]->ms < 0)
+				say("  %s T=%u: %s\n", sd[k].name, T, err);
+		}
+		if (ns > 1 && pair > 0)
+			r[0]->vs_twin = 100 * pair * r[0]->flops / r[1]->flops;
 		if (d->mode == MOE_MODE_PRODUCT_KEY)
-			pk_split(&g, x, y, ids, wts, T, &fo, pool, o->reps, r);
+			pk_split(&sd[0].g, x, y, ids, wts, T, &sd[0].fo, pool, o->reps, r[0]);
 		if (!printed_header++)
 			print_mode_header(stdout);
-		emit_mode_row(r, mc, stdout, NULL);
+		for (int k = 0; k < ns; k++)
+			emit_mode_row(r[k], mc, stdout, NULL);
 	}
 	if (d->mode == MOE_MODE_PRODUCT_KEY) {
 		/* The bandwidth bound: per token the gathers read 2 heads k H weight
 		 * bytes; the query projection and the sub-keys are read once per
 		 * forward (or per block of tokens, from cache). */
-		double per_tok = 2.0 * PK_HEADS * PK_TOP_K * d->hidden * wb;
+		double per_tok = 2.0 * PK_HEADS * PK_TOP_K * d->hidden * sd[0].wb;
 		say("  gathers %.0f KiB per token: at %.1f GB/s at most %.0f tokens/s from "
 		    "the gathers alone; query + keys %.1f MiB per forward\n",
 		    per_tok / 1024, mc->dram_gbps, mc->dram_gbps * 1e9 / per_tok,
 		    mode_router_bytes(d, 0) / (1 << 20));
 	}
 out:
-	if (have_gen)
-		gen_close(&g);
+	for (int i = 0; i < ns; i++)
+		if (sd[i].have_gen)
+			gen_close(&sd[i].g);
 	free(x), free(y), free(ids), free(wts), free(counts);
-	free(d);
+	free(sd);
 }
 
 /* Measure the machine; keep the best of this and any earlier probe. */
@@ -2069,6 +2192,7 @@ static char *bench_json(const struct table *tab, const struct mode_table *mtab,
 		json_num(o, "pct_now_bw", r->ms > 0 ? pct_now(r->bytes, r->tp) : -1);
 		json_num(o, "tokens_per_s", r->ms > 0 ? r->T / sec : -1);
 		cJSON_AddNumberToObject(o, "experts_touched", r->touched);
+		json_num(o, "pct_of_twin", r->vs_twin);
 	}
 	char *text = cJSON_Print(doc);
 	cJSON_Delete(doc);
@@ -2275,11 +2399,8 @@ int moe_cmd_bench(int argc, char **argv)
 		if (o.shape_on[i])
 			bench_shape(&shapes[i], &o, &mc, pool, tmpdir, tab);
 	for (size_t i = 0; i < N_MODES && o.generated; i++)
-		if (o.mode_on[i]) {
-			bench_mode(&modes[i], 0, &o, &mc, pool, tmpdir, mtab);
-			if (modes[i].twin)
-				bench_mode(&modes[i], 1, &o, &mc, pool, tmpdir, mtab);
-		}
+		if (o.mode_on[i])
+			bench_mode(&modes[i], &o, &mc, pool, tmpdir, mtab);
 	if (o.generated)
 		rmdir(tmpdir);
 
@@ -2310,7 +2431,7 @@ int moe_cmd_bench(int argc, char **argv)
 		FILE *csv = moe_output_stream(&csv_out);
 		if (csv) {
 			fprintf(csv, "shape,tokens,weights,routing,ms,gflops,gbps,pct_peak_flops,"
-				     "pct_peak_bw,baseline_ms,speedup,pct_now_bw\n");
+				     "pct_peak_bw,baseline_ms,speedup,pct_now_bw,pct_of_twin\n");
 			for (int i = 0; i < tab->n; i++)
 				emit_row(&tab->r[i], &mc, NULL, csv);
 			for (int i = 0; i < mtab->n; i++)
