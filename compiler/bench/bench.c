@@ -1035,7 +1035,11 @@ struct timed {
 };
 
 #define NOW_PROBE_MAX_S 0.05
-#define NOW_PROBE_SETTLE_US 2000
+/* the pause between a probe reading and the run: the read's pool spins about
+ * 100 us (SPIN_POLLS pauses) before it sleeps; a longer pause lets this
+ * virtual machine's cores go idle, and the run pays their wake-up (a 0.48 ms
+ * layer took 0.88 ms after 1 ms idle) */
+#define NOW_PROBE_SETTLE_US 150
 /* the same-moment probe's buffer: the full probe's 1 GiB (8-30 ms a reading);
  * of 128 MiB, a quarter stays in a 32 MiB cache and reads 20 % fast */
 #define NOW_PROBE_BYTES ((size_t)1 << 30)
@@ -1047,7 +1051,7 @@ struct timed {
  * of the two. Each probe-timed run (struct timed's probe) reads the probe
  * first; with n > 1 every other run waits TURN_SETTLE_US first, so that no
  * layer shares the cores with the spinning pool of the one before. */
-#define TURN_SETTLE_US 500
+#define TURN_SETTLE_US NOW_PROBE_SETTLE_US
 #define MAX_TIMED 2
 static void time_medians(const struct timed *tm, int n, int reps, double *med, double *pair)
 {
