@@ -1911,7 +1911,10 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 	uint32_t T_max = 0;
 	for (int i = 0; i < o->n_tokens; i++)
 		T_max = o->tokens[i] > T_max ? o->tokens[i] : T_max;
-	double need = 0;
+	/* Enough copies that the bytes one T = 1 forward nominally reads, times
+	 * the copies, exceed four times the cache (as for the shapes); a mode
+	 * and its twin alternate, so their reads add up. */
+	double t1_bytes = 0;
 	for (int i = 0; i < ns; i++) {
 		struct mode_side *s = &sd[i];
 		if (i)
@@ -1923,21 +1926,21 @@ static void bench_mode(const struct mode *md, const struct opts *o, const struct
 		s->fo = (struct moe_fwd_opts){.training = s->training, .seed = SEED};
 		s->wb = dtype_bytes(s->d.weight_dtype);
 		s->params = mode_params(&s->d, s->training);
-		/* Enough copies that the bytes one T = 1 forward nominally reads,
-		 * times the copies, exceed four times the cache (as for the
-		 * shapes). */
 		double t1_touched =
 		    s->d.mode == MOE_MODE_SOFT || s->d.mode == MOE_MODE_EXPERT_CHOICE
 			? s->d.n_experts
 			: s->d.top_k;
-		s->copies = o->copies;
-		if (!s->copies) {
-			s->copies = (int)ceil(4.0 * (double)mc->llc /
-					      mode_bytes(&s->d, s->training, 1, t1_touched));
-			s->copies = s->copies < 1            ? 1
-				    : s->copies > MAX_COPIES ? MAX_COPIES
-							     : s->copies;
-		}
+		t1_bytes += mode_bytes(&s->d, s->training, 1, t1_touched);
+	}
+	int copies = o->copies;
+	if (!copies) {
+		copies = (int)ceil(4.0 * (double)mc->llc / t1_bytes);
+		copies = copies < 1 ? 1 : copies > MAX_COPIES ? MAX_COPIES : copies;
+	}
+	double need = 0;
+	for (int i = 0; i < ns; i++) {
+		struct mode_side *s = &sd[i];
+		s->copies = copies;
 		need += side_need(s, T_max);
 		say("\n%s (%s%s): %s, H=%u, ", s->name, md->label, i ? ", token-choice twin" : "",
 		    moe_mode_names[s->d.mode], s->d.hidden);
