@@ -1049,9 +1049,8 @@ struct timed {
  * alike. med[i]: fn i's median seconds (-1 on a failure); pair (n == 2, may
  * be NULL): the median over the repetitions of t1 / t0, the same-moment ratio
  * of the two. Each probe-timed run (struct timed's probe) reads the probe
- * first; with n > 1 every other run waits TURN_SETTLE_US first, so that no
+ * first; with n > 1 every other run waits NOW_PROBE_SETTLE_US first, so that no
  * layer shares the cores with the spinning pool of the one before. */
-#define TURN_SETTLE_US NOW_PROBE_SETTLE_US
 #define MAX_TIMED 2
 static void time_medians(const struct timed *tm, int n, int reps, double *med, double *pair)
 {
@@ -1106,7 +1105,7 @@ static void time_medians(const struct timed *tm, int n, int reps, double *med, d
 				 * 0.34 ms layer took 0.48-0.50 ms right after the read) */
 				usleep(NOW_PROBE_SETTLE_US);
 			} else if (n > 1) {
-				usleep(TURN_SETTLE_US);
+				usleep(NOW_PROBE_SETTLE_US);
 			}
 			double t0 = moe_now();
 			if (tm[i].fn(tm[i].ctx, copy % tm[i].n_copies))
