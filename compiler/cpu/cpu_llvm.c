@@ -1036,6 +1036,73 @@ static LLVMValueRef q_e4m3(struct moe_ll *g, LLVMValueRef ci)
 	return LLVMBuildBitCast(b, v, g->t_v16f, "e4m3");
 }
 
+/* The codes of inputs kk .. kk + n - 1 of a group (codes: its first code
+ * byte; n = nch, even for the nibble formats) as <16 x float> w[0..n): the
+ * code's value (fp8, E2M1: times 2^-120, 2^-126). */
+static void q_unpack(struct moe_ll *g, const struct moe_qfmt *f, LLVMValueRef codes,
+		     LLVMValueRef kk, int n, LLVMValueRef *w)
+{
+	LLVMBuilderRef b = g->b;
+	int i4 = f->kind == MOE_QFORMAT_INT4, nib = moe_qnibbles(f);
+	LLVMTypeRef t16 = g->t_v16f, vi8 = LLVMVectorType(g->t_i8, 2 * MOE_VW),
+		    vi32 = LLVMVectorType(g->t_i32, 2 * MOE_VW);
+	if (nib) {
+		/* 16 bytes per input pair: the even input in the low nibbles */
+		for (int c = 0; c < n; c += 2) {
+			LLVMValueRef at =
+			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kk, moe_ll_i64c(g, c), ""),
+					    moe_ll_i64c(g, 8), "");
+			LLVMValueRef ci = LLVMBuildZExt(
+			    b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
+			for (int h = 0; h < 2; h++)
+				w[c + h] = i4 ? q_int4(g, ci, h) : q_e2m1(g, ci, h);
+		}
+		return;
+	}
+	for (int c = 0; c < n; c++) {
+		LLVMValueRef at = LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kk, moe_ll_i64c(g, c), ""),
+						  moe_ll_i64c(g, MOE_NR), "");
+		LLVMValueRef ci =
+		    LLVMBuildSExt(b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
+		w[c] =
+		    f->kind == MOE_QFORMAT_FP8 ? q_e4m3(g, ci) : LLVMBuildSIToFP(b, ci, t16, "q");
+	}
+}
+
+/* The end of a group for one row: acc += (the row's chains accg[0..nch)
+ * summed, (0 + 1) + (2 + 3)) * scale, then for int4 + (the row's sum of x
+ * over the group, from a_row + k0) * offset; blk: the group's block. */
+static void q_group_end(struct moe_ll *g, const struct moe_qfmt *f, int nch,
+			const LLVMValueRef *accg, LLVMValueRef blk, LLVMValueRef a_row,
+			LLVMValueRef k0, LLVMValueRef acc)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMTypeRef t16 = g->t_v16f;
+	int i4 = f->kind == MOE_QFORMAT_INT4;
+	LLVMValueRef sc = moe_ll_ld(g, t16, blk), of = NULL;
+	if (i4)
+		of = moe_ll_ld(g, t16, moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, 64)));
+	LLVMValueRef sum = moe_ll_ld(g, t16, accg[0]);
+	if (nch == 4)
+		sum = LLVMBuildFAdd(
+		    b, LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[1]), ""),
+		    LLVMBuildFAdd(b, moe_ll_ld(g, t16, accg[2]), moe_ll_ld(g, t16, accg[3]), ""),
+		    "");
+	else if (nch == 2)
+		sum = LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[1]), "");
+	if (f->kind == MOE_QFORMAT_FP8 || f->kind == MOE_QFORMAT_MXFP4)
+		sum = LLVMBuildFMul(/* the codes' values were 2^-120 / 2^-126 of theirs */
+				    b, sum,
+				    moe_ll_vf16c(g, f->kind == MOE_QFORMAT_FP8 ? 0x1p120 : 0x1p126),
+				    "");
+	LLVMValueRef o = moe_ll_fma(g, sum, sc, moe_ll_ld(g, t16, acc));
+	if (i4) {
+		LLVMValueRef xs = q_rowsum(g, moe_ll_at(g, g->t_f32, a_row, k0), f->group);
+		o = moe_ll_fma(g, moe_ll_splat(g, xs, t16), of, o);
+	}
+	moe_ll_st(g, o, acc);
+}
+
 /* acc[r] += the mr rows a_row[r] (K f32 inputs) times a quantized panel pan
  * (moe_kernels.h): per group, q_chains chains per row sum code * x, then acc
  * += (the chains' sum) * scale and, for int4, + (the group's sum of x) *
@@ -1046,8 +1113,7 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 {
 	LLVMBuilderRef b = g->b;
 	int i4 = f->kind == MOE_QFORMAT_INT4, nib = moe_qnibbles(f), nch = q_chains(f);
-	LLVMTypeRef t16 = g->t_v16f, vi8 = LLVMVectorType(g->t_i8, 2 * MOE_VW),
-		    vi32 = LLVMVectorType(g->t_i32, 2 * MOE_VW);
+	LLVMTypeRef t16 = g->t_v16f;
 	LLVMValueRef accg[MAX_MR][4];
 	char nm[32];
 	for (int r = 0; r < mr; r++)
@@ -1070,28 +1136,7 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 	quant_code_prefetch(g, pf, boff, i4 ? 128 : 64,
 			    LLVMBuildNSWMul(b, kl.iv, moe_ll_i64c(g, nib ? 8 : 16), ""));
 	LLVMValueRef w[4];
-	if (nib) {
-		/* 16 bytes per input pair: the even input in the low nibbles */
-		for (int c = 0; c < nch; c += 2) {
-			LLVMValueRef at =
-			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), ""),
-					    moe_ll_i64c(g, 8), "");
-			LLVMValueRef ci = LLVMBuildZExt(
-			    b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
-			for (int h = 0; h < 2; h++)
-				w[c + h] = i4 ? q_int4(g, ci, h) : q_e2m1(g, ci, h);
-		}
-	} else {
-		for (int c = 0; c < nch; c++) {
-			LLVMValueRef at =
-			    LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), ""),
-					    moe_ll_i64c(g, MOE_NR), "");
-			LLVMValueRef ci = LLVMBuildSExt(
-			    b, moe_ll_ld(g, vi8, moe_ll_at(g, g->t_i8, codes, at)), vi32, "");
-			w[c] = f->kind == MOE_QFORMAT_FP8 ? q_e4m3(g, ci)
-							  : LLVMBuildSIToFP(b, ci, t16, "q");
-		}
-	}
+	q_unpack(g, f, codes, kl.iv, nch, w);
 	LLVMValueRef k = LLVMBuildNSWAdd(b, k0, kl.iv, "k");
 	for (int r = 0; r < mr; r++)
 		for (int c = 0; c < nch; c++) {
@@ -1105,34 +1150,126 @@ static void q_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int 
 				  accg[r][c]);
 		}
 	moe_ll_loop_close(g, &kl);
-	LLVMValueRef sc = moe_ll_ld(g, t16, blk), of = NULL;
-	if (i4)
-		of = moe_ll_ld(g, t16, moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, 64)));
+	for (int r = 0; r < mr; r++)
+		q_group_end(g, f, nch, accg[r], blk, a_row[r], k0, acc[r]);
+	moe_ll_loop_close(g, &gl);
+}
+
+/* Rows per quantized tile on 256-bit targets, which unpack each group once
+ * per tile (q_kloop_unpacked). */
+#define QS_MR 8
+/* The largest group unpacked whole: 256 inputs, 16 KiB of f32 codes. */
+#define QS_MAX_GROUP 256
+
+/* Whether the quantized tiles of format f unpack each group's codes once
+ * for their rows (q_kloop_unpacked): on 256-bit targets, where the 4-row
+ * tile's 16 chains of 16 lanes need 32 registers of the 16 there are. */
+static int q_unpacks(const struct moe_ll *g, const struct moe_qfmt *f)
+{
+	return !g->wide && f->group <= QS_MAX_GROUP;
+}
+
+static int q_mr(const struct moe_ll *g, const struct moe_qfmt *f)
+{
+	return q_unpacks(g, f) ? QS_MR : Q_MR;
+}
+
+/* q_kloop for 2 or more rows on 256-bit targets: per group, the codes are
+ * unpacked once into f32 values on the stack (the values q_kloop computes
+ * in registers), then each row in turn runs the group's chains over them and
+ * q_group_end: every row's arithmetic is q_kloop's, operation for operation,
+ * so the bits are the same whatever the tile. The next panel (next, when
+ * on) is prefetched block by block as the codes are unpacked. */
+static void q_kloop_unpacked(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, int mr,
+			     const LLVMValueRef *a_row, LLVMValueRef pan, const LLVMValueRef *acc,
+			     LLVMValueRef next, LLVMValueRef on)
+{
+	LLVMBuilderRef b = g->b;
+	int i4 = f->kind == MOE_QFORMAT_INT4, nib = moe_qnibbles(f), nch = q_chains(f);
+	int64_t hdr = i4 ? 128 : 64, bb = (int64_t)moe_qblock_bytes(f), G = f->group;
+	LLVMTypeRef t16 = g->t_v16f;
+	LLVMValueRef cs = moe_ll_alloca(g, t16, (uint64_t)G, "qcodes"), accg[4];
+	char nm[32];
+	for (int c = 0; c < nch; c++) {
+		snprintf(nm, sizeof nm, "qch%d", c);
+		accg[c] = moe_ll_alloca(g, t16, 1, nm);
+	}
+	struct moe_ll_loop gl, ku, kl;
+	moe_ll_loop_open(g, &gl, moe_ll_i64c(g, 0), moe_ll_i64c(g, K / f->group), 1, "grp");
+	LLVMValueRef boff = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, bb), "blk.off");
+	LLVMValueRef blk = moe_ll_at(g, g->t_i8, pan, boff);
+	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, G), "k0");
+	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, hdr));
+	LLVMBasicBlockRef e = moe_ll_when(g, on, "qpf.hdr");
+	for (int64_t o = 0; o < hdr; o += 64) {
+		LLVMValueRef args[4] = {
+		    moe_ll_at(g, g->t_i8, next, LLVMBuildNSWAdd(b, boff, moe_ll_i64c(g, o), "")),
+		    moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
+		moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+	}
+	moe_ll_when_end(g, e);
+	moe_ll_loop_open(g, &ku, moe_ll_i64c(g, 0), moe_ll_i64c(g, G), nch, "qu");
+	e = moe_ll_when(g, on, "qpf.codes");
+	LLVMValueRef args[4] = {
+	    moe_ll_at(g, g->t_i8, next,
+		      LLVMBuildNSWAdd(
+			  b, boff,
+			  LLVMBuildNSWAdd(
+			      b, moe_ll_i64c(g, hdr),
+			      LLVMBuildNSWMul(b, ku.iv, moe_ll_i64c(g, nib ? 8 : 16), ""), ""),
+			  "")),
+	    moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
+	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+	moe_ll_when_end(g, e);
+	LLVMValueRef w[4];
+	q_unpack(g, f, codes, ku.iv, nch, w);
+	for (int c = 0; c < nch; c++)
+		moe_ll_st(g, w[c],
+			  moe_ll_at(g, t16, cs,
+				    c ? LLVMBuildNSWAdd(b, ku.iv, moe_ll_i64c(g, c), "") : ku.iv));
+	moe_ll_loop_close(g, &ku);
 	for (int r = 0; r < mr; r++) {
-		LLVMValueRef sum = moe_ll_ld(g, t16, accg[r][0]);
-		if (nch == 4)
-			sum = LLVMBuildFAdd(
-			    b, LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[r][1]), ""),
-			    LLVMBuildFAdd(b, moe_ll_ld(g, t16, accg[r][2]),
-					  moe_ll_ld(g, t16, accg[r][3]), ""),
-			    "");
-		else if (nch == 2)
-			sum = LLVMBuildFAdd(b, sum, moe_ll_ld(g, t16, accg[r][1]), "");
-		if (f->kind == MOE_QFORMAT_FP8 || f->kind == MOE_QFORMAT_MXFP4)
-			sum = LLVMBuildFMul(/* the codes' values were 2^-120 / 2^-126 of theirs */
-					    b, sum,
-					    moe_ll_vf16c(g, f->kind == MOE_QFORMAT_FP8 ? 0x1p120
-										       : 0x1p126),
-					    "");
-		LLVMValueRef o = moe_ll_fma(g, sum, sc, moe_ll_ld(g, t16, acc[r]));
-		if (i4) {
-			LLVMValueRef xs =
-			    q_rowsum(g, moe_ll_at(g, g->t_f32, a_row[r], k0), f->group);
-			o = moe_ll_fma(g, moe_ll_splat(g, xs, t16), of, o);
+		for (int c = 0; c < nch; c++)
+			moe_ll_st(g, LLVMConstNull(t16), accg[c]);
+		moe_ll_loop_open(g, &kl, moe_ll_i64c(g, 0), moe_ll_i64c(g, G), nch, "kq");
+		LLVMValueRef k = LLVMBuildNSWAdd(b, k0, kl.iv, "k");
+		for (int c = 0; c < nch; c++) {
+			LLVMValueRef a = moe_ll_ld(
+			    g, g->t_f32,
+			    moe_ll_at(g, g->t_f32, a_row[r],
+				      c ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, c), "") : k));
+			LLVMValueRef wc =
+			    moe_ll_ld(g, t16,
+				      moe_ll_at(g, t16, cs,
+						c ? LLVMBuildNSWAdd(b, kl.iv, moe_ll_i64c(g, c), "")
+						  : kl.iv));
+			moe_ll_st(
+			    g,
+			    moe_ll_fma(g, moe_ll_splat(g, a, t16), wc, moe_ll_ld(g, t16, accg[c])),
+			    accg[c]);
 		}
-		moe_ll_st(g, o, acc[r]);
+		moe_ll_loop_close(g, &kl);
+		q_group_end(g, f, nch, accg, blk, a_row[r], k0, acc[r]);
 	}
 	moe_ll_loop_close(g, &gl);
+}
+
+/* The K loop of a quantized tile: q_kloop_unpacked where the target unpacks
+ * (q_unpacks) and the tile has 2 rows or more, else q_kloop. p1: the call's
+ * panel end; pb: the panel's bytes. */
+static void q_tile_kloop(struct moe_ll *g, const struct ffn *f, const struct moe_qfmt *q,
+			 uint32_t K, int mr, const LLVMValueRef *a_row, LLVMValueRef pan,
+			 const LLVMValueRef *acc, LLVMValueRef p, LLVMValueRef p1, int64_t pb)
+{
+	if (q_unpacks(g, q) && mr >= 2) {
+		LLVMValueRef on =
+		    LLVMBuildICmp(g->b, LLVMIntSLT, LLVMBuildNSWAdd(g->b, p, moe_ll_i64c(g, 1), ""),
+				  p1, "qpf.on");
+		q_kloop_unpacked(g, q, K, mr, a_row, pan, acc,
+				 moe_ll_at(g, g->t_i8, pan, moe_ll_i64c(g, pb)), on);
+		return;
+	}
+	q_kloop(g, q, K, mr, a_row, pan, acc, panel_prefetch(g, f, p, p1, pan, pb));
 }
 
 /* One quantized up tile of mr rows at row r0 and panel p. */
@@ -1161,8 +1298,7 @@ static void up_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	int64_t pb = (int64_t)(ge->up_bytes / ge->up_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
-	q_kloop(g, &ge->q_up, ge->hidden, mr, a_row, pan, accs,
-		panel_prefetch(g, f, p, moe_ll_prm(g, 9), pan, pb));
+	q_tile_kloop(g, f, &ge->q_up, ge->hidden, mr, a_row, pan, accs, p, moe_ll_prm(g, 9), pb);
 	for (int r = 0; r < mr; r++)
 		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[r], 1);
 }
@@ -1191,8 +1327,7 @@ static void down_tile_q(struct moe_ll *g, const struct ffn *f, int mr, int ncols
 	int64_t pb = (int64_t)(ge->down_bytes / ge->down_panels);
 	LLVMValueRef pan = moe_ll_at(g, g->t_i8, moe_ll_prm(g, 4),
 				     LLVMBuildNSWMul(b, p, moe_ll_i64c(g, pb), "panel.off"));
-	q_kloop(g, &ge->q_down, ge->width, mr, a_row, pan, acc,
-		panel_prefetch(g, f, p, moe_ll_prm(g, 8), pan, pb));
+	q_tile_kloop(g, f, &ge->q_down, ge->width, mr, a_row, pan, acc, p, moe_ll_prm(g, 8), pb);
 	for (int r = 0; r < mr; r++) {
 		down_store16(g, f, r0, r, c0, moe_ll_ld(g, g->t_v16f, acc[r]), y_ptr[r], ncols);
 	}
@@ -1562,7 +1697,8 @@ static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
 	if (f->geom->q_up.kind != MOE_QFORMAT_NONE)
-		row_blocks_mr(g, f, up_tile_q, MOE_NR, p.iv, moe_ll_prm(g, 3), Q_MR);
+		row_blocks_mr(g, f, up_tile_q, MOE_NR, p.iv, moe_ll_prm(g, 3),
+			      q_mr(g, &f->geom->q_up));
 	else
 		row_blocks(g, f, up_tile_adapter, MOE_NR, p.iv, moe_ll_prm(g, 3));
 	moe_ll_loop_close(g, &p);
@@ -1591,7 +1727,10 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 			: i8                                  ? down_tile_i8
 			: ge->q_down.kind != MOE_QFORMAT_NONE ? down_tile_q
 							      : down_tile;
-	int mr = bf ? BF_MR : i8 ? i8_mr(g) : ge->q_down.kind != MOE_QFORMAT_NONE ? Q_MR : MOE_MR;
+	int mr = bf                                    ? BF_MR
+		 : i8                                  ? i8_mr(g)
+		 : ge->q_down.kind != MOE_QFORMAT_NONE ? q_mr(g, &ge->q_down)
+						       : MOE_MR;
 	struct ffn fc = *f;
 	struct moe_ll_loop c, p;
 	LLVMValueRef n = moe_ll_prm(g, 3);
