@@ -1200,27 +1200,12 @@ static void q_kloop_unpacked(struct moe_ll *g, const struct moe_qfmt *f, uint32_
 	LLVMValueRef blk = moe_ll_at(g, g->t_i8, pan, boff);
 	LLVMValueRef k0 = LLVMBuildNSWMul(b, gl.iv, moe_ll_i64c(g, G), "k0");
 	LLVMValueRef codes = moe_ll_at(g, g->t_i8, blk, moe_ll_i64c(g, hdr));
-	LLVMBasicBlockRef e = moe_ll_when(g, on, "qpf.hdr");
-	for (int64_t o = 0; o < hdr; o += 64) {
-		LLVMValueRef args[4] = {
-		    moe_ll_at(g, g->t_i8, next, LLVMBuildNSWAdd(b, boff, moe_ll_i64c(g, o), "")),
-		    moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
-		moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
-	}
-	moe_ll_when_end(g, e);
+	/* the same block of the next panel, its own byte offsets (sh 0) */
+	struct pf pf = {next, moe_ll_i64c(g, 0), on};
+	quant_block_prefetch(g, pf, boff, hdr);
 	moe_ll_loop_open(g, &ku, moe_ll_i64c(g, 0), moe_ll_i64c(g, G), nch, "qu");
-	e = moe_ll_when(g, on, "qpf.codes");
-	LLVMValueRef args[4] = {
-	    moe_ll_at(g, g->t_i8, next,
-		      LLVMBuildNSWAdd(
-			  b, boff,
-			  LLVMBuildNSWAdd(
-			      b, moe_ll_i64c(g, hdr),
-			      LLVMBuildNSWMul(b, ku.iv, moe_ll_i64c(g, nib ? 8 : 16), ""), ""),
-			  "")),
-	    moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
-	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
-	moe_ll_when_end(g, e);
+	quant_code_prefetch(g, pf, boff, hdr,
+			    LLVMBuildNSWMul(b, ku.iv, moe_ll_i64c(g, nib ? 8 : 16), ""));
 	LLVMValueRef w[4];
 	q_unpack(g, f, codes, ku.iv, nch, w);
 	for (int c = 0; c < nch; c++)
