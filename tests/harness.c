@@ -145,6 +145,19 @@ enum moe_status h_forward(const struct moe_desc *d, const float *x, size_t T, ui
 	return st;
 }
 
+void h_assert_invariant(const struct moe_desc *d, size_t T)
+{
+	size_t H = d->hidden;
+	float *ya = malloc(T * H * sizeof *ya), *yb = malloc(T * H * sizeof *yb);
+	assert_true(ya && yb);
+	assert_int_equal(h_forward(d, NULL, T, 2, 4, ya), MOE_OK);
+	assert_int_equal(h_forward(d, NULL, T, 1, 4, yb), MOE_OK);
+	assert_memory_equal(ya, yb, T * H * sizeof *ya);
+	assert_int_equal(h_forward(d, NULL, 1, 1, 4, yb), MOE_OK);
+	assert_memory_equal(ya, yb, H * sizeof *ya);
+	free(ya), free(yb);
+}
+
 /* Forward T tokens through the generated model and the reference (same
  * weights, same options): identical expert ids in rank order, weights and
  * statistics within f32 rounding, outputs within H_TOL. y_out (optional)

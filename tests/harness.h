@@ -57,6 +57,10 @@ void h_fill_input(float *x, size_t n, uint64_t seed);
  * of x (NULL: h_fill_input with seed) into y; the forward's status. */
 enum moe_status h_forward(const struct moe_desc *d, const float *x, size_t T, uint32_t threads,
 			  uint64_t seed, float *y);
+/* Batch and thread invariance: T tokens (input seed 4) with 2 threads and
+ * with 1 give the same bits, and the first token alone gives the first row's
+ * bits. */
+void h_assert_invariant(const struct moe_desc *d, size_t T);
 /* Forward T tokens through the generated model and the reference (same
  * weights, same options): identical expert ids in rank order, weights and
  * statistics within f32 rounding, outputs within H_TOL. y_out (optional)
